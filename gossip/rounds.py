@@ -1,0 +1,81 @@
+"""Round bookkeeping: who has sent which share for which round. Pure, no I/O.
+
+Lock-step rounds over a full mesh. The book holds, per round, at most one
+accepted share per member. Shares for up to `lookahead` rounds ahead of ours
+are buffered (a faster member has moved on); shares further ahead mean *we*
+are behind: the newest such share per member is kept, and when our round
+ends the book skips forward to the newest round it has seen instead of
+replaying rounds the others have left. Older rounds are refused as `stale`
+by the verifier before they get here.
+
+Simplification: a member that announces an absurd future round makes us skip
+to it. Members are authenticated and the skip is logged; defending against a
+malicious *member* here needs a quorum rule, which this slice does not have.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from gossip.envelope import Accepted
+from gossip.errors import RemoteError
+
+
+class RoundBook:
+    def __init__(self, neighbours: Iterable[str], lookahead: int, current: int = 0) -> None:
+        self.neighbours = frozenset(neighbours)
+        self.lookahead = lookahead
+        self.current = current
+        self._shares: dict[int, dict[str, Accepted]] = {}
+        self._far: dict[str, Accepted] = {}  # newest far-ahead share per member
+
+    def add(self, share: Accepted) -> str:
+        """Store an accepted share. Returns "buffered" or "ahead" (we are behind)."""
+        r = share.round
+        if r < self.current:  # the verifier checks this; the book does not trust callers
+            raise RemoteError("stale", f"round {r} < current {self.current}", share.sender)
+        held = self._shares.get(r, {}).get(share.sender)
+        far = self._far.get(share.sender)
+        if held is None and far is not None and far.round == r:
+            held = far
+        if held is not None and held.envelope.digest != share.envelope.digest:
+            raise RemoteError("equivocation", f"a second, different share for round {r} "
+                              f"(seq {held.envelope.seq} and {share.envelope.seq})", share.sender)
+        if r <= self.current + self.lookahead:
+            self._shares.setdefault(r, {})[share.sender] = share
+            return "buffered"
+        prev = self._far.get(share.sender)
+        if prev is None or prev.round < r:
+            self._far[share.sender] = share
+        return "ahead"
+
+    def complete(self, round_: int) -> bool:
+        return self.neighbours <= set(self._shares.get(round_, {}))
+
+    def shares(self, round_: int) -> dict[str, Accepted]:
+        return dict(self._shares.get(round_, {}))
+
+    def missing(self, round_: int) -> list[str]:
+        return sorted(self.neighbours - set(self._shares.get(round_, {})))
+
+    @property
+    def newest_seen(self) -> int:
+        rounds = [s.round for s in self._far.values()] + list(self._shares)
+        return max(rounds, default=self.current)
+
+    def advance(self) -> int:
+        """Close the current round; go to the next, or skip forward if far behind."""
+        nxt = self.current + 1
+        newest = self.newest_seen
+        if newest > nxt + self.lookahead:
+            nxt = newest
+        self.current = nxt
+        self._shares = {r: s for r, s in self._shares.items() if r >= nxt}
+        # Far-ahead shares now inside the window move into the buffer.
+        for member, share in list(self._far.items()):
+            if share.round < nxt:
+                del self._far[member]
+            elif share.round <= nxt + self.lookahead:
+                self._shares.setdefault(share.round, {})[member] = share
+                del self._far[member]
+        return nxt

@@ -1,0 +1,54 @@
+"""The one interface every transport implements: start, broadcast, send, incoming, close.
+
+Peers are named by member name; how a name maps to an address is the
+transport's business (it gets the members' `addresses` tables). What a
+transport says about who sent a message (`Incoming.peer_hint`) is only a
+hint for logs: the sender is whoever signed the envelope.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Incoming:
+    data: bytes
+    peer_hint: str | None  # transport-level origin, unauthenticated
+
+
+@dataclass
+class TransportStats:
+    bytes_sent: int = 0
+    bytes_received: int = 0
+    messages_sent: int = 0
+    messages_received: int = 0
+    dropped: int = 0  # refused by the transport itself (size cap, full queue)
+
+
+class Transport(abc.ABC):
+    """A member's connection to its neighbours."""
+
+    stats: TransportStats
+
+    @abc.abstractmethod
+    async def start(self) -> None:
+        """Listen and connect. Returns once the transport can send."""
+
+    @abc.abstractmethod
+    async def broadcast(self, data: bytes) -> None:
+        """Deliver `data` to every neighbour (best effort, at least once)."""
+
+    @abc.abstractmethod
+    async def send(self, peer: str, data: bytes) -> None:
+        """Deliver `data` to one neighbour by member name."""
+
+    @abc.abstractmethod
+    def incoming(self) -> AsyncIterator[Incoming]:
+        """Messages as they arrive, until the transport is closed."""
+
+    @abc.abstractmethod
+    async def close(self) -> None:
+        """Stop every background task and release every resource. Idempotent."""

@@ -1,0 +1,1 @@
+"""The learning side of flnode: everything that touches data and models."""

@@ -1,0 +1,152 @@
+"""`flnode keygen | consortium | simulate`.
+
+Errors the operator can fix (`LocalError`) print one clear message and exit 2;
+anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from gossip.errors import LocalError
+
+
+def _keygen(args: argparse.Namespace) -> int:
+    from node.identity import Identity, save_identity
+
+    ident = Identity.generate(args.name)
+    secret, public = save_identity(ident, args.out)
+    print(f"wrote {secret} (private, mode 0600) and {public}")
+    print(f"member {ident.name}: public key {ident.public_key.hex()}  {ident.fingerprint}")
+    return 0
+
+
+def _consortium_build(args: argparse.Namespace) -> int:
+    import tomllib
+
+    from gossip.membership import Consortium, Member, save_consortium
+    from node.data import FeatureSchema
+    from node.identity import load_public_key
+
+    schema_path = Path(args.schema)
+    try:
+        schema_doc = tomllib.loads(schema_path.read_text())
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise LocalError(f"--schema {schema_path}: {exc}") from None
+    schema = FeatureSchema.from_dict(schema_doc, str(schema_path))  # validate before agreeing
+    members = []
+    for spec in args.member:
+        pub, _, addr = spec.partition("@")
+        name, key = load_public_key(pub)
+        addresses = dict(a.split("=", 1) for a in addr.split(",") if "=" in a) if addr else {}
+        members.append(Member(name, key, addresses))
+    consortium = Consortium(args.name, schema.to_dict(), tuple(members))
+    out = Path(args.out)
+    if out.exists() and not args.force:
+        raise LocalError(f"--out {out} exists; pass --force to replace it")
+    save_consortium(consortium, out)
+    print(f"wrote {out}: consortium {args.name!r}, {len(members)} members, "
+          f"id {consortium.id.hex()}")
+    return 0
+
+
+def _consortium_show(args: argparse.Namespace) -> int:
+    from gossip.membership import load_consortium
+    from node.identity import fingerprint
+
+    c = load_consortium(args.file)
+    print(f"consortium {c.name!r}\n  id       {c.id.hex()}")
+    for part, digest in c.digests().items():
+        print(f"  {part:<8} {digest}")
+    for m in c.members:
+        addrs = ", ".join(f"{k}={v}" for k, v in m.addresses.items()) or "-"
+        print(f"  member {m.name:<20} {fingerprint(m.public_key)}  {addrs}")
+    return 0
+
+
+def _simulate(args: argparse.Namespace) -> int:
+    from node.simulation import SimulationSpec, simulate
+
+    spec = SimulationSpec(
+        dataset=args.dataset, nodes=args.nodes, partition=args.partition, rounds=args.rounds,
+        seed=args.seed, out=Path(args.out), model=args.model, epochs=args.epochs,
+        batch_size=args.batch_size, lr=args.lr, privacy=args.privacy, clip=args.clip,
+        sigma=args.sigma, delta=args.delta,
+        network_config=Path(args.network_config) if args.network_config else None,
+    )
+    simulate(spec)
+    return 0
+
+
+def _positive(kind: type):
+    def parse(text: str):
+        value = kind(text)
+        if not value > 0:
+            raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+        return value
+    parse.__name__ = kind.__name__
+    return parse
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="flnode", description=__doc__.splitlines()[0])
+    p.add_argument("-v", "--verbose", action="store_true", help="log at DEBUG level")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    k = sub.add_parser("keygen", help="generate a member's Ed25519 key pair")
+    k.add_argument("--out", required=True, help="directory for NAME.key (0600) and NAME.pub")
+    k.add_argument("--name", required=True, help="member name, e.g. bank-0")
+    k.set_defaults(func=_keygen)
+
+    c = sub.add_parser("consortium", help="build or inspect a consortium peer list")
+    csub = c.add_subparsers(dest="action", required=True)
+    cb = csub.add_parser("build", help="build a consortium file from public key files")
+    cb.add_argument("--name", required=True, help="consortium name")
+    cb.add_argument("--schema", required=True, help="feature schema (TOML)")
+    cb.add_argument("--member", action="append", required=True, metavar="PUB[@k=v,...]",
+                    help="a member's NAME.pub, optionally with addresses, e.g. "
+                         "keys/bank-0.pub@memory=bank-0 (repeat per member)")
+    cb.add_argument("--out", required=True)
+    cb.add_argument("--force", action="store_true")
+    cb.set_defaults(func=_consortium_build)
+    cs = csub.add_parser("show", help="print a consortium's id, part digests and members")
+    cs.add_argument("file")
+    cs.set_defaults(func=_consortium_show)
+
+    s = sub.add_parser("simulate", help="simulate a consortium in one process")
+    s.add_argument("--dataset", choices=["default", "churn", "digits"], default="default")
+    s.add_argument("--nodes", type=_positive(int), default=4)
+    s.add_argument("--partition", default="dirichlet:0.5",
+                   help="iid | dirichlet:ALPHA | column:NAME")
+    s.add_argument("--rounds", type=_positive(int), default=30)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--model", choices=["logreg", "mlp"], default="mlp")
+    s.add_argument("--epochs", type=_positive(int), default=1, help="local epochs per round")
+    s.add_argument("--batch-size", type=_positive(int), default=32)
+    s.add_argument("--lr", type=_positive(float), default=0.05)
+    s.add_argument("--privacy", choices=["off", "update"], default="off")
+    s.add_argument("--clip", type=_positive(float), default=1.0, help="update clip norm C")
+    s.add_argument("--sigma", type=_positive(float), default=1.0, help="noise multiplier σ")
+    s.add_argument("--delta", type=_positive(float), default=1e-5)
+    s.add_argument("--network-config", help="template with member names and addresses")
+    s.add_argument("--out", required=True, help="run directory (created; must be new)")
+    s.set_defaults(func=_simulate)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return args.func(args)
+    except LocalError as exc:
+        print(f"flnode: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,128 @@
+"""NodeConfig: a node's TOML file -> a validated object. Every error names the key.
+
+Relative paths in the file are relative to the file's own directory, so a
+run directory can be moved as a whole.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from gossip.errors import LocalError
+from node.aggregate import RULES
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class IdentityConfig(_Section):
+    key: Path  # the private key file (0600)
+
+
+class ConsortiumConfig(_Section):
+    path: Path
+
+
+class DataConfig(_Section):
+    path: Path  # CSV or Parquet, read with the consortium's schema
+    eval_path: Path | None = None  # held-out rows; else a split of `path`
+    eval_fraction: float = Field(default=0.2, gt=0, lt=1)
+
+
+class ModelConfig(_Section):
+    kind: Literal["logreg", "mlp"] = "mlp"
+    hidden: int = Field(default=64, ge=1, le=65536)
+
+
+class TrainingConfig(_Section):
+    rounds: int = Field(default=30, ge=1, le=1_000_000)
+    epochs: int = Field(default=1, ge=1, le=10_000)
+    batch_size: int = Field(default=32, ge=1, le=1_000_000)
+    lr: float = Field(default=0.05, gt=0, le=100)
+    seed: int = Field(default=0, ge=0, lt=2**63)  # shuffling; never privacy noise
+
+
+class PrivacyConfig(_Section):
+    mode: Literal["off", "update"] = "update"
+    clip: float = Field(default=1.0, gt=0)
+    sigma: float = Field(default=1.0, ge=0)
+    delta: float = Field(default=1e-5, gt=0, lt=1)
+
+    @model_validator(mode="after")
+    def _noise(self) -> PrivacyConfig:
+        if self.mode == "update" and self.sigma == 0:
+            raise ValueError("privacy.sigma = 0 gives no privacy; use mode = \"off\" to say so")
+        return self
+
+
+class GossipConfig(_Section):
+    transport: Literal["memory"] = "memory"
+    round_deadline_s: float = Field(default=60.0, gt=0, le=86_400)
+    # Rounds ahead of ours whose shares we buffer; further ahead means we are
+    # behind and skip forward.
+    lookahead: int = Field(default=3, ge=1, le=100)
+    aggregation: str = "mean"
+    max_envelope_bytes: int = Field(default=64 * 1024 * 1024, ge=1024, le=2**31)
+
+    @model_validator(mode="after")
+    def _rule(self) -> GossipConfig:
+        if self.aggregation not in RULES:
+            raise ValueError(f"aggregation {self.aggregation!r}: choose one of {', '.join(RULES)}")
+        return self
+
+
+class NodeConfig(_Section):
+    state_dir: Path
+    identity: IdentityConfig
+    consortium: ConsortiumConfig
+    data: DataConfig
+    model: ModelConfig = ModelConfig()
+    training: TrainingConfig = TrainingConfig()
+    privacy: PrivacyConfig = PrivacyConfig()
+    gossip: GossipConfig = GossipConfig()
+
+
+def _key_path(loc: tuple[object, ...]) -> str:
+    return ".".join(str(x) for x in loc if not str(x).startswith("function-"))
+
+
+def validate_config(doc: dict, source: str) -> NodeConfig:
+    try:
+        return NodeConfig.model_validate(doc)
+    except ValidationError as exc:
+        lines = []
+        for err in exc.errors():
+            key = _key_path(err["loc"]) or "(top level)"
+            msg = err["msg"].removeprefix("Value error, ")
+            if err["type"] == "extra_forbidden":
+                msg = "unknown key (a typo?)"
+            lines.append(f"{source}: {key}: {msg}")
+        raise LocalError("\n".join(lines)) from None
+
+
+def load_config(path: str | Path) -> NodeConfig:
+    path = Path(path)
+    try:
+        doc = tomllib.loads(path.read_text())
+    except OSError as exc:
+        raise LocalError(f"cannot read node config {path}: {exc}") from None
+    except (UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+        raise LocalError(f"node config {path}: not valid TOML: {exc}") from None
+    cfg = validate_config(doc, str(path))
+    base = path.parent
+
+    def rel(p: Path | None) -> Path | None:
+        return None if p is None else (p if p.is_absolute() else base / p)
+
+    return cfg.model_copy(update={
+        "state_dir": rel(cfg.state_dir),
+        "identity": cfg.identity.model_copy(update={"key": rel(cfg.identity.key)}),
+        "consortium": cfg.consortium.model_copy(update={"path": rel(cfg.consortium.path)}),
+        "data": cfg.data.model_copy(update={"path": rel(cfg.data.path),
+                                            "eval_path": rel(cfg.data.eval_path)}),
+    })

@@ -1,0 +1,131 @@
+"""What a person sees of a run: per-round progress, the summary table, the plot."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from node.runner import RoundReport
+
+
+def _eps(value: float | None) -> str:
+    if value is None:
+        return "∞ (no DP)"
+    return "∞" if math.isinf(value) else f"{value:.2f}"
+
+
+def _bytes(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return str(n)
+
+
+class RoundPrinter:
+    """Collects per-round reports from all nodes; prints a line when a round is complete."""
+
+    def __init__(self, spec: Any, names: list[str], metric: str, console: Console | None) -> None:
+        self.spec = spec
+        self.names = names
+        self.metric = metric
+        self.console = console or make_console()
+        self.history: dict[int, dict[str, dict[str, float]]] = {}
+        self.eps: dict[str, float | None] = {}
+
+    def header(self, prep: Any) -> None:
+        s = self.spec
+        rows = ", ".join(f"{n} {len(p[1])}"
+                         for n, p in zip(prep.names, prep.train_parts, strict=True))
+        priv = ("privacy off" if s.privacy == "off"
+                else f"privacy {s.privacy}: clip {s.clip}, σ {s.sigma}, δ {s.delta:g}")
+        self.console.print(
+            f"[bold]flnode simulate[/]: {s.dataset}, {s.nodes} members ({s.partition}), "
+            f"{s.rounds} rounds, {s.model}, seed {s.seed}, {priv}\n"
+            f"  consortium {prep.consortium.name} id {prep.consortium.id.hex()[:16]}… "
+            f"run dir {s.out}\n  training rows: {rows}; consortium test set "
+            f"{len(prep.test[1])} rows (stratified {int(100 * 0.2)} %)")
+
+    def on_round(self, rep: RoundReport) -> None:
+        self.history.setdefault(rep.round, {})[rep.member] = rep.metrics
+        self.eps[rep.member] = rep.epsilon
+        done = self.history[rep.round]
+        if len(done) == len(self.names):
+            vals = [done[n][self.metric] for n in self.names]
+            eps = max((e for e in self.eps.values() if e is not None), default=None)
+            per = " ".join(f"{v:.3f}" for v in vals)
+            self.console.print(
+                f"  round {rep.round + 1:>3}/{self.spec.rounds}  mean {self.metric} "
+                f"{sum(vals) / len(vals):.4f}  [dim]({per})[/]  ε {_eps(eps)}")
+
+    def done(self) -> None:
+        self.console.print("  consortium finished; training the centralized and local-only "
+                           "baselines …")
+
+
+def make_console() -> Console:
+    """A console that does not squeeze the summary table when output is piped."""
+    console = Console()
+    return console if console.is_terminal else Console(width=120)
+
+
+def print_summary(summary: dict, out: Path, console: Console | None = None) -> None:
+    console = console or make_console()
+    metric = summary["metric"]
+    t = Table(title=f"{summary['dataset']}: {metric} on the consortium test set "
+                    f"({summary['test_rows']} rows); ε at δ={summary['epsilon']['delta']:g}")
+    for col in ("member", "rows", "local-only", "consortium", "gain", "ε", "sent", "received",
+                "rejected"):
+        t.add_column(col, justify="left" if col in ("member", "rejected") else "right")
+    for name, cons in summary["consortium"]["per_node"].items():
+        local = summary["local_only"]["per_node"][name]
+        rej = summary["rejected_per_node"].get(name, {})
+        t.add_row(name, str(summary["rows"][name]), f"{local:.4f}", f"{cons:.4f}",
+                  f"{cons - local:+.4f}", _eps(summary["epsilon"]["per_node"][name]),
+                  _bytes(summary["bytes"][name]["sent"]),
+                  _bytes(summary["bytes"][name]["received"]),
+                  ", ".join(f"{k} {v}" for k, v in sorted(rej.items())) or "none")
+    lo, co = summary["local_only"]["mean"], summary["consortium"]["mean"]
+    t.add_row("[bold]mean[/]", str(sum(summary["rows"].values())), f"{lo:.4f}", f"{co:.4f}",
+              f"{co - lo:+.4f}", "", "", "", "", end_section=True)
+    t.add_row("[bold]centralized[/]", str(sum(summary["rows"].values())), "",
+              f"{summary['centralized']:.4f}", "", "∞ (no DP)", "", "", "")
+    console.print(t)
+    console.print(f"  consortium − centralized: {co - summary['centralized']:+.4f}; "
+                  f"wrote {out / 'summary.json'} and {out / 'accuracy.png'}")
+
+
+def plot_history(summary: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    metric = summary["metric"]
+    rounds = sorted(int(r) for r in summary["history"])
+    fig, ax = plt.subplots(figsize=(8, 5))
+    names = list(summary["consortium"]["per_node"])
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for i, name in enumerate(names):
+        c = colors[i % len(colors)]
+        ys = [summary["history"][str(r)].get(name, float("nan")) for r in rounds]
+        ax.plot([r + 1 for r in rounds], ys, color=c, label=f"{name} (consortium)")
+        ax.axhline(summary["local_only"]["per_node"][name], color=c, ls=":", lw=1,
+                   label=f"{name} local-only")
+    ax.axhline(summary["centralized"], color="black", ls="--", lw=1.5, label="centralized")
+    ax.set_xlabel("round")
+    ax.set_ylabel(metric.replace("_", "-").upper() if metric != "accuracy" else "accuracy")
+    eps = summary["epsilon"]
+    priv = "privacy off" if eps["mode"] == "off" else \
+        f"{eps['mode']}-level DP, σ={eps['sigma']}, C={eps['clip']}"
+    ax.set_title(f"{summary['dataset']}: {summary['nodes']} members, {summary['partition']}, "
+                 f"{priv}")
+    ax.legend(fontsize=7, ncol=2, loc="lower right")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

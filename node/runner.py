@@ -1,0 +1,307 @@
+"""The round loop that ties the node together (asyncio).
+
+One round: train -> clip + noise -> charge the ledger -> sign -> store the
+release -> broadcast -> collect until every neighbour's share for the round
+has arrived or the deadline (counted from our own release) passes -> combine
+our own *released* share with the received ones -> evaluate -> checkpoint.
+
+A background task reads the transport and runs every message through
+`envelope.Verifier` and the `RoundBook`; rejections are counted by reason,
+written to the audit log and logged once per (peer, reason). Nothing a peer
+sends can stop the loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import logging
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from gossip import envelope
+from gossip.envelope import BENIGN_REASONS, KIND_SHARE, Accepted, Verifier
+from gossip.errors import LocalError, RemoteError
+from gossip.membership import Consortium, load_consortium
+from gossip.rounds import RoundBook
+from gossip.transports.base import Incoming, Transport
+from node.aggregate import WeightedShare, get_rule
+from node.config import NodeConfig
+from node.data import FeatureSchema, encode, read_table
+from node.identity import Identity, load_identity
+from node.models import (
+    build_model,
+    flat_to_named,
+    get_flat,
+    init_seed_from,
+    named_to_flat,
+    set_flat,
+    tensor_spec,
+)
+from node.privacy import Ledger, LedgerRecord, NoiseSource, privatize_update
+from node.state import Checkpoint, StateDir
+from node.train import evaluate, metric_name, train_local
+
+log = logging.getLogger("flnode.node")
+
+
+@dataclass
+class RoundReport:
+    member: str
+    round: int
+    metrics: dict[str, float]
+    epsilon: float | None
+    received: list[str]
+    missing: list[str]
+    update_norm: float
+    seconds: float
+    resent: bool = False  # the release came from the outbox (restart), not new training
+    next_round: int = 0
+
+
+@dataclass
+class LocalData:
+    X: np.ndarray
+    y: np.ndarray
+
+
+@dataclass
+class NodeCounters:
+    rejected: Counter[str] = field(default_factory=Counter)
+    accepted: Counter[str] = field(default_factory=Counter)
+
+
+class Node:
+    def __init__(self, cfg: NodeConfig, identity: Identity, consortium: Consortium,
+                 schema: FeatureSchema, train: LocalData, held_out: LocalData,
+                 transport: Transport, noise: NoiseSource) -> None:
+        member = consortium.by_name(identity.name)
+        if member.public_key != identity.public_key:
+            raise LocalError(
+                f"key file {cfg.identity.key} is for {identity.name!r} but the consortium file "
+                f"lists another public key for that member: wrong key file or stale peer list"
+            )
+        self.cfg = cfg
+        self.name = identity.name
+        self.identity = identity
+        self.consortium = consortium
+        self.schema = schema
+        self.train_data = train
+        self.held_out = held_out
+        self.transport = transport
+        self.noise = noise
+        self.state = StateDir(cfg.state_dir)
+        self.ledger = Ledger(self.state.ledger_path)
+        self.rule = get_rule(cfg.gossip.aggregation)
+        self.model = build_model(cfg.model.kind, schema.n_features, schema.n_classes,
+                                 cfg.model.hidden, seed=init_seed_from(consortium.id))
+        self.metric = metric_name(schema.n_classes)
+        neighbours = [m.name for m in consortium.members if m.name != self.name]
+        self.verifier = Verifier(consortium.id, {m.public_key: m.name for m in consortium.members},
+                                 identity.public_key, tensor_spec(self.model),
+                                 cfg.gossip.max_envelope_bytes)
+        self.book = RoundBook(neighbours, cfg.gossip.lookahead)
+        self.counters = NodeCounters()
+        self.seq = 0
+        self._arrived = asyncio.Event()
+        self._logged: set[tuple[str, str]] = set()
+        self._shuffle = torch.Generator().manual_seed(cfg.training.seed)
+        self._resume()
+
+    # --- construction from files -----------------------------------------------
+    @classmethod
+    def from_config(cls, cfg: NodeConfig, transport: Transport, noise: NoiseSource) -> Node:
+        identity = load_identity(cfg.identity.key)
+        consortium = load_consortium(cfg.consortium.path)
+        schema = FeatureSchema.from_dict(consortium.schema, str(cfg.consortium.path))
+        X, y = encode(read_table(cfg.data.path), schema, str(cfg.data.path))
+        if cfg.data.eval_path is not None:
+            Xe, ye = encode(read_table(cfg.data.eval_path), schema, str(cfg.data.eval_path))
+            train, held = LocalData(X, y), LocalData(Xe, ye)
+        else:
+            order = np.random.default_rng(cfg.training.seed).permutation(len(X))
+            cut = int(len(X) * (1 - cfg.data.eval_fraction))
+            train = LocalData(X[order[:cut]], y[order[:cut]])
+            held = LocalData(X[order[cut:]], y[order[cut:]])
+        if len(train.X) == 0:
+            raise LocalError(f"{cfg.data.path}: no training rows")
+        return cls(cfg, identity, consortium, schema, train, held, transport, noise)
+
+    def _resume(self) -> None:
+        cp = self.state.load_checkpoint()
+        if cp is None:
+            self._save_checkpoint()
+            return
+        set_flat(self.model, torch.from_numpy(np.frombuffer(cp.model, dtype="<f4").copy()))
+        self.book = RoundBook(self.book.neighbours, self.book.lookahead, cp.next_round)
+        self.seq = cp.seq
+        self.verifier.load_state(cp.replay)
+        self.counters.rejected.update(cp.rejected)
+        self.transport.stats.bytes_sent += cp.bytes_sent
+        self.transport.stats.bytes_received += cp.bytes_received
+        log.info("%s: resumed at round %d from %s", self.name, cp.next_round, self.state.path)
+
+    def _save_checkpoint(self) -> None:
+        self.state.save_checkpoint(Checkpoint(
+            next_round=self.book.current,
+            model=get_flat(self.model).numpy().astype("<f4").tobytes(),
+            seq=self.seq,
+            replay=self.verifier.export_state(),
+            rejected=dict(self.counters.rejected),
+            bytes_sent=self.transport.stats.bytes_sent,
+            bytes_received=self.transport.stats.bytes_received,
+        ))
+
+    # --- receiving ---------------------------------------------------------------
+    async def _receive(self) -> None:
+        async for msg in self.transport.incoming():
+            self.handle(msg)
+
+    def handle(self, msg: Incoming) -> Accepted | None:
+        """Verify one incoming byte string and file it. Never raises for peer faults."""
+        try:
+            accepted = self.verifier.verify(msg.data, self.book.current, msg.peer_hint)
+            where = self.book.add(accepted)
+        except RemoteError as exc:
+            self._reject(msg, exc)
+            return None
+        self.counters.accepted[accepted.sender] += 1
+        self.state.append_jsonl("audit.jsonl", {
+            "time": time.time(), "round": accepted.round, "member": accepted.sender,
+            "seq": accepted.envelope.seq, "digest": accepted.envelope.digest.hex(),
+            "outcome": "accepted", "where": where,
+        })
+        self._arrived.set()
+        return accepted
+
+    def _reject(self, msg: Incoming, exc: RemoteError) -> None:
+        self.counters.rejected[exc.reason] += 1
+        peer = exc.peer or msg.peer_hint or "unknown"
+        self.state.append_jsonl("audit.jsonl", {
+            "time": time.time(), "round": self.book.current, "member": peer,
+            "digest": _blake(msg.data), "outcome": exc.reason, "detail": exc.detail,
+        })
+        level = logging.DEBUG if exc.reason in BENIGN_REASONS else logging.WARNING
+        if (peer, exc.reason) not in self._logged:
+            self._logged.add((peer, exc.reason))
+            log.log(level, "%s: %s (further %r from %s are counted, not logged)",
+                    self.name, exc, exc.reason, peer)
+
+    # --- the round loop ---------------------------------------------------------
+    async def run(self, on_round: Callable[[RoundReport], None] | None = None) -> list[RoundReport]:
+        reports: list[RoundReport] = []
+        await self.transport.start()
+        try:
+            async with asyncio.TaskGroup() as tg:
+                receiver = tg.create_task(self._receive(), name=f"{self.name}-receive")
+                try:
+                    while self.book.current < self.cfg.training.rounds:
+                        report = await self._round()
+                        reports.append(report)
+                        if on_round is not None:
+                            on_round(report)
+                finally:
+                    receiver.cancel()
+        finally:
+            self._save_checkpoint()
+            await self.transport.close()
+        return reports
+
+    async def _round(self) -> RoundReport:
+        r = self.book.current
+        t0 = time.perf_counter()
+        data, own, norm, resent = await self._release(r)
+        await self.transport.broadcast(data)
+        await self._collect(r, deadline=asyncio.get_running_loop().time()
+                            + self.cfg.gossip.round_deadline_s)
+        received = self.book.shares(r)
+        shares = [WeightedShare(s.sender, s.share.weight, named_to_flat(self.model, s.share.tensors))
+                  for s in received.values()]
+        set_flat(self.model, self.rule(shares, own))
+        metrics = evaluate(self.model, self.held_out.X, self.held_out.y)
+        missing = self.book.missing(r)
+        nxt = self.book.advance()
+        if nxt != r + 1:
+            log.warning("%s: behind the consortium: skipping from round %d to %d", self.name,
+                        r + 1, nxt)
+        self._save_checkpoint()
+        eps = self.epsilon()
+        report = RoundReport(self.name, r, metrics, eps, sorted(received), missing, norm,
+                             time.perf_counter() - t0, resent, nxt)
+        self.state.append_jsonl("metrics.jsonl", {
+            "round": r, "metrics": metrics, "epsilon": eps, "received": report.received,
+            "missing": missing, "rejected": dict(self.counters.rejected),
+            "bytes_sent": self.transport.stats.bytes_sent,
+            "bytes_received": self.transport.stats.bytes_received,
+        })
+        if missing:
+            log.warning("%s: round %d closed at the deadline without %s", self.name, r,
+                        ", ".join(missing))
+        return report
+
+    async def _release(self, r: int) -> tuple[bytes, WeightedShare, float, bool]:
+        """Our share for round r: the stored one after a restart, else train a new one."""
+        spec = self.verifier.spec
+        stored = self.state.stored_release(r)
+        if stored is not None:
+            env = envelope.decode_outer(stored, self.cfg.gossip.max_envelope_bytes)
+            share = envelope.decode_share(env.body, spec)
+            self.seq = max(self.seq, env.seq + 1)
+            own = WeightedShare(self.name, share.weight, named_to_flat(self.model, share.tensors))
+            return stored, own, float("nan"), True
+        start = get_flat(self.model)
+        local = copy.deepcopy(self.model)
+        tc = self.cfg.training
+        await asyncio.to_thread(train_local, local, self.train_data.X, self.train_data.y,
+                                epochs=tc.epochs, batch_size=tc.batch_size, lr=tc.lr,
+                                generator=self._shuffle)
+        update = get_flat(local) - start
+        norm = float(torch.linalg.vector_norm(update))
+        pc = self.cfg.privacy
+        if pc.mode == "update":
+            update, norm = privatize_update(update, pc.clip, pc.sigma, self.noise)
+        released = start + update
+        weight = float(len(self.train_data.X))
+        body = envelope.encode_share(flat_to_named(self.model, released), weight)
+        data = envelope.pack(self.identity.signing_key, self.consortium.id, KIND_SHARE, r,
+                             self.seq, body)
+        self.seq += 1
+        if pc.mode == "update":
+            # Charged and fsync'd before the bytes exist anywhere but in memory.
+            self.ledger.charge(LedgerRecord(
+                round=r, mode="update", noise_multiplier=pc.sigma, sample_rate=1.0, steps=1,
+                clip_norm=pc.clip, share_digest=_blake(data)))
+        self.state.store_release(r, data)
+        return data, WeightedShare(self.name, weight, released), norm, False
+
+    async def _collect(self, r: int, deadline: float) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            self._arrived.clear()
+            if self.book.complete(r):
+                return
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                return
+            try:
+                async with asyncio.timeout(remaining):
+                    await self._arrived.wait()
+            except TimeoutError:
+                return
+
+    def epsilon(self) -> float | None:
+        if self.cfg.privacy.mode == "off":
+            return None
+        return self.ledger.epsilon(self.cfg.privacy.delta)
+
+
+def _blake(data: bytes) -> str:
+    import hashlib
+
+    return hashlib.blake2b(data, digest_size=32).hexdigest()
+

@@ -1,0 +1,47 @@
+"""Small builders shared by the tests: members, a consortium, valid envelopes."""
+
+from __future__ import annotations
+
+import numpy as np
+from nacl.signing import SigningKey
+
+from gossip import envelope
+from gossip.envelope import KIND_SHARE, TensorSpec, Verifier
+from gossip.membership import Consortium, Member
+
+SCHEMA = {
+    "label": "default",
+    "classes": ["No", "Yes"],
+    "columns": [
+        {"name": "student", "kind": "categorical", "vocabulary": ["No", "Yes"]},
+        {"name": "balance", "kind": "numeric", "mean": 835.0, "std": 483.0},
+        {"name": "income", "kind": "numeric", "mean": 33517.0, "std": 13336.0},
+    ],
+}
+SPEC = [TensorSpec("w", (2, 4)), TensorSpec("b", (2,))]
+
+
+def keys(n: int) -> list[SigningKey]:
+    return [SigningKey(bytes([i + 1]) * 32) for i in range(n)]
+
+
+def consortium(signing_keys: list[SigningKey], schema: dict | None = None,
+               name: str = "test-consortium") -> Consortium:
+    return Consortium(name, schema or SCHEMA, tuple(
+        Member(f"bank-{i}", bytes(k.verify_key), {"memory": f"bank-{i}"})
+        for i, k in enumerate(signing_keys)))
+
+
+def tensors(fill: float = 0.5) -> list[tuple[str, np.ndarray]]:
+    return [("w", np.full((2, 4), fill, dtype="<f4")), ("b", np.full((2,), fill, dtype="<f4"))]
+
+
+def share_bytes(key: SigningKey, cons: Consortium, round_: int = 0, seq: int = 0,
+                body: bytes | None = None, cid: bytes | None = None) -> bytes:
+    body = body if body is not None else envelope.encode_share(tensors(), 100.0)
+    return envelope.pack(key, cid or cons.id, KIND_SHARE, round_, seq, body)
+
+
+def verifier_for(cons: Consortium, own: SigningKey) -> Verifier:
+    return Verifier(cons.id, {m.public_key: m.name for m in cons.members}, bytes(own.verify_key),
+                    SPEC)

@@ -1,0 +1,53 @@
+"""Node config errors name the key and the file."""
+
+from __future__ import annotations
+
+import pytest
+
+from gossip.errors import LocalError
+from node.config import load_config
+
+GOOD = """
+state_dir = "state"
+[identity]
+key = "k.key"
+[consortium]
+path = "c.toml"
+[data]
+path = "d.parquet"
+[training]
+lr = 0.1
+"""
+
+
+def write(tmp_path, text):
+    p = tmp_path / "node.toml"
+    p.write_text(text)
+    return p
+
+
+def test_good_config_resolves_paths_relative_to_the_file(tmp_path):
+    cfg = load_config(write(tmp_path, GOOD))
+    assert cfg.identity.key == tmp_path / "k.key"
+    assert cfg.training.lr == 0.1 and cfg.privacy.mode == "update"
+
+
+@pytest.mark.parametrize("edit, key", [
+    (lambda t: t.replace("lr = 0.1", "lr = -1"), "training.lr"),
+    (lambda t: t.replace("lr = 0.1", "lr = 0.1\nepohcs = 3"), "training.epohcs: unknown key"),
+    (lambda t: t + '\n[privacy]\nmode = "record2"\n', "privacy.mode"),
+    (lambda t: t + '\n[privacy]\nsigma = 0\n', "privacy: privacy.sigma = 0 gives no privacy"),
+    (lambda t: t + '\n[gossip]\naggregation = "krum2"\n', "gossip: aggregation 'krum2'"),
+    (lambda t: t.replace('[data]\npath = "d.parquet"', ""), "data: Field required"),
+    (lambda t: t + "\n[model]\nkind = 'resnet'\n", "model.kind"),
+])
+def test_bad_values_name_the_key(tmp_path, edit, key):
+    path = write(tmp_path, edit(GOOD))
+    with pytest.raises(LocalError) as info:
+        load_config(path)
+    assert key in str(info.value) and str(path) in str(info.value)
+
+
+def test_invalid_toml_names_the_file(tmp_path):
+    with pytest.raises(LocalError, match="not valid TOML"):
+        load_config(write(tmp_path, "state_dir = \n"))
