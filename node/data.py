@@ -131,7 +131,7 @@ def encode(df: pd.DataFrame, schema: FeatureSchema, source: str = "table") -> tu
         raise LocalError(f"{source}: label column {schema.label!r}: value(s) not among the "
                          f"schema's classes {schema.classes}: {unknown[:10]}")
     X = np.concatenate(blocks, axis=1).astype(np.float32)
-    y = labels.map(classes).to_numpy(dtype=np.int64)
+    y = np.array(labels.map(classes).to_numpy(dtype=np.int64))  # writable, for torch
     return X, y
 
 

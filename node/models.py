@@ -3,11 +3,14 @@
 Every member of a consortium must build the same architecture and start from
 the same initial weights, or averaging makes no sense. The architecture comes
 from config (a mismatch shows up as `shape` rejections); the initial weights
-come from a seed every member derives from the consortium id.
+come from a seed every member derives from the consortium's name and schema
+(not its member keys, so a simulation with fresh keys and the same --seed
+starts from the same weights).
 """
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable
 
 import numpy as np
@@ -16,6 +19,7 @@ from torch import nn
 
 from gossip.envelope import TensorSpec
 from gossip.errors import LocalError
+from gossip.membership import Consortium
 
 MODELS: dict[str, Callable[[int, int, int], nn.Module]] = {
     "logreg": lambda n_in, n_out, hidden: nn.Linear(n_in, n_out),
@@ -34,8 +38,11 @@ def build_model(kind: str, n_in: int, n_out: int, hidden: int = 64, seed: int = 
         return MODELS[kind](n_in, n_out, hidden)
 
 
-def init_seed_from(consortium_id: bytes) -> int:
-    return int.from_bytes(consortium_id[:8], "little") & (2**63 - 1)
+def init_seed_from(consortium: Consortium) -> int:
+    digests = consortium.digests()
+    raw = hashlib.blake2b(f"init:{digests['name']}:{digests['schema']}".encode(),
+                          digest_size=8).digest()
+    return int.from_bytes(raw, "little") & (2**63 - 1)
 
 
 def tensor_spec(model: nn.Module) -> list[TensorSpec]:

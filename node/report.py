@@ -110,11 +110,18 @@ def plot_history(summary: dict, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(8, 5))
     names = list(summary["consortium"]["per_node"])
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    curves = {name: [summary["history"][str(r)].get(name, float("nan")) for r in rounds]
+              for name in names}
+    xs = [r + 1 for r in rounds]
+    same = len({tuple(c) for c in curves.values()}) == 1
+    if same:  # every member averaged the same shares: one curve, not four on top of each other
+        ax.plot(xs, curves[names[0]], color="black", lw=2,
+                label="consortium (every member holds the same model)")
     for i, name in enumerate(names):
         c = colors[i % len(colors)]
-        ys = [summary["history"][str(r)].get(name, float("nan")) for r in rounds]
-        ax.plot([r + 1 for r in rounds], ys, color=c, label=f"{name} (consortium)")
-        ax.axhline(summary["local_only"]["per_node"][name], color=c, ls=":", lw=1,
+        if not same:
+            ax.plot(xs, curves[name], color=c, label=f"{name} (consortium)")
+        ax.axhline(summary["local_only"]["per_node"][name], color=c, ls=":", lw=1.2,
                    label=f"{name} local-only")
     ax.axhline(summary["centralized"], color="black", ls="--", lw=1.5, label="centralized")
     ax.set_xlabel("round")

@@ -43,7 +43,7 @@ from node.models import (
     set_flat,
     tensor_spec,
 )
-from node.privacy import Ledger, LedgerRecord, NoiseSource, privatize_update
+from node.privacy import Ledger, LedgerRecord, NoiseSource, OsNoise, privatize_update
 from node.state import Checkpoint, StateDir
 from node.train import evaluate, metric_name, train_local
 
@@ -99,7 +99,7 @@ class Node:
         self.ledger = Ledger(self.state.ledger_path)
         self.rule = get_rule(cfg.gossip.aggregation)
         self.model = build_model(cfg.model.kind, schema.n_features, schema.n_classes,
-                                 cfg.model.hidden, seed=init_seed_from(consortium.id))
+                                 cfg.model.hidden, seed=init_seed_from(consortium))
         self.metric = metric_name(schema.n_classes)
         neighbours = [m.name for m in consortium.members if m.name != self.name]
         self.verifier = Verifier(consortium.id, {m.public_key: m.name for m in consortium.members},
@@ -115,7 +115,10 @@ class Node:
 
     # --- construction from files -----------------------------------------------
     @classmethod
-    def from_config(cls, cfg: NodeConfig, transport: Transport, noise: NoiseSource) -> Node:
+    def from_config(cls, cfg: NodeConfig, transport: Transport,
+                    noise: NoiseSource | None = None) -> Node:
+        """Build a node from its config files. Privacy noise comes from os.urandom
+        unless a simulation passes its own seeded source."""
         identity = load_identity(cfg.identity.key)
         consortium = load_consortium(cfg.consortium.path)
         schema = FeatureSchema.from_dict(consortium.schema, str(cfg.consortium.path))
@@ -130,7 +133,7 @@ class Node:
             held = LocalData(X[order[cut:]], y[order[cut:]])
         if len(train.X) == 0:
             raise LocalError(f"{cfg.data.path}: no training rows")
-        return cls(cfg, identity, consortium, schema, train, held, transport, noise)
+        return cls(cfg, identity, consortium, schema, train, held, transport, noise or OsNoise())
 
     def _resume(self) -> None:
         cp = self.state.load_checkpoint()

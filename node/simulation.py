@@ -160,7 +160,7 @@ def train_baseline(spec: SimulationSpec, prep: Prepared, X: np.ndarray, y: np.nd
                    seed: int) -> dict[str, float]:
     """Same model, same initial weights, same recipe, R epochs on X alone."""
     model = build_model(spec.model, prep.schema.n_features, prep.schema.n_classes, spec.hidden,
-                        seed=init_seed_from(prep.consortium.id))
+                        seed=init_seed_from(prep.consortium))
     train_local(model, X, y, epochs=spec.rounds, batch_size=spec.batch_size, lr=spec.lr,
                 generator=torch.Generator().manual_seed(seed))
     return evaluate(model, *prep.test)

@@ -1,0 +1,41 @@
+# The README's two commands (`make demo`, `make test`) and the developer chores.
+# Every target sets up .venv first: torch==2.13.0 (the CPU wheel on this
+# machine's disk; an unpinned torch drags in CUDA) and then the project with
+# its dev and demo extras.
+
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed-stamp
+DEMO_OUT ?= runs/demo
+
+.PHONY: setup demo test test-fast lint clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "flnode needs Python 3.11+"'
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e '.[dev,demo]'
+	touch $(STAMP)
+
+# Four banks on ISLR `Default`, label-skewed (Dirichlet 0.5), update-level DP.
+demo: $(STAMP)
+	rm -rf $(DEMO_OUT)
+	$(BIN)/flnode simulate --dataset default --network-config network_configs/demo-4-banks.toml \
+	  --nodes 4 --partition dirichlet:0.5 --rounds 30 --seed 0 \
+	  --privacy update --clip 0.1 --sigma 1.0 --out $(DEMO_OUT)
+
+test: $(STAMP)
+	$(BIN)/pytest -q
+
+test-fast: $(STAMP)
+	$(BIN)/pytest -q -m "not slow"
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+
+clean:
+	rm -rf runs .pytest_cache .hypothesis

@@ -1,0 +1,35 @@
+from __future__ import annotations
+
+import pytest
+import torch
+
+from gossip.errors import LocalError
+from node.aggregate import WeightedShare, get_rule, median, trimmed_mean, weighted_mean
+
+
+def s(member, weight, *values):
+    return WeightedShare(member, weight, torch.tensor(values, dtype=torch.float32))
+
+
+def test_weighted_mean_weights_by_sample_count():
+    out = weighted_mean([s("b", 3.0, 4.0, 0.0)], s("a", 1.0, 0.0, 8.0))
+    assert out.tolist() == pytest.approx([3.0, 2.0])
+
+
+def test_weighted_mean_does_not_depend_on_arrival_order():
+    shares = [s(f"m{i}", 1.0 + i, 0.1 * i, 1.0 / (i + 1)) for i in range(6)]
+    own = s("own", 2.5, 0.3, 0.7)
+    assert torch.equal(weighted_mean(shares, own), weighted_mean(list(reversed(shares)), own))
+
+
+def test_median_and_trimmed_mean_resist_one_outlier():
+    shares = [s("b", 1, 1.0), s("c", 1, 1.2), s("d", 1, 1e6), s("e", 1, 0.9)]
+    own = s("a", 1, 1.1)
+    assert median(shares, own).item() == pytest.approx(1.1)
+    assert trimmed_mean(shares, own).item() == pytest.approx(1.1)
+    assert weighted_mean(shares, own).item() > 1e5
+
+
+def test_unknown_rule_names_the_choices():
+    with pytest.raises(LocalError, match="mean"):
+        get_rule("krum2")
