@@ -8,6 +8,13 @@ ends the book skips forward to the newest round it has seen instead of
 replaying rounds the others have left. Older rounds are refused as `stale`
 by the verifier before they get here.
 
+A member whose share for a *later* round has arrived has left our round and
+will not send it any more (shares are not retransmitted), so it no longer
+holds the round open; and when every neighbour has left the next round too,
+the book moves straight to the oldest round a neighbour is in. That is how a
+restarted node catches up with the others without sitting out a deadline
+for every round it missed.
+
 Simplification: a member that announces an absurd future round makes us skip
 to it. Members are authenticated and the skip is logged; defending against a
 malicious *member* here needs a quorum rule, which this slice does not have.
@@ -28,6 +35,7 @@ class RoundBook:
         self.current = current
         self._shares: dict[int, dict[str, Accepted]] = {}
         self._far: dict[str, Accepted] = {}  # newest far-ahead share per member
+        self._latest: dict[str, int] = {}  # newest round seen per member
 
     def add(self, share: Accepted) -> str:
         """Store an accepted share. Returns "buffered" or "ahead" (we are behind)."""
@@ -41,6 +49,7 @@ class RoundBook:
         if held is not None and held.envelope.digest != share.envelope.digest:
             raise RemoteError("equivocation", f"a second, different share for round {r} "
                               f"(seq {held.envelope.seq} and {share.envelope.seq})", share.sender)
+        self._latest[share.sender] = max(r, self._latest.get(share.sender, r))
         if r <= self.current + self.lookahead:
             self._shares.setdefault(r, {})[share.sender] = share
             return "buffered"
@@ -50,7 +59,13 @@ class RoundBook:
         return "ahead"
 
     def complete(self, round_: int) -> bool:
-        return self.neighbours <= set(self._shares.get(round_, {}))
+        """Every neighbour has sent its share for round_, or has moved past it."""
+        return not self.waiting_for(round_)
+
+    def waiting_for(self, round_: int) -> list[str]:
+        have = self._shares.get(round_, {})
+        return sorted(n for n in self.neighbours
+                      if n not in have and self._latest.get(n, -1) <= round_)
 
     def shares(self, round_: int) -> dict[str, Accepted]:
         return dict(self._shares.get(round_, {}))
@@ -69,6 +84,8 @@ class RoundBook:
         newest = self.newest_seen
         if newest > nxt + self.lookahead:
             nxt = newest
+        elif self.neighbours and all(self._latest.get(n, -1) > nxt for n in self.neighbours):
+            nxt = min(self._latest[n] for n in self.neighbours)
         self.current = nxt
         self._shares = {r: s for r, s in self._shares.items() if r >= nxt}
         # Far-ahead shares now inside the window move into the buffer.

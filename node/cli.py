@@ -1,4 +1,4 @@
-"""`flnode keygen | consortium | simulate`.
+"""`flnode keygen | consortium | run | simulate`.
 
 Errors the operator can fix (`LocalError`) print one clear message and exit 2;
 anything else is a bug and keeps its traceback.
@@ -81,6 +81,12 @@ def _simulate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run(args: argparse.Namespace) -> int:
+    from node.daemon import main as run_main
+
+    return run_main(args.config)
+
+
 def _positive(kind: type):
     def parse(text: str):
         value = kind(text)
@@ -115,6 +121,10 @@ def build_parser() -> argparse.ArgumentParser:
     cs = csub.add_parser("show", help="print a consortium's id, part digests and members")
     cs.add_argument("file")
     cs.set_defaults(func=_consortium_show)
+
+    r = sub.add_parser("run", help="run one member as a daemon on a network transport")
+    r.add_argument("--config", required=True, help="the node's TOML config")
+    r.set_defaults(func=_run)
 
     s = sub.add_parser("simulate", help="simulate a consortium in one process")
     s.add_argument("--dataset", choices=["default", "churn", "digits"], default="default")

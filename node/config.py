@@ -61,7 +61,7 @@ class PrivacyConfig(_Section):
 
 
 class GossipConfig(_Section):
-    transport: Literal["memory"] = "memory"
+    transport: Literal["memory", "libp2p"] = "libp2p"
     round_deadline_s: float = Field(default=60.0, gt=0, le=86_400)
     # Rounds ahead of ours whose shares we buffer; further ahead means we are
     # behind and skip forward.

@@ -155,7 +155,7 @@ class Node:
             model=get_flat(self.model).numpy().astype("<f4").tobytes(),
             seq=self.seq,
             replay=self.verifier.export_state(),
-            rejected=dict(self.counters.rejected),
+            rejected=self.rejected(),
             bytes_sent=self.transport.stats.bytes_sent,
             bytes_received=self.transport.stats.bytes_received,
         ))
@@ -232,16 +232,19 @@ class Node:
         if nxt != r + 1:
             log.warning("%s: behind the consortium: skipping from round %d to %d", self.name,
                         r + 1, nxt)
-        self._save_checkpoint()
         eps = self.epsilon()
         report = RoundReport(self.name, r, metrics, eps, sorted(received), missing, norm,
                              time.perf_counter() - t0, resent, nxt)
+        # Metrics before the checkpoint: a crash in between re-runs the round
+        # and appends a second line for it (readers take the last), rather than
+        # losing the round's line.
         self.state.append_jsonl("metrics.jsonl", {
             "round": r, "metrics": metrics, "epsilon": eps, "received": report.received,
-            "missing": missing, "rejected": dict(self.counters.rejected),
+            "missing": missing, "rejected": self.rejected(),
             "bytes_sent": self.transport.stats.bytes_sent,
             "bytes_received": self.transport.stats.bytes_received,
         })
+        self._save_checkpoint()
         if missing:
             log.warning("%s: round %d closed at the deadline without %s", self.name, r,
                         ", ".join(missing))
@@ -296,6 +299,12 @@ class Node:
                     await self._arrived.wait()
             except TimeoutError:
                 return
+
+    def rejected(self) -> dict[str, int]:
+        """Rejections by reason: ours (envelope, round book) plus the transport's refusals."""
+        out = Counter(self.counters.rejected)
+        out.update(self.transport.stats.refused)
+        return dict(out)
 
     def epsilon(self) -> float | None:
         if self.cfg.privacy.mode == "off":

@@ -55,6 +55,7 @@ class SimulationSpec:
     delta: float = 1e-5
     network_config: Path | None = None
     round_deadline_s: float = 120.0
+    transport: str = "memory"
 
 
 def member_names(spec: SimulationSpec) -> list[str]:
@@ -94,8 +95,12 @@ class Prepared:
     consortium: Consortium
 
 
-def prepare(spec: SimulationSpec) -> Prepared:
-    """Write keys, consortium file, data files and node configs into spec.out."""
+def prepare(spec: SimulationSpec,
+            addresses: dict[str, dict[str, str]] | None = None) -> Prepared:
+    """Write keys, consortium file, data files and node configs into spec.out.
+
+    `addresses` (member -> transport -> address) overrides the template's.
+    """
     if spec.nodes < 2:
         raise LocalError("--nodes: a consortium needs at least 2 members")
     names = member_names(spec)
@@ -124,7 +129,9 @@ def prepare(spec: SimulationSpec) -> Prepared:
         ident = Identity.generate(name)
         save_identity(ident, out / "keys")
         identities.append(ident)
-        members.append(Member(name, ident.public_key, _template_addresses(spec, name)))
+        addr = _template_addresses(spec, name)
+        addr.update((addresses or {}).get(name, {}))
+        members.append(Member(name, ident.public_key, addr))
     consortium = Consortium(
         spec.network_config and tomllib.loads(spec.network_config.read_text())["consortium"]["name"]
         or f"sim-{spec.dataset}-{spec.nodes}",
@@ -147,7 +154,7 @@ def prepare(spec: SimulationSpec) -> Prepared:
                          "seed": spec.seed * 1000 + i},
             "privacy": {"mode": spec.privacy, "clip": spec.clip, "sigma": spec.sigma,
                         "delta": spec.delta},
-            "gossip": {"transport": "memory", "round_deadline_s": spec.round_deadline_s},
+            "gossip": {"transport": spec.transport, "round_deadline_s": spec.round_deadline_s},
         }
         path = out / "nodes" / f"{name}.toml"
         path.write_text(tomli_w.dumps(cfg))
@@ -182,19 +189,38 @@ async def run_consortium(spec: SimulationSpec, prep: Prepared,
     return nodes
 
 
-def summarize(spec: SimulationSpec, prep: Prepared, nodes: list[Node],
+@dataclass
+class MemberResult:
+    """What one member reports at the end of a run, however it ran."""
+
+    name: str
+    final: dict[str, float]  # metrics of its final model on the consortium test set
+    epsilon: float | None
+    bytes_sent: int
+    bytes_received: int
+    rejected: dict[str, int]
+    rounds_done: int
+
+
+def result_of(node: Node, test: tuple[np.ndarray, np.ndarray]) -> MemberResult:
+    return MemberResult(node.name, evaluate(node.model, *test), node.epsilon(),
+                        node.transport.stats.bytes_sent, node.transport.stats.bytes_received,
+                        node.rejected(), node.book.current)
+
+
+def summarize(spec: SimulationSpec, prep: Prepared, results: list[MemberResult],
               history: dict[int, dict[str, dict[str, float]]],
               centralized: dict[str, float], local_only: dict[str, dict[str, float]]) -> dict:
     metric = metric_name(prep.schema.n_classes)
-    final = {n.name: evaluate(n.model, *prep.test) for n in nodes}
+    final = {r.name: r.final for r in results}
 
     def block(key: str, per_node: dict[str, dict[str, float]]) -> dict[str, Any]:
         vals = {name: per_node[name][key] for name in prep.names}
         return {"mean": float(np.mean(list(vals.values()))), "per_node": vals}
 
     rejected: dict[str, int] = {}
-    for n in nodes:
-        for reason, count in n.counters.rejected.items():
+    for r in results:
+        for reason, count in r.rejected.items():
             rejected[reason] = rejected.get(reason, 0) + count
     summary: dict[str, Any] = {
         "dataset": spec.dataset,
@@ -204,6 +230,7 @@ def summarize(spec: SimulationSpec, prep: Prepared, nodes: list[Node],
         "partition": spec.partition,
         "seed": spec.seed,
         "model": spec.model,
+        "transport": spec.transport,
         "consortium_id": prep.consortium.id.hex(),
         "rows": {name: int(len(prep.train_parts[i][1])) for i, name in enumerate(prep.names)},
         "test_rows": int(len(prep.test[1])),
@@ -216,18 +243,27 @@ def summarize(spec: SimulationSpec, prep: Prepared, nodes: list[Node],
             "delta": spec.delta, "accountant": ACCOUNTANT, "mode": spec.privacy,
             "clip": spec.clip if spec.privacy != "off" else None,
             "sigma": spec.sigma if spec.privacy != "off" else None,
-            "per_node": {n.name: n.epsilon() for n in nodes},
+            "per_node": {r.name: r.epsilon for r in results},
         },
-        "bytes": {n.name: {"sent": n.transport.stats.bytes_sent,
-                           "received": n.transport.stats.bytes_received} for n in nodes},
+        "bytes": {r.name: {"sent": r.bytes_sent, "received": r.bytes_received}
+                  for r in results},
         "rejected": rejected,
-        "rejected_per_node": {n.name: dict(n.counters.rejected) for n in nodes},
+        "rejected_per_node": {r.name: dict(r.rejected) for r in results},
+        "rounds_done": {r.name: r.rounds_done for r in results},
     }
     if metric == "roc_auc":
         summary["centralized_pr_auc"] = centralized["pr_auc"]
         summary["pr_auc"] = {"local_only": block("pr_auc", local_only),
                              "consortium": block("pr_auc", final)}
     return summary
+
+
+def baselines(spec: SimulationSpec, prep: Prepared) -> tuple[dict[str, float],
+                                                              dict[str, dict[str, float]]]:
+    centralized = train_baseline(spec, prep, *prep.train_all, seed=spec.seed)
+    local_only = {name: train_baseline(spec, prep, *prep.train_parts[i], seed=spec.seed + i)
+                  for i, name in enumerate(prep.names)}
+    return centralized, local_only
 
 
 def write_outputs(spec: SimulationSpec, summary: dict) -> None:
@@ -246,10 +282,9 @@ def simulate(spec: SimulationSpec, console: Any = None) -> dict:
     printer.header(prep)
     nodes = asyncio.run(run_consortium(spec, prep, printer.on_round))
     printer.done()
-    centralized = train_baseline(spec, prep, *prep.train_all, seed=spec.seed)
-    local_only = {name: train_baseline(spec, prep, *prep.train_parts[i], seed=spec.seed + i)
-                  for i, name in enumerate(prep.names)}
-    summary = summarize(spec, prep, nodes, printer.history, centralized, local_only)
+    centralized, local_only = baselines(spec, prep)
+    summary = summarize(spec, prep, [result_of(n, prep.test) for n in nodes], printer.history,
+                        centralized, local_only)
     write_outputs(spec, summary)
     print_summary(summary, spec.out, console)
     return summary

@@ -9,8 +9,9 @@ hint for logs: the sender is whoever signed the envelope.
 from __future__ import annotations
 
 import abc
+from collections import Counter
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 
 @dataclass(frozen=True)
@@ -25,7 +26,10 @@ class TransportStats:
     bytes_received: int = 0
     messages_sent: int = 0
     messages_received: int = 0
-    dropped: int = 0  # refused by the transport itself (size cap, full queue)
+    dropped: int = 0  # outgoing messages that could not be delivered
+    # Incoming traffic the transport refused before envelope.verify saw it,
+    # by reason (e.g. "non_member_peer", "too_large"): counted like rejections.
+    refused: Counter[str] = field(default_factory=Counter)
 
 
 class Transport(abc.ABC):

@@ -1,0 +1,177 @@
+#!/usr/bin/env python3
+"""Throughput of flnode's transports vs raw asyncio TCP and TLS on loopback.
+
+For each size (1, 10, 50 MB by default) it moves one share-sized byte string
+from a sender to one receiver and times it from the send call until the
+receiver holds every byte (as the node sees it: through flnode's transport
+and, for libp2p, the asyncio<->trio bridge). Baselines in the same run, same
+payload: raw asyncio TCP and asyncio TLS (self-signed, TLS 1.3), both with an
+8-byte length prefix like flnode's stream protocol. Each figure is the best
+of --repeat runs (the machine is shared; the best is the least disturbed).
+
+Prints a table; with --json only JSON on stdout: a list of
+{"transport": "libp2p"|"tcp"|"tls", "size_mb": N, "peers": 1, "mb_per_s": X}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime
+import json
+import os
+import ssl
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+MB = 1_000_000
+PREFIX = 8
+
+
+async def _read_framed(reader: asyncio.StreamReader) -> bytes:
+    n = int.from_bytes(await reader.readexactly(PREFIX), "big")
+    return await reader.readexactly(n)
+
+
+async def bench_stream(payload: bytes, ssl_pair: tuple[ssl.SSLContext, ssl.SSLContext] | None
+                       ) -> float:
+    got: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        got.set_result(await _read_framed(reader))
+        writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0,
+                                        ssl=ssl_pair[0] if ssl_pair else None,
+                                        limit=4 * 1024 * 1024)
+    port = server.sockets[0].getsockname()[1]
+    _, writer = await asyncio.open_connection("127.0.0.1", port,
+                                              ssl=ssl_pair[1] if ssl_pair else None,
+                                              server_hostname="localhost" if ssl_pair else None)
+    t0 = time.perf_counter()
+    writer.write(len(payload).to_bytes(PREFIX, "big"))
+    writer.write(payload)
+    await writer.drain()
+    data = await got
+    elapsed = time.perf_counter() - t0
+    assert data == payload
+    writer.close()
+    server.close()
+    await server.wait_closed()
+    return elapsed
+
+
+def tls_contexts(tmp: Path) -> tuple[ssl.SSLContext, ssl.SSLContext]:
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
+            .public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=1))
+            .not_valid_after(now + datetime.timedelta(hours=1))
+            .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost")]), False)
+            .sign(key, hashes.SHA256()))
+    (tmp / "cert.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    (tmp / "key.pem").write_bytes(key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption()))
+    server = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server.minimum_version = ssl.TLSVersion.TLSv1_3
+    server.load_cert_chain(tmp / "cert.pem", tmp / "key.pem")
+    client = ssl.create_default_context(cafile=str(tmp / "cert.pem"))
+    return server, client
+
+
+async def bench_libp2p(payloads: dict[int, bytes], repeat: int) -> dict[int, float]:
+    from nacl.signing import SigningKey
+
+    from gossip.membership import Member
+    from gossip.transports.libp2p import Libp2pTransport, free_tcp_port
+
+    keys = [SigningKey.generate() for _ in range(2)]
+    members = tuple(Member(f"bench-{i}", bytes(k.verify_key),
+                           {"libp2p": f"/ip4/127.0.0.1/tcp/{free_tcp_port()}"})
+                    for i, k in enumerate(keys))
+    cap = max(len(p) for p in payloads.values()) + 1024
+    sender = Libp2pTransport(bytes(keys[0]), "bench-0", members, max_message_bytes=cap)
+    receiver = Libp2pTransport(bytes(keys[1]), "bench-1", members, max_message_bytes=cap)
+    await receiver.start()
+    await sender.start()
+    await sender.wait_connected(["bench-1"], timeout=20)
+    incoming = receiver.incoming()
+    best: dict[int, float] = {}
+    try:
+        for size, payload in payloads.items():
+            for _ in range(repeat):
+                t0 = time.perf_counter()
+                await sender.send("bench-1", payload)
+                msg = await anext(incoming)
+                elapsed = time.perf_counter() - t0
+                assert msg.data == payload
+                best[size] = min(best.get(size, float("inf")), elapsed)
+    finally:
+        await sender.close()
+        await receiver.close()
+    return best
+
+
+async def run(sizes: list[int], repeat: int, transports: list[str]) -> list[dict]:
+    payloads = {s: os.urandom(s * MB) for s in sizes}
+    records = []
+    with tempfile.TemporaryDirectory() as tmp:
+        pair = tls_contexts(Path(tmp))
+        timings: dict[str, dict[int, float]] = {}
+        for name in transports:
+            if name == "libp2p":
+                timings[name] = await bench_libp2p(payloads, repeat)
+                continue
+            timings[name] = {}
+            for size, payload in payloads.items():
+                timings[name][size] = min([await bench_stream(payload, pair if name == "tls"
+                                                              else None) for _ in range(repeat)])
+    for name in transports:
+        for size in sizes:
+            records.append({"transport": name, "size_mb": size, "peers": 1,
+                            "mb_per_s": round(size / timings[name][size], 2)})
+    return records
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--sizes", default="1,10,50", help="comma-separated share sizes in MB")
+    p.add_argument("--repeat", type=int, default=3, help="runs per figure; the best is kept")
+    p.add_argument("--transports", default="libp2p,tcp,tls")
+    p.add_argument("--json", action="store_true", help="print only JSON on stdout")
+    args = p.parse_args(argv)
+    sizes = [int(s) for s in args.sizes.split(",")]
+    transports = args.transports.split(",")
+    unknown = set(transports) - {"libp2p", "tcp", "tls"}
+    if unknown:
+        p.error(f"--transports: unknown {sorted(unknown)}")
+    records = asyncio.run(run(sizes, args.repeat, transports))
+    if args.json:
+        print(json.dumps(records))
+        return 0
+    by = {(r["transport"], r["size_mb"]): r["mb_per_s"] for r in records}
+    print(f"{'size':>6} " + " ".join(f"{t + ' MB/s':>12}" for t in transports)
+          + ("   libp2p/tls" if {"libp2p", "tls"} <= set(transports) else ""))
+    for s in sizes:
+        row = f"{s:>4} MB " + " ".join(f"{by[(t, s)]:>12.1f}" for t in transports)
+        if {"libp2p", "tls"} <= set(transports):
+            row += f"   {by[('libp2p', s)] / by[('tls', s)]:>10.2f}x"
+        print(row)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,249 @@
+#!/usr/bin/env python3
+"""Simulate a consortium as N real `flnode run` processes on 127.0.0.1.
+
+Takes the flags of `flnode simulate` plus `--transport`. Builds the same
+split, partitions and consortium test set from the same seed, generates keys
+and node configs on free loopback ports, starts one OS process per member,
+shows their progress, waits for them (stopping every one by PID, whatever
+happens) and merges their per-member results into the same `summary.json`
+and `accuracy.png` as the in-process simulator.
+
+`--kill NAME@ROUND` sends SIGKILL to that member once it has finished ROUND
+(1-based) and restarts it `--restart-after` seconds later: the others go on
+without it (deadline), and it resumes from its state dir and catches up.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from gossip.errors import LocalError  # noqa: E402
+from node.report import make_console, plot_history, print_summary  # noqa: E402
+from node.simulation import (  # noqa: E402
+    MemberResult, SimulationSpec, baselines, prepare, summarize,
+)
+from node.train import metric_name  # noqa: E402
+
+POLL_S = 0.25
+
+
+def free_ports(n: int) -> list[int]:
+    """Ports the OS hands out now; a tiny race with other programs is accepted."""
+    socks, ports = [], []
+    for _ in range(n):
+        s = socket.socket()
+        s.bind(("127.0.0.1", 0))
+        socks.append(s)
+        ports.append(s.getsockname()[1])
+    for s in socks:
+        s.close()
+    return ports
+
+
+@dataclass
+class Member:
+    name: str
+    config: Path
+    state: Path
+    log: Path
+    proc: subprocess.Popen | None = None
+    starts: int = 0
+    exit_codes: list[int] = field(default_factory=list)
+
+    def start(self) -> None:
+        self.starts += 1
+        out = open(self.log, "a")
+        out.write(f"--- start {self.starts} at {time.strftime('%H:%M:%S')} ---\n")
+        out.flush()
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "node.cli", "run", "--config", str(self.config)],
+            stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=ROOT,
+            start_new_session=True)
+        out.close()
+
+    def metrics(self) -> list[dict]:
+        path = self.state / "metrics.jsonl"
+        if not path.exists():
+            return []
+        lines = []
+        for line in path.read_text().splitlines():
+            try:
+                lines.append(json.loads(line))
+            except ValueError:  # a line being written right now
+                break
+        return lines
+
+    def stop(self, sig: int = signal.SIGTERM, wait: float = 10.0) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self.proc.send_signal(sig)
+        try:
+            self.proc.wait(wait)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def history_of(members: list[Member], metric: str) -> dict[int, dict[str, dict[str, float]]]:
+    history: dict[int, dict[str, dict[str, float]]] = {}
+    for m in members:
+        for line in m.metrics():  # a round re-run after a restart: the last line wins
+            history.setdefault(line["round"], {})[m.name] = line["metrics"]
+    return history
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--dataset", choices=["default", "churn", "digits"], default="default")
+    p.add_argument("--nodes", type=int, default=4)
+    p.add_argument("--partition", default="dirichlet:0.5")
+    p.add_argument("--rounds", type=int, default=10)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--model", choices=["logreg", "mlp"], default="mlp")
+    p.add_argument("--epochs", type=int, default=1)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--lr", type=float, default=0.05)
+    p.add_argument("--privacy", choices=["off", "update"], default="off")
+    p.add_argument("--clip", type=float, default=1.0)
+    p.add_argument("--sigma", type=float, default=1.0)
+    p.add_argument("--delta", type=float, default=1e-5)
+    p.add_argument("--transport", choices=["libp2p"], default="libp2p")
+    p.add_argument("--network-config", help="template with member names")
+    p.add_argument("--round-deadline", type=float, default=20.0,
+                   help="seconds a node waits for missing shares after its own release")
+    p.add_argument("--kill", action="append", default=[], metavar="NAME@ROUND",
+                   help="SIGKILL member NAME after it finished ROUND, then restart it")
+    p.add_argument("--restart-after", type=float, default=3.0)
+    p.add_argument("--timeout", type=float, default=None,
+                   help="give up after this many seconds (default: from rounds and deadline)")
+    p.add_argument("--out", required=True)
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    console = make_console()
+    spec = SimulationSpec(
+        dataset=args.dataset, nodes=args.nodes, partition=args.partition, rounds=args.rounds,
+        seed=args.seed, out=Path(args.out).resolve(), model=args.model, epochs=args.epochs,
+        batch_size=args.batch_size, lr=args.lr, privacy=args.privacy, clip=args.clip,
+        sigma=args.sigma, delta=args.delta,
+        network_config=Path(args.network_config) if args.network_config else None,
+        round_deadline_s=args.round_deadline, transport=args.transport)
+    try:
+        from node.simulation import member_names
+
+        names = member_names(spec)
+        ports = free_ports(len(names))
+        addresses = {n: {"libp2p": f"/ip4/127.0.0.1/tcp/{p}"} for n, p in zip(names, ports,
+                                                                               strict=True)}
+        prep = prepare(spec, addresses)
+        kills = {}
+        for k in args.kill:
+            name, _, rnd = k.partition("@")
+            if name not in prep.names or not rnd.isdigit() or not 1 <= int(rnd) <= args.rounds:
+                raise LocalError(f"--kill {k!r}: expected NAME@ROUND with NAME one of "
+                                 f"{prep.names} and ROUND in 1..{args.rounds}")
+            kills[name] = int(rnd)
+    except LocalError as exc:
+        print(f"simulate_network: error: {exc}", file=sys.stderr)
+        return 2
+    metric = metric_name(prep.schema.n_classes)
+    logs = spec.out / "logs"
+    logs.mkdir(exist_ok=True)
+    members = [Member(n, c, spec.out / "state" / n, logs / f"{n}.log")
+               for n, c in zip(prep.names, prep.config_paths, strict=True)]
+    timeout = args.timeout or 120 + args.rounds * (args.round_deadline + 30)
+    console.print(f"[bold]simulate_network[/]: {args.nodes} `flnode run` processes over "
+                  f"{args.transport} on 127.0.0.1, {spec.dataset} ({spec.partition}), "
+                  f"{spec.rounds} rounds, seed {spec.seed}, privacy {spec.privacy}; "
+                  f"run dir {spec.out}")
+    pids = spec.out / "pids"
+    t0 = time.monotonic()
+    try:
+        for m in members:
+            m.start()
+        pids.write_text("".join(f"{m.name} {m.proc.pid}\n" for m in members if m.proc))
+        shown = -1
+        restart_at: dict[str, float] = {}
+        while True:
+            for m in members:
+                done = len({ln["round"] for ln in m.metrics()})
+                if m.name in kills and m.starts == 1 and done >= kills[m.name] and m.proc:
+                    m.proc.kill()
+                    m.exit_codes.append(m.proc.wait())
+                    console.print(f"  [red]SIGKILL[/] {m.name} (pid {m.proc.pid}) after round "
+                                  f"{kills[m.name]}; restarting in {args.restart_after:g} s")
+                    restart_at[m.name] = time.monotonic() + args.restart_after
+                    m.proc = None
+                if m.name in restart_at and time.monotonic() >= restart_at[m.name]:
+                    del restart_at[m.name]
+                    m.start()
+                    console.print(f"  restarted {m.name} (pid {m.proc.pid})")
+            history = history_of(members, metric)
+            complete = [r for r in sorted(history) if len(history[r]) == len(members)]
+            for r in complete:
+                if r > shown:
+                    vals = [history[r][n][metric] for n in prep.names]
+                    console.print(f"  round {r + 1:>3}/{spec.rounds}  mean {metric} "
+                                  f"{sum(vals) / len(vals):.4f}  [dim]("
+                                  + " ".join(f"{v:.3f}" for v in vals) + ")[/]")
+                    shown = r
+            running = [m for m in members if m.proc is not None and m.proc.poll() is None]
+            if not running and not restart_at:
+                break
+            if time.monotonic() - t0 > timeout:
+                console.print(f"[red]timeout after {timeout:.0f} s; stopping every node[/]")
+                break
+            time.sleep(POLL_S)
+    finally:
+        for m in members:
+            m.stop()
+            if m.proc is not None and m.proc.returncode is not None:
+                m.exit_codes.append(m.proc.returncode)
+        pids.unlink(missing_ok=True)
+    elapsed = time.monotonic() - t0
+    failed = [m.name for m in members if not m.exit_codes or m.exit_codes[-1] != 0]
+    for m in members:
+        if m.name in failed:
+            tail = m.log.read_text().splitlines()[-15:]
+            console.print(f"[red]{m.name} did not finish cleanly[/] (exit {m.exit_codes}); "
+                          f"last lines of {m.log}:\n  " + "\n  ".join(tail))
+    console.print(f"  all processes stopped after {elapsed:.1f} s; training the centralized "
+                  "and local-only baselines …")
+    results = []
+    for m in members:
+        lines = m.metrics()
+        last = lines[-1] if lines else {"metrics": {metric: float("nan"), "pr_auc": float("nan")},
+                                        "epsilon": None, "bytes_sent": 0, "bytes_received": 0,
+                                        "rejected": {}}
+        results.append(MemberResult(m.name, last["metrics"], last["epsilon"], last["bytes_sent"],
+                                    last["bytes_received"], last["rejected"],
+                                    len({ln["round"] for ln in lines})))
+    centralized, local_only = baselines(spec, prep)
+    summary = summarize(spec, prep, results, history_of(members, metric), centralized,
+                        local_only)
+    summary["processes"] = {m.name: {"starts": m.starts, "exit_codes": m.exit_codes}
+                            for m in members}
+    summary["seconds"] = round(elapsed, 1)
+    (spec.out / "summary.json").write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
+    plot_history(summary, spec.out / "accuracy.png")
+    print_summary(summary, spec.out, console)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    sys.exit(main())
