@@ -9,7 +9,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 DEMO_OUT ?= runs/demo
 
-.PHONY: setup demo test test-fast lint clean
+.PHONY: setup demo demo-inprocess bench test test-fast lint clean
 
 setup: $(STAMP)
 
@@ -21,12 +21,24 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q -e '.[dev,demo]'
 	touch $(STAMP)
 
-# Four banks on ISLR `Default`, label-skewed (Dirichlet 0.5), update-level DP.
+# Four banks on ISLR `Default`, label-skewed (Dirichlet 0.5), update-level DP:
+# four `flnode run` processes gossiping over libp2p on 127.0.0.1.
 demo: $(STAMP)
 	rm -rf $(DEMO_OUT)
+	$(BIN)/python scripts/simulate_network.py --transport libp2p \
+	  --network-config network_configs/demo-4-banks.toml \
+	  --dataset default --nodes 4 --partition dirichlet:0.5 --rounds 30 --seed 0 \
+	  --privacy update --clip 0.1 --sigma 1.0 --out $(DEMO_OUT)
+
+# The same consortium in one process on the in-memory transport (fast, for large N).
+demo-inprocess: $(STAMP)
+	rm -rf $(DEMO_OUT)-inprocess
 	$(BIN)/flnode simulate --dataset default --network-config network_configs/demo-4-banks.toml \
 	  --nodes 4 --partition dirichlet:0.5 --rounds 30 --seed 0 \
-	  --privacy update --clip 0.1 --sigma 1.0 --out $(DEMO_OUT)
+	  --privacy update --clip 0.1 --sigma 1.0 --out $(DEMO_OUT)-inprocess
+
+bench: $(STAMP)
+	$(BIN)/python scripts/bench_transport.py
 
 test: $(STAMP)
 	$(BIN)/pytest -q

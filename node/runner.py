@@ -228,10 +228,15 @@ class Node:
         set_flat(self.model, self.rule(shares, own))
         metrics = evaluate(self.model, self.held_out.X, self.held_out.y)
         missing = self.book.missing(r)
+        if missing:  # rounds are 0-based inside, 1-based for people
+            why = ("they had moved on to later rounds" if self.book.complete(r)
+                   else "deadline passed")
+            log.warning("%s: round %d closed without %s (%s)", self.name, r + 1,
+                        ", ".join(missing), why)
         nxt = self.book.advance()
         if nxt != r + 1:
-            log.warning("%s: behind the consortium: skipping from round %d to %d", self.name,
-                        r + 1, nxt)
+            log.warning("%s: behind the consortium: skipping round(s) %d-%d, going on at "
+                        "round %d", self.name, r + 2, nxt, nxt + 1)
         eps = self.epsilon()
         report = RoundReport(self.name, r, metrics, eps, sorted(received), missing, norm,
                              time.perf_counter() - t0, resent, nxt)
@@ -245,9 +250,6 @@ class Node:
             "bytes_received": self.transport.stats.bytes_received,
         })
         self._save_checkpoint()
-        if missing:
-            log.warning("%s: round %d closed at the deadline without %s", self.name, r,
-                        ", ".join(missing))
         return report
 
     async def _release(self, r: int) -> tuple[bytes, WeightedShare, float, bool]:

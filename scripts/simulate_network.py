@@ -32,7 +32,11 @@ sys.path.insert(0, str(ROOT))
 from gossip.errors import LocalError  # noqa: E402
 from node.report import make_console, plot_history, print_summary  # noqa: E402
 from node.simulation import (  # noqa: E402
-    MemberResult, SimulationSpec, baselines, prepare, summarize,
+    MemberResult,
+    SimulationSpec,
+    baselines,
+    prepare,
+    summarize,
 )
 from node.train import metric_name  # noqa: E402
 
@@ -193,14 +197,21 @@ def main(argv: list[str] | None = None) -> int:
                     m.start()
                     console.print(f"  restarted {m.name} (pid {m.proc.pid})")
             history = history_of(members, metric)
-            complete = [r for r in sorted(history) if len(history[r]) == len(members)]
-            for r in complete:
-                if r > shown:
-                    vals = [history[r][n][metric] for n in prep.names]
-                    console.print(f"  round {r + 1:>3}/{spec.rounds}  mean {metric} "
-                                  f"{sum(vals) / len(vals):.4f}  [dim]("
-                                  + " ".join(f"{v:.3f}" for v in vals) + ")[/]")
-                    shown = r
+            newest = {n: max((r for r in history if n in history[r]), default=-1)
+                      for n in prep.names}
+            # A round is shown once every member reported it or went past it
+            # (a restarted member may skip rounds it missed: shown as "-").
+            while shown + 1 < spec.rounds and all(v > shown for v in newest.values()):
+                shown += 1
+                row = history.get(shown, {})
+                vals = [row[n][metric] for n in prep.names if n in row]
+                eps = max((ln["epsilon"] for m in members for ln in m.metrics()
+                           if ln["round"] <= shown and ln["epsilon"] is not None), default=None)
+                console.print(f"  round {shown + 1:>3}/{spec.rounds}  mean {metric} "
+                              f"{sum(vals) / max(len(vals), 1):.4f}  [dim]("
+                              + " ".join(f"{row[n][metric]:.3f}" if n in row else "  -  "
+                                         for n in prep.names) + ")[/]"
+                              + ("  ε ∞ (no DP)" if eps is None else f"  ε {eps:.2f}"))
             running = [m for m in members if m.proc is not None and m.proc.poll() is None]
             if not running and not restart_at:
                 break
