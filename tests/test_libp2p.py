@@ -10,7 +10,8 @@ import trio
 from libp2p import new_host
 from libp2p.crypto.ed25519 import create_new_key_pair
 from libp2p.host.ping import PingService
-from libp2p.identity.identify.identify import ID as IDENTIFY, parse_identify_response
+from libp2p.identity.identify.identify import ID as IDENTIFY
+from libp2p.identity.identify.identify import parse_identify_response
 from libp2p.peer.peerinfo import PeerInfo
 from nacl.signing import SigningKey
 
