@@ -49,7 +49,10 @@ from gossip.errors import LocalError, RemoteError
 PROTO = "flnode/1"
 SIG_TAG = b"flnode/1 envelope-sig\x00"
 KIND_SHARE = "share"
-KINDS = frozenset({KIND_SHARE})
+# "I stop sharing" (e.g. its privacy budget is spent): empty body; receivers
+# stop waiting for the sender's shares.
+KIND_RETIRE = "retire"
+KINDS = frozenset({KIND_SHARE, KIND_RETIRE})
 
 # A 10 M-parameter fp32 model is 40 MB; 64 MiB leaves room for that plus
 # framing. Transports apply their own (smaller or equal) caps before this.
@@ -115,7 +118,7 @@ class Share:
 class Accepted:
     sender: str  # member name
     envelope: Envelope
-    share: Share
+    share: Share | None  # None for a retire message
 
     @property
     def round(self) -> int:
@@ -300,7 +303,12 @@ class Verifier:
         except BadSignatureError:
             raise RemoteError("bad_signature", "signature does not verify", name) from None
         self._check_fresh(env, name, digest, current_round)
-        share = self._decode(env, name)
+        if env.kind == KIND_RETIRE:
+            if env.body:
+                raise RemoteError("bad_body", "a retire message has an empty body", name)
+            share = None
+        else:
+            share = self._decode(env, name)
         self._windows.setdefault(env.sender, _SenderWindow()).remember(env.seq, digest)
         return Accepted(name, env, share)
 
@@ -322,7 +330,7 @@ class Verifier:
             if env.seq <= window.highest - REPLAY_WINDOW:
                 raise RemoteError("replay", f"seq {env.seq} is older than the replay window "
                                   f"(newest {window.highest})", name)
-        if env.round < current_round:
+        if env.round < current_round and env.kind == KIND_SHARE:
             raise RemoteError("stale", f"share for round {env.round}, we are at round "
                               f"{current_round}", name)
 

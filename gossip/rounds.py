@@ -24,7 +24,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from gossip.envelope import Accepted
+from gossip.envelope import KIND_RETIRE, Accepted
 from gossip.errors import RemoteError
 
 
@@ -38,7 +38,11 @@ class RoundBook:
         self._latest: dict[str, int] = {}  # newest round seen per member
 
     def add(self, share: Accepted) -> str:
-        """Store an accepted share. Returns "buffered" or "ahead" (we are behind)."""
+        """Store an accepted share. Returns "buffered", "ahead" (we are behind) or
+        "retired" (the member has stopped sharing: rounds no longer wait for it)."""
+        if share.envelope.kind == KIND_RETIRE:
+            self.neighbours = self.neighbours - {share.sender}
+            return "retired"
         r = share.round
         if r < self.current:  # the verifier checks this; the book does not trust callers
             raise RemoteError("stale", f"round {r} < current {self.current}", share.sender)

@@ -74,7 +74,8 @@ def _simulate(args: argparse.Namespace) -> int:
         dataset=args.dataset, nodes=args.nodes, partition=args.partition, rounds=args.rounds,
         seed=args.seed, out=Path(args.out), model=args.model, epochs=args.epochs,
         batch_size=args.batch_size, lr=args.lr, privacy=args.privacy, clip=args.clip,
-        sigma=args.sigma, delta=args.delta,
+        sigma=None if args.epsilon is not None else (args.sigma or 1.0), epsilon=args.epsilon,
+        delta=args.delta, weight=args.weight,
         network_config=Path(args.network_config) if args.network_config else None,
     )
     simulate(spec)
@@ -95,6 +96,22 @@ def _positive(kind: type):
         return value
     parse.__name__ = kind.__name__
     return parse
+
+
+def add_privacy_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--privacy", choices=["off", "update", "record"], default="off",
+                   help="update: clip + noise each round's update (protects a member's "
+                        "contribution); record: DP-SGD (protects each record)")
+    p.add_argument("--clip", type=_positive(float), default=1.0,
+                   help="clip norm C (of the update, or of each example's gradient)")
+    budget = p.add_mutually_exclusive_group()
+    budget.add_argument("--epsilon", type=_positive(float), default=None,
+                        help="total ε per member over the run; σ is calibrated up front")
+    budget.add_argument("--sigma", type=_positive(float), default=None,
+                        help="noise multiplier σ (default 1.0 when no --epsilon)")
+    p.add_argument("--delta", type=_positive(float), default=1e-5)
+    p.add_argument("--weight", choices=["noised", "uniform"], default="noised",
+                   help="record mode: share weight = noised row count (charged) or 1")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -137,10 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--epochs", type=_positive(int), default=1, help="local epochs per round")
     s.add_argument("--batch-size", type=_positive(int), default=32)
     s.add_argument("--lr", type=_positive(float), default=0.05)
-    s.add_argument("--privacy", choices=["off", "update"], default="off")
-    s.add_argument("--clip", type=_positive(float), default=1.0, help="update clip norm C")
-    s.add_argument("--sigma", type=_positive(float), default=1.0, help="noise multiplier σ")
-    s.add_argument("--delta", type=_positive(float), default=1e-5)
+    add_privacy_flags(s)
     s.add_argument("--network-config", help="template with member names and addresses")
     s.add_argument("--out", required=True, help="run directory (created; must be new)")
     s.set_defaults(func=_simulate)

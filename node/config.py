@@ -48,14 +48,41 @@ class TrainingConfig(_Section):
 
 
 class PrivacyConfig(_Section):
-    mode: Literal["off", "update"] = "update"
+    """What is protected, and how much budget it may spend.
+
+    - `off`: no differential privacy (say so, don't fake it with sigma = 0).
+    - `update`: each round's whole update is clipped to `clip` and noised with
+      sigma * clip: protects the institution's contribution per round.
+    - `record`: DP-SGD (Opacus): per-example clipping to `clip`, Poisson
+      sampling, noise sigma * clip per step: protects each record.
+
+    Give either `epsilon` (the total budget over the planned rounds, at
+    `delta`; sigma is calibrated once, up front) or `sigma` directly.
+    """
+
+    mode: Literal["off", "update", "record"] = "update"
     clip: float = Field(default=1.0, gt=0)
-    sigma: float = Field(default=1.0, ge=0)
+    sigma: float | None = Field(default=None, ge=0)
+    epsilon: float | None = Field(default=None, gt=0, le=1000)
     delta: float = Field(default=1e-5, gt=0, lt=1)
+    # Record mode never sends the exact row count: "noised" sends the count
+    # plus Gaussian noise of std count_sigma once (charged to the ledger) and
+    # reuses it; "uniform" gives every member weight 1 and leaks nothing.
+    weight: Literal["noised", "uniform"] = "noised"
+    count_sigma: float = Field(default=10.0, gt=0)
+    grad_sample_mode: Literal["hooks", "functorch", "ew"] = "hooks"
 
     @model_validator(mode="after")
     def _noise(self) -> PrivacyConfig:
-        if self.mode == "update" and self.sigma == 0:
+        if self.mode == "off":
+            return self
+        if self.sigma is not None and self.epsilon is not None:
+            raise ValueError("give privacy.epsilon (a total budget; sigma is then calibrated) "
+                             "or privacy.sigma, not both")
+        if self.sigma is None and self.epsilon is None:
+            raise ValueError(f"privacy.mode = \"{self.mode}\" needs privacy.epsilon (a total "
+                             "budget over the run) or privacy.sigma (a noise multiplier)")
+        if self.sigma == 0:
             raise ValueError("privacy.sigma = 0 gives no privacy; use mode = \"off\" to say so")
         return self
 
@@ -83,7 +110,7 @@ class NodeConfig(_Section):
     data: DataConfig
     model: ModelConfig = ModelConfig()
     training: TrainingConfig = TrainingConfig()
-    privacy: PrivacyConfig = PrivacyConfig()
+    privacy: PrivacyConfig  # required: a node states what it protects
     gossip: GossipConfig = GossipConfig()
 
 

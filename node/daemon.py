@@ -40,6 +40,9 @@ def open_transport(cfg: NodeConfig, identity: Identity, consortium: Consortium) 
 
 def _print_round(cfg: NodeConfig, name: str, metric: str):
     def show(rep: RoundReport) -> None:
+        if rep.stopped:
+            print(f"{name}: {rep.stopped}", flush=True)
+            return
         eps = "no DP" if rep.epsilon is None else f"ε {rep.epsilon:.2f}"
         n = len(rep.received) + len(rep.missing)
         line = (f"{name} round {rep.round + 1}/{cfg.training.rounds} {metric} "
@@ -81,7 +84,8 @@ async def run_node(config_path: str | Path) -> int:
               f"{node.book.current + 1}; checkpoint saved in {cfg.state_dir}", flush=True)
         return 128 + got[0]
     eps = node.epsilon()
-    print(f"{node.name}: finished {cfg.training.rounds} rounds; "
+    print(f"{node.name}: {'stopped early' if node.stopped else 'finished'} "
+          f"at round {node.book.current}/{cfg.training.rounds}; "
           f"{'no DP' if eps is None else f'ε {eps:.2f} at δ {cfg.privacy.delta:g}'}; "
           f"rejected {node.rejected() or 'none'}", flush=True)
     return 0

@@ -36,6 +36,7 @@ class RoundPrinter:
         self.console = console or make_console()
         self.history: dict[int, dict[str, dict[str, float]]] = {}
         self.eps: dict[str, float | None] = {}
+        self.stopped: set[str] = set()
 
     def header(self, prep: Any) -> None:
         s = self.spec
@@ -51,11 +52,15 @@ class RoundPrinter:
             f"{len(prep.test[1])} rows (stratified {int(100 * 0.2)} %)")
 
     def on_round(self, rep: RoundReport) -> None:
+        if rep.stopped:
+            self.stopped.add(rep.member)
+            self.console.print(f"  [yellow]{rep.member}[/]: {rep.stopped}")
+            return
         self.history.setdefault(rep.round, {})[rep.member] = rep.metrics
         self.eps[rep.member] = rep.epsilon
         done = self.history[rep.round]
-        if len(done) == len(self.names):
-            vals = [done[n][self.metric] for n in self.names]
+        if len(done) == len(set(self.names) - self.stopped):
+            vals = [done[n][self.metric] for n in self.names if n in done]
             eps = max((e for e in self.eps.values() if e is not None), default=None)
             per = " ".join(f"{v:.3f}" for v in vals)
             self.console.print(
@@ -95,6 +100,17 @@ def print_summary(summary: dict, out: Path, console: Console | None = None) -> N
     t.add_row("[bold]centralized[/]", str(sum(summary["rows"].values())), "",
               f"{summary['centralized']:.4f}", "", "∞ (no DP)", "", "", "")
     console.print(t)
+    for name, why in summary.get("stopped", {}).items():
+        console.print(f"  [yellow]{name} stopped sharing[/]: {why}")
+    eps = summary["epsilon"]
+    if eps["mode"] != "off":
+        console.print(f"  privacy: {eps['mode']}-level, accountant {eps['accountant']}, "
+                      f"δ {eps['delta']:g}"
+                      + (f", budget ε {eps['budget']:g} per member" if eps.get("budget") else "")
+                      + "; σ per member: " + ", ".join(
+                          f"{n} {s:.3f}" for n, s in eps["noise_multiplier_per_node"].items()
+                          if s is not None)
+                      + f"; share weight: {eps['weight']}")
     console.print(f"  consortium − centralized: {co - summary['centralized']:+.4f}; "
                   f"wrote {out / 'summary.json'} and {out / 'accuracy.png'}")
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import dataclasses
 import logging
 import time
 from collections import Counter
@@ -25,7 +26,7 @@ import numpy as np
 import torch
 
 from gossip import envelope
-from gossip.envelope import BENIGN_REASONS, KIND_SHARE, Accepted, Verifier
+from gossip.envelope import BENIGN_REASONS, KIND_RETIRE, KIND_SHARE, Accepted, Verifier
 from gossip.errors import LocalError, RemoteError
 from gossip.membership import Consortium, load_consortium
 from gossip.rounds import RoundBook
@@ -43,9 +44,16 @@ from node.models import (
     set_flat,
     tensor_spec,
 )
-from node.privacy import Ledger, LedgerRecord, NoiseSource, OsNoise, privatize_update
+from node.privacy import (
+    Ledger,
+    LedgerRecord,
+    NoiseSource,
+    OsNoise,
+    PrivacyBudget,
+    privatize_update,
+)
 from node.state import Checkpoint, StateDir
-from node.train import evaluate, metric_name, train_local
+from node.train import evaluate, metric_name, train_local, train_local_dp
 
 log = logging.getLogger("flnode.node")
 
@@ -62,6 +70,7 @@ class RoundReport:
     seconds: float
     resent: bool = False  # the release came from the outbox (restart), not new training
     next_round: int = 0
+    stopped: str | None = None  # set on the one report of a node that stopped sharing
 
 
 @dataclass
@@ -97,6 +106,11 @@ class Node:
         self.noise = noise
         self.state = StateDir(cfg.state_dir)
         self.ledger = Ledger(self.state.ledger_path)
+        tc = cfg.training
+        self.budget = PrivacyBudget(cfg.privacy, rows=len(train.X), rounds=tc.rounds,
+                                    epochs=tc.epochs, batch_size=tc.batch_size,
+                                    state_dir=self.state.path, ledger=self.ledger)
+        self.stopped: str | None = None  # why this node stopped sharing early, if it did
         self.rule = get_rule(cfg.gossip.aggregation)
         self.model = build_model(cfg.model.kind, schema.n_features, schema.n_classes,
                                  cfg.model.hidden, seed=init_seed_from(consortium))
@@ -174,6 +188,9 @@ class Node:
             self._reject(msg, exc)
             return None
         self.counters.accepted[accepted.sender] += 1
+        if where == "retired":
+            log.warning("%s: %s has stopped sharing (retire message); rounds no longer wait "
+                        "for it", self.name, accepted.sender)
         self.state.append_jsonl("audit.jsonl", {
             "time": time.time(), "round": accepted.round, "member": accepted.sender,
             "seq": accepted.envelope.seq, "digest": accepted.envelope.digest.hex(),
@@ -205,6 +222,12 @@ class Node:
                 try:
                     while self.book.current < self.cfg.training.rounds:
                         report = await self._round()
+                        if report is None:  # stopped sharing (budget spent)
+                            if on_round is not None:
+                                on_round(RoundReport(self.name, self.book.current, {},
+                                                     self.epsilon(), [], [], float("nan"), 0.0,
+                                                     stopped=self.stopped))
+                            break
                         reports.append(report)
                         if on_round is not None:
                             on_round(report)
@@ -215,10 +238,14 @@ class Node:
             await self.transport.close()
         return reports
 
-    async def _round(self) -> RoundReport:
+    async def _round(self) -> RoundReport | None:
         r = self.book.current
         t0 = time.perf_counter()
-        data, own, norm, resent = await self._release(r)
+        released = await self._release(r)
+        if released is None:
+            await self._retire(r)
+            return None
+        data, own, norm, resent = released
         await self.transport.broadcast(data)
         await self._collect(r, deadline=asyncio.get_running_loop().time()
                             + self.cfg.gossip.round_deadline_s)
@@ -252,8 +279,11 @@ class Node:
         self._save_checkpoint()
         return report
 
-    async def _release(self, r: int) -> tuple[bytes, WeightedShare, float, bool]:
-        """Our share for round r: the stored one after a restart, else train a new one."""
+    async def _release(self, r: int) -> tuple[bytes, WeightedShare, float, bool] | None:
+        """Our share for round r: the stored one after a restart, else train a new one.
+
+        None when releasing it would exceed the privacy budget.
+        """
         spec = self.verifier.spec
         stored = self.state.stored_release(r)
         if stored is not None:
@@ -262,30 +292,65 @@ class Node:
             self.seq = max(self.seq, env.seq + 1)
             own = WeightedShare(self.name, share.weight, named_to_flat(self.model, share.tensors))
             return stored, own, float("nan"), True
+        pc, tc = self.cfg.privacy, self.cfg.training
+        weight, charges = self.budget.weight(r, self.noise)
+        if pc.mode != "off":
+            over = self.budget.would_exceed(charges + self.budget.next_release(r))
+            if over is not None:
+                self.stopped = (
+                    f"privacy budget ε = {pc.epsilon:g} at δ = {pc.delta:g} reached: releasing "
+                    f"round {r + 1} would bring ε to {over:.3f}; stopped sharing, serving the "
+                    f"round-{r} model for evaluation")
+                return None
         start = get_flat(self.model)
         local = copy.deepcopy(self.model)
-        tc = self.cfg.training
-        await asyncio.to_thread(train_local, local, self.train_data.X, self.train_data.y,
-                                epochs=tc.epochs, batch_size=tc.batch_size, lr=tc.lr,
-                                generator=self._shuffle)
+        plan = self.budget.plan
+        if pc.mode == "record":
+            assert plan is not None
+            history = await asyncio.to_thread(
+                train_local_dp, local, self.train_data.X, self.train_data.y, epochs=tc.epochs,
+                batch_size=tc.batch_size, lr=tc.lr, clip_norm=plan.clip_norm,
+                noise_multiplier=plan.noise_multiplier, generator=self.noise.torch_generator(),
+                grad_sample_mode=pc.grad_sample_mode)
+            charges += [LedgerRecord(r, "record", s, q, n, plan.clip_norm, "")
+                        for s, q, n in history]
+        else:
+            await asyncio.to_thread(train_local, local, self.train_data.X, self.train_data.y,
+                                    epochs=tc.epochs, batch_size=tc.batch_size, lr=tc.lr,
+                                    generator=self._shuffle)
         update = get_flat(local) - start
         norm = float(torch.linalg.vector_norm(update))
-        pc = self.cfg.privacy
         if pc.mode == "update":
-            update, norm = privatize_update(update, pc.clip, pc.sigma, self.noise)
+            assert plan is not None
+            update, norm = privatize_update(update, plan.clip_norm, plan.noise_multiplier,
+                                            self.noise)
+            charges += self.budget.next_release(r)
         released = start + update
-        weight = float(len(self.train_data.X))
         body = envelope.encode_share(flat_to_named(self.model, released), weight)
         data = envelope.pack(self.identity.signing_key, self.consortium.id, KIND_SHARE, r,
                              self.seq, body)
         self.seq += 1
-        if pc.mode == "update":
+        digest = _blake(data)
+        for record in charges:
             # Charged and fsync'd before the bytes exist anywhere but in memory.
-            self.ledger.charge(LedgerRecord(
-                round=r, mode="update", noise_multiplier=pc.sigma, sample_rate=1.0, steps=1,
-                clip_norm=pc.clip, share_digest=_blake(data)))
+            self.ledger.charge(dataclasses.replace(record, share_digest=digest))
+        if any(c.mode == "count" for c in charges):
+            self.budget.store_weight(weight)
         self.state.store_release(r, data)
         return data, WeightedShare(self.name, weight, released), norm, False
+
+    async def _retire(self, r: int) -> None:
+        """Say once, clearly, that we stop sharing; tell the members; keep the model."""
+        log.warning("%s: %s", self.name, self.stopped)
+        data = envelope.pack(self.identity.signing_key, self.consortium.id, KIND_RETIRE, r,
+                             self.seq, b"")
+        self.seq += 1
+        await self.transport.broadcast(data)
+        self.state.append_jsonl("metrics.jsonl", {
+            "round": r, "stopped": self.stopped, "epsilon": self.epsilon(),
+            "rejected": self.rejected(), "bytes_sent": self.transport.stats.bytes_sent,
+            "bytes_received": self.transport.stats.bytes_received})
+        self._save_checkpoint()
 
     async def _collect(self, r: int, deadline: float) -> None:
         loop = asyncio.get_running_loop()

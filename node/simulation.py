@@ -51,8 +51,10 @@ class SimulationSpec:
     lr: float = 0.05
     privacy: str = "off"
     clip: float = 1.0
-    sigma: float = 1.0
+    sigma: float | None = 1.0
+    epsilon: float | None = None  # total budget per member; sigma is then calibrated
     delta: float = 1e-5
+    weight: str = "noised"  # record mode: "noised" or "uniform"
     network_config: Path | None = None
     round_deadline_s: float = 120.0
     transport: str = "memory"
@@ -82,6 +84,20 @@ def _template_addresses(spec: SimulationSpec, name: str) -> dict[str, str]:
         if m.get("name") == name:
             return dict(m.get("addresses", {"memory": name}))
     return {"memory": name}
+
+
+def privacy_section(spec: SimulationSpec) -> dict[str, Any]:
+    section: dict[str, Any] = {"mode": spec.privacy}
+    if spec.privacy == "off":
+        return section
+    section.update(clip=spec.clip, delta=spec.delta)
+    if spec.epsilon is not None:
+        section["epsilon"] = spec.epsilon
+    else:
+        section["sigma"] = spec.sigma
+    if spec.privacy == "record":
+        section["weight"] = spec.weight
+    return section
 
 
 @dataclass
@@ -152,8 +168,7 @@ def prepare(spec: SimulationSpec,
             "training": {"rounds": spec.rounds, "epochs": spec.epochs,
                          "batch_size": spec.batch_size, "lr": spec.lr,
                          "seed": spec.seed * 1000 + i},
-            "privacy": {"mode": spec.privacy, "clip": spec.clip, "sigma": spec.sigma,
-                        "delta": spec.delta},
+            "privacy": privacy_section(spec),
             "gossip": {"transport": spec.transport, "round_deadline_s": spec.round_deadline_s},
         }
         path = out / "nodes" / f"{name}.toml"
@@ -200,12 +215,15 @@ class MemberResult:
     bytes_received: int
     rejected: dict[str, int]
     rounds_done: int
+    stopped: str | None = None  # why the member stopped sharing early, if it did
+    noise_multiplier: float | None = None
 
 
 def result_of(node: Node, test: tuple[np.ndarray, np.ndarray]) -> MemberResult:
     return MemberResult(node.name, evaluate(node.model, *test), node.epsilon(),
                         node.transport.stats.bytes_sent, node.transport.stats.bytes_received,
-                        node.rejected(), node.book.current)
+                        node.rejected(), node.book.current, node.stopped,
+                        node.budget.plan.noise_multiplier if node.budget.plan else None)
 
 
 def summarize(spec: SimulationSpec, prep: Prepared, results: list[MemberResult],
@@ -242,9 +260,15 @@ def summarize(spec: SimulationSpec, prep: Prepared, results: list[MemberResult],
         "epsilon": {
             "delta": spec.delta, "accountant": ACCOUNTANT, "mode": spec.privacy,
             "clip": spec.clip if spec.privacy != "off" else None,
-            "sigma": spec.sigma if spec.privacy != "off" else None,
+            "budget": spec.epsilon if spec.privacy != "off" else None,
+            "sigma": spec.sigma if spec.privacy != "off" and spec.epsilon is None else None,
+            "noise_multiplier_per_node": {r.name: r.noise_multiplier for r in results},
             "per_node": {r.name: r.epsilon for r in results},
+            "weight": ("exact row count" if spec.privacy in ("off", "update") else
+                       "row count + N(0, count_sigma²), charged once" if spec.weight == "noised"
+                       else "uniform (1 per member)"),
         },
+        "stopped": {r.name: r.stopped for r in results if r.stopped},
         "bytes": {r.name: {"sent": r.bytes_sent, "received": r.bytes_received}
                   for r in results},
         "rejected": rejected,

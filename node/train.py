@@ -47,3 +47,41 @@ def evaluate(model: nn.Module, X: np.ndarray, y: np.ndarray) -> dict[str, float]
         else:  # undefined on a one-class evaluation set; say so rather than invent
             out["roc_auc"] = out["pr_auc"] = float("nan")
     return out
+
+
+def train_local_dp(model: nn.Module, X: np.ndarray, y: np.ndarray, *, epochs: int,
+                   batch_size: int, lr: float, clip_norm: float, noise_multiplier: float,
+                   generator: torch.Generator, grad_sample_mode: str = "hooks"
+                   ) -> list[tuple[float, float, int]]:
+    """DP-SGD through Opacus; returns Opacus' own accountant history for this round.
+
+    `generator` drives both the Poisson sampling and the noise; a real node
+    passes one seeded from os.urandom (see node.privacy.OsNoise).
+    """
+    import warnings
+
+    from opacus import PrivacyEngine
+    from torch.utils.data import DataLoader, TensorDataset
+
+    loader = DataLoader(TensorDataset(torch.from_numpy(X), torch.from_numpy(y)),
+                        batch_size=batch_size, generator=generator)
+    engine = PrivacyEngine(accountant="rdp")
+    model.train()  # Opacus refuses a module in eval mode
+    opt = torch.optim.SGD(model.parameters(), lr=lr)
+    loss_fn = nn.CrossEntropyLoss()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # Opacus warns about secure_mode and empty batches
+        private, dp_opt, dp_loader = engine.make_private(
+            module=model, optimizer=opt, data_loader=loader, criterion=loss_fn,
+            noise_multiplier=noise_multiplier, max_grad_norm=clip_norm, poisson_sampling=True,
+            noise_generator=generator, grad_sample_mode=grad_sample_mode)
+        private.train()
+        for _ in range(epochs):
+            for xb, yb in dp_loader:
+                dp_opt.zero_grad(set_to_none=True)
+                if len(xb):
+                    loss_fn(private(xb), yb).backward()
+                dp_opt.step()  # an empty Poisson batch is still a (noise-only) step
+    if hasattr(private, "_close"):
+        private._close()  # remove Opacus' hooks from the module
+    return [(float(s), float(q), int(n)) for s, q, n in engine.accountant.history]

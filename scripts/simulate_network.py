@@ -30,6 +30,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from gossip.errors import LocalError  # noqa: E402
+from node.cli import add_privacy_flags  # noqa: E402
 from node.report import make_console, plot_history, print_summary  # noqa: E402
 from node.simulation import (  # noqa: E402
     MemberResult,
@@ -104,7 +105,8 @@ def history_of(members: list[Member], metric: str) -> dict[int, dict[str, dict[s
     history: dict[int, dict[str, dict[str, float]]] = {}
     for m in members:
         for line in m.metrics():  # a round re-run after a restart: the last line wins
-            history.setdefault(line["round"], {})[m.name] = line["metrics"]
+            if "metrics" in line:  # not the "stopped sharing" line
+                history.setdefault(line["round"], {})[m.name] = line["metrics"]
     return history
 
 
@@ -119,10 +121,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--epochs", type=int, default=1)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--lr", type=float, default=0.05)
-    p.add_argument("--privacy", choices=["off", "update"], default="off")
-    p.add_argument("--clip", type=float, default=1.0)
-    p.add_argument("--sigma", type=float, default=1.0)
-    p.add_argument("--delta", type=float, default=1e-5)
+    add_privacy_flags(p)
     p.add_argument("--transport", choices=["libp2p"], default="libp2p")
     p.add_argument("--network-config", help="template with member names")
     p.add_argument("--round-deadline", type=float, default=20.0,
@@ -143,7 +142,8 @@ def main(argv: list[str] | None = None) -> int:
         dataset=args.dataset, nodes=args.nodes, partition=args.partition, rounds=args.rounds,
         seed=args.seed, out=Path(args.out).resolve(), model=args.model, epochs=args.epochs,
         batch_size=args.batch_size, lr=args.lr, privacy=args.privacy, clip=args.clip,
-        sigma=args.sigma, delta=args.delta,
+        sigma=None if args.epsilon is not None else (args.sigma or 1.0), epsilon=args.epsilon,
+        delta=args.delta, weight=args.weight,
         network_config=Path(args.network_config) if args.network_config else None,
         round_deadline_s=args.round_deadline, transport=args.transport)
     try:
@@ -237,12 +237,18 @@ def main(argv: list[str] | None = None) -> int:
     results = []
     for m in members:
         lines = m.metrics()
-        last = lines[-1] if lines else {"metrics": {metric: float("nan"), "pr_auc": float("nan")},
-                                        "epsilon": None, "bytes_sent": 0, "bytes_received": 0,
+        last = lines[-1] if lines else {"epsilon": None, "bytes_sent": 0, "bytes_received": 0,
                                         "rejected": {}}
-        results.append(MemberResult(m.name, last["metrics"], last["epsilon"], last["bytes_sent"],
+        rounds = [ln for ln in lines if "metrics" in ln]
+        final = rounds[-1]["metrics"] if rounds else {metric: float("nan"),
+                                                       "pr_auc": float("nan")}
+        plan_file = m.state / "privacy_plan.json"
+        sigma = json.loads(plan_file.read_text())["noise_multiplier"] if plan_file.exists() \
+            else None
+        results.append(MemberResult(m.name, final, last["epsilon"], last["bytes_sent"],
                                     last["bytes_received"], last["rejected"],
-                                    len({ln["round"] for ln in lines})))
+                                    len({ln["round"] for ln in rounds}), last.get("stopped"),
+                                    sigma))
     centralized, local_only = baselines(spec, prep)
     summary = summarize(spec, prep, results, history_of(members, metric), centralized,
                         local_only)

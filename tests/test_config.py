@@ -17,6 +17,9 @@ path = "c.toml"
 path = "d.parquet"
 [training]
 lr = 0.1
+[privacy]
+mode = "update"
+sigma = 1.0
 """
 
 
@@ -35,8 +38,10 @@ def test_good_config_resolves_paths_relative_to_the_file(tmp_path):
 @pytest.mark.parametrize("edit, key", [
     (lambda t: t.replace("lr = 0.1", "lr = -1"), "training.lr"),
     (lambda t: t.replace("lr = 0.1", "lr = 0.1\nepohcs = 3"), "training.epohcs: unknown key"),
-    (lambda t: t + '\n[privacy]\nmode = "record2"\n', "privacy.mode"),
-    (lambda t: t + '\n[privacy]\nsigma = 0\n', "privacy: privacy.sigma = 0 gives no privacy"),
+    (lambda t: t.replace('mode = "update"', 'mode = "record2"'), "privacy.mode"),
+    (lambda t: t.replace("sigma = 1.0", "sigma = 0"), "privacy: privacy.sigma = 0 gives no privacy"),
+    (lambda t: t.replace("sigma = 1.0", "epsilon = 3.0\nsigma = 1.0"), "not both"),
+    (lambda t: t.replace("sigma = 1.0", ""), "needs privacy.epsilon"),
     (lambda t: t + '\n[gossip]\naggregation = "krum2"\n', "gossip: aggregation 'krum2'"),
     (lambda t: t.replace('[data]\npath = "d.parquet"', ""), "data: Field required"),
     (lambda t: t + "\n[model]\nkind = 'resnet'\n", "model.kind"),
