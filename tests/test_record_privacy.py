@@ -1,0 +1,125 @@
+"""Record-level DP-SGD, budgets, the plan that survives restarts, and retiring."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import numpy as np
+import pytest
+import torch
+from opacus.accountants import RDPAccountant
+
+from gossip.errors import LocalError
+from gossip.transports.memory import MemoryHub
+from node.config import load_config
+from node.models import build_model
+from node.privacy import LedgerRecord, SeededNoise, calibrate_sigma, epsilon_of
+from node.runner import Node
+from node.simulation import SimulationSpec, prepare
+from node.train import train_local_dp
+
+
+def test_ledger_epsilon_equals_opacus_for_dp_sgd_history():
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(500, 4)).astype(np.float32)
+    y = (X[:, 0] > 0).astype(np.int64)
+    model = build_model("mlp", 4, 2, 16)
+    history = train_local_dp(model, X, y, epochs=2, batch_size=50, lr=0.1, clip_norm=1.0,
+                             noise_multiplier=1.3, generator=torch.Generator().manual_seed(0))
+    assert history == [(1.3, 0.1, 20)]  # q = 1/ceil(500/50), 2 epochs x 10 steps
+    acc = RDPAccountant()
+    acc.history = list(history) * 5  # five such rounds
+    ours = epsilon_of([LedgerRecord(r, "record", *history[0], 1.0, "") for r in range(5)], 1e-5)
+    assert ours == pytest.approx(acc.get_epsilon(1e-5), abs=1e-6)
+
+
+def test_calibrated_sigma_spends_at_most_the_budget_and_not_much_less():
+    sigma = calibrate_sigma(3.0, 1e-5, "record", 0.01, 100, 30, count_sigma=10.0)
+    plan = [LedgerRecord(-1, "count", 10.0, 1.0, 1, 1.0, "")] + [
+        LedgerRecord(r, "record", sigma, 0.01, 100, 1.0, "") for r in range(30)]
+    eps = epsilon_of(plan, 1e-5)
+    assert 2.97 <= eps <= 3.0
+
+
+def make(tmp_path, **kw):
+    spec = SimulationSpec(dataset="default", nodes=3, partition="iid", rounds=2, seed=0,
+                          out=tmp_path, **kw)
+    return prepare(spec)
+
+
+def nodes_of(prep, rounds=None, hub=None, overrides=None):
+    hub = hub or MemoryHub()
+    out = []
+    for i, (name, path) in enumerate(zip(prep.names, prep.config_paths, strict=True)):
+        cfg = load_config(path)
+        if rounds is not None:
+            cfg = cfg.model_copy(update={"training": cfg.training.model_copy(
+                update={"rounds": rounds})})
+        if overrides and name in overrides:
+            cfg = cfg.model_copy(update={"privacy": cfg.privacy.model_copy(
+                update=overrides[name])})
+        out.append(Node.from_config(cfg, hub.attach(name, prep.names), SeededNoise(i)))
+    return out
+
+
+async def run_all(nodes):
+    async with asyncio.TaskGroup() as tg:
+        for n in nodes:
+            tg.create_task(n.run())
+
+
+async def test_record_mode_spends_within_budget_and_never_sends_the_exact_count(tmp_path):
+    prep = make(tmp_path, privacy="record", epsilon=2.0, sigma=None)
+    nodes = nodes_of(prep)
+    await run_all(nodes)
+    for n in nodes:
+        assert 1.9 <= n.epsilon() <= 2.0
+        modes = [r.mode for r in n.ledger.records]
+        assert modes == ["count", "record", "record"]  # the count is charged once
+        weight = json.loads((n.state.path / "released_weight.json").read_text())["weight"]
+        assert weight != float(len(n.train_data.X))
+        acc = RDPAccountant()
+        acc.history = [(r.noise_multiplier, r.sample_rate, r.steps) for r in n.ledger.records]
+        assert n.epsilon() == pytest.approx(acc.get_epsilon(1e-5), abs=1e-6)
+
+
+async def test_budget_exhaustion_stops_sharing_with_one_message_and_others_go_on(tmp_path, caplog):
+    prep = make(tmp_path, privacy="record", epsilon=2.0, sigma=None)
+    await run_all(nodes_of(prep))  # the plan is for 2 rounds
+    nodes = nodes_of(prep, rounds=4)  # the operator extends the run: the budget does not
+    await run_all(nodes)
+    for n in nodes:
+        assert n.stopped and "privacy budget ε = 2 at δ = 1e-05 reached" in n.stopped
+        assert n.epsilon() <= 2.0
+        assert n.book.current == 2
+    assert sum("privacy budget ε = 2" in r.message for r in caplog.records) == 3  # once each
+
+
+async def test_a_retired_member_no_longer_holds_rounds_open(tmp_path):
+    prep = make(tmp_path, privacy="update", epsilon=5.0, sigma=None)
+    await run_all(nodes_of(prep))
+    # bank-0 keeps its 2-round plan; the others get fresh budgets for 4 rounds
+    for name in prep.names[1:]:
+        for f in ("privacy_plan.json", "ledger.jsonl"):
+            (tmp_path / "state" / name / f).unlink()
+    nodes = nodes_of(prep, rounds=4)
+    for n in nodes:
+        n.cfg = n.cfg.model_copy(update={"gossip": n.cfg.gossip.model_copy(
+            update={"round_deadline_s": 60.0})})
+    await asyncio.wait_for(run_all(nodes), 60)  # without retire: two 60 s deadlines
+    assert nodes[0].stopped and not nodes[1].stopped and not nodes[2].stopped
+    assert nodes[1].book.current == 4 and "bank-0" not in nodes[1].book.neighbours
+
+
+def test_delta_not_below_one_over_rows_is_refused(tmp_path):
+    prep = make(tmp_path, privacy="record", epsilon=3.0, sigma=None, delta=0.01)
+    with pytest.raises(LocalError, match=r"privacy.delta = 0.01 is not below 1/rows"):
+        nodes_of(prep)
+
+
+def test_a_changed_budget_is_refused_not_re_planned(tmp_path):
+    prep = make(tmp_path, privacy="record", epsilon=3.0, sigma=None)
+    nodes_of(prep)
+    with pytest.raises(LocalError, match="privacy.epsilon is 5.0 but this state dir's plan"):
+        nodes_of(prep, hub=MemoryHub(), overrides={"bank-0": {"epsilon": 5.0}})
