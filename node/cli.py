@@ -1,4 +1,4 @@
-"""`flnode keygen | consortium | run | simulate`.
+"""`flnode keygen | consortium | run | status | simulate`.
 
 Errors the operator can fix (`LocalError`) print one clear message and exit 2;
 anything else is a bug and keeps its traceback.
@@ -82,6 +82,16 @@ def _simulate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _status(args: argparse.Namespace) -> int:
+    import json
+
+    from node.status import collect, render
+
+    s = collect(args.state_dir)
+    print(json.dumps(s, indent=2, sort_keys=True) if args.json else render(s))
+    return 0
+
+
 def _run(args: argparse.Namespace) -> int:
     from node.daemon import main as run_main
 
@@ -142,6 +152,11 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("run", help="run one member as a daemon on a network transport")
     r.add_argument("--config", required=True, help="the node's TOML config")
     r.set_defaults(func=_run)
+
+    st = sub.add_parser("status", help="a node's round, ε spent, metrics, peers, rejections")
+    st.add_argument("--state-dir", required=True)
+    st.add_argument("--json", action="store_true", help="machine-readable output")
+    st.set_defaults(func=_status)
 
     s = sub.add_parser("simulate", help="simulate a consortium in one process")
     s.add_argument("--dataset", choices=["default", "churn", "digits"], default="default")

@@ -1,0 +1,97 @@
+"""`flnode status --state-dir DIR`: what a node has done, read from its state dir only.
+
+Every epsilon printed here is recomputed from the ledger by the accountant,
+never read from a cached figure.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from gossip.errors import LocalError
+from node.privacy import ACCOUNTANT, PLAN_FILE, WEIGHT_FILE, Ledger, PrivacyPlan
+from node.state import StateDir
+
+
+def _jsonl(path: Path) -> list[dict[str, Any]]:
+    if not path.exists():
+        return []
+    out = []
+    for line in path.read_text().splitlines():
+        try:
+            out.append(json.loads(line))
+        except ValueError:  # a torn last line after a crash
+            continue
+    return out
+
+
+def collect(state_dir: str | Path) -> dict[str, Any]:
+    path = Path(state_dir)
+    if not (path / "checkpoint.msgpack").exists():
+        raise LocalError(f"{path}: no checkpoint.msgpack here; is this a node's state_dir?")
+    state = StateDir(path)
+    cp = state.load_checkpoint()
+    assert cp is not None
+    plan = PrivacyPlan.load(path / PLAN_FILE)
+    ledger = Ledger(state.ledger_path)
+    metrics = _jsonl(path / "metrics.jsonl")
+    rounds = [m for m in metrics if "metrics" in m]
+    stopped = next((m["stopped"] for m in reversed(metrics) if "stopped" in m), None)
+    peers: dict[str, dict[str, Any]] = {}
+    for rec in _jsonl(path / "audit.jsonl"):
+        if rec.get("outcome") == "accepted":
+            p = peers.setdefault(rec["member"], {"accepted": 0, "last_round": -1})
+            p["accepted"] += 1
+            p["last_round"] = max(p["last_round"], rec["round"])
+    weight = None
+    if (path / WEIGHT_FILE).exists():
+        weight = json.loads((path / WEIGHT_FILE).read_text())["weight"]
+    privacy: dict[str, Any] = {"mode": plan.mode if plan else "off"}
+    if plan is not None:
+        privacy.update(
+            accountant=ACCOUNTANT, delta=plan.delta, epsilon_spent=ledger.epsilon(plan.delta),
+            epsilon_budget=plan.epsilon, noise_multiplier=plan.noise_multiplier,
+            clip_norm=plan.clip_norm, sample_rate=plan.sample_rate, releases=len(ledger.records),
+            planned_rounds=plan.rounds, weight=plan.weight, released_weight=weight)
+    return {
+        "state_dir": str(path),
+        "next_round": cp.next_round,
+        "rounds_done": len({m["round"] for m in rounds}),
+        "last_metrics": rounds[-1]["metrics"] if rounds else None,
+        "stopped": stopped,
+        "privacy": privacy,
+        "peers_heard_from": peers,
+        "rejected": cp.rejected,
+        "bytes_sent": cp.bytes_sent,
+        "bytes_received": cp.bytes_received,
+    }
+
+
+def render(s: dict[str, Any]) -> str:
+    p = s["privacy"]
+    lines = [f"state dir   {s['state_dir']}",
+             f"round       next {s['next_round'] + 1}, {s['rounds_done']} completed"]
+    if s["stopped"]:
+        lines.append(f"stopped     {s['stopped']}")
+    if p["mode"] == "off":
+        lines.append("privacy     off (no differential privacy)")
+    else:
+        budget = f" of budget {p['epsilon_budget']:g}" if p["epsilon_budget"] else " (no budget set)"
+        lines.append(f"privacy     {p['mode']}-level, ε spent {p['epsilon_spent']:.4f}{budget} at "
+                     f"δ {p['delta']:g} ({p['accountant']} accountant, {p['releases']} ledger "
+                     f"records); σ {p['noise_multiplier']:.4f}, C {p['clip_norm']:g}, "
+                     f"q {p['sample_rate']:.4g}; weight {p['weight']}"
+                     + (f" ({p['released_weight']:.1f} released)" if p["released_weight"] else ""))
+    if s["last_metrics"]:
+        lines.append("metrics     " + ", ".join(f"{k} {v:.4f}" for k, v in
+                                                sorted(s["last_metrics"].items())))
+    peers = s["peers_heard_from"]
+    lines.append("peers       " + (", ".join(
+        f"{n} ({v['accepted']} accepted, last round {v['last_round'] + 1})"
+        for n, v in sorted(peers.items())) or "none yet"))
+    rej = s["rejected"]
+    lines.append("rejected    " + (", ".join(f"{k} {v}" for k, v in sorted(rej.items())) or "none"))
+    lines.append(f"traffic     {s['bytes_sent']} bytes sent, {s['bytes_received']} received")
+    return "\n".join(lines)
