@@ -123,3 +123,24 @@ def test_a_changed_budget_is_refused_not_re_planned(tmp_path):
     nodes_of(prep)
     with pytest.raises(LocalError, match="privacy.epsilon is 5.0 but this state dir's plan"):
         nodes_of(prep, hub=MemoryHub(), overrides={"bank-0": {"epsilon": 5.0}})
+
+
+async def test_status_reports_epsilon_recomputed_from_the_ledger(tmp_path):
+    import subprocess
+    import sys
+
+    prep = make(tmp_path, privacy="record", epsilon=2.0, sigma=None)
+    nodes = nodes_of(prep)
+    await run_all(nodes)
+    from node.status import collect
+
+    s = collect(nodes[0].state.path)
+    assert s["privacy"]["epsilon_spent"] == pytest.approx(nodes[0].epsilon(), abs=1e-12)
+    assert s["privacy"]["epsilon_budget"] == 2.0 and s["privacy"]["accountant"] == "rdp"
+    assert s["rounds_done"] == 2 and s["next_round"] == 2
+    assert set(s["peers_heard_from"]) == {"bank-1", "bank-2"}
+    assert 0.0 <= s["last_metrics"]["roc_auc"] <= 1.0
+    r = subprocess.run([sys.executable, "-m", "node.cli", "status", "--state-dir",
+                        str(nodes[0].state.path)], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and "ε spent" in r.stdout and "of budget 2" in r.stdout
+    assert "bank-1 (2 accepted" in r.stdout
