@@ -70,7 +70,9 @@ class PrivacyConfig(_Section):
     # reuses it; "uniform" gives every member weight 1 and leaks nothing.
     weight: Literal["noised", "uniform"] = "noised"
     count_sigma: float = Field(default=10.0, gt=0)
-    grad_sample_mode: Literal["hooks", "functorch", "ew"] = "hooks"
+    # DP-SGD engine: "fast" = node.dpsgd (Linear/ReLU models, closed-form
+    # per-example norms); the others are Opacus' grad_sample modes.
+    grad_sample_mode: Literal["fast", "hooks", "functorch", "ew"] = "fast"
 
     @model_validator(mode="after")
     def _noise(self) -> PrivacyConfig:

@@ -34,6 +34,7 @@ from gossip.transports.base import Incoming, Transport
 from node.aggregate import WeightedShare, get_rule
 from node.config import NodeConfig
 from node.data import FeatureSchema, encode, read_table
+from node.dpsgd import train_local_dp_fast
 from node.identity import Identity, load_identity
 from node.models import (
     build_model,
@@ -307,11 +308,16 @@ class Node:
         plan = self.budget.plan
         if pc.mode == "record":
             assert plan is not None
-            history = await asyncio.to_thread(
-                train_local_dp, local, self.train_data.X, self.train_data.y, epochs=tc.epochs,
-                batch_size=tc.batch_size, lr=tc.lr, clip_norm=plan.clip_norm,
-                noise_multiplier=plan.noise_multiplier, generator=self.noise.torch_generator(),
-                grad_sample_mode=pc.grad_sample_mode)
+            kwargs = dict(epochs=tc.epochs, batch_size=tc.batch_size, lr=tc.lr,
+                          clip_norm=plan.clip_norm, noise_multiplier=plan.noise_multiplier,
+                          generator=self.noise.torch_generator())
+            if pc.grad_sample_mode == "fast":
+                history = await asyncio.to_thread(train_local_dp_fast, local, self.train_data.X,
+                                                  self.train_data.y, **kwargs)
+            else:
+                history = await asyncio.to_thread(train_local_dp, local, self.train_data.X,
+                                                  self.train_data.y, **kwargs,
+                                                  grad_sample_mode=pc.grad_sample_mode)
             charges += [LedgerRecord(r, "record", s, q, n, plan.clip_norm, "")
                         for s, q, n in history]
         else:

@@ -6,8 +6,9 @@
    (dirichlet:0.5), record-level DP at each ε vs privacy off; the consortium
    mean metric (ROC-AUC, or accuracy for digits) and its loss vs no DP.
 2. Cost: one member's local round (its rows, 3 epochs, batch 32) with plain
-   SGD vs Opacus DP-SGD in each grad_sample_mode, best of --repeat, in the
-   same process (a ratio, not an absolute time).
+   SGD vs DP-SGD: flnode's closed-form path (`fast`, node/dpsgd.py) and
+   Opacus in each grad_sample_mode, best of --repeat, in the same process (a
+   ratio, not an absolute time).
 3. Audit: `scripts/privacy_audit.py`'s default setting.
 
 Prints tables; --json prints only one JSON object on stdout.
@@ -29,6 +30,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from node.data import encode, fit_schema, load_demo  # noqa: E402
+from node.dpsgd import train_local_dp_fast  # noqa: E402
 from node.models import build_model  # noqa: E402
 from node.simulation import SimulationSpec, simulate  # noqa: E402
 from node.train import train_local, train_local_dp  # noqa: E402
@@ -54,7 +56,7 @@ def utility(datasets: list[str], epsilons: list[float], rounds: int, log) -> dic
                                 "seconds": round(time.perf_counter() - t0, 1)}
                 log(f"  {ds:<8} {key:>4}: {s['metric']} {out[ds][key]['consortium']:.4f} "
                     f"({out[ds][key]['seconds']} s)")
-            for key, r in out[ds].items():
+            for r in out[ds].values():
                 r["loss_vs_off"] = round(out[ds]["off"]["consortium"] - r["consortium"], 4)
     return out
 
@@ -63,7 +65,7 @@ def cost(repeat: int, log) -> dict:
     df, label, cat = load_demo("default")
     X, y = encode(df.iloc[:4459], fit_schema(df, label, cat))  # bank-0's size in the demo
     timings = {}
-    for mode in ["plain", "hooks", "ew", "functorch"]:
+    for mode in ["plain", "fast", "hooks", "ew", "functorch"]:
         best = float("inf")
         for _ in range(repeat + 1):  # the first run pays warm-up; best-of hides it
             model = build_model("mlp", X.shape[1], 2, 64, seed=0)
@@ -71,6 +73,9 @@ def cost(repeat: int, log) -> dict:
             t0 = time.perf_counter()
             if mode == "plain":
                 train_local(model, X, y, epochs=3, batch_size=32, lr=0.05, generator=gen)
+            elif mode == "fast":
+                train_local_dp_fast(model, X, y, epochs=3, batch_size=32, lr=0.05, clip_norm=1.0,
+                                    noise_multiplier=1.0, generator=gen)
             else:
                 train_local_dp(model, X, y, epochs=3, batch_size=32, lr=0.05, clip_norm=1.0,
                                noise_multiplier=1.0, generator=gen, grad_sample_mode=mode)

@@ -75,3 +75,17 @@ def test_same_seed_same_run_other_seed_other_run(tmp_path):
     for key in ("history", "consortium", "local_only", "centralized", "rows"):
         assert a[key] == b[key]
     assert a["history"] != c["history"]
+
+
+def test_record_level_epsilon_3_stays_in_budget_and_close_to_no_dp(tmp_path):
+    """The issue's acceptance run (30 rounds, 4 members, Default, ε = 3 per member)."""
+    off = simulate(SimulationSpec(dataset="default", nodes=4, partition="dirichlet:0.5",
+                                  rounds=30, seed=0, out=tmp_path / "off"), quiet())
+    rec = simulate(SimulationSpec(dataset="default", nodes=4, partition="dirichlet:0.5",
+                                  rounds=30, seed=0, out=tmp_path / "rec", privacy="record",
+                                  epsilon=3.0, sigma=None), quiet())
+    assert rec["epsilon"]["mode"] == "record" and rec["epsilon"]["budget"] == 3.0
+    for eps in rec["epsilon"]["per_node"].values():
+        assert 2.9 <= eps <= 3.0
+    assert abs(rec["consortium"]["mean"] - off["consortium"]["mean"]) <= 0.03
+    assert "noised" in rec["epsilon"]["weight"] or "N(0" in rec["epsilon"]["weight"]
