@@ -45,6 +45,7 @@ from libp2p import new_host
 from libp2p.crypto.ed25519 import Ed25519PublicKey, create_new_key_pair
 from libp2p.crypto.x25519 import create_new_key_pair as create_new_x25519_key_pair
 from libp2p.custom_types import TProtocol
+from libp2p.network.config import RetryConfig
 from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import PeerInfo
 from libp2p.security.noise.transport import PROTOCOL_ID as NOISE_PROTOCOL_ID
@@ -180,6 +181,11 @@ class Libp2pTransport(Transport):
                 result = await fn(*args)
             except Exception as exc:  # noqa: BLE001 - handed to the asyncio caller
                 loop.call_soon_threadsafe(settle, None, exc)
+            except BaseException:
+                # trio.Cancelled at shutdown: the asyncio caller must not wait forever.
+                loop.call_soon_threadsafe(settle, None,
+                                          ConnectionAbortedError("libp2p host shut down"))
+                raise
             else:
                 loop.call_soon_threadsafe(settle, result)
 
@@ -288,6 +294,9 @@ class Libp2pTransport(Transport):
             sec_opt={NOISE_PROTOCOL_ID: noise},
             muxer_opt={TProtocol(YAMUX_PROTOCOL_ID): Yamux},
         )
+        # Our dialer retries with its own backoff; the swarm's internal retries
+        # would multiply every attempt (and every refusal count) by four.
+        self.host.get_network().retry_config = RetryConfig(max_retries=0)
         self._gate_members()
         self.host.set_stream_handler(SHARE_PROTOCOL, self._on_stream)
         self._stop = trio.Event()
@@ -301,6 +310,10 @@ class Libp2pTransport(Transport):
                 await self._stop.wait()
                 self._nursery = None
                 nursery.cancel_scope.cancel()
+            # Leaving host.run() cancels the swarm but leaves its sockets open
+            # until trio.run returns; close() shuts connections down properly.
+            with trio.CancelScope(shield=True), trio.move_on_after(5):
+                await self.host.close()
 
     def _gate_members(self) -> None:
         """Close connections to peer ids outside the consortium right after Noise."""
@@ -333,6 +346,9 @@ class Libp2pTransport(Transport):
                 await trio.sleep(0.5)
                 continue
             try:
+                # A failed dial puts the peer in the swarm's 60 s negative
+                # cache; our own backoff decides when to try again.
+                self.host.get_network().unblock_peer(peer_id)
                 with trio.fail_after(10):
                     await self.host.connect(PeerInfo(peer_id, [addr]))
                 log.info("%s: connected to %s", self.name, name)
@@ -347,6 +363,8 @@ class Libp2pTransport(Transport):
         with trio.move_on_after(CONNECT_WAIT_S):
             while not self.host.get_network().get_connections(peer_id):
                 await trio.sleep(0.05)
+        if not self.host.get_network().get_connections(peer_id):
+            self.host.get_network().unblock_peer(peer_id)  # dial now, negative cache or not
         with trio.fail_after(transfer_timeout(len(data))):
             stream = await self.host.new_stream(peer_id, [SHARE_PROTOCOL])
             try:
@@ -357,13 +375,23 @@ class Libp2pTransport(Transport):
                 # Wait for the receiver's one-byte acknowledgement: it has every
                 # byte, so closing cannot cut the transfer short.
                 await _read_exactly(stream, 1)
-            finally:
-                await stream.close()
+            except BaseException:
+                with trio.CancelScope(shield=True):
+                    try:
+                        await stream.reset()  # the receiver sees no reset otherwise
+                    except Exception:  # noqa: BLE001 - already broken
+                        pass
+                raise
+            await stream.close()
 
     async def _on_stream(self, stream: Any) -> None:
-        remote = stream.muxed_conn.peer_id
-        peer = self.names_by_id.get(remote)
+        # An exception escaping a stream handler kills py-libp2p's whole swarm
+        # service: everything below is caught.
+        remote: Any = None
+        peer: str | None = None
         try:
+            remote = stream.muxed_conn.peer_id
+            peer = self.names_by_id.get(remote)
             if peer is None:  # the gate should have closed it already
                 self._on_loop(self._refuse, "non_member_peer")
                 await stream.reset()
