@@ -210,15 +210,19 @@ def _load_schema_file(head: Mapping[str, Any], source: str, base_dir: Path) -> d
         raise LocalError(f"{path}: not valid TOML: {exc}") from None
 
 
+def read_toml(path: Path, what: str) -> dict[str, Any]:
+    """Parse a TOML file the operator gave us; errors name the file and say what it is."""
+    try:
+        return tomllib.loads(path.read_text())
+    except OSError as exc:
+        raise LocalError(f"cannot read {what} {path}: {exc}") from None
+    except (UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+        raise LocalError(f"{what} {path}: not valid TOML: {exc}") from None
+
+
 def load_consortium(path: str | Path) -> Consortium:
     path = Path(path)
-    try:
-        doc = tomllib.loads(path.read_text())
-    except OSError as exc:
-        raise LocalError(f"cannot read consortium file {path}: {exc}") from None
-    except (UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
-        raise LocalError(f"consortium file {path}: not valid TOML: {exc}") from None
-    return consortium_from_dict(doc, str(path), path.parent)
+    return consortium_from_dict(read_toml(path, "consortium file"), str(path), path.parent)
 
 
 def save_consortium(consortium: Consortium, path: str | Path) -> None:

@@ -6,13 +6,13 @@ run directory can be moved as a whole.
 
 from __future__ import annotations
 
-import tomllib
 from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from gossip.errors import LocalError
+from gossip.membership import read_toml
 from node.aggregate import RULES
 
 
@@ -136,13 +136,7 @@ def validate_config(doc: dict, source: str) -> NodeConfig:
 
 def load_config(path: str | Path) -> NodeConfig:
     path = Path(path)
-    try:
-        doc = tomllib.loads(path.read_text())
-    except OSError as exc:
-        raise LocalError(f"cannot read node config {path}: {exc}") from None
-    except (UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
-        raise LocalError(f"node config {path}: not valid TOML: {exc}") from None
-    cfg = validate_config(doc, str(path))
+    cfg = validate_config(read_toml(path, "node config"), str(path))
     base = path.parent
 
     def rel(p: Path | None) -> Path | None:

@@ -101,3 +101,17 @@ class StateDir:
     def append_jsonl(self, name: str, record: dict[str, Any]) -> None:
         with open(self.path / name, "a") as f:
             f.write(json.dumps(record, sort_keys=True) + "\n")
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    """Records of an append-only JSONL file; a torn line (a crash, or a writer
+    mid-line right now) is skipped."""
+    if not path.exists():
+        return []
+    out = []
+    for line in path.read_text().splitlines():
+        try:
+            out.append(json.loads(line))
+        except ValueError:
+            continue
+    return out

@@ -12,19 +12,7 @@ from typing import Any
 
 from gossip.errors import LocalError
 from node.privacy import ACCOUNTANT, PLAN_FILE, WEIGHT_FILE, Ledger, PrivacyPlan
-from node.state import StateDir
-
-
-def _jsonl(path: Path) -> list[dict[str, Any]]:
-    if not path.exists():
-        return []
-    out = []
-    for line in path.read_text().splitlines():
-        try:
-            out.append(json.loads(line))
-        except ValueError:  # a torn last line after a crash
-            continue
-    return out
+from node.state import StateDir, read_jsonl
 
 
 def collect(state_dir: str | Path) -> dict[str, Any]:
@@ -36,11 +24,11 @@ def collect(state_dir: str | Path) -> dict[str, Any]:
     assert cp is not None
     plan = PrivacyPlan.load(path / PLAN_FILE)
     ledger = Ledger(state.ledger_path)
-    metrics = _jsonl(path / "metrics.jsonl")
+    metrics = read_jsonl(path / "metrics.jsonl")
     rounds = [m for m in metrics if "metrics" in m]
     stopped = next((m["stopped"] for m in reversed(metrics) if "stopped" in m), None)
     peers: dict[str, dict[str, Any]] = {}
-    for rec in _jsonl(path / "audit.jsonl"):
+    for rec in read_jsonl(path / "audit.jsonl"):
         if rec.get("outcome") == "accepted":
             p = peers.setdefault(rec["member"], {"accepted": 0, "last_round": -1})
             p["accepted"] += 1

@@ -39,6 +39,7 @@ from node.simulation import (  # noqa: E402
     prepare,
     summarize,
 )
+from node.state import read_jsonl  # noqa: E402
 from node.train import metric_name  # noqa: E402
 
 POLL_S = 0.25
@@ -79,16 +80,7 @@ class Member:
         out.close()
 
     def metrics(self) -> list[dict]:
-        path = self.state / "metrics.jsonl"
-        if not path.exists():
-            return []
-        lines = []
-        for line in path.read_text().splitlines():
-            try:
-                lines.append(json.loads(line))
-            except ValueError:  # a line being written right now
-                break
-        return lines
+        return read_jsonl(self.state / "metrics.jsonl")
 
     def stop(self, sig: int = signal.SIGTERM, wait: float = 10.0) -> None:
         if self.proc is None or self.proc.poll() is not None:
