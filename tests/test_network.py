@@ -55,15 +55,24 @@ def test_sigkilled_node_rejoins_and_nobody_hangs_or_double_releases(tmp_path):
     lines = [json.loads(x) for x in
              (out / "state" / "bank-2" / "metrics.jsonl").read_text().splitlines()]
     assert lines[-1]["round"] == 9
-    # ... and never released two different shares for one round, nor was its
-    # privacy spend under-counted: one ledger record per released round.
+    # ... its privacy spend was never under-counted: every released round has a
+    # ledger record (a kill between charge and release may leave a second record
+    # for a round: over-counting is allowed, under-counting is not) ...
     for name in net["processes"]:
-        ledger = [json.loads(x)["round"] for x in
-                  (out / "state" / name / "ledger.jsonl").read_text().splitlines()]
-        assert len(ledger) == len(set(ledger))
-        released = sorted(int(p.stem.split("-")[1]) for p in
-                          (out / "state" / name / "outbox").glob("round-*.env"))
-        assert released == sorted(ledger)
+        ledger = {json.loads(x)["round"] for x in
+                  (out / "state" / name / "ledger.jsonl").read_text().splitlines()}
+        released = {int(p.stem.split("-")[1]) for p in
+                    (out / "state" / name / "outbox").glob("round-*.env")}
+        assert released and released <= ledger
+    # ... and no member ever accepted two different shares from it for one round.
+    for name in ("bank-0", "bank-1", "bank-3"):
+        digests: dict[int, set[str]] = {}
+        for line in (out / "state" / name / "audit.jsonl").read_text().splitlines():
+            rec = json.loads(line)
+            if rec["member"] == "bank-2" and rec["outcome"] == "accepted":
+                digests.setdefault(rec["round"], set()).add(rec["digest"])
+        assert digests and all(len(d) == 1 for d in digests.values())
+        assert "equivocation" not in net["rejected_per_node"][name]
     assert net["consortium"]["mean"] > net["local_only"]["mean"]
 
 
