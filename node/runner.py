@@ -74,6 +74,7 @@ class LocalData:
 class NodeCounters:
     rejected: Counter[str] = field(default_factory=Counter)
     accepted: Counter[str] = field(default_factory=Counter)
+    send_failed: int = 0  # our own shares a transport refused to send (LocalError)
 
 
 class Node:
@@ -219,7 +220,7 @@ class Node:
         r = self.book.current
         t0 = time.perf_counter()
         data, own, norm, resent = await self._release(r)
-        await self.transport.broadcast(data)
+        await self._broadcast(r, data)
         await self._collect(r, deadline=asyncio.get_running_loop().time()
                             + self.cfg.gossip.round_deadline_s)
         received = self.book.shares(r)
@@ -286,6 +287,15 @@ class Node:
                 clip_norm=pc.clip, share_digest=_blake(data)))
         self.state.store_release(r, data)
         return data, WeightedShare(self.name, weight, released), norm, False
+
+    async def _broadcast(self, r: int, data: bytes) -> None:
+        """A share the transport refuses (e.g. over the broker's packet limit) is logged and
+        counted; the round goes on with what the others send."""
+        try:
+            await self.transport.broadcast(data)
+        except LocalError as exc:
+            self.counters.send_failed += 1
+            log.error("%s: round %d: our share was not sent: %s", self.name, r + 1, exc)
 
     async def _collect(self, r: int, deadline: float) -> None:
         loop = asyncio.get_running_loop()
