@@ -114,6 +114,8 @@ class Broker:
                 self.proc.kill()
                 self.proc.wait()
         shutil.rmtree(self.conf_dir, ignore_errors=True)
+        if self.log_path is not None:
+            self.log_path.unlink(missing_ok=True)
 
     def reload_acl(self) -> None:
         assert self.proc is not None
