@@ -9,7 +9,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 DEMO_OUT ?= runs/demo
 
-.PHONY: setup demo demo-inprocess bench test test-fast lint clean
+.PHONY: setup mosquitto demo demo-inprocess bench test test-fast lint clean
 
 setup: $(STAMP)
 
@@ -37,13 +37,19 @@ demo-inprocess: $(STAMP)
 	  --nodes 4 --partition dirichlet:0.5 --rounds 30 --seed 0 \
 	  --privacy update --clip 0.1 --sigma 1.0 --out $(DEMO_OUT)-inprocess
 
+# The MQTT tests and `simulate_network.py --transport mqtt` start a real
+# mosquitto (by PID, on a free loopback port; no systemd). Installed when missing.
+mosquitto:
+	@command -v mosquitto >/dev/null || (apt-get update && apt-get install -y mosquitto) \
+	  || { echo "make: could not install mosquitto; the MQTT tests need it"; exit 1; }
+
 bench: $(STAMP)
 	$(BIN)/python scripts/bench_transport.py
 
-test: $(STAMP)
+test: $(STAMP) mosquitto
 	$(BIN)/pytest -q
 
-test-fast: $(STAMP)
+test-fast: $(STAMP) mosquitto
 	$(BIN)/pytest -q -m "not slow"
 
 lint: $(STAMP)

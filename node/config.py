@@ -89,14 +89,30 @@ class PrivacyConfig(_Section):
         return self
 
 
+class MqttConfig(_Section):
+    """[gossip.mqtt]: only read when gossip.transport = "mqtt"."""
+
+    # mqtt://HOST[:PORT] or mqtts://HOST[:PORT]; default: this member's
+    # addresses.mqtt in the consortium file.
+    broker: str | None = None
+    username: str | None = None  # default: the member name (what scripts/mqtt_broker.py uses)
+    password_file: Path | None = None  # one line, the password; 0600
+    ca_file: Path | None = None  # PEM CA bundle for mqtts://; default: the system's
+    # The broker's packet limit if it does not advertise one (MQTT 5 CONNACK).
+    max_packet_bytes: int | None = Field(default=None, ge=1024, le=2**31)
+    # Plain mqtt:// to a broker that is not on loopback is refused unless set.
+    allow_plaintext: bool = False
+
+
 class GossipConfig(_Section):
-    transport: Literal["memory", "libp2p"] = "libp2p"
+    transport: Literal["memory", "libp2p", "mqtt"] = "libp2p"
     round_deadline_s: float = Field(default=60.0, gt=0, le=86_400)
     # Rounds ahead of ours whose shares we buffer; further ahead means we are
     # behind and skip forward.
     lookahead: int = Field(default=3, ge=1, le=100)
     aggregation: str = "mean"
     max_envelope_bytes: int = Field(default=64 * 1024 * 1024, ge=1024, le=2**31)
+    mqtt: MqttConfig = MqttConfig()
 
     @model_validator(mode="after")
     def _rule(self) -> GossipConfig:
@@ -148,4 +164,7 @@ def load_config(path: str | Path) -> NodeConfig:
         "consortium": cfg.consortium.model_copy(update={"path": rel(cfg.consortium.path)}),
         "data": cfg.data.model_copy(update={"path": rel(cfg.data.path),
                                             "eval_path": rel(cfg.data.eval_path)}),
+        "gossip": cfg.gossip.model_copy(update={"mqtt": cfg.gossip.mqtt.model_copy(update={
+            "password_file": rel(cfg.gossip.mqtt.password_file),
+            "ca_file": rel(cfg.gossip.mqtt.ca_file)})}),
     })

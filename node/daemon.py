@@ -33,9 +33,50 @@ def open_transport(cfg: NodeConfig, identity: Identity, consortium: Consortium) 
 
         return Libp2pTransport(bytes(identity.signing_key), identity.name, consortium.members,
                                max_message_bytes=cfg.gossip.max_envelope_bytes)
+    if cfg.gossip.transport == "mqtt":
+        return open_mqtt_transport(cfg, identity, consortium)
     raise LocalError(f"gossip.transport = {cfg.gossip.transport!r} only works inside "
                      "`flnode simulate` (one process); a daemon needs a network transport: "
-                     "set gossip.transport = \"libp2p\"")
+                     "set gossip.transport = \"libp2p\" or \"mqtt\"")
+
+
+def open_mqtt_transport(cfg: NodeConfig, identity: Identity, consortium: Consortium) -> Transport:
+    """The broker is gossip.mqtt.broker if set, else the member's addresses.mqtt."""
+    from gossip.transports.mqtt import BrokerAddress, MqttTransport
+
+    mc = cfg.gossip.mqtt
+    if mc.broker is not None:
+        broker = BrokerAddress.parse(mc.broker, "gossip.mqtt.broker")
+    else:
+        text = consortium.by_name(identity.name).addresses.get("mqtt")
+        if not text:
+            raise LocalError(f"gossip.transport = \"mqtt\" but gossip.mqtt.broker is not set and "
+                             f"member {identity.name!r} has no addresses.mqtt in the consortium "
+                             "file (e.g. \"mqtts://broker.example:8883\")")
+        broker = BrokerAddress.parse(text, f"consortium file: member {identity.name!r} "
+                                     "addresses.mqtt")
+    return MqttTransport(
+        consortium.id, identity.name, [m.name for m in consortium.members], broker,
+        username=mc.username or identity.name,
+        password=None if mc.password_file is None else read_password(mc.password_file),
+        ca_file=None if mc.ca_file is None else str(mc.ca_file),
+        max_message_bytes=cfg.gossip.max_envelope_bytes, max_packet_bytes=mc.max_packet_bytes,
+        allow_plaintext=mc.allow_plaintext)
+
+
+def read_password(path: Path) -> str:
+    try:
+        mode = path.stat().st_mode
+        text = path.read_text()
+    except OSError as exc:
+        raise LocalError(f"gossip.mqtt.password_file: cannot read {path}: {exc}") from None
+    if mode & 0o077:
+        raise LocalError(f"gossip.mqtt.password_file: {path} is readable by group or others; "
+                         f"fix with: chmod 600 {path}")
+    password = text.strip("\r\n")
+    if not password or "\n" in password:
+        raise LocalError(f"gossip.mqtt.password_file: {path} must hold one non-empty line")
+    return password
 
 
 def _print_round(cfg: NodeConfig, name: str, metric: str):

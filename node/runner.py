@@ -84,6 +84,7 @@ class LocalData:
 class NodeCounters:
     rejected: Counter[str] = field(default_factory=Counter)
     accepted: Counter[str] = field(default_factory=Counter)
+    send_failed: int = 0  # our own shares a transport refused to send (LocalError)
 
 
 class Node:
@@ -247,7 +248,7 @@ class Node:
             await self._retire(r)
             return None
         data, own, norm, resent = released
-        await self.transport.broadcast(data)
+        await self._broadcast(r, data)
         await self._collect(r, deadline=asyncio.get_running_loop().time()
                             + self.cfg.gossip.round_deadline_s)
         received = self.book.shares(r)
@@ -351,12 +352,21 @@ class Node:
         data = envelope.pack(self.identity.signing_key, self.consortium.id, KIND_RETIRE, r,
                              self.seq, b"")
         self.seq += 1
-        await self.transport.broadcast(data)
+        await self._broadcast(r, data)
         self.state.append_jsonl("metrics.jsonl", {
             "round": r, "stopped": self.stopped, "epsilon": self.epsilon(),
             "rejected": self.rejected(), "bytes_sent": self.transport.stats.bytes_sent,
             "bytes_received": self.transport.stats.bytes_received})
         self._save_checkpoint()
+
+    async def _broadcast(self, r: int, data: bytes) -> None:
+        """A share the transport refuses (e.g. over the broker's packet limit) is logged and
+        counted; the round goes on with what the others send."""
+        try:
+            await self.transport.broadcast(data)
+        except LocalError as exc:
+            self.counters.send_failed += 1
+            log.error("%s: round %d: our share was not sent: %s", self.name, r + 1, exc)
 
     async def _collect(self, r: int, deadline: float) -> None:
         loop = asyncio.get_running_loop()

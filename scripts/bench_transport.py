@@ -11,6 +11,14 @@ of --repeat runs (the machine is shared; the best is the least disturbed).
 
 Prints a table; with --json only JSON on stdout: a list of
 {"transport": "libp2p"|"tcp"|"tls", "size_mb": N, "peers": 1, "mb_per_s": X}.
+
+`--transports mqtt` adds one sender and 3 receivers through a real mosquitto
+(started on a free loopback port by scripts/mqtt_broker.py), unsealed and
+sealed (gossip.seal: sealed once, opened by each receiver), and the baseline
+of one sender writing the same bytes straight to 3 receivers over raw asyncio
+TCP: records {"transport": "mqtt", "peers": 3, "sealed": bool, ...} and
+{"transport": "tcp", "peers": 3, ...}, mb_per_s per peer (size / time until
+the last receiver holds every byte).
 """
 
 from __future__ import annotations
@@ -28,6 +36,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "scripts"))
 
 MB = 1_000_000
 PREFIX = 8
@@ -125,9 +134,94 @@ async def bench_libp2p(payloads: dict[int, bytes], repeat: int) -> dict[int, flo
     return best
 
 
+async def bench_tcp_fanout(payload: bytes, peers: int = 3) -> float:
+    """One sender, `peers` receivers, the same bytes written to each (raw asyncio TCP)."""
+    loop = asyncio.get_running_loop()
+    got = [loop.create_future() for _ in range(peers)]
+    servers, writers = [], []
+    for fut in got:
+        async def handle(reader, writer, fut=fut):
+            fut.set_result(await _read_framed(reader))
+            writer.close()
+        server = await asyncio.start_server(handle, "127.0.0.1", 0, limit=4 * 1024 * 1024)
+        servers.append(server)
+        writers.append((await asyncio.open_connection(
+            "127.0.0.1", server.sockets[0].getsockname()[1]))[1])
+    t0 = time.perf_counter()
+    for w in writers:
+        w.write(len(payload).to_bytes(PREFIX, "big"))
+        w.write(payload)
+    await asyncio.gather(*(w.drain() for w in writers))
+    datas = await asyncio.gather(*got)
+    elapsed = time.perf_counter() - t0
+    assert all(d == payload for d in datas)
+    for w in writers:
+        w.close()
+    for server in servers:
+        server.close()
+        await server.wait_closed()
+    return elapsed
+
+
+async def bench_mqtt(payloads: dict[int, bytes], repeat: int, sealed: bool) -> dict[int, float]:
+    from mqtt_broker import start_broker
+    from nacl.signing import SigningKey
+
+    from gossip.membership import Consortium, Member
+    from gossip.seal import PrekeyStore, open_sealed, seal, sign_prekey
+    from gossip.transports.mqtt import BrokerAddress, MqttTransport
+
+    keys = [SigningKey.generate() for _ in range(4)]
+    cons = Consortium("bench", {}, tuple(Member(f"bench-{i}", bytes(k.verify_key))
+                                         for i, k in enumerate(keys)))
+    names = [m.name for m in cons.members]
+    broker = start_broker(cons)
+    ts = [MqttTransport(cons.id, n, names, BrokerAddress.parse(broker.url, "bench"), username=n,
+                        password=broker.passwords[n], max_message_bytes=64 * 1024 * 1024)
+          for n in names]
+    stores = [PrekeyStore() for _ in names]
+    prekeys = {n: sign_prekey(k, cons.id, 0, st.rotate(0).public_key)
+               for n, k, st in zip(names[1:], keys[1:], stores[1:], strict=True)}
+    best: dict[int, float] = {}
+    try:
+        for t in ts:
+            await t.start()
+        inboxes = [t.incoming() for t in ts[1:]]
+
+        async def receive(inbox, store) -> bytes:
+            data = (await anext(inbox)).data
+            return await asyncio.to_thread(open_sealed, data, store) if sealed else data
+
+        for size, payload in payloads.items():
+            for _ in range(repeat):
+                t0 = time.perf_counter()
+                data = await asyncio.to_thread(seal, payload, prekeys) if sealed else payload
+                await ts[0].broadcast(data)
+                got = await asyncio.gather(*(receive(i, st) for i, st in
+                                             zip(inboxes, stores[1:], strict=True)))
+                elapsed = time.perf_counter() - t0
+                assert all(g == payload for g in got)
+                best[size] = min(best.get(size, float("inf")), elapsed)
+    finally:
+        for t in ts:
+            await t.close()
+        broker.stop()
+    return best
+
+
 async def run(sizes: list[int], repeat: int, transports: list[str]) -> list[dict]:
     payloads = {s: os.urandom(s * MB) for s in sizes}
     records = []
+    if "mqtt" in transports:
+        transports = [t for t in transports if t != "mqtt"]
+        fan = {s: min([await bench_tcp_fanout(p) for _ in range(repeat)])
+               for s, p in payloads.items()}
+        for sealed in (False, True):
+            got = await bench_mqtt(payloads, repeat, sealed)
+            records += [{"transport": "mqtt", "size_mb": s, "peers": 3, "sealed": sealed,
+                         "mb_per_s": round(s / got[s], 2)} for s in sizes]
+        records += [{"transport": "tcp", "size_mb": s, "peers": 3,
+                     "mb_per_s": round(s / fan[s], 2)} for s in sizes]
     with tempfile.TemporaryDirectory() as tmp:
         pair = tls_contexts(Path(tmp))
         timings: dict[str, dict[int, float]] = {}
@@ -155,12 +249,20 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     sizes = [int(s) for s in args.sizes.split(",")]
     transports = args.transports.split(",")
-    unknown = set(transports) - {"libp2p", "tcp", "tls"}
+    unknown = set(transports) - {"libp2p", "tcp", "tls", "mqtt"}
     if unknown:
         p.error(f"--transports: unknown {sorted(unknown)}")
     records = asyncio.run(run(sizes, args.repeat, transports))
     if args.json:
         print(json.dumps(records))
+        return 0
+    for r in records:
+        if r["peers"] == 3:
+            print(f"{r['transport']:>5} 1->3{' sealed' if r.get('sealed') else '       '} "
+                  f"{r['size_mb']:>4} MB {r['mb_per_s']:>9.1f} MB/s per peer")
+    records = [r for r in records if r["peers"] == 1]
+    transports = [t for t in transports if t != "mqtt"]
+    if not transports:
         return 0
     by = {(r["transport"], r["size_mb"]): r["mb_per_s"] for r in records}
     print(f"{'size':>6} " + " ".join(f"{t + ' MB/s':>12}" for t in transports)

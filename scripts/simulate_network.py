@@ -8,6 +8,11 @@ shows their progress, waits for them (stopping every one by PID, whatever
 happens) and merges their per-member results into the same `summary.json`
 and `accuracy.png` as the in-process simulator.
 
+`--transport mqtt` gossips through mosquitto: with no `--mqtt-broker` it
+starts its own on a free loopback port (one user and password per member, an
+ACL that confines each member to its own topic prefix; see
+`scripts/mqtt_broker.py`) and stops it by PID afterwards.
+
 `--kill NAME@ROUND` sends SIGKILL to that member once it has finished ROUND
 (1-based) and restarts it `--restart-after` seconds later: the others go on
 without it (deadline), and it resumes from its state dir and catches up.
@@ -23,11 +28,15 @@ import socket
 import subprocess
 import sys
 import time
+import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "scripts"))
+
+import tomli_w  # noqa: E402
 
 from gossip.errors import LocalError  # noqa: E402
 from node.cli import add_privacy_flags  # noqa: E402
@@ -114,7 +123,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--lr", type=float, default=0.05)
     add_privacy_flags(p)
-    p.add_argument("--transport", choices=["libp2p"], default="libp2p")
+    p.add_argument("--transport", choices=["libp2p", "mqtt"], default="libp2p")
+    p.add_argument("--mqtt-broker", metavar="URL",
+                   help="use this broker (mqtt://HOST:PORT) instead of starting mosquitto; "
+                        "members log in as their names with <--mqtt-password-dir>/<name>.password")
+    p.add_argument("--mqtt-password-dir", metavar="DIR")
     p.add_argument("--network-config", help="template with member names")
     p.add_argument("--round-deadline", type=float, default=20.0,
                    help="seconds a node waits for missing shares after its own release")
@@ -125,6 +138,26 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="give up after this many seconds (default: from rounds and deadline)")
     p.add_argument("--out", required=True)
     return p.parse_args(argv)
+
+
+def setup_mqtt(args: argparse.Namespace, prep, port: int, console):
+    """Start our own mosquitto (unless --mqtt-broker) and point every node config at it."""
+    broker = None
+    password_dir = Path(args.mqtt_password_dir) if args.mqtt_password_dir else None
+    if args.mqtt_broker is None:
+        from mqtt_broker import start_broker
+
+        password_dir = Path(args.out).resolve() / "broker"
+        broker = start_broker(prep.consortium, password_dir, port)
+        console.print(f"  mosquitto pid {broker.pid} on {broker.url} (per-member passwords and "
+                      f"ACL; log {broker.log_path})")
+    for name, path in zip(prep.names, prep.config_paths, strict=True):
+        cfg = tomllib.loads(path.read_text())
+        if password_dir is not None:
+            cfg["gossip"]["mqtt"] = {"password_file": str((password_dir / f"{name}.password")
+                                                          .resolve())}
+        path.write_text(tomli_w.dumps(cfg))
+    return broker
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -142,9 +175,13 @@ def main(argv: list[str] | None = None) -> int:
         from node.simulation import member_names
 
         names = member_names(spec)
-        ports = free_ports(len(names))
-        addresses = {n: {"libp2p": f"/ip4/127.0.0.1/tcp/{p}"} for n, p in zip(names, ports,
-                                                                               strict=True)}
+        ports = free_ports(len(names) + 1)
+        if args.transport == "mqtt":
+            url = args.mqtt_broker or f"mqtt://127.0.0.1:{ports[-1]}"
+            addresses = {n: {"mqtt": url} for n in names}
+        else:
+            addresses = {n: {"libp2p": f"/ip4/127.0.0.1/tcp/{p}"} for n, p in zip(names, ports,
+                                                                                   strict=False)}
         prep = prepare(spec, addresses)
         kills = {}
         for k in args.kill:
@@ -167,8 +204,11 @@ def main(argv: list[str] | None = None) -> int:
                   f"{spec.rounds} rounds, seed {spec.seed}, privacy {spec.privacy}; "
                   f"run dir {spec.out}")
     pids = spec.out / "pids"
+    broker = None
     t0 = time.monotonic()
     try:
+        if args.transport == "mqtt":
+            broker = setup_mqtt(args, prep, ports[-1], console)
         for m in members:
             m.start()
         pids.write_text("".join(f"{m.name} {m.proc.pid}\n" for m in members if m.proc))
@@ -211,12 +251,18 @@ def main(argv: list[str] | None = None) -> int:
                 console.print(f"[red]timeout after {timeout:.0f} s; stopping every node[/]")
                 break
             time.sleep(POLL_S)
+    except LocalError as exc:
+        print(f"simulate_network: error: {exc}", file=sys.stderr)
+        return 2
     finally:
         for m in members:
             m.stop()
             if m.proc is not None and m.proc.returncode is not None:
                 m.exit_codes.append(m.proc.returncode)
         pids.unlink(missing_ok=True)
+        if broker is not None:
+            broker.stop()
+            console.print(f"  stopped mosquitto (pid {broker.pid})")
     elapsed = time.monotonic() - t0
     failed = [m.name for m in members if not m.exit_codes or m.exit_codes[-1] != 0]
     for m in members:

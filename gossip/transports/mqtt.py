@@ -1,0 +1,402 @@
+"""MQTT transport: shares through a broker the consortium already runs (aiomqtt).
+
+Why aiomqtt and not asyncio-mqtt: asyncio-mqtt's last release (0.16.2) fails
+at construction with paho-mqtt 2.x (`'Client' object has no attribute
+'message_retry_set'`); aiomqtt (2.5, on paho-mqtt 2.2) is its maintained
+successor and runs on the node's own asyncio loop (no thread).
+
+Topics, under one prefix per consortium (`flnode/<consortium id hex>`)::
+
+    flnode/<id>/<member>/share         a member's broadcast (every member reads it)
+    flnode/<id>/<member>/to/<peer>     a member's share for one peer
+
+so a broker ACL can give each member write access to its own prefix only
+(`pattern write flnode/<id>/%u/#`, see `scripts/mqtt_broker.py`). A publish the
+ACL denies *returns normally* and is dropped by the broker: the topic proves
+nothing. The sender is whoever signed the envelope; the topic's member name is
+only a `peer_hint` for logs.
+
+Delivery: QoS 1 (at least once), never `retain` (the broker would re-send a
+retained share to every later subscriber). Sessions are persistent: MQTT 5
+with `clean_start = False` and a session expiry, and a client id that is
+stable per member, so shares published while a node is down are queued by
+the broker and delivered when it reconnects. At-least-once means the node may
+see a share twice; `envelope.Verifier` counts an identical copy as the benign
+`duplicate`.
+
+Size: a broker with `max_packet_size` disconnects a client that sends a
+larger packet, and aiomqtt's `publish()` then hangs until its timeout instead
+of failing. So every publish is checked first against the smaller of the
+broker's advertised Maximum Packet Size (MQTT 5 CONNACK) and our own cap, and
+refused with a `LocalError` that names the sizes. Publish timeouts grow with
+the payload. A lost connection is re-made with exponential backoff; the
+session (subscriptions, queued shares) survives it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+import ssl
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlsplit
+
+import aiomqtt
+from aiomqtt.exceptions import MqttConnectError
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+from paho.mqtt.subscribeoptions import SubscribeOptions
+
+from gossip.errors import LocalError
+from gossip.transports.base import Incoming, Transport, TransportStats
+
+log = logging.getLogger("flnode.mqtt")
+
+TOPIC_ROOT = "flnode"
+DEFAULT_PORTS = {"mqtt": 1883, "mqtts": 8883}
+QOS = 1
+# How long the broker keeps a member's session (subscriptions and queued
+# shares) while it is away: a day covers a restart, a redeploy or a night's
+# outage; a member gone longer catches up by skipping rounds anyway. The
+# broker's own `max_queued_bytes` bounds what it holds meanwhile.
+SESSION_EXPIRY_S = 24 * 3600
+# Fixed header (1) + remaining length (<= 4) + topic length (2) + packet id (2)
+# + MQTT 5 properties length (<= 4): what a PUBLISH adds besides topic and payload.
+PUBLISH_OVERHEAD = 1 + 4 + 2 + 2 + 4
+# A publish may take this long plus one second per MB (loopback measured
+# 35-45 MB/s to 3 subscribers; a WAN link to a bank's broker far less).
+BASE_TIMEOUT_S = 10.0
+SECONDS_PER_MB = 1.0
+# Reconnect backoff after a lost connection.
+BACKOFF_MIN_S = 0.2
+BACKOFF_MAX_S = 10.0
+START_TIMEOUT_S = 30.0
+# A publish while the connection is down waits this long for it to come back
+# before the share is given up (counted as dropped).
+CONNECT_WAIT_S = 10.0
+KEEPALIVE_S = 60
+# Incoming messages waiting for the node; past this the transport drops (and
+# counts `inbox_full`) rather than grow without bound if the node stalls.
+INBOX_DEPTH = 1024
+
+
+@dataclass(frozen=True)
+class BrokerAddress:
+    """`mqtt://host[:port]` (plain TCP) or `mqtts://host[:port]` (TLS)."""
+
+    scheme: str
+    host: str
+    port: int
+
+    @classmethod
+    def parse(cls, text: str, where: str) -> BrokerAddress:
+        try:
+            parts = urlsplit(text)
+            port = parts.port
+        except ValueError as exc:
+            raise LocalError(f"{where}: {text!r} is not an MQTT URL: {exc}") from None
+        if parts.scheme not in DEFAULT_PORTS or not parts.hostname:
+            raise LocalError(f"{where}: {text!r}: expected mqtt://HOST[:PORT] or "
+                             "mqtts://HOST[:PORT]")
+        if parts.path not in ("", "/") or parts.query or parts.username:
+            raise LocalError(f"{where}: {text!r}: no path, query or credentials in the URL "
+                             "(credentials go in [gossip.mqtt] username and password_file)")
+        return cls(parts.scheme, parts.hostname, port or DEFAULT_PORTS[parts.scheme])
+
+    @property
+    def tls(self) -> bool:
+        return self.scheme == "mqtts"
+
+    @property
+    def loopback(self) -> bool:
+        if self.host == "localhost":
+            return True
+        try:
+            return ipaddress.ip_address(self.host).is_loopback
+        except ValueError:
+            return False
+
+    def __str__(self) -> str:
+        return f"{self.scheme}://{self.host}:{self.port}"
+
+
+def consortium_prefix(consortium_id: bytes) -> str:
+    return f"{TOPIC_ROOT}/{consortium_id.hex()}"
+
+
+def share_topic(consortium_id: bytes, member: str) -> str:
+    return f"{consortium_prefix(consortium_id)}/{member}/share"
+
+
+def direct_topic(consortium_id: bytes, member: str, peer: str) -> str:
+    return f"{consortium_prefix(consortium_id)}/{member}/to/{peer}"
+
+
+def client_id(consortium_id: bytes, member: str) -> str:
+    """Stable per member and consortium, so the broker finds the member's session again."""
+    return f"flnode-{consortium_id.hex()[:16]}-{member}"
+
+
+def publish_packet_size(topic: str, payload_len: int) -> int:
+    return PUBLISH_OVERHEAD + len(topic.encode()) + payload_len
+
+
+def publish_timeout(nbytes: int) -> float:
+    return BASE_TIMEOUT_S + SECONDS_PER_MB * nbytes / 1e6
+
+
+class MqttTransport(Transport):
+    """One member's connection to the consortium's broker.
+
+    Needs nothing from `node`: the consortium id, the member names and the
+    credentials are passed in. `max_message_bytes` is the node's envelope cap;
+    `max_packet_bytes`, if given, is the broker's packet limit as the operator
+    knows it (the broker's own CONNACK figure wins when it is smaller).
+    """
+
+    def __init__(self, consortium_id: bytes, name: str, members: Sequence[str],
+                 broker: BrokerAddress, *, username: str | None = None,
+                 password: str | None = None, ca_file: str | None = None,
+                 max_message_bytes: int, max_packet_bytes: int | None = None,
+                 allow_plaintext: bool = False) -> None:
+        if name not in members:
+            raise LocalError(f"{name!r} is not a member of the consortium")
+        if not broker.tls and not broker.loopback and not allow_plaintext:
+            raise LocalError(
+                f"broker {broker} is not on loopback: use mqtts:// (TLS) or, if the network "
+                "path is protected otherwise, set gossip.mqtt.allow_plaintext = true")
+        if ca_file is not None and not broker.tls:
+            raise LocalError(f"gossip.mqtt.ca_file is set but the broker URL {broker} is not "
+                             "mqtts://")
+        self.consortium_id = consortium_id
+        self.name = name
+        self.peers = [m for m in members if m != name]
+        self.broker = broker
+        self.username = username
+        self._password = password
+        self.ca_file = ca_file
+        self.max_message_bytes = max_message_bytes
+        self.max_packet_bytes = max_packet_bytes
+        self.broker_max_packet: int | None = None  # from the broker's CONNACK
+        self.stats = TransportStats()
+        self.prefix = consortium_prefix(consortium_id)
+        self._inbox: asyncio.Queue[Incoming | None] = asyncio.Queue(INBOX_DEPTH)
+        self._client: aiomqtt.Client | None = None
+        self._connected = asyncio.Event()
+        self._ready: asyncio.Future[None] | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._closed = False
+        self._logged: set[str] = set()
+        self.connects = 0  # successful connections, for tests and logs
+
+    # --- the interface ----------------------------------------------------------
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._ready = loop.create_future()
+        self._task = loop.create_task(self._connection_loop(), name=f"mqtt-{self.name}")
+        try:
+            async with asyncio.timeout(START_TIMEOUT_S):
+                await asyncio.wait([self._ready, self._task], return_when=asyncio.FIRST_COMPLETED)
+            if not self._ready.done():  # the connection task ended: a bug, say which
+                exc = self._task.exception()
+                raise LocalError(f"MQTT transport of {self.name!r} failed to start: "
+                                 f"{_short(exc) if exc else 'ended'}")
+            self._ready.result()
+        except TimeoutError:
+            await self.close()
+            raise LocalError(f"MQTT broker {self.broker} not reachable in {START_TIMEOUT_S:.0f} s "
+                             f"(is it running? does gossip.mqtt.broker or the member's "
+                             f"addresses.mqtt point at it?)") from None
+        except LocalError:
+            await self.close()
+            raise
+        log.info("%s: connected to MQTT broker %s as %s", self.name, self.broker, self.username)
+
+    def packet_limit(self) -> int:
+        limits = [x for x in (self.max_packet_bytes, self.broker_max_packet) if x]
+        return min(limits) if limits else 0
+
+    def check_size(self, topic: str, data: bytes) -> None:
+        """Refuse, before publishing, what the broker would answer by disconnecting us."""
+        if len(data) > self.max_message_bytes:
+            raise LocalError(f"share of {len(data)} bytes exceeds the cap of "
+                             f"{self.max_message_bytes} (gossip.max_envelope_bytes); not published")
+        limit = self.packet_limit()
+        size = publish_packet_size(topic, len(data))
+        if limit and size > limit:
+            source = ("the broker's maximum packet size" if limit == self.broker_max_packet
+                      else "gossip.mqtt.max_packet_bytes")
+            raise LocalError(
+                f"share of {len(data)} bytes makes an MQTT packet of {size} bytes, over {source} "
+                f"of {limit} bytes (mosquitto: max_packet_size); not published: the broker would "
+                "drop the connection. Raise the broker's limit or use a smaller model/encoding")
+
+    async def broadcast(self, data: bytes) -> None:
+        """One publish on our share topic; the broker fans it out to every member."""
+        await self._publish(share_topic(self.consortium_id, self.name), data)
+
+    async def send(self, peer: str, data: bytes) -> None:
+        if peer not in self.peers:
+            raise LocalError(f"{peer!r} is not a neighbour of {self.name!r}")
+        await self._publish(direct_topic(self.consortium_id, self.name, peer), data)
+
+    async def incoming(self) -> AsyncIterator[Incoming]:
+        while True:
+            msg = await self._inbox.get()
+            if msg is None:
+                return
+            yield msg
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except (asyncio.CancelledError, Exception):  # noqa: BLE001 - shutting down anyway
+                pass
+        while self._inbox.full():
+            self._inbox.get_nowait()
+        self._inbox.put_nowait(None)
+
+    # --- publishing -------------------------------------------------------------
+    async def _publish(self, topic: str, data: bytes) -> None:
+        """Best effort after the size check: a share the broker did not take is counted."""
+        if self._closed:
+            raise LocalError(f"transport of {self.name!r} is closed")
+        self.check_size(topic, data)
+        try:
+            async with asyncio.timeout(CONNECT_WAIT_S):
+                await self._connected.wait()
+            assert self._client is not None
+            await self._client.publish(topic, data, qos=QOS, retain=False,
+                                       timeout=publish_timeout(len(data)))
+        except (TimeoutError, aiomqtt.MqttError) as exc:
+            self.stats.dropped += 1
+            log.warning("%s: could not publish %d bytes on %s: %s", self.name, len(data), topic,
+                        _short(exc) if not isinstance(exc, TimeoutError) else
+                        f"broker not connected for {CONNECT_WAIT_S:.0f} s")
+            return
+        self.stats.bytes_sent += len(data)
+        self.stats.messages_sent += 1
+
+    # --- the connection ---------------------------------------------------------
+    def _make_client(self) -> aiomqtt.Client:
+        props = Properties(PacketTypes.CONNECT)
+        props.SessionExpiryInterval = SESSION_EXPIRY_S
+        # Tell the broker not to send us more than we would accept.
+        props.MaximumPacketSize = self.max_message_bytes + 64 * 1024
+        tls = None
+        if self.broker.tls:
+            tls = ssl.create_default_context(cafile=self.ca_file)
+        client = aiomqtt.Client(
+            self.broker.host, self.broker.port, username=self.username, password=self._password,
+            identifier=client_id(self.consortium_id, self.name),
+            protocol=aiomqtt.ProtocolVersion.V5, clean_start=False, properties=props,
+            keepalive=KEEPALIVE_S, tls_context=tls, timeout=BASE_TIMEOUT_S,
+            logger=logging.getLogger("flnode.mqtt.paho"))
+        # aiomqtt does not keep the CONNACK properties; the broker's Maximum
+        # Packet Size is in them, so chain paho's callback to read it.
+        paho = client._client  # noqa: SLF001 - see above
+        on_connect = paho.on_connect
+
+        def record_connack(c: Any, userdata: Any, flags: Any, reason: Any,
+                           properties: Any = None) -> None:
+            limit = getattr(properties, "MaximumPacketSize", None)
+            self.broker_max_packet = int(limit) if limit else None
+            on_connect(c, userdata, flags, reason, properties)
+
+        paho.on_connect = record_connack
+        return client
+
+    async def _connection_loop(self) -> None:
+        assert self._ready is not None
+        client = self._client = self._make_client()
+        backoff = BACKOFF_MIN_S
+        while not self._closed:
+            try:
+                async with client:
+                    self.connects += 1
+                    opts = SubscribeOptions(qos=QOS, noLocal=True)
+                    await client.subscribe([(f"{self.prefix}/+/share", opts),
+                                            (f"{self.prefix}/+/to/{self.name}", opts)])
+                    self._connected.set()
+                    if not self._ready.done():
+                        self._ready.set_result(None)
+                    elif self.connects > 1:
+                        log.info("%s: reconnected to MQTT broker %s", self.name, self.broker)
+                    backoff = BACKOFF_MIN_S
+                    async for message in client.messages:
+                        self._deliver(message)
+            except MqttConnectError as exc:
+                self._connected.clear()
+                err = LocalError(f"MQTT broker {self.broker} refused user {self.username!r}: "
+                                 f"{exc} (check gossip.mqtt.username, password_file and the "
+                                 "broker's password file)")
+                if not self._ready.done():
+                    self._ready.set_exception(err)
+                    return
+                log.error("%s: %s; retrying in %.1f s", self.name, err, backoff)
+            except aiomqtt.MqttError as exc:
+                self._connected.clear()
+                log.warning("%s: MQTT connection to %s lost or failed (%s); retrying in %.1f s",
+                            self.name, self.broker, _short(exc), backoff)
+            self._connected.clear()
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, BACKOFF_MAX_S)
+
+    def _deliver(self, message: aiomqtt.Message) -> None:
+        topic = message.topic.value
+        payload = message.payload
+        sender = self._sender_of(topic)
+        if sender is None:
+            self._refuse("bad_topic", f"message on unexpected topic {topic[:120]!r}")
+            return
+        if not isinstance(payload, bytes | bytearray):
+            self._refuse("malformed", f"non-binary payload on {topic[:120]!r}")
+            return
+        if len(payload) > self.max_message_bytes:
+            self._refuse("too_large", f"{len(payload)} bytes from {sender}, over the cap of "
+                         f"{self.max_message_bytes}")
+            return
+        if message.retain:
+            # Shares are never retained; a retained one is stale by construction.
+            self._refuse("retained", f"retained message from {sender} on {topic[:120]!r}")
+            return
+        if self._inbox.full():
+            self._refuse("inbox_full", "the node is not reading its inbox")
+            return
+        self.stats.bytes_received += len(payload)
+        self.stats.messages_received += 1
+        self._inbox.put_nowait(Incoming(bytes(payload), sender))
+
+    def _sender_of(self, topic: str) -> str | None:
+        if not topic.startswith(self.prefix + "/"):
+            return None
+        parts = topic[len(self.prefix) + 1:].split("/")
+        if len(parts) == 2 and parts[1] == "share":
+            return parts[0]
+        if len(parts) == 3 and parts[1] == "to" and parts[2] == self.name:
+            return parts[0]
+        return None
+
+    def _refuse(self, reason: str, detail: str) -> None:
+        self.stats.refused[reason] += 1
+        if reason not in self._logged:
+            self._logged.add(reason)
+            log.warning("%s: refused MQTT message: %s: %s (further %r are counted, not logged)",
+                        self.name, reason, detail, reason)
+
+
+def _short(exc: BaseException) -> str:
+    text = f"{type(exc).__name__}: {exc}"
+    return text if len(text) < 200 else text[:200] + "…"
+
+
+__all__ = ["BrokerAddress", "MqttTransport", "client_id", "direct_topic", "share_topic",
+           "consortium_prefix", "publish_packet_size"]

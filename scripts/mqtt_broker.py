@@ -1,0 +1,233 @@
+#!/usr/bin/env python3
+"""A mosquitto broker for a consortium on loopback: credentials, ACL, start, stop by PID.
+
+From a consortium file it generates, in a directory of its own:
+
+- a password file (`mosquitto_passwd -b`), one user per member (user name =
+  member name, a random password), and each member's password in
+  `<out>/<member>.password` (0600) for that member's `gossip.mqtt.password_file`;
+- an ACL that lets a member publish only under its own prefix and read the
+  shares meant for it::
+
+      pattern write flnode/<consortium id>/%u/#
+      pattern read  flnode/<consortium id>/+/to/%u
+      user <member>                                  (for each member)
+      topic read    flnode/<consortium id>/+/share
+
+- a config from `network_configs/mosquitto/loopback.conf.template`;
+
+then starts `mosquitto -c CONFIG` on a free 127.0.0.1 port and stops it by
+PID. Run as root, mosquitto drops to the user `mosquitto`: the broker's files
+then live in a directory of their own (0700, owned by that user), since a
+run directory under someone's 0700 home or pytest's tmp is not readable by it.
+
+    python scripts/mqtt_broker.py start --consortium consortium.toml --out DIR
+    python scripts/mqtt_broker.py stop --out DIR
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import pwd
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from string import Template
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from gossip.errors import LocalError  # noqa: E402
+from gossip.membership import Consortium, load_consortium  # noqa: E402
+from gossip.transports.mqtt import consortium_prefix  # noqa: E402
+
+TEMPLATE = ROOT / "network_configs" / "mosquitto" / "loopback.conf.template"
+# 64 MiB envelopes (gossip.max_envelope_bytes) plus topic and MQTT framing.
+MAX_PACKET_SIZE = 64 * 1024 * 1024 + 64 * 1024
+# Per persistent session while a member is away: a few rounds of full shares.
+MAX_QUEUED_MESSAGES = 1000
+MAX_QUEUED_BYTES = 1024 * 1024 * 1024
+START_TIMEOUT_S = 10.0
+INSTALL_HINT = ("mosquitto is not installed: `apt-get update && apt-get install -y mosquitto` "
+                "(make test and .ci/run do this)")
+
+
+def mosquitto_available() -> bool:
+    return shutil.which("mosquitto") is not None and shutil.which("mosquitto_passwd") is not None
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def acl_text(consortium: Consortium) -> str:
+    prefix = consortium_prefix(consortium.id)
+    lines = [f"# flnode consortium {consortium.name} ({consortium.id.hex()})",
+             "# Each member (user name = member name) publishes only under its own prefix",
+             "# and reads the shares addressed to it ...",
+             f"pattern write {prefix}/%u/#",
+             f"pattern read {prefix}/+/to/%u",
+             "# ... and every member's broadcast (users not listed here read nothing)."]
+    for m in consortium.members:
+        lines += [f"user {m.name}", f"topic read {prefix}/+/share"]
+    return "\n".join(lines) + "\n"
+
+
+@dataclass
+class Broker:
+    """A running mosquitto; `stop()` ends it by PID and removes its files."""
+
+    port: int
+    conf_dir: Path
+    passwords: dict[str, str]
+    password_files: dict[str, Path] = field(default_factory=dict)
+    proc: subprocess.Popen | None = None
+    log_path: Path | None = None
+
+    @property
+    def url(self) -> str:
+        return f"mqtt://127.0.0.1:{self.port}"
+
+    @property
+    def pid(self) -> int | None:
+        return self.proc.pid if self.proc else None
+
+    def log_text(self) -> str:
+        return self.log_path.read_text() if self.log_path and self.log_path.exists() else ""
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        shutil.rmtree(self.conf_dir, ignore_errors=True)
+        if self.log_path is not None:
+            self.log_path.unlink(missing_ok=True)
+
+    def reload_acl(self) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGHUP)
+
+
+def write_broker_files(consortium: Consortium, conf_dir: Path, port: int,
+                       passwords: dict[str, str], extra_users: dict[str, str] | None = None,
+                       max_packet_size: int = MAX_PACKET_SIZE) -> Path:
+    """Password file, ACL and config in conf_dir; returns the config path."""
+    passwd, acl, conf = conf_dir / "passwd", conf_dir / "acl", conf_dir / "mosquitto.conf"
+    users = dict(passwords) | (extra_users or {})
+    passwd.touch(mode=0o600)
+    for user, password in users.items():
+        subprocess.run(["mosquitto_passwd", "-b", str(passwd), user, password], check=True,
+                       capture_output=True)
+    acl.write_text(acl_text(consortium))
+    conf.write_text(Template(TEMPLATE.read_text()).substitute(
+        port=port, password_file=passwd, acl_file=acl, max_packet_size=max_packet_size,
+        max_queued_messages=MAX_QUEUED_MESSAGES, max_queued_bytes=MAX_QUEUED_BYTES))
+    if os.geteuid() == 0:  # mosquitto drops to this user and must read its files
+        try:
+            user = pwd.getpwnam("mosquitto")
+        except KeyError:
+            user = None
+        if user is not None:
+            for path in (conf_dir, passwd, acl, conf):
+                os.chown(path, user.pw_uid, user.pw_gid)
+    return conf
+
+
+def start_broker(consortium: Consortium, password_dir: Path | None = None, port: int | None = None,
+                 extra_users: dict[str, str] | None = None,
+                 max_packet_size: int = MAX_PACKET_SIZE) -> Broker:
+    """Start mosquitto for `consortium` on a free loopback port (or `port`).
+
+    Members' passwords go to `password_dir/<member>.password` (0600) when given.
+    `extra_users` (name -> password) get accounts but no prefix of a member
+    (tests use one as an outsider).
+    """
+    if not mosquitto_available():
+        raise LocalError(INSTALL_HINT)
+    passwords = {m.name: secrets.token_urlsafe(24) for m in consortium.members}
+    conf_dir = Path(tempfile.mkdtemp(prefix="flnode-mosquitto-"))
+    broker = Broker(port or free_port(), conf_dir, passwords)
+    try:
+        if password_dir is not None:
+            password_dir.mkdir(parents=True, exist_ok=True)
+            for name, password in passwords.items():
+                path = password_dir / f"{name}.password"
+                path.touch(mode=0o600)
+                path.write_text(password + "\n")
+                broker.password_files[name] = path
+        conf = write_broker_files(consortium, conf_dir, broker.port, passwords, extra_users,
+                                  max_packet_size)
+        broker.log_path = Path(tempfile.mkstemp(prefix="flnode-mosquitto-", suffix=".log")[1])
+        with open(broker.log_path, "ab") as out:
+            broker.proc = subprocess.Popen(["mosquitto", "-c", str(conf)], stdout=out,
+                                           stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                           start_new_session=True)
+        _wait_listening(broker)
+    except BaseException:
+        broker.stop()
+        raise
+    return broker
+
+
+def _wait_listening(broker: Broker) -> None:
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while time.monotonic() < deadline:
+        assert broker.proc is not None
+        if broker.proc.poll() is not None:
+            raise LocalError(f"mosquitto exited with {broker.proc.returncode} at start:\n"
+                             f"{broker.log_text()[-2000:]}")
+        try:
+            with socket.create_connection(("127.0.0.1", broker.port), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise LocalError(f"mosquitto did not listen on 127.0.0.1:{broker.port} in "
+                     f"{START_TIMEOUT_S:.0f} s:\n{broker.log_text()[-2000:]}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="command", required=True)
+    s = sub.add_parser("start", help="generate credentials + ACL and start mosquitto")
+    s.add_argument("--consortium", required=True)
+    s.add_argument("--out", required=True, help="members' password files and broker.pid go here")
+    s.add_argument("--port", type=int, default=None)
+    t = sub.add_parser("stop", help="stop the broker started with --out DIR, by its PID")
+    t.add_argument("--out", required=True)
+    args = p.parse_args(argv)
+    out = Path(args.out)
+    try:
+        if args.command == "start":
+            broker = start_broker(load_consortium(args.consortium), out, args.port)
+            (out / "broker.pid").write_text(f"{broker.pid}\n{broker.conf_dir}\n")
+            print(f"mosquitto pid {broker.pid} listening on {broker.url}; "
+                  f"passwords in {out}/<member>.password; log {broker.log_path}")
+            return 0
+        pid_file = out / "broker.pid"
+        pid, conf_dir = pid_file.read_text().split()
+        os.kill(int(pid), signal.SIGTERM)
+        shutil.rmtree(conf_dir, ignore_errors=True)
+        pid_file.unlink()
+        print(f"stopped mosquitto pid {pid}")
+        return 0
+    except (LocalError, OSError, ValueError) as exc:
+        print(f"mqtt_broker: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
