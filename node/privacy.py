@@ -178,9 +178,6 @@ class Ledger:
     def epsilon(self, delta: float) -> float:
         return epsilon_of(self.records, delta)
 
-    def charged_rounds(self) -> set[int]:
-        return {r.round for r in self.records}
-
 
 # --- calibration: sigma from a total budget, once, up front -----------------------
 
