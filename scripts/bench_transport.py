@@ -105,12 +105,13 @@ async def bench_libp2p(payloads: dict[int, bytes], repeat: int) -> dict[int, flo
     from nacl.signing import SigningKey
 
     from gossip.membership import Member
-    from gossip.transports.libp2p import Libp2pTransport, free_tcp_port
+    from gossip.transports.libp2p import Libp2pTransport
+    from scripts.ports import free_ports
 
     keys = [SigningKey.generate() for _ in range(2)]
     members = tuple(Member(f"bench-{i}", bytes(k.verify_key),
-                           {"libp2p": f"/ip4/127.0.0.1/tcp/{free_tcp_port()}"})
-                    for i, k in enumerate(keys))
+                           {"libp2p": f"/ip4/127.0.0.1/tcp/{port}"})
+                    for i, (k, port) in enumerate(zip(keys, free_ports(len(keys)), strict=True)))
     cap = max(len(p) for p in payloads.values()) + 1024
     sender = Libp2pTransport(bytes(keys[0]), "bench-0", members, max_message_bytes=cap)
     receiver = Libp2pTransport(bytes(keys[1]), "bench-1", members, max_message_bytes=cap)

@@ -35,7 +35,7 @@ sys.path.insert(0, str(ROOT))
 
 from node.simulation import SimulationSpec, prepare  # noqa: E402
 from node.status import collect  # noqa: E402
-from scripts.simulate_network import free_ports  # noqa: E402
+from scripts.ports import free_ports  # noqa: E402
 
 
 def start(config: Path, log: Path) -> subprocess.Popen:

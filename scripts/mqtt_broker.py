@@ -48,6 +48,7 @@ sys.path.insert(0, str(ROOT))
 from gossip.errors import LocalError  # noqa: E402
 from gossip.membership import Consortium, load_consortium  # noqa: E402
 from gossip.transports.mqtt import consortium_prefix  # noqa: E402
+from scripts.ports import free_ports  # noqa: E402
 
 TEMPLATE = ROOT / "network_configs" / "mosquitto" / "loopback.conf.template"
 # 64 MiB envelopes (gossip.max_envelope_bytes) plus topic and MQTT framing.
@@ -62,12 +63,6 @@ INSTALL_HINT = ("mosquitto is not installed: `apt-get update && apt-get install 
 
 def mosquitto_available() -> bool:
     return shutil.which("mosquitto") is not None and shutil.which("mosquitto_passwd") is not None
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def acl_text(consortium: Consortium) -> str:
@@ -160,7 +155,7 @@ def start_broker(consortium: Consortium, password_dir: Path | None = None, port:
         raise LocalError(INSTALL_HINT)
     passwords = {m.name: secrets.token_urlsafe(24) for m in consortium.members}
     conf_dir = Path(tempfile.mkdtemp(prefix="flnode-mosquitto-"))
-    broker = Broker(port or free_port(), conf_dir, passwords)
+    broker = Broker(port or free_ports(1)[0], conf_dir, passwords)
     try:
         if password_dir is not None:
             password_dir.mkdir(parents=True, exist_ok=True)

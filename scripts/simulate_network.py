@@ -24,7 +24,6 @@ import argparse
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -50,21 +49,9 @@ from node.simulation import (  # noqa: E402
 )
 from node.state import read_jsonl  # noqa: E402
 from node.train import metric_name  # noqa: E402
+from scripts.ports import free_ports  # noqa: E402
 
 POLL_S = 0.25
-
-
-def free_ports(n: int) -> list[int]:
-    """Ports the OS hands out now; a tiny race with other programs is accepted."""
-    socks, ports = [], []
-    for _ in range(n):
-        s = socket.socket()
-        s.bind(("127.0.0.1", 0))
-        socks.append(s)
-        ports.append(s.getsockname()[1])
-    for s in socks:
-        s.close()
-    return ports
 
 
 @dataclass

@@ -16,15 +16,16 @@ from libp2p.peer.peerinfo import PeerInfo
 from nacl.signing import SigningKey
 
 from gossip.membership import Member
-from gossip.transports.libp2p import SHARE_PROTOCOL, Libp2pTransport, free_tcp_port, peer_id_of
+from gossip.transports.libp2p import SHARE_PROTOCOL, Libp2pTransport, peer_id_of
+from scripts.ports import free_ports
 
 CAP = 64 * 1024 * 1024
 
 
 def consortium_members(keys, names=None):
     names = names or [f"m{i}" for i in range(len(keys))]
-    return tuple(Member(n, bytes(k.verify_key), {"libp2p": f"/ip4/127.0.0.1/tcp/{free_tcp_port()}"})
-                 for n, k in zip(names, keys, strict=True))
+    return tuple(Member(n, bytes(k.verify_key), {"libp2p": f"/ip4/127.0.0.1/tcp/{port}"})
+                 for n, k, port in zip(names, keys, free_ports(len(keys)), strict=True))
 
 
 @pytest.fixture

@@ -34,7 +34,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import socket
 import threading
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any
@@ -93,12 +92,6 @@ CONNECT_WAIT_S = 10.0
 def peer_id_of(public_key: bytes) -> ID:
     """The libp2p peer id of an Ed25519 public key (identity multihash)."""
     return ID.from_pubkey(Ed25519PublicKey.from_bytes(public_key))
-
-
-def free_tcp_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def transfer_timeout(nbytes: int) -> float:
@@ -437,4 +430,4 @@ def _short(exc: BaseException) -> str:
     return text if len(text) < 200 else text[:200] + "…"
 
 
-__all__ = ["Libp2pTransport", "peer_id_of", "free_tcp_port"]
+__all__ = ["Libp2pTransport", "peer_id_of"]
