@@ -28,3 +28,9 @@ class RemoteError(FlnodeError):
         self.peer = peer
         who = peer if peer is not None else "unknown peer"
         super().__init__(f"rejected share from {who}: {reason}: {detail}")
+
+
+def describe(exc: BaseException, limit: int = 200) -> str:
+    """One log-friendly line for an exception from a library we call."""
+    text = f"{type(exc).__name__}: {exc}"
+    return text if len(text) < limit else text[:limit] + "…"

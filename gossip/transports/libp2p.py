@@ -53,7 +53,7 @@ from libp2p.stream_muxer.yamux.yamux import PROTOCOL_ID as YAMUX_PROTOCOL_ID
 from libp2p.stream_muxer.yamux.yamux import Yamux
 from libp2p.transport.exceptions import SecurityUpgradeFailure
 
-from gossip.errors import LocalError
+from gossip.errors import LocalError, describe
 from gossip.membership import Member
 from gossip.transports.base import Incoming, Transport, TransportStats
 
@@ -211,7 +211,7 @@ class Libp2pTransport(Transport):
         except Exception as exc:  # noqa: BLE001 - any failure means "not delivered"
             self.stats.dropped += 1
             log.warning("%s: could not deliver %d bytes to %s: %s", self.name, len(data), peer,
-                        _short(exc))
+                        describe(exc))
             return
         self.stats.bytes_sent += len(data)
         self.stats.messages_sent += 1
@@ -277,7 +277,7 @@ class Libp2pTransport(Transport):
                 self._startup_error = exc
                 self._ready.set()
             else:
-                log.error("%s: libp2p thread ended: %s", self.name, _short(exc))
+                log.error("%s: libp2p thread ended: %s", self.name, describe(exc))
 
     async def _trio_main(self) -> None:
         key_pair = create_new_key_pair(self._seed)
@@ -348,7 +348,7 @@ class Libp2pTransport(Transport):
                 backoff = DIAL_BACKOFF_MIN_S
             except (Exception, trio.TooSlowError) as exc:  # noqa: BLE001 - retried with backoff
                 log.debug("%s: dial %s failed (%s); retry in %.1f s", self.name, name,
-                          _short(exc), backoff)
+                          describe(exc), backoff)
                 await trio.sleep(backoff)
                 backoff = min(backoff * 2, DIAL_BACKOFF_MAX_S)
 
@@ -403,7 +403,7 @@ class Libp2pTransport(Transport):
             self._on_loop(self._deliver, data, peer)
         except (Exception, trio.TooSlowError) as exc:  # noqa: BLE001 - a peer's broken stream
             self._on_loop(self._refuse, "stream_error")
-            log.debug("%s: stream from %s failed: %s", self.name, peer or remote, _short(exc))
+            log.debug("%s: stream from %s failed: %s", self.name, peer or remote, describe(exc))
             try:
                 await stream.reset()
             except Exception:  # noqa: BLE001 - already broken
@@ -423,11 +423,6 @@ async def _read_exactly(stream: Any, n: int) -> bytes:
             raise EOFError(f"stream ended after {len(buf)} of {n} bytes")
         buf += chunk
     return bytes(buf)
-
-
-def _short(exc: BaseException) -> str:
-    text = f"{type(exc).__name__}: {exc}"
-    return text if len(text) < 200 else text[:200] + "…"
 
 
 __all__ = ["Libp2pTransport", "peer_id_of"]

@@ -50,7 +50,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
-from gossip.errors import LocalError
+from gossip.errors import LocalError, describe
 from gossip.transports.base import Incoming, Transport, TransportStats
 
 log = logging.getLogger("flnode.mqtt")
@@ -203,7 +203,7 @@ class MqttTransport(Transport):
             if not self._ready.done():  # the connection task ended: a bug, say which
                 exc = self._task.exception()
                 raise LocalError(f"MQTT transport of {self.name!r} failed to start: "
-                                 f"{_short(exc) if exc else 'ended'}")
+                                 f"{describe(exc) if exc else 'ended'}")
             self._ready.result()
         except TimeoutError:
             await self.close()
@@ -279,7 +279,7 @@ class MqttTransport(Transport):
         except (TimeoutError, aiomqtt.MqttError) as exc:
             self.stats.dropped += 1
             log.warning("%s: could not publish %d bytes on %s: %s", self.name, len(data), topic,
-                        _short(exc) if not isinstance(exc, TimeoutError) else
+                        describe(exc) if not isinstance(exc, TimeoutError) else
                         f"broker not connected for {CONNECT_WAIT_S:.0f} s")
             return
         self.stats.bytes_sent += len(data)
@@ -345,7 +345,7 @@ class MqttTransport(Transport):
             except aiomqtt.MqttError as exc:
                 self._connected.clear()
                 log.warning("%s: MQTT connection to %s lost or failed (%s); retrying in %.1f s",
-                            self.name, self.broker, _short(exc), backoff)
+                            self.name, self.broker, describe(exc), backoff)
             self._connected.clear()
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, BACKOFF_MAX_S)
@@ -391,11 +391,6 @@ class MqttTransport(Transport):
             self._logged.add(reason)
             log.warning("%s: refused MQTT message: %s: %s (further %r are counted, not logged)",
                         self.name, reason, detail, reason)
-
-
-def _short(exc: BaseException) -> str:
-    text = f"{type(exc).__name__}: {exc}"
-    return text if len(text) < 200 else text[:200] + "…"
 
 
 __all__ = ["BrokerAddress", "MqttTransport", "client_id", "direct_topic", "share_topic",
