@@ -272,12 +272,8 @@ class Node:
         # Metrics before the checkpoint: a crash in between re-runs the round
         # and appends a second line for it (readers take the last), rather than
         # losing the round's line.
-        self.state.append_jsonl("metrics.jsonl", {
-            "round": r, "metrics": metrics, "epsilon": eps, "received": report.received,
-            "missing": missing, "rejected": self.rejected(),
-            "bytes_sent": self.transport.stats.bytes_sent,
-            "bytes_received": self.transport.stats.bytes_received,
-        })
+        self._record_round(r, metrics=metrics, epsilon=eps, received=report.received,
+                           missing=missing)
         self._save_checkpoint()
         return report
 
@@ -353,11 +349,16 @@ class Node:
                              self.seq, b"")
         self.seq += 1
         await self._broadcast(r, data)
-        self.state.append_jsonl("metrics.jsonl", {
-            "round": r, "stopped": self.stopped, "epsilon": self.epsilon(),
-            "rejected": self.rejected(), "bytes_sent": self.transport.stats.bytes_sent,
-            "bytes_received": self.transport.stats.bytes_received})
+        self._record_round(r, stopped=self.stopped, epsilon=self.epsilon())
         self._save_checkpoint()
+
+    def _record_round(self, r: int, **fields: object) -> None:
+        """One metrics.jsonl line: the round's own fields plus the running counters."""
+        self.state.append_jsonl("metrics.jsonl", {
+            "round": r, **fields, "rejected": self.rejected(),
+            "bytes_sent": self.transport.stats.bytes_sent,
+            "bytes_received": self.transport.stats.bytes_received,
+        })
 
     async def _broadcast(self, r: int, data: bytes) -> None:
         """A share the transport refuses (e.g. over the broker's packet limit) is logged and
