@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,7 +21,13 @@ import torch
 from sklearn.model_selection import train_test_split
 
 from gossip.errors import LocalError
-from gossip.membership import Consortium, Member, check_member_name, save_consortium
+from gossip.membership import (
+    Consortium,
+    Member,
+    check_member_name,
+    read_toml,
+    save_consortium,
+)
 from gossip.transports.memory import MemoryHub
 from node.config import load_config
 from node.data import FeatureSchema, encode, fit_schema, load_demo, partition
@@ -60,30 +65,44 @@ class SimulationSpec:
     transport: str = "memory"
 
 
+@dataclass(frozen=True)
+class NetworkTemplate:
+    """A consortium template: its name, and member names with their address slots."""
+
+    name: str
+    members: dict[str, dict[str, str]]  # in file order
+
+
+def network_template(spec: SimulationSpec) -> NetworkTemplate:
+    """Read (once) and check --network-config, or make the default template."""
+    if spec.network_config is None:
+        names = [f"{MEMBER_PREFIX.get(spec.dataset, 'member')}-{i}" for i in range(spec.nodes)]
+        return NetworkTemplate(f"sim-{spec.dataset}-{spec.nodes}", {n: {"memory": n} for n in names})
+    src = f"--network-config {spec.network_config}"
+    doc = read_toml(spec.network_config, "--network-config")
+    head = doc.get("consortium")
+    if not isinstance(head, dict) or not isinstance(head.get("name"), str):
+        raise LocalError(f"{src}: consortium.name: expected a string")
+    entries = doc.get("members")
+    if not isinstance(entries, list) or not all(isinstance(m, dict) for m in entries):
+        raise LocalError(f"{src}: members: expected [[members]] tables")
+    members: dict[str, dict[str, str]] = {}
+    for i, m in enumerate(entries):
+        name = check_member_name(m.get("name"), f"{src}: members[{i}].name")
+        addresses = m.get("addresses", {"memory": name})
+        if not isinstance(addresses, dict) or not all(
+                isinstance(k, str) and isinstance(v, str) for k, v in addresses.items()):
+            raise LocalError(f"{src}: members[{i}].addresses: expected a table of strings")
+        if name in members:
+            raise LocalError(f"{src}: members[{i}].name: {name!r} is listed twice")
+        members[name] = dict(addresses)
+    if len(members) != spec.nodes:
+        raise LocalError(f"{src} lists {len(members)} members but --nodes is {spec.nodes}")
+    return NetworkTemplate(head["name"], members)
+
+
 def member_names(spec: SimulationSpec) -> list[str]:
-    if spec.network_config is None:
-        return [f"{MEMBER_PREFIX.get(spec.dataset, 'member')}-{i}" for i in range(spec.nodes)]
-    try:
-        doc = tomllib.loads(spec.network_config.read_text())
-        names = [check_member_name(m.get("name"), f"{spec.network_config}: members[{i}].name")
-                 for i, m in enumerate(doc["members"])]
-    except (OSError, KeyError, TypeError, AttributeError, tomllib.TOMLDecodeError) as exc:
-        raise LocalError(f"--network-config {spec.network_config}: cannot read the member "
-                         f"names ({exc})") from None
-    if len(names) != spec.nodes:
-        raise LocalError(f"--network-config {spec.network_config} lists {len(names)} members "
-                         f"but --nodes is {spec.nodes}")
-    return names
-
-
-def _template_addresses(spec: SimulationSpec, name: str) -> dict[str, str]:
-    if spec.network_config is None:
-        return {"memory": name}
-    doc = tomllib.loads(spec.network_config.read_text())
-    for m in doc["members"]:
-        if m.get("name") == name:
-            return dict(m.get("addresses", {"memory": name}))
-    return {"memory": name}
+    return list(network_template(spec).members)
 
 
 def privacy_section(spec: SimulationSpec) -> dict[str, Any]:
@@ -119,7 +138,8 @@ def prepare(spec: SimulationSpec,
     """
     if spec.nodes < 2:
         raise LocalError("--nodes: a consortium needs at least 2 members")
-    names = member_names(spec)
+    template = network_template(spec)
+    names = list(template.members)
     df, label, categorical = load_demo(spec.dataset)
     train_df, test_df = train_test_split(df, test_size=TEST_FRACTION, random_state=spec.seed,
                                          stratify=df[label])
@@ -140,18 +160,13 @@ def prepare(spec: SimulationSpec,
     if any((out / "state").iterdir()) or any((out / "keys").iterdir()):
         raise LocalError(f"--out {out}: already holds a run (keys/ or state/ not empty); "
                          "choose a new directory")
-    members, identities = [], []
+    members = []
     for name in names:
         ident = Identity.generate(name)
         save_identity(ident, out / "keys")
-        identities.append(ident)
-        addr = _template_addresses(spec, name)
-        addr.update((addresses or {}).get(name, {}))
+        addr = {**template.members[name], **(addresses or {}).get(name, {})}
         members.append(Member(name, ident.public_key, addr))
-    consortium = Consortium(
-        spec.network_config and tomllib.loads(spec.network_config.read_text())["consortium"]["name"]
-        or f"sim-{spec.dataset}-{spec.nodes}",
-        schema.to_dict(), tuple(members))
+    consortium = Consortium(template.name, schema.to_dict(), tuple(members))
     save_consortium(consortium, out / "consortium.toml")
     test_df.to_parquet(out / "data" / "test.parquet")
     config_paths, train_parts = [], []

@@ -73,3 +73,34 @@ def test_encode_names_missing_columns_unknown_categories_and_bad_numbers():
 def test_demo_tables_ship_with_the_packages(name, rows):
     df, label, _ = load_demo(name)
     assert len(df) == rows and label in df.columns
+
+
+@pytest.mark.parametrize("text, message", [
+    ('[[members]]\nname = "bank-0"\n', "consortium.name: expected a string"),
+    ('[consortium]\nname = "c"\n[[members]]\nname = "bank 0"\n', r"members\[0\].name"),
+    ('[consortium]\nname = "c"\n[[members]]\nname = "b"\naddresses = 3\n', "addresses"),
+    ('[consortium]\nname = "c"\n[[members]]\nname = "b"\n', "lists 1 members but --nodes is 4"),
+    ('[consortium\n', "not valid TOML"),
+])
+def test_a_bad_network_template_is_refused_with_the_key_named(tmp_path, text, message):
+    from node.simulation import SimulationSpec, network_template
+
+    path = tmp_path / "t.toml"
+    path.write_text(text)
+    spec = SimulationSpec(dataset="default", nodes=4, partition="iid", rounds=1, seed=0,
+                          out=tmp_path, network_config=path)
+    with pytest.raises(LocalError, match=message):
+        network_template(spec)
+
+
+def test_the_demo_template_names_four_banks_with_address_slots():
+    from pathlib import Path
+
+    from node.simulation import SimulationSpec, network_template
+
+    spec = SimulationSpec(dataset="default", nodes=4, partition="iid", rounds=1, seed=0,
+                          out=Path("."), network_config=Path(__file__).resolve().parent.parent
+                          / "network_configs" / "demo-4-banks.toml")
+    t = network_template(spec)
+    assert t.name == "demo-4-banks" and list(t.members) == [f"bank-{i}" for i in range(4)]
+    assert t.members["bank-2"]["libp2p"].startswith("/ip4/127.0.0.1/tcp/")
