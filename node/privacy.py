@@ -31,6 +31,7 @@ import torch
 
 from gossip.errors import LocalError
 from node.config import PrivacyConfig
+from node.state import atomic_write
 
 ACCOUNTANT = "rdp"
 
@@ -248,8 +249,6 @@ class PrivacyPlan:
                              "rather than re-plan a budget that may be partly spent") from None
 
     def save(self, path: Path) -> None:
-        from node.state import atomic_write
-
         atomic_write(path, json.dumps(asdict(self), indent=2, sort_keys=True).encode() + b"\n")
 
 
@@ -345,6 +344,4 @@ class PrivacyBudget:
         return noisy, [LedgerRecord(round_, "count", sigma, 1.0, 1, 1.0, "")]
 
     def store_weight(self, weight: float) -> None:
-        from node.state import atomic_write
-
         atomic_write(self.state_dir / WEIGHT_FILE, json.dumps({"weight": weight}).encode())
