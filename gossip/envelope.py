@@ -15,6 +15,10 @@ header is the first six fields plus len(body). Hashing first makes the costly
 pass over a large body one BLAKE2b pass instead of Ed25519's two SHA-512
 passes (measured: signing a 10 MB body directly is ~80 % of pack+verify).
 
+Kinds: "share" (plain share body), "sealed" (a sealed share body, see
+gossip/seal.py), "prekey" (signed X25519 prekeys, see gossip/seal.py),
+"retire" (empty body: the sender stops sharing).
+
 Share body, a msgpack map::
 
     {"weight": float > 0, "tensors": [[name (str), dtype (str), shape ([uint]), raw (bin)], ...]}
@@ -29,7 +33,10 @@ an identical copy of an accepted message (`duplicate`, benign), a sequence
 number reused for other content (`seq_reuse`), a sequence number too old to
 judge (`replay`), a round already closed (`stale`) -> body decode
 (`bad_body`) -> shapes and dtypes (`shape`, `dtype`) -> finite values
-(`non_finite`). Nothing a peer sends is unpickled, eval'd or used as a path.
+(`non_finite`). A sealed share is opened (`gossip.seal`: `bad_seal`,
+`no_prekey`) after the freshness checks and before the body decode; a
+prekey announcement is checked prekey by prekey (`bad_prekey`). Nothing a
+peer sends is unpickled, eval'd or used as a path.
 """
 
 from __future__ import annotations
@@ -45,14 +52,21 @@ from nacl.exceptions import BadSignatureError
 from nacl.signing import SigningKey, VerifyKey
 
 from gossip.errors import LocalError, RemoteError
+from gossip.seal import Sealing, SignedPrekey, decode_announcement
 
 PROTO = "flnode/1"
 SIG_TAG = b"flnode/1 envelope-sig\x00"
 KIND_SHARE = "share"
+# A share body sealed to the members' prekeys (gossip.seal); round = the share's round.
+KIND_SEALED = "sealed"
+# The sender's signed X25519 prekeys (gossip.seal); round = the sender's round
+# when it announced them, which also tells receivers it has left earlier rounds.
+KIND_PREKEY = "prekey"
 # "I stop sharing" (e.g. its privacy budget is spent): empty body; receivers
 # stop waiting for the sender's shares.
 KIND_RETIRE = "retire"
-KINDS = frozenset({KIND_SHARE, KIND_RETIRE})
+SHARE_KINDS = frozenset({KIND_SHARE, KIND_SEALED})
+KINDS = frozenset({KIND_SHARE, KIND_SEALED, KIND_PREKEY, KIND_RETIRE})
 
 # A 10 M-parameter fp32 model is 40 MB; 64 MiB leaves room for that plus
 # framing. Transports apply their own (smaller or equal) caps before this.
@@ -118,7 +132,9 @@ class Share:
 class Accepted:
     sender: str  # member name
     envelope: Envelope
-    share: Share | None  # None for a retire message
+    share: Share | None  # None for a retire or prekey message
+    prekeys: tuple[SignedPrekey, ...] = ()  # a prekey message's verified prekeys
+    hello: bool = False  # a prekey message that asks for ours (its sender just started)
 
     @property
     def round(self) -> int:
@@ -273,8 +289,12 @@ class Verifier:
     """
 
     def __init__(self, consortium_id: bytes, members: Mapping[bytes, str], own_key: bytes,
-                 spec: Sequence[TensorSpec], max_bytes: int = DEFAULT_MAX_ENVELOPE_BYTES) -> None:
+                 spec: Sequence[TensorSpec], max_bytes: int = DEFAULT_MAX_ENVELOPE_BYTES,
+                 sealing: Sealing | None = None) -> None:
         self.consortium_id = consortium_id
+        # With sealing on, shares must come sealed and are opened here, after
+        # the signature and freshness checks; without it a sealed share is refused.
+        self.sealing = sealing
         self.members = dict(members)
         self.own_key = own_key
         self.spec = tuple(spec)
@@ -302,19 +322,45 @@ class Verifier:
             VerifyKey(env.sender).verify(digest, env.sig)
         except BadSignatureError:
             raise RemoteError("bad_signature", "signature does not verify", name) from None
-        self._check_fresh(env, name, digest, current_round)
+        try:
+            self._check_fresh(env, name, digest, current_round)
+        except RemoteError as exc:
+            if exc.reason == "duplicate" and env.kind == KIND_PREKEY and self.sealing is not None:
+                # Signed and once accepted: learning it again is harmless, and a
+                # restarted node (which keeps its replay table, not the members'
+                # prekeys) needs exactly this copy.
+                announced, _ = decode_announcement(env.body, self.consortium_id, env.sender,
+                                                   self.members)
+                self.sealing.learn(name, announced, current_round)
+            raise
+        share, prekeys, hello = None, (), False
         if env.kind == KIND_RETIRE:
             if env.body:
                 raise RemoteError("bad_body", "a retire message has an empty body", name)
-            share = None
+        elif env.kind == KIND_PREKEY:
+            announced, hello = decode_announcement(env.body, self.consortium_id, env.sender,
+                                                   self.members)
+            prekeys = tuple(announced)
+            if self.sealing is not None:
+                self.sealing.learn(name, prekeys, current_round)
         else:
             share = self._decode(env, name)
         self._windows.setdefault(env.sender, _SenderWindow()).remember(env.seq, digest)
-        return Accepted(name, env, share)
+        return Accepted(name, env, share, prekeys, hello)
 
     def _decode(self, env: Envelope, name: str) -> Share:
+        body = env.body
+        if env.kind == KIND_SEALED:
+            if self.sealing is None:
+                raise RemoteError("seal_off", "a sealed share, but this node does not seal "
+                                  "(gossip.seal = \"off\"): the members' configs differ", name)
+            body = self.sealing.open(body, env.sender, env.round, name)
+        elif self.sealing is not None:
+            raise RemoteError("unsealed", "a plain share, but this node requires sealed shares "
+                              "(gossip.seal): the sender's config differs, and its share crossed "
+                              "the wire readable", name)
         try:
-            return decode_share(env.body, self.spec)
+            return decode_share(body, self.spec)
         except RemoteError as exc:
             raise RemoteError(exc.reason, exc.detail, name) from None
 
@@ -330,7 +376,7 @@ class Verifier:
             if env.seq <= window.highest - REPLAY_WINDOW:
                 raise RemoteError("replay", f"seq {env.seq} is older than the replay window "
                                   f"(newest {window.highest})", name)
-        if env.round < current_round and env.kind == KIND_SHARE:
+        if env.round < current_round and env.kind in SHARE_KINDS:
             raise RemoteError("stale", f"share for round {env.round}, we are at round "
                               f"{current_round}", name)
 

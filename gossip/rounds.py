@@ -13,7 +13,8 @@ will not send it any more (shares are not retransmitted), so it no longer
 holds the round open; and when every neighbour has left the next round too,
 the book moves straight to the oldest round a neighbour is in. That is how a
 restarted node catches up with the others without sitting out a deadline
-for every round it missed.
+for every round it missed. A prekey announcement (sealing) is sent on
+entering a round, so it says the same: the member has left the rounds before.
 
 Simplification: a member that announces an absurd future round makes us skip
 to it. Members are authenticated and the skip is logged; defending against a
@@ -24,7 +25,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from gossip.envelope import KIND_RETIRE, Accepted
+from gossip.envelope import KIND_PREKEY, KIND_RETIRE, Accepted
 from gossip.errors import RemoteError
 
 
@@ -38,12 +39,17 @@ class RoundBook:
         self._latest: dict[str, int] = {}  # newest round seen per member
 
     def add(self, share: Accepted) -> str:
-        """Store an accepted share. Returns "buffered", "ahead" (we are behind) or
-        "retired" (the member has stopped sharing: rounds no longer wait for it)."""
+        """Store an accepted share. Returns "buffered", "ahead" (we are behind),
+        "retired" (the member has stopped sharing: rounds no longer wait for it) or
+        "prekey" (a prekey announcement: only its round is noted)."""
         if share.envelope.kind == KIND_RETIRE:
             self.neighbours = self.neighbours - {share.sender}
             return "retired"
         r = share.round
+        if share.envelope.kind == KIND_PREKEY:
+            # Announced on entering round r: the member has left every earlier round.
+            self._latest[share.sender] = max(r, self._latest.get(share.sender, r))
+            return "prekey"
         if r < self.current:  # the verifier checks this; the book does not trust callers
             raise RemoteError("stale", f"round {r} < current {self.current}", share.sender)
         held = self._shares.get(r, {}).get(share.sender)

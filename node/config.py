@@ -13,6 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from gossip.errors import LocalError
 from gossip.membership import read_toml
+from gossip.seal import MAX_ANNOUNCED
 from node.aggregate import RULES
 
 
@@ -112,12 +113,29 @@ class GossipConfig(_Section):
     lookahead: int = Field(default=3, ge=1, le=100)
     aggregation: str = "mean"
     max_envelope_bytes: int = Field(default=64 * 1024 * 1024, ge=1024, le=2**31)
+    # End-to-end sealing of shares to the members' rotated prekeys (gossip/seal.py).
+    # "auto": on for mqtt (a broker relays the bytes), off for libp2p (Noise
+    # already encrypts each hop, and there is no relay) and memory. Every member
+    # of a consortium must agree: a sealing node refuses plain shares.
+    seal: Literal["auto", "on", "off"] = "auto"
+    # Prekeys rotate every this many rounds; a prekey is deleted once the
+    # rounds it served are closed (forward secrecy for recorded traffic).
+    prekey_rotate_rounds: int = Field(default=5, ge=1, le=1_000_000)
     mqtt: MqttConfig = MqttConfig()
+
+    @property
+    def sealed(self) -> bool:
+        return self.seal == "on" or (self.seal == "auto" and self.transport == "mqtt")
 
     @model_validator(mode="after")
     def _rule(self) -> GossipConfig:
         if self.aggregation not in RULES:
             raise ValueError(f"aggregation {self.aggregation!r}: choose one of {', '.join(RULES)}")
+        live = -(-self.lookahead // self.prekey_rotate_rounds) + 1
+        if self.sealed and live > MAX_ANNOUNCED:
+            raise ValueError(f"prekey_rotate_rounds = {self.prekey_rotate_rounds} with lookahead = "
+                             f"{self.lookahead} needs {live} live prekeys (at most "
+                             f"{MAX_ANNOUNCED}): rotate less often or look ahead less")
         return self
 
 

@@ -24,12 +24,22 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+from nacl.public import PrivateKey
 
 from gossip import envelope
-from gossip.envelope import BENIGN_REASONS, KIND_RETIRE, KIND_SHARE, Accepted, Verifier
+from gossip.envelope import (
+    BENIGN_REASONS,
+    KIND_PREKEY,
+    KIND_RETIRE,
+    KIND_SEALED,
+    KIND_SHARE,
+    Accepted,
+    Verifier,
+)
 from gossip.errors import LocalError, RemoteError
 from gossip.membership import Consortium, load_consortium
 from gossip.rounds import RoundBook
+from gossip.seal import Sealing
 from gossip.transports.base import Incoming, Transport
 from node.aggregate import WeightedShare, get_rule
 from node.config import NodeConfig
@@ -118,13 +128,23 @@ class Node:
                                  cfg.model.hidden, seed=init_seed_from(consortium))
         self.metric = metric_name(schema.n_classes)
         neighbours = [m.name for m in consortium.members if m.name != self.name]
-        self.verifier = Verifier(consortium.id, {m.public_key: m.name for m in consortium.members},
-                                 identity.public_key, tensor_spec(self.model),
-                                 cfg.gossip.max_envelope_bytes)
+        keys = {m.public_key: m.name for m in consortium.members}
+        self.sealing: Sealing | None = None
+        if cfg.gossip.sealed:
+            self.sealing = Sealing(consortium.id, identity.signing_key, keys,
+                                   cfg.gossip.prekey_rotate_rounds, cfg.gossip.lookahead)
+            self.sealing.own.keys = {e: PrivateKey(raw)
+                                     for e, raw in self.state.load_prekeys().items()}
+        self._announcement: bytes | None = None  # our current prekey message, once sent
+        self._replies: set[asyncio.Task[None]] = set()
+        self.verifier = Verifier(consortium.id, keys, identity.public_key,
+                                 tensor_spec(self.model), cfg.gossip.max_envelope_bytes,
+                                 sealing=self.sealing)
         self.book = RoundBook(neighbours, cfg.gossip.lookahead)
         self.counters = NodeCounters()
         self.seq = 0
         self._arrived = asyncio.Event()
+        self._deadline = 0.0  # loop time when the current round's collection ends
         self._logged: set[tuple[str, str]] = set()
         self._shuffle = torch.Generator().manual_seed(cfg.training.seed)
         self._resume()
@@ -159,6 +179,10 @@ class Node:
         set_flat(self.model, torch.from_numpy(np.frombuffer(cp.model, dtype="<f4").copy()))
         self.book = RoundBook(self.book.neighbours, self.book.lookahead, cp.next_round)
         self.seq = cp.seq
+        stored = self.state.stored_release(cp.next_round)
+        if stored is not None:  # released, then stopped before the checkpoint
+            env = envelope.decode_outer(stored, self.cfg.gossip.max_envelope_bytes)
+            self.seq = max(self.seq, env.seq + 1)
         self.verifier.load_state(cp.replay)
         self.counters.rejected.update(cp.rejected)
         self.transport.stats.bytes_sent += cp.bytes_sent
@@ -190,6 +214,12 @@ class Node:
             self._reject(msg, exc)
             return None
         self.counters.accepted[accepted.sender] += 1
+        if where == "prekey" and accepted.hello and self._announcement is not None:
+            # A member has just (re)started and may have missed our prekeys: send them.
+            task = asyncio.get_running_loop().create_task(
+                self._send(accepted.sender, self._announcement))
+            self._replies.add(task)
+            task.add_done_callback(self._replies.discard)
         if where == "retired":
             log.warning("%s: %s has stopped sharing (retire message); rounds no longer wait "
                         "for it", self.name, accepted.sender)
@@ -222,6 +252,7 @@ class Node:
             async with asyncio.TaskGroup() as tg:
                 receiver = tg.create_task(self._receive(), name=f"{self.name}-receive")
                 try:
+                    await self._rotate_prekeys(self.book.current, announce=True)
                     while self.book.current < self.cfg.training.rounds:
                         report = await self._round()
                         if report is None:  # stopped sharing (budget spent)
@@ -235,6 +266,8 @@ class Node:
                             on_round(report)
                 finally:
                     receiver.cancel()
+                    for task in list(self._replies):
+                        task.cancel()
         finally:
             self._save_checkpoint()
             await self.transport.close()
@@ -243,14 +276,15 @@ class Node:
     async def _round(self) -> RoundReport | None:
         r = self.book.current
         t0 = time.perf_counter()
+        await self._rotate_prekeys(r)
         released = await self._release(r)
         if released is None:
             await self._retire(r)
             return None
         data, own, norm, resent = released
-        await self._broadcast(r, data)
-        await self._collect(r, deadline=asyncio.get_running_loop().time()
-                            + self.cfg.gossip.round_deadline_s)
+        if data is not None:
+            await self._broadcast(r, data)
+        await self._collect(r, deadline=self._deadline)
         received = self.book.shares(r)
         shares = [WeightedShare(s.sender, s.share.weight, named_to_flat(self.model, s.share.tensors))
                   for s in received.values()]
@@ -285,8 +319,10 @@ class Node:
         spec = self.verifier.spec
         stored = self.state.stored_release(r)
         if stored is not None:
+            self._deadline = asyncio.get_running_loop().time() + self.cfg.gossip.round_deadline_s
             env = envelope.decode_outer(stored, self.cfg.gossip.max_envelope_bytes)
-            share = envelope.decode_share(env.body, spec)
+            body = self.state.stored_plain_body(r) if env.kind == KIND_SEALED else env.body
+            share = envelope.decode_share(body, spec)
             self.seq = max(self.seq, env.seq + 1)
             own = WeightedShare(self.name, share.weight, named_to_flat(self.model, share.tensors))
             return stored, own, float("nan"), True
@@ -330,17 +366,89 @@ class Node:
             charges += self.budget.next_release(r)
         released = start + update
         body = envelope.encode_share(flat_to_named(self.model, released), weight)
-        data = envelope.pack(self.identity.signing_key, self.consortium.id, KIND_SHARE, r,
-                             self.seq, body)
-        self.seq += 1
-        digest = _blake(data)
+        # The round's deadline counts from here: waiting for prekeys and for shares share it.
+        self._deadline = asyncio.get_running_loop().time() + self.cfg.gossip.round_deadline_s
+        data = await self._pack_share(r, body)
+        digest = _blake(data if data is not None else body)
         for record in charges:
-            # Charged and fsync'd before the bytes exist anywhere but in memory.
+            # Charged and fsync'd before the bytes exist anywhere but in memory, and
+            # also when nobody could be sealed for: our model goes on from this share.
             self.ledger.charge(dataclasses.replace(record, share_digest=digest))
         if any(c.mode == "count" for c in charges):
             self.budget.store_weight(weight)
-        self.state.store_release(r, data)
+        if data is not None:
+            self.state.store_release(r, data, body if self.sealing is not None else None)
         return data, WeightedShare(self.name, weight, released), norm, False
+
+    async def _pack_share(self, r: int, body: bytes) -> bytes | None:
+        """Sign the share, sealed to every active member's prekey for round r if sealing is
+        on. None if sealing is on and no member's prekey arrived before the deadline."""
+        kind = KIND_SHARE
+        if self.sealing is not None:
+            recipients, missing = await self._await_prekeys(r)
+            if missing:
+                log.warning("%s: round %d: no prekey for epoch %d from %s by the deadline; "
+                            "they cannot read our share", self.name, r + 1,
+                            self.sealing.epoch(r), ", ".join(missing))
+            if not recipients:
+                log.error("%s: round %d: no member's prekey arrived; our share is not sent",
+                          self.name, r + 1)
+                return None
+            body = self.sealing.seal(body, r, recipients)
+            kind = KIND_SEALED
+        data = envelope.pack(self.identity.signing_key, self.consortium.id, kind, r, self.seq,
+                             body)
+        self.seq += 1
+        return data
+
+    async def _await_prekeys(self, r: int) -> tuple[dict, list[str]]:
+        assert self.sealing is not None
+        loop = asyncio.get_running_loop()
+        while True:
+            self._arrived.clear()
+            recipients, missing = self.sealing.recipients(r, sorted(self.book.neighbours))
+            remaining = self._deadline - loop.time()
+            if not missing or remaining <= 0:
+                return recipients, missing
+            try:
+                async with asyncio.timeout(remaining):
+                    await self._arrived.wait()
+            except TimeoutError:
+                pass
+
+    async def _rotate_prekeys(self, r: int, announce: bool = False) -> None:
+        """Hold prekeys for the epochs round r may need, delete older ones, and tell the
+        members when that changed (and always at start: we may have missed theirs)."""
+        if self.sealing is None:
+            return
+        new, gone = self.sealing.rotate(r)
+        for e in new:  # on disk before anyone can seal to it
+            self.state.save_prekey(e, bytes(self.sealing.own.keys[e]))
+        for e in gone:
+            self.state.delete_prekey(e)
+        if new or gone:
+            log.info("%s: prekeys for epochs %s; deleted %s", self.name,
+                     sorted(self.sealing.own.keys), gone or "none")
+        if not (new or announce):
+            return
+        # The announcement for replies, and on start a "hello" one that asks for theirs.
+        messages = [self.sealing.announcement(hello=False)]
+        if announce:
+            messages.append(self.sealing.announcement(hello=True))
+        packed = []
+        for body in messages:
+            packed.append(envelope.pack(self.identity.signing_key, self.consortium.id,
+                                        KIND_PREKEY, r, self.seq, body))
+            self.seq += 1
+        self._save_checkpoint()  # the sequence numbers are spent before the bytes leave
+        self._announcement = packed[0]
+        await self._broadcast(r, packed[-1])
+
+    async def _send(self, peer: str, data: bytes) -> None:
+        try:
+            await self.transport.send(peer, data)
+        except LocalError as exc:
+            log.warning("%s: could not send to %s: %s", self.name, peer, exc)
 
     async def _retire(self, r: int) -> None:
         """Say once, clearly, that we stop sharing; tell the members; keep the model."""
@@ -361,13 +469,14 @@ class Node:
         })
 
     async def _broadcast(self, r: int, data: bytes) -> None:
-        """A share the transport refuses (e.g. over the broker's packet limit) is logged and
-        counted; the round goes on with what the others send."""
+        """A message the transport refuses (e.g. a share over the broker's packet limit) is
+        logged and counted; the round goes on with what the others send."""
         try:
             await self.transport.broadcast(data)
         except LocalError as exc:
             self.counters.send_failed += 1
-            log.error("%s: round %d: our share was not sent: %s", self.name, r + 1, exc)
+            log.error("%s: round %d: our %s was not sent: %s", self.name, r + 1,
+                      envelope.decode_outer(data).kind, exc)
 
     async def _collect(self, r: int, deadline: float) -> None:
         loop = asyncio.get_running_loop()

@@ -5,6 +5,9 @@ Layout::
     STATE_DIR/checkpoint.msgpack   model, next round, seq, replay table, counters
     STATE_DIR/ledger.jsonl         privacy ledger (node.privacy.Ledger)
     STATE_DIR/outbox/round-N.env   the exact bytes released for round N
+    STATE_DIR/outbox/round-N.body  its plain share body, when the release is sealed
+    STATE_DIR/prekeys/epoch-N.x25519  our private prekey for epoch N (sealing; 0600),
+                                   unlinked once epoch N's rounds are closed
     STATE_DIR/audit.jsonl          one line per received message: accepted or why not
     STATE_DIR/metrics.jsonl        one line per round: metrics, epsilon, counters
 
@@ -91,12 +94,51 @@ class StateDir:
     def outbox_path(self, round_: int) -> Path:
         return self.path / "outbox" / f"round-{round_:08d}.env"
 
-    def store_release(self, round_: int, data: bytes) -> None:
+    def store_release(self, round_: int, data: bytes, plain_body: bytes | None = None) -> None:
+        """The plain body first: a sealed release is never on disk without it (we cannot
+        open our own sealed share)."""
+        if plain_body is not None:
+            atomic_write(self.outbox_path(round_).with_suffix(".body"), plain_body)
         atomic_write(self.outbox_path(round_), data)
 
     def stored_release(self, round_: int) -> bytes | None:
         p = self.outbox_path(round_)
         return p.read_bytes() if p.exists() else None
+
+    def stored_plain_body(self, round_: int) -> bytes:
+        p = self.outbox_path(round_).with_suffix(".body")
+        if not p.exists():
+            raise LocalError(f"{self.outbox_path(round_)} is sealed but {p.name} is missing: "
+                             "move the outbox file away to release that round afresh")
+        return p.read_bytes()
+
+    # --- sealing prekeys (private X25519 keys) ---------------------------------
+    def _prekey_path(self, epoch: int) -> Path:
+        return self.path / "prekeys" / f"epoch-{epoch:08d}.x25519"
+
+    def save_prekey(self, epoch: int, private: bytes) -> None:
+        atomic_write(self._prekey_path(epoch), private)  # 0600 like every state file
+
+    def delete_prekey(self, epoch: int) -> None:
+        """Unlink and fsync the directory. What the file system or the disk keeps of
+        the old blocks is beyond us; the node keeps no copy."""
+        p = self._prekey_path(epoch)
+        if p.exists():
+            p.unlink()
+            dir_fd = os.open(p.parent, os.O_RDONLY)
+            try:
+                os.fsync(dir_fd)
+            finally:
+                os.close(dir_fd)
+
+    def load_prekeys(self) -> dict[int, bytes]:
+        out = {}
+        for p in sorted((self.path / "prekeys").glob("epoch-*.x25519")):
+            raw = p.read_bytes()
+            if len(raw) != 32:
+                raise LocalError(f"{p}: a prekey is 32 bytes, this file has {len(raw)}")
+            out[int(p.stem.removeprefix("epoch-"))] = raw
+        return out
 
     def append_jsonl(self, name: str, record: dict[str, Any]) -> None:
         with open(self.path / name, "a") as f:

@@ -44,7 +44,7 @@ def test_four_processes_over_libp2p_match_the_in_process_simulation(tmp_path):
 def test_sigkilled_node_rejoins_and_nobody_hangs_or_double_releases(tmp_path):
     out = tmp_path / "net"
     net, stdout = simulate_network(out, "--kill", "bank-2@3", "--round-deadline", "5",
-                                   "--privacy", "update", "--clip", "0.1", "--sigma", "1.0")
+                                   "--privacy", "update", "--clip", "0.1", "--sigma", "0.5")
     assert "SIGKILL bank-2" in stdout and "restarted bank-2" in stdout
     procs = net["processes"]
     assert procs["bank-2"]["starts"] == 2 and procs["bank-2"]["exit_codes"][-1] == 0

@@ -13,6 +13,7 @@ from gossip.seal import PrekeyStore, epoch_of, open_sealed, seal, sign_prekey, v
 from tests.helpers import consortium, keys, tensors
 
 CID = b"\x05" * 32
+AD = b"bound to one sender and round"
 
 
 def setup_members(n=3, epoch=0):
@@ -29,28 +30,28 @@ def setup_members(n=3, epoch=0):
 def test_members_open_a_sealed_share_and_the_ciphertext_holds_no_tensor_bytes():
     _, _, stores, published = setup_members()
     body = envelope.encode_share(tensors(0.123), 10.0)
-    sealed = seal(body, {n: p for n, p in published.items() if n != "bank-0"})
+    sealed = seal(body, {n: p for n, p in published.items() if n != "bank-0"}, AD)
     raw = tensors(0.123)[0][1].tobytes()
     assert raw not in sealed and body not in sealed
     for store in stores[1:]:
-        assert open_sealed(sealed, store) == body
+        assert open_sealed(sealed, store, AD) == body
     with pytest.raises(RemoteError) as exc:  # the sender did not seal for itself
-        open_sealed(sealed, stores[0], "bank-0")
+        open_sealed(sealed, stores[0], AD, "bank-0")
     assert exc.value.reason == "no_prekey"
 
 
 def test_a_non_member_cannot_decrypt():
     _, _, _, published = setup_members()
-    sealed = seal(b"secret share body", published)
+    sealed = seal(b"secret share body", published, AD)
     outsider = PrekeyStore()
     outsider.rotate(0)
     with pytest.raises(RemoteError, match="no_prekey"):
-        open_sealed(sealed, outsider)
+        open_sealed(sealed, outsider, AD)
 
 
 def test_after_rotation_and_deletion_the_identity_key_alone_opens_no_recorded_share():
     ks, members, stores, published = setup_members()
-    recorded = seal(b"round 3 share", published)  # what a broker records in epoch 0
+    recorded = seal(b"round 3 share", published, AD)  # what a broker records in epoch 0
     k = 5
     new_epoch = epoch_of(2 * k, k)
     assert new_epoch == 2
@@ -58,13 +59,13 @@ def test_after_rotation_and_deletion_the_identity_key_alone_opens_no_recorded_sh
     stores[1].forget(before_epoch=new_epoch)
     assert list(stores[1].keys) == [new_epoch]
     with pytest.raises(RemoteError, match="no_prekey"):
-        open_sealed(recorded, stores[1])
+        open_sealed(recorded, stores[1], AD)
     # A thief with bank-1's Ed25519 identity key: its X25519 conversion opens nothing.
     seed_and_pk = bytes(ks[1]) + bytes(ks[1].verify_key)
     thief = PrekeyStore({0: PrivateKey(crypto_sign_ed25519_sk_to_curve25519(seed_and_pk)),
                          new_epoch: stores[1].keys[new_epoch]})
     with pytest.raises(RemoteError, match="no_prekey"):
-        open_sealed(recorded, thief)
+        open_sealed(recorded, thief, AD)
 
 
 def test_prekeys_must_be_signed_by_a_member_for_this_consortium():
@@ -83,21 +84,21 @@ def test_prekeys_must_be_signed_by_a_member_for_this_consortium():
 
 def test_a_tampered_or_garbled_sealed_body_is_refused():
     _, _, stores, published = setup_members()
-    sealed = bytearray(seal(b"x" * 100, published))
+    sealed = bytearray(seal(b"x" * 100, published, AD))
     sealed[-120] ^= 1  # inside the ciphertext or a wrap
     with pytest.raises(RemoteError) as exc:
-        open_sealed(bytes(sealed), stores[1], "bank-0")
+        open_sealed(bytes(sealed), stores[1], AD, "bank-0")
     assert exc.value.reason in {"bad_seal", "no_prekey"} and exc.value.peer == "bank-0"
     with pytest.raises(RemoteError, match="bad_seal"):
-        open_sealed(b"\x00garbage", stores[1])
+        open_sealed(b"\x00garbage", stores[1], AD)
 
 
 def test_the_signed_envelope_covers_the_sealed_body():
     ks = keys(2)
     cons = consortium(ks)
     _, _, _, published = setup_members(2)
-    sealed = seal(envelope.encode_share(tensors(), 1.0), published)
-    data = envelope.pack(ks[0], cons.id, envelope.KIND_SHARE, 0, 0, sealed)
+    sealed = seal(envelope.encode_share(tensors(), 1.0), published, AD)
+    data = envelope.pack(ks[0], cons.id, envelope.KIND_SEALED, 0, 0, sealed)
     env = envelope.decode_outer(data)
     assert env.body == sealed and env.digest == envelope.signing_digest(
-        cons.id, bytes(ks[0].verify_key), "share", 0, 0, sealed)
+        cons.id, bytes(ks[0].verify_key), "sealed", 0, 0, sealed)
