@@ -37,6 +37,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -65,7 +66,7 @@ def mosquitto_available() -> bool:
     return shutil.which("mosquitto") is not None and shutil.which("mosquitto_passwd") is not None
 
 
-def acl_text(consortium: Consortium) -> str:
+def acl_text(consortium: Consortium, observers: list[str] | None = None) -> str:
     prefix = consortium_prefix(consortium.id)
     lines = [f"# flnode consortium {consortium.name} ({consortium.id.hex()})",
              "# Each member (user name = member name) publishes only under its own prefix",
@@ -75,6 +76,9 @@ def acl_text(consortium: Consortium) -> str:
              "# ... and every member's broadcast (users not listed here read nothing)."]
     for m in consortium.members:
         lines += [f"user {m.name}", f"topic read {prefix}/+/share"]
+    for name in observers or []:
+        lines += ["# An observer reads everything, as the broker's operator can: what it sees",
+                  "# must be ciphertext (gossip.seal).", f"user {name}", "topic read #"]
     return "\n".join(lines) + "\n"
 
 
@@ -119,15 +123,16 @@ class Broker:
 
 def write_broker_files(consortium: Consortium, conf_dir: Path, port: int,
                        passwords: dict[str, str], extra_users: dict[str, str] | None = None,
-                       max_packet_size: int = MAX_PACKET_SIZE) -> Path:
+                       max_packet_size: int = MAX_PACKET_SIZE,
+                       observers: dict[str, str] | None = None) -> Path:
     """Password file, ACL and config in conf_dir; returns the config path."""
     passwd, acl, conf = conf_dir / "passwd", conf_dir / "acl", conf_dir / "mosquitto.conf"
-    users = dict(passwords) | (extra_users or {})
+    users = dict(passwords) | (extra_users or {}) | (observers or {})
     passwd.touch(mode=0o600)
     for user, password in users.items():
         subprocess.run(["mosquitto_passwd", "-b", str(passwd), user, password], check=True,
                        capture_output=True)
-    acl.write_text(acl_text(consortium))
+    acl.write_text(acl_text(consortium, list(observers or {})))
     conf.write_text(Template(TEMPLATE.read_text()).substitute(
         port=port, password_file=passwd, acl_file=acl, max_packet_size=max_packet_size,
         max_queued_messages=MAX_QUEUED_MESSAGES, max_queued_bytes=MAX_QUEUED_BYTES))
@@ -144,12 +149,14 @@ def write_broker_files(consortium: Consortium, conf_dir: Path, port: int,
 
 def start_broker(consortium: Consortium, password_dir: Path | None = None, port: int | None = None,
                  extra_users: dict[str, str] | None = None,
-                 max_packet_size: int = MAX_PACKET_SIZE) -> Broker:
+                 max_packet_size: int = MAX_PACKET_SIZE,
+                 observers: dict[str, str] | None = None) -> Broker:
     """Start mosquitto for `consortium` on a free loopback port (or `port`).
 
     Members' passwords go to `password_dir/<member>.password` (0600) when given.
     `extra_users` (name -> password) get accounts but no prefix of a member
-    (tests use one as an outsider).
+    (tests use one as an outsider). `observers` (name -> password) may read
+    every topic, as the broker's operator can (see `WireRecorder`).
     """
     if not mosquitto_available():
         raise LocalError(INSTALL_HINT)
@@ -165,7 +172,7 @@ def start_broker(consortium: Consortium, password_dir: Path | None = None, port:
                 path.write_text(password + "\n")
                 broker.password_files[name] = path
         conf = write_broker_files(consortium, conf_dir, broker.port, passwords, extra_users,
-                                  max_packet_size)
+                                  max_packet_size, observers)
         broker.log_path = Path(tempfile.mkstemp(prefix="flnode-mosquitto-", suffix=".log")[1])
         with open(broker.log_path, "ab") as out:
             broker.proc = subprocess.Popen(["mosquitto", "-c", str(conf)], stdout=out,
@@ -176,6 +183,34 @@ def start_broker(consortium: Consortium, password_dir: Path | None = None, port:
         broker.stop()
         raise
     return broker
+
+
+class WireRecorder:
+    """Subscribes to `#` with an observer account and keeps every message it is sent:
+    what a curious broker operator records. A paho client on its own thread."""
+
+    def __init__(self, broker: Broker, username: str, password: str) -> None:
+        import paho.mqtt.client as paho
+
+        self.messages: list[tuple[str, bytes]] = []
+        self._ready = threading.Event()
+        self._client = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id=f"rec-{username}",
+                                   protocol=paho.MQTTv5)
+        self._client.username_pw_set(username, password)
+        self._client.on_connect = lambda c, *_: c.subscribe("#", qos=1)
+        self._client.on_subscribe = lambda *_: self._ready.set()
+        self._client.on_message = lambda _c, _u, m: self.messages.append((m.topic,
+                                                                           bytes(m.payload)))
+        self._client.connect("127.0.0.1", broker.port)
+        self._client.loop_start()
+        if not self._ready.wait(START_TIMEOUT_S):
+            self.stop()
+            raise LocalError(f"wire recorder could not subscribe on {broker.url}")
+
+    def stop(self) -> list[tuple[str, bytes]]:
+        self._client.disconnect()
+        self._client.loop_stop()
+        return self.messages
 
 
 def _wait_listening(broker: Broker) -> None:

@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import secrets
 import signal
 import subprocess
 import sys
@@ -35,6 +36,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 
+import msgpack  # noqa: E402
 import tomli_w  # noqa: E402
 
 from gossip.errors import LocalError  # noqa: E402
@@ -115,6 +117,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="use this broker (mqtt://HOST:PORT) instead of starting mosquitto; "
                         "members log in as their names with <--mqtt-password-dir>/<name>.password")
     p.add_argument("--mqtt-password-dir", metavar="DIR")
+    p.add_argument("--record-wire", action="store_true",
+                   help="mqtt with our own broker: an observer account subscribed to '#' "
+                        "records every message (what the broker's operator sees) to "
+                        "OUT/wire.msgpack and the run prints which kinds crossed it")
     p.add_argument("--network-config", help="template with member names")
     p.add_argument("--round-deadline", type=float, default=20.0,
                    help="seconds a node waits for missing shares after its own release")
@@ -128,23 +134,50 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def setup_mqtt(args: argparse.Namespace, prep, port: int, console):
-    """Start our own mosquitto (unless --mqtt-broker) and point every node config at it."""
-    broker = None
+    """Start our own mosquitto (unless --mqtt-broker) and point every node config at it.
+    Returns the broker (or None) and the wire recorder (or None)."""
+    broker = recorder = None
     password_dir = Path(args.mqtt_password_dir) if args.mqtt_password_dir else None
     if args.mqtt_broker is None:
-        from mqtt_broker import start_broker
+        from mqtt_broker import WireRecorder, start_broker
 
         password_dir = Path(args.out).resolve() / "broker"
-        broker = start_broker(prep.consortium, password_dir, port)
+        observers = {"observer": secrets.token_urlsafe(24)} if args.record_wire else None
+        broker = start_broker(prep.consortium, password_dir, port, observers=observers)
         console.print(f"  mosquitto pid {broker.pid} on {broker.url} (per-member passwords and "
                       f"ACL; log {broker.log_path})")
+        if observers:
+            recorder = WireRecorder(broker, "observer", observers["observer"])
+            console.print("  recording the wire as the broker's operator sees it (observer "
+                          "subscribed to '#')")
     for name, path in zip(prep.names, prep.config_paths, strict=True):
         cfg = tomllib.loads(path.read_text())
         if password_dir is not None:
             cfg["gossip"]["mqtt"] = {"password_file": str((password_dir / f"{name}.password")
                                                           .resolve())}
         path.write_text(tomli_w.dumps(cfg))
-    return broker
+    return broker, recorder
+
+
+def save_wire(recorder, out: Path, console) -> None:
+    """Write what the observer recorded and say which envelope kinds crossed the broker."""
+    from collections import Counter
+
+    from gossip.envelope import decode_outer
+    from gossip.errors import RemoteError
+
+    messages = recorder.stop()
+    (out / "wire.msgpack").write_bytes(msgpack.packb(messages, use_bin_type=True))
+    kinds: Counter[str] = Counter()
+    for _, payload in messages:
+        try:
+            kinds[decode_outer(payload).kind] += 1
+        except RemoteError:
+            kinds["(not an envelope)"] += 1
+    total = sum(len(p) for _, p in messages)
+    console.print(f"  the broker relayed {len(messages)} messages ({total / 1e6:.1f} MB) to the "
+                  f"observer: " + ", ".join(f"{k} {n}" for k, n in sorted(kinds.items()))
+                  + f"; wrote {out / 'wire.msgpack'}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -191,11 +224,11 @@ def main(argv: list[str] | None = None) -> int:
                   f"{spec.rounds} rounds, seed {spec.seed}, privacy {spec.privacy}; "
                   f"run dir {spec.out}")
     pids = spec.out / "pids"
-    broker = None
+    broker = recorder = None
     t0 = time.monotonic()
     try:
         if args.transport == "mqtt":
-            broker = setup_mqtt(args, prep, ports[-1], console)
+            broker, recorder = setup_mqtt(args, prep, ports[-1], console)
         for m in members:
             m.start()
         pids.write_text("".join(f"{m.name} {m.proc.pid}\n" for m in members if m.proc))
@@ -247,6 +280,8 @@ def main(argv: list[str] | None = None) -> int:
             if m.proc is not None and m.proc.returncode is not None:
                 m.exit_codes.append(m.proc.returncode)
         pids.unlink(missing_ok=True)
+        if recorder is not None:
+            save_wire(recorder, spec.out, console)
         if broker is not None:
             broker.stop()
             console.print(f"  stopped mosquitto (pid {broker.pid})")

@@ -10,9 +10,16 @@ import subprocess
 import sys
 from pathlib import Path
 
+import msgpack
 import pytest
+from nacl.bindings import crypto_sign_ed25519_sk_to_curve25519
+from nacl.public import PrivateKey
 from rich.console import Console
 
+from gossip import envelope
+from gossip.errors import RemoteError
+from gossip.seal import PrekeyStore, open_sealed, seal_ad
+from node.identity import load_identity
 from node.simulation import SimulationSpec, simulate
 from tests.mqtt_support import require_mosquitto
 
@@ -31,7 +38,7 @@ def simulate_mqtt(out: Path, *extra: str) -> tuple[dict, str]:
 
 
 def test_four_processes_over_mosquitto_match_the_in_process_simulation(tmp_path):
-    net, stdout = simulate_mqtt(tmp_path / "net")
+    net, stdout = simulate_mqtt(tmp_path / "net", "--record-wire")
     assert "round  10/10" in stdout
     pid = int(re.search(r"mosquitto pid (\d+) on mqtt://127\.0\.0\.1:\d+", stdout).group(1))
     assert f"stopped mosquitto (pid {pid})" in stdout
@@ -48,6 +55,33 @@ def test_four_processes_over_mosquitto_match_the_in_process_simulation(tmp_path)
     for name in net["processes"]:
         pw = tmp_path / "net" / "broker" / f"{name}.password"
         assert pw.stat().st_mode & 0o777 == 0o600
+    check_the_broker_saw_only_ciphertext(tmp_path / "net", net)
+
+
+def check_the_broker_saw_only_ciphertext(out: Path, net: dict) -> None:
+    """An observer account subscribed to '#' (the broker's operator) got every share, and
+    none of it is readable: no plaintext tensor bytes, and neither an outsider's prekey nor
+    any member's identity key opens a single one."""
+    wire = msgpack.unpackb((out / "wire.msgpack").read_bytes(), raw=False)
+    envs = [envelope.decode_outer(payload) for _, payload in wire]
+    sealed = [e for e in envs if e.kind == envelope.KIND_SEALED]
+    assert {e.kind for e in envs} == {envelope.KIND_SEALED, envelope.KIND_PREKEY}
+    assert len({(e.sender, e.round) for e in sealed}) == 4 * 10  # every share, once or more
+    everything = b"".join(payload for _, payload in wire)
+    for name in net["processes"]:
+        for body_file in sorted((out / "state" / name / "outbox").glob("round-*.body")):
+            doc = msgpack.unpackb(body_file.read_bytes(), raw=False)
+            for _, _, _, raw in doc["tensors"]:
+                assert raw[:64] not in everything, (name, body_file.name)
+    thieves = PrekeyStore({0: PrivateKey.generate()})  # an outsider's own prekey
+    for key_file in (out / "keys").glob("*.key"):
+        ident = load_identity(key_file)
+        sk = bytes(ident.signing_key) + ident.public_key
+        thieves.keys[len(thieves.keys)] = PrivateKey(crypto_sign_ed25519_sk_to_curve25519(sk))
+    assert len(thieves.keys) == 5
+    for e in sealed:
+        with pytest.raises(RemoteError, match="no_prekey"):
+            open_sealed(e.body, thieves, seal_ad(e.consortium_id, e.sender, e.round))
 
 
 def test_a_killed_node_gets_the_shares_published_while_it_was_down(tmp_path):
