@@ -14,9 +14,11 @@ Prints a table; with --json only JSON on stdout: a list of
 
 `--transports mqtt` adds one sender and 3 receivers through a real mosquitto
 (started on a free loopback port by scripts/mqtt_broker.py), unsealed and
-sealed (gossip.seal: sealed once, opened by each receiver), and the baseline
-of one sender writing the same bytes straight to 3 receivers over raw asyncio
-TCP: records {"transport": "mqtt", "peers": 3, "sealed": bool, ...} and
+sealed, each the node's whole path: sign (and seal once for all three), publish,
+and on every receiver `envelope.Verifier.verify` (open, decode, check), so the
+sealed/unsealed ratio is what sealing adds to a node. The baseline is one
+sender writing the same bytes straight to 3 receivers over raw asyncio TCP:
+records {"transport": "mqtt", "peers": 3, "sealed": bool, ...} and
 {"transport": "tcp", "peers": 3, ...}, mb_per_s per peer (size / time until
 the last receiver holds every byte).
 """
@@ -164,45 +166,74 @@ async def bench_tcp_fanout(payload: bytes, peers: int = 3) -> float:
     return elapsed
 
 
-async def bench_mqtt(payloads: dict[int, bytes], repeat: int, sealed: bool) -> dict[int, float]:
+async def bench_mqtt(sizes: list[int], repeat: int) -> dict[tuple[int, bool], float]:
+    """One sender, 3 receivers through mosquitto, the node's own path end to end: sign
+    (and seal) the share, publish, and on each receiver `Verifier.verify` (open, decode,
+    check). Unsealed and sealed runs alternate (and swap order every repeat), so drift on a
+    shared machine hits both alike."""
+    import numpy as np
     from mqtt_broker import start_broker
     from nacl.signing import SigningKey
 
+    from gossip import envelope
+    from gossip.envelope import KIND_PREKEY, KIND_SEALED, KIND_SHARE, TensorSpec, Verifier
     from gossip.membership import Consortium, Member
-    from gossip.seal import PrekeyStore, open_sealed, seal, sign_prekey
+    from gossip.seal import Sealing
     from gossip.transports.mqtt import BrokerAddress, MqttTransport
 
     keys = [SigningKey.generate() for _ in range(4)]
     cons = Consortium("bench", {}, tuple(Member(f"bench-{i}", bytes(k.verify_key))
                                          for i, k in enumerate(keys)))
     names = [m.name for m in cons.members]
+    members = {m.public_key: m.name for m in cons.members}
+    sealings = [Sealing(cons.id, k, members, 5, 3) for k in keys]
+    for i, (k, s) in enumerate(zip(keys, sealings, strict=True)):
+        s.rotate(0)
+        ann = envelope.pack(k, cons.id, KIND_PREKEY, 0, 0, s.announcement())
+        for j, other in enumerate(sealings):
+            if j != i:
+                Verifier(cons.id, members, bytes(keys[j].verify_key), [], sealing=other
+                         ).verify(ann, 0)
+    cap = 64 * 1024 * 1024
     broker = start_broker(cons)
     ts = [MqttTransport(cons.id, n, names, BrokerAddress.parse(broker.url, "bench"), username=n,
-                        password=broker.passwords[n], max_message_bytes=64 * 1024 * 1024)
-          for n in names]
-    stores = [PrekeyStore() for _ in names]
-    prekeys = {n: sign_prekey(k, cons.id, 0, st.rotate(0).public_key)
-               for n, k, st in zip(names[1:], keys[1:], stores[1:], strict=True)}
-    best: dict[int, float] = {}
+                        password=broker.passwords[n], max_message_bytes=cap) for n in names]
+    best: dict[tuple[int, bool], float] = {}
+    seq = 1
     try:
         for t in ts:
             await t.start()
         inboxes = [t.incoming() for t in ts[1:]]
+        for size in sizes:
+            weights = np.frombuffer(os.urandom(size * MB // 4 * 4), dtype="<f4")
+            weights = np.nan_to_num(weights, nan=0.0, posinf=0.0, neginf=0.0)
+            body = envelope.encode_share([("w", weights)], 1.0)
+            spec = [TensorSpec("w", weights.shape)]
+            for k in range(repeat):
+                for sealed in ((False, True) if k % 2 == 0 else (True, False)):
+                    verifiers = [Verifier(cons.id, members, bytes(k.verify_key), spec, cap,
+                                          sealing=s if sealed else None)
+                                 for k, s in zip(keys[1:], sealings[1:], strict=True)]
 
-        async def receive(inbox, store) -> bytes:
-            data = (await anext(inbox)).data
-            return await asyncio.to_thread(open_sealed, data, store) if sealed else data
+                    def pack(sealed: bool = sealed, seq: int = seq, body: bytes = body) -> bytes:
+                        if not sealed:
+                            return envelope.pack(keys[0], cons.id, KIND_SHARE, 0, seq, body)
+                        recipients, _ = sealings[0].recipients(0, names[1:])
+                        return envelope.pack(keys[0], cons.id, KIND_SEALED, 0, seq,
+                                             sealings[0].seal(body, 0, recipients))
 
-        for size, payload in payloads.items():
-            for _ in range(repeat):
-                t0 = time.perf_counter()
-                data = await asyncio.to_thread(seal, payload, prekeys) if sealed else payload
-                await ts[0].broadcast(data)
-                got = await asyncio.gather(*(receive(i, st) for i, st in
-                                             zip(inboxes, stores[1:], strict=True)))
-                elapsed = time.perf_counter() - t0
-                assert all(g == payload for g in got)
-                best[size] = min(best.get(size, float("inf")), elapsed)
+                    async def receive(inbox, verifier) -> envelope.Accepted:
+                        return await asyncio.to_thread(verifier.verify, (await anext(inbox)).data,
+                                                       0)
+
+                    t0 = time.perf_counter()
+                    await ts[0].broadcast(await asyncio.to_thread(pack))
+                    got = await asyncio.gather(*(receive(i, v) for i, v in
+                                                 zip(inboxes, verifiers, strict=True)))
+                    elapsed = time.perf_counter() - t0
+                    seq += 1
+                    assert all(np.array_equal(g.share.tensors["w"], weights) for g in got)
+                    best[size, sealed] = min(best.get((size, sealed), float("inf")), elapsed)
     finally:
         for t in ts:
             await t.close()
@@ -217,10 +248,10 @@ async def run(sizes: list[int], repeat: int, transports: list[str]) -> list[dict
         transports = [t for t in transports if t != "mqtt"]
         fan = {s: min([await bench_tcp_fanout(p) for _ in range(repeat)])
                for s, p in payloads.items()}
-        for sealed in (False, True):
-            got = await bench_mqtt(payloads, repeat, sealed)
-            records += [{"transport": "mqtt", "size_mb": s, "peers": 3, "sealed": sealed,
-                         "mb_per_s": round(s / got[s], 2)} for s in sizes]
+        got = await bench_mqtt(sizes, repeat)
+        records += [{"transport": "mqtt", "size_mb": s, "peers": 3, "sealed": sealed,
+                     "mb_per_s": round(s / got[s, sealed], 2)}
+                    for s in sizes for sealed in (False, True)]
         records += [{"transport": "tcp", "size_mb": s, "peers": 3,
                      "mb_per_s": round(s / fan[s], 2)} for s in sizes]
     with tempfile.TemporaryDirectory() as tmp:

@@ -223,3 +223,16 @@ def test_encode_decode_roundtrip_is_exact(values, weight):
     np.testing.assert_array_equal(share.tensors["w"], w)
     np.testing.assert_array_equal(share.tensors["b"], b)
     assert share.weight == weight
+
+
+@given(st.binary(max_size=70_000), st.integers(min_value=0, max_value=70_000))
+@settings(max_examples=60, deadline=None)
+def test_a_body_given_in_parts_packs_to_exactly_the_msgpack_of_the_whole(body, cut):
+    """pack() writes the outer array itself (to avoid copying a sealed body); it must be
+    byte for byte what msgpack.packb gives, for every bin size class."""
+    k = keys(1)[0]
+    whole = envelope.pack(k, b"\x02" * 32, "share", 3, 2**40, body)
+    env = decode_outer(whole)
+    assert whole == msgpack.packb(["flnode/1", b"\x02" * 32, bytes(k.verify_key), "share", 3,
+                                   2**40, body, env.sig], use_bin_type=True)
+    assert envelope.pack(k, b"\x02" * 32, "share", 3, 2**40, [body[:cut], body[cut:]]) == whole

@@ -9,11 +9,16 @@ from nacl.signing import SigningKey
 
 from gossip import envelope
 from gossip.errors import RemoteError
-from gossip.seal import PrekeyStore, epoch_of, open_sealed, seal, sign_prekey, verify_prekey
+from gossip.seal import PrekeyStore, epoch_of, open_sealed, sign_prekey, verify_prekey
+from gossip.seal import seal as seal_parts
 from tests.helpers import consortium, keys, tensors
 
 CID = b"\x05" * 32
 AD = b"bound to one sender and round"
+
+
+def seal(body, recipients, ad):
+    return b"".join(seal_parts(body, recipients, ad))
 
 
 def setup_members(n=3, epoch=0):
@@ -85,10 +90,19 @@ def test_prekeys_must_be_signed_by_a_member_for_this_consortium():
 def test_a_tampered_or_garbled_sealed_body_is_refused():
     _, _, stores, published = setup_members()
     sealed = bytearray(seal(b"x" * 100, published, AD))
-    sealed[-120] ^= 1  # inside the ciphertext or a wrap
-    with pytest.raises(RemoteError) as exc:
-        open_sealed(bytes(sealed), stores[1], AD, "bank-0")
-    assert exc.value.reason in {"bad_seal", "no_prekey"} and exc.value.peer == "bank-0"
+    # Flip every single bit-0 in turn: the result is a refusal or the exact body, never
+    # other bytes; in the ciphertext and its tag (the last 116 bytes) always a refusal.
+    for where in range(len(sealed)):
+        garbled = bytearray(sealed)
+        garbled[where] ^= 1
+        try:
+            assert open_sealed(bytes(garbled), stores[1], AD, "bank-0") == b"x" * 100
+            assert where < len(sealed) - 116, where
+        except RemoteError as exc:
+            assert exc.reason in {"bad_seal", "no_prekey"} and exc.peer == "bank-0"
+    for prefix in (b"\x00\x00\x00\x00", b"\xff\xff\xff\xff", b"\x00\x00\x10\x00"):
+        with pytest.raises(RemoteError, match="bad_seal"):
+            open_sealed(prefix + bytes(sealed[4:]), stores[1], AD)
     with pytest.raises(RemoteError, match="bad_seal"):
         open_sealed(b"\x00garbage", stores[1], AD)
 
