@@ -177,7 +177,8 @@ class Node:
             self._save_checkpoint()
             return
         set_flat(self.model, torch.from_numpy(np.frombuffer(cp.model, dtype="<f4").copy()))
-        self.book = RoundBook(self.book.neighbours, self.book.lookahead, cp.next_round)
+        self.book = RoundBook(self.book.neighbours - set(cp.retired), self.book.lookahead,
+                              cp.next_round)
         self.seq = cp.seq
         stored = self.state.stored_release(cp.next_round)
         if stored is not None:  # released, then stopped before the checkpoint
@@ -198,6 +199,8 @@ class Node:
             rejected=self.rejected(),
             bytes_sent=self.transport.stats.bytes_sent,
             bytes_received=self.transport.stats.bytes_received,
+            retired=sorted({m.name for m in self.consortium.members} - {self.name}
+                           - self.book.neighbours),
         ))
 
     # --- receiving ---------------------------------------------------------------

@@ -58,6 +58,7 @@ class Checkpoint:
     rejected: dict[str, int] = field(default_factory=dict)
     bytes_sent: int = 0
     bytes_received: int = 0
+    retired: list[str] = field(default_factory=list)  # members that stopped sharing for good
 
 
 class StateDir:

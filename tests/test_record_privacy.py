@@ -110,6 +110,18 @@ async def test_a_retired_member_no_longer_holds_rounds_open(tmp_path):
     await asyncio.wait_for(run_all(nodes), 60)  # without retire: two 60 s deadlines
     assert nodes[0].stopped and not nodes[1].stopped and not nodes[2].stopped
     assert nodes[1].book.current == 4 and "bank-0" not in nodes[1].book.neighbours
+    # A restart remembers it (the checkpoint): bank-0 never comes back, and no round
+    # waits a deadline for it.
+    for name in prep.names[1:]:
+        for f in ("privacy_plan.json", "ledger.jsonl"):
+            (tmp_path / "state" / name / f).unlink()
+    again = nodes_of(prep, rounds=5)[1:]
+    for n in again:
+        assert "bank-0" not in n.book.neighbours
+        n.cfg = n.cfg.model_copy(update={"gossip": n.cfg.gossip.model_copy(
+            update={"round_deadline_s": 60.0})})
+    await asyncio.wait_for(run_all(again), 30)
+    assert all(n.book.current == 5 for n in again)
 
 
 def test_delta_not_below_one_over_rows_is_refused(tmp_path):
