@@ -82,6 +82,53 @@ def acl_text(consortium: Consortium, observers: list[str] | None = None) -> str:
     return "\n".join(lines) + "\n"
 
 
+def make_tls_files(out: Path, host: str = "127.0.0.1") -> tuple[Path, Path, Path]:
+    """A throwaway CA and a server certificate for `host` (and localhost), signed by it:
+    (ca.pem, server.pem, server.key). Per run; the CA key is not kept."""
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    now = datetime.datetime.now(datetime.UTC)
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "flnode test broker CA")])
+    ca = (x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name)
+          .public_key(ca_key.public_key()).serial_number(x509.random_serial_number())
+          .not_valid_before(now - datetime.timedelta(minutes=5))
+          .not_valid_after(now + datetime.timedelta(days=2))
+          .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+          .add_extension(x509.KeyUsage(digital_signature=False, content_commitment=False,
+                                       key_encipherment=False, data_encipherment=False,
+                                       key_agreement=False, key_cert_sign=True, crl_sign=True,
+                                       encipher_only=False, decipher_only=False), critical=True)
+          .sign(ca_key, hashes.SHA256()))
+    key = ec.generate_private_key(ec.SECP256R1())
+    cert = (x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, host)]))
+            .issuer_name(ca_name).public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(days=2))
+            .add_extension(x509.SubjectAlternativeName([
+                x509.IPAddress(ipaddress.ip_address(host)), x509.DNSName("localhost")]),
+                critical=False)
+            .add_extension(x509.ExtendedKeyUsage([x509.oid.ExtendedKeyUsageOID.SERVER_AUTH]),
+                           critical=False)
+            .sign(ca_key, hashes.SHA256()))
+    paths = out / "ca.pem", out / "server.pem", out / "server.key"
+    paths[0].write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    paths[1].write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    paths[2].touch(mode=0o600)
+    paths[2].write_bytes(key.private_bytes(serialization.Encoding.PEM,
+                                           serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    return paths
+
+
 @dataclass
 class Broker:
     """A running mosquitto; `stop()` ends it by PID and removes its files."""
@@ -92,10 +139,11 @@ class Broker:
     password_files: dict[str, Path] = field(default_factory=dict)
     proc: subprocess.Popen | None = None
     log_path: Path | None = None
+    ca_file: Path | None = None  # set when the listener is TLS (mqtts://)
 
     @property
     def url(self) -> str:
-        return f"mqtt://127.0.0.1:{self.port}"
+        return f"{'mqtts' if self.ca_file else 'mqtt'}://127.0.0.1:{self.port}"
 
     @property
     def pid(self) -> int | None:
@@ -124,8 +172,10 @@ class Broker:
 def write_broker_files(consortium: Consortium, conf_dir: Path, port: int,
                        passwords: dict[str, str], extra_users: dict[str, str] | None = None,
                        max_packet_size: int = MAX_PACKET_SIZE,
-                       observers: dict[str, str] | None = None) -> Path:
-    """Password file, ACL and config in conf_dir; returns the config path."""
+                       observers: dict[str, str] | None = None,
+                       tls: bool = False) -> Path:
+    """Password file, ACL, TLS files if asked, and config in conf_dir; returns the
+    config path."""
     passwd, acl, conf = conf_dir / "passwd", conf_dir / "acl", conf_dir / "mosquitto.conf"
     users = dict(passwords) | (extra_users or {}) | (observers or {})
     passwd.touch(mode=0o600)
@@ -133,16 +183,24 @@ def write_broker_files(consortium: Consortium, conf_dir: Path, port: int,
         subprocess.run(["mosquitto_passwd", "-b", str(passwd), user, password], check=True,
                        capture_output=True)
     acl.write_text(acl_text(consortium, list(observers or {})))
+    tls_settings = ""
+    tls_files: tuple[Path, ...] = ()
+    if tls:
+        tls_files = make_tls_files(conf_dir)
+        ca, cert, key = tls_files
+        tls_settings = (f"cafile {ca}\ncertfile {cert}\nkeyfile {key}\n"
+                        "tls_version tlsv1.2\nrequire_certificate false\n")
     conf.write_text(Template(TEMPLATE.read_text()).substitute(
         port=port, password_file=passwd, acl_file=acl, max_packet_size=max_packet_size,
-        max_queued_messages=MAX_QUEUED_MESSAGES, max_queued_bytes=MAX_QUEUED_BYTES))
+        max_queued_messages=MAX_QUEUED_MESSAGES, max_queued_bytes=MAX_QUEUED_BYTES,
+        tls_settings=tls_settings))
     if os.geteuid() == 0:  # mosquitto drops to this user and must read its files
         try:
             user = pwd.getpwnam("mosquitto")
         except KeyError:
             user = None
         if user is not None:
-            for path in (conf_dir, passwd, acl, conf):
+            for path in (conf_dir, passwd, acl, conf, *tls_files):
                 os.chown(path, user.pw_uid, user.pw_gid)
     return conf
 
@@ -150,13 +208,14 @@ def write_broker_files(consortium: Consortium, conf_dir: Path, port: int,
 def start_broker(consortium: Consortium, password_dir: Path | None = None, port: int | None = None,
                  extra_users: dict[str, str] | None = None,
                  max_packet_size: int = MAX_PACKET_SIZE,
-                 observers: dict[str, str] | None = None) -> Broker:
+                 observers: dict[str, str] | None = None, tls: bool = False) -> Broker:
     """Start mosquitto for `consortium` on a free loopback port (or `port`).
 
     Members' passwords go to `password_dir/<member>.password` (0600) when given.
     `extra_users` (name -> password) get accounts but no prefix of a member
     (tests use one as an outsider). `observers` (name -> password) may read
-    every topic, as the broker's operator can (see `WireRecorder`).
+    every topic, as the broker's operator can (see `WireRecorder`). With `tls` the
+    listener is TLS with a CA generated for this run (`broker.ca_file`).
     """
     if not mosquitto_available():
         raise LocalError(INSTALL_HINT)
@@ -172,7 +231,9 @@ def start_broker(consortium: Consortium, password_dir: Path | None = None, port:
                 path.write_text(password + "\n")
                 broker.password_files[name] = path
         conf = write_broker_files(consortium, conf_dir, broker.port, passwords, extra_users,
-                                  max_packet_size, observers)
+                                  max_packet_size, observers, tls)
+        if tls:
+            broker.ca_file = conf_dir / "ca.pem"
         broker.log_path = Path(tempfile.mkstemp(prefix="flnode-mosquitto-", suffix=".log")[1])
         with open(broker.log_path, "ab") as out:
             broker.proc = subprocess.Popen(["mosquitto", "-c", str(conf)], stdout=out,
@@ -236,16 +297,23 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--consortium", required=True)
     s.add_argument("--out", required=True, help="members' password files and broker.pid go here")
     s.add_argument("--port", type=int, default=None)
+    s.add_argument("--tls", action="store_true",
+                   help="TLS listener with a CA generated for this broker (printed; members "
+                        "set it as gossip.mqtt.ca_file and use mqtts://)")
     t = sub.add_parser("stop", help="stop the broker started with --out DIR, by its PID")
     t.add_argument("--out", required=True)
     args = p.parse_args(argv)
     out = Path(args.out)
     try:
         if args.command == "start":
-            broker = start_broker(load_consortium(args.consortium), out, args.port)
+            broker = start_broker(load_consortium(args.consortium), out, args.port,
+                                  tls=args.tls)
             (out / "broker.pid").write_text(f"{broker.pid}\n{broker.conf_dir}\n")
+            if broker.ca_file is not None:
+                shutil.copy(broker.ca_file, out / "ca.pem")
             print(f"mosquitto pid {broker.pid} listening on {broker.url}; "
-                  f"passwords in {out}/<member>.password; log {broker.log_path}")
+                  f"passwords in {out}/<member>.password; log {broker.log_path}"
+                  + (f"; CA {out / 'ca.pem'}" if broker.ca_file else ""))
             return 0
         pid_file = out / "broker.pid"
         pid, conf_dir = pid_file.read_text().split()

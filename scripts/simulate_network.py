@@ -117,6 +117,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="use this broker (mqtt://HOST:PORT) instead of starting mosquitto; "
                         "members log in as their names with <--mqtt-password-dir>/<name>.password")
     p.add_argument("--mqtt-password-dir", metavar="DIR")
+    p.add_argument("--mqtt-tls", action="store_true",
+                   help="our own mosquitto listens with TLS (a CA generated for this run; "
+                        "every node gets it as gossip.mqtt.ca_file)")
     p.add_argument("--record-wire", action="store_true",
                    help="mqtt with our own broker: an observer account subscribed to '#' "
                         "records every message (what the broker's operator sees) to "
@@ -143,7 +146,8 @@ def setup_mqtt(args: argparse.Namespace, prep, port: int, console):
 
         password_dir = Path(args.out).resolve() / "broker"
         observers = {"observer": secrets.token_urlsafe(24)} if args.record_wire else None
-        broker = start_broker(prep.consortium, password_dir, port, observers=observers)
+        broker = start_broker(prep.consortium, password_dir, port, observers=observers,
+                              tls=args.mqtt_tls)
         console.print(f"  mosquitto pid {broker.pid} on {broker.url} (per-member passwords and "
                       f"ACL; log {broker.log_path})")
         if observers:
@@ -155,6 +159,8 @@ def setup_mqtt(args: argparse.Namespace, prep, port: int, console):
         if password_dir is not None:
             cfg["gossip"]["mqtt"] = {"password_file": str((password_dir / f"{name}.password")
                                                           .resolve())}
+        if broker is not None and broker.ca_file is not None:
+            cfg["gossip"].setdefault("mqtt", {})["ca_file"] = str(broker.ca_file)
         path.write_text(tomli_w.dumps(cfg))
     return broker, recorder
 
@@ -197,7 +203,8 @@ def main(argv: list[str] | None = None) -> int:
         names = member_names(spec)
         ports = free_ports(len(names) + 1)
         if args.transport == "mqtt":
-            url = args.mqtt_broker or f"mqtt://127.0.0.1:{ports[-1]}"
+            scheme = "mqtts" if args.mqtt_tls else "mqtt"
+            url = args.mqtt_broker or f"{scheme}://127.0.0.1:{ports[-1]}"
             addresses = {n: {"mqtt": url} for n in names}
         else:
             addresses = {n: {"libp2p": f"/ip4/127.0.0.1/tcp/{p}"} for n, p in zip(names, ports,

@@ -289,3 +289,28 @@ async def test_a_node_whose_share_is_too_big_for_the_broker_says_so_and_keeps_ru
             assert node.transport.connects == 1
     finally:
         b.stop()
+
+
+async def test_over_tls_members_need_the_brokers_ca_and_say_so_without_it(tmp_path):
+    """The TLS listener mqtt_broker.py generates (a CA per run): with the CA a share goes
+    through; without it, or with another CA, start() fails at once naming the fix."""
+    require_mosquitto()
+    cons = consortium(keys(2))
+    b = mqtt_broker.start_broker(cons, tls=True)
+    try:
+        assert b.url.startswith("mqtts://127.0.0.1:")
+        a, c = await started(transport(cons, b, "bank-0", ca_file=str(b.ca_file)),
+                             transport(cons, b, "bank-1", ca_file=str(b.ca_file)))
+        data = share_bytes(keys(2)[0], cons)
+        await a.broadcast(data)
+        assert (await next_message(c)).data == data
+        for t in (a, c):
+            await t.close()
+        with pytest.raises(LocalError, match="not trusted.*set gossip.mqtt.ca_file"):
+            await transport(cons, b, "bank-0").start()
+        other_ca, _, _ = mqtt_broker.make_tls_files(tmp_path)
+        with pytest.raises(LocalError, match=f"does not verify against gossip.mqtt.ca_file "
+                                             f"{other_ca}"):
+            await transport(cons, b, "bank-0", ca_file=str(other_ca)).start()
+    finally:
+        b.stop()

@@ -344,8 +344,21 @@ class MqttTransport(Transport):
                 log.error("%s: %s; retrying in %.1f s", self.name, err, backoff)
             except aiomqtt.MqttError as exc:
                 self._connected.clear()
-                log.warning("%s: MQTT connection to %s lost or failed (%s); retrying in %.1f s",
-                            self.name, self.broker, describe(exc), backoff)
+                if isinstance(exc.__context__, ssl.SSLCertVerificationError):
+                    err = LocalError(
+                        f"TLS: the certificate of MQTT broker {self.broker} is not trusted "
+                        f"({exc.__context__.verify_message}): set gossip.mqtt.ca_file to the "
+                        "CA that signed it (PEM)" if self.ca_file is None else
+                        f"TLS: the certificate of MQTT broker {self.broker} does not verify "
+                        f"against gossip.mqtt.ca_file {self.ca_file} "
+                        f"({exc.__context__.verify_message})")
+                    if not self._ready.done():
+                        self._ready.set_exception(err)
+                        return
+                    log.error("%s: %s; retrying in %.1f s", self.name, err, backoff)
+                else:
+                    log.warning("%s: MQTT connection to %s lost or failed (%s); retrying in %.1f s",
+                                self.name, self.broker, describe(exc), backoff)
             self._connected.clear()
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, BACKOFF_MAX_S)
