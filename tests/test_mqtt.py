@@ -314,3 +314,60 @@ async def test_over_tls_members_need_the_brokers_ca_and_say_so_without_it(tmp_pa
             await transport(cons, b, "bank-0", ca_file=str(other_ca)).start()
     finally:
         b.stop()
+
+
+class _Chunks:
+    """A socket that returns the given byte strings, one per recv()."""
+
+    def __init__(self, chunks):
+        self.chunks = list(chunks)
+
+    def recv(self, n):
+        if not self.chunks:
+            raise BlockingIOError
+        c = self.chunks.pop(0)
+        if len(c) > n:
+            self.chunks.insert(0, c[n:])
+            c = c[:n]
+        return c
+
+    def pending(self):
+        return 0
+
+    def close(self):
+        pass
+
+
+@pytest.mark.parametrize("reads", [99, 100, 101, 200, 250])
+@pytest.mark.parametrize("fixed", [False, True])
+def test_a_message_completed_by_pahos_100th_read_is_handed_on_at_once(reads, fixed):
+    """The 57-60 s TLS stall: paho-mqtt 2.2 reads at most 100 times per call and, when
+    the 100th read of a call completes a message, leaves it unhandled until the socket
+    is next readable (the next keepalive). complete_packet_reads() hands it on."""
+    import paho.mqtt.client as mqtt
+    from paho.mqtt.enums import CallbackAPIVersion
+
+    from gossip.transports.mqtt import complete_packet_reads
+
+    c = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv311)
+    got = []
+    c.on_message = lambda _c, _u, m: got.append(m.payload)
+    c._state = mqtt._ConnectionState.MQTT_CS_CONNECTED
+    body = b"\x00\x01t" + b"x" * (reads * 1000)  # a QoS 0 PUBLISH on topic "t"
+    length, n = b"", len(body)
+    while True:
+        n, digit = divmod(n, 128)
+        length += bytes([digit | (0x80 if n else 0)])
+        if not n:
+            break
+    chunks = [b"\x30", *(bytes([x]) for x in length), body[:1003]]
+    chunks += [body[1003 + 1000 * k:2003 + 1000 * k] for k in range(reads - 1)]
+    c._sock = _Chunks(chunks)
+    if fixed:
+        complete_packet_reads(c)
+    while c._sock.chunks:  # the event loop calls loop_read() while the socket is readable
+        c.loop_read()
+    if fixed or reads % 100:
+        assert got == [body[3:]]
+    else:  # paho as shipped: the message is complete in its buffer, and not delivered
+        assert got == [] and c._in_packet["to_process"] == 0

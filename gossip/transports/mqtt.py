@@ -46,6 +46,7 @@ from urllib.parse import urlsplit
 
 import aiomqtt
 from aiomqtt.exceptions import MqttConnectError
+from paho.mqtt.enums import MQTTErrorCode
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.subscribeoptions import SubscribeOptions
@@ -146,6 +147,34 @@ def publish_packet_size(topic: str, payload_len: int) -> int:
 
 def publish_timeout(nbytes: int) -> float:
     return BASE_TIMEOUT_S + SECONDS_PER_MB * nbytes / 1e6
+
+
+def complete_packet_reads(paho: Any) -> None:
+    """Work around paho-mqtt 2.2's `Client._packet_read` (the TLS stall of 57-60 s).
+
+    It stops after 100 recv() calls and returns MQTT_ERR_AGAIN even when the
+    100th call completed the packet. The finished packet then sits in paho's
+    buffer, unhandled, until the socket next becomes readable: usually the
+    PINGRESP after this client's next keepalive ping, up to KEEPALIVE_S later.
+    Over TLS each recv returns one 16 KB record at most, so a 50 MB share takes
+    about 3,000 reads and roughly 1 in 100 subscriber-messages ends exactly on a
+    100th read; over plain TCP reads are large and it almost never happens.
+    Found by tracing the stuck subscriber (whole packet read, nothing left to
+    process, SSL pending 0; publisher and broker idle). This hands such a
+    packet on at once. Per client instance; a no-op unless the bug's condition
+    holds."""
+    packet_read = paho._packet_read  # noqa: SLF001 - the function being fixed
+
+    def _packet_read() -> MQTTErrorCode:
+        rc = packet_read()
+        pkt = paho._in_packet  # noqa: SLF001
+        while (rc == MQTTErrorCode.MQTT_ERR_AGAIN and pkt["command"] and pkt["have_remaining"]
+               and pkt["to_process"] == 0):
+            rc = packet_read()  # handles the complete packet and resets _in_packet
+            pkt = paho._in_packet  # noqa: SLF001
+        return rc
+
+    paho._packet_read = _packet_read  # noqa: SLF001 - loop_read() calls self._packet_read()
 
 
 class MqttTransport(Transport):
@@ -303,6 +332,7 @@ class MqttTransport(Transport):
         # aiomqtt does not keep the CONNACK properties; the broker's Maximum
         # Packet Size is in them, so chain paho's callback to read it.
         paho = client._client  # noqa: SLF001 - see above
+        complete_packet_reads(paho)
         on_connect = paho.on_connect
 
         def record_connack(c: Any, userdata: Any, flags: Any, reason: Any,
