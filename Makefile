@@ -43,8 +43,9 @@ mosquitto:
 	@command -v mosquitto >/dev/null || (apt-get update && apt-get install -y mosquitto) \
 	  || { echo "make: could not install mosquitto; the MQTT tests need it"; exit 1; }
 
-bench: $(STAMP)
-	$(BIN)/python scripts/bench_transport.py
+bench: $(STAMP) mosquitto
+	$(BIN)/python scripts/bench_transport.py --out runs/bench/transport.json
+	$(BIN)/python scripts/bench_transport.py --transports mqtt,mqtts --sizes 10,50 --repeat 6 --out runs/bench/mqtt.json
 
 test: $(STAMP) mosquitto
 	$(BIN)/pytest -q

@@ -287,6 +287,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeat", type=int, default=3, help="runs per figure; the best is kept")
     p.add_argument("--transports", default="libp2p,tcp,tls")
     p.add_argument("--json", action="store_true", help="print only JSON on stdout")
+    p.add_argument("--out", help="also write the JSON records to this file")
     args = p.parse_args(argv)
     sizes = [int(s) for s in args.sizes.split(",")]
     transports = args.transports.split(",")
@@ -294,6 +295,9 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         p.error(f"--transports: unknown {sorted(unknown)}")
     records = asyncio.run(run(sizes, args.repeat, transports))
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(records, indent=1) + "\n")
     if args.json:
         print(json.dumps(records))
         return 0
