@@ -380,7 +380,12 @@ class Verifier:
             if self.sealing is None:
                 raise RemoteError("seal_off", "a sealed share, but this node does not seal "
                                   "(gossip.seal = \"off\"): the members' configs differ", name)
-            body = self.sealing.open(body, env.sender, env.round, name)
+            try:
+                body = self.sealing.open(body, env.sender, env.round, name)
+            except RemoteError as exc:
+                if exc.reason == "no_prekey":  # authentic, just not for us: say whose round
+                    raise RemoteError(exc.reason, exc.detail, name, env.round) from None
+                raise
         elif self.sealing is not None:
             raise RemoteError("unsealed", "a plain share, but this node requires sealed shares "
                               "(gossip.seal): the sender's config differs, and its share crossed "

@@ -22,10 +22,14 @@ class LocalError(FlnodeError):
 class RemoteError(FlnodeError):
     """A peer sent something we refuse. `reason` is a stable counter name."""
 
-    def __init__(self, reason: str, detail: str, peer: str | None = None) -> None:
+    def __init__(self, reason: str, detail: str, peer: str | None = None,
+                 signed_round: int | None = None) -> None:
         self.reason = reason
         self.detail = detail
         self.peer = peer
+        # Set when the refused message was authentic (a member's valid, fresh signature)
+        # and so its round is known to be the sender's: a share not sealed for us.
+        self.signed_round = signed_round
         who = peer if peer is not None else "unknown peer"
         super().__init__(f"rejected share from {who}: {reason}: {detail}")
 

@@ -48,7 +48,7 @@ class RoundBook:
         r = share.round
         if share.envelope.kind == KIND_PREKEY:
             # Announced on entering round r: the member has left every earlier round.
-            self._latest[share.sender] = max(r, self._latest.get(share.sender, r))
+            self.note(share.sender, r)
             return "prekey"
         if r < self.current:  # the verifier checks this; the book does not trust callers
             raise RemoteError("stale", f"round {r} < current {self.current}", share.sender)
@@ -67,6 +67,16 @@ class RoundBook:
         if prev is None or prev.round < r:
             self._far[share.sender] = share
         return "ahead"
+
+    def note(self, member: str, round_: int) -> None:
+        """The member is (authentically) at round_ or later, though we hold no share of
+        it: a prekey message, or a share sealed without a prekey of ours."""
+        if member in self.neighbours:
+            self._latest[member] = max(round_, self._latest.get(member, round_))
+
+    def still_in(self, round_: int) -> list[str]:
+        """Neighbours that have not left round_ (they may still read our share for it)."""
+        return sorted(n for n in self.neighbours if self._latest.get(n, -1) <= round_)
 
     def complete(self, round_: int) -> bool:
         """Every neighbour has sent its share for round_, or has moved past it."""

@@ -215,6 +215,8 @@ class Node:
             where = self.book.add(accepted)
         except RemoteError as exc:
             self._reject(msg, exc)
+            if exc.signed_round is not None and exc.peer is not None:
+                self.book.note(exc.peer, exc.signed_round)  # we cannot read it, but it is
             return None
         self.counters.accepted[accepted.sender] += 1
         if where == "prekey" and accepted.hello and self._announcement is not None:
@@ -394,8 +396,12 @@ class Node:
                             "they cannot read our share", self.name, r + 1,
                             self.sealing.epoch(r), ", ".join(missing))
             if not recipients:
-                log.error("%s: round %d: no member's prekey arrived; our share is not sent",
-                          self.name, r + 1)
+                if missing:
+                    log.error("%s: round %d: no member's prekey arrived; our share is not "
+                              "sent", self.name, r + 1)
+                else:
+                    log.info("%s: round %d: every member has moved past it; our share is "
+                             "not sent", self.name, r + 1)
                 return None
             body = self.sealing.seal(body, r, recipients)
             kind = KIND_SEALED
@@ -405,11 +411,13 @@ class Node:
         return data
 
     async def _await_prekeys(self, r: int) -> tuple[dict, list[str]]:
+        """The prekeys of the members still in round r (one that has left it would only
+        refuse our share as stale), waiting for missing ones until the deadline."""
         assert self.sealing is not None
         loop = asyncio.get_running_loop()
         while True:
             self._arrived.clear()
-            recipients, missing = self.sealing.recipients(r, sorted(self.book.neighbours))
+            recipients, missing = self.sealing.recipients(r, self.book.still_in(r))
             remaining = self._deadline - loop.time()
             if not missing or remaining <= 0:
                 return recipients, missing

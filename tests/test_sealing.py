@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import json
 
 import numpy as np
 import pytest
@@ -242,3 +243,53 @@ def test_a_duplicate_prekey_message_still_teaches_a_restarted_node_the_prekeys()
     with pytest.raises(RemoteError, match="duplicate"):
         verifiers[1].verify(data, 0)
     assert set(sealings[1].recipients(0, ["bank-0"])[0]) == {"bank-0"}
+
+
+def test_a_sealing_node_down_for_many_epochs_catches_up_without_a_deadline_per_round(tmp_path):
+    """bank-2 misses rounds 2-9 (prekeys rotate every 2 rounds, so the others sealed those
+    rounds without it and its old prekeys are long gone on their side). Restarted, it
+    learns from the answers to its hello where the others are, skips ahead instead of
+    sitting out a 60 s deadline per round, and from then on reads and is read."""
+    spec = SimulationSpec(dataset="default", nodes=3, partition="iid", rounds=2, seed=0,
+                          out=tmp_path, privacy="off", round_deadline_s=60.0)
+    prep = prepare(spec)
+
+    def build(hub, names, rounds, deadline):
+        out = []
+        for name, path in zip(prep.names, prep.config_paths, strict=True):
+            if name not in names:
+                continue
+            cfg = load_config(path)
+            cfg = cfg.model_copy(update={
+                "training": cfg.training.model_copy(update={"rounds": rounds}),
+                "gossip": cfg.gossip.model_copy(update={
+                    "seal": "on", "prekey_rotate_rounds": 2, "lookahead": 1,
+                    "round_deadline_s": deadline})})
+            out.append(Node.from_config(cfg, hub.attach(name, prep.names)))
+        return out
+
+    async def run(nodes):
+        async with asyncio.TaskGroup() as tg:
+            for n in nodes:
+                tg.create_task(n.run())
+
+    asyncio.run(run(build(MemoryHub(), prep.names, 2, 60.0)))
+    # bank-0 and bank-1 go on to round 10 without bank-2 (a short deadline for its share)
+    asyncio.run(run(build(MemoryHub(), prep.names[:2], 10, 0.5)))
+    nodes = build(TapHub(), prep.names, 13, 60.0)
+    assert [n.book.current for n in nodes] == [10, 10, 2]
+
+    async def timed():
+        await asyncio.wait_for(run(nodes), 40)  # a deadline per missed round: 8 x 60 s
+
+    asyncio.run(timed())
+    late = nodes[2]
+    assert late.book.current == 13
+    lines = [json.loads(x) for x in (late.state.path / "metrics.jsonl").read_text().splitlines()]
+    # It closed round 2 at once (everyone had left it), jumped to 10 and then had both
+    # shares in every round.
+    assert [ln["round"] for ln in lines if "metrics" in ln][-4:] == [2, 10, 11, 12]
+    assert all(ln["received"] == ["bank-0", "bank-1"] for ln in lines[-3:])
+    for n in nodes[:2]:
+        tail = [json.loads(x) for x in (n.state.path / "metrics.jsonl").read_text().splitlines()]
+        assert all("bank-2" in ln["received"] for ln in tail[-3:])
