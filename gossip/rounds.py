@@ -16,9 +16,10 @@ restarted node catches up with the others without sitting out a deadline
 for every round it missed. A prekey announcement (sealing) is sent on
 entering a round, so it says the same: the member has left the rounds before.
 
-Simplification: a member that announces an absurd future round makes us skip
-to it. Members are authenticated and the skip is logged; defending against a
-malicious *member* here needs a quorum rule, which this slice does not have.
+Skipping far ahead needs a majority: the book jumps to the newest round that
+more than half of the neighbours are known to have reached, so one member
+(authenticated, but lying about its round) cannot make us abandon rounds the
+others are still in. With a single neighbour that neighbour is the majority.
 """
 
 from __future__ import annotations
@@ -93,17 +94,19 @@ class RoundBook:
     def missing(self, round_: int) -> list[str]:
         return sorted(self.neighbours - set(self._shares.get(round_, {})))
 
-    @property
-    def newest_seen(self) -> int:
-        rounds = [s.round for s in self._far.values()] + list(self._shares)
-        return max(rounds, default=self.current)
+    def quorum_round(self) -> int:
+        """The newest round that a majority of the neighbours have reached (-1 if none)."""
+        if not self.neighbours:
+            return -1
+        rounds = sorted((self._latest.get(n, -1) for n in self.neighbours), reverse=True)
+        return rounds[len(rounds) // 2]
 
     def advance(self) -> int:
         """Close the current round; go to the next, or skip forward if far behind."""
         nxt = self.current + 1
-        newest = self.newest_seen
-        if newest > nxt + self.lookahead:
-            nxt = newest
+        quorum = self.quorum_round()
+        if quorum > nxt + self.lookahead:
+            nxt = quorum
         elif self.neighbours and all(self._latest.get(n, -1) > nxt for n in self.neighbours):
             nxt = min(self._latest[n] for n in self.neighbours)
         self.current = nxt

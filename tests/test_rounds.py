@@ -34,12 +34,26 @@ def test_shares_a_few_rounds_ahead_are_buffered_for_later():
     assert book.shares(2).keys() == {"bank-1"}
 
 
-def test_far_behind_node_skips_ahead_to_the_newest_round_seen():
+def test_far_behind_node_skips_ahead_to_the_newest_round_a_majority_reached():
     book = RoundBook(["bank-1", "bank-2"], lookahead=3)
     assert book.add(accepted(1, 10, 10)) == "ahead"
     assert book.add(accepted(2, 9, 9)) == "ahead"
+    assert book.advance() == 9  # both are at 9 or later; only bank-1 is at 10
+    assert book.shares(9).keys() == {"bank-2"}  # far-ahead shares moved into the window
+    assert book.shares(10).keys() == {"bank-1"}
+    assert book.complete(9)  # bank-1 has left round 9
     assert book.advance() == 10
-    assert book.shares(10).keys() == {"bank-1"}  # the far-ahead share moved into the window
+
+
+def test_one_member_claiming_a_far_round_cannot_make_us_skip():
+    """An authenticated member that lies about its round is one vote of three."""
+    book = RoundBook(["bank-1", "bank-2", "bank-3"], lookahead=3)
+    assert book.add(accepted(1, 10**6, 5)) == "ahead"
+    for m in (2, 3):
+        book.add(accepted(m, 0, 0))
+    assert book.advance() == 1
+    book.add(accepted(2, 500, 9))  # a second member that far ahead is a majority
+    assert book.advance() == 500
 
 
 def test_a_second_different_share_for_one_round_is_equivocation():
