@@ -11,10 +11,13 @@ example's exact gradient norm, and the clipped sum is sum_i c_i delta_i a_i^T,
 two matmuls (Goodfellow 2015; "ghost clipping", Li et al. 2021).
 
 The mechanism is Opacus' exactly, so Opacus' RDP accountant charges it:
-Poisson sampling with rate q = 1/steps_per_epoch (each row independently,
-from the node's generator), clip factor min(1, C / (||g_i|| + 1e-6)), noise
+Poisson sampling with rate q = 1/steps_per_epoch (each row independently),
+clip factor min(1, C / (||g_i|| + 1e-6)), noise
 N(0, sigma^2 C^2) added to the clipped sum, divided by the expected batch
 size q*n, steps_per_epoch steps per epoch, an empty sample still a step.
+Both the sampling and the noise come from the node's NoiseSource: os.urandom
+(Box-Muller) on a real node, so neither is predictable from anything in a
+config (Opacus' modes use torch's Mersenne Twister seeded from os.urandom).
 tests/test_dpsgd.py checks norms and clipped sums against torch.func
 per-example gradients.
 """
@@ -26,7 +29,7 @@ import torch
 from torch import nn
 
 from gossip.errors import LocalError
-from node.privacy import steps_per_epoch
+from node.privacy import NoiseSource, steps_per_epoch
 
 CLIP_EPS = 1e-6  # as Opacus: C / (norm + 1e-6)
 
@@ -73,7 +76,7 @@ def clipped_gradient_sum(model: nn.Module, xb: torch.Tensor, yb: torch.Tensor, c
 
 def train_local_dp_fast(model: nn.Module, X: np.ndarray, y: np.ndarray, *, epochs: int,
                         batch_size: int, lr: float, clip_norm: float, noise_multiplier: float,
-                        generator: torch.Generator) -> list[tuple[float, float, int]]:
+                        noise: NoiseSource) -> list[tuple[float, float, int]]:
     """DP-SGD with Poisson sampling; returns the (sigma, q, steps) history to charge."""
     params = list(model.parameters())
     if len(params) != 2 * sum(isinstance(m, nn.Linear) for m in _layers(model)):
@@ -83,20 +86,22 @@ def train_local_dp_fast(model: nn.Module, X: np.ndarray, y: np.ndarray, *, epoch
     per_epoch = steps_per_epoch(n, batch_size)
     q = 1.0 / per_epoch
     expected_batch = q * n
+    sizes = [p.numel() for p in params]
+    total = sum(sizes)
     model.train()
     steps = 0
     for _ in range(epochs):
         for _ in range(per_epoch):
-            chosen = torch.rand(n, generator=generator) < q
+            chosen = noise.uniform(n) < q
             xb, yb = Xt[chosen], yt[chosen]
             if len(xb):
                 grads, _ = clipped_gradient_sum(model, xb, yb, clip_norm)
             else:
                 grads = [torch.zeros_like(p) for p in params]
+            # One draw for every parameter of the step (os.urandom is called once).
+            zs = noise.gaussian(total, noise_multiplier * clip_norm).split(sizes)
             with torch.no_grad():
-                for p, g in zip(params, grads, strict=True):
-                    noise = torch.normal(0.0, noise_multiplier * clip_norm, size=p.shape,
-                                         generator=generator)
-                    p -= lr * (g + noise) / expected_batch
+                for p, g, z in zip(params, grads, zs, strict=True):
+                    p -= lr * (g + z.reshape(p.shape)) / expected_batch
             steps += 1
     return [(float(noise_multiplier), q, steps)]

@@ -48,6 +48,8 @@ class NoiseSource(Protocol):
 
     def gaussian(self, n: int, std: float) -> torch.Tensor: ...
 
+    def uniform(self, n: int) -> torch.Tensor: ...
+
     def torch_generator(self) -> torch.Generator: ...
 
 
@@ -69,6 +71,11 @@ class OsNoise:
         z = np.concatenate([radius * np.cos(2 * np.pi * u2), radius * np.sin(2 * np.pi * u2)])
         return torch.from_numpy((z[:n] * std).astype(np.float32))
 
+    def uniform(self, n: int) -> torch.Tensor:
+        """n floats in [0, 1) from os.urandom (53 bits each): DP-SGD's Poisson sampling."""
+        words = np.frombuffer(os.urandom(8 * n), dtype="<u8")
+        return torch.from_numpy((words >> np.uint64(11)).astype(np.float64) * 2.0**-53)
+
     def torch_generator(self) -> torch.Generator:
         """For Opacus (DP-SGD noise and Poisson sampling): seeded from os.urandom.
 
@@ -89,6 +96,9 @@ class SeededNoise:
 
     def gaussian(self, n: int, std: float) -> torch.Tensor:
         return torch.randn(n, generator=self.generator) * std
+
+    def uniform(self, n: int) -> torch.Tensor:
+        return torch.rand(n, generator=self.generator, dtype=torch.float64)
 
     def torch_generator(self) -> torch.Generator:
         return self.generator

@@ -347,14 +347,14 @@ class Node:
         if pc.mode == "record":
             assert plan is not None
             kwargs = dict(epochs=tc.epochs, batch_size=tc.batch_size, lr=tc.lr,
-                          clip_norm=plan.clip_norm, noise_multiplier=plan.noise_multiplier,
-                          generator=self.noise.torch_generator())
+                          clip_norm=plan.clip_norm, noise_multiplier=plan.noise_multiplier)
             if pc.grad_sample_mode == "fast":
                 history = await asyncio.to_thread(train_local_dp_fast, local, self.train_data.X,
-                                                  self.train_data.y, **kwargs)
+                                                  self.train_data.y, **kwargs, noise=self.noise)
             else:
                 history = await asyncio.to_thread(train_local_dp, local, self.train_data.X,
                                                   self.train_data.y, **kwargs,
+                                                  generator=self.noise.torch_generator(),
                                                   grad_sample_mode=pc.grad_sample_mode)
             charges += [LedgerRecord(r, "record", s, q, n, plan.clip_norm, "")
                         for s, q, n in history]

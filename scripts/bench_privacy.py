@@ -32,6 +32,7 @@ sys.path.insert(0, str(ROOT))
 from node.data import encode, fit_schema, load_demo  # noqa: E402
 from node.dpsgd import train_local_dp_fast  # noqa: E402
 from node.models import build_model  # noqa: E402
+from node.privacy import OsNoise  # noqa: E402
 from node.simulation import SimulationSpec, simulate  # noqa: E402
 from node.train import train_local, train_local_dp  # noqa: E402
 
@@ -75,7 +76,7 @@ def cost(repeat: int, log) -> dict:
                 train_local(model, X, y, epochs=3, batch_size=32, lr=0.05, generator=gen)
             elif mode == "fast":
                 train_local_dp_fast(model, X, y, epochs=3, batch_size=32, lr=0.05, clip_norm=1.0,
-                                    noise_multiplier=1.0, generator=gen)
+                                    noise_multiplier=1.0, noise=OsNoise())
             else:
                 train_local_dp(model, X, y, epochs=3, batch_size=32, lr=0.05, clip_norm=1.0,
                                noise_multiplier=1.0, generator=gen, grad_sample_mode=mode)

@@ -11,6 +11,7 @@ from torch.func import functional_call, grad, vmap
 from gossip.errors import LocalError
 from node.dpsgd import clipped_gradient_sum, train_local_dp_fast
 from node.models import build_model
+from node.privacy import OsNoise, SeededNoise
 
 
 def per_example_grads(model, xb, yb):
@@ -49,7 +50,7 @@ def test_training_reports_the_history_opacus_would_charge_and_noise_moves_weight
     model = build_model("mlp", 4, 2, 16)
     before = [p.detach().clone() for p in model.parameters()]
     history = train_local_dp_fast(model, X, y, epochs=2, batch_size=50, lr=0.1, clip_norm=1.0,
-                                  noise_multiplier=1.3, generator=torch.Generator().manual_seed(0))
+                                  noise_multiplier=1.3, noise=SeededNoise(0))
     assert history == [(1.3, 0.1, 20)]  # the same (sigma, q, steps) as Opacus' loader
     assert all(not torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
 
@@ -60,10 +61,23 @@ def test_it_learns_without_noise_and_refuses_layers_it_cannot_handle():
     y = (X[:, 0] + X[:, 1] > 0).astype(np.int64)
     model = build_model("logreg", 4, 2)
     train_local_dp_fast(model, X, y, epochs=5, batch_size=64, lr=0.5, clip_norm=10.0,
-                        noise_multiplier=1e-6, generator=torch.Generator().manual_seed(0))
+                        noise_multiplier=1e-6, noise=SeededNoise(0))
     acc = (model(torch.from_numpy(X)).argmax(1).numpy() == y).mean()
     assert acc > 0.95
     with pytest.raises(LocalError, match="grad_sample_mode"):
         train_local_dp_fast(nn.Sequential(nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 2)), X, y,
                             epochs=1, batch_size=64, lr=0.1, clip_norm=1.0, noise_multiplier=1.0,
-                            generator=torch.Generator())
+                            noise=OsNoise())
+
+
+def test_os_noise_sampling_and_noise_have_the_right_distribution():
+    """DP-SGD's Poisson sampling and Gaussian noise now come from os.urandom on a real node:
+    check the moments (a wrong scale or a stuck source would break the accountant's claim)."""
+    noise = OsNoise()
+    u = noise.uniform(200_000)
+    assert u.dtype == torch.float64 and 0.0 <= float(u.min()) and float(u.max()) < 1.0
+    assert abs(float(u.mean()) - 0.5) < 0.005 and abs(float(u.var()) - 1 / 12) < 0.002
+    z = noise.gaussian(200_001, 2.5)
+    assert z.shape == (200_001,)
+    assert abs(float(z.mean())) < 0.03 and abs(float(z.std()) - 2.5) < 0.02
+    assert not torch.equal(noise.uniform(8), noise.uniform(8))
