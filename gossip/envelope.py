@@ -351,13 +351,16 @@ class Verifier:
         try:
             self._check_fresh(env, name, digest, current_round)
         except RemoteError as exc:
-            if exc.reason == "duplicate" and env.kind == KIND_PREKEY and self.sealing is not None:
-                # Signed and once accepted: learning it again is harmless, and a
-                # restarted node (which keeps its replay table, not the members'
-                # prekeys) needs exactly this copy.
+            if (exc.reason in ("duplicate", "replay") and env.kind == KIND_PREKEY
+                    and self.sealing is not None):
+                # Signed by the member: learning from it again is harmless (learn() never
+                # lets an older message override a newer one), and a restarted node,
+                # which keeps its replay table but not the members' prekeys, needs
+                # exactly this copy, which may be old: a reply re-sends the announcement
+                # made at the member's last rotation.
                 announced, _ = decode_announcement(env.body, self.consortium_id, env.sender,
                                                    self.members)
-                self.sealing.learn(name, announced, current_round)
+                self.sealing.learn(name, announced, current_round, env.seq)
             raise
         share, prekeys, hello = None, (), False
         if env.kind == KIND_RETIRE:
@@ -368,7 +371,7 @@ class Verifier:
                                                    self.members)
             prekeys = tuple(announced)
             if self.sealing is not None:
-                self.sealing.learn(name, prekeys, current_round)
+                self.sealing.learn(name, prekeys, current_round, env.seq)
         else:
             share = self._decode(env, name)
         self._windows.setdefault(env.sender, _SenderWindow()).remember(env.seq, digest)

@@ -29,6 +29,7 @@ into a container)::
 
     header = {"v": 1,
               "nonce": bin 12,                                   AEAD nonce, random
+              "kc": bin 32,      BLAKE2b-256(K, person="flnode-share-key"): commits to the key
               "keys": [[epoch (uint), prekey (bin 32), wrapped (bin 80)], ...]}  one per recipient
     ciphertext = ChaCha20-Poly1305(key, nonce, share body, AD) (share body + 16 B tag)
     AD = SEAL_AD_TAG || consortium id (32) || sender key (32) || round (8 B big-endian)
@@ -58,6 +59,8 @@ epoch, because every share for those rounds is stale by then.
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -76,11 +79,14 @@ PREKEY_TAG = b"flnode/1 prekey-sig\x00"
 SEAL_AD_TAG = b"flnode/1 sealed-share\x00"
 KEY_BYTES = 32
 NONCE_BYTES = 12
+KC_BYTES = 32
 HEADER_LEN_BYTES = 4
 # One wrap is ~125 B of msgpack; this bounds the header of MAX_RECIPIENTS wraps.
 MAX_HEADER_BYTES = 256 * 1024
 # Live prekeys in one announcement: the current epoch and the ones ahead.
 MAX_ANNOUNCED = 8
+# A member's newest epochs we keep (theirs may run ahead of ours).
+KEEP_EPOCHS = 2 * MAX_ANNOUNCED
 WRAPPED_BYTES = 80  # SealedBox: 32 B ephemeral key + 16 B MAC + 32 B key
 # One wrap per member; a consortium larger than this is not one we serve.
 MAX_RECIPIENTS = 1024
@@ -164,6 +170,14 @@ def epoch_of(round_: int, rotate_every: int) -> int:
     return round_ // rotate_every
 
 
+def key_commitment(key: bytes) -> bytes:
+    """ChaCha20-Poly1305 does not commit to its key: a malicious sender could wrap
+    different keys for different members so that one signed ciphertext opens to
+    different shares. The signed header carries this hash of the one key, and a
+    receiver refuses a key that does not match it."""
+    return hashlib.blake2b(key, digest_size=KC_BYTES, person=b"flnode-share-key").digest()
+
+
 def seal_ad(consortium_id: bytes, sender: bytes, round_: int) -> bytes:
     """What the ciphertext is bound to besides its key."""
     return SEAL_AD_TAG + consortium_id + sender + round_.to_bytes(8, "big")
@@ -181,7 +195,8 @@ def seal(body: bytes, recipients: Mapping[str, SignedPrekey], ad: bytes) -> tupl
     ct = ChaCha20Poly1305(key).encrypt(nonce, body, ad)
     wraps = [[p.epoch, p.x25519, SealedBox(PublicKey(p.x25519)).encrypt(key)]
              for _, p in sorted(recipients.items())]
-    header = msgpack.packb({"v": SEAL_VERSION, "nonce": nonce, "keys": wraps}, use_bin_type=True)
+    header = msgpack.packb({"v": SEAL_VERSION, "nonce": nonce, "kc": key_commitment(key),
+                            "keys": wraps}, use_bin_type=True)
     return len(header).to_bytes(HEADER_LEN_BYTES, "big") + header, ct
 
 
@@ -195,13 +210,15 @@ def open_sealed(data: bytes, store: PrekeyStore, ad: bytes, sender: str | None =
     try:
         doc = msgpack.unpackb(view[HEADER_LEN_BYTES:HEADER_LEN_BYTES + n], raw=False,
                               strict_map_key=True, max_bin_len=WRAPPED_BYTES, max_str_len=8,
-                              max_array_len=MAX_RECIPIENTS, max_map_len=3, max_ext_len=0)
+                              max_array_len=MAX_RECIPIENTS, max_map_len=4, max_ext_len=0)
     except Exception as exc:  # noqa: BLE001 - parser boundary, re-raised as RemoteError
         raise RemoteError("bad_seal", f"header decode failed: {type(exc).__name__}",
                           sender) from None
-    if not (isinstance(doc, dict) and set(doc) == {"v", "nonce", "keys"}
-            and doc["v"] == SEAL_VERSION and isinstance(doc["nonce"], bytes)
-            and len(doc["nonce"]) == NONCE_BYTES and isinstance(doc["keys"], list)):
+    if not (isinstance(doc, dict) and set(doc) == {"v", "nonce", "kc", "keys"}
+            and type(doc["v"]) is int and doc["v"] == SEAL_VERSION
+            and isinstance(doc["nonce"], bytes) and len(doc["nonce"]) == NONCE_BYTES
+            and isinstance(doc["kc"], bytes) and len(doc["kc"]) == KC_BYTES
+            and isinstance(doc["keys"], list)):
         raise RemoteError("bad_seal", "not a version 1 sealed body", sender)
     ours = {bytes(k.public_key): k for k in store.keys.values()}
     for wrap in doc["keys"]:
@@ -213,6 +230,9 @@ def open_sealed(data: bytes, store: PrekeyStore, ad: bytes, sender: str | None =
             continue
         try:
             key = SealedBox(private).decrypt(wrap[2])
+            if not hmac.compare_digest(key_commitment(key), doc["kc"]):
+                raise RemoteError("bad_seal", "the share key does not match the signed key "
+                                  "commitment (different keys for different members)", sender)
             return ChaCha20Poly1305(key).decrypt(doc["nonce"], view[HEADER_LEN_BYTES + n:], ad)
         except (CryptoError, InvalidTag):
             raise RemoteError("bad_seal", "decryption failed (tampered, or lifted from another "
@@ -285,6 +305,7 @@ class Sealing:
                              f"{MAX_ANNOUNCED}: rotate less often")
         self.own = PrekeyStore()
         self.peers: dict[str, dict[int, SignedPrekey]] = {}
+        self._learned_seq: dict[tuple[str, int], int] = {}  # (member, epoch) -> seq it came in
 
     def epoch(self, round_: int) -> int:
         return epoch_of(round_, self.rotate_every)
@@ -299,9 +320,10 @@ class Sealing:
             self.own.rotate(e)
         gone = sorted(e for e in self.own.keys if e < first)
         self.own.forget(first)
-        for known in self.peers.values():
+        for name, known in self.peers.items():
             for e in [e for e in known if e < first]:
                 del known[e]
+                self._learned_seq.pop((name, e), None)
         return new, gone
 
     def announcement(self, hello: bool = False) -> bytes:
@@ -309,14 +331,24 @@ class Sealing:
             sign_prekey(self.identity, self.consortium_id, e, k.public_key)
             for e, k in sorted(self.own.keys.items())], hello)
 
-    def learn(self, name: str, prekeys: Sequence[SignedPrekey], round_: int) -> None:
-        """File a member's announced prekeys; drop those for epochs that are over."""
+    def learn(self, name: str, prekeys: Sequence[SignedPrekey], round_: int, seq: int) -> None:
+        """File a member's announced prekeys (from an envelope with sequence number `seq`).
+
+        A prekey from an older message never replaces one from a newer message (a
+        replayed announcement of a member that had to make new keys cannot bring the
+        old ones back); epochs that are over are dropped, and at most KEEP_EPOCHS of
+        a member's newest epochs are kept (a member announcing ever more future epochs
+        only pushes out its own)."""
         known = self.peers.setdefault(name, {})
         for p in prekeys:
-            known[p.epoch] = p
+            if self._learned_seq.get((name, p.epoch), -1) <= seq:
+                known[p.epoch] = p
+                self._learned_seq[name, p.epoch] = seq
         floor = self.epoch(round_)
-        for e in [e for e in known if e < floor]:
+        keep = sorted((e for e in known if e >= floor), reverse=True)[:KEEP_EPOCHS]
+        for e in set(known) - set(keep):
             del known[e]
+            self._learned_seq.pop((name, e), None)
 
     def recipients(self, round_: int, names: Sequence[str]) -> tuple[dict[str, SignedPrekey],
                                                                       list[str]]:

@@ -145,6 +145,11 @@ class Node:
         self.seq = 0
         self._arrived = asyncio.Event()
         self._deadline = 0.0  # loop time when the current round's collection ends
+        # Members whose prekey did not come by a deadline (down, or never announced): we
+        # seal without waiting for them until they announce again. Without this one
+        # silent member would make every round wait out its deadline before sealing.
+        self._silent: set[str] = set()
+        self._answered: dict[str, int] = {}  # member -> our epoch when we last answered its hello
         self._logged: set[tuple[str, str]] = set()
         self._shuffle = torch.Generator().manual_seed(cfg.training.seed)
         self._resume()
@@ -191,6 +196,10 @@ class Node:
         log.info("%s: resumed at round %d from %s", self.name, cp.next_round, self.state.path)
 
     def _save_checkpoint(self) -> None:
+        self._write_checkpoint()
+        self.state.prune_plain_bodies(self.book.current)
+
+    def _write_checkpoint(self) -> None:
         self.state.save_checkpoint(Checkpoint(
             next_round=self.book.current,
             model=get_flat(self.model).numpy().astype("<f4").tobytes(),
@@ -219,12 +228,10 @@ class Node:
                 self.book.note(exc.peer, exc.signed_round)  # we cannot read it, but it is
             return None
         self.counters.accepted[accepted.sender] += 1
-        if where == "prekey" and accepted.hello and self._announcement is not None:
-            # A member has just (re)started and may have missed our prekeys: send them.
-            task = asyncio.get_running_loop().create_task(
-                self._send(accepted.sender, self._announcement))
-            self._replies.add(task)
-            task.add_done_callback(self._replies.discard)
+        if where == "prekey":
+            self._silent.discard(accepted.sender)
+            if accepted.hello:
+                self._answer_hello(accepted.sender)
         if where == "retired":
             log.warning("%s: %s has stopped sharing (retire message); rounds no longer wait "
                         "for it", self.name, accepted.sender)
@@ -257,7 +264,8 @@ class Node:
             async with asyncio.TaskGroup() as tg:
                 receiver = tg.create_task(self._receive(), name=f"{self.name}-receive")
                 try:
-                    await self._rotate_prekeys(self.book.current, announce=True)
+                    if self.book.current < self.cfg.training.rounds:
+                        await self._rotate_prekeys(self.book.current, announce=True)
                     while self.book.current < self.cfg.training.rounds:
                         report = await self._round()
                         if report is None:  # stopped sharing (budget spent)
@@ -269,6 +277,9 @@ class Node:
                         reports.append(report)
                         if on_round is not None:
                             on_round(report)
+                    # No round left to read a share in (finished, or stopped sharing):
+                    # nothing on this disk may open recorded traffic any more.
+                    self._forget_prekeys()
                 finally:
                     receiver.cancel()
                     for task in list(self._replies):
@@ -405,6 +416,8 @@ class Node:
                 return None
             body = self.sealing.seal(body, r, recipients)
             kind = KIND_SEALED
+            # Collecting the others' shares gets a full deadline from our release on.
+            self._deadline = asyncio.get_running_loop().time() + self.cfg.gossip.round_deadline_s
         data = envelope.pack(self.identity.signing_key, self.consortium.id, kind, r, self.seq,
                              body)
         self.seq += 1
@@ -412,14 +425,17 @@ class Node:
 
     async def _await_prekeys(self, r: int) -> tuple[dict, list[str]]:
         """The prekeys of the members still in round r (one that has left it would only
-        refuse our share as stale), waiting for missing ones until the deadline."""
+        refuse our share as stale), waiting for missing ones until the deadline; members
+        that already let a deadline pass without one are not waited for again."""
         assert self.sealing is not None
         loop = asyncio.get_running_loop()
         while True:
             self._arrived.clear()
             recipients, missing = self.sealing.recipients(r, self.book.still_in(r))
             remaining = self._deadline - loop.time()
-            if not missing or remaining <= 0:
+            if remaining <= 0:
+                self._silent.update(missing)
+            if not set(missing) - self._silent or remaining <= 0:
                 return recipients, missing
             try:
                 async with asyncio.timeout(remaining):
@@ -454,6 +470,28 @@ class Node:
         self._save_checkpoint()  # the sequence numbers are spent before the bytes leave
         self._announcement = packed[0]
         await self._broadcast(r, packed[-1])
+
+    def _answer_hello(self, member: str) -> None:
+        """A member has just (re)started and may have missed our prekeys: send them, once
+        per member and epoch of ours (a member that keeps saying hello gets no more)."""
+        if self.sealing is None or self._announcement is None:
+            return
+        epoch = self.sealing.epoch(self.book.current)
+        if self._answered.get(member) == epoch:
+            return
+        self._answered[member] = epoch
+        task = asyncio.get_running_loop().create_task(self._send(member, self._announcement))
+        self._replies.add(task)
+        task.add_done_callback(self._replies.discard)
+
+    def _forget_prekeys(self) -> None:
+        if self.sealing is None or not self.sealing.own.keys:
+            return
+        epochs = sorted(self.sealing.own.keys)
+        for e in epochs:
+            self.state.delete_prekey(e)
+        self.sealing.own.keys.clear()
+        log.info("%s: no rounds left: deleted prekeys for epochs %s", self.name, epochs)
 
     async def _send(self, peer: str, data: bytes) -> None:
         try:

@@ -5,7 +5,8 @@ Layout::
     STATE_DIR/checkpoint.msgpack   model, next round, seq, replay table, counters
     STATE_DIR/ledger.jsonl         privacy ledger (node.privacy.Ledger)
     STATE_DIR/outbox/round-N.env   the exact bytes released for round N
-    STATE_DIR/outbox/round-N.body  its plain share body, when the release is sealed
+    STATE_DIR/outbox/round-N.body  its plain share body, when the release is sealed;
+                                   unlinked once round N is closed
     STATE_DIR/prekeys/epoch-N.x25519  our private prekey for epoch N (sealing; 0600),
                                    unlinked once epoch N's rounds are closed
     STATE_DIR/audit.jsonl          one line per received message: accepted or why not
@@ -106,6 +107,13 @@ class StateDir:
         p = self.outbox_path(round_)
         return p.read_bytes() if p.exists() else None
 
+    def prune_plain_bodies(self, before_round: int) -> None:
+        """Our own plaintext shares are kept only while a restart may re-send them (the
+        current round): a closed round's `.body` is unlinked."""
+        for p in (self.path / "outbox").glob("round-*.body"):
+            if int(p.stem.removeprefix("round-")) < before_round:
+                p.unlink()
+
     def stored_plain_body(self, round_: int) -> bytes:
         p = self.outbox_path(round_).with_suffix(".body")
         if not p.exists():
@@ -133,6 +141,9 @@ class StateDir:
                 os.close(dir_fd)
 
     def load_prekeys(self) -> dict[int, bytes]:
+        """Our prekeys; a half-written one left by a crash (never announced) is deleted."""
+        for tmp in (self.path / "prekeys").glob(".epoch-*.x25519.tmp"):
+            tmp.unlink()
         out = {}
         for p in sorted((self.path / "prekeys").glob("epoch-*.x25519")):
             raw = p.read_bytes()

@@ -116,3 +116,30 @@ def test_the_signed_envelope_covers_the_sealed_body():
     env = envelope.decode_outer(data)
     assert env.body == sealed and env.digest == envelope.signing_digest(
         cons.id, bytes(ks[0].verify_key), "sealed", 0, 0, sealed)
+
+
+def test_a_sender_cannot_give_members_different_keys_for_one_signed_ciphertext():
+    """ChaCha20-Poly1305 does not commit to its key; the signed header does (kc)."""
+    import msgpack
+    import nacl.utils
+    from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
+    from nacl.public import PublicKey, SealedBox
+
+    from gossip.seal import key_commitment
+
+    _, _, stores, published = setup_members()
+    honest, other = nacl.utils.random(32), nacl.utils.random(32)
+    nonce = nacl.utils.random(12)
+    ct = ChaCha20Poly1305(other).encrypt(nonce, b"what bank-1 alone would see", AD)
+    p = published["bank-1"]
+    header = msgpack.packb({"v": 1, "nonce": nonce, "kc": key_commitment(honest),
+                            "keys": [[p.epoch, p.x25519,
+                                      SealedBox(PublicKey(p.x25519)).encrypt(other)]]},
+                           use_bin_type=True)
+    forged = len(header).to_bytes(4, "big") + header + ct
+    with pytest.raises(RemoteError, match="key commitment"):
+        open_sealed(forged, stores[1], AD, "bank-0")
+    # The same body with the matching commitment opens: the check is what refused it.
+    header = header.replace(key_commitment(honest), key_commitment(other))
+    assert open_sealed(len(header).to_bytes(4, "big") + header + ct, stores[1], AD) == \
+        b"what bank-1 alone would see"

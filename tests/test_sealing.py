@@ -12,10 +12,10 @@ from nacl.bindings import crypto_sign_ed25519_sk_to_curve25519
 from nacl.public import PrivateKey
 
 from gossip import envelope
-from gossip.envelope import KIND_PREKEY, KIND_SEALED, KIND_SHARE, Verifier
+from gossip.envelope import KIND_PREKEY, KIND_RETIRE, KIND_SEALED, KIND_SHARE, Verifier
 from gossip.errors import RemoteError
 from gossip.rounds import RoundBook
-from gossip.seal import PrekeyStore, Sealing, open_sealed, seal_ad
+from gossip.seal import PrekeyStore, Sealing, encode_announcement, open_sealed, seal_ad
 from gossip.transports.memory import MemoryHub
 from node.config import load_config
 from node.identity import load_identity
@@ -131,13 +131,15 @@ class TapHub(MemoryHub):
         return await super().deliver(sender, peer, data)
 
 
-async def run_nodes(prep, hub, seal, rotate=2):
+async def run_nodes(prep, hub, seal, rotate=2, spy=None):
     nodes = []
     for name, path in zip(prep.names, prep.config_paths, strict=True):
         cfg = load_config(path)
         cfg = cfg.model_copy(update={"gossip": cfg.gossip.model_copy(update={
             "seal": seal, "prekey_rotate_rounds": rotate})})
         nodes.append(Node.from_config(cfg, hub.attach(name, prep.names)))
+        if spy is not None:
+            spy(nodes[-1])
     async with asyncio.TaskGroup() as tg:
         for node in nodes:
             tg.create_task(node.run())
@@ -147,13 +149,32 @@ async def run_nodes(prep, hub, seal, rotate=2):
 def test_a_sealed_consortium_learns_the_same_model_and_old_traffic_stays_closed(tmp_path):
     rounds = 6
     results = {}
+    plain: list[bytes] = []  # every share body a member sealed
+    deleted: dict[str, dict[int, bytes]] = {}  # member -> the prekeys it deleted, by epoch
+
+    def spy(node):
+        if node.sealing is None:
+            return
+        seal, delete = node.sealing.seal, node.state.delete_prekey
+
+        def record_seal(body, round_, recipients):
+            plain.append(body)
+            return seal(body, round_, recipients)
+
+        def record_delete(epoch):
+            deleted.setdefault(node.name, {})[epoch] = bytes(node.sealing.own.keys[epoch]) \
+                if epoch in node.sealing.own.keys else node.state.load_prekeys()[epoch]
+            delete(epoch)
+
+        node.sealing.seal, node.state.delete_prekey = record_seal, record_delete
+
     for seal in ("off", "on"):
         spec = SimulationSpec(dataset="default", nodes=3, partition="dirichlet:0.5",
                               rounds=rounds, seed=0, out=tmp_path / seal, privacy="off",
                               round_deadline_s=30.0)
         prep = prepare(spec)
         hub = TapHub()
-        nodes = asyncio.run(run_nodes(prep, hub, seal))
+        nodes = asyncio.run(run_nodes(prep, hub, seal, spy=spy))
         results[seal] = (prep, hub, nodes)
         for node in nodes:
             assert node.rejected() == {}, (seal, node.name, node.rejected())
@@ -172,33 +193,29 @@ def test_a_sealed_consortium_learns_the_same_model_and_old_traffic_stays_closed(
     # No plaintext tensor bytes on the wire: every member's released tensors, looked for
     # in everything the tap recorded.
     wire = b"".join(hub.wire)
+    assert len(plain) == 3 * rounds
+    for body in plain:
+        for array in envelope.decode_share(body, nodes[0].verifier.spec).tensors.values():
+            assert array.tobytes()[:64] not in wire
+    # Forward secrecy: prekeys are deleted as their epochs close, and all of them once
+    # the run is over (no round is left to read a share in). What is left on disk plus
+    # the identity key, converted to X25519, opens nothing that was recorded ...
     for node in nodes:
-        for r in range(rounds):
-            body = node.state.stored_plain_body(r)
-            share = envelope.decode_share(body, node.verifier.spec)
-            for array in share.tensors.values():
-                assert array.tobytes()[:64] not in wire
-    # Forward secrecy: after the run every member holds only the prekeys of the last
-    # epochs (files and memory); the identity key, converted to X25519, plus what is
-    # left opens no share of the epochs before.
-    last_epoch = (rounds - 1) // 2
-    for node in nodes:
-        left = node.state.load_prekeys()
-        assert min(left) == last_epoch and set(left) == set(node.sealing.own.keys)
+        assert node.state.load_prekeys() == {} and node.sealing.own.keys == {}
+        assert not list((node.state.path / "outbox").glob("*.body"))  # own plaintext too
         ident = load_identity(node.cfg.identity.key)
         sk = bytes(ident.signing_key) + ident.public_key
-        thief = PrekeyStore({-1: PrivateKey(crypto_sign_ed25519_sk_to_curve25519(sk)),
-                             **{e: PrivateKey(raw) for e, raw in left.items()}})
-        old = [e for e in sealed if e.sender != ident.public_key and e.round // 2 < last_epoch]
-        assert old
-        for e in old:
+        thief = PrekeyStore({-1: PrivateKey(crypto_sign_ed25519_sk_to_curve25519(sk))})
+        for_it = [e for e in sealed if e.sender != ident.public_key]
+        assert len(for_it) >= 2 * rounds
+        for e in for_it:
             with pytest.raises(RemoteError, match="no_prekey"):
                 open_sealed(e.body, thief, seal_ad(e.consortium_id, e.sender, e.round))
-        # ... while the shares of the current epoch still open (the test can fail).
-        current = [e for e in sealed if e.sender != ident.public_key
-                   and e.round // 2 == last_epoch]
-        assert current and all(open_sealed(e.body, thief, seal_ad(e.consortium_id, e.sender,
-                                                                   e.round)) for e in current)
+        # ... while the keys it deleted would have opened every one (the test can fail).
+        was = PrekeyStore({e: PrivateKey(raw) for e, raw in deleted[node.name].items()})
+        assert sorted(was.keys) == list(range((rounds - 1) // 2 + node.sealing.ahead + 1))
+        for e in for_it:
+            assert open_sealed(e.body, was, seal_ad(e.consortium_id, e.sender, e.round))
 
 
 def test_a_restarted_sealing_node_resends_its_sealed_release_byte_for_byte(tmp_path):
@@ -208,7 +225,11 @@ def test_a_restarted_sealing_node_resends_its_sealed_release_byte_for_byte(tmp_p
     spec = SimulationSpec(dataset="default", nodes=2, partition="iid", rounds=3, seed=0,
                           out=tmp_path, privacy="off", round_deadline_s=20.0)
     prep = prepare(spec)
-    first = asyncio.run(run_nodes(prep, TapHub(), "on"))
+
+    def killed_before_the_prune(node):  # the kill comes after round 2's release
+        node.state.prune_plain_bodies = lambda before_round: None
+
+    first = asyncio.run(run_nodes(prep, TapHub(), "on", spy=killed_before_the_prune))
     stored = first[0].state.stored_release(2)
     assert stored is not None and envelope.decode_outer(stored).kind == KIND_SEALED
     cp = first[0].state.load_checkpoint()
@@ -220,9 +241,6 @@ def test_a_restarted_sealing_node_resends_its_sealed_release_byte_for_byte(tmp_p
             "seal": "on", "prekey_rotate_rounds": 2})})
         node = Node.from_config(cfg, MemoryHub().attach(prep.names[0], prep.names))
         assert node.seq == envelope.decode_outer(stored).seq + 1  # never reused
-        assert set(node.sealing.own.keys) == set(first[0].sealing.own.keys)
-        assert [bytes(k) for k in node.sealing.own.keys.values()] == \
-            [bytes(k) for k in first[0].sealing.own.keys.values()]
         return node, await node._release(2)
 
     node, (data, own, _, resent) = asyncio.run(restart())
@@ -293,3 +311,70 @@ def test_a_sealing_node_down_for_many_epochs_catches_up_without_a_deadline_per_r
     for n in nodes[:2]:
         tail = [json.loads(x) for x in (n.state.path / "metrics.jsonl").read_text().splitlines()]
         assert all("bank-2" in ln["received"] for ln in tail[-3:])
+
+
+def test_a_member_that_never_starts_does_not_make_the_others_miss_each_other(tmp_path):
+    """Found in review: waiting for a silent member's prekey used up the round deadline,
+    the others then closed their rounds at once and refused each other's shares as
+    stale. A member that let a deadline pass without a prekey is not waited for again,
+    and collecting gets a full deadline from our own release."""
+    spec = SimulationSpec(dataset="default", nodes=4, partition="iid", rounds=3, seed=0,
+                          out=tmp_path, privacy="off", round_deadline_s=2.0)
+    prep = prepare(spec)
+    hub = MemoryHub()
+    nodes = []
+    for name, path in list(zip(prep.names, prep.config_paths, strict=True))[:3]:
+        cfg = load_config(path)
+        cfg = cfg.model_copy(update={"gossip": cfg.gossip.model_copy(update={"seal": "on"})})
+        nodes.append(Node.from_config(cfg, hub.attach(name, prep.names)))
+
+    async def run():
+        async with asyncio.TaskGroup() as tg:
+            for n in nodes:
+                tg.create_task(n.run())
+
+    asyncio.run(run())
+    for n in nodes:
+        assert n.rejected() == {}
+        lines = [json.loads(x) for x in (n.state.path / "metrics.jsonl").read_text().splitlines()]
+        others = sorted(set(prep.names[:3]) - {n.name})
+        assert [ln["received"] for ln in lines] == [others] * 3
+        assert n._silent == {prep.names[3]}
+
+
+def test_old_prekey_messages_teach_a_restarted_node_but_never_override_newer_keys():
+    """Review findings: a hello reply re-sends the announcement of the member's last
+    rotation, which may be older than the restarted node's replay window; and a replayed
+    old announcement must not bring back keys the member has replaced."""
+    ks, cons, sealings, verifiers = sealing_pair(2)
+    sealings[0].rotate(0)
+    old = envelope.pack(ks[0], cons.id, KIND_PREKEY, 0, 5, sealings[0].announcement())
+    verifiers[1].verify(old, 0)
+    later = envelope.pack(ks[0], cons.id, KIND_RETIRE, 0, 5 + 1500, b"")
+    verifiers[1].verify(later, 0)  # the window has moved far past seq 5
+    sealings[1].peers.clear()  # bank-1 restarts: replay table kept, prekeys not
+    with pytest.raises(RemoteError, match="replay"):
+        verifiers[1].verify(old, 0)
+    first = sealings[0].own.keys[0].public_key
+    assert sealings[1].recipients(0, ["bank-0"])[0]["bank-0"].x25519 == bytes(first)
+    # bank-0 lost its state and made new keys (seq 2000); the old message comes again.
+    fresh = Sealing(cons.id, ks[0], dict(sealings[0].members), 2, 3)
+    fresh.rotate(0)
+    verifiers[1].verify(envelope.pack(ks[0], cons.id, KIND_PREKEY, 0, 2000,
+                                      fresh.announcement()), 0)
+    with pytest.raises(RemoteError, match="replay"):
+        verifiers[1].verify(old, 0)
+    assert sealings[1].recipients(0, ["bank-0"])[0]["bank-0"].x25519 == \
+        bytes(fresh.own.keys[0].public_key)
+
+
+def test_a_member_announcing_ever_more_epochs_only_crowds_out_its_own():
+    ks, cons, sealings, verifiers = sealing_pair(2)
+    from gossip.seal import KEEP_EPOCHS, sign_prekey
+
+    for i in range(200):
+        p = sign_prekey(ks[0], cons.id, i, PrivateKey.generate().public_key)
+        body = envelope.pack(ks[0], cons.id, KIND_PREKEY, 0, i, encode_announcement([p], False))
+        verifiers[1].verify(body, 0)
+    assert len(sealings[1].peers["bank-0"]) == KEEP_EPOCHS
+    assert len(sealings[1]._learned_seq) == KEEP_EPOCHS
