@@ -350,6 +350,21 @@ class Sealing:
             del known[e]
             self._learned_seq.pop((name, e), None)
 
+    def export_peers(self) -> dict[str, list[list[object]]]:
+        """The members' prekeys we hold (public, signed), for a checkpoint."""
+        return {name: [[self._learned_seq.get((name, e), 0), p.encode()]
+                       for e, p in sorted(known.items())]
+                for name, known in self.peers.items() if known}
+
+    def load_peers(self, saved: Mapping[str, Sequence[Sequence[object]]], round_: int) -> None:
+        """Learn again what `export_peers` saved; each prekey's signature is checked anew."""
+        for name, items in saved.items():
+            for seq, encoded in items:
+                assert isinstance(seq, int) and isinstance(encoded, bytes)
+                prekey = verify_prekey(encoded, self.consortium_id, self.members)
+                if self.members.get(prekey.member_key) == name:
+                    self.learn(name, [prekey], round_, seq)
+
     def recipients(self, round_: int, names: Sequence[str]) -> tuple[dict[str, SignedPrekey],
                                                                       list[str]]:
         """The prekeys to seal a round-`round_` share with, and who has none yet."""

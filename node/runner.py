@@ -68,6 +68,9 @@ from node.train import evaluate, metric_name, train_local, train_local_dp
 
 log = logging.getLogger("flnode.node")
 
+# A member's hellos are answered at most this often (a restart takes longer).
+HELLO_INTERVAL_S = 2.0
+
 
 @dataclass
 class RoundReport:
@@ -149,7 +152,10 @@ class Node:
         # seal without waiting for them until they announce again. Without this one
         # silent member would make every round wait out its deadline before sealing.
         self._silent: set[str] = set()
-        self._answered: dict[str, int] = {}  # member -> our epoch when we last answered its hello
+        self._answered: dict[str, float] = {}  # member -> when we last answered its hello
+        # Acks of accepted shares, by round: sent once the round is closed and
+        # checkpointed, so a node killed before that gets them redelivered (MQTT).
+        self._unacked: dict[int, list[Callable[[], None]]] = {}
         self._logged: set[tuple[str, str]] = set()
         self._shuffle = torch.Generator().manual_seed(cfg.training.seed)
         self._resume()
@@ -190,6 +196,13 @@ class Node:
             env = envelope.decode_outer(stored, self.cfg.gossip.max_envelope_bytes)
             self.seq = max(self.seq, env.seq + 1)
         self.verifier.load_state(cp.replay)
+        if self.sealing is not None:
+            try:
+                self.sealing.load_peers(cp.peer_prekeys, cp.next_round)
+            except (RemoteError, AssertionError, ValueError, TypeError):
+                log.warning("%s: the members' prekeys in the checkpoint do not verify; "
+                            "waiting for their answers to our hello instead", self.name)
+                self.sealing.peers.clear()
         self.counters.rejected.update(cp.rejected)
         self.transport.stats.bytes_sent += cp.bytes_sent
         self.transport.stats.bytes_received += cp.bytes_received
@@ -208,6 +221,7 @@ class Node:
             rejected=self.rejected(),
             bytes_sent=self.transport.stats.bytes_sent,
             bytes_received=self.transport.stats.bytes_received,
+            peer_prekeys=self.sealing.export_peers() if self.sealing is not None else {},
             retired=sorted({m.name for m in self.consortium.members} - {self.name}
                            - self.book.neighbours),
         ))
@@ -223,10 +237,17 @@ class Node:
             accepted = self.verifier.verify(msg.data, self.book.current, msg.peer_hint)
             where = self.book.add(accepted)
         except RemoteError as exc:
+            if msg.ack is not None:
+                msg.ack()
             self._reject(msg, exc)
             if exc.signed_round is not None and exc.peer is not None:
                 self.book.note(exc.peer, exc.signed_round)  # we cannot read it, but it is
             return None
+        if msg.ack is not None:
+            if accepted.share is not None:
+                self._unacked.setdefault(accepted.round, []).append(msg.ack)
+            else:
+                msg.ack()
         self.counters.accepted[accepted.sender] += 1
         if where == "prekey":
             self._silent.discard(accepted.sender)
@@ -278,8 +299,10 @@ class Node:
                         if on_round is not None:
                             on_round(report)
                     # No round left to read a share in (finished, or stopped sharing):
-                    # nothing on this disk may open recorded traffic any more.
+                    # nothing on this disk may open recorded traffic any more, and
+                    # nothing needs redelivering.
                     self._forget_prekeys()
+                    self._ack_before(None)
                 finally:
                     receiver.cancel()
                     for task in list(self._replies):
@@ -325,6 +348,7 @@ class Node:
         self._record_round(r, metrics=metrics, epsilon=eps, received=report.received,
                            missing=missing)
         self._save_checkpoint()
+        self._ack_before(self.book.current)
         return report
 
     async def _release(self, r: int) -> tuple[bytes, WeightedShare, float, bool] | None:
@@ -472,17 +496,25 @@ class Node:
         await self._broadcast(r, packed[-1])
 
     def _answer_hello(self, member: str) -> None:
-        """A member has just (re)started and may have missed our prekeys: send them, once
-        per member and epoch of ours (a member that keeps saying hello gets no more)."""
+        """A member has just (re)started and may have missed our prekeys: send them. At
+        most once per member every HELLO_INTERVAL_S (a member that keeps saying hello
+        gets no more than that); a reply is one small message for one."""
         if self.sealing is None or self._announcement is None:
             return
-        epoch = self.sealing.epoch(self.book.current)
-        if self._answered.get(member) == epoch:
+        now = time.monotonic()
+        if now - self._answered.get(member, -HELLO_INTERVAL_S) < HELLO_INTERVAL_S:
             return
-        self._answered[member] = epoch
+        self._answered[member] = now
         task = asyncio.get_running_loop().create_task(self._send(member, self._announcement))
         self._replies.add(task)
         task.add_done_callback(self._replies.discard)
+
+    def _ack_before(self, round_: int | None) -> None:
+        """Acknowledge the shares of rounds before round_ (all if None): used or skipped,
+        and checkpointed."""
+        for r in [r for r in self._unacked if round_ is None or r < round_]:
+            for ack in self._unacked.pop(r):
+                ack()
 
     def _forget_prekeys(self) -> None:
         if self.sealing is None or not self.sealing.own.keys:

@@ -60,6 +60,9 @@ class Checkpoint:
     bytes_sent: int = 0
     bytes_received: int = 0
     retired: list[str] = field(default_factory=list)  # members that stopped sharing for good
+    # The members' announced prekeys (public, signed) as [seq, encoded] per member, so a
+    # restart can seal at once without waiting for their answers to its hello.
+    peer_prekeys: dict[str, list[Any]] = field(default_factory=dict)
 
 
 class StateDir:

@@ -113,3 +113,11 @@ def test_a_killed_node_gets_the_shares_published_while_it_was_down(tmp_path):
     # Shares the others released (and published) while telco-2 was down, which
     # the broker kept in telco-2's session and handed to the new process.
     assert queued, audit
+    # Its first round after the restart has every share: those that had reached the
+    # killed process were not acknowledged yet (the round was not checkpointed), so
+    # the broker delivered them again.
+    lines = [json.loads(x) for x in (out / "state" / "telco-2" / "metrics.jsonl").read_text()
+             .splitlines()]
+    first = int(re.findall(r"starting at round (\d+)/10", log)[1]) - 1
+    resumed = [ln for ln in lines if ln["round"] == first and "received" in ln][-1]
+    assert resumed["received"] == ["telco-0", "telco-1", "telco-3"], resumed

@@ -378,3 +378,28 @@ def test_a_member_announcing_ever_more_epochs_only_crowds_out_its_own():
         verifiers[1].verify(body, 0)
     assert len(sealings[1].peers["bank-0"]) == KEEP_EPOCHS
     assert len(sealings[1]._learned_seq) == KEEP_EPOCHS
+
+
+def test_a_restarted_node_seals_at_once_with_the_prekeys_in_its_checkpoint(tmp_path):
+    """Found in the 4-process kill test: a node restarted within an epoch waited for
+    answers to its hello before it could seal. The members' (public, signed) prekeys now
+    ride in the checkpoint, and are verified again when loaded."""
+    spec = SimulationSpec(dataset="default", nodes=2, partition="iid", rounds=2, seed=0,
+                          out=tmp_path, privacy="off", round_deadline_s=20.0)
+    prep = prepare(spec)
+    first = asyncio.run(run_nodes(prep, TapHub(), "on", rotate=5))
+    learned = first[0].sealing.peers["bank-1"]
+    cfg = load_config(prep.config_paths[0])
+    cfg = cfg.model_copy(update={"gossip": cfg.gossip.model_copy(update={
+        "seal": "on", "prekey_rotate_rounds": 5})})
+    again = Node.from_config(cfg, MemoryHub().attach("bank-0", prep.names))
+    recipients, missing = again.sealing.recipients(2, ["bank-1"])
+    assert missing == [] and recipients["bank-1"] == learned[0]
+    # A checkpoint whose prekeys do not verify is not trusted.
+    cp = again.state.load_checkpoint()
+    seq, encoded = cp.peer_prekeys["bank-1"][0]
+    garbled = encoded[:-1] + bytes([encoded[-1] ^ 1])
+    again.state.save_checkpoint(dataclasses.replace(
+        cp, peer_prekeys={"bank-1": [[seq, garbled]]}))
+    third = Node.from_config(cfg, MemoryHub().attach("bank-0", prep.names))
+    assert third.sealing.peers == {}

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import abc
 from collections import Counter
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
 
@@ -18,6 +18,10 @@ from dataclasses import dataclass, field
 class Incoming:
     data: bytes
     peer_hint: str | None  # transport-level origin, unauthenticated
+    # Transports that redeliver what was not acknowledged (MQTT QoS 1 with a
+    # persistent session) pass this; the node calls it once the message no longer
+    # needs redelivering (used and checkpointed, or refused). None: nothing to do.
+    ack: Callable[[], None] | None = None
 
 
 @dataclass

@@ -20,9 +20,11 @@ Delivery: QoS 1 (at least once), never `retain` (the broker would re-send a
 retained share to every later subscriber). Sessions are persistent: MQTT 5
 with `clean_start = False` and a session expiry, and a client id that is
 stable per member, so shares published while a node is down are queued by
-the broker and delivered when it reconnects. At-least-once means the node may
-see a share twice; `envelope.Verifier` counts an identical copy as the benign
-`duplicate`.
+the broker and delivered when it reconnects. Acknowledgements are manual: the
+node acks a share (`Incoming.ack`) once the round that used it is checkpointed,
+so a node killed mid-round gets its open rounds' shares again. At-least-once
+means the node may see a share twice; `envelope.Verifier` counts an identical
+copy as the benign `duplicate`.
 
 Size: a broker with `max_packet_size` disconnects a client that sends a
 larger packet, and aiomqtt's `publish()` then hangs until its timeout instead
@@ -39,7 +41,7 @@ import asyncio
 import ipaddress
 import logging
 import ssl
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
@@ -82,6 +84,9 @@ KEEPALIVE_S = 60
 # Incoming messages waiting for the node; past this the transport drops (and
 # counts `inbox_full`) rather than grow without bound if the node stalls.
 INBOX_DEPTH = 1024
+# Unacknowledged messages the broker may have in flight to us: the node holds the
+# acks of the shares of its open rounds, (lookahead + 1) x (members - 1) of them.
+RECEIVE_MAXIMUM = 1024
 
 
 @dataclass(frozen=True)
@@ -320,6 +325,9 @@ class MqttTransport(Transport):
         props.SessionExpiryInterval = SESSION_EXPIRY_S
         # Tell the broker not to send us more than we would accept.
         props.MaximumPacketSize = self.max_message_bytes + 64 * 1024
+        # The node acknowledges a share once the round that used it is checkpointed:
+        # until then the broker holds it (and redelivers it to a restarted node).
+        props.ReceiveMaximum = RECEIVE_MAXIMUM
         tls = None
         if self.broker.tls:
             tls = ssl.create_default_context(cafile=self.ca_file)
@@ -333,6 +341,7 @@ class MqttTransport(Transport):
         # Packet Size is in them, so chain paho's callback to read it.
         paho = client._client  # noqa: SLF001 - see above
         complete_packet_reads(paho)
+        paho.manual_ack_set(True)
         on_connect = paho.on_connect
 
         def record_connack(c: Any, userdata: Any, flags: Any, reason: Any,
@@ -393,30 +402,44 @@ class MqttTransport(Transport):
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, BACKOFF_MAX_S)
 
+    def _acker(self, message: aiomqtt.Message) -> Callable[[], None]:
+        """PUBACK for this message, if the connection it came on is still the current one
+        (after a reconnect the broker redelivers it anyway)."""
+        generation, mid, qos = self.connects, message.mid, message.qos
+
+        def ack() -> None:
+            if self._client is not None and self.connects == generation and \
+                    self._connected.is_set():
+                self._client._client.ack(mid, qos)  # noqa: SLF001 - aiomqtt has no manual ack
+
+        return ack
+
     def _deliver(self, message: aiomqtt.Message) -> None:
+        ack = self._acker(message)
         topic = message.topic.value
         payload = message.payload
         sender = self._sender_of(topic)
         if sender is None:
-            self._refuse("bad_topic", f"message on unexpected topic {topic[:120]!r}")
+            self._refuse("bad_topic", f"message on unexpected topic {topic[:120]!r}", ack)
             return
         if not isinstance(payload, bytes | bytearray):
-            self._refuse("malformed", f"non-binary payload on {topic[:120]!r}")
+            self._refuse("malformed", f"non-binary payload on {topic[:120]!r}", ack)
             return
         if len(payload) > self.max_message_bytes:
             self._refuse("too_large", f"{len(payload)} bytes from {sender}, over the cap of "
-                         f"{self.max_message_bytes}")
+                         f"{self.max_message_bytes}", ack)
             return
         if message.retain:
             # Shares are never retained; a retained one is stale by construction.
-            self._refuse("retained", f"retained message from {sender} on {topic[:120]!r}")
+            self._refuse("retained", f"retained message from {sender} on {topic[:120]!r}",
+                         ack)
             return
         if self._inbox.full():
-            self._refuse("inbox_full", "the node is not reading its inbox")
+            self._refuse("inbox_full", "the node is not reading its inbox", ack)
             return
         self.stats.bytes_received += len(payload)
         self.stats.messages_received += 1
-        self._inbox.put_nowait(Incoming(bytes(payload), sender))
+        self._inbox.put_nowait(Incoming(bytes(payload), sender, ack))
 
     def _sender_of(self, topic: str) -> str | None:
         if not topic.startswith(self.prefix + "/"):
@@ -428,7 +451,8 @@ class MqttTransport(Transport):
             return parts[0]
         return None
 
-    def _refuse(self, reason: str, detail: str) -> None:
+    def _refuse(self, reason: str, detail: str, ack: Callable[[], None]) -> None:
+        ack()  # nothing to redeliver: it would be refused again
         self.stats.refused[reason] += 1
         if reason not in self._logged:
             self._logged.add(reason)
