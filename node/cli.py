@@ -77,6 +77,7 @@ def _simulate(args: argparse.Namespace) -> int:
         sigma=None if args.epsilon is not None else (args.sigma or 1.0), epsilon=args.epsilon,
         delta=args.delta, weight=args.weight,
         network_config=Path(args.network_config) if args.network_config else None,
+        seal=args.seal,
     )
     simulate(spec)
     return 0
@@ -106,6 +107,12 @@ def _positive(kind: type):
         return value
     parse.__name__ = kind.__name__
     return parse
+
+
+def add_seal_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--seal", choices=["auto", "on", "off"], default="auto",
+                   help="gossip.seal for every node: seal shares to the members' prekeys "
+                        "(auto: on for mqtt only)")
 
 
 def add_privacy_flags(p: argparse.ArgumentParser) -> None:
@@ -171,6 +178,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--lr", type=_positive(float), default=0.05)
     add_privacy_flags(s)
     s.add_argument("--network-config", help="template with member names and addresses")
+    add_seal_flag(s)
     s.add_argument("--out", required=True, help="run directory (created; must be new)")
     s.set_defaults(func=_simulate)
     return p

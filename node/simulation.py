@@ -63,6 +63,7 @@ class SimulationSpec:
     network_config: Path | None = None
     round_deadline_s: float = 120.0
     transport: str = "memory"
+    seal: str = "auto"  # gossip.seal for every node: auto (on for mqtt), on, off
 
 
 @dataclass(frozen=True)
@@ -184,7 +185,8 @@ def prepare(spec: SimulationSpec,
                          "batch_size": spec.batch_size, "lr": spec.lr,
                          "seed": spec.seed * 1000 + i},
             "privacy": privacy_section(spec),
-            "gossip": {"transport": spec.transport, "round_deadline_s": spec.round_deadline_s},
+            "gossip": {"transport": spec.transport, "round_deadline_s": spec.round_deadline_s,
+                       "seal": spec.seal},
         }
         path = out / "nodes" / f"{name}.toml"
         path.write_text(tomli_w.dumps(cfg))
@@ -264,6 +266,7 @@ def summarize(spec: SimulationSpec, prep: Prepared, results: list[MemberResult],
         "seed": spec.seed,
         "model": spec.model,
         "transport": spec.transport,
+        "seal": spec.seal,
         "consortium_id": prep.consortium.id.hex(),
         "rows": {name: int(len(prep.train_parts[i][1])) for i, name in enumerate(prep.names)},
         "test_rows": int(len(prep.test[1])),

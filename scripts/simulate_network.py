@@ -40,7 +40,7 @@ import msgpack  # noqa: E402
 import tomli_w  # noqa: E402
 
 from gossip.errors import LocalError  # noqa: E402
-from node.cli import add_privacy_flags  # noqa: E402
+from node.cli import add_privacy_flags, add_seal_flag  # noqa: E402
 from node.report import make_console, plot_history, print_summary  # noqa: E402
 from node.simulation import (  # noqa: E402
     MemberResult,
@@ -112,6 +112,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--lr", type=float, default=0.05)
     add_privacy_flags(p)
+    add_seal_flag(p)
     p.add_argument("--transport", choices=["libp2p", "mqtt"], default="libp2p")
     p.add_argument("--mqtt-broker", metavar="URL",
                    help="use this broker (mqtt://HOST:PORT) instead of starting mosquitto; "
@@ -196,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
         sigma=None if args.epsilon is not None else (args.sigma or 1.0), epsilon=args.epsilon,
         delta=args.delta, weight=args.weight,
         network_config=Path(args.network_config) if args.network_config else None,
-        round_deadline_s=args.round_deadline, transport=args.transport)
+        round_deadline_s=args.round_deadline, transport=args.transport, seal=args.seal)
     try:
         from node.simulation import member_names
 
@@ -226,9 +227,11 @@ def main(argv: list[str] | None = None) -> int:
     members = [Member(n, c, spec.out / "state" / n, logs / f"{n}.log")
                for n, c in zip(prep.names, prep.config_paths, strict=True)]
     timeout = args.timeout or 120 + args.rounds * (args.round_deadline + 30)
+    sealed = args.seal == "on" or (args.seal == "auto" and args.transport == "mqtt")
     console.print(f"[bold]simulate_network[/]: {args.nodes} `flnode run` processes over "
                   f"{args.transport} on 127.0.0.1, {spec.dataset} ({spec.partition}), "
-                  f"{spec.rounds} rounds, seed {spec.seed}, privacy {spec.privacy}; "
+                  f"{spec.rounds} rounds, seed {spec.seed}, privacy {spec.privacy}, shares "
+                  f"{'sealed' if sealed else 'not sealed'}; "
                   f"run dir {spec.out}")
     pids = spec.out / "pids"
     broker = recorder = None

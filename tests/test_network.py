@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 from rich.console import Console
 
+from gossip import envelope
 from node.simulation import SimulationSpec, prepare, simulate
 
 pytestmark = pytest.mark.slow
@@ -39,6 +40,23 @@ def test_four_processes_over_libp2p_match_the_in_process_simulation(tmp_path):
     assert net["rejected"] == {}
     assert all(p["exit_codes"] == [0] for p in net["processes"].values())
     assert (tmp_path / "net" / "accuracy.png").exists()
+
+
+def test_sealing_is_optional_over_libp2p_and_changes_the_bytes_not_the_model(tmp_path):
+    """gossip.seal = "on" over libp2p (Noise already encrypts each hop; sealing adds
+    end-to-end encryption and forward secrecy): 4 processes, the same models as the
+    in-process run without sealing, every released share sealed."""
+    net, _ = simulate_network(tmp_path / "net", "--seal", "on", rounds=5)
+    mem = simulate(SimulationSpec(dataset="default", nodes=4, partition="dirichlet:0.5",
+                                  rounds=5, seed=0, out=tmp_path / "mem"), Console(quiet=True))
+    assert net["transport"] == "libp2p" and net["seal"] == "on" and mem["seal"] == "auto"
+    for name, auc in mem["consortium"]["per_node"].items():
+        assert abs(net["consortium"]["per_node"][name] - auc) <= 0.01, (name, auc)
+    assert net["rejected"] == {}
+    for name in mem["consortium"]["per_node"]:
+        released = sorted((tmp_path / "net" / "state" / name / "outbox").glob("round-*.env"))
+        assert len(released) == 5
+        assert {envelope.decode_outer(p.read_bytes()).kind for p in released} == {"sealed"}
 
 
 def test_sigkilled_node_rejoins_and_nobody_hangs_or_double_releases(tmp_path):
