@@ -358,24 +358,27 @@ class Verifier:
                 # which keeps its replay table but not the members' prekeys, needs
                 # exactly this copy, which may be old: a reply re-sends the announcement
                 # made at the member's last rotation.
-                announced, _ = decode_announcement(env.body, self.consortium_id, env.sender,
-                                                   self.members)
-                self.sealing.learn(name, announced, current_round, env.seq)
+                self._learn_prekeys(env, name, current_round)
             raise
         share, prekeys, hello = None, (), False
         if env.kind == KIND_RETIRE:
             if env.body:
                 raise RemoteError("bad_body", "a retire message has an empty body", name)
         elif env.kind == KIND_PREKEY:
-            announced, hello = decode_announcement(env.body, self.consortium_id, env.sender,
-                                                   self.members)
-            prekeys = tuple(announced)
-            if self.sealing is not None:
-                self.sealing.learn(name, prekeys, current_round, env.seq)
+            prekeys, hello = self._learn_prekeys(env, name, current_round)
         else:
             share = self._decode(env, name)
         self._windows.setdefault(env.sender, _SenderWindow()).remember(env.seq, digest)
         return Accepted(name, env, share, prekeys, hello)
+
+    def _learn_prekeys(self, env: Envelope, name: str, current_round: int
+                       ) -> tuple[tuple[SignedPrekey, ...], bool]:
+        """Check a prekey message's prekeys and, when sealing, file them."""
+        announced, hello = decode_announcement(env.body, self.consortium_id, env.sender,
+                                               self.members)
+        if self.sealing is not None:
+            self.sealing.learn(name, announced, current_round, env.seq)
+        return tuple(announced), hello
 
     def _decode(self, env: Envelope, name: str) -> Share:
         body = env.body

@@ -320,10 +320,8 @@ class Sealing:
             self.own.rotate(e)
         gone = sorted(e for e in self.own.keys if e < first)
         self.own.forget(first)
-        for name, known in self.peers.items():
-            for e in [e for e in known if e < first]:
-                del known[e]
-                self._learned_seq.pop((name, e), None)
+        for name in self.peers:
+            self._prune(name, first)
         return new, gone
 
     def announcement(self, hello: bool = False) -> bytes:
@@ -344,7 +342,11 @@ class Sealing:
             if self._learned_seq.get((name, p.epoch), -1) <= seq:
                 known[p.epoch] = p
                 self._learned_seq[name, p.epoch] = seq
-        floor = self.epoch(round_)
+        self._prune(name, self.epoch(round_))
+
+    def _prune(self, name: str, floor: int) -> None:
+        """Keep a member's prekeys for epochs from `floor` on, the KEEP_EPOCHS newest."""
+        known = self.peers[name]
         keep = sorted((e for e in known if e >= floor), reverse=True)[:KEEP_EPOCHS]
         for e in set(known) - set(keep):
             del known[e]
@@ -360,7 +362,8 @@ class Sealing:
         """Learn again what `export_peers` saved; each prekey's signature is checked anew."""
         for name, items in saved.items():
             for seq, encoded in items:
-                assert isinstance(seq, int) and isinstance(encoded, bytes)
+                if not (type(seq) is int and isinstance(encoded, bytes)):
+                    raise ValueError(f"saved prekey of {name!r} is not [seq, bytes]")
                 prekey = verify_prekey(encoded, self.consortium_id, self.members)
                 if self.members.get(prekey.member_key) == name:
                     self.learn(name, [prekey], round_, seq)
