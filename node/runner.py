@@ -19,7 +19,7 @@ import dataclasses
 import logging
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -199,9 +199,10 @@ class Node:
         if self.sealing is not None:
             try:
                 self.sealing.load_peers(cp.peer_prekeys, cp.next_round)
-            except (RemoteError, AssertionError, ValueError, TypeError):
-                log.warning("%s: the members' prekeys in the checkpoint do not verify; "
-                            "waiting for their answers to our hello instead", self.name)
+            except (RemoteError, ValueError, TypeError) as exc:
+                log.warning("%s: the members' prekeys in %s do not verify (%s); waiting for "
+                            "their answers to our hello instead", self.name,
+                            self.state.checkpoint_path, exc)
                 self.sealing.peers.clear()
         self.counters.rejected.update(cp.rejected)
         self.transport.stats.bytes_sent += cp.bytes_sent
@@ -209,10 +210,6 @@ class Node:
         log.info("%s: resumed at round %d from %s", self.name, cp.next_round, self.state.path)
 
     def _save_checkpoint(self) -> None:
-        self._write_checkpoint()
-        self.state.prune_plain_bodies(self.book.current)
-
-    def _write_checkpoint(self) -> None:
         self.state.save_checkpoint(Checkpoint(
             next_round=self.book.current,
             model=get_flat(self.model).numpy().astype("<f4").tobytes(),
@@ -225,6 +222,7 @@ class Node:
             retired=sorted({m.name for m in self.consortium.members} - {self.name}
                            - self.book.neighbours),
         ))
+        self.state.prune_plain_bodies(self.book.current)
 
     # --- receiving ---------------------------------------------------------------
     async def _receive(self) -> None:
@@ -359,7 +357,7 @@ class Node:
         spec = self.verifier.spec
         stored = self.state.stored_release(r)
         if stored is not None:
-            self._deadline = asyncio.get_running_loop().time() + self.cfg.gossip.round_deadline_s
+            self._restart_deadline()
             env = envelope.decode_outer(stored, self.cfg.gossip.max_envelope_bytes)
             body = self.state.stored_plain_body(r) if env.kind == KIND_SEALED else env.body
             share = envelope.decode_share(body, spec)
@@ -407,7 +405,7 @@ class Node:
         released = start + update
         body = envelope.encode_share(flat_to_named(self.model, released), weight)
         # The round's deadline counts from here: waiting for prekeys and for shares share it.
-        self._deadline = asyncio.get_running_loop().time() + self.cfg.gossip.round_deadline_s
+        self._restart_deadline()
         data = await self._pack_share(r, body)
         digest = _blake(data if data is not None else body)
         for record in charges:
@@ -441,11 +439,19 @@ class Node:
             body = self.sealing.seal(body, r, recipients)
             kind = KIND_SEALED
             # Collecting the others' shares gets a full deadline from our release on.
-            self._deadline = asyncio.get_running_loop().time() + self.cfg.gossip.round_deadline_s
+            self._restart_deadline()
+        return self._sign(kind, r, body)
+
+    def _sign(self, kind: str, r: int, body: bytes | Sequence[bytes]) -> bytes:
+        """Sign a message with the next sequence number (each is used once, ever: the
+        caller stores the bytes or checkpoints the counter before they leave)."""
         data = envelope.pack(self.identity.signing_key, self.consortium.id, kind, r, self.seq,
                              body)
         self.seq += 1
         return data
+
+    def _restart_deadline(self) -> None:
+        self._deadline = asyncio.get_running_loop().time() + self.cfg.gossip.round_deadline_s
 
     async def _await_prekeys(self, r: int) -> tuple[dict, list[str]]:
         """The prekeys of the members still in round r (one that has left it would only
@@ -486,11 +492,7 @@ class Node:
         messages = [self.sealing.announcement(hello=False)]
         if announce:
             messages.append(self.sealing.announcement(hello=True))
-        packed = []
-        for body in messages:
-            packed.append(envelope.pack(self.identity.signing_key, self.consortium.id,
-                                        KIND_PREKEY, r, self.seq, body))
-            self.seq += 1
+        packed = [self._sign(KIND_PREKEY, r, body) for body in messages]
         self._save_checkpoint()  # the sequence numbers are spent before the bytes leave
         self._announcement = packed[0]
         await self._broadcast(r, packed[-1])
@@ -534,10 +536,7 @@ class Node:
     async def _retire(self, r: int) -> None:
         """Say once, clearly, that we stop sharing; tell the members; keep the model."""
         log.warning("%s: %s", self.name, self.stopped)
-        data = envelope.pack(self.identity.signing_key, self.consortium.id, KIND_RETIRE, r,
-                             self.seq, b"")
-        self.seq += 1
-        await self._broadcast(r, data)
+        await self._broadcast(r, self._sign(KIND_RETIRE, r, b""))
         self._record_round(r, stopped=self.stopped, epsilon=self.epsilon())
         self._save_checkpoint()
 
