@@ -105,6 +105,11 @@ class MqttConfig(_Section):
     allow_plaintext: bool = False
 
 
+def seals(seal: str, transport: str) -> bool:
+    """Whether gossip.seal means sealing on this transport ("auto": on for mqtt only)."""
+    return seal == "on" or (seal == "auto" and transport == "mqtt")
+
+
 class GossipConfig(_Section):
     transport: Literal["memory", "libp2p", "mqtt"] = "libp2p"
     round_deadline_s: float = Field(default=60.0, gt=0, le=86_400)
@@ -125,7 +130,7 @@ class GossipConfig(_Section):
 
     @property
     def sealed(self) -> bool:
-        return self.seal == "on" or (self.seal == "auto" and self.transport == "mqtt")
+        return seals(self.seal, self.transport)
 
     @model_validator(mode="after")
     def _rule(self) -> GossipConfig:

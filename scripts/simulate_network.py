@@ -41,6 +41,7 @@ import tomli_w  # noqa: E402
 
 from gossip.errors import LocalError  # noqa: E402
 from node.cli import add_privacy_flags, add_seal_flag  # noqa: E402
+from node.config import seals  # noqa: E402
 from node.report import make_console, plot_history, print_summary  # noqa: E402
 from node.simulation import (  # noqa: E402
     MemberResult,
@@ -227,7 +228,7 @@ def main(argv: list[str] | None = None) -> int:
     members = [Member(n, c, spec.out / "state" / n, logs / f"{n}.log")
                for n, c in zip(prep.names, prep.config_paths, strict=True)]
     timeout = args.timeout or 120 + args.rounds * (args.round_deadline + 30)
-    sealed = args.seal == "on" or (args.seal == "auto" and args.transport == "mqtt")
+    sealed = seals(args.seal, args.transport)
     console.print(f"[bold]simulate_network[/]: {args.nodes} `flnode run` processes over "
                   f"{args.transport} on 127.0.0.1, {spec.dataset} ({spec.partition}), "
                   f"{spec.rounds} rounds, seed {spec.seed}, privacy {spec.privacy}, shares "
