@@ -31,7 +31,7 @@ import torch
 
 from gossip.errors import LocalError
 from node.config import PrivacyConfig
-from node.state import atomic_write
+from node.state import append_durable, atomic_write
 
 ACCOUNTANT = "rdp"
 
@@ -147,47 +147,126 @@ def epsilon_of(records: list[LedgerRecord], delta: float) -> float:
 
 
 class Ledger:
-    """Append-only, fsync'd record of every release. The source of truth for epsilon."""
+    """Append-only, fsync'd record of every release. The source of truth for epsilon.
 
-    def __init__(self, path: str | Path) -> None:
+    A charge is one line written whole (the write loops) and fsync'd before its share
+    exists outside memory. A crash mid-append leaves a torn last line: its fsync never
+    returned, so its share never left, and dropping it under-counts nothing. The node
+    (`repair=True`) cuts such a tail off on load, fsync'd, and says so; otherwise the
+    next charge would be appended onto the fragment and the ledger would refuse to load
+    one restart later. A ledger an older flnode already left that way (a fragment with
+    a whole record glued on) is recovered: the record after the fragment is kept and
+    counted, the fragment dropped; a fragment that still parses as a record is kept
+    too (over-counting is safe). Readers (`flnode status`, scripts) never write.
+    """
+
+    def __init__(self, path: str | Path, repair: bool = False) -> None:
         self.path = Path(path)
+        self.repair = repair
+        self.recovered: list[str] = []  # what loading had to fix, for the operator
         self.records: list[LedgerRecord] = self._read()
 
     def _read(self) -> list[LedgerRecord]:
         if not self.path.exists():
             return []
-        lines = self.path.read_bytes().split(b"\n")
-        records = []
+        data = self.path.read_bytes()
+        lines = data.split(b"\n")
+        records: list[LedgerRecord] = []
+        glued = False
         for i, line in enumerate(lines):
             if not line.strip():
                 continue
-            try:
-                records.append(LedgerRecord(**json.loads(line)))
-            except (ValueError, TypeError) as exc:
-                if i == len(lines) - 1:
-                    # A torn last line: the write never completed, so its fsync
-                    # never returned and its share never left. Safe to drop.
-                    break
+            rec = _parse_record(line)
+            if rec is not None:
+                records.append(rec)
+                continue
+            if i == len(lines) - 1:
+                # A torn last line (no newline after it): never fsync'd, never released.
+                self.recovered.append(f"dropped a torn last line of {len(line)} bytes (a charge "
+                                      "whose write never completed; its share never left)")
+                if self.repair:
+                    self._truncate(len(data) - len(line))
+                break
+            found = _split_glued(line)
+            if found is None:
                 raise LocalError(
-                    f"privacy ledger {self.path}: line {i + 1} is corrupt ({exc}); refusing to "
-                    "start, since epsilon cannot be recomputed. Restore the file from backup."
-                ) from None
+                    f"privacy ledger {self.path}: line {i + 1} is corrupt (not a ledger record, "
+                    "nor a torn record followed by a whole one); refusing to start, since "
+                    "epsilon cannot be recomputed. Restore the file from backup.")
+            fragment, kept = found
+            records.extend(kept)
+            glued = True
+            self.recovered.append(
+                f"line {i + 1}: a torn record ({len(fragment)} bytes, never released) with "
+                f"{len(kept)} whole record(s) appended onto it; kept and counted those")
+        if glued and self.repair:
+            self._rewrite(data, records)
+        elif self.repair and data and not data.endswith(b"\n") and lines[-1].strip() \
+                and records and _parse_record(lines[-1]) is not None:
+            append_durable(self.path, b"\n")  # a whole last record: the next one goes below
         return records
 
-    def charge(self, record: LedgerRecord) -> None:
-        """Append and fsync. Must return before the release leaves the process."""
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        line = json.dumps(asdict(record), sort_keys=True).encode() + b"\n"
-        fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    def _truncate(self, size: int) -> None:
+        fd = os.open(self.path, os.O_WRONLY)
         try:
-            os.write(fd, line)
+            os.ftruncate(fd, size)
             os.fsync(fd)
         finally:
             os.close(fd)
+
+    def _rewrite(self, original: bytes, records: list[LedgerRecord]) -> None:
+        """Keep the damaged file beside the repaired one, for the auditor."""
+        atomic_write(self.path.with_name(self.path.name + ".damaged"), original)
+        atomic_write(self.path, b"".join(_line(r) for r in records))
+
+    def charge(self, record: LedgerRecord) -> None:
+        """Append and fsync. Must return before the release leaves the process."""
+        append_durable(self.path, _line(record))
         self.records.append(record)
 
     def epsilon(self, delta: float) -> float:
         return epsilon_of(self.records, delta)
+
+
+def _line(record: LedgerRecord) -> bytes:
+    return json.dumps(asdict(record), sort_keys=True).encode() + b"\n"
+
+
+def _parse_record(line: bytes) -> LedgerRecord | None:
+    try:
+        doc = json.loads(line)
+        rec = LedgerRecord(**doc)
+    except (ValueError, TypeError):
+        return None
+    ok = (type(rec.round) is int and isinstance(rec.mode, str)
+          and all(isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+                  for v in (rec.noise_multiplier, rec.sample_rate, rec.clip_norm))
+          and type(rec.steps) is int and rec.steps >= 0)
+    return rec if ok else None
+
+
+def _split_glued(line: bytes) -> tuple[bytes, list[LedgerRecord]] | None:
+    """A torn record with whole records appended onto it: (fragment, records), else None.
+
+    Records are written with sorted keys, so each starts with the same prefix; the
+    fragment is kept too if it happens to parse (over-counting is safe)."""
+    marker = b'{"clip_norm":'
+    starts = [i for i in range(1, len(line)) if line.startswith(marker, i)]
+    for cut in starts:
+        fragment, rest = line[:cut], line[cut:]
+        pieces, pos, ok = [], 0, True
+        nxt = [s - cut for s in starts if s >= cut] + [len(rest)]
+        for a, b in zip(nxt, nxt[1:], strict=False):
+            rec = _parse_record(rest[a:b])
+            if rec is None:
+                ok = False
+                break
+            pieces.append(rec)
+            pos = b
+        if ok and pieces and pos == len(rest) and fragment.startswith(b"{"):
+            head = _parse_record(fragment)
+            return fragment, ([head] if head is not None else []) + pieces
+    return None
 
 
 # --- calibration: sigma from a total budget, once, up front -----------------------
@@ -247,6 +326,11 @@ class PrivacyPlan:
     rounds: int
     weight: str  # "exact" (update mode), "noised" or "uniform" (record mode)
     count_sigma: float | None
+    # What set sample_rate and steps_per_round (record mode); None in plans written
+    # before they were pinned (sample_rate and steps_per_round still are).
+    rows: int | None = None
+    epochs: int | None = None
+    batch_size: int | None = None
 
     @staticmethod
     def load(path: Path) -> PrivacyPlan | None:
@@ -296,26 +380,54 @@ class PrivacyBudget:
             q, spr = 1.0 / per_epoch, epochs * per_epoch
             count_sigma = cfg.count_sigma if cfg.weight == "noised" else None
             weight = cfg.weight
+            pinned: tuple[int | None, ...] = (self.rows, epochs, batch_size)
         else:
             q, spr, count_sigma, weight = 1.0, 1, None, "exact"
+            pinned = (None, None, None)
+        path = self.state_dir / PLAN_FILE
+        existing = PrivacyPlan.load(path)
+        if existing is not None:
+            self._check_pinned(existing, path, q, spr, weight, count_sigma, pinned)
+            return existing  # sigma as planned at the first start, never re-calibrated
         sigma = cfg.sigma if cfg.sigma is not None else calibrate_sigma(
             cfg.epsilon, cfg.delta, cfg.mode, q, spr, rounds, count_sigma)  # type: ignore[arg-type]
         fresh = PrivacyPlan(cfg.mode, cfg.epsilon, cfg.delta, sigma, cfg.clip, q, spr, rounds,
-                            weight, count_sigma)
-        path = self.state_dir / PLAN_FILE
-        existing = PrivacyPlan.load(path)
-        if existing is None:
-            fresh.save(path)
-            return fresh
-        for key, label in (("mode", "mode"), ("epsilon", "epsilon"), ("delta", "delta"),
-                           ("clip_norm", "clip"), ("weight", "weight"),
-                           ("count_sigma", "count_sigma")):
-            if getattr(existing, key) != getattr(fresh, key):
+                            weight, count_sigma, *pinned)
+        fresh.save(path)
+        return fresh
+
+    def _check_pinned(self, plan: PrivacyPlan, path: Path, q: float, spr: int, weight: str,
+                      count_sigma: float | None, pinned: tuple[int | None, ...]) -> None:
+        """Everything that sets what a round costs is fixed at the first start: a budget
+        that is partly spent cannot be re-planned, nor a round made dearer than planned
+        (more epochs, smaller batches, another data file)."""
+        cfg = self.cfg
+        checks: list[tuple[str, object, object]] = [
+            ("privacy.mode", cfg.mode, plan.mode), ("privacy.epsilon", cfg.epsilon, plan.epsilon),
+            ("privacy.delta", cfg.delta, plan.delta), ("privacy.clip", cfg.clip, plan.clip_norm),
+            ("privacy.weight", weight, plan.weight),
+            ("privacy.count_sigma", count_sigma, plan.count_sigma),
+        ]
+        if cfg.sigma is not None:
+            checks.append(("privacy.sigma", cfg.sigma, plan.noise_multiplier))
+        for label, key, now in (("the data file's row count", "rows", pinned[0]),
+                                ("training.epochs", "epochs", pinned[1]),
+                                ("training.batch_size", "batch_size", pinned[2])):
+            if getattr(plan, key) is not None:
+                checks.append((label, now, getattr(plan, key)))
+        checks += [("the sample rate (from the rows and training.batch_size)", q, plan.sample_rate),
+                   ("the DP-SGD steps per round (rows, training.epochs, training.batch_size)",
+                    spr, plan.steps_per_round)]
+        for label, now, then in checks:
+            if isinstance(now, float) and isinstance(then, float):
+                same = math.isclose(now, then, rel_tol=1e-12, abs_tol=0.0)
+            else:
+                same = now == then
+            if not same:
                 raise LocalError(
-                    f"privacy.{label} is {getattr(fresh, key)!r} but this state dir's plan "
-                    f"({path}) says {getattr(existing, key)!r}: a budget that is partly spent "
+                    f"{label} is {now!r} but this state dir's privacy plan ({path}) says "
+                    f"{then!r}: it sets what a round costs, and a budget that is partly spent "
                     "cannot be re-planned. Restore the setting, or start a new state dir.")
-        return existing  # sigma as planned at the first start, never re-calibrated
 
     def next_release(self, round_: int) -> list[LedgerRecord]:
         """What releasing round_'s share will cost (before training)."""

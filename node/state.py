@@ -4,16 +4,22 @@ Layout::
 
     STATE_DIR/checkpoint.msgpack   model, next round, seq, replay table, counters
     STATE_DIR/ledger.jsonl         privacy ledger (node.privacy.Ledger)
-    STATE_DIR/outbox/round-N.env   the exact bytes released for round N
+    STATE_DIR/seq                  the next free sequence number, fsync'd before any
+                                   message signed with an earlier one leaves
+    STATE_DIR/outbox/round-N.env   the exact bytes released for round N (re-sent by
+                                   a restart in round N); unlinked once N is closed
     STATE_DIR/outbox/round-N.body  its plain share body, when the release is sealed;
                                    unlinked once round N is closed
     STATE_DIR/prekeys/epoch-N.x25519  our private prekey for epoch N (sealing; 0600),
                                    unlinked once epoch N's rounds are closed
-    STATE_DIR/audit.jsonl          one line per received message: accepted or why not
+    STATE_DIR/audit.jsonl          one line per received message: accepted or why not;
+                                   rotates into audit.jsonl.1..4 (read_jsonl follows)
     STATE_DIR/metrics.jsonl        one line per round: metrics, epsilon, counters
 
 Every whole-file write is tmp + fsync + rename + fsync(dir): after a crash the
-file is the old one or the new one, never a mix. Nothing here is pickled.
+file is the old one or the new one, never a mix. Every write loops until all
+bytes are written; every directory created is fsync'd into its parent; every
+file is 0600. Nothing here is pickled.
 """
 
 from __future__ import annotations
@@ -31,23 +37,71 @@ from gossip.errors import LocalError
 CHECKPOINT_VERSION = 1
 # Our own file, but a corrupted one must not make msgpack allocate wildly.
 MAX_CHECKPOINT_BYTES = 2**31
+# audit.jsonl (one line per received message) rotates at this size into
+# audit.jsonl.1 .. .ROTATE_KEEP (oldest dropped): at most ~80 MiB of it on disk.
+ROTATE_BYTES = 16 * 1024 * 1024
+ROTATE_KEEP = 4
+ROTATED = ("audit.jsonl",)
 
 
-def atomic_write(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        os.write(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
-    dir_fd = os.open(path.parent, os.O_RDONLY)
+def write_all(fd: int, data: bytes | memoryview) -> None:
+    """os.write until every byte is written: one write() may be short (Linux caps a
+    single call near 2 GiB, and a full disk or a signal can stop it early)."""
+    view = memoryview(data).cast("B")
+    while view:
+        n = os.write(fd, view)
+        if n <= 0:
+            raise OSError(f"write() wrote {n} bytes")
+        view = view[n:]
+
+
+def fsync_dir(path: Path) -> None:
+    dir_fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
+
+
+def make_dirs(path: Path, mode: int = 0o700) -> None:
+    """mkdir -p, fsyncing the parent of every directory created, so a crash right after
+    cannot lose the new directory entry (and a file fsync'd inside it)."""
+    path = Path(path)
+    if path.is_dir():
+        return
+    make_dirs(path.parent, mode)
+    try:
+        os.mkdir(path, mode)
+    except FileExistsError:
+        return
+    fsync_dir(path.parent)
+
+
+def atomic_write(path: Path, data: bytes) -> None:
+    make_dirs(path.parent)
+    tmp = path.with_name(f".{path.name}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        write_all(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
+
+
+def append_durable(path: Path, data: bytes) -> None:
+    """Append and fsync; a file created here is 0600 and its directory entry fsync'd."""
+    make_dirs(path.parent)
+    created = not path.exists()
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    try:
+        write_all(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    if created:
+        fsync_dir(path.parent)
 
 
 @dataclass
@@ -66,10 +120,17 @@ class Checkpoint:
 
 
 class StateDir:
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path, rotate_bytes: int = ROTATE_BYTES,
+                 rotate_keep: int = ROTATE_KEEP) -> None:
         self.path = Path(path)
-        self.path.mkdir(parents=True, exist_ok=True)
+        make_dirs(self.path)
         os.chmod(self.path, 0o700)
+        self.rotate_bytes = rotate_bytes
+        self.rotate_keep = rotate_keep
+        # Files an older flnode created 0644: nobody else reads a node's state.
+        for f in self.path.glob("*.jsonl*"):
+            if f.stat().st_mode & 0o077:
+                os.chmod(f, 0o600)
 
     @property
     def checkpoint_path(self) -> Path:
@@ -96,6 +157,25 @@ class StateDir:
             raise LocalError(f"checkpoint {self.checkpoint_path} is unreadable ({exc}); "
                              "move it away to start from scratch") from None
 
+    @property
+    def seq_path(self) -> Path:
+        return self.path / "seq"
+
+    def reserve_seq(self, next_free: int) -> None:
+        """Persist the next free sequence number (fsync'd) before a message signed with
+        the one below it can leave: a kill at any point never re-uses a number."""
+        atomic_write(self.seq_path, f"{next_free}\n".encode())
+
+    def reserved_seq(self) -> int:
+        if not self.seq_path.exists():
+            return 0
+        text = self.seq_path.read_text().strip()
+        if not text.isdigit():
+            raise LocalError(f"{self.seq_path} holds {text[:40]!r}, not a sequence number; "
+                             "it must never go back: set it above the highest seq this member "
+                             "ever sent (see the members' audit logs)")
+        return int(text)
+
     def outbox_path(self, round_: int) -> Path:
         return self.path / "outbox" / f"round-{round_:08d}.env"
 
@@ -110,11 +190,27 @@ class StateDir:
         p = self.outbox_path(round_)
         return p.read_bytes() if p.exists() else None
 
+    def prune_outbox(self, before_round: int) -> None:
+        """What a restart needs is the release of the round it resumes at (re-sent byte
+        for byte); the ledger already holds every release's digest for an audit. So a
+        closed round's `.env` and `.body` (our own plaintext share) are unlinked."""
+        gone = False
+        for p in (self.path / "outbox").glob("round-*.*"):
+            try:
+                r = int(p.name.split(".")[0].removeprefix("round-"))
+            except ValueError:
+                continue
+            if r < before_round:
+                p.unlink()
+                gone = True
+        if gone:
+            fsync_dir(self.path / "outbox")
+
     def prune_plain_bodies(self, before_round: int) -> None:
-        """Our own plaintext shares are kept only while a restart may re-send them (the
-        current round): a closed round's `.body` is unlinked."""
+        """With every release kept (keep_releases), still unlink our closed rounds'
+        plaintext shares: only a restart in that round needs them."""
         for p in (self.path / "outbox").glob("round-*.body"):
-            if int(p.stem.removeprefix("round-")) < before_round:
+            if int(p.name.split(".")[0].removeprefix("round-")) < before_round:
                 p.unlink()
 
     def stored_plain_body(self, round_: int) -> bytes:
@@ -137,11 +233,7 @@ class StateDir:
         p = self._prekey_path(epoch)
         if p.exists():
             p.unlink()
-            dir_fd = os.open(p.parent, os.O_RDONLY)
-            try:
-                os.fsync(dir_fd)
-            finally:
-                os.close(dir_fd)
+            fsync_dir(p.parent)
 
     def load_prekeys(self) -> dict[int, bytes]:
         """Our prekeys; a half-written one left by a crash (never announced) is deleted."""
@@ -156,19 +248,62 @@ class StateDir:
         return out
 
     def append_jsonl(self, name: str, record: dict[str, Any]) -> None:
-        with open(self.path / name, "a") as f:
-            f.write(json.dumps(record, sort_keys=True) + "\n")
+        """One line, 0600. Not fsync'd (nothing here is needed for safety: the ledger and
+        the checkpoint are); audit.jsonl rotates at `rotate_bytes`."""
+        path = self.path / name
+        line = (json.dumps(record, sort_keys=True) + "\n").encode()
+        if name in ROTATED:
+            self._rotate_if_full(path, len(line))
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        try:
+            write_all(fd, line)
+        finally:
+            os.close(fd)
+
+    def _rotate_if_full(self, path: Path, adding: int) -> None:
+        try:
+            size = path.stat().st_size
+        except FileNotFoundError:
+            return
+        if size + adding <= self.rotate_bytes or size == 0:
+            return
+        for k in range(self.rotate_keep, 0, -1):
+            older = path.with_name(f"{path.name}.{k}")
+            if not older.exists():
+                continue
+            if k == self.rotate_keep:
+                older.unlink()
+            else:
+                os.replace(older, path.with_name(f"{path.name}.{k + 1}"))
+        if self.rotate_keep > 0:
+            os.replace(path, path.with_name(f"{path.name}.1"))
+        else:
+            path.unlink()
+
+
+def jsonl_files(path: Path) -> list[Path]:
+    """An append-only JSONL file and its rotated predecessors, oldest first
+    (audit.jsonl.4 .. audit.jsonl.1, audit.jsonl)."""
+    rotated = []
+    for p in path.parent.glob(f"{path.name}.*"):
+        suffix = p.name[len(path.name) + 1:]
+        if suffix.isdigit():
+            rotated.append((int(suffix), p))
+    return [p for _, p in sorted(rotated, reverse=True)] + ([path] if path.exists() else [])
 
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
-    """Records of an append-only JSONL file; a torn line (a crash, or a writer
-    mid-line right now) is skipped."""
-    if not path.exists():
-        return []
+    """Records of an append-only JSONL file, its rotated parts first; a torn line (a
+    crash, or a writer mid-line right now) is skipped."""
     out = []
-    for line in path.read_text().splitlines():
+    for part in jsonl_files(path):
         try:
-            out.append(json.loads(line))
-        except ValueError:
+            text = part.read_text()
+        except FileNotFoundError:  # rotated away while we read
             continue
+        for line in text.splitlines():
+            try:
+                out.append(json.loads(line))
+            except ValueError:
+                continue
     return out

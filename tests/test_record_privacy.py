@@ -133,7 +133,7 @@ def test_delta_not_below_one_over_rows_is_refused(tmp_path):
 def test_a_changed_budget_is_refused_not_re_planned(tmp_path):
     prep = make(tmp_path, privacy="record", epsilon=3.0, sigma=None)
     nodes_of(prep)
-    with pytest.raises(LocalError, match="privacy.epsilon is 5.0 but this state dir's plan"):
+    with pytest.raises(LocalError, match="privacy.epsilon is 5.0 but this state dir's privacy plan"):
         nodes_of(prep, hub=MemoryHub(), overrides={"bank-0": {"epsilon": 5.0}})
 
 
