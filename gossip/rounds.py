@@ -79,9 +79,10 @@ class RoundBook:
         """Neighbours that have not left round_ (they may still read our share for it)."""
         return sorted(n for n in self.neighbours if self._latest.get(n, -1) <= round_)
 
-    def complete(self, round_: int) -> bool:
-        """Every neighbour has sent its share for round_, or has moved past it."""
-        return not self.waiting_for(round_)
+    def complete(self, round_: int, ignore: Iterable[str] = ()) -> bool:
+        """Every neighbour (but those in `ignore`: known to be down) has sent its share
+        for round_, or has moved past it."""
+        return not set(self.waiting_for(round_)) - set(ignore)
 
     def waiting_for(self, round_: int) -> list[str]:
         have = self._shares.get(round_, {})

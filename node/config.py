@@ -20,6 +20,18 @@ from node.aggregate import RULES
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _no_bool_numbers(cls, data: object) -> object:
+        """TOML `rounds = true` is a typo, not 1: pydantic's lax mode would take it."""
+        if isinstance(data, dict):
+            for key, value in data.items():
+                field = cls.model_fields.get(key)
+                if isinstance(value, bool) and field is not None and field.annotation is not bool:
+                    raise ValueError(f"{key} = {str(value).lower()}: expected a number, not a "
+                                     "boolean")
+        return data
+
 
 class IdentityConfig(_Section):
     key: Path  # the private key file (0600)
@@ -116,6 +128,9 @@ class GossipConfig(_Section):
     # Rounds ahead of ours whose shares we buffer; further ahead means we are
     # behind and skip forward.
     lookahead: int = Field(default=3, ge=1, le=100)
+    # A member whose share has not come by this many round deadlines in a row is not
+    # waited for until it is heard from again (any authentic, fresh message).
+    absent_after: int = Field(default=1, ge=1, le=1_000_000)
     aggregation: str = "mean"
     max_envelope_bytes: int = Field(default=64 * 1024 * 1024, ge=1024, le=2**31)
     # End-to-end sealing of shares to the members' rotated prekeys (gossip/seal.py).
@@ -152,6 +167,10 @@ class NodeConfig(_Section):
     model: ModelConfig = ModelConfig()
     training: TrainingConfig = TrainingConfig()
     privacy: PrivacyConfig  # required: a node states what it protects
+    # Keep every released envelope in outbox/ (an audit that wants the bytes, not only
+    # their digests in the ledger): one whole share per round, forever. Off: only the
+    # release of the round in progress is kept (a restart re-sends it).
+    keep_releases: bool = False
     gossip: GossipConfig = GossipConfig()
 
 

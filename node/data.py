@@ -97,6 +97,11 @@ def fit_schema(df: pd.DataFrame, label: str, categorical: list[str]) -> FeatureS
     return FeatureSchema(label=label, classes=classes, columns=columns)
 
 
+# A standardized value beyond this is a unit or schema error, not data (and past
+# ~3e38 it is infinite in float32, the model's dtype).
+MAX_STANDARDIZED = 1e6
+
+
 def encode(df: pd.DataFrame, schema: FeatureSchema, source: str = "table") -> tuple[np.ndarray, np.ndarray]:
     """Rows -> (features float32 [n, n_features], labels int64 [n]). Errors name the column."""
     missing = [c.name for c in schema.columns if c.name not in df.columns]
@@ -104,6 +109,8 @@ def encode(df: pd.DataFrame, schema: FeatureSchema, source: str = "table") -> tu
         missing.append(schema.label)
     if missing:
         raise LocalError(f"{source}: missing column(s) the schema requires: {missing}")
+    if len(df) == 0:
+        raise LocalError(f"{source}: no rows (only a header?)")
     blocks = []
     for col in schema.columns:
         series = df[col.name]
@@ -113,7 +120,15 @@ def encode(df: pd.DataFrame, schema: FeatureSchema, source: str = "table") -> tu
             if bad.any():
                 raise LocalError(f"{source}: column {col.name!r}: {int(bad.sum())} row(s) are "
                                  "empty or not finite numbers")
-            blocks.append(((values - col.mean) / col.std)[:, None])
+            z = (values - col.mean) / col.std
+            far = ~(np.abs(z) <= MAX_STANDARDIZED)
+            if far.any():
+                raise LocalError(
+                    f"{source}: column {col.name!r}: {int(far.sum())} row(s) lie more than "
+                    f"{MAX_STANDARDIZED:g} standard deviations from the schema's mean "
+                    f"({col.mean:g} ± {col.std:g}), e.g. {values[far][0]:g}: a unit or schema "
+                    "error (such values also overflow float32 and wreck training)")
+            blocks.append(z[:, None])
         else:
             text = series.astype(str)
             vocab = {v: i for i, v in enumerate(col.vocabulary or ())}

@@ -70,6 +70,11 @@ log = logging.getLogger("flnode.node")
 
 # A member's hellos are answered at most this often (a restart takes longer).
 HELLO_INTERVAL_S = 2.0
+# Rejections that can only follow a member's valid signature on a message that is
+# fresh (never accepted before, so not a replay by someone else): the member is up.
+AUTHENTIC_REASONS = frozenset({"bad_body", "shape", "dtype", "non_finite", "bad_seal",
+                               "no_prekey", "unsealed", "seal_off", "bad_prekey",
+                               "equivocation"})
 
 
 @dataclass
@@ -120,7 +125,9 @@ class Node:
         self.transport = transport
         self.noise = noise
         self.state = StateDir(cfg.state_dir)
-        self.ledger = Ledger(self.state.ledger_path)
+        self.ledger = Ledger(self.state.ledger_path, repair=True)
+        for what in self.ledger.recovered:
+            log.warning("%s: privacy ledger %s: %s", identity.name, self.state.ledger_path, what)
         tc = cfg.training
         self.budget = PrivacyBudget(cfg.privacy, rows=len(train.X), rounds=tc.rounds,
                                     epochs=tc.epochs, batch_size=tc.batch_size,
@@ -139,7 +146,9 @@ class Node:
             self.sealing.own.keys = {e: PrivateKey(raw)
                                      for e, raw in self.state.load_prekeys().items()}
         self._announcement: bytes | None = None  # our current prekey message, once sent
-        self._replies: set[asyncio.Task[None]] = set()
+        # The run's TaskGroup: every task the node starts (receiver, hello replies) is
+        # owned and awaited by it.
+        self._tg: asyncio.TaskGroup | None = None
         self.verifier = Verifier(consortium.id, keys, identity.public_key,
                                  tensor_spec(self.model), cfg.gossip.max_envelope_bytes,
                                  sealing=self.sealing)
@@ -152,6 +161,12 @@ class Node:
         # seal without waiting for them until they announce again. Without this one
         # silent member would make every round wait out its deadline before sealing.
         self._silent: set[str] = set()
+        # Members whose share did not come by `gossip.absent_after` deadlines in a row:
+        # rounds close without waiting for them until they are heard from again (any
+        # authentic message). A member that never starts costs that many deadlines, not
+        # one per round.
+        self._absent: set[str] = set()
+        self._missed: Counter[str] = Counter()
         self._answered: dict[str, float] = {}  # member -> when we last answered its hello
         # Acks of accepted shares, by round: sent once the round is closed and
         # checkpointed, so a node killed before that gets them redelivered (MQTT).
@@ -180,6 +195,10 @@ class Node:
             held = LocalData(X[order[cut:]], y[order[cut:]])
         if len(train.X) == 0:
             raise LocalError(f"{cfg.data.path}: no training rows")
+        if len(held.X) == 0:
+            raise LocalError(f"{cfg.data.eval_path or cfg.data.path}: no held-out rows to "
+                             "evaluate on (too few rows for data.eval_fraction; give "
+                             "data.eval_path)")
         return cls(cfg, identity, consortium, schema, train, held, transport, noise or OsNoise())
 
     def _resume(self) -> None:
@@ -190,7 +209,9 @@ class Node:
         set_flat(self.model, torch.from_numpy(np.frombuffer(cp.model, dtype="<f4").copy()))
         self.book = RoundBook(self.book.neighbours - set(cp.retired), self.book.lookahead,
                               cp.next_round)
-        self.seq = cp.seq
+        # The counter is persisted before any signed message leaves (_sign): a kill after
+        # a send and before the checkpoint never re-uses a number.
+        self.seq = max(cp.seq, self.state.reserved_seq())
         stored = self.state.stored_release(cp.next_round)
         if stored is not None:  # released, then stopped before the checkpoint
             env = envelope.decode_outer(stored, self.cfg.gossip.max_envelope_bytes)
@@ -222,7 +243,10 @@ class Node:
             retired=sorted({m.name for m in self.consortium.members} - {self.name}
                            - self.book.neighbours),
         ))
-        self.state.prune_plain_bodies(self.book.current)
+        if not self.cfg.keep_releases:
+            self.state.prune_outbox(self.book.current)
+        else:
+            self.state.prune_plain_bodies(self.book.current)
 
     # --- receiving ---------------------------------------------------------------
     async def _receive(self) -> None:
@@ -240,6 +264,8 @@ class Node:
             self._reject(msg, exc)
             if exc.signed_round is not None and exc.peer is not None:
                 self.book.note(exc.peer, exc.signed_round)  # we cannot read it, but it is
+            if exc.reason in AUTHENTIC_REASONS and exc.peer is not None:
+                self._heard(exc.peer)  # signed and fresh enough to be its own: it is up
             return None
         if msg.ack is not None:
             if accepted.share is not None:
@@ -247,6 +273,7 @@ class Node:
             else:
                 msg.ack()
         self.counters.accepted[accepted.sender] += 1
+        self._heard(accepted.sender)
         if where == "prekey":
             self._silent.discard(accepted.sender)
             if accepted.hello:
@@ -257,10 +284,16 @@ class Node:
         self.state.append_jsonl("audit.jsonl", {
             "time": time.time(), "round": accepted.round, "member": accepted.sender,
             "seq": accepted.envelope.seq, "digest": accepted.envelope.digest.hex(),
-            "outcome": "accepted", "where": where,
+            "kind": accepted.envelope.kind, "outcome": "accepted", "where": where,
         })
         self._arrived.set()
         return accepted
+
+    def _heard(self, member: str) -> None:
+        self._missed.pop(member, None)
+        if member in self._absent:
+            self._absent.discard(member)
+            log.info("%s: heard from %s again; rounds wait for it again", self.name, member)
 
     def _reject(self, msg: Incoming, exc: RemoteError) -> None:
         self.counters.rejected[exc.reason] += 1
@@ -281,6 +314,7 @@ class Node:
         await self.transport.start()
         try:
             async with asyncio.TaskGroup() as tg:
+                self._tg = tg
                 receiver = tg.create_task(self._receive(), name=f"{self.name}-receive")
                 try:
                     if self.book.current < self.cfg.training.rounds:
@@ -302,9 +336,8 @@ class Node:
                     self._forget_prekeys()
                     self._ack_before(None)
                 finally:
+                    self._tg = None  # no new tasks; the group awaits what it owns
                     receiver.cancel()
-                    for task in list(self._replies):
-                        task.cancel()
         finally:
             self._save_checkpoint()
             await self.transport.close()
@@ -321,16 +354,31 @@ class Node:
         data, own, norm, resent = released
         if data is not None:
             await self._broadcast(r, data)
+        absent_before = set(self._absent)
         await self._collect(r, deadline=self._deadline)
+        self._note_absent(r)
         received = self.book.shares(r)
         shares = [WeightedShare(s.sender, s.share.weight, named_to_flat(self.model, s.share.tensors))
                   for s in received.values()]
-        set_flat(self.model, self.rule(shares, own))
+        combined = self.rule(shares, own)
+        if bool(torch.isfinite(combined).all()):
+            set_flat(self.model, combined)
+        else:  # e.g. finite shares whose sum overflows float32: never carried on
+            log.error("%s: round %d: the %s of %d share(s) is not finite; keeping our own "
+                      "released share as the model", self.name, r + 1,
+                      self.cfg.gossip.aggregation, len(shares) + 1)
+            self.counters.rejected["non_finite_aggregate"] += 1
+            set_flat(self.model, own.vector)
         metrics = evaluate(self.model, self.held_out.X, self.held_out.y)
         missing = self.book.missing(r)
+        # How the round closed: "all" shares came, the missing had "moved_on", were
+        # "absent" (silent since an earlier deadline: not waited for), or the "deadline" passed.
+        closed = ("all" if not missing else "moved_on" if self.book.complete(r)
+                  else "absent" if self.book.complete(r, ignore=absent_before) else "deadline")
         if missing:  # rounds are 0-based inside, 1-based for people
-            why = ("they had moved on to later rounds" if self.book.complete(r)
-                   else "deadline passed")
+            why = {"moved_on": "they had moved on to later rounds",
+                   "absent": "not waited for: silent since an earlier deadline",
+                   "deadline": "deadline passed"}[closed]
             log.warning("%s: round %d closed without %s (%s)", self.name, r + 1,
                         ", ".join(missing), why)
         nxt = self.book.advance()
@@ -344,12 +392,12 @@ class Node:
         # and appends a second line for it (readers take the last), rather than
         # losing the round's line.
         self._record_round(r, metrics=metrics, epsilon=eps, received=report.received,
-                           missing=missing)
+                           missing=missing, closed=closed)
         self._save_checkpoint()
         self._ack_before(self.book.current)
         return report
 
-    async def _release(self, r: int) -> tuple[bytes, WeightedShare, float, bool] | None:
+    async def _release(self, r: int) -> tuple[bytes | None, WeightedShare, float, bool] | None:
         """Our share for round r: the stored one after a restart, else train a new one.
 
         None when releasing it would exceed the privacy budget.
@@ -403,11 +451,33 @@ class Node:
                                             self.noise)
             charges += self.budget.next_release(r)
         released = start + update
+        if not bool(torch.isfinite(released).all()):
+            # Local training diverged (a learning rate too high, a value that overflows
+            # float32): nothing non-finite is ever released, nor charged.
+            self.counters.rejected["non_finite_local"] += 1
+            log.error("%s: round %d: local training produced non-finite parameters (check "
+                      "training.lr and the data's ranges); nothing released this round, the "
+                      "round goes on with the others' shares", self.name, r + 1)
+            self._restart_deadline()
+            return None, WeightedShare(self.name, weight, start), float("nan"), False
+        if pc.mode != "off":
+            # The plan's cost was checked before training; record mode charges what the
+            # training actually did. Check that too, before anything is charged or sent.
+            over = self.budget.would_exceed(charges)
+            if over is not None:
+                self.stopped = (
+                    f"privacy budget ε = {pc.epsilon:g} at δ = {pc.delta:g} reached: round "
+                    f"{r + 1} as trained would bring ε to {over:.3f}; its share is discarded "
+                    f"(never released, evaluated or carried on); serving the round-{r} model")
+                return None
         body = envelope.encode_share(flat_to_named(self.model, released), weight)
         # The round's deadline counts from here: waiting for prekeys and for shares share it.
         self._restart_deadline()
         data = await self._pack_share(r, body)
-        digest = _blake(data if data is not None else body)
+        # The ledger names a release by its envelope digest: what the signature covers,
+        # and what every receiver writes to its audit log for the share it accepted.
+        digest = (envelope.decode_outer(data, self.cfg.gossip.max_envelope_bytes).digest.hex()
+                  if data is not None else _blake(body))
         for record in charges:
             # Charged and fsync'd before the bytes exist anywhere but in memory, and
             # also when nobody could be sealed for: our model goes on from this share.
@@ -443,11 +513,13 @@ class Node:
         return self._sign(kind, r, body)
 
     def _sign(self, kind: str, r: int, body: bytes | Sequence[bytes]) -> bytes:
-        """Sign a message with the next sequence number (each is used once, ever: the
-        caller stores the bytes or checkpoints the counter before they leave)."""
+        """Sign a message with the next sequence number. Each is used once, ever: the
+        next free number is on disk (fsync'd) before this returns, so before anything
+        signed can leave, whatever the caller does next."""
         data = envelope.pack(self.identity.signing_key, self.consortium.id, kind, r, self.seq,
                              body)
         self.seq += 1
+        self.state.reserve_seq(self.seq)  # fsync'd: the one place a number is spent
         return data
 
     def _restart_deadline(self) -> None:
@@ -493,7 +565,6 @@ class Node:
         if announce:
             messages.append(self.sealing.announcement(hello=True))
         packed = [self._sign(KIND_PREKEY, r, body) for body in messages]
-        self._save_checkpoint()  # the sequence numbers are spent before the bytes leave
         self._announcement = packed[0]
         await self._broadcast(r, packed[-1])
 
@@ -507,9 +578,9 @@ class Node:
         if now - self._answered.get(member, -HELLO_INTERVAL_S) < HELLO_INTERVAL_S:
             return
         self._answered[member] = now
-        task = asyncio.get_running_loop().create_task(self._send(member, self._announcement))
-        self._replies.add(task)
-        task.add_done_callback(self._replies.discard)
+        if self._tg is not None:  # owned and awaited by the run's TaskGroup
+            self._tg.create_task(self._send(member, self._announcement),
+                                 name=f"{self.name}-hello-reply-{member}")
 
     def _ack_before(self, round_: int | None) -> None:
         """Acknowledge the shares of rounds before round_ (all if None): used or skipped,
@@ -558,11 +629,24 @@ class Node:
             log.error("%s: round %d: our %s was not sent: %s", self.name, r + 1,
                       envelope.decode_outer(data).kind, exc)
 
+    def _note_absent(self, r: int) -> None:
+        """Members still in round r whose share did not come by its deadline: after
+        `gossip.absent_after` such deadlines in a row, stop waiting for them."""
+        for m in self.book.waiting_for(r):
+            if m in self._absent:
+                continue
+            self._missed[m] += 1
+            if self._missed[m] >= self.cfg.gossip.absent_after:
+                self._absent.add(m)
+                log.warning("%s: %s sent nothing by %d deadline(s) in a row; rounds no longer "
+                            "wait for it until it is heard from again", self.name, m,
+                            self._missed[m])
+
     async def _collect(self, r: int, deadline: float) -> None:
         loop = asyncio.get_running_loop()
         while True:
             self._arrived.clear()
-            if self.book.complete(r):
+            if self.book.complete(r, ignore=self._absent):
                 return
             remaining = deadline - loop.time()
             if remaining <= 0:

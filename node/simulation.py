@@ -64,6 +64,7 @@ class SimulationSpec:
     round_deadline_s: float = 120.0
     transport: str = "memory"
     seal: str = "auto"  # gossip.seal for every node: auto (on for mqtt), on, off
+    keep_releases: bool = False  # keep every released envelope in outbox/ (audits, tests)
 
 
 @dataclass(frozen=True)
@@ -188,6 +189,8 @@ def prepare(spec: SimulationSpec,
             "gossip": {"transport": spec.transport, "round_deadline_s": spec.round_deadline_s,
                        "seal": spec.seal},
         }
+        if spec.keep_releases:
+            cfg["keep_releases"] = True
         path = out / "nodes" / f"{name}.toml"
         path.write_text(tomli_w.dumps(cfg))
         config_paths.append(path)

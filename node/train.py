@@ -37,8 +37,14 @@ def metric_name(n_classes: int) -> str:
 def evaluate(model: nn.Module, X: np.ndarray, y: np.ndarray) -> dict[str, float]:
     """Held-out metrics: ROC-AUC and PR-AUC for binary labels, accuracy always."""
     model.eval()
-    logits = model(torch.from_numpy(X))
+    with torch.no_grad():
+        logits = model(torch.from_numpy(X))
     probs = torch.softmax(logits, dim=1).numpy()
+    if not np.isfinite(probs).all():
+        # A model with non-finite parameters (or an input that overflows float32):
+        # recorded as NaN metrics, never raised; the caller says why.
+        nan = float("nan")
+        return {"accuracy": nan, **({"roc_auc": nan, "pr_auc": nan} if probs.shape[1] == 2 else {})}
     out = {"accuracy": float((probs.argmax(1) == y).mean())}
     if probs.shape[1] == 2:
         if len(np.unique(y)) == 2:

@@ -14,6 +14,7 @@ from rich.console import Console
 
 from gossip import envelope
 from node.simulation import SimulationSpec, prepare, simulate
+from node.state import read_jsonl
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parent.parent
@@ -53,10 +54,10 @@ def test_sealing_is_optional_over_libp2p_and_changes_the_bytes_not_the_model(tmp
     for name, auc in mem["consortium"]["per_node"].items():
         assert abs(net["consortium"]["per_node"][name] - auc) <= 0.01, (name, auc)
     assert net["rejected"] == {}
-    for name in mem["consortium"]["per_node"]:
-        released = sorted((tmp_path / "net" / "state" / name / "outbox").glob("round-*.env"))
-        assert len(released) == 5
-        assert {envelope.decode_outer(p.read_bytes()).kind for p in released} == {"sealed"}
+    for name in mem["consortium"]["per_node"]:  # what each member accepted from the others
+        accepted = [a for a in read_jsonl(tmp_path / "net" / "state" / name / "audit.jsonl")
+                    if a["outcome"] == "accepted" and a["kind"] in ("share", "sealed")]
+        assert len(accepted) == 3 * 5 and {a["kind"] for a in accepted} == {"sealed"}
 
 
 def test_sigkilled_node_rejoins_and_nobody_hangs_or_double_releases(tmp_path):
@@ -76,11 +77,15 @@ def test_sigkilled_node_rejoins_and_nobody_hangs_or_double_releases(tmp_path):
     # ... its privacy spend was never under-counted: every released round has a
     # ledger record (a kill between charge and release may leave a second record
     # for a round: over-counting is allowed, under-counting is not) ...
+    # (The ledger names each release by its envelope digest, the one every receiver
+    # writes to its audit log: what left a member is matched to what it charged.)
     for name in net["processes"]:
-        ledger = {json.loads(x)["round"] for x in
+        ledger = {json.loads(x)["share_digest"] for x in
                   (out / "state" / name / "ledger.jsonl").read_text().splitlines()}
-        released = {int(p.stem.split("-")[1]) for p in
-                    (out / "state" / name / "outbox").glob("round-*.env")}
+        released = {a["digest"] for other in net["processes"] if other != name
+                    for a in read_jsonl(out / "state" / other / "audit.jsonl")
+                    if a["member"] == name and a["outcome"] == "accepted"
+                    and a["kind"] == "share"}
         assert released and released <= ledger
     # ... and no member ever accepted two different shares from it for one round.
     for name in ("bank-0", "bank-1", "bank-3"):
@@ -130,8 +135,9 @@ def test_daemon_stops_cleanly_on_sigterm_and_resumes_with_the_stored_release(tmp
     r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert r.returncode == 0, r.stdout + r.stderr
     assert "starting at round 1/1" in r.stdout and "(resent stored release)" in r.stdout
-    assert outbox.read_bytes() == released
-    assert len((state / "ledger.jsonl").read_text().splitlines()) == 1
+    ledger = [json.loads(x) for x in (state / "ledger.jsonl").read_text().splitlines()]
+    assert [x["share_digest"] for x in ledger] == [envelope.decode_outer(released).digest.hex()]
+    assert not outbox.exists()  # round 1 is closed: no restart will need it again
 
 
 def test_daemon_refuses_the_memory_transport_with_a_clear_message(tmp_path):
@@ -146,7 +152,7 @@ def test_daemon_refuses_the_memory_transport_with_a_clear_message(tmp_path):
 def test_random_sigkills_never_undercount_epsilon_nor_double_release(tmp_path):
     """A few kills here; `scripts/crash_test.py --kills 20` is the long version."""
     r = subprocess.run([sys.executable, str(ROOT / "scripts" / "crash_test.py"), "--kills", "3",
-                        "--min", "2", "--max", "6", "--seed", "1", "--out", str(tmp_path),
+                        "--min", "0", "--max", "2", "--seed", "1", "--out", str(tmp_path),
                         "--json"], capture_output=True, text=True, timeout=600)
     result = json.loads(r.stdout.strip().splitlines()[-1])
     assert r.returncode == 0 and result["ok"], result

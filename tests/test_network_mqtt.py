@@ -21,6 +21,7 @@ from gossip.errors import RemoteError
 from gossip.seal import PrekeyStore, open_sealed, seal_ad
 from node.identity import load_identity
 from node.simulation import SimulationSpec, simulate
+from node.state import read_jsonl
 from tests.mqtt_support import require_mosquitto
 
 pytestmark = pytest.mark.slow
@@ -45,7 +46,8 @@ def test_four_processes_over_mosquitto_match_the_in_process_simulation(tmp_path)
     with pytest.raises(ProcessLookupError):
         os.kill(pid, 0)
     mem = simulate(SimulationSpec(dataset="churn", nodes=4, partition="column:state", rounds=10,
-                                  seed=0, out=tmp_path / "mem"), Console(quiet=True))
+                                  seed=0, out=tmp_path / "mem", keep_releases=True),
+                   Console(quiet=True))
     assert net["transport"] == "mqtt"
     for name, auc in mem["consortium"]["per_node"].items():
         assert abs(net["consortium"]["per_node"][name] - auc) <= 0.01, (name, auc)
@@ -107,9 +109,15 @@ def test_a_killed_node_gets_the_shares_published_while_it_was_down(tmp_path):
     restarted = datetime.datetime.combine(today, datetime.time.fromisoformat(hms)).timestamp()
     audit = [json.loads(x) for x in (out / "state" / "telco-2" / "audit.jsonl").read_text()
              .splitlines()]
+    # When a share was published: when another member accepted the same digest.
+    first_seen: dict[str, float] = {}
+    for name in procs:
+        if name != "telco-2":
+            for a in read_jsonl(out / "state" / name / "audit.jsonl"):
+                if a["outcome"] == "accepted":
+                    first_seen[a["digest"]] = min(a["time"], first_seen.get(a["digest"], a["time"]))
     queued = [a for a in audit if a["outcome"] == "accepted" and a["time"] >= restarted and
-              (out / "state" / a["member"] / "outbox" / f"round-{a['round']:08d}.env")
-              .stat().st_mtime < restarted - 1]
+              first_seen.get(a["digest"], restarted) < restarted - 1]
     # Shares the others released (and published) while telco-2 was down, which
     # the broker kept in telco-2's session and handed to the new process.
     assert queued, audit
