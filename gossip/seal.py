@@ -50,6 +50,15 @@ member that receives it (new, not a duplicate) answers with its own current
 announcement (hello unset), so a member that joins late or restarts learns
 the others' prekeys without the transport having to keep anything.
 
+Keys that cannot hurt: `verify_prekey` refuses (`bad_prekey`) an X25519 key
+that is not the canonical encoding (top bit set, or u >= 2^255 - 19) or is
+one of the small-order points, even when a member signed it: libsodium
+refuses to seal to those, and sealing for one must not take a node down.
+`Sealing.seal` leaves out any recipient it cannot seal for (`left_out`), and
+`Sealing.load_peers` drops a saved prekey that no longer verifies instead of
+refusing the whole checkpoint. Every parser here reads field by field
+(gossip.wire), as the envelope does.
+
 Epochs: round r is in epoch r // K. A member at round r holds private keys
 for epochs epoch(r) .. epoch(r) + ahead, where ahead = ceil(lookahead / K),
 so a sender up to `lookahead` rounds ahead finds a prekey for its own round;
@@ -72,7 +81,8 @@ from nacl.exceptions import BadSignatureError, CryptoError
 from nacl.public import PrivateKey, PublicKey, SealedBox
 from nacl.signing import SigningKey, VerifyKey
 
-from gossip.errors import LocalError, RemoteError
+from gossip.errors import LocalError, RemoteError, describe, shorten
+from gossip.wire import Reader, WireError
 
 SEAL_VERSION = 1
 PREKEY_TAG = b"flnode/1 prekey-sig\x00"
@@ -91,6 +101,37 @@ WRAPPED_BYTES = 80  # SealedBox: 32 B ephemeral key + 16 B MAC + 32 B key
 # One wrap per member; a consortium larger than this is not one we serve.
 MAX_RECIPIENTS = 1024
 MAX_EPOCH = 2**53
+# A signed prekey is ~140 B of msgpack; an announcement item larger than this is not one.
+MAX_SIGNED_PREKEY_BYTES = 256
+
+# X25519 public keys a peer may not give us (RFC 7748 §6.1 leaves the check to the
+# caller). A u-coordinate of a point of small order makes every shared secret one of
+# a few values; libsodium refuses to seal to one (crypto_box_seal raises), so a member
+# announcing one would crash every sealing node. The five canonical small-order
+# u-coordinates (libsodium's `has_small_order` list: 0, 1, the two of order 8, p-1);
+# every other encoding of them is non-canonical (u >= p, or the top bit set) and is
+# refused as such, which covers the usual list of 12 low-order encodings.
+X25519_P = 2**255 - 19
+_ORDER_8 = ("e0eb7a7c3b41b8ae1656e3faf19fc46ada098deb9c32b1fd866205165f49b800",
+            "5f9c95bca3508c24b1d0b1559c83ef5b04445cc4581c8e86d8224eddd09f1157")
+LOW_ORDER_U = frozenset({0, 1, X25519_P - 1,
+                         *(int.from_bytes(bytes.fromhex(h), "little") for h in _ORDER_8)})
+
+
+def x25519_problem(raw: bytes) -> str | None:
+    """Why `raw` is not an X25519 public key we seal to, or None if it is fine:
+    32 bytes, the canonical encoding (top bit clear, u < p) of a point not of small
+    order."""
+    if len(raw) != KEY_BYTES:
+        return f"an X25519 key is {KEY_BYTES} bytes, not {len(raw)}"
+    u = int.from_bytes(raw, "little")
+    if u >> 255:
+        return "non-canonical X25519 key (top bit set)"
+    if u >= X25519_P:
+        return "non-canonical X25519 key (u >= 2^255 - 19)"
+    if u in LOW_ORDER_U:
+        return "low-order X25519 key (every shared secret would be predictable)"
+    return None
 
 
 @dataclass(frozen=True)
@@ -118,20 +159,24 @@ def sign_prekey(identity: SigningKey, consortium_id: bytes, epoch: int,
     return SignedPrekey(bytes(identity.verify_key), epoch, raw, sig)
 
 
-def verify_prekey(data: bytes, consortium_id: bytes, members: Mapping[bytes, str]) -> SignedPrekey:
-    """Parse and check a member's signed prekey; RemoteError names the reason."""
+def verify_prekey(data: bytes | memoryview, consortium_id: bytes,
+                  members: Mapping[bytes, str]) -> SignedPrekey:
+    """Parse and check a member's signed prekey; RemoteError names the reason.
+
+    Read field by field (gossip.wire); a low-order or non-canonical X25519 key is
+    `bad_prekey` even when a member signed it."""
     try:
-        item = msgpack.unpackb(data, raw=False, max_bin_len=64, max_str_len=0, max_array_len=4,
-                               max_map_len=0, max_ext_len=0)
-    except Exception as exc:  # noqa: BLE001 - parser boundary, re-raised as RemoteError
-        raise RemoteError("bad_prekey", f"decode failed: {type(exc).__name__}") from None
-    if not (isinstance(item, list) and len(item) == 4):
-        raise RemoteError("bad_prekey", "expected [member_key, epoch, x25519, sig]")
-    member_key, epoch, x25519, sig = item
-    if not (isinstance(member_key, bytes) and len(member_key) == 32 and isinstance(x25519, bytes)
-            and len(x25519) == 32 and isinstance(sig, bytes) and len(sig) == 64
-            and type(epoch) is int and 0 <= epoch < MAX_EPOCH):
-        raise RemoteError("bad_prekey", "field sizes or types are wrong")
+        r = Reader(data)
+        if r.array_header() != 4:
+            raise RemoteError("bad_prekey", "expected [member_key, epoch, x25519, sig]")
+        member_key = bytes(r.bin(exact=32))
+        epoch = r.uint(MAX_EPOCH)
+        x25519 = bytes(r.bin(exact=KEY_BYTES))
+        sig = bytes(r.bin(exact=64))
+        r.done()
+    except WireError as exc:
+        raise RemoteError("bad_prekey", f"expected [member_key (bin 32), epoch (uint), "
+                          f"x25519 (bin 32), sig (bin 64)]: {exc}") from None
     name = members.get(member_key)
     if name is None:
         raise RemoteError("non_member", "prekey signed by a key that is not a member's")
@@ -139,6 +184,9 @@ def verify_prekey(data: bytes, consortium_id: bytes, members: Mapping[bytes, str
         VerifyKey(member_key).verify(_prekey_message(consortium_id, epoch, x25519), sig)
     except BadSignatureError:
         raise RemoteError("bad_signature", "prekey signature does not verify", name) from None
+    problem = x25519_problem(x25519)
+    if problem is not None:
+        raise RemoteError("bad_prekey", f"epoch {epoch}: {problem}", name)
     return SignedPrekey(member_key, epoch, x25519, sig)
 
 
@@ -183,62 +231,107 @@ def seal_ad(consortium_id: bytes, sender: bytes, round_: int) -> bytes:
     return SEAL_AD_TAG + consortium_id + sender + round_.to_bytes(8, "big")
 
 
-def seal(body: bytes, recipients: Mapping[str, SignedPrekey], ad: bytes) -> tuple[bytes, bytes]:
+def seal(body: bytes, recipients: Mapping[str, SignedPrekey], ad: bytes,
+         left_out: dict[str, str] | None = None) -> tuple[bytes, bytes]:
     """Encrypt `body` once and wrap its key for every recipient's (verified) prekey.
 
     Returns the sealed body in two parts (length + header, ciphertext): join them,
-    or hand both to `envelope.pack`, which writes them out without joining first."""
+    or hand both to `envelope.pack`, which writes them out without joining first.
+
+    A recipient whose key cannot be sealed to (a low-order or malformed key that got
+    past verification, or anything libsodium refuses) is left out: with `left_out`
+    given, its name and the reason are put there and the others are sealed for (if
+    all are left out, the body opens for nobody); without it, LocalError."""
     if not recipients:
         raise LocalError("no recipients to seal for")
     key = nacl.utils.random(KEY_BYTES)
     nonce = nacl.utils.random(NONCE_BYTES)
+    wraps = []
+    for name, p in sorted(recipients.items()):
+        problem = x25519_problem(p.x25519)
+        if problem is None:
+            try:
+                wraps.append([p.epoch, p.x25519, SealedBox(PublicKey(p.x25519)).encrypt(key)])
+                continue
+            except Exception as exc:  # noqa: BLE001 - one recipient must not stop the others
+                problem = f"sealing failed: {describe(exc)}"
+        if left_out is None:
+            raise LocalError(f"cannot seal for {name}: {problem}")
+        left_out[name] = problem
     ct = ChaCha20Poly1305(key).encrypt(nonce, body, ad)
-    wraps = [[p.epoch, p.x25519, SealedBox(PublicKey(p.x25519)).encrypt(key)]
-             for _, p in sorted(recipients.items())]
     header = msgpack.packb({"v": SEAL_VERSION, "nonce": nonce, "kc": key_commitment(key),
                             "keys": wraps}, use_bin_type=True)
     return len(header).to_bytes(HEADER_LEN_BYTES, "big") + header, ct
 
 
-def open_sealed(data: bytes, store: PrekeyStore, ad: bytes, sender: str | None = None) -> bytes:
+def _read_header(view: memoryview, ours: Mapping[bytes, PrivateKey]
+                 ) -> tuple[bytes, bytes, tuple[PrivateKey, bytes] | None]:
+    """(nonce, kc, (our private key, its wrap) or None) of a sealed body's header, read
+    field by field: every field's type and size is checked before it is taken."""
+    r = Reader(view)
+    if r.map_header() != 4:
+        raise WireError("not a map of 4")
+    fields: dict[str, object] = {}
+    mine = None
+    for _ in range(4):
+        key = r.str(8)
+        if key in fields:
+            raise WireError("a key twice")
+        if key == "v":
+            fields[key] = r.int()
+        elif key == "nonce":
+            fields[key] = bytes(r.bin(exact=NONCE_BYTES))
+        elif key == "kc":
+            fields[key] = bytes(r.bin(exact=KC_BYTES))
+        elif key == "keys":
+            count = r.array_header()
+            if count > MAX_RECIPIENTS:
+                raise WireError(f"more than {MAX_RECIPIENTS} key wraps")
+            for _ in range(count):
+                if r.array_header() != 3:
+                    raise WireError("a key wrap is not [epoch, prekey, wrapped]")
+                r.uint(MAX_EPOCH)
+                prekey = r.bin(exact=KEY_BYTES)
+                wrapped = r.bin(exact=WRAPPED_BYTES)
+                if mine is None:
+                    private = ours.get(bytes(prekey))
+                    if private is not None:
+                        mine = (private, bytes(wrapped))
+            fields[key] = True
+        else:
+            raise WireError("an unknown key")
+    r.done()
+    if fields["v"] != SEAL_VERSION:
+        raise WireError(f"version {shorten(fields['v'])}")
+    return fields["nonce"], fields["kc"], mine  # type: ignore[return-value]
+
+
+def open_sealed(data: bytes | memoryview, store: PrekeyStore, ad: bytes,
+                sender: str | None = None) -> bytes:
     """Decrypt a sealed body with one of our prekeys. Verify the envelope first."""
     view = memoryview(data)
     n = int.from_bytes(view[:HEADER_LEN_BYTES], "big")
     if len(view) < HEADER_LEN_BYTES or not 0 < n <= min(MAX_HEADER_BYTES,
                                                          len(view) - HEADER_LEN_BYTES):
         raise RemoteError("bad_seal", "header length prefix out of range", sender)
-    try:
-        doc = msgpack.unpackb(view[HEADER_LEN_BYTES:HEADER_LEN_BYTES + n], raw=False,
-                              strict_map_key=True, max_bin_len=WRAPPED_BYTES, max_str_len=8,
-                              max_array_len=MAX_RECIPIENTS, max_map_len=4, max_ext_len=0)
-    except Exception as exc:  # noqa: BLE001 - parser boundary, re-raised as RemoteError
-        raise RemoteError("bad_seal", f"header decode failed: {type(exc).__name__}",
-                          sender) from None
-    if not (isinstance(doc, dict) and set(doc) == {"v", "nonce", "kc", "keys"}
-            and type(doc["v"]) is int and doc["v"] == SEAL_VERSION
-            and isinstance(doc["nonce"], bytes) and len(doc["nonce"]) == NONCE_BYTES
-            and isinstance(doc["kc"], bytes) and len(doc["kc"]) == KC_BYTES
-            and isinstance(doc["keys"], list)):
-        raise RemoteError("bad_seal", "not a version 1 sealed body", sender)
     ours = {bytes(k.public_key): k for k in store.keys.values()}
-    for wrap in doc["keys"]:
-        if not (isinstance(wrap, list) and len(wrap) == 3 and isinstance(wrap[1], bytes)
-                and isinstance(wrap[2], bytes) and len(wrap[2]) == WRAPPED_BYTES):
-            raise RemoteError("bad_seal", "malformed key wrap", sender)
-        private = ours.get(wrap[1])
-        if private is None:
-            continue
-        try:
-            key = SealedBox(private).decrypt(wrap[2])
-            if not hmac.compare_digest(key_commitment(key), doc["kc"]):
-                raise RemoteError("bad_seal", "the share key does not match the signed key "
-                                  "commitment (different keys for different members)", sender)
-            return ChaCha20Poly1305(key).decrypt(doc["nonce"], view[HEADER_LEN_BYTES + n:], ad)
-        except (CryptoError, InvalidTag):
-            raise RemoteError("bad_seal", "decryption failed (tampered, or lifted from another "
-                              "sender's or round's envelope)", sender) from None
-    raise RemoteError("no_prekey", "sealed for none of our current prekeys (rotated away, or "
-                      "not addressed to us)", sender)
+    try:
+        nonce, kc, mine = _read_header(view[HEADER_LEN_BYTES:HEADER_LEN_BYTES + n], ours)
+    except WireError as exc:
+        raise RemoteError("bad_seal", f"not a version 1 sealed body: {exc}", sender) from None
+    if mine is None:
+        raise RemoteError("no_prekey", "sealed for none of our current prekeys (rotated away, "
+                          "or not addressed to us)", sender)
+    private, wrapped = mine
+    try:
+        key = SealedBox(private).decrypt(wrapped)
+        if not hmac.compare_digest(key_commitment(key), kc):
+            raise RemoteError("bad_seal", "the share key does not match the signed key "
+                              "commitment (different keys for different members)", sender)
+        return ChaCha20Poly1305(key).decrypt(nonce, view[HEADER_LEN_BYTES + n:], ad)
+    except (CryptoError, InvalidTag):
+        raise RemoteError("bad_seal", "decryption failed (tampered, or lifted from another "
+                          "sender's or round's envelope)", sender) from None
 
 
 # --- prekey announcements ---------------------------------------------------------
@@ -250,23 +343,34 @@ def encode_announcement(prekeys: Sequence[SignedPrekey], hello: bool) -> bytes:
                          use_bin_type=True)
 
 
-def decode_announcement(body: bytes, consortium_id: bytes, sender_key: bytes,
+def decode_announcement(body: bytes | memoryview, consortium_id: bytes, sender_key: bytes,
                         members: Mapping[bytes, str]) -> tuple[list[SignedPrekey], bool]:
     """The verified prekeys of an announcement (each must be signed by `sender_key`) and
-    whether the sender asks for ours (`hello`: it has just started)."""
+    whether the sender asks for ours (`hello`: it has just started). Read field by field
+    (gossip.wire): nothing is built for a field before its type and size are checked."""
     name = members.get(sender_key)
+    hello: bool | None = None
+    items: list[memoryview] | None = None
     try:
-        doc = msgpack.unpackb(body, raw=False, max_bin_len=256, max_str_len=8,
-                              max_array_len=MAX_ANNOUNCED, max_map_len=2, max_ext_len=0)
-    except Exception as exc:  # noqa: BLE001 - parser boundary, re-raised as RemoteError
-        raise RemoteError("bad_prekey", f"announcement decode failed: {type(exc).__name__}",
-                          name) from None
-    items = doc.get("prekeys") if isinstance(doc, dict) else None
-    if not (isinstance(doc, dict) and set(doc) == {"hello", "prekeys"}
-            and type(doc["hello"]) is bool and isinstance(items, list) and items
-            and all(isinstance(i, bytes) for i in items)):
+        r = Reader(body)
+        if r.map_header() != 2:
+            raise WireError("not a map of 2")
+        for _ in range(2):
+            key = r.str(8)
+            if key == "hello" and hello is None:
+                hello = r.bool()
+            elif key == "prekeys" and items is None:
+                count = r.array_header()
+                if not 0 < count <= MAX_ANNOUNCED:
+                    raise WireError(f"{count} prekeys")
+                items = [r.bin(max_len=MAX_SIGNED_PREKEY_BYTES) for _ in range(count)]
+            else:
+                raise WireError("unexpected key")
+        r.done()
+    except WireError as exc:
         raise RemoteError("bad_prekey", "expected {hello: bool, prekeys: [1.."
-                          f"{MAX_ANNOUNCED} signed prekeys]}}", name)
+                          f"{MAX_ANNOUNCED} signed prekeys]}}: {exc}", name) from None
+    assert hello is not None and items is not None
     out = []
     for item in items:
         try:
@@ -278,7 +382,7 @@ def decode_announcement(body: bytes, consortium_id: bytes, sender_key: bytes,
         out.append(prekey)
     if len({p.epoch for p in out}) != len(out):
         raise RemoteError("bad_prekey", "two prekeys for one epoch in one announcement", name)
-    return out, doc["hello"]
+    return out, hello
 
 
 class Sealing:
@@ -306,6 +410,9 @@ class Sealing:
         self.own = PrekeyStore()
         self.peers: dict[str, dict[int, SignedPrekey]] = {}
         self._learned_seq: dict[tuple[str, int], int] = {}  # (member, epoch) -> seq it came in
+        # Who the last `seal` call left out and why (member name -> reason); empty if it
+        # sealed for every recipient it was given.
+        self.left_out: dict[str, str] = {}
 
     def epoch(self, round_: int) -> int:
         return epoch_of(round_, self.rotate_every)
@@ -358,15 +465,45 @@ class Sealing:
                        for e, p in sorted(known.items())]
                 for name, known in self.peers.items() if known}
 
-    def load_peers(self, saved: Mapping[str, Sequence[Sequence[object]]], round_: int) -> None:
-        """Learn again what `export_peers` saved; each prekey's signature is checked anew."""
+    def load_peers(self, saved: Mapping[str, Sequence[Sequence[object]]], round_: int
+                   ) -> dict[str, str]:
+        """Learn again what `export_peers` saved; each prekey is checked anew (signature,
+        and a key we can seal to: not low-order, canonical).
+
+        A saved prekey that fails is dropped, not the whole load: returns, per member
+        with at least one dropped prekey, why (member name -> reason). The caller
+        warns, and asks that member for a fresh announcement (our hello does).
+        Raises ValueError only if `saved` is not a mapping at all."""
+        if not isinstance(saved, Mapping):
+            raise ValueError("saved prekeys are not a mapping of member -> [[seq, bytes], ...]")
+        dropped: dict[str, str] = {}
+        names = set(self.members.values())
         for name, items in saved.items():
-            for seq, encoded in items:
-                if not (type(seq) is int and isinstance(encoded, bytes)):
-                    raise ValueError(f"saved prekey of {name!r} is not [seq, bytes]")
-                prekey = verify_prekey(encoded, self.consortium_id, self.members)
-                if self.members.get(prekey.member_key) == name:
-                    self.learn(name, [prekey], round_, seq)
+            label = name if isinstance(name, str) else shorten(name)
+            if label not in names:
+                dropped[label] = "not a member of this consortium"
+                continue
+            if not isinstance(items, list | tuple):
+                dropped[label] = "saved prekeys are not a list"
+                continue
+            for item in items:
+                try:
+                    seq, encoded = item
+                    if not (type(seq) is int and isinstance(encoded, bytes)):
+                        raise ValueError
+                except (TypeError, ValueError):
+                    dropped[label] = "a saved prekey is not [seq, bytes]"
+                    continue
+                try:
+                    prekey = verify_prekey(encoded, self.consortium_id, self.members)
+                except RemoteError as exc:
+                    dropped[label] = f"{exc.reason}: {exc.detail}"
+                    continue
+                if self.members.get(prekey.member_key) != name:
+                    dropped[label] = "a saved prekey is signed by another member"
+                    continue
+                self.learn(name, [prekey], round_, seq)
+        return dropped
 
     def recipients(self, round_: int, names: Sequence[str]) -> tuple[dict[str, SignedPrekey],
                                                                       list[str]]:
@@ -377,7 +514,24 @@ class Sealing:
 
     def seal(self, body: bytes, round_: int, recipients: Mapping[str, SignedPrekey]
              ) -> tuple[bytes, bytes]:
-        return seal(body, recipients, seal_ad(self.consortium_id, self.own_key, round_))
+        """Seal a round-`round_` share body for `recipients` (from `recipients()`).
+
+        Never raises because of one recipient: a member whose prekey cannot be sealed
+        to is left out, its prekey for that epoch is forgotten (so `recipients()`
+        reports it as missing until it announces again), and `self.left_out` says who
+        and why (member name -> reason; empty when everyone was sealed for). If every
+        recipient is left out, the body opens for nobody: check
+        `len(self.left_out) == len(recipients)` before sending it."""
+        self.left_out = {}
+        parts = seal(body, recipients, seal_ad(self.consortium_id, self.own_key, round_),
+                     self.left_out)
+        for name in self.left_out:
+            bad = recipients[name]
+            known = self.peers.get(name, {})
+            if known.get(bad.epoch) == bad:
+                del known[bad.epoch]
+                self._learned_seq.pop((name, bad.epoch), None)
+        return parts
 
     def open(self, body: bytes, sender_key: bytes, round_: int, name: str) -> bytes:
         return open_sealed(body, self.own, seal_ad(self.consortium_id, sender_key, round_), name)

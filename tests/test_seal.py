@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 from nacl.bindings import crypto_sign_ed25519_sk_to_curve25519
-from nacl.public import PrivateKey
+from nacl.public import PrivateKey, PublicKey
 from nacl.signing import SigningKey
 
 from gossip import envelope
@@ -123,7 +123,7 @@ def test_a_sender_cannot_give_members_different_keys_for_one_signed_ciphertext()
     import msgpack
     import nacl.utils
     from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
-    from nacl.public import PublicKey, SealedBox
+    from nacl.public import SealedBox
 
     from gossip.seal import key_commitment
 
@@ -143,3 +143,145 @@ def test_a_sender_cannot_give_members_different_keys_for_one_signed_ciphertext()
     header = header.replace(key_commitment(honest), key_commitment(other))
     assert open_sealed(len(header).to_bytes(4, "big") + header + ct, stores[1], AD) == \
         b"what bank-1 alone would see"
+
+
+# --- keys that cannot hurt ------------------------------------------------------------
+
+P = 2**255 - 19
+# The canonical small-order u-coordinates (libsodium's has_small_order list) ...
+CANONICAL_LOW_ORDER = [
+    0, 1, P - 1,
+    int.from_bytes(bytes.fromhex(
+        "e0eb7a7c3b41b8ae1656e3faf19fc46ada098deb9c32b1fd866205165f49b800"), "little"),
+    int.from_bytes(bytes.fromhex(
+        "5f9c95bca3508c24b1d0b1559c83ef5b04445cc4581c8e86d8224eddd09f1157"), "little"),
+]
+# ... and their other encodings: + p, + 2p where that fits in 256 bits, and with the top
+# bit set. This holds the usual list of 12 (0, 1, the order-8 pair, p-1, p, p+1, the
+# order-8 pair + p, 2p-1, 2p, 2p+1) and more.
+LOW_ORDER = sorted({u for c in CANONICAL_LOW_ORDER for u in (c, c + P, c + 2 * P, c | 1 << 255)
+                    if u < 2**256})
+LOW_ORDER_KEYS = [u.to_bytes(32, "little") for u in LOW_ORDER]
+
+
+def test_the_low_order_list_is_the_usual_one_and_libsodium_refuses_every_entry():
+    from nacl.exceptions import RuntimeError as NaclRuntimeError
+    from nacl.public import SealedBox
+
+    usual = {0, 1, P - 1, P, P + 1, 2 * P - 1, 2 * P, 2 * P + 1,
+             *CANONICAL_LOW_ORDER[3:], *(c + P for c in CANONICAL_LOW_ORDER[3:])}
+    assert len(usual) == 12 and usual <= set(LOW_ORDER)
+    for u in CANONICAL_LOW_ORDER:  # what sealing to one used to do to the sealing node
+        with pytest.raises(NaclRuntimeError):
+            SealedBox(PublicKey(u.to_bytes(32, "little"))).encrypt(b"k" * 32)
+
+
+@pytest.mark.parametrize("raw", LOW_ORDER_KEYS, ids=lambda r: r.hex()[:8] + "-" + r.hex()[-4:])
+def test_a_member_signed_low_order_prekey_is_bad_prekey(raw):
+    """A member announces a low-order X25519 key, properly signed: refused at verification
+    (it used to be accepted, and every sealing node then died sealing to it)."""
+    from gossip.envelope import KIND_PREKEY, Verifier
+    from gossip.seal import Sealing, SignedPrekey, encode_announcement
+
+    ks = keys(2)
+    cons = consortium(ks)
+    members = {m.public_key: m.name for m in cons.members}
+    signed = sign_prekey(ks[1], cons.id, 0, PublicKey(raw))
+    with pytest.raises(RemoteError, match="bad_prekey") as exc:
+        verify_prekey(signed.encode(), cons.id, members)
+    assert exc.value.peer == "bank-1"
+    good = sign_prekey(ks[1], cons.id, 1, PrivateKey.generate().public_key)
+    body = encode_announcement([good, SignedPrekey(signed.member_key, 0, raw, signed.sig)],
+                               hello=False)
+    sealing = Sealing(cons.id, ks[0], members, rotate_every=1, lookahead=1)
+    v = Verifier(cons.id, members, bytes(ks[0].verify_key), [], sealing=sealing)
+    with pytest.raises(RemoteError) as exc:
+        v.verify(envelope.pack(ks[1], cons.id, KIND_PREKEY, 0, 0, body), 0)
+    assert exc.value.reason == "bad_prekey" and exc.value.peer == "bank-1"
+    assert not sealing.peers.get("bank-1")  # nothing of that announcement was filed
+
+
+@pytest.mark.parametrize("u", [P, P + 9, 2**255 + 9, 2**256 - 1], ids=hex)
+def test_a_non_canonical_prekey_is_bad_prekey(u):
+    ks, members, _, _ = setup_members(2)
+    signed = sign_prekey(ks[1], CID, 0, PublicKey(u.to_bytes(32, "little")))
+    with pytest.raises(RemoteError, match="bad_prekey"):
+        verify_prekey(signed.encode(), CID, members)
+
+
+def test_an_ordinary_prekey_still_verifies():
+    ks, members, _, _ = setup_members(2)
+    for _ in range(50):
+        signed = sign_prekey(ks[1], CID, 3, PrivateKey.generate().public_key)
+        assert verify_prekey(signed.encode(), CID, members) == signed
+
+
+def _sealing_with_a_bad_peer_key():
+    """bank-0's sealing state holding a good prekey for bank-1 and a zero one for bank-2
+    (as a checkpoint written before verification refused them would)."""
+    from gossip.seal import Sealing
+
+    ks = keys(3)
+    cons = consortium(ks)
+    members = {m.public_key: m.name for m in cons.members}
+    sealings = [Sealing(cons.id, k, members, rotate_every=2, lookahead=1) for k in ks]
+    for s in sealings:
+        s.rotate(0)
+    good = verify_prekey(sign_prekey(ks[1], cons.id, 0, sealings[1].own.keys[0].public_key)
+                         .encode(), cons.id, members)
+    zero = sign_prekey(ks[2], cons.id, 0, PublicKey(bytes(32)))
+    sealings[0].peers = {"bank-1": {0: good}, "bank-2": {0: zero}}
+    return ks, cons, sealings
+
+
+def test_sealing_with_one_bad_recipient_key_seals_for_the_others():
+    ks, cons, sealings = _sealing_with_a_bad_peer_key()
+    s = sealings[0]
+    recipients, missing = s.recipients(0, ["bank-1", "bank-2"])
+    assert set(recipients) == {"bank-1", "bank-2"} and not missing
+    body = envelope.encode_share(tensors(0.4), 3.0)
+    sealed = b"".join(s.seal(body, 0, recipients))  # used to raise nacl RuntimeError
+    assert set(s.left_out) == {"bank-2"} and "low-order" in s.left_out["bank-2"]
+    ad = seal_ad_for(cons, ks[0], 0)
+    assert open_sealed(sealed, sealings[1].own, ad) == body
+    with pytest.raises(RemoteError, match="no_prekey"):
+        open_sealed(sealed, sealings[2].own, ad)
+    # The bad key is forgotten: bank-2 is reported missing until it announces again.
+    assert s.recipients(0, ["bank-1", "bank-2"])[1] == ["bank-2"]
+    s.seal(body, 0, {"bank-1": recipients["bank-1"]})
+    assert s.left_out == {}
+
+
+def test_sealing_when_every_recipient_is_bad_does_not_raise_and_says_so():
+    ks, cons, sealings = _sealing_with_a_bad_peer_key()
+    s = sealings[0]
+    recipients = {"bank-2": s.peers["bank-2"][0]}
+    sealed = b"".join(s.seal(b"body", 0, recipients))
+    assert len(s.left_out) == len(recipients)
+    with pytest.raises(RemoteError, match="no_prekey"):
+        open_sealed(sealed, sealings[2].own, seal_ad_for(cons, ks[0], 0))
+
+
+def seal_ad_for(cons, key, round_):
+    from gossip.seal import seal_ad
+
+    return seal_ad(cons.id, bytes(key.verify_key), round_)
+
+
+def test_a_checkpoint_with_a_bad_prekey_loads_and_drops_just_that_one():
+    from gossip.seal import Sealing
+
+    ks, cons, sealings = _sealing_with_a_bad_peer_key()
+    saved = sealings[0].export_peers()  # bank-1 good, bank-2 zero (signed by bank-2)
+    assert set(saved) == {"bank-1", "bank-2"}
+    saved["bank-0"] = [[0, b"\x00garbage"]]  # and one that is not a prekey at all
+    members = {m.public_key: m.name for m in cons.members}
+    fresh = Sealing(cons.id, ks[0], members, rotate_every=2, lookahead=1)
+    dropped = fresh.load_peers(saved, 0)
+    assert set(dropped) == {"bank-2", "bank-0"}
+    assert dropped["bank-2"].startswith("bad_prekey") and "low-order" in dropped["bank-2"]
+    assert set(fresh.peers) == {"bank-1"} and fresh.peers["bank-1"][0].epoch == 0
+    recipients, missing = fresh.recipients(0, ["bank-1", "bank-2"])
+    assert set(recipients) == {"bank-1"} and missing == ["bank-2"]
+    assert fresh.load_peers({"bank-9": [], "bank-1": "nonsense"}, 0) == {
+        "bank-9": "not a member of this consortium", "bank-1": "saved prekeys are not a list"}
