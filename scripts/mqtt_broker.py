@@ -6,14 +6,23 @@ From a consortium file it generates, in a directory of its own:
 - a password file (`mosquitto_passwd -b`), one user per member (user name =
   member name, a random password), and each member's password in
   `<out>/<member>.password` (0600) for that member's `gossip.mqtt.password_file`;
-- an ACL that lets a member publish only under its own prefix and read the
-  shares meant for it::
+- an ACL with one block per member (no `pattern` line: a pattern applies to
+  every account, observers and any other account on the broker included)::
 
-      pattern write flnode/<consortium id>/%u/#
-      pattern read  flnode/<consortium id>/+/to/%u
-      user <member>                                  (for each member)
-      topic read    flnode/<consortium id>/+/share
+      user <member>
+      topic write flnode/<consortium id>/<member>/share
+      topic write flnode/<consortium id>/<member>/to/+
+      topic read  flnode/<consortium id>/+/share
+      topic read  flnode/<consortium id>/+/to/<member>
 
+  and for each observer `user <observer>` + `topic read #` (read only);
+  any other account gets no line and so can neither read nor write;
+- `use_username_as_clientid true` in the config: the broker takes the client
+  id from the authenticated user name, so a member cannot log in with another
+  member's client id and take over its persistent session (and the queued
+  shares in it). One broker account per member per consortium: two consortia
+  sharing a broker need distinct user names, since the session is keyed by
+  user name (and an account holds one connection at a time);
 - a config from `network_configs/mosquitto/loopback.conf.template`;
 
 then starts `mosquitto -c CONFIG` on a free 127.0.0.1 port and stops it by
@@ -57,6 +66,10 @@ MAX_PACKET_SIZE = 64 * 1024 * 1024 + 64 * 1024
 # Per persistent session while a member is away: a few rounds of full shares.
 MAX_QUEUED_MESSAGES = 1000
 MAX_QUEUED_BYTES = 1024 * 1024 * 1024
+# Unacknowledged QoS 1 messages the broker sends an MQTT 3 client before it waits
+# for acks (for MQTT 5 clients, flnode's included, mosquitto 2.0 uses the client's
+# Receive Maximum; gossip.transports.mqtt bounds each sender's share of it).
+MAX_INFLIGHT_MESSAGES = 1000
 START_TIMEOUT_S = 10.0
 INSTALL_HINT = ("mosquitto is not installed: `apt-get update && apt-get install -y mosquitto` "
                 "(make test and .ci/run do this)")
@@ -66,20 +79,32 @@ def mosquitto_available() -> bool:
     return shutil.which("mosquitto") is not None and shutil.which("mosquitto_passwd") is not None
 
 
-def acl_text(consortium: Consortium, observers: list[str] | None = None) -> str:
+def acl_text(consortium: Consortium, observers: list[str] | None = None,
+             extra_lines: list[str] | None = None) -> str:
+    """One `user` block per member and per observer; no `pattern` lines (a pattern
+    applies to every account). `extra_lines` are appended as given (tests use them to
+    give an outsider a prefix the ACL would never give it)."""
     prefix = consortium_prefix(consortium.id)
+    members = {m.name for m in consortium.members}
+    clash = sorted(members & set(observers or []))
+    if clash:
+        raise LocalError(f"observer account(s) {clash} have a member's name")
     lines = [f"# flnode consortium {consortium.name} ({consortium.id.hex()})",
-             "# Each member (user name = member name) publishes only under its own prefix",
-             "# and reads the shares addressed to it ...",
-             f"pattern write {prefix}/%u/#",
-             f"pattern read {prefix}/+/to/%u",
-             "# ... and every member's broadcast (users not listed here read nothing)."]
+             "# Each member (user name = member name) publishes only under its own prefix,",
+             "# reads every member's broadcast and the shares addressed to it. No `pattern`",
+             "# lines: a pattern applies to every account, observers included. An account",
+             "# not listed here can neither read nor write anything."]
     for m in consortium.members:
-        lines += [f"user {m.name}", f"topic read {prefix}/+/share"]
+        lines += [f"user {m.name}",
+                  f"topic write {prefix}/{m.name}/share",
+                  f"topic write {prefix}/{m.name}/to/+",
+                  f"topic read {prefix}/+/share",
+                  f"topic read {prefix}/+/to/{m.name}"]
     for name in observers or []:
-        lines += ["# An observer reads everything, as the broker's operator can: what it sees",
-                  "# must be ciphertext (gossip.seal).", f"user {name}", "topic read #"]
-    return "\n".join(lines) + "\n"
+        lines += ["# An observer reads everything, as the broker's operator can (what it sees",
+                  "# must be ciphertext: gossip.seal), and writes nothing.",
+                  f"user {name}", "topic read #"]
+    return "\n".join(lines + list(extra_lines or [])) + "\n"
 
 
 def make_tls_files(out: Path, host: str = "127.0.0.1") -> tuple[Path, Path, Path]:
@@ -173,7 +198,8 @@ def write_broker_files(consortium: Consortium, conf_dir: Path, port: int,
                        passwords: dict[str, str], extra_users: dict[str, str] | None = None,
                        max_packet_size: int = MAX_PACKET_SIZE,
                        observers: dict[str, str] | None = None,
-                       tls: bool = False) -> Path:
+                       tls: bool = False, max_inflight_messages: int = MAX_INFLIGHT_MESSAGES,
+                       extra_acl: list[str] | None = None) -> Path:
     """Password file, ACL, TLS files if asked, and config in conf_dir; returns the
     config path."""
     passwd, acl, conf = conf_dir / "passwd", conf_dir / "acl", conf_dir / "mosquitto.conf"
@@ -182,7 +208,11 @@ def write_broker_files(consortium: Consortium, conf_dir: Path, port: int,
     for user, password in users.items():
         subprocess.run(["mosquitto_passwd", "-b", str(passwd), user, password], check=True,
                        capture_output=True)
-    acl.write_text(acl_text(consortium, list(observers or {})))
+    clash = sorted({m.name for m in consortium.members} & (set(extra_users or {})
+                                                           | set(observers or {})))
+    if clash:
+        raise LocalError(f"extra or observer account(s) {clash} have a member's name")
+    acl.write_text(acl_text(consortium, list(observers or {}), extra_acl))
     tls_settings = ""
     tls_files: tuple[Path, ...] = ()
     if tls:
@@ -193,7 +223,7 @@ def write_broker_files(consortium: Consortium, conf_dir: Path, port: int,
     conf.write_text(Template(TEMPLATE.read_text()).substitute(
         port=port, password_file=passwd, acl_file=acl, max_packet_size=max_packet_size,
         max_queued_messages=MAX_QUEUED_MESSAGES, max_queued_bytes=MAX_QUEUED_BYTES,
-        tls_settings=tls_settings))
+        max_inflight_messages=max_inflight_messages, tls_settings=tls_settings))
     if os.geteuid() == 0:  # mosquitto drops to this user and must read its files
         try:
             user = pwd.getpwnam("mosquitto")
@@ -208,14 +238,18 @@ def write_broker_files(consortium: Consortium, conf_dir: Path, port: int,
 def start_broker(consortium: Consortium, password_dir: Path | None = None, port: int | None = None,
                  extra_users: dict[str, str] | None = None,
                  max_packet_size: int = MAX_PACKET_SIZE,
-                 observers: dict[str, str] | None = None, tls: bool = False) -> Broker:
+                 observers: dict[str, str] | None = None, tls: bool = False,
+                 max_inflight_messages: int = MAX_INFLIGHT_MESSAGES,
+                 extra_acl: list[str] | None = None) -> Broker:
     """Start mosquitto for `consortium` on a free loopback port (or `port`).
 
     Members' passwords go to `password_dir/<member>.password` (0600) when given.
-    `extra_users` (name -> password) get accounts but no prefix of a member
-    (tests use one as an outsider). `observers` (name -> password) may read
-    every topic, as the broker's operator can (see `WireRecorder`). With `tls` the
-    listener is TLS with a CA generated for this run (`broker.ca_file`).
+    `extra_users` (name -> password) get accounts and no ACL line: they can neither
+    read nor write (tests use one as an outsider). `observers` (name -> password)
+    may read every topic, as the broker's operator can (see `WireRecorder`), and
+    write none. With `tls` the listener is TLS with a CA generated for this run
+    (`broker.ca_file`). `max_inflight_messages` and `extra_acl` (lines appended to
+    the ACL) are for tests.
     """
     if not mosquitto_available():
         raise LocalError(INSTALL_HINT)
@@ -231,7 +265,8 @@ def start_broker(consortium: Consortium, password_dir: Path | None = None, port:
                 path.write_text(password + "\n")
                 broker.password_files[name] = path
         conf = write_broker_files(consortium, conf_dir, broker.port, passwords, extra_users,
-                                  max_packet_size, observers, tls)
+                                  max_packet_size, observers, tls, max_inflight_messages,
+                                  extra_acl)
         if tls:
             broker.ca_file = conf_dir / "ca.pem"
         broker.log_path = Path(tempfile.mkstemp(prefix="flnode-mosquitto-", suffix=".log")[1])

@@ -27,6 +27,53 @@ has authenticated a remote peer id, a peer that is not a member is closed
 before muxing (counted as `non_member_peer`): py-libp2p 0.8.1's connection
 gater filters only IP addresses, so we wrap the upgrader's
 `upgrade_security`.
+
+Limits on what any one peer can make us hold (all constructor parameters;
+each refusal is counted in `stats.refused` under the name in brackets and
+logged once per (peer, reason); for handshakes the "peer" is the remote IP):
+
+- Handshakes (before Noise has said who the peer is). At most
+  `max_pending_handshakes` (16) inbound security handshakes at once, and at
+  most `max_handshakes_per_ip` (4) from one IP address; a connection over
+  either is closed at once [`handshake_limit`]. A handshake that has not
+  finished within `handshake_timeout_s` (10 s) is closed
+  [`handshake_timeout`]. A peer that completes Noise with a key that is not a
+  member's is closed before muxing [`non_member_peer`], so a non-member holds
+  at most a handshake slot, for at most `handshake_timeout_s`. (Our own dials
+  are not limited. A flood from one address can delay members that dial *us*
+  from the same address; members also dial each other, so the connection is
+  made from our side.) py-libp2p itself allows 3 connections per peer id.
+- Concurrent inbound transfers (streams of `/flnode/share/1`) per member:
+  `max_streams_per_peer` (4), counted across that member's connections, from
+  the moment the stream is handed to us until it is done, waiting included;
+  one more is reset at once [`too_many_streams`].
+- Bytes in flight. A transfer's declared length is reserved before a byte of
+  its body is read, against a per-member budget `max_peer_inflight_bytes`
+  (default max_message_bytes + 1 MiB: one full-size share plus small
+  messages) and a global one `max_inflight_bytes` (default max(2 x
+  max_message_bytes, 256 MiB)). A transfer that does not fit waits, reading
+  nothing (the sender is held by yamux flow control, 256 KiB per stream), up
+  to `budget_wait_s` (20 s, below the sender's own 30 s base timeout) for
+  others to finish, then is reset [`busy`]. Waiters are not served in order.
+  So the bodies we buffer never exceed `max_inflight_bytes`, and one member
+  never holds more than `max_peer_inflight_bytes` of it.
+- Rate, measured on bytes actually received (not on the length the sender
+  declares): the 8-byte length must arrive within `rate_window_s` (20 s) of
+  the stream being handed to us, and after the reservation every
+  `min_rate_bytes_per_s` x `rate_window_s` bytes (64 KiB/s x 20 s = 1.25 MiB,
+  or the rest of the message if less) must arrive within `rate_window_s` of
+  the previous such mark; otherwise the stream is reset and its reservation
+  freed [`too_slow`]. A transfer therefore lasts at most about
+  n / min_rate + rate_window_s, however it trickles. Our acknowledgement byte
+  must also go out within `rate_window_s`. The clock is wall time: a receiver
+  whose own thread is starved for a whole window (the GIL held elsewhere for
+  20 s) can cut an honest sender, who then counts the share as not delivered.
+
+Memory: a finished transfer is joined into one `bytes` (momentarily twice its
+size). py-libp2p 0.8.1's yamux does not enforce its receive window (a peer
+that ignores it is logged, and its data buffered anyway), so a member running
+a modified yamux can still make us buffer beyond these limits; that is below
+this transport and not bounded here.
 """
 
 from __future__ import annotations
@@ -35,6 +82,7 @@ import asyncio
 import logging
 import os
 import threading
+from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any
 
@@ -75,8 +123,10 @@ CHUNK = 1024 * 1024
 # Incoming messages waiting for the node; past this the transport drops (and
 # counts) rather than grow without bound if the node stalls.
 INBOX_DEPTH = 1024
-# A transfer may take this long plus one second per MB (loopback does
-# 35-70 MB/s; a WAN link between banks far less) before it is abandoned.
+# A transfer we send may take this long plus one second per MB (loopback does
+# 35-70 MB/s; a WAN link between banks far less) before it is abandoned. What we
+# receive is bounded by the rate rule instead (module docstring), never by the
+# length the sender declares.
 BASE_TIMEOUT_S = 30.0
 SECONDS_PER_MB = 1.0
 # Redial backoff for members that are not up yet (or went away).
@@ -87,6 +137,18 @@ START_TIMEOUT_S = 30.0
 # one restarting) waits this long for the dialer to reach it before the share
 # is given up for that member.
 CONNECT_WAIT_S = 10.0
+# Inbound limits (module docstring); all can be set per transport.
+MAX_PENDING_HANDSHAKES = 16
+MAX_HANDSHAKES_PER_IP = 4
+HANDSHAKE_TIMEOUT_S = 10.0
+MAX_STREAMS_PER_PEER = 4
+MIN_INFLIGHT_BYTES = 256 * 1024 * 1024
+BUDGET_WAIT_S = 20.0
+MIN_RATE_BYTES_PER_S = 64 * 1024
+RATE_WINDOW_S = 20.0
+# (peer, reason) pairs logged; past this, refusals are only counted (peer ids and
+# addresses are the sender's choice, so the set of them must not grow forever).
+MAX_LOGGED = 4096
 
 
 def peer_id_of(public_key: bytes) -> ID:
@@ -100,13 +162,51 @@ def transfer_timeout(nbytes: int) -> float:
 
 class Libp2pTransport(Transport):
     def __init__(self, seed: bytes, name: str, members: Sequence[Member],
-                 max_message_bytes: int) -> None:
+                 max_message_bytes: int, *,
+                 max_pending_handshakes: int = MAX_PENDING_HANDSHAKES,
+                 max_handshakes_per_ip: int = MAX_HANDSHAKES_PER_IP,
+                 handshake_timeout_s: float = HANDSHAKE_TIMEOUT_S,
+                 max_streams_per_peer: int = MAX_STREAMS_PER_PEER,
+                 max_peer_inflight_bytes: int | None = None,
+                 max_inflight_bytes: int | None = None,
+                 budget_wait_s: float = BUDGET_WAIT_S,
+                 min_rate_bytes_per_s: int = MIN_RATE_BYTES_PER_S,
+                 rate_window_s: float = RATE_WINDOW_S) -> None:
         me = [m for m in members if m.name == name]
         if not me:
             raise LocalError(f"{name!r} is not a member of the consortium")
         self.name = name
         self.listen = self._address(me[0])
         self.max_message_bytes = max_message_bytes
+        if max_peer_inflight_bytes is None:
+            max_peer_inflight_bytes = max_message_bytes + CHUNK
+        if max_inflight_bytes is None:
+            max_inflight_bytes = max(2 * max_message_bytes, MIN_INFLIGHT_BYTES)
+        if not max_message_bytes <= max_peer_inflight_bytes <= max_inflight_bytes:
+            raise LocalError(f"libp2p limits: need max_message_bytes ({max_message_bytes}) <= "
+                             f"max_peer_inflight_bytes ({max_peer_inflight_bytes}) <= "
+                             f"max_inflight_bytes ({max_inflight_bytes})")
+        if min(max_pending_handshakes, max_handshakes_per_ip, max_streams_per_peer,
+               min_rate_bytes_per_s) < 1 or min(handshake_timeout_s, budget_wait_s,
+                                                rate_window_s) <= 0:
+            raise LocalError("libp2p limits must be positive")
+        self.max_pending_handshakes = max_pending_handshakes
+        self.max_handshakes_per_ip = max_handshakes_per_ip
+        self.handshake_timeout_s = handshake_timeout_s
+        self.max_streams_per_peer = max_streams_per_peer
+        self.max_peer_inflight_bytes = max_peer_inflight_bytes
+        self.max_inflight_bytes = max_inflight_bytes
+        self.budget_wait_s = budget_wait_s
+        self.min_rate_bytes_per_s = min_rate_bytes_per_s
+        self.rate_window_s = rate_window_s
+        # Inbound state, trio thread only (read elsewhere for tests and logs).
+        self.handshakes = 0  # inbound security handshakes in progress
+        self._handshakes_by_ip: Counter[str] = Counter()
+        self.streams: Counter[str] = Counter()  # member -> inbound transfers in progress
+        self.reserved: Counter[str] = Counter()  # member -> declared bytes admitted
+        self.reserved_total = 0
+        self.buffered = 0  # body bytes received and held by unfinished transfers
+        self._budget_freed: trio.Event | None = None
         self.peers = {m.name: (peer_id_of(m.public_key), self._address(m))
                       for m in members if m.name != name}
         self.names_by_id = {pid: n for n, (pid, _) in self.peers.items()}
@@ -121,7 +221,7 @@ class Libp2pTransport(Transport):
         self._nursery: trio.Nursery | None = None
         self._stop: trio.Event | None = None
         self._closed = False
-        self._refused_logged: set[ID] = set()
+        self._logged: set[tuple[str, str]] = set()
         self.host: Any = None
 
     @staticmethod
@@ -255,8 +355,18 @@ class Libp2pTransport(Transport):
             except RuntimeError:  # loop closed between the check and the call
                 pass
 
-    def _refuse(self, reason: str) -> None:
+    def _count_refusal(self, reason: str) -> None:
         self.stats.refused[reason] += 1
+
+    def _refuse(self, reason: str, peer: str, detail: str) -> None:
+        """Count a refusal (on the asyncio thread) and log it once per (peer, reason).
+        Called from the trio thread; `peer` is a member name, a peer id or an IP."""
+        self._on_loop(self._count_refusal, reason)
+        key = (peer, reason)
+        if key not in self._logged and len(self._logged) < MAX_LOGGED:
+            self._logged.add(key)
+            log.warning("%s: refused libp2p %s: %s: %s (further ones are counted, not logged)",
+                        self.name, peer, reason, detail)
 
     def _deliver(self, data: bytes, peer: str) -> None:
         if self._closed:
@@ -289,10 +399,15 @@ class Libp2pTransport(Transport):
         )
         # Our dialer retries with its own backoff; the swarm's internal retries
         # would multiply every attempt (and every refusal count) by four.
-        self.host.get_network().retry_config = RetryConfig(max_retries=0)
+        network = self.host.get_network()
+        network.retry_config = RetryConfig(max_retries=0)
+        # Our own handshake timeout fires first (and is counted); the swarm's covers
+        # the muxer negotiation after it.
+        network.connection_config.inbound_upgrade_timeout = self.handshake_timeout_s + 5.0
         self._gate_members()
         self.host.set_stream_handler(SHARE_PROTOCOL, self._on_stream)
         self._stop = trio.Event()
+        self._budget_freed = trio.Event()
         async with self.host.run(listen_addrs=[self.listen]):
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
@@ -309,22 +424,54 @@ class Libp2pTransport(Transport):
                 await self.host.close()
 
     def _gate_members(self) -> None:
-        """Close connections to peer ids outside the consortium right after Noise."""
+        """Bound inbound handshakes, and close connections to peer ids outside the
+        consortium right after Noise."""
         upgrader = self.host.get_network().upgrader
         original = upgrader.upgrade_security
         allowed = set(self.names_by_id)
 
         async def upgrade_security(raw_conn: Any, is_initiator: bool, peer_id: ID | None = None
                                    ) -> Any:
-            secure = await original(raw_conn, is_initiator, peer_id)
+            ip: str | None = None
+            if not is_initiator:
+                try:
+                    address = raw_conn.get_remote_address()
+                except Exception:  # noqa: BLE001 - a socket already gone
+                    address = None
+                ip = str(address[0]) if address else "unknown"
+                if self.handshakes >= self.max_pending_handshakes or \
+                        self._handshakes_by_ip[ip] >= self.max_handshakes_per_ip:
+                    self._refuse("handshake_limit", ip,
+                                 f"{self.handshakes} inbound handshakes in progress "
+                                 f"({self._handshakes_by_ip[ip]} from this address; limits "
+                                 f"{self.max_pending_handshakes}, {self.max_handshakes_per_ip})")
+                    try:
+                        await raw_conn.close()
+                    except Exception:  # noqa: BLE001 - already closed
+                        pass
+                    raise SecurityUpgradeFailure("too many inbound handshakes")
+                self.handshakes += 1
+                self._handshakes_by_ip[ip] += 1
+            try:
+                if is_initiator:
+                    secure = await original(raw_conn, is_initiator, peer_id)
+                else:
+                    with trio.fail_after(self.handshake_timeout_s):
+                        secure = await original(raw_conn, is_initiator, peer_id)
+            except trio.TooSlowError:
+                self._refuse("handshake_timeout", ip or "?",
+                             f"no Noise handshake within {self.handshake_timeout_s:g} s")
+                raise SecurityUpgradeFailure("handshake timed out") from None
+            finally:
+                if ip is not None:
+                    self.handshakes -= 1
+                    self._handshakes_by_ip[ip] -= 1
+                    if self._handshakes_by_ip[ip] <= 0:
+                        del self._handshakes_by_ip[ip]
             remote = secure.get_remote_peer()
             if remote not in allowed:
                 await secure.close()
-                self._on_loop(self._refuse, "non_member_peer")
-                if remote not in self._refused_logged:
-                    self._refused_logged.add(remote)
-                    log.warning("%s: refused libp2p peer %s: not a consortium member (further "
-                                "attempts are counted, not logged)", self.name, remote)
+                self._refuse("non_member_peer", str(remote), "not a consortium member")
                 raise SecurityUpgradeFailure(f"peer {remote} is not a consortium member")
             return secure
 
@@ -382,37 +529,125 @@ class Libp2pTransport(Transport):
         # service: everything below is caught.
         remote: Any = None
         peer: str | None = None
+        counted = False
+        reserved = 0
         try:
             remote = stream.muxed_conn.peer_id
             peer = self.names_by_id.get(remote)
             if peer is None:  # the gate should have closed it already
-                self._on_loop(self._refuse, "non_member_peer")
-                await stream.reset()
+                self._refuse("non_member_peer", str(remote), "stream from a non-member")
+                await _reset(stream)
                 return
-            with trio.fail_after(BASE_TIMEOUT_S):
-                n = int.from_bytes(await _read_exactly(stream, LENGTH_PREFIX), "big")
+            if self.streams[peer] >= self.max_streams_per_peer:
+                self._refuse("too_many_streams", peer,
+                             f"{self.streams[peer]} transfers already in progress (limit "
+                             f"{self.max_streams_per_peer}): stream reset")
+                await _reset(stream)
+                return
+            self.streams[peer] += 1
+            counted = True
+            prefix = b""
+            with trio.move_on_after(self.rate_window_s):
+                prefix = await _read_exactly(stream, LENGTH_PREFIX)
+            if len(prefix) != LENGTH_PREFIX:
+                self._refuse("too_slow", peer, f"no length prefix within {self.rate_window_s:g} s")
+                await _reset(stream)
+                return
+            n = int.from_bytes(prefix, "big")
             if n > self.max_message_bytes:
-                self._on_loop(self._refuse, "too_large")
-                log.warning("%s: %s announced %d bytes, over the cap of %d: stream reset "
-                            "before reading", self.name, peer, n, self.max_message_bytes)
-                await stream.reset()
+                self._refuse("too_large", peer, f"announced {n} bytes, over the cap of "
+                             f"{self.max_message_bytes}: stream reset before reading")
+                await _reset(stream)
                 return
-            with trio.fail_after(transfer_timeout(n)):
-                data = await _read_exactly(stream, n)
+            if not await self._reserve(peer, n):
+                self._refuse("busy", peer, f"{n} bytes did not fit the in-flight budget "
+                             f"(this member {self.reserved[peer]} of "
+                             f"{self.max_peer_inflight_bytes}, all {self.reserved_total} of "
+                             f"{self.max_inflight_bytes}) within {self.budget_wait_s:g} s")
+                await _reset(stream)
+                return
+            reserved = n
+            data = await self._read_body(stream, n)
+            if data is None:
+                self._refuse("too_slow", peer, f"under {self.min_rate_bytes_per_s} B/s over "
+                             f"{self.rate_window_s:g} s (declared {n} bytes)")
+                await _reset(stream)
+                return
+            with trio.fail_after(self.rate_window_s):
                 await stream.write(b"\x01")
             self._on_loop(self._deliver, data, peer)
         except (Exception, trio.TooSlowError) as exc:  # noqa: BLE001 - a peer's broken stream
-            self._on_loop(self._refuse, "stream_error")
+            self._on_loop(self._count_refusal, "stream_error")
             log.debug("%s: stream from %s failed: %s", self.name, peer or remote, describe(exc))
-            try:
-                await stream.reset()
-            except Exception:  # noqa: BLE001 - already broken
-                pass
+            await _reset(stream)
         finally:
+            if counted and peer is not None:
+                self.streams[peer] -= 1
+                if self.streams[peer] <= 0:
+                    del self.streams[peer]
+            if reserved and peer is not None:
+                self._release(peer, reserved)
             try:
                 await stream.close()
             except Exception:  # noqa: BLE001 - already closed or reset
                 pass
+
+    def _fits(self, peer: str, n: int) -> bool:
+        return (self.reserved[peer] + n <= self.max_peer_inflight_bytes
+                and self.reserved_total + n <= self.max_inflight_bytes)
+
+    async def _reserve(self, peer: str, n: int) -> bool:
+        """Reserve n bytes of the in-flight budgets, waiting up to budget_wait_s."""
+        if n == 0:
+            return True
+        with trio.move_on_after(self.budget_wait_s):
+            while not self._fits(peer, n):
+                assert self._budget_freed is not None
+                await self._budget_freed.wait()
+            self.reserved[peer] += n
+            self.reserved_total += n
+            return True
+        return False
+
+    def _release(self, peer: str, n: int) -> None:
+        self.reserved[peer] -= n
+        if self.reserved[peer] <= 0:
+            del self.reserved[peer]
+        self.reserved_total -= n
+        if self._budget_freed is not None:  # wake every waiter; each checks again
+            self._budget_freed.set()
+            self._budget_freed = trio.Event()
+
+    async def _read_body(self, stream: Any, n: int) -> bytes | None:
+        """n bytes, or None if they come slower than the rate rule allows: every
+        min_rate x window bytes (or the rest) within rate_window_s of the last mark."""
+        quota = max(1, int(self.min_rate_bytes_per_s * self.rate_window_s))
+        chunks: list[bytes] = []
+        got = mark = 0
+        try:
+            with trio.CancelScope(deadline=trio.current_time() + self.rate_window_s) as scope:
+                while got < n:
+                    chunk = await stream.read(min(CHUNK, n - got))
+                    if not chunk:
+                        raise EOFError(f"stream ended after {got} of {n} bytes")
+                    chunks.append(chunk)
+                    got += len(chunk)
+                    self.buffered += len(chunk)
+                    if got - mark >= min(quota, n - mark):
+                        mark = got
+                        scope.deadline = trio.current_time() + self.rate_window_s
+            if scope.cancelled_caught:
+                return None
+            return b"".join(chunks)
+        finally:
+            self.buffered -= got
+
+
+async def _reset(stream: Any) -> None:
+    try:
+        await stream.reset()
+    except Exception:  # noqa: BLE001 - already broken
+        pass
 
 
 async def _read_exactly(stream: Any, n: int) -> bytes:

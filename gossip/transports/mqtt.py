@@ -11,10 +11,27 @@ Topics, under one prefix per consortium (`flnode/<consortium id hex>`)::
     flnode/<id>/<member>/to/<peer>     a member's share for one peer
 
 so a broker ACL can give each member write access to its own prefix only
-(`pattern write flnode/<id>/%u/#`, see `scripts/mqtt_broker.py`). A publish the
-ACL denies *returns normally* and is dropped by the broker: the topic proves
-nothing. The sender is whoever signed the envelope; the topic's member name is
-only a `peer_hint` for logs.
+(one `user` block per member, see `scripts/mqtt_broker.py`; never a `pattern
+write`, which would apply to every account). A publish the ACL denies *returns
+normally* and is dropped by the broker: the topic proves nothing by itself. The
+sender is whoever signed the envelope; the topic's member name is a
+`peer_hint` for logs and the key of the per-sender ack bound below.
+
+Admission before parsing: a message whose topic does not fit the layout above
+(another consortium, a name that is not a member's, our own name, a direct
+share for someone else) is refused as `bad_topic` before its payload is looked
+at, and acknowledged so the broker does not redeliver it. So are oversize
+(`too_large`), non-binary (`malformed`) and retained (`retained`) messages,
+and messages past a full inbox (`inbox_full`). All are counted in
+`stats.refused` and logged once per (peer, reason) (`bad_topic` once per
+transport: its "peer" is whatever the topic says).
+
+Client ids: `client_id()` is stable per member and consortium, but a broker
+must bind the client id to the authenticated user (mosquitto:
+`use_username_as_clientid true`, which `scripts/mqtt_broker.py` sets), or any
+member could log in with another member's client id and take over its
+persistent session. With that setting the session is keyed by the user name,
+so a user name must be used by one member of one consortium only.
 
 Delivery: QoS 1 (at least once), never `retain` (the broker would re-send a
 retained share to every later subscriber). Sessions are persistent: MQTT 5
@@ -24,7 +41,28 @@ the broker and delivered when it reconnects. Acknowledgements are manual: the
 node acks a share (`Incoming.ack`) once the round that used it is checkpointed,
 so a node killed mid-round gets its open rounds' shares again. At-least-once
 means the node may see a share twice; `envelope.Verifier` counts an identical
-copy as the benign `duplicate`.
+copy as the benign `duplicate`. `Incoming.ack` is idempotent (a second call,
+or a call after a reconnect, sends nothing: the broker reuses packet ids).
+
+Ack bound per sender (`max_unacked_per_sender`, default
+min(DEFAULT_UNACKED_PER_SENDER = 16, receive_maximum // (members - 1))): the
+broker stops sending to a client that holds `receive_maximum` messages
+unacknowledged, so one member sending share after share the node parks (e.g.
+for rounds far ahead) could stop all delivery. The transport counts, per
+sender topic, the messages it handed to the node and the node has not
+acknowledged; when a sender would exceed the bound, its *oldest* one is
+acknowledged at once (counted in `early_acks[sender]`, logged once per
+sender). Nothing is dropped: that message is already in the node's hands,
+and only its redelivery after a crash is given up. An honest member has at
+most (lookahead + 1) shares un-acked at a node plus the few messages still in
+the inbox, so the node should pass `lookahead + 4` or more (the default 16
+covers lookahead <= 12). With the bound, senders x bound <= receive_maximum:
+no one sender can exhaust it. The receive maximum we announce is raised to
+fit if a caller asks for more per sender (MQTT caps it at 65535). mosquitto
+2.0 sizes its in-flight window to an MQTT 5 client by the client's Receive
+Maximum, not by its own `max_inflight_messages` (measured: Receive Maximum 10
+held delivery at 10 un-acked messages with `max_inflight_messages 10`, and 60
+let 31 through).
 
 Size: a broker with `max_packet_size` disconnects a client that sends a
 larger packet, and aiomqtt's `publish()` then hangs until its timeout instead
@@ -41,6 +79,7 @@ import asyncio
 import ipaddress
 import logging
 import ssl
+from collections import Counter
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -87,6 +126,10 @@ INBOX_DEPTH = 1024
 # Unacknowledged messages the broker may have in flight to us: the node holds the
 # acks of the shares of its open rounds, (lookahead + 1) x (members - 1) of them.
 RECEIVE_MAXIMUM = 1024
+MQTT_MAX_RECEIVE_MAXIMUM = 65535
+# Messages from one sender handed to the node and not yet acknowledged by it,
+# before the transport acknowledges that sender's oldest (module docstring).
+DEFAULT_UNACKED_PER_SENDER = 16
 
 
 @dataclass(frozen=True)
@@ -195,7 +238,8 @@ class MqttTransport(Transport):
                  broker: BrokerAddress, *, username: str | None = None,
                  password: str | None = None, ca_file: str | None = None,
                  max_message_bytes: int, max_packet_bytes: int | None = None,
-                 allow_plaintext: bool = False) -> None:
+                 allow_plaintext: bool = False, max_unacked_per_sender: int | None = None,
+                 receive_maximum: int = RECEIVE_MAXIMUM) -> None:
         if name not in members:
             raise LocalError(f"{name!r} is not a member of the consortium")
         if not broker.tls and not broker.loopback and not allow_plaintext:
@@ -208,6 +252,19 @@ class MqttTransport(Transport):
         self.consortium_id = consortium_id
         self.name = name
         self.peers = [m for m in members if m != name]
+        self._peer_set = frozenset(self.peers)
+        if max_unacked_per_sender is None:
+            max_unacked_per_sender = max(1, min(DEFAULT_UNACKED_PER_SENDER,
+                                                receive_maximum // max(1, len(self.peers))))
+        if max_unacked_per_sender < 1:
+            raise LocalError(f"max_unacked_per_sender must be >= 1, not {max_unacked_per_sender}")
+        self.max_unacked_per_sender = max_unacked_per_sender
+        # What we announce in CONNECT: enough that the senders' bounds together fit.
+        self.receive_maximum = min(MQTT_MAX_RECEIVE_MAXIMUM,
+                                   max(receive_maximum, max_unacked_per_sender * len(self.peers)))
+        # Per sender, the acks handed to the node and not yet called, oldest first.
+        self._pending: dict[str, dict[_PendingAck, None]] = {}
+        self.early_acks: Counter[str] = Counter()
         self.broker = broker
         self.username = username
         self._password = password
@@ -223,7 +280,7 @@ class MqttTransport(Transport):
         self._ready: asyncio.Future[None] | None = None
         self._task: asyncio.Task[None] | None = None
         self._closed = False
-        self._logged: set[str] = set()
+        self._logged: set[tuple[str | None, str]] = set()
         self.connects = 0  # successful connections, for tests and logs
 
     # --- the interface ----------------------------------------------------------
@@ -327,7 +384,7 @@ class MqttTransport(Transport):
         props.MaximumPacketSize = self.max_message_bytes + 64 * 1024
         # The node acknowledges a share once the round that used it is checkpointed:
         # until then the broker holds it (and redelivers it to a restarted node).
-        props.ReceiveMaximum = RECEIVE_MAXIMUM
+        props.ReceiveMaximum = self.receive_maximum
         tls = None
         if self.broker.tls:
             tls = ssl.create_default_context(cafile=self.ca_file)
@@ -361,6 +418,9 @@ class MqttTransport(Transport):
             try:
                 async with client:
                     self.connects += 1
+                    # Acks from the last connection are void (the broker redelivers
+                    # what they were for); nothing from it is pending any more.
+                    self._pending.clear()
                     opts = SubscribeOptions(qos=QOS, noLocal=True)
                     await client.subscribe([(f"{self.prefix}/+/share", opts),
                                             (f"{self.prefix}/+/to/{self.name}", opts)])
@@ -402,62 +462,107 @@ class MqttTransport(Transport):
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, BACKOFF_MAX_S)
 
-    def _acker(self, message: aiomqtt.Message) -> Callable[[], None]:
-        """PUBACK for this message, if the connection it came on is still the current one
+    def _send_ack(self, generation: int, mid: int, qos: int) -> None:
+        """PUBACK, if the connection the message came on is still the current one
         (after a reconnect the broker redelivers it anyway)."""
-        generation, mid, qos = self.connects, message.mid, message.qos
-
-        def ack() -> None:
-            if self._client is not None and self.connects == generation and \
-                    self._connected.is_set():
-                self._client._client.ack(mid, qos)  # noqa: SLF001 - aiomqtt has no manual ack
-
-        return ack
+        if self._client is not None and self.connects == generation and self._connected.is_set():
+            self._client._client.ack(mid, qos)  # noqa: SLF001 - aiomqtt has no manual ack
 
     def _deliver(self, message: aiomqtt.Message) -> None:
-        ack = self._acker(message)
+        generation, mid, qos = self.connects, message.mid, message.qos
+
+        def ack_now() -> None:
+            self._send_ack(generation, mid, qos)
+
         topic = message.topic.value
-        payload = message.payload
+        # The topic first, before the payload is looked at.
         sender = self._sender_of(topic)
         if sender is None:
-            self._refuse("bad_topic", f"message on unexpected topic {topic[:120]!r}", ack)
+            self._refuse("bad_topic", None, f"message on a topic that is not a member's: "
+                         f"{topic[:120]!r}", ack_now)
             return
+        payload = message.payload
         if not isinstance(payload, bytes | bytearray):
-            self._refuse("malformed", f"non-binary payload on {topic[:120]!r}", ack)
+            self._refuse("malformed", sender, f"non-binary payload on {topic[:120]!r}", ack_now)
             return
         if len(payload) > self.max_message_bytes:
-            self._refuse("too_large", f"{len(payload)} bytes from {sender}, over the cap of "
-                         f"{self.max_message_bytes}", ack)
+            self._refuse("too_large", sender, f"{len(payload)} bytes, over the cap of "
+                         f"{self.max_message_bytes}", ack_now)
             return
         if message.retain:
             # Shares are never retained; a retained one is stale by construction.
-            self._refuse("retained", f"retained message from {sender} on {topic[:120]!r}",
-                         ack)
+            self._refuse("retained", sender, f"retained message on {topic[:120]!r}", ack_now)
             return
         if self._inbox.full():
-            self._refuse("inbox_full", "the node is not reading its inbox", ack)
+            self._refuse("inbox_full", sender, "the node is not reading its inbox", ack_now)
             return
+        ack = _PendingAck(self, sender, generation, mid, qos)
+        pending = self._pending.setdefault(sender, {})
+        pending[ack] = None
+        while len(pending) > self.max_unacked_per_sender:
+            oldest = next(iter(pending))
+            oldest()  # removes itself from `pending`
+            self.early_acks[sender] += 1
+            if (sender, "early_ack") not in self._logged:
+                self._logged.add((sender, "early_ack"))
+                log.warning("%s: %s has more than %d messages we have not acknowledged yet; "
+                            "acknowledging its oldest early so it cannot fill the broker's "
+                            "in-flight window (further ones are counted in early_acks, not "
+                            "logged)", self.name, sender, self.max_unacked_per_sender)
         self.stats.bytes_received += len(payload)
         self.stats.messages_received += 1
         self._inbox.put_nowait(Incoming(bytes(payload), sender, ack))
+
+    def unacked(self, sender: str) -> int:
+        """Messages from `sender` handed to the node and not acknowledged yet."""
+        return len(self._pending.get(sender, ()))
 
     def _sender_of(self, topic: str) -> str | None:
         if not topic.startswith(self.prefix + "/"):
             return None
         parts = topic[len(self.prefix) + 1:].split("/")
+        if parts[0] not in self._peer_set:  # not a member, or ourselves
+            return None
         if len(parts) == 2 and parts[1] == "share":
             return parts[0]
         if len(parts) == 3 and parts[1] == "to" and parts[2] == self.name:
             return parts[0]
         return None
 
-    def _refuse(self, reason: str, detail: str, ack: Callable[[], None]) -> None:
-        ack()  # nothing to redeliver: it would be refused again
+    def _refuse(self, reason: str, sender: str | None, detail: str,
+                ack: Callable[[], None]) -> None:
+        """Count and acknowledge (nothing to redeliver: it would be refused again); log
+        once per (sender, reason). `sender` is a member name or None (bad_topic)."""
+        ack()
         self.stats.refused[reason] += 1
-        if reason not in self._logged:
-            self._logged.add(reason)
-            log.warning("%s: refused MQTT message: %s: %s (further %r are counted, not logged)",
-                        self.name, reason, detail, reason)
+        if (sender, reason) not in self._logged:
+            self._logged.add((sender, reason))
+            log.warning("%s: refused MQTT message%s: %s: %s (further ones are counted, not "
+                        "logged)", self.name, f" from {sender}" if sender else "", reason, detail)
+
+
+class _PendingAck:
+    """`Incoming.ack` of a message handed to the node: sends the PUBACK once, however
+    often it is called (the broker reuses packet ids once a message is acknowledged),
+    and leaves its sender's count of un-acked messages."""
+
+    __slots__ = ("_transport", "_sender", "_generation", "_mid", "_qos", "done")
+
+    def __init__(self, transport: MqttTransport, sender: str, generation: int, mid: int,
+                 qos: int) -> None:
+        self._transport, self._sender = transport, sender
+        self._generation, self._mid, self._qos = generation, mid, qos
+        self.done = False
+
+    def __call__(self) -> None:
+        if self.done:
+            return
+        self.done = True
+        t = self._transport
+        pending = t._pending.get(self._sender)  # noqa: SLF001 - its own transport's table
+        if pending is not None:
+            pending.pop(self, None)
+        t._send_ack(self._generation, self._mid, self._qos)  # noqa: SLF001
 
 
 __all__ = ["BrokerAddress", "MqttTransport", "client_id", "direct_topic", "share_topic",
