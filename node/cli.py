@@ -77,7 +77,7 @@ def _simulate(args: argparse.Namespace) -> int:
         sigma=None if args.epsilon is not None else (args.sigma or 1.0), epsilon=args.epsilon,
         delta=args.delta, weight=args.weight,
         network_config=Path(args.network_config) if args.network_config else None,
-        seal=args.seal,
+        seal=args.seal, **fault_fields(args),
     )
     simulate(spec)
     return 0
@@ -131,6 +131,43 @@ def add_privacy_flags(p: argparse.ArgumentParser) -> None:
                    help="record mode: share weight = noised row count (charged) or 1")
 
 
+def add_fault_flags(p: argparse.ArgumentParser) -> None:
+    """Rehearse a bad network (both simulators): written into each node's [faults]."""
+    g = p.add_argument_group("faults (rehearsal)")
+    g.add_argument("--loss", type=float, default=0.0, metavar="P",
+                   help="each member drops each message it receives with probability P")
+    g.add_argument("--delay", default="0", metavar="MS[:JITTER]",
+                   help="each message arrives MS ms late, ± JITTER ms (reorders them too)")
+    g.add_argument("--net-partition", action="append", default=[], metavar="A,B@ROUND:ROUNDS",
+                   help="cut members A,B off from the rest for ROUNDS rounds from ROUND "
+                        "(1-based); heals afterwards")
+    g.add_argument("--absent", action="append", default=[], metavar="NAME",
+                   help="a listed member that never starts")
+    g.add_argument("--straggler", action="append", default=[], metavar="NAME:FACTOR",
+                   help="that member trains FACTOR times slower")
+
+
+def fault_fields(args: argparse.Namespace) -> dict:
+    """SimulationSpec fields from add_fault_flags' flags; LocalError names the flag."""
+    delay, _, jitter = args.delay.partition(":")
+    try:
+        delay_ms, jitter_ms = float(delay), float(jitter or 0)
+    except ValueError:
+        raise LocalError(f"--delay {args.delay!r}: expected MS or MS:JITTER") from None
+    if not (0 <= args.loss < 1):
+        raise LocalError(f"--loss {args.loss}: a probability in [0, 1)")
+    stragglers = []
+    for s in args.straggler:
+        name, _, factor = s.partition(":")
+        try:
+            stragglers.append((name, float(factor)))
+        except ValueError:
+            raise LocalError(f"--straggler {s!r}: expected NAME:FACTOR, e.g. bank-2:3") from None
+    return dict(loss=args.loss, delay_ms=delay_ms, jitter_ms=jitter_ms,
+                net_partitions=tuple(args.net_partition), absent=tuple(args.absent),
+                stragglers=tuple(stragglers))
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="flnode", description=__doc__.splitlines()[0])
     p.add_argument("-v", "--verbose", action="store_true", help="log at DEBUG level")
@@ -179,6 +216,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_privacy_flags(s)
     s.add_argument("--network-config", help="template with member names and addresses")
     add_seal_flag(s)
+    add_fault_flags(s)
     s.add_argument("--out", required=True, help="run directory (created; must be new)")
     s.set_defaults(func=_simulate)
     return p

@@ -159,6 +159,27 @@ class GossipConfig(_Section):
         return self
 
 
+class FaultsConfig(_Section):
+    """[faults]: rehearsal only (the simulators write it; gossip/transports/faults.py).
+    A node with this section drops and delays what it receives, on purpose."""
+
+    loss: float = Field(default=0.0, ge=0, lt=1)  # drop each incoming message with this p
+    delay_ms: float = Field(default=0.0, ge=0, le=600_000)
+    jitter_ms: float = Field(default=0.0, ge=0, le=600_000)
+    # "A,B@ROUND:ROUNDS": A and B cut off from the others for ROUNDS rounds from ROUND.
+    partition: list[str] = Field(default_factory=list, max_length=100)
+    straggle: float = Field(default=1.0, ge=1, le=1000)  # local training this many times slower
+    seed: int = Field(default=0, ge=0, lt=2**63)
+
+    @model_validator(mode="after")
+    def _partitions(self) -> FaultsConfig:
+        from gossip.transports.faults import parse_partition
+
+        for p in self.partition:
+            parse_partition(p)
+        return self
+
+
 class NodeConfig(_Section):
     state_dir: Path
     identity: IdentityConfig
@@ -171,6 +192,7 @@ class NodeConfig(_Section):
     # their digests in the ledger): one whole share per round, forever. Off: only the
     # release of the round in progress is kept (a restart re-sends it).
     keep_releases: bool = False
+    faults: FaultsConfig | None = None  # rehearsals only
     gossip: GossipConfig = GossipConfig()
 
 

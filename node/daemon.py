@@ -61,7 +61,10 @@ def open_mqtt_transport(cfg: NodeConfig, identity: Identity, consortium: Consort
         password=None if mc.password_file is None else read_password(mc.password_file),
         ca_file=None if mc.ca_file is None else str(mc.ca_file),
         max_message_bytes=cfg.gossip.max_envelope_bytes, max_packet_bytes=mc.max_packet_bytes,
-        allow_plaintext=mc.allow_plaintext)
+        allow_plaintext=mc.allow_plaintext,
+        # An honest member has up to lookahead + 1 shares parked un-acked (ours are acked
+        # once their round is checkpointed) plus a few still in the inbox.
+        max_unacked_per_sender=cfg.gossip.lookahead + 4)
 
 
 def read_password(path: Path) -> str:

@@ -41,6 +41,7 @@ from gossip.membership import Consortium, load_consortium
 from gossip.rounds import RoundBook
 from gossip.seal import Sealing
 from gossip.transports.base import Incoming, Transport
+from gossip.transports.faults import FaultyTransport, fault_plan
 from node.aggregate import WeightedShare, get_rule
 from node.config import NodeConfig
 from node.data import FeatureSchema, encode, read_table
@@ -122,6 +123,15 @@ class Node:
         self.schema = schema
         self.train_data = train
         self.held_out = held_out
+        if cfg.faults is not None:  # a rehearsal: drop and delay what we receive, on purpose
+            f = cfg.faults
+            log.warning("%s: [faults] set: loss %g, delay %g±%g ms, partitions %s, training "
+                        "%gx slower (a rehearsal, not a deployment)", identity.name, f.loss,
+                        f.delay_ms, f.jitter_ms, f.partition or "none", f.straggle)
+            plan = fault_plan(f.loss, f.delay_ms, f.jitter_ms, f.partition, f.seed)
+            if plan.active:
+                transport = FaultyTransport(transport, identity.name, plan,
+                                            {m.public_key: m.name for m in consortium.members})
         self.transport = transport
         self.noise = noise
         self.state = StateDir(cfg.state_dir)
@@ -219,7 +229,11 @@ class Node:
         self.verifier.load_state(cp.replay)
         if self.sealing is not None:
             try:
-                self.sealing.load_peers(cp.peer_prekeys, cp.next_round)
+                dropped = self.sealing.load_peers(cp.peer_prekeys, cp.next_round)
+                for member, why in sorted(dropped.items()):
+                    log.warning("%s: dropped %s's saved prekey from %s (%s); its next "
+                                "announcement (our hello asks for it) brings a fresh one",
+                                self.name, member, self.state.checkpoint_path, why)
             except (RemoteError, ValueError, TypeError) as exc:
                 log.warning("%s: the members' prekeys in %s do not verify (%s); waiting for "
                             "their answers to our hello instead", self.name,
@@ -268,7 +282,10 @@ class Node:
                 self._heard(exc.peer)  # signed and fresh enough to be its own: it is up
             return None
         if msg.ack is not None:
-            if accepted.share is not None:
+            if accepted.share is not None and where == "buffered":
+                # Redelivered after a crash until its round is checkpointed. A far-ahead
+                # share ("ahead") is acked at once: a member claiming ever higher rounds
+                # must not grow this table, and a round we skip to needs no redelivery.
                 self._unacked.setdefault(accepted.round, []).append(msg.ack)
             else:
                 msg.ack()
@@ -425,6 +442,7 @@ class Node:
         start = get_flat(self.model)
         local = copy.deepcopy(self.model)
         plan = self.budget.plan
+        trained = time.perf_counter()
         if pc.mode == "record":
             assert plan is not None
             kwargs = dict(epochs=tc.epochs, batch_size=tc.batch_size, lr=tc.lr,
@@ -443,6 +461,8 @@ class Node:
             await asyncio.to_thread(train_local, local, self.train_data.X, self.train_data.y,
                                     epochs=tc.epochs, batch_size=tc.batch_size, lr=tc.lr,
                                     generator=self._shuffle)
+        if self.cfg.faults is not None and self.cfg.faults.straggle > 1:  # a rehearsed straggler
+            await asyncio.sleep((self.cfg.faults.straggle - 1) * (time.perf_counter() - trained))
         update = get_flat(local) - start
         norm = float(torch.linalg.vector_norm(update))
         if pc.mode == "update":
@@ -507,6 +527,16 @@ class Node:
                              "not sent", self.name, r + 1)
                 return None
             body = self.sealing.seal(body, r, recipients)
+            for member, why in sorted(self.sealing.left_out.items()):
+                # A member's prekey we cannot seal to (e.g. a low-order key it signed): it
+                # is left out of this share and not sealed for until it announces again.
+                self.counters.rejected["unsealable_prekey"] += 1
+                log.error("%s: round %d: cannot seal for %s (%s); left out of our share",
+                          self.name, r + 1, member, why)
+            if len(self.sealing.left_out) == len(recipients):
+                log.error("%s: round %d: nobody could be sealed for; our share is not sent",
+                          self.name, r + 1)
+                return None
             kind = KIND_SEALED
             # Collecting the others' shares gets a full deadline from our release on.
             self._restart_deadline()

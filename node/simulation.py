@@ -65,6 +65,25 @@ class SimulationSpec:
     transport: str = "memory"
     seal: str = "auto"  # gossip.seal for every node: auto (on for mqtt), on, off
     keep_releases: bool = False  # keep every released envelope in outbox/ (audits, tests)
+    # Rehearsed faults (node.cli.add_fault_flags; gossip/transports/faults.py)
+    loss: float = 0.0
+    delay_ms: float = 0.0
+    jitter_ms: float = 0.0
+    net_partitions: tuple[str, ...] = ()
+    absent: tuple[str, ...] = ()  # listed members that never start
+    stragglers: tuple[tuple[str, float], ...] = ()
+
+    def faults_for(self, name: str) -> dict | None:
+        """The [faults] section of member `name`'s config (None: no faults)."""
+        straggle = dict(self.stragglers).get(name, 1.0)
+        if not (self.loss or self.delay_ms or self.jitter_ms or self.net_partitions
+                or straggle != 1.0):
+            return None
+        return {"loss": self.loss, "delay_ms": self.delay_ms, "jitter_ms": self.jitter_ms,
+                "partition": list(self.net_partitions), "straggle": straggle, "seed": self.seed}
+
+    def present(self, names: list[str]) -> list[str]:
+        return [n for n in names if n not in self.absent]
 
 
 @dataclass(frozen=True)
@@ -132,6 +151,29 @@ class Prepared:
     consortium: Consortium
 
 
+def check_faults(spec: SimulationSpec, names: list[str]) -> None:
+    from gossip.transports.faults import parse_partition
+
+    for flag, listed in (("--absent", spec.absent),
+                         ("--straggler", [n for n, _ in spec.stragglers])):
+        for n in listed:
+            if n not in names:
+                raise LocalError(f"{flag} {n}: no such member; the members are {names}")
+    if len(spec.present(names)) < 2:
+        raise LocalError("--absent: at least 2 members must start")
+    for n, factor in spec.stragglers:
+        if not 1 <= factor <= 1000:
+            raise LocalError(f"--straggler {n}:{factor:g}: FACTOR must be in [1, 1000]")
+    for p in spec.net_partitions:
+        try:
+            part = parse_partition(p)
+        except ValueError as exc:
+            raise LocalError(f"--net-partition {exc}") from None
+        unknown = sorted(part.side - set(names))
+        if unknown:
+            raise LocalError(f"--net-partition {p}: no such member(s) {unknown}")
+
+
 def prepare(spec: SimulationSpec,
             addresses: dict[str, dict[str, str]] | None = None) -> Prepared:
     """Write keys, consortium file, data files and node configs into spec.out.
@@ -142,6 +184,7 @@ def prepare(spec: SimulationSpec,
         raise LocalError("--nodes: a consortium needs at least 2 members")
     template = network_template(spec)
     names = list(template.members)
+    check_faults(spec, names)
     df, label, categorical = load_demo(spec.dataset)
     train_df, test_df = train_test_split(df, test_size=TEST_FRACTION, random_state=spec.seed,
                                          stratify=df[label])
@@ -191,6 +234,9 @@ def prepare(spec: SimulationSpec,
         }
         if spec.keep_releases:
             cfg["keep_releases"] = True
+        faults = spec.faults_for(name)
+        if faults is not None:
+            cfg["faults"] = faults
         path = out / "nodes" / f"{name}.toml"
         path.write_text(tomli_w.dumps(cfg))
         config_paths.append(path)
@@ -213,6 +259,8 @@ async def run_consortium(spec: SimulationSpec, prep: Prepared,
     hub = MemoryHub()
     nodes = []
     for i, (name, path) in enumerate(zip(prep.names, prep.config_paths, strict=True)):
+        if name in spec.absent:  # listed, never started
+            continue
         cfg = load_config(path)
         transport = hub.attach(name, prep.names)
         # Simulation on demo data only: reproducible noise. A real node (`flnode
@@ -253,7 +301,7 @@ def summarize(spec: SimulationSpec, prep: Prepared, results: list[MemberResult],
     final = {r.name: r.final for r in results}
 
     def block(key: str, per_node: dict[str, dict[str, float]]) -> dict[str, Any]:
-        vals = {name: per_node[name][key] for name in prep.names}
+        vals = {name: per_node[name][key] for name in prep.names if name in per_node}
         return {"mean": float(np.mean(list(vals.values()))), "per_node": vals}
 
     rejected: dict[str, int] = {}
@@ -295,6 +343,9 @@ def summarize(spec: SimulationSpec, prep: Prepared, results: list[MemberResult],
         "rejected": rejected,
         "rejected_per_node": {r.name: dict(r.rejected) for r in results},
         "rounds_done": {r.name: r.rounds_done for r in results},
+        "faults": {"loss": spec.loss, "delay_ms": spec.delay_ms, "jitter_ms": spec.jitter_ms,
+                   "net_partitions": list(spec.net_partitions), "absent": list(spec.absent),
+                   "stragglers": dict(spec.stragglers)},
     }
     if metric == "roc_auc":
         summary["centralized_pr_auc"] = centralized["pr_auc"]
@@ -323,7 +374,8 @@ def simulate(spec: SimulationSpec, console: Any = None) -> dict:
 
     torch.set_num_threads(1)  # measured 3-15x faster for small models on 2 cores
     prep = prepare(spec)
-    printer = RoundPrinter(spec, prep.names, metric_name(prep.schema.n_classes), console)
+    printer = RoundPrinter(spec, spec.present(prep.names), metric_name(prep.schema.n_classes),
+                           console)
     printer.header(prep)
     nodes = asyncio.run(run_consortium(spec, prep, printer.on_round))
     printer.done()

@@ -16,6 +16,14 @@ ACL that confines each member to its own topic prefix; see
 `--kill NAME@ROUND` sends SIGKILL to that member once it has finished ROUND
 (1-based) and restarts it `--restart-after` seconds later: the others go on
 without it (deadline), and it resumes from its state dir and catches up.
+`--chaos N` does that N times to members and rounds drawn from the seed, each
+kill a random 0-2 s after the round so it lands in any phase (training,
+charging, sending, collecting, checkpointing), each restart 0.5-3 s later.
+
+The fault flags (`--loss`, `--delay`, `--net-partition`, `--absent`,
+`--straggler`) are those of `flnode simulate`: each node's config gets a
+`[faults]` section (gossip/transports/faults.py); an absent member is listed in
+the consortium and never started.
 """
 
 from __future__ import annotations
@@ -23,6 +31,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
 import secrets
 import signal
 import subprocess
@@ -40,7 +49,7 @@ import msgpack  # noqa: E402
 import tomli_w  # noqa: E402
 
 from gossip.errors import LocalError  # noqa: E402
-from node.cli import add_privacy_flags, add_seal_flag  # noqa: E402
+from node.cli import add_fault_flags, add_privacy_flags, add_seal_flag, fault_fields  # noqa: E402
 from node.config import seals  # noqa: E402
 from node.report import make_console, plot_history, print_summary  # noqa: E402
 from node.simulation import (  # noqa: E402
@@ -132,6 +141,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--kill", action="append", default=[], metavar="NAME@ROUND",
                    help="SIGKILL member NAME after it finished ROUND, then restart it")
     p.add_argument("--restart-after", type=float, default=3.0)
+    p.add_argument("--chaos", type=int, default=0, metavar="N",
+                   help="N SIGKILL/restarts of members and rounds drawn from --seed")
+    add_fault_flags(p)
     p.add_argument("--timeout", type=float, default=None,
                    help="give up after this many seconds (default: from rounds and deadline)")
     p.add_argument("--out", required=True)
@@ -188,6 +200,14 @@ def save_wire(recorder, out: Path, console) -> None:
                   + f"; wrote {out / 'wire.msgpack'}")
 
 
+def fault_fields_or_exit(args: argparse.Namespace) -> dict:
+    try:
+        return fault_fields(args)
+    except LocalError as exc:
+        print(f"simulate_network: error: {exc}", file=sys.stderr)
+        sys.exit(2)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     console = make_console()
@@ -198,7 +218,8 @@ def main(argv: list[str] | None = None) -> int:
         sigma=None if args.epsilon is not None else (args.sigma or 1.0), epsilon=args.epsilon,
         delta=args.delta, weight=args.weight,
         network_config=Path(args.network_config) if args.network_config else None,
-        round_deadline_s=args.round_deadline, transport=args.transport, seal=args.seal)
+        round_deadline_s=args.round_deadline, transport=args.transport, seal=args.seal,
+        **fault_fields_or_exit(args))
     try:
         from node.simulation import member_names
 
@@ -212,13 +233,22 @@ def main(argv: list[str] | None = None) -> int:
             addresses = {n: {"libp2p": f"/ip4/127.0.0.1/tcp/{p}"} for n, p in zip(names, ports,
                                                                                    strict=False)}
         prep = prepare(spec, addresses)
-        kills = {}
+        # Per member, the kills still to come: (after round, seconds after it, restart after).
+        kills: dict[str, list[tuple[int, float, float]]] = {}
         for k in args.kill:
             name, _, rnd = k.partition("@")
-            if name not in prep.names or not rnd.isdigit() or not 1 <= int(rnd) <= args.rounds:
+            if name not in spec.present(prep.names) or not rnd.isdigit() or \
+                    not 1 <= int(rnd) <= args.rounds:
                 raise LocalError(f"--kill {k!r}: expected NAME@ROUND with NAME one of "
-                                 f"{prep.names} and ROUND in 1..{args.rounds}")
-            kills[name] = int(rnd)
+                                 f"{spec.present(prep.names)} and ROUND in 1..{args.rounds}")
+            kills.setdefault(name, []).append((int(rnd), 0.0, args.restart_after))
+        rng = random.Random(f"chaos:{args.seed}")
+        for _ in range(args.chaos):
+            name = rng.choice(spec.present(prep.names))
+            kills.setdefault(name, []).append((rng.randint(1, max(1, args.rounds - 1)),
+                                               rng.uniform(0, 2), rng.uniform(0.5, 3)))
+        for plan in kills.values():
+            plan.sort()
     except LocalError as exc:
         print(f"simulate_network: error: {exc}", file=sys.stderr)
         return 2
@@ -226,7 +256,8 @@ def main(argv: list[str] | None = None) -> int:
     logs = spec.out / "logs"
     logs.mkdir(exist_ok=True)
     members = [Member(n, c, spec.out / "state" / n, logs / f"{n}.log")
-               for n, c in zip(prep.names, prep.config_paths, strict=True)]
+               for n, c in zip(prep.names, prep.config_paths, strict=True)
+               if n not in spec.absent]
     timeout = args.timeout or 120 + args.rounds * (args.round_deadline + 30)
     sealed = seals(args.seal, args.transport)
     console.print(f"[bold]simulate_network[/]: {args.nodes} `flnode run` processes over "
@@ -245,35 +276,44 @@ def main(argv: list[str] | None = None) -> int:
         pids.write_text("".join(f"{m.name} {m.proc.pid}\n" for m in members if m.proc))
         shown = -1
         restart_at: dict[str, float] = {}
+        armed: dict[str, float] = {}  # member -> when its next kill fires
+        killed = 0
         while True:
             for m in members:
-                done = len({ln["round"] for ln in m.metrics()})
-                if m.name in kills and m.starts == 1 and done >= kills[m.name] and m.proc:
-                    m.proc.kill()
-                    m.exit_codes.append(m.proc.wait())
-                    console.print(f"  [red]SIGKILL[/] {m.name} (pid {m.proc.pid}) after round "
-                                  f"{kills[m.name]}; restarting in {args.restart_after:g} s")
-                    restart_at[m.name] = time.monotonic() + args.restart_after
-                    m.proc = None
+                plan = kills.get(m.name)
+                if plan and m.proc is not None and m.proc.poll() is None:
+                    done = max((ln["round"] for ln in m.metrics()), default=-1) + 1
+                    if m.name not in armed and done >= plan[0][0]:
+                        armed[m.name] = time.monotonic() + plan[0][1]
+                    if m.name in armed and time.monotonic() >= armed[m.name]:
+                        after, _, restart = plan.pop(0)
+                        del armed[m.name]
+                        m.proc.kill()
+                        m.exit_codes.append(m.proc.wait())
+                        killed += 1
+                        console.print(f"  [red]SIGKILL[/] {m.name} (pid {m.proc.pid}) after round "
+                                      f"{after}; restarting in {restart:.3g} s")
+                        restart_at[m.name] = time.monotonic() + restart
+                        m.proc = None
                 if m.name in restart_at and time.monotonic() >= restart_at[m.name]:
                     del restart_at[m.name]
                     m.start()
                     console.print(f"  restarted {m.name} (pid {m.proc.pid})")
             history = history_of(members, metric)
-            newest = {n: max((r for r in history if n in history[r]), default=-1)
-                      for n in prep.names}
+            newest = {m.name: max((r for r in history if m.name in history[r]), default=-1)
+                      for m in members}
             # A round is shown once every member reported it or went past it
             # (a restarted member may skip rounds it missed: shown as "-").
             while shown + 1 < spec.rounds and all(v > shown for v in newest.values()):
                 shown += 1
                 row = history.get(shown, {})
-                vals = [row[n][metric] for n in prep.names if n in row]
+                vals = [row[m.name][metric] for m in members if m.name in row]
                 eps = max((ln["epsilon"] for m in members for ln in m.metrics()
                            if ln["round"] <= shown and ln["epsilon"] is not None), default=None)
                 console.print(f"  round {shown + 1:>3}/{spec.rounds}  mean {metric} "
                               f"{sum(vals) / max(len(vals), 1):.4f}  [dim]("
-                              + " ".join(f"{row[n][metric]:.3f}" if n in row else "  -  "
-                                         for n in prep.names) + ")[/]"
+                              + " ".join(f"{row[m.name][metric]:.3f}" if m.name in row
+                                         else "  -  " for m in members) + ")[/]"
                               + ("  ε ∞ (no DP)" if eps is None else f"  ε {eps:.2f}"))
             running = [m for m in members if m.proc is not None and m.proc.poll() is None]
             if not running and not restart_at:
@@ -325,6 +365,7 @@ def main(argv: list[str] | None = None) -> int:
                         local_only)
     summary["processes"] = {m.name: {"starts": m.starts, "exit_codes": m.exit_codes}
                             for m in members}
+    summary["sigkills"] = killed
     summary["seconds"] = round(elapsed, 1)
     (spec.out / "summary.json").write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
     plot_history(summary, spec.out / "accuracy.png")

@@ -280,3 +280,17 @@ def test_local_input_that_used_to_give_a_traceback_is_a_named_error(tmp_path):
            "data": {"path": "d.csv"}, "privacy": {"mode": "off"}, "training": {"rounds": True}}
     with pytest.raises(LocalError, match="rounds = true: expected a number"):
         validate_config(doc, "node.toml")
+
+
+# --- liveness ----------------------------------------------------------------------
+async def test_a_member_that_never_starts_costs_one_deadline_not_one_per_round(tmp_path):
+    """4 members, 10 rounds, one never starts: each running node waits out one
+    deadline for it, then closes rounds without waiting until it is heard from."""
+    _, prep = make(tmp_path, nodes=4, rounds=10, privacy="off", deadline=5.0)
+    nodes = build(prep, MemoryHub(), which={0, 1, 2})
+    await asyncio.wait_for(run_all(nodes), 600)
+    for n in nodes:
+        closed = [x["closed"] for x in read_jsonl(n.state.path / "metrics.jsonl")]
+        assert closed == ["deadline"] + ["absent"] * 9, (n.name, closed)
+        assert all(x["missing"] == ["bank-3"] for x in read_jsonl(n.state.path / "metrics.jsonl"))
+
