@@ -9,7 +9,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 DEMO_OUT ?= runs/demo
 
-.PHONY: setup mosquitto demo demo-inprocess bench test test-fast lint clean
+.PHONY: setup mosquitto demo demo-inprocess bench test test-fast test-unit test-loaded lint clean
 
 setup: $(STAMP)
 
@@ -52,6 +52,16 @@ test: $(STAMP) mosquitto
 
 test-fast: $(STAMP) mosquitto
 	$(BIN)/pytest -q -m "not slow"
+
+# The pure modules only (envelope, seal, rounds, aggregation, privacy, membership,
+# config, identity): no broker, no network, no training; under a minute.
+test-unit: $(STAMP)
+	$(BIN)/pytest -q -m unit
+
+# The whole suite with two CPU-bound busy loops beside it (scripts/load.sh starts
+# them and stops them by PID, whatever happens): the suite must hold on a loaded box.
+test-loaded: $(STAMP) mosquitto
+	scripts/load.sh 2 -- $(BIN)/pytest -q
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

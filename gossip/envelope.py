@@ -78,8 +78,15 @@ KIND_PREKEY = "prekey"
 # "I stop sharing" (e.g. its privacy budget is spent): empty body; receivers
 # stop waiting for the sender's shares.
 KIND_RETIRE = "retire"
+# "I am up, at this round": sent by a node when it starts (body HELLO_ASK: answer me)
+# and as the answer (body HELLO_REPLY); round = the sender's current round. It lets
+# a restarted node join the round the others are in, and a consortium wait for a
+# quorum before round 1, with or without sealing.
+KIND_HELLO = "hello"
+HELLO_ASK = b"\x00"
+HELLO_REPLY = b"\x01"
 SHARE_KINDS = frozenset({KIND_SHARE, KIND_SEALED})
-KINDS = frozenset({KIND_SHARE, KIND_SEALED, KIND_PREKEY, KIND_RETIRE})
+KINDS = frozenset({KIND_SHARE, KIND_SEALED, KIND_PREKEY, KIND_RETIRE, KIND_HELLO})
 _KINDS_BY_BYTES = {k.encode(): k for k in KINDS}
 _PROTO_BYTES = PROTO.encode()
 
@@ -507,6 +514,11 @@ class Verifier:
         if env.kind == KIND_RETIRE:
             if len(env.body):
                 raise RemoteError("bad_body", "a retire message has an empty body", name)
+        elif env.kind == KIND_HELLO:
+            if bytes(env.body[:2]) not in (HELLO_ASK, HELLO_REPLY):
+                raise RemoteError("bad_body", "a hello's body is one byte, 0 (ask) or 1 "
+                                  "(reply)", name)
+            hello = bytes(env.body) == HELLO_ASK
         elif env.kind == KIND_PREKEY:
             prekeys, hello = self._learn_prekeys(env, name, current_round)
         else:

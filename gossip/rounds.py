@@ -16,17 +16,19 @@ restarted node catches up with the others without sitting out a deadline
 for every round it missed. A prekey announcement (sealing) is sent on
 entering a round, so it says the same: the member has left the rounds before.
 
-Skipping far ahead needs a majority: the book jumps to the newest round that
+Skipping ahead needs a majority: the book jumps to the newest round that
 more than half of the neighbours are known to have reached, so one member
 (authenticated, but lying about its round) cannot make us abandon rounds the
 others are still in. With a single neighbour that neighbour is the majority.
+(It used to jump only past `lookahead`; a restarted node then closed the rounds
+in between with its own share alone instead of joining the others.)
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
 
-from gossip.envelope import KIND_PREKEY, KIND_RETIRE, Accepted
+from gossip.envelope import KIND_HELLO, KIND_PREKEY, KIND_RETIRE, Accepted
 from gossip.errors import RemoteError
 
 
@@ -51,6 +53,9 @@ class RoundBook:
             # Announced on entering round r: the member has left every earlier round.
             self.note(share.sender, r)
             return "prekey"
+        if share.envelope.kind == KIND_HELLO:  # "I am at round r"
+            self.note(share.sender, r)
+            return "hello"
         if r < self.current:  # the verifier checks this; the book does not trust callers
             raise RemoteError("stale", f"round {r} < current {self.current}", share.sender)
         held = self._shares.get(r, {}).get(share.sender)
@@ -102,14 +107,26 @@ class RoundBook:
         rounds = sorted((self._latest.get(n, -1) for n in self.neighbours), reverse=True)
         return rounds[len(rounds) // 2]
 
+    def join(self, round_: int) -> None:
+        """Go straight to round_ (ahead of ours), e.g. where a majority is after a
+        restart: the rounds in between are skipped, their buffered shares dropped."""
+        if round_ > self.current:
+            self._move_to(round_)
+
     def advance(self) -> int:
-        """Close the current round; go to the next, or skip forward if far behind."""
+        """Close the current round; go to the next, or skip forward if behind: to the
+        newest round a majority of the neighbours has reached, if that is past the
+        next one, or to the oldest round any neighbour is in, if all have left it."""
         nxt = self.current + 1
         quorum = self.quorum_round()
-        if quorum > nxt + self.lookahead:
+        if quorum > nxt:
             nxt = quorum
         elif self.neighbours and all(self._latest.get(n, -1) > nxt for n in self.neighbours):
             nxt = min(self._latest[n] for n in self.neighbours)
+        self._move_to(nxt)
+        return nxt
+
+    def _move_to(self, nxt: int) -> None:
         self.current = nxt
         self._shares = {r: s for r, s in self._shares.items() if r >= nxt}
         # Far-ahead shares now inside the window move into the buffer.
@@ -119,4 +136,3 @@ class RoundBook:
             elif share.round <= nxt + self.lookahead:
                 self._shares.setdefault(share.round, {})[member] = share
                 del self._far[member]
-        return nxt

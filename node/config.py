@@ -131,6 +131,10 @@ class GossipConfig(_Section):
     # A member whose share has not come by this many round deadlines in a row is not
     # waited for until it is heard from again (any authentic, fresh message).
     absent_after: int = Field(default=1, ge=1, le=1_000_000)
+    # Round 1 starts only once this many members (ourselves included) are up (their
+    # hello heard); 0: no quorum, start at once. A restarted node always waits up to
+    # one round deadline for a majority's hello to join the round they are in.
+    min_members: int = Field(default=0, ge=0, le=100_000)
     aggregation: str = "mean"
     max_envelope_bytes: int = Field(default=64 * 1024 * 1024, ge=1024, le=2**31)
     # End-to-end sealing of shares to the members' rotated prekeys (gossip/seal.py).

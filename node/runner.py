@@ -29,6 +29,9 @@ from nacl.public import PrivateKey
 from gossip import envelope
 from gossip.envelope import (
     BENIGN_REASONS,
+    HELLO_ASK,
+    HELLO_REPLY,
+    KIND_HELLO,
     KIND_PREKEY,
     KIND_RETIRE,
     KIND_SEALED,
@@ -143,6 +146,9 @@ class Node:
                                     epochs=tc.epochs, batch_size=tc.batch_size,
                                     state_dir=self.state.path, ledger=self.ledger)
         self.stopped: str | None = None  # why this node stopped sharing early, if it did
+        if cfg.gossip.min_members > len(consortium.members):
+            raise LocalError(f"gossip.min_members = {cfg.gossip.min_members} but the consortium "
+                             f"has {len(consortium.members)} members: it could never start")
         self.rule = get_rule(cfg.gossip.aggregation)
         self.model = build_model(cfg.model.kind, schema.n_features, schema.n_classes,
                                  cfg.model.hidden, seed=init_seed_from(consortium))
@@ -177,6 +183,7 @@ class Node:
         # one per round.
         self._absent: set[str] = set()
         self._missed: Counter[str] = Counter()
+        self._up: set[str] = set()  # members heard from since we started
         self._answered: dict[str, float] = {}  # member -> when we last answered its hello
         # Acks of accepted shares, by round: sent once the round is closed and
         # checkpointed, so a node killed before that gets them redelivered (MQTT).
@@ -293,8 +300,8 @@ class Node:
         self._heard(accepted.sender)
         if where == "prekey":
             self._silent.discard(accepted.sender)
-            if accepted.hello:
-                self._answer_hello(accepted.sender)
+        if accepted.hello:  # it has just started: tell it our prekeys / our round
+            self._answer_hello(accepted.sender, where)
         if where == "retired":
             log.warning("%s: %s has stopped sharing (retire message); rounds no longer wait "
                         "for it", self.name, accepted.sender)
@@ -307,6 +314,7 @@ class Node:
         return accepted
 
     def _heard(self, member: str) -> None:
+        self._up.add(member)
         self._missed.pop(member, None)
         if member in self._absent:
             self._absent.discard(member)
@@ -336,6 +344,9 @@ class Node:
                 try:
                     if self.book.current < self.cfg.training.rounds:
                         await self._rotate_prekeys(self.book.current, announce=True)
+                        await self._broadcast(self.book.current, self._sign(
+                            KIND_HELLO, self.book.current, HELLO_ASK))
+                        await self._await_start()
                     while self.book.current < self.cfg.training.rounds:
                         report = await self._round()
                         if report is None:  # stopped sharing (budget spent)
@@ -598,19 +609,62 @@ class Node:
         self._announcement = packed[0]
         await self._broadcast(r, packed[-1])
 
-    def _answer_hello(self, member: str) -> None:
-        """A member has just (re)started and may have missed our prekeys: send them. At
-        most once per member every HELLO_INTERVAL_S (a member that keeps saying hello
-        gets no more than that); a reply is one small message for one."""
-        if self.sealing is None or self._announcement is None:
-            return
+    def _answer_hello(self, member: str, where: str) -> None:
+        """A member has just (re)started: send it our prekeys (its prekey hello) or our
+        round (its hello). At most once per member and kind every HELLO_INTERVAL_S (a
+        member that keeps saying hello gets no more than that); one small message."""
         now = time.monotonic()
-        if now - self._answered.get(member, -HELLO_INTERVAL_S) < HELLO_INTERVAL_S:
+        if now - self._answered.get((member, where), -HELLO_INTERVAL_S) < HELLO_INTERVAL_S:
             return
-        self._answered[member] = now
+        if where == "prekey":
+            if self.sealing is None or self._announcement is None:
+                return
+            data = self._announcement
+        else:
+            data = self._sign(KIND_HELLO, self.book.current, HELLO_REPLY)
+        self._answered[(member, where)] = now
         if self._tg is not None:  # owned and awaited by the run's TaskGroup
-            self._tg.create_task(self._send(member, self._announcement),
+            self._tg.create_task(self._send(member, data),
                                  name=f"{self.name}-hello-reply-{member}")
+
+    async def _await_start(self) -> None:
+        """Before our first round: wait for `gossip.min_members` (if set), and, after a
+        restart, up to one round deadline for a majority of the others to say where they
+        are; then join the newest round a majority has reached, if it is ahead of ours
+        (the same rule as skipping ahead: one lying member cannot drag us forward)."""
+        g = self.cfg.gossip
+        loop = asyncio.get_running_loop()
+        restarted = self.book.current > 0 or \
+            self.state.stored_release(self.book.current) is not None
+        need_min = max(0, g.min_members - 1)
+        majority = len(self.book.neighbours) // 2 + 1 if restarted else 0
+        t0 = loop.time()
+        deadline = t0 + g.round_deadline_s
+        reported = t0
+        while True:
+            self._arrived.clear()
+            up = len(self._up & self.book.neighbours)
+            now = loop.time()
+            if up >= need_min and (up >= majority or now >= deadline):
+                break
+            if up < need_min and now - reported >= g.round_deadline_s:
+                reported = now
+                log.warning("%s: waiting for gossip.min_members = %d before round %d: %d "
+                            "up (%s)", self.name, g.min_members, self.book.current + 1, up + 1,
+                            ", ".join(sorted(self._up & self.book.neighbours)) or "none")
+            wait = (deadline if up < majority and now < deadline else reported +
+                    g.round_deadline_s) - now
+            try:
+                async with asyncio.timeout(max(wait, 0.01)):
+                    await self._arrived.wait()
+            except TimeoutError:
+                pass
+        ahead = self.book.quorum_round()
+        if ahead > self.book.current:
+            log.warning("%s: the others are at round %d; joining them there (rounds %d-%d "
+                        "skipped)", self.name, ahead + 1, self.book.current + 1, ahead)
+            self.book.join(ahead)
+            self._save_checkpoint()
 
     def _ack_before(self, round_: int | None) -> None:
         """Acknowledge the shares of rounds before round_ (all if None): used or skipped,

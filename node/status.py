@@ -31,7 +31,8 @@ def collect(state_dir: str | Path) -> dict[str, Any]:
     for rec in read_jsonl(path / "audit.jsonl"):
         if rec.get("outcome") == "accepted":
             p = peers.setdefault(rec["member"], {"accepted": 0, "last_round": -1})
-            p["accepted"] += 1
+            if rec.get("kind", "share") in ("share", "sealed"):  # shares, not hellos
+                p["accepted"] += 1
             p["last_round"] = max(p["last_round"], rec["round"])
     weight = None
     if (path / WEIGHT_FILE).exists():

@@ -7,6 +7,7 @@ fails on the code before its fix.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import os
 import stat
@@ -294,3 +295,85 @@ async def test_a_member_that_never_starts_costs_one_deadline_not_one_per_round(t
         assert closed == ["deadline"] + ["absent"] * 9, (n.name, closed)
         assert all(x["missing"] == ["bank-3"] for x in read_jsonl(n.state.path / "metrics.jsonl"))
 
+
+
+async def test_an_absent_member_is_waited_for_again_once_it_is_heard_from(tmp_path):
+    _, prep = make(tmp_path, nodes=3, rounds=4, privacy="off", deadline=5.0)
+    hub = MemoryHub()
+    early = build(prep, hub, which={0, 1})
+    late_cfg = load_config(prep.config_paths[2])
+    started = asyncio.Event()
+
+    async def late_start():
+        # Join once the others have given up on it (both closed round 1 without it).
+        while not all(n._absent for n in early):
+            await asyncio.sleep(0.05)
+        node = Node.from_config(late_cfg, hub.attach(prep.names[2], prep.names))
+        started.set()
+        return await node.run()
+
+    async with asyncio.TaskGroup() as tg:
+        for n in early:
+            tg.create_task(n.run())
+        late = tg.create_task(late_start())
+    assert started.is_set() and late.result()
+    for n in early:
+        lines = read_jsonl(n.state.path / "metrics.jsonl")
+        assert lines[0]["closed"] == "deadline"
+        assert lines[-1]["closed"] == "all" and "bank-2" in lines[-1]["received"], lines
+        assert not n._absent
+
+
+async def test_a_restarted_node_joins_the_round_a_majority_is_in(tmp_path):
+    """Checkpointed at round 1, restarted while the others are at round 4: it asks where
+    they are (hello), joins round 4 with them instead of closing rounds 1-3 alone."""
+    _, prep = make(tmp_path, nodes=3, rounds=6, privacy="off", deadline=30.0)
+    hub = MemoryHub()
+    first = build(prep, hub, which={0})
+    cp = first[0].state.load_checkpoint()
+    first[0].state.save_checkpoint(dataclasses.replace(cp, next_round=1))
+    hub.detach(prep.names[0])
+    others = build(prep, hub, which={1, 2})
+    rejoined = asyncio.Event()
+
+    async def restart_when_others_reach(round_):
+        while not all(n.book.current >= round_ for n in others):
+            await asyncio.sleep(0.05)
+        node = build(prep, hub, which={0})[0]
+        assert node.book.current == 1
+        rejoined.set()
+        return node, await node.run()
+
+    for n in others:  # bank-0 is down: they stop waiting for it after one deadline
+        n.cfg = _with(n.cfg, "gossip", round_deadline_s=2.0)
+    async with asyncio.TaskGroup() as tg:
+        for n in others:
+            tg.create_task(n.run())
+        back = tg.create_task(restart_when_others_reach(4))
+    node, reports = back.result()
+    rounds = [r.round for r in reports]
+    assert rounds[0] >= 4, rounds  # joined them, did not replay rounds 1-3
+    assert all("bank-0" in x["received"] for n in others
+               for x in read_jsonl(n.state.path / "metrics.jsonl")[-1:]), "not waited for again"
+
+
+async def test_min_members_holds_round_one_until_a_quorum_is_up(tmp_path):
+    _, prep = make(tmp_path, nodes=3, rounds=2, privacy="off", deadline=30.0)
+    hub = MemoryHub()
+    cfgs = [_with(load_config(p), "gossip", min_members=3, round_deadline_s=30.0)
+            for p in prep.config_paths]
+    early = [Node.from_config(c, hub.attach(n, prep.names))
+             for c, n in zip(cfgs[:2], prep.names[:2], strict=True)]
+    tasks = [asyncio.create_task(n.run()) for n in early]
+    while not all(len(n._up) == 1 for n in early):  # each has heard the other's hello
+        await asyncio.sleep(0.05)
+    assert all(n.ledger.records == [] and not (n.state.path / "metrics.jsonl").exists()
+               for n in early)  # nobody trained or released: 2 of 3 are up
+    last = Node.from_config(cfgs[2], hub.attach(prep.names[2], prep.names))
+    reports = await asyncio.wait_for(asyncio.gather(last.run(), *tasks), 300)
+    assert all(len(r) == 2 for r in reports)
+    for n in [*early, last]:
+        assert [x["closed"] for x in read_jsonl(n.state.path / "metrics.jsonl")] == ["all", "all"]
+    with pytest.raises(LocalError, match="min_members = 4 but the consortium has 3"):
+        Node.from_config(_with(cfgs[0], "gossip", min_members=4), MemoryHub().attach(
+            prep.names[0], prep.names))

@@ -90,9 +90,9 @@ def test_sigkilled_node_rejoins_and_nobody_hangs_or_double_releases(tmp_path):
     # ... and no member ever accepted two different shares from it for one round.
     for name in ("bank-0", "bank-1", "bank-3"):
         digests: dict[int, set[str]] = {}
-        for line in (out / "state" / name / "audit.jsonl").read_text().splitlines():
-            rec = json.loads(line)
-            if rec["member"] == "bank-2" and rec["outcome"] == "accepted":
+        for rec in read_jsonl(out / "state" / name / "audit.jsonl"):
+            if rec["member"] == "bank-2" and rec["outcome"] == "accepted" and \
+                    rec["kind"] == "share":
                 digests.setdefault(rec["round"], set()).add(rec["digest"])
         assert digests and all(len(d) == 1 for d in digests.values())
         assert "equivocation" not in net["rejected_per_node"][name]

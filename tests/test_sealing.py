@@ -12,7 +12,14 @@ from nacl.bindings import crypto_sign_ed25519_sk_to_curve25519
 from nacl.public import PrivateKey
 
 from gossip import envelope
-from gossip.envelope import KIND_PREKEY, KIND_RETIRE, KIND_SEALED, KIND_SHARE, Verifier
+from gossip.envelope import (
+    KIND_HELLO,
+    KIND_PREKEY,
+    KIND_RETIRE,
+    KIND_SEALED,
+    KIND_SHARE,
+    Verifier,
+)
 from gossip.errors import RemoteError
 from gossip.rounds import RoundBook
 from gossip.seal import PrekeyStore, Sealing, encode_announcement, open_sealed, seal_ad
@@ -187,7 +194,7 @@ def test_a_sealed_consortium_learns_the_same_model_and_old_traffic_stays_closed(
     prep, hub, nodes = results["on"]
     envs = [envelope.decode_outer(d) for d in hub.wire]
     kinds = {e.kind for e in envs}
-    assert kinds == {KIND_SEALED, KIND_PREKEY}, kinds  # no share crossed the wire in clear
+    assert kinds == {KIND_SEALED, KIND_PREKEY, KIND_HELLO}, kinds  # no share in clear
     sealed = [e for e in envs if e.kind == KIND_SEALED]
     assert len({(e.sender, e.round) for e in sealed}) == 3 * rounds
     # No plaintext tensor bytes on the wire: every member's released tensors, looked for
@@ -304,9 +311,9 @@ def test_a_sealing_node_down_for_many_epochs_catches_up_without_a_deadline_per_r
     late = nodes[2]
     assert late.book.current == 13
     lines = [json.loads(x) for x in (late.state.path / "metrics.jsonl").read_text().splitlines()]
-    # It closed round 2 at once (everyone had left it), jumped to 10 and then had both
-    # shares in every round.
-    assert [ln["round"] for ln in lines if "metrics" in ln][-4:] == [2, 10, 11, 12]
+    # It learned from the hellos' answers that both were at round 10 and joined them
+    # there (no round 2 alone), then had both shares in every round.
+    assert [ln["round"] for ln in lines if "metrics" in ln][-4:] == [1, 10, 11, 12]
     assert all(ln["received"] == ["bank-0", "bank-1"] for ln in lines[-3:])
     for n in nodes[:2]:
         tail = [json.loads(x) for x in (n.state.path / "metrics.jsonl").read_text().splitlines()]

@@ -1,0 +1,20 @@
+"""Test tiers. `make test-unit` runs the `unit` tier: the pure modules (envelope,
+seal, wire parsing, rounds, aggregation strategies, privacy accounting,
+membership, config, identity), no broker, no network, no training; it runs in
+well under a minute. `make test` runs everything."""
+
+from __future__ import annotations
+
+import pytest
+
+UNIT_MODULES = frozenset({
+    "test_envelope", "test_seal", "test_parse_bounds", "test_rounds", "test_aggregate",
+    "test_strategy", "test_privacy", "test_membership", "test_config", "test_identity",
+    "test_fuzz",
+})
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if item.module is not None and item.module.__name__.rsplit(".", 1)[-1] in UNIT_MODULES:
+            item.add_marker(pytest.mark.unit)
