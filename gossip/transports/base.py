@@ -13,6 +13,15 @@ from collections import Counter
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
+from gossip.errors import LocalError
+
+
+class TransportFailed(LocalError):
+    """The transport itself has stopped working (its thread or connection task died),
+    not one peer: nothing more can be sent or received through it. `incoming()` raises
+    it, and so do `send` and `broadcast`; the node must end (non-zero exit), not go on
+    as if alone. The message names the cause."""
+
 
 @dataclass(frozen=True)
 class Incoming:
@@ -51,11 +60,21 @@ class Transport(abc.ABC):
 
     @abc.abstractmethod
     async def send(self, peer: str, data: bytes) -> None:
-        """Deliver `data` to one neighbour by member name."""
+        """Deliver `data` to one neighbour by member name.
+
+        A neighbour that cannot be reached (refused, gone, too slow) is counted in
+        `stats.dropped` and the call returns. Raises `LocalError` for what the caller
+        got wrong (unknown peer, message over the cap, transport closed),
+        `TransportFailed` if the transport is dead, and lets anything else (a bug)
+        propagate. Cancelling the call stops the transfer before it returns."""
 
     @abc.abstractmethod
     def incoming(self) -> AsyncIterator[Incoming]:
-        """Messages as they arrive, until the transport is closed."""
+        """Messages as they arrive, until the transport is closed (then it ends).
+
+        Raises `TransportFailed` if the transport dies. A transport whose inbox is
+        full stops taking messages (back-pressure) rather than drop one it would
+        have to acknowledge."""
 
     @abc.abstractmethod
     async def close(self) -> None:

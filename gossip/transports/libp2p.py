@@ -11,6 +11,23 @@ stops the trio side and joins the thread. Measured through this bridge
 MB/s, about 0.6x asyncio TLS on the same run; a one-byte share costs ~4 ms
 (new stream, protocol negotiation, acknowledgement, two thread hops).
 
+Whole frames: a trio cancellation inside a write to a Noise-secured connection
+(a frame encrypted, its nonce spent, half sent) would corrupt the connection
+for every later share; measured, one cancelled transfer made the next send to
+that member fail. Each yamux frame write is shielded (`_whole_frames`) and
+cancellation takes effect between frames; a frame that cannot be written in
+FRAME_WRITE_TIMEOUT_S (30 s) closes the connection instead.
+
+Structured concurrency across the bridge. Every trio task a call starts
+(`_run`) is owned by the asyncio task that awaits it: cancelling that asyncio
+task cancels the trio task (a transfer in progress is reset, so the receiver
+sees a reset, not a short message) and waits until it has really ended before
+the cancellation goes on; nothing is left running in the trio thread. The
+thread is owned by the transport (`close()` stops and joins it). If the
+thread dies on its own (the trio loop crashed, or its services ended), that
+is `TransportFailed`, not a quiet log line: `incoming()` raises it with the
+cause, and so do `send` and `broadcast`; the node's run ends with it.
+
 Why a stream and not GossipSub: GossipSub silently drops messages over 1 MiB
 (a constant, not a parameter), keeps 32-slot queues that overflow silently
 and signs every message with the host key (2.3 s on 50 MB). Shares are
@@ -69,6 +86,13 @@ logged once per (peer, reason); for handshakes the "peer" is the remote IP):
   whose own thread is starved for a whole window (the GIL held elsewhere for
   20 s) can cut an honest sender, who then counts the share as not delivered.
 
+Inbox: a transfer is acknowledged only once its message has a place in the
+inbox the node reads (`inbox_depth`, default 1024). If the node falls that
+far behind, the receiving stream holds (reading nothing more, its sender
+waiting for the acknowledgement) until the node takes a message, for at most
+`rate_window_s`; then it is reset [`inbox_full`] and the sender counts the
+share as not delivered. A message is never acknowledged and then dropped.
+
 Memory: a finished transfer is joined into one `bytes` (momentarily twice its
 size). py-libp2p 0.8.1's yamux does not enforce its receive window (a peer
 that ignores it is logged, and its data buffered anyway), so a member running
@@ -79,6 +103,7 @@ this transport and not bounded here.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import threading
@@ -92,6 +117,8 @@ from libp2p import new_host
 from libp2p.crypto.ed25519 import Ed25519PublicKey, create_new_key_pair
 from libp2p.crypto.x25519 import create_new_key_pair as create_new_x25519_key_pair
 from libp2p.custom_types import TProtocol
+from libp2p.exceptions import BaseLibp2pError
+from libp2p.io.exceptions import ConnectionClosedError
 from libp2p.network.config import RetryConfig
 from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import PeerInfo
@@ -103,7 +130,7 @@ from libp2p.transport.exceptions import SecurityUpgradeFailure
 
 from gossip.errors import LocalError, describe
 from gossip.membership import Member
-from gossip.transports.base import Incoming, Transport, TransportStats
+from gossip.transports.base import Incoming, Transport, TransportFailed, TransportStats
 
 log = logging.getLogger("flnode.libp2p")
 # py-libp2p logs routine churn (a refused dial, a peer that went away) at
@@ -120,8 +147,8 @@ LENGTH_PREFIX = 8
 # Writes and reads in 1 MiB pieces: large enough to amortize yamux framing and
 # the Noise frame per write, small enough to keep memory flat.
 CHUNK = 1024 * 1024
-# Incoming messages waiting for the node; past this the transport drops (and
-# counts) rather than grow without bound if the node stalls.
+# Incoming messages waiting for the node; past this a transfer waits for room
+# before it is acknowledged (module docstring).
 INBOX_DEPTH = 1024
 # A transfer we send may take this long plus one second per MB (loopback does
 # 35-70 MB/s; a WAN link between banks far less) before it is abandoned. What we
@@ -149,6 +176,58 @@ RATE_WINDOW_S = 20.0
 # (peer, reason) pairs logged; past this, refusals are only counted (peer ids and
 # addresses are the sender's choice, so the set of them must not grow forever).
 MAX_LOGGED = 4096
+# What "this peer could not be reached, or went away mid-transfer" looks like from
+# `_send_trio`; `send` counts these as dropped and lets anything else propagate.
+# BaseLibp2pError is py-libp2p's own family: SwarmException (no connection, dial
+# failed, refused after Noise), StreamFailure and ProtocolNotSupportedError
+# (stream or protocol negotiation refused), MuxedStreamError/StreamError (the
+# stream was reset or closed, yamux window timeout), UpgradeFailure, IOException.
+# trio.TooSlowError is our transfer timeout; EOFError the stream ending before the
+# receiver's acknowledgement (it refused: too large, busy, inbox full); OSError and
+# trio's Broken/ClosedResourceError a socket that went away underneath.
+UNREACHABLE: tuple[type[BaseException], ...] = (
+    BaseLibp2pError, trio.TooSlowError, EOFError, OSError, trio.BrokenResourceError,
+    trio.ClosedResourceError)
+# How long close() waits for the trio thread to finish (host.close() has 5 s).
+JOIN_TIMEOUT_S = 15.0
+# How long resetting a stream we abandon may take (a frame on a stuck connection).
+RESET_TIMEOUT_S = 5.0
+# How long one yamux frame may take to be written (module docstring, "whole frames").
+FRAME_WRITE_TIMEOUT_S = 30.0
+# Queue items that are not messages.
+_CLOSED = object()  # close() was called
+_WAKE = object()  # the thread died: incoming() must look at _failure
+
+
+def _whole_frames(conn: Yamux) -> None:
+    """Make every frame write of this yamux connection whole.
+
+    A cancellation that lands inside a frame write (trio's send_all, after Noise has
+    encrypted the frame and spent its nonce) leaves the connection in an unknown state:
+    the peer fails to authenticate what follows ("Failed authentication of message")
+    and every later share to it fails (measured: one cancelled transfer, then "failed
+    to open a stream"). So each frame write is shielded and cancellation takes effect
+    between frames. A frame that cannot be written within FRAME_WRITE_TIMEOUT_S (the
+    peer has stopped reading the whole connection) closes the connection instead of
+    hanging. py-libp2p 0.8.1 builds `Yamux` itself (muxer_multistream.new_conn), so
+    this wraps the instance's method rather than subclassing."""
+    write_frame = conn._write_frame  # noqa: SLF001 - the method being made whole
+
+    async def _write_frame(data: bytes) -> None:
+        with trio.CancelScope(shield=True) as scope:
+            scope.deadline = trio.current_time() + FRAME_WRITE_TIMEOUT_S
+            await write_frame(data)
+        if scope.cancelled_caught:
+            with trio.CancelScope(shield=True), trio.move_on_after(RESET_TIMEOUT_S):
+                try:
+                    await conn.secured_conn.close()
+                except Exception:  # noqa: BLE001 - already broken
+                    pass
+            raise ConnectionClosedError(f"a yamux frame could not be written within "
+                                        f"{FRAME_WRITE_TIMEOUT_S:g} s: connection closed")
+        await trio.lowlevel.checkpoint()  # where a pending cancellation takes effect
+
+    conn._write_frame = _write_frame  # type: ignore[method-assign]  # noqa: SLF001
 
 
 def peer_id_of(public_key: bytes) -> ID:
@@ -171,7 +250,8 @@ class Libp2pTransport(Transport):
                  max_inflight_bytes: int | None = None,
                  budget_wait_s: float = BUDGET_WAIT_S,
                  min_rate_bytes_per_s: int = MIN_RATE_BYTES_PER_S,
-                 rate_window_s: float = RATE_WINDOW_S) -> None:
+                 rate_window_s: float = RATE_WINDOW_S,
+                 inbox_depth: int = INBOX_DEPTH) -> None:
         me = [m for m in members if m.name == name]
         if not me:
             raise LocalError(f"{name!r} is not a member of the consortium")
@@ -187,7 +267,7 @@ class Libp2pTransport(Transport):
                              f"max_peer_inflight_bytes ({max_peer_inflight_bytes}) <= "
                              f"max_inflight_bytes ({max_inflight_bytes})")
         if min(max_pending_handshakes, max_handshakes_per_ip, max_streams_per_peer,
-               min_rate_bytes_per_s) < 1 or min(handshake_timeout_s, budget_wait_s,
+               min_rate_bytes_per_s, inbox_depth) < 1 or min(handshake_timeout_s, budget_wait_s,
                                                 rate_window_s) <= 0:
             raise LocalError("libp2p limits must be positive")
         self.max_pending_handshakes = max_pending_handshakes
@@ -207,16 +287,27 @@ class Libp2pTransport(Transport):
         self.reserved_total = 0
         self.buffered = 0  # body bytes received and held by unfinished transfers
         self._budget_freed: trio.Event | None = None
+        self.inbox_depth = inbox_depth
+        self._inbox_slots: trio.Semaphore | None = None  # free places in the inbox
+        self.waiting_for_room = 0  # transfers received in full, waiting for an inbox place
+        # Bridge calls (_run) whose trio task has started and not yet ended (trio
+        # thread writes; read by tests: 0 once every send has returned).
+        self.trio_calls = 0
         self.peers = {m.name: (peer_id_of(m.public_key), self._address(m))
                       for m in members if m.name != name}
         self.names_by_id = {pid: n for n, (pid, _) in self.peers.items()}
         self._seed = seed
         self.stats = TransportStats()
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._inbox: asyncio.Queue[Incoming] = asyncio.Queue(INBOX_DEPTH)
+        self._inbox: asyncio.Queue[Incoming | object] = asyncio.Queue()  # bounded by the slots
         self._thread: threading.Thread | None = None
         self._ready = threading.Event()
         self._startup_error: BaseException | None = None
+        # Set on the asyncio thread once the trio thread has ended; `_failure` says why
+        # if it ended without close().
+        self._thread_done: asyncio.Event | None = None
+        self._failure: str | None = None
+        self._calls: set[asyncio.Future[tuple[bool, Any]]] = set()  # bridge calls in flight
         self._token: trio.lowlevel.TrioToken | None = None
         self._nursery: trio.Nursery | None = None
         self._stop: trio.Event | None = None
@@ -243,72 +334,131 @@ class Libp2pTransport(Transport):
     # --- asyncio side ----------------------------------------------------------
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
+        self._thread_done = asyncio.Event()
         self._thread = threading.Thread(target=self._thread_main, name=f"libp2p-{self.name}",
                                         daemon=True)
         self._thread.start()
         ok = await asyncio.to_thread(self._ready.wait, START_TIMEOUT_S)
         if self._startup_error is not None:
             raise LocalError(f"libp2p host for {self.name!r} could not listen on "
-                             f"{self.listen}: {self._startup_error}") from None
+                             f"{self.listen}: {describe(_root_cause(self._startup_error))}"
+                             ) from None
         if not ok:
             raise LocalError(f"libp2p host for {self.name!r} did not start in "
                              f"{START_TIMEOUT_S:.0f} s")
         log.info("%s: libp2p %s listening on %s", self.name, self.peer_id, self.listen)
 
-    def _call(self, fn: Callable[..., Awaitable[Any]], *args: Any) -> asyncio.Future[Any]:
-        """Run an async trio function in the host's nursery; await its result here."""
-        assert self._loop is not None and self._token is not None
-        loop = self._loop
-        fut: asyncio.Future[Any] = loop.create_future()
-
-        def settle(result: Any = None, error: BaseException | None = None) -> None:
-            if fut.done():
-                return
-            if error is not None:
-                fut.set_exception(error)
-            else:
-                fut.set_result(result)
-
-        async def runner() -> None:
-            try:
-                result = await fn(*args)
-            except Exception as exc:  # noqa: BLE001 - handed to the asyncio caller
-                loop.call_soon_threadsafe(settle, None, exc)
-            except BaseException:
-                # trio.Cancelled at shutdown: the asyncio caller must not wait forever.
-                loop.call_soon_threadsafe(settle, None,
-                                          ConnectionAbortedError("libp2p host shut down"))
-                raise
-            else:
-                loop.call_soon_threadsafe(settle, result)
-
-        def spawn() -> None:
-            if self._nursery is None:
-                loop.call_soon_threadsafe(settle, None, LocalError("libp2p host is closed"))
-                return
-            self._nursery.start_soon(runner)
-
-        try:
-            self._token.run_sync_soon(spawn)
-        except trio.RunFinishedError:
-            fut.set_exception(LocalError("libp2p host is closed"))
-        return fut
-
-    async def broadcast(self, data: bytes) -> None:
-        await asyncio.gather(*(self.send(peer, data) for peer in self.peers))
-
-    async def send(self, peer: str, data: bytes) -> None:
-        """Best effort: a member that cannot be reached misses this share (counted)."""
+    def _check_usable(self) -> None:
+        if self._failure is not None:
+            raise TransportFailed(self._failure)
         if self._closed:
             raise LocalError(f"transport of {self.name!r} is closed")
-        if peer not in self.peers:
-            raise LocalError(f"{peer!r} is not a neighbour of {self.name!r}")
+
+    async def _run(self, fn: Callable[..., Awaitable[Any]], *args: Any) -> Any:
+        """`await fn(*args)` as a task in the host's nursery, from asyncio.
+
+        The trio task is owned by the calling asyncio task: its result or exception
+        comes back here; if the caller is cancelled (or times out), the trio task is
+        cancelled and this waits until it has ended before the cancellation goes on.
+        A host that stops under the call raises `TransportFailed` (the thread died) or
+        `ConnectionAbortedError` (close() was called: the transfer did not finish)."""
+        self._check_usable()
+        assert self._loop is not None and self._token is not None
+        loop, token = self._loop, self._token
+        done: asyncio.Future[tuple[bool, Any]] = loop.create_future()
+        scope = trio.CancelScope()
+
+        def settle(ok: bool, value: Any) -> None:
+            self._calls.discard(done)
+            if not done.done():
+                done.set_result((ok, value))
+
+        async def runner() -> None:
+            self.trio_calls += 1
+            ok, value = False, _STOPPED
+            try:
+                with scope:
+                    value = await fn(*args)
+                    ok = True
+                if scope.cancelled_caught:
+                    ok, value = False, _CANCELLED
+            except Exception as exc:  # noqa: BLE001 - handed to the asyncio caller as is
+                value = exc
+            finally:
+                # trio.Cancelled from outside our scope (the nursery: the host is
+                # stopping) leaves value = _STOPPED and propagates.
+                self.trio_calls -= 1
+                try:  # settle from the run loop, once this task has exited
+                    token.run_sync_soon(self._on_loop, settle, ok, value)
+                except trio.RunFinishedError:
+                    self._on_loop(settle, ok, value)
+
+        def spawn() -> None:  # in the trio thread: must not raise (it would crash trio)
+            nursery = self._nursery
+            try:
+                if nursery is None:  # stopping
+                    raise RuntimeError("no nursery")
+                nursery.start_soon(runner, name=f"{self.name}-{getattr(fn, '__name__', 'call')}")
+            except RuntimeError:  # None, or closed to new arrivals: the host is stopping
+                self._on_loop(settle, False, _STOPPED)
+
+        self._calls.add(done)
+        try:
+            token.run_sync_soon(spawn)
+        except trio.RunFinishedError:
+            self._calls.discard(done)
+            settle(False, _STOPPED)
+        try:
+            ok, value = await asyncio.shield(done)
+        except asyncio.CancelledError:
+            try:
+                token.run_sync_soon(scope.cancel)
+            except trio.RunFinishedError:
+                pass  # the thread is gone; _on_thread_exit settles `done`
+            while not done.done():  # until the trio task has really ended
+                try:
+                    await asyncio.shield(done)
+                except asyncio.CancelledError:
+                    continue
+            raise
+        if ok:
+            return value
+        if value is _STOPPED or value is _CANCELLED:
+            # Stopped under us: say why once the thread has finished.
+            assert self._thread_done is not None
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(JOIN_TIMEOUT_S):
+                    await self._thread_done.wait()
+            if self._failure is not None:
+                raise TransportFailed(self._failure)
+            raise ConnectionAbortedError(f"libp2p host of {self.name!r} closed during the call")
+        raise value
+
+    async def broadcast(self, data: bytes) -> None:
+        """One send per neighbour, concurrently; all are awaited (or cancelled) here."""
+        self._check_sendable(data)
+        try:
+            async with asyncio.TaskGroup() as tg:
+                for peer in self.peers:
+                    tg.create_task(self.send(peer, data), name=f"{self.name}-send-{peer}")
+        except BaseExceptionGroup as group:
+            raise _first_error(group) from None
+
+    def _check_sendable(self, data: bytes) -> None:
+        self._check_usable()
         if len(data) > self.max_message_bytes:
             raise LocalError(f"message of {len(data)} bytes exceeds the cap of "
                              f"{self.max_message_bytes} (gossip.max_envelope_bytes)")
+
+    async def send(self, peer: str, data: bytes) -> None:
+        """Best effort: a member that cannot be reached misses this share (counted in
+        stats.dropped; `UNREACHABLE` says what that means). Anything else propagates."""
+        if peer not in self.peers:
+            raise LocalError(f"{peer!r} is not a neighbour of {self.name!r}")
+        self._check_sendable(data)
         try:
-            await self._call(self._send_trio, self.peers[peer][0], data)
-        except Exception as exc:  # noqa: BLE001 - any failure means "not delivered"
+            await self._run(self._send_trio, self.peers[peer][0], data)
+        except UNREACHABLE as exc:
             self.stats.dropped += 1
             log.warning("%s: could not deliver %d bytes to %s: %s", self.name, len(data), peer,
                         describe(exc))
@@ -317,11 +467,30 @@ class Libp2pTransport(Transport):
         self.stats.messages_sent += 1
 
     async def incoming(self) -> AsyncIterator[Incoming]:
+        """Messages as they arrive; ends at close(); raises TransportFailed if the
+        trio thread dies."""
         while True:
-            msg = await self._inbox.get()
-            if msg.data is None:  # type: ignore[comparison-overlap] - close sentinel
+            if self._failure is not None:
+                raise TransportFailed(self._failure)
+            if self._closed and self._inbox.empty():
                 return
-            yield msg
+            item = await self._inbox.get()
+            if item is _CLOSED:
+                return
+            if item is _WAKE:
+                continue
+            assert isinstance(item, Incoming)
+            self._free_slot()
+            yield item
+
+    def _free_slot(self) -> None:
+        """The node has taken a message: one more transfer may be acknowledged."""
+        if self._token is None or self._inbox_slots is None:
+            return
+        try:
+            self._token.run_sync_soon(self._inbox_slots.release)
+        except trio.RunFinishedError:
+            pass
 
     async def wait_connected(self, peers: Sequence[str], timeout: float) -> None:
         """Until every named peer has a live connection (for benchmarks and tests)."""
@@ -333,6 +502,7 @@ class Libp2pTransport(Transport):
         return bool(self.host and self.host.get_network().get_connections(self.peers[peer][0]))
 
     async def close(self) -> None:
+        """Stop the host and join its thread (every trio task ends with it)."""
         if self._closed:
             return
         self._closed = True
@@ -342,10 +512,11 @@ class Libp2pTransport(Transport):
             except trio.RunFinishedError:
                 pass
         if self._thread is not None:
-            await asyncio.to_thread(self._thread.join, 15)
-        while self._inbox.full():
-            self._inbox.get_nowait()
-        self._inbox.put_nowait(Incoming(None, None))  # type: ignore[arg-type]
+            await asyncio.to_thread(self._thread.join, JOIN_TIMEOUT_S)
+            if self._thread.is_alive():
+                log.error("%s: libp2p thread did not stop within %.0f s", self.name,
+                          JOIN_TIMEOUT_S)
+        self._inbox.put_nowait(_CLOSED)
 
     # --- counters, updated on the asyncio thread -----------------------------
     def _on_loop(self, fn: Callable[..., None], *args: Any) -> None:
@@ -369,25 +540,46 @@ class Libp2pTransport(Transport):
                         self.name, peer, reason, detail)
 
     def _deliver(self, data: bytes, peer: str) -> None:
-        if self._closed:
-            return
-        if self._inbox.full():
-            self.stats.refused["inbox_full"] += 1
+        """On the asyncio thread; the trio side holds an inbox slot for it."""
+        if self._closed or self._failure is not None:
             return
         self.stats.bytes_received += len(data)
         self.stats.messages_received += 1
         self._inbox.put_nowait(Incoming(data, peer))
 
+    def _on_thread_exit(self, error: BaseException | None) -> None:
+        """On the asyncio thread, once trio.run has returned or raised."""
+        assert self._thread_done is not None
+        if self._closed:
+            if error is not None:
+                log.warning("%s: libp2p thread ended with an error while closing: %s",
+                            self.name, describe(_root_cause(error)))
+        else:
+            cause = (f"its trio loop crashed: {describe(_root_cause(error))}" if error is not None
+                     else "its trio loop ended on its own (the host's services stopped)")
+            self._failure = (f"libp2p transport of {self.name!r} stopped: {cause}; nothing can "
+                             "be sent or received any more (restart the node)")
+            log.error("%s", self._failure)
+            self._inbox.put_nowait(_WAKE)
+        self._thread_done.set()
+        for call in list(self._calls):  # never started: the thread ended first
+            if not call.done():
+                call.set_result((False, _STOPPED))
+        self._calls.clear()
+
     # --- trio side --------------------------------------------------------------
     def _thread_main(self) -> None:
+        error: BaseException | None = None
         try:
             trio.run(self._trio_main)
-        except BaseException as exc:  # noqa: BLE001 - reported to start() or logged
+        except BaseException as exc:  # noqa: BLE001 - reported to start() or to the node
+            error = exc
+        finally:
             if not self._ready.is_set():
-                self._startup_error = exc
+                self._startup_error = error or RuntimeError("the trio loop ended before listening")
                 self._ready.set()
             else:
-                log.error("%s: libp2p thread ended: %s", self.name, describe(exc))
+                self._on_loop(self._on_thread_exit, error)
 
     async def _trio_main(self) -> None:
         key_pair = create_new_key_pair(self._seed)
@@ -405,23 +597,41 @@ class Libp2pTransport(Transport):
         # the muxer negotiation after it.
         network.connection_config.inbound_upgrade_timeout = self.handshake_timeout_s + 5.0
         self._gate_members()
+        upgrader = network.upgrader
+        upgrade_connection = upgrader.upgrade_connection
+
+        async def upgrade_with_whole_frames(conn: Any, peer_id: ID) -> Any:
+            muxed = await upgrade_connection(conn, peer_id)
+            if isinstance(muxed, Yamux):
+                _whole_frames(muxed)
+            return muxed
+
+        upgrader.upgrade_connection = upgrade_with_whole_frames
         self.host.set_stream_handler(SHARE_PROTOCOL, self._on_stream)
         self._stop = trio.Event()
         self._budget_freed = trio.Event()
+        self._inbox_slots = trio.Semaphore(self.inbox_depth)
         async with self.host.run(listen_addrs=[self.listen]):
-            async with trio.open_nursery() as nursery:
-                self._nursery = nursery
-                self._token = trio.lowlevel.current_trio_token()
-                for name in self.peers:
-                    nursery.start_soon(self._keep_dialed, name)
-                self._ready.set()
-                await self._stop.wait()
-                self._nursery = None
-                nursery.cancel_scope.cancel()
-            # Leaving host.run() cancels the swarm but leaves its sockets open
-            # until trio.run returns; close() shuts connections down properly.
-            with trio.CancelScope(shield=True), trio.move_on_after(5):
-                await self.host.close()
+            try:
+                async with trio.open_nursery() as nursery:
+                    self._nursery = nursery
+                    self._token = trio.lowlevel.current_trio_token()
+                    for name in self.peers:
+                        nursery.start_soon(self._keep_dialed, name)
+                    self._ready.set()
+                    try:
+                        await self._stop.wait()
+                    finally:  # stopping, or a task in the nursery crashed
+                        self._nursery = None
+                    nursery.cancel_scope.cancel()
+            finally:
+                # Leaving host.run() cancels the swarm but leaves its sockets open
+                # until trio.run returns; close() shuts connections down properly.
+                with trio.CancelScope(shield=True), trio.move_on_after(5):
+                    try:
+                        await self.host.close()
+                    except Exception as exc:  # noqa: BLE001 - stopping anyway
+                        log.debug("%s: host.close(): %s", self.name, describe(exc))
 
     def _gate_members(self) -> None:
         """Bound inbound handshakes, and close connections to peer ids outside the
@@ -516,11 +726,11 @@ class Libp2pTransport(Transport):
                 # byte, so closing cannot cut the transfer short.
                 await _read_exactly(stream, 1)
             except BaseException:
-                with trio.CancelScope(shield=True):
-                    try:
-                        await stream.reset()  # the receiver sees no reset otherwise
-                    except Exception:  # noqa: BLE001 - already broken
-                        pass
+                # Cancelled (from the asyncio side, or at close), timed out, or failed:
+                # reset, or the receiver would wait for the rest until its rate rule
+                # cuts it. Shielded, and bounded in case the connection is stuck.
+                with trio.CancelScope(shield=True), trio.move_on_after(RESET_TIMEOUT_S):
+                    await _reset(stream)
                 raise
             await stream.close()
 
@@ -573,8 +783,29 @@ class Libp2pTransport(Transport):
                              f"{self.rate_window_s:g} s (declared {n} bytes)")
                 await _reset(stream)
                 return
-            with trio.fail_after(self.rate_window_s):
-                await stream.write(b"\x01")
+            # Acknowledge only what has a place in the node's inbox (back-pressure:
+            # never acknowledge and then drop).
+            assert self._inbox_slots is not None
+            slot = False
+            self.waiting_for_room += 1
+            try:
+                with trio.move_on_after(self.rate_window_s):
+                    await self._inbox_slots.acquire()
+                    slot = True
+            finally:
+                self.waiting_for_room -= 1
+            if not slot:
+                self._refuse("inbox_full", peer, f"the node took no message from its inbox "
+                             f"({self.inbox_depth} waiting) within {self.rate_window_s:g} s: "
+                             "stream reset, the sender counts it as not delivered")
+                await _reset(stream)
+                return
+            try:
+                with trio.fail_after(self.rate_window_s):
+                    await stream.write(b"\x01")
+            except BaseException:
+                self._inbox_slots.release()
+                raise
             self._on_loop(self._deliver, data, peer)
         except (Exception, trio.TooSlowError) as exc:  # noqa: BLE001 - a peer's broken stream
             self._on_loop(self._count_refusal, "stream_error")
@@ -641,6 +872,38 @@ class Libp2pTransport(Transport):
             return b"".join(chunks)
         finally:
             self.buffered -= got
+
+
+# Outcomes of a bridge call that did not return or raise on its own.
+_STOPPED = object()  # the host stopped under it (close(), or the thread died)
+_CANCELLED = object()  # cancelled from the asyncio side
+
+
+def _root_cause(exc: BaseException) -> BaseException:
+    """The first leaf of (nested) exception groups: what trio.run actually raised."""
+    while isinstance(exc, BaseExceptionGroup) and exc.exceptions:
+        exc = exc.exceptions[0]
+    return exc
+
+
+def _first_error(group: BaseExceptionGroup) -> BaseException:
+    """What broadcast raises when sends failed: a bug before a LocalError, a dead
+    transport before a refused call (each send raises at most one)."""
+    leaves: list[BaseException] = []
+
+    def walk(e: BaseException) -> None:
+        if isinstance(e, BaseExceptionGroup):
+            for sub in e.exceptions:
+                walk(sub)
+        else:
+            leaves.append(e)
+
+    walk(group)
+    for kind in (lambda e: not isinstance(e, LocalError), lambda e: isinstance(e, TransportFailed)):
+        for e in leaves:
+            if kind(e):
+                return e
+    return leaves[0]
 
 
 async def _reset(stream: Any) -> None:

@@ -21,10 +21,21 @@ Admission before parsing: a message whose topic does not fit the layout above
 (another consortium, a name that is not a member's, our own name, a direct
 share for someone else) is refused as `bad_topic` before its payload is looked
 at, and acknowledged so the broker does not redeliver it. So are oversize
-(`too_large`), non-binary (`malformed`) and retained (`retained`) messages,
-and messages past a full inbox (`inbox_full`). All are counted in
-`stats.refused` and logged once per (peer, reason) (`bad_topic` once per
-transport: its "peer" is whatever the topic says).
+(`too_large`), non-binary (`malformed`) and retained (`retained`) messages.
+All are counted in `stats.refused` and logged once per (peer, reason)
+(`bad_topic` once per transport: its "peer" is whatever the topic says).
+
+A full inbox pushes back; it never drops. A message the node is to use is
+acknowledged by the node, once the round that used it is checkpointed (so it
+is persisted first), never by the transport on arrival. When the inbox
+(`inbox_depth`, default 1024) is full, the transport stops taking messages
+from the client until the node takes one: nothing more is acknowledged
+meanwhile, so the broker stops at `receive_maximum` messages in flight to us
+and holds the rest in our session (counted in `inbox_waits`, logged once). A
+connection lost while waiting leaves the waiting message unacknowledged: the
+broker sends it again on the next connection. Messages the client had
+received on a connection that is gone are discarded (their packet ids mean
+nothing on the next one; the broker redelivers them).
 
 Client ids: `client_id()` is stable per member and consortium, but a broker
 must bind the client id to the authenticated user (mosquitto:
@@ -93,7 +104,7 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from gossip.errors import LocalError, describe
-from gossip.transports.base import Incoming, Transport, TransportStats
+from gossip.transports.base import Incoming, Transport, TransportFailed, TransportStats
 
 log = logging.getLogger("flnode.mqtt")
 
@@ -120,8 +131,8 @@ START_TIMEOUT_S = 30.0
 # before the share is given up (counted as dropped).
 CONNECT_WAIT_S = 10.0
 KEEPALIVE_S = 60
-# Incoming messages waiting for the node; past this the transport drops (and
-# counts `inbox_full`) rather than grow without bound if the node stalls.
+# Incoming messages waiting for the node; past this the transport stops reading
+# from the broker until the node takes one (back-pressure, module docstring).
 INBOX_DEPTH = 1024
 # Unacknowledged messages the broker may have in flight to us: the node holds the
 # acks of the shares of its open rounds, (lookahead + 1) x (members - 1) of them.
@@ -239,7 +250,7 @@ class MqttTransport(Transport):
                  password: str | None = None, ca_file: str | None = None,
                  max_message_bytes: int, max_packet_bytes: int | None = None,
                  allow_plaintext: bool = False, max_unacked_per_sender: int | None = None,
-                 receive_maximum: int = RECEIVE_MAXIMUM) -> None:
+                 receive_maximum: int = RECEIVE_MAXIMUM, inbox_depth: int = INBOX_DEPTH) -> None:
         if name not in members:
             raise LocalError(f"{name!r} is not a member of the consortium")
         if not broker.tls and not broker.loopback and not allow_plaintext:
@@ -258,6 +269,8 @@ class MqttTransport(Transport):
                                                 receive_maximum // max(1, len(self.peers))))
         if max_unacked_per_sender < 1:
             raise LocalError(f"max_unacked_per_sender must be >= 1, not {max_unacked_per_sender}")
+        if inbox_depth < 1:
+            raise LocalError(f"inbox_depth must be >= 1, not {inbox_depth}")
         self.max_unacked_per_sender = max_unacked_per_sender
         # What we announce in CONNECT: enough that the senders' bounds together fit.
         self.receive_maximum = min(MQTT_MAX_RECEIVE_MAXIMUM,
@@ -274,12 +287,18 @@ class MqttTransport(Transport):
         self.broker_max_packet: int | None = None  # from the broker's CONNACK
         self.stats = TransportStats()
         self.prefix = consortium_prefix(consortium_id)
-        self._inbox: asyncio.Queue[Incoming | None] = asyncio.Queue(INBOX_DEPTH)
+        self._inbox: asyncio.Queue[Incoming | None] = asyncio.Queue(inbox_depth)
+        # Set while the connection task waits for the node to make room in the inbox.
+        self._room: asyncio.Future[None] | None = None
+        self.inbox_waits = 0  # times the inbox was full and reading paused
         self._client: aiomqtt.Client | None = None
         self._connected = asyncio.Event()
         self._ready: asyncio.Future[None] | None = None
         self._task: asyncio.Task[None] | None = None
         self._closed = False
+        # Why the connection task ended without close() (a bug): incoming(), send and
+        # broadcast raise TransportFailed with it.
+        self._failure: str | None = None
         self._logged: set[tuple[str | None, str]] = set()
         self.connects = 0  # successful connections, for tests and logs
 
@@ -288,6 +307,7 @@ class MqttTransport(Transport):
         loop = asyncio.get_running_loop()
         self._ready = loop.create_future()
         self._task = loop.create_task(self._connection_loop(), name=f"mqtt-{self.name}")
+        self._task.add_done_callback(self._on_task_done)
         try:
             async with asyncio.timeout(START_TIMEOUT_S):
                 await asyncio.wait([self._ready, self._task], return_when=asyncio.FIRST_COMPLETED)
@@ -325,6 +345,25 @@ class MqttTransport(Transport):
                 f"of {limit} bytes (mosquitto: max_packet_size); not published: the broker would "
                 "drop the connection. Raise the broker's limit or use a smaller model/encoding")
 
+    def _on_task_done(self, task: asyncio.Task[None]) -> None:
+        """The connection task is owned by this transport (close() cancels and awaits
+        it). Ending any other way is a dead transport, which the node must see."""
+        if self._closed or (self._ready is not None and not self._ready.done()):
+            return  # closing, or start() reports it
+        exc = None if task.cancelled() else task.exception()
+        cause = f"crashed: {describe(exc)}" if exc is not None else "ended"
+        self._failure = (f"MQTT transport of {self.name!r} stopped: its connection task {cause}; "
+                         "nothing can be sent or received any more (restart the node)")
+        log.error("%s", self._failure)
+        self._wake(None)
+
+    def _wake(self, _: object) -> None:
+        """Wake the connection task if it waits for room, and incoming() if it waits."""
+        if self._room is not None and not self._room.done():
+            self._room.set_result(None)
+        if self._failure is not None and self._inbox.empty():
+            self._inbox.put_nowait(None)
+
     async def broadcast(self, data: bytes) -> None:
         """One publish on our share topic; the broker fans it out to every member."""
         await self._publish(share_topic(self.consortium_id, self.name), data)
@@ -335,9 +374,17 @@ class MqttTransport(Transport):
         await self._publish(direct_topic(self.consortium_id, self.name, peer), data)
 
     async def incoming(self) -> AsyncIterator[Incoming]:
+        """Messages as they arrive; ends at close(); raises TransportFailed if the
+        connection task dies."""
         while True:
+            if self._failure is not None:
+                raise TransportFailed(self._failure)
             msg = await self._inbox.get()
+            if self._room is not None and not self._room.done():
+                self._room.set_result(None)  # room for the message the client holds
             if msg is None:
+                if self._failure is not None:
+                    raise TransportFailed(self._failure)
                 return
             yield msg
 
@@ -347,10 +394,11 @@ class MqttTransport(Transport):
         self._closed = True
         if self._task is not None:
             self._task.cancel()
-            try:
-                await self._task
-            except (asyncio.CancelledError, Exception):  # noqa: BLE001 - shutting down anyway
-                pass
+            # Awaited, not swallowed: a cancellation of close() itself still propagates.
+            await asyncio.wait([self._task])
+            if not self._task.cancelled() and self._task.exception() is not None:
+                log.error("%s: MQTT connection task had failed: %s", self.name,
+                          describe(self._task.exception()))  # incoming() raised it already
         while self._inbox.full():
             self._inbox.get_nowait()
         self._inbox.put_nowait(None)
@@ -358,6 +406,8 @@ class MqttTransport(Transport):
     # --- publishing -------------------------------------------------------------
     async def _publish(self, topic: str, data: bytes) -> None:
         """Best effort after the size check: a share the broker did not take is counted."""
+        if self._failure is not None:
+            raise TransportFailed(self._failure)
         if self._closed:
             raise LocalError(f"transport of {self.name!r} is closed")
         self.check_size(topic, data)
@@ -431,7 +481,7 @@ class MqttTransport(Transport):
                         log.info("%s: reconnected to MQTT broker %s", self.name, self.broker)
                     backoff = BACKOFF_MIN_S
                     async for message in client.messages:
-                        self._deliver(message)
+                        await self._deliver(message, client)
             except MqttConnectError as exc:
                 self._connected.clear()
                 err = LocalError(f"MQTT broker {self.broker} refused user {self.username!r}: "
@@ -459,8 +509,22 @@ class MqttTransport(Transport):
                     log.warning("%s: MQTT connection to %s lost or failed (%s); retrying in %.1f s",
                                 self.name, self.broker, describe(exc), backoff)
             self._connected.clear()
+            self._discard_stale(client)
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, BACKOFF_MAX_S)
+
+    def _discard_stale(self, client: aiomqtt.Client) -> None:
+        """Messages the client received on the connection that just ended and we had not
+        taken yet: none was acknowledged, so the broker redelivers them on the next
+        connection, where their packet ids would mean other messages. Drop them."""
+        queue = client._queue  # noqa: SLF001 - aiomqtt (pinned <2.6) keeps it across connections
+        stale = 0
+        while not queue.empty():
+            queue.get_nowait()
+            stale += 1
+        if stale:
+            log.info("%s: %d messages of the lost connection discarded (the broker redelivers "
+                     "them)", self.name, stale)
 
     def _send_ack(self, generation: int, mid: int, qos: int) -> None:
         """PUBACK, if the connection the message came on is still the current one
@@ -468,7 +532,28 @@ class MqttTransport(Transport):
         if self._client is not None and self.connects == generation and self._connected.is_set():
             self._client._client.ack(mid, qos)  # noqa: SLF001 - aiomqtt has no manual ack
 
-    def _deliver(self, message: aiomqtt.Message) -> None:
+    async def _wait_for_room(self, client: aiomqtt.Client) -> bool:
+        """Until the node takes a message from the full inbox (True) or the connection
+        is lost (False). Reading from the client stops meanwhile; nothing is acked."""
+        self.inbox_waits += 1
+        if (None, "inbox_full") not in self._logged:
+            self._logged.add((None, "inbox_full"))
+            log.warning("%s: inbox full (%d messages the node has not taken): reading from "
+                        "the broker paused until it takes one; nothing is acknowledged "
+                        "meanwhile (further pauses are counted in inbox_waits, not logged)",
+                        self.name, self._inbox.maxsize)
+        disconnected = client._disconnected  # noqa: SLF001 - this connection's end
+        while self._inbox.full() and not disconnected.done():
+            self._room = asyncio.get_running_loop().create_future()
+            disconnected.add_done_callback(self._wake)
+            try:
+                await self._room
+            finally:
+                disconnected.remove_done_callback(self._wake)
+                self._room = None
+        return not self._inbox.full()
+
+    async def _deliver(self, message: aiomqtt.Message, client: aiomqtt.Client) -> None:
         generation, mid, qos = self.connects, message.mid, message.qos
 
         def ack_now() -> None:
@@ -493,9 +578,8 @@ class MqttTransport(Transport):
             # Shares are never retained; a retained one is stale by construction.
             self._refuse("retained", sender, f"retained message on {topic[:120]!r}", ack_now)
             return
-        if self._inbox.full():
-            self._refuse("inbox_full", sender, "the node is not reading its inbox", ack_now)
-            return
+        if self._inbox.full() and not await self._wait_for_room(client):
+            return  # connection lost while waiting: not acked, the broker sends it again
         ack = _PendingAck(self, sender, generation, mid, qos)
         pending = self._pending.setdefault(sender, {})
         pending[ack] = None
