@@ -72,6 +72,11 @@ class Consortium:
     name: str
     schema: Mapping[str, Any]
     members: tuple[Member, ...]
+    # What every member applies to judge the others' shares (aggregation rule and its
+    # f, weight caps, privacy mode and clip): opaque here like the schema, interpreted
+    # by node.rules, and part of the id when present, so members that judge
+    # differently are different consortia.
+    rules: Mapping[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not self.members:
@@ -87,20 +92,25 @@ class Consortium:
     # --- identity of the consortium -------------------------------------
     def digests(self) -> dict[str, str]:
         """Per-part digests, so two operators can see *which* part differs."""
-        return {
+        parts = {
             "name": _digest(b"name\x00", canonical_json(self.name)).hex(),
             "schema": _digest(b"schema\x00", canonical_json(self.schema)).hex(),
             "members": _digest(b"members\x00", canonical_json(self._member_list())).hex(),
         }
+        if self.rules:
+            parts["rules"] = _digest(b"rules\x00", canonical_json(self.rules)).hex()
+        return parts
 
     def _member_list(self) -> list[list[str]]:
         return sorted([m.name, m.public_key.hex()] for m in self.members)
 
     @property
     def id(self) -> bytes:
-        canonical = canonical_json(
-            {"name": self.name, "schema": self.schema, "members": self._member_list()}
-        )
+        doc: dict[str, Any] = {"name": self.name, "schema": self.schema,
+                               "members": self._member_list()}
+        if self.rules:  # (a file without [rules] keeps the id it had before they existed)
+            doc["rules"] = self.rules
+        canonical = canonical_json(doc)
         return _digest(CONSORTIUM_ID_TAG, canonical)
 
     # --- lookups ----------------------------------------------------------
@@ -124,6 +134,7 @@ class Consortium:
         return {
             "consortium": {"name": self.name, "id": self.id.hex()},
             "schema": dict(self.schema),
+            **({"rules": dict(self.rules)} if self.rules else {}),
             "members": [
                 {"name": m.name, "public_key": m.public_key.hex(), "addresses": dict(m.addresses)}
                 for m in self.members
@@ -179,11 +190,14 @@ def consortium_from_dict(doc: Mapping[str, Any], source: str, base_dir: Path) ->
         ):
             raise LocalError(f"{where}.addresses: expected a table of strings")
         members.append(Member(mname, key, addresses))
-    consortium = Consortium(name, schema, tuple(members))
+    rules = doc.get("rules", {})
+    if not isinstance(rules, dict):
+        raise LocalError(f"{source}: [rules] must be a table")
+    consortium = Consortium(name, schema, tuple(members), rules)
     stated = head.get("id")
     if stated is not None and stated != consortium.id.hex():
         raise LocalError(
-            f"{source}: consortium.id says {stated} but the name, schema and members hash to "
+            f"{source}: consortium.id says {stated} but the name, schema, members and rules hash to "
             f"{consortium.id.hex()}: the file was edited after it was built; rebuild it with "
             "`flnode consortium build` or delete the id line"
         )

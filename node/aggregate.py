@@ -1,68 +1,44 @@
-"""Aggregation rules, one signature each: (received shares, own share) -> model vector.
+"""Aggregation rules by name: a thin layer over `node.strategy` for older callers.
 
-`own` is the node's own *released* share (never its un-noised local model), so
-the next release stays post-processing of released data. Rules are chosen by
-name from config; adding one touches only this file (Flower's strategy seam).
-Shares are combined in member-name order so float sums are reproducible.
+The rules, their assumptions and diagnostics live in `node/strategy/`; new code
+calls `make_strategy(name, members=n, **params).aggregate(...)` and gets an
+`Aggregate` (vector + who was excluded, clipped, capped, and why). This module
+keeps the old shape, `rule(shares, own) -> vector`, for each rule name with its
+default parameters and no reference (distances, where a rule uses them, are
+measured from `own`, our released share).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 
 import torch
 
 from gossip.errors import LocalError
+from node.strategy import RULE_NAMES, WeightedShare, make_strategy
+
+__all__ = ["RULES", "WeightedShare", "get_rule", "median", "trimmed_mean", "weighted_mean"]
+
+Rule = Callable[[Sequence[WeightedShare], WeightedShare], torch.Tensor]
 
 
-@dataclass(frozen=True)
-class WeightedShare:
-    member: str
-    weight: float
-    vector: torch.Tensor
+def _legacy(name: str) -> Rule:
+    def rule(shares: Sequence[WeightedShare], own: WeightedShare) -> torch.Tensor:
+        strategy = make_strategy(name)
+        return strategy.aggregate(0, own, {s.member: s for s in shares}).vector
+    rule.__name__ = name
+    rule.__doc__ = f"The {name!r} strategy with its default parameters, as (shares, own) -> vector."
+    return rule
 
 
-def _ordered(shares: Sequence[WeightedShare], own: WeightedShare) -> list[WeightedShare]:
-    return sorted([*shares, own], key=lambda s: s.member)
+RULES: dict[str, Rule] = {name: _legacy(name) for name in RULE_NAMES}
+
+weighted_mean = RULES["mean"]
+median = RULES["median"]
+trimmed_mean = RULES["trimmed_mean"]
 
 
-def weighted_mean(shares: Sequence[WeightedShare], own: WeightedShare) -> torch.Tensor:
-    """FedAvg: mean weighted by sample count."""
-    allv = _ordered(shares, own)
-    total = sum(s.weight for s in allv)
-    out = torch.zeros_like(own.vector, dtype=torch.float64)
-    for s in allv:
-        out += s.vector.double() * (s.weight / total)
-    return out.float()
-
-
-def median(shares: Sequence[WeightedShare], own: WeightedShare) -> torch.Tensor:
-    """Coordinate-wise median (Yin et al. 2018); ignores weights."""
-    stacked = torch.stack([s.vector for s in _ordered(shares, own)])
-    return stacked.median(dim=0).values
-
-
-# Fraction cut from each end per coordinate by trimmed_mean.
-TRIM_FRACTION = 0.2
-
-
-def trimmed_mean(shares: Sequence[WeightedShare], own: WeightedShare) -> torch.Tensor:
-    """Coordinate-wise mean after dropping the TRIM_FRACTION largest and smallest."""
-    stacked = torch.stack([s.vector for s in _ordered(shares, own)])
-    k = int(TRIM_FRACTION * stacked.shape[0])
-    ordered = stacked.sort(dim=0).values
-    return ordered[k:stacked.shape[0] - k].mean(dim=0)
-
-
-RULES: dict[str, Callable[[Sequence[WeightedShare], WeightedShare], torch.Tensor]] = {
-    "mean": weighted_mean,
-    "median": median,
-    "trimmed_mean": trimmed_mean,
-}
-
-
-def get_rule(name: str) -> Callable[[Sequence[WeightedShare], WeightedShare], torch.Tensor]:
+def get_rule(name: str) -> Rule:
     if name not in RULES:
         raise LocalError(f"aggregation rule {name!r}: choose one of {', '.join(RULES)}")
     return RULES[name]

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from gossip.errors import LocalError
-from node.aggregate import WeightedShare, get_rule, median, trimmed_mean, weighted_mean
+from node.aggregate import RULES, WeightedShare, get_rule, median, trimmed_mean, weighted_mean
 
 
 def s(member, weight, *values):
@@ -33,3 +33,25 @@ def test_median_and_trimmed_mean_resist_one_outlier():
 def test_unknown_rule_names_the_choices():
     with pytest.raises(LocalError, match="mean"):
         get_rule("krum2")
+
+
+def test_every_strategy_name_is_a_rule_for_older_callers():
+    from node.strategy import RULE_NAMES
+
+    assert set(RULE_NAMES) == set(RULES)
+    own = s("a", 1, 0.0, 1.0)
+    for name, rule in RULES.items():
+        out = rule([s("b", 1, 0.2, 1.2), s("c", 1, 0.1, 0.9), s("d", 1, -0.1, 1.1)], own)
+        assert out.shape == (2,) and out.dtype == torch.float32, name
+
+
+def test_trimmed_mean_of_three_does_not_average_a_huge_share_in():
+    # Issue 11, attack 2: int(0.2 * n) trimmed nothing below 5 members, so one 1e30 share
+    # made the model NaN downstream. With an explicit f = 1, three shares are enough.
+    out = trimmed_mean([s("b", 1, 1.2), s("c", 1, 1e30)], s("a", 1, 1.0))
+    assert out.item() == pytest.approx(1.2)
+
+
+def test_trimmed_mean_below_2f_plus_1_shares_keeps_our_own_share():
+    out = trimmed_mean([s("b", 1, 1e30)], s("a", 1, 1.0))
+    assert out.item() == pytest.approx(1.0)

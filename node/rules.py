@@ -1,0 +1,120 @@
+"""The consortium's [rules]: how every member judges the others' shares.
+
+What a member relies on to judge a share — the aggregation rule and its `f`, the
+weight caps, the privacy mode and clip norm — must be the same at every member,
+or one member's "robust" is another's "owned". So they live in the consortium
+file's `[rules]` table, which is part of the consortium id: members that judge
+differently are different consortia and refuse each other's shares.
+
+    [rules]
+    aggregation = "trimmed_mean"   # node.strategy: mean, median, trimmed_mean, krum, ...
+    f = 1                          # hostile members the rule must survive
+    max_weight_fraction = 0.25     # no member above this share of the total weight
+    max_weight = 1e6               # optional absolute cap on a declared weight
+    privacy_mode = "update"        # optional: every member's privacy.mode must equal it
+    clip = 0.1                     # optional: every member's privacy.clip must equal it
+    [rules.params]                 # optional rule parameters (m, tau, distance, ...)
+
+Defaults, for a file without a key: `trimmed_mean` with f = 1 (f = 0 below three
+members: two cannot outvote one), and a weight cap of max(2/n, 0.25) of the total.
+A consortium file with no `[rules]` at all (built before they existed) falls back
+to each node's own `gossip.aggregation`, with a warning: per node, not agreed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from gossip.errors import LocalError
+from gossip.membership import Consortium
+from node.strategy import Strategy, make_strategy
+
+DEFAULT_RULE = "trimmed_mean"
+
+
+class ConsortiumRules(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+    aggregation: str = DEFAULT_RULE
+    f: int | None = Field(default=None, ge=0, le=10_000)
+    max_weight_fraction: float | None = Field(default=None, gt=0, le=1)
+    max_weight: float | None = Field(default=None, gt=0)
+    privacy_mode: Literal["off", "update", "record"] | None = None
+    clip: float | None = Field(default=None, gt=0)
+    params: dict[str, Any] = Field(default_factory=dict)
+
+
+def default_f(members: int) -> int:
+    return 1 if members >= 3 else 0
+
+
+def default_cap(members: int) -> float | None:
+    return None if members <= 2 else min(1.0, max(2 / members, 0.25))
+
+
+def parse_rules(consortium: Consortium, source: str = "consortium file") -> ConsortiumRules | None:
+    if not consortium.rules:
+        return None
+    try:
+        return ConsortiumRules.model_validate(dict(consortium.rules))
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        key = ".".join(str(x) for x in err["loc"]) or "(table)"
+        raise LocalError(f"{source}: rules.{key}: {err['msg']}") from None
+
+
+@dataclass(frozen=True)
+class AgreedStrategy:
+    strategy: Strategy
+    params: dict[str, Any]  # what the strategy was built with (for summary.json)
+    agreed: bool  # from the consortium file (True) or this node's own config (False)
+
+
+def build_strategy(consortium: Consortium, node_rule: str | None, privacy_mode: str,
+                   clip: float, source: str = "consortium file") -> AgreedStrategy:
+    """The strategy every member applies: the consortium's [rules]; a node's own
+    `gossip.aggregation` only when the file has none, and never against it."""
+    n = len(consortium.members)
+    rules = parse_rules(consortium, source)
+    if rules is None:
+        name = node_rule or "mean"
+        params: dict[str, Any] = {"f": 0} if name in ("mean", "fedavg", "weighted_mean") else \
+            {"f": default_f(n)}
+        return AgreedStrategy(make_strategy(name, members=n, **params), {"rule": name, **params},
+                              False)
+    if node_rule is not None and node_rule != rules.aggregation:
+        raise LocalError(f"gossip.aggregation = {node_rule!r} but the consortium's rules say "
+                         f"{rules.aggregation!r}: every member must judge shares the same way "
+                         "(remove gossip.aggregation from the node config)")
+    if rules.privacy_mode is not None and rules.privacy_mode != privacy_mode:
+        raise LocalError(f"privacy.mode = {privacy_mode!r} but the consortium's rules say "
+                         f"{rules.privacy_mode!r}")
+    if rules.clip is not None and privacy_mode != "off" and rules.clip != clip:
+        raise LocalError(f"privacy.clip = {clip:g} but the consortium's rules say {rules.clip:g}")
+    params = {"f": rules.f if rules.f is not None else default_f(n),
+              "max_weight_fraction": (rules.max_weight_fraction
+                                      if rules.max_weight_fraction is not None else default_cap(n)),
+              "max_weight": rules.max_weight, **rules.params}
+    try:
+        strategy = make_strategy(rules.aggregation, members=n, **params)
+    except LocalError as exc:
+        raise LocalError(f"{source}: [rules]: {exc}") from None
+    return AgreedStrategy(strategy, {"rule": rules.aggregation, **params}, True)
+
+
+def rules_table(aggregation: str = DEFAULT_RULE, f: int | None = None,
+                max_weight_fraction: float | None = None, privacy_mode: str | None = None,
+                clip: float | None = None, **params: Any) -> dict[str, Any]:
+    """A [rules] table for `flnode consortium build` and the simulators (None: left out,
+    so the documented default applies)."""
+    table: dict[str, Any] = {"aggregation": aggregation}
+    for key, value in (("f", f), ("max_weight_fraction", max_weight_fraction),
+                       ("privacy_mode", privacy_mode), ("clip", clip)):
+        if value is not None:
+            table[key] = value
+    if params:
+        table["params"] = params
+    return table
