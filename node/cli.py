@@ -43,7 +43,14 @@ def _consortium_build(args: argparse.Namespace) -> int:
         name, key = load_public_key(pub)
         addresses = dict(a.split("=", 1) for a in addr.split(",") if "=" in a) if addr else {}
         members.append(Member(name, key, addresses))
-    consortium = Consortium(args.name, schema.to_dict(), tuple(members))
+    from node.rules import build_strategy, rules_table
+
+    f = rules_fields(args)
+    rules = rules_table(f["aggregation"], f["f"], f["max_weight_fraction"], args.privacy_mode,
+                        args.clip, **f["aggregation_params"])
+    consortium = Consortium(args.name, schema.to_dict(), tuple(members), rules)
+    build_strategy(consortium, None, args.privacy_mode or "off", args.clip or 1.0,
+                   "--aggregation")  # refuse a rule this consortium cannot run
     out = Path(args.out)
     if out.exists() and not args.force:
         raise LocalError(f"--out {out} exists; pass --force to replace it")
@@ -77,7 +84,7 @@ def _simulate(args: argparse.Namespace) -> int:
         sigma=None if args.epsilon is not None else (args.sigma or 1.0), epsilon=args.epsilon,
         delta=args.delta, weight=args.weight,
         network_config=Path(args.network_config) if args.network_config else None,
-        seal=args.seal, **fault_fields(args),
+        seal=args.seal, **fault_fields(args), **rules_fields(args),
     )
     simulate(spec)
     return 0
@@ -129,6 +136,40 @@ def add_privacy_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--delta", type=_positive(float), default=1e-5)
     p.add_argument("--weight", choices=["noised", "uniform"], default="noised",
                    help="record mode: share weight = noised row count (charged) or 1")
+
+
+def add_rules_flags(p: argparse.ArgumentParser) -> None:
+    """The consortium's [rules] (node/rules.py): how every member combines shares."""
+    from node.rules import DEFAULT_RULE
+
+    p.add_argument("--aggregation", default=DEFAULT_RULE, metavar="RULE",
+                   help=f"aggregation rule every member applies (default {DEFAULT_RULE}; "
+                        "mean, median, trimmed_mean, norm_bounded_mean, krum, multi_krum, "
+                        "centered_clipping)")
+    p.add_argument("--f", type=int, default=None, metavar="F",
+                   help="hostile members the rule must survive (default 1; 0 below 3 members)")
+    p.add_argument("--max-weight-fraction", type=_positive(float), default=None, metavar="X",
+                   help="no member above this fraction of the total weight "
+                        "(default max(2/n, 0.25))")
+    p.add_argument("--aggregation-param", action="append", default=[], metavar="KEY=VALUE",
+                   help="a rule parameter (e.g. m=5, tau=1.0, distance=clip)")
+
+
+def rules_fields(args: argparse.Namespace) -> dict:
+    params = {}
+    for item in args.aggregation_param:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise LocalError(f"--aggregation-param {item!r}: expected KEY=VALUE")
+        try:
+            params[key] = int(value)
+        except ValueError:
+            try:
+                params[key] = float(value)
+            except ValueError:
+                params[key] = value
+    return dict(aggregation=args.aggregation, f=args.f,
+                max_weight_fraction=args.max_weight_fraction, aggregation_params=params)
 
 
 def add_fault_flags(p: argparse.ArgumentParser) -> None:
@@ -186,6 +227,11 @@ def build_parser() -> argparse.ArgumentParser:
     cb.add_argument("--member", action="append", required=True, metavar="PUB[@k=v,...]",
                     help="a member's NAME.pub, optionally with addresses, e.g. "
                          "keys/bank-0.pub@memory=bank-0 (repeat per member)")
+    add_rules_flags(cb)
+    cb.add_argument("--privacy-mode", choices=["off", "update", "record"], default=None,
+                    help="[rules]: every member's privacy.mode must be this")
+    cb.add_argument("--clip", type=_positive(float), default=None,
+                    help="[rules]: every member's privacy.clip must be this")
     cb.add_argument("--out", required=True)
     cb.add_argument("--force", action="store_true")
     cb.set_defaults(func=_consortium_build)
@@ -216,6 +262,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_privacy_flags(s)
     s.add_argument("--network-config", help="template with member names and addresses")
     add_seal_flag(s)
+    add_rules_flags(s)
     add_fault_flags(s)
     s.add_argument("--out", required=True, help="run directory (created; must be new)")
     s.set_defaults(func=_simulate)

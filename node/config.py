@@ -135,7 +135,9 @@ class GossipConfig(_Section):
     # hello heard); 0: no quorum, start at once. A restarted node always waits up to
     # one round deadline for a majority's hello to join the round they are in.
     min_members: int = Field(default=0, ge=0, le=100_000)
-    aggregation: str = "mean"
+    # The consortium file's [rules] say how shares are combined (node/rules.py); this
+    # is only for a consortium file without them (and must not contradict them).
+    aggregation: str | None = None
     max_envelope_bytes: int = Field(default=64 * 1024 * 1024, ge=1024, le=2**31)
     # End-to-end sealing of shares to the members' rotated prekeys (gossip/seal.py).
     # "auto": on for mqtt (a broker relays the bytes), off for libp2p (Noise
@@ -153,7 +155,7 @@ class GossipConfig(_Section):
 
     @model_validator(mode="after")
     def _rule(self) -> GossipConfig:
-        if self.aggregation not in RULES:
+        if self.aggregation is not None and self.aggregation not in RULES:
             raise ValueError(f"aggregation {self.aggregation!r}: choose one of {', '.join(RULES)}")
         live = -(-self.lookahead // self.prekey_rotate_rounds) + 1
         if self.sealed and live > MAX_ANNOUNCED:

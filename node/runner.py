@@ -43,9 +43,9 @@ from gossip.errors import LocalError, RemoteError
 from gossip.membership import Consortium, load_consortium
 from gossip.rounds import RoundBook
 from gossip.seal import Sealing
-from gossip.transports.base import Incoming, Transport
+from gossip.transports.base import Incoming, Transport, TransportFailed
 from gossip.transports.faults import FaultyTransport, fault_plan
-from node.aggregate import WeightedShare, get_rule
+from node.aggregate import WeightedShare
 from node.config import NodeConfig
 from node.data import FeatureSchema, encode, read_table
 from node.dpsgd import train_local_dp_fast
@@ -67,6 +67,7 @@ from node.privacy import (
     PrivacyBudget,
     privatize_update,
 )
+from node.rules import build_strategy
 from node.state import Checkpoint, StateDir
 from node.train import evaluate, metric_name, train_local, train_local_dp
 
@@ -107,6 +108,8 @@ class NodeCounters:
     rejected: Counter[str] = field(default_factory=Counter)
     accepted: Counter[str] = field(default_factory=Counter)
     send_failed: int = 0  # our own shares a transport refused to send (LocalError)
+    # What the aggregation strategy did to whom: "member:what:reason" -> rounds
+    aggregation: Counter[str] = field(default_factory=Counter)
 
 
 class Node:
@@ -149,7 +152,14 @@ class Node:
         if cfg.gossip.min_members > len(consortium.members):
             raise LocalError(f"gossip.min_members = {cfg.gossip.min_members} but the consortium "
                              f"has {len(consortium.members)} members: it could never start")
-        self.rule = get_rule(cfg.gossip.aggregation)
+        agreed = build_strategy(consortium, cfg.gossip.aggregation, cfg.privacy.mode,
+                                cfg.privacy.clip, str(cfg.consortium.path))
+        if not agreed.agreed:
+            log.warning("%s: the consortium file has no [rules]: shares are combined by this "
+                        "node's own rule (%s), which the others may not share", identity.name,
+                        agreed.params["rule"])
+        self.strategy = agreed.strategy
+        self.strategy_params = agreed.params
         self.model = build_model(cfg.model.kind, schema.n_features, schema.n_classes,
                                  cfg.model.hidden, seed=init_seed_from(consortium))
         self.metric = metric_name(schema.n_classes)
@@ -247,6 +257,8 @@ class Node:
                             self.state.checkpoint_path, exc)
                 self.sealing.peers.clear()
         self.counters.rejected.update(cp.rejected)
+        if cp.strategy:
+            self.strategy.load_state_dict(cp.strategy)
         self.transport.stats.bytes_sent += cp.bytes_sent
         self.transport.stats.bytes_received += cp.bytes_received
         log.info("%s: resumed at round %d from %s", self.name, cp.next_round, self.state.path)
@@ -261,6 +273,7 @@ class Node:
             bytes_sent=self.transport.stats.bytes_sent,
             bytes_received=self.transport.stats.bytes_received,
             peer_prekeys=self.sealing.export_peers() if self.sealing is not None else {},
+            strategy=self.strategy.state_dict(),
             retired=sorted({m.name for m in self.consortium.members} - {self.name}
                            - self.book.neighbours),
         ))
@@ -338,6 +351,22 @@ class Node:
         reports: list[RoundReport] = []
         await self.transport.start()
         try:
+            await self._run_rounds(reports, on_round)
+        except BaseExceptionGroup as group:
+            # The TaskGroup wraps what ended the run (e.g. a dead transport in the
+            # receiver): one operator error is raised as itself; a bug stays a group.
+            local, rest = group.split(LocalError)
+            if local is not None and rest is None:
+                first: BaseException = local
+                while isinstance(first, BaseExceptionGroup):
+                    first = first.exceptions[0]
+                raise first from None
+            raise
+        return reports
+
+    async def _run_rounds(self, reports: list[RoundReport],
+                          on_round: Callable[[RoundReport], None] | None) -> None:
+        try:
             async with asyncio.TaskGroup() as tg:
                 self._tg = tg
                 receiver = tg.create_task(self._receive(), name=f"{self.name}-receive")
@@ -369,12 +398,14 @@ class Node:
         finally:
             self._save_checkpoint()
             await self.transport.close()
-        return reports
 
     async def _round(self) -> RoundReport | None:
         r = self.book.current
         t0 = time.perf_counter()
         await self._rotate_prekeys(r)
+        # What every honest member started this round from (up to the disagreement the
+        # rounds allow): the strategy measures shares' distances from it.
+        reference = get_flat(self.model).clone()
         released = await self._release(r)
         if released is None:
             await self._retire(r)
@@ -386,15 +417,19 @@ class Node:
         await self._collect(r, deadline=self._deadline)
         self._note_absent(r)
         received = self.book.shares(r)
-        shares = [WeightedShare(s.sender, s.share.weight, named_to_flat(self.model, s.share.tensors))
-                  for s in received.values()]
-        combined = self.rule(shares, own)
+        shares = {s.sender: WeightedShare(s.sender, s.share.weight,
+                                          named_to_flat(self.model, s.share.tensors))
+                  for s in received.values()}
+        agg = self.strategy.aggregate(r, own, shares, set(self.book.missing(r)),
+                                      reference=reference)
+        diagnostics = agg.to_json()
+        self._record_aggregate(r, diagnostics)
+        combined = agg.vector
         if bool(torch.isfinite(combined).all()):
             set_flat(self.model, combined)
-        else:  # e.g. finite shares whose sum overflows float32: never carried on
+        else:  # the strategy never returns one; never carried on if it did
             log.error("%s: round %d: the %s of %d share(s) is not finite; keeping our own "
-                      "released share as the model", self.name, r + 1,
-                      self.cfg.gossip.aggregation, len(shares) + 1)
+                      "released share as the model", self.name, r + 1, agg.rule, len(shares) + 1)
             self.counters.rejected["non_finite_aggregate"] += 1
             set_flat(self.model, own.vector)
         metrics = evaluate(self.model, self.held_out.X, self.held_out.y)
@@ -420,7 +455,10 @@ class Node:
         # and appends a second line for it (readers take the last), rather than
         # losing the round's line.
         self._record_round(r, metrics=metrics, epsilon=eps, received=report.received,
-                           missing=missing, closed=closed)
+                           missing=missing, closed=closed,
+                           aggregation={k: diagnostics[k] for k in (
+                               "rule", "used", "excluded", "clipped", "weight_capped",
+                               "fallbacks") if diagnostics[k] or k in ("rule", "used")})
         self._save_checkpoint()
         self._ack_before(self.book.current)
         return report
@@ -685,6 +723,8 @@ class Node:
     async def _send(self, peer: str, data: bytes) -> None:
         try:
             await self.transport.send(peer, data)
+        except TransportFailed:
+            raise  # the transport is dead, not one peer: the run ends with this error
         except LocalError as exc:
             log.warning("%s: could not send to %s: %s", self.name, peer, exc)
 
@@ -694,6 +734,24 @@ class Node:
         await self._broadcast(r, self._sign(KIND_RETIRE, r, b""))
         self._record_round(r, stopped=self.stopped, epsilon=self.epsilon())
         self._save_checkpoint()
+
+    def _record_aggregate(self, r: int, d: dict) -> None:
+        """The strategy's diagnostics: one audit line per round, counted per member and
+        reason, and a log line the first time a member is excluded, clipped or capped."""
+        self.state.append_jsonl("audit.jsonl", {"time": time.time(), "round": r,
+                                                "member": self.name, "outcome": "aggregate",
+                                                "kind": "aggregate", **d})
+        for what in ("excluded", "clipped", "weight_capped", "down_weighted"):
+            for member, note in d[what].items():
+                self.counters.aggregation[f"{member}:{what}:{note['reason']}"] += 1
+                if (member, what) not in self._logged:
+                    self._logged.add((member, what))
+                    log.log(logging.INFO if what == "down_weighted" else logging.WARNING,
+                            "%s: round %d: %s %s by %s: %s (further are counted, not logged)",
+                            self.name, r + 1, member, what.replace("_", " "), d["rule"],
+                            note["detail"])
+        for note in d["fallbacks"]:
+            log.warning("%s: round %d: %s: %s", self.name, r + 1, note["reason"], note["detail"])
 
     def _record_round(self, r: int, **fields: object) -> None:
         """One metrics.jsonl line: the round's own fields plus the running counters."""
@@ -708,6 +766,8 @@ class Node:
         logged and counted; the round goes on with what the others send."""
         try:
             await self.transport.broadcast(data)
+        except TransportFailed:
+            raise  # the transport is dead, not one peer: the run ends with this error
         except LocalError as exc:
             self.counters.send_failed += 1
             log.error("%s: round %d: our %s was not sent: %s", self.name, r + 1,

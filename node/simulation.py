@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import json
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +35,7 @@ from node.data import FeatureSchema, encode, fit_schema, load_demo, partition
 from node.identity import Identity, save_identity
 from node.models import build_model, init_seed_from
 from node.privacy import ACCOUNTANT, SeededNoise
+from node.rules import DEFAULT_RULE, build_strategy, rules_table
 from node.runner import Node
 from node.train import evaluate, metric_name, train_local
 
@@ -72,6 +74,11 @@ class SimulationSpec:
     net_partitions: tuple[str, ...] = ()
     absent: tuple[str, ...] = ()  # listed members that never start
     stragglers: tuple[tuple[str, float], ...] = ()
+    # The consortium's [rules] (node/rules.py); None: the documented default
+    aggregation: str = DEFAULT_RULE
+    f: int | None = None
+    max_weight_fraction: float | None = None
+    aggregation_params: Mapping[str, Any] = field(default_factory=dict)
 
     def faults_for(self, name: str) -> dict | None:
         """The [faults] section of member `name`'s config (None: no faults)."""
@@ -211,7 +218,10 @@ def prepare(spec: SimulationSpec,
         save_identity(ident, out / "keys")
         addr = {**template.members[name], **(addresses or {}).get(name, {})}
         members.append(Member(name, ident.public_key, addr))
-    consortium = Consortium(template.name, schema.to_dict(), tuple(members))
+    rules = rules_table(spec.aggregation, spec.f, spec.max_weight_fraction, spec.privacy,
+                        spec.clip if spec.privacy != "off" else None, **spec.aggregation_params)
+    consortium = Consortium(template.name, schema.to_dict(), tuple(members), rules)
+    build_strategy(consortium, None, spec.privacy, spec.clip, "--aggregation")
     save_consortium(consortium, out / "consortium.toml")
     test_df.to_parquet(out / "data" / "test.parquet")
     config_paths, train_parts = [], []
@@ -318,6 +328,7 @@ def summarize(spec: SimulationSpec, prep: Prepared, results: list[MemberResult],
         "model": spec.model,
         "transport": spec.transport,
         "seal": spec.seal,
+        "rules": dict(prep.consortium.rules),
         "consortium_id": prep.consortium.id.hex(),
         "rows": {name: int(len(prep.train_parts[i][1])) for i, name in enumerate(prep.names)},
         "test_rows": int(len(prep.test[1])),

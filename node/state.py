@@ -117,6 +117,7 @@ class Checkpoint:
     # The members' announced prekeys (public, signed) as [seq, encoded] per member, so a
     # restart can seal at once without waiting for their answers to its hello.
     peer_prekeys: dict[str, list[Any]] = field(default_factory=dict)
+    strategy: dict[str, Any] = field(default_factory=dict)  # the aggregation strategy's state
 
 
 class StateDir:

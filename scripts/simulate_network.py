@@ -49,7 +49,14 @@ import msgpack  # noqa: E402
 import tomli_w  # noqa: E402
 
 from gossip.errors import LocalError  # noqa: E402
-from node.cli import add_fault_flags, add_privacy_flags, add_seal_flag, fault_fields  # noqa: E402
+from node.cli import (  # noqa: E402
+    add_fault_flags,
+    add_privacy_flags,
+    add_rules_flags,
+    add_seal_flag,
+    fault_fields,
+    rules_fields,
+)
 from node.config import seals  # noqa: E402
 from node.report import make_console, plot_history, print_summary  # noqa: E402
 from node.simulation import (  # noqa: E402
@@ -143,6 +150,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--restart-after", type=float, default=3.0)
     p.add_argument("--chaos", type=int, default=0, metavar="N",
                    help="N SIGKILL/restarts of members and rounds drawn from --seed")
+    add_rules_flags(p)
     add_fault_flags(p)
     p.add_argument("--timeout", type=float, default=None,
                    help="give up after this many seconds (default: from rounds and deadline)")
@@ -202,7 +210,7 @@ def save_wire(recorder, out: Path, console) -> None:
 
 def fault_fields_or_exit(args: argparse.Namespace) -> dict:
     try:
-        return fault_fields(args)
+        return {**fault_fields(args), **rules_fields(args)}
     except LocalError as exc:
         print(f"simulate_network: error: {exc}", file=sys.stderr)
         sys.exit(2)

@@ -100,7 +100,10 @@ def test_a_killed_node_gets_the_shares_published_while_it_was_down(tmp_path):
     assert "SIGKILL telco-2" in stdout and "restarted telco-2" in stdout
     procs = net["processes"]
     assert procs["telco-2"]["starts"] == 2 and procs["telco-2"]["exit_codes"][-1] == 0
-    assert all(net["rounds_done"][n] == 10 for n in procs)
+    assert all(net["rounds_done"][n] == 10 for n in procs if n != "telco-2")
+    # telco-2 finished; it may have joined the others past a round they closed while it
+    # was down (the majority rule), rather than re-run that round alone.
+    assert net["rounds_done"]["telco-2"] >= 9
     # A restarted node may re-send the release it stored before the kill: the
     # others already hold it, and count the copy as a benign duplicate.
     assert set(net["rejected"]) <= {"duplicate"}
@@ -122,11 +125,13 @@ def test_a_killed_node_gets_the_shares_published_while_it_was_down(tmp_path):
     # Shares the others released (and published) while telco-2 was down, which
     # the broker kept in telco-2's session and handed to the new process.
     assert queued, audit
-    # Its first round after the restart has every share: those that had reached the
-    # killed process were not acknowledged yet (the round was not checkpointed), so
-    # the broker delivered them again.
+    # Its first round after the restart (where it resumed, or the round it joined) has
+    # every share: those that had reached the killed process were not acknowledged yet
+    # (the round was not checkpointed), so the broker delivered them again; and the
+    # others, hearing its hello, waited for it again.
     lines = [json.loads(x) for x in (out / "state" / "telco-2" / "metrics.jsonl").read_text()
              .splitlines()]
     first = int(re.findall(r"starting at round (\d+)/10", log)[1]) - 1
-    resumed = [ln for ln in lines if ln["round"] == first and "received" in ln][-1]
+    resumed = [ln for ln in lines if ln["round"] >= first and "received" in ln][0]
+    assert lines[-1]["round"] == 9
     assert resumed["received"] == ["telco-0", "telco-1", "telco-3"], resumed
