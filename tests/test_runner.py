@@ -98,7 +98,9 @@ async def test_nodes_finish_despite_hostile_traffic_and_count_every_reason(tmp_p
 
 
 async def test_members_go_on_without_a_silent_member_after_the_deadline(tmp_path):
-    _, prep = make(tmp_path, deadline=0.3)
+    # A deadline a loaded machine cannot miss: the silent member costs one of it (it is
+    # not waited for again), the present ones always make it.
+    _, prep = make(tmp_path, deadline=10.0)
     hub = MemoryHub()
     nodes = build(prep, hub, which={0, 1})
     reports = await run_all(nodes)

@@ -326,7 +326,7 @@ def test_a_member_that_never_starts_does_not_make_the_others_miss_each_other(tmp
     stale. A member that let a deadline pass without a prekey is not waited for again,
     and collecting gets a full deadline from our own release."""
     spec = SimulationSpec(dataset="default", nodes=4, partition="iid", rounds=3, seed=0,
-                          out=tmp_path, privacy="off", round_deadline_s=2.0)
+                          out=tmp_path, privacy="off", round_deadline_s=10.0)
     prep = prepare(spec)
     hub = MemoryHub()
     nodes = []
