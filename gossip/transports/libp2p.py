@@ -120,6 +120,7 @@ from libp2p.custom_types import TProtocol
 from libp2p.exceptions import BaseLibp2pError
 from libp2p.io.exceptions import ConnectionClosedError
 from libp2p.network.config import RetryConfig
+from libp2p.network.exceptions import SwarmException
 from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import PeerInfo
 from libp2p.security.noise.transport import PROTOCOL_ID as NOISE_PROTOCOL_ID
@@ -162,7 +163,8 @@ DIAL_BACKOFF_MAX_S = 5.0
 START_TIMEOUT_S = 30.0
 # A send to a member that is not connected yet (all nodes starting at once, or
 # one restarting) waits this long for the dialer to reach it before the share
-# is given up for that member.
+# is given up for that member; later sends to it fail at once until a connection
+# to it exists again (a member that is down costs one wait, not one per round).
 CONNECT_WAIT_S = 10.0
 # Inbound limits (module docstring); all can be set per transport.
 MAX_PENDING_HANDSHAKES = 16
@@ -283,6 +285,10 @@ class Libp2pTransport(Transport):
         self.handshakes = 0  # inbound security handshakes in progress
         self._handshakes_by_ip: Counter[str] = Counter()
         self.streams: Counter[str] = Counter()  # member -> inbound transfers in progress
+        # Members a send already waited CONNECT_WAIT_S for in vain: until the dialer
+        # (or the member) makes a connection, sends to them fail at once instead of
+        # waiting again, so a member that is down does not cost every round a wait.
+        self._unreachable: set[Any] = set()
         self.reserved: Counter[str] = Counter()  # member -> declared bytes admitted
         self.reserved_total = 0
         self.buffered = 0  # body bytes received and held by unfinished transfers
@@ -692,6 +698,7 @@ class Libp2pTransport(Transport):
         backoff = DIAL_BACKOFF_MIN_S
         while True:
             if self.host.get_network().get_connections(peer_id):
+                self._unreachable.discard(peer_id)
                 backoff = DIAL_BACKOFF_MIN_S
                 await trio.sleep(0.5)
                 continue
@@ -710,11 +717,18 @@ class Libp2pTransport(Transport):
                 backoff = min(backoff * 2, DIAL_BACKOFF_MAX_S)
 
     async def _send_trio(self, peer_id: ID, data: bytes) -> None:
+        network = self.host.get_network()
+        if peer_id in self._unreachable and not network.get_connections(peer_id):
+            raise SwarmException("not connected, and the last send already waited "
+                                 f"{CONNECT_WAIT_S:g} s for it in vain (still dialling)")
         with trio.move_on_after(CONNECT_WAIT_S):
-            while not self.host.get_network().get_connections(peer_id):
+            while not network.get_connections(peer_id):
                 await trio.sleep(0.05)
-        if not self.host.get_network().get_connections(peer_id):
-            self.host.get_network().unblock_peer(peer_id)  # dial now, negative cache or not
+        if not network.get_connections(peer_id):
+            self._unreachable.add(peer_id)
+            network.unblock_peer(peer_id)  # dial now, negative cache or not
+        else:
+            self._unreachable.discard(peer_id)
         with trio.fail_after(transfer_timeout(len(data))):
             stream = await self.host.new_stream(peer_id, [SHARE_PROTOCOL])
             try:
