@@ -111,6 +111,16 @@ def print_summary(summary: dict, out: Path, console: Console | None = None) -> N
                           f"{n} {s:.3f}" for n, s in eps["noise_multiplier_per_node"].items()
                           if s is not None)
                       + f"; share weight: {eps['weight']}")
+    rules = summary.get("rules") or {}
+    if rules:
+        from node.rules import default_cap, default_f
+
+        n = summary["nodes"]
+        f = rules.get("f", default_f(n))
+        cap = rules.get("max_weight_fraction", default_cap(n))
+        console.print("  aggregation (the consortium's \\[rules]): "
+                      f"{rules['aggregation']}, f = {f}"
+                      + (f", no member above {cap:g} of the weight" if cap else ""))
     console.print(f"  consortium − centralized: {co - summary['centralized']:+.4f}; "
                   f"wrote {out / 'summary.json'} and {out / 'accuracy.png'}")
 
