@@ -429,7 +429,8 @@ async def test_a_handshake_flood_is_bounded_and_members_keep_delivering():
     ks = [SigningKey.generate() for _ in range(2)]
     members = members_of(ks)
     m0 = Libp2pTransport(bytes(ks[0]), "m0", members, CAP, max_pending_handshakes=8,
-                         max_handshakes_per_ip=3, handshake_timeout_s=3.0)
+                         max_handshakes_per_ip=3, handshake_timeout_s=3.0,
+                         per_ip_on_loopback=True)
     m1 = Libp2pTransport(bytes(ks[1]), "m1", members, CAP)
     await m0.start()
     await m1.start()

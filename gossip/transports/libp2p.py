@@ -51,7 +51,9 @@ logged once per (peer, reason); for handshakes the "peer" is the remote IP):
 
 - Handshakes (before Noise has said who the peer is). At most
   `max_pending_handshakes` (16) inbound security handshakes at once, and at
-  most `max_handshakes_per_ip` (4) from one IP address; a connection over
+  most `max_handshakes_per_ip` (4) from one IP address (not applied to
+  loopback, where a rehearsal runs every member, unless `per_ip_on_loopback`);
+  a connection over
   either is closed at once [`handshake_limit`]. A handshake that has not
   finished within `handshake_timeout_s` (10 s) is closed
   [`handshake_timeout`]. A peer that completes Noise with a key that is not a
@@ -104,6 +106,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import logging
 import os
 import threading
@@ -187,6 +190,13 @@ MAX_LOGGED = 4096
 # trio.TooSlowError is our transfer timeout; EOFError the stream ending before the
 # receiver's acknowledgement (it refused: too large, busy, inbox full); OSError and
 # trio's Broken/ClosedResourceError a socket that went away underneath.
+def _is_loopback(ip: str) -> bool:
+    try:
+        return ipaddress.ip_address(ip).is_loopback
+    except ValueError:
+        return False
+
+
 UNREACHABLE: tuple[type[BaseException], ...] = (
     BaseLibp2pError, trio.TooSlowError, EOFError, OSError, trio.BrokenResourceError,
     trio.ClosedResourceError)
@@ -246,6 +256,7 @@ class Libp2pTransport(Transport):
                  max_message_bytes: int, *,
                  max_pending_handshakes: int = MAX_PENDING_HANDSHAKES,
                  max_handshakes_per_ip: int = MAX_HANDSHAKES_PER_IP,
+                 per_ip_on_loopback: bool = False,
                  handshake_timeout_s: float = HANDSHAKE_TIMEOUT_S,
                  max_streams_per_peer: int = MAX_STREAMS_PER_PEER,
                  max_peer_inflight_bytes: int | None = None,
@@ -274,6 +285,7 @@ class Libp2pTransport(Transport):
             raise LocalError("libp2p limits must be positive")
         self.max_pending_handshakes = max_pending_handshakes
         self.max_handshakes_per_ip = max_handshakes_per_ip
+        self.per_ip_on_loopback = per_ip_on_loopback
         self.handshake_timeout_s = handshake_timeout_s
         self.max_streams_per_peer = max_streams_per_peer
         self.max_peer_inflight_bytes = max_peer_inflight_bytes
@@ -655,8 +667,11 @@ class Libp2pTransport(Transport):
                 except Exception:  # noqa: BLE001 - a socket already gone
                     address = None
                 ip = str(address[0]) if address else "unknown"
-                if self.handshakes >= self.max_pending_handshakes or \
-                        self._handshakes_by_ip[ip] >= self.max_handshakes_per_ip:
+                # Loopback peers are processes on this host (a rehearsal runs every
+                # member on 127.0.0.1): only the global cap applies to them.
+                per_ip = self.per_ip_on_loopback or not _is_loopback(ip)
+                if self.handshakes >= self.max_pending_handshakes or (
+                        per_ip and self._handshakes_by_ip[ip] >= self.max_handshakes_per_ip):
                     self._refuse("handshake_limit", ip,
                                  f"{self.handshakes} inbound handshakes in progress "
                                  f"({self._handshakes_by_ip[ip]} from this address; limits "
