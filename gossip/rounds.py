@@ -94,6 +94,14 @@ class RoundBook:
         return sorted(n for n in self.neighbours
                       if n not in have and self._latest.get(n, -1) <= round_)
 
+    def held(self, member: str, round_: int) -> Accepted | None:
+        """The share of `member` for round_ that we keep (buffered or far ahead), if any."""
+        held = self._shares.get(round_, {}).get(member)
+        far = self._far.get(member)
+        if held is None and far is not None and far.round == round_:
+            held = far
+        return held
+
     def shares(self, round_: int) -> dict[str, Accepted]:
         return dict(self._shares.get(round_, {}))
 

@@ -46,7 +46,7 @@ def _consortium_build(args: argparse.Namespace) -> int:
     from node.rules import build_strategy, rules_table
 
     f = rules_fields(args)
-    rules = rules_table(f["aggregation"], f["f"], f["max_weight_fraction"], args.privacy_mode,
+    rules = rules_table(len(members), f["aggregation"], f["f"], f["max_weight_fraction"], args.privacy_mode,
                         args.clip, **f["aggregation_params"])
     consortium = Consortium(args.name, schema.to_dict(), tuple(members), rules)
     build_strategy(consortium, None, args.privacy_mode or "off", args.clip or 1.0,
@@ -84,7 +84,7 @@ def _simulate(args: argparse.Namespace) -> int:
         sigma=None if args.epsilon is not None else (args.sigma or 1.0), epsilon=args.epsilon,
         delta=args.delta, weight=args.weight,
         network_config=Path(args.network_config) if args.network_config else None,
-        seal=args.seal, **fault_fields(args), **rules_fields(args),
+        seal=args.seal, **fault_fields(args), **rules_fields(args), **attack_fields(args),
     )
     simulate(spec)
     return 0
@@ -143,7 +143,8 @@ def add_rules_flags(p: argparse.ArgumentParser) -> None:
     from node.rules import DEFAULT_RULE
 
     p.add_argument("--aggregation", default=DEFAULT_RULE, metavar="RULE",
-                   help=f"aggregation rule every member applies (default {DEFAULT_RULE}; "
+                   help=f"aggregation rule every member applies (default {DEFAULT_RULE}: "
+                        "multi_krum from 5 members, trimmed_mean for 3-4, mean for 2; "
                         "mean, median, trimmed_mean, norm_bounded_mean, krum, multi_krum, "
                         "centered_clipping)")
     p.add_argument("--f", type=int, default=None, metavar="F",
@@ -209,6 +210,23 @@ def fault_fields(args: argparse.Namespace) -> dict:
                 stragglers=tuple(stragglers))
 
 
+def add_attack_flags(p: argparse.ArgumentParser) -> None:
+    """Rehearse hostile members (both simulators): written into the attackers' [attack]."""
+    g = p.add_argument_group("attacks (rehearsal: hostile members with valid keys)")
+    g.add_argument("--attack", action="append", default=[], metavar="KIND[=PARAM]:MEMBERS",
+                   help="MEMBERS (comma-separated names) attack: sign-flip[=K] (start - K x "
+                        "update, K 1), scale[=K] (K x model, K -1000), noise[=SIGMA] (+ "
+                        "N(0, SIGMA²), 1), huge (1e30), weight[=W] (declares W, 1e12; "
+                        "combines with another kind for the same member), nan, label-flip, "
+                        "zero-prekey (needs sealing), equivocate, replay. Repeatable; "
+                        "KIND:PARAM:MEMBERS also works, e.g. scale:10:bank-1")
+
+
+def attack_fields(args: argparse.Namespace) -> dict:
+    """SimulationSpec fields from add_attack_flags' flag (checked in prepare())."""
+    return dict(attacks=tuple(args.attack))
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="flnode", description=__doc__.splitlines()[0])
     p.add_argument("-v", "--verbose", action="store_true", help="log at DEBUG level")
@@ -264,6 +282,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_seal_flag(s)
     add_rules_flags(s)
     add_fault_flags(s)
+    add_attack_flags(s)
     s.add_argument("--out", required=True, help="run directory (created; must be new)")
     s.set_defaults(func=_simulate)
     return p

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-from nacl.public import PrivateKey
+from nacl.public import PrivateKey, PublicKey
 
 from gossip import envelope
 from gossip.envelope import (
@@ -42,7 +42,7 @@ from gossip.envelope import (
 from gossip.errors import LocalError, RemoteError
 from gossip.membership import Consortium, load_consortium
 from gossip.rounds import RoundBook
-from gossip.seal import Sealing
+from gossip.seal import Sealing, encode_announcement, sign_prekey
 from gossip.transports.base import Incoming, Transport, TransportFailed
 from gossip.transports.faults import FaultyTransport, fault_plan
 from node.aggregate import WeightedShare
@@ -68,7 +68,7 @@ from node.privacy import (
     privatize_update,
 )
 from node.rules import build_strategy
-from node.state import Checkpoint, StateDir
+from node.state import Checkpoint, StateDir, atomic_write
 from node.train import evaluate, metric_name, train_local, train_local_dp
 
 log = logging.getLogger("flnode.node")
@@ -77,9 +77,19 @@ log = logging.getLogger("flnode.node")
 HELLO_INTERVAL_S = 2.0
 # Rejections that can only follow a member's valid signature on a message that is
 # fresh (never accepted before, so not a replay by someone else): the member is up.
+# A stale share (a round we have closed) counts too: it is how a member that fell
+# behind shows it is up. (A never-delivered old share replayed by a relay can only
+# make us wait for its sender one more deadline.)
 AUTHENTIC_REASONS = frozenset({"bad_body", "shape", "dtype", "non_finite", "bad_seal",
                                "no_prekey", "unsealed", "seal_off", "bad_prekey",
-                               "equivocation"})
+                               "equivocation", "stale"})
+
+
+# Equivocation evidence kept per member (one file per round it equivocated in, at most
+# this many): a member that equivocates without end must not fill our disk.
+MAX_EVIDENCE_PER_MEMBER = 64
+# [attack] replay: the newest signed messages re-sent each round.
+REPLAY_KEEP = 32
 
 
 @dataclass
@@ -138,8 +148,19 @@ class Node:
             if plan.active:
                 transport = FaultyTransport(transport, identity.name, plan,
                                             {m.public_key: m.name for m in consortium.members})
+        if cfg.attack is not None:  # a rehearsal: this member is hostile on purpose
+            log.warning("%s: [attack] set: %s. THIS MEMBER ATTACKS THE CONSORTIUM (a "
+                        "rehearsal of a hostile member, never a deployment)", identity.name,
+                        cfg.attack.describe())
+            if cfg.attack.kind == "label-flip":
+                # Every label c becomes n_classes - 1 - c (binary: swapped).
+                self.train_data = LocalData(train.X, (schema.n_classes - 1 - train.y)
+                                            .astype(train.y.dtype))
         self.transport = transport
         self.noise = noise
+        self._attack_signed: list[bytes] = []  # [attack] replay: what we signed so far
+        self._attack_release: tuple[torch.Tensor, torch.Tensor, float] | None = None
+        self._evidence: Counter[str] = Counter()  # equivocation evidence files per member
         self.state = StateDir(cfg.state_dir)
         self.ledger = Ledger(self.state.ledger_path, repair=True)
         for what in self.ledger.recovered:
@@ -289,6 +310,7 @@ class Node:
 
     def handle(self, msg: Incoming) -> Accepted | None:
         """Verify one incoming byte string and file it. Never raises for peer faults."""
+        accepted: Accepted | None = None
         try:
             accepted = self.verifier.verify(msg.data, self.book.current, msg.peer_hint)
             where = self.book.add(accepted)
@@ -296,6 +318,8 @@ class Node:
             if msg.ack is not None:
                 msg.ack()
             self._reject(msg, exc)
+            if exc.reason == "equivocation" and accepted is not None:
+                self._keep_evidence(accepted, msg.data)
             if exc.signed_round is not None and exc.peer is not None:
                 self.book.note(exc.peer, exc.signed_round)  # we cannot read it, but it is
             if exc.reason in AUTHENTIC_REASONS and exc.peer is not None:
@@ -399,6 +423,101 @@ class Node:
             self._save_checkpoint()
             await self.transport.close()
 
+    def _keep_evidence(self, second: Accepted, data: bytes) -> None:
+        """A member signed two different shares for one round: keep the proof. Both
+        envelopes' digests (and the first one's signature over its digest) go to the
+        audit log; the second envelope's signed bytes, as received, to
+        state/evidence/. Anyone holding the member's public key can check them."""
+        first = self.book.held(second.sender, second.round)
+        member = second.sender
+        name = None
+        if self._evidence[member] < MAX_EVIDENCE_PER_MEMBER:
+            path = (self.state.path / "evidence" /
+                    f"{member}-round{second.round}-seq{second.envelope.seq}.envelope")
+            if not path.exists():
+                atomic_write(path, bytes(data))
+                self._evidence[member] += 1
+                name = str(path.relative_to(self.state.path))
+        self.state.append_jsonl("audit.jsonl", {
+            "time": time.time(), "round": second.round, "member": member,
+            "outcome": "equivocation", "kind": "evidence",
+            "first": None if first is None else {
+                "seq": first.envelope.seq, "digest": first.envelope.digest.hex(),
+                "sig": first.envelope.sig.hex(), "kind": first.envelope.kind},
+            "second": {"seq": second.envelope.seq, "digest": second.envelope.digest.hex(),
+                       "sig": second.envelope.sig.hex(), "kind": second.envelope.kind,
+                       "file": name},
+        })
+
+    # --- [attack]: a rehearsed hostile member (never set in a deployment) ----------
+    def _attack_vector(self, r: int, start: torch.Tensor, update: torch.Tensor,
+                       released: torch.Tensor) -> torch.Tensor:
+        a = self.cfg.attack
+        assert a is not None
+        if a.kind == "sign-flip":
+            return start - a.value * update
+        if a.kind == "scale":
+            return released * a.value
+        if a.kind == "noise":
+            g = torch.Generator().manual_seed(a.seed * 1_000_003 + r)
+            return released + a.value * torch.randn(released.shape, generator=g)
+        if a.kind == "huge":
+            return torch.full_like(released, 1e30)
+        if a.kind == "nan":
+            return torch.full_like(released, float("nan"))
+        return released  # weight, label-flip (trained on flipped labels), protocol kinds
+
+    def _attack_body(self, r: int, start: torch.Tensor, update: torch.Tensor,
+                     released: torch.Tensor, weight: float) -> bytes:
+        """The share body a hostile member releases instead of its honest one. Its own
+        model goes on from the honest share (it knows what it sent)."""
+        a = self.cfg.attack
+        assert a is not None
+        self._attack_release = (start, update, weight)
+        vec = self._attack_vector(r, start, update, released)
+        declared = a.declared_weight if a.declared_weight is not None else weight
+        # A scale large enough overflows float32 to inf: then that is what it sends.
+        return envelope.encode_share(flat_to_named(self.model, vec), declared)
+
+    async def _attack_send(self, r: int, data: bytes) -> None:
+        a = self.cfg.attack
+        assert a is not None
+        if a.kind == "equivocate" and self._attack_release is not None:
+            peers = sorted(self.book.still_in(r))
+            if len(peers) >= 2:
+                start, update, weight = self._attack_release
+                versions = []
+                for i, _ in enumerate(peers):  # a different share for each member
+                    vec = start + (1.0 + 0.25 * i) * update
+                    body = envelope.encode_share(flat_to_named(self.model, vec), weight)
+                    versions.append(data if i == 0 else self._attack_pack(r, body, peers))
+                for i, peer in enumerate(peers):  # its own, then its neighbour's version
+                    for v in (versions[i], versions[(i + 1) % len(peers)]):
+                        if v is not None:
+                            await self._send(peer, v)
+                return
+        await self._broadcast(r, data)
+        if a.kind == "replay":  # every message we signed before, again
+            for old in self._attack_signed:
+                if old is not data:
+                    await self._broadcast(r, old)
+
+    def _attack_pack(self, r: int, body: bytes, peers: list[str]) -> bytes | None:
+        if self.sealing is None:
+            return self._sign(KIND_SHARE, r, body)
+        recipients, _ = self.sealing.recipients(r, peers)
+        if not recipients:
+            return None
+        return self._sign(KIND_SEALED, r, self.sealing.seal(body, r, recipients))
+
+    def _attack_prekeys(self, announce: bool) -> list[bytes]:
+        """Announcements whose prekeys are all-zero X25519 keys, properly signed."""
+        assert self.sealing is not None
+        zero = [sign_prekey(self.identity.signing_key, self.consortium.id, e,
+                            PublicKey(bytes(32))) for e in sorted(self.sealing.own.keys)]
+        return [encode_announcement(zero, hello=False)] + \
+            ([encode_announcement(zero, hello=True)] if announce else [])
+
     async def _round(self) -> RoundReport | None:
         r = self.book.current
         t0 = time.perf_counter()
@@ -411,9 +530,11 @@ class Node:
             await self._retire(r)
             return None
         data, own, norm, resent = released
-        if data is not None:
+        if self.cfg.attack is not None and data is not None:
+            await self._attack_send(r, data)
+        elif data is not None:
             await self._broadcast(r, data)
-        absent_before = set(self._absent)
+        ignorable_before = set(self._ignorable())
         await self._collect(r, deadline=self._deadline)
         self._note_absent(r)
         received = self.book.shares(r)
@@ -437,7 +558,8 @@ class Node:
         # How the round closed: "all" shares came, the missing had "moved_on", were
         # "absent" (silent since an earlier deadline: not waited for), or the "deadline" passed.
         closed = ("all" if not missing else "moved_on" if self.book.complete(r)
-                  else "absent" if self.book.complete(r, ignore=absent_before) else "deadline")
+                  else "absent" if self.book.complete(r, ignore=ignorable_before)
+                  else "deadline")
         if missing:  # rounds are 0-based inside, 1-based for people
             why = {"moved_on": "they had moved on to later rounds",
                    "absent": "not waited for: silent since an earlier deadline",
@@ -539,7 +661,10 @@ class Node:
                     f"{r + 1} as trained would bring ε to {over:.3f}; its share is discarded "
                     f"(never released, evaluated or carried on); serving the round-{r} model")
                 return None
-        body = envelope.encode_share(flat_to_named(self.model, released), weight)
+        if self.cfg.attack is not None:  # a rehearsed hostile member: what goes on the wire
+            body = self._attack_body(r, start, update, released, weight)
+        else:
+            body = envelope.encode_share(flat_to_named(self.model, released), weight)
         # The round's deadline counts from here: waiting for prekeys and for shares share it.
         self._restart_deadline()
         data = await self._pack_share(r, body)
@@ -599,6 +724,8 @@ class Node:
                              body)
         self.seq += 1
         self.state.reserve_seq(self.seq)  # fsync'd: the one place a number is spent
+        if self.cfg.attack is not None and self.cfg.attack.kind == "replay":
+            self._attack_signed = [*self._attack_signed[-(REPLAY_KEEP - 1):], data]
         return data
 
     def _restart_deadline(self) -> None:
@@ -643,6 +770,8 @@ class Node:
         messages = [self.sealing.announcement(hello=False)]
         if announce:
             messages.append(self.sealing.announcement(hello=True))
+        if self.cfg.attack is not None and self.cfg.attack.kind == "zero-prekey":
+            messages = self._attack_prekeys(announce)
         packed = [self._sign(KIND_PREKEY, r, body) for body in messages]
         self._announcement = packed[0]
         await self._broadcast(r, packed[-1])
@@ -773,6 +902,17 @@ class Node:
             log.error("%s: round %d: our %s was not sent: %s", self.name, r + 1,
                       envelope.decode_outer(data).kind, exc)
 
+    def _ignorable(self) -> set[str]:
+        """The absent members rounds may close without: only while the members still
+        heard from, ourselves included, are a majority of the consortium. Otherwise we
+        are as likely to be the one cut off (a partition, our own link): closing rounds
+        without the others would race us ahead of them, so each deadline is waited out."""
+        absent = self._absent & self.book.neighbours
+        members = len(self.book.neighbours) + 1
+        if 2 * (members - len(absent)) <= members:
+            return set()
+        return absent
+
     def _note_absent(self, r: int) -> None:
         """Members still in round r whose share did not come by its deadline: after
         `gossip.absent_after` such deadlines in a row, stop waiting for them."""
@@ -790,7 +930,7 @@ class Node:
         loop = asyncio.get_running_loop()
         while True:
             self._arrived.clear()
-            if self.book.complete(r, ignore=self._absent):
+            if self.book.complete(r, ignore=self._ignorable()):
                 return
             remaining = deadline - loop.time()
             if remaining <= 0:

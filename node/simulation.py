@@ -30,7 +30,7 @@ from gossip.membership import (
     save_consortium,
 )
 from gossip.transports.memory import MemoryHub
-from node.config import load_config
+from node.config import ATTACK_PARAMS, AttackConfig, load_config, seals
 from node.data import FeatureSchema, encode, fit_schema, load_demo, partition
 from node.identity import Identity, save_identity
 from node.models import build_model, init_seed_from
@@ -79,6 +79,9 @@ class SimulationSpec:
     f: int | None = None
     max_weight_fraction: float | None = None
     aggregation_params: Mapping[str, Any] = field(default_factory=dict)
+    # Rehearsed attacks: "KIND[=PARAM]:MEMBER[,MEMBER...]" (node.cli.add_attack_flag);
+    # the members named get an [attack] section (node.config.AttackConfig)
+    attacks: tuple[str, ...] = ()
 
     def faults_for(self, name: str) -> dict | None:
         """The [faults] section of member `name`'s config (None: no faults)."""
@@ -89,8 +92,62 @@ class SimulationSpec:
         return {"loss": self.loss, "delay_ms": self.delay_ms, "jitter_ms": self.jitter_ms,
                 "partition": list(self.net_partitions), "straggle": straggle, "seed": self.seed}
 
+    def attackers(self, names: list[str]) -> dict[str, dict[str, Any]]:
+        """Member -> its [attack] section (only the members that attack)."""
+        return parse_attacks(self.attacks, names, self.seed)
+
     def present(self, names: list[str]) -> list[str]:
         return [n for n in names if n not in self.absent]
+
+
+ATTACK_SYNTAX = "KIND[=PARAM]:MEMBER[,MEMBER...] (or KIND:PARAM:MEMBERS)"
+
+
+def parse_attacks(specs: tuple[str, ...] | list[str], names: list[str],
+                  seed: int = 0) -> dict[str, dict[str, Any]]:
+    """--attack values -> member -> [attack] section. One kind per member, except that
+    `weight` combines with any other kind (the other kind's share, declared with W)."""
+    out: dict[str, dict[str, Any]] = {}
+    for text in specs:
+        head, sep, members = text.rpartition(":")
+        if not sep or not head or not members:
+            raise LocalError(f"--attack {text!r}: expected {ATTACK_SYNTAX}")
+        kind, eq, param = head.partition("=")
+        if not eq and ":" in kind:  # KIND:PARAM:MEMBERS
+            kind, _, param = kind.partition(":")
+            eq = "="
+        if kind not in ATTACK_PARAMS:
+            raise LocalError(f"--attack {text!r}: no attack kind {kind!r}; choose one of "
+                             f"{', '.join(ATTACK_PARAMS)}")
+        value: float | None = None
+        if eq:
+            if ATTACK_PARAMS[kind] is None:
+                raise LocalError(f"--attack {text!r}: {kind} takes no parameter")
+            try:
+                value = float(param)
+            except ValueError:
+                raise LocalError(f"--attack {text!r}: {ATTACK_PARAMS[kind][0]} must be a "
+                                 f"number, got {param!r}") from None
+        for name in members.split(","):
+            if name not in names:
+                raise LocalError(f"--attack {text!r}: no such member {name!r}; the members "
+                                 f"are {names}")
+            section: dict[str, Any] = {"kind": kind, "seed": seed * 7919 + names.index(name)}
+            if value is not None:
+                section["param"] = value
+            prev = out.get(name)
+            if prev is not None:  # weight combines with another kind
+                if (prev["kind"] == "weight") == (kind == "weight"):
+                    raise LocalError(f"--attack {text!r}: {name} already attacks with "
+                                     f"{prev['kind']}; a member has one kind (plus weight)")
+                w, other = (section, prev) if kind == "weight" else (prev, section)
+                section = {**other, "weight": w.get("param", ATTACK_PARAMS["weight"][1])}
+            try:
+                AttackConfig.model_validate(section)
+            except ValueError as exc:
+                raise LocalError(f"--attack {text!r}: {exc}") from None
+            out[name] = section
+    return out
 
 
 @dataclass(frozen=True)
@@ -192,6 +249,13 @@ def prepare(spec: SimulationSpec,
     template = network_template(spec)
     names = list(template.members)
     check_faults(spec, names)
+    attackers = spec.attackers(names)
+    for name, section in attackers.items():
+        if name in spec.absent:
+            raise LocalError(f"--attack: {name} is --absent: an attacker must start")
+        if section["kind"] == "zero-prekey" and not seals(spec.seal, spec.transport):
+            raise LocalError(f"--attack zero-prekey:{name}: needs sealed shares (--seal on; "
+                             "only sealing nodes use prekeys)")
     df, label, categorical = load_demo(spec.dataset)
     train_df, test_df = train_test_split(df, test_size=TEST_FRACTION, random_state=spec.seed,
                                          stratify=df[label])
@@ -218,7 +282,7 @@ def prepare(spec: SimulationSpec,
         save_identity(ident, out / "keys")
         addr = {**template.members[name], **(addresses or {}).get(name, {})}
         members.append(Member(name, ident.public_key, addr))
-    rules = rules_table(spec.aggregation, spec.f, spec.max_weight_fraction, spec.privacy,
+    rules = rules_table(len(members), spec.aggregation, spec.f, spec.max_weight_fraction, spec.privacy,
                         spec.clip if spec.privacy != "off" else None, **spec.aggregation_params)
     consortium = Consortium(template.name, schema.to_dict(), tuple(members), rules)
     build_strategy(consortium, None, spec.privacy, spec.clip, "--aggregation")
@@ -247,6 +311,8 @@ def prepare(spec: SimulationSpec,
         faults = spec.faults_for(name)
         if faults is not None:
             cfg["faults"] = faults
+        if name in attackers:  # only the attackers' configs get the section
+            cfg["attack"] = attackers[name]
         path = out / "nodes" / f"{name}.toml"
         path.write_text(tomli_w.dumps(cfg))
         config_paths.append(path)
@@ -358,11 +424,62 @@ def summarize(spec: SimulationSpec, prep: Prepared, results: list[MemberResult],
                    "net_partitions": list(spec.net_partitions), "absent": list(spec.absent),
                    "stragglers": dict(spec.stragglers)},
     }
+    attackers = spec.attackers(prep.names)
+    honest = {name: v for name, v in final.items() if name not in attackers}
+    summary["honest"] = block(metric, honest) if honest else {"mean": float("nan"),
+                                                               "per_node": {}}
+    summary["attack"] = {
+        "attackers": {name: AttackConfig.model_validate(a).describe()
+                      for name, a in attackers.items()},
+        "sections": attackers,
+        "seen_by": {name: seen_by(spec.out / "state" / name, list(attackers))
+                    for name in honest} if attackers else {},
+    }
     if metric == "roc_auc":
         summary["centralized_pr_auc"] = centralized["pr_auc"]
         summary["pr_auc"] = {"local_only": block("pr_auc", local_only),
                              "consortium": block("pr_auc", final)}
     return summary
+
+
+AGGREGATION_ACTIONS = ("excluded", "clipped", "weight_capped", "down_weighted")
+
+
+def seen_by(state: Path, attackers: list[str]) -> dict[str, dict[str, Any]]:
+    """What one honest member did about each attacker, from its audit log: the rounds
+    it aggregated, in how many the attacker's share was used (and its mean fraction of
+    the result), how often the strategy excluded / clipped / capped / down-weighted it
+    (by reason), which of its messages were rejected (by reason), and the equivocation
+    evidence kept."""
+    from node.state import read_jsonl
+
+    rounds: dict[int, dict] = {}
+    out: dict[str, dict[str, Any]] = {
+        a: {"rounds": 0, "used": 0, "mean_weight": 0.0, "rejected": {}, "evidence": 0,
+            **{what: {} for what in AGGREGATION_ACTIONS}} for a in attackers}
+    for line in read_jsonl(state / "audit.jsonl"):
+        member, outcome = line.get("member"), line.get("outcome")
+        if line.get("kind") == "aggregate":
+            rounds[line["round"]] = line  # a round re-run after a restart: the last wins
+        elif line.get("kind") == "evidence" and member in out:
+            out[member]["evidence"] += 1
+        elif member in out and outcome not in (None, "accepted"):
+            rej = out[member]["rejected"]
+            rej[outcome] = rej.get(outcome, 0) + 1
+    for line in rounds.values():
+        for a, entry in out.items():
+            entry["rounds"] += 1
+            if a in line.get("used", ()):
+                entry["used"] += 1
+                w = line.get("weights", {}).get(a, 0.0)
+                entry["mean_weight"] += w if isinstance(w, int | float) else 0.0
+            for what in AGGREGATION_ACTIONS:
+                note = line.get(what, {}).get(a)
+                if note is not None:
+                    entry[what][note["reason"]] = entry[what].get(note["reason"], 0) + 1
+    for entry in out.values():
+        entry["mean_weight"] = entry["mean_weight"] / entry["rounds"] if entry["rounds"] else 0.0
+    return out
 
 
 def baselines(spec: SimulationSpec, prep: Prepared) -> tuple[dict[str, float],
@@ -395,5 +512,28 @@ def simulate(spec: SimulationSpec, console: Any = None) -> dict:
                         centralized, local_only)
     write_outputs(spec, summary)
     print_summary(summary, spec.out, console)
+    print_attack(summary, console)
     return summary
+
+
+def print_attack(summary: dict, console: Any = None) -> None:
+    """A line per attacker: who attacked how, and the honest members' mean metric."""
+    attack = summary.get("attack") or {}
+    if not attack.get("attackers"):
+        return
+    from node.report import make_console
+
+    console = console or make_console()
+    console.print("  [red]attackers[/]: " + ", ".join(
+        f"{n} ({d})" for n, d in attack["attackers"].items())
+        + f"; honest members' mean {summary['metric']} {summary['honest']['mean']:.4f}")
+    for name, seen in attack["seen_by"].items():
+        parts = []
+        for a, e in seen.items():
+            acts = {f"{what}:{r}": n for what in AGGREGATION_ACTIONS
+                    for r, n in e[what].items()}
+            acts.update({f"rejected:{r}": n for r, n in e["rejected"].items()})
+            parts.append(f"{a}: used {e['used']}/{e['rounds']} rounds"
+                         + "".join(f", {k} {v}" for k, v in sorted(acts.items())))
+        console.print(f"    {name} saw " + "; ".join(parts))
 

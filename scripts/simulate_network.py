@@ -24,6 +24,13 @@ The fault flags (`--loss`, `--delay`, `--net-partition`, `--absent`,
 `--straggler`) are those of `flnode simulate`: each node's config gets a
 `[faults]` section (gossip/transports/faults.py); an absent member is listed in
 the consortium and never started.
+
+`--attack KIND[=PARAM]:MEMBER[,MEMBER...]` (as in `flnode simulate`) makes those
+members hostile: their configs get an `[attack]` section (node/config.py
+AttackConfig), so each is a real `flnode run` with a valid key that releases,
+signs and sends what the attack says. summary.json names the attackers, reports
+the honest members' metrics apart (`honest`) and what each honest member did
+about each attacker (`attack.seen_by`).
 """
 
 from __future__ import annotations
@@ -50,10 +57,12 @@ import tomli_w  # noqa: E402
 
 from gossip.errors import LocalError  # noqa: E402
 from node.cli import (  # noqa: E402
+    add_attack_flags,
     add_fault_flags,
     add_privacy_flags,
     add_rules_flags,
     add_seal_flag,
+    attack_fields,
     fault_fields,
     rules_fields,
 )
@@ -64,6 +73,7 @@ from node.simulation import (  # noqa: E402
     SimulationSpec,
     baselines,
     prepare,
+    print_attack,
     summarize,
 )
 from node.state import read_jsonl  # noqa: E402
@@ -152,6 +162,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="N SIGKILL/restarts of members and rounds drawn from --seed")
     add_rules_flags(p)
     add_fault_flags(p)
+    add_attack_flags(p)
     p.add_argument("--timeout", type=float, default=None,
                    help="give up after this many seconds (default: from rounds and deadline)")
     p.add_argument("--out", required=True)
@@ -210,7 +221,7 @@ def save_wire(recorder, out: Path, console) -> None:
 
 def fault_fields_or_exit(args: argparse.Namespace) -> dict:
     try:
-        return {**fault_fields(args), **rules_fields(args)}
+        return {**fault_fields(args), **rules_fields(args), **attack_fields(args)}
     except LocalError as exc:
         print(f"simulate_network: error: {exc}", file=sys.stderr)
         sys.exit(2)
@@ -378,6 +389,7 @@ def main(argv: list[str] | None = None) -> int:
     (spec.out / "summary.json").write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
     plot_history(summary, spec.out / "accuracy.png")
     print_summary(summary, spec.out, console)
+    print_attack(summary, console)
     return 1 if failed else 0
 
 

@@ -125,3 +125,21 @@ def test_a_simulation_with_every_fault_finishes_and_records_them(tmp_path):
     cfg = (tmp_path / "nodes" / "bank-2.toml").read_text()
     assert "straggle = 2.0" in cfg and "[faults]" in cfg
     assert json.loads((tmp_path / "summary.json").read_text())["faults"]["loss"] == 0.2
+
+
+@pytest.mark.slow
+def test_a_member_cut_off_from_everyone_waits_instead_of_racing_ahead_alone(tmp_path):
+    """Found by scripts/chaos.py: a member partitioned from all others marked them all
+    absent after one deadline, then closed every round alone at once and raced far
+    ahead. Rounds close without absent members only while those still heard from (us
+    included) are a majority of the consortium."""
+    from rich.console import Console
+
+    spec = SimulationSpec(dataset="default", nodes=4, partition="iid", rounds=6, seed=0,
+                          out=tmp_path, round_deadline_s=3.0,
+                          net_partitions=("bank-3@2:3",))
+    simulate(spec, Console(quiet=True))
+    cut = [x["closed"] for x in read_jsonl(tmp_path / "state" / "bank-3" / "metrics.jsonl")]
+    assert "absent" not in cut and "deadline" in cut, cut
+    rest = [x["closed"] for x in read_jsonl(tmp_path / "state" / "bank-0" / "metrics.jsonl")]
+    assert "absent" in rest, rest  # the majority side does go on without it

@@ -1,0 +1,393 @@
+#!/usr/bin/env python3
+"""What each aggregation rule survives: hostile members with valid keys, in-process.
+
+Every cell is a whole consortium in one process (node.simulation: real nodes, real
+signed envelopes on the memory transport): 8 members, dirichlet 0.5, 30 rounds, the
+last f members attacking with one model-level attack (`--attack` of the
+simulators, node/config.py AttackConfig), every member applying one rule from the
+consortium's [rules] with that f. The number is the honest members' mean metric
+(roc_auc for `default`, accuracy for `digits`) on the consortium test set, next to
+the clean plain-mean run of the same seed.
+
+Attacks (strength as used here):
+
+    sign-flip   start - 4 x update
+    scale       -1000 x the model (the issue's attack 4)
+    noise       + N(0, 1) on every value
+    huge        every value 1e30
+    weight      declared weight 1e12 on a sign-flipped (K = 4) share
+    label-flip  trained on flipped labels
+
+Columns: clean (no attacker, the rule at f = 1), each attack at f = 1 and f = 2 (the
+rule configured for that f; `mean` is f = 0 whatever the column), and a column with
+record-level DP (DP-SGD) at ε = 3 per member at f = 1 (its loss is against the
+clean plain mean with the same DP). `absent f=F` (plain mean, the F would-be
+attackers never start) separates the loss of their data from the harm of their
+shares: no rule can win back what only the attackers held.
+
+The full grid (2 datasets x 6 rules x (1 + 6 x 2 + 7 DP) cells x 3 seeds) takes
+hours on 2 cores; `--grid reduced` (the default) is what fits in 30 minutes, and the
+JSON says exactly what ran: f = 1 and clean cells with every seed, f = 2 cells with
+the first seed, the DP column with the first seed (on `digits`, DP cells for `mean`
+and the default rule only: DP-SGD there is 10x slower than plain training).
+Cells run in `--jobs` processes. Writes runs/bench/robust.json and prints it
+and a table.
+
+    .venv/bin/python scripts/bench_robust.py                 # reduced grid
+    .venv/bin/python scripts/bench_robust.py --grid full
+    .venv/bin/python scripts/bench_robust.py --datasets digits --rules mean,median \\
+        --attacks sign-flip --seeds 1 --rounds 5             # a small run
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import math
+import os
+import shutil
+import sys
+import tempfile
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+RULES = ("mean", "median", "trimmed_mean", "multi_krum", "centered_clipping",
+         "norm_bounded_mean")
+SIGN_FLIP_K = 4
+# bench name -> the --attack kinds (KIND[=PARAM]) each attacker uses
+ATTACKS: dict[str, tuple[str, ...]] = {
+    "sign-flip": (f"sign-flip={SIGN_FLIP_K}",),
+    "scale": ("scale=-1000",),
+    "noise": ("noise=1",),
+    "huge": ("huge",),
+    "weight": ("weight=1e12", f"sign-flip={SIGN_FLIP_K}"),
+    "label-flip": ("label-flip",),
+}
+DATASETS = ("default", "digits")
+# A reference, not an attack: the would-be attackers never start (plain mean), so the
+# loss that is only the attackers' missing data shows apart from what their shares do.
+ABSENT = "absent"
+DP_EPSILON = 3.0
+GOAL = 0.02  # absolute: honest mean within this of the clean plain mean
+# Shares arrive at once in process; the deadline only matters when a member releases
+# nothing (its training diverged after a poisoned round): a short one keeps such a
+# cell from costing minutes.
+DEADLINE_S = 10.0
+
+
+def run_cell(dataset: str, rule: str, f: int, attack: str | None, seed: int, rounds: int,
+             nodes: int = 8, partition: str = "dirichlet:0.5", dp: bool = False,
+             workdir: str | None = None) -> dict[str, Any]:
+    """One consortium run. The honest members' final metrics, or the crash."""
+    import torch
+
+    from node.simulation import SimulationSpec, member_names, prepare, run_consortium
+    from node.train import evaluate, metric_name
+
+    torch.set_num_threads(1)
+    logging.getLogger("flnode").setLevel(logging.CRITICAL)
+    out = Path(tempfile.mkdtemp(prefix="robust-", dir=workdir))
+    t0 = time.perf_counter()
+    cell: dict[str, Any] = {"dataset": dataset, "rule": rule, "f": f, "attack": attack,
+                            "seed": seed, "rounds": rounds, "dp": dp, "nodes": nodes,
+                            "partition": partition}
+    try:
+        base = dict(dataset=dataset, nodes=nodes, partition=partition, rounds=rounds,
+                    seed=seed, out=out, aggregation=rule, f=0 if rule == "mean" else f,
+                    round_deadline_s=DEADLINE_S)
+        if dp:
+            base.update(privacy="record", epsilon=DP_EPSILON, sigma=None, weight="uniform")
+        names = member_names(SimulationSpec(**base))
+        attackers = names[len(names) - f:] if attack else []
+        if attack == ABSENT:  # the same members, never started: their data is missing
+            spec = SimulationSpec(**base, absent=tuple(attackers))
+        else:
+            attacks = tuple(f"{kind}:{','.join(attackers)}" for kind in ATTACKS[attack]) \
+                if attack else ()
+            spec = SimulationSpec(**base, attacks=attacks)
+        prep = prepare(spec)
+        nodes_ = asyncio.run(run_consortium(spec, prep))
+        metric = metric_name(prep.schema.n_classes)
+        honest = {n.name: evaluate(n.model, *prep.test)[metric] for n in nodes_
+                  if n.name not in attackers}
+        if attack == ABSENT:
+            attackers = []
+        vals = [v for v in honest.values()]
+        cell.update(metric=metric, attackers=attackers, honest=honest,
+                    mean=float(sum(vals) / len(vals)) if all(map(math.isfinite, vals))
+                    else float("nan"),
+                    min=min(vals) if all(map(math.isfinite, vals)) else float("nan"),
+                    caught=_caught(out, honest, attackers))
+    except Exception as exc:  # a crash is a result here: the cell says so
+        cell.update(crash=f"{type(exc).__name__}: {exc}"[:500], mean=float("nan"))
+    finally:
+        shutil.rmtree(out, ignore_errors=True)
+    cell["seconds"] = round(time.perf_counter() - t0, 2)
+    return cell
+
+
+def _caught(out: Path, honest: dict, attackers: list[str]) -> dict[str, int]:
+    """Over honest members x rounds: how often an attacker's share was refused or
+    excluded, clipped, capped or mostly trimmed (any of these counts once)."""
+    from node.simulation import AGGREGATION_ACTIONS, seen_by
+
+    counts = {"rounds": 0, "used": 0, "rejected": 0, **{w: 0 for w in AGGREGATION_ACTIONS}}
+    for name in honest:
+        for e in seen_by(out / "state" / name, attackers).values():
+            counts["rounds"] += e["rounds"]
+            counts["used"] += e["used"]
+            counts["rejected"] += sum(e["rejected"].values())
+            for w in AGGREGATION_ACTIONS:
+                counts[w] += sum(e[w].values())
+    return counts
+
+
+def grid(args: argparse.Namespace) -> list[dict[str, Any]]:
+    from node.rules import DEFAULT_RULE, resolve_rule
+
+    default = resolve_rule(DEFAULT_RULE, 8)
+    cells = []
+    for ds in args.datasets:
+        for seed in range(args.seeds):
+            first = seed == 0
+            full = args.grid == "full"
+            for f in args.f:
+                if f == 1 or full or first:
+                    cells.append(dict(dataset=ds, rule="mean", f=f, attack=ABSENT, seed=seed))
+            for rule in args.rules:
+                cells.append(dict(dataset=ds, rule=rule, f=1, attack=None, seed=seed))
+                for attack in args.attacks:
+                    cells.append(dict(dataset=ds, rule=rule, f=1, attack=attack, seed=seed))
+                    if (full or first) and 2 in args.f:
+                        cells.append(dict(dataset=ds, rule=rule, f=2, attack=attack, seed=seed))
+                if args.dp and (full or first) and (
+                        full or ds != "digits" or rule in ("mean", default)):
+                    cells.append(dict(dataset=ds, rule=rule, f=1, attack=None, seed=seed,
+                                      dp=True))
+                    for attack in args.attacks:
+                        cells.append(dict(dataset=ds, rule=rule, f=1, attack=attack,
+                                          seed=seed, dp=True))
+    if 1 not in args.f:
+        cells = [c for c in cells if c["f"] != 1 or c["attack"] is None]
+    return cells
+
+
+def _run(kw: dict[str, Any]) -> dict[str, Any]:
+    return run_cell(**kw)
+
+
+KEY = ("dataset", "rule", "f", "attack", "seed", "dp", "rounds", "nodes")
+
+
+def _key(c: dict[str, Any]) -> tuple:
+    return tuple(c.get(k, False if k == "dp" else None) for k in KEY)
+
+
+def run_grid(cells: list[dict[str, Any]], rounds: int, jobs: int, nodes: int = 8,
+             workdir: str | None = None, progress: bool = True,
+             cache: Path | None = None) -> list[dict[str, Any]]:
+    """Run the cells; with `cache` (JSONL), each finished cell is appended there at once
+    and cells already in it are not run again (a stopped run resumes)."""
+    todo = [{**c, "rounds": rounds, "nodes": nodes, "workdir": workdir} for c in cells]
+    done: dict[tuple, dict[str, Any]] = {}
+    if cache is not None and cache.exists():
+        for line in cache.read_text().splitlines():
+            try:
+                cell = json.loads(line)
+            except ValueError:
+                continue
+            done[_key(cell)] = cell
+    results = [done[_key(c)] for c in todo if _key(c) in done]
+    todo = [c for c in todo if _key(c) not in done]
+    # Seeds in order (a stopped run has whole seeds), each seed's DP cells first (the
+    # slowest: the pool does not end on one long cell).
+    todo.sort(key=lambda c: (c["seed"], not c.get("dp"), c["dataset"] != "digits"))
+    t0 = time.monotonic()
+    if jobs <= 1:
+        it = map(_run, todo)
+    else:
+        pool = ProcessPoolExecutor(jobs)
+        it = pool.map(_run, todo)
+    try:
+        for i, cell in enumerate(it, 1):
+            results.append(cell)
+            if cache is not None:
+                with open(cache, "a") as fh:
+                    fh.write(json.dumps(cell, sort_keys=True, default=str) + "\n")
+            if progress:
+                print(f"  [{i}/{len(todo)} {time.monotonic() - t0:6.0f}s] {cell['dataset']} "
+                      f"{cell['rule']} f={cell['f']} {cell['attack'] or 'clean'}"
+                      f"{' dp' if cell['dp'] else ''} seed {cell['seed']}: "
+                      f"{cell['mean']:.4f} ({cell['seconds']:.1f}s)"
+                      + (f" CRASH {cell['crash']}" if "crash" in cell else ""),
+                      file=sys.stderr, flush=True)
+    finally:
+        if jobs > 1:
+            pool.shutdown()
+    return results
+
+
+def _mean(xs: list[float]) -> float:
+    return float(sum(xs) / len(xs)) if xs and all(map(math.isfinite, xs)) else float("nan")
+
+
+def summarize(results: list[dict[str, Any]], rules: list[str], attacks: list[str]) -> dict:
+    """Per dataset: the clean plain-mean reference per seed, and per (column, rule) the
+    honest mean averaged over the seeds that ran, with its loss against the reference
+    of the same seeds."""
+    from node.rules import DEFAULT_RULE, resolve_rule
+
+    out: dict[str, Any] = {}
+    for ds in sorted({r["dataset"] for r in results}):
+        rs = [r for r in results if r["dataset"] == ds]
+        ref = {r["seed"]: r["mean"] for r in rs
+               if r["rule"] == "mean" and r["attack"] is None and not r["dp"]}
+        ref_dp = {r["seed"]: r["mean"] for r in rs
+                  if r["rule"] == "mean" and r["attack"] is None and r["dp"]}
+        table: dict[str, dict[str, Any]] = {}
+        for r in rs:
+            col = ("dp " if r["dp"] else "") + (f"{r['attack']} f={r['f']}" if r["attack"]
+                                                 else "clean")
+            e = table.setdefault(col, {}).setdefault(r["rule"], {"per_seed": {}, "crash": []})
+            e["per_seed"][r["seed"]] = r["mean"]
+            if "crash" in r:
+                e["crash"].append(r["crash"])
+        for col, per_rule in table.items():
+            reference = ref_dp if col.startswith("dp ") else ref
+            for e in per_rule.values():
+                seeds = sorted(e["per_seed"])
+                e["mean"] = _mean([e["per_seed"][s] for s in seeds])
+                e["clean_mean_ref"] = _mean([reference[s] for s in seeds if s in reference])
+                e["loss"] = e["clean_mean_ref"] - e["mean"] \
+                    if math.isfinite(e["mean"]) and math.isfinite(e["clean_mean_ref"]) else None
+                e["seeds"] = seeds
+        metric = next((r["metric"] for r in rs if "metric" in r), None)
+        goals = {}
+        f1 = [c for c in table if c.endswith("f=1") and not c.startswith(("dp ", ABSENT))]
+        f2 = [c for c in table if c.endswith("f=2") and not c.startswith(ABSENT)]
+        for rule in rules:
+            worst1 = [table[c][rule]["loss"] for c in f1 if rule in table[c]]
+            worst2 = [table[c][rule]["loss"] for c in f2 if rule in table[c]]
+            goals[rule] = {
+                "clean_loss": table.get("clean", {}).get(rule, {}).get("loss"),
+                "worst_loss_f1": None if None in worst1 or not worst1 else max(worst1),
+                "worst_loss_f2": None if None in worst2 or not worst2 else max(worst2),
+                "f1_within_goal": bool(worst1) and None not in worst1 and max(worst1) <= GOAL,
+                "f2_within_goal": bool(worst2) and None not in worst2 and max(worst2) <= GOAL,
+            }
+        out[ds] = {"metric": metric, "clean_plain_mean": ref, "clean_plain_mean_dp": ref_dp,
+                   "table": table, "goals": goals}
+    crashes = [r for r in results if "crash" in r]
+    # The rule that survives f = 1 (every attack within the goal on every dataset)
+    # with the least loss on clean data.
+    survivors = [rule for rule in rules if all(
+        out[ds]["goals"][rule]["f1_within_goal"] for ds in out)]
+    best = min(survivors, key=lambda rule: sum(
+        out[ds]["goals"][rule]["clean_loss"] or 0.0 for ds in out), default=None)
+    return {"datasets": out, "crashes": len(crashes), "crashed_cells": crashes,
+            "default_rule": resolve_rule(DEFAULT_RULE, 8), "best_rule_f1": best, "survivors_f1": survivors,
+            "goal": GOAL}
+
+
+def print_table(summary: dict, rules: list[str], attacks: list[str]) -> None:
+    for ds, d in summary["datasets"].items():
+        ref = d["clean_plain_mean"]
+        print(f"\n{ds}: honest members' mean {d['metric']} (loss vs the clean plain mean "
+              f"{_mean(list(ref.values())):.4f} in brackets; seeds as listed in the JSON)")
+        cols = ["clean"] + [f"{a} f={f}" for f in (1, 2) for a in [ABSENT, *attacks]] + \
+            ["dp clean"] + [f"dp {a} f=1" for a in attacks]
+        cols = [c for c in cols if c in d["table"]]
+        for chunk in (cols[:8], cols[8:15], cols[15:]):
+            if not chunk:
+                continue
+            print(f"  {'rule':<18}" + "".join(f"{c:>20}" for c in chunk))
+            for rule in rules:
+                row = f"  {rule:<18}"
+                for c in chunk:
+                    e = d["table"][c].get(rule)
+                    if e is None:
+                        row += f"{'-':>20}"
+                    elif e["crash"]:
+                        row += f"{'CRASH':>20}"
+                    else:
+                        loss = e["loss"]
+                        row += f"{e['mean']:>11.4f} ({'  nan ' if loss is None else f'{loss:+.3f}'})"
+                print(row)
+    print(f"\ncrashed cells: {summary['crashes']}; default rule {summary['default_rule']}; "
+          f"rules within {summary['goal']} at f=1 for every attack: "
+          f"{', '.join(summary['survivors_f1']) or 'none'}; of those the least clean loss: "
+          f"{summary['best_rule_f1']}")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--grid", choices=["reduced", "full"], default="reduced")
+    p.add_argument("--datasets", default=",".join(DATASETS))
+    p.add_argument("--rules", default=",".join(RULES))
+    p.add_argument("--attacks", default=",".join(ATTACKS))
+    p.add_argument("--f", default="1,2", help="attacker counts (comma-separated)")
+    p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--rounds", type=int, default=30)
+    p.add_argument("--nodes", type=int, default=8)
+    p.add_argument("--no-dp", dest="dp", action="store_false",
+                   help=f"leave out the record-DP (ε = {DP_EPSILON:g}) column")
+    p.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
+    p.add_argument("--out", default=str(ROOT / "runs" / "bench" / "robust.json"))
+    p.add_argument("--cache", default=str(ROOT / "runs" / "bench" / "robust-cells.jsonl"),
+                   help="finished cells, one JSON line each; a rerun skips them ('' : none)")
+    args = p.parse_args(argv)
+    args.datasets = args.datasets.split(",")
+    args.rules = args.rules.split(",")
+    args.attacks = args.attacks.split(",")
+    args.f = [int(x) for x in args.f.split(",")]
+    for a in args.attacks:
+        if a not in ATTACKS:
+            p.error(f"--attacks: {a!r}: choose from {', '.join(ATTACKS)}")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    cells = grid(args)
+    print(f"bench_robust: {len(cells)} cells ({args.grid} grid), {args.nodes} members, "
+          f"dirichlet 0.5, {args.rounds} rounds, {args.jobs} jobs", file=sys.stderr)
+    t0 = time.monotonic()
+    cache = Path(args.cache) if args.cache else None
+    if cache is not None:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+    results = run_grid(cells, args.rounds, args.jobs, args.nodes, cache=cache)
+    summary = summarize(results, args.rules, args.attacks)
+    summary["config"] = {
+        "grid": args.grid, "datasets": args.datasets, "rules": args.rules,
+        "attacks": {a: list(ATTACKS[a]) for a in args.attacks}, "f": args.f,
+        "seeds": args.seeds, "rounds": args.rounds, "members": args.nodes,
+        "partition": "dirichlet:0.5", "attackers": "the last f members by name",
+        "dp": {"mode": "record", "epsilon": DP_EPSILON, "weight": "uniform"} if args.dp
+        else None,
+        "reduction": None if args.grid == "full" else
+        "clean and f=1 cells: every seed; f=2 cells and the DP column: the first seed only; "
+        "DP on digits: mean and the default rule only",
+    }
+    summary["seconds"] = round(time.monotonic() - t0, 1)
+    summary["cells"] = results
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    text = json.dumps(summary, indent=2, sort_keys=True, default=str)
+    out.write_text(text + "\n")
+    # stdout: the summary without the per-cell records (those are in the file)
+    print(json.dumps({k: v for k, v in summary.items() if k != "cells"}, indent=1,
+                     sort_keys=True, default=str))
+    print_table(summary, args.rules, args.attacks)
+    print(f"\nwrote {out} ({summary['seconds']:.0f} s)")
+    return 1 if summary["crashes"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
