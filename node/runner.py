@@ -19,8 +19,9 @@ import dataclasses
 import logging
 import time
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -397,8 +398,8 @@ class Node:
                 try:
                     if self.book.current < self.cfg.training.rounds:
                         await self._rotate_prekeys(self.book.current, announce=True)
-                        await self._broadcast(self.book.current, self._sign(
-                            KIND_HELLO, self.book.current, HELLO_ASK))
+                        await self._in_background(self._broadcast(self.book.current, self._sign(
+                            KIND_HELLO, self.book.current, HELLO_ASK)), "hello")
                         await self._await_start()
                     while self.book.current < self.cfg.training.rounds:
                         report = await self._round()
@@ -533,7 +534,9 @@ class Node:
         if self.cfg.attack is not None and data is not None:
             await self._attack_send(r, data)
         elif data is not None:
-            await self._broadcast(r, data)
+            # Not awaited here: a member that is down must not hold up collecting the
+            # others' shares (a send waits for a connection to it once).
+            await self._in_background(self._broadcast(r, data), f"share-{r}")
         ignorable_before = set(self._ignorable())
         await self._collect(r, deadline=self._deadline)
         self._note_absent(r)
@@ -774,7 +777,7 @@ class Node:
             messages = self._attack_prekeys(announce)
         packed = [self._sign(KIND_PREKEY, r, body) for body in messages]
         self._announcement = packed[0]
-        await self._broadcast(r, packed[-1])
+        await self._in_background(self._broadcast(r, packed[-1]), f"prekeys-{r}")
 
     def _answer_hello(self, member: str, where: str) -> None:
         """A member has just (re)started: send it our prekeys (its prekey hello) or our
@@ -793,6 +796,14 @@ class Node:
         if self._tg is not None:  # owned and awaited by the run's TaskGroup
             self._tg.create_task(self._send(member, data),
                                  name=f"{self.name}-hello-reply-{member}")
+
+    async def _in_background(self, coro: Coroutine[Any, Any, None], what: str) -> None:
+        """Hand a send to the run's TaskGroup (which awaits it, or cancels it with the
+        run) and go on; outside a run (a test driving one step) it is simply awaited."""
+        if self._tg is not None:
+            self._tg.create_task(coro, name=f"{self.name}-{what}")
+        else:
+            await coro
 
     async def _await_start(self) -> None:
         """Before our first round: wait for `gossip.min_members` (if set), and, after a

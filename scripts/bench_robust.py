@@ -92,7 +92,9 @@ def run_cell(dataset: str, rule: str, f: int, attack: str | None, seed: int, rou
     from node.train import evaluate, metric_name
 
     torch.set_num_threads(1)
-    logging.getLogger("flnode").setLevel(logging.CRITICAL)
+    quiet = logging.getLogger("flnode")
+    level = quiet.level  # restored below: a test calling this in-process keeps its logs
+    quiet.setLevel(logging.CRITICAL)
     out = Path(tempfile.mkdtemp(prefix="robust-", dir=workdir))
     t0 = time.perf_counter()
     cell: dict[str, Any] = {"dataset": dataset, "rule": rule, "f": f, "attack": attack,
@@ -129,6 +131,7 @@ def run_cell(dataset: str, rule: str, f: int, attack: str | None, seed: int, rou
         cell.update(crash=f"{type(exc).__name__}: {exc}"[:500], mean=float("nan"))
     finally:
         shutil.rmtree(out, ignore_errors=True)
+        quiet.setLevel(level)
     cell["seconds"] = round(time.perf_counter() - t0, 2)
     return cell
 

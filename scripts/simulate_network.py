@@ -228,6 +228,12 @@ def fault_fields_or_exit(args: argparse.Namespace) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
+    import torch
+
+    # The baselines train here: with torch's default two threads and other work on the
+    # 2 cores, its spinning threads took minutes instead of seconds (one thread: ~3-15x
+    # faster for these models, ../shared/FACTS.md).
+    torch.set_num_threads(1)
     args = parse_args(argv)
     console = make_console()
     spec = SimulationSpec(
