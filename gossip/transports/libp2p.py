@@ -301,6 +301,9 @@ class Libp2pTransport(Transport):
         # (or the member) makes a connection, sends to them fail at once instead of
         # waiting again, so a member that is down does not cost every round a wait.
         self._unreachable: set[Any] = set()
+        # When the current wait for a connection to a member ends (trio clock): every
+        # send to it while one is waiting shares that one wait, not a fresh one each.
+        self._connect_by: dict[Any, float] = {}
         self.reserved: Counter[str] = Counter()  # member -> declared bytes admitted
         self.reserved_total = 0
         self.buffered = 0  # body bytes received and held by unfinished transfers
@@ -714,6 +717,7 @@ class Libp2pTransport(Transport):
         while True:
             if self.host.get_network().get_connections(peer_id):
                 self._unreachable.discard(peer_id)
+                self._connect_by.pop(peer_id, None)
                 backoff = DIAL_BACKOFF_MIN_S
                 await trio.sleep(0.5)
                 continue
@@ -736,14 +740,18 @@ class Libp2pTransport(Transport):
         if peer_id in self._unreachable and not network.get_connections(peer_id):
             raise SwarmException("not connected, and the last send already waited "
                                  f"{CONNECT_WAIT_S:g} s for it in vain (still dialling)")
-        with trio.move_on_after(CONNECT_WAIT_S):
-            while not network.get_connections(peer_id):
-                await trio.sleep(0.05)
+        if not network.get_connections(peer_id):
+            until = self._connect_by.setdefault(peer_id, trio.current_time() + CONNECT_WAIT_S)
+            with trio.move_on_at(until):
+                while not network.get_connections(peer_id):
+                    await trio.sleep(0.05)
         if not network.get_connections(peer_id):
             self._unreachable.add(peer_id)
+            self._connect_by.pop(peer_id, None)
             network.unblock_peer(peer_id)  # dial now, negative cache or not
         else:
             self._unreachable.discard(peer_id)
+            self._connect_by.pop(peer_id, None)
         with trio.fail_after(transfer_timeout(len(data))):
             stream = await self.host.new_stream(peer_id, [SHARE_PROTOCOL])
             try:
