@@ -172,13 +172,15 @@ class Ledger:
         data = self.path.read_bytes()
         lines = data.split(b"\n")
         records: list[LedgerRecord] = []
-        glued = False
+        glued = unterminated = False
         for i, line in enumerate(lines):
             if not line.strip():
                 continue
             rec = _parse_record(line)
             if rec is not None:
                 records.append(rec)
+                # Only a file that does not end in a newline has a non-empty last part.
+                unterminated = i == len(lines) - 1
                 continue
             if i == len(lines) - 1:
                 # A torn last line (no newline after it): never fsync'd, never released.
@@ -201,8 +203,7 @@ class Ledger:
                 f"{len(kept)} whole record(s) appended onto it; kept and counted those")
         if glued and self.repair:
             self._rewrite(data, records)
-        elif self.repair and data and not data.endswith(b"\n") and lines[-1].strip() \
-                and records and _parse_record(lines[-1]) is not None:
+        elif self.repair and unterminated:
             append_durable(self.path, b"\n")  # a whole last record: the next one goes below
         return records
 

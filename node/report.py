@@ -111,15 +111,11 @@ def print_summary(summary: dict, out: Path, console: Console | None = None) -> N
                           f"{n} {s:.3f}" for n, s in eps["noise_multiplier_per_node"].items()
                           if s is not None)
                       + f"; share weight: {eps['weight']}")
-    rules = summary.get("rules") or {}
-    if rules:
-        from node.rules import default_cap, default_f
-
-        n = summary["nodes"]
-        f = rules.get("f", default_f(n))
-        cap = rules.get("max_weight_fraction", default_cap(n))
+    agg = summary.get("aggregation")  # what the consortium's [rules] resolve to
+    if agg:
+        cap = agg.get("max_weight_fraction")
         console.print("  aggregation (the consortium's \\[rules]): "
-                      f"{rules['aggregation']}, f = {f}"
+                      f"{agg['rule']}, f = {agg['f']}"
                       + (f", no member above {cap:g} of the weight" if cap else ""))
     console.print(f"  consortium − centralized: {co - summary['centralized']:+.4f}; "
                   f"wrote {out / 'summary.json'} and {out / 'accuracy.png'}")

@@ -37,6 +37,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from gossip.errors import LocalError
 from gossip.membership import Consortium
 from node.strategy import Strategy, make_strategy
+from node.strategy.registry import canonical
 
 DEFAULT_RULE = "auto"
 
@@ -60,7 +61,11 @@ class ConsortiumRules(BaseModel):
     params: dict[str, Any] = Field(default_factory=dict)
 
 
-def default_f(members: int) -> int:
+def default_f(members: int, rule: str = DEFAULT_RULE) -> int:
+    """f when the [rules] do not say: 0 for the plain mean (it survives nobody) and below
+    three members (two cannot outvote one), else 1."""
+    if rule != DEFAULT_RULE and canonical(rule) == "mean":
+        return 0
     return 1 if members >= 3 else 0
 
 
@@ -94,8 +99,7 @@ def build_strategy(consortium: Consortium, node_rule: str | None, privacy_mode: 
     rules = parse_rules(consortium, source)
     if rules is None:
         name = node_rule or "mean"
-        params: dict[str, Any] = {"f": 0} if name in ("mean", "fedavg", "weighted_mean") else \
-            {"f": default_f(n)}
+        params: dict[str, Any] = {"f": default_f(n, name)}
         return AgreedStrategy(make_strategy(name, members=n, **params), {"rule": name, **params},
                               False)
     aggregation = resolve_rule(rules.aggregation, n)
@@ -108,12 +112,12 @@ def build_strategy(consortium: Consortium, node_rule: str | None, privacy_mode: 
                          f"{rules.privacy_mode!r}")
     if rules.clip is not None and privacy_mode != "off" and rules.clip != clip:
         raise LocalError(f"privacy.clip = {clip:g} but the consortium's rules say {rules.clip:g}")
-    params = {"f": rules.f if rules.f is not None else
-              (0 if aggregation == "mean" else default_f(n)),
-              "max_weight_fraction": (rules.max_weight_fraction
-                                      if rules.max_weight_fraction is not None else default_cap(n)),
-              "max_weight": rules.max_weight, **rules.params}
     try:
+        params = {"f": rules.f if rules.f is not None else default_f(n, aggregation),
+                  "max_weight_fraction": (rules.max_weight_fraction
+                                          if rules.max_weight_fraction is not None
+                                          else default_cap(n)),
+                  "max_weight": rules.max_weight, **rules.params}
         strategy = make_strategy(aggregation, members=n, **params)
     except LocalError as exc:
         raise LocalError(f"{source}: [rules]: {exc}") from None

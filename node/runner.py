@@ -299,10 +299,7 @@ class Node:
             retired=sorted({m.name for m in self.consortium.members} - {self.name}
                            - self.book.neighbours),
         ))
-        if not self.cfg.keep_releases:
-            self.state.prune_outbox(self.book.current)
-        else:
-            self.state.prune_plain_bodies(self.book.current)
+        self.state.prune_outbox(self.book.current, self.cfg.keep_releases)
 
     # --- receiving ---------------------------------------------------------------
     async def _receive(self) -> None:
@@ -748,11 +745,7 @@ class Node:
                 self._silent.update(missing)
             if not set(missing) - self._silent or remaining <= 0:
                 return recipients, missing
-            try:
-                async with asyncio.timeout(remaining):
-                    await self._arrived.wait()
-            except TimeoutError:
-                pass
+            await self._wait_arrival(remaining)
 
     async def _rotate_prekeys(self, r: int, announce: bool = False) -> None:
         """Hold prekeys for the epochs round r may need, delete older ones, and tell the
@@ -832,11 +825,7 @@ class Node:
                             ", ".join(sorted(self._up & self.book.neighbours)) or "none")
             wait = (deadline if up < majority and now < deadline else reported +
                     g.round_deadline_s) - now
-            try:
-                async with asyncio.timeout(max(wait, 0.01)):
-                    await self._arrived.wait()
-            except TimeoutError:
-                pass
+            await self._wait_arrival(max(wait, 0.01))
         ahead = self.book.quorum_round()
         if ahead > self.book.current:
             log.warning("%s: the others are at round %d; joining them there (rounds %d-%d "
@@ -944,13 +933,18 @@ class Node:
             if self.book.complete(r, ignore=self._ignorable()):
                 return
             remaining = deadline - loop.time()
-            if remaining <= 0:
+            if remaining <= 0 or not await self._wait_arrival(remaining):
                 return
-            try:
-                async with asyncio.timeout(remaining):
-                    await self._arrived.wait()
-            except TimeoutError:
-                return
+
+    async def _wait_arrival(self, seconds: float) -> bool:
+        """Until handle() files something (the caller cleared `_arrived` before it last
+        looked), at most `seconds`; False if the time ran out."""
+        try:
+            async with asyncio.timeout(seconds):
+                await self._arrived.wait()
+        except TimeoutError:
+            return False
+        return True
 
     def rejected(self) -> dict[str, int]:
         """Rejections by reason: ours (envelope, round book) plus the transport's refusals."""

@@ -395,6 +395,8 @@ def summarize(spec: SimulationSpec, prep: Prepared, results: list[MemberResult],
         "transport": spec.transport,
         "seal": spec.seal,
         "rules": dict(prep.consortium.rules),
+        # The rule, f and caps every member applied (the [rules] with defaults filled in).
+        "aggregation": build_strategy(prep.consortium, None, spec.privacy, spec.clip).params,
         "consortium_id": prep.consortium.id.hex(),
         "rows": {name: int(len(prep.train_parts[i][1])) for i, name in enumerate(prep.names)},
         "test_rows": int(len(prep.test[1])),

@@ -191,12 +191,13 @@ class StateDir:
         p = self.outbox_path(round_)
         return p.read_bytes() if p.exists() else None
 
-    def prune_outbox(self, before_round: int) -> None:
+    def prune_outbox(self, before_round: int, keep_releases: bool = False) -> None:
         """What a restart needs is the release of the round it resumes at (re-sent byte
         for byte); the ledger already holds every release's digest for an audit. So a
-        closed round's `.env` and `.body` (our own plaintext share) are unlinked."""
+        closed round's `.env` and `.body` (our own plaintext share) are unlinked; with
+        `keep_releases` the `.env` files stay and only the plaintext goes."""
         gone = False
-        for p in (self.path / "outbox").glob("round-*.*"):
+        for p in (self.path / "outbox").glob("round-*.body" if keep_releases else "round-*.*"):
             try:
                 r = int(p.name.split(".")[0].removeprefix("round-"))
             except ValueError:
@@ -206,13 +207,6 @@ class StateDir:
                 gone = True
         if gone:
             fsync_dir(self.path / "outbox")
-
-    def prune_plain_bodies(self, before_round: int) -> None:
-        """With every release kept (keep_releases), still unlink our closed rounds'
-        plaintext shares: only a restart in that round needs them."""
-        for p in (self.path / "outbox").glob("round-*.body"):
-            if int(p.name.split(".")[0].removeprefix("round-")) < before_round:
-                p.unlink()
 
     def stored_plain_body(self, round_: int) -> bytes:
         p = self.outbox_path(round_).with_suffix(".body")

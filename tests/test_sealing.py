@@ -234,7 +234,7 @@ def test_a_restarted_sealing_node_resends_its_sealed_release_byte_for_byte(tmp_p
     prep = prepare(spec)
 
     def killed_before_the_prune(node):  # the kill comes after round 2's release
-        node.state.prune_outbox = lambda before_round: None
+        node.state.prune_outbox = lambda before_round, keep_releases=False: None
 
     first = asyncio.run(run_nodes(prep, TapHub(), "on", spy=killed_before_the_prune))
     stored = first[0].state.stored_release(2)
