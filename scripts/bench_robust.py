@@ -25,11 +25,13 @@ clean plain mean with the same DP). `absent f=F` (plain mean, the F would-be
 attackers never start) separates the loss of their data from the harm of their
 shares: no rule can win back what only the attackers held.
 
-The full grid (2 datasets x 6 rules x (1 + 6 x 2 + 7 DP) cells x 3 seeds) takes
+The full grid (2 datasets x 7 rules x (1 + 6 x 2 + 7 DP) cells x 3 seeds) takes
 hours on 2 cores; `--grid reduced` (the default) is what fits in 30 minutes, and the
 JSON says exactly what ran: f = 1 and clean cells with every seed, f = 2 cells with
-the first seed, the DP column with the first seed (on `digits`, DP cells for `mean`
-and the default rule only: DP-SGD there is 10x slower than plain training).
+the first seed, the DP column with the first seed for `mean` and the default rule
+only (DP-SGD is 5-10x slower than plain training). The plain mean's scale and huge
+cells wait out the round deadline every round (its members' training diverges and
+they release nothing): ~35 s each, ~150 s with DP.
 Cells run in `--jobs` processes. Writes runs/bench/robust.json and prints it
 and a table.
 
@@ -37,6 +39,12 @@ and a table.
     .venv/bin/python scripts/bench_robust.py --grid full
     .venv/bin/python scripts/bench_robust.py --datasets digits --rules mean,median \\
         --attacks sign-flip --seeds 1 --rounds 5             # a small run
+    .venv/bin/python scripts/bench_robust.py --f 2 --seeds 1 \\
+        --rules 'mean,centered_clipping[weighting=declared],multi_krum[m=4]'
+
+A rule is a name, or a configuration `NAME[KEY=VALUE;KEY=VALUE]` with the rule's
+parameters (node.strategy.rule_params; `none` for None); its label in the JSON is
+the text as given. The consortium's weight cap (max(2/n, 0.25)) applies to all.
 """
 
 from __future__ import annotations
@@ -58,8 +66,8 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-RULES = ("mean", "median", "trimmed_mean", "multi_krum", "centered_clipping",
-         "norm_bounded_mean")
+RULES = ("mean", "median", "trimmed_mean", "multi_krum", "multi_krum_staged",
+         "centered_clipping", "norm_bounded_mean")
 SIGN_FLIP_K = 4
 # bench name -> the --attack kinds (KIND[=PARAM]) each attacker uses
 ATTACKS: dict[str, tuple[str, ...]] = {
@@ -77,9 +85,52 @@ ABSENT = "absent"
 DP_EPSILON = 3.0
 GOAL = 0.02  # absolute: honest mean within this of the clean plain mean
 # Shares arrive at once in process; the deadline only matters when a member releases
-# nothing (its training diverged after a poisoned round): a short one keeps such a
-# cell from costing minutes.
-DEADLINE_S = 10.0
+# nothing (its training diverged after a poisoned round: the plain mean under scale or
+# huge, every round): a short one keeps such a cell from costing minutes. It must
+# exceed one round of all members' training in one process: ~0.2 s plain (3 s), under
+# 1 s with DP-SGD (5 s), with room for a loaded machine.
+DEADLINE_S = 3.0
+DEADLINE_DP_S = 5.0
+
+
+def parse_rule(label: str) -> tuple[str, dict[str, Any]]:
+    """`NAME` or `NAME[KEY=VALUE;...]` -> (name, params); values are int, float, none
+    or text. Raises ValueError naming what is wrong."""
+    name, _, rest = label.partition("[")
+    params: dict[str, Any] = {}
+    if rest:
+        if not rest.endswith("]"):
+            raise ValueError(f"rule {label!r}: a configuration ends with ']'")
+        for item in filter(None, rest[:-1].split(";")):
+            key, eq, value = item.partition("=")
+            if not eq or not key.strip():
+                raise ValueError(f"rule {label!r}: {item!r} is not KEY=VALUE")
+            params[key.strip()] = _value(value.strip())
+    return name.strip(), params
+
+
+def _value(text: str) -> Any:
+    if text.lower() == "none":
+        return None
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
+
+
+def split_rules(text: str) -> list[str]:
+    """Comma-separated rules; commas inside [...] do not split."""
+    out, depth, cur = [], 0, ""
+    for ch in text:
+        depth += (ch == "[") - (ch == "]")
+        if ch == "," and depth == 0:
+            out.append(cur)
+            cur = ""
+        else:
+            cur += ch
+    return [r.strip() for r in [*out, cur] if r.strip()]
 
 
 def run_cell(dataset: str, rule: str, f: int, attack: str | None, seed: int, rounds: int,
@@ -101,9 +152,11 @@ def run_cell(dataset: str, rule: str, f: int, attack: str | None, seed: int, rou
                             "seed": seed, "rounds": rounds, "dp": dp, "nodes": nodes,
                             "partition": partition}
     try:
+        name, params = parse_rule(rule)
         base = dict(dataset=dataset, nodes=nodes, partition=partition, rounds=rounds,
-                    seed=seed, out=out, aggregation=rule, f=0 if rule == "mean" else f,
-                    round_deadline_s=DEADLINE_S)
+                    seed=seed, out=out, aggregation=name, f=0 if name == "mean" else f,
+                    aggregation_params=params,
+                    round_deadline_s=DEADLINE_DP_S if dp else DEADLINE_S)
         if dp:
             base.update(privacy="record", epsilon=DP_EPSILON, sigma=None, weight="uniform")
         names = member_names(SimulationSpec(**base))
@@ -166,12 +219,13 @@ def grid(args: argparse.Namespace) -> list[dict[str, Any]]:
                     cells.append(dict(dataset=ds, rule="mean", f=f, attack=ABSENT, seed=seed))
             for rule in args.rules:
                 cells.append(dict(dataset=ds, rule=rule, f=1, attack=None, seed=seed))
+                if rule == "mean" and args.mean_reference_only:
+                    continue
                 for attack in args.attacks:
                     cells.append(dict(dataset=ds, rule=rule, f=1, attack=attack, seed=seed))
                     if (full or first) and 2 in args.f:
                         cells.append(dict(dataset=ds, rule=rule, f=2, attack=attack, seed=seed))
-                if args.dp and (full or first) and (
-                        full or ds != "digits" or rule in ("mean", default)):
+                if args.dp and (full or first) and (full or rule in ("mean", default)):
                     cells.append(dict(dataset=ds, rule=rule, f=1, attack=None, seed=seed,
                                       dp=True))
                     for attack in args.attacks:
@@ -333,12 +387,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--grid", choices=["reduced", "full"], default="reduced")
     p.add_argument("--datasets", default=",".join(DATASETS))
-    p.add_argument("--rules", default=",".join(RULES))
+    p.add_argument("--rules", default=",".join(RULES),
+                   help="comma-separated rules, each NAME or NAME[KEY=VALUE;...] with the "
+                        "rule's parameters, e.g. 'mean,multi_krum[score=staged;m=5]'")
     p.add_argument("--attacks", default=",".join(ATTACKS))
     p.add_argument("--f", default="1,2", help="attacker counts (comma-separated)")
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--rounds", type=int, default=30)
     p.add_argument("--nodes", type=int, default=8)
+    p.add_argument("--mean-reference-only", action="store_true",
+                   help="run the plain mean clean (the reference) but under no attack: its "
+                        "failures are then not shown (a partial run; a plain mean owned by "
+                        "a non-finite share waits out the round deadline every round)")
     p.add_argument("--no-dp", dest="dp", action="store_false",
                    help=f"leave out the record-DP (ε = {DP_EPSILON:g}) column")
     p.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
@@ -347,12 +407,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="finished cells, one JSON line each; a rerun skips them ('' : none)")
     args = p.parse_args(argv)
     args.datasets = args.datasets.split(",")
-    args.rules = args.rules.split(",")
+    args.rules = split_rules(args.rules)
     args.attacks = args.attacks.split(",")
     args.f = [int(x) for x in args.f.split(",")]
     for a in args.attacks:
         if a not in ATTACKS:
             p.error(f"--attacks: {a!r}: choose from {', '.join(ATTACKS)}")
+    from node.strategy import StrategyError, check_strategy
+    for rule in args.rules:
+        try:
+            name, params = parse_rule(rule)
+            for f in args.f:
+                check_strategy(name, {"f": 0 if name == "mean" else f, **params}, args.nodes)
+        except (ValueError, StrategyError) as exc:
+            p.error(f"--rules: {exc}")
     return args
 
 
@@ -371,12 +439,13 @@ def main(argv: list[str] | None = None) -> int:
         "grid": args.grid, "datasets": args.datasets, "rules": args.rules,
         "attacks": {a: list(ATTACKS[a]) for a in args.attacks}, "f": args.f,
         "seeds": args.seeds, "rounds": args.rounds, "members": args.nodes,
+        "mean_reference_only": args.mean_reference_only,
         "partition": "dirichlet:0.5", "attackers": "the last f members by name",
         "dp": {"mode": "record", "epsilon": DP_EPSILON, "weight": "uniform"} if args.dp
         else None,
         "reduction": None if args.grid == "full" else
         "clean and f=1 cells: every seed; f=2 cells and the DP column: the first seed only; "
-        "DP on digits: mean and the default rule only",
+        "the DP column: mean and the default rule only",
     }
     summary["seconds"] = round(time.monotonic() - t0, 1)
     summary["cells"] = results

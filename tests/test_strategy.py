@@ -91,15 +91,18 @@ def update_norm(reference, shares) -> float:
 # -- honest inputs -------------------------------------------------------------
 
 
+DECLARED = {"weighting": "declared"}
+
+
 @pytest.mark.parametrize("name,params", [
     ("mean", {}),
-    ("norm_bounded_mean", {}),
-    ("norm_bounded_mean", {"distance": "reject"}),
+    ("norm_bounded_mean", DECLARED),
+    ("norm_bounded_mean", {"distance": "reject", **DECLARED}),
     ("mean", {"max_weight_fraction": 0.25, "max_weight": 5000.0}),
-    ("norm_bounded_mean", {"max_weight_fraction": 0.25}),
-    ("trimmed_mean", {"f": 0}),
-    ("multi_krum", {"f": 0, "m": N}),
-    ("centered_clipping", {"f": 0}),
+    ("norm_bounded_mean", {"max_weight_fraction": 0.25, **DECLARED}),
+    ("trimmed_mean", {"f": 0, **DECLARED}),
+    ("multi_krum", {"f": 0, "m": N, **DECLARED}),
+    ("centered_clipping", {"f": 0, **DECLARED}),
 ])
 def test_rule_is_weighted_fedavg_on_honest_shares(name, params):
     reference, shares = honest_round()
@@ -108,6 +111,58 @@ def test_rule_is_weighted_fedavg_on_honest_shares(name, params):
     assert not result.excluded and not result.clipped and not result.weight_capped
     assert result.fallbacks == []
     assert sum(result.weights.values()) == pytest.approx(1.0)
+    assert result.weighting == "declared" and result.to_json()["weighting"] == "declared"
+
+
+def plain_average(shares: dict[str, WeightedShare]) -> torch.Tensor:
+    return (sum(s.vector.double() for s in shares.values()) / len(shares)).float()
+
+
+@pytest.mark.parametrize("name,params", [
+    ("mean", {"weighting": "equal"}),
+    ("norm_bounded_mean", {}),
+    ("trimmed_mean", {"f": 0}),
+    ("multi_krum", {"f": 0, "m": N}),
+    ("centered_clipping", {"f": 0}),
+])
+def test_equal_weighting_is_the_plain_average_and_is_the_robust_rules_default(name, params):
+    reference, shares = honest_round()
+    result = run(make_strategy(name, members=N, **params), shares, reference)
+    assert not torch.allclose(fedavg(shares), plain_average(shares), atol=1e-4)  # it matters here
+    assert torch.allclose(result.vector, plain_average(shares), atol=1e-5)
+    assert result.weights == {m: pytest.approx(1 / N) for m in shares}
+    assert result.weighting == "equal" and result.to_json()["weighting"] == "equal"
+    assert not result.weight_capped
+
+
+@pytest.mark.parametrize("name", ["norm_bounded_mean", "trimmed_mean", "multi_krum",
+                                  "centered_clipping"])
+def test_equal_weighting_ignores_a_declared_weight_of_1e12(name):
+    """The same shares with the attacker declaring 1e12 or its honest row count give
+    the same vector: under equal weighting a declared weight buys nothing. Under the
+    capped declared weights it does buy the cap (shown for contrast)."""
+    reference, shares = honest_round()
+    pulled = {**shares, ATTACKER: WeightedShare(ATTACKER, shares[ATTACKER].weight,
+                                                reference - 3 * (shares[ATTACKER].vector - reference))}
+    giant = {**pulled, ATTACKER: WeightedShare(ATTACKER, 1e12, pulled[ATTACKER].vector)}
+    params = {"f": 1, "max_weight_fraction": 0.25}
+    if name == "multi_krum":
+        params["m"] = N  # keep the attacker in, so its weight would matter
+    equal = [run(make_strategy(name, members=N, **params), s, reference) for s in (pulled, giant)]
+    assert torch.equal(equal[0].vector, equal[1].vector)
+    assert equal[1].weights[ATTACKER] == pytest.approx(1 / N) and not equal[1].weight_capped
+    declared = run(make_strategy(name, members=N, weighting="declared", **params), giant, reference)
+    assert declared.weighting == "declared" and ATTACKER in declared.weight_capped
+    assert not torch.allclose(declared.vector, equal[1].vector, atol=1e-4)
+
+
+def test_weighting_is_checked_by_name():
+    with pytest.raises(StrategyError, match="weighting = 'rows': choose one of declared, equal"):
+        make_strategy("centered_clipping", weighting="rows")
+    with pytest.raises(StrategyError, match="median.*counts every share once"):
+        make_strategy("median", weighting="declared")
+    assert rule_params("mean")["weighting"] == "declared"
+    assert {rule_params(r)["weighting"] for r in STRATEGIES if r != "mean"} == {"equal"}
 
 
 @pytest.mark.parametrize("name,params", ROBUST.items())
@@ -387,7 +442,7 @@ def test_state_of_another_rule_carries_nothing_over_and_garbage_is_refused():
 
 def test_diagnostics_are_strict_json():
     reference, shares = honest_round()
-    result = run(make_strategy("norm_bounded_mean", max_weight_fraction=0.25),
+    result = run(make_strategy("norm_bounded_mean", max_weight_fraction=0.25, weighting="declared"),
                  attacked("weight", reference, shares), reference, missing=("m9",))
     text = json.dumps(result.to_json(), allow_nan=False)
     back = json.loads(text)
@@ -452,3 +507,85 @@ def test_centering_without_a_reference_is_recorded():
     _, shares = honest_round()
     result = run(make_strategy("centered_clipping"), shares, None)
     assert result.fallback == "no_reference"
+
+
+# -- multi-Krum scores -----------------------------------------------------------
+
+
+def heterogeneous_round(seed: int = 0, d: int = D):
+    """Members with more rows take more local steps: honest updates share a direction
+    but differ 3x in length. Two small hostile updates point elsewhere (as a
+    label-flipper's do): the largest honest members are the distance outliers."""
+    g = torch.Generator().manual_seed(seed)
+    reference = torch.randn(d, generator=g)
+    common = torch.randn(d, generator=g)
+
+    def unit(x):
+        return x / torch.linalg.vector_norm(x)
+
+    lengths = [0.2, 0.2, 0.3, 0.4, 0.55, 0.6]
+    shares = {f"m{i}": WeightedShare(f"m{i}", 100.0, reference + n * unit(
+        common + 0.8 * torch.randn(d, generator=g))) for i, n in enumerate(lengths)}
+    elsewhere = torch.randn(d, generator=g)
+    for m in ("m6", "m7"):
+        shares[m] = WeightedShare(m, 100.0, reference + 0.2 * unit(
+            elsewhere + 0.8 * torch.randn(d, generator=g)))
+    return reference, shares
+
+
+def test_krum_by_distance_leaves_out_large_honest_updates_staged_leaves_out_the_odd_directions():
+    reference, shares = heterogeneous_round()
+    hostile = {"m6", "m7"}
+    by_distance = run(make_strategy("multi_krum", members=N, f=2), shares, reference)
+    assert set(by_distance.excluded) != hostile and set(by_distance.excluded) & {"m4", "m5"}
+    staged = run(make_strategy("multi_krum", members=N, f=2, score="staged"), shares, reference)
+    assert set(staged.excluded) == hostile
+    assert {n.reason for n in staged.excluded.values()} == {"krum_not_selected"}
+    assert "direction score" in staged.excluded["m6"].detail
+
+
+def test_staged_krum_puts_magnitude_outliers_first_with_their_own_reason():
+    reference, shares = heterogeneous_round()
+    u = shares["m7"].vector - reference
+    shares["m7"] = WeightedShare("m7", 100.0, reference - 1000 * u)  # far, and hostile
+    result = run(make_strategy("multi_krum", members=N, f=2, score="staged"), shares, reference)
+    assert result.excluded["m7"].reason == "krum_far"
+    assert result.excluded["m6"].reason == "krum_not_selected"
+    assert set(result.used) == {f"m{i}" for i in range(6)}
+
+
+def test_krum_by_direction_alone_keeps_a_huge_share_pointing_the_honest_way():
+    """Why "staged" checks size first: a direction has no size."""
+    reference, shares = heterogeneous_round()
+    shares["m7"] = WeightedShare("m7", 100.0, reference + 1e6 * (shares["m5"].vector - reference))
+    direction = run(make_strategy("multi_krum", members=N, f=2, score="direction"), shares,
+                    reference)
+    assert "m7" in direction.used
+    staged = run(make_strategy("multi_krum", members=N, f=2, score="staged"), shares, reference)
+    assert staged.excluded["m7"].reason == "krum_far"
+
+
+def test_staged_krum_gives_the_same_vector_at_every_member():
+    reference, shares = heterogeneous_round()
+    strategy = make_strategy("multi_krum", members=N, f=2, score="staged")
+    vectors = [run(strategy, shares, reference, own=m).vector for m in shares]
+    assert all(torch.equal(v, vectors[0]) for v in vectors)
+
+
+def test_krum_by_direction_without_a_reference_scores_by_distance_and_says_so():
+    _, shares = heterogeneous_round()
+    result = run(make_strategy("multi_krum", members=N, f=2, score="staged"), shares, None)
+    assert "krum_direction_undefined" in [n.reason for n in result.fallbacks]
+    assert len(result.used) == N - 2
+    with pytest.raises(StrategyError, match="score must be one of distance, direction, staged"):
+        make_strategy("multi_krum", score="cosine")
+    with pytest.raises(StrategyError, match="outlier_factor must be a finite number >= 1"):
+        make_strategy("krum", score="staged", outlier_factor=0.5)
+
+
+def test_multi_krum_staged_is_multi_krum_with_the_staged_score():
+    reference, shares = heterogeneous_round()
+    named = run(make_strategy("multi_krum_staged", members=N, f=2), shares, reference)
+    param = run(make_strategy("multi_krum", members=N, f=2, score="staged"), shares, reference)
+    assert torch.equal(named.vector, param.vector) and named.excluded == param.excluded
+    assert named.rule == "multi_krum_staged" and rule_params("multi_krum_staged")["score"] == "staged"

@@ -9,8 +9,14 @@ share unable to hurt are shared, not re-implemented per rule:
    rare; a strategy does not rely on them);
 2. bound (optional per rule, on for `norm_bounded_mean`): a share further from
    `reference` than a bound is clipped to it or rejected (`node/strategy/distance.py`);
-3. combine: the rule itself, with declared weights capped by water-filling
-   (`node/strategy/weights.py`) wherever the rule uses weights at all;
+3. combine: the rule itself. Where a rule weighs shares at all, `weighting`
+   says how: "declared" (each member's declared weight, capped by water-filling,
+   `node/strategy/weights.py`) or "equal" (every admitted share counts once, so a
+   declared weight buys nothing). Only the plain `mean` defaults to "declared"
+   (honest FedAvg is unchanged); every robust rule defaults to "equal", because
+   under "declared" f hostile members each at the cap c hold f x c of the
+   weight (f = 2 at c = 0.25: half) whatever their data. The weighting applied
+   is recorded in the round's diagnostics;
 4. too few shares: below the count the rule needs for its `f`, the result is the
    node's own released share (recorded as a fallback);
 5. never non-finite: a non-finite result is replaced by `reference` (or the own
@@ -75,7 +81,10 @@ class Aggregate:
     - `excluded`, `clipped`, `down_weighted`, `weight_capped`: member -> Note;
     - `fallbacks`: round-level notes (too few shares, infeasible cap, non-finite
       result, no reference to measure distance from), in the order they happened;
-    - `bound`: the distance bound applied this round, if any.
+    - `bound`: the distance bound applied this round, if any;
+    - `weighting`: how the rule weighed the shares: "declared" (capped declared
+      weights), "equal" (declared weights ignored) or None (the rule did not
+      combine shares this round, e.g. a fallback to our own share).
     """
 
     vector: torch.Tensor
@@ -92,6 +101,7 @@ class Aggregate:
     weight_capped: dict[str, Note] = field(default_factory=dict)
     fallbacks: list[Note] = field(default_factory=list)
     bound: DistanceBound | None = None
+    weighting: str | None = None
 
     @property
     def fallback(self) -> str | None:
@@ -110,6 +120,7 @@ class Aggregate:
             "down_weighted": notes(self.down_weighted), "weight_capped": notes(self.weight_capped),
             "fallbacks": [n.to_json() for n in self.fallbacks],
             "bound": None if self.bound is None else self.bound.to_json(),
+            "weighting": self.weighting,
         }
 
 
@@ -149,7 +160,10 @@ COMMON_PARAMS: dict[str, Any] = {
     "distance": "off",            # what to do with a share beyond the distance bound
     "distance_factor": 3.0,       # without DP: bound = factor x median distance
     "distance_tail": 1e-9,        # with DP: P(an honest share exceeds the bound)
+    "weighting": "equal",         # "declared" (capped declared weights) or "equal"
 }
+
+WEIGHTINGS = ("declared", "equal")
 
 
 class Strategy(ABC):
@@ -223,6 +237,12 @@ class Strategy(ABC):
         if p["distance"] not in DISTANCE_ACTIONS:
             raise StrategyError(f"aggregation {self.name!r}: distance = {p['distance']!r}: choose one of "
                                 f"{', '.join(DISTANCE_ACTIONS)}")
+        if p["weighting"] not in WEIGHTINGS:
+            raise StrategyError(f"aggregation {self.name!r}: weighting = {p['weighting']!r}: choose "
+                                f"one of {', '.join(WEIGHTINGS)}")
+        if p["weighting"] == "declared" and not self.uses_weights:
+            raise StrategyError(f"aggregation {self.name!r} counts every share once: weighting must "
+                                "be \"equal\"")
         _num(self.name, "distance_factor", p["distance_factor"], lo=1)
         _num(self.name, "distance_tail", p["distance_tail"], lo=0, lo_open=True, hi=0.5)
 
@@ -347,7 +367,11 @@ class Strategy(ABC):
         return sorted(shares, key=lambda c: c.member)
 
     def weights(self, shares: list[Candidate], result: Aggregate) -> list[float]:
-        """Capped fractions (summing to 1) for these shares; caps are recorded."""
+        """Fractions (summing to 1) for these shares under `weighting`: equal, or the
+        capped declared weights (caps are recorded). The weighting is recorded."""
+        result.weighting = self.params["weighting"]
+        if result.weighting == "equal":
+            return [1.0 / len(shares)] * len(shares)
         fractions, notes, infeasible = cap_weights(
             [c.weight for c in shares], self.params["max_weight_fraction"], self.params["max_weight"])
         for c, note in zip(shares, notes, strict=True):

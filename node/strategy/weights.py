@@ -26,7 +26,10 @@ mean. Two consortium-agreed caps, applied in this order:
 
 The result is bounded influence, not correctness: a capped member still pulls
 the weighted mean by c times its distance from it, which is why the caps go with
-a distance bound or a robust rule, not instead of them.
+a distance bound or a robust rule, not instead of them. And f members each at the
+cap hold f x c together (f = 2, c = 0.25: half), which is why only the plain
+`mean` weighs by declared weight by default; the robust rules count every share
+once (`weighting = "equal"`, `base.py`) unless configured otherwise.
 """
 
 from __future__ import annotations
