@@ -21,21 +21,21 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q -e '.[dev,demo]'
 	touch $(STAMP)
 
-# Four banks on ISLR `Default`, label-skewed (Dirichlet 0.5), update-level DP:
-# four `flnode run` processes gossiping over libp2p on 127.0.0.1.
+# Four banks on ISLR `Default`, label-skewed (Dirichlet 0.5), record-level DP at a
+# total ε = 3 per member (the scenario file; σ from the accountant): four `flnode run`
+# processes gossiping over libp2p on 127.0.0.1, then report.html.
 demo: $(STAMP)
 	rm -rf $(DEMO_OUT)
-	$(BIN)/python scripts/simulate_network.py --transport libp2p \
-	  --network-config network_configs/demo-4-banks.toml \
-	  --dataset default --nodes 4 --partition dirichlet:0.5 --rounds 30 --seed 0 \
-	  --privacy update --clip 0.1 --sigma 1.0 --out $(DEMO_OUT)
+	$(BIN)/python scripts/simulate_network.py \
+	  --scenario network_configs/scenarios/banks-4-default.toml \
+	  --network-config network_configs/demo-4-banks.toml --out $(DEMO_OUT)
+	$(BIN)/flnode report $(DEMO_OUT)
 
 # The same consortium in one process on the in-memory transport (fast, for large N).
 demo-inprocess: $(STAMP)
 	rm -rf $(DEMO_OUT)-inprocess
-	$(BIN)/flnode simulate --dataset default --network-config network_configs/demo-4-banks.toml \
-	  --nodes 4 --partition dirichlet:0.5 --rounds 30 --seed 0 \
-	  --privacy update --clip 0.1 --sigma 1.0 --out $(DEMO_OUT)-inprocess
+	$(BIN)/flnode simulate network_configs/scenarios/banks-4-default.toml \
+	  --network-config network_configs/demo-4-banks.toml --out $(DEMO_OUT)-inprocess
 
 # The MQTT tests and `simulate_network.py --transport mqtt` start a real
 # mosquitto (by PID, on a free loopback port; no systemd). Installed when missing.

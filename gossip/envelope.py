@@ -85,8 +85,21 @@ KIND_RETIRE = "retire"
 KIND_HELLO = "hello"
 HELLO_ASK = b"\x00"
 HELLO_REPLY = b"\x01"
+# "These are the shares I combined in round r": sent by a node once it has closed
+# round r; body = msgpack array of [member public key (bin 32), envelope digest
+# (bin 32)], one per member whose share it accepted for r (not its own). Receivers
+# compare each digest with the one they accepted from that member: a member that
+# signs a different share for each peer (split equivocation) is seen at once.
+KIND_SEEN = "seen"
+# A member's statistics for federated normalization (node/normalize.py), sent once
+# before round 1 (round 0) and re-sent unchanged on a hello: body = msgpack map
+# {"rows": float, "sum": bin (8 k), "sumsq": bin (8 k)}, float64 little-endian, one
+# value per numeric column of the schema (k columns). Shape only is checked here;
+# the values' plausibility is the runner's (it knows the agreed noise).
+KIND_STATS = "stats"
 SHARE_KINDS = frozenset({KIND_SHARE, KIND_SEALED})
-KINDS = frozenset({KIND_SHARE, KIND_SEALED, KIND_PREKEY, KIND_RETIRE, KIND_HELLO})
+KINDS = frozenset({KIND_SHARE, KIND_SEALED, KIND_PREKEY, KIND_RETIRE, KIND_HELLO, KIND_SEEN,
+                   KIND_STATS})
 _KINDS_BY_BYTES = {k.encode(): k for k in KINDS}
 _PROTO_BYTES = PROTO.encode()
 
@@ -148,6 +161,19 @@ class Envelope:
 class Share:
     weight: float
     tensors: dict[str, np.ndarray]  # read-only views of the received bytes
+    # The digest of the normalization statistics the sender encodes its rows with
+    # (federated normalization only; None otherwise).
+    norm: bytes | None = None
+
+
+@dataclass(frozen=True)
+class Stats:
+    """A stats message's values: noised row count, and per numeric column the noised
+    sums of the clipped, range-scaled values and of their squares."""
+
+    rows: float
+    sum: np.ndarray  # float64 [k]
+    sumsq: np.ndarray  # float64 [k]
 
 
 @dataclass(frozen=True)
@@ -157,6 +183,8 @@ class Accepted:
     share: Share | None  # None for a retire or prekey message
     prekeys: tuple[SignedPrekey, ...] = ()  # a prekey message's verified prekeys
     hello: bool = False  # a prekey message that asks for ours (its sender just started)
+    seen: tuple[tuple[str, bytes], ...] = ()  # a seen message: (member, envelope digest)
+    stats: Stats | None = None  # a stats message's values
 
     @property
     def round(self) -> int:
@@ -217,8 +245,10 @@ def pack(signing_key: SigningKey, consortium_id: bytes, kind: str, round_: int, 
     return b"".join([*head, *parts, packer.pack(sig)])
 
 
-def encode_share(tensors: Sequence[tuple[str, np.ndarray]], weight: float) -> bytes:
-    """Encode named arrays (any float dtype in ALLOWED_DTYPES) and a weight."""
+def encode_share(tensors: Sequence[tuple[str, np.ndarray]], weight: float,
+                 norm: bytes | None = None) -> bytes:
+    """Encode named arrays (any float dtype in ALLOWED_DTYPES) and a weight (and, with
+    federated normalization, the 32-byte digest of the agreed statistics)."""
     if not (math.isfinite(weight) and 0 < weight <= MAX_WEIGHT):
         raise LocalError(f"share weight must be in (0, {MAX_WEIGHT:g}], got {weight!r}")
     items = []
@@ -229,7 +259,98 @@ def encode_share(tensors: Sequence[tuple[str, np.ndarray]], weight: float) -> by
             raise LocalError(f"tensor {name!r}: dtype {dtype} is not one of {sorted(ALLOWED_DTYPES)}")
         le = np.ascontiguousarray(array, dtype=np.dtype(dtype))
         items.append([name, dtype, list(le.shape), le.tobytes()])
-    return msgpack.packb({"weight": float(weight), "tensors": items}, use_bin_type=True)
+    doc: dict[str, object] = {"weight": float(weight), "tensors": items}
+    if norm is not None:
+        if len(norm) != DIGEST_BYTES:
+            raise LocalError("a share's norm digest is 32 bytes")
+        doc["norm"] = bytes(norm)
+    return msgpack.packb(doc, use_bin_type=True)
+
+
+DIGEST_BYTES = 32
+# A stats message names at most this many numeric columns (a schema's own limit is
+# far below): its size is bounded before the schema is consulted.
+MAX_STATS_COLUMNS = 65_536
+
+
+def encode_stats(stats: Stats) -> bytes:
+    k = len(stats.sum)
+    if len(stats.sumsq) != k or k > MAX_STATS_COLUMNS:
+        raise LocalError(f"stats: sum and sumsq must both have k <= {MAX_STATS_COLUMNS} values")
+    return msgpack.packb({"rows": float(stats.rows),
+                          "sum": np.asarray(stats.sum, dtype="<f8").tobytes(),
+                          "sumsq": np.asarray(stats.sumsq, dtype="<f8").tobytes()},
+                         use_bin_type=True)
+
+
+def decode_stats(body: bytes | memoryview, columns: int | None,
+                 sender: str | None = None) -> Stats:
+    """A stats message's values, read field by field; `columns` is the schema's number
+    of numeric columns (None: this consortium does not normalize federatedly)."""
+    if columns is None:
+        raise RemoteError("bad_body", "a stats message, but this consortium's schema does "
+                          "not use normalize = \"federated\"", sender)
+    out: dict[str, object] = {}
+    try:
+        r = Reader(body)
+        if r.map_header() != 3:
+            raise WireError("not a map of 3")
+        for _ in range(3):
+            key = r.str(8)
+            if key in out or key not in ("rows", "sum", "sumsq"):
+                raise WireError("unexpected key")
+            if key == "rows":
+                if r.peek_type() not in ("int", "float"):
+                    raise WireError("rows is not a number")
+                out[key] = float(r.number())
+            else:
+                raw = r.bin(exact=8 * columns)
+                out[key] = np.frombuffer(raw, dtype="<f8").astype(np.float64)
+        r.done()
+    except WireError as exc:
+        raise RemoteError("bad_body", "a stats message is {rows: number, sum: bin, sumsq: "
+                          f"bin}} with {columns} float64 values each: {exc}", sender) from None
+    stats = Stats(out["rows"], out["sum"], out["sumsq"])  # type: ignore[arg-type]
+    if not (math.isfinite(stats.rows) and np.isfinite(stats.sum).all()
+            and np.isfinite(stats.sumsq).all()):
+        raise RemoteError("non_finite", "a stats message holds NaN or infinite values", sender)
+    return stats
+
+
+def encode_seen(pairs: Sequence[tuple[bytes, bytes]]) -> bytes:
+    """A seen message's body: [[member key, envelope digest], ...] in the given order."""
+    for key, digest in pairs:
+        if len(key) != PUBLIC_KEY_BYTES or len(digest) != DIGEST_BYTES:
+            raise LocalError("a seen entry is a 32-byte member key and a 32-byte digest")
+    return msgpack.packb([[bytes(k), bytes(d)] for k, d in pairs], use_bin_type=True)
+
+
+def decode_seen(body: bytes | memoryview, members: Mapping[bytes, str],
+                sender: str | None = None) -> tuple[tuple[str, bytes], ...]:
+    """(member, digest) pairs of a seen message, read field by field: at most one entry
+    per member, each key on the peer list, nothing else in the body."""
+    out: dict[str, bytes] = {}
+    try:
+        r = Reader(body)
+        count = r.array_header()
+        if count > len(members):
+            raise WireError(f"{count} entries for {len(members)} members")
+        for _ in range(count):
+            if r.array_header() != 2:
+                raise WireError("an entry is not [key, digest]")
+            key = bytes(r.bin(exact=PUBLIC_KEY_BYTES))
+            digest = bytes(r.bin(exact=DIGEST_BYTES))
+            name = members.get(key)
+            if name is None:
+                raise WireError("an entry names a key that is not a member's")
+            if name in out:
+                raise WireError("two entries for one member")
+            out[name] = digest
+        r.done()
+    except WireError as exc:
+        raise RemoteError("bad_body", "a seen message is [[member key (32 B), digest "
+                          f"(32 B)], ...]: {exc}", sender) from None
+    return tuple(out.items())
 
 
 class _Outer:
@@ -341,26 +462,31 @@ def decode_share(body: bytes | bytearray | memoryview, spec: Sequence[TensorSpec
     try:
         r = Reader(body)
         n = r.map_header()
-        if n != 2:
+        if n not in (2, 3):
             raise RemoteError("bad_body", _BODY_KEYS)
         weight: float | None = None
         tensors: dict[str, np.ndarray] | None = None
-        for _ in range(2):
+        norm: bytes | None = None
+        for _ in range(n):
             key = r.str(16) if r.peek_type() == "str" else None
             if key == "weight" and weight is None:
                 weight = _read_weight(r)
             elif key == "tensors" and tensors is None:
                 tensors = _read_tensors(r, spec)
+            elif key == "norm" and norm is None and n == 3:
+                norm = bytes(r.bin(exact=DIGEST_BYTES))
             else:
                 raise RemoteError("bad_body", _BODY_KEYS)
         r.done()
     except WireError as exc:
         raise RemoteError("bad_body", f"body decode failed: {exc}") from None
-    assert weight is not None and tensors is not None
-    return Share(weight, tensors)
+    if weight is None or tensors is None:
+        raise RemoteError("bad_body", _BODY_KEYS)
+    return Share(weight, tensors, norm)
 
 
-_BODY_KEYS = "body must be a map with exactly 'weight' and 'tensors'"
+_BODY_KEYS = ("body must be a map with exactly 'weight' and 'tensors' (and, with federated "
+              "normalization, 'norm')")
 
 
 def _read_weight(r: Reader) -> float:
@@ -461,8 +587,10 @@ class Verifier:
 
     def __init__(self, consortium_id: bytes, members: Mapping[bytes, str], own_key: bytes,
                  spec: Sequence[TensorSpec], max_bytes: int = DEFAULT_MAX_ENVELOPE_BYTES,
-                 sealing: Sealing | None = None) -> None:
+                 sealing: Sealing | None = None, stats_columns: int | None = None) -> None:
         self.consortium_id = consortium_id
+        # Numeric columns of a federated-normalization schema (None: stats are refused).
+        self.stats_columns = stats_columns
         # With sealing on, shares must come sealed and are opened here, after
         # the signature and freshness checks; without it a sealed share is refused.
         self.sealing = sealing
@@ -510,8 +638,12 @@ class Verifier:
                 # made at the member's last rotation.
                 self._learn_prekeys(env, name, current_round)
             raise
-        share, prekeys, hello, body = None, (), False, None
-        if env.kind == KIND_RETIRE:
+        share, prekeys, hello, body, seen, stats = None, (), False, None, (), None
+        if env.kind == KIND_SEEN:
+            seen = decode_seen(env.body, self.members, name)
+        elif env.kind == KIND_STATS:
+            stats = decode_stats(env.body, self.stats_columns, name)
+        elif env.kind == KIND_RETIRE:
             if len(env.body):
                 raise RemoteError("bad_body", "a retire message has an empty body", name)
         elif env.kind == KIND_HELLO:
@@ -524,7 +656,7 @@ class Verifier:
         else:
             share, body = self._decode(env, name)
         self._windows.setdefault(env.sender, _SenderWindow()).remember(env.seq, digest)
-        return Accepted(name, env.envelope(body, digest), share, prekeys, hello)
+        return Accepted(name, env.envelope(body, digest), share, prekeys, hello, seen, stats)
 
     def _learn_prekeys(self, env: _Outer, name: str, current_round: int
                        ) -> tuple[tuple[SignedPrekey, ...], bool]:

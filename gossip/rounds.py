@@ -28,7 +28,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from gossip.envelope import KIND_HELLO, KIND_PREKEY, KIND_RETIRE, Accepted
+from gossip.envelope import KIND_HELLO, KIND_PREKEY, KIND_RETIRE, KIND_SEEN, KIND_STATS, Accepted
 from gossip.errors import RemoteError
 
 
@@ -44,7 +44,7 @@ class RoundBook:
     def add(self, share: Accepted) -> str:
         """Store an accepted share. Returns "buffered", "ahead" (we are behind),
         "retired" (the member has stopped sharing: rounds no longer wait for it) or
-        "prekey" (a prekey announcement: only its round is noted)."""
+        "prekey" (a prekey announcement: only its round is noted), "hello" or "seen"."""
         if share.envelope.kind == KIND_RETIRE:
             self.neighbours = self.neighbours - {share.sender}
             return "retired"
@@ -56,6 +56,13 @@ class RoundBook:
         if share.envelope.kind == KIND_HELLO:  # "I am at round r"
             self.note(share.sender, r)
             return "hello"
+        if share.envelope.kind == KIND_SEEN:
+            # "I have closed round r": it is at round r at least. Not "past r": its share
+            # for r may still be on its way (another stream), and must still be waited for.
+            self.note(share.sender, r)
+            return "seen"
+        if share.envelope.kind == KIND_STATS:  # before round 1: the runner files it
+            return "stats"
         if r < self.current:  # the verifier checks this; the book does not trust callers
             raise RemoteError("stale", f"round {r} < current {self.current}", share.sender)
         held = self._shares.get(r, {}).get(share.sender)

@@ -1,4 +1,4 @@
-"""`flnode keygen | consortium | run | status | simulate`.
+"""`flnode keygen | consortium | schema | run | status | simulate | report`.
 
 Errors the operator can fix (`LocalError`) print one clear message and exit 2;
 anything else is a bug and keeps its traceback.
@@ -47,7 +47,7 @@ def _consortium_build(args: argparse.Namespace) -> int:
 
     f = rules_fields(args)
     rules = rules_table(len(members), f["aggregation"], f["f"], f["max_weight_fraction"], args.privacy_mode,
-                        args.clip, **f["aggregation_params"])
+                        args.clip, args.noise_multiplier, **f["aggregation_params"])
     consortium = Consortium(args.name, schema.to_dict(), tuple(members), rules)
     build_strategy(consortium, None, args.privacy_mode or "off", args.clip or 1.0,
                    "--aggregation")  # refuse a rule this consortium cannot run
@@ -74,20 +74,87 @@ def _consortium_show(args: argparse.Namespace) -> int:
     return 0
 
 
-def _simulate(args: argparse.Namespace) -> int:
-    from node.simulation import SimulationSpec, simulate
+def _schema_infer(args: argparse.Namespace) -> int:
+    from node.schema import infer, refuse_existing, render
 
-    spec = SimulationSpec(
-        dataset=args.dataset, nodes=args.nodes, partition=args.partition, rounds=args.rounds,
-        seed=args.seed, out=Path(args.out), model=args.model, epochs=args.epochs,
-        batch_size=args.batch_size, lr=args.lr, privacy=args.privacy, clip=args.clip,
-        sigma=None if args.epsilon is not None else (args.sigma or 1.0), epsilon=args.epsilon,
-        delta=args.delta, weight=args.weight,
-        network_config=Path(args.network_config) if args.network_config else None,
-        seal=args.seal, **fault_fields(args), **rules_fields(args), **attack_fields(args),
-    )
-    simulate(spec)
+    refuse_existing(args.out, args.force)
+    draft = infer(args.files, args.label, args.categorical, args.drop, args.normalize)
+    return _schema_emit(draft, render(draft), args)
+
+
+def _schema_merge(args: argparse.Namespace) -> int:
+    from node.schema import merge, refuse_existing, render
+
+    refuse_existing(args.out, args.force)
+    draft = merge(args.files)
+    return _schema_emit(draft, render(draft), args)
+
+
+def _schema_emit(draft, text: str, args: argparse.Namespace) -> int:
+    """stdout: exactly the file's text; stderr: the notes (and where it was written)."""
+    from node.schema import write_out
+
+    sys.stdout.write(text)
+    sys.stdout.flush()
+    if args.out is not None:
+        write_out(text, args.out, args.force)
+    for note in draft.notes:
+        print(note, file=sys.stderr)
+    if args.out is not None:
+        print(f"wrote {args.out}", file=sys.stderr)
     return 0
+
+
+def _simulate(args: argparse.Namespace) -> int:
+    from node.simulation import simulate, spec_from_args
+
+    notes: list[str] = []
+    spec = spec_from_args(args, notes=notes)
+    simulate(spec, notes=notes)
+    return 0
+
+
+def track_given(p: argparse.ArgumentParser, keep: tuple[str, ...] = ()) -> dict:
+    """Record which options of `p` the command line names (in args.given_flags), so a
+    scenario file's value stands unless the flag is typed; the namespace keeps every
+    default as usual. Returns the defaults by dest (options in `keep` are left alone)."""
+    defaults = {}
+    for action in p._actions:
+        if not action.option_strings or action.dest in ("help", *keep):
+            continue
+        defaults[action.dest] = action.default
+        base = type(action)
+        action.__class__ = type(f"Tracked{base.__name__}", (base,), {"__call__": _tracked})
+    p.set_defaults(given_flags=())
+    return defaults
+
+
+def _tracked(self, parser, namespace, values, option_string=None):
+    namespace.given_flags = (*getattr(namespace, "given_flags", ()), self.dest)
+    type(self).__mro__[1].__call__(self, parser, namespace, values, option_string)
+
+
+SIMULATE_EPILOG = (
+    "A scenario file (e.g. network_configs/scenarios/banks-4-default.toml) holds these "
+    "settings in one TOML; flags given on the command line override the file's values. "
+    "--data-dir DIR: one NAME.csv or NAME.parquet per member (the member's name is the "
+    "stem); DIR/test.csv (or --test FILE) is the consortium's common test set, else each "
+    "member evaluates on its own held-out 20 % of rows, as `flnode run` does without "
+    "data.eval_path.")
+
+
+def add_data_dir_flags(p: argparse.ArgumentParser) -> None:
+    """Both simulators: rehearse on the members' own files instead of a built-in table."""
+    g = p.add_argument_group("your own files (instead of --dataset, --nodes, --partition)")
+    g.add_argument("--data-dir", metavar="DIR",
+                   help="one CSV or Parquet file per member (member name = file stem)")
+    g.add_argument("--label", metavar="COL",
+                   help="the label column (default: the schema's, else 'label')")
+    g.add_argument("--schema", metavar="FILE",
+                   help="the consortium's filled schema (normalize = \"declared\"); without "
+                        "it one is drafted from the pooled files, which only a simulator can do")
+    g.add_argument("--test", metavar="FILE",
+                   help="a common test set (default DIR/test.csv or DIR/test.parquet, if any)")
 
 
 def _status(args: argparse.Namespace) -> int:
@@ -95,15 +162,36 @@ def _status(args: argparse.Namespace) -> int:
 
     from node.status import collect, render
 
-    s = collect(args.state_dir)
+    s = collect(args.state_dir, args.config)
     print(json.dumps(s, indent=2, sort_keys=True) if args.json else render(s))
     return 0
 
 
+def _report(args: argparse.Namespace) -> int:
+    from node.report_html import write_report
+
+    path = write_report(Path(args.run_dir), Path(args.out) if args.out else None)
+    print(f"wrote {path}  (open {path.resolve().as_uri()} in a browser)")
+    return 0
+
+
 def _run(args: argparse.Namespace) -> int:
+    from node.daemon import exit_now
     from node.daemon import main as run_main
 
-    return run_main(args.config)
+    # The process ends here, once the node has closed its files: no slow interpreter
+    # teardown after "finished" (node/daemon.py exit_now; measured by scripts/bench_node.py).
+    exit_now(run_main(args.config, args.metrics_port, args.metrics_addr, args.log_format))
+
+
+def _port(text: str) -> int:
+    try:
+        port = int(text)
+    except ValueError:
+        port = -1
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"must be a port number 0-65535, got {text}")
+    return port
 
 
 def _positive(kind: type):
@@ -140,11 +228,12 @@ def add_privacy_flags(p: argparse.ArgumentParser) -> None:
 
 def add_rules_flags(p: argparse.ArgumentParser) -> None:
     """The consortium's [rules] (node/rules.py): how every member combines shares."""
-    from node.rules import DEFAULT_RULE
-
+    # node.rules.DEFAULT_RULE (tests/test_lean.py checks), not imported: node.rules imports
+    # the strategies and torch, and every command, `flnode status` included, builds this parser.
+    DEFAULT_RULE = "auto"  # noqa: N806
     p.add_argument("--aggregation", default=DEFAULT_RULE, metavar="RULE",
                    help=f"aggregation rule every member applies (default {DEFAULT_RULE}: "
-                        "multi_krum from 5 members, trimmed_mean for 3-4, mean for 2; "
+                        "multi_krum_staged from 5 members, trimmed_mean for 3-4, mean for 2; "
                         "mean, median, trimmed_mean, norm_bounded_mean, krum, multi_krum, "
                         "centered_clipping)")
     p.add_argument("--f", type=int, default=None, metavar="F",
@@ -218,7 +307,8 @@ def add_attack_flags(p: argparse.ArgumentParser) -> None:
                         "update, K 1), scale[=K] (K x model, K -1000), noise[=SIGMA] (+ "
                         "N(0, SIGMA²), 1), huge (1e30), weight[=W] (declares W, 1e12; "
                         "combines with another kind for the same member), nan, label-flip, "
-                        "zero-prekey (needs sealing), equivocate, replay. Repeatable; "
+                        "zero-prekey (needs sealing), equivocate (two versions to each), "
+                        "equivocate-split (one version to each), replay. Repeatable; "
                         "KIND:PARAM:MEMBERS also works, e.g. scale:10:bank-1")
 
 
@@ -250,6 +340,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="[rules]: every member's privacy.mode must be this")
     cb.add_argument("--clip", type=_positive(float), default=None,
                     help="[rules]: every member's privacy.clip must be this")
+    cb.add_argument("--noise-multiplier", type=_positive(float), default=None,
+                    help="[rules], update-level DP: no member's sigma above this; with "
+                         "--clip it sets the distance bound every member applies")
     cb.add_argument("--out", required=True)
     cb.add_argument("--force", action="store_true")
     cb.set_defaults(func=_consortium_build)
@@ -257,16 +350,51 @@ def build_parser() -> argparse.ArgumentParser:
     cs.add_argument("file")
     cs.set_defaults(func=_consortium_show)
 
+    sc = sub.add_parser("schema", help="draft a feature schema from your own files; merge drafts")
+    scsub = sc.add_subparsers(dest="action", required=True)
+    si = scsub.add_parser("infer", help="draft column kinds, categories and classes from your own "
+                          "CSV/Parquet files (no statistic of the rows; ranges marked to fill)")
+    si.add_argument("files", nargs="+", metavar="FILE", help="this member's .csv / .parquet files")
+    si.add_argument("--label", required=True, metavar="COL", help="the label column")
+    si.add_argument("--categorical", action="append", default=[], metavar="COL",
+                    help="treat COL as categorical even if it holds numbers (repeat)")
+    si.add_argument("--drop", action="append", default=[], metavar="COL",
+                    help="leave COL out of the schema, e.g. an identifier (repeat)")
+    si.add_argument("--normalize", choices=["federated", "declared"], default="federated",
+                    help="federated: members agree mean/std at start from noised sums clipped to "
+                         "each column's declared range; declared: mean and std in the schema")
+    si.add_argument("--out", default=None, help="also write the draft here")
+    si.add_argument("--force", action="store_true", help="replace --out if it exists")
+    si.set_defaults(func=_schema_infer)
+    sm = scsub.add_parser("merge", help="combine members' drafts into the consortium's schema")
+    sm.add_argument("files", nargs="+", metavar="DRAFT", help="the members' draft .toml files")
+    sm.add_argument("--out", required=True)
+    sm.add_argument("--force", action="store_true", help="replace --out if it exists")
+    sm.set_defaults(func=_schema_merge)
+
     r = sub.add_parser("run", help="run one member as a daemon on a network transport")
     r.add_argument("--config", required=True, help="the node's TOML config")
+    r.add_argument("--metrics-port", type=_port, default=None, metavar="P",
+                   help="serve Prometheus metrics on this port (0: a free one, printed); off "
+                        "by default")
+    r.add_argument("--metrics-addr", default="127.0.0.1", metavar="ADDR",
+                   help="address for --metrics-port (default 127.0.0.1: the metrics include "
+                        "one computed on this member's private rows)")
+    r.add_argument("--log-format", choices=["text", "json"], default="text",
+                   help="json: one JSON object per line on stdout (events) and stderr (logs)")
     r.set_defaults(func=_run)
 
     st = sub.add_parser("status", help="a node's round, ε spent, metrics, peers, rejections")
     st.add_argument("--state-dir", required=True)
     st.add_argument("--json", action="store_true", help="machine-readable output")
+    st.add_argument("--config", help="the node's config: for the planned number of rounds "
+                                     "when the node keeps no privacy plan (privacy off)")
     st.set_defaults(func=_status)
 
-    s = sub.add_parser("simulate", help="simulate a consortium in one process")
+    s = sub.add_parser("simulate", help="simulate a consortium in one process",
+                       epilog=SIMULATE_EPILOG)
+    s.add_argument("scenario", nargs="?", type=Path, metavar="SCENARIO.toml",
+                   help="a scenario file (network_configs/scenarios/); flags override it")
     s.add_argument("--dataset", choices=["default", "churn", "digits"], default="default")
     s.add_argument("--nodes", type=_positive(int), default=4)
     s.add_argument("--partition", default="dirichlet:0.5",
@@ -283,8 +411,16 @@ def build_parser() -> argparse.ArgumentParser:
     add_rules_flags(s)
     add_fault_flags(s)
     add_attack_flags(s)
-    s.add_argument("--out", required=True, help="run directory (created; must be new)")
-    s.set_defaults(func=_simulate)
+    add_data_dir_flags(s)
+    s.add_argument("--out", help="run directory (created; must be new); required unless the "
+                                 "scenario file gives out")
+    s.set_defaults(func=_simulate, flag_defaults=track_given(s))
+
+    rp = sub.add_parser("report", help="write one self-contained report.html for a run directory")
+    rp.add_argument("run_dir", metavar="RUN_DIR",
+                    help="a run directory from `flnode simulate --out` or simulate_network.py")
+    rp.add_argument("--out", metavar="FILE", help="where to write (default RUN_DIR/report.html)")
+    rp.set_defaults(func=_report)
     return p
 
 

@@ -15,7 +15,6 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from gossip.errors import LocalError
 from gossip.membership import read_toml
 from gossip.seal import MAX_ANNOUNCED
-from node.aggregate import RULES
 
 
 class _Section(BaseModel):
@@ -136,6 +135,10 @@ class GossipConfig(_Section):
     # hello heard); 0: no quorum, start at once. A restarted node always waits up to
     # one round deadline for a majority's hello to join the round they are in.
     min_members: int = Field(default=0, ge=0, le=100_000)
+    # normalize = "federated" (the schema): how long to wait before round 1 for every
+    # member's statistics; without all of them by then the node stops with an error
+    # naming who is missing (every member must combine the same messages).
+    normalize_wait_s: float = Field(default=300.0, gt=0, le=86_400)
     # The consortium file's [rules] say how shares are combined (node/rules.py); this
     # is only for a consortium file without them (and must not contradict them).
     aggregation: str | None = None
@@ -156,8 +159,12 @@ class GossipConfig(_Section):
 
     @model_validator(mode="after")
     def _rule(self) -> GossipConfig:
-        if self.aggregation is not None and self.aggregation not in RULES:
-            raise ValueError(f"aggregation {self.aggregation!r}: choose one of {', '.join(RULES)}")
+        if self.aggregation is not None:
+            from node.aggregate import RULES  # imports torch: only when a rule is named here
+
+            if self.aggregation not in RULES:
+                raise ValueError(f"aggregation {self.aggregation!r}: choose one of "
+                                 f"{', '.join(RULES)}")
         live = -(-self.lookahead // self.prekey_rotate_rounds) + 1
         if self.sealed and live > MAX_ANNOUNCED:
             raise ValueError(f"prekey_rotate_rounds = {self.prekey_rotate_rounds} with lookahead = "
@@ -192,13 +199,13 @@ class FaultsConfig(_Section):
 # Model-level: they change the share the member releases (its own model is honest).
 MODEL_ATTACKS = ("sign-flip", "scale", "noise", "huge", "weight", "nan", "label-flip")
 # Protocol-level: they change what the member signs and sends, not the values.
-PROTOCOL_ATTACKS = ("zero-prekey", "equivocate", "replay")
+PROTOCOL_ATTACKS = ("zero-prekey", "equivocate", "equivocate-split", "replay")
 ATTACKS = MODEL_ATTACKS + PROTOCOL_ATTACKS
 # The parameter each kind takes (None: none) and its default.
 ATTACK_PARAMS: dict[str, tuple[str, float] | None] = {
     "sign-flip": ("K", 1.0), "scale": ("K", -1000.0), "noise": ("SIGMA", 1.0),
     "weight": ("W", 1e12), "huge": None, "nan": None, "label-flip": None,
-    "zero-prekey": None, "equivocate": None, "replay": None,
+    "zero-prekey": None, "equivocate": None, "equivocate-split": None, "replay": None,
 }
 
 
@@ -216,11 +223,13 @@ class AttackConfig(_Section):
     - zero-prekey: announces a properly signed all-zero X25519 prekey (sealing on);
     - equivocate: a different signed share to each member for the same round, and each
       member also gets its neighbour's version (so the conflict is seen);
+    - equivocate-split: a different signed share to each member, each only its own
+      (no member holds two: only comparing the seen reports shows it);
     - replay: each round re-sends every message it signed before.
     """
 
     kind: Literal["sign-flip", "scale", "noise", "huge", "weight", "nan", "label-flip",
-                  "zero-prekey", "equivocate", "replay"]
+                  "zero-prekey", "equivocate", "equivocate-split", "replay"]
     param: float | None = None  # K, SIGMA (the kind's default if not set)
     weight: float | None = Field(default=None, gt=0, le=1e12)  # declared weight, any kind
     seed: int = Field(default=0, ge=0, lt=2**63)  # the noise attack's generator

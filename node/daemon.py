@@ -5,24 +5,35 @@ checkpoint is written and the transport closed. A release that was already
 charged and stored is re-sent on restart (never re-drawn), and the node
 resumes at its checkpointed round and catches up with the others as
 `gossip.rounds` describes.
+
+Lean by construction: the config, the key, the consortium file and the data
+files are read and checked before torch, the transport or the training code is
+imported, so a mistake in any of them is reported within a second; and the
+`flnode run` entry point ends the process at once after the node has finished
+(`exit_now`: every file is written, fsync'd and closed by then), skipping the
+interpreter's slow teardown of torch's and libp2p's objects.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
+import os
 import signal
 import sys
+import time
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING, NoReturn
 
 from gossip.errors import LocalError
 from gossip.membership import Consortium, load_consortium
-from gossip.transports.base import Transport
 from node.config import NodeConfig, load_config
 from node.identity import Identity, load_identity
-from node.runner import Node, RoundReport
+
+if TYPE_CHECKING:
+    from gossip.transports.base import Transport
+    from node.runner import RoundReport
 
 log = logging.getLogger("flnode.daemon")
 
@@ -82,10 +93,35 @@ def read_password(path: Path) -> str:
     return password
 
 
+class JsonFormatter(logging.Formatter):
+    """`flnode run --log-format json`: one JSON object per log record."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        doc = {"time": round(record.created, 3), "level": record.levelname.lower(),
+               "logger": record.name, "message": record.getMessage()}
+        if record.exc_info:
+            doc["exception"] = self.formatException(record.exc_info)
+        return json.dumps(doc, ensure_ascii=False)
+
+
+# "text" (lines for people) or "json" (one object per line, for log collectors): what
+# `flnode run` prints on stdout, and how its log records look on stderr.
+LOG_FORMAT = {"format": "text"}
+
+
+def say(event: str, text: str, **fields: object) -> None:
+    """One line on stdout: `text` for people, or {"event": ..., **fields} as JSON."""
+    if LOG_FORMAT["format"] == "json":
+        print(json.dumps({"time": round(time.time(), 3), "event": event, **fields},
+                         ensure_ascii=False, default=str), flush=True)
+    else:
+        print(text, flush=True)
+
+
 def _print_round(cfg: NodeConfig, name: str, metric: str):
     def show(rep: RoundReport) -> None:
         if rep.stopped:
-            print(f"{name}: {rep.stopped}", flush=True)
+            say("stopped", f"{name}: {rep.stopped}", member=name, reason=rep.stopped)
             return
         eps = "no DP" if rep.epsilon is None else f"ε {rep.epsilon:.2f}"
         n = len(rep.received) + len(rep.missing)
@@ -94,20 +130,62 @@ def _print_round(cfg: NodeConfig, name: str, metric: str):
                 f"{' (resent stored release)' if rep.resent else ''}"
                 f"{' missing: ' + ', '.join(rep.missing) if rep.missing else ''}"
                 f" {rep.seconds:.1f} s")
-        print(line, flush=True)
+        say("round", line, member=name, round=rep.round + 1, rounds=cfg.training.rounds,
+            metrics=rep.metrics, epsilon=rep.epsilon, received=rep.received,
+            missing=rep.missing, resent=rep.resent, seconds=round(rep.seconds, 3))
     return show
 
 
-async def run_node(config_path: str | Path) -> int:
+def check_inputs(config_path: str | Path) -> tuple[NodeConfig, Identity, Consortium]:
+    """Everything an operator can get wrong in the files, checked before any heavy import:
+    the config, the key, the consortium file (and that the key is a member of it), the
+    schema it carries, and each data file against that schema."""
+    from node.data import FeatureSchema, encode, read_table  # pandas, not torch
+
     cfg = load_config(config_path)
     identity = load_identity(cfg.identity.key)
     consortium = load_consortium(cfg.consortium.path)
+    if consortium.by_name(identity.name).public_key != identity.public_key:
+        raise LocalError(f"key file {cfg.identity.key} is for {identity.name!r} but the consortium "
+                         f"file {cfg.consortium.path} lists another public key for that member: "
+                         "wrong key file or stale peer list")
+    schema = FeatureSchema.from_dict(consortium.schema, str(cfg.consortium.path))
+    if schema.mode == "federated":  # mean and std are agreed before round 1: check the rest
+        from node.normalize import provisional_schema
+
+        schema = provisional_schema(schema)
+    for path in (cfg.data.path, cfg.data.eval_path):
+        if path is not None:
+            encode(read_table(path), schema, str(path))
+    return cfg, identity, consortium
+
+
+async def run_node(cfg: NodeConfig, identity: Identity, consortium: Consortium,
+                   metrics_port: int | None = None, metrics_addr: str = "127.0.0.1") -> int:
+    """Run the node whose files check_inputs has read and checked."""
+    from node.runner import Node  # torch and the training code: the files are sound
+
     transport = open_transport(cfg, identity, consortium)
     node = Node.from_config(cfg, transport)  # privacy noise from os.urandom
-    print(f"{node.name}: consortium {consortium.name} ({consortium.id.hex()[:16]}…), "
-          f"{len(node.train_data.X)} training rows, starting at round {node.book.current + 1}"
-          f"/{cfg.training.rounds}, privacy {cfg.privacy.mode}, transport {cfg.gossip.transport}",
-          flush=True)
+    say("start", f"{node.name}: consortium {consortium.name} ({consortium.id.hex()[:16]}…), "
+        f"{len(node.train_data.X)} training rows, starting at round {node.book.current + 1}"
+        f"/{cfg.training.rounds}, privacy {cfg.privacy.mode}, transport {cfg.gossip.transport}",
+        member=node.name, consortium=consortium.name, consortium_id=consortium.id.hex(),
+        training_rows=len(node.train_data.X), round=node.book.current + 1,
+        rounds=cfg.training.rounds, privacy=cfg.privacy.mode, transport=cfg.gossip.transport)
+    server = None
+    if metrics_port is not None:
+        from node.metrics import serve
+
+        try:
+            server, _ = serve(node, metrics_port, metrics_addr)
+        except OSError as exc:
+            raise LocalError(f"--metrics-port {metrics_port} on {metrics_addr}: {exc}") from None
+        port = server.server_port
+        say("metrics", f"{node.name}: Prometheus metrics on http://{metrics_addr}:{port}/metrics"
+            + ("" if metrics_addr in ("127.0.0.1", "localhost", "::1") else
+               " (NOT loopback: they include a metric computed on private rows)"),
+            member=node.name, url=f"http://{metrics_addr}:{port}/metrics", port=port)
     loop = asyncio.get_running_loop()
     task = asyncio.current_task()
     assert task is not None
@@ -124,21 +202,66 @@ async def run_node(config_path: str | Path) -> int:
     except asyncio.CancelledError:
         if not got:
             raise
-        print(f"{node.name}: {signal.Signals(got[0]).name}: stopped during round "
-              f"{node.book.current + 1}; checkpoint saved in {cfg.state_dir}", flush=True)
+        say("signal", f"{node.name}: {signal.Signals(got[0]).name}: stopped during round "
+            f"{node.book.current + 1}; checkpoint saved in {cfg.state_dir}", member=node.name,
+            signal=signal.Signals(got[0]).name, round=node.book.current + 1)
         return 128 + got[0]
+    finally:
+        if server is not None:
+            server.shutdown()
     eps = node.epsilon()
-    print(f"{node.name}: {'stopped early' if node.stopped else 'finished'} "
-          f"at round {node.book.current}/{cfg.training.rounds}; "
-          f"{'no DP' if eps is None else f'ε {eps:.2f} at δ {cfg.privacy.delta:g}'}; "
-          f"rejected {node.rejected() or 'none'}", flush=True)
+    say("finished", f"{node.name}: {'stopped early' if node.stopped else 'finished'} "
+        f"at round {node.book.current}/{cfg.training.rounds}; "
+        f"{'no DP' if eps is None else f'ε {eps:.2f} at δ {cfg.privacy.delta:g}'}; "
+        f"rejected {node.rejected() or 'none'}", member=node.name,
+        stopped=node.stopped, round=node.book.current, rounds=cfg.training.rounds,
+        epsilon=eps, delta=cfg.privacy.delta, rejected=node.rejected())
     return 0
 
 
-def main(config_path: str) -> int:
+def main(config_path: str, metrics_port: int | None = None, metrics_addr: str = "127.0.0.1",
+         log_format: str = "text") -> int:
+    LOG_FORMAT["format"] = log_format
+    if log_format == "json":
+        for handler in logging.getLogger().handlers:
+            handler.setFormatter(JsonFormatter())
+    try:
+        cfg, identity, consortium = check_inputs(config_path)
+    except LocalError as exc:
+        _error(exc)
+        return 2
+    import torch
+
     torch.set_num_threads(1)  # measured 3-15x faster for small models on 2 cores
     try:
-        return asyncio.run(run_node(config_path))
+        return asyncio.run(run_node(cfg, identity, consortium, metrics_port, metrics_addr))
     except LocalError as exc:
-        print(f"flnode: error: {exc}", file=sys.stderr)
+        _error(exc)
         return 2
+
+
+def _error(exc: LocalError) -> None:
+    if LOG_FORMAT["format"] == "json":
+        print(json.dumps({"time": round(time.time(), 3), "event": "error", "error": str(exc)},
+                         ensure_ascii=False), file=sys.stderr, flush=True)
+    else:
+        print(f"flnode: error: {exc}", file=sys.stderr)
+
+
+def exit_now(code: int) -> NoReturn:
+    """End the `flnode run` process without the interpreter's teardown.
+
+    Only for the `flnode run` entry point, once `main` has returned: the node has then
+    written, fsync'd and closed every file it keeps (checkpoint, ledger, outbox, audit
+    and metrics lines are written with os.write on descriptors it closes), the transport
+    is closed and the event loop is gone. What remains is Python's shutdown collecting
+    torch's and libp2p's objects one by one, which took seconds per process and saves
+    nothing. Never call this from library code or from an in-process simulation.
+    """
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a closed pipe or stream: nothing left to save
+            pass
+    os._exit(code)

@@ -5,40 +5,107 @@ way: same columns in the same order, same category vocabularies, same scaling
 constants. Those live in the `FeatureSchema`, which is part of the consortium
 file (and of its id). In simulation the constants are fitted on the pooled
 training rows; a real member reads them from the consortium file and never
-rescales per member.
+rescales per member. Drafting and merging schema files (`flnode schema infer`,
+`merge`) is node/schema.py.
 """
 
 from __future__ import annotations
 
+import logging
 import math
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Literal
 
 import numpy as np
 import pandas as pd
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, model_validator
 
 from gossip.errors import LocalError
 
 DATASETS = ("default", "churn", "digits")
 
+log = logging.getLogger(__name__)
+
+
+# `flnode schema infer` writes these where a value must come from the operator's
+# domain knowledge (a min, max, mean or std read from private rows is itself a
+# release). A schema that still holds one is refused, naming the column.
+RANGE_PLACEHOLDER = ["REQUIRED_MIN", "REQUIRED_MAX"]
+VALUE_PLACEHOLDER = "REQUIRED"
+# How numeric columns are standardized. "declared": each numeric column carries its
+# mean and std (what the consortium agreed beforehand). "federated": each numeric
+# column carries only its declared `range`; the members agree mean and std before
+# round 1 from DP-noised sums clipped to that range. Absent means "declared" (so
+# schemas written before this key existed keep their consortium id).
+NORMALIZE = ("declared", "federated")
+
+
+def is_placeholder(value: object) -> bool:
+    """A `flnode schema infer` placeholder (a REQUIRED... string), alone or in a list."""
+    if isinstance(value, str):
+        return value.startswith("REQUIRED")
+    if isinstance(value, list | tuple):
+        return any(is_placeholder(v) for v in value)
+    return False
+
 
 class Column(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
-    name: str
+    name: str = Field(min_length=1)
     kind: Literal["numeric", "categorical"]
     mean: float | None = None
-    std: float | None = Field(default=None, gt=0)
+    std: float | None = Field(default=None, ge=0)  # 0: constant everywhere, encodes as 0
+    # numeric: [min, max] the values can take, from domain knowledge; rows are
+    # clipped to it when encoded (and federated sums are clipped to it).
+    range: tuple[float, float] | None = None
     vocabulary: list[str] | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _placeholders(cls, data: object, info: ValidationInfo) -> object:
+        """A draft's REQUIRED placeholders: refused (naming the column), or in a draft
+        (context {"draft": set()}) dropped and the column noted as still to fill."""
+        if not isinstance(data, dict):
+            return data
+        pending = [k for k in ("mean", "std", "range") if is_placeholder(data.get(k))]
+        if not pending:
+            return data
+        draft = info.context.get("draft") if isinstance(info.context, dict) else None
+        if draft is None:
+            raise ValueError(
+                f"column {data.get('name')!r}: {' and '.join(pending)} "
+                f"{'is' if len(pending) == 1 else 'are'} still the draft's placeholder: fill in "
+                f"{_FILL[pending[0]]} from domain knowledge (not from the "
+                "rows: a min, max, mean or std read from private rows is itself a release)")
+        draft.add(str(data.get("name")))
+        return {k: v for k, v in data.items() if k not in pending}
 
     @model_validator(mode="after")
     def _complete(self) -> Column:
-        if self.kind == "numeric" and (self.mean is None or self.std is None):
-            raise ValueError(f"numeric column {self.name!r} needs mean and std")
-        if self.kind == "numeric" and not (math.isfinite(self.mean) and math.isfinite(self.std)):
-            raise ValueError(f"numeric column {self.name!r}: mean and std must be finite")
-        if self.kind == "categorical" and not self.vocabulary:
-            raise ValueError(f"categorical column {self.name!r} needs a vocabulary")
+        where = f"{self.kind} column {self.name!r}"
+        if self.mean is not None and not math.isfinite(self.mean):
+            raise ValueError(f"{where}: mean must be finite")
+        if self.std is not None and not math.isfinite(self.std):
+            raise ValueError(f"{where}: std must be finite")
+        if self.kind == "categorical":
+            if self.mean is not None or self.std is not None or self.range is not None:
+                raise ValueError(f"{where}: mean, std and range belong to numeric columns")
+            if not self.vocabulary:
+                raise ValueError(f"{where} needs a vocabulary")
+            if len(set(self.vocabulary)) != len(self.vocabulary):
+                raise ValueError(f"{where}: vocabulary lists a value twice")
+            return self
+        if self.vocabulary is not None:
+            raise ValueError(f"{where}: a vocabulary belongs to categorical columns")
+        if self.range is not None:
+            lo, hi = self.range
+            if not (math.isfinite(lo) and math.isfinite(hi) and lo <= hi):
+                raise ValueError(f"{where}: range must be [min, max], finite, min <= max; "
+                                 f"got {list(self.range)}")
+            if self.mean is not None and not lo <= self.mean <= hi:
+                raise ValueError(f"{where}: mean {self.mean:g} lies outside its range "
+                                 f"[{lo:g}, {hi:g}]")
         return self
 
     @property
@@ -46,11 +113,63 @@ class Column(BaseModel):
         return 1 if self.kind == "numeric" else len(self.vocabulary or ())
 
 
+_FILL = {"range": "[min, max], the smallest and largest value the column can take,",
+         "mean": "its typical value", "std": "its typical spread (0 only if constant everywhere)"}
+
+
 class FeatureSchema(BaseModel):
+    """The consortium's feature schema (module docstring). `from_dict(..., draft=True)`
+    also takes a `flnode schema infer` draft: placeholders still to fill, and one class
+    (a member may hold only one; the merged schema needs two)."""
+
     model_config = ConfigDict(extra="forbid", frozen=True)
-    label: str
-    classes: list[str] = Field(min_length=2)
+    label: str = Field(min_length=1)
+    classes: list[str] = Field(min_length=1)
     columns: list[Column] = Field(min_length=1)
+    normalize: Literal["declared", "federated"] | None = None  # None: "declared"
+    # federated, record-level DP: the noise multiplier of the members' stats messages
+    # (node/normalize.py; None: its default). Agreed, so every member can check others'.
+    normalize_noise: float | None = Field(default=None, gt=0, le=1e6)
+
+    @model_validator(mode="after")
+    def _consistent(self, info: ValidationInfo) -> FeatureSchema:
+        draft = info.context.get("draft") if isinstance(info.context, dict) else None
+        if len(self.classes) < 2 and draft is None:
+            raise ValueError(f"label {self.label!r}: classes needs at least 2 values, got "
+                             f"{self.classes}")
+        if len(set(self.classes)) != len(self.classes):
+            raise ValueError(f"label {self.label!r}: classes lists a value twice")
+        names = [c.name for c in self.columns]
+        twice = sorted({n for n in names if names.count(n) > 1})
+        if twice:
+            raise ValueError(f"column(s) {twice} listed twice")
+        if self.label in names:
+            raise ValueError(f"the label {self.label!r} is also listed as a feature column")
+        if self.normalize_noise is not None and self.mode != "federated":
+            raise ValueError("normalize_noise is the noise of federated normalization: it "
+                             "needs normalize = \"federated\"")
+        pending = draft or set()
+        for c in self.columns:
+            if c.kind != "numeric" or c.name in pending:
+                continue
+            if self.mode == "declared" and (c.mean is None or c.std is None):
+                raise ValueError(f"numeric column {c.name!r} needs mean and std "
+                                 "(normalize = \"declared\"; or normalize = \"federated\" and "
+                                 "a range)")
+            if self.mode == "federated":
+                if c.mean is not None or c.std is not None:
+                    raise ValueError(f"numeric column {c.name!r}: normalize = \"federated\" "
+                                     "agrees mean and std among the members at start; remove "
+                                     "them from the schema (or use normalize = \"declared\")")
+                if c.range is None:
+                    raise ValueError(f"numeric column {c.name!r} needs range = [min, max] "
+                                     "(normalize = \"federated\" clips each member's sums to it)")
+        return self
+
+    @property
+    def mode(self) -> str:
+        """The normalization mode: "declared" unless the schema says "federated"."""
+        return self.normalize or "declared"
 
     @property
     def n_features(self) -> int:
@@ -61,12 +180,33 @@ class FeatureSchema(BaseModel):
         return len(self.classes)
 
     def to_dict(self) -> dict:
-        return self.model_dump(exclude_none=True)
+        doc = self.model_dump(exclude_none=True)
+        for col in doc["columns"]:
+            if "range" in col:
+                col["range"] = list(col["range"])
+        return doc
+
+    def with_stats(self, stats: Mapping[str, tuple[float, float]]) -> FeatureSchema:
+        """This schema with the agreed (mean, std) on every numeric column, for encoding
+        (normalize = "federated", once the members agreed them). Not a schema file: its
+        to_dict is not what the consortium file carries."""
+        numeric = {c.name for c in self.columns if c.kind == "numeric"}
+        if set(stats) != numeric:
+            raise LocalError(f"agreed statistics: expected numeric columns {sorted(numeric)}, "
+                             f"got {sorted(stats)}")
+        for name, (mean, std) in stats.items():
+            if not (math.isfinite(mean) and math.isfinite(std) and std >= 0):
+                raise LocalError(f"agreed statistics: column {name!r}: mean {mean!r} and std "
+                                 f"{std!r} must be finite, std >= 0")
+        return self.model_copy(update={"columns": [
+            c.model_copy(update={"mean": float(stats[c.name][0]), "std": float(stats[c.name][1])})
+            if c.kind == "numeric" else c for c in self.columns]})
 
     @classmethod
-    def from_dict(cls, doc: object, source: str) -> FeatureSchema:
+    def from_dict(cls, doc: object, source: str, draft: bool = False) -> FeatureSchema:
+        """Validate a schema; with draft=True, placeholders and a single class pass."""
         try:
-            return cls.model_validate(doc)
+            return cls.model_validate(doc, context={"draft": set()} if draft else None)
         except ValidationError as exc:
             raise LocalError(f"{source}: schema: {_pydantic_message(exc)}") from None
 
@@ -75,7 +215,8 @@ def _pydantic_message(exc: ValidationError) -> str:
     parts = []
     for err in exc.errors():
         loc = ".".join(str(x) if not isinstance(x, int) else f"[{x}]" for x in err["loc"])
-        parts.append(f"{loc.replace('.[', '[')}: {err['msg']}" if loc else err["msg"])
+        msg = err["msg"].removeprefix("Value error, ")
+        parts.append(f"{loc.replace('.[', '[')}: {msg}" if loc else msg)
     return "; ".join(parts)
 
 
@@ -103,7 +244,10 @@ MAX_STANDARDIZED = 1e6
 
 
 def encode(df: pd.DataFrame, schema: FeatureSchema, source: str = "table") -> tuple[np.ndarray, np.ndarray]:
-    """Rows -> (features float32 [n, n_features], labels int64 [n]). Errors name the column."""
+    """Rows -> (features float32 [n, n_features], labels int64 [n]). Errors name the column.
+
+    Numeric values are clipped to the column's declared range (if any), then
+    standardized with its mean and std; std 0 (constant) encodes as 0."""
     missing = [c.name for c in schema.columns if c.name not in df.columns]
     if schema.label not in df.columns:
         missing.append(schema.label)
@@ -120,6 +264,21 @@ def encode(df: pd.DataFrame, schema: FeatureSchema, source: str = "table") -> tu
             if bad.any():
                 raise LocalError(f"{source}: column {col.name!r}: {int(bad.sum())} row(s) are "
                                  "empty or not finite numbers")
+            if col.range is not None:
+                lo, hi = col.range
+                outside = int(((values < lo) | (values > hi)).sum())
+                if outside:
+                    log.warning("%s: column %r: %d row(s) outside the declared range [%g, %g] "
+                                "clipped to it", source, col.name, outside, lo, hi)
+                values = np.clip(values, lo, hi)
+            if col.mean is None or col.std is None:  # normalize = "federated", not agreed yet
+                raise LocalError(
+                    f"{source}: column {col.name!r}: the schema says normalize = \"federated\" "
+                    "and the members' agreed mean and std are not known yet (a node agrees "
+                    "them before round 1: node/normalize.py)")
+            if col.std == 0:  # constant everywhere: carries no signal, standardizes to 0
+                blocks.append(np.zeros((len(values), 1)))
+                continue
             z = (values - col.mean) / col.std
             far = ~(np.abs(z) <= MAX_STANDARDIZED)
             if far.any():

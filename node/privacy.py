@@ -18,16 +18,21 @@ can at worst over-count (a record whose share never left), never under-count.
 
 from __future__ import annotations
 
+import functools
+import importlib.util
 import json
 import math
 import os
 import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Protocol
+from types import ModuleType
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
-import torch
+
+if TYPE_CHECKING:
+    import torch
 
 from gossip.errors import LocalError
 from node.config import PrivacyConfig
@@ -38,6 +43,8 @@ ACCOUNTANT = "rdp"
 
 def clip(update: torch.Tensor, clip_norm: float) -> tuple[torch.Tensor, float]:
     """Scale update to L2 norm at most clip_norm. Returns (clipped, original norm)."""
+    import torch  # torch is imported where it is used: `flnode status` reads ledgers only
+
     norm = float(torch.linalg.vector_norm(update))
     scale = min(1.0, clip_norm / norm) if norm > 0 else 1.0
     return update * scale, norm
@@ -63,6 +70,8 @@ class OsNoise:
     name = "os.urandom"
 
     def gaussian(self, n: int, std: float) -> torch.Tensor:
+        import torch
+
         pairs = (n + 1) // 2
         words = np.frombuffer(os.urandom(16 * pairs), dtype="<u8").reshape(2, pairs)
         u1 = ((words[0] >> np.uint64(11)).astype(np.float64) + 1.0) * 2.0**-53  # (0, 1]
@@ -73,6 +82,8 @@ class OsNoise:
 
     def uniform(self, n: int) -> torch.Tensor:
         """n floats in [0, 1) from os.urandom (53 bits each): DP-SGD's Poisson sampling."""
+        import torch
+
         words = np.frombuffer(os.urandom(8 * n), dtype="<u8")
         return torch.from_numpy((words >> np.uint64(11)).astype(np.float64) * 2.0**-53)
 
@@ -83,6 +94,8 @@ class OsNoise:
         mode needs torchcsprng, which is unmaintained. A fresh 64-bit OS seed
         per round keeps the noise unpredictable from anything in a config.
         """
+        import torch
+
         return torch.Generator().manual_seed(int.from_bytes(os.urandom(8), "little"))
 
 
@@ -92,12 +105,18 @@ class SeededNoise:
     name = "seeded (simulation)"
 
     def __init__(self, seed: int) -> None:
+        import torch
+
         self.generator = torch.Generator().manual_seed(seed)
 
     def gaussian(self, n: int, std: float) -> torch.Tensor:
+        import torch
+
         return torch.randn(n, generator=self.generator) * std
 
     def uniform(self, n: int) -> torch.Tensor:
+        import torch
+
         return torch.rand(n, generator=self.generator, dtype=torch.float64)
 
     def torch_generator(self) -> torch.Generator:
@@ -116,7 +135,8 @@ def privatize_update(update: torch.Tensor, clip_norm: float, sigma: float,
 class LedgerRecord:
     round: int
     # "update" (whole-update Gaussian mechanism), "record" (DP-SGD steps) or
-    # "count" (the noised row count, released once as the share weight)
+    # "count" (the noised row count, released once as the share weight) or
+    # "normalize" (federated normalization's stats, once before round 1; node/normalize.py)
     mode: str
     noise_multiplier: float
     sample_rate: float
@@ -125,25 +145,49 @@ class LedgerRecord:
     share_digest: str
 
 
+# Opacus' RDPAccountant.DEFAULT_ALPHAS (tests/test_lean.py checks they are still equal).
+RDP_ORDERS = [1 + x / 10.0 for x in range(1, 100)] + list(range(12, 64))
+
+
+@functools.cache
+def _opacus_rdp() -> ModuleType:
+    """Opacus' RDP analysis (`opacus/accountants/analysis/rdp.py`: numpy and scipy), loaded
+    from its file without running `opacus/__init__`, which imports torch and ~115 MB more:
+    `flnode status` and the budget arithmetic need the accountant's formulas only.
+    tests/test_lean.py checks epsilon_of against Opacus' own RDPAccountant."""
+    spec = importlib.util.find_spec("opacus")
+    if spec is None or spec.origin is None:
+        raise LocalError("the privacy accountant needs the opacus package: pip install opacus")
+    path = Path(spec.origin).parent / "accountants" / "analysis" / "rdp.py"
+    rdp_spec = importlib.util.spec_from_file_location("flnode_opacus_rdp_analysis", path)
+    if rdp_spec is None or rdp_spec.loader is None or not path.exists():
+        raise LocalError(f"the installed opacus has no RDP analysis at {path}")
+    module = importlib.util.module_from_spec(rdp_spec)
+    rdp_spec.loader.exec_module(module)
+    return module
+
+
 def epsilon_of(records: list[LedgerRecord], delta: float) -> float:
-    """Total epsilon at delta for these releases, from Opacus' RDP accountant."""
+    """Total epsilon at delta for these releases, by Opacus' RDP accountant's arithmetic
+    (RDPAccountant.get_epsilon: compute_rdp per (sigma, q, steps), summed over the
+    history, converted at the best of the default orders)."""
     if not records:
         return 0.0
     if any(r.noise_multiplier <= 0 for r in records):
         return math.inf
-    from opacus.accountants import RDPAccountant
-
-    accountant = RDPAccountant()
+    analysis = _opacus_rdp()
     history: list[tuple[float, float, int]] = []
     for r in records:  # merge runs of identical steps as Opacus' own step() does
         if history and history[-1][:2] == (r.noise_multiplier, r.sample_rate):
             history[-1] = (r.noise_multiplier, r.sample_rate, history[-1][2] + r.steps)
         else:
             history.append((r.noise_multiplier, r.sample_rate, r.steps))
-    accountant.history = history
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # Opacus warns about optimal alpha at the edge
-        return float(accountant.get_epsilon(delta))
+        rdp = sum(analysis.compute_rdp(q=q, noise_multiplier=sigma, steps=steps, orders=RDP_ORDERS)
+                  for sigma, q, steps in history)
+        eps, _ = analysis.get_privacy_spent(orders=RDP_ORDERS, rdp=rdp, delta=delta)
+    return float(eps)
 
 
 class Ledger:
@@ -276,9 +320,12 @@ SIGMA_SEARCH = (0.05, 500.0)
 
 
 def plan_history(mode: str, sigma: float, sample_rate: float, steps_per_round: int, rounds: int,
-                 count_sigma: float | None) -> list[LedgerRecord]:
+                 count_sigma: float | None,
+                 normalize_sigma: float | None = None) -> list[LedgerRecord]:
     """The releases a whole run will make, as ledger records (for calibration)."""
     records = []
+    if normalize_sigma is not None:  # federated normalization's stats, once before round 1
+        records.append(LedgerRecord(-1, "normalize", normalize_sigma, 1.0, 1, 1.0, ""))
     if count_sigma is not None:
         records.append(LedgerRecord(-1, "count", count_sigma, 1.0, 1, 1.0, ""))
     records += [LedgerRecord(r, mode, sigma, sample_rate, steps_per_round, 0.0, "")
@@ -287,7 +334,8 @@ def plan_history(mode: str, sigma: float, sample_rate: float, steps_per_round: i
 
 
 def calibrate_sigma(target_epsilon: float, delta: float, mode: str, sample_rate: float,
-                    steps_per_round: int, rounds: int, count_sigma: float | None) -> float:
+                    steps_per_round: int, rounds: int, count_sigma: float | None,
+                    normalize_sigma: float | None = None) -> float:
     """Smallest sigma (to 0.1 %) whose whole planned run stays within target_epsilon.
 
     Bisection over Opacus' RDP accountant; the noised-count release, if any, is
@@ -295,7 +343,7 @@ def calibrate_sigma(target_epsilon: float, delta: float, mode: str, sample_rate:
     """
     def eps(sigma: float) -> float:
         return epsilon_of(plan_history(mode, sigma, sample_rate, steps_per_round, rounds,
-                                       count_sigma), delta)
+                                       count_sigma, normalize_sigma), delta)
 
     lo, hi = SIGMA_SEARCH
     if eps(hi) > target_epsilon:
@@ -332,6 +380,9 @@ class PrivacyPlan:
     rows: int | None = None
     epochs: int | None = None
     batch_size: int | None = None
+    # Federated normalization's stats release (record mode): its noise multiplier, or
+    # None (no such release). Charged once, before round 1.
+    normalize_sigma: float | None = None
 
     @staticmethod
     def load(path: Path) -> PrivacyPlan | None:
@@ -362,8 +413,11 @@ class PrivacyBudget:
     """One node's privacy plan, ledger and budget checks. Nothing here trains."""
 
     def __init__(self, cfg: PrivacyConfig, *, rows: int, rounds: int, epochs: int,
-                 batch_size: int, state_dir: Path, ledger: Ledger) -> None:
+                 batch_size: int, state_dir: Path, ledger: Ledger,
+                 normalize_sigma: float | None = None) -> None:
         self.cfg = cfg
+        # record mode: the noise multiplier of federated normalization's stats (pinned)
+        self.normalize_sigma = normalize_sigma if cfg.mode == "record" else None
         self.rows = rows
         self.ledger = ledger
         self.state_dir = state_dir
@@ -391,9 +445,10 @@ class PrivacyBudget:
             self._check_pinned(existing, path, q, spr, weight, count_sigma, pinned)
             return existing  # sigma as planned at the first start, never re-calibrated
         sigma = cfg.sigma if cfg.sigma is not None else calibrate_sigma(
-            cfg.epsilon, cfg.delta, cfg.mode, q, spr, rounds, count_sigma)  # type: ignore[arg-type]
+            cfg.epsilon, cfg.delta, cfg.mode, q, spr, rounds, count_sigma,  # type: ignore[arg-type]
+            self.normalize_sigma)
         fresh = PrivacyPlan(cfg.mode, cfg.epsilon, cfg.delta, sigma, cfg.clip, q, spr, rounds,
-                            weight, count_sigma, *pinned)
+                            weight, count_sigma, *pinned, normalize_sigma=self.normalize_sigma)
         fresh.save(path)
         return fresh
 
@@ -408,6 +463,8 @@ class PrivacyBudget:
             ("privacy.delta", cfg.delta, plan.delta), ("privacy.clip", cfg.clip, plan.clip_norm),
             ("privacy.weight", weight, plan.weight),
             ("privacy.count_sigma", count_sigma, plan.count_sigma),
+            ("the schema's normalize_noise (federated normalization)", self.normalize_sigma,
+             plan.normalize_sigma),
         ]
         if cfg.sigma is not None:
             checks.append(("privacy.sigma", cfg.sigma, plan.noise_multiplier))

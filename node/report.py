@@ -43,13 +43,20 @@ class RoundPrinter:
         rows = ", ".join(f"{n} {len(p[1])}"
                          for n, p in zip(prep.names, prep.train_parts, strict=True))
         priv = ("privacy off" if s.privacy == "off"
-                else f"privacy {s.privacy}: clip {s.clip}, σ {s.sigma}, δ {s.delta:g}")
+                else f"privacy {s.privacy}: clip {s.clip}, "
+                     + (f"ε {s.epsilon:g} per member" if s.epsilon is not None else f"σ {s.sigma}")
+                     + f", δ {s.delta:g}")
+        where = (f"{s.dataset}, {len(prep.names)} members ({s.partition})" if s.data_dir is None
+                 else f"data dir {s.data_dir}, {len(prep.names)} members (one file each)")
+        evals = ("each round's metric on it" if s.data_dir is None
+                 else "each round's metric on the member's own held-out rows")
         self.console.print(
-            f"[bold]flnode simulate[/]: {s.dataset}, {s.nodes} members ({s.partition}), "
+            f"[bold]flnode simulate[/]: {where}, "
             f"{s.rounds} rounds, {s.model}, seed {s.seed}, {priv}\n"
             f"  consortium {prep.consortium.name} id {prep.consortium.id.hex()[:16]}… "
-            f"run dir {s.out}\n  training rows: {rows}; consortium test set "
-            f"{len(prep.test[1])} rows (stratified {int(100 * 0.2)} %)")
+            f"run dir {s.out}\n  training rows: {rows}; {prep.test_source}; {evals}")
+        for note in getattr(prep, "notes", ()):
+            self.console.print(f"  [yellow]note[/]: {note}")
 
     def on_round(self, rep: RoundReport) -> None:
         if rep.stopped:
@@ -78,11 +85,49 @@ def make_console() -> Console:
     return console if console.is_terminal else Console(width=120)
 
 
+def _fmt(value: float) -> str:
+    return "n/a" if value is None or math.isnan(value) else f"{value:.4f}"
+
+
+def _gain(value: float) -> str:
+    return "n/a" if value is None or math.isnan(value) else f"{value:+.4f}"
+
+
+def print_own_rows(summary: dict, console: Console) -> None:
+    """Per member: its local-only model vs the consortium's on its OWN held-out rows."""
+    own = summary.get("own_rows") or {}
+    if not own:
+        return
+    metric = summary["metric"]
+    t = Table(title=f"{summary['dataset']}: {metric} on each member's own held-out rows "
+                    "(local-only model vs consortium model)",
+              caption=summary.get("own_rows_source") or None)
+    for col in ("member", "own rows", "local-only", "consortium", "gain"):
+        t.add_column(col, justify="left" if col == "member" else "right")
+    for name, r in own.items():
+        t.add_row(name, str(r["rows"]), _fmt(r["local_only"]), _fmt(r["consortium"]),
+                  _gain(r["gain"]))
+    gains = [r["gain"] for r in own.values() if not math.isnan(r["gain"])]
+    if gains:
+        t.add_row("[bold]mean gain[/]", "", "", "", f"{sum(gains) / len(gains):+.4f}",
+                  end_section=True)
+    console.print(t)
+    undefined = [n for n, r in own.items() if math.isnan(r["gain"])]
+    if undefined:
+        console.print(f"  n/a: {metric} is undefined on {', '.join(undefined)}'s own rows "
+                      "(no rows, or rows of one class only)")
+
+
 def print_summary(summary: dict, out: Path, console: Console | None = None) -> None:
     console = console or make_console()
+    print_own_rows(summary, console)
+    if summary.get("common_test") is False:  # only own rows: the table above, the rest here
+        _print_run_facts(summary, out, console, pooled=True)
+        return
     metric = summary["metric"]
-    t = Table(title=f"{summary['dataset']}: {metric} on the consortium test set "
-                    f"({summary['test_rows']} rows); ε at δ={summary['epsilon']['delta']:g}")
+    test_set = summary.get("test_set") or f"the consortium test set ({summary['test_rows']} rows)"
+    t = Table(title=f"{summary['dataset']}: {metric} on {test_set}; "
+                    f"ε at δ={summary['epsilon']['delta']:g}")
     for col in ("member", "rows", "local-only", "consortium", "gain", "ε", "sent", "received",
                 "rejected"):
         t.add_column(col, justify="left" if col in ("member", "rejected") else "right")
@@ -100,6 +145,27 @@ def print_summary(summary: dict, out: Path, console: Console | None = None) -> N
     t.add_row("[bold]centralized[/]", str(sum(summary["rows"].values())), "",
               f"{summary['centralized']:.4f}", "", "∞ (no DP)", "", "", "")
     console.print(t)
+    _print_run_facts(summary, out, console, pooled=False)
+
+
+def _print_run_facts(summary: dict, out: Path, console: Console, pooled: bool) -> None:
+    co = summary["consortium"]["mean"]
+    if pooled:  # no common test set: the members' held-out rows pooled stand in for one
+        t = Table(title=f"{summary['metric']} on {summary.get('test_set', 'pooled rows')}; "
+                        f"ε at δ={summary['epsilon']['delta']:g}")
+        for col in ("member", "train rows", "ε", "sent", "received", "rejected"):
+            t.add_column(col, justify="left" if col in ("member", "rejected") else "right")
+        for name in summary["consortium"]["per_node"]:
+            rej = summary["rejected_per_node"].get(name, {})
+            t.add_row(name, str(summary["rows"][name]),
+                      _eps(summary["epsilon"]["per_node"][name]),
+                      _bytes(summary["bytes"][name]["sent"]),
+                      _bytes(summary["bytes"][name]["received"]),
+                      ", ".join(f"{k} {v}" for k, v in sorted(rej.items())) or "none")
+        console.print(t)
+        console.print(f"  on the pooled held-out rows: consortium mean {co:.4f}, local-only "
+                      f"mean {summary['local_only']['mean']:.4f}, centralized "
+                      f"{summary['centralized']:.4f}")
     for name, why in summary.get("stopped", {}).items():
         console.print(f"  [yellow]{name} stopped sharing[/]: {why}")
     eps = summary["epsilon"]
@@ -143,8 +209,11 @@ def plot_history(summary: dict, path: Path) -> None:
         c = colors[i % len(colors)]
         if not same:
             ax.plot(xs, curves[name], color=c, label=f"{name} (consortium)")
-        ax.axhline(summary["local_only"]["per_node"][name], color=c, ls=":", lw=1.2,
-                   label=f"{name} local-only")
+        # With --data-dir each round's metric is on the member's own held-out rows: its
+        # local-only level there too.
+        own = (summary.get("own_rows") or {}).get(name) if summary.get("data_dir") else None
+        local = own["local_only"] if own else summary["local_only"]["per_node"][name]
+        ax.axhline(local, color=c, ls=":", lw=1.2, label=f"{name} local-only")
     ax.axhline(summary["centralized"], color="black", ls="--", lw=1.5, label="centralized")
     ax.set_xlabel("round")
     ax.set_ylabel(metric.replace("_", "-").upper() if metric != "accuracy" else "accuracy")

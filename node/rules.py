@@ -13,16 +13,27 @@ differently are different consortia and refuse each other's shares.
     max_weight = 1e6               # optional absolute cap on a declared weight
     privacy_mode = "update"        # optional: every member's privacy.mode must equal it
     clip = 0.1                     # optional: every member's privacy.clip must equal it
+    noise_multiplier = 1.0         # optional, update-level DP: no member's sigma above it;
+                                   # with clip it sets the DP distance bound (below)
     [rules.params]                 # optional rule parameters (m, tau, distance, ...)
 
 Defaults, for a file without a key (`aggregation = "auto"`, what `flnode consortium
-build` and the simulators resolve and write): `multi_krum` with f = 1 from five
-members up (it needs 2f + 3), `trimmed_mean` with f = 1 for three or four, the
-weighted `mean` (f = 0) for two (two cannot outvote one); and a weight cap of
-max(2/n, 0.25) of the total. Why: `scripts/bench_robust.py` (README, "Hostile
-members"): of the rules that held every model-level attack at f = 1 within 0.02
-of the clean plain mean on both tables, multi_krum lost least on clean data;
-trimmed_mean held on `default` but lost up to 0.10 on `digits`.
+build` and the simulators resolve and write): `multi_krum_staged` (multi-Krum
+that leaves out magnitude outliers first and the rest by update direction,
+node/strategy/rules.py) with f = 1 from five members up (it needs 2f + 3),
+`trimmed_mean` with f = 1 for three or four, the weighted `mean` (f = 0) for two
+(two cannot outvote one); and a weight cap of max(2/n, 0.25) of the total (the
+robust rules count every share once anyway; the plain mean uses the cap). Why:
+`scripts/bench_robust.py` (README, "Hostile members"): of the rules that held
+every model-level attack at f = 1 within 0.02 of the clean plain mean on both
+tables, multi_krum_staged lost least on clean data (multi_krum by distance lost
+more on clean `digits` and 0.02 under label-flip); trimmed_mean held on `default`
+but lost up to 0.10 on `digits`.
+With `privacy_mode = "update"`, `clip` and `noise_multiplier` agreed, every member
+judges a share by its distance from its own previous aggregate against the bound
+C + sigma C (sqrt(d) + t) that an honest share exceeds with probability
+`distance_tail` (node/strategy/distance.py); a share beyond it is clipped back onto
+it (`distance = "clip"` unless [rules.params] says otherwise), whatever the rule.
 A consortium file with no `[rules]` at all (built before they existed) falls back
 to each node's own `gossip.aggregation`, with a warning: per node, not agreed.
 """
@@ -46,7 +57,7 @@ def resolve_rule(name: str, members: int) -> str:
     """"auto": the default rule for a consortium of `members` (module docstring)."""
     if name != "auto":
         return name
-    return "multi_krum" if members >= 5 else "trimmed_mean" if members >= 3 else "mean"
+    return "multi_krum_staged" if members >= 5 else "trimmed_mean" if members >= 3 else "mean"
 
 
 class ConsortiumRules(BaseModel):
@@ -58,6 +69,7 @@ class ConsortiumRules(BaseModel):
     max_weight: float | None = Field(default=None, gt=0)
     privacy_mode: Literal["off", "update", "record"] | None = None
     clip: float | None = Field(default=None, gt=0)
+    noise_multiplier: float | None = Field(default=None, gt=0)
     params: dict[str, Any] = Field(default_factory=dict)
 
 
@@ -92,9 +104,11 @@ class AgreedStrategy:
 
 
 def build_strategy(consortium: Consortium, node_rule: str | None, privacy_mode: str,
-                   clip: float, source: str = "consortium file") -> AgreedStrategy:
+                   clip: float, source: str = "consortium file",
+                   noise_multiplier: float | None = None) -> AgreedStrategy:
     """The strategy every member applies: the consortium's [rules]; a node's own
-    `gossip.aggregation` only when the file has none, and never against it."""
+    `gossip.aggregation` only when the file has none, and never against it.
+    `noise_multiplier` is this node's own sigma in update mode (None: not known here)."""
     n = len(consortium.members)
     rules = parse_rules(consortium, source)
     if rules is None:
@@ -112,12 +126,26 @@ def build_strategy(consortium: Consortium, node_rule: str | None, privacy_mode: 
                          f"{rules.privacy_mode!r}")
     if rules.clip is not None and privacy_mode != "off" and rules.clip != clip:
         raise LocalError(f"privacy.clip = {clip:g} but the consortium's rules say {rules.clip:g}")
+    dp: dict[str, Any] = {}
+    if rules.noise_multiplier is not None:
+        if rules.privacy_mode != "update" or rules.clip is None:
+            raise LocalError(f"{source}: rules.noise_multiplier bounds update-level DP noise: it "
+                             "needs rules.privacy_mode = \"update\" and rules.clip")
+        if noise_multiplier is not None and noise_multiplier > rules.noise_multiplier:
+            raise LocalError(
+                f"privacy: this node's noise multiplier {noise_multiplier:g} is above the "
+                f"consortium's rules.noise_multiplier = {rules.noise_multiplier:g}: the others "
+                "would clip its shares as too far (lower privacy.sigma, or raise "
+                "privacy.epsilon)")
+        dp = {"dp_clip": rules.clip, "dp_noise_multiplier": rules.noise_multiplier}
+        if "distance" not in rules.params:
+            dp["distance"] = "clip"
     try:
         params = {"f": rules.f if rules.f is not None else default_f(n, aggregation),
                   "max_weight_fraction": (rules.max_weight_fraction
                                           if rules.max_weight_fraction is not None
                                           else default_cap(n)),
-                  "max_weight": rules.max_weight, **rules.params}
+                  "max_weight": rules.max_weight, **dp, **rules.params}
         strategy = make_strategy(aggregation, members=n, **params)
     except LocalError as exc:
         raise LocalError(f"{source}: [rules]: {exc}") from None
@@ -126,13 +154,15 @@ def build_strategy(consortium: Consortium, node_rule: str | None, privacy_mode: 
 
 def rules_table(members: int, aggregation: str = DEFAULT_RULE, f: int | None = None,
                 max_weight_fraction: float | None = None, privacy_mode: str | None = None,
-                clip: float | None = None, **params: Any) -> dict[str, Any]:
+                clip: float | None = None, noise_multiplier: float | None = None,
+                **params: Any) -> dict[str, Any]:
     """A [rules] table for `flnode consortium build` and the simulators: "auto" is
     resolved for this many members and written out; None leaves a key out, so the
     documented default applies."""
     table: dict[str, Any] = {"aggregation": resolve_rule(aggregation, members)}
     for key, value in (("f", f), ("max_weight_fraction", max_weight_fraction),
-                       ("privacy_mode", privacy_mode), ("clip", clip)):
+                       ("privacy_mode", privacy_mode), ("clip", clip),
+                       ("noise_multiplier", noise_multiplier)):
         if value is not None:
             table[key] = value
     if params:

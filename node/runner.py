@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import copy
 import dataclasses
+import json
 import logging
 import time
 from collections import Counter
@@ -36,8 +37,11 @@ from gossip.envelope import (
     KIND_PREKEY,
     KIND_RETIRE,
     KIND_SEALED,
+    KIND_SEEN,
     KIND_SHARE,
+    KIND_STATS,
     Accepted,
+    Stats,
     Verifier,
 )
 from gossip.errors import LocalError, RemoteError
@@ -60,6 +64,16 @@ from node.models import (
     set_flat,
     tensor_spec,
 )
+from node.normalize import (
+    DEFAULT_NORMALIZE_NOISE,
+    Agreed,
+    combine,
+    implausible,
+    member_stats,
+    noised,
+    numeric_columns,
+    provisional_schema,
+)
 from node.privacy import (
     Ledger,
     LedgerRecord,
@@ -70,7 +84,7 @@ from node.privacy import (
 )
 from node.rules import build_strategy
 from node.state import Checkpoint, StateDir, atomic_write
-from node.train import evaluate, metric_name, train_local, train_local_dp
+from node.train import evaluate, metric_name, train_local, train_local_dp, warn_about_held_out
 
 log = logging.getLogger("flnode.node")
 
@@ -89,6 +103,11 @@ AUTHENTIC_REASONS = frozenset({"bad_body", "shape", "dtype", "non_finite", "bad_
 # Equivocation evidence kept per member (one file per round it equivocated in, at most
 # this many): a member that equivocates without end must not fill our disk.
 MAX_EVIDENCE_PER_MEMBER = 64
+# Rounds whose accepted digests we keep to compare the members' seen reports with,
+# and the digest mismatches kept as files per reporter (bounded like the evidence).
+SEEN_KEEP_ROUNDS = 8
+# After the last round, how long a node waits for the others' seen reports of it.
+FINAL_SEEN_WAIT_S = 5.0
 # [attack] replay: the newest signed messages re-sent each round.
 REPLAY_KEEP = 32
 
@@ -115,18 +134,49 @@ class LocalData:
 
 
 @dataclass
+class LocalTables:
+    """A member's rows as read (training and held-out), before encoding: federated
+    normalization encodes them only once the members have agreed the statistics."""
+
+    train: Any  # pandas DataFrame
+    held: Any
+    train_source: str
+    held_source: str
+
+    @staticmethod
+    def read(cfg: NodeConfig) -> LocalTables:
+        df = read_table(cfg.data.path)
+        if cfg.data.eval_path is not None:
+            return LocalTables(df, read_table(cfg.data.eval_path), str(cfg.data.path),
+                               str(cfg.data.eval_path))
+        order = np.random.default_rng(cfg.training.seed).permutation(len(df))
+        cut = int(len(df) * (1 - cfg.data.eval_fraction))
+        return LocalTables(df.iloc[order[:cut]], df.iloc[order[cut:]], str(cfg.data.path),
+                           str(cfg.data.path))
+
+    def encode(self, schema: FeatureSchema) -> tuple[LocalData, LocalData]:
+        X, y = encode(self.train, schema, self.train_source)
+        Xe, ye = encode(self.held, schema, self.held_source)
+        return LocalData(X, y), LocalData(Xe, ye)
+
+
+@dataclass
 class NodeCounters:
     rejected: Counter[str] = field(default_factory=Counter)
     accepted: Counter[str] = field(default_factory=Counter)
     send_failed: int = 0  # our own shares a transport refused to send (LocalError)
     # What the aggregation strategy did to whom: "member:what:reason" -> rounds
     aggregation: Counter[str] = field(default_factory=Counter)
+    # Seen reports that disagree with the share we accepted from a member, by member
+    # (reports about our own shares are counted under our own name: the reporter lies).
+    digest_mismatch: Counter[str] = field(default_factory=Counter)
 
 
 class Node:
     def __init__(self, cfg: NodeConfig, identity: Identity, consortium: Consortium,
                  schema: FeatureSchema, train: LocalData, held_out: LocalData,
-                 transport: Transport, noise: NoiseSource) -> None:
+                 transport: Transport, noise: NoiseSource,
+                 tables: LocalTables | None = None) -> None:
         member = consortium.by_name(identity.name)
         if member.public_key != identity.public_key:
             raise LocalError(
@@ -153,29 +203,57 @@ class Node:
             log.warning("%s: [attack] set: %s. THIS MEMBER ATTACKS THE CONSORTIUM (a "
                         "rehearsal of a hostile member, never a deployment)", identity.name,
                         cfg.attack.describe())
-            if cfg.attack.kind == "label-flip":
-                # Every label c becomes n_classes - 1 - c (binary: swapped).
-                self.train_data = LocalData(train.X, (schema.n_classes - 1 - train.y)
-                                            .astype(train.y.dtype))
+        self._set_data(train, held_out)
         self.transport = transport
         self.noise = noise
         self._attack_signed: list[bytes] = []  # [attack] replay: what we signed so far
         self._attack_release: tuple[torch.Tensor, torch.Tensor, float] | None = None
         self._evidence: Counter[str] = Counter()  # equivocation evidence files per member
+        # Seen reports: the digests we accepted per closed round (member -> (seq, digest,
+        # sig), our own release included), and reports for rounds we have not closed yet.
+        self._closed: dict[int, dict[str, tuple[int, bytes, bytes]]] = {}
+        self._pending_seen: dict[int, dict[str, tuple[Accepted, bytes]]] = {}
+        self._reported: set[tuple[int, str]] = set()
+        self._own_release: dict[int, tuple[int, bytes, bytes]] = {}
         self.state = StateDir(cfg.state_dir)
         self.ledger = Ledger(self.state.ledger_path, repair=True)
         for what in self.ledger.recovered:
             log.warning("%s: privacy ledger %s: %s", identity.name, self.state.ledger_path, what)
         tc = cfg.training
+        # Federated normalization (the schema's normalize = "federated"): the rows as read,
+        # the agreed statistics once known (state/normalization.json), what came in.
+        self._tables = tables
+        self.normalization: Agreed | None = None
+        self._stats_in: dict[str, tuple[Stats, bytes]] = {}  # member -> (values, digest)
+        # Members whose (first) stats message we refused as implausible: left out of the
+        # agreement (every honest member refuses the same message the same way).
+        self._stats_refused: set[str] = set()
+        norm_sigma = None
+        if schema.mode == "federated":
+            if tables is None:
+                raise LocalError("normalize = \"federated\": the node needs its rows as read "
+                                 "(Node.from_config), to compute its statistics")
+            if cfg.privacy.mode == "update":
+                raise LocalError(
+                    "the schema says normalize = \"federated\" but privacy.mode = \"update\": "
+                    "the statistics are protected per record (one row's sensitivity), which "
+                    "says nothing at the level update mode protects (a member's whole "
+                    "contribution). Use privacy.mode = \"record\" (or \"off\"), or "
+                    "normalize = \"declared\"")
+            norm_sigma = schema.normalize_noise or DEFAULT_NORMALIZE_NOISE
         self.budget = PrivacyBudget(cfg.privacy, rows=len(train.X), rounds=tc.rounds,
                                     epochs=tc.epochs, batch_size=tc.batch_size,
-                                    state_dir=self.state.path, ledger=self.ledger)
+                                    state_dir=self.state.path, ledger=self.ledger,
+                                    normalize_sigma=norm_sigma)
         self.stopped: str | None = None  # why this node stopped sharing early, if it did
         if cfg.gossip.min_members > len(consortium.members):
             raise LocalError(f"gossip.min_members = {cfg.gossip.min_members} but the consortium "
                              f"has {len(consortium.members)} members: it could never start")
+        plan = self.budget.plan
         agreed = build_strategy(consortium, cfg.gossip.aggregation, cfg.privacy.mode,
-                                cfg.privacy.clip, str(cfg.consortium.path))
+                                cfg.privacy.clip, str(cfg.consortium.path),
+                                plan.noise_multiplier if plan is not None
+                                and cfg.privacy.mode == "update" else None)
         if not agreed.agreed:
             log.warning("%s: the consortium file has no [rules]: shares are combined by this "
                         "node's own rule (%s), which the others may not share", identity.name,
@@ -199,7 +277,9 @@ class Node:
         self._tg: asyncio.TaskGroup | None = None
         self.verifier = Verifier(consortium.id, keys, identity.public_key,
                                  tensor_spec(self.model), cfg.gossip.max_envelope_bytes,
-                                 sealing=self.sealing)
+                                 sealing=self.sealing,
+                                 stats_columns=len(numeric_columns(schema))
+                                 if schema.mode == "federated" else None)
         self.book = RoundBook(neighbours, cfg.gossip.lookahead)
         self.counters = NodeCounters()
         self.seq = 0
@@ -221,7 +301,11 @@ class Node:
         # checkpointed, so a node killed before that gets them redelivered (MQTT).
         self._unacked: dict[int, list[Callable[[], None]]] = {}
         self._logged: set[tuple[str, str]] = set()
+        self._bytes_recorded = (0, 0)  # transport byte counters at the last metrics line
+        # The last closed round's metrics, bytes and duration (node/metrics.py reads it).
+        self.last_round: dict[str, Any] | None = None
         self._shuffle = torch.Generator().manual_seed(cfg.training.seed)
+        self._load_normalization()
         self._resume()
 
     # --- construction from files -----------------------------------------------
@@ -233,22 +317,148 @@ class Node:
         identity = load_identity(cfg.identity.key)
         consortium = load_consortium(cfg.consortium.path)
         schema = FeatureSchema.from_dict(consortium.schema, str(cfg.consortium.path))
-        X, y = encode(read_table(cfg.data.path), schema, str(cfg.data.path))
-        if cfg.data.eval_path is not None:
-            Xe, ye = encode(read_table(cfg.data.eval_path), schema, str(cfg.data.eval_path))
-            train, held = LocalData(X, y), LocalData(Xe, ye)
-        else:
-            order = np.random.default_rng(cfg.training.seed).permutation(len(X))
-            cut = int(len(X) * (1 - cfg.data.eval_fraction))
-            train = LocalData(X[order[:cut]], y[order[:cut]])
-            held = LocalData(X[order[cut:]], y[order[cut:]])
+        tables = LocalTables.read(cfg)
+        if len(tables.train) == 0:
+            raise LocalError(f"{cfg.data.path}: no training rows")
+        federated = schema.mode == "federated"
+        # Federated normalization: encoded with provisional statistics (never trained on)
+        # until the members agree theirs before round 1 (Node._agree_normalization).
+        train, held = tables.encode(provisional_schema(schema) if federated else schema)
+        total = len(tables.train) + (len(tables.held) if cfg.data.eval_path is None else 0)
         if len(train.X) == 0:
             raise LocalError(f"{cfg.data.path}: no training rows")
         if len(held.X) == 0:
             raise LocalError(f"{cfg.data.eval_path or cfg.data.path}: no held-out rows to "
                              "evaluate on (too few rows for data.eval_fraction; give "
                              "data.eval_path)")
-        return cls(cfg, identity, consortium, schema, train, held, transport, noise or OsNoise())
+        warn_about_held_out(identity.name, held.y, schema.classes, eval_path=cfg.data.eval_path,
+                            eval_fraction=cfg.data.eval_fraction, total_rows=total)
+        return cls(cfg, identity, consortium, schema, train, held, transport, noise or OsNoise(),
+                   tables=tables if federated else None)
+
+    def _set_data(self, train: LocalData, held: LocalData) -> None:
+        if self.cfg.attack is not None and self.cfg.attack.kind == "label-flip":
+            # Every label c becomes n_classes - 1 - c (binary: swapped).
+            train = LocalData(train.X, (self.schema.n_classes - 1 - train.y)
+                              .astype(train.y.dtype))
+        self.train_data, self.held_out = train, held
+
+    # --- federated normalization (node/normalize.py) ---------------------------------
+    NORMALIZATION_FILE = "normalization.json"
+    STATS_FILE = "stats.envelope"
+
+    def _load_normalization(self) -> None:
+        path = self.state.path / self.NORMALIZATION_FILE
+        if self._tables is None or not path.exists():
+            return
+        try:
+            doc = json.loads(path.read_text())
+        except (OSError, ValueError) as exc:
+            raise LocalError(f"{path}: unreadable ({exc}); it holds the statistics this node "
+                             "agreed with the others: restore it, or start a new state dir") from None
+        self._adopt(Agreed.from_json(doc, self.schema), saved=True)
+
+    def _adopt(self, agreed: Agreed, saved: bool = False) -> None:
+        if not saved:
+            atomic_write(self.state.path / self.NORMALIZATION_FILE,
+                         json.dumps(agreed.to_json(), indent=1, sort_keys=True).encode())
+        assert self._tables is not None
+        self._set_data(*self._tables.encode(self.schema.with_stats(agreed.stats)))
+        self.normalization = agreed
+
+    def _own_stats(self) -> tuple[Stats, bytes]:
+        """Our stats message: the stored one (a restart never recomputes or re-charges
+        it), or computed now, noised (record mode) and charged before it exists anywhere
+        but in memory."""
+        path = self.state.path / self.STATS_FILE
+        k = len(numeric_columns(self.schema))
+        if path.exists():
+            data = path.read_bytes()
+            env = envelope.decode_outer(data, self.cfg.gossip.max_envelope_bytes)
+            return envelope.decode_stats(env.body, k), data
+        assert self._tables is not None
+        exact = member_stats(self._tables.train, self.schema, self._tables.train_source)
+        plan = self.budget.plan
+        sigma = plan.normalize_sigma if plan is not None else None
+        values = exact if sigma is None else noised(exact, sigma, self.noise)
+        data = self._sign(KIND_STATS, 0, envelope.encode_stats(values))
+        if sigma is not None:
+            over = self.budget.would_exceed([LedgerRecord(-1, "normalize", sigma, 1.0, 1, 1.0, "")])
+            if over is not None:
+                raise LocalError(f"federated normalization would bring ε to {over:.3f}, over "
+                                 f"the budget: raise privacy.epsilon or the schema's "
+                                 "normalize_noise")
+            digest = envelope.decode_outer(data, self.cfg.gossip.max_envelope_bytes).digest.hex()
+            self.ledger.charge(LedgerRecord(-1, "normalize", sigma, 1.0, 1, 1.0, digest))
+        atomic_write(path, data)
+        return values, data
+
+    def _on_stats(self, acc: Accepted) -> None:
+        assert acc.stats is not None
+        k = len(numeric_columns(self.schema))
+        plan = self.budget.plan
+        why = implausible(acc.stats, plan.normalize_sigma if plan is not None else None, k)
+        if acc.sender in self._stats_refused:
+            self._reject_accepted(acc, "bad_stats", "its first stats message was refused")
+            return
+        if why is not None:
+            if acc.sender not in self._stats_in:
+                self._stats_refused.add(acc.sender)
+            self._reject_accepted(acc, "bad_stats", f"statistics no honest member could send: "
+                                  f"{why}; left out of the normalization")
+            return
+        held = self._stats_in.get(acc.sender)
+        if held is not None and held[1] != acc.envelope.digest:
+            self._reject_accepted(acc, "equivocation", "a second, different stats message")
+            return
+        self._stats_in[acc.sender] = (acc.stats, acc.envelope.digest)
+
+    def _norm(self) -> bytes | None:
+        """What our shares say we encode with: the agreed statistics' digest, if any."""
+        return None if self.normalization is None else self.normalization.digest
+
+    def _reject_accepted(self, acc: Accepted, reason: str, detail: str) -> None:
+        """A message that passed the verifier but that we refuse on what it says."""
+        self.counters.rejected[reason] += 1
+        self.state.append_jsonl("audit.jsonl", {
+            "time": time.time(), "round": acc.round, "member": acc.sender,
+            "digest": acc.envelope.digest.hex(), "kind": acc.envelope.kind,
+            "outcome": reason, "detail": detail})
+        if (acc.sender, reason) not in self._logged:
+            self._logged.add((acc.sender, reason))
+            log.warning("%s: refused %s's %s: %s: %s (further are counted, not logged)",
+                        self.name, acc.sender, acc.envelope.kind, reason, detail)
+
+    async def _agree_normalization(self) -> None:
+        """Before round 1: send our statistics, wait for every member's, combine them
+        identically (node/normalize.py) and encode our rows with the result."""
+        if self._tables is None or self.normalization is not None:
+            return
+        own, data = self._own_stats()
+        await self._in_background(self._broadcast(0, data), "stats")
+        members = {m.name for m in self.consortium.members} - {self.name}
+        end = asyncio.get_running_loop().time() + self.cfg.gossip.normalize_wait_s
+        if not await self._wait_until(
+                lambda: members - self._stats_refused <= set(self._stats_in), end):
+            missing = sorted(members - self._stats_refused - set(self._stats_in))
+            raise LocalError(
+                f"federated normalization: no statistics from {', '.join(missing)} within "
+                f"gossip.normalize_wait_s = {self.cfg.gossip.normalize_wait_s:g} s; every "
+                "member's are needed before round 1 (so that all combine the same "
+                "messages). Start them, or use normalize = \"declared\". Nothing was "
+                "trained; our statistics are stored and re-sent as they are on restart")
+        messages = {m: s for m, (s, _) in self._stats_in.items() if m in members}
+        messages[self.name] = own
+        agreed = combine(messages, self.schema, self.strategy_params.get("max_weight_fraction"))
+        self._adopt(agreed)
+        for m, f in sorted(agreed.capped.items()):
+            log.warning("%s: federated normalization: %s claims more rows than the agreed "
+                        "cap: its statistics weigh %.3g of the result", self.name, m, f)
+        log.info("%s: federated normalization agreed with %d members (digest %s)", self.name,
+                 len(agreed.members), agreed.digest.hex()[:16])
+        self.state.append_jsonl("audit.jsonl", {
+            "time": time.time(), "round": 0, "member": self.name, "outcome": "normalization",
+            "kind": "normalization", **agreed.to_json()})
 
     def _resume(self) -> None:
         cp = self.state.load_checkpoint()
@@ -296,6 +506,7 @@ class Node:
             bytes_received=self.transport.stats.bytes_received,
             peer_prekeys=self.sealing.export_peers() if self.sealing is not None else {},
             strategy=self.strategy.state_dict(),
+            planned_rounds=self.cfg.training.rounds,
             retired=sorted({m.name for m in self.consortium.members} - {self.name}
                            - self.book.neighbours),
         ))
@@ -337,6 +548,10 @@ class Node:
             self._silent.discard(accepted.sender)
         if accepted.hello:  # it has just started: tell it our prekeys / our round
             self._answer_hello(accepted.sender, where)
+        if where == "seen":
+            self._on_seen(accepted, msg.data)
+        elif where == "stats":
+            self._on_stats(accepted)
         if where == "retired":
             log.warning("%s: %s has stopped sharing (retire message); rounds no longer wait "
                         "for it", self.name, accepted.sender)
@@ -398,6 +613,7 @@ class Node:
                         await self._in_background(self._broadcast(self.book.current, self._sign(
                             KIND_HELLO, self.book.current, HELLO_ASK)), "hello")
                         await self._await_start()
+                        await self._agree_normalization()
                     while self.book.current < self.cfg.training.rounds:
                         report = await self._round()
                         if report is None:  # stopped sharing (budget spent)
@@ -409,6 +625,8 @@ class Node:
                         reports.append(report)
                         if on_round is not None:
                             on_round(report)
+                    if self.book.current >= self.cfg.training.rounds and self._closed:
+                        await self._await_final_seen(max(self._closed))
                     # No round left to read a share in (finished, or stopped sharing):
                     # nothing on this disk may open recorded traffic any more, and
                     # nothing needs redelivering.
@@ -421,6 +639,17 @@ class Node:
             self._save_checkpoint()
             await self.transport.close()
 
+    def _evidence_file(self, member: str, name: str, data: bytes) -> str | None:
+        """Keep signed bytes as evidence against `member` in state/evidence/ (at most
+        MAX_EVIDENCE_PER_MEMBER files per member); its path relative to the state dir."""
+        if self._evidence[member] >= MAX_EVIDENCE_PER_MEMBER:
+            return None
+        path = self.state.path / "evidence" / name
+        if not path.exists():
+            atomic_write(path, bytes(data))
+            self._evidence[member] += 1
+        return str(path.relative_to(self.state.path))
+
     def _keep_evidence(self, second: Accepted, data: bytes) -> None:
         """A member signed two different shares for one round: keep the proof. Both
         envelopes' digests (and the first one's signature over its digest) go to the
@@ -428,14 +657,8 @@ class Node:
         state/evidence/. Anyone holding the member's public key can check them."""
         first = self.book.held(second.sender, second.round)
         member = second.sender
-        name = None
-        if self._evidence[member] < MAX_EVIDENCE_PER_MEMBER:
-            path = (self.state.path / "evidence" /
-                    f"{member}-round{second.round}-seq{second.envelope.seq}.envelope")
-            if not path.exists():
-                atomic_write(path, bytes(data))
-                self._evidence[member] += 1
-                name = str(path.relative_to(self.state.path))
+        name = self._evidence_file(member, f"{member}-round{second.round}-seq"
+                                   f"{second.envelope.seq}.envelope", data)
         self.state.append_jsonl("audit.jsonl", {
             "time": time.time(), "round": second.round, "member": member,
             "outcome": "equivocation", "kind": "evidence",
@@ -446,6 +669,87 @@ class Node:
                        "sig": second.envelope.sig.hex(), "kind": second.envelope.kind,
                        "file": name},
         })
+
+    # --- seen reports: comparing what each member was sent ----------------------------
+    async def _close_seen(self, r: int, received: dict[str, Accepted]) -> None:
+        """Round r is closed: keep the digests we accepted, check the reports that came
+        early, and tell the others what we accepted (a seen message) so a member that
+        signed a different share for each peer is noticed by every one of them."""
+        ours = {m: (a.envelope.seq, a.envelope.digest, a.envelope.sig) for m, a in received.items()}
+        own = self._own_release.pop(r, None)
+        if own is not None:
+            ours[self.name] = own
+        self._closed[r] = ours
+        for old in [x for x in self._closed if x <= r - SEEN_KEEP_ROUNDS]:
+            del self._closed[old]
+        for old in [x for x in self._own_release if x < r]:
+            del self._own_release[old]
+        for _, (acc, data) in sorted(self._pending_seen.pop(r, {}).items()):
+            self._compare_seen(acc, data)
+        for old in [x for x in self._pending_seen if x < r]:
+            del self._pending_seen[old]
+        self._reported = {(x, m) for x, m in self._reported if x > r - SEEN_KEEP_ROUNDS}
+        if received and len(self.consortium.members) >= 3:  # a third member can compare
+            keys = {m.name: m.public_key for m in self.consortium.members}
+            body = envelope.encode_seen([(keys[m], received[m].envelope.digest)
+                                         for m in sorted(received)])
+            await self._in_background(self._broadcast(r, self._sign(KIND_SEEN, r, body)),
+                                      f"seen-{r}")
+
+    async def _await_final_seen(self, r: int) -> None:
+        """After the last round, the others' seen reports for it (no later round will
+        carry them in): until each member whose share we used has reported, at most
+        FINAL_SEEN_WAIT_S (a member that stops right after its last share costs that)."""
+        expect = {m for m in self._closed[r] if m != self.name} & self.book.neighbours
+        end = asyncio.get_running_loop().time() + min(FINAL_SEEN_WAIT_S,
+                                                      self.cfg.gossip.round_deadline_s)
+        if not await self._wait_until(lambda: all((r, m) in self._reported for m in expect), end):
+            log.info("%s: no seen report for the last round from %s", self.name,
+                     ", ".join(sorted(m for m in expect if (r, m) not in self._reported)))
+
+    def _on_seen(self, acc: Accepted, data: bytes) -> None:
+        """A member's seen report: compared now if we have closed its round, kept until we
+        do if it is within the rounds we buffer, else dropped (one per member and round;
+        memory stays bounded by members x (lookahead + kept rounds))."""
+        r = acc.round
+        if (r, acc.sender) in self._reported:
+            return
+        if r in self._closed:
+            self._reported.add((r, acc.sender))
+            self._compare_seen(acc, data)
+        elif self.book.current <= r <= self.book.current + self.cfg.gossip.lookahead:
+            self._reported.add((r, acc.sender))
+            self._pending_seen.setdefault(r, {})[acc.sender] = (acc, data)
+
+    def _compare_seen(self, report: Accepted, data: bytes) -> None:
+        r, reporter = report.round, report.sender
+        ours = self._closed.get(r, {})
+        for member, digest in report.seen:
+            mine = ours.get(member)
+            if mine is None or mine[1] == digest or member == reporter:
+                continue
+            self.counters.digest_mismatch[member] += 1
+            name = self._evidence_file(reporter, f"seen-{reporter}-round{r}-seq"
+                                       f"{report.envelope.seq}.envelope", data)
+            if member == self.name:
+                meaning = (f"{reporter} reports a round-{r + 1} share from us that we never "
+                           f"sent: {reporter} misreports")
+            else:
+                meaning = (f"{member} signed a different share for round {r + 1} for "
+                           f"{reporter} than for us (split equivocation), or {reporter} "
+                           "misreports")
+            self.state.append_jsonl("audit.jsonl", {
+                "time": time.time(), "round": r, "member": member, "reporter": reporter,
+                "outcome": "digest_mismatch", "kind": "evidence", "meaning": meaning,
+                "reported": digest.hex(),
+                "ours": {"seq": mine[0], "digest": mine[1].hex(), "sig": mine[2].hex()},
+                "report": {"seq": report.envelope.seq, "digest": report.envelope.digest.hex(),
+                           "sig": report.envelope.sig.hex(), "file": name},
+            })
+            if (member, f"mismatch:{reporter}") not in self._logged:
+                self._logged.add((member, f"mismatch:{reporter}"))
+                log.warning("%s: %s (signed report kept in the audit log; further are counted, "
+                            "not logged)", self.name, meaning)
 
     # --- [attack]: a rehearsed hostile member (never set in a deployment) ----------
     def _attack_vector(self, r: int, start: torch.Tensor, update: torch.Tensor,
@@ -475,22 +779,25 @@ class Node:
         vec = self._attack_vector(r, start, update, released)
         declared = a.declared_weight if a.declared_weight is not None else weight
         # A scale large enough overflows float32 to inf: then that is what it sends.
-        return envelope.encode_share(flat_to_named(self.model, vec), declared)
+        return envelope.encode_share(flat_to_named(self.model, vec), declared, self._norm())
 
     async def _attack_send(self, r: int, data: bytes) -> None:
         a = self.cfg.attack
         assert a is not None
-        if a.kind == "equivocate" and self._attack_release is not None:
+        if a.kind in ("equivocate", "equivocate-split") and self._attack_release is not None:
             peers = sorted(self.book.still_in(r))
             if len(peers) >= 2:
                 start, update, weight = self._attack_release
                 versions = []
                 for i, _ in enumerate(peers):  # a different share for each member
                     vec = start + (1.0 + 0.25 * i) * update
-                    body = envelope.encode_share(flat_to_named(self.model, vec), weight)
+                    body = envelope.encode_share(flat_to_named(self.model, vec), weight,
+                                                 self._norm())
                     versions.append(data if i == 0 else self._attack_pack(r, body, peers))
+                split = a.kind == "equivocate-split"
                 for i, peer in enumerate(peers):  # its own, then its neighbour's version
-                    for v in (versions[i], versions[(i + 1) % len(peers)]):
+                    for v in (versions[i],) if split else (versions[i],
+                                                          versions[(i + 1) % len(peers)]):
                         if v is not None:
                             await self._send(peer, v)
                 return
@@ -538,6 +845,15 @@ class Node:
         await self._collect(r, deadline=self._deadline)
         self._note_absent(r)
         received = self.book.shares(r)
+        for member, acc in sorted(received.items()):
+            if acc.share.norm != self._norm():  # encoded with other statistics than ours
+                del received[member]
+                theirs, ours = acc.share.norm, self._norm()
+                self._reject_accepted(acc, "norm_mismatch", (
+                    f"its share is encoded with normalization "
+                    f"{theirs.hex()[:16] if theirs else 'none'}, ours is "
+                    f"{ours.hex()[:16] if ours else 'none'}: the members combined different "
+                    "statistics (or one sent different ones to different members)"))
         shares = {s.sender: WeightedShare(s.sender, s.share.weight,
                                           named_to_flat(self.model, s.share.tensors))
                   for s in received.values()}
@@ -545,6 +861,7 @@ class Node:
                                       reference=reference)
         diagnostics = agg.to_json()
         self._record_aggregate(r, diagnostics)
+        await self._close_seen(r, received)
         combined = agg.vector
         if bool(torch.isfinite(combined).all()):
             set_flat(self.model, combined)
@@ -576,11 +893,12 @@ class Node:
         # Metrics before the checkpoint: a crash in between re-runs the round
         # and appends a second line for it (readers take the last), rather than
         # losing the round's line.
-        self._record_round(r, metrics=metrics, epsilon=eps, received=report.received,
-                           missing=missing, closed=closed,
-                           aggregation={k: diagnostics[k] for k in (
-                               "rule", "used", "excluded", "clipped", "weight_capped",
-                               "fallbacks") if diagnostics[k] or k in ("rule", "used")})
+        self.last_round = self._record_round(
+            r, metrics=metrics, epsilon=eps, received=report.received, seconds=report.seconds,
+            missing=missing, closed=closed,
+            aggregation={k: diagnostics[k] for k in ("rule", "used", "excluded", "clipped",
+                                                     "weight_capped", "fallbacks")
+                         if diagnostics[k] or k in ("rule", "used")})
         self._save_checkpoint()
         self._ack_before(self.book.current)
         return report
@@ -598,6 +916,7 @@ class Node:
             body = self.state.stored_plain_body(r) if env.kind == KIND_SEALED else env.body
             share = envelope.decode_share(body, spec)
             self.seq = max(self.seq, env.seq + 1)
+            self._own_release[r] = (env.seq, env.digest, env.sig)
             own = WeightedShare(self.name, share.weight, named_to_flat(self.model, share.tensors))
             return stored, own, float("nan"), True
         pc, tc = self.cfg.privacy, self.cfg.training
@@ -664,14 +983,18 @@ class Node:
         if self.cfg.attack is not None:  # a rehearsed hostile member: what goes on the wire
             body = self._attack_body(r, start, update, released, weight)
         else:
-            body = envelope.encode_share(flat_to_named(self.model, released), weight)
+            body = envelope.encode_share(flat_to_named(self.model, released), weight,
+                                         self._norm())
         # The round's deadline counts from here: waiting for prekeys and for shares share it.
         self._restart_deadline()
         data = await self._pack_share(r, body)
         # The ledger names a release by its envelope digest: what the signature covers,
         # and what every receiver writes to its audit log for the share it accepted.
-        digest = (envelope.decode_outer(data, self.cfg.gossip.max_envelope_bytes).digest.hex()
-                  if data is not None else _blake(body))
+        packed = (envelope.decode_outer(data, self.cfg.gossip.max_envelope_bytes)
+                  if data is not None else None)
+        digest = packed.digest.hex() if packed is not None else _blake(body)
+        if packed is not None:
+            self._own_release[r] = (packed.seq, packed.digest, packed.sig)
         for record in charges:
             # Charged and fsync'd before the bytes exist anywhere but in memory, and
             # also when nobody could be sealed for: our model goes on from this share.
@@ -789,6 +1112,12 @@ class Node:
         if self._tg is not None:  # owned and awaited by the run's TaskGroup
             self._tg.create_task(self._send(member, data),
                                  name=f"{self.name}-hello-reply-{member}")
+            stats = self.state.path / self.STATS_FILE
+            if where == "hello" and self._tables is not None and stats.exists():
+                # It needs every member's statistics (federated normalization): ours,
+                # exactly as first sent.
+                self._tg.create_task(self._send(member, stats.read_bytes()),
+                                     name=f"{self.name}-stats-reply-{member}")
 
     async def _in_background(self, coro: Coroutine[Any, Any, None], what: str) -> None:
         """Hand a send to the run's TaskGroup (which awaits it, or cancels it with the
@@ -882,13 +1211,19 @@ class Node:
         for note in d["fallbacks"]:
             log.warning("%s: round %d: %s: %s", self.name, r + 1, note["reason"], note["detail"])
 
-    def _record_round(self, r: int, **fields: object) -> None:
-        """One metrics.jsonl line: the round's own fields plus the running counters."""
-        self.state.append_jsonl("metrics.jsonl", {
+    def _record_round(self, r: int, **fields: object) -> dict[str, Any]:
+        """One metrics.jsonl line: the round's own fields plus the running counters, and
+        the bytes since the previous line (since start, for the first line of a run)."""
+        sent, got = self.transport.stats.bytes_sent, self.transport.stats.bytes_received
+        last_sent, last_got = self._bytes_recorded
+        self._bytes_recorded = (sent, got)
+        line = {
             "round": r, **fields, "rejected": self.rejected(),
-            "bytes_sent": self.transport.stats.bytes_sent,
-            "bytes_received": self.transport.stats.bytes_received,
-        })
+            "bytes_sent": sent, "bytes_received": got,
+            "round_bytes_sent": sent - last_sent, "round_bytes_received": got - last_got,
+        }
+        self.state.append_jsonl("metrics.jsonl", line)
+        return line
 
     async def _broadcast(self, r: int, data: bytes) -> None:
         """A message the transport refuses (e.g. a share over the broker's packet limit) is
@@ -927,14 +1262,19 @@ class Node:
                             self._missed[m])
 
     async def _collect(self, r: int, deadline: float) -> None:
+        await self._wait_until(lambda: self.book.complete(r, ignore=self._ignorable()), deadline)
+
+    async def _wait_until(self, done: Callable[[], bool], end: float) -> bool:
+        """Until done() holds (checked again after each message handle() files) or the
+        loop time `end`; False if the time ran out first."""
         loop = asyncio.get_running_loop()
         while True:
             self._arrived.clear()
-            if self.book.complete(r, ignore=self._ignorable()):
-                return
-            remaining = deadline - loop.time()
+            if done():
+                return True
+            remaining = end - loop.time()
             if remaining <= 0 or not await self._wait_arrival(remaining):
-                return
+                return done()
 
     async def _wait_arrival(self, seconds: float) -> bool:
         """Until handle() files something (the caller cleared `_arrived` before it last

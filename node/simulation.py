@@ -5,6 +5,13 @@ file, node configs on disk, parquet data files, signed envelopes verified on
 arrival — only the network is an in-process hub. Same seed, same run: the
 split, the partitions, shuffling and (simulation only) the privacy noise all
 derive from `--seed`.
+
+The rows come from a built-in table (split, partitioned) or from the members'
+own files (`--data-dir`: one file per member, read in place by its node; each
+holds out its rows as a node without data.eval_path does). A run's settings come
+together in `build_spec`: defaults, a scenario file, the flags typed. Both
+simulators (this one and scripts/simulate_network.py) report, per member, its
+local-only and consortium models on its own held-out rows (`own_rows`).
 """
 
 from __future__ import annotations
@@ -19,7 +26,6 @@ from typing import Any
 import numpy as np
 import tomli_w
 import torch
-from sklearn.model_selection import train_test_split
 
 from gossip.errors import LocalError
 from gossip.membership import (
@@ -82,6 +88,17 @@ class SimulationSpec:
     # Rehearsed attacks: "KIND[=PARAM]:MEMBER[,MEMBER...]" (node.cli.add_attack_flag);
     # the members named get an [attack] section (node.config.AttackConfig)
     attacks: tuple[str, ...] = ()
+    # The members' own files instead of a built-in table (--data-dir; see read_data_dir):
+    # one CSV/Parquet per member, `nodes` and `partition` then do not apply.
+    data_dir: Path | None = None
+    label: str | None = None  # the label column (default: the schema's, else "label")
+    schema_path: Path | None = None  # the consortium's filled schema; else drafted (pooled)
+    test_path: Path | None = None  # a common test set; else DIR/test.csv|parquet if present
+
+    @property
+    def source(self) -> str:
+        """What the members' rows are: the built-in table's name or the data dir's."""
+        return self.data_dir.name if self.data_dir is not None else self.dataset
 
     def faults_for(self, name: str) -> dict | None:
         """The [faults] section of member `name`'s config (None: no faults)."""
@@ -98,6 +115,269 @@ class SimulationSpec:
 
     def present(self, names: list[str]) -> list[str]:
         return [n for n in names if n not in self.absent]
+
+
+# --- one spec from a scenario file and the command line ------------------------------
+
+# argparse dest -> SimulationSpec field, where the flag is the field under another name
+# (the fault, rules and attack flags are parsed by node.cli's *_fields helpers).
+_RENAMED = {"network_config": "network_config", "data_dir": "data_dir", "schema": "schema_path",
+            "test": "test_path", "round_deadline": "round_deadline_s"}
+_PATHS = ("network_config", "data_dir", "schema_path", "test_path", "out")
+_PARSED = {"loss": ("loss",), "delay": ("delay_ms", "jitter_ms"),
+           "net_partition": ("net_partitions",), "absent": ("absent",),
+           "straggler": ("stragglers",), "aggregation": ("aggregation",), "f": ("f",),
+           "max_weight_fraction": ("max_weight_fraction",),
+           "aggregation_param": ("aggregation_params",), "attack": ("attacks",)}
+_DATA_FIELDS = ("data_dir", "label", "schema_path", "test_path")
+
+
+def flag_fields(args: Any, defaults: Mapping[str, Any],
+                given_flags: list[str] | None = None) -> dict[str, Any]:
+    """SimulationSpec fields from the flags given on the command line only
+    (args.given_flags, recorded by node.cli.track_given; or `given_flags`);
+    `defaults` are every flag's default, by dest."""
+    import argparse
+
+    from node.cli import attack_fields, fault_fields, rules_fields
+
+    spec_fields = set(SimulationSpec.__dataclass_fields__)
+    names = given_flags if given_flags is not None else getattr(args, "given_flags", ())
+    given = {k: getattr(args, k) for k in names if k in defaults}
+    full = argparse.Namespace(**{**defaults, **given})
+    parsed = {**fault_fields(full), **rules_fields(full), **attack_fields(full)}
+    out: dict[str, Any] = {}
+    for dest, value in given.items():
+        if dest in _PARSED:
+            out.update({f: parsed[f] for f in _PARSED[dest]})
+            continue
+        name = _RENAMED.get(dest, dest)
+        if name in spec_fields:
+            out[name] = Path(value) if name in _PATHS and value is not None else value
+    return out
+
+
+def _scenario_model():
+    """The scenario file's pydantic model (built on first use: pydantic only then)."""
+    from typing import Literal
+
+    from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+    class Strict(BaseModel):
+        model_config = ConfigDict(extra="forbid")
+
+    class Data(Strict):
+        dir: str = Field(min_length=1)
+        label: str | None = None
+        schema_: str | None = Field(default=None, alias="schema")
+        test: str | None = None
+
+    class Model(Strict):
+        kind: Literal["logreg", "mlp"] | None = None
+        hidden: int | None = Field(default=None, ge=1, le=65536)
+        epochs: int | None = Field(default=None, ge=1)
+        batch_size: int | None = Field(default=None, ge=1)
+        lr: float | None = Field(default=None, gt=0)
+
+    class Privacy(Strict):
+        mode: Literal["off", "update", "record"] | None = None
+        clip: float | None = Field(default=None, gt=0)
+        epsilon: float | None = Field(default=None, gt=0)
+        sigma: float | None = Field(default=None, gt=0)
+        delta: float | None = Field(default=None, gt=0, lt=1)
+        weight: Literal["noised", "uniform"] | None = None
+
+        @model_validator(mode="after")
+        def _one_budget(self):
+            if self.epsilon is not None and self.sigma is not None:
+                raise ValueError("give epsilon (a total budget) or sigma (a fixed noise "
+                                 "multiplier), not both")
+            return self
+
+    class Aggregation(Strict):
+        rule: str | None = None
+        f: int | None = Field(default=None, ge=0)
+        max_weight_fraction: float | None = Field(default=None, gt=0)
+        params: dict[str, int | float | str] | None = None
+
+    class Faults(Strict):
+        loss: float | None = Field(default=None, ge=0, lt=1)
+        delay_ms: float | None = Field(default=None, ge=0)
+        jitter_ms: float | None = Field(default=None, ge=0)
+        partitions: list[str] | None = None
+        absent: list[str] | None = None
+        stragglers: dict[str, float] | None = None
+
+    class Scenario(Strict):
+        description: str | None = None
+        dataset: Literal["default", "churn", "digits"] | None = None
+        data: Data | None = None
+        members: int | None = Field(default=None, ge=2)
+        partition: str | None = None
+        network_config: str | None = None
+        transport: Literal["libp2p", "mqtt"] | None = None
+        seal: Literal["auto", "on", "off"] | None = None
+        round_deadline_s: float | None = Field(default=None, gt=0)
+        rounds: int | None = Field(default=None, ge=1)
+        seed: int | None = None
+        out: str | None = None
+        model: Model | None = None
+        privacy: Privacy | None = None
+        aggregation: Aggregation | None = None
+        faults: Faults | None = None
+        attacks: list[str] | None = None
+
+        @model_validator(mode="after")
+        def _one_source(self):
+            if self.dataset is not None and self.data is not None:
+                raise ValueError("give dataset (a built-in table) or [data] (the members' "
+                                 "own files), not both")
+            if self.data is not None:
+                for key in ("members", "partition"):
+                    if getattr(self, key) is not None:
+                        raise ValueError(f"{key}: does not apply with [data] (the members "
+                                         "are its files, one per member)")
+            return self
+
+    return Scenario
+
+
+def read_scenario(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """A scenario file -> (SimulationSpec fields it sets, network-only fields it sets).
+    Relative paths in it are relative to the file; an unknown key is an error naming it."""
+    from pydantic import ValidationError
+
+    doc = read_toml(path, "scenario file")
+    try:
+        sc = _scenario_model().model_validate(doc)
+    except ValidationError as exc:
+        parts = []
+        for err in exc.errors():
+            loc = ".".join(str(x) for x in err["loc"])
+            if err["type"] == "extra_forbidden":
+                parts.append(f"unknown key {loc!r}")
+            else:
+                parts.append(f"{loc}: {err['msg'].removeprefix('Value error, ')}" if loc
+                             else err["msg"].removeprefix("Value error, "))
+        raise LocalError(f"scenario file {path}: " + "; ".join(parts)) from None
+    base = path.resolve().parent
+
+    def rel(text: str) -> Path:
+        return (base / Path(text).expanduser()).resolve()
+
+    f: dict[str, Any] = {}
+    net: dict[str, Any] = {}
+    simple = {"dataset": sc.dataset, "nodes": sc.members, "partition": sc.partition,
+              "seal": sc.seal, "round_deadline_s": sc.round_deadline_s, "rounds": sc.rounds,
+              "seed": sc.seed}
+    f.update({k: v for k, v in simple.items() if v is not None})
+    if sc.transport is not None:
+        net["transport"] = sc.transport
+    for key, text in (("out", sc.out), ("network_config", sc.network_config)):
+        if text is not None:
+            f[key] = rel(text)
+    if sc.data is not None:
+        f["data_dir"] = rel(sc.data.dir)
+        if sc.data.label is not None:
+            f["label"] = sc.data.label
+        if sc.data.schema_ is not None:
+            f["schema_path"] = rel(sc.data.schema_)
+        if sc.data.test is not None:
+            f["test_path"] = rel(sc.data.test)
+    if sc.model is not None:
+        m = {"model": sc.model.kind, "hidden": sc.model.hidden, "epochs": sc.model.epochs,
+             "batch_size": sc.model.batch_size, "lr": sc.model.lr}
+        f.update({k: v for k, v in m.items() if v is not None})
+    if sc.privacy is not None:
+        p = {"privacy": sc.privacy.mode, "clip": sc.privacy.clip, "delta": sc.privacy.delta,
+             "weight": sc.privacy.weight, "epsilon": sc.privacy.epsilon,
+             "sigma": sc.privacy.sigma}
+        f.update({k: v for k, v in p.items() if v is not None})
+    if sc.aggregation is not None:
+        a = sc.aggregation
+        g = {"aggregation": a.rule, "f": a.f, "max_weight_fraction": a.max_weight_fraction,
+             "aggregation_params": a.params}
+        f.update({k: v for k, v in g.items() if v is not None})
+    if sc.faults is not None:
+        x = sc.faults
+        g = {"loss": x.loss, "delay_ms": x.delay_ms, "jitter_ms": x.jitter_ms,
+             "net_partitions": tuple(x.partitions) if x.partitions is not None else None,
+             "absent": tuple(x.absent) if x.absent is not None else None,
+             "stragglers": tuple(x.stragglers.items()) if x.stragglers is not None else None}
+        f.update({k: v for k, v in g.items() if v is not None})
+    if sc.attacks is not None:
+        f["attacks"] = tuple(sc.attacks)
+    return f, net
+
+
+def build_spec(scenario: Path | None, flags: Mapping[str, Any], *, network: bool = False,
+               defaults: Mapping[str, Any] | None = None, notes: list[str] | None = None
+               ) -> SimulationSpec:
+    """The one place a run's settings come together: the simulator's defaults, then the
+    scenario file (if any), then the flags given on the command line (flag_fields), which
+    override the file. `network`: scripts/simulate_network.py (the file's transport
+    applies); in process the transport is always the memory hub."""
+    fields: dict[str, Any] = dict(defaults or {})
+    if scenario is not None:
+        from_file, net = read_scenario(scenario)
+        if network:
+            from_file.update(net)
+        elif net and notes is not None:
+            notes.append(f"scenario {scenario.name}: transport = {net['transport']!r} applies "
+                         "to scripts/simulate_network.py; in process the members share a "
+                         "memory hub")
+        fields.update(from_file)
+    flags = dict(flags)
+    # A data source, a privacy budget, a delay: the command line's replaces the file's whole.
+    if "dataset" in flags:
+        for k in (*_DATA_FIELDS,):
+            fields.pop(k, None)
+    if "data_dir" in flags:
+        for k in ("dataset", "nodes", "partition", "label", "schema_path", "test_path"):
+            fields.pop(k, None)
+    if "epsilon" in flags or "sigma" in flags:
+        fields.pop("epsilon", None)
+        fields.pop("sigma", None)
+    if "data_dir" in flags and "dataset" in flags:
+        raise LocalError("--dataset and --data-dir: give one (a built-in table, or the "
+                         "members' own files)")
+    fields.update(flags)
+    if fields.get("data_dir") is not None:
+        for key, flag in (("nodes", "--nodes"), ("partition", "--partition")):
+            if key in flags:
+                raise LocalError(f"{flag} does not apply with --data-dir: the members are "
+                                 "its files, one per member")
+        fields.setdefault("dataset", "default")
+    else:
+        for key, flag in (("label", "--label"), ("schema_path", "--schema"),
+                          ("test_path", "--test")):
+            if fields.get(key) is not None:
+                raise LocalError(f"{flag} applies only with --data-dir (the members' own files)")
+    if fields.get("out") is None:
+        raise LocalError("no run directory: give --out DIR (or out = \"DIR\" in the "
+                         "scenario file)")
+    if fields.get("epsilon") is not None:
+        fields["sigma"] = None
+    elif fields.get("sigma") is None:
+        fields["sigma"] = 1.0
+    fields.setdefault("dataset", "default")
+    fields.setdefault("nodes", 4)
+    fields.setdefault("partition", "dirichlet:0.5")
+    fields.setdefault("rounds", 30)
+    fields.setdefault("seed", 0)
+    return SimulationSpec(**fields)
+
+
+def spec_from_args(args: Any, *, network: bool = False,
+                   notes: list[str] | None = None) -> SimulationSpec:
+    """build_spec for a parsed command line (a parser set up with node.cli.track_given):
+    the parser's defaults, then args.scenario, then the flags typed."""
+    import argparse
+
+    defaults = args.flag_defaults
+    return build_spec(args.scenario, flag_fields(args, defaults), network=network,
+                      defaults=flag_fields(argparse.Namespace(**defaults), defaults,
+                                           list(defaults)), notes=notes)
 
 
 ATTACK_SYNTAX = "KIND[=PARAM]:MEMBER[,MEMBER...] (or KIND:PARAM:MEMBERS)"
@@ -159,7 +439,10 @@ class NetworkTemplate:
 
 
 def network_template(spec: SimulationSpec) -> NetworkTemplate:
-    """Read (once) and check --network-config, or make the default template."""
+    """Read (once) and check --network-config, or make the default template. With
+    --data-dir the members are the data files' stems (in sorted order)."""
+    if spec.data_dir is not None:
+        return _data_dir_template(spec, list(data_dir_files(spec)[0]))
     if spec.network_config is None:
         names = [f"{MEMBER_PREFIX.get(spec.dataset, 'member')}-{i}" for i in range(spec.nodes)]
         return NetworkTemplate(f"sim-{spec.dataset}-{spec.nodes}", {n: {"memory": n} for n in names})
@@ -181,9 +464,150 @@ def network_template(spec: SimulationSpec) -> NetworkTemplate:
         if name in members:
             raise LocalError(f"{src}: members[{i}].name: {name!r} is listed twice")
         members[name] = dict(addresses)
+    if spec.data_dir is not None:
+        return NetworkTemplate(head["name"], members)
     if len(members) != spec.nodes:
         raise LocalError(f"{src} lists {len(members)} members but --nodes is {spec.nodes}")
     return NetworkTemplate(head["name"], members)
+
+
+def _data_dir_template(spec: SimulationSpec, names: list[str]) -> NetworkTemplate:
+    """The members are the data files' stems; a --network-config must list exactly them."""
+    if spec.network_config is None:
+        return NetworkTemplate(f"sim-{spec.source}-{len(names)}", {n: {"memory": n} for n in names})
+    template = network_template(SimulationSpec(**{**spec.__dict__, "data_dir": None,
+                                                  "nodes": len(names)}))
+    missing = sorted(set(names) - set(template.members))
+    extra = sorted(set(template.members) - set(names))
+    if missing or extra:
+        raise LocalError(f"--network-config {spec.network_config}: its members must be the "
+                         f"member files in --data-dir {spec.data_dir} (file stems {names}); "
+                         + "; ".join(x for x in (
+                             f"not listed: {missing}" if missing else "",
+                             f"no file for: {extra}" if extra else "") if x))
+    return NetworkTemplate(template.name, {n: template.members[n] for n in names})
+
+
+# --- the members' own files (--data-dir) -------------------------------------------
+
+DATA_SUFFIXES = (".csv", ".parquet")
+TEST_STEM = "test"  # DIR/test.csv or DIR/test.parquet: the common test set, not a member
+# A member without data.eval_path holds this share of its rows out of training
+# (node.config.DataConfig.eval_fraction's default), split as node/runner.py does.
+EVAL_FRACTION = 0.2
+
+
+def data_dir_files(spec: SimulationSpec) -> tuple[dict[str, Path], Path | None]:
+    """--data-dir's member files (stem -> path, sorted) and the common test set, if any.
+    Only lists and checks names: nothing is read yet."""
+    d = spec.data_dir
+    assert d is not None
+    if not d.is_dir():
+        raise LocalError(f"--data-dir {d}: not a directory")
+    found: dict[str, Path] = {}
+    for p in sorted(d.iterdir()):
+        if p.name.startswith(".") or not p.is_file() or p.suffix not in DATA_SUFFIXES:
+            continue
+        if p.stem in found:
+            raise LocalError(f"--data-dir {d}: {found[p.stem].name} and {p.name} both name "
+                             f"member {p.stem!r} (one file per member): remove one")
+        found[p.stem] = p
+    test = found.pop(TEST_STEM, None)
+    if spec.test_path is not None:
+        given = spec.test_path
+        if test is not None and test.resolve() != given.resolve():
+            raise LocalError(f"--test {given}: {d} also holds {test.name}, which is the common "
+                             "test set by convention: remove one of them")
+        if not given.is_file():
+            raise LocalError(f"--test {given}: no such file")
+        if given.suffix not in DATA_SUFFIXES:
+            raise LocalError(f"--test {given}: expected a .csv or .parquet file")
+        found = {n: p for n, p in found.items() if p.resolve() != given.resolve()}
+        test = given
+    if not found:
+        raise LocalError(f"--data-dir {d}: no member files (one NAME.csv or NAME.parquet per "
+                         "member; the member's name is the file's stem)")
+    for stem, p in found.items():
+        check_member_name(stem, f"--data-dir: {p}: the member name (the file's stem)")
+    if len(found) < 2:
+        raise LocalError(f"--data-dir {d}: a consortium needs at least 2 members, found one "
+                         f"member file ({next(iter(found.values())).name})")
+    return found, test
+
+
+def held_out_split(n_rows: int, seed: int, fraction: float = EVAL_FRACTION
+                   ) -> tuple[np.ndarray, np.ndarray]:
+    """(training rows, held-out rows) of a member without data.eval_path: exactly the
+    split node/runner.py Node.from_config makes (tests/test_data_dir.py checks)."""
+    order = np.random.default_rng(seed).permutation(n_rows)
+    cut = int(n_rows * (1 - fraction))
+    return order[:cut], order[cut:]
+
+
+def member_seed(spec: SimulationSpec, index: int) -> int:
+    """training.seed of the index-th member's config."""
+    return spec.seed * 1000 + index
+
+
+def baseline_schema(schema: FeatureSchema, train_rows: dict[str, Any],
+                    max_fraction: float | None) -> FeatureSchema:
+    """What the simulator encodes its baselines (centralized, local-only) and the common
+    test set with. normalize = "federated": the statistics the nodes agree with privacy
+    off (exact, clipped sums of every member's training rows, node/normalize.py); the
+    nodes themselves run the real agreement before round 1 (noised in record mode)."""
+    if schema.mode != "federated":
+        return schema
+    from node.normalize import combine, member_stats
+
+    msgs = {n: member_stats(df, schema, n) for n, df in train_rows.items()}
+    return schema.with_stats(combine(msgs, schema, max_fraction).stats)
+
+
+def _check_columns(frames: dict[str, Any], files: dict[str, Path]) -> None:
+    names = list(frames)
+    first = names[0]
+    cols = list(frames[first].columns)
+    for n in names:
+        df = frames[n]
+        odd = [c for c in df.columns if not isinstance(c, str)]
+        if odd:
+            raise LocalError(f"{files[n]}: column names must be text, got {odd[:5]}")
+        if len(df) == 0:
+            raise LocalError(f"{files[n]}: no rows (only a header?)")
+        if list(df.columns) == cols:
+            continue
+        missing = [c for c in cols if c not in df.columns]
+        extra = [c for c in df.columns if c not in cols]
+        why = "; ".join(x for x in (f"missing {missing}" if missing else "",
+                                    f"extra {extra}" if extra else "") if x) or \
+            "same columns in another order"
+        raise LocalError(f"{files[n]}: its columns differ from {files[first].name}'s ({why}): "
+                         "every member file must have the same columns")
+
+
+def _draft_schema(frames: dict[str, Any], train_idx: dict[str, np.ndarray], test_df: Any,
+                  label: str) -> FeatureSchema:
+    """What a simulator may do and a consortium may not: fit the schema on the pooled
+    member rows (scaling from the training rows; categories and classes from all rows)."""
+    import pandas as pd
+    from pydantic import ValidationError
+
+    everything = [*frames.values(), *([test_df] if test_df is not None else [])]
+    categorical = [c for c in everything[0].columns if c != label and not all(
+        pd.api.types.is_numeric_dtype(df[c]) and not pd.api.types.is_bool_dtype(df[c])
+        for df in everything if c in df.columns)]
+    pooled = pd.concat([df.iloc[train_idx[n]] for n, df in frames.items()], ignore_index=True)
+    full = pd.concat(everything, ignore_index=True)
+    try:
+        schema = fit_schema(pooled, label, categorical)
+        vocab = fit_schema(full, label, categorical)
+    except ValidationError as exc:
+        from node.data import _pydantic_message
+
+        raise LocalError(f"--data-dir: drafting the schema from the pooled files: "
+                         f"{_pydantic_message(exc)}") from None
+    return schema.model_copy(update={"classes": vocab.classes, "columns": [
+        c if c.kind == "numeric" else vocab.columns[i] for i, c in enumerate(schema.columns)]})
 
 
 def member_names(spec: SimulationSpec) -> list[str]:
@@ -204,15 +628,201 @@ def privacy_section(spec: SimulationSpec) -> dict[str, Any]:
     return section
 
 
+XY = tuple[np.ndarray, np.ndarray]
+
+
 @dataclass
 class Prepared:
     names: list[str]
     schema: FeatureSchema
     config_paths: list[Path]
-    train_parts: list[tuple[np.ndarray, np.ndarray]]
-    train_all: tuple[np.ndarray, np.ndarray]
-    test: tuple[np.ndarray, np.ndarray]
+    train_parts: list[XY]  # the rows each member trains on
+    train_all: XY
+    test: XY  # the common test set (or, without one, every member's held-out rows pooled)
     consortium: Consortium
+    own_parts: list[XY] = field(default_factory=list)  # each member's own held-out rows
+    test_source: str = "consortium test set"  # what `test` is, for people
+    own_source: str = ""  # what `own_parts` are, for people
+    common_test: bool = True  # False: `test` is only the members' held-out rows pooled
+    notes: list[str] = field(default_factory=list)  # said once at the start of a run
+    # normalize = "federated": the raw rows `test` and `own_parts` were encoded from, so
+    # the final models are scored on rows encoded with the statistics their nodes agreed
+    # (evaluation_rows); None otherwise.
+    raw_eval: tuple[Any, dict[str, Any]] | None = None
+
+
+def evaluation_rows(prep: Prepared, state: Path) -> tuple[XY, list[XY]]:
+    """The common test set and the members' own held-out rows, encoded as the node whose
+    state dir this is encodes (its agreed statistics under federated normalization)."""
+    agreed_file = state / "normalization.json"
+    if prep.raw_eval is None or not agreed_file.exists():
+        return prep.test, prep.own_parts
+    from node.normalize import Agreed
+
+    agreed = Agreed.from_json(json.loads(agreed_file.read_text()), prep.schema)
+    enc = prep.schema.with_stats(agreed.stats)
+    test_df, own_dfs = prep.raw_eval
+    own = [encode(own_dfs[n], enc, n) for n in prep.names]
+    test = encode(test_df, enc, "test") if test_df is not None else (
+        np.concatenate([o[0] for o in own]), np.concatenate([o[1] for o in own]))
+    return test, own
+
+
+@dataclass
+class _Rows:
+    """What a data source gives prepare(): the schema, per member its training and own
+    held-out rows and its config's [data] section, and the files to write into out/data."""
+
+    schema: FeatureSchema
+    train: dict[str, XY]
+    own: dict[str, XY]
+    data_sections: dict[str, dict[str, str]]
+    test: XY
+    test_source: str
+    own_source: str
+    common_test: bool
+    write: dict[str, Any] = field(default_factory=dict)  # file name -> DataFrame
+    notes: list[str] = field(default_factory=list)
+    train_all: XY | None = None  # the pooled training rows (else the parts concatenated)
+    raw_eval: tuple[Any, dict[str, Any]] | None = None  # see Prepared.raw_eval
+
+
+def _builtin_rows(spec: SimulationSpec, names: list[str]) -> _Rows:
+    """A built-in table: a stratified common test set, the rest partitioned."""
+    df, label, categorical = load_demo(spec.dataset)
+    from sklearn.model_selection import train_test_split  # ~1 s of import: only here
+
+    train_df, test_df = train_test_split(df, test_size=TEST_FRACTION, random_state=spec.seed,
+                                         stratify=df[label])
+    train_df, test_df = train_df.reset_index(drop=True), test_df.reset_index(drop=True)
+    # Scaling constants and vocabularies from the pooled training rows (and the
+    # vocabularies from all rows, so no test row holds an unknown category).
+    schema = fit_schema(train_df, label, categorical)
+    full_vocab = fit_schema(df, label, categorical)
+    schema = schema.model_copy(update={"columns": [
+        c if c.kind == "numeric" else full_vocab.columns[i]
+        for i, c in enumerate(schema.columns)]})
+    parts = partition(train_df, label, len(names), spec.partition,
+                      np.random.default_rng(spec.seed))
+    owners = attribute_rows(test_df, train_df, parts, label, spec)
+    X_test, y_test = encode(test_df, schema, "test")
+    rows = _Rows(schema, {}, {}, {}, (X_test, y_test),
+                 f"consortium test set ({len(y_test)} rows, stratified {int(100 * TEST_FRACTION)} %)",
+                 "the member's share of the consortium test set, drawn like its partition "
+                 f"({spec.partition})", True, {"test.parquet": test_df},
+                 train_all=encode(train_df, schema, "train"))
+    for i, name in enumerate(names):
+        part = train_df.iloc[parts[i]]
+        rows.write[f"{name}.parquet"] = part
+        rows.train[name] = encode(part, schema, name)
+        rows.own[name] = (X_test[owners == i], y_test[owners == i])
+        rows.data_sections[name] = {"path": f"../data/{name}.parquet",
+                                    "eval_path": "../data/test.parquet"}
+    return rows
+
+
+def attribute_rows(test_df: Any, train_df: Any, parts: list[np.ndarray], label: str,
+                   spec: SimulationSpec) -> np.ndarray:
+    """Built-in tables: which member "owns" each test row (its own held-out rows), drawn
+    as its partition was: column:NAME by the column's value, iid evenly at random,
+    dirichlet per class in proportion to the member's rows of that class. -1: nobody
+    (a column value no member trains on)."""
+    from node.data import parse_partition
+
+    n = len(parts)
+    rng = np.random.default_rng([spec.seed, 2])
+    kind, arg = parse_partition(spec.partition)
+    owners = np.full(len(test_df), -1, dtype=np.int64)
+    if kind == "column":
+        values = sorted(train_df[arg].astype(str).unique())
+        owner = {v: rank % n for rank, v in enumerate(values)}
+        owners[:] = test_df[arg].astype(str).map(owner).fillna(-1).to_numpy(dtype=np.int64)
+    elif kind == "iid":
+        for i, chunk in enumerate(np.array_split(rng.permutation(len(test_df)), n)):
+            owners[chunk] = i
+    else:
+        member_of = np.empty(len(train_df), dtype=np.int64)
+        for i, p in enumerate(parts):
+            member_of[p] = i
+        train_labels = train_df[label].astype(str).to_numpy()
+        test_labels = test_df[label].astype(str).to_numpy()
+        for c in np.unique(test_labels):
+            counts = np.bincount(member_of[train_labels == c], minlength=n).astype(float)
+            rows = np.flatnonzero(test_labels == c)
+            if counts.sum() > 0:
+                owners[rows] = rng.choice(n, size=len(rows), p=counts / counts.sum())
+    return owners
+
+
+def _data_dir_rows(spec: SimulationSpec, names: list[str]) -> _Rows:
+    """The members' own files: each member holds out its rows as a node without
+    data.eval_path does, and trains on the rest; its node reads its file in place."""
+    from node.data import read_table
+
+    files, test_path = data_dir_files(spec)
+    frames = {n: read_table(files[n]) for n in names}
+    _check_columns(frames, files)
+    cols = list(frames[names[0]].columns)
+    notes = []
+    test_df = None
+    if test_path is not None:
+        test_df = read_table(test_path)
+        missing = [c for c in cols if c not in test_df.columns]
+        if missing:
+            raise LocalError(f"{test_path}: the common test set lacks column(s) {missing} "
+                             f"that the member files ({files[names[0]].name}, ...) have")
+        if len(test_df) == 0:
+            raise LocalError(f"{test_path}: no rows (only a header?)")
+        test_df = test_df[cols]
+    splits = {n: held_out_split(len(frames[n]), member_seed(spec, i))
+              for i, n in enumerate(names)}
+    if spec.schema_path is not None:
+        where = f"--schema {spec.schema_path}"
+        schema = FeatureSchema.from_dict(read_toml(spec.schema_path, "--schema"), where)
+        if spec.label is not None and spec.label != schema.label:
+            raise LocalError(f"--label {spec.label!r}: {where} says the label is "
+                             f"{schema.label!r}")
+    else:
+        label = spec.label or "label"
+        if label not in cols:
+            raise LocalError(f"--label {label!r}: no such column in {files[names[0]]} (columns: "
+                             f"{', '.join(map(repr, cols))})" if spec.label is not None else
+                             f"--data-dir: {files[names[0]]} has no column 'label': name the "
+                             "label column with --label COL")
+        schema = _draft_schema(frames, {n: splits[n][0] for n in names}, test_df, label)
+        notes.append("schema drafted from the pooled member files (scaling from their "
+                     "training rows): only a simulator can pool rows; a real consortium writes "
+                     "its schema with `flnode schema infer` on each member's files and "
+                     "`flnode schema merge` (then rehearse with --schema)")
+    from node.rules import default_cap
+
+    enc = baseline_schema(schema, {n: frames[n].iloc[splits[n][0]] for n in names},
+                          spec.max_weight_fraction or default_cap(len(names)))
+    if enc is not schema:
+        notes.append("normalize = \"federated\": the members agree mean and std before round 1 "
+                     "(node/normalize.py); the baselines use the exact pooled statistics")
+    train, own, sections = {}, {}, {}
+    for n in names:
+        X, y = encode(frames[n], enc, str(files[n]))
+        tr, held = splits[n]
+        if len(tr) == 0 or len(held) == 0:
+            raise LocalError(f"{files[n]}: {len(y)} row(s) are too few to hold out "
+                             f"{int(100 * EVAL_FRACTION)} % and train on the rest")
+        train[n], own[n] = (X[tr], y[tr]), (X[held], y[held])
+        sections[n] = {"path": str(files[n].resolve())}
+    own_source = (f"the member's own held-out rows ({int(100 * EVAL_FRACTION)} % of its file, "
+                  "as a node without data.eval_path holds them out)")
+    if test_df is not None:
+        test = encode(test_df, enc, str(test_path))
+        source = f"common test set {test_path.name} ({len(test[1])} rows)"
+    else:
+        test = (np.concatenate([own[n][0] for n in names]),
+                np.concatenate([own[n][1] for n in names]))
+        source = f"no common test set: the members' held-out rows pooled ({len(test[1])} rows)"
+    raw_eval = None if enc is schema else (
+        test_df, {n: frames[n].iloc[splits[n][1]] for n in names})
+    return _Rows(schema, train, own, sections, test, source, own_source,
+                 test_df is not None, notes=notes, raw_eval=raw_eval)
 
 
 def check_faults(spec: SimulationSpec, names: list[str]) -> None:
@@ -244,7 +854,7 @@ def prepare(spec: SimulationSpec,
 
     `addresses` (member -> transport -> address) overrides the template's.
     """
-    if spec.nodes < 2:
+    if spec.data_dir is None and spec.nodes < 2:
         raise LocalError("--nodes: a consortium needs at least 2 members")
     template = network_template(spec)
     names = list(template.members)
@@ -256,19 +866,9 @@ def prepare(spec: SimulationSpec,
         if section["kind"] == "zero-prekey" and not seals(spec.seal, spec.transport):
             raise LocalError(f"--attack zero-prekey:{name}: needs sealed shares (--seal on; "
                              "only sealing nodes use prekeys)")
-    df, label, categorical = load_demo(spec.dataset)
-    train_df, test_df = train_test_split(df, test_size=TEST_FRACTION, random_state=spec.seed,
-                                         stratify=df[label])
-    train_df, test_df = train_df.reset_index(drop=True), test_df.reset_index(drop=True)
-    # Scaling constants and vocabularies from the pooled training rows (and the
-    # vocabularies from all rows, so no test row holds an unknown category).
-    schema = fit_schema(train_df, label, categorical)
-    full_vocab = fit_schema(df, label, categorical)
-    schema = schema.model_copy(update={"columns": [
-        c if c.kind == "numeric" else full_vocab.columns[i]
-        for i, c in enumerate(schema.columns)]})
-    parts = partition(train_df, label, spec.nodes, spec.partition,
-                      np.random.default_rng(spec.seed))
+    rows = (_data_dir_rows(spec, names) if spec.data_dir is not None
+            else _builtin_rows(spec, names))
+    schema = rows.schema
 
     out = spec.out
     for sub in ("keys", "data", "nodes", "state"):
@@ -282,26 +882,28 @@ def prepare(spec: SimulationSpec,
         save_identity(ident, out / "keys")
         addr = {**template.members[name], **(addresses or {}).get(name, {})}
         members.append(Member(name, ident.public_key, addr))
+    # Update-level DP with a fixed sigma: the consortium agrees it as the noise bound, so
+    # every member clips a share that lies further than honest noise could take it.
+    sigma = spec.sigma if spec.privacy == "update" and spec.epsilon is None else None
     rules = rules_table(len(members), spec.aggregation, spec.f, spec.max_weight_fraction, spec.privacy,
-                        spec.clip if spec.privacy != "off" else None, **spec.aggregation_params)
+                        spec.clip if spec.privacy != "off" else None, sigma,
+                        **spec.aggregation_params)
     consortium = Consortium(template.name, schema.to_dict(), tuple(members), rules)
     build_strategy(consortium, None, spec.privacy, spec.clip, "--aggregation")
     save_consortium(consortium, out / "consortium.toml")
-    test_df.to_parquet(out / "data" / "test.parquet")
-    config_paths, train_parts = [], []
+    for file_name, frame in rows.write.items():
+        frame.to_parquet(out / "data" / file_name)
+    config_paths = []
     for i, name in enumerate(names):
-        part = train_df.iloc[parts[i]]
-        part.to_parquet(out / "data" / f"{name}.parquet")
-        train_parts.append(encode(part, schema, name))
         cfg = {
             "state_dir": f"../state/{name}",
             "identity": {"key": f"../keys/{name}.key"},
             "consortium": {"path": "../consortium.toml"},
-            "data": {"path": f"../data/{name}.parquet", "eval_path": "../data/test.parquet"},
+            "data": rows.data_sections[name],
             "model": {"kind": spec.model, "hidden": spec.hidden},
             "training": {"rounds": spec.rounds, "epochs": spec.epochs,
                          "batch_size": spec.batch_size, "lr": spec.lr,
-                         "seed": spec.seed * 1000 + i},
+                         "seed": member_seed(spec, i)},
             "privacy": privacy_section(spec),
             "gossip": {"transport": spec.transport, "round_deadline_s": spec.round_deadline_s,
                        "seal": spec.seal},
@@ -316,18 +918,48 @@ def prepare(spec: SimulationSpec,
         path = out / "nodes" / f"{name}.toml"
         path.write_text(tomli_w.dumps(cfg))
         config_paths.append(path)
-    return Prepared(names, schema, config_paths, train_parts, encode(train_df, schema, "train"),
-                    encode(test_df, schema, "test"), consortium)
+    train_parts = [rows.train[n] for n in names]
+    train_all = rows.train_all or (np.concatenate([p[0] for p in train_parts]),
+                                   np.concatenate([p[1] for p in train_parts]))
+    return Prepared(names, schema, config_paths, train_parts, train_all, rows.test, consortium,
+                    [rows.own[n] for n in names], rows.test_source, rows.own_source,
+                    rows.common_test, rows.notes, rows.raw_eval)
 
 
 def train_baseline(spec: SimulationSpec, prep: Prepared, X: np.ndarray, y: np.ndarray,
-                   seed: int) -> dict[str, float]:
-    """Same model, same initial weights, same recipe, R epochs on X alone."""
+                   seed: int, own: XY | None = None) -> dict[str, float]:
+    """Same model, same initial weights, same recipe, R epochs on X alone; its metrics
+    on the test set (and, given `own` rows, under "own" its metrics on them)."""
     model = build_model(spec.model, prep.schema.n_features, prep.schema.n_classes, spec.hidden,
                         seed=init_seed_from(prep.consortium))
     train_local(model, X, y, epochs=spec.rounds, batch_size=spec.batch_size, lr=spec.lr,
                 generator=torch.Generator().manual_seed(seed))
-    return evaluate(model, *prep.test)
+    out: dict[str, Any] = evaluate(model, *prep.test)
+    if own is not None:
+        out["own"] = evaluate_rows(model, own)
+    return out
+
+
+def evaluate_rows(model: Any, rows: XY) -> dict[str, float]:
+    """evaluate() that also takes no rows (a member that owns none of a test set)."""
+    if len(rows[1]) == 0:
+        return {"accuracy": float("nan"), "roc_auc": float("nan"), "pr_auc": float("nan")}
+    return evaluate(model, *rows)
+
+
+def model_from_state(spec: SimulationSpec, prep: Prepared, state_dir: Path) -> Any:
+    """A member's final model from its checkpoint (a `flnode run` process's), or None."""
+    from node.models import set_flat
+    from node.state import StateDir
+
+    cp = StateDir(state_dir).load_checkpoint()
+    if cp is None:
+        return None
+    model = build_model(spec.model, prep.schema.n_features, prep.schema.n_classes, spec.hidden,
+                        seed=init_seed_from(prep.consortium))
+    flat = torch.frombuffer(bytearray(cp.model), dtype=torch.float32)
+    set_flat(model, flat)
+    return model
 
 
 async def run_consortium(spec: SimulationSpec, prep: Prepared,
@@ -361,18 +993,23 @@ class MemberResult:
     rounds_done: int
     stopped: str | None = None  # why the member stopped sharing early, if it did
     noise_multiplier: float | None = None
+    own: dict[str, float] | None = None  # its final model on its own held-out rows
 
 
-def result_of(node: Node, test: tuple[np.ndarray, np.ndarray]) -> MemberResult:
+def result_of(node: Node, test: tuple[np.ndarray, np.ndarray],
+              own: XY | None = None) -> MemberResult:
     return MemberResult(node.name, evaluate(node.model, *test), node.epsilon(),
                         node.transport.stats.bytes_sent, node.transport.stats.bytes_received,
                         node.rejected(), node.book.current, node.stopped,
-                        node.budget.plan.noise_multiplier if node.budget.plan else None)
+                        node.budget.plan.noise_multiplier if node.budget.plan else None,
+                        evaluate_rows(node.model, own) if own is not None else None)
 
 
 def summarize(spec: SimulationSpec, prep: Prepared, results: list[MemberResult],
               history: dict[int, dict[str, dict[str, float]]],
               centralized: dict[str, float], local_only: dict[str, dict[str, float]]) -> dict:
+    """summary.json. `local_only[name]["own"]` and `MemberResult.own` (when given) are the
+    local-only and consortium models' metrics on the member's own held-out rows."""
     metric = metric_name(prep.schema.n_classes)
     final = {r.name: r.final for r in results}
 
@@ -385,11 +1022,12 @@ def summarize(spec: SimulationSpec, prep: Prepared, results: list[MemberResult],
         for reason, count in r.rejected.items():
             rejected[reason] = rejected.get(reason, 0) + count
     summary: dict[str, Any] = {
-        "dataset": spec.dataset,
+        "dataset": spec.source,
+        "data_dir": str(spec.data_dir) if spec.data_dir is not None else None,
         "metric": metric,
-        "nodes": spec.nodes,
+        "nodes": len(prep.names),
         "rounds": spec.rounds,
-        "partition": spec.partition,
+        "partition": spec.partition if spec.data_dir is None else "the members' own files",
         "seed": spec.seed,
         "model": spec.model,
         "transport": spec.transport,
@@ -400,6 +1038,10 @@ def summarize(spec: SimulationSpec, prep: Prepared, results: list[MemberResult],
         "consortium_id": prep.consortium.id.hex(),
         "rows": {name: int(len(prep.train_parts[i][1])) for i, name in enumerate(prep.names)},
         "test_rows": int(len(prep.test[1])),
+        "test_set": prep.test_source,
+        "common_test": prep.common_test,
+        "own_rows": own_rows(prep, results, local_only, metric),
+        "own_rows_source": prep.own_source,
         "centralized": centralized[metric],
         "local_only": block(metric, local_only),
         "consortium": block(metric, final),
@@ -444,6 +1086,21 @@ def summarize(spec: SimulationSpec, prep: Prepared, results: list[MemberResult],
     return summary
 
 
+def own_rows(prep: Prepared, results: list[MemberResult],
+             local_only: dict[str, dict[str, Any]], metric: str) -> dict[str, dict[str, Any]]:
+    """Per member: its local-only model and the consortium's (its final model) on its OWN
+    held-out rows, and the gain; NaN where the metric is undefined there (one class)."""
+    out: dict[str, dict[str, Any]] = {}
+    for r in results:
+        local = local_only.get(r.name, {}).get("own")
+        if r.own is None or local is None:
+            continue
+        rows = prep.own_parts[prep.names.index(r.name)][1]
+        out[r.name] = {"local_only": local[metric], "consortium": r.own[metric],
+                       "gain": r.own[metric] - local[metric], "rows": int(len(rows))}
+    return out
+
+
 AGGREGATION_ACTIONS = ("excluded", "clipped", "weight_capped", "down_weighted")
 
 
@@ -458,6 +1115,7 @@ def seen_by(state: Path, attackers: list[str]) -> dict[str, dict[str, Any]]:
     rounds: dict[int, dict] = {}
     out: dict[str, dict[str, Any]] = {
         a: {"rounds": 0, "used": 0, "mean_weight": 0.0, "rejected": {}, "evidence": 0,
+            "digest_mismatch": 0,
             **{what: {} for what in AGGREGATION_ACTIONS}} for a in attackers}
     for line in read_jsonl(state / "audit.jsonl"):
         member, outcome = line.get("member"), line.get("outcome")
@@ -465,6 +1123,8 @@ def seen_by(state: Path, attackers: list[str]) -> dict[str, dict[str, Any]]:
             rounds[line["round"]] = line  # a round re-run after a restart: the last wins
         elif line.get("kind") == "evidence" and member in out:
             out[member]["evidence"] += 1
+            if outcome == "digest_mismatch":  # a seen report disagreed with our copy
+                out[member]["digest_mismatch"] += 1
         elif member in out and outcome not in (None, "accepted"):
             rej = out[member]["rejected"]
             rej[outcome] = rej.get(outcome, 0) + 1
@@ -486,8 +1146,11 @@ def seen_by(state: Path, attackers: list[str]) -> dict[str, dict[str, Any]]:
 
 def baselines(spec: SimulationSpec, prep: Prepared) -> tuple[dict[str, float],
                                                               dict[str, dict[str, float]]]:
+    """Centralized (pooled training rows) and each member's local-only model; the latter's
+    metrics on the member's own held-out rows under "own"."""
     centralized = train_baseline(spec, prep, *prep.train_all, seed=spec.seed)
-    local_only = {name: train_baseline(spec, prep, *prep.train_parts[i], seed=spec.seed + i)
+    local_only = {name: train_baseline(spec, prep, *prep.train_parts[i], seed=spec.seed + i,
+                                       own=prep.own_parts[i] if prep.own_parts else None)
                   for i, name in enumerate(prep.names)}
     return centralized, local_only
 
@@ -499,19 +1162,24 @@ def write_outputs(spec: SimulationSpec, summary: dict) -> None:
     plot_history(summary, spec.out / "accuracy.png")
 
 
-def simulate(spec: SimulationSpec, console: Any = None) -> dict:
+def simulate(spec: SimulationSpec, console: Any = None, notes: list[str] | None = None) -> dict:
     from node.report import RoundPrinter, print_summary
 
     torch.set_num_threads(1)  # measured 3-15x faster for small models on 2 cores
     prep = prepare(spec)
+    prep.notes[:0] = notes or []
     printer = RoundPrinter(spec, spec.present(prep.names), metric_name(prep.schema.n_classes),
                            console)
     printer.header(prep)
     nodes = asyncio.run(run_consortium(spec, prep, printer.on_round))
     printer.done()
     centralized, local_only = baselines(spec, prep)
-    summary = summarize(spec, prep, [result_of(n, prep.test) for n in nodes], printer.history,
-                        centralized, local_only)
+    results = []
+    for n in nodes:
+        test, own_parts = evaluation_rows(prep, n.state.path)
+        own = dict(zip(prep.names, own_parts, strict=True)) if own_parts else {}
+        results.append(result_of(n, test, own.get(n.name)))
+    summary = summarize(spec, prep, results, printer.history, centralized, local_only)
     write_outputs(spec, summary)
     print_summary(summary, spec.out, console)
     print_attack(summary, console)
@@ -535,6 +1203,8 @@ def print_attack(summary: dict, console: Any = None) -> None:
             acts = {f"{what}:{r}": n for what in AGGREGATION_ACTIONS
                     for r, n in e[what].items()}
             acts.update({f"rejected:{r}": n for r, n in e["rejected"].items()})
+            if e.get("digest_mismatch"):
+                acts["digest_mismatch"] = e["digest_mismatch"]
             parts.append(f"{a}: used {e['used']}/{e['rounds']} rounds"
                          + "".join(f", {k} {v}" for k, v in sorted(acts.items())))
         console.print(f"    {name} saw " + "; ".join(parts))

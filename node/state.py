@@ -118,6 +118,7 @@ class Checkpoint:
     # restart can seal at once without waiting for their answers to its hello.
     peer_prekeys: dict[str, list[Any]] = field(default_factory=dict)
     strategy: dict[str, Any] = field(default_factory=dict)  # the aggregation strategy's state
+    planned_rounds: int | None = None  # training.rounds (for `flnode status`)
 
 
 class StateDir:

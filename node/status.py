@@ -1,7 +1,10 @@
 """`flnode status --state-dir DIR`: what a node has done, read from its state dir only.
 
 Every epsilon printed here is recomputed from the ledger by the accountant,
-never read from a cached figure.
+never read from a cached figure. Only files are read: no torch, no training
+code (tests/test_lean.py checks that `flnode status` never imports torch).
+The planned number of rounds comes from the privacy plan, or from the node's
+config when one is given (a node without privacy keeps no plan).
 """
 
 from __future__ import annotations
@@ -11,11 +14,11 @@ from pathlib import Path
 from typing import Any
 
 from gossip.errors import LocalError
-from node.privacy import ACCOUNTANT, PLAN_FILE, WEIGHT_FILE, Ledger, PrivacyPlan
+from node.privacy import ACCOUNTANT, PLAN_FILE, WEIGHT_FILE, Ledger, PrivacyPlan, epsilon_of
 from node.state import StateDir, read_jsonl
 
 
-def collect(state_dir: str | Path) -> dict[str, Any]:
+def collect(state_dir: str | Path, config: str | Path | None = None) -> dict[str, Any]:
     path = Path(state_dir)
     if not (path / "checkpoint.msgpack").exists():
         raise LocalError(f"{path}: no checkpoint.msgpack here; is this a node's state_dir?")
@@ -34,6 +37,12 @@ def collect(state_dir: str | Path) -> dict[str, Any]:
             if rec.get("kind", "share") in ("share", "sealed"):  # shares, not hellos
                 p["accepted"] += 1
             p["last_round"] = max(p["last_round"], rec["round"])
+    planned = cp.planned_rounds if cp.planned_rounds is not None else (
+        plan.rounds if plan is not None else None)
+    if config is not None:
+        from node.config import load_config
+
+        planned = load_config(config).training.rounds
     weight = None
     if (path / WEIGHT_FILE).exists():
         weight = json.loads((path / WEIGHT_FILE).read_text())["weight"]
@@ -44,13 +53,27 @@ def collect(state_dir: str | Path) -> dict[str, Any]:
             epsilon_budget=plan.epsilon, noise_multiplier=plan.noise_multiplier,
             clip_norm=plan.clip_norm, sample_rate=plan.sample_rate, releases=len(ledger.records),
             planned_rounds=plan.rounds, weight=plan.weight, released_weight=weight)
+    normalization = None
+    agreed_file = path / "normalization.json"
+    if agreed_file.exists():
+        agreed = json.loads(agreed_file.read_text())
+        charges = [r for r in ledger.records if r.mode == "normalize"]
+        normalization = {
+            "mode": "federated", "members": agreed.get("members"),
+            "digest": agreed.get("digest"), "stats": agreed.get("stats"),
+            "capped": agreed.get("capped"),
+            "noise_multiplier": charges[0].noise_multiplier if charges else None,
+            # its own ε (alone; what it adds to the total under composition is less)
+            "epsilon_alone": epsilon_of(charges, plan.delta) if charges and plan else None}
     return {
         "state_dir": str(path),
         "next_round": cp.next_round,
         "rounds_done": len({m["round"] for m in rounds}),
+        "planned_rounds": planned,
         "last_metrics": rounds[-1]["metrics"] if rounds else None,
         "stopped": stopped,
         "privacy": privacy,
+        "normalization": normalization,
         "peers_heard_from": peers,
         "rejected": cp.rejected,
         "bytes_sent": cp.bytes_sent,
@@ -58,10 +81,24 @@ def collect(state_dir: str | Path) -> dict[str, Any]:
     }
 
 
+def round_line(s: dict[str, Any]) -> str:
+    """"30 of 30 rounds completed (finished)"; rounds are counted from 1, as the node prints
+    them. `next_round` is the checkpoint's 0-based next round (30 once round 30 closed)."""
+    done, total, nxt = s["rounds_done"], s.get("planned_rounds"), s["next_round"]
+    if total is None:
+        where = "" if done == nxt else f"; the next is round {nxt + 1}"
+        return (f"{done} round{'s' if done != 1 else ''} completed{where} (the planned number "
+                "is in the node's config: pass --config)")
+    if nxt >= total:
+        return f"{done} of {total} rounds completed (finished" + (
+            f"; {total - done} closed without a result here, e.g. skipped while catching up)"
+            if done < total else ")")
+    return f"{done} of {total} rounds completed; in round {nxt + 1}"
+
+
 def render(s: dict[str, Any]) -> str:
     p = s["privacy"]
-    lines = [f"state dir   {s['state_dir']}",
-             f"round       next {s['next_round'] + 1}, {s['rounds_done']} completed"]
+    lines = [f"state dir   {s['state_dir']}", f"round       {round_line(s)}"]
     if s["stopped"]:
         lines.append(f"stopped     {s['stopped']}")
     if p["mode"] == "off":
@@ -73,6 +110,14 @@ def render(s: dict[str, Any]) -> str:
                      f"records); σ {p['noise_multiplier']:.4f}, C {p['clip_norm']:g}, "
                      f"q {p['sample_rate']:.4g}; weight {p['weight']}"
                      + (f" ({p['released_weight']:.1f} released)" if p["released_weight"] else ""))
+    norm = s.get("normalization")
+    if norm:
+        cost = ("no DP (privacy off: exact sums)" if norm["noise_multiplier"] is None else
+                f"σ {norm['noise_multiplier']:g} x sensitivity, ε {norm['epsilon_alone']:.4f} "
+                "alone (in the ledger, part of ε spent)")
+        lines.append(f"normalize   federated, agreed with {len(norm['members'] or [])} members "
+                     f"(digest {str(norm['digest'])[:16]}…); {cost}"
+                     + (f"; capped: {', '.join(sorted(norm['capped']))}" if norm["capped"] else ""))
     if s["last_metrics"]:
         lines.append("metrics     " + ", ".join(f"{k} {v:.4f}" for k, v in
                                                 sorted(s["last_metrics"].items())))

@@ -6,26 +6,40 @@ to the result of this function by `node.privacy`.
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 import torch
-from sklearn.metrics import average_precision_score, roc_auc_score
 from torch import nn
+
+from node.auc import average_precision, roc_auc
+
+log = logging.getLogger("flnode.train")
 
 
 def train_local(model: nn.Module, X: np.ndarray, y: np.ndarray, *, epochs: int,
                 batch_size: int, lr: float, generator: torch.Generator) -> nn.Module:
-    """SGD on cross-entropy, shuffling with `generator` (deterministic per seed)."""
+    """SGD on cross-entropy, shuffling with `generator` (deterministic per seed).
+
+    Plain SGD written out (p -= lr * grad, what torch.optim.SGD does with its defaults,
+    bit for bit; tests/test_lean.py compares): constructing torch.optim.SGD imports
+    torch._dynamo, ~70 MB and ~800 modules a node never uses.
+    """
     Xt, yt = torch.from_numpy(X), torch.from_numpy(y)
-    opt = torch.optim.SGD(model.parameters(), lr=lr)
+    params = [p for p in model.parameters() if p.requires_grad]
     loss_fn = nn.CrossEntropyLoss()
     model.train()
     for _ in range(epochs):
         order = torch.randperm(len(Xt), generator=generator)
         for start in range(0, len(order), batch_size):
             idx = order[start:start + batch_size]
-            opt.zero_grad(set_to_none=True)
+            for p in params:
+                p.grad = None
             loss_fn(model(Xt[idx]), yt[idx]).backward()
-            opt.step()
+            with torch.no_grad():
+                for p in params:
+                    if p.grad is not None:
+                        p.add_(p.grad, alpha=-lr)
     return model
 
 
@@ -48,11 +62,29 @@ def evaluate(model: nn.Module, X: np.ndarray, y: np.ndarray) -> dict[str, float]
     out = {"accuracy": float((probs.argmax(1) == y).mean())}
     if probs.shape[1] == 2:
         if len(np.unique(y)) == 2:
-            out["roc_auc"] = float(roc_auc_score(y, probs[:, 1]))
-            out["pr_auc"] = float(average_precision_score(y, probs[:, 1]))
+            out["roc_auc"] = roc_auc(y, probs[:, 1])
+            out["pr_auc"] = average_precision(y, probs[:, 1])
         else:  # undefined on a one-class evaluation set; say so rather than invent
             out["roc_auc"] = out["pr_auc"] = float("nan")
     return out
+
+
+def warn_about_held_out(name: str, held_y: np.ndarray, classes: list[str], *,
+                        eval_path: object, eval_fraction: float, total_rows: int) -> None:
+    """Say at start what the member evaluates on, when that is not what it may expect:
+    a share of its own rows held back from training (no data.eval_path), or held-out
+    rows of one class only, on which ROC-AUC and PR-AUC are undefined (NaN)."""
+    if eval_path is None:
+        log.warning("%s: no data.eval_path: %d of its %d rows (data.eval_fraction %g) are held "
+                    "out of training to evaluate on; give data.eval_path to train on all of "
+                    "them", name, len(held_y), total_rows, eval_fraction)
+    present = np.unique(held_y)
+    if len(classes) == 2 and len(present) < 2:
+        log.warning("%s: its %d held-out rows (%s) all have label %r: ROC-AUC and PR-AUC are "
+                    "undefined on one class and are recorded as NaN every round; give "
+                    "data.eval_path with rows of both classes", name, len(held_y),
+                    eval_path if eval_path is not None else "held out of data.path",
+                    classes[int(present[0])] if len(present) else "(none)")
 
 
 def train_local_dp(model: nn.Module, X: np.ndarray, y: np.ndarray, *, epochs: int,

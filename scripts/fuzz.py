@@ -57,7 +57,9 @@ from gossip.envelope import (  # noqa: E402
     KIND_PREKEY,
     KIND_RETIRE,
     KIND_SEALED,
+    KIND_SEEN,
     KIND_SHARE,
+    KIND_STATS,
     KINDS,
     TensorSpec,
     Verifier,
@@ -67,6 +69,7 @@ from gossip.rounds import RoundBook  # noqa: E402
 from gossip.seal import Sealing, sign_prekey  # noqa: E402
 
 MAX_INPUT = 1 << 20
+STATS_COLUMNS = 2
 MAX_MESSAGE_CHARS = 1000
 CID = hashlib.blake2b(b"flnode fuzz consortium", digest_size=32).digest()
 US = SigningKey(b"\x01" * 32)
@@ -116,8 +119,11 @@ class Target:
         self.name = name
         self.spec = spec
         self.sealing = make_sealing(US, "us") if sealed else None
+        # The plain target also normalizes federatedly (2 numeric columns): stats
+        # messages reach their parser there, and are refused by shape elsewhere.
         self.verifier = Verifier(CID, MEMBERS, bytes(US.verify_key), spec, MAX_INPUT + 4096,
-                                 sealing=self.sealing)
+                                 sealing=self.sealing,
+                                 stats_columns=STATS_COLUMNS if name == "plain" else None)
         self.book = RoundBook(["m1", "m2"], LOOKAHEAD)
 
     def feed(self, data: bytes) -> str:
@@ -156,6 +162,8 @@ class Fuzzer:
             ("bomb", 8, self.g_bomb),
             ("outer_structured", 8, self.g_outer_structured),
             ("retire", 2, self.g_retire),
+            ("seen", 4, self.g_seen),
+            ("stats", 4, self.g_stats),
             ("big_share", 0.4, self.g_big_share),
         ]
         self.gen_weights = [w for _, w, _ in self.generators]
@@ -548,6 +556,49 @@ class Fuzzer:
         body = b"" if self.rng.random() < 0.3 else self.randbytes(self.rng.randint(1, 100))
         return self.sign(self.signer(), KIND_RETIRE, self.round_(), self.next_seq(),
                          body), self.rng.choice(["plain", "sealed"])
+
+    def g_seen(self) -> tuple[bytes, str]:
+        """Seen reports signed by a member: valid, mutated, or structured wrongly (an
+        outsider's key, a digest of the wrong size, too many entries, a bomb)."""
+        rng = self.rng
+        keys = list(MEMBERS) + [self.randbytes(32)]
+        count = rng.choice([0, 1, 2, 3, 4, 40])
+        entries = [[rng.choice(keys), self.randbytes(rng.choice([32, 32, 32, 31, 33, 0]))]
+                   for _ in range(count)]
+        choice = rng.random()
+        if choice < 0.15:
+            body = self.bomb()
+        elif choice < 0.3:
+            body = msgpack.packb([[*e, self.randbytes(4)] for e in entries], use_bin_type=True)
+        else:
+            body = msgpack.packb(entries, use_bin_type=True)
+            if rng.random() < 0.3:
+                body = self.mutate(body, 3)
+        return self.sign(self.signer(), KIND_SEEN, self.round_(), self.next_seq(),
+                         body[:MAX_INPUT]), rng.choice(["plain", "sealed"])
+
+    def g_stats(self) -> tuple[bytes, str]:
+        """Stats messages signed by a member: right shape with extreme or non-finite
+        values, wrong widths and keys, mutated, or a bomb."""
+        rng = self.rng
+        k = rng.choice([STATS_COLUMNS] * 4 + [0, 1, 3, 1000])
+        vals = [0.0, 1.0, -1.0, 1e308, float("nan"), float("inf"), 1e13]
+
+        def arr() -> bytes:
+            return np.array([rng.choice(vals) for _ in range(k)], dtype="<f8").tobytes()
+        choice = rng.random()
+        if choice < 0.1:
+            body = self.bomb()
+        else:
+            doc: dict[object, object] = {"rows": rng.choice(vals + ["x", None]), "sum": arr(),
+                                         "sumsq": arr()}
+            if choice < 0.3:
+                doc[rng.choice(["extra", "sum", 7])] = self.randbytes(rng.randint(0, 64))
+            body = msgpack.packb(doc, use_bin_type=True)
+            if rng.random() < 0.3:
+                body = self.mutate(body, 3)
+        return self.sign(self.signer(), KIND_STATS, self.round_(), self.next_seq(),
+                         body[:MAX_INPUT]), rng.choice(["plain", "plain", "sealed"])
 
     def g_big_share(self) -> tuple[bytes, str]:
         """~1 MiB shares for a node with a ~1 MB model: valid, or one bad value."""

@@ -8,6 +8,13 @@ shows their progress, waits for them (stopping every one by PID, whatever
 happens) and merges their per-member results into the same `summary.json`
 and `accuracy.png` as the in-process simulator.
 
+`--data-dir DIR` (one CSV/Parquet per member; `--label`, `--schema`, `--test`) and
+`--scenario FILE` work as in `flnode simulate` (node/simulation.py build_spec; flags
+override the file, whose `transport` applies here). Each member's final model is read
+from its checkpoint and scored on the common test set and on its own held-out rows,
+as the in-process simulator scores its nodes' models: with privacy off both give the
+same per-member figures.
+
 `--transport mqtt` gossips through mosquitto: with no `--mqtt-broker` it
 starts its own on a free loopback port (one user and password per member, an
 ACL that confines each member to its own topic prefix; see
@@ -57,23 +64,26 @@ import tomli_w  # noqa: E402
 
 from gossip.errors import LocalError  # noqa: E402
 from node.cli import (  # noqa: E402
+    SIMULATE_EPILOG,
     add_attack_flags,
+    add_data_dir_flags,
     add_fault_flags,
     add_privacy_flags,
     add_rules_flags,
     add_seal_flag,
-    attack_fields,
-    fault_fields,
-    rules_fields,
+    track_given,
 )
 from node.config import seals  # noqa: E402
 from node.report import make_console, plot_history, print_summary  # noqa: E402
 from node.simulation import (  # noqa: E402
     MemberResult,
-    SimulationSpec,
     baselines,
+    evaluate_rows,
+    evaluation_rows,
+    model_from_state,
     prepare,
     print_attack,
+    spec_from_args,
     summarize,
 )
 from node.state import read_jsonl  # noqa: E402
@@ -128,7 +138,13 @@ def history_of(members: list[Member], metric: str) -> dict[int, dict[str, dict[s
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0],
+        epilog="--scenario FILE: a scenario file (network_configs/scenarios/) holds these "
+               "settings in one TOML; flags given on the command line override the file's "
+               "values. " + SIMULATE_EPILOG.split(". ", 1)[1])
+    p.add_argument("--scenario", type=Path, metavar="FILE",
+                   help="a scenario file (network_configs/scenarios/); flags override it")
     p.add_argument("--dataset", choices=["default", "churn", "digits"], default="default")
     p.add_argument("--nodes", type=int, default=4)
     p.add_argument("--partition", default="dirichlet:0.5")
@@ -163,9 +179,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add_rules_flags(p)
     add_fault_flags(p)
     add_attack_flags(p)
+    add_data_dir_flags(p)
     p.add_argument("--timeout", type=float, default=None,
                    help="give up after this many seconds (default: from rounds and deadline)")
-    p.add_argument("--out", required=True)
+    p.add_argument("--out", help="run directory (required unless the scenario file gives out)")
+    # The flags that shape the spec: a scenario file's value stands unless one is typed
+    # (the script's own flags are not in a scenario file).
+    own = ("scenario", "mqtt_broker", "mqtt_password_dir", "mqtt_tls", "record_wire", "kill",
+           "restart_after", "chaos", "timeout")
+    p.set_defaults(flag_defaults=track_given(p, keep=own))
     return p.parse_args(argv)
 
 
@@ -177,7 +199,7 @@ def setup_mqtt(args: argparse.Namespace, prep, port: int, console):
     if args.mqtt_broker is None:
         from mqtt_broker import WireRecorder, start_broker
 
-        password_dir = Path(args.out).resolve() / "broker"
+        password_dir = prep.config_paths[0].parent.parent / "broker"
         observers = {"observer": secrets.token_urlsafe(24)} if args.record_wire else None
         broker = start_broker(prep.consortium, password_dir, port, observers=observers,
                               tls=args.mqtt_tls)
@@ -219,14 +241,6 @@ def save_wire(recorder, out: Path, console) -> None:
                   + f"; wrote {out / 'wire.msgpack'}")
 
 
-def fault_fields_or_exit(args: argparse.Namespace) -> dict:
-    try:
-        return {**fault_fields(args), **rules_fields(args), **attack_fields(args)}
-    except LocalError as exc:
-        print(f"simulate_network: error: {exc}", file=sys.stderr)
-        sys.exit(2)
-
-
 def main(argv: list[str] | None = None) -> int:
     import torch
 
@@ -236,21 +250,16 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(1)
     args = parse_args(argv)
     console = make_console()
-    spec = SimulationSpec(
-        dataset=args.dataset, nodes=args.nodes, partition=args.partition, rounds=args.rounds,
-        seed=args.seed, out=Path(args.out).resolve(), model=args.model, epochs=args.epochs,
-        batch_size=args.batch_size, lr=args.lr, privacy=args.privacy, clip=args.clip,
-        sigma=None if args.epsilon is not None else (args.sigma or 1.0), epsilon=args.epsilon,
-        delta=args.delta, weight=args.weight,
-        network_config=Path(args.network_config) if args.network_config else None,
-        round_deadline_s=args.round_deadline, transport=args.transport, seal=args.seal,
-        **fault_fields_or_exit(args))
     try:
+        from dataclasses import replace
+
         from node.simulation import member_names
 
+        spec = spec_from_args(args, network=True)
+        spec = replace(spec, out=spec.out.resolve())
         names = member_names(spec)
         ports = free_ports(len(names) + 1)
-        if args.transport == "mqtt":
+        if spec.transport == "mqtt":
             scheme = "mqtts" if args.mqtt_tls else "mqtt"
             url = args.mqtt_broker or f"{scheme}://127.0.0.1:{ports[-1]}"
             addresses = {n: {"mqtt": url} for n in names}
@@ -263,14 +272,14 @@ def main(argv: list[str] | None = None) -> int:
         for k in args.kill:
             name, _, rnd = k.partition("@")
             if name not in spec.present(prep.names) or not rnd.isdigit() or \
-                    not 1 <= int(rnd) <= args.rounds:
+                    not 1 <= int(rnd) <= spec.rounds:
                 raise LocalError(f"--kill {k!r}: expected NAME@ROUND with NAME one of "
-                                 f"{spec.present(prep.names)} and ROUND in 1..{args.rounds}")
+                                 f"{spec.present(prep.names)} and ROUND in 1..{spec.rounds}")
             kills.setdefault(name, []).append((int(rnd), 0.0, args.restart_after))
-        rng = random.Random(f"chaos:{args.seed}")
+        rng = random.Random(f"chaos:{spec.seed}")
         for _ in range(args.chaos):
             name = rng.choice(spec.present(prep.names))
-            kills.setdefault(name, []).append((rng.randint(1, max(1, args.rounds - 1)),
+            kills.setdefault(name, []).append((rng.randint(1, max(1, spec.rounds - 1)),
                                                rng.uniform(0, 2), rng.uniform(0.5, 3)))
         for plan in kills.values():
             plan.sort()
@@ -283,18 +292,24 @@ def main(argv: list[str] | None = None) -> int:
     members = [Member(n, c, spec.out / "state" / n, logs / f"{n}.log")
                for n, c in zip(prep.names, prep.config_paths, strict=True)
                if n not in spec.absent]
-    timeout = args.timeout or 120 + args.rounds * (args.round_deadline + 30)
-    sealed = seals(args.seal, args.transport)
-    console.print(f"[bold]simulate_network[/]: {args.nodes} `flnode run` processes over "
-                  f"{args.transport} on 127.0.0.1, {spec.dataset} ({spec.partition}), "
+    timeout = args.timeout or 120 + spec.rounds * (spec.round_deadline_s + 30)
+    sealed = seals(spec.seal, spec.transport)
+    where = (f"{spec.dataset} ({spec.partition})" if spec.data_dir is None else
+             f"data dir {spec.data_dir} (one file per member)")
+    console.print(f"[bold]simulate_network[/]: {len(members)} `flnode run` processes over "
+                  f"{spec.transport} on 127.0.0.1, {where}, "
                   f"{spec.rounds} rounds, seed {spec.seed}, privacy {spec.privacy}, shares "
                   f"{'sealed' if sealed else 'not sealed'}; "
-                  f"run dir {spec.out}")
+                  f"run dir {spec.out}\n  {prep.test_source}; "
+                  + ("each round's metric on the member's own held-out rows"
+                     if spec.data_dir is not None else "each round's metric on it"))
+    for note in prep.notes:
+        console.print(f"  [yellow]note[/]: {note}")
     pids = spec.out / "pids"
     broker = recorder = None
     t0 = time.monotonic()
     try:
-        if args.transport == "mqtt":
+        if spec.transport == "mqtt":
             broker, recorder = setup_mqtt(args, prep, ports[-1], console)
         for m in members:
             m.start()
@@ -381,10 +396,20 @@ def main(argv: list[str] | None = None) -> int:
         plan_file = m.state / "privacy_plan.json"
         sigma = json.loads(plan_file.read_text())["noise_multiplier"] if plan_file.exists() \
             else None
+        # Its final model, from its checkpoint: scored on the common test set (the last
+        # metrics line is the same figure when the node evaluated on it) and on its own
+        # held-out rows (the collaboration gain), exactly as the in-process simulator does.
+        own = None
+        model = model_from_state(spec, prep, m.state)
+        if model is not None:
+            test, own_parts = evaluation_rows(prep, m.state)  # its agreed normalization
+            final = evaluate_rows(model, test)
+            if own_parts:
+                own = evaluate_rows(model, own_parts[prep.names.index(m.name)])
         results.append(MemberResult(m.name, final, last["epsilon"], last["bytes_sent"],
                                     last["bytes_received"], last["rejected"],
                                     len({ln["round"] for ln in rounds}), last.get("stopped"),
-                                    sigma))
+                                    sigma, own))
     centralized, local_only = baselines(spec, prep)
     summary = summarize(spec, prep, results, history_of(members, metric), centralized,
                         local_only)

@@ -129,7 +129,8 @@ async def test_an_equivocation_is_refused_and_kept_as_signed_evidence(tmp_path):
     key = VerifyKey(prep.consortium.by_name("bank-0").public_key)
     for n in honest_finished(nodes, "bank-0", 2):
         assert n.rejected()["equivocation"] == 2
-        evidence = [x for x in audit(n) if x.get("kind") == "evidence"]
+        evidence = [x for x in audit(n) if x.get("kind") == "evidence"
+                    and x.get("outcome") == "equivocation"]
         assert [e["round"] for e in evidence] == [0, 1]
         for e in evidence:
             first, second = e["first"], e["second"]
@@ -143,6 +144,41 @@ async def test_an_equivocation_is_refused_and_kept_as_signed_evidence(tmp_path):
         # the version each honest node got first is the one it used: a share per round
         used = [x for x in audit(n) if x.get("kind") == "aggregate"]
         assert all("bank-0" in x["used"] for x in used)
+
+
+@pytest.mark.parametrize("seal", ["off", "auto"])
+async def test_a_split_equivocation_is_noticed_by_every_honest_member(tmp_path, seal):
+    """Each member gets its own version of the attacker's share and never a second one:
+    no member can refuse anything, but the seen reports (what each accepted) differ."""
+    _, prep = make(tmp_path, ["equivocate-split:bank-0"], seal=seal)
+    nodes = build(prep)
+    await asyncio.wait_for(run_all(nodes), 300)
+    for n in honest_finished(nodes, "bank-0", 2):
+        assert "equivocation" not in n.rejected()  # nobody held two versions
+        found = [x for x in audit(n) if x.get("outcome") == "digest_mismatch"]
+        # both other honest members reported a different bank-0 share, in both rounds
+        pairs = {(x["round"], x["reporter"]) for x in found if x["member"] == "bank-0"}
+        others = {m for m in ("bank-1", "bank-2", "bank-3") if m != n.name}
+        assert pairs == {(r, m) for r in (0, 1) for m in others}, (n.name, found)
+        assert not [x for x in found if x["member"] != "bank-0"]  # nobody else is blamed
+        assert n.counters.digest_mismatch["bank-0"] == 4
+        for x in found:  # the report, as signed by its reporter, is kept
+            assert x["reported"] != x["ours"]["digest"]
+            env = envelope.decode_outer((n.state.path / x["report"]["file"]).read_bytes())
+            assert env.kind == "seen" and env.round == x["round"]
+            VerifyKey(prep.consortium.by_name(x["reporter"]).public_key).verify(env.digest,
+                                                                               env.sig)
+
+
+async def test_honest_members_seen_reports_agree(tmp_path):
+    """Without an attacker every member's seen report matches: no mismatch anywhere."""
+    _, prep = make(tmp_path, [], seal="auto")
+    nodes = build(prep)
+    await asyncio.wait_for(run_all(nodes), 300)
+    for n in nodes:
+        assert not n.counters.digest_mismatch
+        assert n.counters.accepted and n.rejected().get("bad_body", 0) == 0
+        assert not [x for x in audit(n) if x.get("outcome") == "digest_mismatch"]
 
 
 async def test_a_non_finite_share_is_refused_as_non_finite(tmp_path):

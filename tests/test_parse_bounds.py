@@ -22,7 +22,7 @@ import pytest
 from nacl.public import PrivateKey
 
 from gossip import envelope
-from gossip.envelope import KIND_PREKEY, KIND_SEALED, KIND_SHARE, Verifier, decode_outer
+from gossip.envelope import KIND_PREKEY, KIND_SEALED, KIND_SEEN, KIND_SHARE, Verifier, decode_outer
 from gossip.errors import MAX_DETAIL, RemoteError, shorten
 from gossip.seal import PrekeyStore, Sealing, decode_announcement, open_sealed, sign_prekey, verify_prekey
 from tests.helpers import SPEC, consortium, keys, share_bytes, tensors, verifier_for
@@ -356,3 +356,39 @@ def test_shorten_slices_before_it_reprs():
     assert shorten(b"\x00" * MIB).endswith(f"({MIB} long)") and len(shorten(b"\x00" * MIB)) < 100
     assert len(shorten("é" * MIB, 10)) < 40
     assert len(shorten(list(range(10_000)))) < 80
+
+
+# --- seen reports: what a member says it accepted ------------------------------------
+
+def _seen_verifier() -> Verifier:
+    return verifier_for(CONS, K[0])
+
+
+def test_a_member_signed_seen_report_roundtrips():
+    pairs = [(bytes(K[0].verify_key), b"\x01" * 32), (bytes(K[2].verify_key), b"\x02" * 32)]
+    acc = _seen_verifier().verify(_signed(KIND_SEEN, envelope.encode_seen(pairs)), 0)
+    assert acc.seen == (("bank-0", b"\x01" * 32), ("bank-2", b"\x02" * 32))
+    assert acc.share is None
+
+
+@pytest.mark.parametrize("body,why", [
+    (msgpack.packb([[b"\x00" * 32, b"\x01" * 32]]), "not a member's"),         # outsider key
+    (msgpack.packb([[bytes(K[2].verify_key), b"\x01" * 31]]), "31 bytes"),     # short digest
+    (msgpack.packb([[bytes(K[2].verify_key), b"\x01" * 32]] * 2), "two entries"),
+    (msgpack.packb([[bytes(K[2].verify_key), b"\x01" * 32, 1]]), "not [key, digest]"),
+    (msgpack.packb([[b"\x01" * 32, b"\x01" * 32]] * 4), "4 entries for 3"),  # more than members
+    (msgpack.packb([]) + b"\x00", "trailing"),
+    (msgpack.packb({"a": 1}), "expected an array"),
+    (SMALL, "entries"),                                                        # a bomb
+])
+def test_a_member_signed_bad_seen_report_is_bad_body_naming_why(body, why):
+    exc = reason_of(_seen_verifier().verify, _signed(KIND_SEEN, body), 0)
+    assert exc.reason == "bad_body" and exc.peer == "bank-1", exc
+    assert why in exc.detail, exc.detail
+    assert len(str(exc)) < 400
+
+
+def test_a_seen_bomb_costs_no_more_than_its_size():
+    peak, exc = _peak_while(_seen_verifier().verify, _signed(KIND_SEEN, SMALL), 0)
+    assert exc.reason == "bad_body"
+    assert peak < 2 * len(SMALL) + 64 * 1024, peak

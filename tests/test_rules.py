@@ -11,7 +11,7 @@ from tests.helpers import consortium, keys
 
 
 @pytest.mark.parametrize(("n", "rule"), [(2, "mean"), (3, "trimmed_mean"), (4, "trimmed_mean"),
-                                         (5, "multi_krum"), (8, "multi_krum")])
+                                         (5, "multi_krum_staged"), (8, "multi_krum_staged")])
 def test_the_default_rule_is_chosen_for_the_consortium_size(n, rule):
     assert resolve_rule("auto", n) == rule
     table = rules_table(n)
@@ -58,3 +58,41 @@ def test_rules_a_consortium_cannot_run_are_refused_naming_the_rule():
     typo = Consortium(base.name, base.schema, base.members, {"aggregation": "median", "ff": 1})
     with pytest.raises(LocalError, match="rules.ff"):
         build_strategy(typo, None, "off", 1.0)
+
+
+def test_an_agreed_noise_bound_turns_on_the_dp_distance_bound_for_every_rule():
+    import torch
+
+    from node.strategy import WeightedShare
+    from node.strategy.distance import dp_bound
+
+    base = consortium(keys(4))
+    cons = Consortium(base.name, base.schema, base.members,
+                      rules_table(4, "trimmed_mean", privacy_mode="update", clip=0.1,
+                                  noise_multiplier=1.0))
+    agreed = build_strategy(cons, None, "update", 0.1, noise_multiplier=0.8)
+    assert agreed.params["dp_clip"] == 0.1 and agreed.params["dp_noise_multiplier"] == 1.0
+    assert agreed.params["distance"] == "clip"
+    with pytest.raises(LocalError, match="noise multiplier 1.5 is above"):
+        build_strategy(cons, None, "update", 0.1, noise_multiplier=1.5)
+    # A member-signed share scaled far away is clipped back onto the bound; honest ones
+    # (start + clipped update + the agreed noise) are not touched.
+    d, gen = 200, torch.Generator().manual_seed(0)
+    start = torch.zeros(d)
+    honest = {f"bank-{i}": WeightedShare(f"bank-{i}", 100.0, start + 0.1 * torch.randn(
+        d, generator=gen)) for i in range(3)}
+    hostile = WeightedShare("bank-3", 100.0, start + 1000.0)
+    out = agreed.strategy.aggregate(0, honest["bank-0"], {**honest, "bank-3": hostile},
+                                    reference=start)
+    assert set(out.clipped) == {"bank-3"}
+    assert out.bound.source == "dp" and out.bound.value == pytest.approx(dp_bound(0.1, 1.0, d,
+                                                                                   1e-9))
+
+
+def test_a_noise_bound_without_update_dp_and_clip_is_refused():
+    base = consortium(keys(4))
+    for table in (rules_table(4, "median", noise_multiplier=1.0),
+                  rules_table(4, "median", privacy_mode="update", noise_multiplier=1.0)):
+        cons = Consortium(base.name, base.schema, base.members, table)
+        with pytest.raises(LocalError, match="noise_multiplier bounds update-level DP"):
+            build_strategy(cons, None, "update", 0.1)

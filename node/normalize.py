@@ -1,0 +1,192 @@
+"""Federated normalization: members agree each numeric column's mean and std before
+round 1, without pooling rows and without a server.
+
+With `normalize = "federated"` the schema declares each numeric column's `range`
+[lo, hi] (domain knowledge, never read from rows) and no mean or std. Each member
+computes, over its training rows, with every value clipped to its range and scaled
+to u = (x - lo) / (hi - lo) in [0, 1]:
+
+    rows = n,   sum_j = sum_i u_ij,   sumsq_j = sum_i u_ij^2          (k numeric columns)
+
+One record changes the vector (rows, sum_1..k, sumsq_1..k) by at most
+sqrt(1 + 2k) in L2 norm: that is the sensitivity Delta. With record-level DP the
+member adds N(0, (sigma_n Delta)^2) to every value, sigma_n = the schema's
+`normalize_noise` (default 10), and charges it to its ledger once, as one Gaussian
+mechanism (noise multiplier sigma_n, sample rate 1, one step), before the message
+leaves. The charge is part of the privacy plan (calibration leaves the rest of the
+budget to training) and is never repeated: the signed message is stored and a
+restart re-sends it. With privacy off the sums are exact (nothing is claimed).
+Update-level DP protects a member's whole contribution per round, which one
+record's sensitivity does not bound: federated normalization is refused there.
+
+Every member waits for every member's stats message (signed, kind `stats`) and
+combines them identically (`combine`: in member-name order, float64):
+
+1. plausibility: a message whose noised counts and sums lie outside what an honest
+   member could send (rows in (-t s, MAX_ROWS]; each sum and sum of squares in
+   [-t s, rows + t s], s = sigma_n Delta the noise std, t for a 1e-9 tail) is
+   refused (`bad_stats`) before anything is combined;
+2. bounded contribution: the pooled moments are the members' own moments
+   (sum / rows, sumsq / rows) weighed by their rows; the weights are capped by
+   water-filling at the consortium's `max_weight_fraction` of the total
+   (node/strategy/weights.py), so a member claiming 1e9 rows moves a mean by at
+   most that fraction of the range (unchanged when nobody is over the cap);
+3. mean_u = sum_i p_i sum_i / rows_i, var_u = sum_i p_i sumsq_i / rows_i - mean_u^2,
+   each clamped into what [0, 1] values allow; mean = lo + (hi - lo) mean_u, std = (hi - lo) sqrt(var_u), with
+   std floored at STD_FLOOR x (hi - lo) (noise can drive a near-constant column's
+   variance to 0), and std = 0 exactly when lo = hi (a constant column: encoded as 0).
+
+The agreed statistics' digest (`stats_digest`) goes into every share the member
+signs; a receiver refuses a share whose digest differs from its own
+(`norm_mismatch`), so members that combined different messages find out at once.
+What that cannot do: tell who caused it. A member that sends different stats to
+different members splits the consortium into groups that refuse each other's
+shares; the audit log of each names the digests, so the split is visible, not
+silent.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+
+from gossip.envelope import Stats
+from gossip.errors import LocalError
+
+DEFAULT_NORMALIZE_NOISE = 10.0
+# No member has more rows than this (a plausibility bound, not a privacy one).
+MAX_ROWS = 1e12
+# The noise tail a plausibility check allows: P(an honest value beyond t s) <= 1e-9.
+TAIL_T = math.sqrt(2 * math.log(1 / 1e-9))
+STD_FLOOR = 1e-3
+
+
+def provisional_schema(schema):
+    """Encodable stand-in before the statistics are agreed: mean = lo, std = hi - lo.
+    Rows encoded with it are never trained on (the node re-encodes first)."""
+    return schema.with_stats({c.name: (c.range[0], c.range[1] - c.range[0])
+                              for c in numeric_columns(schema)})
+
+
+def numeric_columns(schema) -> list:
+    return [c for c in schema.columns if c.kind == "numeric"]
+
+
+def sensitivity(k: int) -> float:
+    """L2 sensitivity of (rows, sum_1..k, sumsq_1..k) to one record."""
+    return math.sqrt(1 + 2 * k)
+
+
+def member_stats(df: pd.DataFrame, schema, source: str) -> Stats:
+    """Exact (un-noised) sums of one member's training rows: never sent as they are
+    under record-level DP (see `noised`)."""
+    cols = numeric_columns(schema)
+    sums, sumsqs = np.zeros(len(cols)), np.zeros(len(cols))
+    for j, c in enumerate(cols):
+        if c.name not in df.columns:
+            raise LocalError(f"{source}: missing column {c.name!r} the schema requires")
+        values = pd.to_numeric(df[c.name], errors="coerce").to_numpy(dtype=np.float64)
+        if not np.isfinite(values).all():
+            raise LocalError(f"{source}: column {c.name!r}: {int((~np.isfinite(values)).sum())} "
+                             "row(s) are empty or not finite numbers")
+        lo, hi = c.range
+        u = np.zeros_like(values) if hi == lo else (np.clip(values, lo, hi) - lo) / (hi - lo)
+        sums[j], sumsqs[j] = float(u.sum()), float((u * u).sum())
+    return Stats(float(len(df)), sums, sumsqs)
+
+
+def noised(exact: Stats, noise_multiplier: float, noise) -> Stats:
+    """Gaussian mechanism: N(0, (sigma_n Delta)^2) on every value, from `noise` (the
+    OS's random source in a real node)."""
+    k = len(exact.sum)
+    std = noise_multiplier * sensitivity(k)
+    draw = np.asarray(noise.gaussian(1 + 2 * k, std), dtype=np.float64)
+    return Stats(exact.rows + float(draw[0]), exact.sum + draw[1:1 + k], exact.sumsq + draw[1 + k:])
+
+
+def implausible(stats: Stats, noise_multiplier: float | None, k: int) -> str | None:
+    """Why an honest member could not have sent these values (None if it could)."""
+    slack = TAIL_T * (noise_multiplier or 0.0) * sensitivity(k)
+    if not -slack < stats.rows <= MAX_ROWS:
+        return f"rows {stats.rows:.6g} outside (-{slack:.3g}, {MAX_ROWS:g}]"
+    top = max(stats.rows, 0.0) + slack
+    for label, values in (("sum", stats.sum), ("sumsq", stats.sumsq)):
+        bad = np.flatnonzero((values < -slack) | (values > top))
+        if bad.size:
+            j = int(bad[0])
+            return (f"{label}[{j}] = {values[j]:.6g} outside [-{slack:.3g}, {top:.6g}] (values "
+                    "are clipped to [0, 1] before summing)")
+    if noise_multiplier is None and stats.rows < 1:
+        return "rows < 1 with exact sums"
+    return None
+
+
+@dataclass(frozen=True)
+class Agreed:
+    stats: dict[str, tuple[float, float]]  # column -> (mean, std)
+    members: tuple[str, ...]
+    capped: dict[str, float]  # member -> its weight after the cap (below its row share)
+    digest: bytes
+
+    def to_json(self) -> dict:
+        return {"stats": {c: list(v) for c, v in self.stats.items()},
+                "members": list(self.members), "capped": self.capped, "digest": self.digest.hex()}
+
+    @staticmethod
+    def from_json(doc: Mapping, schema) -> Agreed:
+        try:
+            stats = {str(c): (float(v[0]), float(v[1])) for c, v in doc["stats"].items()}
+            agreed = Agreed(stats, tuple(doc["members"]), dict(doc.get("capped", {})),
+                            bytes.fromhex(doc["digest"]))
+        except (KeyError, TypeError, ValueError, IndexError) as exc:
+            raise LocalError(f"agreed normalization is unreadable: {exc}") from None
+        if stats_digest(agreed.stats, agreed.members) != agreed.digest:
+            raise LocalError("agreed normalization: its digest does not match its statistics")
+        schema.with_stats(stats)  # same columns, finite, std >= 0
+        return agreed
+
+
+def stats_digest(stats: Mapping[str, tuple[float, float]], members: tuple[str, ...]) -> bytes:
+    doc = {"members": list(members), "stats": [[c, repr(float(m)), repr(float(s))]
+                                                for c, (m, s) in sorted(stats.items())]}
+    return hashlib.blake2b(b"flnode/1 normalization\x00" + json.dumps(doc, sort_keys=True)
+                           .encode(), digest_size=32).digest()
+
+
+def combine(messages: Mapping[str, Stats], schema, max_fraction: float | None) -> Agreed:
+    """The agreed (mean, std) per numeric column from every member's stats (module
+    docstring); the same messages give the same bytes at every member."""
+    from node.strategy.weights import cap_weights
+
+    names = sorted(messages)
+    cols = numeric_columns(schema)
+    rows = [max(messages[m].rows, 1.0) for m in names]
+    fractions, _, _ = cap_weights(rows, max_fraction, None)
+    total = sum(rows)
+    # The pooled moments are the row-weighted mean of the members' own; with the caps
+    # each member's own moments are weighed by its capped fraction instead.
+    s = np.zeros(len(cols))
+    q = np.zeros(len(cols))
+    for m, p, r in zip(names, fractions, rows, strict=True):
+        s += p * (messages[m].sum / r)
+        q += p * (messages[m].sumsq / r)
+    stats: dict[str, tuple[float, float]] = {}
+    for j, c in enumerate(cols):
+        lo, hi = c.range
+        if hi == lo:
+            stats[c.name] = (float(lo), 0.0)
+            continue
+        mean_u = min(1.0, max(0.0, float(s[j])))
+        var_u = min(mean_u * (1 - mean_u), max(0.0, float(q[j]) - mean_u * mean_u))
+        std_u = max(math.sqrt(var_u), STD_FLOOR)
+        stats[c.name] = (lo + (hi - lo) * mean_u, (hi - lo) * std_u)
+    members = tuple(names)
+    capped = {m: p for m, p, r in zip(names, fractions, rows, strict=True)
+              if p < r / total * (1.0 - 1e-12)}
+    return Agreed(stats, members, capped, stats_digest(stats, members))

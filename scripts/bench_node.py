@@ -1,0 +1,306 @@
+#!/usr/bin/env python3
+"""How quick and lean one `flnode run` process is, in every privacy mode.
+
+Prints JSON (and writes it to --out, default runs/bench/node.json):
+
+- `start_s`: seconds from exec to listening for a real `flnode run` node (the
+  libp2p transport's "listening on" log line, shown with `flnode -v`), next to
+  `python -c "import torch"` exec-to-exit measured in the same run, interleaved,
+  `--repeats` times each; medians and their ratio.
+- `config_error_s`: seconds from exec to exit of `flnode run --config BAD`
+  (a config with an unknown key), and whether it said what is wrong.
+- `rounds`: a demo-sized consortium (4 members, `default`, dirichlet 0.5, MLP,
+  `--rounds` rounds, libp2p on 127.0.0.1) as four `flnode run` processes: each
+  node's peak RSS (`os.wait4`'s ru_maxrss of that very process) and the seconds
+  from its "finished" line to its exit (the process waited for, nothing skipped).
+- `torch_rss_mb`: peak RSS of `python -c "import torch"`, printed beside them.
+
+The consortium is prepared in a child process, so this process stays small:
+ru_maxrss of a child counts what it shared with its parent before exec (a
+vfork), and a parent that had imported torch would inflate every figure.
+
+Privacy modes: off; update (C 0.1, σ 1.0, as `make demo`); record (DP-SGD at a
+total ε 3 per member, σ calibrated up front). Every process is started and
+stopped by its own PID here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import signal
+import statistics
+import subprocess
+import sys
+import threading
+import time
+import tomllib
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "scripts"))
+
+import tomli_w  # noqa: E402
+
+MODES = {
+    "off": dict(privacy="off"),
+    "update": dict(privacy="update", clip=0.1, sigma=1.0),
+    "record": dict(privacy="record", clip=1.0, sigma=None, epsilon=3.0),
+}
+LISTENING = re.compile(r"listening on")
+FINISHED = re.compile(r": finished at round")
+
+
+def flnode_cmd() -> list[str]:
+    exe = Path(sys.executable).with_name("flnode")
+    return [str(exe)] if exe.exists() else [sys.executable, "-m", "node.cli"]
+
+
+def child_env() -> dict[str, str]:
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    env.pop("PYTHONPROFILEIMPORTTIME", None)
+    return env
+
+
+def wait_rss(proc: subprocess.Popen) -> tuple[int, float]:
+    """Reap proc with wait4: (exit status, its own peak RSS in MB)."""
+    _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    return proc.returncode, usage.ru_maxrss / 1024  # Linux: KiB
+
+
+def time_torch_import() -> tuple[float, float]:
+    t0 = time.monotonic()
+    proc = subprocess.Popen([sys.executable, "-c", "import torch"], env=child_env())
+    code, rss = wait_rss(proc)
+    if code != 0:
+        raise SystemExit(f"python -c 'import torch' exited {code}")
+    return time.monotonic() - t0, rss
+
+
+def time_to_listening(config: Path, timeout: float) -> float:
+    """exec -> the transport's "listening on" line; then SIGKILL (a throwaway state dir)."""
+    t0 = time.monotonic()
+    proc = subprocess.Popen(flnode_cmd() + ["-v", "run", "--config", str(config)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            stdin=subprocess.DEVNULL, env=child_env(), text=True,
+                            start_new_session=True)
+    seen: list[float] = []
+    tail: list[str] = []
+
+    def read() -> None:
+        assert proc.stderr is not None
+        for line in proc.stderr:
+            if not seen and LISTENING.search(line):
+                seen.append(time.monotonic())
+                proc.send_signal(signal.SIGKILL)
+            tail.append(line)
+            del tail[:-20]
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    reader.join(timeout)
+    if not seen:
+        proc.kill()
+        proc.wait()
+        raise SystemExit(f"{config}: no 'listening on' within {timeout:.0f} s:\n" + "".join(tail))
+    proc.wait()
+    return seen[0] - t0
+
+
+def time_config_error(bad: Path) -> tuple[float, str]:
+    t0 = time.monotonic()
+    proc = subprocess.run(flnode_cmd() + ["run", "--config", str(bad)], capture_output=True,
+                          text=True, env=child_env(), timeout=120)
+    return time.monotonic() - t0, proc.stderr.strip().splitlines()[-1] if proc.stderr else ""
+
+
+def prepare_mode(mode: str, rounds: int, work: Path) -> list[Path]:
+    """The members' config paths, from a child process (see the module docstring)."""
+    proc = subprocess.run([sys.executable, __file__, "--prepare", mode, "--rounds", str(rounds),
+                           "--work", str(work)], capture_output=True, text=True, env=child_env())
+    if proc.returncode != 0:
+        raise SystemExit(f"preparing the {mode} consortium failed:\n{proc.stderr}")
+    return [Path(p) for p in json.loads(proc.stdout.strip().splitlines()[-1])]
+
+
+def prepare_here(mode: str, rounds: int, work: Path) -> list[Path]:
+    from node.simulation import SimulationSpec, prepare
+    from scripts.ports import free_ports
+
+    out = work / mode
+    spec = SimulationSpec(dataset="default", nodes=4, partition="dirichlet:0.5", rounds=rounds,
+                          seed=0, out=out, round_deadline_s=20.0, transport="libp2p",
+                          network_config=ROOT / "network_configs" / "demo-4-banks.toml",
+                          **MODES[mode])
+    names = ["bank-0", "bank-1", "bank-2", "bank-3"]
+    ports = free_ports(len(names))
+    addresses = {n: {"libp2p": f"/ip4/127.0.0.1/tcp/{p}"} for n, p in zip(names, ports,
+                                                                           strict=True)}
+    return [Path(p) for p in prepare(spec, addresses).config_paths]
+
+
+def start_config(config: Path, i: int) -> Path:
+    """A copy of a member's config with a fresh state dir (a first start, every time)."""
+    doc = tomllib.loads(config.read_text())
+    doc["state_dir"] = f"../start-state/{config.stem}-{i}"
+    path = config.with_name(f"{config.stem}-start-{i}.toml")
+    path.write_text(tomli_w.dumps(doc))
+    return path
+
+
+def run_rounds(configs: list[Path], logs: Path, timeout: float) -> dict[str, dict]:
+    logs.mkdir(parents=True, exist_ok=True)
+    procs, finished, files = {}, {}, {}
+
+    def read(name: str, proc: subprocess.Popen) -> None:
+        assert proc.stdout is not None
+        with open(logs / f"{name}.log", "w") as f:
+            for line in proc.stdout:
+                if FINISHED.search(line):
+                    finished[name] = time.monotonic()
+                f.write(line)
+
+    threads = []
+    for cfg in configs:
+        name = cfg.stem
+        proc = subprocess.Popen(flnode_cmd() + ["run", "--config", str(cfg)],
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL, env=child_env(), text=True,
+                                start_new_session=True)
+        procs[name] = proc
+        t = threading.Thread(target=read, args=(name, proc), daemon=True)
+        t.start()
+        threads.append(t)
+        files[name] = cfg
+    results: dict[str, dict] = {}
+    deadline = time.monotonic() + timeout
+    pending = dict(procs)
+    try:
+        while pending:
+            pid, status, usage = os.wait4(-1, os.WNOHANG)
+            if pid == 0:
+                if time.monotonic() > deadline:
+                    raise SystemExit(f"nodes still running after {timeout:.0f} s: "
+                                     f"{sorted(pending)}; logs in {logs}")
+                time.sleep(0.05)  # a measuring loop: the exit time is read to 50 ms
+                continue
+            name = next((n for n, p in pending.items() if p.pid == pid), None)
+            if name is None:
+                continue
+            exited = time.monotonic()
+            proc = pending.pop(name)
+            proc.returncode = os.waitstatus_to_exitcode(status)
+            results[name] = {"exit_code": proc.returncode, "peak_rss_mb": usage.ru_maxrss / 1024,
+                             "exit_after_finished_s": None, "_exited": exited}
+    finally:
+        for p in pending.values():
+            p.kill()
+            p.wait()
+    for t in threads:
+        t.join(10)
+    for name, r in results.items():
+        exited = r.pop("_exited")
+        if name in finished:
+            r["exit_after_finished_s"] = round(exited - finished[name], 3)
+        r["peak_rss_mb"] = round(r["peak_rss_mb"], 1)
+    return results
+
+
+# Issue 12's goals for one node, in every privacy mode.
+GOALS = {"start_ratio_max": 1.5, "peak_rss_mb_max": 300.0, "exit_after_finished_s_max": 1.0,
+         "config_error_s_max": 1.0}
+
+
+def judge(result: dict) -> dict:
+    """Each goal, per mode: met or not (figures from this run; nothing re-measured)."""
+    out = {}
+    for mode, e in result["modes"].items():
+        verdict = {"start_ratio": e["start_s"]["ratio"] <= GOALS["start_ratio_max"]}
+        if "peak_rss_mb_max" in e:
+            verdict["peak_rss_mb"] = e["peak_rss_mb_max"] <= GOALS["peak_rss_mb_max"]
+            verdict["exit_after_finished_s"] = (e["exit_after_finished_s_max"] is not None and
+                                                e["exit_after_finished_s_max"]
+                                                <= GOALS["exit_after_finished_s_max"])
+        out[mode] = verdict
+    out["config_error_s"] = result["config_error_s"]["max"] <= GOALS["config_error_s_max"]
+    return {"targets": GOALS, "met": out}
+
+
+def median(xs: list[float]) -> float:
+    return round(statistics.median(xs), 3)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--modes", default="off,update,record")
+    p.add_argument("--rounds", type=int, default=30)
+    p.add_argument("--repeats", type=int, default=5, help="start measurements per mode")
+    p.add_argument("--no-rounds", action="store_true", help="only the start figures")
+    p.add_argument("--work", default="runs/bench/node-work", help="scratch run dirs (replaced)")
+    p.add_argument("--out", default="runs/bench/node.json")
+    p.add_argument("--prepare", metavar="MODE", help=argparse.SUPPRESS)  # the child's job
+    args = p.parse_args(argv)
+    import shutil
+
+    if args.prepare:
+        print(json.dumps([str(c) for c in prepare_here(args.prepare, args.rounds,
+                                                       Path(args.work))]))
+        return 0
+    work = Path(args.work).resolve()
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    bad = work / "bad.toml"
+    bad.write_text('state_dir = "x"\nno_such_key = 1\n')
+    result: dict = {"cpu_count": os.cpu_count(), "load_avg_at_start": os.getloadavg()[0],
+                    "rounds": args.rounds, "modes": {}}
+    torch_times, torch_rss = [], []
+    err_times = []
+    for mode in args.modes.split(","):
+        if mode not in MODES:
+            raise SystemExit(f"--modes: {mode!r} is not one of {', '.join(MODES)}")
+        configs = prepare_mode(mode, args.rounds, work)
+        starts, bare = [], []
+        for i in range(args.repeats):  # interleaved: noise on the box hits both alike
+            t, rss = time_torch_import()
+            bare.append(t)
+            torch_rss.append(rss)
+            starts.append(time_to_listening(start_config(configs[0], i), 180))
+            t_err, said = time_config_error(bad)
+            err_times.append(t_err)
+        torch_times += bare
+        entry = {"start_s": {"node_median": median(starts), "import_torch_median": median(bare),
+                             "ratio": round(statistics.median(starts) / statistics.median(bare),
+                                            2),
+                             "node_all": [round(x, 3) for x in starts],
+                             "import_torch_all": [round(x, 3) for x in bare]}}
+        if not args.no_rounds:
+            nodes = run_rounds(configs, work / mode / "logs",
+                               timeout=300 + args.rounds * 30)
+            entry["nodes"] = nodes
+            entry["peak_rss_mb_max"] = max(n["peak_rss_mb"] for n in nodes.values())
+            exits = [n["exit_after_finished_s"] for n in nodes.values()
+                     if n["exit_after_finished_s"] is not None]
+            entry["exit_after_finished_s_max"] = max(exits) if exits else None
+            entry["all_finished"] = all(n["exit_code"] == 0 and n["exit_after_finished_s"]
+                                        is not None for n in nodes.values())
+        result["modes"][mode] = entry
+        print(f"# {mode}: {json.dumps(entry)}", file=sys.stderr, flush=True)
+    result["import_torch_s_median"] = median(torch_times)
+    result["import_torch_rss_mb_median"] = round(statistics.median(torch_rss), 1)
+    result["config_error_s"] = {"median": median(err_times), "max": round(max(err_times), 3),
+                                "message": said}
+    result["goals"] = judge(result)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    text = json.dumps(result, indent=2, sort_keys=True)
+    out.write_text(text + "\n")
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

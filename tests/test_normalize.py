@@ -1,0 +1,221 @@
+"""Federated normalization: members agree mean and std before round 1 from (noised,
+clipped) sums, identically, and a hostile member's sums cannot move them far."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from gossip import envelope
+from gossip.envelope import KIND_STATS, Stats
+from gossip.membership import Consortium, save_consortium
+from gossip.transports.base import Incoming
+from gossip.transports.memory import MemoryHub
+from node.config import load_config
+from node.data import FeatureSchema
+from node.normalize import combine, implausible, member_stats, sensitivity, stats_digest
+from node.privacy import SeededNoise
+from node.runner import Node
+from node.simulation import SimulationSpec, prepare
+from node.state import read_jsonl
+from tests.test_runner import run_all
+
+RANGES = {"balance": [0.0, 3000.0], "income": [0.0, 80000.0]}
+
+
+def federated(schema: FeatureSchema, **extra) -> FeatureSchema:
+    doc = schema.to_dict()
+    for col in doc["columns"]:
+        if col["kind"] == "numeric":
+            col.pop("mean"), col.pop("std")
+            col["range"] = RANGES[col["name"]]
+    return FeatureSchema.from_dict({**doc, "normalize": "federated", **extra}, "test")
+
+
+def make(tmp_path, nodes=3, rounds=2, privacy="off", deadline=30.0, **schema_extra):
+    spec = SimulationSpec(dataset="default", nodes=nodes, partition="iid", rounds=rounds,
+                          seed=0, out=tmp_path, privacy=privacy, epsilon=3.0 if privacy ==
+                          "record" else None, sigma=None if privacy == "record" else 1.0,
+                          round_deadline_s=deadline)
+    prep = prepare(spec)
+    c = prep.consortium
+    schema = federated(FeatureSchema.from_dict(c.schema, "test"), **schema_extra)
+    fed = Consortium(c.name, schema.to_dict(), c.members, c.rules)
+    save_consortium(fed, tmp_path / "consortium.toml")
+    return prep, schema
+
+
+def build(prep, cls=Node, which=None):
+    hub = MemoryHub()
+    return [(cls if which is None or i in which else Node).from_config(
+        load_config(p), hub.attach(n, prep.names), SeededNoise(i))
+        for i, (n, p) in enumerate(zip(prep.names, prep.config_paths, strict=True))]
+
+
+def pooled(prep, schema) -> dict[str, tuple[float, float]]:
+    rows = pd.concat([pd.read_parquet(load_config(p).data.path) for p in prep.config_paths])
+    out = {}
+    for c in schema.columns:
+        if c.kind == "numeric":
+            v = np.clip(rows[c.name].to_numpy(float), *c.range)
+            out[c.name] = (float(v.mean()), float(v.std()))
+    return out
+
+
+async def test_without_privacy_every_member_agrees_the_pooled_statistics(tmp_path):
+    prep, schema = make(tmp_path)
+    nodes = build(prep)
+    await asyncio.wait_for(run_all(nodes), 300)
+    digests = {n.normalization.digest for n in nodes}
+    assert len(digests) == 1  # identical at every member
+    want = pooled(prep, schema)
+    for col, (mean, std) in nodes[0].normalization.stats.items():
+        assert mean == pytest.approx(want[col][0], rel=1e-9)
+        assert std == pytest.approx(want[col][1], rel=1e-9)
+    for n in nodes:  # every share carried the agreed digest and none was refused for it
+        assert "norm_mismatch" not in n.rejected()
+        lines = read_jsonl(n.state.path / "metrics.jsonl")
+        assert [x["round"] for x in lines] == [0, 1]
+        assert np.isfinite(n.held_out.X).all() and abs(n.train_data.X[:, -2:].mean()) < 0.5
+
+
+async def test_record_dp_charges_the_statistics_once_and_a_restart_never_recomputes(tmp_path):
+    prep, schema = make(tmp_path, privacy="record")
+    nodes = build(prep)
+    await asyncio.wait_for(run_all(nodes), 600)
+    n = nodes[0]
+    charges = [r for r in n.ledger.records if r.mode == "normalize"]
+    assert len(charges) == 1 and charges[0].noise_multiplier == 10.0
+    sent = (n.state.path / "stats.envelope").read_bytes()
+    assert charges[0].share_digest == envelope.decode_outer(sent).digest.hex()
+    assert n.budget.plan.normalize_sigma == 10.0
+    assert n.epsilon() <= 3.0 + 1e-9
+    # noised: the agreed values differ from the pooled ones, but not by much
+    want = pooled(prep, schema)
+    got = n.normalization.stats
+    assert got != want
+    for col in want:
+        lo, hi = schema.columns[[c.name for c in schema.columns].index(col)].range
+        assert abs(got[col][0] - want[col][0]) < 0.05 * (hi - lo)
+    # `flnode status` shows it, with its own share of the budget.
+    from node.status import collect, render
+
+    st = collect(n.state.path)
+    assert st["normalization"]["noise_multiplier"] == 10.0
+    assert 0 < st["normalization"]["epsilon_alone"] < n.epsilon()
+    assert "normalize   federated, agreed with 3 members" in render(st)
+    assert "2 of 2 rounds completed (finished)" in render(st)
+    # A restart loads what was agreed: no second charge, the same statistics and digest.
+    again = Node.from_config(load_config(prep.config_paths[0]),
+                             MemoryHub().attach(prep.names[0], prep.names), SeededNoise(9))
+    assert again.normalization.digest == n.normalization.digest
+    assert [r for r in again.ledger.records if r.mode == "normalize"] == charges
+    np.testing.assert_array_equal(again.train_data.X, n.train_data.X)
+
+
+@pytest.mark.parametrize("rows,refused", [(1e9, False), (1e13, True)])
+async def test_a_member_signed_hostile_statistics_are_capped_or_refused(tmp_path, rows, refused):
+    """bank-3 signs statistics with its own valid key: 1e9 rows all at the top of each
+    range (plausible in form: capped to its agreed share), or 1e13 rows (refused as no
+    honest member's, and left out). It never trains: the honest three go on without it."""
+    from node.identity import load_identity
+
+    prep, schema = make(tmp_path, nodes=4, rounds=1, deadline=5.0)
+    nodes = build(prep)[:3]
+    key = load_identity(tmp_path / "keys" / "bank-3.key").signing_key
+    hostile = Stats(rows, np.full(2, rows), np.full(2, rows))
+    data = envelope.pack(key, nodes[0].consortium.id, KIND_STATS, 0, 0,
+                         envelope.encode_stats(hostile))
+    for n in nodes:
+        n.handle(Incoming(data, "bank-3"))
+    await asyncio.wait_for(run_all(nodes), 300)
+    honest = pooled(prep, schema)  # includes bank-3's real file, near enough for a bound
+    for n in nodes:
+        agreed = n.normalization
+        if refused:
+            assert n.rejected()["bad_stats"] == 1
+            assert agreed.members == ("bank-0", "bank-1", "bank-2")
+        else:
+            assert agreed.members == tuple(prep.names)
+            assert agreed.capped == {"bank-3": pytest.approx(0.5)}  # the cap, not 1e9 rows
+        for col, (mean, _) in agreed.stats.items():
+            lo, hi = RANGES[col]
+            # a member at the cap (half of the total with 4 members) moves a mean at most
+            # halfway to the end of the range; refused, it moves nothing
+            limit = 0.5 * (hi - lo) + 0.5 * honest[col][0] if not refused else honest[col][0]
+            assert mean <= limit + 0.02 * (hi - lo)
+    assert len({n.normalization.digest for n in nodes}) == 1
+
+
+def test_implausible_sums_are_named():
+    k = 2
+    s = 10.0 * sensitivity(k) * 6.5  # beyond the noise tail
+    assert "rows" in implausible(Stats(-s, np.zeros(k), np.zeros(k)), 10.0, k)
+    assert "sum[1]" in implausible(Stats(100.0, np.array([1.0, 100.0 + s]), np.zeros(k)), 10.0, k)
+    assert "sumsq[0]" in implausible(Stats(100.0, np.zeros(k), np.array([-s, 0.0])), 10.0, k)
+    assert implausible(Stats(100.0, np.full(k, 50.0), np.full(k, 30.0)), 10.0, k) is None
+
+
+def test_combination_is_order_independent_and_handles_a_constant_column():
+    doc = {"label": "y", "classes": ["0", "1"], "normalize": "federated", "columns": [
+        {"name": "a", "kind": "numeric", "range": [0.0, 10.0]},
+        {"name": "flat", "kind": "numeric", "range": [5.0, 5.0]}]}
+    schema = FeatureSchema.from_dict(doc, "t")
+    dfs = {f"m{i}": pd.DataFrame({"a": np.arange(10.0) + i, "flat": 5.0, "y": "0"})
+           for i in range(3)}
+    msgs = {m: member_stats(df, schema, m) for m, df in dfs.items()}
+    one = combine(msgs, schema, None)
+    two = combine(dict(reversed(list(msgs.items()))), schema, None)
+    assert one == two and one.digest == stats_digest(one.stats, one.members)
+    pooled_a = np.clip(np.concatenate([df["a"].to_numpy() for df in dfs.values()]), 0, 10)
+    assert one.stats["a"] == pytest.approx((pooled_a.mean(), pooled_a.std()), rel=1e-12)
+    assert one.stats["flat"] == (5.0, 0.0)
+    enc = schema.with_stats(one.stats)
+    from node.data import encode
+    X, _ = encode(dfs["m0"], enc, "m0")
+    assert (X[:, 1] == 0).all()  # constant: encoded as 0, not refused
+    json.dumps(one.to_json())
+
+
+def test_federated_normalization_is_refused_with_update_level_dp(tmp_path):
+    from gossip.errors import LocalError
+    spec = SimulationSpec(dataset="default", nodes=2, partition="iid", rounds=1, seed=0,
+                          out=tmp_path, privacy="update", clip=0.1, sigma=1.0)
+    prep = prepare(spec)
+    c = prep.consortium
+    schema = federated(FeatureSchema.from_dict(c.schema, "test"))
+    save_consortium(Consortium(c.name, schema.to_dict(), c.members, c.rules),
+                    tmp_path / "consortium.toml")
+    with pytest.raises(LocalError, match="privacy.mode = \"update\""):
+        Node.from_config(load_config(prep.config_paths[0]),
+                         MemoryHub().attach(prep.names[0], prep.names), SeededNoise(0))
+
+
+async def test_a_member_that_combined_differently_is_found_out_at_its_first_share(tmp_path):
+    """bank-2 encodes with other statistics than the rest (as if it had combined other
+    messages): every share says which, and each side refuses the other's at once."""
+    from node.normalize import Agreed
+
+    class Deviant(Node):
+        def _adopt(self, agreed, saved=False):
+            if not saved:
+                stats = {c: (m * 1.01, s) for c, (m, s) in agreed.stats.items()}
+                agreed = Agreed(stats, agreed.members, agreed.capped,
+                                stats_digest(stats, agreed.members))
+            super()._adopt(agreed, saved)
+
+    prep, _ = make(tmp_path, rounds=2, deadline=5.0)
+    nodes = build(prep, cls=Deviant, which=[2])
+    await asyncio.wait_for(run_all(nodes), 300)
+    honest, deviant = nodes[:2], nodes[2]
+    assert type(deviant) is Deviant and honest[0].normalization == honest[1].normalization
+    for n in honest:
+        assert n.rejected()["norm_mismatch"] == 2  # bank-2's share, in both rounds
+        refused = [x for x in read_jsonl(n.state.path / "audit.jsonl")
+                   if x.get("outcome") == "norm_mismatch"]
+        assert {x["member"] for x in refused} == {"bank-2"}
+    assert deviant.rejected()["norm_mismatch"] == 4  # both others', both rounds

@@ -1,0 +1,225 @@
+"""`flnode report RUN_DIR`: one self-contained report.html rendered from a real run dir.
+
+The run dir comes from a real in-process `flnode simulate` (3 members, 3 rounds,
+update-level DP so every plot exists); the hostile and partial variants are copies of
+it with files rewritten the way a killed node or a hostile member name leaves them.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import re
+import shutil
+import subprocess
+import sys
+from html.parser import HTMLParser
+from pathlib import Path
+
+import pytest
+from PIL import Image
+from rich.console import Console
+
+from gossip.errors import LocalError
+from node.cli import main
+from node.report_html import load_run, write_report
+from node.simulation import SimulationSpec, simulate
+
+pytestmark = pytest.mark.slow
+
+MEMBERS = ["bank-0", "bank-1", "bank-2"]
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("report") / "run"
+    simulate(SimulationSpec(dataset="default", nodes=3, partition="dirichlet:0.5", rounds=3,
+                            seed=0, out=out, privacy="update", clip=0.1, sigma=1.0),
+             Console(quiet=True))
+    return out
+
+
+@pytest.fixture
+def copy(run_dir, tmp_path) -> Path:
+    dst = tmp_path / "run"
+    shutil.copytree(run_dir, dst)
+    (dst / "report.html").unlink(missing_ok=True)
+    return dst
+
+
+class Page(HTMLParser):
+    """The first table's rows (cell texts) and every src/href of the page."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.rows: list[list[str]] = []
+        self.links: list[str] = []
+        self.tables = 0
+        self.cell: list[str] | None = None
+        self.in_tbody = False
+
+    def handle_starttag(self, tag, attrs):
+        self.links += [v or "" for k, v in attrs if k in ("src", "href")]
+        if tag == "table":
+            self.tables += 1
+        elif tag == "tbody" and self.tables == 1:
+            self.in_tbody = True
+        elif tag == "tr" and self.in_tbody:
+            self.rows.append([])
+        elif tag == "td" and self.in_tbody:
+            self.cell = []
+
+    def handle_endtag(self, tag):
+        if tag == "tbody":
+            self.in_tbody = False
+        elif tag == "td" and self.cell is not None:
+            self.rows[-1].append("".join(self.cell).strip())
+            self.cell = None
+
+    def handle_data(self, data):
+        if self.cell is not None:
+            self.cell.append(data)
+
+
+def parse(text: str) -> Page:
+    p = Page()
+    p.feed(text)
+    return p
+
+
+def pngs(text: str) -> list[Image.Image]:
+    out = []
+    for b64 in re.findall(r'src="data:image/png;base64,([A-Za-z0-9+/=]+)"', text):
+        data = base64.b64decode(b64, validate=True)
+        assert data[:8] == b"\x89PNG\r\n\x1a\n"
+        img = Image.open(io.BytesIO(data))
+        img.load()  # decodes every pixel: a truncated or corrupt PNG raises here
+        assert img.format == "PNG" and img.width >= 400 and img.height >= 200
+        out.append(img)
+    return out
+
+
+def rename(summary: dict, old: str, new: str) -> dict:
+    """summary.json with member `old` called `new` everywhere (keys and values)."""
+    def walk(x):
+        if isinstance(x, dict):
+            return {(new if k == old else k): walk(v) for k, v in x.items()}
+        if isinstance(x, list):
+            return [walk(v) for v in x]
+        return new if x == old else x
+    return walk(summary)
+
+
+def test_report_of_a_real_run_is_self_contained_with_a_row_and_plots_per_member(run_dir, capsys):
+    assert main(["report", str(run_dir)]) == 0
+    path = run_dir / "report.html"
+    assert f"wrote {path}" in capsys.readouterr().out
+    text = path.read_text()
+    page = parse(text)
+    # Self-contained: every src/href is an embedded PNG; nothing fetches anything.
+    assert page.links and all(link.startswith("data:image/png;base64,") for link in page.links)
+    assert not re.search(r"(?:src|href)\s*=\s*[\"']?\s*(?:https?:)?//", text, re.I)
+    assert "http://" not in text and "https://" not in text
+    assert not re.search(r"<script|<link|@import|url\(", text, re.I)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    rows = {r[0]: r for r in page.rows}
+    assert [r[0] for r in page.rows] == MEMBERS + ["mean", "centralized"]
+    for name in MEMBERS:
+        row = rows[name]
+        assert row[1] == str(summary["rows"][name])
+        assert row[2] == f"{summary['local_only']['per_node'][name]:.4f}"
+        assert row[3] == f"{summary['consortium']['per_node'][name]:.4f}"
+        assert row[5] == f"{summary['epsilon']['per_node'][name]:.2f}"  # update mode: no budget
+        assert row[6] == row[7] == "3"                # rounds closed, shares released
+        assert row[8] == "6"                          # 2 other members x 3 rounds
+        assert row[9] == "none"
+    assert rows["centralized"][3] == f"{summary['centralized']:.4f}"
+    assert "trimmed_mean" in text  # the aggregation rule
+    assert len(pngs(text)) == 3    # metric, ε, bytes per round
+
+
+def test_bytes_per_round_add_up_to_the_cumulative_counters(run_dir):
+    run = load_run(run_dir)
+    for m in run.members:
+        lines = [json.loads(x) for x in
+                 (run_dir / "state" / m.name / "metrics.jsonl").read_text().splitlines()]
+        assert sum(p.sent for p in m.rounds.values()) == lines[-1]["bytes_sent"]
+        assert sum(p.received for p in m.rounds.values()) == lines[-1]["bytes_received"]
+        assert [p.epsilon for _, p in sorted(m.rounds.items())] == [x["epsilon"] for x in lines]
+
+
+def test_a_per_round_bytes_field_is_used_when_metrics_jsonl_has_it(copy):
+    log = copy / "state" / "bank-0" / "metrics.jsonl"
+    lines = [json.loads(x) for x in log.read_text().splitlines()]
+    for i, line in enumerate(lines):
+        line["bytes"] = {"sent": 1000 * (i + 1), "received": 7}
+    log.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    m = next(m for m in load_run(copy).members if m.name == "bank-0")
+    assert [p.sent for _, p in sorted(m.rounds.items())] == [1000, 2000, 3000]
+    assert all(p.received == 7 for p in m.rounds.values())
+
+
+def test_hostile_member_names_are_escaped_and_never_become_paths(copy):
+    script, img, dollar = "<script>alert(1)</script>", "<img src=x onerror=alert(1)>", "a$\\frac{$b"
+    summary = json.loads((copy / "summary.json").read_text())
+    summary = rename(rename(rename(summary, "bank-1", script), "bank-2", img), "bank-0", dollar)
+    (copy / "summary.json").write_text(json.dumps(summary))
+    # The <img ...> member has a state dir under its name (found by listing state/); the
+    # <script> one cannot (a '/' in it), and bank-0's stays: their curves come from history.
+    (copy / "state" / "bank-2").rename(copy / "state" / img)
+    text = write_report(copy).read_text()
+    assert script not in text and "<img src=x" not in text and "alert(1)</" not in text
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in text
+    assert "&lt;img src=x onerror=alert(1)&gt;" in text
+    assert [r[0] for r in parse(text).rows][:3] == [dollar, script, img]
+    assert len(pngs(text)) == 3  # a '$' in a name is no mathtext for matplotlib
+
+
+def test_missing_summary_json_is_a_clear_error_naming_it(copy, capsys):
+    (copy / "summary.json").unlink()
+    assert main(["report", str(copy)]) == 2
+    err = capsys.readouterr().err
+    assert f"{copy / 'summary.json'}: missing" in err
+    assert not (copy / "report.html").exists()
+
+
+def test_a_field_of_the_wrong_type_is_an_error_naming_file_and_field(copy):
+    summary = json.loads((copy / "summary.json").read_text())
+    summary["consortium"]["per_node"]["bank-1"] = "high"
+    (copy / "summary.json").write_text(json.dumps(summary))
+    with pytest.raises(LocalError, match=r"summary\.json: consortium\.per_node\.bank-1: "
+                                         r"expected a number, got 'high'"):
+        write_report(copy)
+    (copy / "summary.json").write_text("[1, 2]")
+    with pytest.raises(LocalError, match=r"summary\.json: expected a JSON object, got list"):
+        write_report(copy)
+
+
+def test_a_node_killed_mid_run_still_renders_what_exists(copy):
+    """bank-2 died after its first round, mid-write; bank-1's state dir is gone."""
+    log = copy / "state" / "bank-2" / "metrics.jsonl"
+    first = log.read_text().splitlines()[0]
+    log.write_text(first + "\n" + first[: len(first) // 2])
+    shutil.rmtree(copy / "state" / "bank-1")
+    text = write_report(copy).read_text()
+    rows = {r[0]: r for r in parse(text).rows}
+    assert rows["bank-2"][7] == "1" and rows["bank-2"][8] == "2"  # 1 round; 2 shares in
+    assert rows["bank-1"][7] == "—"                                # no log: not known
+    assert "state/bank-2/metrics.jsonl line 2: not JSON (a torn last line" in text
+    assert "bank-1: no state/bank-1/metrics.jsonl" in text
+    assert len(pngs(text)) == 3
+
+
+def test_out_flag_and_no_torch_import(copy, tmp_path):
+    out = tmp_path / "elsewhere.html"
+    code = ("import sys; from node.report_html import write_report; "
+            f"write_report({str(copy)!r}, {str(out)!r}); "
+            "assert 'torch' not in sys.modules and 'sklearn' not in sys.modules, 'heavy import'")
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert out.read_text().startswith("<!DOCTYPE html>") and not (copy / "report.html").exists()
+    with pytest.raises(LocalError, match="does not exist"):
+        write_report(copy, tmp_path / "no" / "such" / "dir.html")
