@@ -17,6 +17,7 @@ from gossip.envelope import (
     KIND_PREKEY,
     KIND_RETIRE,
     KIND_SEALED,
+    KIND_SEEN,
     KIND_SHARE,
     Verifier,
 )
@@ -194,7 +195,8 @@ def test_a_sealed_consortium_learns_the_same_model_and_old_traffic_stays_closed(
     prep, hub, nodes = results["on"]
     envs = [envelope.decode_outer(d) for d in hub.wire]
     kinds = {e.kind for e in envs}
-    assert kinds == {KIND_SEALED, KIND_PREKEY, KIND_HELLO}, kinds  # no share in clear
+    # no share in clear; seen reports carry only the digests of sealed envelopes
+    assert kinds == {KIND_SEALED, KIND_PREKEY, KIND_HELLO, KIND_SEEN}, kinds
     sealed = [e for e in envs if e.kind == KIND_SEALED]
     assert len({(e.sender, e.round) for e in sealed}) == 3 * rounds
     # No plaintext tensor bytes on the wire: every member's released tensors, looked for
