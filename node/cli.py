@@ -405,6 +405,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--epochs", type=_positive(int), default=1, help="local epochs per round")
     s.add_argument("--batch-size", type=_positive(int), default=32)
     s.add_argument("--lr", type=_positive(float), default=0.05)
+    s.add_argument("--prox-mu", type=float, default=0.0, metavar="MU",
+                   help="FedProx: proximal term MU/2 ||w - w_start||^2 in local training "
+                        "(training.prox_mu; 0: off)")
     add_privacy_flags(s)
     s.add_argument("--network-config", help="template with member names and addresses")
     add_seal_flag(s)

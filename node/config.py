@@ -58,6 +58,8 @@ class TrainingConfig(_Section):
     batch_size: int = Field(default=32, ge=1, le=1_000_000)
     lr: float = Field(default=0.05, gt=0, le=100)
     seed: int = Field(default=0, ge=0, lt=2**63)  # shuffling; never privacy noise
+    # FedProx: mu/2 ||w - w_start||^2 added to the local loss (0: off); node/train.py
+    prox_mu: float = Field(default=0.0, ge=0, le=1e6, allow_inf_nan=False)
 
 
 class PrivacyConfig(_Section):

@@ -20,6 +20,14 @@ Both the sampling and the noise come from the node's NoiseSource: os.urandom
 config (Opacus' modes use torch's Mersenne Twister seeded from os.urandom).
 tests/test_dpsgd.py checks norms and clipped sums against torch.func
 per-example gradients.
+
+FedProx (`prox_mu` > 0): each step adds mu (w - w_start) to the noised, clipped
+mean gradient, w_start the model the round started from. That term is not
+computed from any record (w and w_start are the previous DP step's output and
+the previous aggregate), so the step is post-processing of the DP gradient plus a
+data-independent term: the per-example clipping, the noise and the accountant's
+charge are unchanged. Adding it before clipping would instead put it inside each
+example's norm, spending clip budget on a term the records do not determine.
 """
 
 from __future__ import annotations
@@ -30,6 +38,7 @@ from torch import nn
 
 from gossip.errors import LocalError
 from node.privacy import NoiseSource, steps_per_epoch
+from node.train import proximal_start
 
 CLIP_EPS = 1e-6  # as Opacus: C / (norm + 1e-6)
 
@@ -76,8 +85,11 @@ def clipped_gradient_sum(model: nn.Module, xb: torch.Tensor, yb: torch.Tensor, c
 
 def train_local_dp_fast(model: nn.Module, X: np.ndarray, y: np.ndarray, *, epochs: int,
                         batch_size: int, lr: float, clip_norm: float, noise_multiplier: float,
-                        noise: NoiseSource) -> list[tuple[float, float, int]]:
-    """DP-SGD with Poisson sampling; returns the (sigma, q, steps) history to charge."""
+                        noise: NoiseSource, prox_mu: float = 0.0
+                        ) -> list[tuple[float, float, int]]:
+    """DP-SGD with Poisson sampling; returns the (sigma, q, steps) history to charge.
+    `prox_mu` > 0 adds the FedProx term after clipping and noise (module docstring);
+    at 0 it is not computed: the same steps, bit for bit."""
     params = list(model.parameters())
     if len(params) != 2 * sum(isinstance(m, nn.Linear) for m in _layers(model)):
         raise LocalError("the fast DP-SGD path needs Linear layers with biases")
@@ -88,6 +100,7 @@ def train_local_dp_fast(model: nn.Module, X: np.ndarray, y: np.ndarray, *, epoch
     expected_batch = q * n
     sizes = [p.numel() for p in params]
     total = sum(sizes)
+    start = proximal_start(model, prox_mu)
     model.train()
     steps = 0
     for _ in range(epochs):
@@ -101,7 +114,12 @@ def train_local_dp_fast(model: nn.Module, X: np.ndarray, y: np.ndarray, *, epoch
             # One draw for every parameter of the step (os.urandom is called once).
             zs = noise.gaussian(total, noise_multiplier * clip_norm).split(sizes)
             with torch.no_grad():
-                for p, g, z in zip(params, grads, zs, strict=True):
-                    p -= lr * (g + z.reshape(p.shape)) / expected_batch
+                if start is None:
+                    for p, g, z in zip(params, grads, zs, strict=True):
+                        p -= lr * (g + z.reshape(p.shape)) / expected_batch
+                else:
+                    for p, g, z, w0 in zip(params, grads, zs, start, strict=True):
+                        p -= lr * ((g + z.reshape(p.shape)) / expected_batch
+                                   + prox_mu * (p - w0))
             steps += 1
     return [(float(noise_multiplier), q, steps)]

@@ -936,7 +936,8 @@ class Node:
         if pc.mode == "record":
             assert plan is not None
             kwargs = dict(epochs=tc.epochs, batch_size=tc.batch_size, lr=tc.lr,
-                          clip_norm=plan.clip_norm, noise_multiplier=plan.noise_multiplier)
+                          clip_norm=plan.clip_norm, noise_multiplier=plan.noise_multiplier,
+                          prox_mu=tc.prox_mu)
             if pc.grad_sample_mode == "fast":
                 history = await asyncio.to_thread(train_local_dp_fast, local, self.train_data.X,
                                                   self.train_data.y, **kwargs, noise=self.noise)
@@ -950,7 +951,7 @@ class Node:
         else:
             await asyncio.to_thread(train_local, local, self.train_data.X, self.train_data.y,
                                     epochs=tc.epochs, batch_size=tc.batch_size, lr=tc.lr,
-                                    generator=self._shuffle)
+                                    generator=self._shuffle, prox_mu=tc.prox_mu)
         if self.cfg.faults is not None and self.cfg.faults.straggle > 1:  # a rehearsed straggler
             await asyncio.sleep((self.cfg.faults.straggle - 1) * (time.perf_counter() - trained))
         update = get_flat(local) - start

@@ -85,6 +85,7 @@ class SimulationSpec:
     f: int | None = None
     max_weight_fraction: float | None = None
     aggregation_params: Mapping[str, Any] = field(default_factory=dict)
+    prox_mu: float = 0.0  # every member's training.prox_mu (FedProx; 0: off)
     # Rehearsed attacks: "KIND[=PARAM]:MEMBER[,MEMBER...]" (node.cli.add_attack_flag);
     # the members named get an [attack] section (node.config.AttackConfig)
     attacks: tuple[str, ...] = ()
@@ -178,6 +179,7 @@ def _scenario_model():
         epochs: int | None = Field(default=None, ge=1)
         batch_size: int | None = Field(default=None, ge=1)
         lr: float | None = Field(default=None, gt=0)
+        prox_mu: float | None = Field(default=None, ge=0, le=1e6)  # FedProx
 
     class Privacy(Strict):
         mode: Literal["off", "update", "record"] | None = None
@@ -286,7 +288,7 @@ def read_scenario(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
             f["test_path"] = rel(sc.data.test)
     if sc.model is not None:
         m = {"model": sc.model.kind, "hidden": sc.model.hidden, "epochs": sc.model.epochs,
-             "batch_size": sc.model.batch_size, "lr": sc.model.lr}
+             "batch_size": sc.model.batch_size, "lr": sc.model.lr, "prox_mu": sc.model.prox_mu}
         f.update({k: v for k, v in m.items() if v is not None})
     if sc.privacy is not None:
         p = {"privacy": sc.privacy.mode, "clip": sc.privacy.clip, "delta": sc.privacy.delta,
@@ -903,7 +905,8 @@ def prepare(spec: SimulationSpec,
             "model": {"kind": spec.model, "hidden": spec.hidden},
             "training": {"rounds": spec.rounds, "epochs": spec.epochs,
                          "batch_size": spec.batch_size, "lr": spec.lr,
-                         "seed": member_seed(spec, i)},
+                         "seed": member_seed(spec, i),
+                         **({"prox_mu": spec.prox_mu} if spec.prox_mu else {})},
             "privacy": privacy_section(spec),
             "gossip": {"transport": spec.transport, "round_deadline_s": spec.round_deadline_s,
                        "seal": spec.seal},
@@ -1030,6 +1033,9 @@ def summarize(spec: SimulationSpec, prep: Prepared, results: list[MemberResult],
         "partition": spec.partition if spec.data_dir is None else "the members' own files",
         "seed": spec.seed,
         "model": spec.model,
+        # local training: what every member ran (prox_mu: FedProx's proximal term, 0 = off)
+        "training": {"epochs": spec.epochs, "batch_size": spec.batch_size, "lr": spec.lr,
+                     "prox_mu": spec.prox_mu},
         "transport": spec.transport,
         "seal": spec.seal,
         "rules": dict(prep.consortium.rules),

@@ -154,6 +154,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--epochs", type=int, default=1)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--lr", type=float, default=0.05)
+    p.add_argument("--prox-mu", type=float, default=0.0, metavar="MU",
+                   help="FedProx proximal term (training.prox_mu; 0: off)")
     add_privacy_flags(p)
     add_seal_flag(p)
     p.add_argument("--transport", choices=["libp2p", "mqtt"], default="libp2p")

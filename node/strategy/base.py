@@ -19,7 +19,13 @@ share unable to hurt are shared, not re-implemented per rule:
    is recorded in the round's diagnostics;
 4. too few shares: below the count the rule needs for its `f`, the result is the
    node's own released share (recorded as a fallback);
-5. never non-finite: a non-finite result is replaced by `reference` (or the own
+5. server optimizer (optional, `server_opt`, off by default): the rule's result
+   minus `reference` is a pseudo-gradient Δ, and the node takes a step on it with
+   momentum (FedAvgM) or an adaptive rule (FedAdam / FedYogi), Reddi et al. 2021,
+   "Adaptive Federated Optimization", in serverless form: each node keeps its own
+   optimizer state, and members that combined the same shares from the same
+   reference compute the same vector (`ServerOptimizer`);
+6. never non-finite: a non-finite result is replaced by `reference` (or the own
    share) and recorded.
 
 `own` is always the node's *released* share, never its un-noised local model:
@@ -84,7 +90,9 @@ class Aggregate:
     - `bound`: the distance bound applied this round, if any;
     - `weighting`: how the rule weighed the shares: "declared" (capped declared
       weights), "equal" (declared weights ignored) or None (the rule did not
-      combine shares this round, e.g. a fallback to our own share).
+      combine shares this round, e.g. a fallback to our own share);
+    - `server_opt`: the server optimizer step applied after the rule (None: none
+      configured, or skipped, which `fallbacks` then says).
     """
 
     vector: torch.Tensor
@@ -102,6 +110,7 @@ class Aggregate:
     fallbacks: list[Note] = field(default_factory=list)
     bound: DistanceBound | None = None
     weighting: str | None = None
+    server_opt: dict[str, Any] | None = None  # the server step taken this round, if any
 
     @property
     def fallback(self) -> str | None:
@@ -121,6 +130,7 @@ class Aggregate:
             "fallbacks": [n.to_json() for n in self.fallbacks],
             "bound": None if self.bound is None else self.bound.to_json(),
             "weighting": self.weighting,
+            "server_opt": self.server_opt,
         }
 
 
@@ -161,9 +171,17 @@ COMMON_PARAMS: dict[str, Any] = {
     "distance_factor": 3.0,       # without DP: bound = factor x median distance
     "distance_tail": 1e-9,        # with DP: P(an honest share exceeds the bound)
     "weighting": "equal",         # "declared" (capped declared weights) or "equal"
+    # Server optimizer on Δ = aggregate - reference (step 5 above; `ServerOptimizer`):
+    "server_opt": "none",         # "none", "momentum" (FedAvgM), "adam" (FedAdam), "yogi"
+    "server_lr": None,            # η; None: 1.0 for momentum, 0.01 for adam / yogi
+    "server_momentum": 0.9,       # β (momentum) or β1 (adam / yogi)
+    "server_beta2": 0.99,         # β2 (adam / yogi)
+    "server_tau": 1e-3,           # τ, the adaptivity floor (adam / yogi)
 }
 
 WEIGHTINGS = ("declared", "equal")
+SERVER_OPTS = ("none", "momentum", "adam", "yogi")
+SERVER_LR_DEFAULT = {"momentum": 1.0, "adam": 0.01, "yogi": 0.01}
 
 
 class Strategy(ABC):
@@ -192,6 +210,7 @@ class Strategy(ABC):
         self.check(members)
         self.rounds_aggregated = 0
         self.last_round: int | None = None
+        self.server = ServerOptimizer.from_params(self.name, self.params)
 
     # -- configuration ---------------------------------------------------------
 
@@ -245,6 +264,7 @@ class Strategy(ABC):
                                 "be \"equal\"")
         _num(self.name, "distance_factor", p["distance_factor"], lo=1)
         _num(self.name, "distance_tail", p["distance_tail"], lo=0, lo_open=True, hi=0.5)
+        ServerOptimizer.from_params(self.name, p)  # raises on a bad server_* parameter
 
     # -- topology (the defaults: everyone) -------------------------------------
 
@@ -262,9 +282,12 @@ class Strategy(ABC):
 
     def state_dict(self) -> dict[str, Any]:
         """Plain data (str, int, float, None, lists, dicts) for the msgpack checkpoint."""
-        return {"version": self.STATE_VERSION, "rule": self.name,
-                "params": {k: v for k, v in sorted(self.params.items())},
-                "rounds_aggregated": self.rounds_aggregated, "last_round": self.last_round}
+        d = {"version": self.STATE_VERSION, "rule": self.name,
+             "params": {k: v for k, v in sorted(self.params.items())},
+             "rounds_aggregated": self.rounds_aggregated, "last_round": self.last_round}
+        if self.server is not None:
+            d["server"] = self.server.state_dict()
+        return d
 
     def load_state_dict(self, d: Mapping[str, Any]) -> None:
         """Restore what `state_dict` saved. State written by another rule (the consortium
@@ -277,6 +300,8 @@ class Strategy(ABC):
         rounds, last = d.get("rounds_aggregated"), d.get("last_round")
         if not (isinstance(rounds, int) and rounds >= 0 and (last is None or isinstance(last, int))):
             raise StrategyError(f"aggregation state in the checkpoint is malformed: {str(d)[:80]}")
+        if self.server is not None and d.get("server") is not None:
+            self.server.load_state_dict(d["server"])  # checked before anything is restored
         self.rounds_aggregated, self.last_round = rounds, last
 
     # -- the round -------------------------------------------------------------
@@ -332,6 +357,13 @@ class Strategy(ABC):
             result.used, result.weights = (own_c.member,), {own_c.member: 1.0}
         else:
             vec = self.combine(shares, ctx)
+        if self.server is not None:
+            if ref is None:
+                result.fallbacks.append(Note("server_opt_skipped", (
+                    f"no previous aggregate to take a {self.server.opt} step from: "
+                    "kept the rule's result, the optimizer state unchanged")))
+            else:
+                vec = self.server.step(round, ref, vec, result)
         vec32 = vec.float()
         if not bool(torch.isfinite(vec32).all()):
             keep = ref if ref is not None and bool(torch.isfinite(ref.float()).all()) else own_c.vector
@@ -385,6 +417,146 @@ class Strategy(ABC):
     def combine(self, shares: list[Candidate], ctx: Round) -> torch.Tensor:
         """The rule: float64 vector from at least `needs(f)` admitted shares.
         Sets `ctx.result.used` / `.weights` and records what it did to whom."""
+
+
+@dataclass
+class ServerOptimizer:
+    """A step on the pseudo-gradient Δ = (the rule's result) - reference, per node.
+
+    The serverless form of FedAvgM / FedAdam / FedYogi (Reddi et al. 2021, "Adaptive
+    Federated Optimization", Algorithm 2, without bias correction, state starting at 0):
+
+    - momentum: m <- β m + Δ; result = reference + η m
+      (β = 0, η = 1 is exactly the rule's result, up to float rounding);
+    - adam: m <- β1 m + (1 - β1) Δ; v <- β2 v + (1 - β2) Δ²;
+      result = reference + η m / (sqrt(v) + τ)
+    - yogi: as adam but v <- v - (1 - β2) Δ² sign(v - Δ²).
+
+    Adam and yogi have no exactly neutral setting: β1 = β2 = 0 makes the step
+    η Δ / (|Δ| + τ), which tends to Δ only as τ = η grows (tests/test_skew.py).
+
+    Privacy: Δ is computed from `reference` (the previous aggregate) and the rule's
+    result, both functions of released shares only (our own *released* share, never
+    the un-noised local model), so the step and the state m, v kept across rounds are
+    DP post-processing: they cost no privacy budget and see no un-noised gradient.
+    Deterministic: float64 arithmetic in a fixed order, the state kept (and
+    checkpointed) as float32, so members that combined the same shares from the same
+    reference with the same state compute the same vector, and a restart from the
+    checkpoint continues exactly where an uninterrupted node would be.
+    """
+
+    opt: str
+    lr: float
+    beta1: float
+    beta2: float
+    tau: float
+    m: torch.Tensor | None = None  # float32, the size of the model
+    v: torch.Tensor | None = None  # float32 (adam / yogi)
+    last_round: int | None = None  # the round the last step was taken in
+    steps: int = 0
+
+    @classmethod
+    def from_params(cls, rule: str, p: Mapping[str, Any]) -> ServerOptimizer | None:
+        """The optimizer `p` asks for (None for "none"); raises StrategyError naming the key."""
+        opt = p["server_opt"]
+        if opt not in SERVER_OPTS:
+            raise StrategyError(f"aggregation {rule!r}: server_opt = {opt!r}: choose one of "
+                                f"{', '.join(SERVER_OPTS)}")
+        if p["server_lr"] is not None:
+            _num(rule, "server_lr", p["server_lr"], lo=0, lo_open=True, hi=1e9)
+        _num(rule, "server_momentum", p["server_momentum"], lo=0)
+        _num(rule, "server_beta2", p["server_beta2"], lo=0)
+        for key in ("server_momentum", "server_beta2"):
+            if p[key] >= 1:
+                raise StrategyError(f"aggregation {rule!r}: {key} must be below 1 (a decay "
+                                    f"factor in [0, 1)), got {p[key]!r}")
+        _num(rule, "server_tau", p["server_tau"], lo=0, lo_open=True, hi=1e9)
+        if opt == "none":
+            return None
+        lr = SERVER_LR_DEFAULT[opt] if p["server_lr"] is None else float(p["server_lr"])
+        return cls(opt, lr, float(p["server_momentum"]), float(p["server_beta2"]),
+                   float(p["server_tau"]))
+
+    def step(self, round: int, reference: torch.Tensor, combined: torch.Tensor,
+             result: Aggregate) -> torch.Tensor:
+        """reference + the optimizer's step on combined - reference (float64 in and out).
+        A step whose new state or result would not be finite in float32 is not taken
+        (recorded; the state stays as it was)."""
+        delta = combined - reference
+        n = delta.numel()
+        if self.m is not None and self.m.numel() != n:
+            raise StrategyError(f"the server optimizer state has {self.m.numel()} values but the "
+                                f"model has {n}: the checkpoint belongs to another model")
+        m = torch.zeros_like(delta) if self.m is None else self.m.double()
+        if self.opt == "momentum":
+            m = self.beta1 * m + delta
+            v = None
+            step = self.lr * m
+        else:
+            v = torch.zeros_like(delta) if self.v is None else self.v.double()
+            m = self.beta1 * m + (1 - self.beta1) * delta
+            d2 = delta * delta
+            if self.opt == "adam":
+                v = self.beta2 * v + (1 - self.beta2) * d2
+            else:  # yogi
+                v = v - (1 - self.beta2) * d2 * torch.sign(v - d2)
+            step = self.lr * m / (v.sqrt() + self.tau)
+        m32, v32 = m.float(), None if v is None else v.float()
+        out = reference + step
+        if not (bool(torch.isfinite(m32).all()) and (v32 is None or bool(torch.isfinite(v32).all()))
+                and bool(torch.isfinite(out.float()).all())):
+            result.fallbacks.append(Note("server_opt_non_finite", (
+                f"the {self.opt} step on this round's update is not finite: kept the rule's "
+                "result, the optimizer state unchanged")))
+            return combined
+        self.m, self.v = m32, v32
+        self.last_round, self.steps = round, self.steps + 1
+        result.server_opt = {"opt": self.opt, "lr": self.lr, "steps": self.steps,
+                             "update_norm": float(torch.linalg.vector_norm(delta)),
+                             "step_norm": float(torch.linalg.vector_norm(step))}
+        return out
+
+    def state_dict(self) -> dict[str, Any]:
+        def raw(t: torch.Tensor | None) -> bytes | None:
+            return None if t is None else t.numpy().astype("<f4").tobytes()
+        return {"opt": self.opt, "m": raw(self.m), "v": raw(self.v),
+                "last_round": self.last_round, "steps": self.steps}
+
+    def load_state_dict(self, d: Any) -> None:
+        """Restore `state_dict`'s data, checked (a checkpoint is a file, not trusted). State
+        of another optimizer (the consortium changed `server_opt`) carries nothing over."""
+        def bad(why: str) -> StrategyError:
+            return StrategyError(f"server optimizer state in the checkpoint: {why}")
+        if not isinstance(d, Mapping) or not isinstance(d.get("opt"), str):
+            raise bad(f"not a mapping with an 'opt' name: {str(d)[:80]}")
+        if d["opt"] != self.opt:
+            return
+        last, steps = d.get("last_round"), d.get("steps")
+        if not (last is None or (isinstance(last, int) and not isinstance(last, bool) and last >= 0)):
+            raise bad(f"last_round {last!r} is not a round number")
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
+            raise bad(f"steps {steps!r} is not a count")
+
+        def vec(key: str, required: bool) -> torch.Tensor | None:
+            b = d.get(key)
+            if b is None and not required:
+                return None
+            if not isinstance(b, bytes) or len(b) % 4:
+                raise bad(f"{key} is not float32 bytes")
+            t = torch.frombuffer(bytearray(b), dtype=torch.float32) if b else torch.zeros(0)
+            if not bool(torch.isfinite(t).all()):
+                raise bad(f"{key} has non-finite values")
+            return t
+        m = vec("m", required=False)
+        v = vec("v", required=False) if self.opt == "momentum" else None
+        if self.opt != "momentum" and m is not None:
+            v = vec("v", required=True)
+            assert v is not None
+            if v.numel() != m.numel() or bool((v < 0).any()):
+                raise bad(f"v has {v.numel()} values (m {m.numel()}) or negative ones")
+        if m is None and steps:
+            raise bad(f"{steps} step(s) recorded but no state m")
+        self.m, self.v, self.last_round, self.steps = m, v, last, steps
 
 
 def weighted_sum(shares: list[Candidate], fractions: list[float]) -> torch.Tensor:

@@ -1,0 +1,256 @@
+#!/usr/bin/env python3
+"""Options against skewed members (issue 13), in-process: FedAvg, FedAvgM, FedAdam,
+FedYogi (server optimizers, node/strategy/base.py `ServerOptimizer`) and FedProx
+(training.prox_mu, node/train.py), next to centralized training on the pooled rows.
+
+Every run is a whole consortium in one process (node.simulation: real nodes, real
+signed envelopes on the memory transport), 8 members, 30 rounds, the first-slice
+recipe (MLP 64, SGD 0.05, batch 32, 1 local epoch), every member applying the plain
+weighted `mean` (with the consortium's default weight cap) so that only the option
+differs. Tables: `default` (dirichlet 0.5, ROC-AUC), `churn` (column:state,
+ROC-AUC), `digits` (dirichlet 0.5, accuracy).
+
+Choosing the settings, never on the test set: each member splits its own training
+rows 80/20 (a fixed per-member seed); the consortium trains on the 80 % and each
+option's grid point is scored by the members' final models on the union of the
+members' 20 % validation rows (a simulator can pool them; a consortium would sum
+per-member counts). The schema's scaling constants still come from all training
+rows (the validation rows included), as `prepare` fits them. The setting with the best
+mean validation metric over the tuning tables (`--tune-on`, default `default` and
+`digits`) and seeds is the option's choice; `churn` played no part in choosing and
+confirms it. Every grid point is then run on the full training rows and scored on
+the consortium test set; the table shows the chosen one per option (the JSON has all).
+
+Per run: the final metric (mean over members on the test set), the first round
+whose mean metric is within 0.01 of the final value (1-based), bytes sent per
+member, seconds. Writes runs/bench/skew.json and prints it and a table.
+
+    .venv/bin/python scripts/bench_skew.py                  # 1 seed (about 2 min on 2 cores)
+    .venv/bin/python scripts/bench_skew.py --seeds 3                   # about 6 min
+    .venv/bin/python scripts/bench_skew.py --tables digits --rounds 5 --no-tune   # small
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import math
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+TABLES = {"default": "dirichlet:0.5", "churn": "column:state", "digits": "dirichlet:0.5"}
+VAL_FRACTION = 0.2
+NEAR = 0.01
+
+# option -> grid of (label, server params, prox_mu)
+GRID: dict[str, list[tuple[str, dict[str, Any], float]]] = {
+    "fedavg": [("fedavg", {}, 0.0)],
+    "fedavgm": [(f"fedavgm b={b:g}", {"server_opt": "momentum", "server_momentum": b,
+                                       "server_lr": 1.0}, 0.0) for b in (0.7, 0.9, 0.95)],
+    "fedadam": [(f"fedadam lr={lr:g}", {"server_opt": "adam", "server_lr": lr}, 0.0)
+                for lr in (0.01, 0.03, 0.1)],
+    "fedyogi": [(f"fedyogi lr={lr:g}", {"server_opt": "yogi", "server_lr": lr}, 0.0)
+                for lr in (0.01, 0.03, 0.1)],
+    "fedprox": [(f"fedprox mu={mu:g}", {}, mu) for mu in (0.01, 0.1)],
+}
+
+
+def _split_validation(prep: Any, seed: int) -> dict[str, Any]:
+    """Rewrite each member's training file to 80 % of its rows and point its config's
+    data.eval_path at the other 20 %; return member -> its validation frame."""
+    import tomllib
+
+    import numpy as np
+    import pandas as pd
+    import tomli_w
+
+    val = {}
+    for i, (name, cfg_path) in enumerate(zip(prep.names, prep.config_paths, strict=True)):
+        cfg = tomllib.loads(cfg_path.read_text())
+        data_file = (cfg_path.parent / cfg["data"]["path"]).resolve()
+        df = pd.read_parquet(data_file)
+        order = np.random.default_rng(10_007 * seed + i).permutation(len(df))
+        n_val = max(1, int(round(VAL_FRACTION * len(df)))) if len(df) > 1 else 0
+        val[name] = df.iloc[order[:n_val]].reset_index(drop=True)
+        df.iloc[order[n_val:]].reset_index(drop=True).to_parquet(data_file)
+        val_file = data_file.with_name(f"{name}-val.parquet")
+        val[name].to_parquet(val_file)
+        cfg["data"]["eval_path"] = f"../data/{val_file.name}"
+        cfg_path.write_text(tomli_w.dumps(cfg))
+    return val
+
+
+def run_one(table: str, seed: int, rounds: int, params: dict[str, Any], prox_mu: float,
+            validation: bool, workdir: Path) -> dict[str, Any]:
+    import numpy as np
+    import pandas as pd
+    import torch
+
+    from node.data import encode
+    from node.simulation import SimulationSpec, prepare, run_consortium
+    from node.state import read_jsonl
+    from node.train import evaluate, metric_name
+
+    torch.set_num_threads(1)
+    out = Path(tempfile.mkdtemp(prefix="skew-", dir=workdir))
+    t0 = time.perf_counter()
+    try:
+        spec = SimulationSpec(dataset=table, nodes=8, partition=TABLES[table], rounds=rounds,
+                              seed=seed, out=out, aggregation="mean", aggregation_params=params,
+                              prox_mu=prox_mu, round_deadline_s=300.0)
+        prep = prepare(spec)
+        metric = metric_name(prep.schema.n_classes)
+        if validation:
+            val = _split_validation(prep, seed)
+            X, y = encode(pd.concat(list(val.values()), ignore_index=True), prep.schema, "val")
+        else:
+            X, y = prep.test
+        nodes = asyncio.run(run_consortium(spec, prep))
+        finals = [evaluate(n.model, X, y)[metric] for n in nodes]
+        cell: dict[str, Any] = {"metric": metric, "final": float(np.mean(finals)),
+                                "final_min": float(np.min(finals)),
+                                "bytes_sent_per_member": float(np.mean(
+                                    [n.transport.stats.bytes_sent for n in nodes]))}
+        if not validation:  # per-round metrics: the nodes evaluate on the test set
+            per_round: dict[int, list[float]] = {}
+            for n in nodes:
+                for line in read_jsonl(n.state.path / "metrics.jsonl"):
+                    per_round.setdefault(line["round"], []).append(line["metrics"][metric])
+            curve = [float(np.mean(per_round[r])) for r in sorted(per_round)]
+            cell["curve"] = [round(v, 4) for v in curve]
+            final = curve[-1] if curve else float("nan")
+            cell["round_within_0.01"] = next(
+                (r + 1 for r, v in enumerate(curve) if abs(v - final) <= NEAR), None)
+    finally:
+        shutil.rmtree(out, ignore_errors=True)
+    cell["seconds"] = round(time.perf_counter() - t0, 2)
+    return cell
+
+
+def centralized(table: str, seed: int, rounds: int, workdir: Path) -> float:
+    """The pooled training rows, the same recipe for `rounds` epochs (node.simulation)."""
+    import torch
+
+    from node.simulation import SimulationSpec, baselines, prepare
+    from node.train import metric_name
+
+    torch.set_num_threads(1)
+    out = Path(tempfile.mkdtemp(prefix="skew-c-", dir=workdir))
+    try:
+        spec = SimulationSpec(dataset=table, nodes=8, partition=TABLES[table], rounds=rounds,
+                              seed=seed, out=out, aggregation="mean")
+        prep = prepare(spec)
+        central, _ = baselines(spec, prep)
+        return float(central[metric_name(prep.schema.n_classes)])
+    finally:
+        shutil.rmtree(out, ignore_errors=True)
+
+
+def _mean(xs: list[float]) -> float:
+    xs = [x for x in xs if x is not None and math.isfinite(x)]
+    return float(sum(xs) / len(xs)) if xs else float("nan")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--tables", default=",".join(TABLES))
+    ap.add_argument("--options", default=",".join(GRID))
+    ap.add_argument("--seeds", type=int, default=1, help="seeds 0..N-1 (issue: 3)")
+    ap.add_argument("--rounds", type=int, default=30)
+    ap.add_argument("--tune-on", default="default,digits",
+                    help="tables whose validation split chooses each option's setting")
+    ap.add_argument("--no-tune", action="store_true",
+                    help="skip choosing; report every grid point on the test set only")
+    ap.add_argument("--out", type=Path, default=ROOT / "runs" / "bench" / "skew.json")
+    args = ap.parse_args(argv)
+    tables = [t for t in args.tables.split(",") if t]
+    options = [o for o in args.options.split(",") if o]
+    tune_on = [t for t in args.tune_on.split(",") if t]
+    for t in tables + tune_on:
+        if t not in TABLES:
+            ap.error(f"table {t!r}: choose from {', '.join(TABLES)}")
+    for o in options:
+        if o not in GRID:
+            ap.error(f"option {o!r}: choose from {', '.join(GRID)}")
+    logging.getLogger("flnode").setLevel(logging.CRITICAL)
+    seeds = list(range(args.seeds))
+    t0 = time.monotonic()
+    workdir = Path(tempfile.mkdtemp(prefix="bench-skew-"))
+    points = [p for o in options for p in GRID[o]]
+    try:
+        validation: dict[str, dict[str, Any]] = {}
+        if not args.no_tune:
+            for label, params, mu in points:
+                per_table = {t: _mean([run_one(t, s, args.rounds, params, mu, True,
+                                               workdir)["final"] for s in seeds])
+                             for t in tune_on}
+                validation[label] = {"mean": _mean(list(per_table.values())),
+                                     "per_table": per_table}
+                print(f"validation {label:20s} {validation[label]['mean']:.4f}", flush=True)
+        chosen = {}
+        for o in options:
+            labels = [p[0] for p in GRID[o]]
+            chosen[o] = max(labels, key=lambda lb: validation[lb]["mean"]) \
+                if validation else labels[0]
+        tests: dict[str, dict[str, Any]] = {}
+        for t in tables:
+            tests[t] = {"centralized": _mean([centralized(t, s, args.rounds, workdir)
+                                              for s in seeds]), "runs": {}}
+            for label, params, mu in points:
+                cells = [run_one(t, s, args.rounds, params, mu, False, workdir) for s in seeds]
+                tests[t]["runs"][label] = {
+                    "final": _mean([c["final"] for c in cells]),
+                    "per_seed": [c["final"] for c in cells],
+                    "round_within_0.01": _mean([c["round_within_0.01"] for c in cells]),
+                    "bytes_sent_per_member": _mean([c["bytes_sent_per_member"] for c in cells]),
+                    "seconds": _mean([c["seconds"] for c in cells]),
+                    "curve_seed0": cells[0]["curve"], "metric": cells[0]["metric"]}
+                print(f"test {t:8s} {label:20s} {tests[t]['runs'][label]['final']:.4f}",
+                      flush=True)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    summary = {
+        "config": {"tables": {t: TABLES[t] for t in tables}, "nodes": 8, "rounds": args.rounds,
+                   "seeds": seeds, "rule": "mean (default weight cap)",
+                   "recipe": "mlp 64, sgd 0.05, batch 32, 1 local epoch, privacy off",
+                   "grid": {o: [p[0] for p in GRID[o]] for o in options},
+                   "chosen_on": None if args.no_tune else
+                   f"validation split ({int(VAL_FRACTION * 100)} % of each member's own "
+                   f"training rows) of {', '.join(tune_on)}",
+                   "confirm_tables": [t for t in tables if t not in tune_on]},
+        "validation": validation, "chosen": chosen, "test": tests,
+        "seconds": round(time.monotonic() - t0, 1),
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(summary, indent=2, allow_nan=True))
+    print(json.dumps({k: summary[k] for k in ("config", "validation", "chosen")}, indent=2))
+    print(f"\n{'table':8s} {'option (chosen setting)':28s} {'final':>7s} {'vs central':>10s} "
+          f"{'vs fedavg':>9s} {'round≈':>6s} {'kB/member':>9s}")
+    for t in tables:
+        c = tests[t]["centralized"]
+        base = tests[t]["runs"].get("fedavg", {}).get("final", float("nan"))
+        print(f"{t:8s} {'centralized':28s} {c:7.4f}")
+        rows = [(o, chosen[o]) for o in options]
+        rows += [("fedprox", lb) for lb in [p[0] for p in GRID.get("fedprox", [])]
+                 if "fedprox" in options and lb != chosen.get("fedprox")]
+        for o, lb in rows:
+            r = tests[t]["runs"][lb]
+            mark = "" if lb == chosen[o] or o == "fedavg" else " (not chosen)"
+            print(f"{t:8s} {lb + mark:28s} {r['final']:7.4f} {r['final'] - c:+10.4f} "
+                  f"{r['final'] - base:+9.4f} {r['round_within_0.01']:6.1f} "
+                  f"{r['bytes_sent_per_member'] / 1000:9.0f}")
+    print(f"\nwrote {args.out} ({summary['seconds']:.0f} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
