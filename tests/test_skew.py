@@ -492,7 +492,9 @@ def test_server_opt_state_survives_a_sigkill_of_a_real_flnode_run_process(tmp_pa
              if a.get("kind") == "aggregate"]
     log = (out / "logs" / "bank-2.log").read_text()
     starts = [int(x) - 1 for x in re.findall(r"starting at round (\d+)/6", log)]
-    assert len(starts) == 2 and starts[1] >= 3, log[-2000:]
+    # killed once it has written round 3's metrics line: its checkpoint (saved just after
+    # that line) says round 3 or, killed in between, round 2 (0-based)
+    assert len(starts) == 2 and starts[1] >= 2, log[-2000:]
     resumed_at = starts[1]  # 0-based: the checkpoint's next round
     assert all(a["server_opt"] is not None for a in lines), lines
     # Steps count up by one per aggregation; the restart shows as at most one place where
@@ -509,4 +511,4 @@ def test_server_opt_state_survives_a_sigkill_of_a_real_flnode_run_process(tmp_pa
         assert lines[i]["round"] >= resumed_at, ([a["round"] for a in lines], steps)
     assert lines[-1]["round"] == 5, [a["round"] for a in lines]
     checkpointed = steps[breaks[0]] - 1 if breaks else steps[-1]
-    assert checkpointed >= 3  # the restored count, not a fresh optimizer's
+    assert checkpointed >= 2  # the restored count, not a fresh optimizer's
