@@ -174,6 +174,11 @@ MAX_PENDING_HANDSHAKES = 16
 MAX_HANDSHAKES_PER_IP = 4
 HANDSHAKE_TIMEOUT_S = 10.0
 MAX_STREAMS_PER_PEER = 4
+# Our own transfers to one member at a time: below its MAX_STREAMS_PER_PEER, so an
+# honest node's background sends (a share, a seen report, hello replies) never trip
+# the limit that stops a greedy member; the rest queue in order (trio's semaphore is
+# fair) behind them, each still bounded by its own transfer timeout.
+MAX_OUT_STREAMS_PER_PEER = 2
 MIN_INFLIGHT_BYTES = 256 * 1024 * 1024
 BUDGET_WAIT_S = 20.0
 MIN_RATE_BYTES_PER_S = 64 * 1024
@@ -304,6 +309,8 @@ class Libp2pTransport(Transport):
         # When the current wait for a connection to a member ends (trio clock): every
         # send to it while one is waiting shares that one wait, not a fresh one each.
         self._connect_by: dict[Any, float] = {}
+        self._out_slots: dict[Any, trio.Semaphore] = {}  # peer id -> our transfers to it
+        self._out_order: dict[Any, trio.Lock] = {}  # peer id -> transfers start in order
         self.reserved: Counter[str] = Counter()  # member -> declared bytes admitted
         self.reserved_total = 0
         self.buffered = 0  # body bytes received and held by unfinished transfers
@@ -736,6 +743,21 @@ class Libp2pTransport(Transport):
                 backoff = min(backoff * 2, DIAL_BACKOFF_MAX_S)
 
     async def _send_trio(self, peer_id: ID, data: bytes) -> None:
+        """Transfers to one member start in the order they were sent (a fair lock over
+        the connect wait and the slot): a round's share never overtakes the previous
+        round's on its way to a member that is just coming up, which would make the
+        member think we had moved on and close that round without our share."""
+        order = self._out_order.setdefault(peer_id, trio.Lock())
+        slots = self._out_slots.setdefault(peer_id, trio.Semaphore(MAX_OUT_STREAMS_PER_PEER))
+        async with order:
+            await self._await_connection(peer_id)
+            await slots.acquire()
+        try:
+            await self._transfer(peer_id, data)
+        finally:
+            slots.release()
+
+    async def _await_connection(self, peer_id: ID) -> None:
         network = self.host.get_network()
         if peer_id in self._unreachable and not network.get_connections(peer_id):
             raise SwarmException("not connected, and the last send already waited "
@@ -752,6 +774,8 @@ class Libp2pTransport(Transport):
         else:
             self._unreachable.discard(peer_id)
             self._connect_by.pop(peer_id, None)
+
+    async def _transfer(self, peer_id: ID, data: bytes) -> None:
         with trio.fail_after(transfer_timeout(len(data))):
             stream = await self.host.new_stream(peer_id, [SHARE_PROTOCOL])
             try:
