@@ -65,7 +65,10 @@ logged once per (peer, reason); for handshakes the "peer" is the remote IP):
 - Concurrent inbound transfers (streams of `/flnode/share/1`) per member:
   `max_streams_per_peer` (4), counted across that member's connections, from
   the moment the stream is handed to us until it is done, waiting included;
-  one more is reset at once [`too_many_streams`].
+  one more is reset at once [`too_many_streams`]. Our own sends to one member
+  stay below it (`MAX_OUT_STREAMS_PER_PEER`, 2) and start in the order they
+  were sent, so an honest node never trips it and a round's share never
+  overtakes the previous round's.
 - Bytes in flight. A transfer's declared length is reserved before a byte of
   its body is read, against a per-member budget `max_peer_inflight_bytes`
   (default max_message_bytes + 1 MiB: one full-size share plus small
