@@ -309,6 +309,15 @@ def encode(df: pd.DataFrame, schema: FeatureSchema, source: str = "table") -> tu
     return X, y
 
 
+def held_out_split(n_rows: int, seed: int, fraction: float) -> tuple[np.ndarray, np.ndarray]:
+    """(training rows, held-out rows) of a member without data.eval_path: a permutation
+    seeded by training.seed, the last `fraction` held out. The node and the simulators
+    both split with this."""
+    order = np.random.default_rng(seed).permutation(n_rows)
+    cut = int(n_rows * (1 - fraction))
+    return order[:cut], order[cut:]
+
+
 def read_table(path: str | Path) -> pd.DataFrame:
     path = Path(path)
     try:

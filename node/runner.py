@@ -52,7 +52,7 @@ from gossip.transports.base import Incoming, Transport, TransportFailed
 from gossip.transports.faults import FaultyTransport, fault_plan
 from node.aggregate import WeightedShare
 from node.config import NodeConfig
-from node.data import FeatureSchema, encode, read_table
+from node.data import FeatureSchema, encode, held_out_split, read_table
 from node.dpsgd import train_local_dp_fast
 from node.identity import Identity, load_identity
 from node.models import (
@@ -149,9 +149,8 @@ class LocalTables:
         if cfg.data.eval_path is not None:
             return LocalTables(df, read_table(cfg.data.eval_path), str(cfg.data.path),
                                str(cfg.data.eval_path))
-        order = np.random.default_rng(cfg.training.seed).permutation(len(df))
-        cut = int(len(df) * (1 - cfg.data.eval_fraction))
-        return LocalTables(df.iloc[order[:cut]], df.iloc[order[cut:]], str(cfg.data.path),
+        train, held = held_out_split(len(df), cfg.training.seed, cfg.data.eval_fraction)
+        return LocalTables(df.iloc[train], df.iloc[held], str(cfg.data.path),
                            str(cfg.data.path))
 
     def encode(self, schema: FeatureSchema) -> tuple[LocalData, LocalData]:

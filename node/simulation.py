@@ -539,11 +539,11 @@ def data_dir_files(spec: SimulationSpec) -> tuple[dict[str, Path], Path | None]:
 
 def held_out_split(n_rows: int, seed: int, fraction: float = EVAL_FRACTION
                    ) -> tuple[np.ndarray, np.ndarray]:
-    """(training rows, held-out rows) of a member without data.eval_path: exactly the
-    split node/runner.py Node.from_config makes (tests/test_data_dir.py checks)."""
-    order = np.random.default_rng(seed).permutation(n_rows)
-    cut = int(n_rows * (1 - fraction))
-    return order[:cut], order[cut:]
+    """(training rows, held-out rows) of a member without data.eval_path: the split its
+    node makes (node.data.held_out_split; tests/test_data_dir.py checks)."""
+    from node.data import held_out_split as split
+
+    return split(n_rows, seed, fraction)
 
 
 def member_seed(spec: SimulationSpec, index: int) -> int:
