@@ -465,7 +465,13 @@ def test_server_opt_state_survives_a_sigkill_of_a_real_flnode_run_process(tmp_pa
     count: after the restart it goes on from the count of the last round its checkpoint
     holds (a lost state would start again at 1). A round aggregated but not yet
     checkpointed when the kill came is lost with its model, as it should be: the
-    restarted node resumes (or skips) from the checkpoint, state and model together."""
+    restarted node resumes (or skips) from the checkpoint, state and model together.
+
+    The supervisor polls the metrics files, so on a loaded machine the kill can land a
+    few rounds late (a CI run saw it land after round 5 of 6; the restarted node then
+    found the others finished and rightly joined them there, aggregating nothing more).
+    Twelve rounds leave room for rounds after the restart whatever the lag; the test
+    asserts what the checkpoint proves, not which round came last."""
     import json
     import re
     import subprocess
@@ -476,10 +482,11 @@ def test_server_opt_state_survives_a_sigkill_of_a_real_flnode_run_process(tmp_pa
 
     root = Path(__file__).resolve().parent.parent
     out = tmp_path / "net"
+    rounds = 12
     r = subprocess.run(
         [sys.executable, str(root / "scripts" / "simulate_network.py"), "--dataset", "default",
-         "--nodes", "4", "--partition", "dirichlet:0.5", "--rounds", "6", "--seed", "0",
-         "--out", str(out), "--privacy", "off", "--aggregation", "mean",
+         "--nodes", "4", "--partition", "dirichlet:0.5", "--rounds", str(rounds), "--seed",
+         "0", "--out", str(out), "--privacy", "off", "--aggregation", "mean",
          "--aggregation-param", "server_opt=momentum", "--kill", "bank-2@3",
          "--round-deadline", "10", "--restart-after", "1"],
         capture_output=True, text=True, timeout=900)
@@ -491,7 +498,7 @@ def test_server_opt_state_survives_a_sigkill_of_a_real_flnode_run_process(tmp_pa
     lines = [a for a in read_jsonl(out / "state" / "bank-2" / "audit.jsonl")
              if a.get("kind") == "aggregate"]
     log = (out / "logs" / "bank-2.log").read_text()
-    starts = [int(x) - 1 for x in re.findall(r"starting at round (\d+)/6", log)]
+    starts = [int(x) - 1 for x in re.findall(rf"starting at round (\d+)/{rounds}", log)]
     # killed once it has written round 3's metrics line: its checkpoint (saved just after
     # that line) says round 3 or, killed in between, round 2 (0-based)
     assert len(starts) == 2 and starts[1] >= 2, log[-2000:]
@@ -509,6 +516,10 @@ def test_server_opt_state_survives_a_sigkill_of_a_real_flnode_run_process(tmp_pa
         i = breaks[0]
         assert 2 <= steps[i] <= steps[i - 1], steps  # resumed, not reset
         assert lines[i]["round"] >= resumed_at, ([a["round"] for a in lines], steps)
-    assert lines[-1]["round"] == 5, [a["round"] for a in lines]
+    assert f"finished at round {rounds}/{rounds}" in log, log[-2000:]
+    # It aggregated again after the restart (the checkpoint's round or later) ...
+    assert lines[-1]["round"] >= resumed_at, ([a["round"] for a in lines], resumed_at)
+    # ... from the restored count (steps[i] - 1 after a break; with none, the kill came
+    # right after a checkpoint and the count simply goes on), not a fresh optimizer's.
     checkpointed = steps[breaks[0]] - 1 if breaks else steps[-1]
-    assert checkpointed >= 2  # the restored count, not a fresh optimizer's
+    assert checkpointed >= 2, steps
