@@ -687,6 +687,10 @@ def _facts(run: Run) -> str:
         sig = {m.name: m.noise_multiplier for m in run.members if m.noise_multiplier is not None}
         if sig:
             add("σ per member", ", ".join(f"{n} {v:.3f}" for n, v in sig.items()))
+    training = s.obj("training")
+    if training:  # local training every member ran (FedProx, LR decay, control variates)
+        add("local training", ", ".join(f"{k} = {_value(v)}" for k, v in training.items()
+                                        if v is not None))
     agg = s.obj("aggregation")
     if agg:
         text = str(agg.get("rule", "?"))
@@ -742,6 +746,37 @@ def _seen_by(run: Run) -> str:
             + "</tbody></table></div>")
 
 
+def _own_rows(run: Run) -> str:
+    """Each member's local-only model and the consortium's on the member's OWN held-out rows
+    (summary.json `own_rows`, written by the simulators): the gain a member's manager asks
+    for. Nothing when the run has no such figures."""
+    s = run.summary
+    own = s.obj("own_rows")
+    if not own:
+        return ""
+    rows = []
+    for name, e in own.items():
+        if not isinstance(e, dict):
+            raise s._fail(["own_rows", name], "an object", e)
+        where = ["own_rows", name]
+        n = s.check_count([*where, "rows"], e.get("rows"))
+        lo = s.check_num([*where, "local_only"], e.get("local_only"))
+        co = s.check_num([*where, "consortium"], e.get("consortium"))
+        gain = co - lo if lo is not None and co is not None else None
+        rows.append(f'<tr><td class="l name" title="{_e(name)}">{_e(name)}</td>'
+                    f"<td>{_count_cell(n)}</td><td>{_fmt(lo)}</td><td>{_fmt(co)}</td>"
+                    f"<td>{_signed(gain)}</td></tr>")
+    source = s.text("own_rows_source")
+    return ("<h3>On each member's own held-out rows</h3>"
+            '<p class="sub">The member\'s local-only model and its consortium model, both '
+            "scored on rows the member held out of its own data"
+            + (f" ({_e(source)})" if source else "") + "; gain = consortium − local-only. "
+            "A metric that is undefined there (one class only) shows as —.</p>"
+            '<div class="scroll"><table><thead><tr><th class="l">member</th><th>held-out rows'
+            "</th><th>local-only</th><th>consortium</th><th>gain</th></tr></thead><tbody>"
+            + "".join(rows) + "</tbody></table></div>")
+
+
 def render(run: Run) -> str:
     s = run.summary
     figures = plots(run)
@@ -761,7 +796,7 @@ def render(run: Run) -> str:
         "every metric on the same consortium test set. Shares released: the rounds the member "
         "closed (each opens with its own release); received: the other members' shares it "
         "accepted; rejected: messages it refused, by reason.</p>",
-        _table(run), _seen_by(run),
+        _table(run), _own_rows(run), _seen_by(run),
     ]
     if run.notes:
         shown = run.notes[:MAX_NOTES]

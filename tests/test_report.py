@@ -55,6 +55,7 @@ class Page(HTMLParser):
     def __init__(self) -> None:
         super().__init__()
         self.rows: list[list[str]] = []
+        self.by_table: dict[int, list[list[str]]] = {}  # every table's body rows
         self.links: list[str] = []
         self.tables = 0
         self.cell: list[str] | None = None
@@ -64,18 +65,19 @@ class Page(HTMLParser):
         self.links += [v or "" for k, v in attrs if k in ("src", "href")]
         if tag == "table":
             self.tables += 1
-        elif tag == "tbody" and self.tables == 1:
+        elif tag == "tbody":
             self.in_tbody = True
         elif tag == "tr" and self.in_tbody:
-            self.rows.append([])
+            self.by_table.setdefault(self.tables, []).append([])
         elif tag == "td" and self.in_tbody:
             self.cell = []
 
     def handle_endtag(self, tag):
         if tag == "tbody":
             self.in_tbody = False
+            self.rows = self.by_table.get(1, [])
         elif tag == "td" and self.cell is not None:
-            self.rows[-1].append("".join(self.cell).strip())
+            self.by_table[self.tables][-1].append("".join(self.cell).strip())
             self.cell = None
 
     def handle_data(self, data):
@@ -223,3 +225,28 @@ def test_out_flag_and_no_torch_import(copy, tmp_path):
     assert out.read_text().startswith("<!DOCTYPE html>") and not (copy / "report.html").exists()
     with pytest.raises(LocalError, match="does not exist"):
         write_report(copy, tmp_path / "no" / "such" / "dir.html")
+
+
+def test_own_rows_table_and_local_training_are_shown(copy):
+    """The gain on each member's own held-out rows (summary.json `own_rows`) gets its own
+    table, and the local-training settings (FedProx, LR decay, ...) are in the facts."""
+    summary = json.loads((copy / "summary.json").read_text())
+    summary["own_rows"] = {"bank-0": {"local_only": 0.81, "consortium": 0.9, "gain": 0.09,
+                                      "rows": 40},
+                           "bank-1": {"local_only": float("nan"), "consortium": 0.5,
+                                      "gain": float("nan"), "rows": 3}}
+    summary["own_rows_source"] = "20 % of each member's rows"
+    summary["training"] = {"epochs": 1, "lr": 0.05, "prox_mu": 0.01}
+    (copy / "summary.json").write_text(json.dumps(summary))
+    text = write_report(copy).read_text()
+    page = parse(text)
+    own = page.by_table[2]
+    assert own == [["bank-0", "40", "0.8100", "0.9000", "+0.0900"],
+                   ["bank-1", "3", "—", "0.5000", "—"]]
+    assert "On each member&#x27;s own held-out rows" in text or \
+        "On each member's own held-out rows" in text
+    assert "prox_mu = 0.01" in text and "lr = 0.05" in text
+    summary["own_rows"]["bank-0"]["rows"] = -1
+    (copy / "summary.json").write_text(json.dumps(summary))
+    with pytest.raises(LocalError, match=r"own_rows\.bank-0\.rows: expected a count"):
+        write_report(copy)
