@@ -43,11 +43,12 @@ def _consortium_build(args: argparse.Namespace) -> int:
         name, key = load_public_key(pub)
         addresses = dict(a.split("=", 1) for a in addr.split(",") if "=" in a) if addr else {}
         members.append(Member(name, key, addresses))
-    from node.rules import build_strategy, rules_table
+    from node.rules import build_strategy, pin_rules, rules_table
 
     f = rules_fields(args)
-    rules = rules_table(len(members), f["aggregation"], f["f"], f["max_weight_fraction"], args.privacy_mode,
-                        args.clip, args.noise_multiplier, **f["aggregation_params"])
+    rules = pin_rules(rules_table(len(members), f["aggregation"], f["f"], f["max_weight_fraction"],
+                                  args.privacy_mode, args.clip, args.noise_multiplier,
+                                  **f["aggregation_params"]), len(members))
     consortium = Consortium(args.name, schema.to_dict(), tuple(members), rules)
     build_strategy(consortium, None, args.privacy_mode or "off", args.clip or 1.0,
                    "--aggregation")  # refuse a rule this consortium cannot run

@@ -36,10 +36,19 @@ C + sigma C (sqrt(d) + t) that an honest share exceeds with probability
 it (`distance = "clip"` unless [rules.params] says otherwise), whatever the rule.
 A consortium file with no `[rules]` at all (built before they existed) falls back
 to each node's own `gossip.aggregation`, with a warning: per node, not agreed.
+
+Pinned, not left to the code: `flnode consortium build` and the simulators write
+every parameter the rule takes into the file (`pin_rules`: f, the cap, and under
+`[rules.params]` each default of this flnode version made explicit: weighting,
+distance, outlier_factor, server_opt, ...). A later version that changes a default
+then cannot make its members judge shares differently from members still running
+this one. A node that loads a table leaving some to its own defaults says which,
+with the values it used, at start.
 """
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -51,6 +60,7 @@ from node.strategy import Strategy, make_strategy
 from node.strategy.registry import canonical
 
 DEFAULT_RULE = "auto"
+log = logging.getLogger("flnode.node")
 
 
 def resolve_rule(name: str, members: int) -> str:
@@ -126,30 +136,90 @@ def build_strategy(consortium: Consortium, node_rule: str | None, privacy_mode: 
                          f"{rules.privacy_mode!r}")
     if rules.clip is not None and privacy_mode != "off" and rules.clip != clip:
         raise LocalError(f"privacy.clip = {clip:g} but the consortium's rules say {rules.clip:g}")
+    if (rules.noise_multiplier is not None and noise_multiplier is not None
+            and noise_multiplier > rules.noise_multiplier):
+        raise LocalError(
+            f"privacy: this node's noise multiplier {noise_multiplier:g} is above the "
+            f"consortium's rules.noise_multiplier = {rules.noise_multiplier:g}: the others "
+            "would clip its shares as too far (lower privacy.sigma, or raise "
+            "privacy.epsilon)")
+    params = _params(rules, n, aggregation, source)
+    try:
+        strategy = make_strategy(aggregation, members=n, **params)
+    except LocalError as exc:
+        raise LocalError(f"{source}: [rules]: {exc}") from None
+    left = unpinned(rules, strategy)
+    if left:
+        log.warning("%s: [rules] leaves %s to this flnode version's defaults (%s): members "
+                    "running another version could judge shares differently; a file written "
+                    "by `flnode consortium build` pins every one", source, ", ".join(left),
+                    ", ".join(f"{k} = {strategy.params[k]!r}" for k in left))
+    return AgreedStrategy(strategy, {"rule": aggregation, **params}, True)
+
+
+def _params(rules: ConsortiumRules, n: int, aggregation: str, source: str) -> dict[str, Any]:
+    """The parameters a [rules] table gives the strategy (defaults for f and the cap; the
+    agreed DP noise bound as dp_clip / dp_noise_multiplier)."""
     dp: dict[str, Any] = {}
     if rules.noise_multiplier is not None:
         if rules.privacy_mode != "update" or rules.clip is None:
             raise LocalError(f"{source}: rules.noise_multiplier bounds update-level DP noise: it "
                              "needs rules.privacy_mode = \"update\" and rules.clip")
-        if noise_multiplier is not None and noise_multiplier > rules.noise_multiplier:
-            raise LocalError(
-                f"privacy: this node's noise multiplier {noise_multiplier:g} is above the "
-                f"consortium's rules.noise_multiplier = {rules.noise_multiplier:g}: the others "
-                "would clip its shares as too far (lower privacy.sigma, or raise "
-                "privacy.epsilon)")
         dp = {"dp_clip": rules.clip, "dp_noise_multiplier": rules.noise_multiplier}
         if "distance" not in rules.params:
             dp["distance"] = "clip"
+    return {"f": rules.f if rules.f is not None else default_f(n, aggregation),
+            "max_weight_fraction": (rules.max_weight_fraction
+                                    if rules.max_weight_fraction is not None
+                                    else default_cap(n)),
+            "max_weight": rules.max_weight, **dp, **rules.params}
+
+
+# Parameters a [rules] table sets at its top level (f, caps) or through clip and
+# noise_multiplier (the DP bound), not under [rules.params].
+TOP_LEVEL = ("f", "max_weight_fraction", "max_weight", "dp_clip", "dp_noise_multiplier")
+
+
+def unpinned(rules: ConsortiumRules, strategy: Strategy) -> list[str]:
+    """The strategy's parameters that the [rules] table does not fix, so this flnode
+    version's defaults decide them (None-valued ones are derived, e.g. multi-Krum's m =
+    n - f, and TOML cannot hold None: not counted)."""
+    fixed = set(rules.params) | {k for k in ("f", "max_weight_fraction", "max_weight")
+                                 if getattr(rules, k) is not None}
+    if rules.noise_multiplier is not None:
+        fixed |= {"dp_clip", "dp_noise_multiplier", "distance"}
+    return sorted(k for k, v in strategy.params.items()
+                  if k not in fixed and v is not None and k not in ("dp_clip",
+                                                                    "dp_noise_multiplier"))
+
+
+def pin_rules(table: dict[str, Any], members: int,
+              source: str = "--aggregation") -> dict[str, Any]:
+    """`table` with every parameter the strategy takes written out (this version's
+    defaults made explicit), so members running another flnode version still apply the
+    same rule: what `flnode consortium build` and the simulators write."""
     try:
-        params = {"f": rules.f if rules.f is not None else default_f(n, aggregation),
-                  "max_weight_fraction": (rules.max_weight_fraction
-                                          if rules.max_weight_fraction is not None
-                                          else default_cap(n)),
-                  "max_weight": rules.max_weight, **dp, **rules.params}
-        strategy = make_strategy(aggregation, members=n, **params)
+        rules = ConsortiumRules.model_validate(table)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        raise LocalError(f"{source}: rules.{'.'.join(str(x) for x in err['loc'])}: "
+                         f"{err['msg']}") from None
+    aggregation = resolve_rule(rules.aggregation, members)
+    try:
+        strategy = make_strategy(aggregation, members=members,
+                                 **_params(rules, members, aggregation, source))
     except LocalError as exc:
         raise LocalError(f"{source}: [rules]: {exc}") from None
-    return AgreedStrategy(strategy, {"rule": aggregation, **params}, True)
+    out = {k: v for k, v in table.items() if k != "params"}
+    out["aggregation"] = aggregation
+    for key in ("f", "max_weight_fraction", "max_weight"):
+        if strategy.params[key] is not None:
+            out[key] = strategy.params[key]
+    params = {k: v for k, v in strategy.params.items()
+              if k not in TOP_LEVEL and v is not None}
+    if params:
+        out["params"] = dict(sorted(params.items()))
+    return out
 
 
 def rules_table(members: int, aggregation: str = DEFAULT_RULE, f: int | None = None,

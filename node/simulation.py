@@ -41,7 +41,7 @@ from node.data import FeatureSchema, encode, fit_schema, load_demo, partition
 from node.identity import Identity, save_identity
 from node.models import build_model, init_seed_from
 from node.privacy import ACCOUNTANT, SeededNoise
-from node.rules import DEFAULT_RULE, build_strategy, rules_table
+from node.rules import DEFAULT_RULE, build_strategy, pin_rules, rules_table
 from node.runner import Node
 from node.train import evaluate, metric_name, train_local
 
@@ -887,9 +887,10 @@ def prepare(spec: SimulationSpec,
     # Update-level DP with a fixed sigma: the consortium agrees it as the noise bound, so
     # every member clips a share that lies further than honest noise could take it.
     sigma = spec.sigma if spec.privacy == "update" and spec.epsilon is None else None
-    rules = rules_table(len(members), spec.aggregation, spec.f, spec.max_weight_fraction, spec.privacy,
-                        spec.clip if spec.privacy != "off" else None, sigma,
-                        **spec.aggregation_params)
+    rules = pin_rules(rules_table(len(members), spec.aggregation, spec.f,
+                                  spec.max_weight_fraction, spec.privacy,
+                                  spec.clip if spec.privacy != "off" else None, sigma,
+                                  **spec.aggregation_params), len(members))
     consortium = Consortium(template.name, schema.to_dict(), tuple(members), rules)
     build_strategy(consortium, None, spec.privacy, spec.clip, "--aggregation")
     save_consortium(consortium, out / "consortium.toml")

@@ -6,7 +6,7 @@ import pytest
 
 from gossip.errors import LocalError
 from gossip.membership import Consortium, consortium_from_dict
-from node.rules import build_strategy, resolve_rule, rules_table
+from node.rules import build_strategy, pin_rules, resolve_rule, rules_table
 from tests.helpers import consortium, keys
 
 
@@ -96,3 +96,54 @@ def test_a_noise_bound_without_update_dp_and_clip_is_refused():
         cons = Consortium(base.name, base.schema, base.members, table)
         with pytest.raises(LocalError, match="noise_multiplier bounds update-level DP"):
             build_strategy(cons, None, "update", 0.1)
+
+
+@pytest.mark.parametrize("n", [2, 4, 8])
+def test_a_built_file_pins_every_parameter_so_a_changed_default_cannot_split_members(n, caplog):
+    """What `flnode consortium build` writes fixes every parameter of the rule: a later
+    flnode version with other defaults applies the very same strategy."""
+    import node.strategy.base as base_mod
+    from node.strategy.rules import RULE_CLASSES
+
+    cons = consortium(keys(n))
+    pinned = Consortium(cons.name, cons.schema, cons.members, pin_rules(rules_table(n), n))
+    with caplog.at_level("WARNING", logger="flnode.node"):
+        before = build_strategy(pinned, None, "off", 1.0).strategy.params
+    assert "defaults" not in caplog.text
+    # Another version: every default changed.
+    changed = {"weighting": "declared" if before["weighting"] == "equal" else "equal",
+               "distance": "reject", "distance_factor": 9.0, "outlier_factor": 7.0}
+    saved = dict(base_mod.COMMON_PARAMS), {c: (dict(c.DEFAULTS), dict(c.PARAMS))
+                                           for c in RULE_CLASSES}
+    try:
+        base_mod.COMMON_PARAMS.update({k: v for k, v in changed.items()
+                                       if k in base_mod.COMMON_PARAMS})
+        for c in RULE_CLASSES:
+            c.DEFAULTS = {k: changed.get(k, v) for k, v in c.DEFAULTS.items()}
+            c.PARAMS = {k: changed.get(k, v) for k, v in c.PARAMS.items()}
+        after = build_strategy(pinned, None, "off", 1.0).strategy.params
+        bare = build_strategy(Consortium(cons.name, cons.schema, cons.members, rules_table(n)),
+                              None, "off", 1.0).strategy.params
+    finally:
+        base_mod.COMMON_PARAMS.clear()
+        base_mod.COMMON_PARAMS.update(saved[0])
+        for c, (d, p) in saved[1].items():
+            c.DEFAULTS, c.PARAMS = d, p
+    assert after == before
+    assert bare != before  # an unpinned file follows the code's defaults ...
+    assert "[rules] leaves" in caplog.text and "distance = 'reject'" in caplog.text  # ... said
+
+
+def test_pinning_keeps_the_dp_bound_and_refuses_what_the_consortium_cannot_run():
+    table = pin_rules(rules_table(4, "trimmed_mean", privacy_mode="update", clip=0.1,
+                                  noise_multiplier=1.0), 4)
+    assert table["params"]["distance"] == "clip" and table["noise_multiplier"] == 1.0
+    assert "dp_clip" not in table["params"]  # derived from clip, not a second copy
+    cons = consortium(keys(4))
+    agreed = build_strategy(Consortium(cons.name, cons.schema, cons.members, table), None,
+                            "update", 0.1)
+    assert agreed.params["dp_clip"] == 0.1 and agreed.params["distance"] == "clip"
+    with pytest.raises(LocalError, match="multi_krum"):
+        pin_rules(rules_table(4, "multi_krum"), 4)
+    with pytest.raises(LocalError, match="rules.ff"):
+        pin_rules({"aggregation": "median", "ff": 1}, 4)
