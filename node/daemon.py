@@ -140,7 +140,7 @@ def check_inputs(config_path: str | Path) -> tuple[NodeConfig, Identity, Consort
     """Everything an operator can get wrong in the files, checked before any heavy import:
     the config, the key, the consortium file (and that the key is a member of it), the
     schema it carries, and each data file against that schema."""
-    from node.data import FeatureSchema, encode, read_table  # pandas, not torch
+    from node.data import FeatureSchema, encode, read_table  # neither pandas nor torch
 
     cfg = load_config(config_path)
     identity = load_identity(cfg.identity.key)

@@ -52,12 +52,16 @@ import json
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
-import pandas as pd
 
 from gossip.envelope import Stats
 from gossip.errors import LocalError
+from node.data import Table
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 DEFAULT_NORMALIZE_NOISE = 10.0
 # No member has more rows than this (a plausibility bound, not a privacy one).
@@ -83,22 +87,24 @@ def sensitivity(k: int) -> float:
     return math.sqrt(1 + 2 * k)
 
 
-def member_stats(df: pd.DataFrame, schema, source: str) -> Stats:
+def member_stats(df: Table | pd.DataFrame, schema, source: str) -> Stats:
     """Exact (un-noised) sums of one member's training rows: never sent as they are
-    under record-level DP (see `noised`)."""
+    under record-level DP (see `noised`). `df`: what read_table read, or a DataFrame."""
+    rows = df if isinstance(df, Table) else Table.from_frame(df)
     cols = numeric_columns(schema)
     sums, sumsqs = np.zeros(len(cols)), np.zeros(len(cols))
     for j, c in enumerate(cols):
-        if c.name not in df.columns:
+        if c.name not in rows.columns:
             raise LocalError(f"{source}: missing column {c.name!r} the schema requires")
-        values = pd.to_numeric(df[c.name], errors="coerce").to_numpy(dtype=np.float64)
-        if not np.isfinite(values).all():
-            raise LocalError(f"{source}: column {c.name!r}: {int((~np.isfinite(values)).sum())} "
-                             "row(s) are empty or not finite numbers")
+        values = rows.numbers(c.name)
+        bad = ~np.isfinite(values)
+        if bad.any():
+            raise LocalError(f"{source}: column {c.name!r}: {int(bad.sum())} row(s) are empty "
+                             f"or not finite numbers ({rows.where(c.name, bad)})")
         lo, hi = c.range
         u = np.zeros_like(values) if hi == lo else (np.clip(values, lo, hi) - lo) / (hi - lo)
         sums[j], sumsqs[j] = float(u.sum()), float((u * u).sum())
-    return Stats(float(len(df)), sums, sumsqs)
+    return Stats(float(len(rows)), sums, sumsqs)
 
 
 def noised(exact: Stats, noise_multiplier: float, noise) -> Stats:

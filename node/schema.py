@@ -38,7 +38,7 @@ from node.data import (
     VALUE_PLACEHOLDER,
     FeatureSchema,
     is_placeholder,
-    read_table,
+    read_frame,
 )
 
 # More distinct values than this in a text column: an identifier or free text, not a
@@ -79,7 +79,7 @@ def infer(paths: Sequence[str | Path], label: str, categorical: Sequence[str] = 
         raise LocalError("schema infer: give at least one data file")
     if normalize not in NORMALIZE:
         raise LocalError(f"--normalize {normalize!r}: choose one of {', '.join(NORMALIZE)}")
-    tables = [(Path(p), read_table(p)) for p in paths]
+    tables = [(Path(p), read_frame(p)) for p in paths]
     first, df0 = tables[0]
     names = list(df0.columns)
     for path, df in tables:

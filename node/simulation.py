@@ -759,16 +759,16 @@ def attribute_rows(test_df: Any, train_df: Any, parts: list[np.ndarray], label: 
 def _data_dir_rows(spec: SimulationSpec, names: list[str]) -> _Rows:
     """The members' own files: each member holds out its rows as a node without
     data.eval_path does, and trains on the rest; its node reads its file in place."""
-    from node.data import read_table
+    from node.data import read_frame
 
     files, test_path = data_dir_files(spec)
-    frames = {n: read_table(files[n]) for n in names}
+    frames = {n: read_frame(files[n]) for n in names}
     _check_columns(frames, files)
     cols = list(frames[names[0]].columns)
     notes = []
     test_df = None
     if test_path is not None:
-        test_df = read_table(test_path)
+        test_df = read_frame(test_path)
         missing = [c for c in cols if c not in test_df.columns]
         if missing:
             raise LocalError(f"{test_path}: the common test set lacks column(s) {missing} "

@@ -10,7 +10,8 @@ Prints JSON (and writes it to --out, default runs/bench/node.json):
 - `config_error_s`: seconds from exec to exit of `flnode run --config BAD`
   (a config with an unknown key), and whether it said what is wrong.
 - `rounds`: a demo-sized consortium (4 members, `default`, dirichlet 0.5, MLP,
-  `--rounds` rounds, libp2p on 127.0.0.1) as four `flnode run` processes: each
+  `--rounds` rounds, libp2p on 127.0.0.1; the members' rows as CSV files, or
+  Parquet with `--data-format parquet`) as four `flnode run` processes: each
   node's peak RSS (`os.wait4`'s ru_maxrss of that very process) and the seconds
   from its "finished" line to its exit (the process waited for, nothing skipped).
 - `torch_rss_mb`: peak RSS of `python -c "import torch"`, printed beside them.
@@ -118,16 +119,17 @@ def time_config_error(bad: Path) -> tuple[float, str]:
     return time.monotonic() - t0, proc.stderr.strip().splitlines()[-1] if proc.stderr else ""
 
 
-def prepare_mode(mode: str, rounds: int, work: Path) -> list[Path]:
+def prepare_mode(mode: str, rounds: int, work: Path, data_format: str) -> list[Path]:
     """The members' config paths, from a child process (see the module docstring)."""
     proc = subprocess.run([sys.executable, __file__, "--prepare", mode, "--rounds", str(rounds),
-                           "--work", str(work)], capture_output=True, text=True, env=child_env())
+                           "--work", str(work), "--data-format", data_format],
+                          capture_output=True, text=True, env=child_env())
     if proc.returncode != 0:
         raise SystemExit(f"preparing the {mode} consortium failed:\n{proc.stderr}")
     return [Path(p) for p in json.loads(proc.stdout.strip().splitlines()[-1])]
 
 
-def prepare_here(mode: str, rounds: int, work: Path) -> list[Path]:
+def prepare_here(mode: str, rounds: int, work: Path, data_format: str) -> list[Path]:
     from node.simulation import SimulationSpec, prepare
     from scripts.ports import free_ports
 
@@ -140,7 +142,26 @@ def prepare_here(mode: str, rounds: int, work: Path) -> list[Path]:
     ports = free_ports(len(names))
     addresses = {n: {"libp2p": f"/ip4/127.0.0.1/tcp/{p}"} for n, p in zip(names, ports,
                                                                            strict=True)}
-    return [Path(p) for p in prepare(spec, addresses).config_paths]
+    configs = [Path(p) for p in prepare(spec, addresses).config_paths]
+    if data_format == "csv":
+        as_csv(out, configs)
+    return configs
+
+
+def as_csv(out: Path, configs: list[Path]) -> None:
+    """The simulator writes the members' rows as Parquet; an institution brings CSV
+    (README, "Bring your own data"), which a node reads without pyarrow (Parquet costs a
+    node ~55 MB more: `--data-format parquet` measures it). Same rows, same values (a
+    float64 written by pandas reads back bit-identical)."""
+    import pandas as pd
+
+    for f in sorted((out / "data").glob("*.parquet")):
+        pd.read_parquet(f).to_csv(f.with_suffix(".csv"), index=False)
+        f.unlink()
+    for cfg in configs:
+        doc = tomllib.loads(cfg.read_text())
+        doc["data"] = {k: str(v).replace(".parquet", ".csv") for k, v in doc["data"].items()}
+        cfg.write_text(tomli_w.dumps(doc))
 
 
 def start_config(config: Path, i: int) -> Path:
@@ -242,13 +263,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-rounds", action="store_true", help="only the start figures")
     p.add_argument("--work", default="runs/bench/node-work", help="scratch run dirs (replaced)")
     p.add_argument("--out", default="runs/bench/node.json")
+    p.add_argument("--data-format", choices=("csv", "parquet"), default="csv",
+                   help="the members' data files (default csv, as an institution brings them)")
     p.add_argument("--prepare", metavar="MODE", help=argparse.SUPPRESS)  # the child's job
     args = p.parse_args(argv)
     import shutil
 
     if args.prepare:
         print(json.dumps([str(c) for c in prepare_here(args.prepare, args.rounds,
-                                                       Path(args.work))]))
+                                                       Path(args.work), args.data_format)]))
         return 0
     work = Path(args.work).resolve()
     shutil.rmtree(work, ignore_errors=True)
@@ -256,13 +279,13 @@ def main(argv: list[str] | None = None) -> int:
     bad = work / "bad.toml"
     bad.write_text('state_dir = "x"\nno_such_key = 1\n')
     result: dict = {"cpu_count": os.cpu_count(), "load_avg_at_start": os.getloadavg()[0],
-                    "rounds": args.rounds, "modes": {}}
+                    "rounds": args.rounds, "data_format": args.data_format, "modes": {}}
     torch_times, torch_rss = [], []
     err_times = []
     for mode in args.modes.split(","):
         if mode not in MODES:
             raise SystemExit(f"--modes: {mode!r} is not one of {', '.join(MODES)}")
-        configs = prepare_mode(mode, args.rounds, work)
+        configs = prepare_mode(mode, args.rounds, work, args.data_format)
         starts, bare = [], []
         for i in range(args.repeats):  # interleaved: noise on the box hits both alike
             t, rss = time_torch_import()

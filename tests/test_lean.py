@@ -286,3 +286,138 @@ print("ok")
                        timeout=120)
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == "ok"
+
+
+# --- the node reads its files without pandas ------------------------------------------------
+
+@pytest.mark.parametrize("dataset", ["default", "churn", "digits"])
+def test_read_table_encodes_the_builtin_tables_as_pandas_does(tmp_path, dataset):
+    """CSV and Parquet files of the built-in tables: read_table (no pandas) encodes them to
+    the same bytes and dtypes as pandas' read_csv / read_parquet, and each column's text and
+    numbers are pandas' astype(str) and to_numeric."""
+    import pandas as pd
+
+    from node.data import encode, fit_schema, load_demo, read_table
+
+    df, label, categorical = load_demo(dataset)
+    schema = fit_schema(df, label, categorical)
+    df.to_csv(tmp_path / "t.csv", index=False)
+    df.iloc[::3].to_parquet(tmp_path / "t.parquet")  # a non-default index, as the simulator's
+    for path, ref in ((tmp_path / "t.csv", pd.read_csv(tmp_path / "t.csv")),
+                      (tmp_path / "t.parquet", pd.read_parquet(tmp_path / "t.parquet"))):
+        table = read_table(path)
+        assert table.columns == [str(c) for c in ref.columns] and len(table) == len(ref)
+        X0, y0 = encode(ref, schema, str(path))
+        X1, y1 = encode(table, schema, str(path))
+        assert (X1.dtype, y1.dtype) == (X0.dtype, y0.dtype) == (np.float32, np.int64)
+        assert X1.tobytes() == X0.tobytes() and y1.tobytes() == y0.tobytes()
+        for c in ref.columns:
+            assert table.texts(c) == [v if isinstance(v, str) else None
+                                      for v in ref[c].astype(str).tolist()], c
+            assert np.array_equal(table.numbers(c), pd.to_numeric(ref[c], errors="coerce")
+                                  .to_numpy(dtype=np.float64), equal_nan=True), c
+
+
+def test_read_table_reads_numbers_and_text_as_pandas_does(tmp_path):
+    """Column typing decides a categorical column's text: "1.50" in a number column is
+    "1.5", "+3" in a whole-number column is "3", TRUE is "True"; empty cells are empty."""
+    import pandas as pd
+
+    from node.data import read_table
+
+    rng = np.random.default_rng(4)
+    v = rng.normal(size=3000) * 10.0 ** rng.integers(-30, 30, 3000)
+    lines = ["a,b,c,d,e,f,g"] + [f"{x!r},{x:.20g},x{i % 3},+{i},{'TRUE' if i % 2 else 'false'},"
+                                 f"{'' if i % 7 == 0 else '1.50'},{'NA' if i % 5 == 0 else 'q'}"
+                                 for i, x in enumerate(v)]
+    path = tmp_path / "t.csv"
+    path.write_text("\n".join(lines) + "\n\n")
+    ref, table = pd.read_csv(path), read_table(path)
+    assert len(table) == len(ref) == 3000
+    for c in ref.columns:
+        assert table.texts(c) == [x if isinstance(x, str) else None
+                                  for x in ref[c].astype(str).tolist()], c
+        assert np.array_equal(table.numbers(c), pd.to_numeric(ref[c], errors="coerce")
+                              .to_numpy(dtype=np.float64), equal_nan=True), c
+    assert table.texts("d")[:2] == ["0", "1"] and table.texts("f")[:2] == [None, "1.5"]
+
+
+SCHEMA_DOC = {"label": "default", "classes": ["No", "Yes"], "columns": [
+    {"name": "student", "kind": "categorical", "vocabulary": ["No", "Yes"]},
+    {"name": "balance", "kind": "numeric", "mean": 800.0, "std": 480.0}]}
+
+
+@pytest.mark.parametrize("text,expected", [
+    ("", r"bad\.csv: empty file: expected a header line"),
+    ("\n\n", r"bad\.csv: empty file"),
+    ("student,balance,default\nNo,1.0,No\nYes,2.0\n",
+     r"bad\.csv: line 3: 2 cell\(s\), but the header \(line 1\) names 3 column\(s\)"),
+    ("student,balance,default\nNo,1.0,No,extra\n", r"bad\.csv: line 2: 4 cell\(s\)"),
+    ("student,balance,default\nNo,1.0,No\nYes,abc,No\nNo,,Yes\n",
+     r"bad\.csv: column 'balance': 2 row\(s\) are empty or not finite numbers "
+     r"\(first at line 3: 'abc'\)"),
+    ("student,balance,default\nNo,1.0,No\nYes,inf,No\n",
+     r"column 'balance': 1 row\(s\) are empty or not finite numbers \(first at line 3: 'inf'\)"),
+    ("student,balance\nNo,1.0\n", r"bad\.csv: missing column\(s\) the schema requires: "
+     r"\['default'\]"),
+    ("student,balance,default\n", r"bad\.csv: no rows \(only a header\?\)"),
+    ("student,balance,default\nNo,1.0,No\n,2.0,No\n",
+     r"bad\.csv: column 'student': 1 row\(s\) are empty \(first at line 3: empty\)"),
+    ("student,balance,default\nNo,1.0,No\nMaybe,2.0,No\n",
+     r"column 'student': value\(s\) not in the schema's vocabulary: \['Maybe'\] "
+     r"\(first at line 3: 'Maybe'\)"),
+    ("student,balance,default\nNo,1.0,No\nNo,2.0,Perhaps\n",
+     r"label column 'default': value\(s\) not among the schema's classes \['No', 'Yes'\]: "
+     r"\['Perhaps'\] \(first at line 3: 'Perhaps'\)"),
+    ("student,balance,student\nNo,1.0,No\n", r"line 1 \(the header\): column\(s\) \['student'\] "
+     r"named twice"),
+    ('student,balance,default\nNo,"1.0,No\n', r"bad\.csv: line \d+: (not valid CSV|\d cell)"),
+])
+def test_malformed_csv_errors_name_the_file_line_and_column(tmp_path, text, expected):
+    from gossip.errors import LocalError
+    from node.data import FeatureSchema, encode, read_table
+
+    path = tmp_path / "bad.csv"
+    path.write_text(text)
+    schema = FeatureSchema.from_dict(SCHEMA_DOC, "s")
+    with pytest.raises(LocalError, match=expected):
+        encode(read_table(path), schema, str(path))
+
+
+def test_a_csv_that_is_not_utf8_names_its_line(tmp_path):
+    from gossip.errors import LocalError
+    from node.data import read_table
+
+    path = tmp_path / "latin1.csv"
+    path.write_bytes("student,balance,default\nNo,1.0,No\nJos\xe9,2.0,No\n".encode("latin-1"))
+    with pytest.raises(LocalError, match=r"latin1\.csv: line 3: not UTF-8 text"):
+        read_table(path)
+
+
+LEAN_PROBE = """
+import sys
+from node.daemon import check_inputs
+check_inputs(sys.argv[1])  # what `flnode run` reads and checks before torch
+import torch
+import gossip.transports.libp2p, node.daemon, node.runner  # what it imports to run
+print(sorted({m.split('.')[0] for m in sys.modules} & %r))
+"""
+
+
+def test_the_node_path_imports_neither_pandas_nor_unused_readers(consortium_dir, tmp_path):
+    """`flnode run`'s modules, after reading a CSV member file: no pandas, no pyarrow; after
+    a Parquet one: pyarrow, still no pandas."""
+    import pandas as pd
+
+    _, configs = consortium_dir
+    data = Path(configs[0]).parent.parent / "data"
+    for f in ("bank-0", "test"):
+        pd.read_parquet(data / f"{f}.parquet").to_csv(tmp_path / f"{f}.csv", index=False)
+    as_csv = edited(configs[0], "bank-0-csv.toml", lambda d: d["data"].update(
+        path=str(tmp_path / "bank-0.csv"), eval_path=str(tmp_path / "test.csv")))
+    watch = {"pandas", "pyarrow", "sklearn", "scipy", "opacus", "matplotlib"}
+    for config, expected in ((as_csv, "[]"), (configs[0], "['pyarrow']")):
+        r = subprocess.run([sys.executable, "-c", LEAN_PROBE % watch, str(config)],
+                           capture_output=True, text=True, cwd=ROOT, timeout=180)
+        assert r.returncode == 0, r.stderr[-2000:]
+        assert r.stdout.strip().splitlines()[-1] == expected, (config, r.stdout)
