@@ -60,6 +60,10 @@ class TrainingConfig(_Section):
     seed: int = Field(default=0, ge=0, lt=2**63)  # shuffling; never privacy noise
     # FedProx: mu/2 ||w - w_start||^2 added to the local loss (0: off); node/train.py
     prox_mu: float = Field(default=0.0, ge=0, le=1e6, allow_inf_nan=False)
+    # Round r's (0-based) learning rate is lr * lr_decay**r (1: constant); node/train.py
+    lr_decay: float = Field(default=1.0, gt=0, le=1, allow_inf_nan=False)
+    # SCAFFOLD-style control variates kept by this member; node/control.py
+    control_variates: bool = Field(default=False, strict=True)  # a TOML true/false only
 
 
 class PrivacyConfig(_Section):
@@ -88,6 +92,10 @@ class PrivacyConfig(_Section):
     # DP-SGD engine: "fast" = node.dpsgd (Linear/ReLU models, closed-form
     # per-example norms); the others are Opacus' grad_sample modes.
     grad_sample_mode: Literal["fast", "hooks", "functorch", "ew"] = "fast"
+    # Record mode's DP-SGD recipe: "fixed" uses the training section's batch_size, lr
+    # and epochs as given; "auto" chooses them from this member's rows and budget
+    # (node/recipe.py), once, pinned in the privacy plan at first start.
+    recipe: Literal["fixed", "auto"] = "fixed"
 
     @model_validator(mode="after")
     def _noise(self) -> PrivacyConfig:
@@ -101,6 +109,9 @@ class PrivacyConfig(_Section):
                              "budget over the run) or privacy.sigma (a noise multiplier)")
         if self.sigma == 0:
             raise ValueError("privacy.sigma = 0 gives no privacy; use mode = \"off\" to say so")
+        if self.recipe == "auto" and self.mode != "record":
+            raise ValueError(f"privacy.recipe = \"auto\" chooses DP-SGD's batch size and "
+                             f"learning rate: it needs mode = \"record\", not \"{self.mode}\"")
         return self
 
 

@@ -28,6 +28,11 @@ the previous aggregate), so the step is post-processing of the DP gradient plus 
 data-independent term: the per-example clipping, the noise and the accountant's
 charge are unchanged. Adding it before clipping would instead put it inside each
 example's norm, spending clip budget on a term the records do not determine.
+
+Control variates (`correction` = c - c_i, node/control.py): fixed before the round's
+first step from released values only, so after each noised step the further step
+w - lr (c - c_i) is post-processing, like the FedProx term: clipping, noise and the
+accountant's charge are those of plain DP-SGD.
 """
 
 from __future__ import annotations
@@ -38,7 +43,7 @@ from torch import nn
 
 from gossip.errors import LocalError
 from node.privacy import NoiseSource, steps_per_epoch
-from node.train import proximal_start
+from node.train import check_correction, proximal_start
 
 CLIP_EPS = 1e-6  # as Opacus: C / (norm + 1e-6)
 
@@ -85,11 +90,14 @@ def clipped_gradient_sum(model: nn.Module, xb: torch.Tensor, yb: torch.Tensor, c
 
 def train_local_dp_fast(model: nn.Module, X: np.ndarray, y: np.ndarray, *, epochs: int,
                         batch_size: int, lr: float, clip_norm: float, noise_multiplier: float,
-                        noise: NoiseSource, prox_mu: float = 0.0
+                        noise: NoiseSource, prox_mu: float = 0.0,
+                        correction: list[torch.Tensor] | None = None
                         ) -> list[tuple[float, float, int]]:
     """DP-SGD with Poisson sampling; returns the (sigma, q, steps) history to charge.
     `prox_mu` > 0 adds the FedProx term after clipping and noise (module docstring);
-    at 0 it is not computed: the same steps, bit for bit."""
+    at 0 it is not computed: the same steps, bit for bit. `correction` (c - c_i per
+    parameter) is a further step - lr (c - c_i) after each noised one; None computes
+    nothing, all zeros gives the same steps bit for bit."""
     params = list(model.parameters())
     if len(params) != 2 * sum(isinstance(m, nn.Linear) for m in _layers(model)):
         raise LocalError("the fast DP-SGD path needs Linear layers with biases")
@@ -101,6 +109,7 @@ def train_local_dp_fast(model: nn.Module, X: np.ndarray, y: np.ndarray, *, epoch
     sizes = [p.numel() for p in params]
     total = sum(sizes)
     start = proximal_start(model, prox_mu)
+    corr = check_correction(params, correction)
     model.train()
     steps = 0
     for _ in range(epochs):
@@ -121,5 +130,8 @@ def train_local_dp_fast(model: nn.Module, X: np.ndarray, y: np.ndarray, *, epoch
                     for p, g, z, w0 in zip(params, grads, zs, start, strict=True):
                         p -= lr * ((g + z.reshape(p.shape)) / expected_batch
                                    + prox_mu * (p - w0))
+                if corr is not None:
+                    for p, c in zip(params, corr, strict=True):
+                        p.add_(c, alpha=-lr)
             steps += 1
     return [(float(noise_multiplier), q, steps)]

@@ -21,8 +21,10 @@ from __future__ import annotations
 import functools
 import importlib.util
 import json
+import logging
 import math
 import os
+import re
 import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -39,6 +41,7 @@ from node.config import PrivacyConfig
 from node.state import append_durable, atomic_write
 
 ACCOUNTANT = "rdp"
+log = logging.getLogger("flnode.privacy")
 
 
 def clip(update: torch.Tensor, clip_norm: float) -> tuple[torch.Tensor, float]:
@@ -149,21 +152,47 @@ class LedgerRecord:
 RDP_ORDERS = [1 + x / 10.0 for x in range(1, 100)] + list(range(12, 64))
 
 
+# The one line of opacus/accountants/analysis/rdp.py that imports scipy (opacus 1.4-1.6).
+_SCIPY_IMPORT = "from scipy import special\n"
+
+
 @functools.cache
 def _opacus_rdp() -> ModuleType:
-    """Opacus' RDP analysis (`opacus/accountants/analysis/rdp.py`: numpy and scipy), loaded
-    from its file without running `opacus/__init__`, which imports torch and ~115 MB more:
-    `flnode status` and the budget arithmetic need the accountant's formulas only.
-    tests/test_lean.py checks epsilon_of against Opacus' own RDPAccountant."""
+    """Opacus' RDP analysis (`opacus/accountants/analysis/rdp.py`), loaded from its file
+    without running `opacus/__init__`, which imports torch and ~115 MB more: `flnode
+    status` and the budget arithmetic need the accountant's formulas only.
+
+    Its `from scipy import special` line (scipy.special: ~16 MB, ~0.3 s) is dropped and
+    `special` bound to node/special.py, which has the two functions it calls (binom,
+    log_ndtr). An opacus whose file lacks that exact line is loaded as it is (scipy),
+    and that is logged. tests/test_lean.py checks epsilon_of against Opacus' own
+    RDPAccountant and that no scipy is imported."""
     spec = importlib.util.find_spec("opacus")
     if spec is None or spec.origin is None:
         raise LocalError("the privacy accountant needs the opacus package: pip install opacus")
-    path = Path(spec.origin).parent / "accountants" / "analysis" / "rdp.py"
+    return _load_rdp(Path(spec.origin).parent / "accountants" / "analysis" / "rdp.py")
+
+
+def _load_rdp(path: Path) -> ModuleType:
+    """An RDP analysis file as a module, `special` bound to node/special.py (see above)."""
     rdp_spec = importlib.util.spec_from_file_location("flnode_opacus_rdp_analysis", path)
     if rdp_spec is None or rdp_spec.loader is None or not path.exists():
         raise LocalError(f"the installed opacus has no RDP analysis at {path}")
     module = importlib.util.module_from_spec(rdp_spec)
-    rdp_spec.loader.exec_module(module)
+    source = path.read_text(encoding="utf-8")
+    used = set(re.findall(r"\bspecial\.(\w+)", source))
+    if source.count(f"\n{_SCIPY_IMPORT}") == 1 and used <= {"binom", "log_ndtr"}:
+        from node import special
+
+        module.special = special  # type: ignore[attr-defined]
+        # Same line count (the import becomes a blank line): tracebacks keep their lines.
+        code = compile(source.replace(f"\n{_SCIPY_IMPORT}", "\n\n"), str(path), "exec")
+        exec(code, module.__dict__)
+    else:
+        log.info("opacus' RDP analysis (%s) has no line %r, or calls scipy.special "
+                 "functions other than binom and log_ndtr (%s): loaded as it is, with scipy",
+                 path, _SCIPY_IMPORT.strip(), ", ".join(sorted(used)))
+        rdp_spec.loader.exec_module(module)
     return module
 
 
@@ -383,19 +412,48 @@ class PrivacyPlan:
     # Federated normalization's stats release (record mode): its noise multiplier, or
     # None (no such release). Charged once, before round 1.
     normalize_sigma: float | None = None
+    # privacy.recipe = "auto" (record mode, node/recipe.py): "auto", the learning rate the
+    # rule chose (batch_size and epochs above are its choices too) and the configured
+    # training values it chose from ({"batch_size", "epochs", "lr"}). None: the fixed
+    # recipe (the training section as configured); a fixed plan's file leaves them out,
+    # so it is byte for byte what it was before the recipe existed.
+    recipe: str | None = None
+    lr: float | None = None
+    recipe_base: dict | None = None
 
     @staticmethod
     def load(path: Path) -> PrivacyPlan | None:
         if not path.exists():
             return None
         try:
-            return PrivacyPlan(**json.loads(path.read_text()))
+            plan = PrivacyPlan(**json.loads(path.read_text()))
         except (ValueError, TypeError) as exc:
             raise LocalError(f"privacy plan {path} is unreadable ({exc}); refusing to start "
                              "rather than re-plan a budget that may be partly spent") from None
+        if plan.recipe not in (None, "auto") or (plan.recipe == "auto" and not (
+                isinstance(plan.lr, int | float) and math.isfinite(plan.lr) and plan.lr > 0
+                and type(plan.batch_size) is int and plan.batch_size >= 1
+                and type(plan.epochs) is int and plan.epochs >= 1)):
+            raise LocalError(f"privacy plan {path}: recipe {plan.recipe!r} with lr {plan.lr!r}, "
+                             f"batch_size {plan.batch_size!r}, epochs {plan.epochs!r} is not a "
+                             "plan flnode wrote; refusing to start rather than re-plan a budget "
+                             "that may be partly spent")
+        return plan
 
     def save(self, path: Path) -> None:
-        atomic_write(path, json.dumps(asdict(self), indent=2, sort_keys=True).encode() + b"\n")
+        doc = asdict(self)
+        for key in ("recipe", "lr", "recipe_base"):
+            if doc[key] is None:
+                del doc[key]
+        atomic_write(path, json.dumps(doc, indent=2, sort_keys=True).encode() + b"\n")
+
+    def training(self, epochs: int, batch_size: int, lr: float) -> tuple[int, int, float]:
+        """(epochs, batch_size, lr) local DP-SGD uses: the recipe's pinned choice under
+        privacy.recipe = "auto", else the configured values as given."""
+        if self.recipe == "auto":
+            assert self.epochs is not None and self.batch_size is not None and self.lr is not None
+            return self.epochs, self.batch_size, self.lr
+        return epochs, batch_size, lr
 
 
 def steps_per_epoch(rows: int, batch_size: int) -> int:
@@ -414,8 +472,9 @@ class PrivacyBudget:
 
     def __init__(self, cfg: PrivacyConfig, *, rows: int, rounds: int, epochs: int,
                  batch_size: int, state_dir: Path, ledger: Ledger,
-                 normalize_sigma: float | None = None) -> None:
+                 normalize_sigma: float | None = None, lr: float | None = None) -> None:
         self.cfg = cfg
+        self.lr = lr  # training.lr: the recipe's base (privacy.recipe = "auto")
         # record mode: the noise multiplier of federated normalization's stats (pinned)
         self.normalize_sigma = normalize_sigma if cfg.mode == "record" else None
         self.rows = rows
@@ -425,25 +484,41 @@ class PrivacyBudget:
 
     def _plan(self, rounds: int, epochs: int, batch_size: int) -> PrivacyPlan:
         cfg = self.cfg
+        pinned: tuple[int | None, ...] = (None, None, None)
         if cfg.mode == "record":
             if cfg.delta >= 1 / self.rows:
                 raise LocalError(
                     f"privacy.delta = {cfg.delta:g} is not below 1/rows = 1/{self.rows}: with "
                     "that delta the guarantee allows releasing a whole record outright. Choose "
                     f"delta < {1 / self.rows:.2g} (1e-5 is usual; at most 1/(10 x rows))")
-            per_epoch = steps_per_epoch(self.rows, batch_size)
-            q, spr = 1.0 / per_epoch, epochs * per_epoch
             count_sigma = cfg.count_sigma if cfg.weight == "noised" else None
             weight = cfg.weight
-            pinned: tuple[int | None, ...] = (self.rows, epochs, batch_size)
         else:
             q, spr, count_sigma, weight = 1.0, 1, None, "exact"
-            pinned = (None, None, None)
         path = self.state_dir / PLAN_FILE
         existing = PrivacyPlan.load(path)
+        auto = cfg.mode == "record" and cfg.recipe == "auto"
+        recipe_base = {"batch_size": batch_size, "epochs": epochs, "lr": self.lr}
+        if cfg.mode == "record":
+            if existing is not None and existing.recipe == "auto":
+                # The recipe's choice is pinned: never re-chosen after a restart.
+                epochs, batch_size = existing.epochs, existing.batch_size  # type: ignore[assignment]
+            per_epoch = steps_per_epoch(self.rows, batch_size)
+            q, spr = 1.0 / per_epoch, epochs * per_epoch
+            pinned = (self.rows, epochs, batch_size)
         if existing is not None:
             self._check_pinned(existing, path, q, spr, weight, count_sigma, pinned)
+            if existing.recipe == "auto" and existing.recipe_base != recipe_base:
+                log.warning("privacy.recipe = \"auto\": the training section now says %s but "
+                            "this state dir's privacy plan (%s) was chosen from %s; ignored: "
+                            "the plan's batch_size %s, epochs %s, lr %g stay (a budget that "
+                            "is partly spent is never re-planned)", recipe_base, path,
+                            existing.recipe_base, existing.batch_size, existing.epochs,
+                            existing.lr)
             return existing  # sigma as planned at the first start, never re-calibrated
+        if auto:
+            return self._plan_auto(rounds, epochs, batch_size, count_sigma, weight, path,
+                                   recipe_base)
         sigma = cfg.sigma if cfg.sigma is not None else calibrate_sigma(
             cfg.epsilon, cfg.delta, cfg.mode, q, spr, rounds, count_sigma,  # type: ignore[arg-type]
             self.normalize_sigma)
@@ -452,13 +527,51 @@ class PrivacyBudget:
         fresh.save(path)
         return fresh
 
+    def _plan_auto(self, rounds: int, epochs: int, batch_size: int, count_sigma: float | None,
+                   weight: str, path: Path, recipe_base: dict) -> PrivacyPlan:
+        """privacy.recipe = "auto": batch size, lr and epochs from the rows and the budget
+        (node/recipe.py), then sigma for them, as the fixed recipe calibrates it."""
+        from node.recipe import choose
+
+        cfg = self.cfg
+        if self.lr is None:
+            raise LocalError("privacy.recipe = \"auto\" needs training.lr to scale (internal: "
+                             "PrivacyBudget was built without lr)")
+
+        def sigma_for(q: float, spr: int) -> float:
+            if cfg.sigma is not None:
+                return cfg.sigma
+            return calibrate_sigma(cfg.epsilon, cfg.delta, cfg.mode, q, spr,  # type: ignore[arg-type]
+                                   rounds, count_sigma, self.normalize_sigma)
+
+        r = choose(self.rows, batch_size, self.lr, epochs, sigma_for)
+        fresh = PrivacyPlan(cfg.mode, cfg.epsilon, cfg.delta, r.sigma, cfg.clip, r.sample_rate,
+                            r.steps_per_round, rounds, weight, count_sigma, self.rows, r.epochs,
+                            r.batch_size, normalize_sigma=self.normalize_sigma, recipe="auto",
+                            lr=r.lr, recipe_base=recipe_base)
+        fresh.save(path)
+        log.info("privacy.recipe = \"auto\" for %d rows: batch_size %d (q %.4g), %d epoch(s) "
+                 "a round, lr %g, sigma %.3f (noise/signal per step %.4f); pinned in %s",
+                 self.rows, r.batch_size, r.sample_rate, r.epochs, r.lr, r.sigma,
+                 r.noise_ratio, path)
+        return fresh
+
+    def training(self, epochs: int, batch_size: int, lr: float) -> tuple[int, int, float]:
+        """(epochs, batch_size, lr) for local training: the plan's under the auto recipe,
+        else the configured ones."""
+        if self.plan is None:
+            return epochs, batch_size, lr
+        return self.plan.training(epochs, batch_size, lr)
+
     def _check_pinned(self, plan: PrivacyPlan, path: Path, q: float, spr: int, weight: str,
                       count_sigma: float | None, pinned: tuple[int | None, ...]) -> None:
         """Everything that sets what a round costs is fixed at the first start: a budget
         that is partly spent cannot be re-planned, nor a round made dearer than planned
         (more epochs, smaller batches, another data file)."""
         cfg = self.cfg
+        recipe = cfg.recipe if cfg.mode == "record" else "fixed"
         checks: list[tuple[str, object, object]] = [
+            ("privacy.recipe", recipe, plan.recipe or "fixed"),
             ("privacy.mode", cfg.mode, plan.mode), ("privacy.epsilon", cfg.epsilon, plan.epsilon),
             ("privacy.delta", cfg.delta, plan.delta), ("privacy.clip", cfg.clip, plan.clip_norm),
             ("privacy.weight", weight, plan.weight),
@@ -471,6 +584,8 @@ class PrivacyBudget:
         for label, key, now in (("the data file's row count", "rows", pinned[0]),
                                 ("training.epochs", "epochs", pinned[1]),
                                 ("training.batch_size", "batch_size", pinned[2])):
+            if plan.recipe == "auto" and key != "rows":
+                continue  # the recipe's own choice (pinned), not the training section's
             if getattr(plan, key) is not None:
                 checks.append((label, now, getattr(plan, key)))
         checks += [("the sample rate (from the rows and training.batch_size)", q, plan.sample_rate),

@@ -52,6 +52,7 @@ from gossip.transports.base import Incoming, Transport, TransportFailed
 from gossip.transports.faults import FaultyTransport, fault_plan
 from node.aggregate import WeightedShare
 from node.config import NodeConfig
+from node.control import ControlVariates, local_steps, per_parameter
 from node.data import FeatureSchema, encode, held_out_split, read_table
 from node.dpsgd import train_local_dp_fast
 from node.identity import Identity, load_identity
@@ -84,7 +85,14 @@ from node.privacy import (
 )
 from node.rules import build_strategy
 from node.state import Checkpoint, StateDir, atomic_write
-from node.train import evaluate, metric_name, train_local, train_local_dp, warn_about_held_out
+from node.train import (
+    evaluate,
+    metric_name,
+    round_lr,
+    train_local,
+    train_local_dp,
+    warn_about_held_out,
+)
 
 log = logging.getLogger("flnode.node")
 
@@ -243,7 +251,7 @@ class Node:
         self.budget = PrivacyBudget(cfg.privacy, rows=len(train.X), rounds=tc.rounds,
                                     epochs=tc.epochs, batch_size=tc.batch_size,
                                     state_dir=self.state.path, ledger=self.ledger,
-                                    normalize_sigma=norm_sigma)
+                                    normalize_sigma=norm_sigma, lr=tc.lr)
         self.stopped: str | None = None  # why this node stopped sharing early, if it did
         if cfg.gossip.min_members > len(consortium.members):
             raise LocalError(f"gossip.min_members = {cfg.gossip.min_members} but the consortium "
@@ -460,6 +468,9 @@ class Node:
             "kind": "normalization", **agreed.to_json()})
 
     def _resume(self) -> None:
+        # training.control_variates: this member's c_i and c (node/control.py), restored below
+        self.control = ControlVariates.for_node(self.cfg.training.control_variates,
+                                                self.strategy_params)
         cp = self.state.load_checkpoint()
         if cp is None:
             self._save_checkpoint()
@@ -490,6 +501,8 @@ class Node:
         self.counters.rejected.update(cp.rejected)
         if cp.strategy:
             self.strategy.load_state_dict(cp.strategy)
+        if cp.control and self.control is not None:
+            self.control.load_state_dict(cp.control)
         self.transport.stats.bytes_sent += cp.bytes_sent
         self.transport.stats.bytes_received += cp.bytes_received
         log.info("%s: resumed at round %d from %s", self.name, cp.next_round, self.state.path)
@@ -505,6 +518,7 @@ class Node:
             bytes_received=self.transport.stats.bytes_received,
             peer_prekeys=self.sealing.export_peers() if self.sealing is not None else {},
             strategy=self.strategy.state_dict(),
+            control=self.control.state_dict() if self.control is not None else {},
             planned_rounds=self.cfg.training.rounds,
             retired=sorted({m.name for m in self.consortium.members} - {self.name}
                            - self.book.neighbours),
@@ -917,6 +931,11 @@ class Node:
             self.seq = max(self.seq, env.seq + 1)
             self._own_release[r] = (env.seq, env.digest, env.sig)
             own = WeightedShare(self.name, share.weight, named_to_flat(self.model, share.tensors))
+            if self.control is not None:  # as when it was released (node/control.py)
+                start = get_flat(self.model)
+                self.control.begin(r, start)
+                self._log_control(r, self.control.correction())
+                self.control.released(r, start, own.vector, self._step_scale(r))
             return stored, own, float("nan"), True
         pc, tc = self.cfg.privacy, self.cfg.training
         weight, charges = self.budget.weight(r, self.noise)
@@ -931,12 +950,23 @@ class Node:
         start = get_flat(self.model)
         local = copy.deepcopy(self.model)
         plan = self.budget.plan
+        lr = round_lr(tc.lr, tc.lr_decay, r)  # tc.lr exactly at the default lr_decay = 1
+        correction = None
+        if self.control is not None:
+            self.control.begin(r, start)
+            fix = self.control.correction()
+            correction = None if fix is None else per_parameter(local, fix)
+            self._log_control(r, fix)
         trained = time.perf_counter()
         if pc.mode == "record":
             assert plan is not None
-            kwargs = dict(epochs=tc.epochs, batch_size=tc.batch_size, lr=tc.lr,
+            # privacy.recipe = "auto": the plan's pinned epochs, batch size and lr (decayed
+            # as training.lr is); "fixed": the training section's, so this is `lr` exactly
+            epochs, batch_size, base_lr = self.budget.training(tc.epochs, tc.batch_size, tc.lr)
+            kwargs = dict(epochs=epochs, batch_size=batch_size,
+                          lr=round_lr(base_lr, tc.lr_decay, r),
                           clip_norm=plan.clip_norm, noise_multiplier=plan.noise_multiplier,
-                          prox_mu=tc.prox_mu)
+                          prox_mu=tc.prox_mu, correction=correction)
             if pc.grad_sample_mode == "fast":
                 history = await asyncio.to_thread(train_local_dp_fast, local, self.train_data.X,
                                                   self.train_data.y, **kwargs, noise=self.noise)
@@ -949,8 +979,9 @@ class Node:
                         for s, q, n in history]
         else:
             await asyncio.to_thread(train_local, local, self.train_data.X, self.train_data.y,
-                                    epochs=tc.epochs, batch_size=tc.batch_size, lr=tc.lr,
-                                    generator=self._shuffle, prox_mu=tc.prox_mu)
+                                    epochs=tc.epochs, batch_size=tc.batch_size, lr=lr,
+                                    generator=self._shuffle, prox_mu=tc.prox_mu,
+                                    correction=correction)
         if self.cfg.faults is not None and self.cfg.faults.straggle > 1:  # a rehearsed straggler
             await asyncio.sleep((self.cfg.faults.straggle - 1) * (time.perf_counter() - trained))
         update = get_flat(local) - start
@@ -1003,7 +1034,35 @@ class Node:
             self.budget.store_weight(weight)
         if data is not None:
             self.state.store_release(r, data, body if self.sealing is not None else None)
+        if self.control is not None:  # c_i from what we released (node/control.py)
+            self.control.released(r, start, released, self._step_scale(r))
         return data, WeightedShare(self.name, weight, released), norm, False
+
+    def _log_control(self, r: int, fix: torch.Tensor | None) -> None:
+        c = self.control
+        assert c is not None
+
+        def rnd(x: int | None) -> str:  # 1-based for people
+            return "none" if x is None else str(x + 1)
+        norm = 0.0 if fix is None else float(torch.linalg.vector_norm(fix))
+        log.info("%s: round %d: control variates c from round %s, c_i from round %s, "
+                 "|c - c_i| = %.4g", self.name, r + 1, rnd(c.c_round), rnd(c.own_round), norm)
+        # Which rounds' released values this round's correction comes from (0-based, as
+        # every audit line): what a restart restored from the checkpoint, checkable later.
+        self.state.append_jsonl("audit.jsonl", {
+            "time": time.time(), "round": r, "member": self.name, "outcome": "control",
+            "kind": "control", "c_round": c.c_round, "own_round": c.own_round,
+            "correction_norm": norm})
+
+    def _step_scale(self, r: int) -> float:
+        """K x lr of round r: the local steps and rate its share was trained with (record
+        mode: the privacy plan's, which privacy.recipe = "auto" pins, as in _release)."""
+        tc = self.cfg.training
+        epochs, batch_size, lr = tc.epochs, tc.batch_size, tc.lr
+        if self.cfg.privacy.mode == "record":
+            epochs, batch_size, lr = self.budget.training(epochs, batch_size, lr)
+        return local_steps(len(self.train_data.X), epochs, batch_size) * \
+            round_lr(lr, tc.lr_decay, r)
 
     async def _pack_share(self, r: int, body: bytes) -> bytes | None:
         """Sign the share, sealed to every active member's prekey for round r if sealing is

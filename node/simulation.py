@@ -68,6 +68,7 @@ class SimulationSpec:
     epsilon: float | None = None  # total budget per member; sigma is then calibrated
     delta: float = 1e-5
     weight: str = "noised"  # record mode: "noised" or "uniform"
+    recipe: str = "fixed"  # record mode's privacy.recipe: "fixed" or "auto" (node/recipe.py)
     network_config: Path | None = None
     round_deadline_s: float = 120.0
     transport: str = "memory"
@@ -86,6 +87,8 @@ class SimulationSpec:
     max_weight_fraction: float | None = None
     aggregation_params: Mapping[str, Any] = field(default_factory=dict)
     prox_mu: float = 0.0  # every member's training.prox_mu (FedProx; 0: off)
+    lr_decay: float = 1.0  # every member's training.lr_decay (round r: lr * lr_decay**r)
+    control_variates: bool = False  # every member's training.control_variates (SCAFFOLD)
     # Rehearsed attacks: "KIND[=PARAM]:MEMBER[,MEMBER...]" (node.cli.add_attack_flag);
     # the members named get an [attack] section (node.config.AttackConfig)
     attacks: tuple[str, ...] = ()
@@ -627,6 +630,8 @@ def privacy_section(spec: SimulationSpec) -> dict[str, Any]:
         section["sigma"] = spec.sigma
     if spec.privacy == "record":
         section["weight"] = spec.weight
+        if spec.recipe != "fixed":  # "fixed" (the default) is left out: configs as before
+            section["recipe"] = spec.recipe
     return section
 
 
@@ -907,7 +912,9 @@ def prepare(spec: SimulationSpec,
             "training": {"rounds": spec.rounds, "epochs": spec.epochs,
                          "batch_size": spec.batch_size, "lr": spec.lr,
                          "seed": member_seed(spec, i),
-                         **({"prox_mu": spec.prox_mu} if spec.prox_mu else {})},
+                         **({"prox_mu": spec.prox_mu} if spec.prox_mu else {}),
+                         **({"lr_decay": spec.lr_decay} if spec.lr_decay != 1 else {}),
+                         **({"control_variates": True} if spec.control_variates else {})},
             "privacy": privacy_section(spec),
             "gossip": {"transport": spec.transport, "round_deadline_s": spec.round_deadline_s,
                        "seal": spec.seal},
@@ -1034,9 +1041,11 @@ def summarize(spec: SimulationSpec, prep: Prepared, results: list[MemberResult],
         "partition": spec.partition if spec.data_dir is None else "the members' own files",
         "seed": spec.seed,
         "model": spec.model,
-        # local training: what every member ran (prox_mu: FedProx's proximal term, 0 = off)
+        # local training: what every member ran (prox_mu: FedProx's proximal term, 0 = off;
+        # round r's rate lr * lr_decay**r; control_variates: SCAFFOLD-style, node/control.py)
         "training": {"epochs": spec.epochs, "batch_size": spec.batch_size, "lr": spec.lr,
-                     "prox_mu": spec.prox_mu},
+                     "prox_mu": spec.prox_mu, "lr_decay": spec.lr_decay,
+                     "control_variates": spec.control_variates},
         "transport": spec.transport,
         "seal": spec.seal,
         "rules": dict(prep.consortium.rules),

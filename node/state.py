@@ -118,6 +118,8 @@ class Checkpoint:
     # restart can seal at once without waiting for their answers to its hello.
     peer_prekeys: dict[str, list[Any]] = field(default_factory=dict)
     strategy: dict[str, Any] = field(default_factory=dict)  # the aggregation strategy's state
+    # training.control_variates: c_i, c and the pending round (node/control.py state_dict)
+    control: dict[str, Any] = field(default_factory=dict)
     planned_rounds: int | None = None  # training.rounds (for `flnode status`)
 
 

@@ -26,6 +26,43 @@ def check_prox_mu(prox_mu: float) -> float:
     return float(prox_mu)
 
 
+def check_lr_decay(lr_decay: float) -> float:
+    """`lr_decay` as a float, or a ValueError naming it (not a number in (0, 1])."""
+    ok = isinstance(lr_decay, int | float) and not isinstance(lr_decay, bool)
+    if not (ok and math.isfinite(lr_decay) and 0 < lr_decay <= 1):
+        raise ValueError(f"training.lr_decay must be a number in (0, 1], got {lr_decay!r}")
+    return float(lr_decay)
+
+
+def round_lr(lr: float, lr_decay: float, round_: int) -> float:
+    """The learning rate of round `round_` (0-based): lr * lr_decay ** round_.
+
+    One rule, exponential decay across rounds (within a round the rate is constant).
+    At lr_decay = 1 (the default) it is `lr` exactly, every round. The round index is
+    public and the rate is not a privacy parameter: the DP accountant charges steps
+    (epochs x steps per epoch, pinned in the privacy plan), whatever the rate."""
+    if isinstance(round_, bool) or not isinstance(round_, int) or round_ < 0:
+        raise ValueError(f"round {round_!r} is not a round number")
+    return float(lr) * check_lr_decay(lr_decay) ** round_
+
+
+def check_correction(params: list[torch.Tensor], correction: list[torch.Tensor] | None
+                     ) -> list[torch.Tensor] | None:
+    """The control-variate correction c - c_i (node/control.py), one tensor per
+    parameter, checked against the parameters' shapes; None: no correction."""
+    if correction is None:
+        return None
+    correction = list(correction)
+    if len(correction) != len(params) or any(
+            c.shape != p.shape for c, p in zip(correction, params, strict=False)):
+        raise ValueError(f"control-variate correction: {len(correction)} tensor(s) of shapes "
+                         f"{[tuple(c.shape) for c in correction]} for parameters of shapes "
+                         f"{[tuple(p.shape) for p in params]}")
+    if not all(bool(torch.isfinite(c).all()) for c in correction):
+        raise ValueError("control-variate correction has non-finite values")
+    return [c.detach().to(p.dtype) for c, p in zip(correction, params, strict=True)]
+
+
 def proximal_start(model: nn.Module, prox_mu: float) -> list[torch.Tensor] | None:
     """A copy of the parameters local training starts from (w_start of the FedProx
     term), or None when the term is off (prox_mu = 0)."""
@@ -36,7 +73,8 @@ def proximal_start(model: nn.Module, prox_mu: float) -> list[torch.Tensor] | Non
 
 def train_local(model: nn.Module, X: np.ndarray, y: np.ndarray, *, epochs: int,
                 batch_size: int, lr: float, generator: torch.Generator,
-                prox_mu: float = 0.0) -> nn.Module:
+                prox_mu: float = 0.0, correction: list[torch.Tensor] | None = None
+                ) -> nn.Module:
     """SGD on cross-entropy, shuffling with `generator` (deterministic per seed).
 
     Plain SGD written out (p -= lr * grad, what torch.optim.SGD does with its defaults,
@@ -47,9 +85,18 @@ def train_local(model: nn.Module, X: np.ndarray, y: np.ndarray, *, epochs: int,
     (Li et al. 2020), w_start the model training started from: its gradient
     mu (w - w_start) is added to each step's. At 0 (the default) the term is not
     computed at all: the same steps, bit for bit.
+
+    `correction` (control variates, node/control.py): c - c_i per parameter
+    (model.parameters() order), fixed for the round; each step is then
+    w - lr (g + c - c_i), taken as the plain step followed by w - lr (c - c_i). None
+    (the default) computes nothing; all zeros gives the plain steps bit for bit.
     """
     Xt, yt = torch.from_numpy(X), torch.from_numpy(y)
-    params = [p for p in model.parameters() if p.requires_grad]
+    every = list(model.parameters())
+    corr = check_correction(every, correction)
+    params = [p for p in every if p.requires_grad]
+    fixes = None if corr is None else [c for p, c in zip(every, corr, strict=True)
+                                       if p.requires_grad]
     start = proximal_start(model, prox_mu)
     anchors = None if start is None else [
         w0 for p, w0 in zip(model.parameters(), start, strict=True) if p.requires_grad]
@@ -70,6 +117,9 @@ def train_local(model: nn.Module, X: np.ndarray, y: np.ndarray, *, epochs: int,
                 for p in params:
                     if p.grad is not None:
                         p.add_(p.grad, alpha=-lr)
+                if fixes is not None:
+                    for p, c in zip(params, fixes, strict=True):
+                        p.add_(c, alpha=-lr)
     return model
 
 
@@ -120,7 +170,8 @@ def warn_about_held_out(name: str, held_y: np.ndarray, classes: list[str], *,
 def train_local_dp(model: nn.Module, X: np.ndarray, y: np.ndarray, *, epochs: int,
                    batch_size: int, lr: float, clip_norm: float, noise_multiplier: float,
                    generator: torch.Generator, grad_sample_mode: str = "hooks",
-                   prox_mu: float = 0.0) -> list[tuple[float, float, int]]:
+                   prox_mu: float = 0.0, correction: list[torch.Tensor] | None = None
+                   ) -> list[tuple[float, float, int]]:
     """DP-SGD through Opacus; returns Opacus' own accountant history for this round.
 
     `generator` drives both the Poisson sampling and the noise; a real node
@@ -129,6 +180,8 @@ def train_local_dp(model: nn.Module, X: np.ndarray, y: np.ndarray, *, epochs: in
     - lr mu (w - w_start) on the parameters before it, so the step is
     w - lr (g~ + mu (w - w_start)): post-processing of the DP gradient g~ plus a
     term that does not depend on the data (see node.dpsgd); no extra privacy cost.
+    `correction` (control variates): after each step, w - lr (c - c_i), fixed for the
+    round and data-independent: post-processing as well (node/control.py).
     """
     import warnings
 
@@ -136,6 +189,7 @@ def train_local_dp(model: nn.Module, X: np.ndarray, y: np.ndarray, *, epochs: in
     from torch.utils.data import DataLoader, TensorDataset
 
     start = proximal_start(model, prox_mu)
+    corr = check_correction(list(model.parameters()), correction)
     loader = DataLoader(TensorDataset(torch.from_numpy(X), torch.from_numpy(y)),
                         batch_size=batch_size, generator=generator)
     engine = PrivacyEngine(accountant="rdp")
@@ -161,6 +215,10 @@ def train_local_dp(model: nn.Module, X: np.ndarray, y: np.ndarray, *, epochs: in
                     with torch.no_grad():
                         for p, w, w0 in zip(model.parameters(), before, start, strict=True):
                             p.add_(w - w0, alpha=-lr * prox_mu)
+                if corr is not None:
+                    with torch.no_grad():
+                        for p, c in zip(model.parameters(), corr, strict=True):
+                            p.add_(c, alpha=-lr)
     if hasattr(private, "_close"):
         private._close()  # remove Opacus' hooks from the module
     return [(float(s), float(q), int(n)) for s, q, n in engine.accountant.history]

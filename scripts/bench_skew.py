@@ -1,7 +1,10 @@
 #!/usr/bin/env python3
 """Options against skewed members (issue 13), in-process: FedAvg, FedAvgM, FedAdam,
-FedYogi (server optimizers, node/strategy/base.py `ServerOptimizer`) and FedProx
-(training.prox_mu, node/train.py), next to centralized training on the pooled rows.
+FedYogi (server optimizers, node/strategy/base.py `ServerOptimizer`), FedProx
+(training.prox_mu, node/train.py), SCAFFOLD-style control variates
+(training.control_variates, node/control.py) and more local epochs with a decaying
+learning rate (training.epochs, training.lr_decay), next to centralized training on
+the pooled rows.
 
 Every run is a whole consortium in one process (node.simulation: real nodes, real
 signed envelopes on the memory transport), 8 members, 30 rounds, the first-slice
@@ -51,16 +54,21 @@ TABLES = {"default": "dirichlet:0.5", "churn": "column:state", "digits": "dirich
 VAL_FRACTION = 0.2
 NEAR = 0.01
 
-# option -> grid of (label, server params, prox_mu)
-GRID: dict[str, list[tuple[str, dict[str, Any], float]]] = {
-    "fedavg": [("fedavg", {}, 0.0)],
+# option -> grid of (label, server params, training settings: SimulationSpec fields,
+# every member's [training]: prox_mu, epochs, lr_decay, control_variates)
+GRID: dict[str, list[tuple[str, dict[str, Any], dict[str, Any]]]] = {
+    "fedavg": [("fedavg", {}, {})],
     "fedavgm": [(f"fedavgm b={b:g}", {"server_opt": "momentum", "server_momentum": b,
-                                       "server_lr": 1.0}, 0.0) for b in (0.7, 0.9, 0.95)],
-    "fedadam": [(f"fedadam lr={lr:g}", {"server_opt": "adam", "server_lr": lr}, 0.0)
+                                       "server_lr": 1.0}, {}) for b in (0.7, 0.9, 0.95)],
+    "fedadam": [(f"fedadam lr={lr:g}", {"server_opt": "adam", "server_lr": lr}, {})
                 for lr in (0.01, 0.03, 0.1)],
-    "fedyogi": [(f"fedyogi lr={lr:g}", {"server_opt": "yogi", "server_lr": lr}, 0.0)
+    "fedyogi": [(f"fedyogi lr={lr:g}", {"server_opt": "yogi", "server_lr": lr}, {})
                 for lr in (0.01, 0.03, 0.1)],
-    "fedprox": [(f"fedprox mu={mu:g}", {}, mu) for mu in (0.01, 0.1)],
+    "fedprox": [(f"fedprox mu={mu:g}", {}, {"prox_mu": mu}) for mu in (0.01, 0.1)],
+    "scaffold": [(f"scaffold e={e}", {}, {"control_variates": True, "epochs": e})
+                 for e in (1, 2)],
+    "local_steps": [(f"epochs={e} decay={d:g}", {}, {"epochs": e, "lr_decay": d})
+                    for e, d in ((2, 1.0), (2, 0.95), (4, 0.95), (4, 0.9))],
 }
 
 
@@ -89,7 +97,7 @@ def _split_validation(prep: Any, seed: int) -> dict[str, Any]:
     return val
 
 
-def run_one(table: str, seed: int, rounds: int, params: dict[str, Any], prox_mu: float,
+def run_one(table: str, seed: int, rounds: int, params: dict[str, Any], train: dict[str, Any],
             validation: bool, workdir: Path) -> dict[str, Any]:
     import numpy as np
     import pandas as pd
@@ -106,7 +114,7 @@ def run_one(table: str, seed: int, rounds: int, params: dict[str, Any], prox_mu:
     try:
         spec = SimulationSpec(dataset=table, nodes=8, partition=TABLES[table], rounds=rounds,
                               seed=seed, out=out, aggregation="mean", aggregation_params=params,
-                              prox_mu=prox_mu, round_deadline_s=300.0)
+                              round_deadline_s=300.0, **train)
         prep = prepare(spec)
         metric = metric_name(prep.schema.n_classes)
         if validation:
@@ -189,8 +197,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         validation: dict[str, dict[str, Any]] = {}
         if not args.no_tune:
-            for label, params, mu in points:
-                per_table = {t: _mean([run_one(t, s, args.rounds, params, mu, True,
+            for label, params, train in points:
+                per_table = {t: _mean([run_one(t, s, args.rounds, params, train, True,
                                                workdir)["final"] for s in seeds])
                              for t in tune_on}
                 validation[label] = {"mean": _mean(list(per_table.values())),
@@ -205,8 +213,9 @@ def main(argv: list[str] | None = None) -> int:
         for t in tables:
             tests[t] = {"centralized": _mean([centralized(t, s, args.rounds, workdir)
                                               for s in seeds]), "runs": {}}
-            for label, params, mu in points:
-                cells = [run_one(t, s, args.rounds, params, mu, False, workdir) for s in seeds]
+            for label, params, train in points:
+                cells = [run_one(t, s, args.rounds, params, train, False, workdir)
+                         for s in seeds]
                 tests[t]["runs"][label] = {
                     "final": _mean([c["final"] for c in cells]),
                     "per_seed": [c["final"] for c in cells],
@@ -221,7 +230,9 @@ def main(argv: list[str] | None = None) -> int:
     summary = {
         "config": {"tables": {t: TABLES[t] for t in tables}, "nodes": 8, "rounds": args.rounds,
                    "seeds": seeds, "rule": "mean (default weight cap)",
-                   "recipe": "mlp 64, sgd 0.05, batch 32, 1 local epoch, privacy off",
+                   "recipe": "mlp 64, sgd 0.05, batch 32, 1 local epoch, privacy off "
+                             "(unless the option's training settings say otherwise)",
+                   "training": {p[0]: p[2] for o in options for p in GRID[o]},
                    "grid": {o: [p[0] for p in GRID[o]] for o in options},
                    "chosen_on": None if args.no_tune else
                    f"validation split ({int(VAL_FRACTION * 100)} % of each member's own "

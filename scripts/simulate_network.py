@@ -156,6 +156,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--lr", type=float, default=0.05)
     p.add_argument("--prox-mu", type=float, default=0.0, metavar="MU",
                    help="FedProx proximal term (training.prox_mu; 0: off)")
+    p.add_argument("--lr-decay", type=float, default=1.0, metavar="D",
+                   help="round r trains at lr * D**r (training.lr_decay; 1: constant)")
+    p.add_argument("--control-variates", action="store_true",
+                   help="SCAFFOLD-style control variates (training.control_variates)")
     add_privacy_flags(p)
     add_seal_flag(p)
     p.add_argument("--transport", choices=["libp2p", "mqtt"], default="libp2p")
