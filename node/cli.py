@@ -225,6 +225,9 @@ def add_privacy_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--delta", type=_positive(float), default=1e-5)
     p.add_argument("--weight", choices=["noised", "uniform"], default="noised",
                    help="record mode: share weight = noised row count (charged) or 1")
+    p.add_argument("--recipe", choices=["fixed", "auto"], default="fixed",
+                   help="record mode: DP-SGD batch, lr and epochs as configured (fixed) or "
+                        "chosen per member from its rows and budget (auto; privacy.recipe)")
 
 
 def add_rules_flags(p: argparse.ArgumentParser) -> None:
@@ -409,6 +412,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--prox-mu", type=float, default=0.0, metavar="MU",
                    help="FedProx: proximal term MU/2 ||w - w_start||^2 in local training "
                         "(training.prox_mu; 0: off)")
+    s.add_argument("--lr-decay", type=float, default=1.0, metavar="D",
+                   help="round r trains at lr * D**r (training.lr_decay; 1: constant)")
+    s.add_argument("--control-variates", action="store_true",
+                   help="SCAFFOLD-style control variates (training.control_variates)")
     add_privacy_flags(s)
     s.add_argument("--network-config", help="template with member names and addresses")
     add_seal_flag(s)

@@ -183,6 +183,8 @@ def _scenario_model():
         batch_size: int | None = Field(default=None, ge=1)
         lr: float | None = Field(default=None, gt=0)
         prox_mu: float | None = Field(default=None, ge=0, le=1e6)  # FedProx
+        lr_decay: float | None = Field(default=None, gt=0, le=1)  # round r: lr * lr_decay**r
+        control_variates: bool | None = None  # SCAFFOLD-style (node/control.py)
 
     class Privacy(Strict):
         mode: Literal["off", "update", "record"] | None = None
@@ -191,6 +193,7 @@ def _scenario_model():
         sigma: float | None = Field(default=None, gt=0)
         delta: float | None = Field(default=None, gt=0, lt=1)
         weight: Literal["noised", "uniform"] | None = None
+        recipe: Literal["fixed", "auto"] | None = None  # record mode (node/recipe.py)
 
         @model_validator(mode="after")
         def _one_budget(self):
@@ -291,11 +294,13 @@ def read_scenario(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
             f["test_path"] = rel(sc.data.test)
     if sc.model is not None:
         m = {"model": sc.model.kind, "hidden": sc.model.hidden, "epochs": sc.model.epochs,
-             "batch_size": sc.model.batch_size, "lr": sc.model.lr, "prox_mu": sc.model.prox_mu}
+             "batch_size": sc.model.batch_size, "lr": sc.model.lr, "prox_mu": sc.model.prox_mu,
+             "lr_decay": sc.model.lr_decay, "control_variates": sc.model.control_variates}
         f.update({k: v for k, v in m.items() if v is not None})
     if sc.privacy is not None:
         p = {"privacy": sc.privacy.mode, "clip": sc.privacy.clip, "delta": sc.privacy.delta,
-             "weight": sc.privacy.weight, "epsilon": sc.privacy.epsilon,
+             "weight": sc.privacy.weight, "recipe": sc.privacy.recipe,
+             "epsilon": sc.privacy.epsilon,
              "sigma": sc.privacy.sigma}
         f.update({k: v for k, v in p.items() if v is not None})
     if sc.aggregation is not None:
@@ -361,6 +366,9 @@ def build_spec(scenario: Path | None, flags: Mapping[str, Any], *, network: bool
     if fields.get("out") is None:
         raise LocalError("no run directory: give --out DIR (or out = \"DIR\" in the "
                          "scenario file)")
+    if fields.get("recipe", "fixed") != "fixed" and fields.get("privacy", "off") != "record":
+        raise LocalError(f"recipe {fields['recipe']!r} (--recipe) chooses DP-SGD's batch, lr "
+                         "and epochs: it applies to record-level privacy (--privacy record) only")
     if fields.get("epsilon") is not None:
         fields["sigma"] = None
     elif fields.get("sigma") is None:
@@ -1070,6 +1078,7 @@ def summarize(spec: SimulationSpec, prep: Prepared, results: list[MemberResult],
             "sigma": spec.sigma if spec.privacy != "off" and spec.epsilon is None else None,
             "noise_multiplier_per_node": {r.name: r.noise_multiplier for r in results},
             "per_node": {r.name: r.epsilon for r in results},
+            "recipe": spec.recipe if spec.privacy == "record" else None,
             "weight": ("exact row count" if spec.privacy in ("off", "update") else
                        "row count + N(0, count_sigma²), charged once" if spec.weight == "noised"
                        else "uniform (1 per member)"),

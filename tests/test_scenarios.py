@@ -139,3 +139,21 @@ def test_network_script_takes_the_file_transport_and_its_own_defaults(tmp_path):
     notes: list[str] = []
     spec = build_spec(sc, {"out": tmp_path / "o"}, notes=notes)
     assert spec.transport == "memory" and "applies to scripts/simulate_network.py" in notes[0]
+
+
+def test_training_options_and_the_dp_recipe_come_from_the_file_and_the_flags(tmp_path):
+    """lr_decay, control_variates ([model]) and recipe ([privacy]) reach the spec from a
+    scenario file and from flags; a recipe without record-level DP is refused."""
+    from node.simulation import build_spec
+
+    sc = tmp_path / "s.toml"
+    sc.write_text('out = "run"\n[model]\nlr_decay = 0.9\ncontrol_variates = true\n'
+                  '[privacy]\nmode = "record"\nepsilon = 3.0\nrecipe = "auto"\n')
+    spec = build_spec(sc, {})
+    assert (spec.lr_decay, spec.control_variates, spec.recipe) == (0.9, True, "auto")
+    assert build_spec(sc, {"recipe": "fixed", "lr_decay": 1.0}).recipe == "fixed"
+    with pytest.raises(LocalError, match="recipe 'auto'.*--privacy record"):
+        build_spec(sc, {"privacy": "update"})
+    sc.write_text('out = "run"\n[model]\nlr_decay = 1.5\n')
+    with pytest.raises(LocalError, match="lr_decay"):
+        build_spec(sc, {})
