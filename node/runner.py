@@ -146,7 +146,7 @@ class LocalTables:
     """A member's rows as read (training and held-out), before encoding: federated
     normalization encodes them only once the members have agreed the statistics."""
 
-    train: Any  # pandas DataFrame
+    train: Any  # node.data.Table (read_table; no pandas in a node)
     held: Any
     train_source: str
     held_source: str
