@@ -70,10 +70,13 @@ def test_sigkilled_node_rejoins_and_nobody_hangs_or_double_releases(tmp_path):
     assert all(p["exit_codes"] == [0] for n, p in procs.items() if n != "bank-2")
     for name in ("bank-0", "bank-1", "bank-3"):
         assert net["rounds_done"][name] == 10
-    # bank-2 finished the run (it may have skipped rounds it missed) ...
+    # bank-2 finished the run (it may have skipped rounds it missed: on a loaded box the
+    # kill can land late and the others finish first; it then joins them at the end) ...
+    log = (out / "logs" / "bank-2.log").read_text()
+    assert "finished at round 10/10" in log, log[-2000:]
     lines = [json.loads(x) for x in
              (out / "state" / "bank-2" / "metrics.jsonl").read_text().splitlines()]
-    assert lines[-1]["round"] == 9
+    assert lines[-1]["round"] >= 3, [x["round"] for x in lines]  # past the kill
     # ... its privacy spend was never under-counted: every released round has a
     # ledger record (a kill between charge and release may leave a second record
     # for a round: over-counting is allowed, under-counting is not) ...
