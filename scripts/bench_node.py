@@ -14,7 +14,13 @@ Prints JSON (and writes it to --out, default runs/bench/node.json):
   Parquet with `--data-format parquet`) as four `flnode run` processes: each
   node's peak RSS (`os.wait4`'s ru_maxrss of that very process) and the seconds
   from its "finished" line to its exit (the process waited for, nothing skipped).
-- `torch_rss_mb`: peak RSS of `python -c "import torch"`, printed beside them.
+- `import_torch_rss_mb_median`: peak RSS of `python -c "import torch"`, printed beside them.
+- `torch_train_rss_mb`: the floor: peak RSS of a bare script (no flnode code) that imports
+  torch, sets one thread as a node does, and trains the demo's MLP (the consortium's
+  input width, hidden size and classes) on random rows of the largest member's row count
+  with node/train.py's hand-stepped SGD (p.grad = None, backward, p -= lr * grad) for the
+  node's number of steps (rounds x epochs x ceil(rows / batch_size)): the least any torch
+  node could use for this run. Measured in each mode's run (the same script each time).
 
 The consortium is prepared in a child process, so this process stays small:
 ru_maxrss of a child counts what it shared with its parent before exec (a
@@ -119,17 +125,20 @@ def time_config_error(bad: Path) -> tuple[float, str]:
     return time.monotonic() - t0, proc.stderr.strip().splitlines()[-1] if proc.stderr else ""
 
 
-def prepare_mode(mode: str, rounds: int, work: Path, data_format: str) -> list[Path]:
-    """The members' config paths, from a child process (see the module docstring)."""
+def prepare_mode(mode: str, rounds: int, work: Path, data_format: str
+                 ) -> tuple[list[Path], dict]:
+    """The members' config paths and the training shape (for the floor), from a child
+    process (see the module docstring)."""
     proc = subprocess.run([sys.executable, __file__, "--prepare", mode, "--rounds", str(rounds),
                            "--work", str(work), "--data-format", data_format],
                           capture_output=True, text=True, env=child_env())
     if proc.returncode != 0:
         raise SystemExit(f"preparing the {mode} consortium failed:\n{proc.stderr}")
-    return [Path(p) for p in json.loads(proc.stdout.strip().splitlines()[-1])]
+    doc = json.loads(proc.stdout.strip().splitlines()[-1])
+    return [Path(p) for p in doc["configs"]], doc["shape"]
 
 
-def prepare_here(mode: str, rounds: int, work: Path, data_format: str) -> list[Path]:
+def prepare_here(mode: str, rounds: int, work: Path, data_format: str) -> dict:
     from node.simulation import SimulationSpec, prepare
     from scripts.ports import free_ports
 
@@ -145,7 +154,79 @@ def prepare_here(mode: str, rounds: int, work: Path, data_format: str) -> list[P
     configs = [Path(p) for p in prepare(spec, addresses).config_paths]
     if data_format == "csv":
         as_csv(out, configs)
-    return configs
+    return {"configs": [str(c) for c in configs], "shape": training_shape(configs)}
+
+
+def training_shape(configs: list[Path]) -> dict:
+    """What the floor trains: the model's widths and the largest member's training rows
+    and steps, from the members' configs (the child's job: it imports flnode)."""
+    from gossip.membership import load_consortium
+    from node.config import load_config
+    from node.data import FeatureSchema, held_out_split, read_table
+
+    shape: dict = {}
+    for path in configs:
+        cfg = load_config(path)
+        schema = FeatureSchema.from_dict(load_consortium(cfg.consortium.path).schema, str(path))
+        rows = len(read_table(cfg.data.path))
+        if cfg.data.eval_path is None:
+            rows = len(held_out_split(rows, cfg.training.seed, cfg.data.eval_fraction)[0])
+        if rows >= shape.get("rows", -1):
+            if cfg.model.kind != "mlp":
+                raise SystemExit(f"{path}: the floor trains an MLP, not {cfg.model.kind!r}")
+            t = cfg.training
+            shape = {"n_in": schema.n_features, "hidden": cfg.model.hidden,
+                     "n_out": schema.n_classes, "rows": rows, "epochs": t.epochs,
+                     "batch_size": t.batch_size, "lr": t.lr, "rounds": t.rounds,
+                     "steps": t.rounds * t.epochs * -(-rows // t.batch_size)}
+    return shape
+
+
+# The floor (see the module docstring): torch and node/train.py's loop, nothing else.
+FLOOR = """
+import sys
+import torch
+torch.set_num_threads(1)
+n_in, hidden, n_out, rows, epochs, batch, rounds = map(int, sys.argv[1:8])
+lr = float(sys.argv[8])
+g = torch.Generator().manual_seed(0)
+X = torch.randn(rows, n_in, generator=g)
+y = torch.randint(0, n_out, (rows,), generator=g)
+torch.manual_seed(0)
+model = torch.nn.Sequential(torch.nn.Linear(n_in, hidden), torch.nn.ReLU(),
+                            torch.nn.Linear(hidden, n_out))
+params = [p for p in model.parameters() if p.requires_grad]
+loss_fn = torch.nn.CrossEntropyLoss()
+model.train()
+steps = 0
+for _ in range(rounds * epochs):
+    order = torch.randperm(rows, generator=g)
+    for start in range(0, rows, batch):
+        idx = order[start:start + batch]
+        for p in params:
+            p.grad = None
+        loss_fn(model(X[idx]), y[idx]).backward()
+        with torch.no_grad():
+            for p in params:
+                p.add_(p.grad, alpha=-lr)
+        steps += 1
+print(steps)
+"""
+
+
+def torch_train_rss(shape: dict) -> float:
+    """Peak RSS (MB) of the floor script for this shape; checks it took the node's steps."""
+    args = [str(shape[k]) for k in ("n_in", "hidden", "n_out", "rows", "epochs", "batch_size",
+                                    "rounds", "lr")]
+    proc = subprocess.Popen([sys.executable, "-c", FLOOR, *args], stdout=subprocess.PIPE,
+                            text=True, env=child_env())
+    assert proc.stdout is not None
+    said = proc.stdout.read()
+    code, rss = wait_rss(proc)
+    if code != 0 or said.strip() != str(shape["steps"]):
+        raise SystemExit(f"the torch-training floor exited {code} after {said.strip()!r} steps "
+                         f"(expected {shape['steps']})")
+    return round(rss, 1)
 
 
 def as_csv(out: Path, configs: list[Path]) -> None:
@@ -270,8 +351,8 @@ def main(argv: list[str] | None = None) -> int:
     import shutil
 
     if args.prepare:
-        print(json.dumps([str(c) for c in prepare_here(args.prepare, args.rounds,
-                                                       Path(args.work), args.data_format)]))
+        print(json.dumps(prepare_here(args.prepare, args.rounds, Path(args.work),
+                                      args.data_format)))
         return 0
     work = Path(args.work).resolve()
     shutil.rmtree(work, ignore_errors=True)
@@ -280,12 +361,12 @@ def main(argv: list[str] | None = None) -> int:
     bad.write_text('state_dir = "x"\nno_such_key = 1\n')
     result: dict = {"cpu_count": os.cpu_count(), "load_avg_at_start": os.getloadavg()[0],
                     "rounds": args.rounds, "data_format": args.data_format, "modes": {}}
-    torch_times, torch_rss = [], []
+    torch_times, torch_rss, floors = [], [], []
     err_times = []
     for mode in args.modes.split(","):
         if mode not in MODES:
             raise SystemExit(f"--modes: {mode!r} is not one of {', '.join(MODES)}")
-        configs = prepare_mode(mode, args.rounds, work, args.data_format)
+        configs, shape = prepare_mode(mode, args.rounds, work, args.data_format)
         starts, bare = [], []
         for i in range(args.repeats):  # interleaved: noise on the box hits both alike
             t, rss = time_torch_import()
@@ -310,13 +391,27 @@ def main(argv: list[str] | None = None) -> int:
             entry["exit_after_finished_s_max"] = max(exits) if exits else None
             entry["all_finished"] = all(n["exit_code"] == 0 and n["exit_after_finished_s"]
                                         is not None for n in nodes.values())
+            floor = torch_train_rss(shape)
+            floors.append(floor)
+            entry["torch_train_rss_mb"] = floor
+            entry["training_shape"] = shape
+            entry["peak_rss_over_floor_mb"] = round(entry["peak_rss_mb_max"] - floor, 1)
         result["modes"][mode] = entry
         print(f"# {mode}: {json.dumps(entry)}", file=sys.stderr, flush=True)
     result["import_torch_s_median"] = median(torch_times)
     result["import_torch_rss_mb_median"] = round(statistics.median(torch_rss), 1)
+    if floors:
+        result["torch_train_rss_mb"] = round(statistics.median(floors), 1)
     result["config_error_s"] = {"median": median(err_times), "max": round(max(err_times), 3),
                                 "message": said}
     result["goals"] = judge(result)
+    for mode, e in result["modes"].items():
+        if "peak_rss_mb_max" in e:
+            print(f"# {mode}: node peak RSS {e['peak_rss_mb_max']} MB; goal <= "
+                  f"{GOALS['peak_rss_mb_max']:g}; bare import torch "
+                  f"{result['import_torch_rss_mb_median']}; torch training floor "
+                  f"{e['torch_train_rss_mb']} (node - floor: {e['peak_rss_over_floor_mb']})",
+                  file=sys.stderr)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     text = json.dumps(result, indent=2, sort_keys=True)

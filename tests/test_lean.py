@@ -6,6 +6,7 @@ what is asserted is what a command imports, which decides its time."""
 from __future__ import annotations
 
 import logging
+import math
 import os
 import re
 import subprocess
@@ -84,7 +85,11 @@ def test_evaluate_reports_auc_without_sklearn_in_the_process():
             "m = torch.nn.Linear(3, 2); X = np.random.default_rng(0).random((50, 3), np.float32)\n"
             "y = (X[:, 0] > 0.5).astype(np.int64); out = evaluate(m, X, y)\n"
             "assert 0 <= out['roc_auc'] <= 1 and 0 <= out['pr_auc'] <= 1, out\n"
-            "print(sorted(k for k in sys.modules if k.split('.')[0] in ('sklearn', 'scipy')))")
+            "from node.train import warn_about_held_out\n"
+            "warn_about_held_out('b', y, ['No', 'Yes'], eval_path=None, eval_fraction=0.2,"
+            " total_rows=250)\n"
+            "print(sorted(k for k in sys.modules if k.split('.')[0] in ('sklearn', 'scipy')"
+            " or k.split('.')[:2] == ['numpy', 'ma']))")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT,
                        timeout=120)
     assert r.returncode == 0, r.stderr
@@ -113,15 +118,161 @@ def test_epsilon_equals_opacus_rdp_accountant():
         assert epsilon_of(records, delta) == pytest.approx(acc.get_epsilon(delta), rel=1e-12)
 
 
-def test_ledger_epsilon_does_not_import_torch():
+def test_ledger_epsilon_does_not_import_torch_nor_scipy():
+    """Update mode (q = 1) and record mode (q < 1: the fractional orders, which call
+    binom and log_ndtr): neither torch, Opacus' package nor scipy is imported."""
     code = ("import sys\nfrom node.privacy import LedgerRecord, epsilon_of\n"
             "e = epsilon_of([LedgerRecord(r, 'update', 1.0, 1.0, 1, 0.1, '') for r in range(30)],"
             " 1e-5)\nassert 39 < e < 41, e\n"
-            "print(sorted(k for k in sys.modules if k.split('.')[0] in ('torch', 'opacus')))")
+            "e = epsilon_of([LedgerRecord(r, 'record', 1.1, 0.007, 140, 1.0, '')"
+            " for r in range(30)], 1e-5)\nassert 2 < e < 3, e\n"
+            "print(sorted(k for k in sys.modules if k.split('.')[0] in "
+            "('torch', 'opacus', 'scipy')))")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT,
                        timeout=120)
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == "[]"
+
+
+def binom_errors(binom, n: float, kmax: int) -> list[float | None]:
+    """Relative error of binom(n, k) against exact rational arithmetic (n as the float it
+    is), k = 0..kmax; None where C(n, k) is 0 (and binom said 0). Integers only, no
+    gcd: C(n, k) = prod_{j<k} (m - j d) / (d^k k!) for n = m / d."""
+    m, d = float(n).as_integer_ratio()
+    num, den, out = 1, 1, []
+    for k in range(kmax + 1):
+        got = binom(int(n), k) if float(n).is_integer() else binom(float(n), k)
+        if num == 0:
+            assert got == 0.0, (n, k, got)
+            out.append(None)
+        else:
+            a, b = float(got).as_integer_ratio()
+            out.append(((abs(a * den - num * b) << 100) // (abs(num) * b)) / 2.0**100)
+        num *= m - k * d
+        den *= d * (k + 1)
+    return out
+
+
+def test_binom_is_exact_to_rounding_and_matches_scipy():
+    """node.special.binom on the orders Opacus' accountant uses (RDP_ORDERS: fractional
+    ones reach binom with float alpha, integer ones with int alpha), a dense grid of
+    orders and orders within 1e-7 of an integer: against exact rationals for k = 0..300
+    (and to k = 3000 for a few orders: Opacus' loop for a fractional order ran to
+    k = 1172 at sigma 0.3, q 0.03), and against scipy.special.binom on RDP_ORDERS.
+    scipy is itself off by up to ~7e-13 there from k = 20 (its beta-function branch;
+    up to 1e-6 near an integer order), so it is the looser oracle."""
+    from scipy import special as sp
+
+    from node.privacy import RDP_ORDERS
+    from node.special import binom
+
+    dense = np.round(np.linspace(1.01, 64.0, 300), 6).tolist() + [2.001259, 1.5, 63.5]
+    near_int = [k + d for k in (1, 2, 3, 10, 63) for d in (1e-7, -1e-7, 1e-3)]
+    worst_exact = worst_scipy = 0.0
+    for n in RDP_ORDERS + dense + near_int:
+        long = n in (1.1, 1.5, 2.001259, 10.9, 63.5, 3.0000001)
+        errors = [e for e in binom_errors(binom, n, 3000 if long else 300) if e is not None]
+        worst_exact = max(worst_exact, *errors)
+    for n in RDP_ORDERS:
+        for k in range(301):
+            ref = float(sp.binom(n, k))
+            if ref != 0:
+                worst_scipy = max(worst_scipy, abs(binom(n, k) - ref) / abs(ref))
+    assert worst_exact <= 2e-13, worst_exact
+    assert worst_scipy <= 1e-12, worst_scipy
+    # Each product continues the last one for its n (a cache): the same bits whatever
+    # was asked before, in any order.
+    import node.special
+
+    for n in (1.1, 2.001259, 10.9, 40):
+        node.special._PREFIX.clear()
+        up = [binom(n, k) for k in range(1200)]
+        down = [binom(n, k) for k in reversed(range(1200))][::-1]
+        fresh = []
+        for k in range(0, 1200, 37):
+            node.special._PREFIX.clear()
+            fresh.append(binom(n, k))
+        assert up == down and up[::37] == fresh, n
+    assert binom(5, 7) == 0.0 and binom(63, 63) == 1.0 and binom(10, 3) == 120.0
+    assert math.isnan(binom(-3, 2)) and math.isnan(sp.binom(-3, 2))
+    for bad in ((2.5, -1), (2.5, 1.5), (2.5, True), (math.inf, 2), ("2", 1)):
+        with pytest.raises(ValueError, match="binom"):
+            binom(*bad)
+
+
+def test_log_ndtr_matches_scipy_down_to_minus_1e5():
+    """log Phi(x) on a dense grid from -1e5 to 37 (where scipy's value is still a normal
+    float), the log1p branch, the erfc branch and the asymptotic series: relative error
+    against scipy.special.log_ndtr <= 1e-12 (measured: ~4e-13, at x ~ 37 where Phi's
+    complement nears underflow; ~3e-15 for x <= 8)."""
+    from scipy import special as sp
+
+    from node.special import log_ndtr
+
+    xs = np.concatenate([-np.logspace(-10, 5, 40000), np.logspace(-10, math.log10(37.0), 20000),
+                         np.linspace(-60.0, 37.0, 40001), [-20.0, -19.999, -20.001, -1.0,
+                                                           -0.999, -1.001, 0.0]])
+    worst = 0.0
+    for x in xs.tolist():
+        ref, got = float(sp.log_ndtr(x)), log_ndtr(x)
+        assert got <= 0.0
+        worst = max(worst, abs(got - ref) / abs(ref))
+    assert worst <= 1e-12, worst
+    assert log_ndtr(math.inf) == 0.0 and log_ndtr(-math.inf) == -math.inf
+    assert math.isnan(log_ndtr(math.nan))
+    assert log_ndtr(0.0) == math.log(0.5)
+    with pytest.raises(ValueError, match="log_ndtr"):
+        log_ndtr("1")
+
+
+def test_epsilon_equals_opacus_accountant_on_a_grid():
+    """epsilon_of (Opacus' rdp.py run with node.special) against Opacus' own RDPAccountant
+    (scipy) over noise multipliers, sample rates and step counts, to 1e-10 relative."""
+    from opacus.accountants import RDPAccountant
+
+    from node.privacy import LedgerRecord, epsilon_of
+
+    checked = 0
+    for a, sigma in enumerate((0.3, 0.5, 0.8, 1.0, 1.3, 2.0, 4.0, 10.0, 50.0)):
+        for b, q in enumerate((1e-4, 0.001, 0.007, 0.03, 0.1, 0.25, 0.5, 0.9, 1.0)):
+            steps = (1, 10, 300, 5000)[(a + b) % 4]
+            delta = (1e-5, 1e-8)[(a + 2 * b) % 2]
+            acc = RDPAccountant()
+            acc.history = [(sigma, q, steps)]
+            ref = acc.get_epsilon(delta)
+            got = epsilon_of([LedgerRecord(0, "record", sigma, q, steps, 1.0, "")], delta)
+            assert got == pytest.approx(ref, rel=1e-10), (sigma, q, steps, delta)
+            checked += 1
+    assert checked == 81
+
+
+def test_an_rdp_file_without_the_scipy_line_is_loaded_as_it_is(tmp_path, caplog):
+    """Another opacus' rdp.py (its scipy import spelled otherwise): loaded with scipy, and
+    logged; the same epsilon."""
+    import opacus
+
+    from node.privacy import _load_rdp
+
+    src = (Path(opacus.__file__).parent / "accountants" / "analysis" / "rdp.py").read_text()
+    assert src.count("\nfrom scipy import special\n") == 1
+    other = tmp_path / "rdp.py"
+    other.write_text(src.replace("\nfrom scipy import special\n", "\nimport scipy.special as special\n"))
+    with caplog.at_level(logging.INFO, logger="flnode.privacy"):
+        plain = _load_rdp(other)
+    assert "loaded as it is, with scipy" in caplog.text
+    assert plain.special.__name__ == "scipy.special"
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="flnode.privacy"):
+        ours = _load_rdp(Path(opacus.__file__).parent / "accountants" / "analysis" / "rdp.py")
+    assert ours.special.__name__ == "node.special" and caplog.text == ""
+    orders = [1.5, 2.0, 3.25, 8.0, 32.0]
+    for m in (plain, ours):
+        rdp = m.compute_rdp(q=0.01, noise_multiplier=1.1, steps=1000, orders=orders)
+        eps, _ = m.get_privacy_spent(orders=orders, rdp=rdp, delta=1e-5)
+        assert 0 < eps < 10
+    a = plain.compute_rdp(q=0.01, noise_multiplier=1.1, steps=1000, orders=orders)
+    b = ours.compute_rdp(q=0.01, noise_multiplier=1.1, steps=1000, orders=orders)
+    assert np.allclose(a, b, rtol=1e-11, atol=0)
 
 
 def test_cli_default_rule_is_the_rules_default():
