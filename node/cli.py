@@ -237,7 +237,8 @@ def add_rules_flags(p: argparse.ArgumentParser) -> None:
     DEFAULT_RULE = "auto"  # noqa: N806
     p.add_argument("--aggregation", default=DEFAULT_RULE, metavar="RULE",
                    help=f"aggregation rule every member applies (default {DEFAULT_RULE}: "
-                        "multi_krum_staged from 5 members, trimmed_mean for 3-4, mean for 2; "
+                        "multi_krum_staged with a FedAdam server step (server_lr 0.03) from 5 "
+                        "members, trimmed_mean for 3-4, mean for 2; "
                         "mean, median, trimmed_mean, norm_bounded_mean, krum, multi_krum, "
                         "centered_clipping)")
     p.add_argument("--f", type=int, default=None, metavar="F",

@@ -20,7 +20,9 @@ differently are different consortia and refuse each other's shares.
 Defaults, for a file without a key (`aggregation = "auto"`, what `flnode consortium
 build` and the simulators resolve and write): `multi_krum_staged` (multi-Krum
 that leaves out magnitude outliers first and the rest by update direction,
-node/strategy/rules.py) with f = 1 from five members up (it needs 2f + 3),
+node/strategy/rules.py) with f = 1 and a FedAdam server step (server_opt = "adam",
+server_lr = 0.03: the default recipe against skewed members, see AUTO_PARAMS) from
+five members up (it needs 2f + 3),
 `trimmed_mean` with f = 1 for three or four, the weighted `mean` (f = 0) for two
 (two cannot outvote one); and a weight cap of max(2/n, 0.25) of the total (the
 robust rules count every share once anyway; the plain mean uses the cap). Why:
@@ -61,6 +63,15 @@ from node.strategy.registry import canonical
 
 DEFAULT_RULE = "auto"
 log = logging.getLogger("flnode.node")
+
+
+# What "auto" adds to the rule it resolves to: FedAdam (server_lr 0.03) on top of
+# multi_krum_staged, chosen by scripts/bench_skew.py on the members' validation rows and
+# confirmed on churn and against every attack of scripts/bench_robust.py (README,
+# "Skewed members"). A node that wants control variates sets server_opt = "none".
+AUTO_PARAMS: dict[str, dict[str, Any]] = {
+    "multi_krum_staged": {"server_opt": "adam", "server_lr": 0.03},
+}
 
 
 def resolve_rule(name: str, members: int) -> str:
@@ -230,6 +241,8 @@ def rules_table(members: int, aggregation: str = DEFAULT_RULE, f: int | None = N
     resolved for this many members and written out; None leaves a key out, so the
     documented default applies."""
     table: dict[str, Any] = {"aggregation": resolve_rule(aggregation, members)}
+    if aggregation == DEFAULT_RULE and "server_opt" not in params:
+        params = {**AUTO_PARAMS.get(table["aggregation"], {}), **params}  # the default recipe
     for key, value in (("f", f), ("max_weight_fraction", max_weight_fraction),
                        ("privacy_mode", privacy_mode), ("clip", clip),
                        ("noise_multiplier", noise_multiplier)):

@@ -15,12 +15,19 @@ from tests.helpers import consortium, keys
 def test_the_default_rule_is_chosen_for_the_consortium_size(n, rule):
     assert resolve_rule("auto", n) == rule
     table = rules_table(n)
-    assert table == {"aggregation": rule}
+    # The default recipe: FedAdam (server_lr 0.03) behind multi_krum_staged, nothing else.
+    recipe = {"server_opt": "adam", "server_lr": 0.03} if rule == "multi_krum_staged" else {}
+    assert table == {"aggregation": rule, **({"params": recipe} if recipe else {})}
     cons = consortium(keys(n))
     agreed = build_strategy(Consortium(cons.name, cons.schema, cons.members, table), None,
                             "off", 1.0)
     assert agreed.agreed and agreed.params["rule"] == rule
     assert agreed.params["f"] == (0 if rule == "mean" else 1)
+    assert agreed.strategy.params["server_opt"] == recipe.get("server_opt", "none")
+    # Asked for by name, a rule comes without the recipe's optimizer; asked for with
+    # one, the caller's choice stands.
+    assert "params" not in rules_table(n, rule)
+    assert rules_table(n, server_opt="none")["params"] == {"server_opt": "none"}
 
 
 def test_rules_are_part_of_the_id_and_a_file_without_them_keeps_its_old_id(tmp_path):
