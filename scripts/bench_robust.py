@@ -45,6 +45,10 @@ and a table.
 A rule is a name, or a configuration `NAME[KEY=VALUE;KEY=VALUE]` with the rule's
 parameters (node.strategy.rule_params; `none` for None); its label in the JSON is
 the text as given. The consortium's weight cap (max(2/n, 0.25)) applies to all.
+The keys in TRAINING (`epochs`, `lr_decay`, `prox_mu`, `control_variates`) in the
+brackets are every member's [training] settings for that row, not rule parameters
+(a recipe: 'multi_krum_staged[server_opt=adam;server_lr=0.1;epochs=2]'); the
+reference stays the plain `mean` with the first-slice recipe (1 local epoch).
 """
 
 from __future__ import annotations
@@ -91,6 +95,35 @@ GOAL = 0.02  # absolute: honest mean within this of the clean plain mean
 # 1 s with DP-SGD (5 s), with room for a loaded machine.
 DEADLINE_S = 3.0
 DEADLINE_DP_S = 5.0
+# Keys of a rule label's brackets that are every member's [training] settings
+# (SimulationSpec fields), with the type each must have
+TRAINING = {"epochs": int, "lr_decay": float, "prox_mu": float, "control_variates": bool}
+
+
+def split_training(label: str, params: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(rule parameters, training settings) of a parsed rule label; raises ValueError
+    naming a training setting of the wrong type or range."""
+    rule = {k: v for k, v in params.items() if k not in TRAINING}
+    train: dict[str, Any] = {}
+    for key in TRAINING.keys() & params.keys():
+        value = params[key]
+        if TRAINING[key] is bool:
+            if value not in (0, 1, "true", "false"):
+                raise ValueError(f"rule {label!r}: {key} must be true or false, got {value!r}")
+            value = value in (1, "true")
+        elif TRAINING[key] is int:
+            if not isinstance(value, int) or not 1 <= value <= 100:
+                raise ValueError(f"rule {label!r}: {key} must be an integer in 1..100, "
+                                 f"got {value!r}")
+        else:
+            if not isinstance(value, int | float) or not math.isfinite(value) or value < 0 \
+                    or (key == "lr_decay" and not 0 < value <= 1):
+                raise ValueError(f"rule {label!r}: {key} must be a number "
+                                 f"{'in (0, 1]' if key == 'lr_decay' else '>= 0'}, "
+                                 f"got {value!r}")
+            value = float(value)
+        train[key] = value
+    return rule, train
 
 
 def parse_rule(label: str) -> tuple[str, dict[str, Any]]:
@@ -153,10 +186,12 @@ def run_cell(dataset: str, rule: str, f: int, attack: str | None, seed: int, rou
                             "partition": partition}
     try:
         name, params = parse_rule(rule)
+        params, train = split_training(rule, params)
+        cell["training"] = train
         base = dict(dataset=dataset, nodes=nodes, partition=partition, rounds=rounds,
                     seed=seed, out=out, aggregation=name, f=0 if name == "mean" else f,
                     aggregation_params=params,
-                    round_deadline_s=DEADLINE_DP_S if dp else DEADLINE_S)
+                    round_deadline_s=DEADLINE_DP_S if dp else DEADLINE_S, **train)
         if dp:
             base.update(privacy="record", epsilon=DP_EPSILON, sigma=None, weight="uniform")
         names = member_names(SimulationSpec(**base))
@@ -389,7 +424,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--datasets", default=",".join(DATASETS))
     p.add_argument("--rules", default=",".join(RULES),
                    help="comma-separated rules, each NAME or NAME[KEY=VALUE;...] with the "
-                        "rule's parameters, e.g. 'mean,multi_krum[score=staged;m=5]'")
+                        "rule's parameters, e.g. 'mean,multi_krum[score=staged;m=5]'; "
+                        f"the keys {', '.join(TRAINING)} there are every member's "
+                        "[training] settings for that row")
     p.add_argument("--attacks", default=",".join(ATTACKS))
     p.add_argument("--f", default="1,2", help="attacker counts (comma-separated)")
     p.add_argument("--seeds", type=int, default=3)
@@ -417,6 +454,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for rule in args.rules:
         try:
             name, params = parse_rule(rule)
+            params, _ = split_training(rule, params)
             for f in args.f:
                 check_strategy(name, {"f": 0 if name == "mean" else f, **params}, args.nodes)
         except (ValueError, StrategyError) as exc:

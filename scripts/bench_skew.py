@@ -26,11 +26,18 @@ the consortium test set; the table shows the chosen one per option (the JSON has
 
 Per run: the final metric (mean over members on the test set), the first round
 whose mean metric is within 0.01 of the final value (1-based), bytes sent per
-member, seconds. Writes runs/bench/skew.json and prints it and a table.
+member, seconds. Writes runs/bench/skew.json (`--out`) and prints it and a table.
+
+`--rule` runs every option under another of the consortium's rules instead of the
+plain mean (`auto`: the consortium default for 8 members, multi_krum_staged; the
+server optimizer then steps on that rule's result), `--points` only the grid
+points named (the chosen few, for a 3-seed confirmation).
 
     .venv/bin/python scripts/bench_skew.py                  # 1 seed (about 2 min on 2 cores)
     .venv/bin/python scripts/bench_skew.py --seeds 3                   # about 6 min
     .venv/bin/python scripts/bench_skew.py --tables digits --rounds 5 --no-tune   # small
+    .venv/bin/python scripts/bench_skew.py --seeds 3 --rule auto --options fedavg,fedadam_local \
+        --points 'fedavg;fedadam lr=0.03 epochs=2 decay=1' --out runs/bench/skew-recipe.json
 """
 
 from __future__ import annotations
@@ -69,6 +76,13 @@ GRID: dict[str, list[tuple[str, dict[str, Any], dict[str, Any]]]] = {
                  for e in (1, 2)],
     "local_steps": [(f"epochs={e} decay={d:g}", {}, {"epochs": e, "lr_decay": d})
                     for e, d in ((2, 1.0), (2, 0.95), (4, 0.95), (4, 0.9))],
+    # combined: a server optimizer on the averaged update with more local epochs
+    "fedadam_local": [(f"fedadam lr={lr:g} epochs={e} decay={d:g}",
+                       {"server_opt": "adam", "server_lr": lr}, {"epochs": e, "lr_decay": d})
+                      for lr, e, d in ((0.1, 2, 1.0), (0.1, 4, 0.95), (0.03, 2, 1.0))],
+    "fedavgm_local": [(f"fedavgm b=0.9 epochs={e}", {"server_opt": "momentum",
+                                                     "server_momentum": 0.9, "server_lr": 1.0},
+                       {"epochs": e}) for e in (2,)],
 }
 
 
@@ -98,7 +112,7 @@ def _split_validation(prep: Any, seed: int) -> dict[str, Any]:
 
 
 def run_one(table: str, seed: int, rounds: int, params: dict[str, Any], train: dict[str, Any],
-            validation: bool, workdir: Path) -> dict[str, Any]:
+            validation: bool, workdir: Path, rule: str = "mean") -> dict[str, Any]:
     import numpy as np
     import pandas as pd
     import torch
@@ -113,7 +127,7 @@ def run_one(table: str, seed: int, rounds: int, params: dict[str, Any], train: d
     t0 = time.perf_counter()
     try:
         spec = SimulationSpec(dataset=table, nodes=8, partition=TABLES[table], rounds=rounds,
-                              seed=seed, out=out, aggregation="mean", aggregation_params=params,
+                              seed=seed, out=out, aggregation=rule, aggregation_params=params,
                               round_deadline_s=300.0, **train)
         prep = prepare(spec)
         metric = metric_name(prep.schema.n_classes)
@@ -178,6 +192,14 @@ def main(argv: list[str] | None = None) -> int:
                     help="tables whose validation split chooses each option's setting")
     ap.add_argument("--no-tune", action="store_true",
                     help="skip choosing; report every grid point on the test set only")
+    ap.add_argument("--points", default="",
+                    help="only these grid points of the options (labels, ';'-separated, "
+                         "e.g. 'fedavg;fedadam lr=0.1'); default: every point")
+    ap.add_argument("--rule", default="mean",
+                    help="the consortium's [rules] aggregation every member applies, with "
+                         "its default f and weight cap: mean (the default here, so only the "
+                         "option differs), a rule name (node.strategy), or auto (what the "
+                         "consortium default resolves to for 8 members, node/rules.py)")
     ap.add_argument("--out", type=Path, default=ROOT / "runs" / "bench" / "skew.json")
     args = ap.parse_args(argv)
     tables = [t for t in args.tables.split(",") if t]
@@ -189,24 +211,41 @@ def main(argv: list[str] | None = None) -> int:
     for o in options:
         if o not in GRID:
             ap.error(f"option {o!r}: choose from {', '.join(GRID)}")
+    wanted = [lb.strip() for lb in args.points.split(";") if lb.strip()]
+    known = {p[0] for o in options for p in GRID[o]}
+    for lb in wanted:
+        if lb not in known:
+            ap.error(f"--points: {lb!r} is not a grid point of the options: choose from "
+                     f"{'; '.join(sorted(known))}")
+    if wanted:  # options left without a point are dropped
+        options = [o for o in options if any(p[0] in wanted for p in GRID[o])]
+    grid = {o: [p for p in GRID[o] if not wanted or p[0] in wanted] for o in options}
+    from gossip.errors import LocalError
+    from node.rules import pin_rules, resolve_rule, rules_table
+    rule = resolve_rule(args.rule, 8)
+    try:  # every point's server parameters under this rule, checked before any run
+        rules = {p[0]: pin_rules(rules_table(8, rule, **p[1]), 8, "--rule")
+                 for o in options for p in grid[o]}
+    except LocalError as exc:
+        ap.error(f"--rule {args.rule!r}: {exc}")
     logging.getLogger("flnode").setLevel(logging.CRITICAL)
     seeds = list(range(args.seeds))
     t0 = time.monotonic()
     workdir = Path(tempfile.mkdtemp(prefix="bench-skew-"))
-    points = [p for o in options for p in GRID[o]]
+    points = [p for o in options for p in grid[o]]
     try:
         validation: dict[str, dict[str, Any]] = {}
         if not args.no_tune:
             for label, params, train in points:
                 per_table = {t: _mean([run_one(t, s, args.rounds, params, train, True,
-                                               workdir)["final"] for s in seeds])
+                                               workdir, rule)["final"] for s in seeds])
                              for t in tune_on}
                 validation[label] = {"mean": _mean(list(per_table.values())),
                                      "per_table": per_table}
                 print(f"validation {label:20s} {validation[label]['mean']:.4f}", flush=True)
         chosen = {}
         for o in options:
-            labels = [p[0] for p in GRID[o]]
+            labels = [p[0] for p in grid[o]]
             chosen[o] = max(labels, key=lambda lb: validation[lb]["mean"]) \
                 if validation else labels[0]
         tests: dict[str, dict[str, Any]] = {}
@@ -214,7 +253,7 @@ def main(argv: list[str] | None = None) -> int:
             tests[t] = {"centralized": _mean([centralized(t, s, args.rounds, workdir)
                                               for s in seeds]), "runs": {}}
             for label, params, train in points:
-                cells = [run_one(t, s, args.rounds, params, train, False, workdir)
+                cells = [run_one(t, s, args.rounds, params, train, False, workdir, rule)
                          for s in seeds]
                 tests[t]["runs"][label] = {
                     "final": _mean([c["final"] for c in cells]),
@@ -229,11 +268,13 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(workdir, ignore_errors=True)
     summary = {
         "config": {"tables": {t: TABLES[t] for t in tables}, "nodes": 8, "rounds": args.rounds,
-                   "seeds": seeds, "rule": "mean (default weight cap)",
+                   "seeds": seeds,
+                   "rule": f"{rule} (its default f and weight cap; --rule {args.rule})",
+                   "rules": rules,
                    "recipe": "mlp 64, sgd 0.05, batch 32, 1 local epoch, privacy off "
                              "(unless the option's training settings say otherwise)",
-                   "training": {p[0]: p[2] for o in options for p in GRID[o]},
-                   "grid": {o: [p[0] for p in GRID[o]] for o in options},
+                   "training": {p[0]: p[2] for o in options for p in grid[o]},
+                   "grid": {o: [p[0] for p in grid[o]] for o in options},
                    "chosen_on": None if args.no_tune else
                    f"validation split ({int(VAL_FRACTION * 100)} % of each member's own "
                    f"training rows) of {', '.join(tune_on)}",
@@ -244,19 +285,17 @@ def main(argv: list[str] | None = None) -> int:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(summary, indent=2, allow_nan=True))
     print(json.dumps({k: summary[k] for k in ("config", "validation", "chosen")}, indent=2))
-    print(f"\n{'table':8s} {'option (chosen setting)':28s} {'final':>7s} {'vs central':>10s} "
+    print(f"\n{'table':8s} {'option (chosen setting)':36s} {'final':>7s} {'vs central':>10s} "
           f"{'vs fedavg':>9s} {'round≈':>6s} {'kB/member':>9s}")
     for t in tables:
         c = tests[t]["centralized"]
         base = tests[t]["runs"].get("fedavg", {}).get("final", float("nan"))
-        print(f"{t:8s} {'centralized':28s} {c:7.4f}")
-        rows = [(o, chosen[o]) for o in options]
-        rows += [("fedprox", lb) for lb in [p[0] for p in GRID.get("fedprox", [])]
-                 if "fedprox" in options and lb != chosen.get("fedprox")]
+        print(f"{t:8s} {'centralized':36s} {c:7.4f}")
+        rows = [(o, p[0]) for o in options for p in grid[o]]  # every point, grid order
         for o, lb in rows:
             r = tests[t]["runs"][lb]
             mark = "" if lb == chosen[o] or o == "fedavg" else " (not chosen)"
-            print(f"{t:8s} {lb + mark:28s} {r['final']:7.4f} {r['final'] - c:+10.4f} "
+            print(f"{t:8s} {lb + mark:36s} {r['final']:7.4f} {r['final'] - c:+10.4f} "
                   f"{r['final'] - base:+9.4f} {r['round_within_0.01']:6.1f} "
                   f"{r['bytes_sent_per_member'] / 1000:9.0f}")
     print(f"\nwrote {args.out} ({summary['seconds']:.0f} s)")
