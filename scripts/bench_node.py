@@ -4,13 +4,14 @@
 Prints JSON (and writes it to --out, default runs/bench/node.json):
 
 - `start_s`: seconds from exec to listening for a real `flnode run` node (the
-  libp2p transport's "listening on" log line, shown with `flnode -v`), next to
-  `python -c "import torch"` exec-to-exit measured in the same run, interleaved,
-  `--repeats` times each; medians and their ratio.
+  transport's start event, a log line shown with `flnode -v`: libp2p's "listening on";
+  MQTT's "connected to MQTT broker", logged once connected and subscribed; the JSON
+  says which, per transport), next to `python -c "import torch"` exec-to-exit measured
+  in the same run, interleaved, `--repeats` times each; medians and their ratio.
 - `config_error_s`: seconds from exec to exit of `flnode run --config BAD`
   (a config with an unknown key), and whether it said what is wrong.
 - `rounds`: a demo-sized consortium (4 members, `default`, dirichlet 0.5, MLP,
-  `--rounds` rounds, libp2p on 127.0.0.1; the members' rows as CSV files, or
+  `--rounds` rounds, on 127.0.0.1 over libp2p or MQTT; the members' rows as CSV files, or
   Parquet with `--data-format parquet`) as four `flnode run` processes: each
   node's peak RSS (`os.wait4`'s ru_maxrss of that very process) and the seconds
   from its "finished" line to its exit (the process waited for, nothing skipped).
@@ -20,11 +21,19 @@ Prints JSON (and writes it to --out, default runs/bench/node.json):
   input width, hidden size and classes) on random rows of the largest member's row count
   with node/train.py's hand-stepped SGD (p.grad = None, backward, p -= lr * grad) for the
   node's number of steps (rounds x epochs x ceil(rows / batch_size)): the least any torch
-  node could use for this run. Measured in each mode's run (the same script each time).
+  node could use for this run. Measured in each transport x mode's run (the same script
+  each time).
 
 The consortium is prepared in a child process, so this process stays small:
 ru_maxrss of a child counts what it shared with its parent before exec (a
 vfork), and a parent that had imported torch would inflate every figure.
+
+Transports (`--transport libp2p|mqtt|both`, default both): libp2p, each node
+listening on its own loopback port; mqtt, through a mosquitto of this run's own on a
+free loopback port, with per-member accounts, passwords and ACL as the simulators
+generate them (scripts/mqtt_broker.py's files; shares sealed, as `auto` does for
+mqtt), one broker per transport x mode, stopped by its PID whatever happens. A node
+on MQTT does not import libp2p. Goals are judged per transport and mode.
 
 Privacy modes: off; update (C 0.1, σ 1.0, as `make demo`); record (DP-SGD at a
 total ε 3 per member, σ calibrated up front). Every process is started and
@@ -34,6 +43,7 @@ stopped by its own PID here.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import re
@@ -57,7 +67,15 @@ MODES = {
     "update": dict(privacy="update", clip=0.1, sigma=1.0),
     "record": dict(privacy="record", clip=1.0, sigma=None, epsilon=3.0),
 }
-LISTENING = re.compile(r"listening on")
+TRANSPORTS = ("libp2p", "mqtt")
+# Each transport's start event: a line `flnode -v run` logs once the node can gossip.
+START_EVENTS = {
+    "libp2p": (re.compile(r": libp2p \S+ listening on "),
+               "'<name>: libp2p <peer id> listening on <addr>' (gossip/transports/libp2p.py)"),
+    "mqtt": (re.compile(r": connected to MQTT broker "),
+             "'<name>: connected to MQTT broker <url> as <user>' (gossip/transports/mqtt.py, "
+             "logged once connected and subscribed)"),
+}
 FINISHED = re.compile(r": finished at round")
 
 
@@ -88,8 +106,9 @@ def time_torch_import() -> tuple[float, float]:
     return time.monotonic() - t0, rss
 
 
-def time_to_listening(config: Path, timeout: float) -> float:
-    """exec -> the transport's "listening on" line; then SIGKILL (a throwaway state dir)."""
+def time_to_listening(config: Path, timeout: float, event: re.Pattern) -> float:
+    """exec -> the transport's start event (a log line); then SIGKILL (a throwaway state
+    dir)."""
     t0 = time.monotonic()
     proc = subprocess.Popen(flnode_cmd() + ["-v", "run", "--config", str(config)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
@@ -101,7 +120,7 @@ def time_to_listening(config: Path, timeout: float) -> float:
     def read() -> None:
         assert proc.stderr is not None
         for line in proc.stderr:
-            if not seen and LISTENING.search(line):
+            if not seen and event.search(line):
                 seen.append(time.monotonic())
                 proc.send_signal(signal.SIGKILL)
             tail.append(line)
@@ -113,7 +132,8 @@ def time_to_listening(config: Path, timeout: float) -> float:
     if not seen:
         proc.kill()
         proc.wait()
-        raise SystemExit(f"{config}: no 'listening on' within {timeout:.0f} s:\n" + "".join(tail))
+        raise SystemExit(f"{config}: no {event.pattern!r} within {timeout:.0f} s:\n"
+                         + "".join(tail))
     proc.wait()
     return seen[0] - t0
 
@@ -125,36 +145,130 @@ def time_config_error(bad: Path) -> tuple[float, str]:
     return time.monotonic() - t0, proc.stderr.strip().splitlines()[-1] if proc.stderr else ""
 
 
-def prepare_mode(mode: str, rounds: int, work: Path, data_format: str
-                 ) -> tuple[list[Path], dict]:
-    """The members' config paths and the training shape (for the floor), from a child
-    process (see the module docstring)."""
-    proc = subprocess.run([sys.executable, __file__, "--prepare", mode, "--rounds", str(rounds),
-                           "--work", str(work), "--data-format", data_format],
-                          capture_output=True, text=True, env=child_env())
+def prepare_mode(mode: str, transport: str, rounds: int, work: Path, data_format: str
+                 ) -> dict:
+    """The members' config paths, the training shape (for the floor) and, for mqtt, the
+    broker's files, from a child process (see the module docstring)."""
+    proc = subprocess.run([sys.executable, __file__, "--prepare", mode, "--transport", transport,
+                           "--rounds", str(rounds), "--work", str(work), "--data-format",
+                           data_format], capture_output=True, text=True, env=child_env())
     if proc.returncode != 0:
-        raise SystemExit(f"preparing the {mode} consortium failed:\n{proc.stderr}")
+        raise SystemExit(f"preparing the {transport} {mode} consortium failed:\n{proc.stderr}")
     doc = json.loads(proc.stdout.strip().splitlines()[-1])
-    return [Path(p) for p in doc["configs"]], doc["shape"]
+    doc["configs"] = [Path(p) for p in doc["configs"]]
+    return doc
 
 
-def prepare_here(mode: str, rounds: int, work: Path, data_format: str) -> dict:
+def prepare_here(mode: str, transport: str, rounds: int, work: Path, data_format: str) -> dict:
     from node.simulation import SimulationSpec, prepare
     from scripts.ports import free_ports
 
-    out = work / mode
+    out = work / transport / mode
     spec = SimulationSpec(dataset="default", nodes=4, partition="dirichlet:0.5", rounds=rounds,
-                          seed=0, out=out, round_deadline_s=20.0, transport="libp2p",
+                          seed=0, out=out, round_deadline_s=20.0, transport=transport,
                           network_config=ROOT / "network_configs" / "demo-4-banks.toml",
                           **MODES[mode])
     names = ["bank-0", "bank-1", "bank-2", "bank-3"]
     ports = free_ports(len(names))
-    addresses = {n: {"libp2p": f"/ip4/127.0.0.1/tcp/{p}"} for n, p in zip(names, ports,
-                                                                           strict=True)}
-    configs = [Path(p) for p in prepare(spec, addresses).config_paths]
+    if transport == "mqtt":
+        addresses = {n: {"mqtt": f"mqtt://127.0.0.1:{ports[0]}"} for n in names}
+    else:
+        addresses = {n: {"libp2p": f"/ip4/127.0.0.1/tcp/{p}"} for n, p in zip(names, ports,
+                                                                               strict=True)}
+    prep = prepare(spec, addresses)
+    configs = [Path(p) for p in prep.config_paths]
+    if prep.names != names:
+        raise SystemExit(f"the demo consortium's members are {prep.names}, not {names}")
     if data_format == "csv":
         as_csv(out, configs)
-    return {"configs": [str(c) for c in configs], "shape": training_shape(configs)}
+    doc = {"configs": [str(c) for c in configs], "shape": training_shape(configs)}
+    if transport == "mqtt":
+        doc["broker"] = broker_files(prep.consortium, dict(zip(names, configs, strict=True)),
+                                     out / "broker", ports[0])
+    return doc
+
+
+def broker_files(consortium, configs: dict[str, Path], password_dir: Path, port: int) -> dict:
+    """What `scripts/simulate_network.py --transport mqtt` sets up, without starting it:
+    one mosquitto account per member (a random password, in password_dir/<member>.password,
+    0600, named by each member's gossip.mqtt.password_file) and the per-member ACL, in a
+    config dir of its own (scripts/mqtt_broker.py's write_broker_files). The parent starts
+    and stops mosquitto itself, by PID (a child of its own, see `mosquitto`)."""
+    import secrets
+    import tempfile
+
+    from mqtt_broker import INSTALL_HINT, mosquitto_available, write_broker_files
+
+    if not mosquitto_available():
+        raise SystemExit(INSTALL_HINT)
+    passwords = {m.name: secrets.token_urlsafe(24) for m in consortium.members}
+    password_dir.mkdir(parents=True, exist_ok=True)
+    for name, password in passwords.items():
+        path = password_dir / f"{name}.password"
+        path.touch(mode=0o600)
+        path.write_text(password + "\n")
+    conf_dir = Path(tempfile.mkdtemp(prefix="flnode-mosquitto-"))
+    conf = write_broker_files(consortium, conf_dir, port, passwords)
+    for name, cfg in configs.items():
+        if name not in passwords:
+            raise SystemExit(f"{cfg}: member {name!r} has no broker account")
+        doc = tomllib.loads(cfg.read_text())
+        doc["gossip"]["mqtt"] = {"password_file": str((password_dir / f"{name}.password")
+                                                      .resolve())}
+        cfg.write_text(tomli_w.dumps(doc))
+    return {"conf": str(conf), "conf_dir": str(conf_dir), "port": port,
+            "url": f"mqtt://127.0.0.1:{port}"}
+
+
+class Mosquitto:
+    """mosquitto on the config broker_files wrote: started here (a child of this process,
+    waited for by its PID), stopped by its PID on leaving, whatever happened, and its
+    config dir removed."""
+
+    START_TIMEOUT_S = 10.0
+
+    def __init__(self, broker: dict, log_path: Path) -> None:
+        self.broker, self.log_path = broker, log_path
+        self.proc: subprocess.Popen | None = None
+
+    def __enter__(self) -> Mosquitto:
+        import socket
+
+        try:
+            with open(self.log_path, "ab") as log:
+                self.proc = subprocess.Popen(["mosquitto", "-c", self.broker["conf"]],
+                                             stdout=log, stderr=subprocess.STDOUT,
+                                             stdin=subprocess.DEVNULL, start_new_session=True)
+            deadline = time.monotonic() + self.START_TIMEOUT_S
+            while True:  # listening: a TCP connect succeeds (as scripts/mqtt_broker.py waits)
+                if self.proc.poll() is not None:
+                    raise SystemExit(f"mosquitto exited {self.proc.returncode} at start; log "
+                                     f"{self.log_path}:\n{self.log_path.read_text()[-2000:]}")
+                try:
+                    with socket.create_connection(("127.0.0.1", self.broker["port"]), 0.5):
+                        break
+                except OSError:
+                    if time.monotonic() > deadline:
+                        raise SystemExit(f"mosquitto did not listen on {self.broker['url']} "
+                                         f"in {self.START_TIMEOUT_S:.0f} s; log "
+                                         f"{self.log_path}") from None
+                    time.sleep(0.05)
+        except BaseException:
+            self.__exit__()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        import shutil
+
+        if self.proc is not None and self.proc.returncode is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        shutil.rmtree(self.broker["conf_dir"], ignore_errors=True)
 
 
 def training_shape(configs: list[Path]) -> dict:
@@ -283,21 +397,24 @@ def run_rounds(configs: list[Path], logs: Path, timeout: float) -> dict[str, dic
     pending = dict(procs)
     try:
         while pending:
-            pid, status, usage = os.wait4(-1, os.WNOHANG)
-            if pid == 0:
+            # Each node by its own PID (never wait4(-1): mosquitto is a child here too).
+            reaped = False
+            for name, proc in list(pending.items()):
+                pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+                if pid == 0:
+                    continue
+                reaped = True
+                exited = time.monotonic()
+                del pending[name]
+                proc.returncode = os.waitstatus_to_exitcode(status)
+                results[name] = {"exit_code": proc.returncode,
+                                 "peak_rss_mb": usage.ru_maxrss / 1024,
+                                 "exit_after_finished_s": None, "_exited": exited}
+            if not reaped:
                 if time.monotonic() > deadline:
                     raise SystemExit(f"nodes still running after {timeout:.0f} s: "
                                      f"{sorted(pending)}; logs in {logs}")
                 time.sleep(0.05)  # a measuring loop: the exit time is read to 50 ms
-                continue
-            name = next((n for n, p in pending.items() if p.pid == pid), None)
-            if name is None:
-                continue
-            exited = time.monotonic()
-            proc = pending.pop(name)
-            proc.returncode = os.waitstatus_to_exitcode(status)
-            results[name] = {"exit_code": proc.returncode, "peak_rss_mb": usage.ru_maxrss / 1024,
-                             "exit_after_finished_s": None, "_exited": exited}
     finally:
         for p in pending.values():
             p.kill()
@@ -318,16 +435,19 @@ GOALS = {"start_ratio_max": 1.5, "peak_rss_mb_max": 300.0, "exit_after_finished_
 
 
 def judge(result: dict) -> dict:
-    """Each goal, per mode: met or not (figures from this run; nothing re-measured)."""
-    out = {}
-    for mode, e in result["modes"].items():
-        verdict = {"start_ratio": e["start_s"]["ratio"] <= GOALS["start_ratio_max"]}
-        if "peak_rss_mb_max" in e:
-            verdict["peak_rss_mb"] = e["peak_rss_mb_max"] <= GOALS["peak_rss_mb_max"]
-            verdict["exit_after_finished_s"] = (e["exit_after_finished_s_max"] is not None and
-                                                e["exit_after_finished_s_max"]
-                                                <= GOALS["exit_after_finished_s_max"])
-        out[mode] = verdict
+    """Each goal, per transport and mode: met or not (figures from this run; nothing
+    re-measured)."""
+    out: dict = {}
+    for transport, t in result["transports"].items():
+        for mode, e in t["modes"].items():
+            verdict = {"start_ratio": e["start_s"]["ratio"] <= GOALS["start_ratio_max"]}
+            if "peak_rss_mb_max" in e:
+                verdict["peak_rss_mb"] = e["peak_rss_mb_max"] <= GOALS["peak_rss_mb_max"]
+                verdict["exit_after_finished_s"] = (
+                    e["exit_after_finished_s_max"] is not None
+                    and e["exit_after_finished_s_max"] <= GOALS["exit_after_finished_s_max"])
+                verdict["all_finished"] = e["all_finished"]
+            out.setdefault(transport, {})[mode] = verdict
     out["config_error_s"] = result["config_error_s"]["max"] <= GOALS["config_error_s_max"]
     return {"targets": GOALS, "met": out}
 
@@ -336,8 +456,62 @@ def median(xs: list[float]) -> float:
     return round(statistics.median(xs), 3)
 
 
+def measure(transport: str, mode: str, args: argparse.Namespace, work: Path, bad: Path,
+            sink: dict) -> dict:
+    """One transport x mode: start figures (interleaved with bare `import torch` and the
+    config error), then the consortium's rounds and the floor. `sink` collects the bare
+    torch figures and config-error times across the whole run."""
+    prepared = prepare_mode(mode, transport, args.rounds, work, args.data_format)
+    configs, shape = prepared["configs"], prepared["shape"]
+    event = START_EVENTS[transport][0]
+    starts, bare = [], []
+    entry: dict = {}
+    # mqtt: the broker (files from the prepare child) runs for the start figures and the
+    # rounds, and is stopped by its PID on leaving this block, whatever happened.
+    broker = prepared.get("broker")
+    with (Mosquitto(broker, work / transport / mode / "mosquitto.log") if broker
+          else contextlib.nullcontext()):
+        if broker:
+            entry["broker"] = {"url": broker["url"], "accounts": "one per member, ACL per member "
+                               "(scripts/mqtt_broker.py write_broker_files)"}
+        for i in range(args.repeats):  # interleaved: noise on the box hits both alike
+            t, rss = time_torch_import()
+            bare.append(t)
+            sink["torch_rss"].append(rss)
+            starts.append(time_to_listening(start_config(configs[0], i), 180, event))
+            t_err, sink["said"] = time_config_error(bad)
+            sink["err_times"].append(t_err)
+        sink["torch_times"] += bare
+        entry["start_s"] = {"node_median": median(starts), "import_torch_median": median(bare),
+                            "ratio": round(statistics.median(starts) / statistics.median(bare),
+                                           2),
+                            "node_all": [round(x, 3) for x in starts],
+                            "import_torch_all": [round(x, 3) for x in bare]}
+        nodes = None
+        if not args.no_rounds:
+            nodes = run_rounds(configs, work / transport / mode / "logs",
+                               timeout=300 + args.rounds * 30)
+    if nodes is not None:
+        entry["nodes"] = nodes
+        entry["peak_rss_mb_max"] = max(n["peak_rss_mb"] for n in nodes.values())
+        exits = [n["exit_after_finished_s"] for n in nodes.values()
+                 if n["exit_after_finished_s"] is not None]
+        entry["exit_after_finished_s_max"] = max(exits) if exits else None
+        entry["all_finished"] = all(n["exit_code"] == 0 and n["exit_after_finished_s"]
+                                    is not None for n in nodes.values())
+        floor = torch_train_rss(shape)
+        sink["floors"].append(floor)
+        entry["torch_train_rss_mb"] = floor
+        entry["training_shape"] = shape
+        entry["peak_rss_over_floor_mb"] = round(entry["peak_rss_mb_max"] - floor, 1)
+    return entry
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--transport", choices=(*TRANSPORTS, "both"), default="both",
+                   help="libp2p, mqtt (through a mosquitto of this run's own) or both "
+                        "(default: both, one after the other)")
     p.add_argument("--modes", default="off,update,record")
     p.add_argument("--rounds", type=int, default=30)
     p.add_argument("--repeats", type=int, default=5, help="start measurements per mode")
@@ -350,9 +524,18 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     import shutil
 
+    transports = list(TRANSPORTS) if args.transport == "both" else [args.transport]
+    modes = args.modes.split(",")
+    for mode in modes:
+        if mode not in MODES:
+            raise SystemExit(f"--modes: {mode!r} is not one of {', '.join(MODES)}")
+    if args.rounds < 1 or args.repeats < 1:
+        raise SystemExit(f"--rounds {args.rounds} and --repeats {args.repeats} must be >= 1")
     if args.prepare:
-        print(json.dumps(prepare_here(args.prepare, args.rounds, Path(args.work),
-                                      args.data_format)))
+        if args.transport not in TRANSPORTS:
+            raise SystemExit(f"--prepare needs --transport {' or '.join(TRANSPORTS)}")
+        print(json.dumps(prepare_here(args.prepare, args.transport, args.rounds,
+                                      Path(args.work), args.data_format)))
         return 0
     work = Path(args.work).resolve()
     shutil.rmtree(work, ignore_errors=True)
@@ -360,58 +543,39 @@ def main(argv: list[str] | None = None) -> int:
     bad = work / "bad.toml"
     bad.write_text('state_dir = "x"\nno_such_key = 1\n')
     result: dict = {"cpu_count": os.cpu_count(), "load_avg_at_start": os.getloadavg()[0],
-                    "rounds": args.rounds, "data_format": args.data_format, "modes": {}}
-    torch_times, torch_rss, floors = [], [], []
-    err_times = []
-    for mode in args.modes.split(","):
-        if mode not in MODES:
-            raise SystemExit(f"--modes: {mode!r} is not one of {', '.join(MODES)}")
-        configs, shape = prepare_mode(mode, args.rounds, work, args.data_format)
-        starts, bare = [], []
-        for i in range(args.repeats):  # interleaved: noise on the box hits both alike
-            t, rss = time_torch_import()
-            bare.append(t)
-            torch_rss.append(rss)
-            starts.append(time_to_listening(start_config(configs[0], i), 180))
-            t_err, said = time_config_error(bad)
-            err_times.append(t_err)
-        torch_times += bare
-        entry = {"start_s": {"node_median": median(starts), "import_torch_median": median(bare),
-                             "ratio": round(statistics.median(starts) / statistics.median(bare),
-                                            2),
-                             "node_all": [round(x, 3) for x in starts],
-                             "import_torch_all": [round(x, 3) for x in bare]}}
-        if not args.no_rounds:
-            nodes = run_rounds(configs, work / mode / "logs",
-                               timeout=300 + args.rounds * 30)
-            entry["nodes"] = nodes
-            entry["peak_rss_mb_max"] = max(n["peak_rss_mb"] for n in nodes.values())
-            exits = [n["exit_after_finished_s"] for n in nodes.values()
-                     if n["exit_after_finished_s"] is not None]
-            entry["exit_after_finished_s_max"] = max(exits) if exits else None
-            entry["all_finished"] = all(n["exit_code"] == 0 and n["exit_after_finished_s"]
-                                        is not None for n in nodes.values())
-            floor = torch_train_rss(shape)
-            floors.append(floor)
-            entry["torch_train_rss_mb"] = floor
-            entry["training_shape"] = shape
-            entry["peak_rss_over_floor_mb"] = round(entry["peak_rss_mb_max"] - floor, 1)
-        result["modes"][mode] = entry
-        print(f"# {mode}: {json.dumps(entry)}", file=sys.stderr, flush=True)
-    result["import_torch_s_median"] = median(torch_times)
-    result["import_torch_rss_mb_median"] = round(statistics.median(torch_rss), 1)
-    if floors:
-        result["torch_train_rss_mb"] = round(statistics.median(floors), 1)
-    result["config_error_s"] = {"median": median(err_times), "max": round(max(err_times), 3),
-                                "message": said}
+                    "rounds": args.rounds, "data_format": args.data_format,
+                    "transports": {}}
+    sink: dict = {"torch_times": [], "torch_rss": [], "floors": [], "err_times": [],
+                  "said": ""}
+    for transport in transports:
+        t_out: dict = {"start_event": START_EVENTS[transport][1], "modes": {}}
+        result["transports"][transport] = t_out
+        for mode in modes:
+            entry = measure(transport, mode, args, work, bad, sink)
+            t_out["modes"][mode] = entry
+            print(f"# {transport} {mode}: {json.dumps(entry)}", file=sys.stderr, flush=True)
+    result["import_torch_s_median"] = median(sink["torch_times"])
+    result["import_torch_rss_mb_median"] = round(statistics.median(sink["torch_rss"]), 1)
+    if sink["floors"]:
+        result["torch_train_rss_mb"] = round(statistics.median(sink["floors"]), 1)
+    result["config_error_s"] = {"median": median(sink["err_times"]),
+                                "max": round(max(sink["err_times"]), 3),
+                                "message": sink["said"]}
+    result["load_avg_at_end"] = os.getloadavg()[0]
     result["goals"] = judge(result)
-    for mode, e in result["modes"].items():
-        if "peak_rss_mb_max" in e:
-            print(f"# {mode}: node peak RSS {e['peak_rss_mb_max']} MB; goal <= "
-                  f"{GOALS['peak_rss_mb_max']:g}; bare import torch "
-                  f"{result['import_torch_rss_mb_median']}; torch training floor "
-                  f"{e['torch_train_rss_mb']} (node - floor: {e['peak_rss_over_floor_mb']})",
-                  file=sys.stderr)
+    for transport, t in result["transports"].items():
+        for mode, e in t["modes"].items():
+            line = (f"# {transport} {mode}: start {e['start_s']['node_median']} s = "
+                    f"{e['start_s']['ratio']} x bare import torch (goal <= "
+                    f"{GOALS['start_ratio_max']:g})")
+            if "peak_rss_mb_max" in e:
+                line += (f"; node peak RSS {e['peak_rss_mb_max']} MB (goal <= "
+                         f"{GOALS['peak_rss_mb_max']:g}; bare import torch "
+                         f"{result['import_torch_rss_mb_median']}; torch training floor "
+                         f"{e['torch_train_rss_mb']}; node - floor "
+                         f"{e['peak_rss_over_floor_mb']}); exit after finished "
+                         f"{e['exit_after_finished_s_max']} s")
+            print(line, file=sys.stderr)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     text = json.dumps(result, indent=2, sort_keys=True)
