@@ -25,11 +25,26 @@ epsilon its ledger spent, and what privacy costs it in metric: the final model i
 node holds under DP minus the one it holds without DP, both on the member's own
 held-out rows (NaN where those rows hold one class only: ROC-AUC is undefined).
 
+Any grid label 'dp <fixed|auto> <server>[ clip<C>][ lr<lr0>]' is a variant too: server
+none, m<beta> (FedAvgM, server lr 1) or adam<lr> (FedAdam); clip the privacy.clip; lr0
+the base lr (the fixed recipe's lr, what the auto rule scales). --grid chooses among them
+on the validation split of the members' own rows (bench_skew._split_validation: each
+member trains on 80 % of its rows, the 20 % held back are pooled and scored; the test set
+is not touched): stage 1 recipe x server optimizer, stage 2 clip and lr0 around stage 1's
+best; --full runs every point on every --tune-on table and takes the best mean, otherwise
+the first --tune-on table screens and the best --finalists run on the others. Cells run
+in --jobs spawned worker processes; each memoizes calibrate_sigma (a pure function).
+
     .venv/bin/python scripts/bench_skew_dp.py               # 1 seed
     .venv/bin/python scripts/bench_skew_dp.py --seeds 3
     .venv/bin/python scripts/bench_skew_dp.py --tables digits --rounds 3   # a smoke run
+    .venv/bin/python scripts/bench_skew_dp.py --grid --full --seeds 2 \
+        --out runs/bench/skew_dp-grid-full.json                # about 12 min on 2 busy cores
+    .venv/bin/python scripts/bench_skew_dp.py --seeds 3 --no-central \
+        --variants "fedavg (no DP),dp auto adam0.03 lr0.2"      # a chosen point on the test set
 
-Writes runs/bench/skew_dp.json, prints a table.
+Writes runs/bench/skew_dp.json (with --grid: skew_dp-grid.json) unless --out, prints a
+table.
 """
 
 from __future__ import annotations
@@ -49,11 +64,11 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from scripts.bench_skew import TABLES, _mean, centralized  # noqa: E402
+from scripts.bench_skew import TABLES, _mean, _split_validation, centralized  # noqa: E402
 
 DELTA = 1e-5
 MOMENTUM = {"server_opt": "momentum", "server_momentum": 0.9, "server_lr": 1.0}
-# label -> (privacy mode, recipe, server params)
+# label -> (privacy mode, recipe, server params); any grid label (parse_variant) works too
 VARIANTS: dict[str, tuple[str, str, dict[str, Any]]] = {
     "fedavg (no DP)": ("off", "fixed", {}),
     "fedavg dp fixed": ("record", "fixed", {}),
@@ -61,32 +76,118 @@ VARIANTS: dict[str, tuple[str, str, dict[str, Any]]] = {
     "fedavgm dp auto": ("record", "auto", MOMENTUM),
 }
 
+# The grid (--grid), on the validation split of the members' own rows only:
+# stage 1: recipe x server optimizer at clip 1, lr0 0.05; stage 2: clip and the base lr
+# (what the auto rule scales) around the best two of stage 1.
+GRID_RECIPES = ("fixed", "auto")
+GRID_SERVERS = ("none", "m0.9", "m0.95", "adam0.01", "adam0.03", "adam0.1")
+GRID_CLIPS = (0.5, 2.0)
+GRID_LRS = (0.025, 0.1, 0.2)
+BASE_CLIP, BASE_LR = 1.0, 0.05
+
+
+def server_params(token: str) -> dict[str, Any]:
+    """'none' | 'm<beta>' (FedAvgM, server lr 1) | 'adam<lr>' (FedAdam, beta1 0.9)."""
+    try:
+        if token == "none":  # said, so that rule:auto's default FedAdam is not added
+            return {"server_opt": "none"}
+        if token.startswith("adam"):
+            lr = float(token[4:])
+            if not (0 < lr < 10):
+                raise ValueError
+            return {"server_opt": "adam", "server_lr": lr}
+        if token.startswith("m"):
+            beta = float(token[1:])
+            if not (0 <= beta < 1):
+                raise ValueError
+            return {"server_opt": "momentum", "server_momentum": beta, "server_lr": 1.0}
+    except ValueError:
+        pass
+    raise ValueError(f"server {token!r}: none, m<beta in [0, 1)> or adam<lr in (0, 10)>")
+
+
+def grid_label(recipe: str, server: str, clip: float = BASE_CLIP, lr: float = BASE_LR) -> str:
+    label = f"dp {recipe} {server}"
+    if clip != BASE_CLIP:
+        label += f" clip{clip:g}"
+    if lr != BASE_LR:
+        label += f" lr{lr:g}"
+    return label
+
+
+def parse_variant(label: str) -> tuple[str, str, dict[str, Any], dict[str, Any]]:
+    """A variant's (privacy, recipe, server params, SimulationSpec extras): one of
+    VARIANTS, or 'dp <fixed|auto> <server>[ clip<C>][ lr<lr0>][ rule:NAME]' (grid_label;
+    rule:auto is the consortium default for 8 members, multi_krum_staged)."""
+    if label in VARIANTS:
+        return (*VARIANTS[label], {})
+    parts = label.split()
+    if len(parts) < 3 or parts[0] != "dp" or parts[1] not in GRID_RECIPES:
+        raise ValueError(f"variant {label!r}: one of {', '.join(VARIANTS)}, or "
+                         "'dp <fixed|auto> <server>[ clip<C>][ lr<lr0>]'")
+    extras: dict[str, Any] = {}
+    for tok in parts[3:]:
+        if tok.startswith("rule:"):  # the consortium's rule (default: the plain mean)
+            from node.strategy.registry import RULE_NAMES
+
+            name = tok[len("rule:"):]
+            if "aggregation" in extras or name not in (*RULE_NAMES, "auto"):
+                raise ValueError(f"variant {label!r}: {tok!r}: rule:NAME once, NAME one of "
+                                 f"auto, {', '.join(RULE_NAMES)}")
+            extras["aggregation"] = name
+            continue
+        key = "clip" if tok.startswith("clip") else "lr" if tok.startswith("lr") else None
+        try:
+            val = float(tok[len(key):]) if key else math.nan
+        except ValueError:
+            val = math.nan
+        if key is None or key in extras or not (0 < val < 100):
+            raise ValueError(f"variant {label!r}: {tok!r} is not clip<C> or lr<lr0> "
+                             "(a number in (0, 100), each at most once)")
+        extras[key] = val
+    return "record", parts[1], server_params(parts[2]), extras
+
 
 def consortium(table: str, seed: int, rounds: int, epsilon: float, privacy: str, recipe: str,
-               params: dict[str, Any], workdir: Path) -> dict[str, Any]:
-    """One consortium run; the final metrics and, per member, what its plan chose."""
+               params: dict[str, Any], workdir: Path, extras: dict[str, Any] | None = None,
+               validation: bool = False) -> dict[str, Any]:
+    """One consortium run; the final metrics and, per member, what its plan chose.
+    validation: each member trains on 80 % of its own rows (bench_skew._split_validation)
+    and every score is on the held-back 20 % (pooled; "own": the member's own 20 %); the
+    test set is not touched."""
     import numpy as np
+    import pandas as pd
     import torch
 
+    from node.data import encode
     from node.simulation import SimulationSpec, evaluate_rows, prepare, run_consortium
     from node.train import evaluate, metric_name
 
     torch.set_num_threads(1)
     out = Path(tempfile.mkdtemp(prefix="skewdp-", dir=workdir))
     t0 = time.perf_counter()
+    extras = dict(extras or {})
     try:
         spec = SimulationSpec(
             dataset=table, nodes=8, partition=TABLES[table], rounds=rounds, seed=seed, out=out,
-            aggregation="mean", aggregation_params=params, round_deadline_s=300.0,
+            aggregation=extras.pop("aggregation", "mean"), aggregation_params=params,
+            round_deadline_s=300.0,
             privacy=privacy, epsilon=epsilon if privacy != "off" else None,
-            sigma=None if privacy != "off" else 1.0, delta=DELTA, recipe=recipe)
+            sigma=None if privacy != "off" else 1.0, delta=DELTA, recipe=recipe, **extras)
         prep = prepare(spec)
         metric = metric_name(prep.schema.n_classes)
+        if validation:
+            val = _split_validation(prep, seed)
+            score_rows = encode(pd.concat(list(val.values()), ignore_index=True), prep.schema,
+                                "val")
+            own_rows = [encode(val[name], prep.schema, name) for name in prep.names]
+        else:
+            score_rows, own_rows = prep.test, prep.own_parts
         nodes = asyncio.run(run_consortium(spec, prep))
         members = {}
         finals = []
         for i, n in enumerate(nodes):
-            final = evaluate(n.model, *prep.test)[metric]
+            final = evaluate(n.model, *score_rows)[metric]
             finals.append(final)
             plan = n.budget.plan
             tc = n.cfg.training
@@ -94,23 +195,26 @@ def consortium(table: str, seed: int, rounds: int, epsilon: float, privacy: str,
                                  else (tc.epochs, tc.batch_size, tc.lr))
             members[n.name] = {
                 "rows": int(len(n.train_data.X)), "final": final,
-                "own": evaluate_rows(n.model, prep.own_parts[i])[metric],
-                "own_rows": int(len(prep.own_parts[i][1])),
+                "own": evaluate_rows(n.model, own_rows[i])[metric],
+                "own_rows": int(len(own_rows[i][1])),
                 "sigma": plan.noise_multiplier if plan else None,
                 "sample_rate": plan.sample_rate if plan else None,
                 "batch_size": batch, "epochs": epochs, "lr": lr,
+                "clip": plan.clip_norm if plan else None,
                 "noise_ratio": (plan.noise_multiplier / (plan.sample_rate * len(n.train_data.X))
                                 if plan else None),
                 "epsilon": n.epsilon(), "stopped": n.stopped}
         return {"metric": metric, "final": float(np.mean(finals)), "members": members,
+                "scored_on": "validation" if validation else "test",
                 "seconds": round(time.perf_counter() - t0, 1)}
     finally:
         shutil.rmtree(out, ignore_errors=True)
 
 
 def centralized_dp(table: str, seed: int, rounds: int, epsilon: float, recipe: str,
-                   workdir: Path) -> dict[str, Any]:
-    """DP-SGD on the pooled training rows for `rounds` epochs (x the recipe's epochs)."""
+                   workdir: Path, extras: dict[str, Any] | None = None) -> dict[str, Any]:
+    """DP-SGD on the pooled training rows for `rounds` epochs (x the recipe's epochs);
+    extras: SimulationSpec fields (clip, lr) other than the first-slice recipe's."""
     import torch
 
     from node.dpsgd import train_local_dp_fast
@@ -124,7 +228,7 @@ def centralized_dp(table: str, seed: int, rounds: int, epsilon: float, recipe: s
     out = Path(tempfile.mkdtemp(prefix="skewdp-c-", dir=workdir))
     try:
         spec = SimulationSpec(dataset=table, nodes=8, partition=TABLES[table], rounds=rounds,
-                              seed=seed, out=out, aggregation="mean")
+                              seed=seed, out=out, aggregation="mean", **(extras or {}))
         prep = prepare(spec)
         X, y = prep.train_all
         n = len(y)
@@ -151,9 +255,106 @@ def centralized_dp(table: str, seed: int, rounds: int, epsilon: float, recipe: s
         spent = epsilon_of(plan_history("record", sigma, q, spr, rounds, None), DELTA)
         return {"final": evaluate(model, *prep.test)[metric_name(prep.schema.n_classes)],
                 "rows": n, "batch_size": batch, "lr": lr, "epochs": epochs * rounds,
+                "clip": spec.clip,
                 "sigma": sigma, "epsilon": spent, "noise_ratio": sigma / (q * n)}
     finally:
         shutil.rmtree(out, ignore_errors=True)
+
+
+def _cache_calibration() -> None:
+    """calibrate_sigma is a pure function of (epsilon, delta, mode, q, steps, rounds,
+    count sigma) and costs 0.5-1.5 s; a worker's later runs of the same table and seed ask
+    for the same values. Memoized in this worker process only: the same sigmas, faster."""
+    import functools
+
+    import node.privacy
+
+    if not hasattr(node.privacy.calibrate_sigma, "cache_info"):
+        node.privacy.calibrate_sigma = functools.cache(node.privacy.calibrate_sigma)
+
+
+def _run_cell(cell: tuple, rounds: int, epsilon: float, workdir: str) -> dict[str, Any]:
+    """One unit of work, in a worker process: ("central", table, seed),
+    ("central_dp", table, seed, recipe, extras) or ("run", table, seed, label, validation)."""
+    logging.getLogger("flnode").setLevel(logging.CRITICAL)
+    _cache_calibration()
+    kind, table, seed = cell[:3]
+    if kind == "central":
+        return {"final": centralized(table, seed, rounds, Path(workdir))}
+    if kind == "central_dp":
+        return centralized_dp(table, seed, rounds, epsilon, cell[3], Path(workdir), cell[4])
+    privacy, recipe, params, extras = parse_variant(cell[3])
+    return consortium(table, seed, rounds, epsilon, privacy, recipe, params, Path(workdir),
+                      extras, validation=cell[4])
+
+
+def run_cells(cells: dict[tuple, tuple], jobs: int, rounds: int, epsilon: float,
+              workdir: Path) -> dict[tuple, dict[str, Any]]:
+    """Every cell ({key: cell}), `jobs` worker processes at a time (spawned: each imports
+    torch once); the results by key."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+
+    done: dict[tuple, dict[str, Any]] = {}
+    with ProcessPoolExecutor(max_workers=jobs,
+                             mp_context=multiprocessing.get_context("spawn")) as pool:
+        futures = {pool.submit(_run_cell, c, rounds, epsilon, str(workdir)): k
+                   for k, c in cells.items()}
+        for fut in as_completed(futures):
+            k = futures[fut]
+            done[k] = fut.result()
+            extra = f" ({done[k]['seconds']:.0f} s)" if "seconds" in done[k] else ""
+            print(f"  {' '.join(str(x) for x in k[:5])}: {done[k]['final']:.4f}{extra}",
+                  flush=True)
+    return done
+
+
+def _extras_label(extras: dict[str, Any]) -> str:
+    return "".join(f" rule:{v}" if k == "aggregation" else f" {k}{v:g}"
+                   for k, v in sorted(extras.items()))
+
+
+def grid(args: argparse.Namespace, seeds: list[int], workdir: Path) -> dict[str, Any]:
+    """Choose on the validation split (never the test set). With --full, every point
+    runs on every --tune-on table and the best mean wins. Otherwise the first table
+    screens: stage 1 recipe x server optimizer (clip 1, lr0 0.05), stage 2 clip and base
+    lr around stage 1's best; the best --finalists of both stages then run on the other
+    --tune-on tables, and the finalist with the best mean over all of them is chosen."""
+    tune = [t for t in args.tune_on.split(",") if t]
+    screen, rest = tune[0], tune[1:]
+    validation: dict[str, Any] = {}
+
+    def score(labels: list[str], tables: list[str], stage: int) -> None:
+        cells = [("run", t, s, lb, True) for t in tables for lb in labels for s in seeds]
+        done = run_cells({c: c for c in cells}, args.jobs, args.rounds, args.epsilon, workdir)
+        for lb in labels:
+            v = validation.setdefault(lb, {"stage": stage, "per_table": {}, "seconds": {},
+                                           "members_seed0": {}})
+            for t in tables:
+                v["per_table"][t] = _mean([done[("run", t, s, lb, True)]["final"]
+                                           for s in seeds])
+                v["seconds"][t] = _mean([done[("run", t, s, lb, True)]["seconds"]
+                                         for s in seeds])
+                v["members_seed0"][t] = done[("run", t, seeds[0], lb, True)]["members"]
+            v["mean"] = _mean(list(v["per_table"].values()))
+
+    def best(n: int) -> list[str]:
+        key = "mean" if args.full else "per_table"
+        return sorted(validation, key=lambda lb: (validation[lb]["mean"] if args.full else
+                                                  validation[lb][key][screen]),
+                      reverse=True)[:n]
+
+    first = tune if args.full else [screen]
+    score([grid_label(r, sv) for r in GRID_RECIPES for sv in GRID_SERVERS], first, 1)
+    _, recipe, server = best(1)[0].split()[:3]
+    score([grid_label(recipe, server, clip=c) for c in GRID_CLIPS]
+          + [grid_label(recipe, server, lr=lr) for lr in GRID_LRS], first, 2)
+    finalists = best(args.finalists)
+    if rest and not args.full:
+        score(finalists, rest, 3)
+    chosen = max(finalists, key=lambda lb: validation[lb]["mean"])
+    return {"tune_on": tune, "screened_on": screen, "validation": validation,
+            "finalists": finalists, "chosen": chosen}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -163,50 +364,114 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rounds", type=int, default=30)
     ap.add_argument("--epsilon", type=float, default=3.0, help="per member, and centralized")
     ap.add_argument("--variants", default=",".join(VARIANTS),
-                    help=f"comma-separated, of: {', '.join(VARIANTS)}")
-    ap.add_argument("--out", type=Path, default=ROOT / "runs" / "bench" / "skew_dp.json")
+                    help=f"comma-separated, of: {', '.join(VARIANTS)}, or grid labels "
+                         "'dp <fixed|auto> <none|m<beta>|adam<lr>>[ clip<C>][ lr<lr0>]'")
+    ap.add_argument("--grid", action="store_true",
+                    help="choose instead: the grid on the validation split of the members' "
+                         "own rows of --tune-on (never the test set)")
+    ap.add_argument("--tune-on", default="digits,default",
+                    help="--grid: the first table screens every point, the rest confirm the "
+                         "best --finalists")
+    ap.add_argument("--finalists", type=int, default=3)
+    ap.add_argument("--full", action="store_true",
+                    help="--grid: every point on every --tune-on table (no screening)")
+    ap.add_argument("--no-central", action="store_true",
+                    help="skip the centralized baselines (run them in another invocation)")
+    ap.add_argument("--jobs", type=int, default=2, help="worker processes")
+    ap.add_argument("--out", type=Path, default=None,
+                    help="default runs/bench/skew_dp.json (skew_dp-grid.json with --grid)")
     args = ap.parse_args(argv)
     tables = [t for t in args.tables.split(",") if t]
     variants = [v for v in args.variants.split(",") if v]
-    for t in tables:
+    for t in tables + [t for t in args.tune_on.split(",") if t]:
         if t not in TABLES:
             ap.error(f"table {t!r}: choose from {', '.join(TABLES)}")
     for v in variants:
-        if v not in VARIANTS:
-            ap.error(f"variant {v!r}: choose from {', '.join(VARIANTS)}")
+        try:
+            parse_variant(v)
+        except ValueError as e:
+            ap.error(str(e))
     if not (args.epsilon > 0 and math.isfinite(args.epsilon)):
         ap.error(f"--epsilon {args.epsilon!r}: a finite number > 0")
-    if args.seeds < 1 or args.rounds < 1:
-        ap.error("--seeds and --rounds must be at least 1")
+    if min(args.seeds, args.rounds, args.jobs, args.finalists) < 1:
+        ap.error("--seeds, --rounds, --jobs and --finalists must be at least 1")
+    out = args.out or ROOT / "runs" / "bench" / ("skew_dp-grid.json" if args.grid
+                                                 else "skew_dp.json")
     logging.getLogger("flnode").setLevel(logging.CRITICAL)
     seeds = list(range(args.seeds))
     t0 = time.monotonic()
     workdir = Path(tempfile.mkdtemp(prefix="bench-skew-dp-"))
-    results: dict[str, Any] = {}
+    config = {"nodes": 8, "rounds": args.rounds, "seeds": seeds,
+              "epsilon_per_member": args.epsilon, "delta": DELTA,
+              "accountant": "Opacus RDP (node.privacy.epsilon_of)",
+              "rule": "mean (default weight cap), weights = noised row counts",
+              "base recipe": "mlp 64, sgd lr 0.05, batch 32, 1 local epoch, clip 1",
+              "variant labels": "dp <recipe> <server>[ clip<C>][ lr<lr0>]: server none, "
+                                "m<beta> (FedAvgM, server lr 1), adam<lr> (FedAdam, beta1 "
+                                "0.9, beta2 0.99, tau 1e-3); lr0 is the base lr the auto "
+                                "rule scales (fixed: the lr)"}
     try:
+        if args.grid:
+            g = grid(args, seeds, workdir)
+            summary = {"config": {**config, "tables": {t: TABLES[t] for t in g["tune_on"]},
+                                  "scored_on": "validation split: 20 % of each member's own "
+                                               "training rows (bench_skew._split_validation), "
+                                               "pooled; the test set is not touched",
+                                  "grid": {"stage 1 recipes": GRID_RECIPES,
+                                           "stage 1 servers": GRID_SERVERS,
+                                           "stage 2 clips": GRID_CLIPS,
+                                           "stage 2 lrs": GRID_LRS,
+                                           "stage 3": "the best --finalists of stages 1-2 "
+                                                      "on the other --tune-on tables"}},
+                       **g, "seconds": round(time.monotonic() - t0, 1)}
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.write_text(json.dumps(summary, indent=2, allow_nan=True))
+            print(f"\n{'variant':28s} {'stage':>5s} {'mean':>7s} "
+                  + " ".join(f"{t:>8s}" for t in g["tune_on"]))
+            for lb, v in sorted(g["validation"].items(),
+                                key=lambda kv: (-len(kv[1]["per_table"]), -kv[1]["mean"])):
+                print(f"{lb:28s} {v['stage']:5d} {v['mean']:7.4f} "
+                      + " ".join(f"{v['per_table'].get(t, math.nan):8.4f}"
+                                 for t in g["tune_on"]))
+            print(f"\nchosen: {g['chosen']}\nwrote {out} ({summary['seconds']:.0f} s)")
+            return 0
+        # centralized DP-SGD has no rule: a variant's rule:NAME plays no part in it
+        central = [{k: x for k, x in parse_variant(v)[3].items() if k != "aggregation"}
+                   for v in variants]
+        extras_seen = {_extras_label(e): e for e in central}
+        extras_seen.setdefault("", {})
+        central_keys = [] if args.no_central else [(recipe, el) for el in extras_seen
+                                                   for recipe in ("fixed", "auto")]
+        cells: list[tuple] = []
+        for t in tables:
+            for s in seeds:
+                cells += [("run", t, s, v, False) for v in variants]
+                cells += [] if args.no_central else [("central", t, s)]
+                cells += [("central_dp", t, s, recipe, extras_seen[el])
+                          for recipe, el in central_keys]
+        # dict extras are not hashable: key the central_dp cells by their label instead
+        keyed = {(c[0], c[1], c[2], c[3], _extras_label(c[4])) if c[0] == "central_dp"
+                 else c: c for c in cells}
+        done_raw = run_cells(keyed, args.jobs, args.rounds, args.epsilon, workdir)
+        results: dict[str, Any] = {}
         for t in tables:
             res: dict[str, Any] = {"centralized": {}, "runs": {}}
-            res["centralized"]["no DP"] = {"per_seed": [centralized(t, s, args.rounds, workdir)
-                                                        for s in seeds]}
-            for recipe in ("fixed", "auto"):
-                cells = [centralized_dp(t, s, args.rounds, args.epsilon, recipe, workdir)
-                         for s in seeds]
-                res["centralized"][f"dp {recipe}"] = {
-                    "per_seed": [c["final"] for c in cells], "seed0": cells[0]}
+            if not args.no_central:
+                res["centralized"]["no DP"] = {
+                    "per_seed": [done_raw[("central", t, s)]["final"] for s in seeds]}
+            for recipe, el in central_keys:
+                cs = [done_raw[("central_dp", t, s, recipe, el)] for s in seeds]
+                res["centralized"][f"dp {recipe}{el}"] = {
+                    "per_seed": [c["final"] for c in cs], "seed0": cs[0]}
             for c in res["centralized"].values():
                 c["final"] = _mean(c["per_seed"])
-                print(f"{t:8s} centralized {c['final']:.4f}", flush=True)
             for v in variants:
-                privacy, recipe, params = VARIANTS[v]
-                cells = [consortium(t, s, args.rounds, args.epsilon, privacy, recipe, params,
-                                    workdir) for s in seeds]
-                res["runs"][v] = {"final": _mean([c["final"] for c in cells]),
-                                  "per_seed": [c["final"] for c in cells],
-                                  "metric": cells[0]["metric"],
-                                  "seconds": _mean([c["seconds"] for c in cells]),
-                                  "members_seed0": cells[0]["members"]}
-                print(f"{t:8s} {v:18s} {res['runs'][v]['final']:.4f} "
-                      f"({res['runs'][v]['seconds']:.0f} s)", flush=True)
+                cs = [done_raw[("run", t, s, v, False)] for s in seeds]
+                res["runs"][v] = {"final": _mean([c["final"] for c in cs]),
+                                  "per_seed": [c["final"] for c in cs],
+                                  "metric": cs[0]["metric"],
+                                  "seconds": _mean([c["seconds"] for c in cs]),
+                                  "members_seed0": cs[0]["members"]}
             base = res["runs"].get("fedavg (no DP)", {}).get("members_seed0")
             if base:  # what DP costs each member, on its own held-out rows (seed 0)
                 for run in res["runs"].values():
@@ -216,38 +481,42 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     summary = {
-        "config": {"tables": {t: TABLES[t] for t in tables}, "nodes": 8, "rounds": args.rounds,
-                   "seeds": seeds, "epsilon_per_member": args.epsilon, "delta": DELTA,
-                   "accountant": "Opacus RDP (node.privacy.epsilon_of)",
-                   "rule": "mean (default weight cap), weights = noised row counts",
-                   "base recipe": "mlp 64, sgd lr 0.05, batch 32, 1 local epoch, clip 1",
-                   "variants": {v: {"privacy": VARIANTS[v][0], "recipe": VARIANTS[v][1],
-                                    "server": VARIANTS[v][2]} for v in variants},
+        "config": {**config, "tables": {t: TABLES[t] for t in tables},
+                   "variants": {v: dict(zip(("privacy", "recipe", "server", "extras"),
+                                            parse_variant(v), strict=True))
+                                for v in variants},
                    "own_cost": "final model under DP minus without DP, on the member's own "
                                "held-out rows (seed 0)"},
         "results": results, "seconds": round(time.monotonic() - t0, 1)}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(summary, indent=2, allow_nan=True))
-    print(f"\n{'table':8s} {'run':22s} {'final':>7s} {'vs central DP (fixed)':>22s}")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(summary, indent=2, allow_nan=True))
+    print(f"\n{'table':8s} {'run':30s} {'final':>7s} {'sd':>6s} {'vs central DP fixed':>20s}")
     for t in tables:
         res = results[t]
-        ref = res["centralized"]["dp fixed"]["final"]
-        for label, c in res["centralized"].items():
-            print(f"{t:8s} {'centralized ' + label:22s} {c['final']:7.4f} "
-                  f"{c['final'] - ref:+22.4f}")
-        for v, run in res["runs"].items():
-            print(f"{t:8s} {v:22s} {run['final']:7.4f} {run['final'] - ref:+22.4f}")
+        ref = res["centralized"].get("dp fixed", {}).get("final", math.nan)
+        for label, c in list(res["centralized"].items()) + list(res["runs"].items()):
+            name = ("centralized " + label) if label in res["centralized"] else label
+            print(f"{t:8s} {name:30s} {c['final']:7.4f} {_sd(c['per_seed']):6.4f} "
+                  f"{c['final'] - ref:+20.4f}")
     print("\nper member (seed 0): rows, sigma, batch, lr, own-rows cost of DP vs no DP")
     for t in tables:
         for v, run in results[t]["runs"].items():
-            if VARIANTS[v][0] == "off":
+            if parse_variant(v)[0] == "off":
                 continue
-            cells = [f"{m['rows']}:σ{m['sigma']:.2f}/b{m['batch_size']}/lr{m['lr']:.2g}/"
-                     f"{m.get('own_cost_vs_no_dp', float('nan')):+.3f}"
-                     for m in run["members_seed0"].values()]
-            print(f"{t:8s} {v:16s} " + " ".join(cells))
-    print(f"\nwrote {args.out} ({summary['seconds']:.0f} s)")
+            cells_txt = [f"{m['rows']}:σ{m['sigma']:.2f}/b{m['batch_size']}/lr{m['lr']:.2g}/"
+                         f"{m.get('own_cost_vs_no_dp', float('nan')):+.3f}"
+                         for m in run["members_seed0"].values()]
+            print(f"{t:8s} {v:16s} " + " ".join(cells_txt))
+    print(f"\nwrote {out} ({summary['seconds']:.0f} s)")
     return 0
+
+
+def _sd(xs: list[float]) -> float:
+    xs = [x for x in xs if x is not None and math.isfinite(x)]
+    if len(xs) < 2:
+        return float("nan")
+    m = sum(xs) / len(xs)
+    return math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1))
 
 
 if __name__ == "__main__":
