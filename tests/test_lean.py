@@ -572,3 +572,62 @@ def test_the_node_path_imports_neither_pandas_nor_unused_readers(consortium_dir,
                            capture_output=True, text=True, cwd=ROOT, timeout=180)
         assert r.returncode == 0, r.stderr[-2000:]
         assert r.stdout.strip().splitlines()[-1] == expected, (config, r.stdout)
+
+
+def _python(code: str) -> str:
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=120, cwd=Path(__file__).resolve().parent.parent)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return out.stdout
+
+
+def test_a_libp2p_node_loads_no_mdns_upnp_or_autotls_code():
+    """gossip.transports.libp2p registers stand-ins for py-libp2p's mDNS, UPnP, AutoTLS
+    and relay-NAT modules before libp2p loads: their third-party code (zeroconf,
+    requests, the ACME client) never enters a node, and a stand-in used raises."""
+    out = _python(
+        "import sys, json\n"
+        "import gossip.transports.libp2p\n"
+        "from gossip.transports.libp2p_trim import LEFT_OUT\n"
+        "print(json.dumps({'stubs': [getattr(sys.modules[m], '__flnode_left_out__', False)"
+        " for m in LEFT_OUT], 'loaded': sorted(x for x in ('zeroconf', 'requests',"
+        " 'libp2p.security.tls.autotls.acme_client') if x in sys.modules)}))\n"
+        "from libp2p.discovery.upnp.upnp import UpnpManager\n"
+        "try:\n    UpnpManager()\nexcept RuntimeError as e:\n    print('raised:', e)\n")
+    first, second = out.splitlines()[:2]
+    import json
+
+    got = json.loads(first)
+    assert got == {"stubs": [True] * 5, "loaded": []}
+    assert second.startswith("raised: py-libp2p's UPnP port mapping (UpnpManager) is left out")
+
+
+def test_the_stand_ins_name_everything_py_libp2p_imports_from_those_modules():
+    """Checked against the installed py-libp2p's source: every `from M import names` of a
+    left-out module M outside M's own package is covered by the stand-in, and each name
+    exists in the real module (an upgrade that renames or adds one fails here)."""
+    import ast
+    import importlib.util
+
+    from gossip.transports.libp2p_trim import LEFT_OUT
+
+    root = Path(importlib.util.find_spec("libp2p").origin).parent
+    wanted: dict[str, set[str]] = {m: set() for m in LEFT_OUT}
+    for path in root.rglob("*.py"):
+        rel = ".".join(("libp2p", *path.relative_to(root).with_suffix("").parts))
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.module in LEFT_OUT and node.level == 0:
+                package = node.module.rsplit(".", 1)[0]
+                if not rel.startswith(package):
+                    wanted[node.module] |= {a.name for a in node.names}
+    for module, (_, names) in LEFT_OUT.items():
+        assert wanted[module] <= set(names), (module, wanted[module] - set(names))
+    real = _python(
+        "import importlib, json\n"
+        "from gossip.transports.libp2p_trim import LEFT_OUT\n"
+        "print(json.dumps({m: [n for n in names if not hasattr(importlib.import_module(m), n)]"
+        " for m, (_, names) in LEFT_OUT.items()}))\n")
+    import json
+
+    assert json.loads(real) == {m: [] for m in LEFT_OUT}

@@ -107,6 +107,7 @@ this transport and not bounded here.
 
 from __future__ import annotations
 
+# ruff: noqa: E402  (libp2p_trim.leave_out() must run before libp2p's first import)
 import asyncio
 import contextlib
 import ipaddress
@@ -116,6 +117,10 @@ import threading
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any
+
+from gossip.transports.libp2p_trim import leave_out
+
+leave_out()  # before libp2p's first import: no mDNS, UPnP, AutoTLS code in a node
 
 import multiaddr
 import trio
@@ -619,6 +624,8 @@ class Libp2pTransport(Transport):
             key_pair=key_pair,
             sec_opt={NOISE_PROTOCOL_ID: noise},
             muxer_opt={TProtocol(YAMUX_PROTOCOL_ID): Yamux},
+            # Said, not left to defaults: their code is not even loaded (libp2p_trim).
+            enable_mDNS=False, enable_upnp=False, enable_autotls=False,
         )
         # Our dialer retries with its own backoff; the swarm's internal retries
         # would multiply every attempt (and every refusal count) by four.

@@ -1,0 +1,65 @@
+"""py-libp2p without the host features a consortium node must not use.
+
+py-libp2p's `host/basic_host.py` imports, whether or not a host enables them:
+mDNS discovery (zeroconf: announces the node on the local network), UPnP port
+mapping (asks the site's router to open a port), AutoTLS (an ACME client and a
+public broker, over `requests`) and the circuit-relay NAT helper. A flnode host
+enables none of them (gossip/transports/libp2p.py builds it with mDNS and UPnP
+off and never runs the AutoTLS procedure), yet importing them costs every node
+about 15 MB of its ~300 MB (measured: `import gossip.transports.libp2p` after
+torch, 272 -> 257 MB peak) and brings code that talks to the LAN, the router and
+the internet into a process that should talk to its members only.
+
+`leave_out()` registers small stand-in modules under those module names before
+libp2p is first imported. Each stand-in defines the names basic_host imports;
+using any of them raises `RuntimeError` naming the feature, so a py-libp2p that
+started to use one would fail loudly at once, never silently. Nothing is
+patched on disk, and nothing is replaced once libp2p is already imported (then
+this does nothing and says so by returning False). tests/test_lean.py checks
+that the stand-ins still name everything the installed py-libp2p imports from
+those modules, and that a host works with them.
+"""
+
+from __future__ import annotations
+
+import sys
+import types
+from typing import Any
+
+# module -> (what it is, the names basic_host imports from it)
+LEFT_OUT: dict[str, tuple[str, tuple[str, ...]]] = {
+    "libp2p.discovery.mdns.mdns": ("mDNS discovery", ("MDNSDiscovery", "create_mdns_discovery")),
+    "libp2p.discovery.upnp.upnp": ("UPnP port mapping", ("UpnpManager",)),
+    "libp2p.security.tls.autotls.acme": ("AutoTLS (ACME)", ("ACMEClient", "compute_b36_peer_id")),
+    "libp2p.security.tls.autotls.broker": ("AutoTLS (broker)", ("BrokerClient",)),
+    "libp2p.relay.circuit_v2.nat": ("circuit-relay NAT detection", ("is_private_ip",)),
+}
+
+
+class _LeftOut:
+    """A stand-in class or function: calling it (or instantiating it) raises."""
+
+    def __init__(self, feature: str, name: str) -> None:
+        self.feature, self.__name__ = feature, name
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError(f"py-libp2p's {self.feature} ({self.__name__}) is left out of a "
+                           "flnode node (gossip/transports/libp2p_trim.py): a consortium "
+                           "host must not use it")
+
+    def __repr__(self) -> str:
+        return f"<left out of flnode: {self.feature} {self.__name__}>"
+
+
+def leave_out() -> bool:
+    """Register the stand-ins; False (and nothing done) if libp2p is already imported."""
+    if "libp2p" in sys.modules:
+        return False
+    for module, (feature, names) in LEFT_OUT.items():
+        if module in sys.modules:
+            continue
+        stub = types.ModuleType(module, f"left out of flnode: {feature}")
+        stub.__dict__.update({n: _LeftOut(feature, n) for n in names})
+        stub.__dict__["__flnode_left_out__"] = True
+        sys.modules[module] = stub
+    return True
