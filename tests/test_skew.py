@@ -877,7 +877,13 @@ def test_control_variates_state_survives_a_sigkill_of_a_real_flnode_run_process(
     when a round trained before the kill was lost with it (the restart re-runs it or
     skips it). Only the very first round starts from none; a state lost with the kill
     would start from none again. Which round the checkpoint resumes at (or skips to)
-    is not fixed."""
+    is not fixed.
+
+    The supervisor polls the metrics files, so on a loaded machine the kill can land
+    rounds late (CI saw it: killed during round 6 of 6, the restarted node found the
+    others finished and joined them at the end, its checkpoint holding round 5's
+    state). Twelve rounds leave rounds after the restart whatever the lag, and the
+    checks are on what the checkpoint proves, not on which round came last."""
     import json
     import re
     import subprocess
@@ -889,9 +895,10 @@ def test_control_variates_state_survives_a_sigkill_of_a_real_flnode_run_process(
 
     root = Path(__file__).resolve().parent.parent
     out = tmp_path / "net"
+    rounds = 12
     r = subprocess.run(
         [sys.executable, str(root / "scripts" / "simulate_network.py"), "--dataset", "default",
-         "--nodes", "4", "--partition", "dirichlet:0.5", "--rounds", "6", "--seed", "0",
+         "--nodes", "4", "--partition", "dirichlet:0.5", "--rounds", str(rounds), "--seed", "0",
          "--out", str(out), "--privacy", "off", "--aggregation", "mean",
          "--control-variates", "--lr-decay", "0.95", "--kill", "bank-2@3",
          "--round-deadline", "10", "--restart-after", "1"],
@@ -902,14 +909,13 @@ def test_control_variates_state_survives_a_sigkill_of_a_real_flnode_run_process(
     assert net["processes"]["bank-2"]["starts"] == 2
     assert net["training"]["control_variates"] is True and net["training"]["lr_decay"] == 0.95
     log = (out / "logs" / "bank-2.log").read_text()
-    starts = [int(x) - 1 for x in re.findall(r"starting at round (\d+)/6", log)]
+    starts = [int(x) - 1 for x in re.findall(rf"starting at round (\d+)/{rounds}", log)]
     assert len(starts) == 2 and starts[1] >= 2, log[-2000:]  # checkpoint: rounds 1-2 at least
     lines = [(a["round"], a["c_round"], a["own_round"])
              for a in read_jsonl(out / "state" / "bank-2" / "audit.jsonl")
              if a.get("kind") == "control"]
     assert lines[0] == (0, None, None), lines
-    # killed after round 3 (1-based): round 6 was trained after the restart
-    assert lines[-1][0] == 5, lines
+    assert f"finished at round {rounds}/{rounds}" in log, log[-2000:]
     resumed = starts[1]  # 0-based: the checkpoint's next round
     seen, breaks = {0}, 0
     for rd, c_round, own_round in lines[1:]:
@@ -920,11 +926,15 @@ def test_control_variates_state_survives_a_sigkill_of_a_real_flnode_run_process(
                 (rd, resumed, lines)
         seen.add(rd)
     assert breaks <= 1, lines
-    # the final checkpoint holds the state of the last round it trained in
+    # it trained again after the restart (the checkpoint's round or later) ...
+    assert lines[-1][0] >= resumed, (resumed, lines)
+    # ... and the final checkpoint holds the state of a round it trained in, at or after
+    # the restart (the last one, unless it joined the others past it at the end)
     cp = StateDir(out / "state" / "bank-2").load_checkpoint()
     final = ControlVariates()
     final.load_state_dict(cp.control)
-    assert final.own_round == lines[-1][0] == final.pending_round
+    assert final.own_round == final.pending_round, cp.control
+    assert final.own_round in {rd for rd, _, _ in lines} and final.own_round >= resumed - 1
     assert final.c is not None and final.c_own is not None
 
 
