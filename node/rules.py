@@ -109,8 +109,13 @@ def default_cap(members: int) -> float | None:
 def parse_rules(consortium: Consortium, source: str = "consortium file") -> ConsortiumRules | None:
     if not consortium.rules:
         return None
+    return validate_rules(dict(consortium.rules), source)
+
+
+def validate_rules(table: dict[str, Any], source: str) -> ConsortiumRules:
+    """A [rules] table, checked; an error names the key."""
     try:
-        return ConsortiumRules.model_validate(dict(consortium.rules))
+        return ConsortiumRules.model_validate(table)
     except ValidationError as exc:
         err = exc.errors()[0]
         key = ".".join(str(x) for x in err["loc"]) or "(table)"
@@ -209,12 +214,7 @@ def pin_rules(table: dict[str, Any], members: int,
     """`table` with every parameter the strategy takes written out (this version's
     defaults made explicit), so members running another flnode version still apply the
     same rule: what `flnode consortium build` and the simulators write."""
-    try:
-        rules = ConsortiumRules.model_validate(table)
-    except ValidationError as exc:
-        err = exc.errors()[0]
-        raise LocalError(f"{source}: rules.{'.'.join(str(x) for x in err['loc'])}: "
-                         f"{err['msg']}") from None
+    rules = validate_rules(table, source)
     aggregation = resolve_rule(rules.aggregation, members)
     try:
         strategy = make_strategy(aggregation, members=members,
