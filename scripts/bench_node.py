@@ -261,13 +261,9 @@ class Mosquitto:
     def __exit__(self, *exc: object) -> None:
         import shutil
 
-        if self.proc is not None and self.proc.returncode is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        from scripts.procs import stop
+
+        stop(self.proc)
         shutil.rmtree(self.broker["conf_dir"], ignore_errors=True)
 
 

@@ -59,6 +59,7 @@ from gossip.errors import LocalError  # noqa: E402
 from gossip.membership import Consortium, load_consortium  # noqa: E402
 from gossip.transports.mqtt import consortium_prefix  # noqa: E402
 from scripts.ports import free_ports  # noqa: E402
+from scripts.procs import stop as stop_process  # noqa: E402
 
 TEMPLATE = ROOT / "network_configs" / "mosquitto" / "loopback.conf.template"
 # 64 MiB envelopes (gossip.max_envelope_bytes) plus topic and MQTT framing.
@@ -178,13 +179,7 @@ class Broker:
         return self.log_path.read_text() if self.log_path and self.log_path.exists() else ""
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_process(self.proc)
         shutil.rmtree(self.conf_dir, ignore_errors=True)
         if self.log_path is not None:
             self.log_path.unlink(missing_ok=True)
