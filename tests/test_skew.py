@@ -404,6 +404,26 @@ def test_prox_mu_is_the_gradient_of_the_proximal_term():
     assert (get_flat(a) - w0).norm() < (get_flat(plain) - w0).norm()  # pulled to the start
 
 
+def _replay_dp_sgd(model, X, y, extra) -> tuple[float, int]:
+    """One epoch of train_local_dp_fast (batch 32, lr 0.1, clip 1, sigma 1.1, SeededNoise(7))
+    replayed by hand on `model`: the same Poisson draws and noise, the noised clipped mean,
+    plus extra(i, p) for parameter i (a data-independent term). Returns (q, steps)."""
+    noise, params = SeededNoise(7), list(model.parameters())
+    Xt, yt = torch.from_numpy(X), torch.from_numpy(y)
+    per_epoch = steps_per_epoch(len(X), 32)
+    q = 1.0 / per_epoch
+    sizes = [p.numel() for p in params]
+    for _ in range(per_epoch):
+        chosen = noise.uniform(len(X)) < q
+        grads, _ = clipped_gradient_sum(model, Xt[chosen], yt[chosen], 1.0) if chosen.any() \
+            else ([torch.zeros_like(p) for p in params], None)
+        zs = noise.gaussian(sum(sizes), 1.1).split(sizes)
+        with torch.no_grad():
+            for i, (p, g, z) in enumerate(zip(params, grads, zs, strict=True)):
+                p -= 0.1 * ((g + z.reshape(p.shape)) / (q * len(X)) + extra(i, p))
+    return q, per_epoch
+
+
 def test_prox_mu_in_dp_sgd_is_added_after_clipping_and_noise_and_costs_nothing():
     X, y = data()
     mu = 0.3
@@ -413,19 +433,7 @@ def test_prox_mu_in_dp_sgd_is_added_after_clipping_and_noise_and_costs_nothing()
                              noise_multiplier=1.1, noise=SeededNoise(7), prox_mu=mu)
     # the same draws, replayed by hand: the noised clipped mean, then + mu (w - w0)
     b = build_model("mlp", 6, 2, 16, seed=3)
-    noise, params = SeededNoise(7), list(b.parameters())
-    Xt, yt = torch.from_numpy(X), torch.from_numpy(y)
-    per_epoch = steps_per_epoch(len(X), 32)
-    q = 1.0 / per_epoch
-    sizes = [p.numel() for p in params]
-    for _ in range(per_epoch):
-        chosen = noise.uniform(len(X)) < q
-        grads, _ = clipped_gradient_sum(b, Xt[chosen], yt[chosen], 1.0) if chosen.any() else \
-            ([torch.zeros_like(p) for p in params], None)
-        zs = noise.gaussian(sum(sizes), 1.1).split(sizes)
-        with torch.no_grad():
-            for p, g, z, s in zip(params, grads, zs, w0, strict=True):
-                p -= 0.1 * ((g + z.reshape(p.shape)) / (q * len(X)) + mu * (p - s))
+    q, per_epoch = _replay_dp_sgd(b, X, y, lambda i, p: mu * (p - w0[i]))
     torch.testing.assert_close(get_flat(a), get_flat(b), rtol=1e-5, atol=1e-6)
     assert ha == [(1.1, q, per_epoch)]  # the accountant's charge is that of plain DP-SGD
 
@@ -582,19 +590,7 @@ def test_control_variates_in_dp_sgd_are_added_after_clipping_and_noise_and_cost_
     ha = train_local_dp_fast(a, X, y, epochs=1, batch_size=32, lr=0.1, clip_norm=1.0,
                              noise_multiplier=1.1, noise=SeededNoise(7), correction=fix)
     b = build_model("mlp", 6, 2, 16, seed=3)
-    noise, params = SeededNoise(7), list(b.parameters())
-    Xt, yt = torch.from_numpy(X), torch.from_numpy(y)
-    per_epoch = steps_per_epoch(len(X), 32)
-    q = 1.0 / per_epoch
-    sizes = [p.numel() for p in params]
-    for _ in range(per_epoch):
-        chosen = noise.uniform(len(X)) < q
-        grads, _ = clipped_gradient_sum(b, Xt[chosen], yt[chosen], 1.0) if chosen.any() else \
-            ([torch.zeros_like(p) for p in params], None)
-        zs = noise.gaussian(sum(sizes), 1.1).split(sizes)
-        with torch.no_grad():
-            for p, g, z, c in zip(params, grads, zs, fix, strict=True):
-                p -= 0.1 * ((g + z.reshape(p.shape)) / (q * len(X)) + c)
+    q, per_epoch = _replay_dp_sgd(b, X, y, lambda i, p: fix[i])
     torch.testing.assert_close(get_flat(a), get_flat(b), rtol=1e-5, atol=1e-6)
     assert ha == [(1.1, q, per_epoch)]  # the accountant's charge is that of plain DP-SGD
 
