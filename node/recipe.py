@@ -38,6 +38,8 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from node.privacy import steps_per_epoch  # Opacus' Poisson loader, as the plan counts it
+
 NOISE_TARGET = 0.01  # sigma / (expected batch) per step
 LR_MAX_FACTOR = 64.0  # lr at most this many times the configured lr
 SIGMA_MAX = 10.0  # above this full-batch sigma, fewer local epochs (down to 1)
@@ -52,12 +54,6 @@ class Recipe:
     sample_rate: float
     steps_per_round: int
     noise_ratio: float  # sigma / (q rows): the noise-to-signal per step
-
-
-def steps_per_epoch(rows: int, batch_size: int) -> int:
-    """As node.privacy.steps_per_epoch (Opacus' Poisson loader); kept here so this
-    module needs nothing but the calibration it is handed."""
-    return max(1, math.ceil(rows / batch_size))
 
 
 def batch_candidates(rows: int, base_batch: int) -> list[int]:
