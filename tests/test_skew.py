@@ -116,6 +116,37 @@ def test_server_opt_momentum_defining_update():
     assert mom.server.steps == 4 and mom.server.last_round == 3
 
 
+@pytest.mark.parametrize("opt", ["momentum", "adam"])
+def test_server_lr_decay_at_1_is_exactly_the_constant_rate(opt):
+    constant = run_rounds(make_strategy("multi_krum_staged", members=5, server_opt=opt,
+                                        server_lr=0.05), 5)
+    neutral = run_rounds(make_strategy("multi_krum_staged", members=5, server_opt=opt,
+                                       server_lr=0.05, server_lr_decay=1.0), 5)
+    for a, b in zip(constant, neutral, strict=True):
+        assert torch.equal(a.vector, b.vector) and b.server_opt["lr"] == 0.05
+
+
+def test_server_lr_decay_defining_update():
+    """Round r (0-based, the shared round number) steps with lr * d**r."""
+    beta, lr, d = 0.5, 1.5, 0.8
+    plain = make_strategy("mean", members=5)
+    mom = make_strategy("mean", members=5, server_opt="momentum", server_momentum=beta,
+                        server_lr=lr, server_lr_decay=d)
+    ref = torch.zeros(D, dtype=torch.float64)
+    m = torch.zeros(D, dtype=torch.float64)
+    for r in (0, 1, 3, 4):  # round 2 missed: the rate follows the round, not the steps
+        shares = shares_for(r, ref.float())
+        own = shares.pop(MEMBERS[0])
+        agg = plain.aggregate(r, own, shares, reference=ref.float()).vector.double()
+        got = mom.aggregate(r, own, shares, reference=ref.float())
+        m = beta * m + (agg - ref)
+        torch.testing.assert_close(got.vector.double(), ref + lr * d ** r * m, rtol=1e-5,
+                                   atol=1e-6)
+        assert got.server_opt["lr"] == pytest.approx(lr * d ** r, rel=1e-12)
+        m = m.float().double()
+        ref = got.vector.double()
+
+
 @pytest.mark.parametrize("opt", ["adam", "yogi"])
 def test_server_opt_adam_and_yogi_defining_update(opt):
     b1, b2, tau, lr = 0.9, 0.99, 1e-3, 0.05
@@ -240,6 +271,10 @@ def test_server_opt_state_of_another_model_size_is_a_clear_error():
     ({"server_opt": "yogi", "server_tau": 0}, "server_tau must be a finite number > 0"),
     ({"server_opt": "adam", "server_tau": "1e-3"}, "server_tau must be a finite number"),
     ({"server_lrr": 1.0}, "unknown parameter(s) server_lrr"),
+    ({"server_opt": "adam", "server_lr_decay": 0}, "server_lr_decay must be a finite number > 0"),
+    ({"server_opt": "adam", "server_lr_decay": 1.01}, "server_lr_decay must be a finite number "
+                                                      "> 0 and <= 1, got 1.01"),
+    ({"server_opt": "momentum", "server_lr_decay": float("inf")}, "server_lr_decay must be"),
 ])
 def test_server_opt_parameters_are_refused_with_clear_errors(params, message):
     with pytest.raises(StrategyError) as e:

@@ -177,6 +177,7 @@ COMMON_PARAMS: dict[str, Any] = {
     "server_momentum": 0.9,       # β (momentum) or β1 (adam / yogi)
     "server_beta2": 0.99,         # β2 (adam / yogi)
     "server_tau": 1e-3,           # τ, the adaptivity floor (adam / yogi)
+    "server_lr_decay": 1.0,       # d in (0, 1]: round r (0-based) steps with η d^r
 }
 
 WEIGHTINGS = ("declared", "equal")
@@ -432,6 +433,13 @@ class ServerOptimizer:
       result = reference + η m / (sqrt(v) + τ)
     - yogi: as adam but v <- v - (1 - β2) Δ² sign(v - Δ²).
 
+    η decays with the round when `server_lr_decay` = d < 1: round r (0-based, the
+    round number every member shares, not the node's own step count, so members
+    that skipped rounds still step alike) uses η d^r. At d = 1 (the default) η is
+    used exactly. An adaptive step does not shrink as the updates do (m / sqrt(v) is
+    about ±1 per coordinate), so a constant η keeps the model moving by about η per
+    coordinate to the last round; the decay lets it settle.
+
     Adam and yogi have no exactly neutral setting: β1 = β2 = 0 makes the step
     η Δ / (|Δ| + τ), which tends to Δ only as τ = η grows (tests/test_skew.py).
 
@@ -450,6 +458,7 @@ class ServerOptimizer:
     beta1: float
     beta2: float
     tau: float
+    decay: float = 1.0  # server_lr_decay: round r steps with lr * decay**r
     m: torch.Tensor | None = None  # float32, the size of the model
     v: torch.Tensor | None = None  # float32 (adam / yogi)
     last_round: int | None = None  # the round the last step was taken in
@@ -471,11 +480,12 @@ class ServerOptimizer:
                 raise StrategyError(f"aggregation {rule!r}: {key} must be below 1 (a decay "
                                     f"factor in [0, 1)), got {p[key]!r}")
         _num(rule, "server_tau", p["server_tau"], lo=0, lo_open=True, hi=1e9)
+        _num(rule, "server_lr_decay", p["server_lr_decay"], lo=0, lo_open=True, hi=1)
         if opt == "none":
             return None
         lr = SERVER_LR_DEFAULT[opt] if p["server_lr"] is None else float(p["server_lr"])
         return cls(opt, lr, float(p["server_momentum"]), float(p["server_beta2"]),
-                   float(p["server_tau"]))
+                   float(p["server_tau"]), float(p["server_lr_decay"]))
 
     def step(self, round: int, reference: torch.Tensor, combined: torch.Tensor,
              result: Aggregate) -> torch.Tensor:
@@ -484,6 +494,8 @@ class ServerOptimizer:
         (recorded; the state stays as it was)."""
         delta = combined - reference
         n = delta.numel()
+        # η exactly at the default decay 1; the round number is public and shared
+        lr = self.lr if self.decay == 1 else self.lr * self.decay ** max(int(round), 0)
         if self.m is not None and self.m.numel() != n:
             raise StrategyError(f"the server optimizer state has {self.m.numel()} values but the "
                                 f"model has {n}: the checkpoint belongs to another model")
@@ -491,7 +503,7 @@ class ServerOptimizer:
         if self.opt == "momentum":
             m = self.beta1 * m + delta
             v = None
-            step = self.lr * m
+            step = lr * m
         else:
             v = torch.zeros_like(delta) if self.v is None else self.v.double()
             m = self.beta1 * m + (1 - self.beta1) * delta
@@ -500,7 +512,7 @@ class ServerOptimizer:
                 v = self.beta2 * v + (1 - self.beta2) * d2
             else:  # yogi
                 v = v - (1 - self.beta2) * d2 * torch.sign(v - d2)
-            step = self.lr * m / (v.sqrt() + self.tau)
+            step = lr * m / (v.sqrt() + self.tau)
         m32, v32 = m.float(), None if v is None else v.float()
         out = reference + step
         if not (bool(torch.isfinite(m32).all()) and (v32 is None or bool(torch.isfinite(v32).all()))
@@ -511,7 +523,7 @@ class ServerOptimizer:
             return combined
         self.m, self.v = m32, v32
         self.last_round, self.steps = round, self.steps + 1
-        result.server_opt = {"opt": self.opt, "lr": self.lr, "steps": self.steps,
+        result.server_opt = {"opt": self.opt, "lr": lr, "steps": self.steps,
                              "update_norm": float(torch.linalg.vector_norm(delta)),
                              "step_norm": float(torch.linalg.vector_norm(step))}
         return out
