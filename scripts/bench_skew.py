@@ -83,6 +83,21 @@ GRID: dict[str, list[tuple[str, dict[str, Any], dict[str, Any]]]] = {
     "fedavgm_local": [(f"fedavgm b=0.9 epochs={e}", {"server_opt": "momentum",
                                                      "server_momentum": 0.9, "server_lr": 1.0},
                        {"epochs": e}) for e in (2,)],
+    # FedAdam with more local work: epochs, a decay, a larger local learning rate
+    "fedadam_more": [(f"fedadam lr={slr:g} epochs={e}" + (f" decay={d:g}" if d != 1 else "")
+                      + (f" local_lr={lr:g}" if lr != 0.05 else ""),
+                      {"server_opt": "adam", "server_lr": slr},
+                      {"epochs": e, "lr_decay": d, "lr": lr})
+                     for slr, e, d, lr in ((0.03, 3, 1.0, 0.05), (0.03, 4, 0.97, 0.05),
+                                           (0.03, 1, 1.0, 0.1), (0.03, 2, 1.0, 0.1),
+                                           (0.05, 2, 1.0, 0.05), (0.03, 3, 1.0, 0.1),
+                                           (0.03, 5, 0.95, 0.05))],
+    # FedAdam whose server rate decays with the round (server_lr_decay), 1 or 2 epochs
+    "fedadam_decay": [(f"fedadam lr={slr:g} sdecay={sd:g}" + (f" epochs={e}" if e != 1 else ""),
+                       {"server_opt": "adam", "server_lr": slr, "server_lr_decay": sd},
+                       {"epochs": e})
+                      for slr, sd, e in ((0.03, 0.95, 1), (0.05, 0.93, 1), (0.1, 0.9, 1),
+                                         (0.03, 0.95, 2), (0.05, 0.93, 2), (0.1, 0.9, 2))],
 }
 
 
@@ -177,6 +192,23 @@ def centralized(table: str, seed: int, rounds: int, workdir: Path) -> float:
         shutil.rmtree(out, ignore_errors=True)
 
 
+def _rule_params(items: list[str]) -> dict[str, Any]:
+    """K=V strings -> {K: V}: V as TOML (number, boolean, quoted string), else a string."""
+    import tomllib
+
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"--rule-param {item!r}: expected K=V")
+        try:
+            value = tomllib.loads(f"v = {raw.strip()}")["v"]
+        except tomllib.TOMLDecodeError:
+            value = raw.strip()
+        out[key.strip()] = value
+    return out
+
+
 def _mean(xs: list[float]) -> float:
     xs = [x for x in xs if x is not None and math.isfinite(x)]
     return float(sum(xs) / len(xs)) if xs else float("nan")
@@ -200,8 +232,16 @@ def main(argv: list[str] | None = None) -> int:
                          "its default f and weight cap: mean (the default here, so only the "
                          "option differs), a rule name (node.strategy), or auto (what the "
                          "consortium default resolves to for 8 members, node/rules.py)")
+    ap.add_argument("--rule-param", action="append", default=[], metavar="K=V",
+                    help="a [rules.params] entry added to every point (repeatable), e.g. "
+                         "weighting=declared; the value is read as TOML (a number, true, "
+                         "or a bare word taken as a string)")
     ap.add_argument("--out", type=Path, default=ROOT / "runs" / "bench" / "skew.json")
     args = ap.parse_args(argv)
+    try:
+        extra_params = _rule_params(args.rule_param)
+    except ValueError as exc:
+        ap.error(str(exc))
     tables = [t for t in args.tables.split(",") if t]
     options = [o for o in args.options.split(",") if o]
     tune_on = [t for t in args.tune_on.split(",") if t]
@@ -219,7 +259,8 @@ def main(argv: list[str] | None = None) -> int:
                      f"{'; '.join(sorted(known))}")
     if wanted:  # options left without a point are dropped
         options = [o for o in options if any(p[0] in wanted for p in GRID[o])]
-    grid = {o: [p for p in GRID[o] if not wanted or p[0] in wanted] for o in options}
+    grid = {o: [(p[0], {**p[1], **extra_params}, p[2]) for p in GRID[o]
+                if not wanted or p[0] in wanted] for o in options}
     from gossip.errors import LocalError
     from node.rules import pin_rules, resolve_rule, rules_table
     rule = resolve_rule(args.rule, 8)
@@ -270,6 +311,7 @@ def main(argv: list[str] | None = None) -> int:
         "config": {"tables": {t: TABLES[t] for t in tables}, "nodes": 8, "rounds": args.rounds,
                    "seeds": seeds,
                    "rule": f"{rule} (its default f and weight cap; --rule {args.rule})",
+                   "rule_params": extra_params,
                    "rules": rules,
                    "recipe": "mlp 64, sgd 0.05, batch 32, 1 local epoch, privacy off "
                              "(unless the option's training settings say otherwise)",

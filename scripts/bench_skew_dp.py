@@ -117,8 +117,9 @@ def grid_label(recipe: str, server: str, clip: float = BASE_CLIP, lr: float = BA
 
 def parse_variant(label: str) -> tuple[str, str, dict[str, Any], dict[str, Any]]:
     """A variant's (privacy, recipe, server params, SimulationSpec extras): one of
-    VARIANTS, or 'dp <fixed|auto> <server>[ clip<C>][ lr<lr0>][ rule:NAME]' (grid_label;
-    rule:auto is the consortium default for 8 members, multi_krum_staged)."""
+    VARIANTS, or 'dp <fixed|auto> <server>[ clip<C>][ lr<lr0>][ rule:NAME][ w:WEIGHTING]'
+    (grid_label; rule:auto is the consortium default for 8 members, multi_krum_staged;
+    w:declared|equal the rule's weighting)."""
     if label in VARIANTS:
         return (*VARIANTS[label], {})
     parts = label.split()
@@ -126,7 +127,13 @@ def parse_variant(label: str) -> tuple[str, str, dict[str, Any], dict[str, Any]]
         raise ValueError(f"variant {label!r}: one of {', '.join(VARIANTS)}, or "
                          "'dp <fixed|auto> <server>[ clip<C>][ lr<lr0>]'")
     extras: dict[str, Any] = {}
+    weighting: dict[str, Any] = {}
     for tok in parts[3:]:
+        if tok.startswith("w:"):  # the rule's weighting ([rules.params] weighting)
+            if weighting or tok[2:] not in ("declared", "equal"):
+                raise ValueError(f"variant {label!r}: {tok!r}: w:declared or w:equal, once")
+            weighting["weighting"] = tok[2:]
+            continue
         if tok.startswith("rule:"):  # the consortium's rule (default: the plain mean)
             from node.strategy.registry import RULE_NAMES
 
@@ -145,7 +152,7 @@ def parse_variant(label: str) -> tuple[str, str, dict[str, Any], dict[str, Any]]
             raise ValueError(f"variant {label!r}: {tok!r} is not clip<C> or lr<lr0> "
                              "(a number in (0, 100), each at most once)")
         extras[key] = val
-    return "record", parts[1], server_params(parts[2]), extras
+    return "record", parts[1], {**server_params(parts[2]), **weighting}, extras
 
 
 def consortium(table: str, seed: int, rounds: int, epsilon: float, privacy: str, recipe: str,
@@ -344,6 +351,12 @@ def grid(args: argparse.Namespace, seeds: list[int], workdir: Path) -> dict[str,
                                                   validation[lb][key][screen]),
                       reverse=True)[:n]
 
+    if args.validate:  # the given --variants, every one on every --tune-on table
+        labels = [v for v in args.variants.split(",") if v]
+        score(labels, tune, 1)
+        chosen = max(labels, key=lambda lb: validation[lb]["mean"])
+        return {"tune_on": tune, "screened_on": None, "validation": validation,
+                "finalists": labels, "chosen": chosen}
     first = tune if args.full else [screen]
     score([grid_label(r, sv) for r in GRID_RECIPES for sv in GRID_SERVERS], first, 1)
     _, recipe, server = best(1)[0].split()[:3]
@@ -369,6 +382,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--grid", action="store_true",
                     help="choose instead: the grid on the validation split of the members' "
                          "own rows of --tune-on (never the test set)")
+    ap.add_argument("--validate", action="store_true",
+                    help="choose among --variants instead of the grid: each on the "
+                         "validation split of every --tune-on table (never the test set)")
     ap.add_argument("--tune-on", default="digits,default",
                     help="--grid: the first table screens every point, the rest confirm the "
                          "best --finalists")
@@ -395,7 +411,7 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(f"--epsilon {args.epsilon!r}: a finite number > 0")
     if min(args.seeds, args.rounds, args.jobs, args.finalists) < 1:
         ap.error("--seeds, --rounds, --jobs and --finalists must be at least 1")
-    out = args.out or ROOT / "runs" / "bench" / ("skew_dp-grid.json" if args.grid
+    out = args.out or ROOT / "runs" / "bench" / ("skew_dp-grid.json" if args.grid or args.validate
                                                  else "skew_dp.json")
     logging.getLogger("flnode").setLevel(logging.CRITICAL)
     seeds = list(range(args.seeds))
@@ -411,7 +427,7 @@ def main(argv: list[str] | None = None) -> int:
                                 "0.9, beta2 0.99, tau 1e-3); lr0 is the base lr the auto "
                                 "rule scales (fixed: the lr)"}
     try:
-        if args.grid:
+        if args.grid or args.validate:
             g = grid(args, seeds, workdir)
             summary = {"config": {**config, "tables": {t: TABLES[t] for t in g["tune_on"]},
                                   "scored_on": "validation split: 20 % of each member's own "
