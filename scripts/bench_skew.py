@@ -93,11 +93,14 @@ GRID: dict[str, list[tuple[str, dict[str, Any], dict[str, Any]]]] = {
                                            (0.05, 2, 1.0, 0.05), (0.03, 3, 1.0, 0.1),
                                            (0.03, 5, 0.95, 0.05))],
     # FedAdam whose server rate decays with the round (server_lr_decay), 1 or 2 epochs
-    "fedadam_decay": [(f"fedadam lr={slr:g} sdecay={sd:g}" + (f" epochs={e}" if e != 1 else ""),
+    "fedadam_decay": [(f"fedadam lr={slr:g} sdecay={sd:g}" + (f" epochs={e}" if e != 1 else "")
+                       + (f" local_lr={lr:g}" if lr != 0.05 else ""),
                        {"server_opt": "adam", "server_lr": slr, "server_lr_decay": sd},
-                       {"epochs": e})
-                      for slr, sd, e in ((0.03, 0.95, 1), (0.05, 0.93, 1), (0.1, 0.9, 1),
-                                         (0.03, 0.95, 2), (0.05, 0.93, 2), (0.1, 0.9, 2))],
+                       {"epochs": e, "lr": lr})
+                      for slr, sd, e, lr in ((0.03, 0.95, 1, 0.05), (0.05, 0.93, 1, 0.05),
+                                             (0.1, 0.9, 1, 0.05), (0.03, 0.95, 2, 0.05),
+                                             (0.05, 0.93, 2, 0.05), (0.1, 0.9, 2, 0.05),
+                                             (0.03, 0.95, 3, 0.05), (0.03, 0.95, 2, 0.1))],
 }
 
 

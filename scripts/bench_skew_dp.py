@@ -117,9 +117,9 @@ def grid_label(recipe: str, server: str, clip: float = BASE_CLIP, lr: float = BA
 
 def parse_variant(label: str) -> tuple[str, str, dict[str, Any], dict[str, Any]]:
     """A variant's (privacy, recipe, server params, SimulationSpec extras): one of
-    VARIANTS, or 'dp <fixed|auto> <server>[ clip<C>][ lr<lr0>][ rule:NAME][ w:WEIGHTING]'
+    VARIANTS, or 'dp <fixed|auto> <server>[ clip<C>][ lr<lr0>][ ep<E>][ rule:NAME][ w:W]'
     (grid_label; rule:auto is the consortium default for 8 members, multi_krum_staged;
-    w:declared|equal the rule's weighting)."""
+    w:declared|equal the rule's weighting; ep<E> every member's local epochs)."""
     if label in VARIANTS:
         return (*VARIANTS[label], {})
     parts = label.split()
@@ -142,6 +142,12 @@ def parse_variant(label: str) -> tuple[str, str, dict[str, Any], dict[str, Any]]
                 raise ValueError(f"variant {label!r}: {tok!r}: rule:NAME once, NAME one of "
                                  f"auto, {', '.join(RULE_NAMES)}")
             extras["aggregation"] = name
+            continue
+        if tok.startswith("ep"):  # every member's local epochs (training.epochs)
+            if "epochs" in extras or not tok[2:].isdigit() or not 1 <= int(tok[2:]) <= 20:
+                raise ValueError(f"variant {label!r}: {tok!r}: ep<E>, E local epochs in "
+                                 "1..20, once")
+            extras["epochs"] = int(tok[2:])
             continue
         key = "clip" if tok.startswith("clip") else "lr" if tok.startswith("lr") else None
         try:
@@ -317,7 +323,8 @@ def run_cells(cells: dict[tuple, tuple], jobs: int, rounds: int, epsilon: float,
 
 
 def _extras_label(extras: dict[str, Any]) -> str:
-    return "".join(f" rule:{v}" if k == "aggregation" else f" {k}{v:g}"
+    return "".join(f" rule:{v}" if k == "aggregation" else f" ep{v}" if k == "epochs"
+                   else f" {k}{v:g}"
                    for k, v in sorted(extras.items()))
 
 
@@ -451,8 +458,10 @@ def main(argv: list[str] | None = None) -> int:
                                  for t in g["tune_on"]))
             print(f"\nchosen: {g['chosen']}\nwrote {out} ({summary['seconds']:.0f} s)")
             return 0
-        # centralized DP-SGD has no rule: a variant's rule:NAME plays no part in it
-        central = [{k: x for k, x in parse_variant(v)[3].items() if k != "aggregation"}
+        # centralized DP-SGD has no rule and no rounds: a variant's rule:NAME and ep<E>
+        # play no part in it
+        central = [{k: x for k, x in parse_variant(v)[3].items()
+                    if k not in ("aggregation", "epochs")}
                    for v in variants]
         extras_seen = {_extras_label(e): e for e in central}
         extras_seen.setdefault("", {})
