@@ -29,7 +29,7 @@ whose mean metric is within 0.01 of the final value (1-based), bytes sent per
 member, seconds. Writes runs/bench/skew.json (`--out`) and prints it and a table.
 
 `--rule` runs every option under another of the consortium's rules instead of the
-plain mean (`auto`: the consortium default for 8 members, multi_krum_staged; the
+plain mean (`auto`: the consortium default for --nodes members, multi_krum_staged at 8; the
 server optimizer then steps on that rule's result), `--points` only the grid
 points named (the chosen few, for a 3-seed confirmation).
 
@@ -130,7 +130,8 @@ def _split_validation(prep: Any, seed: int) -> dict[str, Any]:
 
 
 def run_one(table: str, seed: int, rounds: int, params: dict[str, Any], train: dict[str, Any],
-            validation: bool, workdir: Path, rule: str = "mean") -> dict[str, Any]:
+            validation: bool, workdir: Path, rule: str = "mean", nodes: int = 8
+            ) -> dict[str, Any]:
     import numpy as np
     import pandas as pd
     import torch
@@ -144,8 +145,9 @@ def run_one(table: str, seed: int, rounds: int, params: dict[str, Any], train: d
     out = Path(tempfile.mkdtemp(prefix="skew-", dir=workdir))
     t0 = time.perf_counter()
     try:
-        spec = SimulationSpec(dataset=table, nodes=8, partition=TABLES[table], rounds=rounds,
-                              seed=seed, out=out, aggregation=rule, aggregation_params=params,
+        spec = SimulationSpec(dataset=table, nodes=nodes, partition=TABLES[table],
+                              rounds=rounds, seed=seed, out=out, aggregation=rule,
+                              aggregation_params=params,
                               round_deadline_s=300.0, **train)
         prep = prepare(spec)
         metric = metric_name(prep.schema.n_classes)
@@ -176,7 +178,7 @@ def run_one(table: str, seed: int, rounds: int, params: dict[str, Any], train: d
     return cell
 
 
-def centralized(table: str, seed: int, rounds: int, workdir: Path) -> float:
+def centralized(table: str, seed: int, rounds: int, workdir: Path, nodes: int = 8) -> float:
     """The pooled training rows, the same recipe for `rounds` epochs (node.simulation)."""
     import torch
 
@@ -186,8 +188,8 @@ def centralized(table: str, seed: int, rounds: int, workdir: Path) -> float:
     torch.set_num_threads(1)
     out = Path(tempfile.mkdtemp(prefix="skew-c-", dir=workdir))
     try:
-        spec = SimulationSpec(dataset=table, nodes=8, partition=TABLES[table], rounds=rounds,
-                              seed=seed, out=out, aggregation="mean")
+        spec = SimulationSpec(dataset=table, nodes=nodes, partition=TABLES[table],
+                              rounds=rounds, seed=seed, out=out, aggregation="mean")
         prep = prepare(spec)
         central, _ = baselines(spec, prep)
         return float(central[metric_name(prep.schema.n_classes)])
@@ -223,6 +225,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--options", default=",".join(GRID))
     ap.add_argument("--seeds", type=int, default=1, help="seeds 0..N-1 (issue: 3)")
     ap.add_argument("--rounds", type=int, default=30)
+    ap.add_argument("--nodes", type=int, default=8,
+                    help="members (the issue: 8); auto then resolves for this many")
     ap.add_argument("--tune-on", default="default,digits",
                     help="tables whose validation split chooses each option's setting")
     ap.add_argument("--no-tune", action="store_true",
@@ -234,7 +238,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="the consortium's [rules] aggregation every member applies, with "
                          "its default f and weight cap: mean (the default here, so only the "
                          "option differs), a rule name (node.strategy), or auto (what the "
-                         "consortium default resolves to for 8 members, node/rules.py)")
+                         "consortium default resolves to for --nodes members, node/rules.py)")
     ap.add_argument("--rule-param", action="append", default=[], metavar="K=V",
                     help="a [rules.params] entry added to every point (repeatable), e.g. "
                          "weighting=declared; the value is read as TOML (a number, true, "
@@ -266,9 +270,11 @@ def main(argv: list[str] | None = None) -> int:
                 if not wanted or p[0] in wanted] for o in options}
     from gossip.errors import LocalError
     from node.rules import pin_rules, resolve_rule, rules_table
-    rule = resolve_rule(args.rule, 8)
+    if not 2 <= args.nodes <= 64:
+        ap.error(f"--nodes {args.nodes}: 2 to 64 members")
+    rule = resolve_rule(args.rule, args.nodes)
     try:  # every point's server parameters under this rule, checked before any run
-        rules = {p[0]: pin_rules(rules_table(8, rule, **p[1]), 8, "--rule")
+        rules = {p[0]: pin_rules(rules_table(args.nodes, rule, **p[1]), args.nodes, "--rule")
                  for o in options for p in grid[o]}
     except LocalError as exc:
         ap.error(f"--rule {args.rule!r}: {exc}")
@@ -282,7 +288,8 @@ def main(argv: list[str] | None = None) -> int:
         if not args.no_tune:
             for label, params, train in points:
                 per_table = {t: _mean([run_one(t, s, args.rounds, params, train, True,
-                                               workdir, rule)["final"] for s in seeds])
+                                               workdir, rule, args.nodes)["final"]
+                                       for s in seeds])
                              for t in tune_on}
                 validation[label] = {"mean": _mean(list(per_table.values())),
                                      "per_table": per_table}
@@ -294,11 +301,12 @@ def main(argv: list[str] | None = None) -> int:
                 if validation else labels[0]
         tests: dict[str, dict[str, Any]] = {}
         for t in tables:
-            tests[t] = {"centralized": _mean([centralized(t, s, args.rounds, workdir)
-                                              for s in seeds]), "runs": {}}
+            tests[t] = {"centralized": _mean([centralized(t, s, args.rounds, workdir,
+                                                          args.nodes) for s in seeds]),
+                        "runs": {}}
             for label, params, train in points:
-                cells = [run_one(t, s, args.rounds, params, train, False, workdir, rule)
-                         for s in seeds]
+                cells = [run_one(t, s, args.rounds, params, train, False, workdir, rule,
+                                 args.nodes) for s in seeds]
                 tests[t]["runs"][label] = {
                     "final": _mean([c["final"] for c in cells]),
                     "per_seed": [c["final"] for c in cells],
@@ -311,7 +319,8 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     summary = {
-        "config": {"tables": {t: TABLES[t] for t in tables}, "nodes": 8, "rounds": args.rounds,
+        "config": {"tables": {t: TABLES[t] for t in tables}, "nodes": args.nodes,
+                   "rounds": args.rounds,
                    "seeds": seeds,
                    "rule": f"{rule} (its default f and weight cap; --rule {args.rule})",
                    "rule_params": extra_params,
