@@ -180,11 +180,19 @@ def _print_run_facts(summary: dict, out: Path, console: Console, pooled: bool) -
     agg = summary.get("aggregation")  # what the consortium's [rules] resolve to
     if agg:
         cap = agg.get("max_weight_fraction")
+        opt = agg.get("server_opt") or "none"
+        server = "" if opt == "none" else (
+            f", then a {SERVER_OPT_NAMES.get(opt, opt)} step (server_lr {agg.get('server_lr')}"
+            + (f", decay {agg['server_lr_decay']:g} a round"
+               if agg.get("server_lr_decay", 1) != 1 else "") + ")")
         console.print("  aggregation (the consortium's \\[rules]): "
                       f"{agg['rule']}, f = {agg['f']}"
-                      + (f", no member above {cap:g} of the weight" if cap else ""))
+                      + (f", no member above {cap:g} of the weight" if cap else "") + server)
     console.print(f"  consortium − centralized: {co - summary['centralized']:+.4f}; "
                   f"wrote {out / 'summary.json'} and {out / 'accuracy.png'}")
+
+
+SERVER_OPT_NAMES = {"momentum": "FedAvgM", "adam": "FedAdam", "yogi": "FedYogi"}
 
 
 def plot_history(summary: dict, path: Path) -> None:

@@ -23,7 +23,8 @@ that leaves out magnitude outliers first and the rest by update direction,
 node/strategy/rules.py) with f = 1 and a FedAdam server step (server_opt = "adam",
 server_lr = 0.03: the default recipe against skewed members, see AUTO_PARAMS) from
 five members up (it needs 2f + 3),
-`trimmed_mean` with f = 1 for three or four, the weighted `mean` (f = 0) for two
+`trimmed_mean` with f = 1 and the same FedAdam step for three or four, the weighted
+`mean` (f = 0, no server optimizer) for two
 (two cannot outvote one); and a weight cap of max(2/n, 0.25) of the total (the
 robust rules count every share once anyway; the plain mean uses the cap). Why:
 `scripts/bench_robust.py` (README, "Hostile members"): of the rules that held
@@ -66,12 +67,22 @@ log = logging.getLogger("flnode.node")
 
 
 # What "auto" adds to the rule it resolves to: FedAdam (server_lr 0.03) on top of
-# multi_krum_staged, chosen by scripts/bench_skew.py on the members' validation rows and
-# confirmed on churn and against every attack of scripts/bench_robust.py (README,
-# "Skewed members"). A node that wants control variates sets server_opt = "none".
+# multi_krum_staged (five members up) and of trimmed_mean (three or four), chosen by
+# scripts/bench_skew.py on the members' validation rows (--nodes 8, 4 and 3) and confirmed
+# on churn and against every attack of scripts/bench_robust.py (README, "Skewed
+# members"). A node that wants control variates sets server_opt = "none".
 AUTO_PARAMS: dict[str, dict[str, Any]] = {
     "multi_krum_staged": {"server_opt": "adam", "server_lr": 0.03},
+    "trimmed_mean": {"server_opt": "adam", "server_lr": 0.03},
 }
+
+
+def auto_params(aggregation: str, resolved: str, params: dict[str, Any]) -> dict[str, Any]:
+    """`params` with the default recipe's server optimizer added where the rule was left
+    to "auto" and no server_opt is given (a rule asked for by name gets none)."""
+    if aggregation != DEFAULT_RULE or "server_opt" in params:
+        return params
+    return {**AUTO_PARAMS.get(resolved, {}), **params}
 
 
 def resolve_rule(name: str, members: int) -> str:
@@ -159,7 +170,9 @@ def build_strategy(consortium: Consortium, node_rule: str | None, privacy_mode: 
             f"consortium's rules.noise_multiplier = {rules.noise_multiplier:g}: the others "
             "would clip its shares as too far (lower privacy.sigma, or raise "
             "privacy.epsilon)")
-    params = _params(rules, n, aggregation, source)
+    # "auto" in a hand-written [rules] (or no aggregation key) means the same default
+    # recipe `flnode consortium build` would have written out (the warning below says so)
+    params = auto_params(rules.aggregation, aggregation, _params(rules, n, aggregation, source))
     try:
         strategy = make_strategy(aggregation, members=n, **params)
     except LocalError as exc:
@@ -241,8 +254,7 @@ def rules_table(members: int, aggregation: str = DEFAULT_RULE, f: int | None = N
     resolved for this many members and written out; None leaves a key out, so the
     documented default applies."""
     table: dict[str, Any] = {"aggregation": resolve_rule(aggregation, members)}
-    if aggregation == DEFAULT_RULE and "server_opt" not in params:
-        params = {**AUTO_PARAMS.get(table["aggregation"], {}), **params}  # the default recipe
+    params = auto_params(aggregation, table["aggregation"], params)  # the default recipe
     for key, value in (("f", f), ("max_weight_fraction", max_weight_fraction),
                        ("privacy_mode", privacy_mode), ("clip", clip),
                        ("noise_multiplier", noise_multiplier)):

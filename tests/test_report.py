@@ -250,3 +250,26 @@ def test_own_rows_table_and_local_training_are_shown(copy):
     (copy / "summary.json").write_text(json.dumps(summary))
     with pytest.raises(LocalError, match=r"own_rows\.bank-0\.rows: expected a count"):
         write_report(copy)
+
+
+def test_the_terminal_summary_names_the_server_optimizer_the_rules_apply(run_dir, capsys):
+    """A 3-member run under the default rules: trimmed_mean with the FedAdam step behind
+    it (node/rules.py AUTO_PARAMS); the summary line says both, and says nothing of an
+    optimizer where the rules have none."""
+    from node.report import make_console, print_summary
+
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["aggregation"]["rule"] == "trimmed_mean"
+    assert summary["aggregation"]["server_opt"] == "adam"
+
+    def line(s: dict) -> str:
+        console = make_console()
+        with console.capture() as cap:
+            print_summary(s, run_dir / "nowhere", console)
+        text = " ".join(cap.get().split())
+        return text[text.index("aggregation ("):]
+
+    assert "trimmed_mean, f = 1" in line(summary)
+    assert "then a FedAdam step (server_lr 0.03)" in line(summary)
+    summary["aggregation"] = {**summary["aggregation"], "server_opt": "none"}
+    assert "step" not in line(summary).split("consortium −")[0]

@@ -15,8 +15,8 @@ from tests.helpers import consortium, keys
 def test_the_default_rule_is_chosen_for_the_consortium_size(n, rule):
     assert resolve_rule("auto", n) == rule
     table = rules_table(n)
-    # The default recipe: FedAdam (server_lr 0.03) behind multi_krum_staged, nothing else.
-    recipe = {"server_opt": "adam", "server_lr": 0.03} if rule == "multi_krum_staged" else {}
+    # The default recipe: FedAdam (server_lr 0.03) behind the robust rule; none for two.
+    recipe = {"server_opt": "adam", "server_lr": 0.03} if rule != "mean" else {}
     assert table == {"aggregation": rule, **({"params": recipe} if recipe else {})}
     cons = consortium(keys(n))
     agreed = build_strategy(Consortium(cons.name, cons.schema, cons.members, table), None,
@@ -28,6 +28,31 @@ def test_the_default_rule_is_chosen_for_the_consortium_size(n, rule):
     # one, the caller's choice stands.
     assert "params" not in rules_table(n, rule)
     assert rules_table(n, server_opt="none")["params"] == {"server_opt": "none"}
+
+
+@pytest.mark.parametrize("n", [2, 3, 5])
+@pytest.mark.parametrize("table", [{"aggregation": "auto"}, {"f": 1}])
+def test_auto_in_a_hand_written_rules_table_gets_the_default_recipe_and_says_so(n, table, caplog):
+    """A [rules] table that leaves the rule to "auto" (by name or by leaving the key out)
+    gets what `flnode consortium build` writes: the same rule and server optimizer."""
+    cons = consortium(keys(n))
+    if n == 2 and "f" in table:
+        table = {"f": 0}
+    with caplog.at_level("WARNING", logger="flnode.node"):
+        agreed = build_strategy(Consortium(cons.name, cons.schema, cons.members, table), None,
+                                "off", 1.0)
+    built = build_strategy(Consortium(cons.name, cons.schema, cons.members,
+                                      pin_rules(rules_table(n), n, "test")), None, "off", 1.0)
+    assert agreed.strategy.name == built.strategy.name == resolve_rule("auto", n)
+    assert agreed.strategy.params == built.strategy.params
+    want = "none" if n == 2 else "adam"
+    assert agreed.strategy.params["server_opt"] == want
+    if n > 2:  # left to this version's defaults: the node says which, with the values
+        assert "server_opt = 'adam'" in caplog.text and "server_lr = 0.03" in caplog.text
+    # a server optimizer the table names stands, auto or not
+    own = build_strategy(Consortium(cons.name, cons.schema, cons.members,
+                                    {**table, "params": {"server_opt": "none"}}), None, "off", 1.0)
+    assert own.strategy.params["server_opt"] == "none"
 
 
 def test_rules_are_part_of_the_id_and_a_file_without_them_keeps_its_old_id(tmp_path):
