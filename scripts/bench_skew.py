@@ -197,6 +197,48 @@ def centralized(table: str, seed: int, rounds: int, workdir: Path, nodes: int = 
         shutil.rmtree(out, ignore_errors=True)
 
 
+def _mean_curve(curves: list[list[float]]) -> list[float]:
+    """Per round, the mean over seeds of the members' mean metric (rounds every seed has)."""
+    n = min((len(c) for c in curves), default=0)
+    return [round(_mean([c[r] for c in curves]), 4) for r in range(n)]
+
+
+def plot_curves(summary: dict[str, Any], path: Path) -> Path:
+    """One panel per table: each run's mean curve over seeds (test set, members' mean
+    metric per round) and centralized as a dashed line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tables = list(summary["test"])
+    fig, axes = plt.subplots(1, len(tables), figsize=(5.5 * len(tables), 4.5), squeeze=False)
+    seeds = len(summary["config"]["seeds"])
+    for ax, t in zip(axes[0], tables, strict=True):
+        res = summary["test"][t]
+        metric = "?"
+        for label, run in res["runs"].items():
+            curve = run.get("curve_mean") or run.get("curve_seed0") or []
+            metric = run.get("metric", metric)
+            ax.plot(range(1, len(curve) + 1), curve, label=f"{label} ({run['final']:.3f})")
+        ax.axhline(res["centralized"], color="black", linestyle="--",
+                   label=f"centralized ({res['centralized']:.3f})")
+        lo = min([res["centralized"]] + [min(r.get("curve_mean") or [1.0])
+                                         for r in res["runs"].values()])
+        ax.set_ylim(max(lo, res["centralized"] - 0.15), res["centralized"] + 0.02)
+        ax.set_title(f"{t} ({summary['config']['tables'][t]})")
+        ax.set_xlabel("round")
+        ax.set_ylabel(f"{metric}, test set, mean of members and {seeds} seed(s)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, loc="lower right")
+    fig.suptitle(f"{summary['config']['nodes']} members, rule {summary['config']['rule']}",
+                 fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def _rule_params(items: list[str]) -> dict[str, Any]:
     """K=V strings -> {K: V}: V as TOML (number, boolean, quoted string), else a string."""
     import tomllib
@@ -313,7 +355,8 @@ def main(argv: list[str] | None = None) -> int:
                     "round_within_0.01": _mean([c["round_within_0.01"] for c in cells]),
                     "bytes_sent_per_member": _mean([c["bytes_sent_per_member"] for c in cells]),
                     "seconds": _mean([c["seconds"] for c in cells]),
-                    "curve_seed0": cells[0]["curve"], "metric": cells[0]["metric"]}
+                    "curve_seed0": cells[0]["curve"], "metric": cells[0]["metric"],
+                    "curve_mean": _mean_curve([c["curve"] for c in cells])}
                 print(f"test {t:8s} {label:20s} {tests[t]['runs'][label]['final']:.4f}",
                       flush=True)
     finally:
@@ -352,7 +395,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{t:8s} {lb + mark:36s} {r['final']:7.4f} {r['final'] - c:+10.4f} "
                   f"{r['final'] - base:+9.4f} {r['round_within_0.01']:6.1f} "
                   f"{r['bytes_sent_per_member'] / 1000:9.0f}")
-    print(f"\nwrote {args.out} ({summary['seconds']:.0f} s)")
+    png = plot_curves(summary, args.out.with_suffix(".png"))
+    print(f"\nwrote {args.out} and {png} ({summary['seconds']:.0f} s)")
     return 0
 
 

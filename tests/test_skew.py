@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import json
 
 import msgpack
 import numpy as np
@@ -984,3 +985,43 @@ async def test_control_variates_under_record_dp_take_k_eta_from_what_trained(tmp
         assert steps == [(0, per_epoch), (1, per_epoch)], steps
         assert n.control.c_round == 0 and n.control.own_round == 1
         assert n.control.pending_scale == pytest.approx(per_epoch * 0.05 * 0.9)
+
+
+# --- the bench itself: a small real run, its JSON and its plot --------------------------
+def test_bench_skew_small_run_writes_json_and_a_curve_plot(tmp_path, capsys):
+    from PIL import Image
+
+    from scripts.bench_skew import main as bench_skew
+
+    out = tmp_path / "skew.json"
+    assert bench_skew(["--tables", "digits", "--rounds", "3", "--seeds", "1", "--nodes", "3",
+                       "--no-tune", "--options", "fedavg,fedadam", "--points",
+                       "fedavg;fedadam lr=0.03", "--rule", "auto", "--rule-param",
+                       "weighting=declared", "--out", str(out)]) == 0
+    doc = json.loads(out.read_text())
+    assert doc["config"]["nodes"] == 3 and doc["config"]["rule_params"] == {
+        "weighting": "declared"}
+    assert doc["config"]["rules"]["fedadam lr=0.03"]["params"]["weighting"] == "declared"
+    runs = doc["test"]["digits"]["runs"]
+    assert set(runs) == {"fedavg", "fedadam lr=0.03"}
+    for run in runs.values():
+        assert len(run["curve_mean"]) == 3 and run["curve_mean"][-1] == pytest.approx(
+            run["final"], abs=1e-4)
+    png = out.with_suffix(".png")
+    with Image.open(png) as im:
+        assert im.format == "PNG" and im.width > 300
+    assert f"wrote {out} and {png}" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--nodes", "1"], "--nodes 1: 2 to 64 members"),
+    (["--rule-param", "weighting"], "--rule-param 'weighting': expected K=V"),
+    (["--points", "fedadam lr=7"], "--points: 'fedadam lr=7' is not a grid point"),
+    (["--rule", "auto", "--rule-param", "server_lr_decay=2"], "server_lr_decay must be"),
+])
+def test_bench_skew_refuses_bad_flags_naming_them(argv, message, capsys):
+    from scripts.bench_skew import main as bench_skew
+
+    with pytest.raises(SystemExit) as exc:
+        bench_skew(argv)
+    assert exc.value.code == 2 and message in capsys.readouterr().err
