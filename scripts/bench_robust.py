@@ -243,7 +243,7 @@ def _caught(out: Path, honest: dict, attackers: list[str]) -> dict[str, int]:
 def grid(args: argparse.Namespace) -> list[dict[str, Any]]:
     from node.rules import DEFAULT_RULE, resolve_rule
 
-    default = resolve_rule(DEFAULT_RULE, 8)
+    default = resolve_rule(DEFAULT_RULE, args.nodes)  # what auto is for this many members
     cells = []
     for ds in args.datasets:
         for seed in range(args.seeds):
@@ -260,7 +260,8 @@ def grid(args: argparse.Namespace) -> list[dict[str, Any]]:
                     cells.append(dict(dataset=ds, rule=rule, f=1, attack=attack, seed=seed))
                     if (full or first) and 2 in args.f:
                         cells.append(dict(dataset=ds, rule=rule, f=2, attack=attack, seed=seed))
-                if args.dp and (full or first) and (full or rule in ("mean", default)):
+                if args.dp and (full or first) and (full or rule.split("[")[0] in ("mean",
+                                                                                    default)):
                     cells.append(dict(dataset=ds, rule=rule, f=1, attack=None, seed=seed,
                                       dp=True))
                     for attack in args.attacks:
@@ -330,7 +331,8 @@ def _mean(xs: list[float]) -> float:
     return float(sum(xs) / len(xs)) if xs and all(map(math.isfinite, xs)) else float("nan")
 
 
-def summarize(results: list[dict[str, Any]], rules: list[str], attacks: list[str]) -> dict:
+def summarize(results: list[dict[str, Any]], rules: list[str], attacks: list[str],
+              nodes: int = 8) -> dict:
     """Per dataset: the clean plain-mean reference per seed, and per (column, rule) the
     honest mean averaged over the seeds that ran, with its loss against the reference
     of the same seeds."""
@@ -384,7 +386,8 @@ def summarize(results: list[dict[str, Any]], rules: list[str], attacks: list[str
     best = min(survivors, key=lambda rule: sum(
         out[ds]["goals"][rule]["clean_loss"] or 0.0 for ds in out), default=None)
     return {"datasets": out, "crashes": len(crashes), "crashed_cells": crashes,
-            "default_rule": resolve_rule(DEFAULT_RULE, 8), "best_rule_f1": best, "survivors_f1": survivors,
+            "default_rule": resolve_rule(DEFAULT_RULE, nodes), "best_rule_f1": best,
+            "survivors_f1": survivors,
             "goal": GOAL}
 
 
@@ -472,7 +475,7 @@ def main(argv: list[str] | None = None) -> int:
     if cache is not None:
         cache.parent.mkdir(parents=True, exist_ok=True)
     results = run_grid(cells, args.rounds, args.jobs, args.nodes, cache=cache)
-    summary = summarize(results, args.rules, args.attacks)
+    summary = summarize(results, args.rules, args.attacks, args.nodes)
     summary["config"] = {
         "grid": args.grid, "datasets": args.datasets, "rules": args.rules,
         "attacks": {a: list(ATTACKS[a]) for a in args.attacks}, "f": args.f,

@@ -214,13 +214,15 @@ def plot_curves(summary: dict[str, Any], path: Path) -> Path:
     tables = list(summary["test"])
     fig, axes = plt.subplots(1, len(tables), figsize=(5.5 * len(tables), 4.5), squeeze=False)
     seeds = len(summary["config"]["seeds"])
+    plain = summary["config"]["rule"].startswith("mean ")
     for ax, t in zip(axes[0], tables, strict=True):
         res = summary["test"][t]
         metric = "?"
         for label, run in res["runs"].items():
             curve = run.get("curve_mean") or run.get("curve_seed0") or []
             metric = run.get("metric", metric)
-            ax.plot(range(1, len(curve) + 1), curve, label=f"{label} ({run['final']:.3f})")
+            name = label if label != "fedavg" or plain else f"{label}: the rule, no optimizer"
+            ax.plot(range(1, len(curve) + 1), curve, label=f"{name} ({run['final']:.3f})")
         ax.axhline(res["centralized"], color="black", linestyle="--",
                    label=f"centralized ({res['centralized']:.3f})")
         lo = min([res["centralized"]] + [min(r.get("curve_mean") or [1.0])
