@@ -70,3 +70,35 @@ def test_cli_keygen_then_consortium_build_and_show(tmp_path):
     assert r.returncode == 0 and "bank-0" in r.stdout and "schema" in r.stdout
     r = flnode("keygen", "--out", "keys", "--name", "bank-0")
     assert r.returncode == 2 and "refusing to overwrite" in r.stderr
+
+
+@pytest.mark.parametrize("n, privacy, says", [
+    (2, None, "owns the model"),
+    (4, None, "held back, not stopped"),
+    (3, "record", "under record-level DP it owned the model"),
+    (5, "record", None),
+])
+def test_consortium_build_says_what_one_hostile_member_can_do_to_a_small_consortium(
+        tmp_path, capsys, n, privacy, says):
+    import tomli_w
+
+    from node.cli import main
+    from tests.helpers import SCHEMA
+
+    names = [f"bank-{i}" for i in range(n)]
+    for name in names:
+        assert main(["keygen", "--out", str(tmp_path / "keys"), "--name", name]) == 0
+    (tmp_path / "schema.toml").write_text(tomli_w.dumps(SCHEMA))
+    capsys.readouterr()
+    argv = ["consortium", "build", "--name", "c", "--schema", str(tmp_path / "schema.toml"),
+            "--out", str(tmp_path / "c.toml")]
+    for name in names:
+        argv += ["--member", str(tmp_path / "keys" / f"{name}.pub")]
+    if privacy:
+        argv += ["--privacy-mode", privacy, "--clip", "1.0"]
+    assert main(argv) == 0
+    err = capsys.readouterr().err
+    if says is None:
+        assert "warning" not in err
+    else:
+        assert err.startswith("warning: ") and says in err and f"{n} members" in err
