@@ -101,6 +101,12 @@ GRID: dict[str, list[tuple[str, dict[str, Any], dict[str, Any]]]] = {
                                              (0.1, 0.9, 1, 0.05), (0.03, 0.95, 2, 0.05),
                                              (0.05, 0.93, 2, 0.05), (0.1, 0.9, 2, 0.05),
                                              (0.03, 0.95, 3, 0.05), (0.03, 0.95, 2, 0.1))],
+    # FedAdam's β1 (server_momentum) and β2: 30 rounds are few for a 10-round memory
+    "fedadam_beta": [(f"fedadam lr={slr:g} b1={b1:g} b2={b2:g}",
+                      {"server_opt": "adam", "server_lr": slr, "server_momentum": b1,
+                       "server_beta2": b2}, {})
+                     for slr, b1, b2 in ((0.03, 0.5, 0.99), (0.03, 0.0, 0.99),
+                                         (0.03, 0.9, 0.9), (0.03, 0.5, 0.9))],
 }
 
 

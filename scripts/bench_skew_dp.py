@@ -87,15 +87,22 @@ BASE_CLIP, BASE_LR = 1.0, 0.05
 
 
 def server_params(token: str) -> dict[str, Any]:
-    """'none' | 'm<beta>' (FedAvgM, server lr 1) | 'adam<lr>' (FedAdam, beta1 0.9)."""
+    """'none' | 'm<beta>' (FedAvgM, server lr 1) | 'adam<lr>[b<beta1>]' (FedAdam, beta1
+    0.9 unless given)."""
     try:
         if token == "none":  # said, so that rule:auto's default FedAdam is not added
             return {"server_opt": "none"}
-        if token.startswith("adam"):
-            lr = float(token[4:])
+        if token.startswith("adam"):  # adam<lr>[b<beta1>]
+            lr_s, _, b1_s = token[4:].partition("b")
+            lr = float(lr_s)
             if not (0 < lr < 10):
                 raise ValueError
-            return {"server_opt": "adam", "server_lr": lr}
+            if not b1_s:
+                return {"server_opt": "adam", "server_lr": lr}
+            b1 = float(b1_s)
+            if not (0 <= b1 < 1):
+                raise ValueError
+            return {"server_opt": "adam", "server_lr": lr, "server_momentum": b1}
         if token.startswith("m"):
             beta = float(token[1:])
             if not (0 <= beta < 1):
@@ -103,7 +110,8 @@ def server_params(token: str) -> dict[str, Any]:
             return {"server_opt": "momentum", "server_momentum": beta, "server_lr": 1.0}
     except ValueError:
         pass
-    raise ValueError(f"server {token!r}: none, m<beta in [0, 1)> or adam<lr in (0, 10)>")
+    raise ValueError(f"server {token!r}: none, m<beta in [0, 1)> or adam<lr in (0, 10)>"
+                     "[b<beta1 in [0, 1)>]")
 
 
 def grid_label(recipe: str, server: str, clip: float = BASE_CLIP, lr: float = BASE_LR) -> str:

@@ -55,6 +55,33 @@ def test_auto_in_a_hand_written_rules_table_gets_the_default_recipe_and_says_so(
     assert own.strategy.params["server_opt"] == "none"
 
 
+@pytest.mark.parametrize("n", [3, 8])
+def test_the_default_recipe_without_dp_uses_a_shorter_server_momentum(n):
+    """FedAdam's beta1 is 0.5 where the consortium pins privacy_mode = "off" and 0.9
+    (the optimizer's default) under any DP mode or where the mode is not pinned."""
+    cons = consortium(keys(n))
+
+    def beta1(table: dict) -> float:
+        agreed = build_strategy(Consortium(cons.name, cons.schema, cons.members, table), None,
+                                table.get("privacy_mode") or "off", 1.0)
+        assert agreed.strategy.params["server_opt"] == "adam"
+        return agreed.strategy.params["server_momentum"]
+
+    assert rules_table(n, privacy_mode="off")["params"]["server_momentum"] == 0.5
+    assert beta1(pin_rules(rules_table(n, privacy_mode="off"), n, "t")) == 0.5
+    for mode in (None, "record", "update"):
+        table = rules_table(n, privacy_mode=mode, clip=1.0 if mode else None)
+        assert "server_momentum" not in table["params"]
+        assert beta1(pin_rules(table, n, "t")) == 0.9
+    # hand-written: auto with the mode pinned gets the same; a beta1 it names stands
+    assert beta1({"privacy_mode": "off"}) == 0.5
+    assert beta1({"privacy_mode": "record", "clip": 1.0}) == 0.9
+    assert beta1({"privacy_mode": "off", "params": {"server_opt": "adam",
+                                                    "server_momentum": 0.8}}) == 0.8
+    # a rule asked for by name gets no recipe at all
+    assert "params" not in rules_table(n, resolve_rule("auto", n), privacy_mode="off")
+
+
 def test_rules_are_part_of_the_id_and_a_file_without_them_keeps_its_old_id(tmp_path):
     base = consortium(keys(4))
     a = Consortium(base.name, base.schema, base.members, rules_table(4, "median"))
