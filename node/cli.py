@@ -76,7 +76,8 @@ def small_consortium_warning(members: int, rule: str, privacy_mode: str | None) 
             "(a sign-flipping member cost up to 0.15 accuracy on the digits bench)"
             + ("; under record-level DP it owned the model (ROC-AUC 0.05 on the default "
                "bench)" if privacy_mode == "record" else "")
-            + ". From five members the default is multi_krum_staged, which held every attack "
+            + ". From five members the default is multi_krum_staged, which held every "
+            "model-level attack on the bench "
             "(README, \"Hostile members\")")
 
 
