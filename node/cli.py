@@ -10,6 +10,7 @@ import argparse
 import logging
 import sys
 from pathlib import Path
+from typing import Any
 
 from gossip.errors import LocalError
 
@@ -270,12 +271,14 @@ def add_rules_flags(p: argparse.ArgumentParser) -> None:
                    help="a rule parameter (e.g. m=5, tau=1.0, distance=clip)")
 
 
-def rules_fields(args: argparse.Namespace) -> dict:
-    params = {}
-    for item in args.aggregation_param:
+def parse_params(items: list[str], flag: str = "--aggregation-param") -> dict[str, Any]:
+    """KEY=VALUE strings -> {KEY: VALUE}, each value an int, else a float, else the text;
+    an item without "=" is a LocalError naming the flag and the item."""
+    params: dict[str, Any] = {}
+    for item in items:
         key, sep, value = item.partition("=")
         if not sep:
-            raise LocalError(f"--aggregation-param {item!r}: expected KEY=VALUE")
+            raise LocalError(f"{flag} {item!r}: expected KEY=VALUE")
         try:
             params[key] = int(value)
         except ValueError:
@@ -283,8 +286,13 @@ def rules_fields(args: argparse.Namespace) -> dict:
                 params[key] = float(value)
             except ValueError:
                 params[key] = value
+    return params
+
+
+def rules_fields(args: argparse.Namespace) -> dict:
     return dict(aggregation=args.aggregation, f=args.f,
-                max_weight_fraction=args.max_weight_fraction, aggregation_params=params)
+                max_weight_fraction=args.max_weight_fraction,
+                aggregation_params=parse_params(args.aggregation_param))
 
 
 def add_fault_flags(p: argparse.ArgumentParser) -> None:

@@ -220,7 +220,7 @@ def plot_curves(summary: dict[str, Any], path: Path) -> Path:
     tables = list(summary["test"])
     fig, axes = plt.subplots(1, len(tables), figsize=(5.5 * len(tables), 4.5), squeeze=False)
     seeds = len(summary["config"]["seeds"])
-    plain = summary["config"]["rule"].startswith("mean ")
+    plain = all(r["aggregation"] == "mean" for r in summary["config"]["rules"].values())
     for ax, t in zip(axes[0], tables, strict=True):
         res = summary["test"][t]
         metric = "?"
@@ -245,23 +245,6 @@ def plot_curves(summary: dict[str, Any], path: Path) -> Path:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
-
-
-def _rule_params(items: list[str]) -> dict[str, Any]:
-    """K=V strings -> {K: V}: V as TOML (number, boolean, quoted string), else a string."""
-    import tomllib
-
-    out: dict[str, Any] = {}
-    for item in items:
-        key, sep, raw = item.partition("=")
-        if not sep or not key.strip():
-            raise ValueError(f"--rule-param {item!r}: expected K=V")
-        try:
-            value = tomllib.loads(f"v = {raw.strip()}")["v"]
-        except tomllib.TOMLDecodeError:
-            value = raw.strip()
-        out[key.strip()] = value
-    return out
 
 
 def _mean(xs: list[float]) -> float:
@@ -289,15 +272,17 @@ def main(argv: list[str] | None = None) -> int:
                          "its default f and weight cap: mean (the default here, so only the "
                          "option differs), a rule name (node.strategy), or auto (what the "
                          "consortium default resolves to for --nodes members, node/rules.py)")
-    ap.add_argument("--rule-param", action="append", default=[], metavar="K=V",
+    ap.add_argument("--rule-param", action="append", default=[], metavar="KEY=VALUE",
                     help="a [rules.params] entry added to every point (repeatable), e.g. "
-                         "weighting=declared; the value is read as TOML (a number, true, "
-                         "or a bare word taken as a string)")
+                         "weighting=declared; read as flnode's --aggregation-param (an int, "
+                         "else a float, else the text)")
     ap.add_argument("--out", type=Path, default=ROOT / "runs" / "bench" / "skew.json")
     args = ap.parse_args(argv)
+    from gossip.errors import LocalError
+    from node.cli import parse_params
     try:
-        extra_params = _rule_params(args.rule_param)
-    except ValueError as exc:
+        extra_params = parse_params(args.rule_param, "--rule-param")
+    except LocalError as exc:
         ap.error(str(exc))
     tables = [t for t in args.tables.split(",") if t]
     options = [o for o in args.options.split(",") if o]
@@ -318,7 +303,6 @@ def main(argv: list[str] | None = None) -> int:
         options = [o for o in options if any(p[0] in wanted for p in GRID[o])]
     grid = {o: [(p[0], {**p[1], **extra_params}, p[2]) for p in GRID[o]
                 if not wanted or p[0] in wanted] for o in options}
-    from gossip.errors import LocalError
     from node.rules import pin_rules, resolve_rule, rules_table
     if not 2 <= args.nodes <= 64:
         ap.error(f"--nodes {args.nodes}: 2 to 64 members")

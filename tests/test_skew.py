@@ -1015,7 +1015,7 @@ def test_bench_skew_small_run_writes_json_and_a_curve_plot(tmp_path, capsys):
 
 @pytest.mark.parametrize("argv, message", [
     (["--nodes", "1"], "--nodes 1: 2 to 64 members"),
-    (["--rule-param", "weighting"], "--rule-param 'weighting': expected K=V"),
+    (["--rule-param", "weighting"], "--rule-param 'weighting': expected KEY=VALUE"),
     (["--points", "fedadam lr=7"], "--points: 'fedadam lr=7' is not a grid point"),
     (["--rule", "auto", "--rule-param", "server_lr_decay=2"], "server_lr_decay must be"),
 ])
