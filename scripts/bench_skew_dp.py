@@ -394,12 +394,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--variants", default=",".join(VARIANTS),
                     help=f"comma-separated, of: {', '.join(VARIANTS)}, or grid labels "
                          "'dp <fixed|auto> <none|m<beta>|adam<lr>>[ clip<C>][ lr<lr0>]'")
-    ap.add_argument("--grid", action="store_true",
-                    help="choose instead: the grid on the validation split of the members' "
-                         "own rows of --tune-on (never the test set)")
-    ap.add_argument("--validate", action="store_true",
-                    help="choose among --variants instead of the grid: each on the "
-                         "validation split of every --tune-on table (never the test set)")
+    choose = ap.add_mutually_exclusive_group()
+    choose.add_argument("--grid", action="store_true",
+                        help="choose instead: the grid on the validation split of the "
+                             "members' own rows of --tune-on (never the test set)")
+    choose.add_argument("--validate", action="store_true",
+                        help="choose among --variants instead of the grid: each on the "
+                             "validation split of every --tune-on table (never the test set)")
     ap.add_argument("--tune-on", default="digits,default",
                     help="--grid: the first table screens every point, the rest confirm the "
                          "best --finalists")
@@ -435,7 +436,8 @@ def main(argv: list[str] | None = None) -> int:
     config = {"nodes": 8, "rounds": args.rounds, "seeds": seeds,
               "epsilon_per_member": args.epsilon, "delta": DELTA,
               "accountant": "Opacus RDP (node.privacy.epsilon_of)",
-              "rule": "mean (default weight cap), weights = noised row counts",
+              "rule": "mean (default weight cap) unless a variant says rule:NAME; "
+                      "weights = noised row counts",
               "base recipe": "mlp 64, sgd lr 0.05, batch 32, 1 local epoch, clip 1",
               "variant labels": "dp <recipe> <server>[ clip<C>][ lr<lr0>]: server none, "
                                 "m<beta> (FedAvgM, server lr 1), adam<lr> (FedAdam, beta1 "
@@ -448,12 +450,16 @@ def main(argv: list[str] | None = None) -> int:
                                   "scored_on": "validation split: 20 % of each member's own "
                                                "training rows (bench_skew._split_validation), "
                                                "pooled; the test set is not touched",
-                                  "grid": {"stage 1 recipes": GRID_RECIPES,
-                                           "stage 1 servers": GRID_SERVERS,
-                                           "stage 2 clips": GRID_CLIPS,
-                                           "stage 2 lrs": GRID_LRS,
-                                           "stage 3": "the best --finalists of stages 1-2 "
-                                                      "on the other --tune-on tables"}},
+                                  "grid": {"variants": {
+                                      v: dict(zip(("privacy", "recipe", "server", "extras"),
+                                                  parse_variant(v), strict=True))
+                                      for v in g["finalists"]}} if args.validate else {
+                                      "stage 1 recipes": GRID_RECIPES,
+                                      "stage 1 servers": GRID_SERVERS,
+                                      "stage 2 clips": GRID_CLIPS,
+                                      "stage 2 lrs": GRID_LRS,
+                                      "stage 3": "the best --finalists of stages 1-2 on the "
+                                                 "other --tune-on tables"}},
                        **g, "seconds": round(time.monotonic() - t0, 1)}
             out.parent.mkdir(parents=True, exist_ok=True)
             out.write_text(json.dumps(summary, indent=2, allow_nan=True))

@@ -1025,3 +1025,26 @@ def test_bench_skew_refuses_bad_flags_naming_them(argv, message, capsys):
     with pytest.raises(SystemExit) as exc:
         bench_skew(argv)
     assert exc.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_bench_skew_dp_validate_scores_named_variants_on_the_validation_split(tmp_path, capsys):
+    from scripts.bench_skew_dp import main as bench_skew_dp
+
+    with pytest.raises(SystemExit) as exc:
+        bench_skew_dp(["--grid", "--validate"])
+    assert exc.value.code == 2 and "not allowed with argument" in capsys.readouterr().err
+    out = tmp_path / "v.json"
+    variants = ["dp fixed adam0.03b0.5 rule:auto", "dp fixed none"]
+    assert bench_skew_dp(["--validate", "--rounds", "2", "--seeds", "1", "--tune-on", "digits",
+                          "--jobs", "1", "--variants", ",".join(variants),
+                          "--out", str(out)]) == 0
+    doc = json.loads(out.read_text())
+    assert doc["config"]["grid"]["variants"][variants[0]]["server"] == {
+        "server_opt": "adam", "server_lr": 0.03, "server_momentum": 0.5}
+    assert doc["config"]["grid"]["variants"][variants[0]]["extras"] == {"aggregation": "auto"}
+    assert set(doc["validation"]) == set(variants) and doc["chosen"] in variants
+    for v in doc["validation"].values():
+        assert set(v["per_table"]) == {"digits"} and 0 <= v["mean"] <= 1
+        for m in v["members_seed0"]["digits"].values():
+            assert m["epsilon"] <= 3.0 + 1e-9  # every member within its budget
+    assert "chosen: " in capsys.readouterr().out
