@@ -88,7 +88,8 @@ AUTO_PARAMS_NO_DP: dict[str, Any] = {"server_momentum": 0.5}
 def auto_params(aggregation: str, resolved: str, params: dict[str, Any],
                 privacy_mode: str | None = None) -> dict[str, Any]:
     """`params` with the default recipe's server optimizer added where the rule was left
-    to "auto" and no server_opt is given (a rule asked for by name gets none)."""
+    to "auto" and no server_opt is given (a rule asked for by name gets none), with
+    AUTO_PARAMS_NO_DP's β1 where `privacy_mode` is pinned to "off"; what `params` says wins."""
     if aggregation != DEFAULT_RULE or "server_opt" in params or resolved not in AUTO_PARAMS:
         return params
     no_dp = AUTO_PARAMS_NO_DP if privacy_mode == "off" else {}
