@@ -244,8 +244,9 @@ def add_privacy_flags(p: argparse.ArgumentParser) -> None:
     budget.add_argument("--sigma", type=_positive(float), default=None,
                         help="noise multiplier σ (default 1.0 when no --epsilon)")
     p.add_argument("--delta", type=_positive(float), default=1e-5)
-    p.add_argument("--weight", choices=["noised", "uniform"], default="noised",
-                   help="record mode: share weight = noised row count (charged) or 1")
+    p.add_argument("--weight", choices=["auto", "noised", "uniform"], default="auto",
+                   help="record mode: share weight = noised row count (charged) or 1; auto: "
+                        "noised only if the rule weighs shares by declared weight")
     p.add_argument("--recipe", choices=["fixed", "auto"], default="fixed",
                    help="record mode: DP-SGD batch, lr and epochs as configured (fixed) or "
                         "chosen per member from its rows and budget (auto; privacy.recipe)")

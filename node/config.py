@@ -86,8 +86,12 @@ class PrivacyConfig(_Section):
     delta: float = Field(default=1e-5, gt=0, lt=1)
     # Record mode never sends the exact row count: "noised" sends the count
     # plus Gaussian noise of std count_sigma once (charged to the ledger) and
-    # reuses it; "uniform" gives every member weight 1 and leaks nothing.
-    weight: Literal["noised", "uniform"] = "noised"
+    # reuses it; "uniform" gives every member weight 1 and leaks nothing; "auto"
+    # (the default) is "noised" only where the consortium's rule weighs shares by
+    # their declared weight (the plain mean), else "uniform": a rule that counts
+    # every share once (every robust rule, the default one too) never reads it, so
+    # it is neither released nor charged. Resolved once, pinned in the privacy plan.
+    weight: Literal["auto", "noised", "uniform"] = "auto"
     count_sigma: float = Field(default=10.0, gt=0)
     # DP-SGD engine: "fast" = node.dpsgd (Linear/ReLU models, closed-form
     # per-example norms); the others are Opacus' grad_sample modes.

@@ -551,8 +551,12 @@ class PrivacyBudget:
 
     def __init__(self, cfg: PrivacyConfig, *, rows: int, rounds: int, epochs: int,
                  batch_size: int, state_dir: Path, ledger: Ledger,
-                 normalize_sigma: float | None = None, lr: float | None = None) -> None:
+                 normalize_sigma: float | None = None, lr: float | None = None,
+                 declared_weights: bool = True) -> None:
         self.cfg = cfg
+        # Whether the consortium's rule reads a share's declared weight (privacy.weight
+        # = "auto" releases a noised row count only then)
+        self.declared_weights = declared_weights
         self.lr = lr  # training.lr: the recipe's base (privacy.recipe = "auto")
         # record mode: the noise multiplier of federated normalization's stats (pinned)
         self.normalize_sigma = normalize_sigma if cfg.mode == "record" else None
@@ -564,18 +568,18 @@ class PrivacyBudget:
     def _plan(self, rounds: int, epochs: int, batch_size: int) -> PrivacyPlan:
         cfg = self.cfg
         pinned: tuple[int | None, ...] = (None, None, None)
+        path = self.state_dir / PLAN_FILE
+        existing = PrivacyPlan.load(path)
         if cfg.mode == "record":
             if cfg.delta >= 1 / self.rows:
                 raise LocalError(
                     f"privacy.delta = {cfg.delta:g} is not below 1/rows = 1/{self.rows}: with "
                     "that delta the guarantee allows releasing a whole record outright. Choose "
                     f"delta < {1 / self.rows:.2g} (1e-5 is usual; at most 1/(10 x rows))")
-            count_sigma = cfg.count_sigma if cfg.weight == "noised" else None
-            weight = cfg.weight
+            weight = self._weight(existing)
+            count_sigma = cfg.count_sigma if weight == "noised" else None
         else:
             q, spr, count_sigma, weight = 1.0, 1, None, "exact"
-        path = self.state_dir / PLAN_FILE
-        existing = PrivacyPlan.load(path)
         auto = cfg.mode == "record" and cfg.recipe == "auto"
         recipe_base = {"batch_size": batch_size, "epochs": epochs, "lr": self.lr}
         if cfg.mode == "record":
@@ -605,6 +609,22 @@ class PrivacyBudget:
                             weight, count_sigma, *pinned, normalize_sigma=self.normalize_sigma)
         fresh.save(path)
         return fresh
+
+    def _weight(self, existing: PrivacyPlan | None) -> str:
+        """privacy.weight as configured, or "auto" resolved: the plan's (pinned at the first
+        start, whatever the rule says now: a count once charged stays charged, and one never
+        charged is not released later), else "noised" only if the rule reads declared weights."""
+        if self.cfg.weight != "auto":
+            return self.cfg.weight
+        if existing is not None and existing.weight in ("noised", "uniform"):
+            return existing.weight
+        chosen = "noised" if self.declared_weights else "uniform"
+        if existing is None:
+            log.info("privacy.weight = \"auto\": %s (the consortium's rule %s shares' declared "
+                     "weights%s); pinned in the privacy plan", chosen,
+                     "weighs" if self.declared_weights else "does not read",
+                     "" if self.declared_weights else ", so no row count is released or charged")
+        return chosen
 
     def _plan_auto(self, rounds: int, epochs: int, batch_size: int, count_sigma: float | None,
                    weight: str, path: Path, recipe_base: dict) -> PrivacyPlan:

@@ -83,7 +83,7 @@ from node.privacy import (
     PrivacyBudget,
     privatize_update,
 )
-from node.rules import build_strategy
+from node.rules import AgreedStrategy, build_strategy
 from node.state import Checkpoint, StateDir, atomic_write
 from node.train import (
     evaluate,
@@ -248,19 +248,27 @@ class Node:
                     "contribution). Use privacy.mode = \"record\" (or \"off\"), or "
                     "normalize = \"declared\"")
             norm_sigma = schema.normalize_noise or DEFAULT_NORMALIZE_NOISE
-        self.budget = PrivacyBudget(cfg.privacy, rows=len(train.X), rounds=tc.rounds,
-                                    epochs=tc.epochs, batch_size=tc.batch_size,
-                                    state_dir=self.state.path, ledger=self.ledger,
-                                    normalize_sigma=norm_sigma, lr=tc.lr)
-        self.stopped: str | None = None  # why this node stopped sharing early, if it did
         if cfg.gossip.min_members > len(consortium.members):
             raise LocalError(f"gossip.min_members = {cfg.gossip.min_members} but the consortium "
                              f"has {len(consortium.members)} members: it could never start")
-        plan = self.budget.plan
-        agreed = build_strategy(consortium, cfg.gossip.aggregation, cfg.privacy.mode,
-                                cfg.privacy.clip, str(cfg.consortium.path),
-                                plan.noise_multiplier if plan is not None
-                                and cfg.privacy.mode == "update" else None)
+
+        def strategy(noise_multiplier: float | None) -> AgreedStrategy:
+            return build_strategy(consortium, cfg.gossip.aggregation, cfg.privacy.mode,
+                                  cfg.privacy.clip, str(cfg.consortium.path), noise_multiplier)
+
+        # Update mode checks our planned sigma against the rules, so the plan comes first;
+        # record mode's plan needs to know whether the rule reads declared weights
+        # (privacy.weight = "auto"), so the rules come first.
+        agreed = None if cfg.privacy.mode == "update" else strategy(None)
+        self.budget = PrivacyBudget(
+            cfg.privacy, rows=len(train.X), rounds=tc.rounds, epochs=tc.epochs,
+            batch_size=tc.batch_size, state_dir=self.state.path, ledger=self.ledger,
+            normalize_sigma=norm_sigma, lr=tc.lr,
+            declared_weights=agreed is None or agreed.strategy.reads_declared_weights)
+        self.stopped: str | None = None  # why this node stopped sharing early, if it did
+        if agreed is None:
+            plan = self.budget.plan
+            agreed = strategy(plan.noise_multiplier if plan is not None else None)
         if not agreed.agreed:
             log.warning("%s: the consortium file has no [rules]: shares are combined by this "
                         "node's own rule (%s), which the others may not share", identity.name,

@@ -67,7 +67,7 @@ class SimulationSpec:
     sigma: float | None = 1.0
     epsilon: float | None = None  # total budget per member; sigma is then calibrated
     delta: float = 1e-5
-    weight: str = "noised"  # record mode: "noised" or "uniform"
+    weight: str = "auto"  # record mode: "auto", "noised" or "uniform" (privacy.weight)
     recipe: str = "fixed"  # record mode's privacy.recipe: "fixed" or "auto" (node/recipe.py)
     network_config: Path | None = None
     round_deadline_s: float = 120.0
@@ -192,7 +192,7 @@ def _scenario_model():
         epsilon: float | None = Field(default=None, gt=0)
         sigma: float | None = Field(default=None, gt=0)
         delta: float | None = Field(default=None, gt=0, lt=1)
-        weight: Literal["noised", "uniform"] | None = None
+        weight: Literal["auto", "noised", "uniform"] | None = None
         recipe: Literal["fixed", "auto"] | None = None  # record mode (node/recipe.py)
 
         @model_validator(mode="after")
@@ -1013,6 +1013,7 @@ class MemberResult:
     stopped: str | None = None  # why the member stopped sharing early, if it did
     noise_multiplier: float | None = None
     own: dict[str, float] | None = None  # its final model on its own held-out rows
+    weight: str | None = None  # its privacy plan's share weight: exact, noised or uniform
 
 
 def result_of(node: Node, test: tuple[np.ndarray, np.ndarray],
@@ -1021,7 +1022,24 @@ def result_of(node: Node, test: tuple[np.ndarray, np.ndarray],
                         node.transport.stats.bytes_sent, node.transport.stats.bytes_received,
                         node.rejected(), node.book.current, node.stopped,
                         node.budget.plan.noise_multiplier if node.budget.plan else None,
-                        evaluate_rows(node.model, own) if own is not None else None)
+                        evaluate_rows(node.model, own) if own is not None else None,
+                        node.budget.plan.weight if node.budget.plan else None)
+
+
+WEIGHT_TEXT = {"exact": "exact row count",
+               "noised": "row count + N(0, count_sigma²), charged once",
+               "uniform": "uniform (1 per member): no row count released"}
+
+
+def weight_text(spec: SimulationSpec, results: list[MemberResult]) -> str:
+    """What a share's weight was, as the members' privacy plans say (privacy.weight =
+    "auto" is resolved per node at its first start)."""
+    if spec.privacy in ("off", "update"):
+        return WEIGHT_TEXT["exact"]
+    kinds = sorted({r.weight for r in results if r.weight is not None})
+    if len(kinds) == 1:
+        return WEIGHT_TEXT[kinds[0]]
+    return "; ".join(f"{k}: {WEIGHT_TEXT[k]}" for k in kinds) or "unknown (no privacy plan)"
 
 
 def summarize(spec: SimulationSpec, prep: Prepared, results: list[MemberResult],
@@ -1079,9 +1097,8 @@ def summarize(spec: SimulationSpec, prep: Prepared, results: list[MemberResult],
             "noise_multiplier_per_node": {r.name: r.noise_multiplier for r in results},
             "per_node": {r.name: r.epsilon for r in results},
             "recipe": spec.recipe if spec.privacy == "record" else None,
-            "weight": ("exact row count" if spec.privacy in ("off", "update") else
-                       "row count + N(0, count_sigma²), charged once" if spec.weight == "noised"
-                       else "uniform (1 per member)"),
+            "weight": weight_text(spec, results),
+            "weight_per_node": {r.name: r.weight for r in results},
         },
         "stopped": {r.name: r.stopped for r in results if r.stopped},
         "bytes": {r.name: {"sent": r.bytes_sent, "received": r.bytes_received}

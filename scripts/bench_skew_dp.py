@@ -6,7 +6,9 @@ Same tables, partitions, model and rounds as scripts/bench_skew.py (its helpers 
 imported): `default` (dirichlet 0.5, ROC-AUC), `churn` (column:state, ROC-AUC),
 `digits` (dirichlet 0.5, accuracy), 8 members, 30 rounds, plain `mean` with the
 consortium's default weight cap, every share weighed by its noised row count
-(privacy.weight = "noised": rows + N(0, 10²), charged once). Per table and seed:
+(privacy.weight = "auto": rows + N(0, 10²), charged once, where the rule weighs by
+declared weight; weight 1 and no count released under a rule that counts every share
+once, rule:NAME or w:equal). Per table and seed:
 
 - centralized: the pooled training rows, no DP (bench_skew.centralized);
 - centralized DP-SGD: the pooled rows, the same model and initial weights, the same
@@ -437,7 +439,8 @@ def main(argv: list[str] | None = None) -> int:
               "epsilon_per_member": args.epsilon, "delta": DELTA,
               "accountant": "Opacus RDP (node.privacy.epsilon_of)",
               "rule": "mean (default weight cap) unless a variant says rule:NAME; "
-                      "weights = noised row counts",
+                      "weights = noised row counts where the rule reads them, else 1 "
+                      "(privacy.weight = auto)",
               "base recipe": "mlp 64, sgd lr 0.05, batch 32, 1 local epoch, clip 1",
               "variant labels": "dp <recipe> <server>[ clip<C>][ lr<lr0>]: server none, "
                                 "m<beta> (FedAvgM, server lr 1), adam<lr> (FedAdam, beta1 "

@@ -400,8 +400,8 @@ def main(argv: list[str] | None = None) -> int:
         final = rounds[-1]["metrics"] if rounds else {metric: float("nan"),
                                                        "pr_auc": float("nan")}
         plan_file = m.state / "privacy_plan.json"
-        sigma = json.loads(plan_file.read_text())["noise_multiplier"] if plan_file.exists() \
-            else None
+        plan = json.loads(plan_file.read_text()) if plan_file.exists() else {}
+        sigma, weight = plan.get("noise_multiplier"), plan.get("weight")
         # Its final model, from its checkpoint: scored on the common test set (the last
         # metrics line is the same figure when the node evaluated on it) and on its own
         # held-out rows (the collaboration gain), exactly as the in-process simulator does.
@@ -415,7 +415,7 @@ def main(argv: list[str] | None = None) -> int:
         results.append(MemberResult(m.name, final, last["epsilon"], last["bytes_sent"],
                                     last["bytes_received"], last["rejected"],
                                     len({ln["round"] for ln in rounds}), last.get("stopped"),
-                                    sigma, own))
+                                    sigma, own, weight))
     centralized, local_only = baselines(spec, prep)
     summary = summarize(spec, prep, results, history_of(members, metric), centralized,
                         local_only)

@@ -5,6 +5,8 @@ well under a minute. `make test` runs everything."""
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 
 UNIT_MODULES = frozenset({
@@ -18,3 +20,14 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if item.module is not None and item.module.__name__.rsplit(".", 1)[-1] in UNIT_MODULES:
             item.add_marker(pytest.mark.unit)
+
+
+@pytest.fixture(autouse=True)
+def _flnode_log_level():
+    """A test that runs a bench's main() in-process (tests/test_skew.py) leaves the
+    "flnode" logger at CRITICAL, as the bench sets it for its own output; a later test
+    that reads caplog would then see nothing. Every test starts from the level before."""
+    logger = logging.getLogger("flnode")
+    level = logger.level
+    yield
+    logger.setLevel(level)

@@ -190,8 +190,10 @@ def test_fixed_is_bit_for_bit_what_the_node_did_before_the_recipe(tmp_path):
         per = steps_per_epoch(rows, tc.batch_size)
         assert (doc["batch_size"], doc["epochs"], doc["sample_rate"], doc["steps_per_round"]) \
             == (tc.batch_size, tc.epochs, 1.0 / per, tc.epochs * per)
+        # the count release as privacy.weight = "auto" chose it (none under the robust rule)
+        assert (doc["weight"], doc["count_sigma"]) == ("uniform", None)
         assert doc["noise_multiplier"] == calibrate_sigma(3.0, 1e-5, "record", 1.0 / per,
-                                                          tc.epochs * per, tc.rounds, 10.0)
+                                                          tc.epochs * per, tc.rounds, None)
         assert a.budget.training(tc.epochs, tc.batch_size, tc.lr) == \
             (tc.epochs, tc.batch_size, tc.lr)
         assert (a.state.path / PLAN_FILE).read_bytes() == \
@@ -211,3 +213,37 @@ def test_auto_trains_with_the_pinned_recipe_and_spends_within_budget(tmp_path):
                    == (p.sample_rate, p.steps_per_round, p.noise_multiplier) for r in records)
         assert p.sample_rate == 1.0 / steps_per_epoch(len(n.train_data.X), p.batch_size)
         assert n.epsilon() <= 3.0 and not n.stopped
+
+
+def test_auto_weight_is_pinned_at_the_first_start(tmp_path):
+    """privacy.weight = "auto" resolves once: a later rule that reads declared weights
+    does not make a restarted node release (and charge) a count it never planned, nor
+    does one that ignores them un-plan a count already charged."""
+    def make(state, declared: bool) -> PrivacyBudget:
+        cfg = PrivacyConfig(mode="record", epsilon=EPS)
+        assert cfg.weight == "auto"
+        return PrivacyBudget(cfg, rows=500, rounds=ROUNDS, epochs=1, batch_size=B0,
+                             state_dir=state, ledger=Ledger(state / "ledger.jsonl"),
+                             declared_weights=declared)
+
+    equal, declared = tmp_path / "equal", tmp_path / "declared"
+    equal.mkdir(), declared.mkdir()
+    first = make(equal, False)
+    assert first.plan.weight == "uniform" and first.plan.count_sigma is None
+    assert first.weight(0, SeededNoise(0)) == (1.0, [])
+    again = make(equal, True)  # the rules now weigh by declared weight
+    assert again.plan.weight == "uniform" and again.weight(1, SeededNoise(0)) == (1.0, [])
+    assert again.plan.noise_multiplier == first.plan.noise_multiplier
+
+    charged = make(declared, True)
+    assert charged.plan.weight == "noised" and charged.plan.count_sigma == 10.0
+    w, charges = charged.weight(0, SeededNoise(0))
+    assert w != 500.0 and [c.mode for c in charges] == ["count"]
+    assert make(declared, False).plan.weight == "noised"  # the plan's, as charged
+    # The count costs budget: without it sigma is a little lower for the same epsilon.
+    assert first.plan.noise_multiplier < charged.plan.noise_multiplier
+    # An explicit setting that contradicts the pinned plan is refused, naming the key.
+    with pytest.raises(LocalError, match=r"privacy.weight is 'noised' but .* says 'uniform'"):
+        PrivacyBudget(PrivacyConfig(mode="record", epsilon=EPS, weight="noised"), rows=500,
+                      rounds=ROUNDS, epochs=1, batch_size=B0, state_dir=equal,
+                      ledger=Ledger(equal / "ledger.jsonl"))

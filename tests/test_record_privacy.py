@@ -70,7 +70,7 @@ async def run_all(nodes):
 
 
 async def test_record_mode_spends_within_budget_and_never_sends_the_exact_count(tmp_path):
-    prep = make(tmp_path, privacy="record", epsilon=2.0, sigma=None)
+    prep = make(tmp_path, privacy="record", epsilon=2.0, sigma=None, weight="noised")
     nodes = nodes_of(prep)
     await run_all(nodes)
     for n in nodes:
@@ -82,6 +82,26 @@ async def test_record_mode_spends_within_budget_and_never_sends_the_exact_count(
         acc = RDPAccountant()
         acc.history = [(r.noise_multiplier, r.sample_rate, r.steps) for r in n.ledger.records]
         assert n.epsilon() == pytest.approx(acc.get_epsilon(1e-5), abs=1e-6)
+
+
+@pytest.mark.parametrize("rule, released", [("trimmed_mean", False), ("mean", True)])
+async def test_auto_weight_releases_a_count_only_where_the_rule_reads_it(tmp_path, rule,
+                                                                         released):
+    """privacy.weight = "auto" (the default): trimmed_mean (the default rule for three
+    members) counts every share once, so no count is released, charged or sent (weight 1
+    on the wire); the plain mean weighs by declared weight, so the noised count is."""
+    prep = make(tmp_path, privacy="record", epsilon=2.0, sigma=None, aggregation=rule)
+    nodes = nodes_of(prep)
+    assert all(load_config(p).privacy.weight == "auto" for p in prep.config_paths)
+    await run_all(nodes)
+    for n in nodes:
+        modes = [r.mode for r in n.ledger.records]
+        assert modes == (["count"] if released else []) + ["record", "record"]
+        assert n.budget.plan.weight == ("noised" if released else "uniform")
+        assert (n.state.path / "released_weight.json").exists() == released
+        assert 1.9 <= n.epsilon() <= 2.0
+        if not released:  # the weight every share of it carries (Node._release): 1, free
+            assert n.budget.weight(2, SeededNoise(0)) == (1.0, [])
 
 
 async def test_budget_exhaustion_stops_sharing_with_one_message_and_others_go_on(tmp_path, caplog):

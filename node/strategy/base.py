@@ -219,6 +219,12 @@ class Strategy(ABC):
     def f(self) -> int:
         return int(self.params["f"])
 
+    @property
+    def reads_declared_weights(self) -> bool:
+        """Whether a share's declared weight can change the result (`weighting =
+        "declared"`); under "equal" it is only checked to be a positive number."""
+        return self.uses_weights and self.params["weighting"] == "declared"
+
     def needs(self, f: int) -> int:
         """Shares (own included) this rule needs to survive f hostile ones."""
         return 1
