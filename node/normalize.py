@@ -110,10 +110,20 @@ def member_stats(df: Table | pd.DataFrame, schema, source: str) -> Stats:
 def noised(exact: Stats, noise_multiplier: float, noise) -> Stats:
     """Gaussian mechanism: N(0, (sigma_n Delta)^2) on every value, from `noise` (the
     OS's random source in a real node)."""
+    import torch
+
+    from node.privacy import snap, stat_grid
+
     k = len(exact.sum)
     std = noise_multiplier * sensitivity(k)
-    draw = np.asarray(noise.gaussian(1 + 2 * k, std), dtype=np.float64)
-    return Stats(exact.rows + float(draw[0]), exact.sum + draw[1:1 + k], exact.sumsq + draw[1 + k:])
+    draw = np.asarray(noise.gaussian(1 + 2 * k, std, torch.float64), dtype=np.float64)
+    # float64 draws, snapped (node.privacy.snap): the row count to an integer, the sums
+    # to a grid far coarser than a double's low bits, which would otherwise tell an
+    # observer which exact values the noise was added to
+    grid = stat_grid(std)
+    return Stats(snap(exact.rows + float(draw[0]), 1.0),
+                 np.array([snap(float(v), grid) for v in exact.sum + draw[1:1 + k]]),
+                 np.array([snap(float(v), grid) for v in exact.sumsq + draw[1 + k:]]))
 
 
 def implausible(stats: Stats, noise_multiplier: float | None, k: int) -> str | None:

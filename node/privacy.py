@@ -19,6 +19,7 @@ can at worst over-count (a record whose share never left), never under-count.
 from __future__ import annotations
 
 import functools
+import hashlib
 import importlib.util
 import json
 import logging
@@ -56,7 +57,7 @@ def clip(update: torch.Tensor, clip_norm: float) -> tuple[torch.Tensor, float]:
 class NoiseSource(Protocol):
     name: str
 
-    def gaussian(self, n: int, std: float) -> torch.Tensor: ...
+    def gaussian(self, n: int, std: float, dtype: torch.dtype | None = None) -> torch.Tensor: ...
 
     def uniform(self, n: int) -> torch.Tensor: ...
 
@@ -72,7 +73,9 @@ class OsNoise:
 
     name = "os.urandom"
 
-    def gaussian(self, n: int, std: float) -> torch.Tensor:
+    def gaussian(self, n: int, std: float, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """float32 (DP-SGD's tensors) unless dtype says otherwise: a released scalar
+        (a noised count or sum) takes float64 and is snapped (`snap`)."""
         import torch
 
         pairs = (n + 1) // 2
@@ -81,7 +84,8 @@ class OsNoise:
         u2 = (words[1] >> np.uint64(11)).astype(np.float64) * 2.0**-53  # [0, 1)
         radius = np.sqrt(-2.0 * np.log(u1))
         z = np.concatenate([radius * np.cos(2 * np.pi * u2), radius * np.sin(2 * np.pi * u2)])
-        return torch.from_numpy((z[:n] * std).astype(np.float32))
+        out = torch.from_numpy(z[:n] * std)
+        return out.to(dtype if dtype is not None else torch.float32)
 
     def uniform(self, n: int) -> torch.Tensor:
         """n floats in [0, 1) from os.urandom (53 bits each): DP-SGD's Poisson sampling."""
@@ -112,10 +116,10 @@ class SeededNoise:
 
         self.generator = torch.Generator().manual_seed(seed)
 
-    def gaussian(self, n: int, std: float) -> torch.Tensor:
+    def gaussian(self, n: int, std: float, dtype: torch.dtype | None = None) -> torch.Tensor:
         import torch
 
-        return torch.randn(n, generator=self.generator) * std
+        return torch.randn(n, generator=self.generator, dtype=dtype or torch.float32) * std
 
     def uniform(self, n: int) -> torch.Tensor:
         import torch
@@ -124,6 +128,26 @@ class SeededNoise:
 
     def torch_generator(self) -> torch.Generator:
         return self.generator
+
+
+def snap(value: float, grid: float) -> float:
+    """`value` rounded to the nearest multiple of `grid` (a power of two, or 1).
+
+    A floating-point Gaussian mechanism leaks through its low bits: which doubles
+    `x + z` can take depends on x (Mironov 2012, "On significance of the least
+    significant bits for differential privacy"), so an observer can rule out
+    neighbouring inputs. Released scalars are therefore snapped to a grid far coarser
+    than a double's resolution at their size: a count to an integer (x integer, so
+    round(x + z) = x + round(z) exactly), a sum to `stat_grid(std)`. Rounding is
+    post-processing; the grid is fine enough not to matter to anyone using the value."""
+    return float(round(value / grid) * grid)
+
+
+def stat_grid(std: float) -> float:
+    """The snapping grid for a noised sum of noise std `std`: the power of two at most
+    std / 2^12 (a released sum is good to 1/4096 of its noise), never below 2^-20 (a
+    double below 2^30 resolves 2^-22 or finer, so every grid point stays reachable)."""
+    return 2.0 ** max(math.floor(math.log2(std)) - 12, -20) if std > 0 else 2.0 ** -20
 
 
 def privatize_update(update: torch.Tensor, clip_norm: float, sigma: float,
@@ -301,6 +325,22 @@ class Ledger:
     def epsilon(self, delta: float) -> float:
         return epsilon_of(self.records, delta)
 
+    def check_covers(self, count: int, digest: str, where: str) -> None:
+        """Refuse a ledger that no longer starts with the `count` records (of `digest`)
+        that `where` (the checkpoint) saw: records removed or changed under-count epsilon."""
+        if len(self.records) >= count and ledger_digest(self.records[:count]) == digest:
+            return
+        now = (f"holds {len(self.records)} record(s) but {where} was written when it held "
+               f"{count}" if len(self.records) < count else
+               f"holds {len(self.records)} record(s) but its first {count} are not the ones "
+               f"{where} was written with")
+        raise LocalError(
+            f"privacy ledger {self.path} {now}: records were removed or changed since (an "
+            "older backup restored, or an edit), so "
+            "epsilon would be under-counted. Put back the ledger that goes with that "
+            "checkpoint (a repaired one leaves the original beside it as *.damaged); the node "
+            "does not start without it.")
+
 
 def _line(record: LedgerRecord) -> bytes:
     return json.dumps(asdict(record), sort_keys=True).encode() + b"\n"
@@ -312,11 +352,36 @@ def _parse_record(line: bytes) -> LedgerRecord | None:
         rec = LedgerRecord(**doc)
     except (ValueError, TypeError):
         return None
-    ok = (type(rec.round) is int and isinstance(rec.mode, str)
+    ok = (type(rec.round) is int and rec.mode in LEDGER_MODES
+          and isinstance(rec.share_digest, str)
           and all(isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
                   for v in (rec.noise_multiplier, rec.sample_rate, rec.clip_norm))
-          and type(rec.steps) is int and rec.steps >= 0)
+          # what the accountant can take: a value outside these is an edit, not a charge
+          and 0 <= rec.noise_multiplier <= MAX_LEDGER_SIGMA and 0 < rec.sample_rate <= 1
+          and rec.clip_norm > 0
+          and type(rec.steps) is int and 0 <= rec.steps <= MAX_LEDGER_STEPS)
     return rec if ok else None
+
+
+LEDGER_MODES = frozenset({"update", "record", "count", "normalize"})
+MAX_LEDGER_SIGMA = 1e6  # Opacus' RDP overflows far above this
+MAX_LEDGER_STEPS = 10**9
+
+
+def ledger_digest(records: list[LedgerRecord]) -> str:
+    """A digest of these records as the ledger writes them: the checkpoint keeps the one of
+    the ledger it was written with, so a ledger rolled back (an older backup), cut short or
+    edited is refused instead of under-counting epsilon."""
+    h = hashlib.blake2b(digest_size=16)
+    for r in records:
+        h.update(_line(r))
+    return h.hexdigest()
+
+
+def weight_digest(weight: float) -> str:
+    """What the ledger's "count" charge records of the weight it released."""
+    return "weight:" + hashlib.blake2b(json.dumps(float(weight)).encode(),
+                                       digest_size=16).hexdigest()
 
 
 def _split_glued(line: bytes) -> tuple[bytes, list[LedgerRecord]] | None:
@@ -564,6 +629,9 @@ class PrivacyBudget:
         self.ledger = ledger
         self.state_dir = state_dir
         self.plan = self._plan(rounds, epochs, batch_size) if cfg.mode != "off" else None
+        if self.plan is not None and self.plan.weight == "noised" and \
+                (state_dir / WEIGHT_FILE).exists():
+            self._stored_weight(state_dir / WEIGHT_FILE)  # refused at start, not mid-run
 
     def _plan(self, rounds: int, epochs: int, batch_size: int) -> PrivacyPlan:
         cfg = self.cfg
@@ -599,6 +667,12 @@ class PrivacyBudget:
                             existing.recipe_base, existing.batch_size, existing.epochs,
                             existing.lr)
             return existing  # sigma as planned at the first start, never re-calibrated
+        if self.ledger.records:
+            raise LocalError(
+                f"privacy plan {path} is missing but the ledger {self.ledger.path} already "
+                f"holds {len(self.ledger.records)} charge(s) (epsilon "
+                f"{self.ledger.epsilon(cfg.delta):.4g}): a budget that is partly spent is "
+                "never re-planned. Restore the plan file, or start a new state dir.")
         if auto:
             return self._plan_auto(rounds, epochs, batch_size, count_sigma, weight, path,
                                    recipe_base)
@@ -730,12 +804,40 @@ class PrivacyBudget:
             return 1.0, []
         path = self.state_dir / WEIGHT_FILE
         if path.exists():
-            return float(json.loads(path.read_text())["weight"]), []
+            return self._stored_weight(path), []
+        import torch
+
         sigma = self.plan.count_sigma
         assert sigma is not None
-        # Post-processing of the noised count: clamp to >= 1 so a weight stays positive.
-        noisy = max(1.0, self.rows + float(noise.gaussian(1, sigma)[0]))
-        return noisy, [LedgerRecord(round_, "count", sigma, 1.0, 1, 1.0, "")]
+        # Post-processing of the noised count: rounded to an integer in float64 (never
+        # the low bits of a float32 draw: `snap`), clamped to >= 1 so a weight stays positive.
+        noisy = max(1.0, snap(self.rows + float(noise.gaussian(1, sigma, torch.float64)[0]), 1.0))
+        return noisy, [LedgerRecord(round_, "count", sigma, 1.0, 1, 1.0, weight_digest(noisy))]
+
+    def _stored_weight(self, path: Path) -> float:
+        """The noised count released before, as stored: a finite number >= 1 that the
+        ledger's "count" charge names (an older flnode's charge names none: then only that
+        it was charged). Anything else, e.g. the exact row count written in by hand, would
+        be released every round uncharged: refused."""
+        try:
+            weight = json.loads(path.read_text())["weight"]
+        except (ValueError, KeyError, TypeError) as exc:
+            raise LocalError(f"{path} is unreadable ({exc!r}); move it away (the count is then "
+                             "drawn and charged afresh)") from None
+        if not (isinstance(weight, int | float) and not isinstance(weight, bool)
+                and math.isfinite(weight) and weight >= 1):
+            raise LocalError(f"{path}: weight {weight!r} is not a finite number >= 1")
+        counts = [r for r in self.ledger.records if r.mode == "count"]
+        named = {part for r in counts for part in r.share_digest.split()
+                 if part.startswith("weight:")}
+        if not counts or (named and weight_digest(weight) not in named):
+            raise LocalError(
+                f"{path}: weight {weight!r} is not the noised count the ledger "
+                f"{self.ledger.path} charged "
+                f"({'no count charge' if not counts else 'it names another value'}): "
+                "releasing it would be uncharged. Move the file away (the count is then drawn "
+                "and charged afresh).")
+        return float(weight)
 
     def store_weight(self, weight: float) -> None:
         atomic_write(self.state_dir / WEIGHT_FILE, json.dumps({"weight": weight}).encode())

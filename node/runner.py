@@ -81,6 +81,7 @@ from node.privacy import (
     NoiseSource,
     OsNoise,
     PrivacyBudget,
+    ledger_digest,
     privatize_update,
 )
 from node.rules import AgreedStrategy, build_strategy
@@ -483,6 +484,10 @@ class Node:
         if cp is None:
             self._save_checkpoint()
             return
+        if cp.ledger_records is not None:
+            self.ledger.check_covers(cp.ledger_records, cp.ledger_digest,
+                                     f"the checkpoint {self.state.checkpoint_path} "
+                                     f"(at round {cp.next_round + 1})")
         set_flat(self.model, torch.from_numpy(np.frombuffer(cp.model, dtype="<f4").copy()))
         self.book = RoundBook(self.book.neighbours - set(cp.retired), self.book.lookahead,
                               cp.next_round)
@@ -528,6 +533,8 @@ class Node:
             strategy=self.strategy.state_dict(),
             control=self.control.state_dict() if self.control is not None else {},
             planned_rounds=self.cfg.training.rounds,
+            ledger_records=len(self.ledger.records),
+            ledger_digest=ledger_digest(self.ledger.records),
             retired=sorted({m.name for m in self.consortium.members} - {self.name}
                            - self.book.neighbours),
         ))
@@ -1002,11 +1009,23 @@ class Node:
         released = start + update
         if not bool(torch.isfinite(released).all()):
             # Local training diverged (a learning rate too high, a value that overflows
-            # float32): nothing non-finite is ever released, nor charged.
+            # float32): nothing non-finite is ever released. The mechanism did run on the
+            # data, and the peers see that no share came this round (an output of it):
+            # the round is charged all the same, fsync'd before it goes on (over-counting
+            # is safe, under-counting never). A noised count charged here is stored, so it
+            # is the one later rounds release, not a second draw.
+            dropped = "not-released:non-finite"  # in place of a digest: no share exists
+            for record in charges:
+                self.ledger.charge(dataclasses.replace(
+                    record, share_digest=dropped if not record.share_digest
+                    else f"{dropped} {record.share_digest}"))
+            if any(c.mode == "count" for c in charges):
+                self.budget.store_weight(weight)
             self.counters.rejected["non_finite_local"] += 1
             log.error("%s: round %d: local training produced non-finite parameters (check "
-                      "training.lr and the data's ranges); nothing released this round, the "
-                      "round goes on with the others' shares", self.name, r + 1)
+                      "training.lr and the data's ranges); nothing released this round (its "
+                      "privacy cost is charged all the same), the round goes on with the "
+                      "others' shares", self.name, r + 1)
             self._restart_deadline()
             return None, WeightedShare(self.name, weight, start), float("nan"), False
         if pc.mode != "off":
@@ -1037,7 +1056,10 @@ class Node:
         for record in charges:
             # Charged and fsync'd before the bytes exist anywhere but in memory, and
             # also when nobody could be sealed for: our model goes on from this share.
-            self.ledger.charge(dataclasses.replace(record, share_digest=digest))
+            # (a count charge also keeps what names the weight it released: node/privacy.py)
+            self.ledger.charge(dataclasses.replace(
+                record, share_digest=digest if not record.share_digest
+                else f"{digest} {record.share_digest}"))
         if any(c.mode == "count" for c in charges):
             self.budget.store_weight(weight)
         if data is not None:

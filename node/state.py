@@ -121,6 +121,12 @@ class Checkpoint:
     # training.control_variates: c_i, c and the pending round (node/control.py state_dict)
     control: dict[str, Any] = field(default_factory=dict)
     planned_rounds: int | None = None  # training.rounds (for `flnode status`)
+    # The privacy ledger this checkpoint was written with: its record count and digest
+    # (node.privacy.ledger_digest). A restart refuses a ledger that no longer starts with
+    # them (rolled back, cut short, edited): epsilon would be under-counted. None: a
+    # checkpoint from before this was kept (nothing to compare).
+    ledger_records: int | None = None
+    ledger_digest: str = ""
 
 
 class StateDir:

@@ -181,3 +181,44 @@ def test_calibration_ends_as_the_bisection_did():
     old = bisection_sigma(40.0, 1e-5, "update", 1.0, 1, 30, None)
     assert old / SIGMA_RATIO < new < old * SIGMA_RATIO
     assert epsilon_of(plan_history("update", new, 1.0, 1, 30, None), 1e-5) <= 40.0
+
+
+def test_a_noised_count_does_not_leak_the_exact_count_through_its_low_bits(tmp_path):
+    """Mironov's floating-point attack, as the audit ran it: with the count's noise drawn
+    in float32, `weight - r` is a float32 value for the true count r but often not for
+    r ± 1, so an observer could rule out neighbouring counts (18 % of releases). The
+    released count is now rounded to an integer: every candidate stays possible."""
+    from node.config import PrivacyConfig
+    from node.privacy import PrivacyBudget
+
+    rows, ruled_out = 4459, 0
+    for i in range(300):
+        state = tmp_path / str(i)
+        state.mkdir()
+        budget = PrivacyBudget(PrivacyConfig(mode="record", epsilon=3.0, weight="noised"),
+                               rows=rows, rounds=30, epochs=1, batch_size=32,
+                               state_dir=state, ledger=Ledger(state / "ledger.jsonl"))
+        w, charges = budget.weight(0, OsNoise())
+        assert [c.mode for c in charges] == ["count"] and w == round(w) and w >= 1
+        for r in (rows - 1, rows, rows + 1):
+            if float(np.float32(w - r)) != w - r:  # the old draw was a float32 value
+                ruled_out += 1
+    assert ruled_out == 0
+
+
+def test_noised_normalization_stats_are_snapped_to_a_grid():
+    """The same for federated normalization's stats: rows to an integer, the sums and
+    sums of squares to a power-of-two grid far coarser than a double's low bits."""
+    from node.normalize import Stats, noised, sensitivity
+
+    exact = Stats(123.0, np.array([45.678, 0.1]), np.array([30.25, 0.01]))
+    std = 2.0 * sensitivity(2)
+    grid = privacy.stat_grid(std)
+    assert grid == 2.0 ** (math.floor(math.log2(std)) - 12)
+    for _ in range(50):
+        s = noised(exact, 2.0, OsNoise())
+        assert s.rows == round(s.rows)
+        for v in [*s.sum, *s.sumsq]:
+            assert v / grid == round(v / grid)
+    assert privacy.stat_grid(1e-9) == 2.0 ** -20  # never finer than a double resolves
+    assert privacy.snap(4459.5000001, 1.0) == 4460.0 and privacy.snap(-0.3, 1.0) == 0.0

@@ -53,9 +53,10 @@ def nodes_of(prep, rounds=None, hub=None, overrides=None):
     out = []
     for i, (name, path) in enumerate(zip(prep.names, prep.config_paths, strict=True)):
         cfg = load_config(path)
-        if rounds is not None:
+        r = rounds.get(name) if isinstance(rounds, dict) else rounds
+        if r is not None:
             cfg = cfg.model_copy(update={"training": cfg.training.model_copy(
-                update={"rounds": rounds})})
+                update={"rounds": r})})
         if overrides and name in overrides:
             cfg = cfg.model_copy(update={"privacy": cfg.privacy.model_copy(
                 update=overrides[name])})
@@ -118,11 +119,14 @@ async def test_budget_exhaustion_stops_sharing_with_one_message_and_others_go_on
 
 async def test_a_retired_member_no_longer_holds_rounds_open(tmp_path):
     prep = make(tmp_path, privacy="update", epsilon=5.0, sigma=None)
-    await run_all(nodes_of(prep))
-    # bank-0 keeps its 2-round plan; the others get fresh budgets for 4 rounds
-    for name in prep.names[1:]:
-        for f in ("privacy_plan.json", "ledger.jsonl"):
-            (tmp_path / "state" / name / f).unlink()
+    # bank-0's budget is planned for 2 rounds, the others' for 5 (a budget is planned at
+    # the first start and never re-planned: a wiped ledger under a kept checkpoint is
+    # refused); all run 2 rounds first
+    first = nodes_of(prep, rounds={name: 2 if name == "bank-0" else 5 for name in prep.names})
+    for n in first[1:]:
+        n.cfg = n.cfg.model_copy(update={"training": n.cfg.training.model_copy(
+            update={"rounds": 2})})
+    await run_all(first)
     nodes = nodes_of(prep, rounds=4)
     for n in nodes:
         n.cfg = n.cfg.model_copy(update={"gossip": n.cfg.gossip.model_copy(
@@ -132,9 +136,6 @@ async def test_a_retired_member_no_longer_holds_rounds_open(tmp_path):
     assert nodes[1].book.current == 4 and "bank-0" not in nodes[1].book.neighbours
     # A restart remembers it (the checkpoint): bank-0 never comes back, and no round
     # waits a deadline for it.
-    for name in prep.names[1:]:
-        for f in ("privacy_plan.json", "ledger.jsonl"):
-            (tmp_path / "state" / name / f).unlink()
     again = nodes_of(prep, rounds=5)[1:]
     for n in again:
         assert "bank-0" not in n.book.neighbours
@@ -176,3 +177,78 @@ async def test_status_reports_epsilon_recomputed_from_the_ledger(tmp_path):
                         str(nodes[0].state.path)], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and "ε spent" in r.stdout and "of budget 2" in r.stdout
     assert "bank-1 (2 accepted" in r.stdout
+
+
+def _released(tmp_path, **kw):
+    """A 3-member record-DP consortium after its 2 rounds (the noised count released)."""
+    prep = make(tmp_path, privacy="record", epsilon=2.0, sigma=None, weight="noised", **kw)
+    asyncio.run(run_all(nodes_of(prep)))
+    return prep, tmp_path / "state" / "bank-1"
+
+
+def test_a_rolled_back_or_edited_ledger_is_refused_not_under_counted(tmp_path):
+    """The audit's case: an older backup of the ledger (fewer records) restored under
+    the checkpoint would let the node spend again what it already spent."""
+    prep, state = _released(tmp_path)
+    ledger = state / "ledger.jsonl"
+    full = ledger.read_bytes()
+    assert full.count(b"\n") == 3  # count, round 1, round 2
+    ledger.write_bytes(b"".join(full.splitlines(keepends=True)[:2]))  # the "backup"
+    with pytest.raises(LocalError, match=r"ledger .* holds 2 record\(s\) but the checkpoint "
+                                         r".* was written when it held 3: records were removed"):
+        nodes_of(prep)
+    # an edit that keeps the count: a lower sample rate on round 1 (cheaper)
+    lines = full.splitlines(keepends=True)
+    doc = json.loads(lines[1])
+    doc["sample_rate"] /= 10
+    ledger.write_bytes(lines[0] + json.dumps(doc, sort_keys=True).encode() + b"\n" + lines[2])
+    with pytest.raises(LocalError, match=r"its first 3 are not the ones the checkpoint"):
+        nodes_of(prep)
+    ledger.write_bytes(full)
+    nodes_of(prep)  # the true ledger: starts
+
+
+def test_a_missing_plan_is_not_re_made_over_a_spent_ledger(tmp_path):
+    prep, state = _released(tmp_path)
+    (state / "privacy_plan.json").unlink()
+    with pytest.raises(LocalError, match=r"privacy plan .* is missing but the ledger .* already "
+                                         r"holds 3 charge\(s\).*never re-planned"):
+        nodes_of(prep)
+
+
+@pytest.mark.parametrize("stored, why", [
+    ("exact", r"is not the noised count the ledger .* charged \(it names another value\)"),
+    ("nan", r"weight nan is not a finite number >= 1"),
+    ("-1", r"weight -1 is not a finite number >= 1"),
+    ("{}", r"is unreadable"),
+])
+def test_a_tampered_released_weight_is_refused(tmp_path, stored, why):
+    """released_weight.json written by hand (the exact row count, or garbage) would be
+    released every round uncharged."""
+    prep, state = _released(tmp_path)
+    path = state / "released_weight.json"
+    if stored == "exact":
+        rows = json.loads((state / "privacy_plan.json").read_text())["rows"]
+        path.write_text(json.dumps({"weight": rows}))
+    elif stored == "{}":
+        path.write_text("{}")
+    else:
+        path.write_text(f'{{"weight": {"NaN" if stored == "nan" else stored}}}')
+    with pytest.raises(LocalError, match=why):
+        nodes_of(prep)
+
+
+@pytest.mark.parametrize("field, value", [("sample_rate", 2.0), ("sample_rate", 0.0),
+                                          ("noise_multiplier", 1e300), ("mode", "x"),
+                                          ("steps", -1), ("clip_norm", 0.0)])
+def test_a_ledger_record_the_accountant_cannot_take_is_refused_by_name(tmp_path, field, value):
+    """Out-of-range values used to crash the accountant (math domain error, overflow) or
+    count for nothing (q 0, an unknown mode); now the line is refused as corrupt."""
+    from node.privacy import Ledger
+
+    good = LedgerRecord(0, "record", 1.1, 0.05, 20, 1.0, "")
+    doc = {**good.__dict__, field: value}
+    path = tmp_path / "ledger.jsonl"
+    path.write_text(json.dumps(doc) + "\n" + json.dumps(good.__dict__) + "\n")
+    with pytest.raises(LocalError, match=r"line 1 is corrupt"):
+        Ledger(path)
