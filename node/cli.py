@@ -162,7 +162,9 @@ SIMULATE_EPILOG = (
     "--data-dir DIR: one NAME.csv or NAME.parquet per member (the member's name is the "
     "stem); DIR/test.csv (or --test FILE) is the consortium's common test set, else each "
     "member evaluates on its own held-out 20 % of rows, as `flnode run` does without "
-    "data.eval_path.")
+    "data.eval_path. The privacy noise on the members' own files comes from os.urandom, as "
+    "in every `flnode run` (the same seed twice: other noise); only `flnode simulate` on a "
+    "built-in table seeds it from --seed (summary.json's \"noise\" says which).")
 
 
 def add_data_dir_flags(p: argparse.ArgumentParser) -> None:

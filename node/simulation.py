@@ -3,8 +3,10 @@
 Everything a real member does happens here too — key files, a consortium
 file, node configs on disk, parquet data files, signed envelopes verified on
 arrival — only the network is an in-process hub. Same seed, same run: the
-split, the partitions, shuffling and (simulation only) the privacy noise all
-derive from `--seed`.
+split, the partitions, shuffling and, on a built-in demo table only, the privacy
+noise all derive from `--seed`. On the members' own files (`--data-dir`) the
+noise comes from os.urandom, as a real node's does: summary.json's "noise" says
+which.
 
 The rows come from a built-in table (split, partitioned) or from the members'
 own files (`--data-dir`: one file per member, read in place by its node; each
@@ -40,7 +42,7 @@ from node.config import ATTACK_PARAMS, AttackConfig, load_config, seals
 from node.data import FeatureSchema, encode, fit_schema, load_demo, partition
 from node.identity import Identity, save_identity
 from node.models import build_model, init_seed_from
-from node.privacy import ACCOUNTANT, SeededNoise
+from node.privacy import ACCOUNTANT, NoiseSource, OsNoise, SeededNoise
 from node.rules import DEFAULT_RULE, build_strategy, pin_rules, rules_table
 from node.runner import Node
 from node.train import evaluate, metric_name, train_local
@@ -981,6 +983,36 @@ def model_from_state(spec: SimulationSpec, prep: Prepared, state_dir: Path) -> A
     return model
 
 
+# What summary.json's "noise" says the members' privacy noise came from.
+NOISE_OS = "os"
+NOISE_SEEDED = "seeded (demo data: reproducible, not a guarantee)"
+
+
+def noise_kind(spec: SimulationSpec) -> str:
+    """The in-process simulator's noise: reproducible from --seed on a built-in demo
+    table; from os.urandom when the rows are the members' own (--data-dir), since noise
+    that protects real data must never be predictable from a config seed."""
+    return NOISE_OS if spec.data_dir is not None else NOISE_SEEDED
+
+
+def noise_for(spec: SimulationSpec, index: int) -> NoiseSource:
+    """Member `index`'s noise source in the in-process simulator (see noise_kind)."""
+    if noise_kind(spec) == NOISE_OS:
+        return OsNoise()
+    return SeededNoise(spec.seed * 7919 + index)
+
+
+def noise_line(summary: dict) -> str | None:
+    """The terminal's line on where the privacy noise came from (privacy on only)."""
+    if summary["epsilon"]["mode"] == "off":
+        return None
+    if summary.get("noise") == NOISE_OS:
+        return ("  noise: drawn from os.urandom (a fresh draw every run: the same seed does "
+                "not give the same released values)")
+    return ("  noise: seeded from --seed (demo data: the run is reproducible, and so is "
+            "the noise: not a privacy guarantee; a real node and --data-dir use os.urandom)")
+
+
 async def run_consortium(spec: SimulationSpec, prep: Prepared,
                          on_round: Any = None) -> list[Node]:
     hub = MemoryHub()
@@ -990,9 +1022,9 @@ async def run_consortium(spec: SimulationSpec, prep: Prepared,
             continue
         cfg = load_config(path)
         transport = hub.attach(name, prep.names)
-        # Simulation on demo data only: reproducible noise. A real node (`flnode
-        # run`) always draws its noise from os.urandom.
-        nodes.append(Node.from_config(cfg, transport, SeededNoise(spec.seed * 7919 + i)))
+        # Reproducible noise on the built-in demo tables only; the members' own files
+        # (--data-dir) get os.urandom, as a real node (`flnode run`) always does.
+        nodes.append(Node.from_config(cfg, transport, noise_for(spec, i)))
     async with asyncio.TaskGroup() as tg:
         for node in nodes:
             tg.create_task(node.run(on_round), name=f"node-{node.name}")
@@ -1044,9 +1076,12 @@ def weight_text(spec: SimulationSpec, results: list[MemberResult]) -> str:
 
 def summarize(spec: SimulationSpec, prep: Prepared, results: list[MemberResult],
               history: dict[int, dict[str, dict[str, float]]],
-              centralized: dict[str, float], local_only: dict[str, dict[str, float]]) -> dict:
+              centralized: dict[str, float], local_only: dict[str, dict[str, float]],
+              noise: str | None = None) -> dict:
     """summary.json. `local_only[name]["own"]` and `MemberResult.own` (when given) are the
-    local-only and consortium models' metrics on the member's own held-out rows."""
+    local-only and consortium models' metrics on the member's own held-out rows; `noise`
+    where the members' privacy noise came from (NOISE_OS or NOISE_SEEDED; by default the
+    in-process simulator's, noise_kind)."""
     metric = metric_name(prep.schema.n_classes)
     final = {r.name: r.final for r in results}
 
@@ -1066,6 +1101,7 @@ def summarize(spec: SimulationSpec, prep: Prepared, results: list[MemberResult],
         "rounds": spec.rounds,
         "partition": spec.partition if spec.data_dir is None else "the members' own files",
         "seed": spec.seed,
+        "noise": noise if noise is not None else noise_kind(spec),
         "model": spec.model,
         # local training: what every member ran (prox_mu: FedProx's proximal term, 0 = off;
         # round r's rate lr * lr_decay**r; control_variates: SCAFFOLD-style, node/control.py)
@@ -1224,8 +1260,17 @@ def simulate(spec: SimulationSpec, console: Any = None, notes: list[str] | None 
     summary = summarize(spec, prep, results, printer.history, centralized, local_only)
     write_outputs(spec, summary)
     print_summary(summary, spec.out, console)
+    print_noise(summary, console)
     print_attack(summary, console)
     return summary
+
+
+def print_noise(summary: dict, console: Any = None) -> None:
+    line = noise_line(summary)
+    if line is not None:
+        from node.report import make_console
+
+        (console or make_console()).print(line, markup=False, highlight=False)
 
 
 def print_attack(summary: dict, console: Any = None) -> None:

@@ -13,7 +13,9 @@ and `accuracy.png` as the in-process simulator.
 override the file, whose `transport` applies here). Each member's final model is read
 from its checkpoint and scored on the common test set and on its own held-out rows,
 as the in-process simulator scores its nodes' models: with privacy off both give the
-same per-member figures.
+same per-member figures. Each member's ε is recomputed from its ledger at the run's δ,
+as `flnode status` does, so a member stopped between charging a round and writing its
+metrics line is counted in full.
 
 `--transport mqtt` gossips through mosquitto: with no `--mqtt-broker` it
 starts its own on a free loopback port (one user and password per member, an
@@ -74,15 +76,19 @@ from node.cli import (  # noqa: E402
     track_given,
 )
 from node.config import seals  # noqa: E402
+from node.privacy import Ledger  # noqa: E402
 from node.report import make_console, plot_history, print_summary  # noqa: E402
 from node.simulation import (  # noqa: E402
+    NOISE_OS,
     MemberResult,
+    SimulationSpec,
     baselines,
     evaluate_rows,
     evaluation_rows,
     model_from_state,
     prepare,
     print_attack,
+    print_noise,
     spec_from_args,
     summarize,
 )
@@ -135,6 +141,16 @@ def history_of(members: list[Member], metric: str) -> dict[int, dict[str, dict[s
             if "metrics" in line:  # not the "stopped sharing" line
                 history.setdefault(line["round"], {})[m.name] = line["metrics"]
     return history
+
+
+def ledger_epsilon(spec: SimulationSpec, state: Path) -> float | None:
+    """A member's ε as `flnode status` computes it (node/status.py): recomputed from its
+    ledger by the accountant at the run's δ, never read from a metrics line, which a
+    member killed after charging a round (or before its first line) has not written.
+    None only with privacy off. A ledger that cannot be read is a LocalError naming it."""
+    if spec.privacy == "off":
+        return None
+    return Ledger(state / "ledger.jsonl").epsilon(spec.delta)  # StateDir.ledger_path; read only
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -392,6 +408,11 @@ def main(argv: list[str] | None = None) -> int:
     console.print(f"  all processes stopped after {elapsed:.1f} s; training the centralized "
                   "and local-only baselines …")
     results = []
+    try:
+        epsilons = {m.name: ledger_epsilon(spec, m.state) for m in members}
+    except LocalError as exc:
+        print(f"simulate_network: error: {exc}", file=sys.stderr)
+        return 2
     for m in members:
         lines = m.metrics()
         last = lines[-1] if lines else {"epsilon": None, "bytes_sent": 0, "bytes_received": 0,
@@ -412,13 +433,14 @@ def main(argv: list[str] | None = None) -> int:
             final = evaluate_rows(model, test)
             if own_parts:
                 own = evaluate_rows(model, own_parts[prep.names.index(m.name)])
-        results.append(MemberResult(m.name, final, last["epsilon"], last["bytes_sent"],
+        results.append(MemberResult(m.name, final, epsilons[m.name], last["bytes_sent"],
                                     last["bytes_received"], last["rejected"],
                                     len({ln["round"] for ln in rounds}), last.get("stopped"),
                                     sigma, own, weight))
     centralized, local_only = baselines(spec, prep)
+    # Every `flnode run` draws its privacy noise from os.urandom (node/daemon.py).
     summary = summarize(spec, prep, results, history_of(members, metric), centralized,
-                        local_only)
+                        local_only, NOISE_OS)
     summary["processes"] = {m.name: {"starts": m.starts, "exit_codes": m.exit_codes}
                             for m in members}
     summary["sigkills"] = killed
@@ -426,6 +448,7 @@ def main(argv: list[str] | None = None) -> int:
     (spec.out / "summary.json").write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
     plot_history(summary, spec.out / "accuracy.png")
     print_summary(summary, spec.out, console)
+    print_noise(summary, console)
     print_attack(summary, console)
     return 1 if failed else 0
 

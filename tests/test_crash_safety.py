@@ -25,8 +25,9 @@ from node.config import load_config, validate_config
 from node.data import FeatureSchema, encode
 from node.identity import load_identity
 from node.models import get_flat
-from node.privacy import Ledger, LedgerRecord
+from node.privacy import Ledger, LedgerRecord, SeededNoise, weight_digest
 from node.runner import Node
+from node.simulation import SimulationSpec, prepare
 from node.state import StateDir, atomic_write, read_jsonl
 from tests.helpers import SCHEMA
 from tests.test_runner import build, make, run_all
@@ -265,6 +266,45 @@ async def test_a_member_sending_huge_finite_values_crashes_nobody(tmp_path):
         lines = read_jsonl(n.state.path / "metrics.jsonl")
         assert [x["round"] for x in lines] == [0, 1]
         assert np.isfinite(get_flat(n.model).numpy()).all()
+
+
+@pytest.mark.parametrize("privacy", ["update", "record"])
+async def test_a_local_result_dropped_as_non_finite_is_still_charged(tmp_path, privacy):
+    """Privacy audit: a member whose local result is non-finite releases nothing, yet its
+    peers see that no share came that round, an output of a mechanism that ran on its
+    rows. The round is charged all the same (over-counting is safe), a noised count too."""
+    torch.set_num_threads(1)
+    spec = SimulationSpec(dataset="default", nodes=3, partition="iid", rounds=2, seed=0,
+                          out=tmp_path, privacy=privacy, clip=0.1, sigma=1.0,
+                          weight="noised", aggregation="mean", round_deadline_s=10.0)
+    prep = prepare(spec)
+    hub = MemoryHub()
+    nodes = []
+    for i, (name, path) in enumerate(zip(prep.names, prep.config_paths, strict=True)):
+        cfg = load_config(path)
+        if i == 0:  # an absurd learning rate (past the config's bound): training diverges
+            cfg = cfg.model_copy(update={"training": cfg.training.model_copy(
+                update={"lr": 1e30})})
+        nodes.append(Node.from_config(cfg, hub.attach(name, prep.names), SeededNoise(i)))
+    await asyncio.wait_for(run_all(nodes), 300)
+    bad = nodes[0]
+    assert bad.counters.rejected["non_finite_local"] == 2  # nothing released, both rounds
+    assert not (bad.state.path / "outbox").exists() or not any(
+        (bad.state.path / "outbox").iterdir())
+    for n in nodes[1:]:  # no share of it ever arrived
+        assert not [a for a in read_jsonl(n.state.path / "audit.jsonl")
+                    if a["member"] == bad.name and a.get("kind") in ("share", "sealed")]
+    ledger = Ledger(bad.state.path / "ledger.jsonl")  # as `flnode status` reads it
+    charged = [(r.round, r.mode) for r in ledger.records]
+    if privacy == "update":
+        assert charged == [(0, "update"), (1, "update")]
+    else:  # the noised count once (stored, reused), then what DP-SGD did each round
+        assert charged == [(0, "count"), (0, "record"), (1, "record")]
+        weight = json.loads((bad.state.path / "released_weight.json").read_text())["weight"]
+        assert ledger.records[0].share_digest.split()[1] == weight_digest(weight)
+    assert all(r.share_digest.startswith("not-released:") for r in ledger.records)
+    assert ledger.epsilon(1e-5) > 0
+    assert ledger.epsilon(1e-5) == pytest.approx(nodes[1].epsilon(), rel=0.2)
 
 
 # --- local input ------------------------------------------------------------------

@@ -102,6 +102,37 @@ def test_sigkilled_node_rejoins_and_nobody_hangs_or_double_releases(tmp_path):
     assert net["consortium"]["mean"] > net["local_only"]["mean"]
 
 
+def test_summary_epsilon_is_recomputed_from_the_ledger_not_the_last_metrics_line(tmp_path):
+    """Privacy audit: simulate_network.py took each member's ε from its last metrics line.
+    A member stopped after charging a round and before writing that round's line was
+    under-reported (and one with no line yet shown as "∞ (no DP)"). Here bank-2 never
+    starts: bank-0 and bank-1 charge round 1, release and wait out a long deadline for
+    it; the run's --timeout stops them there (SIGTERM). The summary's ε is the ledger's,
+    as `flnode status` computes it."""
+    from node.privacy import Ledger
+    from node.status import collect
+
+    out = tmp_path / "net"
+    r = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "simulate_network.py"), "--dataset", "default",
+         "--nodes", "3", "--partition", "iid", "--rounds", "2", "--seed", "0", "--privacy",
+         "record", "--epsilon", "3", "--absent", "bank-2", "--round-deadline", "600",
+         "--timeout", "45", "--out", str(out)], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 1, r.stdout[-3000:] + r.stderr[-3000:]  # stopped, not finished
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["epsilon"]["delta"] == 1e-5 and summary["noise"] == "os"
+    for name in ("bank-0", "bank-1"):
+        state = out / "state" / name
+        ledger = Ledger(state / "ledger.jsonl")
+        lines = read_jsonl(state / "metrics.jsonl")
+        # Not vacuous: the ledger holds a round no metrics line reports.
+        assert len(ledger.records) == len(lines) + 1, (ledger.records, lines)
+        eps = ledger.epsilon(1e-5)
+        assert eps > 0
+        assert summary["epsilon"]["per_node"][name] == eps
+        assert collect(state)["privacy"]["epsilon_spent"] == eps  # `flnode status`
+
+
 def test_daemon_stops_cleanly_on_sigterm_and_resumes_with_the_stored_release(tmp_path):
     spec = SimulationSpec(dataset="default", nodes=2, partition="iid", rounds=1, seed=0,
                           out=tmp_path, transport="libp2p", round_deadline_s=60,
