@@ -96,6 +96,25 @@ def auto_params(aggregation: str, resolved: str, params: dict[str, Any],
     return {**AUTO_PARAMS[resolved], **no_dp, **params}
 
 
+# Under DP, FedAdam at β1 0.9 (the recipe above) needs rounds to get going: measured on
+# the demo scenario (4 banks, record DP ε 3, flnode simulate, seed 0), ROC-AUC after 5 / 10
+# / 15 planned rounds 0.564 / 0.945 / 0.958; with β1 0.5, 0.956 after 5.
+FEW_ROUNDS_UNDER_DP = 15
+
+
+def few_rounds_warning(params: dict[str, Any], rounds: int, privacy_mode: str) -> str | None:
+    """Why a DP run of `rounds` rounds may end near its starting model (None: it won't)."""
+    if (privacy_mode == "off" or rounds >= FEW_ROUNDS_UNDER_DP
+            or params.get("server_opt") != "adam" or params.get("server_momentum", 0.9) < 0.9):
+        return None
+    return (f"training.rounds = {rounds} under {privacy_mode}-level DP with FedAdam at β1 "
+            f"{params.get('server_momentum', 0.9):g} (the default recipe's, tuned for 30 "
+            f"rounds): fewer than {FEW_ROUNDS_UNDER_DP} rounds may leave the model near its "
+            "start (the 4-bank demo at ε 3: ROC-AUC 0.56 after 5 rounds, 0.95 after 10, "
+            "0.96 after 15). Plan more rounds, or agree server_momentum = 0.5 in the "
+            "consortium's [rules.params] (0.96 after 5)")
+
+
 def resolve_rule(name: str, members: int) -> str:
     """"auto": the default rule for a consortium of `members` (module docstring)."""
     if name != "auto":

@@ -84,7 +84,7 @@ from node.privacy import (
     ledger_digest,
     privatize_update,
 )
-from node.rules import AgreedStrategy, build_strategy
+from node.rules import AgreedStrategy, build_strategy, few_rounds_warning
 from node.state import Checkpoint, StateDir, atomic_write
 from node.train import (
     evaluate,
@@ -276,6 +276,9 @@ class Node:
                         agreed.params["rule"])
         self.strategy = agreed.strategy
         self.strategy_params = agreed.params
+        few = few_rounds_warning(agreed.strategy.params, tc.rounds, cfg.privacy.mode)
+        if few is not None:
+            log.warning("%s: %s", identity.name, few)
         self.model = build_model(cfg.model.kind, schema.n_features, schema.n_classes,
                                  cfg.model.hidden, seed=init_seed_from(consortium))
         self.metric = metric_name(schema.n_classes)
