@@ -92,7 +92,7 @@ from node.simulation import (  # noqa: E402
     spec_from_args,
     summarize,
 )
-from node.state import read_jsonl  # noqa: E402
+from node.state import StateDir, read_jsonl  # noqa: E402
 from node.train import metric_name  # noqa: E402
 from scripts.ports import free_ports  # noqa: E402
 
@@ -433,8 +433,15 @@ def main(argv: list[str] | None = None) -> int:
             final = evaluate_rows(model, test)
             if own_parts:
                 own = evaluate_rows(model, own_parts[prep.names.index(m.name)])
-        results.append(MemberResult(m.name, final, epsilons[m.name], last["bytes_sent"],
-                                    last["bytes_received"], last["rejected"],
+        # Traffic and rejections: the checkpoint's, written after the last metrics line
+        # and once more when the node finishes, when the sends still in the background
+        # at the last round's close have landed (`flnode status` reads the same).
+        sent, got, rejected = last["bytes_sent"], last["bytes_received"], last["rejected"]
+        if (m.state / "checkpoint.msgpack").exists():
+            cp = StateDir(m.state).load_checkpoint()
+            if cp is not None:
+                sent, got, rejected = cp.bytes_sent, cp.bytes_received, cp.rejected
+        results.append(MemberResult(m.name, final, epsilons[m.name], sent, got, rejected,
                                     len({ln["round"] for ln in rounds}), last.get("stopped"),
                                     sigma, own, weight))
     centralized, local_only = baselines(spec, prep)

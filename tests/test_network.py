@@ -130,7 +130,13 @@ def test_summary_epsilon_is_recomputed_from_the_ledger_not_the_last_metrics_line
         eps = ledger.epsilon(1e-5)
         assert eps > 0
         assert summary["epsilon"]["per_node"][name] == eps
-        assert collect(state)["privacy"]["epsilon_spent"] == eps  # `flnode status`
+        st = collect(state)  # `flnode status`
+        assert st["privacy"]["epsilon_spent"] == eps
+        # traffic as `flnode status` reads it (the checkpoint), not a metrics line's
+        # (there is none: it would say 0 B)
+        assert st["bytes_sent"] > 0
+        assert summary["bytes"][name] == {"sent": st["bytes_sent"],
+                                          "received": st["bytes_received"]}
 
 
 def test_daemon_stops_cleanly_on_sigterm_and_resumes_with_the_stored_release(tmp_path):
