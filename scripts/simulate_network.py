@@ -77,7 +77,7 @@ from node.cli import (  # noqa: E402
 )
 from node.config import seals  # noqa: E402
 from node.privacy import Ledger  # noqa: E402
-from node.report import make_console, plot_history, print_summary  # noqa: E402
+from node.report import make_console, mean_text, plot_history, print_summary  # noqa: E402
 from node.simulation import (  # noqa: E402
     NOISE_OS,
     MemberResult,
@@ -369,11 +369,11 @@ def main(argv: list[str] | None = None) -> int:
             while shown + 1 < spec.rounds and all(v > shown for v in newest.values()):
                 shown += 1
                 row = history.get(shown, {})
-                vals = [row[m.name][metric] for m in members if m.name in row]
+                vals = {m.name: row[m.name][metric] for m in members if m.name in row}
                 eps = max((ln["epsilon"] for m in members for ln in m.metrics()
                            if ln["round"] <= shown and ln["epsilon"] is not None), default=None)
                 console.print(f"  round {shown + 1:>3}/{spec.rounds}  mean {metric} "
-                              f"{sum(vals) / max(len(vals), 1):.4f}  [dim]("
+                              f"{mean_text(vals)}  [dim]("
                               + " ".join(f"{row[m.name][metric]:.3f}" if m.name in row
                                          else "  -  " for m in members) + ")[/]"
                               + ("  ε ∞ (no DP)" if eps is None else f"  ε {eps:.2f}"))

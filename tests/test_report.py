@@ -273,3 +273,14 @@ def test_the_terminal_summary_names_the_server_optimizer_the_rules_apply(run_dir
     assert "then a FedAdam step (server_lr 0.03)" in line(summary)
     summary["aggregation"] = {**summary["aggregation"], "server_opt": "none"}
     assert "step" not in line(summary).split("consortium −")[0]
+
+
+def test_a_rounds_mean_skips_members_whose_metric_is_undefined_and_names_them():
+    """A member whose held-out rows hold one class has no ROC-AUC: the round's headline
+    used to read "mean roc_auc nan" for the whole run (bring-your-own-data rehearsal)."""
+    from node.report import mean_text
+
+    nan = float("nan")
+    assert mean_text({"a": 0.946, "b": 0.917, "c": nan}) == "0.9315 (n/a: c)"
+    assert mean_text({"a": 0.5, "b": 0.75}) == "0.6250"
+    assert mean_text({"a": nan}) == "n/a"
