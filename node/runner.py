@@ -471,8 +471,10 @@ class Node:
         agreed = combine(messages, self.schema, self.strategy_params.get("max_weight_fraction"))
         self._adopt(agreed)
         for m, f in sorted(agreed.capped.items()):
-            log.warning("%s: federated normalization: %s claims more rows than the agreed "
-                        "cap: its statistics weigh %.3g of the result", self.name, m, f)
+            log.warning("%s: federated normalization: %s's row count is above the weight "
+                        "cap (max_weight_fraction): its statistics weigh %.3g of the result, "
+                        "less than its share of the rows (the largest member, or one "
+                        "overstating its rows)", self.name, m, f)
         log.info("%s: federated normalization agreed with %d members (digest %s)", self.name,
                  len(agreed.members), agreed.digest.hex()[:16])
         self.state.append_jsonl("audit.jsonl", {
