@@ -659,6 +659,7 @@ class PrivacyBudget:
             pinned = (self.rows, epochs, batch_size)
         if existing is not None:
             self._check_pinned(existing, path, q, spr, weight, count_sigma, pinned)
+            self._check_affordable(existing, path)
             if existing.recipe == "auto" and existing.recipe_base != recipe_base:
                 log.warning("privacy.recipe = \"auto\": the training section now says %s but "
                             "this state dir's privacy plan (%s) was chosen from %s; ignored: "
@@ -735,6 +736,23 @@ class PrivacyBudget:
         if self.plan is None:
             return epochs, batch_size, lr
         return self.plan.training(epochs, batch_size, lr)
+
+    @staticmethod
+    def _check_affordable(plan: PrivacyPlan, path: Path) -> None:
+        """A plan whose own releases would overspend its own budget was edited (a lowered
+        sigma): refused. One accountant evaluation, not a re-calibration. (The ledger would
+        still charge the sigma used, and the budget check stop the node; this says why.)"""
+        if plan.epsilon is None:
+            return
+        eps = epsilon_of(plan_history(plan.mode, plan.noise_multiplier, plan.sample_rate,
+                                      plan.steps_per_round, plan.rounds, plan.count_sigma,
+                                      plan.normalize_sigma), plan.delta)
+        if eps > plan.epsilon * (1 + 1e-6):
+            raise LocalError(
+                f"privacy plan {path}: sigma {plan.noise_multiplier:g} over its {plan.rounds} "
+                f"rounds would spend epsilon {eps:.4g}, above its own budget "
+                f"{plan.epsilon:g}: the plan was edited (a plan is calibrated once and never "
+                "re-planned). Restore it, or start a new state dir.")
 
     def _check_pinned(self, plan: PrivacyPlan, path: Path, q: float, spr: int, weight: str,
                       count_sigma: float | None, pinned: tuple[int | None, ...]) -> None:

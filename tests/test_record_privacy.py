@@ -270,3 +270,16 @@ def test_few_rounds_under_dp_with_the_default_fedadam_step_is_warned_about(tmp_p
     assert few_rounds_warning({**params, "server_momentum": 0.5}, 5, "record") is None
     assert few_rounds_warning({**params, "server_opt": "none"}, 5, "record") is None
     assert few_rounds_warning(params, 5, "update") is not None
+
+
+def test_a_plan_edited_to_a_lower_sigma_is_refused(tmp_path):
+    """The audit's case: sigma lowered by hand in privacy_plan.json (the ledger would still
+    charge it and the budget stop the node, but the start says what is wrong)."""
+    prep, state = _released(tmp_path)
+    path = state / "privacy_plan.json"
+    doc = json.loads(path.read_text())
+    doc["noise_multiplier"] = 0.3
+    path.write_text(json.dumps(doc))
+    with pytest.raises(LocalError, match=r"sigma 0.3 over its 2 rounds would spend epsilon "
+                                         r".* above its own budget 2: the plan was edited"):
+        nodes_of(prep)
