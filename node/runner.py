@@ -1019,13 +1019,8 @@ class Node:
             # the round is charged all the same, fsync'd before it goes on (over-counting
             # is safe, under-counting never). A noised count charged here is stored, so it
             # is the one later rounds release, not a second draw.
-            dropped = "not-released:non-finite"  # in place of a digest: no share exists
-            for record in charges:
-                self.ledger.charge(dataclasses.replace(
-                    record, share_digest=dropped if not record.share_digest
-                    else f"{dropped} {record.share_digest}"))
-            if any(c.mode == "count" for c in charges):
-                self.budget.store_weight(weight)
+            # "not-released:..." in place of a digest: no share exists
+            self._charge(charges, "not-released:non-finite", weight)
             self.counters.rejected["non_finite_local"] += 1
             log.error("%s: round %d: local training produced non-finite parameters (check "
                       "training.lr and the data's ranges); nothing released this round (its "
@@ -1058,20 +1053,25 @@ class Node:
         digest = packed.digest.hex() if packed is not None else _blake(body)
         if packed is not None:
             self._own_release[r] = (packed.seq, packed.digest, packed.sig)
-        for record in charges:
-            # Charged and fsync'd before the bytes exist anywhere but in memory, and
-            # also when nobody could be sealed for: our model goes on from this share.
-            # (a count charge also keeps what names the weight it released: node/privacy.py)
-            self.ledger.charge(dataclasses.replace(
-                record, share_digest=digest if not record.share_digest
-                else f"{digest} {record.share_digest}"))
-        if any(c.mode == "count" for c in charges):
-            self.budget.store_weight(weight)
+        # Charged and fsync'd before the bytes exist anywhere but in memory, and also
+        # when nobody could be sealed for: our model goes on from this share.
+        self._charge(charges, digest, weight)
         if data is not None:
             self.state.store_release(r, data, body if self.sealing is not None else None)
         if self.control is not None:  # c_i from what we released (node/control.py)
             self.control.released(r, start, released, self._step_scale(r))
         return data, WeightedShare(self.name, weight, released), norm, False
+
+    def _charge(self, charges: list[LedgerRecord], digest: str, weight: float) -> None:
+        """Each charge to the ledger (fsync'd), named by `digest` (a count charge also
+        keeps what names the weight it released: node/privacy.py), then a noised count
+        stored, so later rounds release that one, never a second draw."""
+        for record in charges:
+            self.ledger.charge(dataclasses.replace(
+                record, share_digest=digest if not record.share_digest
+                else f"{digest} {record.share_digest}"))
+        if any(c.mode == "count" for c in charges):
+            self.budget.store_weight(weight)
 
     def _log_control(self, r: int, fix: torch.Tensor | None) -> None:
         c = self.control
