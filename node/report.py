@@ -196,7 +196,7 @@ def _print_run_facts(summary: dict, out: Path, console: Console, pooled: bool) -
                if agg.get("server_lr_decay", 1) != 1 else "") + ")")
         console.print("  aggregation (the consortium's \\[rules]): "
                       f"{agg['rule']}, f = {agg['f']}"
-                      + (f", no member above {cap:g} of the weight" if cap else "") + server)
+                      + (f", no member above {cap:.3g} of the weight" if cap else "") + server)
     console.print(f"  consortium − centralized: {co - summary['centralized']:+.4f}; "
                   f"wrote {out / 'summary.json'} and {out / 'accuracy.png'}")
 

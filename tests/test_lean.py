@@ -401,6 +401,16 @@ def test_two_real_nodes_then_status(consortium_dir):
     assert "round       2 of 2 rounds completed (finished)" in r.stdout
     assert "next 3" not in r.stdout
     assert heavy(mods) == []
+    # A reader that goes away (`flnode status | head`): no traceback, exit 1
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        gone = subprocess.run([sys.executable, "-m", "node.cli", "status", "--state-dir",
+                               str(out / "state" / "bank-1")], stdout=write_end,
+                              stderr=subprocess.PIPE, text=True, cwd=ROOT, timeout=60)
+    finally:
+        os.close(write_end)
+    assert gone.returncode == 1 and "Traceback" not in gone.stderr, gone.stderr[-2000:]
 
 
 def test_train_local_is_torch_sgd_bit_for_bit():
