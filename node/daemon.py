@@ -213,10 +213,22 @@ async def run_node(cfg: NodeConfig, identity: Identity, consortium: Consortium,
     say("finished", f"{node.name}: {'stopped early' if node.stopped else 'finished'} "
         f"at round {node.book.current}/{cfg.training.rounds}; "
         f"{'no DP' if eps is None else f'ε {eps:.2f} at δ {cfg.privacy.delta:g}'}; "
-        f"rejected {node.rejected() or 'none'}", member=node.name,
+        f"{rejected_text(node.rejected())}", member=node.name,
         stopped=node.stopped, round=node.book.current, rounds=cfg.training.rounds,
         epsilon=eps, delta=cfg.privacy.delta, rejected=node.rejected())
     return 0
+
+
+def rejected_text(rejected: dict[str, int]) -> str:
+    """"rejected none (benign: duplicate 2)": a copy of a message already accepted (a
+    re-send after a restart, a broker's redelivery) is counted, not a refusal to worry about."""
+    from gossip.envelope import BENIGN_REASONS
+
+    bad = {k: v for k, v in sorted(rejected.items()) if k not in BENIGN_REASONS}
+    benign = {k: v for k, v in sorted(rejected.items()) if k in BENIGN_REASONS}
+    text = "rejected " + (", ".join(f"{k} {v}" for k, v in bad.items()) or "none")
+    return text + (f" (benign: {', '.join(f'{k} {v}' for k, v in benign.items())})"
+                   if benign else "")
 
 
 def main(config_path: str, metrics_port: int | None = None, metrics_addr: str = "127.0.0.1",

@@ -641,3 +641,14 @@ def test_the_stand_ins_name_everything_py_libp2p_imports_from_those_modules():
     import json
 
     assert json.loads(real) == {m: [] for m in LEFT_OUT}
+
+
+def test_the_finished_line_tells_benign_duplicates_from_refusals():
+    """A clean run used to end "rejected {'duplicate': 2}": copies of messages already
+    accepted (re-sends, redeliveries) read like refusals."""
+    from node.daemon import rejected_text
+
+    assert rejected_text({}) == "rejected none"
+    assert rejected_text({"duplicate": 2}) == "rejected none (benign: duplicate 2)"
+    assert rejected_text({"bad_signature": 1, "duplicate": 2}) == \
+        "rejected bad_signature 1 (benign: duplicate 2)"
