@@ -468,8 +468,22 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _own_parsers(parser: argparse.ArgumentParser) -> None:
+    """Every (sub)command's namespace names its own parser (`_parser`), so an unknown flag
+    is reported with that command's usage, not flnode's top-level one."""
+    parser.set_defaults(_parser=parser)
+    for action in parser._actions:  # noqa: SLF001 - argparse has no public walk
+        if isinstance(action, argparse._SubParsersAction):  # noqa: SLF001
+            for child in action.choices.values():
+                _own_parsers(child)
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    _own_parsers(parser)
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        args._parser.error(f"unrecognized arguments: {' '.join(extra)}")
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     try:

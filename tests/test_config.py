@@ -56,3 +56,18 @@ def test_bad_values_name_the_key(tmp_path, edit, key):
 def test_invalid_toml_names_the_file(tmp_path):
     with pytest.raises(LocalError, match="not valid TOML"):
         load_config(write(tmp_path, "state_dir = \n"))
+
+
+def test_a_misspelled_flag_is_reported_with_its_own_commands_usage(capsys):
+    """`flnode simulate --roundz 3` used to print flnode's top-level usage
+    ({keygen,consortium,...}), not simulate's."""
+    from node.cli import main
+
+    for argv, prog in ((["simulate", "--roundz", "3"], "flnode simulate"),
+                       (["consortium", "show", "x.toml", "--bogus"], "flnode consortium show")):
+        with pytest.raises(SystemExit) as exc:
+            main(argv)
+        assert exc.value.code == 2
+        err = capsys.readouterr().err
+        assert f"{prog}: error: unrecognized arguments: {argv[-2] if argv[-1] == '3' else argv[-1]}" \
+            in err and err.startswith(f"usage: {prog}"), err
