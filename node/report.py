@@ -121,10 +121,15 @@ def print_own_rows(summary: dict, console: Console) -> None:
         t.add_row("[bold]mean gain[/]", "", "", "", f"{sum(gains) / len(gains):+.4f}",
                   end_section=True)
     console.print(t)
-    undefined = [n for n, r in own.items() if math.isnan(r["gain"])]
-    if undefined:
-        console.print(f"  n/a: {metric} is undefined on {', '.join(undefined)}'s own rows "
-                      "(no rows, or rows of one class only)")
+    for name, r in own.items():
+        if math.isnan(r["gain"]):
+            why = ("it has no held-out rows" if not r["rows"] else
+                   f"its {r['rows']} held-out rows hold one class only" if metric != "accuracy"
+                   else "no score")
+            console.print(f"  n/a: {metric} is undefined on {name}'s own rows: {why}")
+    small = [f"{n} ({r['rows']})" for n, r in own.items() if 0 < r["rows"] < 30]
+    if small:
+        console.print(f"  few own rows: {', '.join(small)}: its gain moves a lot with one row")
 
 
 def print_summary(summary: dict, out: Path, console: Console | None = None) -> None:

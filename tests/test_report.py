@@ -284,3 +284,21 @@ def test_a_rounds_mean_skips_members_whose_metric_is_undefined_and_names_them():
     assert mean_text({"a": 0.946, "b": 0.917, "c": nan}) == "0.9315 (n/a: c)"
     assert mean_text({"a": 0.5, "b": 0.75}) == "0.6250"
     assert mean_text({"a": nan}) == "n/a"
+
+
+def test_the_terminal_own_rows_notes_say_which_member_and_why(capsys):
+    """n/a used to say "(no rows, or rows of one class only)" for whichever applied, and
+    a 10-row member's gain stood in the mean gain unremarked."""
+    from node.report import make_console, print_own_rows
+
+    nan = float("nan")
+    summary = {"metric": "roc_auc", "dataset": "default", "own_rows": {
+        "bank-0": {"local_only": 0.97, "consortium": 0.971, "gain": 0.001, "rows": 1129},
+        "bank-1": {"local_only": 1.0, "consortium": 0.958, "gain": -0.042, "rows": 10},
+        "bank-2": {"local_only": nan, "consortium": nan, "gain": nan, "rows": 198},
+        "bank-3": {"local_only": nan, "consortium": nan, "gain": nan, "rows": 0}}}
+    print_own_rows(summary, make_console())
+    out = capsys.readouterr().out
+    assert "undefined on bank-2's own rows: its 198 held-out rows hold one class only" in out
+    assert "undefined on bank-3's own rows: it has no held-out rows" in out
+    assert "few own rows: bank-1 (10)" in out and "bank-0 (" not in out
