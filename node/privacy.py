@@ -629,9 +629,12 @@ class PrivacyBudget:
         self.ledger = ledger
         self.state_dir = state_dir
         self.plan = self._plan(rounds, epochs, batch_size) if cfg.mode != "off" else None
+        # The noised count released before (weight "noised"), checked once, at start (not
+        # mid-run), and kept: every later round releases this value (store_weight sets it).
+        self.released_weight: float | None = None
         if self.plan is not None and self.plan.weight == "noised" and \
                 (state_dir / WEIGHT_FILE).exists():
-            self._stored_weight(state_dir / WEIGHT_FILE)  # refused at start, not mid-run
+            self.released_weight = self._stored_weight(state_dir / WEIGHT_FILE)
 
     def _plan(self, rounds: int, epochs: int, batch_size: int) -> PrivacyPlan:
         cfg = self.cfg
@@ -820,9 +823,8 @@ class PrivacyBudget:
             return float(self.rows), []
         if self.plan.weight == "uniform":
             return 1.0, []
-        path = self.state_dir / WEIGHT_FILE
-        if path.exists():
-            return self._stored_weight(path), []
+        if self.released_weight is not None:
+            return self.released_weight, []
         import torch
 
         sigma = self.plan.count_sigma
@@ -859,3 +861,4 @@ class PrivacyBudget:
 
     def store_weight(self, weight: float) -> None:
         atomic_write(self.state_dir / WEIGHT_FILE, json.dumps({"weight": weight}).encode())
+        self.released_weight = weight
