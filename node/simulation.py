@@ -45,6 +45,7 @@ from node.models import build_model, init_seed_from
 from node.privacy import ACCOUNTANT, NoiseSource, OsNoise, SeededNoise
 from node.rules import DEFAULT_RULE, build_strategy, pin_rules, rules_table
 from node.runner import Node
+from node.state import Checkpoint
 from node.train import evaluate, metric_name, train_local
 
 MEMBER_PREFIX = {"default": "bank", "churn": "telco", "digits": "site"}
@@ -968,12 +969,11 @@ def evaluate_rows(model: Any, rows: XY) -> dict[str, float]:
     return evaluate(model, *rows)
 
 
-def model_from_state(spec: SimulationSpec, prep: Prepared, state_dir: Path) -> Any:
-    """A member's final model from its checkpoint (a `flnode run` process's), or None."""
+def model_from_state(spec: SimulationSpec, prep: Prepared, cp: Checkpoint | None) -> Any:
+    """A member's final model from its checkpoint (a `flnode run` process's
+    `node.state.Checkpoint`), or None without one."""
     from node.models import set_flat
-    from node.state import StateDir
 
-    cp = StateDir(state_dir).load_checkpoint()
     if cp is None:
         return None
     model = build_model(spec.model, prep.schema.n_features, prep.schema.n_classes, spec.hidden,

@@ -427,7 +427,8 @@ def main(argv: list[str] | None = None) -> int:
         # metrics line is the same figure when the node evaluated on it) and on its own
         # held-out rows (the collaboration gain), exactly as the in-process simulator does.
         own = None
-        model = model_from_state(spec, prep, m.state)
+        cp = StateDir(m.state).load_checkpoint()  # None: the member never checkpointed
+        model = model_from_state(spec, prep, cp)
         if model is not None:
             test, own_parts = evaluation_rows(prep, m.state)  # its agreed normalization
             final = evaluate_rows(model, test)
@@ -437,10 +438,8 @@ def main(argv: list[str] | None = None) -> int:
         # and once more when the node finishes, when the sends still in the background
         # at the last round's close have landed (`flnode status` reads the same).
         sent, got, rejected = last["bytes_sent"], last["bytes_received"], last["rejected"]
-        if (m.state / "checkpoint.msgpack").exists():
-            cp = StateDir(m.state).load_checkpoint()
-            if cp is not None:
-                sent, got, rejected = cp.bytes_sent, cp.bytes_received, cp.rejected
+        if cp is not None:
+            sent, got, rejected = cp.bytes_sent, cp.bytes_received, cp.rejected
         results.append(MemberResult(m.name, final, epsilons[m.name], sent, got, rejected,
                                     len({ln["round"] for ln in rounds}), last.get("stopped"),
                                     sigma, own, weight))
