@@ -41,9 +41,19 @@ VALUE_PLACEHOLDER = "REQUIRED"
 # How numeric columns are standardized. "declared": each numeric column carries its
 # mean and std (what the consortium agreed beforehand). "federated": each numeric
 # column carries only its declared `range`; the members agree mean and std before
-# round 1 from DP-noised sums clipped to that range. Absent means "declared" (so
-# schemas written before this key existed keep their consortium id).
-NORMALIZE = ("declared", "federated")
+# round 1 from DP-noised sums clipped to that range. "range": each numeric column is
+# scaled by its declared range alone, (clip(x) - mid) / half-width into [-1, 1]: no
+# statistic of anyone's rows, nothing released, nothing charged. Absent means
+# "declared" (so schemas written before this key existed keep their consortium id).
+NORMALIZE = ("declared", "federated", "range")
+# normalize = "federated": what every member does when the check at start
+# (node/normalize.py, `usability`) finds the agreed statistics would be too noisy to
+# use: "refuse" (stop before anything is released, naming the columns and the fix) or
+# "range" (scale by the declared ranges instead: releases nothing). Absent: "refuse".
+NORMALIZE_FALLBACK = ("refuse", "range")
+# A missing-value policy (`missing`, per column or schema-wide): "drop_row", or a table
+# {fill = VALUE} / {fill = VALUE, indicator = true} (encode: apply_missing).
+DROP_ROW = "drop_row"
 
 
 def is_placeholder(value: object) -> bool:
@@ -53,6 +63,17 @@ def is_placeholder(value: object) -> bool:
     if isinstance(value, list | tuple):
         return any(is_placeholder(v) for v in value)
     return False
+
+
+class Missing(BaseModel):
+    """`missing = {fill = VALUE}`: an empty cell becomes VALUE (a number inside a numeric
+    column's range, or one of a categorical column's categories), declared by the
+    consortium, never computed from rows. `indicator = true` (numeric columns) also adds
+    a 0/1 feature right after the column: 1 where the cell was empty."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    fill: float | str
+    indicator: bool = False
 
 
 class Column(BaseModel):
@@ -65,6 +86,9 @@ class Column(BaseModel):
     # clipped to it when encoded (and federated sums are clipped to it).
     range: tuple[float, float] | None = None
     vocabulary: list[str] | None = None
+    # what an empty cell in this column becomes (None: the schema-wide `missing`, and
+    # without one an empty cell is refused); see Missing
+    missing: Literal["drop_row"] | Missing | None = None
 
     @model_validator(mode="before")
     @classmethod
@@ -100,6 +124,7 @@ class Column(BaseModel):
                 raise ValueError(f"{where} needs a vocabulary")
             if len(set(self.vocabulary)) != len(self.vocabulary):
                 raise ValueError(f"{where}: vocabulary lists a value twice")
+            check_missing(self.missing, self, where)
             return self
         if self.vocabulary is not None:
             raise ValueError(f"{where}: a vocabulary belongs to categorical columns")
@@ -111,11 +136,32 @@ class Column(BaseModel):
             if self.mean is not None and not lo <= self.mean <= hi:
                 raise ValueError(f"{where}: mean {self.mean:g} lies outside its range "
                                  f"[{lo:g}, {hi:g}]")
+        check_missing(self.missing, self, where)
         return self
 
     @property
     def width(self) -> int:
+        """Features without a missing-value indicator (FeatureSchema.width adds it)."""
         return 1 if self.kind == "numeric" else len(self.vocabulary or ())
+
+
+def check_missing(policy: object, col: Column, where: str) -> None:
+    """A missing-value policy that fits the column (raises ValueError naming it)."""
+    if not isinstance(policy, Missing):
+        return
+    if col.kind == "categorical":
+        if policy.indicator:
+            raise ValueError(f"{where}: missing indicator = true is for numeric columns; fill "
+                             "a category that means \"unknown\" instead")
+        if not isinstance(policy.fill, str) or policy.fill not in (col.vocabulary or ()):
+            raise ValueError(f"{where}: missing fill {policy.fill!r} is not one of its "
+                             "categories (add it to the vocabulary)")
+        return
+    if isinstance(policy.fill, str) or not math.isfinite(policy.fill):
+        raise ValueError(f"{where}: missing fill must be a finite number, got {policy.fill!r}")
+    if col.range is not None and not col.range[0] <= policy.fill <= col.range[1]:
+        raise ValueError(f"{where}: missing fill {policy.fill:g} lies outside its range "
+                         f"[{col.range[0]:g}, {col.range[1]:g}]")
 
 
 _FILL = {"range": "[min, max], the smallest and largest value the column can take,",
@@ -131,10 +177,15 @@ class FeatureSchema(BaseModel):
     label: str = Field(min_length=1)
     classes: list[str] = Field(min_length=1)
     columns: list[Column] = Field(min_length=1)
-    normalize: Literal["declared", "federated"] | None = None  # None: "declared"
+    normalize: Literal["declared", "federated", "range"] | None = None  # None: "declared"
     # federated, record-level DP: the noise multiplier of the members' stats messages
     # (node/normalize.py; None: its default). Agreed, so every member can check others'.
     normalize_noise: float | None = Field(default=None, gt=0, le=1e6)
+    # federated: what every member does when the check at start finds the statistics
+    # too noisy (NORMALIZE_FALLBACK; None: "refuse")
+    normalize_fallback: Literal["refuse", "range"] | None = None
+    # the policy for empty cells of every column without its own `missing`
+    missing: Literal["drop_row"] | Missing | None = None
 
     @model_validator(mode="after")
     def _consistent(self, info: ValidationInfo) -> FeatureSchema:
@@ -153,7 +204,18 @@ class FeatureSchema(BaseModel):
         if self.normalize_noise is not None and self.mode != "federated":
             raise ValueError("normalize_noise is the noise of federated normalization: it "
                              "needs normalize = \"federated\"")
+        if self.normalize_fallback is not None and self.mode != "federated":
+            raise ValueError("normalize_fallback says what federated normalization falls back "
+                             "to: it needs normalize = \"federated\"")
         pending = draft or set()
+        if isinstance(self.missing, Missing):
+            for c in self.columns:
+                if c.missing is None and c.name not in pending:
+                    try:
+                        check_missing(self.missing, c, f"schema-wide missing, {c.kind} column "
+                                      f"{c.name!r}")
+                    except ValueError as exc:
+                        raise ValueError(f"{exc} (give that column its own `missing`)") from None
         for c in self.columns:
             if c.kind != "numeric" or c.name in pending:
                 continue
@@ -161,15 +223,25 @@ class FeatureSchema(BaseModel):
                 raise ValueError(f"numeric column {c.name!r} needs mean and std "
                                  "(normalize = \"declared\"; or normalize = \"federated\" and "
                                  "a range)")
-            if self.mode == "federated":
-                if c.mean is not None or c.std is not None:
-                    raise ValueError(f"numeric column {c.name!r}: normalize = \"federated\" "
-                                     "agrees mean and std among the members at start; remove "
-                                     "them from the schema (or use normalize = \"declared\")")
+            if self.mode in ("federated", "range"):
+                if (c.mean is not None or c.std is not None):
+                    raise ValueError(f"numeric column {c.name!r}: normalize = \"{self.mode}\" "
+                                     "sets mean and std itself; remove them from the schema "
+                                     "(or use normalize = \"declared\")")
                 if c.range is None:
                     raise ValueError(f"numeric column {c.name!r} needs range = [min, max] "
-                                     "(normalize = \"federated\" clips each member's sums to it)")
+                                     f"(normalize = \"{self.mode}\" scales by it)")
         return self
+
+    def policy(self, col: Column) -> str | Missing | None:
+        """The missing-value policy of a column: its own, else the schema-wide one."""
+        return col.missing if col.missing is not None else self.missing
+
+    def width(self, col: Column) -> int:
+        """How many features a column encodes to (its indicator included)."""
+        p = self.policy(col)
+        return col.width + (1 if col.kind == "numeric" and isinstance(p, Missing)
+                            and p.indicator else 0)
 
     @property
     def mode(self) -> str:
@@ -178,7 +250,18 @@ class FeatureSchema(BaseModel):
 
     @property
     def n_features(self) -> int:
-        return sum(c.width for c in self.columns)
+        return sum(self.width(c) for c in self.columns)
+
+    def range_stats(self) -> dict[str, tuple[float, float]]:
+        """normalize = "range": per numeric column (mid, half-width) of its declared range,
+        so that encoding maps the range onto [-1, 1] (a constant range encodes as 0)."""
+        out = {}
+        for c in self.columns:
+            if c.kind == "numeric":
+                assert c.range is not None  # checked: normalize "range"/"federated" need one
+                lo, hi = c.range
+                out[c.name] = ((lo + hi) / 2, (hi - lo) / 2)
+        return out
 
     @property
     def n_classes(self) -> int:
@@ -189,6 +272,10 @@ class FeatureSchema(BaseModel):
         for col in doc["columns"]:
             if "range" in col:
                 col["range"] = list(col["range"])
+            if isinstance(col.get("missing"), dict) and not col["missing"].get("indicator"):
+                del col["missing"]["indicator"]
+        if isinstance(doc.get("missing"), dict) and not doc["missing"].get("indicator"):
+            del doc["missing"]["indicator"]
         return doc
 
     def with_stats(self, stats: Mapping[str, tuple[float, float]]) -> FeatureSchema:
@@ -206,6 +293,11 @@ class FeatureSchema(BaseModel):
         return self.model_copy(update={"columns": [
             c.model_copy(update={"mean": float(stats[c.name][0]), "std": float(stats[c.name][1])})
             if c.kind == "numeric" else c for c in self.columns]})
+
+    def for_encoding(self) -> FeatureSchema:
+        """normalize = "range": this schema with each numeric column's range scaling as its
+        (mean, std); other modes: itself (federated needs the agreed stats: with_stats)."""
+        return self.with_stats(self.range_stats()) if self.mode == "range" else self
 
     @classmethod
     def from_dict(cls, doc: object, source: str, draft: bool = False) -> FeatureSchema:
@@ -248,16 +340,57 @@ def fit_schema(df: pd.DataFrame, label: str, categorical: list[str]) -> FeatureS
 MAX_STANDARDIZED = 1e6
 
 
+def apply_missing(rows: Table, schema: FeatureSchema) -> tuple[Table, dict[str, np.ndarray]]:
+    """The schema's missing-value policies, as every member and `flnode predict` apply
+    them (pure: the same rows and schema give the same result anywhere): rows with an
+    empty cell in a "drop_row" column are dropped; for each column with a fill, the mask
+    of its empty cells (in the kept rows) is returned, for `column_values` to fill. Empty
+    cells in a column without a policy are left for encode to refuse, naming them."""
+    drop = np.zeros(len(rows), dtype=bool)
+    for col in schema.columns:
+        if schema.policy(col) == DROP_ROW and col.name in rows.columns:
+            drop |= rows.empty(col.name)
+    if drop.any():
+        rows = rows.iloc[np.flatnonzero(~drop)]
+    masks = {c.name: rows.empty(c.name) for c in schema.columns
+             if isinstance(schema.policy(c), Missing) and c.name in rows.columns}
+    return rows, masks
+
+
+def column_values(rows: Table, schema: FeatureSchema, col: Column, masks: dict[str, np.ndarray],
+                  source: str) -> np.ndarray:
+    """A numeric column's values (float64) with its missing-value fill applied; an empty
+    or non-number cell the policy does not cover is an error naming the first one."""
+    values = rows.numbers(col.name)
+    if col.name in masks:
+        policy = schema.policy(col)
+        assert isinstance(policy, Missing) and not isinstance(policy.fill, str)
+        values[masks[col.name]] = policy.fill
+    bad = ~np.isfinite(values)
+    if bad.any():
+        empty = rows.empty(col.name) & bad
+        hint = (" (empty cells: declare the consortium's `missing` policy for this column "
+                "in the schema: \"drop_row\", {fill = VALUE} or {fill = VALUE, indicator = "
+                "true})" if empty.any() else "")
+        raise LocalError(f"{source}: column {col.name!r}: {int(bad.sum())} row(s) are empty "
+                         f"or not finite numbers ({rows.where(col.name, bad)}){hint}")
+    return values
+
+
 def encode(df: Table | pd.DataFrame, schema: FeatureSchema,
            source: str = "table") -> tuple[np.ndarray, np.ndarray]:
     """Rows -> (features float32 [n, n_features], labels int64 [n]). Errors name the column
     (and, for a `Table` read from a file, the line of the first bad cell).
 
     Takes a `Table` (what a node reads: read_table) or a pandas DataFrame (the simulators'
-    and the tests' rows); both encode the same rows to the same bytes. Numeric values are
-    clipped to the column's declared range (if any), then standardized with its mean and
-    std; std 0 (constant) encodes as 0."""
+    and the tests' rows); both encode the same rows to the same bytes. The schema's
+    missing-value policies are applied first (apply_missing: "drop_row" drops rows, so
+    fewer rows may come out than went in). Numeric values are clipped to the column's
+    declared range (if any), then standardized with its mean and std (normalize =
+    "range": schema.for_encoding()); std 0 (constant) encodes as 0; an indicator column
+    follows its column."""
     rows = df if isinstance(df, Table) else Table.from_frame(df)
+    schema = schema.for_encoding()
     missing = [c.name for c in schema.columns if c.name not in rows.columns]
     if schema.label not in rows.columns:
         missing.append(schema.label)
@@ -265,15 +398,15 @@ def encode(df: Table | pd.DataFrame, schema: FeatureSchema,
         raise LocalError(f"{source}: missing column(s) the schema requires: {missing}")
     if len(rows) == 0:
         raise LocalError(f"{source}: no rows (only a header?)")
+    rows, masks = apply_missing(rows, schema)
+    if len(rows) == 0:
+        raise LocalError(f"{source}: no rows left after the schema's missing = \"drop_row\" "
+                         "(every row has an empty cell in such a column)")
     n = len(rows)
     blocks = []
     for col in schema.columns:
         if col.kind == "numeric":
-            values = rows.numbers(col.name)
-            bad = ~np.isfinite(values)
-            if bad.any():
-                raise LocalError(f"{source}: column {col.name!r}: {int(bad.sum())} row(s) are "
-                                 f"empty or not finite numbers ({rows.where(col.name, bad)})")
+            values = column_values(rows, schema, col, masks, source)
             if col.range is not None:
                 lo, hi = col.range
                 outside = int(((values < lo) | (values > hi)).sum())
@@ -288,19 +421,24 @@ def encode(df: Table | pd.DataFrame, schema: FeatureSchema,
                     "them before round 1: node/normalize.py)")
             if col.std == 0:  # constant everywhere: carries no signal, standardizes to 0
                 blocks.append(np.zeros((n, 1)))
-                continue
-            z = (values - col.mean) / col.std
-            far = ~(np.abs(z) <= MAX_STANDARDIZED)
-            if far.any():
-                raise LocalError(
-                    f"{source}: column {col.name!r}: {int(far.sum())} row(s) lie more than "
-                    f"{MAX_STANDARDIZED:g} standard deviations from the schema's mean "
-                    f"({col.mean:g} ± {col.std:g}), e.g. {values[far][0]:g}: a unit or schema "
-                    "error (such values also overflow float32 and wreck training)")
-            blocks.append(z[:, None])
+            else:
+                z = (values - col.mean) / col.std
+                far = ~(np.abs(z) <= MAX_STANDARDIZED)
+                if far.any():
+                    raise LocalError(
+                        f"{source}: column {col.name!r}: {int(far.sum())} row(s) lie more than "
+                        f"{MAX_STANDARDIZED:g} standard deviations from the schema's mean "
+                        f"({col.mean:g} ± {col.std:g}), e.g. {values[far][0]:g}: a unit or "
+                        "schema error (such values also overflow float32 and wreck training)")
+                blocks.append(z[:, None])
+            if schema.width(col) == 2:  # the missing-value indicator
+                blocks.append(masks[col.name].astype(np.float64)[:, None])
         else:
+            policy = schema.policy(col)
+            fill = policy.fill if isinstance(policy, Missing) else None
             codes = _codes(rows, col.name, col.vocabulary or [], source,
-                           f"column {col.name!r}", "not in the schema's vocabulary")
+                           f"column {col.name!r}", "not in the schema's vocabulary",
+                           fill=fill if isinstance(fill, str) else None)
             onehot = np.zeros((n, len(col.vocabulary or ())))
             onehot[np.arange(n), codes] = 1.0
             blocks.append(onehot)
@@ -311,11 +449,13 @@ def encode(df: Table | pd.DataFrame, schema: FeatureSchema,
 
 
 def _codes(rows: Table, name: str, values: list[str], source: str, what: str,
-           among: str) -> np.ndarray:
-    """Each row's cell in `name` as its position in `values` (int64); an empty cell or a
-    value not in `values` is an error naming it."""
+           among: str, fill: str | None = None) -> np.ndarray:
+    """Each row's cell in `name` as its position in `values` (int64); an empty cell (unless
+    `fill` names the category it becomes) or a value not in `values` is an error naming it."""
     index = {v: i for i, v in enumerate(values)}
     text = rows.texts(name)
+    if fill is not None:
+        text = [fill if t is None else t for t in text]
     empty = np.array([t is None for t in text], dtype=bool)
     if empty.any():
         raise LocalError(f"{source}: {what}: {int(empty.sum())} row(s) are empty "
@@ -390,6 +530,18 @@ class _Cells:
             out[self.empty] = math.nan
         return out
 
+    def is_empty(self) -> np.ndarray:
+        """bool per row: the cell is empty (pandas' isna of the column as read)."""
+        if self.kind == "series":
+            return self.values.isna().to_numpy(dtype=bool)
+        if self.kind == "text":
+            return np.array([t is None for t in self.values], dtype=bool)
+        if self.kind == "int":
+            return np.zeros(len(self.values), dtype=bool)
+        if self.kind == "float":
+            return np.isnan(self.values)
+        return np.asarray(self.empty, dtype=bool).copy()
+
     def texts(self) -> list[str | None]:
         """Each cell as text, None where empty (pandas' astype(str) of the column)."""
         if self.kind == "text":
@@ -438,6 +590,10 @@ class Table:
 
     def texts(self, name: str) -> list[str | None]:
         return self._cols[name].texts()
+
+    def empty(self, name: str) -> np.ndarray:
+        """bool per row: the cell in column `name` is empty."""
+        return self._cols[name].is_empty()
 
     def where(self, name: str, bad: np.ndarray) -> str:
         """The first row marked in `bad`, for an error message."""

@@ -36,6 +36,21 @@ combines them identically (`combine`: in member-name order, float64):
    std floored at STD_FLOOR x (hi - lo) (noise can drive a near-constant column's
    variance to 0), and std = 0 exactly when lo = hi (a constant column: encoded as 0).
 
+Before any of that, at start and before anything is charged (`usability`, `resolve`):
+the expected error of each agreed mean and std follows from public quantities alone,
+the noise (sigma_n Delta per value), the members M, and the rows N (estimated as M x
+this member's training rows: each member checks with its own count). One noise
+standard deviation moves an agreed mean by e = sigma_n Delta sqrt(M) / N of the range
+and its variance by about sqrt(2) e (a column centred in its range); for a column
+whose std is ASSUMED_SPREAD of its range, the check requires that to move the mean
+by at most MAX_MEAN_ERROR std and the std by at most MAX_STD_ERROR of itself. Where it
+does not hold, the schema's `normalize_fallback` decides: "refuse" (the default: stop, naming the columns, the
+expected errors and the fixes) or "range" (scale by the declared ranges instead,
+nothing released or charged: the whole schema, not column by column, so that every
+member encodes alike). Members whose own row counts straddle the threshold decide
+differently; those that fall back send no statistics, and the others stop after
+gossip.normalize_wait_s naming them: loud, never a silent mix.
+
 The agreed statistics' digest (`stats_digest`) goes into every share the member
 signs; a receiver refuses a share whose digest differs from its own
 (`norm_mismatch`), so members that combined different messages find out at once.
@@ -58,7 +73,7 @@ import numpy as np
 
 from gossip.envelope import Stats
 from gossip.errors import LocalError
-from node.data import Table
+from node.data import Table, apply_missing, column_values
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -69,6 +84,17 @@ MAX_ROWS = 1e12
 # The noise tail a plausibility check allows: P(an honest value beyond t s) <= 1e-9.
 TAIL_T = math.sqrt(2 * math.log(1 / 1e-9))
 STD_FLOOR = 1e-3
+# The check at start (`usability`): a column is assumed to have a std of at least this
+# fraction of its declared range (a range much wider than the column's spread wastes
+# the resolution of range scaling too, see `range_report`) ...
+ASSUMED_SPREAD = 0.1
+# ... and one noise standard deviation may move its agreed mean by at most this many of
+# its stds, and its agreed std by at most this fraction of itself.
+MAX_MEAN_ERROR = 0.25
+MAX_STD_ERROR = 0.25
+# A member's rows beyond its declared range: warn when more than this fraction of a
+# column is clipped (`range_report`, a local check that releases nothing).
+CLIP_WARN = 0.01
 
 
 def provisional_schema(schema):
@@ -91,16 +117,15 @@ def member_stats(df: Table | pd.DataFrame, schema, source: str) -> Stats:
     """Exact (un-noised) sums of one member's training rows: never sent as they are
     under record-level DP (see `noised`). `df`: what read_table read, or a DataFrame."""
     rows = df if isinstance(df, Table) else Table.from_frame(df)
+    # the same rows and values as encode: the missing-value policies first ("drop_row"
+    # makes `rows` below the count after dropping)
+    rows, masks = apply_missing(rows, schema)
     cols = numeric_columns(schema)
     sums, sumsqs = np.zeros(len(cols)), np.zeros(len(cols))
     for j, c in enumerate(cols):
         if c.name not in rows.columns:
             raise LocalError(f"{source}: missing column {c.name!r} the schema requires")
-        values = rows.numbers(c.name)
-        bad = ~np.isfinite(values)
-        if bad.any():
-            raise LocalError(f"{source}: column {c.name!r}: {int(bad.sum())} row(s) are empty "
-                             f"or not finite numbers ({rows.where(c.name, bad)})")
+        values = column_values(rows, schema, c, masks, source)
         lo, hi = c.range
         u = np.zeros_like(values) if hi == lo else (np.clip(values, lo, hi) - lo) / (hi - lo)
         sums[j], sumsqs[j] = float(u.sum()), float((u * u).sum())
@@ -206,3 +231,129 @@ def combine(messages: Mapping[str, Stats], schema, max_fraction: float | None) -
     capped = {m: p for m, p, r in zip(names, fractions, rows, strict=True)
               if p < r / total * (1.0 - 1e-12)}
     return Agreed(stats, members, capped, stats_digest(stats, members))
+
+
+# --- the check at start, and the fallback (module docstring) ----------------------------
+
+@dataclass(frozen=True)
+class Usability:
+    """What the check at start found: the expected errors (one noise standard deviation)
+    of every agreed mean (in stds) and std (relative), for a column whose std is
+    ASSUMED_SPREAD of its range, and which columns fail."""
+
+    rows: float  # the total training rows assumed
+    members: int
+    noise_multiplier: float | None  # None: privacy off, exact sums
+    mean_error: float  # in stds of such a column
+    std_error: float  # relative
+    failing: tuple[str, ...]  # numeric columns (all non-constant ones fail together)
+    rows_needed: float  # total rows at which this noise would pass
+    sigma_needed: float | None  # the normalize_noise at which these rows would pass
+
+    @property
+    def ok(self) -> bool:
+        return not self.failing
+
+    def describe(self) -> str:
+        return (f"with {self.members} members and about {self.rows:.0f} training rows in all, "
+                f"one noise std moves each agreed mean by {self.mean_error:.2g} std and each "
+                f"agreed std by {100 * self.std_error:.0f} % (for a column whose std is "
+                f"{ASSUMED_SPREAD:g} of its range; the check allows {MAX_MEAN_ERROR:g} std and "
+                f"{100 * MAX_STD_ERROR:.0f} %)")
+
+
+def usability(schema, members: int, rows: float, noise_multiplier: float | None) -> Usability:
+    """The check at start (module docstring): public quantities only, nothing released."""
+    cols = [c for c in numeric_columns(schema) if c.range is not None and c.range[1] > c.range[0]]
+    k = len(numeric_columns(schema))
+    if noise_multiplier is None or not cols:
+        return Usability(rows, members, noise_multiplier, 0.0, 0.0, (), 0.0, None)
+    s = noise_multiplier * sensitivity(k)
+    scale = math.sqrt(members) / max(rows, 1.0)  # e = s * scale
+    e = s * scale
+    mean_error = e / ASSUMED_SPREAD
+    std_error = math.sqrt(2) * e / (2 * ASSUMED_SPREAD ** 2)
+    # the largest e both limits allow
+    e_max = min(MAX_MEAN_ERROR * ASSUMED_SPREAD,
+                MAX_STD_ERROR * 2 * ASSUMED_SPREAD ** 2 / math.sqrt(2))
+    failing = () if e <= e_max else tuple(c.name for c in cols)
+    return Usability(rows, members, noise_multiplier, mean_error, std_error, failing,
+                     rows_needed=math.ceil(s * math.sqrt(members) / e_max),
+                     sigma_needed=e_max / (sensitivity(k) * scale))
+
+
+def resolve(schema, members: int, own_rows: int, privacy_mode: str, delta: float,
+            who: str) -> tuple[object, Usability | None, str | None]:
+    """normalize = "federated" at a member's start, before anything is released or
+    charged: (the schema to run with, the check, a note for the log). The schema is
+    unchanged when the check passes; with normalize_fallback = "range" and a failing
+    check, it is the same schema in normalize = "range" (nothing released); with
+    "refuse" (or no key) a failing check raises, naming the columns and the fixes."""
+    if schema.mode != "federated":
+        return schema, None, None
+    sigma = (schema.normalize_noise or DEFAULT_NORMALIZE_NOISE) if privacy_mode == "record" \
+        else None
+    check = usability(schema, members, members * own_rows, sigma)
+    if check.ok:
+        return schema, check, None
+    names = list(check.failing)
+    shown = ", ".join(map(repr, names[:6])) + (f" and {len(names) - 6} more" if len(names) > 6
+                                              else "")
+    why = (f"federated normalization would agree statistics too noisy to use for the numeric "
+           f"column(s) {shown}: {check.describe()}")
+    if schema.normalize_fallback == "range":
+        note = (f"{who}: {why}. The schema's normalize_fallback = \"range\": every numeric "
+                "column is scaled by its declared range instead (nothing released or charged "
+                "for it); check that the ranges fit the rows (the warnings below)")
+        return range_schema(schema), check, note
+    from node.privacy import LedgerRecord, epsilon_of
+
+    assert check.sigma_needed is not None
+    cost = epsilon_of([LedgerRecord(-1, "normalize", check.sigma_needed, 1.0, 1, 1.0, "")],
+                      delta)
+    raise LocalError(
+        f"{who}: {why}. Nothing was released or charged. Fix, in the consortium's schema "
+        f"(every member must agree): normalize = \"range\" (or normalize_fallback = "
+        f"\"range\"): scale by the declared ranges, which releases nothing, with ranges "
+        f"that fit the rows; or normalize = \"declared\" with means and stds from a "
+        f"public source; or normalize_noise = {check.sigma_needed:.3g} (its statistics "
+        f"alone would cost ε = {cost:.3g} at δ = {delta:g}); or at least "
+        f"{check.rows_needed:.0f} training rows in all")
+
+
+def range_schema(schema):
+    """The schema as normalize = "range" (scaled by its declared ranges): the fallback."""
+    return schema.model_copy(update={"normalize": "range", "normalize_noise": None,
+                                     "normalize_fallback": None})
+
+
+def range_report(rows: Table | pd.DataFrame, schema, source: str) -> list[str]:
+    """A member's local check of the declared ranges against its own rows (releases
+    nothing: the lines go to its own log): per numeric column, the share of its rows
+    clipped (above CLIP_WARN) and, under range scaling, where its rows use less than
+    ASSUMED_SPREAD x 2 of the range (the range is far wider than the data)."""
+    rows = rows if isinstance(rows, Table) else Table.from_frame(rows)
+    rows, masks = apply_missing(rows, schema)
+    out = []
+    for c in numeric_columns(schema):
+        if c.range is None or c.name not in rows.columns or len(rows) == 0:
+            continue
+        values = rows.numbers(c.name)
+        values = values[np.isfinite(values)]
+        if values.size == 0:
+            continue
+        lo, hi = c.range
+        below, above = float((values < lo).mean()), float((values > hi).mean())
+        if below + above > CLIP_WARN:
+            out.append(f"{source}: column {c.name!r}: {100 * (below + above):.1f} % of the rows "
+                       f"lie outside the declared range [{lo:g}, {hi:g}] ({100 * below:.1f} % "
+                       f"below, {100 * above:.1f} % above) and are clipped to it: widen the "
+                       "range in the consortium's schema if these values are real")
+        if hi > lo and schema.mode == "range":
+            spread = float(np.std(np.clip(values, lo, hi))) / (hi - lo)
+            if spread < ASSUMED_SPREAD / 2:
+                out.append(f"{source}: column {c.name!r}: its rows spread over about "
+                           f"{100 * spread:.1f} % of the declared range [{lo:g}, {hi:g}] (std "
+                           "/ width): range scaling leaves it nearly constant; a tighter range "
+                           "would let the model use it")
+    return out

@@ -74,6 +74,8 @@ from node.normalize import (
     noised,
     numeric_columns,
     provisional_schema,
+    range_report,
+    resolve,
 )
 from node.privacy import (
     Ledger,
@@ -339,6 +341,16 @@ class Node:
         tables = LocalTables.read(cfg)
         if len(tables.train) == 0:
             raise LocalError(f"{cfg.data.path}: no training rows")
+        # normalize = "federated": will the agreed statistics be usable? Checked before
+        # anything is released or charged; refuses, or falls back to range scaling, as the
+        # schema's normalize_fallback says (node/normalize.py, resolve). Then the declared
+        # ranges against our own rows (a local check: releases nothing).
+        schema, _, fallback = resolve(schema, len(consortium.members), len(tables.train),
+                                      cfg.privacy.mode, cfg.privacy.delta, identity.name)
+        if fallback is not None:
+            log.warning("%s", fallback)
+        for line in range_report(tables.train, schema, str(cfg.data.path)):
+            log.warning("%s: %s", identity.name, line)
         federated = schema.mode == "federated"
         # Federated normalization: encoded with provisional statistics (never trained on)
         # until the members agree theirs before round 1 (Node._agree_normalization).

@@ -84,15 +84,17 @@ async def test_without_privacy_every_member_agrees_the_pooled_statistics(tmp_pat
 
 
 async def test_record_dp_charges_the_statistics_once_and_a_restart_never_recomputes(tmp_path):
-    prep, schema = make(tmp_path, privacy="record")
+    # normalize_noise 5: the default (10) fails the check at start with these ~8,000 rows
+    # (test_the_check_at_start_refuses_or_falls_back_before_anything_is_charged)
+    prep, schema = make(tmp_path, privacy="record", normalize_noise=5.0)
     nodes = build(prep)
     await asyncio.wait_for(run_all(nodes), 600)
     n = nodes[0]
     charges = [r for r in n.ledger.records if r.mode == "normalize"]
-    assert len(charges) == 1 and charges[0].noise_multiplier == 10.0
+    assert len(charges) == 1 and charges[0].noise_multiplier == 5.0
     sent = (n.state.path / "stats.envelope").read_bytes()
     assert charges[0].share_digest == envelope.decode_outer(sent).digest.hex()
-    assert n.budget.plan.normalize_sigma == 10.0
+    assert n.budget.plan.normalize_sigma == 5.0
     assert n.epsilon() <= 3.0 + 1e-9
     # noised: the agreed values differ from the pooled ones, but not by much
     want = pooled(prep, schema)
@@ -105,7 +107,7 @@ async def test_record_dp_charges_the_statistics_once_and_a_restart_never_recompu
     from node.status import collect, render
 
     st = collect(n.state.path)
-    assert st["normalization"]["noise_multiplier"] == 10.0
+    assert st["normalization"]["noise_multiplier"] == 5.0
     assert 0 < st["normalization"]["epsilon_alone"] < n.epsilon()
     assert "normalize   federated, agreed with 3 members" in render(st)
     assert "2 of 2 rounds completed (finished)" in render(st)
@@ -219,3 +221,60 @@ async def test_a_member_that_combined_differently_is_found_out_at_its_first_shar
                    if x.get("outcome") == "norm_mismatch"]
         assert {x["member"] for x in refused} == {"bank-2"}
     assert deviant.rejected()["norm_mismatch"] == 4  # both others', both rounds
+
+
+def test_the_check_at_start_follows_from_rows_members_and_noise():
+    """usability: e = sigma Delta sqrt(M) / N of the range per noise std; passes exactly
+    where both limits hold, and what it says it needs passes."""
+    from node.normalize import MAX_STD_ERROR, usability
+
+    schema = federated(FeatureSchema.from_dict({
+        "label": "y", "classes": ["0", "1"], "columns": [
+            {"name": "balance", "kind": "numeric", "mean": 0.0, "std": 1.0},
+            {"name": "income", "kind": "numeric", "mean": 0.0, "std": 1.0}]}, "t"))
+    small = usability(schema, 3, 364, 10.0)
+    assert not small.ok and small.failing == ("balance", "income")
+    e = 10.0 * sensitivity(2) * np.sqrt(3) / 364
+    assert small.mean_error == pytest.approx(e / 0.1)
+    assert small.std_error == pytest.approx(np.sqrt(2) * e / 0.02)
+    assert usability(schema, 3, small.rows_needed, 10.0).ok
+    assert not usability(schema, 3, small.rows_needed - 2, 10.0).ok
+    assert usability(schema, 3, 364, small.sigma_needed * 0.999).ok
+    assert usability(schema, 3, 364, small.sigma_needed).std_error == pytest.approx(
+        MAX_STD_ERROR)
+    assert usability(schema, 3, 364, None).ok  # privacy off: exact sums
+    assert usability(schema, 8, 100_000, 10.0).ok
+
+
+@pytest.mark.parametrize("fallback", [None, "refuse", "range"])
+async def test_the_check_at_start_refuses_or_falls_back_before_anything_is_charged(
+        tmp_path, fallback):
+    """Record-level DP at the default noise with ~8,000 rows in all: the agreed stds would
+    be off by a third. Without a fallback (or "refuse") the node stops at start, naming
+    the columns and the fixes, with nothing charged or sent; with "range" every member
+    scales by the declared ranges and trains, with no statistics charged."""
+    from gossip.errors import LocalError
+
+    extra = {} if fallback is None else {"normalize_fallback": fallback}
+    prep, schema = make(tmp_path, privacy="record", **extra)
+    if fallback != "range":
+        with pytest.raises(LocalError) as err:
+            build(prep)
+        text = str(err.value)
+        for want in ("'balance', 'income'", "Nothing was released or charged",
+                     "normalize = \"range\"", "normalize_noise = 7.3", "training rows in all"):
+            assert want in text
+        state = load_config(prep.config_paths[0]).state_dir
+        ledger = state / "ledger.jsonl"
+        assert not ledger.exists() or ledger.read_text().strip() == ""
+        assert not (state / "stats.envelope").exists()
+        return
+    nodes = build(prep)
+    assert all(n.schema.mode == "range" for n in nodes)
+    await asyncio.wait_for(run_all(nodes), 600)
+    for n in nodes:
+        assert [r for r in n.ledger.records if r.mode == "normalize"] == []
+        assert n.budget.plan.normalize_sigma is None and n.normalization is None
+        assert np.abs(n.train_data.X[:, :2]).max() <= 1.0  # the ranges map onto [-1, 1]
+        assert [x["round"] for x in read_jsonl(n.state.path / "metrics.jsonl")] == [0, 1]
+        assert not (n.state.path / "stats.envelope").exists()
