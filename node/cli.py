@@ -109,7 +109,7 @@ def _schema_merge(args: argparse.Namespace) -> int:
     from node.schema import merge, refuse_existing, render
 
     refuse_existing(args.out, args.force)
-    draft = merge(args.files)
+    draft = merge(args.files, ranges_from=args.ranges_from)
     return _schema_emit(draft, render(draft), args)
 
 
@@ -397,9 +397,11 @@ def build_parser() -> argparse.ArgumentParser:
                     help="treat COL as categorical even if it holds numbers (repeat)")
     si.add_argument("--drop", action="append", default=[], metavar="COL",
                     help="leave COL out of the schema, e.g. an identifier (repeat)")
-    si.add_argument("--normalize", choices=["federated", "declared"], default="federated",
+    si.add_argument("--normalize", choices=["federated", "declared", "range"],
+                    default="federated",
                     help="federated: members agree mean/std at start from noised sums clipped to "
-                         "each column's declared range; declared: mean and std in the schema")
+                         "each column's declared range; declared: mean and std in the schema; "
+                         "range: scale by each column's declared range (releases nothing)")
     si.add_argument("--out", default=None, help="also write the draft here")
     si.add_argument("--force", action="store_true", help="replace --out if it exists")
     si.set_defaults(func=_schema_infer)
@@ -407,6 +409,9 @@ def build_parser() -> argparse.ArgumentParser:
     sm.add_argument("files", nargs="+", metavar="DRAFT", help="the members' draft .toml files")
     sm.add_argument("--out", required=True)
     sm.add_argument("--force", action="store_true", help="replace --out if it exists")
+    sm.add_argument("--ranges-from", default=None, metavar="PUBLIC_FILE",
+                    help="fill each range still to fill from this PUBLIC table's min and max, "
+                         "rounded outward (a published reference, never a member's rows)")
     sm.set_defaults(func=_schema_merge)
 
     r = sub.add_parser("run", help="run one member as a daemon on a network transport")

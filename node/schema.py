@@ -22,21 +22,25 @@ written only as TOML strings, escaped).
 
 from __future__ import annotations
 
+import math
 import os
 import tomllib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import tomli_w
 
 from gossip.errors import LocalError
 from node.data import (
+    DROP_ROW,
     NORMALIZE,
     RANGE_PLACEHOLDER,
     VALUE_PLACEHOLDER,
     FeatureSchema,
+    Missing,
     is_placeholder,
     read_frame,
 )
@@ -57,6 +61,21 @@ FILL_RANGE = ("fill: [min, max], the smallest and largest value this column can 
               "from domain knowledge, never from the rows")
 FILL_MEAN = "fill: its typical value, from domain knowledge"
 FILL_STD = "fill: its typical spread (0 only if constant everywhere)"
+MISSING_NOTE = (
+    "empty cells in these files. missing = \"drop_row\": every member drops a row with an "
+    "empty cell here before training (its released row count is the count after dropping). "
+    "Or missing = {fill = VALUE, indicator = true}: an empty cell becomes VALUE (a typical "
+    "value from domain knowledge, inside the range: never your rows' mean, which is a "
+    "release) and a 0/1 feature marks it; what `flnode predict` needs for rows it must score")
+MISSING_NOTE_CATEGORICAL = (
+    "empty cells in these files. missing = \"drop_row\": every member drops a row with an "
+    "empty cell here (its released row count is the count after dropping); or missing = "
+    "{fill = \"CATEGORY\"} with a category of the vocabulary (add one such as \"unknown\")")
+FALLBACK_NOTE = (
+    "normalize_fallback: what every member does if the check at start finds the agreed "
+    "statistics too noisy for the consortium's rows (few rows, many columns, DP noise): "
+    "\"range\" scales each numeric column by its declared range (releases nothing), "
+    "\"refuse\" stops before anything is released, naming the columns")
 
 
 @dataclass
@@ -117,7 +136,7 @@ def infer(paths: Sequence[str | Path], label: str, categorical: Sequence[str] = 
         if name == label or name in drop:
             continue
         parts = [(path, df[name]) for path, df in tables]
-        _note_empty(parts, name, notes)
+        empty_cells = _note_empty(parts, name, notes)
         values = pd.concat([s for _, s in parts], ignore_index=True).dropna()
         if values.empty:
             raise LocalError(f"column {name!r}: every cell is empty in these files: "
@@ -128,7 +147,7 @@ def infer(paths: Sequence[str | Path], label: str, categorical: Sequence[str] = 
         if numeric:
             col: dict = {"name": name, "kind": "numeric"}
             cc = comments.setdefault(name, [])
-            if normalize == "federated":
+            if normalize in ("federated", "range"):
                 col["range"] = list(RANGE_PLACEHOLDER)
             else:
                 col["mean"] = VALUE_PLACEHOLDER
@@ -144,6 +163,9 @@ def infer(paths: Sequence[str | Path], label: str, categorical: Sequence[str] = 
             if all(pd.api.types.is_integer_dtype(s) for _, s in parts):
                 cc.append("whole numbers: if these are codes rather than quantities, "
                           "re-run with --categorical for this column")
+            if empty_cells:
+                col["missing"] = DROP_ROW
+                cc.append(MISSING_NOTE)
         else:
             vocab = sorted(set(values.astype(str)))
             if len(vocab) > MAX_CATEGORIES:
@@ -151,6 +173,9 @@ def infer(paths: Sequence[str | Path], label: str, categorical: Sequence[str] = 
                                  f"({len(vocab)}): an identifier or free text, not a category; "
                                  f"--drop {name}")
             col = {"name": name, "kind": "categorical", "vocabulary": vocab}
+            if empty_cells:
+                col["missing"] = DROP_ROW
+                comments.setdefault(name, []).append(MISSING_NOTE_CATEGORICAL)
             if len(vocab) == 1:
                 constant.append(name)
                 comments.setdefault(name, []).append(
@@ -175,11 +200,14 @@ def infer(paths: Sequence[str | Path], label: str, categorical: Sequence[str] = 
         notes.append(f"note: label {label!r} holds one class in these files; `schema merge` "
                      "unions the members' classes")
 
-    doc = {"label": label, "classes": classes, "normalize": normalize, "columns": columns}
+    doc = {"label": label, "classes": classes, "normalize": normalize}
+    if normalize == "federated":
+        doc["normalize_fallback"] = "range"
+    doc["columns"] = columns
     FeatureSchema.from_dict(doc, "the draft", draft=True)  # a bug here is ours, not the files'
     notes.insert(0, "note: " + RELEASE_NOTE)
     if to_fill:
-        what = "range = [min, max]" if normalize == "federated" else "mean and std"
+        what = "range = [min, max]" if normalize != "declared" else "mean and std"
         notes.append(f"note: {len(to_fill)} numeric column(s) need {what} from domain "
                      f"knowledge before the schema loads: {', '.join(map(repr, to_fill))}")
     if constant:
@@ -201,12 +229,17 @@ def _numeric_dtype(series: pd.Series) -> bool:
     return pd.api.types.is_numeric_dtype(series) and not pd.api.types.is_bool_dtype(series)
 
 
-def _note_empty(parts: list[tuple[Path, pd.Series]], name: str, notes: list[str]) -> None:
+def _note_empty(parts: list[tuple[Path, pd.Series]], name: str, notes: list[str]) -> int:
+    """Note each file's empty cells in a column; their number."""
+    total = 0
     for path, series in parts:
         empty = int(series.isna().sum())
+        total += empty
         if empty:
-            notes.append(f"warning: {path}: column {name!r}: {empty} empty cell(s): `flnode "
-                         "run` refuses rows with an empty cell in a schema column; fill them")
+            notes.append(f"note: {path}: column {name!r}: {empty} empty cell(s): the draft "
+                         "says missing = \"drop_row\" for it (the consortium agrees the "
+                         "policy: see the comment there)")
+    return total
 
 
 def _refuse_mostly_numeric(name: str, parts: list[tuple[Path, pd.Series]]) -> None:
@@ -238,8 +271,10 @@ def read_draft(path: str | Path) -> tuple[FeatureSchema, dict[str, set[str]]]:
     return schema, pending
 
 
-def merge(paths: Sequence[str | Path]) -> Draft:
-    """Combine members' drafts into one schema (module docstring)."""
+def merge(paths: Sequence[str | Path], ranges_from: str | Path | None = None) -> Draft:
+    """Combine members' drafts into one schema (module docstring). `ranges_from`: a
+    public table whose per-column min and max, rounded outward (public_ranges), fill the
+    ranges still to fill."""
     if not paths:
         raise LocalError("schema merge: give the members' drafts")
     drafts = [(Path(p), *read_draft(p)) for p in paths]
@@ -267,6 +302,9 @@ def merge(paths: Sequence[str | Path]) -> Draft:
 
     columns = []
     to_fill = []
+    filled_from: list[str] = []
+    public = None if ranges_from is None else public_ranges(
+        ranges_from, [c.name for c in s0.columns if c.kind == "numeric"])
     for c0 in s0.columns:
         per = [(path, next(c for c in s.columns if c.name == c0.name), pending.get(c0.name, set()))
                for path, s, pending in drafts]
@@ -276,9 +314,12 @@ def merge(paths: Sequence[str | Path]) -> Draft:
             raise LocalError(f"column {c0.name!r}: the drafts disagree on its kind ({said})")
         if c0.kind == "categorical":
             vocab = sorted(set().union(*(c.vocabulary or () for _, c, _ in per)))
-            columns.append({"name": c0.name, "kind": "categorical", "vocabulary": vocab})
+            col = {"name": c0.name, "kind": "categorical", "vocabulary": vocab}
+            _merge_missing(c0.name, per, col, notes)
+            columns.append(col)
             continue
         col: dict = {"name": c0.name, "kind": "numeric"}
+        _merge_missing(c0.name, per, col, notes)
         for key in ("mean", "std"):
             given = [(p, getattr(c, key)) for p, c, pend in per
                      if key not in pend and getattr(c, key) is not None]
@@ -304,12 +345,20 @@ def merge(paths: Sequence[str | Path]) -> Draft:
         elif ranges:
             col["range"] = list(ranges[0])
             _note_partly_filled(c0.name, "range", per, given, notes)
-        elif s0.mode == "federated":
+        elif public is not None and c0.name in public:
+            col["range"] = list(public[c0.name])
+            filled_from.append(c0.name)
+        elif s0.mode in ("federated", "range"):
             col["range"] = list(RANGE_PLACEHOLDER)
         if any(is_placeholder(v) for v in col.values()):
             to_fill.append(c0.name)
         columns.append(col)
 
+    if filled_from:
+        notes.append(f"note: {len(filled_from)} range(s) from {ranges_from}'s min and max, "
+                     "rounded outward to two significant digits: use only a public reference "
+                     "(a published table or registry), never a member's rows (that would be a "
+                     "release); each node warns at start how much of its rows a range clips")
     classes = sorted(set().union(*(s.classes for _, s, _ in drafts)))
     if len(classes) < 2:
         raise LocalError(f"label {s0.label!r}: the drafts hold only the class(es) {classes}; a "
@@ -317,6 +366,10 @@ def merge(paths: Sequence[str | Path]) -> Draft:
     doc: dict = {"label": s0.label, "classes": classes}
     if s0.normalize is not None:
         doc["normalize"] = s0.normalize
+    for key in ("normalize_noise", "normalize_fallback", "missing"):
+        value = _agreed(key, [(p, _plain(getattr(s, key))) for p, s, _ in drafts], notes)
+        if value is not None:
+            doc[key] = value
     doc["columns"] = columns
     if to_fill:
         FeatureSchema.from_dict(doc, "the merged schema", draft=True)
@@ -331,6 +384,72 @@ def merge(paths: Sequence[str | Path]) -> Draft:
         "Every member encodes its rows with exactly this file (it is part of the consortium id).",
     ]
     return Draft(doc=doc, header=header, notes=notes)
+
+
+def _outward(x: float, up: bool) -> float:
+    """x rounded away from the middle to two significant digits (0 stays 0)."""
+    if x == 0 or not math.isfinite(x):
+        return x
+    step = 10.0 ** (math.floor(math.log10(abs(x))) - 1)
+    q = x / step
+    q = math.ceil(q - 1e-9) if up else math.floor(q + 1e-9)
+    return float(f"{q * step:.12g}")
+
+
+def public_ranges(path: str | Path, names: Sequence[str]) -> dict[str, tuple[float, float]]:
+    """Per numeric column of `names` found in a public reference table: [min, max] of its
+    values, rounded outward (_outward). Only for a table that is public: the ranges are
+    written into the consortium file."""
+    df = read_frame(path)
+    out = {}
+    for name in names:
+        if name not in df.columns:
+            continue
+        values = pd.to_numeric(df[name], errors="coerce").dropna()
+        values = values[np.isfinite(values)]
+        if values.empty:
+            raise LocalError(f"--ranges-from {path}: column {name!r} holds no numbers")
+        out[name] = (_outward(float(values.min()), up=False),
+                     _outward(float(values.max()), up=True))
+    if not out:
+        raise LocalError(f"--ranges-from {path}: none of the numeric columns "
+                         f"{list(names)[:5]}... is in it")
+    return out
+
+
+def _plain(value: object) -> object:
+    """A schema value as its TOML document holds it (a Missing as its table)."""
+    if isinstance(value, Missing):
+        return {"fill": value.fill, **({"indicator": True} if value.indicator else {})}
+    return value
+
+
+def _agreed(key: str, given: list[tuple[Path, object]], notes: list[str]) -> object:
+    """A schema-wide key across the drafts: the one value those that state it agree on
+    (None if none does); different values are refused, naming the files."""
+    stated = [(p, v) for p, v in given if v is not None]
+    values = []
+    for _, v in stated:
+        if v not in values:
+            values.append(v)
+    if len(values) > 1:
+        said = ", ".join(f"{p} {v!r}" for p, v in stated)
+        raise LocalError(f"{key}: the drafts differ ({said}): every member must apply the same; "
+                         "agree on one and edit the drafts")
+    if values and len(stated) < len(given):
+        notes.append(f"note: {key} = {values[0]!r} from {', '.join(str(p) for p, _ in stated)} "
+                     "(the other drafts do not state it): the merged schema applies it to every "
+                     "member")
+    return values[0] if values else None
+
+
+def _merge_missing(name: str, per: list, col: dict, notes: list[str]) -> None:
+    """A column's missing-value policy: the one the drafts that state it agree on (a member
+    whose files have no empty cell there states none)."""
+    value = _agreed(f"column {name!r}: missing", [(p, _plain(c.missing)) for p, c, _ in per],
+                    [])
+    if value is not None:
+        col["missing"] = value
 
 
 def _note_partly_filled(name: str, key: str, per: list, given: list, notes: list[str]) -> None:
@@ -358,7 +477,17 @@ def render(draft: Draft) -> str:
         out.append("# from DP-noised sums clipped to its range; \"declared\": each numeric "
                    "column")
         out.append("# carries a mean and std agreed beforehand.")
+        out.append("# \"range\": each numeric column is scaled by its declared range alone "
+                   "(releases nothing).")
         out.append(_line("normalize", doc["normalize"]))
+    if "normalize_noise" in doc:
+        out.append(_line("normalize_noise", doc["normalize_noise"]))
+    if "normalize_fallback" in doc:
+        out.extend(_comment(FALLBACK_NOTE))
+        out.append(_line("normalize_fallback", doc["normalize_fallback"]))
+    if "missing" in doc:
+        out.append("# what an empty cell becomes in every column without its own `missing`")
+        out.append(_line("missing", doc["missing"]))
     for col in doc["columns"]:
         out.append("")
         out.append("[[columns]]")
@@ -366,7 +495,7 @@ def render(draft: Draft) -> str:
             out.extend(_comment(comment))
         if col["kind"] == "categorical":
             out.append("# categories: a release of which values exist")
-        for key in ("name", "kind", "vocabulary", "mean", "std", "range"):
+        for key in ("name", "kind", "vocabulary", "mean", "std", "range", "missing"):
             if key not in col:
                 continue
             fill = {"range": FILL_RANGE, "mean": FILL_MEAN, "std": FILL_STD}.get(key)
@@ -391,6 +520,8 @@ def _comment(text: str) -> list[str]:
 
 
 def _value(value: object) -> str:
+    if isinstance(value, dict):  # an inline table (a missing-value policy)
+        return "{ " + ", ".join(f"{k} = {_value(v)}" for k, v in value.items()) + " }"
     return tomli_w.dumps({"v": value}).removeprefix("v = ").rstrip("\n")
 
 

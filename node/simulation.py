@@ -566,17 +566,42 @@ def member_seed(spec: SimulationSpec, index: int) -> int:
 
 
 def baseline_schema(schema: FeatureSchema, train_rows: dict[str, Any],
-                    max_fraction: float | None) -> FeatureSchema:
+                    max_fraction: float | None, privacy: str = "off", delta: float = 1e-5,
+                    seed: int = 0) -> tuple[FeatureSchema, str | None]:
     """What the simulator encodes its baselines (centralized, local-only) and the common
-    test set with. normalize = "federated": the statistics the nodes agree with privacy
-    off (exact, clipped sums of every member's training rows, node/normalize.py); the
-    nodes themselves run the real agreement before round 1 (noised in record mode)."""
+    test set with, and a note saying what that is. normalize = "federated": what the
+    members would agree (node/normalize.py): each member's check at start first (with
+    its own rows, as its node does: a refusal raises here, before anything runs; a
+    fallback gives range scaling), then the combined statistics, exact with privacy
+    off, and under record-level DP each member's sums noised by the same mechanism at the
+    same noise (from a seeded source: a draw like the nodes', not the same draw). So the
+    baselines' columns carry what normalization costs; only the model differs."""
     if schema.mode != "federated":
-        return schema
-    from node.normalize import combine, member_stats
+        return schema, None
+    from node.normalize import DEFAULT_NORMALIZE_NOISE, combine, member_stats, noised, resolve
 
-    msgs = {n: member_stats(df, schema, n) for n, df in train_rows.items()}
-    return schema.with_stats(combine(msgs, schema, max_fraction).stats)
+    names = list(train_rows)
+    resolved = [resolve(schema, len(names), len(train_rows[n]), privacy, delta, n)
+                for n in names]
+    fell = [(n, r) for n, r in zip(names, resolved, strict=True) if r[0].mode == "range"]
+    if fell:
+        check = fell[0][1][1]
+        assert check is not None
+        return fell[0][1][0], (
+            f"normalize = \"federated\": the check at start finds the agreed statistics would "
+            f"be too noisy at {', '.join(n for n, _ in fell)} ({check.describe()}); "
+            "normalize_fallback = \"range\": the members and the baselines scale by the "
+            "declared ranges instead")
+    sigma = schema.normalize_noise or DEFAULT_NORMALIZE_NOISE if privacy == "record" else None
+    msgs = {}
+    for i, n in enumerate(names):
+        exact = member_stats(train_rows[n], schema, n)
+        msgs[n] = exact if sigma is None else noised(exact, sigma, SeededNoise(seed * 7919 + i))
+    how = ("exact pooled statistics (privacy off)" if sigma is None else
+           f"statistics from sums noised as the members' are (σₙ {sigma:g})")
+    return (schema.with_stats(combine(msgs, schema, max_fraction).stats),
+            f"normalize = \"federated\": the members agree mean and std before round 1 "
+            f"(node/normalize.py); the baselines use {how}")
 
 
 def _check_columns(frames: dict[str, Any], files: dict[str, Path]) -> None:
@@ -814,11 +839,12 @@ def _data_dir_rows(spec: SimulationSpec, names: list[str]) -> _Rows:
                      "`flnode schema merge` (then rehearse with --schema)")
     from node.rules import default_cap
 
-    enc = baseline_schema(schema, {n: frames[n].iloc[splits[n][0]] for n in names},
-                          spec.max_weight_fraction or default_cap(len(names)))
-    if enc is not schema:
-        notes.append("normalize = \"federated\": the members agree mean and std before round 1 "
-                     "(node/normalize.py); the baselines use the exact pooled statistics")
+    enc, how = baseline_schema(schema, {n: frames[n].iloc[splits[n][0]] for n in names},
+                               spec.max_weight_fraction or default_cap(len(names)),
+                               spec.privacy, spec.delta, spec.seed)
+    if how is not None:
+        notes.append(how)
+    enc = enc.for_encoding()
     train, own, sections = {}, {}, {}
     for n in names:
         X, y = encode(frames[n], enc, str(files[n]))
