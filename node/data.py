@@ -365,6 +365,7 @@ def column_values(rows: Table, schema: FeatureSchema, col: Column, masks: dict[s
     if col.name in masks:
         policy = schema.policy(col)
         assert isinstance(policy, Missing) and not isinstance(policy.fill, str)
+        values = values.copy()  # numbers() may be a read-only view of the rows
         values[masks[col.name]] = policy.fill
     bad = ~np.isfinite(values)
     if bad.any():

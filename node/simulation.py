@@ -847,12 +847,14 @@ def _data_dir_rows(spec: SimulationSpec, names: list[str]) -> _Rows:
     enc = enc.for_encoding()
     train, own, sections = {}, {}, {}
     for n in names:
-        X, y = encode(frames[n], enc, str(files[n]))
         tr, held = splits[n]
         if len(tr) == 0 or len(held) == 0:
-            raise LocalError(f"{files[n]}: {len(y)} row(s) are too few to hold out "
+            raise LocalError(f"{files[n]}: {len(frames[n])} row(s) are too few to hold out "
                              f"{int(100 * EVAL_FRACTION)} % and train on the rest")
-        train[n], own[n] = (X[tr], y[tr]), (X[held], y[held])
+        # split first, then encode each part, as a node does (LocalTables): the schema's
+        # missing = "drop_row" drops rows within each part
+        train[n] = encode(frames[n].iloc[tr], enc, str(files[n]))
+        own[n] = encode(frames[n].iloc[held], enc, str(files[n]))
         sections[n] = {"path": str(files[n].resolve())}
     own_source = (f"the member's own held-out rows ({int(100 * EVAL_FRACTION)} % of its file, "
                   "as a node without data.eval_path holds them out)")
