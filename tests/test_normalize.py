@@ -278,3 +278,30 @@ async def test_the_check_at_start_refuses_or_falls_back_before_anything_is_charg
         assert np.abs(n.train_data.X[:, :2]).max() <= 1.0  # the ranges map onto [-1, 1]
         assert [x["round"] for x in read_jsonl(n.state.path / "metrics.jsonl")] == [0, 1]
         assert not (n.state.path / "stats.envelope").exists()
+
+
+def test_the_simulators_baselines_use_what_the_members_would_agree(tmp_path):
+    """baseline_schema: noised statistics where the check passes (not the exact pooled
+    ones), range scaling where the members fall back, the members' refusal where they
+    refuse: the baselines' columns carry what normalization costs."""
+    from gossip.errors import LocalError
+    from node.simulation import baseline_schema
+
+    prep, schema = make(tmp_path, privacy="off")
+    rows = {n: pd.read_parquet(load_config(p).data.path)
+            for n, p in zip(prep.names, prep.config_paths, strict=True)}
+    exact, how = baseline_schema(schema, rows, 0.5, "off")
+    assert "exact pooled" in how
+    noisy_schema = FeatureSchema.from_dict({**schema.to_dict(), "normalize_noise": 5.0}, "t")
+    noisy, how = baseline_schema(noisy_schema, rows, 0.5, "record")
+    assert "noised as the members' are (σₙ 5)" in how
+    for a, b in zip(exact.columns, noisy.columns, strict=True):
+        if a.kind == "numeric":
+            assert a.mean != b.mean and abs(a.mean - b.mean) < 0.05 * (a.range[1] - a.range[0])
+    fell = FeatureSchema.from_dict({**schema.to_dict(), "normalize_fallback": "range"}, "t")
+    ranged, how = baseline_schema(fell, rows, 0.5, "record")
+    assert ranged.mode == "range" and "scale by the declared ranges" in how
+    assert {c.name: (c.mean, c.std) for c in ranged.for_encoding().columns
+            if c.kind == "numeric"} == {"balance": (1500.0, 1500.0), "income": (40000.0, 40000.0)}
+    with pytest.raises(LocalError, match="too noisy to use"):
+        baseline_schema(schema, rows, 0.5, "record")
