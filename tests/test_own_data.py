@@ -1,6 +1,7 @@
 """README, "Bring your own data", step by step: three banks' CSV files to a finished
 consortium of three real `flnode run` processes over libp2p on loopback, with
-federated normalization and record-level DP at ε = 3 per member.
+the draft's normalization (federated, falling back to range scaling at these sizes) and
+record-level DP at ε = 3 per member.
 
 Each command below is the README's (addresses and round count aside); the test
 checks the README still says it, so the two cannot drift apart."""
@@ -120,8 +121,14 @@ def test_bring_your_own_data_from_csv_files_to_a_finished_consortium(tmp_path):
         st = flnode(tmp_path, "status", "--state-dir", f"state/{bank}", "--config",
                     str(configs[BANKS.index(bank)])).stdout
         assert "3 of 3 rounds completed (finished)" in st, st
-        assert "normalize   federated, agreed with 3 members" in st, st
         spent = float(re.search(r"ε spent ([0-9.]+) of budget 3", st).group(1))
         assert 0 < spent <= 3.0
-    digests = {(tmp_path / "state" / b / "normalization.json").read_text() for b in BANKS}
-    assert len(digests) == 1  # the same statistics, byte for byte, at every member
+        # 3,600 training rows in all are too few for DP statistics at the default noise:
+        # the check at start says so and every member scales by the declared ranges (the
+        # draft's normalize_fallback = "range"), with nothing released or charged for it
+        assert "too noisy to use for the numeric column(s) 'balance', 'income'" in log, log
+        assert "normalize_fallback = \"range\"" in log, log
+        assert not (tmp_path / "state" / bank / "normalization.json").exists()
+        assert not (tmp_path / "state" / bank / "stats.envelope").exists()
+        ledger = (tmp_path / "state" / bank / "ledger.jsonl").read_text()
+        assert '"normalize"' not in ledger
