@@ -184,6 +184,11 @@ class FeatureSchema(BaseModel):
     # federated: what every member does when the check at start finds the statistics
     # too noisy (NORMALIZE_FALLBACK; None: "refuse")
     normalize_fallback: Literal["refuse", "range"] | None = None
+    # federated: the consortium's declared total training rows, for the check at start
+    # (None: each member estimates members x its own rows). Declared, so every member
+    # decides alike; a number the members state when they form the consortium, not a
+    # statistic read from anyone's files.
+    normalize_rows: int | None = Field(default=None, ge=1, le=10 ** 12)
     # the policy for empty cells of every column without its own `missing`
     missing: Literal["drop_row"] | Missing | None = None
 
@@ -204,9 +209,10 @@ class FeatureSchema(BaseModel):
         if self.normalize_noise is not None and self.mode != "federated":
             raise ValueError("normalize_noise is the noise of federated normalization: it "
                              "needs normalize = \"federated\"")
-        if self.normalize_fallback is not None and self.mode != "federated":
-            raise ValueError("normalize_fallback says what federated normalization falls back "
-                             "to: it needs normalize = \"federated\"")
+        for key in ("normalize_fallback", "normalize_rows"):
+            if getattr(self, key) is not None and self.mode != "federated":
+                raise ValueError(f"{key} is about federated normalization: it needs "
+                                 "normalize = \"federated\"")
         pending = draft or set()
         if isinstance(self.missing, Missing):
             for c in self.columns:

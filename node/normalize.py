@@ -38,8 +38,9 @@ combines them identically (`combine`: in member-name order, float64):
 
 Before any of that, at start and before anything is charged (`usability`, `resolve`):
 the expected error of each agreed mean and std follows from public quantities alone,
-the noise (sigma_n Delta per value), the members M, and the rows N (estimated as M x
-this member's training rows: each member checks with its own count). One noise
+the noise (sigma_n Delta per value), the members M, and the rows N (the schema's
+`normalize_rows` where the consortium declared it, else estimated as M x this member's
+training rows: each member checks with its own count). One noise
 standard deviation moves an agreed mean by e = sigma_n Delta sqrt(M) / N of the range
 and its variance by about sqrt(2) e (a column centred in its range); for a column
 whose std is ASSUMED_SPREAD of its range, the check requires that to move the mean
@@ -47,9 +48,10 @@ by at most MAX_MEAN_ERROR std and the std by at most MAX_STD_ERROR of itself. Wh
 does not hold, the schema's `normalize_fallback` decides: "refuse" (the default: stop, naming the columns, the
 expected errors and the fixes) or "range" (scale by the declared ranges instead,
 nothing released or charged: the whole schema, not column by column, so that every
-member encodes alike). Members whose own row counts straddle the threshold decide
-differently; those that fall back send no statistics, and the others stop after
-gossip.normalize_wait_s naming them: loud, never a silent mix.
+member encodes alike). Without `normalize_rows`, members whose own row counts straddle
+the threshold decide differently; those that fall back send no statistics, and the
+others stop after gossip.normalize_wait_s naming them: loud, never a silent mix. With
+it, every member decides alike.
 
 The agreed statistics' digest (`stats_digest`) goes into every share the member
 signs; a receiver refuses a share whose digest differs from its own
@@ -293,7 +295,9 @@ def resolve(schema, members: int, own_rows: int, privacy_mode: str, delta: float
         return schema, None, None
     sigma = (schema.normalize_noise or DEFAULT_NORMALIZE_NOISE) if privacy_mode == "record" \
         else None
-    check = usability(schema, members, members * own_rows, sigma)
+    declared = schema.normalize_rows
+    check = usability(schema, members, declared if declared is not None else members * own_rows,
+                      sigma)
     if check.ok:
         return schema, check, None
     names = list(check.failing)
@@ -318,7 +322,11 @@ def resolve(schema, members: int, own_rows: int, privacy_mode: str, delta: float
         f"that fit the rows; or normalize = \"declared\" with means and stds from a "
         f"public source; or normalize_noise = {check.sigma_needed:.3g} (its statistics "
         f"alone would cost ε = {cost:.3g} at δ = {delta:g}); or at least "
-        f"{check.rows_needed:.0f} training rows in all")
+        f"{check.rows_needed:.0f} training rows in all"
+        + ("" if declared is not None else
+           f" (estimated here as {members} members x this member's {own_rows} rows; "
+           "normalize_rows = N in the schema declares the total, so that every member "
+           "decides alike)"))
 
 
 def range_schema(schema):

@@ -67,6 +67,10 @@ MISSING_NOTE = (
     "Or missing = {fill = VALUE, indicator = true}: an empty cell becomes VALUE (a typical "
     "value from domain knowledge, inside the range: never your rows' mean, which is a "
     "release) and a 0/1 feature marks it; what `flnode predict` needs for rows it must score")
+ROWS_NOTE = (
+    "optional: normalize_rows = N, the consortium's total training rows as the members "
+    "state them when they form it, so that every member's check decides alike (without "
+    "it each member estimates members x its own rows)")
 MISSING_NOTE_CATEGORICAL = (
     "empty cells in these files. missing = \"drop_row\": every member drops a row with an "
     "empty cell here (its released row count is the count after dropping); or missing = "
@@ -366,7 +370,7 @@ def merge(paths: Sequence[str | Path], ranges_from: str | Path | None = None) ->
     doc: dict = {"label": s0.label, "classes": classes}
     if s0.normalize is not None:
         doc["normalize"] = s0.normalize
-    for key in ("normalize_noise", "normalize_fallback", "missing"):
+    for key in ("normalize_noise", "normalize_fallback", "normalize_rows", "missing"):
         value = _agreed(key, [(p, _plain(getattr(s, key))) for p, s, _ in drafts], notes)
         if value is not None:
             doc[key] = value
@@ -485,6 +489,10 @@ def render(draft: Draft) -> str:
     if "normalize_fallback" in doc:
         out.extend(_comment(FALLBACK_NOTE))
         out.append(_line("normalize_fallback", doc["normalize_fallback"]))
+        if "normalize_rows" not in doc:
+            out.extend(_comment(ROWS_NOTE))
+    if "normalize_rows" in doc:
+        out.append(_line("normalize_rows", doc["normalize_rows"]))
     if "missing" in doc:
         out.append("# what an empty cell becomes in every column without its own `missing`")
         out.append(_line("missing", doc["missing"]))

@@ -305,3 +305,33 @@ def test_the_simulators_baselines_use_what_the_members_would_agree(tmp_path):
             if c.kind == "numeric"} == {"balance": (1500.0, 1500.0), "income": (40000.0, 40000.0)}
     with pytest.raises(LocalError, match="too noisy to use"):
         baseline_schema(schema, rows, 0.5, "record")
+
+
+def test_a_declared_total_makes_every_member_decide_alike():
+    """resolve: with normalize_rows every member's check uses the declared total, whatever
+    its own rows; without it each estimates members x its own rows (and the refusal says
+    so); the fallback gives the same schema in range mode, nothing left to agree."""
+    from gossip.errors import LocalError
+    from node.normalize import resolve
+
+    base = {"label": "y", "classes": ["0", "1"], "normalize": "federated", "columns": [
+        {"name": "a", "kind": "numeric", "range": [0.0, 10.0]},
+        {"name": "b", "kind": "numeric", "range": [0.0, 1.0]}]}
+    declared = FeatureSchema.from_dict({**base, "normalize_rows": 100_000}, "t")
+    for own in (10, 10_000):
+        got, check, note = resolve(declared, 3, own, "record", 1e-5, "m")
+        assert got is declared and check.ok and check.rows == 100_000 and note is None
+    with pytest.raises(LocalError, match="estimated here as 3 members x this member's 10 rows"):
+        resolve(FeatureSchema.from_dict(base, "t"), 3, 10, "record", 1e-5, "m")
+    small = FeatureSchema.from_dict({**base, "normalize_rows": 300}, "t")
+    with pytest.raises(LocalError) as err:
+        resolve(small, 3, 10_000, "record", 1e-5, "m")
+    assert "estimated here" not in str(err.value)
+    fell = FeatureSchema.from_dict({**base, "normalize_rows": 300,
+                                    "normalize_fallback": "range"}, "t")
+    got, check, note = resolve(fell, 3, 10_000, "record", 1e-5, "m")
+    assert got.mode == "range" and not check.ok and "'a', 'b'" in note
+    assert got.range_stats() == {"a": (5.0, 5.0), "b": (0.5, 0.5)}
+    assert resolve(fell, 3, 10, "off", 1e-5, "m")[0] is fell  # exact sums: always usable
+    with pytest.raises(LocalError, match="normalize_rows is about federated"):
+        FeatureSchema.from_dict({**base, "normalize": "range", "normalize_rows": 5}, "t")
