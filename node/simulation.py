@@ -566,15 +566,15 @@ def member_seed(spec: SimulationSpec, index: int) -> int:
 
 
 def baseline_schema(schema: FeatureSchema, train_rows: dict[str, Any],
-                    max_fraction: float | None, privacy: str = "off", delta: float = 1e-5,
-                    seed: int = 0) -> tuple[FeatureSchema, str | None]:
+                    max_fraction: float | None, privacy: str = "off",
+                    delta: float = 1e-5) -> tuple[FeatureSchema, str | None]:
     """What the simulator encodes its baselines (centralized, local-only) and the common
     test set with, and a note saying what that is. normalize = "federated": what the
     members would agree (node/normalize.py): each member's check at start first (with
     its own rows, as its node does: a refusal raises here, before anything runs; a
     fallback gives range scaling), then the combined statistics, exact with privacy
     off, and under record-level DP each member's sums noised by the same mechanism at the
-    same noise (from a seeded source: a draw like the nodes', not the same draw). So the
+    same noise (from the OS, as the nodes': a draw like theirs, not the same draw). So the
     baselines' columns carry what normalization costs; only the model differs."""
     if schema.mode != "federated":
         return schema, None
@@ -592,11 +592,12 @@ def baseline_schema(schema: FeatureSchema, train_rows: dict[str, Any],
             f"be too noisy at {', '.join(n for n, _ in fell)} ({check.describe()}); "
             "normalize_fallback = \"range\": the members and the baselines scale by the "
             "declared ranges instead")
-    sigma = schema.normalize_noise or DEFAULT_NORMALIZE_NOISE if privacy == "record" else None
+    sigma = (schema.normalize_noise or DEFAULT_NORMALIZE_NOISE) if privacy == "record" else None
     msgs = {}
-    for i, n in enumerate(names):
+    for n in names:
         exact = member_stats(train_rows[n], schema, n)
-        msgs[n] = exact if sigma is None else noised(exact, sigma, SeededNoise(seed * 7919 + i))
+        # the members' own rows (--data-dir): noise from the OS, as noise_for's
+        msgs[n] = exact if sigma is None else noised(exact, sigma, OsNoise())
     how = ("exact pooled statistics (privacy off)" if sigma is None else
            f"statistics from sums noised as the members' are (σₙ {sigma:g})")
     return (schema.with_stats(combine(msgs, schema, max_fraction).stats),
@@ -841,7 +842,7 @@ def _data_dir_rows(spec: SimulationSpec, names: list[str]) -> _Rows:
 
     enc, how = baseline_schema(schema, {n: frames[n].iloc[splits[n][0]] for n in names},
                                spec.max_weight_fraction or default_cap(len(names)),
-                               spec.privacy, spec.delta, spec.seed)
+                               spec.privacy, spec.delta)
     if how is not None:
         notes.append(how)
     enc = enc.for_encoding()

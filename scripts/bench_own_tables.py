@@ -162,6 +162,10 @@ def documented_path(table: str, members: int, seed: int, rounds: int, epsilon: f
         "centralized_dp_epsilon": central["epsilon"],
         "gap": central["roc_auc"] - summary["consortium"]["mean"],
         "epsilon_per_member": summary["epsilon"]["per_node"],
+        "sigma_per_member": summary["epsilon"]["noise_multiplier_per_node"],
+        "own_rows": {n: {k: v.get(k) for k in ("local_only", "consortium", "rows")}
+                     for n, v in summary["own_rows"].items()}
+        if isinstance(summary.get("own_rows"), dict) else None,
         "seconds": took,
     }
 
@@ -222,7 +226,7 @@ def main(argv: list[str] | None = None) -> int:
         res["seed"] = seed
         runs.append(res)
         print(json.dumps({k: v for k, v in res.items() if k not in (
-            "consortium_per_member", "epsilon_per_member")}), flush=True)
+            "consortium_per_member", "epsilon_per_member", "own_rows")}), flush=True)
     done = [r for r in runs if "gap" in r]
     out = {"table": args.table, "members": members, "rounds": args.rounds,
            "epsilon": args.epsilon, "delta": DELTA, "normalize": args.normalize,
