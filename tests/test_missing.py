@@ -75,7 +75,8 @@ def test_the_statistics_see_exactly_the_rows_encode_sees(tmp_path):
     s = FeatureSchema.from_dict({**doc, "normalize": "federated"}, "t")
     stats = member_stats(read_table(path), s, "rows")
     assert stats.rows == 2  # the count released is the count after dropping
-    np.testing.assert_allclose(stats.sum, [0.1 + 0.9, 0.7 + 0.9])
+    # centred: a = 1, 9 in [0, 10] and b = 2, 4 in [-5, 5] -> v = -0.4, 0.4 and 0.2, 0.4
+    np.testing.assert_allclose(stats.sum, [0.0, 0.6], atol=1e-12)
     kept, masks = apply_missing(read_table(path), s)
     assert len(kept) == 2 and masks == {}
 

@@ -84,8 +84,6 @@ async def test_without_privacy_every_member_agrees_the_pooled_statistics(tmp_pat
 
 
 async def test_record_dp_charges_the_statistics_once_and_a_restart_never_recomputes(tmp_path):
-    # normalize_noise 5: the default (10) fails the check at start with these ~8,000 rows
-    # (test_the_check_at_start_refuses_or_falls_back_before_anything_is_charged)
     prep, schema = make(tmp_path, privacy="record", normalize_noise=5.0)
     nodes = build(prep)
     await asyncio.wait_for(run_all(nodes), 600)
@@ -129,7 +127,7 @@ async def test_a_member_signed_hostile_statistics_are_capped_or_refused(tmp_path
     prep, schema = make(tmp_path, nodes=4, rounds=1, deadline=5.0)
     nodes = build(prep)[:3]
     key = load_identity(tmp_path / "keys" / "bank-3.key").signing_key
-    hostile = Stats(rows, np.full(2, rows), np.full(2, rows))
+    hostile = Stats(rows, np.full(2, rows / 2), np.full(2, rows / 4))  # v = 1/2: the top
     data = envelope.pack(key, nodes[0].consortium.id, KIND_STATS, 0, 0,
                          envelope.encode_stats(hostile))
     for n in nodes:
@@ -157,9 +155,14 @@ def test_implausible_sums_are_named():
     k = 2
     s = 10.0 * sensitivity(k) * 6.5  # beyond the noise tail
     assert "rows" in implausible(Stats(-s, np.zeros(k), np.zeros(k)), 10.0, k)
-    assert "sum[1]" in implausible(Stats(100.0, np.array([1.0, 100.0 + s]), np.zeros(k)), 10.0, k)
+    assert "sum[1]" in implausible(Stats(100.0, np.array([1.0, 50.0 + s]), np.zeros(k)), 10.0, k)
+    assert "sum[0]" in implausible(Stats(100.0, np.array([-50.0 - s, 0]), np.zeros(k)), 10.0, k)
     assert "sumsq[0]" in implausible(Stats(100.0, np.zeros(k), np.array([-s, 0.0])), 10.0, k)
-    assert implausible(Stats(100.0, np.full(k, 50.0), np.full(k, 30.0)), 10.0, k) is None
+    assert "sumsq[1]" in implausible(Stats(100.0, np.zeros(k), np.array([0, 25.0 + s])), 10.0, k)
+    assert implausible(Stats(100.0, np.array([-50.0, 50.0]), np.full(k, 25.0)), 10.0, k) is None
+    # exact sums (privacy off): the bounds are exact
+    assert implausible(Stats(100.0, np.array([50.0, 0]), np.full(k, 25.0)), None, k) is None
+    assert "sum[0]" in implausible(Stats(100.0, np.array([50.1, 0]), np.zeros(k)), None, k)
 
 
 def test_combination_is_order_independent_and_handles_a_constant_column():
@@ -234,6 +237,7 @@ def test_the_check_at_start_follows_from_rows_members_and_noise():
             {"name": "income", "kind": "numeric", "mean": 0.0, "std": 1.0}]}, "t"))
     small = usability(schema, 3, 364, 10.0)
     assert not small.ok and small.failing == ("balance", "income")
+    assert sensitivity(2) == pytest.approx(np.sqrt(1 + 2 * (1 / 4 + 1 / 16)))
     e = 10.0 * sensitivity(2) * np.sqrt(3) / 364
     assert small.mean_error == pytest.approx(e / 0.1)
     assert small.std_error == pytest.approx(np.sqrt(2) * e / 0.02)
@@ -244,25 +248,27 @@ def test_the_check_at_start_follows_from_rows_members_and_noise():
         MAX_STD_ERROR)
     assert usability(schema, 3, 364, None).ok  # privacy off: exact sums
     assert usability(schema, 8, 100_000, 10.0).ok
+    assert usability(schema, 3, 8000, 10.0).ok  # the default table, 3 banks
 
 
 @pytest.mark.parametrize("fallback", [None, "refuse", "range"])
 async def test_the_check_at_start_refuses_or_falls_back_before_anything_is_charged(
         tmp_path, fallback):
-    """Record-level DP at the default noise with ~8,000 rows in all: the agreed stds would
-    be off by a third. Without a fallback (or "refuse") the node stops at start, naming
-    the columns and the fixes, with nothing charged or sent; with "range" every member
-    scales by the declared ranges and trains, with no statistics charged."""
+    """Record-level DP at the default noise with a declared 1,000 rows in all: the agreed
+    stds would be off by 30 %. Without a fallback (or "refuse") the node stops at start,
+    naming the columns and the fixes, with nothing charged or sent; with "range" every
+    member scales by the declared ranges and trains, with no statistics charged."""
     from gossip.errors import LocalError
 
     extra = {} if fallback is None else {"normalize_fallback": fallback}
-    prep, schema = make(tmp_path, privacy="record", **extra)
+    prep, schema = make(tmp_path, privacy="record", normalize_rows=1000, **extra)
     if fallback != "range":
         with pytest.raises(LocalError) as err:
             build(prep)
         text = str(err.value)
         for want in ("'balance', 'income'", "Nothing was released or charged",
-                     "normalize = \"range\"", "normalize_noise = 7.3", "training rows in all"):
+                     "normalize = \"range\"", "normalize_noise = 1.6", "training rows in all",
+                     "about 1000 training rows in all"):
             assert want in text
         state = load_config(prep.config_paths[0]).state_dir
         ledger = state / "ledger.jsonl"
@@ -298,13 +304,15 @@ def test_the_simulators_baselines_use_what_the_members_would_agree(tmp_path):
     for a, b in zip(exact.columns, noisy.columns, strict=True):
         if a.kind == "numeric":
             assert a.mean != b.mean and abs(a.mean - b.mean) < 0.05 * (a.range[1] - a.range[0])
-    fell = FeatureSchema.from_dict({**schema.to_dict(), "normalize_fallback": "range"}, "t")
+    few = {**schema.to_dict(), "normalize_rows": 1000}  # declared: too few for σₙ 10
+    fell = FeatureSchema.from_dict({**few, "normalize_fallback": "range"}, "t")
     ranged, how = baseline_schema(fell, rows, 0.5, "record")
     assert ranged.mode == "range" and "scale by the declared ranges" in how
     assert {c.name: (c.mean, c.std) for c in ranged.for_encoding().columns
             if c.kind == "numeric"} == {"balance": (1500.0, 1500.0), "income": (40000.0, 40000.0)}
     with pytest.raises(LocalError, match="too noisy to use"):
-        baseline_schema(schema, rows, 0.5, "record")
+        baseline_schema(FeatureSchema.from_dict(few, "t"), rows, 0.5, "record")
+    assert baseline_schema(schema, rows, 0.5, "record")[0].mode == "federated"  # ~8,000 rows
 
 
 def test_a_declared_total_makes_every_member_decide_alike():
@@ -335,3 +343,26 @@ def test_a_declared_total_makes_every_member_decide_alike():
     assert resolve(fell, 3, 10, "off", 1e-5, "m")[0] is fell  # exact sums: always usable
     with pytest.raises(LocalError, match="normalize_rows is about federated"):
         FeatureSchema.from_dict({**base, "normalize": "range", "normalize_rows": 5}, "t")
+
+
+def test_centred_sums_have_the_stated_sensitivity_and_combine_to_the_pooled_moments():
+    """One record at any point of [lo, hi]^k moves (rows, sum, sumsq) by at most Delta,
+    reached at a corner; combine recovers the pooled mean and std from centred sums."""
+    doc = {"label": "y", "classes": ["0", "1"], "normalize": "federated", "columns": [
+        {"name": f"c{j}", "kind": "numeric", "range": [-2.0, 6.0]} for j in range(5)]}
+    schema = FeatureSchema.from_dict(doc, "t")
+    rng = np.random.default_rng(0)
+    base = pd.DataFrame({**{f"c{j}": rng.uniform(-3, 7, 40) for j in range(5)}, "y": "0"})
+    before = member_stats(base, schema, "m")
+    worst = 0.0
+    for row in [rng.uniform(-3, 7, 5) for _ in range(200)] + [np.full(5, 6.0), np.full(5, -9.0)]:
+        after = member_stats(pd.concat([base, pd.DataFrame(
+            {**{f"c{j}": [row[j]] for j in range(5)}, "y": ["0"]})]), schema, "m")
+        moved = np.sqrt((after.rows - before.rows) ** 2 + np.sum((after.sum - before.sum) ** 2)
+                        + np.sum((after.sumsq - before.sumsq) ** 2))
+        assert moved <= sensitivity(5) + 1e-12
+        worst = max(worst, moved)
+    assert worst == pytest.approx(sensitivity(5))  # the corners reach it
+    agreed = combine({"m": before}, schema, None)
+    v = np.clip(base["c0"].to_numpy(), -2, 6)
+    assert agreed.stats["c0"] == pytest.approx((v.mean(), v.std()), rel=1e-12)
