@@ -313,7 +313,7 @@ def resolve(schema, members: int, own_rows: int, privacy_mode: str, delta: float
     if schema.normalize_fallback == "range":
         note = (f"{who}: {why}. The schema's normalize_fallback = \"range\": every numeric "
                 "column is scaled by its declared range instead (nothing released or charged "
-                "for it); check that the ranges fit the rows (the warnings below)")
+                "for it); each range that clips more than 1 % of our rows is warned about")
         return range_schema(schema), check, note
     from node.privacy import LedgerRecord, epsilon_of
 
