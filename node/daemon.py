@@ -239,17 +239,25 @@ def main(config_path: str, metrics_port: int | None = None, metrics_addr: str = 
             handler.setFormatter(JsonFormatter())
     try:
         cfg, identity, consortium = check_inputs(config_path)
-    except LocalError as exc:
-        _error(exc)
-        return 2
-    import torch
+        from node import pidfile
 
-    torch.set_num_threads(1)  # measured 3-15x faster for small models on 2 cores
-    try:
-        return asyncio.run(run_node(cfg, identity, consortium, metrics_port, metrics_addr))
+        pidfile.claim(cfg.state_dir)  # for `flnode status`: running, exited or killed
     except LocalError as exc:
         _error(exc)
         return 2
+    code: int | None = None  # None: ended by an exception (a bug), recorded as such
+    try:
+        import torch
+
+        torch.set_num_threads(1)  # measured 3-15x faster for small models on 2 cores
+        try:
+            code = asyncio.run(run_node(cfg, identity, consortium, metrics_port, metrics_addr))
+        except LocalError as exc:
+            _error(exc)
+            code = 2
+        return code
+    finally:
+        pidfile.record_exit(cfg.state_dir, code)
 
 
 def _error(exc: LocalError) -> None:
