@@ -119,6 +119,8 @@ def say(event: str, text: str, **fields: object) -> None:
 
 
 def _print_round(cfg: NodeConfig, name: str, metric: str):
+    from node.intervals import interval_text
+
     def show(rep: RoundReport) -> None:
         if rep.stopped:
             say("stopped", f"{name}: {rep.stopped}", member=name, reason=rep.stopped)
@@ -126,12 +128,15 @@ def _print_round(cfg: NodeConfig, name: str, metric: str):
         eps = "no DP" if rep.epsilon is None else f"ε {rep.epsilon:.2f}"
         n = len(rep.received) + len(rep.missing)
         line = (f"{name} round {rep.round + 1}/{cfg.training.rounds} {metric} "
-                f"{rep.metrics.get(metric, float('nan')):.4f} {eps} shares {len(rep.received)}/{n}"
+                f"{rep.metrics.get(metric, float('nan')):.4f}"
+                f"{interval_text(metric, rep.intervals, rep.eval_rows)} {eps} "
+                f"shares {len(rep.received)}/{n}"
                 f"{' (resent stored release)' if rep.resent else ''}"
                 f"{' missing: ' + ', '.join(rep.missing) if rep.missing else ''}"
                 f" {rep.seconds:.1f} s")
         say("round", line, member=name, round=rep.round + 1, rounds=cfg.training.rounds,
-            metrics=rep.metrics, epsilon=rep.epsilon, received=rep.received,
+            metrics=rep.metrics, intervals=rep.intervals, eval_rows=rep.eval_rows,
+            epsilon=rep.epsilon, received=rep.received,
             missing=rep.missing, resent=rep.resent, seconds=round(rep.seconds, 3))
     return show
 

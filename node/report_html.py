@@ -120,6 +120,9 @@ class RoundPoint:
     received: int = 0      # bytes it received during the round
     shares_in: int = 0     # members whose share it received for the round
     closed: bool = False   # the member closed the round (it released a share for it)
+    low: float | None = None   # the metric's 95 % interval on the member's held-out rows
+    high: float | None = None  # (metrics.jsonl "intervals", node/intervals.py)
+    eval_rows: int | None = None
 
 
 @dataclass
@@ -284,6 +287,11 @@ def read_metrics(m: Member, path: Path, metric: str, notes: list[str], label: st
         if isinstance(metrics, dict):  # a round it closed (a retire line has none)
             point.closed = True
             point.metric = _num_or_none(metrics.get(metric))
+            iv = rec.get("intervals")
+            iv = iv.get(metric) if isinstance(iv, dict) else None
+            if isinstance(iv, list) and len(iv) == 2:
+                point.low, point.high = _num_or_none(iv[0]), _num_or_none(iv[1])
+            point.eval_rows = _count(rec.get("eval_rows"))
         if rec.get("epsilon") is not None:
             point.epsilon = _num_or_none(rec["epsilon"])
         if isinstance(rec.get("received"), list):
@@ -428,8 +436,9 @@ def _legend_below(fig: Any, axes: list[Any]) -> None:
                    bbox_to_anchor=(0.5, 0.0), ncol=min(4, len(seen)), frameon=False)
 
 
-def plots(run: Run) -> list[tuple[str, str, bytes]]:
-    """(title, caption, PNG bytes) per plot: metric, ε (only with DP), bytes."""
+def plots(run: Run, where: str = "the consortium test set") -> list[tuple[str, str, bytes]]:
+    """(title, caption, PNG bytes) per plot: metric, ε (only with DP), bytes. `where`:
+    what the metric is measured on."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -450,13 +459,26 @@ def plots(run: Run) -> list[tuple[str, str, bytes]]:
     central = s.num("centralized")
     if central is not None and math.isfinite(central):
         ax.axhline(central, color="black", ls="--", lw=1.4, label="centralized (no DP)")
-    _finish(ax, fig, f"{metric} on the consortium test set, per round", "round", metric)
+    banded = False
+    for i, m in enumerate(members):  # the 95 % interval, where the member recorded one
+        band = [(r + 1, p.low, p.high) for r, p in sorted(m.rounds.items())
+                if p.low is not None and p.high is not None]
+        if band:
+            banded = True
+            xs, lo, hi = zip(*band, strict=True)
+            ax.fill_between(xs, lo, hi, color=colors[i % len(colors)], alpha=0.12, lw=0,
+                            label=f"{_label(m.name)} 95 % interval")
+    _finish(ax, fig, f"{metric} on {where}, per round", "round", metric)
     out.append((f"{metric} per round",
                 "Solid: each member's model after each round (one black line when every "
                 "member holds the same model; one line named after several members when they hold "
                 "the same model; dashed colored: an attacker). Dotted: each member trained alone "
                 "on its own rows (local-only). Dashed black: the same model trained on all rows "
-                "pooled (centralized).", _png(fig)))
+                "pooled (centralized)."
+                + (" Shaded: the 95 % interval of the metric on the member's held-out rows "
+                   "(Wilson for accuracy, Hanley-McNeil for ROC-AUC): how much of a swing "
+                   "between rounds the number of rows alone explains." if banded else ""),
+                _png(fig)))
 
     if any(_series(m, "epsilon")[0] for m in members):
         fig, ax = plt.subplots(figsize=(10, 4.2))

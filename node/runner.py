@@ -57,6 +57,7 @@ from node.control import ControlVariates, local_steps, per_parameter
 from node.data import FeatureSchema, encode, held_out_split, read_table
 from node.dpsgd import train_local_dp_fast
 from node.identity import Identity, load_identity
+from node.intervals import metric_intervals
 from node.models import (
     build_model,
     flat_to_named,
@@ -143,6 +144,9 @@ class RoundReport:
     resent: bool = False  # the release came from the outbox (restart), not new training
     next_round: int = 0
     stopped: str | None = None  # set on the one report of a node that stopped sharing
+    # 95 % intervals of the metrics on the held-out rows (node/intervals.py), and their count
+    intervals: dict[str, list[float]] = field(default_factory=dict)
+    eval_rows: int = 0
 
 
 @dataclass
@@ -976,13 +980,16 @@ class Node:
             log.warning("%s: behind the consortium: skipping round(s) %d-%d, going on at "
                         "round %d", self.name, r + 2, nxt, nxt + 1)
         eps = self.epsilon()
+        intervals = metric_intervals(metrics, self.held_out.y.tolist())
         report = RoundReport(self.name, r, metrics, eps, sorted(received), missing, norm,
-                             time.perf_counter() - t0, resent, nxt)
+                             time.perf_counter() - t0, resent, nxt, intervals=intervals,
+                             eval_rows=len(self.held_out.y))
         # Metrics before the checkpoint: a crash in between re-runs the round
         # and appends a second line for it (readers take the last), rather than
         # losing the round's line.
         self.last_round = self._record_round(
             r, metrics=metrics, epsilon=eps, received=report.received, seconds=report.seconds,
+            intervals=intervals, eval_rows=len(self.held_out.y),
             missing=missing, closed=closed,
             aggregation={k: diagnostics[k] for k in ("rule", "used", "excluded", "clipped",
                                                      "weight_capped", "fallbacks")

@@ -1,0 +1,114 @@
+"""`flnode report --state-dir DIR`: a real member's own report from its own files."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+
+import pytest
+
+from gossip.errors import LocalError
+from gossip.transports.memory import MemoryHub
+from node.cli import main
+from node.intervals import hanley_mcneil, interval_text, metric_intervals, wilson
+from node.report_member import write_member_report
+from node.status import collect
+from tests.test_runner import build, make, run_all
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    """Three members, update-level DP, 3 rounds, in process: their state dirs."""
+    tmp = tmp_path_factory.mktemp("member")
+    _, prep = make(tmp, nodes=3, rounds=3, privacy="update")
+    nodes = build(prep, MemoryHub())
+    asyncio.run(asyncio.wait_for(run_all(nodes), 300))
+    return [n.state.path for n in nodes]
+
+
+def test_member_report_shows_its_rounds_epsilon_peers_traffic_and_intervals(finished, capsys):
+    state = finished[0]
+    assert main(["report", "--state-dir", str(state)]) == 0
+    assert "wrote" in capsys.readouterr().out
+    html = (state / "report.html").read_text()
+    doc = json.loads((state / "report.json").read_text())
+    st = collect(state)  # what `flnode status` prints: the one source of ε
+    assert doc["member"] == "bank-0" and "flnode report: member bank-0" in html
+    assert doc["privacy"]["epsilon_spent"] == st["privacy"]["epsilon_spent"] > 0
+    assert f"ε spent {st['privacy']['epsilon_spent']:.4f}" in html  # the status line, as is
+    assert [r["round"] for r in doc["rounds"]] == [1, 2, 3]
+    assert all(r["interval"] and r["interval"][0] <= r[doc["metric"]] <= r["interval"][1]
+               for r in doc["rounds"])
+    assert set(doc["peers"]) == {"bank-1", "bank-2"}
+    assert all(p["shares"] == 3 and p["last_round"] == 2 for p in doc["peers"].values())
+    assert doc["bytes_sent"] == st["bytes_sent"] > 0
+    assert "Members it heard from" in html and "95 % interval" in html
+    assert html.count("data:image/png;base64,") >= 2  # metric (with band) and bytes, at least
+    assert doc["final"]["same"] == ["bank-1", "bank-2"]
+
+
+def test_member_report_notes_a_torn_metrics_line_and_keeps_the_rest(finished, tmp_path):
+    import shutil
+
+    state = tmp_path / "bank-1"
+    shutil.copytree(finished[1], state)
+    with open(state / "metrics.jsonl", "a") as f:
+        f.write('{"round": 3, "metr')  # a kill mid-write
+    html_path, _ = write_member_report(state, tmp_path / "r.html")
+    html = html_path.read_text()
+    assert "torn last line" in html and "flnode report: member bank-1" in html
+
+
+def test_report_wants_exactly_one_of_run_dir_and_state_dir(finished, capsys):
+    for argv in (["report"], ["report", "x", "--state-dir", str(finished[0])]):
+        with pytest.raises(SystemExit) as exc:
+            main(argv)
+        assert exc.value.code == 2
+        assert "one of them" in capsys.readouterr().err
+    with pytest.raises(LocalError, match="no checkpoint.msgpack"):
+        write_member_report(finished[0].parent.parent)  # a run dir is not a state dir
+
+
+def test_wilson_and_hanley_mcneil_match_published_values():
+    lo, hi = wilson(45, 50)  # Newcombe (1998), 45/50 -> 0.7864-0.9565 (Wilson)
+    assert lo == pytest.approx(0.7864, abs=1e-4) and hi == pytest.approx(0.9565, abs=1e-4)
+    # Hanley & McNeil (1982), table 1: AUC 0.8, 50 + 50 -> SE 0.0445 (by their formula)
+    lo, hi = hanley_mcneil(0.8, 50, 50)
+    assert (hi - lo) / 2 / 1.959964 == pytest.approx(0.0445, abs=2e-4)
+    assert math.isnan(wilson(0, 0)[0]) and math.isnan(hanley_mcneil(0.9, 0, 10)[0])
+
+
+def test_an_interval_narrows_with_rows_and_is_shown_in_the_round_line():
+    few = metric_intervals({"accuracy": 0.8, "roc_auc": 0.8}, [0, 1] * 7)
+    many = metric_intervals({"accuracy": 0.8, "roc_auc": 0.8}, [0, 1] * 100)
+    for k in ("accuracy", "roc_auc"):
+        assert few[k][1] - few[k][0] > many[k][1] - many[k][0] > 0
+    assert few["roc_auc"][1] - few["roc_auc"][0] > 0.3  # 14 rows: a 0.3 swing is the rows
+    assert interval_text("roc_auc", few, 14).startswith(" (95 % 0.") and "on 14 rows" in \
+        interval_text("roc_auc", few, 14)
+    assert "roc_auc" not in metric_intervals({"roc_auc": float("nan")}, [0] * 5)
+
+
+def test_wilson_covers_about_95_percent():
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    p, n = 0.85, 30
+    hits = sum(lo <= p <= hi for lo, hi in (wilson(k, n) for k in rng.binomial(n, p, 4000)))
+    assert 0.93 <= hits / 4000 <= 0.97
+
+
+def test_the_round_line_of_flnode_run_carries_the_interval(capsys, tmp_path):
+    from node.config import validate_config
+    from node.daemon import _print_round
+    from node.runner import RoundReport
+
+    cfg = validate_config({"state_dir": "s", "identity": {"key": "k"}, "consortium": {
+        "path": "c"}, "data": {"path": "d"}, "privacy": {"mode": "off"},
+        "training": {"rounds": 30}}, "test")
+    rep = RoundReport("bank-0", 4, {"roc_auc": 0.81}, None, ["bank-1"], [], 1.0, 2.0,
+                      intervals={"roc_auc": [0.62, 0.97]}, eval_rows=26)
+    _print_round(cfg, "bank-0", "roc_auc")(rep)
+    assert "bank-0 round 5/30 roc_auc 0.8100 (95 % 0.62-0.97 on 26 rows) no DP" in \
+        capsys.readouterr().out
