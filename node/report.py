@@ -9,6 +9,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from node.report_html import negative_gain_note
 from node.runner import RoundReport
 
 
@@ -130,6 +131,9 @@ def print_own_rows(summary: dict, console: Console) -> None:
     small = [f"{n} ({r['rows']})" for n, r in own.items() if 0 < r["rows"] < 30]
     if small:
         console.print(f"  few own rows: {', '.join(small)}: its gain moves a lot with one row")
+    why = negative_gain_note(summary)
+    if why:
+        console.print(f"  {why}", highlight=False)
 
 
 def print_summary(summary: dict, out: Path, console: Console | None = None) -> None:

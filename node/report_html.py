@@ -768,6 +768,50 @@ def _seen_by(run: Run) -> str:
             + "</tbody></table></div>")
 
 
+# Fewer rounds than this: the consortium model may still be near its start (the 4-bank demo
+# at ε 3 reached ROC-AUC 0.95 only after 10 rounds; node/rules.py few_rounds_warning).
+FEW_ROUNDS = 10
+
+
+def negative_gain_note(summary: dict[str, Any]) -> str | None:
+    """Why members lose on their own rows, when the mean gain there is negative: the
+    two models are not trained alike (local-only has no DP and fits only the member's
+    own distribution), and the members who lose are those with the most rows of their
+    own. None when the mean gain is not negative."""
+    own = summary.get("own_rows") if isinstance(summary.get("own_rows"), dict) else {}
+    gains = {n: r.get("gain") for n, r in own.items() if isinstance(r, dict)}
+    defined = {n: g for n, g in gains.items() if isinstance(g, int | float) and math.isfinite(g)}
+    if not defined or sum(defined.values()) / len(defined) >= 0:
+        return None
+    eps = summary.get("epsilon") if isinstance(summary.get("epsilon"), dict) else {}
+    mode, budget = eps.get("mode"), eps.get("budget")
+    parts = []
+    if mode and mode != "off":
+        parts.append(f"the consortium model is trained under {mode}-level DP"
+                     + (f" (ε {budget:g})" if isinstance(budget, int | float) else "")
+                     + "; local-only trains without DP")
+    partition = summary.get("partition")
+    if summary.get("data_dir") or (isinstance(partition, str) and partition != "iid"):
+        parts.append("a member's own held-out rows come from its own distribution, which its "
+                     "local-only model fits alone while the consortium model fits every "
+                     "member's rows" + (f" ({partition})" if isinstance(partition, str)
+                                        and not summary.get("data_dir") else ""))
+    rows = summary.get("rows") if isinstance(summary.get("rows"), dict) else {}
+    counts = {n: v for n, v in rows.items() if isinstance(v, int)}
+    total = sum(counts.values())
+    big = [n for n, g in defined.items() if g < 0 and counts.get(n, 0) * len(counts) > total]
+    if big and total:
+        parts.append("a member with more rows than the average has the least to gain: "
+                     + ", ".join(f"{n} ({counts[n]} of {total} training rows, "
+                                 f"{defined[n]:+.4f})" for n in big[:4]))
+    planned = summary.get("rounds")
+    if isinstance(planned, int) and planned < FEW_ROUNDS:
+        parts.append(f"after {planned} rounds the consortium model is still near its start")
+    parts.append("on fewer than ~100 own rows a difference of a few hundredths is within the "
+                 "rows' own noise (the 95 % interval in each member's round log)")
+    return "why the mean gain is negative: " + "; ".join(parts) + "."
+
+
 def _own_rows(run: Run) -> str:
     """Each member's local-only model and the consortium's on the member's OWN held-out rows
     (summary.json `own_rows`, written by the simulators): the gain a member's manager asks
@@ -794,7 +838,8 @@ def _own_rows(run: Run) -> str:
             "scored on rows the member held out of its own data"
             + (f" ({_e(source)})" if source else "") + "; gain = consortium − local-only. "
             "A metric that is undefined there (one class only) shows as —.</p>"
-            '<div class="scroll"><table><thead><tr><th class="l">member</th><th>held-out rows'
+            + (f'<p class="sub">{_e(why)}</p>' if (why := negative_gain_note(s.doc)) else "")
+            + '<div class="scroll"><table><thead><tr><th class="l">member</th><th>held-out rows'
             "</th><th>local-only</th><th>consortium</th><th>gain</th></tr></thead><tbody>"
             + "".join(rows) + "</tbody></table></div>")
 

@@ -112,3 +112,30 @@ def test_the_round_line_of_flnode_run_carries_the_interval(capsys, tmp_path):
     _print_round(cfg, "bank-0", "roc_auc")(rep)
     assert "bank-0 round 5/30 roc_auc 0.8100 (95 % 0.62-0.97 on 26 rows) no DP" in \
         capsys.readouterr().out
+
+
+def test_a_negative_mean_gain_on_own_rows_says_why(capsys):
+    """`make demo`'s first table showed a negative mean gain with no word on why."""
+    from rich.console import Console
+
+    from node.report import print_own_rows
+    from node.report_html import negative_gain_note
+
+    summary = {"dataset": "default", "metric": "roc_auc", "partition": "dirichlet:0.5",
+               "rounds": 30, "epsilon": {"mode": "record", "budget": 3.0},
+               "rows": {"bank-0": 4459, "bank-1": 34, "bank-3": 2739},
+               "own_rows": {"bank-0": {"rows": 1129, "local_only": 0.9721, "consortium": 0.9629,
+                                       "gain": -0.0092},
+                            "bank-1": {"rows": 10, "local_only": 0.95, "consortium": 0.96,
+                                       "gain": 0.01},
+                            "bank-3": {"rows": 663, "local_only": 0.9533,
+                                       "consortium": 0.9503, "gain": -0.0030}}}
+    why = negative_gain_note(summary)
+    assert why.startswith("why the mean gain is negative: the consortium model is trained "
+                          "under record-level DP (ε 3); local-only trains without DP")
+    assert "bank-0 (4459 of 7232 training rows, -0.0092)" in why and "bank-1 (" not in why
+    assert "after 30 rounds" not in why
+    print_own_rows(summary, Console(width=400))
+    assert "why the mean gain is negative" in capsys.readouterr().out
+    summary["own_rows"]["bank-1"]["gain"] = 0.5  # mean gain positive: nothing to explain
+    assert negative_gain_note(summary) is None
