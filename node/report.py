@@ -206,8 +206,9 @@ def _print_run_facts(summary: dict, out: Path, console: Console, pooled: bool) -
         console.print("  aggregation (the consortium's \\[rules]): "
                       f"{agg['rule']}, f = {agg['f']}"
                       + (f", no member above {cap:.3g} of the weight" if cap else "") + server)
-    console.print(f"  consortium − centralized: {co - summary['centralized']:+.4f}; "
-                  f"wrote {out / 'summary.json'} and {out / 'accuracy.png'}")
+    # Two lines: the result, then where it is (one line used to glue them together).
+    console.print(f"  consortium − centralized: {co - summary['centralized']:+.4f}")
+    console.print(f"  wrote {out / 'summary.json'} and {out / 'accuracy.png'}")
 
 
 SERVER_OPT_NAMES = {"momentum": "FedAvgM", "adam": "FedAdam", "yogi": "FedYogi"}

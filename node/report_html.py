@@ -808,7 +808,7 @@ def negative_gain_note(summary: dict[str, Any]) -> str | None:
     if isinstance(planned, int) and planned < FEW_ROUNDS:
         parts.append(f"after {planned} rounds the consortium model is still near its start")
     parts.append("on fewer than ~100 own rows a difference of a few hundredths is within the "
-                 "rows' own noise (the 95 % interval in each member's round log)")
+                 "rows' own noise (the 95 % intervals: `flnode report --state-dir`)")
     return "why the mean gain is negative: " + "; ".join(parts) + "."
 
 
