@@ -52,6 +52,13 @@ def _small_json(path: Path) -> dict[str, Any] | None:
     return doc if isinstance(doc, dict) else None
 
 
+def _waiting(path: Path) -> dict[str, Any] | None:
+    """What activity.json says the node waits for; None once the wait is over."""
+    doc = _small_json(path / ACTIVITY_FILE)
+    return doc if doc and isinstance(doc.get("waiting_for"), list) and doc["waiting_for"] \
+        else None
+
+
 # activity.json and final.json are a few hundred bytes; more is not ours.
 MAX_SMALL_JSON_BYTES = 1 << 20
 
@@ -64,8 +71,7 @@ def collect(state_dir: str | Path, config: str | Path | None = None) -> dict[str
         proc = process_state(path)
         if proc["state"] != "no_pid_file":  # started, but no checkpoint yet
             return {"state_dir": str(path), "process": proc, "last_activity":
-                    last_activity(path), "waiting": _small_json(path / ACTIVITY_FILE),
-                    "starting": True}
+                    last_activity(path), "waiting": _waiting(path), "starting": True}
         raise LocalError(f"{path}: no checkpoint.msgpack here; is this a node's state_dir?")
     state = StateDir(path)
     cp = state.load_checkpoint()
@@ -110,12 +116,11 @@ def collect(state_dir: str | Path, config: str | Path | None = None) -> dict[str
             "noise_multiplier": charges[0].noise_multiplier if charges else None,
             # its own ε (alone; what it adds to the total under composition is less)
             "epsilon_alone": epsilon_of(charges, plan.delta) if charges and plan else None}
-    waiting = _small_json(path / ACTIVITY_FILE)
     return {
         "state_dir": str(path),
         "process": process_state(path),
         "last_activity": last_activity(path),
-        "waiting": waiting if waiting and waiting.get("waiting_for") else None,
+        "waiting": _waiting(path),
         "final": _small_json(path / FINAL_FILE),
         "next_round": cp.next_round,
         "rounds_done": len({m["round"] for m in rounds}),

@@ -260,3 +260,21 @@ def test_status_of_a_real_node_running_then_sigkilled(tmp_path):
     assert st["process"]["state"] == "killed", st["process"]
     assert "not running" in render(st) and "killed" in render(st)
     pidfile.claim(state)  # a restart is not refused by the dead node's pid file
+
+
+def test_status_of_a_node_that_has_started_but_closed_nothing_yet(tmp_path, capsys):
+    """No checkpoint yet but a pid file: it is starting (waiting for the others), not
+    "no state dir here"."""
+    from node.cli import main
+
+    pidfile.claim(tmp_path)
+    (tmp_path / runner_mod.ACTIVITY_FILE).write_text(json.dumps({
+        "time": time.time(), "what": "statistics", "waiting_for": ["bank-2"],
+        "since": time.time() - 42}))
+    assert main(["status", "--state-dir", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert f"running (pid {os.getpid()}" in out and "none yet (no checkpoint" in out
+    assert "waiting     for bank-2 (statistics), 42 s so far" in out
+    assert main(["status", "--state-dir", str(tmp_path), "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["process"]["state"] == "running" and doc["starting"] is True
