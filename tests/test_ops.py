@@ -278,3 +278,44 @@ def test_status_of_a_node_that_has_started_but_closed_nothing_yet(tmp_path, caps
     assert main(["status", "--state-dir", str(tmp_path), "--json"]) == 0
     doc = json.loads(capsys.readouterr().out)
     assert doc["process"]["state"] == "running" and doc["starting"] is True
+
+
+def test_a_members_final_message_is_checked_and_its_first_digest_kept():
+    """Attack with a member's key: a final body of the wrong size is refused (bad_body);
+    a second, different final does not replace the first."""
+    from gossip import envelope
+    from gossip.envelope import KIND_FINAL
+    from gossip.errors import RemoteError
+    from gossip.rounds import RoundBook
+    from tests.helpers import consortium, keys, verifier_for
+
+    ks = keys(3)
+    cons = consortium(ks)
+    v = verifier_for(cons, ks[0])
+    book = RoundBook({"bank-1", "bank-2"}, 3)
+    for bad in (b"", bytes(31), bytes(33), bytes(1 << 16)):
+        data = envelope.pack(ks[1], cons.id, KIND_FINAL, 2, len(bad), bad)
+        with pytest.raises(RemoteError) as info:
+            v.verify(data, 0)
+        assert info.value.reason == "bad_body" and "32-byte model digest" in info.value.detail
+    acc = v.verify(envelope.pack(ks[1], cons.id, KIND_FINAL, 2, 100, bytes([7]) * 32), 0)
+    assert book.add(acc) == "final" and acc.envelope.body == bytes([7]) * 32
+
+
+def test_a_node_keeps_a_members_first_final_digest_only(tmp_path):
+    from gossip import envelope
+    from gossip.envelope import KIND_FINAL
+    from gossip.transports.base import Incoming
+    from node.config import load_config
+    from node.identity import load_identity
+
+    _, prep = make(tmp_path, nodes=3, rounds=1, privacy="off")
+    node = build(prep, MemoryHub(), which={0})[0]
+    bank1 = load_identity(load_config(prep.config_paths[1]).identity.key)
+    for seq, digest in ((5, bytes([7]) * 32), (6, bytes([9]) * 32)):
+        data = envelope.pack(bank1.signing_key, node.consortium.id, KIND_FINAL, 0, seq, digest)
+        assert node.handle(Incoming(data, "bank-1")) is not None
+    bad = envelope.pack(bank1.signing_key, node.consortium.id, KIND_FINAL, 0, 7, bytes(8))
+    assert node.handle(Incoming(bad, "bank-1")) is None
+    assert node._finals == {"bank-1": bytes([7]) * 32}
+    assert node.rejected() == {"bad_body": 1}
