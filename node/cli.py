@@ -200,12 +200,14 @@ def _report(args: argparse.Namespace) -> int:
         from node.report_member import write_member_report
 
         path, doc = write_member_report(args.state_dir, args.out, args.config)
-        print(f"wrote {path} and {doc.name}  (open {path.resolve().as_uri()} in a browser)")
-        return 0
-    from node.report_html import write_report
+        print(f"wrote {path} and {doc}")
+    else:
+        from node.report_html import write_report
 
-    path = write_report(Path(args.run_dir), Path(args.out) if args.out else None)
-    print(f"wrote {path}  (open {path.resolve().as_uri()} in a browser)")
+        path = write_report(Path(args.run_dir), Path(args.out) if args.out else None)
+        print(f"wrote {path}")
+    # The hint on its own line: the first line stays the path alone, for scripts and eyes.
+    print(f"open {path.resolve().as_uri()} in a browser")
     return 0
 
 

@@ -139,3 +139,25 @@ def test_a_negative_mean_gain_on_own_rows_says_why(capsys):
     assert "why the mean gain is negative" in capsys.readouterr().out
     summary["own_rows"]["bank-1"]["gain"] = 0.5  # mean gain positive: nothing to explain
     assert negative_gain_note(summary) is None
+
+
+def test_result_and_files_written_are_not_glued_on_one_line(tmp_path, finished, capsys):
+    """`flnode simulate` printed "consortium − centralized: …; wrote …" and `flnode report`
+    "wrote … (open … in a browser)": a result and a note on one line."""
+    from rich.console import Console
+
+    from node.report import _print_run_facts
+
+    summary = {"metric": "roc_auc", "consortium": {"mean": 0.9, "per_node": {"bank-0": 0.9}},
+               "local_only": {"mean": 0.8}, "centralized": 0.95, "epsilon": {"mode": "off",
+               "delta": 1e-5, "per_node": {"bank-0": None}}, "rows": {"bank-0": 10},
+               "bytes": {"bank-0": {"sent": 1, "received": 1}}, "rejected_per_node": {}}
+    _print_run_facts(summary, tmp_path, Console(width=200), pooled=False)
+    lines = capsys.readouterr().out.splitlines()
+    assert "  consortium − centralized: -0.0500" in lines
+    assert f"  wrote {tmp_path / 'summary.json'} and {tmp_path / 'accuracy.png'}" in lines
+    assert main(["report", "--state-dir", str(finished[2])]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == (f"wrote {finished[2] / 'report.html'} and "
+                      f"{finished[2] / 'report.json'}")
+    assert out[1].startswith("open file://") and out[1].endswith(" in a browser")
