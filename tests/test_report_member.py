@@ -161,3 +161,26 @@ def test_result_and_files_written_are_not_glued_on_one_line(tmp_path, finished, 
     assert out[0] == (f"wrote {finished[2] / 'report.html'} and "
                       f"{finished[2] / 'report.json'}")
     assert out[1].startswith("open file://") and out[1].endswith(" in a browser")
+
+
+def test_the_simulators_round_line_says_when_few_rows_make_the_figures_noisy():
+    import io
+    from types import SimpleNamespace
+
+    from rich.console import Console
+
+    from node.report import RoundPrinter
+    from node.runner import RoundReport
+
+    buf = io.StringIO()
+    p = RoundPrinter(SimpleNamespace(rounds=3), ["bank-a", "bank-b"], "roc_auc",
+                     Console(file=buf, width=200))
+    for name, iv in (("bank-a", [0.40, 0.90]), ("bank-b", [0.55, 0.85])):
+        p.on_round(RoundReport(name, 0, {"roc_auc": 0.7}, None, [], [], 1.0, 1.0,
+                               intervals={"roc_auc": iv}, eval_rows=16))
+    for name in ("bank-a", "bank-b"):  # 2,000 rows: nothing to say
+        p.on_round(RoundReport(name, 1, {"roc_auc": 0.95}, None, [], [], 1.0, 1.0,
+                               intervals={"roc_auc": [0.94, 0.96]}, eval_rows=2000))
+    first, second = buf.getvalue().splitlines()
+    assert first.endswith("95 % up to ±0.25 (few held-out rows)"), first
+    assert "95 %" not in second
