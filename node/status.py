@@ -4,7 +4,10 @@ Every epsilon printed here is recomputed from the ledger by the accountant,
 never read from a cached figure. Only files are read: no torch, no training
 code (tests/test_lean.py checks that `flnode status` never imports torch).
 The planned number of rounds comes from the privacy plan, or from the node's
-config when one is given (a node without privacy keeps no plan).
+config when one is given (a node without privacy keeps no plan). Whether the node
+runs comes from node.pid (node/pidfile.py), its last activity from its files'
+modification times, whom it waits for from activity.json and the final model
+comparison from final.json (both written by node/runner.py).
 """
 
 from __future__ import annotations
