@@ -97,9 +97,16 @@ KIND_SEEN = "seen"
 # value per numeric column of the schema (k columns). Shape only is checked here;
 # the values' plausibility is the runner's (it knows the agreed noise).
 KIND_STATS = "stats"
+# "My model after the last round has this digest": sent once by a node that has closed
+# its last round; round = that round; body = the 32-byte BLAKE2b-256 digest of its
+# model's parameters (float32 little-endian). Receivers compare it with their own:
+# members that ended with different models (e.g. one restarted after a kill and combined
+# other shares) are told so. It tells nothing about the rows: every member holding the
+# same shares can compute it.
+KIND_FINAL = "final"
 SHARE_KINDS = frozenset({KIND_SHARE, KIND_SEALED})
 KINDS = frozenset({KIND_SHARE, KIND_SEALED, KIND_PREKEY, KIND_RETIRE, KIND_HELLO, KIND_SEEN,
-                   KIND_STATS})
+                   KIND_STATS, KIND_FINAL})
 _KINDS_BY_BYTES = {k.encode(): k for k in KINDS}
 _PROTO_BYTES = PROTO.encode()
 
@@ -643,6 +650,10 @@ class Verifier:
             seen = decode_seen(env.body, self.members, name)
         elif env.kind == KIND_STATS:
             stats = decode_stats(env.body, self.stats_columns, name)
+        elif env.kind == KIND_FINAL:
+            if len(env.body) != DIGEST_BYTES:
+                raise RemoteError("bad_body", f"a final message's body is a {DIGEST_BYTES}-byte "
+                                  f"model digest, not {len(env.body)} bytes", name)
         elif env.kind == KIND_RETIRE:
             if len(env.body):
                 raise RemoteError("bad_body", "a retire message has an empty body", name)

@@ -28,7 +28,15 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from gossip.envelope import KIND_HELLO, KIND_PREKEY, KIND_RETIRE, KIND_SEEN, KIND_STATS, Accepted
+from gossip.envelope import (
+    KIND_FINAL,
+    KIND_HELLO,
+    KIND_PREKEY,
+    KIND_RETIRE,
+    KIND_SEEN,
+    KIND_STATS,
+    Accepted,
+)
 from gossip.errors import RemoteError
 
 
@@ -63,6 +71,9 @@ class RoundBook:
             return "seen"
         if share.envelope.kind == KIND_STATS:  # before round 1: the runner files it
             return "stats"
+        if share.envelope.kind == KIND_FINAL:  # after its last round: the runner files it
+            self.note(share.sender, r)
+            return "final"
         if r < self.current:  # the verifier checks this; the book does not trust callers
             raise RemoteError("stale", f"round {r} < current {self.current}", share.sender)
         held = self._shares.get(r, {}).get(share.sender)

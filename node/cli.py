@@ -193,10 +193,21 @@ def _status(args: argparse.Namespace) -> int:
 
 
 def _report(args: argparse.Namespace) -> int:
-    from node.report_html import write_report
+    if (args.run_dir is None) == (args.state_dir is None):
+        args._parser.error("give a RUN_DIR (a simulator's run) or --state-dir DIR (a member's "
+                           "own state dir), one of them")
+    if args.state_dir is not None:
+        from node.report_member import write_member_report
 
-    path = write_report(Path(args.run_dir), Path(args.out) if args.out else None)
-    print(f"wrote {path}  (open {path.resolve().as_uri()} in a browser)")
+        path, doc = write_member_report(args.state_dir, args.out, args.config)
+        print(f"wrote {path} and {doc}")
+    else:
+        from node.report_html import write_report
+
+        path = write_report(Path(args.run_dir), Path(args.out) if args.out else None)
+        print(f"wrote {path}")
+    # The hint on its own line: the first line stays the path alone, for scripts and eyes.
+    print(f"open {path.resolve().as_uri()} in a browser")
     return 0
 
 
@@ -465,10 +476,18 @@ def build_parser() -> argparse.ArgumentParser:
                                  "scenario file gives out")
     s.set_defaults(func=_simulate, flag_defaults=track_given(s))
 
-    rp = sub.add_parser("report", help="write one self-contained report.html for a run directory")
-    rp.add_argument("run_dir", metavar="RUN_DIR",
+    rp = sub.add_parser("report", help="write one self-contained report.html for a run "
+                        "directory, or for one member from its own state dir")
+    rp.add_argument("run_dir", metavar="RUN_DIR", nargs="?",
                     help="a run directory from `flnode simulate --out` or simulate_network.py")
-    rp.add_argument("--out", metavar="FILE", help="where to write (default RUN_DIR/report.html)")
+    rp.add_argument("--state-dir", metavar="DIR",
+                    help="instead: a member's own state dir (from `flnode run`): its rounds, "
+                         "ε, peers, traffic, rejections and metrics; also writes report.json")
+    rp.add_argument("--config", metavar="FILE",
+                    help="with --state-dir: the node's config (planned rounds when privacy "
+                         "is off)")
+    rp.add_argument("--out", metavar="FILE",
+                    help="where to write (default RUN_DIR/report.html or DIR/report.html)")
     rp.set_defaults(func=_report)
     return p
 

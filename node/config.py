@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -18,7 +18,11 @@ from gossip.seal import MAX_ANNOUNCED
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # strict: TOML has types, so `epsilon = "3"` (a string) or `rounds = 30.5` is a mistake
+    # to name, never a value to coerce (pydantic's lax mode would take "3" as 3.0, "true"
+    # as True, 1 as True). An integer still counts as a float. Paths come as strings
+    # (LaxPath below).
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
     @model_validator(mode="before")
     @classmethod
@@ -33,17 +37,21 @@ class _Section(BaseModel):
         return data
 
 
+# A path in TOML is a string: the one place a coercion (str -> Path) is wanted.
+LaxPath = Annotated[Path, Field(strict=False)]
+
+
 class IdentityConfig(_Section):
-    key: Path  # the private key file (0600)
+    key: LaxPath  # the private key file (0600)
 
 
 class ConsortiumConfig(_Section):
-    path: Path
+    path: LaxPath
 
 
 class DataConfig(_Section):
-    path: Path  # CSV or Parquet, read with the consortium's schema
-    eval_path: Path | None = None  # held-out rows; else a split of `path`
+    path: LaxPath  # CSV or Parquet, read with the consortium's schema
+    eval_path: LaxPath | None = None  # held-out rows; else a split of `path`
     eval_fraction: float = Field(default=0.2, gt=0, lt=1)
 
 
@@ -126,8 +134,8 @@ class MqttConfig(_Section):
     # addresses.mqtt in the consortium file.
     broker: str | None = None
     username: str | None = None  # default: the member name (what scripts/mqtt_broker.py uses)
-    password_file: Path | None = None  # one line, the password; 0600
-    ca_file: Path | None = None  # PEM CA bundle for mqtts://; default: the system's
+    password_file: LaxPath | None = None  # one line, the password; 0600
+    ca_file: LaxPath | None = None  # PEM CA bundle for mqtts://; default: the system's
     # The broker's packet limit if it does not advertise one (MQTT 5 CONNACK).
     max_packet_bytes: int | None = Field(default=None, ge=1024, le=2**31)
     # Plain mqtt:// to a broker that is not on loopback is refused unless set.
@@ -288,7 +296,7 @@ class AttackConfig(_Section):
 
 
 class NodeConfig(_Section):
-    state_dir: Path
+    state_dir: LaxPath
     identity: IdentityConfig
     consortium: ConsortiumConfig
     data: DataConfig
@@ -318,6 +326,11 @@ def validate_config(doc: dict, source: str) -> NodeConfig:
             msg = err["msg"].removeprefix("Value error, ")
             if err["type"] == "extra_forbidden":
                 msg = "unknown key (a typo?)"
+            elif err["type"].endswith("_type") and isinstance(err.get("input"), str):
+                # strict mode (_Section): a quoted number or boolean in the TOML
+                msg += f", not the string {err['input'][:40]!r} (write it without quotes)"
+            elif err["type"] == "int_type" and isinstance(err.get("input"), float):
+                msg += f", not {err['input']!r}"
             lines.append(f"{source}: {key}: {msg}")
         raise LocalError("\n".join(lines)) from None
 

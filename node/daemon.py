@@ -119,6 +119,8 @@ def say(event: str, text: str, **fields: object) -> None:
 
 
 def _print_round(cfg: NodeConfig, name: str, metric: str):
+    from node.intervals import interval_text
+
     def show(rep: RoundReport) -> None:
         if rep.stopped:
             say("stopped", f"{name}: {rep.stopped}", member=name, reason=rep.stopped)
@@ -126,12 +128,15 @@ def _print_round(cfg: NodeConfig, name: str, metric: str):
         eps = "no DP" if rep.epsilon is None else f"ε {rep.epsilon:.2f}"
         n = len(rep.received) + len(rep.missing)
         line = (f"{name} round {rep.round + 1}/{cfg.training.rounds} {metric} "
-                f"{rep.metrics.get(metric, float('nan')):.4f} {eps} shares {len(rep.received)}/{n}"
+                f"{rep.metrics.get(metric, float('nan')):.4f}"
+                f"{interval_text(metric, rep.intervals, rep.eval_rows)} {eps} "
+                f"shares {len(rep.received)}/{n}"
                 f"{' (resent stored release)' if rep.resent else ''}"
                 f"{' missing: ' + ', '.join(rep.missing) if rep.missing else ''}"
                 f" {rep.seconds:.1f} s")
         say("round", line, member=name, round=rep.round + 1, rounds=cfg.training.rounds,
-            metrics=rep.metrics, epsilon=rep.epsilon, received=rep.received,
+            metrics=rep.metrics, intervals=rep.intervals, eval_rows=rep.eval_rows,
+            epsilon=rep.epsilon, received=rep.received,
             missing=rep.missing, resent=rep.resent, seconds=round(rep.seconds, 3))
     return show
 
@@ -239,17 +244,25 @@ def main(config_path: str, metrics_port: int | None = None, metrics_addr: str = 
             handler.setFormatter(JsonFormatter())
     try:
         cfg, identity, consortium = check_inputs(config_path)
-    except LocalError as exc:
-        _error(exc)
-        return 2
-    import torch
+        from node import pidfile
 
-    torch.set_num_threads(1)  # measured 3-15x faster for small models on 2 cores
-    try:
-        return asyncio.run(run_node(cfg, identity, consortium, metrics_port, metrics_addr))
+        pidfile.claim(cfg.state_dir)  # for `flnode status`: running, exited or killed
     except LocalError as exc:
         _error(exc)
         return 2
+    code: int | None = None  # None: ended by an exception (a bug), recorded as such
+    try:
+        import torch
+
+        torch.set_num_threads(1)  # measured 3-15x faster for small models on 2 cores
+        try:
+            code = asyncio.run(run_node(cfg, identity, consortium, metrics_port, metrics_addr))
+        except LocalError as exc:
+            _error(exc)
+            code = 2
+        return code
+    finally:
+        pidfile.record_exit(cfg.state_dir, code)
 
 
 def _error(exc: LocalError) -> None:

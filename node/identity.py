@@ -88,12 +88,29 @@ def _read_fields(path: Path, header: str) -> dict[str, str]:
     return fields
 
 
+# Enough of a key file to read its header line (both headers are shorter).
+HEADER_PEEK_BYTES = 64
+
+
+def _first_line(path: Path) -> str | None:
+    try:
+        with open(path, "rb") as f:
+            head = f.read(HEADER_PEEK_BYTES)
+    except OSError:
+        return None  # _read_fields says why
+    return head.split(b"\n", 1)[0].strip().decode("utf-8", "replace")
+
+
 def load_identity(path: str | Path) -> Identity:
     path = Path(path)
     try:
         mode = path.stat().st_mode
     except OSError as exc:
         raise LocalError(f"cannot read private key {path}: {exc}") from None
+    if _first_line(path) == PUBLIC_HEADER:  # before the mode check: chmod is not the fix
+        raise LocalError(f"{path} is a public key file (NAME.pub, made to be shared); "
+                         "identity.key must name the private key file beside it, NAME.key "
+                         "(written by `flnode keygen`, mode 0600)")
     if mode & (stat.S_IRWXG | stat.S_IRWXO):
         raise LocalError(
             f"permissions {stat.S_IMODE(mode):04o} for private key {path} are too open: "

@@ -9,6 +9,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from node.report_html import negative_gain_note
 from node.runner import RoundReport
 
 
@@ -26,6 +27,11 @@ def _bytes(n: int) -> str:
     return str(n)
 
 
+# A member's 95 % interval half-width from which the round line says so (a metric on
+# the 2,000-row common test set stays well below; 16 own rows are about ±0.25).
+WIDE_INTERVAL = 0.05
+
+
 class RoundPrinter:
     """Collects per-round reports from all nodes; prints a line when a round is complete."""
 
@@ -37,6 +43,7 @@ class RoundPrinter:
         self.history: dict[int, dict[str, dict[str, float]]] = {}
         self.eps: dict[str, float | None] = {}
         self.stopped: set[str] = set()
+        self.widths: dict[int, list[float]] = {}  # per round: each member's interval half-width
 
     def header(self, prep: Any) -> None:
         s = self.spec
@@ -64,15 +71,22 @@ class RoundPrinter:
             self.console.print(f"  [yellow]{rep.member}[/]: {rep.stopped}")
             return
         self.history.setdefault(rep.round, {})[rep.member] = rep.metrics
+        iv = (rep.intervals or {}).get(self.metric)
+        if iv:
+            self.widths.setdefault(rep.round, []).append((iv[1] - iv[0]) / 2)
         self.eps[rep.member] = rep.epsilon
         done = self.history[rep.round]
         if len(done) == len(set(self.names) - self.stopped):
             vals = {n: done[n][self.metric] for n in self.names if n in done}
             eps = max((e for e in self.eps.values() if e is not None), default=None)
             per = " ".join(f"{v:.3f}" for v in vals.values())
+            widest = max(self.widths.pop(rep.round, []), default=0.0)
+            # Each member's figure is on its own held-out rows: say how far few rows carry.
+            noise = (f"  [dim]95 % up to ±{widest:.2f} (few held-out rows)[/]"
+                     if widest >= WIDE_INTERVAL else "")
             self.console.print(
                 f"  round {rep.round + 1:>3}/{self.spec.rounds}  mean {self.metric} "
-                f"{mean_text(vals)}  [dim]({per})[/]  ε {_eps(eps)}")
+                f"{mean_text(vals)}  [dim]({per})[/]  ε {_eps(eps)}{noise}")
 
     def done(self) -> None:
         self.console.print("  consortium finished; training the centralized and local-only "
@@ -130,6 +144,9 @@ def print_own_rows(summary: dict, console: Console) -> None:
     small = [f"{n} ({r['rows']})" for n, r in own.items() if 0 < r["rows"] < 30]
     if small:
         console.print(f"  few own rows: {', '.join(small)}: its gain moves a lot with one row")
+    why = negative_gain_note(summary)
+    if why:
+        console.print(f"  {why}", highlight=False)
 
 
 def print_summary(summary: dict, out: Path, console: Console | None = None) -> None:
@@ -202,8 +219,9 @@ def _print_run_facts(summary: dict, out: Path, console: Console, pooled: bool) -
         console.print("  aggregation (the consortium's \\[rules]): "
                       f"{agg['rule']}, f = {agg['f']}"
                       + (f", no member above {cap:.3g} of the weight" if cap else "") + server)
-    console.print(f"  consortium − centralized: {co - summary['centralized']:+.4f}; "
-                  f"wrote {out / 'summary.json'} and {out / 'accuracy.png'}")
+    # Two lines: the result, then where it is (one line used to glue them together).
+    console.print(f"  consortium − centralized: {co - summary['centralized']:+.4f}")
+    console.print(f"  wrote {out / 'summary.json'} and {out / 'accuracy.png'}")
 
 
 SERVER_OPT_NAMES = {"momentum": "FedAvgM", "adam": "FedAdam", "yogi": "FedYogi"}

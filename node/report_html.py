@@ -120,6 +120,9 @@ class RoundPoint:
     received: int = 0      # bytes it received during the round
     shares_in: int = 0     # members whose share it received for the round
     closed: bool = False   # the member closed the round (it released a share for it)
+    low: float | None = None   # the metric's 95 % interval on the member's held-out rows
+    high: float | None = None  # (metrics.jsonl "intervals", node/intervals.py)
+    eval_rows: int | None = None
 
 
 @dataclass
@@ -284,6 +287,11 @@ def read_metrics(m: Member, path: Path, metric: str, notes: list[str], label: st
         if isinstance(metrics, dict):  # a round it closed (a retire line has none)
             point.closed = True
             point.metric = _num_or_none(metrics.get(metric))
+            iv = rec.get("intervals")
+            iv = iv.get(metric) if isinstance(iv, dict) else None
+            if isinstance(iv, list) and len(iv) == 2:
+                point.low, point.high = _num_or_none(iv[0]), _num_or_none(iv[1])
+            point.eval_rows = _count(rec.get("eval_rows"))
         if rec.get("epsilon") is not None:
             point.epsilon = _num_or_none(rec["epsilon"])
         if isinstance(rec.get("received"), list):
@@ -428,8 +436,9 @@ def _legend_below(fig: Any, axes: list[Any]) -> None:
                    bbox_to_anchor=(0.5, 0.0), ncol=min(4, len(seen)), frameon=False)
 
 
-def plots(run: Run) -> list[tuple[str, str, bytes]]:
-    """(title, caption, PNG bytes) per plot: metric, ε (only with DP), bytes."""
+def plots(run: Run, where: str = "the consortium test set") -> list[tuple[str, str, bytes]]:
+    """(title, caption, PNG bytes) per plot: metric, ε (only with DP), bytes. `where`:
+    what the metric is measured on."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -450,13 +459,26 @@ def plots(run: Run) -> list[tuple[str, str, bytes]]:
     central = s.num("centralized")
     if central is not None and math.isfinite(central):
         ax.axhline(central, color="black", ls="--", lw=1.4, label="centralized (no DP)")
-    _finish(ax, fig, f"{metric} on the consortium test set, per round", "round", metric)
+    banded = False
+    for i, m in enumerate(members):  # the 95 % interval, where the member recorded one
+        band = [(r + 1, p.low, p.high) for r, p in sorted(m.rounds.items())
+                if p.low is not None and p.high is not None]
+        if band:
+            banded = True
+            xs, lo, hi = zip(*band, strict=True)
+            ax.fill_between(xs, lo, hi, color=colors[i % len(colors)], alpha=0.12, lw=0,
+                            label=f"{_label(m.name)} 95 % interval")
+    _finish(ax, fig, f"{metric} on {where}, per round", "round", metric)
     out.append((f"{metric} per round",
                 "Solid: each member's model after each round (one black line when every "
                 "member holds the same model; one line named after several members when they hold "
                 "the same model; dashed colored: an attacker). Dotted: each member trained alone "
                 "on its own rows (local-only). Dashed black: the same model trained on all rows "
-                "pooled (centralized).", _png(fig)))
+                "pooled (centralized)."
+                + (" Shaded: the 95 % interval of the metric on the member's held-out rows "
+                   "(Wilson for accuracy, Hanley-McNeil for ROC-AUC): how much of a swing "
+                   "between rounds the number of rows alone explains." if banded else ""),
+                _png(fig)))
 
     if any(_series(m, "epsilon")[0] for m in members):
         fig, ax = plt.subplots(figsize=(10, 4.2))
@@ -746,6 +768,50 @@ def _seen_by(run: Run) -> str:
             + "</tbody></table></div>")
 
 
+# Fewer rounds than this: the consortium model may still be near its start (the 4-bank demo
+# at ε 3 reached ROC-AUC 0.95 only after 10 rounds; node/rules.py few_rounds_warning).
+FEW_ROUNDS = 10
+
+
+def negative_gain_note(summary: dict[str, Any]) -> str | None:
+    """Why members lose on their own rows, when the mean gain there is negative: the
+    two models are not trained alike (local-only has no DP and fits only the member's
+    own distribution), and the members who lose are those with the most rows of their
+    own. None when the mean gain is not negative."""
+    own = summary.get("own_rows") if isinstance(summary.get("own_rows"), dict) else {}
+    gains = {n: r.get("gain") for n, r in own.items() if isinstance(r, dict)}
+    defined = {n: g for n, g in gains.items() if isinstance(g, int | float) and math.isfinite(g)}
+    if not defined or sum(defined.values()) / len(defined) >= 0:
+        return None
+    eps = summary.get("epsilon") if isinstance(summary.get("epsilon"), dict) else {}
+    mode, budget = eps.get("mode"), eps.get("budget")
+    parts = []
+    if mode and mode != "off":
+        parts.append(f"the consortium model is trained under {mode}-level DP"
+                     + (f" (ε {budget:g})" if isinstance(budget, int | float) else "")
+                     + "; local-only trains without DP")
+    partition = summary.get("partition")
+    if summary.get("data_dir") or (isinstance(partition, str) and partition != "iid"):
+        parts.append("a member's own held-out rows come from its own distribution, which its "
+                     "local-only model fits alone while the consortium model fits every "
+                     "member's rows" + (f" ({partition})" if isinstance(partition, str)
+                                        and not summary.get("data_dir") else ""))
+    rows = summary.get("rows") if isinstance(summary.get("rows"), dict) else {}
+    counts = {n: v for n, v in rows.items() if isinstance(v, int)}
+    total = sum(counts.values())
+    big = [n for n, g in defined.items() if g < 0 and counts.get(n, 0) * len(counts) > total]
+    if big and total:
+        parts.append("a member with more rows than the average has the least to gain: "
+                     + ", ".join(f"{n} ({counts[n]} of {total} training rows, "
+                                 f"{defined[n]:+.4f})" for n in big[:4]))
+    planned = summary.get("rounds")
+    if isinstance(planned, int) and planned < FEW_ROUNDS:
+        parts.append(f"after {planned} rounds the consortium model is still near its start")
+    parts.append("on fewer than ~100 own rows a difference of a few hundredths is within the "
+                 "rows' own noise (the 95 % intervals: `flnode report --state-dir`)")
+    return "why the mean gain is negative: " + "; ".join(parts) + "."
+
+
 def _own_rows(run: Run) -> str:
     """Each member's local-only model and the consortium's on the member's OWN held-out rows
     (summary.json `own_rows`, written by the simulators): the gain a member's manager asks
@@ -772,7 +838,8 @@ def _own_rows(run: Run) -> str:
             "scored on rows the member held out of its own data"
             + (f" ({_e(source)})" if source else "") + "; gain = consortium − local-only. "
             "A metric that is undefined there (one class only) shows as —.</p>"
-            '<div class="scroll"><table><thead><tr><th class="l">member</th><th>held-out rows'
+            + (f'<p class="sub">{_e(why)}</p>' if (why := negative_gain_note(s.doc)) else "")
+            + '<div class="scroll"><table><thead><tr><th class="l">member</th><th>held-out rows'
             "</th><th>local-only</th><th>consortium</th><th>gain</th></tr></thead><tbody>"
             + "".join(rows) + "</tbody></table></div>")
 

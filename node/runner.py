@@ -33,6 +33,7 @@ from gossip.envelope import (
     BENIGN_REASONS,
     HELLO_ASK,
     HELLO_REPLY,
+    KIND_FINAL,
     KIND_HELLO,
     KIND_PREKEY,
     KIND_RETIRE,
@@ -56,6 +57,7 @@ from node.control import ControlVariates, local_steps, per_parameter
 from node.data import FeatureSchema, encode, held_out_split, read_table
 from node.dpsgd import train_local_dp_fast
 from node.identity import Identity, load_identity
+from node.intervals import metric_intervals
 from node.models import (
     build_model,
     flat_to_named,
@@ -119,6 +121,14 @@ MAX_EVIDENCE_PER_MEMBER = 64
 SEEN_KEEP_ROUNDS = 8
 # After the last round, how long a node waits for the others' seen reports of it.
 FINAL_SEEN_WAIT_S = 5.0
+# A wait (round shares, statistics) is reported after this long, then every
+# WAIT_REPORT_EVERY_S: who is still awaited and for how long, in the log and in
+# STATE_DIR/activity.json (for `flnode status`). Short waits stay quiet; a node started
+# alone says so within WAIT_REPORT_FIRST_S instead of waiting out a deadline in silence.
+WAIT_REPORT_FIRST_S = 10.0
+WAIT_REPORT_EVERY_S = 30.0
+ACTIVITY_FILE = "activity.json"  # node/status.py reads it
+FINAL_FILE = "final.json"  # the members' final model digests compared (node/status.py)
 # [attack] replay: the newest signed messages re-sent each round.
 REPLAY_KEEP = 32
 
@@ -136,6 +146,9 @@ class RoundReport:
     resent: bool = False  # the release came from the outbox (restart), not new training
     next_round: int = 0
     stopped: str | None = None  # set on the one report of a node that stopped sharing
+    # 95 % intervals of the metrics on the held-out rows (node/intervals.py), and their count
+    intervals: dict[str, list[float]] = field(default_factory=dict)
+    eval_rows: int = 0
 
 
 @dataclass
@@ -317,6 +330,8 @@ class Node:
         self._absent: set[str] = set()
         self._missed: Counter[str] = Counter()
         self._up: set[str] = set()  # members heard from since we started
+        # Each member's final model digest (its first final message only: one per member).
+        self._finals: dict[str, bytes] = {}
         self._answered: dict[str, float] = {}  # member -> when we last answered its hello
         # Acks of accepted shares, by round: sent once the round is closed and
         # checkpointed, so a node killed before that gets them redelivered (MQTT).
@@ -465,12 +480,25 @@ class Node:
         identically (node/normalize.py) and encode our rows with the result."""
         if self._tables is None or self.normalization is not None:
             return
-        own, data = self._own_stats()
-        await self._in_background(self._broadcast(0, data), "stats")
         members = {m.name for m in self.consortium.members} - {self.name}
         end = asyncio.get_running_loop().time() + self.cfg.gossip.normalize_wait_s
+        if not (self.state.path / self.STATS_FILE).exists() and not await self._wait_until(
+                lambda: members <= self._up, end, waiting=(
+                    "a first message (before our statistics are computed and charged)",
+                    lambda: sorted(members - self._up))):
+            raise LocalError(
+                f"federated normalization: never heard from "
+                f"{', '.join(sorted(members - self._up))} within gossip.normalize_wait_s = "
+                f"{self.cfg.gossip.normalize_wait_s:g} s; every member's statistics are "
+                "needed before round 1. Start them (or check they can reach us), or use "
+                "normalize = \"declared\". Nothing was trained, nothing charged: our "
+                "statistics are computed only once every member is heard from")
+        own, data = self._own_stats()
+        await self._in_background(self._broadcast(0, data), "stats")
         if not await self._wait_until(
-                lambda: members - self._stats_refused <= set(self._stats_in), end):
+                lambda: members - self._stats_refused <= set(self._stats_in), end,
+                waiting=("statistics", lambda: sorted(
+                    members - self._stats_refused - set(self._stats_in)))):
             missing = sorted(members - self._stats_refused - set(self._stats_in))
             raise LocalError(
                 f"federated normalization: no statistics from {', '.join(missing)} within "
@@ -597,6 +625,8 @@ class Node:
             self._on_seen(accepted, msg.data)
         elif where == "stats":
             self._on_stats(accepted)
+        elif where == "final":
+            self._finals.setdefault(accepted.sender, bytes(accepted.envelope.body))
         if where == "retired":
             log.warning("%s: %s has stopped sharing (retire message); rounds no longer wait "
                         "for it", self.name, accepted.sender)
@@ -672,6 +702,7 @@ class Node:
                             on_round(report)
                     if self.book.current >= self.cfg.training.rounds and self._closed:
                         await self._await_final_seen(max(self._closed))
+                        await self._compare_final_models(max(self._closed))
                     # No round left to read a share in (finished, or stopped sharing):
                     # nothing on this disk may open recorded traffic any more, and
                     # nothing needs redelivering.
@@ -751,6 +782,34 @@ class Node:
         if not await self._wait_until(lambda: all((r, m) in self._reported for m in expect), end):
             log.info("%s: no seen report for the last round from %s", self.name,
                      ", ".join(sorted(m for m in expect if (r, m) not in self._reported)))
+
+    async def _compare_final_models(self, r: int) -> None:
+        """After the last round: tell the members our final model's digest, wait (as for
+        the seen reports) for theirs from each member whose share we used, and say which
+        ended with a different model. Logged, and kept in final.json for `flnode status`."""
+        ours = model_digest(self.model)
+        await self._in_background(self._broadcast(r, self._sign(KIND_FINAL, r, ours)), "final")
+        expect = {m for m in self._closed.get(r, {}) if m != self.name} & self.book.neighbours
+        end = asyncio.get_running_loop().time() + min(FINAL_SEEN_WAIT_S,
+                                                      self.cfg.gossip.round_deadline_s)
+        await self._wait_until(lambda: expect <= set(self._finals), end)
+        result = compare_finals(ours, self._finals, expect)
+        atomic_write(self.state.path / FINAL_FILE, json.dumps(
+            {"round": r + 1, "time": time.time(), **result}, sort_keys=True).encode())
+        if result["different"]:
+            log.warning("%s: final models differ: %s ended round %d with a different model "
+                        "than ours (digest %s… here); the members did not combine the same "
+                        "shares (a member restarted after a kill, a share arrived late or was "
+                        "lost). Compare `flnode status` on each member", self.name,
+                        ", ".join(f"{m} ({d[:12]}…)" for m, d in
+                                  sorted(result["different"].items())),
+                        r + 1, result["digest"][:12])
+        elif result["same"]:
+            log.info("%s: final model identical to %s's (digest %s…)", self.name,
+                     ", ".join(result["same"]), result["digest"][:12])
+        if result["not_heard"]:
+            log.info("%s: no final model digest from %s", self.name,
+                     ", ".join(result["not_heard"]))
 
     def _on_seen(self, acc: Accepted, data: bytes) -> None:
         """A member's seen report: compared now if we have closed its round, kept until we
@@ -933,13 +992,16 @@ class Node:
             log.warning("%s: behind the consortium: skipping round(s) %d-%d, going on at "
                         "round %d", self.name, r + 2, nxt, nxt + 1)
         eps = self.epsilon()
+        intervals = metric_intervals(metrics, self.held_out.y.tolist())
         report = RoundReport(self.name, r, metrics, eps, sorted(received), missing, norm,
-                             time.perf_counter() - t0, resent, nxt)
+                             time.perf_counter() - t0, resent, nxt, intervals=intervals,
+                             eval_rows=len(self.held_out.y))
         # Metrics before the checkpoint: a crash in between re-runs the round
         # and appends a second line for it (readers take the last), rather than
         # losing the round's line.
         self.last_round = self._record_round(
             r, metrics=metrics, epsilon=eps, received=report.received, seconds=report.seconds,
+            intervals=intervals, eval_rows=len(self.held_out.y),
             missing=missing, closed=closed,
             aggregation={k: diagnostics[k] for k in ("rule", "used", "excluded", "clipped",
                                                      "weight_capped", "fallbacks")
@@ -1368,19 +1430,58 @@ class Node:
                             self._missed[m])
 
     async def _collect(self, r: int, deadline: float) -> None:
-        await self._wait_until(lambda: self.book.complete(r, ignore=self._ignorable()), deadline)
+        ignore = self._ignorable
+        await self._wait_until(
+            lambda: self.book.complete(r, ignore=ignore()), deadline,
+            waiting=(f"round {r + 1} shares",
+                     lambda: sorted(set(self.book.waiting_for(r)) - ignore())))
 
-    async def _wait_until(self, done: Callable[[], bool], end: float) -> bool:
+    async def _wait_until(self, done: Callable[[], bool], end: float,
+                          waiting: tuple[str, Callable[[], list[str]]] | None = None) -> bool:
         """Until done() holds (checked again after each message handle() files) or the
-        loop time `end`; False if the time ran out first."""
+        loop time `end`; False if the time ran out first. With `waiting` (what, and who
+        is still awaited) a long wait is reported (WAIT_REPORT_FIRST_S, then every
+        WAIT_REPORT_EVERY_S)."""
         loop = asyncio.get_running_loop()
+        start = loop.time()
+        next_report = start + WAIT_REPORT_FIRST_S
+        reported = False
         while True:
             self._arrived.clear()
             if done():
+                if reported:
+                    self._write_activity(None)
                 return True
-            remaining = end - loop.time()
-            if remaining <= 0 or not await self._wait_arrival(remaining):
+            now = loop.time()
+            remaining = end - now
+            if remaining <= 0:
                 return done()
+            if waiting is not None and now >= next_report:
+                self._report_wait(waiting[0], waiting[1](), now - start, remaining)
+                reported = True
+                next_report = now + WAIT_REPORT_EVERY_S
+            step = remaining if waiting is None else min(remaining, next_report - now)
+            if not await self._wait_arrival(step) and loop.time() >= end:
+                if reported:
+                    self._write_activity(None)
+                return done()
+
+    def _report_wait(self, what: str, who: list[str], waited: float, remaining: float) -> None:
+        """One log line and activity.json: who we wait for, since when, until when."""
+        heard = self._up & {m.name for m in self.consortium.members}
+        alone = ("; no other member heard from since this node started (started alone? "
+                 "check that the others are running and can reach us)" if not heard else "")
+        log.warning("%s: waiting %.0f s for %s from %s (gives up in %.0f s)%s", self.name,
+                    waited, what, ", ".join(who) or "nobody", remaining, alone)
+        self._write_activity({"what": what, "waiting_for": who, "since": time.time() - waited,
+                              "gives_up": time.time() + remaining, "heard_any": bool(heard)})
+
+    def _write_activity(self, waiting: dict[str, Any] | None) -> None:
+        doc = {"time": time.time(), **(waiting or {"waiting_for": []})}
+        try:
+            atomic_write(self.state.path / ACTIVITY_FILE, json.dumps(doc).encode())
+        except OSError as exc:  # a status aid: never stop a round for it
+            log.debug("%s: %s: %s", self.name, ACTIVITY_FILE, exc)
 
     async def _wait_arrival(self, seconds: float) -> bool:
         """Until handle() files something (the caller cleared `_arrived` before it last
@@ -1402,6 +1503,24 @@ class Node:
         if self.cfg.privacy.mode == "off":
             return None
         return self.ledger.epsilon(self.cfg.privacy.delta)
+
+
+def model_digest(model: torch.nn.Module) -> bytes:
+    """BLAKE2b-256 of the model's parameters as float32 little-endian (the checkpoint's
+    bytes): what a final message carries."""
+    import hashlib
+
+    return hashlib.blake2b(get_flat(model).numpy().astype("<f4").tobytes(),
+                           digest_size=32).digest()
+
+
+def compare_finals(ours: bytes, finals: dict[str, bytes], expected: set[str]) -> dict[str, Any]:
+    """{"digest": ours, "same": [members], "different": {member: digest}, "not_heard":
+    [expected members without a final message]} (hex digests, sorted names)."""
+    return {"digest": ours.hex(),
+            "same": sorted(m for m, d in finals.items() if d == ours),
+            "different": {m: d.hex() for m, d in sorted(finals.items()) if d != ours},
+            "not_heard": sorted(set(expected) - set(finals))}
 
 
 def _blake(data: bytes) -> str:

@@ -4,23 +4,77 @@ Every epsilon printed here is recomputed from the ledger by the accountant,
 never read from a cached figure. Only files are read: no torch, no training
 code (tests/test_lean.py checks that `flnode status` never imports torch).
 The planned number of rounds comes from the privacy plan, or from the node's
-config when one is given (a node without privacy keeps no plan).
+config when one is given (a node without privacy keeps no plan). Whether the node
+runs comes from node.pid (node/pidfile.py), its last activity from its files'
+modification times, whom it waits for from activity.json and the final model
+comparison from final.json (both written by node/runner.py).
 """
 
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 from typing import Any
 
 from gossip.errors import LocalError
+from node.pidfile import PID_FILE, process_state
 from node.privacy import ACCOUNTANT, PLAN_FILE, WEIGHT_FILE, Ledger, PrivacyPlan, epsilon_of
 from node.state import StateDir, read_jsonl
+
+# Written by the node (node/runner.py): who it waits for, and the members' final digests.
+ACTIVITY_FILE = "activity.json"
+FINAL_FILE = "final.json"
+
+
+# Files a node writes as it works: the newest modification time among them is its last
+# activity (audit.jsonl gets a line for every message received, activity.json one
+# every WAIT_REPORT_S while it waits).
+ACTIVITY_FILES = ("audit.jsonl", "metrics.jsonl", "checkpoint.msgpack", "ledger.jsonl",
+                  ACTIVITY_FILE, FINAL_FILE, PID_FILE)
+
+
+def last_activity(path: Path) -> float | None:
+    times = []
+    for name in ACTIVITY_FILES:
+        try:
+            times.append((path / name).stat().st_mtime)
+        except OSError:
+            continue
+    return max(times) if times else None
+
+
+def _small_json(path: Path) -> dict[str, Any] | None:
+    """A small JSON object the node wrote (activity.json, final.json), None if absent or
+    not one (a torn write: the node rewrites it atomically, so only a foreign file)."""
+    try:
+        raw = path.read_bytes()[:MAX_SMALL_JSON_BYTES + 1]
+        doc = json.loads(raw)
+    except (OSError, ValueError):
+        return None
+    return doc if isinstance(doc, dict) else None
+
+
+def _waiting(path: Path) -> dict[str, Any] | None:
+    """What activity.json says the node waits for; None once the wait is over."""
+    doc = _small_json(path / ACTIVITY_FILE)
+    return doc if doc and isinstance(doc.get("waiting_for"), list) and doc["waiting_for"] \
+        else None
+
+
+# activity.json and final.json are a few hundred bytes; more is not ours.
+MAX_SMALL_JSON_BYTES = 1 << 20
 
 
 def collect(state_dir: str | Path, config: str | Path | None = None) -> dict[str, Any]:
     path = Path(state_dir)
     if not (path / "checkpoint.msgpack").exists():
+        if not path.is_dir():
+            raise LocalError(f"{path}: no such directory; is this a node's state_dir?")
+        proc = process_state(path)
+        if proc["state"] != "no_pid_file":  # started, but no checkpoint yet
+            return {"state_dir": str(path), "process": proc, "last_activity":
+                    last_activity(path), "waiting": _waiting(path), "starting": True}
         raise LocalError(f"{path}: no checkpoint.msgpack here; is this a node's state_dir?")
     state = StateDir(path)
     cp = state.load_checkpoint()
@@ -67,6 +121,10 @@ def collect(state_dir: str | Path, config: str | Path | None = None) -> dict[str
             "epsilon_alone": epsilon_of(charges, plan.delta) if charges and plan else None}
     return {
         "state_dir": str(path),
+        "process": process_state(path),
+        "last_activity": last_activity(path),
+        "waiting": _waiting(path),
+        "final": _small_json(path / FINAL_FILE),
         "next_round": cp.next_round,
         "rounds_done": len({m["round"] for m in rounds}),
         "planned_rounds": planned,
@@ -96,9 +154,76 @@ def round_line(s: dict[str, Any]) -> str:
     return f"{done} of {total} rounds completed; in round {nxt + 1}"
 
 
-def render(s: dict[str, Any]) -> str:
+def _when(t: Any, now: float) -> str:
+    if not isinstance(t, int | float) or isinstance(t, bool):
+        return "?"
+    stamp = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(t))
+    return f"{stamp} ({_ago(now - t)})"
+
+
+def _ago(seconds: float) -> str:
+    s = max(0, int(seconds))
+    if s < 120:
+        return f"{s} s ago"
+    if s < 7200:
+        return f"{s // 60} min ago"
+    return f"{s // 3600} h {s % 3600 // 60} min ago"
+
+
+def process_line(proc: dict[str, Any], now: float) -> str:
+    """"running (pid 4242, started ...)", "not running: killed or crashed (...)", ..."""
+    st, pid = proc["state"], proc.get("pid")
+    if st == "running":
+        return f"running (pid {pid}, started {_when(proc.get('started'), now)})"
+    if st == "exited":
+        code = proc.get("code")
+        how = {0: "finished or stopped early", 2: "an error (see its log)",
+               130: "stopped by SIGINT", 143: "stopped by SIGTERM"}.get(code, "see its log")
+        return (f"not running: exited {_when(proc.get('exited'), now)} with code {code} "
+                f"({how}; pid was {pid})")
+    if st in ("killed", "stale_pid", "rebooted"):
+        return f"not running: {proc['detail']} (pid was {pid})"
+    return f"unknown: {proc['detail']}"
+
+
+def waiting_line(w: dict[str, Any], now: float) -> str:
+    who = w.get("waiting_for") or []
+    since = w.get("since")
+    so_far = f", {int(now - since)} s so far" if isinstance(since, int | float) and not \
+        isinstance(since, bool) else ""
+    return (f"for {', '.join(str(m) for m in who)} ({w.get('what', '?')}){so_far}; "
+            f"written {_when(w.get('time'), now)}")
+
+
+def final_line(f: dict[str, Any]) -> str:
+    digest = str(f.get("digest", ""))[:16]
+    differ = f.get("different") or {}
+    same = f.get("same") or []
+    silent = f.get("not_heard") or []
+    parts = []
+    if differ:
+        parts.append("DIFFERENT final model from " + ", ".join(
+            f"{m} ({str(d)[:16]}…)" for m, d in sorted(differ.items()))
+            + f"; ours {digest}…")
+    if same:
+        parts.append(f"same final model as {', '.join(sorted(same))} (digest {digest}…)")
+    if silent:
+        parts.append(f"no final digest from {', '.join(sorted(silent))}")
+    return "; ".join(parts) or f"digest {digest}… (no other member to compare with)"
+
+
+def render(s: dict[str, Any], now: float | None = None) -> str:
+    now = time.time() if now is None else now
+    lines = [f"state dir   {s['state_dir']}", f"process     {process_line(s['process'], now)}"]
+    if s.get("last_activity") is not None:
+        lines.append(f"activity    last {_when(s['last_activity'], now)}")
+    if s.get("waiting") and s["process"]["state"] == "running":
+        lines.append(f"waiting     {waiting_line(s['waiting'], now)}")
+    if s.get("starting"):
+        lines.append("round       none yet (no checkpoint: the node is starting)")
+        return "\n".join(lines)
     p = s["privacy"]
-    lines = [f"state dir   {s['state_dir']}", f"round       {round_line(s)}"]
+    lines.append(f"round       {round_line(s)}")
     if s["stopped"]:
         lines.append(f"stopped     {s['stopped']}")
     if p["mode"] == "off":
@@ -128,4 +253,6 @@ def render(s: dict[str, Any]) -> str:
     rej = s["rejected"]
     lines.append("rejected    " + (", ".join(f"{k} {v}" for k, v in sorted(rej.items())) or "none"))
     lines.append(f"traffic     {s['bytes_sent']} bytes sent, {s['bytes_received']} received")
+    if s.get("final"):
+        lines.append(f"final       {final_line(s['final'])}")
     return "\n".join(lines)

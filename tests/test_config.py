@@ -53,6 +53,29 @@ def test_bad_values_name_the_key(tmp_path, edit, key):
     assert key in str(info.value) and str(path) in str(info.value)
 
 
+@pytest.mark.parametrize("edit, key", [
+    (lambda t: t.replace("sigma = 1.0", 'epsilon = "3"'), "privacy.epsilon"),
+    (lambda t: t.replace("lr = 0.1", 'lr = "0.1"'), "training.lr"),
+    (lambda t: t.replace("lr = 0.1", "rounds = 30.5"), "training.rounds"),
+    (lambda t: t.replace("lr = 0.1", 'rounds = "30"'), "training.rounds"),
+    (lambda t: t + '\n[gossip]\nround_deadline_s = "60"\n', "gossip.round_deadline_s"),
+    (lambda t: "keep_releases = 1\n" + t, "keep_releases"),
+    (lambda t: 'keep_releases = "true"\n' + t, "keep_releases"),
+])
+def test_quoted_or_mistyped_values_are_refused_not_coerced(tmp_path, edit, key):
+    """`epsilon = "3"` was accepted as 3.0 (pydantic's lax mode): a privacy budget
+    typed as a string is a mistake to name, like every other mistyped value."""
+    path = write(tmp_path, edit(GOOD))
+    with pytest.raises(LocalError) as info:
+        load_config(path)
+    assert key in str(info.value), info.value
+
+
+def test_an_integer_still_counts_as_a_float(tmp_path):
+    cfg = load_config(write(tmp_path, GOOD.replace("sigma = 1.0", "epsilon = 3")))
+    assert cfg.privacy.epsilon == 3.0 and isinstance(cfg.privacy.epsilon, float)
+
+
 def test_invalid_toml_names_the_file(tmp_path):
     with pytest.raises(LocalError, match="not valid TOML"):
         load_config(write(tmp_path, "state_dir = \n"))

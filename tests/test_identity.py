@@ -34,6 +34,16 @@ def test_group_or_world_readable_key_is_refused_with_the_fix(tmp_path):
         load_identity(secret)
 
 
+def test_public_key_file_as_identity_key_says_so_not_chmod(tmp_path):
+    """identity.key pointed at NAME.pub used to say "chmod 600" it."""
+    _, public = save_identity(Identity.generate("bank-0"), tmp_path)
+    os.chmod(public, 0o644)
+    with pytest.raises(LocalError) as info:
+        load_identity(public)
+    assert "is a public key file" in str(info.value) and "chmod" not in str(info.value)
+    assert "bank-0.pub" in str(info.value)
+
+
 def test_keygen_refuses_to_overwrite(tmp_path):
     save_identity(Identity.generate("bank-0"), tmp_path)
     with pytest.raises(LocalError, match="refusing to overwrite"):

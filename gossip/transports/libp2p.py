@@ -332,6 +332,7 @@ class Libp2pTransport(Transport):
         self.peers = {m.name: (peer_id_of(m.public_key), self._address(m))
                       for m in members if m.name != name}
         self.names_by_id = {pid: n for n, (pid, _) in self.peers.items()}
+        self._undeliverable: set[str] = set()  # members whose last send failed (logged once)
         self._seed = seed
         self.stats = TransportStats()
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -480,6 +481,15 @@ class Libp2pTransport(Transport):
         except BaseExceptionGroup as group:
             raise _first_error(group) from None
 
+    def named(self, text: str) -> str:
+        """`text` (an error from py-libp2p) with each member's peer id replaced by the
+        member's name: logs name members, the short id only to match libp2p's own logs."""
+        for pid, name in self.names_by_id.items():
+            full = str(pid)
+            if full in text:
+                text = text.replace(full, f"{name} (peer id …{full[-6:]})")
+        return text
+
     def _check_sendable(self, data: bytes) -> None:
         self._check_usable()
         if len(data) > self.max_message_bytes:
@@ -496,9 +506,15 @@ class Libp2pTransport(Transport):
             await self._run(self._send_trio, self.peers[peer][0], data)
         except UNREACHABLE as exc:
             self.stats.dropped += 1
-            log.warning("%s: could not deliver %d bytes to %s: %s", self.name, len(data), peer,
-                        describe(exc))
+            if peer not in self._undeliverable:  # once per outage, not once per message
+                self._undeliverable.add(peer)
+                log.warning("%s: could not deliver %d bytes to %s: %s (further failures to "
+                            "%s are counted, not logged, until a send gets through)", self.name,
+                            len(data), peer, self.named(describe(exc)), peer)
             return
+        if peer in self._undeliverable:
+            self._undeliverable.discard(peer)
+            log.info("%s: delivering to %s again", self.name, peer)
         self.stats.bytes_sent += len(data)
         self.stats.messages_sent += 1
 
@@ -573,7 +589,7 @@ class Libp2pTransport(Transport):
         if key not in self._logged and len(self._logged) < MAX_LOGGED:
             self._logged.add(key)
             log.warning("%s: refused libp2p %s: %s: %s (further ones are counted, not logged)",
-                        self.name, peer, reason, detail)
+                        self.name, peer, reason, self.named(detail))
 
     def _deliver(self, data: bytes, peer: str) -> None:
         """On the asyncio thread; the trio side holds an inbox slot for it."""
@@ -880,7 +896,8 @@ class Libp2pTransport(Transport):
             self._on_loop(self._deliver, data, peer)
         except (Exception, trio.TooSlowError) as exc:  # noqa: BLE001 - a peer's broken stream
             self._on_loop(self._count_refusal, "stream_error")
-            log.debug("%s: stream from %s failed: %s", self.name, peer or remote, describe(exc))
+            log.debug("%s: stream from %s failed: %s", self.name, peer or remote,
+                      self.named(describe(exc)))
             await _reset(stream)
         finally:
             if counted and peer is not None:

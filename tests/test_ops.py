@@ -1,0 +1,321 @@
+"""What an operator reads: `flnode status` (running / exited / killed / stale pid, last
+activity, who a node waits for, final model digests), the wait and divergence log lines,
+and logs that name members rather than libp2p peer ids."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import time
+
+import pytest
+import torch
+
+from gossip.transports.memory import MemoryHub
+from node import pidfile
+from node import runner as runner_mod
+from node.models import get_flat, set_flat
+from node.runner import compare_finals
+from node.status import collect, final_line, process_line, render
+from tests.test_runner import build, make, run_all
+
+
+def write_pid(state, **doc):
+    state.mkdir(parents=True, exist_ok=True)
+    (state / pidfile.PID_FILE).write_text(json.dumps(doc))
+
+
+def test_a_live_process_with_its_recorded_start_time_is_running(tmp_path):
+    me = os.getpid()
+    write_pid(tmp_path, pid=me, proc_start=pidfile.proc_start(me), boot_id=pidfile.boot_id(),
+              started=time.time() - 5)
+    st = pidfile.process_state(tmp_path)
+    assert st["state"] == "running" and st["pid"] == me
+    assert process_line(st, time.time()).startswith(f"running (pid {me}, started ")
+
+
+def test_a_reused_pid_is_stale_not_running(tmp_path):
+    """The pid is alive but started at another time: another process got the number."""
+    me = os.getpid()
+    write_pid(tmp_path, pid=me, proc_start=pidfile.proc_start(me) - 1, boot_id=pidfile.boot_id())
+    st = pidfile.process_state(tmp_path)
+    assert st["state"] == "stale_pid"
+    assert "pid reused" in process_line(st, time.time())
+
+
+def test_a_gone_pid_without_an_exit_is_killed_and_a_recorded_exit_is_exited(tmp_path):
+    gone = 2**22 + 17  # above Linux's pid_max default range in use here
+    assert pidfile.proc_start(gone) is None
+    write_pid(tmp_path, pid=gone, proc_start=123, boot_id=pidfile.boot_id())
+    st = pidfile.process_state(tmp_path)
+    assert st["state"] == "killed" and "killed" in process_line(st, time.time())
+    write_pid(tmp_path, pid=gone, proc_start=123, boot_id=pidfile.boot_id(), exited=time.time(),
+              code=143)
+    line = process_line(pidfile.process_state(tmp_path), time.time())
+    assert line.startswith("not running: exited") and "SIGTERM" in line
+
+
+def test_another_boot_and_a_foreign_pid_file_are_said_as_such(tmp_path):
+    write_pid(tmp_path, pid=os.getpid(), proc_start=1, boot_id="not-this-boot")
+    assert pidfile.process_state(tmp_path)["state"] == "rebooted"
+    (tmp_path / pidfile.PID_FILE).write_text("{torn")
+    st = pidfile.process_state(tmp_path)
+    assert st["state"] == "unknown" and "not JSON" in st["detail"]
+
+
+def test_a_second_node_on_a_running_state_dir_is_refused(tmp_path):
+    import subprocess
+    import sys
+
+    # A live process that is not us (a pid file naming ourselves would be re-claimed).
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        write_pid(tmp_path, pid=other.pid, proc_start=pidfile.proc_start(other.pid),
+                  boot_id=pidfile.boot_id())
+        from gossip.errors import LocalError
+
+        try:
+            pidfile.claim(tmp_path)
+        except LocalError as exc:
+            assert f"in use by a running node (pid {other.pid}" in str(exc)
+        else:
+            raise AssertionError("claimed a state dir a live node holds")
+    finally:
+        other.kill()
+        other.wait()
+    # Now it is gone (and reaped): claiming works and records our process.
+    pidfile.claim(tmp_path)
+    assert pidfile.process_state(tmp_path)["pid"] == os.getpid()
+    pidfile.record_exit(tmp_path, 0)
+    assert pidfile.process_state(tmp_path)["state"] == "exited"
+
+
+def test_compare_finals_names_who_differs_and_who_was_not_heard():
+    a, b = bytes(32), bytes([1]) * 32
+    got = compare_finals(a, {"bank-1": a, "bank-2": b}, {"bank-1", "bank-2", "bank-3"})
+    assert got == {"digest": a.hex(), "same": ["bank-1"], "different": {"bank-2": b.hex()},
+                   "not_heard": ["bank-3"]}
+    line = final_line(got)
+    assert "DIFFERENT final model from bank-2" in line and "no final digest from bank-3" in line
+
+
+async def test_a_node_started_alone_says_so_early_and_status_shows_whom_it_waits_for(
+        tmp_path, monkeypatch, caplog):
+    """It used to wait out the whole deadline in silence."""
+    monkeypatch.setattr(runner_mod, "WAIT_REPORT_FIRST_S", 0.2)
+    monkeypatch.setattr(runner_mod, "WAIT_REPORT_EVERY_S", 0.5)
+    _, prep = make(tmp_path, nodes=3, rounds=1, privacy="off", deadline=1.5)
+    [alone] = build(prep, MemoryHub(), which={0})
+    caplog.set_level(logging.WARNING, logger="flnode.node")
+    seen: list[dict] = []
+
+    async def watch():  # what `flnode status` shows while the node waits
+        path = alone.state.path / runner_mod.ACTIVITY_FILE
+        while not seen:
+            if path.exists():
+                doc = json.loads(path.read_text())
+                if doc.get("waiting_for"):
+                    seen.append(doc)
+            await asyncio.sleep(0.02)
+
+    async with asyncio.TaskGroup() as tg:
+        tg.create_task(asyncio.wait_for(watch(), 60))
+        tg.create_task(alone.run())
+    waits = [r.getMessage() for r in caplog.records if "waiting" in r.getMessage()]
+    assert waits and "round 1 shares from bank-1, bank-2" in waits[0], waits
+    assert "no other member heard from since this node started (started alone?" in waits[0]
+    assert len(waits) <= 4, waits  # every 0.5 s over a 1.5 s deadline: not a flood
+    assert seen[0]["waiting_for"] == ["bank-1", "bank-2"] and seen[0]["what"] == "round 1 shares"
+    # Once the wait is over the file says so: status shows no stale "waiting".
+    assert json.loads((alone.state.path / runner_mod.ACTIVITY_FILE).read_text())[
+        "waiting_for"] == []
+    assert collect(alone.state.path)["waiting"] is None
+
+
+async def test_members_that_end_with_different_models_are_told_so(tmp_path, caplog):
+    """bank-2 resumes from another model than the others (as after a kill and a restart
+    from an older checkpoint): the server step starts from it, so it ends elsewhere.
+    Every member says who differs, in the log and in `flnode status`."""
+    _, prep = make(tmp_path, nodes=3, rounds=2, privacy="off")
+    nodes = build(prep, MemoryHub())
+    set_flat(nodes[2].model, get_flat(nodes[2].model) + 0.05)
+    caplog.set_level(logging.INFO, logger="flnode.node")
+    await asyncio.wait_for(run_all(nodes), 300)
+    assert torch.equal(get_flat(nodes[0].model), get_flat(nodes[1].model))
+    assert not torch.equal(get_flat(nodes[0].model), get_flat(nodes[2].model))
+    s0 = collect(nodes[0].state.path)
+    assert s0["final"]["same"] == ["bank-1"] and list(s0["final"]["different"]) == ["bank-2"]
+    assert "DIFFERENT final model from bank-2" in render(s0)
+    s2 = collect(nodes[2].state.path)
+    assert sorted(s2["final"]["different"]) == ["bank-0", "bank-1"] and s2["final"]["same"] == []
+    logs = [r.getMessage() for r in caplog.records]
+    assert any(m.startswith("bank-0: final models differ: bank-2 (") for m in logs), logs
+    assert any(m.startswith("bank-1: final models differ: bank-2 (") for m in logs), logs
+    assert any(m.startswith("bank-2: final models differ: bank-0 (") for m in logs), logs
+
+
+async def test_members_with_the_same_model_say_identical(tmp_path, caplog):
+    _, prep = make(tmp_path, nodes=3, rounds=1, privacy="off")
+    nodes = build(prep, MemoryHub())
+    caplog.set_level(logging.INFO, logger="flnode.node")
+    await asyncio.wait_for(run_all(nodes), 300)
+    for n in nodes:
+        f = collect(n.state.path)["final"]
+        assert f["different"] == {} and len(f["same"]) == 2 and f["not_heard"] == []
+    assert any("final model identical to" in r.getMessage() for r in caplog.records)
+
+
+def test_libp2p_errors_name_the_member_not_its_peer_id():
+    """py-libp2p's errors carry peer ids ("unable to connect to 12D3KooW…"): the log
+    line names the member, with the id's tail only to match libp2p's own logs."""
+    from nacl.signing import SigningKey
+
+    from gossip.membership import Member
+    from gossip.transports.libp2p import Libp2pTransport, peer_id_of
+
+    keys = [SigningKey.generate() for _ in range(2)]
+    members = tuple(Member(f"bank-{i}", bytes(k.verify_key), {"libp2p": "/ip4/127.0.0.1/tcp/9"})
+                    for i, k in enumerate(keys))
+    t = Libp2pTransport(bytes(keys[0]), "bank-0", members, 1 << 20)
+    pid = str(peer_id_of(bytes(keys[1].verify_key)))
+    text = t.named(f"SwarmDialAllFailedError: unable to connect to {pid}, no addresses")
+    assert pid not in text and f"bank-1 (peer id …{pid[-6:]})" in text
+
+
+async def test_a_node_alone_charges_nothing_for_its_statistics(tmp_path, monkeypatch, caplog):
+    """Federated normalization under record-level DP: a node that hears no member
+    computes and charges no statistics; it says whom it never heard from."""
+    from gossip.errors import LocalError
+    from node.config import load_config
+    from node.privacy import SeededNoise
+    from node.runner import Node
+    from tests.test_normalize import make as make_federated
+
+    monkeypatch.setattr(runner_mod, "WAIT_REPORT_FIRST_S", 0.2)
+    prep, _ = make_federated(tmp_path, nodes=3, privacy="record")
+    cfg = load_config(prep.config_paths[0])
+    cfg = cfg.model_copy(update={"gossip": cfg.gossip.model_copy(
+        update={"normalize_wait_s": 1.0})})
+    node = Node.from_config(cfg, MemoryHub().attach(prep.names[0], prep.names), SeededNoise(0))
+    caplog.set_level(logging.WARNING, logger="flnode.node")
+    with pytest.raises(LocalError) as info:
+        await asyncio.wait_for(node.run(), 120)
+    assert "never heard from bank-1, bank-2" in str(info.value)
+    assert "nothing charged" in str(info.value)
+    assert node.ledger.records == [] and not (node.state.path / Node.STATS_FILE).exists()
+    assert any("a first message (before our statistics are computed and charged) from "
+               "bank-1, bank-2" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.slow
+def test_status_of_a_real_node_running_then_sigkilled(tmp_path):
+    """`flnode run` alone (its one peer never starts): `flnode status` says running with
+    its pid; the node says early that it hears nobody; after SIGKILL status says killed,
+    not running, and a restart on the same state dir is allowed."""
+    import selectors
+    import signal
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from node.simulation import SimulationSpec, prepare
+
+    root = Path(__file__).resolve().parent.parent
+    spec = SimulationSpec(dataset="default", nodes=2, partition="iid", rounds=1, seed=0,
+                          out=tmp_path, transport="libp2p", round_deadline_s=120,
+                          privacy="off")
+    prep = prepare(spec, {"bank-0": {"libp2p": "/ip4/127.0.0.1/tcp/0"},
+                          "bank-1": {"libp2p": "/ip4/127.0.0.1/tcp/9"}})  # never starts
+    state = tmp_path / "state" / "bank-0"
+    proc = subprocess.Popen([sys.executable, "-m", "node.cli", "run", "--config",
+                             str(prep.config_paths[0])], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, cwd=root)
+    out = []
+    try:
+        sel = selectors.DefaultSelector()
+        sel.register(proc.stdout, selectors.EVENT_READ)
+        end = time.monotonic() + 120
+        while time.monotonic() < end and not any("started alone?" in x for x in out):
+            if sel.select(timeout=1):
+                line = proc.stdout.readline()
+                if not line:
+                    break
+                out.append(line)
+        wait_line = next((x for x in out if "started alone?" in x), None)
+        assert wait_line and "waiting" in wait_line and "round 1 shares from bank-1" in \
+            wait_line, "".join(out)
+        st = collect(state)
+        assert st["process"]["state"] == "running" and st["process"]["pid"] == proc.pid
+        assert st["waiting"]["waiting_for"] == ["bank-1"]
+        text = render(st)
+        assert f"running (pid {proc.pid}" in text and "waiting     for bank-1" in text
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        proc.kill()
+        proc.wait()
+    st = collect(state)
+    assert st["process"]["state"] == "killed", st["process"]
+    assert "not running" in render(st) and "killed" in render(st)
+    pidfile.claim(state)  # a restart is not refused by the dead node's pid file
+
+
+def test_status_of_a_node_that_has_started_but_closed_nothing_yet(tmp_path, capsys):
+    """No checkpoint yet but a pid file: it is starting (waiting for the others), not
+    "no state dir here"."""
+    from node.cli import main
+
+    pidfile.claim(tmp_path)
+    (tmp_path / runner_mod.ACTIVITY_FILE).write_text(json.dumps({
+        "time": time.time(), "what": "statistics", "waiting_for": ["bank-2"],
+        "since": time.time() - 42}))
+    assert main(["status", "--state-dir", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert f"running (pid {os.getpid()}" in out and "none yet (no checkpoint" in out
+    assert "waiting     for bank-2 (statistics), 42 s so far" in out
+    assert main(["status", "--state-dir", str(tmp_path), "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["process"]["state"] == "running" and doc["starting"] is True
+
+
+def test_a_members_final_message_is_checked_and_its_first_digest_kept():
+    """Attack with a member's key: a final body of the wrong size is refused (bad_body);
+    a second, different final does not replace the first."""
+    from gossip import envelope
+    from gossip.envelope import KIND_FINAL
+    from gossip.errors import RemoteError
+    from gossip.rounds import RoundBook
+    from tests.helpers import consortium, keys, verifier_for
+
+    ks = keys(3)
+    cons = consortium(ks)
+    v = verifier_for(cons, ks[0])
+    book = RoundBook({"bank-1", "bank-2"}, 3)
+    for bad in (b"", bytes(31), bytes(33), bytes(1 << 16)):
+        data = envelope.pack(ks[1], cons.id, KIND_FINAL, 2, len(bad), bad)
+        with pytest.raises(RemoteError) as info:
+            v.verify(data, 0)
+        assert info.value.reason == "bad_body" and "32-byte model digest" in info.value.detail
+    acc = v.verify(envelope.pack(ks[1], cons.id, KIND_FINAL, 2, 100, bytes([7]) * 32), 0)
+    assert book.add(acc) == "final" and acc.envelope.body == bytes([7]) * 32
+
+
+def test_a_node_keeps_a_members_first_final_digest_only(tmp_path):
+    from gossip import envelope
+    from gossip.envelope import KIND_FINAL
+    from gossip.transports.base import Incoming
+    from node.config import load_config
+    from node.identity import load_identity
+
+    _, prep = make(tmp_path, nodes=3, rounds=1, privacy="off")
+    node = build(prep, MemoryHub(), which={0})[0]
+    bank1 = load_identity(load_config(prep.config_paths[1]).identity.key)
+    for seq, digest in ((5, bytes([7]) * 32), (6, bytes([9]) * 32)):
+        data = envelope.pack(bank1.signing_key, node.consortium.id, KIND_FINAL, 0, seq, digest)
+        assert node.handle(Incoming(data, "bank-1")) is not None
+    bad = envelope.pack(bank1.signing_key, node.consortium.id, KIND_FINAL, 0, 7, bytes(8))
+    assert node.handle(Incoming(bad, "bank-1")) is None
+    assert node._finals == {"bank-1": bytes([7]) * 32}
+    assert node.rejected() == {"bad_body": 1}
