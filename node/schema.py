@@ -66,7 +66,8 @@ MISSING_NOTE = (
     "empty cell here before training (its released row count is the count after dropping). "
     "Or missing = {fill = VALUE, indicator = true}: an empty cell becomes VALUE (a typical "
     "value from domain knowledge, inside the range: never your rows' mean, which is a "
-    "release) and a 0/1 feature marks it; what `flnode predict` needs for rows it must score")
+    "release) and a 0/1 feature marks it; what a model that must later score rows with "
+    "empty cells needs")
 ROWS_NOTE = (
     "optional: normalize_rows = N, the consortium's total training rows as the members "
     "state them when they form it, so that every member's check decides alike (without "
@@ -212,8 +213,10 @@ def infer(paths: Sequence[str | Path], label: str, categorical: Sequence[str] = 
     notes.insert(0, "note: " + RELEASE_NOTE)
     if to_fill:
         what = "range = [min, max]" if normalize != "declared" else "mean and std"
-        notes.append(f"note: {len(to_fill)} numeric column(s) need {what} from domain "
-                     f"knowledge before the schema loads: {', '.join(map(repr, to_fill))}")
+        source = ("domain knowledge or, at merge, a public table (`flnode schema merge ... "
+                  "--ranges-from PUBLIC.csv`)" if normalize != "declared" else "domain knowledge")
+        notes.append(f"note: {len(to_fill)} numeric column(s) need {what} from {source} "
+                     f"before the schema loads: {', '.join(map(repr, to_fill))}")
     if constant:
         notes.append(f"note: constant in these files (kept, marked): "
                      f"{', '.join(map(repr, constant))}")
@@ -377,8 +380,10 @@ def merge(paths: Sequence[str | Path], ranges_from: str | Path | None = None) ->
     doc["columns"] = columns
     if to_fill:
         FeatureSchema.from_dict(doc, "the merged schema", draft=True)
-        notes.append(f"note: still to fill from domain knowledge before `flnode consortium "
-                     f"build` takes it: {', '.join(map(repr, to_fill))}")
+        public_hint = ("" if s0.mode == "declared" else " (ranges: or merge again with "
+                       "--ranges-from PUBLIC.csv, a published table of the same columns)")
+        notes.append(f"note: still to fill from domain knowledge{public_hint} before `flnode "
+                     f"consortium build` takes it: {', '.join(map(repr, to_fill))}")
     else:
         FeatureSchema.from_dict(doc, "the merged schema")
         notes.append("note: complete: `flnode consortium build --schema FILE` takes it")
