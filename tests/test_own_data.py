@@ -62,7 +62,7 @@ def test_the_readme_walkthrough_and_its_script_say_the_same_commands():
         assert line in section, line
         assert line.removeprefix("flnode ") in flat, line
     for key in ('state_dir = "state/hosp-a"', 'key = "keys/hosp-a.key"',
-                'path = "consortium.toml"', 'path = "data/hosp-a.csv"',
+                'path = "consortium.toml"', 'path = "data/hosp-a.csv"', "min_members = 3",
                 "network_configs/examples/node.toml"):
         assert key in section, key
     for col, rng in RANGES.items():  # the slow test's hand-typed ranges: the README says why
