@@ -135,12 +135,21 @@ class ConsortiumRules(BaseModel):
     params: dict[str, Any] = Field(default_factory=dict)
 
 
+# The default f is a quarter of the consortium (rounded down, at least 1 from three
+# members): f = max(1, floor(n / 4)), so 2 colluders at 8 members, 3 at 12. Every rule
+# "auto" picks can hold it: multi_krum_staged needs n >= 2f + 3, which n / 2 + 3 <= n
+# keeps from six members (five: f = 1, 5 >= 5); trimmed_mean at three or four needs
+# 2f + 1 = 3. What it costs on clean data (multi-Krum leaves out f shares every round)
+# and what it holds: README, "Hostile members" (scripts/bench_robust.py --defaults).
+DEFAULT_F_FRACTION = 4
+
+
 def default_f(members: int, rule: str = DEFAULT_RULE) -> int:
     """f when the [rules] do not say: 0 for the plain mean (it survives nobody) and below
-    three members (two cannot outvote one), else 1."""
+    three members (two cannot outvote one), else a quarter of the members, at least 1."""
     if rule != DEFAULT_RULE and canonical(rule) == "mean":
         return 0
-    return 1 if members >= 3 else 0
+    return max(1, members // DEFAULT_F_FRACTION) if members >= 3 else 0
 
 
 def default_cap(members: int) -> float | None:

@@ -309,11 +309,14 @@ class Node:
         # silent member would make every round wait out its deadline before sealing.
         self._silent: set[str] = set()
         # Members whose share did not come by `gossip.absent_after` deadlines in a row:
-        # rounds close without waiting for them until they are heard from again (any
-        # authentic message). A member that never starts costs that many deadlines, not
-        # one per round.
+        # rounds close without waiting for them until a share of theirs arrives. A member
+        # that never starts costs that many deadlines, not one per round. Talk without a
+        # share (a hello, prekeys, a seen report, a refused message) re-arms the wait only
+        # once per absence (`_heard`): a restarted member is waited for while it catches
+        # up, one that talks every round but never shares does not hold every round.
         self._absent: set[str] = set()
         self._missed: Counter[str] = Counter()
+        self._talked: set[str] = set()  # absent members waited for again on talk alone
         self._up: set[str] = set()  # members heard from since we started
         self._answered: dict[str, float] = {}  # member -> when we last answered its hello
         # Acks of accepted shares, by round: sent once the round is closed and
@@ -576,7 +579,8 @@ class Node:
             else:
                 msg.ack()
         self.counters.accepted[accepted.sender] += 1
-        self._heard(accepted.sender)
+        self._heard(accepted.sender, shared=accepted.share is not None
+                    and where in ("buffered", "ahead"))
         if where == "prekey":
             self._silent.discard(accepted.sender)
         if accepted.hello:  # it has just started: tell it our prekeys / our round
@@ -596,12 +600,24 @@ class Node:
         self._arrived.set()
         return accepted
 
-    def _heard(self, member: str) -> None:
+    def _heard(self, member: str, shared: bool = False) -> None:
+        """An authentic message from `member`: it is up. A share (for our round or a later
+        one) re-arms the wait for it; talk alone (`shared` False) only once per absence,
+        for one deadline (issue 19: one hello per round held every round to the deadline)."""
         self._up.add(member)
-        self._missed.pop(member, None)
-        if member in self._absent:
+        if shared:
+            self._missed.pop(member, None)
+            self._talked.discard(member)
+            if member in self._absent:
+                self._absent.discard(member)
+                log.info("%s: a share from %s again; rounds wait for it again", self.name,
+                         member)
+        elif member in self._absent and member not in self._talked:
+            self._talked.add(member)
             self._absent.discard(member)
-            log.info("%s: heard from %s again; rounds wait for it again", self.name, member)
+            self._missed[member] = self.cfg.gossip.absent_after - 1  # one more deadline
+            log.info("%s: heard from %s again (no share yet); rounds wait for it for one "
+                     "deadline, then only once its shares arrive", self.name, member)
 
     def _reject(self, msg: Incoming, exc: RemoteError) -> None:
         self.counters.rejected[exc.reason] += 1
@@ -1351,8 +1367,8 @@ class Node:
             self._missed[m] += 1
             if self._missed[m] >= self.cfg.gossip.absent_after:
                 self._absent.add(m)
-                log.warning("%s: %s sent nothing by %d deadline(s) in a row; rounds no longer "
-                            "wait for it until it is heard from again", self.name, m,
+                log.warning("%s: %s sent no share by %d deadline(s) in a row; rounds no "
+                            "longer wait for it until its shares arrive again", self.name, m,
                             self._missed[m])
 
     async def _collect(self, r: int, deadline: float) -> None:

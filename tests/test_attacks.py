@@ -205,7 +205,8 @@ async def test_summary_names_attackers_and_reports_honest_members_apart(tmp_path
     assert set(s["honest"]["per_node"]) == {"bank-0", "bank-1", "bank-2"}
     assert s["honest"]["mean"] > 0.9
     seen = s["attack"]["seen_by"]["bank-0"]["bank-3"]
-    assert seen["rounds"] == 2 and seen["down_weighted"] == {"mostly_trimmed": 2}
+    # 1e30 values: left out before the rule (the far filter), every round
+    assert seen["rounds"] == 2 and seen["excluded"] == {"far_outlier": 2}
     assert s["rules"]["aggregation"] == "trimmed_mean"
 
 
