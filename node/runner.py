@@ -55,6 +55,7 @@ from node.config import NodeConfig
 from node.control import ControlVariates, local_steps, per_parameter
 from node.data import FeatureSchema, encode, held_out_split, read_table
 from node.dpsgd import train_local_dp_fast
+from node.evidence import EvidenceStore, same_slot
 from node.identity import Identity, load_identity
 from node.models import (
     build_model,
@@ -109,8 +110,9 @@ AUTHENTIC_REASONS = frozenset({"bad_body", "shape", "dtype", "non_finite", "bad_
                                "equivocation", "stale"})
 
 
-# Equivocation evidence kept per member (one file per round it equivocated in, at most
-# this many): a member that equivocates without end must not fill our disk.
+# Seen reports that disagree with our copy, kept per reporter (one file per report, at
+# most this many): a member that reports without end must not fill our disk. (Proofs of
+# equivocation have their own bounded store: node/evidence.py.)
 MAX_EVIDENCE_PER_MEMBER = 64
 # Rounds whose accepted digests we keep to compare the members' seen reports with,
 # and the digest mismatches kept as files per reporter (bounded like the evidence).
@@ -175,9 +177,13 @@ class NodeCounters:
     send_failed: int = 0  # our own shares a transport refused to send (LocalError)
     # What the aggregation strategy did to whom: "member:what:reason" -> rounds
     aggregation: Counter[str] = field(default_factory=Counter)
-    # Seen reports that disagree with the share we accepted from a member, by member
-    # (reports about our own shares are counted under our own name: the reporter lies).
+    # Seen reports that disagree with the share we accepted from a member, by REPORTER: a
+    # claim, not proof (the reporter may lie, or the accused split-equivocated; a seen
+    # report carries no signature of the accused), so it never names the accused here.
     digest_mismatch: Counter[str] = field(default_factory=Counter)
+    # Proven equivocations, by member: rounds in which we hold two different envelopes
+    # it signed for the same round and kind (the proof: node/evidence.py).
+    equivocation: Counter[str] = field(default_factory=Counter)
 
 
 class Node:
@@ -216,7 +222,7 @@ class Node:
         self.noise = noise
         self._attack_signed: list[bytes] = []  # [attack] replay: what we signed so far
         self._attack_release: tuple[torch.Tensor, torch.Tensor, float] | None = None
-        self._evidence: Counter[str] = Counter()  # equivocation evidence files per member
+        self._evidence: Counter[str] = Counter()  # seen-report files kept per reporter
         # Seen reports: the digests we accepted per closed round (member -> (seq, digest,
         # sig), our own release included), and reports for rounds we have not closed yet.
         self._closed: dict[int, dict[str, tuple[int, bytes, bytes]]] = {}
@@ -224,6 +230,9 @@ class Node:
         self._reported: set[tuple[int, str]] = set()
         self._own_release: dict[int, tuple[int, bytes, bytes]] = {}
         self.state = StateDir(cfg.state_dir)
+        # Proofs of equivocation, apart from the rotating audit log (node/evidence.py)
+        self.evidence = EvidenceStore(self.state.path)
+        self._proven: set[tuple[str, int]] = set()  # (member, round) counted as proven
         self.ledger = Ledger(self.state.ledger_path, repair=True)
         for what in self.ledger.recovered:
             log.warning("%s: privacy ledger %s: %s", identity.name, self.state.ledger_path, what)
@@ -564,7 +573,7 @@ class Node:
                 msg.ack()
             self._reject(msg, exc)
             if exc.reason == "equivocation" and accepted is not None:
-                self._keep_evidence(accepted, msg.data)
+                self._keep_evidence(accepted)
             if exc.signed_round is not None and exc.peer is not None:
                 self.book.note(exc.peer, exc.signed_round)  # we cannot read it, but it is
             if exc.reason in AUTHENTIC_REASONS and exc.peer is not None:
@@ -689,7 +698,7 @@ class Node:
             await self.transport.close()
 
     def _evidence_file(self, member: str, name: str, data: bytes) -> str | None:
-        """Keep signed bytes as evidence against `member` in state/evidence/ (at most
+        """Keep signed bytes from `member` in state/evidence/ (at most
         MAX_EVIDENCE_PER_MEMBER files per member); its path relative to the state dir."""
         if self._evidence[member] >= MAX_EVIDENCE_PER_MEMBER:
             return None
@@ -699,15 +708,23 @@ class Node:
             self._evidence[member] += 1
         return str(path.relative_to(self.state.path))
 
-    def _keep_evidence(self, second: Accepted, data: bytes) -> None:
-        """A member signed two different shares for one round: keep the proof. Both
-        envelopes' digests (and the first one's signature over its digest) go to the
-        audit log; the second envelope's signed bytes, as received, to
-        state/evidence/. Anyone holding the member's public key can check them."""
+    def _keep_evidence(self, second: Accepted) -> None:
+        """A member signed two different shares for one round: keep the proof, both signed
+        envelopes, in state/evidence/proofs/ (node/evidence.py: apart from the audit log,
+        which a flood can rotate; one per member and round; bounded per member) and count
+        it. The audit log says so too, with both digests and signatures. Anyone holding
+        the member's public key can check the proof (`verify_equivocation`)."""
         first = self.book.held(second.sender, second.round)
         member = second.sender
-        name = self._evidence_file(member, f"{member}-round{second.round}-seq"
-                                   f"{second.envelope.seq}.envelope", data)
+        name = None
+        if first is not None and same_slot(first.envelope, second.envelope) \
+                and first.envelope.digest != second.envelope.digest:
+            path = self.evidence.keep_equivocation(member, first.envelope, second.envelope)
+            name = None if path is None else str(path.relative_to(self.state.path))
+            self._proven = {(m, r) for m, r in self._proven if r >= self.book.current}
+            if (member, second.round) not in self._proven:
+                self._proven.add((member, second.round))
+                self.counters.equivocation[member] += 1
         self.state.append_jsonl("audit.jsonl", {
             "time": time.time(), "round": second.round, "member": member,
             "outcome": "equivocation", "kind": "evidence",
@@ -715,8 +732,8 @@ class Node:
                 "seq": first.envelope.seq, "digest": first.envelope.digest.hex(),
                 "sig": first.envelope.sig.hex(), "kind": first.envelope.kind},
             "second": {"seq": second.envelope.seq, "digest": second.envelope.digest.hex(),
-                       "sig": second.envelope.sig.hex(), "kind": second.envelope.kind,
-                       "file": name},
+                       "sig": second.envelope.sig.hex(), "kind": second.envelope.kind},
+            "proof": name,  # None: no first envelope held, or this member's store is full
         })
 
     # --- seen reports: comparing what each member was sent ----------------------------
@@ -777,7 +794,9 @@ class Node:
             mine = ours.get(member)
             if mine is None or mine[1] == digest or member == reporter:
                 continue
-            self.counters.digest_mismatch[member] += 1
+            # The reporter's claim, counted under the reporter: nothing here proves which
+            # of the two signed what (node/evidence.py); the accused is named as such.
+            self.counters.digest_mismatch[reporter] += 1
             name = self._evidence_file(reporter, f"seen-{reporter}-round{r}-seq"
                                        f"{report.envelope.seq}.envelope", data)
             if member == self.name:
@@ -788,8 +807,9 @@ class Node:
                            f"{reporter} than for us (split equivocation), or {reporter} "
                            "misreports")
             self.state.append_jsonl("audit.jsonl", {
-                "time": time.time(), "round": r, "member": member, "reporter": reporter,
-                "outcome": "digest_mismatch", "kind": "evidence", "meaning": meaning,
+                "time": time.time(), "round": r, "member": reporter, "reporter": reporter,
+                "accused": member, "outcome": "digest_mismatch", "kind": "claim",
+                "meaning": meaning,
                 "reported": digest.hex(),
                 "ours": {"seq": mine[0], "digest": mine[1].hex(), "sig": mine[2].hex()},
                 "report": {"seq": report.envelope.seq, "digest": report.envelope.digest.hex(),
@@ -797,8 +817,9 @@ class Node:
             })
             if (member, f"mismatch:{reporter}") not in self._logged:
                 self._logged.add((member, f"mismatch:{reporter}"))
-                log.warning("%s: %s (signed report kept in the audit log; further are counted, "
-                            "not logged)", self.name, meaning)
+                log.warning("%s: %s (a claim by %s, not a proof; its signed report is kept "
+                            "in the audit log; further are counted, not logged)", self.name,
+                            meaning, reporter)
 
     # --- [attack]: a rehearsed hostile member (never set in a deployment) ----------
     def _attack_vector(self, r: int, start: torch.Tensor, update: torch.Tensor,
