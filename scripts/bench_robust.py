@@ -54,7 +54,8 @@ shares it left out). README, "Hostile members":
 
 A rule is a name, or a configuration `NAME[KEY=VALUE;KEY=VALUE]` with the rule's
 parameters (node.strategy.rule_params; `none` for None); its label in the JSON is
-the text as given. The consortium's weight cap (max(2/n, 0.25)) applies to all.
+the text as given; `f=F` there fixes the rule's f whatever the number of attackers.
+The consortium's weight cap (max(2/n, 0.25)) applies to all.
 The keys in TRAINING (`epochs`, `lr_decay`, `prox_mu`, `control_variates`) in the
 brackets are every member's [training] settings for that row, not rule parameters
 (a recipe: 'multi_krum_staged[server_opt=adam;server_lr=0.1;epochs=2]'); the
@@ -198,12 +199,15 @@ def run_cell(dataset: str, rule: str, f: int, attack: str | None, seed: int, rou
     try:
         name, params = parse_rule(rule)
         params, train = split_training(rule, params)
+        # f in the label: the rule's f whatever the number of attackers (the cell's f)
+        rule_f = params.pop("f", None)
         cell["training"] = train
         # "auto": the default rules as `flnode consortium build` writes them (the rule, its
         # f and its parameters for this many members); the cell's f is only the attackers
         base = dict(dataset=dataset, nodes=nodes, partition=partition, rounds=rounds,
                     seed=seed, out=out, aggregation=name,
-                    f=None if name == DEFAULT else 0 if name == "mean" else f,
+                    f=rule_f if rule_f is not None else None if name == DEFAULT
+                    else 0 if name == "mean" else f,
                     aggregation_params=params,
                     round_deadline_s=DEADLINE_DP_S if dp else DEADLINE_S, **train)
         if dp:
@@ -278,7 +282,8 @@ def _caught(out: Path, honest: dict, attackers: list[str]) -> dict[str, int]:
 
 # The default [rules] before issue 19 at 8 members (f = 1, no far filter), for the clean
 # cost of the stronger default on the same seeds (`--defaults`).
-OLD_DEFAULT = "multi_krum_staged[far_factor=none;server_opt=adam;server_lr=0.03;server_momentum=0.5]"
+OLD_DEFAULT = ("multi_krum_staged[f=1;far_factor=0;server_opt=adam;server_lr=0.03;"
+               "server_momentum=0.5]")
 
 
 LABELS = {OLD_DEFAULT: "old default f=1"}  # short names in the printed table
