@@ -46,8 +46,8 @@ and a table.
 consortium build` writes for 8 members, f = 2 and the far filter included) under every
 attack with each --f attackers, the same seeds' clean runs of the plain mean (the
 reference), of the default and of the old default (f = 1, no far filter; also under
-two attackers), and what the far filter saw (`far`: the largest honest far_ratio, honest
-shares it left out). README, "Hostile members":
+two attackers), both with --f members down (`absent`), and what the far filter saw
+(`far`: the largest honest far_ratio, honest shares it left out). README, "Hostile members":
 
     .venv/bin/python scripts/bench_robust.py --defaults --f 1,2,3 --seeds 3 --no-dp \
         --out runs/bench/robust-defaults.json --cache runs/bench/robust-defaults-cells.jsonl
@@ -290,15 +290,19 @@ LABELS = {OLD_DEFAULT: "old default f=1"}  # short names in the printed table
 
 
 def defaults_grid(args: argparse.Namespace) -> list[dict[str, Any]]:
-    """`--defaults`: the default rules ("auto") with max(args.f) attackers under every
-    attack, clean; the plain mean clean (the reference) and the old default clean (f = 1,
-    no far filter: what the stronger default costs), every seed."""
+    """`--defaults`: the default rules ("auto") with each --f attackers under every
+    attack, and clean; the plain mean clean (the reference) and the old default clean
+    (f = 1, no far filter: what the stronger default costs) and under two attackers;
+    both with each --f members down (`absent`: never started), every seed."""
     cells = []
     for ds in args.datasets:
         for seed in range(args.seeds):
             cells.append(dict(dataset=ds, rule="mean", f=1, attack=None, seed=seed))
             cells.append(dict(dataset=ds, rule=OLD_DEFAULT, f=1, attack=None, seed=seed))
             cells.append(dict(dataset=ds, rule=DEFAULT, f=1, attack=None, seed=seed))
+            for f in args.f:  # members down, not hostile: what f costs in availability
+                for rule in (DEFAULT, OLD_DEFAULT):
+                    cells.append(dict(dataset=ds, rule=rule, f=f, attack=ABSENT, seed=seed))
             for attack in args.attacks:
                 for f in args.f:
                     cells.append(dict(dataset=ds, rule=DEFAULT, f=f, attack=attack, seed=seed))

@@ -165,3 +165,32 @@ async def test_two_huge_members_of_eight_cannot_stop_the_default_consortium(tmp_
         assert all(torch.isfinite(p).all() for p in n.model.parameters())
         closed = [x["closed"] for x in read_jsonl(n.state.path / "metrics.jsonl")]
         assert closed == ["all"] * 3, closed  # no round waited for its deadline
+
+
+def test_with_two_of_eight_down_the_default_still_combines_and_holds_two_hostile():
+    """f = 2 needs 2f + 3 = 7 shares for multi-Krum: with two members down a node used to
+    keep its own share alone every round. It now takes the trimmed mean at f = 2 of the
+    six (needs 5), which keeps every coordinate within the honest values' range."""
+    strategy, table = default_strategy(8)
+    assert table["params"]["too_few"] == "trimmed_mean"  # pinned like every parameter
+    reference, shares = honest_round()
+    present = {m: shares[m] for m in ("m0", "m1", "m2", "m3", "m6", "m7")}
+    u = shares["m7"].vector - reference
+    for m in ("m6", "m7"):  # both present members hostile: a sign flip x 10
+        present[m] = WeightedShare(m, 1000.0, reference - 10 * u)
+    assert [x.reason for x in run(strategy, present, reference).fallbacks] == ["krum_too_few"]
+    # the rule alone (the default's FedAdam step then moves from the reference)
+    result = run(make_strategy("multi_krum_staged", members=8, f=2), present, reference,
+                 missing=("m4", "m5"))
+    assert [x.reason for x in result.fallbacks] == ["krum_too_few"]
+    assert set(result.used) == set(present)
+    honest = torch.stack([shares[m].vector for m in ("m0", "m1", "m2", "m3")])
+    assert bool(((result.vector >= honest.min(0).values - 1e-6)
+                 & (result.vector <= honest.max(0).values + 1e-6)).all())
+    assert not torch.equal(result.vector, shares["m0"].vector)
+    # too_few = "own": as before, our own share alone
+    own = make_strategy("multi_krum_staged", members=8, f=2, too_few="own")
+    assert run(own, present, reference).fallback == "too_few_shares"
+    # below 2f + 1 shares even the trimmed mean cannot hold f: our own share
+    four = {m: shares[m] for m in ("m0", "m1", "m2", "m3")}
+    assert run(strategy, four, reference).fallback == "too_few_shares"

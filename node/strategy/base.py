@@ -24,7 +24,8 @@ share unable to hurt are shared, not re-implemented per rule:
    weight (f = 2 at c = 0.25: half) whatever their data. The weighting applied
    is recorded in the round's diagnostics;
 5. too few shares: below the count the rule needs for its `f`, the result is the
-   node's own released share (recorded as a fallback);
+   node's own released share (recorded as a fallback), unless the rule has a way
+   that still holds f (multi-Krum: the trimmed mean at f, from 2f + 1 shares);
 6. server optimizer (optional, `server_opt`, off by default): the rule's result
    minus `reference` is a pseudo-gradient Δ, and the node takes a step on it with
    momentum (FedAvgM) or an adaptive rule (FedAdam / FedYogi), Reddi et al. 2021,
@@ -391,7 +392,10 @@ class Strategy(ABC):
                                   tail=self.params["distance_tail"], result=result)
         need = self.needs(f)
         ctx = Round(round, own_c, center, ref is not None, result, f)
-        if len(shares) < need:
+        few = self.combine_few(shares, ctx) if len(shares) < need else None
+        if few is not None:
+            vec = few
+        elif len(shares) < need:
             result.fallbacks.append(Note("too_few_shares", (
                 f"{len(shares)} share(s), {self.name} with f = {f} needs {need} "
                 f"({self.assumption}): kept our own released share")))
@@ -454,6 +458,12 @@ class Strategy(ABC):
         if infeasible is not None:
             result.fallbacks.append(Note("weight_cap_infeasible", infeasible))
         return fractions
+
+    def combine_few(self, shares: list[Candidate], ctx: Round) -> torch.Tensor | None:
+        """Fewer shares than `needs(ctx.f)` (members missing): a rule may combine them
+        another way that still holds f, recording it; None keeps our own released share
+        (`too_few_shares`)."""
+        return None
 
     @abstractmethod
     def combine(self, shares: list[Candidate], ctx: Round) -> torch.Tensor:

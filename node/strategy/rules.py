@@ -159,7 +159,8 @@ class MultiKrum(Strategy):
 
     name = "multi_krum"
     assumption = "n > 2f + 2: needs 2f + 3 shares"
-    PARAMS: ClassVar[dict[str, Any]] = {"m": None, "score": "distance", "outlier_factor": 3.0}
+    PARAMS: ClassVar[dict[str, Any]] = {"m": None, "score": "distance", "outlier_factor": 3.0,
+                                        "too_few": "trimmed_mean"}
 
     def needs(self, f: int) -> int:
         return 2 * f + 3
@@ -168,7 +169,29 @@ class MultiKrum(Strategy):
         super().check(members)
         if self.params["m"] is not None:
             _int(self.name, "m", self.params["m"], lo=1)
+        if self.params["too_few"] not in TOO_FEW:
+            raise StrategyError(f"aggregation {self.name!r}: too_few must be one of "
+                                f"{', '.join(TOO_FEW)}, got {self.params['too_few']!r}")
         self.check_score()
+
+    def combine_few(self, shares: list[Candidate], ctx: Round) -> torch.Tensor | None:
+        """Fewer than 2f + 3 shares (members missing; at eight members with f = 2, two
+        down): with `too_few = "trimmed_mean"` (the default) and at least 2f + 1 shares,
+        their coordinate-wise trimmed mean at the same f (every kept value within the
+        honest values' range while at most f are hostile), instead of our own share
+        alone. Measured (README, "Hostile members"): two of eight down cost `digits`
+        0.30 with our own share (0.665 against 0.969), less with the trimmed mean."""
+        n, f = len(shares), ctx.f
+        if self.params.get("too_few", "own") != "trimmed_mean" or n < 2 * f + 1:
+            return None
+        ctx.result.fallbacks.append(Note("krum_too_few", (
+            f"{n} share(s) < {self.needs(f)} for {self.name} with f = {f}: combined by their "
+            f"coordinate-wise trimmed mean at f = {f} (needs {2 * f + 1}) instead")))
+        ordered = torch.stack([c.vector for c in shares]).sort(dim=0).values
+        ctx.result.used = tuple(c.member for c in shares)
+        ctx.result.weights = {c.member: 1.0 / n for c in shares}
+        ctx.result.weighting = "equal"
+        return ordered[f:n - f].mean(dim=0)
 
     def check_score(self) -> None:
         if self.params["score"] not in SCORES:
@@ -247,6 +270,9 @@ class StagedMultiKrum(MultiKrum):
 
 
 SCORES = ("distance", "direction", "staged")
+# What multi-Krum does with fewer than 2f + 3 shares: the trimmed mean at f, or keep our
+# own released share ("own", as before issue 19).
+TOO_FEW = ("trimmed_mean", "own")
 
 
 def _krum_scores(points: torch.Tensor, k: int) -> torch.Tensor:
