@@ -20,11 +20,15 @@ differently are different consortia and refuse each other's shares.
 Defaults, for a file without a key (`aggregation = "auto"`, what `flnode consortium
 build` and the simulators resolve and write): `multi_krum_staged` (multi-Krum
 that leaves out magnitude outliers first and the rest by update direction,
-node/strategy/rules.py) with f = 1 and a FedAdam server step (server_opt = "adam",
+node/strategy/rules.py) with f = max(1, n // 4) (DEFAULT_F_FRACTION: 2 from eight
+members) behind the far filter (far_factor, node/strategy/base.py: a share 1000 x
+further than the median share from the round's coordinate-wise median never enters,
+whatever f is) and a FedAdam server step (server_opt = "adam",
 server_lr = 0.03, server_momentum = 0.5 where the rules pin privacy_mode = "off" and
 0.9 otherwise: the default recipe against skewed members, see AUTO_PARAMS) from
 five members up (it needs 2f + 3),
-`trimmed_mean` with f = 1 and the same FedAdam step for three or four, the weighted
+`trimmed_mean` with f = 1, the far filter and the same FedAdam step for three or
+four, the weighted
 `mean` (f = 0, no server optimizer) for two
 (two cannot outvote one); and a weight cap of max(2/n, 0.25) of the total (the
 robust rules count every share once anyway; the plain mean uses the cap). Why:
