@@ -25,7 +25,8 @@ Metric names (all prefixed `flnode_`):
 | round_duration_seconds | gauge | | wall time of the last closed round |
 | local_metric | gauge | metric | the last evaluation on the held-out rows (roc_auc, accuracy, ...) |
 | aggregation_actions_total | counter | member, action, reason | what the strategy did to a member's share |
-| digest_mismatch_total | counter | member | seen reports that disagree with the share we accepted |
+| digest_mismatch_total | counter | reporter | seen reports disagreeing with our copy (a claim) |
+| equivocations_total | counter | member | rounds with two envelopes it signed (proven) |
 """
 
 from __future__ import annotations
@@ -96,10 +97,17 @@ class NodeCollector(Collector):
             actions.add_metric([member, action, reason], count)
         yield actions
         mismatch = CounterMetricFamily("flnode_digest_mismatch", "seen reports that disagree "
-                                       "with the share we accepted", labels=["member"])
-        for member, count in sorted(dict(n.counters.digest_mismatch).items()):
-            mismatch.add_metric([member], count)
+                                       "with the share we accepted, by reporter (a claim, "
+                                       "not proof)", labels=["reporter"])
+        for reporter, count in sorted(dict(n.counters.digest_mismatch).items()):
+            mismatch.add_metric([reporter], count)
         yield mismatch
+        proven = CounterMetricFamily("flnode_equivocations", "rounds in which the member "
+                                     "signed two different messages we hold (proven)",
+                                     labels=["member"])
+        for member, count in sorted(dict(n.counters.equivocation).items()):
+            proven.add_metric([member], count)
+        yield proven
 
 
 def _gauge(name: str, doc: str, value: Any) -> GaugeMetricFamily:

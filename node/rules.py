@@ -20,11 +20,15 @@ differently are different consortia and refuse each other's shares.
 Defaults, for a file without a key (`aggregation = "auto"`, what `flnode consortium
 build` and the simulators resolve and write): `multi_krum_staged` (multi-Krum
 that leaves out magnitude outliers first and the rest by update direction,
-node/strategy/rules.py) with f = 1 and a FedAdam server step (server_opt = "adam",
+node/strategy/rules.py) with f = max(1, n // 4) (DEFAULT_F_FRACTION: 2 from eight
+members) behind the far filter (far_factor, node/strategy/base.py: a share 1000 x
+further than the median share from the round's coordinate-wise median never enters,
+whatever f is) and a FedAdam server step (server_opt = "adam",
 server_lr = 0.03, server_momentum = 0.5 where the rules pin privacy_mode = "off" and
 0.9 otherwise: the default recipe against skewed members, see AUTO_PARAMS) from
 five members up (it needs 2f + 3),
-`trimmed_mean` with f = 1 and the same FedAdam step for three or four, the weighted
+`trimmed_mean` with f = 1, the far filter and the same FedAdam step for three or
+four, the weighted
 `mean` (f = 0, no server optimizer) for two
 (two cannot outvote one); and a weight cap of max(2/n, 0.25) of the total (the
 robust rules count every share once anyway; the plain mean uses the cap). Why:
@@ -135,12 +139,21 @@ class ConsortiumRules(BaseModel):
     params: dict[str, Any] = Field(default_factory=dict)
 
 
+# The default f is a quarter of the consortium (rounded down, at least 1 from three
+# members): f = max(1, floor(n / 4)), so 2 colluders at 8 members, 3 at 12. Every rule
+# "auto" picks can hold it: multi_krum_staged needs n >= 2f + 3, which n / 2 + 3 <= n
+# keeps from six members (five: f = 1, 5 >= 5); trimmed_mean at three or four needs
+# 2f + 1 = 3. What it costs on clean data (multi-Krum leaves out f shares every round)
+# and what it holds: README, "Hostile members" (scripts/bench_robust.py --defaults).
+DEFAULT_F_FRACTION = 4
+
+
 def default_f(members: int, rule: str = DEFAULT_RULE) -> int:
     """f when the [rules] do not say: 0 for the plain mean (it survives nobody) and below
-    three members (two cannot outvote one), else 1."""
+    three members (two cannot outvote one), else a quarter of the members, at least 1."""
     if rule != DEFAULT_RULE and canonical(rule) == "mean":
         return 0
-    return 1 if members >= 3 else 0
+    return max(1, members // DEFAULT_F_FRACTION) if members >= 3 else 0
 
 
 def default_cap(members: int) -> float | None:

@@ -56,6 +56,7 @@ from node.config import NodeConfig
 from node.control import ControlVariates, local_steps, per_parameter
 from node.data import FeatureSchema, encode, held_out_split, read_table
 from node.dpsgd import train_local_dp_fast
+from node.evidence import EvidenceStore, same_slot
 from node.identity import Identity, load_identity
 from node.intervals import metric_intervals
 from node.models import (
@@ -113,8 +114,9 @@ AUTHENTIC_REASONS = frozenset({"bad_body", "shape", "dtype", "non_finite", "bad_
                                "equivocation", "stale"})
 
 
-# Equivocation evidence kept per member (one file per round it equivocated in, at most
-# this many): a member that equivocates without end must not fill our disk.
+# Seen reports that disagree with our copy, kept per reporter (one file per report, at
+# most this many): a member that reports without end must not fill our disk. (Proofs of
+# equivocation have their own bounded store: node/evidence.py.)
 MAX_EVIDENCE_PER_MEMBER = 64
 # Rounds whose accepted digests we keep to compare the members' seen reports with,
 # and the digest mismatches kept as files per reporter (bounded like the evidence).
@@ -190,9 +192,13 @@ class NodeCounters:
     send_failed: int = 0  # our own shares a transport refused to send (LocalError)
     # What the aggregation strategy did to whom: "member:what:reason" -> rounds
     aggregation: Counter[str] = field(default_factory=Counter)
-    # Seen reports that disagree with the share we accepted from a member, by member
-    # (reports about our own shares are counted under our own name: the reporter lies).
+    # Seen reports that disagree with the share we accepted from a member, by REPORTER: a
+    # claim, not proof (the reporter may lie, or the accused split-equivocated; a seen
+    # report carries no signature of the accused), so it never names the accused here.
     digest_mismatch: Counter[str] = field(default_factory=Counter)
+    # Proven equivocations, by member: rounds in which we hold two different envelopes
+    # it signed for the same round and kind (the proof: node/evidence.py).
+    equivocation: Counter[str] = field(default_factory=Counter)
 
 
 class Node:
@@ -231,7 +237,7 @@ class Node:
         self.noise = noise
         self._attack_signed: list[bytes] = []  # [attack] replay: what we signed so far
         self._attack_release: tuple[torch.Tensor, torch.Tensor, float] | None = None
-        self._evidence: Counter[str] = Counter()  # equivocation evidence files per member
+        self._evidence: Counter[str] = Counter()  # seen-report files kept per reporter
         # Seen reports: the digests we accepted per closed round (member -> (seq, digest,
         # sig), our own release included), and reports for rounds we have not closed yet.
         self._closed: dict[int, dict[str, tuple[int, bytes, bytes]]] = {}
@@ -239,6 +245,9 @@ class Node:
         self._reported: set[tuple[int, str]] = set()
         self._own_release: dict[int, tuple[int, bytes, bytes]] = {}
         self.state = StateDir(cfg.state_dir)
+        # Proofs of equivocation, apart from the rotating audit log (node/evidence.py)
+        self.evidence = EvidenceStore(self.state.path)
+        self._proven: set[tuple[str, int]] = set()  # (member, round) counted as proven
         self.ledger = Ledger(self.state.ledger_path, repair=True)
         for what in self.ledger.recovered:
             log.warning("%s: privacy ledger %s: %s", identity.name, self.state.ledger_path, what)
@@ -324,11 +333,14 @@ class Node:
         # silent member would make every round wait out its deadline before sealing.
         self._silent: set[str] = set()
         # Members whose share did not come by `gossip.absent_after` deadlines in a row:
-        # rounds close without waiting for them until they are heard from again (any
-        # authentic message). A member that never starts costs that many deadlines, not
-        # one per round.
+        # rounds close without waiting for them until a share of theirs arrives. A member
+        # that never starts costs that many deadlines, not one per round. Talk without a
+        # share (a hello, prekeys, a seen report, a refused message) re-arms the wait only
+        # once per absence (`_heard`): a restarted member is waited for while it catches
+        # up, one that talks every round but never shares does not hold every round.
         self._absent: set[str] = set()
         self._missed: Counter[str] = Counter()
+        self._talked: set[str] = set()  # absent members waited for again on talk alone
         self._up: set[str] = set()  # members heard from since we started
         # Each member's final model digest (its first final message only: one per member).
         self._finals: dict[str, bytes] = {}
@@ -601,7 +613,7 @@ class Node:
                 msg.ack()
             self._reject(msg, exc)
             if exc.reason == "equivocation" and accepted is not None:
-                self._keep_evidence(accepted, msg.data)
+                self._keep_evidence(accepted)
             if exc.signed_round is not None and exc.peer is not None:
                 self.book.note(exc.peer, exc.signed_round)  # we cannot read it, but it is
             if exc.reason in AUTHENTIC_REASONS and exc.peer is not None:
@@ -616,7 +628,8 @@ class Node:
             else:
                 msg.ack()
         self.counters.accepted[accepted.sender] += 1
-        self._heard(accepted.sender)
+        self._heard(accepted.sender, shared=accepted.share is not None
+                    and where in ("buffered", "ahead"))
         if where == "prekey":
             self._silent.discard(accepted.sender)
         if accepted.hello:  # it has just started: tell it our prekeys / our round
@@ -638,12 +651,24 @@ class Node:
         self._arrived.set()
         return accepted
 
-    def _heard(self, member: str) -> None:
+    def _heard(self, member: str, shared: bool = False) -> None:
+        """An authentic message from `member`: it is up. A share (for our round or a later
+        one) re-arms the wait for it; talk alone (`shared` False) only once per absence,
+        for one deadline (issue 19: one hello per round held every round to the deadline)."""
         self._up.add(member)
-        self._missed.pop(member, None)
-        if member in self._absent:
+        if shared:
+            self._missed.pop(member, None)
+            self._talked.discard(member)
+            if member in self._absent:
+                self._absent.discard(member)
+                log.info("%s: a share from %s again; rounds wait for it again", self.name,
+                         member)
+        elif member in self._absent and member not in self._talked:
+            self._talked.add(member)
             self._absent.discard(member)
-            log.info("%s: heard from %s again; rounds wait for it again", self.name, member)
+            self._missed[member] = self.cfg.gossip.absent_after - 1  # one more deadline
+            log.info("%s: heard from %s again (no share yet); rounds wait for it for one "
+                     "deadline, then only once its shares arrive", self.name, member)
 
     def _reject(self, msg: Incoming, exc: RemoteError) -> None:
         self.counters.rejected[exc.reason] += 1
@@ -716,7 +741,7 @@ class Node:
             await self.transport.close()
 
     def _evidence_file(self, member: str, name: str, data: bytes) -> str | None:
-        """Keep signed bytes as evidence against `member` in state/evidence/ (at most
+        """Keep signed bytes from `member` in state/evidence/ (at most
         MAX_EVIDENCE_PER_MEMBER files per member); its path relative to the state dir."""
         if self._evidence[member] >= MAX_EVIDENCE_PER_MEMBER:
             return None
@@ -726,15 +751,23 @@ class Node:
             self._evidence[member] += 1
         return str(path.relative_to(self.state.path))
 
-    def _keep_evidence(self, second: Accepted, data: bytes) -> None:
-        """A member signed two different shares for one round: keep the proof. Both
-        envelopes' digests (and the first one's signature over its digest) go to the
-        audit log; the second envelope's signed bytes, as received, to
-        state/evidence/. Anyone holding the member's public key can check them."""
+    def _keep_evidence(self, second: Accepted) -> None:
+        """A member signed two different shares for one round: keep the proof, both signed
+        envelopes, in state/evidence/proofs/ (node/evidence.py: apart from the audit log,
+        which a flood can rotate; one per member and round; bounded per member) and count
+        it. The audit log says so too, with both digests and signatures. Anyone holding
+        the member's public key can check the proof (`verify_equivocation`)."""
         first = self.book.held(second.sender, second.round)
         member = second.sender
-        name = self._evidence_file(member, f"{member}-round{second.round}-seq"
-                                   f"{second.envelope.seq}.envelope", data)
+        name = None
+        if first is not None and same_slot(first.envelope, second.envelope) \
+                and first.envelope.digest != second.envelope.digest:
+            path = self.evidence.keep_equivocation(member, first.envelope, second.envelope)
+            name = None if path is None else str(path.relative_to(self.state.path))
+            self._proven = {(m, r) for m, r in self._proven if r >= self.book.current}
+            if (member, second.round) not in self._proven:
+                self._proven.add((member, second.round))
+                self.counters.equivocation[member] += 1
         self.state.append_jsonl("audit.jsonl", {
             "time": time.time(), "round": second.round, "member": member,
             "outcome": "equivocation", "kind": "evidence",
@@ -742,8 +775,8 @@ class Node:
                 "seq": first.envelope.seq, "digest": first.envelope.digest.hex(),
                 "sig": first.envelope.sig.hex(), "kind": first.envelope.kind},
             "second": {"seq": second.envelope.seq, "digest": second.envelope.digest.hex(),
-                       "sig": second.envelope.sig.hex(), "kind": second.envelope.kind,
-                       "file": name},
+                       "sig": second.envelope.sig.hex(), "kind": second.envelope.kind},
+            "proof": name,  # None: no first envelope held, or this member's store is full
         })
 
     # --- seen reports: comparing what each member was sent ----------------------------
@@ -832,7 +865,9 @@ class Node:
             mine = ours.get(member)
             if mine is None or mine[1] == digest or member == reporter:
                 continue
-            self.counters.digest_mismatch[member] += 1
+            # The reporter's claim, counted under the reporter: nothing here proves which
+            # of the two signed what (node/evidence.py); the accused is named as such.
+            self.counters.digest_mismatch[reporter] += 1
             name = self._evidence_file(reporter, f"seen-{reporter}-round{r}-seq"
                                        f"{report.envelope.seq}.envelope", data)
             if member == self.name:
@@ -843,8 +878,9 @@ class Node:
                            f"{reporter} than for us (split equivocation), or {reporter} "
                            "misreports")
             self.state.append_jsonl("audit.jsonl", {
-                "time": time.time(), "round": r, "member": member, "reporter": reporter,
-                "outcome": "digest_mismatch", "kind": "evidence", "meaning": meaning,
+                "time": time.time(), "round": r, "member": reporter, "reporter": reporter,
+                "accused": member, "outcome": "digest_mismatch", "kind": "claim",
+                "meaning": meaning,
                 "reported": digest.hex(),
                 "ours": {"seq": mine[0], "digest": mine[1].hex(), "sig": mine[2].hex()},
                 "report": {"seq": report.envelope.seq, "digest": report.envelope.digest.hex(),
@@ -852,8 +888,9 @@ class Node:
             })
             if (member, f"mismatch:{reporter}") not in self._logged:
                 self._logged.add((member, f"mismatch:{reporter}"))
-                log.warning("%s: %s (signed report kept in the audit log; further are counted, "
-                            "not logged)", self.name, meaning)
+                log.warning("%s: %s (a claim by %s, not a proof; its signed report is kept "
+                            "in the audit log; further are counted, not logged)", self.name,
+                            meaning, reporter)
 
     # --- [attack]: a rehearsed hostile member (never set in a deployment) ----------
     def _attack_vector(self, r: int, start: torch.Tensor, update: torch.Tensor,
@@ -1425,8 +1462,8 @@ class Node:
             self._missed[m] += 1
             if self._missed[m] >= self.cfg.gossip.absent_after:
                 self._absent.add(m)
-                log.warning("%s: %s sent nothing by %d deadline(s) in a row; rounds no longer "
-                            "wait for it until it is heard from again", self.name, m,
+                log.warning("%s: %s sent no share by %d deadline(s) in a row; rounds no "
+                            "longer wait for it until its shares arrive again", self.name, m,
                             self._missed[m])
 
     async def _collect(self, r: int, deadline: float) -> None:

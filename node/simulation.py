@@ -1215,23 +1215,28 @@ def seen_by(state: Path, attackers: list[str]) -> dict[str, dict[str, Any]]:
     """What one honest member did about each attacker, from its audit log: the rounds
     it aggregated, in how many the attacker's share was used (and its mean fraction of
     the result), how often the strategy excluded / clipped / capped / down-weighted it
-    (by reason), which of its messages were rejected (by reason), and the equivocation
-    evidence kept."""
+    (by reason), which of its messages were rejected (by reason), the equivocations
+    proven against it (`evidence`: two envelopes it signed), the seen reports it made that
+    disagreed with our copy (`digest_mismatch`, its claims) and those of others that
+    disputed its share (`accused`: claims against it, not proof)."""
     from node.state import read_jsonl
 
     rounds: dict[int, dict] = {}
     out: dict[str, dict[str, Any]] = {
         a: {"rounds": 0, "used": 0, "mean_weight": 0.0, "rejected": {}, "evidence": 0,
-            "digest_mismatch": 0,
+            "digest_mismatch": 0, "accused": 0,
             **{what: {} for what in AGGREGATION_ACTIONS}} for a in attackers}
     for line in read_jsonl(state / "audit.jsonl"):
         member, outcome = line.get("member"), line.get("outcome")
         if line.get("kind") == "aggregate":
             rounds[line["round"]] = line  # a round re-run after a restart: the last wins
+        elif line.get("kind") == "claim":  # a seen report disagreed with our copy
+            if member in out:
+                out[member]["digest_mismatch"] += 1
+            if line.get("accused") in out:
+                out[line["accused"]]["accused"] += 1
         elif line.get("kind") == "evidence" and member in out:
             out[member]["evidence"] += 1
-            if outcome == "digest_mismatch":  # a seen report disagreed with our copy
-                out[member]["digest_mismatch"] += 1
         elif member in out and outcome not in (None, "accepted"):
             rej = out[member]["rejected"]
             rej[outcome] = rej.get(outcome, 0) + 1
@@ -1319,8 +1324,9 @@ def print_attack(summary: dict, console: Any = None) -> None:
             acts = {f"{what}:{r}": n for what in AGGREGATION_ACTIONS
                     for r, n in e[what].items()}
             acts.update({f"rejected:{r}": n for r, n in e["rejected"].items()})
-            if e.get("digest_mismatch"):
-                acts["digest_mismatch"] = e["digest_mismatch"]
+            for key in ("digest_mismatch", "accused", "evidence"):
+                if e.get(key):
+                    acts[key] = e[key]
             parts.append(f"{a}: used {e['used']}/{e['rounds']} rounds"
                          + "".join(f", {k} {v}" for k, v in sorted(acts.items())))
         console.print(f"    {name} saw " + "; ".join(parts))

@@ -42,9 +42,20 @@ and a table.
     .venv/bin/python scripts/bench_robust.py --f 2 --seeds 1 \\
         --rules 'mean,centered_clipping[weighting=declared],multi_krum[m=4]'
 
+`--defaults` measures the default [rules] (the rule label `auto`: what `flnode
+consortium build` writes for 8 members, f = 2 and the far filter included) under every
+attack with each --f attackers, the same seeds' clean runs of the plain mean (the
+reference), of the default and of the old default (f = 1, no far filter; also under
+two attackers), both with --f members down (`absent`), and what the far filter saw
+(`far`: the largest honest far_ratio, honest shares it left out). README, "Hostile members":
+
+    .venv/bin/python scripts/bench_robust.py --defaults --f 1,2,3 --seeds 3 --no-dp \
+        --out runs/bench/robust-defaults.json --cache runs/bench/robust-defaults-cells.jsonl
+
 A rule is a name, or a configuration `NAME[KEY=VALUE;KEY=VALUE]` with the rule's
 parameters (node.strategy.rule_params; `none` for None); its label in the JSON is
-the text as given. The consortium's weight cap (max(2/n, 0.25)) applies to all.
+the text as given; `f=F` there fixes the rule's f whatever the number of attackers.
+The consortium's weight cap (max(2/n, 0.25)) applies to all.
 The keys in TRAINING (`epochs`, `lr_decay`, `prox_mu`, `control_variates`) in the
 brackets are every member's [training] settings for that row, not rule parameters
 (a recipe: 'multi_krum_staged[server_opt=adam;server_lr=0.1;epochs=2]'); the
@@ -70,6 +81,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+DEFAULT = "auto"  # a rule label: the default [rules] for the member count, f included
 RULES = ("mean", "median", "trimmed_mean", "multi_krum", "multi_krum_staged",
          "centered_clipping", "norm_bounded_mean")
 SIGN_FLIP_K = 4
@@ -187,9 +199,15 @@ def run_cell(dataset: str, rule: str, f: int, attack: str | None, seed: int, rou
     try:
         name, params = parse_rule(rule)
         params, train = split_training(rule, params)
+        # f in the label: the rule's f whatever the number of attackers (the cell's f)
+        rule_f = params.pop("f", None)
         cell["training"] = train
+        # "auto": the default rules as `flnode consortium build` writes them (the rule, its
+        # f and its parameters for this many members); the cell's f is only the attackers
         base = dict(dataset=dataset, nodes=nodes, partition=partition, rounds=rounds,
-                    seed=seed, out=out, aggregation=name, f=0 if name == "mean" else f,
+                    seed=seed, out=out, aggregation=name,
+                    f=rule_f if rule_f is not None else None if name == DEFAULT
+                    else 0 if name == "mean" else f,
                     aggregation_params=params,
                     round_deadline_s=DEADLINE_DP_S if dp else DEADLINE_S, **train)
         if dp:
@@ -214,7 +232,7 @@ def run_cell(dataset: str, rule: str, f: int, attack: str | None, seed: int, rou
                     mean=float(sum(vals) / len(vals)) if all(map(math.isfinite, vals))
                     else float("nan"),
                     min=min(vals) if all(map(math.isfinite, vals)) else float("nan"),
-                    caught=_caught(out, honest, attackers))
+                    caught=_caught(out, honest, attackers), far=_far(out, honest, attackers))
     except Exception as exc:  # a crash is a result here: the cell says so
         cell.update(crash=f"{type(exc).__name__}: {exc}"[:500], mean=float("nan"))
     finally:
@@ -222,6 +240,28 @@ def run_cell(dataset: str, rule: str, f: int, attack: str | None, seed: int, rou
         quiet.setLevel(level)
     cell["seconds"] = round(time.perf_counter() - t0, 2)
     return cell
+
+
+def _far(out: Path, honest: dict, attackers: list[str]) -> dict[str, Any]:
+    """What the far filter saw at the honest members: the largest `far_ratio` (the
+    furthest other share's distance / the median distance) over their rounds, and how
+    often it left out an honest share and an attacker's."""
+    from node.state import read_jsonl
+
+    ratios: list[float] = []
+    dropped = {"honest": 0, "attackers": 0}
+    for name in honest:
+        rounds: dict[int, dict] = {}
+        for line in read_jsonl(out / "state" / name / "audit.jsonl"):
+            if line.get("kind") == "aggregate":
+                rounds[line["round"]] = line
+        for line in rounds.values():
+            if isinstance(line.get("far_ratio"), int | float):
+                ratios.append(float(line["far_ratio"]))
+            for member, note in line.get("excluded", {}).items():
+                if note.get("reason") == "far_outlier":
+                    dropped["attackers" if member in attackers else "honest"] += 1
+    return {"max_ratio": max(ratios) if ratios else None, **dropped}
 
 
 def _caught(out: Path, honest: dict, attackers: list[str]) -> dict[str, int]:
@@ -238,6 +278,38 @@ def _caught(out: Path, honest: dict, attackers: list[str]) -> dict[str, int]:
             for w in AGGREGATION_ACTIONS:
                 counts[w] += sum(e[w].values())
     return counts
+
+
+# The default [rules] before issue 19 at 8 members (f = 1, no far filter), for the clean
+# cost of the stronger default on the same seeds (`--defaults`).
+OLD_DEFAULT = ("multi_krum_staged[f=1;far_factor=0;server_opt=adam;server_lr=0.03;"
+               "server_momentum=0.5]")
+
+
+LABELS = {OLD_DEFAULT: "old default f=1"}  # short names in the printed table
+
+
+def defaults_grid(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """`--defaults`: the default rules ("auto") with each --f attackers under every
+    attack, and clean; the plain mean clean (the reference) and the old default clean
+    (f = 1, no far filter: what the stronger default costs) and under two attackers;
+    both with each --f members down (`absent`: never started), every seed."""
+    cells = []
+    for ds in args.datasets:
+        for seed in range(args.seeds):
+            cells.append(dict(dataset=ds, rule="mean", f=1, attack=None, seed=seed))
+            cells.append(dict(dataset=ds, rule=OLD_DEFAULT, f=1, attack=None, seed=seed))
+            cells.append(dict(dataset=ds, rule=DEFAULT, f=1, attack=None, seed=seed))
+            for f in args.f:  # members down, not hostile: what f costs in availability
+                for rule in (DEFAULT, OLD_DEFAULT):
+                    cells.append(dict(dataset=ds, rule=rule, f=f, attack=ABSENT, seed=seed))
+            for attack in args.attacks:
+                for f in args.f:
+                    cells.append(dict(dataset=ds, rule=DEFAULT, f=f, attack=attack, seed=seed))
+                    if f == 2:  # what two colluders did to the old default (issue 19)
+                        cells.append(dict(dataset=ds, rule=OLD_DEFAULT, f=f, attack=attack,
+                                          seed=seed))
+    return cells
 
 
 def grid(args: argparse.Namespace) -> list[dict[str, Any]]:
@@ -351,6 +423,10 @@ def summarize(results: list[dict[str, Any]], rules: list[str], attacks: list[str
                                                  else "clean")
             e = table.setdefault(col, {}).setdefault(r["rule"], {"per_seed": {}, "crash": []})
             e["per_seed"][r["seed"]] = r["mean"]
+            far = r.get("far") or {}
+            if far.get("max_ratio") is not None:  # what the far filter saw (honest members)
+                e["far_max_ratio"] = max(e.get("far_max_ratio", 0.0), far["max_ratio"])
+            e["far_dropped_honest"] = e.get("far_dropped_honest", 0) + far.get("honest", 0)
             if "crash" in r:
                 e["crash"].append(r["crash"])
         for col, per_rule in table.items():
@@ -362,6 +438,13 @@ def summarize(results: list[dict[str, Any]], rules: list[str], attacks: list[str
                 e["loss"] = e["clean_mean_ref"] - e["mean"] \
                     if math.isfinite(e["mean"]) and math.isfinite(e["clean_mean_ref"]) else None
                 e["seeds"] = seeds
+        for col, per_rule in table.items():  # against the same rule's clean run, same seeds
+            for rule, e in per_rule.items():
+                own = table.get("dp clean" if col.startswith("dp ") else "clean", {}).get(rule)
+                own_mean = _mean([own["per_seed"][s] for s in e["seeds"]
+                                  if s in own["per_seed"]]) if own else float("nan")
+                e["loss_vs_own_clean"] = own_mean - e["mean"] \
+                    if math.isfinite(own_mean) and math.isfinite(e["mean"]) else None
         metric = next((r["metric"] for r in rs if "metric" in r), None)
         goals = {}
         f1 = [c for c in table if c.endswith("f=1") and not c.startswith(("dp ", ABSENT))]
@@ -369,7 +452,17 @@ def summarize(results: list[dict[str, Any]], rules: list[str], attacks: list[str
         for rule in rules:
             worst1 = [table[c][rule]["loss"] for c in f1 if rule in table[c]]
             worst2 = [table[c][rule]["loss"] for c in f2 if rule in table[c]]
+            by_f = {}
+            for k in sorted({int(c.rsplit("f=", 1)[1]) for c in table if "f=" in c}):
+                cols = [c for c in table if c.endswith(f"f={k}") and rule in table[c]
+                        and not c.startswith(("dp ", ABSENT))]
+                own = [table[c][rule]["loss_vs_own_clean"] for c in cols]
+                by_f[k] = {"worst_loss_vs_own_clean": None if None in own or not own
+                           else max(own),
+                           "within_goal_vs_own_clean": bool(own) and None not in own
+                           and max(own) <= GOAL}
             goals[rule] = {
+                "by_f": by_f,
                 "clean_loss": table.get("clean", {}).get(rule, {}).get("loss"),
                 "worst_loss_f1": None if None in worst1 or not worst1 else max(worst1),
                 "worst_loss_f2": None if None in worst2 or not worst2 else max(worst2),
@@ -396,15 +489,17 @@ def print_table(summary: dict, rules: list[str], attacks: list[str]) -> None:
         ref = d["clean_plain_mean"]
         print(f"\n{ds}: honest members' mean {d['metric']} (loss vs the clean plain mean "
               f"{_mean(list(ref.values())):.4f} in brackets; seeds as listed in the JSON)")
-        cols = ["clean"] + [f"{a} f={f}" for f in (1, 2) for a in [ABSENT, *attacks]] + \
+        cols = ["clean"] + [f"{a} f={f}" for f in (1, 2, 3) for a in [ABSENT, *attacks]] + \
             ["dp clean"] + [f"dp {a} f=1" for a in attacks]
         cols = [c for c in cols if c in d["table"]]
-        for chunk in (cols[:8], cols[8:15], cols[15:]):
+        for chunk in (cols[:8], cols[8:15], cols[15:22], cols[22:]):
             if not chunk:
                 continue
             print(f"  {'rule':<18}" + "".join(f"{c:>20}" for c in chunk))
             for rule in rules:
-                row = f"  {rule:<18}"
+                if not any(rule in d["table"][c] for c in chunk):
+                    continue
+                row = f"  {LABELS.get(rule, rule):<18}"
                 for c in chunk:
                     e = d["table"][c].get(rule)
                     if e is None:
@@ -421,9 +516,21 @@ def print_table(summary: dict, rules: list[str], attacks: list[str]) -> None:
           f"{summary['best_rule_f1']}")
 
 
+def resolve(nodes: int, params: dict[str, Any]) -> dict[str, Any]:
+    """The pinned default [rules] table for `nodes` members with `params` on top."""
+    from node.rules import pin_rules, rules_table
+
+    return pin_rules(rules_table(nodes, DEFAULT, privacy_mode="off", **params), nodes)
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--grid", choices=["reduced", "full"], default="reduced")
+    p.add_argument("--defaults", action="store_true",
+                   help="only the default rules (auto) under every attack with --f attackers, "
+                        "and clean: the plain mean (the reference), the old default (f = 1, "
+                        "no far filter; also under 2 attackers) and the default, every seed "
+                        "(sets --rules)")
     p.add_argument("--datasets", default=",".join(DATASETS))
     p.add_argument("--rules", default=",".join(RULES),
                    help="comma-separated rules, each NAME or NAME[KEY=VALUE;...] with the "
@@ -450,6 +557,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.rules = split_rules(args.rules)
     args.attacks = args.attacks.split(",")
     args.f = [int(x) for x in args.f.split(",")]
+    if args.defaults:
+        args.rules = ["mean", OLD_DEFAULT, DEFAULT]
     for a in args.attacks:
         if a not in ATTACKS:
             p.error(f"--attacks: {a!r}: choose from {', '.join(ATTACKS)}")
@@ -458,8 +567,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         try:
             name, params = parse_rule(rule)
             params, _ = split_training(rule, params)
-            for f in args.f:
-                check_strategy(name, {"f": 0 if name == "mean" else f, **params}, args.nodes)
+            # --defaults runs the mean and the old default at f = 1 and 2 only
+            for f in ([1, 2] if args.defaults and rule != DEFAULT else args.f):
+                if name == DEFAULT:
+                    resolve(args.nodes, params)
+                else:
+                    check_strategy(name, {"f": 0 if name == "mean" else f, **params}, args.nodes)
         except (ValueError, StrategyError) as exc:
             p.error(f"--rules: {exc}")
     return args
@@ -467,8 +580,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    cells = grid(args)
-    print(f"bench_robust: {len(cells)} cells ({args.grid} grid), {args.nodes} members, "
+    cells = defaults_grid(args) if args.defaults else grid(args)
+    kind = "defaults" if args.defaults else args.grid
+    print(f"bench_robust: {len(cells)} cells ({kind} grid), {args.nodes} members, "
           f"dirichlet 0.5, {args.rounds} rounds, {args.jobs} jobs", file=sys.stderr)
     t0 = time.monotonic()
     cache = Path(args.cache) if args.cache else None
@@ -477,7 +591,9 @@ def main(argv: list[str] | None = None) -> int:
     results = run_grid(cells, args.rounds, args.jobs, args.nodes, cache=cache)
     summary = summarize(results, args.rules, args.attacks, args.nodes)
     summary["config"] = {
-        "grid": args.grid, "datasets": args.datasets, "rules": args.rules,
+        "grid": "defaults" if args.defaults else args.grid, "datasets": args.datasets,
+        "rules": args.rules,
+        "default_rules": resolve(args.nodes, {}),
         "attacks": {a: list(ATTACKS[a]) for a in args.attacks}, "f": args.f,
         "seeds": args.seeds, "rounds": args.rounds, "members": args.nodes,
         "mean_reference_only": args.mean_reference_only,

@@ -16,6 +16,7 @@ from gossip.errors import LocalError
 from gossip.transports.memory import MemoryHub
 from node.cli import build_parser
 from node.config import AttackConfig, load_config
+from node.evidence import verify_equivocation
 from node.models import get_flat
 from node.privacy import SeededNoise
 from node.runner import Node
@@ -137,10 +138,12 @@ async def test_an_equivocation_is_refused_and_kept_as_signed_evidence(tmp_path):
             assert first["digest"] != second["digest"] and first["seq"] != second["seq"]
             # the first: the member's signature over its digest
             key.verify(bytes.fromhex(first["digest"]), bytes.fromhex(first["sig"]))
-            # the second: the whole signed envelope, as received
-            env = envelope.decode_outer((n.state.path / second["file"]).read_bytes())
-            assert env.digest.hex() == second["digest"] and env.round == e["round"]
-            key.verify(env.digest, env.sig)
+            # both whole signed envelopes, kept apart from the audit log: a proof anyone
+            # with the member's public key can check
+            proof = (n.state.path / e["proof"]).read_bytes()
+            assert verify_equivocation(proof, bytes(key), prep.consortium.id) == \
+                (e["round"], "share")
+        assert n.counters.equivocation == {"bank-0": 2}  # proven, once per round
         # the version each honest node got first is the one it used: a share per round
         used = [x for x in audit(n) if x.get("kind") == "aggregate"]
         assert all("bank-0" in x["used"] for x in used)
@@ -157,11 +160,14 @@ async def test_a_split_equivocation_is_noticed_by_every_honest_member(tmp_path, 
         assert "equivocation" not in n.rejected()  # nobody held two versions
         found = [x for x in audit(n) if x.get("outcome") == "digest_mismatch"]
         # both other honest members reported a different bank-0 share, in both rounds
-        pairs = {(x["round"], x["reporter"]) for x in found if x["member"] == "bank-0"}
+        pairs = {(x["round"], x["reporter"]) for x in found if x["accused"] == "bank-0"}
         others = {m for m in ("bank-1", "bank-2", "bank-3") if m != n.name}
         assert pairs == {(r, m) for r in (0, 1) for m in others}, (n.name, found)
-        assert not [x for x in found if x["member"] != "bank-0"]  # nobody else is blamed
-        assert n.counters.digest_mismatch["bank-0"] == 4
+        assert not [x for x in found if x["accused"] != "bank-0"]  # nobody else is accused
+        # a claim, counted under its reporter; nothing is proven against anyone
+        assert all(x["kind"] == "claim" and x["member"] == x["reporter"] for x in found)
+        assert n.counters.digest_mismatch == {m: 2 for m in others}
+        assert not n.counters.equivocation
         for x in found:  # the report, as signed by its reporter, is kept
             assert x["reported"] != x["ours"]["digest"]
             env = envelope.decode_outer((n.state.path / x["report"]["file"]).read_bytes())
@@ -205,7 +211,8 @@ async def test_summary_names_attackers_and_reports_honest_members_apart(tmp_path
     assert set(s["honest"]["per_node"]) == {"bank-0", "bank-1", "bank-2"}
     assert s["honest"]["mean"] > 0.9
     seen = s["attack"]["seen_by"]["bank-0"]["bank-3"]
-    assert seen["rounds"] == 2 and seen["down_weighted"] == {"mostly_trimmed": 2}
+    # 1e30 values: left out before the rule (the far filter), every round
+    assert seen["rounds"] == 2 and seen["excluded"] == {"far_outlier": 2}
     assert s["rules"]["aggregation"] == "trimmed_mean"
 
 

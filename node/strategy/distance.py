@@ -118,3 +118,50 @@ def bound_shares(shares: list[Candidate], center: torch.Tensor, *, own_is_center
             result.clipped[c.member] = Note("distance_clipped", f"distance {d:.4g} > bound "
                                             f"{bound.value:.4g}: scaled by {k:.3g}")
     return kept
+
+
+def coordinate_median(stacked: torch.Tensor) -> torch.Tensor:
+    """Per coordinate, the true median of the rows (mean of the two middle values for
+    an even count), float64; the same at every member for the same rows."""
+    n = stacked.shape[0]
+    ordered = stacked.sort(dim=0).values
+    return ordered[n // 2] if n % 2 else (ordered[n // 2 - 1] + ordered[n // 2]) / 2
+
+
+def drop_far(shares: list[Candidate], factor: float,
+             result: Aggregate) -> tuple[list[Candidate], int]:
+    """Leave out the shares absurdly far from the others, before any rule: (the rest, how
+    many were left out). Our own share is never left out.
+
+    A share's distance is its L2 distance from the coordinate-wise median of all the
+    round's admitted shares (our own counted); it is left out (reason `far_outlier`) if
+    that is above `factor` x the median of these distances. Neither the centre nor the
+    scale is the attacker's to set while fewer than half of the shares are hostile:
+    each coordinate of the median lies within the honest values' range, and the median
+    distance lies between two honest distances. The most hostile shares can do to the
+    scale is sit at the centre (distance 0) and pull the median distance down to a
+    smaller honest one: an honest share is then left out only if it is `factor` times
+    further out than that, which clean non-IID runs never came near (base.FAR_FACTOR).
+    With fewer than 3 shares, or a median distance of 0 (most shares identical), it
+    leaves out nothing: there is no scale to judge by (the rule's f still applies).
+    Assumes the honest shares are a majority of those admitted, like every rule here.
+    """
+    from node.strategy.base import Note
+
+    if len(shares) < 3:
+        return shares, 0
+    stacked = torch.stack([c.vector for c in shares])
+    dist = torch.linalg.vector_norm(stacked - coordinate_median(stacked), dim=1).tolist()
+    scale = median(dist)
+    if not 0 < scale < math.inf:
+        return shares, 0
+    result.far_ratio = max(d for c, d in zip(shares, dist, strict=True) if not c.own) / scale
+    kept: list[Candidate] = []
+    for c, d in zip(shares, dist, strict=True):
+        if c.own or d <= factor * scale:
+            kept.append(c)
+        else:
+            result.excluded[c.member] = Note("far_outlier", (
+                f"distance {d:.4g} from the coordinate-wise median of the round's shares is "
+                f"{d / scale:.3g} x the median distance {scale:.4g} (> far_factor {factor:g})"))
+    return kept, len(shares) - len(kept)
