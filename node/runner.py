@@ -439,6 +439,9 @@ class Node:
         exact = member_stats(self._tables.train, self.schema, self._tables.train_source)
         plan = self.budget.plan
         sigma = plan.normalize_sigma if plan is not None else None
+        if sigma is None and plan is not None:  # never exact sums under DP
+            raise LocalError("federated normalization: the privacy plan reserves no noise for "
+                             "our statistics (this member voted for range scaling)")
         values = exact if sigma is None else noised(exact, sigma, self.noise)
         data = self._sign(KIND_STATS, 0, envelope.encode_stats(values))
         if sigma is not None:
@@ -456,11 +459,23 @@ class Node:
         """Our signed vote (True: range scaling): the stored one (a restart re-sends it
         unchanged, never a different one), or made now from our check at start."""
         path = self.state.path / self.VOTE_FILE
+        vote = self._norm_fallback is not None
         if path.exists():
             data = path.read_bytes()
-            env = envelope.decode_outer(data, self.cfg.gossip.max_envelope_bytes)
-            return envelope.decode_norm(env.body, True), data
-        vote = self._norm_fallback is not None
+            try:
+                env = envelope.decode_outer(data, self.cfg.gossip.max_envelope_bytes)
+                stored = envelope.decode_norm(env.body, True)
+            except (RemoteError, LocalError) as exc:
+                raise LocalError(f"{path}: unreadable ({exc}); it holds the vote this node "
+                                 "sent: restore it, or start a new state dir") from None
+            if stored != vote:
+                # (a "usable" vote would have us send statistics our plan has no noise for)
+                raise LocalError(
+                    f"{path}: this node voted {'range scaling' if stored else 'usable'} "
+                    f"before, but its check at start now says "
+                    f"{'range scaling' if vote else 'usable'} (its training rows or the "
+                    "privacy settings changed since): restore them, or start a new state dir")
+            return stored, data
         data = self._sign(KIND_NORM, 0, NORM_RANGE if vote else NORM_USABLE)
         atomic_write(path, data)
         return vote, data

@@ -447,6 +447,7 @@ async def test_a_hostile_vote_cannot_split_the_honest_members_or_stop_them(tmp_p
             atomic_write(self.state.path / self.VOTE_FILE, vote)
             await self._broadcast(0, vote)
             await self._broadcast(0, self._sign(KIND_NORM, 0, NORM_USABLE))
+            self._norm_fallback = "its own (hostile) choice"  # it acts on what it stored
             await super()._agree_normalization()
 
     prep, _ = make(tmp_path, privacy="record", normalize_fallback="range")
@@ -504,3 +505,28 @@ def test_the_range_decision_round_trips_and_is_checked():
             envelope.decode_norm(bad, True)
     with pytest.raises(RemoteError, match="does not use normalize"):
         envelope.decode_norm(NORM_USABLE, False)
+
+
+def test_a_restart_never_sends_a_different_vote(tmp_path):
+    """The stored vote is re-sent as it is; if the node's check at start now says
+    otherwise (its rows changed), it refuses to start rather than vote twice (or send
+    statistics its plan reserved no noise for)."""
+    from gossip.errors import LocalError
+
+    prep, _ = make(tmp_path, privacy="record", normalize_fallback="range")
+    first = Node.from_config(load_config(prep.config_paths[0]),
+                             MemoryHub().attach(prep.names[0], prep.names), SeededNoise(0))
+    vote, data = first._own_vote()
+    assert vote is False and first._own_vote() == (False, data)  # stored, re-sent as is
+    shrink(prep, 0, 300)  # now its check fails: it would vote for range scaling
+    with pytest.raises(LocalError, match="privacy plan"):  # the stored plan refuses first
+        Node.from_config(load_config(prep.config_paths[0]),
+                         MemoryHub().attach(prep.names[0], prep.names), SeededNoise(1))
+    (first.state.path / "privacy_plan.json").unlink()  # without it, the vote still does
+    again = Node.from_config(load_config(prep.config_paths[0]),
+                             MemoryHub().attach(prep.names[0], prep.names), SeededNoise(1))
+    with pytest.raises(LocalError, match="voted usable before, but its check at start now "
+                                         "says range scaling"):
+        again._own_vote()
+    with pytest.raises(LocalError, match="reserves no noise"):
+        again._own_stats()
