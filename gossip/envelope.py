@@ -97,6 +97,15 @@ KIND_SEEN = "seen"
 # value per numeric column of the schema (k columns). Shape only is checked here;
 # the values' plausibility is the runner's (it knows the agreed noise).
 KIND_STATS = "stats"
+# A member's vote on federated normalization (node/normalize.py), sent once before its
+# statistics (round 0) and re-sent unchanged on a hello: body = one byte, NORM_USABLE
+# ("my check at start passes: I will send statistics") or NORM_RANGE ("it fails and the
+# schema says normalize_fallback = \"range\""). Any member's NORM_RANGE makes every
+# member scale by the declared ranges; nobody computes, charges or sends statistics
+# until every member's vote is in. It costs no ε (see node/normalize.py for what it tells).
+KIND_NORM = "norm"
+NORM_USABLE = b"\x01"
+NORM_RANGE = b"\x00"
 # "My model after the last round has this digest": sent once by a node that has closed
 # its last round; round = that round; body = the 32-byte BLAKE2b-256 digest of its
 # model's parameters (float32 little-endian). Receivers compare it with their own:
@@ -106,7 +115,7 @@ KIND_STATS = "stats"
 KIND_FINAL = "final"
 SHARE_KINDS = frozenset({KIND_SHARE, KIND_SEALED})
 KINDS = frozenset({KIND_SHARE, KIND_SEALED, KIND_PREKEY, KIND_RETIRE, KIND_HELLO, KIND_SEEN,
-                   KIND_STATS, KIND_FINAL})
+                   KIND_STATS, KIND_NORM, KIND_FINAL})
 _KINDS_BY_BYTES = {k.encode(): k for k in KINDS}
 _PROTO_BYTES = PROTO.encode()
 
@@ -192,6 +201,7 @@ class Accepted:
     hello: bool = False  # a prekey message that asks for ours (its sender just started)
     seen: tuple[tuple[str, bytes], ...] = ()  # a seen message: (member, envelope digest)
     stats: Stats | None = None  # a stats message's values
+    norm_range: bool | None = None  # a norm message's vote: True = fall back to range scaling
 
     @property
     def round(self) -> int:
@@ -322,6 +332,18 @@ def decode_stats(body: bytes | memoryview, columns: int | None,
             and np.isfinite(stats.sumsq).all()):
         raise RemoteError("non_finite", "a stats message holds NaN or infinite values", sender)
     return stats
+
+
+def decode_norm(body: bytes | memoryview, federated: bool, sender: str | None = None) -> bool:
+    """A norm message's vote: True for NORM_RANGE, False for NORM_USABLE."""
+    if not federated:
+        raise RemoteError("bad_body", "a norm message, but this consortium's schema does not "
+                          "use normalize = \"federated\"", sender)
+    vote = bytes(body[:2])
+    if vote not in (NORM_USABLE, NORM_RANGE):
+        raise RemoteError("bad_body", "a norm message's body is one byte, 1 (usable) or 0 "
+                          "(fall back to range scaling)", sender)
+    return vote == NORM_RANGE
 
 
 def encode_seen(pairs: Sequence[tuple[bytes, bytes]]) -> bytes:
@@ -646,10 +668,13 @@ class Verifier:
                 self._learn_prekeys(env, name, current_round)
             raise
         share, prekeys, hello, body, seen, stats = None, (), False, None, (), None
+        norm_range = None
         if env.kind == KIND_SEEN:
             seen = decode_seen(env.body, self.members, name)
         elif env.kind == KIND_STATS:
             stats = decode_stats(env.body, self.stats_columns, name)
+        elif env.kind == KIND_NORM:
+            norm_range = decode_norm(env.body, self.stats_columns is not None, name)
         elif env.kind == KIND_FINAL:
             if len(env.body) != DIGEST_BYTES:
                 raise RemoteError("bad_body", f"a final message's body is a {DIGEST_BYTES}-byte "
@@ -667,7 +692,8 @@ class Verifier:
         else:
             share, body = self._decode(env, name)
         self._windows.setdefault(env.sender, _SenderWindow()).remember(env.seq, digest)
-        return Accepted(name, env.envelope(body, digest), share, prekeys, hello, seen, stats)
+        return Accepted(name, env.envelope(body, digest), share, prekeys, hello, seen, stats,
+                        norm_range)
 
     def _learn_prekeys(self, env: _Outer, name: str, current_round: int
                        ) -> tuple[tuple[SignedPrekey, ...], bool]:

@@ -31,6 +31,7 @@ from collections.abc import Iterable
 from gossip.envelope import (
     KIND_FINAL,
     KIND_HELLO,
+    KIND_NORM,
     KIND_PREKEY,
     KIND_RETIRE,
     KIND_SEEN,
@@ -71,6 +72,8 @@ class RoundBook:
             return "seen"
         if share.envelope.kind == KIND_STATS:  # before round 1: the runner files it
             return "stats"
+        if share.envelope.kind == KIND_NORM:  # before round 1: the runner files it
+            return "norm"
         if share.envelope.kind == KIND_FINAL:  # after its last round: the runner files it
             self.note(share.sender, r)
             return "final"

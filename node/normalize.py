@@ -50,10 +50,28 @@ by at most MAX_MEAN_ERROR std and the std by at most MAX_STD_ERROR of itself. Wh
 does not hold, the schema's `normalize_fallback` decides: "refuse" (the default: stop, naming the columns, the
 expected errors and the fixes) or "range" (scale by the declared ranges instead,
 nothing released or charged: the whole schema, not column by column, so that every
-member encodes alike). Without `normalize_rows`, members whose own row counts straddle
-the threshold decide differently; those that fall back send no statistics, and the
-others stop after gossip.normalize_wait_s naming them: loud, never a silent mix. With
-it, every member decides alike.
+member encodes alike).
+
+The decision is the consortium's, not each member's (members whose own row counts
+straddle the threshold would otherwise decide differently): before any statistics,
+every member sends a signed vote (kind `norm`, one byte): "usable" or "range" (its
+check fails and normalize_fallback = "range"). Every member waits for every member's
+vote; if any says "range", all scale by the declared ranges (`range_agreed`: recorded
+in normalization.json with mode "range", the members that voted for it and why) and
+nobody computes, charges or sends statistics; else all go on to the statistics. The
+rule is deterministic: the same votes give the same decision, and its digest goes into
+every share like the statistics' (a member that decided otherwise is refused,
+`norm_mismatch`). What a vote tells: without `normalize_rows`, whether this member's
+training rows reach rows_needed / M (one bit of its row count, exact, not covered by
+the ε: declare `normalize_rows` where that bit is sensitive, then every vote is the
+same function of public values). What a hostile member can do with its vote: force
+range scaling (it costs no privacy, maybe accuracy: the same as any member that is
+truly small), or withhold it (every member stops after gossip.normalize_wait_s naming
+it, nothing charged), or send different votes to different members (those that saw
+"range" scale by ranges, the others charge and send statistics, wait for the first
+group's and stop after gossip.normalize_wait_s naming them: loud, never a silent mix).
+With normalize_fallback = "refuse" a member whose check fails stops at start; the
+others wait for its vote and stop after gossip.normalize_wait_s naming it.
 
 The agreed statistics' digest (`stats_digest`) goes into every share the member
 signs; a receiver refuses a share whose digest differs from its own
@@ -180,28 +198,56 @@ class Agreed:
     members: tuple[str, ...]
     capped: dict[str, float]  # member -> its weight after the cap (below its row share)
     digest: bytes
+    # "federated": agreed statistics; "range": the consortium fell back (stats = the
+    # range scaling, `range_agreed`), `fallback` the members that voted for it, `why` ours.
+    mode: str = "federated"
+    fallback: tuple[str, ...] = ()
+    why: str = ""
 
     def to_json(self) -> dict:
-        return {"stats": {c: list(v) for c, v in self.stats.items()},
-                "members": list(self.members), "capped": self.capped, "digest": self.digest.hex()}
+        doc = {"mode": self.mode, "stats": {c: list(v) for c, v in self.stats.items()},
+               "members": list(self.members), "capped": self.capped,
+               "digest": self.digest.hex()}
+        if self.mode == "range":
+            doc.update(fallback_by=list(self.fallback), why=self.why)
+        return doc
 
     @staticmethod
     def from_json(doc: Mapping, schema) -> Agreed:
         try:
+            mode = str(doc.get("mode", "federated"))
             stats = {str(c): (float(v[0]), float(v[1])) for c, v in doc["stats"].items()}
             agreed = Agreed(stats, tuple(doc["members"]), dict(doc.get("capped", {})),
-                            bytes.fromhex(doc["digest"]))
-        except (KeyError, TypeError, ValueError, IndexError) as exc:
+                            bytes.fromhex(doc["digest"]), mode,
+                            tuple(map(str, doc.get("fallback_by", ()))), str(doc.get("why", "")))
+        except (KeyError, TypeError, ValueError, IndexError, AttributeError) as exc:
             raise LocalError(f"agreed normalization is unreadable: {exc}") from None
-        if stats_digest(agreed.stats, agreed.members) != agreed.digest:
+        if mode not in ("federated", "range"):
+            raise LocalError(f"agreed normalization: unknown mode {mode!r}")
+        if stats_digest(agreed.stats, agreed.members, mode) != agreed.digest:
             raise LocalError("agreed normalization: its digest does not match its statistics")
+        if mode == "range" and stats != schema.range_stats():
+            raise LocalError("agreed normalization: mode \"range\" but not the schema's ranges")
         schema.with_stats(stats)  # same columns, finite, std >= 0
         return agreed
 
 
-def stats_digest(stats: Mapping[str, tuple[float, float]], members: tuple[str, ...]) -> bytes:
-    doc = {"members": list(members), "stats": [[c, repr(float(m)), repr(float(s))]
-                                                for c, (m, s) in sorted(stats.items())]}
+def range_agreed(schema, members: tuple[str, ...], fallback: tuple[str, ...],
+                 why: str) -> Agreed:
+    """The consortium's fallback (a member voted "range"): scale by the declared ranges,
+    as normalize = "range" does; its digest differs from any statistics' digest."""
+    stats = schema.range_stats()
+    members = tuple(sorted(members))
+    return Agreed(stats, members, {}, stats_digest(stats, members, "range"), "range",
+                  tuple(sorted(fallback)), why)
+
+
+def stats_digest(stats: Mapping[str, tuple[float, float]], members: tuple[str, ...],
+                 mode: str = "federated") -> bytes:
+    doc: dict = {"members": list(members), "stats": [[c, repr(float(m)), repr(float(s))]
+                                                      for c, (m, s) in sorted(stats.items())]}
+    if mode != "federated":  # (agreed statistics keep the digest they always had)
+        doc["mode"] = mode
     return hashlib.blake2b(b"flnode/1 normalization\x00" + json.dumps(doc, sort_keys=True)
                            .encode(), digest_size=32).digest()
 
@@ -311,8 +357,9 @@ def resolve(schema, members: int, own_rows: int, privacy_mode: str, delta: float
     why = (f"federated normalization would agree statistics too noisy to use for the numeric "
            f"column(s) {shown}: {check.describe()}")
     if schema.normalize_fallback == "range":
-        note = (f"{who}: {why}. The schema's normalize_fallback = \"range\": every numeric "
-                "column is scaled by its declared range instead (nothing released or charged "
+        note = (f"{who}: {why}. The schema's normalize_fallback = \"range\": this member votes "
+                "for range scaling, and any member's such vote makes every member scale each "
+                "numeric column by its declared range instead (nothing released or charged "
                 "for it); each range that clips more than 1 % of our rows is warned about")
         return range_schema(schema), check, note
     from node.privacy import LedgerRecord, epsilon_of

@@ -35,12 +35,15 @@ from gossip.envelope import (
     HELLO_REPLY,
     KIND_FINAL,
     KIND_HELLO,
+    KIND_NORM,
     KIND_PREKEY,
     KIND_RETIRE,
     KIND_SEALED,
     KIND_SEEN,
     KIND_SHARE,
     KIND_STATS,
+    NORM_RANGE,
+    NORM_USABLE,
     Accepted,
     Stats,
     Verifier,
@@ -77,6 +80,7 @@ from node.normalize import (
     noised,
     numeric_columns,
     provisional_schema,
+    range_agreed,
     range_report,
     resolve,
 )
@@ -205,7 +209,7 @@ class Node:
     def __init__(self, cfg: NodeConfig, identity: Identity, consortium: Consortium,
                  schema: FeatureSchema, train: LocalData, held_out: LocalData,
                  transport: Transport, noise: NoiseSource,
-                 tables: LocalTables | None = None) -> None:
+                 tables: LocalTables | None = None, norm_fallback: str | None = None) -> None:
         member = consortium.by_name(identity.name)
         if member.public_key != identity.public_key:
             raise LocalError(
@@ -260,6 +264,11 @@ class Node:
         # Members whose (first) stats message we refused as implausible: left out of the
         # agreement (every honest member refuses the same message the same way).
         self._stats_refused: set[str] = set()
+        # The consortium's decision comes first (node/normalize.py): every member's vote,
+        # member -> (votes range scaling, digest). Ours: range when our check at start
+        # failed and the schema allows the fallback (`norm_fallback` says why).
+        self._votes: dict[str, tuple[bool, bytes]] = {}
+        self._norm_fallback = norm_fallback
         norm_sigma = None
         if schema.mode == "federated":
             if tables is None:
@@ -272,7 +281,9 @@ class Node:
                     "says nothing at the level update mode protects (a member's whole "
                     "contribution). Use privacy.mode = \"record\" (or \"off\"), or "
                     "normalize = \"declared\"")
-            norm_sigma = schema.normalize_noise or DEFAULT_NORMALIZE_NOISE
+            # a member voting for range scaling never sends statistics: nothing to reserve
+            norm_sigma = None if norm_fallback is not None else (
+                schema.normalize_noise or DEFAULT_NORMALIZE_NOISE)
         if cfg.gossip.min_members > len(consortium.members):
             raise LocalError(f"gossip.min_members = {cfg.gossip.min_members} but the consortium "
                              f"has {len(consortium.members)} members: it could never start")
@@ -369,14 +380,15 @@ class Node:
         if len(tables.train) == 0:
             raise LocalError(f"{cfg.data.path}: no training rows")
         # normalize = "federated": will the agreed statistics be usable? Checked before
-        # anything is released or charged; refuses, or falls back to range scaling, as the
-        # schema's normalize_fallback says (node/normalize.py, resolve). Then the declared
-        # ranges against our own rows (a local check: releases nothing).
-        schema, _, fallback = resolve(schema, len(consortium.members), len(tables.train),
-                                      cfg.privacy.mode, cfg.privacy.delta, identity.name)
+        # anything is released or charged; refuses, or votes for range scaling, as the
+        # schema's normalize_fallback says (node/normalize.py, resolve); the consortium
+        # decides from every member's vote before round 1 (Node._agree_normalization).
+        # Then the declared ranges against our own rows (a local check: releases nothing).
+        resolved, _, fallback = resolve(schema, len(consortium.members), len(tables.train),
+                                        cfg.privacy.mode, cfg.privacy.delta, identity.name)
         if fallback is not None:
             log.warning("%s", fallback)
-        for line in range_report(tables.train, schema, str(cfg.data.path)):
+        for line in range_report(tables.train, resolved, str(cfg.data.path)):
             log.warning("%s: %s", identity.name, line)
         federated = schema.mode == "federated"
         # Federated normalization: encoded with provisional statistics (never trained on)
@@ -392,7 +404,7 @@ class Node:
         warn_about_held_out(identity.name, held.y, schema.classes, eval_path=cfg.data.eval_path,
                             eval_fraction=cfg.data.eval_fraction, total_rows=total)
         return cls(cfg, identity, consortium, schema, train, held, transport, noise or OsNoise(),
-                   tables=tables if federated else None)
+                   tables=tables if federated else None, norm_fallback=fallback)
 
     def _set_data(self, train: LocalData, held: LocalData) -> None:
         if self.cfg.attack is not None and self.cfg.attack.kind == "label-flip":
@@ -404,6 +416,7 @@ class Node:
     # --- federated normalization (node/normalize.py) ---------------------------------
     NORMALIZATION_FILE = "normalization.json"
     STATS_FILE = "stats.envelope"
+    VOTE_FILE = "norm.envelope"
 
     def _load_normalization(self) -> None:
         path = self.state.path / self.NORMALIZATION_FILE
@@ -438,6 +451,9 @@ class Node:
         exact = member_stats(self._tables.train, self.schema, self._tables.train_source)
         plan = self.budget.plan
         sigma = plan.normalize_sigma if plan is not None else None
+        if sigma is None and plan is not None:  # never exact sums under DP
+            raise LocalError("federated normalization: the privacy plan reserves no noise for "
+                             "our statistics (this member voted for range scaling)")
         values = exact if sigma is None else noised(exact, sigma, self.noise)
         data = self._sign(KIND_STATS, 0, envelope.encode_stats(values))
         if sigma is not None:
@@ -450,6 +466,40 @@ class Node:
             self.ledger.charge(LedgerRecord(-1, "normalize", sigma, 1.0, 1, 1.0, digest))
         atomic_write(path, data)
         return values, data
+
+    def _own_vote(self) -> tuple[bool, bytes]:
+        """Our signed vote (True: range scaling): the stored one (a restart re-sends it
+        unchanged, never a different one), or made now from our check at start."""
+        path = self.state.path / self.VOTE_FILE
+        vote = self._norm_fallback is not None
+        if path.exists():
+            data = path.read_bytes()
+            try:
+                env = envelope.decode_outer(data, self.cfg.gossip.max_envelope_bytes)
+                stored = envelope.decode_norm(env.body, True)
+            except (RemoteError, LocalError) as exc:
+                raise LocalError(f"{path}: unreadable ({exc}); it holds the vote this node "
+                                 "sent: restore it, or start a new state dir") from None
+            if stored != vote:
+                # (a "usable" vote would have us send statistics our plan has no noise for)
+                raise LocalError(
+                    f"{path}: this node voted {'range scaling' if stored else 'usable'} "
+                    f"before, but its check at start now says "
+                    f"{'range scaling' if vote else 'usable'} (its training rows or the "
+                    "privacy settings changed since): restore them, or start a new state dir")
+            return stored, data
+        data = self._sign(KIND_NORM, 0, NORM_RANGE if vote else NORM_USABLE)
+        atomic_write(path, data)
+        return vote, data
+
+    def _on_vote(self, acc: Accepted) -> None:
+        assert acc.norm_range is not None
+        held = self._votes.get(acc.sender)
+        if held is not None and held[1] != acc.envelope.digest:
+            self._reject_accepted(acc, "equivocation", "a second, different norm vote (the "
+                                  "first one received counts)")
+            return
+        self._votes[acc.sender] = (acc.norm_range, acc.envelope.digest)
 
     def _on_stats(self, acc: Accepted) -> None:
         assert acc.stats is not None
@@ -488,23 +538,46 @@ class Node:
                         self.name, acc.sender, acc.envelope.kind, reason, detail)
 
     async def _agree_normalization(self) -> None:
-        """Before round 1: send our statistics, wait for every member's, combine them
-        identically (node/normalize.py) and encode our rows with the result."""
+        """Before round 1: send our vote and wait for every member's (node/normalize.py);
+        if any votes for range scaling, scale by the declared ranges, nothing computed or
+        charged; else send our statistics, wait for every member's, combine them
+        identically and encode our rows with the result."""
         if self._tables is None or self.normalization is not None:
             return
         members = {m.name for m in self.consortium.members} - {self.name}
         end = asyncio.get_running_loop().time() + self.cfg.gossip.normalize_wait_s
-        if not (self.state.path / self.STATS_FILE).exists() and not await self._wait_until(
-                lambda: members <= self._up, end, waiting=(
-                    "a first message (before our statistics are computed and charged)",
-                    lambda: sorted(members - self._up))):
-            raise LocalError(
-                f"federated normalization: never heard from "
-                f"{', '.join(sorted(members - self._up))} within gossip.normalize_wait_s = "
-                f"{self.cfg.gossip.normalize_wait_s:g} s; every member's statistics are "
-                "needed before round 1. Start them (or check they can reach us), or use "
-                "normalize = \"declared\". Nothing was trained, nothing charged: our "
-                "statistics are computed only once every member is heard from")
+        ours, vote = self._own_vote()
+        await self._in_background(self._broadcast(0, vote), "norm")
+        # Our stored statistics mean every vote was "usable" when we charged them: a vote
+        # arriving after a restart cannot reopen that decision.
+        if not (self.state.path / self.STATS_FILE).exists():
+            if not await self._wait_until(
+                    lambda: members <= set(self._votes), end, waiting=(
+                        "votes on normalization (before any statistics are computed and "
+                        "charged)", lambda: sorted(members - set(self._votes)))):
+                raise LocalError(
+                    f"federated normalization: no vote from "
+                    f"{', '.join(sorted(members - set(self._votes)))} within "
+                    f"gossip.normalize_wait_s = {self.cfg.gossip.normalize_wait_s:g} s; every "
+                    "member's vote (statistics usable, or range scaling) is needed before "
+                    "round 1. Start them (or check they can reach us), or use normalize = "
+                    "\"declared\" or \"range\". Nothing was trained, nothing charged: our "
+                    "statistics are computed only once every member has voted")
+            fallback = sorted({m for m, (r, _) in self._votes.items() if r and m in members}
+                              | ({self.name} if ours else set()))
+            if fallback:
+                why = (f"{', '.join(fallback)} voted for range scaling (its check at start "
+                       "found the agreed statistics would be too noisy; normalize_fallback = "
+                       "\"range\"): every member scales by the declared ranges, nothing "
+                       "released or charged for normalization")
+                agreed = range_agreed(self.schema, tuple(members | {self.name}),
+                                      tuple(fallback), why)
+                self._adopt(agreed)
+                log.warning("%s: normalization: %s", self.name, why)
+                self.state.append_jsonl("audit.jsonl", {
+                    "time": time.time(), "round": 0, "member": self.name,
+                    "outcome": "normalization", "kind": "normalization", **agreed.to_json()})
+                return
         own, data = self._own_stats()
         await self._in_background(self._broadcast(0, data), "stats")
         if not await self._wait_until(
@@ -638,6 +711,8 @@ class Node:
             self._on_seen(accepted, msg.data)
         elif where == "stats":
             self._on_stats(accepted)
+        elif where == "norm":
+            self._on_vote(accepted)
         elif where == "final":
             self._finals.setdefault(accepted.sender, bytes(accepted.envelope.body))
         if where == "retired":
@@ -1317,12 +1392,13 @@ class Node:
         if self._tg is not None:  # owned and awaited by the run's TaskGroup
             self._tg.create_task(self._send(member, data),
                                  name=f"{self.name}-hello-reply-{member}")
-            stats = self.state.path / self.STATS_FILE
-            if where == "hello" and self._tables is not None and stats.exists():
-                # It needs every member's statistics (federated normalization): ours,
-                # exactly as first sent.
-                self._tg.create_task(self._send(member, stats.read_bytes()),
-                                     name=f"{self.name}-stats-reply-{member}")
+            for what, file in (("norm", self.VOTE_FILE), ("stats", self.STATS_FILE)):
+                stored = self.state.path / file
+                if where == "hello" and self._tables is not None and stored.exists():
+                    # It needs every member's vote and statistics (federated
+                    # normalization): ours, exactly as first sent.
+                    self._tg.create_task(self._send(member, stored.read_bytes()),
+                                         name=f"{self.name}-{what}-reply-{member}")
 
     async def _in_background(self, coro: Coroutine[Any, Any, None], what: str) -> None:
         """Hand a send to the run's TaskGroup (which awaits it, or cancels it with the

@@ -113,7 +113,9 @@ def collect(state_dir: str | Path, config: str | Path | None = None) -> dict[str
         agreed = json.loads(agreed_file.read_text())
         charges = [r for r in ledger.records if r.mode == "normalize"]
         normalization = {
-            "mode": "federated", "members": agreed.get("members"),
+            # "range": the consortium fell back to range scaling (a member's vote), why
+            "mode": agreed.get("mode", "federated"), "fallback_by": agreed.get("fallback_by"),
+            "why": agreed.get("why"), "members": agreed.get("members"),
             "digest": agreed.get("digest"), "stats": agreed.get("stats"),
             "capped": agreed.get("capped"),
             "noise_multiplier": charges[0].noise_multiplier if charges else None,
@@ -236,7 +238,11 @@ def render(s: dict[str, Any], now: float | None = None) -> str:
                      f"q {p['sample_rate']:.4g}; weight {p['weight']}"
                      + (f" ({p['released_weight']:.1f} released)" if p["released_weight"] else ""))
     norm = s.get("normalization")
-    if norm:
+    if norm and norm.get("mode") == "range":
+        lines.append(f"normalize   range: scaled by the declared ranges, as the consortium "
+                     f"decided ({', '.join(norm.get('fallback_by') or [])} voted for it: their "
+                     "agreed statistics would be too noisy); no statistics released or charged")
+    elif norm:
         cost = ("no DP (privacy off: exact sums)" if norm["noise_multiplier"] is None else
                 f"σ {norm['noise_multiplier']:g} x sensitivity, ε {norm['epsilon_alone']:.4f} "
                 "alone (in the ledger, part of ε spent)")

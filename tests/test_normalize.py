@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 
 from gossip import envelope
-from gossip.envelope import KIND_STATS, Stats
+from gossip.envelope import KIND_NORM, KIND_STATS, NORM_RANGE, NORM_USABLE, Stats
 from gossip.membership import Consortium, save_consortium
 from gossip.transports.base import Incoming
 from gossip.transports.memory import MemoryHub
@@ -128,9 +128,11 @@ async def test_a_member_signed_hostile_statistics_are_capped_or_refused(tmp_path
     nodes = build(prep)[:3]
     key = load_identity(tmp_path / "keys" / "bank-3.key").signing_key
     hostile = Stats(rows, np.full(2, rows / 2), np.full(2, rows / 4))  # v = 1/2: the top
-    data = envelope.pack(key, nodes[0].consortium.id, KIND_STATS, 0, 0,
+    vote = envelope.pack(key, nodes[0].consortium.id, KIND_NORM, 0, 0, NORM_USABLE)
+    data = envelope.pack(key, nodes[0].consortium.id, KIND_STATS, 0, 1,
                          envelope.encode_stats(hostile))
     for n in nodes:
+        n.handle(Incoming(vote, "bank-3"))
         n.handle(Incoming(data, "bank-3"))
     await asyncio.wait_for(run_all(nodes), 300)
     honest = pooled(prep, schema)  # includes bank-3's real file, near enough for a bound
@@ -276,11 +278,11 @@ async def test_the_check_at_start_refuses_or_falls_back_before_anything_is_charg
         assert not (state / "stats.envelope").exists()
         return
     nodes = build(prep)
-    assert all(n.schema.mode == "range" for n in nodes)
     await asyncio.wait_for(run_all(nodes), 600)
-    for n in nodes:
+    for n in nodes:  # every member voted for range scaling: the consortium scales by ranges
         assert [r for r in n.ledger.records if r.mode == "normalize"] == []
-        assert n.budget.plan.normalize_sigma is None and n.normalization is None
+        assert n.budget.plan.normalize_sigma is None  # nothing reserved for statistics
+        assert n.normalization.mode == "range" and n.normalization.fallback == tuple(prep.names)
         assert np.abs(n.train_data.X[:, :2]).max() <= 1.0  # the ranges map onto [-1, 1]
         assert [x["round"] for x in read_jsonl(n.state.path / "metrics.jsonl")] == [0, 1]
         assert not (n.state.path / "stats.envelope").exists()
@@ -366,3 +368,165 @@ def test_centred_sums_have_the_stated_sensitivity_and_combine_to_the_pooled_mome
     agreed = combine({"m": before}, schema, None)
     v = np.clip(base["c0"].to_numpy(), -2, 6)
     assert agreed.stats["c0"] == pytest.approx((v.mean(), v.std()), rel=1e-12)
+
+
+def shrink(prep, member: int, rows: int) -> None:
+    """Keep the first `rows` rows of a member's data file (its own, smaller table)."""
+    path = load_config(prep.config_paths[member]).data.path
+    pd.read_parquet(path).iloc[:rows].to_parquet(path)
+
+
+def build_waiting(prep, wait_s: float, cls=Node, which=()):
+    """build, with gossip.normalize_wait_s = wait_s (main's straddling members stop after
+    it: the test must not wait the default 300 s to fail there)."""
+    hub = MemoryHub()
+    out = []
+    for i, (n, p) in enumerate(zip(prep.names, prep.config_paths, strict=True)):
+        cfg = load_config(p)
+        cfg = cfg.model_copy(update={"gossip": cfg.gossip.model_copy(
+            update={"normalize_wait_s": wait_s})})
+        out.append((cls if i in which else Node).from_config(cfg, hub.attach(n, prep.names),
+                                                             SeededNoise(i)))
+    return out
+
+
+async def test_members_whose_own_rows_straddle_the_threshold_decide_alike(tmp_path):
+    """No normalize_rows: bank-0 (300 rows) estimates too few rows in all and votes for
+    range scaling, bank-1 and bank-2 (over 2,000 each) find the statistics usable. The
+    consortium decides once, from the votes: all three scale by the declared ranges,
+    encode alike, nothing is charged or sent for statistics, the shares match, and
+    `flnode status` says so at every member."""
+    from node.data import encode
+    from node.normalize import range_schema, resolve
+    from node.status import collect, render
+
+    prep, schema = make(tmp_path, privacy="record", normalize_fallback="range")
+    shrink(prep, 0, 300)
+    nodes = build_waiting(prep, 60.0)
+    own = [resolve(schema, 3, len(n._tables.train), "record", 1e-5, n.name)[0].mode
+           for n in nodes]
+    assert own == ["range", "federated", "federated"]  # they straddle the threshold
+    assert [n.budget.plan.normalize_sigma for n in nodes] == [None, 10.0, 10.0]
+    await asyncio.wait_for(run_all(nodes), 600)
+    assert len({n.normalization.digest for n in nodes}) == 1
+    assert all(n.normalization == nodes[0].normalization for n in nodes)
+    agreed = nodes[0].normalization
+    assert agreed.mode == "range" and agreed.fallback == ("bank-0",)
+    assert agreed.stats == schema.range_stats()
+    ranged = range_schema(schema).for_encoding()
+    for n in nodes:
+        X, _ = encode(n._tables.train, ranged, "t")
+        np.testing.assert_array_equal(n.train_data.X, X)  # every member encodes alike
+        assert [r for r in n.ledger.records if r.mode == "normalize"] == []
+        assert not (n.state.path / "stats.envelope").exists()
+        assert "norm_mismatch" not in n.rejected()
+        assert [x["round"] for x in read_jsonl(n.state.path / "metrics.jsonl")] == [0, 1]
+        st = collect(n.state.path)
+        assert st["normalization"]["mode"] == "range"
+        assert st["normalization"]["fallback_by"] == ["bank-0"]
+        assert "normalize   range: scaled by the declared ranges, as the consortium decided " \
+               "(bank-0 voted for it" in render(st)
+    # A restart keeps the decision (no new vote, nothing charged).
+    again = Node.from_config(load_config(prep.config_paths[1]),
+                             MemoryHub().attach(prep.names[1], prep.names), SeededNoise(9))
+    assert again.normalization == agreed
+    np.testing.assert_array_equal(again.train_data.X, nodes[1].train_data.X)
+
+
+async def test_a_hostile_vote_cannot_split_the_honest_members_or_stop_them(tmp_path):
+    """bank-2 signs, with its own valid key, a garbage vote, then "range", then a second,
+    different vote ("usable"): the garbage is refused (bad_body), the second vote as
+    equivocation, and every honest member acts on the same first vote: all scale by the
+    declared ranges and train (it can force range scaling, which costs no privacy)."""
+    from node.state import atomic_write
+
+    class Hostile(Node):
+        async def _agree_normalization(self):
+            await self._broadcast(0, self._sign(KIND_NORM, 0, b"\x07"))
+            vote = self._sign(KIND_NORM, 0, NORM_RANGE)
+            atomic_write(self.state.path / self.VOTE_FILE, vote)
+            await self._broadcast(0, vote)
+            await self._broadcast(0, self._sign(KIND_NORM, 0, NORM_USABLE))
+            self._norm_fallback = "its own (hostile) choice"  # it acts on what it stored
+            await super()._agree_normalization()
+
+    prep, _ = make(tmp_path, privacy="record", normalize_fallback="range")
+    nodes = build_waiting(prep, 60.0, cls=Hostile, which=[2])
+    await asyncio.wait_for(run_all(nodes), 600)
+    honest = nodes[:2]
+    assert honest[0].normalization == honest[1].normalization
+    assert honest[0].normalization.mode == "range"
+    assert honest[0].normalization.fallback == ("bank-2",)
+    for n in honest:
+        assert n.rejected()["bad_body"] == 1 and n.rejected()["equivocation"] == 1
+        assert [r for r in n.ledger.records if r.mode == "normalize"] == []
+        assert [x["round"] for x in read_jsonl(n.state.path / "metrics.jsonl")] == [0, 1]
+
+
+async def test_without_fallback_votes_every_member_goes_on_to_the_statistics(tmp_path):
+    """Every vote "usable" (privacy off: exact sums always are): phase B as before."""
+    prep, _ = make(tmp_path, rounds=1)
+    nodes = build(prep)
+    await asyncio.wait_for(run_all(nodes), 300)
+    assert {n.normalization.mode for n in nodes} == {"federated"}
+    for n in nodes:
+        vote = envelope.decode_outer((n.state.path / "norm.envelope").read_bytes())
+        assert vote.kind == KIND_NORM and vote.body == NORM_USABLE
+
+
+def test_the_range_decision_round_trips_and_is_checked():
+    """normalization.json in mode "range": read back as written; its digest differs from
+    the same numbers as statistics; one whose numbers are not the schema's ranges, or an
+    unknown mode, is refused; a vote is one byte, 0 or 1."""
+    from gossip.errors import LocalError, RemoteError
+    from node.normalize import Agreed, range_agreed
+
+    schema = FeatureSchema.from_dict({"label": "y", "classes": ["0", "1"],
+                                      "normalize": "federated", "columns": [
+        {"name": "a", "kind": "numeric", "range": [0.0, 10.0]}]}, "t")
+    agreed = range_agreed(schema, ("m2", "m1"), ("m2",), "m2 voted for it")
+    doc = json.loads(json.dumps(agreed.to_json()))
+    assert doc["mode"] == "range" and doc["fallback_by"] == ["m2"]
+    assert Agreed.from_json(doc, schema) == agreed
+    assert agreed.members == ("m1", "m2") and agreed.stats == {"a": (5.0, 5.0)}
+    assert agreed.digest != stats_digest(agreed.stats, agreed.members)
+    with pytest.raises(LocalError, match="digest does not match"):
+        Agreed.from_json({**doc, "mode": "federated"}, schema)
+    with pytest.raises(LocalError, match="unknown mode"):
+        Agreed.from_json({**doc, "mode": "other"}, schema)
+    with pytest.raises(LocalError, match="not the schema's ranges"):
+        Agreed.from_json({**doc, "stats": {"a": [4.0, 5.0]},
+                          "digest": stats_digest({"a": (4.0, 5.0)}, ("m1", "m2"),
+                                                 "range").hex()}, schema)
+    assert envelope.decode_norm(NORM_RANGE, True) is True
+    assert envelope.decode_norm(NORM_USABLE, True) is False
+    for bad in (b"", b"\x02", b"\x01\x01"):
+        with pytest.raises(RemoteError, match="one byte"):
+            envelope.decode_norm(bad, True)
+    with pytest.raises(RemoteError, match="does not use normalize"):
+        envelope.decode_norm(NORM_USABLE, False)
+
+
+def test_a_restart_never_sends_a_different_vote(tmp_path):
+    """The stored vote is re-sent as it is; if the node's check at start now says
+    otherwise (its rows changed), it refuses to start rather than vote twice (or send
+    statistics its plan reserved no noise for)."""
+    from gossip.errors import LocalError
+
+    prep, _ = make(tmp_path, privacy="record", normalize_fallback="range")
+    first = Node.from_config(load_config(prep.config_paths[0]),
+                             MemoryHub().attach(prep.names[0], prep.names), SeededNoise(0))
+    vote, data = first._own_vote()
+    assert vote is False and first._own_vote() == (False, data)  # stored, re-sent as is
+    shrink(prep, 0, 300)  # now its check fails: it would vote for range scaling
+    with pytest.raises(LocalError, match="privacy plan"):  # the stored plan refuses first
+        Node.from_config(load_config(prep.config_paths[0]),
+                         MemoryHub().attach(prep.names[0], prep.names), SeededNoise(1))
+    (first.state.path / "privacy_plan.json").unlink()  # without it, the vote still does
+    again = Node.from_config(load_config(prep.config_paths[0]),
+                             MemoryHub().attach(prep.names[0], prep.names), SeededNoise(1))
+    with pytest.raises(LocalError, match="voted usable before, but its check at start now "
+                                         "says range scaling"):
+        again._own_vote()
+    with pytest.raises(LocalError, match="reserves no noise"):
+        again._own_stats()

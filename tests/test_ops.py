@@ -202,11 +202,11 @@ async def test_a_node_alone_charges_nothing_for_its_statistics(tmp_path, monkeyp
     caplog.set_level(logging.WARNING, logger="flnode.node")
     with pytest.raises(LocalError) as info:
         await asyncio.wait_for(node.run(), 120)
-    assert "never heard from bank-1, bank-2" in str(info.value)
+    assert "no vote from bank-1, bank-2" in str(info.value)
     assert "nothing charged" in str(info.value)
     assert node.ledger.records == [] and not (node.state.path / Node.STATS_FILE).exists()
-    assert any("a first message (before our statistics are computed and charged) from "
-               "bank-1, bank-2" in r.getMessage() for r in caplog.records)
+    assert any("votes on normalization (before any statistics are computed and charged) "
+               "from bank-1, bank-2" in r.getMessage() for r in caplog.records)
 
 
 @pytest.mark.slow

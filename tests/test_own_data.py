@@ -9,6 +9,7 @@ DP at epsilon = 3 per member."""
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import sys
@@ -137,11 +138,14 @@ def test_bring_your_own_data_from_csv_files_to_a_finished_consortium(tmp_path):
         spent = float(re.search(r"ε spent ([0-9.]+) of budget 3", st).group(1))
         assert 0 < spent <= 3.0
         # 3,600 training rows in all are too few for DP statistics at the default noise:
-        # the check at start says so and every member scales by the declared ranges (the
-        # draft's normalize_fallback = "range"), with nothing released or charged for it
+        # the check at start says so, every member votes for range scaling (the draft's
+        # normalize_fallback = "range") and all scale by the declared ranges, with nothing
+        # released or charged for it; status says so
         assert "too noisy to use for the numeric column(s) 'balance', 'income'" in log, log
         assert "normalize_fallback = \"range\"" in log, log
-        assert not (tmp_path / "state" / bank / "normalization.json").exists()
+        decided = json.loads((tmp_path / "state" / bank / "normalization.json").read_text())
+        assert decided["mode"] == "range" and decided["fallback_by"] == list(BANKS)
+        assert "normalize   range: scaled by the declared ranges" in st, st
         assert not (tmp_path / "state" / bank / "stats.envelope").exists()
         ledger = (tmp_path / "state" / bank / "ledger.jsonl").read_text()
         assert '"normalize"' not in ledger
