@@ -1584,10 +1584,12 @@ class Node:
         heard = self._up & {m.name for m in self.consortium.members}
         alone = ("; no other member heard from since this node started (started alone? "
                  "check that the others are running and can reach us)" if not heard else "")
-        log.warning("%s: waiting %.0f s for %s from %s (gives up in %.0f s)%s", self.name,
-                    waited, what, ", ".join(who) or "nobody", remaining, alone)
+        # The file first: whoever reads the log line (an operator, a test) then finds
+        # activity.json already saying the same.
         self._write_activity({"what": what, "waiting_for": who, "since": time.time() - waited,
                               "gives_up": time.time() + remaining, "heard_any": bool(heard)})
+        log.warning("%s: waiting %.0f s for %s from %s (gives up in %.0f s)%s", self.name,
+                    waited, what, ", ".join(who) or "nobody", remaining, alone)
 
     def _write_activity(self, waiting: dict[str, Any] | None) -> None:
         doc = {"time": time.time(), **(waiting or {"waiting_for": []})}
