@@ -76,7 +76,7 @@ async def test_broadcast_and_direct_send_reach_the_members_with_qos1(broker):
         await t0.broadcast(b"marker")  # bank-0 never hears itself; bank-0 got nothing direct
         for t in (t1, t2):  # (read and acknowledged: else the broker keeps it for them)
             assert (await next_message(t)).data == b"marker"
-        assert t0._inbox.empty()
+        assert t0.queued() == 0
         assert t0.stats.messages_sent == 2 and t0.stats.bytes_sent == 500_006
     finally:
         for t in (t0, t1, t2):
@@ -104,7 +104,7 @@ async def test_a_member_cannot_publish_under_another_members_prefix(broker):
         msg = await next_message(t2)
         assert msg.data == b"own prefix" and msg.peer_hint == "bank-1"
         await asyncio.sleep(0.5)
-        assert t2._inbox.empty() and t2.stats.messages_received == 1
+        assert t2.queued() == 0 and t2.stats.messages_received == 1
     finally:
         await t2.close()
 

@@ -25,17 +25,24 @@ at, and acknowledged so the broker does not redeliver it. So are oversize
 All are counted in `stats.refused` and logged once per (peer, reason)
 (`bad_topic` once per transport: its "peer" is whatever the topic says).
 
-A full inbox pushes back; it never drops. A message the node is to use is
-acknowledged by the node, once the round that used it is checkpointed (so it
-is persisted first), never by the transport on arrival. When the inbox
-(`inbox_depth`, default 1024) is full, the transport stops taking messages
-from the client until the node takes one: nothing more is acknowledged
-meanwhile, so the broker stops at `receive_maximum` messages in flight to us
-and holds the rest in our session (counted in `inbox_waits`, logged once). A
-connection lost while waiting leaves the waiting message unacknowledged: the
-broker sends it again on the next connection. Messages the client had
-received on a connection that is gone are discarded (their packet ids mean
-nothing on the next one; the broker redelivers them).
+Fair intake per sender (`gossip.transports.base.FairInbox`). Messages are taken
+off the socket in paho's own callback, not through aiomqtt's message queue
+(unbounded, and one asyncio task per message), and queued per sender topic: at
+most `inbox_depth` (default SENDER_QUEUE_MESSAGES = 256) messages and two
+full-size envelopes of bytes per sender, and at most `sender_rate` messages a
+second (default 200, burst 256). A message over its sender's share is dropped
+at once, *before* its payload is parsed or its signature checked, and
+acknowledged so the broker does not redeliver it: counted in
+`stats.refused["flood"]` and, per sender, in `stats.flood_by_sender` (logged
+once per sender). The node takes messages round-robin across senders, so a
+flooder's backlog delays another member's message by at most one of its own.
+Keying this on the topic's member name before verification is safe because the
+broker's ACL lets each member account publish under its own prefix only: a
+member can exhaust its own share, never another's (base.py says more). A
+message the node is to use is acknowledged by the node, once the round that
+used it is checkpointed (so it is persisted first), never by the transport on
+arrival. A connection lost with messages still queued discards them (none was
+acknowledged; the broker redelivers them on the next connection).
 
 Client ids: `client_id()` is stable per member and consortium, but a broker
 must bind the client id to the authenticated user (mosquitto:
@@ -104,7 +111,16 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from gossip.errors import LocalError, describe
-from gossip.transports.base import Incoming, Transport, TransportFailed, TransportStats
+from gossip.transports.base import (
+    SENDER_QUEUE_ENVELOPES,
+    SENDER_QUEUE_MESSAGES,
+    FairInbox,
+    Incoming,
+    RateBudget,
+    Transport,
+    TransportFailed,
+    TransportStats,
+)
 
 log = logging.getLogger("flnode.mqtt")
 
@@ -131,9 +147,9 @@ START_TIMEOUT_S = 30.0
 # before the share is given up (counted as dropped).
 CONNECT_WAIT_S = 10.0
 KEEPALIVE_S = 60
-# Incoming messages waiting for the node; past this the transport stops reading
-# from the broker until the node takes one (back-pressure, module docstring).
-INBOX_DEPTH = 1024
+# Incoming messages one sender may have waiting for the node; past this (or its
+# rate) its messages are dropped before they are parsed (module docstring).
+INBOX_DEPTH = SENDER_QUEUE_MESSAGES
 # Unacknowledged messages the broker may have in flight to us: the node holds the
 # acks of the shares of its open rounds, (lookahead + 1) x (members - 1) of them.
 RECEIVE_MAXIMUM = 1024
@@ -250,7 +266,8 @@ class MqttTransport(Transport):
                  password: str | None = None, ca_file: str | None = None,
                  max_message_bytes: int, max_packet_bytes: int | None = None,
                  allow_plaintext: bool = False, max_unacked_per_sender: int | None = None,
-                 receive_maximum: int = RECEIVE_MAXIMUM, inbox_depth: int = INBOX_DEPTH) -> None:
+                 receive_maximum: int = RECEIVE_MAXIMUM, inbox_depth: int = INBOX_DEPTH,
+                 sender_rate: RateBudget | None = None) -> None:
         if name not in members:
             raise LocalError(f"{name!r} is not a member of the consortium")
         if not broker.tls and not broker.loopback and not allow_plaintext:
@@ -287,10 +304,14 @@ class MqttTransport(Transport):
         self.broker_max_packet: int | None = None  # from the broker's CONNACK
         self.stats = TransportStats()
         self.prefix = consortium_prefix(consortium_id)
-        self._inbox: asyncio.Queue[Incoming | None] = asyncio.Queue(inbox_depth)
-        # Set while the connection task waits for the node to make room in the inbox.
-        self._room: asyncio.Future[None] | None = None
-        self.inbox_waits = 0  # times the inbox was full and reading paused
+        # Per sender: (payload, connection generation, mid, qos), taken round-robin.
+        self._fair = FairInbox(self.peers, max_messages=inbox_depth,
+                               max_bytes=SENDER_QUEUE_ENVELOPES * max_message_bytes,
+                               rate=sender_rate)
+        self._arrived = asyncio.Event()  # set when a message is queued or we stop
+        # Connections whose CONNACK paho has handled: a message's ack is valid only on
+        # the connection it came on (set in paho's on_connect, before any PUBLISH).
+        self._generation = 0
         self._client: aiomqtt.Client | None = None
         self._connected = asyncio.Event()
         self._ready: asyncio.Future[None] | None = None
@@ -355,14 +376,7 @@ class MqttTransport(Transport):
         self._failure = (f"MQTT transport of {self.name!r} stopped: its connection task {cause}; "
                          "nothing can be sent or received any more (restart the node)")
         log.error("%s", self._failure)
-        self._wake(None)
-
-    def _wake(self, _: object) -> None:
-        """Wake the connection task if it waits for room, and incoming() if it waits."""
-        if self._room is not None and not self._room.done():
-            self._room.set_result(None)
-        if self._failure is not None and self._inbox.empty():
-            self._inbox.put_nowait(None)
+        self._arrived.set()
 
     async def broadcast(self, data: bytes) -> None:
         """One publish on our share topic; the broker fans it out to every member."""
@@ -379,14 +393,18 @@ class MqttTransport(Transport):
         while True:
             if self._failure is not None:
                 raise TransportFailed(self._failure)
-            msg = await self._inbox.get()
-            if self._room is not None and not self._room.done():
-                self._room.set_result(None)  # room for the message the client holds
-            if msg is None:
-                if self._failure is not None:
-                    raise TransportFailed(self._failure)
+            if self._closed:
                 return
-            yield msg
+            nxt = self._fair.pop()
+            if nxt is None:
+                self._arrived.clear()
+                await self._arrived.wait()
+                continue
+            sender, (payload, generation, mid, qos) = nxt
+            yield Incoming(payload, sender, self._hand_over(sender, generation, mid, qos))
+            # A yield does not give the event loop a turn: without this, a sender whose
+            # queue never empties would keep it from our own publishes and timers.
+            await asyncio.sleep(0)
 
     async def close(self) -> None:
         if self._closed:
@@ -399,9 +417,8 @@ class MqttTransport(Transport):
             if not self._task.cancelled() and self._task.exception() is not None:
                 log.error("%s: MQTT connection task had failed: %s", self.name,
                           describe(self._task.exception()))  # incoming() raised it already
-        while self._inbox.full():
-            self._inbox.get_nowait()
-        self._inbox.put_nowait(None)
+        self._fair.clear()
+        self._arrived.set()
 
     # --- publishing -------------------------------------------------------------
     async def _publish(self, topic: str, data: bytes) -> None:
@@ -455,9 +472,13 @@ class MqttTransport(Transport):
                            properties: Any = None) -> None:
             limit = getattr(properties, "MaximumPacketSize", None)
             self.broker_max_packet = int(limit) if limit else None
+            self._generation += 1
             on_connect(c, userdata, flags, reason, properties)
 
         paho.on_connect = record_connack
+        # Messages go from paho's read straight to the per-sender queues (admission
+        # before anything else), not through aiomqtt's unbounded queue.
+        paho.on_message = self._on_message
         return client
 
     async def _connection_loop(self) -> None:
@@ -480,8 +501,10 @@ class MqttTransport(Transport):
                     elif self.connects > 1:
                         log.info("%s: reconnected to MQTT broker %s", self.name, self.broker)
                     backoff = BACKOFF_MIN_S
-                    async for message in client.messages:
-                        await self._deliver(message, client)
+                    # paho's callback does the receiving; wait for this connection's end.
+                    disconnected = client._disconnected  # noqa: SLF001 - aiomqtt's own
+                    await disconnected
+                    raise aiomqtt.MqttError("disconnected by the broker")
             except MqttConnectError as exc:
                 self._connected.clear()
                 err = LocalError(f"MQTT broker {self.broker} refused user {self.username!r}: "
@@ -509,57 +532,42 @@ class MqttTransport(Transport):
                     log.warning("%s: MQTT connection to %s lost or failed (%s); retrying in %.1f s",
                                 self.name, self.broker, describe(exc), backoff)
             self._connected.clear()
-            self._discard_stale(client)
+            self._discard_stale()
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, BACKOFF_MAX_S)
 
-    def _discard_stale(self, client: aiomqtt.Client) -> None:
-        """Messages the client received on the connection that just ended and we had not
-        taken yet: none was acknowledged, so the broker redelivers them on the next
-        connection, where their packet ids would mean other messages. Drop them."""
-        queue = client._queue  # noqa: SLF001 - aiomqtt (pinned <2.6) keeps it across connections
-        stale = 0
-        while not queue.empty():
-            queue.get_nowait()
-            stale += 1
+    def _discard_stale(self) -> None:
+        """Messages received on the connection that just ended and not taken yet: none
+        was acknowledged, so the broker redelivers them on the next connection, where
+        their packet ids would mean other messages. Drop them."""
+        stale = self._fair.clear()
         if stale:
             log.info("%s: %d messages of the lost connection discarded (the broker redelivers "
-                     "them)", self.name, stale)
+                     "them)", self.name, len(stale))
 
     def _send_ack(self, generation: int, mid: int, qos: int) -> None:
         """PUBACK, if the connection the message came on is still the current one
         (after a reconnect the broker redelivers it anyway)."""
-        if self._client is not None and self.connects == generation and self._connected.is_set():
-            self._client._client.ack(mid, qos)  # noqa: SLF001 - aiomqtt has no manual ack
+        client = self._client
+        if client is None or self._generation != generation:
+            return
+        paho = client._client  # noqa: SLF001 - aiomqtt has no manual ack
+        if paho.is_connected():
+            paho.ack(mid, qos)
 
-    async def _wait_for_room(self, client: aiomqtt.Client) -> bool:
-        """Until the node takes a message from the full inbox (True) or the connection
-        is lost (False). Reading from the client stops meanwhile; nothing is acked."""
-        self.inbox_waits += 1
-        if (None, "inbox_full") not in self._logged:
-            self._logged.add((None, "inbox_full"))
-            log.warning("%s: inbox full (%d messages the node has not taken): reading from "
-                        "the broker paused until it takes one; nothing is acknowledged "
-                        "meanwhile (further pauses are counted in inbox_waits, not logged)",
-                        self.name, self._inbox.maxsize)
-        disconnected = client._disconnected  # noqa: SLF001 - this connection's end
-        while self._inbox.full() and not disconnected.done():
-            self._room = asyncio.get_running_loop().create_future()
-            disconnected.add_done_callback(self._wake)
-            try:
-                await self._room
-            finally:
-                disconnected.remove_done_callback(self._wake)
-                self._room = None
-        return not self._inbox.full()
-
-    async def _deliver(self, message: aiomqtt.Message, client: aiomqtt.Client) -> None:
-        generation, mid, qos = self.connects, message.mid, message.qos
+    def _on_message(self, _paho: Any, _userdata: Any, message: Any) -> None:
+        """paho's on_message, called from its socket read on our event loop: the
+        admission checks, cheapest first, then the sender's queue. Must not raise
+        (paho would re-raise it out of the read)."""
+        generation, mid, qos = self._generation, message.mid, message.qos
 
         def ack_now() -> None:
             self._send_ack(generation, mid, qos)
 
-        topic = message.topic.value
+        try:
+            topic = message.topic
+        except UnicodeDecodeError:
+            topic = repr(message._topic)  # noqa: SLF001 - undecodable: refused below
         # The topic first, before the payload is looked at.
         sender = self._sender_of(topic)
         if sender is None:
@@ -578,8 +586,23 @@ class MqttTransport(Transport):
             # Shares are never retained; a retained one is stale by construction.
             self._refuse("retained", sender, f"retained message on {topic[:120]!r}", ack_now)
             return
-        if self._inbox.full() and not await self._wait_for_room(client):
-            return  # connection lost while waiting: not acked, the broker sends it again
+        if not self._fair.admit(sender, len(payload)):
+            # Over its share: dropped unparsed, and acknowledged (held un-acked it would
+            # fill the broker's in-flight window to us).
+            self.stats.flood_by_sender[sender] += 1
+            self._refuse("flood", sender, f"over its share of our intake ({self._fair.rate.rate:g} "
+                         f"messages/s, {self._fair.max_messages} or "
+                         f"{self._fair.max_bytes} bytes queued): dropped before verification",
+                         ack_now)
+            return
+        self.stats.bytes_received += len(payload)
+        self.stats.messages_received += 1
+        self._fair.put(sender, (bytes(payload), generation, mid, qos), len(payload))
+        self._arrived.set()
+
+    def _hand_over(self, sender: str, generation: int, mid: int, qos: int) -> _PendingAck:
+        """The ack of a message given to the node; keeps each sender's un-acked count
+        bounded by acknowledging its oldest early (module docstring)."""
         ack = _PendingAck(self, sender, generation, mid, qos)
         pending = self._pending.setdefault(sender, {})
         pending[ack] = None
@@ -593,9 +616,11 @@ class MqttTransport(Transport):
                             "acknowledging its oldest early so it cannot fill the broker's "
                             "in-flight window (further ones are counted in early_acks, not "
                             "logged)", self.name, sender, self.max_unacked_per_sender)
-        self.stats.bytes_received += len(payload)
-        self.stats.messages_received += 1
-        self._inbox.put_nowait(Incoming(bytes(payload), sender, ack))
+        return ack
+
+    def queued(self, sender: str | None = None) -> int:
+        """Messages received and not yet taken by the node (from `sender`, or all)."""
+        return self._fair.queued(sender)
 
     def unacked(self, sender: str) -> int:
         """Messages from `sender` handed to the node and not acknowledged yet."""
