@@ -321,6 +321,7 @@ class Node:
         self._unacked: dict[int, list[Callable[[], None]]] = {}
         self._logged: set[tuple[str, str]] = set()
         self._bytes_recorded = (0, 0)  # transport byte counters at the last metrics line
+        self._flood_recorded: Counter[str] = Counter()  # flood drops at the last metrics line
         # The last closed round's metrics, bytes and duration (node/metrics.py reads it).
         self.last_round: dict[str, Any] | None = None
         self._shuffle = torch.Generator().manual_seed(cfg.training.seed)
@@ -1316,6 +1317,19 @@ class Node:
             "bytes_sent": sent, "bytes_received": got,
             "round_bytes_sent": sent - last_sent, "round_bytes_received": got - last_got,
         }
+        flood = self.transport.stats.flood_by_sender
+        if flood:
+            # Messages the transport dropped, unparsed, because their sender was over its
+            # share of our intake: the flooding member by name, in metrics and audit log.
+            line["flood_by_sender"] = dict(flood)
+            for member, count in sorted(flood.items()):
+                if count > self._flood_recorded[member]:
+                    self.state.append_jsonl("audit.jsonl", {
+                        "time": time.time(), "round": r, "member": member, "outcome": "flood",
+                        "detail": f"{count - self._flood_recorded[member]} messages over its "
+                                  f"share of our intake dropped before verification "
+                                  f"({count} in all)"})
+            self._flood_recorded = Counter(flood)
         self.state.append_jsonl("metrics.jsonl", line)
         return line
 

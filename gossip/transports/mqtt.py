@@ -94,6 +94,8 @@ session (subscriptions, queued shares) survives it.
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import hmac
 import ipaddress
 import logging
 import ssl
@@ -199,6 +201,45 @@ class BrokerAddress:
         return f"{self.scheme}://{self.host}:{self.port}"
 
 
+def parse_cert_fingerprint(text: str, where: str) -> bytes:
+    """SHA-256 of the broker's DER certificate, as 64 hex digits (colons allowed, as
+    `openssl x509 -noout -fingerprint -sha256` prints it)."""
+    try:
+        raw = bytes.fromhex(text.replace(":", "").strip())
+    except ValueError:
+        raw = b""
+    if len(raw) != 32:
+        raise LocalError(f"{where}: {text[:80]!r} is not a SHA-256 fingerprint (64 hex digits; "
+                         "`openssl x509 -in server.pem -noout -fingerprint -sha256`)")
+    return raw
+
+
+class BrokerCertMismatch(ssl.SSLError):
+    """The broker's TLS certificate is not the one the consortium pinned."""
+
+
+def pin_certificate(paho: Any, expected: bytes, broker: BrokerAddress) -> None:
+    """Check the broker's certificate against the pinned SHA-256 after the TLS handshake
+    and before paho sends CONNECT (with the password): paho's connect calls
+    `_ssl_wrap_socket`, then `_send_connect`. Raised here, aiomqtt reports it as an
+    MqttError whose __context__ is this."""
+    wrap = paho._ssl_wrap_socket  # noqa: SLF001 - the step to check after
+
+    def _ssl_wrap_socket(tcp_sock: Any) -> Any:
+        sock = wrap(tcp_sock)
+        der = sock.getpeercert(binary_form=True) or b""
+        got = hashlib.sha256(der).digest()
+        if not hmac.compare_digest(got, expected):
+            sock.close()
+            raise BrokerCertMismatch(
+                f"TLS: the certificate of MQTT broker {broker} has SHA-256 {got.hex()}, not "
+                f"{expected.hex()} as the consortium file pins (addresses.mqtt_cert_sha256): "
+                "not logged in, the password was not sent")
+        return sock
+
+    paho._ssl_wrap_socket = _ssl_wrap_socket  # noqa: SLF001
+
+
 def consortium_prefix(consortium_id: bytes) -> str:
     return f"{TOPIC_ROOT}/{consortium_id.hex()}"
 
@@ -264,6 +305,7 @@ class MqttTransport(Transport):
     def __init__(self, consortium_id: bytes, name: str, members: Sequence[str],
                  broker: BrokerAddress, *, username: str | None = None,
                  password: str | None = None, ca_file: str | None = None,
+                 cert_sha256: bytes | None = None,
                  max_message_bytes: int, max_packet_bytes: int | None = None,
                  allow_plaintext: bool = False, max_unacked_per_sender: int | None = None,
                  receive_maximum: int = RECEIVE_MAXIMUM, inbox_depth: int = INBOX_DEPTH,
@@ -299,6 +341,11 @@ class MqttTransport(Transport):
         self.username = username
         self._password = password
         self.ca_file = ca_file
+        if cert_sha256 is not None and not broker.tls:
+            raise LocalError(f"the consortium pins the broker's certificate "
+                             f"(addresses.mqtt_cert_sha256) but the broker URL {broker} is not "
+                             "mqtts://")
+        self.cert_sha256 = cert_sha256
         self.max_message_bytes = max_message_bytes
         self.max_packet_bytes = max_packet_bytes
         self.broker_max_packet: int | None = None  # from the broker's CONNACK
@@ -465,6 +512,8 @@ class MqttTransport(Transport):
         # Packet Size is in them, so chain paho's callback to read it.
         paho = client._client  # noqa: SLF001 - see above
         complete_packet_reads(paho)
+        if self.cert_sha256 is not None:
+            pin_certificate(paho, self.cert_sha256, self.broker)
         paho.manual_ack_set(True)
         on_connect = paho.on_connect
 
@@ -502,8 +551,10 @@ class MqttTransport(Transport):
                         log.info("%s: reconnected to MQTT broker %s", self.name, self.broker)
                     backoff = BACKOFF_MIN_S
                     # paho's callback does the receiving; wait for this connection's end.
+                    # Shielded: cancelling a task that awaits a future cancels the future,
+                    # and aiomqtt would then skip its DISCONNECT (and our last PUBACKs).
                     disconnected = client._disconnected  # noqa: SLF001 - aiomqtt's own
-                    await disconnected
+                    await asyncio.shield(disconnected)
                     raise aiomqtt.MqttError("disconnected by the broker")
             except MqttConnectError as exc:
                 self._connected.clear()
@@ -516,7 +567,13 @@ class MqttTransport(Transport):
                 log.error("%s: %s; retrying in %.1f s", self.name, err, backoff)
             except aiomqtt.MqttError as exc:
                 self._connected.clear()
-                if isinstance(exc.__context__, ssl.SSLCertVerificationError):
+                if isinstance(exc.__context__, BrokerCertMismatch):
+                    err = LocalError(exc.__context__.args[0])
+                    if not self._ready.done():
+                        self._ready.set_exception(err)
+                        return
+                    log.error("%s: %s; retrying in %.1f s", self.name, err, backoff)
+                elif isinstance(exc.__context__, ssl.SSLCertVerificationError):
                     err = LocalError(
                         f"TLS: the certificate of MQTT broker {self.broker} is not trusted "
                         f"({exc.__context__.verify_message}): set gossip.mqtt.ca_file to the "
