@@ -117,6 +117,8 @@ MAX_EVIDENCE_PER_MEMBER = 64
 SEEN_KEEP_ROUNDS = 8
 # After the last round, how long a node waits for the others' seen reports of it.
 FINAL_SEEN_WAIT_S = 5.0
+# [attack] flood: sends in flight at once (enough that it never waits on one ack).
+FLOOD_IN_FLIGHT = 256
 # [attack] replay: the newest signed messages re-sent each round.
 REPLAY_KEEP = 32
 
@@ -216,6 +218,7 @@ class Node:
         self.noise = noise
         self._attack_signed: list[bytes] = []  # [attack] replay: what we signed so far
         self._attack_release: tuple[torch.Tensor, torch.Tensor, float] | None = None
+        self._attack_flood: asyncio.Task[None] | None = None  # [attack] flood's sender
         self._evidence: Counter[str] = Counter()  # equivocation evidence files per member
         # Seen reports: the digests we accepted per closed round (member -> (seq, digest,
         # sig), our own release included), and reports for rounds we have not closed yet.
@@ -669,6 +672,8 @@ class Node:
                 finally:
                     self._tg = None  # no new tasks; the group awaits what it owns
                     receiver.cancel()
+                    if self._attack_flood is not None:
+                        self._attack_flood.cancel()
         finally:
             self._save_checkpoint()
             await self.transport.close()
@@ -836,10 +841,43 @@ class Node:
                             await self._send(peer, v)
                 return
         await self._broadcast(r, data)
+        if a.kind == "flood" and self._attack_flood is None and self._tg is not None:
+            if r == 0:
+                env = envelope.decode_outer(data)
+                self._attack_flood = self._tg.create_task(
+                    self._attack_flood_loop(env.kind, env.body, a.value), name=f"{self.name}-flood")
         if a.kind == "replay":  # every message we signed before, again
             for old in self._attack_signed:
                 if old is not data:
                     await self._broadcast(r, old)
+
+    async def _attack_flood_loop(self, kind: str, body: bytes, rate: float) -> None:
+        """[attack] flood: our round-0 share (its kind and body), signed with fresh sequence numbers (not
+        reserved on disk: an attacker does not care), broadcast at `rate` a second with
+        up to FLOOD_IN_FLIGHT sends at once, until the run ends (cancelled with it)."""
+        loop = asyncio.get_running_loop()
+        slots = asyncio.Semaphore(FLOOD_IN_FLIGHT)
+        start, sent = loop.time(), 0
+
+        async def one(data: bytes) -> None:
+            try:
+                await self.transport.broadcast(data)
+            except LocalError:
+                pass  # the transport refused it; a flooder goes on
+            finally:
+                slots.release()
+
+        async with asyncio.TaskGroup() as tg:
+            while True:
+                await slots.acquire()
+                data = envelope.pack(self.identity.signing_key, self.consortium.id, kind, 0,
+                                     self.seq, body)
+                self.seq += 1
+                tg.create_task(one(data))
+                sent += 1
+                ahead = sent / rate - (loop.time() - start)
+                if ahead > 0:
+                    await asyncio.sleep(ahead)
 
     def _attack_pack(self, r: int, body: bytes, peers: list[str]) -> bytes | None:
         if self.sealing is None:
