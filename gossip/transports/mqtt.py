@@ -152,6 +152,10 @@ KEEPALIVE_S = 60
 # Incoming messages one sender may have waiting for the node; past this (or its
 # rate) its messages are dropped before they are parsed (module docstring).
 INBOX_DEPTH = SENDER_QUEUE_MESSAGES
+# How long we stop listening to a member that sent more than its share (its topics
+# unsubscribed): long enough that a flooder costs us one burst per QUENCH_S, short
+# enough that a member whose burst was a mistake is back within a round or two.
+QUENCH_S = 30.0
 # Unacknowledged messages the broker may have in flight to us: the node holds the
 # acks of the shares of its open rounds, (lookahead + 1) x (members - 1) of them.
 RECEIVE_MAXIMUM = 1024
@@ -368,6 +372,11 @@ class MqttTransport(Transport):
         # broadcast raise TransportFailed with it.
         self._failure: str | None = None
         self._logged: set[tuple[str | None, str]] = set()
+        # Members whose topics we have unsubscribed from because they flooded, until
+        # when (loop time); and the tasks that unsubscribe and later resubscribe.
+        self._quenched: dict[str, float] = {}
+        self.quenches: Counter[str] = Counter()
+        self._quench_tasks: set[asyncio.Task[None]] = set()
         self.connects = 0  # successful connections, for tests and logs
 
     # --- the interface ----------------------------------------------------------
@@ -457,6 +466,10 @@ class MqttTransport(Transport):
         if self._closed:
             return
         self._closed = True
+        for task in list(self._quench_tasks):
+            task.cancel()
+        if self._quench_tasks:
+            await asyncio.wait(self._quench_tasks)
         if self._task is not None:
             self._task.cancel()
             # Awaited, not swallowed: a cancellation of close() itself still propagates.
@@ -541,9 +554,15 @@ class MqttTransport(Transport):
                     # Acks from the last connection are void (the broker redelivers
                     # what they were for); nothing from it is pending any more.
                     self._pending.clear()
-                    opts = SubscribeOptions(qos=QOS, noLocal=True)
-                    await client.subscribe([(f"{self.prefix}/+/share", opts),
-                                            (f"{self.prefix}/+/to/{self.name}", opts)])
+                    topics = [t for peer in self.peers if peer not in self._quenched
+                              for t in self._topics_of(peer)]
+                    # Sessions made before per-member subscriptions hold these wildcards,
+                    # which would keep a quenched member's messages coming.
+                    await client.unsubscribe([f"{self.prefix}/+/share",
+                                              f"{self.prefix}/+/to/{self.name}"])
+                    if topics:
+                        opts = SubscribeOptions(qos=QOS, noLocal=True)
+                        await client.subscribe([(t, opts) for t in topics])
                     self._connected.set()
                     if not self._ready.done():
                         self._ready.set_result(None)
@@ -645,8 +664,10 @@ class MqttTransport(Transport):
             return
         if not self._fair.admit(sender, len(payload)):
             # Over its share: dropped unparsed, and acknowledged (held un-acked it would
-            # fill the broker's in-flight window to us).
+            # fill the broker's in-flight window to us). And we stop listening to it for
+            # a while, so the broker neither sends us its flood nor queues it for us.
             self.stats.flood_by_sender[sender] += 1
+            self._quench(sender)
             self._refuse("flood", sender, f"over its share of our intake ({self._fair.rate.rate:g} "
                          f"messages/s, {self._fair.max_messages} or "
                          f"{self._fair.max_bytes} bytes queued): dropped before verification",
@@ -656,6 +677,53 @@ class MqttTransport(Transport):
         self.stats.messages_received += 1
         self._fair.put(sender, (bytes(payload), generation, mid, qos), len(payload))
         self._arrived.set()
+
+    def _topics_of(self, peer: str) -> list[str]:
+        return [share_topic(self.consortium_id, peer),
+                direct_topic(self.consortium_id, peer, self.name)]
+
+    def _quench(self, sender: str) -> None:
+        """Unsubscribe from a flooding member's topics for QUENCH_S, then subscribe again.
+
+        Dropping its excess unparsed bounds our memory and verification, but we would
+        still read every message it sends off the socket, and the broker would still
+        queue them for us: one process publishing ~9,000 2 KB messages a second (QoS 0)
+        filled the broker's queue for every member (mosquitto: "Outgoing messages are
+        being dropped") and the honest members' shares with it. Unsubscribed, the broker
+        sends us none of that member's messages (its honest ones neither: the flooder's
+        loss, nobody else's) and everyone else's traffic flows."""
+        if sender in self._quenched or self._closed:
+            return
+        loop = asyncio.get_running_loop()
+        self._quenched[sender] = loop.time() + QUENCH_S
+        self.quenches[sender] += 1
+        log.warning("%s: %s sends more than its share (%g messages/s): not listening to its "
+                    "topics for %.0f s (its messages meanwhile are lost to us; counted in "
+                    "flood_by_sender)", self.name, sender, self._fair.rate.rate, QUENCH_S)
+        task = loop.create_task(self._quench_for(sender), name=f"mqtt-quench-{sender}")
+        self._quench_tasks.add(task)
+        task.add_done_callback(self._quench_tasks.discard)
+
+    async def _quench_for(self, sender: str) -> None:
+        topics = self._topics_of(sender)
+        try:
+            if self._connected.is_set() and self._client is not None:
+                try:
+                    await self._client.unsubscribe(topics, timeout=BASE_TIMEOUT_S)
+                except aiomqtt.MqttError as exc:  # connection lost: the reconnect leaves it out
+                    log.info("%s: could not unsubscribe from %s: %s", self.name, sender,
+                             describe(exc))
+            await asyncio.sleep(QUENCH_S)
+        finally:
+            self._quenched.pop(sender, None)
+        if self._connected.is_set() and self._client is not None and not self._closed:
+            try:
+                opts = SubscribeOptions(qos=QOS, noLocal=True)
+                await self._client.subscribe([(t, opts) for t in topics],
+                                             timeout=BASE_TIMEOUT_S)
+            except aiomqtt.MqttError as exc:  # the reconnect subscribes it again
+                log.info("%s: could not subscribe to %s again: %s", self.name, sender,
+                         describe(exc))
 
     def _hand_over(self, sender: str, generation: int, mid: int, qos: int) -> _PendingAck:
         """The ack of a message given to the node; keeps each sender's un-acked count
