@@ -156,6 +156,7 @@ INBOX_DEPTH = SENDER_QUEUE_MESSAGES
 # unsubscribed): long enough that a flooder costs us one burst per QUENCH_S, short
 # enough that a member whose burst was a mistake is back within a round or two.
 QUENCH_S = 30.0
+QUENCH_MAX_S = 3600.0  # ...doubling each time it floods again, up to an hour
 # Unacknowledged messages the broker may have in flight to us: the node holds the
 # acks of the shares of its open rounds, (lookahead + 1) x (members - 1) of them.
 RECEIVE_MAXIMUM = 1024
@@ -695,28 +696,36 @@ class MqttTransport(Transport):
         if sender in self._quenched or self._closed:
             return
         loop = asyncio.get_running_loop()
-        self._quenched[sender] = loop.time() + QUENCH_S
+        # Doubling for a member that keeps flooding: each time we listen again costs us
+        # one burst of its flood.
+        seconds = min(QUENCH_MAX_S, QUENCH_S * 2 ** self.quenches[sender])
+        self._quenched[sender] = loop.time() + seconds
         self.quenches[sender] += 1
         log.warning("%s: %s sends more than its share (%g messages/s): not listening to its "
                     "topics for %.0f s (its messages meanwhile are lost to us; counted in "
-                    "flood_by_sender)", self.name, sender, self._fair.rate.rate, QUENCH_S)
-        task = loop.create_task(self._quench_for(sender), name=f"mqtt-quench-{sender}")
+                    "flood_by_sender)", self.name, sender, self._fair.rate.rate, seconds)
+        task = loop.create_task(self._quench_for(sender, seconds),
+                                name=f"mqtt-quench-{sender}")
         self._quench_tasks.add(task)
         task.add_done_callback(self._quench_tasks.discard)
 
-    async def _quench_for(self, sender: str) -> None:
+    def _paho_connected(self) -> bool:
+        return self._client is not None and self._client._client.is_connected()  # noqa: SLF001
+
+    async def _quench_for(self, sender: str, seconds: float) -> None:
         topics = self._topics_of(sender)
         try:
-            if self._connected.is_set() and self._client is not None:
+            # (Also while the connection is still subscribing: the flood may begin then.)
+            if self._paho_connected():
                 try:
                     await self._client.unsubscribe(topics, timeout=BASE_TIMEOUT_S)
                 except aiomqtt.MqttError as exc:  # connection lost: the reconnect leaves it out
                     log.info("%s: could not unsubscribe from %s: %s", self.name, sender,
                              describe(exc))
-            await asyncio.sleep(QUENCH_S)
+            await asyncio.sleep(seconds)
         finally:
             self._quenched.pop(sender, None)
-        if self._connected.is_set() and self._client is not None and not self._closed:
+        if self._paho_connected() and not self._closed:
             try:
                 opts = SubscribeOptions(qos=QOS, noLocal=True)
                 await self._client.subscribe([(t, opts) for t in topics],
