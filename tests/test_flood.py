@@ -172,3 +172,46 @@ async def until_flooded(transports: list[MqttTransport]) -> None:
     async with asyncio.timeout(60):
         while not all(t.stats.flood_by_sender["bank-2"] > 0 for t in transports):
             await asyncio.sleep(0.05)
+
+
+async def test_a_libp2p_member_over_its_rate_is_reset_then_quenched_and_the_others_flow():
+    """libp2p: the Noise-authenticated peer id names the sender. m2 sends 40 messages at
+    once against a budget of 5 (burst 5): m0 takes 5, resets the rest before reading
+    their bodies, counts them against m2, and closes and refuses m2's connections for a
+    while; m1's messages still arrive."""
+    from nacl.signing import SigningKey
+
+    from gossip.membership import Member
+    from gossip.transports.libp2p import Libp2pTransport
+    from scripts.ports import free_ports
+
+    ks = [SigningKey.generate() for _ in range(3)]
+    members = tuple(Member(f"m{i}", bytes(k.verify_key), {"libp2p": f"/ip4/127.0.0.1/tcp/{p}"})
+                    for i, (k, p) in enumerate(zip(ks, free_ports(3), strict=True)))
+    t0 = Libp2pTransport(bytes(ks[0]), "m0", members, 1 << 20,
+                         sender_rate=RateBudget(0.01, 5))
+    t1 = Libp2pTransport(bytes(ks[1]), "m1", members, 1 << 20)
+    t2 = Libp2pTransport(bytes(ks[2]), "m2", members, 1 << 20)
+    for t in (t0, t1, t2):
+        await t.start()
+    try:
+        await t2.wait_connected(["m0"], 60)
+        await t1.wait_connected(["m0"], 60)
+        await asyncio.gather(*(t2.send("m0", b"flood %d" % i) for i in range(40)))
+        async with asyncio.timeout(60):
+            while t0.quenches["m2"] < 1:
+                await asyncio.sleep(0.05)
+        assert t0.stats.flood_by_sender["m2"] >= 1 and set(t0.stats.flood_by_sender) == {"m2"}
+        for i in range(3):
+            await t1.send("m0", b"honest %d" % i)
+        got = []
+        inbox = t0.incoming()
+        async with asyncio.timeout(60):
+            while len([g for g in got if g.startswith(b"honest")]) < 3:
+                got.append((await anext(inbox)).data)
+        assert len([g for g in got if g.startswith(b"flood")]) <= 5
+        assert [g for g in got if g.startswith(b"honest")] == [b"honest %d" % i for i in range(3)]
+        assert t1.stats.dropped == 0
+    finally:
+        for t in (t0, t1, t2):
+            await t.close()

@@ -97,6 +97,9 @@ read, and before a byte of the body is, a transfer over its member's rate
 counted per member in `stats.flood_by_sender`. The peer id that names the member
 was authenticated by Noise and only members get past the handshake, so a member
 can spend only its own budget; the envelope's signer is still checked later.
+The member is then quenched: our connections with it are closed and new ones
+refused after Noise [`quenched`] for 30 s, doubling each time it floods again,
+so a flood costs us one handshake per attempt instead of one stream per message.
 A transfer is then acknowledged only once its message has a place in its
 member's own queue for the node (`inbox_depth` messages, default 256, and two
 full-size envelopes of bytes). If that member's queue is full, the stream holds
@@ -209,6 +212,10 @@ MAX_OUT_STREAMS_PER_PEER = 2
 MIN_INFLIGHT_BYTES = 256 * 1024 * 1024
 BUDGET_WAIT_S = 20.0
 MIN_RATE_BYTES_PER_S = 64 * 1024
+# A member over its message rate: no connection with it for this long, doubling each
+# time it floods again, up to QUENCH_MAX_S (`_quench`; MQTT does the same).
+QUENCH_S = 30.0
+QUENCH_MAX_S = 3600.0
 RATE_WINDOW_S = 20.0
 # (peer, reason) pairs logged; past this, refusals are only counted (peer ids and
 # addresses are the sender's choice, so the set of them must not grow forever).
@@ -348,6 +355,8 @@ class Libp2pTransport(Transport):
         self._queued_bytes: Counter[str] = Counter()
         self._room_freed: dict[str, trio.Event] = {}
         self._rate = sender_rate if sender_rate is not None else RateBudget()  # trio side
+        self._quenched_until: dict[str, float] = {}  # member -> trio time (trio side)
+        self.quenches: Counter[str] = Counter()
         self.waiting_for_room = 0  # transfers received in full, waiting for an inbox place
         # Bridge calls (_run) whose trio task has started and not yet ended (trio
         # thread writes; read by tests: 0 once every send has returned).
@@ -769,6 +778,12 @@ class Libp2pTransport(Transport):
                 await secure.close()
                 self._refuse("non_member_peer", str(remote), "not a consortium member")
                 raise SecurityUpgradeFailure(f"peer {remote} is not a consortium member")
+            name = self.names_by_id[remote]
+            if self._quenched_until.get(name, 0.0) > trio.current_time():
+                await secure.close()
+                self._refuse("quenched", name, "it flooded us: no connection with it until "
+                             "its quench ends")
+                raise SecurityUpgradeFailure(f"member {name} is quenched (it flooded)")
             return secure
 
         upgrader.upgrade_security = upgrade_security
@@ -882,11 +897,13 @@ class Libp2pTransport(Transport):
             n = int.from_bytes(prefix, "big")
             if not self._rate.take(peer):
                 # Over its rate: reset before a byte of the body is read (the member is
-                # Noise-authenticated, so this spends its own budget only).
+                # Noise-authenticated, so this spends its own budget only), and no more
+                # connections with it for a while (`_quench`).
                 self._on_loop(self._count_flood, peer)
                 self._refuse("flood", peer, f"over {self._rate.rate:g} messages/s (burst "
                              f"{self._rate.burst:g}): stream reset before reading")
                 await _reset(stream)
+                await self._quench(peer, remote)
                 return
             if n > self.max_message_bytes:
                 self._refuse("too_large", peer, f"announced {n} bytes, over the cap of "
@@ -949,6 +966,26 @@ class Libp2pTransport(Transport):
                 await stream.close()
             except Exception:  # noqa: BLE001 - already closed or reset
                 pass
+
+    async def _quench(self, peer: str, remote: Any) -> None:
+        """Close our connections with a member over its rate and refuse new ones (after
+        Noise, in the gate) for QUENCH_S, doubling each time it floods again: resetting
+        each of its streams still costs us a stream setup per message, a closed
+        connection costs it a Noise handshake per attempt, bounded by the handshake
+        limits. Its shares are lost to us meanwhile, and ours to it; nobody else's."""
+        now = trio.current_time()
+        if self._quenched_until.get(peer, 0.0) > now:
+            return
+        seconds = min(QUENCH_MAX_S, QUENCH_S * 2 ** self.quenches[peer])
+        self._quenched_until[peer] = now + seconds
+        self.quenches[peer] += 1
+        log.warning("%s: %s sends more than its share (%g messages/s): connections with it "
+                    "closed and refused for %.0f s (counted in flood_by_sender)", self.name,
+                    peer, self._rate.rate, seconds)
+        try:
+            await self.host.get_network().close_peer(remote)
+        except Exception as exc:  # noqa: BLE001 - already gone
+            log.debug("%s: closing %s: %s", self.name, peer, describe(exc))
 
     def _fits(self, peer: str, n: int) -> bool:
         return (self.reserved[peer] + n <= self.max_peer_inflight_bytes
