@@ -98,6 +98,7 @@ import hashlib
 import hmac
 import ipaddress
 import logging
+import socket
 import ssl
 from collections import Counter
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -157,6 +158,8 @@ INBOX_DEPTH = SENDER_QUEUE_MESSAGES
 # enough that a member whose burst was a mistake is back within a round or two.
 QUENCH_S = 30.0
 QUENCH_MAX_S = 3600.0  # ...doubling each time it floods again, up to an hour
+# An UNSUBSCRIBE the broker has not acknowledged by then: reconnect (`_quench_for`).
+UNSUBSCRIBE_TIMEOUT_S = 3.0
 # Unacknowledged messages the broker may have in flight to us: the node holds the
 # acks of the shares of its open rounds, (lookahead + 1) x (members - 1) of them.
 RECEIVE_MAXIMUM = 1024
@@ -558,9 +561,12 @@ class MqttTransport(Transport):
                     topics = [t for peer in self.peers if peer not in self._quenched
                               for t in self._topics_of(peer)]
                     # Sessions made before per-member subscriptions hold these wildcards,
-                    # which would keep a quenched member's messages coming.
+                    # and a quench whose UNSUBSCRIBE got no answer left its member's
+                    # topics: either would keep a quenched member's messages coming.
                     await client.unsubscribe([f"{self.prefix}/+/share",
-                                              f"{self.prefix}/+/to/{self.name}"])
+                                              f"{self.prefix}/+/to/{self.name}",
+                                              *(t for peer in self._quenched
+                                                for t in self._topics_of(peer))])
                     if topics:
                         opts = SubscribeOptions(qos=QOS, noLocal=True)
                         await client.subscribe([(t, opts) for t in topics])
@@ -709,6 +715,16 @@ class MqttTransport(Transport):
         self._quench_tasks.add(task)
         task.add_done_callback(self._quench_tasks.discard)
 
+    def _drop_connection(self) -> None:
+        """End the current connection from our side; the connection loop makes a new one
+        (the persistent session keeps what is queued for us)."""
+        sock = None if self._client is None else self._client._client.socket()  # noqa: SLF001
+        if sock is not None:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass  # already gone
+
     def _paho_connected(self) -> bool:
         return self._client is not None and self._client._client.is_connected()  # noqa: SLF001
 
@@ -717,11 +733,19 @@ class MqttTransport(Transport):
         try:
             # (Also while the connection is still subscribing: the flood may begin then.)
             if self._paho_connected():
+                assert self._client is not None
                 try:
-                    await self._client.unsubscribe(topics, timeout=BASE_TIMEOUT_S)
-                except aiomqtt.MqttError as exc:  # connection lost: the reconnect leaves it out
-                    log.info("%s: could not unsubscribe from %s: %s", self.name, sender,
-                             describe(exc))
+                    await self._client.unsubscribe(topics, timeout=UNSUBSCRIBE_TIMEOUT_S)
+                except aiomqtt.MqttError as exc:
+                    # Measured (mosquitto 2.0.11): once a QoS 0 flood has overflowed its
+                    # queue for us ("Outgoing messages are being dropped"), the broker can
+                    # stop answering this connection at all (no UNSUBACK, no PUBACK) until
+                    # our next keepalive ping, up to a minute later. A new connection
+                    # resumes the session at once; it leaves the flooder's topics out.
+                    log.warning("%s: the broker did not acknowledge unsubscribing from %s "
+                                "within %.0f s (%s): reconnecting", self.name, sender,
+                                UNSUBSCRIBE_TIMEOUT_S, describe(exc))
+                    self._drop_connection()
             await asyncio.sleep(seconds)
         finally:
             self._quenched.pop(sender, None)
