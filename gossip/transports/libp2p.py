@@ -93,7 +93,7 @@ logged once per (peer, reason); for handshakes the "peer" is the remote IP):
 
 Fair intake per member (`gossip.transports.base`). Once the length prefix is
 read, and before a byte of the body is, a transfer over its member's rate
-(`sender_rate`, default 200 messages a second, burst 256) is reset [`flood`],
+(`sender_rate`, default 50 messages a second, burst 256) is reset [`flood`],
 counted per member in `stats.flood_by_sender`. The peer id that names the member
 was authenticated by Noise and only members get past the handshake, so a member
 can spend only its own budget; the envelope's signer is still checked later.

@@ -30,7 +30,7 @@ off the socket in paho's own callback, not through aiomqtt's message queue
 (unbounded, and one asyncio task per message), and queued per sender topic: at
 most `inbox_depth` (default SENDER_QUEUE_MESSAGES = 256) messages and two
 full-size envelopes of bytes per sender, and at most `sender_rate` messages a
-second (default 200, burst 256). A message over its sender's share is dropped
+second (default 50, burst 256). A message over its sender's share is dropped
 at once, *before* its payload is parsed or its signature checked, and
 acknowledged so the broker does not redeliver it: counted in
 `stats.refused["flood"]` and, per sender, in `stats.flood_by_sender` (logged
