@@ -2,11 +2,18 @@
 
 A consortium file (TOML) names the consortium, its feature schema and its
 members. The id is BLAKE2b-256 over a domain tag and the canonical JSON of
-(name, schema, members' (name, public key)). Addresses are deliberately left
-out: a member may move to another host without changing the id. Anything
-that would make two members' models not averageable (a schema that differs,
-even only in column order) or their trust differ (another member list) gives
-another id, and shares carrying another id are refused.
+(name, schema, members' (name, public key, addresses), rules). Anything that
+would make two members' models not averageable (a schema that differs, even
+only in column order), their trust differ (another member list) or their
+traffic go elsewhere (another libp2p address, another MQTT broker URL, another
+pinned broker certificate `addresses.mqtt_cert_sha256`) gives another id, and
+shares carrying another id are refused. Addresses are in the id because a file
+whose addresses were redirected would otherwise load under the agreed id and
+send the member's traffic, and its broker password, to whoever it names; a
+member that moves to another host therefore needs a new consortium file, as a
+new member does. A file without its `id` line is refused: the id is what the
+operators compare out of band, and a file that does not state it cannot be
+checked against it.
 
 The schema is opaque here: `gossip` hashes it but does not interpret it.
 """
@@ -96,6 +103,7 @@ class Consortium:
             "name": _digest(b"name\x00", canonical_json(self.name)).hex(),
             "schema": _digest(b"schema\x00", canonical_json(self.schema)).hex(),
             "members": _digest(b"members\x00", canonical_json(self._member_list())).hex(),
+            "addresses": _digest(b"addresses\x00", canonical_json(self._addresses())).hex(),
         }
         if self.rules:
             parts["rules"] = _digest(b"rules\x00", canonical_json(self.rules)).hex()
@@ -104,10 +112,13 @@ class Consortium:
     def _member_list(self) -> list[list[str]]:
         return sorted([m.name, m.public_key.hex()] for m in self.members)
 
+    def _addresses(self) -> dict[str, dict[str, str]]:
+        return {m.name: dict(m.addresses) for m in self.members}
+
     @property
     def id(self) -> bytes:
         doc: dict[str, Any] = {"name": self.name, "schema": self.schema,
-                               "members": self._member_list()}
+                               "members": self._member_list(), "addresses": self._addresses()}
         if self.rules:  # (a file without [rules] keeps the id it had before they existed)
             doc["rules"] = self.rules
         canonical = canonical_json(doc)
@@ -195,11 +206,20 @@ def consortium_from_dict(doc: Mapping[str, Any], source: str, base_dir: Path) ->
         raise LocalError(f"{source}: [rules] must be a table")
     consortium = Consortium(name, schema, tuple(members), rules)
     stated = head.get("id")
-    if stated is not None and stated != consortium.id.hex():
+    if stated is None:
         raise LocalError(
-            f"{source}: consortium.id says {stated} but the name, schema, members and rules hash to "
-            f"{consortium.id.hex()}: the file was edited after it was built; rebuild it with "
-            "`flnode consortium build` or delete the id line"
+            f"{source}: no consortium.id line: a file that does not state the id the members "
+            f"agreed on cannot be checked against it (its contents hash to "
+            f"{consortium.id.hex()}). Compare that with the id the other members have, out of "
+            "band, and only then add it as `id = \"...\"` under [consortium], or rebuild the "
+            "file with `flnode consortium build`"
+        )
+    if stated != consortium.id.hex():
+        raise LocalError(
+            f"{source}: consortium.id says {stated} but the name, schema, members, addresses and "
+            f"rules hash to {consortium.id.hex()}: the file was edited after it was built "
+            f"(parts: {', '.join(f'{k} {v[:12]}' for k, v in consortium.digests().items())}); "
+            "get the agreed file again or rebuild it with `flnode consortium build`"
         )
     return consortium
 

@@ -356,7 +356,8 @@ def add_attack_flags(p: argparse.ArgumentParser) -> None:
                         "N(0, SIGMA²), 1), huge (1e30), weight[=W] (declares W, 1e12; "
                         "combines with another kind for the same member), nan, label-flip, "
                         "zero-prekey (needs sealing), equivocate (two versions to each), "
-                        "equivocate-split (one version to each), replay. Repeatable; "
+                        "equivocate-split (one version to each), replay, flood[=RATE] (its round-0 "
+                        "share re-signed RATE times a second, 2000). Repeatable; "
                         "KIND:PARAM:MEMBERS also works, e.g. scale:10:bank-1")
 
 

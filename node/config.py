@@ -231,6 +231,7 @@ ATTACK_PARAMS: dict[str, tuple[str, float] | None] = {
     "sign-flip": ("K", 1.0), "scale": ("K", -1000.0), "noise": ("SIGMA", 1.0),
     "weight": ("W", 1e12), "huge": None, "nan": None, "label-flip": None,
     "zero-prekey": None, "equivocate": None, "equivocate-split": None, "replay": None,
+    "flood": ("RATE", 2000.0),
 }
 
 
@@ -250,11 +251,15 @@ class AttackConfig(_Section):
       member also gets its neighbour's version (so the conflict is seen);
     - equivocate-split: a different signed share to each member, each only its own
       (no member holds two: only comparing the seen reports shows it);
-    - replay: each round re-sends every message it signed before.
+    - replay: each round re-sends every message it signed before;
+    - flood (RATE messages a second, default 2000): besides its honest shares, from its
+      first release on, broadcasts its round-0 share signed again and again with fresh
+      sequence numbers (valid, stale: what issue 19's flood sent), as fast as RATE asks
+      and its transport takes.
     """
 
     kind: Literal["sign-flip", "scale", "noise", "huge", "weight", "nan", "label-flip",
-                  "zero-prekey", "equivocate", "equivocate-split", "replay"]
+                  "zero-prekey", "equivocate", "equivocate-split", "replay", "flood"]
     param: float | None = None  # K, SIGMA (the kind's default if not set)
     weight: float | None = Field(default=None, gt=0, le=1e12)  # declared weight, any kind
     seed: int = Field(default=0, ge=0, lt=2**63)  # the noise attack's generator
@@ -269,6 +274,8 @@ class AttackConfig(_Section):
                 raise ValueError(f"attack param {self.param!r} must be finite")
             if self.kind == "noise" and self.param <= 0:
                 raise ValueError("attack noise: SIGMA must be > 0")
+            if self.kind == "flood" and not 0 < self.param <= 1e6:
+                raise ValueError(f"attack flood: RATE must be in (0, 1e6], got {self.param!r}")
         if self.kind == "weight" and self.param is not None and not 0 < self.param <= 1e12:
             raise ValueError(f"attack weight: W must be in (0, 1e12], got {self.param!r}")
         return self

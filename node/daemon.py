@@ -52,25 +52,38 @@ def open_transport(cfg: NodeConfig, identity: Identity, consortium: Consortium) 
 
 
 def open_mqtt_transport(cfg: NodeConfig, identity: Identity, consortium: Consortium) -> Transport:
-    """The broker is gossip.mqtt.broker if set, else the member's addresses.mqtt."""
-    from gossip.transports.mqtt import BrokerAddress, MqttTransport
+    """The broker is the member's addresses.mqtt in the consortium file (part of the
+    consortium id, so agreed by every member). gossip.mqtt.broker, if set, must name the
+    same broker: the node never sends its password to a broker the members did not
+    agree on. addresses.mqtt_cert_sha256, if set, pins the broker's TLS certificate."""
+    from gossip.transports.mqtt import BrokerAddress, MqttTransport, parse_cert_fingerprint
 
     mc = cfg.gossip.mqtt
+    member = consortium.by_name(identity.name)
+    text = member.addresses.get("mqtt")
+    if not text:
+        raise LocalError(f"gossip.transport = \"mqtt\" but member {identity.name!r} has no "
+                         "addresses.mqtt in the consortium file (e.g. \"mqtts://broker.example:"
+                         "8883\"): the broker is part of what the members agree on (the "
+                         "consortium id), so the node does not log in to one named only in its "
+                         "own config")
+    broker = BrokerAddress.parse(text, f"consortium file: member {identity.name!r} "
+                                 "addresses.mqtt")
     if mc.broker is not None:
-        broker = BrokerAddress.parse(mc.broker, "gossip.mqtt.broker")
-    else:
-        text = consortium.by_name(identity.name).addresses.get("mqtt")
-        if not text:
-            raise LocalError(f"gossip.transport = \"mqtt\" but gossip.mqtt.broker is not set and "
-                             f"member {identity.name!r} has no addresses.mqtt in the consortium "
-                             "file (e.g. \"mqtts://broker.example:8883\")")
-        broker = BrokerAddress.parse(text, f"consortium file: member {identity.name!r} "
-                                     "addresses.mqtt")
+        configured = BrokerAddress.parse(mc.broker, "gossip.mqtt.broker")
+        if configured != broker:
+            raise LocalError(f"gossip.mqtt.broker is {configured} but the consortium file "
+                             f"agrees on {broker} for member {identity.name!r} (addresses.mqtt): "
+                             "refusing to send the broker password to a broker the members did "
+                             "not agree on; remove gossip.mqtt.broker or make it the same")
+    pin = member.addresses.get("mqtt_cert_sha256")
     return MqttTransport(
         consortium.id, identity.name, [m.name for m in consortium.members], broker,
         username=mc.username or identity.name,
         password=None if mc.password_file is None else read_password(mc.password_file),
         ca_file=None if mc.ca_file is None else str(mc.ca_file),
+        cert_sha256=None if pin is None else parse_cert_fingerprint(
+            pin, f"consortium file: member {identity.name!r} addresses.mqtt_cert_sha256"),
         max_message_bytes=cfg.gossip.max_envelope_bytes, max_packet_bytes=mc.max_packet_bytes,
         allow_plaintext=mc.allow_plaintext,
         # An honest member has up to lookahead + 1 shares parked un-acked (ours are acked

@@ -135,6 +135,8 @@ WAIT_REPORT_FIRST_S = 10.0
 WAIT_REPORT_EVERY_S = 30.0
 ACTIVITY_FILE = "activity.json"  # node/status.py reads it
 FINAL_FILE = "final.json"  # the members' final model digests compared (node/status.py)
+# [attack] flood: sends in flight at once (enough that it never waits on one ack).
+FLOOD_IN_FLIGHT = 256
 # [attack] replay: the newest signed messages re-sent each round.
 REPLAY_KEEP = 32
 
@@ -241,6 +243,7 @@ class Node:
         self.noise = noise
         self._attack_signed: list[bytes] = []  # [attack] replay: what we signed so far
         self._attack_release: tuple[torch.Tensor, torch.Tensor, float] | None = None
+        self._attack_flood: asyncio.Task[None] | None = None  # [attack] flood's sender
         self._evidence: Counter[str] = Counter()  # seen-report files kept per reporter
         # Seen reports: the digests we accepted per closed round (member -> (seq, digest,
         # sig), our own release included), and reports for rounds we have not closed yet.
@@ -361,6 +364,7 @@ class Node:
         self._unacked: dict[int, list[Callable[[], None]]] = {}
         self._logged: set[tuple[str, str]] = set()
         self._bytes_recorded = (0, 0)  # transport byte counters at the last metrics line
+        self._flood_recorded: Counter[str] = Counter()  # flood drops at the last metrics line
         # The last closed round's metrics, bytes and duration (node/metrics.py reads it).
         self.last_round: dict[str, Any] | None = None
         self._shuffle = torch.Generator().manual_seed(cfg.training.seed)
@@ -811,6 +815,8 @@ class Node:
                 finally:
                     self._tg = None  # no new tasks; the group awaits what it owns
                     receiver.cancel()
+                    if self._attack_flood is not None:
+                        self._attack_flood.cancel()
         finally:
             self._save_checkpoint()
             await self.transport.close()
@@ -1018,10 +1024,43 @@ class Node:
                             await self._send(peer, v)
                 return
         await self._broadcast(r, data)
+        if a.kind == "flood" and self._attack_flood is None and self._tg is not None:
+            if r == 0:
+                env = envelope.decode_outer(data)
+                self._attack_flood = self._tg.create_task(
+                    self._attack_flood_loop(env.kind, env.body, a.value), name=f"{self.name}-flood")
         if a.kind == "replay":  # every message we signed before, again
             for old in self._attack_signed:
                 if old is not data:
                     await self._broadcast(r, old)
+
+    async def _attack_flood_loop(self, kind: str, body: bytes, rate: float) -> None:
+        """[attack] flood: our round-0 share (its kind and body), signed with fresh sequence numbers (not
+        reserved on disk: an attacker does not care), broadcast at `rate` a second with
+        up to FLOOD_IN_FLIGHT sends at once, until the run ends (cancelled with it)."""
+        loop = asyncio.get_running_loop()
+        slots = asyncio.Semaphore(FLOOD_IN_FLIGHT)
+        start, sent = loop.time(), 0
+
+        async def one(data: bytes) -> None:
+            try:
+                await self.transport.broadcast(data)
+            except LocalError:
+                pass  # the transport refused it; a flooder goes on
+            finally:
+                slots.release()
+
+        async with asyncio.TaskGroup() as tg:
+            while True:
+                await slots.acquire()
+                data = envelope.pack(self.identity.signing_key, self.consortium.id, kind, 0,
+                                     self.seq, body)
+                self.seq += 1
+                tg.create_task(one(data))
+                sent += 1
+                ahead = sent / rate - (loop.time() - start)
+                if ahead > 0:
+                    await asyncio.sleep(ahead)
 
     def _attack_pack(self, r: int, body: bytes, peers: list[str]) -> bytes | None:
         if self.sealing is None:
@@ -1503,6 +1542,19 @@ class Node:
             "bytes_sent": sent, "bytes_received": got,
             "round_bytes_sent": sent - last_sent, "round_bytes_received": got - last_got,
         }
+        flood = self.transport.stats.flood_by_sender
+        if flood:
+            # Messages the transport dropped, unparsed, because their sender was over its
+            # share of our intake: the flooding member by name, in metrics and audit log.
+            line["flood_by_sender"] = dict(flood)
+            for member, count in sorted(flood.items()):
+                if count > self._flood_recorded[member]:
+                    self.state.append_jsonl("audit.jsonl", {
+                        "time": time.time(), "round": r, "member": member, "outcome": "flood",
+                        "detail": f"{count - self._flood_recorded[member]} messages over its "
+                                  f"share of our intake dropped before verification "
+                                  f"({count} in all)"})
+            self._flood_recorded = Counter(flood)
         self.state.append_jsonl("metrics.jsonl", line)
         return line
 

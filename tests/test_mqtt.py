@@ -76,7 +76,7 @@ async def test_broadcast_and_direct_send_reach_the_members_with_qos1(broker):
         await t0.broadcast(b"marker")  # bank-0 never hears itself; bank-0 got nothing direct
         for t in (t1, t2):  # (read and acknowledged: else the broker keeps it for them)
             assert (await next_message(t)).data == b"marker"
-        assert t0._inbox.empty()
+        assert t0.queued() == 0
         assert t0.stats.messages_sent == 2 and t0.stats.bytes_sent == 500_006
     finally:
         for t in (t0, t1, t2):
@@ -104,7 +104,7 @@ async def test_a_member_cannot_publish_under_another_members_prefix(broker):
         msg = await next_message(t2)
         assert msg.data == b"own prefix" and msg.peer_hint == "bank-1"
         await asyncio.sleep(0.5)
-        assert t2._inbox.empty() and t2.stats.messages_received == 1
+        assert t2.queued() == 0 and t2.stats.messages_received == 1
     finally:
         await t2.close()
 
@@ -251,22 +251,106 @@ def test_mqtt_config_resolves_paths_and_names_unknown_keys(tmp_path):
 
 def test_daemon_errors_name_the_missing_broker_and_a_loose_password_file(tmp_path):
     cfg, me, cons = daemon_setup(tmp_path, "", None)
-    with pytest.raises(LocalError, match="gossip.mqtt.broker is not set.*addresses.mqtt"):
+    with pytest.raises(LocalError, match="no addresses.mqtt in the consortium file"):
         open_transport(cfg, me, cons)
     cfg, me, cons = daemon_setup(tmp_path, "", "mqtt://127.0.0.1:1")
     assert open_transport(cfg, me, cons).broker.port == 1  # from addresses.mqtt
     (tmp_path / "pw").write_text("secret\n")
     (tmp_path / "pw").chmod(0o644)
     cfg, me, cons = daemon_setup(tmp_path, '[gossip.mqtt]\nbroker = "mqtt://localhost:2"\n'
-                                 'password_file = "pw"\n', None)
+                                 'password_file = "pw"\n', "mqtt://localhost:2")
     with pytest.raises(LocalError, match="password_file.*chmod 600"):
         open_transport(cfg, me, cons)
     (tmp_path / "pw").chmod(0o600)
     t = open_transport(cfg, me, cons)
     assert t.broker.port == 2 and t.username == "bank-0" and t._password == "secret"
-    cfg, me, cons = daemon_setup(tmp_path, '[gossip.mqtt]\nbroker = "tcp://x"\n', None)
+    cfg, me, cons = daemon_setup(tmp_path, '[gossip.mqtt]\nbroker = "tcp://x"\n',
+                                 "mqtt://localhost:2")
     with pytest.raises(LocalError, match="gossip.mqtt.broker: 'tcp://x'"):
         open_transport(cfg, me, cons)
+
+
+async def test_the_password_never_goes_to_a_broker_the_consortium_did_not_agree_on(tmp_path):
+    """Finding 5: the node config's broker must be the consortium's (whose URL is part of
+    the id). A listener at the config's broker sees no connection at all, let alone the
+    password; before, the node logged in there."""
+    got: list[bytes] = []
+
+    async def record(reader, writer):
+        got.append(await reader.read(65536))
+        writer.close()
+
+    server = await asyncio.start_server(record, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    (tmp_path / "pw").write_text("the-password\n")
+    (tmp_path / "pw").chmod(0o600)
+    try:
+        for agreed in (None, "mqtt://127.0.0.1:1"):  # none agreed, or another one
+            cfg, me, cons = daemon_setup(
+                tmp_path, f'[gossip.mqtt]\nbroker = "mqtt://127.0.0.1:{port}"\n'
+                'password_file = "pw"\n', agreed)
+            with pytest.raises(LocalError, match="addresses.mqtt"):
+                t = open_transport(cfg, me, cons)
+                await t.start()  # on 819e161 this logged in to the listener
+                await t.close()
+        assert got == []
+    finally:
+        server.close()
+
+
+async def test_a_broker_whose_certificate_is_not_the_pinned_one_never_gets_the_password(
+        tmp_path):
+    """With addresses.mqtt_cert_sha256 in the consortium, a TLS broker presenting another
+    certificate (even one the CA file trusts) is refused after the handshake, before
+    CONNECT: the listener reads no byte of application data."""
+    import hashlib
+    import socket
+    import ssl
+    import threading
+
+    ca, cert, key = mqtt_broker.make_tls_files(tmp_path)
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(cert, key)
+    got: list[bytes] = []
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+
+    def serve():
+        conn, _ = listener.accept()
+        try:
+            with ctx.wrap_socket(conn, server_side=True) as tls:
+                tls.settimeout(10)
+                try:
+                    got.append(tls.recv(65536))
+                except (OSError, ssl.SSLError):
+                    got.append(b"")
+        except (OSError, ssl.SSLError):
+            got.append(b"")
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    real = hashlib.sha256(ssl.PEM_cert_to_DER_cert(cert.read_text())).hexdigest()
+    wrong = "00" * 32
+    assert real != wrong
+    (tmp_path / "pw").write_text("the-password\n")
+    (tmp_path / "pw").chmod(0o600)
+    path = tmp_path / "node.toml"
+    path.write_text(NODE + f'[gossip.mqtt]\npassword_file = "pw"\nca_file = "{ca}"\n')
+    me = Identity.generate("bank-0")
+    cons = Consortium("c", SCHEMA, (
+        Member("bank-0", me.public_key, {"mqtt": f"mqtts://127.0.0.1:{port}",
+                                         "mqtt_cert_sha256": wrong}),
+        Member("bank-1", Identity.generate("bank-1").public_key, {})))
+    t = open_transport(load_config(path), me, cons)
+    with pytest.raises(LocalError, match="as the consortium file pins.*the password was not sent"):
+        await t.start()
+    thread.join(15)
+    listener.close()
+    assert got == [b""]  # the handshake happened, then nothing: no CONNECT, no password
+    with pytest.raises(LocalError, match="not a SHA-256 fingerprint"):
+        bad = Consortium("c", SCHEMA, (Member("bank-0", me.public_key, {
+            "mqtt": "mqtts://127.0.0.1:1", "mqtt_cert_sha256": "xyz"}), cons.members[1]))
+        open_transport(load_config(path), me, bad)
 
 
 async def test_a_node_whose_share_is_too_big_for_the_broker_says_so_and_keeps_running(tmp_path):

@@ -93,7 +93,7 @@ def test_rules_are_part_of_the_id_and_a_file_without_them_keeps_its_old_id(tmp_p
     again = consortium_from_dict(doc, "c.toml", tmp_path)
     assert again.id == a.id and again.rules == a.rules
     doc["rules"]["aggregation"] = "mean"  # edited after it was built
-    with pytest.raises(LocalError, match="members and rules hash to"):
+    with pytest.raises(LocalError, match="addresses and rules hash to"):
         consortium_from_dict(doc, "c.toml", tmp_path)
 
 

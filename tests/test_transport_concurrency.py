@@ -6,8 +6,8 @@
 - A dead libp2p thread (trio loop crashed or ended) is `TransportFailed` from
   `incoming()`, `send` and `broadcast`, and it ends a node's run.
 - A programming error inside `send` propagates; only "unreachable" counts as dropped.
-- A full inbox pushes back (libp2p: the transfer waits for its acknowledgement; MQTT:
-  reading stops and nothing is acknowledged) instead of acknowledging and dropping.
+- A full inbox pushes back (libp2p: the transfer waits for its acknowledgement); on
+  MQTT each sender has its own queue, and only the sender over it loses messages.
 
 Every wait is on a state or an event with a generous limit (a loaded 2-core machine).
 """
@@ -349,39 +349,54 @@ def mqtt_transport(cons, b, name, **kw):
                          password=b.passwords[name], max_message_bytes=CAP, **kw)
 
 
-async def test_a_full_mqtt_inbox_pushes_back_and_no_message_is_acked_and_dropped():
-    """The inbox holds 4; bank-1 sends 30. The transport stops reading (the broker holds
-    the rest: receive maximum 10) instead of acknowledging and dropping. Drained, all 30
-    arrive in order; a node killed while the inbox is full gets every one again."""
+async def test_one_mqtt_sender_over_its_queue_is_dropped_and_the_others_are_served_in_turn():
+    """Each sender has its own queue (4 here). bank-1 sends 30 while the node reads
+    nothing: its first 4 wait, the rest are dropped unparsed, acknowledged and counted
+    against bank-1 by name (and the node stops listening to bank-1 for a while);
+    bank-2's 3 all wait in their own queue, and the node gets them in turn with
+    bank-1's, not behind them. What waits is not acknowledged: a
+    node killed with messages queued gets every one again."""
     require_mosquitto()
-    cons = consortium(keys(2))
+    cons = consortium(keys(3))
     b = mqtt_broker.start_broker(cons)
     try:
-        t0 = mqtt_transport(cons, b, "bank-0", inbox_depth=4, receive_maximum=10)
+        t0 = mqtt_transport(cons, b, "bank-0", inbox_depth=4, receive_maximum=40)
         t1 = mqtt_transport(cons, b, "bank-1")
-        await t0.start()
-        await t1.start()
+        t2 = mqtt_transport(cons, b, "bank-2")
+        for t in (t0, t1, t2):
+            await t.start()
         try:
-            sent = [b"share %d" % i for i in range(30)]
-            for m in sent:
+            flood = [b"share %d" % i for i in range(30)]
+            for m in flood:
                 await t1.send("bank-0", m)
-            await until(lambda: t0.inbox_waits >= 1 and t0._inbox.full(), "a full inbox")
-            assert t0.stats.refused["inbox_full"] == 0 and t0.stats.messages_received == 4
+            honest = [b"honest %d" % i for i in range(3)]
+            for m in honest:
+                await t2.send("bank-0", m)
+            await until(lambda: t0.queued("bank-2") == 3 and t0.stats.flood_by_sender["bank-1"]
+                        >= 1, "bank-1 over its queue, bank-2's messages queued")
+            # (the rest of bank-1's 30 are dropped, or never sent to us once we stopped
+            # listening to it)
+            assert t0.queued("bank-1") == 4
+            assert t0.stats.refused["flood"] == t0.stats.flood_by_sender["bank-1"]
+            assert "bank-2" not in t0.stats.flood_by_sender
             got = []
-            while len(got) < len(sent):
-                msg = await asyncio.wait_for(anext(t0.incoming()), 60)
+            inbox = t0.incoming()
+            while len(got) < 7:
+                msg = await asyncio.wait_for(anext(inbox), 60)
                 got.append(msg.data)
                 msg.ack()  # what the node does once the message is used and checkpointed
-            assert got == sent
-            assert not t0.early_acks and t0.stats.refused["inbox_full"] == 0
-            assert t0.connects == 1
+            assert got[:6:2] == flood[:3] and got[1:6:2] == honest  # in turn
+            assert got[6] == flood[3]
 
-            # Killed while the inbox is full: nothing was acknowledged, all come again.
-            second = [b"second %d" % i for i in range(30)]
+            # bank-1 went over its share: the node stopped listening to it for a while.
+            assert t0.quenches["bank-1"] == 1 and "bank-1" in t0._quenched
+            assert "bank-2" not in t0._quenched
+
+            # Killed with messages queued: none was acknowledged, all come again.
+            second = [b"second %d" % i for i in range(3)]
             for m in second:
-                await t1.send("bank-0", m)
-            waits = t0.inbox_waits
-            await until(lambda: t0.inbox_waits > waits and t0._inbox.full(), "full again")
+                await t2.send("bank-0", m)
+            await until(lambda: t0.queued("bank-2") == 3, "queued again")
             await t0.close()
             back = mqtt_transport(cons, b, "bank-0")
             await back.start()
@@ -394,8 +409,8 @@ async def test_a_full_mqtt_inbox_pushes_back_and_no_message_is_acked_and_dropped
             finally:
                 await back.close()
         finally:
-            await t0.close()
-            await t1.close()
+            for t in (t0, t1, t2):
+                await t.close()
     finally:
         b.stop()
 

@@ -91,12 +91,25 @@ logged once per (peer, reason); for handshakes the "peer" is the remote IP):
   whose own thread is starved for a whole window (the GIL held elsewhere for
   20 s) can cut an honest sender, who then counts the share as not delivered.
 
-Inbox: a transfer is acknowledged only once its message has a place in the
-inbox the node reads (`inbox_depth`, default 1024). If the node falls that
-far behind, the receiving stream holds (reading nothing more, its sender
-waiting for the acknowledgement) until the node takes a message, for at most
-`rate_window_s`; then it is reset [`inbox_full`] and the sender counts the
-share as not delivered. A message is never acknowledged and then dropped.
+Fair intake per member (`gossip.transports.base`). Once the length prefix is
+read, and before a byte of the body is, a transfer over its member's rate
+(`sender_rate`, default 50 messages a second, burst 256) is reset [`flood`],
+counted per member in `stats.flood_by_sender`. The peer id that names the member
+was authenticated by Noise and only members get past the handshake, so a member
+can spend only its own budget; the envelope's signer is still checked later.
+The member is then quenched: our connections with it are closed and new ones
+refused after Noise [`quenched`] for 30 s, doubling each time it floods again,
+so a flood costs us one handshake per attempt instead of one stream per message.
+A transfer is then acknowledged only once its message has a place in its
+member's own queue for the node (`inbox_depth` messages, default 256, and two
+full-size envelopes of bytes). If that member's queue is full, the stream holds
+(reading nothing more, its sender waiting for the acknowledgement) until the
+node takes one of that member's messages, for at most `rate_window_s`; then it
+is reset [`inbox_full`] and the sender counts the share as not delivered. A
+message is never acknowledged and then dropped. The node takes messages
+round-robin across members, so one member's backlog delays another's message
+by at most one of its own, and a member holding its queue full (at most
+`max_streams_per_peer` streams) holds nobody else's.
 
 Memory: a finished transfer is joined into one `bytes` (momentarily twice its
 size). py-libp2p 0.8.1's yamux does not enforce its receive window (a peer
@@ -142,7 +155,16 @@ from libp2p.transport.exceptions import SecurityUpgradeFailure
 
 from gossip.errors import LocalError, describe
 from gossip.membership import Member
-from gossip.transports.base import Incoming, Transport, TransportFailed, TransportStats
+from gossip.transports.base import (
+    SENDER_QUEUE_ENVELOPES,
+    SENDER_QUEUE_MESSAGES,
+    FairInbox,
+    Incoming,
+    RateBudget,
+    Transport,
+    TransportFailed,
+    TransportStats,
+)
 
 log = logging.getLogger("flnode.libp2p")
 # py-libp2p logs routine churn (a refused dial, a peer that went away) at
@@ -159,9 +181,9 @@ LENGTH_PREFIX = 8
 # Writes and reads in 1 MiB pieces: large enough to amortize yamux framing and
 # the Noise frame per write, small enough to keep memory flat.
 CHUNK = 1024 * 1024
-# Incoming messages waiting for the node; past this a transfer waits for room
-# before it is acknowledged (module docstring).
-INBOX_DEPTH = 1024
+# Incoming messages from one member waiting for the node; past this its transfer
+# waits for room before it is acknowledged (module docstring).
+INBOX_DEPTH = SENDER_QUEUE_MESSAGES
 # A transfer we send may take this long plus one second per MB (loopback does
 # 35-70 MB/s; a WAN link between banks far less) before it is abandoned. What we
 # receive is bounded by the rate rule instead (module docstring), never by the
@@ -190,6 +212,10 @@ MAX_OUT_STREAMS_PER_PEER = 2
 MIN_INFLIGHT_BYTES = 256 * 1024 * 1024
 BUDGET_WAIT_S = 20.0
 MIN_RATE_BYTES_PER_S = 64 * 1024
+# A member over its message rate: no connection with it for this long, doubling each
+# time it floods again, up to QUENCH_MAX_S (`_quench`; MQTT does the same).
+QUENCH_S = 30.0
+QUENCH_MAX_S = 3600.0
 RATE_WINDOW_S = 20.0
 # (peer, reason) pairs logged; past this, refusals are only counted (peer ids and
 # addresses are the sender's choice, so the set of them must not grow forever).
@@ -219,9 +245,6 @@ JOIN_TIMEOUT_S = 15.0
 RESET_TIMEOUT_S = 5.0
 # How long one yamux frame may take to be written (module docstring, "whole frames").
 FRAME_WRITE_TIMEOUT_S = 30.0
-# Queue items that are not messages.
-_CLOSED = object()  # close() was called
-_WAKE = object()  # the thread died: incoming() must look at _failure
 
 
 def _whole_frames(conn: Yamux) -> None:
@@ -277,7 +300,8 @@ class Libp2pTransport(Transport):
                  budget_wait_s: float = BUDGET_WAIT_S,
                  min_rate_bytes_per_s: int = MIN_RATE_BYTES_PER_S,
                  rate_window_s: float = RATE_WINDOW_S,
-                 inbox_depth: int = INBOX_DEPTH) -> None:
+                 inbox_depth: int = INBOX_DEPTH,
+                 sender_rate: RateBudget | None = None) -> None:
         me = [m for m in members if m.name == name]
         if not me:
             raise LocalError(f"{name!r} is not a member of the consortium")
@@ -324,7 +348,15 @@ class Libp2pTransport(Transport):
         self.buffered = 0  # body bytes received and held by unfinished transfers
         self._budget_freed: trio.Event | None = None
         self.inbox_depth = inbox_depth
-        self._inbox_slots: trio.Semaphore | None = None  # free places in the inbox
+        self.max_queue_bytes = SENDER_QUEUE_ENVELOPES * max_message_bytes
+        # Trio side: per member, messages and bytes acknowledged and not yet taken by
+        # the node, and an event set when the node takes one of them.
+        self._queued: Counter[str] = Counter()
+        self._queued_bytes: Counter[str] = Counter()
+        self._room_freed: dict[str, trio.Event] = {}
+        self._rate = sender_rate if sender_rate is not None else RateBudget()  # trio side
+        self._quenched_until: dict[str, float] = {}  # member -> trio time (trio side)
+        self.quenches: Counter[str] = Counter()
         self.waiting_for_room = 0  # transfers received in full, waiting for an inbox place
         # Bridge calls (_run) whose trio task has started and not yet ended (trio
         # thread writes; read by tests: 0 once every send has returned).
@@ -336,7 +368,11 @@ class Libp2pTransport(Transport):
         self._seed = seed
         self.stats = TransportStats()
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._inbox: asyncio.Queue[Incoming | object] = asyncio.Queue()  # bounded by the slots
+        # Asyncio side: per member, what the node has not taken yet (bounded by the
+        # trio side's per-member room), handed out round-robin.
+        self._fair = FairInbox(self.peers, max_messages=inbox_depth,
+                               max_bytes=self.max_queue_bytes)
+        self._arrived = asyncio.Event()  # a message was queued, or we stop
         self._thread: threading.Thread | None = None
         self._ready = threading.Event()
         self._startup_error: BaseException | None = None
@@ -524,25 +560,39 @@ class Libp2pTransport(Transport):
         while True:
             if self._failure is not None:
                 raise TransportFailed(self._failure)
-            if self._closed and self._inbox.empty():
+            if self._closed:
                 return
-            item = await self._inbox.get()
-            if item is _CLOSED:
-                return
-            if item is _WAKE:
+            nxt = self._fair.pop()
+            if nxt is None:
+                self._arrived.clear()
+                await self._arrived.wait()
                 continue
+            peer, item = nxt
             assert isinstance(item, Incoming)
-            self._free_slot()
+            self._free_slot(peer, len(item.data))
             yield item
+            await asyncio.sleep(0)  # a sender whose queue never empties must not hog the loop
 
-    def _free_slot(self) -> None:
-        """The node has taken a message: one more transfer may be acknowledged."""
-        if self._token is None or self._inbox_slots is None:
+    def _free_slot(self, peer: str, n: int) -> None:
+        """The node has taken one of `peer`'s messages: room for one more of its own."""
+        if self._token is None:
             return
         try:
-            self._token.run_sync_soon(self._inbox_slots.release)
+            self._token.run_sync_soon(self._room_taken, peer, n)
         except trio.RunFinishedError:
             pass
+
+    def _room_taken(self, peer: str, n: int) -> None:
+        """Trio side of _free_slot."""
+        self._queued[peer] -= 1
+        self._queued_bytes[peer] -= n
+        event = self._room_freed.pop(peer, None)
+        if event is not None:
+            event.set()
+
+    def queued(self, peer: str | None = None) -> int:
+        """Messages received and not yet taken by the node (from `peer`, or all)."""
+        return self._fair.queued(peer)
 
     async def wait_connected(self, peers: Sequence[str], timeout: float) -> None:
         """Until every named peer has a live connection (for benchmarks and tests)."""
@@ -568,7 +618,8 @@ class Libp2pTransport(Transport):
             if self._thread.is_alive():
                 log.error("%s: libp2p thread did not stop within %.0f s", self.name,
                           JOIN_TIMEOUT_S)
-        self._inbox.put_nowait(_CLOSED)
+        self._fair.clear()
+        self._arrived.set()
 
     # --- counters, updated on the asyncio thread -----------------------------
     def _on_loop(self, fn: Callable[..., None], *args: Any) -> None:
@@ -597,7 +648,11 @@ class Libp2pTransport(Transport):
             return
         self.stats.bytes_received += len(data)
         self.stats.messages_received += 1
-        self._inbox.put_nowait(Incoming(data, peer))
+        self._fair.put(peer, Incoming(data, peer), len(data))
+        self._arrived.set()
+
+    def _count_flood(self, peer: str) -> None:
+        self.stats.flood_by_sender[peer] += 1
 
     def _on_thread_exit(self, error: BaseException | None) -> None:
         """On the asyncio thread, once trio.run has returned or raised."""
@@ -612,7 +667,7 @@ class Libp2pTransport(Transport):
             self._failure = (f"libp2p transport of {self.name!r} stopped: {cause}; nothing can "
                              "be sent or received any more (restart the node)")
             log.error("%s", self._failure)
-            self._inbox.put_nowait(_WAKE)
+            self._arrived.set()
         self._thread_done.set()
         for call in list(self._calls):  # never started: the thread ended first
             if not call.done():
@@ -664,7 +719,6 @@ class Libp2pTransport(Transport):
         self.host.set_stream_handler(SHARE_PROTOCOL, self._on_stream)
         self._stop = trio.Event()
         self._budget_freed = trio.Event()
-        self._inbox_slots = trio.Semaphore(self.inbox_depth)
         async with self.host.run(listen_addrs=[self.listen]):
             try:
                 async with trio.open_nursery() as nursery:
@@ -740,6 +794,12 @@ class Libp2pTransport(Transport):
                 await secure.close()
                 self._refuse("non_member_peer", str(remote), "not a consortium member")
                 raise SecurityUpgradeFailure(f"peer {remote} is not a consortium member")
+            name = self.names_by_id[remote]
+            if self._quenched_until.get(name, 0.0) > trio.current_time():
+                await secure.close()
+                self._refuse("quenched", name, "it flooded us: no connection with it until "
+                             "its quench ends")
+                raise SecurityUpgradeFailure(f"member {name} is quenched (it flooded)")
             return secure
 
         upgrader.upgrade_security = upgrade_security
@@ -851,6 +911,16 @@ class Libp2pTransport(Transport):
                 await _reset(stream)
                 return
             n = int.from_bytes(prefix, "big")
+            if not self._rate.take(peer):
+                # Over its rate: reset before a byte of the body is read (the member is
+                # Noise-authenticated, so this spends its own budget only), and no more
+                # connections with it for a while (`_quench`).
+                self._on_loop(self._count_flood, peer)
+                self._refuse("flood", peer, f"over {self._rate.rate:g} messages/s (burst "
+                             f"{self._rate.burst:g}): stream reset before reading")
+                await _reset(stream)
+                await self._quench(peer, remote)
+                return
             if n > self.max_message_bytes:
                 self._refuse("too_large", peer, f"announced {n} bytes, over the cap of "
                              f"{self.max_message_bytes}: stream reset before reading")
@@ -870,28 +940,31 @@ class Libp2pTransport(Transport):
                              f"{self.rate_window_s:g} s (declared {n} bytes)")
                 await _reset(stream)
                 return
-            # Acknowledge only what has a place in the node's inbox (back-pressure:
+            # Acknowledge only what has a place in this member's queue (back-pressure:
             # never acknowledge and then drop).
-            assert self._inbox_slots is not None
             slot = False
             self.waiting_for_room += 1
             try:
                 with trio.move_on_after(self.rate_window_s):
-                    await self._inbox_slots.acquire()
+                    while (self._queued[peer] >= self.inbox_depth
+                           or self._queued_bytes[peer] + n > self.max_queue_bytes):
+                        await self._room_freed.setdefault(peer, trio.Event()).wait()
                     slot = True
             finally:
                 self.waiting_for_room -= 1
             if not slot:
-                self._refuse("inbox_full", peer, f"the node took no message from its inbox "
-                             f"({self.inbox_depth} waiting) within {self.rate_window_s:g} s: "
+                self._refuse("inbox_full", peer, f"the node took none of its messages "
+                             f"({self._queued[peer]} waiting) within {self.rate_window_s:g} s: "
                              "stream reset, the sender counts it as not delivered")
                 await _reset(stream)
                 return
+            self._queued[peer] += 1
+            self._queued_bytes[peer] += n
             try:
                 with trio.fail_after(self.rate_window_s):
                     await stream.write(b"\x01")
             except BaseException:
-                self._inbox_slots.release()
+                self._room_taken(peer, n)
                 raise
             self._on_loop(self._deliver, data, peer)
         except (Exception, trio.TooSlowError) as exc:  # noqa: BLE001 - a peer's broken stream
@@ -910,6 +983,26 @@ class Libp2pTransport(Transport):
                 await stream.close()
             except Exception:  # noqa: BLE001 - already closed or reset
                 pass
+
+    async def _quench(self, peer: str, remote: Any) -> None:
+        """Close our connections with a member over its rate and refuse new ones (after
+        Noise, in the gate) for QUENCH_S, doubling each time it floods again: resetting
+        each of its streams still costs us a stream setup per message, a closed
+        connection costs it a Noise handshake per attempt, bounded by the handshake
+        limits. Its shares are lost to us meanwhile, and ours to it; nobody else's."""
+        now = trio.current_time()
+        if self._quenched_until.get(peer, 0.0) > now:
+            return
+        seconds = min(QUENCH_MAX_S, QUENCH_S * 2 ** self.quenches[peer])
+        self._quenched_until[peer] = now + seconds
+        self.quenches[peer] += 1
+        log.warning("%s: %s sends more than its share (%g messages/s): connections with it "
+                    "closed and refused for %.0f s (counted in flood_by_sender)", self.name,
+                    peer, self._rate.rate, seconds)
+        try:
+            await self.host.get_network().close_peer(remote)
+        except Exception as exc:  # noqa: BLE001 - already gone
+            log.debug("%s: closing %s: %s", self.name, peer, describe(exc))
 
     def _fits(self, peer: str, n: int) -> bool:
         return (self.reserved[peer] + n <= self.max_peer_inflight_bytes

@@ -25,17 +25,24 @@ at, and acknowledged so the broker does not redeliver it. So are oversize
 All are counted in `stats.refused` and logged once per (peer, reason)
 (`bad_topic` once per transport: its "peer" is whatever the topic says).
 
-A full inbox pushes back; it never drops. A message the node is to use is
-acknowledged by the node, once the round that used it is checkpointed (so it
-is persisted first), never by the transport on arrival. When the inbox
-(`inbox_depth`, default 1024) is full, the transport stops taking messages
-from the client until the node takes one: nothing more is acknowledged
-meanwhile, so the broker stops at `receive_maximum` messages in flight to us
-and holds the rest in our session (counted in `inbox_waits`, logged once). A
-connection lost while waiting leaves the waiting message unacknowledged: the
-broker sends it again on the next connection. Messages the client had
-received on a connection that is gone are discarded (their packet ids mean
-nothing on the next one; the broker redelivers them).
+Fair intake per sender (`gossip.transports.base.FairInbox`). Messages are taken
+off the socket in paho's own callback, not through aiomqtt's message queue
+(unbounded, and one asyncio task per message), and queued per sender topic: at
+most `inbox_depth` (default SENDER_QUEUE_MESSAGES = 256) messages and two
+full-size envelopes of bytes per sender, and at most `sender_rate` messages a
+second (default 50, burst 256). A message over its sender's share is dropped
+at once, *before* its payload is parsed or its signature checked, and
+acknowledged so the broker does not redeliver it: counted in
+`stats.refused["flood"]` and, per sender, in `stats.flood_by_sender` (logged
+once per sender). The node takes messages round-robin across senders, so a
+flooder's backlog delays another member's message by at most one of its own.
+Keying this on the topic's member name before verification is safe because the
+broker's ACL lets each member account publish under its own prefix only: a
+member can exhaust its own share, never another's (base.py says more). A
+message the node is to use is acknowledged by the node, once the round that
+used it is checkpointed (so it is persisted first), never by the transport on
+arrival. A connection lost with messages still queued discards them (none was
+acknowledged; the broker redelivers them on the next connection).
 
 Client ids: `client_id()` is stable per member and consortium, but a broker
 must bind the client id to the authenticated user (mosquitto:
@@ -87,8 +94,11 @@ session (subscriptions, queued shares) survives it.
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import hmac
 import ipaddress
 import logging
+import socket
 import ssl
 from collections import Counter
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -104,7 +114,16 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from gossip.errors import LocalError, describe
-from gossip.transports.base import Incoming, Transport, TransportFailed, TransportStats
+from gossip.transports.base import (
+    SENDER_QUEUE_ENVELOPES,
+    SENDER_QUEUE_MESSAGES,
+    FairInbox,
+    Incoming,
+    RateBudget,
+    Transport,
+    TransportFailed,
+    TransportStats,
+)
 
 log = logging.getLogger("flnode.mqtt")
 
@@ -131,9 +150,16 @@ START_TIMEOUT_S = 30.0
 # before the share is given up (counted as dropped).
 CONNECT_WAIT_S = 10.0
 KEEPALIVE_S = 60
-# Incoming messages waiting for the node; past this the transport stops reading
-# from the broker until the node takes one (back-pressure, module docstring).
-INBOX_DEPTH = 1024
+# Incoming messages one sender may have waiting for the node; past this (or its
+# rate) its messages are dropped before they are parsed (module docstring).
+INBOX_DEPTH = SENDER_QUEUE_MESSAGES
+# How long we stop listening to a member that sent more than its share (its topics
+# unsubscribed): long enough that a flooder costs us one burst per QUENCH_S, short
+# enough that a member whose burst was a mistake is back within a round or two.
+QUENCH_S = 30.0
+QUENCH_MAX_S = 3600.0  # ...doubling each time it floods again, up to an hour
+# An UNSUBSCRIBE the broker has not acknowledged by then: reconnect (`_quench_for`).
+UNSUBSCRIBE_TIMEOUT_S = 3.0
 # Unacknowledged messages the broker may have in flight to us: the node holds the
 # acks of the shares of its open rounds, (lookahead + 1) x (members - 1) of them.
 RECEIVE_MAXIMUM = 1024
@@ -181,6 +207,45 @@ class BrokerAddress:
 
     def __str__(self) -> str:
         return f"{self.scheme}://{self.host}:{self.port}"
+
+
+def parse_cert_fingerprint(text: str, where: str) -> bytes:
+    """SHA-256 of the broker's DER certificate, as 64 hex digits (colons allowed, as
+    `openssl x509 -noout -fingerprint -sha256` prints it)."""
+    try:
+        raw = bytes.fromhex(text.replace(":", "").strip())
+    except ValueError:
+        raw = b""
+    if len(raw) != 32:
+        raise LocalError(f"{where}: {text[:80]!r} is not a SHA-256 fingerprint (64 hex digits; "
+                         "`openssl x509 -in server.pem -noout -fingerprint -sha256`)")
+    return raw
+
+
+class BrokerCertMismatch(ssl.SSLError):
+    """The broker's TLS certificate is not the one the consortium pinned."""
+
+
+def pin_certificate(paho: Any, expected: bytes, broker: BrokerAddress) -> None:
+    """Check the broker's certificate against the pinned SHA-256 after the TLS handshake
+    and before paho sends CONNECT (with the password): paho's connect calls
+    `_ssl_wrap_socket`, then `_send_connect`. Raised here, aiomqtt reports it as an
+    MqttError whose __context__ is this."""
+    wrap = paho._ssl_wrap_socket  # noqa: SLF001 - the step to check after
+
+    def _ssl_wrap_socket(tcp_sock: Any) -> Any:
+        sock = wrap(tcp_sock)
+        der = sock.getpeercert(binary_form=True) or b""
+        got = hashlib.sha256(der).digest()
+        if not hmac.compare_digest(got, expected):
+            sock.close()
+            raise BrokerCertMismatch(
+                f"TLS: the certificate of MQTT broker {broker} has SHA-256 {got.hex()}, not "
+                f"{expected.hex()} as the consortium file pins (addresses.mqtt_cert_sha256): "
+                "not logged in, the password was not sent")
+        return sock
+
+    paho._ssl_wrap_socket = _ssl_wrap_socket  # noqa: SLF001
 
 
 def consortium_prefix(consortium_id: bytes) -> str:
@@ -248,9 +313,11 @@ class MqttTransport(Transport):
     def __init__(self, consortium_id: bytes, name: str, members: Sequence[str],
                  broker: BrokerAddress, *, username: str | None = None,
                  password: str | None = None, ca_file: str | None = None,
+                 cert_sha256: bytes | None = None,
                  max_message_bytes: int, max_packet_bytes: int | None = None,
                  allow_plaintext: bool = False, max_unacked_per_sender: int | None = None,
-                 receive_maximum: int = RECEIVE_MAXIMUM, inbox_depth: int = INBOX_DEPTH) -> None:
+                 receive_maximum: int = RECEIVE_MAXIMUM, inbox_depth: int = INBOX_DEPTH,
+                 sender_rate: RateBudget | None = None) -> None:
         if name not in members:
             raise LocalError(f"{name!r} is not a member of the consortium")
         if not broker.tls and not broker.loopback and not allow_plaintext:
@@ -282,15 +349,24 @@ class MqttTransport(Transport):
         self.username = username
         self._password = password
         self.ca_file = ca_file
+        if cert_sha256 is not None and not broker.tls:
+            raise LocalError(f"the consortium pins the broker's certificate "
+                             f"(addresses.mqtt_cert_sha256) but the broker URL {broker} is not "
+                             "mqtts://")
+        self.cert_sha256 = cert_sha256
         self.max_message_bytes = max_message_bytes
         self.max_packet_bytes = max_packet_bytes
         self.broker_max_packet: int | None = None  # from the broker's CONNACK
         self.stats = TransportStats()
         self.prefix = consortium_prefix(consortium_id)
-        self._inbox: asyncio.Queue[Incoming | None] = asyncio.Queue(inbox_depth)
-        # Set while the connection task waits for the node to make room in the inbox.
-        self._room: asyncio.Future[None] | None = None
-        self.inbox_waits = 0  # times the inbox was full and reading paused
+        # Per sender: (payload, connection generation, mid, qos), taken round-robin.
+        self._fair = FairInbox(self.peers, max_messages=inbox_depth,
+                               max_bytes=SENDER_QUEUE_ENVELOPES * max_message_bytes,
+                               rate=sender_rate)
+        self._arrived = asyncio.Event()  # set when a message is queued or we stop
+        # Connections whose CONNACK paho has handled: a message's ack is valid only on
+        # the connection it came on (set in paho's on_connect, before any PUBLISH).
+        self._generation = 0
         self._client: aiomqtt.Client | None = None
         self._connected = asyncio.Event()
         self._ready: asyncio.Future[None] | None = None
@@ -300,6 +376,11 @@ class MqttTransport(Transport):
         # broadcast raise TransportFailed with it.
         self._failure: str | None = None
         self._logged: set[tuple[str | None, str]] = set()
+        # Members whose topics we have unsubscribed from because they flooded, until
+        # when (loop time); and the tasks that unsubscribe and later resubscribe.
+        self._quenched: dict[str, float] = {}
+        self.quenches: Counter[str] = Counter()
+        self._quench_tasks: set[asyncio.Task[None]] = set()
         self.connects = 0  # successful connections, for tests and logs
 
     # --- the interface ----------------------------------------------------------
@@ -355,14 +436,7 @@ class MqttTransport(Transport):
         self._failure = (f"MQTT transport of {self.name!r} stopped: its connection task {cause}; "
                          "nothing can be sent or received any more (restart the node)")
         log.error("%s", self._failure)
-        self._wake(None)
-
-    def _wake(self, _: object) -> None:
-        """Wake the connection task if it waits for room, and incoming() if it waits."""
-        if self._room is not None and not self._room.done():
-            self._room.set_result(None)
-        if self._failure is not None and self._inbox.empty():
-            self._inbox.put_nowait(None)
+        self._arrived.set()
 
     async def broadcast(self, data: bytes) -> None:
         """One publish on our share topic; the broker fans it out to every member."""
@@ -379,19 +453,27 @@ class MqttTransport(Transport):
         while True:
             if self._failure is not None:
                 raise TransportFailed(self._failure)
-            msg = await self._inbox.get()
-            if self._room is not None and not self._room.done():
-                self._room.set_result(None)  # room for the message the client holds
-            if msg is None:
-                if self._failure is not None:
-                    raise TransportFailed(self._failure)
+            if self._closed:
                 return
-            yield msg
+            nxt = self._fair.pop()
+            if nxt is None:
+                self._arrived.clear()
+                await self._arrived.wait()
+                continue
+            sender, (payload, generation, mid, qos) = nxt
+            yield Incoming(payload, sender, self._hand_over(sender, generation, mid, qos))
+            # A yield does not give the event loop a turn: without this, a sender whose
+            # queue never empties would keep it from our own publishes and timers.
+            await asyncio.sleep(0)
 
     async def close(self) -> None:
         if self._closed:
             return
         self._closed = True
+        for task in list(self._quench_tasks):
+            task.cancel()
+        if self._quench_tasks:
+            await asyncio.wait(self._quench_tasks)
         if self._task is not None:
             self._task.cancel()
             # Awaited, not swallowed: a cancellation of close() itself still propagates.
@@ -399,9 +481,8 @@ class MqttTransport(Transport):
             if not self._task.cancelled() and self._task.exception() is not None:
                 log.error("%s: MQTT connection task had failed: %s", self.name,
                           describe(self._task.exception()))  # incoming() raised it already
-        while self._inbox.full():
-            self._inbox.get_nowait()
-        self._inbox.put_nowait(None)
+        self._fair.clear()
+        self._arrived.set()
 
     # --- publishing -------------------------------------------------------------
     async def _publish(self, topic: str, data: bytes) -> None:
@@ -448,6 +529,8 @@ class MqttTransport(Transport):
         # Packet Size is in them, so chain paho's callback to read it.
         paho = client._client  # noqa: SLF001 - see above
         complete_packet_reads(paho)
+        if self.cert_sha256 is not None:
+            pin_certificate(paho, self.cert_sha256, self.broker)
         paho.manual_ack_set(True)
         on_connect = paho.on_connect
 
@@ -455,9 +538,13 @@ class MqttTransport(Transport):
                            properties: Any = None) -> None:
             limit = getattr(properties, "MaximumPacketSize", None)
             self.broker_max_packet = int(limit) if limit else None
+            self._generation += 1
             on_connect(c, userdata, flags, reason, properties)
 
         paho.on_connect = record_connack
+        # Messages go from paho's read straight to the per-sender queues (admission
+        # before anything else), not through aiomqtt's unbounded queue.
+        paho.on_message = self._on_message
         return client
 
     async def _connection_loop(self) -> None:
@@ -471,17 +558,30 @@ class MqttTransport(Transport):
                     # Acks from the last connection are void (the broker redelivers
                     # what they were for); nothing from it is pending any more.
                     self._pending.clear()
-                    opts = SubscribeOptions(qos=QOS, noLocal=True)
-                    await client.subscribe([(f"{self.prefix}/+/share", opts),
-                                            (f"{self.prefix}/+/to/{self.name}", opts)])
+                    topics = [t for peer in self.peers if peer not in self._quenched
+                              for t in self._topics_of(peer)]
+                    # Sessions made before per-member subscriptions hold these wildcards,
+                    # and a quench whose UNSUBSCRIBE got no answer left its member's
+                    # topics: either would keep a quenched member's messages coming.
+                    await client.unsubscribe([f"{self.prefix}/+/share",
+                                              f"{self.prefix}/+/to/{self.name}",
+                                              *(t for peer in self._quenched
+                                                for t in self._topics_of(peer))])
+                    if topics:
+                        opts = SubscribeOptions(qos=QOS, noLocal=True)
+                        await client.subscribe([(t, opts) for t in topics])
                     self._connected.set()
                     if not self._ready.done():
                         self._ready.set_result(None)
                     elif self.connects > 1:
                         log.info("%s: reconnected to MQTT broker %s", self.name, self.broker)
                     backoff = BACKOFF_MIN_S
-                    async for message in client.messages:
-                        await self._deliver(message, client)
+                    # paho's callback does the receiving; wait for this connection's end.
+                    # Shielded: cancelling a task that awaits a future cancels the future,
+                    # and aiomqtt would then skip its DISCONNECT (and our last PUBACKs).
+                    disconnected = client._disconnected  # noqa: SLF001 - aiomqtt's own
+                    await asyncio.shield(disconnected)
+                    raise aiomqtt.MqttError("disconnected by the broker")
             except MqttConnectError as exc:
                 self._connected.clear()
                 err = LocalError(f"MQTT broker {self.broker} refused user {self.username!r}: "
@@ -493,7 +593,13 @@ class MqttTransport(Transport):
                 log.error("%s: %s; retrying in %.1f s", self.name, err, backoff)
             except aiomqtt.MqttError as exc:
                 self._connected.clear()
-                if isinstance(exc.__context__, ssl.SSLCertVerificationError):
+                if isinstance(exc.__context__, BrokerCertMismatch):
+                    err = LocalError(exc.__context__.args[0])
+                    if not self._ready.done():
+                        self._ready.set_exception(err)
+                        return
+                    log.error("%s: %s; retrying in %.1f s", self.name, err, backoff)
+                elif isinstance(exc.__context__, ssl.SSLCertVerificationError):
                     err = LocalError(
                         f"TLS: the certificate of MQTT broker {self.broker} is not trusted "
                         f"({exc.__context__.verify_message}): set gossip.mqtt.ca_file to the "
@@ -509,57 +615,42 @@ class MqttTransport(Transport):
                     log.warning("%s: MQTT connection to %s lost or failed (%s); retrying in %.1f s",
                                 self.name, self.broker, describe(exc), backoff)
             self._connected.clear()
-            self._discard_stale(client)
+            self._discard_stale()
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, BACKOFF_MAX_S)
 
-    def _discard_stale(self, client: aiomqtt.Client) -> None:
-        """Messages the client received on the connection that just ended and we had not
-        taken yet: none was acknowledged, so the broker redelivers them on the next
-        connection, where their packet ids would mean other messages. Drop them."""
-        queue = client._queue  # noqa: SLF001 - aiomqtt (pinned <2.6) keeps it across connections
-        stale = 0
-        while not queue.empty():
-            queue.get_nowait()
-            stale += 1
+    def _discard_stale(self) -> None:
+        """Messages received on the connection that just ended and not taken yet: none
+        was acknowledged, so the broker redelivers them on the next connection, where
+        their packet ids would mean other messages. Drop them."""
+        stale = self._fair.clear()
         if stale:
             log.info("%s: %d messages of the lost connection discarded (the broker redelivers "
-                     "them)", self.name, stale)
+                     "them)", self.name, len(stale))
 
     def _send_ack(self, generation: int, mid: int, qos: int) -> None:
         """PUBACK, if the connection the message came on is still the current one
         (after a reconnect the broker redelivers it anyway)."""
-        if self._client is not None and self.connects == generation and self._connected.is_set():
-            self._client._client.ack(mid, qos)  # noqa: SLF001 - aiomqtt has no manual ack
+        client = self._client
+        if client is None or self._generation != generation:
+            return
+        paho = client._client  # noqa: SLF001 - aiomqtt has no manual ack
+        if paho.is_connected():
+            paho.ack(mid, qos)
 
-    async def _wait_for_room(self, client: aiomqtt.Client) -> bool:
-        """Until the node takes a message from the full inbox (True) or the connection
-        is lost (False). Reading from the client stops meanwhile; nothing is acked."""
-        self.inbox_waits += 1
-        if (None, "inbox_full") not in self._logged:
-            self._logged.add((None, "inbox_full"))
-            log.warning("%s: inbox full (%d messages the node has not taken): reading from "
-                        "the broker paused until it takes one; nothing is acknowledged "
-                        "meanwhile (further pauses are counted in inbox_waits, not logged)",
-                        self.name, self._inbox.maxsize)
-        disconnected = client._disconnected  # noqa: SLF001 - this connection's end
-        while self._inbox.full() and not disconnected.done():
-            self._room = asyncio.get_running_loop().create_future()
-            disconnected.add_done_callback(self._wake)
-            try:
-                await self._room
-            finally:
-                disconnected.remove_done_callback(self._wake)
-                self._room = None
-        return not self._inbox.full()
-
-    async def _deliver(self, message: aiomqtt.Message, client: aiomqtt.Client) -> None:
-        generation, mid, qos = self.connects, message.mid, message.qos
+    def _on_message(self, _paho: Any, _userdata: Any, message: Any) -> None:
+        """paho's on_message, called from its socket read on our event loop: the
+        admission checks, cheapest first, then the sender's queue. Must not raise
+        (paho would re-raise it out of the read)."""
+        generation, mid, qos = self._generation, message.mid, message.qos
 
         def ack_now() -> None:
             self._send_ack(generation, mid, qos)
 
-        topic = message.topic.value
+        try:
+            topic = message.topic
+        except UnicodeDecodeError:
+            topic = repr(message._topic)  # noqa: SLF001 - undecodable: refused below
         # The topic first, before the payload is looked at.
         sender = self._sender_of(topic)
         if sender is None:
@@ -578,8 +669,98 @@ class MqttTransport(Transport):
             # Shares are never retained; a retained one is stale by construction.
             self._refuse("retained", sender, f"retained message on {topic[:120]!r}", ack_now)
             return
-        if self._inbox.full() and not await self._wait_for_room(client):
-            return  # connection lost while waiting: not acked, the broker sends it again
+        if not self._fair.admit(sender, len(payload)):
+            # Over its share: dropped unparsed, and acknowledged (held un-acked it would
+            # fill the broker's in-flight window to us). And we stop listening to it for
+            # a while, so the broker neither sends us its flood nor queues it for us.
+            self.stats.flood_by_sender[sender] += 1
+            self._quench(sender)
+            self._refuse("flood", sender, f"over its share of our intake ({self._fair.rate.rate:g} "
+                         f"messages/s, {self._fair.max_messages} or "
+                         f"{self._fair.max_bytes} bytes queued): dropped before verification",
+                         ack_now)
+            return
+        self.stats.bytes_received += len(payload)
+        self.stats.messages_received += 1
+        self._fair.put(sender, (bytes(payload), generation, mid, qos), len(payload))
+        self._arrived.set()
+
+    def _topics_of(self, peer: str) -> list[str]:
+        return [share_topic(self.consortium_id, peer),
+                direct_topic(self.consortium_id, peer, self.name)]
+
+    def _quench(self, sender: str) -> None:
+        """Unsubscribe from a flooding member's topics for QUENCH_S, then subscribe again.
+
+        Dropping its excess unparsed bounds our memory and verification, but we would
+        still read every message it sends off the socket, and the broker would still
+        queue them for us: one process publishing ~9,000 2 KB messages a second (QoS 0)
+        filled the broker's queue for every member (mosquitto: "Outgoing messages are
+        being dropped") and the honest members' shares with it. Unsubscribed, the broker
+        sends us none of that member's messages (its honest ones neither: the flooder's
+        loss, nobody else's) and everyone else's traffic flows."""
+        if sender in self._quenched or self._closed:
+            return
+        loop = asyncio.get_running_loop()
+        # Doubling for a member that keeps flooding: each time we listen again costs us
+        # one burst of its flood.
+        seconds = min(QUENCH_MAX_S, QUENCH_S * 2 ** self.quenches[sender])
+        self._quenched[sender] = loop.time() + seconds
+        self.quenches[sender] += 1
+        log.warning("%s: %s sends more than its share (%g messages/s): not listening to its "
+                    "topics for %.0f s (its messages meanwhile are lost to us; counted in "
+                    "flood_by_sender)", self.name, sender, self._fair.rate.rate, seconds)
+        task = loop.create_task(self._quench_for(sender, seconds),
+                                name=f"mqtt-quench-{sender}")
+        self._quench_tasks.add(task)
+        task.add_done_callback(self._quench_tasks.discard)
+
+    def _drop_connection(self) -> None:
+        """End the current connection from our side; the connection loop makes a new one
+        (the persistent session keeps what is queued for us)."""
+        sock = None if self._client is None else self._client._client.socket()  # noqa: SLF001
+        if sock is not None:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass  # already gone
+
+    def _paho_connected(self) -> bool:
+        return self._client is not None and self._client._client.is_connected()  # noqa: SLF001
+
+    async def _quench_for(self, sender: str, seconds: float) -> None:
+        topics = self._topics_of(sender)
+        try:
+            # (Also while the connection is still subscribing: the flood may begin then.)
+            if self._paho_connected():
+                assert self._client is not None
+                try:
+                    await self._client.unsubscribe(topics, timeout=UNSUBSCRIBE_TIMEOUT_S)
+                except aiomqtt.MqttError as exc:
+                    # Measured (mosquitto 2.0.11): once a QoS 0 flood has overflowed its
+                    # queue for us ("Outgoing messages are being dropped"), the broker can
+                    # stop answering this connection at all (no UNSUBACK, no PUBACK) until
+                    # our next keepalive ping, up to a minute later. A new connection
+                    # resumes the session at once; it leaves the flooder's topics out.
+                    log.warning("%s: the broker did not acknowledge unsubscribing from %s "
+                                "within %.0f s (%s): reconnecting", self.name, sender,
+                                UNSUBSCRIBE_TIMEOUT_S, describe(exc))
+                    self._drop_connection()
+            await asyncio.sleep(seconds)
+        finally:
+            self._quenched.pop(sender, None)
+        if self._paho_connected() and not self._closed:
+            try:
+                opts = SubscribeOptions(qos=QOS, noLocal=True)
+                await self._client.subscribe([(t, opts) for t in topics],
+                                             timeout=BASE_TIMEOUT_S)
+            except aiomqtt.MqttError as exc:  # the reconnect subscribes it again
+                log.info("%s: could not subscribe to %s again: %s", self.name, sender,
+                         describe(exc))
+
+    def _hand_over(self, sender: str, generation: int, mid: int, qos: int) -> _PendingAck:
+        """The ack of a message given to the node; keeps each sender's un-acked count
+        bounded by acknowledging its oldest early (module docstring)."""
         ack = _PendingAck(self, sender, generation, mid, qos)
         pending = self._pending.setdefault(sender, {})
         pending[ack] = None
@@ -593,9 +774,11 @@ class MqttTransport(Transport):
                             "acknowledging its oldest early so it cannot fill the broker's "
                             "in-flight window (further ones are counted in early_acks, not "
                             "logged)", self.name, sender, self.max_unacked_per_sender)
-        self.stats.bytes_received += len(payload)
-        self.stats.messages_received += 1
-        self._inbox.put_nowait(Incoming(bytes(payload), sender, ack))
+        return ack
+
+    def queued(self, sender: str | None = None) -> int:
+        """Messages received and not yet taken by the node (from `sender`, or all)."""
+        return self._fair.queued(sender)
 
     def unacked(self, sender: str) -> int:
         """Messages from `sender` handed to the node and not acknowledged yet."""
