@@ -347,7 +347,7 @@ MAX_STANDARDIZED = 1e6
 
 
 def apply_missing(rows: Table, schema: FeatureSchema) -> tuple[Table, dict[str, np.ndarray]]:
-    """The schema's missing-value policies, as every member and `flnode predict` apply
+    """The schema's missing-value policies, as every member applies
     them (pure: the same rows and schema give the same result anywhere): rows with an
     empty cell in a "drop_row" column are dropped; for each column with a fill, the mask
     of its empty cells (in the kept rows) is returned, for `column_values` to fill. Empty
