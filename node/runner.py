@@ -54,7 +54,7 @@ from gossip.transports.faults import FaultyTransport, fault_plan
 from node.aggregate import WeightedShare
 from node.config import NodeConfig
 from node.control import ControlVariates, local_steps, per_parameter
-from node.data import FeatureSchema, encode, held_out_split, read_table
+from node.data import FeatureSchema, dropped_rows, encode, member_split, read_table
 from node.dpsgd import train_local_dp_fast
 from node.identity import Identity, load_identity
 from node.intervals import metric_intervals
@@ -166,16 +166,26 @@ class LocalTables:
     held: Any
     train_source: str
     held_source: str
+    read_rows: int = 0  # rows in data.path as read
+    dropped: int = 0  # of them, dropped by the schema's missing = "drop_row"
+    dropped_eval: int = 0  # rows of data.eval_path dropped by it
 
     @staticmethod
-    def read(cfg: NodeConfig) -> LocalTables:
+    def read(cfg: NodeConfig, schema: FeatureSchema) -> LocalTables:
+        """The member's rows with the schema's missing = "drop_row" applied to each whole
+        file, then (without data.eval_path) split as the simulators split (member_split):
+        every count the node logs, checks or releases is after dropping."""
         df = read_table(cfg.data.path)
         if cfg.data.eval_path is not None:
-            return LocalTables(df, read_table(cfg.data.eval_path), str(cfg.data.path),
-                               str(cfg.data.eval_path))
-        train, held = held_out_split(len(df), cfg.training.seed, cfg.data.eval_fraction)
+            ev = read_table(cfg.data.eval_path)
+            keep, keep_ev = (np.flatnonzero(~dropped_rows(t, schema)) for t in (df, ev))
+            return LocalTables(df.iloc[keep], ev.iloc[keep_ev], str(cfg.data.path),
+                               str(cfg.data.eval_path), len(df), len(df) - len(keep),
+                               len(ev) - len(keep_ev))
+        train, held, dropped = member_split(df, schema, cfg.training.seed,
+                                            cfg.data.eval_fraction)
         return LocalTables(df.iloc[train], df.iloc[held], str(cfg.data.path),
-                           str(cfg.data.path))
+                           str(cfg.data.path), len(df), dropped)
 
     def encode(self, schema: FeatureSchema) -> tuple[LocalData, LocalData]:
         X, y = encode(self.train, schema, self.train_source)
@@ -353,9 +363,16 @@ class Node:
         identity = load_identity(cfg.identity.key)
         consortium = load_consortium(cfg.consortium.path)
         schema = FeatureSchema.from_dict(consortium.schema, str(cfg.consortium.path))
-        tables = LocalTables.read(cfg)
+        tables = LocalTables.read(cfg, schema)
+        for path, n, of in ((cfg.data.path, tables.dropped, tables.read_rows),
+                            (cfg.data.eval_path, tables.dropped_eval, None)):
+            if n:  # a count only, in our own log: the rows themselves never leave
+                log.warning("%s: %s: the schema's missing = \"drop_row\" drops %d%s row(s) "
+                            "with an empty cell; every count below is after dropping",
+                            identity.name, path, n, f" of its {of}" if of else "")
         if len(tables.train) == 0:
-            raise LocalError(f"{cfg.data.path}: no training rows")
+            raise LocalError(f"{cfg.data.path}: no training rows"
+                             + (" left after missing = \"drop_row\"" if tables.dropped else ""))
         # normalize = "federated": will the agreed statistics be usable? Checked before
         # anything is released or charged; refuses, or falls back to range scaling, as the
         # schema's normalize_fallback says (node/normalize.py, resolve). Then the declared
@@ -378,7 +395,8 @@ class Node:
                              "evaluate on (too few rows for data.eval_fraction; give "
                              "data.eval_path)")
         warn_about_held_out(identity.name, held.y, schema.classes, eval_path=cfg.data.eval_path,
-                            eval_fraction=cfg.data.eval_fraction, total_rows=total)
+                            eval_fraction=cfg.data.eval_fraction, total_rows=total,
+                            dropped=tables.dropped if cfg.data.eval_path is None else 0)
         return cls(cfg, identity, consortium, schema, train, held, transport, noise or OsNoise(),
                    tables=tables if federated else None)
 
