@@ -1244,17 +1244,19 @@ class Node:
         """The prekeys of the members still in round r (one that has left it would only
         refuse our share as stale), waiting for missing ones until the deadline; members
         that already let a deadline pass without one are not waited for again."""
-        assert self.sealing is not None
-        loop = asyncio.get_running_loop()
-        while True:
-            self._arrived.clear()
-            recipients, missing = self.sealing.recipients(r, self.book.still_in(r))
-            remaining = self._deadline - loop.time()
-            if remaining <= 0:
-                self._silent.update(missing)
-            if not set(missing) - self._silent or remaining <= 0:
-                return recipients, missing
-            await self._wait_arrival(remaining)
+        sealing = self.sealing
+        assert sealing is not None
+
+        def pending() -> list[str]:
+            return sorted(set(sealing.recipients(r, self.book.still_in(r))[1]) - self._silent)
+
+        # a long wait is reported like the shares' (log line, activity.json)
+        await self._wait_until(lambda: not pending(), self._deadline,
+                               waiting=(f"round {r + 1} prekeys", pending))
+        recipients, missing = sealing.recipients(r, self.book.still_in(r))
+        if asyncio.get_running_loop().time() >= self._deadline:
+            self._silent.update(missing)
+        return recipients, missing
 
     async def _rotate_prekeys(self, r: int, announce: bool = False) -> None:
         """Hold prekeys for the epochs round r may need, delete older ones, and tell the
@@ -1326,21 +1328,24 @@ class Node:
         majority = len(self.book.neighbours) // 2 + 1 if restarted else 0
         t0 = loop.time()
         deadline = t0 + g.round_deadline_s
-        reported = t0
+        next_report, reported = t0 + WAIT_REPORT_FIRST_S, False
         while True:
             self._arrived.clear()
             up = len(self._up & self.book.neighbours)
             now = loop.time()
             if up >= need_min and (up >= majority or now >= deadline):
                 break
-            if up < need_min and now - reported >= g.round_deadline_s:
-                reported = now
-                log.warning("%s: waiting for gossip.min_members = %d before round %d: %d "
-                            "up (%s)", self.name, g.min_members, self.book.current + 1, up + 1,
-                            ", ".join(sorted(self._up & self.book.neighbours)) or "none")
-            wait = (deadline if up < majority and now < deadline else reported +
-                    g.round_deadline_s) - now
-            await self._wait_arrival(max(wait, 0.01))
+            if up < need_min and now >= next_report:  # the same report as any long wait
+                self._report_wait(
+                    f"gossip.min_members = {g.min_members} before round "
+                    f"{self.book.current + 1} ({up + 1} up)",
+                    sorted(set(self.book.neighbours) - self._up), now - t0, None)
+                next_report, reported = now + WAIT_REPORT_EVERY_S, True
+            ends = ([next_report] if up < need_min else []) + \
+                ([deadline] if up < majority and now < deadline else [])
+            await self._wait_arrival(max(min(ends) - now, 0.01))
+        if reported:
+            self._write_activity(None)
         ahead = self.book.quorum_round()
         if ahead > self.book.current:
             log.warning("%s: the others are at round %d; joining them there (rounds %d-%d "
@@ -1484,15 +1489,19 @@ class Node:
                     self._write_activity(None)
                 return done()
 
-    def _report_wait(self, what: str, who: list[str], waited: float, remaining: float) -> None:
-        """One log line and activity.json: who we wait for, since when, until when."""
+    def _report_wait(self, what: str, who: list[str], waited: float,
+                     remaining: float | None) -> None:
+        """One log line and activity.json: who we wait for, since when, until when
+        (remaining None: a wait without a time limit, the min_members barrier)."""
         heard = self._up & {m.name for m in self.consortium.members}
         alone = ("; no other member heard from since this node started (started alone? "
                  "check that the others are running and can reach us)" if not heard else "")
-        log.warning("%s: waiting %.0f s for %s from %s (gives up in %.0f s)%s", self.name,
-                    waited, what, ", ".join(who) or "nobody", remaining, alone)
+        until = "no time limit" if remaining is None else f"gives up in {remaining:.0f} s"
+        log.warning("%s: waiting %.0f s for %s from %s (%s)%s", self.name,
+                    waited, what, ", ".join(who) or "nobody", until, alone)
         self._write_activity({"what": what, "waiting_for": who, "since": time.time() - waited,
-                              "gives_up": time.time() + remaining, "heard_any": bool(heard)})
+                              "gives_up": None if remaining is None else time.time() + remaining,
+                              "heard_any": bool(heard)})
 
     def _write_activity(self, waiting: dict[str, Any] | None) -> None:
         doc = {"time": time.time(), **(waiting or {"waiting_for": []})}
