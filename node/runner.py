@@ -1020,7 +1020,7 @@ class Node:
         self.last_round = self._record_round(
             r, metrics=metrics, epsilon=eps, received=report.received, seconds=report.seconds,
             intervals=intervals, eval_rows=len(self.held_out.y),
-            missing=missing, closed=closed,
+            train_rows=len(self.train_data.y), missing=missing, closed=closed,
             aggregation={k: diagnostics[k] for k in ("rule", "used", "excluded", "clipped",
                                                      "weight_capped", "fallbacks")
                          if diagnostics[k] or k in ("rule", "used")})

@@ -48,6 +48,29 @@ def test_member_report_shows_its_rounds_epsilon_peers_traffic_and_intervals(fini
     assert doc["final"]["same"] == ["bank-1", "bank-2"]
 
 
+def test_member_table_has_its_own_row_counts_and_no_column_it_cannot_know(finished, tmp_path):
+    """The "This member" table used to show "—" for rows, local-only and gain, and the
+    chart caption described local-only, centralized and attacker lines it never draws."""
+    import re
+
+    state = finished[0]
+    lines = [json.loads(x) for x in (state / "metrics.jsonl").read_text().splitlines()]
+    train, held = lines[-1]["train_rows"], lines[-1]["eval_rows"]
+    assert train > held > 0
+    html = write_member_report(state, tmp_path / "r.html")[0].read_text()
+    table = html.split("<h2>This member</h2>")[1].split("<h2>")[0]
+    heads = re.findall(r"<th[^>]*>([^<]*)</th>", table)
+    assert heads[:4] == ["member", "training rows", "held-out rows", "consortium"], heads
+    assert not {"local-only", "gain", "rows"} & set(heads)
+    cells = re.findall(r"<td[^>]*>([^<]*)</td>", table.split("</thead>")[1])
+    assert cells[1:3] == [str(train), str(held)], cells
+    captions = " ".join(re.findall(r"<figcaption>([^<]*)</figcaption>", html))
+    assert "Solid: bank-0&#x27;s model after each round." in captions, captions
+    for absent in ("local-only", "centralized", "attacker"):
+        assert absent not in captions
+    assert "Newcombe" in captions  # the band is drawn: it is named
+
+
 def test_member_report_notes_a_torn_metrics_line_and_keeps_the_rest(finished, tmp_path):
     import shutil
 
