@@ -52,7 +52,7 @@ from gossip.seal import Sealing, encode_announcement, sign_prekey
 from gossip.transports.base import Incoming, Transport, TransportFailed
 from gossip.transports.faults import FaultyTransport, fault_plan
 from node.aggregate import WeightedShare
-from node.config import NodeConfig
+from node.config import NodeConfig, quorum
 from node.control import ControlVariates, local_steps, per_parameter
 from node.data import FeatureSchema, dropped_rows, encode, member_split, read_table
 from node.dpsgd import train_local_dp_fast
@@ -274,7 +274,7 @@ class Node:
                     "contribution). Use privacy.mode = \"record\" (or \"off\"), or "
                     "normalize = \"declared\"")
             norm_sigma = schema.normalize_noise or DEFAULT_NORMALIZE_NOISE
-        if cfg.gossip.min_members > len(consortium.members):
+        if quorum(cfg.gossip.min_members, len(consortium.members)) > len(consortium.members):
             raise LocalError(f"gossip.min_members = {cfg.gossip.min_members} but the consortium "
                              f"has {len(consortium.members)} members: it could never start")
 
@@ -1324,7 +1324,10 @@ class Node:
         loop = asyncio.get_running_loop()
         restarted = self.book.current > 0 or \
             self.state.stored_release(self.book.current) is not None
-        need_min = max(0, g.min_members - 1)
+        n = len(self.consortium.members)
+        need_min = max(0, quorum(g.min_members, n) - 1)
+        asked = (f"gossip.min_members = {g.min_members}" if g.min_members != "majority" else
+                 f"gossip.min_members = \"majority\" ({need_min + 1} of {n})")
         majority = len(self.book.neighbours) // 2 + 1 if restarted else 0
         t0 = loop.time()
         deadline = t0 + g.round_deadline_s
@@ -1337,7 +1340,7 @@ class Node:
                 break
             if up < need_min and now >= next_report:  # the same report as any long wait
                 self._report_wait(
-                    f"gossip.min_members = {g.min_members} before round "
+                    f"{asked} before round "
                     f"{self.book.current + 1} ({up + 1} up)",
                     sorted(set(self.book.neighbours) - self._up), now - t0, None)
                 next_report, reported = now + WAIT_REPORT_EVERY_S, True

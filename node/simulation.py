@@ -961,8 +961,10 @@ def prepare(spec: SimulationSpec,
                          **({"lr_decay": spec.lr_decay} if spec.lr_decay != 1 else {}),
                          **({"control_variates": True} if spec.control_variates else {})},
             "privacy": privacy_section(spec),
+            # min_members 0: the simulators start every member together, and rehearse
+            # absent ones (--absent), which a quorum would wait for without limit
             "gossip": {"transport": spec.transport, "round_deadline_s": spec.round_deadline_s,
-                       "seal": spec.seal},
+                       "seal": spec.seal, "min_members": 0},
         }
         if spec.keep_releases:
             cfg["keep_releases"] = True
