@@ -1481,6 +1481,8 @@ class Node:
             now = loop.time()
             remaining = end - now
             if remaining <= 0:
+                if reported:  # a message woke us after the end: clear the wait all the same
+                    self._write_activity(None)
                 return done()
             if waiting is not None and now >= next_report:
                 self._report_wait(waiting[0], waiting[1](), now - start, remaining)
