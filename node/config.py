@@ -142,6 +142,12 @@ class MqttConfig(_Section):
     allow_plaintext: bool = False
 
 
+def quorum(min_members: int | str, members: int) -> int:
+    """The members (us included) gossip.min_members asks for before round 1, in a
+    consortium of `members`: "majority" is members // 2 + 1."""
+    return members // 2 + 1 if min_members == "majority" else int(min_members)
+
+
 def seals(seal: str, transport: str) -> bool:
     """Whether gossip.seal means sealing on this transport ("auto": on for mqtt only)."""
     return seal == "on" or (seal == "auto" and transport == "mqtt")
@@ -157,9 +163,12 @@ class GossipConfig(_Section):
     # waited for until it is heard from again (any authentic, fresh message).
     absent_after: int = Field(default=1, ge=1, le=1_000_000)
     # Round 1 starts only once this many members (ourselves included) are up (their
-    # hello heard); 0: no quorum, start at once. A restarted node always waits up to
-    # one round deadline for a majority's hello to join the round they are in.
-    min_members: int = Field(default=0, ge=0, le=100_000)
+    # hello heard), without a time limit: "majority" (the default: more than half of
+    # the consortium's members, so a node up first never trains and releases round 1,
+    # spending ε, alone), a number, or 0: no quorum, start at once (the simulators,
+    # which start every member together). A restarted node always waits up to one
+    # round deadline for a majority's hello to join the round they are in.
+    min_members: Annotated[int, Field(ge=0, le=100_000)] | Literal["majority"] = "majority"
     # normalize = "federated" (the schema): how long to wait before round 1 for every
     # member's statistics; without all of them by then the node stops with an error
     # naming who is missing (every member must combine the same messages).

@@ -346,16 +346,23 @@ def fit_schema(df: pd.DataFrame, label: str, categorical: list[str]) -> FeatureS
 MAX_STANDARDIZED = 1e6
 
 
-def apply_missing(rows: Table, schema: FeatureSchema) -> tuple[Table, dict[str, np.ndarray]]:
-    """The schema's missing-value policies, as every member and `flnode predict` apply
-    them (pure: the same rows and schema give the same result anywhere): rows with an
-    empty cell in a "drop_row" column are dropped; for each column with a fill, the mask
-    of its empty cells (in the kept rows) is returned, for `column_values` to fill. Empty
-    cells in a column without a policy are left for encode to refuse, naming them."""
+def dropped_rows(rows: Table, schema: FeatureSchema) -> np.ndarray:
+    """The mask of the rows the schema's missing = "drop_row" drops: an empty cell in a
+    column with that policy."""
     drop = np.zeros(len(rows), dtype=bool)
     for col in schema.columns:
         if schema.policy(col) == DROP_ROW and col.name in rows.columns:
             drop |= rows.empty(col.name)
+    return drop
+
+
+def apply_missing(rows: Table, schema: FeatureSchema) -> tuple[Table, dict[str, np.ndarray]]:
+    """The schema's missing-value policies, as every member applies
+    them (pure: the same rows and schema give the same result anywhere): rows with an
+    empty cell in a "drop_row" column are dropped; for each column with a fill, the mask
+    of its empty cells (in the kept rows) is returned, for `column_values` to fill. Empty
+    cells in a column without a policy are left for encode to refuse, naming them."""
+    drop = dropped_rows(rows, schema)
     if drop.any():
         rows = rows.iloc[np.flatnonzero(~drop)]
     masks = {c.name: rows.empty(c.name) for c in schema.columns
@@ -482,6 +489,23 @@ def held_out_split(n_rows: int, seed: int, fraction: float) -> tuple[np.ndarray,
     order = np.random.default_rng(seed).permutation(n_rows)
     cut = int(n_rows * (1 - fraction))
     return order[:cut], order[cut:]
+
+
+def member_split(rows: Table | pd.DataFrame, schema: FeatureSchema | None, seed: int,
+                 fraction: float) -> tuple[np.ndarray, np.ndarray, int]:
+    """(training rows, held-out rows, rows dropped) of a member without data.eval_path:
+    positions in `rows`. One order for a node and the simulators, so both hold out the
+    same rows: the schema's missing = "drop_row" applies to the whole table first, then
+    the rows left are split (held_out_split), so `fraction` is of the usable rows and the
+    held-out share does not depend on where the empty cells fell. `schema` None: nothing
+    is dropped (a simulator's drafted schema has no missing policy)."""
+    if schema is None:
+        keep = np.arange(len(rows))
+    else:
+        table = rows if isinstance(rows, Table) else Table.from_frame(rows)
+        keep = np.flatnonzero(~dropped_rows(table, schema))
+    train, held = held_out_split(len(keep), seed, fraction)
+    return keep[train], keep[held], len(rows) - len(keep)
 
 
 # --- reading a member's file (the node's path: no pandas) ------------------------------

@@ -129,6 +129,7 @@ class RoundPoint:
 class Member:
     name: str
     rows: int | None = None
+    held_rows: int | None = None  # a member's own report only: its held-out rows
     final: float | None = None
     local_only: float | None = None
     epsilon: float | None = None
@@ -452,12 +453,15 @@ def plots(run: Run, where: str = "the consortium test set") -> list[tuple[str, s
     fig, ax = plt.subplots(figsize=(10, 4.6))
     _lines(ax, members, "metric", colors,
            together="consortium (every member holds the same model)")
+    local = False
     for i, m in enumerate(members):
         if m.local_only is not None and math.isfinite(m.local_only):
+            local = True
             ax.axhline(m.local_only, color=colors[i % len(colors)], ls=":", lw=1.3,
                        label=f"{_label(m.name)} local-only")
     central = s.num("centralized")
-    if central is not None and math.isfinite(central):
+    centralized = central is not None and math.isfinite(central)
+    if centralized:
         ax.axhline(central, color="black", ls="--", lw=1.4, label="centralized (no DP)")
     banded = False
     for i, m in enumerate(members):  # the 95 % interval, where the member recorded one
@@ -469,15 +473,21 @@ def plots(run: Run, where: str = "the consortium test set") -> list[tuple[str, s
             ax.fill_between(xs, lo, hi, color=colors[i % len(colors)], alpha=0.12, lw=0,
                             label=f"{_label(m.name)} 95 % interval")
     _finish(ax, fig, f"{metric} on {where}, per round", "round", metric)
+    # the caption says what is drawn, no more (a member's own report has one line)
+    solid = (f"Solid: {members[0].name}'s model after each round." if len(members) == 1 else
+             "Solid: each member's model after each round (one black line when every "
+             "member holds the same model; one line named after several members when they hold "
+             "the same model" + ("; dashed colored: an attacker" if any(m.attack for m in members)
+                                 else "") + ").")
     out.append((f"{metric} per round",
-                "Solid: each member's model after each round (one black line when every "
-                "member holds the same model; one line named after several members when they hold "
-                "the same model; dashed colored: an attacker). Dotted: each member trained alone "
-                "on its own rows (local-only). Dashed black: the same model trained on all rows "
-                "pooled (centralized)."
+                solid
+                + (" Dotted: each member trained alone on its own rows (local-only)." if local
+                   else "")
+                + (" Dashed black: the same model trained on all rows pooled (centralized)."
+                   if centralized else "")
                 + (" Shaded: the 95 % interval of the metric on the member's held-out rows "
-                   "(Wilson for accuracy, Hanley-McNeil for ROC-AUC): how much of a swing "
-                   "between rounds the number of rows alone explains." if banded else ""),
+                   "(Wilson for accuracy, Newcombe's score interval for ROC-AUC): how much of a "
+                   "swing between rounds the number of rows alone explains." if banded else ""),
                 _png(fig)))
 
     if any(_series(m, "epsilon")[0] for m in members):
@@ -603,7 +613,9 @@ def _process_cell(proc: dict[str, Any] | None) -> str:
     return f"{_e(starts)} start{plural}, exit {codes or 'none yet'}"
 
 
-def _table(run: Run) -> str:
+def _table(run: Run, own: bool = False) -> str:
+    """The summary table; `own`: one real member's report, which has its training and
+    held-out row counts but no local-only baseline (so no gain): those columns go."""
     s = run.summary
     mode = s.text("epsilon", "mode")
     budget = s.num("epsilon", "budget")
@@ -611,6 +623,8 @@ def _table(run: Run) -> str:
     cols = ["member", "rows", "local-only", "consortium", "gain", "ε spent" +
             (" /\u00a0budget" if budget is not None else ""), "rounds", "shares released",
             "shares received", "rejected", "bytes sent", "bytes received"]
+    if own:
+        cols[1:5] = ["training rows", "held-out rows", "consortium"]
     if procs:
         cols.append("process")
     head = "".join(f'<th class="{"l" if c in ("member", "rejected", "process") else ""}">'
@@ -635,10 +649,16 @@ def _table(run: Run) -> str:
                  f"<td>{_count_cell(m.shares_received)}</td>",
                  f'<td class="wrap">{rej or ("none" if m.rejected is not None else "—")}</td>',
                  f"<td>{_bytes(m.bytes_sent)}</td>", f"<td>{_bytes(m.bytes_received)}</td>"]
+        if own:
+            cells[1:5] = [f"<td>{_count_cell(m.rows)}</td>", f"<td>{_count_cell(m.held_rows)}</td>",
+                          f"<td>{_fmt(m.final)}</td>"]
         if procs:
             cells.append(f'<td class="l">{_process_cell(m.process)}</td>')
         cls = ' class="attacker"' if m.attack else ""
         body.append(f"<tr{cls}>{''.join(cells)}</tr>")
+    if own:  # no baseline, mean or centralized row: one member knows none of them
+        return (f'<div class="scroll"><table><thead><tr>{head}</tr></thead>'
+                f"<tbody>{''.join(body)}</tbody></table></div>")
     pad = len(cols) - 5
     lo, co = s.num("local_only", "mean"), s.num("consortium", "mean")
     rows = [m.rows for m in run.members if m.rows is not None]

@@ -24,11 +24,13 @@ from pathlib import Path
 from typing import Any
 
 from gossip.errors import LocalError
+from node.privacy import PLAN_FILE, PrivacyPlan
 from node.report_html import (
     CSS,
     MAX_NOTES,
     Run,
     _bytes,
+    _count,
     _e,
     _fmt,
     _jsonl_lines,
@@ -102,6 +104,7 @@ def round_rows(path: Path, metric: str, notes: list[str]) -> list[dict[str, Any]
         iv = rec.get("intervals") if isinstance(rec.get("intervals"), dict) else {}
         rows[r] = {"round": r + 1, metric: rec["metrics"].get(metric),
                    "interval": iv.get(metric), "eval_rows": rec.get("eval_rows"),
+                   "train_rows": rec.get("train_rows"),
                    "epsilon": rec.get("epsilon"), "received": rec.get("received") or [],
                    "missing": rec.get("missing") or [], "closed": rec.get("closed")}
     return [rows[r] for r in sorted(rows)]
@@ -145,8 +148,16 @@ def load_member(state_dir: str | Path, config: str | Path | None = None
         read_metrics(members[0], log, metric, notes, "metrics.jsonl")
     else:
         notes.append("no metrics.jsonl: no round closed yet")
+    rounds = round_rows(path, metric, notes)
+    # Its own row counts, from its last round's line (a log from before train_rows was
+    # recorded: the training rows pinned in its privacy plan, if it has one).
+    last_round = rounds[-1] if rounds else {}
+    plan = PrivacyPlan.load(path / PLAN_FILE)
+    members[0].rows = _count(last_round.get("train_rows")) if last_round.get(
+        "train_rows") is not None else (_count(plan.rows) if plan is not None else None)
+    members[0].held_rows = _count(last_round.get("eval_rows"))
     st = {**st, "member": name, "metric": metric, "peers": peer_table(path, name),
-          "rounds": round_rows(path, metric, notes)}
+          "rounds": rounds}
     return Run(path, summary, metric, members, notes), st
 
 
@@ -231,7 +242,7 @@ def render_member(run: Run, st: dict[str, Any]) -> str:
         "received: the other members' shares it accepted; rejected: messages it refused, "
         f"by reason. Traffic: {_bytes(st['bytes_sent'])} sent, "
         f"{_bytes(st['bytes_received'])} received.</p>",
-        _table(run),
+        _table(run, own=True),
         "<h2>Members it heard from</h2>", _peers_html(st),
     ]
     if run.notes:
@@ -242,7 +253,8 @@ def render_member(run: Run, st: dict[str, Any]) -> str:
                      + (f"<li>… and {more} more</li>" if more else "") + "</ul></div>")
     parts.append("<h2>Per round</h2>")
     parts.append('<p class="sub">The metric on this member\'s held-out rows after each round, '
-                 "with its 95 % interval (Wilson for accuracy, Hanley-McNeil for ROC-AUC; "
+                 "with its 95 % interval (Wilson for accuracy, Newcombe's score interval for "
+                 "ROC-AUC; "
                  "node/intervals.py): on a few dozen rows a swing inside the interval is the "
                  "rows, not the model.</p>")
     parts.append(_rounds_html(st))

@@ -55,9 +55,9 @@ from gossip.seal import Sealing, encode_announcement, sign_prekey
 from gossip.transports.base import Incoming, Transport, TransportFailed
 from gossip.transports.faults import FaultyTransport, fault_plan
 from node.aggregate import WeightedShare
-from node.config import NodeConfig
+from node.config import NodeConfig, quorum
 from node.control import ControlVariates, local_steps, per_parameter
-from node.data import FeatureSchema, encode, held_out_split, read_table
+from node.data import FeatureSchema, dropped_rows, encode, member_split, read_table
 from node.dpsgd import train_local_dp_fast
 from node.evidence import EvidenceStore, same_slot
 from node.identity import Identity, load_identity
@@ -174,16 +174,26 @@ class LocalTables:
     held: Any
     train_source: str
     held_source: str
+    read_rows: int = 0  # rows in data.path as read
+    dropped: int = 0  # of them, dropped by the schema's missing = "drop_row"
+    dropped_eval: int = 0  # rows of data.eval_path dropped by it
 
     @staticmethod
-    def read(cfg: NodeConfig) -> LocalTables:
+    def read(cfg: NodeConfig, schema: FeatureSchema) -> LocalTables:
+        """The member's rows with the schema's missing = "drop_row" applied to each whole
+        file, then (without data.eval_path) split as the simulators split (member_split):
+        every count the node logs, checks or releases is after dropping."""
         df = read_table(cfg.data.path)
         if cfg.data.eval_path is not None:
-            return LocalTables(df, read_table(cfg.data.eval_path), str(cfg.data.path),
-                               str(cfg.data.eval_path))
-        train, held = held_out_split(len(df), cfg.training.seed, cfg.data.eval_fraction)
+            ev = read_table(cfg.data.eval_path)
+            keep, keep_ev = (np.flatnonzero(~dropped_rows(t, schema)) for t in (df, ev))
+            return LocalTables(df.iloc[keep], ev.iloc[keep_ev], str(cfg.data.path),
+                               str(cfg.data.eval_path), len(df), len(df) - len(keep),
+                               len(ev) - len(keep_ev))
+        train, held, dropped = member_split(df, schema, cfg.training.seed,
+                                            cfg.data.eval_fraction)
         return LocalTables(df.iloc[train], df.iloc[held], str(cfg.data.path),
-                           str(cfg.data.path))
+                           str(cfg.data.path), len(df), dropped)
 
     def encode(self, schema: FeatureSchema) -> tuple[LocalData, LocalData]:
         X, y = encode(self.train, schema, self.train_source)
@@ -287,7 +297,7 @@ class Node:
             # a member voting for range scaling never sends statistics: nothing to reserve
             norm_sigma = None if norm_fallback is not None else (
                 schema.normalize_noise or DEFAULT_NORMALIZE_NOISE)
-        if cfg.gossip.min_members > len(consortium.members):
+        if quorum(cfg.gossip.min_members, len(consortium.members)) > len(consortium.members):
             raise LocalError(f"gossip.min_members = {cfg.gossip.min_members} but the consortium "
                              f"has {len(consortium.members)} members: it could never start")
 
@@ -380,9 +390,16 @@ class Node:
         identity = load_identity(cfg.identity.key)
         consortium = load_consortium(cfg.consortium.path)
         schema = FeatureSchema.from_dict(consortium.schema, str(cfg.consortium.path))
-        tables = LocalTables.read(cfg)
+        tables = LocalTables.read(cfg, schema)
+        for path, n, of in ((cfg.data.path, tables.dropped, tables.read_rows),
+                            (cfg.data.eval_path, tables.dropped_eval, None)):
+            if n:  # a count only, in our own log: the rows themselves never leave
+                log.warning("%s: %s: the schema's missing = \"drop_row\" drops %d%s row(s) "
+                            "with an empty cell; every count below is after dropping",
+                            identity.name, path, n, f" of its {of}" if of else "")
         if len(tables.train) == 0:
-            raise LocalError(f"{cfg.data.path}: no training rows")
+            raise LocalError(f"{cfg.data.path}: no training rows"
+                             + (" left after missing = \"drop_row\"" if tables.dropped else ""))
         # normalize = "federated": will the agreed statistics be usable? Checked before
         # anything is released or charged; refuses, or votes for range scaling, as the
         # schema's normalize_fallback says (node/normalize.py, resolve); the consortium
@@ -406,7 +423,8 @@ class Node:
                              "evaluate on (too few rows for data.eval_fraction; give "
                              "data.eval_path)")
         warn_about_held_out(identity.name, held.y, schema.classes, eval_path=cfg.data.eval_path,
-                            eval_fraction=cfg.data.eval_fraction, total_rows=total)
+                            eval_fraction=cfg.data.eval_fraction, total_rows=total,
+                            dropped=tables.dropped if cfg.data.eval_path is None else 0)
         return cls(cfg, identity, consortium, schema, train, held, transport, noise or OsNoise(),
                    tables=tables if federated else None, norm_fallback=fallback)
 
@@ -1153,7 +1171,7 @@ class Node:
         self.last_round = self._record_round(
             r, metrics=metrics, epsilon=eps, received=report.received, seconds=report.seconds,
             intervals=intervals, eval_rows=len(self.held_out.y),
-            missing=missing, closed=closed,
+            train_rows=len(self.train_data.y), missing=missing, closed=closed,
             aggregation={k: diagnostics[k] for k in ("rule", "used", "excluded", "clipped",
                                                      "weight_capped", "fallbacks")
                          if diagnostics[k] or k in ("rule", "used")})
@@ -1377,17 +1395,19 @@ class Node:
         """The prekeys of the members still in round r (one that has left it would only
         refuse our share as stale), waiting for missing ones until the deadline; members
         that already let a deadline pass without one are not waited for again."""
-        assert self.sealing is not None
-        loop = asyncio.get_running_loop()
-        while True:
-            self._arrived.clear()
-            recipients, missing = self.sealing.recipients(r, self.book.still_in(r))
-            remaining = self._deadline - loop.time()
-            if remaining <= 0:
-                self._silent.update(missing)
-            if not set(missing) - self._silent or remaining <= 0:
-                return recipients, missing
-            await self._wait_arrival(remaining)
+        sealing = self.sealing
+        assert sealing is not None
+
+        def pending() -> list[str]:
+            return sorted(set(sealing.recipients(r, self.book.still_in(r))[1]) - self._silent)
+
+        # a long wait is reported like the shares' (log line, activity.json)
+        await self._wait_until(lambda: not pending(), self._deadline,
+                               waiting=(f"round {r + 1} prekeys", pending))
+        recipients, missing = sealing.recipients(r, self.book.still_in(r))
+        if asyncio.get_running_loop().time() >= self._deadline:
+            self._silent.update(missing)
+        return recipients, missing
 
     async def _rotate_prekeys(self, r: int, announce: bool = False) -> None:
         """Hold prekeys for the epochs round r may need, delete older ones, and tell the
@@ -1456,25 +1476,31 @@ class Node:
         loop = asyncio.get_running_loop()
         restarted = self.book.current > 0 or \
             self.state.stored_release(self.book.current) is not None
-        need_min = max(0, g.min_members - 1)
+        n = len(self.consortium.members)
+        need_min = max(0, quorum(g.min_members, n) - 1)
+        asked = (f"gossip.min_members = {g.min_members}" if g.min_members != "majority" else
+                 f"gossip.min_members = \"majority\" ({need_min + 1} of {n})")
         majority = len(self.book.neighbours) // 2 + 1 if restarted else 0
         t0 = loop.time()
         deadline = t0 + g.round_deadline_s
-        reported = t0
+        next_report, reported = t0 + WAIT_REPORT_FIRST_S, False
         while True:
             self._arrived.clear()
             up = len(self._up & self.book.neighbours)
             now = loop.time()
             if up >= need_min and (up >= majority or now >= deadline):
                 break
-            if up < need_min and now - reported >= g.round_deadline_s:
-                reported = now
-                log.warning("%s: waiting for gossip.min_members = %d before round %d: %d "
-                            "up (%s)", self.name, g.min_members, self.book.current + 1, up + 1,
-                            ", ".join(sorted(self._up & self.book.neighbours)) or "none")
-            wait = (deadline if up < majority and now < deadline else reported +
-                    g.round_deadline_s) - now
-            await self._wait_arrival(max(wait, 0.01))
+            if up < need_min and now >= next_report:  # the same report as any long wait
+                self._report_wait(
+                    f"{asked} before round "
+                    f"{self.book.current + 1} ({up + 1} up)",
+                    sorted(set(self.book.neighbours) - self._up), now - t0, None)
+                next_report, reported = now + WAIT_REPORT_EVERY_S, True
+            ends = ([next_report] if up < need_min else []) + \
+                ([deadline] if up < majority and now < deadline else [])
+            await self._wait_arrival(max(min(ends) - now, 0.01))
+        if reported:
+            self._write_activity(None)
         ahead = self.book.quorum_round()
         if ahead > self.book.current:
             log.warning("%s: the others are at round %d; joining them there (rounds %d-%d "
@@ -1620,6 +1646,8 @@ class Node:
             now = loop.time()
             remaining = end - now
             if remaining <= 0:
+                if reported:  # a message woke us after the end: clear the wait all the same
+                    self._write_activity(None)
                 return done()
             if waiting is not None and now >= next_report:
                 self._report_wait(waiting[0], waiting[1](), now - start, remaining)
@@ -1631,17 +1659,21 @@ class Node:
                     self._write_activity(None)
                 return done()
 
-    def _report_wait(self, what: str, who: list[str], waited: float, remaining: float) -> None:
-        """One log line and activity.json: who we wait for, since when, until when."""
+    def _report_wait(self, what: str, who: list[str], waited: float,
+                     remaining: float | None) -> None:
+        """One log line and activity.json: who we wait for, since when, until when
+        (remaining None: a wait without a time limit, the min_members barrier)."""
         heard = self._up & {m.name for m in self.consortium.members}
         alone = ("; no other member heard from since this node started (started alone? "
                  "check that the others are running and can reach us)" if not heard else "")
+        until = "no time limit" if remaining is None else f"gives up in {remaining:.0f} s"
         # The file first: whoever reads the log line (an operator, a test) then finds
         # activity.json already saying the same.
         self._write_activity({"what": what, "waiting_for": who, "since": time.time() - waited,
-                              "gives_up": time.time() + remaining, "heard_any": bool(heard)})
-        log.warning("%s: waiting %.0f s for %s from %s (gives up in %.0f s)%s", self.name,
-                    waited, what, ", ".join(who) or "nobody", remaining, alone)
+                              "gives_up": None if remaining is None else time.time() + remaining,
+                              "heard_any": bool(heard)})
+        log.warning("%s: waiting %.0f s for %s from %s (%s)%s", self.name,
+                    waited, what, ", ".join(who) or "nobody", until, alone)
 
     def _write_activity(self, waiting: dict[str, Any] | None) -> None:
         doc = {"time": time.time(), **(waiting or {"waiting_for": []})}

@@ -39,7 +39,7 @@ from gossip.membership import (
 )
 from gossip.transports.memory import MemoryHub
 from node.config import ATTACK_PARAMS, AttackConfig, load_config, seals
-from node.data import FeatureSchema, encode, fit_schema, load_demo, partition
+from node.data import FeatureSchema, encode, fit_schema, load_demo, member_split, partition
 from node.identity import Identity, save_identity
 from node.models import build_model, init_seed_from
 from node.privacy import ACCOUNTANT, NoiseSource, OsNoise, SeededNoise
@@ -818,14 +818,19 @@ def _data_dir_rows(spec: SimulationSpec, names: list[str]) -> _Rows:
         if len(test_df) == 0:
             raise LocalError(f"{test_path}: no rows (only a header?)")
         test_df = test_df[cols]
-    splits = {n: held_out_split(len(frames[n]), member_seed(spec, i))
-              for i, n in enumerate(names)}
+    def split(given: FeatureSchema | None) -> dict[str, tuple[np.ndarray, np.ndarray, int]]:
+        # as a node splits (node.data.member_split): missing = "drop_row" on the whole
+        # file, then the rows left split by the member's training.seed
+        return {n: member_split(frames[n], given, member_seed(spec, i), EVAL_FRACTION)
+                for i, n in enumerate(names)}
+
     if spec.schema_path is not None:
         where = f"--schema {spec.schema_path}"
         schema = FeatureSchema.from_dict(read_toml(spec.schema_path, "--schema"), where)
         if spec.label is not None and spec.label != schema.label:
             raise LocalError(f"--label {spec.label!r}: {where} says the label is "
                              f"{schema.label!r}")
+        splits = split(schema)
     else:
         label = spec.label or "label"
         if label not in cols:
@@ -833,6 +838,7 @@ def _data_dir_rows(spec: SimulationSpec, names: list[str]) -> _Rows:
                              f"{', '.join(map(repr, cols))})" if spec.label is not None else
                              f"--data-dir: {files[names[0]]} has no column 'label': name the "
                              "label column with --label COL")
+        splits = split(None)  # a drafted schema has no missing policy: nothing dropped
         schema = _draft_schema(frames, {n: splits[n][0] for n in names}, test_df, label)
         notes.append("schema drafted from the pooled member files (scaling from their "
                      "training rows): only a simulator can pool rows; a real consortium writes "
@@ -848,12 +854,11 @@ def _data_dir_rows(spec: SimulationSpec, names: list[str]) -> _Rows:
     enc = enc.for_encoding()
     train, own, sections = {}, {}, {}
     for n in names:
-        tr, held = splits[n]
+        tr, held, dropped = splits[n]
         if len(tr) == 0 or len(held) == 0:
-            raise LocalError(f"{files[n]}: {len(frames[n])} row(s) are too few to hold out "
-                             f"{int(100 * EVAL_FRACTION)} % and train on the rest")
-        # split first, then encode each part, as a node does (LocalTables): the schema's
-        # missing = "drop_row" drops rows within each part
+            left = f" ({dropped} dropped by missing = \"drop_row\")" if dropped else ""
+            raise LocalError(f"{files[n]}: {len(frames[n])} row(s){left} are too few to hold "
+                             f"out {int(100 * EVAL_FRACTION)} % and train on the rest")
         train[n] = encode(frames[n].iloc[tr], enc, str(files[n]))
         own[n] = encode(frames[n].iloc[held], enc, str(files[n]))
         sections[n] = {"path": str(files[n].resolve())}
@@ -956,8 +961,10 @@ def prepare(spec: SimulationSpec,
                          **({"lr_decay": spec.lr_decay} if spec.lr_decay != 1 else {}),
                          **({"control_variates": True} if spec.control_variates else {})},
             "privacy": privacy_section(spec),
+            # min_members 0: the simulators start every member together, and rehearse
+            # absent ones (--absent), which a quorum would wait for without limit
             "gossip": {"transport": spec.transport, "round_deadline_s": spec.round_deadline_s,
-                       "seal": spec.seal},
+                       "seal": spec.seal, "min_members": 0},
         }
         if spec.keep_releases:
             cfg["keep_releases"] = True

@@ -156,14 +156,17 @@ def evaluate(model: nn.Module, X: np.ndarray, y: np.ndarray) -> dict[str, float]
 
 
 def warn_about_held_out(name: str, held_y: np.ndarray, classes: list[str], *,
-                        eval_path: object, eval_fraction: float, total_rows: int) -> None:
+                        eval_path: object, eval_fraction: float, total_rows: int,
+                        dropped: int = 0) -> None:
     """Say at start what the member evaluates on, when that is not what it may expect:
     a share of its own rows held back from training (no data.eval_path), or held-out
-    rows of one class only, on which ROC-AUC and PR-AUC are undefined (NaN)."""
+    rows of one class only, on which ROC-AUC and PR-AUC are undefined (NaN). `total_rows`
+    and `dropped`: the rows split, and those missing = "drop_row" dropped before."""
     if eval_path is None:
-        log.warning("%s: no data.eval_path: %d of its %d rows (data.eval_fraction %g) are held "
-                    "out of training to evaluate on; give data.eval_path to train on all of "
-                    "them", name, len(held_y), total_rows, eval_fraction)
+        left = f" left after missing = \"drop_row\" dropped {dropped}" if dropped else ""
+        log.warning("%s: no data.eval_path: %d of its %d rows%s (data.eval_fraction %g) are "
+                    "held out of training to evaluate on; give data.eval_path to train on all "
+                    "of them", name, len(held_y), total_rows, left, eval_fraction)
     present = distinct(held_y)
     if len(classes) == 2 and len(present) < 2:
         log.warning("%s: its %d held-out rows (%s) all have label %r: ROC-AUC and PR-AUC are "

@@ -85,7 +85,7 @@ for m in "${MEMBERS[@]}"; do
   sed -e "s#^state_dir = .*#state_dir = \"state/$m\"#" \
       -e "s#^key = \"keys/bank-0.key\"#key = \"keys/$m.key\"#" \
       -e "s#^path = \"data/bank-0.csv\"#path = \"data/$m.csv\"#" \
-      -e "s#^min_members = 0#min_members = 3#" \
+      -e "s#^min_members = \"majority\"#min_members = 3#" \
       "$ROOT/network_configs/examples/node.toml" > "$m/node.toml"
   grep -q '^path = "consortium.toml"' "$m/node.toml"
   grep -q '^mode = "record"' "$m/node.toml"

@@ -60,6 +60,8 @@ def test_bad_values_name_the_key(tmp_path, edit, key):
     (lambda t: t.replace("lr = 0.1", 'rounds = "30"'), "training.rounds"),
     (lambda t: t + '\n[gossip]\nround_deadline_s = "60"\n', "gossip.round_deadline_s"),
     (lambda t: "keep_releases = 1\n" + t, "keep_releases"),
+    (lambda t: t + '\n[gossip]\nmin_members = "3"\n', "gossip.min_members"),
+    (lambda t: t + '\n[gossip]\nmin_members = "all"\n', "gossip.min_members"),
     (lambda t: 'keep_releases = "true"\n' + t, "keep_releases"),
 ])
 def test_quoted_or_mistyped_values_are_refused_not_coerced(tmp_path, edit, key):
@@ -69,6 +71,19 @@ def test_quoted_or_mistyped_values_are_refused_not_coerced(tmp_path, edit, key):
     with pytest.raises(LocalError) as info:
         load_config(path)
     assert key in str(info.value), info.value
+
+
+def test_round_1_waits_for_a_majority_by_default(tmp_path):
+    """min_members used to default to 0: a node up first trained and released round 1
+    alone, spending ε on a model nobody averaged."""
+    from node.config import quorum
+
+    cfg = load_config(write(tmp_path, GOOD))
+    assert cfg.gossip.min_members == "majority"
+    assert [quorum("majority", n) for n in (1, 2, 3, 4, 8)] == [1, 2, 2, 3, 5]
+    assert quorum(0, 3) == 0 and quorum(3, 3) == 3
+    gossip = GOOD + '\n[gossip]\nmin_members = 0\n'
+    assert load_config(write(tmp_path, gossip)).gossip.min_members == 0
 
 
 def test_an_integer_still_counts_as_a_float(tmp_path):

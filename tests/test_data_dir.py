@@ -312,3 +312,55 @@ def test_in_process_and_real_processes_give_the_same_per_member_metrics(tmp_path
         diffs.append(abs(v - net["consortium"]["per_node"][m]))
     assert len(diffs) == 3 * 3 + 3 * 2 + 3
     assert max(diffs) <= 1e-6, max(diffs)
+
+
+def test_drop_row_applies_to_the_whole_file_then_node_and_simulator_split_alike(
+        tmp_path, monkeypatch, caplog):
+    """missing = "drop_row" drops from the whole file first, then the rows left are split:
+    the node and the simulator hold out the same rows, 20 % of the usable ones, and the
+    normalization check (resolve) is given the training rows after dropping."""
+    import logging
+
+    import pandas as pd
+    import tomli_w
+
+    import node.runner as runner
+    from gossip.transports.memory import MemoryHub
+    from node.config import load_config
+    from node.runner import Node
+
+    rows, empty = 200, 11
+    data = make_dir(tmp_path / "data", rows=rows)
+    for i, name in enumerate(MEMBERS):
+        df = pd.read_csv(data / f"{name}.csv")
+        df.loc[df.index[i:i + 17 * empty:17], "balance"] = np.nan
+        df.to_csv(data / f"{name}.csv", index=False)
+    doc = {"label": "label", "classes": ["No", "Yes"], "normalize": "declared", "columns": [
+        {"name": "student", "kind": "categorical", "vocabulary": ["No", "Yes"]},
+        {"name": "balance", "kind": "numeric", "mean": 800.0, "std": 500.0,
+         "range": [0.0, 5000.0], "missing": "drop_row"},
+        {"name": "income", "kind": "numeric", "mean": 33000.0, "std": 13000.0}]}
+    (tmp_path / "schema.toml").write_text(tomli_w.dumps(doc))
+    prep = prepare(spec(tmp_path, data, schema_path=tmp_path / "schema.toml"))
+    seen = []
+    real = runner.resolve
+
+    def spy(schema, members, own_rows, *rest):
+        seen.append(own_rows)
+        return real(schema, members, own_rows, *rest)
+
+    monkeypatch.setattr(runner, "resolve", spy)
+    usable = rows - empty
+    held = usable - int(usable * 0.8)
+    hub = MemoryHub()
+    for i, (name, path) in enumerate(zip(prep.names, prep.config_paths, strict=True)):
+        caplog.clear()
+        with caplog.at_level(logging.WARNING):
+            node = Node.from_config(load_config(path), hub.attach(name, prep.names))
+        assert len(node.held_out.y) == held and len(node.train_data.y) == usable - held
+        assert seen[-1] == usable - held
+        assert np.array_equal(node.held_out.X, prep.own_parts[i][0])
+        assert np.array_equal(node.train_data.X, prep.train_parts[i][0])
+        assert f'drop_row" drops {empty} of its {rows} row(s)' in caplog.text
+        assert f'{held} of its {usable} rows left after missing = "drop_row" dropped {empty}' \
+            in caplog.text

@@ -18,7 +18,7 @@ from node import pidfile
 from node import runner as runner_mod
 from node.models import get_flat, set_flat
 from node.runner import compare_finals
-from node.status import collect, final_line, process_line, render
+from node.status import collect, final_line, process_line, render, waiting_line
 from tests.test_runner import build, make, run_all
 
 
@@ -132,6 +132,54 @@ async def test_a_node_started_alone_says_so_early_and_status_shows_whom_it_waits
     assert json.loads((alone.state.path / runner_mod.ACTIVITY_FILE).read_text())[
         "waiting_for"] == []
     assert collect(alone.state.path)["waiting"] is None
+
+
+@pytest.mark.parametrize("quorum,asked", [
+    (3, "gossip.min_members = 3"), ("majority", 'gossip.min_members = "majority" (2 of 3)')])
+async def test_the_min_members_wait_is_reported_and_shown_by_status(tmp_path, monkeypatch,
+                                                                     caplog, quorum, asked):
+    """gossip.min_members = 3 with the others down: the node said nothing for a round
+    deadline and status showed no wait. Now the same report as any long wait, within
+    WAIT_REPORT_FIRST_S; once the others start, the wait clears and the round runs."""
+    from node.config import load_config
+    from node.privacy import SeededNoise
+    from node.runner import Node
+
+    monkeypatch.setattr(runner_mod, "WAIT_REPORT_FIRST_S", 0.2)
+    monkeypatch.setattr(runner_mod, "WAIT_REPORT_EVERY_S", 0.5)
+    _, prep = make(tmp_path, nodes=3, rounds=1, privacy="off", deadline=30.0)
+    hub = MemoryHub()
+    cfg = load_config(prep.config_paths[0])
+    cfg = cfg.model_copy(update={"gossip": cfg.gossip.model_copy(
+        update={"min_members": quorum})})
+    first = Node.from_config(cfg, hub.attach(prep.names[0], prep.names), SeededNoise(0))
+    caplog.set_level(logging.WARNING, logger="flnode.node")
+    path = first.state.path / runner_mod.ACTIVITY_FILE
+
+    async def waiting() -> dict:
+        while True:
+            if path.exists():
+                doc = json.loads(path.read_text())
+                if doc.get("waiting_for"):
+                    return doc
+            await asyncio.sleep(0.02)
+
+    async with asyncio.TaskGroup() as tg:
+        task = tg.create_task(first.run())
+        doc = await asyncio.wait_for(waiting(), 60)
+        assert doc["waiting_for"] == ["bank-1", "bank-2"] and doc["gives_up"] is None
+        assert doc["what"] == f"{asked} before round 1 (1 up)"
+        assert collect(first.state.path)["waiting"]["waiting_for"] == ["bank-1", "bank-2"]
+        assert waiting_line(doc, time.time()).startswith(
+            f"for bank-1, bank-2 ({asked} before round 1 (1 up))")
+        assert first.last_round is None and not task.done()  # nothing trained or released
+        others = build(prep, hub, which={1, 2})
+        tasks = [tg.create_task(n.run()) for n in others]
+    assert all(len(t.result()) == 1 for t in [task, *tasks])
+    waits = [r.getMessage() for r in caplog.records if "gossip.min_members" in r.getMessage()]
+    assert waits and f"waiting 0 s for {asked} before round 1 (1 up) from " \
+        "bank-1, bank-2 (no time limit); no other member heard from" in waits[0], waits
+    assert collect(first.state.path)["waiting"] is None
 
 
 async def test_members_that_end_with_different_models_are_told_so(tmp_path, caplog):

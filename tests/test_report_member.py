@@ -11,7 +11,7 @@ import pytest
 from gossip.errors import LocalError
 from gossip.transports.memory import MemoryHub
 from node.cli import main
-from node.intervals import hanley_mcneil, interval_text, metric_intervals, wilson
+from node.intervals import auc_score_interval, hanley_mcneil, interval_text, metric_intervals, wilson
 from node.report_member import write_member_report
 from node.status import collect
 from tests.test_runner import build, make, run_all
@@ -46,6 +46,29 @@ def test_member_report_shows_its_rounds_epsilon_peers_traffic_and_intervals(fini
     assert "Members it heard from" in html and "95 % interval" in html
     assert html.count("data:image/png;base64,") >= 2  # metric (with band) and bytes, at least
     assert doc["final"]["same"] == ["bank-1", "bank-2"]
+
+
+def test_member_table_has_its_own_row_counts_and_no_column_it_cannot_know(finished, tmp_path):
+    """The "This member" table used to show "—" for rows, local-only and gain, and the
+    chart caption described local-only, centralized and attacker lines it never draws."""
+    import re
+
+    state = finished[0]
+    lines = [json.loads(x) for x in (state / "metrics.jsonl").read_text().splitlines()]
+    train, held = lines[-1]["train_rows"], lines[-1]["eval_rows"]
+    assert train > held > 0
+    html = write_member_report(state, tmp_path / "r.html")[0].read_text()
+    table = html.split("<h2>This member</h2>")[1].split("<h2>")[0]
+    heads = re.findall(r"<th[^>]*>([^<]*)</th>", table)
+    assert heads[:4] == ["member", "training rows", "held-out rows", "consortium"], heads
+    assert not {"local-only", "gain", "rows"} & set(heads)
+    cells = re.findall(r"<td[^>]*>([^<]*)</td>", table.split("</thead>")[1])
+    assert cells[1:3] == [str(train), str(held)], cells
+    captions = " ".join(re.findall(r"<figcaption>([^<]*)</figcaption>", html))
+    assert "Solid: bank-0&#x27;s model after each round." in captions, captions
+    for absent in ("local-only", "centralized", "attacker"):
+        assert absent not in captions
+    assert "Newcombe" in captions  # the band is drawn: it is named
 
 
 def test_member_report_notes_a_torn_metrics_line_and_keeps_the_rest(finished, tmp_path):
@@ -88,6 +111,39 @@ def test_an_interval_narrows_with_rows_and_is_shown_in_the_round_line():
     assert interval_text("roc_auc", few, 14).startswith(" (95 % 0.") and "on 14 rows" in \
         interval_text("roc_auc", few, 14)
     assert "roc_auc" not in metric_intervals({"roc_auc": float("nan")}, [0] * 5)
+
+
+def test_auc_interval_is_not_degenerate_at_the_boundary():
+    # 13 held-out rows, all ranked right: the Wald form says 1.00-1.00 (nothing); the
+    # score interval is wide, as 5 + 8 rows are
+    assert hanley_mcneil(1.0, 5, 8) == (1.0, 1.0)
+    lo, hi = metric_intervals({"roc_auc": 1.0}, [1] * 5 + [0] * 8)["roc_auc"]
+    assert hi == 1.0 and 0.6 < lo < 0.8
+    assert interval_text("roc_auc", {"roc_auc": [lo, hi]}, 13) == " (95 % 0.71-1.00 on 13 rows)"
+    lo, hi = auc_score_interval(0.0, 5, 8)
+    assert lo == 0.0 and 0.2 < hi < 0.4
+    # many rows, mid AUC: close to Hanley-McNeil's Wald interval
+    s, w = auc_score_interval(0.8, 500, 500), hanley_mcneil(0.8, 500, 500)
+    assert s[0] == pytest.approx(w[0], abs=0.01) and s[1] == pytest.approx(w[1], abs=0.01)
+    assert math.isnan(auc_score_interval(0.9, 0, 10)[0])
+    assert math.isnan(auc_score_interval(1.5, 5, 5)[0])
+
+
+def test_auc_interval_covers_about_95_percent_on_few_rows():
+    import numpy as np
+
+    from node.auc import roc_auc
+
+    # binormal scores 2 sd apart: true AUC = Phi(2 / sqrt 2) = 0.921; 5 + 8 rows, where
+    # the Wald form covers ~71 % (measured) and often collapses to a point at 1.000
+    rng = np.random.default_rng(0)
+    true, y = 0.5 * (1 + math.erf(1.0)), np.r_[np.ones(5), np.zeros(8)].astype(int)
+    hits = 0
+    for _ in range(1500):
+        lo, hi = auc_score_interval(roc_auc(y, np.r_[rng.normal(2, 1, 5), rng.normal(0, 1, 8)]),
+                                    5, 8)
+        hits += lo <= true <= hi
+    assert 0.93 <= hits / 1500 <= 0.975
 
 
 def test_wilson_covers_about_95_percent():

@@ -415,3 +415,36 @@ def test_a_restarted_node_seals_at_once_with_the_prekeys_in_its_checkpoint(tmp_p
         cp, peer_prekeys={"bank-1": [[seq, garbled]]}))
     third = Node.from_config(cfg, MemoryHub().attach("bank-0", prep.names))
     assert third.sealing.peers == {}
+
+
+def test_the_prekey_wait_is_reported_like_any_long_wait(tmp_path, monkeypatch, caplog):
+    """A sealing node waiting for a member's prekey said nothing until the deadline; now
+    it says whom it waits for (log and activity.json), as for shares."""
+    import logging
+
+    from node import runner as runner_mod
+
+    monkeypatch.setattr(runner_mod, "WAIT_REPORT_FIRST_S", 0.2)
+    spec = SimulationSpec(dataset="default", nodes=3, partition="iid", rounds=1, seed=0,
+                          out=tmp_path, privacy="off", round_deadline_s=2.0)
+    prep = prepare(spec)
+    hub = MemoryHub()
+    nodes = []
+    for name, path in list(zip(prep.names, prep.config_paths, strict=True))[:2]:
+        cfg = load_config(path)
+        cfg = cfg.model_copy(update={"gossip": cfg.gossip.model_copy(update={"seal": "on"})})
+        nodes.append(Node.from_config(cfg, hub.attach(name, prep.names)))
+    caplog.set_level(logging.WARNING, logger="flnode.node")
+
+    async def run():
+        async with asyncio.TaskGroup() as tg:
+            for n in nodes:
+                tg.create_task(n.run())
+
+    asyncio.run(run())
+    waits = [r.getMessage() for r in caplog.records if "for round 1 prekeys" in r.getMessage()]
+    assert waits and all("from bank-2 (gives up in" in w for w in waits), waits
+    for n in nodes:
+        assert "bank-2" in n._silent
+        doc = json.loads((n.state.path / runner_mod.ACTIVITY_FILE).read_text())
+        assert doc["waiting_for"] == []  # cleared once the wait ended
