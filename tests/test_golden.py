@@ -9,6 +9,7 @@ change breaks deployed nodes. Pure: no network, no broker, no torch.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import shutil
@@ -24,7 +25,7 @@ from gossip import envelope as E
 from gossip.membership import load_consortium
 from gossip.seal import Sealing, decode_announcement
 from node.privacy import Ledger, PrivacyPlan, epsilon_of, plan_history
-from node.state import Checkpoint, StateDir
+from node.state import CHECKPOINT_KEYS, Checkpoint, StateDir, decode_checkpoint
 from tests.golden import make_golden as G
 
 GOLDEN = Path(__file__).parent / "golden"
@@ -157,9 +158,28 @@ def test_checkpoint_keys_are_frozen():
     assert list(raw) == RUN["checkpoint_keys"]
 
 
+def test_checkpoint_codec_names_every_attribute():
+    """A new Checkpoint attribute without a key in the codec would silently not be saved."""
+    assert ["version", *CHECKPOINT_KEYS] == RUN["checkpoint_keys"]
+    assert sorted(CHECKPOINT_KEYS.values()) == sorted(f.name for f in dataclasses.fields(Checkpoint))
+
+
+@pytest.mark.parametrize(("edit", "complaint"), [
+    (lambda d: d.update(surprise=1), "unknown keys"),
+    (lambda d: d.update(version=2), "unknown version"),
+    (lambda d: d.pop("seq"), "missing keys")])
+def test_checkpoint_codec_refuses_what_it_does_not_know(tmp_path, edit, complaint):
+    doc = msgpack.unpackb((STATE / "checkpoint.msgpack").read_bytes(), raw=False)
+    edit(doc)
+    (tmp_path / "checkpoint.msgpack").write_bytes(msgpack.packb(doc, use_bin_type=True))
+    with pytest.raises(E.LocalError, match=complaint):
+        StateDir(tmp_path).load_checkpoint()
+
+
 def test_golden_checkpoint_loads_with_its_values():
     cp = StateDir(STATE).load_checkpoint()
     assert isinstance(cp, Checkpoint)
+    assert cp == decode_checkpoint((STATE / "checkpoint.msgpack").read_bytes())
     want = RUN["checkpoint"]
     assert (cp.next_round, cp.seq, len(cp.model), cp.planned_rounds, cp.ledger_records,
             cp.ledger_digest) == (want["next_round"], want["seq"], want["model_bytes"],
