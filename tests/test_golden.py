@@ -24,6 +24,8 @@ from nacl.signing import SigningKey
 from gossip import envelope as E
 from gossip.membership import load_consortium
 from gossip.seal import Sealing, decode_announcement
+from node.config import load_config
+from node.identity import load_identity
 from node.privacy import Ledger, PrivacyPlan, epsilon_of, plan_history
 from node.state import CHECKPOINT_KEYS, Checkpoint, StateDir, decode_checkpoint
 from tests.golden import make_golden as G
@@ -146,12 +148,28 @@ def test_golden_consortium_edited_is_refused(tmp_path):
         load_consortium(tmp_path / "c.toml")
 
 
-def test_run_consortium_loads():
-    c = load_consortium(GOLDEN / "run" / "consortium.toml")
+def test_run_config_identity_and_consortium_load(tmp_path):
+    """The golden run's node config, its key and its consortium file: what a restart reads
+    before the state dir."""
+    shutil.copytree(GOLDEN / "run", tmp_path / "run")
+    (tmp_path / "run" / "keys" / "telco-0.key").chmod(0o600)  # git keeps no 0600
+    cfg = load_config(tmp_path / "run" / "nodes" / "telco-0.toml")
+    assert (cfg.model.kind, cfg.training.rounds, cfg.privacy.mode, cfg.privacy.epsilon,
+            cfg.gossip.seal) == ("logreg", 2, "record", 3.0, "on")
+    me = load_identity(cfg.identity.key)
+    c = load_consortium(cfg.consortium.path)
     assert sorted(m.name for m in c.members) == ["telco-0", "telco-1"]
+    assert c.by_name(me.name).public_key == bytes(me.signing_key.verify_key)
 
 
 # --- state dir: checkpoint, ledger, privacy plan ------------------------------------------
+
+@pytest.fixture
+def state(tmp_path) -> StateDir:
+    """A copy of the golden state dir (StateDir() chmods what it opens: not the repo's)."""
+    shutil.copytree(STATE, tmp_path / "state")
+    return StateDir(tmp_path / "state")
+
 
 def test_checkpoint_keys_are_frozen():
     raw = msgpack.unpackb((STATE / "checkpoint.msgpack").read_bytes(), raw=False)
@@ -176,8 +194,8 @@ def test_checkpoint_codec_refuses_what_it_does_not_know(tmp_path, edit, complain
         StateDir(tmp_path).load_checkpoint()
 
 
-def test_golden_checkpoint_loads_with_its_values():
-    cp = StateDir(STATE).load_checkpoint()
+def test_golden_checkpoint_loads_with_its_values(state):
+    cp = state.load_checkpoint()
     assert isinstance(cp, Checkpoint)
     assert cp == decode_checkpoint((STATE / "checkpoint.msgpack").read_bytes())
     want = RUN["checkpoint"]
@@ -188,15 +206,13 @@ def test_golden_checkpoint_loads_with_its_values():
     assert list(cp.peer_prekeys) == ["telco-1"] and cp.replay and cp.strategy
 
 
-def test_golden_checkpoint_saves_back_byte_for_byte(tmp_path):
+def test_golden_checkpoint_saves_back_byte_for_byte(state):
     """Load and save again: the same bytes (same keys, order and values)."""
-    shutil.copy(STATE / "checkpoint.msgpack", tmp_path / "checkpoint.msgpack")
-    state = StateDir(tmp_path)
     state.save_checkpoint(state.load_checkpoint())
     assert state.checkpoint_path.read_bytes() == (STATE / "checkpoint.msgpack").read_bytes()
 
 
-def test_golden_ledger_and_plan_give_the_stored_epsilon():
+def test_golden_ledger_and_plan_give_the_stored_epsilon(state):
     plan = PrivacyPlan.load(STATE / "privacy_plan.json")
     assert json.loads((STATE / "privacy_plan.json").read_text()) == RUN["plan"]
     ledger = Ledger(STATE / "ledger.jsonl")
@@ -209,12 +225,12 @@ def test_golden_ledger_and_plan_give_the_stored_epsilon():
                                    plan.steps_per_round, plan.rounds, plan.count_sigma,
                                    plan.normalize_sigma), plan.delta) <= plan.epsilon * (1 + 1e-6)
     # The checkpoint was written with this ledger: a restart's check passes.
-    cp = StateDir(STATE).load_checkpoint()
+    cp = state.load_checkpoint()
     ledger.check_covers(cp.ledger_records, cp.ledger_digest, "golden checkpoint")
 
 
-def test_golden_seq_file_reads():
-    assert StateDir(STATE).reserved_seq() >= RUN["checkpoint"]["seq"]
+def test_golden_seq_file_reads(state):
+    assert state.reserved_seq() >= RUN["checkpoint"]["seq"]
 
 
 # --- CLI help ----------------------------------------------------------------------------
