@@ -32,7 +32,7 @@ from typing import Any
 
 import msgpack
 
-from gossip.errors import LocalError
+from gossip.errors import LocalError, shorten
 
 CHECKPOINT_VERSION = 1
 # Our own file, but a corrupted one must not make msgpack allocate wildly.
@@ -129,6 +129,44 @@ class Checkpoint:
     ledger_digest: str = ""
 
 
+# The checkpoint's format: its map keys on disk (after "version"), in the order written,
+# and the Checkpoint attribute each holds. The keys are the contract, not the attribute
+# names: an attribute may be renamed here without making deployed checkpoints unreadable;
+# a new attribute needs a new key (tests/test_golden.py checks every attribute has one,
+# and that tests/golden's checkpoint still loads and saves back byte for byte).
+CHECKPOINT_KEYS: dict[str, str] = {
+    "next_round": "next_round", "model": "model", "seq": "seq", "replay": "replay",
+    "rejected": "rejected", "bytes_sent": "bytes_sent", "bytes_received": "bytes_received",
+    "retired": "retired", "peer_prekeys": "peer_prekeys", "strategy": "strategy",
+    "control": "control", "planned_rounds": "planned_rounds",
+    "ledger_records": "ledger_records", "ledger_digest": "ledger_digest",
+}
+# Keys every checkpoint has; the others were added later and default when absent.
+CHECKPOINT_REQUIRED = ("next_round", "model", "seq")
+
+
+def encode_checkpoint(cp: Checkpoint) -> bytes:
+    doc = {"version": CHECKPOINT_VERSION,
+           **{key: getattr(cp, attr) for key, attr in CHECKPOINT_KEYS.items()}}
+    return msgpack.packb(doc, use_bin_type=True)
+
+
+def decode_checkpoint(raw: bytes) -> Checkpoint:
+    """A checkpoint from its bytes; ValueError names what is wrong."""
+    doc = msgpack.unpackb(raw, raw=False, max_bin_len=MAX_CHECKPOINT_BYTES)
+    if not isinstance(doc, dict):
+        raise ValueError("not a msgpack map")
+    if doc.get("version") != CHECKPOINT_VERSION:
+        raise ValueError(f"unknown version {shorten(doc.get('version'))}")
+    unknown = [k for k in doc if k != "version" and k not in CHECKPOINT_KEYS]
+    if unknown:
+        raise ValueError(f"unknown keys {shorten(unknown)} (written by a newer flnode?)")
+    missing = [k for k in CHECKPOINT_REQUIRED if k not in doc]
+    if missing:
+        raise ValueError(f"missing keys {missing}")
+    return Checkpoint(**{attr: doc[key] for key, attr in CHECKPOINT_KEYS.items() if key in doc})
+
+
 class StateDir:
     def __init__(self, path: str | Path, rotate_bytes: int = ROTATE_BYTES,
                  rotate_keep: int = ROTATE_KEEP) -> None:
@@ -151,18 +189,14 @@ class StateDir:
         return self.path / "ledger.jsonl"
 
     def save_checkpoint(self, cp: Checkpoint) -> None:
-        doc = {"version": CHECKPOINT_VERSION, **cp.__dict__}
-        atomic_write(self.checkpoint_path, msgpack.packb(doc, use_bin_type=True))
+        atomic_write(self.checkpoint_path, encode_checkpoint(cp))
 
     def load_checkpoint(self) -> Checkpoint | None:
         if not self.checkpoint_path.exists():
             return None
         raw = self.checkpoint_path.read_bytes()
         try:
-            doc = msgpack.unpackb(raw, raw=False, max_bin_len=MAX_CHECKPOINT_BYTES)
-            if doc.pop("version") != CHECKPOINT_VERSION:
-                raise ValueError("unknown version")
-            return Checkpoint(**doc)
+            return decode_checkpoint(raw)
         except Exception as exc:  # noqa: BLE001 - any decode failure means the same thing
             raise LocalError(f"checkpoint {self.checkpoint_path} is unreadable ({exc}); "
                              "move it away to start from scratch") from None

@@ -1,7 +1,7 @@
 """Test tiers. `make test-unit` runs the `unit` tier: the pure modules (envelope,
 seal, wire parsing, rounds, aggregation strategies, privacy accounting,
-membership, config, identity), no broker, no network, no training; it runs in
-well under a minute. `make test` runs everything."""
+membership, config, identity, the golden contracts of tests/golden/), no broker,
+no network, no training; it runs in well under a minute. `make test` runs everything."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import pytest
 UNIT_MODULES = frozenset({
     "test_envelope", "test_seal", "test_parse_bounds", "test_rounds", "test_aggregate",
     "test_strategy", "test_privacy", "test_membership", "test_config", "test_identity",
-    "test_fuzz", "test_rules",
+    "test_fuzz", "test_rules", "test_golden",
 })
 
 
