@@ -1050,7 +1050,8 @@ async def run_consortium(spec: SimulationSpec, prep: Prepared,
         if name in spec.absent:  # listed, never started
             continue
         cfg = load_config(path)
-        transport = hub.attach(name, prep.names)
+        transport = hub.attach(name, prep.names,
+                               max_message_bytes=cfg.gossip.max_envelope_bytes)
         # Reproducible noise on the built-in demo tables only; the members' own files
         # (--data-dir) get os.urandom, as a real node (`flnode run`) always does.
         nodes.append(Node.from_config(cfg, transport, noise_for(spec, i)))
