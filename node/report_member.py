@@ -145,7 +145,10 @@ def load_member(state_dir: str | Path, config: str | Path | None = None
         read_metrics(members[0], log, metric, notes, "metrics.jsonl")
     else:
         notes.append("no metrics.jsonl: no round closed yet")
-    st = {**st, "member": name, "metric": metric, "peers": peer_table(path, name),
+    peers = peer_table(path, name)
+    for member, f in (st.get("flood") or {}).items():  # messages, not audit lines
+        peers.setdefault(member, _peer())["flood_dropped"] = f["dropped"]
+    st = {**st, "member": name, "metric": metric, "peers": dict(sorted(peers.items())),
           "rounds": round_rows(path, metric, notes)}
     return Run(path, summary, metric, members, notes), st
 
@@ -169,7 +172,13 @@ def _peers_html(st: dict[str, Any]) -> str:
     final = st.get("final") or {}
     rows = []
     for m, e in peers.items():
-        refused = ", ".join(f"{_e(k)} {v}" for k, v in sorted(e["refused"].items())) or "none"
+        refused = ", ".join(f"{_e(k)} {v}" for k, v in sorted(e["refused"].items())
+                            if k != "flood")
+        if e.get("flood_dropped"):  # the audit log has a flood line per round; say messages
+            refused += (", " if refused else "") + (
+                f'<span class="neg">flood: {e["flood_dropped"]:,} messages dropped before '
+                "verification</span>")
+        refused = refused or "none"
         digest = ("same" if m in (final.get("same") or []) else
                   '<span class="neg">different</span>' if m in (final.get("different") or {})
                   else "not heard" if m in (final.get("not_heard") or []) else
