@@ -349,6 +349,9 @@ async def test_status_and_report_name_a_flooding_member_with_its_count(tmp_path)
     assert f"flood: {dropped} messages dropped before verification" in html
     assert json.loads((nodes[0].state.path / "report.json").read_text()
                       )["peers"]["mallory"]["flood_dropped"] == dropped
+    from node.simulation import seen_by  # the simulator's per-attacker lines: messages too
+
+    assert seen_by(nodes[0].state.path, ["mallory"])["mallory"]["rejected"]["flood"] == dropped
 
 
 def test_flood_counts_add_up_across_restarts_and_ignore_foreign_values():
