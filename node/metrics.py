@@ -20,6 +20,7 @@ Metric names (all prefixed `flnode_`):
 | epsilon_spent / epsilon_budget | gauge | | ε from the accountant / the budget (not with privacy off) |
 | messages_received_total | counter | member | authentic messages accepted (shares, prekeys, ...) |
 | rejected_total | counter | reason | messages refused, by reason (envelope, round book, transport) |
+| flood_dropped_total | counter | member | rejected_total{reason="flood"} by member (a flood) |
 | messages_sent_total / bytes_sent_total / bytes_received_total | counter | | the transport's counts |
 | round_bytes_sent / round_bytes_received | gauge | | bytes of the last closed round |
 | round_duration_seconds | gauge | | wall time of the last closed round |
@@ -69,6 +70,13 @@ class NodeCollector(Collector):
             rejected.add_metric([reason], count)
         yield rejected
         stats = n.transport.stats
+        flood = CounterMetricFamily("flnode_flood_dropped", "messages the transport dropped "
+                                    "before verification because the member was over its "
+                                    "share of our intake (a flood), by member",
+                                    labels=["member"])
+        for member, count in sorted(dict(stats.flood_by_sender).items()):
+            flood.add_metric([member], count)
+        yield flood
         yield CounterMetricFamily("flnode_messages_sent", "messages the transport sent",
                                   value=stats.messages_sent)
         yield CounterMetricFamily("flnode_bytes_sent", "bytes the transport sent",

@@ -156,7 +156,10 @@ def load_member(state_dir: str | Path, config: str | Path | None = None
     members[0].rows = _count(last_round.get("train_rows")) if last_round.get(
         "train_rows") is not None else (_count(plan.rows) if plan is not None else None)
     members[0].held_rows = _count(last_round.get("eval_rows"))
-    st = {**st, "member": name, "metric": metric, "peers": peer_table(path, name),
+    peers = peer_table(path, name)
+    for member, f in (st.get("flood") or {}).items():  # messages, not audit lines
+        peers.setdefault(member, _peer())["flood_dropped"] = f["dropped"]
+    st = {**st, "member": name, "metric": metric, "peers": dict(sorted(peers.items())),
           "rounds": rounds}
     return Run(path, summary, metric, members, notes), st
 
@@ -180,7 +183,13 @@ def _peers_html(st: dict[str, Any]) -> str:
     final = st.get("final") or {}
     rows = []
     for m, e in peers.items():
-        refused = ", ".join(f"{_e(k)} {v}" for k, v in sorted(e["refused"].items())) or "none"
+        refused = ", ".join(f"{_e(k)} {v}" for k, v in sorted(e["refused"].items())
+                            if k != "flood")
+        if e.get("flood_dropped"):  # the audit log has a flood line per round; say messages
+            refused += (", " if refused else "") + (
+                f'<span class="neg">flood: {e["flood_dropped"]:,} messages dropped before '
+                "verification</span>")
+        refused = refused or "none"
         digest = ("same" if m in (final.get("same") or []) else
                   '<span class="neg">different</span>' if m in (final.get("different") or {})
                   else "not heard" if m in (final.get("not_heard") or []) else

@@ -1057,7 +1057,8 @@ async def run_consortium(spec: SimulationSpec, prep: Prepared,
         if name in spec.absent:  # listed, never started
             continue
         cfg = load_config(path)
-        transport = hub.attach(name, prep.names)
+        transport = hub.attach(name, prep.names,
+                               max_message_bytes=cfg.gossip.max_envelope_bytes)
         # Reproducible noise on the built-in demo tables only; the members' own files
         # (--data-dir) get os.urandom, as a real node (`flnode run`) always does.
         nodes.append(Node.from_config(cfg, transport, noise_for(spec, i)))
@@ -1222,7 +1223,8 @@ def seen_by(state: Path, attackers: list[str]) -> dict[str, dict[str, Any]]:
     """What one honest member did about each attacker, from its audit log: the rounds
     it aggregated, in how many the attacker's share was used (and its mean fraction of
     the result), how often the strategy excluded / clipped / capped / down-weighted it
-    (by reason), which of its messages were rejected (by reason), the equivocations
+    (by reason), which of its messages were rejected (by reason; `flood`: messages dropped
+    unparsed, from metrics.jsonl), the equivocations
     proven against it (`evidence`: two envelopes it signed), the seen reports it made that
     disagreed with our copy (`digest_mismatch`, its claims) and those of others that
     disputed its share (`accused`: claims against it, not proof)."""
@@ -1260,6 +1262,12 @@ def seen_by(state: Path, attackers: list[str]) -> dict[str, dict[str, Any]]:
                     entry[what][note["reason"]] = entry[what].get(note["reason"], 0) + 1
     for entry in out.values():
         entry["mean_weight"] = entry["mean_weight"] / entry["rounds"] if entry["rounds"] else 0.0
+    # The audit log has one flood line per round; say the messages dropped instead.
+    from node.status import flood_by_member
+
+    for a, f in flood_by_member(read_jsonl(state / "metrics.jsonl")).items():
+        if a in out:
+            out[a]["rejected"]["flood"] = f["dropped"]
     return out
 
 

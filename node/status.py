@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from gossip.errors import LocalError
+from gossip.transports.base import SENDER_BURST, SENDER_QUEUE_MESSAGES, SENDER_RATE_PER_S
 from node.pidfile import PID_FILE, process_state
 from node.privacy import ACCOUNTANT, PLAN_FILE, WEIGHT_FILE, Ledger, PrivacyPlan, epsilon_of
 from node.state import StateDir, read_jsonl
@@ -64,6 +65,46 @@ def _waiting(path: Path) -> dict[str, Any] | None:
 
 # activity.json and final.json are a few hundred bytes; more is not ours.
 MAX_SMALL_JSON_BYTES = 1 << 20
+
+
+def flood_by_member(metrics: list[dict[str, Any]]) -> dict[str, dict[str, int]]:
+    """Per member, the messages our transport dropped unparsed because it was over its
+    share of our intake (`flood_by_sender` in metrics.jsonl), and the last round (0-based)
+    in which that count grew. A line's counts are since its process started, so a count
+    that goes down (or `bytes_sent`, also since the start, going down) is a restart: the
+    run's last count is kept and the new run's added to it."""
+    done: dict[str, int] = {}  # counts of earlier runs (processes)
+    run: dict[str, int] = {}  # this run's counts, as of the latest line
+    last: dict[str, int] = {}
+    prev_sent = -1
+    for line in metrics:
+        sent = line.get("bytes_sent")
+        if _count(sent):
+            if sent < prev_sent:  # a new process: its counters start at 0
+                for m, c in run.items():
+                    done[m] = done.get(m, 0) + c
+                run = {}
+            prev_sent = sent
+        flood = line.get("flood_by_sender")
+        if not isinstance(flood, dict):
+            continue
+        for member, count in flood.items():
+            if not isinstance(member, str) or not _count(count):
+                continue  # not the node's own writing: ignored
+            before = run.get(member, 0)
+            if count < before:  # restarted without bytes_sent showing it
+                done[member] = done.get(member, 0) + before
+                before = 0
+            if count > before and _count(line.get("round")):
+                last[member] = line["round"]
+            run[member] = count
+    totals = {m: done.get(m, 0) + run.get(m, 0) for m in set(done) | set(run)}
+    return {m: {"dropped": c, "last_round": last.get(m, -1)}
+            for m, c in sorted(totals.items()) if c > 0}
+
+
+def _count(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and x >= 0
 
 
 def collect(state_dir: str | Path, config: str | Path | None = None) -> dict[str, Any]:
@@ -136,6 +177,7 @@ def collect(state_dir: str | Path, config: str | Path | None = None) -> dict[str
         "normalization": normalization,
         "peers_heard_from": peers,
         "rejected": cp.rejected,
+        "flood": flood_by_member(metrics),
         "bytes_sent": cp.bytes_sent,
         "bytes_received": cp.bytes_received,
     }
@@ -214,6 +256,17 @@ def final_line(f: dict[str, Any]) -> str:
     return "; ".join(parts) or f"digest {digest}… (no other member to compare with)"
 
 
+def flood_line(member: str, f: dict[str, int]) -> str:
+    """"bank-3: 4,550 messages dropped before verification (over 50/s or its queue), last
+    in round 5". The rate is the transports' per-sender budget (gossip/transports/base.py);
+    when the transport stopped listening to the member (and until when) is in the node's
+    log, not its files."""
+    last = f"; last in round {f['last_round'] + 1}" if f["last_round"] >= 0 else ""
+    return (f"{member[:64]}: {f['dropped']:,} messages dropped before verification, over its "
+            f"share of our intake ({SENDER_RATE_PER_S:g}/s, burst {SENDER_BURST}, "
+            f"{SENDER_QUEUE_MESSAGES} queued){last}")
+
+
 def render(s: dict[str, Any], now: float | None = None) -> str:
     now = time.time() if now is None else now
     lines = [f"state dir   {s['state_dir']}", f"process     {process_line(s['process'], now)}"]
@@ -258,6 +311,8 @@ def render(s: dict[str, Any], now: float | None = None) -> str:
         for n, v in sorted(peers.items())) or "none yet"))
     rej = s["rejected"]
     lines.append("rejected    " + (", ".join(f"{k} {v}" for k, v in sorted(rej.items())) or "none"))
+    for i, (member, f) in enumerate(sorted((s.get("flood") or {}).items())):
+        lines.append(("flood       " if i == 0 else " " * 12) + flood_line(member, f))
     lines.append(f"traffic     {s['bytes_sent']} bytes sent, {s['bytes_received']} received")
     if s.get("final"):
         lines.append(f"final       {final_line(s['final'])}")

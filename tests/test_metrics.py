@@ -66,6 +66,34 @@ async def test_a_scrape_shows_the_rounds_epsilon_shares_and_rejections_move(tmp_
     assert after[("flnode_round_duration_seconds", ())] > 0
 
 
+async def test_a_flooding_member_is_named_in_the_flood_counter(tmp_path):
+    """bank-1 sends bank-0 2,000 messages while bank-0 reads none: its fair intake holds
+    256 of bank-1's (SENDER_QUEUE_MESSAGES, within the burst), drops the other 1,744
+    unparsed, and the scrape names bank-1 with exactly that count, the same as the
+    transport's own count and `rejected_total{reason="flood"}`; bank-2 is not named."""
+    from gossip.transports.base import SENDER_QUEUE_MESSAGES
+
+    _, prep = make(tmp_path, nodes=3, rounds=1, privacy="off")
+    hub = MemoryHub()
+    watched = build(prep, hub)[0]
+    server, thread = serve(watched, 0)
+    try:
+        clean = await asyncio.to_thread(scrape, server.server_port)
+        for i in range(2000):
+            await hub.deliver("bank-1", "bank-0", b"stale share %d" % i)
+        await hub.deliver("bank-2", "bank-0", b"one message")
+        after = await asyncio.to_thread(scrape, server.server_port)
+    finally:
+        server.shutdown()
+        thread.join(timeout=30)
+    assert not [k for k in clean if k[0] == "flnode_flood_dropped_total"]
+    dropped = 2000 - SENDER_QUEUE_MESSAGES
+    assert watched.transport.stats.flood_by_sender == {"bank-1": dropped}
+    floods = {k: v for k, v in after.items() if k[0] == "flnode_flood_dropped_total"}
+    assert floods == {("flnode_flood_dropped_total", (("member", "bank-1"),)): dropped}
+    assert after[("flnode_rejected_total", (("reason", "flood"),))] == dropped
+
+
 # --- a real `flnode run` process ---------------------------------------------------------
 
 def test_flnode_run_serves_metrics_that_move_with_its_rounds(tmp_path):

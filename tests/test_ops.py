@@ -367,3 +367,55 @@ def test_a_node_keeps_a_members_first_final_digest_only(tmp_path):
     assert node.handle(Incoming(bad, "bank-1")) is None
     assert node._finals == {"bank-1": bytes([7]) * 32}
     assert node.rejected() == {"bad_body": 1}
+
+
+async def test_status_and_report_name_a_flooding_member_with_its_count(tmp_path):
+    """mallory (on the hub, not a member) sends bank-0 300 messages before the run: bank-0's
+    intake holds 256 (its per-sender queue) and drops 44 unparsed. The node writes them to
+    metrics.jsonl as flood_by_sender; `flnode status` and `flnode report --state-dir` name
+    mallory with the 44 messages (before: only `flood 44` under rejected, nobody named)."""
+    from gossip.transports.base import SENDER_QUEUE_MESSAGES
+    from node.report_member import write_member_report
+
+    _, prep = make(tmp_path, nodes=3, rounds=2, privacy="off")
+    hub = MemoryHub()
+    nodes = build(prep, hub)
+    hub.attach("mallory", prep.names)
+    for i in range(300):
+        await hub.deliver("mallory", "bank-0", b"stale %d" % i)
+    await asyncio.wait_for(run_all(nodes), 300)
+    dropped = 300 - SENDER_QUEUE_MESSAGES
+    st = collect(nodes[0].state.path)
+    assert st["flood"] == {"mallory": {"dropped": dropped, "last_round": 0}}
+    text = render(st)
+    assert f"rejected    flood {dropped}," in text
+    assert (f"flood       mallory: {dropped} messages dropped before verification, over its "
+            "share of our intake (50/s, burst 256, 256 queued); last in round 1") in text
+    assert "bank-1" not in text.split("flood       ")[1].split("\n")[0]
+    await asyncio.to_thread(write_member_report, nodes[0].state.path)
+    html = (nodes[0].state.path / "report.html").read_text()
+    assert f"flood: {dropped} messages dropped before verification" in html
+    assert json.loads((nodes[0].state.path / "report.json").read_text()
+                      )["peers"]["mallory"]["flood_dropped"] == dropped
+    from node.simulation import seen_by  # the simulator's per-attacker lines: messages too
+
+    assert seen_by(nodes[0].state.path, ["mallory"])["mallory"]["rejected"]["flood"] == dropped
+
+
+def test_flood_counts_add_up_across_restarts_and_ignore_foreign_values():
+    """metrics.jsonl counts are since the process started: a restart (bytes_sent or the
+    count going down) adds the earlier run's last count, it does not replace it."""
+    from node.status import flood_by_member
+
+    lines = [
+        {"round": 0, "bytes_sent": 10},
+        {"round": 1, "bytes_sent": 20, "flood_by_sender": {"b": 100}},
+        {"round": 2, "bytes_sent": 30, "flood_by_sender": {"b": 150, "c": 5}},
+        {"round": 3, "bytes_sent": 5, "flood_by_sender": {"b": 150}},  # restart, b again
+        {"round": 4, "bytes_sent": 9, "flood_by_sender": {"b": 150, "c": 2, "x": -1,
+                                                         "y": True, "z": "9"}},
+        {"round": 5, "bytes_sent": 12, "flood_by_sender": {"b": 3}},  # restart, bytes up
+    ]
+    assert flood_by_member(lines) == {"b": {"dropped": 303, "last_round": 5},
+                                      "c": {"dropped": 7, "last_round": 4}}
+    assert flood_by_member([{"round": 0, "bytes_sent": 1}]) == {}

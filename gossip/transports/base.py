@@ -166,6 +166,14 @@ class FairInbox:
         self.dropped: Counter[str] = Counter()  # sender -> messages refused by admit
         self.drop_reasons: Counter[str] = Counter()  # "rate" / "queue" -> messages
 
+    def add_sender(self, sender: str) -> None:
+        """One more name the transport can attribute traffic to (an empty budget of its
+        own); nothing if it has one already."""
+        self._queues.setdefault(sender, deque())
+
+    def knows(self, sender: str) -> bool:
+        return sender in self._queues
+
     def admit(self, sender: str, nbytes: int) -> bool:
         """Room and rate for one more message of `nbytes` from `sender` (consumes a
         token when it says yes). `sender` must be one of the transport's senders."""
