@@ -1480,12 +1480,16 @@ class Node:
         need_min = max(0, quorum(g.min_members, n) - 1)
         asked = (f"gossip.min_members = {g.min_members}" if g.min_members != "majority" else
                  f"gossip.min_members = \"majority\" ({need_min + 1} of {n})")
-        majority = len(self.book.neighbours) // 2 + 1 if restarted else 0
         t0 = loop.time()
         deadline = t0 + g.round_deadline_s
         next_report, reported = t0 + WAIT_REPORT_FIRST_S, False
         while True:
             self._arrived.clear()
+            # A majority of the members still sharing, recounted on every arrival: a
+            # retire message shrinks it, and with none left (all retired) there is nobody
+            # to wait for (a majority fixed at the start waited out the whole deadline).
+            majority = len(self.book.neighbours) // 2 + 1 \
+                if restarted and self.book.neighbours else 0
             up = len(self._up & self.book.neighbours)
             now = loop.time()
             if up >= need_min and (up >= majority or now >= deadline):
