@@ -341,7 +341,7 @@ def torch_train_rss(shape: dict) -> float:
 
 def as_csv(out: Path, configs: list[Path]) -> None:
     """The simulator writes the members' rows as Parquet; an institution brings CSV
-    (README, "Bring your own data"), which a node reads without pyarrow (Parquet costs a
+    (docs/operate/own-data.md), which a node reads without pyarrow (Parquet costs a
     node ~55 MB more: `--data-format parquet` measures it). Same rows, same values (a
     float64 written by pandas reads back bit-identical)."""
     import pandas as pd

@@ -1,7 +1,7 @@
 """Small consortia on their own tables, by the documented path (issue 20).
 
 Each member's CSV holds raw values and a few empty cells; every step is what the
-README's "Bring your own data" documents, through the functions the CLI calls:
+walkthrough in docs/operate/own-data.md documents, through the functions the CLI calls:
 
 1. `flnode schema infer` on each member's file (node.schema.infer, render),
 2. `flnode schema merge ... --ranges-from PUBLIC.csv` (node.schema.merge): the ranges

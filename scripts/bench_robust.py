@@ -47,7 +47,7 @@ consortium build` writes for 8 members, f = 2 and the far filter included) under
 attack with each --f attackers, the same seeds' clean runs of the plain mean (the
 reference), of the default and of the old default (f = 1, no far filter; also under
 two attackers), both with --f members down (`absent`), and what the far filter saw
-(`far`: the largest honest far_ratio, honest shares it left out). README, "Hostile members":
+(`far`: the largest honest far_ratio, honest shares it left out). docs/results/robustness.md:
 
     .venv/bin/python scripts/bench_robust.py --defaults --f 1,2,3 --seeds 3 --no-dp \
         --out runs/bench/robust-defaults.json --cache runs/bench/robust-defaults-cells.jsonl

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# README, "Bring your own data", run as written: three hospitals' CSV files (with
-# empty cells) to three `flnode run` processes over libp2p on 127.0.0.1, record-level
+# The walkthrough of docs/operate/own-data.md, run as written: three hospitals' CSV
+# files (with empty cells) to three `flnode run` processes over libp2p on 127.0.0.1, record-level
 # DP at epsilon 3, `flnode status` while running and after, and each member's own
-# `flnode report --state-dir`. Only the addresses differ from the README (free ports on
+# `flnode report --state-dir`. Only the addresses differ from that page (free ports on
 # loopback instead of 10.0.0.x:4001).
 #
 #   scripts/walkthrough_own_data.sh [WORK_DIR]      # default: a new temp dir
@@ -16,7 +16,7 @@
 # consortium uses a published table of the same measurements).
 #
 # Takes about 1 minute on an idle machine here (56 s: the run 41 s, 30 rounds) and 3 on
-# busy cores: not part of the test suite. tests/test_own_data.py checks that every `flnode` line below is in the README.
+# busy cores: not part of the test suite. tests/test_own_data.py checks that every `flnode` line below is on that page.
 # Exits non-zero if any step fails or the members end with different final models.
 set -euo pipefail
 
@@ -62,7 +62,7 @@ for m in "${MEMBERS[@]}"; do
   (cd "$m" && flnode keygen --out keys --name "$m" \
      && flnode schema infer "data/$m.csv" --label diagnosis --out "$m-schema.toml" >/dev/null)
 done
-# (README, shown for hosp-a:)
+# (docs/operate/own-data.md, shown for hosp-a:)
 #   flnode keygen --out keys --name hosp-a
 #   flnode schema infer data/hosp-a.csv --label diagnosis --out hosp-a-schema.toml
 

@@ -1,8 +1,8 @@
-"""README, "Bring your own data": its walkthrough (three hospitals, 30 columns, ranges
+"""docs/operate/own-data.md, "Bring your own data": its walkthrough (three hospitals, 30 columns, ranges
 from a public table) is run as written by scripts/walkthrough_own_data.sh (2 to 3
-minutes, not in the suite); the first test checks that the README and that script still
+minutes, not in the suite); the first test checks that the page and that script still
 say the same commands. The slow test runs the same steps on three banks' CSV files of a
-two-column table, with the ranges typed from domain knowledge as the README's step 2
+two-column table, with the ranges typed from domain knowledge as the page's step 2
 says, as three real `flnode run` processes over libp2p on loopback, with the draft's
 normalization (federated, falling back to range scaling at these sizes) and record-level
 DP at epsilon = 3 per member."""
@@ -22,7 +22,7 @@ import tomli_w
 from scripts.ports import free_ports
 
 ROOT = Path(__file__).resolve().parent.parent
-README = (ROOT / "README.md").read_text()
+OWN_DATA = (ROOT / "docs" / "operate" / "own-data.md").read_text()
 BANKS = ("bank-a", "bank-b", "bank-c")
 RANGES = {"balance": "[0.0, 3000.0]", "income": "[0.0, 80000.0]"}
 
@@ -54,8 +54,8 @@ WALKTHROUGH = (
 )
 
 
-def test_the_readme_walkthrough_and_its_script_say_the_same_commands():
-    section = README[README.index("### Bring your own data"):README.index("### Rehearse on")]
+def test_the_documented_walkthrough_and_its_script_say_the_same_commands():
+    section = OWN_DATA[OWN_DATA.index("## Walkthrough"):OWN_DATA.index("## Normalization")]
     script = (ROOT / "scripts" / "walkthrough_own_data.sh").read_text()
     # the script's continued lines joined, quotes dropped, its loop variable as hosp-a
     flat = re.sub(r"\\\n\s*", "", script).replace('"', "").replace("$m", "hosp-a")
@@ -66,7 +66,7 @@ def test_the_readme_walkthrough_and_its_script_say_the_same_commands():
                 'path = "consortium.toml"', 'path = "data/hosp-a.csv"', "min_members = 3",
                 "network_configs/examples/node.toml"):
         assert key in section, key
-    for col, rng in RANGES.items():  # the slow test's hand-typed ranges: the README says why
+    for col, rng in RANGES.items():  # the slow test's hand-typed ranges: the page says why
         assert f"`{col}` {rng.strip('[]').split(', ')[0].split('.')[0]} to" in section
 
 

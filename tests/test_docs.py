@@ -1,0 +1,100 @@
+"""The documentation's links hold: every relative Markdown link in README.md, DESIGN.md
+and docs/ points to a file of the repository, and its #anchor (if any) to a heading of
+that file, slugged as GitHub slugs them. No page sends its reader to a file outside
+the repository (the old README's ../shared/ references pointed to the authors' own
+machine)."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+PAGES = sorted([ROOT / "README.md", ROOT / "DESIGN.md", *(ROOT / "docs").rglob("*.md")])
+
+FENCE = re.compile(r"^(```|~~~)")
+INLINE_CODE = re.compile(r"`[^`]*`")
+LINK = re.compile(r"(?<!!)\[(?:[^\]\[]|\[[^\]]*\])*\]\(([^()\s]+)(?:\s+\"[^\"]*\")?\)")
+HEADING = re.compile(r"^(#{1,6})\s+(.*?)\s*#*\s*$")
+
+
+def _prose_lines(text: str) -> list[str]:
+    """The page's lines outside fenced code blocks, with inline code removed."""
+    out, fenced = [], False
+    for line in text.splitlines():
+        if FENCE.match(line.strip()):
+            fenced = not fenced
+            continue
+        if not fenced:
+            out.append(INLINE_CODE.sub("", line))
+    return out
+
+
+def slug(heading: str) -> str:
+    """GitHub's anchor for a heading: markup and punctuation dropped, lower case,
+    spaces to hyphens (letters of any script, digits, '-' and '_' are kept)."""
+    text = re.sub(r"\[([^\]]*)\]\([^)]*\)", r"\1", heading)  # a link: its text
+    text = text.replace("`", "").replace("*", "").strip().lower()
+    text = "".join(c for c in text if c.isalnum() or c in " -_")
+    return text.replace(" ", "-")
+
+
+def anchors(page: Path) -> set[str]:
+    seen: dict[str, int] = {}
+    out = set()
+    fenced = False
+    for line in page.read_text().splitlines():
+        if FENCE.match(line.strip()):
+            fenced = not fenced
+            continue
+        m = None if fenced else HEADING.match(line)
+        if m:
+            base = slug(m.group(2))
+            n = seen.get(base, 0)
+            seen[base] = n + 1
+            out.add(base if n == 0 else f"{base}-{n}")
+    return out
+
+
+def links(page: Path) -> list[str]:
+    return [m.group(1) for line in _prose_lines(page.read_text()) for m in LINK.finditer(line)]
+
+
+def test_the_slug_is_githubs():
+    assert slug("Sealed shares: the broker relays ciphertext") == \
+        "sealed-shares-the-broker-relays-ciphertext"
+    assert slug("A member's node: restarts and down members") == \
+        "a-members-node-restarts-and-down-members"
+    assert slug("`flnode run` and ε, δ") == "flnode-run-and-ε-δ"
+
+
+def test_a_broken_link_is_found(tmp_path):
+    page = tmp_path / "p.md"
+    page.write_text("# Top\n[ok](#top) [bad](#nowhere) `[code](x.md)`\n```\n[fenced](y.md)\n```\n")
+    assert links(page) == ["#top", "#nowhere"]
+    assert "top" in anchors(page) and "nowhere" not in anchors(page)
+
+
+@pytest.mark.parametrize("page", PAGES, ids=lambda p: str(p.relative_to(ROOT)))
+def test_every_relative_link_resolves(page):
+    broken = []
+    for target in links(page):
+        if re.match(r"^[a-z][a-z0-9+.-]*:", target):  # http:, https:, mailto:
+            continue
+        path, _, anchor = target.partition("#")
+        dest = (page.parent / path).resolve() if path else page
+        if not dest.is_relative_to(ROOT):
+            broken.append(f"{target}: outside the repository")
+        elif not dest.exists():
+            broken.append(f"{target}: no such file")
+        elif anchor and dest.suffix == ".md" and anchor not in anchors(dest):
+            broken.append(f"{target}: no heading #{anchor} in {dest.relative_to(ROOT)}")
+    assert not broken, f"{page.relative_to(ROOT)}: " + "; ".join(broken)
+
+
+@pytest.mark.parametrize("page", PAGES, ids=lambda p: str(p.relative_to(ROOT)))
+def test_no_page_points_outside_the_repository(page):
+    lines = [n for n, line in enumerate(page.read_text().splitlines(), 1) if "../shared/" in line]
+    assert not lines, f"{page.relative_to(ROOT)} lines {lines}: a file outside the repository"
