@@ -20,16 +20,17 @@ LINK = re.compile(r"(?<!!)\[(?:[^\]\[]|\[[^\]]*\])*\]\(([^()\s]+)(?:\s+\"[^\"]*\
 HEADING = re.compile(r"^(#{1,6})\s+(.*?)\s*#*\s*$")
 
 
-def _prose_lines(text: str) -> list[str]:
-    """The page's lines outside fenced code blocks, with inline code removed."""
+def _prose(text: str) -> str:
+    """The page outside fenced code blocks, with inline code removed (a link's text or
+    a code span may run over a line break)."""
     out, fenced = [], False
     for line in text.splitlines():
         if FENCE.match(line.strip()):
             fenced = not fenced
             continue
         if not fenced:
-            out.append(INLINE_CODE.sub("", line))
-    return out
+            out.append(line)
+    return INLINE_CODE.sub("", "\n".join(out))
 
 
 def slug(heading: str) -> str:
@@ -59,7 +60,7 @@ def anchors(page: Path) -> set[str]:
 
 
 def links(page: Path) -> list[str]:
-    return [m.group(1) for line in _prose_lines(page.read_text()) for m in LINK.finditer(line)]
+    return [m.group(1) for m in LINK.finditer(_prose(page.read_text()))]
 
 
 def test_the_slug_is_githubs():
@@ -72,25 +73,43 @@ def test_the_slug_is_githubs():
 
 def test_a_broken_link_is_found(tmp_path):
     page = tmp_path / "p.md"
-    page.write_text("# Top\n[ok](#top) [bad](#nowhere) `[code](x.md)`\n```\n[fenced](y.md)\n```\n")
-    assert links(page) == ["#top", "#nowhere"]
+    page.write_text("# Top\n[ok](#top) [bad](#nowhere) `[code](x.md)`\n```\n[fenced](y.md)\n```\n"
+                    "[two\nlines](#top)\n")
+    assert links(page) == ["#top", "#nowhere", "#top"]
     assert "top" in anchors(page) and "nowhere" not in anchors(page)
 
 
-@pytest.mark.parametrize("page", PAGES, ids=lambda p: str(p.relative_to(ROOT)))
-def test_every_relative_link_resolves(page):
+def broken_links(page: Path, root: Path = ROOT) -> list[str]:
     broken = []
     for target in links(page):
         if re.match(r"^[a-z][a-z0-9+.-]*:", target):  # http:, https:, mailto:
             continue
         path, _, anchor = target.partition("#")
         dest = (page.parent / path).resolve() if path else page
-        if not dest.is_relative_to(ROOT):
+        if not dest.is_relative_to(root):
             broken.append(f"{target}: outside the repository")
         elif not dest.exists():
             broken.append(f"{target}: no such file")
         elif anchor and dest.suffix == ".md" and anchor not in anchors(dest):
-            broken.append(f"{target}: no heading #{anchor} in {dest.relative_to(ROOT)}")
+            broken.append(f"{target}: no heading #{anchor} in {dest.relative_to(root)}")
+    return broken
+
+
+def test_each_kind_of_broken_link_is_named(tmp_path):
+    (tmp_path / "repo" / "docs").mkdir(parents=True)
+    (tmp_path / "outside.md").write_text("# Out\n")
+    (tmp_path / "repo" / "docs" / "b.md").write_text("# B page\n## Twice\n## Twice\n")
+    page = tmp_path / "repo" / "docs" / "a.md"
+    page.write_text("[f](b.md#twice-1) [g](b.md#b-page) [h](../README.md) [i](b.md#three)\n"
+                    "[j](../../outside.md) [k](https://example.org/x.md)\n")
+    assert broken_links(page, tmp_path / "repo") == [
+        "../README.md: no such file", "b.md#three: no heading #three in docs/b.md",
+        "../../outside.md: outside the repository"]
+
+
+@pytest.mark.parametrize("page", PAGES, ids=lambda p: str(p.relative_to(ROOT)))
+def test_every_relative_link_resolves(page):
+    broken = broken_links(page)
     assert not broken, f"{page.relative_to(ROOT)}: " + "; ".join(broken)
 
 

@@ -1,6 +1,6 @@
 """A bounded run of scripts/fuzz.py: hostile inputs, raw and signed by members, through
-the verifier and the round book. The full run (1,000,000 inputs) is in the README's
-figures; this one checks the same properties loosely enough for a loaded machine."""
+the verifier and the round book. The full run (1,000,000 inputs) is in
+docs/reference/checks.md; this one checks the same properties loosely enough for a loaded machine."""
 
 from __future__ import annotations
 

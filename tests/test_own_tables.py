@@ -1,6 +1,6 @@
 """scripts/bench_own_tables.py's documented path (schema infer per member, schema merge
 --ranges-from, the simulator over the real node code) on breast_cancer with empty cells:
-the accuracy figures take minutes (README, "Measured"); this checks the fast part, that
+the accuracy figures take minutes (docs/results/simulate.md); this checks the fast part, that
 the consortium's stated rule decides at start, before anything is charged."""
 
 from __future__ import annotations
