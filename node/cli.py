@@ -185,7 +185,7 @@ def add_data_dir_flags(p: argparse.ArgumentParser) -> None:
 def _status(args: argparse.Namespace) -> int:
     import json
 
-    from node.status import collect, render
+    from node.ops.status import collect, render
 
     s = collect(args.state_dir, args.config)
     print(json.dumps(s, indent=2, sort_keys=True) if args.json else render(s))
@@ -197,7 +197,7 @@ def _report(args: argparse.Namespace) -> int:
         args._parser.error("give a RUN_DIR (a simulator's run) or --state-dir DIR (a member's "
                            "own state dir), one of them")
     if args.state_dir is not None:
-        from node.report_member import write_member_report
+        from node.ops.report_member import write_member_report
 
         path, doc = write_member_report(args.state_dir, args.out, args.config)
         print(f"wrote {path} and {doc}")

@@ -121,7 +121,7 @@ class RoundPoint:
     shares_in: int = 0     # members whose share it received for the round
     closed: bool = False   # the member closed the round (it released a share for it)
     low: float | None = None   # the metric's 95 % interval on the member's held-out rows
-    high: float | None = None  # (metrics.jsonl "intervals", node/intervals.py)
+    high: float | None = None  # (metrics.jsonl "intervals", node/ops/intervals.py)
     eval_rows: int | None = None
 
 

@@ -1263,7 +1263,7 @@ def seen_by(state: Path, attackers: list[str]) -> dict[str, dict[str, Any]]:
     for entry in out.values():
         entry["mean_weight"] = entry["mean_weight"] / entry["rounds"] if entry["rounds"] else 0.0
     # The audit log has one flood line per round; say the messages dropped instead.
-    from node.status import flood_by_member
+    from node.ops.status import flood_by_member
 
     for a, f in flood_by_member(read_jsonl(state / "metrics.jsonl")).items():
         if a in out:

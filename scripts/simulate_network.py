@@ -144,7 +144,7 @@ def history_of(members: list[Member], metric: str) -> dict[int, dict[str, dict[s
 
 
 def ledger_epsilon(spec: SimulationSpec, state: Path) -> float | None:
-    """A member's ε as `flnode status` computes it (node/status.py): recomputed from its
+    """A member's ε as `flnode status` computes it (node/ops/status.py): recomputed from its
     ledger by the accountant at the run's δ, never read from a metrics line, which a
     member killed after charging a round (or before its first line) has not written.
     None only with privacy off. A ledger that cannot be read is a LocalError naming it."""

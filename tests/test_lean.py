@@ -286,7 +286,7 @@ def test_cli_default_rule_is_the_rules_default():
 # --- status wording ---------------------------------------------------------------------------
 
 def test_status_round_line_counts_from_one():
-    from node.status import round_line
+    from node.ops.status import round_line
 
     assert round_line({"rounds_done": 30, "planned_rounds": 30, "next_round": 30}) == \
         "30 of 30 rounds completed (finished)"

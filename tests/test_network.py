@@ -109,8 +109,8 @@ def test_summary_epsilon_is_recomputed_from_the_ledger_not_the_last_metrics_line
     starts: bank-0 and bank-1 charge round 1, release and wait out a long deadline for
     it; the run's --timeout stops them there (SIGTERM). The summary's ε is the ledger's,
     as `flnode status` computes it."""
+    from node.ops.status import collect
     from node.privacy import Ledger
-    from node.status import collect
 
     out = tmp_path / "net"
     r = subprocess.run(

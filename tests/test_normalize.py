@@ -102,7 +102,7 @@ async def test_record_dp_charges_the_statistics_once_and_a_restart_never_recompu
         lo, hi = schema.columns[[c.name for c in schema.columns].index(col)].range
         assert abs(got[col][0] - want[col][0]) < 0.05 * (hi - lo)
     # `flnode status` shows it, with its own share of the budget.
-    from node.status import collect, render
+    from node.ops.status import collect, render
 
     st = collect(n.state.path)
     assert st["normalization"]["noise_multiplier"] == 5.0
@@ -398,7 +398,7 @@ async def test_members_whose_own_rows_straddle_the_threshold_decide_alike(tmp_pa
     `flnode status` says so at every member."""
     from node.data import encode
     from node.normalize import range_schema, resolve
-    from node.status import collect, render
+    from node.ops.status import collect, render
 
     prep, schema = make(tmp_path, privacy="record", normalize_fallback="range")
     shrink(prep, 0, 300)

@@ -167,7 +167,7 @@ async def test_status_reports_epsilon_recomputed_from_the_ledger(tmp_path):
     prep = make(tmp_path, privacy="record", epsilon=2.0, sigma=None)
     nodes = nodes_of(prep)
     await run_all(nodes)
-    from node.status import collect
+    from node.ops.status import collect
 
     s = collect(nodes[0].state.path)
     assert s["privacy"]["epsilon_spent"] == pytest.approx(nodes[0].epsilon(), abs=1e-12)

@@ -11,9 +11,9 @@ import pytest
 from gossip.errors import LocalError
 from gossip.transports.memory import MemoryHub
 from node.cli import main
-from node.intervals import auc_score_interval, hanley_mcneil, interval_text, metric_intervals, wilson
-from node.report_member import write_member_report
-from node.status import collect
+from node.ops.intervals import auc_score_interval, hanley_mcneil, interval_text, metric_intervals, wilson
+from node.ops.report_member import write_member_report
+from node.ops.status import collect
 from tests.test_runner import build, make, run_all
 
 
@@ -158,7 +158,7 @@ def test_wilson_covers_about_95_percent():
 def test_the_round_line_of_flnode_run_carries_the_interval(capsys, tmp_path):
     from node.config import validate_config
     from node.daemon import _print_round
-    from node.runner import RoundReport
+    from node.runtime.round_report import RoundReport
 
     cfg = validate_config({"state_dir": "s", "identity": {"key": "k"}, "consortium": {
         "path": "c"}, "data": {"path": "d"}, "privacy": {"mode": "off"},
@@ -226,7 +226,7 @@ def test_the_simulators_round_line_says_when_few_rows_make_the_figures_noisy():
     from rich.console import Console
 
     from node.report import RoundPrinter
-    from node.runner import RoundReport
+    from node.runtime.round_report import RoundReport
 
     buf = io.StringIO()
     p = RoundPrinter(SimpleNamespace(rounds=3), ["bank-a", "bank-b"], "roc_auc",

@@ -5,7 +5,7 @@ is its state dir: metrics.jsonl (a line per round: metrics with their 95 % inter
 ε, shares received and missing, bytes), the checkpoint (round, traffic, rejections),
 the privacy ledger, audit.jsonl (every message received, by member and outcome),
 node.pid, activity.json and final.json. This module reads those (through
-`node.status.collect`, so every ε is the accountant's over the ledger, exactly what
+`node.ops.status.collect`, so every ε is the accountant's over the ledger, exactly what
 `flnode status` prints) and renders them with `node.report_html`'s pieces: the
 member's row of the simulator report's table, its plots, and per member it heard
 from what it accepted and refused. It writes report.html and report.json (the same
@@ -112,7 +112,7 @@ def round_rows(path: Path, metric: str, notes: list[str]) -> list[dict[str, Any]
 
 def load_member(state_dir: str | Path, config: str | Path | None = None
                 ) -> tuple[Run, dict[str, Any]]:
-    from node.status import collect
+    from node.ops.status import collect
 
     path = Path(state_dir)
     st = collect(path, config)
@@ -166,7 +166,7 @@ def load_member(state_dir: str | Path, config: str | Path | None = None
 
 def _status_facts(st: dict[str, Any]) -> str:
     """`flnode status`'s lines as a definition list: one source for both."""
-    from node.status import render as status_render
+    from node.ops.status import render as status_render
 
     items = []
     for line in status_render(st).splitlines():
@@ -264,7 +264,7 @@ def render_member(run: Run, st: dict[str, Any]) -> str:
     parts.append('<p class="sub">The metric on this member\'s held-out rows after each round, '
                  "with its 95 % interval (Wilson for accuracy, Newcombe's score interval for "
                  "ROC-AUC; "
-                 "node/intervals.py): on a few dozen rows a swing inside the interval is the "
+                 "node/ops/intervals.py): on a few dozen rows a swing inside the interval is the "
                  "rows, not the model.</p>")
     parts.append(_rounds_html(st))
     for fig_name, caption, png in figures:
