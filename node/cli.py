@@ -202,7 +202,7 @@ def _report(args: argparse.Namespace) -> int:
         path, doc = write_member_report(args.state_dir, args.out, args.config)
         print(f"wrote {path} and {doc}")
     else:
-        from node.report_html import write_report
+        from node.ops.report_html import write_report
 
         path = write_report(Path(args.run_dir), Path(args.out) if args.out else None)
         print(f"wrote {path}")

@@ -9,7 +9,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from node.report_html import negative_gain_note
+from node.ops.report_html import negative_gain_note
 from node.runtime.round_report import RoundReport
 
 

@@ -23,7 +23,7 @@ from rich.console import Console
 
 from gossip.errors import LocalError
 from node.cli import main
-from node.report_html import load_run, write_report
+from node.ops.report_html import load_run, write_report
 from node.simulation import SimulationSpec, simulate
 
 pytestmark = pytest.mark.slow
@@ -216,7 +216,7 @@ def test_a_node_killed_mid_run_still_renders_what_exists(copy):
 
 def test_out_flag_and_no_torch_import(copy, tmp_path):
     out = tmp_path / "elsewhere.html"
-    code = ("import sys; from node.report_html import write_report; "
+    code = ("import sys; from node.ops.report_html import write_report; "
             f"write_report({str(copy)!r}, {str(out)!r}); "
             "assert 'torch' not in sys.modules and 'sklearn' not in sys.modules, 'heavy import'")
     r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,

@@ -174,8 +174,8 @@ def test_a_negative_mean_gain_on_own_rows_says_why(capsys):
     """`make demo`'s first table showed a negative mean gain with no word on why."""
     from rich.console import Console
 
+    from node.ops.report_html import negative_gain_note
     from node.report import print_own_rows
-    from node.report_html import negative_gain_note
 
     summary = {"dataset": "default", "metric": "roc_auc", "partition": "dirichlet:0.5",
                "rounds": 30, "epsilon": {"mode": "record", "budget": 3.0},

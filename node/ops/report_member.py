@@ -6,7 +6,7 @@ is its state dir: metrics.jsonl (a line per round: metrics with their 95 % inter
 the privacy ledger, audit.jsonl (every message received, by member and outcome),
 node.pid, activity.json and final.json. This module reads those (through
 `node.ops.status.collect`, so every ε is the accountant's over the ledger, exactly what
-`flnode status` prints) and renders them with `node.report_html`'s pieces: the
+`flnode status` prints) and renders them with `node.ops.report_html`'s pieces: the
 member's row of the simulator report's table, its plots, and per member it heard
 from what it accepted and refused. It writes report.html and report.json (the same
 facts, for scripts). No torch; everything read is the node's own but is still
@@ -18,28 +18,15 @@ from __future__ import annotations
 import base64
 import json
 import math
-import os
 import time
 from pathlib import Path
 from typing import Any
 
 from gossip.errors import LocalError
+from node.ops.report_html.plots import plots
+from node.ops.report_html.reader import Run, _count, _jsonl_lines, _members, _Summary, read_metrics
+from node.ops.report_html.render import CSS, MAX_NOTES, _bytes, _e, _fmt, _table, write_text_atomic
 from node.privacy import PLAN_FILE, PrivacyPlan
-from node.report_html import (
-    CSS,
-    MAX_NOTES,
-    Run,
-    _bytes,
-    _count,
-    _e,
-    _fmt,
-    _jsonl_lines,
-    _members,
-    _Summary,
-    _table,
-    plots,
-    read_metrics,
-)
 
 # Outcomes in audit.jsonl that are the node's own records, not a message it refused.
 OWN_RECORDS = frozenset({"accepted", "aggregate", "normalization"})
@@ -275,19 +262,6 @@ def render_member(run: Run, st: dict[str, Any]) -> str:
     return "\n".join(parts)
 
 
-def _atomic_text(target: Path, text: str) -> None:
-    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, target)
-    except OSError as exc:
-        tmp.unlink(missing_ok=True)
-        raise LocalError(f"{target}: cannot write: {exc.strerror}") from None
-
-
 def _json_safe(value: Any) -> Any:
     if isinstance(value, float) and not math.isfinite(value):
         return None
@@ -308,7 +282,7 @@ def write_member_report(state_dir: str | Path, out: str | Path | None = None,
         raise LocalError(f"--out {target}: directory {target.parent} does not exist")
     if target.is_dir():
         raise LocalError(f"--out {target}: is a directory; name a file, e.g. {target}/report.html")
-    _atomic_text(target, render_member(run, st))
+    write_text_atomic(target, render_member(run, st))
     doc = target.with_suffix(".json")
-    _atomic_text(doc, json.dumps(_json_safe(st), indent=1, sort_keys=True) + "\n")
+    write_text_atomic(doc, json.dumps(_json_safe(st), indent=1, sort_keys=True) + "\n")
     return target, doc
