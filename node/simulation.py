@@ -18,6 +18,7 @@ local-only and consortium models on its own held-out rows (`own_rows`).
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import json
 from collections.abc import Mapping
@@ -42,6 +43,7 @@ from node.config import ATTACK_PARAMS, AttackConfig, load_config, seals
 from node.data import FeatureSchema, encode, fit_schema, load_demo, member_split, partition
 from node.identity import Identity, save_identity
 from node.models import build_model, init_seed_from
+from node.ops import flags
 from node.privacy import ACCOUNTANT, NoiseSource, OsNoise, SeededNoise
 from node.rules import DEFAULT_RULE, build_strategy, pin_rules, rules_table
 from node.runner import Node
@@ -127,7 +129,7 @@ class SimulationSpec:
 # --- one spec from a scenario file and the command line ------------------------------
 
 # argparse dest -> SimulationSpec field, where the flag is the field under another name
-# (the fault, rules and attack flags are parsed by node.cli's *_fields helpers).
+# (the fault, rules and attack flags are parsed by node.ops.flags' *_fields helpers).
 _RENAMED = {"network_config": "network_config", "data_dir": "data_dir", "schema": "schema_path",
             "test": "test_path", "round_deadline": "round_deadline_s"}
 _PATHS = ("network_config", "data_dir", "schema_path", "test_path", "out")
@@ -141,18 +143,15 @@ _DATA_FIELDS = ("data_dir", "label", "schema_path", "test_path")
 
 def flag_fields(args: Any, defaults: Mapping[str, Any],
                 given_flags: list[str] | None = None) -> dict[str, Any]:
-    """SimulationSpec fields from the flags given on the command line only
-    (args.given_flags, recorded by node.cli.track_given; or `given_flags`);
+    """SimulationSpec fields from the flags given on the command line only (those present
+    in `args`, whose parser node.ops.flags.track_given set up; or `given_flags`);
     `defaults` are every flag's default, by dest."""
-    import argparse
-
-    from node.cli import attack_fields, fault_fields, rules_fields
-
     spec_fields = set(SimulationSpec.__dataclass_fields__)
-    names = given_flags if given_flags is not None else getattr(args, "given_flags", ())
+    names = given_flags if given_flags is not None else flags.given_flags(args, defaults)
     given = {k: getattr(args, k) for k in names if k in defaults}
     full = argparse.Namespace(**{**defaults, **given})
-    parsed = {**fault_fields(full), **rules_fields(full), **attack_fields(full)}
+    parsed = {**flags.fault_fields(full), **flags.rules_fields(full),
+              **flags.attack_fields(full)}
     out: dict[str, Any] = {}
     for dest, value in given.items():
         if dest in _PARSED:
@@ -386,10 +385,9 @@ def build_spec(scenario: Path | None, flags: Mapping[str, Any], *, network: bool
 
 def spec_from_args(args: Any, *, network: bool = False,
                    notes: list[str] | None = None) -> SimulationSpec:
-    """build_spec for a parsed command line (a parser set up with node.cli.track_given):
-    the parser's defaults, then args.scenario, then the flags typed."""
-    import argparse
-
+    """build_spec for a parsed command line (a parser set up with
+    node.ops.flags.track_given): the parser's defaults, then args.scenario, then the
+    flags typed."""
     defaults = args.flag_defaults
     return build_spec(args.scenario, flag_fields(args, defaults), network=network,
                       defaults=flag_fields(argparse.Namespace(**defaults), defaults,

@@ -279,7 +279,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=ROOT / "runs" / "bench" / "skew.json")
     args = ap.parse_args(argv)
     from gossip.errors import LocalError
-    from node.cli import parse_params
+    from node.ops.flags import parse_params
     try:
         extra_params = parse_params(args.rule_param, "--rule-param")
     except LocalError as exc:

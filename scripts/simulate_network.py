@@ -65,7 +65,8 @@ import msgpack  # noqa: E402
 import tomli_w  # noqa: E402
 
 from gossip.errors import LocalError  # noqa: E402
-from node.cli import (  # noqa: E402
+from node.config import seals  # noqa: E402
+from node.ops.flags import (  # noqa: E402
     SIMULATE_EPILOG,
     add_attack_flags,
     add_data_dir_flags,
@@ -75,7 +76,6 @@ from node.cli import (  # noqa: E402
     add_seal_flag,
     track_given,
 )
-from node.config import seals  # noqa: E402
 from node.privacy import Ledger  # noqa: E402
 from node.report import make_console, mean_text, plot_history, print_summary  # noqa: E402
 from node.simulation import (  # noqa: E402

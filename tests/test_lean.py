@@ -280,7 +280,7 @@ def test_cli_default_rule_is_the_rules_default():
     from node.rules import DEFAULT_RULE
 
     args = build_parser().parse_args(["simulate", "--out", "x"])
-    assert args.aggregation == DEFAULT_RULE
+    assert args.flag_defaults["aggregation"] == DEFAULT_RULE  # untyped: absent from args
 
 
 # --- status wording ---------------------------------------------------------------------------
