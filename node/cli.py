@@ -140,7 +140,9 @@ def _schema_emit(draft, text: str, args: argparse.Namespace) -> int:
 
 
 def _simulate(args: argparse.Namespace) -> int:
-    from node.simulation import simulate, spec_from_args
+    # lean start: the simulator loads torch; every other command builds this parser too
+    from node.rehearsal.simulation.output import simulate
+    from node.rehearsal.simulation.scenario import spec_from_args
 
     notes: list[str] = []
     spec = spec_from_args(args, notes=notes)
@@ -151,7 +153,7 @@ def _simulate(args: argparse.Namespace) -> int:
 def _status(args: argparse.Namespace) -> int:
     import json
 
-    from node.ops.status import collect, render
+    from node.ops.status import collect, render  # lean start: config + ledger, status only
 
     s = collect(args.state_dir, args.config)
     print(json.dumps(s, indent=2, sort_keys=True) if args.json else render(s))
@@ -163,12 +165,12 @@ def _report(args: argparse.Namespace) -> int:
         args._parser.error("give a RUN_DIR (a simulator's run) or --state-dir DIR (a member's "
                            "own state dir), one of them")
     if args.state_dir is not None:
-        from node.ops.report_member import write_member_report
+        from node.ops.report_member import write_member_report  # lean start: report only
 
         path, doc = write_member_report(args.state_dir, args.out, args.config)
         print(f"wrote {path} and {doc}")
     else:
-        from node.ops.report_html import write_report
+        from node.ops.report_html import write_report  # lean start: report only
 
         path = write_report(Path(args.run_dir), Path(args.out) if args.out else None)
         print(f"wrote {path}")

@@ -325,7 +325,8 @@ def consortium_dir(tmp_path_factory):
     sys.path.insert(0, str(ROOT / "scripts"))
     from ports import free_ports
 
-    from node.simulation import SimulationSpec, prepare
+    from node.rehearsal.simulation.prepare import prepare
+    from node.rehearsal.simulation.spec import SimulationSpec
 
     out = tmp_path_factory.mktemp("lean")
     a, b = free_ports(2)

@@ -13,7 +13,9 @@ import pytest
 from rich.console import Console
 
 from gossip import envelope
-from node.simulation import SimulationSpec, prepare, simulate
+from node.rehearsal.simulation.output import simulate
+from node.rehearsal.simulation.prepare import prepare
+from node.rehearsal.simulation.spec import SimulationSpec
 from node.state import read_jsonl
 
 pytestmark = pytest.mark.slow

@@ -19,8 +19,9 @@ from node.config import load_config
 from node.data import FeatureSchema
 from node.normalize import combine, implausible, member_stats, sensitivity, stats_digest
 from node.privacy import SeededNoise
+from node.rehearsal.simulation.prepare import prepare
+from node.rehearsal.simulation.spec import SimulationSpec
 from node.runner import Node
-from node.simulation import SimulationSpec, prepare
 from node.state import read_jsonl
 from tests.test_runner import run_all
 
@@ -293,7 +294,7 @@ def test_the_simulators_baselines_use_what_the_members_would_agree(tmp_path):
     ones), range scaling where the members fall back, the members' refusal where they
     refuse: the baselines' columns carry what normalization costs."""
     from gossip.errors import LocalError
-    from node.simulation import baseline_schema
+    from node.rehearsal.simulation.prepare import baseline_schema
 
     prep, schema = make(tmp_path, privacy="off")
     rows = {n: pd.read_parquet(load_config(p).data.path)

@@ -268,7 +268,8 @@ def test_status_of_a_real_node_running_then_sigkilled(tmp_path):
     import sys
     from pathlib import Path
 
-    from node.simulation import SimulationSpec, prepare
+    from node.rehearsal.simulation.prepare import prepare
+    from node.rehearsal.simulation.spec import SimulationSpec
 
     root = Path(__file__).resolve().parent.parent
     spec = SimulationSpec(dataset="default", nodes=2, partition="iid", rounds=1, seed=0,
@@ -397,7 +398,7 @@ async def test_status_and_report_name_a_flooding_member_with_its_count(tmp_path)
     assert f"flood: {dropped} messages dropped before verification" in html
     assert json.loads((nodes[0].state.path / "report.json").read_text()
                       )["peers"]["mallory"]["flood_dropped"] == dropped
-    from node.simulation import seen_by  # the simulator's per-attacker lines: messages too
+    from node.rehearsal.simulation.results import seen_by  # the simulator's per-attacker lines: messages too
 
     assert seen_by(nodes[0].state.path, ["mallory"])["mallory"]["rejected"]["flood"] == dropped
 

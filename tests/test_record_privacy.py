@@ -15,8 +15,9 @@ from gossip.transports.memory import MemoryHub
 from node.config import load_config
 from node.models import build_model
 from node.privacy import LedgerRecord, SeededNoise, calibrate_sigma, epsilon_of
+from node.rehearsal.simulation.prepare import prepare
+from node.rehearsal.simulation.spec import SimulationSpec
 from node.runner import Node
-from node.simulation import SimulationSpec, prepare
 from node.train import train_local_dp
 
 

@@ -175,7 +175,7 @@ def test_a_negative_mean_gain_on_own_rows_says_why(capsys):
     from rich.console import Console
 
     from node.ops.report_html import negative_gain_note
-    from node.report import print_own_rows
+    from node.rehearsal.simulation.output import print_own_rows
 
     summary = {"dataset": "default", "metric": "roc_auc", "partition": "dirichlet:0.5",
                "rounds": 30, "epsilon": {"mode": "record", "budget": 3.0},
@@ -202,7 +202,7 @@ def test_result_and_files_written_are_not_glued_on_one_line(tmp_path, finished, 
     "wrote … (open … in a browser)": a result and a note on one line."""
     from rich.console import Console
 
-    from node.report import _print_run_facts
+    from node.rehearsal.simulation.output import _print_run_facts
 
     summary = {"metric": "roc_auc", "consortium": {"mean": 0.9, "per_node": {"bank-0": 0.9}},
                "local_only": {"mean": 0.8}, "centralized": 0.95, "epsilon": {"mode": "off",
@@ -225,7 +225,7 @@ def test_the_simulators_round_line_says_when_few_rows_make_the_figures_noisy():
 
     from rich.console import Console
 
-    from node.report import RoundPrinter
+    from node.rehearsal.simulation.output import RoundPrinter
     from node.runtime.round_report import RoundReport
 
     buf = io.StringIO()

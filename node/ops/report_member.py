@@ -26,7 +26,10 @@ from gossip.errors import LocalError
 from node.ops.report_html.plots import plots
 from node.ops.report_html.reader import Run, _count, _jsonl_lines, _members, _Summary, read_metrics
 from node.ops.report_html.render import CSS, MAX_NOTES, _bytes, _e, _fmt, _table, write_text_atomic
+from node.ops.status import collect
+from node.ops.status import render as status_render
 from node.privacy import PLAN_FILE, PrivacyPlan
+from node.state import read_jsonl
 
 # Outcomes in audit.jsonl that are the node's own records, not a message it refused.
 OWN_RECORDS = frozenset({"accepted", "aggregate", "normalization"})
@@ -35,8 +38,6 @@ OWN_RECORDS = frozenset({"accepted", "aggregate", "normalization"})
 def member_name(path: Path, notes: list[str]) -> str:
     """The member's own name: its aggregate lines in audit.jsonl say it (a state dir
     holds no key); the directory's name before any round closed."""
-    from node.state import read_jsonl
-
     for rec in read_jsonl(path / "audit.jsonl"):
         if rec.get("outcome") in ("aggregate", "normalization") and isinstance(
                 rec.get("member"), str):
@@ -49,8 +50,6 @@ def member_name(path: Path, notes: list[str]) -> str:
 def peer_table(path: Path, own: str) -> dict[str, dict[str, Any]]:
     """Per other member: shares and other messages accepted, the last round heard, and
     refusals by reason (audit.jsonl, rotated parts included)."""
-    from node.state import read_jsonl
-
     out: dict[str, dict[str, Any]] = {}
     for rec in read_jsonl(path / "audit.jsonl"):
         member, outcome = rec.get("member"), rec.get("outcome")
@@ -99,8 +98,6 @@ def round_rows(path: Path, metric: str, notes: list[str]) -> list[dict[str, Any]
 
 def load_member(state_dir: str | Path, config: str | Path | None = None
                 ) -> tuple[Run, dict[str, Any]]:
-    from node.ops.status import collect
-
     path = Path(state_dir)
     st = collect(path, config)
     if st.get("starting"):
@@ -153,8 +150,6 @@ def load_member(state_dir: str | Path, config: str | Path | None = None
 
 def _status_facts(st: dict[str, Any]) -> str:
     """`flnode status`'s lines as a definition list: one source for both."""
-    from node.ops.status import render as status_render
-
     items = []
     for line in status_render(st).splitlines():
         key, _, value = line.partition("  ")  # "state dir   /x": the label ends at 2 spaces
