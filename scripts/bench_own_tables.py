@@ -7,7 +7,7 @@ README's "Bring your own data" documents, through the functions the CLI calls:
 2. `flnode schema merge ... --ranges-from PUBLIC.csv` (node.schema.merge): the ranges
    from a public reference table, rounded outward (here: the published table the rows
    come from; see --reference),
-3. `flnode simulate --data-dir DIR --schema schema.toml` (node.rehearsal.simulation.simulate): the
+3. `flnode simulate --data-dir DIR --schema schema.toml` (node.rehearsal.simulation.output.simulate): the
    consortium file, the nodes' real code in process, record-level DP at ε per member,
 4. next to centralized DP-SGD on the pooled training rows at the same ε, encoded with the
    same statistics the members use (the simulator's baseline schema), the same model,
