@@ -1,7 +1,7 @@
 """What a node reports of each round it finishes: the runtime writes it (Node.run's
-on_round callback), the operator surfaces read it (node/ops/report.py's RoundPrinter,
-the daemon's round line). A leaf: no import of the runtime, so a reader of the type
-does not load the node."""
+on_round callback); the daemon's round line and the simulator's progress lines
+(node/rehearsal/simulation/output.py RoundPrinter) read it. A leaf: it imports nothing
+of the runtime, so a reader of the type does not load the node."""
 
 from __future__ import annotations
 
