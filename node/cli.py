@@ -11,9 +11,20 @@ import logging
 import os
 import sys
 from pathlib import Path
-from typing import Any
 
 from gossip.errors import LocalError
+from node.ops.flags import (
+    SIMULATE_EPILOG,
+    add_attack_flags,
+    add_data_dir_flags,
+    add_fault_flags,
+    add_privacy_flags,
+    add_rules_flags,
+    add_seal_flag,
+    positive,
+    rules_fields,
+    track_given,
+)
 
 
 def _keygen(args: argparse.Namespace) -> int:
@@ -129,7 +140,9 @@ def _schema_emit(draft, text: str, args: argparse.Namespace) -> int:
 
 
 def _simulate(args: argparse.Namespace) -> int:
-    from node.simulation import simulate, spec_from_args
+    # lean start: the simulator loads torch; every other command builds this parser too
+    from node.rehearsal.simulation.output import simulate
+    from node.rehearsal.simulation.scenario import spec_from_args
 
     notes: list[str] = []
     spec = spec_from_args(args, notes=notes)
@@ -137,55 +150,10 @@ def _simulate(args: argparse.Namespace) -> int:
     return 0
 
 
-def track_given(p: argparse.ArgumentParser, keep: tuple[str, ...] = ()) -> dict:
-    """Record which options of `p` the command line names (in args.given_flags), so a
-    scenario file's value stands unless the flag is typed; the namespace keeps every
-    default as usual. Returns the defaults by dest (options in `keep` are left alone)."""
-    defaults = {}
-    for action in p._actions:
-        if not action.option_strings or action.dest in ("help", *keep):
-            continue
-        defaults[action.dest] = action.default
-        base = type(action)
-        action.__class__ = type(f"Tracked{base.__name__}", (base,), {"__call__": _tracked})
-    p.set_defaults(given_flags=())
-    return defaults
-
-
-def _tracked(self, parser, namespace, values, option_string=None):
-    namespace.given_flags = (*getattr(namespace, "given_flags", ()), self.dest)
-    type(self).__mro__[1].__call__(self, parser, namespace, values, option_string)
-
-
-SIMULATE_EPILOG = (
-    "A scenario file (e.g. network_configs/scenarios/banks-4-default.toml) holds these "
-    "settings in one TOML; flags given on the command line override the file's values. "
-    "--data-dir DIR: one NAME.csv or NAME.parquet per member (the member's name is the "
-    "stem); DIR/test.csv (or --test FILE) is the consortium's common test set, else each "
-    "member evaluates on its own held-out 20 % of rows, as `flnode run` does without "
-    "data.eval_path. The privacy noise on the members' own files comes from os.urandom, as "
-    "in every `flnode run` (the same seed twice: other noise); only `flnode simulate` on a "
-    "built-in table seeds it from --seed (summary.json's \"noise\" says which).")
-
-
-def add_data_dir_flags(p: argparse.ArgumentParser) -> None:
-    """Both simulators: rehearse on the members' own files instead of a built-in table."""
-    g = p.add_argument_group("your own files (instead of --dataset, --nodes, --partition)")
-    g.add_argument("--data-dir", metavar="DIR",
-                   help="one CSV or Parquet file per member (member name = file stem)")
-    g.add_argument("--label", metavar="COL",
-                   help="the label column (default: the schema's, else 'label')")
-    g.add_argument("--schema", metavar="FILE",
-                   help="the consortium's filled schema (normalize = \"declared\"); without "
-                        "it one is drafted from the pooled files, which only a simulator can do")
-    g.add_argument("--test", metavar="FILE",
-                   help="a common test set (default DIR/test.csv or DIR/test.parquet, if any)")
-
-
 def _status(args: argparse.Namespace) -> int:
     import json
 
-    from node.status import collect, render
+    from node.ops.status import collect, render  # lean start: config + ledger, status only
 
     s = collect(args.state_dir, args.config)
     print(json.dumps(s, indent=2, sort_keys=True) if args.json else render(s))
@@ -197,12 +165,12 @@ def _report(args: argparse.Namespace) -> int:
         args._parser.error("give a RUN_DIR (a simulator's run) or --state-dir DIR (a member's "
                            "own state dir), one of them")
     if args.state_dir is not None:
-        from node.report_member import write_member_report
+        from node.ops.report_member import write_member_report  # lean start: report only
 
         path, doc = write_member_report(args.state_dir, args.out, args.config)
         print(f"wrote {path} and {doc}")
     else:
-        from node.report_html import write_report
+        from node.ops.report_html import write_report  # lean start: report only
 
         path = write_report(Path(args.run_dir), Path(args.out) if args.out else None)
         print(f"wrote {path}")
@@ -230,142 +198,6 @@ def _port(text: str) -> int:
     return port
 
 
-def _positive(kind: type):
-    def parse(text: str):
-        value = kind(text)
-        if not value > 0:
-            raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
-        return value
-    parse.__name__ = kind.__name__
-    return parse
-
-
-def add_seal_flag(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--seal", choices=["auto", "on", "off"], default="auto",
-                   help="gossip.seal for every node: seal shares to the members' prekeys "
-                        "(auto: on for mqtt only)")
-
-
-def add_privacy_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--privacy", choices=["off", "update", "record"], default="off",
-                   help="update: clip + noise each round's update (protects a member's "
-                        "contribution); record: DP-SGD (protects each record)")
-    p.add_argument("--clip", type=_positive(float), default=1.0,
-                   help="clip norm C (of the update, or of each example's gradient)")
-    budget = p.add_mutually_exclusive_group()
-    budget.add_argument("--epsilon", type=_positive(float), default=None,
-                        help="total ε per member over the run; σ is calibrated up front")
-    budget.add_argument("--sigma", type=_positive(float), default=None,
-                        help="noise multiplier σ (default 1.0 when no --epsilon)")
-    p.add_argument("--delta", type=_positive(float), default=1e-5)
-    p.add_argument("--weight", choices=["auto", "noised", "uniform"], default="auto",
-                   help="record mode: share weight = noised row count (charged) or 1; auto: "
-                        "noised only if the rule weighs shares by declared weight")
-    p.add_argument("--recipe", choices=["fixed", "auto"], default="fixed",
-                   help="record mode: DP-SGD batch, lr and epochs as configured (fixed) or "
-                        "chosen per member from its rows and budget (auto; privacy.recipe)")
-
-
-def add_rules_flags(p: argparse.ArgumentParser) -> None:
-    """The consortium's [rules] (node/rules.py): how every member combines shares."""
-    # node.rules.DEFAULT_RULE (tests/test_lean.py checks), not imported: node.rules imports
-    # the strategies and torch, and every command, `flnode status` included, builds this parser.
-    DEFAULT_RULE = "auto"  # noqa: N806
-    p.add_argument("--aggregation", default=DEFAULT_RULE, metavar="RULE",
-                   help=f"aggregation rule every member applies (default {DEFAULT_RULE}: "
-                        "multi_krum_staged with a FedAdam server step (server_lr 0.03) from 5 "
-                        "members, trimmed_mean for 3-4, mean for 2; "
-                        "mean, median, trimmed_mean, norm_bounded_mean, krum, multi_krum, "
-                        "centered_clipping)")
-    p.add_argument("--f", type=int, default=None, metavar="F",
-                   help="hostile members the rule must survive (default 1; 0 below 3 members)")
-    p.add_argument("--max-weight-fraction", type=_positive(float), default=None, metavar="X",
-                   help="no member above this fraction of the total weight "
-                        "(default max(2/n, 0.25))")
-    p.add_argument("--aggregation-param", action="append", default=[], metavar="KEY=VALUE",
-                   help="a rule parameter (e.g. m=5, tau=1.0, distance=clip)")
-
-
-def parse_params(items: list[str], flag: str = "--aggregation-param") -> dict[str, Any]:
-    """KEY=VALUE strings -> {KEY: VALUE}, each value an int, else a float, else the text;
-    an item without "=" is a LocalError naming the flag and the item."""
-    params: dict[str, Any] = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise LocalError(f"{flag} {item!r}: expected KEY=VALUE")
-        try:
-            params[key] = int(value)
-        except ValueError:
-            try:
-                params[key] = float(value)
-            except ValueError:
-                params[key] = value
-    return params
-
-
-def rules_fields(args: argparse.Namespace) -> dict:
-    return dict(aggregation=args.aggregation, f=args.f,
-                max_weight_fraction=args.max_weight_fraction,
-                aggregation_params=parse_params(args.aggregation_param))
-
-
-def add_fault_flags(p: argparse.ArgumentParser) -> None:
-    """Rehearse a bad network (both simulators): written into each node's [faults]."""
-    g = p.add_argument_group("faults (rehearsal)")
-    g.add_argument("--loss", type=float, default=0.0, metavar="P",
-                   help="each member drops each message it receives with probability P")
-    g.add_argument("--delay", default="0", metavar="MS[:JITTER]",
-                   help="each message arrives MS ms late, ± JITTER ms (reorders them too)")
-    g.add_argument("--net-partition", action="append", default=[], metavar="A,B@ROUND:ROUNDS",
-                   help="cut members A,B off from the rest for ROUNDS rounds from ROUND "
-                        "(1-based); heals afterwards")
-    g.add_argument("--absent", action="append", default=[], metavar="NAME",
-                   help="a listed member that never starts")
-    g.add_argument("--straggler", action="append", default=[], metavar="NAME:FACTOR",
-                   help="that member trains FACTOR times slower")
-
-
-def fault_fields(args: argparse.Namespace) -> dict:
-    """SimulationSpec fields from add_fault_flags' flags; LocalError names the flag."""
-    delay, _, jitter = args.delay.partition(":")
-    try:
-        delay_ms, jitter_ms = float(delay), float(jitter or 0)
-    except ValueError:
-        raise LocalError(f"--delay {args.delay!r}: expected MS or MS:JITTER") from None
-    if not (0 <= args.loss < 1):
-        raise LocalError(f"--loss {args.loss}: a probability in [0, 1)")
-    stragglers = []
-    for s in args.straggler:
-        name, _, factor = s.partition(":")
-        try:
-            stragglers.append((name, float(factor)))
-        except ValueError:
-            raise LocalError(f"--straggler {s!r}: expected NAME:FACTOR, e.g. bank-2:3") from None
-    return dict(loss=args.loss, delay_ms=delay_ms, jitter_ms=jitter_ms,
-                net_partitions=tuple(args.net_partition), absent=tuple(args.absent),
-                stragglers=tuple(stragglers))
-
-
-def add_attack_flags(p: argparse.ArgumentParser) -> None:
-    """Rehearse hostile members (both simulators): written into the attackers' [attack]."""
-    g = p.add_argument_group("attacks (rehearsal: hostile members with valid keys)")
-    g.add_argument("--attack", action="append", default=[], metavar="KIND[=PARAM]:MEMBERS",
-                   help="MEMBERS (comma-separated names) attack: sign-flip[=K] (start - K x "
-                        "update, K 1), scale[=K] (K x model, K -1000), noise[=SIGMA] (+ "
-                        "N(0, SIGMA²), 1), huge (1e30), weight[=W] (declares W, 1e12; "
-                        "combines with another kind for the same member), nan, label-flip, "
-                        "zero-prekey (needs sealing), equivocate (two versions to each), "
-                        "equivocate-split (one version to each), replay, flood[=RATE] (its round-0 "
-                        "share re-signed RATE times a second, 2000). Repeatable; "
-                        "KIND:PARAM:MEMBERS also works, e.g. scale:10:bank-1")
-
-
-def attack_fields(args: argparse.Namespace) -> dict:
-    """SimulationSpec fields from add_attack_flags' flag (checked in prepare())."""
-    return dict(attacks=tuple(args.attack))
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="flnode", description=__doc__.splitlines()[0])
     p.add_argument("-v", "--verbose", action="store_true", help="log at DEBUG level")
@@ -387,9 +219,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_rules_flags(cb)
     cb.add_argument("--privacy-mode", choices=["off", "update", "record"], default=None,
                     help="[rules]: every member's privacy.mode must be this")
-    cb.add_argument("--clip", type=_positive(float), default=None,
+    cb.add_argument("--clip", type=positive(float), default=None,
                     help="[rules]: every member's privacy.clip must be this")
-    cb.add_argument("--noise-multiplier", type=_positive(float), default=None,
+    cb.add_argument("--noise-multiplier", type=positive(float), default=None,
                     help="[rules], update-level DP: no member's sigma above this; with "
                          "--clip it sets the distance bound every member applies")
     cb.add_argument("--out", required=True)
@@ -450,15 +282,15 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("scenario", nargs="?", type=Path, metavar="SCENARIO.toml",
                    help="a scenario file (network_configs/scenarios/); flags override it")
     s.add_argument("--dataset", choices=["default", "churn", "digits"], default="default")
-    s.add_argument("--nodes", type=_positive(int), default=4)
+    s.add_argument("--nodes", type=positive(int), default=4)
     s.add_argument("--partition", default="dirichlet:0.5",
                    help="iid | dirichlet:ALPHA | column:NAME")
-    s.add_argument("--rounds", type=_positive(int), default=30)
+    s.add_argument("--rounds", type=positive(int), default=30)
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--model", choices=["logreg", "mlp"], default="mlp")
-    s.add_argument("--epochs", type=_positive(int), default=1, help="local epochs per round")
-    s.add_argument("--batch-size", type=_positive(int), default=32)
-    s.add_argument("--lr", type=_positive(float), default=0.05)
+    s.add_argument("--epochs", type=positive(int), default=1, help="local epochs per round")
+    s.add_argument("--batch-size", type=positive(int), default=32)
+    s.add_argument("--lr", type=positive(float), default=0.05)
     s.add_argument("--prox-mu", type=float, default=0.0, metavar="MU",
                    help="FedProx: proximal term MU/2 ||w - w_start||^2 in local training "
                         "(training.prox_mu; 0: off)")

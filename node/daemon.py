@@ -33,7 +33,7 @@ from node.identity import Identity, load_identity
 
 if TYPE_CHECKING:
     from gossip.transports.base import Transport
-    from node.runner import RoundReport
+    from node.runtime.round_report import RoundReport
 
 log = logging.getLogger("flnode.daemon")
 
@@ -132,7 +132,7 @@ def say(event: str, text: str, **fields: object) -> None:
 
 
 def _print_round(cfg: NodeConfig, name: str, metric: str):
-    from node.intervals import interval_text
+    from node.ops.intervals import interval_text
 
     def show(rep: RoundReport) -> None:
         if rep.stopped:

@@ -61,7 +61,6 @@ from node.data import FeatureSchema, dropped_rows, encode, member_split, read_ta
 from node.dpsgd import train_local_dp_fast
 from node.evidence import EvidenceStore, same_slot
 from node.identity import Identity, load_identity
-from node.intervals import metric_intervals
 from node.models import (
     build_model,
     flat_to_named,
@@ -84,6 +83,7 @@ from node.normalize import (
     range_report,
     resolve,
 )
+from node.ops.intervals import metric_intervals
 from node.privacy import (
     Ledger,
     LedgerRecord,
@@ -94,6 +94,7 @@ from node.privacy import (
     privatize_update,
 )
 from node.rules import AgreedStrategy, build_strategy, few_rounds_warning
+from node.runtime.round_report import RoundReport
 from node.state import Checkpoint, StateDir, atomic_write
 from node.train import (
     evaluate,
@@ -139,24 +140,6 @@ FINAL_FILE = "final.json"  # the members' final model digests compared (node/sta
 FLOOD_IN_FLIGHT = 256
 # [attack] replay: the newest signed messages re-sent each round.
 REPLAY_KEEP = 32
-
-
-@dataclass
-class RoundReport:
-    member: str
-    round: int
-    metrics: dict[str, float]
-    epsilon: float | None
-    received: list[str]
-    missing: list[str]
-    update_norm: float
-    seconds: float
-    resent: bool = False  # the release came from the outbox (restart), not new training
-    next_round: int = 0
-    stopped: str | None = None  # set on the one report of a node that stopped sharing
-    # 95 % intervals of the metrics on the held-out rows (node/intervals.py), and their count
-    intervals: dict[str, list[float]] = field(default_factory=dict)
-    eval_rows: int = 0
 
 
 @dataclass

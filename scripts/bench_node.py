@@ -160,7 +160,8 @@ def prepare_mode(mode: str, transport: str, rounds: int, work: Path, data_format
 
 
 def prepare_here(mode: str, transport: str, rounds: int, work: Path, data_format: str) -> dict:
-    from node.simulation import SimulationSpec, prepare
+    from node.rehearsal.simulation.prepare import prepare
+    from node.rehearsal.simulation.spec import SimulationSpec
     from scripts.ports import free_ports
 
     out = work / transport / mode

@@ -7,7 +7,7 @@ walkthrough in docs/operate/own-data.md documents, through the functions the CLI
 2. `flnode schema merge ... --ranges-from PUBLIC.csv` (node.schema.merge): the ranges
    from a public reference table, rounded outward (here: the published table the rows
    come from; see --reference),
-3. `flnode simulate --data-dir DIR --schema schema.toml` (node.simulation.simulate): the
+3. `flnode simulate --data-dir DIR --schema schema.toml` (node.rehearsal.simulation.output.simulate): the
    consortium file, the nodes' real code in process, record-level DP at ε per member,
 4. next to centralized DP-SGD on the pooled training rows at the same ε, encoded with the
    same statistics the members use (the simulator's baseline schema), the same model,
@@ -102,8 +102,10 @@ def documented_path(table: str, members: int, seed: int, rounds: int, epsilon: f
     import tomllib
 
     from gossip.errors import LocalError
+    from node.rehearsal.simulation.output import simulate
+    from node.rehearsal.simulation.prepare import baseline_schema, prepare
+    from node.rehearsal.simulation.spec import SimulationSpec
     from node.schema import infer, merge, render
-    from node.simulation import SimulationSpec, baseline_schema, prepare, simulate
 
     parts, test, reference, label = tables(table, members, seed)
     data = work / "data"

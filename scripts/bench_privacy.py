@@ -33,7 +33,8 @@ from node.data import encode, fit_schema, load_demo  # noqa: E402
 from node.dpsgd import train_local_dp_fast  # noqa: E402
 from node.models import build_model  # noqa: E402
 from node.privacy import OsNoise  # noqa: E402
-from node.simulation import SimulationSpec, simulate  # noqa: E402
+from node.rehearsal.simulation.output import simulate  # noqa: E402
+from node.rehearsal.simulation.spec import SimulationSpec  # noqa: E402
 from node.train import train_local, train_local_dp  # noqa: E402
 
 DATASETS = {"default": "dirichlet:0.5", "churn": "column:state", "digits": "dirichlet:0.5"}

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """What each aggregation rule survives: hostile members with valid keys, in-process.
 
-Every cell is a whole consortium in one process (node.simulation: real nodes, real
+Every cell is a whole consortium in one process (node.rehearsal.simulation: real nodes, real
 signed envelopes on the memory transport): 8 members, dirichlet 0.5, 30 rounds, the
 last f members attacking with one model-level attack (`--attack` of the
 simulators, node/config.py AttackConfig), every member applying one rule from the
@@ -184,7 +184,9 @@ def run_cell(dataset: str, rule: str, f: int, attack: str | None, seed: int, rou
     """One consortium run. The honest members' final metrics, or the crash."""
     import torch
 
-    from node.simulation import SimulationSpec, member_names, prepare, run_consortium
+    from node.rehearsal.simulation.prepare import member_names, prepare
+    from node.rehearsal.simulation.run import run_consortium
+    from node.rehearsal.simulation.spec import SimulationSpec
     from node.train import evaluate, metric_name
 
     torch.set_num_threads(1)
@@ -267,7 +269,7 @@ def _far(out: Path, honest: dict, attackers: list[str]) -> dict[str, Any]:
 def _caught(out: Path, honest: dict, attackers: list[str]) -> dict[str, int]:
     """Over honest members x rounds: how often an attacker's share was refused or
     excluded, clipped, capped or mostly trimmed (any of these counts once)."""
-    from node.simulation import AGGREGATION_ACTIONS, seen_by
+    from node.rehearsal.simulation.results import AGGREGATION_ACTIONS, seen_by
 
     counts = {"rounds": 0, "used": 0, "rejected": 0, **{w: 0 for w in AGGREGATION_ACTIONS}}
     for name in honest:

@@ -6,7 +6,7 @@ FedYogi (server optimizers, node/strategy/base.py `ServerOptimizer`), FedProx
 learning rate (training.epochs, training.lr_decay), next to centralized training on
 the pooled rows.
 
-Every run is a whole consortium in one process (node.simulation: real nodes, real
+Every run is a whole consortium in one process (node.rehearsal.simulation: real nodes, real
 signed envelopes on the memory transport), 8 members, 30 rounds, the first-slice
 recipe (MLP 64, SGD 0.05, batch 32, 1 local epoch), every member applying the plain
 weighted `mean` (with the consortium's default weight cap) so that only the option
@@ -143,7 +143,9 @@ def run_one(table: str, seed: int, rounds: int, params: dict[str, Any], train: d
     import torch
 
     from node.data import encode
-    from node.simulation import SimulationSpec, prepare, run_consortium
+    from node.rehearsal.simulation.prepare import prepare
+    from node.rehearsal.simulation.run import run_consortium
+    from node.rehearsal.simulation.spec import SimulationSpec
     from node.state import read_jsonl
     from node.train import evaluate, metric_name
 
@@ -185,10 +187,12 @@ def run_one(table: str, seed: int, rounds: int, params: dict[str, Any], train: d
 
 
 def centralized(table: str, seed: int, rounds: int, workdir: Path, nodes: int = 8) -> float:
-    """The pooled training rows, the same recipe for `rounds` epochs (node.simulation)."""
+    """The pooled training rows, the same recipe for `rounds` epochs (node.rehearsal.simulation)."""
     import torch
 
-    from node.simulation import SimulationSpec, baselines, prepare
+    from node.rehearsal.simulation.prepare import prepare
+    from node.rehearsal.simulation.run import baselines
+    from node.rehearsal.simulation.spec import SimulationSpec
     from node.train import metric_name
 
     torch.set_num_threads(1)
@@ -279,7 +283,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=ROOT / "runs" / "bench" / "skew.json")
     args = ap.parse_args(argv)
     from gossip.errors import LocalError
-    from node.cli import parse_params
+    from node.ops.flags import parse_params
     try:
         extra_params = parse_params(args.rule_param, "--rule-param")
     except LocalError as exc:

@@ -183,7 +183,9 @@ def consortium(table: str, seed: int, rounds: int, epsilon: float, privacy: str,
     import torch
 
     from node.data import encode
-    from node.simulation import SimulationSpec, evaluate_rows, prepare, run_consortium
+    from node.rehearsal.simulation.prepare import prepare
+    from node.rehearsal.simulation.run import evaluate_rows, run_consortium
+    from node.rehearsal.simulation.spec import SimulationSpec
     from node.train import evaluate, metric_name
 
     torch.set_num_threads(1)
@@ -241,10 +243,11 @@ def centralized_dp(table: str, seed: int, rounds: int, epsilon: float, recipe: s
     import torch
 
     from node.dpsgd import train_local_dp_fast
-    from node.models import build_model
+    from node.models import build_model, init_seed_from
     from node.privacy import SeededNoise, calibrate_sigma, epsilon_of, plan_history
     from node.recipe import choose
-    from node.simulation import SimulationSpec, init_seed_from, prepare
+    from node.rehearsal.simulation.prepare import prepare
+    from node.rehearsal.simulation.spec import SimulationSpec
     from node.train import evaluate, metric_name
 
     torch.set_num_threads(1)

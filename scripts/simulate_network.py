@@ -9,7 +9,7 @@ happens) and merges their per-member results into the same `summary.json`
 and `accuracy.png` as the in-process simulator.
 
 `--data-dir DIR` (one CSV/Parquet per member; `--label`, `--schema`, `--test`) and
-`--scenario FILE` work as in `flnode simulate` (node/simulation.py build_spec; flags
+`--scenario FILE` work as in `flnode simulate` (node/rehearsal/simulation/scenario.py build_spec; flags
 override the file, whose `transport` applies here). Each member's final model is read
 from its checkpoint and scored on the common test set and on its own held-out rows,
 as the in-process simulator scores its nodes' models: with privacy off both give the
@@ -65,7 +65,8 @@ import msgpack  # noqa: E402
 import tomli_w  # noqa: E402
 
 from gossip.errors import LocalError  # noqa: E402
-from node.cli import (  # noqa: E402
+from node.config import seals  # noqa: E402
+from node.ops.flags import (  # noqa: E402
     SIMULATE_EPILOG,
     add_attack_flags,
     add_data_dir_flags,
@@ -75,23 +76,20 @@ from node.cli import (  # noqa: E402
     add_seal_flag,
     track_given,
 )
-from node.config import seals  # noqa: E402
 from node.privacy import Ledger  # noqa: E402
-from node.report import make_console, mean_text, plot_history, print_summary  # noqa: E402
-from node.simulation import (  # noqa: E402
-    NOISE_OS,
-    MemberResult,
-    SimulationSpec,
-    baselines,
-    evaluate_rows,
-    evaluation_rows,
-    model_from_state,
-    prepare,
+from node.rehearsal.simulation.output import (  # noqa: E402
+    make_console,
+    mean_text,
+    plot_history,
     print_attack,
     print_noise,
-    spec_from_args,
-    summarize,
+    print_summary,
 )
+from node.rehearsal.simulation.prepare import evaluation_rows, prepare  # noqa: E402
+from node.rehearsal.simulation.results import MemberResult, summarize  # noqa: E402
+from node.rehearsal.simulation.run import NOISE_OS, baselines, evaluate_rows, model_from_state  # noqa: E402
+from node.rehearsal.simulation.scenario import spec_from_args  # noqa: E402
+from node.rehearsal.simulation.spec import SimulationSpec  # noqa: E402
 from node.state import StateDir, read_jsonl  # noqa: E402
 from node.train import metric_name  # noqa: E402
 from scripts.ports import free_ports  # noqa: E402
@@ -144,7 +142,7 @@ def history_of(members: list[Member], metric: str) -> dict[int, dict[str, dict[s
 
 
 def ledger_epsilon(spec: SimulationSpec, state: Path) -> float | None:
-    """A member's ε as `flnode status` computes it (node/status.py): recomputed from its
+    """A member's ε as `flnode status` computes it (node/ops/status.py): recomputed from its
     ledger by the accountant at the run's δ, never read from a metrics line, which a
     member killed after charging a round (or before its first line) has not written.
     None only with privacy off. A ledger that cannot be read is a LocalError naming it."""
@@ -275,7 +273,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         from dataclasses import replace
 
-        from node.simulation import member_names
+        from node.rehearsal.simulation.prepare import member_names
 
         spec = spec_from_args(args, network=True)
         spec = replace(spec, out=spec.out.resolve())

@@ -19,8 +19,10 @@ from node.config import AttackConfig, load_config
 from node.evidence import verify_equivocation
 from node.models import get_flat
 from node.privacy import SeededNoise
+from node.rehearsal.simulation.prepare import prepare
+from node.rehearsal.simulation.results import summarize
+from node.rehearsal.simulation.spec import SimulationSpec, parse_attacks
 from node.runner import Node
-from node.simulation import SimulationSpec, parse_attacks, prepare, summarize
 from node.state import read_jsonl
 from scripts.bench_robust import run_cell
 from tests.test_runner import run_all
@@ -200,7 +202,7 @@ async def test_summary_names_attackers_and_reports_honest_members_apart(tmp_path
     spec, prep = make(tmp_path, ["huge:bank-3"], aggregation="trimmed_mean")
     nodes = build(prep)
     await asyncio.wait_for(run_all(nodes), 300)
-    from node.simulation import result_of
+    from node.rehearsal.simulation.results import result_of
 
     metric = "roc_auc"
     s = summarize(spec, prep, [result_of(n, prep.test) for n in nodes], {},

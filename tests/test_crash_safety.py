@@ -26,8 +26,9 @@ from node.data import FeatureSchema, encode
 from node.identity import load_identity
 from node.models import get_flat
 from node.privacy import Ledger, LedgerRecord, SeededNoise, weight_digest
+from node.rehearsal.simulation.prepare import prepare
+from node.rehearsal.simulation.spec import SimulationSpec
 from node.runner import Node
-from node.simulation import SimulationSpec, prepare
 from node.state import StateDir, atomic_write, read_jsonl
 from tests.helpers import SCHEMA
 from tests.test_runner import build, make, run_all

@@ -83,7 +83,8 @@ def test_demo_tables_ship_with_the_packages(name, rows):
     ('[consortium\n', "not valid TOML"),
 ])
 def test_a_bad_network_template_is_refused_with_the_key_named(tmp_path, text, message):
-    from node.simulation import SimulationSpec, network_template
+    from node.rehearsal.simulation.prepare import network_template
+    from node.rehearsal.simulation.spec import SimulationSpec
 
     path = tmp_path / "t.toml"
     path.write_text(text)
@@ -96,7 +97,8 @@ def test_a_bad_network_template_is_refused_with_the_key_named(tmp_path, text, me
 def test_the_demo_template_names_four_banks_with_address_slots():
     from pathlib import Path
 
-    from node.simulation import SimulationSpec, network_template
+    from node.rehearsal.simulation.prepare import network_template
+    from node.rehearsal.simulation.spec import SimulationSpec
 
     spec = SimulationSpec(dataset="default", nodes=4, partition="iid", rounds=1, seed=0,
                           out=Path("."), network_config=Path(__file__).resolve().parent.parent

@@ -16,7 +16,8 @@ import torch
 
 from gossip.errors import LocalError
 from node.cli import main as cli_main
-from node.simulation import SimulationSpec, held_out_split, prepare
+from node.rehearsal.simulation.prepare import held_out_split, prepare
+from node.rehearsal.simulation.spec import SimulationSpec
 
 ROOT = Path(__file__).resolve().parent.parent
 MEMBERS = ("bank-a", "bank-b", "bank-c")
@@ -125,7 +126,8 @@ def test_own_files_get_os_noise_and_only_the_demo_tables_seeded_noise(tmp_path):
     models, and summary.json and the terminal say so. The demo tables stay reproducible."""
     from rich.console import Console
 
-    from node.simulation import NOISE_OS, NOISE_SEEDED, simulate
+    from node.rehearsal.simulation.output import simulate
+    from node.rehearsal.simulation.run import NOISE_OS, NOISE_SEEDED
 
     data = make_dir(tmp_path / "data")
     dp = ("--privacy", "record", "--epsilon", "3", "--aggregation", "mean", "--rounds", "1",

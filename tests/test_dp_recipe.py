@@ -26,8 +26,9 @@ from node.privacy import (
     steps_per_epoch,
 )
 from node.recipe import LR_MAX_FACTOR, NOISE_TARGET, SIGMA_MAX, batch_candidates, choose
+from node.rehearsal.simulation.prepare import prepare
+from node.rehearsal.simulation.spec import SimulationSpec
 from node.runner import Node
-from node.simulation import SimulationSpec, prepare
 
 EPS, DELTA, ROUNDS, B0, LR0 = 3.0, 1e-5, 30, 32, 0.05
 OLD_PLAN_KEYS = {"mode", "epsilon", "delta", "noise_multiplier", "clip_norm", "sample_rate",

@@ -17,7 +17,7 @@ from gossip.transports.base import Incoming
 from gossip.transports.memory import MemoryHub
 from node.evidence import EvidenceStore, envelope_bytes, verify_equivocation
 from node.identity import load_identity
-from node.simulation import seen_by
+from node.rehearsal.simulation.results import seen_by
 from node.state import read_jsonl
 from tests.test_liveness import make, node_of
 

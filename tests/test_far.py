@@ -142,7 +142,9 @@ async def test_two_huge_members_of_eight_cannot_stop_the_default_consortium(tmp_
     """The issue's run, short: 8 members on `digits`, two sending 1e30 shares, the
     default [rules]. Every honest member leaves both out every round and keeps a finite
     model; on 819e161 (f = 1) one of them was averaged in every round."""
-    from node.simulation import SimulationSpec, member_names, prepare, run_consortium
+    from node.rehearsal.simulation.prepare import member_names, prepare
+    from node.rehearsal.simulation.run import run_consortium
+    from node.rehearsal.simulation.spec import SimulationSpec
     from node.state import read_jsonl
 
     torch.set_num_threads(1)

@@ -12,7 +12,8 @@ from gossip import envelope
 from gossip.errors import LocalError
 from gossip.transports.faults import FaultPlan, FaultyTransport, parse_partition
 from gossip.transports.memory import MemoryHub
-from node.simulation import SimulationSpec, simulate
+from node.rehearsal.simulation.output import simulate
+from node.rehearsal.simulation.spec import SimulationSpec
 from node.state import read_jsonl
 
 

@@ -280,13 +280,13 @@ def test_cli_default_rule_is_the_rules_default():
     from node.rules import DEFAULT_RULE
 
     args = build_parser().parse_args(["simulate", "--out", "x"])
-    assert args.aggregation == DEFAULT_RULE
+    assert args.flag_defaults["aggregation"] == DEFAULT_RULE  # untyped: absent from args
 
 
 # --- status wording ---------------------------------------------------------------------------
 
 def test_status_round_line_counts_from_one():
-    from node.status import round_line
+    from node.ops.status import round_line
 
     assert round_line({"rounds_done": 30, "planned_rounds": 30, "next_round": 30}) == \
         "30 of 30 rounds completed (finished)"
@@ -325,7 +325,8 @@ def consortium_dir(tmp_path_factory):
     sys.path.insert(0, str(ROOT / "scripts"))
     from ports import free_ports
 
-    from node.simulation import SimulationSpec, prepare
+    from node.rehearsal.simulation.prepare import prepare
+    from node.rehearsal.simulation.spec import SimulationSpec
 
     out = tmp_path_factory.mktemp("lean")
     a, b = free_ports(2)

@@ -16,8 +16,9 @@ from gossip.transports.memory import MemoryHub
 from node.config import load_config
 from node.identity import load_identity
 from node.privacy import SeededNoise
+from node.rehearsal.simulation.prepare import prepare
+from node.rehearsal.simulation.spec import SimulationSpec
 from node.runner import Node
-from node.simulation import SimulationSpec, prepare
 from node.state import read_jsonl
 
 

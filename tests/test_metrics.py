@@ -108,7 +108,8 @@ def test_flnode_run_serves_metrics_that_move_with_its_rounds(tmp_path):
 
     import tomli_w
 
-    from node.simulation import SimulationSpec, prepare
+    from node.rehearsal.simulation.prepare import prepare
+    from node.rehearsal.simulation.spec import SimulationSpec
     from scripts.ports import free_ports
 
     root = Path(__file__).resolve().parent.parent

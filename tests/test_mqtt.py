@@ -355,8 +355,9 @@ async def test_a_broker_whose_certificate_is_not_the_pinned_one_never_gets_the_p
 
 async def test_a_node_whose_share_is_too_big_for_the_broker_says_so_and_keeps_running(tmp_path):
     require_mosquitto()
+    from node.rehearsal.simulation.prepare import prepare
+    from node.rehearsal.simulation.spec import SimulationSpec
     from node.runner import Node
-    from node.simulation import SimulationSpec, prepare
 
     spec = SimulationSpec(dataset="default", nodes=2, partition="iid", rounds=2, seed=0,
                           out=tmp_path, privacy="off", round_deadline_s=1.0, transport="mqtt")

@@ -13,7 +13,9 @@ import pytest
 from rich.console import Console
 
 from gossip import envelope
-from node.simulation import SimulationSpec, prepare, simulate
+from node.rehearsal.simulation.output import simulate
+from node.rehearsal.simulation.prepare import prepare
+from node.rehearsal.simulation.spec import SimulationSpec
 from node.state import read_jsonl
 
 pytestmark = pytest.mark.slow
@@ -109,8 +111,8 @@ def test_summary_epsilon_is_recomputed_from_the_ledger_not_the_last_metrics_line
     starts: bank-0 and bank-1 charge round 1, release and wait out a long deadline for
     it; the run's --timeout stops them there (SIGTERM). The summary's ε is the ledger's,
     as `flnode status` computes it."""
+    from node.ops.status import collect
     from node.privacy import Ledger
-    from node.status import collect
 
     out = tmp_path / "net"
     r = subprocess.run(

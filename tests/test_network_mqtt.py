@@ -20,7 +20,8 @@ from gossip import envelope
 from gossip.errors import RemoteError
 from gossip.seal import PrekeyStore, open_sealed, seal_ad
 from node.identity import load_identity
-from node.simulation import SimulationSpec, simulate
+from node.rehearsal.simulation.output import simulate
+from node.rehearsal.simulation.spec import SimulationSpec
 from node.state import read_jsonl
 from tests.mqtt_support import require_mosquitto
 

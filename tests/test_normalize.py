@@ -19,8 +19,9 @@ from node.config import load_config
 from node.data import FeatureSchema
 from node.normalize import combine, implausible, member_stats, sensitivity, stats_digest
 from node.privacy import SeededNoise
+from node.rehearsal.simulation.prepare import prepare
+from node.rehearsal.simulation.spec import SimulationSpec
 from node.runner import Node
-from node.simulation import SimulationSpec, prepare
 from node.state import read_jsonl
 from tests.test_runner import run_all
 
@@ -102,7 +103,7 @@ async def test_record_dp_charges_the_statistics_once_and_a_restart_never_recompu
         lo, hi = schema.columns[[c.name for c in schema.columns].index(col)].range
         assert abs(got[col][0] - want[col][0]) < 0.05 * (hi - lo)
     # `flnode status` shows it, with its own share of the budget.
-    from node.status import collect, render
+    from node.ops.status import collect, render
 
     st = collect(n.state.path)
     assert st["normalization"]["noise_multiplier"] == 5.0
@@ -293,7 +294,7 @@ def test_the_simulators_baselines_use_what_the_members_would_agree(tmp_path):
     ones), range scaling where the members fall back, the members' refusal where they
     refuse: the baselines' columns carry what normalization costs."""
     from gossip.errors import LocalError
-    from node.simulation import baseline_schema
+    from node.rehearsal.simulation.prepare import baseline_schema
 
     prep, schema = make(tmp_path, privacy="off")
     rows = {n: pd.read_parquet(load_config(p).data.path)
@@ -398,7 +399,7 @@ async def test_members_whose_own_rows_straddle_the_threshold_decide_alike(tmp_pa
     `flnode status` says so at every member."""
     from node.data import encode
     from node.normalize import range_schema, resolve
-    from node.status import collect, render
+    from node.ops.status import collect, render
 
     prep, schema = make(tmp_path, privacy="record", normalize_fallback="range")
     shrink(prep, 0, 300)

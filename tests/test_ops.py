@@ -17,8 +17,8 @@ from gossip.transports.memory import MemoryHub
 from node import pidfile
 from node import runner as runner_mod
 from node.models import get_flat, set_flat
+from node.ops.status import collect, final_line, process_line, render, waiting_line
 from node.runner import compare_finals
-from node.status import collect, final_line, process_line, render, waiting_line
 from tests.test_runner import build, make, run_all
 
 
@@ -268,7 +268,8 @@ def test_status_of_a_real_node_running_then_sigkilled(tmp_path):
     import sys
     from pathlib import Path
 
-    from node.simulation import SimulationSpec, prepare
+    from node.rehearsal.simulation.prepare import prepare
+    from node.rehearsal.simulation.spec import SimulationSpec
 
     root = Path(__file__).resolve().parent.parent
     spec = SimulationSpec(dataset="default", nodes=2, partition="iid", rounds=1, seed=0,
@@ -375,7 +376,7 @@ async def test_status_and_report_name_a_flooding_member_with_its_count(tmp_path)
     metrics.jsonl as flood_by_sender; `flnode status` and `flnode report --state-dir` name
     mallory with the 44 messages (before: only `flood 44` under rejected, nobody named)."""
     from gossip.transports.base import SENDER_QUEUE_MESSAGES
-    from node.report_member import write_member_report
+    from node.ops.report_member import write_member_report
 
     _, prep = make(tmp_path, nodes=3, rounds=2, privacy="off")
     hub = MemoryHub()
@@ -397,7 +398,7 @@ async def test_status_and_report_name_a_flooding_member_with_its_count(tmp_path)
     assert f"flood: {dropped} messages dropped before verification" in html
     assert json.loads((nodes[0].state.path / "report.json").read_text()
                       )["peers"]["mallory"]["flood_dropped"] == dropped
-    from node.simulation import seen_by  # the simulator's per-attacker lines: messages too
+    from node.rehearsal.simulation.results import seen_by  # the simulator's per-attacker lines: messages too
 
     assert seen_by(nodes[0].state.path, ["mallory"])["mallory"]["rejected"]["flood"] == dropped
 
@@ -405,7 +406,7 @@ async def test_status_and_report_name_a_flooding_member_with_its_count(tmp_path)
 def test_flood_counts_add_up_across_restarts_and_ignore_foreign_values():
     """metrics.jsonl counts are since the process started: a restart (bytes_sent or the
     count going down) adds the earlier run's last count, it does not replace it."""
-    from node.status import flood_by_member
+    from node.ops.status import flood_by_member
 
     lines = [
         {"round": 0, "bytes_sent": 10},

@@ -15,8 +15,9 @@ from gossip.transports.memory import MemoryHub
 from node.config import load_config
 from node.models import build_model
 from node.privacy import LedgerRecord, SeededNoise, calibrate_sigma, epsilon_of
+from node.rehearsal.simulation.prepare import prepare
+from node.rehearsal.simulation.spec import SimulationSpec
 from node.runner import Node
-from node.simulation import SimulationSpec, prepare
 from node.train import train_local_dp
 
 
@@ -167,7 +168,7 @@ async def test_status_reports_epsilon_recomputed_from_the_ledger(tmp_path):
     prep = make(tmp_path, privacy="record", epsilon=2.0, sigma=None)
     nodes = nodes_of(prep)
     await run_all(nodes)
-    from node.status import collect
+    from node.ops.status import collect
 
     s = collect(nodes[0].state.path)
     assert s["privacy"]["epsilon_spent"] == pytest.approx(nodes[0].epsilon(), abs=1e-12)

@@ -23,8 +23,9 @@ from rich.console import Console
 
 from gossip.errors import LocalError
 from node.cli import main
-from node.report_html import load_run, write_report
-from node.simulation import SimulationSpec, simulate
+from node.ops.report_html import load_run, write_report
+from node.rehearsal.simulation.output import simulate
+from node.rehearsal.simulation.spec import SimulationSpec
 
 pytestmark = pytest.mark.slow
 
@@ -216,7 +217,7 @@ def test_a_node_killed_mid_run_still_renders_what_exists(copy):
 
 def test_out_flag_and_no_torch_import(copy, tmp_path):
     out = tmp_path / "elsewhere.html"
-    code = ("import sys; from node.report_html import write_report; "
+    code = ("import sys; from node.ops.report_html import write_report; "
             f"write_report({str(copy)!r}, {str(out)!r}); "
             "assert 'torch' not in sys.modules and 'sklearn' not in sys.modules, 'heavy import'")
     r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
@@ -256,7 +257,7 @@ def test_the_terminal_summary_names_the_server_optimizer_the_rules_apply(run_dir
     """A 3-member run under the default rules: trimmed_mean with the FedAdam step behind
     it (node/rules.py AUTO_PARAMS); the summary line says both, and says nothing of an
     optimizer where the rules have none."""
-    from node.report import make_console, print_summary
+    from node.rehearsal.simulation.output import make_console, print_summary
 
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["aggregation"]["rule"] == "trimmed_mean"
@@ -278,7 +279,7 @@ def test_the_terminal_summary_names_the_server_optimizer_the_rules_apply(run_dir
 def test_a_rounds_mean_skips_members_whose_metric_is_undefined_and_names_them():
     """A member whose held-out rows hold one class has no ROC-AUC: the round's headline
     used to read "mean roc_auc nan" for the whole run (bring-your-own-data rehearsal)."""
-    from node.report import mean_text
+    from node.rehearsal.simulation.output import mean_text
 
     nan = float("nan")
     assert mean_text({"a": 0.946, "b": 0.917, "c": nan}) == "0.9315 (n/a: c)"
@@ -289,7 +290,7 @@ def test_a_rounds_mean_skips_members_whose_metric_is_undefined_and_names_them():
 def test_the_terminal_own_rows_notes_say_which_member_and_why(capsys):
     """n/a used to say "(no rows, or rows of one class only)" for whichever applied, and
     a 10-row member's gain stood in the mean gain unremarked."""
-    from node.report import make_console, print_own_rows
+    from node.rehearsal.simulation.output import make_console, print_own_rows
 
     nan = float("nan")
     summary = {"metric": "roc_auc", "dataset": "default", "own_rows": {

@@ -11,9 +11,9 @@ import pytest
 from gossip.errors import LocalError
 from gossip.transports.memory import MemoryHub
 from node.cli import main
-from node.intervals import auc_score_interval, hanley_mcneil, interval_text, metric_intervals, wilson
-from node.report_member import write_member_report
-from node.status import collect
+from node.ops.intervals import auc_score_interval, hanley_mcneil, interval_text, metric_intervals, wilson
+from node.ops.report_member import write_member_report
+from node.ops.status import collect
 from tests.test_runner import build, make, run_all
 
 
@@ -158,7 +158,7 @@ def test_wilson_covers_about_95_percent():
 def test_the_round_line_of_flnode_run_carries_the_interval(capsys, tmp_path):
     from node.config import validate_config
     from node.daemon import _print_round
-    from node.runner import RoundReport
+    from node.runtime.round_report import RoundReport
 
     cfg = validate_config({"state_dir": "s", "identity": {"key": "k"}, "consortium": {
         "path": "c"}, "data": {"path": "d"}, "privacy": {"mode": "off"},
@@ -174,8 +174,8 @@ def test_a_negative_mean_gain_on_own_rows_says_why(capsys):
     """`make demo`'s first table showed a negative mean gain with no word on why."""
     from rich.console import Console
 
-    from node.report import print_own_rows
-    from node.report_html import negative_gain_note
+    from node.ops.report_html import negative_gain_note
+    from node.rehearsal.simulation.output import print_own_rows
 
     summary = {"dataset": "default", "metric": "roc_auc", "partition": "dirichlet:0.5",
                "rounds": 30, "epsilon": {"mode": "record", "budget": 3.0},
@@ -202,7 +202,7 @@ def test_result_and_files_written_are_not_glued_on_one_line(tmp_path, finished, 
     "wrote … (open … in a browser)": a result and a note on one line."""
     from rich.console import Console
 
-    from node.report import _print_run_facts
+    from node.rehearsal.simulation.output import _print_run_facts
 
     summary = {"metric": "roc_auc", "consortium": {"mean": 0.9, "per_node": {"bank-0": 0.9}},
                "local_only": {"mean": 0.8}, "centralized": 0.95, "epsilon": {"mode": "off",
@@ -225,8 +225,8 @@ def test_the_simulators_round_line_says_when_few_rows_make_the_figures_noisy():
 
     from rich.console import Console
 
-    from node.report import RoundPrinter
-    from node.runner import RoundReport
+    from node.rehearsal.simulation.output import RoundPrinter
+    from node.runtime.round_report import RoundReport
 
     buf = io.StringIO()
     p = RoundPrinter(SimpleNamespace(rounds=3), ["bank-a", "bank-b"], "roc_auc",

@@ -16,8 +16,9 @@ from node.config import load_config
 from node.identity import load_identity
 from node.models import get_flat
 from node.privacy import SeededNoise
+from node.rehearsal.simulation.prepare import prepare
+from node.rehearsal.simulation.spec import SimulationSpec
 from node.runner import Node
-from node.simulation import SimulationSpec, prepare
 
 
 def make(tmp_path, nodes=3, rounds=3, privacy="update", deadline=30.0):

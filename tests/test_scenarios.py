@@ -13,7 +13,7 @@ import torch
 
 from gossip.errors import LocalError
 from node.cli import main as cli_main
-from node.simulation import build_spec
+from node.rehearsal.simulation.scenario import build_spec
 from tests.test_data_dir import make_dir
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -125,7 +125,7 @@ def test_network_script_takes_the_file_transport_and_its_own_defaults(tmp_path):
     """scripts/simulate_network.py: the file's transport; its own defaults (10 rounds,
     20 s deadline) under the file; the in-process simulator keeps the memory hub."""
     sys.path.insert(0, str(ROOT / "scripts"))
-    from node.simulation import spec_from_args
+    from node.rehearsal.simulation.scenario import spec_from_args
     from scripts.simulate_network import parse_args
 
     sc = tmp_path / "s.toml"
@@ -144,7 +144,7 @@ def test_network_script_takes_the_file_transport_and_its_own_defaults(tmp_path):
 def test_training_options_and_the_dp_recipe_come_from_the_file_and_the_flags(tmp_path):
     """lr_decay, control_variates ([model]) and recipe ([privacy]) reach the spec from a
     scenario file and from flags; a recipe without record-level DP is refused."""
-    from node.simulation import build_spec
+    from node.rehearsal.simulation.scenario import build_spec
 
     sc = tmp_path / "s.toml"
     sc.write_text('out = "run"\n[model]\nlr_decay = 0.9\ncontrol_variates = true\n'

@@ -28,8 +28,9 @@ from gossip.seal import PrekeyStore, Sealing, encode_announcement, open_sealed, 
 from gossip.transports.memory import MemoryHub
 from node.config import load_config
 from node.identity import load_identity
+from node.rehearsal.simulation.prepare import prepare
+from node.rehearsal.simulation.spec import SimulationSpec
 from node.runner import Node
-from node.simulation import SimulationSpec, prepare
 from node.train import evaluate
 from tests.helpers import SPEC, consortium, keys, tensors
 

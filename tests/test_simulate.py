@@ -10,7 +10,8 @@ import sys
 import pytest
 from rich.console import Console
 
-from node.simulation import SimulationSpec, simulate
+from node.rehearsal.simulation.output import simulate
+from node.rehearsal.simulation.spec import SimulationSpec
 
 pytestmark = pytest.mark.slow
 

@@ -21,8 +21,9 @@ from node.config import load_config, validate_config
 from node.dpsgd import clipped_gradient_sum, train_local_dp_fast
 from node.models import build_model, get_flat
 from node.privacy import SeededNoise, steps_per_epoch
+from node.rehearsal.simulation.prepare import prepare
+from node.rehearsal.simulation.spec import SimulationSpec
 from node.runner import Node
-from node.simulation import SimulationSpec, prepare
 from node.strategy import StrategyError, WeightedShare, make_strategy
 from node.train import train_local
 
@@ -780,7 +781,7 @@ def test_control_variates_and_lr_decay_are_refused_in_the_node_config(tmp_path, 
 
 
 def _consortium(tmp_path, sub, rounds, **kw):
-    from node.simulation import run_consortium
+    from node.rehearsal.simulation.run import run_consortium
 
     spec = SimulationSpec(dataset="default", nodes=3, partition="dirichlet:0.5", rounds=rounds,
                           seed=0, out=tmp_path / sub, aggregation="mean",

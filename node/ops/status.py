@@ -19,6 +19,7 @@ from typing import Any
 
 from gossip.errors import LocalError
 from gossip.transports.base import SENDER_BURST, SENDER_QUEUE_MESSAGES, SENDER_RATE_PER_S
+from node.config import load_config
 from node.pidfile import PID_FILE, process_state
 from node.privacy import ACCOUNTANT, PLAN_FILE, WEIGHT_FILE, Ledger, PrivacyPlan, epsilon_of
 from node.state import StateDir, read_jsonl
@@ -135,8 +136,6 @@ def collect(state_dir: str | Path, config: str | Path | None = None) -> dict[str
     planned = cp.planned_rounds if cp.planned_rounds is not None else (
         plan.rounds if plan is not None else None)
     if config is not None:
-        from node.config import load_config
-
         planned = load_config(config).training.rounds
     weight = None
     if (path / WEIGHT_FILE).exists():

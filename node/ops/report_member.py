@@ -5,8 +5,8 @@ is its state dir: metrics.jsonl (a line per round: metrics with their 95 % inter
 ε, shares received and missing, bytes), the checkpoint (round, traffic, rejections),
 the privacy ledger, audit.jsonl (every message received, by member and outcome),
 node.pid, activity.json and final.json. This module reads those (through
-`node.status.collect`, so every ε is the accountant's over the ledger, exactly what
-`flnode status` prints) and renders them with `node.report_html`'s pieces: the
+`node.ops.status.collect`, so every ε is the accountant's over the ledger, exactly what
+`flnode status` prints) and renders them with `node.ops.report_html`'s pieces: the
 member's row of the simulator report's table, its plots, and per member it heard
 from what it accepted and refused. It writes report.html and report.json (the same
 facts, for scripts). No torch; everything read is the node's own but is still
@@ -18,28 +18,18 @@ from __future__ import annotations
 import base64
 import json
 import math
-import os
 import time
 from pathlib import Path
 from typing import Any
 
 from gossip.errors import LocalError
+from node.ops.report_html.plots import plots
+from node.ops.report_html.reader import Run, _count, _jsonl_lines, _members, _Summary, read_metrics
+from node.ops.report_html.render import CSS, MAX_NOTES, _bytes, _e, _fmt, _table, write_text_atomic
+from node.ops.status import collect
+from node.ops.status import render as status_render
 from node.privacy import PLAN_FILE, PrivacyPlan
-from node.report_html import (
-    CSS,
-    MAX_NOTES,
-    Run,
-    _bytes,
-    _count,
-    _e,
-    _fmt,
-    _jsonl_lines,
-    _members,
-    _Summary,
-    _table,
-    plots,
-    read_metrics,
-)
+from node.state import read_jsonl
 
 # Outcomes in audit.jsonl that are the node's own records, not a message it refused.
 OWN_RECORDS = frozenset({"accepted", "aggregate", "normalization"})
@@ -48,8 +38,6 @@ OWN_RECORDS = frozenset({"accepted", "aggregate", "normalization"})
 def member_name(path: Path, notes: list[str]) -> str:
     """The member's own name: its aggregate lines in audit.jsonl say it (a state dir
     holds no key); the directory's name before any round closed."""
-    from node.state import read_jsonl
-
     for rec in read_jsonl(path / "audit.jsonl"):
         if rec.get("outcome") in ("aggregate", "normalization") and isinstance(
                 rec.get("member"), str):
@@ -62,8 +50,6 @@ def member_name(path: Path, notes: list[str]) -> str:
 def peer_table(path: Path, own: str) -> dict[str, dict[str, Any]]:
     """Per other member: shares and other messages accepted, the last round heard, and
     refusals by reason (audit.jsonl, rotated parts included)."""
-    from node.state import read_jsonl
-
     out: dict[str, dict[str, Any]] = {}
     for rec in read_jsonl(path / "audit.jsonl"):
         member, outcome = rec.get("member"), rec.get("outcome")
@@ -112,8 +98,6 @@ def round_rows(path: Path, metric: str, notes: list[str]) -> list[dict[str, Any]
 
 def load_member(state_dir: str | Path, config: str | Path | None = None
                 ) -> tuple[Run, dict[str, Any]]:
-    from node.status import collect
-
     path = Path(state_dir)
     st = collect(path, config)
     if st.get("starting"):
@@ -166,8 +150,6 @@ def load_member(state_dir: str | Path, config: str | Path | None = None
 
 def _status_facts(st: dict[str, Any]) -> str:
     """`flnode status`'s lines as a definition list: one source for both."""
-    from node.status import render as status_render
-
     items = []
     for line in status_render(st).splitlines():
         key, _, value = line.partition("  ")  # "state dir   /x": the label ends at 2 spaces
@@ -264,7 +246,7 @@ def render_member(run: Run, st: dict[str, Any]) -> str:
     parts.append('<p class="sub">The metric on this member\'s held-out rows after each round, '
                  "with its 95 % interval (Wilson for accuracy, Newcombe's score interval for "
                  "ROC-AUC; "
-                 "node/intervals.py): on a few dozen rows a swing inside the interval is the "
+                 "node/ops/intervals.py): on a few dozen rows a swing inside the interval is the "
                  "rows, not the model.</p>")
     parts.append(_rounds_html(st))
     for fig_name, caption, png in figures:
@@ -273,19 +255,6 @@ def render_member(run: Run, st: dict[str, Any]) -> str:
                      f"<figcaption>{_e(caption)}</figcaption></figure>")
     parts.append("</main></body></html>\n")
     return "\n".join(parts)
-
-
-def _atomic_text(target: Path, text: str) -> None:
-    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, target)
-    except OSError as exc:
-        tmp.unlink(missing_ok=True)
-        raise LocalError(f"{target}: cannot write: {exc.strerror}") from None
 
 
 def _json_safe(value: Any) -> Any:
@@ -308,7 +277,7 @@ def write_member_report(state_dir: str | Path, out: str | Path | None = None,
         raise LocalError(f"--out {target}: directory {target.parent} does not exist")
     if target.is_dir():
         raise LocalError(f"--out {target}: is a directory; name a file, e.g. {target}/report.html")
-    _atomic_text(target, render_member(run, st))
+    write_text_atomic(target, render_member(run, st))
     doc = target.with_suffix(".json")
-    _atomic_text(doc, json.dumps(_json_safe(st), indent=1, sort_keys=True) + "\n")
+    write_text_atomic(doc, json.dumps(_json_safe(st), indent=1, sort_keys=True) + "\n")
     return target, doc

@@ -1,0 +1,102 @@
+"""Running a prepared consortium in one process (the memory hub, one Node per member)
+and training the baselines it is compared with (centralized, local-only)."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import numpy as np
+import torch
+
+from gossip.transports.memory import MemoryHub
+from node.config import load_config
+from node.models import build_model, init_seed_from, set_flat
+from node.privacy import NoiseSource, OsNoise, SeededNoise
+from node.rehearsal.simulation.prepare import XY, Prepared
+from node.rehearsal.simulation.spec import SimulationSpec
+from node.runner import Node
+from node.state import Checkpoint
+from node.train import evaluate, train_local
+
+
+def train_baseline(spec: SimulationSpec, prep: Prepared, X: np.ndarray, y: np.ndarray,
+                   seed: int, own: XY | None = None) -> dict[str, float]:
+    """Same model, same initial weights, same recipe, R epochs on X alone; its metrics
+    on the test set (and, given `own` rows, under "own" its metrics on them)."""
+    model = build_model(spec.model, prep.schema.n_features, prep.schema.n_classes, spec.hidden,
+                        seed=init_seed_from(prep.consortium))
+    train_local(model, X, y, epochs=spec.rounds, batch_size=spec.batch_size, lr=spec.lr,
+                generator=torch.Generator().manual_seed(seed))
+    out: dict[str, Any] = evaluate(model, *prep.test)
+    if own is not None:
+        out["own"] = evaluate_rows(model, own)
+    return out
+
+
+def evaluate_rows(model: Any, rows: XY) -> dict[str, float]:
+    """evaluate() that also takes no rows (a member that owns none of a test set)."""
+    if len(rows[1]) == 0:
+        return {"accuracy": float("nan"), "roc_auc": float("nan"), "pr_auc": float("nan")}
+    return evaluate(model, *rows)
+
+
+def model_from_state(spec: SimulationSpec, prep: Prepared, cp: Checkpoint | None) -> Any:
+    """A member's final model from its checkpoint (a `flnode run` process's
+    `node.state.Checkpoint`), or None without one."""
+    if cp is None:
+        return None
+    model = build_model(spec.model, prep.schema.n_features, prep.schema.n_classes, spec.hidden,
+                        seed=init_seed_from(prep.consortium))
+    flat = torch.frombuffer(bytearray(cp.model), dtype=torch.float32)
+    set_flat(model, flat)
+    return model
+
+
+# What summary.json's "noise" says the members' privacy noise came from.
+NOISE_OS = "os"
+NOISE_SEEDED = "seeded (demo data: reproducible, not a guarantee)"
+
+
+def noise_kind(spec: SimulationSpec) -> str:
+    """The in-process simulator's noise: reproducible from --seed on a built-in demo
+    table; from os.urandom when the rows are the members' own (--data-dir), since noise
+    that protects real data must never be predictable from a config seed."""
+    return NOISE_OS if spec.data_dir is not None else NOISE_SEEDED
+
+
+def noise_for(spec: SimulationSpec, index: int) -> NoiseSource:
+    """Member `index`'s noise source in the in-process simulator (see noise_kind)."""
+    if noise_kind(spec) == NOISE_OS:
+        return OsNoise()
+    return SeededNoise(spec.seed * 7919 + index)
+
+
+async def run_consortium(spec: SimulationSpec, prep: Prepared,
+                         on_round: Any = None) -> list[Node]:
+    hub = MemoryHub()
+    nodes = []
+    for i, (name, path) in enumerate(zip(prep.names, prep.config_paths, strict=True)):
+        if name in spec.absent:  # listed, never started
+            continue
+        cfg = load_config(path)
+        transport = hub.attach(name, prep.names,
+                               max_message_bytes=cfg.gossip.max_envelope_bytes)
+        # Reproducible noise on the built-in demo tables only; the members' own files
+        # (--data-dir) get os.urandom, as a real node (`flnode run`) always does.
+        nodes.append(Node.from_config(cfg, transport, noise_for(spec, i)))
+    async with asyncio.TaskGroup() as tg:
+        for node in nodes:
+            tg.create_task(node.run(on_round), name=f"node-{node.name}")
+    return nodes
+
+
+def baselines(spec: SimulationSpec, prep: Prepared) -> tuple[dict[str, float],
+                                                              dict[str, dict[str, float]]]:
+    """Centralized (pooled training rows) and each member's local-only model; the latter's
+    metrics on the member's own held-out rows under "own"."""
+    centralized = train_baseline(spec, prep, *prep.train_all, seed=spec.seed)
+    local_only = {name: train_baseline(spec, prep, *prep.train_parts[i], seed=spec.seed + i,
+                                       own=prep.own_parts[i] if prep.own_parts else None)
+                  for i, name in enumerate(prep.names)}
+    return centralized, local_only
