@@ -62,7 +62,7 @@ def started(n: int = 3, **kw) -> Driver:
 
 # --- the closing rule: all, moved on, absent, deadline -----------------------------------
 def test_a_round_closes_when_every_share_came():
-    """runner.py 1358-1362 (`_collect`: book.complete) and 1282-1286 (closed = "all" when
+    """runner.py 1627-1631 (`_collect`: book.complete) and 1150-1152 (closed = "all" when
     nothing is missing): the close comes with the last share, not at the deadline."""
     d = started()
     assert d.of(Train) == [Train(0)] and d.of(SendShare)[0].round == 0
@@ -71,7 +71,7 @@ def test_a_round_closes_when_every_share_came():
     d.at(2.0).recv(share("bank-2", 0))
     [c] = d.closes
     assert (c.round, c.why, c.missing, sorted(c.shares)) == (0, "all", (), ["bank-1", "bank-2"])
-    # then: seen report, advance, checkpoint, the next round's training (runner 1258-1322)
+    # then: seen report, advance, checkpoint, the next round's training (runner 1128-1179)
     after = d.actions[d.actions.index(c):]
     kinds = [type(a) for a in after]
     assert kinds.index(Broadcast) < kinds.index(Advanced) < kinds.index(Checkpoint) \
@@ -81,7 +81,7 @@ def test_a_round_closes_when_every_share_came():
 
 
 def test_a_round_closes_without_members_that_moved_on():
-    """runner.py 1284 ("moved_on": the book is complete because the missing member's share
+    """runner.py 1151 ("moved_on": the book is complete because the missing member's share
     for a later round came, gossip/protocol/book.py `waiting_for`)."""
     d = started()
     d.at(1.0).recv(share("bank-2", 1))  # bank-2 has left round 0
@@ -92,8 +92,8 @@ def test_a_round_closes_without_members_that_moved_on():
 
 
 def test_a_round_closes_at_the_deadline_then_the_silent_member_is_absent():
-    """runner.py 1345-1356 (`_note_absent` after the deadline: absent_after = 1 marks it),
-    1334-1343 (`_ignorable`: 2 of 3 heard is a majority) and 1284-1286 ("deadline", then
+    """runner.py 1614-1625 (`_note_absent` after the deadline: absent_after = 1 marks it),
+    1603-1612 (`_ignorable`: 2 of 3 heard is a majority) and 1150-1152 ("deadline", then
     "absent" for the next round, which closes without waiting)."""
     d = started()
     d.at(1.0).recv(share("bank-1", 0))
@@ -109,7 +109,7 @@ def test_a_round_closes_at_the_deadline_then_the_silent_member_is_absent():
 
 
 def test_absent_members_are_not_ignored_when_we_may_be_the_one_cut_off():
-    """runner.py 1334-1343: with 2 of 4 members silent, we (and the one heard) are no
+    """runner.py 1603-1612: with 2 of 4 members silent, we (and the one heard) are no
     majority: every deadline is waited out instead of racing ahead."""
     d = started(4)
     for r, t in ((0, 10.0), (1, 20.0), (2, 30.0)):  # each deadline from our release
@@ -122,8 +122,8 @@ def test_absent_members_are_not_ignored_when_we_may_be_the_one_cut_off():
 
 
 def test_absence_is_marked_and_lifted_by_a_share_and_once_by_talk():
-    """runner.py 599-604 (`_heard`: a share re-arms the wait; talk without one only once
-    per absence, for one deadline: issue 19 item 4) and 1345-1356 (`_note_absent`)."""
+    """runner.py 751-769 (`_heard`: a share re-arms the wait; talk without one only once
+    per absence, for one deadline: issue 19 item 4) and 1614-1625 (`_note_absent`)."""
     d = started(absent_after=1)
     d.at(1).recv(share("bank-1", 0))
     d.tick(10.0)  # bank-2 missed round 0's deadline: absent
@@ -133,7 +133,7 @@ def test_absence_is_marked_and_lifted_by_a_share_and_once_by_talk():
     d.at(12).recv(share("bank-1", 1))
     assert len(d.closes) == 1  # round 1 waits for bank-2 again
     d.tick(20.0)  # ... one deadline; then absent again
-    # "absent", not "deadline": runner.py 1281 classifies by who was ignorable when the
+    # "absent", not "deadline": runner.py 1117 + 1152 classify by who was ignorable when the
     # collection began (`ignorable_before`), and bank-2 was then; the deadline was
     # waited out all the same (as runner.py does)
     assert d.closes[-1].why == "absent" and d.now == 20.0 and "bank-2" in d.m.live.absent
@@ -149,7 +149,7 @@ def test_absence_is_marked_and_lifted_by_a_share_and_once_by_talk():
 
 
 def test_absent_after_counts_deadlines_in_a_row():
-    """runner.py 1345-1356 with gossip.absent_after = 2: two missed deadlines."""
+    """runner.py 1614-1625 with gossip.absent_after = 2: two missed deadlines."""
     d = started(absent_after=2, rounds=4)
     for r in (0, 1):
         d.at(d.now + 1).recv(share("bank-1", r))
@@ -162,7 +162,7 @@ def test_absent_after_counts_deadlines_in_a_row():
 
 # --- the start barrier and the quorum join after a restart --------------------------------
 def test_restart_joins_the_round_a_majority_has_reached():
-    """runner.py 1457-1499 (`_await_start`: after a restart wait for a majority of the
+    """runner.py 1470-1513 (`_await_start`: after a restart wait for a majority of the
     members still sharing, then book.quorum_round(), `join`, checkpoint): a node restarted
     at round 2 with four others at rounds 6, 6, 5 and unknown joins at round 6? No: the
     newest round a MAJORITY has reached, 5 (one lying member cannot drag it forward)."""
@@ -179,7 +179,7 @@ def test_restart_joins_the_round_a_majority_has_reached():
 
 
 def test_restart_without_a_majority_starts_at_the_barrier_deadline():
-    """runner.py 1476-1481: a majority, or one round deadline."""
+    """runner.py 1491-1496: a majority, or one round deadline."""
     d = Driver(5, current=2, restarted=True, rounds=10, min_members=0)
     d.start()
     d.at(1).recv(hello("bank-1", 4))
@@ -191,7 +191,7 @@ def test_restart_without_a_majority_starts_at_the_barrier_deadline():
 
 
 def test_restart_majority_is_recounted_when_members_retire():
-    """runner.py 1471-1475 (f8bc771): a retire message shrinks the majority; with every
+    """runner.py 1488-1493 (f8bc771): a retire message shrinks the majority; with every
     other member retired nobody is waited for."""
     d = Driver(5, current=1, restarted=True, rounds=10, min_members=0)
     d.start()
@@ -211,7 +211,7 @@ def test_restart_majority_is_recounted_when_members_retire():
 
 
 def test_min_members_waits_without_a_time_limit_and_reports_the_wait():
-    """runner.py 1462-1489 (min_members: no time limit; reported at WAIT_REPORT_FIRST_S,
+    """runner.py 1479-1506 (min_members: no time limit; reported at WAIT_REPORT_FIRST_S,
     then every WAIT_REPORT_EVERY_S)."""
     d = Driver(4, min_members=3)
     d.start()
@@ -228,13 +228,13 @@ def test_min_members_waits_without_a_time_limit_and_reports_the_wait():
 
 
 def test_min_members_above_the_consortium_is_refused():
-    """runner.py 283-285: it could never start."""
+    """runner.py 300-302: it could never start."""
     with pytest.raises(LocalError, match="could never start"):
         Driver(3, min_members=4)
 
 
 def test_rejection_with_an_authentic_reason_counts_as_up_others_do_not():
-    """runner.py 106-108 (AUTHENTIC_REASONS) and 566-571 (`handle`: note the signed round,
+    """runner.py 116-118 (AUTHENTIC_REASONS) and 708-716 (`handle`: note the signed round,
     `_heard` only for those reasons)."""
     d = Driver(3, min_members=3)
     d.start()
@@ -250,7 +250,7 @@ def test_rejection_with_an_authentic_reason_counts_as_up_others_do_not():
 
 # --- seen reports: a split equivocation --------------------------------------------------
 def test_split_equivocation_is_found_from_a_seen_report():
-    """runner.py 706-727 (`_close_seen`), 743-755 (`_on_seen`), 757-785 (`_compare_seen`):
+    """runner.py 882-905 (`_close_seen`), 946-958 (`_on_seen`), 960-990 (`_compare_seen`):
     bank-1 signed one share for us and another for bank-2; bank-2's seen report (early,
     before we closed round 0, and one after) names the digest it got: a finding that
     accuses bank-1, reported by bank-2; a report that agrees is no finding."""
@@ -277,7 +277,7 @@ def test_split_equivocation_is_found_from_a_seen_report():
 
 
 def test_a_seen_report_accusing_us_is_a_finding_too():
-    """runner.py 769-774: a member reporting a share from us that we never sent."""
+    """runner.py 972-975: a member reporting a share from us that we never sent."""
     d = started(3)
     d.at(1).recv(share("bank-1", 0))
     d.recv(share("bank-2", 0))
@@ -289,8 +289,8 @@ def test_a_seen_report_accusing_us_is_a_finding_too():
 
 
 def test_the_book_refuses_a_second_share_as_equivocation_with_both_envelopes():
-    """runner.py 560-566 (`handle`: the book's RemoteError is acked, audited, its sender
-    heard; equivocation keeps both envelopes, `_keep_evidence`)."""
+    """runner.py 704-716 (`handle`: the book's RemoteError is acked, audited, its sender
+    heard; equivocation keeps both envelopes, `_keep_evidence` 853)."""
     d = started()
     first = share("bank-1", 0, b"one")
     d.at(1).recv(first, token="a")
@@ -302,7 +302,7 @@ def test_the_book_refuses_a_second_share_as_equivocation_with_both_envelopes():
 
 # --- acks -----------------------------------------------------------------------------------
 def test_buffered_shares_are_acked_after_their_round_is_checkpointed():
-    """runner.py 572-580 and 1322 (`_ack_before` after `_save_checkpoint`)."""
+    """runner.py 717-726 and 1178-1179 (`_ack_before` after `_save_checkpoint`)."""
     d = started()
     d.at(1).recv(share("bank-1", 0), token="s1")
     d.recv(share("bank-1", 9), token="far")  # far ahead: acked at once
@@ -315,9 +315,9 @@ def test_buffered_shares_are_acked_after_their_round_is_checkpointed():
 
 # --- sealing: prekey waits ---------------------------------------------------------------------
 def test_sealing_waits_for_prekeys_then_seals_without_the_silent_ones():
-    """runner.py 1148-1165 (`_await_prekeys`: members still in the round without a prekey
+    """runner.py 1394-1410 (`_await_prekeys`: members still in the round without a prekey
     are waited for until the deadline, then `_silent`), 580-581 (a prekey message lifts
-    it) and the deadline restarts at 1047 and 1133."""
+    it) and the deadline restarts at 1290 and 1376."""
     have: set[str] = set()
     d = Driver(3, prekeys_missing=lambda r, peers: [p for p in peers if p not in have])
     d.start()
@@ -326,11 +326,11 @@ def test_sealing_waits_for_prekeys_then_seals_without_the_silent_ones():
     d.at(1).recv(prekey("bank-1", 0))
     d.at(2).recv(hello("bank-2", 0))
     assert d.of(Train) == [Train(0)] and not d.of(SendShare)  # waiting for bank-2's prekey
-    assert d.m.next_deadline == 11.0  # restarted when the body was ready (1047), at 1
+    assert d.m.next_deadline == 11.0  # restarted when the body was ready (1290), at 1
     d.tick(11.0)
     [s] = d.of(SendShare)
     assert s.seal_for == ("bank-1", "bank-2") and d.m.live.silent == {"bank-2"}
-    assert d.m.deadline == 21.0  # restarted when the sealed share was signed (1133)
+    assert d.m.deadline == 21.0  # restarted when the sealed share was signed (1376)
     d.at(13).recv(share("bank-1", 0))
     d.recv(share("bank-2", 0))
     assert len(d.of(SendShare)) == 2  # round 1: bank-2 silent, not waited for
@@ -339,7 +339,7 @@ def test_sealing_waits_for_prekeys_then_seals_without_the_silent_ones():
 
 
 def test_hellos_are_answered_at_most_every_interval():
-    """runner.py 1436-1460 (`_answer_hello`: once per member and kind every
+    """runner.py 1437-1466 (`_answer_hello`: once per member and kind every
     HELLO_INTERVAL_S; a prekey hello gets our announcement)."""
     d = Driver(3, prekeys_missing=lambda r, peers: [])
     d.start()
@@ -381,8 +381,8 @@ def test_a_two_phase_round_closes_after_the_second_exchange():
 
 # --- the end of a run -------------------------------------------------------------------------
 def test_after_the_last_round_seen_reports_then_final_digests_are_awaited():
-    """runner.py 650-652, 729-741 (`_await_final_seen`: at most FINAL_SEEN_WAIT_S) and
-    743-770 (`_compare_final_models`), then 656-657 (forget prekeys, ack all)."""
+    """runner.py 825-832, 907-916 (`_await_final_seen`: at most FINAL_SEEN_WAIT_S) and
+    918-944 (`_compare_final_models`), then 831-832 (forget prekeys, ack all)."""
     d = started(3, rounds=1)
     d.at(1).recv(share("bank-1", 0))
     d.recv(share("bank-2", 0))
@@ -398,7 +398,7 @@ def test_after_the_last_round_seen_reports_then_final_digests_are_awaited():
 
 
 def test_a_spent_budget_retires_and_ends_the_run():
-    """runner.py 868-871 (`_round`: no release -> `_retire`) and 653-657."""
+    """runner.py 1106-1108 (`_round`: no release -> `_retire` 1539) and 831-832."""
     d = Driver(3, outcome="stopped", prekeys_missing=lambda r, p: [])
     d.start()
     d.at(1).recv(share("bank-1", 0), token="t")
@@ -409,7 +409,7 @@ def test_a_spent_budget_retires_and_ends_the_run():
 
 
 def test_a_stored_release_is_resent_and_restarts_the_deadline():
-    """runner.py 944-959: the stored release is re-sent as it is, deadline restarted."""
+    """runner.py 1188-1203: the stored release is re-sent as it is, deadline restarted."""
     d = started(outcome="stored")
     [s] = d.of(SendShare)
     assert s.stored and d.m.next_deadline == 10.0
@@ -432,7 +432,7 @@ def test_whatever_arrives_each_round_closes_exactly_once_and_deadlines_never_go_
         events, absent_after, min_members):
     """Any order of shares (any round from ours on), hellos, seen reports and ticks: the
     rounds close in order, each once, for a reason the closing rule names, and the round
-    deadline never moves back. min_members has no time limit (runner.py 1462), so once the
+    deadline never moves back. min_members has no time limit (runner.py 1495), so once the
     events are spent a member says hello if the barrier still waits."""
     d = Driver(4, rounds=4, absent_after=absent_after, min_members=min_members)
     d.start()
@@ -470,7 +470,7 @@ def test_whatever_arrives_each_round_closes_exactly_once_and_deadlines_never_go_
     rounds = [c.round for c in d.closes]
     assert rounds == sorted(set(rounds)) and d.m.current >= 4
     # every round left was closed, then left for the next close's round (a majority ahead:
-    # skipped, runner.py 1296-1299), or joined at the start
+    # skipped, runner.py 1159-1162), or joined at the start
     for c, nxt in zip(d.closes, d.of(Advanced), strict=True):
         assert nxt.round == c.round and nxt.next > c.round
     assert [a.next for a in d.of(Advanced)][:-1] == rounds[1:]

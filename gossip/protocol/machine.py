@@ -26,13 +26,13 @@ phase collects the others' echoes; a share enters only if the echoes agree on it
 equivocating member is left out by every honest member. Issue 22's secure aggregation
 is several phases (masks, masked shares, unmasking), each a PhaseSpec.
 
-The closing rule of the share phase (runner.py 877, 908-922, `_collect`): the round
+The closing rule of the share phase (runner.py 1117, 1150-1152, `_collect` 1627): the round
 closes when every neighbour still in it has sent its share ("all"), or the missing ones
 have moved on to later rounds ("moved_on"), or the rest are absent and may be ignored
 ("absent", liveness.py), or at the round deadline ("deadline"). The round deadline is
-restarted where runner.py restarts it: when a stored release is re-sent (947), when
-training produced nothing finite (1029), when a new share is about to be packed (1047)
-and when a sealed share is signed (1133); later phases restart it when they begin.
+restarted where runner.py restarts it: when a stored release is re-sent (1190), when
+training produced nothing finite (1272), when a new share is about to be packed (1290)
+and when a sealed share is signed (1376); later phases restart it when they begin.
 
 How a driver calls the machine (the wiring of node's Node): gossip/protocol/__init__.py.
 """
@@ -187,7 +187,7 @@ class RoundMachine:
         self.barrier = StartBarrier(params.min_members, len(self.members), restarted, 0.0,
                                     params.round_deadline_s)
         self.finals: dict[str, bytes] = {}  # each member's first final message
-        self.deadline = 0.0  # when the current round's collection ends (runner.py 306)
+        self.deadline = 0.0  # when the current round's collection ends (runner.py 354)
         self.stage = "new"
         self._now = 0.0
         self._wait: _Wait | None = None
