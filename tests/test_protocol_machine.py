@@ -415,6 +415,46 @@ def test_a_stored_release_is_resent_and_restarts_the_deadline():
     assert s.stored and d.m.next_deadline == 10.0
 
 
+def test_nothing_finite_trained_still_collects_the_others_shares():
+    """runner.py 1258-1273: non-finite local training releases nothing, restarts the
+    deadline and the round goes on with the others' shares."""
+    d = started(outcome="non_finite")
+    assert not d.of(SendShare) and d.m.stage == "collect" and d.m.next_deadline == 10.0
+    d.at(1).recv(share("bank-1", 0))
+    d.recv(share("bank-2", 0))
+    assert d.closes[0].why == "all"
+
+
+def test_a_long_collection_is_reported_with_who_is_awaited():
+    """runner.py 1627-1631 and 1634-1664 (`_wait_until`: reported after WAIT_REPORT_FIRST_S,
+    who is still awaited, when it gives up; cleared when the wait ends)."""
+    d = started(deadline=60.0)
+    d.at(1).recv(share("bank-1", 0))
+    assert d.m.next_deadline == 10.0  # the first report comes before the deadline
+    d.tick(10.0)
+    [w] = d.of(Waiting)
+    assert (w.what, w.who, w.since, w.gives_up) == ("round 1 shares", ("bank-2",), 0.0, 60.0)
+    assert d.m.next_deadline == 40.0
+    d.at(41).recv(share("bank-2", 0))
+    assert d.of(WaitOver) and d.closes
+
+
+def test_a_topology_sends_to_the_neighbours_by_name():
+    """No runner.py counterpart (today: a full mesh, every message a broadcast): with
+    `neighbours`, the machine sends to those, waits for their shares only, and seals for
+    those still in the round."""
+    d = Driver(5, neighbours=["bank-1", "bank-2"], min_members=0)
+    d.m.book.neighbours = frozenset({"bank-1", "bank-2"})
+    d.start()
+    [hello_] = [a for a in d.actions if isinstance(a, SendTo)]
+    assert hello_.peers == ("bank-1", "bank-2") and not d.of(Broadcast)
+    [s] = d.of(SendShare)
+    assert s.to == ("bank-1", "bank-2") and s.seal_for == ("bank-1", "bank-2")
+    d.at(1).recv(share("bank-1", 0))
+    d.recv(share("bank-2", 0))
+    assert d.closes[0].why == "all"
+
+
 def test_out_of_order_driver_calls_are_refused():
     d = Driver(3)
     with pytest.raises(LocalError, match="out of order"):
