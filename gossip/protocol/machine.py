@@ -157,6 +157,15 @@ class _Wait:
 
 
 class RoundMachine:
+    """One node's side of the protocol. `book` is the driver's RoundBook (built from the
+    checkpoint: its round, its neighbours minus the retired, the same `neighbours` as
+    given here); `restarted`: the book is past round 0 or a stored release exists (the
+    start barrier then waits for a majority, runner.py 1477-1478); `keys`: member ->
+    public key (a seen report names members by key); `prekeys_missing(r, peers)`: with
+    sealing, the peers whose prekey for round r we lack (Sealing.recipients(r, peers)[1]);
+    None without sealing. Raises LocalError for settings that could never run and for
+    calls out of order (a driver bug), never for what a peer sends."""
+
     def __init__(self, me: str, members: Iterable[str], book: RoundBook, params: RoundParams,
                  *, keys: Mapping[str, bytes] | None = None, restarted: bool = False,
                  neighbours: Iterable[str] | None = None,
