@@ -4,7 +4,7 @@ Clean shutdown on SIGINT/SIGTERM: the round in progress is abandoned, the
 checkpoint is written and the transport closed. A release that was already
 charged and stored is re-sent on restart (never re-drawn), and the node
 resumes at its checkpointed round and catches up with the others as
-`gossip.rounds` describes.
+`gossip.protocol.book` describes.
 
 Lean by construction: the config, the key, the consortium file and the data
 files are read and checked before torch, the transport or the training code is

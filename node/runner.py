@@ -50,7 +50,7 @@ from gossip.envelope import (
 )
 from gossip.errors import LocalError, RemoteError
 from gossip.membership import Consortium, load_consortium
-from gossip.rounds import RoundBook
+from gossip.protocol.book import RoundBook
 from gossip.seal import Sealing, encode_announcement, sign_prekey
 from gossip.transports.base import Incoming, Transport, TransportFailed
 from gossip.transports.faults import FaultyTransport, fault_plan

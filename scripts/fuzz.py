@@ -3,7 +3,7 @@
 
 Every input goes through `gossip.envelope.Verifier.verify` (a plain node's, a
 sealing node's, or one whose model is ~1 MB) and, when accepted, through
-`gossip.rounds.RoundBook.add`. Inputs, up to 1 MiB:
+`gossip.protocol.book.RoundBook.add`. Inputs, up to 1 MiB:
 
 - raw: random bytes; mutations (bit flips, interesting bytes and lengths,
   insertions, deletions, splices) of valid envelopes, not re-signed;
@@ -65,7 +65,7 @@ from gossip.envelope import (  # noqa: E402
     Verifier,
 )
 from gossip.errors import RemoteError  # noqa: E402
-from gossip.rounds import RoundBook  # noqa: E402
+from gossip.protocol.book import RoundBook  # noqa: E402
 from gossip.seal import Sealing, sign_prekey  # noqa: E402
 
 MAX_INPUT = 1 << 20

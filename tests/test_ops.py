@@ -335,7 +335,7 @@ def test_a_members_final_message_is_checked_and_its_first_digest_kept():
     from gossip import envelope
     from gossip.envelope import KIND_FINAL
     from gossip.errors import RemoteError
-    from gossip.rounds import RoundBook
+    from gossip.protocol.book import RoundBook
     from tests.helpers import consortium, keys, verifier_for
 
     ks = keys(3)

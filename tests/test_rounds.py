@@ -3,7 +3,7 @@ from __future__ import annotations
 import pytest
 
 from gossip.errors import RemoteError
-from gossip.rounds import RoundBook
+from gossip.protocol.book import RoundBook
 from tests.helpers import consortium, keys, share_bytes, verifier_for
 
 K = keys(4)

@@ -23,7 +23,7 @@ from gossip.envelope import (
     Verifier,
 )
 from gossip.errors import RemoteError
-from gossip.rounds import RoundBook
+from gossip.protocol.book import RoundBook
 from gossip.seal import PrekeyStore, Sealing, encode_announcement, open_sealed, seal_ad
 from gossip.transports.memory import MemoryHub
 from node.config import load_config
