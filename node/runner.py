@@ -52,8 +52,8 @@ from gossip.errors import LocalError, RemoteError
 from gossip.membership import Consortium, load_consortium
 from gossip.rounds import RoundBook
 from gossip.seal import Sealing, encode_announcement, sign_prekey
+from gossip.testing.faults import FaultyTransport, fault_plan
 from gossip.transports.base import Incoming, Transport, TransportFailed
-from gossip.transports.faults import FaultyTransport, fault_plan
 from node.aggregate import WeightedShare
 from node.config import NodeConfig, quorum
 from node.control import ControlVariates, local_steps, per_parameter

@@ -77,7 +77,7 @@ class SimulationSpec:
     transport: str = "memory"
     seal: str = "auto"  # gossip.seal for every node: auto (on for mqtt), on, off
     keep_releases: bool = False  # keep every released envelope in outbox/ (audits, tests)
-    # Rehearsed faults (node.cli.add_fault_flags; gossip/transports/faults.py)
+    # Rehearsed faults (node.cli.add_fault_flags; gossip/testing/faults.py)
     loss: float = 0.0
     delay_ms: float = 0.0
     jitter_ms: float = 0.0
@@ -878,7 +878,7 @@ def _data_dir_rows(spec: SimulationSpec, names: list[str]) -> _Rows:
 
 
 def check_faults(spec: SimulationSpec, names: list[str]) -> None:
-    from gossip.transports.faults import parse_partition
+    from gossip.testing.faults import parse_network_partition
 
     for flag, listed in (("--absent", spec.absent),
                          ("--straggler", [n for n, _ in spec.stragglers])):
@@ -892,7 +892,7 @@ def check_faults(spec: SimulationSpec, names: list[str]) -> None:
             raise LocalError(f"--straggler {n}:{factor:g}: FACTOR must be in [1, 1000]")
     for p in spec.net_partitions:
         try:
-            part = parse_partition(p)
+            part = parse_network_partition(p)
         except ValueError as exc:
             raise LocalError(f"--net-partition {exc}") from None
         unknown = sorted(part.side - set(names))
