@@ -183,7 +183,8 @@ async def bench_mqtt(sizes: list[int], repeat: int, tls: bool = False
     from gossip.envelope import KIND_PREKEY, KIND_SEALED, KIND_SHARE, Verifier
     from gossip.membership import Consortium, Member
     from gossip.seal import Sealing
-    from gossip.transports.mqtt import BrokerAddress, MqttTransport
+    from gossip.transports.mqtt import MqttTransport
+    from gossip.transports.mqtt.broker import BrokerAddress
 
     keys = [SigningKey.generate() for _ in range(4)]
     cons = Consortium("bench", {}, tuple(Member(f"bench-{i}", bytes(k.verify_key))
