@@ -15,15 +15,15 @@ header is the first six fields plus len(body). Hashing first makes the costly
 pass over a large body one BLAKE2b pass instead of Ed25519's two SHA-512
 passes (measured: signing a 10 MB body directly is ~80 % of pack+verify).
 
-Kinds: "share" (plain share body), "sealed" (a sealed share body, see
-gossip/seal.py), "prekey" (signed X25519 prekeys, see gossip/seal.py),
-"retire" (empty body: the sender stops sharing).
-
-Share body, a msgpack map::
-
-    {"weight": float > 0, "tensors": [[name (str), dtype (str), shape ([uint]), raw (bin)], ...]}
-
-Tensor bytes are raw little-endian; only the dtypes in `ALLOWED_DTYPES`.
+Kinds (`KINDS`; each constant below says what its body holds): "share" (a
+plain share body), "sealed" (a sealed share body, see gossip/seal.py),
+"prekey" (signed X25519 prekeys, see gossip/seal.py), "retire" (empty body:
+the sender stops sharing), "hello" (one byte: ask or reply), "seen" (the
+digests of the shares the sender combined in a round), "stats" (a member's
+statistics for federated normalization), "norm" (its normalization vote, one
+byte), "final" (the 32-byte digest of its final model). The share, seen, stats
+and norm bodies are encoded and decoded in `gossip.bodies`, whose docstring
+gives their layout.
 
 Verification runs in this order and stops at the first failure, each with
 its own counted reason: size cap (`too_large`) -> outer decode with limits
@@ -53,16 +53,24 @@ plaintext), in time linear in it. Peer values in a rejection's detail are cut
 from __future__ import annotations
 
 import hashlib
-import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 
 import msgpack
-import numpy as np
 from nacl.exceptions import BadSignatureError
 from nacl.signing import SigningKey, VerifyKey
 
+from gossip.bodies import (
+    DIGEST_BYTES,
+    Share,
+    Stats,
+    TensorSpec,
+    decode_norm,
+    decode_seen,
+    decode_share,
+    decode_stats,
+)
 from gossip.errors import SHORT, LocalError, RemoteError, shorten
 from gossip.seal import Sealing, SignedPrekey, decode_announcement
 from gossip.wire import Reader, WireError
@@ -98,14 +106,12 @@ KIND_SEEN = "seen"
 # the values' plausibility is the runner's (it knows the agreed noise).
 KIND_STATS = "stats"
 # A member's vote on federated normalization (node/normalize.py), sent once before its
-# statistics (round 0) and re-sent unchanged on a hello: body = one byte, NORM_USABLE
-# ("my check at start passes: I will send statistics") or NORM_RANGE ("it fails and the
-# schema says normalize_fallback = \"range\""). Any member's NORM_RANGE makes every
+# statistics (round 0) and re-sent unchanged on a hello: body = one byte (gossip.bodies),
+# NORM_USABLE ("my check at start passes: I will send statistics") or NORM_RANGE ("it
+# fails and the schema says normalize_fallback = \"range\""). Any member's NORM_RANGE makes every
 # member scale by the declared ranges; nobody computes, charges or sends statistics
 # until every member's vote is in. It costs no ε (see node/normalize.py for what it tells).
 KIND_NORM = "norm"
-NORM_USABLE = b"\x01"
-NORM_RANGE = b"\x00"
 # "My model after the last round has this digest": sent once by a node that has closed
 # its last round; round = that round; body = the 32-byte BLAKE2b-256 digest of its
 # model's parameters (float32 little-endian). Receivers compare it with their own:
@@ -132,28 +138,12 @@ PUBLIC_KEY_BYTES = 32
 SIGNATURE_BYTES = 64
 # Rounds and sequence numbers are uints; 2**53 keeps them exact in JSON logs.
 MAX_COUNTER = 2**53
-# Body limits: a model with more tensors than this is not one we serve.
-MAX_TENSORS = 4096
-MAX_NDIM = 8
-MAX_TENSOR_NAME = 256
-# Weights are sample counts (or public weights); anything beyond is nonsense.
-MAX_WEIGHT = 1e12
-ALLOWED_DTYPES = frozenset({"<f4", "<f2"})
 # How many of a sender's sequence numbers we remember (as IPsec's anti-replay
 # window does): reordering within it is accepted, an identical copy inside it
 # is a benign duplicate, and anything older than it is a replay.
 REPLAY_WINDOW = 1024
 
 BENIGN_REASONS = frozenset({"duplicate"})
-
-
-@dataclass(frozen=True)
-class TensorSpec:
-    """What a tensor of the model must look like on the wire."""
-
-    name: str
-    shape: tuple[int, ...]
-    dtype: str = "<f4"
 
 
 @dataclass(frozen=True)
@@ -171,25 +161,6 @@ class Envelope:
         """What the signature covers; identifies the message."""
         return signing_digest(self.consortium_id, self.sender, self.kind, self.round, self.seq,
                               self.body)
-
-
-@dataclass(frozen=True)
-class Share:
-    weight: float
-    tensors: dict[str, np.ndarray]  # read-only views of the received bytes
-    # The digest of the normalization statistics the sender encodes its rows with
-    # (federated normalization only; None otherwise).
-    norm: bytes | None = None
-
-
-@dataclass(frozen=True)
-class Stats:
-    """A stats message's values: noised row count, and per numeric column the noised
-    sums of the clipped, range-scaled values and of their squares."""
-
-    rows: float
-    sum: np.ndarray  # float64 [k]
-    sumsq: np.ndarray  # float64 [k]
 
 
 @dataclass(frozen=True)
@@ -260,126 +231,6 @@ def pack(signing_key: SigningKey, consortium_id: bytes, kind: str, round_: int, 
     head += [packer.pack(x) for x in (PROTO, consortium_id, sender, kind, round_, seq)]
     head.append(_bin_header(sum(len(p) for p in parts)))
     return b"".join([*head, *parts, packer.pack(sig)])
-
-
-def encode_share(tensors: Sequence[tuple[str, np.ndarray]], weight: float,
-                 norm: bytes | None = None) -> bytes:
-    """Encode named arrays (any float dtype in ALLOWED_DTYPES) and a weight (and, with
-    federated normalization, the 32-byte digest of the agreed statistics)."""
-    if not (math.isfinite(weight) and 0 < weight <= MAX_WEIGHT):
-        raise LocalError(f"share weight must be in (0, {MAX_WEIGHT:g}], got {weight!r}")
-    items = []
-    for name, array in tensors:
-        dtype = array.dtype.newbyteorder("<").str if array.dtype.byteorder == ">" else \
-            array.dtype.str
-        if dtype not in ALLOWED_DTYPES:
-            raise LocalError(f"tensor {name!r}: dtype {dtype} is not one of {sorted(ALLOWED_DTYPES)}")
-        le = np.ascontiguousarray(array, dtype=np.dtype(dtype))
-        items.append([name, dtype, list(le.shape), le.tobytes()])
-    doc: dict[str, object] = {"weight": float(weight), "tensors": items}
-    if norm is not None:
-        if len(norm) != DIGEST_BYTES:
-            raise LocalError("a share's norm digest is 32 bytes")
-        doc["norm"] = bytes(norm)
-    return msgpack.packb(doc, use_bin_type=True)
-
-
-DIGEST_BYTES = 32
-# A stats message names at most this many numeric columns (a schema's own limit is
-# far below): its size is bounded before the schema is consulted.
-MAX_STATS_COLUMNS = 65_536
-
-
-def encode_stats(stats: Stats) -> bytes:
-    k = len(stats.sum)
-    if len(stats.sumsq) != k or k > MAX_STATS_COLUMNS:
-        raise LocalError(f"stats: sum and sumsq must both have k <= {MAX_STATS_COLUMNS} values")
-    return msgpack.packb({"rows": float(stats.rows),
-                          "sum": np.asarray(stats.sum, dtype="<f8").tobytes(),
-                          "sumsq": np.asarray(stats.sumsq, dtype="<f8").tobytes()},
-                         use_bin_type=True)
-
-
-def decode_stats(body: bytes | memoryview, columns: int | None,
-                 sender: str | None = None) -> Stats:
-    """A stats message's values, read field by field; `columns` is the schema's number
-    of numeric columns (None: this consortium does not normalize federatedly)."""
-    if columns is None:
-        raise RemoteError("bad_body", "a stats message, but this consortium's schema does "
-                          "not use normalize = \"federated\"", sender)
-    out: dict[str, object] = {}
-    try:
-        r = Reader(body)
-        if r.map_header() != 3:
-            raise WireError("not a map of 3")
-        for _ in range(3):
-            key = r.str(8)
-            if key in out or key not in ("rows", "sum", "sumsq"):
-                raise WireError("unexpected key")
-            if key == "rows":
-                if r.peek_type() not in ("int", "float"):
-                    raise WireError("rows is not a number")
-                out[key] = float(r.number())
-            else:
-                raw = r.bin(exact=8 * columns)
-                out[key] = np.frombuffer(raw, dtype="<f8").astype(np.float64)
-        r.done()
-    except WireError as exc:
-        raise RemoteError("bad_body", "a stats message is {rows: number, sum: bin, sumsq: "
-                          f"bin}} with {columns} float64 values each: {exc}", sender) from None
-    stats = Stats(out["rows"], out["sum"], out["sumsq"])  # type: ignore[arg-type]
-    if not (math.isfinite(stats.rows) and np.isfinite(stats.sum).all()
-            and np.isfinite(stats.sumsq).all()):
-        raise RemoteError("non_finite", "a stats message holds NaN or infinite values", sender)
-    return stats
-
-
-def decode_norm(body: bytes | memoryview, federated: bool, sender: str | None = None) -> bool:
-    """A norm message's vote: True for NORM_RANGE, False for NORM_USABLE."""
-    if not federated:
-        raise RemoteError("bad_body", "a norm message, but this consortium's schema does not "
-                          "use normalize = \"federated\"", sender)
-    vote = bytes(body[:2])
-    if vote not in (NORM_USABLE, NORM_RANGE):
-        raise RemoteError("bad_body", "a norm message's body is one byte, 1 (usable) or 0 "
-                          "(fall back to range scaling)", sender)
-    return vote == NORM_RANGE
-
-
-def encode_seen(pairs: Sequence[tuple[bytes, bytes]]) -> bytes:
-    """A seen message's body: [[member key, envelope digest], ...] in the given order."""
-    for key, digest in pairs:
-        if len(key) != PUBLIC_KEY_BYTES or len(digest) != DIGEST_BYTES:
-            raise LocalError("a seen entry is a 32-byte member key and a 32-byte digest")
-    return msgpack.packb([[bytes(k), bytes(d)] for k, d in pairs], use_bin_type=True)
-
-
-def decode_seen(body: bytes | memoryview, members: Mapping[bytes, str],
-                sender: str | None = None) -> tuple[tuple[str, bytes], ...]:
-    """(member, digest) pairs of a seen message, read field by field: at most one entry
-    per member, each key on the peer list, nothing else in the body."""
-    out: dict[str, bytes] = {}
-    try:
-        r = Reader(body)
-        count = r.array_header()
-        if count > len(members):
-            raise WireError(f"{count} entries for {len(members)} members")
-        for _ in range(count):
-            if r.array_header() != 2:
-                raise WireError("an entry is not [key, digest]")
-            key = bytes(r.bin(exact=PUBLIC_KEY_BYTES))
-            digest = bytes(r.bin(exact=DIGEST_BYTES))
-            name = members.get(key)
-            if name is None:
-                raise WireError("an entry names a key that is not a member's")
-            if name in out:
-                raise WireError("two entries for one member")
-            out[name] = digest
-        r.done()
-    except WireError as exc:
-        raise RemoteError("bad_body", "a seen message is [[member key (32 B), digest "
-                          f"(32 B)], ...]: {exc}", sender) from None
-    return tuple(out.items())
 
 
 class _Outer:
@@ -475,121 +326,6 @@ def _bin_field(r: Reader, size: int, label: str) -> bytes:
         return bytes(r.bin(exact=size))
     except WireError:
         raise RemoteError("malformed", f"{label} is not {size} bytes") from None
-
-
-# Large tensors are checked for NaN/inf in slices, so the check's scratch memory
-# stays small whatever the tensor's size.
-_FINITE_CHUNK = 1 << 20
-
-
-def decode_share(body: bytes | bytearray | memoryview, spec: Sequence[TensorSpec]) -> Share:
-    """Decode a share body and check it against the model's tensor spec.
-
-    Read field by field (see gossip.wire): a field of the wrong type or size is
-    refused before anything is built for it. The tensors are read-only views of
-    `body` (no copy)."""
-    try:
-        r = Reader(body)
-        n = r.map_header()
-        if n not in (2, 3):
-            raise RemoteError("bad_body", _BODY_KEYS)
-        weight: float | None = None
-        tensors: dict[str, np.ndarray] | None = None
-        norm: bytes | None = None
-        for _ in range(n):
-            key = r.str(16) if r.peek_type() == "str" else None
-            if key == "weight" and weight is None:
-                weight = _read_weight(r)
-            elif key == "tensors" and tensors is None:
-                tensors = _read_tensors(r, spec)
-            elif key == "norm" and norm is None and n == 3:
-                norm = bytes(r.bin(exact=DIGEST_BYTES))
-            else:
-                raise RemoteError("bad_body", _BODY_KEYS)
-        r.done()
-    except WireError as exc:
-        raise RemoteError("bad_body", f"body decode failed: {exc}") from None
-    if weight is None or tensors is None:
-        raise RemoteError("bad_body", _BODY_KEYS)
-    return Share(weight, tensors, norm)
-
-
-_BODY_KEYS = ("body must be a map with exactly 'weight' and 'tensors' (and, with federated "
-              "normalization, 'norm')")
-
-
-def _read_weight(r: Reader) -> float:
-    if r.peek_type() not in ("int", "float"):
-        raise RemoteError("bad_body", f"weight must be a number in (0, {MAX_WEIGHT:g}]")
-    weight = r.number()
-    if not (math.isfinite(weight) and 0 < weight <= MAX_WEIGHT):
-        raise RemoteError("bad_body", f"weight must be a number in (0, {MAX_WEIGHT:g}]")
-    return float(weight)
-
-
-def _read_tensors(r: Reader, spec: Sequence[TensorSpec]) -> dict[str, np.ndarray]:
-    t = r.peek_type()
-    if t != "array":
-        raise RemoteError("shape", f"expected {len(spec)} tensors, got a {t}")
-    count = r.array_header()
-    if count != len(spec):
-        raise RemoteError("shape", f"expected {len(spec)} tensors, got {count}")
-    tensors: dict[str, np.ndarray] = {}
-    for expected in spec:
-        name = expected.name
-        if r.peek_type() != "array" or r.array_header() != 4:
-            raise RemoteError("bad_body", f"tensor entry for {shorten(name)} is not "
-                              "[name, dtype, shape, raw]")
-        t = r.peek_type()
-        if t != "str":
-            raise RemoteError("shape", f"expected tensor {shorten(name)}, got a {t}")
-        got = r.str_bytes()
-        if len(got) > MAX_TENSOR_NAME:
-            raise RemoteError("bad_body", f"a tensor name longer than {MAX_TENSOR_NAME} bytes")
-        if got != name.encode():
-            raise RemoteError("shape", f"expected tensor {shorten(name)}, got "
-                              f"{shorten(bytes(got).decode('utf-8', 'replace'))}")
-        t = r.peek_type()
-        if t != "str":
-            raise RemoteError("dtype", f"tensor {shorten(name)}: dtype is a {t}, "
-                              f"expected {expected.dtype}")
-        got = r.str_bytes()
-        if got != expected.dtype.encode():
-            raise RemoteError("dtype", f"tensor {shorten(name)}: dtype "
-                              f"{shorten(bytes(got[:SHORT]).decode('utf-8', 'replace'), 16)}, "
-                              f"expected {expected.dtype}")
-        t = r.peek_type()
-        if t != "array":
-            raise RemoteError("shape", f"tensor {shorten(name)}: shape is a {t}, expected "
-                              f"{list(expected.shape)}")
-        ndim = r.array_header()
-        if ndim != len(expected.shape) or ndim > MAX_NDIM:
-            raise RemoteError("shape", f"tensor {shorten(name)}: {ndim} dimensions, expected "
-                              f"{list(expected.shape)}")
-        shape = []
-        for _ in range(ndim):
-            if r.peek_type() != "int":
-                raise RemoteError("shape", f"tensor {shorten(name)}: a dimension is not an "
-                                  f"integer, expected {list(expected.shape)}")
-            shape.append(r.int())
-        if tuple(shape) != expected.shape:
-            raise RemoteError("shape", f"tensor {shorten(name)}: shape {shorten(shape)}, "
-                              f"expected {list(expected.shape)}")
-        if r.peek_type() != "bin":
-            raise RemoteError("bad_body", f"tensor {shorten(name)}: data is not a byte string")
-        raw = r.bin()
-        dt = np.dtype(expected.dtype)
-        if len(raw) != dt.itemsize * math.prod(expected.shape):
-            raise RemoteError("shape", f"tensor {shorten(name)}: {len(raw)} bytes do not fill "
-                              f"shape {list(expected.shape)}")
-        array = np.frombuffer(raw, dtype=dt).reshape(expected.shape)
-        flat = array.reshape(-1)
-        for i in range(0, flat.size, _FINITE_CHUNK):
-            if not np.isfinite(flat[i:i + _FINITE_CHUNK]).all():
-                raise RemoteError("non_finite",
-                                  f"tensor {shorten(name)} holds NaN or infinite values")
-        tensors[name] = array
-    return tensors
 
 
 @dataclass

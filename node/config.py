@@ -208,7 +208,7 @@ class GossipConfig(_Section):
 
 
 class FaultsConfig(_Section):
-    """[faults]: rehearsal only (the simulators write it; gossip/transports/faults.py).
+    """[faults]: rehearsal only (the simulators write it; gossip/testing/faults.py).
     A node with this section drops and delays what it receives, on purpose."""
 
     loss: float = Field(default=0.0, ge=0, lt=1)  # drop each incoming message with this p
@@ -221,10 +221,10 @@ class FaultsConfig(_Section):
 
     @model_validator(mode="after")
     def _partitions(self) -> FaultsConfig:
-        from gossip.transports.faults import parse_partition
+        from gossip.testing.faults import parse_network_partition
 
         for p in self.partition:
-            parse_partition(p)
+            parse_network_partition(p)
         return self
 
 

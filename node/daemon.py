@@ -56,7 +56,8 @@ def open_mqtt_transport(cfg: NodeConfig, identity: Identity, consortium: Consort
     consortium id, so agreed by every member). gossip.mqtt.broker, if set, must name the
     same broker: the node never sends its password to a broker the members did not
     agree on. addresses.mqtt_cert_sha256, if set, pins the broker's TLS certificate."""
-    from gossip.transports.mqtt import BrokerAddress, MqttTransport, parse_cert_fingerprint
+    from gossip.transports.mqtt import MqttTransport
+    from gossip.transports.mqtt.broker import BrokerAddress, parse_cert_fingerprint
 
     mc = cfg.gossip.mqtt
     member = consortium.by_name(identity.name)

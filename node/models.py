@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from gossip.envelope import TensorSpec
+from gossip.bodies import TensorSpec
 from gossip.errors import LocalError
 from gossip.membership import Consortium
 

@@ -93,7 +93,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from gossip.envelope import Stats
+from gossip.bodies import Stats
 from gossip.errors import LocalError
 from node.data import Table, apply_missing, column_values
 

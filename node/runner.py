@@ -28,7 +28,8 @@ import numpy as np
 import torch
 from nacl.public import PrivateKey, PublicKey
 
-from gossip import envelope
+from gossip import bodies, envelope
+from gossip.bodies import NORM_RANGE, NORM_USABLE, Stats
 from gossip.envelope import (
     BENIGN_REASONS,
     HELLO_ASK,
@@ -42,18 +43,15 @@ from gossip.envelope import (
     KIND_SEEN,
     KIND_SHARE,
     KIND_STATS,
-    NORM_RANGE,
-    NORM_USABLE,
     Accepted,
-    Stats,
     Verifier,
 )
 from gossip.errors import LocalError, RemoteError
 from gossip.membership import Consortium, load_consortium
 from gossip.protocol.book import RoundBook
 from gossip.seal import Sealing, encode_announcement, sign_prekey
+from gossip.testing.faults import FaultyTransport, fault_plan
 from gossip.transports.base import Incoming, Transport, TransportFailed
-from gossip.transports.faults import FaultyTransport, fault_plan
 from node.aggregate import WeightedShare
 from node.config import NodeConfig, quorum
 from node.control import ControlVariates, local_steps, per_parameter
@@ -451,7 +449,7 @@ class Node:
         if path.exists():
             data = path.read_bytes()
             env = envelope.decode_outer(data, self.cfg.gossip.max_envelope_bytes)
-            return envelope.decode_stats(env.body, k), data
+            return bodies.decode_stats(env.body, k), data
         assert self._tables is not None
         exact = member_stats(self._tables.train, self.schema, self._tables.train_source)
         plan = self.budget.plan
@@ -460,7 +458,7 @@ class Node:
             raise LocalError("federated normalization: the privacy plan reserves no noise for "
                              "our statistics (this member voted for range scaling)")
         values = exact if sigma is None else noised(exact, sigma, self.noise)
-        data = self._sign(KIND_STATS, 0, envelope.encode_stats(values))
+        data = self._sign(KIND_STATS, 0, bodies.encode_stats(values))
         if sigma is not None:
             over = self.budget.would_exceed([LedgerRecord(-1, "normalize", sigma, 1.0, 1, 1.0, "")])
             if over is not None:
@@ -481,7 +479,7 @@ class Node:
             data = path.read_bytes()
             try:
                 env = envelope.decode_outer(data, self.cfg.gossip.max_envelope_bytes)
-                stored = envelope.decode_norm(env.body, True)
+                stored = bodies.decode_norm(env.body, True)
             except (RemoteError, LocalError) as exc:
                 raise LocalError(f"{path}: unreadable ({exc}); it holds the vote this node "
                                  "sent: restore it, or start a new state dir") from None
@@ -882,8 +880,8 @@ class Node:
         self._reported = {(x, m) for x, m in self._reported if x > r - SEEN_KEEP_ROUNDS}
         if received and len(self.consortium.members) >= 3:  # a third member can compare
             keys = {m.name: m.public_key for m in self.consortium.members}
-            body = envelope.encode_seen([(keys[m], received[m].envelope.digest)
-                                         for m in sorted(received)])
+            body = bodies.encode_seen([(keys[m], received[m].envelope.digest)
+                                       for m in sorted(received)])
             await self._in_background(self._broadcast(r, self._sign(KIND_SEEN, r, body)),
                                       f"seen-{r}")
 
@@ -1002,7 +1000,7 @@ class Node:
         vec = self._attack_vector(r, start, update, released)
         declared = a.declared_weight if a.declared_weight is not None else weight
         # A scale large enough overflows float32 to inf: then that is what it sends.
-        return envelope.encode_share(flat_to_named(self.model, vec), declared, self._norm())
+        return bodies.encode_share(flat_to_named(self.model, vec), declared, self._norm())
 
     async def _attack_send(self, r: int, data: bytes) -> None:
         a = self.cfg.attack
@@ -1014,8 +1012,8 @@ class Node:
                 versions = []
                 for i, _ in enumerate(peers):  # a different share for each member
                     vec = start + (1.0 + 0.25 * i) * update
-                    body = envelope.encode_share(flat_to_named(self.model, vec), weight,
-                                                 self._norm())
+                    body = bodies.encode_share(flat_to_named(self.model, vec), weight,
+                                               self._norm())
                     versions.append(data if i == 0 else self._attack_pack(r, body, peers))
                 split = a.kind == "equivocate-split"
                 for i, peer in enumerate(peers):  # its own, then its neighbour's version
@@ -1173,7 +1171,7 @@ class Node:
             self._restart_deadline()
             env = envelope.decode_outer(stored, self.cfg.gossip.max_envelope_bytes)
             body = self.state.stored_plain_body(r) if env.kind == KIND_SEALED else env.body
-            share = envelope.decode_share(body, spec)
+            share = bodies.decode_share(body, spec)
             self.seq = max(self.seq, env.seq + 1)
             self._own_release[r] = (env.seq, env.digest, env.sig)
             own = WeightedShare(self.name, share.weight, named_to_flat(self.model, share.tensors))
@@ -1267,8 +1265,8 @@ class Node:
         if self.cfg.attack is not None:  # a rehearsed hostile member: what goes on the wire
             body = self._attack_body(r, start, update, released, weight)
         else:
-            body = envelope.encode_share(flat_to_named(self.model, released), weight,
-                                         self._norm())
+            body = bodies.encode_share(flat_to_named(self.model, released), weight,
+                                       self._norm())
         # The round's deadline counts from here: waiting for prekeys and for shares share it.
         self._restart_deadline()
         data = await self._pack_share(r, body)

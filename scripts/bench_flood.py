@@ -103,7 +103,7 @@ async def flood(config: Path, stats_path: Path, raw: bool) -> None:
             slots.release()
 
     if raw:  # MQTT: QoS 0 on bank-3's own connection and topic, no ack awaited
-        from gossip.transports.mqtt import share_topic
+        from gossip.transports.mqtt.broker import share_topic
 
         paho = transport._client._client  # noqa: SLF001 - the flooder's own connection
         topic = share_topic(cons.id, ident.name)

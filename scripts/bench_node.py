@@ -71,7 +71,7 @@ TRANSPORTS = ("libp2p", "mqtt")
 # Each transport's start event: a line `flnode -v run` logs once the node can gossip.
 START_EVENTS = {
     "libp2p": (re.compile(r": libp2p \S+ listening on "),
-               "'<name>: libp2p <peer id> listening on <addr>' (gossip/transports/libp2p.py)"),
+               "'<name>: libp2p <peer id> listening on <addr>' (gossip/transports/libp2p/__init__.py)"),
     "mqtt": (re.compile(r": connected to MQTT broker "),
              "'<name>: connected to MQTT broker <url> as <user>' (gossip/transports/mqtt.py, "
              "logged once connected and subscribed)"),

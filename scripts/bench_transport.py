@@ -178,11 +178,13 @@ async def bench_mqtt(sizes: list[int], repeat: int, tls: bool = False
     from mqtt_broker import start_broker
     from nacl.signing import SigningKey
 
-    from gossip import envelope
-    from gossip.envelope import KIND_PREKEY, KIND_SEALED, KIND_SHARE, TensorSpec, Verifier
+    from gossip import bodies, envelope
+    from gossip.bodies import TensorSpec
+    from gossip.envelope import KIND_PREKEY, KIND_SEALED, KIND_SHARE, Verifier
     from gossip.membership import Consortium, Member
     from gossip.seal import Sealing
-    from gossip.transports.mqtt import BrokerAddress, MqttTransport
+    from gossip.transports.mqtt import MqttTransport
+    from gossip.transports.mqtt.broker import BrokerAddress
 
     keys = [SigningKey.generate() for _ in range(4)]
     cons = Consortium("bench", {}, tuple(Member(f"bench-{i}", bytes(k.verify_key))
@@ -212,7 +214,7 @@ async def bench_mqtt(sizes: list[int], repeat: int, tls: bool = False
         for size in sizes:
             weights = np.frombuffer(os.urandom(size * MB // 4 * 4), dtype="<f4")
             weights = np.nan_to_num(weights, nan=0.0, posinf=0.0, neginf=0.0)
-            body = envelope.encode_share([("w", weights)], 1.0)
+            body = bodies.encode_share([("w", weights)], 1.0)
             spec = [TensorSpec("w", weights.shape)]
             for k in range(repeat):
                 for sealed in ((False, True) if k % 2 == 0 else (True, False)):

@@ -52,7 +52,8 @@ from nacl.signing import SigningKey
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from gossip import envelope  # noqa: E402
+from gossip import bodies, envelope  # noqa: E402
+from gossip.bodies import TensorSpec  # noqa: E402
 from gossip.envelope import (  # noqa: E402
     KIND_PREKEY,
     KIND_RETIRE,
@@ -61,7 +62,6 @@ from gossip.envelope import (  # noqa: E402
     KIND_SHARE,
     KIND_STATS,
     KINDS,
-    TensorSpec,
     Verifier,
 )
 from gossip.errors import RemoteError  # noqa: E402
@@ -221,8 +221,8 @@ class Fuzzer:
             a = fill(t.shape, t.dtype) if fill else \
                 np.full(t.shape, self.rng.uniform(-2, 2), dtype=t.dtype)
             items.append((t.name, a))
-        return envelope.encode_share(items, weight if weight is not None
-                                     else self.rng.uniform(0.5, 1000))
+        return bodies.encode_share(items, weight if weight is not None
+                                   else self.rng.uniform(0.5, 1000))
 
     def announcement_body(self, key: SigningKey, epochs: tuple[int, ...] = (0, 1, 2)) -> bytes:
         owner = MEMBERS.get(bytes(key.verify_key), "outsider")

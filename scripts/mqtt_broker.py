@@ -57,7 +57,7 @@ sys.path.insert(0, str(ROOT))
 
 from gossip.errors import LocalError  # noqa: E402
 from gossip.membership import Consortium, load_consortium  # noqa: E402
-from gossip.transports.mqtt import consortium_prefix  # noqa: E402
+from gossip.transports.mqtt.broker import consortium_prefix  # noqa: E402
 from scripts.ports import free_ports  # noqa: E402
 from scripts.procs import stop as stop_process  # noqa: E402
 

@@ -31,7 +31,7 @@ charging, sending, collecting, checkpointing), each restart 0.5-3 s later.
 
 The fault flags (`--loss`, `--delay`, `--net-partition`, `--absent`,
 `--straggler`) are those of `flnode simulate`: each node's config gets a
-`[faults]` section (gossip/transports/faults.py); an absent member is listed in
+`[faults]` section (gossip/testing/faults.py); an absent member is listed in
 the consortium and never started.
 
 `--attack KIND[=PARAM]:MEMBER[,MEMBER...]` (as in `flnode simulate`) makes those

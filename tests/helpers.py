@@ -5,8 +5,9 @@ from __future__ import annotations
 import numpy as np
 from nacl.signing import SigningKey
 
-from gossip import envelope
-from gossip.envelope import KIND_SHARE, TensorSpec, Verifier
+from gossip import bodies, envelope
+from gossip.bodies import TensorSpec
+from gossip.envelope import KIND_SHARE, Verifier
 from gossip.membership import Consortium, Member
 
 SCHEMA = {
@@ -38,7 +39,7 @@ def tensors(fill: float = 0.5) -> list[tuple[str, np.ndarray]]:
 
 def share_bytes(key: SigningKey, cons: Consortium, round_: int = 0, seq: int = 0,
                 body: bytes | None = None, cid: bytes | None = None) -> bytes:
-    body = body if body is not None else envelope.encode_share(tensors(), 100.0)
+    body = body if body is not None else bodies.encode_share(tensors(), 100.0)
     return envelope.pack(key, cid or cons.id, KIND_SHARE, round_, seq, body)
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from gossip.bodies import Share, Stats
 from gossip.envelope import (
     HELLO_ASK,
     HELLO_REPLY,
@@ -18,8 +19,6 @@ from gossip.envelope import (
     KIND_STATS,
     Accepted,
     Envelope,
-    Share,
-    Stats,
 )
 from gossip.protocol import (
     Close,

@@ -17,7 +17,7 @@ import pandas as pd
 import pytest
 import torch
 
-from gossip import envelope
+from gossip import bodies, envelope
 from gossip.errors import LocalError
 from gossip.transports.memory import MemoryHub
 from node import state as state_mod
@@ -257,8 +257,8 @@ async def test_a_member_sending_huge_finite_values_crashes_nobody(tmp_path):
     honest = build(prep, hub, which={1, 2})
     key = load_identity(load_config(prep.config_paths[0]).identity.key).signing_key
     spec = honest[0].verifier.spec
-    body = envelope.encode_share([(t.name, np.full(t.shape, 1e30, dtype="<f4")) for t in spec],
-                                 1e12)
+    body = bodies.encode_share([(t.name, np.full(t.shape, 1e30, dtype="<f4")) for t in spec],
+                               1e12)
     attacker = hub.attach(prep.names[0], prep.names)
     for r in range(2):
         await attacker.broadcast(envelope.pack(key, prep.consortium.id, "share", r, r, body))

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gossip import envelope
+from gossip import bodies, envelope
 from gossip.envelope import REPLAY_WINDOW, decode_outer
 from gossip.errors import RemoteError
 from tests.helpers import SPEC, consortium, keys, share_bytes, tensors, verifier_for
@@ -103,7 +103,7 @@ def test_replay_state_survives_export_and_load():
 def test_seq_reused_for_other_content_is_refused():
     v = verifier_for(CONS, K[0])
     v.verify(share_bytes(K[1], CONS, seq=3), 0)
-    other = share_bytes(K[1], CONS, seq=3, body=envelope.encode_share(tensors(0.7), 100.0))
+    other = share_bytes(K[1], CONS, seq=3, body=bodies.encode_share(tensors(0.7), 100.0))
     assert reason(other, v) == "seq_reuse"
 
 
@@ -116,17 +116,17 @@ def test_own_key_coming_back_is_refused():
 
 
 def test_wrong_shape_is_refused():
-    body = envelope.encode_share([("w", np.zeros((4, 2), "<f4")), ("b", np.zeros(2, "<f4"))], 1.0)
+    body = bodies.encode_share([("w", np.zeros((4, 2), "<f4")), ("b", np.zeros(2, "<f4"))], 1.0)
     assert reason(share_bytes(K[1], CONS, body=body)) == "shape"
 
 
 def test_missing_tensor_is_refused_as_shape():
-    body = envelope.encode_share([("w", np.zeros((2, 4), "<f4"))], 1.0)
+    body = bodies.encode_share([("w", np.zeros((2, 4), "<f4"))], 1.0)
     assert reason(share_bytes(K[1], CONS, body=body)) == "shape"
 
 
 def test_wrong_dtype_is_refused():
-    body = envelope.encode_share([("w", np.zeros((2, 4), "<f2")), ("b", np.zeros(2, "<f2"))], 1.0)
+    body = bodies.encode_share([("w", np.zeros((2, 4), "<f2")), ("b", np.zeros(2, "<f2"))], 1.0)
     assert reason(share_bytes(K[1], CONS, body=body)) == "dtype"
 
 
@@ -134,7 +134,7 @@ def test_wrong_dtype_is_refused():
 def test_non_finite_values_are_refused(bad):
     w = np.zeros((2, 4), "<f4")
     w[1, 2] = bad
-    body = envelope.encode_share([("w", w), ("b", np.zeros(2, "<f4"))], 1.0)
+    body = bodies.encode_share([("w", w), ("b", np.zeros(2, "<f4"))], 1.0)
     assert reason(share_bytes(K[1], CONS, body=body)) == "non_finite"
 
 
@@ -182,7 +182,7 @@ def test_rejected_share_leaves_replay_table_untouched():
     w = np.zeros((2, 4), "<f4")
     w[0, 0] = np.nan
     bad = share_bytes(K[1], CONS, seq=9,
-                      body=envelope.encode_share([("w", w), ("b", np.zeros(2, "<f4"))], 1.0))
+                      body=bodies.encode_share([("w", w), ("b", np.zeros(2, "<f4"))], 1.0))
     assert reason(bad, v) == "non_finite"
     assert v.export_state() == {}
 
@@ -219,7 +219,7 @@ def test_mutated_valid_envelopes_are_rejected_with_a_reason(data):
 def test_encode_decode_roundtrip_is_exact(values, weight):
     w = np.array(values[:8], dtype="<f4").reshape(2, 4)
     b = np.array(values[8:], dtype="<f4")
-    share = envelope.decode_share(envelope.encode_share([("w", w), ("b", b)], weight), SPEC)
+    share = bodies.decode_share(bodies.encode_share([("w", w), ("b", b)], weight), SPEC)
     np.testing.assert_array_equal(share.tensors["w"], w)
     np.testing.assert_array_equal(share.tensors["b"], b)
     assert share.weight == weight
@@ -261,16 +261,22 @@ _names = st.text(min_size=1, max_size=40).filter(lambda s: len(s.encode()) <= 25
                 min_size=1, max_size=4, unique_by=lambda t: t[0]),
        st.floats(min_value=1e-6, max_value=1e12), st.booleans())
 def test_decode_share_reads_every_share_encode_share_writes(specs, weight, tensors_first):
-    spec = [envelope.TensorSpec(n, tuple(s), d) for n, s, d in specs]
+    spec = [bodies.TensorSpec(n, tuple(s), d) for n, s, d in specs]
     rng = np.random.default_rng(0)
     arrays = [(t.name, rng.standard_normal(t.shape).astype(t.dtype)) for t in spec]
-    body = envelope.encode_share(arrays, weight)
+    body = bodies.encode_share(arrays, weight)
     if tensors_first:  # the same map, keys the other way round (a peer may write that)
         doc = msgpack.unpackb(body)
         body = msgpack.packb({"tensors": doc["tensors"], "weight": doc["weight"]},
                              use_bin_type=True)
-    share = envelope.decode_share(body, spec)
+    share = bodies.decode_share(body, spec)
     assert share.weight == weight
     for name, a in arrays:
         np.testing.assert_array_equal(share.tensors[name], a)
         assert share.tensors[name].dtype == a.dtype and not share.tensors[name].flags.writeable
+
+
+def test_the_envelope_docstring_names_every_kind():
+    """The wire format's page lists every kind a node accepts (auditors read it)."""
+    for kind in envelope.KINDS:
+        assert f'"{kind}"' in envelope.__doc__, kind

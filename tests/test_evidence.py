@@ -11,7 +11,7 @@ import os
 import numpy as np
 import pytest
 
-from gossip import envelope
+from gossip import bodies, envelope
 from gossip.envelope import HELLO_REPLY, KIND_HELLO, KIND_SEEN, KIND_SHARE
 from gossip.transports.base import Incoming
 from gossip.transports.memory import MemoryHub
@@ -43,7 +43,7 @@ class Members:
 
 
 def share_body(node, value=0.0):
-    return envelope.encode_share(
+    return bodies.encode_share(
         [(s.name, np.full(s.shape, value, "<f4")) for s in node.verifier.spec], 10.0)
 
 
@@ -57,7 +57,7 @@ async def test_a_false_seen_report_is_counted_against_its_reporter_not_the_accus
     honest, liar = prep.names[1], prep.names[2]
     assert node.handle(m.msg(honest, KIND_SHARE, 0, share_body(node))) is not None
     await node._close_seen(0, node.book.shares(0))  # round 1 closed with bank-1's share
-    lie = envelope.encode_seen([(m.pub(honest), os.urandom(32))])
+    lie = bodies.encode_seen([(m.pub(honest), os.urandom(32))])
     assert node.handle(m.msg(liar, KIND_SEEN, 0, lie)) is not None
     assert node.counters.digest_mismatch == {liar: 1}  # the claim is the reporter's
     assert not node.counters.equivocation  # nothing proven against anyone

@@ -10,7 +10,7 @@ from nacl.signing import SigningKey
 
 from gossip import envelope
 from gossip.errors import LocalError
-from gossip.transports.faults import FaultPlan, FaultyTransport, parse_partition
+from gossip.testing.faults import FaultPlan, FaultyTransport, parse_network_partition
 from gossip.transports.memory import MemoryHub
 from node.rehearsal.simulation.output import simulate
 from node.rehearsal.simulation.spec import SimulationSpec
@@ -69,7 +69,7 @@ async def test_a_partition_drops_only_across_the_cut_and_only_in_its_rounds():
     inner = hub.attach("c", list(keys))
     for n in ("a", "b"):
         hub.attach(n, list(keys))
-    cut = parse_partition("a@2:3")  # a alone on one side, rounds 2-4 (1-based)
+    cut = parse_network_partition("a@2:3")  # a alone on one side, rounds 2-4 (1-based)
     t = FaultyTransport(inner, "c", FaultPlan(partitions=(cut,)), members)
     sent = [("a", r) for r in range(6)] + [("b", r) for r in range(6)]
     for i, (who, r) in enumerate(sent):
@@ -99,7 +99,7 @@ async def test_delay_with_jitter_delivers_everything_and_reorders():
 def test_bad_fault_flags_name_what_is_wrong(tmp_path):
     for bad in ("a,b", "a@0:2", "@3:1", "a@2:0"):
         with pytest.raises(ValueError, match="partition"):
-            parse_partition(bad)
+            parse_network_partition(bad)
     spec = SimulationSpec(dataset="default", nodes=3, partition="iid", rounds=2, seed=0,
                           out=tmp_path, absent=("bank-9",))
     with pytest.raises(LocalError, match="--absent bank-9: no such member"):

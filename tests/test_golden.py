@@ -21,6 +21,7 @@ import pytest
 from nacl.public import PrivateKey
 from nacl.signing import SigningKey
 
+from gossip import bodies as B
 from gossip import envelope as E
 from gossip.membership import load_consortium
 from gossip.seal import Sealing, decode_announcement
@@ -44,8 +45,8 @@ def _members() -> dict[bytes, str]:
     return {bytes(k.verify_key): n for n, k in _keys().items()}
 
 
-def _spec() -> list[E.TensorSpec]:
-    return [E.TensorSpec(n, a.shape, a.dtype.str) for n, a in G.share_tensors()]
+def _spec() -> list[B.TensorSpec]:
+    return [B.TensorSpec(n, a.shape, a.dtype.str) for n, a in G.share_tensors()]
 
 
 def _verifier(sealing: Sealing | None = None) -> E.Verifier:

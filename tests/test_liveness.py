@@ -9,7 +9,7 @@ import itertools
 import numpy as np
 import pytest
 
-from gossip import envelope
+from gossip import bodies, envelope
 from gossip.envelope import HELLO_ASK, HELLO_REPLY, KIND_HELLO, KIND_SEEN, KIND_SHARE
 from gossip.transports.base import Incoming
 from gossip.transports.memory import MemoryHub
@@ -52,7 +52,7 @@ def test_talk_without_shares_rearms_the_wait_once_a_share_every_time(tmp_path):
     for _ in range(5):  # a hello every round: on 819e161 each one re-armed the wait
         node.handle(signed(KIND_HELLO, HELLO_REPLY))
         assert talker in node._absent and talker in node._ignorable() | {talker}
-    body = envelope.encode_share(
+    body = bodies.encode_share(
         [(s.name, np.zeros(s.shape, "<f4")) for s in node.verifier.spec], 10.0)
     assert node.handle(signed(KIND_SHARE, body)) is not None  # a share: waited for again
     assert talker not in node._absent

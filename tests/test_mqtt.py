@@ -10,7 +10,8 @@ import pytest
 
 from gossip.errors import LocalError, RemoteError
 from gossip.membership import Consortium, Member
-from gossip.transports.mqtt import BrokerAddress, MqttTransport, share_topic
+from gossip.transports.mqtt import MqttTransport
+from gossip.transports.mqtt.broker import BrokerAddress, share_topic
 from node.config import load_config
 from node.daemon import open_transport
 from node.identity import Identity
@@ -440,7 +441,7 @@ def test_a_message_completed_by_pahos_100th_read_is_handed_on_at_once(reads, fix
     import paho.mqtt.client as mqtt
     from paho.mqtt.enums import CallbackAPIVersion
 
-    from gossip.transports.mqtt import complete_packet_reads
+    from gossip.transports.mqtt.broker import complete_packet_reads
 
     c = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv311)
     got = []

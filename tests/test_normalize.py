@@ -10,8 +10,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from gossip import envelope
-from gossip.envelope import KIND_NORM, KIND_STATS, NORM_RANGE, NORM_USABLE, Stats
+from gossip import bodies, envelope
+from gossip.bodies import NORM_RANGE, NORM_USABLE, Stats
+from gossip.envelope import KIND_NORM, KIND_STATS
 from gossip.membership import Consortium, save_consortium
 from gossip.transports.base import Incoming
 from gossip.transports.memory import MemoryHub
@@ -131,7 +132,7 @@ async def test_a_member_signed_hostile_statistics_are_capped_or_refused(tmp_path
     hostile = Stats(rows, np.full(2, rows / 2), np.full(2, rows / 4))  # v = 1/2: the top
     vote = envelope.pack(key, nodes[0].consortium.id, KIND_NORM, 0, 0, NORM_USABLE)
     data = envelope.pack(key, nodes[0].consortium.id, KIND_STATS, 0, 1,
-                         envelope.encode_stats(hostile))
+                         bodies.encode_stats(hostile))
     for n in nodes:
         n.handle(Incoming(vote, "bank-3"))
         n.handle(Incoming(data, "bank-3"))
@@ -499,13 +500,13 @@ def test_the_range_decision_round_trips_and_is_checked():
         Agreed.from_json({**doc, "stats": {"a": [4.0, 5.0]},
                           "digest": stats_digest({"a": (4.0, 5.0)}, ("m1", "m2"),
                                                  "range").hex()}, schema)
-    assert envelope.decode_norm(NORM_RANGE, True) is True
-    assert envelope.decode_norm(NORM_USABLE, True) is False
+    assert bodies.decode_norm(NORM_RANGE, True) is True
+    assert bodies.decode_norm(NORM_USABLE, True) is False
     for bad in (b"", b"\x02", b"\x01\x01"):
         with pytest.raises(RemoteError, match="one byte"):
-            envelope.decode_norm(bad, True)
+            bodies.decode_norm(bad, True)
     with pytest.raises(RemoteError, match="does not use normalize"):
-        envelope.decode_norm(NORM_USABLE, False)
+        bodies.decode_norm(NORM_USABLE, False)
 
 
 def test_a_restart_never_sends_a_different_vote(tmp_path):

@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 from nacl.public import PrivateKey
 
-from gossip import envelope
+from gossip import bodies, envelope
 from gossip.envelope import KIND_PREKEY, KIND_SEALED, KIND_SEEN, KIND_SHARE, Verifier, decode_outer
 from gossip.errors import MAX_DETAIL, RemoteError, shorten
 from gossip.seal import PrekeyStore, Sealing, decode_announcement, open_sealed, sign_prekey, verify_prekey
@@ -202,7 +202,7 @@ def _share_with(field: str, value: bytes) -> bytes:
 
 def test_share_body_builder_is_the_encoder():
     assert msgpack.unpackb(_share_with("none", b"")) == msgpack.unpackb(
-        envelope.encode_share(tensors(), 1.0))
+        bodies.encode_share(tensors(), 1.0))
 
 
 @pytest.mark.parametrize("field,expected", [
@@ -217,8 +217,8 @@ def test_a_member_signed_bomb_in_any_share_field_is_refused_without_building_it(
 
 
 def test_trailing_bytes_after_each_structure_are_refused():
-    body = envelope.encode_share(tensors(), 1.0)
-    assert reason_of(envelope.decode_share, body + b"\x00", SPEC).reason == "bad_body"
+    body = bodies.encode_share(tensors(), 1.0)
+    assert reason_of(bodies.decode_share, body + b"\x00", SPEC).reason == "bad_body"
     s = Sealing(CONS.id, K[1], MEMBERS, 2, 3)
     s.rotate(0)
     ann = s.announcement()
@@ -296,7 +296,7 @@ def test_accepted_tensors_are_read_only_views_of_the_accepted_body():
     assert isinstance(acc.envelope.body, bytes)
     for array in acc.share.tensors.values():
         assert np.shares_memory(array, body) and not array.flags.writeable
-    share = envelope.decode_share(bytearray(acc.envelope.body), SPEC)
+    share = bodies.decode_share(bytearray(acc.envelope.body), SPEC)
     assert not share.tensors["w"].flags.writeable
 
 
@@ -313,7 +313,7 @@ def test_a_sealed_share_of_a_member_still_opens_and_decodes():
                 v.verify(ann, 0)
     recipients, missing = sealings[1].recipients(0, ["bank-0", "bank-2"])
     assert not missing
-    body = envelope.encode_share(tensors(0.3), 5.0)
+    body = bodies.encode_share(tensors(0.3), 5.0)
     data = envelope.pack(ks[1], CONS.id, KIND_SEALED, 0, 1, sealings[1].seal(body, 0, recipients))
     acc = verifiers[0].verify(data, 0)
     assert acc.share.weight == 5.0 and acc.envelope == decode_outer(data)
@@ -366,7 +366,7 @@ def _seen_verifier() -> Verifier:
 
 def test_a_member_signed_seen_report_roundtrips():
     pairs = [(bytes(K[0].verify_key), b"\x01" * 32), (bytes(K[2].verify_key), b"\x02" * 32)]
-    acc = _seen_verifier().verify(_signed(KIND_SEEN, envelope.encode_seen(pairs)), 0)
+    acc = _seen_verifier().verify(_signed(KIND_SEEN, bodies.encode_seen(pairs)), 0)
     assert acc.seen == (("bank-0", b"\x01" * 32), ("bank-2", b"\x02" * 32))
     assert acc.share is None
 

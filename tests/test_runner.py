@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from nacl.signing import SigningKey
 
-from gossip import envelope
+from gossip import bodies, envelope
 from gossip.transports.memory import MemoryHub
 from node.config import load_config
 from node.identity import load_identity
@@ -72,14 +72,14 @@ async def test_nodes_finish_despite_hostile_traffic_and_count_every_reason(tmp_p
     stolen = load_identity(tmp_path / "keys" / f"{prep.names[1]}.key").signing_key
     w = [(name, np.full(a.shape, np.nan, "<f4")) for name, a in
          [(s.name, np.zeros(s.shape)) for s in nodes[0].verifier.spec]]
-    good_body = envelope.encode_share(
+    good_body = bodies.encode_share(
         [(s.name, np.zeros(s.shape, "<f4")) for s in nodes[0].verifier.spec], 10.0)
     attacks = [
         b"",
         os.urandom(5000),
         envelope.pack(outsider, prep.consortium.id, "share", 0, 0, good_body),
         envelope.pack(stolen, prep.consortium.id, "share", 0, 10**6,
-                      envelope.encode_share(w, 10.0)),
+                      bodies.encode_share(w, 10.0)),
         envelope.pack(outsider, prep.consortium.id, "share", 0, 1, good_body)[:-7],
     ]
 

@@ -7,7 +7,7 @@ from nacl.bindings import crypto_sign_ed25519_sk_to_curve25519
 from nacl.public import PrivateKey, PublicKey
 from nacl.signing import SigningKey
 
-from gossip import envelope
+from gossip import bodies, envelope
 from gossip.errors import RemoteError
 from gossip.seal import PrekeyStore, epoch_of, open_sealed, sign_prekey, verify_prekey
 from gossip.seal import seal as seal_parts
@@ -34,7 +34,7 @@ def setup_members(n=3, epoch=0):
 
 def test_members_open_a_sealed_share_and_the_ciphertext_holds_no_tensor_bytes():
     _, _, stores, published = setup_members()
-    body = envelope.encode_share(tensors(0.123), 10.0)
+    body = bodies.encode_share(tensors(0.123), 10.0)
     sealed = seal(body, {n: p for n, p in published.items() if n != "bank-0"}, AD)
     raw = tensors(0.123)[0][1].tobytes()
     assert raw not in sealed and body not in sealed
@@ -111,7 +111,7 @@ def test_the_signed_envelope_covers_the_sealed_body():
     ks = keys(2)
     cons = consortium(ks)
     _, _, _, published = setup_members(2)
-    sealed = seal(envelope.encode_share(tensors(), 1.0), published, AD)
+    sealed = seal(bodies.encode_share(tensors(), 1.0), published, AD)
     data = envelope.pack(ks[0], cons.id, envelope.KIND_SEALED, 0, 0, sealed)
     env = envelope.decode_outer(data)
     assert env.body == sealed and env.digest == envelope.signing_digest(
@@ -239,7 +239,7 @@ def test_sealing_with_one_bad_recipient_key_seals_for_the_others():
     s = sealings[0]
     recipients, missing = s.recipients(0, ["bank-1", "bank-2"])
     assert set(recipients) == {"bank-1", "bank-2"} and not missing
-    body = envelope.encode_share(tensors(0.4), 3.0)
+    body = bodies.encode_share(tensors(0.4), 3.0)
     sealed = b"".join(s.seal(body, 0, recipients))  # used to raise nacl RuntimeError
     assert set(s.left_out) == {"bank-2"} and "low-order" in s.left_out["bank-2"]
     ad = seal_ad_for(cons, ks[0], 0)

@@ -11,7 +11,7 @@ import pytest
 from nacl.bindings import crypto_sign_ed25519_sk_to_curve25519
 from nacl.public import PrivateKey
 
-from gossip import envelope
+from gossip import bodies, envelope
 from gossip.envelope import (
     KIND_FINAL,
     KIND_HELLO,
@@ -70,7 +70,7 @@ def test_rotation_keeps_the_epochs_a_share_may_need_and_forgets_closed_ones():
 def test_a_sealed_share_opens_only_for_its_recipients_and_only_in_its_own_envelope():
     ks, cons, sealings, verifiers = sealing_pair()
     announce(ks, cons, sealings, verifiers)
-    body = envelope.encode_share(tensors(0.25), 7.0)
+    body = bodies.encode_share(tensors(0.25), 7.0)
     recipients, missing = sealings[0].recipients(1, ["bank-1", "bank-2"])
     assert missing == [] and set(recipients) == {"bank-1", "bank-2"}
     sealed = sealings[0].seal(body, 1, recipients)
@@ -95,14 +95,14 @@ def test_sealing_nodes_refuse_plain_shares_and_plain_nodes_refuse_sealed_ones():
     ks, cons, sealings, verifiers = sealing_pair()
     announce(ks, cons, sealings, verifiers)
     plain = envelope.pack(ks[0], cons.id, KIND_SHARE, 0, 5,
-                          envelope.encode_share(tensors(), 1.0))
+                          bodies.encode_share(tensors(), 1.0))
     with pytest.raises(RemoteError, match="unsealed"):
         verifiers[1].verify(plain, 0)
     members = {m.public_key: m.name for m in cons.members}
     no_seal = Verifier(cons.id, members, bytes(ks[1].verify_key), SPEC)
     recipients, _ = sealings[0].recipients(0, ["bank-1"])
     sealed = envelope.pack(ks[0], cons.id, KIND_SEALED, 0, 6,
-                           sealings[0].seal(envelope.encode_share(tensors(), 1.0), 0, recipients))
+                           sealings[0].seal(bodies.encode_share(tensors(), 1.0), 0, recipients))
     with pytest.raises(RemoteError, match="seal_off"):
         no_seal.verify(sealed, 0)
 
@@ -207,7 +207,7 @@ def test_a_sealed_consortium_learns_the_same_model_and_old_traffic_stays_closed(
     wire = b"".join(hub.wire)
     assert len(plain) == 3 * rounds
     for body in plain:
-        for array in envelope.decode_share(body, nodes[0].verifier.spec).tensors.values():
+        for array in bodies.decode_share(body, nodes[0].verifier.spec).tensors.values():
             assert array.tobytes()[:64] not in wire
     # Forward secrecy: prekeys are deleted as their epochs close, and all of them once
     # the run is over (no round is left to read a share in). What is left on disk plus
@@ -258,7 +258,7 @@ def test_a_restarted_sealing_node_resends_its_sealed_release_byte_for_byte(tmp_p
 
     node, (data, own, _, resent) = asyncio.run(restart())
     assert resent and data == stored
-    body = envelope.decode_share(node.state.stored_plain_body(2), node.verifier.spec)
+    body = bodies.decode_share(node.state.stored_plain_body(2), node.verifier.spec)
     assert own.weight == body.weight
 
 

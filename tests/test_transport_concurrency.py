@@ -29,7 +29,8 @@ from gossip.errors import LocalError
 from gossip.membership import Member
 from gossip.transports.base import TransportFailed
 from gossip.transports.libp2p import SHARE_PROTOCOL, Libp2pTransport
-from gossip.transports.mqtt import BrokerAddress, MqttTransport
+from gossip.transports.mqtt import MqttTransport
+from gossip.transports.mqtt.broker import BrokerAddress
 from scripts.ports import free_ports
 from tests.helpers import consortium, keys
 from tests.mqtt_support import mqtt_broker, require_mosquitto

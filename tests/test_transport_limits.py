@@ -26,9 +26,9 @@ from paho.mqtt.properties import Properties
 
 from gossip.membership import Member
 from gossip.transports.libp2p import SHARE_PROTOCOL, Libp2pTransport
-from gossip.transports.mqtt import (
+from gossip.transports.mqtt import MqttTransport
+from gossip.transports.mqtt.broker import (
     BrokerAddress,
-    MqttTransport,
     client_id,
     consortium_prefix,
     direct_topic,

@@ -18,7 +18,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from gossip.envelope import Accepted, Stats
+from gossip.bodies import Stats
+from gossip.envelope import Accepted
 
 # (seq, digest, signature) of a signed envelope: what a seen report compares.
 Signature = tuple[int, bytes, bytes]

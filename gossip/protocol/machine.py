@@ -44,7 +44,8 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from gossip.envelope import HELLO_ASK, HELLO_REPLY, KIND_HELLO, KIND_SEEN, Accepted, encode_seen
+from gossip.bodies import encode_seen
+from gossip.envelope import HELLO_ASK, HELLO_REPLY, KIND_HELLO, KIND_SEEN, Accepted
 from gossip.errors import LocalError, RemoteError
 from gossip.protocol.book import RoundBook
 from gossip.protocol.events import (

@@ -14,7 +14,8 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 
-from gossip.envelope import Accepted, Stats
+from gossip.bodies import Stats
+from gossip.envelope import Accepted
 
 # Why a member's statistics are refused, or None: node.normalize.implausible, bound to
 # the privacy plan's sigma and the schema's numeric columns by the driver.

@@ -73,6 +73,7 @@ def share_tensors() -> list[tuple[str, np.ndarray]]:
 
 def bodies(sealed_body: bytes) -> dict[str, bytes]:
     """One body per kind; the sealed one is given (it is random)."""
+    from gossip import bodies as B
     from gossip import envelope as E
     from gossip.seal import encode_announcement, sign_prekey
 
@@ -81,15 +82,15 @@ def bodies(sealed_body: bytes) -> dict[str, bytes]:
         [sign_prekey(k["bob"], CONSORTIUM_ID, e, p.public_key) for e, p in sorted(prekeys().items())],
         hello=True)
     out = {
-        E.KIND_SHARE: E.encode_share(share_tensors(), 120.0),
+        E.KIND_SHARE: B.encode_share(share_tensors(), 120.0),
         E.KIND_SEALED: sealed_body,
         E.KIND_PREKEY: announce,
         E.KIND_RETIRE: b"",
         E.KIND_HELLO: E.HELLO_ASK,
-        E.KIND_SEEN: E.encode_seen([(bytes(k["carol"].verify_key), bytes(range(32, 64)))]),
-        E.KIND_STATS: E.encode_stats(E.Stats(500.0, np.array([1.5, -2.0]),
+        E.KIND_SEEN: B.encode_seen([(bytes(k["carol"].verify_key), bytes(range(32, 64)))]),
+        E.KIND_STATS: B.encode_stats(B.Stats(500.0, np.array([1.5, -2.0]),
                                              np.array([10.25, 8.0]))),
-        E.KIND_NORM: E.NORM_USABLE,
+        E.KIND_NORM: B.NORM_USABLE,
         E.KIND_FINAL: bytes(range(64, 96)),
     }
     assert set(out) == set(E.KINDS), "a kind without a golden body: add it here"
@@ -98,13 +99,13 @@ def bodies(sealed_body: bytes) -> dict[str, bytes]:
 
 def make_sealed_body() -> bytes:
     """A plain share body sealed by bob for alice's prekeys (epoch = WIRE_ROUND)."""
-    from gossip import envelope as E
+    from gossip import bodies as B
     from gossip.seal import seal, seal_ad, sign_prekey
 
     k = keys()
     alice_prekey = PrivateKey(PREKEY_SEEDS[WIRE_ROUND][::-1])  # alice's own, not bob's
     signed = sign_prekey(k["alice"], CONSORTIUM_ID, WIRE_ROUND, alice_prekey.public_key)
-    head, ct = seal(E.encode_share(share_tensors(), 120.0), {"alice": signed},
+    head, ct = seal(B.encode_share(share_tensors(), 120.0), {"alice": signed},
                     seal_ad(CONSORTIUM_ID, bytes(k["bob"].verify_key), WIRE_ROUND))
     return head + ct
 

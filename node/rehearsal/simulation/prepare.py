@@ -37,7 +37,7 @@ from gossip.membership import (
     read_toml,
     save_consortium,
 )
-from gossip.transports.faults import parse_partition as fault_partition
+from gossip.testing.faults import parse_network_partition
 from node.config import seals
 from node.data import (
     FeatureSchema,
@@ -487,7 +487,7 @@ def check_faults(spec: SimulationSpec, names: list[str]) -> None:
             raise LocalError(f"--straggler {n}:{factor:g}: FACTOR must be in [1, 1000]")
     for p in spec.net_partitions:
         try:
-            part = fault_partition(p)
+            part = parse_network_partition(p)
         except ValueError as exc:
             raise LocalError(f"--net-partition {exc}") from None
         unknown = sorted(part.side - set(names))

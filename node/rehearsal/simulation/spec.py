@@ -42,7 +42,7 @@ class SimulationSpec:
     transport: str = "memory"
     seal: str = "auto"  # gossip.seal for every node: auto (on for mqtt), on, off
     keep_releases: bool = False  # keep every released envelope in outbox/ (audits, tests)
-    # Rehearsed faults (node.cli.add_fault_flags; gossip/transports/faults.py)
+    # Rehearsed faults (node.cli.add_fault_flags; gossip/testing/faults.py)
     loss: float = 0.0
     delay_ms: float = 0.0
     jitter_ms: float = 0.0

@@ -57,7 +57,7 @@ class FaultPlan:
         return bool(self.loss or self.delay_s or self.jitter_s or self.partitions)
 
 
-def parse_partition(spec: str) -> Partition:
+def parse_network_partition(spec: str) -> Partition:
     """"A,B@ROUND:ROUNDS" (ROUND 1-based): A and B cut off from the rest for ROUNDS rounds."""
     try:
         names, when = spec.split("@")
@@ -165,4 +165,4 @@ class FaultyTransport(Transport):
 def fault_plan(loss: float, delay_ms: float, jitter_ms: float, partitions: Sequence[str],
                seed: int) -> FaultPlan:
     return FaultPlan(loss, delay_ms / 1000, jitter_ms / 1000,
-                     tuple(parse_partition(p) for p in partitions), seed)
+                     tuple(parse_network_partition(p) for p in partitions), seed)

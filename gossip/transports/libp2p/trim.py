@@ -4,8 +4,8 @@ py-libp2p's `host/basic_host.py` imports, whether or not a host enables them:
 mDNS discovery (zeroconf: announces the node on the local network), UPnP port
 mapping (asks the site's router to open a port), AutoTLS (an ACME client and a
 public broker, over `requests`) and the circuit-relay NAT helper. A flnode host
-enables none of them (gossip/transports/libp2p.py builds it with mDNS and UPnP
-off and never runs the AutoTLS procedure), yet importing them costs every node
+enables none of them (gossip/transports/libp2p/__init__.py builds it with mDNS
+and UPnP off and never runs the AutoTLS procedure), yet importing them costs every node
 about 15 MB of its ~300 MB (measured: `import gossip.transports.libp2p` after
 torch, 272 -> 257 MB peak) and brings code that talks to the LAN, the router and
 the internet into a process that should talk to its members only.
@@ -15,7 +15,9 @@ libp2p is first imported. Each stand-in defines the names basic_host imports;
 using any of them raises `RuntimeError` naming the feature, so a py-libp2p that
 started to use one would fail loudly at once, never silently. Nothing is
 patched on disk, and nothing is replaced once libp2p is already imported (then
-this does nothing and says so by returning False). tests/test_lean.py checks
+this does nothing and says so by returning False). The package's `__init__`
+calls it first, so importing this module (which runs the package) registers the
+stand-ins unless libp2p was imported before. tests/test_lean.py checks
 that the stand-ins still name everything the installed py-libp2p imports from
 those modules, and that a host works with them.
 """
@@ -44,7 +46,7 @@ class _LeftOut:
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         raise RuntimeError(f"py-libp2p's {self.feature} ({self.__name__}) is left out of a "
-                           "flnode node (gossip/transports/libp2p_trim.py): a consortium "
+                           "flnode node (gossip/transports/libp2p/trim.py): a consortium "
                            "host must not use it")
 
     def __repr__(self) -> str:

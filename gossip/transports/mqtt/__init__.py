@@ -5,19 +5,10 @@ at construction with paho-mqtt 2.x (`'Client' object has no attribute
 'message_retry_set'`); aiomqtt (2.5, on paho-mqtt 2.2) is its maintained
 successor and runs on the node's own asyncio loop (no thread).
 
-Topics, under one prefix per consortium (`flnode/<consortium id hex>`)::
+Topics, client ids, the broker's address and its pinned TLS certificate, and the
+size of a PUBLISH are in `broker.py`; the rest is here.
 
-    flnode/<id>/<member>/share         a member's broadcast (every member reads it)
-    flnode/<id>/<member>/to/<peer>     a member's share for one peer
-
-so a broker ACL can give each member write access to its own prefix only
-(one `user` block per member, see `scripts/mqtt_broker.py`; never a `pattern
-write`, which would apply to every account). A publish the ACL denies *returns
-normally* and is dropped by the broker: the topic proves nothing by itself. The
-sender is whoever signed the envelope; the topic's member name is a
-`peer_hint` for logs and the key of the per-sender ack bound below.
-
-Admission before parsing: a message whose topic does not fit the layout above
+Admission before parsing: a message whose topic does not fit the layout (broker.py)
 (another consortium, a name that is not a member's, our own name, a direct
 share for someone else) is refused as `bad_topic` before its payload is looked
 at, and acknowledged so the broker does not redeliver it. So are oversize
@@ -43,13 +34,6 @@ message the node is to use is acknowledged by the node, once the round that
 used it is checkpointed (so it is persisted first), never by the transport on
 arrival. A connection lost with messages still queued discards them (none was
 acknowledged; the broker redelivers them on the next connection).
-
-Client ids: `client_id()` is stable per member and consortium, but a broker
-must bind the client id to the authenticated user (mosquitto:
-`use_username_as_clientid true`, which `scripts/mqtt_broker.py` sets), or any
-member could log in with another member's client id and take over its
-persistent session. With that setting the session is keyed by the user name,
-so a user name must be used by one member of one consortium only.
 
 Delivery: QoS 1 (at least once), never `retain` (the broker would re-send a
 retained share to every later subscriber). Sessions are persistent: MQTT 5
@@ -94,21 +78,15 @@ session (subscriptions, queued shares) survives it.
 from __future__ import annotations
 
 import asyncio
-import hashlib
-import hmac
-import ipaddress
 import logging
 import socket
 import ssl
 from collections import Counter
 from collections.abc import AsyncIterator, Callable, Sequence
-from dataclasses import dataclass
 from typing import Any
-from urllib.parse import urlsplit
 
 import aiomqtt
 from aiomqtt.exceptions import MqttConnectError
-from paho.mqtt.enums import MQTTErrorCode
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.subscribeoptions import SubscribeOptions
@@ -124,20 +102,26 @@ from gossip.transports.base import (
     TransportFailed,
     TransportStats,
 )
+from gossip.transports.mqtt.broker import (
+    BrokerAddress,
+    BrokerCertMismatch,
+    client_id,
+    complete_packet_reads,
+    consortium_prefix,
+    direct_topic,
+    pin_certificate,
+    publish_packet_size,
+    share_topic,
+)
 
 log = logging.getLogger("flnode.mqtt")
 
-TOPIC_ROOT = "flnode"
-DEFAULT_PORTS = {"mqtt": 1883, "mqtts": 8883}
 QOS = 1
 # How long the broker keeps a member's session (subscriptions and queued
 # shares) while it is away: a day covers a restart, a redeploy or a night's
 # outage; a member gone longer catches up by skipping rounds anyway. The
 # broker's own `max_queued_bytes` bounds what it holds meanwhile.
 SESSION_EXPIRY_S = 24 * 3600
-# Fixed header (1) + remaining length (<= 4) + topic length (2) + packet id (2)
-# + MQTT 5 properties length (<= 4): what a PUBLISH adds besides topic and payload.
-PUBLISH_OVERHEAD = 1 + 4 + 2 + 2 + 4
 # A publish may take this long plus one second per MB (loopback measured
 # 35-45 MB/s to 3 subscribers; a WAN link to a bank's broker far less).
 BASE_TIMEOUT_S = 10.0
@@ -169,136 +153,8 @@ MQTT_MAX_RECEIVE_MAXIMUM = 65535
 DEFAULT_UNACKED_PER_SENDER = 16
 
 
-@dataclass(frozen=True)
-class BrokerAddress:
-    """`mqtt://host[:port]` (plain TCP) or `mqtts://host[:port]` (TLS)."""
-
-    scheme: str
-    host: str
-    port: int
-
-    @classmethod
-    def parse(cls, text: str, where: str) -> BrokerAddress:
-        try:
-            parts = urlsplit(text)
-            port = parts.port
-        except ValueError as exc:
-            raise LocalError(f"{where}: {text!r} is not an MQTT URL: {exc}") from None
-        if parts.scheme not in DEFAULT_PORTS or not parts.hostname:
-            raise LocalError(f"{where}: {text!r}: expected mqtt://HOST[:PORT] or "
-                             "mqtts://HOST[:PORT]")
-        if parts.path not in ("", "/") or parts.query or parts.username:
-            raise LocalError(f"{where}: {text!r}: no path, query or credentials in the URL "
-                             "(credentials go in [gossip.mqtt] username and password_file)")
-        return cls(parts.scheme, parts.hostname, port or DEFAULT_PORTS[parts.scheme])
-
-    @property
-    def tls(self) -> bool:
-        return self.scheme == "mqtts"
-
-    @property
-    def loopback(self) -> bool:
-        if self.host == "localhost":
-            return True
-        try:
-            return ipaddress.ip_address(self.host).is_loopback
-        except ValueError:
-            return False
-
-    def __str__(self) -> str:
-        return f"{self.scheme}://{self.host}:{self.port}"
-
-
-def parse_cert_fingerprint(text: str, where: str) -> bytes:
-    """SHA-256 of the broker's DER certificate, as 64 hex digits (colons allowed, as
-    `openssl x509 -noout -fingerprint -sha256` prints it)."""
-    try:
-        raw = bytes.fromhex(text.replace(":", "").strip())
-    except ValueError:
-        raw = b""
-    if len(raw) != 32:
-        raise LocalError(f"{where}: {text[:80]!r} is not a SHA-256 fingerprint (64 hex digits; "
-                         "`openssl x509 -in server.pem -noout -fingerprint -sha256`)")
-    return raw
-
-
-class BrokerCertMismatch(ssl.SSLError):
-    """The broker's TLS certificate is not the one the consortium pinned."""
-
-
-def pin_certificate(paho: Any, expected: bytes, broker: BrokerAddress) -> None:
-    """Check the broker's certificate against the pinned SHA-256 after the TLS handshake
-    and before paho sends CONNECT (with the password): paho's connect calls
-    `_ssl_wrap_socket`, then `_send_connect`. Raised here, aiomqtt reports it as an
-    MqttError whose __context__ is this."""
-    wrap = paho._ssl_wrap_socket  # noqa: SLF001 - the step to check after
-
-    def _ssl_wrap_socket(tcp_sock: Any) -> Any:
-        sock = wrap(tcp_sock)
-        der = sock.getpeercert(binary_form=True) or b""
-        got = hashlib.sha256(der).digest()
-        if not hmac.compare_digest(got, expected):
-            sock.close()
-            raise BrokerCertMismatch(
-                f"TLS: the certificate of MQTT broker {broker} has SHA-256 {got.hex()}, not "
-                f"{expected.hex()} as the consortium file pins (addresses.mqtt_cert_sha256): "
-                "not logged in, the password was not sent")
-        return sock
-
-    paho._ssl_wrap_socket = _ssl_wrap_socket  # noqa: SLF001
-
-
-def consortium_prefix(consortium_id: bytes) -> str:
-    return f"{TOPIC_ROOT}/{consortium_id.hex()}"
-
-
-def share_topic(consortium_id: bytes, member: str) -> str:
-    return f"{consortium_prefix(consortium_id)}/{member}/share"
-
-
-def direct_topic(consortium_id: bytes, member: str, peer: str) -> str:
-    return f"{consortium_prefix(consortium_id)}/{member}/to/{peer}"
-
-
-def client_id(consortium_id: bytes, member: str) -> str:
-    """Stable per member and consortium, so the broker finds the member's session again."""
-    return f"flnode-{consortium_id.hex()[:16]}-{member}"
-
-
-def publish_packet_size(topic: str, payload_len: int) -> int:
-    return PUBLISH_OVERHEAD + len(topic.encode()) + payload_len
-
-
 def publish_timeout(nbytes: int) -> float:
     return BASE_TIMEOUT_S + SECONDS_PER_MB * nbytes / 1e6
-
-
-def complete_packet_reads(paho: Any) -> None:
-    """Work around paho-mqtt 2.2's `Client._packet_read` (the TLS stall of 57-60 s).
-
-    It stops after 100 recv() calls and returns MQTT_ERR_AGAIN even when the
-    100th call completed the packet. The finished packet then sits in paho's
-    buffer, unhandled, until the socket next becomes readable: usually the
-    PINGRESP after this client's next keepalive ping, up to KEEPALIVE_S later.
-    Over TLS each recv returns one 16 KB record at most, so a 50 MB share takes
-    about 3,000 reads and roughly 1 in 100 subscriber-messages ends exactly on a
-    100th read; over plain TCP reads are large and it almost never happens.
-    Found by tracing the stuck subscriber (whole packet read, nothing left to
-    process, SSL pending 0; publisher and broker idle). This hands such a
-    packet on at once. Per client instance; a no-op unless the bug's condition
-    holds."""
-    packet_read = paho._packet_read  # noqa: SLF001 - the function being fixed
-
-    def _packet_read() -> MQTTErrorCode:
-        rc = packet_read()
-        pkt = paho._in_packet  # noqa: SLF001
-        while (rc == MQTTErrorCode.MQTT_ERR_AGAIN and pkt["command"] and pkt["have_remaining"]
-               and pkt["to_process"] == 0):
-            rc = packet_read()  # handles the complete packet and resets _in_packet
-            pkt = paho._in_packet  # noqa: SLF001
-        return rc
-
-    paho._packet_read = _packet_read  # noqa: SLF001 - loop_read() calls self._packet_read()
 
 
 class MqttTransport(Transport):
@@ -832,5 +688,4 @@ class _PendingAck:
         t._send_ack(self._generation, self._mid, self._qos)  # noqa: SLF001
 
 
-__all__ = ["BrokerAddress", "MqttTransport", "client_id", "direct_topic", "share_topic",
-           "consortium_prefix", "publish_packet_size"]
+__all__ = ["MqttTransport"]

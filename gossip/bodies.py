@@ -1,0 +1,313 @@
+"""Wire format version 1: the bodies of the message kinds that have one, encoded and
+decoded. `gossip.envelope` signs and frames them (and its docstring lists every kind);
+its `Verifier` decodes them here, after the signature and freshness checks.
+
+Share body (kinds "share", and "sealed" once opened by `gossip.seal`), a msgpack map::
+
+    {"weight": float > 0, "tensors": [[name (str), dtype (str), shape ([uint]), raw (bin)], ...]}
+
+plus, with federated normalization, "norm": the 32-byte digest of the agreed
+statistics. Tensor bytes are raw little-endian; only the dtypes in
+`ALLOWED_DTYPES`. The tensors must be exactly the model's (`TensorSpec`: names,
+order, shapes, dtypes) and finite.
+
+Seen body: a msgpack array of [member public key (bin 32), envelope digest (bin
+32)], at most one per member. Stats body: a msgpack map {"rows": float, "sum": bin
+(8 k), "sumsq": bin (8 k)}, float64 little-endian, one value per numeric column of
+the schema (k columns). Norm body: one byte, `NORM_USABLE` or `NORM_RANGE`. (The
+hello, final, retire and prekey bodies are checked by the envelope's verifier and
+`gossip.seal`.)
+
+Every decoder reads field by field (gossip.wire), each field's msgpack type and
+declared length checked before anything is built for it, and raises
+`RemoteError` naming the reason (`bad_body`, `shape`, `dtype`, `non_finite`);
+the encoders raise `LocalError` on our own misuse.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import msgpack
+import numpy as np
+
+from gossip.errors import SHORT, LocalError, RemoteError, shorten
+from gossip.membership import PUBLIC_KEY_BYTES
+from gossip.wire import Reader, WireError
+
+# A norm message's body (envelope.KIND_NORM): one byte.
+NORM_USABLE = b"\x01"
+NORM_RANGE = b"\x00"
+
+# Body limits: a model with more tensors than this is not one we serve.
+MAX_TENSORS = 4096
+MAX_NDIM = 8
+MAX_TENSOR_NAME = 256
+# Weights are sample counts (or public weights); anything beyond is nonsense.
+MAX_WEIGHT = 1e12
+ALLOWED_DTYPES = frozenset({"<f4", "<f2"})
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """What a tensor of the model must look like on the wire."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: str = "<f4"
+
+
+@dataclass(frozen=True)
+class Share:
+    weight: float
+    tensors: dict[str, np.ndarray]  # read-only views of the received bytes
+    # The digest of the normalization statistics the sender encodes its rows with
+    # (federated normalization only; None otherwise).
+    norm: bytes | None = None
+
+
+@dataclass(frozen=True)
+class Stats:
+    """A stats message's values: noised row count, and per numeric column the noised
+    sums of the clipped, range-scaled values and of their squares."""
+
+    rows: float
+    sum: np.ndarray  # float64 [k]
+    sumsq: np.ndarray  # float64 [k]
+
+
+def encode_share(tensors: Sequence[tuple[str, np.ndarray]], weight: float,
+                 norm: bytes | None = None) -> bytes:
+    """Encode named arrays (any float dtype in ALLOWED_DTYPES) and a weight (and, with
+    federated normalization, the 32-byte digest of the agreed statistics)."""
+    if not (math.isfinite(weight) and 0 < weight <= MAX_WEIGHT):
+        raise LocalError(f"share weight must be in (0, {MAX_WEIGHT:g}], got {weight!r}")
+    items = []
+    for name, array in tensors:
+        dtype = array.dtype.newbyteorder("<").str if array.dtype.byteorder == ">" else \
+            array.dtype.str
+        if dtype not in ALLOWED_DTYPES:
+            raise LocalError(f"tensor {name!r}: dtype {dtype} is not one of {sorted(ALLOWED_DTYPES)}")
+        le = np.ascontiguousarray(array, dtype=np.dtype(dtype))
+        items.append([name, dtype, list(le.shape), le.tobytes()])
+    doc: dict[str, object] = {"weight": float(weight), "tensors": items}
+    if norm is not None:
+        if len(norm) != DIGEST_BYTES:
+            raise LocalError("a share's norm digest is 32 bytes")
+        doc["norm"] = bytes(norm)
+    return msgpack.packb(doc, use_bin_type=True)
+
+
+DIGEST_BYTES = 32
+# A stats message names at most this many numeric columns (a schema's own limit is
+# far below): its size is bounded before the schema is consulted.
+MAX_STATS_COLUMNS = 65_536
+
+
+def encode_stats(stats: Stats) -> bytes:
+    k = len(stats.sum)
+    if len(stats.sumsq) != k or k > MAX_STATS_COLUMNS:
+        raise LocalError(f"stats: sum and sumsq must both have k <= {MAX_STATS_COLUMNS} values")
+    return msgpack.packb({"rows": float(stats.rows),
+                          "sum": np.asarray(stats.sum, dtype="<f8").tobytes(),
+                          "sumsq": np.asarray(stats.sumsq, dtype="<f8").tobytes()},
+                         use_bin_type=True)
+
+
+def decode_stats(body: bytes | memoryview, columns: int | None,
+                 sender: str | None = None) -> Stats:
+    """A stats message's values, read field by field; `columns` is the schema's number
+    of numeric columns (None: this consortium does not normalize federatedly)."""
+    if columns is None:
+        raise RemoteError("bad_body", "a stats message, but this consortium's schema does "
+                          "not use normalize = \"federated\"", sender)
+    out: dict[str, object] = {}
+    try:
+        r = Reader(body)
+        if r.map_header() != 3:
+            raise WireError("not a map of 3")
+        for _ in range(3):
+            key = r.str(8)
+            if key in out or key not in ("rows", "sum", "sumsq"):
+                raise WireError("unexpected key")
+            if key == "rows":
+                if r.peek_type() not in ("int", "float"):
+                    raise WireError("rows is not a number")
+                out[key] = float(r.number())
+            else:
+                raw = r.bin(exact=8 * columns)
+                out[key] = np.frombuffer(raw, dtype="<f8").astype(np.float64)
+        r.done()
+    except WireError as exc:
+        raise RemoteError("bad_body", "a stats message is {rows: number, sum: bin, sumsq: "
+                          f"bin}} with {columns} float64 values each: {exc}", sender) from None
+    stats = Stats(out["rows"], out["sum"], out["sumsq"])  # type: ignore[arg-type]
+    if not (math.isfinite(stats.rows) and np.isfinite(stats.sum).all()
+            and np.isfinite(stats.sumsq).all()):
+        raise RemoteError("non_finite", "a stats message holds NaN or infinite values", sender)
+    return stats
+
+
+def decode_norm(body: bytes | memoryview, federated: bool, sender: str | None = None) -> bool:
+    """A norm message's vote: True for NORM_RANGE, False for NORM_USABLE."""
+    if not federated:
+        raise RemoteError("bad_body", "a norm message, but this consortium's schema does not "
+                          "use normalize = \"federated\"", sender)
+    vote = bytes(body[:2])
+    if vote not in (NORM_USABLE, NORM_RANGE):
+        raise RemoteError("bad_body", "a norm message's body is one byte, 1 (usable) or 0 "
+                          "(fall back to range scaling)", sender)
+    return vote == NORM_RANGE
+
+
+def encode_seen(pairs: Sequence[tuple[bytes, bytes]]) -> bytes:
+    """A seen message's body: [[member key, envelope digest], ...] in the given order."""
+    for key, digest in pairs:
+        if len(key) != PUBLIC_KEY_BYTES or len(digest) != DIGEST_BYTES:
+            raise LocalError("a seen entry is a 32-byte member key and a 32-byte digest")
+    return msgpack.packb([[bytes(k), bytes(d)] for k, d in pairs], use_bin_type=True)
+
+
+def decode_seen(body: bytes | memoryview, members: Mapping[bytes, str],
+                sender: str | None = None) -> tuple[tuple[str, bytes], ...]:
+    """(member, digest) pairs of a seen message, read field by field: at most one entry
+    per member, each key on the peer list, nothing else in the body."""
+    out: dict[str, bytes] = {}
+    try:
+        r = Reader(body)
+        count = r.array_header()
+        if count > len(members):
+            raise WireError(f"{count} entries for {len(members)} members")
+        for _ in range(count):
+            if r.array_header() != 2:
+                raise WireError("an entry is not [key, digest]")
+            key = bytes(r.bin(exact=PUBLIC_KEY_BYTES))
+            digest = bytes(r.bin(exact=DIGEST_BYTES))
+            name = members.get(key)
+            if name is None:
+                raise WireError("an entry names a key that is not a member's")
+            if name in out:
+                raise WireError("two entries for one member")
+            out[name] = digest
+        r.done()
+    except WireError as exc:
+        raise RemoteError("bad_body", "a seen message is [[member key (32 B), digest "
+                          f"(32 B)], ...]: {exc}", sender) from None
+    return tuple(out.items())
+
+
+# Large tensors are checked for NaN/inf in slices, so the check's scratch memory
+# stays small whatever the tensor's size.
+_FINITE_CHUNK = 1 << 20
+
+
+def decode_share(body: bytes | bytearray | memoryview, spec: Sequence[TensorSpec]) -> Share:
+    """Decode a share body and check it against the model's tensor spec.
+
+    Read field by field (see gossip.wire): a field of the wrong type or size is
+    refused before anything is built for it. The tensors are read-only views of
+    `body` (no copy)."""
+    try:
+        r = Reader(body)
+        n = r.map_header()
+        if n not in (2, 3):
+            raise RemoteError("bad_body", _BODY_KEYS)
+        weight: float | None = None
+        tensors: dict[str, np.ndarray] | None = None
+        norm: bytes | None = None
+        for _ in range(n):
+            key = r.str(16) if r.peek_type() == "str" else None
+            if key == "weight" and weight is None:
+                weight = _read_weight(r)
+            elif key == "tensors" and tensors is None:
+                tensors = _read_tensors(r, spec)
+            elif key == "norm" and norm is None and n == 3:
+                norm = bytes(r.bin(exact=DIGEST_BYTES))
+            else:
+                raise RemoteError("bad_body", _BODY_KEYS)
+        r.done()
+    except WireError as exc:
+        raise RemoteError("bad_body", f"body decode failed: {exc}") from None
+    if weight is None or tensors is None:
+        raise RemoteError("bad_body", _BODY_KEYS)
+    return Share(weight, tensors, norm)
+
+
+_BODY_KEYS = ("body must be a map with exactly 'weight' and 'tensors' (and, with federated "
+              "normalization, 'norm')")
+
+
+def _read_weight(r: Reader) -> float:
+    if r.peek_type() not in ("int", "float"):
+        raise RemoteError("bad_body", f"weight must be a number in (0, {MAX_WEIGHT:g}]")
+    weight = r.number()
+    if not (math.isfinite(weight) and 0 < weight <= MAX_WEIGHT):
+        raise RemoteError("bad_body", f"weight must be a number in (0, {MAX_WEIGHT:g}]")
+    return float(weight)
+
+
+def _read_tensors(r: Reader, spec: Sequence[TensorSpec]) -> dict[str, np.ndarray]:
+    t = r.peek_type()
+    if t != "array":
+        raise RemoteError("shape", f"expected {len(spec)} tensors, got a {t}")
+    count = r.array_header()
+    if count != len(spec):
+        raise RemoteError("shape", f"expected {len(spec)} tensors, got {count}")
+    tensors: dict[str, np.ndarray] = {}
+    for expected in spec:
+        name = expected.name
+        if r.peek_type() != "array" or r.array_header() != 4:
+            raise RemoteError("bad_body", f"tensor entry for {shorten(name)} is not "
+                              "[name, dtype, shape, raw]")
+        t = r.peek_type()
+        if t != "str":
+            raise RemoteError("shape", f"expected tensor {shorten(name)}, got a {t}")
+        got = r.str_bytes()
+        if len(got) > MAX_TENSOR_NAME:
+            raise RemoteError("bad_body", f"a tensor name longer than {MAX_TENSOR_NAME} bytes")
+        if got != name.encode():
+            raise RemoteError("shape", f"expected tensor {shorten(name)}, got "
+                              f"{shorten(bytes(got).decode('utf-8', 'replace'))}")
+        t = r.peek_type()
+        if t != "str":
+            raise RemoteError("dtype", f"tensor {shorten(name)}: dtype is a {t}, "
+                              f"expected {expected.dtype}")
+        got = r.str_bytes()
+        if got != expected.dtype.encode():
+            raise RemoteError("dtype", f"tensor {shorten(name)}: dtype "
+                              f"{shorten(bytes(got[:SHORT]).decode('utf-8', 'replace'), 16)}, "
+                              f"expected {expected.dtype}")
+        t = r.peek_type()
+        if t != "array":
+            raise RemoteError("shape", f"tensor {shorten(name)}: shape is a {t}, expected "
+                              f"{list(expected.shape)}")
+        ndim = r.array_header()
+        if ndim != len(expected.shape) or ndim > MAX_NDIM:
+            raise RemoteError("shape", f"tensor {shorten(name)}: {ndim} dimensions, expected "
+                              f"{list(expected.shape)}")
+        shape = []
+        for _ in range(ndim):
+            if r.peek_type() != "int":
+                raise RemoteError("shape", f"tensor {shorten(name)}: a dimension is not an "
+                                  f"integer, expected {list(expected.shape)}")
+            shape.append(r.int())
+        if tuple(shape) != expected.shape:
+            raise RemoteError("shape", f"tensor {shorten(name)}: shape {shorten(shape)}, "
+                              f"expected {list(expected.shape)}")
+        if r.peek_type() != "bin":
+            raise RemoteError("bad_body", f"tensor {shorten(name)}: data is not a byte string")
+        raw = r.bin()
+        dt = np.dtype(expected.dtype)
+        if len(raw) != dt.itemsize * math.prod(expected.shape):
+            raise RemoteError("shape", f"tensor {shorten(name)}: {len(raw)} bytes do not fill "
+                              f"shape {list(expected.shape)}")
+        array = np.frombuffer(raw, dtype=dt).reshape(expected.shape)
+        flat = array.reshape(-1)
+        for i in range(0, flat.size, _FINITE_CHUNK):
+            if not np.isfinite(flat[i:i + _FINITE_CHUNK]).all():
+                raise RemoteError("non_finite",
+                                  f"tensor {shorten(name)} holds NaN or infinite values")
+        tensors[name] = array
+    return tensors
