@@ -10,12 +10,13 @@ from __future__ import annotations
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from node.simulation import SimulationSpec, prepare
 
 from gossip.protocol import Liveness
 from gossip.transports.memory import MemoryHub
 from node.config import load_config
 from node.privacy import SeededNoise
+from node.rehearsal.simulation.prepare import prepare
+from node.rehearsal.simulation.spec import SimulationSpec
 from node.runner import Node
 
 
