@@ -42,6 +42,7 @@ import contextlib
 import io
 import json
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -225,6 +226,7 @@ SUMMARY_VOLATILE = ("consortium_id", "bytes")
 RECORD_VOLATILE = frozenset({"time", "digest", "sig", "reported", "seconds", "bytes_sent",
                              "bytes_received", "round_bytes_sent", "round_bytes_received",
                              "where", "seq"})
+SEQ_IN_TEXT = re.compile(r"(seq ?)\d+(?: and \d+)?")
 # Nested dicts of fixed keys inside a record (the others are keyed by member or reason).
 RECORD_NESTED = ("first", "second", "ours", "report", "intervals", "aggregation")
 # Audit lines the node writes about itself, by their "kind" field (runner.py).
@@ -262,11 +264,15 @@ def record_shape(line: dict) -> dict:
 
 
 def stable(v: object) -> object:
-    """A record without its run-to-run volatile fields (recursively)."""
+    """A record without its run-to-run volatile fields (recursively); a sequence number
+    inside a text ("seq 3 and 4", "...-seq5.envelope") becomes "seq #" ("seq#"): how many hellos a
+    member answered before depends on who started first."""
     if isinstance(v, dict):
         return {k: stable(x) for k, x in sorted(v.items()) if k not in RECORD_VOLATILE}
     if isinstance(v, list):
         return [stable(x) for x in v]
+    if isinstance(v, str):
+        return SEQ_IN_TEXT.sub(r"\1#", v)
     return v
 
 
