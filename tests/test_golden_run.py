@@ -163,7 +163,8 @@ def test_golden_unfinished_run_is_what_it_claims(tmp_path):
 def test_golden_unfinished_run_resumes_and_resends_its_stored_release(tmp_path):
     """Today's node loads the unfinished run and completes it; telco-0 re-sends the stored
     round-1 bytes (never re-trained, never charged again) and both end at the ε an
-    uninterrupted run accounts (run.json, the same settings run through); the node that
+    uninterrupted run accounts (run.json, the same settings run through), telco-1 too,
+    though configured for a third round its plan has no budget for; the node that
     completed it exposes the Prometheus metrics of prometheus.json (one run for both: it
     trains)."""
     run = G.copy_resume(tmp_path / "run")
@@ -175,7 +176,8 @@ def test_golden_unfinished_run_resumes_and_resends_its_stored_release(tmp_path):
         assert n.state.load_checkpoint().next_round == 2
     # No new charge for the re-sent release: the ledger is the one written before.
     assert (state0 / "ledger.jsonl").read_bytes() == ledger_before
-    for name, want in RESUME.items():
+    for name in ("telco-0", "telco-1"):
+        want = RESUME[name]
         got = G.ledger_of(run / "state" / name)
         assert got["rounds"] == want["rounds"] == [0, 0, 1]
         assert math.isclose(got["epsilon"], want["epsilon"], rel_tol=1e-12)
@@ -190,6 +192,12 @@ def test_golden_unfinished_run_resumes_and_resends_its_stored_release(tmp_path):
     assert shares and {a["digest"] for a in shares} == {digest}
     refused = [a for a in audit if G.audit_writer(a) in ("rejected", "refused")]
     assert refused == []
+    # The member given a round more than its plan stopped at the budget (above: its ε is
+    # the planned one) and wrote the "stopped" metrics line, keys and values frozen.
+    stopped = json.loads((run / "state" / G.RESUME_OVER_BUDGET / "metrics.jsonl")
+                         .read_text().splitlines()[-1])
+    assert G.record_shape(stopped) == RESUME["stopped"]["shape"]
+    assert _compare(G.stable(stopped), RESUME["stopped"]["line"]) == []
     # Prometheus: dashboards and alerts name these; a renamed metric or label fails here.
     assert G.prometheus_families(nodes[0]) == json.loads(
         (GOLDEN / "prometheus.json").read_text())

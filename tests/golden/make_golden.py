@@ -348,6 +348,12 @@ RESUME_CRASH_ROUND = 0  # both members close round 0 of 2 and stop (a crash afte
 RESUME_RELEASED = "telco-0"
 
 
+# Resumed, this member is configured for one round more than its privacy plan (an operator
+# raising training.rounds): it must stop sharing at the budget, not overspend it, and say
+# so in a "stopped" metrics.jsonl line and a retire message.
+RESUME_OVER_BUDGET = "telco-1"
+
+
 class _Crash(Exception):
     """What make_resume raises to stop a member after a round, as a kill would."""
 
@@ -410,9 +416,14 @@ def copy_resume(dest: Path) -> Path:
 
 
 def finish_resume(run: Path) -> list:
-    """Complete a copy of resume/ with today's nodes (OS noise, as a restart has)."""
+    """Complete a copy of resume/ with today's nodes (OS noise, as a restart has),
+    RESUME_OVER_BUDGET given one round more than its plan."""
     from gossip.transports.memory import MemoryHub
 
+    over = run / "nodes" / f"{RESUME_OVER_BUDGET}.toml"
+    text = over.read_text()
+    assert "\nrounds = 2\n" in text
+    over.write_text(text.replace("\nrounds = 2\n", "\nrounds = 3\n"))
     nodes = resume_nodes(run, MemoryHub())
 
     async def both() -> None:
@@ -438,6 +449,10 @@ def make_resume_json() -> None:
         run = copy_resume(Path(tmp) / "run")
         finish_resume(run)
         doc = {d.name: ledger_of(d) for d in sorted((run / "state").iterdir())}
+        lines = (run / "state" / RESUME_OVER_BUDGET / "metrics.jsonl").read_text().splitlines()
+        stopped = json.loads(lines[-1])
+        assert metrics_writer(stopped) == "stopped"
+        doc["stopped"] = {"shape": record_shape(stopped), "line": stable(stopped)}
     (HERE / "resume.json").write_text(json.dumps(doc, indent=1, sort_keys=True) + "\n")
 
 
