@@ -118,7 +118,23 @@ def test_every_record_writer_keeps_its_keys_and_value_types(simulated, what):
             for k, keys in want.get("nested", {}).items():
                 if isinstance(line[k], dict):
                     assert sorted(line[k]) == keys, (member, kind, k)
-    assert seen == set(golden), f"kinds no longer written: {set(golden) - seen}"
+    want_seen = set(golden) - set(G.FEDERATED_WRITERS if what == "audit" else ())
+    assert seen == want_seen, f"kinds no longer written: {want_seen - seen}"
+
+
+def test_normalization_and_refused_audit_records_keep_their_keys(tmp_path):
+    """The two audit writers the simulate run does not reach: federated normalization's
+    line and a member's signed message refused on what it says (bad_stats)."""
+    audit = [json.loads(x) for x in (G.federated_run(tmp_path / "run") / "audit.jsonl")
+             .read_text().splitlines()]
+    for w in G.FEDERATED_WRITERS:
+        lines = [x for x in audit if G.audit_writer(x) == w]
+        assert lines, f"no {w} line written"
+        for line in lines:
+            assert G.record_shape(line) == RECORDS["shapes"]["audit"][w]
+    refused = next(x for x in audit if G.audit_writer(x) == "refused")
+    assert (refused["member"], refused["kind"], refused["outcome"]) == \
+        ("bank-1", E.KIND_STATS, "bad_stats")
 
 
 @pytest.mark.slow

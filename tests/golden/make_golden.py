@@ -26,7 +26,9 @@ What it writes (all small, KBs):
   records.json      a seeded 3-member `flnode simulate` run with two hostile members
                     (SIM_ARGV): the key set and value types of each audit.jsonl and
                     metrics.jsonl writer, the stable values of every line but the
-                    accepted ones, and its summary.json (minus the volatile fields)
+                    accepted ones, and its summary.json (minus the volatile fields); plus
+                    the shape of the two audit writers that run does not reach (federated
+                    normalization, a member's message refused on content: federated_run)
   resume/           an UNFINISHED run (the run/ settings, both members, their data): both
                     closed round 0 of 2 and stopped; telco-0 then released its round-1
                     share (charged, in its outbox) and stopped again before sending it
@@ -332,10 +334,61 @@ def run_simulate(out: Path) -> None:
     assert rc == 0, f"flnode simulate failed ({rc})"
 
 
+# The audit writers the simulate run above does not reach: federated normalization (a
+# consortium whose schema says normalize = "federated"; privacy off, 3 members, 1 round)
+# and a message a member signed that passed the verifier but is refused on what it says
+# (statistics no honest member could send, signed with bank-1's key, fed to bank-0).
+FEDERATED_RANGES = {"balance": [0.0, 3000.0], "income": [0.0, 80000.0]}
+FEDERATED_WRITERS = ("normalization", "refused")
+
+
+def federated_run(out: Path) -> Path:
+    """Run FEDERATED in `out`; returns bank-0's state dir (its audit.jsonl has both)."""
+    from gossip import envelope as E
+    from gossip.membership import Consortium, load_consortium, save_consortium
+    from gossip.transports.base import Incoming
+    from gossip.transports.memory import MemoryHub
+    from node.config import load_config
+    from node.identity import load_identity
+    from node.runner import Node
+    from node.simulation import SimulationSpec, prepare
+
+    spec = SimulationSpec(dataset="default", nodes=3, partition="iid", rounds=1, seed=0,
+                          out=out, privacy="off", sigma=1.0, model="logreg")
+    prep = prepare(spec)
+    c = prep.consortium
+    columns = [{k: v for k, v in col.items() if k not in ("mean", "std")}
+               | {"range": FEDERATED_RANGES[col["name"]]} if col["kind"] == "numeric"
+               else col for col in c.schema["columns"]]
+    save_consortium(Consortium(c.name, {**c.schema, "columns": columns,
+                                        "normalize": "federated"}, c.members, c.rules),
+                    out / "consortium.toml")
+    hub = MemoryHub()
+    nodes = [Node.from_config(load_config(p), hub.attach(n, prep.names))
+             for n, p in zip(prep.names, prep.config_paths, strict=True)]
+
+    async def run() -> None:
+        async with asyncio.TaskGroup() as tg:
+            for n in nodes:
+                tg.create_task(n.run())
+
+    asyncio.run(run())
+    bank1 = load_identity(out / "keys" / "bank-1.key").signing_key
+    stats = E.encode_stats(E.Stats(5.0, np.array([1.0, 2.0]), np.array([3.0, 9.0])))
+    cid = load_consortium(out / "consortium.toml").id
+    nodes[0].handle(Incoming(E.pack(bank1, cid, E.KIND_STATS, 0, 1000, stats), "bank-1"))
+    return out / "state" / prep.names[0]
+
+
 def make_records() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         run_simulate(Path(tmp) / "run")
         doc = record_contract(Path(tmp) / "run")
+        audit = [json.loads(x) for x in (federated_run(Path(tmp) / "federated") /
+                                         "audit.jsonl").read_text().splitlines()]
+        for w in FEDERATED_WRITERS:
+            doc["shapes"]["audit"][w] = record_shape(next(x for x in audit
+                                                         if audit_writer(x) == w))
     (HERE / "records.json").write_text(json.dumps(doc, indent=1, sort_keys=True) + "\n")
 
 
