@@ -122,11 +122,12 @@ def test_every_record_writer_keeps_its_keys_and_value_types(simulated, what):
     assert seen == want_seen, f"kinds no longer written: {want_seen - seen}"
 
 
-def test_normalization_and_refused_audit_records_keep_their_keys(tmp_path):
-    """The two audit writers the simulate run does not reach: federated normalization's
-    line and a member's signed message refused on what it says (bad_stats)."""
-    audit = [json.loads(x) for x in (G.federated_run(tmp_path / "run") / "audit.jsonl")
-             .read_text().splitlines()]
+def test_normalization_refused_and_flood_records_keep_their_keys(tmp_path):
+    """The audit writers the simulate run does not reach: federated normalization's line,
+    a member's signed message refused on what it says (bad_stats), a flood (audit line,
+    and flood_by_sender in that round's metrics line)."""
+    state = G.federated_run(tmp_path / "run")
+    audit = [json.loads(x) for x in (state / "audit.jsonl").read_text().splitlines()]
     for w in G.FEDERATED_WRITERS:
         lines = [x for x in audit if G.audit_writer(x) == w]
         assert lines, f"no {w} line written"
@@ -135,6 +136,12 @@ def test_normalization_and_refused_audit_records_keep_their_keys(tmp_path):
     refused = next(x for x in audit if G.audit_writer(x) == "refused")
     assert (refused["member"], refused["kind"], refused["outcome"]) == \
         ("bank-1", E.KIND_STATS, "bad_stats")
+    flood = next(x for x in audit if G.audit_writer(x) == "flood")
+    assert (flood["member"], flood["round"]) == ("bank-1", 0)
+    assert flood["detail"].startswith(f"{G.FLOOD_OVER} messages over its share")
+    line = json.loads((state / "metrics.jsonl").read_text().splitlines()[0])
+    assert G.record_shape(line) == RECORDS["flooded_round"]
+    assert line["flood_by_sender"] == {"bank-1": G.FLOOD_OVER}
 
 
 @pytest.mark.slow

@@ -339,14 +339,18 @@ def run_simulate(out: Path) -> None:
 # and a message a member signed that passed the verifier but is refused on what it says
 # (statistics no honest member could send, signed with bank-1's key, fed to bank-0).
 FEDERATED_RANGES = {"balance": [0.0, 3000.0], "income": [0.0, 80000.0]}
-FEDERATED_WRITERS = ("normalization", "refused")
+FEDERATED_WRITERS = ("normalization", "refused", "flood")
+# ... and a flood: bank-1 is made to have sent bank-0 this many messages more than its
+# fair share of bank-0's intake before bank-0 reads any (the transport drops them unparsed
+# and names bank-1: a flood audit line and the round's flood_by_sender in metrics.jsonl).
+FLOOD_OVER = 100
 
 
 def federated_run(out: Path) -> Path:
     """Run FEDERATED in `out`; returns bank-0's state dir (its audit.jsonl has both)."""
     from gossip import envelope as E
     from gossip.membership import Consortium, load_consortium, save_consortium
-    from gossip.transports.base import Incoming
+    from gossip.transports.base import SENDER_QUEUE_MESSAGES, Incoming
     from gossip.transports.memory import MemoryHub
     from node.config import load_config
     from node.identity import load_identity
@@ -368,6 +372,8 @@ def federated_run(out: Path) -> Path:
              for n, p in zip(prep.names, prep.config_paths, strict=True)]
 
     async def run() -> None:
+        for i in range(SENDER_QUEUE_MESSAGES + FLOOD_OVER):
+            await hub.deliver("bank-1", "bank-0", b"flood %d" % i)
         async with asyncio.TaskGroup() as tg:
             for n in nodes:
                 tg.create_task(n.run())
@@ -384,11 +390,14 @@ def make_records() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         run_simulate(Path(tmp) / "run")
         doc = record_contract(Path(tmp) / "run")
-        audit = [json.loads(x) for x in (federated_run(Path(tmp) / "federated") /
-                                         "audit.jsonl").read_text().splitlines()]
+        state = federated_run(Path(tmp) / "federated")
+        audit = [json.loads(x) for x in (state / "audit.jsonl").read_text().splitlines()]
         for w in FEDERATED_WRITERS:
             doc["shapes"]["audit"][w] = record_shape(next(x for x in audit
                                                          if audit_writer(x) == w))
+        # A round line of a round with a flood has one key more: flood_by_sender.
+        doc["flooded_round"] = record_shape(
+            json.loads((state / "metrics.jsonl").read_text().splitlines()[0]))
     (HERE / "records.json").write_text(json.dumps(doc, indent=1, sort_keys=True) + "\n")
 
 
