@@ -182,7 +182,6 @@ def test_golden_unfinished_run_is_what_it_claims(tmp_path):
     assert not _outbox(run / "state" / "telco-1", 1).exists()
 
 
-@pytest.mark.slow
 def test_golden_unfinished_run_resumes_and_resends_its_stored_release(tmp_path):
     """Today's node loads the unfinished run and completes it; telco-0 re-sends the stored
     round-1 bytes (never re-trained, never charged again) and both end at the ε an
