@@ -243,4 +243,3 @@ def test_every_subcommand_has_a_golden_help():
 @pytest.mark.parametrize("argv", G.help_commands(), ids=lambda a: " ".join(["flnode", *a]))
 def test_help_is_frozen(argv):
     assert G.help_text(argv) == G.help_file(argv).read_text()
-
