@@ -5,7 +5,8 @@ field, a reworded --help), never to make a failing golden test pass by accident:
 file here is what deployed nodes and their operators already hold. Say in the commit
 message which contract changed and why. From the repository root:
 
-    PYTHONPATH=$PWD python tests/golden/make_golden.py [--only wire,consortium,run,help]
+    PYTHONPATH=$PWD python tests/golden/make_golden.py \
+        [--only wire,consortium,run,help,records,resume,prometheus]
 
 What it writes (all small, KBs):
 
@@ -22,15 +23,28 @@ What it writes (all small, KBs):
                     seed regenerates it)
   run.json          what loading run/ must give: checkpoint keys, plan fields, epsilon
   help/*.txt        `flnode ... --help` of every (sub)command at COLUMNS=100
+  records.json      a seeded 3-member `flnode simulate` run with two hostile members
+                    (SIM_ARGV): the key set and value types of each audit.jsonl and
+                    metrics.jsonl writer, the stable values of every line but the
+                    accepted ones, and its summary.json (minus the volatile fields); plus
+                    the shape of the two audit writers that run does not reach (federated
+                    normalization, a member's message refused on content: federated_run)
+  resume/           an UNFINISHED run (the run/ settings, both members, their data): both
+                    closed round 0 of 2 and stopped; telco-0 then released its round-1
+                    share (charged, in its outbox) and stopped again before sending it
+  resume.json       what completing resume/ with today's node gives: ledger records, ε
+  prometheus.json   the Prometheus metric families a node exposes (name, type, labels)
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import contextlib
 import io
 import json
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -56,6 +70,10 @@ STATS_COLUMNS = 2
 # The files of run/ that are the state-dir contract (audit.jsonl and metrics.jsonl are
 # still changing, and final.json and released_weight.json belong with them: not frozen yet).
 STATE_FILES = ("checkpoint.msgpack", "ledger.jsonl", "privacy_plan.json", "seq")
+# The run of run/ (and of resume/, stopped half way).
+RUN_ARGV = ["simulate", "--nodes", "2", "--rounds", "2", "--model", "logreg",
+            "--dataset", "churn", "--partition", "iid", "--privacy", "record",
+            "--epsilon", "3", "--seal", "on", "--seed", "0"]
 
 
 def keys() -> dict[str, SigningKey]:
@@ -162,9 +180,7 @@ def make_run() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "run"
-        rc = main(["simulate", "--nodes", "2", "--rounds", "2", "--model", "logreg",
-                   "--dataset", "churn", "--partition", "iid", "--privacy", "record",
-                   "--epsilon", "3", "--seal", "on", "--seed", "0", "--out", str(out)])
+        rc = main([*RUN_ARGV, "--out", str(out)])
         assert rc == 0, f"flnode simulate failed ({rc})"
         dest = HERE / "run"
         shutil.rmtree(dest, ignore_errors=True)
@@ -193,6 +209,334 @@ def make_run() -> None:
         "epsilon": Ledger(state.ledger_path).epsilon(plan.delta),
     }
     (HERE / "run.json").write_text(json.dumps(doc, indent=1) + "\n")
+
+
+# --- audit.jsonl / metrics.jsonl records and summary.json: one seeded simulate run ------
+
+# A 3-member, 2-round seeded run on the memory transport (in-process `flnode simulate`):
+# record-level DP (the accountant), trimmed_mean aggregation, control variates, and two
+# hostile members with valid keys: bank-1 equivocates (evidence + equivocation
+# rejections), bank-2 equivocates split (seen-report claims). Every round closes on
+# "all", so no deadline is waited for.
+SIM_ARGV = ["simulate", "--dataset", "default", "--nodes", "3", "--partition", "iid",
+            "--rounds", "2", "--model", "logreg", "--privacy", "record", "--epsilon", "3",
+            "--control-variates", "--aggregation", "trimmed_mean", "--seed", "0",
+            "--attack", "equivocate:bank-1", "--attack", "equivocate-split:bank-2"]
+# summary.json fields that are not a contract of the seeded run: fresh keys each run
+# (the id), and byte counts (hello answers depend on who started first).
+SUMMARY_VOLATILE = ("consortium_id", "bytes")
+# Record fields whose values change run to run (wall clock, fresh keys, arrival order).
+RECORD_VOLATILE = frozenset({"time", "digest", "sig", "reported", "seconds", "bytes_sent",
+                             "bytes_received", "round_bytes_sent", "round_bytes_received",
+                             "where", "seq"})
+SEQ_IN_TEXT = re.compile(r"(seq ?)\d+(?: and \d+)?")
+# Nested dicts of fixed keys inside a record (the others are keyed by member or reason).
+RECORD_NESTED = ("first", "second", "ours", "report", "intervals", "aggregation")
+# Audit lines the node writes about itself, by their "kind" field (runner.py).
+OWN_KINDS = ("evidence", "claim", "aggregate", "control", "normalization")
+
+
+def audit_writer(line: dict) -> str:
+    """Which writer made an audit.jsonl line: the contract is one key set per writer."""
+    if line.get("outcome") == "accepted":
+        return "accepted"
+    if line.get("kind") in OWN_KINDS:
+        return line["kind"]
+    if line.get("outcome") == "flood":
+        return "flood"
+    # refused: passed the verifier, refused on what it says; rejected: the verifier's no
+    return "refused" if "kind" in line else "rejected"
+
+
+def metrics_writer(line: dict) -> str:
+    return "round" if "closed" in line else "stopped" if "stopped" in line else "unknown"
+
+
+def json_type(v: object) -> str:
+    return {dict: "object", list: "array", str: "string", bool: "bool", int: "int",
+            float: "float", type(None): "null"}[type(v)]
+
+
+def record_shape(line: dict) -> dict:
+    """Key -> JSON type, and the key sets of nested fixed-key objects."""
+    shape: dict = {"keys": {k: json_type(v) for k, v in sorted(line.items())}}
+    nested = {k: sorted(line[k]) for k in RECORD_NESTED if isinstance(line.get(k), dict)}
+    if nested:
+        shape["nested"] = nested
+    return shape
+
+
+def stable(v: object) -> object:
+    """A record without its run-to-run volatile fields (recursively); a sequence number
+    inside a text ("seq 3 and 4", "...-seq5.envelope") becomes "seq #" ("seq#"): how many hellos a
+    member answered before depends on who started first."""
+    if isinstance(v, dict):
+        return {k: stable(x) for k, x in sorted(v.items()) if k not in RECORD_VOLATILE}
+    if isinstance(v, list):
+        return [stable(x) for x in v]
+    if isinstance(v, str):
+        return SEQ_IN_TEXT.sub(r"\1#", v)
+    return v
+
+
+def stable_lines(lines: list[dict], skip_accepted: bool) -> list[object]:
+    """The stable values of a member's lines, in an order arrival cannot change (two
+    members' reports of one round may come in either order)."""
+    def order(x: dict) -> str:
+        return json.dumps({k: v for k, v in x.items() if not isinstance(v, float)},
+                          sort_keys=True)
+    kept = [stable(x) for x in lines if not (skip_accepted and audit_writer(x) == "accepted")]
+    return sorted(kept, key=order)
+
+
+def read_records(run: Path) -> dict[str, dict[str, list[dict]]]:
+    """{"audit"|"metrics": {member: [line, ...]}} of a simulate run directory."""
+    out: dict[str, dict[str, list[dict]]] = {"audit": {}, "metrics": {}}
+    for d in sorted((run / "state").iterdir()):
+        for what in out:
+            out[what][d.name] = [json.loads(x) for x in
+                                 (d / f"{what}.jsonl").read_text().splitlines()]
+    return out
+
+
+def record_contract(run: Path) -> dict:
+    """What records.json freezes from one run: each writer's shape, and the stable values
+    of every line but the accepted ones (those are per message: shape only)."""
+    recs = read_records(run)
+    shapes: dict[str, dict] = {"audit": {}, "metrics": {}}
+    for what, writer in (("audit", audit_writer), ("metrics", metrics_writer)):
+        for lines in recs[what].values():
+            for line in lines:
+                shapes[what].setdefault(writer(line), record_shape(line))
+    values = {
+        "audit": {m: stable_lines(lines, True) for m, lines in recs["audit"].items()},
+        "metrics": {m: stable_lines(lines, False) for m, lines in recs["metrics"].items()},
+        "accepted_kinds": sorted({x["kind"] for lines in recs["audit"].values()
+                                  for x in lines if audit_writer(x) == "accepted"}),
+    }
+    summary = json.loads((run / "summary.json").read_text())
+    for k in SUMMARY_VOLATILE:
+        summary.pop(k)
+    return {"argv": SIM_ARGV, "shapes": shapes, "values": values, "summary": summary}
+
+
+def run_simulate(out: Path) -> None:
+    """SIM_ARGV in-process on one torch thread (as the test runs it), threads restored."""
+    import torch
+
+    from node.cli import main
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        rc = main([*SIM_ARGV, "--out", str(out)])
+    finally:
+        torch.set_num_threads(threads)
+    assert rc == 0, f"flnode simulate failed ({rc})"
+
+
+# The audit writers the simulate run above does not reach: federated normalization (a
+# consortium whose schema says normalize = "federated"; privacy off, 3 members, 1 round)
+# and a message a member signed that passed the verifier but is refused on what it says
+# (statistics no honest member could send, signed with bank-1's key, fed to bank-0).
+FEDERATED_RANGES = {"balance": [0.0, 3000.0], "income": [0.0, 80000.0]}
+FEDERATED_WRITERS = ("normalization", "refused", "flood")
+# ... and a flood: bank-1 is made to have sent bank-0 this many messages more than its
+# fair share of bank-0's intake before bank-0 reads any (the transport drops them unparsed
+# and names bank-1: a flood audit line and the round's flood_by_sender in metrics.jsonl).
+FLOOD_OVER = 100
+
+
+def federated_run(out: Path) -> Path:
+    """Run FEDERATED in `out`; returns bank-0's state dir (its audit.jsonl has both)."""
+    from gossip import envelope as E
+    from gossip.membership import Consortium, load_consortium, save_consortium
+    from gossip.transports.base import SENDER_QUEUE_MESSAGES, Incoming
+    from gossip.transports.memory import MemoryHub
+    from node.config import load_config
+    from node.identity import load_identity
+    from node.runner import Node
+    from node.simulation import SimulationSpec, prepare
+
+    spec = SimulationSpec(dataset="default", nodes=3, partition="iid", rounds=1, seed=0,
+                          out=out, privacy="off", sigma=1.0, model="logreg")
+    prep = prepare(spec)
+    c = prep.consortium
+    columns = [{k: v for k, v in col.items() if k not in ("mean", "std")}
+               | {"range": FEDERATED_RANGES[col["name"]]} if col["kind"] == "numeric"
+               else col for col in c.schema["columns"]]
+    save_consortium(Consortium(c.name, {**c.schema, "columns": columns,
+                                        "normalize": "federated"}, c.members, c.rules),
+                    out / "consortium.toml")
+    hub = MemoryHub()
+    nodes = [Node.from_config(load_config(p), hub.attach(n, prep.names))
+             for n, p in zip(prep.names, prep.config_paths, strict=True)]
+
+    async def run() -> None:
+        for i in range(SENDER_QUEUE_MESSAGES + FLOOD_OVER):
+            await hub.deliver("bank-1", "bank-0", b"flood %d" % i)
+        async with asyncio.TaskGroup() as tg:
+            for n in nodes:
+                tg.create_task(n.run())
+
+    asyncio.run(run())
+    bank1 = load_identity(out / "keys" / "bank-1.key").signing_key
+    stats = E.encode_stats(E.Stats(5.0, np.array([1.0, 2.0]), np.array([3.0, 9.0])))
+    cid = load_consortium(out / "consortium.toml").id
+    nodes[0].handle(Incoming(E.pack(bank1, cid, E.KIND_STATS, 0, 1000, stats), "bank-1"))
+    return out / "state" / prep.names[0]
+
+
+def make_records() -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        run_simulate(Path(tmp) / "run")
+        doc = record_contract(Path(tmp) / "run")
+        state = federated_run(Path(tmp) / "federated")
+        audit = [json.loads(x) for x in (state / "audit.jsonl").read_text().splitlines()]
+        for w in FEDERATED_WRITERS:
+            doc["shapes"]["audit"][w] = record_shape(next(x for x in audit
+                                                         if audit_writer(x) == w))
+        # A round line of a round with a flood has one key more: flood_by_sender.
+        doc["flooded_round"] = record_shape(
+            json.loads((state / "metrics.jsonl").read_text().splitlines()[0]))
+    (HERE / "records.json").write_text(json.dumps(doc, indent=1, sort_keys=True) + "\n")
+
+
+# --- an unfinished run: resumed by today's node ----------------------------------------
+
+RESUME_CRASH_ROUND = 0  # both members close round 0 of 2 and stop (a crash after it)
+# The member that, restarted, released its round-1 share (trained, noised, charged,
+# stored in its outbox) and crashed again before sending it: resuming must re-send
+# those bytes, never re-train them (the privacy invariant).
+RESUME_RELEASED = "telco-0"
+
+
+# Resumed, this member is configured for one round more than its privacy plan (an operator
+# raising training.rounds): it must stop sharing at the budget, not overspend it, and say
+# so in a "stopped" metrics.jsonl line and a retire message.
+RESUME_OVER_BUDGET = "telco-1"
+
+
+class _Crash(Exception):
+    """What make_resume raises to stop a member after a round, as a kill would."""
+
+
+async def _crash_after(nodes: list) -> None:
+    def stop(report) -> None:
+        if report.round == RESUME_CRASH_ROUND:
+            raise _Crash
+
+    async def one(node) -> None:
+        try:
+            await node.run(stop)
+        except* _Crash:
+            pass
+
+    await asyncio.gather(*(one(n) for n in nodes))
+
+
+def resume_nodes(run: Path, hub, noise=None) -> list:
+    """Today's nodes of the members of a copied resume/ dir, on one memory hub."""
+    from node.config import load_config
+    from node.runner import Node
+
+    names = sorted(p.stem for p in (run / "nodes").glob("*.toml"))
+    return [Node.from_config(load_config(run / "nodes" / f"{n}.toml"), hub.attach(n, names),
+                             None if noise is None else noise(i))
+            for i, n in enumerate(names)]
+
+
+def make_resume() -> None:
+    from gossip.transports.memory import MemoryHub
+    from node.cli import build_parser
+    from node.privacy import SeededNoise
+    from node.simulation import prepare, spec_from_args
+
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "run"
+        spec = spec_from_args(build_parser().parse_args([*RUN_ARGV, "--out", str(out)]))
+        prepare(spec)
+        asyncio.run(_crash_after(resume_nodes(out, MemoryHub(), SeededNoise)))
+        again = next(n for n in resume_nodes(out, MemoryHub(), SeededNoise)
+                     if n.name == RESUME_RELEASED)
+        released = asyncio.run(again._release(RESUME_CRASH_ROUND + 1))  # noqa: SLF001
+        assert released is not None and not released[3], "round 1 was not released afresh"
+        dest = HERE / "resume"
+        shutil.rmtree(dest, ignore_errors=True)
+        shutil.copytree(out, dest)
+    # The run's own output that is not part of the state a restart reads.
+    for p in dest.glob("*.png"):
+        p.unlink()
+    make_resume_json()
+
+
+def copy_resume(dest: Path) -> Path:
+    """A copy of resume/ a node may write to (git keeps no 0600 on the keys)."""
+    shutil.copytree(HERE / "resume", dest)
+    for key in (dest / "keys").glob("*.key"):
+        key.chmod(0o600)
+    return dest
+
+
+def finish_resume(run: Path) -> list:
+    """Complete a copy of resume/ with today's nodes (OS noise, as a restart has),
+    RESUME_OVER_BUDGET given one round more than its plan."""
+    from gossip.transports.memory import MemoryHub
+
+    over = run / "nodes" / f"{RESUME_OVER_BUDGET}.toml"
+    text = over.read_text()
+    assert "\nrounds = 2\n" in text
+    over.write_text(text.replace("\nrounds = 2\n", "\nrounds = 3\n"))
+    nodes = resume_nodes(run, MemoryHub())
+
+    async def both() -> None:
+        async with asyncio.TaskGroup() as tg:
+            for n in nodes:
+                tg.create_task(n.run())
+
+    asyncio.run(both())
+    return nodes
+
+
+def ledger_of(state: Path) -> dict:
+    from node.privacy import Ledger, PrivacyPlan
+
+    plan = PrivacyPlan.load(state / "privacy_plan.json")
+    ledger = Ledger(state / "ledger.jsonl")
+    return {"records": len(ledger.records), "rounds": [r.round for r in ledger.records],
+            "epsilon": ledger.epsilon(plan.delta)}
+
+
+def make_resume_json() -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        run = copy_resume(Path(tmp) / "run")
+        finish_resume(run)
+        doc = {d.name: ledger_of(d) for d in sorted((run / "state").iterdir())}
+        lines = (run / "state" / RESUME_OVER_BUDGET / "metrics.jsonl").read_text().splitlines()
+        stopped = json.loads(lines[-1])
+        assert metrics_writer(stopped) == "stopped"
+        doc["stopped"] = {"shape": record_shape(stopped), "line": stable(stopped)}
+    (HERE / "resume.json").write_text(json.dumps(doc, indent=1, sort_keys=True) + "\n")
+
+
+def prometheus_families(node) -> dict[str, dict]:
+    """name -> type and label names of every family a node's collector yields."""
+    from node.metrics import NodeCollector
+
+    out = {}
+    for fam in NodeCollector(node).collect():
+        labels = set(getattr(fam, "_labelnames", ()))  # declared, even with no sample
+        for sample in fam.samples:
+            labels |= set(sample.labels)
+        out[fam.name] = {"type": fam.type, "labels": sorted(labels)}
+    return out
+
+
+def make_prometheus() -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        node = finish_resume(copy_resume(Path(tmp) / "run"))[0]
+        doc = prometheus_families(node)
+    (HERE / "prometheus.json").write_text(json.dumps(doc, indent=1, sort_keys=True) + "\n")
 
 
 def help_commands() -> list[list[str]]:
@@ -243,11 +587,12 @@ def make_help() -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--only", default="wire,consortium,run,help")
+    p.add_argument("--only", default="wire,consortium,run,help,records,resume,prometheus")
     p.add_argument("--reseal", action="store_true",
                    help="make a new sealed share (otherwise the stored one is kept)")
     args = p.parse_args()
-    parts = {"wire": make_wire, "consortium": make_consortium, "run": make_run, "help": make_help}
+    parts = {"wire": make_wire, "consortium": make_consortium, "run": make_run, "help": make_help,
+             "records": make_records, "resume": make_resume, "prometheus": make_prometheus}
     for name in args.only.split(","):
         parts[name]()
         print(f"wrote {name}")
