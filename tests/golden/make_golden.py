@@ -355,8 +355,9 @@ def federated_run(out: Path) -> Path:
     from gossip.transports.memory import MemoryHub
     from node.config import load_config
     from node.identity import load_identity
+    from node.rehearsal.simulation.prepare import prepare
+    from node.rehearsal.simulation.spec import SimulationSpec
     from node.runner import Node
-    from node.simulation import SimulationSpec, prepare
 
     spec = SimulationSpec(dataset="default", nodes=3, partition="iid", rounds=1, seed=0,
                           out=out, privacy="off", sigma=1.0, model="logreg")
@@ -450,7 +451,8 @@ def make_resume() -> None:
     from gossip.transports.memory import MemoryHub
     from node.cli import build_parser
     from node.privacy import SeededNoise
-    from node.simulation import prepare, spec_from_args
+    from node.rehearsal.simulation.prepare import prepare
+    from node.rehearsal.simulation.scenario import spec_from_args
 
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "run"
