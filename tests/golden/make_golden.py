@@ -349,6 +349,7 @@ FLOOD_OVER = 100
 
 def federated_run(out: Path) -> Path:
     """Run FEDERATED in `out`; returns bank-0's state dir (its audit.jsonl has both)."""
+    from gossip import bodies as B
     from gossip import envelope as E
     from gossip.membership import Consortium, load_consortium, save_consortium
     from gossip.transports.base import SENDER_QUEUE_MESSAGES, Incoming
@@ -382,7 +383,7 @@ def federated_run(out: Path) -> Path:
 
     asyncio.run(run())
     bank1 = load_identity(out / "keys" / "bank-1.key").signing_key
-    stats = E.encode_stats(E.Stats(5.0, np.array([1.0, 2.0]), np.array([3.0, 9.0])))
+    stats = B.encode_stats(B.Stats(5.0, np.array([1.0, 2.0]), np.array([3.0, 9.0])))
     cid = load_consortium(out / "consortium.toml").id
     nodes[0].handle(Incoming(E.pack(bank1, cid, E.KIND_STATS, 0, 1000, stats), "bank-1"))
     return out / "state" / prep.names[0]
