@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from gossip.errors import LocalError
-from node.privacy import PLAN_FILE, PrivacyPlan
+from node.privacy.budget import PLAN_FILE, PrivacyPlan
 from node.report_html import (
     CSS,
     MAX_NOTES,
@@ -48,7 +48,7 @@ OWN_RECORDS = frozenset({"accepted", "aggregate", "normalization"})
 def member_name(path: Path, notes: list[str]) -> str:
     """The member's own name: its aggregate lines in audit.jsonl say it (a state dir
     holds no key); the directory's name before any round closed."""
-    from node.state import read_jsonl
+    from node.runtime.state import read_jsonl
 
     for rec in read_jsonl(path / "audit.jsonl"):
         if rec.get("outcome") in ("aggregate", "normalization") and isinstance(
@@ -62,7 +62,7 @@ def member_name(path: Path, notes: list[str]) -> str:
 def peer_table(path: Path, own: str) -> dict[str, dict[str, Any]]:
     """Per other member: shares and other messages accepted, the last round heard, and
     refusals by reason (audit.jsonl, rotated parts included)."""
-    from node.state import read_jsonl
+    from node.runtime.state import read_jsonl
 
     out: dict[str, dict[str, Any]] = {}
     for rec in read_jsonl(path / "audit.jsonl"):

@@ -39,14 +39,17 @@ from gossip.membership import (
 )
 from gossip.transports.memory import MemoryHub
 from node.config import ATTACK_PARAMS, AttackConfig, load_config, seals
-from node.data import FeatureSchema, encode, fit_schema, load_demo, member_split, partition
-from node.identity import Identity, save_identity
-from node.models import build_model, init_seed_from
-from node.privacy import ACCOUNTANT, NoiseSource, OsNoise, SeededNoise
-from node.rules import DEFAULT_RULE, build_strategy, pin_rules, rules_table
+from node.data.encode import encode, member_split
+from node.data.schema import FeatureSchema, fit_schema
+from node.learn.models import build_model, init_seed_from
+from node.learn.train import evaluate, metric_name, train_local
+from node.privacy.accountant import ACCOUNTANT
+from node.privacy.mechanisms import NoiseSource, OsNoise, SeededNoise
+from node.rehearsal.simulation.datasets import load_demo, partition
 from node.runner import Node
-from node.state import Checkpoint
-from node.train import evaluate, metric_name, train_local
+from node.runtime.identity import Identity, save_identity
+from node.runtime.state import Checkpoint
+from node.strategy.consortium_rules import DEFAULT_RULE, build_strategy, pin_rules, rules_table
 
 MEMBER_PREFIX = {"default": "bank", "churn": "telco", "digits": "site"}
 TEST_FRACTION = 0.2
@@ -555,7 +558,7 @@ def held_out_split(n_rows: int, seed: int, fraction: float = EVAL_FRACTION
                    ) -> tuple[np.ndarray, np.ndarray]:
     """(training rows, held-out rows) of a member without data.eval_path: the split its
     node makes (node.data.held_out_split; tests/test_data_dir.py checks)."""
-    from node.data import held_out_split as split
+    from node.data.encode import held_out_positions as split
 
     return split(n_rows, seed, fraction)
 
@@ -578,7 +581,7 @@ def baseline_schema(schema: FeatureSchema, train_rows: dict[str, Any],
     baselines' columns carry what normalization costs; only the model differs."""
     if schema.mode != "federated":
         return schema, None
-    from node.normalize import DEFAULT_NORMALIZE_NOISE, combine, member_stats, noised, resolve
+    from node.learn.normalize import DEFAULT_NORMALIZE_NOISE, combine, member_stats, noised, resolve
 
     names = list(train_rows)
     resolved = [resolve(schema, len(names), len(train_rows[n]), privacy, delta, n)
@@ -644,7 +647,7 @@ def _draft_schema(frames: dict[str, Any], train_idx: dict[str, np.ndarray], test
         schema = fit_schema(pooled, label, categorical)
         vocab = fit_schema(full, label, categorical)
     except ValidationError as exc:
-        from node.data import _pydantic_message
+        from node.data.schema import _pydantic_message
 
         raise LocalError(f"--data-dir: drafting the schema from the pooled files: "
                          f"{_pydantic_message(exc)}") from None
@@ -701,7 +704,7 @@ def evaluation_rows(prep: Prepared, state: Path) -> tuple[XY, list[XY]]:
     agreed_file = state / "normalization.json"
     if prep.raw_eval is None or not agreed_file.exists():
         return prep.test, prep.own_parts
-    from node.normalize import Agreed
+    from node.learn.normalize import Agreed
 
     agreed = Agreed.from_json(json.loads(agreed_file.read_text()), prep.schema)
     enc = prep.schema.with_stats(agreed.stats)
@@ -771,11 +774,11 @@ def attribute_rows(test_df: Any, train_df: Any, parts: list[np.ndarray], label: 
     as its partition was: column:NAME by the column's value, iid evenly at random,
     dirichlet per class in proportion to the member's rows of that class. -1: nobody
     (a column value no member trains on)."""
-    from node.data import parse_partition
+    from node.rehearsal.simulation.datasets import parse_row_partition
 
     n = len(parts)
     rng = np.random.default_rng([spec.seed, 2])
-    kind, arg = parse_partition(spec.partition)
+    kind, arg = parse_row_partition(spec.partition)
     owners = np.full(len(test_df), -1, dtype=np.int64)
     if kind == "column":
         values = sorted(train_df[arg].astype(str).unique())
@@ -801,7 +804,7 @@ def attribute_rows(test_df: Any, train_df: Any, parts: list[np.ndarray], label: 
 def _data_dir_rows(spec: SimulationSpec, names: list[str]) -> _Rows:
     """The members' own files: each member holds out its rows as a node without
     data.eval_path does, and trains on the rest; its node reads its file in place."""
-    from node.data import read_frame
+    from node.data.table import read_frame
 
     files, test_path = data_dir_files(spec)
     frames = {n: read_frame(files[n]) for n in names}
@@ -844,7 +847,7 @@ def _data_dir_rows(spec: SimulationSpec, names: list[str]) -> _Rows:
                      "training rows): only a simulator can pool rows; a real consortium writes "
                      "its schema with `flnode schema infer` on each member's files and "
                      "`flnode schema merge` (then rehearse with --schema)")
-    from node.rules import default_cap
+    from node.strategy.consortium_rules import default_cap
 
     enc, how = baseline_schema(schema, {n: frames[n].iloc[splits[n][0]] for n in names},
                                spec.max_weight_fraction or default_cap(len(names)),
@@ -1008,7 +1011,7 @@ def evaluate_rows(model: Any, rows: XY) -> dict[str, float]:
 def model_from_state(spec: SimulationSpec, prep: Prepared, cp: Checkpoint | None) -> Any:
     """A member's final model from its checkpoint (a `flnode run` process's
     `node.state.Checkpoint`), or None without one."""
-    from node.models import set_flat
+    from node.learn.models import set_flat
 
     if cp is None:
         return None
@@ -1228,7 +1231,7 @@ def seen_by(state: Path, attackers: list[str]) -> dict[str, dict[str, Any]]:
     proven against it (`evidence`: two envelopes it signed), the seen reports it made that
     disagreed with our copy (`digest_mismatch`, its claims) and those of others that
     disputed its share (`accused`: claims against it, not proof)."""
-    from node.state import read_jsonl
+    from node.runtime.state import read_jsonl
 
     rounds: dict[int, dict] = {}
     out: dict[str, dict[str, Any]] = {

@@ -19,9 +19,11 @@ from typing import Any
 
 from gossip.errors import LocalError
 from gossip.transports.base import SENDER_BURST, SENDER_QUEUE_MESSAGES, SENDER_RATE_PER_S
-from node.pidfile import PID_FILE, process_state
-from node.privacy import ACCOUNTANT, PLAN_FILE, WEIGHT_FILE, Ledger, PrivacyPlan, epsilon_of
-from node.state import StateDir, read_jsonl
+from node.privacy.accountant import ACCOUNTANT, epsilon_of
+from node.privacy.budget import PLAN_FILE, WEIGHT_FILE, PrivacyPlan
+from node.privacy.ledger import Ledger
+from node.runtime.pidfile import PID_FILE, process_state
+from node.runtime.state import StateDir, read_jsonl
 
 # Written by the node (node/runner.py): who it waits for, and the members' final digests.
 ACTIVITY_FILE = "activity.json"

@@ -36,8 +36,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from node.runtime.state import read_jsonl  # noqa: E402
 from node.simulation import SimulationSpec, prepare  # noqa: E402
-from node.state import read_jsonl  # noqa: E402
 from node.status import collect  # noqa: E402
 from scripts.ports import free_ports  # noqa: E402
 

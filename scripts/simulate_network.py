@@ -76,8 +76,10 @@ from node.cli import (  # noqa: E402
     track_given,
 )
 from node.config import seals  # noqa: E402
-from node.privacy import Ledger  # noqa: E402
+from node.learn.train import metric_name  # noqa: E402
+from node.privacy.ledger import Ledger  # noqa: E402
 from node.report import make_console, mean_text, plot_history, print_summary  # noqa: E402
+from node.runtime.state import StateDir, read_jsonl  # noqa: E402
 from node.simulation import (  # noqa: E402
     NOISE_OS,
     MemberResult,
@@ -92,8 +94,6 @@ from node.simulation import (  # noqa: E402
     spec_from_args,
     summarize,
 )
-from node.state import StateDir, read_jsonl  # noqa: E402
-from node.train import metric_name  # noqa: E402
 from scripts.ports import free_ports  # noqa: E402
 
 POLL_S = 0.25

@@ -12,8 +12,8 @@ from gossip import envelope
 from gossip.errors import LocalError
 from gossip.transports.faults import FaultPlan, FaultyTransport, parse_partition
 from gossip.transports.memory import MemoryHub
+from node.runtime.state import read_jsonl
 from node.simulation import SimulationSpec, simulate
-from node.state import read_jsonl
 
 
 def signed(key: SigningKey, round_: int, seq: int) -> bytes:

@@ -13,8 +13,8 @@ import pytest
 from rich.console import Console
 
 from gossip import envelope
+from node.runtime.state import read_jsonl
 from node.simulation import SimulationSpec, prepare, simulate
-from node.state import read_jsonl
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parent.parent
@@ -109,7 +109,7 @@ def test_summary_epsilon_is_recomputed_from_the_ledger_not_the_last_metrics_line
     starts: bank-0 and bank-1 charge round 1, release and wait out a long deadline for
     it; the run's --timeout stops them there (SIGTERM). The summary's ε is the ledger's,
     as `flnode status` computes it."""
-    from node.privacy import Ledger
+    from node.privacy.ledger import Ledger
     from node.status import collect
 
     out = tmp_path / "net"

@@ -19,9 +19,9 @@ from rich.console import Console
 from gossip import envelope
 from gossip.errors import RemoteError
 from gossip.seal import PrekeyStore, open_sealed, seal_ad
-from node.identity import load_identity
+from node.runtime.identity import load_identity
+from node.runtime.state import read_jsonl
 from node.simulation import SimulationSpec, simulate
-from node.state import read_jsonl
 from tests.mqtt_support import require_mosquitto
 
 pytestmark = pytest.mark.slow

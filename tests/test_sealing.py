@@ -27,10 +27,10 @@ from gossip.rounds import RoundBook
 from gossip.seal import PrekeyStore, Sealing, encode_announcement, open_sealed, seal_ad
 from gossip.transports.memory import MemoryHub
 from node.config import load_config
-from node.identity import load_identity
+from node.learn.train import evaluate
 from node.runner import Node
+from node.runtime.identity import load_identity
 from node.simulation import SimulationSpec, prepare
-from node.train import evaluate
 from tests.helpers import SPEC, consortium, keys, tensors
 
 

@@ -156,8 +156,9 @@ def make_consortium() -> None:
 
 def make_run() -> None:
     from node.cli import main
-    from node.privacy import Ledger, PrivacyPlan
-    from node.state import StateDir
+    from node.privacy.budget import PrivacyPlan
+    from node.privacy.ledger import Ledger
+    from node.runtime.state import StateDir
 
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "run"
