@@ -12,7 +12,7 @@ import pytest
 UNIT_MODULES = frozenset({
     "test_envelope", "test_seal", "test_parse_bounds", "test_rounds", "test_aggregate",
     "test_strategy", "test_privacy", "test_membership", "test_config", "test_identity",
-    "test_fuzz", "test_rules", "test_golden",
+    "test_fuzz", "test_rules", "test_golden", "test_layout",
 })
 
 
