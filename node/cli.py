@@ -28,7 +28,7 @@ from node.ops.flags import (
 
 
 def _keygen(args: argparse.Namespace) -> int:
-    from node.identity import Identity, save_identity
+    from node.runtime.identity import Identity, save_identity
 
     ident = Identity.generate(args.name)
     secret, public = save_identity(ident, args.out)
@@ -41,8 +41,8 @@ def _consortium_build(args: argparse.Namespace) -> int:
     import tomllib
 
     from gossip.membership import Consortium, Member, save_consortium
-    from node.data import FeatureSchema
-    from node.identity import load_public_key
+    from node.data.schema import FeatureSchema
+    from node.runtime.identity import load_public_key
 
     schema_path = Path(args.schema)
     try:
@@ -56,7 +56,7 @@ def _consortium_build(args: argparse.Namespace) -> int:
         name, key = load_public_key(pub)
         addresses = dict(a.split("=", 1) for a in addr.split(",") if "=" in a) if addr else {}
         members.append(Member(name, key, addresses))
-    from node.rules import build_strategy, pin_rules, rules_table
+    from node.strategy.consortium_rules import build_strategy, pin_rules, rules_table
 
     f = rules_fields(args)
     rules = pin_rules(rules_table(len(members), f["aggregation"], f["f"], f["max_weight_fraction"],
@@ -96,7 +96,7 @@ def small_consortium_warning(members: int, rule: str, privacy_mode: str | None) 
 
 def _consortium_show(args: argparse.Namespace) -> int:
     from gossip.membership import load_consortium
-    from node.identity import fingerprint
+    from node.runtime.identity import fingerprint
 
     c = load_consortium(args.file)
     print(f"consortium {c.name!r}\n  id       {c.id.hex()}")
@@ -109,7 +109,7 @@ def _consortium_show(args: argparse.Namespace) -> int:
 
 
 def _schema_infer(args: argparse.Namespace) -> int:
-    from node.schema import infer, refuse_existing, render
+    from node.data.drafting import infer, refuse_existing, render
 
     refuse_existing(args.out, args.force)
     draft = infer(args.files, args.label, args.categorical, args.drop, args.normalize)
@@ -117,7 +117,7 @@ def _schema_infer(args: argparse.Namespace) -> int:
 
 
 def _schema_merge(args: argparse.Namespace) -> int:
-    from node.schema import merge, refuse_existing, render
+    from node.data.drafting import merge, refuse_existing, render
 
     refuse_existing(args.out, args.force)
     draft = merge(args.files, ranges_from=args.ranges_from)
@@ -126,7 +126,7 @@ def _schema_merge(args: argparse.Namespace) -> int:
 
 def _schema_emit(draft, text: str, args: argparse.Namespace) -> int:
     """stdout: exactly the file's text; stderr: the notes (and where it was written)."""
-    from node.schema import write_out
+    from node.data.drafting import write_out
 
     sys.stdout.write(text)
     sys.stdout.flush()

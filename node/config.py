@@ -194,11 +194,11 @@ class GossipConfig(_Section):
     @model_validator(mode="after")
     def _rule(self) -> GossipConfig:
         if self.aggregation is not None:
-            from node.aggregate import RULES  # imports torch: only when a rule is named here
+            from node.strategy import RULE_NAMES  # lean start: imports torch; only when a rule is named
 
-            if self.aggregation not in RULES:
+            if self.aggregation not in RULE_NAMES:
                 raise ValueError(f"aggregation {self.aggregation!r}: choose one of "
-                                 f"{', '.join(RULES)}")
+                                 f"{', '.join(RULE_NAMES)}")
         live = -(-self.lookahead // self.prekey_rotate_rounds) + 1
         if self.sealed and live > MAX_ANNOUNCED:
             raise ValueError(f"prekey_rotate_rounds = {self.prekey_rotate_rounds} with lookahead = "

@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, NoReturn
 from gossip.errors import LocalError
 from gossip.membership import Consortium, load_consortium
 from node.config import NodeConfig, load_config
-from node.identity import Identity, load_identity
+from node.runtime.identity import Identity, load_identity
 
 if TYPE_CHECKING:
     from gossip.transports.base import Transport
@@ -159,7 +159,9 @@ def check_inputs(config_path: str | Path) -> tuple[NodeConfig, Identity, Consort
     """Everything an operator can get wrong in the files, checked before any heavy import:
     the config, the key, the consortium file (and that the key is a member of it), the
     schema it carries, and each data file against that schema."""
-    from node.data import FeatureSchema, encode, read_table  # neither pandas nor torch
+    from node.data.encode import encode  # neither pandas nor torch
+    from node.data.schema import FeatureSchema
+    from node.data.table import read_table
 
     cfg = load_config(config_path)
     identity = load_identity(cfg.identity.key)
@@ -170,7 +172,7 @@ def check_inputs(config_path: str | Path) -> tuple[NodeConfig, Identity, Consort
                          "wrong key file or stale peer list")
     schema = FeatureSchema.from_dict(consortium.schema, str(cfg.consortium.path))
     if schema.mode == "federated":  # mean and std are agreed before round 1: check the rest
-        from node.normalize import provisional_schema
+        from node.learn.normalize import provisional_schema
 
         schema = provisional_schema(schema)
     for path in (cfg.data.path, cfg.data.eval_path):
@@ -194,7 +196,7 @@ async def run_node(cfg: NodeConfig, identity: Identity, consortium: Consortium,
         rounds=cfg.training.rounds, privacy=cfg.privacy.mode, transport=cfg.gossip.transport)
     server = None
     if metrics_port is not None:
-        from node.metrics import serve
+        from node.runtime.metrics import serve
 
         try:
             server, _ = serve(node, metrics_port, metrics_addr)
@@ -258,7 +260,7 @@ def main(config_path: str, metrics_port: int | None = None, metrics_addr: str = 
             handler.setFormatter(JsonFormatter())
     try:
         cfg, identity, consortium = check_inputs(config_path)
-        from node import pidfile
+        from node.runtime import pidfile
 
         pidfile.claim(cfg.state_dir)  # for `flnode status`: running, exited or killed
     except LocalError as exc:

@@ -52,14 +52,13 @@ from gossip.protocol.book import RoundBook
 from gossip.seal import Sealing, encode_announcement, sign_prekey
 from gossip.testing.faults import FaultyTransport, fault_plan
 from gossip.transports.base import Incoming, Transport, TransportFailed
-from node.aggregate import WeightedShare
 from node.config import NodeConfig, quorum
-from node.control import ControlVariates, local_steps, per_parameter
-from node.data import FeatureSchema, dropped_rows, encode, member_split, read_table
-from node.dpsgd import train_local_dp_fast
-from node.evidence import EvidenceStore, same_slot
-from node.identity import Identity, load_identity
-from node.models import (
+from node.data.encode import dropped_rows, encode, member_split
+from node.data.schema import FeatureSchema
+from node.data.table import read_table
+from node.learn.control import ControlVariates, local_steps, per_parameter
+from node.learn.dpsgd import train_local_dp_fast
+from node.learn.models import (
     build_model,
     flat_to_named,
     get_flat,
@@ -68,7 +67,7 @@ from node.models import (
     set_flat,
     tensor_spec,
 )
-from node.normalize import (
+from node.learn.normalize import (
     DEFAULT_NORMALIZE_NOISE,
     Agreed,
     combine,
@@ -81,27 +80,18 @@ from node.normalize import (
     range_report,
     resolve,
 )
+from node.learn.train import evaluate, metric_name, round_lr, train_local, train_local_dp, warn_about_held_out
 from node.ops.intervals import metric_intervals
-from node.privacy import (
-    Ledger,
-    LedgerRecord,
-    NoiseSource,
-    OsNoise,
-    PrivacyBudget,
-    ledger_digest,
-    privatize_update,
-)
-from node.rules import AgreedStrategy, build_strategy, few_rounds_warning
+from node.privacy.accountant import LedgerRecord
+from node.privacy.budget import PrivacyBudget
+from node.privacy.ledger import Ledger, ledger_digest
+from node.privacy.mechanisms import NoiseSource, OsNoise, privatize_update
+from node.runtime.evidence import EvidenceStore, same_slot
+from node.runtime.identity import Identity, load_identity
 from node.runtime.round_report import RoundReport
-from node.state import Checkpoint, StateDir, atomic_write
-from node.train import (
-    evaluate,
-    metric_name,
-    round_lr,
-    train_local,
-    train_local_dp,
-    warn_about_held_out,
-)
+from node.runtime.state import Checkpoint, StateDir, atomic_write
+from node.strategy import WeightedShare
+from node.strategy.consortium_rules import AgreedStrategy, build_strategy, few_rounds_warning
 
 log = logging.getLogger("flnode.node")
 

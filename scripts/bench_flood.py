@@ -77,7 +77,7 @@ async def flood(config: Path, stats_path: Path, raw: bool) -> None:
     from gossip.membership import load_consortium
     from node.config import load_config
     from node.daemon import open_transport
-    from node.identity import load_identity
+    from node.runtime.identity import load_identity
 
     cfg = load_config(config)
     ident = load_identity(cfg.identity.key)

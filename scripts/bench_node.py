@@ -19,7 +19,7 @@ Prints JSON (and writes it to --out, default runs/bench/node.json):
 - `torch_train_rss_mb`: the floor: peak RSS of a bare script (no flnode code) that imports
   torch, sets one thread as a node does, and trains the demo's MLP (the consortium's
   input width, hidden size and classes) on random rows of the largest member's row count
-  with node/train.py's hand-stepped SGD (p.grad = None, backward, p -= lr * grad) for the
+  with node/learn/train.py's hand-stepped SGD (p.grad = None, backward, p -= lr * grad) for the
   node's number of steps (rounds x epochs x ceil(rows / batch_size)): the least any torch
   node could use for this run. Measured in each transport x mode's run (the same script
   each time).
@@ -273,7 +273,9 @@ def training_shape(configs: list[Path]) -> dict:
     and steps, from the members' configs (the child's job: it imports flnode)."""
     from gossip.membership import load_consortium
     from node.config import load_config
-    from node.data import FeatureSchema, held_out_split, read_table
+    from node.data.encode import held_out_positions
+    from node.data.schema import FeatureSchema
+    from node.data.table import read_table
 
     shape: dict = {}
     for path in configs:
@@ -281,7 +283,7 @@ def training_shape(configs: list[Path]) -> dict:
         schema = FeatureSchema.from_dict(load_consortium(cfg.consortium.path).schema, str(path))
         rows = len(read_table(cfg.data.path))
         if cfg.data.eval_path is None:
-            rows = len(held_out_split(rows, cfg.training.seed, cfg.data.eval_fraction)[0])
+            rows = len(held_out_positions(rows, cfg.training.seed, cfg.data.eval_fraction)[0])
         if rows >= shape.get("rows", -1):
             if cfg.model.kind != "mlp":
                 raise SystemExit(f"{path}: the floor trains an MLP, not {cfg.model.kind!r}")
@@ -293,7 +295,7 @@ def training_shape(configs: list[Path]) -> dict:
     return shape
 
 
-# The floor (see the module docstring): torch and node/train.py's loop, nothing else.
+# The floor (see the module docstring): torch and node/learn/train.py's loop, nothing else.
 FLOOR = """
 import sys
 import torch

@@ -3,8 +3,8 @@
 Each member's CSV holds raw values and a few empty cells; every step is what the
 walkthrough in docs/operate/own-data.md documents, through the functions the CLI calls:
 
-1. `flnode schema infer` on each member's file (node.schema.infer, render),
-2. `flnode schema merge ... --ranges-from PUBLIC.csv` (node.schema.merge): the ranges
+1. `flnode schema infer` on each member's file (node.data.drafting.infer, render),
+2. `flnode schema merge ... --ranges-from PUBLIC.csv` (node.data.drafting.merge): the ranges
    from a public reference table, rounded outward (here: the published table the rows
    come from; see --reference),
 3. `flnode simulate --data-dir DIR --schema schema.toml` (node.rehearsal.simulation.output.simulate): the
@@ -73,7 +73,7 @@ def tables(table: str, members: int, seed: int) -> tuple[list[Any], Any, Any, st
         if sizes is None:
             raise SystemExit("--table breast_cancer: --members 3 (the issue's consortium)")
     else:
-        from node.data import load_demo
+        from node.rehearsal.simulation.datasets import load_demo
 
         df, label, _ = load_demo(table)
         n = len(df)
@@ -102,10 +102,10 @@ def documented_path(table: str, members: int, seed: int, rounds: int, epsilon: f
     import tomllib
 
     from gossip.errors import LocalError
+    from node.data.drafting import infer, merge, render
     from node.rehearsal.simulation.output import simulate
     from node.rehearsal.simulation.prepare import baseline_schema, prepare
     from node.rehearsal.simulation.spec import SimulationSpec
-    from node.schema import infer, merge, render
 
     parts, test, reference, label = tables(table, members, seed)
     data = work / "data"
@@ -193,10 +193,12 @@ def centralized_dp(spec: Any, prep: Any, epsilon: float) -> dict[str, float]:
     1 epoch a round) for `rounds` epochs, σ calibrated by the same accountant."""
     import torch
 
-    from node.dpsgd import train_local_dp_fast
-    from node.models import build_model, init_seed_from
-    from node.privacy import SeededNoise, calibrate_sigma, epsilon_of, plan_history
-    from node.train import evaluate
+    from node.learn.dpsgd import train_local_dp_fast
+    from node.learn.models import build_model, init_seed_from
+    from node.learn.train import evaluate
+    from node.privacy.accountant import epsilon_of
+    from node.privacy.calibrate import calibrate_sigma, plan_history
+    from node.privacy.mechanisms import SeededNoise
 
     torch.set_num_threads(1)
     X, y = prep.train_all

@@ -6,7 +6,7 @@
    (dirichlet:0.5), record-level DP at each ε vs privacy off; the consortium
    mean metric (ROC-AUC, or accuracy for digits) and its loss vs no DP.
 2. Cost: one member's local round (its rows, 3 epochs, batch 32) with plain
-   SGD vs DP-SGD: flnode's closed-form path (`fast`, node/dpsgd.py) and
+   SGD vs DP-SGD: flnode's closed-form path (`fast`, node/learn/dpsgd.py) and
    Opacus in each grad_sample_mode, best of --repeat, in the same process (a
    ratio, not an absolute time).
 3. Audit: `scripts/privacy_audit.py`'s default setting.
@@ -29,13 +29,15 @@ from rich.console import Console
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from node.data import encode, fit_schema, load_demo  # noqa: E402
-from node.dpsgd import train_local_dp_fast  # noqa: E402
-from node.models import build_model  # noqa: E402
-from node.privacy import OsNoise  # noqa: E402
+from node.data.encode import encode  # noqa: E402
+from node.data.schema import fit_schema  # noqa: E402
+from node.learn.dpsgd import train_local_dp_fast  # noqa: E402
+from node.learn.models import build_model  # noqa: E402
+from node.learn.train import train_local, train_local_dp  # noqa: E402
+from node.privacy.mechanisms import OsNoise  # noqa: E402
+from node.rehearsal.simulation.datasets import load_demo  # noqa: E402
 from node.rehearsal.simulation.output import simulate  # noqa: E402
 from node.rehearsal.simulation.spec import SimulationSpec  # noqa: E402
-from node.train import train_local, train_local_dp  # noqa: E402
 
 DATASETS = {"default": "dirichlet:0.5", "churn": "column:state", "digits": "dirichlet:0.5"}
 

@@ -184,10 +184,10 @@ def run_cell(dataset: str, rule: str, f: int, attack: str | None, seed: int, rou
     """One consortium run. The honest members' final metrics, or the crash."""
     import torch
 
+    from node.learn.train import evaluate, metric_name
     from node.rehearsal.simulation.prepare import member_names, prepare
     from node.rehearsal.simulation.run import run_consortium
     from node.rehearsal.simulation.spec import SimulationSpec
-    from node.train import evaluate, metric_name
 
     torch.set_num_threads(1)
     quiet = logging.getLogger("flnode")
@@ -248,7 +248,7 @@ def _far(out: Path, honest: dict, attackers: list[str]) -> dict[str, Any]:
     """What the far filter saw at the honest members: the largest `far_ratio` (the
     furthest other share's distance / the median distance) over their rounds, and how
     often it left out an honest share and an attacker's."""
-    from node.state import read_jsonl
+    from node.runtime.state import read_jsonl
 
     ratios: list[float] = []
     dropped = {"honest": 0, "attackers": 0}
@@ -315,7 +315,7 @@ def defaults_grid(args: argparse.Namespace) -> list[dict[str, Any]]:
 
 
 def grid(args: argparse.Namespace) -> list[dict[str, Any]]:
-    from node.rules import DEFAULT_RULE, resolve_rule
+    from node.strategy.consortium_rules import DEFAULT_RULE, resolve_rule
 
     default = resolve_rule(DEFAULT_RULE, args.nodes)  # what auto is for this many members
     cells = []
@@ -410,7 +410,7 @@ def summarize(results: list[dict[str, Any]], rules: list[str], attacks: list[str
     """Per dataset: the clean plain-mean reference per seed, and per (column, rule) the
     honest mean averaged over the seeds that ran, with its loss against the reference
     of the same seeds."""
-    from node.rules import DEFAULT_RULE, resolve_rule
+    from node.strategy.consortium_rules import DEFAULT_RULE, resolve_rule
 
     out: dict[str, Any] = {}
     for ds in sorted({r["dataset"] for r in results}):
@@ -520,7 +520,7 @@ def print_table(summary: dict, rules: list[str], attacks: list[str]) -> None:
 
 def resolve(nodes: int, params: dict[str, Any]) -> dict[str, Any]:
     """The pinned default [rules] table for `nodes` members with `params` on top."""
-    from node.rules import pin_rules, rules_table
+    from node.strategy.consortium_rules import pin_rules, rules_table
 
     return pin_rules(rules_table(nodes, DEFAULT, privacy_mode="off", **params), nodes)
 

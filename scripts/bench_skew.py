@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
 """Options against skewed members (issue 13), in-process: FedAvg, FedAvgM, FedAdam,
 FedYogi (server optimizers, node/strategy/base.py `ServerOptimizer`), FedProx
-(training.prox_mu, node/train.py), SCAFFOLD-style control variates
-(training.control_variates, node/control.py) and more local epochs with a decaying
+(training.prox_mu, node/learn/train.py), SCAFFOLD-style control variates
+(training.control_variates, node/learn/control.py) and more local epochs with a decaying
 learning rate (training.epochs, training.lr_decay), next to centralized training on
 the pooled rows.
 
@@ -142,12 +142,12 @@ def run_one(table: str, seed: int, rounds: int, params: dict[str, Any], train: d
     import pandas as pd
     import torch
 
-    from node.data import encode
+    from node.data.encode import encode
+    from node.learn.train import evaluate, metric_name
     from node.rehearsal.simulation.prepare import prepare
     from node.rehearsal.simulation.run import run_consortium
     from node.rehearsal.simulation.spec import SimulationSpec
-    from node.state import read_jsonl
-    from node.train import evaluate, metric_name
+    from node.runtime.state import read_jsonl
 
     torch.set_num_threads(1)
     out = Path(tempfile.mkdtemp(prefix="skew-", dir=workdir))
@@ -190,10 +190,10 @@ def centralized(table: str, seed: int, rounds: int, workdir: Path, nodes: int = 
     """The pooled training rows, the same recipe for `rounds` epochs (node.rehearsal.simulation)."""
     import torch
 
+    from node.learn.train import metric_name
     from node.rehearsal.simulation.prepare import prepare
     from node.rehearsal.simulation.run import baselines
     from node.rehearsal.simulation.spec import SimulationSpec
-    from node.train import metric_name
 
     torch.set_num_threads(1)
     out = Path(tempfile.mkdtemp(prefix="skew-c-", dir=workdir))
@@ -275,7 +275,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="the consortium's [rules] aggregation every member applies, with "
                          "its default f and weight cap: mean (the default here, so only the "
                          "option differs), a rule name (node.strategy), or auto (what the "
-                         "consortium default resolves to for --nodes members, node/rules.py)")
+                         "consortium default resolves to for --nodes members, "
+                         "node/strategy/consortium_rules.py)")
     ap.add_argument("--rule-param", action="append", default=[], metavar="KEY=VALUE",
                     help="a [rules.params] entry added to every point (repeatable), e.g. "
                          "weighting=declared; read as flnode's --aggregation-param (an int, "
@@ -307,7 +308,7 @@ def main(argv: list[str] | None = None) -> int:
         options = [o for o in options if any(p[0] in wanted for p in GRID[o])]
     grid = {o: [(p[0], {**p[1], **extra_params}, p[2]) for p in GRID[o]
                 if not wanted or p[0] in wanted] for o in options}
-    from node.rules import pin_rules, resolve_rule, rules_table
+    from node.strategy.consortium_rules import pin_rules, resolve_rule, rules_table
     if not 2 <= args.nodes <= 64:
         ap.error(f"--nodes {args.nodes}: 2 to 64 members")
     rule = resolve_rule(args.rule, args.nodes)

@@ -12,10 +12,10 @@ once, rule:NAME or w:equal). Per table and seed:
 
 - centralized: the pooled training rows, no DP (bench_skew.centralized);
 - centralized DP-SGD: the pooled rows, the same model and initial weights, the same
-  mechanism (node.dpsgd, Poisson sampling) and accountant (Opacus' RDP, delta 1e-5),
+  mechanism (node.learn.dpsgd, Poisson sampling) and accountant (Opacus' RDP, delta 1e-5),
   sigma calibrated for the pooled rows' q and steps (no count release: nothing is
   shared). Twice: the fixed recipe (batch 32, lr 0.05, 30 epochs) and the auto rule
-  (node/recipe.py) applied to the pooled row count;
+  (node/privacy/recipe.py) applied to the pooled row count;
 - FedAvg without DP (the reference for what DP costs each member);
 - FedAvg, record DP at epsilon per member, privacy.recipe = "fixed" (today's);
 - FedAvg, record DP, privacy.recipe = "auto";
@@ -182,11 +182,11 @@ def consortium(table: str, seed: int, rounds: int, epsilon: float, privacy: str,
     import pandas as pd
     import torch
 
-    from node.data import encode
+    from node.data.encode import encode
+    from node.learn.train import evaluate, metric_name
     from node.rehearsal.simulation.prepare import prepare
     from node.rehearsal.simulation.run import evaluate_rows, run_consortium
     from node.rehearsal.simulation.spec import SimulationSpec
-    from node.train import evaluate, metric_name
 
     torch.set_num_threads(1)
     out = Path(tempfile.mkdtemp(prefix="skewdp-", dir=workdir))
@@ -242,13 +242,15 @@ def centralized_dp(table: str, seed: int, rounds: int, epsilon: float, recipe: s
     extras: SimulationSpec fields (clip, lr) other than the first-slice recipe's."""
     import torch
 
-    from node.dpsgd import train_local_dp_fast
-    from node.models import build_model, init_seed_from
-    from node.privacy import SeededNoise, calibrate_sigma, epsilon_of, plan_history
-    from node.recipe import choose
+    from node.learn.dpsgd import train_local_dp_fast
+    from node.learn.models import build_model, init_seed_from
+    from node.learn.train import evaluate, metric_name
+    from node.privacy.accountant import epsilon_of
+    from node.privacy.calibrate import calibrate_sigma, plan_history
+    from node.privacy.mechanisms import SeededNoise
+    from node.privacy.recipe import choose
     from node.rehearsal.simulation.prepare import prepare
     from node.rehearsal.simulation.spec import SimulationSpec
-    from node.train import evaluate, metric_name
 
     torch.set_num_threads(1)
     out = Path(tempfile.mkdtemp(prefix="skewdp-c-", dir=workdir))
@@ -293,10 +295,11 @@ def _cache_calibration() -> None:
     for the same values. Memoized in this worker process only: the same sigmas, faster."""
     import functools
 
-    import node.privacy
+    import node.privacy.budget
 
-    if not hasattr(node.privacy.calibrate_sigma, "cache_info"):
-        node.privacy.calibrate_sigma = functools.cache(node.privacy.calibrate_sigma)
+    # PrivacyBudget calls calibrate_sigma through node.privacy.budget's namespace
+    if not hasattr(node.privacy.budget.calibrate_sigma, "cache_info"):
+        node.privacy.budget.calibrate_sigma = functools.cache(node.privacy.budget.calibrate_sigma)
 
 
 def _run_cell(cell: tuple, rounds: int, epsilon: float, workdir: str) -> dict[str, Any]:
@@ -440,7 +443,7 @@ def main(argv: list[str] | None = None) -> int:
     workdir = Path(tempfile.mkdtemp(prefix="bench-skew-dp-"))
     config = {"nodes": 8, "rounds": args.rounds, "seeds": seeds,
               "epsilon_per_member": args.epsilon, "delta": DELTA,
-              "accountant": "Opacus RDP (node.privacy.epsilon_of)",
+              "accountant": "Opacus RDP (node.privacy.accountant.epsilon_of)",
               "rule": "mean (default weight cap) unless a variant says rule:NAME; "
                       "weights = noised row counts where the rule reads them, else 1 "
                       "(privacy.weight = auto)",

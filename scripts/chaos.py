@@ -51,10 +51,11 @@ sys.path.insert(0, str(ROOT))
 from gossip.envelope import KIND_SEALED, KIND_SHARE  # noqa: E402
 from gossip.errors import LocalError  # noqa: E402
 from node.ops.status import collect  # noqa: E402
-from node.privacy import BUDGET_SLACK, PLAN_FILE, Ledger, PrivacyPlan  # noqa: E402
+from node.privacy.budget import BUDGET_SLACK, PLAN_FILE, PrivacyPlan  # noqa: E402
+from node.privacy.ledger import Ledger  # noqa: E402
 from node.rehearsal.simulation.prepare import member_names  # noqa: E402
 from node.rehearsal.simulation.spec import SimulationSpec  # noqa: E402
-from node.state import StateDir, read_jsonl  # noqa: E402
+from node.runtime.state import StateDir, read_jsonl  # noqa: E402
 
 SIMULATE = ROOT / "scripts" / "simulate_network.py"
 SHARE_KINDS = (KIND_SHARE, KIND_SEALED)

@@ -39,7 +39,7 @@ sys.path.insert(0, str(ROOT))
 from node.ops.status import collect  # noqa: E402
 from node.rehearsal.simulation.prepare import prepare  # noqa: E402
 from node.rehearsal.simulation.spec import SimulationSpec  # noqa: E402
-from node.state import read_jsonl  # noqa: E402
+from node.runtime.state import read_jsonl  # noqa: E402
 from scripts.ports import free_ports  # noqa: E402
 
 

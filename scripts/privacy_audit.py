@@ -34,10 +34,14 @@ from sklearn.metrics import roc_auc_score, roc_curve
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from node.data import encode, fit_schema, load_demo  # noqa: E402
-from node.models import build_model  # noqa: E402
-from node.privacy import OsNoise, SeededNoise, calibrate_sigma, steps_per_epoch  # noqa: E402
-from node.train import train_local, train_local_dp  # noqa: E402
+from node.data.encode import encode  # noqa: E402
+from node.data.schema import fit_schema  # noqa: E402
+from node.learn.models import build_model  # noqa: E402
+from node.learn.train import train_local, train_local_dp  # noqa: E402
+from node.privacy.accountant import steps_per_epoch  # noqa: E402
+from node.privacy.calibrate import calibrate_sigma  # noqa: E402
+from node.privacy.mechanisms import OsNoise, SeededNoise  # noqa: E402
+from node.rehearsal.simulation.datasets import load_demo  # noqa: E402
 
 DELTA = 1e-5
 

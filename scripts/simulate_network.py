@@ -66,6 +66,7 @@ import tomli_w  # noqa: E402
 
 from gossip.errors import LocalError  # noqa: E402
 from node.config import seals  # noqa: E402
+from node.learn.train import metric_name  # noqa: E402
 from node.ops.flags import (  # noqa: E402
     SIMULATE_EPILOG,
     add_attack_flags,
@@ -76,7 +77,7 @@ from node.ops.flags import (  # noqa: E402
     add_seal_flag,
     track_given,
 )
-from node.privacy import Ledger  # noqa: E402
+from node.privacy.ledger import Ledger  # noqa: E402
 from node.rehearsal.simulation.output import (  # noqa: E402
     make_console,
     mean_text,
@@ -90,8 +91,7 @@ from node.rehearsal.simulation.results import MemberResult, summarize  # noqa: E
 from node.rehearsal.simulation.run import NOISE_OS, baselines, evaluate_rows, model_from_state  # noqa: E402
 from node.rehearsal.simulation.scenario import spec_from_args  # noqa: E402
 from node.rehearsal.simulation.spec import SimulationSpec  # noqa: E402
-from node.state import StateDir, read_jsonl  # noqa: E402
-from node.train import metric_name  # noqa: E402
+from node.runtime.state import StateDir, read_jsonl  # noqa: E402
 from scripts.ports import free_ports  # noqa: E402
 
 POLL_S = 0.25

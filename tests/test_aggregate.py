@@ -4,11 +4,29 @@ import pytest
 import torch
 
 from gossip.errors import LocalError
-from node.aggregate import RULES, WeightedShare, get_rule, median, trimmed_mean, weighted_mean
+from node.strategy import RULE_NAMES, WeightedShare, make_strategy
 
 
 def s(member, weight, *values):
     return WeightedShare(member, weight, torch.tensor(values, dtype=torch.float32))
+
+
+def combine(name, shares, own):
+    """Rule `name` with its default parameters and no reference, as a node applies it
+    (round 0; distances, where the rule uses them, measured from `own`)."""
+    return make_strategy(name).aggregate(0, own, {x.member: x for x in shares}).vector
+
+
+def weighted_mean(shares, own):
+    return combine("mean", shares, own)
+
+
+def median(shares, own):
+    return combine("median", shares, own)
+
+
+def trimmed_mean(shares, own):
+    return combine("trimmed_mean", shares, own)
 
 
 def test_weighted_mean_weights_by_sample_count():
@@ -35,16 +53,13 @@ def test_median_and_trimmed_mean_resist_one_outlier():
 
 def test_unknown_rule_names_the_choices():
     with pytest.raises(LocalError, match="mean"):
-        get_rule("krum2")
+        make_strategy("krum2")
 
 
-def test_every_strategy_name_is_a_rule_for_older_callers():
-    from node.strategy import RULE_NAMES
-
-    assert set(RULE_NAMES) == set(RULES)
+def test_every_rule_name_combines_with_its_defaults():
     own = s("a", 1, 0.0, 1.0)
-    for name, rule in RULES.items():
-        out = rule([s("b", 1, 0.2, 1.2), s("c", 1, 0.1, 0.9), s("d", 1, -0.1, 1.1)], own)
+    for name in RULE_NAMES:
+        out = combine(name, [s("b", 1, 0.2, 1.2), s("c", 1, 0.1, 0.9), s("d", 1, -0.1, 1.1)], own)
         assert out.shape == (2,) and out.dtype == torch.float32, name
 
 

@@ -16,14 +16,14 @@ from gossip.errors import LocalError
 from gossip.transports.memory import MemoryHub
 from node.cli import build_parser
 from node.config import AttackConfig, load_config
-from node.evidence import verify_equivocation
-from node.models import get_flat
-from node.privacy import SeededNoise
+from node.learn.models import get_flat
+from node.privacy.mechanisms import SeededNoise
 from node.rehearsal.simulation.prepare import prepare
 from node.rehearsal.simulation.results import summarize
 from node.rehearsal.simulation.spec import SimulationSpec, parse_attacks
 from node.runner import Node
-from node.state import read_jsonl
+from node.runtime.evidence import verify_equivocation
+from node.runtime.state import read_jsonl
 from scripts.bench_robust import run_cell
 from tests.test_runner import run_all
 

@@ -20,16 +20,19 @@ import torch
 from gossip import bodies, envelope
 from gossip.errors import LocalError
 from gossip.transports.memory import MemoryHub
-from node import state as state_mod
 from node.config import load_config, validate_config
-from node.data import FeatureSchema, encode
-from node.identity import load_identity
-from node.models import get_flat
-from node.privacy import Ledger, LedgerRecord, SeededNoise, weight_digest
+from node.data.encode import encode
+from node.data.schema import FeatureSchema
+from node.learn.models import get_flat
+from node.privacy.accountant import LedgerRecord
+from node.privacy.ledger import Ledger, weight_digest
+from node.privacy.mechanisms import SeededNoise
 from node.rehearsal.simulation.prepare import prepare
 from node.rehearsal.simulation.spec import SimulationSpec
 from node.runner import Node
-from node.state import StateDir, atomic_write, read_jsonl
+from node.runtime import state as state_mod
+from node.runtime.identity import load_identity
+from node.runtime.state import StateDir, atomic_write, read_jsonl
 from tests.helpers import SCHEMA
 from tests.test_runner import build, make, run_all
 

@@ -5,7 +5,9 @@ import pandas as pd
 import pytest
 
 from gossip.errors import LocalError
-from node.data import encode, fit_schema, load_demo, parse_partition, partition
+from node.data.encode import encode
+from node.data.schema import fit_schema
+from node.rehearsal.simulation.datasets import load_demo, parse_row_partition, partition
 
 
 def labels_df(n=1000, pos=0.1, seed=0):
@@ -42,7 +44,7 @@ def test_dirichlet_is_label_skewed_and_reproducible():
 @pytest.mark.parametrize("bad", ["dirichlet:0", "dirichlet:x", "column:", "random", "iid:3"])
 def test_bad_partition_specs_say_what_is_expected(bad):
     with pytest.raises(LocalError, match="expected|positive alpha"):
-        parse_partition(bad)
+        parse_row_partition(bad)
 
 
 def test_schema_encodes_identically_for_every_member():

@@ -31,7 +31,7 @@ def one_thread():
 
 def make_dir(root: Path, test: bool = False, members=MEMBERS, rows: int = ROWS) -> Path:
     """Member CSVs cut from the built-in Default table (label column renamed 'label')."""
-    from node.data import load_demo
+    from node.rehearsal.simulation.datasets import load_demo
 
     df, label, _ = load_demo("default")
     df = df.rename(columns={label: "label"})
@@ -109,7 +109,7 @@ def test_with_a_common_test_set_both_tables(tmp_path):
 
 def released(run: Path) -> dict[str, tuple[float, bytes]]:
     """Per member: the noised row count it released and its final model's bytes."""
-    from node.state import StateDir
+    from node.runtime.state import StateDir
 
     out = {}
     for state in sorted((run / "state").iterdir()):

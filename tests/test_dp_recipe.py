@@ -1,4 +1,4 @@
-"""privacy.recipe = "auto" (node/recipe.py): the rule's outputs, pinned in the privacy
+"""privacy.recipe = "auto" (node/privacy/recipe.py): the rule's outputs, pinned in the privacy
 plan across restarts, within budget for every member of the benchmark partitions, and
 "fixed" exactly as before the recipe existed."""
 
@@ -15,17 +15,12 @@ import torch
 from gossip.errors import LocalError
 from gossip.transports.memory import MemoryHub
 from node.config import PrivacyConfig, load_config
-from node.privacy import (
-    PLAN_FILE,
-    Ledger,
-    PrivacyBudget,
-    SeededNoise,
-    calibrate_sigma,
-    epsilon_of,
-    plan_history,
-    steps_per_epoch,
-)
-from node.recipe import LR_MAX_FACTOR, NOISE_TARGET, SIGMA_MAX, batch_candidates, choose
+from node.privacy.accountant import epsilon_of, steps_per_epoch
+from node.privacy.budget import PLAN_FILE, PrivacyBudget
+from node.privacy.calibrate import calibrate_sigma, plan_history
+from node.privacy.ledger import Ledger
+from node.privacy.mechanisms import SeededNoise
+from node.privacy.recipe import LR_MAX_FACTOR, NOISE_TARGET, SIGMA_MAX, batch_candidates, choose
 from node.rehearsal.simulation.prepare import prepare
 from node.rehearsal.simulation.spec import SimulationSpec
 from node.runner import Node
@@ -209,7 +204,7 @@ def test_auto_trains_with_the_pinned_recipe_and_spends_within_budget(tmp_path):
         assert p is not None and p.recipe == "auto"
         records = [r for r in n.ledger.records if r.mode == "record"]
         assert len(records) == 2
-        # what DP-SGD did is what the plan chose: its q and steps (node/dpsgd.py)
+        # what DP-SGD did is what the plan chose: its q and steps (node/learn/dpsgd.py)
         assert all((r.sample_rate, r.steps, r.noise_multiplier)
                    == (p.sample_rate, p.steps_per_round, p.noise_multiplier) for r in records)
         assert p.sample_rate == 1.0 / steps_per_epoch(len(n.train_data.X), p.batch_size)

@@ -9,9 +9,9 @@ from torch import nn
 from torch.func import functional_call, grad, vmap
 
 from gossip.errors import LocalError
-from node.dpsgd import clipped_gradient_sum, train_local_dp_fast
-from node.models import build_model
-from node.privacy import OsNoise, SeededNoise
+from node.learn.dpsgd import clipped_gradient_sum, train_local_dp_fast
+from node.learn.models import build_model
+from node.privacy.mechanisms import OsNoise, SeededNoise
 
 
 def per_example_grads(model, xb, yb):

@@ -15,10 +15,10 @@ from gossip import bodies, envelope
 from gossip.envelope import HELLO_REPLY, KIND_HELLO, KIND_SEEN, KIND_SHARE
 from gossip.transports.base import Incoming
 from gossip.transports.memory import MemoryHub
-from node.evidence import EvidenceStore, envelope_bytes, verify_equivocation
-from node.identity import load_identity
 from node.rehearsal.simulation.results import seen_by
-from node.state import read_jsonl
+from node.runtime.evidence import EvidenceStore, envelope_bytes, verify_equivocation
+from node.runtime.identity import load_identity
+from node.runtime.state import read_jsonl
 from tests.test_liveness import make, node_of
 
 

@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from gossip.membership import Consortium
-from node.rules import build_strategy, default_f, pin_rules, rules_table
 from node.strategy import WeightedShare, make_strategy
 from node.strategy.base import FAR_FACTOR
+from node.strategy.consortium_rules import build_strategy, default_f, pin_rules, rules_table
 from tests.test_rules import consortium, keys
 from tests.test_strategy import fedavg, honest_round, plain_average, run, update_norm
 
@@ -145,7 +145,7 @@ async def test_two_huge_members_of_eight_cannot_stop_the_default_consortium(tmp_
     from node.rehearsal.simulation.prepare import member_names, prepare
     from node.rehearsal.simulation.run import run_consortium
     from node.rehearsal.simulation.spec import SimulationSpec
-    from node.state import read_jsonl
+    from node.runtime.state import read_jsonl
 
     torch.set_num_threads(1)
     base = dict(dataset="digits", nodes=8, partition="dirichlet:0.5", rounds=3, seed=0,

@@ -14,7 +14,7 @@ from gossip.testing.faults import FaultPlan, FaultyTransport, parse_network_part
 from gossip.transports.memory import MemoryHub
 from node.rehearsal.simulation.output import simulate
 from node.rehearsal.simulation.spec import SimulationSpec
-from node.state import read_jsonl
+from node.runtime.state import read_jsonl
 
 
 def signed(key: SigningKey, round_: int, seq: int) -> bytes:

@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 
 from gossip import envelope as E
-from node.privacy import Ledger
-from node.state import StateDir
+from node.privacy.ledger import Ledger
+from node.runtime.state import StateDir
 from tests.golden import make_golden as G
 
 GOLDEN = Path(__file__).parent / "golden"

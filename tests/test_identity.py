@@ -10,7 +10,7 @@ import sys
 import pytest
 
 from gossip.errors import LocalError
-from node.identity import Identity, load_identity, load_public_key, save_identity
+from node.runtime.identity import Identity, load_identity, load_public_key, save_identity
 
 
 def test_keygen_writes_0600_secret_and_matching_public(tmp_path):

@@ -43,7 +43,7 @@ def heavy(mods: set[str]) -> list[str]:
 def test_auc_matches_sklearn_on_random_and_tied_scores():
     from sklearn.metrics import average_precision_score, roc_auc_score
 
-    from node.auc import average_precision, roc_auc
+    from node.learn.auc import average_precision, roc_auc
 
     rng = np.random.default_rng(12)
     checked = 0
@@ -68,7 +68,7 @@ def test_auc_matches_sklearn_on_random_and_tied_scores():
 
 
 def test_auc_refuses_one_class_and_bad_labels():
-    from node.auc import average_precision, roc_auc
+    from node.learn.auc import average_precision, roc_auc
 
     for fn in (roc_auc, average_precision):
         with pytest.raises(ValueError, match="one class"):
@@ -81,11 +81,11 @@ def test_auc_refuses_one_class_and_bad_labels():
 
 def test_evaluate_reports_auc_without_sklearn_in_the_process():
     code = ("import sys, numpy as np, torch; torch.manual_seed(0)\n"
-            "from node.train import evaluate\n"
+            "from node.learn.train import evaluate\n"
             "m = torch.nn.Linear(3, 2); X = np.random.default_rng(0).random((50, 3), np.float32)\n"
             "y = (X[:, 0] > 0.5).astype(np.int64); out = evaluate(m, X, y)\n"
             "assert 0 <= out['roc_auc'] <= 1 and 0 <= out['pr_auc'] <= 1, out\n"
-            "from node.train import warn_about_held_out\n"
+            "from node.learn.train import warn_about_held_out\n"
             "warn_about_held_out('b', y, ['No', 'Yes'], eval_path=None, eval_fraction=0.2,"
             " total_rows=250)\n"
             "print(sorted(k for k in sys.modules if k.split('.')[0] in ('sklearn', 'scipy')"
@@ -101,7 +101,7 @@ def test_evaluate_reports_auc_without_sklearn_in_the_process():
 def test_epsilon_equals_opacus_rdp_accountant():
     from opacus.accountants import RDPAccountant
 
-    from node.privacy import RDP_ORDERS, LedgerRecord, epsilon_of
+    from node.privacy.accountant import RDP_ORDERS, LedgerRecord, epsilon_of
 
     assert RDP_ORDERS == RDPAccountant.DEFAULT_ALPHAS
     rng = np.random.default_rng(3)
@@ -121,7 +121,7 @@ def test_epsilon_equals_opacus_rdp_accountant():
 def test_ledger_epsilon_does_not_import_torch_nor_scipy():
     """Update mode (q = 1) and record mode (q < 1: the fractional orders, which call
     binom and log_ndtr): neither torch, Opacus' package nor scipy is imported."""
-    code = ("import sys\nfrom node.privacy import LedgerRecord, epsilon_of\n"
+    code = ("import sys\nfrom node.privacy.accountant import LedgerRecord, epsilon_of\n"
             "e = epsilon_of([LedgerRecord(r, 'update', 1.0, 1.0, 1, 0.1, '') for r in range(30)],"
             " 1e-5)\nassert 39 < e < 41, e\n"
             "e = epsilon_of([LedgerRecord(r, 'record', 1.1, 0.007, 140, 1.0, '')"
@@ -154,7 +154,7 @@ def binom_errors(binom, n: float, kmax: int) -> list[float | None]:
 
 
 def test_binom_is_exact_to_rounding_and_matches_scipy():
-    """node.special.binom on the orders Opacus' accountant uses (RDP_ORDERS: fractional
+    """node.privacy.special.binom on the orders Opacus' accountant uses (RDP_ORDERS: fractional
     ones reach binom with float alpha, integer ones with int alpha), a dense grid of
     orders and orders within 1e-7 of an integer: against exact rationals for k = 0..300
     (and to k = 3000 for a few orders: Opacus' loop for a fractional order ran to
@@ -163,8 +163,8 @@ def test_binom_is_exact_to_rounding_and_matches_scipy():
     up to 1e-6 near an integer order), so it is the looser oracle."""
     from scipy import special as sp
 
-    from node.privacy import RDP_ORDERS
-    from node.special import binom
+    from node.privacy.accountant import RDP_ORDERS
+    from node.privacy.special import binom
 
     dense = np.round(np.linspace(1.01, 64.0, 300), 6).tolist() + [2.001259, 1.5, 63.5]
     near_int = [k + d for k in (1, 2, 3, 10, 63) for d in (1e-7, -1e-7, 1e-3)]
@@ -182,15 +182,15 @@ def test_binom_is_exact_to_rounding_and_matches_scipy():
     assert worst_scipy <= 1e-12, worst_scipy
     # Each product continues the last one for its n (a cache): the same bits whatever
     # was asked before, in any order.
-    import node.special
+    import node.privacy.special
 
     for n in (1.1, 2.001259, 10.9, 40):
-        node.special._PREFIX.clear()
+        node.privacy.special._PREFIX.clear()
         up = [binom(n, k) for k in range(1200)]
         down = [binom(n, k) for k in reversed(range(1200))][::-1]
         fresh = []
         for k in range(0, 1200, 37):
-            node.special._PREFIX.clear()
+            node.privacy.special._PREFIX.clear()
             fresh.append(binom(n, k))
         assert up == down and up[::37] == fresh, n
     assert binom(5, 7) == 0.0 and binom(63, 63) == 1.0 and binom(10, 3) == 120.0
@@ -207,7 +207,7 @@ def test_log_ndtr_matches_scipy_down_to_minus_1e5():
     complement nears underflow; ~3e-15 for x <= 8)."""
     from scipy import special as sp
 
-    from node.special import log_ndtr
+    from node.privacy.special import log_ndtr
 
     xs = np.concatenate([-np.logspace(-10, 5, 40000), np.logspace(-10, math.log10(37.0), 20000),
                          np.linspace(-60.0, 37.0, 40001), [-20.0, -19.999, -20.001, -1.0,
@@ -226,11 +226,11 @@ def test_log_ndtr_matches_scipy_down_to_minus_1e5():
 
 
 def test_epsilon_equals_opacus_accountant_on_a_grid():
-    """epsilon_of (Opacus' rdp.py run with node.special) against Opacus' own RDPAccountant
+    """epsilon_of (Opacus' rdp.py run with node.privacy.special) against Opacus' own RDPAccountant
     (scipy) over noise multipliers, sample rates and step counts, to 1e-10 relative."""
     from opacus.accountants import RDPAccountant
 
-    from node.privacy import LedgerRecord, epsilon_of
+    from node.privacy.accountant import LedgerRecord, epsilon_of
 
     checked = 0
     for a, sigma in enumerate((0.3, 0.5, 0.8, 1.0, 1.3, 2.0, 4.0, 10.0, 50.0)):
@@ -251,7 +251,7 @@ def test_an_rdp_file_without_the_scipy_line_is_loaded_as_it_is(tmp_path, caplog)
     logged; the same epsilon."""
     import opacus
 
-    from node.privacy import _load_rdp
+    from node.privacy.accountant import _load_rdp
 
     src = (Path(opacus.__file__).parent / "accountants" / "analysis" / "rdp.py").read_text()
     assert src.count("\nfrom scipy import special\n") == 1
@@ -264,7 +264,7 @@ def test_an_rdp_file_without_the_scipy_line_is_loaded_as_it_is(tmp_path, caplog)
     caplog.clear()
     with caplog.at_level(logging.INFO, logger="flnode.privacy"):
         ours = _load_rdp(Path(opacus.__file__).parent / "accountants" / "analysis" / "rdp.py")
-    assert ours.special.__name__ == "node.special" and caplog.text == ""
+    assert ours.special.__name__ == "node.privacy.special" and caplog.text == ""
     orders = [1.5, 2.0, 3.25, 8.0, 32.0]
     for m in (plain, ours):
         rdp = m.compute_rdp(q=0.01, noise_multiplier=1.1, steps=1000, orders=orders)
@@ -277,7 +277,7 @@ def test_an_rdp_file_without_the_scipy_line_is_loaded_as_it_is(tmp_path, caplog)
 
 def test_cli_default_rule_is_the_rules_default():
     from node.cli import build_parser
-    from node.rules import DEFAULT_RULE
+    from node.strategy.consortium_rules import DEFAULT_RULE
 
     args = build_parser().parse_args(["simulate", "--out", "x"])
     assert args.flag_defaults["aggregation"] == DEFAULT_RULE  # untyped: absent from args
@@ -302,7 +302,7 @@ def test_status_round_line_counts_from_one():
 # --- the held-out warnings ------------------------------------------------------------------
 
 def test_one_class_held_out_rows_are_warned_about(caplog):
-    from node.train import warn_about_held_out
+    from node.learn.train import warn_about_held_out
 
     with caplog.at_level(logging.WARNING, logger="flnode.train"):
         warn_about_held_out("bank-7", np.zeros(40, dtype=np.int64), ["No", "Yes"],
@@ -360,7 +360,7 @@ def test_config_errors_come_before_torch_is_imported(tmp_path, consortium_dir):
     r, mods = imported_by("run", "--config", str(missing))
     assert r.returncode == 2 and "nowhere.parquet" in r.stderr, r.stderr[-500:]
     assert heavy(mods) == []
-    from node.identity import Identity, save_identity
+    from node.runtime.identity import Identity, save_identity
 
     impostor, _ = save_identity(Identity.generate("bank-0"), tmp_path / "keys")
     wrong_key = edited(configs[0], "wrong-key.toml",
@@ -420,8 +420,8 @@ def test_train_local_is_torch_sgd_bit_for_bit():
     code = """
 import sys, numpy as np, torch
 torch.set_num_threads(1)
-from node.models import build_model
-from node.train import train_local
+from node.learn.models import build_model
+from node.learn.train import train_local
 
 def model():
     torch.manual_seed(5)
@@ -459,7 +459,10 @@ def test_read_table_encodes_the_builtin_tables_as_pandas_does(tmp_path, dataset)
     numbers are pandas' astype(str) and to_numeric."""
     import pandas as pd
 
-    from node.data import encode, fit_schema, load_demo, read_table
+    from node.data.encode import encode
+    from node.data.schema import fit_schema
+    from node.data.table import read_table
+    from node.rehearsal.simulation.datasets import load_demo
 
     df, label, categorical = load_demo(dataset)
     schema = fit_schema(df, label, categorical)
@@ -485,7 +488,7 @@ def test_read_table_reads_numbers_and_text_as_pandas_does(tmp_path):
     "1.5", "+3" in a whole-number column is "3", TRUE is "True"; empty cells are empty."""
     import pandas as pd
 
-    from node.data import read_table
+    from node.data.table import read_table
 
     rng = np.random.default_rng(4)
     v = rng.normal(size=3000) * 10.0 ** rng.integers(-30, 30, 3000)
@@ -537,7 +540,9 @@ SCHEMA_DOC = {"label": "default", "classes": ["No", "Yes"], "columns": [
 ])
 def test_malformed_csv_errors_name_the_file_line_and_column(tmp_path, text, expected):
     from gossip.errors import LocalError
-    from node.data import FeatureSchema, encode, read_table
+    from node.data.encode import encode
+    from node.data.schema import FeatureSchema
+    from node.data.table import read_table
 
     path = tmp_path / "bad.csv"
     path.write_text(text)
@@ -548,7 +553,7 @@ def test_malformed_csv_errors_name_the_file_line_and_column(tmp_path, text, expe
 
 def test_a_csv_that_is_not_utf8_names_its_line(tmp_path):
     from gossip.errors import LocalError
-    from node.data import read_table
+    from node.data.table import read_table
 
     path = tmp_path / "latin1.csv"
     path.write_bytes("student,balance,default\nNo,1.0,No\nJos\xe9,2.0,No\n".encode("latin-1"))

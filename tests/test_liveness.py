@@ -14,12 +14,12 @@ from gossip.envelope import HELLO_ASK, HELLO_REPLY, KIND_HELLO, KIND_SEEN, KIND_
 from gossip.transports.base import Incoming
 from gossip.transports.memory import MemoryHub
 from node.config import load_config
-from node.identity import load_identity
-from node.privacy import SeededNoise
+from node.privacy.mechanisms import SeededNoise
 from node.rehearsal.simulation.prepare import prepare
 from node.rehearsal.simulation.spec import SimulationSpec
 from node.runner import Node
-from node.state import read_jsonl
+from node.runtime.identity import load_identity
+from node.runtime.state import read_jsonl
 
 
 def make(tmp_path, rounds=3, deadline=10.0):

@@ -8,7 +8,7 @@ import urllib.request
 from prometheus_client.parser import text_string_to_metric_families
 
 from gossip.transports.memory import MemoryHub
-from node.metrics import serve
+from node.runtime.metrics import serve
 from tests.test_runner import build, make
 
 

@@ -13,9 +13,11 @@ import pytest
 
 from gossip.errors import LocalError
 from node.cli import main
-from node.data import FeatureSchema, apply_missing, encode, read_table
-from node.normalize import member_stats, range_report
-from node.schema import infer, merge, public_ranges, render
+from node.data.drafting import infer, merge, public_ranges, render
+from node.data.encode import apply_missing, encode
+from node.data.schema import FeatureSchema
+from node.data.table import read_table
+from node.learn.normalize import member_stats, range_report
 
 
 def schema(**extra) -> FeatureSchema:

@@ -14,7 +14,7 @@ from gossip.transports.mqtt import MqttTransport
 from gossip.transports.mqtt.broker import BrokerAddress, share_topic
 from node.config import load_config
 from node.daemon import open_transport
-from node.identity import Identity
+from node.runtime.identity import Identity
 from tests.helpers import SCHEMA, consortium, keys, share_bytes, verifier_for
 from tests.mqtt_support import mqtt_broker, require_mosquitto
 

@@ -16,7 +16,7 @@ from gossip import envelope
 from node.rehearsal.simulation.output import simulate
 from node.rehearsal.simulation.prepare import prepare
 from node.rehearsal.simulation.spec import SimulationSpec
-from node.state import read_jsonl
+from node.runtime.state import read_jsonl
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parent.parent
@@ -112,7 +112,7 @@ def test_summary_epsilon_is_recomputed_from_the_ledger_not_the_last_metrics_line
     it; the run's --timeout stops them there (SIGTERM). The summary's ε is the ledger's,
     as `flnode status` computes it."""
     from node.ops.status import collect
-    from node.privacy import Ledger
+    from node.privacy.ledger import Ledger
 
     out = tmp_path / "net"
     r = subprocess.run(

@@ -19,10 +19,10 @@ from rich.console import Console
 from gossip import envelope
 from gossip.errors import RemoteError
 from gossip.seal import PrekeyStore, open_sealed, seal_ad
-from node.identity import load_identity
 from node.rehearsal.simulation.output import simulate
 from node.rehearsal.simulation.spec import SimulationSpec
-from node.state import read_jsonl
+from node.runtime.identity import load_identity
+from node.runtime.state import read_jsonl
 from tests.mqtt_support import require_mosquitto
 
 pytestmark = pytest.mark.slow

@@ -17,13 +17,13 @@ from gossip.membership import Consortium, save_consortium
 from gossip.transports.base import Incoming
 from gossip.transports.memory import MemoryHub
 from node.config import load_config
-from node.data import FeatureSchema
-from node.normalize import combine, implausible, member_stats, sensitivity, stats_digest
-from node.privacy import SeededNoise
+from node.data.schema import FeatureSchema
+from node.learn.normalize import combine, implausible, member_stats, sensitivity, stats_digest
+from node.privacy.mechanisms import SeededNoise
 from node.rehearsal.simulation.prepare import prepare
 from node.rehearsal.simulation.spec import SimulationSpec
 from node.runner import Node
-from node.state import read_jsonl
+from node.runtime.state import read_jsonl
 from tests.test_runner import run_all
 
 RANGES = {"balance": [0.0, 3000.0], "income": [0.0, 80000.0]}
@@ -124,7 +124,7 @@ async def test_a_member_signed_hostile_statistics_are_capped_or_refused(tmp_path
     """bank-3 signs statistics with its own valid key: 1e9 rows all at the top of each
     range (plausible in form: capped to its agreed share), or 1e13 rows (refused as no
     honest member's, and left out). It never trains: the honest three go on without it."""
-    from node.identity import load_identity
+    from node.runtime.identity import load_identity
 
     prep, schema = make(tmp_path, nodes=4, rounds=1, deadline=5.0)
     nodes = build(prep)[:3]
@@ -184,7 +184,7 @@ def test_combination_is_order_independent_and_handles_a_constant_column():
     assert one.stats["a"] == pytest.approx((pooled_a.mean(), pooled_a.std()), rel=1e-12)
     assert one.stats["flat"] == (5.0, 0.0)
     enc = schema.with_stats(one.stats)
-    from node.data import encode
+    from node.data.encode import encode
     X, _ = encode(dfs["m0"], enc, "m0")
     assert (X[:, 1] == 0).all()  # constant: encoded as 0, not refused
     json.dumps(one.to_json())
@@ -207,7 +207,7 @@ def test_federated_normalization_is_refused_with_update_level_dp(tmp_path):
 async def test_a_member_that_combined_differently_is_found_out_at_its_first_share(tmp_path):
     """bank-2 encodes with other statistics than the rest (as if it had combined other
     messages): every share says which, and each side refuses the other's at once."""
-    from node.normalize import Agreed
+    from node.learn.normalize import Agreed
 
     class Deviant(Node):
         def _adopt(self, agreed, saved=False):
@@ -233,7 +233,7 @@ async def test_a_member_that_combined_differently_is_found_out_at_its_first_shar
 def test_the_check_at_start_follows_from_rows_members_and_noise():
     """usability: e = sigma Delta sqrt(M) / N of the range per noise std; passes exactly
     where both limits hold, and what it says it needs passes."""
-    from node.normalize import MAX_STD_ERROR, usability
+    from node.learn.normalize import MAX_STD_ERROR, usability
 
     schema = federated(FeatureSchema.from_dict({
         "label": "y", "classes": ["0", "1"], "columns": [
@@ -324,7 +324,7 @@ def test_a_declared_total_makes_every_member_decide_alike():
     its own rows; without it each estimates members x its own rows (and the refusal says
     so); the fallback gives the same schema in range mode, nothing left to agree."""
     from gossip.errors import LocalError
-    from node.normalize import resolve
+    from node.learn.normalize import resolve
 
     base = {"label": "y", "classes": ["0", "1"], "normalize": "federated", "columns": [
         {"name": "a", "kind": "numeric", "range": [0.0, 10.0]},
@@ -398,8 +398,8 @@ async def test_members_whose_own_rows_straddle_the_threshold_decide_alike(tmp_pa
     consortium decides once, from the votes: all three scale by the declared ranges,
     encode alike, nothing is charged or sent for statistics, the shares match, and
     `flnode status` says so at every member."""
-    from node.data import encode
-    from node.normalize import range_schema, resolve
+    from node.data.encode import encode
+    from node.learn.normalize import range_schema, resolve
     from node.ops.status import collect, render
 
     prep, schema = make(tmp_path, privacy="record", normalize_fallback="range")
@@ -440,7 +440,7 @@ async def test_a_hostile_vote_cannot_split_the_honest_members_or_stop_them(tmp_p
     different vote ("usable"): the garbage is refused (bad_body), the second vote as
     equivocation, and every honest member acts on the same first vote: all scale by the
     declared ranges and train (it can force range scaling, which costs no privacy)."""
-    from node.state import atomic_write
+    from node.runtime.state import atomic_write
 
     class Hostile(Node):
         async def _agree_normalization(self):
@@ -481,7 +481,7 @@ def test_the_range_decision_round_trips_and_is_checked():
     the same numbers as statistics; one whose numbers are not the schema's ranges, or an
     unknown mode, is refused; a vote is one byte, 0 or 1."""
     from gossip.errors import LocalError, RemoteError
-    from node.normalize import Agreed, range_agreed
+    from node.learn.normalize import Agreed, range_agreed
 
     schema = FeatureSchema.from_dict({"label": "y", "classes": ["0", "1"],
                                       "normalize": "federated", "columns": [

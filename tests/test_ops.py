@@ -14,11 +14,11 @@ import pytest
 import torch
 
 from gossip.transports.memory import MemoryHub
-from node import pidfile
 from node import runner as runner_mod
-from node.models import get_flat, set_flat
+from node.learn.models import get_flat, set_flat
 from node.ops.status import collect, final_line, process_line, render, waiting_line
 from node.runner import compare_finals
+from node.runtime import pidfile
 from tests.test_runner import build, make, run_all
 
 
@@ -142,7 +142,7 @@ async def test_the_min_members_wait_is_reported_and_shown_by_status(tmp_path, mo
     deadline and status showed no wait. Now the same report as any long wait, within
     WAIT_REPORT_FIRST_S; once the others start, the wait clears and the round runs."""
     from node.config import load_config
-    from node.privacy import SeededNoise
+    from node.privacy.mechanisms import SeededNoise
     from node.runner import Node
 
     monkeypatch.setattr(runner_mod, "WAIT_REPORT_FIRST_S", 0.2)
@@ -237,7 +237,7 @@ async def test_a_node_alone_charges_nothing_for_its_statistics(tmp_path, monkeyp
     computes and charges no statistics; it says whom it never heard from."""
     from gossip.errors import LocalError
     from node.config import load_config
-    from node.privacy import SeededNoise
+    from node.privacy.mechanisms import SeededNoise
     from node.runner import Node
     from tests.test_normalize import make as make_federated
 
@@ -356,7 +356,7 @@ def test_a_node_keeps_a_members_first_final_digest_only(tmp_path):
     from gossip.envelope import KIND_FINAL
     from gossip.transports.base import Incoming
     from node.config import load_config
-    from node.identity import load_identity
+    from node.runtime.identity import load_identity
 
     _, prep = make(tmp_path, nodes=3, rounds=1, privacy="off")
     node = build(prep, MemoryHub(), which={0})[0]

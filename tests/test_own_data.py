@@ -72,7 +72,7 @@ def test_the_documented_walkthrough_and_its_script_say_the_same_commands():
 
 @pytest.mark.slow
 def test_bring_your_own_data_from_csv_files_to_a_finished_consortium(tmp_path):
-    from node.data import load_demo
+    from node.rehearsal.simulation.datasets import load_demo
 
     df, label, _ = load_demo("default")
     assert label == "default"

@@ -11,21 +11,12 @@ import torch
 from opacus.accountants import RDPAccountant
 from scipy import stats
 
-import node.privacy as privacy
+import node.privacy.calibrate as calibrate
 from gossip.errors import LocalError
-from node.privacy import (
-    SIGMA_RATIO,
-    SIGMA_SEARCH,
-    Ledger,
-    LedgerRecord,
-    OsNoise,
-    SeededNoise,
-    calibrate_sigma,
-    clip,
-    epsilon_of,
-    plan_history,
-    privatize_update,
-)
+from node.privacy.accountant import LedgerRecord, epsilon_of
+from node.privacy.calibrate import SIGMA_RATIO, SIGMA_SEARCH, calibrate_sigma, plan_history
+from node.privacy.ledger import Ledger
+from node.privacy.mechanisms import OsNoise, SeededNoise, clip, privatize_update, snap, stat_grid
 
 
 def record(r: int, sigma: float = 1.0) -> LedgerRecord:
@@ -105,7 +96,7 @@ def bisection_sigma(target_epsilon: float, delta: float, mode: str, sample_rate:
     """calibrate_sigma as it was (b57f713): bisection on log sigma over SIGMA_SEARCH
     until hi / lo <= 1.001 (16 accountant evaluations); returns hi."""
     def eps(sigma: float) -> float:  # through the module, as calibrate_sigma (counted below)
-        return privacy.epsilon_of(plan_history(mode, sigma, sample_rate, steps_per_round,
+        return calibrate.epsilon_of(plan_history(mode, sigma, sample_rate, steps_per_round,
                                                rounds, count_sigma, normalize_sigma), delta)
 
     lo, hi = SIGMA_SEARCH
@@ -140,13 +131,13 @@ CALIBRATION_GRID = [
 def test_calibrated_sigma_is_the_bisections_within_its_tolerance_in_fewer_evaluations(
         monkeypatch):
     calls = [0]
-    real = privacy.epsilon_of
+    real = calibrate.epsilon_of
 
     def counted(records, delta):
         calls[0] += 1
         return real(records, delta)
 
-    monkeypatch.setattr(privacy, "epsilon_of", counted)
+    monkeypatch.setattr(calibrate, "epsilon_of", counted)
     evaluations = {"bisection": 0, "search": 0}
     for eps, delta, q, spr, rounds, count, norm in CALIBRATION_GRID:
         calls[0] = 0
@@ -189,7 +180,7 @@ def test_a_noised_count_does_not_leak_the_exact_count_through_its_low_bits(tmp_p
     r ± 1, so an observer could rule out neighbouring counts (18 % of releases). The
     released count is now rounded to an integer: every candidate stays possible."""
     from node.config import PrivacyConfig
-    from node.privacy import PrivacyBudget
+    from node.privacy.budget import PrivacyBudget
 
     rows, ruled_out = 4459, 0
     for i in range(300):
@@ -209,16 +200,16 @@ def test_a_noised_count_does_not_leak_the_exact_count_through_its_low_bits(tmp_p
 def test_noised_normalization_stats_are_snapped_to_a_grid():
     """The same for federated normalization's stats: rows to an integer, the sums and
     sums of squares to a power-of-two grid far coarser than a double's low bits."""
-    from node.normalize import Stats, noised, sensitivity
+    from node.learn.normalize import Stats, noised, sensitivity
 
     exact = Stats(123.0, np.array([45.678, 0.1]), np.array([30.25, 0.01]))
     std = 2.0 * sensitivity(2)
-    grid = privacy.stat_grid(std)
+    grid = stat_grid(std)
     assert grid == 2.0 ** (math.floor(math.log2(std)) - 12)
     for _ in range(50):
         s = noised(exact, 2.0, OsNoise())
         assert s.rows == round(s.rows)
         for v in [*s.sum, *s.sumsq]:
             assert v / grid == round(v / grid)
-    assert privacy.stat_grid(1e-9) == 2.0 ** -20  # never finer than a double resolves
-    assert privacy.snap(4459.5000001, 1.0) == 4460.0 and privacy.snap(-0.3, 1.0) == 0.0
+    assert stat_grid(1e-9) == 2.0 ** -20  # never finer than a double resolves
+    assert snap(4459.5000001, 1.0) == 4460.0 and snap(-0.3, 1.0) == 0.0

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from gossip.protocol import Liveness
 from gossip.transports.memory import MemoryHub
 from node.config import load_config
-from node.privacy import SeededNoise
+from node.privacy.mechanisms import SeededNoise
 from node.rehearsal.simulation.prepare import prepare
 from node.rehearsal.simulation.spec import SimulationSpec
 from node.runner import Node

@@ -13,12 +13,14 @@ from opacus.accountants import RDPAccountant
 from gossip.errors import LocalError
 from gossip.transports.memory import MemoryHub
 from node.config import load_config
-from node.models import build_model
-from node.privacy import LedgerRecord, SeededNoise, calibrate_sigma, epsilon_of
+from node.learn.models import build_model
+from node.learn.train import train_local_dp
+from node.privacy.accountant import LedgerRecord, epsilon_of
+from node.privacy.calibrate import calibrate_sigma
+from node.privacy.mechanisms import SeededNoise
 from node.rehearsal.simulation.prepare import prepare
 from node.rehearsal.simulation.spec import SimulationSpec
 from node.runner import Node
-from node.train import train_local_dp
 
 
 def test_ledger_epsilon_equals_opacus_for_dp_sgd_history():
@@ -247,7 +249,7 @@ def test_a_tampered_released_weight_is_refused(tmp_path, stored, why):
 def test_a_ledger_record_the_accountant_cannot_take_is_refused_by_name(tmp_path, field, value):
     """Out-of-range values used to crash the accountant (math domain error, overflow) or
     count for nothing (q 0, an unknown mode); now the line is refused as corrupt."""
-    from node.privacy import Ledger
+    from node.privacy.ledger import Ledger
 
     good = LedgerRecord(0, "record", 1.1, 0.05, 20, 1.0, "")
     doc = {**good.__dict__, field: value}
@@ -260,7 +262,7 @@ def test_a_ledger_record_the_accountant_cannot_take_is_refused_by_name(tmp_path,
 def test_few_rounds_under_dp_with_the_default_fedadam_step_is_warned_about(tmp_path, caplog):
     """The default recipe's FedAdam (β1 0.9) needs rounds under DP: the 4-bank demo
     scored ROC-AUC 0.56 after 5 rounds. A node planned for fewer than 15 says so."""
-    from node.rules import FEW_ROUNDS_UNDER_DP, few_rounds_warning
+    from node.strategy.consortium_rules import FEW_ROUNDS_UNDER_DP, few_rounds_warning
 
     prep = make(tmp_path, privacy="record", epsilon=2.0, sigma=None)  # auto: trimmed_mean
     nodes = nodes_of(prep)

@@ -255,7 +255,7 @@ def test_own_rows_table_and_local_training_are_shown(copy):
 
 def test_the_terminal_summary_names_the_server_optimizer_the_rules_apply(run_dir, capsys):
     """A 3-member run under the default rules: trimmed_mean with the FedAdam step behind
-    it (node/rules.py AUTO_PARAMS); the summary line says both, and says nothing of an
+    it (node/strategy/consortium_rules.py AUTO_PARAMS); the summary line says both, and says nothing of an
     optimizer where the rules have none."""
     from node.rehearsal.simulation.output import make_console, print_summary
 

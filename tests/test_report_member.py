@@ -132,7 +132,7 @@ def test_auc_interval_is_not_degenerate_at_the_boundary():
 def test_auc_interval_covers_about_95_percent_on_few_rows():
     import numpy as np
 
-    from node.auc import roc_auc
+    from node.learn.auc import roc_auc
 
     # binormal scores 2 sd apart: true AUC = Phi(2 / sqrt 2) = 0.921; 5 + 8 rows, where
     # the Wald form covers ~71 % (measured) and often collapses to a point at 1.000

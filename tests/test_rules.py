@@ -6,7 +6,7 @@ import pytest
 
 from gossip.errors import LocalError
 from gossip.membership import Consortium, consortium_from_dict
-from node.rules import build_strategy, pin_rules, resolve_rule, rules_table
+from node.strategy.consortium_rules import build_strategy, pin_rules, resolve_rule, rules_table
 from tests.helpers import consortium, keys
 
 

@@ -13,12 +13,12 @@ from nacl.signing import SigningKey
 from gossip import bodies, envelope
 from gossip.transports.memory import MemoryHub
 from node.config import load_config
-from node.identity import load_identity
-from node.models import get_flat
-from node.privacy import SeededNoise
+from node.learn.models import get_flat
+from node.privacy.mechanisms import SeededNoise
 from node.rehearsal.simulation.prepare import prepare
 from node.rehearsal.simulation.spec import SimulationSpec
 from node.runner import Node
+from node.runtime.identity import load_identity
 
 
 def make(tmp_path, nodes=3, rounds=3, privacy="update", deadline=30.0):

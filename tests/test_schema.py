@@ -16,7 +16,8 @@ import pytest
 
 from gossip.errors import LocalError
 from node.cli import main
-from node.data import FeatureSchema, encode
+from node.data.encode import encode
+from node.data.schema import FeatureSchema
 from tests.helpers import SCHEMA
 
 ROOT = Path(__file__).resolve().parent.parent

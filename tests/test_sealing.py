@@ -27,11 +27,11 @@ from gossip.protocol.book import RoundBook
 from gossip.seal import PrekeyStore, Sealing, encode_announcement, open_sealed, seal_ad
 from gossip.transports.memory import MemoryHub
 from node.config import load_config
-from node.identity import load_identity
+from node.learn.train import evaluate
 from node.rehearsal.simulation.prepare import prepare
 from node.rehearsal.simulation.spec import SimulationSpec
 from node.runner import Node
-from node.train import evaluate
+from node.runtime.identity import load_identity
 from tests.helpers import SPEC, consortium, keys, tensors
 
 

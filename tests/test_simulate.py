@@ -54,7 +54,7 @@ def test_churn_by_state_beats_local_only(tmp_path):
 
 
 def test_update_privacy_reports_finite_epsilon_from_the_accountant(tmp_path):
-    from node.privacy import LedgerRecord, epsilon_of
+    from node.privacy.accountant import LedgerRecord, epsilon_of
 
     s = simulate(SimulationSpec(dataset="default", nodes=4, partition="dirichlet:0.5", rounds=5,
                                 seed=0, out=tmp_path, privacy="update", clip=0.1, sigma=1.0),

@@ -1,6 +1,6 @@
 """Options against skewed members (issue 13): server optimizers on the aggregate
 (node/strategy/base.py, `ServerOptimizer`) and FedProx in local training
-(node/train.py, node/dpsgd.py). Each reduces to plain FedAvg at its neutral setting,
+(node/learn/train.py, node/learn/dpsgd.py). Each reduces to plain FedAvg at its neutral setting,
 keeps its state across a checkpoint and a real restart, and refuses bad parameters."""
 
 from __future__ import annotations
@@ -18,14 +18,15 @@ from torch import nn
 from gossip.errors import LocalError
 from gossip.transports.memory import MemoryHub
 from node.config import load_config, validate_config
-from node.dpsgd import clipped_gradient_sum, train_local_dp_fast
-from node.models import build_model, get_flat
-from node.privacy import SeededNoise, steps_per_epoch
+from node.learn.dpsgd import clipped_gradient_sum, train_local_dp_fast
+from node.learn.models import build_model, get_flat
+from node.learn.train import train_local
+from node.privacy.accountant import steps_per_epoch
+from node.privacy.mechanisms import SeededNoise
 from node.rehearsal.simulation.prepare import prepare
 from node.rehearsal.simulation.spec import SimulationSpec
 from node.runner import Node
 from node.strategy import StrategyError, WeightedShare, make_strategy
-from node.train import train_local
 
 torch.set_num_threads(1)
 
@@ -523,7 +524,7 @@ def test_server_opt_state_survives_a_sigkill_of_a_real_flnode_run_process(tmp_pa
     import sys
     from pathlib import Path
 
-    from node.state import read_jsonl
+    from node.runtime.state import read_jsonl
 
     root = Path(__file__).resolve().parent.parent
     out = tmp_path / "net"
@@ -570,7 +571,7 @@ def test_server_opt_state_survives_a_sigkill_of_a_real_flnode_run_process(tmp_pa
     assert checkpointed >= 2, steps
 
 
-# --- control variates (SCAFFOLD-style, node/control.py) -------------------------------
+# --- control variates (SCAFFOLD-style, node/learn/control.py) -------------------------------
 def _corrections(model, seed=0, scale=0.05):
     g = torch.Generator().manual_seed(seed)
     return [torch.randn(p.shape, generator=g) * scale for p in model.parameters()]
@@ -654,7 +655,7 @@ def _scaffold_rounds(rounds: int, members: int = 3, seed: int = 0, states=None, 
                      first: int = 0):
     """Members that each move by K eta (g_j + c - c_i) from the common x (g_j: a fixed
     'local gradient' per member, different per round), aggregated by the plain mean."""
-    from node.control import ControlVariates
+    from node.learn.control import ControlVariates
 
     states = states or [ControlVariates() for _ in range(members)]
     x = torch.zeros(D) if start is None else start
@@ -693,7 +694,7 @@ def test_control_variates_state_is_scaffold_option_ii_from_released_values():
 
 
 def test_control_variates_state_survives_a_checkpoint_round_trip_bit_for_bit():
-    from node.control import ControlVariates
+    from node.learn.control import ControlVariates
 
     whole, x_whole, _ = _scaffold_rounds(5)
     part, x_part, _ = _scaffold_rounds(3)
@@ -724,7 +725,7 @@ def test_control_variates_state_survives_a_checkpoint_round_trip_bit_for_bit():
     (lambda d: d.update(sneaky=1), "unknown field(s) sneaky"),
 ])
 def test_control_variates_malformed_checkpoint_state_is_refused_naming_what(mutate, message):
-    from node.control import ControlError, ControlVariates
+    from node.learn.control import ControlError, ControlVariates
 
     states, _, _ = _scaffold_rounds(2)
     d = states[0].state_dict()
@@ -743,7 +744,7 @@ def test_control_variates_of_another_model_size_are_a_clear_error():
 
 
 def test_control_variates_with_a_server_optimizer_are_refused(tmp_path):
-    from node.control import ControlVariates
+    from node.learn.control import ControlVariates
 
     assert ControlVariates.for_node(False, {"server_opt": "adam"}) is None
     assert ControlVariates.for_node(True, {"server_opt": "none"}) is not None
@@ -854,7 +855,7 @@ async def test_control_variates_state_survives_a_real_node_restart(tmp_path):
 
 # --- more local steps, a decaying learning rate ----------------------------------------
 def test_lr_decay_rule_and_its_default_is_the_constant_rate():
-    from node.train import round_lr
+    from node.learn.train import round_lr
 
     assert all(round_lr(0.05, 1.0, r) == 0.05 for r in range(1000))
     assert round_lr(0.05, 0.9, 0) == 0.05
@@ -887,7 +888,7 @@ async def test_lr_decay_default_is_todays_training_and_a_decayed_rate_is_used(tm
 async def test_more_local_epochs_are_charged_as_planned_in_record_dp(tmp_path):
     """Record-level DP with 2 local epochs and a decaying rate: every round is charged
     epochs x steps per epoch (the plan's pinned steps), whatever the rate."""
-    from node.state import read_jsonl
+    from node.runtime.state import read_jsonl
 
     prep, run = _consortium(tmp_path, "dp", 2, privacy="record", sigma=1.0, epochs=2,
                             lr_decay=0.5)
@@ -923,8 +924,8 @@ def test_control_variates_state_survives_a_sigkill_of_a_real_flnode_run_process(
     import sys
     from pathlib import Path
 
-    from node.control import ControlVariates
-    from node.state import StateDir, read_jsonl
+    from node.learn.control import ControlVariates
+    from node.runtime.state import StateDir, read_jsonl
 
     root = Path(__file__).resolve().parent.parent
     out = tmp_path / "net"
@@ -974,7 +975,7 @@ def test_control_variates_state_survives_a_sigkill_of_a_real_flnode_run_process(
 async def test_control_variates_under_record_dp_take_k_eta_from_what_trained(tmp_path):
     """Record-level DP with control variates: each round is charged as plain DP-SGD, and
     the state's K eta is the steps and rate the share was trained with."""
-    from node.state import read_jsonl
+    from node.runtime.state import read_jsonl
 
     _, run = _consortium(tmp_path, "dpcv", 2, privacy="record", sigma=1.0,
                          control_variates=True, lr_decay=0.9)

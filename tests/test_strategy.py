@@ -23,7 +23,7 @@ from node.strategy import (
     make_strategy,
     rule_params,
 )
-from node.strategy.base import Candidate, Round
+from node.strategy.types import Candidate, Round
 
 N, D = 8, 200
 ATTACKER = "m7"

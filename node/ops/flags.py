@@ -97,9 +97,10 @@ def add_privacy_flags(p: argparse.ArgumentParser) -> None:
 
 
 def add_rules_flags(p: argparse.ArgumentParser) -> None:
-    """The consortium's [rules] (node/rules.py): how every member combines shares."""
-    # node.rules.DEFAULT_RULE (tests/test_lean.py checks), not imported: node.rules imports
-    # the strategies and torch, and every command, `flnode status` included, builds this parser.
+    """The consortium's [rules] (node/strategy/consortium_rules.py): how every member combines shares."""
+    # node.strategy.consortium_rules.DEFAULT_RULE (tests/test_lean.py checks), not imported:
+    # that module imports the strategies and torch, and every command, `flnode status`
+    # included, builds this parser.
     DEFAULT_RULE = "auto"  # noqa: N806
     p.add_argument("--aggregation", default=DEFAULT_RULE, metavar="RULE",
                    help=f"aggregation rule every member applies (default {DEFAULT_RULE}: "

@@ -28,8 +28,8 @@ from node.ops.report_html.reader import Run, _count, _jsonl_lines, _members, _Su
 from node.ops.report_html.render import CSS, MAX_NOTES, _bytes, _e, _fmt, _table, write_text_atomic
 from node.ops.status import collect
 from node.ops.status import render as status_render
-from node.privacy import PLAN_FILE, PrivacyPlan
-from node.state import read_jsonl
+from node.privacy.budget import PLAN_FILE, PrivacyPlan
+from node.runtime.state import read_jsonl
 
 # Outcomes in audit.jsonl that are the node's own records, not a message it refused.
 OWN_RECORDS = frozenset({"accepted", "aggregate", "normalization"})

@@ -6,7 +6,7 @@
     result.to_json()       # diagnostics for the audit log and summary.json
 """
 
-from node.strategy.base import Aggregate, Note, Strategy, StrategyError, WeightedShare
+from node.strategy.base import Strategy
 from node.strategy.distance import DistanceBound, dp_bound
 from node.strategy.registry import (
     ALIASES,
@@ -17,6 +17,7 @@ from node.strategy.registry import (
     make_strategy,
     rule_params,
 )
+from node.strategy.types import Aggregate, Note, StrategyError, WeightedShare
 from node.strategy.weights import cap_weights
 
 __all__ = [

@@ -44,12 +44,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
-if TYPE_CHECKING:
-    from node.strategy.base import Aggregate, Candidate
+from node.strategy.types import Aggregate, Candidate, Note
 
 DISTANCE_ACTIONS = ("off", "clip", "reject")
 
@@ -83,8 +82,6 @@ def bound_shares(shares: list[Candidate], center: torch.Tensor, *, own_is_center
                  dp_noise_multiplier: float | None, tail: float,
                  result: Aggregate) -> list[Candidate]:
     """Clip or drop the shares further than the bound from `center`; record it."""
-    from node.strategy.base import Candidate, Note
-
     dist = {c.member: float(torch.linalg.vector_norm(c.vector - center)) for c in shares}
     own = next(c for c in shares if c.own)
     if dp_clip is not None and dp_noise_multiplier is not None:
@@ -146,8 +143,6 @@ def drop_far(shares: list[Candidate], factor: float,
     leaves out nothing: there is no scale to judge by (the rule's f still applies).
     Assumes the honest shares are a majority of those admitted, like every rule here.
     """
-    from node.strategy.base import Note
-
     if len(shares) < 3:
         return shares, 0
     stacked = torch.stack([c.vector for c in shares])

@@ -12,8 +12,9 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from node.strategy.base import COMMON_PARAMS, Strategy, StrategyError
+from node.strategy.base import COMMON_PARAMS, Strategy
 from node.strategy.rules import RULE_CLASSES
+from node.strategy.types import StrategyError
 
 STRATEGIES: dict[str, type[Strategy]] = {cls.name: cls for cls in RULE_CLASSES}
 

@@ -15,18 +15,9 @@ from typing import Any, ClassVar
 
 import torch
 
-from node.strategy.base import (
-    FAR_FACTOR,
-    Candidate,
-    Note,
-    Round,
-    Strategy,
-    StrategyError,
-    _int,
-    _num,
-    weighted_sum,
-)
+from node.strategy.base import FAR_FACTOR, Strategy, weighted_sum
 from node.strategy.distance import median
+from node.strategy.types import Candidate, Note, Round, StrategyError, _int, _num
 
 
 class WeightedMean(Strategy):
@@ -261,7 +252,7 @@ class StagedMultiKrum(MultiKrum):
     """Multi-Krum with `score = "staged"` (see `MultiKrum`): the shares far beyond
     the others' distance scores are left out first, the rest of the f by update
     direction. A rule of its own so that a consortium file naming it says exactly
-    what every member applies. The bench's default (`node/rules.py`): at f = 1 it
+    what every member applies. The bench's default (`node/strategy/consortium_rules.py`): at f = 1 it
     held every model-level attack within 0.02 of the clean plain mean on both
     tables and lost less on clean `digits` than multi_krum by distance."""
 

@@ -175,8 +175,9 @@ def make_consortium() -> None:
 
 def make_run() -> None:
     from node.cli import main
-    from node.privacy import Ledger, PrivacyPlan
-    from node.state import StateDir
+    from node.privacy.budget import PrivacyPlan
+    from node.privacy.ledger import Ledger
+    from node.runtime.state import StateDir
 
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "run"
@@ -355,10 +356,10 @@ def federated_run(out: Path) -> Path:
     from gossip.transports.base import SENDER_QUEUE_MESSAGES, Incoming
     from gossip.transports.memory import MemoryHub
     from node.config import load_config
-    from node.identity import load_identity
     from node.rehearsal.simulation.prepare import prepare
     from node.rehearsal.simulation.spec import SimulationSpec
     from node.runner import Node
+    from node.runtime.identity import load_identity
 
     spec = SimulationSpec(dataset="default", nodes=3, partition="iid", rounds=1, seed=0,
                           out=out, privacy="off", sigma=1.0, model="logreg")
@@ -451,7 +452,7 @@ def resume_nodes(run: Path, hub, noise=None) -> list:
 def make_resume() -> None:
     from gossip.transports.memory import MemoryHub
     from node.cli import build_parser
-    from node.privacy import SeededNoise
+    from node.privacy.mechanisms import SeededNoise
     from node.rehearsal.simulation.prepare import prepare
     from node.rehearsal.simulation.scenario import spec_from_args
 
@@ -502,7 +503,8 @@ def finish_resume(run: Path) -> list:
 
 
 def ledger_of(state: Path) -> dict:
-    from node.privacy import Ledger, PrivacyPlan
+    from node.privacy.budget import PrivacyPlan
+    from node.privacy.ledger import Ledger
 
     plan = PrivacyPlan.load(state / "privacy_plan.json")
     ledger = Ledger(state / "ledger.jsonl")
@@ -524,7 +526,7 @@ def make_resume_json() -> None:
 
 def prometheus_families(node) -> dict[str, dict]:
     """name -> type and label names of every family a node's collector yields."""
-    from node.metrics import NodeCollector
+    from node.runtime.metrics import NodeCollector
 
     out = {}
     for fam in NodeCollector(node).collect():

@@ -297,7 +297,7 @@ def _seen_by(run: Run) -> str:
 
 
 # Fewer rounds than this: the consortium model may still be near its start (the 4-bank demo
-# at ε 3 reached ROC-AUC 0.95 only after 10 rounds; node/rules.py few_rounds_warning).
+# at ε 3 reached ROC-AUC 0.95 only after 10 rounds; node/strategy/consortium_rules.py few_rounds_warning).
 FEW_ROUNDS = 10
 
 

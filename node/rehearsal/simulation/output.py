@@ -13,13 +13,13 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
+from node.learn.train import metric_name
 from node.ops.report_html import negative_gain_note
 from node.rehearsal.simulation.prepare import evaluation_rows, prepare
 from node.rehearsal.simulation.results import AGGREGATION_ACTIONS, result_of, summarize
 from node.rehearsal.simulation.run import NOISE_OS, baselines, run_consortium
 from node.rehearsal.simulation.spec import SimulationSpec
 from node.runtime.round_report import RoundReport
-from node.train import metric_name
 
 
 def _eps(value: float | None) -> str:

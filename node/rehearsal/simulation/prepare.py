@@ -39,23 +39,16 @@ from gossip.membership import (
 )
 from gossip.testing.faults import parse_network_partition
 from node.config import seals
-from node.data import (
-    FeatureSchema,
-    _pydantic_message,
-    encode,
-    fit_schema,
-    load_demo,
-    member_split,
-    parse_partition,
-    partition,
-    read_frame,
-)
-from node.data import held_out_split as data_held_out_split
-from node.identity import Identity, save_identity
-from node.normalize import DEFAULT_NORMALIZE_NOISE, Agreed, combine, member_stats, noised, resolve
-from node.privacy import OsNoise
+from node.data.encode import encode, member_split
+from node.data.encode import held_out_positions as data_held_out_split
+from node.data.schema import FeatureSchema, _pydantic_message, fit_schema
+from node.data.table import read_frame
+from node.learn.normalize import DEFAULT_NORMALIZE_NOISE, Agreed, combine, member_stats, noised, resolve
+from node.privacy.mechanisms import OsNoise
+from node.rehearsal.simulation.datasets import load_demo, parse_row_partition, partition
 from node.rehearsal.simulation.spec import MEMBER_PREFIX, TEST_FRACTION, SimulationSpec
-from node.rules import build_strategy, default_cap, pin_rules, rules_table
+from node.runtime.identity import Identity, save_identity
+from node.strategy.consortium_rules import build_strategy, default_cap, pin_rules, rules_table
 
 
 @dataclass(frozen=True)
@@ -166,7 +159,7 @@ def data_dir_files(spec: SimulationSpec) -> tuple[dict[str, Path], Path | None]:
 def held_out_split(n_rows: int, seed: int, fraction: float = EVAL_FRACTION
                    ) -> tuple[np.ndarray, np.ndarray]:
     """(training rows, held-out rows) of a member without data.eval_path: the split its
-    node makes (node.data.held_out_split; tests/test_data_dir.py checks)."""
+    node makes (node.data.encode.held_out_positions; tests/test_data_dir.py checks)."""
     return data_held_out_split(n_rows, seed, fraction)
 
 
@@ -180,7 +173,7 @@ def baseline_schema(schema: FeatureSchema, train_rows: dict[str, Any],
                     delta: float = 1e-5) -> tuple[FeatureSchema, str | None]:
     """What the simulator encodes its baselines (centralized, local-only) and the common
     test set with, and a note saying what that is. normalize = "federated": what the
-    members would agree (node/normalize.py): each member's check at start first (with
+    members would agree (node/learn/normalize.py): each member's check at start first (with
     its own rows, as its node does: a refusal raises here, before anything runs; a
     fallback gives range scaling), then the combined statistics, exact with privacy
     off, and under record-level DP each member's sums noised by the same mechanism at the
@@ -210,7 +203,7 @@ def baseline_schema(schema: FeatureSchema, train_rows: dict[str, Any],
            f"statistics from sums noised as the members' are (σₙ {sigma:g})")
     return (schema.with_stats(combine(msgs, schema, max_fraction).stats),
             f"normalize = \"federated\": the members agree mean and std before round 1 "
-            f"(node/normalize.py); the baselines use {how}")
+            f"(node/learn/normalize.py); the baselines use {how}")
 
 
 def _check_columns(frames: dict[str, Any], files: dict[str, Path]) -> None:
@@ -376,7 +369,7 @@ def attribute_rows(test_df: Any, train_df: Any, parts: list[np.ndarray], label: 
     (a column value no member trains on)."""
     n = len(parts)
     rng = np.random.default_rng([spec.seed, 2])
-    kind, arg = parse_partition(spec.partition)
+    kind, arg = parse_row_partition(spec.partition)
     owners = np.full(len(test_df), -1, dtype=np.int64)
     if kind == "column":
         values = sorted(train_df[arg].astype(str).unique())
@@ -418,7 +411,7 @@ def _data_dir_rows(spec: SimulationSpec, names: list[str]) -> _Rows:
             raise LocalError(f"{test_path}: no rows (only a header?)")
         test_df = test_df[cols]
     def split(given: FeatureSchema | None) -> dict[str, tuple[np.ndarray, np.ndarray, int]]:
-        # as a node splits (node.data.member_split): missing = "drop_row" on the whole
+        # as a node splits (node.data.encode.member_split): missing = "drop_row" on the whole
         # file, then the rows left split by the member's training.seed
         return {n: member_split(frames[n], given, member_seed(spec, i), EVAL_FRACTION)
                 for i, n in enumerate(names)}

@@ -10,15 +10,15 @@ from typing import Any
 import numpy as np
 
 from node.config import AttackConfig
+from node.learn.train import evaluate, metric_name
 from node.ops.status import flood_by_member
-from node.privacy import ACCOUNTANT
+from node.privacy.accountant import ACCOUNTANT
 from node.rehearsal.simulation.prepare import XY, Prepared
 from node.rehearsal.simulation.run import evaluate_rows, noise_kind
 from node.rehearsal.simulation.spec import SimulationSpec
-from node.rules import build_strategy
 from node.runner import Node
-from node.state import read_jsonl
-from node.train import evaluate, metric_name
+from node.runtime.state import read_jsonl
+from node.strategy.consortium_rules import build_strategy
 
 
 @dataclass
@@ -94,7 +94,7 @@ def summarize(spec: SimulationSpec, prep: Prepared, results: list[MemberResult],
         "noise": noise if noise is not None else noise_kind(spec),
         "model": spec.model,
         # local training: what every member ran (prox_mu: FedProx's proximal term, 0 = off;
-        # round r's rate lr * lr_decay**r; control_variates: SCAFFOLD-style, node/control.py)
+        # round r's rate lr * lr_decay**r; control_variates: SCAFFOLD-style, node/learn/control.py)
         "training": {"epochs": spec.epochs, "batch_size": spec.batch_size, "lr": spec.lr,
                      "prox_mu": spec.prox_mu, "lr_decay": spec.lr_decay,
                      "control_variates": spec.control_variates},

@@ -11,13 +11,13 @@ import torch
 
 from gossip.transports.memory import MemoryHub
 from node.config import load_config
-from node.models import build_model, init_seed_from, set_flat
-from node.privacy import NoiseSource, OsNoise, SeededNoise
+from node.learn.models import build_model, init_seed_from, set_flat
+from node.learn.train import evaluate, train_local
+from node.privacy.mechanisms import NoiseSource, OsNoise, SeededNoise
 from node.rehearsal.simulation.prepare import XY, Prepared
 from node.rehearsal.simulation.spec import SimulationSpec
 from node.runner import Node
-from node.state import Checkpoint
-from node.train import evaluate, train_local
+from node.runtime.state import Checkpoint
 
 
 def train_baseline(spec: SimulationSpec, prep: Prepared, X: np.ndarray, y: np.ndarray,
@@ -43,7 +43,7 @@ def evaluate_rows(model: Any, rows: XY) -> dict[str, float]:
 
 def model_from_state(spec: SimulationSpec, prep: Prepared, cp: Checkpoint | None) -> Any:
     """A member's final model from its checkpoint (a `flnode run` process's
-    `node.state.Checkpoint`), or None without one."""
+    `node.runtime.state.Checkpoint`), or None without one."""
     if cp is None:
         return None
     model = build_model(spec.model, prep.schema.n_features, prep.schema.n_classes, spec.hidden,

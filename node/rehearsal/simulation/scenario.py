@@ -74,7 +74,7 @@ def _scenario_model():
         lr: float | None = Field(default=None, gt=0)
         prox_mu: float | None = Field(default=None, ge=0, le=1e6)  # FedProx
         lr_decay: float | None = Field(default=None, gt=0, le=1)  # round r: lr * lr_decay**r
-        control_variates: bool | None = None  # SCAFFOLD-style (node/control.py)
+        control_variates: bool | None = None  # SCAFFOLD-style (node/learn/control.py)
 
     class Privacy(Strict):
         mode: Literal["off", "update", "record"] | None = None
@@ -83,7 +83,7 @@ def _scenario_model():
         sigma: float | None = Field(default=None, gt=0)
         delta: float | None = Field(default=None, gt=0, lt=1)
         weight: Literal["auto", "noised", "uniform"] | None = None
-        recipe: Literal["fixed", "auto"] | None = None  # record mode (node/recipe.py)
+        recipe: Literal["fixed", "auto"] | None = None  # record mode (node/privacy/recipe.py)
 
         @model_validator(mode="after")
         def _one_budget(self):

@@ -11,7 +11,7 @@ from typing import Any
 
 from gossip.errors import LocalError
 from node.config import ATTACK_PARAMS, AttackConfig
-from node.rules import DEFAULT_RULE
+from node.strategy.consortium_rules import DEFAULT_RULE
 
 MEMBER_PREFIX = {"default": "bank", "churn": "telco", "digits": "site"}
 TEST_FRACTION = 0.2
@@ -36,7 +36,7 @@ class SimulationSpec:
     epsilon: float | None = None  # total budget per member; sigma is then calibrated
     delta: float = 1e-5
     weight: str = "auto"  # record mode: "auto", "noised" or "uniform" (privacy.weight)
-    recipe: str = "fixed"  # record mode's privacy.recipe: "fixed" or "auto" (node/recipe.py)
+    recipe: str = "fixed"  # record mode's privacy.recipe: "fixed" or "auto" (node/privacy/recipe.py)
     network_config: Path | None = None
     round_deadline_s: float = 120.0
     transport: str = "memory"
@@ -49,7 +49,7 @@ class SimulationSpec:
     net_partitions: tuple[str, ...] = ()
     absent: tuple[str, ...] = ()  # listed members that never start
     stragglers: tuple[tuple[str, float], ...] = ()
-    # The consortium's [rules] (node/rules.py); None: the documented default
+    # The consortium's [rules] (node/strategy/consortium_rules.py); None: the documented default
     aggregation: str = DEFAULT_RULE
     f: int | None = None
     max_weight_fraction: float | None = None

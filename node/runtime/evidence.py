@@ -5,7 +5,7 @@ A member equivocates when it signs two different messages for the same round and
 them, are the proof: anyone holding the member's public key (the consortium file) can
 check them with `verify_equivocation`, without trusting the node that kept them.
 
-The audit log (audit.jsonl) rotates at a size (node/state.py), so a member that floods
+The audit log (audit.jsonl) rotates at a size (node/runtime/state.py), so a member that floods
 us could push an earlier proof out of it. Proofs therefore live in their own directory,
 state/evidence/proofs/, one file per offender and round, never rotated and never
 overwritten. The store is bounded per offender (MAX_PROOFS_PER_MEMBER files, counted
@@ -30,7 +30,7 @@ from nacl.signing import VerifyKey
 from gossip import envelope
 from gossip.envelope import SHARE_KINDS, Envelope
 from gossip.errors import RemoteError
-from node.state import atomic_write
+from node.runtime.state import atomic_write
 
 # Proofs kept per offender (one per round it equivocated in). 64 rounds of proof is more
 # than any audit needs; the bound keeps an endless equivocator to 64 x two envelopes

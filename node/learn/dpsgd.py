@@ -29,7 +29,7 @@ data-independent term: the per-example clipping, the noise and the accountant's
 charge are unchanged. Adding it before clipping would instead put it inside each
 example's norm, spending clip budget on a term the records do not determine.
 
-Control variates (`correction` = c - c_i, node/control.py): fixed before the round's
+Control variates (`correction` = c - c_i, node/learn/control.py): fixed before the round's
 first step from released values only, so after each noised step the further step
 w - lr (c - c_i) is post-processing, like the FedProx term: clipping, noise and the
 accountant's charge are those of plain DP-SGD.
@@ -42,8 +42,9 @@ import torch
 from torch import nn
 
 from gossip.errors import LocalError
-from node.privacy import NoiseSource, steps_per_epoch
-from node.train import check_correction, proximal_start
+from node.learn.train import check_correction, proximal_start
+from node.privacy.accountant import steps_per_epoch
+from node.privacy.mechanisms import NoiseSource
 
 CLIP_EPS = 1e-6  # as Opacus: C / (norm + 1e-6)
 

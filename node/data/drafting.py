@@ -4,7 +4,7 @@
 categorical column's categories, the label's classes. Nothing computed from the
 rows' numeric distribution goes into it (a min, max, mean or std read from
 private rows is itself a release): where a number is needed the draft holds a
-placeholder (node.data.RANGE_PLACEHOLDER, VALUE_PLACEHOLDER) that `FeatureSchema`
+placeholder (node.data.schema.RANGE_PLACEHOLDER, VALUE_PLACEHOLDER) that `FeatureSchema`
 refuses, naming the column, until the operator fills it from domain knowledge.
 The categories and classes are released by the draft (which values exist); the
 printed notes say so.
@@ -34,7 +34,7 @@ import pandas as pd
 import tomli_w
 
 from gossip.errors import LocalError
-from node.data import (
+from node.data.schema import (
     DROP_ROW,
     NORMALIZE,
     RANGE_PLACEHOLDER,
@@ -42,8 +42,8 @@ from node.data import (
     FeatureSchema,
     Missing,
     is_placeholder,
-    read_frame,
 )
+from node.data.table import read_frame
 
 # More distinct values than this in a text column: an identifier or free text, not a
 # category (its one-hot block would be that wide, and it would release every value).

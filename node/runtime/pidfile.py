@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from gossip.errors import LocalError
+from node.runtime.state import atomic_write
 
 PID_FILE = "node.pid"
 # Our own small file; more than this is not one we wrote.
@@ -116,8 +117,6 @@ def _alive(pid: int) -> bool:
 
 def claim(state_dir: Path) -> Path:
     """Write our pid file; refuse if it names a node that is still running."""
-    from node.state import atomic_write
-
     state_dir = Path(state_dir)
     st = process_state(state_dir)
     if st["state"] == "running" and st.get("pid") != os.getpid():
@@ -134,8 +133,6 @@ def claim(state_dir: Path) -> Path:
 
 def record_exit(state_dir: Path, code: int | None) -> None:
     """Add our exit to our pid file (if it is still ours). Never raises: the node is ending."""
-    from node.state import atomic_write
-
     path = Path(state_dir) / PID_FILE
     doc = read_pid_file(Path(state_dir))
     if doc is None or doc.get("pid") != os.getpid() or "unreadable" in doc:

@@ -3,7 +3,7 @@
 `opacus/accountants/analysis/rdp.py` does `from scipy import special` for
 `special.binom(alpha, i)` (alpha an int or a float order, i an int >= 0) and
 `special.log_ndtr(x)` (x a finite float); importing scipy.special costs a node
-~16 MB and ~0.3 s. node/privacy.py loads that file with `special` bound to this
+~16 MB and ~0.3 s. node/privacy/accountant.py loads that file with `special` bound to this
 module instead. tests/test_lean.py compares both with scipy's on dense grids.
 """
 

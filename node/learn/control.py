@@ -10,7 +10,7 @@ What is kept, by whom. Every member i that turns the option on keeps, for itself
   aggregate is known.
 
 All four start at zero / empty; they are float32 vectors the size of the model, in
-the node's checkpoint (node/state.py `Checkpoint.control`), so they survive a restart.
+the node's checkpoint (node/runtime/state.py `Checkpoint.control`), so they survive a restart.
 
 The algorithm, round r, member i, x = the model it starts the round from (its
 previous aggregate, the `reference` every honest member shares), K = epochs x
@@ -20,8 +20,8 @@ ceil(rows / batch_size) local steps at learning rate η = η_r:
    this node combined it (the node adopts the aggregate), so x_p - x is the
    consortium's movement in round p, and c is that movement per own local step.
 2. local training on the corrected gradient: each step is w <- w - η (g + c - c_i),
-   written as the plain step followed by w <- w - η (c - c_i) (node/train.py,
-   node/dpsgd.py); c - c_i is fixed for the whole round.
+   written as the plain step followed by w <- w - η (c - c_i) (node/learn/train.py,
+   node/learn/dpsgd.py); c - c_i is fixed for the whole round.
 3. release y_i (after DP noise when DP is on: the released share, never the local
    model before noise), then c_i <- c_i - c + (x - y_i) / (K η) and remember
    (x_p, s_p) = (x, K η) for step 1 of the next round this member trains in.
@@ -70,7 +70,7 @@ import torch
 from torch import nn
 
 from gossip.errors import LocalError
-from node.privacy import steps_per_epoch
+from node.privacy.accountant import steps_per_epoch
 
 
 def local_steps(rows: int, epochs: int, batch_size: int) -> int:
@@ -79,7 +79,7 @@ def local_steps(rows: int, epochs: int, batch_size: int) -> int:
 
 
 def per_parameter(model: nn.Module, flat: torch.Tensor) -> list[torch.Tensor]:
-    """A flat vector (node.models.get_flat order) as one tensor per model.parameters()."""
+    """A flat vector (node.learn.models.get_flat order) as one tensor per model.parameters()."""
     params = list(model.parameters())
     if len(model.state_dict()) != len(params):
         raise LocalError("control variates need a model whose state is its parameters "

@@ -3,7 +3,7 @@
 Layout::
 
     STATE_DIR/checkpoint.msgpack   model, next round, seq, replay table, counters
-    STATE_DIR/ledger.jsonl         privacy ledger (node.privacy.Ledger)
+    STATE_DIR/ledger.jsonl         privacy ledger (node.privacy.ledger.Ledger)
     STATE_DIR/seq                  the next free sequence number, fsync'd before any
                                    message signed with an earlier one leaves
     STATE_DIR/outbox/round-N.env   the exact bytes released for round N (re-sent by
@@ -118,11 +118,11 @@ class Checkpoint:
     # restart can seal at once without waiting for their answers to its hello.
     peer_prekeys: dict[str, list[Any]] = field(default_factory=dict)
     strategy: dict[str, Any] = field(default_factory=dict)  # the aggregation strategy's state
-    # training.control_variates: c_i, c and the pending round (node/control.py state_dict)
+    # training.control_variates: c_i, c and the pending round (node/learn/control.py state_dict)
     control: dict[str, Any] = field(default_factory=dict)
     planned_rounds: int | None = None  # training.rounds (for `flnode status`)
     # The privacy ledger this checkpoint was written with: its record count and digest
-    # (node.privacy.ledger_digest). A restart refuses a ledger that no longer starts with
+    # (node.privacy.ledger.ledger_digest). A restart refuses a ledger that no longer starts with
     # them (rolled back, cut short, edited): epsilon would be under-counted. None: a
     # checkpoint from before this was kept (nothing to compare).
     ledger_records: int | None = None

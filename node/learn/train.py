@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import logging
 import math
+import warnings
 
 import numpy as np
 import torch
 from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
 
-from node.auc import average_precision, roc_auc
+from node.learn.auc import average_precision, roc_auc
 
 log = logging.getLogger("flnode.train")
 
@@ -48,7 +50,7 @@ def round_lr(lr: float, lr_decay: float, round_: int) -> float:
 
 def check_correction(params: list[torch.Tensor], correction: list[torch.Tensor] | None
                      ) -> list[torch.Tensor] | None:
-    """The control-variate correction c - c_i (node/control.py), one tensor per
+    """The control-variate correction c - c_i (node/learn/control.py), one tensor per
     parameter, checked against the parameters' shapes; None: no correction."""
     if correction is None:
         return None
@@ -86,7 +88,7 @@ def train_local(model: nn.Module, X: np.ndarray, y: np.ndarray, *, epochs: int,
     mu (w - w_start) is added to each step's. At 0 (the default) the term is not
     computed at all: the same steps, bit for bit.
 
-    `correction` (control variates, node/control.py): c - c_i per parameter
+    `correction` (control variates, node/learn/control.py): c - c_i per parameter
     (model.parameters() order), fixed for the round; each step is then
     w - lr (g + c - c_i), taken as the plain step followed by w - lr (c - c_i). None
     (the default) computes nothing; all zeros gives the plain steps bit for bit.
@@ -184,18 +186,15 @@ def train_local_dp(model: nn.Module, X: np.ndarray, y: np.ndarray, *, epochs: in
     """DP-SGD through Opacus; returns Opacus' own accountant history for this round.
 
     `generator` drives both the Poisson sampling and the noise; a real node
-    passes one seeded from os.urandom (see node.privacy.OsNoise).
+    passes one seeded from os.urandom (see node.privacy.mechanisms.OsNoise).
     `prox_mu` > 0: after each noised step w' = w - lr g~, the FedProx step
     - lr mu (w - w_start) on the parameters before it, so the step is
     w - lr (g~ + mu (w - w_start)): post-processing of the DP gradient g~ plus a
-    term that does not depend on the data (see node.dpsgd); no extra privacy cost.
+    term that does not depend on the data (see node.learn.dpsgd); no extra privacy cost.
     `correction` (control variates): after each step, w - lr (c - c_i), fixed for the
-    round and data-independent: post-processing as well (node/control.py).
+    round and data-independent: post-processing as well (node/learn/control.py).
     """
-    import warnings
-
-    from opacus import PrivacyEngine
-    from torch.utils.data import DataLoader, TensorDataset
+    from opacus import PrivacyEngine  # lean start: opacus' package (~115 MB) only in record mode
 
     start = proximal_start(model, prox_mu)
     corr = check_correction(list(model.parameters()), correction)

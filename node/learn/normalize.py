@@ -95,7 +95,10 @@ import numpy as np
 
 from gossip.bodies import Stats
 from gossip.errors import LocalError
-from node.data import Table, apply_missing, column_values
+from node.data.encode import apply_missing, column_values
+from node.data.table import Table
+from node.privacy.accountant import LedgerRecord, epsilon_of
+from node.privacy.mechanisms import snap, stat_grid
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -158,14 +161,12 @@ def member_stats(df: Table | pd.DataFrame, schema, source: str) -> Stats:
 def noised(exact: Stats, noise_multiplier: float, noise) -> Stats:
     """Gaussian mechanism: N(0, (sigma_n Delta)^2) on every value, from `noise` (the
     OS's random source in a real node)."""
-    import torch
-
-    from node.privacy import snap, stat_grid
+    import torch  # lean start: keeps torch out of the daemon's provisional_schema path
 
     k = len(exact.sum)
     std = noise_multiplier * sensitivity(k)
     draw = np.asarray(noise.gaussian(1 + 2 * k, std, torch.float64), dtype=np.float64)
-    # float64 draws, snapped (node.privacy.snap): the row count to an integer, the sums
+    # float64 draws, snapped (node.privacy.mechanisms.snap): the row count to an integer, the sums
     # to a grid far coarser than a double's low bits, which would otherwise tell an
     # observer which exact values the noise was added to
     grid = stat_grid(std)
@@ -255,7 +256,7 @@ def stats_digest(stats: Mapping[str, tuple[float, float]], members: tuple[str, .
 def combine(messages: Mapping[str, Stats], schema, max_fraction: float | None) -> Agreed:
     """The agreed (mean, std) per numeric column from every member's stats (module
     docstring); the same messages give the same bytes at every member."""
-    from node.strategy.weights import cap_weights
+    from node.strategy.weights import cap_weights  # lean start: node.strategy imports torch
 
     names = sorted(messages)
     cols = numeric_columns(schema)
@@ -362,7 +363,6 @@ def resolve(schema, members: int, own_rows: int, privacy_mode: str, delta: float
                 "numeric column by its declared range instead (nothing released or charged "
                 "for it); each range that clips more than 1 % of our rows is warned about")
         return range_schema(schema), check, note
-    from node.privacy import LedgerRecord, epsilon_of
 
     assert check.sigma_needed is not None
     cost = epsilon_of([LedgerRecord(-1, "normalize", check.sigma_needed, 1.0, 1, 1.0, "")],

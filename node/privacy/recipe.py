@@ -27,7 +27,7 @@ and linear lr scaling, local DP-SGD on default and digits matched or beat batch 
 at lr 0.05 for every size tried.
 
 The outputs depend on the exact row count, as today's q = 1/ceil(N/B) already does
-(node/privacy.py, node/dpsgd.py); they are pinned in the privacy plan and never sent
+(node/privacy/budget.py, node/learn/dpsgd.py); they are pinned in the privacy plan and never sent
 (a share carries its weight and tensors only). Nothing here trains; it only
 calibrates, through the callable it is given.
 """
@@ -38,7 +38,7 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from node.privacy import steps_per_epoch  # Opacus' Poisson loader, as the plan counts it
+from node.privacy.accountant import steps_per_epoch  # Opacus' Poisson loader, as the plan counts it
 
 NOISE_TARGET = 0.01  # sigma / (expected batch) per step
 LR_MAX_FACTOR = 64.0  # lr at most this many times the configured lr

@@ -1,0 +1,308 @@
+"""Reading a member's file (CSV or Parquet) into a `Table`: the node's path, no pandas."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import re
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from gossip.errors import LocalError
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+
+# --- reading a member's file (the node's path: no pandas) ------------------------------
+
+# The cells pandas' read_csv takes as empty (its default na_values): a node reads a file
+# as the operator tools (pandas) do, so a schema drafted from it fits it.
+NA_CELLS = frozenset({"", "#N/A", "#N/A N/A", "#NA", "-1.#IND", "-1.#QNAN", "-NaN", "-nan",
+                      "1.#IND", "1.#QNAN", "<NA>", "N/A", "NA", "NULL", "NaN", "None", "n/a",
+                      "nan", "null"})
+_TRUE, _FALSE = frozenset({"True", "TRUE", "true"}), frozenset({"False", "FALSE", "false"})
+_INT = re.compile(r"\s*[+-]?\d+\s*")
+_INT64 = (-(2 ** 63), 2 ** 63 - 1)
+
+
+def _number(cell: str) -> float:
+    """A cell as a number the way pandas parses one, NaN if it is not one."""
+    if "_" in cell:  # Python's float() takes 1_000; pandas does not
+        return math.nan
+    try:
+        return float(cell)
+    except ValueError:
+        return math.nan
+
+
+class _Cells:
+    """One column of a Table: `kind` "int" (int64, no empty cell), "float" (float64 or
+    float32, NaN where empty), "bool" (`empty` marks the empty cells), "text" (str, None
+    where empty) or "series" (a pandas Series: the simulators' and tests' DataFrames)."""
+
+    __slots__ = ("kind", "values", "empty")
+
+    def __init__(self, kind: str, values: Any, empty: np.ndarray | None = None) -> None:
+        self.kind, self.values, self.empty = kind, values, empty
+
+    def take(self, idx: np.ndarray) -> _Cells:
+        if self.kind == "text":
+            return _Cells("text", [self.values[i] for i in idx.tolist()])
+        if self.kind == "series":
+            return _Cells("series", self.values.iloc[idx])
+        return _Cells(self.kind, self.values[idx], None if self.empty is None else self.empty[idx])
+
+    def numbers(self) -> np.ndarray:
+        """float64, NaN where a cell is empty or not a number (pandas.to_numeric, coerce)."""
+        if self.kind == "series":
+            import pandas as pd  # lean start: only a DataFrame's cells (simulators, tests) need it
+
+            return pd.to_numeric(self.values, errors="coerce").to_numpy(dtype=np.float64)
+        if self.kind == "text":
+            return np.array([math.nan if t is None else _number(t) for t in self.values],
+                            dtype=np.float64)
+        out = np.asarray(self.values, dtype=np.float64).copy()
+        if self.empty is not None:
+            out[self.empty] = math.nan
+        return out
+
+    def is_empty(self) -> np.ndarray:
+        """bool per row: the cell is empty (pandas' isna of the column as read)."""
+        if self.kind == "series":
+            return self.values.isna().to_numpy(dtype=bool)
+        if self.kind == "text":
+            return np.array([t is None for t in self.values], dtype=bool)
+        if self.kind == "int":
+            return np.zeros(len(self.values), dtype=bool)
+        if self.kind == "float":
+            return np.isnan(self.values)
+        return np.asarray(self.empty, dtype=bool).copy()
+
+    def texts(self) -> list[str | None]:
+        """Each cell as text, None where empty (pandas' astype(str) of the column)."""
+        if self.kind == "text":
+            return list(self.values)
+        if self.kind == "series":
+            return [v if isinstance(v, str) else None for v in self.values.astype(str).tolist()]
+        if self.kind == "int":
+            return [str(v) for v in self.values.tolist()]
+        empty = np.isnan(self.values) if self.kind == "float" else self.empty
+        text = self.values.astype(str).tolist()
+        return [None if e else t for t, e in zip(text, empty.tolist(), strict=True)]
+
+    def shown(self, i: int) -> str:
+        """Cell i as an error message quotes it."""
+        if self.kind == "series":
+            v = self.values.iloc[i]
+            return repr(v if isinstance(v, str) else str(v))
+        t = self.texts()[i] if self.kind != "text" else self.values[i]
+        return "empty" if t is None else repr(t)
+
+
+class Table:
+    """A member's rows as `flnode run` reads them (read_table), without pandas: named
+    columns, equal lengths, and where each row came from (a CSV line, or a row number)
+    so that an error can point at it. `encode` turns it into tensors."""
+
+    def __init__(self, columns: dict[str, _Cells], origin: np.ndarray, unit: str) -> None:
+        self._cols = columns
+        self.origin = origin  # per row: its line in the file (unit "line") or "row" number
+        self.unit = unit
+
+    @property
+    def columns(self) -> list[str]:
+        return list(self._cols)
+
+    def __len__(self) -> int:
+        return len(self.origin)
+
+    @property
+    def iloc(self) -> _Rows:
+        """`table.iloc[positions]`: those rows, as a Table (as a DataFrame's iloc)."""
+        return _Rows(self)
+
+    def numbers(self, name: str) -> np.ndarray:
+        return self._cols[name].numbers()
+
+    def texts(self, name: str) -> list[str | None]:
+        return self._cols[name].texts()
+
+    def empty(self, name: str) -> np.ndarray:
+        """bool per row: the cell in column `name` is empty."""
+        return self._cols[name].is_empty()
+
+    def where(self, name: str, bad: np.ndarray) -> str:
+        """The first row marked in `bad`, for an error message."""
+        i = int(np.flatnonzero(bad)[0])
+        return f"first at {self.unit} {int(self.origin[i])}: {self._cols[name].shown(i)}"
+
+    @classmethod
+    def from_frame(cls, df: pd.DataFrame) -> Table:
+        """A DataFrame's rows (row numbers from 1), read with pandas' own conversions."""
+        return cls({str(c): _Cells("series", df[c]) for c in df.columns},
+                   np.arange(1, len(df) + 1), "row")
+
+
+class _Rows:
+    def __init__(self, table: Table) -> None:
+        self._t = table
+
+    def __getitem__(self, positions: Sequence[int] | np.ndarray) -> Table:
+        idx = np.asarray(positions, dtype=np.int64).reshape(-1)
+        t = self._t
+        return Table({n: c.take(idx) for n, c in t._cols.items()}, t.origin[idx], t.unit)
+
+
+def read_table(path: str | Path) -> Table:
+    """A member's .csv or .parquet file as a Table (no pandas; pyarrow only for Parquet).
+    Errors name the file, and the line and column where there is one."""
+    path = Path(path)
+    if path.suffix == ".csv":
+        return _read_csv(path)
+    if path.suffix == ".parquet":
+        return _read_parquet(path)
+    raise LocalError(f"data file {path}: expected a .csv or .parquet file")
+
+
+def read_frame(path: str | Path) -> pd.DataFrame:
+    """The same file as a pandas DataFrame, for the operator tools (`flnode schema infer`,
+    the simulators); a node reads with read_table."""
+    import pandas as pd  # lean start: the operator tools only; a node reads with read_table
+
+    path = Path(path)
+    try:
+        if path.suffix == ".parquet":
+            return pd.read_parquet(path)
+        if path.suffix == ".csv":
+            return pd.read_csv(path)
+    except (OSError, ValueError) as exc:
+        raise LocalError(f"cannot read data file {path}: {exc}") from None
+    raise LocalError(f"data file {path}: expected a .csv or .parquet file")
+
+
+def _read_csv(path: Path) -> Table:
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise LocalError(f"cannot read data file {path}: {exc}") from None
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = raw[:exc.start].count(b"\n") + 1
+        raise LocalError(f"{path}: line {line}: not UTF-8 text ({exc.reason} at byte "
+                         f"{exc.start})") from None
+    del raw
+    reader = csv.reader(text.splitlines(keepends=True))
+    header: list[str] | None = None
+    header_line = 0
+    rows: list[list[str]] = []
+    lines: list[int] = []
+    start = 1
+    try:
+        for row in reader:
+            here, start = start, reader.line_num + 1
+            if not row:  # a blank line (pandas skips them too)
+                continue
+            if header is None:
+                header, header_line = row, here
+                _check_header(path, here, header)
+                continue
+            if len(row) != len(header):
+                raise LocalError(f"{path}: line {here}: {len(row)} cell(s), but the header "
+                                 f"(line {header_line}) names {len(header)} column(s)")
+            rows.append(row)
+            lines.append(here)
+    except csv.Error as exc:
+        raise LocalError(f"{path}: line {reader.line_num}: not valid CSV: {exc}") from None
+    if header is None:
+        raise LocalError(f"{path}: empty file: expected a header line naming the columns, "
+                         "then one line per row")
+    del text
+    columns = {name: _typed([r[j] for r in rows]) for j, name in enumerate(header)}
+    return Table(columns, np.array(lines, dtype=np.int64), "line")
+
+
+def _check_header(path: Path, line: int, header: list[str]) -> None:
+    for j, name in enumerate(header):
+        if not name.strip():
+            raise LocalError(f"{path}: line {line} (the header): column {j + 1} has no name")
+    twice = sorted({n for n in header if header.count(n) > 1})
+    if twice:
+        raise LocalError(f"{path}: line {line} (the header): column(s) {twice} named twice")
+
+
+def _typed(cells: list[str]) -> _Cells:
+    """One CSV column, typed as pandas' read_csv types it: int64 if every cell is a whole
+    number, else float64 if every non-empty cell is a number, else bool if every cell is
+    True/False, else text. Only a categorical or label column's text depends on the type
+    (a cell "1.50" in a float column reads "1.5"; an int column's "+3" reads "3")."""
+    empty = np.fromiter((c in NA_CELLS for c in cells), dtype=bool, count=len(cells))
+    full = [c for c, e in zip(cells, empty.tolist(), strict=True) if not e]
+    if full and not empty.any() and all(_INT.fullmatch(c) for c in full):
+        ints = [int(c) for c in cells]
+        if _INT64[0] <= min(ints) and max(ints) <= _INT64[1]:
+            return _Cells("int", np.array(ints, dtype=np.int64))
+    numbers = [math.nan if e else _number(c) for c, e in zip(cells, empty.tolist(), strict=True)]
+    floats = np.array(numbers, dtype=np.float64)
+    if not (np.isnan(floats) & ~empty).any():  # every non-empty cell is a number
+        return _Cells("float", floats)
+    if full and all(c in _TRUE or c in _FALSE for c in full):
+        return _Cells("bool", np.array([c in _TRUE for c in cells], dtype=bool), empty)
+    return _Cells("text", [None if e else c for c, e in zip(cells, empty.tolist(), strict=True)])
+
+
+def _read_parquet(path: Path) -> Table:
+    try:
+        import pyarrow as pa  # lean start: only a .parquet file needs pyarrow
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise LocalError(f"data file {path}: reading Parquet needs pyarrow "
+                         "(pip install pyarrow), or give the rows as a .csv file") from None
+    try:  # ParquetFile, not pq.read_table: that one imports pandas
+        table = pq.ParquetFile(path).read()
+        meta = json.loads((table.schema.metadata or {}).get(b"pandas", b"{}"))
+    except (OSError, ValueError) as exc:  # pyarrow.ArrowInvalid is a ValueError
+        raise LocalError(f"cannot read data file {path}: {exc}") from None
+    index_columns = meta.get("index_columns", []) if isinstance(meta, dict) else []
+    index = {c for c in index_columns if isinstance(c, str)}  # pandas' index, not a column
+    columns = {}
+    for name, col in zip(table.column_names, table.columns, strict=True):
+        if name in index:
+            continue
+        t = col.type
+        if pa.types.is_dictionary(t):
+            col, t = col.cast(t.value_type), t.value_type
+        if pa.types.is_integer(t) and col.null_count == 0:
+            columns[name] = _Cells("int", _arrow_values(col.cast(pa.int64()), np.int64))
+        elif pa.types.is_integer(t) or t == pa.float64():  # int with nulls: float, as pandas
+            columns[name] = _Cells("float", _arrow_values(col.cast(pa.float64()), np.float64))
+        elif pa.types.is_floating(t):  # float32 (float16): its own text, as pandas shows it
+            dtype = np.float32 if t == pa.float32() else np.float16
+            columns[name] = _Cells("float", _arrow_values(col, dtype))
+        elif pa.types.is_boolean(t):
+            values = col.to_pylist()
+            columns[name] = _Cells("bool", np.array([bool(v) for v in values], dtype=bool),
+                                   np.array([v is None for v in values], dtype=bool))
+        else:
+            columns[name] = _Cells("text", [None if v is None else str(v)
+                                            for v in col.to_pylist()])
+    return Table(columns, np.arange(1, table.num_rows + 1), "row")
+
+
+def _arrow_values(col: Any, dtype: type) -> np.ndarray:
+    """A fixed-width pyarrow column as a numpy array, NaN where null (dtype a float) — read
+    from its buffers: pyarrow's own to_numpy imports pandas."""
+    arr = col.combine_chunks()
+    size = np.dtype(dtype).itemsize
+    validity, data = arr.buffers()[:2]
+    out = np.frombuffer(data, dtype=dtype, count=len(arr), offset=arr.offset * size).copy()
+    if arr.null_count:
+        bits = np.unpackbits(np.frombuffer(validity, dtype=np.uint8), bitorder="little")
+        out[~bits[arr.offset:arr.offset + len(arr)].astype(bool)] = np.nan
+    return out
+
