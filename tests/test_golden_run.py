@@ -11,8 +11,8 @@ operator's dashboard or a reader of the records holds has moved.
 from __future__ import annotations
 
 import json
-import re
 import math
+import re
 from pathlib import Path
 
 import pytest
