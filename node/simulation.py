@@ -38,11 +38,13 @@ from gossip.membership import (
     save_consortium,
 )
 from gossip.transports.memory import MemoryHub
-from node.config import ATTACK_PARAMS, AttackConfig, load_config, seals
+from node.config import seals
 from node.data import FeatureSchema, encode, fit_schema, load_demo, member_split, partition
 from node.identity import Identity, save_identity
 from node.models import build_model, init_seed_from
 from node.privacy import ACCOUNTANT, NoiseSource, OsNoise, SeededNoise
+from node.rehearsal.build import build_rehearsal_node
+from node.rehearsal.config import ATTACK_PARAMS, AttackConfig, load_rehearsal_config
 from node.rules import DEFAULT_RULE, build_strategy, pin_rules, rules_table
 from node.runner import Node
 from node.state import Checkpoint
@@ -1056,12 +1058,12 @@ async def run_consortium(spec: SimulationSpec, prep: Prepared,
     for i, (name, path) in enumerate(zip(prep.names, prep.config_paths, strict=True)):
         if name in spec.absent:  # listed, never started
             continue
-        cfg = load_config(path)
+        cfg = load_rehearsal_config(path)
         transport = hub.attach(name, prep.names,
                                max_message_bytes=cfg.gossip.max_envelope_bytes)
         # Reproducible noise on the built-in demo tables only; the members' own files
         # (--data-dir) get os.urandom, as a real node (`flnode run`) always does.
-        nodes.append(Node.from_config(cfg, transport, noise_for(spec, i)))
+        nodes.append(build_rehearsal_node(cfg, transport, noise_for(spec, i)))
     async with asyncio.TaskGroup() as tg:
         for node in nodes:
             tg.create_task(node.run(on_round), name=f"node-{node.name}")

@@ -32,11 +32,13 @@ charging, sending, collecting, checkpointing), each restart 0.5-3 s later.
 The fault flags (`--loss`, `--delay`, `--net-partition`, `--absent`,
 `--straggler`) are those of `flnode simulate`: each node's config gets a
 `[faults]` section (gossip/transports/faults.py); an absent member is listed in
-the consortium and never started.
+the consortium and never started. A member whose config has `[faults]` or `[attack]`
+runs as `python -m node.rehearsal.member --config F` (`flnode run` with the rehearsal's
+wrappers; `flnode run` itself refuses those sections); the others are `flnode run`.
 
 `--attack KIND[=PARAM]:MEMBER[,MEMBER...]` (as in `flnode simulate`) makes those
-members hostile: their configs get an `[attack]` section (node/config.py
-AttackConfig), so each is a real `flnode run` with a valid key that releases,
+members hostile: their configs get an `[attack]` section (node/rehearsal/config.py
+AttackConfig), so each is a real node process with a valid key that releases,
 signs and sends what the attack says. summary.json names the attackers, reports
 the honest members' metrics apart (`honest`) and what each honest member did
 about each attacker (`attack.seen_by`).
@@ -99,6 +101,16 @@ from scripts.ports import free_ports  # noqa: E402
 POLL_S = 0.25
 
 
+def member_command(config: Path) -> list[str]:
+    """`flnode run --config F` for an honest member; a member whose config has [attack] or
+    [faults] (which `flnode run` refuses) runs as `python -m node.rehearsal.member`."""
+    with open(config, "rb") as f:
+        rehearsal = not {"attack", "faults"}.isdisjoint(tomllib.load(f))
+    if rehearsal:
+        return [sys.executable, "-m", "node.rehearsal.member", "--config", str(config)]
+    return [sys.executable, "-m", "node.cli", "run", "--config", str(config)]
+
+
 @dataclass
 class Member:
     name: str
@@ -115,7 +127,7 @@ class Member:
         out.write(f"--- start {self.starts} at {time.strftime('%H:%M:%S')} ---\n")
         out.flush()
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "node.cli", "run", "--config", str(self.config)],
+            member_command(self.config),
             stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=ROOT,
             start_new_session=True)
         out.close()

@@ -20,7 +20,7 @@ import pytest
 from gossip.errors import LocalError
 from gossip.transports.base import FairInbox, RateBudget
 from gossip.transports.mqtt import BrokerAddress, MqttTransport
-from node.config import AttackConfig
+from node.rehearsal.config import AttackConfig
 from node.simulation import parse_attacks
 from tests.helpers import consortium, keys
 from tests.mqtt_support import ROOT, mqtt_broker, require_mosquitto

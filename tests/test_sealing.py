@@ -252,11 +252,12 @@ def test_a_restarted_sealing_node_resends_its_sealed_release_byte_for_byte(tmp_p
             "seal": "on", "prekey_rotate_rounds": 2})})
         node = Node.from_config(cfg, MemoryHub().attach(prep.names[0], prep.names))
         # never reused (the final message after the last round used the next one)
-        assert node.seq > envelope.decode_outer(stored).seq
-        return node, await node._release(2)
+        assert node.signer.seq > envelope.decode_outer(stored).seq
+        return node, await node.releaser.release(2)
 
-    node, (data, own, _, resent) = asyncio.run(restart())
-    assert resent and data == stored
+    node, release = asyncio.run(restart())
+    own = release.own
+    assert release.resent and release.data == stored
     body = envelope.decode_share(node.state.stored_plain_body(2), node.verifier.spec)
     assert own.weight == body.weight
 
