@@ -38,7 +38,7 @@ if TYPE_CHECKING:
     import torch
 
 from gossip.errors import LocalError
-from node.config import PrivacyConfig
+from node.runtime.config import PrivacyConfig
 from node.state import append_durable, atomic_write
 
 ACCOUNTANT = "rdp"

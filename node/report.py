@@ -10,7 +10,7 @@ from rich.console import Console
 from rich.table import Table
 
 from node.report_html import negative_gain_note
-from node.runner import RoundReport
+from node.runtime.node import RoundReport
 
 
 def _eps(value: float | None) -> str:

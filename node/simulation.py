@@ -38,7 +38,6 @@ from gossip.membership import (
     save_consortium,
 )
 from gossip.transports.memory import MemoryHub
-from node.config import seals
 from node.data import FeatureSchema, encode, fit_schema, load_demo, member_split, partition
 from node.identity import Identity, save_identity
 from node.models import build_model, init_seed_from
@@ -46,7 +45,8 @@ from node.privacy import ACCOUNTANT, NoiseSource, OsNoise, SeededNoise
 from node.rehearsal.build import build_rehearsal_node
 from node.rehearsal.config import ATTACK_PARAMS, AttackConfig, load_rehearsal_config
 from node.rules import DEFAULT_RULE, build_strategy, pin_rules, rules_table
-from node.runner import Node
+from node.runtime.config import seals
+from node.runtime.node import Node
 from node.state import Checkpoint
 from node.train import evaluate, metric_name, train_local
 
@@ -511,7 +511,7 @@ def _data_dir_template(spec: SimulationSpec, names: list[str]) -> NetworkTemplat
 DATA_SUFFIXES = (".csv", ".parquet")
 TEST_STEM = "test"  # DIR/test.csv or DIR/test.parquet: the common test set, not a member
 # A member without data.eval_path holds this share of its rows out of training
-# (node.config.DataConfig.eval_fraction's default), split as node/runner.py does.
+# (node.runtime.config.DataConfig.eval_fraction's default), split as node/runtime/node.py does.
 EVAL_FRACTION = 0.2
 
 

@@ -7,7 +7,7 @@ The planned number of rounds comes from the privacy plan, or from the node's
 config when one is given (a node without privacy keeps no plan). Whether the node
 runs comes from node.pid (node/pidfile.py), its last activity from its files'
 modification times, whom it waits for from activity.json and the final model
-comparison from final.json (both written by node/runner.py).
+comparison from final.json (both written by node/runtime/node.py).
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from node.pidfile import PID_FILE, process_state
 from node.privacy import ACCOUNTANT, PLAN_FILE, WEIGHT_FILE, Ledger, PrivacyPlan, epsilon_of
 from node.state import StateDir, read_jsonl
 
-# Written by the node (node/runner.py): who it waits for, and the members' final digests.
+# Written by the node (node/runtime/node.py): who it waits for, and the members' final digests.
 ACTIVITY_FILE = "activity.json"
 FINAL_FILE = "final.json"
 
@@ -135,7 +135,7 @@ def collect(state_dir: str | Path, config: str | Path | None = None) -> dict[str
     planned = cp.planned_rounds if cp.planned_rounds is not None else (
         plan.rounds if plan is not None else None)
     if config is not None:
-        from node.config import load_config
+        from node.runtime.config import load_config
 
         planned = load_config(config).training.rounds
     weight = None

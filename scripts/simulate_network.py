@@ -77,9 +77,9 @@ from node.cli import (  # noqa: E402
     add_seal_flag,
     track_given,
 )
-from node.config import seals  # noqa: E402
 from node.privacy import Ledger  # noqa: E402
 from node.report import make_console, mean_text, plot_history, print_summary  # noqa: E402
+from node.runtime.config import seals  # noqa: E402
 from node.simulation import (  # noqa: E402
     NOISE_OS,
     MemberResult,
@@ -456,7 +456,7 @@ def main(argv: list[str] | None = None) -> int:
                                     len({ln["round"] for ln in rounds}), last.get("stopped"),
                                     sigma, own, weight))
     centralized, local_only = baselines(spec, prep)
-    # Every `flnode run` draws its privacy noise from os.urandom (node/daemon.py).
+    # Every `flnode run` draws its privacy noise from os.urandom (node/runtime/daemon.py).
     summary = summarize(spec, prep, results, history_of(members, metric), centralized,
                         local_only, NOISE_OS)
     summary["processes"] = {m.name: {"starts": m.starts, "exit_codes": m.exit_codes}

@@ -15,13 +15,13 @@ from gossip import envelope
 from gossip.errors import LocalError
 from gossip.transports.memory import MemoryHub
 from node.cli import build_parser
-from node.config import load_config
 from node.evidence import verify_equivocation
 from node.models import get_flat
 from node.privacy import SeededNoise
 from node.rehearsal.build import build_rehearsal_node
 from node.rehearsal.config import AttackConfig, load_rehearsal_config
-from node.runner import Node
+from node.runtime.config import load_config
+from node.runtime.node import Node
 from node.simulation import SimulationSpec, parse_attacks, prepare, summarize
 from node.state import read_jsonl
 from scripts.bench_robust import run_cell

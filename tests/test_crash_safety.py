@@ -21,12 +21,12 @@ from gossip import envelope
 from gossip.errors import LocalError
 from gossip.transports.memory import MemoryHub
 from node import state as state_mod
-from node.config import load_config, validate_config
 from node.data import FeatureSchema, encode
 from node.identity import load_identity
 from node.models import get_flat
 from node.privacy import Ledger, LedgerRecord, SeededNoise, weight_digest
-from node.runner import Node
+from node.runtime.config import load_config, validate_config
+from node.runtime.node import Node
 from node.simulation import SimulationSpec, prepare
 from node.state import StateDir, atomic_write, read_jsonl
 from tests.helpers import SCHEMA

@@ -14,7 +14,6 @@ import torch
 
 from gossip.errors import LocalError
 from gossip.transports.memory import MemoryHub
-from node.config import PrivacyConfig, load_config
 from node.privacy import (
     PLAN_FILE,
     Ledger,
@@ -26,7 +25,8 @@ from node.privacy import (
     steps_per_epoch,
 )
 from node.recipe import LR_MAX_FACTOR, NOISE_TARGET, SIGMA_MAX, batch_candidates, choose
-from node.runner import Node
+from node.runtime.config import PrivacyConfig, load_config
+from node.runtime.node import Node
 from node.simulation import SimulationSpec, prepare
 
 EPS, DELTA, ROUNDS, B0, LR0 = 3.0, 1e-5, 30, 32, 0.05

@@ -24,9 +24,9 @@ from nacl.signing import SigningKey
 from gossip import envelope as E
 from gossip.membership import load_consortium
 from gossip.seal import Sealing, decode_announcement
-from node.config import load_config
 from node.identity import load_identity
 from node.privacy import Ledger, PrivacyPlan, epsilon_of, plan_history
+from node.runtime.config import load_config
 from node.state import CHECKPOINT_KEYS, Checkpoint, StateDir, decode_checkpoint
 from tests.golden import make_golden as G
 

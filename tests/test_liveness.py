@@ -13,10 +13,10 @@ from gossip import envelope
 from gossip.envelope import HELLO_ASK, HELLO_REPLY, KIND_HELLO, KIND_SEEN, KIND_SHARE
 from gossip.transports.base import Incoming
 from gossip.transports.memory import MemoryHub
-from node.config import load_config
 from node.identity import load_identity
 from node.privacy import SeededNoise
-from node.runner import Node
+from node.runtime.config import load_config
+from node.runtime.node import Node
 from node.simulation import SimulationSpec, prepare
 from node.state import read_jsonl
 

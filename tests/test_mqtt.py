@@ -11,9 +11,9 @@ import pytest
 from gossip.errors import LocalError, RemoteError
 from gossip.membership import Consortium, Member
 from gossip.transports.mqtt import BrokerAddress, MqttTransport, share_topic
-from node.config import load_config
-from node.daemon import open_transport
 from node.identity import Identity
+from node.runtime.config import load_config
+from node.runtime.daemon import open_transport
 from tests.helpers import SCHEMA, consortium, keys, share_bytes, verifier_for
 from tests.mqtt_support import mqtt_broker, require_mosquitto
 
@@ -355,7 +355,7 @@ async def test_a_broker_whose_certificate_is_not_the_pinned_one_never_gets_the_p
 
 async def test_a_node_whose_share_is_too_big_for_the_broker_says_so_and_keeps_running(tmp_path):
     require_mosquitto()
-    from node.runner import Node
+    from node.runtime.node import Node
     from node.simulation import SimulationSpec, prepare
 
     spec = SimulationSpec(dataset="default", nodes=2, partition="iid", rounds=2, seed=0,

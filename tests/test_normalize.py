@@ -15,11 +15,11 @@ from gossip.envelope import KIND_NORM, KIND_STATS, NORM_RANGE, NORM_USABLE, Stat
 from gossip.membership import Consortium, save_consortium
 from gossip.transports.base import Incoming
 from gossip.transports.memory import MemoryHub
-from node.config import load_config
 from node.data import FeatureSchema
 from node.normalize import combine, implausible, member_stats, sensitivity, stats_digest
 from node.privacy import SeededNoise
-from node.runner import Node
+from node.runtime.config import load_config
+from node.runtime.node import Node
 from node.simulation import SimulationSpec, prepare
 from node.state import read_jsonl
 from tests.test_runner import run_all

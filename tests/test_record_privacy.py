@@ -12,10 +12,10 @@ from opacus.accountants import RDPAccountant
 
 from gossip.errors import LocalError
 from gossip.transports.memory import MemoryHub
-from node.config import load_config
 from node.models import build_model
 from node.privacy import LedgerRecord, SeededNoise, calibrate_sigma, epsilon_of
-from node.runner import Node
+from node.runtime.config import load_config
+from node.runtime.node import Node
 from node.simulation import SimulationSpec, prepare
 from node.train import train_local_dp
 

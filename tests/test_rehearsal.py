@@ -10,8 +10,8 @@ import sys
 import pytest
 
 from gossip.errors import LocalError
-from node.config import load_config
 from node.rehearsal.config import load_rehearsal_config
+from node.runtime.config import load_config
 from tests.mqtt_support import ROOT
 from tests.test_config import GOOD, write
 
@@ -60,7 +60,7 @@ def test_flnode_run_refuses_attack_and_faults_through_the_real_cli(tmp_path):
 
 
 def test_the_runtime_never_imports_the_rehearsal_package():
-    code = ("import sys, node.runner, node.daemon, node.config, node.cli; "
+    code = ("import sys, node.runtime.node, node.runtime.daemon, node.runtime.config, node.cli; "
             "bad = sorted(m for m in sys.modules if m.startswith('node.rehearsal')); "
             "assert not bad, bad")
     run = _run("-c", code)

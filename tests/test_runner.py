@@ -12,11 +12,11 @@ from nacl.signing import SigningKey
 
 from gossip import envelope
 from gossip.transports.memory import MemoryHub
-from node.config import load_config
 from node.identity import load_identity
 from node.models import get_flat
 from node.privacy import SeededNoise
-from node.runner import Node
+from node.runtime.config import load_config
+from node.runtime.node import Node
 from node.runtime.release import Release
 from node.simulation import SimulationSpec, prepare
 

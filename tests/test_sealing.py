@@ -26,9 +26,9 @@ from gossip.errors import RemoteError
 from gossip.rounds import RoundBook
 from gossip.seal import PrekeyStore, Sealing, encode_announcement, open_sealed, seal_ad
 from gossip.transports.memory import MemoryHub
-from node.config import load_config
 from node.identity import load_identity
-from node.runner import Node
+from node.runtime.config import load_config
+from node.runtime.node import Node
 from node.simulation import SimulationSpec, prepare
 from node.train import evaluate
 from tests.helpers import SPEC, consortium, keys, tensors
@@ -423,7 +423,7 @@ def test_the_prekey_wait_is_reported_like_any_long_wait(tmp_path, monkeypatch, c
     it says whom it waits for (log and activity.json), as for shares."""
     import logging
 
-    from node import runner as runner_mod
+    from node.runtime import node as runner_mod
 
     monkeypatch.setattr(runner_mod, "WAIT_REPORT_FIRST_S", 0.2)
     spec = SimulationSpec(dataset="default", nodes=3, partition="iid", rounds=1, seed=0,

@@ -17,11 +17,11 @@ from torch import nn
 
 from gossip.errors import LocalError
 from gossip.transports.memory import MemoryHub
-from node.config import load_config, validate_config
 from node.dpsgd import clipped_gradient_sum, train_local_dp_fast
 from node.models import build_model, get_flat
 from node.privacy import SeededNoise, steps_per_epoch
-from node.runner import Node
+from node.runtime.config import load_config, validate_config
+from node.runtime.node import Node
 from node.simulation import SimulationSpec, prepare
 from node.strategy import StrategyError, WeightedShare, make_strategy
 from node.train import train_local

@@ -243,9 +243,9 @@ async def test_a_dead_libp2p_thread_makes_incoming_send_and_broadcast_raise(how)
 async def test_a_node_whose_libp2p_thread_dies_ends_its_run_with_the_transport_error(tmp_path):
     """The node sees the dead transport: its run's TaskGroup ends with TransportFailed
     (the daemon turns that into a non-zero exit) instead of going on as if alone."""
-    from node.config import load_config
     from node.identity import load_identity
-    from node.runner import Node
+    from node.runtime.config import load_config
+    from node.runtime.node import Node
     from node.simulation import SimulationSpec, member_names, prepare
 
     spec = SimulationSpec(dataset="default", nodes=2, partition="iid", rounds=50, seed=0,

@@ -8,7 +8,7 @@ with a valid key, built as wrappers around an honest node's parts (node/rehearsa
   member (equivocation), every message it signed re-sent (replay), all-zero prekeys, a
   flood of re-signed stale shares.
 
-Never imported by the runtime (node/runner.py, node/daemon.py).
+Never imported by the runtime (node/runtime/node.py, node/runtime/daemon.py).
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from gossip.seal import encode_announcement, sign_prekey
 from gossip.transports.base import Transport
 from node.models import flat_to_named
 from node.rehearsal.config import AttackConfig
-from node.runner import LocalData
+from node.runtime.node import LocalData
 from node.runtime.release import Releaser, Result, Trained
 from node.runtime.signer import Send, Signer
 

@@ -1,5 +1,5 @@
 """`build_rehearsal_node`: a node as the simulators rehearse it: an honest node
-(node/runner.py) whose parts are wrapped as its config's `[faults]` and `[attack]` say
+(node/runtime/node.py) whose parts are wrapped as its config's `[faults]` and `[attack]` say
 (node/rehearsal/faults.py, attacks.py). Without either section it is the honest node."""
 
 from __future__ import annotations
@@ -8,14 +8,14 @@ import logging
 
 from gossip.membership import load_consortium
 from gossip.transports.base import Transport
-from node.config import NodeConfig
 from node.data import FeatureSchema
 from node.identity import load_identity
 from node.privacy import NoiseSource
 from node.rehearsal.attacks import HostileReleaser, HostileSigner, flip_labels
 from node.rehearsal.config import RehearsalNodeConfig
 from node.rehearsal.faults import SlowReleaser, faulty_transport
-from node.runner import Node
+from node.runtime.config import NodeConfig
+from node.runtime.node import Node
 
 log = logging.getLogger("flnode.node")
 

@@ -2,7 +2,7 @@
 
 Only the rehearsal entry points read these sections (`python -m node.rehearsal.member`,
 `flnode simulate`, scripts/simulate_network.py); `flnode run` refuses a config that has
-either (node/config.py `NodeConfig`). The simulators write them into the configs of the
+either (node/runtime/config.py `NodeConfig`). The simulators write them into the configs of the
 members they make hostile or faulty.
 """
 
@@ -14,7 +14,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from node.config import NodeConfig, _Section, load_config
+from node.runtime.config import NodeConfig, _Section, load_config
 
 
 class FaultsConfig(_Section):

@@ -3,7 +3,7 @@ an honest node's parts (node/rehearsal/build.py): what the member receives is dr
 delayed or cut off (`faulty_transport`: gossip/transports/faults.py FaultyTransport), and
 its local training is slower (`SlowReleaser`: a straggler).
 
-Never imported by the runtime (node/runner.py, node/daemon.py).
+Never imported by the runtime (node/runtime/node.py, node/runtime/daemon.py).
 """
 
 from __future__ import annotations

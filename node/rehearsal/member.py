@@ -1,5 +1,5 @@
 """`python -m node.rehearsal.member --config F`: one member of a rehearsal as a process,
-exactly `flnode run` (node/daemon.py) except that its config may have `[attack]` and
+exactly `flnode run` (node/runtime/daemon.py) except that its config may have `[attack]` and
 `[faults]` (node/rehearsal/config.py) and its node is built with them
 (node/rehearsal/build.py). scripts/simulate_network.py starts its hostile and faulty
 members this way; `flnode run` refuses such a config.
@@ -10,10 +10,10 @@ from __future__ import annotations
 import argparse
 import logging
 
-from node.daemon import exit_now
-from node.daemon import main as run_main
 from node.rehearsal.build import build_rehearsal_node
 from node.rehearsal.config import load_rehearsal_config
+from node.runtime.daemon import exit_now
+from node.runtime.daemon import main as run_main
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -33,11 +33,11 @@ import torch
 from gossip import envelope
 from gossip.envelope import KIND_SEALED, TensorSpec
 from node.aggregate import WeightedShare
-from node.config import NodeConfig
 from node.control import ControlVariates, local_steps, per_parameter
 from node.dpsgd import train_local_dp_fast
 from node.models import flat_to_named, get_flat, named_to_flat
 from node.privacy import Ledger, LedgerRecord, NoiseSource, PrivacyBudget, privatize_update
+from node.runtime.config import NodeConfig
 from node.state import StateDir
 from node.train import round_lr, train_local, train_local_dp
 

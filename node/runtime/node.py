@@ -52,7 +52,6 @@ from gossip.rounds import RoundBook
 from gossip.seal import Sealing
 from gossip.transports.base import Incoming, Transport, TransportFailed
 from node.aggregate import WeightedShare
-from node.config import NodeConfig, quorum
 from node.control import ControlVariates
 from node.data import FeatureSchema, dropped_rows, encode, member_split, read_table
 from node.evidence import EvidenceStore, same_slot
@@ -88,6 +87,7 @@ from node.privacy import (
     ledger_digest,
 )
 from node.rules import AgreedStrategy, build_strategy, few_rounds_warning
+from node.runtime.config import NodeConfig, quorum
 from node.runtime.release import NotReleased, Releaser, Stopped
 from node.runtime.signer import Signer
 from node.state import Checkpoint, StateDir, atomic_write

@@ -29,12 +29,12 @@ from typing import TYPE_CHECKING, NoReturn
 
 from gossip.errors import LocalError
 from gossip.membership import Consortium, load_consortium
-from node.config import NodeConfig, load_config
 from node.identity import Identity, load_identity
+from node.runtime.config import NodeConfig, load_config
 
 if TYPE_CHECKING:
     from gossip.transports.base import Transport
-    from node.runner import Node, RoundReport
+    from node.runtime.node import Node, RoundReport
 
     # How a node is built from its checked config on its transport: Node.from_config, or
     # a rehearsal's builder (python -m node.rehearsal.member).
@@ -191,7 +191,7 @@ async def run_node(cfg: NodeConfig, identity: Identity, consortium: Consortium,
                    build: BuildNode | None = None) -> int:
     """Run the node whose files check_inputs has read and checked (built by `build`, by
     default Node.from_config)."""
-    from node.runner import Node  # torch and the training code: the files are sound
+    from node.runtime.node import Node  # torch and the training code: the files are sound
 
     transport = open_transport(cfg, identity, consortium)
     # privacy noise from os.urandom
