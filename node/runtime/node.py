@@ -4,6 +4,9 @@ One round: train -> clip + noise -> charge the ledger -> sign -> store the
 release -> broadcast -> collect until every neighbour's share for the round
 has arrived or the deadline (counted from our own release) passes -> combine
 our own *released* share with the received ones -> evaluate -> checkpoint.
+The release (train -> DP -> charge -> sign -> store) is the Releaser's
+(node/runtime/release.py), signing and the prekey files the Signer's
+(node/runtime/signer.py); a rehearsal wraps them (node/rehearsal/), never this file.
 
 A background task reads the transport and runs every message through
 `envelope.Verifier` and the `RoundBook`; rejections are counted by reason,
@@ -368,7 +371,8 @@ class Node:
                     noise: NoiseSource | None = None,
                     rows_transform: Callable[[LocalData], LocalData] | None = None) -> Node:
         """Build a node from its config files. Privacy noise comes from os.urandom
-        unless a simulation passes its own seeded source (`rows_transform`: Node)."""
+        unless a simulation passes its own seeded source (`rows_transform`: see Node;
+        only a rehearsal gives one, node/rehearsal/build.py)."""
         identity = load_identity(cfg.identity.key)
         consortium = load_consortium(cfg.consortium.path)
         schema = FeatureSchema.from_dict(consortium.schema, str(cfg.consortium.path))
