@@ -180,11 +180,11 @@ def _report(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from node.daemon import exit_now
-    from node.daemon import main as run_main
+    from node.runtime.daemon import exit_now
+    from node.runtime.daemon import main as run_main
 
     # The process ends here, once the node has closed its files: no slow interpreter
-    # teardown after "finished" (node/daemon.py exit_now; measured by scripts/bench_node.py).
+    # teardown after "finished" (node/runtime/daemon.py exit_now; measured by scripts/bench_node.py).
     exit_now(run_main(args.config, args.metrics_port, args.metrics_addr, args.log_format))
 
 

@@ -10,7 +10,7 @@ drifts); round times are pooled per run kind.
 
 - clean: bank-0..2 as `flnode run` processes; bank-3 never starts;
 - flood: the same, and bank-3's key in a separate flooder process that opens the real
-  transport (`node.daemon.open_transport`, bank-3's broker account or libp2p host) and
+  transport (`node.runtime.daemon.open_transport`, bank-3's broker account or libp2p host) and
   broadcasts validly signed 2 KB envelopes (a pool of POOL distinct ones, fresh sequence
   numbers, cycled) as fast as it can. libp2p: `broadcast` with many sends in flight.
   MQTT: by default (`--mqtt-flood raw`) QoS 0 publishes straight into the transport's
@@ -75,8 +75,8 @@ GOALS = {"round_time_ratio_max": 1.5, "rss_growth_mb_max": 50.0}
 async def flood(config: Path, stats_path: Path, raw: bool) -> None:
     from gossip import envelope
     from gossip.membership import load_consortium
-    from node.config import load_config
-    from node.daemon import open_transport
+    from node.runtime.config import load_config
+    from node.runtime.daemon import open_transport
     from node.runtime.identity import load_identity
 
     cfg = load_config(config)

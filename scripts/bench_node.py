@@ -272,10 +272,10 @@ def training_shape(configs: list[Path]) -> dict:
     """What the floor trains: the model's widths and the largest member's training rows
     and steps, from the members' configs (the child's job: it imports flnode)."""
     from gossip.membership import load_consortium
-    from node.config import load_config
     from node.data.encode import held_out_positions
     from node.data.schema import FeatureSchema
     from node.data.table import read_table
+    from node.runtime.config import load_config
 
     shape: dict = {}
     for path in configs:

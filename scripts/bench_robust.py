@@ -4,7 +4,7 @@
 Every cell is a whole consortium in one process (node.rehearsal.simulation: real nodes, real
 signed envelopes on the memory transport): 8 members, dirichlet 0.5, 30 rounds, the
 last f members attacking with one model-level attack (`--attack` of the
-simulators, node/config.py AttackConfig), every member applying one rule from the
+simulators, node/rehearsal/config.py AttackConfig), every member applying one rule from the
 consortium's [rules] with that f. The number is the honest members' mean metric
 (roc_auc for `default`, accuracy for `digits`) on the consortium test set, next to
 the clean plain-mean run of the same seed.

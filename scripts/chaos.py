@@ -219,7 +219,8 @@ class Sampler:
 
 def stop_run(proc: subprocess.Popen, configs: list[str]) -> None:
     """SIGINT lets simulate_network stop its nodes by PID; failing that, SIGKILL it and
-    every `flnode run` process still running one of this run's own node configs."""
+    every member process (`flnode run`, or `python -m node.rehearsal.member` for one with
+    [faults] or [attack]) still running one of this run's own node configs."""
     if proc.poll() is None:
         proc.send_signal(signal.SIGINT)
         try:
@@ -234,7 +235,8 @@ def stop_run(proc: subprocess.Popen, configs: list[str]) -> None:
             cmd = (pid_dir / "cmdline").read_bytes().split(b"\0")
         except OSError:
             continue
-        if b"node.cli" in cmd and any(c.encode() in cmd for c in configs):
+        if (b"node.cli" in cmd or b"node.rehearsal.member" in cmd) and \
+                any(c.encode() in cmd for c in configs):
             try:
                 os.kill(int(pid_dir.name), signal.SIGKILL)
             except ProcessLookupError:

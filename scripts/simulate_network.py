@@ -32,11 +32,13 @@ charging, sending, collecting, checkpointing), each restart 0.5-3 s later.
 The fault flags (`--loss`, `--delay`, `--net-partition`, `--absent`,
 `--straggler`) are those of `flnode simulate`: each node's config gets a
 `[faults]` section (gossip/testing/faults.py); an absent member is listed in
-the consortium and never started.
+the consortium and never started. A member whose config has `[faults]` or `[attack]`
+runs as `python -m node.rehearsal.member --config F` (`flnode run` with the rehearsal's
+wrappers; `flnode run` itself refuses those sections); the others are `flnode run`.
 
 `--attack KIND[=PARAM]:MEMBER[,MEMBER...]` (as in `flnode simulate`) makes those
-members hostile: their configs get an `[attack]` section (node/config.py
-AttackConfig), so each is a real `flnode run` with a valid key that releases,
+members hostile: their configs get an `[attack]` section (node/rehearsal/config.py
+AttackConfig), so each is a real node process with a valid key that releases,
 signs and sends what the attack says. summary.json names the attackers, reports
 the honest members' metrics apart (`honest`) and what each honest member did
 about each attacker (`attack.seen_by`).
@@ -65,7 +67,6 @@ import msgpack  # noqa: E402
 import tomli_w  # noqa: E402
 
 from gossip.errors import LocalError  # noqa: E402
-from node.config import seals  # noqa: E402
 from node.learn.train import metric_name  # noqa: E402
 from node.ops.flags import (  # noqa: E402
     SIMULATE_EPILOG,
@@ -91,10 +92,21 @@ from node.rehearsal.simulation.results import MemberResult, summarize  # noqa: E
 from node.rehearsal.simulation.run import NOISE_OS, baselines, evaluate_rows, model_from_state  # noqa: E402
 from node.rehearsal.simulation.scenario import spec_from_args  # noqa: E402
 from node.rehearsal.simulation.spec import SimulationSpec  # noqa: E402
+from node.runtime.config import seals  # noqa: E402
 from node.runtime.state import StateDir, read_jsonl  # noqa: E402
 from scripts.ports import free_ports  # noqa: E402
 
 POLL_S = 0.25
+
+
+def member_command(config: Path) -> list[str]:
+    """`flnode run --config F` for an honest member; a member whose config has [attack] or
+    [faults] (which `flnode run` refuses) runs as `python -m node.rehearsal.member`."""
+    with open(config, "rb") as f:
+        rehearsal = not {"attack", "faults"}.isdisjoint(tomllib.load(f))
+    if rehearsal:
+        return [sys.executable, "-m", "node.rehearsal.member", "--config", str(config)]
+    return [sys.executable, "-m", "node.cli", "run", "--config", str(config)]
 
 
 @dataclass
@@ -113,7 +125,7 @@ class Member:
         out.write(f"--- start {self.starts} at {time.strftime('%H:%M:%S')} ---\n")
         out.flush()
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "node.cli", "run", "--config", str(self.config)],
+            member_command(self.config),
             stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=ROOT,
             start_new_session=True)
         out.close()
@@ -442,7 +454,7 @@ def main(argv: list[str] | None = None) -> int:
                                     len({ln["round"] for ln in rounds}), last.get("stopped"),
                                     sigma, own, weight))
     centralized, local_only = baselines(spec, prep)
-    # Every `flnode run` draws its privacy noise from os.urandom (node/daemon.py).
+    # Every `flnode run` draws its privacy noise from os.urandom (node/runtime/daemon.py).
     summary = summarize(spec, prep, results, history_of(members, metric), centralized,
                         local_only, NOISE_OS)
     summary["processes"] = {m.name: {"starts": m.starts, "exit_codes": m.exit_codes}

@@ -15,14 +15,16 @@ from gossip import envelope
 from gossip.errors import LocalError
 from gossip.transports.memory import MemoryHub
 from node.cli import build_parser
-from node.config import AttackConfig, load_config
 from node.learn.models import get_flat
 from node.privacy.mechanisms import SeededNoise
+from node.rehearsal.build import build_rehearsal_node
+from node.rehearsal.config import AttackConfig, load_rehearsal_config
 from node.rehearsal.simulation.prepare import prepare
 from node.rehearsal.simulation.results import summarize
 from node.rehearsal.simulation.spec import SimulationSpec, parse_attacks
-from node.runner import Node
+from node.runtime.config import load_config
 from node.runtime.evidence import verify_equivocation
+from node.runtime.node import Node
 from node.runtime.state import read_jsonl
 from scripts.bench_robust import run_cell
 from tests.test_runner import run_all
@@ -40,7 +42,8 @@ def make(tmp_path, attacks, nodes=4, rounds=2, seal="auto", aggregation="trimmed
 
 def build(prep):
     hub = MemoryHub()
-    return [Node.from_config(load_config(p), hub.attach(n, prep.names), SeededNoise(i))
+    return [build_rehearsal_node(load_rehearsal_config(p), hub.attach(n, prep.names),
+                                 SeededNoise(i))
             for i, (n, p) in enumerate(zip(prep.names, prep.config_paths, strict=True))]
 
 
@@ -74,7 +77,8 @@ def test_attack_syntax_goes_into_the_attackers_configs_only(tmp_path):
     with pytest.raises(LocalError, match="one kind"):
         parse_attacks(["huge:bank-1", "nan:bank-1"], NAMES)
     _, prep = make(tmp_path, ["huge:bank-2"])
-    cfgs = {n: load_config(p) for n, p in zip(prep.names, prep.config_paths, strict=True)}
+    cfgs = {n: load_rehearsal_config(p) for n, p in zip(prep.names, prep.config_paths,
+                                                          strict=True)}
     assert cfgs["bank-2"].attack is not None and cfgs["bank-2"].attack.kind == "huge"
     assert all(c.attack is None for n, c in cfgs.items() if n != "bank-2")
     args = build_parser().parse_args(["simulate", "--out", "x", "--attack", "nan:bank-1",

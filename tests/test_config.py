@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from gossip.errors import LocalError
-from node.config import load_config
+from node.runtime.config import load_config
 
 GOOD = """
 state_dir = "state"
@@ -76,7 +76,7 @@ def test_quoted_or_mistyped_values_are_refused_not_coerced(tmp_path, edit, key):
 def test_round_1_waits_for_a_majority_by_default(tmp_path):
     """min_members used to default to 0: a node up first trained and released round 1
     alone, spending ε on a model nobody averaged."""
-    from node.config import quorum
+    from node.runtime.config import quorum
 
     cfg = load_config(write(tmp_path, GOOD))
     assert cfg.gossip.min_members == "majority"

@@ -20,7 +20,6 @@ import torch
 from gossip import bodies, envelope
 from gossip.errors import LocalError
 from gossip.transports.memory import MemoryHub
-from node.config import load_config, validate_config
 from node.data.encode import encode
 from node.data.schema import FeatureSchema
 from node.learn.models import get_flat
@@ -29,9 +28,10 @@ from node.privacy.ledger import Ledger, weight_digest
 from node.privacy.mechanisms import SeededNoise
 from node.rehearsal.simulation.prepare import prepare
 from node.rehearsal.simulation.spec import SimulationSpec
-from node.runner import Node
 from node.runtime import state as state_mod
+from node.runtime.config import load_config, validate_config
 from node.runtime.identity import load_identity
+from node.runtime.node import Node
 from node.runtime.state import StateDir, atomic_write, read_jsonl
 from tests.helpers import SCHEMA
 from tests.test_runner import build, make, run_all

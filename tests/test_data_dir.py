@@ -161,8 +161,8 @@ def test_own_files_get_os_noise_and_only_the_demo_tables_seeded_noise(tmp_path):
 def test_held_out_rows_are_exactly_the_nodes(tmp_path):
     """The simulator's own rows per member are the rows Node.from_config holds out."""
     from gossip.transports.memory import MemoryHub
-    from node.config import load_config
-    from node.runner import Node
+    from node.runtime.config import load_config
+    from node.runtime.node import Node
 
     data = make_dir(tmp_path / "data")
     prep = prepare(spec(tmp_path, data))
@@ -326,10 +326,10 @@ def test_drop_row_applies_to_the_whole_file_then_node_and_simulator_split_alike(
     import pandas as pd
     import tomli_w
 
-    import node.runner as runner
+    import node.runtime.node as runner
     from gossip.transports.memory import MemoryHub
-    from node.config import load_config
-    from node.runner import Node
+    from node.runtime.config import load_config
+    from node.runtime.node import Node
 
     rows, empty = 200, 11
     data = make_dir(tmp_path / "data", rows=rows)

@@ -14,7 +14,6 @@ import torch
 
 from gossip.errors import LocalError
 from gossip.transports.memory import MemoryHub
-from node.config import PrivacyConfig, load_config
 from node.privacy.accountant import epsilon_of, steps_per_epoch
 from node.privacy.budget import PLAN_FILE, PrivacyBudget
 from node.privacy.calibrate import calibrate_sigma, plan_history
@@ -23,7 +22,8 @@ from node.privacy.mechanisms import SeededNoise
 from node.privacy.recipe import LR_MAX_FACTOR, NOISE_TARGET, SIGMA_MAX, batch_candidates, choose
 from node.rehearsal.simulation.prepare import prepare
 from node.rehearsal.simulation.spec import SimulationSpec
-from node.runner import Node
+from node.runtime.config import PrivacyConfig, load_config
+from node.runtime.node import Node
 
 EPS, DELTA, ROUNDS, B0, LR0 = 3.0, 1e-5, 30, 32, 0.05
 OLD_PLAN_KEYS = {"mode", "epsilon", "delta", "noise_multiplier", "clip_norm", "sample_rate",

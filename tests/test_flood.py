@@ -21,7 +21,7 @@ from gossip.errors import LocalError
 from gossip.transports.base import FairInbox, RateBudget
 from gossip.transports.mqtt import MqttTransport
 from gossip.transports.mqtt.broker import BrokerAddress
-from node.config import AttackConfig
+from node.rehearsal.config import AttackConfig
 from node.rehearsal.simulation.spec import parse_attacks
 from tests.helpers import consortium, keys
 from tests.mqtt_support import ROOT, mqtt_broker, require_mosquitto

@@ -25,11 +25,11 @@ from gossip import bodies as B
 from gossip import envelope as E
 from gossip.membership import load_consortium
 from gossip.seal import Sealing, decode_announcement
-from node.config import load_config
 from node.privacy.accountant import epsilon_of
 from node.privacy.budget import PrivacyPlan
 from node.privacy.calibrate import plan_history
 from node.privacy.ledger import Ledger
+from node.runtime.config import load_config
 from node.runtime.identity import load_identity
 from node.runtime.state import CHECKPOINT_KEYS, Checkpoint, StateDir, decode_checkpoint
 from tests.golden import make_golden as G

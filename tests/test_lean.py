@@ -563,10 +563,10 @@ def test_a_csv_that_is_not_utf8_names_its_line(tmp_path):
 
 LEAN_PROBE = """
 import sys
-from node.daemon import check_inputs
+from node.runtime.daemon import check_inputs
 check_inputs(sys.argv[1])  # what `flnode run` reads and checks before torch
 import torch
-import gossip.transports.libp2p, node.daemon, node.runner  # what it imports to run
+import gossip.transports.libp2p, node.runtime.daemon, node.runtime.node  # what it imports to run
 print(sorted({m.split('.')[0] for m in sys.modules} & %r))
 """
 
@@ -653,7 +653,7 @@ def test_the_stand_ins_name_everything_py_libp2p_imports_from_those_modules():
 def test_the_finished_line_tells_benign_duplicates_from_refusals():
     """A clean run used to end "rejected {'duplicate': 2}": copies of messages already
     accepted (re-sends, redeliveries) read like refusals."""
-    from node.daemon import rejected_text
+    from node.runtime.daemon import rejected_text
 
     assert rejected_text({}) == "rejected none"
     assert rejected_text({"duplicate": 2}) == "rejected none (benign: duplicate 2)"

@@ -13,12 +13,12 @@ from gossip import bodies, envelope
 from gossip.envelope import HELLO_ASK, HELLO_REPLY, KIND_HELLO, KIND_SEEN, KIND_SHARE
 from gossip.transports.base import Incoming
 from gossip.transports.memory import MemoryHub
-from node.config import load_config
 from node.privacy.mechanisms import SeededNoise
 from node.rehearsal.simulation.prepare import prepare
 from node.rehearsal.simulation.spec import SimulationSpec
-from node.runner import Node
+from node.runtime.config import load_config
 from node.runtime.identity import load_identity
+from node.runtime.node import Node
 from node.runtime.state import read_jsonl
 
 

@@ -12,8 +12,8 @@ from gossip.errors import LocalError, RemoteError
 from gossip.membership import Consortium, Member
 from gossip.transports.mqtt import MqttTransport
 from gossip.transports.mqtt.broker import BrokerAddress, share_topic
-from node.config import load_config
-from node.daemon import open_transport
+from node.runtime.config import load_config
+from node.runtime.daemon import open_transport
 from node.runtime.identity import Identity
 from tests.helpers import SCHEMA, consortium, keys, share_bytes, verifier_for
 from tests.mqtt_support import mqtt_broker, require_mosquitto
@@ -358,7 +358,7 @@ async def test_a_node_whose_share_is_too_big_for_the_broker_says_so_and_keeps_ru
     require_mosquitto()
     from node.rehearsal.simulation.prepare import prepare
     from node.rehearsal.simulation.spec import SimulationSpec
-    from node.runner import Node
+    from node.runtime.node import Node
 
     spec = SimulationSpec(dataset="default", nodes=2, partition="iid", rounds=2, seed=0,
                           out=tmp_path, privacy="off", round_deadline_s=1.0, transport="mqtt")

@@ -16,13 +16,13 @@ from gossip.envelope import KIND_NORM, KIND_STATS
 from gossip.membership import Consortium, save_consortium
 from gossip.transports.base import Incoming
 from gossip.transports.memory import MemoryHub
-from node.config import load_config
 from node.data.schema import FeatureSchema
 from node.learn.normalize import combine, implausible, member_stats, sensitivity, stats_digest
 from node.privacy.mechanisms import SeededNoise
 from node.rehearsal.simulation.prepare import prepare
 from node.rehearsal.simulation.spec import SimulationSpec
-from node.runner import Node
+from node.runtime.config import load_config
+from node.runtime.node import Node
 from node.runtime.state import read_jsonl
 from tests.test_runner import run_all
 

@@ -14,11 +14,11 @@ import pytest
 import torch
 
 from gossip.transports.memory import MemoryHub
-from node import runner as runner_mod
 from node.learn.models import get_flat, set_flat
 from node.ops.status import collect, final_line, process_line, render, waiting_line
-from node.runner import compare_finals
+from node.runtime import node as runner_mod
 from node.runtime import pidfile
+from node.runtime.node import compare_finals
 from tests.test_runner import build, make, run_all
 
 
@@ -141,9 +141,9 @@ async def test_the_min_members_wait_is_reported_and_shown_by_status(tmp_path, mo
     """gossip.min_members = 3 with the others down: the node said nothing for a round
     deadline and status showed no wait. Now the same report as any long wait, within
     WAIT_REPORT_FIRST_S; once the others start, the wait clears and the round runs."""
-    from node.config import load_config
     from node.privacy.mechanisms import SeededNoise
-    from node.runner import Node
+    from node.runtime.config import load_config
+    from node.runtime.node import Node
 
     monkeypatch.setattr(runner_mod, "WAIT_REPORT_FIRST_S", 0.2)
     monkeypatch.setattr(runner_mod, "WAIT_REPORT_EVERY_S", 0.5)
@@ -236,9 +236,9 @@ async def test_a_node_alone_charges_nothing_for_its_statistics(tmp_path, monkeyp
     """Federated normalization under record-level DP: a node that hears no member
     computes and charges no statistics; it says whom it never heard from."""
     from gossip.errors import LocalError
-    from node.config import load_config
     from node.privacy.mechanisms import SeededNoise
-    from node.runner import Node
+    from node.runtime.config import load_config
+    from node.runtime.node import Node
     from tests.test_normalize import make as make_federated
 
     monkeypatch.setattr(runner_mod, "WAIT_REPORT_FIRST_S", 0.2)
@@ -355,7 +355,7 @@ def test_a_node_keeps_a_members_first_final_digest_only(tmp_path):
     from gossip import envelope
     from gossip.envelope import KIND_FINAL
     from gossip.transports.base import Incoming
-    from node.config import load_config
+    from node.runtime.config import load_config
     from node.runtime.identity import load_identity
 
     _, prep = make(tmp_path, nodes=3, rounds=1, privacy="off")

@@ -179,8 +179,8 @@ def test_a_noised_count_does_not_leak_the_exact_count_through_its_low_bits(tmp_p
     in float32, `weight - r` is a float32 value for the true count r but often not for
     r ± 1, so an observer could rule out neighbouring counts (18 % of releases). The
     released count is now rounded to an integer: every candidate stays possible."""
-    from node.config import PrivacyConfig
     from node.privacy.budget import PrivacyBudget
+    from node.runtime.config import PrivacyConfig
 
     rows, ruled_out = 4459, 0
     for i in range(300):

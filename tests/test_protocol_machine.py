@@ -1,5 +1,5 @@
 """The round machine (gossip/protocol/machine.py) with a fake clock: no transport, disk or
-torch. Each test says which lines of node/runner.py (at 7782560) make the same decision
+torch. Each test says which lines of node/runtime/node.py (at 7782560) make the same decision
 today, and that the machine makes it the same way for the same inputs."""
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """The round machine's parts (gossip/protocol: liveness, seen, hello, stats) and the
 normalization waits before round 1, with a fake clock; and that gossip.protocol stays a
-leaf (no node, no torch). Each test names the node/runner.py lines (at 7782560) whose
+leaf (no node, no torch). Each test names the node/runtime/node.py lines (at 7782560) whose
 decision it pins."""
 
 from __future__ import annotations
@@ -68,7 +68,7 @@ def test_talk_lifts_an_absence_once_a_share_every_time():
 
 def test_start_barrier_counts_members_still_sharing():
     """runner.py 1479-1496: min_members ("majority" = members // 2 + 1, us included:
-    node/config.py `quorum`); after a restart also a majority of the neighbours, recounted."""
+    node/runtime/config.py `quorum`); after a restart also a majority of the neighbours, recounted."""
     assert members_needed("majority", 5) == 3 and members_needed(2, 5) == 2
     b = StartBarrier("majority", 5, restarted=True, started=0.0, deadline_s=10.0)
     assert b.need == 2

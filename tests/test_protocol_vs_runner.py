@@ -1,4 +1,4 @@
-"""The machine's liveness decisions against today's Node (node/runner.py at 7782560) for
+"""The machine's liveness decisions against today's Node (node/runtime/node.py at 7782560) for
 the same inputs, differentially: a real Node (memory transport, a prepared 4-member
 consortium) and gossip/protocol's Liveness are fed the same sequence of missed deadlines,
 shares and talk; who is absent, missed, talked-to, up and ignorable must agree after
@@ -13,11 +13,11 @@ from hypothesis import strategies as st
 
 from gossip.protocol import Liveness
 from gossip.transports.memory import MemoryHub
-from node.config import load_config
 from node.privacy.mechanisms import SeededNoise
 from node.rehearsal.simulation.prepare import prepare
 from node.rehearsal.simulation.spec import SimulationSpec
-from node.runner import Node
+from node.runtime.config import load_config
+from node.runtime.node import Node
 
 
 @pytest.fixture(scope="module")

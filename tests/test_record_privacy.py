@@ -12,7 +12,6 @@ from opacus.accountants import RDPAccountant
 
 from gossip.errors import LocalError
 from gossip.transports.memory import MemoryHub
-from node.config import load_config
 from node.learn.models import build_model
 from node.learn.train import train_local_dp
 from node.privacy.accountant import LedgerRecord, epsilon_of
@@ -20,7 +19,8 @@ from node.privacy.calibrate import calibrate_sigma
 from node.privacy.mechanisms import SeededNoise
 from node.rehearsal.simulation.prepare import prepare
 from node.rehearsal.simulation.spec import SimulationSpec
-from node.runner import Node
+from node.runtime.config import load_config
+from node.runtime.node import Node
 
 
 def test_ledger_epsilon_equals_opacus_for_dp_sgd_history():

@@ -156,9 +156,9 @@ def test_wilson_covers_about_95_percent():
 
 
 def test_the_round_line_of_flnode_run_carries_the_interval(capsys, tmp_path):
-    from node.config import validate_config
-    from node.daemon import _print_round
-    from node.runtime.round_report import RoundReport
+    from node.runtime.config import validate_config
+    from node.runtime.daemon import _print_round
+    from node.runtime.node import RoundReport
 
     cfg = validate_config({"state_dir": "s", "identity": {"key": "k"}, "consortium": {
         "path": "c"}, "data": {"path": "d"}, "privacy": {"mode": "off"},
@@ -226,7 +226,7 @@ def test_the_simulators_round_line_says_when_few_rows_make_the_figures_noisy():
     from rich.console import Console
 
     from node.rehearsal.simulation.output import RoundPrinter
-    from node.runtime.round_report import RoundReport
+    from node.runtime.node import RoundReport
 
     buf = io.StringIO()
     p = RoundPrinter(SimpleNamespace(rounds=3), ["bank-a", "bank-b"], "roc_auc",

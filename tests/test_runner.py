@@ -12,13 +12,14 @@ from nacl.signing import SigningKey
 
 from gossip import bodies, envelope
 from gossip.transports.memory import MemoryHub
-from node.config import load_config
 from node.learn.models import get_flat
 from node.privacy.mechanisms import SeededNoise
 from node.rehearsal.simulation.prepare import prepare
 from node.rehearsal.simulation.spec import SimulationSpec
-from node.runner import Node
+from node.runtime.config import load_config
 from node.runtime.identity import load_identity
+from node.runtime.node import Node
+from node.runtime.release import Release
 
 
 def make(tmp_path, nodes=3, rounds=3, privacy="update", deadline=30.0):
@@ -126,10 +127,11 @@ async def test_restart_resumes_at_the_checkpointed_round_without_reusing_seqs(tm
 async def test_a_release_stored_before_a_crash_is_resent_not_redrawn(tmp_path):
     _, prep = make(tmp_path, nodes=2)
     node = build(prep, MemoryHub(), which={0})[0]
-    data, own, _, resent = await node._release(0)  # crash right after this
-    assert not resent and len(node.ledger.records) == 1
+    first = await node.releaser.release(0)  # crash right after this
+    assert isinstance(first, Release) and not first.resent and len(node.ledger.records) == 1
     again = build(prep, MemoryHub(), which={0})[0]
-    data2, own2, _, resent2 = await again._release(0)
-    assert resent2 and data2 == data and torch.equal(own2.vector, own.vector)
+    second = await again.releaser.release(0)
+    assert isinstance(second, Release) and second.resent and second.data == first.data
+    assert torch.equal(second.own.vector, first.own.vector) and second.norm is None
     assert len(again.ledger.records) == 1  # no second charge, no second noise draw
-    assert again.seq == 1
+    assert again.signer.seq == 1

@@ -283,7 +283,7 @@ def test_example_schema_loads():
 def test_example_node_config_has_every_key_commented_and_loads(tmp_path):
     from pydantic import BaseModel
 
-    from node.config import NodeConfig, load_config
+    from node.runtime.config import NodeConfig, load_config
 
     path = EXAMPLES / "node.toml"
     cfg = load_config(path)

@@ -26,12 +26,12 @@ from gossip.errors import RemoteError
 from gossip.protocol.book import RoundBook
 from gossip.seal import PrekeyStore, Sealing, encode_announcement, open_sealed, seal_ad
 from gossip.transports.memory import MemoryHub
-from node.config import load_config
 from node.learn.train import evaluate
 from node.rehearsal.simulation.prepare import prepare
 from node.rehearsal.simulation.spec import SimulationSpec
-from node.runner import Node
+from node.runtime.config import load_config
 from node.runtime.identity import load_identity
+from node.runtime.node import Node
 from tests.helpers import SPEC, consortium, keys, tensors
 
 
@@ -253,11 +253,12 @@ def test_a_restarted_sealing_node_resends_its_sealed_release_byte_for_byte(tmp_p
             "seal": "on", "prekey_rotate_rounds": 2})})
         node = Node.from_config(cfg, MemoryHub().attach(prep.names[0], prep.names))
         # never reused (the final message after the last round used the next one)
-        assert node.seq > envelope.decode_outer(stored).seq
-        return node, await node._release(2)
+        assert node.signer.seq > envelope.decode_outer(stored).seq
+        return node, await node.releaser.release(2)
 
-    node, (data, own, _, resent) = asyncio.run(restart())
-    assert resent and data == stored
+    node, release = asyncio.run(restart())
+    own = release.own
+    assert release.resent and release.data == stored
     body = bodies.decode_share(node.state.stored_plain_body(2), node.verifier.spec)
     assert own.weight == body.weight
 
@@ -423,7 +424,7 @@ def test_the_prekey_wait_is_reported_like_any_long_wait(tmp_path, monkeypatch, c
     it says whom it waits for (log and activity.json), as for shares."""
     import logging
 
-    from node import runner as runner_mod
+    from node.runtime import node as runner_mod
 
     monkeypatch.setattr(runner_mod, "WAIT_REPORT_FIRST_S", 0.2)
     spec = SimulationSpec(dataset="default", nodes=3, partition="iid", rounds=1, seed=0,

@@ -17,7 +17,6 @@ from torch import nn
 
 from gossip.errors import LocalError
 from gossip.transports.memory import MemoryHub
-from node.config import load_config, validate_config
 from node.learn.dpsgd import clipped_gradient_sum, train_local_dp_fast
 from node.learn.models import build_model, get_flat
 from node.learn.train import train_local
@@ -25,7 +24,8 @@ from node.privacy.accountant import steps_per_epoch
 from node.privacy.mechanisms import SeededNoise
 from node.rehearsal.simulation.prepare import prepare
 from node.rehearsal.simulation.spec import SimulationSpec
-from node.runner import Node
+from node.runtime.config import load_config, validate_config
+from node.runtime.node import Node
 from node.strategy import StrategyError, WeightedShare, make_strategy
 
 torch.set_num_threads(1)

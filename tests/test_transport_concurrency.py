@@ -244,11 +244,11 @@ async def test_a_dead_libp2p_thread_makes_incoming_send_and_broadcast_raise(how)
 async def test_a_node_whose_libp2p_thread_dies_ends_its_run_with_the_transport_error(tmp_path):
     """The node sees the dead transport: its run's TaskGroup ends with TransportFailed
     (the daemon turns that into a non-zero exit) instead of going on as if alone."""
-    from node.config import load_config
     from node.rehearsal.simulation.prepare import member_names, prepare
     from node.rehearsal.simulation.spec import SimulationSpec
-    from node.runner import Node
+    from node.runtime.config import load_config
     from node.runtime.identity import load_identity
+    from node.runtime.node import Node
 
     spec = SimulationSpec(dataset="default", nodes=2, partition="iid", rounds=50, seed=0,
                           out=tmp_path, privacy="off", round_deadline_s=30.0,

@@ -32,7 +32,7 @@ from gossip.errors import LocalError
 
 def members_needed(min_members: int | str, members: int) -> int:
     """The members (us included) `gossip.min_members` asks for before round 1 in a
-    consortium of `members`: "majority" is members // 2 + 1 (node/config.py `quorum`)."""
+    consortium of `members`: "majority" is members // 2 + 1 (node/runtime/config.py `quorum`)."""
     return members // 2 + 1 if min_members == "majority" else int(min_members)
 
 

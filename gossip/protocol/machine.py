@@ -110,7 +110,7 @@ MAX_STEPS_PER_INPUT = 64
 
 @dataclass(frozen=True)
 class RoundParams:
-    """The consortium's timing and the node's run (node/config.py's gossip section)."""
+    """The consortium's timing and the node's run (node/runtime/config.py's gossip section)."""
 
     rounds: int
     round_deadline_s: float

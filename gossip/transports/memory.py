@@ -38,7 +38,7 @@ from gossip.transports.base import (
 log = logging.getLogger(__name__)
 
 # The per-sender byte bound is SENDER_QUEUE_ENVELOPES envelopes of this size: the
-# default of gossip.max_envelope_bytes (node/config.py); `flnode simulate` passes the
+# default of gossip.max_envelope_bytes (node/runtime/config.py); `flnode simulate` passes the
 # consortium's own.
 DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 

@@ -7,7 +7,7 @@ The planned number of rounds comes from the privacy plan, or from the node's
 config when one is given (a node without privacy keeps no plan). Whether the node
 runs comes from node.pid (node/runtime/pidfile.py), its last activity from its files'
 modification times, whom it waits for from activity.json and the final model
-comparison from final.json (both written by node/runner.py).
+comparison from final.json (both written by node/runtime/node.py).
 """
 
 from __future__ import annotations
@@ -19,14 +19,14 @@ from typing import Any
 
 from gossip.errors import LocalError
 from gossip.transports.base import SENDER_BURST, SENDER_QUEUE_MESSAGES, SENDER_RATE_PER_S
-from node.config import load_config
 from node.privacy.accountant import ACCOUNTANT, epsilon_of
 from node.privacy.budget import PLAN_FILE, WEIGHT_FILE, PrivacyPlan
 from node.privacy.ledger import Ledger
+from node.runtime.config import load_config
 from node.runtime.pidfile import PID_FILE, process_state
 from node.runtime.state import StateDir, read_jsonl
 
-# Written by the node (node/runner.py): who it waits for, and the members' final digests.
+# Written by the node (node/runtime/node.py): who it waits for, and the members' final digests.
 ACTIVITY_FILE = "activity.json"
 FINAL_FILE = "final.json"
 

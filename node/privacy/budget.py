@@ -12,12 +12,12 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from gossip.errors import LocalError
-from node.config import PrivacyConfig
 from node.privacy.accountant import LedgerRecord, epsilon_of, steps_per_epoch
 from node.privacy.calibrate import calibrate_sigma, plan_history
 from node.privacy.ledger import Ledger, weight_digest
 from node.privacy.mechanisms import NoiseSource, snap
 from node.privacy.recipe import choose
+from node.runtime.config import PrivacyConfig
 from node.runtime.state import atomic_write
 
 log = logging.getLogger("flnode.privacy")

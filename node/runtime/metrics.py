@@ -41,7 +41,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 if TYPE_CHECKING:
-    from node.runner import Node
+    from node.runtime.node import Node
 
 
 class NodeCollector(Collector):

@@ -355,11 +355,11 @@ def federated_run(out: Path) -> Path:
     from gossip.membership import Consortium, load_consortium, save_consortium
     from gossip.transports.base import SENDER_QUEUE_MESSAGES, Incoming
     from gossip.transports.memory import MemoryHub
-    from node.config import load_config
     from node.rehearsal.simulation.prepare import prepare
     from node.rehearsal.simulation.spec import SimulationSpec
-    from node.runner import Node
+    from node.runtime.config import load_config
     from node.runtime.identity import load_identity
+    from node.runtime.node import Node
 
     spec = SimulationSpec(dataset="default", nodes=3, partition="iid", rounds=1, seed=0,
                           out=out, privacy="off", sigma=1.0, model="logreg")
@@ -440,8 +440,8 @@ async def _crash_after(nodes: list) -> None:
 
 def resume_nodes(run: Path, hub, noise=None) -> list:
     """Today's nodes of the members of a copied resume/ dir, on one memory hub."""
-    from node.config import load_config
-    from node.runner import Node
+    from node.runtime.config import load_config
+    from node.runtime.node import Node
 
     names = sorted(p.stem for p in (run / "nodes").glob("*.toml"))
     return [Node.from_config(load_config(run / "nodes" / f"{n}.toml"), hub.attach(n, names),

@@ -38,7 +38,6 @@ from gossip.membership import (
     save_consortium,
 )
 from gossip.testing.faults import parse_network_partition
-from node.config import seals
 from node.data.encode import encode, member_split
 from node.data.encode import held_out_positions as data_held_out_split
 from node.data.schema import FeatureSchema, _pydantic_message, fit_schema
@@ -47,6 +46,7 @@ from node.learn.normalize import DEFAULT_NORMALIZE_NOISE, Agreed, combine, membe
 from node.privacy.mechanisms import OsNoise
 from node.rehearsal.simulation.datasets import load_demo, parse_row_partition, partition
 from node.rehearsal.simulation.spec import MEMBER_PREFIX, TEST_FRACTION, SimulationSpec
+from node.runtime.config import seals
 from node.runtime.identity import Identity, save_identity
 from node.strategy.consortium_rules import build_strategy, default_cap, pin_rules, rules_table
 
@@ -114,7 +114,7 @@ def _data_dir_template(spec: SimulationSpec, names: list[str]) -> NetworkTemplat
 DATA_SUFFIXES = (".csv", ".parquet")
 TEST_STEM = "test"  # DIR/test.csv or DIR/test.parquet: the common test set, not a member
 # A member without data.eval_path holds this share of its rows out of training
-# (node.config.DataConfig.eval_fraction's default), split as node/runner.py does.
+# (node.runtime.config.DataConfig.eval_fraction's default), split as node/runtime/node.py does.
 EVAL_FRACTION = 0.2
 
 

@@ -9,14 +9,14 @@ from typing import Any
 
 import numpy as np
 
-from node.config import AttackConfig
 from node.learn.train import evaluate, metric_name
 from node.ops.status import flood_by_member
 from node.privacy.accountant import ACCOUNTANT
+from node.rehearsal.config import AttackConfig
 from node.rehearsal.simulation.prepare import XY, Prepared
 from node.rehearsal.simulation.run import evaluate_rows, noise_kind
 from node.rehearsal.simulation.spec import SimulationSpec
-from node.runner import Node
+from node.runtime.node import Node
 from node.runtime.state import read_jsonl
 from node.strategy.consortium_rules import build_strategy
 

@@ -10,13 +10,14 @@ import numpy as np
 import torch
 
 from gossip.transports.memory import MemoryHub
-from node.config import load_config
 from node.learn.models import build_model, init_seed_from, set_flat
 from node.learn.train import evaluate, train_local
 from node.privacy.mechanisms import NoiseSource, OsNoise, SeededNoise
+from node.rehearsal.build import build_rehearsal_node
+from node.rehearsal.config import load_rehearsal_config
 from node.rehearsal.simulation.prepare import XY, Prepared
 from node.rehearsal.simulation.spec import SimulationSpec
-from node.runner import Node
+from node.runtime.node import Node
 from node.runtime.state import Checkpoint
 
 
@@ -79,12 +80,12 @@ async def run_consortium(spec: SimulationSpec, prep: Prepared,
     for i, (name, path) in enumerate(zip(prep.names, prep.config_paths, strict=True)):
         if name in spec.absent:  # listed, never started
             continue
-        cfg = load_config(path)
+        cfg = load_rehearsal_config(path)
         transport = hub.attach(name, prep.names,
                                max_message_bytes=cfg.gossip.max_envelope_bytes)
         # Reproducible noise on the built-in demo tables only; the members' own files
         # (--data-dir) get os.urandom, as a real node (`flnode run`) always does.
-        nodes.append(Node.from_config(cfg, transport, noise_for(spec, i)))
+        nodes.append(build_rehearsal_node(cfg, transport, noise_for(spec, i)))
     async with asyncio.TaskGroup() as tg:
         for node in nodes:
             tg.create_task(node.run(on_round), name=f"node-{node.name}")

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from gossip.errors import LocalError
-from node.config import ATTACK_PARAMS, AttackConfig
+from node.rehearsal.config import ATTACK_PARAMS, AttackConfig
 from node.strategy.consortium_rules import DEFAULT_RULE
 
 MEMBER_PREFIX = {"default": "bank", "churn": "telco", "digits": "site"}
@@ -58,7 +58,7 @@ class SimulationSpec:
     lr_decay: float = 1.0  # every member's training.lr_decay (round r: lr * lr_decay**r)
     control_variates: bool = False  # every member's training.control_variates (SCAFFOLD)
     # Rehearsed attacks: "KIND[=PARAM]:MEMBER[,MEMBER...]" (node.cli.add_attack_flag);
-    # the members named get an [attack] section (node.config.AttackConfig)
+    # the members named get an [attack] section (node.rehearsal.config.AttackConfig)
     attacks: tuple[str, ...] = ()
     # The members' own files instead of a built-in table (--data-dir; see read_data_dir):
     # one CSV/Parquet per member, `nodes` and `partition` then do not apply.

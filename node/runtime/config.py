@@ -6,7 +6,6 @@ run directory can be moved as a whole.
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -207,108 +206,9 @@ class GossipConfig(_Section):
         return self
 
 
-class FaultsConfig(_Section):
-    """[faults]: rehearsal only (the simulators write it; gossip/testing/faults.py).
-    A node with this section drops and delays what it receives, on purpose."""
-
-    loss: float = Field(default=0.0, ge=0, lt=1)  # drop each incoming message with this p
-    delay_ms: float = Field(default=0.0, ge=0, le=600_000)
-    jitter_ms: float = Field(default=0.0, ge=0, le=600_000)
-    # "A,B@ROUND:ROUNDS": A and B cut off from the others for ROUNDS rounds from ROUND.
-    partition: list[str] = Field(default_factory=list, max_length=100)
-    straggle: float = Field(default=1.0, ge=1, le=1000)  # local training this many times slower
-    seed: int = Field(default=0, ge=0, lt=2**63)
-
-    @model_validator(mode="after")
-    def _partitions(self) -> FaultsConfig:
-        from gossip.testing.faults import parse_network_partition
-
-        for p in self.partition:
-            parse_network_partition(p)
-        return self
-
-
-# Rehearsed attacks ([attack], node/runner.py): what a hostile member with a valid key
-# does, so both simulators can measure what the others' aggregation survives.
-# Model-level: they change the share the member releases (its own model is honest).
-MODEL_ATTACKS = ("sign-flip", "scale", "noise", "huge", "weight", "nan", "label-flip")
-# Protocol-level: they change what the member signs and sends, not the values.
-PROTOCOL_ATTACKS = ("zero-prekey", "equivocate", "equivocate-split", "replay")
-ATTACKS = MODEL_ATTACKS + PROTOCOL_ATTACKS
-# The parameter each kind takes (None: none) and its default.
-ATTACK_PARAMS: dict[str, tuple[str, float] | None] = {
-    "sign-flip": ("K", 1.0), "scale": ("K", -1000.0), "noise": ("SIGMA", 1.0),
-    "weight": ("W", 1e12), "huge": None, "nan": None, "label-flip": None,
-    "zero-prekey": None, "equivocate": None, "equivocate-split": None, "replay": None,
-    "flood": ("RATE", 2000.0),
-}
-
-
-class AttackConfig(_Section):
-    """[attack]: rehearsal only (the simulators write it into an attacker's config).
-    A node with this section is a hostile member on purpose; it logs so loudly.
-
-    - sign-flip (param K, default 1): releases start - K x update;
-    - scale (K, default -1000): releases K x (start + update), the whole model scaled;
-    - noise (SIGMA, default 1): releases start + update + N(0, SIGMA²) per value;
-    - huge: every released value is 1e30 (finite);
-    - weight (W, default 1e12): declares weight W (with `weight` set, on top of any kind);
-    - nan: a share whose values are NaN (signed; every receiver must refuse it);
-    - label-flip: trains on flipped labels (class c -> n_classes - 1 - c);
-    - zero-prekey: announces a properly signed all-zero X25519 prekey (sealing on);
-    - equivocate: a different signed share to each member for the same round, and each
-      member also gets its neighbour's version (so the conflict is seen);
-    - equivocate-split: a different signed share to each member, each only its own
-      (no member holds two: only comparing the seen reports shows it);
-    - replay: each round re-sends every message it signed before;
-    - flood (RATE messages a second, default 2000): besides its honest shares, from its
-      first release on, broadcasts its round-0 share signed again and again with fresh
-      sequence numbers (valid, stale: what issue 19's flood sent), as fast as RATE asks
-      and its transport takes.
-    """
-
-    kind: Literal["sign-flip", "scale", "noise", "huge", "weight", "nan", "label-flip",
-                  "zero-prekey", "equivocate", "equivocate-split", "replay", "flood"]
-    param: float | None = None  # K, SIGMA (the kind's default if not set)
-    weight: float | None = Field(default=None, gt=0, le=1e12)  # declared weight, any kind
-    seed: int = Field(default=0, ge=0, lt=2**63)  # the noise attack's generator
-
-    @model_validator(mode="after")
-    def _param(self) -> AttackConfig:
-        spec = ATTACK_PARAMS[self.kind]
-        if self.param is not None:
-            if spec is None:
-                raise ValueError(f"attack kind {self.kind!r} takes no parameter")
-            if not math.isfinite(self.param):
-                raise ValueError(f"attack param {self.param!r} must be finite")
-            if self.kind == "noise" and self.param <= 0:
-                raise ValueError("attack noise: SIGMA must be > 0")
-            if self.kind == "flood" and not 0 < self.param <= 1e6:
-                raise ValueError(f"attack flood: RATE must be in (0, 1e6], got {self.param!r}")
-        if self.kind == "weight" and self.param is not None and not 0 < self.param <= 1e12:
-            raise ValueError(f"attack weight: W must be in (0, 1e12], got {self.param!r}")
-        return self
-
-    @property
-    def value(self) -> float:
-        """The kind's parameter, or its default."""
-        spec = ATTACK_PARAMS[self.kind]
-        assert spec is not None
-        return self.param if self.param is not None else spec[1]
-
-    @property
-    def declared_weight(self) -> float | None:
-        """The weight the attacker declares (None: its honest one)."""
-        if self.weight is not None:
-            return self.weight
-        return self.value if self.kind == "weight" else None
-
-    def describe(self) -> str:
-        spec = ATTACK_PARAMS[self.kind]
-        text = self.kind if spec is None else f"{self.kind}={self.value:g}"
-        if self.weight is not None and self.kind != "weight":
-            text += f" with declared weight {self.weight:g}"
-        return text
+# Sections only a rehearsal reads (node/rehearsal/config.py), and what they make a node do.
+REHEARSAL_SECTIONS = {"attack": "attack the consortium (a hostile member)",
+                      "faults": "drop, delay or cut off what it receives, or train slower"}
 
 
 class NodeConfig(_Section):
@@ -323,18 +223,34 @@ class NodeConfig(_Section):
     # their digests in the ledger): one whole share per round, forever. Off: only the
     # release of the round in progress is kept (a restart re-sends it).
     keep_releases: bool = False
-    faults: FaultsConfig | None = None  # rehearsals only
-    attack: AttackConfig | None = None  # rehearsals only: this member is hostile on purpose
     gossip: GossipConfig = GossipConfig()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_rehearsal(cls, data: object) -> object:
+        """A production node never acts as a hostile or faulty member: a config with a
+        rehearsal section (copied from a simulator's run, say) is refused, naming it and
+        the entry points that rehearse (node/rehearsal/config.py RehearsalNodeConfig)."""
+        if isinstance(data, dict) and cls.model_fields.keys().isdisjoint(REHEARSAL_SECTIONS):
+            for section in REHEARSAL_SECTIONS:
+                if section in data:
+                    raise ValueError(
+                        f"[{section}] is a rehearsal section: a node run with it would "
+                        f"{REHEARSAL_SECTIONS[section]} on purpose, so `flnode run` refuses "
+                        "it. Remove it to run this member; to rehearse, use `python -m "
+                        "node.rehearsal.member --config FILE`, `flnode simulate` or "
+                        "scripts/simulate_network.py")
+        return data
 
 
 def _key_path(loc: tuple[object, ...]) -> str:
     return ".".join(str(x) for x in loc if not str(x).startswith("function-"))
 
 
-def validate_config(doc: dict, source: str) -> NodeConfig:
+def validate_config(doc: dict, source: str, model: type[NodeConfig] = NodeConfig) -> NodeConfig:
+    """`model`: NodeConfig, or a rehearsal's subclass of it (node/rehearsal/config.py)."""
     try:
-        return NodeConfig.model_validate(doc)
+        return model.model_validate(doc)
     except ValidationError as exc:
         lines = []
         for err in exc.errors():
@@ -351,9 +267,9 @@ def validate_config(doc: dict, source: str) -> NodeConfig:
         raise LocalError("\n".join(lines)) from None
 
 
-def load_config(path: str | Path) -> NodeConfig:
+def load_config(path: str | Path, model: type[NodeConfig] = NodeConfig) -> NodeConfig:
     path = Path(path)
-    cfg = validate_config(read_toml(path, "node config"), str(path))
+    cfg = validate_config(read_toml(path, "node config"), str(path), model)
     base = path.parent
 
     def rel(p: Path | None) -> Path | None:

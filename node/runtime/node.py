@@ -4,6 +4,9 @@ One round: train -> clip + noise -> charge the ledger -> sign -> store the
 release -> broadcast -> collect until every neighbour's share for the round
 has arrived or the deadline (counted from our own release) passes -> combine
 our own *released* share with the received ones -> evaluate -> checkpoint.
+The release (train -> DP -> charge -> sign -> store) is the Releaser's
+(node/runtime/release.py), signing and the prekey files the Signer's
+(node/runtime/signer.py); a rehearsal wraps them (node/rehearsal/), never this file.
 
 A background task reads the transport and runs every message through
 `envelope.Verifier` and the `RoundBook`; rejections are counted by reason,
@@ -14,8 +17,6 @@ sends can stop the loop.
 from __future__ import annotations
 
 import asyncio
-import copy
-import dataclasses
 import json
 import logging
 import time
@@ -26,7 +27,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from nacl.public import PrivateKey, PublicKey
+from nacl.public import PrivateKey
 
 from gossip import bodies, envelope
 from gossip.bodies import NORM_RANGE, NORM_USABLE, Stats
@@ -49,24 +50,13 @@ from gossip.envelope import (
 from gossip.errors import LocalError, RemoteError
 from gossip.membership import Consortium, load_consortium
 from gossip.protocol.book import RoundBook
-from gossip.seal import Sealing, encode_announcement, sign_prekey
-from gossip.testing.faults import FaultyTransport, fault_plan
+from gossip.seal import Sealing
 from gossip.transports.base import Incoming, Transport, TransportFailed
-from node.config import NodeConfig, quorum
 from node.data.encode import dropped_rows, encode, member_split
 from node.data.schema import FeatureSchema
 from node.data.table import read_table
-from node.learn.control import ControlVariates, local_steps, per_parameter
-from node.learn.dpsgd import train_local_dp_fast
-from node.learn.models import (
-    build_model,
-    flat_to_named,
-    get_flat,
-    init_seed_from,
-    named_to_flat,
-    set_flat,
-    tensor_spec,
-)
+from node.learn.control import ControlVariates
+from node.learn.models import build_model, get_flat, init_seed_from, named_to_flat, set_flat, tensor_spec
 from node.learn.normalize import (
     DEFAULT_NORMALIZE_NOISE,
     Agreed,
@@ -80,15 +70,18 @@ from node.learn.normalize import (
     range_report,
     resolve,
 )
-from node.learn.train import evaluate, metric_name, round_lr, train_local, train_local_dp, warn_about_held_out
+from node.learn.train import evaluate, metric_name, warn_about_held_out
 from node.ops.intervals import metric_intervals
 from node.privacy.accountant import LedgerRecord
 from node.privacy.budget import PrivacyBudget
 from node.privacy.ledger import Ledger, ledger_digest
-from node.privacy.mechanisms import NoiseSource, OsNoise, privatize_update
+from node.privacy.mechanisms import NoiseSource, OsNoise
+from node.runtime.config import NodeConfig, quorum
 from node.runtime.evidence import EvidenceStore, same_slot
 from node.runtime.identity import Identity, load_identity
+from node.runtime.release import NotReleased, Releaser, Stopped
 from node.runtime.round_report import RoundReport
+from node.runtime.signer import Signer
 from node.runtime.state import Checkpoint, StateDir, atomic_write
 from node.strategy import WeightedShare
 from node.strategy.consortium_rules import AgreedStrategy, build_strategy, few_rounds_warning
@@ -122,12 +115,8 @@ FINAL_SEEN_WAIT_S = 5.0
 # alone says so within WAIT_REPORT_FIRST_S instead of waiting out a deadline in silence.
 WAIT_REPORT_FIRST_S = 10.0
 WAIT_REPORT_EVERY_S = 30.0
-ACTIVITY_FILE = "activity.json"  # node/status.py reads it
-FINAL_FILE = "final.json"  # the members' final model digests compared (node/status.py)
-# [attack] flood: sends in flight at once (enough that it never waits on one ack).
-FLOOD_IN_FLIGHT = 256
-# [attack] replay: the newest signed messages re-sent each round.
-REPLAY_KEEP = 32
+ACTIVITY_FILE = "activity.json"  # node/ops/status.py reads it
+FINAL_FILE = "final.json"  # the members' final model digests compared (node/ops/status.py)
 
 
 @dataclass
@@ -192,7 +181,10 @@ class Node:
     def __init__(self, cfg: NodeConfig, identity: Identity, consortium: Consortium,
                  schema: FeatureSchema, train: LocalData, held_out: LocalData,
                  transport: Transport, noise: NoiseSource,
-                 tables: LocalTables | None = None, norm_fallback: str | None = None) -> None:
+                 tables: LocalTables | None = None, norm_fallback: str | None = None,
+                 rows_transform: Callable[[LocalData], LocalData] | None = None) -> None:
+        """`rows_transform`, if given, is applied to the training rows each time they are
+        set (at start, and once normalization is agreed): only a rehearsal gives one."""
         member = consortium.by_name(identity.name)
         if member.public_key != identity.public_key:
             raise LocalError(
@@ -204,27 +196,10 @@ class Node:
         self.identity = identity
         self.consortium = consortium
         self.schema = schema
-        self.train_data = train
-        self.held_out = held_out
-        if cfg.faults is not None:  # a rehearsal: drop and delay what we receive, on purpose
-            f = cfg.faults
-            log.warning("%s: [faults] set: loss %g, delay %g±%g ms, partitions %s, training "
-                        "%gx slower (a rehearsal, not a deployment)", identity.name, f.loss,
-                        f.delay_ms, f.jitter_ms, f.partition or "none", f.straggle)
-            plan = fault_plan(f.loss, f.delay_ms, f.jitter_ms, f.partition, f.seed)
-            if plan.active:
-                transport = FaultyTransport(transport, identity.name, plan,
-                                            {m.public_key: m.name for m in consortium.members})
-        if cfg.attack is not None:  # a rehearsal: this member is hostile on purpose
-            log.warning("%s: [attack] set: %s. THIS MEMBER ATTACKS THE CONSORTIUM (a "
-                        "rehearsal of a hostile member, never a deployment)", identity.name,
-                        cfg.attack.describe())
+        self._rows_transform = rows_transform
         self._set_data(train, held_out)
         self.transport = transport
         self.noise = noise
-        self._attack_signed: list[bytes] = []  # [attack] replay: what we signed so far
-        self._attack_release: tuple[torch.Tensor, torch.Tensor, float] | None = None
-        self._attack_flood: asyncio.Task[None] | None = None  # [attack] flood's sender
         self._evidence: Counter[str] = Counter()  # seen-report files kept per reporter
         # Seen reports: the digests we accepted per closed round (member -> (seq, digest,
         # sig), our own release included), and reports for rounds we have not closed yet.
@@ -320,7 +295,18 @@ class Node:
                                  if schema.mode == "federated" else None)
         self.book = RoundBook(neighbours, cfg.gossip.lookahead)
         self.counters = NodeCounters()
-        self.seq = 0
+        # What this member signs (the sequence number on disk first) and releases (charged
+        # first): node/runtime/signer.py, release.py. A rehearsal wraps them (node/rehearsal/).
+        self.signer = Signer(identity, consortium.id, self.state, self.sealing,
+                             self.counters.rejected)
+        # training.control_variates: this member's c_i and c (node/control.py), restored
+        # from the checkpoint (_resume)
+        self.control = ControlVariates.for_node(cfg.training.control_variates,
+                                                self.strategy_params)
+        self.releaser: Releaser = Releaser(
+            cfg, self.name, self.model, self.verifier.spec, self.state, self.ledger,
+            self.budget, noise, self.control, lambda: (self.train_data.X, self.train_data.y),
+            self._norm, self._pack_share)
         self._arrived = asyncio.Event()
         self._deadline = 0.0  # loop time when the current round's collection ends
         # Members whose prekey did not come by a deadline (down, or never announced): we
@@ -348,16 +334,17 @@ class Node:
         self._flood_recorded: Counter[str] = Counter()  # flood drops at the last metrics line
         # The last closed round's metrics, bytes and duration (node/metrics.py reads it).
         self.last_round: dict[str, Any] | None = None
-        self._shuffle = torch.Generator().manual_seed(cfg.training.seed)
         self._load_normalization()
         self._resume()
 
     # --- construction from files -----------------------------------------------
     @classmethod
     def from_config(cls, cfg: NodeConfig, transport: Transport,
-                    noise: NoiseSource | None = None) -> Node:
+                    noise: NoiseSource | None = None,
+                    rows_transform: Callable[[LocalData], LocalData] | None = None) -> Node:
         """Build a node from its config files. Privacy noise comes from os.urandom
-        unless a simulation passes its own seeded source."""
+        unless a simulation passes its own seeded source (`rows_transform`: see Node;
+        only a rehearsal gives one, node/rehearsal/build.py)."""
         identity = load_identity(cfg.identity.key)
         consortium = load_consortium(cfg.consortium.path)
         schema = FeatureSchema.from_dict(consortium.schema, str(cfg.consortium.path))
@@ -397,13 +384,12 @@ class Node:
                             eval_fraction=cfg.data.eval_fraction, total_rows=total,
                             dropped=tables.dropped if cfg.data.eval_path is None else 0)
         return cls(cfg, identity, consortium, schema, train, held, transport, noise or OsNoise(),
-                   tables=tables if federated else None, norm_fallback=fallback)
+                   tables=tables if federated else None, norm_fallback=fallback,
+                   rows_transform=rows_transform)
 
     def _set_data(self, train: LocalData, held: LocalData) -> None:
-        if self.cfg.attack is not None and self.cfg.attack.kind == "label-flip":
-            # Every label c becomes n_classes - 1 - c (binary: swapped).
-            train = LocalData(train.X, (self.schema.n_classes - 1 - train.y)
-                              .astype(train.y.dtype))
+        if self._rows_transform is not None:
+            train = self._rows_transform(train)
         self.train_data, self.held_out = train, held
 
     # --- federated normalization (node/normalize.py) ---------------------------------
@@ -600,9 +586,6 @@ class Node:
             "kind": "normalization", **agreed.to_json()})
 
     def _resume(self) -> None:
-        # training.control_variates: this member's c_i and c (node/control.py), restored below
-        self.control = ControlVariates.for_node(self.cfg.training.control_variates,
-                                                self.strategy_params)
         cp = self.state.load_checkpoint()
         if cp is None:
             self._save_checkpoint()
@@ -614,13 +597,13 @@ class Node:
         set_flat(self.model, torch.from_numpy(np.frombuffer(cp.model, dtype="<f4").copy()))
         self.book = RoundBook(self.book.neighbours - set(cp.retired), self.book.lookahead,
                               cp.next_round)
-        # The counter is persisted before any signed message leaves (_sign): a kill after
-        # a send and before the checkpoint never re-uses a number.
-        self.seq = max(cp.seq, self.state.reserved_seq())
+        # The counter is persisted before any signed message leaves (Signer.sign): a kill
+        # after a send and before the checkpoint never re-uses a number.
+        self.signer.seq = max(cp.seq, self.state.reserved_seq())
         stored = self.state.stored_release(cp.next_round)
         if stored is not None:  # released, then stopped before the checkpoint
             env = envelope.decode_outer(stored, self.cfg.gossip.max_envelope_bytes)
-            self.seq = max(self.seq, env.seq + 1)
+            self.signer.seq = max(self.signer.seq, env.seq + 1)
         self.verifier.load_state(cp.replay)
         if self.sealing is not None:
             try:
@@ -647,7 +630,7 @@ class Node:
         self.state.save_checkpoint(Checkpoint(
             next_round=self.book.current,
             model=get_flat(self.model).numpy().astype("<f4").tobytes(),
-            seq=self.seq,
+            seq=self.signer.seq,
             replay=self.verifier.export_state(),
             rejected=self.rejected(),
             bytes_sent=self.transport.stats.bytes_sent,
@@ -799,13 +782,12 @@ class Node:
                     # No round left to read a share in (finished, or stopped sharing):
                     # nothing on this disk may open recorded traffic any more, and
                     # nothing needs redelivering.
-                    self._forget_prekeys()
+                    self.signer.forget_prekeys()
                     self._ack_before(None)
                 finally:
                     self._tg = None  # no new tasks; the group awaits what it owns
                     receiver.cancel()
-                    if self._attack_flood is not None:
-                        self._attack_flood.cancel()
+                    self.signer.close()
         finally:
             self._save_checkpoint()
             await self.transport.close()
@@ -962,111 +944,6 @@ class Node:
                             "in the audit log; further are counted, not logged)", self.name,
                             meaning, reporter)
 
-    # --- [attack]: a rehearsed hostile member (never set in a deployment) ----------
-    def _attack_vector(self, r: int, start: torch.Tensor, update: torch.Tensor,
-                       released: torch.Tensor) -> torch.Tensor:
-        a = self.cfg.attack
-        assert a is not None
-        if a.kind == "sign-flip":
-            return start - a.value * update
-        if a.kind == "scale":
-            return released * a.value
-        if a.kind == "noise":
-            g = torch.Generator().manual_seed(a.seed * 1_000_003 + r)
-            return released + a.value * torch.randn(released.shape, generator=g)
-        if a.kind == "huge":
-            return torch.full_like(released, 1e30)
-        if a.kind == "nan":
-            return torch.full_like(released, float("nan"))
-        return released  # weight, label-flip (trained on flipped labels), protocol kinds
-
-    def _attack_body(self, r: int, start: torch.Tensor, update: torch.Tensor,
-                     released: torch.Tensor, weight: float) -> bytes:
-        """The share body a hostile member releases instead of its honest one. Its own
-        model goes on from the honest share (it knows what it sent)."""
-        a = self.cfg.attack
-        assert a is not None
-        self._attack_release = (start, update, weight)
-        vec = self._attack_vector(r, start, update, released)
-        declared = a.declared_weight if a.declared_weight is not None else weight
-        # A scale large enough overflows float32 to inf: then that is what it sends.
-        return bodies.encode_share(flat_to_named(self.model, vec), declared, self._norm())
-
-    async def _attack_send(self, r: int, data: bytes) -> None:
-        a = self.cfg.attack
-        assert a is not None
-        if a.kind in ("equivocate", "equivocate-split") and self._attack_release is not None:
-            peers = sorted(self.book.still_in(r))
-            if len(peers) >= 2:
-                start, update, weight = self._attack_release
-                versions = []
-                for i, _ in enumerate(peers):  # a different share for each member
-                    vec = start + (1.0 + 0.25 * i) * update
-                    body = bodies.encode_share(flat_to_named(self.model, vec), weight,
-                                               self._norm())
-                    versions.append(data if i == 0 else self._attack_pack(r, body, peers))
-                split = a.kind == "equivocate-split"
-                for i, peer in enumerate(peers):  # its own, then its neighbour's version
-                    for v in (versions[i],) if split else (versions[i],
-                                                          versions[(i + 1) % len(peers)]):
-                        if v is not None:
-                            await self._send(peer, v)
-                return
-        await self._broadcast(r, data)
-        if a.kind == "flood" and self._attack_flood is None and self._tg is not None:
-            if r == 0:
-                env = envelope.decode_outer(data)
-                self._attack_flood = self._tg.create_task(
-                    self._attack_flood_loop(env.kind, env.body, a.value), name=f"{self.name}-flood")
-        if a.kind == "replay":  # every message we signed before, again
-            for old in self._attack_signed:
-                if old is not data:
-                    await self._broadcast(r, old)
-
-    async def _attack_flood_loop(self, kind: str, body: bytes, rate: float) -> None:
-        """[attack] flood: our round-0 share (its kind and body), signed with fresh sequence numbers (not
-        reserved on disk: an attacker does not care), broadcast at `rate` a second with
-        up to FLOOD_IN_FLIGHT sends at once, until the run ends (cancelled with it)."""
-        loop = asyncio.get_running_loop()
-        slots = asyncio.Semaphore(FLOOD_IN_FLIGHT)
-        start, sent = loop.time(), 0
-
-        async def one(data: bytes) -> None:
-            try:
-                await self.transport.broadcast(data)
-            except LocalError:
-                pass  # the transport refused it; a flooder goes on
-            finally:
-                slots.release()
-
-        async with asyncio.TaskGroup() as tg:
-            while True:
-                await slots.acquire()
-                data = envelope.pack(self.identity.signing_key, self.consortium.id, kind, 0,
-                                     self.seq, body)
-                self.seq += 1
-                tg.create_task(one(data))
-                sent += 1
-                ahead = sent / rate - (loop.time() - start)
-                if ahead > 0:
-                    await asyncio.sleep(ahead)
-
-    def _attack_pack(self, r: int, body: bytes, peers: list[str]) -> bytes | None:
-        if self.sealing is None:
-            return self._sign(KIND_SHARE, r, body)
-        recipients, _ = self.sealing.recipients(r, peers)
-        if not recipients:
-            return None
-        return self._sign(KIND_SEALED, r, self.sealing.seal(body, r, recipients))
-
-    def _attack_prekeys(self, announce: bool) -> list[bytes]:
-        """Announcements whose prekeys are all-zero X25519 keys, properly signed."""
-        assert self.sealing is not None
-        zero = [sign_prekey(self.identity.signing_key, self.consortium.id, e,
-                            PublicKey(bytes(32))) for e in sorted(self.sealing.own.keys)]
-        return [encode_announcement(zero, hello=False)] + \
-            ([encode_announcement(zero, hello=True)] if announce else [])
-
     async def _round(self) -> RoundReport | None:
         r = self.book.current
         t0 = time.perf_counter()
@@ -1074,17 +951,35 @@ class Node:
         # What every honest member started this round from (up to the disagreement the
         # rounds allow): the strategy measures shares' distances from it.
         reference = get_flat(self.model).clone()
-        released = await self._release(r)
-        if released is None:
+        result = await self.releaser.release(r)
+        if isinstance(result, Stopped):
+            self.stopped = result.reason
             await self._retire(r)
             return None
-        data, own, norm, resent = released
-        if self.cfg.attack is not None and data is not None:
-            await self._attack_send(r, data)
-        elif data is not None:
-            # Not awaited here: a member that is down must not hold up collecting the
-            # others' shares (a send waits for a connection to it once).
-            await self._in_background(self._broadcast(r, data), f"share-{r}")
+        if isinstance(result, NotReleased):
+            self.counters.rejected["non_finite_local"] += 1
+            self._restart_deadline()
+            data, own, norm, resent = None, result.own, float("nan"), False
+        else:
+            data, own, resent = result.data, result.own, result.resent
+            norm = float("nan") if result.norm is None else result.norm  # RoundReport's
+            if resent:  # the stored release: the collection's deadline counts from now
+                self._restart_deadline()
+                assert result.sent is not None
+                self.signer.seq = max(self.signer.seq, result.sent[0] + 1)
+            if result.sent is not None:
+                self._own_release[r] = result.sent
+        if data is not None:
+            sends = self.signer.outgoing(r, data, sorted(self.book.still_in(r)))
+            if sends is None:
+                # Not awaited here: a member that is down must not hold up collecting the
+                # others' shares (a send waits for a connection to it once).
+                await self._in_background(self._broadcast(r, data), f"share-{r}")
+            else:  # a rehearsal's own sends (node/rehearsal/attacks.py), in order
+                for peer, message in sends:
+                    await (self._broadcast(r, message) if peer is None
+                           else self._send(peer, message))
+                self.signer.after_send(r, data)
         ignorable_before = set(self._ignorable())
         await self._collect(r, deadline=self._deadline)
         self._note_absent(r)
@@ -1150,172 +1045,12 @@ class Node:
         self._ack_before(self.book.current)
         return report
 
-    async def _release(self, r: int) -> tuple[bytes | None, WeightedShare, float, bool] | None:
-        """Our share for round r: the stored one after a restart, else train a new one.
-
-        None when releasing it would exceed the privacy budget.
-        """
-        spec = self.verifier.spec
-        stored = self.state.stored_release(r)
-        if stored is not None:
-            self._restart_deadline()
-            env = envelope.decode_outer(stored, self.cfg.gossip.max_envelope_bytes)
-            body = self.state.stored_plain_body(r) if env.kind == KIND_SEALED else env.body
-            share = bodies.decode_share(body, spec)
-            self.seq = max(self.seq, env.seq + 1)
-            self._own_release[r] = (env.seq, env.digest, env.sig)
-            own = WeightedShare(self.name, share.weight, named_to_flat(self.model, share.tensors))
-            if self.control is not None:  # as when it was released (node/control.py)
-                start = get_flat(self.model)
-                self.control.begin(r, start)
-                self._log_control(r, self.control.correction())
-                self.control.released(r, start, own.vector, self._step_scale(r))
-            return stored, own, float("nan"), True
-        pc, tc = self.cfg.privacy, self.cfg.training
-        weight, charges = self.budget.weight(r, self.noise)
-        if pc.mode != "off":
-            over = self.budget.would_exceed(charges + self.budget.next_release(r))
-            if over is not None:
-                self.stopped = (
-                    f"privacy budget ε = {pc.epsilon:g} at δ = {pc.delta:g} reached: releasing "
-                    f"round {r + 1} would bring ε to {over:.3f}; stopped sharing, serving the "
-                    f"round-{r} model for evaluation")
-                return None
-        start = get_flat(self.model)
-        local = copy.deepcopy(self.model)
-        plan = self.budget.plan
-        lr = round_lr(tc.lr, tc.lr_decay, r)  # tc.lr exactly at the default lr_decay = 1
-        correction = None
-        if self.control is not None:
-            self.control.begin(r, start)
-            fix = self.control.correction()
-            correction = None if fix is None else per_parameter(local, fix)
-            self._log_control(r, fix)
-        trained = time.perf_counter()
-        if pc.mode == "record":
-            assert plan is not None
-            # privacy.recipe = "auto": the plan's pinned epochs, batch size and lr (decayed
-            # as training.lr is); "fixed": the training section's, so this is `lr` exactly
-            epochs, batch_size, base_lr = self.budget.training(tc.epochs, tc.batch_size, tc.lr)
-            kwargs = dict(epochs=epochs, batch_size=batch_size,
-                          lr=round_lr(base_lr, tc.lr_decay, r),
-                          clip_norm=plan.clip_norm, noise_multiplier=plan.noise_multiplier,
-                          prox_mu=tc.prox_mu, correction=correction)
-            if pc.grad_sample_mode == "fast":
-                history = await asyncio.to_thread(train_local_dp_fast, local, self.train_data.X,
-                                                  self.train_data.y, **kwargs, noise=self.noise)
-            else:
-                history = await asyncio.to_thread(train_local_dp, local, self.train_data.X,
-                                                  self.train_data.y, **kwargs,
-                                                  generator=self.noise.torch_generator(),
-                                                  grad_sample_mode=pc.grad_sample_mode)
-            charges += [LedgerRecord(r, "record", s, q, n, plan.clip_norm, "")
-                        for s, q, n in history]
-        else:
-            await asyncio.to_thread(train_local, local, self.train_data.X, self.train_data.y,
-                                    epochs=tc.epochs, batch_size=tc.batch_size, lr=lr,
-                                    generator=self._shuffle, prox_mu=tc.prox_mu,
-                                    correction=correction)
-        if self.cfg.faults is not None and self.cfg.faults.straggle > 1:  # a rehearsed straggler
-            await asyncio.sleep((self.cfg.faults.straggle - 1) * (time.perf_counter() - trained))
-        update = get_flat(local) - start
-        norm = float(torch.linalg.vector_norm(update))
-        if pc.mode == "update":
-            assert plan is not None
-            update, norm = privatize_update(update, plan.clip_norm, plan.noise_multiplier,
-                                            self.noise)
-            charges += self.budget.next_release(r)
-        released = start + update
-        if not bool(torch.isfinite(released).all()):
-            # Local training diverged (a learning rate too high, a value that overflows
-            # float32): nothing non-finite is ever released. The mechanism did run on the
-            # data, and the peers see that no share came this round (an output of it):
-            # the round is charged all the same, fsync'd before it goes on (over-counting
-            # is safe, under-counting never). A noised count charged here is stored, so it
-            # is the one later rounds release, not a second draw.
-            # "not-released:..." in place of a digest: no share exists
-            self._charge(charges, "not-released:non-finite", weight)
-            self.counters.rejected["non_finite_local"] += 1
-            log.error("%s: round %d: local training produced non-finite parameters (check "
-                      "training.lr and the data's ranges); nothing released this round (its "
-                      "privacy cost is charged all the same), the round goes on with the "
-                      "others' shares", self.name, r + 1)
-            self._restart_deadline()
-            return None, WeightedShare(self.name, weight, start), float("nan"), False
-        if pc.mode != "off":
-            # The plan's cost was checked before training; record mode charges what the
-            # training actually did. Check that too, before anything is charged or sent.
-            over = self.budget.would_exceed(charges)
-            if over is not None:
-                self.stopped = (
-                    f"privacy budget ε = {pc.epsilon:g} at δ = {pc.delta:g} reached: round "
-                    f"{r + 1} as trained would bring ε to {over:.3f}; its share is discarded "
-                    f"(never released, evaluated or carried on); serving the round-{r} model")
-                return None
-        if self.cfg.attack is not None:  # a rehearsed hostile member: what goes on the wire
-            body = self._attack_body(r, start, update, released, weight)
-        else:
-            body = bodies.encode_share(flat_to_named(self.model, released), weight,
-                                       self._norm())
+    async def _pack_share(self, r: int, body: bytes) -> bytes | None:
+        """Sign the share (the Releaser's last step before it charges), sealed to every
+        active member's prekey for round r if sealing is on. None if sealing is on and no
+        member's prekey arrived before the deadline."""
         # The round's deadline counts from here: waiting for prekeys and for shares share it.
         self._restart_deadline()
-        data = await self._pack_share(r, body)
-        # The ledger names a release by its envelope digest: what the signature covers,
-        # and what every receiver writes to its audit log for the share it accepted.
-        packed = (envelope.decode_outer(data, self.cfg.gossip.max_envelope_bytes)
-                  if data is not None else None)
-        digest = packed.digest.hex() if packed is not None else _blake(body)
-        if packed is not None:
-            self._own_release[r] = (packed.seq, packed.digest, packed.sig)
-        # Charged and fsync'd before the bytes exist anywhere but in memory, and also
-        # when nobody could be sealed for: our model goes on from this share.
-        self._charge(charges, digest, weight)
-        if data is not None:
-            self.state.store_release(r, data, body if self.sealing is not None else None)
-        if self.control is not None:  # c_i from what we released (node/control.py)
-            self.control.released(r, start, released, self._step_scale(r))
-        return data, WeightedShare(self.name, weight, released), norm, False
-
-    def _charge(self, charges: list[LedgerRecord], digest: str, weight: float) -> None:
-        """Each charge to the ledger (fsync'd), named by `digest` (a count charge also
-        keeps what names the weight it released: node/privacy.py), then a noised count
-        stored, so later rounds release that one, never a second draw."""
-        for record in charges:
-            self.ledger.charge(dataclasses.replace(
-                record, share_digest=digest if not record.share_digest
-                else f"{digest} {record.share_digest}"))
-        if any(c.mode == "count" for c in charges):
-            self.budget.store_weight(weight)
-
-    def _log_control(self, r: int, fix: torch.Tensor | None) -> None:
-        c = self.control
-        assert c is not None
-
-        def rnd(x: int | None) -> str:  # 1-based for people
-            return "none" if x is None else str(x + 1)
-        norm = 0.0 if fix is None else float(torch.linalg.vector_norm(fix))
-        log.info("%s: round %d: control variates c from round %s, c_i from round %s, "
-                 "|c - c_i| = %.4g", self.name, r + 1, rnd(c.c_round), rnd(c.own_round), norm)
-        # Which rounds' released values this round's correction comes from (0-based, as
-        # every audit line): what a restart restored from the checkpoint, checkable later.
-        self.state.append_jsonl("audit.jsonl", {
-            "time": time.time(), "round": r, "member": self.name, "outcome": "control",
-            "kind": "control", "c_round": c.c_round, "own_round": c.own_round,
-            "correction_norm": norm})
-
-    def _step_scale(self, r: int) -> float:
-        """K x lr of round r: the local steps and rate its share was trained with (record
-        mode: the privacy plan's, which privacy.recipe = "auto" pins, as in _release)."""
-        tc = self.cfg.training
-        epochs, batch_size, lr = tc.epochs, tc.batch_size, tc.lr
-        if self.cfg.privacy.mode == "record":
-            epochs, batch_size, lr = self.budget.training(epochs, batch_size, lr)
-        return local_steps(len(self.train_data.X), epochs, batch_size) * \
-            round_lr(lr, tc.lr_decay, r)
-
-    async def _pack_share(self, r: int, body: bytes) -> bytes | None:
-        """Sign the share, sealed to every active member's prekey for round r if sealing is
-        on. None if sealing is on and no member's prekey arrived before the deadline."""
         kind = KIND_SHARE
         if self.sealing is not None:
             recipients, missing = await self._await_prekeys(r)
@@ -1331,33 +1066,17 @@ class Node:
                     log.info("%s: round %d: every member has moved past it; our share is "
                              "not sent", self.name, r + 1)
                 return None
-            body = self.sealing.seal(body, r, recipients)
-            for member, why in sorted(self.sealing.left_out.items()):
-                # A member's prekey we cannot seal to (e.g. a low-order key it signed): it
-                # is left out of this share and not sealed for until it announces again.
-                self.counters.rejected["unsealable_prekey"] += 1
-                log.error("%s: round %d: cannot seal for %s (%s); left out of our share",
-                          self.name, r + 1, member, why)
-            if len(self.sealing.left_out) == len(recipients):
-                log.error("%s: round %d: nobody could be sealed for; our share is not sent",
-                          self.name, r + 1)
+            sealed = self.signer.seal(r, body, recipients)
+            if sealed is None:
                 return None
-            kind = KIND_SEALED
+            body, kind = sealed, KIND_SEALED
             # Collecting the others' shares gets a full deadline from our release on.
             self._restart_deadline()
         return self._sign(kind, r, body)
 
     def _sign(self, kind: str, r: int, body: bytes | Sequence[bytes]) -> bytes:
-        """Sign a message with the next sequence number. Each is used once, ever: the
-        next free number is on disk (fsync'd) before this returns, so before anything
-        signed can leave, whatever the caller does next."""
-        data = envelope.pack(self.identity.signing_key, self.consortium.id, kind, r, self.seq,
-                             body)
-        self.seq += 1
-        self.state.reserve_seq(self.seq)  # fsync'd: the one place a number is spent
-        if self.cfg.attack is not None and self.cfg.attack.kind == "replay":
-            self._attack_signed = [*self._attack_signed[-(REPLAY_KEEP - 1):], data]
-        return data
+        """Signed with the next sequence number, on disk first (Signer.sign)."""
+        return self.signer.sign(kind, r, body)
 
     def _restart_deadline(self) -> None:
         self._deadline = asyncio.get_running_loop().time() + self.cfg.gossip.round_deadline_s
@@ -1383,24 +1102,10 @@ class Node:
     async def _rotate_prekeys(self, r: int, announce: bool = False) -> None:
         """Hold prekeys for the epochs round r may need, delete older ones, and tell the
         members when that changed (and always at start: we may have missed theirs)."""
-        if self.sealing is None:
-            return
-        new, gone = self.sealing.rotate(r)
-        for e in new:  # on disk before anyone can seal to it
-            self.state.save_prekey(e, bytes(self.sealing.own.keys[e]))
-        for e in gone:
-            self.state.delete_prekey(e)
-        if new or gone:
-            log.info("%s: prekeys for epochs %s; deleted %s", self.name,
-                     sorted(self.sealing.own.keys), gone or "none")
-        if not (new or announce):
-            return
         # The announcement for replies, and on start a "hello" one that asks for theirs.
-        messages = [self.sealing.announcement(hello=False)]
-        if announce:
-            messages.append(self.sealing.announcement(hello=True))
-        if self.cfg.attack is not None and self.cfg.attack.kind == "zero-prekey":
-            messages = self._attack_prekeys(announce)
+        messages = self.signer.rotate_prekeys(r, announce)
+        if not messages:
+            return
         packed = [self._sign(KIND_PREKEY, r, body) for body in messages]
         self._announcement = packed[0]
         await self._in_background(self._broadcast(r, packed[-1]), f"prekeys-{r}")
@@ -1489,15 +1194,6 @@ class Node:
         for r in [r for r in self._unacked if round_ is None or r < round_]:
             for ack in self._unacked.pop(r):
                 ack()
-
-    def _forget_prekeys(self) -> None:
-        if self.sealing is None or not self.sealing.own.keys:
-            return
-        epochs = sorted(self.sealing.own.keys)
-        for e in epochs:
-            self.state.delete_prekey(e)
-        self.sealing.own.keys.clear()
-        log.info("%s: no rounds left: deleted prekeys for epochs %s", self.name, epochs)
 
     async def _send(self, peer: str, data: bytes) -> None:
         try:

@@ -23,17 +23,22 @@ import os
 import signal
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, NoReturn
 
 from gossip.errors import LocalError
 from gossip.membership import Consortium, load_consortium
-from node.config import NodeConfig, load_config
+from node.runtime.config import NodeConfig, load_config
 from node.runtime.identity import Identity, load_identity
 
 if TYPE_CHECKING:
     from gossip.transports.base import Transport
-    from node.runtime.round_report import RoundReport
+    from node.runtime.node import Node, RoundReport
+
+    # How a node is built from its checked config on its transport: Node.from_config, or
+    # a rehearsal's builder (python -m node.rehearsal.member).
+    BuildNode = Callable[[NodeConfig, Transport], Node]
 
 log = logging.getLogger("flnode.daemon")
 
@@ -155,15 +160,18 @@ def _print_round(cfg: NodeConfig, name: str, metric: str):
     return show
 
 
-def check_inputs(config_path: str | Path) -> tuple[NodeConfig, Identity, Consortium]:
+def check_inputs(config_path: str | Path,
+                 load: Callable[[str | Path], NodeConfig] = load_config,
+                 ) -> tuple[NodeConfig, Identity, Consortium]:
     """Everything an operator can get wrong in the files, checked before any heavy import:
     the config, the key, the consortium file (and that the key is a member of it), the
-    schema it carries, and each data file against that schema."""
+    schema it carries, and each data file against that schema. `load` reads the config
+    (a rehearsal's reads its [attack] / [faults] too)."""
     from node.data.encode import encode  # neither pandas nor torch
     from node.data.schema import FeatureSchema
     from node.data.table import read_table
 
-    cfg = load_config(config_path)
+    cfg = load(config_path)
     identity = load_identity(cfg.identity.key)
     consortium = load_consortium(cfg.consortium.path)
     if consortium.by_name(identity.name).public_key != identity.public_key:
@@ -182,12 +190,15 @@ def check_inputs(config_path: str | Path) -> tuple[NodeConfig, Identity, Consort
 
 
 async def run_node(cfg: NodeConfig, identity: Identity, consortium: Consortium,
-                   metrics_port: int | None = None, metrics_addr: str = "127.0.0.1") -> int:
-    """Run the node whose files check_inputs has read and checked."""
-    from node.runner import Node  # torch and the training code: the files are sound
+                   metrics_port: int | None = None, metrics_addr: str = "127.0.0.1",
+                   build: BuildNode | None = None) -> int:
+    """Run the node whose files check_inputs has read and checked (built by `build`, by
+    default Node.from_config)."""
+    from node.runtime.node import Node  # torch and the training code: the files are sound
 
     transport = open_transport(cfg, identity, consortium)
-    node = Node.from_config(cfg, transport)  # privacy noise from os.urandom
+    # privacy noise from os.urandom
+    node = (build or Node.from_config)(cfg, transport)
     say("start", f"{node.name}: consortium {consortium.name} ({consortium.id.hex()[:16]}…), "
         f"{len(node.train_data.X)} training rows, starting at round {node.book.current + 1}"
         f"/{cfg.training.rounds}, privacy {cfg.privacy.mode}, transport {cfg.gossip.transport}",
@@ -253,13 +264,15 @@ def rejected_text(rejected: dict[str, int]) -> str:
 
 
 def main(config_path: str, metrics_port: int | None = None, metrics_addr: str = "127.0.0.1",
-         log_format: str = "text") -> int:
+         log_format: str = "text", load: Callable[[str | Path], NodeConfig] = load_config,
+         build: BuildNode | None = None) -> int:
+    """`flnode run`; a rehearsal member passes its own config loader and node builder."""
     LOG_FORMAT["format"] = log_format
     if log_format == "json":
         for handler in logging.getLogger().handlers:
             handler.setFormatter(JsonFormatter())
     try:
-        cfg, identity, consortium = check_inputs(config_path)
+        cfg, identity, consortium = check_inputs(config_path, load)
         from node.runtime import pidfile
 
         pidfile.claim(cfg.state_dir)  # for `flnode status`: running, exited or killed
@@ -272,7 +285,8 @@ def main(config_path: str, metrics_port: int | None = None, metrics_addr: str = 
 
         torch.set_num_threads(1)  # measured 3-15x faster for small models on 2 cores
         try:
-            code = asyncio.run(run_node(cfg, identity, consortium, metrics_port, metrics_addr))
+            code = asyncio.run(run_node(cfg, identity, consortium, metrics_port, metrics_addr,
+                                        build))
         except LocalError as exc:
             _error(exc)
             code = 2

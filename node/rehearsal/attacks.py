@@ -1,0 +1,239 @@
+"""Rehearsed attacks (`[attack]`, node/rehearsal/config.py AttackConfig): a hostile member
+with a valid key, built as wrappers around an honest node's parts (node/rehearsal/build.py).
+
+- Model-level kinds wrap the Releaser (`HostileReleaser`): the member trains, is charged
+  and keeps its model exactly as an honest one; only the share body that goes on the wire
+  is replaced. Label flip is a transform of its training rows (`flip_labels`).
+- Protocol-level kinds wrap the Signer (`HostileSigner`): a different signed share per
+  member (equivocation), every message it signed re-sent (replay), all-zero prekeys, a
+  flood of re-signed stale shares.
+
+Never imported by the runtime (node/runtime/node.py, node/runtime/daemon.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Sequence
+
+import torch
+from nacl.public import PublicKey
+
+from gossip import bodies, envelope
+from gossip.envelope import KIND_SEALED, KIND_SHARE
+from gossip.errors import LocalError
+from gossip.seal import encode_announcement, sign_prekey
+from gossip.transports.base import Transport
+from node.learn.models import flat_to_named
+from node.rehearsal.config import AttackConfig
+from node.runtime.node import LocalData
+from node.runtime.release import Releaser, Result, Trained
+from node.runtime.signer import Send, Signer
+
+log = logging.getLogger("flnode.node")
+
+# flood: sends in flight at once (enough that it never waits on one ack).
+FLOOD_IN_FLIGHT = 256
+# replay: the newest signed messages re-sent each round.
+REPLAY_KEEP = 32
+
+
+def flip_labels(n_classes: int):
+    """label-flip: every training label c becomes n_classes - 1 - c (binary: swapped);
+    the held-out rows keep the real ones."""
+    def flip(rows: LocalData) -> LocalData:
+        return LocalData(rows.X, (n_classes - 1 - rows.y).astype(rows.y.dtype))
+    return flip
+
+
+class WrappedReleaser:
+    """A Releaser's steps, passed through (a rehearsal overrides one of them)."""
+
+    def __init__(self, inner: Releaser | WrappedReleaser) -> None:
+        self.inner = inner
+
+    @property
+    def model(self) -> torch.nn.Module:
+        return self.inner.model
+
+    def norm(self) -> bytes | None:
+        return self.inner.norm()
+
+    async def release(self, r: int) -> Result:
+        trained = await self.train(r)
+        if not isinstance(trained, Trained):
+            return trained
+        return await self.publish(r, trained, self.body)
+
+    async def train(self, r: int) -> Trained | Result:
+        return await self.inner.train(r)
+
+    def body(self, r: int, t: Trained) -> bytes:
+        return self.inner.body(r, t)
+
+    async def publish(self, r: int, t: Trained, body) -> Result:
+        return await self.inner.publish(r, t, body)
+
+
+class HostileReleaser(WrappedReleaser):
+    """Model-level kinds: the body released instead of the honest one. The member's own
+    model goes on from its honest share (it knows what it sent)."""
+
+    def __init__(self, inner: Releaser | WrappedReleaser, attack: AttackConfig) -> None:
+        super().__init__(inner)
+        self.attack = attack
+        # The last share as trained (start, update, weight): equivocation signs versions
+        # of it (HostileSigner).
+        self.last: tuple[torch.Tensor, torch.Tensor, float] | None = None
+
+    def vector(self, r: int, t: Trained) -> torch.Tensor:
+        a = self.attack
+        if a.kind == "sign-flip":
+            return t.start - a.value * t.update
+        if a.kind == "scale":
+            return t.released * a.value
+        if a.kind == "noise":
+            g = torch.Generator().manual_seed(a.seed * 1_000_003 + r)
+            return t.released + a.value * torch.randn(t.released.shape, generator=g)
+        if a.kind == "huge":
+            return torch.full_like(t.released, 1e30)
+        if a.kind == "nan":
+            return torch.full_like(t.released, float("nan"))
+        return t.released  # weight, label-flip (trained on flipped labels), protocol kinds
+
+    def body(self, r: int, t: Trained) -> bytes:
+        a = self.attack
+        self.last = (t.start, t.update, t.weight)
+        vec = self.vector(r, t)
+        declared = a.declared_weight if a.declared_weight is not None else t.weight
+        # A scale large enough overflows float32 to inf: then that is what it sends.
+        return bodies.encode_share(flat_to_named(self.model, vec), declared, self.norm())
+
+
+class HostileSigner:
+    """Protocol-level kinds, around the member's Signer: what it signs and sends."""
+
+    def __init__(self, inner: Signer, attack: AttackConfig, releaser: HostileReleaser,
+                 transport: Transport) -> None:
+        self.inner = inner
+        self.attack = attack
+        self.releaser = releaser  # the share as trained (equivocation's versions)
+        self.transport = transport  # the flood's own sends
+        self.signed: list[bytes] = []  # replay: the newest REPLAY_KEEP messages signed
+        self._flood: asyncio.Task[None] | None = None
+
+    # the honest signer's state and steps, unchanged
+    @property
+    def seq(self) -> int:
+        return self.inner.seq
+
+    @seq.setter
+    def seq(self, value: int) -> None:
+        self.inner.seq = value
+
+    @property
+    def sealing(self):
+        return self.inner.sealing
+
+    def seal(self, r: int, body: bytes, recipients: dict) -> bytes | None:
+        return self.inner.seal(r, body, recipients)
+
+    def forget_prekeys(self) -> None:
+        self.inner.forget_prekeys()
+
+    def sign(self, kind: str, r: int, body: bytes | Sequence[bytes]) -> bytes:
+        data = self.inner.sign(kind, r, body)
+        if self.attack.kind == "replay":
+            self.signed = [*self.signed[-(REPLAY_KEEP - 1):], data]
+        return data
+
+    def rotate_prekeys(self, r: int, announce: bool = False) -> list[bytes]:
+        """zero-prekey: announcements whose prekeys are all-zero X25519 keys, properly
+        signed (the honest ones are kept on disk as usual)."""
+        messages = self.inner.rotate_prekeys(r, announce)
+        if not messages or self.attack.kind != "zero-prekey":
+            return messages
+        sealing = self.inner.sealing
+        assert sealing is not None
+        ident = self.inner.identity
+        zero = [sign_prekey(ident.signing_key, self.inner.consortium_id, e,
+                            PublicKey(bytes(32))) for e in sorted(sealing.own.keys)]
+        return [encode_announcement(zero, hello=False)] + \
+            ([encode_announcement(zero, hello=True)] if announce else [])
+
+    def outgoing(self, r: int, data: bytes, peers: list[str]) -> list[Send] | None:
+        """Our share for round r as a hostile member sends it (in order, awaited)."""
+        a = self.attack
+        if a.kind in ("equivocate", "equivocate-split") and self.releaser.last is not None:
+            if len(peers) >= 2:
+                start, update, weight = self.releaser.last
+                versions = []
+                for i, _ in enumerate(peers):  # a different share for each member
+                    vec = start + (1.0 + 0.25 * i) * update
+                    body = bodies.encode_share(flat_to_named(self.releaser.model, vec),
+                                               weight, self.releaser.norm())
+                    versions.append(data if i == 0 else self._pack(r, body, peers))
+                split = a.kind == "equivocate-split"
+                sends: list[Send] = []
+                for i, peer in enumerate(peers):  # its own, then its neighbour's version
+                    for v in (versions[i],) if split else (versions[i],
+                                                          versions[(i + 1) % len(peers)]):
+                        if v is not None:
+                            sends.append((peer, v))
+                return sends
+        sends: list[Send] = [(None, data)]
+        if a.kind == "replay":  # every message we signed before, again
+            sends += [(None, old) for old in self.signed if old is not data]
+        return sends
+
+    def after_send(self, r: int, data: bytes) -> None:
+        """flood: from our first share on (once it is out), a flood of copies of it."""
+        if self.attack.kind == "flood" and self._flood is None and r == 0:
+            env = envelope.decode_outer(data)
+            self._flood = asyncio.get_running_loop().create_task(
+                self._flood_loop(env.kind, env.body, self.attack.value),
+                name=f"{self.inner.name}-flood")
+
+    def close(self) -> None:
+        if self._flood is not None:
+            self._flood.cancel()
+        self.inner.close()
+
+    def _pack(self, r: int, body: bytes, peers: list[str]) -> bytes | None:
+        sealing = self.inner.sealing
+        if sealing is None:
+            return self.sign(KIND_SHARE, r, body)
+        recipients, _ = sealing.recipients(r, peers)
+        if not recipients:
+            return None
+        return self.sign(KIND_SEALED, r, sealing.seal(body, r, recipients))
+
+    async def _flood_loop(self, kind: str, body: bytes, rate: float) -> None:
+        """flood: our round-0 share (its kind and body), signed with fresh sequence numbers
+        (not reserved on disk: an attacker does not care), broadcast at `rate` a second
+        with up to FLOOD_IN_FLIGHT sends at once, until the run ends (cancelled with it)."""
+        loop = asyncio.get_running_loop()
+        slots = asyncio.Semaphore(FLOOD_IN_FLIGHT)
+        start, sent = loop.time(), 0
+
+        async def one(data: bytes) -> None:
+            try:
+                await self.transport.broadcast(data)
+            except LocalError:
+                pass  # the transport refused it; a flooder goes on
+            finally:
+                slots.release()
+
+        async with asyncio.TaskGroup() as tg:
+            while True:
+                await slots.acquire()
+                data = envelope.pack(self.inner.identity.signing_key, self.inner.consortium_id,
+                                     kind, 0, self.inner.seq, body)
+                self.inner.seq += 1
+                tg.create_task(one(data))
+                sent += 1
+                ahead = sent / rate - (loop.time() - start)
+                if ahead > 0:
+                    await asyncio.sleep(ahead)
+

@@ -1,0 +1,296 @@
+"""Releaser: this member's share for a round: train -> DP -> charge -> body.
+
+Privacy invariants that live here:
+
+- **Charged before released**: every charge of a round is written to the ledger and
+  fsync'd (`_charge`) before the share's bytes exist anywhere but in memory: before it
+  is stored in the outbox, before the node can broadcast it. A crash never under-counts.
+- **The budget is checked twice before anything is charged or sent**: the plan's cost
+  before training, what the training actually did (record mode) after it. Over the
+  budget: `Stopped`, nothing charged, nothing released.
+- **A stored release is re-sent, never re-trained**: after a restart the round's share
+  is the outbox's bytes, exactly as first charged and sent (`_stored`); a second draw
+  of the noise would release the same data twice under different noise.
+- **Nothing non-finite is released**, but the round is charged all the same (the
+  mechanism ran on the data; no share coming is an output of it): `NotReleased`.
+
+A round is released in two steps, `train` then `publish(r, trained, body)`, so that a
+rehearsal can wrap one of them (node/rehearsal/): `body` says what goes on the wire.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import dataclasses
+import logging
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from gossip import bodies, envelope
+from gossip.bodies import TensorSpec
+from gossip.envelope import KIND_SEALED
+from node.learn.control import ControlVariates, local_steps, per_parameter
+from node.learn.dpsgd import train_local_dp_fast
+from node.learn.models import flat_to_named, get_flat, named_to_flat
+from node.learn.train import round_lr, train_local, train_local_dp
+from node.privacy.accountant import LedgerRecord
+from node.privacy.budget import PrivacyBudget
+from node.privacy.ledger import Ledger
+from node.privacy.mechanisms import NoiseSource, privatize_update
+from node.runtime.config import NodeConfig
+from node.runtime.state import StateDir
+from node.strategy import WeightedShare
+
+log = logging.getLogger("flnode.node")
+
+
+@dataclass(frozen=True)
+class Release:
+    """Our share for the round, charged (and stored, if `data` is set)."""
+
+    data: bytes | None  # the signed envelope; None: sealing on and nobody to seal for
+    own: WeightedShare  # what we released: our model goes on from it
+    norm: float | None  # the update's norm as trained (None: re-sent, not trained now)
+    resent: bool  # the stored release of a restart, not new training
+    # (seq, digest, sig) of the envelope (for the seen reports); None without `data`
+    sent: tuple[int, bytes, bytes] | None
+
+
+@dataclass(frozen=True)
+class NotReleased:
+    """Local training produced non-finite values: nothing released, the round charged."""
+
+    own: WeightedShare  # the round's start: our model goes on from it
+    reason: str
+
+
+@dataclass(frozen=True)
+class Stopped:
+    """Releasing the round would exceed the privacy budget: nothing charged or sent."""
+
+    reason: str
+
+
+Result = Release | NotReleased | Stopped
+
+
+@dataclass(frozen=True)
+class Trained:
+    """A round's local training, before anything is checked, charged or sent."""
+
+    start: torch.Tensor  # the model the round started from
+    update: torch.Tensor  # released - start (noised in update mode)
+    released: torch.Tensor  # what the share carries (honest)
+    weight: float  # the weight the share declares
+    charges: list[LedgerRecord]  # what releasing it costs
+    norm: float  # the update's norm (update mode: after clipping, as released)
+    seconds: float  # the training's own time (a rehearsed straggler sleeps a multiple)
+
+
+class Releaser:
+    """Train, privatize, charge and sign this member's share for a round."""
+
+    def __init__(self, cfg: NodeConfig, name: str, model: torch.nn.Module,
+                 spec: Sequence[TensorSpec],
+                 state: StateDir, ledger: Ledger, budget: PrivacyBudget, noise: NoiseSource,
+                 control: ControlVariates | None, rows: Callable[[], tuple],
+                 norm: Callable[[], bytes | None],
+                 pack: Callable[[int, bytes], Awaitable[bytes | None]]) -> None:
+        """`model` is the node's (changed in place by the round); `rows()` the current
+        training rows (X, y) (they change once normalization is agreed); `norm()` the
+        agreed normalization's digest our shares carry; `pack(r, body)` signs (and seals)
+        a share body: the node's, which waits for the members' prekeys."""
+        self.cfg = cfg
+        self.name = name
+        self.model = model
+        self.spec = spec
+        self.state = state
+        self.ledger = ledger
+        self.budget = budget
+        self.noise = noise
+        self.control = control
+        self.rows = rows
+        self.norm = norm
+        self.pack = pack
+        self._shuffle = torch.Generator().manual_seed(cfg.training.seed)
+
+    async def release(self, r: int) -> Result:
+        """Our share for round r: the stored one after a restart, else a new one."""
+        trained = await self.train(r)
+        if not isinstance(trained, Trained):
+            return trained
+        return await self.publish(r, trained, self.body)
+
+    async def train(self, r: int) -> Trained | Release | Stopped:
+        """The stored release of round r (a restart), or the budget's refusal, or a newly
+        trained (and, update mode, clipped and noised) share, nothing charged yet."""
+        stored = self._stored(r)
+        if stored is not None:
+            return stored
+        pc, tc = self.cfg.privacy, self.cfg.training
+        weight, charges = self.budget.weight(r, self.noise)
+        if pc.mode != "off":
+            over = self.budget.would_exceed(charges + self.budget.next_release(r))
+            if over is not None:
+                return Stopped(
+                    f"privacy budget ε = {pc.epsilon:g} at δ = {pc.delta:g} reached: releasing "
+                    f"round {r + 1} would bring ε to {over:.3f}; stopped sharing, serving the "
+                    f"round-{r} model for evaluation")
+        start = get_flat(self.model)
+        local = copy.deepcopy(self.model)
+        plan = self.budget.plan
+        lr = round_lr(tc.lr, tc.lr_decay, r)  # tc.lr exactly at the default lr_decay = 1
+        correction = None
+        if self.control is not None:
+            self.control.begin(r, start)
+            fix = self.control.correction()
+            correction = None if fix is None else per_parameter(local, fix)
+            self._log_control(r, fix)
+        X, y = self.rows()
+        trained = time.perf_counter()
+        if pc.mode == "record":
+            assert plan is not None
+            # privacy.recipe = "auto": the plan's pinned epochs, batch size and lr (decayed
+            # as training.lr is); "fixed": the training section's, so this is `lr` exactly
+            epochs, batch_size, base_lr = self.budget.training(tc.epochs, tc.batch_size, tc.lr)
+            kwargs = dict(epochs=epochs, batch_size=batch_size,
+                          lr=round_lr(base_lr, tc.lr_decay, r),
+                          clip_norm=plan.clip_norm, noise_multiplier=plan.noise_multiplier,
+                          prox_mu=tc.prox_mu, correction=correction)
+            if pc.grad_sample_mode == "fast":
+                history = await asyncio.to_thread(train_local_dp_fast, local, X, y, **kwargs,
+                                                  noise=self.noise)
+            else:
+                history = await asyncio.to_thread(train_local_dp, local, X, y, **kwargs,
+                                                  generator=self.noise.torch_generator(),
+                                                  grad_sample_mode=pc.grad_sample_mode)
+            charges += [LedgerRecord(r, "record", s, q, n, plan.clip_norm, "")
+                        for s, q, n in history]
+        else:
+            await asyncio.to_thread(train_local, local, X, y,
+                                    epochs=tc.epochs, batch_size=tc.batch_size, lr=lr,
+                                    generator=self._shuffle, prox_mu=tc.prox_mu,
+                                    correction=correction)
+        seconds = time.perf_counter() - trained
+        update = get_flat(local) - start
+        norm = float(torch.linalg.vector_norm(update))
+        if pc.mode == "update":
+            assert plan is not None
+            update, norm = privatize_update(update, plan.clip_norm, plan.noise_multiplier,
+                                            self.noise)
+            charges += self.budget.next_release(r)
+        return Trained(start, update, start + update, weight, charges, norm, seconds)
+
+    def body(self, r: int, t: Trained) -> bytes:
+        """The share body that goes on the wire: what we trained, as released."""
+        return bodies.encode_share(flat_to_named(self.model, t.released), t.weight,
+                                   self.norm())
+
+    async def publish(self, r: int, t: Trained,
+                      body: Callable[[int, Trained], bytes]) -> Result:
+        """Check, charge (fsync'd), sign and store a trained share; `body(r, t)` is what
+        goes on the wire (`self.body` but in a rehearsal)."""
+        pc = self.cfg.privacy
+        if not bool(torch.isfinite(t.released).all()):
+            # Local training diverged (a learning rate too high, a value that overflows
+            # float32): nothing non-finite is ever released. The mechanism did run on the
+            # data, and the peers see that no share came this round (an output of it):
+            # the round is charged all the same, fsync'd before it goes on (over-counting
+            # is safe, under-counting never). A noised count charged here is stored, so it
+            # is the one later rounds release, not a second draw.
+            # "not-released:..." in place of a digest: no share exists
+            self._charge(t.charges, "not-released:non-finite", t.weight)
+            log.error("%s: round %d: local training produced non-finite parameters (check "
+                      "training.lr and the data's ranges); nothing released this round (its "
+                      "privacy cost is charged all the same), the round goes on with the "
+                      "others' shares", self.name, r + 1)
+            return NotReleased(WeightedShare(self.name, t.weight, t.start), "non-finite")
+        if pc.mode != "off":
+            # The plan's cost was checked before training; record mode charges what the
+            # training actually did. Check that too, before anything is charged or sent.
+            over = self.budget.would_exceed(t.charges)
+            if over is not None:
+                return Stopped(
+                    f"privacy budget ε = {pc.epsilon:g} at δ = {pc.delta:g} reached: round "
+                    f"{r + 1} as trained would bring ε to {over:.3f}; its share is discarded "
+                    f"(never released, evaluated or carried on); serving the round-{r} model")
+        wire = body(r, t)
+        data = await self.pack(r, wire)
+        # The ledger names a release by its envelope digest: what the signature covers,
+        # and what every receiver writes to its audit log for the share it accepted.
+        packed = (envelope.decode_outer(data, self.cfg.gossip.max_envelope_bytes)
+                  if data is not None else None)
+        digest = packed.digest.hex() if packed is not None else _blake(wire)
+        # Charged and fsync'd before the bytes exist anywhere but in memory, and also
+        # when nobody could be sealed for: our model goes on from this share.
+        self._charge(t.charges, digest, t.weight)
+        if data is not None:
+            self.state.store_release(r, data, wire if packed.kind == KIND_SEALED else None)
+        if self.control is not None:  # c_i from what we released (node/learn/control.py)
+            self.control.released(r, t.start, t.released, self._step_scale(r))
+        return Release(data, WeightedShare(self.name, t.weight, t.released), t.norm, False,
+                       None if packed is None else (packed.seq, packed.digest, packed.sig))
+
+    def _stored(self, r: int) -> Release | None:
+        """The release stored for round r (charged and sent before a restart), re-sent
+        byte for byte: never trained or noised again."""
+        stored = self.state.stored_release(r)
+        if stored is None:
+            return None
+        env = envelope.decode_outer(stored, self.cfg.gossip.max_envelope_bytes)
+        body = self.state.stored_plain_body(r) if env.kind == KIND_SEALED else env.body
+        share = bodies.decode_share(body, self.spec)
+        own = WeightedShare(self.name, share.weight, named_to_flat(self.model, share.tensors))
+        if self.control is not None:  # as when it was released (node/learn/control.py)
+            start = get_flat(self.model)
+            self.control.begin(r, start)
+            self._log_control(r, self.control.correction())
+            self.control.released(r, start, own.vector, self._step_scale(r))
+        return Release(stored, own, None, True, (env.seq, env.digest, env.sig))
+
+    def _charge(self, charges: list[LedgerRecord], digest: str, weight: float) -> None:
+        """Each charge to the ledger (fsync'd), named by `digest` (a count charge also
+        keeps what names the weight it released: node/privacy.py), then a noised count
+        stored, so later rounds release that one, never a second draw."""
+        for record in charges:
+            self.ledger.charge(dataclasses.replace(
+                record, share_digest=digest if not record.share_digest
+                else f"{digest} {record.share_digest}"))
+        if any(c.mode == "count" for c in charges):
+            self.budget.store_weight(weight)
+
+    def _log_control(self, r: int, fix: torch.Tensor | None) -> None:
+        c = self.control
+        assert c is not None
+
+        def rnd(x: int | None) -> str:  # 1-based for people
+            return "none" if x is None else str(x + 1)
+        norm = 0.0 if fix is None else float(torch.linalg.vector_norm(fix))
+        log.info("%s: round %d: control variates c from round %s, c_i from round %s, "
+                 "|c - c_i| = %.4g", self.name, r + 1, rnd(c.c_round), rnd(c.own_round), norm)
+        # Which rounds' released values this round's correction comes from (0-based, as
+        # every audit line): what a restart restored from the checkpoint, checkable later.
+        self.state.append_jsonl("audit.jsonl", {
+            "time": time.time(), "round": r, "member": self.name, "outcome": "control",
+            "kind": "control", "c_round": c.c_round, "own_round": c.own_round,
+            "correction_norm": norm})
+
+    def _step_scale(self, r: int) -> float:
+        """K x lr of round r: the local steps and rate its share was trained with (record
+        mode: the privacy plan's, which privacy.recipe = "auto" pins, as in `train`)."""
+        tc = self.cfg.training
+        epochs, batch_size, lr = tc.epochs, tc.batch_size, tc.lr
+        if self.cfg.privacy.mode == "record":
+            epochs, batch_size, lr = self.budget.training(epochs, batch_size, lr)
+        return local_steps(len(self.rows()[0]), epochs, batch_size) * \
+            round_lr(lr, tc.lr_decay, r)
+
+
+def _blake(data: bytes) -> str:
+    import hashlib
+
+    return hashlib.blake2b(data, digest_size=32).hexdigest()
