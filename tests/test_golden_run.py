@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import math
-import re
 from pathlib import Path
 
 import pytest
@@ -139,14 +138,10 @@ def test_normalization_refused_and_flood_records_keep_their_keys(tmp_path):
         ("bank-1", E.KIND_STATS, "bad_stats")
     flood = next(x for x in audit if G.audit_writer(x) == "flood")
     assert (flood["member"], flood["round"]) == ("bank-1", 0)
-    # At least the flood: bank-1's own hello and share, arriving while its queue is still
-    # full on a busy machine, are over its share too (seen: 102 for 100).
-    over = re.match(r"(\d+) messages over its share", flood["detail"])
-    assert over and int(over[1]) >= G.FLOOD_OVER, flood["detail"]
+    assert flood["detail"].startswith(f"{G.FLOOD_OVER} messages over its share")
     line = json.loads((state / "metrics.jsonl").read_text().splitlines()[0])
     assert G.record_shape(line) == RECORDS["flooded_round"]
-    assert set(line["flood_by_sender"]) == {"bank-1"}
-    assert line["flood_by_sender"]["bank-1"] >= G.FLOOD_OVER
+    assert line["flood_by_sender"] == {"bank-1": G.FLOOD_OVER}
 
 
 @pytest.mark.slow

@@ -133,6 +133,10 @@ class MemoryTransport(Transport):
         else:
             self.stats.dropped += 1
 
+    def queued_from(self, sender: str) -> int:
+        """Messages from `sender` waiting in this member's intake (not yet read)."""
+        return self._fair.queued(sender) if self._fair.knows(sender) else 0
+
     async def incoming(self) -> AsyncIterator[Incoming]:
         while True:
             got = self._fair.pop()

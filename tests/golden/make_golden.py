@@ -353,7 +353,7 @@ def federated_run(out: Path) -> Path:
     from gossip import bodies as B
     from gossip import envelope as E
     from gossip.membership import Consortium, load_consortium, save_consortium
-    from gossip.transports.base import SENDER_QUEUE_MESSAGES, Incoming
+    from gossip.transports.base import SENDER_QUEUE_MESSAGES, Incoming, RateBudget
     from gossip.transports.memory import MemoryHub
     from node.rehearsal.simulation.prepare import prepare
     from node.rehearsal.simulation.spec import SimulationSpec
@@ -372,14 +372,24 @@ def federated_run(out: Path) -> Path:
                                         "normalize": "federated"}, c.members, c.rules),
                     out / "consortium.toml")
     hub = MemoryHub()
-    nodes = [Node.from_config(load_config(p), hub.attach(n, prep.names))
-             for n, p in zip(prep.names, prep.config_paths, strict=True)]
+    # Only the queue bound drops here (a rate budget no flood of this size exhausts), and
+    # bank-0 reads the whole queued flood before the others start: bank-1's own vote and
+    # statistics then always find room. Otherwise, on a busy machine, they were dropped as
+    # over its share and both members waited out the statistics deadline (300 s).
+    roomy = RateBudget(rate_per_s=1e6, burst=10 * (SENDER_QUEUE_MESSAGES + FLOOD_OVER))
+    transports = [hub.attach(n, prep.names, sender_rate=roomy if n == "bank-0" else None)
+                  for n in prep.names]
+    nodes = [Node.from_config(load_config(p), t)
+             for p, t in zip(prep.config_paths, transports, strict=True)]
 
     async def run() -> None:
         for i in range(SENDER_QUEUE_MESSAGES + FLOOD_OVER):
             await hub.deliver("bank-1", "bank-0", b"flood %d" % i)
         async with asyncio.TaskGroup() as tg:
-            for n in nodes:
+            tg.create_task(nodes[0].run())
+            while transports[0].queued_from("bank-1"):
+                await asyncio.sleep(0.01)  # an event poll: bank-0 drains what was queued
+            for n in nodes[1:]:
                 tg.create_task(n.run())
 
     asyncio.run(run())
