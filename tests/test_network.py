@@ -116,13 +116,14 @@ def test_summary_epsilon_is_recomputed_from_the_ledger_not_the_last_metrics_line
     A member stopped after charging a round and before writing that round's line was
     under-reported (and one with no line yet shown as "∞ (no DP)"). Here bank-2 never
     starts: bank-0 and bank-1 charge round 1, release and wait out a long deadline for
-    it; once each has charged and accepted the other's share, they are stopped there
-    (SIGTERM, as the run's --timeout would: waiting for that state, not sitting out a
-    fixed timeout). The summary's ε is the ledger's, as `flnode status` computes it."""
+    it; the run's --timeout stops them there (SIGTERM). The summary's ε is the ledger's,
+    as `flnode status` computes it."""
     from node.privacy import Ledger
     from node.status import collect
 
     out = tmp_path / "net"
+    # Not a fixed --timeout to sit out: once each has charged round 1 and accepted the
+    # other's share, the test stops both (SIGTERM, what the run's --timeout would send).
     proc = subprocess.Popen(
         [sys.executable, str(ROOT / "scripts" / "simulate_network.py"), "--dataset", "default",
          "--nodes", "3", "--partition", "iid", "--rounds", "2", "--seed", "0", "--privacy",
