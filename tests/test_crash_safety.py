@@ -276,11 +276,13 @@ async def test_a_member_sending_huge_finite_values_crashes_nobody(tmp_path):
 async def test_a_local_result_dropped_as_non_finite_is_still_charged(tmp_path, privacy):
     """Privacy audit: a member whose local result is non-finite releases nothing, yet its
     peers see that no share came that round, an output of a mechanism that ran on its
-    rows. The round is charged all the same (over-counting is safe), a noised count too."""
+    rows. The round is charged all the same (over-counting is safe), a noised count too.
+    A short deadline: the others wait it out for the share that never comes; nothing
+    checked here depends on who else made it."""
     torch.set_num_threads(1)
     spec = SimulationSpec(dataset="default", nodes=3, partition="iid", rounds=2, seed=0,
                           out=tmp_path, privacy=privacy, clip=0.1, sigma=1.0,
-                          weight="noised", aggregation="mean", round_deadline_s=10.0)
+                          weight="noised", aggregation="mean", round_deadline_s=2.0)
     prep = prepare(spec)
     hub = MemoryHub()
     nodes = []
@@ -329,15 +331,15 @@ def test_local_input_that_used_to_give_a_traceback_is_a_named_error(tmp_path):
 
 # --- liveness ----------------------------------------------------------------------
 async def test_a_member_that_never_starts_costs_one_deadline_not_one_per_round(tmp_path):
-    """4 members, 10 rounds, one never starts: each running node waits out one
+    """4 members, 4 rounds, one never starts: each running node waits out one
     deadline for it, then closes rounds without waiting until it is heard from."""
     # A deadline the present members always make, even on a loaded machine.
-    _, prep = make(tmp_path, nodes=4, rounds=10, privacy="off", deadline=10.0)
+    _, prep = make(tmp_path, nodes=4, rounds=4, privacy="off", deadline=10.0)
     nodes = build(prep, MemoryHub(), which={0, 1, 2})
     await asyncio.wait_for(run_all(nodes), 600)
     for n in nodes:
         closed = [x["closed"] for x in read_jsonl(n.state.path / "metrics.jsonl")]
-        assert closed == ["deadline"] + ["absent"] * 9, (n.name, closed)
+        assert closed == ["deadline"] + ["absent"] * 3, (n.name, closed)
         assert all(x["missing"] == ["bank-3"] for x in read_jsonl(n.state.path / "metrics.jsonl"))
 
 

@@ -110,8 +110,11 @@ def test_bad_fault_flags_name_what_is_wrong(tmp_path):
 def test_a_simulation_with_every_fault_finishes_and_records_them(tmp_path):
     from rich.console import Console
 
+    # With 20 % loss nearly every round misses a share and waits its deadline out: a
+    # short one (what is checked is that every fault is applied and recorded and the run
+    # still finishes, not who made which deadline).
     spec = SimulationSpec(dataset="default", nodes=5, partition="dirichlet:0.5", rounds=6,
-                          seed=0, out=tmp_path, round_deadline_s=10.0, loss=0.2,
+                          seed=0, out=tmp_path, round_deadline_s=2.0, loss=0.2,
                           delay_ms=20, jitter_ms=10, net_partitions=("bank-0,bank-1@2:2",),
                           absent=("bank-4",), stragglers=(("bank-2", 2.0),))
     summary = simulate(spec, Console(quiet=True))

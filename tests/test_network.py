@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -31,11 +32,19 @@ def simulate_network(out: Path, *extra: str, rounds: int = 10) -> tuple[dict, st
     return json.loads((out / "summary.json").read_text()), r.stdout
 
 
-def test_four_processes_over_libp2p_match_the_in_process_simulation(tmp_path):
-    net, stdout = simulate_network(tmp_path / "net")
-    assert "round  10/10" in stdout
-    mem = simulate(SimulationSpec(dataset="default", nodes=4, partition="dirichlet:0.5",
-                                  rounds=10, seed=0, out=tmp_path / "mem"), Console(quiet=True))
+@pytest.fixture(scope="module")
+def in_process(tmp_path_factory) -> dict:
+    """The in-process run both libp2p runs below must match (5 rounds, seal "auto"): one
+    run for the module, each test reads its own facts of it."""
+    return simulate(SimulationSpec(dataset="default", nodes=4, partition="dirichlet:0.5",
+                                   rounds=5, seed=0, out=tmp_path_factory.mktemp("mem")),
+                    Console(quiet=True))
+
+
+def test_four_processes_over_libp2p_match_the_in_process_simulation(tmp_path, in_process):
+    net, stdout = simulate_network(tmp_path / "net", rounds=5)
+    assert "round   5/5" in stdout
+    mem = in_process
     assert net["transport"] == "libp2p" and mem["transport"] == "memory"
     assert set(net) >= set(mem) - {"consortium_id"}
     for name, auc in mem["consortium"]["per_node"].items():
@@ -45,13 +54,13 @@ def test_four_processes_over_libp2p_match_the_in_process_simulation(tmp_path):
     assert (tmp_path / "net" / "accuracy.png").exists()
 
 
-def test_sealing_is_optional_over_libp2p_and_changes_the_bytes_not_the_model(tmp_path):
+def test_sealing_is_optional_over_libp2p_and_changes_the_bytes_not_the_model(tmp_path,
+                                                                               in_process):
     """gossip.seal = "on" over libp2p (Noise already encrypts each hop; sealing adds
     end-to-end encryption and forward secrecy): 4 processes, the same models as the
     in-process run without sealing, every released share sealed."""
     net, _ = simulate_network(tmp_path / "net", "--seal", "on", rounds=5)
-    mem = simulate(SimulationSpec(dataset="default", nodes=4, partition="dirichlet:0.5",
-                                  rounds=5, seed=0, out=tmp_path / "mem"), Console(quiet=True))
+    mem = in_process
     assert net["transport"] == "libp2p" and net["seal"] == "on" and mem["seal"] == "auto"
     for name, auc in mem["consortium"]["per_node"].items():
         assert abs(net["consortium"]["per_node"][name] - auc) <= 0.01, (name, auc)
@@ -115,12 +124,34 @@ def test_summary_epsilon_is_recomputed_from_the_ledger_not_the_last_metrics_line
     from node.privacy.ledger import Ledger
 
     out = tmp_path / "net"
-    r = subprocess.run(
+    # Not a fixed --timeout to sit out: once each has charged round 1 and accepted the
+    # other's share, the test stops both (SIGTERM, what the run's --timeout would send).
+    proc = subprocess.Popen(
         [sys.executable, str(ROOT / "scripts" / "simulate_network.py"), "--dataset", "default",
          "--nodes", "3", "--partition", "iid", "--rounds", "2", "--seed", "0", "--privacy",
          "record", "--epsilon", "3", "--absent", "bank-2", "--round-deadline", "600",
-         "--timeout", "45", "--out", str(out)], capture_output=True, text=True, timeout=600)
-    assert r.returncode == 1, r.stdout[-3000:] + r.stderr[-3000:]  # stopped, not finished
+         "--timeout", "500", "--out", str(out)], stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT, text=True)
+    try:
+        running = ("bank-0", "bank-1")
+
+        def charged_and_heard(name: str, other: str) -> bool:
+            state = out / "state" / name
+            return bool(read_jsonl(state / "ledger.jsonl")) and any(
+                a.get("member") == other and a.get("outcome") == "accepted"
+                and a.get("kind") in ("share", "sealed") for a in read_jsonl(state / "audit.jsonl"))
+
+        deadline = time.monotonic() + 450  # generous: only a hung run gets near it
+        while not (charged_and_heard(*running) and charged_and_heard(*running[::-1])):
+            assert proc.poll() is None and time.monotonic() < deadline, "no charge + share"
+            time.sleep(0.2)
+        pids = dict(line.split() for line in (out / "pids").read_text().splitlines())
+        for name in running:  # both sit in round 1, waiting for bank-2's share
+            os.kill(int(pids[name]), signal.SIGTERM)
+        stdout = proc.communicate(timeout=300)[0]
+    finally:
+        proc.kill()
+    assert proc.returncode == 1, stdout[-3000:]  # stopped, not finished
     summary = json.loads((out / "summary.json").read_text())
     assert summary["epsilon"]["delta"] == 1e-5 and summary["noise"] == "os"
     for name in ("bank-0", "bank-1"):

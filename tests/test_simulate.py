@@ -24,19 +24,20 @@ def quiet() -> Console:
 
 
 def test_default_consortium_matches_centralized_and_beats_local_only(tmp_path):
-    """The acceptance run, through the real command line."""
+    """The acceptance run, through the real command line: 10 rounds already reach the
+    centralized model (the 30-round figures are scripts/bench_privacy.py's "off" rows)."""
     out = tmp_path / "run"
     r = subprocess.run(
         [sys.executable, "-m", "node.cli", "simulate", "--dataset", "default", "--nodes", "4",
-         "--partition", "dirichlet:0.5", "--rounds", "30", "--seed", "0", "--privacy", "off",
+         "--partition", "dirichlet:0.5", "--rounds", "10", "--seed", "0", "--privacy", "off",
          "--out", str(out)], capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr
-    assert "round  30/30" in r.stdout and "centralized" in r.stdout
+    assert "round  10/10" in r.stdout and "centralized" in r.stdout
     summary = json.loads((out / "summary.json").read_text())
     assert SUMMARY_KEYS <= set(summary)
-    assert summary["metric"] == "roc_auc" and summary["nodes"] == 4 and summary["rounds"] == 30
+    assert summary["metric"] == "roc_auc" and summary["nodes"] == 4 and summary["rounds"] == 10
     assert list(summary["consortium"]["per_node"]) == ["bank-0", "bank-1", "bank-2", "bank-3"]
-    assert len(summary["history"]) == 30
+    assert len(summary["history"]) == 10
     assert set(summary["pr_auc"]) == {"local_only", "consortium"}
     cons, central = summary["consortium"]["mean"], summary["centralized"]
     assert abs(cons - central) <= 0.01, (cons, central)
@@ -47,7 +48,8 @@ def test_default_consortium_matches_centralized_and_beats_local_only(tmp_path):
 
 
 def test_churn_by_state_beats_local_only(tmp_path):
-    s = simulate(SimulationSpec(dataset="churn", nodes=4, partition="column:state", rounds=30,
+    # 10 rounds: within 0.001 of centralized already (30 rounds: bench_privacy.py)
+    s = simulate(SimulationSpec(dataset="churn", nodes=4, partition="column:state", rounds=10,
                                 seed=0, out=tmp_path), quiet())
     assert s["consortium"]["mean"] > s["local_only"]["mean"]
     assert abs(s["consortium"]["mean"] - s["centralized"]) <= 0.02
@@ -79,11 +81,14 @@ def test_same_seed_same_run_other_seed_other_run(tmp_path):
 
 
 def test_record_level_epsilon_3_stays_in_budget_and_close_to_no_dp(tmp_path):
-    """The issue's acceptance run (30 rounds, 4 members, Default, ε = 3 per member)."""
+    """The issue's acceptance run (4 members, Default, ε = 3 per member), over 15 rounds:
+    the fewest the default recipe is tuned for (fewer are warned about); the budget is
+    planned over the run's own horizon, so every member still ends just under ε = 3.
+    The 30-round figure is scripts/bench_privacy.py's (default, ε 3 vs off)."""
     off = simulate(SimulationSpec(dataset="default", nodes=4, partition="dirichlet:0.5",
-                                  rounds=30, seed=0, out=tmp_path / "off"), quiet())
+                                  rounds=15, seed=0, out=tmp_path / "off"), quiet())
     rec = simulate(SimulationSpec(dataset="default", nodes=4, partition="dirichlet:0.5",
-                                  rounds=30, seed=0, out=tmp_path / "rec", privacy="record",
+                                  rounds=15, seed=0, out=tmp_path / "rec", privacy="record",
                                   epsilon=3.0, sigma=None), quiet())
     assert rec["epsilon"]["mode"] == "record" and rec["epsilon"]["budget"] == 3.0
     for eps in rec["epsilon"]["per_node"].values():
