@@ -44,6 +44,11 @@ def key(member: str) -> bytes:
     return member.encode().ljust(32, b"\0")
 
 
+def own_digest(r: int) -> bytes:
+    """The digest of the Driver's own share for round r (32 bytes, as a real one)."""
+    return (b"own-%d" % r).ljust(32, b"\0")
+
+
 def accepted(sender: str, kind: str, r: int, body: bytes = b"", seq: int = 0, **kw) -> Accepted:
     env = Envelope(CID, key(sender), kind, r, seq, body, SIG)
     share = Share(1.0, {}) if kind == KIND_SHARE else None
@@ -114,12 +119,11 @@ class Driver:
             if not self.auto:
                 continue
             if isinstance(a, Train):
-                queue += self.m.released(Released(a.round, self.outcome,
-                                                  own=(0, b"own", SIG) if self.outcome == "stored"
-                                                  else None), self.now)
+                own = (0, own_digest(a.round), SIG) if self.outcome == "stored" else None
+                queue += self.m.released(Released(a.round, self.outcome, own=own), self.now)
             elif isinstance(a, SendShare) and not a.stored:
                 self.seq += 1
-                queue += self.m.signed(Signed(a.round, (self.seq, b"own-%d" % a.round, SIG)),
+                queue += self.m.signed(Signed(a.round, (self.seq, own_digest(a.round), SIG)),
                                        self.now)
             elif isinstance(a, Close):
                 self.closes.append(a)
