@@ -357,10 +357,9 @@ class RoundMachine:
                             "" if acc is None else acc.envelope.digest.hex(), acc),
                     *([] if acc is None or self.echo is None else
                       [Equivocation(self.echo.echoes.get((r, sender)), acc)])]
-        if held is None:
-            got[sender] = body
-            if acc is not None and self.echo is not None:
-                self.echo.echoes[(r, sender)] = acc
+        got.setdefault(sender, body)
+        if held is None and acc is not None and self.echo is not None:
+            self.echo.echoes[(r, sender)] = acc
         return []
 
     def closed(self, r: int, used: Mapping[str, Accepted], now: float) -> list[Action]:
@@ -565,8 +564,9 @@ class RoundMachine:
             self._close(out)
             return
         spec = self.phases[self._phase]
-        self.deadline = now + (spec.deadline_s if spec.deadline_s is not None
-                               else self.params.round_deadline_s)
+        # The echo also waits for peers still in their share phase (until our share deadline).
+        self.deadline = (max(now, self.deadline) if spec.name == ECHO.name else now) + (
+            spec.deadline_s if spec.deadline_s is not None else self.params.round_deadline_s)
         peers = self.book.neighbours if spec.peers is None else spec.peers & self.book.neighbours
         self._phase_peers = tuple(sorted(peers))
         if self._phase == 1:  # the share phase is over: what it closed with, what we hold
