@@ -9,7 +9,7 @@ lacks or of whom it holds two different signed shares (the book's proven equivoc
 The machine collects its phase peers' echoes (the first per member and round; a second,
 different one is an echo equivocation: refused, both signed echoes kept as its proof)
 until all came or the phase deadline passed (counted from our share deadline, since a
-peer may collect shares until about then: the share deadline plus the echo phase's); then `agree` decides, from the echoes alone
+peer may collect shares until about then); then `agree` decides, from the echoes alone
 (ours included), which shares enter. `Close.shares` is that set; `Close.echo` says who was
 excluded and why, whose echo was disregarded and whose never came.
 
