@@ -26,6 +26,9 @@ from gossip.protocol import (
     Equivocation,
     PhaseSpec,
     Refused,
+    RoundBook,
+    RoundMachine,
+    RoundParams,
     SendShare,
     SendTo,
     Sign,
@@ -367,6 +370,34 @@ def test_whatever_the_order_all_honest_members_combine_the_same_set(mode, a, lie
     assert len(set(honest) - entered) <= (1 if mode != "honest" else 0)
     if mode in ("split", "both") and a + 1 < len(honest):
         assert "bank-5" not in entered
+
+
+# --- the machine's echo phase ---------------------------------------------------------------
+def test_the_echo_is_sent_to_the_phase_peers_by_name_and_needs_every_key():
+    """With a topology (or a phase's own peers) the echo goes to those peers by name, and
+    waits for theirs only; an echo phase without every member's key cannot run."""
+    d = Driver(5, neighbours=["bank-1", "bank-2"], min_members=0, rounds=1,
+               phases=(SHARE, PhaseSpec("echo", deadline_s=3.0)))
+    d.m.book.neighbours = frozenset({"bank-1", "bank-2"})
+    d.start()
+    d.at(1).recv(share("bank-1", 0))
+    d.recv(share("bank-2", 0))
+    [sent] = [a for a in d.of(SendTo) if a.message.kind == KIND_ECHO]
+    assert sent.peers == ("bank-1", "bank-2") and not d.closes
+    assert decode_seen(sent.message.body, {key(m): m for m in names(5)}) == (
+        ("bank-0", d.m.seen.own[0][1]), ("bank-1", share("bank-1", 0).envelope.digest),
+        ("bank-2", share("bank-2", 0).envelope.digest))
+    d.recv(echo("bank-3", 0, {}))  # not a peer of the phase: dropped
+    d.recv(echo("bank-1", 0, dict(decode_seen(sent.message.body,
+                                              {key(m): m for m in names(5)}))))
+    assert not d.closes
+    d.recv(echo("bank-2", 0, dict(decode_seen(sent.message.body,
+                                              {key(m): m for m in names(5)}))))
+    [c] = d.closes
+    assert set(c.shares) == {"bank-1", "bank-2"} and c.own_enters("bank-0")
+    with pytest.raises(LocalError, match="every member's key"):
+        RoundMachine("bank-0", names(3), RoundBook(names(3)[1:], 3), RoundParams(1, 10.0),
+                     phases=PHASES)
 
 
 # --- the pure rule ------------------------------------------------------------------------

@@ -19,7 +19,9 @@ For the lead: wiring Node (node/runtime/node.py) to the machine is mechanical:
     machine = RoundMachine(name, [m.name for m in consortium.members], book, params,
                            keys={m.name: m.public_key ...}, restarted=...,
                            prekeys_missing=lambda r, peers: sealing.recipients(r, peers)[1],
-                           normalization=Normalization(...) if federated else None)
+                           normalization=Normalization(...) if federated else None,
+                           phases=(SHARE, ECHO) if rules.echo else (SHARE,),  # a pinned rule
+                           faulty=the strategy's f)                # the echo rule's f
     do(machine.start(now()))
     while not machine.done:                     # one loop; the receiver task feeds a queue
         event = await next_event(until=machine.next_deadline)   # or None on timeout
@@ -54,7 +56,8 @@ For the lead: wiring Node (node/runtime/node.py) to the machine is mechanical:
       AdoptRange / Combine                range_agreed / combine, then _adopt + audit line
       Abort(why)                          raise LocalError(why)
       Filed / Refused                     counters, audit.jsonl line, log once per (member, reason)
-      Equivocation                        _keep_evidence(second) with `first`
+      Equivocation                        _keep_evidence(second) with `first` (an echo's
+                                          first is the first echo, not book.held)
       SeenMismatch                        the digest_mismatch counter, evidence file, audit claim
       Presence                            the absent / heard again log lines
       Waiting / WaitOver                  _report_wait / _write_activity(None)
