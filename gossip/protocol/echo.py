@@ -44,7 +44,7 @@ them as it does shares).
 
 What is guaranteed. Assume n > 2f, at most f members faulty, (a) every honest member's
 share and echo reach every honest member before the share and echo deadlines, and (b)
-each faulty member sends the same echo to every honest member, or to none. Then every
+each faulty member sends the same echo to every honest member (in time), or to none. Then every
 honest member has the same view V; no honest echo is disregarded (an honest echo can
 differ from a majority only on faulty senders, at most f; an honest sender's one digest
 is held by all honest members, a majority); so every honest member computes the same
@@ -64,7 +64,9 @@ keep, per version of its echo; two versions that meet at one member are its proo
 honest member that missed more than f shares (loss) has its echo disregarded: it keeps
 fewer shares than the others (`not_held`) rather than cutting their set down. With more
 than f faulty members, colluders can push an honest echo past f disputes and hide a
-split from the rest: the bound is f, as for the robust aggregation rules.
+split from the rest: the bound is f, as for the robust aggregation rules. A member
+that shares but never echoes holds each round until the echo deadline (the absence rule
+counts shares only; applying it to echoes is the wiring's next step).
 
 Cost: one more exchange per round, n x (n - 1) messages (one broadcast per member over
 MQTT), each one Ed25519 signature (the sender) and n - 1 verifications (each receiver);
