@@ -318,6 +318,20 @@ def test_a_lost_echo_closes_the_phase_at_its_deadline_with_what_came():
     assert {s for s, _ in net.agreed()} == set(net.members)
 
 
+def test_a_member_that_shares_but_never_echoes_holds_the_round_to_the_echo_deadline():
+    """Stated as a limit: the absence rule counts shares, so a member that shares and
+    never echoes is waited for until the share deadline plus the echo deadline, every
+    round; its share still enters (nobody disputes it)."""
+    net = Net(4, ("bank-3",)).start()
+    net.send("bank-3", net.honest, net.share("bank-3", 0))
+    net.deliver()
+    assert not any(d.closes for d in net.d.values())
+    net.run()
+    assert all(d.now == 10.0 + ECHO_DEADLINE for d in net.d.values())
+    assert {s for s, _ in net.agreed()} == set(net.members)
+    assert net.close("bank-0").echo.unheard == ("bank-3",)
+
+
 def test_a_lost_echo_that_showed_a_split_is_what_can_split_the_honest():
     """Not guaranteed without every honest echo (asynchrony): the only echo that shows
     bank-0 the split is lost, so bank-0 combines the equivocator's share and the others
