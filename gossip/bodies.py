@@ -12,11 +12,12 @@ statistics. Tensor bytes are raw little-endian; only the dtypes in
 order, shapes, dtypes) and finite.
 
 Seen body: a msgpack array of [member public key (bin 32), envelope digest (bin
-32)], at most one per member. Stats body: a msgpack map {"rows": float, "sum": bin
-(8 k), "sumsq": bin (8 k)}, float64 little-endian, one value per numeric column of
-the schema (k columns). Norm body: one byte, `NORM_USABLE` or `NORM_RANGE`. (The
-hello, final, retire and prekey bodies are checked by the envelope's verifier and
-`gossip.seal`.)
+32)], at most one per member. Echo body: the same form (the sender's own share
+included), its size checked against the member count before it is read. Stats body:
+a msgpack map {"rows": float, "sum": bin (8 k), "sumsq": bin (8 k)}, float64
+little-endian, one value per numeric column of the schema (k columns). Norm body:
+one byte, `NORM_USABLE` or `NORM_RANGE`. (The hello, final, retire and prekey
+bodies are checked by the envelope's verifier and `gossip.seal`.)
 
 Every decoder reads field by field (gossip.wire), each field's msgpack type and
 declared length checked before anything is built for it, and raises
@@ -196,6 +197,34 @@ def decode_seen(body: bytes | memoryview, members: Mapping[bytes, str],
         raise RemoteError("bad_body", "a seen message is [[member key (32 B), digest "
                           f"(32 B)], ...]: {exc}", sender) from None
     return tuple(out.items())
+
+
+# One echo entry: msgpack [bin 32, bin 32] = 1 + 2 + 32 + 2 + 32 bytes; an echo body is
+# at most one per member plus the array header (at most 5 bytes): checked before reading.
+ECHO_ENTRY_BYTES = 1 + 2 + PUBLIC_KEY_BYTES + 2 + DIGEST_BYTES
+_ARRAY_HEADER_MAX = 5
+
+
+def encode_echo(pairs: Sequence[tuple[bytes, bytes]]) -> bytes:
+    """An echo message's body: [[member key, share envelope digest], ...] for every share
+    the sender holds for the round, its own included (gossip/protocol/echo.py)."""
+    return encode_seen(pairs)
+
+
+def decode_echo(body: bytes | memoryview, members: Mapping[bytes, str],
+                sender: str | None = None) -> tuple[tuple[str, bytes], ...]:
+    """(member, digest) pairs of an echo: as a seen body, and no longer than one entry
+    per member can be (members x ECHO_ENTRY_BYTES), refused before anything is read."""
+    size = len(body)
+    limit = len(members) * ECHO_ENTRY_BYTES + _ARRAY_HEADER_MAX
+    if size > limit:
+        raise RemoteError("bad_body", f"an echo of {size} bytes, more than {len(members)} "
+                          f"members' entries can take ({limit})", sender)
+    try:
+        return decode_seen(body, members, sender)
+    except RemoteError as exc:
+        raise RemoteError(exc.reason, exc.detail.replace("a seen message", "an echo"),
+                          sender) from None
 
 
 # Large tensors are checked for NaN/inf in slices, so the check's scratch memory

@@ -19,10 +19,11 @@ Kinds (`KINDS`; each constant below says what its body holds): "share" (a
 plain share body), "sealed" (a sealed share body, see gossip/seal.py),
 "prekey" (signed X25519 prekeys, see gossip/seal.py), "retire" (empty body:
 the sender stops sharing), "hello" (one byte: ask or reply), "seen" (the
-digests of the shares the sender combined in a round), "stats" (a member's
+digests of the shares the sender combined in a round), "echo" (the digests of the
+shares it holds for a round, before combining: gossip/protocol/echo.py), "stats" (a member's
 statistics for federated normalization), "norm" (its normalization vote, one
-byte), "final" (the 32-byte digest of its final model). The share, seen, stats
-and norm bodies are encoded and decoded in `gossip.bodies`, whose docstring
+byte), "final" (the 32-byte digest of its final model). The share, seen, echo,
+stats and norm bodies are encoded and decoded in `gossip.bodies`, whose docstring
 gives their layout.
 
 Verification runs in this order and stops at the first failure, each with
@@ -66,6 +67,7 @@ from gossip.bodies import (
     Share,
     Stats,
     TensorSpec,
+    decode_echo,
     decode_norm,
     decode_seen,
     decode_share,
@@ -99,6 +101,11 @@ HELLO_REPLY = b"\x01"
 # compare each digest with the one they accepted from that member: a member that
 # signs a different share for each peer (split equivocation) is seen at once.
 KIND_SEEN = "seen"
+# "These are the shares I hold for round r" (the echo phase, gossip/protocol/echo.py):
+# sent once the share phase of r has closed, before combining; body = as "seen", one
+# [member key, envelope digest] per share held, the sender's own included. The members
+# combine only the shares their echoes agree on.
+KIND_ECHO = "echo"
 # A member's statistics for federated normalization (node/normalize.py), sent once
 # before round 1 (round 0) and re-sent unchanged on a hello: body = msgpack map
 # {"rows": float, "sum": bin (8 k), "sumsq": bin (8 k)}, float64 little-endian, one
@@ -121,7 +128,7 @@ KIND_NORM = "norm"
 KIND_FINAL = "final"
 SHARE_KINDS = frozenset({KIND_SHARE, KIND_SEALED})
 KINDS = frozenset({KIND_SHARE, KIND_SEALED, KIND_PREKEY, KIND_RETIRE, KIND_HELLO, KIND_SEEN,
-                   KIND_STATS, KIND_NORM, KIND_FINAL})
+                   KIND_STATS, KIND_NORM, KIND_FINAL, KIND_ECHO})
 _KINDS_BY_BYTES = {k.encode(): k for k in KINDS}
 _PROTO_BYTES = PROTO.encode()
 
@@ -170,7 +177,7 @@ class Accepted:
     share: Share | None  # None for a retire or prekey message
     prekeys: tuple[SignedPrekey, ...] = ()  # a prekey message's verified prekeys
     hello: bool = False  # a prekey message that asks for ours (its sender just started)
-    seen: tuple[tuple[str, bytes], ...] = ()  # a seen message: (member, envelope digest)
+    seen: tuple[tuple[str, bytes], ...] = ()  # a seen or echo message: (member, digest)
     stats: Stats | None = None  # a stats message's values
     norm_range: bool | None = None  # a norm message's vote: True = fall back to range scaling
 
@@ -407,6 +414,8 @@ class Verifier:
         norm_range = None
         if env.kind == KIND_SEEN:
             seen = decode_seen(env.body, self.members, name)
+        elif env.kind == KIND_ECHO:
+            seen = decode_echo(env.body, self.members, name)
         elif env.kind == KIND_STATS:
             stats = decode_stats(env.body, self.stats_columns, name)
         elif env.kind == KIND_NORM:

@@ -13,7 +13,7 @@ UNIT_MODULES = frozenset({
     "test_envelope", "test_seal", "test_parse_bounds", "test_rounds", "test_aggregate",
     "test_strategy", "test_privacy", "test_membership", "test_config", "test_identity",
     "test_fuzz", "test_rules", "test_golden", "test_docs",
-    "test_protocol_machine", "test_protocol_parts", "test_layout",
+    "test_protocol_machine", "test_protocol_parts", "test_protocol_echo", "test_layout",
 })
 
 

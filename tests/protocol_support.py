@@ -44,6 +44,11 @@ def key(member: str) -> bytes:
     return member.encode().ljust(32, b"\0")
 
 
+def own_digest(r: int) -> bytes:
+    """The digest of the Driver's own share for round r (32 bytes, as a real one)."""
+    return (b"own-%d" % r).ljust(32, b"\0")
+
+
 def accepted(sender: str, kind: str, r: int, body: bytes = b"", seq: int = 0, **kw) -> Accepted:
     env = Envelope(CID, key(sender), kind, r, seq, body, SIG)
     share = Share(1.0, {}) if kind == KIND_SHARE else None
@@ -87,13 +92,14 @@ class Driver:
     def __init__(self, n: int = 3, *, me: str = "bank-0", current: int = 0, rounds: int = 3,
                  deadline: float = 10.0, absent_after: int = 1, min_members="majority",
                  restarted: bool = False, lookahead: int = 3, phases=None, auto: bool = True,
-                 outcome: str = "new", **kw) -> None:
+                 outcome: str = "new", share_of=None, **kw) -> None:
         members = names(n)
         self.book = RoundBook([m for m in members if m != me], lookahead, current)
         params = RoundParams(rounds, deadline, absent_after, min_members)
         self.m = RoundMachine(me, members, self.book, params, keys={m: key(m) for m in members},
                               restarted=restarted, phases=phases or (PhaseSpec("share"),), **kw)
         self.auto = auto
+        self.share_of = share_of  # round -> our share's Accepted (its digest is what we sign)
         self.outcome = outcome
         self.actions: list = []
         self.closes: list[Close] = []
@@ -114,13 +120,15 @@ class Driver:
             if not self.auto:
                 continue
             if isinstance(a, Train):
-                queue += self.m.released(Released(a.round, self.outcome,
-                                                  own=(0, b"own", SIG) if self.outcome == "stored"
-                                                  else None), self.now)
+                own = (0, own_digest(a.round), SIG) if self.outcome == "stored" else None
+                queue += self.m.released(Released(a.round, self.outcome, own=own), self.now)
             elif isinstance(a, SendShare) and not a.stored:
                 self.seq += 1
-                queue += self.m.signed(Signed(a.round, (self.seq, b"own-%d" % a.round, SIG)),
-                                       self.now)
+                own = (self.seq, own_digest(a.round), SIG)
+                if self.share_of is not None:
+                    env = self.share_of(a.round).envelope
+                    own = (env.seq, env.digest, env.sig)
+                queue += self.m.signed(Signed(a.round, own), self.now)
             elif isinstance(a, Close):
                 self.closes.append(a)
                 queue += self.m.closed(a.round, dict(a.shares), self.now)

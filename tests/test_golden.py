@@ -99,6 +99,8 @@ def test_golden_envelope_is_accepted_by_a_plain_verifier(kind):
         assert acc.hello and [p.epoch for p in acc.prekeys] == sorted(G.PREKEY_SEEDS)
     elif kind == E.KIND_SEEN:
         assert acc.seen == (("carol", bytes(range(32, 64))),)
+    elif kind == E.KIND_ECHO:
+        assert acc.seen == (("alice", bytes(range(96, 128))), ("bob", bytes(range(128, 160))))
     elif kind == E.KIND_STATS:
         assert acc.stats.rows == 500.0 and list(acc.stats.sumsq) == [10.25, 8.0]
     elif kind == E.KIND_NORM:

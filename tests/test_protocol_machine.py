@@ -353,30 +353,30 @@ def test_hellos_are_answered_at_most_every_interval():
                                             Sign(KIND_HELLO, 0, HELLO_REPLY)]
 
 
-# --- a two-phase round (issue 19 item 2's echo, issue 22's exchanges) -----------------------
+# --- a two-phase round (issue 22's exchanges; the echo: tests/test_protocol_echo.py) -----
 def test_a_two_phase_round_closes_after_the_second_exchange():
-    """No runner.py counterpart (today's round is one phase): after the shares, the echo
+    """No runner.py counterpart (today's round is one phase): after the shares, a later
     phase sends to its peers with its own deadline and the round closes when every peer's
     echo came, or at that deadline; Close carries what the phase collected."""
-    d = started(3, phases=(PhaseSpec("share"), PhaseSpec("echo", deadline_s=4.0)))
+    d = started(3, phases=(PhaseSpec("share"), PhaseSpec("masks", deadline_s=4.0)))
     d.at(1).recv(share("bank-1", 0))
-    d.run(d.m.phase_message(PhaseMessage("bank-2", 0, "echo", b"early"), 1.5))  # kept
+    d.run(d.m.phase_message(PhaseMessage("bank-2", 0, "masks", b"early"), 1.5))  # kept
     d.at(2).recv(share("bank-2", 0))
-    assert d.of(SendPhase) == [SendPhase(0, "echo", ("bank-1", "bank-2"))] and not d.closes
+    assert d.of(SendPhase) == [SendPhase(0, "masks", ("bank-1", "bank-2"))] and not d.closes
     assert d.m.next_deadline == 6.0
-    d.run(d.m.phase_message(PhaseMessage("bank-2", 0, "echo", b"other"), 3.0))
+    d.run(d.m.phase_message(PhaseMessage("bank-2", 0, "masks", b"other"), 3.0))
     assert d.of(Refused)[-1].reason == "equivocation"
-    d.run(d.m.phase_message(PhaseMessage("bank-9", 0, "echo", b"x"), 3.0))  # not a peer
-    d.run(d.m.phase_message(PhaseMessage("bank-1", 0, "echo", b"e1"), 3.5))
+    d.run(d.m.phase_message(PhaseMessage("bank-9", 0, "masks", b"x"), 3.0))  # not a peer
+    d.run(d.m.phase_message(PhaseMessage("bank-1", 0, "masks", b"e1"), 3.5))
     [c] = d.closes
-    assert c.why == "all" and c.phases == {"echo": {"bank-1": b"e1", "bank-2": b"early"}}
+    assert c.why == "all" and c.phases == {"masks": {"bank-1": b"e1", "bank-2": b"early"}}
     d.at(4).recv(share("bank-1", 1))
     d.recv(share("bank-2", 1))
-    d.run(d.m.phase_message(PhaseMessage("bank-1", 1, "echo", b"e1"), 4.0))
+    d.run(d.m.phase_message(PhaseMessage("bank-1", 1, "masks", b"e1"), 4.0))
     d.tick(7.9)
     assert len(d.closes) == 1
     d.tick(8.0)  # the echo phase's deadline: closes with what came
-    assert d.closes[-1].phases == {"echo": {"bank-1": b"e1"}}
+    assert d.closes[-1].phases == {"masks": {"bank-1": b"e1"}}
 
 
 # --- the end of a run -------------------------------------------------------------------------

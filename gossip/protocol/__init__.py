@@ -6,6 +6,9 @@
 - seen.py      SeenReports: closed digests, early reports, split-equivocation findings
 - hello.py     HelloLimiter: how often a member's hello is answered
 - stats.py     StatsAgreement: normalization votes and statistics before round 1
+- echo.py      agree / EchoState: the digest echo, which shares a round combines (the rule,
+               what it guarantees and costs: its docstring)
+- phases.py    RoundParams, PhaseSpec, SHARE, ECHO
 - events.py    the inputs and actions (frozen dataclasses)
 - machine.py   RoundMachine: phases, deadlines, the closing rule (how a driver calls it: below)
 
@@ -16,7 +19,9 @@ For the lead: wiring Node (node/runtime/node.py) to the machine is mechanical:
     machine = RoundMachine(name, [m.name for m in consortium.members], book, params,
                            keys={m.name: m.public_key ...}, restarted=...,
                            prekeys_missing=lambda r, peers: sealing.recipients(r, peers)[1],
-                           normalization=Normalization(...) if federated else None)
+                           normalization=Normalization(...) if federated else None,
+                           phases=(SHARE, ECHO) if rules.echo else (SHARE,),  # a pinned rule
+                           faulty=the strategy's f)                # the echo rule's f
     do(machine.start(now()))
     while not machine.done:                     # one loop; the receiver task feeds a queue
         event = await next_event(until=machine.next_deadline)   # or None on timeout
@@ -36,8 +41,11 @@ For the lead: wiring Node (node/runtime/node.py) to the machine is mechanical:
                                           Releaser.release(r) -> Released(r, outcome...)
       SendShare(r, seal_for, to, stored)  _pack_share (sealing.recipients(r, seal_for)),
                                           charge, store_release, broadcast -> Signed(r, own)
-      Close(r, shares, missing, why)      norm_mismatch filter, strategy.aggregate,
-                                          _record_aggregate, evaluate -> machine.closed(r, used)
+      Close(r, shares, missing, why)      norm_mismatch filter, strategy.aggregate (our own
+                                          release only if close.own_enters(name)),
+                                          _record_aggregate, evaluate -> machine.closed(r, used);
+                                          with the echo: close.echo.excluded -> audit lines,
+                                          their held/claims/proof envelopes kept as evidence
       Advanced(r, nxt) / Joined           the "behind the consortium"/"joining" log lines
       Checkpoint(n)                       _save_checkpoint (then the Ack that follows)
       Ack(tokens)                         call each ack
@@ -48,13 +56,15 @@ For the lead: wiring Node (node/runtime/node.py) to the machine is mechanical:
       AdoptRange / Combine                range_agreed / combine, then _adopt + audit line
       Abort(why)                          raise LocalError(why)
       Filed / Refused                     counters, audit.jsonl line, log once per (member, reason)
-      Equivocation                        _keep_evidence(second) with `first`
+      Equivocation                        _keep_evidence(second) with `first` (an echo's
+                                          first is the first echo, not book.held)
       SeenMismatch                        the digest_mismatch counter, evidence file, audit claim
       Presence                            the absent / heard again log lines
       Waiting / WaitOver                  _report_wait / _write_activity(None)
 """
 
 from gossip.protocol.book import RoundBook
+from gossip.protocol.echo import Agreement, Exclusion, agree
 from gossip.protocol.events import (
     Abort,
     Ack,
@@ -96,25 +106,19 @@ from gossip.protocol.events import (
 )
 from gossip.protocol.hello import HELLO_INTERVAL_S, HelloLimiter
 from gossip.protocol.liveness import Liveness, StartBarrier, members_needed
-from gossip.protocol.machine import (
-    AUTHENTIC_REASONS,
-    SHARE,
-    Normalization,
-    PhaseSpec,
-    RoundMachine,
-    RoundParams,
-)
+from gossip.protocol.machine import AUTHENTIC_REASONS, Normalization, RoundMachine
+from gossip.protocol.phases import ECHO, SHARE, PhaseSpec, RoundParams
 from gossip.protocol.seen import FINAL_SEEN_WAIT_S, SEEN_KEEP_ROUNDS, SeenReports
 from gossip.protocol.stats import StatsAgreement
 
 __all__ = [
-    "AUTHENTIC_REASONS", "FINAL_SEEN_WAIT_S", "HELLO_INTERVAL_S", "SEEN_KEEP_ROUNDS", "SHARE",
-    "Abort", "Ack", "Action", "AdoptRange", "Advanced", "Broadcast", "Checkpoint", "Close",
-    "Combine", "Equivocation", "FinalSeenMissing", "Filed", "Finals", "ForgetPrekeys",
+    "AUTHENTIC_REASONS", "ECHO", "FINAL_SEEN_WAIT_S", "HELLO_INTERVAL_S", "SEEN_KEEP_ROUNDS", "SHARE",
+    "Abort", "Ack", "Action", "AdoptRange", "Advanced", "Agreement", "Broadcast", "Checkpoint", "Close",
+    "Combine", "Equivocation", "Exclusion", "FinalSeenMissing", "Filed", "Finals", "ForgetPrekeys",
     "HelloLimiter", "Joined", "Liveness", "Message", "Normalization", "PhaseMessage",
     "PhaseSpec", "Presence", "Refused", "Rejected", "Released", "Retire", "RotatePrekeys",
     "RoundBook", "RoundMachine", "RoundParams", "SeenMismatch", "SeenReports", "SendFinal",
     "SendPhase", "SendShare", "SendStats", "SendTo", "SendVote", "Sign", "Signed",
     "StartBarrier", "StatsAgreement", "Stored", "Tick", "Train", "WaitOver", "Waiting",
-    "members_needed",
+    "agree", "members_needed",
 ]

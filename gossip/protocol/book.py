@@ -29,6 +29,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 from gossip.envelope import (
+    KIND_ECHO,
     KIND_FINAL,
     KIND_HELLO,
     KIND_NORM,
@@ -53,7 +54,7 @@ class RoundBook:
     def add(self, share: Accepted) -> str:
         """Store an accepted share. Returns "buffered", "ahead" (we are behind),
         "retired" (the member has stopped sharing: rounds no longer wait for it) or
-        "prekey" (a prekey announcement: only its round is noted), "hello" or "seen"."""
+        "prekey" (a prekey announcement: only its round is noted), "hello", "seen" or "echo"."""
         if share.envelope.kind == KIND_RETIRE:
             self.neighbours = self.neighbours - {share.sender}
             return "retired"
@@ -65,6 +66,10 @@ class RoundBook:
         if share.envelope.kind == KIND_HELLO:  # "I am at round r"
             self.note(share.sender, r)
             return "hello"
+        if share.envelope.kind == KIND_ECHO:
+            # "My share phase of round r has closed": at round r at least, as a seen report.
+            self.note(share.sender, r)
+            return "echo"
         if share.envelope.kind == KIND_SEEN:
             # "I have closed round r": it is at round r at least. Not "past r": its share
             # for r may still be on its way (another stream), and must still be waited for.

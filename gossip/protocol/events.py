@@ -20,6 +20,7 @@ from typing import Any
 
 from gossip.bodies import Stats
 from gossip.envelope import Accepted
+from gossip.protocol.echo import Agreement
 
 # (seq, digest, signature) of a signed envelope: what a seen report compares.
 Signature = tuple[int, bytes, bytes]
@@ -169,14 +170,22 @@ class SendPhase:
 class Close:
     """Round `round` is over: combine `shares` (with our own release), evaluate, then feed
     `RoundMachine.closed` with the shares used. `why`: "all" came, the missing had
-    "moved_on", were "absent" (not waited for), or the "deadline" passed. `phases`:
-    what each later phase collected, member -> body."""
+    "moved_on", were "absent" (not waited for), or the "deadline" passed (the share
+    phase's closing rule). `phases`: what each later phase collected, member -> body.
+    With the echo phase, `echo` is the agreement (gossip/protocol/echo.py): `shares` is
+    only the agreed set, and our own release is combined only if we are in `echo.enter`;
+    `echo.excluded` says who was left out and why, with the signed envelopes."""
 
     round: int
     shares: Mapping[str, Accepted]
     missing: tuple[str, ...]
     why: str
     phases: Mapping[str, Mapping[str, bytes]] = field(default_factory=dict)
+    echo: Agreement | None = None
+
+    def own_enters(self, me: str) -> bool:
+        """Whether our own release is combined (always, without the echo phase)."""
+        return self.echo is None or me in self.echo.enter
 
     WHY = ("all", "moved_on", "absent", "deadline")
 

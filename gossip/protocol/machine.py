@@ -19,12 +19,11 @@ came or the phase's deadline; then `Close` carries what each phase collected. Th
 of a phase are a parameter: today everyone (broadcast); a topology gives each node its
 neighbours (`neighbours=`), and the machine then sends to those by name.
 
-Issue 19 item 2 (members agree on what they aggregate) is a phase "echo" after
-"share": SendPhase(echo) -> the driver sends the digests of the shares it holds; the
-phase collects the others' echoes; a share enters only if the echoes agree on its digest
-(a pure `agree(shares, echoes)` beside seen.py applied to Close.shares/phases), and an
-equivocating member is left out by every honest member. Issue 22's secure aggregation
-is several phases (masks, masked shares, unmasking), each a PhaseSpec.
+The phase "echo" (ECHO, issue 19 item 2) is run by the machine itself: it signs and
+sends the digests of the shares it holds (kind "echo"), files the peers' echoes (given to
+`receive` like any message), and Close.shares is the set `agree` decides (echo.py: the
+rule and its guarantees), Close.echo who was excluded and why. Issue 22's secure
+aggregation is several phases (masks, masked shares, unmasking), each a PhaseSpec.
 
 The closing rule of the share phase (runner.py 1117, 1150-1152, `_collect` 1627): the round
 closes when every neighbour still in it has sent its share ("all"), or the missing ones
@@ -45,9 +44,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from gossip.bodies import encode_seen
-from gossip.envelope import HELLO_ASK, HELLO_REPLY, KIND_HELLO, KIND_SEEN, Accepted
+from gossip.envelope import HELLO_ASK, HELLO_REPLY, KIND_ECHO, KIND_HELLO, KIND_SEEN, Accepted
 from gossip.errors import LocalError, RemoteError
 from gossip.protocol.book import RoundBook
+from gossip.protocol.echo import EchoState
 from gossip.protocol.events import (
     Abort,
     Ack,
@@ -87,6 +87,7 @@ from gossip.protocol.events import (
 )
 from gossip.protocol.hello import HelloLimiter
 from gossip.protocol.liveness import Liveness, StartBarrier, members_needed
+from gossip.protocol.phases import ECHO, SHARE, PhaseSpec, RoundParams
 from gossip.protocol.seen import FINAL_SEEN_WAIT_S, SeenReports
 from gossip.protocol.stats import Plausibility, StatsAgreement
 
@@ -106,36 +107,6 @@ WAIT_REPORT_EVERY_S = 30.0
 # Stage changes one input can cause (a closed round may end the run at once); a bound
 # so that a bug shows as an error, never as a hung driver.
 MAX_STEPS_PER_INPUT = 64
-
-
-@dataclass(frozen=True)
-class RoundParams:
-    """The consortium's timing and the node's run (node/runtime/config.py's gossip section)."""
-
-    rounds: int
-    round_deadline_s: float
-    absent_after: int = 1
-    min_members: int | str = "majority"
-    normalize_wait_s: float = 300.0
-
-    def __post_init__(self) -> None:
-        if self.round_deadline_s <= 0:
-            raise LocalError(f"round_deadline_s = {self.round_deadline_s}: must be > 0")
-        if self.rounds < 0:
-            raise LocalError(f"rounds = {self.rounds}: must be >= 0")
-
-
-@dataclass(frozen=True)
-class PhaseSpec:
-    """One exchange of a round: its name, the peers it sends to and waits for (None:
-    every neighbour still in the round) and its deadline (None: the round deadline)."""
-
-    name: str
-    peers: frozenset[str] | None = None
-    deadline_s: float | None = None
-
-
-SHARE = PhaseSpec("share")
 
 
 @dataclass(frozen=True)
@@ -172,7 +143,7 @@ class RoundMachine:
                  neighbours: Iterable[str] | None = None,
                  phases: Sequence[PhaseSpec] = (SHARE,),
                  prekeys_missing: Callable[[int, list[str]], list[str]] | None = None,
-                 normalization: Normalization | None = None) -> None:
+                 normalization: Normalization | None = None, faulty: int = 1) -> None:
         self.me = me
         self.members = frozenset(members)
         if me not in self.members:
@@ -186,6 +157,8 @@ class RoundMachine:
             raise LocalError("a round's phases start with the share phase and have distinct "
                              "names")
         self.phases = tuple(phases)
+        self.echo = EchoState(me, self.members, self.keys, faulty) if any(
+            p.name == ECHO.name for p in phases) else None  # faulty: the echo rule's f
         self.sealed = prekeys_missing is not None
         self._prekeys_missing = prekeys_missing
         self.norm = normalization
@@ -211,6 +184,7 @@ class RoundMachine:
         self._expect: set[str] = set()
         self._unacked: dict[int, list[Any]] = {}
         self._norm_end = 0.0
+        self._share_closed: tuple[tuple[str, ...], str, dict[str, Accepted]] = ((), "all", {})
 
     # --- state the driver reads ----------------------------------------------------------
     @property
@@ -276,6 +250,8 @@ class RoundMachine:
                                exc.detail, hashlib.blake2b(data, digest_size=32).hexdigest()))
             if exc.reason == "equivocation":
                 out.append(Equivocation(self.book.held(acc.sender, acc.round), acc))
+                if self.echo is not None:
+                    self.echo.proven.add((acc.round, acc.sender))
             self._heard(exc.peer if exc.reason in AUTHENTIC_REASONS else None, False, out)
             return out + self._step(now)
         if token is not None:
@@ -301,6 +277,8 @@ class RoundMachine:
                                    acc.envelope.digest.hex(), acc))
         elif where == "final":
             self.finals.setdefault(acc.sender, bytes(acc.envelope.body))
+        elif where == "echo":
+            out += self._phase_in(acc.sender, acc.round, ECHO.name, acc.envelope.body, acc)
         out.append(Filed(acc, where))
         return out + self._step(now)
 
@@ -356,24 +334,33 @@ class RoundMachine:
     def phase_message(self, msg: PhaseMessage, now: float) -> list[Action]:
         """A member's message for a later phase (verified by the driver)."""
         self._now = now
-        out: list[Action] = []
-        spec = next((p for p in self.phases[1:] if p.name == msg.phase), None)
-        allowed = self.book.neighbours if spec is None or spec.peers is None else \
-            spec.peers & self.book.neighbours
-        if spec is None or msg.sender not in allowed or not (
-                self.book.current <= msg.round <= self.book.current + self.book.lookahead):
-            # Outside the window or not ours to get: dropped (bounded memory), as the
-            # book drops what it cannot hold.
-            return out
-        got = self._phase_got.setdefault((msg.round, msg.phase), {})
-        held = got.get(msg.sender)
-        if held is not None and held != msg.body:
-            out.append(Refused(msg.round, msg.sender, "equivocation",
-                               f"a second, different {msg.phase} message"))
-        elif held is None:
-            got[msg.sender] = msg.body
+        out = self._phase_in(msg.sender, msg.round, msg.phase, msg.body)
         self._heard(msg.sender, False, out)
         return out + self._step(now)
+
+    def _phase_in(self, sender: str, r: int, phase: str, body: bytes,
+                  acc: Accepted | None = None) -> list[Action]:
+        """File a phase message (an echo comes as `acc`, its signed envelope: a second,
+        different one is refused and both are kept as the proof)."""
+        spec = next((p for p in self.phases[1:] if p.name == phase), None)
+        allowed = self.book.neighbours if spec is None or spec.peers is None else \
+            spec.peers & self.book.neighbours
+        if spec is None or sender not in allowed or not (
+                self.book.current <= r <= self.book.current + self.book.lookahead):
+            # Outside the window or not ours to get: dropped (bounded memory), as the
+            # book drops what it cannot hold.
+            return []
+        got = self._phase_got.setdefault((r, phase), {})
+        held = got.get(sender)
+        if held is not None and held != body:
+            return [Refused(r, sender, "equivocation", f"a second, different {phase} message",
+                            "" if acc is None else acc.envelope.digest.hex(), acc),
+                    *([] if acc is None or self.echo is None else
+                      [Equivocation(self.echo.echoes.get((r, sender)), acc)])]
+        got.setdefault(sender, body)
+        if held is None and acc is not None and self.echo is not None:
+            self.echo.echoes[(r, sender)] = acc
+        return []
 
     def closed(self, r: int, used: Mapping[str, Accepted], now: float) -> list[Action]:
         """Round r is aggregated with the shares `used` (Close.shares minus those refused on
@@ -390,6 +377,8 @@ class RoundMachine:
         out.append(Checkpoint(self.book.current))
         self._ack_before(self.book.current, out)
         self._phase_got = {k: v for k, v in self._phase_got.items() if k[0] >= nxt}
+        if self.echo is not None:
+            self.echo.forget_before(nxt)
         self._begin_round(now, out)
         return out + self._step(now)
 
@@ -575,23 +564,41 @@ class RoundMachine:
             self._close(out)
             return
         spec = self.phases[self._phase]
-        self.deadline = now + (spec.deadline_s if spec.deadline_s is not None
-                               else self.params.round_deadline_s)
+        # The echo also waits for peers still in their share phase (until our share deadline).
+        self.deadline = (max(now, self.deadline) if spec.name == ECHO.name else now) + (
+            spec.deadline_s if spec.deadline_s is not None else self.params.round_deadline_s)
         peers = self.book.neighbours if spec.peers is None else spec.peers & self.book.neighbours
         self._phase_peers = tuple(sorted(peers))
-        out.append(SendPhase(r, spec.name, self._phase_peers))
+        if self._phase == 1:  # the share phase is over: what it closed with, what we hold
+            self._share_closed = self._closing_rule(r)
+        if spec.name == ECHO.name and self.echo is not None:  # the digests we hold (echo.py)
+            own = self.seen.own.get(r)
+            msg = Sign(KIND_ECHO, r, self.echo.ours(r, self._share_closed[2], own and own[1],
+                                                    self._phase_peers))
+            out.append(Broadcast(msg, f"echo-{r}") if self.peers is None and spec.peers is None
+                       else SendTo(self._phase_peers, msg, f"echo-{r}"))
+        else:
+            out.append(SendPhase(r, spec.name, self._phase_peers))
         self.stage = "phase"
         self._wait = _Wait(f"round {r + 1} {spec.name}", now, self.deadline,
                            now + WAIT_REPORT_FIRST_S)
 
-    def _close(self, out: list[Action]) -> None:
-        r = self.book.current
+    def _closing_rule(self, r: int) -> tuple[tuple[str, ...], str, dict[str, Accepted]]:
         missing = self.book.missing(r)
         why = ("all" if not missing else "moved_on" if self.book.complete(r)
                else "absent" if self.book.complete(r, ignore=self._ignorable_before)
                else "deadline")
+        return tuple(missing), why, self.book.shares(r)
+
+    def _close(self, out: list[Action]) -> None:
+        r = self.book.current
+        missing, why, shares = (self._share_closed if len(self.phases) > 1
+                                else self._closing_rule(r))
         phases = {p.name: dict(self._phase_got.get((r, p.name), {})) for p in self.phases[1:]}
-        out.append(Close(r, self.book.shares(r), tuple(missing), why, phases))
+        agreed = None
+        if self.echo is not None:
+            shares, agreed = self.echo.decide(r)
+        out.append(Close(r, shares, missing, why, phases, agreed))
         self.stage, self._wait = "closing", None
 
     def _finish(self, now: float, out: list[Action]) -> None:

@@ -110,6 +110,8 @@ def bodies(sealed_body: bytes) -> dict[str, bytes]:
                                              np.array([10.25, 8.0]))),
         E.KIND_NORM: B.NORM_USABLE,
         E.KIND_FINAL: bytes(range(64, 96)),
+        E.KIND_ECHO: B.encode_echo([(bytes(k["alice"].verify_key), bytes(range(96, 128))),
+                                    (bytes(k["bob"].verify_key), bytes(range(128, 160)))]),
     }
     assert set(out) == set(E.KINDS), "a kind without a golden body: add it here"
     return out
@@ -149,7 +151,14 @@ def make_wire() -> None:
         "sealed_body": sealed.hex(),
         "envelopes": {},
     }
-    for seq, (kind, body) in enumerate(sorted(bodies(sealed).items())):
+    # A kind keeps the seq it was frozen with (a new kind takes the next free one), so a
+    # new kind adds a golden envelope and changes none of the others' bytes.
+    frozen = json.loads(old.read_text())["envelopes"] if old.exists() else {}
+    seqs = {kind: e["seq"] for kind, e in frozen.items()}
+    for kind in sorted(set(E.KINDS) - set(seqs)):
+        seqs[kind] = max(seqs.values(), default=-1) + 1
+    for kind, body in sorted(bodies(sealed).items()):
+        seq = seqs[kind]
         doc["envelopes"][kind] = {
             "seq": seq, "body": body.hex(),
             "bytes": E.pack(k["bob"], CONSORTIUM_ID, kind, WIRE_ROUND, seq, body).hex()}
