@@ -82,7 +82,7 @@ def _consortium_build(args: argparse.Namespace) -> int:
 
 def small_consortium_warning(members: int, rule: str, privacy_mode: str | None) -> str | None:
     """What one hostile member can still do to a consortium too small for
-    multi_krum_staged (measured: README, "Hostile members", three or four members)."""
+    multi_krum_staged (measured: docs/results/robustness.md, "Smaller consortia")."""
     if members >= 5 or rule not in ("trimmed_mean", "mean"):
         return None
     if rule == "mean":
@@ -94,7 +94,7 @@ def small_consortium_warning(members: int, rule: str, privacy_mode: str | None) 
                "bench)" if privacy_mode == "record" else "")
             + ". From five members the default is multi_krum_staged, which held every "
             "model-level attack on the bench "
-            "(README, \"Hostile members\")")
+            "(docs/results/robustness.md, \"Smaller consortia\")")
 
 
 def _consortium_show(args: argparse.Namespace) -> int:

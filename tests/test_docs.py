@@ -215,3 +215,28 @@ def test_a_stale_reference_is_found(tmp_path):
 def test_every_module_named_exists(page):
     stale = stale_references(page)
     assert not stale, f"{page.relative_to(ROOT)}: " + "; ".join(stale)
+
+
+# The code, scripts and example configs point their reader at docs pages: each page named
+# exists, and none points at a README section (the README is a landing page now) or at
+# a file outside the repository.
+CODE_DIRS = ("node", "gossip", "scripts", "network_configs")
+DOCS_PATH = re.compile(r"\bdocs/[\w/.-]+\.md\b")
+STALE_POINTER = re.compile(r"README[,'’]s? ?\"|README \"|\.\./shared/")
+
+
+def code_files() -> list[Path]:
+    return sorted(p for d in CODE_DIRS for p in (ROOT / d).rglob("*")
+                  if p.suffix in (".py", ".toml", ".md", ".sh") and "__pycache__" not in p.parts)
+
+
+def test_code_points_at_docs_pages_that_exist():
+    bad = []
+    for path in code_files():
+        for n, line in enumerate(path.read_text().splitlines(), 1):
+            where = f"{path.relative_to(ROOT)}:{n}"
+            bad += [f"{where}: {m} does not exist" for m in DOCS_PATH.findall(line)
+                    if not (ROOT / m).is_file()]
+            if STALE_POINTER.search(line):
+                bad.append(f"{where}: points at a README section or outside the repository")
+    assert not bad, "; ".join(bad)
