@@ -170,6 +170,19 @@ def test_the_runtime_never_imports_the_rehearsal():
     assert KNOWN_RUNTIME_TO_REHEARSAL - found == set()
 
 
+# The operator's surfaces (`flnode status`, `flnode report`) read a node's state dir and
+# config; they never build or import the running node, its transports or the rehearsal.
+OPS = ("node.ops",)
+NOT_FROM_OPS = ("node.runtime.node", "node.runtime.daemon", "node.runtime.release",
+                "node.runtime.signer", "node.rehearsal", "gossip.protocol")
+
+
+def test_ops_reads_state_dirs_never_the_running_node():
+    bad = [f"{e.importer}:{e.line} imports {e.imported}" for e in import_graph()
+           if within(e.importer, OPS) and within(e.imported, NOT_FROM_OPS)]
+    assert bad == []
+
+
 def test_no_module_over_the_line_limit():
     lengths = {str(p.relative_to(ROOT)): len(p.read_text(encoding="utf-8").splitlines())
                for p in source_files().values()}
