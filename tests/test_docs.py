@@ -222,7 +222,7 @@ def test_every_module_named_exists(page):
 # a file outside the repository.
 CODE_DIRS = ("node", "gossip", "scripts", "network_configs")
 DOCS_PATH = re.compile(r"\bdocs/[\w/.-]+\.md\b")
-STALE_POINTER = re.compile(r"README[,'’]s? ?\"|README \"|\.\./shared/")
+STALE_POINTER = re.compile(r"README(?:,|'s|’s)? *\\?\"|, README\)|\.\./shared/")
 
 
 def code_files() -> list[Path]:
@@ -240,3 +240,12 @@ def test_code_points_at_docs_pages_that_exist():
             if STALE_POINTER.search(line):
                 bad.append(f"{where}: points at a README section or outside the repository")
     assert not bad, "; ".join(bad)
+
+
+def test_a_stale_pointer_is_found():
+    stale = ['(README, "Hostile members")', '"(README, \\"Hostile members\\")"',
+             "The README's \"Bring your own data\"", 'README "Skewed', "bench.py, README)",
+             "../shared/FACTS.md"]
+    fine = ["docs/results/robustness.md, \"Smaller consortia\"", "the README is a landing page"]
+    assert all(STALE_POINTER.search(s) for s in stale)
+    assert not any(STALE_POINTER.search(s) for s in fine)
