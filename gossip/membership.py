@@ -28,6 +28,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import tomli_w
+
 from gossip.errors import LocalError
 
 CONSORTIUM_ID_TAG = b"flnode/1 consortium-id\x00"
@@ -260,6 +262,5 @@ def load_consortium(path: str | Path) -> Consortium:
 
 
 def save_consortium(consortium: Consortium, path: str | Path) -> None:
-    import tomli_w
 
     Path(path).write_text(tomli_w.dumps(consortium.to_toml_dict()))

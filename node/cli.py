@@ -28,6 +28,7 @@ from node.ops.flags import (
 
 
 def _keygen(args: argparse.Namespace) -> int:
+    # lean start: each command imports what it runs (identity loads PyNaCl)
     from node.runtime.identity import Identity, save_identity
 
     ident = Identity.generate(args.name)
@@ -38,6 +39,7 @@ def _keygen(args: argparse.Namespace) -> int:
 
 
 def _consortium_build(args: argparse.Namespace) -> int:
+    # lean start: each command imports what it runs (schema loads pydantic, identity PyNaCl)
     import tomllib
 
     from gossip.membership import Consortium, Member, save_consortium
@@ -56,6 +58,7 @@ def _consortium_build(args: argparse.Namespace) -> int:
         name, key = load_public_key(pub)
         addresses = dict(a.split("=", 1) for a in addr.split(",") if "=" in a) if addr else {}
         members.append(Member(name, key, addresses))
+    # lean start: the strategies load torch, only once the members' keys have been read
     from node.strategy.consortium_rules import build_strategy, pin_rules, rules_table
 
     f = rules_fields(args)
@@ -79,7 +82,7 @@ def _consortium_build(args: argparse.Namespace) -> int:
 
 def small_consortium_warning(members: int, rule: str, privacy_mode: str | None) -> str | None:
     """What one hostile member can still do to a consortium too small for
-    multi_krum_staged (measured: README, "Hostile members", three or four members)."""
+    multi_krum_staged (measured: docs/results/robustness.md, "Smaller consortia")."""
     if members >= 5 or rule not in ("trimmed_mean", "mean"):
         return None
     if rule == "mean":
@@ -91,10 +94,11 @@ def small_consortium_warning(members: int, rule: str, privacy_mode: str | None) 
                "bench)" if privacy_mode == "record" else "")
             + ". From five members the default is multi_krum_staged, which held every "
             "model-level attack on the bench "
-            "(README, \"Hostile members\")")
+            "(docs/results/robustness.md, \"Smaller consortia\")")
 
 
 def _consortium_show(args: argparse.Namespace) -> int:
+    # lean start: each command imports what it runs (identity loads PyNaCl)
     from gossip.membership import load_consortium
     from node.runtime.identity import fingerprint
 
@@ -109,7 +113,7 @@ def _consortium_show(args: argparse.Namespace) -> int:
 
 
 def _schema_infer(args: argparse.Namespace) -> int:
-    from node.data.drafting import infer, refuse_existing, render
+    from node.data.drafting import infer, refuse_existing, render  # lean start: numpy, pandas
 
     refuse_existing(args.out, args.force)
     draft = infer(args.files, args.label, args.categorical, args.drop, args.normalize)
@@ -117,7 +121,7 @@ def _schema_infer(args: argparse.Namespace) -> int:
 
 
 def _schema_merge(args: argparse.Namespace) -> int:
-    from node.data.drafting import merge, refuse_existing, render
+    from node.data.drafting import merge, refuse_existing, render  # lean start: numpy, pandas
 
     refuse_existing(args.out, args.force)
     draft = merge(args.files, ranges_from=args.ranges_from)
@@ -126,7 +130,7 @@ def _schema_merge(args: argparse.Namespace) -> int:
 
 def _schema_emit(draft, text: str, args: argparse.Namespace) -> int:
     """stdout: exactly the file's text; stderr: the notes (and where it was written)."""
-    from node.data.drafting import write_out
+    from node.data.drafting import write_out  # lean start: numpy, pandas
 
     sys.stdout.write(text)
     sys.stdout.flush()
@@ -180,6 +184,7 @@ def _report(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
+    # lean start: the node loads torch and the transports; only `flnode run` needs them
     from node.runtime.daemon import exit_now
     from node.runtime.daemon import main as run_main
 

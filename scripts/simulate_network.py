@@ -278,7 +278,7 @@ def main(argv: list[str] | None = None) -> int:
 
     # The baselines train here: with torch's default two threads and other work on the
     # 2 cores, its spinning threads took minutes instead of seconds (one thread: ~3-15x
-    # faster for these models, ../shared/FACTS.md).
+    # faster for these models, measured on the 2-core machine).
     torch.set_num_threads(1)
     args = parse_args(argv)
     console = make_console()

@@ -117,3 +117,135 @@ def test_every_relative_link_resolves(page):
 def test_no_page_points_outside_the_repository(page):
     lines = [n for n, line in enumerate(page.read_text().splitlines(), 1) if "../shared/" in line]
     assert not lines, f"{page.relative_to(ROOT)} lines {lines}: a file outside the repository"
+
+
+# A module path (`node/runtime/node.py`, `gossip/protocol/`) or a dotted module name
+# (`node.privacy.accountant`, `gossip.wire.encode`) named in backticks. A dotted name may
+# end in an attribute of its module (`node.runtime.release.Releaser`).
+CODE_SPAN = re.compile(r"`([^`\n]+)`")
+CODE_PATH = re.compile(r"(?<![\w./-])((?:node|gossip)/[\w/.-]*)")
+DOTTED = re.compile(r"^((?:node|gossip)(?:\.\w+)+)(?:\(.*\))?:?$")
+
+
+def _code_spans(text: str) -> list[str]:
+    """The inline code spans outside fenced blocks (a block shows commands and output,
+    not module names)."""
+    out, fenced = [], False
+    for line in text.splitlines():
+        if FENCE.match(line.strip()):
+            fenced = not fenced
+            continue
+        if not fenced:
+            out.extend(CODE_SPAN.findall(line))
+    return out
+
+
+def _module_resolves(dotted: str, root: Path) -> bool:
+    """`a.b.c` names a package or module of the tree, or an attribute of one: the longest
+    prefix that is a module file or package must leave at most one name after it."""
+    parts = dotted.split(".")
+    for n in range(len(parts), 0, -1):
+        base = root.joinpath(*parts[:n])
+        source = base.with_suffix(".py") if base.with_suffix(".py").is_file() else base / "__init__.py"
+        if source.is_file():
+            if n == len(parts):
+                return True
+            # one name after the module, defined or imported there (a package's face)
+            return (n > 1 and len(parts) - n == 1
+                    and re.search(rf"^\s*(def|class|async def)\s+{parts[n]}\b|^\s*{parts[n]}\s*[:=]"
+                                  rf"|^from .* import .*\b{parts[n]}\b|^\s+{parts[n]},",
+                                  source.read_text(), re.M) is not None)
+    return False
+
+
+def _config_key(dotted: str) -> bool:
+    """`gossip.min_members`, `gossip.mqtt.ca_file`: a key of the node's TOML config, not a
+    module (the [gossip] section shares the package's name)."""
+    from pydantic import BaseModel
+
+    from node.runtime.config import NodeConfig
+
+    model: type[BaseModel] | None = NodeConfig
+    for part in dotted.split("."):
+        field = model.model_fields.get(part) if model else None
+        if field is None:
+            return False
+        ann = field.annotation
+        model = ann if isinstance(ann, type) and issubclass(ann, BaseModel) else None
+    return True
+
+
+FILE_NAME = re.compile(r"\.(toml|json|md|csv|py|txt|html|pt|log)$")
+
+
+def stale_references(page: Path, root: Path = ROOT) -> list[str]:
+    stale = []
+    for span in _code_spans(page.read_text()):
+        for path in CODE_PATH.findall(span):
+            path = path.rstrip(".")
+            if "*" in path or "{" in path:
+                continue
+            if not (root / path).exists():
+                stale.append(f"{path}: no such file")
+        m = DOTTED.match(span.strip())
+        if (m and not FILE_NAME.search(m.group(1)) and not _config_key(m.group(1))
+                and not _module_resolves(m.group(1), root)):
+            stale.append(f"{m.group(1)}: no such module")
+    return stale
+
+
+def test_a_stale_reference_is_found(tmp_path):
+    (tmp_path / "node" / "runtime").mkdir(parents=True)
+    (tmp_path / "node" / "__init__.py").write_text("")
+    (tmp_path / "node" / "runtime" / "__init__.py").write_text("")
+    (tmp_path / "node" / "runtime" / "release.py").write_text("class Releaser:\n    pass\n")
+    page = tmp_path / "p.md"
+    page.write_text("`node/runtime/release.py` `node/runner.py` `node.runtime.release.Releaser`\n"
+                    "`node.runner` `node.runtime.release.Releaser.release.x` `node/runtime/`\n"
+                    "```\nnode/fenced.py\n```\n`python -m node.runtime.gone --x`\n"
+                    "`gossip.min_members` `gossip.mqtt.ca_file` `node.toml` `gossip.nokey`\n"
+                    "`node.runtime.release.Signer`\n")
+    assert stale_references(page, tmp_path) == [
+        "node/runner.py: no such file", "node.runner: no such module",
+        "node.runtime.release.Releaser.release.x: no such module",
+        "gossip.nokey: no such module", "node.runtime.release.Signer: no such module"]
+
+
+@pytest.mark.parametrize("page", PAGES, ids=lambda p: str(p.relative_to(ROOT)))
+def test_every_module_named_exists(page):
+    stale = stale_references(page)
+    assert not stale, f"{page.relative_to(ROOT)}: " + "; ".join(stale)
+
+
+# The code, scripts and example configs point their reader at docs pages: each page named
+# exists, and none points at a README section (the README is a landing page now) or at
+# a file outside the repository.
+CODE_DIRS = ("node", "gossip", "scripts", "network_configs")
+DOCS_PATH = re.compile(r"\bdocs/[\w/.-]+\.md\b")
+STALE_POINTER = re.compile(r"README(?:,|'s|’s)? *\\?\"|, README\)|\.\./shared/")
+
+
+def code_files() -> list[Path]:
+    return sorted(p for d in CODE_DIRS for p in (ROOT / d).rglob("*")
+                  if p.suffix in (".py", ".toml", ".md", ".sh") and "__pycache__" not in p.parts)
+
+
+def test_code_points_at_docs_pages_that_exist():
+    bad = []
+    for path in code_files():
+        for n, line in enumerate(path.read_text().splitlines(), 1):
+            where = f"{path.relative_to(ROOT)}:{n}"
+            bad += [f"{where}: {m} does not exist" for m in DOCS_PATH.findall(line)
+                    if not (ROOT / m).is_file()]
+            if STALE_POINTER.search(line):
+                bad.append(f"{where}: points at a README section or outside the repository")
+    assert not bad, "; ".join(bad)
+
+
+def test_a_stale_pointer_is_found():
+    stale = ['(README, "Hostile members")', '"(README, \\"Hostile members\\")"',
+             "The README's \"Bring your own data\"", 'README "Skewed', "bench.py, README)",
+             "../shared/FACTS.md"]
+    fine = ["docs/results/robustness.md, \"Smaller consortia\"", "the README is a landing page"]
+    assert all(STALE_POINTER.search(s) for s in stale)
+    assert not any(STALE_POINTER.search(s) for s in fine)

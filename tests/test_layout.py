@@ -170,6 +170,19 @@ def test_the_runtime_never_imports_the_rehearsal():
     assert KNOWN_RUNTIME_TO_REHEARSAL - found == set()
 
 
+# The operator's surfaces (`flnode status`, `flnode report`) read a node's state dir and
+# config; they never build or import the running node, its transports or the rehearsal.
+OPS = ("node.ops",)
+NOT_FROM_OPS = ("node.runtime.node", "node.runtime.daemon", "node.runtime.release",
+                "node.runtime.signer", "node.rehearsal", "gossip.protocol")
+
+
+def test_ops_reads_state_dirs_never_the_running_node():
+    bad = [f"{e.importer}:{e.line} imports {e.imported}" for e in import_graph()
+           if within(e.importer, OPS) and within(e.imported, NOT_FROM_OPS)]
+    assert bad == []
+
+
 def test_no_module_over_the_line_limit():
     lengths = {str(p.relative_to(ROOT)): len(p.read_text(encoding="utf-8").splitlines())
                for p in source_files().values()}
@@ -190,3 +203,72 @@ def test_the_graph_sees_function_level_imports_and_cycles():
     fake = [Edge("node.a", "node.b", True, 1), Edge("node.b", "node.a", True, 1),
             Edge("node.c", "node.d", False, 1), Edge("node.d", "node.c", True, 1)]
     assert cycles(fake) == [["node.a", "node.b"]]
+
+
+# Every import inside a function is there for a lean start (a command that needs no torch
+# or transport starts without it) and says so: "lean start" on the import's line or the
+# line above; one comment above a run of consecutive imports covers the run. These two
+# files are being rewired in issue 21 (the round machine, the Releaser and Signer); their
+# function-level imports are checked once that lands.
+LEAN_START_UNCHECKED = {"node/runtime/node.py", "node/runtime/release.py"}
+
+
+def unexplained_function_imports(source: str) -> list[int]:
+    """First lines of the function-level imports (a run of consecutive import statements
+    counts as one) with no "lean start" on the line above the run or on any of its lines."""
+    lines = source.splitlines()
+    found = []
+
+    def explained(run: list[ast.stmt]) -> bool:
+        first, last = run[0].lineno, run[-1].end_lineno or run[-1].lineno
+        return any("lean start" in lines[n - 1] for n in range(max(first - 1, 1), last + 1))
+
+    def visit(node: ast.AST, in_function: bool) -> None:
+        inside = in_function or isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))
+        for field in ("body", "orelse", "finalbody", "handlers"):
+            stmts = getattr(node, field, None)
+            if not isinstance(stmts, list) or not inside:
+                continue
+            run: list[ast.stmt] = []
+            for stmt in [*stmts, None]:
+                if isinstance(stmt, (ast.Import, ast.ImportFrom)):
+                    run.append(stmt)
+                    continue
+                if run and not explained(run):
+                    found.append(run[0].lineno)
+                run = []
+        for child in ast.iter_child_nodes(node):
+            visit(child, inside)
+
+    visit(ast.parse(source), False)
+    return sorted(found)
+
+
+def test_an_unexplained_function_import_is_found():
+    source = ("import os\n"
+              "def f():\n"
+              "    import json\n"
+              "    x = 1\n"
+              "    # lean start: torch is heavy\n"
+              "    import torch\n"
+              "    import numpy\n"
+              "    x = 2\n"
+              "    import msgpack  # lean start: only here\n"
+              "    if x:\n"
+              "        from x import (a,\n"
+              "                       b)\n"
+              "class C:\n"
+              "    import typing\n")
+    assert unexplained_function_imports(source) == [3, 11]
+
+
+def test_every_function_level_import_says_lean_start():
+    missing = []
+    for path in source_files().values():
+        rel = path.relative_to(ROOT).as_posix()
+        if rel in LEAN_START_UNCHECKED:
+            continue
+        missing += [f"{rel}:{n}" for n in unexplained_function_imports(path.read_text())]
+    assert not missing, ("function-level imports without a `# lean start: <why>` comment "
+                         "(move them to the top if they cost nothing at start): "
+                         + ", ".join(missing))

@@ -420,3 +420,41 @@ def test_flood_counts_add_up_across_restarts_and_ignore_foreign_values():
     assert flood_by_member(lines) == {"b": {"dropped": 303, "last_round": 5},
                                       "c": {"dropped": 7, "last_round": 4}}
     assert flood_by_member([{"round": 0, "bytes_sent": 1}]) == {}
+
+
+def test_status_reads_a_rehearsal_members_config_and_says_so(tmp_path, capsys):
+    """`flnode run` refuses [attack] / [faults]; `flnode status --config` on such a member
+    (run by `python -m node.rehearsal.member`) still reads the planned rounds from it and
+    names the sections it set aside. A typo in a production section is still refused."""
+    import shutil
+    from pathlib import Path
+
+    from gossip.errors import LocalError
+    from node.cli import main
+    from node.runtime.config import load_config
+
+    golden = Path(__file__).parent / "golden" / "run" / "state" / "telco-0"
+    state = tmp_path / "state"
+    shutil.copytree(golden, state)  # a finished member's state dir (never the golden files)
+    text = (golden.parent.parent / "nodes" / "telco-0.toml").read_text()
+    text = text.replace("rounds = 2", "rounds = 7")
+    rehearsal = tmp_path / "hostile.toml"
+    rehearsal.write_text(text + '\n[attack]\nkind = "sign-flip"\n\n[faults]\nloss = 0.1\n')
+    with pytest.raises(LocalError, match=r"\[attack\] is a rehearsal section"):
+        load_config(rehearsal)  # what `flnode run` does with it
+
+    assert main(["status", "--state-dir", str(state), "--config", str(rehearsal)]) == 0
+    out = capsys.readouterr().out
+    assert "of 7 rounds completed" in out  # the config's planned rounds, not the plan's
+    assert "rehearsal   the config is a rehearsal member's ([attack], [faults]" in out
+    assert main(["status", "--state-dir", str(state), "--config", str(rehearsal), "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["planned_rounds"] == 7 and doc["rehearsal_sections"] == ["[attack]", "[faults]"]
+
+    production = tmp_path / "node.toml"
+    production.write_text(text)
+    assert main(["status", "--state-dir", str(state), "--config", str(production)]) == 0
+    assert "\nrehearsal " not in capsys.readouterr().out
+    production.write_text(text.replace("rounds = 7", "rounds = 7\nrondus = 1"))
+    assert main(["status", "--state-dir", str(state), "--config", str(production)]) == 2
+    assert "training.rondus: unknown key" in capsys.readouterr().err

@@ -4,7 +4,10 @@ Every epsilon printed here is recomputed from the ledger by the accountant,
 never read from a cached figure. Only files are read: no torch, no training
 code (tests/test_lean.py checks that `flnode status` never imports torch).
 The planned number of rounds comes from the privacy plan, or from the node's
-config when one is given (a node without privacy keeps no plan). Whether the node
+config when one is given (a node without privacy keeps no plan). A rehearsal member's
+config (`python -m node.rehearsal.member`) is read too: status runs nothing, so its
+[attack] / [faults] sections are set aside (named in the output), not refused as
+`flnode run` refuses them; status never imports the rehearsal. Whether the node
 runs comes from node.pid (node/runtime/pidfile.py), its last activity from its files'
 modification times, whom it waits for from activity.json and the final model
 comparison from final.json (both written by node/runtime/node.py).
@@ -18,11 +21,12 @@ from pathlib import Path
 from typing import Any
 
 from gossip.errors import LocalError
+from gossip.membership import read_toml
 from gossip.transports.base import SENDER_BURST, SENDER_QUEUE_MESSAGES, SENDER_RATE_PER_S
 from node.privacy.accountant import ACCOUNTANT, epsilon_of
 from node.privacy.budget import PLAN_FILE, WEIGHT_FILE, PrivacyPlan
 from node.privacy.ledger import Ledger
-from node.runtime.config import load_config
+from node.runtime.config import REHEARSAL_SECTIONS, NodeConfig, validate_config
 from node.runtime.pidfile import PID_FILE, process_state
 from node.runtime.state import StateDir, read_jsonl
 
@@ -110,6 +114,17 @@ def _count(x: Any) -> bool:
     return isinstance(x, int) and not isinstance(x, bool) and x >= 0
 
 
+def read_config(config: str | Path) -> tuple[NodeConfig, list[str]]:
+    """The node's config, and the rehearsal sections it holds, set aside: status reads
+    `training.rounds` from it and acts on nothing, so a rehearsal member's config (with
+    [attack] or [faults], refused by `flnode run`) is as good as a production one."""
+    path = Path(config)
+    doc = read_toml(path, "node config")
+    rehearsal = [f"[{name}]" for name in REHEARSAL_SECTIONS if name in doc]
+    production = {k: v for k, v in doc.items() if k not in REHEARSAL_SECTIONS}
+    return validate_config(production, str(path)), rehearsal
+
+
 def collect(state_dir: str | Path, config: str | Path | None = None) -> dict[str, Any]:
     path = Path(state_dir)
     if not (path / "checkpoint.msgpack").exists():
@@ -137,8 +152,10 @@ def collect(state_dir: str | Path, config: str | Path | None = None) -> dict[str
             p["last_round"] = max(p["last_round"], rec["round"])
     planned = cp.planned_rounds if cp.planned_rounds is not None else (
         plan.rounds if plan is not None else None)
+    rehearsal: list[str] = []
     if config is not None:
-        planned = load_config(config).training.rounds
+        cfg, rehearsal = read_config(config)
+        planned = cfg.training.rounds
     weight = None
     if (path / WEIGHT_FILE).exists():
         weight = json.loads((path / WEIGHT_FILE).read_text())["weight"]
@@ -181,6 +198,8 @@ def collect(state_dir: str | Path, config: str | Path | None = None) -> dict[str
         "flood": flood_by_member(metrics),
         "bytes_sent": cp.bytes_sent,
         "bytes_received": cp.bytes_received,
+        # a rehearsal member's config: the sections status set aside (empty otherwise)
+        "rehearsal_sections": rehearsal,
     }
 
 
@@ -280,6 +299,9 @@ def render(s: dict[str, Any], now: float | None = None) -> str:
         return "\n".join(lines)
     p = s["privacy"]
     lines.append(f"round       {round_line(s)}")
+    if s.get("rehearsal_sections"):
+        lines.append(f"rehearsal   the config is a rehearsal member's ({', '.join(s['rehearsal_sections'])}"
+                     "; run by `python -m node.rehearsal.member`): read without those sections")
     if s["stopped"]:
         lines.append(f"stopped     {s['stopped']}")
     if p["mode"] == "off":

@@ -22,7 +22,7 @@ The rule, given rows N, the configured batch B0, lr0, epochs E0 and the budget:
    noise (a small one, at full batch). With E0 = 1 (the default) nothing changes.
 
 The clip norm stays `privacy.clip`. Measured on a validation split of pooled
-training rows (never the test set; scripts/bench_skew_dp.py, README): at r ~ 0.01
+training rows (never the test set; scripts/bench_skew_dp.py, docs/results/skew.md, "Under DP"): at r ~ 0.01
 and linear lr scaling, local DP-SGD on default and digits matched or beat batch 32
 at lr 0.05 for every size tried.
 

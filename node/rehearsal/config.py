@@ -31,6 +31,7 @@ class FaultsConfig(_Section):
 
     @model_validator(mode="after")
     def _partitions(self) -> FaultsConfig:
+        # lean start: the fault transport (asyncio, msgpack) only for a config with [faults]
         from gossip.testing.faults import parse_network_partition
 
         for p in self.partition:

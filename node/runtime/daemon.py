@@ -29,6 +29,8 @@ from typing import TYPE_CHECKING, NoReturn
 
 from gossip.errors import LocalError
 from gossip.membership import Consortium, load_consortium
+from node.ops.intervals import interval_text
+from node.runtime import pidfile
 from node.runtime.config import NodeConfig, load_config
 from node.runtime.identity import Identity, load_identity
 
@@ -45,6 +47,7 @@ log = logging.getLogger("flnode.daemon")
 
 def open_transport(cfg: NodeConfig, identity: Identity, consortium: Consortium) -> Transport:
     if cfg.gossip.transport == "libp2p":
+        # lean start: py-libp2p (trio, multiaddr) only for the member that uses it
         from gossip.transports.libp2p import Libp2pTransport
 
         return Libp2pTransport(bytes(identity.signing_key), identity.name, consortium.members,
@@ -61,6 +64,7 @@ def open_mqtt_transport(cfg: NodeConfig, identity: Identity, consortium: Consort
     consortium id, so agreed by every member). gossip.mqtt.broker, if set, must name the
     same broker: the node never sends its password to a broker the members did not
     agree on. addresses.mqtt_cert_sha256, if set, pins the broker's TLS certificate."""
+    # lean start: paho and aiomqtt only for the member that uses them
     from gossip.transports.mqtt import MqttTransport
     from gossip.transports.mqtt.broker import BrokerAddress, parse_cert_fingerprint
 
@@ -138,8 +142,6 @@ def say(event: str, text: str, **fields: object) -> None:
 
 
 def _print_round(cfg: NodeConfig, name: str, metric: str):
-    from node.ops.intervals import interval_text
-
     def show(rep: RoundReport) -> None:
         if rep.stopped:
             say("stopped", f"{name}: {rep.stopped}", member=name, reason=rep.stopped)
@@ -167,7 +169,8 @@ def check_inputs(config_path: str | Path,
     the config, the key, the consortium file (and that the key is a member of it), the
     schema it carries, and each data file against that schema. `load` reads the config
     (a rehearsal's reads its [attack] / [faults] too)."""
-    from node.data.encode import encode  # neither pandas nor torch
+    # lean start: numpy after the config, key and consortium are read (neither pandas nor torch)
+    from node.data.encode import encode
     from node.data.schema import FeatureSchema
     from node.data.table import read_table
 
@@ -180,7 +183,7 @@ def check_inputs(config_path: str | Path,
                          "wrong key file or stale peer list")
     schema = FeatureSchema.from_dict(consortium.schema, str(cfg.consortium.path))
     if schema.mode == "federated":  # mean and std are agreed before round 1: check the rest
-        from node.learn.normalize import provisional_schema
+        from node.learn.normalize import provisional_schema  # lean start: federated schemas only
 
         schema = provisional_schema(schema)
     for path in (cfg.data.path, cfg.data.eval_path):
@@ -194,7 +197,8 @@ async def run_node(cfg: NodeConfig, identity: Identity, consortium: Consortium,
                    build: BuildNode | None = None) -> int:
     """Run the node whose files check_inputs has read and checked (built by `build`, by
     default Node.from_config)."""
-    from node.runtime.node import Node  # torch and the training code: the files are sound
+    # lean start: torch and the training code, once the files are known sound
+    from node.runtime.node import Node
 
     transport = open_transport(cfg, identity, consortium)
     # privacy noise from os.urandom
@@ -207,7 +211,7 @@ async def run_node(cfg: NodeConfig, identity: Identity, consortium: Consortium,
         rounds=cfg.training.rounds, privacy=cfg.privacy.mode, transport=cfg.gossip.transport)
     server = None
     if metrics_port is not None:
-        from node.runtime.metrics import serve
+        from node.runtime.metrics import serve  # lean start: prometheus_client, --metrics-port only
 
         try:
             server, _ = serve(node, metrics_port, metrics_addr)
@@ -254,7 +258,7 @@ async def run_node(cfg: NodeConfig, identity: Identity, consortium: Consortium,
 def rejected_text(rejected: dict[str, int]) -> str:
     """"rejected none (benign: duplicate 2)": a copy of a message already accepted (a
     re-send after a restart, a broker's redelivery) is counted, not a refusal to worry about."""
-    from gossip.envelope import BENIGN_REASONS
+    from gossip.envelope import BENIGN_REASONS  # lean start: msgpack and numpy, after the checks
 
     bad = {k: v for k, v in sorted(rejected.items()) if k not in BENIGN_REASONS}
     benign = {k: v for k, v in sorted(rejected.items()) if k in BENIGN_REASONS}
@@ -273,15 +277,13 @@ def main(config_path: str, metrics_port: int | None = None, metrics_addr: str = 
             handler.setFormatter(JsonFormatter())
     try:
         cfg, identity, consortium = check_inputs(config_path, load)
-        from node.runtime import pidfile
-
         pidfile.claim(cfg.state_dir)  # for `flnode status`: running, exited or killed
     except LocalError as exc:
         _error(exc)
         return 2
     code: int | None = None  # None: ended by an exception (a bug), recorded as such
     try:
-        import torch
+        import torch  # lean start: after check_inputs, so a bad file is reported in a second
 
         torch.set_num_threads(1)  # measured 3-15x faster for small models on 2 cores
         try:

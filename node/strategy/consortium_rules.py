@@ -32,7 +32,7 @@ four, the weighted
 `mean` (f = 0, no server optimizer) for two
 (two cannot outvote one); and a weight cap of max(2/n, 0.25) of the total (the
 robust rules count every share once anyway; the plain mean uses the cap). Why:
-`scripts/bench_robust.py` (README, "Hostile members"): of the rules that held
+`scripts/bench_robust.py` (docs/results/robustness.md): of the rules that held
 every model-level attack at f = 1 within 0.02 of the clean plain mean on both
 tables, multi_krum_staged lost least on clean data (multi_krum by distance lost
 more on clean `digits` and 0.02 under label-flip); trimmed_mean held on `default`
@@ -74,8 +74,8 @@ log = logging.getLogger("flnode.node")
 # What "auto" adds to the rule it resolves to: FedAdam (server_lr 0.03) on top of
 # multi_krum_staged (five members up) and of trimmed_mean (three or four), chosen by
 # scripts/bench_skew.py on the members' validation rows (--nodes 8, 4 and 3) and confirmed
-# on churn and against every attack of scripts/bench_robust.py (README, "Skewed
-# members"). A node that wants control variates sets server_opt = "none".
+# on churn and against every attack of scripts/bench_robust.py (docs/results/skew.md,
+# "The default recipe without DP"). A node that wants control variates sets server_opt = "none".
 AUTO_PARAMS: dict[str, dict[str, Any]] = {
     "multi_krum_staged": {"server_opt": "adam", "server_lr": 0.03},
     "trimmed_mean": {"server_opt": "adam", "server_lr": 0.03},
@@ -144,7 +144,7 @@ class ConsortiumRules(BaseModel):
 # "auto" picks can hold it: multi_krum_staged needs n >= 2f + 3, which n / 2 + 3 <= n
 # keeps from six members (five: f = 1, 5 >= 5); trimmed_mean at three or four needs
 # 2f + 1 = 3. What it costs on clean data (multi-Krum leaves out f shares every round)
-# and what it holds: README, "Hostile members" (scripts/bench_robust.py --defaults).
+# and what it holds: docs/results/robustness.md (scripts/bench_robust.py --defaults).
 DEFAULT_F_FRACTION = 4
 
 

@@ -170,7 +170,7 @@ class MultiKrum(Strategy):
         down): with `too_few = "trimmed_mean"` (the default) and at least 2f + 1 shares,
         their coordinate-wise trimmed mean at the same f (every kept value within the
         honest values' range while at most f are hostile), instead of our own share
-        alone. Measured (README, "Hostile members"): two of eight down cost `digits`
+        alone. Measured (docs/results/robustness.md, "Members down"): two of eight down cost `digits`
         0.30 with our own share (0.665 against 0.969), less with the trimmed mean."""
         n, f = len(shares), ctx.f
         if self.params.get("too_few", "own") != "trimmed_mean" or n < 2 * f + 1:

@@ -92,7 +92,7 @@ def plots(run: Run, where: str = "the consortium test set") -> list[tuple[str, s
     import matplotlib
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # lean start: the same, after the backend is chosen
 
     s, members = run.summary, run.members
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]

@@ -241,7 +241,7 @@ def plot_history(summary: dict, path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # lean start: the same, after the backend is chosen
 
     metric = summary["metric"]
     rounds = sorted(int(r) for r in summary["history"])
