@@ -2,7 +2,8 @@
 """Chaos runs: random SIGKILL/restarts, message loss and a healing partition, checked.
 
 For each seed, `scripts/simulate_network.py` runs the same consortium twice as
-real processes (`flnode run`, or `python -m node.rehearsal.member` for a member whose config has `[faults]`): once fault-free, once with `--chaos N` (N SIGKILL/
+real processes (`flnode run`, or `python -m node.rehearsal.member` for a member whose
+config has `[faults]`): once fault-free, once with `--chaos N` (N SIGKILL/
 restarts of members and moments drawn from the seed), `--loss P` and one
 `--net-partition A,B@ROUND:3` (two members, drawn from the seed, cut off for 3
 rounds, then healed). Each run is checked:
