@@ -74,15 +74,16 @@ from node.learn.train import evaluate, metric_name, warn_about_held_out
 from node.ops.intervals import metric_intervals
 from node.privacy.accountant import LedgerRecord
 from node.privacy.budget import PrivacyBudget
-from node.privacy.ledger import Ledger, ledger_digest
+from node.privacy.ledger import Ledger
 from node.privacy.mechanisms import NoiseSource, OsNoise
+from node.runtime import checkpoint
 from node.runtime.config import NodeConfig, quorum
 from node.runtime.evidence import EvidenceStore, same_slot
 from node.runtime.identity import Identity, load_identity
 from node.runtime.release import NotReleased, Releaser, Stopped
 from node.runtime.round_report import RoundReport
 from node.runtime.signer import Signer
-from node.runtime.state import Checkpoint, StateDir, atomic_write
+from node.runtime.state import StateDir, atomic_write
 from node.strategy import WeightedShare
 from node.strategy.consortium_rules import AgreedStrategy, build_strategy, few_rounds_warning
 
@@ -300,7 +301,7 @@ class Node:
         self.signer = Signer(identity, consortium.id, self.state, self.sealing,
                              self.counters.rejected)
         # training.control_variates: this member's c_i and c (node/control.py), restored
-        # from the checkpoint (_resume)
+        # from the checkpoint (checkpoint.resume)
         self.control = ControlVariates.for_node(cfg.training.control_variates,
                                                 self.strategy_params)
         self.releaser: Releaser = Releaser(
@@ -335,7 +336,7 @@ class Node:
         # The last closed round's metrics, bytes and duration (node/metrics.py reads it).
         self.last_round: dict[str, Any] | None = None
         self._load_normalization()
-        self._resume()
+        checkpoint.resume(self)
 
     # --- construction from files -----------------------------------------------
     @classmethod
@@ -585,67 +586,6 @@ class Node:
             "time": time.time(), "round": 0, "member": self.name, "outcome": "normalization",
             "kind": "normalization", **agreed.to_json()})
 
-    def _resume(self) -> None:
-        cp = self.state.load_checkpoint()
-        if cp is None:
-            self._save_checkpoint()
-            return
-        if cp.ledger_records is not None:
-            self.ledger.check_covers(cp.ledger_records, cp.ledger_digest,
-                                     f"the checkpoint {self.state.checkpoint_path} "
-                                     f"(at round {cp.next_round + 1})")
-        set_flat(self.model, torch.from_numpy(np.frombuffer(cp.model, dtype="<f4").copy()))
-        self.book = RoundBook(self.book.neighbours - set(cp.retired), self.book.lookahead,
-                              cp.next_round)
-        # The counter is persisted before any signed message leaves (Signer.sign): a kill
-        # after a send and before the checkpoint never re-uses a number.
-        self.signer.seq = max(cp.seq, self.state.reserved_seq())
-        stored = self.state.stored_release(cp.next_round)
-        if stored is not None:  # released, then stopped before the checkpoint
-            env = envelope.decode_outer(stored, self.cfg.gossip.max_envelope_bytes)
-            self.signer.seq = max(self.signer.seq, env.seq + 1)
-        self.verifier.load_state(cp.replay)
-        if self.sealing is not None:
-            try:
-                dropped = self.sealing.load_peers(cp.peer_prekeys, cp.next_round)
-                for member, why in sorted(dropped.items()):
-                    log.warning("%s: dropped %s's saved prekey from %s (%s); its next "
-                                "announcement (our hello asks for it) brings a fresh one",
-                                self.name, member, self.state.checkpoint_path, why)
-            except (RemoteError, ValueError, TypeError) as exc:
-                log.warning("%s: the members' prekeys in %s do not verify (%s); waiting for "
-                            "their answers to our hello instead", self.name,
-                            self.state.checkpoint_path, exc)
-                self.sealing.peers.clear()
-        self.counters.rejected.update(cp.rejected)
-        if cp.strategy:
-            self.strategy.load_state_dict(cp.strategy)
-        if cp.control and self.control is not None:
-            self.control.load_state_dict(cp.control)
-        self.transport.stats.bytes_sent += cp.bytes_sent
-        self.transport.stats.bytes_received += cp.bytes_received
-        log.info("%s: resumed at round %d from %s", self.name, cp.next_round, self.state.path)
-
-    def _save_checkpoint(self) -> None:
-        self.state.save_checkpoint(Checkpoint(
-            next_round=self.book.current,
-            model=get_flat(self.model).numpy().astype("<f4").tobytes(),
-            seq=self.signer.seq,
-            replay=self.verifier.export_state(),
-            rejected=self.rejected(),
-            bytes_sent=self.transport.stats.bytes_sent,
-            bytes_received=self.transport.stats.bytes_received,
-            peer_prekeys=self.sealing.export_peers() if self.sealing is not None else {},
-            strategy=self.strategy.state_dict(),
-            control=self.control.state_dict() if self.control is not None else {},
-            planned_rounds=self.cfg.training.rounds,
-            ledger_records=len(self.ledger.records),
-            ledger_digest=ledger_digest(self.ledger.records),
-            retired=sorted({m.name for m in self.consortium.members} - {self.name}
-                           - self.book.neighbours),
-        ))
-        self.state.prune_outbox(self.book.current, self.cfg.keep_releases)
-
     # --- receiving ---------------------------------------------------------------
     async def _receive(self) -> None:
         async for msg in self.transport.incoming():
@@ -789,7 +729,7 @@ class Node:
                     receiver.cancel()
                     self.signer.close()
         finally:
-            self._save_checkpoint()
+            checkpoint.save(self)
             await self.transport.close()
 
     def _evidence_file(self, member: str, name: str, data: bytes) -> str | None:
@@ -1041,7 +981,7 @@ class Node:
             aggregation={k: diagnostics[k] for k in ("rule", "used", "excluded", "clipped",
                                                      "weight_capped", "fallbacks")
                          if diagnostics[k] or k in ("rule", "used")})
-        self._save_checkpoint()
+        checkpoint.save(self)
         self._ack_before(self.book.current)
         return report
 
@@ -1186,7 +1126,7 @@ class Node:
             log.warning("%s: the others are at round %d; joining them there (rounds %d-%d "
                         "skipped)", self.name, ahead + 1, self.book.current + 1, ahead)
             self.book.join(ahead)
-            self._save_checkpoint()
+            checkpoint.save(self)
 
     def _ack_before(self, round_: int | None) -> None:
         """Acknowledge the shares of rounds before round_ (all if None): used or skipped,
@@ -1208,7 +1148,7 @@ class Node:
         log.warning("%s: %s", self.name, self.stopped)
         await self._broadcast(r, self._sign(KIND_RETIRE, r, b""))
         self._record_round(r, stopped=self.stopped, epsilon=self.epsilon())
-        self._save_checkpoint()
+        checkpoint.save(self)
 
     def _record_aggregate(self, r: int, d: dict) -> None:
         """The strategy's diagnostics: one audit line per round, counted per member and
