@@ -25,25 +25,22 @@ from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
 import torch
 from nacl.public import PrivateKey
 
 from gossip import bodies, envelope
-from gossip.bodies import NORM_RANGE, NORM_USABLE, Stats
+from gossip.bodies import Stats
 from gossip.envelope import (
     BENIGN_REASONS,
     HELLO_ASK,
     HELLO_REPLY,
     KIND_FINAL,
     KIND_HELLO,
-    KIND_NORM,
     KIND_PREKEY,
     KIND_RETIRE,
     KIND_SEALED,
     KIND_SEEN,
     KIND_SHARE,
-    KIND_STATS,
     Accepted,
     Verifier,
 )
@@ -52,9 +49,7 @@ from gossip.membership import Consortium, load_consortium
 from gossip.protocol.book import RoundBook
 from gossip.seal import Sealing
 from gossip.transports.base import Incoming, Transport, TransportFailed
-from node.data.encode import dropped_rows, encode, member_split
 from node.data.schema import FeatureSchema
-from node.data.table import read_table
 from node.learn.control import ControlVariates
 from node.learn.models import build_model, get_flat, init_seed_from, named_to_flat, set_flat, tensor_spec
 from node.learn.normalize import (
@@ -62,8 +57,6 @@ from node.learn.normalize import (
     Agreed,
     combine,
     implausible,
-    member_stats,
-    noised,
     numeric_columns,
     provisional_schema,
     range_agreed,
@@ -72,14 +65,15 @@ from node.learn.normalize import (
 )
 from node.learn.train import evaluate, metric_name, warn_about_held_out
 from node.ops.intervals import metric_intervals
-from node.privacy.accountant import LedgerRecord
 from node.privacy.budget import PrivacyBudget
 from node.privacy.ledger import Ledger
 from node.privacy.mechanisms import NoiseSource, OsNoise
-from node.runtime import checkpoint
+from node.runtime import audit, checkpoint, normalization
+from node.runtime.audit import AuditLog
 from node.runtime.config import NodeConfig, quorum
 from node.runtime.evidence import EvidenceStore, same_slot
 from node.runtime.identity import Identity, load_identity
+from node.runtime.normalization import LocalData, LocalTables
 from node.runtime.release import NotReleased, Releaser, Stopped
 from node.runtime.round_report import RoundReport
 from node.runtime.signer import Signer
@@ -118,48 +112,6 @@ WAIT_REPORT_FIRST_S = 10.0
 WAIT_REPORT_EVERY_S = 30.0
 ACTIVITY_FILE = "activity.json"  # node/ops/status.py reads it
 FINAL_FILE = "final.json"  # the members' final model digests compared (node/ops/status.py)
-
-
-@dataclass
-class LocalData:
-    X: np.ndarray
-    y: np.ndarray
-
-
-@dataclass
-class LocalTables:
-    """A member's rows as read (training and held-out), before encoding: federated
-    normalization encodes them only once the members have agreed the statistics."""
-
-    train: Any  # node.data.Table (read_table; no pandas in a node)
-    held: Any
-    train_source: str
-    held_source: str
-    read_rows: int = 0  # rows in data.path as read
-    dropped: int = 0  # of them, dropped by the schema's missing = "drop_row"
-    dropped_eval: int = 0  # rows of data.eval_path dropped by it
-
-    @staticmethod
-    def read(cfg: NodeConfig, schema: FeatureSchema) -> LocalTables:
-        """The member's rows with the schema's missing = "drop_row" applied to each whole
-        file, then (without data.eval_path) split as the simulators split (member_split):
-        every count the node logs, checks or releases is after dropping."""
-        df = read_table(cfg.data.path)
-        if cfg.data.eval_path is not None:
-            ev = read_table(cfg.data.eval_path)
-            keep, keep_ev = (np.flatnonzero(~dropped_rows(t, schema)) for t in (df, ev))
-            return LocalTables(df.iloc[keep], ev.iloc[keep_ev], str(cfg.data.path),
-                               str(cfg.data.eval_path), len(df), len(df) - len(keep),
-                               len(ev) - len(keep_ev))
-        train, held, dropped = member_split(df, schema, cfg.training.seed,
-                                            cfg.data.eval_fraction)
-        return LocalTables(df.iloc[train], df.iloc[held], str(cfg.data.path),
-                           str(cfg.data.path), len(df), dropped)
-
-    def encode(self, schema: FeatureSchema) -> tuple[LocalData, LocalData]:
-        X, y = encode(self.train, schema, self.train_source)
-        Xe, ye = encode(self.held, schema, self.held_source)
-        return LocalData(X, y), LocalData(Xe, ye)
 
 
 @dataclass
@@ -209,6 +161,7 @@ class Node:
         self._reported: set[tuple[int, str]] = set()
         self._own_release: dict[int, tuple[int, bytes, bytes]] = {}
         self.state = StateDir(cfg.state_dir)
+        self.audit = AuditLog(self.state, self.name)  # audit.jsonl, metrics.jsonl
         # Proofs of equivocation, apart from the rotating audit log (node/evidence.py)
         self.evidence = EvidenceStore(self.state.path)
         self._proven: set[tuple[str, int]] = set()  # (member, round) counted as proven
@@ -330,12 +283,11 @@ class Node:
         # Acks of accepted shares, by round: sent once the round is closed and
         # checkpointed, so a node killed before that gets them redelivered (MQTT).
         self._unacked: dict[int, list[Callable[[], None]]] = {}
-        self._logged: set[tuple[str, str]] = set()
-        self._bytes_recorded = (0, 0)  # transport byte counters at the last metrics line
-        self._flood_recorded: Counter[str] = Counter()  # flood drops at the last metrics line
         # The last closed round's metrics, bytes and duration (node/metrics.py reads it).
         self.last_round: dict[str, Any] | None = None
-        self._load_normalization()
+        if tables is not None and (agreed_before := normalization.load_agreed(
+                self.state, schema)) is not None:
+            self._adopt(agreed_before, saved=True)
         checkpoint.resume(self)
 
     # --- construction from files -----------------------------------------------
@@ -394,83 +346,25 @@ class Node:
         self.train_data, self.held_out = train, held
 
     # --- federated normalization (node/normalize.py) ---------------------------------
-    NORMALIZATION_FILE = "normalization.json"
-    STATS_FILE = "stats.envelope"
-    VOTE_FILE = "norm.envelope"
+    NORMALIZATION_FILE = normalization.NORMALIZATION_FILE
+    STATS_FILE = normalization.STATS_FILE
+    VOTE_FILE = normalization.VOTE_FILE
 
-    def _load_normalization(self) -> None:
-        path = self.state.path / self.NORMALIZATION_FILE
-        if self._tables is None or not path.exists():
-            return
-        try:
-            doc = json.loads(path.read_text())
-        except (OSError, ValueError) as exc:
-            raise LocalError(f"{path}: unreadable ({exc}); it holds the statistics this node "
-                             "agreed with the others: restore it, or start a new state dir") from None
-        self._adopt(Agreed.from_json(doc, self.schema), saved=True)
+    def _own_stats(self) -> tuple[Stats, bytes]:
+        return normalization.own_stats(self.state, self.cfg, self.schema, self._tables,
+                                       self.budget, self.ledger, self.noise, self._sign)
+
+    def _own_vote(self) -> tuple[bool, bytes]:
+        return normalization.own_vote(self.state, self.cfg.gossip.max_envelope_bytes,
+                                      self._norm_fallback is not None, self._sign)
 
     def _adopt(self, agreed: Agreed, saved: bool = False) -> None:
+        """Encode our rows with the agreed statistics (saved: read back on restart)."""
         if not saved:
-            atomic_write(self.state.path / self.NORMALIZATION_FILE,
-                         json.dumps(agreed.to_json(), indent=1, sort_keys=True).encode())
+            normalization.save_agreed(self.state, agreed)
         assert self._tables is not None
         self._set_data(*self._tables.encode(self.schema.with_stats(agreed.stats)))
         self.normalization = agreed
-
-    def _own_stats(self) -> tuple[Stats, bytes]:
-        """Our stats message: the stored one (a restart never recomputes or re-charges
-        it), or computed now, noised (record mode) and charged before it exists anywhere
-        but in memory."""
-        path = self.state.path / self.STATS_FILE
-        k = len(numeric_columns(self.schema))
-        if path.exists():
-            data = path.read_bytes()
-            env = envelope.decode_outer(data, self.cfg.gossip.max_envelope_bytes)
-            return bodies.decode_stats(env.body, k), data
-        assert self._tables is not None
-        exact = member_stats(self._tables.train, self.schema, self._tables.train_source)
-        plan = self.budget.plan
-        sigma = plan.normalize_sigma if plan is not None else None
-        if sigma is None and plan is not None:  # never exact sums under DP
-            raise LocalError("federated normalization: the privacy plan reserves no noise for "
-                             "our statistics (this member voted for range scaling)")
-        values = exact if sigma is None else noised(exact, sigma, self.noise)
-        data = self._sign(KIND_STATS, 0, bodies.encode_stats(values))
-        if sigma is not None:
-            over = self.budget.would_exceed([LedgerRecord(-1, "normalize", sigma, 1.0, 1, 1.0, "")])
-            if over is not None:
-                raise LocalError(f"federated normalization would bring ε to {over:.3f}, over "
-                                 f"the budget: raise privacy.epsilon or the schema's "
-                                 "normalize_noise")
-            digest = envelope.decode_outer(data, self.cfg.gossip.max_envelope_bytes).digest.hex()
-            self.ledger.charge(LedgerRecord(-1, "normalize", sigma, 1.0, 1, 1.0, digest))
-        atomic_write(path, data)
-        return values, data
-
-    def _own_vote(self) -> tuple[bool, bytes]:
-        """Our signed vote (True: range scaling): the stored one (a restart re-sends it
-        unchanged, never a different one), or made now from our check at start."""
-        path = self.state.path / self.VOTE_FILE
-        vote = self._norm_fallback is not None
-        if path.exists():
-            data = path.read_bytes()
-            try:
-                env = envelope.decode_outer(data, self.cfg.gossip.max_envelope_bytes)
-                stored = bodies.decode_norm(env.body, True)
-            except (RemoteError, LocalError) as exc:
-                raise LocalError(f"{path}: unreadable ({exc}); it holds the vote this node "
-                                 "sent: restore it, or start a new state dir") from None
-            if stored != vote:
-                # (a "usable" vote would have us send statistics our plan has no noise for)
-                raise LocalError(
-                    f"{path}: this node voted {'range scaling' if stored else 'usable'} "
-                    f"before, but its check at start now says "
-                    f"{'range scaling' if vote else 'usable'} (its training rows or the "
-                    "privacy settings changed since): restore them, or start a new state dir")
-            return stored, data
-        data = self._sign(KIND_NORM, 0, NORM_RANGE if vote else NORM_USABLE)
-        atomic_write(path, data)
-        return vote, data
 
     def _on_vote(self, acc: Accepted) -> None:
         assert acc.norm_range is not None
@@ -508,12 +402,9 @@ class Node:
     def _reject_accepted(self, acc: Accepted, reason: str, detail: str) -> None:
         """A message that passed the verifier but that we refuse on what it says."""
         self.counters.rejected[reason] += 1
-        self.state.append_jsonl("audit.jsonl", {
-            "time": time.time(), "round": acc.round, "member": acc.sender,
-            "digest": acc.envelope.digest.hex(), "kind": acc.envelope.kind,
-            "outcome": reason, "detail": detail})
-        if (acc.sender, reason) not in self._logged:
-            self._logged.add((acc.sender, reason))
+        self.audit.write(audit.Refused(acc.round, acc.sender, acc.envelope.digest.hex(),
+                                       acc.envelope.kind, reason, detail))
+        if self.audit.once(acc.sender, reason):
             log.warning("%s: refused %s's %s: %s: %s (further are counted, not logged)",
                         self.name, acc.sender, acc.envelope.kind, reason, detail)
 
@@ -554,9 +445,7 @@ class Node:
                                       tuple(fallback), why)
                 self._adopt(agreed)
                 log.warning("%s: normalization: %s", self.name, why)
-                self.state.append_jsonl("audit.jsonl", {
-                    "time": time.time(), "round": 0, "member": self.name,
-                    "outcome": "normalization", "kind": "normalization", **agreed.to_json()})
+                self.audit.write(audit.Normalization(self.name, agreed.to_json()))
                 return
         own, data = self._own_stats()
         await self._in_background(self._broadcast(0, data), "stats")
@@ -582,9 +471,7 @@ class Node:
                         "overstating its rows)", self.name, m, f)
         log.info("%s: federated normalization agreed with %d members (digest %s)", self.name,
                  len(agreed.members), agreed.digest.hex()[:16])
-        self.state.append_jsonl("audit.jsonl", {
-            "time": time.time(), "round": 0, "member": self.name, "outcome": "normalization",
-            "kind": "normalization", **agreed.to_json()})
+        self.audit.write(audit.Normalization(self.name, agreed.to_json()))
 
     # --- receiving ---------------------------------------------------------------
     async def _receive(self) -> None:
@@ -634,11 +521,9 @@ class Node:
         if where == "retired":
             log.warning("%s: %s has stopped sharing (retire message); rounds no longer wait "
                         "for it", self.name, accepted.sender)
-        self.state.append_jsonl("audit.jsonl", {
-            "time": time.time(), "round": accepted.round, "member": accepted.sender,
-            "seq": accepted.envelope.seq, "digest": accepted.envelope.digest.hex(),
-            "kind": accepted.envelope.kind, "outcome": "accepted", "where": where,
-        })
+        self.audit.write(audit.Accepted(accepted.round, accepted.sender, accepted.envelope.seq,
+                                        accepted.envelope.digest.hex(), accepted.envelope.kind,
+                                        where))
         self._arrived.set()
         return accepted
 
@@ -664,13 +549,10 @@ class Node:
     def _reject(self, msg: Incoming, exc: RemoteError) -> None:
         self.counters.rejected[exc.reason] += 1
         peer = exc.peer or msg.peer_hint or "unknown"
-        self.state.append_jsonl("audit.jsonl", {
-            "time": time.time(), "round": self.book.current, "member": peer,
-            "digest": _blake(msg.data), "outcome": exc.reason, "detail": exc.detail,
-        })
+        self.audit.write(audit.Rejected(self.book.current, peer, _blake(msg.data), exc.reason,
+                                        exc.detail))
         level = logging.DEBUG if exc.reason in BENIGN_REASONS else logging.WARNING
-        if (peer, exc.reason) not in self._logged:
-            self._logged.add((peer, exc.reason))
+        if self.audit.once(peer, exc.reason):
             log.log(level, "%s: %s (further %r from %s are counted, not logged)",
                     self.name, exc, exc.reason, peer)
 
@@ -760,16 +642,9 @@ class Node:
             if (member, second.round) not in self._proven:
                 self._proven.add((member, second.round))
                 self.counters.equivocation[member] += 1
-        self.state.append_jsonl("audit.jsonl", {
-            "time": time.time(), "round": second.round, "member": member,
-            "outcome": "equivocation", "kind": "evidence",
-            "first": None if first is None else {
-                "seq": first.envelope.seq, "digest": first.envelope.digest.hex(),
-                "sig": first.envelope.sig.hex(), "kind": first.envelope.kind},
-            "second": {"seq": second.envelope.seq, "digest": second.envelope.digest.hex(),
-                       "sig": second.envelope.sig.hex(), "kind": second.envelope.kind},
-            "proof": name,  # None: no first envelope held, or this member's store is full
-        })
+        self.audit.write(audit.Evidence(
+            second.round, member, None if first is None else _signed(first), _signed(second),
+            name))  # name None: no first envelope held, or this member's store is full
 
     # --- seen reports: comparing what each member was sent ----------------------------
     async def _close_seen(self, r: int, received: dict[str, Accepted]) -> None:
@@ -869,17 +744,12 @@ class Node:
                 meaning = (f"{member} signed a different share for round {r + 1} for "
                            f"{reporter} than for us (split equivocation), or {reporter} "
                            "misreports")
-            self.state.append_jsonl("audit.jsonl", {
-                "time": time.time(), "round": r, "member": reporter, "reporter": reporter,
-                "accused": member, "outcome": "digest_mismatch", "kind": "claim",
-                "meaning": meaning,
-                "reported": digest.hex(),
-                "ours": {"seq": mine[0], "digest": mine[1].hex(), "sig": mine[2].hex()},
-                "report": {"seq": report.envelope.seq, "digest": report.envelope.digest.hex(),
-                           "sig": report.envelope.sig.hex(), "file": name},
-            })
-            if (member, f"mismatch:{reporter}") not in self._logged:
-                self._logged.add((member, f"mismatch:{reporter}"))
+            self.audit.write(audit.Claim(
+                r, reporter, member, meaning, digest.hex(),
+                {"seq": mine[0], "digest": mine[1].hex(), "sig": mine[2].hex()},
+                {"seq": report.envelope.seq, "digest": report.envelope.digest.hex(),
+                 "sig": report.envelope.sig.hex(), "file": name}))
+            if self.audit.once(member, f"mismatch:{reporter}"):
                 log.warning("%s: %s (a claim by %s, not a proof; its signed report is kept "
                             "in the audit log; further are counted, not logged)", self.name,
                             meaning, reporter)
@@ -939,7 +809,7 @@ class Node:
         agg = self.strategy.aggregate(r, own, shares, set(self.book.missing(r)),
                                       reference=reference)
         diagnostics = agg.to_json()
-        self._record_aggregate(r, diagnostics)
+        self.audit.aggregate(r, diagnostics, self.counters.aggregation)
         await self._close_seen(r, received)
         combined = agg.vector
         if bool(torch.isfinite(combined).all()):
@@ -974,13 +844,12 @@ class Node:
         # Metrics before the checkpoint: a crash in between re-runs the round
         # and appends a second line for it (readers take the last), rather than
         # losing the round's line.
-        self.last_round = self._record_round(
-            r, metrics=metrics, epsilon=eps, received=report.received, seconds=report.seconds,
-            intervals=intervals, eval_rows=len(self.held_out.y),
-            train_rows=len(self.train_data.y), missing=missing, closed=closed,
-            aggregation={k: diagnostics[k] for k in ("rule", "used", "excluded", "clipped",
-                                                     "weight_capped", "fallbacks")
-                         if diagnostics[k] or k in ("rule", "used")})
+        self.last_round = self.audit.write(audit.RoundMetrics(
+            r, metrics, eps, report.received, report.seconds, intervals, len(self.held_out.y),
+            len(self.train_data.y), missing, closed,
+            {k: diagnostics[k] for k in ("rule", "used", "excluded", "clipped", "weight_capped",
+                                         "fallbacks") if diagnostics[k] or k in ("rule", "used")},
+            self._traffic(r)))
         checkpoint.save(self)
         self._ack_before(self.book.current)
         return report
@@ -1147,53 +1016,14 @@ class Node:
         """Say once, clearly, that we stop sharing; tell the members; keep the model."""
         log.warning("%s: %s", self.name, self.stopped)
         await self._broadcast(r, self._sign(KIND_RETIRE, r, b""))
-        self._record_round(r, stopped=self.stopped, epsilon=self.epsilon())
+        self.audit.write(audit.StoppedMetrics(r, self.stopped, self.epsilon(), self._traffic(r)))
         checkpoint.save(self)
 
-    def _record_aggregate(self, r: int, d: dict) -> None:
-        """The strategy's diagnostics: one audit line per round, counted per member and
-        reason, and a log line the first time a member is excluded, clipped or capped."""
-        self.state.append_jsonl("audit.jsonl", {"time": time.time(), "round": r,
-                                                "member": self.name, "outcome": "aggregate",
-                                                "kind": "aggregate", **d})
-        for what in ("excluded", "clipped", "weight_capped", "down_weighted"):
-            for member, note in d[what].items():
-                self.counters.aggregation[f"{member}:{what}:{note['reason']}"] += 1
-                if (member, what) not in self._logged:
-                    self._logged.add((member, what))
-                    log.log(logging.INFO if what == "down_weighted" else logging.WARNING,
-                            "%s: round %d: %s %s by %s: %s (further are counted, not logged)",
-                            self.name, r + 1, member, what.replace("_", " "), d["rule"],
-                            note["detail"])
-        for note in d["fallbacks"]:
-            log.warning("%s: round %d: %s: %s", self.name, r + 1, note["reason"], note["detail"])
-
-    def _record_round(self, r: int, **fields: object) -> dict[str, Any]:
-        """One metrics.jsonl line: the round's own fields plus the running counters, and
-        the bytes since the previous line (since start, for the first line of a run)."""
-        sent, got = self.transport.stats.bytes_sent, self.transport.stats.bytes_received
-        last_sent, last_got = self._bytes_recorded
-        self._bytes_recorded = (sent, got)
-        line = {
-            "round": r, **fields, "rejected": self.rejected(),
-            "bytes_sent": sent, "bytes_received": got,
-            "round_bytes_sent": sent - last_sent, "round_bytes_received": got - last_got,
-        }
-        flood = self.transport.stats.flood_by_sender
-        if flood:
-            # Messages the transport dropped, unparsed, because their sender was over its
-            # share of our intake: the flooding member by name, in metrics and audit log.
-            line["flood_by_sender"] = dict(flood)
-            for member, count in sorted(flood.items()):
-                if count > self._flood_recorded[member]:
-                    self.state.append_jsonl("audit.jsonl", {
-                        "time": time.time(), "round": r, "member": member, "outcome": "flood",
-                        "detail": f"{count - self._flood_recorded[member]} messages over its "
-                                  f"share of our intake dropped before verification "
-                                  f"({count} in all)"})
-            self._flood_recorded = Counter(flood)
-        self.state.append_jsonl("metrics.jsonl", line)
-        return line
+    def _traffic(self, r: int) -> audit.Traffic:
+        """The running counters for a metrics line (and the flood audit lines)."""
+        t = self.transport.stats
+        return self.audit.traffic(r, self.rejected(), t.bytes_sent, t.bytes_received,
+                                  t.flood_by_sender)
 
     async def _broadcast(self, r: int, data: bytes) -> None:
         """A message the transport refuses (e.g. a share over the broker's packet limit) is
@@ -1331,6 +1161,12 @@ def compare_finals(ours: bytes, finals: dict[str, bytes], expected: set[str]) ->
             "same": sorted(m for m, d in finals.items() if d == ours),
             "different": {m: d.hex() for m, d in sorted(finals.items()) if d != ours},
             "not_heard": sorted(set(expected) - set(finals))}
+
+
+def _signed(acc: Accepted) -> dict[str, Any]:
+    """An accepted envelope as audit lines name it: seq, digest, signature, kind."""
+    e = acc.envelope
+    return {"seq": e.seq, "digest": e.digest.hex(), "sig": e.sig.hex(), "kind": e.kind}
 
 
 def _blake(data: bytes) -> str:
