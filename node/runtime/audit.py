@@ -249,6 +249,22 @@ Record = (Accepted | Refused | Rejected | Evidence | Claim | Aggregate | Normali
           | Flood | RoundMetrics | StoppedMetrics)
 
 
+@dataclass
+class NodeCounters:
+    rejected: Counter[str] = field(default_factory=Counter)
+    accepted: Counter[str] = field(default_factory=Counter)
+    send_failed: int = 0  # our own shares a transport refused to send (LocalError)
+    # What the aggregation strategy did to whom: "member:what:reason" -> rounds
+    aggregation: Counter[str] = field(default_factory=Counter)
+    # Seen reports that disagree with the share we accepted from a member, by REPORTER: a
+    # claim, not proof (the reporter may lie, or the accused split-equivocated; a seen
+    # report carries no signature of the accused), so it never names the accused here.
+    digest_mismatch: Counter[str] = field(default_factory=Counter)
+    # Proven equivocations, by member: rounds in which we hold two different envelopes
+    # it signed for the same round and kind (the proof: node/evidence.py).
+    equivocation: Counter[str] = field(default_factory=Counter)
+
+
 def write(state: StateDir, record: Record) -> dict[str, Any]:
     """Append one record as one JSON line to its file; the line written."""
     line = record.to_json()

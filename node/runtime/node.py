@@ -22,11 +22,9 @@ import logging
 import time
 from collections import Counter
 from collections.abc import Callable, Coroutine, Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from nacl.public import PrivateKey
 
 from gossip import bodies, envelope
 from gossip.bodies import Stats
@@ -42,44 +40,30 @@ from gossip.envelope import (
     KIND_SEEN,
     KIND_SHARE,
     Accepted,
-    Verifier,
 )
 from gossip.errors import LocalError, RemoteError
-from gossip.membership import Consortium, load_consortium
-from gossip.protocol.book import RoundBook
-from gossip.seal import Sealing
 from gossip.transports.base import Incoming, Transport, TransportFailed
-from node.data.schema import FeatureSchema
-from node.learn.control import ControlVariates
-from node.learn.models import build_model, get_flat, init_seed_from, named_to_flat, set_flat, tensor_spec
+from node.learn.models import get_flat, named_to_flat, set_flat
 from node.learn.normalize import (
-    DEFAULT_NORMALIZE_NOISE,
     Agreed,
     combine,
     implausible,
     numeric_columns,
-    provisional_schema,
     range_agreed,
-    range_report,
-    resolve,
 )
-from node.learn.train import evaluate, metric_name, warn_about_held_out
+from node.learn.train import evaluate
 from node.ops.intervals import metric_intervals
-from node.privacy.budget import PrivacyBudget
-from node.privacy.ledger import Ledger
-from node.privacy.mechanisms import NoiseSource, OsNoise
+from node.privacy.mechanisms import NoiseSource
 from node.runtime import audit, checkpoint, normalization
-from node.runtime.audit import AuditLog
+from node.runtime.audit import AuditLog, NodeCounters
+from node.runtime.build import Compose, Parts, build_node
 from node.runtime.config import NodeConfig, quorum
 from node.runtime.evidence import EvidenceStore, same_slot
-from node.runtime.identity import Identity, load_identity
-from node.runtime.normalization import LocalData, LocalTables
+from node.runtime.normalization import LocalData
 from node.runtime.release import NotReleased, Releaser, Stopped
 from node.runtime.round_report import RoundReport
-from node.runtime.signer import Signer
-from node.runtime.state import StateDir, atomic_write
+from node.runtime.state import atomic_write
 from node.strategy import WeightedShare
-from node.strategy.consortium_rules import AgreedStrategy, build_strategy, few_rounds_warning
 
 log = logging.getLogger("flnode.node")
 
@@ -114,64 +98,32 @@ ACTIVITY_FILE = "activity.json"  # node/ops/status.py reads it
 FINAL_FILE = "final.json"  # the members' final model digests compared (node/ops/status.py)
 
 
-@dataclass
-class NodeCounters:
-    rejected: Counter[str] = field(default_factory=Counter)
-    accepted: Counter[str] = field(default_factory=Counter)
-    send_failed: int = 0  # our own shares a transport refused to send (LocalError)
-    # What the aggregation strategy did to whom: "member:what:reason" -> rounds
-    aggregation: Counter[str] = field(default_factory=Counter)
-    # Seen reports that disagree with the share we accepted from a member, by REPORTER: a
-    # claim, not proof (the reporter may lie, or the accused split-equivocated; a seen
-    # report carries no signature of the accused), so it never names the accused here.
-    digest_mismatch: Counter[str] = field(default_factory=Counter)
-    # Proven equivocations, by member: rounds in which we hold two different envelopes
-    # it signed for the same round and kind (the proof: node/evidence.py).
-    equivocation: Counter[str] = field(default_factory=Counter)
-
-
 class Node:
-    def __init__(self, cfg: NodeConfig, identity: Identity, consortium: Consortium,
-                 schema: FeatureSchema, train: LocalData, held_out: LocalData,
-                 transport: Transport, noise: NoiseSource,
-                 tables: LocalTables | None = None, norm_fallback: str | None = None,
-                 rows_transform: Callable[[LocalData], LocalData] | None = None) -> None:
-        """`rows_transform`, if given, is applied to the training rows each time they are
-        set (at start, and once normalization is agreed): only a rehearsal gives one."""
-        member = consortium.by_name(identity.name)
-        if member.public_key != identity.public_key:
-            raise LocalError(
-                f"key file {cfg.identity.key} is for {identity.name!r} but the consortium file "
-                f"lists another public key for that member: wrong key file or stale peer list"
-            )
-        self.cfg = cfg
-        self.name = identity.name
-        self.identity = identity
-        self.consortium = consortium
-        self.schema = schema
+    def __init__(self, parts: Parts, transport: Transport, noise: NoiseSource,
+                 counters: NodeCounters, *,
+                 rows_transform: Callable[[LocalData], LocalData] | None = None,
+                 compose: Compose | None = None) -> None:
+        """The parts built and checked from the node's files (node/runtime/build.py).
+        `rows_transform`, if given, is applied to the training rows each time they are
+        set (at start, and once normalization is agreed), `compose` wraps the releaser
+        and signer: only a rehearsal gives them (node/rehearsal/build.py)."""
+        self.cfg = cfg = parts.cfg
+        self.identity, self.name = parts.identity, parts.identity.name
+        self.consortium, self.schema = parts.consortium, parts.schema
         self._rows_transform = rows_transform
-        self._set_data(train, held_out)
-        self.transport = transport
-        self.noise = noise
-        self._evidence: Counter[str] = Counter()  # seen-report files kept per reporter
-        # Seen reports: the digests we accepted per closed round (member -> (seq, digest,
-        # sig), our own release included), and reports for rounds we have not closed yet.
-        self._closed: dict[int, dict[str, tuple[int, bytes, bytes]]] = {}
-        self._pending_seen: dict[int, dict[str, tuple[Accepted, bytes]]] = {}
-        self._reported: set[tuple[int, str]] = set()
-        self._own_release: dict[int, tuple[int, bytes, bytes]] = {}
-        self.state = StateDir(cfg.state_dir)
+        self._set_data(parts.train, parts.held_out)
+        self.transport, self.noise, self.counters = transport, noise, counters
+        self.state, self.ledger, self.budget = parts.state, parts.ledger, parts.budget
         self.audit = AuditLog(self.state, self.name)  # audit.jsonl, metrics.jsonl
         # Proofs of equivocation, apart from the rotating audit log (node/evidence.py)
         self.evidence = EvidenceStore(self.state.path)
-        self._proven: set[tuple[str, int]] = set()  # (member, round) counted as proven
-        self.ledger = Ledger(self.state.ledger_path, repair=True)
-        for what in self.ledger.recovered:
-            log.warning("%s: privacy ledger %s: %s", identity.name, self.state.ledger_path, what)
-        tc = cfg.training
+        self.strategy, self.strategy_params = parts.strategy, parts.strategy_params
+        self.model, self.metric, self.control = parts.model, parts.metric, parts.control
+        self.sealing, self.verifier, self.book = parts.sealing, parts.verifier, parts.book
+        self.stopped: str | None = None  # why this node stopped sharing early, if it did
         # Federated normalization (the schema's normalize = "federated"): the rows as read,
         # the agreed statistics once known (state/normalization.json), what came in.
-        self._tables = tables
+        self._tables = parts.tables
         self.normalization: Agreed | None = None
         self._stats_in: dict[str, tuple[Stats, bytes]] = {}  # member -> (values, digest)
         # Members whose (first) stats message we refused as implausible: left out of the
@@ -181,86 +133,28 @@ class Node:
         # member -> (votes range scaling, digest). Ours: range when our check at start
         # failed and the schema allows the fallback (`norm_fallback` says why).
         self._votes: dict[str, tuple[bool, bytes]] = {}
-        self._norm_fallback = norm_fallback
-        norm_sigma = None
-        if schema.mode == "federated":
-            if tables is None:
-                raise LocalError("normalize = \"federated\": the node needs its rows as read "
-                                 "(Node.from_config), to compute its statistics")
-            if cfg.privacy.mode == "update":
-                raise LocalError(
-                    "the schema says normalize = \"federated\" but privacy.mode = \"update\": "
-                    "the statistics are protected per record (one row's sensitivity), which "
-                    "says nothing at the level update mode protects (a member's whole "
-                    "contribution). Use privacy.mode = \"record\" (or \"off\"), or "
-                    "normalize = \"declared\"")
-            # a member voting for range scaling never sends statistics: nothing to reserve
-            norm_sigma = None if norm_fallback is not None else (
-                schema.normalize_noise or DEFAULT_NORMALIZE_NOISE)
-        if quorum(cfg.gossip.min_members, len(consortium.members)) > len(consortium.members):
-            raise LocalError(f"gossip.min_members = {cfg.gossip.min_members} but the consortium "
-                             f"has {len(consortium.members)} members: it could never start")
-
-        def strategy(noise_multiplier: float | None) -> AgreedStrategy:
-            return build_strategy(consortium, cfg.gossip.aggregation, cfg.privacy.mode,
-                                  cfg.privacy.clip, str(cfg.consortium.path), noise_multiplier)
-
-        # Update mode checks our planned sigma against the rules, so the plan comes first;
-        # record mode's plan needs to know whether the rule reads declared weights
-        # (privacy.weight = "auto"), so the rules come first.
-        agreed = None if cfg.privacy.mode == "update" else strategy(None)
-        self.budget = PrivacyBudget(
-            cfg.privacy, rows=len(train.X), rounds=tc.rounds, epochs=tc.epochs,
-            batch_size=tc.batch_size, state_dir=self.state.path, ledger=self.ledger,
-            normalize_sigma=norm_sigma, lr=tc.lr,
-            declared_weights=agreed is None or agreed.strategy.reads_declared_weights)
-        self.stopped: str | None = None  # why this node stopped sharing early, if it did
-        if agreed is None:
-            plan = self.budget.plan
-            agreed = strategy(plan.noise_multiplier if plan is not None else None)
-        if not agreed.agreed:
-            log.warning("%s: the consortium file has no [rules]: shares are combined by this "
-                        "node's own rule (%s), which the others may not share", identity.name,
-                        agreed.params["rule"])
-        self.strategy = agreed.strategy
-        self.strategy_params = agreed.params
-        few = few_rounds_warning(agreed.strategy.params, tc.rounds, cfg.privacy.mode)
-        if few is not None:
-            log.warning("%s: %s", identity.name, few)
-        self.model = build_model(cfg.model.kind, schema.n_features, schema.n_classes,
-                                 cfg.model.hidden, seed=init_seed_from(consortium))
-        self.metric = metric_name(schema.n_classes)
-        neighbours = [m.name for m in consortium.members if m.name != self.name]
-        keys = {m.public_key: m.name for m in consortium.members}
-        self.sealing: Sealing | None = None
-        if cfg.gossip.sealed:
-            self.sealing = Sealing(consortium.id, identity.signing_key, keys,
-                                   cfg.gossip.prekey_rotate_rounds, cfg.gossip.lookahead)
-            self.sealing.own.keys = {e: PrivateKey(raw)
-                                     for e, raw in self.state.load_prekeys().items()}
-        self._announcement: bytes | None = None  # our current prekey message, once sent
-        # The run's TaskGroup: every task the node starts (receiver, hello replies) is
-        # owned and awaited by it.
-        self._tg: asyncio.TaskGroup | None = None
-        self.verifier = Verifier(consortium.id, keys, identity.public_key,
-                                 tensor_spec(self.model), cfg.gossip.max_envelope_bytes,
-                                 sealing=self.sealing,
-                                 stats_columns=len(numeric_columns(schema))
-                                 if schema.mode == "federated" else None)
-        self.book = RoundBook(neighbours, cfg.gossip.lookahead)
-        self.counters = NodeCounters()
+        self._norm_fallback = parts.norm_fallback
         # What this member signs (the sequence number on disk first) and releases (charged
-        # first): node/runtime/signer.py, release.py. A rehearsal wraps them (node/rehearsal/).
-        self.signer = Signer(identity, consortium.id, self.state, self.sealing,
-                             self.counters.rejected)
-        # training.control_variates: this member's c_i and c (node/control.py), restored
-        # from the checkpoint (checkpoint.resume)
-        self.control = ControlVariates.for_node(cfg.training.control_variates,
-                                                self.strategy_params)
+        # first): node/runtime/signer.py, release.py. A rehearsal wraps them (compose).
+        self.signer = parts.signer
         self.releaser: Releaser = Releaser(
             cfg, self.name, self.model, self.verifier.spec, self.state, self.ledger,
             self.budget, noise, self.control, lambda: (self.train_data.X, self.train_data.y),
             self._norm, self._pack_share)
+        if compose is not None:
+            self.releaser, self.signer = compose(self.releaser, self.signer, transport)
+        self._evidence: Counter[str] = Counter()  # seen-report files kept per reporter
+        # Seen reports: the digests we accepted per closed round (member -> (seq, digest,
+        # sig), our own release included), and reports for rounds we have not closed yet.
+        self._closed: dict[int, dict[str, tuple[int, bytes, bytes]]] = {}
+        self._pending_seen: dict[int, dict[str, tuple[Accepted, bytes]]] = {}
+        self._reported: set[tuple[int, str]] = set()
+        self._own_release: dict[int, tuple[int, bytes, bytes]] = {}
+        self._proven: set[tuple[str, int]] = set()  # (member, round) counted as proven
+        self._announcement: bytes | None = None  # our current prekey message, once sent
+        # The run's TaskGroup: every task the node starts (receiver, hello replies) is
+        # owned and awaited by it.
+        self._tg: asyncio.TaskGroup | None = None
         self._arrived = asyncio.Event()
         self._deadline = 0.0  # loop time when the current round's collection ends
         # Members whose prekey did not come by a deadline (down, or never announced): we
@@ -285,60 +179,16 @@ class Node:
         self._unacked: dict[int, list[Callable[[], None]]] = {}
         # The last closed round's metrics, bytes and duration (node/metrics.py reads it).
         self.last_round: dict[str, Any] | None = None
-        if tables is not None and (agreed_before := normalization.load_agreed(
-                self.state, schema)) is not None:
+        if self._tables is not None and (agreed_before := normalization.load_agreed(
+                self.state, self.schema)) is not None:
             self._adopt(agreed_before, saved=True)
         checkpoint.resume(self)
 
-    # --- construction from files -----------------------------------------------
     @classmethod
     def from_config(cls, cfg: NodeConfig, transport: Transport,
-                    noise: NoiseSource | None = None,
-                    rows_transform: Callable[[LocalData], LocalData] | None = None) -> Node:
-        """Build a node from its config files. Privacy noise comes from os.urandom
-        unless a simulation passes its own seeded source (`rows_transform`: see Node;
-        only a rehearsal gives one, node/rehearsal/build.py)."""
-        identity = load_identity(cfg.identity.key)
-        consortium = load_consortium(cfg.consortium.path)
-        schema = FeatureSchema.from_dict(consortium.schema, str(cfg.consortium.path))
-        tables = LocalTables.read(cfg, schema)
-        for path, n, of in ((cfg.data.path, tables.dropped, tables.read_rows),
-                            (cfg.data.eval_path, tables.dropped_eval, None)):
-            if n:  # a count only, in our own log: the rows themselves never leave
-                log.warning("%s: %s: the schema's missing = \"drop_row\" drops %d%s row(s) "
-                            "with an empty cell; every count below is after dropping",
-                            identity.name, path, n, f" of its {of}" if of else "")
-        if len(tables.train) == 0:
-            raise LocalError(f"{cfg.data.path}: no training rows"
-                             + (" left after missing = \"drop_row\"" if tables.dropped else ""))
-        # normalize = "federated": will the agreed statistics be usable? Checked before
-        # anything is released or charged; refuses, or votes for range scaling, as the
-        # schema's normalize_fallback says (node/normalize.py, resolve); the consortium
-        # decides from every member's vote before round 1 (Node._agree_normalization).
-        # Then the declared ranges against our own rows (a local check: releases nothing).
-        resolved, _, fallback = resolve(schema, len(consortium.members), len(tables.train),
-                                        cfg.privacy.mode, cfg.privacy.delta, identity.name)
-        if fallback is not None:
-            log.warning("%s", fallback)
-        for line in range_report(tables.train, resolved, str(cfg.data.path)):
-            log.warning("%s: %s", identity.name, line)
-        federated = schema.mode == "federated"
-        # Federated normalization: encoded with provisional statistics (never trained on)
-        # until the members agree theirs before round 1 (Node._agree_normalization).
-        train, held = tables.encode(provisional_schema(schema) if federated else schema)
-        total = len(tables.train) + (len(tables.held) if cfg.data.eval_path is None else 0)
-        if len(train.X) == 0:
-            raise LocalError(f"{cfg.data.path}: no training rows")
-        if len(held.X) == 0:
-            raise LocalError(f"{cfg.data.eval_path or cfg.data.path}: no held-out rows to "
-                             "evaluate on (too few rows for data.eval_fraction; give "
-                             "data.eval_path)")
-        warn_about_held_out(identity.name, held.y, schema.classes, eval_path=cfg.data.eval_path,
-                            eval_fraction=cfg.data.eval_fraction, total_rows=total,
-                            dropped=tables.dropped if cfg.data.eval_path is None else 0)
-        return cls(cfg, identity, consortium, schema, train, held, transport, noise or OsNoise(),
-                   tables=tables if federated else None, norm_fallback=fallback,
-                   rows_transform=rows_transform)
+                    noise: NoiseSource | None = None) -> Node:
+        """build_node for this class (tests build subclasses through it)."""
+        return build_node(cfg, transport, noise=noise, node_cls=cls)
 
     def _set_data(self, train: LocalData, held: LocalData) -> None:
         if self._rows_transform is not None:
