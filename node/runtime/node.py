@@ -42,6 +42,11 @@ from gossip.envelope import (
     Accepted,
 )
 from gossip.errors import LocalError, RemoteError
+from gossip.protocol.events import SeenMismatch
+from gossip.protocol.hello import HelloLimiter
+from gossip.protocol.liveness import Liveness
+from gossip.protocol.machine import AUTHENTIC_REASONS, WAIT_REPORT_EVERY_S, WAIT_REPORT_FIRST_S
+from gossip.protocol.seen import FINAL_SEEN_WAIT_S, SeenReports
 from gossip.transports.base import Incoming, Transport, TransportFailed
 from node.learn.models import get_flat, named_to_flat, set_flat
 from node.learn.normalize import (
@@ -67,33 +72,10 @@ from node.strategy import WeightedShare
 
 log = logging.getLogger("flnode.node")
 
-# A member's hellos are answered at most this often (a restart takes longer).
-HELLO_INTERVAL_S = 2.0
-# Rejections that can only follow a member's valid signature on a message that is
-# fresh (never accepted before, so not a replay by someone else): the member is up.
-# A stale share (a round we have closed) counts too: it is how a member that fell
-# behind shows it is up. (A never-delivered old share replayed by a relay can only
-# make us wait for its sender one more deadline.)
-AUTHENTIC_REASONS = frozenset({"bad_body", "shape", "dtype", "non_finite", "bad_seal",
-                               "no_prekey", "unsealed", "seal_off", "bad_prekey",
-                               "equivocation", "stale"})
-
-
 # Seen reports that disagree with our copy, kept per reporter (one file per report, at
 # most this many): a member that reports without end must not fill our disk. (Proofs of
 # equivocation have their own bounded store: node/evidence.py.)
 MAX_EVIDENCE_PER_MEMBER = 64
-# Rounds whose accepted digests we keep to compare the members' seen reports with,
-# and the digest mismatches kept as files per reporter (bounded like the evidence).
-SEEN_KEEP_ROUNDS = 8
-# After the last round, how long a node waits for the others' seen reports of it.
-FINAL_SEEN_WAIT_S = 5.0
-# A wait (round shares, statistics) is reported after this long, then every
-# WAIT_REPORT_EVERY_S: who is still awaited and for how long, in the log and in
-# STATE_DIR/activity.json (for `flnode status`). Short waits stay quiet; a node started
-# alone says so within WAIT_REPORT_FIRST_S instead of waiting out a deadline in silence.
-WAIT_REPORT_FIRST_S = 10.0
-WAIT_REPORT_EVERY_S = 30.0
 ACTIVITY_FILE = "activity.json"  # node/ops/status.py reads it
 FINAL_FILE = "final.json"  # the members' final model digests compared (node/ops/status.py)
 
@@ -146,10 +128,9 @@ class Node:
         self._evidence: Counter[str] = Counter()  # seen-report files kept per reporter
         # Seen reports: the digests we accepted per closed round (member -> (seq, digest,
         # sig), our own release included), and reports for rounds we have not closed yet.
-        self._closed: dict[int, dict[str, tuple[int, bytes, bytes]]] = {}
-        self._pending_seen: dict[int, dict[str, tuple[Accepted, bytes]]] = {}
-        self._reported: set[tuple[int, str]] = set()
-        self._own_release: dict[int, tuple[int, bytes, bytes]] = {}
+        # Seen reports: the digests we accepted per closed round, our own release included,
+        # and reports for rounds we have not closed yet (gossip/protocol/seen.py).
+        self.seen = SeenReports(self.name, cfg.gossip.lookahead)
         self._proven: set[tuple[str, int]] = set()  # (member, round) counted as proven
         self._announcement: bytes | None = None  # our current prekey message, once sent
         # The run's TaskGroup: every task the node starts (receiver, hello replies) is
@@ -157,23 +138,12 @@ class Node:
         self._tg: asyncio.TaskGroup | None = None
         self._arrived = asyncio.Event()
         self._deadline = 0.0  # loop time when the current round's collection ends
-        # Members whose prekey did not come by a deadline (down, or never announced): we
-        # seal without waiting for them until they announce again. Without this one
-        # silent member would make every round wait out its deadline before sealing.
-        self._silent: set[str] = set()
-        # Members whose share did not come by `gossip.absent_after` deadlines in a row:
-        # rounds close without waiting for them until a share of theirs arrives. A member
-        # that never starts costs that many deadlines, not one per round. Talk without a
-        # share (a hello, prekeys, a seen report, a refused message) re-arms the wait only
-        # once per absence (`_heard`): a restarted member is waited for while it catches
-        # up, one that talks every round but never shares does not hold every round.
-        self._absent: set[str] = set()
-        self._missed: Counter[str] = Counter()
-        self._talked: set[str] = set()  # absent members waited for again on talk alone
-        self._up: set[str] = set()  # members heard from since we started
+        # Who is up, absent (rounds close without waiting for it), silent (no prekey by a
+        # deadline: we seal without waiting for it): gossip/protocol/liveness.py.
+        self.liveness = Liveness(cfg.gossip.absent_after)
         # Each member's final model digest (its first final message only: one per member).
         self._finals: dict[str, bytes] = {}
-        self._answered: dict[str, float] = {}  # member -> when we last answered its hello
+        self.hellos = HelloLimiter()  # how often a member's hello is answered
         # Acks of accepted shares, by round: sent once the round is closed and
         # checkpointed, so a node killed before that gets them redelivered (MQTT).
         self._unacked: dict[int, list[Callable[[], None]]] = {}
@@ -357,7 +327,7 @@ class Node:
         self._heard(accepted.sender, shared=accepted.share is not None
                     and where in ("buffered", "ahead"))
         if where == "prekey":
-            self._silent.discard(accepted.sender)
+            self.liveness.prekey_came(accepted.sender)
         if accepted.hello:  # it has just started: tell it our prekeys / our round
             self._answer_hello(accepted.sender, where)
         if where == "seen":
@@ -381,18 +351,10 @@ class Node:
         """An authentic message from `member`: it is up. A share (for our round or a later
         one) re-arms the wait for it; talk alone (`shared` False) only once per absence,
         for one deadline (issue 19: one hello per round held every round to the deadline)."""
-        self._up.add(member)
-        if shared:
-            self._missed.pop(member, None)
-            self._talked.discard(member)
-            if member in self._absent:
-                self._absent.discard(member)
-                log.info("%s: a share from %s again; rounds wait for it again", self.name,
-                         member)
-        elif member in self._absent and member not in self._talked:
-            self._talked.add(member)
-            self._absent.discard(member)
-            self._missed[member] = self.cfg.gossip.absent_after - 1  # one more deadline
+        change = self.liveness.heard(member, shared)
+        if change == "back":
+            log.info("%s: a share from %s again; rounds wait for it again", self.name, member)
+        elif change == "heard":
             log.info("%s: heard from %s again (no share yet); rounds wait for it for one "
                      "deadline, then only once its shares arrive", self.name, member)
 
@@ -448,9 +410,9 @@ class Node:
                         reports.append(report)
                         if on_round is not None:
                             on_round(report)
-                    if self.book.current >= self.cfg.training.rounds and self._closed:
-                        await self._await_final_seen(max(self._closed))
-                        await self._compare_final_models(max(self._closed))
+                    if self.book.current >= self.cfg.training.rounds and self.seen.closed:
+                        await self._await_final_seen(max(self.seen.closed))
+                        await self._compare_final_models(max(self.seen.closed))
                     # No round left to read a share in (finished, or stopped sharing):
                     # nothing on this disk may open recorded traffic any more, and
                     # nothing needs redelivering.
@@ -501,20 +463,9 @@ class Node:
         """Round r is closed: keep the digests we accepted, check the reports that came
         early, and tell the others what we accepted (a seen message) so a member that
         signed a different share for each peer is noticed by every one of them."""
-        ours = {m: (a.envelope.seq, a.envelope.digest, a.envelope.sig) for m, a in received.items()}
-        own = self._own_release.pop(r, None)
-        if own is not None:
-            ours[self.name] = own
-        self._closed[r] = ours
-        for old in [x for x in self._closed if x <= r - SEEN_KEEP_ROUNDS]:
-            del self._closed[old]
-        for old in [x for x in self._own_release if x < r]:
-            del self._own_release[old]
-        for _, (acc, data) in sorted(self._pending_seen.pop(r, {}).items()):
-            self._compare_seen(acc, data)
-        for old in [x for x in self._pending_seen if x < r]:
-            del self._pending_seen[old]
-        self._reported = {(x, m) for x, m in self._reported if x > r - SEEN_KEEP_ROUNDS}
+        for found in self.seen.close(r, {m: (a.envelope.seq, a.envelope.digest, a.envelope.sig)
+                                         for m, a in received.items()}):
+            self._mismatch(found)
         if received and len(self.consortium.members) >= 3:  # a third member can compare
             keys = {m.name: m.public_key for m in self.consortium.members}
             body = bodies.encode_seen([(keys[m], received[m].envelope.digest)
@@ -526,12 +477,12 @@ class Node:
         """After the last round, the others' seen reports for it (no later round will
         carry them in): until each member whose share we used has reported, at most
         FINAL_SEEN_WAIT_S (a member that stops right after its last share costs that)."""
-        expect = {m for m in self._closed[r] if m != self.name} & self.book.neighbours
+        expect = self.seen.expected_final(r, self.book.neighbours)
         end = asyncio.get_running_loop().time() + min(FINAL_SEEN_WAIT_S,
                                                       self.cfg.gossip.round_deadline_s)
-        if not await self._wait_until(lambda: all((r, m) in self._reported for m in expect), end):
+        if not await self._wait_until(lambda: self.seen.all_reported(r, expect), end):
             log.info("%s: no seen report for the last round from %s", self.name,
-                     ", ".join(sorted(m for m in expect if (r, m) not in self._reported)))
+                     ", ".join(sorted(m for m in expect if (r, m) not in self.seen.reported)))
 
     async def _compare_final_models(self, r: int) -> None:
         """After the last round: tell the members our final model's digest, wait (as for
@@ -539,7 +490,7 @@ class Node:
         ended with a different model. Logged, and kept in final.json for `flnode status`."""
         ours = model_digest(self.model)
         await self._in_background(self._broadcast(r, self._sign(KIND_FINAL, r, ours)), "final")
-        expect = {m for m in self._closed.get(r, {}) if m != self.name} & self.book.neighbours
+        expect = self.seen.expected_final(r, self.book.neighbours)
         end = asyncio.get_running_loop().time() + min(FINAL_SEEN_WAIT_S,
                                                       self.cfg.gossip.round_deadline_s)
         await self._wait_until(lambda: expect <= set(self._finals), end)
@@ -562,47 +513,36 @@ class Node:
                      ", ".join(result["not_heard"]))
 
     def _on_seen(self, acc: Accepted, data: bytes) -> None:
-        """A member's seen report: compared now if we have closed its round, kept until we
-        do if it is within the rounds we buffer, else dropped (one per member and round;
-        memory stays bounded by members x (lookahead + kept rounds))."""
-        r = acc.round
-        if (r, acc.sender) in self._reported:
-            return
-        if r in self._closed:
-            self._reported.add((r, acc.sender))
-            self._compare_seen(acc, data)
-        elif self.book.current <= r <= self.book.current + self.cfg.gossip.lookahead:
-            self._reported.add((r, acc.sender))
-            self._pending_seen.setdefault(r, {})[acc.sender] = (acc, data)
+        """A member's seen report: compared now, or once we close its round."""
+        for found in self.seen.report(acc, data, self.book.current):
+            self._mismatch(found)
 
-    def _compare_seen(self, report: Accepted, data: bytes) -> None:
-        r, reporter = report.round, report.sender
-        ours = self._closed.get(r, {})
-        for member, digest in report.seen:
-            mine = ours.get(member)
-            if mine is None or mine[1] == digest or member == reporter:
-                continue
-            # The reporter's claim, counted under the reporter: nothing here proves which
-            # of the two signed what (node/evidence.py); the accused is named as such.
-            self.counters.digest_mismatch[reporter] += 1
-            name = self._evidence_file(reporter, f"seen-{reporter}-round{r}-seq"
-                                       f"{report.envelope.seq}.envelope", data)
-            if member == self.name:
-                meaning = (f"{reporter} reports a round-{r + 1} share from us that we never "
-                           f"sent: {reporter} misreports")
-            else:
-                meaning = (f"{member} signed a different share for round {r + 1} for "
-                           f"{reporter} than for us (split equivocation), or {reporter} "
-                           "misreports")
-            self.audit.write(audit.Claim(
-                r, reporter, member, meaning, digest.hex(),
-                {"seq": mine[0], "digest": mine[1].hex(), "sig": mine[2].hex()},
-                {"seq": report.envelope.seq, "digest": report.envelope.digest.hex(),
-                 "sig": report.envelope.sig.hex(), "file": name}))
-            if self.audit.once(member, f"mismatch:{reporter}"):
-                log.warning("%s: %s (a claim by %s, not a proof; its signed report is kept "
-                            "in the audit log; further are counted, not logged)", self.name,
-                            meaning, reporter)
+    def _mismatch(self, found: SeenMismatch) -> None:
+        """A seen report naming another digest than ours: the reporter's claim, counted
+        under the reporter, its signed report kept as evidence."""
+        r, reporter, report, data = found.round, found.reporter, found.report, found.data
+        member, digest, mine = found.accused, found.reported, found.ours
+        # The reporter's claim, counted under the reporter: nothing here proves which
+        # of the two signed what (node/evidence.py); the accused is named as such.
+        self.counters.digest_mismatch[reporter] += 1
+        name = self._evidence_file(reporter, f"seen-{reporter}-round{r}-seq"
+                                   f"{report.envelope.seq}.envelope", data)
+        if member == self.name:
+            meaning = (f"{reporter} reports a round-{r + 1} share from us that we never "
+                       f"sent: {reporter} misreports")
+        else:
+            meaning = (f"{member} signed a different share for round {r + 1} for "
+                       f"{reporter} than for us (split equivocation), or {reporter} "
+                       "misreports")
+        self.audit.write(audit.Claim(
+            r, reporter, member, meaning, digest.hex(),
+            {"seq": mine[0], "digest": mine[1].hex(), "sig": mine[2].hex()},
+            {"seq": report.envelope.seq, "digest": report.envelope.digest.hex(),
+             "sig": report.envelope.sig.hex(), "file": name}))
+        if self.audit.once(member, f"mismatch:{reporter}"):
+            log.warning("%s: %s (a claim by %s, not a proof; its signed report is kept "
+                        "in the audit log; further are counted, not logged)", self.name,
+                        meaning, reporter)
 
     async def _round(self) -> RoundReport | None:
         r = self.book.current
@@ -628,7 +568,7 @@ class Node:
                 assert result.sent is not None
                 self.signer.seq = max(self.signer.seq, result.sent[0] + 1)
             if result.sent is not None:
-                self._own_release[r] = result.sent
+                self.seen.released(r, result.sent)
         if data is not None:
             sends = self.signer.outgoing(r, data, sorted(self.book.still_in(r)))
             if sends is None:
@@ -748,14 +688,15 @@ class Node:
         assert sealing is not None
 
         def pending() -> list[str]:
-            return sorted(set(sealing.recipients(r, self.book.still_in(r))[1]) - self._silent)
+            return sorted(set(sealing.recipients(r, self.book.still_in(r))[1])
+                          - self.liveness.silent)
 
         # a long wait is reported like the shares' (log line, activity.json)
         await self._wait_until(lambda: not pending(), self._deadline,
                                waiting=(f"round {r + 1} prekeys", pending))
         recipients, missing = sealing.recipients(r, self.book.still_in(r))
         if asyncio.get_running_loop().time() >= self._deadline:
-            self._silent.update(missing)
+            self.liveness.silent.update(missing)
         return recipients, missing
 
     async def _rotate_prekeys(self, r: int, announce: bool = False) -> None:
@@ -774,7 +715,7 @@ class Node:
         round (its hello). At most once per member and kind every HELLO_INTERVAL_S (a
         member that keeps saying hello gets no more than that); one small message."""
         now = time.monotonic()
-        if now - self._answered.get((member, where), -HELLO_INTERVAL_S) < HELLO_INTERVAL_S:
+        if not self.hellos.due(member, where, now):
             return
         if where == "prekey":
             if self.sealing is None or self._announcement is None:
@@ -782,7 +723,7 @@ class Node:
             data = self._announcement
         else:
             data = self._sign(KIND_HELLO, self.book.current, HELLO_REPLY)
-        self._answered[(member, where)] = now
+        self.hellos.answered(member, where, now)
         if self._tg is not None:  # owned and awaited by the run's TaskGroup
             self._tg.create_task(self._send(member, data),
                                  name=f"{self.name}-hello-reply-{member}")
@@ -825,7 +766,7 @@ class Node:
             # to wait for (a majority fixed at the start waited out the whole deadline).
             majority = len(self.book.neighbours) // 2 + 1 \
                 if restarted and self.book.neighbours else 0
-            up = len(self._up & self.book.neighbours)
+            up = len(self.liveness.up & self.book.neighbours)
             now = loop.time()
             if up >= need_min and (up >= majority or now >= deadline):
                 break
@@ -833,7 +774,7 @@ class Node:
                 self._report_wait(
                     f"{asked} before round "
                     f"{self.book.current + 1} ({up + 1} up)",
-                    sorted(set(self.book.neighbours) - self._up), now - t0, None)
+                    sorted(set(self.book.neighbours) - self.liveness.up), now - t0, None)
                 next_report, reported = now + WAIT_REPORT_EVERY_S, True
             ends = ([next_report] if up < need_min else []) + \
                 ([deadline] if up < majority and now < deadline else [])
@@ -892,24 +833,14 @@ class Node:
         heard from, ourselves included, are a majority of the consortium. Otherwise we
         are as likely to be the one cut off (a partition, our own link): closing rounds
         without the others would race us ahead of them, so each deadline is waited out."""
-        absent = self._absent & self.book.neighbours
-        members = len(self.book.neighbours) + 1
-        if 2 * (members - len(absent)) <= members:
-            return set()
-        return absent
+        return self.liveness.ignorable(self.book.neighbours)
 
     def _note_absent(self, r: int) -> None:
         """Members still in round r whose share did not come by its deadline: after
         `gossip.absent_after` such deadlines in a row, stop waiting for them."""
-        for m in self.book.waiting_for(r):
-            if m in self._absent:
-                continue
-            self._missed[m] += 1
-            if self._missed[m] >= self.cfg.gossip.absent_after:
-                self._absent.add(m)
-                log.warning("%s: %s sent no share by %d deadline(s) in a row; rounds no "
-                            "longer wait for it until its shares arrive again", self.name, m,
-                            self._missed[m])
+        for m, missed in self.liveness.note_absent(self.book.waiting_for(r)):
+            log.warning("%s: %s sent no share by %d deadline(s) in a row; rounds no "
+                        "longer wait for it until its shares arrive again", self.name, m, missed)
 
     async def _collect(self, r: int, deadline: float) -> None:
         ignore = self._ignorable
@@ -954,7 +885,7 @@ class Node:
                      remaining: float | None) -> None:
         """One log line and activity.json: who we wait for, since when, until when
         (remaining None: a wait without a time limit, the min_members barrier)."""
-        heard = self._up & {m.name for m in self.consortium.members}
+        heard = self.liveness.up & {m.name for m in self.consortium.members}
         alone = ("; no other member heard from since this node started (started alone? "
                  "check that the others are running and can reach us)" if not heard else "")
         until = "no time limit" if remaining is None else f"gives up in {remaining:.0f} s"
