@@ -47,6 +47,7 @@ from gossip.protocol.hello import HelloLimiter
 from gossip.protocol.liveness import Liveness
 from gossip.protocol.machine import AUTHENTIC_REASONS, WAIT_REPORT_EVERY_S, WAIT_REPORT_FIRST_S
 from gossip.protocol.seen import FINAL_SEEN_WAIT_S, SeenReports
+from gossip.protocol.stats import StatsAgreement
 from gossip.transports.base import Incoming, Transport, TransportFailed
 from node.learn.models import get_flat, named_to_flat, set_flat
 from node.learn.normalize import (
@@ -107,14 +108,15 @@ class Node:
         # the agreed statistics once known (state/normalization.json), what came in.
         self._tables = parts.tables
         self.normalization: Agreed | None = None
-        self._stats_in: dict[str, tuple[Stats, bytes]] = {}  # member -> (values, digest)
-        # Members whose (first) stats message we refused as implausible: left out of the
-        # agreement (every honest member refuses the same message the same way).
-        self._stats_refused: set[str] = set()
-        # The consortium's decision comes first (node/normalize.py): every member's vote,
-        # member -> (votes range scaling, digest). Ours: range when our check at start
-        # failed and the schema allows the fallback (`norm_fallback` says why).
-        self._votes: dict[str, tuple[bool, bytes]] = {}
+        # Every member's vote, then statistics (the first of each counts; implausible ones
+        # are refused and left out by every honest member alike): gossip/protocol/stats.py.
+        # Our vote: range when our check at start failed and the schema allows the fallback
+        # (`norm_fallback` says why).
+        k = len(numeric_columns(self.schema))
+        self.norm_votes = StatsAgreement(
+            {m.name for m in self.consortium.members} - {self.name},
+            lambda st: implausible(st, None if self.budget.plan is None
+                                   else self.budget.plan.normalize_sigma, k))
         self._norm_fallback = parts.norm_fallback
         # What this member signs (the sequence number on disk first) and releases (charged
         # first): node/runtime/signer.py, release.py. A rehearsal wraps them (compose).
@@ -186,34 +188,9 @@ class Node:
         self._set_data(*self._tables.encode(self.schema.with_stats(agreed.stats)))
         self.normalization = agreed
 
-    def _on_vote(self, acc: Accepted) -> None:
-        assert acc.norm_range is not None
-        held = self._votes.get(acc.sender)
-        if held is not None and held[1] != acc.envelope.digest:
-            self._reject_accepted(acc, "equivocation", "a second, different norm vote (the "
-                                  "first one received counts)")
-            return
-        self._votes[acc.sender] = (acc.norm_range, acc.envelope.digest)
-
-    def _on_stats(self, acc: Accepted) -> None:
-        assert acc.stats is not None
-        k = len(numeric_columns(self.schema))
-        plan = self.budget.plan
-        why = implausible(acc.stats, plan.normalize_sigma if plan is not None else None, k)
-        if acc.sender in self._stats_refused:
-            self._reject_accepted(acc, "bad_stats", "its first stats message was refused")
-            return
-        if why is not None:
-            if acc.sender not in self._stats_in:
-                self._stats_refused.add(acc.sender)
-            self._reject_accepted(acc, "bad_stats", f"statistics no honest member could send: "
-                                  f"{why}; left out of the normalization")
-            return
-        held = self._stats_in.get(acc.sender)
-        if held is not None and held[1] != acc.envelope.digest:
-            self._reject_accepted(acc, "equivocation", "a second, different stats message")
-            return
-        self._stats_in[acc.sender] = (acc.stats, acc.envelope.digest)
+    def _on_norm(self, acc: Accepted, filed: tuple[str, str] | None) -> None:
+        if filed is not None:  # refused: (reason, detail)
+            self._reject_accepted(acc, *filed)
 
     def _norm(self) -> bytes | None:
         """What our shares say we encode with: the agreed statistics' digest, if any."""
@@ -235,7 +212,7 @@ class Node:
         identically and encode our rows with the result."""
         if self._tables is None or self.normalization is not None:
             return
-        members = {m.name for m in self.consortium.members} - {self.name}
+        members, agreement = set(self.norm_votes.members), self.norm_votes
         end = asyncio.get_running_loop().time() + self.cfg.gossip.normalize_wait_s
         ours, vote = self._own_vote()
         await self._in_background(self._broadcast(0, vote), "norm")
@@ -243,19 +220,18 @@ class Node:
         # arriving after a restart cannot reopen that decision.
         if not (self.state.path / self.STATS_FILE).exists():
             if not await self._wait_until(
-                    lambda: members <= set(self._votes), end, waiting=(
+                    lambda: not agreement.votes_missing(), end, waiting=(
                         "votes on normalization (before any statistics are computed and "
-                        "charged)", lambda: sorted(members - set(self._votes)))):
+                        "charged)", agreement.votes_missing)):
                 raise LocalError(
                     f"federated normalization: no vote from "
-                    f"{', '.join(sorted(members - set(self._votes)))} within "
+                    f"{', '.join(agreement.votes_missing())} within "
                     f"gossip.normalize_wait_s = {self.cfg.gossip.normalize_wait_s:g} s; every "
                     "member's vote (statistics usable, or range scaling) is needed before "
                     "round 1. Start them (or check they can reach us), or use normalize = "
                     "\"declared\" or \"range\". Nothing was trained, nothing charged: our "
                     "statistics are computed only once every member has voted")
-            fallback = sorted({m for m, (r, _) in self._votes.items() if r and m in members}
-                              | ({self.name} if ours else set()))
+            fallback = agreement.fallback(self.name, ours)
             if fallback:
                 why = (f"{', '.join(fallback)} voted for range scaling (its check at start "
                        "found the agreed statistics would be too noisy; normalize_fallback = "
@@ -270,17 +246,16 @@ class Node:
         own, data = self._own_stats()
         await self._in_background(self._broadcast(0, data), "stats")
         if not await self._wait_until(
-                lambda: members - self._stats_refused <= set(self._stats_in), end,
-                waiting=("statistics", lambda: sorted(
-                    members - self._stats_refused - set(self._stats_in)))):
-            missing = sorted(members - self._stats_refused - set(self._stats_in))
+                lambda: not agreement.stats_missing(), end,
+                waiting=("statistics", agreement.stats_missing)):
+            missing = agreement.stats_missing()
             raise LocalError(
                 f"federated normalization: no statistics from {', '.join(missing)} within "
                 f"gossip.normalize_wait_s = {self.cfg.gossip.normalize_wait_s:g} s; every "
                 "member's are needed before round 1 (so that all combine the same "
                 "messages). Start them, or use normalize = \"declared\". Nothing was "
                 "trained; our statistics are stored and re-sent as they are on restart")
-        messages = {m: s for m, (s, _) in self._stats_in.items() if m in members}
+        messages = agreement.messages()
         messages[self.name] = own
         agreed = combine(messages, self.schema, self.strategy_params.get("max_weight_fraction"))
         self._adopt(agreed)
@@ -333,9 +308,9 @@ class Node:
         if where == "seen":
             self._on_seen(accepted, msg.data)
         elif where == "stats":
-            self._on_stats(accepted)
+            self._on_norm(accepted, self.norm_votes.statistics(accepted))
         elif where == "norm":
-            self._on_vote(accepted)
+            self._on_norm(accepted, self.norm_votes.vote(accepted))
         elif where == "final":
             self._finals.setdefault(accepted.sender, bytes(accepted.envelope.body))
         if where == "retired":
