@@ -44,7 +44,7 @@ from gossip.envelope import (
 from gossip.errors import LocalError, RemoteError
 from gossip.protocol.events import SeenMismatch
 from gossip.protocol.hello import HelloLimiter
-from gossip.protocol.liveness import Liveness
+from gossip.protocol.liveness import Liveness, StartBarrier
 from gossip.protocol.machine import AUTHENTIC_REASONS, WAIT_REPORT_EVERY_S, WAIT_REPORT_FIRST_S
 from gossip.protocol.seen import FINAL_SEEN_WAIT_S, SeenReports
 from gossip.protocol.stats import StatsAgreement
@@ -63,7 +63,7 @@ from node.privacy.mechanisms import NoiseSource
 from node.runtime import audit, checkpoint, normalization
 from node.runtime.audit import AuditLog, NodeCounters
 from node.runtime.build import Compose, Parts, build_node
-from node.runtime.config import NodeConfig, quorum
+from node.runtime.config import NodeConfig
 from node.runtime.evidence import EvidenceStore, same_slot
 from node.runtime.normalization import LocalData
 from node.runtime.release import NotReleased, Releaser, Stopped
@@ -727,33 +727,26 @@ class Node:
         loop = asyncio.get_running_loop()
         restarted = self.book.current > 0 or \
             self.state.stored_release(self.book.current) is not None
-        n = len(self.consortium.members)
-        need_min = max(0, quorum(g.min_members, n) - 1)
+        n, t0 = len(self.consortium.members), loop.time()
+        # The decision (gossip/protocol/liveness.py): min_members, and after a restart a
+        # majority of the members still sharing, recounted on every arrival.
+        barrier = StartBarrier(g.min_members, n, restarted, t0, g.round_deadline_s)
         asked = (f"gossip.min_members = {g.min_members}" if g.min_members != "majority" else
-                 f"gossip.min_members = \"majority\" ({need_min + 1} of {n})")
-        t0 = loop.time()
-        deadline = t0 + g.round_deadline_s
+                 f"gossip.min_members = \"majority\" ({barrier.need + 1} of {n})")
         next_report, reported = t0 + WAIT_REPORT_FIRST_S, False
         while True:
             self._arrived.clear()
-            # A majority of the members still sharing, recounted on every arrival: a
-            # retire message shrinks it, and with none left (all retired) there is nobody
-            # to wait for (a majority fixed at the start waited out the whole deadline).
-            majority = len(self.book.neighbours) // 2 + 1 \
-                if restarted and self.book.neighbours else 0
-            up = len(self.liveness.up & self.book.neighbours)
-            now = loop.time()
-            if up >= need_min and (up >= majority or now >= deadline):
+            up, now = self.liveness.up, loop.time()
+            if barrier.passed(up, self.book.neighbours, now):
                 break
-            if up < need_min and now >= next_report:  # the same report as any long wait
+            n_up = len(up & self.book.neighbours)
+            if n_up < barrier.need and now >= next_report:  # the same report as any long wait
                 self._report_wait(
-                    f"{asked} before round "
-                    f"{self.book.current + 1} ({up + 1} up)",
-                    sorted(set(self.book.neighbours) - self.liveness.up), now - t0, None)
+                    f"{asked} before round {self.book.current + 1} ({n_up + 1} up)",
+                    sorted(set(self.book.neighbours) - up), now - t0, None)
                 next_report, reported = now + WAIT_REPORT_EVERY_S, True
-            ends = ([next_report] if up < need_min else []) + \
-                ([deadline] if up < majority and now < deadline else [])
-            await self._wait_arrival(max(min(ends) - now, 0.01))
+            end = barrier.next_time(up, self.book.neighbours, now, next_report)
+            await self._wait_arrival(max((now if end is None else end) - now, 0.01))
         if reported:
             self._write_activity(None)
         ahead = self.book.quorum_round()
