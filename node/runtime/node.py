@@ -42,7 +42,6 @@ from gossip.envelope import (
     Accepted,
 )
 from gossip.errors import LocalError, RemoteError
-from gossip.protocol.events import SeenMismatch
 from gossip.protocol.hello import HelloLimiter
 from gossip.protocol.liveness import Liveness, StartBarrier
 from gossip.protocol.machine import AUTHENTIC_REASONS, WAIT_REPORT_EVERY_S, WAIT_REPORT_FIRST_S
@@ -64,7 +63,7 @@ from node.runtime import audit, checkpoint, normalization
 from node.runtime.audit import AuditLog, NodeCounters
 from node.runtime.build import Compose, Parts, build_node
 from node.runtime.config import NodeConfig
-from node.runtime.evidence import EvidenceStore, same_slot
+from node.runtime.findings import Findings
 from node.runtime.normalization import LocalData
 from node.runtime.release import NotReleased, Releaser, Stopped
 from node.runtime.round_report import RoundReport
@@ -73,10 +72,6 @@ from node.strategy import WeightedShare
 
 log = logging.getLogger("flnode.node")
 
-# Seen reports that disagree with our copy, kept per reporter (one file per report, at
-# most this many): a member that reports without end must not fill our disk. (Proofs of
-# equivocation have their own bounded store: node/evidence.py.)
-MAX_EVIDENCE_PER_MEMBER = 64
 ACTIVITY_FILE = "activity.json"  # node/ops/status.py reads it
 FINAL_FILE = "final.json"  # the members' final model digests compared (node/ops/status.py)
 
@@ -98,8 +93,9 @@ class Node:
         self.transport, self.noise, self.counters = transport, noise, counters
         self.state, self.ledger, self.budget = parts.state, parts.ledger, parts.budget
         self.audit = AuditLog(self.state, self.name)  # audit.jsonl, metrics.jsonl
-        # Proofs of equivocation, apart from the rotating audit log (node/evidence.py)
-        self.evidence = EvidenceStore(self.state.path)
+        # Proofs of equivocation and seen-report claims, kept and counted (findings.py)
+        self.findings = Findings(self.name, self.state, self.audit, counters)
+        self.evidence = self.findings.store
         self.strategy, self.strategy_params = parts.strategy, parts.strategy_params
         self.model, self.metric, self.control = parts.model, parts.metric, parts.control
         self.sealing, self.verifier, self.book = parts.sealing, parts.verifier, parts.book
@@ -127,13 +123,11 @@ class Node:
             self._norm, self._pack_share)
         if compose is not None:
             self.releaser, self.signer = compose(self.releaser, self.signer, transport)
-        self._evidence: Counter[str] = Counter()  # seen-report files kept per reporter
         # Seen reports: the digests we accepted per closed round (member -> (seq, digest,
         # sig), our own release included), and reports for rounds we have not closed yet.
         # Seen reports: the digests we accepted per closed round, our own release included,
         # and reports for rounds we have not closed yet (gossip/protocol/seen.py).
         self.seen = SeenReports(self.name, cfg.gossip.lookahead)
-        self._proven: set[tuple[str, int]] = set()  # (member, round) counted as proven
         self._announcement: bytes | None = None  # our current prekey message, once sent
         # The run's TaskGroup: every task the node starts (receiver, hello replies) is
         # owned and awaited by it.
@@ -284,7 +278,8 @@ class Node:
                 msg.ack()
             self._reject(msg, exc)
             if exc.reason == "equivocation" and accepted is not None:
-                self._keep_evidence(accepted)
+                self.findings.equivocation(self.book.held(accepted.sender, accepted.round),
+                                           accepted, self.book.current)
             if exc.signed_round is not None and exc.peer is not None:
                 self.book.note(exc.peer, exc.signed_round)  # we cannot read it, but it is
             if exc.reason in AUTHENTIC_REASONS and exc.peer is not None:
@@ -401,38 +396,6 @@ class Node:
             checkpoint.save(self)
             await self.transport.close()
 
-    def _evidence_file(self, member: str, name: str, data: bytes) -> str | None:
-        """Keep signed bytes from `member` in state/evidence/ (at most
-        MAX_EVIDENCE_PER_MEMBER files per member); its path relative to the state dir."""
-        if self._evidence[member] >= MAX_EVIDENCE_PER_MEMBER:
-            return None
-        path = self.state.path / "evidence" / name
-        if not path.exists():
-            atomic_write(path, bytes(data))
-            self._evidence[member] += 1
-        return str(path.relative_to(self.state.path))
-
-    def _keep_evidence(self, second: Accepted) -> None:
-        """A member signed two different shares for one round: keep the proof, both signed
-        envelopes, in state/evidence/proofs/ (node/evidence.py: apart from the audit log,
-        which a flood can rotate; one per member and round; bounded per member) and count
-        it. The audit log says so too, with both digests and signatures. Anyone holding
-        the member's public key can check the proof (`verify_equivocation`)."""
-        first = self.book.held(second.sender, second.round)
-        member = second.sender
-        name = None
-        if first is not None and same_slot(first.envelope, second.envelope) \
-                and first.envelope.digest != second.envelope.digest:
-            path = self.evidence.keep_equivocation(member, first.envelope, second.envelope)
-            name = None if path is None else str(path.relative_to(self.state.path))
-            self._proven = {(m, r) for m, r in self._proven if r >= self.book.current}
-            if (member, second.round) not in self._proven:
-                self._proven.add((member, second.round))
-                self.counters.equivocation[member] += 1
-        self.audit.write(audit.Evidence(
-            second.round, member, None if first is None else _signed(first), _signed(second),
-            name))  # name None: no first envelope held, or this member's store is full
-
     # --- seen reports: comparing what each member was sent ----------------------------
     async def _close_seen(self, r: int, received: dict[str, Accepted]) -> None:
         """Round r is closed: keep the digests we accepted, check the reports that came
@@ -440,7 +403,7 @@ class Node:
         signed a different share for each peer is noticed by every one of them."""
         for found in self.seen.close(r, {m: (a.envelope.seq, a.envelope.digest, a.envelope.sig)
                                          for m, a in received.items()}):
-            self._mismatch(found)
+            self.findings.mismatch(found)
         if received and len(self.consortium.members) >= 3:  # a third member can compare
             keys = {m.name: m.public_key for m in self.consortium.members}
             body = bodies.encode_seen([(keys[m], received[m].envelope.digest)
@@ -490,34 +453,7 @@ class Node:
     def _on_seen(self, acc: Accepted, data: bytes) -> None:
         """A member's seen report: compared now, or once we close its round."""
         for found in self.seen.report(acc, data, self.book.current):
-            self._mismatch(found)
-
-    def _mismatch(self, found: SeenMismatch) -> None:
-        """A seen report naming another digest than ours: the reporter's claim, counted
-        under the reporter, its signed report kept as evidence."""
-        r, reporter, report, data = found.round, found.reporter, found.report, found.data
-        member, digest, mine = found.accused, found.reported, found.ours
-        # The reporter's claim, counted under the reporter: nothing here proves which
-        # of the two signed what (node/evidence.py); the accused is named as such.
-        self.counters.digest_mismatch[reporter] += 1
-        name = self._evidence_file(reporter, f"seen-{reporter}-round{r}-seq"
-                                   f"{report.envelope.seq}.envelope", data)
-        if member == self.name:
-            meaning = (f"{reporter} reports a round-{r + 1} share from us that we never "
-                       f"sent: {reporter} misreports")
-        else:
-            meaning = (f"{member} signed a different share for round {r + 1} for "
-                       f"{reporter} than for us (split equivocation), or {reporter} "
-                       "misreports")
-        self.audit.write(audit.Claim(
-            r, reporter, member, meaning, digest.hex(),
-            {"seq": mine[0], "digest": mine[1].hex(), "sig": mine[2].hex()},
-            {"seq": report.envelope.seq, "digest": report.envelope.digest.hex(),
-             "sig": report.envelope.sig.hex(), "file": name}))
-        if self.audit.once(member, f"mismatch:{reporter}"):
-            log.warning("%s: %s (a claim by %s, not a proof; its signed report is kept "
-                        "in the audit log; further are counted, not logged)", self.name,
-                        meaning, reporter)
+            self.findings.mismatch(found)
 
     async def _round(self) -> RoundReport | None:
         r = self.book.current
@@ -910,12 +846,6 @@ def compare_finals(ours: bytes, finals: dict[str, bytes], expected: set[str]) ->
             "same": sorted(m for m, d in finals.items() if d == ours),
             "different": {m: d.hex() for m, d in sorted(finals.items()) if d != ours},
             "not_heard": sorted(set(expected) - set(finals))}
-
-
-def _signed(acc: Accepted) -> dict[str, Any]:
-    """An accepted envelope as audit lines name it: seq, digest, signature, kind."""
-    e = acc.envelope
-    return {"seq": e.seq, "digest": e.digest.hex(), "sig": e.sig.hex(), "kind": e.kind}
 
 
 def _blake(data: bytes) -> str:
