@@ -59,7 +59,7 @@ from node.learn.normalize import (
 from node.learn.train import evaluate
 from node.ops.intervals import metric_intervals
 from node.privacy.mechanisms import NoiseSource
-from node.runtime import audit, checkpoint, normalization
+from node.runtime import audit, checkpoint, finals, normalization
 from node.runtime.audit import AuditLog, NodeCounters
 from node.runtime.build import Compose, Parts, build_node
 from node.runtime.config import NodeConfig
@@ -73,7 +73,6 @@ from node.strategy import WeightedShare
 log = logging.getLogger("flnode.node")
 
 ACTIVITY_FILE = "activity.json"  # node/ops/status.py reads it
-FINAL_FILE = "final.json"  # the members' final model digests compared (node/ops/status.py)
 
 
 class Node:
@@ -426,29 +425,13 @@ class Node:
         """After the last round: tell the members our final model's digest, wait (as for
         the seen reports) for theirs from each member whose share we used, and say which
         ended with a different model. Logged, and kept in final.json for `flnode status`."""
-        ours = model_digest(self.model)
+        ours = finals.model_digest(self.model)
         await self._in_background(self._broadcast(r, self._sign(KIND_FINAL, r, ours)), "final")
         expect = self.seen.expected_final(r, self.book.neighbours)
         end = asyncio.get_running_loop().time() + min(FINAL_SEEN_WAIT_S,
                                                       self.cfg.gossip.round_deadline_s)
         await self._wait_until(lambda: expect <= set(self._finals), end)
-        result = compare_finals(ours, self._finals, expect)
-        atomic_write(self.state.path / FINAL_FILE, json.dumps(
-            {"round": r + 1, "time": time.time(), **result}, sort_keys=True).encode())
-        if result["different"]:
-            log.warning("%s: final models differ: %s ended round %d with a different model "
-                        "than ours (digest %s… here); the members did not combine the same "
-                        "shares (a member restarted after a kill, a share arrived late or was "
-                        "lost). Compare `flnode status` on each member", self.name,
-                        ", ".join(f"{m} ({d[:12]}…)" for m, d in
-                                  sorted(result["different"].items())),
-                        r + 1, result["digest"][:12])
-        elif result["same"]:
-            log.info("%s: final model identical to %s's (digest %s…)", self.name,
-                     ", ".join(result["same"]), result["digest"][:12])
-        if result["not_heard"]:
-            log.info("%s: no final model digest from %s", self.name,
-                     ", ".join(result["not_heard"]))
+        finals.record(self.state, self.name, r, ours, self._finals, expect)
 
     def _on_seen(self, acc: Accepted, data: bytes) -> None:
         """A member's seen report: compared now, or once we close its round."""
@@ -828,24 +811,6 @@ class Node:
         if self.cfg.privacy.mode == "off":
             return None
         return self.ledger.epsilon(self.cfg.privacy.delta)
-
-
-def model_digest(model: torch.nn.Module) -> bytes:
-    """BLAKE2b-256 of the model's parameters as float32 little-endian (the checkpoint's
-    bytes): what a final message carries."""
-    import hashlib
-
-    return hashlib.blake2b(get_flat(model).numpy().astype("<f4").tobytes(),
-                           digest_size=32).digest()
-
-
-def compare_finals(ours: bytes, finals: dict[str, bytes], expected: set[str]) -> dict[str, Any]:
-    """{"digest": ours, "same": [members], "different": {member: digest}, "not_heard":
-    [expected members without a final message]} (hex digests, sorted names)."""
-    return {"digest": ours.hex(),
-            "same": sorted(m for m, d in finals.items() if d == ours),
-            "different": {m: d.hex() for m, d in sorted(finals.items()) if d != ours},
-            "not_heard": sorted(set(expected) - set(finals))}
 
 
 def _blake(data: bytes) -> str:
