@@ -7,6 +7,13 @@ our own *released* share with the received ones -> evaluate -> checkpoint.
 The release (train -> DP -> charge -> sign -> store) is the Releaser's
 (node/runtime/release.py), signing and the prekey files the Signer's
 (node/runtime/signer.py); a rehearsal wraps them (node/rehearsal/), never this file.
+The parts are built and checked by node/runtime/build.py; the checkpoint codec is
+checkpoint.py, the audit/metrics records audit.py, evidence findings.py, federated
+normalization's files normalization.py, the final model comparison finals.py. Who is
+up or absent, seen reports, hello limits, normalization votes and the start barrier are
+decided by gossip/protocol's parts (Liveness, SeenReports, HelloLimiter,
+StatsAgreement, StartBarrier); the waits and the round loop are still here (issue 21:
+the next step runs gossip/protocol's RoundMachine instead).
 
 A background task reads the transport and runs every message through
 `envelope.Verifier` and the `RoundBook`; rejections are counted by reason,
