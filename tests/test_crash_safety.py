@@ -353,7 +353,7 @@ async def test_an_absent_member_is_waited_for_again_once_it_is_heard_from(tmp_pa
 
     async def late_start():
         # Join once the others have given up on it (both closed round 1 without it).
-        while not all(n._absent for n in early):
+        while not all(n.liveness.absent for n in early):
             await asyncio.sleep(0.05)
         node = Node.from_config(late_cfg, hub.attach(prep.names[2], prep.names))
         started.set()
@@ -368,7 +368,7 @@ async def test_an_absent_member_is_waited_for_again_once_it_is_heard_from(tmp_pa
         lines = read_jsonl(n.state.path / "metrics.jsonl")
         assert lines[0]["closed"] == "deadline"
         assert lines[-1]["closed"] == "all" and "bank-2" in lines[-1]["received"], lines
-        assert not n._absent
+        assert not n.liveness.absent
 
 
 async def test_a_restarted_node_joins_the_round_a_majority_is_in(tmp_path):
@@ -413,7 +413,7 @@ async def test_min_members_holds_round_one_until_a_quorum_is_up(tmp_path):
     early = [Node.from_config(c, hub.attach(n, prep.names))
              for c, n in zip(cfgs[:2], prep.names[:2], strict=True)]
     tasks = [asyncio.create_task(n.run()) for n in early]
-    while not all(len(n._up) == 1 for n in early):  # each has heard the other's hello
+    while not all(len(n.liveness.up) == 1 for n in early):  # each has heard the other's hello
         await asyncio.sleep(0.05)
     assert all(n.ledger.records == [] and not (n.state.path / "metrics.jsonl").exists()
                for n in early)  # nobody trained or released: 2 of 3 are up

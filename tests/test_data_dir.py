@@ -326,7 +326,7 @@ def test_drop_row_applies_to_the_whole_file_then_node_and_simulator_split_alike(
     import pandas as pd
     import tomli_w
 
-    import node.runtime.node as runner
+    import node.runtime.build as runner
     from gossip.transports.memory import MemoryHub
     from node.runtime.config import load_config
     from node.runtime.node import Node

@@ -18,7 +18,7 @@ from node.learn.models import get_flat, set_flat
 from node.ops.status import collect, final_line, process_line, render, waiting_line
 from node.runtime import node as runner_mod
 from node.runtime import pidfile
-from node.runtime.node import compare_finals
+from node.runtime.finals import compare_finals
 from tests.test_runner import build, make, run_all
 
 

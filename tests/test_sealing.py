@@ -355,7 +355,7 @@ def test_a_member_that_never_starts_does_not_make_the_others_miss_each_other(tmp
         lines = [json.loads(x) for x in (n.state.path / "metrics.jsonl").read_text().splitlines()]
         others = sorted(set(prep.names[:3]) - {n.name})
         assert [ln["received"] for ln in lines] == [others] * 3
-        assert n._silent == {prep.names[3]}
+        assert n.liveness.silent == {prep.names[3]}
 
 
 def test_old_prekey_messages_teach_a_restarted_node_but_never_override_newer_keys():
@@ -449,6 +449,6 @@ def test_the_prekey_wait_is_reported_like_any_long_wait(tmp_path, monkeypatch, c
     waits = [r.getMessage() for r in caplog.records if "for round 1 prekeys" in r.getMessage()]
     assert waits and all("from bank-2 (gives up in" in w for w in waits), waits
     for n in nodes:
-        assert "bank-2" in n._silent
+        assert "bank-2" in n.liveness.silent
         doc = json.loads((n.state.path / runner_mod.ACTIVITY_FILE).read_text())
         assert doc["waiting_for"] == []  # cleared once the wait ended

@@ -27,7 +27,7 @@ from gossip.seal import encode_announcement, sign_prekey
 from gossip.transports.base import Transport
 from node.learn.models import flat_to_named
 from node.rehearsal.config import AttackConfig
-from node.runtime.node import LocalData
+from node.runtime.normalization import LocalData
 from node.runtime.release import Releaser, Result, Trained
 from node.runtime.signer import Send, Signer
 

@@ -13,9 +13,12 @@ from node.privacy.mechanisms import NoiseSource
 from node.rehearsal.attacks import HostileReleaser, HostileSigner, flip_labels
 from node.rehearsal.config import RehearsalNodeConfig
 from node.rehearsal.faults import SlowReleaser, faulty_transport
+from node.runtime.build import build_node
 from node.runtime.config import NodeConfig
 from node.runtime.identity import load_identity
 from node.runtime.node import Node
+from node.runtime.release import Releaser
+from node.runtime.signer import Signer
 
 log = logging.getLogger("flnode.node")
 
@@ -42,12 +45,16 @@ def build_rehearsal_node(cfg: NodeConfig, transport: Transport,
     if attack is not None and attack.kind == "label-flip":
         schema = FeatureSchema.from_dict(consortium.schema, str(cfg.consortium.path))
         flip = flip_labels(schema.n_classes)
-    node = Node.from_config(cfg, transport, noise, rows_transform=flip)
-    if attack is not None:
-        hostile = HostileReleaser(node.releaser, attack)
-        node.releaser = hostile
-        node.signer = HostileSigner(node.signer, attack, hostile, node.transport)
-    if faults is not None and faults.straggle > 1:  # a rehearsed straggler
-        node.releaser = SlowReleaser(node.releaser, faults.straggle)
+    def compose(releaser: Releaser, signer: Signer,
+                transport: Transport) -> tuple[Releaser, Signer]:
+        if attack is not None:
+            hostile = HostileReleaser(releaser, attack)
+            releaser, signer = hostile, HostileSigner(signer, attack, hostile, transport)
+        if faults is not None and faults.straggle > 1:  # a rehearsed straggler
+            releaser = SlowReleaser(releaser, faults.straggle)
+        return releaser, signer
+
+    node = build_node(cfg, transport, node_cls=Node, noise=noise, rows_transform=flip,
+                      compose=compose)
     return node
 

@@ -7,6 +7,13 @@ our own *released* share with the received ones -> evaluate -> checkpoint.
 The release (train -> DP -> charge -> sign -> store) is the Releaser's
 (node/runtime/release.py), signing and the prekey files the Signer's
 (node/runtime/signer.py); a rehearsal wraps them (node/rehearsal/), never this file.
+The parts are built and checked by node/runtime/build.py; the checkpoint codec is
+checkpoint.py, the audit/metrics records audit.py, evidence findings.py, federated
+normalization's files normalization.py, the final model comparison finals.py. Who is
+up or absent, seen reports, hello limits, normalization votes and the start barrier are
+decided by gossip/protocol's parts (Liveness, SeenReports, HelloLimiter,
+StatsAgreement, StartBarrier); the waits and the round loop are still here (issue 21:
+the next step runs gossip/protocol's RoundMachine instead).
 
 A background task reads the transport and runs every message through
 `envelope.Verifier` and the `RoundBook`; rejections are counted by reason,
@@ -22,370 +29,138 @@ import logging
 import time
 from collections import Counter
 from collections.abc import Callable, Coroutine, Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
 import torch
-from nacl.public import PrivateKey
 
 from gossip import bodies, envelope
-from gossip.bodies import NORM_RANGE, NORM_USABLE, Stats
+from gossip.bodies import Stats
 from gossip.envelope import (
     BENIGN_REASONS,
     HELLO_ASK,
     HELLO_REPLY,
     KIND_FINAL,
     KIND_HELLO,
-    KIND_NORM,
     KIND_PREKEY,
     KIND_RETIRE,
     KIND_SEALED,
     KIND_SEEN,
     KIND_SHARE,
-    KIND_STATS,
     Accepted,
-    Verifier,
 )
 from gossip.errors import LocalError, RemoteError
-from gossip.membership import Consortium, load_consortium
-from gossip.protocol.book import RoundBook
-from gossip.seal import Sealing
+from gossip.protocol.hello import HelloLimiter
+from gossip.protocol.liveness import Liveness, StartBarrier
+from gossip.protocol.machine import AUTHENTIC_REASONS, WAIT_REPORT_EVERY_S, WAIT_REPORT_FIRST_S
+from gossip.protocol.seen import FINAL_SEEN_WAIT_S, SeenReports
+from gossip.protocol.stats import StatsAgreement
 from gossip.transports.base import Incoming, Transport, TransportFailed
-from node.data.encode import dropped_rows, encode, member_split
-from node.data.schema import FeatureSchema
-from node.data.table import read_table
-from node.learn.control import ControlVariates
-from node.learn.models import build_model, get_flat, init_seed_from, named_to_flat, set_flat, tensor_spec
+from node.learn.models import get_flat, named_to_flat, set_flat
 from node.learn.normalize import (
-    DEFAULT_NORMALIZE_NOISE,
     Agreed,
     combine,
     implausible,
-    member_stats,
-    noised,
     numeric_columns,
-    provisional_schema,
     range_agreed,
-    range_report,
-    resolve,
 )
-from node.learn.train import evaluate, metric_name, warn_about_held_out
+from node.learn.train import evaluate
 from node.ops.intervals import metric_intervals
-from node.privacy.accountant import LedgerRecord
-from node.privacy.budget import PrivacyBudget
-from node.privacy.ledger import Ledger, ledger_digest
-from node.privacy.mechanisms import NoiseSource, OsNoise
-from node.runtime.config import NodeConfig, quorum
-from node.runtime.evidence import EvidenceStore, same_slot
-from node.runtime.identity import Identity, load_identity
+from node.privacy.mechanisms import NoiseSource
+from node.runtime import audit, checkpoint, finals, normalization
+from node.runtime.audit import AuditLog, NodeCounters
+from node.runtime.build import Compose, Parts, build_node
+from node.runtime.config import NodeConfig
+from node.runtime.findings import Findings
+from node.runtime.normalization import LocalData
 from node.runtime.release import NotReleased, Releaser, Stopped
 from node.runtime.round_report import RoundReport
-from node.runtime.signer import Signer
-from node.runtime.state import Checkpoint, StateDir, atomic_write
+from node.runtime.state import atomic_write
 from node.strategy import WeightedShare
-from node.strategy.consortium_rules import AgreedStrategy, build_strategy, few_rounds_warning
 
 log = logging.getLogger("flnode.node")
 
-# A member's hellos are answered at most this often (a restart takes longer).
-HELLO_INTERVAL_S = 2.0
-# Rejections that can only follow a member's valid signature on a message that is
-# fresh (never accepted before, so not a replay by someone else): the member is up.
-# A stale share (a round we have closed) counts too: it is how a member that fell
-# behind shows it is up. (A never-delivered old share replayed by a relay can only
-# make us wait for its sender one more deadline.)
-AUTHENTIC_REASONS = frozenset({"bad_body", "shape", "dtype", "non_finite", "bad_seal",
-                               "no_prekey", "unsealed", "seal_off", "bad_prekey",
-                               "equivocation", "stale"})
-
-
-# Seen reports that disagree with our copy, kept per reporter (one file per report, at
-# most this many): a member that reports without end must not fill our disk. (Proofs of
-# equivocation have their own bounded store: node/evidence.py.)
-MAX_EVIDENCE_PER_MEMBER = 64
-# Rounds whose accepted digests we keep to compare the members' seen reports with,
-# and the digest mismatches kept as files per reporter (bounded like the evidence).
-SEEN_KEEP_ROUNDS = 8
-# After the last round, how long a node waits for the others' seen reports of it.
-FINAL_SEEN_WAIT_S = 5.0
-# A wait (round shares, statistics) is reported after this long, then every
-# WAIT_REPORT_EVERY_S: who is still awaited and for how long, in the log and in
-# STATE_DIR/activity.json (for `flnode status`). Short waits stay quiet; a node started
-# alone says so within WAIT_REPORT_FIRST_S instead of waiting out a deadline in silence.
-WAIT_REPORT_FIRST_S = 10.0
-WAIT_REPORT_EVERY_S = 30.0
 ACTIVITY_FILE = "activity.json"  # node/ops/status.py reads it
-FINAL_FILE = "final.json"  # the members' final model digests compared (node/ops/status.py)
-
-
-@dataclass
-class LocalData:
-    X: np.ndarray
-    y: np.ndarray
-
-
-@dataclass
-class LocalTables:
-    """A member's rows as read (training and held-out), before encoding: federated
-    normalization encodes them only once the members have agreed the statistics."""
-
-    train: Any  # node.data.Table (read_table; no pandas in a node)
-    held: Any
-    train_source: str
-    held_source: str
-    read_rows: int = 0  # rows in data.path as read
-    dropped: int = 0  # of them, dropped by the schema's missing = "drop_row"
-    dropped_eval: int = 0  # rows of data.eval_path dropped by it
-
-    @staticmethod
-    def read(cfg: NodeConfig, schema: FeatureSchema) -> LocalTables:
-        """The member's rows with the schema's missing = "drop_row" applied to each whole
-        file, then (without data.eval_path) split as the simulators split (member_split):
-        every count the node logs, checks or releases is after dropping."""
-        df = read_table(cfg.data.path)
-        if cfg.data.eval_path is not None:
-            ev = read_table(cfg.data.eval_path)
-            keep, keep_ev = (np.flatnonzero(~dropped_rows(t, schema)) for t in (df, ev))
-            return LocalTables(df.iloc[keep], ev.iloc[keep_ev], str(cfg.data.path),
-                               str(cfg.data.eval_path), len(df), len(df) - len(keep),
-                               len(ev) - len(keep_ev))
-        train, held, dropped = member_split(df, schema, cfg.training.seed,
-                                            cfg.data.eval_fraction)
-        return LocalTables(df.iloc[train], df.iloc[held], str(cfg.data.path),
-                           str(cfg.data.path), len(df), dropped)
-
-    def encode(self, schema: FeatureSchema) -> tuple[LocalData, LocalData]:
-        X, y = encode(self.train, schema, self.train_source)
-        Xe, ye = encode(self.held, schema, self.held_source)
-        return LocalData(X, y), LocalData(Xe, ye)
-
-
-@dataclass
-class NodeCounters:
-    rejected: Counter[str] = field(default_factory=Counter)
-    accepted: Counter[str] = field(default_factory=Counter)
-    send_failed: int = 0  # our own shares a transport refused to send (LocalError)
-    # What the aggregation strategy did to whom: "member:what:reason" -> rounds
-    aggregation: Counter[str] = field(default_factory=Counter)
-    # Seen reports that disagree with the share we accepted from a member, by REPORTER: a
-    # claim, not proof (the reporter may lie, or the accused split-equivocated; a seen
-    # report carries no signature of the accused), so it never names the accused here.
-    digest_mismatch: Counter[str] = field(default_factory=Counter)
-    # Proven equivocations, by member: rounds in which we hold two different envelopes
-    # it signed for the same round and kind (the proof: node/evidence.py).
-    equivocation: Counter[str] = field(default_factory=Counter)
 
 
 class Node:
-    def __init__(self, cfg: NodeConfig, identity: Identity, consortium: Consortium,
-                 schema: FeatureSchema, train: LocalData, held_out: LocalData,
-                 transport: Transport, noise: NoiseSource,
-                 tables: LocalTables | None = None, norm_fallback: str | None = None,
-                 rows_transform: Callable[[LocalData], LocalData] | None = None) -> None:
-        """`rows_transform`, if given, is applied to the training rows each time they are
-        set (at start, and once normalization is agreed): only a rehearsal gives one."""
-        member = consortium.by_name(identity.name)
-        if member.public_key != identity.public_key:
-            raise LocalError(
-                f"key file {cfg.identity.key} is for {identity.name!r} but the consortium file "
-                f"lists another public key for that member: wrong key file or stale peer list"
-            )
-        self.cfg = cfg
-        self.name = identity.name
-        self.identity = identity
-        self.consortium = consortium
-        self.schema = schema
+    def __init__(self, parts: Parts, transport: Transport, noise: NoiseSource,
+                 counters: NodeCounters, *,
+                 rows_transform: Callable[[LocalData], LocalData] | None = None,
+                 compose: Compose | None = None) -> None:
+        """The parts built and checked from the node's files (node/runtime/build.py).
+        `rows_transform`, if given, is applied to the training rows each time they are
+        set (at start, and once normalization is agreed), `compose` wraps the releaser
+        and signer: only a rehearsal gives them (node/rehearsal/build.py)."""
+        self.cfg = cfg = parts.cfg
+        self.identity, self.name = parts.identity, parts.identity.name
+        self.consortium, self.schema = parts.consortium, parts.schema
         self._rows_transform = rows_transform
-        self._set_data(train, held_out)
-        self.transport = transport
-        self.noise = noise
-        self._evidence: Counter[str] = Counter()  # seen-report files kept per reporter
-        # Seen reports: the digests we accepted per closed round (member -> (seq, digest,
-        # sig), our own release included), and reports for rounds we have not closed yet.
-        self._closed: dict[int, dict[str, tuple[int, bytes, bytes]]] = {}
-        self._pending_seen: dict[int, dict[str, tuple[Accepted, bytes]]] = {}
-        self._reported: set[tuple[int, str]] = set()
-        self._own_release: dict[int, tuple[int, bytes, bytes]] = {}
-        self.state = StateDir(cfg.state_dir)
-        # Proofs of equivocation, apart from the rotating audit log (node/evidence.py)
-        self.evidence = EvidenceStore(self.state.path)
-        self._proven: set[tuple[str, int]] = set()  # (member, round) counted as proven
-        self.ledger = Ledger(self.state.ledger_path, repair=True)
-        for what in self.ledger.recovered:
-            log.warning("%s: privacy ledger %s: %s", identity.name, self.state.ledger_path, what)
-        tc = cfg.training
+        self._set_data(parts.train, parts.held_out)
+        self.transport, self.noise, self.counters = transport, noise, counters
+        self.state, self.ledger, self.budget = parts.state, parts.ledger, parts.budget
+        self.audit = AuditLog(self.state, self.name)  # audit.jsonl, metrics.jsonl
+        # Proofs of equivocation and seen-report claims, kept and counted (findings.py)
+        self.findings = Findings(self.name, self.state, self.audit, counters)
+        self.evidence = self.findings.store
+        self.strategy, self.strategy_params = parts.strategy, parts.strategy_params
+        self.model, self.metric, self.control = parts.model, parts.metric, parts.control
+        self.sealing, self.verifier, self.book = parts.sealing, parts.verifier, parts.book
+        self.stopped: str | None = None  # why this node stopped sharing early, if it did
         # Federated normalization (the schema's normalize = "federated"): the rows as read,
         # the agreed statistics once known (state/normalization.json), what came in.
-        self._tables = tables
+        self._tables = parts.tables
         self.normalization: Agreed | None = None
-        self._stats_in: dict[str, tuple[Stats, bytes]] = {}  # member -> (values, digest)
-        # Members whose (first) stats message we refused as implausible: left out of the
-        # agreement (every honest member refuses the same message the same way).
-        self._stats_refused: set[str] = set()
-        # The consortium's decision comes first (node/normalize.py): every member's vote,
-        # member -> (votes range scaling, digest). Ours: range when our check at start
-        # failed and the schema allows the fallback (`norm_fallback` says why).
-        self._votes: dict[str, tuple[bool, bytes]] = {}
-        self._norm_fallback = norm_fallback
-        norm_sigma = None
-        if schema.mode == "federated":
-            if tables is None:
-                raise LocalError("normalize = \"federated\": the node needs its rows as read "
-                                 "(Node.from_config), to compute its statistics")
-            if cfg.privacy.mode == "update":
-                raise LocalError(
-                    "the schema says normalize = \"federated\" but privacy.mode = \"update\": "
-                    "the statistics are protected per record (one row's sensitivity), which "
-                    "says nothing at the level update mode protects (a member's whole "
-                    "contribution). Use privacy.mode = \"record\" (or \"off\"), or "
-                    "normalize = \"declared\"")
-            # a member voting for range scaling never sends statistics: nothing to reserve
-            norm_sigma = None if norm_fallback is not None else (
-                schema.normalize_noise or DEFAULT_NORMALIZE_NOISE)
-        if quorum(cfg.gossip.min_members, len(consortium.members)) > len(consortium.members):
-            raise LocalError(f"gossip.min_members = {cfg.gossip.min_members} but the consortium "
-                             f"has {len(consortium.members)} members: it could never start")
-
-        def strategy(noise_multiplier: float | None) -> AgreedStrategy:
-            return build_strategy(consortium, cfg.gossip.aggregation, cfg.privacy.mode,
-                                  cfg.privacy.clip, str(cfg.consortium.path), noise_multiplier)
-
-        # Update mode checks our planned sigma against the rules, so the plan comes first;
-        # record mode's plan needs to know whether the rule reads declared weights
-        # (privacy.weight = "auto"), so the rules come first.
-        agreed = None if cfg.privacy.mode == "update" else strategy(None)
-        self.budget = PrivacyBudget(
-            cfg.privacy, rows=len(train.X), rounds=tc.rounds, epochs=tc.epochs,
-            batch_size=tc.batch_size, state_dir=self.state.path, ledger=self.ledger,
-            normalize_sigma=norm_sigma, lr=tc.lr,
-            declared_weights=agreed is None or agreed.strategy.reads_declared_weights)
-        self.stopped: str | None = None  # why this node stopped sharing early, if it did
-        if agreed is None:
-            plan = self.budget.plan
-            agreed = strategy(plan.noise_multiplier if plan is not None else None)
-        if not agreed.agreed:
-            log.warning("%s: the consortium file has no [rules]: shares are combined by this "
-                        "node's own rule (%s), which the others may not share", identity.name,
-                        agreed.params["rule"])
-        self.strategy = agreed.strategy
-        self.strategy_params = agreed.params
-        few = few_rounds_warning(agreed.strategy.params, tc.rounds, cfg.privacy.mode)
-        if few is not None:
-            log.warning("%s: %s", identity.name, few)
-        self.model = build_model(cfg.model.kind, schema.n_features, schema.n_classes,
-                                 cfg.model.hidden, seed=init_seed_from(consortium))
-        self.metric = metric_name(schema.n_classes)
-        neighbours = [m.name for m in consortium.members if m.name != self.name]
-        keys = {m.public_key: m.name for m in consortium.members}
-        self.sealing: Sealing | None = None
-        if cfg.gossip.sealed:
-            self.sealing = Sealing(consortium.id, identity.signing_key, keys,
-                                   cfg.gossip.prekey_rotate_rounds, cfg.gossip.lookahead)
-            self.sealing.own.keys = {e: PrivateKey(raw)
-                                     for e, raw in self.state.load_prekeys().items()}
-        self._announcement: bytes | None = None  # our current prekey message, once sent
-        # The run's TaskGroup: every task the node starts (receiver, hello replies) is
-        # owned and awaited by it.
-        self._tg: asyncio.TaskGroup | None = None
-        self.verifier = Verifier(consortium.id, keys, identity.public_key,
-                                 tensor_spec(self.model), cfg.gossip.max_envelope_bytes,
-                                 sealing=self.sealing,
-                                 stats_columns=len(numeric_columns(schema))
-                                 if schema.mode == "federated" else None)
-        self.book = RoundBook(neighbours, cfg.gossip.lookahead)
-        self.counters = NodeCounters()
+        # Every member's vote, then statistics (the first of each counts; implausible ones
+        # are refused and left out by every honest member alike): gossip/protocol/stats.py.
+        # Our vote: range when our check at start failed and the schema allows the fallback
+        # (`norm_fallback` says why).
+        k = len(numeric_columns(self.schema))
+        self.norm_votes = StatsAgreement(
+            {m.name for m in self.consortium.members} - {self.name},
+            lambda st: implausible(st, None if self.budget.plan is None
+                                   else self.budget.plan.normalize_sigma, k))
+        self._norm_fallback = parts.norm_fallback
         # What this member signs (the sequence number on disk first) and releases (charged
-        # first): node/runtime/signer.py, release.py. A rehearsal wraps them (node/rehearsal/).
-        self.signer = Signer(identity, consortium.id, self.state, self.sealing,
-                             self.counters.rejected)
-        # training.control_variates: this member's c_i and c (node/control.py), restored
-        # from the checkpoint (_resume)
-        self.control = ControlVariates.for_node(cfg.training.control_variates,
-                                                self.strategy_params)
+        # first): node/runtime/signer.py, release.py. A rehearsal wraps them (compose).
+        self.signer = parts.signer
         self.releaser: Releaser = Releaser(
             cfg, self.name, self.model, self.verifier.spec, self.state, self.ledger,
             self.budget, noise, self.control, lambda: (self.train_data.X, self.train_data.y),
             self._norm, self._pack_share)
+        if compose is not None:
+            self.releaser, self.signer = compose(self.releaser, self.signer, transport)
+        # Seen reports: the digests we accepted per closed round (member -> (seq, digest,
+        # sig), our own release included), and reports for rounds we have not closed yet.
+        # Seen reports: the digests we accepted per closed round, our own release included,
+        # and reports for rounds we have not closed yet (gossip/protocol/seen.py).
+        self.seen = SeenReports(self.name, cfg.gossip.lookahead)
+        self._announcement: bytes | None = None  # our current prekey message, once sent
+        # The run's TaskGroup: every task the node starts (receiver, hello replies) is
+        # owned and awaited by it.
+        self._tg: asyncio.TaskGroup | None = None
         self._arrived = asyncio.Event()
         self._deadline = 0.0  # loop time when the current round's collection ends
-        # Members whose prekey did not come by a deadline (down, or never announced): we
-        # seal without waiting for them until they announce again. Without this one
-        # silent member would make every round wait out its deadline before sealing.
-        self._silent: set[str] = set()
-        # Members whose share did not come by `gossip.absent_after` deadlines in a row:
-        # rounds close without waiting for them until a share of theirs arrives. A member
-        # that never starts costs that many deadlines, not one per round. Talk without a
-        # share (a hello, prekeys, a seen report, a refused message) re-arms the wait only
-        # once per absence (`_heard`): a restarted member is waited for while it catches
-        # up, one that talks every round but never shares does not hold every round.
-        self._absent: set[str] = set()
-        self._missed: Counter[str] = Counter()
-        self._talked: set[str] = set()  # absent members waited for again on talk alone
-        self._up: set[str] = set()  # members heard from since we started
+        # Who is up, absent (rounds close without waiting for it), silent (no prekey by a
+        # deadline: we seal without waiting for it): gossip/protocol/liveness.py.
+        self.liveness = Liveness(cfg.gossip.absent_after)
         # Each member's final model digest (its first final message only: one per member).
         self._finals: dict[str, bytes] = {}
-        self._answered: dict[str, float] = {}  # member -> when we last answered its hello
+        self.hellos = HelloLimiter()  # how often a member's hello is answered
         # Acks of accepted shares, by round: sent once the round is closed and
         # checkpointed, so a node killed before that gets them redelivered (MQTT).
         self._unacked: dict[int, list[Callable[[], None]]] = {}
-        self._logged: set[tuple[str, str]] = set()
-        self._bytes_recorded = (0, 0)  # transport byte counters at the last metrics line
-        self._flood_recorded: Counter[str] = Counter()  # flood drops at the last metrics line
         # The last closed round's metrics, bytes and duration (node/metrics.py reads it).
         self.last_round: dict[str, Any] | None = None
-        self._load_normalization()
-        self._resume()
+        if self._tables is not None and (agreed_before := normalization.load_agreed(
+                self.state, self.schema)) is not None:
+            self._adopt(agreed_before, saved=True)
+        checkpoint.resume(self)
 
-    # --- construction from files -----------------------------------------------
     @classmethod
     def from_config(cls, cfg: NodeConfig, transport: Transport,
-                    noise: NoiseSource | None = None,
-                    rows_transform: Callable[[LocalData], LocalData] | None = None) -> Node:
-        """Build a node from its config files. Privacy noise comes from os.urandom
-        unless a simulation passes its own seeded source (`rows_transform`: see Node;
-        only a rehearsal gives one, node/rehearsal/build.py)."""
-        identity = load_identity(cfg.identity.key)
-        consortium = load_consortium(cfg.consortium.path)
-        schema = FeatureSchema.from_dict(consortium.schema, str(cfg.consortium.path))
-        tables = LocalTables.read(cfg, schema)
-        for path, n, of in ((cfg.data.path, tables.dropped, tables.read_rows),
-                            (cfg.data.eval_path, tables.dropped_eval, None)):
-            if n:  # a count only, in our own log: the rows themselves never leave
-                log.warning("%s: %s: the schema's missing = \"drop_row\" drops %d%s row(s) "
-                            "with an empty cell; every count below is after dropping",
-                            identity.name, path, n, f" of its {of}" if of else "")
-        if len(tables.train) == 0:
-            raise LocalError(f"{cfg.data.path}: no training rows"
-                             + (" left after missing = \"drop_row\"" if tables.dropped else ""))
-        # normalize = "federated": will the agreed statistics be usable? Checked before
-        # anything is released or charged; refuses, or votes for range scaling, as the
-        # schema's normalize_fallback says (node/normalize.py, resolve); the consortium
-        # decides from every member's vote before round 1 (Node._agree_normalization).
-        # Then the declared ranges against our own rows (a local check: releases nothing).
-        resolved, _, fallback = resolve(schema, len(consortium.members), len(tables.train),
-                                        cfg.privacy.mode, cfg.privacy.delta, identity.name)
-        if fallback is not None:
-            log.warning("%s", fallback)
-        for line in range_report(tables.train, resolved, str(cfg.data.path)):
-            log.warning("%s: %s", identity.name, line)
-        federated = schema.mode == "federated"
-        # Federated normalization: encoded with provisional statistics (never trained on)
-        # until the members agree theirs before round 1 (Node._agree_normalization).
-        train, held = tables.encode(provisional_schema(schema) if federated else schema)
-        total = len(tables.train) + (len(tables.held) if cfg.data.eval_path is None else 0)
-        if len(train.X) == 0:
-            raise LocalError(f"{cfg.data.path}: no training rows")
-        if len(held.X) == 0:
-            raise LocalError(f"{cfg.data.eval_path or cfg.data.path}: no held-out rows to "
-                             "evaluate on (too few rows for data.eval_fraction; give "
-                             "data.eval_path)")
-        warn_about_held_out(identity.name, held.y, schema.classes, eval_path=cfg.data.eval_path,
-                            eval_fraction=cfg.data.eval_fraction, total_rows=total,
-                            dropped=tables.dropped if cfg.data.eval_path is None else 0)
-        return cls(cfg, identity, consortium, schema, train, held, transport, noise or OsNoise(),
-                   tables=tables if federated else None, norm_fallback=fallback,
-                   rows_transform=rows_transform)
+                    noise: NoiseSource | None = None) -> Node:
+        """build_node for this class (tests build subclasses through it)."""
+        return build_node(cfg, transport, noise=noise, node_cls=cls)
 
     def _set_data(self, train: LocalData, held: LocalData) -> None:
         if self._rows_transform is not None:
@@ -393,112 +168,29 @@ class Node:
         self.train_data, self.held_out = train, held
 
     # --- federated normalization (node/normalize.py) ---------------------------------
-    NORMALIZATION_FILE = "normalization.json"
-    STATS_FILE = "stats.envelope"
-    VOTE_FILE = "norm.envelope"
+    NORMALIZATION_FILE = normalization.NORMALIZATION_FILE
+    STATS_FILE = normalization.STATS_FILE
+    VOTE_FILE = normalization.VOTE_FILE
 
-    def _load_normalization(self) -> None:
-        path = self.state.path / self.NORMALIZATION_FILE
-        if self._tables is None or not path.exists():
-            return
-        try:
-            doc = json.loads(path.read_text())
-        except (OSError, ValueError) as exc:
-            raise LocalError(f"{path}: unreadable ({exc}); it holds the statistics this node "
-                             "agreed with the others: restore it, or start a new state dir") from None
-        self._adopt(Agreed.from_json(doc, self.schema), saved=True)
+    def _own_stats(self) -> tuple[Stats, bytes]:
+        return normalization.own_stats(self.state, self.cfg, self.schema, self._tables,
+                                       self.budget, self.ledger, self.noise, self._sign)
+
+    def _own_vote(self) -> tuple[bool, bytes]:
+        return normalization.own_vote(self.state, self.cfg.gossip.max_envelope_bytes,
+                                      self._norm_fallback is not None, self._sign)
 
     def _adopt(self, agreed: Agreed, saved: bool = False) -> None:
+        """Encode our rows with the agreed statistics (saved: read back on restart)."""
         if not saved:
-            atomic_write(self.state.path / self.NORMALIZATION_FILE,
-                         json.dumps(agreed.to_json(), indent=1, sort_keys=True).encode())
+            normalization.save_agreed(self.state, agreed)
         assert self._tables is not None
         self._set_data(*self._tables.encode(self.schema.with_stats(agreed.stats)))
         self.normalization = agreed
 
-    def _own_stats(self) -> tuple[Stats, bytes]:
-        """Our stats message: the stored one (a restart never recomputes or re-charges
-        it), or computed now, noised (record mode) and charged before it exists anywhere
-        but in memory."""
-        path = self.state.path / self.STATS_FILE
-        k = len(numeric_columns(self.schema))
-        if path.exists():
-            data = path.read_bytes()
-            env = envelope.decode_outer(data, self.cfg.gossip.max_envelope_bytes)
-            return bodies.decode_stats(env.body, k), data
-        assert self._tables is not None
-        exact = member_stats(self._tables.train, self.schema, self._tables.train_source)
-        plan = self.budget.plan
-        sigma = plan.normalize_sigma if plan is not None else None
-        if sigma is None and plan is not None:  # never exact sums under DP
-            raise LocalError("federated normalization: the privacy plan reserves no noise for "
-                             "our statistics (this member voted for range scaling)")
-        values = exact if sigma is None else noised(exact, sigma, self.noise)
-        data = self._sign(KIND_STATS, 0, bodies.encode_stats(values))
-        if sigma is not None:
-            over = self.budget.would_exceed([LedgerRecord(-1, "normalize", sigma, 1.0, 1, 1.0, "")])
-            if over is not None:
-                raise LocalError(f"federated normalization would bring ε to {over:.3f}, over "
-                                 f"the budget: raise privacy.epsilon or the schema's "
-                                 "normalize_noise")
-            digest = envelope.decode_outer(data, self.cfg.gossip.max_envelope_bytes).digest.hex()
-            self.ledger.charge(LedgerRecord(-1, "normalize", sigma, 1.0, 1, 1.0, digest))
-        atomic_write(path, data)
-        return values, data
-
-    def _own_vote(self) -> tuple[bool, bytes]:
-        """Our signed vote (True: range scaling): the stored one (a restart re-sends it
-        unchanged, never a different one), or made now from our check at start."""
-        path = self.state.path / self.VOTE_FILE
-        vote = self._norm_fallback is not None
-        if path.exists():
-            data = path.read_bytes()
-            try:
-                env = envelope.decode_outer(data, self.cfg.gossip.max_envelope_bytes)
-                stored = bodies.decode_norm(env.body, True)
-            except (RemoteError, LocalError) as exc:
-                raise LocalError(f"{path}: unreadable ({exc}); it holds the vote this node "
-                                 "sent: restore it, or start a new state dir") from None
-            if stored != vote:
-                # (a "usable" vote would have us send statistics our plan has no noise for)
-                raise LocalError(
-                    f"{path}: this node voted {'range scaling' if stored else 'usable'} "
-                    f"before, but its check at start now says "
-                    f"{'range scaling' if vote else 'usable'} (its training rows or the "
-                    "privacy settings changed since): restore them, or start a new state dir")
-            return stored, data
-        data = self._sign(KIND_NORM, 0, NORM_RANGE if vote else NORM_USABLE)
-        atomic_write(path, data)
-        return vote, data
-
-    def _on_vote(self, acc: Accepted) -> None:
-        assert acc.norm_range is not None
-        held = self._votes.get(acc.sender)
-        if held is not None and held[1] != acc.envelope.digest:
-            self._reject_accepted(acc, "equivocation", "a second, different norm vote (the "
-                                  "first one received counts)")
-            return
-        self._votes[acc.sender] = (acc.norm_range, acc.envelope.digest)
-
-    def _on_stats(self, acc: Accepted) -> None:
-        assert acc.stats is not None
-        k = len(numeric_columns(self.schema))
-        plan = self.budget.plan
-        why = implausible(acc.stats, plan.normalize_sigma if plan is not None else None, k)
-        if acc.sender in self._stats_refused:
-            self._reject_accepted(acc, "bad_stats", "its first stats message was refused")
-            return
-        if why is not None:
-            if acc.sender not in self._stats_in:
-                self._stats_refused.add(acc.sender)
-            self._reject_accepted(acc, "bad_stats", f"statistics no honest member could send: "
-                                  f"{why}; left out of the normalization")
-            return
-        held = self._stats_in.get(acc.sender)
-        if held is not None and held[1] != acc.envelope.digest:
-            self._reject_accepted(acc, "equivocation", "a second, different stats message")
-            return
-        self._stats_in[acc.sender] = (acc.stats, acc.envelope.digest)
+    def _on_norm(self, acc: Accepted, filed: tuple[str, str] | None) -> None:
+        if filed is not None:  # refused: (reason, detail)
+            self._reject_accepted(acc, *filed)
 
     def _norm(self) -> bytes | None:
         """What our shares say we encode with: the agreed statistics' digest, if any."""
@@ -507,12 +199,9 @@ class Node:
     def _reject_accepted(self, acc: Accepted, reason: str, detail: str) -> None:
         """A message that passed the verifier but that we refuse on what it says."""
         self.counters.rejected[reason] += 1
-        self.state.append_jsonl("audit.jsonl", {
-            "time": time.time(), "round": acc.round, "member": acc.sender,
-            "digest": acc.envelope.digest.hex(), "kind": acc.envelope.kind,
-            "outcome": reason, "detail": detail})
-        if (acc.sender, reason) not in self._logged:
-            self._logged.add((acc.sender, reason))
+        self.audit.write(audit.Refused(acc.round, acc.sender, acc.envelope.digest.hex(),
+                                       acc.envelope.kind, reason, detail))
+        if self.audit.once(acc.sender, reason):
             log.warning("%s: refused %s's %s: %s: %s (further are counted, not logged)",
                         self.name, acc.sender, acc.envelope.kind, reason, detail)
 
@@ -523,7 +212,7 @@ class Node:
         identically and encode our rows with the result."""
         if self._tables is None or self.normalization is not None:
             return
-        members = {m.name for m in self.consortium.members} - {self.name}
+        members, agreement = set(self.norm_votes.members), self.norm_votes
         end = asyncio.get_running_loop().time() + self.cfg.gossip.normalize_wait_s
         ours, vote = self._own_vote()
         await self._in_background(self._broadcast(0, vote), "norm")
@@ -531,19 +220,18 @@ class Node:
         # arriving after a restart cannot reopen that decision.
         if not (self.state.path / self.STATS_FILE).exists():
             if not await self._wait_until(
-                    lambda: members <= set(self._votes), end, waiting=(
+                    lambda: not agreement.votes_missing(), end, waiting=(
                         "votes on normalization (before any statistics are computed and "
-                        "charged)", lambda: sorted(members - set(self._votes)))):
+                        "charged)", agreement.votes_missing)):
                 raise LocalError(
                     f"federated normalization: no vote from "
-                    f"{', '.join(sorted(members - set(self._votes)))} within "
+                    f"{', '.join(agreement.votes_missing())} within "
                     f"gossip.normalize_wait_s = {self.cfg.gossip.normalize_wait_s:g} s; every "
                     "member's vote (statistics usable, or range scaling) is needed before "
                     "round 1. Start them (or check they can reach us), or use normalize = "
                     "\"declared\" or \"range\". Nothing was trained, nothing charged: our "
                     "statistics are computed only once every member has voted")
-            fallback = sorted({m for m, (r, _) in self._votes.items() if r and m in members}
-                              | ({self.name} if ours else set()))
+            fallback = agreement.fallback(self.name, ours)
             if fallback:
                 why = (f"{', '.join(fallback)} voted for range scaling (its check at start "
                        "found the agreed statistics would be too noisy; normalize_fallback = "
@@ -553,24 +241,21 @@ class Node:
                                       tuple(fallback), why)
                 self._adopt(agreed)
                 log.warning("%s: normalization: %s", self.name, why)
-                self.state.append_jsonl("audit.jsonl", {
-                    "time": time.time(), "round": 0, "member": self.name,
-                    "outcome": "normalization", "kind": "normalization", **agreed.to_json()})
+                self.audit.write(audit.Normalization(self.name, agreed.to_json()))
                 return
         own, data = self._own_stats()
         await self._in_background(self._broadcast(0, data), "stats")
         if not await self._wait_until(
-                lambda: members - self._stats_refused <= set(self._stats_in), end,
-                waiting=("statistics", lambda: sorted(
-                    members - self._stats_refused - set(self._stats_in)))):
-            missing = sorted(members - self._stats_refused - set(self._stats_in))
+                lambda: not agreement.stats_missing(), end,
+                waiting=("statistics", agreement.stats_missing)):
+            missing = agreement.stats_missing()
             raise LocalError(
                 f"federated normalization: no statistics from {', '.join(missing)} within "
                 f"gossip.normalize_wait_s = {self.cfg.gossip.normalize_wait_s:g} s; every "
                 "member's are needed before round 1 (so that all combine the same "
                 "messages). Start them, or use normalize = \"declared\". Nothing was "
                 "trained; our statistics are stored and re-sent as they are on restart")
-        messages = {m: s for m, (s, _) in self._stats_in.items() if m in members}
+        messages = agreement.messages()
         messages[self.name] = own
         agreed = combine(messages, self.schema, self.strategy_params.get("max_weight_fraction"))
         self._adopt(agreed)
@@ -581,70 +266,7 @@ class Node:
                         "overstating its rows)", self.name, m, f)
         log.info("%s: federated normalization agreed with %d members (digest %s)", self.name,
                  len(agreed.members), agreed.digest.hex()[:16])
-        self.state.append_jsonl("audit.jsonl", {
-            "time": time.time(), "round": 0, "member": self.name, "outcome": "normalization",
-            "kind": "normalization", **agreed.to_json()})
-
-    def _resume(self) -> None:
-        cp = self.state.load_checkpoint()
-        if cp is None:
-            self._save_checkpoint()
-            return
-        if cp.ledger_records is not None:
-            self.ledger.check_covers(cp.ledger_records, cp.ledger_digest,
-                                     f"the checkpoint {self.state.checkpoint_path} "
-                                     f"(at round {cp.next_round + 1})")
-        set_flat(self.model, torch.from_numpy(np.frombuffer(cp.model, dtype="<f4").copy()))
-        self.book = RoundBook(self.book.neighbours - set(cp.retired), self.book.lookahead,
-                              cp.next_round)
-        # The counter is persisted before any signed message leaves (Signer.sign): a kill
-        # after a send and before the checkpoint never re-uses a number.
-        self.signer.seq = max(cp.seq, self.state.reserved_seq())
-        stored = self.state.stored_release(cp.next_round)
-        if stored is not None:  # released, then stopped before the checkpoint
-            env = envelope.decode_outer(stored, self.cfg.gossip.max_envelope_bytes)
-            self.signer.seq = max(self.signer.seq, env.seq + 1)
-        self.verifier.load_state(cp.replay)
-        if self.sealing is not None:
-            try:
-                dropped = self.sealing.load_peers(cp.peer_prekeys, cp.next_round)
-                for member, why in sorted(dropped.items()):
-                    log.warning("%s: dropped %s's saved prekey from %s (%s); its next "
-                                "announcement (our hello asks for it) brings a fresh one",
-                                self.name, member, self.state.checkpoint_path, why)
-            except (RemoteError, ValueError, TypeError) as exc:
-                log.warning("%s: the members' prekeys in %s do not verify (%s); waiting for "
-                            "their answers to our hello instead", self.name,
-                            self.state.checkpoint_path, exc)
-                self.sealing.peers.clear()
-        self.counters.rejected.update(cp.rejected)
-        if cp.strategy:
-            self.strategy.load_state_dict(cp.strategy)
-        if cp.control and self.control is not None:
-            self.control.load_state_dict(cp.control)
-        self.transport.stats.bytes_sent += cp.bytes_sent
-        self.transport.stats.bytes_received += cp.bytes_received
-        log.info("%s: resumed at round %d from %s", self.name, cp.next_round, self.state.path)
-
-    def _save_checkpoint(self) -> None:
-        self.state.save_checkpoint(Checkpoint(
-            next_round=self.book.current,
-            model=get_flat(self.model).numpy().astype("<f4").tobytes(),
-            seq=self.signer.seq,
-            replay=self.verifier.export_state(),
-            rejected=self.rejected(),
-            bytes_sent=self.transport.stats.bytes_sent,
-            bytes_received=self.transport.stats.bytes_received,
-            peer_prekeys=self.sealing.export_peers() if self.sealing is not None else {},
-            strategy=self.strategy.state_dict(),
-            control=self.control.state_dict() if self.control is not None else {},
-            planned_rounds=self.cfg.training.rounds,
-            ledger_records=len(self.ledger.records),
-            ledger_digest=ledger_digest(self.ledger.records),
-            retired=sorted({m.name for m in self.consortium.members} - {self.name}
-                           - self.book.neighbours),
-        ))
-        self.state.prune_outbox(self.book.current, self.cfg.keep_releases)
+        self.audit.write(audit.Normalization(self.name, agreed.to_json()))
 
     # --- receiving ---------------------------------------------------------------
     async def _receive(self) -> None:
@@ -662,7 +284,8 @@ class Node:
                 msg.ack()
             self._reject(msg, exc)
             if exc.reason == "equivocation" and accepted is not None:
-                self._keep_evidence(accepted)
+                self.findings.equivocation(self.book.held(accepted.sender, accepted.round),
+                                           accepted, self.book.current)
             if exc.signed_round is not None and exc.peer is not None:
                 self.book.note(exc.peer, exc.signed_round)  # we cannot read it, but it is
             if exc.reason in AUTHENTIC_REASONS and exc.peer is not None:
@@ -680,25 +303,23 @@ class Node:
         self._heard(accepted.sender, shared=accepted.share is not None
                     and where in ("buffered", "ahead"))
         if where == "prekey":
-            self._silent.discard(accepted.sender)
+            self.liveness.prekey_came(accepted.sender)
         if accepted.hello:  # it has just started: tell it our prekeys / our round
             self._answer_hello(accepted.sender, where)
         if where == "seen":
             self._on_seen(accepted, msg.data)
         elif where == "stats":
-            self._on_stats(accepted)
+            self._on_norm(accepted, self.norm_votes.statistics(accepted))
         elif where == "norm":
-            self._on_vote(accepted)
+            self._on_norm(accepted, self.norm_votes.vote(accepted))
         elif where == "final":
             self._finals.setdefault(accepted.sender, bytes(accepted.envelope.body))
         if where == "retired":
             log.warning("%s: %s has stopped sharing (retire message); rounds no longer wait "
                         "for it", self.name, accepted.sender)
-        self.state.append_jsonl("audit.jsonl", {
-            "time": time.time(), "round": accepted.round, "member": accepted.sender,
-            "seq": accepted.envelope.seq, "digest": accepted.envelope.digest.hex(),
-            "kind": accepted.envelope.kind, "outcome": "accepted", "where": where,
-        })
+        self.audit.write(audit.Accepted(accepted.round, accepted.sender, accepted.envelope.seq,
+                                        accepted.envelope.digest.hex(), accepted.envelope.kind,
+                                        where))
         self._arrived.set()
         return accepted
 
@@ -706,31 +327,20 @@ class Node:
         """An authentic message from `member`: it is up. A share (for our round or a later
         one) re-arms the wait for it; talk alone (`shared` False) only once per absence,
         for one deadline (issue 19: one hello per round held every round to the deadline)."""
-        self._up.add(member)
-        if shared:
-            self._missed.pop(member, None)
-            self._talked.discard(member)
-            if member in self._absent:
-                self._absent.discard(member)
-                log.info("%s: a share from %s again; rounds wait for it again", self.name,
-                         member)
-        elif member in self._absent and member not in self._talked:
-            self._talked.add(member)
-            self._absent.discard(member)
-            self._missed[member] = self.cfg.gossip.absent_after - 1  # one more deadline
+        change = self.liveness.heard(member, shared)
+        if change == "back":
+            log.info("%s: a share from %s again; rounds wait for it again", self.name, member)
+        elif change == "heard":
             log.info("%s: heard from %s again (no share yet); rounds wait for it for one "
                      "deadline, then only once its shares arrive", self.name, member)
 
     def _reject(self, msg: Incoming, exc: RemoteError) -> None:
         self.counters.rejected[exc.reason] += 1
         peer = exc.peer or msg.peer_hint or "unknown"
-        self.state.append_jsonl("audit.jsonl", {
-            "time": time.time(), "round": self.book.current, "member": peer,
-            "digest": _blake(msg.data), "outcome": exc.reason, "detail": exc.detail,
-        })
+        self.audit.write(audit.Rejected(self.book.current, peer, _blake(msg.data), exc.reason,
+                                        exc.detail))
         level = logging.DEBUG if exc.reason in BENIGN_REASONS else logging.WARNING
-        if (peer, exc.reason) not in self._logged:
-            self._logged.add((peer, exc.reason))
+        if self.audit.once(peer, exc.reason):
             log.log(level, "%s: %s (further %r from %s are counted, not logged)",
                     self.name, exc, exc.reason, peer)
 
@@ -776,9 +386,9 @@ class Node:
                         reports.append(report)
                         if on_round is not None:
                             on_round(report)
-                    if self.book.current >= self.cfg.training.rounds and self._closed:
-                        await self._await_final_seen(max(self._closed))
-                        await self._compare_final_models(max(self._closed))
+                    if self.book.current >= self.cfg.training.rounds and self.seen.closed:
+                        await self._await_final_seen(max(self.seen.closed))
+                        await self._compare_final_models(max(self.seen.closed))
                     # No round left to read a share in (finished, or stopped sharing):
                     # nothing on this disk may open recorded traffic any more, and
                     # nothing needs redelivering.
@@ -789,67 +399,17 @@ class Node:
                     receiver.cancel()
                     self.signer.close()
         finally:
-            self._save_checkpoint()
+            checkpoint.save(self)
             await self.transport.close()
-
-    def _evidence_file(self, member: str, name: str, data: bytes) -> str | None:
-        """Keep signed bytes from `member` in state/evidence/ (at most
-        MAX_EVIDENCE_PER_MEMBER files per member); its path relative to the state dir."""
-        if self._evidence[member] >= MAX_EVIDENCE_PER_MEMBER:
-            return None
-        path = self.state.path / "evidence" / name
-        if not path.exists():
-            atomic_write(path, bytes(data))
-            self._evidence[member] += 1
-        return str(path.relative_to(self.state.path))
-
-    def _keep_evidence(self, second: Accepted) -> None:
-        """A member signed two different shares for one round: keep the proof, both signed
-        envelopes, in state/evidence/proofs/ (node/evidence.py: apart from the audit log,
-        which a flood can rotate; one per member and round; bounded per member) and count
-        it. The audit log says so too, with both digests and signatures. Anyone holding
-        the member's public key can check the proof (`verify_equivocation`)."""
-        first = self.book.held(second.sender, second.round)
-        member = second.sender
-        name = None
-        if first is not None and same_slot(first.envelope, second.envelope) \
-                and first.envelope.digest != second.envelope.digest:
-            path = self.evidence.keep_equivocation(member, first.envelope, second.envelope)
-            name = None if path is None else str(path.relative_to(self.state.path))
-            self._proven = {(m, r) for m, r in self._proven if r >= self.book.current}
-            if (member, second.round) not in self._proven:
-                self._proven.add((member, second.round))
-                self.counters.equivocation[member] += 1
-        self.state.append_jsonl("audit.jsonl", {
-            "time": time.time(), "round": second.round, "member": member,
-            "outcome": "equivocation", "kind": "evidence",
-            "first": None if first is None else {
-                "seq": first.envelope.seq, "digest": first.envelope.digest.hex(),
-                "sig": first.envelope.sig.hex(), "kind": first.envelope.kind},
-            "second": {"seq": second.envelope.seq, "digest": second.envelope.digest.hex(),
-                       "sig": second.envelope.sig.hex(), "kind": second.envelope.kind},
-            "proof": name,  # None: no first envelope held, or this member's store is full
-        })
 
     # --- seen reports: comparing what each member was sent ----------------------------
     async def _close_seen(self, r: int, received: dict[str, Accepted]) -> None:
         """Round r is closed: keep the digests we accepted, check the reports that came
         early, and tell the others what we accepted (a seen message) so a member that
         signed a different share for each peer is noticed by every one of them."""
-        ours = {m: (a.envelope.seq, a.envelope.digest, a.envelope.sig) for m, a in received.items()}
-        own = self._own_release.pop(r, None)
-        if own is not None:
-            ours[self.name] = own
-        self._closed[r] = ours
-        for old in [x for x in self._closed if x <= r - SEEN_KEEP_ROUNDS]:
-            del self._closed[old]
-        for old in [x for x in self._own_release if x < r]:
-            del self._own_release[old]
-        for _, (acc, data) in sorted(self._pending_seen.pop(r, {}).items()):
-            self._compare_seen(acc, data)
-        for old in [x for x in self._pending_seen if x < r]:
-            del self._pending_seen[old]
-        self._reported = {(x, m) for x, m in self._reported if x > r - SEEN_KEEP_ROUNDS}
+        for found in self.seen.close(r, {m: (a.envelope.seq, a.envelope.digest, a.envelope.sig)
+                                         for m, a in received.items()}):
+            self.findings.mismatch(found)
         if received and len(self.consortium.members) >= 3:  # a third member can compare
             keys = {m.name: m.public_key for m in self.consortium.members}
             body = bodies.encode_seen([(keys[m], received[m].envelope.digest)
@@ -861,88 +421,29 @@ class Node:
         """After the last round, the others' seen reports for it (no later round will
         carry them in): until each member whose share we used has reported, at most
         FINAL_SEEN_WAIT_S (a member that stops right after its last share costs that)."""
-        expect = {m for m in self._closed[r] if m != self.name} & self.book.neighbours
+        expect = self.seen.expected_final(r, self.book.neighbours)
         end = asyncio.get_running_loop().time() + min(FINAL_SEEN_WAIT_S,
                                                       self.cfg.gossip.round_deadline_s)
-        if not await self._wait_until(lambda: all((r, m) in self._reported for m in expect), end):
+        if not await self._wait_until(lambda: self.seen.all_reported(r, expect), end):
             log.info("%s: no seen report for the last round from %s", self.name,
-                     ", ".join(sorted(m for m in expect if (r, m) not in self._reported)))
+                     ", ".join(sorted(m for m in expect if (r, m) not in self.seen.reported)))
 
     async def _compare_final_models(self, r: int) -> None:
         """After the last round: tell the members our final model's digest, wait (as for
         the seen reports) for theirs from each member whose share we used, and say which
         ended with a different model. Logged, and kept in final.json for `flnode status`."""
-        ours = model_digest(self.model)
+        ours = finals.model_digest(self.model)
         await self._in_background(self._broadcast(r, self._sign(KIND_FINAL, r, ours)), "final")
-        expect = {m for m in self._closed.get(r, {}) if m != self.name} & self.book.neighbours
+        expect = self.seen.expected_final(r, self.book.neighbours)
         end = asyncio.get_running_loop().time() + min(FINAL_SEEN_WAIT_S,
                                                       self.cfg.gossip.round_deadline_s)
         await self._wait_until(lambda: expect <= set(self._finals), end)
-        result = compare_finals(ours, self._finals, expect)
-        atomic_write(self.state.path / FINAL_FILE, json.dumps(
-            {"round": r + 1, "time": time.time(), **result}, sort_keys=True).encode())
-        if result["different"]:
-            log.warning("%s: final models differ: %s ended round %d with a different model "
-                        "than ours (digest %s… here); the members did not combine the same "
-                        "shares (a member restarted after a kill, a share arrived late or was "
-                        "lost). Compare `flnode status` on each member", self.name,
-                        ", ".join(f"{m} ({d[:12]}…)" for m, d in
-                                  sorted(result["different"].items())),
-                        r + 1, result["digest"][:12])
-        elif result["same"]:
-            log.info("%s: final model identical to %s's (digest %s…)", self.name,
-                     ", ".join(result["same"]), result["digest"][:12])
-        if result["not_heard"]:
-            log.info("%s: no final model digest from %s", self.name,
-                     ", ".join(result["not_heard"]))
+        finals.record(self.state, self.name, r, ours, self._finals, expect)
 
     def _on_seen(self, acc: Accepted, data: bytes) -> None:
-        """A member's seen report: compared now if we have closed its round, kept until we
-        do if it is within the rounds we buffer, else dropped (one per member and round;
-        memory stays bounded by members x (lookahead + kept rounds))."""
-        r = acc.round
-        if (r, acc.sender) in self._reported:
-            return
-        if r in self._closed:
-            self._reported.add((r, acc.sender))
-            self._compare_seen(acc, data)
-        elif self.book.current <= r <= self.book.current + self.cfg.gossip.lookahead:
-            self._reported.add((r, acc.sender))
-            self._pending_seen.setdefault(r, {})[acc.sender] = (acc, data)
-
-    def _compare_seen(self, report: Accepted, data: bytes) -> None:
-        r, reporter = report.round, report.sender
-        ours = self._closed.get(r, {})
-        for member, digest in report.seen:
-            mine = ours.get(member)
-            if mine is None or mine[1] == digest or member == reporter:
-                continue
-            # The reporter's claim, counted under the reporter: nothing here proves which
-            # of the two signed what (node/evidence.py); the accused is named as such.
-            self.counters.digest_mismatch[reporter] += 1
-            name = self._evidence_file(reporter, f"seen-{reporter}-round{r}-seq"
-                                       f"{report.envelope.seq}.envelope", data)
-            if member == self.name:
-                meaning = (f"{reporter} reports a round-{r + 1} share from us that we never "
-                           f"sent: {reporter} misreports")
-            else:
-                meaning = (f"{member} signed a different share for round {r + 1} for "
-                           f"{reporter} than for us (split equivocation), or {reporter} "
-                           "misreports")
-            self.state.append_jsonl("audit.jsonl", {
-                "time": time.time(), "round": r, "member": reporter, "reporter": reporter,
-                "accused": member, "outcome": "digest_mismatch", "kind": "claim",
-                "meaning": meaning,
-                "reported": digest.hex(),
-                "ours": {"seq": mine[0], "digest": mine[1].hex(), "sig": mine[2].hex()},
-                "report": {"seq": report.envelope.seq, "digest": report.envelope.digest.hex(),
-                           "sig": report.envelope.sig.hex(), "file": name},
-            })
-            if (member, f"mismatch:{reporter}") not in self._logged:
-                self._logged.add((member, f"mismatch:{reporter}"))
-                log.warning("%s: %s (a claim by %s, not a proof; its signed report is kept "
-                            "in the audit log; further are counted, not logged)", self.name,
-                            meaning, reporter)
+        """A member's seen report: compared now, or once we close its round."""
+        for found in self.seen.report(acc, data, self.book.current):
+            self.findings.mismatch(found)
 
     async def _round(self) -> RoundReport | None:
         r = self.book.current
@@ -968,7 +469,7 @@ class Node:
                 assert result.sent is not None
                 self.signer.seq = max(self.signer.seq, result.sent[0] + 1)
             if result.sent is not None:
-                self._own_release[r] = result.sent
+                self.seen.released(r, result.sent)
         if data is not None:
             sends = self.signer.outgoing(r, data, sorted(self.book.still_in(r)))
             if sends is None:
@@ -999,7 +500,7 @@ class Node:
         agg = self.strategy.aggregate(r, own, shares, set(self.book.missing(r)),
                                       reference=reference)
         diagnostics = agg.to_json()
-        self._record_aggregate(r, diagnostics)
+        self.audit.aggregate(r, diagnostics, self.counters.aggregation)
         await self._close_seen(r, received)
         combined = agg.vector
         if bool(torch.isfinite(combined).all()):
@@ -1034,14 +535,13 @@ class Node:
         # Metrics before the checkpoint: a crash in between re-runs the round
         # and appends a second line for it (readers take the last), rather than
         # losing the round's line.
-        self.last_round = self._record_round(
-            r, metrics=metrics, epsilon=eps, received=report.received, seconds=report.seconds,
-            intervals=intervals, eval_rows=len(self.held_out.y),
-            train_rows=len(self.train_data.y), missing=missing, closed=closed,
-            aggregation={k: diagnostics[k] for k in ("rule", "used", "excluded", "clipped",
-                                                     "weight_capped", "fallbacks")
-                         if diagnostics[k] or k in ("rule", "used")})
-        self._save_checkpoint()
+        self.last_round = self.audit.write(audit.RoundMetrics(
+            r, metrics, eps, report.received, report.seconds, intervals, len(self.held_out.y),
+            len(self.train_data.y), missing, closed,
+            {k: diagnostics[k] for k in ("rule", "used", "excluded", "clipped", "weight_capped",
+                                         "fallbacks") if diagnostics[k] or k in ("rule", "used")},
+            self._traffic(r)))
+        checkpoint.save(self)
         self._ack_before(self.book.current)
         return report
 
@@ -1089,14 +589,15 @@ class Node:
         assert sealing is not None
 
         def pending() -> list[str]:
-            return sorted(set(sealing.recipients(r, self.book.still_in(r))[1]) - self._silent)
+            return sorted(set(sealing.recipients(r, self.book.still_in(r))[1])
+                          - self.liveness.silent)
 
         # a long wait is reported like the shares' (log line, activity.json)
         await self._wait_until(lambda: not pending(), self._deadline,
                                waiting=(f"round {r + 1} prekeys", pending))
         recipients, missing = sealing.recipients(r, self.book.still_in(r))
         if asyncio.get_running_loop().time() >= self._deadline:
-            self._silent.update(missing)
+            self.liveness.silent.update(missing)
         return recipients, missing
 
     async def _rotate_prekeys(self, r: int, announce: bool = False) -> None:
@@ -1115,7 +616,7 @@ class Node:
         round (its hello). At most once per member and kind every HELLO_INTERVAL_S (a
         member that keeps saying hello gets no more than that); one small message."""
         now = time.monotonic()
-        if now - self._answered.get((member, where), -HELLO_INTERVAL_S) < HELLO_INTERVAL_S:
+        if not self.hellos.due(member, where, now):
             return
         if where == "prekey":
             if self.sealing is None or self._announcement is None:
@@ -1123,7 +624,7 @@ class Node:
             data = self._announcement
         else:
             data = self._sign(KIND_HELLO, self.book.current, HELLO_REPLY)
-        self._answered[(member, where)] = now
+        self.hellos.answered(member, where, now)
         if self._tg is not None:  # owned and awaited by the run's TaskGroup
             self._tg.create_task(self._send(member, data),
                                  name=f"{self.name}-hello-reply-{member}")
@@ -1152,33 +653,26 @@ class Node:
         loop = asyncio.get_running_loop()
         restarted = self.book.current > 0 or \
             self.state.stored_release(self.book.current) is not None
-        n = len(self.consortium.members)
-        need_min = max(0, quorum(g.min_members, n) - 1)
+        n, t0 = len(self.consortium.members), loop.time()
+        # The decision (gossip/protocol/liveness.py): min_members, and after a restart a
+        # majority of the members still sharing, recounted on every arrival.
+        barrier = StartBarrier(g.min_members, n, restarted, t0, g.round_deadline_s)
         asked = (f"gossip.min_members = {g.min_members}" if g.min_members != "majority" else
-                 f"gossip.min_members = \"majority\" ({need_min + 1} of {n})")
-        t0 = loop.time()
-        deadline = t0 + g.round_deadline_s
+                 f"gossip.min_members = \"majority\" ({barrier.need + 1} of {n})")
         next_report, reported = t0 + WAIT_REPORT_FIRST_S, False
         while True:
             self._arrived.clear()
-            # A majority of the members still sharing, recounted on every arrival: a
-            # retire message shrinks it, and with none left (all retired) there is nobody
-            # to wait for (a majority fixed at the start waited out the whole deadline).
-            majority = len(self.book.neighbours) // 2 + 1 \
-                if restarted and self.book.neighbours else 0
-            up = len(self._up & self.book.neighbours)
-            now = loop.time()
-            if up >= need_min and (up >= majority or now >= deadline):
+            up, now = self.liveness.up, loop.time()
+            if barrier.passed(up, self.book.neighbours, now):
                 break
-            if up < need_min and now >= next_report:  # the same report as any long wait
+            n_up = len(up & self.book.neighbours)
+            if n_up < barrier.need and now >= next_report:  # the same report as any long wait
                 self._report_wait(
-                    f"{asked} before round "
-                    f"{self.book.current + 1} ({up + 1} up)",
-                    sorted(set(self.book.neighbours) - self._up), now - t0, None)
+                    f"{asked} before round {self.book.current + 1} ({n_up + 1} up)",
+                    sorted(set(self.book.neighbours) - up), now - t0, None)
                 next_report, reported = now + WAIT_REPORT_EVERY_S, True
-            ends = ([next_report] if up < need_min else []) + \
-                ([deadline] if up < majority and now < deadline else [])
-            await self._wait_arrival(max(min(ends) - now, 0.01))
+            end = barrier.next_time(up, self.book.neighbours, now, next_report)
+            await self._wait_arrival(max((now if end is None else end) - now, 0.01))
         if reported:
             self._write_activity(None)
         ahead = self.book.quorum_round()
@@ -1186,7 +680,7 @@ class Node:
             log.warning("%s: the others are at round %d; joining them there (rounds %d-%d "
                         "skipped)", self.name, ahead + 1, self.book.current + 1, ahead)
             self.book.join(ahead)
-            self._save_checkpoint()
+            checkpoint.save(self)
 
     def _ack_before(self, round_: int | None) -> None:
         """Acknowledge the shares of rounds before round_ (all if None): used or skipped,
@@ -1207,53 +701,14 @@ class Node:
         """Say once, clearly, that we stop sharing; tell the members; keep the model."""
         log.warning("%s: %s", self.name, self.stopped)
         await self._broadcast(r, self._sign(KIND_RETIRE, r, b""))
-        self._record_round(r, stopped=self.stopped, epsilon=self.epsilon())
-        self._save_checkpoint()
+        self.audit.write(audit.StoppedMetrics(r, self.stopped, self.epsilon(), self._traffic(r)))
+        checkpoint.save(self)
 
-    def _record_aggregate(self, r: int, d: dict) -> None:
-        """The strategy's diagnostics: one audit line per round, counted per member and
-        reason, and a log line the first time a member is excluded, clipped or capped."""
-        self.state.append_jsonl("audit.jsonl", {"time": time.time(), "round": r,
-                                                "member": self.name, "outcome": "aggregate",
-                                                "kind": "aggregate", **d})
-        for what in ("excluded", "clipped", "weight_capped", "down_weighted"):
-            for member, note in d[what].items():
-                self.counters.aggregation[f"{member}:{what}:{note['reason']}"] += 1
-                if (member, what) not in self._logged:
-                    self._logged.add((member, what))
-                    log.log(logging.INFO if what == "down_weighted" else logging.WARNING,
-                            "%s: round %d: %s %s by %s: %s (further are counted, not logged)",
-                            self.name, r + 1, member, what.replace("_", " "), d["rule"],
-                            note["detail"])
-        for note in d["fallbacks"]:
-            log.warning("%s: round %d: %s: %s", self.name, r + 1, note["reason"], note["detail"])
-
-    def _record_round(self, r: int, **fields: object) -> dict[str, Any]:
-        """One metrics.jsonl line: the round's own fields plus the running counters, and
-        the bytes since the previous line (since start, for the first line of a run)."""
-        sent, got = self.transport.stats.bytes_sent, self.transport.stats.bytes_received
-        last_sent, last_got = self._bytes_recorded
-        self._bytes_recorded = (sent, got)
-        line = {
-            "round": r, **fields, "rejected": self.rejected(),
-            "bytes_sent": sent, "bytes_received": got,
-            "round_bytes_sent": sent - last_sent, "round_bytes_received": got - last_got,
-        }
-        flood = self.transport.stats.flood_by_sender
-        if flood:
-            # Messages the transport dropped, unparsed, because their sender was over its
-            # share of our intake: the flooding member by name, in metrics and audit log.
-            line["flood_by_sender"] = dict(flood)
-            for member, count in sorted(flood.items()):
-                if count > self._flood_recorded[member]:
-                    self.state.append_jsonl("audit.jsonl", {
-                        "time": time.time(), "round": r, "member": member, "outcome": "flood",
-                        "detail": f"{count - self._flood_recorded[member]} messages over its "
-                                  f"share of our intake dropped before verification "
-                                  f"({count} in all)"})
-            self._flood_recorded = Counter(flood)
-        self.state.append_jsonl("metrics.jsonl", line)
-        return line
+    def _traffic(self, r: int) -> audit.Traffic:
+        """The running counters for a metrics line (and the flood audit lines)."""
+        t = self.transport.stats
+        return self.audit.traffic(r, self.rejected(), t.bytes_sent, t.bytes_received,
+                                  t.flood_by_sender)
 
     async def _broadcast(self, r: int, data: bytes) -> None:
         """A message the transport refuses (e.g. a share over the broker's packet limit) is
@@ -1272,24 +727,14 @@ class Node:
         heard from, ourselves included, are a majority of the consortium. Otherwise we
         are as likely to be the one cut off (a partition, our own link): closing rounds
         without the others would race us ahead of them, so each deadline is waited out."""
-        absent = self._absent & self.book.neighbours
-        members = len(self.book.neighbours) + 1
-        if 2 * (members - len(absent)) <= members:
-            return set()
-        return absent
+        return self.liveness.ignorable(self.book.neighbours)
 
     def _note_absent(self, r: int) -> None:
         """Members still in round r whose share did not come by its deadline: after
         `gossip.absent_after` such deadlines in a row, stop waiting for them."""
-        for m in self.book.waiting_for(r):
-            if m in self._absent:
-                continue
-            self._missed[m] += 1
-            if self._missed[m] >= self.cfg.gossip.absent_after:
-                self._absent.add(m)
-                log.warning("%s: %s sent no share by %d deadline(s) in a row; rounds no "
-                            "longer wait for it until its shares arrive again", self.name, m,
-                            self._missed[m])
+        for m, missed in self.liveness.note_absent(self.book.waiting_for(r)):
+            log.warning("%s: %s sent no share by %d deadline(s) in a row; rounds no "
+                        "longer wait for it until its shares arrive again", self.name, m, missed)
 
     async def _collect(self, r: int, deadline: float) -> None:
         ignore = self._ignorable
@@ -1334,7 +779,7 @@ class Node:
                      remaining: float | None) -> None:
         """One log line and activity.json: who we wait for, since when, until when
         (remaining None: a wait without a time limit, the min_members barrier)."""
-        heard = self._up & {m.name for m in self.consortium.members}
+        heard = self.liveness.up & {m.name for m in self.consortium.members}
         alone = ("; no other member heard from since this node started (started alone? "
                  "check that the others are running and can reach us)" if not heard else "")
         until = "no time limit" if remaining is None else f"gives up in {remaining:.0f} s"
@@ -1373,24 +818,6 @@ class Node:
         if self.cfg.privacy.mode == "off":
             return None
         return self.ledger.epsilon(self.cfg.privacy.delta)
-
-
-def model_digest(model: torch.nn.Module) -> bytes:
-    """BLAKE2b-256 of the model's parameters as float32 little-endian (the checkpoint's
-    bytes): what a final message carries."""
-    import hashlib
-
-    return hashlib.blake2b(get_flat(model).numpy().astype("<f4").tobytes(),
-                           digest_size=32).digest()
-
-
-def compare_finals(ours: bytes, finals: dict[str, bytes], expected: set[str]) -> dict[str, Any]:
-    """{"digest": ours, "same": [members], "different": {member: digest}, "not_heard":
-    [expected members without a final message]} (hex digests, sorted names)."""
-    return {"digest": ours.hex(),
-            "same": sorted(m for m, d in finals.items() if d == ours),
-            "different": {m: d.hex() for m, d in sorted(finals.items()) if d != ours},
-            "not_heard": sorted(set(expected) - set(finals))}
 
 
 def _blake(data: bytes) -> str:

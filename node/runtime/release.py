@@ -41,6 +41,7 @@ from node.privacy.accountant import LedgerRecord
 from node.privacy.budget import PrivacyBudget
 from node.privacy.ledger import Ledger
 from node.privacy.mechanisms import NoiseSource, privatize_update
+from node.runtime import audit
 from node.runtime.config import NodeConfig
 from node.runtime.state import StateDir
 from node.strategy import WeightedShare
@@ -274,10 +275,7 @@ class Releaser:
                  "|c - c_i| = %.4g", self.name, r + 1, rnd(c.c_round), rnd(c.own_round), norm)
         # Which rounds' released values this round's correction comes from (0-based, as
         # every audit line): what a restart restored from the checkpoint, checkable later.
-        self.state.append_jsonl("audit.jsonl", {
-            "time": time.time(), "round": r, "member": self.name, "outcome": "control",
-            "kind": "control", "c_round": c.c_round, "own_round": c.own_round,
-            "correction_norm": norm})
+        audit.write(self.state, audit.Control(r, self.name, c.c_round, c.own_round, norm))
 
     def _step_scale(self, r: int) -> float:
         """K x lr of round r: the local steps and rate its share was trained with (record
