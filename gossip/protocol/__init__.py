@@ -36,27 +36,27 @@ For the lead: wiring Node (node/runtime/node.py) to the machine is mechanical:
       Broadcast/SendTo(Sign(k, r, body))  _sign(k, r, body) then _broadcast / _send
       Broadcast/SendTo(Stored(name))      _announcement / VOTE_FILE / STATS_FILE bytes
       RotatePrekeys(r, hello)             _rotate_prekeys(r, announce=hello)
-      ForgetPrekeys                       _forget_prekeys
+      ForgetPrekeys                       Signer.forget_prekeys
       Train(r)                            _rotate_prekeys already done; reference model;
                                           Releaser.release(r) -> Released(r, outcome...)
       SendShare(r, seal_for, to, stored)  _pack_share (sealing.recipients(r, seal_for)),
                                           charge, store_release, broadcast -> Signed(r, own)
       Close(r, shares, missing, why)      norm_mismatch filter, strategy.aggregate (our own
                                           release only if close.own_enters(name)),
-                                          _record_aggregate, evaluate -> machine.closed(r, used);
+                                          AuditLog.aggregate, evaluate -> machine.closed(r, used);
                                           with the echo: close.echo.excluded -> audit lines,
                                           their held/claims/proof envelopes kept as evidence
       Advanced(r, nxt) / Joined           the "behind the consortium"/"joining" log lines
-      Checkpoint(n)                       _save_checkpoint (then the Ack that follows)
+      Checkpoint(n)                       checkpoint.save (then the Ack that follows)
       Ack(tokens)                         call each ack
       Retire(r, why)                      _retire
-      SendFinal(r) / Finals(...)          _compare_final_models' send / compare_finals + final.json
+      SendFinal(r) / Finals(...)          the final digest's send / finals.record (final.json)
       FinalSeenMissing                    the "no seen report for the last round" log line
       SendVote / SendStats                _own_vote / _own_stats, then broadcast
       AdoptRange / Combine                range_agreed / combine, then _adopt + audit line
       Abort(why)                          raise LocalError(why)
       Filed / Refused                     counters, audit.jsonl line, log once per (member, reason)
-      Equivocation                        _keep_evidence(second) with `first` (an echo's
+      Equivocation                        Findings.equivocation(second) with `first` (an echo's
                                           first is the first echo, not book.held)
       SeenMismatch                        the digest_mismatch counter, evidence file, audit claim
       Presence                            the absent / heard again log lines

@@ -72,7 +72,7 @@ from node.runtime.build import Compose, Parts, build_node
 from node.runtime.config import NodeConfig
 from node.runtime.findings import Findings
 from node.runtime.normalization import LocalData
-from node.runtime.release import NotReleased, Releaser, Stopped
+from node.runtime.release import NotReleased, Releaser, Stopped, blake
 from node.runtime.round_report import RoundReport
 from node.runtime.state import atomic_write
 from node.strategy import WeightedShare
@@ -337,7 +337,7 @@ class Node:
     def _reject(self, msg: Incoming, exc: RemoteError) -> None:
         self.counters.rejected[exc.reason] += 1
         peer = exc.peer or msg.peer_hint or "unknown"
-        self.audit.write(audit.Rejected(self.book.current, peer, _blake(msg.data), exc.reason,
+        self.audit.write(audit.Rejected(self.book.current, peer, blake(msg.data), exc.reason,
                                         exc.detail))
         level = logging.DEBUG if exc.reason in BENIGN_REASONS else logging.WARNING
         if self.audit.once(peer, exc.reason):
@@ -819,9 +819,4 @@ class Node:
             return None
         return self.ledger.epsilon(self.cfg.privacy.delta)
 
-
-def _blake(data: bytes) -> str:
-    import hashlib
-
-    return hashlib.blake2b(data, digest_size=32).hexdigest()
 

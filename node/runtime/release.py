@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import copy
 import dataclasses
+import hashlib
 import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -225,7 +226,7 @@ class Releaser:
         # and what every receiver writes to its audit log for the share it accepted.
         packed = (envelope.decode_outer(data, self.cfg.gossip.max_envelope_bytes)
                   if data is not None else None)
-        digest = packed.digest.hex() if packed is not None else _blake(wire)
+        digest = packed.digest.hex() if packed is not None else blake(wire)
         # Charged and fsync'd before the bytes exist anywhere but in memory, and also
         # when nobody could be sealed for: our model goes on from this share.
         self._charge(t.charges, digest, t.weight)
@@ -288,7 +289,6 @@ class Releaser:
             round_lr(lr, tc.lr_decay, r)
 
 
-def _blake(data: bytes) -> str:
-    import hashlib
-
+def blake(data: bytes) -> str:
+    """The hex BLAKE2b-256 digest the audit log and the seen reports name a message by."""
     return hashlib.blake2b(data, digest_size=32).hexdigest()
