@@ -176,6 +176,8 @@ def build_parts(cfg: NodeConfig, rejected: Counter[str]) -> Parts:
             f"key file {cfg.identity.key} is for {identity.name!r} but the consortium file "
             f"lists another public key for that member: wrong key file or stale peer list"
         )
+    # The network, checked against the consortium's [model] before any state exists.
+    model = own_model(cfg, consortium, schema, identity.name)
     state = StateDir(cfg.state_dir)
     ledger = Ledger(state.ledger_path, repair=True)
     for what in ledger.recovered:
@@ -220,7 +222,6 @@ def build_parts(cfg: NodeConfig, rejected: Counter[str]) -> Parts:
     few = few_rounds_warning(agreed.strategy.params, tc.rounds, cfg.privacy.mode)
     if few is not None:
         log.warning("%s: %s", identity.name, few)
-    model = own_model(cfg, consortium, schema, identity.name)
     neighbours = [m.name for m in consortium.members if m.name != identity.name]
     keys = {m.public_key: m.name for m in consortium.members}
     sealing: Sealing | None = None
