@@ -322,6 +322,10 @@ def _plugin(tmp_path: Path, monkeypatch, name: str, body: str) -> str:
     ("def build(n_in, n_out, *, width=4):\n    return nn.Linear(n_in, n_out)\n",
      "refused its arguments"),
     ("build = 3\n", "has no callable 'build'"),
+    ("class M(nn.Module):\n    def __init__(s, a, b):\n        super().__init__()\n"
+     "        s.l = nn.Linear(a, b)\n        s.w = nn.Parameter(torch.zeros([1] * 9))\n"
+     "    def forward(s, x):\n        return s.l(x) + s.w.sum()\n"
+     "def build(n_in, n_out):\n    return M(n_in, n_out)\n", "9 dimensions"),
     ("raise ImportError('broken')\n", "cannot import"),
 ])
 def test_a_plugin_flnode_cannot_train_is_refused_naming_why(tmp_path, monkeypatch, body, match):
@@ -420,6 +424,13 @@ def test_a_scenario_file_takes_every_kind_and_names_a_bad_option(tmp_path):
     path.write_text(f'[model]\nkind = "{PLUGIN_KIND}"\n[model.options]\nwidth = 8\n')
     fields, _ = read_scenario(path)
     assert fields["model"] == PLUGIN_KIND and fields["model_options"] == {"width": 8}
+    from node.rehearsal.simulation.scenario import build_spec
+
+    path.write_text('[model]\nkind = "res_mlp"\nhidden = 16\nblocks = 3\n')
+    spec = build_spec(path, {"out": tmp_path / "o"})
+    assert (spec.model, spec.hidden, spec.model_options) == ("res_mlp", 16, {"blocks": 3})
+    spec = build_spec(path, {"out": tmp_path / "o", "model": "mlp"})  # --model mlp
+    assert (spec.model, spec.model_options) == ("mlp", {})  # the file's options were res_mlp's
     path.write_text('[model]\nkind = "res_mlp"\ndepth = 3\n')
     with pytest.raises(LocalError, match="s.toml: model: depth: an option of deep_mlp"):
         read_scenario(path)

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from gossip.bodies import TensorSpec
+from gossip.bodies import MAX_NDIM, MAX_TENSOR_NAME, MAX_TENSORS, TensorSpec
 from gossip.errors import LocalError
 from gossip.membership import Consortium
 from node.learn import nets
@@ -83,7 +83,14 @@ def check_network(model: nn.Module, kind: str, n_in: int, n_out: int) -> None:
                          f"({', '.join(extra) or 'a shared (tied) parameter'}): flnode sends "
                          "and averages the whole state_dict; register buffers with "
                          "persistent=False")
+    if len(params) > MAX_TENSORS:
+        raise LocalError(f"{where}: {len(params)} parameter tensors; a share carries at most "
+                         f"{MAX_TENSORS} (gossip/bodies.py)")
     for name, t in params.items():
+        if len(name) > MAX_TENSOR_NAME or t.dim() > MAX_NDIM:
+            raise LocalError(f"{where}: parameter {name[:80]!r} ({t.dim()} dimensions): a "
+                             f"share carries names of at most {MAX_TENSOR_NAME} characters "
+                             f"and at most {MAX_NDIM} dimensions (gossip/bodies.py)")
         if t.dtype != torch.float32:
             raise LocalError(f"{where}: parameter {name} is {t.dtype}: flnode trains and "
                              "sends float32")
