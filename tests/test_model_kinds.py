@@ -33,6 +33,7 @@ from node.learn.models import agreed_model, build_model, get_flat, parameter_sha
 from node.learn.train import evaluate, train_local, train_local_dp
 from node.privacy.accountant import steps_per_epoch
 from node.privacy.mechanisms import SeededNoise
+from node.runtime.config import ModelConfig
 from node.runtime.state import Checkpoint, StateDir
 from node.strategy.consortium_rules import build_strategy, pin_rules, rules_table
 from node.strategy.types import WeightedShare
@@ -201,8 +202,6 @@ def test_a_checkpoint_saved_and_restored_gives_the_same_network(case: KindCase, 
 def test_every_kind_pins_and_builds_the_pinned_network(case: KindCase):
     model = case.build(N_IN, N_OUT)
     section = case.model_section()
-    from node.runtime.config import ModelConfig
-
     cfg = ModelConfig.model_validate(section)
     pin = pin_for(cfg.kind, cfg.resolved(), N_IN, N_OUT)
     kind, options, params = read_pin(pin, "c.toml")
@@ -404,6 +403,37 @@ def test_a_node_config_contradicting_the_pinned_model_is_refused(tmp_path):
     path.write_text(tomli_w.dumps(doc))
     parts = build_parts(load_config(path), Counter())
     assert isinstance(parts.model[1], nn.LayerNorm) and len(parts.model) == 7
+
+
+def test_model_pin_writes_the_table_and_a_member_without_its_own_model_builds_it(tmp_path,
+                                                                                 capsys):
+    from node.ops.model_pin import main
+    from node.runtime.build import build_parts
+    from node.runtime.config import load_config
+
+    plugin_importable()
+    prep = _prepared(tmp_path, "mlp", {}, hidden=8)
+    path = tmp_path / "run" / "consortium.toml"
+    before = load_consortium(path).id
+    snippet = ROOT / "network_configs/examples/model-plugin.toml"
+    assert main([str(path), "--model", str(snippet)]) == 0  # prints, writes nothing
+    assert 'kind = "gated_mlp:build"' in capsys.readouterr().out
+    assert load_consortium(path).id == before
+    assert main([str(path), "--model", str(snippet), "--write"]) == 0
+    assert f"{before.hex()} -> " in capsys.readouterr().out
+    pinned = load_consortium(path)
+    assert pinned.id != before and pinned.model["kind"] == PLUGIN_KIND
+    config = prep.config_paths[0]
+    doc = tomllib.loads(config.read_text())
+    with pytest.raises(LocalError, match="this node's config says kind 'mlp'"):
+        build_parts(load_config(config), Counter())
+    del doc["model"]
+    config.write_text(tomli_w.dumps(doc))
+    parts = build_parts(load_config(config), Counter())
+    assert [n for n, _ in parameter_shapes(parts.model)][:2] == ["blocks.0.norm.weight",
+                                                                 "blocks.0.norm.bias"]
+    assert main([str(path), "--model", str(tmp_path / "none.toml")]) == 2
+    assert "cannot read model file" in capsys.readouterr().err
 
 
 def test_legacy_kinds_are_not_pinned_so_simulated_runs_keep_their_ids(tmp_path):

@@ -41,7 +41,8 @@ def model_section(path: Path) -> ModelConfig:
     doc = read_toml(path, "model file")
     if not isinstance(doc.get("model"), dict):
         raise LocalError(f"{path}: no [model] table")
-    return validate_config({"model": doc["model"]}, str(path), ModelOnly).model  # type: ignore[arg-type, attr-defined]
+    only = validate_config({"model": doc["model"]}, str(path), ModelOnly)  # type: ignore[arg-type]
+    return only.model  # type: ignore[attr-defined]
 
 
 def pin(consortium_path: Path, model_path: Path, write: bool = False) -> dict:
