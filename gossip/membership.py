@@ -2,7 +2,7 @@
 
 A consortium file (TOML) names the consortium, its feature schema and its
 members. The id is BLAKE2b-256 over a domain tag and the canonical JSON of
-(name, schema, members' (name, public key, addresses), rules). Anything that
+(name, schema, members' (name, public key, addresses), rules, model). Anything that
 would make two members' models not averageable (a schema that differs, even
 only in column order), their trust differ (another member list) or their
 traffic go elsewhere (another libp2p address, another MQTT broker URL, another
@@ -86,6 +86,10 @@ class Consortium:
     # by node.rules, and part of the id when present, so members that judge
     # differently are different consortia.
     rules: Mapping[str, Any] = field(default_factory=dict)
+    # The network every member builds (node/learn/kinds.py: kind, options, parameter names
+    # and shapes, their digest): opaque here too, and part of the id only when present,
+    # so a file without a [model] table keeps the id it had before the table existed.
+    model: Mapping[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not self.members:
@@ -109,6 +113,8 @@ class Consortium:
         }
         if self.rules:
             parts["rules"] = _digest(b"rules\x00", canonical_json(self.rules)).hex()
+        if self.model:
+            parts["model"] = _digest(b"model\x00", canonical_json(self.model)).hex()
         return parts
 
     def _member_list(self) -> list[list[str]]:
@@ -123,6 +129,8 @@ class Consortium:
                                "members": self._member_list(), "addresses": self._addresses()}
         if self.rules:  # (a file without [rules] keeps the id it had before they existed)
             doc["rules"] = self.rules
+        if self.model:  # likewise [model]
+            doc["model"] = self.model
         canonical = canonical_json(doc)
         return _digest(CONSORTIUM_ID_TAG, canonical)
 
@@ -148,6 +156,7 @@ class Consortium:
             "consortium": {"name": self.name, "id": self.id.hex()},
             "schema": dict(self.schema),
             **({"rules": dict(self.rules)} if self.rules else {}),
+            **({"model": dict(self.model)} if self.model else {}),
             "members": [
                 {"name": m.name, "public_key": m.public_key.hex(), "addresses": dict(m.addresses)}
                 for m in self.members
@@ -206,7 +215,15 @@ def consortium_from_dict(doc: Mapping[str, Any], source: str, base_dir: Path) ->
     rules = doc.get("rules", {})
     if not isinstance(rules, dict):
         raise LocalError(f"{source}: [rules] must be a table")
-    consortium = Consortium(name, schema, tuple(members), rules)
+    model = doc.get("model", {})
+    if not isinstance(model, dict):
+        raise LocalError(f"{source}: [model] must be a table")
+    consortium = Consortium(name, schema, tuple(members), rules, model)
+    try:
+        consortium.id  # noqa: B018 (canonical JSON refuses nan and inf: say where)
+    except ValueError:
+        raise LocalError(f"{source}: a value that is not a finite number (nan or inf): the "
+                         "consortium id cannot hash it") from None
     stated = head.get("id")
     if stated is None:
         raise LocalError(
@@ -219,7 +236,8 @@ def consortium_from_dict(doc: Mapping[str, Any], source: str, base_dir: Path) ->
     if stated != consortium.id.hex():
         raise LocalError(
             f"{source}: consortium.id says {stated} but the name, schema, members, addresses and "
-            f"rules hash to {consortium.id.hex()}: the file was edited after it was built "
+            f"rules{' (and model)' if model else ''} hash to {consortium.id.hex()}: the file was "
+            "edited after it was built "
             f"(parts: {', '.join(f'{k} {v[:12]}' for k, v in consortium.digests().items())}); "
             "get the agreed file again or rebuild it with `flnode consortium build`"
         )

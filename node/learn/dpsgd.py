@@ -58,6 +58,23 @@ def _layers(model: nn.Module) -> list[nn.Module]:
     return layers
 
 
+def dp_engine(model: nn.Module, grad_sample_mode: str) -> str:
+    """The DP-SGD engine a model trains with: "fast" (this module) where privacy.grad_sample_mode
+    is "fast" and the model is a stack of Linear (with biases) and ReLU, else Opacus in
+    the mode asked, "hooks" where "fast" was asked of a model it cannot take (LayerNorm,
+    GroupNorm, Dropout, residual blocks, most plug-ins). Both run the same mechanism
+    (module docstring), so the accountant charges them alike."""
+    if grad_sample_mode != "fast":
+        return grad_sample_mode
+    try:
+        layers = _layers(model)
+    except LocalError:
+        return "hooks"
+    if len(list(model.parameters())) != 2 * sum(isinstance(m, nn.Linear) for m in layers):
+        return "hooks"
+    return "fast"
+
+
 def clipped_gradient_sum(model: nn.Module, xb: torch.Tensor, yb: torch.Tensor, clip_norm: float
                          ) -> tuple[list[torch.Tensor], torch.Tensor]:
     """Sum over the batch of per-example gradients, each clipped to clip_norm.

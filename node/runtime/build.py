@@ -28,7 +28,8 @@ from gossip.seal import Sealing
 from gossip.transports.base import Transport
 from node.data.schema import FeatureSchema
 from node.learn.control import ControlVariates
-from node.learn.models import build_model, init_seed_from, tensor_spec
+from node.learn.dpsgd import dp_engine
+from node.learn.models import agreed_model, init_seed_from, tensor_spec
 from node.learn.normalize import (
     DEFAULT_NORMALIZE_NOISE,
     numeric_columns,
@@ -130,6 +131,36 @@ def read_rows(cfg: NodeConfig, name: str, consortium: Consortium, schema: Featur
     return tables, train, held, fallback
 
 
+# A share is the model's float32 values plus msgpack framing (names, shapes, weight):
+# bytes per value, for the check that a network fits gossip.max_envelope_bytes at all.
+BYTES_PER_VALUE = 4
+
+
+def own_model(cfg: NodeConfig, consortium: Consortium, schema: FeatureSchema,
+              name: str) -> torch.nn.Module:
+    """The network this member trains, checked at start: the consortium's [model] table
+    if it has one (kind, options and every parameter's shape: a member that builds
+    another network is refused here, naming each parameter with both shapes), else the
+    node config's [model] (node/learn/models.py agreed_model). A plug-in kind is imported
+    from this member's own files only, never from anything a peer sends."""
+    model = agreed_model(cfg.model.kind, cfg.model.resolved(), bool(cfg.model.model_fields_set),
+                         consortium.model, schema.n_features, schema.n_classes,
+                         init_seed_from(consortium), str(cfg.consortium.path))
+    values = sum(t.numel() for t in model.state_dict().values())
+    if BYTES_PER_VALUE * values > cfg.gossip.max_envelope_bytes:
+        raise LocalError(f"model: {values} parameters ({BYTES_PER_VALUE * values} bytes a "
+                         f"share) do not fit gossip.max_envelope_bytes = "
+                         f"{cfg.gossip.max_envelope_bytes}: a smaller network, or a larger "
+                         "limit at every member")
+    if cfg.privacy.mode == "record":
+        engine = dp_engine(model, cfg.privacy.grad_sample_mode)
+        if engine != cfg.privacy.grad_sample_mode:
+            log.info("%s: DP-SGD through Opacus (%s): the fast path takes stacks of Linear "
+                     "and ReLU only, not this %s network", name, engine,
+                     consortium.model.get("kind", cfg.model.kind))
+    return model
+
+
 def build_parts(cfg: NodeConfig, rejected: Counter[str]) -> Parts:
     """Every part of the node of `cfg`, checked (`rejected`: the node's rejection
     counter, which the signer counts into)."""
@@ -145,6 +176,8 @@ def build_parts(cfg: NodeConfig, rejected: Counter[str]) -> Parts:
             f"key file {cfg.identity.key} is for {identity.name!r} but the consortium file "
             f"lists another public key for that member: wrong key file or stale peer list"
         )
+    # The network, checked against the consortium's [model] before any state exists.
+    model = own_model(cfg, consortium, schema, identity.name)
     state = StateDir(cfg.state_dir)
     ledger = Ledger(state.ledger_path, repair=True)
     for what in ledger.recovered:
@@ -189,8 +222,6 @@ def build_parts(cfg: NodeConfig, rejected: Counter[str]) -> Parts:
     few = few_rounds_warning(agreed.strategy.params, tc.rounds, cfg.privacy.mode)
     if few is not None:
         log.warning("%s: %s", identity.name, few)
-    model = build_model(cfg.model.kind, schema.n_features, schema.n_classes,
-                        cfg.model.hidden, seed=init_seed_from(consortium))
     neighbours = [m.name for m in consortium.members if m.name != identity.name]
     keys = {m.public_key: m.name for m in consortium.members}
     sealing: Sealing | None = None

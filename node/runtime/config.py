@@ -7,13 +7,21 @@ run directory can be moved as a whole.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from gossip.errors import LocalError
 from gossip.membership import read_toml
 from gossip.seal import MAX_ANNOUNCED
+from node.learn.kinds import EXTRA_OPTIONS, check_kind, is_plugin, resolve
 
 
 class _Section(BaseModel):
@@ -55,8 +63,44 @@ class DataConfig(_Section):
 
 
 class ModelConfig(_Section):
-    kind: Literal["logreg", "mlp"] = "mlp"
+    """[model]: the network (node/learn/kinds.py; docs/operate/models.md). `kind` is a
+    built-in kind or "package.module:factory" (a plug-in: its code runs at start);
+    depth, blocks, norm, groups and dropout are the deeper kinds' options, [model.options]
+    a plug-in's. A consortium file with a [model] table pins all of it."""
+
+    kind: str = "mlp"
     hidden: int = Field(default=64, ge=1, le=65536)
+    depth: int | None = None  # deep_mlp: hidden blocks (node/learn/kinds.py)
+    blocks: int | None = None  # res_mlp: residual blocks
+    norm: str | None = None  # deep_mlp, res_mlp: "layer" (default), "group" or "none"
+    groups: int | None = None  # norm = "group": GroupNorm's groups (divides hidden)
+    dropout: float | None = None  # deep_mlp, res_mlp: in [0, 1)
+    options: dict[str, Any] = Field(default_factory=dict)  # a plug-in's keyword arguments
+
+    @field_validator("kind")
+    @classmethod
+    def _kind(cls, kind: str) -> str:
+        return check_kind(kind)
+
+    def extra(self) -> dict[str, Any]:
+        """The options besides kind and hidden, as given (a plug-in's: [model.options])."""
+        if is_plugin(self.kind):
+            return dict(self.options)
+        if self.options:
+            raise ValueError(f"options: [model.options] is a plug-in's; {self.kind} takes "
+                             f"{', '.join(EXTRA_OPTIONS)} as keys of [model]")
+        return {k: getattr(self, k) for k in EXTRA_OPTIONS if getattr(self, k) is not None}
+
+    def resolved(self) -> dict[str, Any]:
+        """The complete options the network is built from (and a consortium pins)."""
+        plugin_hidden = "hidden" in self.model_fields_set and is_plugin(self.kind)
+        return resolve(self.kind, self.hidden if plugin_hidden or not is_plugin(self.kind)
+                       else None, self.extra())
+
+    @model_validator(mode="after")
+    def _options(self) -> ModelConfig:
+        self.resolved()  # a ValueError names the option
+        return self
 
 
 class TrainingConfig(_Section):

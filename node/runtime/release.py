@@ -35,7 +35,7 @@ from gossip import bodies, envelope
 from gossip.bodies import TensorSpec
 from gossip.envelope import KIND_SEALED
 from node.learn.control import ControlVariates, local_steps, per_parameter
-from node.learn.dpsgd import train_local_dp_fast
+from node.learn.dpsgd import dp_engine, train_local_dp_fast
 from node.learn.models import flat_to_named, get_flat, named_to_flat
 from node.learn.train import round_lr, train_local, train_local_dp
 from node.privacy.accountant import LedgerRecord
@@ -163,13 +163,14 @@ class Releaser:
                           lr=round_lr(base_lr, tc.lr_decay, r),
                           clip_norm=plan.clip_norm, noise_multiplier=plan.noise_multiplier,
                           prox_mu=tc.prox_mu, correction=correction)
-            if pc.grad_sample_mode == "fast":
+            engine = dp_engine(local, pc.grad_sample_mode)  # Opacus for what "fast" can't take
+            if engine == "fast":
                 history = await asyncio.to_thread(train_local_dp_fast, local, X, y, **kwargs,
                                                   noise=self.noise)
             else:
                 history = await asyncio.to_thread(train_local_dp, local, X, y, **kwargs,
                                                   generator=self.noise.torch_generator(),
-                                                  grad_sample_mode=pc.grad_sample_mode)
+                                                  grad_sample_mode=engine)
             charges += [LedgerRecord(r, "record", s, q, n, plan.clip_norm, "")
                         for s, q, n in history]
         else:

@@ -42,6 +42,9 @@ from node.data.encode import encode, member_split
 from node.data.encode import held_out_positions as data_held_out_split
 from node.data.schema import FeatureSchema, _pydantic_message, fit_schema
 from node.data.table import read_frame
+from node.learn.kinds import LEGACY_KINDS, is_plugin
+from node.learn.kinds import resolve as resolve_options
+from node.learn.models import pin_for
 from node.learn.normalize import DEFAULT_NORMALIZE_NOISE, Agreed, combine, member_stats, noised, resolve
 from node.privacy.mechanisms import OsNoise
 from node.rehearsal.simulation.datasets import load_demo, parse_row_partition, partition
@@ -488,6 +491,29 @@ def check_faults(spec: SimulationSpec, names: list[str]) -> None:
             raise LocalError(f"--net-partition {p}: no such member(s) {unknown}")
 
 
+def model_section(spec: SimulationSpec) -> dict[str, Any]:
+    """The members' [model]: kind and hidden (a built-in kind) with its other options as
+    keys, or a plug-in's kind with [model.options]."""
+    if is_plugin(spec.model):
+        return {"kind": spec.model, **({"options": dict(spec.model_options)}
+                                       if spec.model_options else {})}
+    return {"kind": spec.model, "hidden": spec.hidden, **spec.model_options}
+
+
+def model_pin(spec: SimulationSpec, schema: FeatureSchema) -> dict[str, Any]:
+    """The consortium file's [model] table: every kind but logreg and mlp is pinned (kind,
+    options, parameter shapes: node/learn/kinds.py); those two are not, so their runs keep
+    the consortium ids they had before the table existed."""
+    if spec.model in LEGACY_KINDS:
+        return {}
+    try:
+        options = resolve_options(spec.model, None if is_plugin(spec.model) else spec.hidden,
+                                  spec.model_options)
+    except ValueError as exc:
+        raise LocalError(f"model {spec.model!r}: {exc}") from None
+    return pin_for(spec.model, options, schema.n_features, schema.n_classes)
+
+
 def prepare(spec: SimulationSpec,
             addresses: dict[str, dict[str, str]] | None = None) -> Prepared:
     """Write keys, consortium file, data files and node configs into spec.out.
@@ -529,7 +555,8 @@ def prepare(spec: SimulationSpec,
                                   spec.max_weight_fraction, spec.privacy,
                                   spec.clip if spec.privacy != "off" else None, sigma,
                                   **spec.aggregation_params), len(members))
-    consortium = Consortium(template.name, schema.to_dict(), tuple(members), rules)
+    consortium = Consortium(template.name, schema.to_dict(), tuple(members), rules,
+                            model_pin(spec, schema))
     build_strategy(consortium, None, spec.privacy, spec.clip, "--aggregation")
     save_consortium(consortium, out / "consortium.toml")
     for file_name, frame in rows.write.items():
@@ -541,7 +568,7 @@ def prepare(spec: SimulationSpec,
             "identity": {"key": f"../keys/{name}.key"},
             "consortium": {"path": "../consortium.toml"},
             "data": rows.data_sections[name],
-            "model": {"kind": spec.model, "hidden": spec.hidden},
+            "model": model_section(spec),
             "training": {"rounds": spec.rounds, "epochs": spec.epochs,
                          "batch_size": spec.batch_size, "lr": spec.lr,
                          "seed": member_seed(spec, i),

@@ -93,6 +93,7 @@ def summarize(spec: SimulationSpec, prep: Prepared, results: list[MemberResult],
         "seed": spec.seed,
         "noise": noise if noise is not None else noise_kind(spec),
         "model": spec.model,
+        **({"model_options": dict(spec.model_options)} if spec.model_options else {}),
         # local training: what every member ran (prox_mu: FedProx's proximal term, 0 = off;
         # round r's rate lr * lr_decay**r; control_variates: SCAFFOLD-style, node/learn/control.py)
         "training": {"epochs": spec.epochs, "batch_size": spec.batch_size, "lr": spec.lr,

@@ -26,7 +26,7 @@ def train_baseline(spec: SimulationSpec, prep: Prepared, X: np.ndarray, y: np.nd
     """Same model, same initial weights, same recipe, R epochs on X alone; its metrics
     on the test set (and, given `own` rows, under "own" its metrics on them)."""
     model = build_model(spec.model, prep.schema.n_features, prep.schema.n_classes, spec.hidden,
-                        seed=init_seed_from(prep.consortium))
+                        seed=init_seed_from(prep.consortium), options=spec.model_options)
     train_local(model, X, y, epochs=spec.rounds, batch_size=spec.batch_size, lr=spec.lr,
                 generator=torch.Generator().manual_seed(seed))
     out: dict[str, Any] = evaluate(model, *prep.test)
@@ -48,7 +48,7 @@ def model_from_state(spec: SimulationSpec, prep: Prepared, cp: Checkpoint | None
     if cp is None:
         return None
     model = build_model(spec.model, prep.schema.n_features, prep.schema.n_classes, spec.hidden,
-                        seed=init_seed_from(prep.consortium))
+                        seed=init_seed_from(prep.consortium), options=spec.model_options)
     flat = torch.frombuffer(bytearray(cp.model), dtype=torch.float32)
     set_flat(model, flat)
     return model

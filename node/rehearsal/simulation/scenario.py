@@ -15,6 +15,7 @@ from gossip.errors import LocalError
 from gossip.membership import (
     read_toml,
 )
+from node.learn.kinds import EXTRA_OPTIONS, is_plugin, resolve
 from node.ops import flags
 from node.rehearsal.simulation.spec import SimulationSpec
 
@@ -67,8 +68,14 @@ def _scenario_model():
         test: str | None = None
 
     class Model(Strict):
-        kind: Literal["logreg", "mlp"] | None = None
+        kind: str | None = None  # node/learn/kinds.py: a built-in kind or a plug-in
         hidden: int | None = Field(default=None, ge=1, le=65536)
+        depth: int | None = None  # deep_mlp
+        blocks: int | None = None  # res_mlp
+        norm: str | None = None  # deep_mlp, res_mlp: layer | group | none
+        groups: int | None = None  # norm = "group"
+        dropout: float | None = None  # deep_mlp, res_mlp
+        options: dict[str, Any] | None = None  # a plug-in's [model.options]
         epochs: int | None = Field(default=None, ge=1)
         batch_size: int | None = Field(default=None, ge=1)
         lr: float | None = Field(default=None, gt=0)
@@ -185,6 +192,7 @@ def read_scenario(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
              "batch_size": sc.model.batch_size, "lr": sc.model.lr, "prox_mu": sc.model.prox_mu,
              "lr_decay": sc.model.lr_decay, "control_variates": sc.model.control_variates}
         f.update({k: v for k, v in m.items() if v is not None})
+        f.update(_model_options(sc.model, path))
     if sc.privacy is not None:
         p = {"privacy": sc.privacy.mode, "clip": sc.privacy.clip, "delta": sc.privacy.delta,
              "weight": sc.privacy.weight, "recipe": sc.privacy.recipe,
@@ -206,6 +214,24 @@ def read_scenario(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
     if sc.attacks is not None:
         f["attacks"] = tuple(sc.attacks)
     return f, net
+
+
+def _model_options(model: Any, path: Path) -> dict[str, Any]:
+    """The scenario's [model] kind options (spec.model_options), checked as a node config's
+    [model] is (node/learn/kinds.py); {} when it sets none."""
+    kind = model.kind or "mlp"
+    if is_plugin(kind):
+        extra = dict(model.options or {})
+    else:
+        if model.options:
+            raise LocalError(f"scenario file {path}: model.options: a plug-in's; {kind} takes "
+                             "depth, blocks, norm, groups and dropout as keys of [model]")
+        extra = {k: getattr(model, k) for k in EXTRA_OPTIONS if getattr(model, k) is not None}
+    try:
+        resolve(kind, None if is_plugin(kind) else model.hidden, extra)
+    except ValueError as exc:
+        raise LocalError(f"scenario file {path}: model: {exc}") from None
+    return {"model_options": extra} if extra else {}
 
 
 def build_spec(scenario: Path | None, flags: Mapping[str, Any], *, network: bool = False,
@@ -233,6 +259,8 @@ def build_spec(scenario: Path | None, flags: Mapping[str, Any], *, network: bool
     if "data_dir" in flags:
         for k in ("dataset", "nodes", "partition", "label", "schema_path", "test_path"):
             fields.pop(k, None)
+    if "model" in flags:  # --model names a kind: the file's options were for its own
+        fields.pop("model_options", None)
     if "epsilon" in flags or "sigma" in flags:
         fields.pop("epsilon", None)
         fields.pop("sigma", None)

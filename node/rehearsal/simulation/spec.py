@@ -25,8 +25,12 @@ class SimulationSpec:
     rounds: int
     seed: int
     out: Path
-    model: str = "mlp"
+    model: str = "mlp"  # a kind of node/learn/kinds.py (the scenario file's [model] kind)
     hidden: int = 64
+    # The kind's other options as a node config's [model] gives them: depth, blocks, norm,
+    # groups, dropout; a plug-in's [model.options]. Kinds other than logreg and mlp are
+    # pinned in the consortium file's [model] table (prepare).
+    model_options: Mapping[str, Any] = field(default_factory=dict)
     epochs: int = 1
     batch_size: int = 32
     lr: float = 0.05
