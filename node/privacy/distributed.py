@@ -60,8 +60,9 @@ discrete distributions, and that epsilon stays at or above Opacus' subsampled-Ga
 
 Why that amplification formula holds here (Zhu & Wang 2019, "Poisson Subsampled Renyi
 Differential Privacy", give it as exact for the Gaussian and Laplace mechanisms and, for
-a general mechanism, only with a factor 3 on every k >= 3 term, which adds about
-2 q^3 / (a - 1) per step whatever the noise: 0.47 to epsilon over 240 steps at q = 1/8).
+a general mechanism, only with a factor 3 on every k >= 3 term, which puts a floor under
+the RDP that no noise removes: 2 q^3 / (a - 1) per step; at q = 1/8, sigma = 15 and 240
+steps that bound says epsilon 3.1 where the formula above says 0.5).
 Fix everything but the record in question (the other examples' rounding and sampling,
 the coalition's noise: a common shift, removed by joint convexity of Renyi divergence),
 and the record's rounded vector v (a mixture over v: convexity again, the worst v counts).
@@ -72,10 +73,10 @@ With P = Z + v, Q = Z (Z the honest Skellam noise), L = P/Q:
   (Skellam is). Pair each x with v - x (an involution that swaps P and Q and maps L to
   1/L): both expectations become E_Q[F(L) + L F(1/L)] / 2, so it suffices to compare them
   for a two-point pair (p, 1-p) vs (1-p, p), p <= 1/2. There, with m = (1-q)p + q(1-p),
-  a = m/p >= 1, b = (1-m)/(1-p) <= 1 (and ab = 1 + q(1-q)(1-2p)^2/(p(1-p)) >= 1), the
-  difference remove - add is p(a-1) [psi(a) - psi(b)], psi(z) = (z^a - z^(1-a))/(z - 1)
-  = sum_{j=-(a-1)..a-1} z^j, which satisfies psi(z) = psi(1/z) and is non-decreasing on
-  [1, inf); a >= 1/b >= 1 gives psi(a) >= psi(1/b) = psi(b).
+  r = m/p >= 1, s = (1-m)/(1-p) <= 1 (and r s = 1 + q(1-q)(1-2p)^2/(p(1-p)) >= 1), the
+  difference remove - add is p(r-1) [psi(r) - psi(s)], psi(z) = (z^a - z^(1-a))/(z - 1)
+  = sum_{j=-(a-1)..a-1} z^j (a the integer order), which satisfies psi(z) = psi(1/z) and
+  is non-decreasing on [1, inf); r >= 1/s >= 1 gives psi(r) >= psi(1/s) = psi(s).
 """
 
 from __future__ import annotations
