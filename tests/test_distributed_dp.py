@@ -45,9 +45,11 @@ FINE = 2.0 ** -20  # granularity of the fine limit: rounding inflates Delta2 by 
 # 4e-6 over sigma 0.7-16, q 0.001-1, 1-1000 steps. Never below it (the discretization can
 # only cost: Delta2 >= C/gamma and the Skellam RDP is the Gaussian's plus a positive term).
 FINE_TOLERANCE = 1e-5
-# With the default granularity (Delta2 <= (1 + INFLATION_MAX) C/gamma), at most this much
-# above: epsilon ~ sensitivity at small epsilon, squared at large. Measured 1.4 %.
-DEFAULT_TOLERANCE = 2 * INFLATION_MAX + 0.005
+# With the default granularity the discretization term is the rounding's inflation of the
+# sensitivity (Delta2 <= (1 + INFLATION_MAX) C/gamma): epsilon is that of the Gaussian with
+# sigma / (1 + inflation), to this much (the Skellam term; measured 2.5e-5). On the grid
+# below that is up to 3.4 % more epsilon than sigma itself gives (digits MLP, inflation 0.33 %).
+DEFAULT_TOLERANCE = 1e-4
 # Against Opacus' own accountant (fractional orders 1.1-10.9 and 12-63, where ours has the
 # integers 2-256), for epsilon 0.5-20: measured -0.04 % to +8.7 % (the order grid).
 ORDER_GRID_TOLERANCE = 0.10
@@ -254,7 +256,9 @@ def test_fine_limit_approaches_opacus_and_never_undercuts_it(sigma, q, steps):
     assert gauss * (1 - 1e-12) <= eps <= gauss * (1 + FINE_TOLERANCE)
     default = SumMechanism(1.0, choose_granularity(1.0, DIGITS_DIM), DIGITS_DIM, 8, 1)
     eps_default = epsilon_of_sum(default, sigma, [SumRelease(q, steps, 8)], DELTA)
-    assert eps <= eps_default <= gauss * (1 + DEFAULT_TOLERANCE)
+    inflated = opacus_same_orders(sigma / (1 + default.inflation), q, steps)
+    assert eps <= eps_default <= inflated * (1 + DEFAULT_TOLERANCE)
+    assert default.inflation <= INFLATION_MAX
     opacus = epsilon_of([LedgerRecord(0, "record", sigma, q, steps, 1.0, "")], DELTA)
     if 0.5 <= opacus <= 20:
         assert abs(eps / opacus - 1) <= ORDER_GRID_TOLERANCE
