@@ -215,6 +215,21 @@ def test_skellam_rdp_bounds_the_exact_divergence(variance, shift):
     assert all(e <= b * (1 + 1e-9) for e, b in zip(exact, bound, strict=True))
 
 
+def test_skellam_rdp_is_agarwal_et_al_in_their_units():
+    """Agarwal, Kairouz, Liu 2021 state the bound with sensitivities in the data's units,
+    the central variance mu in those units and the scale s = 1/gamma:
+    a/(2 mu) D2^2 + min(((2a - 1) s D2^2 + 6 D1) / (4 s^3 mu^2), 3 D1 / (2 s mu)).
+    Ours takes integer units (D2 s, D1 s, mu s^2): the same numbers."""
+    s, d2, d1, mu = 512.0, 1.003, 40.1, 2.5  # scale, L2 and L1 sensitivity, central variance
+    orders = [2, 3, 10, 64, 256]
+    theirs = [a / (2 * mu) * d2 ** 2 + min(((2 * a - 1) * s * d2 ** 2 + 6 * d1) / (4 * s ** 3 * mu ** 2),
+                                           3 * d1 / (2 * s * mu)) for a in orders]
+    ours = skellam_rdp((d2 * s) ** 2, d1 * s, mu * s * s, orders)
+    assert np.allclose(ours, theirs, rtol=1e-12)
+    # and the extra term is positive: never below the Gaussian with the same variance
+    assert np.all(ours > np.array(orders) * d2 ** 2 / (2 * mu))
+
+
 @pytest.mark.parametrize("q", [0.05, 0.3, 0.8])
 @pytest.mark.parametrize("variance,shift", [(2.0, 1), (10.0, 2)])
 def test_subsampled_bound_covers_both_directions_exactly(q, variance, shift):
@@ -452,6 +467,6 @@ def test_per_example_gradients_match_autograd_and_the_dpsgd_clipped_sum():
     vector, batch = consortium_step(model, X, y, sample_rate=0.2, mech=m, sigma=1.0,
                                     noise=SeededNoise(3), rng=os_generator(test_only_seed=4))
     assert vector.shape == (dim,) and vector.dtype == np.int64 and 0 < batch < 50
-    with pytest.raises(ValueError, match="parameters"):
+    with pytest.raises(DistributedDPError, match="parameters"):
         consortium_step(model, X, y, sample_rate=0.2, mech=mech(dim=dim + 1), sigma=1.0,
                         noise=SeededNoise(3), rng=os_generator())

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from node.learn.dpsgd import _layers
-from node.privacy.distributed import SumMechanism, member_contribution
+from node.privacy.distributed import DistributedDPError, SumMechanism, member_contribution
 from node.privacy.mechanisms import NoiseSource
 
 
@@ -50,7 +50,7 @@ def consortium_step(model: nn.Module, X: np.ndarray, y: np.ndarray, *, sample_ra
     local). `sample_rate` is the consortium's q, the same for every member."""
     params = list(model.parameters())
     if sum(p.numel() for p in params) != mech.dim:
-        raise ValueError(f"consortium step: the model has {sum(p.numel() for p in params)} "
+        raise DistributedDPError(f"consortium step: the model has {sum(p.numel() for p in params)} "
                          f"parameters, the consortium's mechanism {mech.dim}")
     Xt, yt = torch.from_numpy(X), torch.from_numpy(y)
     chosen = noise.uniform(len(Xt)) < sample_rate
