@@ -152,6 +152,8 @@ def test_unclipped_rows_are_a_named_error():
         conditional_round(np.full((2, 10), 100.0), rounded_l2_bound_sq(4.0, 10), os_generator())
     with pytest.raises(DistributedDPError, match="finite"):
         conditional_round(np.array([[np.nan, 1.0]]), 10, os_generator())
+    with pytest.raises(DistributedDPError, match="exact"):  # squared norms past 2^53
+        conditional_round(np.full((1, 2), 2.0 ** 30), 2 ** 61, os_generator())
 
 
 def test_member_contribution_clips_rounds_and_adds_noise():

@@ -257,31 +257,54 @@ def skellam(mu: float, size: int, rng: np.random.Generator) -> np.ndarray:
     return rng.poisson(mu, size).astype(np.int64) - rng.poisson(mu, size).astype(np.int64)
 
 
-def conditional_round(scaled: np.ndarray, bound_sq: int, rng: np.random.Generator) -> np.ndarray:
-    """Each row of `scaled` (examples x coordinates, already divided by gamma) randomly
-    rounded to integers (unbiased: floor + Bernoulli(frac)), a row resampled until its
-    squared L2 norm is <= bound_sq. int64, same shape."""
+# Integers up to this are exact in float64: rounding works on integer-valued float64
+# arrays (no int64 copies of examples x coordinates) while every sum stays below it.
+_EXACT_FLOAT = 2.0 ** 53
+
+
+def _round_rows(x: np.ndarray, bound_sq: int, rng: np.random.Generator) -> np.ndarray:
+    """conditional_round's rows as integer-valued float64 (exact: callers check the sizes)."""
+    low = np.floor(x)
+    frac = x - low
+    out = None
+    rows = np.arange(x.shape[0])
+    pending = rows
+    for _ in range(MAX_ROUNDING_TRIES):
+        whole = len(pending) == len(rows)  # the first pass: no copies of the inputs
+        lo, fr = (low, frac) if whole else (low[pending], frac[pending])
+        cand = lo + (rng.random(fr.shape) < fr)
+        ok = np.einsum("ij,ij->i", cand, cand) <= bound_sq
+        if whole and ok.all():
+            return cand
+        if out is None:
+            out = low.copy()
+        out[pending[ok]] = cand[ok]
+        pending = pending[~ok]
+        if not len(pending):
+            return out
+    raise DistributedDPError(f"conditional rounding: {len(pending)} example(s) still over the "
+                             f"norm bound after {MAX_ROUNDING_TRIES} tries (were they clipped "
+                             "to C before scaling?)")
+
+
+def _check_scaled(scaled: np.ndarray, bound_sq: int) -> np.ndarray:
     x = np.asarray(scaled, dtype=np.float64)
     if x.ndim != 2 or not np.all(np.isfinite(x)):
         raise DistributedDPError(f"conditional rounding: need a finite 2-d array, got shape "
                                  f"{x.shape}")
-    low = np.floor(x)
-    frac = x - low
-    low_i = low.astype(np.int64)
-    out = np.empty(x.shape, dtype=np.int64)
-    pending = np.arange(x.shape[0])
-    for _ in range(MAX_ROUNDING_TRIES):
-        if not len(pending):
-            return out
-        cand = low_i[pending] + (rng.random((len(pending), x.shape[1])) < frac[pending])
-        ok = np.einsum("ij,ij->i", cand, cand) <= bound_sq  # int64: exact
-        out[pending[ok]] = cand[ok]
-        pending = pending[~ok]
-    if not len(pending):
-        return out
-    raise DistributedDPError(f"conditional rounding: {len(pending)} example(s) still over the "
-                             f"norm bound after {MAX_ROUNDING_TRIES} tries (were they clipped "
-                             "to C before scaling?)")
+    # a rejected candidate's squared norm is at most (|x| + sqrt d)^2: keep it exact
+    reach = math.sqrt(bound_sq) + math.sqrt(x.shape[1]) + float(np.abs(x).max(initial=0.0))
+    if reach * reach >= _EXACT_FLOAT:
+        raise DistributedDPError(f"conditional rounding: values up to {reach:.3g} are too large "
+                                 "for exact squared norms (is the granularity absurdly fine?)")
+    return x
+
+
+def conditional_round(scaled: np.ndarray, bound_sq: int, rng: np.random.Generator) -> np.ndarray:
+    """Each row of `scaled` (examples x coordinates, already divided by gamma) randomly
+    rounded to integers (unbiased: floor + Bernoulli(frac)), a row resampled until its
+    squared L2 norm is <= bound_sq. int64, same shape."""
+    return _round_rows(_check_scaled(scaled, bound_sq), bound_sq, rng).astype(np.int64)
 
 
 def member_contribution(per_example: np.ndarray, mech: SumMechanism, sigma: float,
@@ -298,8 +321,11 @@ def member_contribution(per_example: np.ndarray, mech: SumMechanism, sigma: floa
         raise DistributedDPError("member contribution: a per-example gradient is not finite")
     norms = np.sqrt(np.einsum("ij,ij->i", g, g))
     factor = np.minimum(1.0, mech.clip_norm / np.maximum(norms, np.finfo(np.float64).tiny))
-    scaled = g * (factor / mech.granularity)[:, None]
-    total = conditional_round(scaled, mech.l2_bound_sq, rng).sum(axis=0)
+    scaled = _check_scaled(g * (factor / mech.granularity)[:, None], mech.l2_bound_sq)
+    if len(g) * mech.l2_sensitivity >= _EXACT_FLOAT:  # each coordinate of a row <= its norm
+        raise DistributedDPError(f"member contribution: {len(g)} examples of norm "
+                                 f"{mech.l2_sensitivity:.3g} overflow an exact sum")
+    total = _round_rows(scaled, mech.l2_bound_sq, rng).sum(axis=0).astype(np.int64)
     return total + skellam(mech.member_mu(sigma), mech.dim, rng)
 
 
