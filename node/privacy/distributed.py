@@ -93,17 +93,17 @@ from gossip.errors import LocalError
 from node.privacy.accountant import _opacus_rdp
 from node.privacy.calibrate import SIGMA_RATIO, SIGMA_SEARCH
 
-# Integer RDP orders: Zhu & Wang's general bound holds at integers only. 256: past the
-# best order of any budget and step count a consortium plans (Google's distributed_dp
-# accounting uses 2..128 and 256).
+# Integer RDP orders: the amplification formula (and its proof above) holds at integers
+# only. 256: past the best order of any budget and step count a consortium plans (Google's
+# distributed_dp accounting uses 2..128 and 256).
 ORDERS = tuple(range(2, 257))
 # Conditional rounding's beta: a rounded row is rejected with probability <= beta
 # (e^-1/2 makes sqrt(2 ln(1/beta)) = 1; Kairouz et al.'s experiments use it).
 BETA = math.exp(-0.5)
 # At most this many roundings of one example: P(all rejected) <= beta^64 ~ 1e-14.
 MAX_ROUNDING_TRIES = 64
-# The granularity gamma = C / 2^k: k at least MIN_SCALE_BITS, at most MAX_SCALE_BITS
-# (2^24 times the clip fits any model's sum of examples in a 61-bit field).
+# The granularity gamma = C / 2^k: k at least MIN_SCALE_BITS, at most MAX_SCALE_BITS (a
+# coordinate of the sum is then at most rows x 2^24 plus noise: 2^36 rows in 61 bits).
 MIN_SCALE_BITS, MAX_SCALE_BITS = 4, 24
 # The default granularity costs at most this much L2 sensitivity over C/gamma (0.5 %:
 # the noise must be that much larger than with exact arithmetic).
@@ -292,11 +292,12 @@ def _check_scaled(scaled: np.ndarray, bound_sq: int) -> np.ndarray:
     if x.ndim != 2 or not np.all(np.isfinite(x)):
         raise DistributedDPError(f"conditional rounding: need a finite 2-d array, got shape "
                                  f"{x.shape}")
-    # a rejected candidate's squared norm is at most (|x| + sqrt d)^2: keep it exact
-    reach = math.sqrt(bound_sq) + math.sqrt(x.shape[1]) + float(np.abs(x).max(initial=0.0))
-    if reach * reach >= _EXACT_FLOAT:
-        raise DistributedDPError(f"conditional rounding: values up to {reach:.3g} are too large "
-                                 "for exact squared norms (is the granularity absurdly fine?)")
+    # Accepted rows have squared norms <= bound_sq < 2^52: every partial sum is exact, and
+    # a rejected row's float sum (relative error ~d 2^-53) cannot fall back under the bound.
+    if bound_sq >= _EXACT_FLOAT / 2:
+        raise DistributedDPError(f"conditional rounding: a squared norm bound of {bound_sq:.3g} "
+                                 "is past exact float arithmetic (is the granularity absurdly "
+                                 "fine?)")
     return x
 
 
