@@ -47,7 +47,7 @@ removed at one member): L2 sensitivity Delta2 (enforced above), L1 sensitivity
 min(Delta2^2, sqrt(d) Delta2) (an integer vector has |v|_1 <= |v|_2^2). The rounding's
 own noise is not counted (conservative).
 
-Per step, the base mechanism's RDP at integer order a (Agarwal et al. 2021, Thm. 3.5,
+Per step, the base mechanism's RDP at integer order a (Agarwal et al. 2021, their multi-dimensional bound,
 in integer units, V the honest noise variance per coordinate):
     eps(a) = a D2^2 / (2 V) + min(((2a - 1) D2^2 + 6 D1) / (4 V^2), 3 D1 / (2 V)),
 then Poisson sampling at rate q, at integer orders a >= 2:
@@ -374,7 +374,7 @@ def skellam_rdp(l2_sq: float, l1: float, variance: float,
                 orders: Sequence[int] = ORDERS) -> np.ndarray:
     """RDP at integer `orders` of adding Skellam noise of variance `variance` per
     coordinate to an integer query of squared L2 sensitivity l2_sq and L1 sensitivity l1
-    (no subsampling; Agarwal et al. 2021, Thm. 3.5; module docstring)."""
+    (no subsampling; Agarwal et al. 2021; module docstring)."""
     a = np.asarray(orders, dtype=np.float64)
     if variance <= 0:
         return np.full(a.shape, np.inf)
