@@ -47,8 +47,8 @@ removed at one member): L2 sensitivity Delta2 (enforced above), L1 sensitivity
 min(Delta2^2, sqrt(d) Delta2) (an integer vector has |v|_1 <= |v|_2^2). The rounding's
 own noise is not counted (conservative).
 
-Per step, the base mechanism's RDP at integer order a (Agarwal et al. 2021, their multi-dimensional bound,
-in integer units, V the honest noise variance per coordinate):
+Per step, the base mechanism's RDP at integer order a (Agarwal et al. 2021, their
+multi-dimensional bound, in integer units, V the honest noise variance per coordinate):
     eps(a) = a D2^2 / (2 V) + min(((2a - 1) D2^2 + 6 D1) / (4 V^2), 3 D1 / (2 V)),
 then Poisson sampling at rate q, at integer orders a >= 2:
     rdp(a) = (1/(a-1)) log[(1-q)^(a-1) (a q - q + 1) + sum_{k=2..a} C(a,k) (1-q)^(a-k) q^k e^((k-1) eps(k))]
