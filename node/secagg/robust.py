@@ -112,10 +112,21 @@ class RoundParams:
 
 def deal(params: RoundParams, owner: int, vector: np.ndarray,
          test_only_rng: np.random.Generator | None = None) -> dict[int, tuple[Piece, Piece]]:
-    """Member `owner`'s VECTOR and MASK pieces for each holder 1..n (its own included).
-    Randomness from the OS; `test_only_rng` only for tests."""
+    """Member `owner`'s VECTOR and MASK pieces for each holder 1..n (its own included), from
+    its clipped float vector. Randomness from the OS; `test_only_rng` only for tests."""
+    return deal_encoded(params, owner, params.codec.encode(vector), test_only_rng)
+
+
+def deal_encoded(params: RoundParams, owner: int, encoded: np.ndarray,
+                 test_only_rng: np.random.Generator | None = None) -> dict[int, tuple[Piece, Piece]]:
+    """`deal` from an already encoded vector (any field vector of length d: what a hostile
+    member can deal; an honest one goes through `deal`, which encodes and bounds it)."""
     n, t = params.members, params.threshold
-    secret = np.concatenate([params.codec.encode(vector), F.uniform(1, test_only_rng)])
+    encoded = F.check(np.asarray(encoded).reshape(-1), "encoded vector")
+    if encoded.size != params.codec.dim:
+        raise SecAggError(f"encoded vector of {encoded.size} values, the round has d = "
+                          f"{params.codec.dim}")
+    secret = np.concatenate([encoded, F.uniform(1, test_only_rng)])
     vec = share(secret, n, t, test_only_rng)
     width = params.opened + 1
     masks = share_poly(F.uniform(width, test_only_rng),
