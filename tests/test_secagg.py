@@ -14,11 +14,27 @@ from scipy.stats import chisquare
 
 from node.secagg import field as F
 from node.secagg import robust as R
-from node.secagg.encoding import (AggregateOutOfBounds, FieldOverflow, FixedPoint, NormTooLarge,
-                                  int_sq_norm, signed)
+from node.secagg.encoding import (
+    AggregateOutOfBounds,
+    FieldOverflow,
+    FixedPoint,
+    NormTooLarge,
+    int_sq_norm,
+    signed,
+)
 from node.secagg.errors import PieceError, SecAggError, TooFewPieces, TooManyWrong
-from node.secagg.pieces import (CHECK, DEGREE2, HEADER_BYTES, MASK, MAX_PIECE_VALUES, SUM, VECTOR,
-                                Piece, from_bytes, to_bytes)
+from node.secagg.pieces import (
+    CHECK,
+    DEGREE2,
+    HEADER_BYTES,
+    MASK,
+    MAX_PIECE_VALUES,
+    SUM,
+    VECTOR,
+    Piece,
+    from_bytes,
+    to_bytes,
+)
 from node.secagg.shamir import decode, share, share_poly
 
 pytestmark = pytest.mark.unit
