@@ -29,13 +29,14 @@ from node.secagg.pieces import (
     HEADER_BYTES,
     MASK,
     MAX_PIECE_VALUES,
+    SEED,
     SUM,
     VECTOR,
     Piece,
     from_bytes,
     to_bytes,
 )
-from node.secagg.shamir import decode, share, share_poly
+from node.secagg.shamir import decode, expand_seed, share, share_poly, share_seeded
 
 pytestmark = pytest.mark.unit
 
@@ -237,12 +238,17 @@ class Round:
             out[i] = v / max(1.0, np.linalg.norm(v))
         return out
 
-    def deal(self, encoded):
+    def deal(self, encoded, seeded=False):
         self.encoded = encoded
         self.dealers = tuple(sorted(encoded))
-        deals = {i: R.deal_encoded(self.p, i, e, self.rng) for i, e in encoded.items()}
-        self.vec = {j: {i: deals[i][j][0] for i in deals} for j in range(1, self.n + 1)}
+        self.deals = {i: R.deal_encoded(self.p, i, e, seeded=seeded, test_only_rng=self.rng)
+                      for i, e in encoded.items()}
+        deals = self.deals
+        self.vec = {j: {i: self.expand(deals[i][j][0]) for i in deals} for j in range(1, self.n + 1)}
         self.msk = {j: {i: deals[i][j][1] for i in deals} for j in range(1, self.n + 1)}
+
+    def expand(self, piece):
+        return R.expand_seed_piece(self.p, piece) if piece.kind == SEED else piece
 
     def checks(self, holders):
         return {j: R.check_piece(self.p, j, self.vec[j], self.msk[j], self.dealers, self.challenge)
@@ -393,6 +399,42 @@ def test_the_opened_degree2_pieces_are_masked():
     assert all((masked[j].values != bare[j].values).all() for j in range(1, 6))
     assert (R.open_degree2(r.p, masked, r.dealers).decoded.value
             == R.open_degree2(r.p, bare, r.dealers).decoded.value).all()
+
+
+def test_a_seeded_dealing_sends_t_seeds_and_the_round_is_exact():
+    r = Round(n=8, t=2, seed=9)
+    encoded = {i: r.codec.encode(v) for i, v in r.honest_vectors().items()}
+    r.deal(encoded, seeded=True)
+    for i in r.dealers:
+        seeds = {j for j in range(1, 9) if r.deals[i][j][0].kind == SEED}
+        assert seeds == set(R.seeded_holders(r.p, i)) and len(seeds) == 2 and i not in seeds
+        assert all(r.deals[i][j][0].values.size == 4 for j in seeds)
+    values, sel, agg = r.run()
+    assert (agg.field_sum == _plain_field_sum(encoded, sel.selected)).all()
+    assert values.wrong == () and agg.wrong == ()
+
+
+def test_any_t_pieces_of_a_seeded_sharing_look_uniform():
+    secret = np.full(20_000, 987_654_321, dtype=np.uint64)
+    seeds = {j: expand_seed(F.uniform(4), bytes([j]), secret.size) for j in (2, 4)}
+    pieces = share_seeded(secret, 5, 2, seeds)
+    for a, b in ((1, 3), (2, 5), (3, 5)):
+        assert _chi2_of_pairs(pieces[a - 1], pieces[b - 1]) > 1e-6
+    assert (decode({j: pieces[j - 1] for j in (1, 3, 5)}, 2).value == secret).all()
+
+
+def test_a_dealer_whose_seed_does_not_fit_its_polynomial_is_named():
+    r = Round(n=7, t=2, seed=10)
+    encoded = {i: r.codec.encode(v) for i, v in r.honest_vectors().items()}
+    r.deal(encoded, seeded=True)
+    j = R.seeded_holders(r.p, 4)[0]
+    other = Piece(7, SEED, 4, j, F.uniform(4))  # a different seed than the one it shared with
+    r.vec[j][4] = r.expand(other)
+    verdict = R.judge_dealings(r.p, r.checks(range(1, 8)), r.dealers)
+    assert set(verdict.disputes) == {(4, j, VECTOR)}
+    assert R.resolve_dispute(r.p, r.challenge, other, verdict.disputes[(4, j, VECTOR)]) == "dealer"
+    with pytest.raises(PieceError, match="seed"):
+        R.expand_seed_piece(r.p, Piece(7, SEED, 4, j, F.uniform(5)))
 
 
 def test_gram_is_exact_against_python_ints():

@@ -3,8 +3,10 @@
 A `Piece` is one vector of field elements, keyed by round, kind, owner and holder:
 
 - private kinds (sent sealed to one holder): `VECTOR` (owner's degree-t sharing of its
-  encoded vector plus one blinding coordinate, length d + 1) and `MASK` (owner's degree
-  2t - 1 sharing of mask generators plus one blinding coordinate, length P + 1);
+  encoded vector plus one blinding coordinate, length d + 1), `SEED` (4 values from which
+  the holder expands that VECTOR piece itself, for the t holders a seeded dealing draws
+  pseudorandomly) and `MASK` (owner's degree 2t - 1 sharing of mask generators plus one
+  blinding coordinate, length P + 1);
 - opened kinds (a holder's own computed piece, broadcast; owner 0): `CHECK` (the blinded
   dealing checks, length 2n), `DEGREE2` (masked pieces of the squared distances and
   norms, length P) and `SUM` (the piece of the selected members' sum, length d).
@@ -32,9 +34,11 @@ from node.secagg.errors import PieceError
 from node.secagg.field import P64, P
 from node.secagg.shamir import MAX_MEMBERS
 
-VECTOR, MASK, CHECK, DEGREE2, SUM = 1, 2, 3, 4, 5
-KIND_NAMES = {VECTOR: "vector", MASK: "mask", CHECK: "check", DEGREE2: "degree2", SUM: "sum"}
-PRIVATE = (VECTOR, MASK)
+VECTOR, MASK, CHECK, DEGREE2, SUM, SEED = 1, 2, 3, 4, 5, 6
+KIND_NAMES = {VECTOR: "vector", MASK: "mask", CHECK: "check", DEGREE2: "degree2", SUM: "sum",
+              SEED: "seed"}
+PRIVATE = (VECTOR, MASK, SEED)
+SEED_VALUES = 4  # a SEED piece: 4 uniform field elements (244 bits) that expand to a VECTOR piece
 
 MAGIC = b"FLSA"
 VERSION = 1

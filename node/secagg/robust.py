@@ -8,7 +8,9 @@ learn nothing beyond what is opened); the round's encoding is a `FixedPoint`. St
    vector with one uniform blinding coordinate appended (`VECTOR`, d + 1 values), and a
    degree-(2t-1) sharing of P + 1 uniform mask generators (`MASK`): holder j's mask piece
    for opened value k is z(j) = j * sum_i w_i(j)[k], a degree-2t sharing of 0 whatever
-   the dealers' random values, as long as each w_i has degree <= 2t - 1.
+   the dealers' random values, as long as each w_i has degree <= 2t - 1. A seeded dealing
+   sends t of the holders a 4-element seed instead of their d + 1 values (`SEED`; they
+   expand it with SHAKE-256), cutting t / (n - 1) of the dealing's bytes.
 2. **check** the dealings (each holder opens 2n scalars; the challenge is agreed after
    every dealing was sent, e.g. a hash of all of them): for dealer i, holder j opens
    sum_c gamma_c piece[c] + piece[blinding]. These scalars form a degree-t (masks: 2t-1)
@@ -53,8 +55,8 @@ import numpy as np
 from node.secagg import field as F
 from node.secagg.encoding import FixedPoint
 from node.secagg.errors import PieceError, SecAggError, TooManyWrong
-from node.secagg.pieces import CHECK, DEGREE2, MASK, SUM, VECTOR, Piece
-from node.secagg.shamir import Decoded, check_points, decode, share, share_poly
+from node.secagg.pieces import CHECK, DEGREE2, MASK, SEED, SEED_VALUES, SUM, VECTOR, Piece
+from node.secagg.shamir import Decoded, check_points, decode, expand_seed, share, share_poly, share_seeded
 
 VARIANTS = ("distances", "norm_only")
 # Coordinates per block of the Gram matrix: 3 limbs of 21 bits, each limb product below
@@ -110,28 +112,63 @@ class RoundParams:
 
 # --- 1. deal -------------------------------------------------------------------------------
 
-def deal(params: RoundParams, owner: int, vector: np.ndarray,
+def deal(params: RoundParams, owner: int, vector: np.ndarray, *, seeded: bool = False,
          test_only_rng: np.random.Generator | None = None) -> dict[int, tuple[Piece, Piece]]:
-    """Member `owner`'s VECTOR and MASK pieces for each holder 1..n (its own included), from
-    its clipped float vector. Randomness from the OS; `test_only_rng` only for tests."""
-    return deal_encoded(params, owner, params.codec.encode(vector), test_only_rng)
+    """Member `owner`'s (VECTOR or SEED, MASK) pieces for each holder 1..n (its own
+    included), from its clipped float vector. Randomness from the OS; `test_only_rng`
+    only for tests. `seeded`: see `deal_encoded`."""
+    return deal_encoded(params, owner, params.codec.encode(vector), seeded=seeded,
+                        test_only_rng=test_only_rng)
 
 
-def deal_encoded(params: RoundParams, owner: int, encoded: np.ndarray,
+def seeded_holders(params: RoundParams, owner: int) -> tuple[int, ...]:
+    """The t holders that get a SEED instead of a VECTOR piece from `owner` in a seeded
+    dealing: the t members after it, cyclically (so each member expands t seeds)."""
+    n = params.members
+    return tuple(sorted((owner + k - 1) % n + 1 for k in range(1, params.threshold + 1)))
+
+
+def _seed_context(params: RoundParams, owner: int, holder: int) -> bytes:
+    return params.round.to_bytes(8, "little") + owner.to_bytes(2, "little") + holder.to_bytes(2, "little")
+
+
+def expand_seed_piece(params: RoundParams, piece: Piece) -> Piece:
+    """A holder's VECTOR piece from the SEED piece its dealer sent it."""
+    if piece.kind != SEED or piece.round != params.round or piece.values.size != SEED_VALUES:
+        raise PieceError(f"piece keyed {piece.key} with {piece.values.size} values is not this "
+                         f"round's seed ({SEED_VALUES} values)", piece.owner)
+    values = expand_seed(piece.values, _seed_context(params, piece.owner, piece.holder),
+                         params.codec.dim + 1)
+    return Piece(params.round, VECTOR, piece.owner, piece.holder, values)
+
+
+def deal_encoded(params: RoundParams, owner: int, encoded: np.ndarray, *, seeded: bool = False,
                  test_only_rng: np.random.Generator | None = None) -> dict[int, tuple[Piece, Piece]]:
     """`deal` from an already encoded vector (any field vector of length d: what a hostile
-    member can deal; an honest one goes through `deal`, which encodes and bounds it)."""
+    member can deal; an honest one goes through `deal`, which encodes and bounds it).
+
+    `seeded`: the pieces of the t `seeded_holders` are expanded from 4-element seeds drawn
+    from the OS (SHAKE-256) and those holders get the seed (32 bytes) instead of d + 1
+    values; the other pieces follow from the polynomial through them and (0, secret).
+    Saves t x (d + 1) field elements per dealer; hiding becomes computational."""
     n, t = params.members, params.threshold
     encoded = F.check(np.asarray(encoded).reshape(-1), "encoded vector")
     if encoded.size != params.codec.dim:
         raise SecAggError(f"encoded vector of {encoded.size} values, the round has d = "
                           f"{params.codec.dim}")
     secret = np.concatenate([encoded, F.uniform(1, test_only_rng)])
-    vec = share(secret, n, t, test_only_rng)
+    seeds: dict[int, np.ndarray] = {}
+    if seeded:
+        seeds = {j: F.uniform(SEED_VALUES, test_only_rng) for j in seeded_holders(params, owner)}
+        vec = share_seeded(secret, n, t, {j: expand_seed(s, _seed_context(params, owner, j), secret.size)
+                                          for j, s in seeds.items()})
+    else:
+        vec = share(secret, n, t, test_only_rng)
     width = params.opened + 1
     masks = share_poly(F.uniform(width, test_only_rng),
                        F.uniform((2 * t - 1, width), test_only_rng), n)
-    return {j: (Piece(params.round, VECTOR, owner, j, vec[j - 1]),
+    return {j: (Piece(params.round, SEED, owner, j, seeds[j]) if j in seeds
+                else Piece(params.round, VECTOR, owner, j, vec[j - 1]),
                 Piece(params.round, MASK, owner, j, masks[j - 1])) for j in range(1, n + 1)}
 
 
@@ -223,9 +260,11 @@ def judge_dealings(params: RoundParams, checks: Mapping[int, Piece], dealers: tu
 
 def resolve_dispute(params: RoundParams, challenge: bytes, piece: Piece, expected: int) -> str:
     """Who is at fault in a dispute, from the dealer-signed piece the holder received
-    (the protocol checks the signature): "holder" if that piece gives the expected check
-    value (the holder opened a wrong check), "dealer" if it does not (the dealer sent an
-    inconsistent piece; the signed piece proves it)."""
+    (the protocol checks the signature; a SEED piece is expanded): "holder" if that piece
+    gives the expected check value (the holder opened a wrong check), "dealer" if it does
+    not (the dealer sent an inconsistent piece; the signed piece proves it)."""
+    if piece.kind == SEED:
+        piece = expand_seed_piece(params, piece)
     gv, gm = challenge_vectors(params, challenge)
     return "holder" if check_value(piece, gv if piece.kind == VECTOR else gm) == expected else "dealer"
 

@@ -46,6 +46,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
+from hashlib import shake_256
 
 import numpy as np
 
@@ -86,6 +87,40 @@ def share_poly(constant: np.ndarray, coeffs: np.ndarray, n: int) -> np.ndarray:
         for k in range(coeffs.shape[0] - 1, -1, -1):
             acc = F.add(F.mul_small(acc, xs), coeffs[k, lo:hi][None, :])
         out[:, lo:hi] = F.add(F.mul_small(acc, xs), constant[None, lo:hi])
+    return out
+
+
+def expand_seed(seed: np.ndarray, context: bytes, length: int) -> np.ndarray:
+    """`length` pseudorandom field elements from a seed (SHAKE-256 over the seed and a
+    context naming round, dealer and holder). Each is 61 output bits reduced mod p: the
+    one value 2^61 - 1 maps to 0, 2^-61 from uniform per element."""
+    seed = F.check(np.asarray(seed).reshape(-1), "seed")
+    raw = shake_256(b"flnode-secagg-seed\x00" + context + seed.astype("<u8").tobytes()
+                    ).digest(8 * length)
+    v = np.frombuffer(raw, dtype="<u8").astype(np.uint64) >> np.uint64(3)
+    return v - F.P64 * (v == F.P64)
+
+
+def share_seeded(secret: np.ndarray, n: int, t: int, seeded: Mapping[int, np.ndarray]
+                 ) -> np.ndarray:
+    """A degree-t sharing whose pieces at the t points of `seeded` are given (expanded from
+    seeds the holders also get): the polynomial through (0, secret) and those t pieces,
+    evaluated at the other points. Row j - 1 is member j's piece (seeded rows included).
+    Any t pieces are as independent of the secret as the seeds' expansion is from uniform
+    (computational hiding, where `share` is information-theoretic)."""
+    check_points(n, t)
+    secret = F.check(np.asarray(secret).reshape(-1), "secret")
+    points = sorted(seeded)
+    if len(points) != t or not all(1 <= j <= n for j in points):
+        raise SecAggError(f"a seeded sharing needs t = {t} seeded points in 1..{n}, got {points}")
+    # coefficients c_1..c_t of f(x) = secret + sum_k c_k x^k: V c = y - secret, V_jk = j^k
+    vinv = [F.solve([[pow(j, k, F.P) for k in range(1, t + 1)] for j in points],
+                    [int(j == col) for j in points]) for col in points]
+    diffs = np.stack([F.sub(F.check(seeded[j], f"seeded piece {j}"), secret) for j in points])
+    coeffs = np.stack([F.dot_scalars([vinv[c][k] for c in range(t)], diffs) for k in range(t)])
+    out = share_poly(secret, coeffs, n)
+    for j in points:
+        out[j - 1] = seeded[j]
     return out
 
 
