@@ -209,6 +209,24 @@ def test_more_wrong_pieces_than_the_radius_is_an_error_not_a_guess():
         decode({j: pieces[j - 1] for j in range(1, 8)}, 2)
 
 
+def test_above_the_correction_radius_a_corrector_is_steered_and_detection_is_not():
+    """5 pieces of a degree-2 sharing: correction radius 1, detection up to 2. Two colluders
+    put their pieces on a polynomial through two honest pieces and a false value at 0: a
+    correcting decoder returns the false value and names an honest member; detection
+    refuses."""
+    secret = F.uniform(3)
+    pieces = share(secret, 5, 2)
+    for c in range(3):
+        known = [(int(secret[c]) + 1) % F.P, int(pieces[0, c]), int(pieces[1, c])]
+        for j in (4, 5):
+            pieces[j - 1, c] = sum(a * b for a, b in zip(F.lagrange_at([0, 1, 2], j), known,
+                                                         strict=True)) % F.P
+    got = decode({j: pieces[j - 1] for j in range(1, 6)}, 2)
+    assert got.wrong == (3,) and (got.value == F.add(secret, np.ones(3, dtype=np.uint64))).all()
+    with pytest.raises(TooManyWrong, match="detected"):
+        decode({j: pieces[j - 1] for j in range(1, 6)}, 2, correct=False)
+
+
 def test_pieces_outside_the_field_are_refused():
     pieces = share(F.uniform(4), 4, 1)
     pieces[2, 0] = F.P64
@@ -435,6 +453,30 @@ def test_a_dealer_whose_seed_does_not_fit_its_polynomial_is_named():
     assert R.resolve_dispute(r.p, r.challenge, other, verdict.disputes[(4, j, VECTOR)]) == "dealer"
     with pytest.raises(PieceError, match="seed"):
         R.expand_seed_piece(r.p, Piece(7, SEED, 4, j, F.uniform(5)))
+
+
+def test_the_optimistic_sum_opening_detects_and_falls_back():
+    r = Round(n=8, t=2, seed=11)
+    encoded = {i: r.codec.encode(v) for i, v in r.honest_vectors().items()}
+    r.deal(encoded, seeded=True)
+    selected = r.dealers
+    sums = r.sums(range(1, 9), selected)
+    for k in range(1, 9):
+        senders = [j for j in range(1, 9) if k in R.sum_recipients(r.p, j)]
+        assert len(senders) == 4 and k not in senders
+        mine = {j: sums[j] for j in [*senders, k]}
+        agg = R.open_sum(r.p, mine, selected, correct=False)
+        assert (agg.field_sum == _plain_field_sum(encoded, selected)).all()
+    senders = [j for j in range(1, 9) if 1 in R.sum_recipients(r.p, j)]
+    mine = {j: sums[j] for j in [*senders, 1]}
+    mine[senders[0]] = _wrong(mine[senders[0]])
+    with pytest.raises(TooManyWrong, match="detected"):
+        R.open_sum(r.p, mine, selected, correct=False)
+    everyone = dict(sums)
+    everyone[senders[0]] = mine[senders[0]]
+    agg = R.open_sum(r.p, everyone, selected)  # the fallback: all pieces, corrected
+    assert agg.wrong == (senders[0],)
+    assert (agg.field_sum == _plain_field_sum(encoded, selected)).all()
 
 
 def test_gram_is_exact_against_python_ints():

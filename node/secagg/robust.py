@@ -34,7 +34,9 @@ learn nothing beyond what is opened); the round's encoding is a `FixedPoint`. St
    2f + 3 members passing, all of them are kept (noted). "norm_only": the norm check only.
 6. **sum** (each holder, opened): the sum of its pieces of the selected members' vectors;
    decoding this degree-t sharing (N >= t + 1 + 2e) gives the field sum, which
-   `FixedPoint.decode_sum` turns into floats after its exact aggregate norm check.
+   `FixedPoint.decode_sum` turns into floats after its exact aggregate norm check. The
+   optimistic opening sends it to 2t members only (`sum_recipients`): each then detects
+   up to t wrong pieces and falls back to all pieces on a mismatch.
 
 What is opened, and so learned by every member and by anyone who sees the opened pieces:
 the checks (uniform: nothing), the squared distances and norms (variant "distances") or
@@ -404,12 +406,26 @@ class Aggregate:
     wrong: tuple[int, ...]  # holders whose opened sum pieces were wrong
 
 
+def sum_recipients(params: RoundParams, member: int) -> tuple[int, ...]:
+    """The optimistic opening: `member` sends its SUM piece only to the 2t members after
+    it (cyclically), so every member holds 2t + 1 pieces, its own included: enough to
+    detect up to t wrong ones (`open_sum(correct=False)`), not to correct them. On
+    TooManyWrong the protocol asks the others for their pieces and decodes with
+    correction. Sends 2t instead of n - 1 vector-sized pieces."""
+    n, t = params.members, params.threshold
+    if n - 1 <= 2 * t:
+        return tuple(j for j in range(1, n + 1) if j != member)
+    return tuple(sorted((member + k - 1) % n + 1 for k in range(1, 2 * t + 1)))
+
+
 def open_sum(params: RoundParams, opened: Mapping[int, Piece], selected: tuple[int, ...],
-             test_only_rng: np.random.Generator | None = None) -> Aggregate:
+             correct: bool = True, test_only_rng: np.random.Generator | None = None) -> Aggregate:
     """Decode the selected members' sum; AggregateOutOfBounds if it fails the exact norm
-    check (a selected encoding wrapped)."""
+    check (a selected encoding wrapped). `correct=False` for the optimistic opening (see
+    `sum_recipients`): any wrong piece is TooManyWrong."""
     pieces = _opened(params, opened, SUM, params.codec.dim)
     got = decode(pieces, params.threshold, what="sum of the selected vectors",
-                 expected=tuple(range(1, params.members + 1)), test_only_rng=test_only_rng)
+                 expected=tuple(range(1, params.members + 1)), correct=correct,
+                 test_only_rng=test_only_rng)
     total = params.codec.decode_sum(got.value, len(selected))
     return Aggregate(total, got.value, tuple(selected), got.wrong)

@@ -189,11 +189,18 @@ def berlekamp_welch(points: list[int], ys: list[int], degree: int, errors: int) 
 
 
 def decode(pieces: Mapping[int, np.ndarray], degree: int, *, what: str = "sharing",
-           expected: tuple[int, ...] = (), test_only_rng: np.random.Generator | None = None
-           ) -> Decoded:
+           expected: tuple[int, ...] = (), correct: bool = True,
+           test_only_rng: np.random.Generator | None = None) -> Decoded:
     """Decode a degree-`degree` sharing from {member index: piece vector}: its value at 0 and
     the members whose pieces were wrong. `expected` (all members meant to send) only makes
-    TooFewPieces name the missing ones."""
+    TooFewPieces name the missing ones.
+
+    `correct=False` only detects: any disagreement is TooManyWrong. Detection is sound for
+    up to N - degree - 1 wrong pieces, correction only up to half that; above the
+    correction radius a decoder that corrects can be steered to another codeword (wrong
+    pieces chosen on a polynomial through some good ones), so a caller holding fewer
+    pieces than correcting its threat needs (an optimistic opening) must only detect and
+    then ask for more pieces."""
     points = sorted(pieces)
     if points and not (1 <= points[0] and points[-1] <= MAX_MEMBERS):
         raise SecAggError(f"{what}: evaluation points must be 1..{MAX_MEMBERS}, got {points}")
@@ -207,6 +214,9 @@ def decode(pieces: Mapping[int, np.ndarray], degree: int, *, what: str = "sharin
         first = points[:degree + 1]
         return Decoded(interpolate_at_zero(first, rows[:degree + 1]), (), tuple(points), redundancy)
     e = redundancy // 2
+    if not correct:
+        raise TooManyWrong(f"{what} (degree {degree}): the {len(points)} pieces disagree "
+                           "(detected; correcting needs the other members' pieces)")
     if e == 0:
         raise TooManyWrong(f"{what} (degree {degree}): the {len(points)} pieces disagree and "
                            f"{redundancy} spare piece(s) cannot say which are wrong "
