@@ -488,6 +488,31 @@ def test_gram_is_exact_against_python_ints():
     assert g.tolist() == ref
 
 
+def test_malformed_opened_pieces_name_their_holder():
+    r = Round(n=5, t=2, seed=12)
+    encoded = {i: r.codec.encode(v) for i, v in r.honest_vectors().items()}
+    r.deal(encoded)
+    sums = r.sums(range(1, 6), r.dealers)
+    short = dict(sums)
+    short[4] = Piece(7, SUM, 0, 4, sums[4].values[:-1])
+    with pytest.raises(PieceError, match="member 4: .*values, expected 64"):
+        R.open_sum(r.p, short, r.dealers)
+    old = dict(sums)
+    old[2] = Piece(6, SUM, 0, 2, sums[2].values)  # a piece of another round
+    with pytest.raises(PieceError, match="member 2: piece keyed"):
+        R.open_sum(r.p, old, r.dealers)
+    stranger = dict(sums)
+    stranger[9] = Piece(7, SUM, 0, 9, sums[1].values)
+    with pytest.raises(SecAggError, match="holders .* members 1..5"):
+        R.open_sum(r.p, stranger, r.dealers)
+    ragged = {j: sums[j].values for j in range(1, 6)}
+    ragged[3] = ragged[3][:10]
+    with pytest.raises(PieceError, match="member 3"):
+        decode(ragged, 2)
+    with pytest.raises(SecAggError, match="no member"):
+        R.sum_piece(r.p, 1, r.vec[1], ())
+
+
 def test_round_parameters_are_checked():
     codec = FixedPoint.choose(1.0, 8, 4)
     with pytest.raises(SecAggError, match="2t \\+ 1"):

@@ -30,6 +30,8 @@ import os
 
 import numpy as np
 
+from node.secagg.errors import SecAggError
+
 P = (1 << 61) - 1
 P64 = np.uint64(P)
 _M32 = np.uint64(0xFFFFFFFF)
@@ -39,7 +41,7 @@ _S3, _S29, _S32, _S61 = (np.uint64(s) for s in (3, 29, 32, 61))
 FIELD_BYTES = 8  # one element on the wire: little-endian uint64 (61 significant bits)
 
 
-class FieldError(ValueError):
+class FieldError(SecAggError):
     """A value that is not an element of F_p where one is required (our misuse or a
     peer's bytes: the caller says which)."""
 

@@ -92,6 +92,15 @@ class RoundParams:
             raise SecAggError(f"encoding for {self.codec.members} members, round has {n}")
         if self.variant not in VARIANTS:
             raise SecAggError(f"variant {self.variant!r}: one of {', '.join(VARIANTS)}")
+        if not 0 <= self.round < 1 << 63:
+            raise SecAggError(f"round {self.round}: must be in 0..2^63 - 1")
+
+    def members_in(self, who: tuple[int, ...], what: str) -> tuple[int, ...]:
+        """`who` sorted, checked to be distinct members 1..n (our misuse otherwise)."""
+        out = tuple(sorted(who))
+        if len(set(out)) != len(out) or (out and not (1 <= out[0] and out[-1] <= self.members)):
+            raise SecAggError(f"{what} {out}: must be distinct members 1..{self.members}")
+        return out
 
     @property
     def f(self) -> int:
@@ -154,6 +163,7 @@ def deal_encoded(params: RoundParams, owner: int, encoded: np.ndarray, *, seeded
     values; the other pieces follow from the polynomial through them and (0, secret).
     Saves t x (d + 1) field elements per dealer; hiding becomes computational."""
     n, t = params.members, params.threshold
+    params.members_in((owner,), "dealer")
     encoded = F.check(np.asarray(encoded).reshape(-1), "encoded vector")
     if encoded.size != params.codec.dim:
         raise SecAggError(f"encoded vector of {encoded.size} values, the round has d = "
@@ -212,6 +222,7 @@ def check_piece(params: RoundParams, holder: int, vectors: Mapping[int, Piece],
                 masks: Mapping[int, Piece], dealers: tuple[int, ...], challenge: bytes) -> Piece:
     """Holder's CHECK piece: entry i - 1 for dealer i's VECTOR sharing, n + i - 1 for its
     MASK sharing (0 for members who did not deal)."""
+    dealers = params.members_in(dealers, "dealers")
     _held(params, vectors, VECTOR, holder, dealers, params.codec.dim + 1)
     _held(params, masks, MASK, holder, dealers, params.opened + 1)
     gv, gm = challenge_vectors(params, challenge)
@@ -234,6 +245,8 @@ def judge_dealings(params: RoundParams, checks: Mapping[int, Piece], dealers: tu
                    test_only_rng: np.random.Generator | None = None) -> DealingVerdict:
     """Decode every dealer's check codewords from the holders' opened CHECK pieces."""
     n, t = params.members, params.threshold
+    dealers = params.members_in(dealers, "dealers")
+    params.members_in(tuple(checks), "holders")
     for j, p in checks.items():
         if (p.round, p.kind, p.holder, p.values.size) != (params.round, CHECK, j, 2 * n):
             raise PieceError(f"not this round's check piece of holder {j}", j)
@@ -298,7 +311,9 @@ def degree2_piece(params: RoundParams, holder: int, vectors: Mapping[int, Piece]
     """Holder's masked pieces of the squared distances and norms of `dealers` (the accepted
     ones; entries of others carry the mask alone, which opens to 0)."""
     d, opened = params.codec.dim, params.opened
-    dealers = tuple(sorted(dealers))
+    dealers = params.members_in(dealers, "dealers")
+    if not dealers:
+        raise SecAggError("degree-2 pieces of no dealer")
     _held(params, vectors, VECTOR, holder, dealers, d + 1)
     _held(params, masks, MASK, holder, dealers, opened + 1)
     rows = np.stack([vectors[i].values[:d] for i in dealers])
@@ -326,6 +341,7 @@ class Degree2:
 
 def _opened(params: RoundParams, opened: Mapping[int, Piece], kind: int, length: int
             ) -> dict[int, np.ndarray]:
+    params.members_in(tuple(opened), "holders")
     out = {}
     for j, p in opened.items():
         if (p.round, p.kind, p.owner, p.holder) != (params.round, kind, 0, j):
@@ -343,7 +359,7 @@ def open_degree2(params: RoundParams, opened: Mapping[int, Piece], dealers: tupl
     got = decode(pieces, 2 * params.threshold, what="squared distances and norms",
                  expected=tuple(range(1, params.members + 1)), test_only_rng=test_only_rng)
     v = got.value.tolist()
-    dealers = tuple(sorted(dealers))
+    dealers = params.members_in(dealers, "dealers")
     norms = {a: int(v[params.norm_index(a)]) for a in dealers}
     dist = {}
     if params.variant == "distances":
@@ -393,7 +409,10 @@ def sum_piece(params: RoundParams, holder: int, vectors: Mapping[int, Piece],
               selected: tuple[int, ...]) -> Piece:
     """Holder's piece of the selected members' sum (the blinding coordinate dropped)."""
     d = params.codec.dim
-    _held(params, vectors, VECTOR, holder, tuple(selected), d + 1)
+    selected = params.members_in(selected, "selected")
+    if not selected:
+        raise SecAggError("a sum piece of no member: nobody was selected")
+    _held(params, vectors, VECTOR, holder, selected, d + 1)
     total = F.sum_mod(np.stack([vectors[i].values[:d] for i in selected]), axis=0)
     return Piece(params.round, SUM, 0, holder, total)
 

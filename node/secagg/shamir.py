@@ -51,7 +51,7 @@ from hashlib import shake_256
 import numpy as np
 
 from node.secagg import field as F
-from node.secagg.errors import SecAggError, TooFewPieces, TooManyWrong
+from node.secagg.errors import PieceError, SecAggError, TooFewPieces, TooManyWrong
 
 # Members are evaluation points 1..MAX_MEMBERS; the decoder's linear systems are solved in
 # Python ints, O(N^3): at 1024 pieces a Berlekamp-Welch solve would take minutes.
@@ -207,8 +207,13 @@ def decode(pieces: Mapping[int, np.ndarray], degree: int, *, what: str = "sharin
     if len(points) < degree + 1:
         raise TooFewPieces(f"{what} (degree {degree})", degree + 1, len(points),
                            tuple(sorted(set(expected) - set(points))))
-    rows = np.stack([F.check(np.asarray(pieces[j]).reshape(-1), f"{what}: piece of member {j}")
-                     for j in points])
+    checked = [F.check(np.asarray(pieces[j]).reshape(-1), f"{what}: piece of member {j}")
+               for j in points]
+    for j, row in zip(points, checked, strict=True):
+        if row.size != checked[0].size:
+            raise PieceError(f"{what}: {row.size} values, member {points[0]}'s piece has "
+                             f"{checked[0].size}", j)
+    rows = np.stack(checked)
     redundancy = len(points) - degree - 1
     if consistent(points, rows, degree, test_only_rng):
         first = points[:degree + 1]
