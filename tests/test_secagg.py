@@ -45,6 +45,29 @@ SETTINGS = settings(max_examples=40, deadline=None,
 elements = st.integers(min_value=0, max_value=F.P - 1)
 
 
+def test_the_core_imports_only_numpy_the_standard_library_and_itself():
+    """sans-IO: no torch, no transport, no clock module, nothing of flnode outside
+    node.secagg (docs/architecture.md)."""
+    import ast
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent / "node" / "secagg"
+    bad = []
+    for path in sorted(root.glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                     else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            for name in names:
+                top = name.split(".")[0]
+                ok = (name.startswith("node.secagg") or top == "numpy"
+                      or (top in sys.stdlib_module_names and top not in ("time", "socket",
+                                                                         "asyncio", "datetime")))
+                if not ok:
+                    bad.append(f"{path.name}: {name}")
+    assert not bad, bad
+
+
 # --- the field -----------------------------------------------------------------------------
 
 @SETTINGS
