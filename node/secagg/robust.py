@@ -14,7 +14,7 @@ learn nothing beyond what is opened); the round's encoding is a `FixedPoint`. St
 2. **check** the dealings (each holder opens 2n scalars; the challenge is agreed after
    every dealing was sent, e.g. a hash of all of them): for dealer i, holder j opens
    sum_c gamma_c piece[c] + piece[blinding]. These scalars form a degree-t (masks: 2t-1)
-   codeword iff the dealing was consistent (up to probability (d + 1)/p); its value at 0
+   codeword iff the dealing was consistent (up to probability n/p); its value at 0
    is uniform thanks to the blinding coordinate, so the check reveals nothing. `judge`
    decodes each: a dealer whose pieces disagree beyond the correction radius is refused;
    a holder whose check disagrees is a dispute: either the holder lies or the dealer sent
