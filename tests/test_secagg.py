@@ -511,6 +511,33 @@ def test_gram_is_exact_against_python_ints():
     assert g.tolist() == ref
 
 
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(t=st.integers(1, 2), extra=st.integers(0, 4), seeded=st.booleans(),
+       variant=st.sampled_from(["distances", "norm_only"]), seed=st.integers(0, 2**32 - 1),
+       data=st.data())
+def test_any_round_within_the_radius_sums_exactly_and_names_the_wrong(t, extra, seeded, variant,
+                                                                      seed, data):
+    n = 2 * t + 1 + extra
+    r = Round(n=n, t=t, d=16, variant=variant, seed=seed)
+    encoded = {i: r.codec.encode(v) for i, v in r.honest_vectors().items()}
+    r.deal(encoded, seeded=seeded)
+    missing = data.draw(st.lists(st.integers(1, n), max_size=extra, unique=True))
+    holders = tuple(j for j in range(1, n + 1) if j not in missing)
+    radius = (len(holders) - 2 * t - 1) // 2  # the degree-2 opening's, the tighter one
+    liars = data.draw(st.lists(st.sampled_from(holders), max_size=radius, unique=True))
+
+    def tamper(kind, pieces):
+        for j in liars if kind in (DEGREE2, SUM) else ():
+            pieces[j] = _wrong(pieces[j])
+        return pieces
+
+    values, sel, agg = r.run(holders=holders, tamper=tamper)
+    assert set(values.wrong) == set(liars) and set(agg.wrong) == set(liars)
+    assert (agg.field_sum == _plain_field_sum(encoded, sel.selected)).all()
+    for a, norm in values.norms.items():
+        assert norm == int_sq_norm(signed(encoded[a]))
+
+
 def test_malformed_opened_pieces_name_their_holder():
     r = Round(n=5, t=2, seed=12)
     encoded = {i: r.codec.encode(v) for i, v in r.honest_vectors().items()}
