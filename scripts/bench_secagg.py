@@ -24,8 +24,9 @@ degree2 (n - 1) x P, sum (n - 1) x d (optimistic: 2t x d), against the plain rou
 P = n(n - 1)/2 + n (distances) or n (norm_only).
 One full round (n = 8, d = 5k) is run end to end first and its sum checked exactly.
 
-Time ratios are what this measures (a shared 2-core machine): BLAS is limited to one
-thread. Prints a table, then one JSON object (--json: only the JSON).
+Times are CPU seconds of this process, best of --repeat; ratios are what they measure
+(a shared 2-core machine). BLAS is limited to one thread. Prints a table, then one
+JSON object (--json: only the JSON).
 
     PYTHONPATH=. python scripts/bench_secagg.py [--repeat 3] [--json]
 """
@@ -62,11 +63,13 @@ DIMS = (5_000, 100_000)
 
 
 def best(fn, repeat: int) -> tuple[float, object]:
+    """The least CPU time (this process) of `repeat` calls: on a machine other jobs load,
+    CPU time shifts less than wall time (one BLAS thread, so the two agree when idle)."""
     times, out = [], None
     for _ in range(repeat):
-        t0 = time.perf_counter()
+        t0 = time.process_time()
         out = fn()
-        times.append(time.perf_counter() - t0)
+        times.append(time.process_time() - t0)
     return min(times), out
 
 
