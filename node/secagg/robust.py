@@ -15,7 +15,7 @@ learn nothing beyond what is opened); the round's encoding is a `FixedPoint`. St
    every dealing was sent, e.g. a hash of all of them): for dealer i, holder j opens
    sum_c gamma_c piece[c] + piece[blinding]. These scalars form a degree-t (masks: 2t-1)
    codeword iff the dealing was consistent (up to probability n/p); its value at 0
-   is uniform thanks to the blinding coordinate, so the check reveals nothing. `judge`
+   is uniform thanks to the blinding coordinate, so the check reveals nothing. `judge_dealings`
    decodes each: a dealer whose pieces disagree beyond the correction radius is refused;
    a holder whose check disagrees is a dispute: either the holder lies or the dealer sent
    it a wrong piece; the holder's dealer-signed piece settles it (`resolve_dispute`).
@@ -235,6 +235,13 @@ def check_piece(params: RoundParams, holder: int, vectors: Mapping[int, Piece],
 
 @dataclass
 class DealingVerdict:
+    """What the checks say. Before the degree-2 step the protocol settles each dispute
+    with `resolve_dispute` on the holder's dealer-signed piece (a holder that does not
+    produce it is at fault): a dealer at fault leaves `accepted` (its vector and masks are
+    then left out everywhere); a holder at fault is named, and its opened pieces are
+    ignored from then on. Every member then passes the same dealer set to
+    `degree2_piece`, `open_degree2` and `sum_piece`."""
+
     accepted: tuple[int, ...]  # dealers whose sharings are consistent (disputes aside)
     refused: dict[int, str] = field(default_factory=dict)  # dealer -> why
     # (dealer, holder, kind) -> the check value the holder's piece must give (a dispute)
