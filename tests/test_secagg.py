@@ -627,3 +627,17 @@ def test_random_bytes_raise_only_piece_errors(data):
         from_bytes(data, sender=1)
     except PieceError:
         pass
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, HEADER_BYTES + 8 * 6 - 1), st.integers(0, 255)),
+                min_size=1, max_size=4))
+def test_a_mutated_piece_parses_or_raises_a_piece_error(flips):
+    data = bytearray(to_bytes(Piece(3, MASK, 2, 5, F.uniform(6))))
+    for at, value in flips:
+        data[at] = value
+    try:
+        p = from_bytes(bytes(data), expected_count=6, sender=5)
+    except PieceError:
+        return
+    assert p.values.size == 6 and int(p.values.max()) < F.P
