@@ -24,7 +24,6 @@ sends can stop the loop.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
 from collections import Counter
@@ -49,9 +48,10 @@ from gossip.envelope import (
     Accepted,
 )
 from gossip.errors import LocalError, RemoteError
+from gossip.protocol import machine as protocol
 from gossip.protocol.hello import HelloLimiter
 from gossip.protocol.liveness import Liveness, StartBarrier
-from gossip.protocol.machine import AUTHENTIC_REASONS, WAIT_REPORT_EVERY_S, WAIT_REPORT_FIRST_S
+from gossip.protocol.machine import AUTHENTIC_REASONS
 from gossip.protocol.seen import FINAL_SEEN_WAIT_S, SeenReports
 from gossip.protocol.stats import StatsAgreement
 from gossip.transports.base import Incoming, Transport, TransportFailed
@@ -66,7 +66,7 @@ from node.learn.normalize import (
 from node.learn.train import evaluate
 from node.ops.intervals import metric_intervals
 from node.privacy.mechanisms import NoiseSource
-from node.runtime import audit, checkpoint, finals, normalization
+from node.runtime import activity, audit, checkpoint, finals, normalization
 from node.runtime.audit import AuditLog, NodeCounters
 from node.runtime.build import Compose, Parts, build_node
 from node.runtime.config import NodeConfig
@@ -74,13 +74,9 @@ from node.runtime.findings import Findings
 from node.runtime.normalization import LocalData
 from node.runtime.release import NotReleased, Releaser, Stopped, blake
 from node.runtime.round_report import RoundReport
-from node.runtime.state import atomic_write
 from node.strategy import WeightedShare
 
 log = logging.getLogger("flnode.node")
-
-ACTIVITY_FILE = "activity.json"  # node/ops/status.py reads it
-
 
 class Node:
     def __init__(self, parts: Parts, transport: Transport, noise: NoiseSource,
@@ -659,7 +655,7 @@ class Node:
         barrier = StartBarrier(g.min_members, n, restarted, t0, g.round_deadline_s)
         asked = (f"gossip.min_members = {g.min_members}" if g.min_members != "majority" else
                  f"gossip.min_members = \"majority\" ({barrier.need + 1} of {n})")
-        next_report, reported = t0 + WAIT_REPORT_FIRST_S, False
+        next_report, reported = t0 + protocol.WAIT_REPORT_FIRST_S, False
         while True:
             self._arrived.clear()
             up, now = self.liveness.up, loop.time()
@@ -670,7 +666,7 @@ class Node:
                 self._report_wait(
                     f"{asked} before round {self.book.current + 1} ({n_up + 1} up)",
                     sorted(set(self.book.neighbours) - up), now - t0, None)
-                next_report, reported = now + WAIT_REPORT_EVERY_S, True
+                next_report, reported = now + protocol.WAIT_REPORT_EVERY_S, True
             end = barrier.next_time(up, self.book.neighbours, now, next_report)
             await self._wait_arrival(max((now if end is None else end) - now, 0.01))
         if reported:
@@ -747,11 +743,11 @@ class Node:
                           waiting: tuple[str, Callable[[], list[str]]] | None = None) -> bool:
         """Until done() holds (checked again after each message handle() files) or the
         loop time `end`; False if the time ran out first. With `waiting` (what, and who
-        is still awaited) a long wait is reported (WAIT_REPORT_FIRST_S, then every
-        WAIT_REPORT_EVERY_S)."""
+        is still awaited) a long wait is reported (protocol.WAIT_REPORT_FIRST_S, then every
+        protocol.WAIT_REPORT_EVERY_S)."""
         loop = asyncio.get_running_loop()
         start = loop.time()
-        next_report = start + WAIT_REPORT_FIRST_S
+        next_report = start + protocol.WAIT_REPORT_FIRST_S
         reported = False
         while True:
             self._arrived.clear()
@@ -768,7 +764,7 @@ class Node:
             if waiting is not None and now >= next_report:
                 self._report_wait(waiting[0], waiting[1](), now - start, remaining)
                 reported = True
-                next_report = now + WAIT_REPORT_EVERY_S
+                next_report = now + protocol.WAIT_REPORT_EVERY_S
             step = remaining if waiting is None else min(remaining, next_report - now)
             if not await self._wait_arrival(step) and loop.time() >= end:
                 if reported:
@@ -777,26 +773,12 @@ class Node:
 
     def _report_wait(self, what: str, who: list[str], waited: float,
                      remaining: float | None) -> None:
-        """One log line and activity.json: who we wait for, since when, until when
-        (remaining None: a wait without a time limit, the min_members barrier)."""
         heard = self.liveness.up & {m.name for m in self.consortium.members}
-        alone = ("; no other member heard from since this node started (started alone? "
-                 "check that the others are running and can reach us)" if not heard else "")
-        until = "no time limit" if remaining is None else f"gives up in {remaining:.0f} s"
-        # The file first: whoever reads the log line (an operator, a test) then finds
-        # activity.json already saying the same.
-        self._write_activity({"what": what, "waiting_for": who, "since": time.time() - waited,
-                              "gives_up": None if remaining is None else time.time() + remaining,
-                              "heard_any": bool(heard)})
-        log.warning("%s: waiting %.0f s for %s from %s (%s)%s", self.name,
-                    waited, what, ", ".join(who) or "nobody", until, alone)
+        activity.report_wait(self.state.path, self.name, what, who, waited, remaining,
+                             bool(heard))
 
     def _write_activity(self, waiting: dict[str, Any] | None) -> None:
-        doc = {"time": time.time(), **(waiting or {"waiting_for": []})}
-        try:
-            atomic_write(self.state.path / ACTIVITY_FILE, json.dumps(doc).encode())
-        except OSError as exc:  # a status aid: never stop a round for it
-            log.debug("%s: %s: %s", self.name, ACTIVITY_FILE, exc)
+        activity.write(self.state.path, self.name, waiting)
 
     async def _wait_arrival(self, seconds: float) -> bool:
         """Until handle() files something (the caller cleared `_arrived` before it last
