@@ -56,7 +56,10 @@ async def test_a_false_seen_report_is_counted_against_its_reporter_not_the_accus
     m = Members(prep, tmp_path)
     honest, liar = prep.names[1], prep.names[2]
     assert node.handle(m.msg(honest, KIND_SHARE, 0, share_body(node))) is not None
-    await node._close_seen(0, node.book.shares(0))  # round 1 closed with bank-1's share
+    # round 1 closed with bank-1's share (what RoundMachine.closed files)
+    for found in node.seen.close(0, {m: (a.envelope.seq, a.envelope.digest, a.envelope.sig)
+                                     for m, a in node.book.shares(0).items()}):
+        node.findings.mismatch(found)
     lie = bodies.encode_seen([(m.pub(honest), os.urandom(32))])
     assert node.handle(m.msg(liar, KIND_SEEN, 0, lie)) is not None
     assert node.counters.digest_mismatch == {liar: 1}  # the claim is the reporter's

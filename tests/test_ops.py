@@ -367,7 +367,7 @@ def test_a_node_keeps_a_members_first_final_digest_only(tmp_path):
         assert node.handle(Incoming(data, "bank-1")) is not None
     bad = envelope.pack(bank1.signing_key, node.consortium.id, KIND_FINAL, 0, 7, bytes(8))
     assert node.handle(Incoming(bad, "bank-1")) is None
-    assert node._finals == {"bank-1": bytes([7]) * 32}
+    assert node.machine.finals == {"bank-1": bytes([7]) * 32}
     assert node.rejected() == {"bad_body": 1}
 
 
