@@ -214,6 +214,14 @@ class RoundMachine:
     def ignorable(self) -> set[str]:
         return self.live.ignorable(self.book.neighbours)
 
+    def configure(self, params: RoundParams) -> None:
+        """The run's timing, given again before `start`: a driver reads its settings when
+        its run starts (they may have changed since it built the machine)."""
+        if self.stage != "new":
+            raise LocalError("RoundMachine.configure called after start")
+        self.params = params
+        self.live.absent_after = params.absent_after
+
     # --- inputs -------------------------------------------------------------------------
     def start(self, now: float) -> list[Action]:
         """Say hello (and announce prekeys), then wait at the start barrier."""

@@ -117,11 +117,9 @@ class Node:
                 self.state, self.schema)) is not None:
             self._adopt(agreed_before, saved=True)
         checkpoint.resume(self)
-        g, k = cfg.gossip, len(numeric_columns(self.schema))
+        k = len(numeric_columns(self.schema))
         self.machine = RoundMachine(
-            self.name, [m.name for m in self.consortium.members], self.book,
-            RoundParams(cfg.training.rounds, g.round_deadline_s, g.absent_after,
-                        g.min_members, g.normalize_wait_s),
+            self.name, [m.name for m in self.consortium.members], self.book, self._params(),
             keys={m.name: m.public_key for m in self.consortium.members},
             restarted=self.book.current > 0
             or self.state.stored_release(self.book.current) is not None,
@@ -136,6 +134,12 @@ class Node:
         # The machine's parts, by the names operators' tests read.
         self.liveness, self.seen = self.machine.live, self.machine.seen
         self.hellos, self.norm_votes = self.machine.hello, self.machine.agreement
+
+    def _params(self) -> RoundParams:
+        """The rounds and timing of self.cfg (read again when a run starts)."""
+        g = self.cfg.gossip
+        return RoundParams(self.cfg.training.rounds, g.round_deadline_s, g.absent_after,
+                           g.min_members, g.normalize_wait_s)
 
     @classmethod
     def from_config(cls, cfg: NodeConfig, transport: Transport,
@@ -209,19 +213,16 @@ class Node:
         filed = any(isinstance(a, ev.Filed) for a in actions)
         return accepted if filed else None
 
-    def _feed(self, actions: list[ev.Action], first: bool = False) -> None:
+    def _feed(self, actions: list[ev.Action]) -> None:
         """Carry out the bookkeeping at once, until the first action that needs the
-        driver; that one and all after it wait for it, in order (`first`: before what
-        already waits: the machine's answer to the action being carried out)."""
+        driver; that one and all after it wait for it. Always in the order the machine
+        returned them: the answer to a Close goes after what messages filed while Close
+        waited (a second equivocating copy is counted in the round's metrics line)."""
         i = 0
         while i < len(actions) and not self._queue and isinstance(actions[i], AT_ONCE):
             self._at_once(actions[i])
             i += 1
-        if i < len(actions):
-            if first:
-                self._queue[0:0] = actions[i:]
-            else:
-                self._queue.extend(actions[i:])
+        self._queue.extend(actions[i:])
         self._wakeup.set()  # any input may move the machine's next deadline
 
     def _at_once(self, a: ev.Action) -> None:
@@ -307,6 +308,7 @@ class Node:
     async def _drive(self) -> None:
         """Carry out what waits, then sleep until the machine's next deadline or an event."""
         loop, m = asyncio.get_running_loop(), self.machine
+        m.configure(self._params())  # self.cfg as it is now (a test may have changed it)
         self._feed(m.start(loop.time()))
         while True:
             while self._queue:
@@ -356,7 +358,7 @@ class Node:
                 elif self._go is not None and not self._go.done():
                     self._go.set_result(seal_for)
             case ev.Close():
-                self._feed(m.closed(a.round, self._close(a), now), first=True)
+                self._feed(m.closed(a.round, self._close(a), now))
             case ev.Advanced(r, nxt):
                 self._closed_round(r, nxt)
             case ev.Joined(r, nxt):
