@@ -5,6 +5,8 @@ with members' keys."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import itertools
 import os
 
@@ -12,7 +14,7 @@ import numpy as np
 import pytest
 
 from gossip import bodies, envelope
-from gossip.envelope import HELLO_REPLY, KIND_HELLO, KIND_SEEN, KIND_SHARE
+from gossip.envelope import HELLO_ASK, HELLO_REPLY, KIND_HELLO, KIND_SEEN, KIND_SHARE
 from gossip.transports.base import Incoming
 from gossip.transports.memory import MemoryHub
 from node.rehearsal.simulation.results import seen_by
@@ -56,7 +58,10 @@ async def test_a_false_seen_report_is_counted_against_its_reporter_not_the_accus
     m = Members(prep, tmp_path)
     honest, liar = prep.names[1], prep.names[2]
     assert node.handle(m.msg(honest, KIND_SHARE, 0, share_body(node))) is not None
-    await node._close_seen(0, node.book.shares(0))  # round 1 closed with bank-1's share
+    # round 1 closed with bank-1's share (what RoundMachine.closed files)
+    for found in node.seen.close(0, {m: (a.envelope.seq, a.envelope.digest, a.envelope.sig)
+                                     for m, a in node.book.shares(0).items()}):
+        node.findings.mismatch(found)
     lie = bodies.encode_seen([(m.pub(honest), os.urandom(32))])
     assert node.handle(m.msg(liar, KIND_SEEN, 0, lie)) is not None
     assert node.counters.digest_mismatch == {liar: 1}  # the claim is the reporter's
@@ -98,6 +103,40 @@ async def test_an_equivocation_proof_survives_a_flood_that_rotates_the_audit_log
     assert not evidence_lines()  # rotated out of the audit log ...
     assert node.evidence.proofs() == [proof]  # ... not out of the evidence store
     verify_equivocation(proof.read_bytes(), m.pub(bad), prep.consortium.id)
+
+
+async def test_an_equivocating_copy_filed_while_the_round_closes_counts_in_its_metrics(tmp_path):
+    """bank-3's first share completes round 1 and its second, different copy arrives before
+    the driver closes the round: the refusal is counted in round 1's metrics line, as the
+    round loop before the driver counted it (the golden run's rejected.equivocation). On
+    0152a2d the Close's answer jumped ahead of the queued refusal: 0 in that line."""
+    prep = make(tmp_path, rounds=1)
+    node = node_of(prep, 0, MemoryHub())
+    m = Members(prep, tmp_path)
+    run = asyncio.create_task(node.run())
+    try:
+        for peer in prep.names[1:]:  # the others are up: the start barrier passes
+            node.handle(m.msg(peer, KIND_HELLO, 0, HELLO_ASK))
+        async with asyncio.timeout(60):  # our share is out, the round collects
+            while node.machine.stage != "collect":
+                await asyncio.sleep(0.01)
+        for peer in prep.names[1:3]:
+            assert node.handle(m.msg(peer, KIND_SHARE, 0, share_body(node))) is not None
+        bad = prep.names[3]
+        # back to back, as a transport hands over what it holds: no await in between
+        assert node.handle(m.msg(bad, KIND_SHARE, 0, share_body(node, 0.0))) is not None
+        assert node.handle(m.msg(bad, KIND_SHARE, 0, share_body(node, 1.0))) is None
+        metrics = node.state.path / "metrics.jsonl"
+        async with asyncio.timeout(60):
+            while not metrics.exists():
+                await asyncio.sleep(0.01)
+        [line] = read_jsonl(metrics)
+        assert line["round"] == 0 and sorted(line["received"]) == prep.names[1:]
+        assert line["rejected"] == {"equivocation": 1}
+    finally:
+        run.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await run
 
 
 def test_the_proof_store_keeps_the_earliest_proofs_and_its_bound_outlives_a_restart(tmp_path):

@@ -43,20 +43,21 @@ def test_talk_without_shares_rearms_the_wait_once_a_share_every_time(tmp_path):
     def signed(kind, body, r=0):
         return Incoming(envelope.pack(key, prep.consortium.id, kind, r, next(seq), body), talker)
 
-    node._note_absent(0)  # its share did not come by round 1's deadline
+    node.liveness.note_absent(node.book.waiting_for(0))  # its share did not come by round 1's deadline
     assert talker in node.liveness.absent
     node.handle(signed(KIND_HELLO, HELLO_REPLY))  # it (re)started: waited for once more
     assert talker not in node.liveness.absent
-    node._note_absent(0)  # ... and no share came by that deadline either
+    node.liveness.note_absent(node.book.waiting_for(0))  # ... and no share came by that deadline either
     assert talker in node.liveness.absent
     for _ in range(5):  # a hello every round: on 819e161 each one re-armed the wait
         node.handle(signed(KIND_HELLO, HELLO_REPLY))
-        assert talker in node.liveness.absent and talker in node._ignorable() | {talker}
+        ignorable = node.liveness.ignorable(node.book.neighbours)
+        assert talker in node.liveness.absent and talker in ignorable | {talker}
     body = bodies.encode_share(
         [(s.name, np.zeros(s.shape, "<f4")) for s in node.verifier.spec], 10.0)
     assert node.handle(signed(KIND_SHARE, body)) is not None  # a share: waited for again
     assert talker not in node.liveness.absent
-    node._note_absent(1)
+    node.liveness.note_absent(node.book.waiting_for(1))
     node.handle(signed(KIND_HELLO, HELLO_REPLY, r=1))  # and talk re-arms once again
     assert talker not in node.liveness.absent
 

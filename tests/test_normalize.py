@@ -443,14 +443,14 @@ async def test_a_hostile_vote_cannot_split_the_honest_members_or_stop_them(tmp_p
     from node.runtime.state import atomic_write
 
     class Hostile(Node):
-        async def _agree_normalization(self):
+        async def _send_vote(self):  # the driver's SendVote
             await self._broadcast(0, self._sign(KIND_NORM, 0, b"\x07"))
             vote = self._sign(KIND_NORM, 0, NORM_RANGE)
             atomic_write(self.state.path / self.VOTE_FILE, vote)
             await self._broadcast(0, vote)
             await self._broadcast(0, self._sign(KIND_NORM, 0, NORM_USABLE))
             self._norm_fallback = "its own (hostile) choice"  # it acts on what it stored
-            await super()._agree_normalization()
+            await super()._send_vote()
 
     prep, _ = make(tmp_path, privacy="record", normalize_fallback="range")
     nodes = build_waiting(prep, 60.0, cls=Hostile, which=[2])

@@ -13,11 +13,12 @@ import time
 import pytest
 import torch
 
+from gossip.protocol import machine as protocol_machine
 from gossip.transports.memory import MemoryHub
 from node.learn.models import get_flat, set_flat
 from node.ops.status import collect, final_line, process_line, render, waiting_line
-from node.runtime import node as runner_mod
 from node.runtime import pidfile
+from node.runtime.activity import ACTIVITY_FILE
 from node.runtime.finals import compare_finals
 from tests.test_runner import build, make, run_all
 
@@ -104,15 +105,15 @@ def test_compare_finals_names_who_differs_and_who_was_not_heard():
 async def test_a_node_started_alone_says_so_early_and_status_shows_whom_it_waits_for(
         tmp_path, monkeypatch, caplog):
     """It used to wait out the whole deadline in silence."""
-    monkeypatch.setattr(runner_mod, "WAIT_REPORT_FIRST_S", 0.2)
-    monkeypatch.setattr(runner_mod, "WAIT_REPORT_EVERY_S", 0.5)
+    monkeypatch.setattr(protocol_machine, "WAIT_REPORT_FIRST_S", 0.2)
+    monkeypatch.setattr(protocol_machine, "WAIT_REPORT_EVERY_S", 0.5)
     _, prep = make(tmp_path, nodes=3, rounds=1, privacy="off", deadline=1.5)
     [alone] = build(prep, MemoryHub(), which={0})
     caplog.set_level(logging.WARNING, logger="flnode.node")
     seen: list[dict] = []
 
     async def watch():  # what `flnode status` shows while the node waits
-        path = alone.state.path / runner_mod.ACTIVITY_FILE
+        path = alone.state.path / ACTIVITY_FILE
         while not seen:
             if path.exists():
                 doc = json.loads(path.read_text())
@@ -129,7 +130,7 @@ async def test_a_node_started_alone_says_so_early_and_status_shows_whom_it_waits
     assert len(waits) <= 4, waits  # every 0.5 s over a 1.5 s deadline: not a flood
     assert seen[0]["waiting_for"] == ["bank-1", "bank-2"] and seen[0]["what"] == "round 1 shares"
     # Once the wait is over the file says so: status shows no stale "waiting".
-    assert json.loads((alone.state.path / runner_mod.ACTIVITY_FILE).read_text())[
+    assert json.loads((alone.state.path / ACTIVITY_FILE).read_text())[
         "waiting_for"] == []
     assert collect(alone.state.path)["waiting"] is None
 
@@ -145,8 +146,8 @@ async def test_the_min_members_wait_is_reported_and_shown_by_status(tmp_path, mo
     from node.runtime.config import load_config
     from node.runtime.node import Node
 
-    monkeypatch.setattr(runner_mod, "WAIT_REPORT_FIRST_S", 0.2)
-    monkeypatch.setattr(runner_mod, "WAIT_REPORT_EVERY_S", 0.5)
+    monkeypatch.setattr(protocol_machine, "WAIT_REPORT_FIRST_S", 0.2)
+    monkeypatch.setattr(protocol_machine, "WAIT_REPORT_EVERY_S", 0.5)
     _, prep = make(tmp_path, nodes=3, rounds=1, privacy="off", deadline=30.0)
     hub = MemoryHub()
     cfg = load_config(prep.config_paths[0])
@@ -154,7 +155,7 @@ async def test_the_min_members_wait_is_reported_and_shown_by_status(tmp_path, mo
         update={"min_members": quorum})})
     first = Node.from_config(cfg, hub.attach(prep.names[0], prep.names), SeededNoise(0))
     caplog.set_level(logging.WARNING, logger="flnode.node")
-    path = first.state.path / runner_mod.ACTIVITY_FILE
+    path = first.state.path / ACTIVITY_FILE
 
     async def waiting() -> dict:
         while True:
@@ -241,7 +242,7 @@ async def test_a_node_alone_charges_nothing_for_its_statistics(tmp_path, monkeyp
     from node.runtime.node import Node
     from tests.test_normalize import make as make_federated
 
-    monkeypatch.setattr(runner_mod, "WAIT_REPORT_FIRST_S", 0.2)
+    monkeypatch.setattr(protocol_machine, "WAIT_REPORT_FIRST_S", 0.2)
     prep, _ = make_federated(tmp_path, nodes=3, privacy="record")
     cfg = load_config(prep.config_paths[0])
     cfg = cfg.model_copy(update={"gossip": cfg.gossip.model_copy(
@@ -317,7 +318,7 @@ def test_status_of_a_node_that_has_started_but_closed_nothing_yet(tmp_path, caps
     from node.cli import main
 
     pidfile.claim(tmp_path)
-    (tmp_path / runner_mod.ACTIVITY_FILE).write_text(json.dumps({
+    (tmp_path / ACTIVITY_FILE).write_text(json.dumps({
         "time": time.time(), "what": "statistics", "waiting_for": ["bank-2"],
         "since": time.time() - 42}))
     assert main(["status", "--state-dir", str(tmp_path)]) == 0
@@ -366,7 +367,7 @@ def test_a_node_keeps_a_members_first_final_digest_only(tmp_path):
         assert node.handle(Incoming(data, "bank-1")) is not None
     bad = envelope.pack(bank1.signing_key, node.consortium.id, KIND_FINAL, 0, 7, bytes(8))
     assert node.handle(Incoming(bad, "bank-1")) is None
-    assert node._finals == {"bank-1": bytes([7]) * 32}
+    assert node.machine.finals == {"bank-1": bytes([7]) * 32}
     assert node.rejected() == {"bad_body": 1}
 
 

@@ -28,6 +28,7 @@ from gossip.protocol import (
     Rejected,
     Retire,
     RotatePrekeys,
+    RoundParams,
     SeenMismatch,
     SendFinal,
     SendPhase,
@@ -453,6 +454,23 @@ def test_a_topology_sends_to_the_neighbours_by_name():
     d.at(1).recv(share("bank-1", 0))
     d.recv(share("bank-2", 0))
     assert d.closes[0].why == "all"
+
+
+def test_the_timing_given_before_start_is_the_one_the_run_uses():
+    """Node reads its settings when its run starts (runner.py read self.cfg there): a
+    deadline or round count changed after the machine was built is the one that holds;
+    after start it can no longer change."""
+    d = Driver(3, rounds=5, deadline=60.0)
+    d.m.configure(RoundParams(2, 5.0, absent_after=2))
+    assert d.m.live.absent_after == 2
+    d.start()
+    for i in (1, 2):
+        d.recv(hello(f"bank-{i}", 0))
+    assert d.m.next_deadline == 5.0  # round 1's collection ends 5 s after our share
+    with pytest.raises(LocalError, match="after start"):
+        d.m.configure(RoundParams(2, 60.0))
+    with pytest.raises(LocalError, match="absent_after = 0"):
+        RoundParams(2, 5.0, absent_after=0)
 
 
 def test_out_of_order_driver_calls_are_refused():

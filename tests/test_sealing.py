@@ -426,9 +426,10 @@ def test_the_prekey_wait_is_reported_like_any_long_wait(tmp_path, monkeypatch, c
     it says whom it waits for (log and activity.json), as for shares."""
     import logging
 
-    from node.runtime import node as runner_mod
+    from gossip.protocol import machine as protocol_machine
+    from node.runtime.activity import ACTIVITY_FILE
 
-    monkeypatch.setattr(runner_mod, "WAIT_REPORT_FIRST_S", 0.2)
+    monkeypatch.setattr(protocol_machine, "WAIT_REPORT_FIRST_S", 0.2)
     spec = SimulationSpec(dataset="default", nodes=3, partition="iid", rounds=1, seed=0,
                           out=tmp_path, privacy="off", round_deadline_s=2.0)
     prep = prepare(spec)
@@ -450,5 +451,5 @@ def test_the_prekey_wait_is_reported_like_any_long_wait(tmp_path, monkeypatch, c
     assert waits and all("from bank-2 (gives up in" in w for w in waits), waits
     for n in nodes:
         assert "bank-2" in n.liveness.silent
-        doc = json.loads((n.state.path / runner_mod.ACTIVITY_FILE).read_text())
+        doc = json.loads((n.state.path / ACTIVITY_FILE).read_text())
         assert doc["waiting_for"] == []  # cleared once the wait ended

@@ -5,7 +5,8 @@
 - liveness.py  Liveness (up, missed, absent, silent, ignorable) and StartBarrier
 - seen.py      SeenReports: closed digests, early reports, split-equivocation findings
 - hello.py     HelloLimiter: how often a member's hello is answered
-- stats.py     StatsAgreement: normalization votes and statistics before round 1
+- stats.py     StatsAgreement, Normalization: normalization votes and statistics before
+               round 1
 - echo.py      agree / EchoState: the digest echo, which shares a round combines (the rule,
                what it guarantees and costs: its docstring)
 - phases.py    RoundParams, PhaseSpec, SHARE, ECHO

@@ -89,7 +89,7 @@ from gossip.protocol.hello import HelloLimiter
 from gossip.protocol.liveness import Liveness, StartBarrier, members_needed
 from gossip.protocol.phases import ECHO, SHARE, PhaseSpec, RoundParams
 from gossip.protocol.seen import FINAL_SEEN_WAIT_S, SeenReports
-from gossip.protocol.stats import Plausibility, StatsAgreement
+from gossip.protocol.stats import Normalization, StatsAgreement
 
 # Rejections that can only follow a member's valid signature on a message that is
 # fresh (never accepted before, so not a replay by someone else): the member is up.
@@ -107,16 +107,6 @@ WAIT_REPORT_EVERY_S = 30.0
 # Stage changes one input can cause (a closed round may end the run at once); a bound
 # so that a bug shows as an error, never as a hung driver.
 MAX_STEPS_PER_INPUT = 64
-
-
-@dataclass(frozen=True)
-class Normalization:
-    """Federated normalization before round 1 (None in the machine: not federated)."""
-
-    implausible: Plausibility  # node.normalize.implausible, bound by the driver
-    agreed: bool = False  # normalization.json holds the agreed statistics already
-    stats_stored: bool = False  # stats.envelope exists: every vote was "usable" before
-    vote_range: bool = False  # our own vote: range scaling (our check at start failed)
 
 
 @dataclass
@@ -213,6 +203,13 @@ class RoundMachine:
 
     def ignorable(self) -> set[str]:
         return self.live.ignorable(self.book.neighbours)
+
+    def configure(self, params: RoundParams) -> None:
+        """The run's timing again before `start` (a driver's settings when its run starts)."""
+        if self.stage != "new":
+            raise LocalError("RoundMachine.configure called after start")
+        self.params = params
+        self.live.absent_after = params.absent_after
 
     # --- inputs -------------------------------------------------------------------------
     def start(self, now: float) -> list[Action]:

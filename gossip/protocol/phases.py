@@ -25,6 +25,8 @@ class RoundParams:
     def __post_init__(self) -> None:
         if self.round_deadline_s <= 0:
             raise LocalError(f"round_deadline_s = {self.round_deadline_s}: must be > 0")
+        if self.absent_after < 1:
+            raise LocalError(f"absent_after = {self.absent_after}: at least 1")
         if self.rounds < 0:
             raise LocalError(f"rounds = {self.rounds}: must be >= 0")
 

@@ -13,6 +13,7 @@ agreement, by every honest member alike, and later ones from it are refused too.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 
 from gossip.bodies import Stats
 from gossip.envelope import Accepted
@@ -20,6 +21,16 @@ from gossip.envelope import Accepted
 # Why a member's statistics are refused, or None: node.normalize.implausible, bound to
 # the privacy plan's sigma and the schema's numeric columns by the driver.
 Plausibility = Callable[[Stats], "str | None"]
+
+
+@dataclass(frozen=True)
+class Normalization:
+    """Federated normalization before round 1 (None in the machine: not federated)."""
+
+    implausible: Plausibility  # node.normalize.implausible, bound by the driver
+    agreed: bool = False  # normalization.json holds the agreed statistics already
+    stats_stored: bool = False  # stats.envelope exists: every vote was "usable" before
+    vote_range: bool = False  # our own vote: range scaling (our check at start failed)
 
 
 class StatsAgreement:

@@ -105,8 +105,9 @@ def read_rows(cfg: NodeConfig, name: str, consortium: Consortium, schema: Featur
                          + (" left after missing = \"drop_row\"" if tables.dropped else ""))
     # normalize = "federated": will the agreed statistics be usable? Checked before
     # anything is released or charged; refuses, or votes for range scaling, as the
-    # schema's normalize_fallback says (node/normalize.py, resolve); the consortium
-    # decides from every member's vote before round 1 (Node._agree_normalization).
+    # schema's normalize_fallback says (node/learn/normalize.py, resolve); the consortium
+    # decides from every member's vote before round 1 (the round machine's
+    # StatsAgreement, carried out by Node).
     # Then the declared ranges against our own rows (a local check: releases nothing).
     resolved, _, fallback = resolve(schema, len(consortium.members), len(tables.train),
                                     cfg.privacy.mode, cfg.privacy.delta, name)
@@ -116,7 +117,7 @@ def read_rows(cfg: NodeConfig, name: str, consortium: Consortium, schema: Featur
         log.warning("%s: %s", name, line)
     federated = schema.mode == "federated"
     # Federated normalization: encoded with provisional statistics (never trained on)
-    # until the members agree theirs before round 1 (Node._agree_normalization).
+    # until the members agree theirs before round 1 (the round machine's StatsAgreement, carried out by Node).
     train, held = tables.encode(provisional_schema(schema) if federated else schema)
     total = len(tables.train) + (len(tables.held) if cfg.data.eval_path is None else 0)
     if len(train.X) == 0:
