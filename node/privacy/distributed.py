@@ -64,19 +64,27 @@ a general mechanism, only with a factor 3 on every k >= 3 term, which puts a flo
 the RDP that no noise removes: 2 q^3 / (a - 1) per step; at q = 1/8, sigma = 15 and 240
 steps that bound says epsilon 3.1 where the formula above says 0.5).
 Fix everything but the record in question (the other examples' rounding and sampling,
-the coalition's noise: a common shift, removed by joint convexity of Renyi divergence),
-and the record's rounded vector v (a mixture over v: convexity again, the worst v counts).
+the coalition's noise: condition on it; it is a common shift of both outputs, and a
+shift changes no divergence), and the record's rounded vector v (a mixture over v: by
+joint convexity of exp((a-1) D_a), i.e. quasi-convexity of D_a, the worst v counts).
 With P = Z + v, Q = Z (Z the honest Skellam noise), L = P/Q:
 - removing the record: D_a((1-q)Q + qP || Q) = (1/(a-1)) log E_Q[(1 - q + q L)^a], and the
   binomial expansion of that is the sum above with E_Q[L^k] = e^((k-1) D_k(P||Q)), exactly;
-- adding it: D_a(Q || (1-q)Q + qP) is never larger, for any noise symmetric about 0
-  (Skellam is). Pair each x with v - x (an involution that swaps P and Q and maps L to
-  1/L): both expectations become E_Q[F(L) + L F(1/L)] / 2, so it suffices to compare them
-  for a two-point pair (p, 1-p) vs (1-p, p), p <= 1/2. There, with m = (1-q)p + q(1-p),
+- adding it: D_a(Q || (1-q)Q + qP) is never larger, for any pair (P, Q) swapped by a
+  measure-preserving involution; in particular shifts of any symmetric noise (Skellam is
+  one). Pair each x with v - x (an involution that swaps P and Q and maps L to 1/L):
+  both expectations become E_Q[F(L) + L F(1/L)] / 2. Decompose both sums over the orbits
+  {x, v - x}: each orbit is a weighted two-point instance (the fixed point, if any,
+  contributes equally to both), so it suffices to compare them for a two-point pair (p, 1-p) vs (1-p, p), p <= 1/2. There, with m = (1-q)p + q(1-p),
   r = m/p >= 1, s = (1-m)/(1-p) <= 1 (and r s = 1 + q(1-q)(1-2p)^2/(p(1-p)) >= 1), the
   difference remove - add is p(r-1) [psi(r) - psi(s)], psi(z) = (z^a - z^(1-a))/(z - 1)
   = sum_{j=-(a-1)..a-1} z^j (a the integer order), which satisfies psi(z) = psi(1/z) and
   is non-decreasing on [1, inf); r >= 1/s >= 1 gives psi(r) >= psi(1/s) = psi(s).
+This lemma is ours (it generalises what Mironov, Talwar and Zhang 2019 show for the
+Gaussian). A second engineer re-derived each step and attacked it numerically: 2,700
+random symmetric distributions on cyclic groups (multimodal, spiky, power-law), 900 on the
+integer line, a Nelder-Mead search for add > remove, and this module's own parameters
+(d = 4810, c = 512): add never exceeded remove, and the charge always covered both.
 """
 
 from __future__ import annotations
