@@ -1,0 +1,209 @@
+"""The ONNX export: raw columns in, probabilities out (node/ops/export.py says what).
+
+The network alone goes through torch's exporter (torch.onnx.export, dynamo); the
+preprocessing is a graph built here with onnx.helper from the export's preprocessing
+spec, and the two are joined into one model with the network's names prefixed:
+
+- a numeric column (input float64 [N]): its fill where empty (IsNaN/Where), a 0/1
+  indicator of the empty cells if the schema asks, Clip to the declared range, (x - mean)
+  / std (0 where std is 0); not finite after the fill, or beyond FAR standard deviations:
+  the row is invalid;
+- a categorical column (input string [N], "" for an empty cell): ai.onnx.ml LabelEncoder
+  to its code (its fill's code where empty; -1 outside the vocabulary; -2 empty without a
+  fill: invalid), then one-hot by Equal against 0..k-1 (all zeros for -1);
+- the features (float64, as the node encodes) cast to float32 into the network; Softmax;
+  NaN probabilities and an empty label in the invalid rows.
+
+Outputs: "probabilities" float32 [N, classes] and "label" string [N] (the most probable
+class). Arithmetic before the network is float64, as node/data/encode.py's.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import torch
+from onnx import TensorProto, helper, numpy_helper
+
+from gossip.errors import LocalError
+
+MODEL_FILE = "model.onnx"
+ML_OPSET = 3  # ai.onnx.ml: LabelEncoder with keys_strings / values_int64s
+MISSING_CODE = -2  # an empty categorical cell without a fill policy
+UNSEEN_CODE = -1  # a category outside the vocabulary
+# The network's names in the joined graph start with this (no schema column does: the
+# preprocessing's own names start with "pre/" and "post/").
+NET_PREFIX = "net/"
+
+
+class _Graph:
+    """A growing list of nodes and constants with fresh names."""
+
+    def __init__(self) -> None:
+        self.nodes: list[onnx.NodeProto] = []
+        self.inits: list[onnx.TensorProto] = []
+        self.n = 0
+
+    def name(self, hint: str) -> str:
+        self.n += 1
+        return f"pre/{self.n}/{hint}"
+
+    def const(self, value: Any, dtype: Any, hint: str = "c") -> str:
+        name = self.name(hint)
+        arr = np.array(value, dtype=dtype)
+        self.inits.append(numpy_helper.from_array(arr, name))
+        return name
+
+    def op(self, op: str, inputs: list[str], hint: str = "", domain: str = "",
+           **attrs: Any) -> str:
+        out = self.name(hint or op.lower())
+        self.nodes.append(helper.make_node(op, inputs, [out], domain=domain, **attrs))
+        return out
+
+
+def _numeric(g: _Graph, x: str, c: dict[str, Any]) -> tuple[list[str], str]:
+    nan = g.op("IsNaN", [x], "empty")
+    xf = x if c["fill"] is None else g.op(
+        "Where", [nan, g.const(float(c["fill"]), np.float64, "fill"), x], "filled")
+    bad = g.op("Or", [g.op("IsNaN", [xf]), g.op("IsInf", [xf])], "not_finite")
+    clean = g.op("Where", [bad, g.const(0.0, np.float64, "zero"), xf], "clean")
+    if c["range"] is not None:
+        clean = g.op("Clip", [clean, g.const(c["range"][0], np.float64, "lo"),
+                              g.const(c["range"][1], np.float64, "hi")], "clipped")
+    if c["std"] == 0:  # constant everywhere: encodes as 0 (node/data/encode.py)
+        z = g.op("Mul", [clean, g.const(0.0, np.float64, "zero")], "z")
+    else:
+        z = g.op("Div", [g.op("Sub", [clean, g.const(c["mean"], np.float64, "mean")]),
+                         g.const(c["std"], np.float64, "std")], "z")
+        far = g.op("Greater", [g.op("Abs", [z]), g.const(1e6, np.float64, "far")], "far")
+        bad = g.op("Or", [bad, far], "invalid")
+    axes = g.const([1], np.int64, "axes")
+    feats = [g.op("Unsqueeze", [z, axes], "feature")]
+    if c["indicator"]:
+        feats.append(g.op("Unsqueeze", [g.op("Cast", [nan], to=TensorProto.DOUBLE), axes],
+                          "indicator"))
+    return feats, bad
+
+
+def _categorical(g: _Graph, x: str, c: dict[str, Any]) -> tuple[list[str], str | None]:
+    vocab = list(c["vocabulary"])
+    # an empty cell is empty, even if "" is in the vocabulary (the node reads it so)
+    keys = [v for v in vocab if v != ""]
+    values = [vocab.index(v) for v in keys]
+    keys.append("")
+    values.append(vocab.index(c["fill"]) if c["fill"] is not None else MISSING_CODE)
+    codes = g.op("LabelEncoder", [x], "code", domain="ai.onnx.ml", keys_strings=keys,
+                 values_int64s=values, default_int64=UNSEEN_CODE)
+    hot = g.op("Equal", [g.op("Unsqueeze", [codes, g.const([1], np.int64, "axes")]),
+                         g.const([list(range(len(vocab)))], np.int64, "codes")], "hot")
+    bad = None if c["fill"] is not None else g.op(
+        "Equal", [codes, g.const(MISSING_CODE, np.int64, "missing")], "empty")
+    return [g.op("Cast", [hot], "onehot", to=TensorProto.DOUBLE)], bad
+
+
+def network_onnx(network: torch.nn.Module, n_features: int) -> onnx.ModelProto:
+    """The network alone, through torch's exporter (batch dimension dynamic)."""
+    import io  # lean start: only an export writes through a buffer
+    import logging
+    import warnings
+
+    network.eval()
+    example = (torch.zeros(2, n_features),)
+    buf = io.BytesIO()
+    quiet = logging.getLogger("torch.onnx")
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            program = torch.onnx.export(
+                network, example, input_names=["features"], output_names=["logits"],
+                dynamic_shapes=({0: torch.export.Dim("batch")},), dynamo=True,
+                optimize=True, verbose=False, report=False)
+        program.save(buf)  # type: ignore[union-attr]
+    except Exception as exc:  # noqa: BLE001 - the exporter raises many kinds; one message
+        raise LocalError(f"torch's ONNX exporter could not export this network "
+                         f"({type(exc).__name__}: {str(exc)[:300]})") from None
+    finally:
+        quiet.setLevel(level)
+    return onnx.load_from_string(buf.getvalue())
+
+
+def build(network: torch.nn.Module, spec: dict[str, Any]) -> onnx.ModelProto:
+    """The whole model: preprocessing, the network, softmax and the label."""
+    net = network_onnx(network, spec["n_features"])
+    net = onnx.compose.add_prefix(net, NET_PREFIX)
+    g = _Graph()
+    inputs, feats, bads = [], [], []
+    for c in spec["columns"]:
+        numeric = c["kind"] == "numeric"
+        inputs.append(helper.make_tensor_value_info(
+            c["name"], TensorProto.DOUBLE if numeric else TensorProto.STRING, ["N"]))
+        f, bad = (_numeric if numeric else _categorical)(g, c["name"], c)
+        feats += f
+        if bad is not None:
+            bads.append(bad)
+    x = g.op("Concat", feats, "features64", axis=1)
+    g.nodes.append(helper.make_node("Cast", [x], [NET_PREFIX + "features"],
+                                    to=TensorProto.FLOAT))
+    pre = len(g.nodes)  # the nodes before the network's; the rest come after it
+    invalid = bads[0] if bads else None
+    for b in bads[1:]:
+        invalid = g.op("Or", [invalid, b], "invalid")
+    probs = g.op("Softmax", [NET_PREFIX + "logits"], "probs", axis=1)
+    best = g.op("ArgMax", [probs], "best", axis=1, keepdims=0)
+    classes = g.const(np.array(spec["classes"], dtype=object), object, "classes")
+    label_out = "label"
+    if invalid is None:
+        g.nodes.append(helper.make_node("Identity", [probs], ["probabilities"]))
+        g.nodes.append(helper.make_node("Gather", [classes, best], [label_out], axis=0))
+    else:
+        rows = g.op("Unsqueeze", [invalid, g.const([1], np.int64, "axes")], "invalid_rows")
+        g.nodes.append(helper.make_node(
+            "Where", [rows, g.const(np.nan, np.float32, "nan"), probs], ["probabilities"]))
+        label = g.op("Gather", [classes, best], "label", axis=0)
+        g.nodes.append(helper.make_node(
+            "Where", [invalid, g.const("", object, "empty"), label], [label_out]))
+    outputs = [helper.make_tensor_value_info("probabilities", TensorProto.FLOAT,
+                                             ["N", len(spec["classes"])]),
+               helper.make_tensor_value_info("label", TensorProto.STRING, ["N"])]
+    graph = helper.make_graph(
+        g.nodes[:pre] + list(net.graph.node) + g.nodes[pre:],
+        "flnode_export", inputs, outputs,
+        initializer=g.inits + list(net.graph.initializer))
+    opsets = {o.domain: o.version for o in net.opset_import}
+    opsets["ai.onnx.ml"] = ML_OPSET
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid(d, v)
+                                                    for d, v in sorted(opsets.items())],
+                              producer_name="flnode export")
+    model.ir_version = net.ir_version
+    model.functions.extend(net.functions)
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+def write(network: torch.nn.Module, spec: dict[str, Any], out: Path) -> list[str]:
+    model = build(network, spec)
+    (out / MODEL_FILE).write_bytes(model.SerializeToString())
+    return [MODEL_FILE]
+
+
+def session(path: Path) -> Any:
+    import onnxruntime as ort  # lean start: only scoring starts onnxruntime
+
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    try:
+        return ort.InferenceSession(str(path), sess_options=opts,
+                                    providers=["CPUExecutionProvider"])
+    except Exception as exc:  # noqa: BLE001 - onnxruntime's own exception types
+        raise LocalError(f"{path}: onnxruntime cannot load it ({str(exc)[:300]})") from None
+
+
+def score(path: Path, raw: dict[str, np.ndarray], sess: Any = None) -> np.ndarray:
+    """Probabilities for raw columns (numbers float64, categories as str objects)."""
+    sess = sess or session(path)
+    return sess.run(["probabilities"], raw)[0]
