@@ -134,7 +134,7 @@ def write_script(network: nn.Module, spec: dict[str, Any], out: Path) -> list[st
 
 def split(raw: dict[str, np.ndarray], spec: dict[str, Any]
           ) -> tuple[dict[str, torch.Tensor], dict[str, list[str]]]:
-    numeric = {c["name"]: torch.from_numpy(np.ascontiguousarray(raw[c["name"]], dtype=np.float64))
+    numeric = {c["name"]: torch.from_numpy(np.array(raw[c["name"]], dtype=np.float64))
                for c in spec["columns"] if c["kind"] == "numeric"}
     categorical = {c["name"]: [str(v) for v in raw[c["name"]].tolist()]
                    for c in spec["columns"] if c["kind"] != "numeric"}
