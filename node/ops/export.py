@@ -206,6 +206,8 @@ def read_checkpoint(path: Path, model_bytes: int) -> tuple[int, bytes, int | Non
             key = unpacker.unpack()
             if not isinstance(key, str):
                 raise ValueError(f"a field named {shorten(key)}, not a string")
+            if key != "version" and key not in CHECKPOINT_KEYS:
+                raise ValueError(f"unknown keys [{key!r}] (written by a newer flnode?)")
             if key in keep:
                 why = f"field {key!r}"
                 doc[key] = unpacker.unpack()
@@ -214,9 +216,6 @@ def read_checkpoint(path: Path, model_bytes: int) -> tuple[int, bytes, int | Non
             why = "unreadable"
         if unpacker.tell() != len(raw):
             raise ValueError(f"{len(raw) - unpacker.tell()} bytes after the checkpoint's map")
-        unknown = sorted(k for k in doc if k != "version" and k not in CHECKPOINT_KEYS)
-        if unknown:
-            raise ValueError(f"unknown keys {unknown}")
         cp = decode_checkpoint(msgpack.packb(doc, use_bin_type=True))
     except msgpack.exceptions.OutOfData:
         raise LocalError(f"checkpoint {path} is truncated ({size} bytes): restore it from a "

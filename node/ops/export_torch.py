@@ -16,11 +16,9 @@ build_model rebuilds it) and `preprocessing.json`; `encode_raw` here is the nump
 implementation of that preprocessing.
 """
 
-from __future__ import annotations
-
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Dict, List  # noqa: UP035 - TorchScript
 
 import numpy as np
 import torch
@@ -40,18 +38,20 @@ MAX_JSON_BYTES = 64 * 1024 * 1024
 class RawScorer(nn.Module):
     """Raw columns -> probabilities (module docstring)."""
 
-    names: list[str]
-    numeric: list[bool]
-    mean: list[float]
-    std: list[float]
-    lo: list[float]
-    hi: list[float]
-    fill: list[float]
-    has_fill: list[bool]
-    indicator: list[bool]
-    vocab: list[dict[str, int]]
-    width: list[int]
-    cat_fill: list[int]
+    # TorchScript reads these class-level annotations (typing's names, and no `from
+    # __future__ import annotations` in this module: it cannot read string annotations)
+    names: List[str]  # noqa: UP006
+    numeric: List[bool]  # noqa: UP006
+    mean: List[float]  # noqa: UP006
+    std: List[float]  # noqa: UP006
+    lo: List[float]  # noqa: UP006
+    hi: List[float]  # noqa: UP006
+    fill: List[float]  # noqa: UP006
+    has_fill: List[bool]  # noqa: UP006
+    indicator: List[bool]  # noqa: UP006
+    vocab: List[Dict[str, int]]  # noqa: UP006
+    width: List[int]  # noqa: UP006
+    cat_fill: List[int]  # noqa: UP006
 
     def __init__(self, network: nn.Module, spec: dict[str, Any]) -> None:
         super().__init__()
@@ -72,8 +72,8 @@ class RawScorer(nn.Module):
         self.cat_fill = [c["vocabulary"].index(c["fill"]) if c["fill"] is not None else -2
                          for c in cats]
 
-    def forward(self, numeric: dict[str, torch.Tensor],
-                categorical: dict[str, list[str]]) -> torch.Tensor:
+    def forward(self, numeric: Dict[str, torch.Tensor],  # noqa: UP006
+                categorical: Dict[str, List[str]]) -> torch.Tensor:  # noqa: UP006
         blocks: list[torch.Tensor] = []
         invalid = torch.zeros(0, dtype=torch.bool)
         n = -1
