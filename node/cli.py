@@ -360,7 +360,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "(ONNX, TorchScript or state_dict)")
     ex.add_argument("state_dir", metavar="STATE_DIR", help="the member's state dir")
     ex.add_argument("--out", required=True, metavar="DIR", help="a new directory for the export")
-    ex.add_argument("--format", choices=["onnx", "torchscript", "state_dict"], default="onnx")
+    ex.add_argument("--format", choices=["onnx", "torchscript", "state_dict"], default="onnx",
+                    help="onnx (default) and torchscript take raw columns; state_dict: the "
+                         "weights and preprocessing.json")
     ex.add_argument("--round", type=positive(int), default=None, metavar="N",
                     help="the model after round N; a state dir keeps only its latest round's")
     ex.add_argument("--config", metavar="FILE", help="the node's config (default: a simulator's "

@@ -82,20 +82,19 @@ class Scorer:
         self._vocab = {c["name"]: set(c["vocabulary"]) for c in self.columns
                        if c["kind"] == "categorical"}
         files = [f["path"] for f in self.manifest["files"]]
-        # lean start: each format loads only its own backend (onnxruntime or torch)
         if self.format == "onnx":
-            from node.ops import export_onnx
+            from node.ops import export_onnx  # lean start: the ONNX backend only when used
 
             sess = export_onnx.session(self.dir / files[0])
             self._run: Callable[[dict[str, np.ndarray]], np.ndarray] = \
                 lambda raw: export_onnx.score(self.dir / files[0], raw, sess)
         elif self.format == "torchscript":
-            from node.ops import export_torch
+            from node.ops import export_torch  # lean start: torch only for its formats
 
             scorer = export_torch.load_script(self.dir / files[0])
             self._run = lambda raw: export_torch.score_script(self.dir, raw, scorer, self.spec)
         else:
-            from node.ops import export_torch
+            from node.ops import export_torch  # lean start: torch only for its formats
 
             loaded = export_torch.load_state_dict(self.dir)
             self._run = lambda raw: export_torch.score_state_dict(self.dir, raw, loaded)
