@@ -46,11 +46,10 @@ from node.data.schema import FeatureSchema, Missing
 from node.data.table import Table, read_table
 from node.learn.models import build_model, get_flat, set_flat
 from node.learn.normalize import Agreed
+from node.ops.predict import FORMATS, MANIFEST, onnx_session, sha256
 from node.runtime.config import REHEARSAL_SECTIONS, NodeConfig, validate_config
 from node.runtime.state import CHECKPOINT_KEYS, CHECKPOINT_VERSION, decode_checkpoint
 
-FORMATS = ("onnx", "torchscript", "state_dict")
-MANIFEST = "manifest.json"
 PREPROCESSING = "preprocessing.json"
 MANIFEST_VERSION = 1
 # Export and node must agree on every probability to this (float32 arithmetic in a
@@ -70,7 +69,7 @@ MAX_SMALL_JSON_BYTES = 1 << 20
 # Scores NaN in rows the node would refuse: a standardized value beyond this
 # (node/data/encode.py MAX_STANDARDIZED).
 FAR = 1e6
-OUTPUTS = ("probabilities", "label")
+OUTPUTS = ("probabilities",)
 
 
 @dataclass
@@ -415,14 +414,6 @@ def compare(got: np.ndarray, want: np.ndarray, backend: str, source: str) -> flo
 
 # --- the export ----------------------------------------------------------------------------
 
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def export(state_dir: str | Path, out: str | Path, fmt: str = "onnx",
            config: str | Path | None = None, round_: int | None = None,
            force: bool = False) -> dict[str, Any]:
@@ -447,7 +438,7 @@ def export(state_dir: str | Path, out: str | Path, fmt: str = "onnx",
     try:
         if fmt == "onnx":
             files = export_onnx.write(member.network, spec, tmp)
-            got = export_onnx.score(tmp / files[0], raw)
+            got = onnx_session(tmp / files[0]).run(["probabilities"], raw)[0]
         elif fmt == "torchscript":
             files = export_torch.write_script(member.network, spec, tmp)
             got = export_torch.score_script(tmp / files[0], raw)
@@ -484,9 +475,8 @@ def _manifest(member: Member, spec: dict[str, Any], fmt: str, files: list[str], 
                   "shapes": {k: list(t.shape) for k, t in member.network.state_dict().items()}},
         "normalization": member.normalization,
         "schema": spec, "inputs": inputs,
-        "outputs": [{"name": "probabilities", "type": "float32", "shape": ["N", len(spec["classes"])],
-                     "columns": spec["classes"]},
-                    {"name": "label", "type": "string", "shape": ["N"]}],
+        "outputs": [{"name": "probabilities", "type": "float32",
+                     "shape": ["N", len(spec["classes"])], "columns": spec["classes"]}],
         "checked": {"rows": rows, "on": source, "max_abs_difference": diff,
                     "tolerance": CHECK_TOLERANCE},
         "files": [{"path": f, "sha256": sha256(where / f), "bytes": (where / f).stat().st_size}

@@ -28,6 +28,7 @@ number in a categorical column matches the vocabulary by value ("1" matches "1.0
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -52,6 +53,29 @@ PROGRESS_BYTES = 16 * 1024 * 1024
 # manifest.json is a few KB plus the schema; a model file is checked against its digest.
 MAX_MANIFEST_BYTES = 64 * 1024 * 1024
 _TRUE, _FALSE = frozenset({"True", "TRUE", "true"}), frozenset({"False", "FALSE", "false"})
+FORMATS = ("onnx", "torchscript", "state_dict")
+MANIFEST = "manifest.json"  # the export's manifest (node/ops/export.py)
+
+
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def onnx_session(path: Path) -> Any:
+    """An onnxruntime session of an exported model (CPU, its default threads)."""
+    import onnxruntime as ort  # lean start: only ONNX scoring starts onnxruntime
+
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    try:
+        return ort.InferenceSession(str(path), sess_options=opts,
+                                    providers=["CPUExecutionProvider"])
+    except Exception as exc:  # noqa: BLE001 - onnxruntime's own exception types
+        raise LocalError(f"{path}: onnxruntime cannot load it ({str(exc)[:300]})") from None
 
 
 @dataclass
@@ -83,11 +107,9 @@ class Scorer:
                        if c["kind"] == "categorical"}
         files = [f["path"] for f in self.manifest["files"]]
         if self.format == "onnx":
-            from node.ops import export_onnx  # lean start: the ONNX backend only when used
-
-            sess = export_onnx.session(self.dir / files[0])
+            sess = onnx_session(self.dir / files[0])
             self._run: Callable[[dict[str, np.ndarray]], np.ndarray] = \
-                lambda raw: export_onnx.score(self.dir / files[0], raw, sess)
+                lambda raw: sess.run(["probabilities"], raw)[0]
         elif self.format == "torchscript":
             from node.ops import export_torch  # lean start: torch only for its formats
 
@@ -112,19 +134,18 @@ class Scorer:
             raise LocalError(f"{self.dir}: the {self.format} model failed on these rows "
                              f"({type(exc).__name__}: {str(exc)[:300]})") from None
 
-    def labels(self, probs: np.ndarray) -> list[str | None]:
+    def label_array(self, probs: np.ndarray) -> Any:
+        """The most probable class per row (pyarrow strings), null where scored empty."""
+        import pyarrow as pa  # lean start: predict only
+
         empty = np.isnan(probs).any(axis=1)
-        best = np.argmax(np.nan_to_num(probs, nan=-1.0), axis=1)
-        names = np.array(self.classes, dtype=object)[best]
-        names[empty] = None
-        return names.tolist()
+        best = pa.array(np.argmax(np.nan_to_num(probs, nan=-1.0), axis=1), mask=empty)
+        return pa.array(self.classes, type=pa.string()).take(best)
 
 
 def _manifest(where: Path) -> dict[str, Any]:
     """DIR/manifest.json, checked: a known format, the files it lists present and with
     their SHA-256 (a file swapped after the export is refused, naming it)."""
-    from node.ops.export import FORMATS, MANIFEST, sha256  # lean start: no torch needed here
-
     path = where / MANIFEST
     try:
         if path.stat().st_size > MAX_MANIFEST_BYTES:
@@ -291,20 +312,22 @@ def _to_float(arr: Any) -> np.ndarray:
     return arr.to_numpy(zero_copy_only=False).astype(np.float64, copy=False)
 
 
-def _texts(col: Any, name: str, csv: bool, source: str) -> np.ndarray:
-    """A categorical column as text objects, "" where empty (as the node reads the cells:
-    node/data/table.py)."""
+def _texts(col: Any, name: str, csv: bool, source: str) -> Any:
+    """A categorical column as a pyarrow string array, "" where empty (as the node reads
+    the cells: node/data/table.py)."""
     import pyarrow as pa  # lean start: predict only
     import pyarrow.compute as pc
 
+    if isinstance(col, pa.ChunkedArray):
+        col = col.combine_chunks()
     t = col.type
     if pa.types.is_dictionary(t):
         col, t = col.cast(t.value_type), t.value_type
     if pa.types.is_floating(t):  # as the node shows a float cell: numpy's str
         v = col.to_numpy(zero_copy_only=False).astype(np.float64)
-        out = v.astype(str).astype(object)
-        out[np.isnan(v)] = ""
-        return out
+        text = v.astype(str).astype(object)
+        text[np.isnan(v)] = ""
+        return pa.array(text, type=pa.string())
     if pa.types.is_boolean(t):
         col = pc.if_else(col, "True", "False")
     elif pa.types.is_integer(t) or pa.types.is_decimal(t):
@@ -314,30 +337,39 @@ def _texts(col: Any, name: str, csv: bool, source: str) -> np.ndarray:
                          f"the schema), found values of type {t}")
     if csv:
         col = pc.if_else(pc.is_in(col, value_set=pa.array(sorted(NA_CELLS))), "", col)
-    return pc.fill_null(col, "").to_numpy(zero_copy_only=False).astype(object, copy=False)
+    return pc.fill_null(col, "")
 
 
-def _canonical(values: np.ndarray, vocab: set[str]) -> tuple[np.ndarray, int]:
-    """Cells spelled otherwise than their vocabulary entry by number ("1" for "1.0",
-    "1.50" for "1.5") replaced by it; and how many cells are still outside it."""
-    uniq = set(np.unique(values).tolist()) if len(values) else set()
-    unknown = [u for u in uniq if u and u not in vocab]
-    alias = {}
-    for u in unknown:
+def _canonical(col: Any, vocab: set[str]) -> tuple[np.ndarray, int]:
+    """The cells as text objects (onnxruntime's string input), those spelled otherwise than
+    their vocabulary entry by number ("1" for "1.0", "1.50" for "1.5") replaced by it; and
+    how many cells are still outside the vocabulary. Worked out on the column's distinct
+    values (pyarrow's dictionary encoding: the cost per row stays in C, and no pandas)."""
+    import pyarrow as pa  # lean start: predict only
+
+    enc = col.dictionary_encode()
+    if isinstance(enc, pa.ChunkedArray):
+        enc = enc.combine_chunks()
+    distinct = enc.dictionary.to_pylist()
+    known = np.ones(len(distinct), dtype=bool)
+    for k, u in enumerate(distinct):
+        if not u or u in vocab:
+            continue
         try:
             x = float(u)
         except ValueError:
-            continue
-        for cand in (str(x), str(int(x)) if x.is_integer() else None):
+            x = math.nan
+        for cand in ((str(x), str(int(x)) if x.is_integer() else None)
+                     if math.isfinite(x) else ()):
             if cand in vocab:
-                alias[u] = cand
+                distinct[k] = cand
                 break
-    if alias:
-        values = values.copy()
-        for a, v in alias.items():
-            values[values == a] = v
-    left = [u for u in unknown if u not in alias]
-    return values, int(np.isin(values, left).sum()) if left else 0
+        else:
+            known[k] = False
+    codes = np.frombuffer(enc.indices.buffers()[1], dtype=np.int32, count=len(enc) + enc.offset
+                          )[enc.offset:]
+    values = np.array(distinct, dtype=object)[codes]
+    return values, int((~known[codes]).sum()) if not known.all() else 0
 
 
 def raw_inputs(batch: Any, scorer: Scorer, first_row: int, csv: bool, source: str
@@ -374,8 +406,12 @@ def score_table(model: str | Path | Scorer, data: str | Path, out: str | Path, *
                 chunk_rows: int = CHUNK_ROWS, progress: bool | None = None) -> Summary:
     """Score every row of `data` (.csv or .parquet) into `out` (.csv or .parquet), in
     chunks (module docstring). `progress`: a progress bar on stderr (None: on files from
-    PROGRESS_BYTES). Written to a temporary file, renamed into place when complete."""
-    import pyarrow as pa  # lean start: predict only
+    PROGRESS_BYTES). Written to a temporary file, renamed into place when complete.
+
+    Three stages overlap, one chunk each (pyarrow and onnxruntime release the GIL): the
+    next chunk is read and checked, this one scored, the last one written. At most three
+    chunks are in memory at once."""
+    from concurrent.futures import ThreadPoolExecutor  # lean start: predict only
 
     scorer = model if isinstance(model, Scorer) else Scorer(model)
     data, out = Path(data), Path(out)
@@ -385,44 +421,49 @@ def score_table(model: str | Path | Scorer, data: str | Path, out: str | Path, *
         raise LocalError(f"chunk_rows must be at least 1, got {chunk_rows}")
     start = time.perf_counter()
     batches, fraction, size = _chunks(data, chunk_rows)
-    schema_cols = {c["name"] for c in scorer.columns}
-    outs = output_names(scorer.classes)
     summary = Summary(str(out))
     tmp = out.with_name(f".{out.name}.partial")
     writer = None
     bar = _progress(size if progress is None else (PROGRESS_BYTES if progress else 0), data)
-    try:
+
+    def prepared() -> Iterator[tuple[Any, dict[str, np.ndarray], dict[str, int]]]:
+        first = 1
         for batch in batches:
-            raw, unseen = raw_inputs(batch, scorer, summary.rows + 1, data.suffix == ".csv",
-                                     str(data))
+            raw, unseen = raw_inputs(batch, scorer, first, data.suffix == ".csv", str(data))
+            first += batch.num_rows
+            yield batch, raw, unseen
+
+    reading, writing = ThreadPoolExecutor(1), ThreadPoolExecutor(1)
+    chunks = prepared()
+    written = None
+    try:
+        ahead = reading.submit(next, chunks, None)
+        while (item := ahead.result()) is not None:
+            ahead = reading.submit(next, chunks, None)
+            batch, raw, unseen = item
             probs = scorer.score(raw)
-            if probs.shape != (batch.num_rows, len(scorer.classes)):
-                raise LocalError(f"{scorer.dir}: the model gave {probs.shape} scores for "
-                                 f"{batch.num_rows} rows of {len(scorer.classes)} classes")
-            keep = [n for n in batch.schema.names if n not in schema_cols]
-            clash = sorted(set(keep) & set(outs))
-            if clash:
-                raise LocalError(f"{data}: column(s) {clash} would be overwritten by the "
-                                 "scores: rename them in the input")
-            cols = [batch.column(n) for n in keep]
-            cols += [pa.array(probs[:, j], type=pa.float32(), from_pandas=True)
-                     for j in range(probs.shape[1])]
-            cols.append(pa.array(scorer.labels(probs), type=pa.string()))
-            table = pa.Table.from_arrays(cols, names=keep + outs)
+            table = _scored(batch, probs, scorer, str(data))
+            if written is not None:
+                written.result()
             writer = writer or _writer(tmp, out, table.schema)
-            writer.write_table(table)
+            written = writing.submit(writer.write_table, table)
             summary.rows += batch.num_rows
             summary.empty += int(np.isnan(probs).any(axis=1).sum())
             for k, v in unseen.items():
                 summary.unseen[k] = summary.unseen.get(k, 0) + v
             if bar is not None:
                 bar[0].update(bar[1], completed=fraction())
+        if written is not None:
+            written.result()
         if writer is None:
             raise LocalError(f"{data}: no rows (only a header?)")
         writer.close()
         writer = None
         os.replace(tmp, out)
     finally:
+        reading.shutdown(wait=True, cancel_futures=True)
+        writing.shutdown(wait=True, cancel_futures=True)
+        chunks.close()
         if bar is not None:
             bar[0].stop()
         if writer is not None:
@@ -433,6 +474,27 @@ def score_table(model: str | Path | Scorer, data: str | Path, out: str | Path, *
     return summary
 
 
+def _scored(batch: Any, probs: np.ndarray, scorer: Scorer, source: str) -> Any:
+    """The output rows of one chunk: its other columns, then the scores."""
+    import pyarrow as pa  # lean start: predict only
+
+    if probs.shape != (batch.num_rows, len(scorer.classes)):
+        raise LocalError(f"{scorer.dir}: the model gave {probs.shape} scores for "
+                         f"{batch.num_rows} rows of {len(scorer.classes)} classes")
+    schema_cols = {c["name"] for c in scorer.columns}
+    outs = output_names(scorer.classes)
+    keep = [n for n in batch.schema.names if n not in schema_cols]
+    clash = sorted(set(keep) & set(outs))
+    if clash:
+        raise LocalError(f"{source}: column(s) {clash} would be overwritten by the scores: "
+                         "rename them in the input")
+    cols = [batch.column(n) for n in keep]
+    cols += [pa.array(probs[:, j], type=pa.float32(), from_pandas=True)
+             for j in range(probs.shape[1])]
+    cols.append(scorer.label_array(probs))
+    return pa.Table.from_arrays(cols, names=keep + outs)
+
+
 def _writer(tmp: Path, out: Path, schema: Any) -> Any:
     if out.suffix == ".parquet":
         import pyarrow.parquet as pq  # lean start: predict only
@@ -440,7 +502,7 @@ def _writer(tmp: Path, out: Path, schema: Any) -> Any:
         return pq.ParquetWriter(tmp, schema)
     import pyarrow.csv as pcsv  # lean start: predict only
 
-    return pcsv.CSVWriter(tmp, schema, write_options=pcsv.WriteOptions(quoting_style="needed"))
+    return pcsv.CSVWriter(tmp, schema)
 
 
 def _progress(size: int, data: Path) -> tuple[Any, Any] | None:
