@@ -37,7 +37,7 @@ from node.ops.export import (
     raw_from_table,
     reference,
 )
-from node.ops.predict import Scorer, score_table
+from node.ops.predict import Scorer, onnx_session, score_table
 from node.runtime.config import load_config
 from node.runtime.state import StateDir, decode_checkpoint
 from tests.golden import make_golden as G
@@ -96,7 +96,7 @@ def three_ways(where: Path, net, spec, raw) -> list[np.ndarray]:
     X, invalid = export_torch.encode_raw(raw, spec)
     probs = reference(net, X)
     probs[invalid] = np.nan
-    return [export_onnx.score(where / "onnx" / "model.onnx", raw),
+    return [onnx_session(where / "onnx" / "model.onnx").run(["probabilities"], raw)[0],
             export_torch.score_script(where / "ts" / "model.pt", raw, spec=spec), probs]
 
 
@@ -192,6 +192,23 @@ def test_score_table_streams_passes_extras_and_names_bad_columns(mixed_model, mi
         f.write(b"\0")
     with pytest.raises(LocalError, match="model.onnx does not match its SHA-256"):
         Scorer(model)
+
+
+def test_scoring_with_onnx_imports_no_torch(mixed_exports, mixed_model, tmp_path):
+    """`flnode predict` on an ONNX export starts onnxruntime, not torch (a scoring
+    service's process stays small); `flnode status` stays lean too (tests/test_lean.py)."""
+    from tests.test_lean import heavy, imported_by
+
+    _, spec = mixed_model
+    model = tmp_path / "model"
+    shutil.copytree(mixed_exports / "onnx", model)
+    (model / "manifest.json").write_text(json.dumps({"format": "onnx", "schema": spec, "files": [
+        {"path": "model.onnx", "sha256": _sha(model / "model.onnx")}]}))
+    mixed_rows(50).to_csv(tmp_path / "in.csv", index=False)
+    r, mods = imported_by("predict", "--model", str(model), "--data", str(tmp_path / "in.csv"),
+                          "--out", str(tmp_path / "out.csv"))
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "onnxruntime" in mods and heavy(mods) == []
 
 
 def _sha(path: Path) -> str:
