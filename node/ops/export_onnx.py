@@ -4,15 +4,16 @@ The network alone goes through torch's exporter (torch.onnx.export, dynamo); the
 preprocessing is a graph built here with onnx.helper from the export's preprocessing
 spec, and the two are joined into one model with the network's names prefixed:
 
-- a numeric column (input float64 [N]): its fill where empty (IsNaN/Where), a 0/1
-  indicator of the empty cells if the schema asks, Clip to the declared range, (x - mean)
-  / std (0 where std is 0); not finite after the fill, or beyond FAR standard deviations:
-  the row is invalid;
+- the numeric columns (inputs float64 [N]), joined into one [N, k] block so that each
+  step is one operation for all of them: the fill where empty (IsNaN/Where), a 0/1
+  indicator of the empty cells where the schema asks, Min/Max to the declared range,
+  (x - mean) / std (0 where std is 0); not finite after the fill, or beyond FAR standard
+  deviations: the row is invalid;
 - a categorical column (input string [N], "" for an empty cell): ai.onnx.ml LabelEncoder
   to its code (its fill's code where empty; -1 outside the vocabulary; -2 empty without a
   fill: invalid), then one-hot by Equal against 0..k-1 (all zeros for -1);
-- the features (float64, as the node encodes) cast to float32 into the network; Softmax;
-  NaN probabilities in the invalid rows.
+- the features put in the node's order (Gather), float64 as the node encodes, cast to
+  float32 into the network; Softmax; NaN probabilities in the invalid rows.
 
 Output: "probabilities" float32 [N, classes], in the schema's class order (the manifest
 lists it). No label output: onnxruntime computes every node of a graph, and a string
@@ -22,6 +23,7 @@ Arithmetic before the network is float64, as node/data/encode.py's.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +33,7 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 
 from gossip.errors import LocalError
+from node.ops.export import FAR
 
 MODEL_FILE = "model.onnx"
 ML_OPSET = 3  # ai.onnx.ml: LabelEncoder with keys_strings / values_int64s
@@ -66,28 +69,41 @@ class _Graph:
         return out
 
 
-def _numeric(g: _Graph, x: str, c: dict[str, Any]) -> tuple[list[str], str]:
-    nan = g.op("IsNaN", [x], "empty")
-    xf = x if c["fill"] is None else g.op(
-        "Where", [nan, g.const(float(c["fill"]), np.float64, "fill"), x], "filled")
-    bad = g.op("Or", [g.op("IsNaN", [xf]), g.op("IsInf", [xf])], "not_finite")
-    clean = g.op("Where", [bad, g.const(0.0, np.float64, "zero"), xf], "clean")
-    if c["range"] is not None:
-        clean = g.op("Clip", [clean, g.const(c["range"][0], np.float64, "lo"),
-                              g.const(c["range"][1], np.float64, "hi")], "clipped")
-    if c["std"] == 0:  # constant everywhere: encodes as 0 (node/data/encode.py)
-        z = g.op("Mul", [clean, g.const(0.0, np.float64, "zero")], "z")
-    else:
-        z = g.op("Div", [g.op("Sub", [clean, g.const(c["mean"], np.float64, "mean")]),
-                         g.const(c["std"], np.float64, "std")], "z")
-        far = g.op("Greater", [g.op("Abs", [z]), g.const(1e6, np.float64, "far")], "far")
-        bad = g.op("Or", [bad, far], "invalid")
+def _numerics(g: _Graph, cols: list[dict[str, Any]]) -> tuple[str, str | None, str]:
+    """Every numeric column at once, as one [N, k] float64 block (a dozen operations per
+    chunk, not a dozen per column): (standardized values [N, k], indicators [N, m] or
+    None, invalid rows [N]). Per-column constants are vectors; a column without a fill
+    fills NaN (stays empty, so invalid), without a range clips to +-inf, with std 0
+    is divided by 1 and multiplied by 0 (the node encodes it as 0)."""
     axes = g.const([1], np.int64, "axes")
-    feats = [g.op("Unsqueeze", [z, axes], "feature")]
-    if c["indicator"]:
-        feats.append(g.op("Unsqueeze", [g.op("Cast", [nan], to=TensorProto.DOUBLE), axes],
-                          "indicator"))
-    return feats, bad
+    x = g.op("Concat", [g.op("Unsqueeze", [c["name"], axes]) for c in cols], "numeric", axis=1)
+
+    def vec(values: list[float], hint: str) -> str:
+        return g.const([values], np.float64, hint)
+
+    nan = g.op("IsNaN", [x], "empty")
+    xf = x if all(c["fill"] is None for c in cols) else g.op(
+        "Where", [nan, vec([math.nan if c["fill"] is None else float(c["fill"])
+                            for c in cols], "fill"), x], "filled")
+    bad = g.op("Or", [g.op("IsNaN", [xf]), g.op("IsInf", [xf])], "not_finite")
+    # A row with a bad value computes on (NaN or inf through the network stays in its own
+    # row) and is masked at the end: no Where to clean it here.
+    lo = [c["range"][0] if c["range"] is not None else -math.inf for c in cols]
+    hi = [c["range"][1] if c["range"] is not None else math.inf for c in cols]
+    clipped = g.op("Max", [g.op("Min", [xf, vec(hi, "hi")]), vec(lo, "lo")], "clipped")
+    z = g.op("Div", [g.op("Sub", [clipped, vec([c["mean"] for c in cols], "mean")]),
+                     vec([c["std"] if c["std"] != 0 else 1.0 for c in cols], "std")], "z")
+    if any(c["std"] == 0 for c in cols):
+        z = g.op("Mul", [z, vec([0.0 if c["std"] == 0 else 1.0 for c in cols], "keep")], "z")
+    far = g.op("Greater", [g.op("Abs", [z]), g.const(FAR, np.float64, "far")], "far")
+    bad = g.op("Cast", [g.op("Or", [bad, far])], "bad", to=TensorProto.INT32)
+    invalid = g.op("Cast", [g.op("ReduceMax", [bad, axes], keepdims=0)], "invalid",
+                   to=TensorProto.BOOL)
+    which = [i for i, c in enumerate(cols) if c["indicator"]]
+    ind = None if not which else g.op("Cast", [g.op(
+        "Gather", [nan, g.const(which, np.int64, "indicators")], axis=1)], "indicator",
+        to=TensorProto.DOUBLE)
+    return z, ind, invalid
 
 
 def _categorical(g: _Graph, x: str, c: dict[str, Any]) -> tuple[list[str], str | None]:
@@ -139,16 +155,36 @@ def build(network: torch.nn.Module, spec: dict[str, Any]) -> onnx.ModelProto:
     net = network_onnx(network, spec["n_features"])
     net = onnx.compose.add_prefix(net, NET_PREFIX)
     g = _Graph()
-    inputs, feats, bads = [], [], []
+    inputs = [helper.make_tensor_value_info(
+        c["name"], TensorProto.DOUBLE if c["kind"] == "numeric" else TensorProto.STRING, ["N"])
+        for c in spec["columns"]]
+    nums = [c for c in spec["columns"] if c["kind"] == "numeric"]
+    feats, bads, order = [], [], []  # blocks, invalid-row masks, feature -> its place
+    if nums:
+        z, ind, bad = _numerics(g, nums)
+        feats.append(z)
+        bads.append(bad)
+        if ind is not None:
+            feats.append(ind)
+    # Where each feature of the blocks [z | indicators | one-hots...] goes in the node's
+    # order (a column's features in schema order, an indicator right after its column).
+    place, at = {}, 0
     for c in spec["columns"]:
-        numeric = c["kind"] == "numeric"
-        inputs.append(helper.make_tensor_value_info(
-            c["name"], TensorProto.DOUBLE if numeric else TensorProto.STRING, ["N"]))
-        f, bad = (_numeric if numeric else _categorical)(g, c["name"], c)
-        feats += f
-        if bad is not None:
-            bads.append(bad)
-    x = g.op("Concat", feats, "features64", axis=1)
+        place[c["name"]] = at
+        at += (2 if c["indicator"] else 1) if c["kind"] == "numeric" else len(c["vocabulary"])
+    order = [place[c["name"]] for c in nums]
+    order += [place[c["name"]] + 1 for c in nums if c["indicator"]]
+    for c in spec["columns"]:
+        if c["kind"] != "numeric":
+            f, bad = _categorical(g, c["name"], c)
+            feats += f
+            order += [place[c["name"]] + j for j in range(len(c["vocabulary"]))]
+            if bad is not None:
+                bads.append(bad)
+    perm = np.argsort(np.array(order, dtype=np.int64))  # block position of each feature
+    x = g.op("Concat", feats, "blocks", axis=1) if len(feats) > 1 else feats[0]
+    if not np.array_equal(perm, np.arange(len(perm))):
+        x = g.op("Gather", [x, g.const(perm, np.int64, "order")], "features64", axis=1)
     g.nodes.append(helper.make_node("Cast", [x], [NET_PREFIX + "features"],
                                     to=TensorProto.FLOAT))
     pre = len(g.nodes)  # the nodes before the network's; the rest come after it
@@ -159,9 +195,12 @@ def build(network: torch.nn.Module, spec: dict[str, Any]) -> onnx.ModelProto:
     if invalid is None:
         g.nodes.append(helper.make_node("Identity", [probs], ["probabilities"]))
     else:
-        rows = g.op("Unsqueeze", [invalid, g.const([1], np.int64, "axes")], "invalid_rows")
-        g.nodes.append(helper.make_node(
-            "Where", [rows, g.const(np.nan, np.float32, "nan"), probs], ["probabilities"]))
+        # NaN x p is NaN, 1 x p is p: a per-row factor (a broadcast Where on [N, classes]
+        # was the slowest operation of the graph)
+        factor = g.op("Where", [invalid, g.const(np.nan, np.float32, "nan"),
+                                g.const(1.0, np.float32, "one")], "factor")
+        rows = g.op("Unsqueeze", [factor, g.const([1], np.int64, "axes")], "invalid_rows")
+        g.nodes.append(helper.make_node("Mul", [probs, rows], ["probabilities"]))
     outputs = [helper.make_tensor_value_info("probabilities", TensorProto.FLOAT,
                                              ["N", len(spec["classes"])])]
     graph = helper.make_graph(
