@@ -55,8 +55,11 @@ MANIFEST_VERSION = 1
 # Export and node must agree on every probability to this (float32 arithmetic in a
 # different order: measured differences are ~1e-7).
 CHECK_TOLERANCE = 1e-5
-# How many of the node's own held-out rows the export scores at export time.
+# How many of the node's own held-out rows the export scores at export time, from a file
+# of at most this size (the node's reader holds a file whole; beyond it, the rows made
+# from the schema check the export alone, and the manifest says so).
 CHECK_ROWS = 256
+MAX_CHECK_FILE_BYTES = 256 * 1024 * 1024
 # A checkpoint holds the model plus small bookkeeping (replay table, prekeys, strategy and
 # control-variate state, which can be a few model-sized vectors): anything past this
 # many bytes beyond the model is not a checkpoint flnode wrote.
@@ -351,7 +354,8 @@ def check_rows(member: Member, spec: dict[str, Any]) -> tuple[dict[str, np.ndarr
             X, _ = encode(held, member.schema, "held-out rows")
             raws.append(raw_from_table(held, spec))
             refs.append(reference(member.network, X))
-            sources.append(f"{len(held)} of the node's held-out rows")
+            sources.append(f"{len(held)} of the node's own rows "
+                           f"({(member.cfg.data.eval_path or member.cfg.data.path).name})")
         except LocalError:
             pass  # a held-out file the node itself would refuse: the schema rows only
     made = _schema_rows(member.schema)
@@ -367,8 +371,10 @@ def _held_out(member: Member) -> Table | None:
     cfg = member.cfg
     path = cfg.data.eval_path or cfg.data.path
     try:
+        if path.stat().st_size > MAX_CHECK_FILE_BYTES:
+            return None  # a big file: the node's reader holds it whole; the schema's rows
         rows = read_table(path)
-    except LocalError:
+    except (OSError, LocalError):
         return None  # moved or gone: the schema's rows still check the export
     keep = np.flatnonzero(~dropped_rows(rows, member.schema))
     if len(keep) == 0:
