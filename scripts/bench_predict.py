@@ -10,7 +10,9 @@ Prints JSON (and writes it to --out, default runs/bench/predict.json):
   (the label column kept: an extra column copied to the output);
 - `function`: node.ops.predict.score_table on that CSV (read, check, encode inside the
   ONNX graph, score, write scores.csv), in this process;
-- `cli`: `flnode predict` on the same CSV, a new process (its start included);
+- `cli`: `flnode predict` on the same CSV, a new process (its start included), and
+  its peak RSS (`cli_peak_rss_mb`: the reads are chunked, so it does not grow with the
+  file);
 - `in_memory`: Scorer.score on the raw columns already in memory (the export's own
   preprocessing, no file);
 - `bare`: a bare onnxruntime session of the network alone (torch's exporter, the same
@@ -27,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -118,6 +121,7 @@ def main() -> None:
         agree = float(np.max(np.abs(probs - e / e.sum(axis=1, keepdims=True))))
         same_cli = (tmp / "scores.csv").read_bytes() == (tmp / "scores_cli.csv").read_bytes()
         csv_bytes = csv.stat().st_size
+        cli_rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss // 1024
     med = {k: statistics.median(v) for k, v in times.items()}
     rps = {k: round(args.rows / v) for k, v in med.items()}
     doc = {"rows": args.rows, "csv_bytes": csv_bytes, "export_bytes": export_bytes,
@@ -125,7 +129,7 @@ def main() -> None:
            "seconds_all": times, "rows_per_s": rps,
            "ratio_to_bare": {k: round(rps[k] / rps["bare"], 3) for k in rps},
            "goal": "function and cli >= 0.5x bare",
-           "max_abs_difference_vs_bare": agree, "cli_output_identical": same_cli,
+           "max_abs_difference_vs_bare": agree, "cli_peak_rss_mb": cli_rss, "cli_output_identical": same_cli,
            "ort_threads": "onnxruntime default", "cpus": os.cpu_count()}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(doc, indent=1) + "\n")
