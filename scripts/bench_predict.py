@@ -49,6 +49,9 @@ def _peak_rss_mb(proc: subprocess.Popen) -> int:
     peak = 0
     while proc.poll() is None:
         try:
+            with open(f"/proc/{proc.pid}/cmdline", "rb") as f:
+                if b"node.cli" not in f.read():  # not exec'd yet: still the parent's pages
+                    continue
             with open(f"/proc/{proc.pid}/status") as f:
                 for line in f:
                     if line.startswith("VmHWM:"):
