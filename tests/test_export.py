@@ -217,6 +217,30 @@ def _sha(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+def test_a_hostile_model_dir_is_refused_by_name(mixed_exports, mixed_model, tmp_path):
+    _, spec = mixed_model
+    model = tmp_path / "model"
+    shutil.copytree(mixed_exports / "onnx", model)
+    good = {"format": "onnx", "schema": spec,
+            "files": [{"path": "model.onnx", "sha256": _sha(model / "model.onnx")}]}
+    cases = [
+        ({**good, "format": "pickle"}, "format 'pickle' is not one of"),
+        ({**good, "files": [{"path": "../model.onnx", "sha256": "0"}]}, "not a plain name"),
+        ({**good, "files": []}, "no files listed"),
+        ({**good, "files": [{"path": "gone.onnx", "sha256": "0"}]}, "gone.onnx is listed"),
+        ({k: v for k, v in good.items() if k != "schema"}, "not an flnode export's manifest"),
+    ]
+    for doc, pattern in cases:
+        (model / "manifest.json").write_text(json.dumps(doc))
+        with pytest.raises(LocalError, match=pattern):
+            Scorer(model)
+    (model / "manifest.json").write_text("{")
+    with pytest.raises(LocalError, match="not valid JSON"):
+        Scorer(model)
+    with pytest.raises(LocalError, match="no readable manifest.json"):
+        Scorer(tmp_path / "nothing")
+
+
 def test_federated_statistics_come_from_the_state_dir(tmp_path):
     doc = {"label": "y", "classes": ["0", "1"], "normalize": "federated",
            "columns": [{"name": "x", "kind": "numeric", "range": [0, 10]}]}
