@@ -172,6 +172,14 @@ def test_score_table_streams_passes_extras_and_names_bad_columns(mixed_model, mi
     score_table(model, tmp_path / "in.parquet", tmp_path / "out.parquet", chunk_rows=100)
     pq = pd.read_parquet(tmp_path / "out.parquet")
     assert np.max(np.abs(pq.loc[ok, ["p_a", "p_b", "p_c"]].to_numpy() - want)) <= TOL
+    # a categorical column stored as numbers: matched by value (1.0 is "1", 3.5 is "3.5")
+    floats = df.drop(index=[11]).reset_index(drop=True)
+    floats["tier"] = floats["tier"].astype(float)
+    floats.to_parquet(tmp_path / "floats.parquet")
+    s = score_table(model, tmp_path / "floats.parquet", tmp_path / "floats.csv")
+    assert s.unseen == {}
+    got = pd.read_csv(tmp_path / "floats.csv")[["p_a", "p_b", "p_c"]].to_numpy()
+    assert np.max(np.abs(np.delete(got, 11, axis=0) - want)) <= TOL  # row 12 is now 11
     # a mistyped cell: named (column, type expected, what was found, the row)
     bad = df.copy()
     bad["age"] = bad["age"].astype(str)
