@@ -193,6 +193,34 @@ def _run(args: argparse.Namespace) -> int:
     exit_now(run_main(args.config, args.metrics_port, args.metrics_addr, args.log_format))
 
 
+def _export(args: argparse.Namespace) -> int:
+    from node.ops.export import export  # lean start: the export loads torch and onnx
+
+    m = export(args.state_dir, args.out, args.format, args.config, args.round, args.force)
+    print(f"wrote {args.out}: {m['format']} model of {m['member']} after round {m['round']} of "
+          f"{m['planned_rounds']}" + ("" if m["finished"] else " (the run is NOT finished)")
+          + f", consortium {m['consortium']['name']!r}")
+    print(f"  checked on {m['checked']['on']}: max |difference| "
+          f"{m['checked']['max_abs_difference']:.2g} from the node's own model")
+    for f in m["files"]:
+        print(f"  {f['path']}  {f['bytes']} bytes  sha256 {f['sha256']}")
+    return 0
+
+
+def _predict(args: argparse.Namespace) -> int:
+    from node.ops.predict import score_table  # lean start: predict loads onnxruntime or torch
+
+    s = score_table(args.model, args.data, args.out, chunk_rows=args.chunk_rows)
+    print(f"wrote {s.out}: {s.rows} rows scored in {s.seconds:.1f} s")
+    if s.empty:
+        print(f"warning: {s.empty} row(s) scored empty: an empty cell the schema has no fill "
+              "for, or a value the node would refuse (docs/operate/export.md)", file=sys.stderr)
+    for col, n in sorted(s.unseen.items()):
+        print(f"warning: column {col!r}: {n} row(s) hold a category outside the vocabulary "
+              "(encoded as none of them)", file=sys.stderr)
+    return 0
+
+
 def _port(text: str) -> int:
     try:
         port = int(text)
@@ -327,6 +355,30 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("--out", metavar="FILE",
                     help="where to write (default RUN_DIR/report.html or DIR/report.html)")
     rp.set_defaults(func=_report)
+
+    ex = sub.add_parser("export", help="export a member's trained model with its preprocessing "
+                        "(ONNX, TorchScript or state_dict)")
+    ex.add_argument("state_dir", metavar="STATE_DIR", help="the member's state dir")
+    ex.add_argument("--out", required=True, metavar="DIR", help="a new directory for the export")
+    ex.add_argument("--format", choices=["onnx", "torchscript", "state_dict"], default="onnx",
+                    help="onnx (default) and torchscript take raw columns; state_dict: the "
+                         "weights and preprocessing.json")
+    ex.add_argument("--round", type=positive(int), default=None, metavar="N",
+                    help="the model after round N; a state dir keeps only its latest round's")
+    ex.add_argument("--config", metavar="FILE", help="the node's config (default: a simulator's "
+                    "RUN/nodes/NAME.toml beside RUN/state/NAME)")
+    ex.add_argument("--force", action="store_true", help="replace --out if it is an export")
+    ex.set_defaults(func=_export)
+
+    pr = sub.add_parser("predict", help="score a CSV or Parquet table with an exported model")
+    pr.add_argument("--model", required=True, metavar="DIR", help="a directory `flnode export` "
+                    "wrote")
+    pr.add_argument("--data", required=True, metavar="FILE", help="a .csv or .parquet file with "
+                    "the schema's columns (other columns are copied to the output)")
+    pr.add_argument("--out", required=True, metavar="FILE", help="scores.csv or scores.parquet")
+    pr.add_argument("--chunk-rows", type=positive(int), default=65536, metavar="N",
+                    help="rows scored at a time (memory is bounded by it)")
+    pr.set_defaults(func=_predict)
     return p
 
 

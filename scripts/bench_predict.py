@@ -1,0 +1,165 @@
+#!/usr/bin/env python3
+"""How fast `flnode predict` scores, against a bare onnxruntime session.
+
+Prints JSON (and writes it to --out, default runs/bench/predict.json):
+
+- a finished consortium run: `flnode simulate --dataset default` (2 members, 2 rounds,
+  the mlp), member bank-0 exported to ONNX (`flnode export`); `export_bytes`: the size
+  of the export's files (model.onnx and manifest.json);
+- `--rows` rows (default 1,000,000) of ISLR `Default`, drawn with replacement, as a CSV
+  (the label column kept: an extra column copied to the output);
+- `function`: node.ops.predict.score_table on that CSV (read, check, encode inside the
+  ONNX graph, score, write scores.csv), in this process;
+- `cli`: `flnode predict` on the same CSV, a new process (its start included), and
+  its peak RSS (`cli_peak_rss_mb`: the reads are chunked, so it does not grow with the
+  file);
+- `in_memory`: Scorer.score on the raw columns already in memory (the export's own
+  preprocessing, no file);
+- `bare`: a bare onnxruntime session of the network alone (torch's exporter, the same
+  weights) on the features already encoded by node/data/encode.py, in the same chunks;
+- rows per second of each and the ratio of each to `bare` (goal: the function and the
+  CLI at least 0.5x), from the medians and from the best runs (on a shared machine the
+  best run is the least disturbed one).
+
+Every path runs `--repeats` times, interleaved. Thread counts are onnxruntime's
+defaults in every path (the same session options).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+
+def _peak_rss_mb(proc: subprocess.Popen) -> int:
+    """The process's own peak RSS (VmHWM of its address space, read until it exits; its
+    ru_maxrss would count the pages of this big parent it was forked from)."""
+    peak = 0
+    while proc.poll() is None:
+        try:
+            with open(f"/proc/{proc.pid}/cmdline", "rb") as f:
+                if b"node.cli" not in f.read():  # not exec'd yet: still the parent's pages
+                    continue
+            with open(f"/proc/{proc.pid}/status") as f:
+                for line in f:
+                    if line.startswith("VmHWM:"):
+                        peak = max(peak, int(line.split()[1]) // 1024)
+        except OSError:
+            pass
+        time.sleep(0.02)
+    return peak
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--rows", type=int, default=1_000_000)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--out", default=str(ROOT / "runs" / "bench" / "predict.json"))
+    args = p.parse_args()
+
+    import onnxruntime as ort
+    import pandas as pd
+    import torch
+
+    from node.cli import main as cli
+    from node.data.encode import encode
+    from node.ops import export_onnx
+    from node.ops.export import load_member
+    from node.ops.predict import CHUNK_ROWS, Scorer, score_table
+
+    torch.set_num_threads(1)
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        sim = tmp / "sim"
+        with open(os.devnull, "w") as null:
+            old = sys.stdout
+            sys.stdout = null
+            try:
+                cli(["simulate", "--dataset", "default", "--nodes", "2", "--rounds", "2",
+                     "--out", str(sim)])
+                cli(["export", str(sim / "state" / "bank-0"), "--out", str(tmp / "model")])
+            finally:
+                sys.stdout = old
+        export_bytes = sum(f.stat().st_size for f in (tmp / "model").iterdir())
+        from node.rehearsal.simulation.datasets import load_demo
+
+        df, label, _ = load_demo("default")
+        rng = np.random.default_rng(0)
+        big = df.iloc[rng.integers(0, len(df), args.rows)].reset_index(drop=True)
+        csv = tmp / "rows.csv"
+        big.to_csv(csv, index=False)
+        member = load_member(sim / "state" / "bank-0")
+        X, _ = encode(big, member.schema, "rows")
+        net = tmp / "net.onnx"
+        net.write_bytes(export_onnx.network_onnx(member.network, X.shape[1]).SerializeToString())
+        opts = ort.SessionOptions()
+        opts.log_severity_level = 3
+        bare = ort.InferenceSession(str(net), sess_options=opts,
+                                    providers=["CPUExecutionProvider"])
+        scorer = Scorer(tmp / "model")
+        raw = {c["name"]: (big[c["name"]].to_numpy(np.float64) if c["kind"] == "numeric"
+                           else big[c["name"]].astype(str).to_numpy(object))
+               for c in scorer.columns}
+        times: dict[str, list[float]] = {"function": [], "cli": [], "in_memory": [], "bare": []}
+        env = dict(os.environ, PYTHONPATH=str(ROOT))
+        rss: list[int] = []
+        for _ in range(args.repeats):
+            t = time.perf_counter()
+            for i in range(0, len(X), CHUNK_ROWS):
+                bare.run(None, {"features": X[i:i + CHUNK_ROWS]})
+            times["bare"].append(time.perf_counter() - t)
+            t = time.perf_counter()
+            for i in range(0, len(X), CHUNK_ROWS):
+                scorer.score({k: v[i:i + CHUNK_ROWS] for k, v in raw.items()})
+            times["in_memory"].append(time.perf_counter() - t)
+            t = time.perf_counter()
+            score_table(scorer, csv, tmp / "scores.csv", progress=False)
+            times["function"].append(time.perf_counter() - t)
+            t = time.perf_counter()
+            proc = subprocess.Popen([sys.executable, "-m", "node.cli", "predict", "--model",
+                                     str(tmp / "model"), "--data", str(csv), "--out",
+                                     str(tmp / "scores_cli.csv")], env=env,
+                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            rss.append(_peak_rss_mb(proc))
+            times["cli"].append(time.perf_counter() - t)
+            assert proc.returncode == 0, "flnode predict failed"
+        # the scores of both paths agree with the network on the node's own encoding
+        probs = pd.read_csv(tmp / "scores.csv")[[f"p_{c}" for c in scorer.classes]].to_numpy()
+        logits = np.concatenate([bare.run(None, {"features": X[i:i + CHUNK_ROWS]})[0]
+                                 for i in range(0, len(X), CHUNK_ROWS)])
+        e = np.exp(logits - logits.max(axis=1, keepdims=True))
+        agree = float(np.max(np.abs(probs - e / e.sum(axis=1, keepdims=True))))
+        same_cli = (tmp / "scores.csv").read_bytes() == (tmp / "scores_cli.csv").read_bytes()
+        csv_bytes = csv.stat().st_size
+    med = {k: statistics.median(v) for k, v in times.items()}
+    best = {k: min(v) for k, v in times.items()}
+    rps = {k: round(args.rows / v) for k, v in med.items()}
+    rps_best = {k: round(args.rows / v) for k, v in best.items()}
+    doc = {"rows": args.rows, "csv_bytes": csv_bytes, "export_bytes": export_bytes,
+           "repeats": args.repeats, "chunk_rows": CHUNK_ROWS, "seconds_median": med,
+           "seconds_all": times, "rows_per_s": rps,
+           "ratio_to_bare": {k: round(rps[k] / rps["bare"], 3) for k in rps},
+           "rows_per_s_best": rps_best,
+           "ratio_to_bare_best": {k: round(rps_best[k] / rps_best["bare"], 3) for k in rps},
+           "goal": "function and cli >= 0.5x bare",
+           "max_abs_difference_vs_bare": agree, "cli_peak_rss_mb": max(rss), "cli_output_identical": same_cli,
+           "ort_threads": "onnxruntime default", "cpus": os.cpu_count()}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(doc, indent=1) + "\n")
+    print(json.dumps(doc, indent=1))
+
+
+if __name__ == "__main__":
+    main()
