@@ -44,7 +44,8 @@ from gossip.membership import Consortium, load_consortium, read_toml
 from node.data.encode import dropped_rows, encode
 from node.data.schema import FeatureSchema, Missing
 from node.data.table import Table, read_table
-from node.learn.models import build_model, get_flat, set_flat
+from node.learn.kinds import read_pin
+from node.learn.models import agreed_model, get_flat, init_seed_from, set_flat
 from node.learn.normalize import Agreed
 from node.ops.predict import FORMATS, MANIFEST, onnx_session, sha256
 from node.runtime.config import REHEARSAL_SECTIONS, NodeConfig, validate_config
@@ -90,6 +91,8 @@ class Member:
     round: int  # rounds completed (the model after round `round`, 1-based)
     planned_rounds: int
     final: dict[str, Any]  # what final.json says of this model, if anything
+    kind: str = ""  # the kind the node trained: the consortium's [model] pin, else its config's
+    options: dict[str, Any] | None = None  # that kind's complete options
 
 
 def flnode_version() -> str:
@@ -172,10 +175,22 @@ def encoding_schema(schema: FeatureSchema, state_dir: Path) -> tuple[FeatureSche
                                              "members": list(agreed.members)}
 
 
-def build_network(cfg: NodeConfig, schema: FeatureSchema) -> torch.nn.Module:
-    """The network the node builds from its config (node/runtime/build.py), weights to be
-    set from the checkpoint."""
-    return build_model(cfg.model.kind, schema.n_features, schema.n_classes, cfg.model.hidden)
+def trained_kind(cfg: NodeConfig, consortium: Consortium) -> tuple[str, dict[str, Any]]:
+    """The kind and complete options the node trained: the consortium's [model] pin if it
+    has one, else the node config's [model] (node/learn/models.py agreed_model)."""
+    if consortium.model:
+        kind, options, _ = read_pin(consortium.model, str(cfg.consortium.path))
+        return kind, dict(options)
+    return cfg.model.kind, dict(cfg.model.resolved())
+
+
+def build_network(cfg: NodeConfig, consortium: Consortium,
+                  schema: FeatureSchema) -> torch.nn.Module:
+    """The network the node builds at start (node/runtime/build.py own_model: the pinned
+    network, checked, or the config's), weights to be set from the checkpoint."""
+    return agreed_model(cfg.model.kind, cfg.model.resolved(), bool(cfg.model.model_fields_set),
+                        consortium.model, schema.n_features, schema.n_classes,
+                        init_seed_from(consortium), str(cfg.consortium.path))
 
 
 def read_checkpoint(path: Path, model_bytes: int) -> tuple[int, bytes, int | None]:
@@ -257,15 +272,16 @@ def load_member(state_dir: str | Path, config: str | Path | None = None,
             raise LocalError(f"schema column {c.name!r}: the export's outputs are named "
                              f"{list(OUTPUTS)}; a column cannot share that name")
     enc, normalization = encoding_schema(schema, state_dir)
-    network = build_network(cfg, enc)
+    network = build_network(cfg, consortium, enc)
+    kind, options = trained_kind(cfg, consortium)
     n_params = sum(t.numel() for t in network.state_dict().values())
     done, model, planned = read_checkpoint(cp_path, n_params * 4)
     if len(model) != n_params * 4:
         shapes = ", ".join(f"{k} {tuple(t.shape)}" for k, t in network.state_dict().items())
         raise LocalError(
             f"checkpoint {cp_path}: its model holds {len(model) // 4} float32 values "
-            f"({len(model)} bytes), but model.kind = {cfg.model.kind!r} (hidden "
-            f"{cfg.model.hidden}) on the schema's {enc.n_features} features and "
+            f"({len(model)} bytes), but model.kind = {kind!r} ({options}) on the schema's "
+            f"{enc.n_features} features and "
             f"{enc.n_classes} classes has {n_params} ({shapes}): wrong config, or not this "
             "node's checkpoint")
     flat = np.frombuffer(model, dtype="<f4").astype(np.float32)
@@ -293,7 +309,7 @@ def load_member(state_dir: str | Path, config: str | Path | None = None,
                                  f"{shorten(doc.get('digest'))}, checkpoint.msgpack holds "
                                  f"{digest}: the state dir was altered after the run")
     return Member(cfg, config_path, state_dir, consortium, enc, normalization, network, done,
-                  planned or cfg.training.rounds, final)
+                  planned or cfg.training.rounds, final, kind, options)
 
 
 def model_digest(network: torch.nn.Module) -> str:
@@ -449,8 +465,8 @@ def export(state_dir: str | Path, out: str | Path, fmt: str = "onnx",
             files = export_torch.write_script(member.network, spec, tmp)
             got = export_torch.score_script(tmp / files[0], raw)
         else:
-            files = export_torch.write_state_dict(member.network, member.cfg.model.kind,
-                                                  member.cfg.model.hidden, spec, tmp)
+            files = export_torch.write_state_dict(member.network, member.kind,
+                                                  member.options or {}, spec, tmp)
             got = export_torch.score_state_dict(tmp, raw)
         diff = compare(got, want, fmt, source)
         manifest = _manifest(member, spec, fmt, files, tmp, source, len(want), diff)
@@ -475,7 +491,7 @@ def _manifest(member: Member, spec: dict[str, Any], fmt: str, files: list[str], 
         "round": member.round, "planned_rounds": member.planned_rounds,
         "finished": member.round >= member.planned_rounds,
         "final": member.final,
-        "model": {"kind": member.cfg.model.kind, "hidden": member.cfg.model.hidden,
+        "model": {"kind": member.kind, "options": member.options,
                   "parameters": sum(t.numel() for t in member.network.state_dict().values()),
                   "digest": model_digest(member.network),
                   "shapes": {k: list(t.shape) for k, t in member.network.state_dict().items()}},

@@ -11,9 +11,9 @@ builds) with the preprocessing of the export's spec, the same steps as the ONNX 
 and gives float32 probabilities [N, classes], NaN in the rows the node would refuse.
 
 state_dict: the network's weights (`weights.pt`, a plain tensor dict: load it with
-torch.load(..., weights_only=True)), `network.json` (model kind, hidden, inputs, classes:
-build_model rebuilds it) and `preprocessing.json`; `encode_raw` here is the numpy
-implementation of that preprocessing.
+torch.load(..., weights_only=True)), `network.json` (model kind, its options, inputs,
+classes: build_resolved rebuilds it; a plug-in kind is imported to do so) and
+`preprocessing.json`; `encode_raw` here is the numpy implementation of that preprocessing.
 """
 
 import json
@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from gossip.errors import LocalError
-from node.learn.models import build_model
+from node.learn.models import build_resolved
 
 SCRIPT_FILE = "model.pt"
 WEIGHTS_FILE = "weights.pt"
@@ -162,12 +162,12 @@ def score_script(path: Path, raw: dict[str, np.ndarray], scorer: Any = None,
 
 # --- state_dict --------------------------------------------------------------------------------
 
-def write_state_dict(network: nn.Module, kind: str, hidden: int, spec: dict[str, Any],
+def write_state_dict(network: nn.Module, kind: str, options: dict[str, Any], spec: dict[str, Any],
                      out: Path) -> list[str]:
     torch.save({k: v.detach().clone() for k, v in network.state_dict().items()},
                out / WEIGHTS_FILE)
     (out / NETWORK_FILE).write_text(json.dumps({
-        "kind": kind, "hidden": hidden, "inputs": spec["n_features"],
+        "kind": kind, "options": options, "inputs": spec["n_features"],
         "classes": len(spec["classes"]), "input": "features float32 [N, inputs] from "
         "preprocessing.json", "output": "logits [N, classes]; softmax for probabilities"},
         indent=1) + "\n")
@@ -188,8 +188,11 @@ def load_state_dict(where: Path) -> tuple[nn.Module, dict[str, Any]]:
     net = _json(where / NETWORK_FILE)
     spec = _json(where / PREPROCESSING_FILE)
     try:
-        network = build_model(str(net["kind"]), int(net["inputs"]), int(net["classes"]),
-                              int(net["hidden"]))
+        options = net["options"]
+        if not isinstance(options, dict):
+            raise TypeError(f"options: {type(options).__name__}, not a table")
+        network = build_resolved(str(net["kind"]), options, int(net["inputs"]),
+                                 int(net["classes"]))
         weights = torch.load(where / WEIGHTS_FILE, map_location="cpu", weights_only=True)
         network.load_state_dict(weights)
     except (KeyError, TypeError, ValueError, RuntimeError, OSError) as exc:
