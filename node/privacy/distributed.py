@@ -75,7 +75,8 @@ With P = Z + v, Q = Z (Z the honest Skellam noise), L = P/Q:
   one). Pair each x with v - x (an involution that swaps P and Q and maps L to 1/L):
   both expectations become E_Q[F(L) + L F(1/L)] / 2. Decompose both sums over the orbits
   {x, v - x}: each orbit is a weighted two-point instance (the fixed point, if any,
-  contributes equally to both), so it suffices to compare them for a two-point pair (p, 1-p) vs (1-p, p), p <= 1/2. There, with m = (1-q)p + q(1-p),
+  contributes equally to both), so it suffices to compare them for a two-point pair
+  (p, 1-p) vs (1-p, p), p <= 1/2. There, with m = (1-q)p + q(1-p),
   r = m/p >= 1, s = (1-m)/(1-p) <= 1 (and r s = 1 + q(1-q)(1-2p)^2/(p(1-p)) >= 1), the
   difference remove - add is p(r-1) [psi(r) - psi(s)], psi(z) = (z^a - z^(1-a))/(z - 1)
   = sum_{j=-(a-1)..a-1} z^j (a the integer order), which satisfies psi(z) = psi(1/z) and
