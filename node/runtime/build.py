@@ -41,13 +41,19 @@ from node.privacy.budget import PrivacyBudget
 from node.privacy.ledger import Ledger
 from node.privacy.mechanisms import NoiseSource, OsNoise
 from node.runtime.audit import NodeCounters
+from node.runtime.compression import Compressor
 from node.runtime.config import NodeConfig, quorum
 from node.runtime.identity import Identity, load_identity
 from node.runtime.normalization import LocalData, LocalTables
 from node.runtime.release import Releaser
 from node.runtime.signer import Signer
 from node.runtime.state import StateDir
-from node.strategy.consortium_rules import AgreedStrategy, build_strategy, few_rounds_warning
+from node.strategy.consortium_rules import (
+    AgreedStrategy,
+    agreed_codec,
+    build_strategy,
+    few_rounds_warning,
+)
 
 if TYPE_CHECKING:
     import torch
@@ -198,10 +204,14 @@ def build_parts(cfg: NodeConfig, rejected: Counter[str]) -> Parts:
         sealing = Sealing(consortium.id, identity.signing_key, keys,
                           cfg.gossip.prekey_rotate_rounds, cfg.gossip.lookahead)
         sealing.own.keys = {e: PrivateKey(raw) for e, raw in state.load_prekeys().items()}
+    # The consortium's compression (rules.compression, gossip/compress.py): a compressed
+    # share is the sender's update, read on top of our model as it is when combined.
+    codec = agreed_codec(consortium, str(cfg.consortium.path))
     verifier = Verifier(consortium.id, keys, identity.public_key, tensor_spec(model),
                         cfg.gossip.max_envelope_bytes, sealing=sealing,
                         stats_columns=len(numeric_columns(schema))
-                        if schema.mode == "federated" else None)
+                        if schema.mode == "federated" else None,
+                        codec=codec, base=lambda name: model.state_dict()[name].numpy())
     # What this member signs (the sequence number on disk first): node/runtime/signer.py.
     signer = Signer(identity, consortium.id, state, sealing, rejected)
     # training.control_variates: this member's c_i and c (node/learn/control.py), restored
@@ -225,5 +235,22 @@ def build_node(cfg: NodeConfig, transport: Transport, *, node_cls: type[Node],
     (wrapping the releaser and signer) are a rehearsal's only (node/rehearsal/build.py)."""
     counters = NodeCounters()
     parts = build_parts(cfg, counters.rejected)
-    return node_cls(parts, transport, noise or OsNoise(), counters,
-                    rows_transform=rows_transform, compose=compose)
+    noise = noise or OsNoise()
+    return node_cls(parts, transport, noise, counters, rows_transform=rows_transform,
+                    compose=with_compression(parts, noise, compose))
+
+
+def with_compression(parts: Parts, noise: NoiseSource, compose: Compose | None
+                     ) -> Compose | None:
+    """`compose`, preceded by giving the honest releaser the consortium's compressor
+    (node/runtime/compression.py; its rounding draws from `noise`: the OS in production),
+    before anything is released or the checkpoint restores its residual."""
+    codec = parts.verifier.codec
+    if not codec.compressed:
+        return compose
+
+    def wired(releaser: Releaser, signer: Signer,
+              transport: Transport) -> tuple[Releaser, Signer]:
+        releaser.compressor = Compressor(codec, parts.model, noise)
+        return compose(releaser, signer, transport) if compose else (releaser, signer)
+    return wired
