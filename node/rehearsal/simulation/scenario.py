@@ -124,6 +124,7 @@ def _scenario_model():
         aggregation: Aggregation | None = None
         faults: Faults | None = None
         attacks: list[str] | None = None
+        compression: str | None = None  # rules.compression (gossip/compress.py)
 
         @model_validator(mode="after")
         def _one_source(self):
@@ -165,7 +166,7 @@ def read_scenario(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
     net: dict[str, Any] = {}
     simple = {"dataset": sc.dataset, "nodes": sc.members, "partition": sc.partition,
               "seal": sc.seal, "round_deadline_s": sc.round_deadline_s, "rounds": sc.rounds,
-              "seed": sc.seed}
+              "seed": sc.seed, "compression": sc.compression}
     f.update({k: v for k, v in simple.items() if v is not None})
     if sc.transport is not None:
         net["transport"] = sc.transport
