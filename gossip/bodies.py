@@ -288,6 +288,8 @@ def decode_share(body: bytes | bytearray | memoryview, spec: Sequence[TensorSpec
                 if r.peek_type() != "str":
                     raise RemoteError("bad_body", "codec is not a string")
                 declared = r.str(MAX_CODEC_NAME)
+                if declared == NONE:
+                    raise RemoteError("bad_body", "an uncompressed share has no codec key")
                 if declared != codec.name or not codec.compressed:
                     raise RemoteError("codec", f"a share compressed with {shorten(declared)}, "
                                       f"but the consortium's rules agree compression = "
