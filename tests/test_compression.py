@@ -376,10 +376,11 @@ def test_simulate_int8_costs_a_quarter_of_the_bytes_at_the_same_accuracy(tmp_pat
     assert len(set(small["consortium"]["per_node"].values())) == 1
 
 
-def test_topk_residual_is_checkpointed_and_a_restart_resumes_it(tmp_path):
-    """After a run, each member's checkpoint holds its residual; a node built again from
-    the state dir resumes with it; killed after storing its next release (and that
-    release's residual) but before the checkpoint, it resumes with the release's."""
+def test_topk_residual_is_checkpointed_and_a_restart_resumes_it(tmp_path, monkeypatch):
+    """After a run, each member's checkpoint holds its residual, and each release was
+    stored with the residual it left; a node built again from the state dir resumes with
+    the checkpoint's; killed after storing its next release (and that release's
+    residual) but before the checkpoint, it resumes with the release's."""
     from gossip.transports.memory import MemoryHub
     from node.rehearsal.build import build_rehearsal_node
     from node.rehearsal.config import load_rehearsal_config
@@ -387,6 +388,7 @@ def test_topk_residual_is_checkpointed_and_a_restart_resumes_it(tmp_path):
     from node.runtime.compression import residual_path
     from node.runtime.identity import load_identity
 
+    monkeypatch.setattr(StateDir, "prune_outbox", lambda *a, **k: None)  # keep every file
     summary = _simulate(tmp_path, "topk:0.1", nodes=3, rounds=2)
     assert summary["rejected"] == {}
     run = tmp_path / "topk:0.1"
@@ -395,6 +397,14 @@ def test_topk_residual_is_checkpointed_and_a_restart_resumes_it(tmp_path):
     values = cp.residual["values"]
     assert cp.residual["codec"] == "topk:0.1" and len(values) == len(cp.model)
     assert np.abs(np.frombuffer(values, "<f4")).max() > 0
+    # the last release's residual file is what the checkpoint kept after it; the first's
+    # is another (round 1 added to it)
+    assert residual_path(state, 1).read_bytes() == values
+    assert residual_path(state, 0).read_bytes() != values
+    for r in (0, 1):
+        assert state.stored_release(r) is not None
+        residual_path(state, r).unlink()
+        state.outbox_path(r).unlink()
 
     def resume():
         cfg = load_rehearsal_config(run / "nodes" / "site-0.toml")
