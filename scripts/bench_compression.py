@@ -4,7 +4,7 @@
 Every cell is one `flnode simulate` run (node.rehearsal.simulation: real nodes, real
 signed envelopes on the memory transport) of the consortium's default rule with
 [rules].compression set to one codec (gossip/compress.py): `--dataset` (digits),
-`--nodes` (8) members, dirichlet 0.5, `--rounds` (10) rounds, seed `--seed`; once
+`--nodes` (8) members, dirichlet 0.5, `--rounds` (10) rounds, each of `--seeds` (0); once
 without DP and once with record-level DP (DP-SGD) at ε = `--epsilon` (3) per member.
 
 Per cell: the bytes of one share envelope (signed, as it crosses the wire; from
@@ -34,13 +34,13 @@ if str(ROOT) not in sys.path:
 MODES = ("none", "fp16", "int8", "topk:0.1")
 
 
-def cell(args: argparse.Namespace, mode: str, privacy: str) -> dict:
+def cell(args: argparse.Namespace, mode: str, privacy: str, seed: int) -> dict:
     from rich.console import Console
 
     from node.rehearsal.simulation.output import simulate
     from node.rehearsal.simulation.spec import SimulationSpec
 
-    out = Path(args.out) / "runs" / f"{privacy}-{mode.replace(':', '_')}"
+    out = Path(args.out) / "runs" / f"{privacy}-{mode.replace(':', '_')}-{seed}"
     if out.exists():
         shutil.rmtree(out)
     dp = {"privacy": "record", "epsilon": args.epsilon, "sigma": None} \
@@ -48,14 +48,14 @@ def cell(args: argparse.Namespace, mode: str, privacy: str) -> dict:
     t0 = time.perf_counter()
     summary = simulate(SimulationSpec(dataset=args.dataset, nodes=args.nodes,
                                       partition="dirichlet:0.5", rounds=args.rounds,
-                                      seed=args.seed, out=out, compression=mode,
+                                      seed=seed, out=out, compression=mode,
                                       keep_releases=True, **dp),
                        console=Console(quiet=True))
     wall = time.perf_counter() - t0
     shares = [p.stat().st_size for p in (out / "state").glob("*/outbox/round-*.env")]
     sent = sum(v["sent"] for v in summary["bytes"].values())
     eps = [v for v in summary["epsilon"]["per_node"].values() if v is not None]
-    return {"mode": mode, "privacy": privacy, "epsilon_budget": dp.get("epsilon"),
+    return {"mode": mode, "privacy": privacy, "seed": seed, "epsilon_budget": dp.get("epsilon"),
             "share_bytes": round(sum(shares) / len(shares)) if shares else None,
             "sent_per_member_per_round": round(
                 sent / sum(max(1, r) for r in summary["rounds_done"].values())),
@@ -65,19 +65,28 @@ def cell(args: argparse.Namespace, mode: str, privacy: str) -> dict:
 
 
 def table(rows: list[dict]) -> str:
-    base = {r["privacy"]: r for r in rows if r["mode"] == "none"}
-    lines = ["| privacy | mode | share bytes | x fewer | sent/member/round | final | vs none "
-             "| ε (max) | wall s |", "|---|---|---|---|---|---|---|---|---|"]
+    """One line per (privacy, mode): the mean over the seeds, and each seed's final."""
+    groups: dict[tuple[str, str], list[dict]] = {}
     for r in rows:
-        b = base.get(r["privacy"])
-        fewer = (f"{b['share_bytes'] / r['share_bytes']:.1f}" if b and r["share_bytes"]
-                 else "-")
-        delta = f"{r['final'] - b['final']:+.4f}" if b else "-"
-        eps = f"{r['epsilon_max']:.3f}" if r["epsilon_max"] is not None else "off"
-        priv = "off" if r["privacy"] == "off" else f"record ε={r['epsilon_budget']:g}"
-        lines.append(f"| {priv} | {r['mode']} | {r['share_bytes']} | {fewer} | "
-                     f"{r['sent_per_member_per_round']} | {r['final']:.4f} | {delta} | {eps} | "
-                     f"{r['wall_s']} |")
+        groups.setdefault((r["privacy"], r["mode"]), []).append(r)
+
+    def mean(rs: list[dict], key: str) -> float:
+        return sum(r[key] for r in rs) / len(rs)
+    lines = ["| privacy | mode | share bytes | x fewer | sent/member/round | final (mean) "
+             "| vs none | per seed | ε (max) |", "|---|---|---|---|---|---|---|---|---|"]
+    for (privacy, mode), rs in groups.items():
+        base = groups.get((privacy, "none"))
+        fewer = (f"{mean(base, 'share_bytes') / mean(rs, 'share_bytes'):.1f}"
+                 if base and rs[0]["share_bytes"] else "-")
+        delta = f"{mean(rs, 'final') - mean(base, 'final'):+.4f}" if base else "-"
+        eps = [r["epsilon_max"] for r in rs if r["epsilon_max"] is not None]
+        priv = "off" if privacy == "off" else f"record ε={rs[0]['epsilon_budget']:g}"
+        per_seed = " ".join(f"{r['final']:.3f}" for r in rs)
+        epsilon = f"{max(eps):.3f}" if eps else "off"
+        lines.append(f"| {priv} | {mode} | {round(mean(rs, 'share_bytes'))} | {fewer} | "
+                     f"{round(mean(rs, 'sent_per_member_per_round'))} | "
+                     f"{mean(rs, 'final'):.4f} | {delta} | "
+                     f"{per_seed} | {epsilon} |")
     return "\n".join(lines)
 
 
@@ -89,16 +98,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--nodes", type=int, default=8)
     p.add_argument("--rounds", type=int, default=10)
     p.add_argument("--epsilon", type=float, default=3.0)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seeds", default="0", help="comma-separated seeds, one run each")
     p.add_argument("--out", default="runs/bench")
     args = p.parse_args(argv)
     import torch
 
     torch.set_num_threads(1)  # small models: one thread is several times faster here
-    rows = [cell(args, mode, privacy) for privacy in args.privacy.split(",")
-            for mode in args.modes.split(",")]
+    seeds = [int(s) for s in args.seeds.split(",")]
+    rows = [cell(args, mode, privacy, seed) for privacy in args.privacy.split(",")
+            for mode in args.modes.split(",") for seed in seeds]
     result = {"dataset": args.dataset, "nodes": args.nodes, "rounds": args.rounds,
-              "seed": args.seed, "partition": "dirichlet:0.5", "cells": rows}
+              "seeds": seeds, "partition": "dirichlet:0.5", "cells": rows}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "compression.json").write_text(json.dumps(result, indent=2) + "\n")
