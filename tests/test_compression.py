@@ -419,3 +419,33 @@ def test_topk_residual_is_checkpointed_and_a_restart_resumes_it(tmp_path, monkey
     newer = (np.frombuffer(values, "<f4") + 1).astype("<f4").tobytes()
     residual_path(state, cp.next_round).write_bytes(newer)
     assert resume() == newer
+
+
+def test_consortium_build_and_a_scenario_choose_it(tmp_path, capsys):
+    import tomli_w
+
+    from node.cli import main
+    from node.rehearsal.simulation.scenario import build_spec
+    from tests.helpers import SCHEMA
+
+    for name in ("bank-0", "bank-1", "bank-2"):
+        assert main(["keygen", "--out", str(tmp_path / "keys"), "--name", name]) == 0
+    (tmp_path / "schema.toml").write_text(tomli_w.dumps(SCHEMA))
+    argv = ["consortium", "build", "--name", "c", "--schema", str(tmp_path / "schema.toml"),
+            *[a for n in ("bank-0", "bank-1", "bank-2")
+              for a in ("--member", str(tmp_path / "keys" / f"{n}.pub"))]]
+    assert main([*argv, "--out", str(tmp_path / "plain.toml")]) == 0
+    assert main([*argv, "--out", str(tmp_path / "small.toml"), "--compression", "int8"]) == 0
+    plain, small = load_consortium(tmp_path / "plain.toml"), load_consortium(tmp_path / "small.toml")
+    assert "compression" not in plain.rules and agreed_codec(small).name == "int8"
+    assert main([*argv, "--out", str(tmp_path / "bad.toml"), "--compression", "int4"]) == 2
+    assert "--compression" in capsys.readouterr().err
+
+    sc = tmp_path / "s.toml"
+    sc.write_text('dataset = "digits"\ncompression = "topk:0.05"\n')
+    assert build_spec(sc, {"out": tmp_path / "o"}).compression == "topk:0.05"
+    assert build_spec(sc, {"out": tmp_path / "o", "compression": "fp16"}).compression == "fp16"
+    sc.write_text('compression = "topk:2"\n')
+    with pytest.raises(LocalError, match="compression") as exc:
+        build_spec(sc, {"out": tmp_path / "o"})
+    assert str(sc) in str(exc.value)
