@@ -28,7 +28,7 @@ codec's canonical name (`Codec.name`), and per tensor of n values, `data`:
 - int8: [block (uint), scales (bin, ceil(n / block) x <f4, finite, >= 0),
   q (bin, n x int8)]; value i = q[i] x scales[i // block]; block = INT8_BLOCK;
 - topk:F: [k (uint), idx (bin, k x <u2 if n <= 65536 else <u4, strictly increasing,
-  each < n), values (bin, k x <f2, finite)]; k = max(1, ceil(F x n)) exactly.
+  each < n), values (bin, k x <f2, finite)]; k = min(n, max(1, ceil(F x n))) exactly.
 
 Without a "codec" key a body is today's uncompressed share, byte for byte.
 
@@ -102,7 +102,7 @@ class Codec:
     def k(self, n: int) -> int:
         """top-k: how many of a tensor's n values a share sends."""
         assert self.fraction is not None
-        return max(1, min(n, math.ceil(self.fraction * n)))
+        return min(n, max(1, math.ceil(self.fraction * n)))  # 0 only for an empty tensor
 
     def index_dtype(self, n: int) -> str:
         return "<u2" if n <= U16_INDEX_LIMIT else "<u4"
@@ -274,7 +274,7 @@ def _read_topk(r: Reader, codec: Codec, label: str, n: int) -> np.ndarray:
     if k > 1 and not (idx[1:] > idx[:-1]).all():
         raise RemoteError("bad_body", f"tensor {label}: top-k indices are not strictly "
                           "increasing (repeated or out of order)")
-    if int(idx[-1]) >= n:
+    if k and int(idx[-1]) >= n:
         raise RemoteError("bad_body", f"tensor {label}: a top-k index is {int(idx[-1])}, "
                           f"the tensor has {n} values")
     values = np.frombuffer(val_raw, dtype="<f2")
