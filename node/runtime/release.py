@@ -16,6 +16,11 @@ Privacy invariants that live here:
 
 A round is released in two steps, `train` then `publish(r, trained, body)`, so that a
 rehearsal can wrap one of them (node/rehearsal/): `body` says what goes on the wire.
+
+With the consortium's `[rules] compression` (node/runtime/compression.py) `publish`
+compresses the released update first (post-processing: after the noise, before the
+checks, the charge and the signature); what receivers decode is what the member goes
+on from, and top-k's residual is kept only once the release is stored.
 """
 
 from __future__ import annotations
