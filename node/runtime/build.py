@@ -39,7 +39,7 @@ from node.learn.normalize import (
 from node.learn.train import metric_name, warn_about_held_out
 from node.privacy.budget import PrivacyBudget
 from node.privacy.ledger import Ledger
-from node.privacy.mechanisms import NoiseSource, OsNoise
+from node.privacy.mechanisms import NoiseSource, OsNoise, SeededNoise
 from node.runtime.audit import NodeCounters
 from node.runtime.compression import Compressor
 from node.runtime.config import NodeConfig, quorum
@@ -63,6 +63,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("flnode.node")
 
+# A seeded simulation's int8 rounding stream: seeded from the member's training seed
+# times this (a prime), apart from its privacy noise (with_compression).
+ROUNDING_SEED = 104_729
 # A rehearsal's wrappers of the honest releaser and signer (node/rehearsal/build.py):
 # given them and the node's transport, the parts the node uses instead.
 Compose = Callable[[Releaser, Signer, Transport], tuple[Releaser, Signer]]
@@ -235,22 +238,26 @@ def build_node(cfg: NodeConfig, transport: Transport, *, node_cls: type[Node],
     (wrapping the releaser and signer) are a rehearsal's only (node/rehearsal/build.py)."""
     counters = NodeCounters()
     parts = build_parts(cfg, counters.rejected)
-    noise = noise or OsNoise()
-    return node_cls(parts, transport, noise, counters, rows_transform=rows_transform,
+    return node_cls(parts, transport, noise or OsNoise(), counters,
+                    rows_transform=rows_transform,
                     compose=with_compression(parts, noise, compose))
 
 
-def with_compression(parts: Parts, noise: NoiseSource, compose: Compose | None
+def with_compression(parts: Parts, noise: NoiseSource | None, compose: Compose | None
                      ) -> Compose | None:
     """`compose`, preceded by giving the honest releaser the consortium's compressor
-    (node/runtime/compression.py; its rounding draws from `noise`: the OS in production),
-    before anything is released or the checkpoint restores its residual."""
+    (node/runtime/compression.py), before anything is released or the checkpoint restores
+    its residual. Its rounding (int8) is not privacy noise but, like it, comes from the
+    OS; only a simulation that passes its own seeded privacy noise gets a seeded rounding
+    too, a stream of its own, so compressing never shifts the privacy noise's draws."""
     codec = parts.verifier.codec
     if not codec.compressed:
         return compose
+    rounding: NoiseSource = (OsNoise() if noise is None or isinstance(noise, OsNoise)
+                             else SeededNoise(parts.cfg.training.seed * ROUNDING_SEED + 1))
 
     def wired(releaser: Releaser, signer: Signer,
               transport: Transport) -> tuple[Releaser, Signer]:
-        releaser.compressor = Compressor(codec, parts.model, noise)
+        releaser.compressor = Compressor(codec, parts.model, rounding)
         return compose(releaser, signer, transport) if compose else (releaser, signer)
     return wired

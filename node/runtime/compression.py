@@ -5,8 +5,9 @@ Compression is post-processing of what the privacy mechanism released: it runs o
 trained (record mode) or clipped and noised (update mode) update, after the round is
 checked against the budget and before the body is signed (node/runtime/release.py). It
 reads nothing but that update, the residual (made of earlier released updates) and the
-rounding's uniform numbers, so it changes no ε. The rounding's numbers come from the
-node's noise source: os.urandom in production, seeded only in a simulation on demo data.
+rounding's uniform numbers, so it changes no ε. The rounding's numbers (int8) are
+not privacy noise but come from the OS too; a simulation on demo data, whose privacy
+noise is seeded, gets a seeded rounding stream of its own (node/runtime/build.py).
 
 Error feedback (top-k): what a round's share left out is kept and added to the next
 round's update, so nothing is lost, only delayed. The residual is part of the
