@@ -449,3 +449,25 @@ def test_consortium_build_and_a_scenario_choose_it(tmp_path, capsys):
     with pytest.raises(LocalError, match="compression") as exc:
         build_spec(sc, {"out": tmp_path / "o"})
     assert str(sc) in str(exc.value)
+
+
+def test_int8_rounding_never_draws_from_the_privacy_noise():
+    """Production: the OS; a seeded simulation: a seeded stream of its own, so that a
+    compressed run's privacy noise is the uncompressed run's, draw for draw."""
+    from types import SimpleNamespace
+
+    from node.privacy.mechanisms import OsNoise, SeededNoise
+    from node.runtime.build import with_compression
+
+    parts = SimpleNamespace(verifier=SimpleNamespace(codec=C.parse_codec("int8")),
+                            model=tiny_model(), cfg=SimpleNamespace(training=SimpleNamespace(seed=3)))
+    privacy = SeededNoise(7)
+    for noise, kind in ((None, OsNoise), (OsNoise(), OsNoise), (privacy, SeededNoise)):
+        releaser = SimpleNamespace()
+        with_compression(parts, noise, None)(releaser, "signer", "transport")
+        assert isinstance(releaser.compressor.noise, kind) and releaser.compressor.noise is not noise
+    before = privacy.generator.get_state()
+    releaser.compressor.compress(torch.ones(200))
+    assert torch.equal(privacy.generator.get_state(), before)
+    assert with_compression(SimpleNamespace(verifier=SimpleNamespace(codec=C.NO_COMPRESSION)),
+                            None, None) is None
