@@ -7,9 +7,11 @@ Share body (kinds "share", and "sealed" once opened by `gossip.seal`), a msgpack
     {"weight": float > 0, "tensors": [[name (str), dtype (str), shape ([uint]), raw (bin)], ...]}
 
 plus, with federated normalization, "norm": the 32-byte digest of the agreed
-statistics. Tensor bytes are raw little-endian; only the dtypes in
-`ALLOWED_DTYPES`. The tensors must be exactly the model's (`TensorSpec`: names,
-order, shapes, dtypes) and finite.
+statistics, and where the consortium's [rules] agree a compression other than "none",
+"codec" before "tensors" and each tensor's raw bytes in that codec's form
+(gossip/compress.py: the sender's update, not its model). Tensor bytes are raw
+little-endian; only the dtypes in `ALLOWED_DTYPES`. The tensors must be exactly the
+model's (`TensorSpec`: names, order, shapes, dtypes) and finite.
 
 Seen body: a msgpack array of [member public key (bin 32), envelope digest (bin
 32)], at most one per member. Echo body: the same form (the sender's own share
@@ -28,12 +30,21 @@ the encoders raise `LocalError` on our own misuse.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import msgpack
 import numpy as np
 
+from gossip.compress import (
+    MAX_CODEC_NAME,
+    NO_COMPRESSION,
+    NONE,
+    Codec,
+    Compressed,
+    Rebased,
+    read_data,
+)
 from gossip.errors import SHORT, LocalError, RemoteError, shorten
 from gossip.membership import PUBLIC_KEY_BYTES
 from gossip.wire import Reader, WireError
@@ -63,10 +74,12 @@ class TensorSpec:
 @dataclass(frozen=True)
 class Share:
     weight: float
-    tensors: dict[str, np.ndarray]  # read-only views of the received bytes
+    # read-only views of the received bytes; a compressed share's: compress.Rebased
+    tensors: Mapping[str, np.ndarray]
     # The digest of the normalization statistics the sender encodes its rows with
     # (federated normalization only; None otherwise).
     norm: bytes | None = None
+    codec: str = NONE  # the codec it declared (gossip/compress.py)
 
 
 @dataclass(frozen=True)
@@ -232,27 +245,64 @@ def decode_echo(body: bytes | memoryview, members: Mapping[bytes, str],
 _FINITE_CHUNK = 1 << 20
 
 
-def decode_share(body: bytes | bytearray | memoryview, spec: Sequence[TensorSpec]) -> Share:
-    """Decode a share body and check it against the model's tensor spec.
+def encode_compressed_share(codec: Codec, compressed: Compressed, weight: float,
+                            norm: bytes | None = None) -> bytes:
+    """A compressed share's body (gossip/compress.py): the update's items from
+    `compress.compress`, the codec's name before them."""
+    if not (math.isfinite(weight) and 0 < weight <= MAX_WEIGHT):
+        raise LocalError(f"share weight must be in (0, {MAX_WEIGHT:g}], got {weight!r}")
+    doc: dict[str, object] = {"weight": float(weight), "codec": codec.name,
+                              "tensors": compressed.items}
+    if norm is not None:
+        if len(norm) != DIGEST_BYTES:
+            raise LocalError("a share's norm digest is 32 bytes")
+        doc["norm"] = bytes(norm)
+    return msgpack.packb(doc, use_bin_type=True)
+
+
+def decode_share(body: bytes | bytearray | memoryview, spec: Sequence[TensorSpec],
+                 codec: Codec = NO_COMPRESSION,
+                 base: Callable[[str], np.ndarray] | None = None) -> Share:
+    """Decode a share body and check it against the model's tensor spec and the agreed
+    `codec` (gossip/compress.py; "none": today's share).
 
     Read field by field (see gossip.wire): a field of the wrong type or size is
-    refused before anything is built for it. The tensors are read-only views of
-    `body` (no copy)."""
+    refused before anything is built for it. Uncompressed tensors are read-only views
+    of `body` (no copy); a compressed share's are its decoded update read on top of
+    `base` (`compress.Rebased`). A share declaring another codec than the agreed one
+    is refused (`codec`)."""
     try:
         r = Reader(body)
         n = r.map_header()
-        if n not in (2, 3):
+        if n not in (2, 3, 4):
             raise RemoteError("bad_body", _BODY_KEYS)
         weight: float | None = None
-        tensors: dict[str, np.ndarray] | None = None
+        tensors: Mapping[str, np.ndarray] | None = None
         norm: bytes | None = None
+        declared: str | None = None
         for _ in range(n):
             key = r.str(16) if r.peek_type() == "str" else None
             if key == "weight" and weight is None:
                 weight = _read_weight(r)
+            elif key == "codec" and declared is None and tensors is None:
+                if r.peek_type() != "str":
+                    raise RemoteError("bad_body", "codec is not a string")
+                declared = r.str(MAX_CODEC_NAME)
+                if declared == NONE:
+                    raise RemoteError("bad_body", "an uncompressed share has no codec key")
+                if declared != codec.name or not codec.compressed:
+                    raise RemoteError("codec", f"a share compressed with {shorten(declared)}, "
+                                      f"but the consortium's rules agree compression = "
+                                      f"{codec.name!r}: the members' files differ")
             elif key == "tensors" and tensors is None:
-                tensors = _read_tensors(r, spec)
-            elif key == "norm" and norm is None and n == 3:
+                if declared is None and codec.compressed:
+                    raise RemoteError("codec", "an uncompressed share, but the consortium's "
+                                      f"rules agree compression = {codec.name!r}")
+                if codec.compressed:
+                    tensors = Rebased(_read_tensors(r, spec, codec), base)
+                else:
+                    tensors = _read_tensors(r, spec)
+            elif key == "norm" and norm is None:
                 norm = bytes(r.bin(exact=DIGEST_BYTES))
             else:
                 raise RemoteError("bad_body", _BODY_KEYS)
@@ -261,11 +311,11 @@ def decode_share(body: bytes | bytearray | memoryview, spec: Sequence[TensorSpec
         raise RemoteError("bad_body", f"body decode failed: {exc}") from None
     if weight is None or tensors is None:
         raise RemoteError("bad_body", _BODY_KEYS)
-    return Share(weight, tensors, norm)
+    return Share(weight, tensors, norm, codec.name if declared is not None else NONE)
 
 
 _BODY_KEYS = ("body must be a map with exactly 'weight' and 'tensors' (and, with federated "
-              "normalization, 'norm')")
+              "normalization, 'norm'; compressed, 'codec' before 'tensors')")
 
 
 def _read_weight(r: Reader) -> float:
@@ -277,7 +327,8 @@ def _read_weight(r: Reader) -> float:
     return float(weight)
 
 
-def _read_tensors(r: Reader, spec: Sequence[TensorSpec]) -> dict[str, np.ndarray]:
+def _read_tensors(r: Reader, spec: Sequence[TensorSpec],
+                  codec: Codec = NO_COMPRESSION) -> dict[str, np.ndarray]:
     t = r.peek_type()
     if t != "array":
         raise RemoteError("shape", f"expected {len(spec)} tensors, got a {t}")
@@ -325,6 +376,10 @@ def _read_tensors(r: Reader, spec: Sequence[TensorSpec]) -> dict[str, np.ndarray
         if tuple(shape) != expected.shape:
             raise RemoteError("shape", f"tensor {shorten(name)}: shape {shorten(shape)}, "
                               f"expected {list(expected.shape)}")
+        if codec.compressed:  # its data in the codec's form (gossip/compress.py)
+            tensors[name] = read_data(r, codec, name,
+                                      math.prod(expected.shape)).reshape(expected.shape)
+            continue
         if r.peek_type() != "bin":
             raise RemoteError("bad_body", f"tensor {shorten(name)}: data is not a byte string")
         raw = r.bin()

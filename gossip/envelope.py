@@ -33,7 +33,8 @@ its own counted reason: size cap (`too_large`) -> outer decode with limits
 an identical copy of an accepted message (`duplicate`, benign), a sequence
 number reused for other content (`seq_reuse`), a sequence number too old to
 judge (`replay`), a round already closed (`stale`) -> body decode
-(`bad_body`) -> shapes and dtypes (`shape`, `dtype`) -> finite values
+(`bad_body`; a compression other than the agreed one, gossip/compress.py: `codec`)
+-> shapes and dtypes (`shape`, `dtype`) -> finite values
 (`non_finite`). A sealed share is opened (`gossip.seal`: `bad_seal`,
 `no_prekey`) after the freshness checks and before the body decode; a
 prekey announcement is checked prekey by prekey (`bad_prekey`). Nothing a
@@ -54,11 +55,12 @@ plaintext), in time linear in it. Peer values in a rejection's detail are cut
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 
 import msgpack
+import numpy as np
 from nacl.exceptions import BadSignatureError
 from nacl.signing import SigningKey, VerifyKey
 
@@ -73,6 +75,7 @@ from gossip.bodies import (
     decode_share,
     decode_stats,
 )
+from gossip.compress import NO_COMPRESSION, Codec
 from gossip.errors import SHORT, LocalError, RemoteError, shorten
 from gossip.seal import Sealing, SignedPrekey, decode_announcement
 from gossip.wire import Reader, WireError
@@ -359,8 +362,15 @@ class Verifier:
 
     def __init__(self, consortium_id: bytes, members: Mapping[bytes, str], own_key: bytes,
                  spec: Sequence[TensorSpec], max_bytes: int = DEFAULT_MAX_ENVELOPE_BYTES,
-                 sealing: Sealing | None = None, stats_columns: int | None = None) -> None:
+                 sealing: Sealing | None = None, stats_columns: int | None = None,
+                 codec: Codec = NO_COMPRESSION,
+                 base: Callable[[str], np.ndarray] | None = None) -> None:
         self.consortium_id = consortium_id
+        # The consortium's agreed compression (gossip/compress.py): a share declaring
+        # another is refused (`codec`); a compressed share is read on top of `base(name)`,
+        # this node's model tensor as it is when the share is combined.
+        self.codec = codec
+        self.base = base
         # Numeric columns of a federated-normalization schema (None: stats are refused).
         self.stats_columns = stats_columns
         # With sealing on, shares must come sealed and are opened here, after
@@ -471,7 +481,7 @@ class Verifier:
         else:
             body = kept = bytes(env.body)
         try:
-            return decode_share(body, self.spec), kept
+            return decode_share(body, self.spec, self.codec, self.base), kept
         except RemoteError as exc:
             raise RemoteError(exc.reason, exc.detail, name) from None
 

@@ -31,7 +31,13 @@ from node.privacy.calibrate import plan_history
 from node.privacy.ledger import Ledger
 from node.runtime.config import load_config
 from node.runtime.identity import load_identity
-from node.runtime.state import CHECKPOINT_KEYS, Checkpoint, StateDir, decode_checkpoint
+from node.runtime.state import (
+    CHECKPOINT_KEYS,
+    CHECKPOINT_OPTIONAL_KEYS,
+    Checkpoint,
+    StateDir,
+    decode_checkpoint,
+)
 from tests.golden import make_golden as G
 
 GOLDEN = Path(__file__).parent / "golden"
@@ -185,7 +191,9 @@ def test_checkpoint_keys_are_frozen():
 def test_checkpoint_codec_names_every_attribute():
     """A new Checkpoint attribute without a key in the codec would silently not be saved."""
     assert ["version", *CHECKPOINT_KEYS] == RUN["checkpoint_keys"]
-    assert sorted(CHECKPOINT_KEYS.values()) == sorted(f.name for f in dataclasses.fields(Checkpoint))
+    # ... or in CHECKPOINT_OPTIONAL_KEYS (written only when set: the golden bytes stay)
+    assert sorted([*CHECKPOINT_KEYS.values(), *CHECKPOINT_OPTIONAL_KEYS.values()]) == \
+        sorted(f.name for f in dataclasses.fields(Checkpoint))
 
 
 @pytest.mark.parametrize(("edit", "complaint"), [

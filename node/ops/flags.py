@@ -115,6 +115,10 @@ def add_rules_flags(p: argparse.ArgumentParser) -> None:
                         "(default max(2/n, 0.25))")
     p.add_argument("--aggregation-param", action="append", default=[], metavar="KEY=VALUE",
                    help="a rule parameter (e.g. m=5, tau=1.0, distance=clip)")
+    p.add_argument("--compression", default="none", metavar="MODE",
+                   help="how every member's shares are compressed on the wire: none "
+                        "(default), fp16, int8 or topk:FRACTION (e.g. topk:0.1); "
+                        "docs/reference/compression.md")
 
 
 def parse_params(items: list[str], flag: str = "--aggregation-param") -> dict[str, Any]:

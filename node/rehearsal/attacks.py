@@ -20,12 +20,11 @@ from collections.abc import Sequence
 import torch
 from nacl.public import PublicKey
 
-from gossip import bodies, envelope
+from gossip import envelope
 from gossip.envelope import KIND_SEALED, KIND_SHARE
 from gossip.errors import LocalError
 from gossip.seal import encode_announcement, sign_prekey
 from gossip.transports.base import Transport
-from node.learn.models import flat_to_named
 from node.rehearsal.config import AttackConfig
 from node.runtime.normalization import LocalData
 from node.runtime.release import Releaser, Result, Trained
@@ -72,6 +71,10 @@ class WrappedReleaser:
     def body(self, r: int, t: Trained) -> bytes:
         return self.inner.body(r, t)
 
+    def encode(self, vector: torch.Tensor, start: torch.Tensor, weight: float) -> bytes:
+        """A body for `vector` in the consortium's compression (Releaser.encode)."""
+        return self.inner.encode(vector, start, weight)
+
     async def publish(self, r: int, t: Trained, body) -> Result:
         return await self.inner.publish(r, t, body)
 
@@ -107,8 +110,9 @@ class HostileReleaser(WrappedReleaser):
         self.last = (t.start, t.update, t.weight)
         vec = self.vector(r, t)
         declared = a.declared_weight if a.declared_weight is not None else t.weight
-        # A scale large enough overflows float32 to inf: then that is what it sends.
-        return bodies.encode_share(flat_to_named(self.model, vec), declared, self.norm())
+        # A scale large enough overflows float32 to inf: then that is what it sends
+        # (compressed as the consortium agrees, or its shares would all be refused).
+        return self.encode(vec, t.start, declared)
 
 
 class HostileSigner:
@@ -171,8 +175,7 @@ class HostileSigner:
                 versions = []
                 for i, _ in enumerate(peers):  # a different share for each member
                     vec = start + (1.0 + 0.25 * i) * update
-                    body = bodies.encode_share(flat_to_named(self.releaser.model, vec),
-                                               weight, self.releaser.norm())
+                    body = self.releaser.encode(vec, start, weight)
                     versions.append(data if i == 0 else self._pack(r, body, peers))
                 split = a.kind == "equivocate-split"
                 sends: list[Send] = []

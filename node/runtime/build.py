@@ -40,15 +40,21 @@ from node.learn.normalize import (
 from node.learn.train import metric_name, warn_about_held_out
 from node.privacy.budget import PrivacyBudget
 from node.privacy.ledger import Ledger
-from node.privacy.mechanisms import NoiseSource, OsNoise
+from node.privacy.mechanisms import NoiseSource, OsNoise, SeededNoise
 from node.runtime.audit import NodeCounters
+from node.runtime.compression import Compressor
 from node.runtime.config import NodeConfig, quorum
 from node.runtime.identity import Identity, load_identity
 from node.runtime.normalization import LocalData, LocalTables
 from node.runtime.release import Releaser
 from node.runtime.signer import Signer
 from node.runtime.state import StateDir
-from node.strategy.consortium_rules import AgreedStrategy, build_strategy, few_rounds_warning
+from node.strategy.consortium_rules import (
+    AgreedStrategy,
+    agreed_codec,
+    build_strategy,
+    few_rounds_warning,
+)
 
 if TYPE_CHECKING:
     import torch
@@ -58,6 +64,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("flnode.node")
 
+# A seeded simulation's int8 rounding stream: seeded from the member's training seed
+# times this (a prime), apart from its privacy noise (with_compression).
+ROUNDING_SEED = 104_729
 # A rehearsal's wrappers of the honest releaser and signer (node/rehearsal/build.py):
 # given them and the node's transport, the parts the node uses instead.
 Compose = Callable[[Releaser, Signer, Transport], tuple[Releaser, Signer]]
@@ -230,10 +239,14 @@ def build_parts(cfg: NodeConfig, rejected: Counter[str]) -> Parts:
         sealing = Sealing(consortium.id, identity.signing_key, keys,
                           cfg.gossip.prekey_rotate_rounds, cfg.gossip.lookahead)
         sealing.own.keys = {e: PrivateKey(raw) for e, raw in state.load_prekeys().items()}
+    # The consortium's compression (rules.compression, gossip/compress.py): a compressed
+    # share is the sender's update, read on top of our model as it is when combined.
+    codec = agreed_codec(consortium, str(cfg.consortium.path))
     verifier = Verifier(consortium.id, keys, identity.public_key, tensor_spec(model),
                         cfg.gossip.max_envelope_bytes, sealing=sealing,
                         stats_columns=len(numeric_columns(schema))
-                        if schema.mode == "federated" else None)
+                        if schema.mode == "federated" else None,
+                        codec=codec, base=lambda name: model.state_dict()[name].numpy())
     # What this member signs (the sequence number on disk first): node/runtime/signer.py.
     signer = Signer(identity, consortium.id, state, sealing, rejected)
     # training.control_variates: this member's c_i and c (node/learn/control.py), restored
@@ -258,4 +271,25 @@ def build_node(cfg: NodeConfig, transport: Transport, *, node_cls: type[Node],
     counters = NodeCounters()
     parts = build_parts(cfg, counters.rejected)
     return node_cls(parts, transport, noise or OsNoise(), counters,
-                    rows_transform=rows_transform, compose=compose)
+                    rows_transform=rows_transform,
+                    compose=with_compression(parts, noise, compose))
+
+
+def with_compression(parts: Parts, noise: NoiseSource | None, compose: Compose | None
+                     ) -> Compose | None:
+    """`compose`, preceded by giving the honest releaser the consortium's compressor
+    (node/runtime/compression.py), before anything is released or the checkpoint restores
+    its residual. Its rounding (int8) is not privacy noise but, like it, comes from the
+    OS; only a simulation that passes its own seeded privacy noise gets a seeded rounding
+    too, a stream of its own, so compressing never shifts the privacy noise's draws."""
+    codec = parts.verifier.codec
+    if not codec.compressed:
+        return compose
+    rounding: NoiseSource = (OsNoise() if noise is None or isinstance(noise, OsNoise)
+                             else SeededNoise(parts.cfg.training.seed * ROUNDING_SEED + 1))
+
+    def wired(releaser: Releaser, signer: Signer,
+              transport: Transport) -> tuple[Releaser, Signer]:
+        releaser.compressor = Compressor(codec, parts.model, rounding)
+        return compose(releaser, signer, transport) if compose else (releaser, signer)
+    return wired

@@ -5,7 +5,8 @@ module only says which part of a node each field comes from and goes back to. Tw
 privacy invariants are restored here: the ledger must still start with the records the
 checkpoint was written with (a rolled-back ledger would under-count epsilon), and the
 sequence counter never goes back below what was reserved on disk (Signer.sign) or used
-by a stored release (released, then killed before the checkpoint).
+by a stored release (released, then killed before the checkpoint). Top-k compression's
+error-feedback residual is restored here too (`_resume_residual`).
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ from gossip.errors import RemoteError
 from gossip.protocol.book import RoundBook
 from node.learn.models import get_flat, set_flat
 from node.privacy.ledger import ledger_digest
+from node.runtime.compression import Compressor, residual_from, residual_path
+from node.runtime.release import Releaser
 from node.runtime.state import Checkpoint
 
 if TYPE_CHECKING:
@@ -47,7 +50,17 @@ def snapshot(node: Node) -> Checkpoint:
         ledger_digest=ledger_digest(node.ledger.records),
         retired=sorted({m.name for m in node.consortium.members} - {node.name}
                        - node.book.neighbours),
+        residual=c.state() if (c := compressor(node)) is not None else None,
     )
+
+
+def compressor(node: Node) -> Compressor | None:
+    """The node's share compressor (node/runtime/compression.py), through a rehearsal's
+    wrappers of its releaser (node/rehearsal/: each keeps the one it wraps as `inner`)."""
+    releaser = node.releaser
+    while not isinstance(releaser, Releaser) and hasattr(releaser, "inner"):
+        releaser = releaser.inner
+    return releaser.compressor if isinstance(releaser, Releaser) else None
 
 
 def save(node: Node) -> None:
@@ -94,6 +107,26 @@ def resume(node: Node) -> None:
         node.strategy.load_state_dict(cp.strategy)
     if cp.control and node.control is not None:
         node.control.load_state_dict(cp.control)
+    _resume_residual(node, cp)
     node.transport.stats.bytes_sent += cp.bytes_sent
     node.transport.stats.bytes_received += cp.bytes_received
     log.info("%s: resumed at round %d from %s", node.name, cp.next_round, node.state.path)
+
+
+def _resume_residual(node: Node, cp: Checkpoint) -> None:
+    """Top-k's error-feedback residual: the one the stored release of the round we resume
+    at left (released, then stopped before the checkpoint), else the checkpoint's; none
+    in a checkpoint from before compression (or of a node that never compressed)."""
+    c = compressor(node)
+    if c is None:
+        if cp.residual:
+            log.warning("%s: %s holds an error-feedback residual but the consortium agrees "
+                        "no compression: dropped", node.name, node.state.checkpoint_path)
+        return
+    source = str(node.state.checkpoint_path)
+    why = c.load(cp.residual, source)
+    if why is not None:
+        log.warning("%s: dropped the error-feedback residual of %s: %s", node.name, source, why)
+    side = residual_path(node.state, cp.next_round)
+    if c.codec.feedback and side.exists() and node.state.stored_release(cp.next_round):
+        c.residual = residual_from(side.read_bytes(), node.model, str(side))

@@ -16,6 +16,11 @@ Privacy invariants that live here:
 
 A round is released in two steps, `train` then `publish(r, trained, body)`, so that a
 rehearsal can wrap one of them (node/rehearsal/): `body` says what goes on the wire.
+
+With the consortium's `[rules] compression` (node/runtime/compression.py) `publish`
+compresses the released update first (post-processing: after the noise, before the
+checks, the charge and the signature); what receivers decode is what the member goes
+on from, and top-k's residual is kept only once the release is stored.
 """
 
 from __future__ import annotations
@@ -29,10 +34,12 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from gossip import bodies, envelope
 from gossip.bodies import TensorSpec
+from gossip.compress import NO_COMPRESSION, Compressed
 from gossip.envelope import KIND_SEALED
 from node.learn.control import ControlVariates, local_steps, per_parameter
 from node.learn.dpsgd import dp_engine, train_local_dp_fast
@@ -43,8 +50,9 @@ from node.privacy.budget import PrivacyBudget
 from node.privacy.ledger import Ledger
 from node.privacy.mechanisms import NoiseSource, privatize_update
 from node.runtime import audit
+from node.runtime.compression import Compressor, residual_bytes, residual_path
 from node.runtime.config import NodeConfig
-from node.runtime.state import StateDir
+from node.runtime.state import StateDir, atomic_write
 from node.strategy import WeightedShare
 
 log = logging.getLogger("flnode.node")
@@ -91,6 +99,9 @@ class Trained:
     charges: list[LedgerRecord]  # what releasing it costs
     norm: float  # the update's norm (update mode: after clipping, as released)
     seconds: float  # the training's own time (a rehearsed straggler sleeps a multiple)
+    # Compressed (the consortium's rules.compression): the body's items; update and
+    # released are then what receivers decode (node/runtime/compression.py)
+    encoded: Compressed | None = None
 
 
 class Releaser:
@@ -119,6 +130,8 @@ class Releaser:
         self.norm = norm
         self.pack = pack
         self._shuffle = torch.Generator().manual_seed(cfg.training.seed)
+        # The consortium's compression (None: "none"), wired in by node/runtime/build.py
+        self.compressor: Compressor | None = None
 
     async def release(self, r: int) -> Result:
         """Our share for round r: the stored one after a restart, else a new one."""
@@ -190,14 +203,36 @@ class Releaser:
 
     def body(self, r: int, t: Trained) -> bytes:
         """The share body that goes on the wire: what we trained, as released."""
+        if t.encoded is not None:
+            assert self.compressor is not None
+            return bodies.encode_compressed_share(self.compressor.codec, t.encoded, t.weight,
+                                                  self.norm())
         return bodies.encode_share(flat_to_named(self.model, t.released), t.weight,
                                    self.norm())
+
+    def encode(self, vector: torch.Tensor, start: torch.Tensor, weight: float) -> bytes:
+        """A share body for `vector` (a model) with the consortium's compression, without
+        error feedback: a rehearsed attack's own body (node/rehearsal/attacks.py)."""
+        if self.compressor is None:
+            return bodies.encode_share(flat_to_named(self.model, vector), weight, self.norm())
+        comp, _ = self.compressor.compress(vector - start)
+        return bodies.encode_compressed_share(self.compressor.codec, comp, weight, self.norm())
+
+    def base(self, name: str) -> np.ndarray:
+        """Our model's tensor `name` now: what a compressed share is read on top of."""
+        return self.model.state_dict()[name].numpy()
 
     async def publish(self, r: int, t: Trained,
                       body: Callable[[int, Trained], bytes]) -> Result:
         """Check, charge (fsync'd), sign and store a trained share; `body(r, t)` is what
         goes on the wire (`self.body` but in a rehearsal)."""
         pc = self.cfg.privacy
+        pending = None
+        if self.compressor is not None and bool(torch.isfinite(t.released).all()):
+            # post-processing of the released update (node/runtime/compression.py); what
+            # receivers decode is what we go on from. float16 can overflow: then it is
+            # not finite, and not released, below.
+            t, pending = self.compressor.apply(t)
         if not bool(torch.isfinite(t.released).all()):
             # Local training diverged (a learning rate too high, a value that overflows
             # float32): nothing non-finite is ever released. The mechanism did run on the
@@ -232,7 +267,12 @@ class Releaser:
         # when nobody could be sealed for: our model goes on from this share.
         self._charge(t.charges, digest, t.weight)
         if data is not None:
+            if pending is not None and pending.residual is not None:
+                # before the release: a restart that re-sends it resumes with this residual
+                atomic_write(residual_path(self.state, r), residual_bytes(pending.residual))
             self.state.store_release(r, data, wire if packed.kind == KIND_SEALED else None)
+        if pending is not None:
+            self.compressor.commit(pending)
         if self.control is not None:  # c_i from what we released (node/learn/control.py)
             self.control.released(r, t.start, t.released, self._step_scale(r))
         return Release(data, WeightedShare(self.name, t.weight, t.released), t.norm, False,
@@ -246,7 +286,8 @@ class Releaser:
             return None
         env = envelope.decode_outer(stored, self.cfg.gossip.max_envelope_bytes)
         body = self.state.stored_plain_body(r) if env.kind == KIND_SEALED else env.body
-        share = bodies.decode_share(body, self.spec)
+        codec = self.compressor.codec if self.compressor is not None else NO_COMPRESSION
+        share = bodies.decode_share(body, self.spec, codec, self.base)
         own = WeightedShare(self.name, share.weight, named_to_flat(self.model, share.tensors))
         if self.control is not None:  # as when it was released (node/learn/control.py)
             start = get_flat(self.model)

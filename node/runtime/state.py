@@ -10,6 +10,8 @@ Layout::
                                    a restart in round N); unlinked once N is closed
     STATE_DIR/outbox/round-N.body  its plain share body, when the release is sealed;
                                    unlinked once round N is closed
+    STATE_DIR/outbox/round-N.residual  top-k's error-feedback residual that release left
+                                   (node/runtime/compression.py); unlinked once N is closed
     STATE_DIR/prekeys/epoch-N.x25519  our private prekey for epoch N (sealing; 0600),
                                    unlinked once epoch N's rounds are closed
     STATE_DIR/audit.jsonl          one line per received message: accepted or why not;
@@ -127,6 +129,9 @@ class Checkpoint:
     # checkpoint from before this was kept (nothing to compare).
     ledger_records: int | None = None
     ledger_digest: str = ""
+    # Compression with error feedback (top-k): {"codec": name, "values": float32 LE bytes},
+    # what the shares so far left out (node/runtime/compression.py). None: no residual.
+    residual: dict[str, Any] | None = None
 
 
 # The checkpoint's format: its map keys on disk (after "version"), in the order written,
@@ -143,11 +148,17 @@ CHECKPOINT_KEYS: dict[str, str] = {
 }
 # Keys every checkpoint has; the others were added later and default when absent.
 CHECKPOINT_REQUIRED = ("next_round", "model", "seq")
+# Keys written only when their attribute is not None (after CHECKPOINT_KEYS' keys): a node
+# that never holds one writes the same bytes as before the key existed.
+CHECKPOINT_OPTIONAL_KEYS: dict[str, str] = {"residual": "residual"}
+RESIDUAL_SUFFIX = ".residual"  # outbox/round-N.residual (node/runtime/compression.py)
 
 
 def encode_checkpoint(cp: Checkpoint) -> bytes:
     doc = {"version": CHECKPOINT_VERSION,
-           **{key: getattr(cp, attr) for key, attr in CHECKPOINT_KEYS.items()}}
+           **{key: getattr(cp, attr) for key, attr in CHECKPOINT_KEYS.items()},
+           **{key: getattr(cp, attr) for key, attr in CHECKPOINT_OPTIONAL_KEYS.items()
+              if getattr(cp, attr) is not None}}
     return msgpack.packb(doc, use_bin_type=True)
 
 
@@ -158,13 +169,14 @@ def decode_checkpoint(raw: bytes) -> Checkpoint:
         raise ValueError("not a msgpack map")
     if doc.get("version") != CHECKPOINT_VERSION:
         raise ValueError(f"unknown version {shorten(doc.get('version'))}")
-    unknown = [k for k in doc if k != "version" and k not in CHECKPOINT_KEYS]
+    known = CHECKPOINT_KEYS | CHECKPOINT_OPTIONAL_KEYS
+    unknown = [k for k in doc if k != "version" and k not in known]
     if unknown:
         raise ValueError(f"unknown keys {shorten(unknown)} (written by a newer flnode?)")
     missing = [k for k in CHECKPOINT_REQUIRED if k not in doc]
     if missing:
         raise ValueError(f"missing keys {missing}")
-    return Checkpoint(**{attr: doc[key] for key, attr in CHECKPOINT_KEYS.items() if key in doc})
+    return Checkpoint(**{attr: doc[key] for key, attr in known.items() if key in doc})
 
 
 class StateDir:
@@ -237,10 +249,12 @@ class StateDir:
     def prune_outbox(self, before_round: int, keep_releases: bool = False) -> None:
         """What a restart needs is the release of the round it resumes at (re-sent byte
         for byte); the ledger already holds every release's digest for an audit. So a
-        closed round's `.env` and `.body` (our own plaintext share) are unlinked; with
-        `keep_releases` the `.env` files stay and only the plaintext goes."""
+        closed round's `.env`, `.body` (our own plaintext share) and `.residual` are unlinked;
+        with `keep_releases` the `.env` files stay."""
         gone = False
-        for p in (self.path / "outbox").glob("round-*.body" if keep_releases else "round-*.*"):
+        for p in (self.path / "outbox").glob("round-*.*"):
+            if keep_releases and p.suffix == ".env":
+                continue
             try:
                 r = int(p.name.split(".")[0].removeprefix("round-"))
             except ValueError:

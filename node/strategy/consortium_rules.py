@@ -15,6 +15,8 @@ differently are different consortia and refuse each other's shares.
     clip = 0.1                     # optional: every member's privacy.clip must equal it
     noise_multiplier = 1.0         # optional, update-level DP: no member's sigma above it;
                                    # with clip it sets the DP distance bound (below)
+    compression = "int8"           # optional: none (default), fp16, int8, topk:FRACTION
+                                   # (gossip/compress.py; docs/reference/compression.md)
     [rules.params]                 # optional rule parameters (m, tau, distance, ...)
 
 Defaults, for a file without a key (`aggregation = "auto"`, what `flnode consortium
@@ -60,8 +62,9 @@ import logging
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from gossip.compress import NO_COMPRESSION, Codec, parse_codec
 from gossip.errors import LocalError
 from gossip.membership import Consortium
 from node.strategy import Strategy, make_strategy
@@ -137,6 +140,17 @@ class ConsortiumRules(BaseModel):
     clip: float | None = Field(default=None, gt=0)
     noise_multiplier: float | None = Field(default=None, gt=0)
     params: dict[str, Any] = Field(default_factory=dict)
+    # How shares are compressed on the wire (gossip/compress.py): none, fp16, int8 or
+    # topk:FRACTION. A file without the key means "none" and keeps its id.
+    compression: str = NO_COMPRESSION.name
+
+    @field_validator("compression")
+    @classmethod
+    def _codec(cls, value: str) -> str:
+        try:
+            return parse_codec(value).name
+        except LocalError as exc:
+            raise ValueError(str(exc)) from None
 
 
 # The default f is a quarter of the consortium (rounded down, at least 1 from three
@@ -174,6 +188,14 @@ def validate_rules(table: dict[str, Any], source: str) -> ConsortiumRules:
         err = exc.errors()[0]
         key = ".".join(str(x) for x in err["loc"]) or "(table)"
         raise LocalError(f"{source}: rules.{key}: {err['msg']}") from None
+
+
+def agreed_codec(consortium: Consortium, source: str = "consortium file") -> Codec:
+    """The compression every member's shares use: the [rules]' `compression`, "none"
+    without one (or without [rules])."""
+    rules = parse_rules(consortium, source)
+    return parse_codec(rules.compression if rules is not None else NO_COMPRESSION.name,
+                       f"{source}: rules.compression")
 
 
 @dataclass(frozen=True)
@@ -293,6 +315,7 @@ def pin_rules(table: dict[str, Any], members: int,
 def rules_table(members: int, aggregation: str = DEFAULT_RULE, f: int | None = None,
                 max_weight_fraction: float | None = None, privacy_mode: str | None = None,
                 clip: float | None = None, noise_multiplier: float | None = None,
+                compression: str | None = None,
                 **params: Any) -> dict[str, Any]:
     """A [rules] table for `flnode consortium build` and the simulators: "auto" is
     resolved for this many members and written out; None leaves a key out, so the
@@ -304,6 +327,8 @@ def rules_table(members: int, aggregation: str = DEFAULT_RULE, f: int | None = N
                        ("noise_multiplier", noise_multiplier)):
         if value is not None:
             table[key] = value
+    if compression is not None and parse_codec(compression, "--compression").compressed:
+        table["compression"] = parse_codec(compression).name  # "none": no key, the same id
     if params:
         table["params"] = params
     return table

@@ -9,8 +9,9 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from gossip.compress import parse_codec
 from gossip.errors import LocalError
 from gossip.membership import (
     read_toml,
@@ -131,6 +132,17 @@ def _scenario_model():
         aggregation: Aggregation | None = None
         faults: Faults | None = None
         attacks: list[str] | None = None
+        compression: str | None = None  # rules.compression (gossip/compress.py)
+
+        @field_validator("compression")
+        @classmethod
+        def _codec(cls, value: str | None) -> str | None:
+            if value is not None:
+                try:
+                    parse_codec(value)
+                except LocalError as exc:
+                    raise ValueError(str(exc)) from None
+            return value
 
         @model_validator(mode="after")
         def _one_source(self):
@@ -172,7 +184,7 @@ def read_scenario(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
     net: dict[str, Any] = {}
     simple = {"dataset": sc.dataset, "nodes": sc.members, "partition": sc.partition,
               "seal": sc.seal, "round_deadline_s": sc.round_deadline_s, "rounds": sc.rounds,
-              "seed": sc.seed}
+              "seed": sc.seed, "compression": sc.compression}
     f.update({k: v for k, v in simple.items() if v is not None})
     if sc.transport is not None:
         net["transport"] = sc.transport

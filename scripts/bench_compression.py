@@ -1,0 +1,121 @@
+#!/usr/bin/env python3
+"""What each share compression costs in bytes and in the final metric, in process.
+
+Every cell is one `flnode simulate` run (node.rehearsal.simulation: real nodes, real
+signed envelopes on the memory transport) of the consortium's default rule with
+[rules].compression set to one codec (gossip/compress.py): `--dataset` (digits),
+`--nodes` (8) members, dirichlet 0.5, `--rounds` (10) rounds, each of `--seeds` (0); once
+without DP and once with record-level DP (DP-SGD) at ε = `--epsilon` (3) per member.
+
+Per cell: the bytes of one share envelope (signed, as it crosses the wire; from
+the outbox, `keep_releases`), the bytes each member sent per round in all (shares,
+hellos, prekeys, seen and final reports: summary.json's "bytes" / rounds / members),
+the consortium's final mean metric on the consortium test set, and each member's ε
+from the accountant (compression is post-processing: it must be the uncompressed
+run's). Writes `--out`/compression.json and prints it and a table.
+
+    .venv/bin/python scripts/bench_compression.py
+    .venv/bin/python scripts/bench_compression.py --modes none,int8 --privacy off
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+MODES = ("none", "fp16", "int8", "topk:0.1")
+
+
+def cell(args: argparse.Namespace, mode: str, privacy: str, seed: int) -> dict:
+    from rich.console import Console
+
+    from node.rehearsal.simulation.output import simulate
+    from node.rehearsal.simulation.spec import SimulationSpec
+
+    out = Path(args.out) / "runs" / f"{privacy}-{mode.replace(':', '_')}-{seed}"
+    if out.exists():
+        shutil.rmtree(out)
+    dp = {"privacy": "record", "epsilon": args.epsilon, "sigma": None} \
+        if privacy == "record" else {}
+    t0 = time.perf_counter()
+    summary = simulate(SimulationSpec(dataset=args.dataset, nodes=args.nodes,
+                                      partition="dirichlet:0.5", rounds=args.rounds,
+                                      seed=seed, out=out, compression=mode,
+                                      keep_releases=True, **dp),
+                       console=Console(quiet=True))
+    wall = time.perf_counter() - t0
+    shares = [p.stat().st_size for p in (out / "state").glob("*/outbox/round-*.env")]
+    sent = sum(v["sent"] for v in summary["bytes"].values())
+    eps = [v for v in summary["epsilon"]["per_node"].values() if v is not None]
+    return {"mode": mode, "privacy": privacy, "seed": seed, "epsilon_budget": dp.get("epsilon"),
+            "share_bytes": round(sum(shares) / len(shares)) if shares else None,
+            "sent_per_member_per_round": round(
+                sent / sum(max(1, r) for r in summary["rounds_done"].values())),
+            "metric": summary["metric"], "final": summary["consortium"]["mean"],
+            "epsilon_max": max(eps) if eps else None, "rejected": summary["rejected"],
+            "wall_s": round(wall, 1)}
+
+
+def table(rows: list[dict]) -> str:
+    """One line per (privacy, mode): the mean over the seeds, and each seed's final."""
+    groups: dict[tuple[str, str], list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["privacy"], r["mode"]), []).append(r)
+
+    def mean(rs: list[dict], key: str) -> float:
+        return sum(r[key] for r in rs) / len(rs)
+    lines = ["| privacy | mode | share bytes | x fewer | sent/member/round | final (mean) "
+             "| vs none | per seed | ε (max) |", "|---|---|---|---|---|---|---|---|---|"]
+    for (privacy, mode), rs in groups.items():
+        base = groups.get((privacy, "none"))
+        fewer = (f"{mean(base, 'share_bytes') / mean(rs, 'share_bytes'):.1f}"
+                 if base and rs[0]["share_bytes"] else "-")
+        delta = f"{mean(rs, 'final') - mean(base, 'final'):+.4f}" if base else "-"
+        eps = [r["epsilon_max"] for r in rs if r["epsilon_max"] is not None]
+        priv = "off" if privacy == "off" else f"record ε={rs[0]['epsilon_budget']:g}"
+        per_seed = " ".join(f"{r['final']:.3f}" for r in rs)
+        epsilon = f"{max(eps):.3f}" if eps else "off"
+        lines.append(f"| {priv} | {mode} | {round(mean(rs, 'share_bytes'))} | {fewer} | "
+                     f"{round(mean(rs, 'sent_per_member_per_round'))} | "
+                     f"{mean(rs, 'final'):.4f} | {delta} | "
+                     f"{per_seed} | {epsilon} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--modes", default=",".join(MODES))
+    p.add_argument("--privacy", default="off,record", help="off, record or both")
+    p.add_argument("--dataset", default="digits", choices=("default", "churn", "digits"))
+    p.add_argument("--nodes", type=int, default=8)
+    p.add_argument("--rounds", type=int, default=10)
+    p.add_argument("--epsilon", type=float, default=3.0)
+    p.add_argument("--seeds", default="0", help="comma-separated seeds, one run each")
+    p.add_argument("--out", default="runs/bench")
+    args = p.parse_args(argv)
+    import torch
+
+    torch.set_num_threads(1)  # small models: one thread is several times faster here
+    seeds = [int(s) for s in args.seeds.split(",")]
+    rows = [cell(args, mode, privacy, seed) for privacy in args.privacy.split(",")
+            for mode in args.modes.split(",") for seed in seeds]
+    result = {"dataset": args.dataset, "nodes": args.nodes, "rounds": args.rounds,
+              "seeds": seeds, "partition": "dirichlet:0.5", "cells": rows}
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "compression.json").write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result, indent=2))
+    print(table(rows))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
