@@ -221,6 +221,24 @@ def _predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def _verify(args: argparse.Namespace) -> int:
+    # lean start: nacl and the export's files only (onnx or torch for the weights' check)
+    from node.ops.model_verify import VerifyError, verify
+
+    try:
+        v = verify(args.model_dir, args.consortium)
+    except VerifyError as exc:
+        print(f"flnode: {exc}", file=sys.stderr)
+        return 1
+    for w in v.warnings:
+        print(f"warning: {w}", file=sys.stderr)
+    print(f"verified {args.model_dir}: model card of {v.member!r} (consortium {v.consortium!r}),"
+          f" signed by {v.fingerprint} (key from {v.key_from})")
+    print(f"  manifest and {len(v.files)} file(s) match their SHA-256: {', '.join(v.files)}")
+    print(f"  parameter digest {v.parameter_digest} matches the weights")
+    return 0
+
+
 def _port(text: str) -> int:
     try:
         port = int(text)
@@ -379,6 +397,14 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--chunk-rows", type=positive(int), default=65536, metavar="N",
                     help="rows scored at a time (memory is bounded by it)")
     pr.set_defaults(func=_predict)
+
+    ve = sub.add_parser("verify", help="check an export's signed model card, its files' "
+                        "SHA-256 and its weights' digest")
+    ve.add_argument("model_dir", metavar="MODEL_DIR", help="a directory `flnode export` wrote")
+    ve.add_argument("--consortium", metavar="FILE", help="the consortium file: the signer's "
+                    "public key comes from it (without it, from the card: integrity only, "
+                    "not origin)")
+    ve.set_defaults(func=_verify)
     return p
 
 

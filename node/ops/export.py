@@ -18,7 +18,9 @@ node refuses such a row in training; docs/operate/export.md). Formats: "onnx"
 Before DIR is written, the export scores the node's own held-out rows (and rows made from
 the schema) and compares with the torch model on the node's own encoding: an export that
 disagrees by more than CHECK_TOLERANCE is refused. manifest.json lists the files with
-their SHA-256 (a signed model card builds on it), the schema, the consortium and round.
+their SHA-256, the schema, the consortium and round; model_card.json (node/ops/model_card.py)
+is the member's signed account of the model, checked with `flnode verify` before DIR is
+written.
 """
 
 from __future__ import annotations
@@ -471,12 +473,32 @@ def export(state_dir: str | Path, out: str | Path, fmt: str = "onnx",
         diff = compare(got, want, fmt, source)
         manifest = _manifest(member, spec, fmt, files, tmp, source, len(want), diff)
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
+        _sign(member, tmp, fmt, files, manifest)
         if out.exists():
             shutil.rmtree(out)
         os.replace(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return manifest
+
+
+def _sign(member: Member, where: Path, fmt: str, files: list[str],
+          manifest: dict[str, Any]) -> None:
+    """The signed model card (node/ops/model_card.py), then `flnode verify` on the result."""
+    # lean start: the card and its check load nacl and, for ONNX, the onnx package
+    from node.ops import model_card, model_verify
+
+    params: dict[str, Any] = {
+        "digest": manifest["model"]["digest"], "count": manifest["model"]["parameters"],
+        "algorithm": "BLAKE2b-256 of the parameters as float32 little-endian, in the "
+                     "network's state_dict order (`order`; shapes: manifest.json's "
+                     "model.shapes): final.json's",
+        "order": list(member.network.state_dict())}
+    if fmt == "onnx":
+        state = {k: v.detach().numpy() for k, v in member.network.state_dict().items()}
+        params["onnx_initializers"] = model_verify.onnx_initializers(where / files[0], state)
+    model_card.write(member, where, params)
+    model_verify.verify(where, member.cfg.consortium.path)
 
 
 def _manifest(member: Member, spec: dict[str, Any], fmt: str, files: list[str], where: Path,
