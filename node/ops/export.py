@@ -452,6 +452,11 @@ def export(state_dir: str | Path, out: str | Path, fmt: str = "onnx",
             " and is not an export (no manifest.json): choose a new directory"))
     torch.set_num_threads(1)  # a small model: one thread is faster and steadier here
     member = load_member(state_dir, config, round_)
+    # lean start: the card loads nacl and the accountant; read first, a bad log stops early
+    from node.ops import model_card
+
+    signer = model_card.load_signer(member)
+    logs = model_card.from_logs(member)
     spec = preprocessing(member.schema)
     raw, want, source = check_rows(member, spec)
     # lean start: each format loads only its own libraries (onnx or torch.jit)
@@ -473,7 +478,7 @@ def export(state_dir: str | Path, out: str | Path, fmt: str = "onnx",
         diff = compare(got, want, fmt, source)
         manifest = _manifest(member, spec, fmt, files, tmp, source, len(want), diff)
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
-        _sign(member, tmp, fmt, files, manifest)
+        _sign(member, tmp, fmt, files, manifest, signer, logs)
         if out.exists():
             shutil.rmtree(out)
         os.replace(tmp, out)
@@ -482,8 +487,8 @@ def export(state_dir: str | Path, out: str | Path, fmt: str = "onnx",
     return manifest
 
 
-def _sign(member: Member, where: Path, fmt: str, files: list[str],
-          manifest: dict[str, Any]) -> None:
+def _sign(member: Member, where: Path, fmt: str, files: list[str], manifest: dict[str, Any],
+          signer: Any, logs: dict[str, Any]) -> None:
     """The signed model card (node/ops/model_card.py), then `flnode verify` on the result."""
     # lean start: the card and its check load nacl and, for ONNX, the onnx package
     from node.ops import model_card, model_verify
@@ -497,7 +502,7 @@ def _sign(member: Member, where: Path, fmt: str, files: list[str],
     if fmt == "onnx":
         state = {k: v.detach().numpy() for k, v in member.network.state_dict().items()}
         params["onnx_initializers"] = model_verify.onnx_initializers(where / files[0], state)
-    model_card.write(member, where, params)
+    model_card.write(member, signer, where, params, logs)
     model_verify.verify(where, member.cfg.consortium.path)
 
 

@@ -221,13 +221,26 @@ def own_epsilon(state_dir: Path) -> dict[str, Any]:
 
 # --- the card -----------------------------------------------------------------------------
 
-def build(member: Member, name: str, where: Path, parameters: dict[str, Any]) -> dict[str, Any]:
+def from_logs(member: Member) -> dict[str, Any]:
+    """What the card takes from the member's own logs (audit, metrics, ledger): read before
+    the export does any work, so a hostile log stops it early, by name."""
+    evaluation = last_metrics(member.state_dir, member.round)
+    eval_path = member.cfg.data.eval_path
+    return {
+        "shares_used": shares_used(member.state_dir, member.round),
+        "own_privacy": own_epsilon(member.state_dir),
+        "evaluation": None if evaluation is None else {
+            **evaluation, "on": (f"test set {eval_path.name} (data.eval_path)" if eval_path
+                                 else "the member's own held-out rows (a split of data.path)")},
+    }
+
+
+def build(member: Member, name: str, where: Path, parameters: dict[str, Any],
+          logs: dict[str, Any]) -> dict[str, Any]:
     """The unsigned card of member `name`'s export in `where` (its manifest.json written)."""
     manifest = json.loads((where / MANIFEST).read_text())
     c = member.consortium
     others = [m.name for m in c.members if m.name != name]
-    evaluation = last_metrics(member.state_dir, member.round)
-    eval_path = member.cfg.data.eval_path
     return {
         "card_version": CARD_VERSION,
         "flnode_version": manifest["flnode_version"], "created": manifest["created"],
@@ -237,17 +250,15 @@ def build(member: Member, name: str, where: Path, parameters: dict[str, Any]) ->
                                    for m in c.members]},
         "rounds": {"completed": member.round, "planned": member.planned_rounds,
                    "finished": member.round >= member.planned_rounds},
-        "shares_used": shares_used(member.state_dir, member.round),
+        "shares_used": logs["shares_used"],
         "aggregation": {"rules": json.loads(json.dumps(dict(c.rules))) if c.rules else None,
                         "rules_source": "the consortium file's [rules]" if c.rules else
                         "no [rules] in the consortium file: each node's own configuration",
                         "topology": TOPOLOGY},
-        "privacy": {"own": {"member": name, **own_epsilon(member.state_dir)},
+        "privacy": {"own": {"member": name, **logs["own_privacy"]},
                     "others": {m: {"epsilon": None, "claim": None, "note": OTHERS_EPSILON}
                                for m in others}},
-        "evaluation": None if evaluation is None else {
-            **evaluation, "on": (f"test set {eval_path.name} (data.eval_path)" if eval_path
-                                 else "the member's own held-out rows (a split of data.path)")},
+        "evaluation": logs["evaluation"],
         "parameters": parameters,
         "manifest": {"file": MANIFEST, "sha256": sha256(where / MANIFEST)},
         "format": manifest["format"],
@@ -270,10 +281,10 @@ def load_signer(member: Member) -> Identity:
     return ident
 
 
-def write(member: Member, where: Path, parameters: dict[str, Any]) -> dict[str, Any]:
+def write(member: Member, ident: Identity, where: Path, parameters: dict[str, Any],
+          logs: dict[str, Any]) -> dict[str, Any]:
     """Build, sign and write model_card.json beside the manifest; the card."""
-    ident = load_signer(member)
-    card = build(member, ident.name, where, parameters)
+    card = build(member, ident.name, where, parameters, logs)
     doc = sign(card, ident)
     (where / CARD_FILE).write_text(json.dumps(doc, indent=1, sort_keys=True,
                                               allow_nan=False) + "\n")
