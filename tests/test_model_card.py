@@ -99,6 +99,9 @@ def test_the_cards_epsilon_is_the_accountants_from_the_ledger(run):
     assert len(records) == own["releases"] == 3
     assert own["delta"] == plan.delta
     assert own["epsilon"] == epsilon_of(records, plan.delta)  # exact: the same arithmetic
+    # the model is after round 1: the round-2 release (charged, not sent) is not in it
+    assert own["epsilon_model_rounds"] == epsilon_of([r for r in records if r.round < 1],
+                                                     plan.delta) < own["epsilon"]
     assert 0 < own["epsilon"] <= plan.epsilon
 
 
@@ -235,3 +238,26 @@ def test_onnx_initializers_merged_by_the_optimizer_are_found():
                     "model": {"shapes": {k: list(v.shape) for k, v in state.items()}}}
         params = {"onnx_initializers": where, "order": list(state)}
         assert weights_digest(Path(d), manifest, params) == model_digest(net)
+
+
+def test_report_html_shows_the_exports_signed_card_else_the_state_dirs_data(tmp_path):
+    from node.ops.report_member import write_member_report
+
+    run = G.copy_resume(tmp_path / "run")
+    state = run / "state" / MEMBER
+    html, doc = write_member_report(state, tmp_path / "before.html")
+    text = html.read_text()
+    assert "<h2>Model card</h2>" in text and "none: no export of this member found" in text
+    assert json.loads(doc.read_text())["model_card"]["signed"] is False
+    export(state, tmp_path / "m", "state_dict")
+    html, doc = write_member_report(state, tmp_path / "after.html")
+    card = json.loads(doc.read_text())["model_card"]
+    assert card["signed"] is True and card["card"] == card_doc(tmp_path / "m")["card"]
+    assert "valid, by telco-0" in html.read_text()
+    # the card changed after the export: not shown as signed, and said why
+    doc2 = card_doc(tmp_path / "m")
+    doc2["card"]["privacy"]["own"]["epsilon"] = 0.01
+    write_card(tmp_path / "m", doc2)
+    html, doc = write_member_report(state, tmp_path / "later.html")
+    assert json.loads(doc.read_text())["model_card"]["signed"] is False
+    assert "changed since the export wrote it" in html.read_text()

@@ -484,7 +484,27 @@ def export(state_dir: str | Path, out: str | Path, fmt: str = "onnx",
         os.replace(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+    _record_export(member.state_dir, out)
     return manifest
+
+
+def _record_export(state_dir: Path, out: Path) -> None:
+    """last_export.json in the state dir: where the latest export and its card are, for
+    `flnode report --state-dir` (node/ops/report_html/card.py). A state dir this process
+    may not write (a reviewer's read-only copy) keeps none; the export stands."""
+    from node.ops.model_card import CARD_FILE  # lean start: the card module (nacl)
+    from node.runtime.state import atomic_write
+
+    try:
+        atomic_write(state_dir / "last_export.json", (json.dumps({
+            "dir": str(out.resolve()), "card_sha256": sha256(out / CARD_FILE),
+            "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}) + "\n").encode())
+    except OSError as exc:
+        import logging  # lean start: only this warning logs
+
+        logging.getLogger("flnode.export").warning(
+            "%s: cannot record the export in the state dir (%s): `flnode report` will show "
+            "the card's data from the state dir, unsigned", state_dir, exc)
 
 
 def _sign(member: Member, where: Path, fmt: str, files: list[str], manifest: dict[str, Any],

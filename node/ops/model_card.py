@@ -197,8 +197,10 @@ def last_metrics(state_dir: Path, rounds: int) -> dict[str, Any] | None:
     return last
 
 
-def own_epsilon(state_dir: Path) -> dict[str, Any]:
-    """This member's ε at its δ: its ledger, through the accountant."""
+def own_epsilon(state_dir: Path, rounds: int) -> dict[str, Any]:
+    """This member's ε at its δ: its ledger, through the accountant; all of it (what its
+    rows have spent, releases after this model's round included: a node charges a round's
+    release before sending it) and the releases of the model's `rounds` alone."""
     try:
         plan = PrivacyPlan.load(state_dir / PLAN_FILE)
     except LocalError as exc:
@@ -209,12 +211,16 @@ def own_epsilon(state_dir: Path) -> dict[str, Any]:
     ledger = Ledger(state_dir / "ledger.jsonl")  # a reader: never repairs
     records: list[LedgerRecord] = ledger.records
     eps = epsilon_of(records, plan.delta)
+    upto = epsilon_of([r for r in records if r.round < rounds], plan.delta)
     return {"mode": plan.mode, "delta": plan.delta,
             "epsilon": eps if math.isfinite(eps) else None,
+            "epsilon_model_rounds": upto if math.isfinite(upto) else None,
             "epsilon_budget": plan.epsilon, "releases": len(records),
             "accountant": ACCOUNTANT,
-            "source": "ledger.jsonl through the accountant (every release charged, also "
-                      "one whose share never left: never under-counted)",
+            "source": "ledger.jsonl through the accountant: epsilon over every release "
+                      "charged (also one after this model's round, or whose share never "
+                      "left: never under-counted); epsilon_model_rounds over the releases "
+                      "of the model's rounds",
             **({"note": "a release without noise: ε is unbounded"}
                if not math.isfinite(eps) else {})}
 
@@ -228,7 +234,7 @@ def from_logs(member: Member) -> dict[str, Any]:
     eval_path = member.cfg.data.eval_path
     return {
         "shares_used": shares_used(member.state_dir, member.round),
-        "own_privacy": own_epsilon(member.state_dir),
+        "own_privacy": own_epsilon(member.state_dir, member.round),
         "evaluation": None if evaluation is None else {
             **evaluation, "on": (f"test set {eval_path.name} (data.eval_path)" if eval_path
                                  else "the member's own held-out rows (a split of data.path)")},

@@ -106,9 +106,12 @@ def read_card(model_dir: Path) -> tuple[dict[str, Any], dict[str, Any]]:
     return card, sig
 
 
-def verify(model_dir: str | Path, consortium: str | Path | None = None) -> Verified:
-    model_dir = Path(model_dir)
-    card, sig = read_card(model_dir)
+def verify_signature(card: dict[str, Any], sig: dict[str, Any],
+                     consortium: str | Path | None) -> tuple[str, str, list[str]]:
+    """The card's signature checked: (signer's key fingerprint, where the key came from,
+    warnings)."""
+    from node.runtime.identity import fingerprint  # lean start: nacl only, cheap
+
     member = card.get("member")
     if not isinstance(member, str) or sig.get("signer") != member:
         raise VerifyError("card_unreadable", f"the card names member {shorten(member)}, its "
@@ -139,8 +142,13 @@ def verify(model_dir: str | Path, consortium: str | Path | None = None) -> Verif
         raise VerifyError("bad_signature", f"the card's signature does not verify with "
                           f"{member!r}'s key from {key_from}: the card was changed after "
                           "signing, or another key signed it") from None
-    from node.runtime.identity import fingerprint  # lean start: nacl only, cheap
+    return fingerprint(key), key_from, warnings
 
+
+def verify(model_dir: str | Path, consortium: str | Path | None = None) -> Verified:
+    model_dir = Path(model_dir)
+    card, sig = read_card(model_dir)
+    fp, key_from, warnings = verify_signature(card, sig, consortium)
     manifest_sum = card["manifest"].get("sha256") if isinstance(card["manifest"], dict) else None
     manifest, raw = _read_json(model_dir / MANIFEST, MAX_MANIFEST_BYTES, "manifest_missing",
                                "manifest_unreadable", "manifest")
@@ -151,10 +159,13 @@ def verify(model_dir: str | Path, consortium: str | Path | None = None) -> Verif
     files = check_files(model_dir, manifest)
     params = card["parameters"] if isinstance(card["parameters"], dict) else {}
     digest = weights_digest(model_dir, manifest, params)
-    if digest != params.get("digest") or digest != manifest.get("model", {}).get("digest"):
+    model = manifest.get("model") if isinstance(manifest, dict) else None
+    if digest != params.get("digest") or not isinstance(model, dict) \
+            or digest != model.get("digest"):
         raise VerifyError("parameter_digest", f"the weights in {model_dir} have digest {digest}; "
                           f"the card signed {shorten(params.get('digest'))}")
-    return Verified(member, str(cons.get("name")), fingerprint(key), key_from, files, digest,
+    cons = card["consortium"] if isinstance(card["consortium"], dict) else {}
+    return Verified(card["member"], str(cons.get("name")), fp, key_from, files, digest,
                     warnings, card)
 
 
@@ -184,7 +195,8 @@ def weights_digest(model_dir: Path, manifest: dict[str, Any], params: dict[str, 
     """BLAKE2b-256 of the model file's parameters as float32 little-endian in the network's
     state_dict order (the card's `order`; shapes: the manifest's; its JSON keys are
     sorted, not in that order), as the node's final digest."""
-    shapes = manifest.get("model", {}).get("shapes")
+    model = manifest.get("model") if isinstance(manifest, dict) else None
+    shapes = model.get("shapes") if isinstance(model, dict) else None
     if not (isinstance(shapes, dict) and shapes):
         raise VerifyError("manifest_unreadable", "manifest.json has no model shapes")
     fmt = manifest.get("format")
