@@ -261,3 +261,16 @@ def test_report_html_shows_the_exports_signed_card_else_the_state_dirs_data(tmp_
     html, doc = write_member_report(state, tmp_path / "later.html")
     assert json.loads(doc.read_text())["model_card"]["signed"] is False
     assert "changed since the export wrote it" in html.read_text()
+
+
+def test_an_identity_key_that_is_not_the_members_entry_is_refused_at_export(tmp_path):
+    from node.runtime.identity import Identity, save_identity
+
+    run = G.copy_resume(tmp_path / "run")
+    (run / "keys" / "telco-0.key").unlink()
+    (run / "keys" / "telco-0.pub").unlink()
+    save_identity(Identity.generate("telco-0"), run / "keys")  # same name, another key
+    with pytest.raises(LocalError, match=r"telco-0.key \(telco-0, ed25519:.*\) is not a "
+                                         r"member's key in the consortium file"):
+        export(run / "state" / MEMBER, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
