@@ -274,3 +274,21 @@ def test_an_identity_key_that_is_not_the_members_entry_is_refused_at_export(tmp_
                                          r"member's key in the consortium file"):
         export(run / "state" / MEMBER, tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_shares_used_follow_rotation_name_exclusions_and_never_guess_a_round(tmp_path):
+    def agg(r: int, used: list[str], excluded: dict) -> str:
+        return json.dumps({"outcome": "aggregate", "round": r, "rule": "trimmed_mean",
+                           "used": used, "excluded": excluded}) + "\n"
+
+    (tmp_path / "audit.jsonl.1").write_text(
+        agg(0, ["a", "b", "c"], {}) + '{"outcome": "accepted", "round": 0}\n')
+    (tmp_path / "audit.jsonl").write_text(
+        agg(1, ["a", "c"], {"b": {"reason": "far", "detail": "x" * 500}})
+        + agg(3, ["a"], {})  # after the model's rounds: not in this model
+        + '{"outcome": "aggregate", "round": 4, "used": [')  # torn last line: skipped
+    got = model_card.shares_used(tmp_path, rounds=3)
+    assert got["rounds"] == [
+        {"round": 1, "rule": "trimmed_mean", "used": ["a", "b", "c"], "excluded": {}},
+        {"round": 2, "rule": "trimmed_mean", "used": ["a", "c"], "excluded": {"b": "far"}}]
+    assert got["not_in_audit_log"] == [3] and "not guessed" in got["note"]

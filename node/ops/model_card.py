@@ -59,6 +59,8 @@ MAX_LINE_BYTES = 1 << 20
 MAX_AUDIT_FILE_BYTES = ROTATE_BYTES + MAX_LINE_BYTES
 # metrics.jsonl: one line per round (~1 KB); 64 MiB is ~60,000 rounds.
 MAX_METRICS_FILE_BYTES = 64 * 1024 * 1024
+# An exclusion's reason in the card: the strategy's names are a few words.
+MAX_REASON_CHARS = 80
 # Rounds in a card's table of shares used: beyond it the card keeps the latest ones.
 MAX_CARD_ROUNDS = 10_000
 OTHERS_EPSILON = ("not known to this member: flnode members announce no ε to each other; "
@@ -133,6 +135,11 @@ def _round(value: Any, where: str) -> int:
     return value
 
 
+def _reason(value: Any) -> str:
+    """An exclusion's reason (a short name the strategy gives), cut to MAX_REASON_CHARS."""
+    return value[:MAX_REASON_CHARS] if isinstance(value, str) else shorten(value, MAX_REASON_CHARS)
+
+
 def shares_used(state_dir: Path, rounds: int) -> dict[str, Any]:
     """Per round (1-based, as `flnode status` prints), the members whose shares the rule
     combined and those it excluded (with why), from the Aggregate lines of the audit log."""
@@ -157,7 +164,7 @@ def shares_used(state_dir: Path, rounds: int) -> dict[str, Any]:
                 raise LocalError(f"{where}: field 'rule' is {shorten(rule)}, not a rule name")
             by_round[r] = {"round": r + 1, "rule": rule,
                            "used": _names(rec.get("used"), where, "used"),
-                           "excluded": {k: shorten(v.get("reason"), 80)
+                           "excluded": {k: _reason(v.get("reason"))
                                         for k, v in sorted(excluded.items())}}
     kept = sorted(by_round)[-MAX_CARD_ROUNDS:]
     missing = [r + 1 for r in range(rounds) if r not in by_round]
