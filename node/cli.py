@@ -204,6 +204,8 @@ def _export(args: argparse.Namespace) -> int:
           f"{m['checked']['max_abs_difference']:.2g} from the node's own model")
     for f in m["files"]:
         print(f"  {f['path']}  {f['bytes']} bytes  sha256 {f['sha256']}")
+    print(f"  model_card.json signed with {m['member']}'s key: check it with `flnode verify "
+          f"{args.out} --consortium FILE`")
     return 0
 
 
