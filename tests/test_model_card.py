@@ -292,3 +292,13 @@ def test_shares_used_follow_rotation_name_exclusions_and_never_guess_a_round(tmp
         {"round": 1, "rule": "trimmed_mean", "used": ["a", "b", "c"], "excluded": {}},
         {"round": 2, "rule": "trimmed_mean", "used": ["a", "c"], "excluded": {"b": "far"}}]
     assert got["not_in_audit_log"] == [3] and "not guessed" in got["note"]
+
+
+def test_a_hostile_metrics_log_is_a_named_error_at_export(tmp_path):
+    run = G.copy_resume(tmp_path / "run")
+    state = run / "state" / MEMBER
+    with open(state / "metrics.jsonl", "ab") as f:
+        f.write(b'{"round": 0, "metrics": {"accuracy": "high"}, "eval_rows": 10}\n')
+    with pytest.raises(LocalError, match=r"metrics log .*metrics.jsonl: line 2: field 'metrics' "
+                                         r"is .*, not a table of numbers"):
+        export(state, tmp_path / "out")
