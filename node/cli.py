@@ -205,6 +205,8 @@ def _export(args: argparse.Namespace) -> int:
           f"{m['checked']['max_abs_difference']:.2g} from the node's own model")
     for f in m["files"]:
         print(f"  {f['path']}  {f['bytes']} bytes  sha256 {f['sha256']}")
+    print(f"  model_card.json signed with {m['member']}'s key: check it with `flnode verify "
+          f"{args.out} --consortium FILE`")
     return 0
 
 
@@ -219,6 +221,24 @@ def _predict(args: argparse.Namespace) -> int:
     for col, n in sorted(s.unseen.items()):
         print(f"warning: column {col!r}: {n} row(s) hold a category outside the vocabulary "
               "(encoded as none of them)", file=sys.stderr)
+    return 0
+
+
+def _verify(args: argparse.Namespace) -> int:
+    # lean start: nacl and the export's files only (onnx or torch for the weights' check)
+    from node.ops.model_verify import VerifyError, verify
+
+    try:
+        v = verify(args.model_dir, args.consortium)
+    except VerifyError as exc:
+        print(f"flnode: {exc}", file=sys.stderr)
+        return 1
+    for w in v.warnings:
+        print(f"warning: {w}", file=sys.stderr)
+    print(f"verified {args.model_dir}: model card of {v.member!r} (consortium {v.consortium!r}),"
+          f" signed by {v.fingerprint} (key from {v.key_from})")
+    print(f"  manifest and {len(v.files)} file(s) match their SHA-256: {', '.join(v.files)}")
+    print(f"  parameter digest {v.parameter_digest} matches the weights")
     return 0
 
 
@@ -380,6 +400,14 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--chunk-rows", type=positive(int), default=65536, metavar="N",
                     help="rows scored at a time (memory is bounded by it)")
     pr.set_defaults(func=_predict)
+
+    ve = sub.add_parser("verify", help="check an export's signed model card, its files' "
+                        "SHA-256 and its weights' digest")
+    ve.add_argument("model_dir", metavar="MODEL_DIR", help="a directory `flnode export` wrote")
+    ve.add_argument("--consortium", metavar="FILE", help="the consortium file: the signer's "
+                    "public key comes from it (without it, from the card: integrity only, "
+                    "not origin)")
+    ve.set_defaults(func=_verify)
     return p
 
 

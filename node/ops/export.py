@@ -18,7 +18,9 @@ node refuses such a row in training; docs/operate/export.md). Formats: "onnx"
 Before DIR is written, the export scores the node's own held-out rows (and rows made from
 the schema) and compares with the torch model on the node's own encoding: an export that
 disagrees by more than CHECK_TOLERANCE is refused. manifest.json lists the files with
-their SHA-256 (a signed model card builds on it), the schema, the consortium and round.
+their SHA-256, the schema, the consortium and round; model_card.json (node/ops/model_card.py)
+is the member's signed account of the model, checked with `flnode verify` before DIR is
+written.
 """
 
 from __future__ import annotations
@@ -450,6 +452,11 @@ def export(state_dir: str | Path, out: str | Path, fmt: str = "onnx",
             " and is not an export (no manifest.json): choose a new directory"))
     torch.set_num_threads(1)  # a small model: one thread is faster and steadier here
     member = load_member(state_dir, config, round_)
+    # lean start: the card loads nacl and the accountant; read first, a bad log stops early
+    from node.ops import model_card
+
+    signer = model_card.load_signer(member)
+    logs = model_card.from_logs(member)
     spec = preprocessing(member.schema)
     raw, want, source = check_rows(member, spec)
     # lean start: each format loads only its own libraries (onnx or torch.jit)
@@ -471,12 +478,52 @@ def export(state_dir: str | Path, out: str | Path, fmt: str = "onnx",
         diff = compare(got, want, fmt, source)
         manifest = _manifest(member, spec, fmt, files, tmp, source, len(want), diff)
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
+        _sign(member, tmp, fmt, files, manifest, signer, logs)
         if out.exists():
             shutil.rmtree(out)
         os.replace(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+    _record_export(member.state_dir, out)
     return manifest
+
+
+def _record_export(state_dir: Path, out: Path) -> None:
+    """last_export.json in the state dir: where the latest export and its card are, for
+    `flnode report --state-dir` (node/ops/report_html/card.py). A state dir this process
+    may not write (a reviewer's read-only copy) keeps none; the export stands."""
+    from node.ops.model_card import CARD_FILE  # lean start: the card module (nacl)
+    from node.runtime.state import atomic_write
+
+    try:
+        atomic_write(state_dir / "last_export.json", (json.dumps({
+            "dir": str(out.resolve()), "card_sha256": sha256(out / CARD_FILE),
+            "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}) + "\n").encode())
+    except OSError as exc:
+        import logging  # lean start: only this warning logs
+
+        logging.getLogger("flnode.export").warning(
+            "%s: cannot record the export in the state dir (%s): `flnode report` will show "
+            "the card's data from the state dir, unsigned", state_dir, exc)
+
+
+def _sign(member: Member, where: Path, fmt: str, files: list[str], manifest: dict[str, Any],
+          signer: Any, logs: dict[str, Any]) -> None:
+    """The signed model card (node/ops/model_card.py), then `flnode verify` on the result."""
+    # lean start: the card and its check load nacl and, for ONNX, the onnx package
+    from node.ops import model_card, model_verify
+
+    params: dict[str, Any] = {
+        "digest": manifest["model"]["digest"], "count": manifest["model"]["parameters"],
+        "algorithm": "BLAKE2b-256 of the parameters as float32 little-endian, in the "
+                     "network's state_dict order (`order`; shapes: manifest.json's "
+                     "model.shapes): final.json's",
+        "order": list(member.network.state_dict())}
+    if fmt == "onnx":
+        state = {k: v.detach().numpy() for k, v in member.network.state_dict().items()}
+        params["onnx_initializers"] = model_verify.onnx_initializers(where / files[0], state)
+    model_card.write(member, signer, where, params, logs)
+    model_verify.verify(where, member.cfg.consortium.path)
 
 
 def _manifest(member: Member, spec: dict[str, Any], fmt: str, files: list[str], where: Path,

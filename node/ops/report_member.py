@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from gossip.errors import LocalError
+from node.ops.report_html.card import card_html, find_card
 from node.ops.report_html.plots import plots
 from node.ops.report_html.reader import Run, _count, _jsonl_lines, _members, _Summary, read_metrics
 from node.ops.report_html.render import CSS, MAX_NOTES, _bytes, _e, _fmt, _table, write_text_atomic
@@ -144,7 +145,7 @@ def load_member(state_dir: str | Path, config: str | Path | None = None
     for member, f in (st.get("flood") or {}).items():  # messages, not audit lines
         peers.setdefault(member, _peer())["flood_dropped"] = f["dropped"]
     st = {**st, "member": name, "metric": metric, "peers": dict(sorted(peers.items())),
-          "rounds": rounds}
+          "rounds": rounds, "model_card": find_card(path, st["rounds_done"])}
     return Run(path, summary, metric, members, notes), st
 
 
@@ -235,6 +236,7 @@ def render_member(run: Run, st: dict[str, Any]) -> str:
         f"{_bytes(st['bytes_received'])} received.</p>",
         _table(run, own=True),
         "<h2>Members it heard from</h2>", _peers_html(st),
+        "<h2>Model card</h2>", card_html(st["model_card"]),
     ]
     if run.notes:
         shown = run.notes[:MAX_NOTES]
