@@ -194,10 +194,15 @@ def _manifest(where: Path) -> dict[str, Any]:
 
 # --- reading a table in chunks ------------------------------------------------------------------
 
-def _chunks(path: Path, chunk_rows: int) -> tuple[Iterator[Any], Callable[[], float], int]:
+def _chunks(path: Path, chunk_rows: int, numeric: frozenset[str] = frozenset()
+            ) -> tuple[Iterator[Any], Callable[[], float], int]:
     """(record batches of at most chunk_rows rows, the fraction of the file read so far,
-    the file's size). CSV: every cell as text (a column's type is decided here, per
-    column, not guessed from the first block); Parquet: the file's own types."""
+    the file's size). Parquet: the file's own types. CSV: the `numeric` columns parsed
+    as float64 by the reader, NA_CELLS empty (no text to build, then cast); every other
+    cell as text. A numeric cell the reader cannot parse ("True", " 3", "forty") sends
+    the rest of the file, from the first row not yet given out, through the text path,
+    which reads it as the node does or names the cell (_numbers): the numbers both paths
+    parse are the same (pyarrow's one parser), so a file scores the same either way."""
     import pyarrow as pa  # lean start: only predict reads tables with pyarrow
 
     try:
@@ -239,18 +244,37 @@ def _chunks(path: Path, chunk_rows: int) -> tuple[Iterator[Any], Callable[[], fl
     twice = sorted({n for n in header if header.count(n) > 1})
     if twice:
         raise LocalError(f"{path}: the header names column(s) {twice} twice")
-    f = open(path, "rb")  # noqa: SIM115 - closed when the batches are done
-    try:
-        reader = pcsv.open_csv(
-            f, read_options=pcsv.ReadOptions(block_size=CSV_BLOCK_BYTES),
+    text = {n: pa.string() for n in header}
+    typed = dict(text, **{n: pa.float64() for n in header if n in numeric})
+    files: list[Any] = []  # the open file (a fallback opens it again)
+
+    def open_reader(types: dict[str, Any], skip: int) -> Any:
+        f = open(path, "rb")  # noqa: SIM115 - closed when the batches are done
+        files.append(f)
+        return pcsv.open_csv(
+            f, read_options=pcsv.ReadOptions(block_size=CSV_BLOCK_BYTES,
+                                             skip_rows_after_names=skip),
             convert_options=pcsv.ConvertOptions(
-                column_types={n: pa.string() for n in header}, strings_can_be_null=False))
-    except (OSError, ValueError) as exc:  # pyarrow.ArrowInvalid is a ValueError
-        f.close()
-        raise LocalError(f"{path}: not a CSV file pyarrow can read ({exc})") from None
+                column_types=types, strings_can_be_null=False, null_values=sorted(NA_CELLS)))
+
+    def opened(skip: int, fallback: bool) -> Any:
+        """A reader from data row skip + 1: typed, else (or if typed fails) text."""
+        for types in ((typed, text) if fallback else (text,)):
+            try:
+                return open_reader(types, skip)
+            except (OSError, ValueError) as exc:  # pyarrow.ArrowInvalid is a ValueError
+                files.pop().close()
+                if types is text:
+                    raise LocalError(f"{path}: not valid CSV after data row {skip}: {exc}"
+                                     if skip else f"{path}: not a CSV file pyarrow can read "
+                                     f"({exc})") from None
+        raise AssertionError("unreachable")
+
+    reader = opened(0, typed != text)
 
     def batches() -> Iterator[Any]:
-        rows = 0
+        nonlocal reader
+        rows, fallback = 0, typed != text
         try:
             while True:
                 try:
@@ -258,15 +282,23 @@ def _chunks(path: Path, chunk_rows: int) -> tuple[Iterator[Any], Callable[[], fl
                 except StopIteration:
                     return
                 except (OSError, ValueError) as exc:
-                    raise LocalError(f"{path}: not valid CSV after data row {rows}: {exc}") \
-                        from None
+                    if not fallback:
+                        raise LocalError(f"{path}: not valid CSV after data row {rows}: "
+                                         f"{exc}") from None
+                    files.pop().close()
+                    reader, fallback = opened(rows, False), False
+                    continue
                 for start in range(0, b.num_rows, chunk_rows):
                     part = b.slice(start, chunk_rows)
                     rows += part.num_rows
                     yield part
         finally:
-            f.close()
-    return batches(), lambda: (f.tell() / size if not f.closed and size else 1.0), size
+            for f in files:
+                f.close()
+
+    def fraction() -> float:
+        return files[-1].tell() / size if files and not files[-1].closed and size else 1.0
+    return batches(), fraction, size
 
 
 # --- one chunk's columns as the model's raw inputs -----------------------------------------------
@@ -457,7 +489,8 @@ def score_table(model: str | Path | Scorer, data: str | Path, out: str | Path, *
     if chunk_rows < 1:
         raise LocalError(f"chunk_rows must be at least 1, got {chunk_rows}")
     start = time.perf_counter()
-    batches, fraction, size = _chunks(data, chunk_rows)
+    batches, fraction, size = _chunks(data, chunk_rows, frozenset(
+        c["name"] for c in scorer.columns if c["kind"] == "numeric"))
     summary = Summary(str(out))
     tmp = out.with_name(f".{out.name}.partial")
     writer = None
