@@ -32,6 +32,7 @@ import hashlib
 import json
 import math
 import os
+import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -475,7 +476,8 @@ def score_table(model: str | Path | Scorer, data: str | Path, out: str | Path, *
                 chunk_rows: int = CHUNK_ROWS, progress: bool | None = None) -> Summary:
     """Score every row of `data` (.csv or .parquet) into `out` (.csv or .parquet), in
     chunks (module docstring). `progress`: a progress bar on stderr (None: on files from
-    PROGRESS_BYTES). Written to a temporary file, renamed into place when complete.
+    PROGRESS_BYTES when stderr is a terminal; a log gets no bar, and the CLI no 0.1 s of
+    importing rich). Written to a temporary file, renamed into place when complete.
 
     Three stages overlap, one chunk each (pyarrow and onnxruntime release the GIL): the
     next chunk is read and checked, this one scored, the last one written. At most three
@@ -494,7 +496,9 @@ def score_table(model: str | Path | Scorer, data: str | Path, out: str | Path, *
     summary = Summary(str(out))
     tmp = out.with_name(f".{out.name}.partial")
     writer = None
-    bar = _progress(size if progress is None else (PROGRESS_BYTES if progress else 0), data)
+    if progress is None:
+        progress = size >= PROGRESS_BYTES and sys.stderr.isatty()
+    bar = _progress(data) if progress else None
 
     def prepared() -> Iterator[tuple[Any, dict[str, np.ndarray], dict[str, int]]]:
         first = 1
@@ -576,9 +580,7 @@ def _writer(tmp: Path, out: Path, schema: Any) -> Any:
     return pcsv.CSVWriter(tmp, schema, write_options=pcsv.WriteOptions(batch_size=CHUNK_ROWS))
 
 
-def _progress(size: int, data: Path) -> tuple[Any, Any] | None:
-    if size < PROGRESS_BYTES:
-        return None
+def _progress(data: Path) -> tuple[Any, Any]:
     # lean start: the progress bar only on big files
     from rich.console import Console
     from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
