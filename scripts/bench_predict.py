@@ -19,7 +19,9 @@ Prints JSON (and writes it to --out, default runs/bench/predict.json):
   weights) on the features already encoded by node/data/encode.py, in the same chunks;
 - rows per second of each and the ratio of each to `bare` (goal: the function and the
   CLI at least 0.5x), from the medians and from the best runs (on a shared machine the
-  best run is the least disturbed one);
+  best run is the least disturbed one), and `ratio_to_bare_paired`: the median over
+  the repeats of each path's ratio to the bare run of the same repeat (measured seconds
+  apart, so the least moved by the machine's load);
 - `stages`: score_table's stages one after the other, not overlapped, in seconds for
   the whole file (median): `read` (pyarrow's CSV reader, numbers parsed), `columns`
   (checked and turned into the model's raw inputs), `graph` (the ONNX model: its
@@ -34,6 +36,7 @@ defaults in every path (the same session options).
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import os
 import statistics
@@ -122,6 +125,11 @@ def main() -> None:
         times: dict[str, list[float]] = {"function": [], "cli": [], "in_memory": [], "bare": []}
         stages: dict[str, list[float]] = {"read": [], "columns": [], "graph": [], "write": []}
         numeric = frozenset(c["name"] for c in scorer.columns if c["kind"] == "numeric")
+        if "numeric" in inspect.signature(_chunks).parameters:
+            chunks = _chunks
+        else:  # the code before the typed CSV reader: the same script measures it too
+            def chunks(path, rows, _numeric):  # noqa: ANN001, ANN202
+                return _chunks(path, rows)
         env = dict(os.environ, PYTHONPATH=str(ROOT))
         rss: list[int] = []
         for _ in range(args.repeats):
@@ -145,7 +153,7 @@ def main() -> None:
             times["cli"].append(time.perf_counter() - t)
             assert proc.returncode == 0, "flnode predict failed"
             t = time.perf_counter()
-            batches = list(_chunks(csv, CHUNK_ROWS, numeric)[0])
+            batches = list(chunks(csv, CHUNK_ROWS, numeric)[0])
             stages["read"].append(time.perf_counter() - t)
             t = time.perf_counter()
             raws = [raw_inputs(b, scorer, 1, True, str(csv))[0] for b in batches]
@@ -178,6 +186,9 @@ def main() -> None:
            "seconds_all": times, "rows_per_s": rps,
            "ratio_to_bare": {k: round(rps[k] / rps["bare"], 3) for k in rps},
            "rows_per_s_best": rps_best,
+           "ratio_to_bare_paired": {k: round(statistics.median(
+               b / t for b, t in zip(times["bare"], v, strict=True)), 3)
+               for k, v in times.items()},
            "ratio_to_bare_best": {k: round(rps_best[k] / rps_best["bare"], 3) for k in rps},
            "goal": "function and cli >= 0.5x bare",
            "stages_seconds_median": {k: round(statistics.median(v), 3)
