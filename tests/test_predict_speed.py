@@ -17,7 +17,7 @@ from gossip.errors import LocalError
 from node.ops.predict import _chunks, score_table
 from tests.test_export import _sha, mixed_exports, mixed_model, mixed_rows  # noqa: F401
 
-ROWS = 130_000  # ~9 MB of CSV: the reader's blocks are 4 MB, so the bad cell is in the third
+ROWS = 130_000  # ~9 MB of CSV: blocks of CSV_BLOCK_BYTES (1 MB), the bad cell in the 7th
 
 
 @pytest.fixture()
