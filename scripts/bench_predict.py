@@ -19,7 +19,15 @@ Prints JSON (and writes it to --out, default runs/bench/predict.json):
   weights) on the features already encoded by node/data/encode.py, in the same chunks;
 - rows per second of each and the ratio of each to `bare` (goal: the function and the
   CLI at least 0.5x), from the medians and from the best runs (on a shared machine the
-  best run is the least disturbed one).
+  best run is the least disturbed one), and `ratio_to_bare_paired`: the median over
+  the repeats of each path's ratio to the bare run of the same repeat (measured seconds
+  apart, so the least moved by the machine's load);
+- `stages`: score_table's stages one after the other, not overlapped, in seconds for
+  the whole file (median): `read` (pyarrow's CSV reader, numbers parsed), `columns`
+  (checked and turned into the model's raw inputs), `graph` (the ONNX model: its
+  preprocessing, the network, softmax; `graph - bare` is what the preprocessing and
+  softmax add), `write` (scores joined to the passed-through columns and written as
+  CSV). score_table runs read+columns, graph and write in three threads on 2 cores.
 
 Every path runs `--repeats` times, interleaved. Thread counts are onnxruntime's
 defaults in every path (the same session options).
@@ -28,6 +36,7 @@ defaults in every path (the same session options).
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import os
 import statistics
@@ -71,13 +80,14 @@ def main() -> None:
 
     import onnxruntime as ort
     import pandas as pd
+    import pyarrow.csv as pcsv
     import torch
 
     from node.cli import main as cli
     from node.data.encode import encode
     from node.ops import export_onnx
     from node.ops.export import load_member
-    from node.ops.predict import CHUNK_ROWS, Scorer, score_table
+    from node.ops.predict import CHUNK_ROWS, Scorer, _chunks, _scored, raw_inputs, score_table
 
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as tmp:
@@ -113,6 +123,13 @@ def main() -> None:
                            else big[c["name"]].astype(str).to_numpy(object))
                for c in scorer.columns}
         times: dict[str, list[float]] = {"function": [], "cli": [], "in_memory": [], "bare": []}
+        stages: dict[str, list[float]] = {"read": [], "columns": [], "graph": [], "write": []}
+        numeric = frozenset(c["name"] for c in scorer.columns if c["kind"] == "numeric")
+        if "numeric" in inspect.signature(_chunks).parameters:
+            chunks = _chunks
+        else:  # the code before the typed CSV reader: the same script measures it too
+            def chunks(path, rows, _numeric):  # noqa: ANN001, ANN202
+                return _chunks(path, rows)
         env = dict(os.environ, PYTHONPATH=str(ROOT))
         rss: list[int] = []
         for _ in range(args.repeats):
@@ -135,6 +152,23 @@ def main() -> None:
             rss.append(_peak_rss_mb(proc))
             times["cli"].append(time.perf_counter() - t)
             assert proc.returncode == 0, "flnode predict failed"
+            t = time.perf_counter()
+            batches = list(chunks(csv, CHUNK_ROWS, numeric)[0])
+            stages["read"].append(time.perf_counter() - t)
+            t = time.perf_counter()
+            raws = [raw_inputs(b, scorer, 1, True, str(csv))[0] for b in batches]
+            stages["columns"].append(time.perf_counter() - t)
+            t = time.perf_counter()
+            probs = [scorer.score(r) for r in raws]
+            stages["graph"].append(time.perf_counter() - t)
+            t = time.perf_counter()
+            tables = [_scored(b, p, scorer, str(csv)) for b, p in zip(batches, probs, strict=True)]
+            with pcsv.CSVWriter(tmp / "stage.csv", tables[0].schema, write_options=(
+                    pcsv.WriteOptions(batch_size=CHUNK_ROWS))) as w:
+                for table in tables:
+                    w.write_table(table)
+            stages["write"].append(time.perf_counter() - t)
+            del batches, raws, probs, tables
         # the scores of both paths agree with the network on the node's own encoding
         probs = pd.read_csv(tmp / "scores.csv")[[f"p_{c}" for c in scorer.classes]].to_numpy()
         logits = np.concatenate([bare.run(None, {"features": X[i:i + CHUNK_ROWS]})[0]
@@ -152,9 +186,16 @@ def main() -> None:
            "seconds_all": times, "rows_per_s": rps,
            "ratio_to_bare": {k: round(rps[k] / rps["bare"], 3) for k in rps},
            "rows_per_s_best": rps_best,
+           "ratio_to_bare_paired": {k: round(statistics.median(
+               b / t for b, t in zip(times["bare"], v, strict=True)), 3)
+               for k, v in times.items()},
            "ratio_to_bare_best": {k: round(rps_best[k] / rps_best["bare"], 3) for k in rps},
            "goal": "function and cli >= 0.5x bare",
-           "max_abs_difference_vs_bare": agree, "cli_peak_rss_mb": max(rss), "cli_output_identical": same_cli,
+           "stages_seconds_median": {k: round(statistics.median(v), 3)
+                                     for k, v in stages.items()},
+           "stages_seconds_all": stages,
+           "max_abs_difference_vs_bare": agree, "cli_peak_rss_mb": max(rss),
+           "cli_output_identical": same_cli,
            "ort_threads": "onnxruntime default", "cpus": os.cpu_count()}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(doc, indent=1) + "\n")

@@ -32,6 +32,7 @@ import hashlib
 import json
 import math
 import os
+import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -46,8 +47,11 @@ from node.data.table import NA_CELLS
 # Rows per chunk: ~10 MB of columns for a dozen features; memory stays bounded whatever
 # the file's size.
 CHUNK_ROWS = 65536
-# pyarrow's CSV reader reads blocks of this many bytes (a chunk is one or a few blocks).
-CSV_BLOCK_BYTES = 4 * 1024 * 1024
+# pyarrow's CSV reader reads blocks of this many bytes (~24,000 rows of a dozen columns; a
+# chunk is at most one block). Its reader runs ahead of the scoring by up to a few dozen
+# blocks: at 4 MB that was ~130 MB more peak RSS on 3M rows (323 MB against 195 MB), and
+# no faster (bigger chunks also score slower: the [rows, features] blocks leave the cache).
+CSV_BLOCK_BYTES = 1024 * 1024
 # A progress bar from this file size on (smaller files score in a second or two).
 PROGRESS_BYTES = 16 * 1024 * 1024
 # manifest.json is a few KB plus the schema; a model file is checked against its digest.
@@ -71,6 +75,10 @@ def onnx_session(path: Path) -> Any:
 
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
+    # Threads that wait sleep instead of spinning: on 2 cores the spin took the CPU the
+    # reading and writing threads of score_table need, and on a busy machine a graph of
+    # ~20 small operations waited at every one (1.5-2x slower); the same results.
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     try:
         return ort.InferenceSession(str(path), sess_options=opts,
                                     providers=["CPUExecutionProvider"])
@@ -139,8 +147,11 @@ class Scorer:
         import pyarrow as pa  # lean start: predict only
 
         empty = np.isnan(probs).any(axis=1)
-        best = pa.array(np.argmax(np.nan_to_num(probs, nan=-1.0), axis=1), mask=empty)
-        return pa.array(self.classes, type=pa.string()).take(best)
+        best = np.argmax(probs, axis=1).astype(np.int32)  # NaN rows: masked just below
+        valid = None if not empty.any() else pa.py_buffer(np.packbits(~empty,
+                                                                      bitorder="little"))
+        best = pa.Array.from_buffers(pa.int32(), len(best), [valid, pa.py_buffer(best)])
+        return _strings(self.classes).take(best)
 
 
 def _manifest(where: Path) -> dict[str, Any]:
@@ -187,10 +198,15 @@ def _manifest(where: Path) -> dict[str, Any]:
 
 # --- reading a table in chunks ------------------------------------------------------------------
 
-def _chunks(path: Path, chunk_rows: int) -> tuple[Iterator[Any], Callable[[], float], int]:
+def _chunks(path: Path, chunk_rows: int, numeric: frozenset[str] = frozenset()
+            ) -> tuple[Iterator[Any], Callable[[], float], int]:
     """(record batches of at most chunk_rows rows, the fraction of the file read so far,
-    the file's size). CSV: every cell as text (a column's type is decided here, per
-    column, not guessed from the first block); Parquet: the file's own types."""
+    the file's size). Parquet: the file's own types. CSV: the `numeric` columns parsed
+    as float64 by the reader, NA_CELLS empty (no text to build, then cast); every other
+    cell as text. A numeric cell the reader cannot parse ("True", " 3", "forty") sends
+    the rest of the file, from the first row not yet given out, through the text path,
+    which reads it as the node does or names the cell (_numbers): the numbers both paths
+    parse are the same (pyarrow's one parser), so a file scores the same either way."""
     import pyarrow as pa  # lean start: only predict reads tables with pyarrow
 
     try:
@@ -232,18 +248,37 @@ def _chunks(path: Path, chunk_rows: int) -> tuple[Iterator[Any], Callable[[], fl
     twice = sorted({n for n in header if header.count(n) > 1})
     if twice:
         raise LocalError(f"{path}: the header names column(s) {twice} twice")
-    f = open(path, "rb")  # noqa: SIM115 - closed when the batches are done
-    try:
-        reader = pcsv.open_csv(
-            f, read_options=pcsv.ReadOptions(block_size=CSV_BLOCK_BYTES),
+    text = {n: pa.string() for n in header}
+    typed = dict(text, **{n: pa.float64() for n in header if n in numeric})
+    files: list[Any] = []  # the open file (a fallback opens it again)
+
+    def open_reader(types: dict[str, Any], skip: int) -> Any:
+        f = open(path, "rb")  # noqa: SIM115 - closed when the batches are done
+        files.append(f)
+        return pcsv.open_csv(
+            f, read_options=pcsv.ReadOptions(block_size=CSV_BLOCK_BYTES,
+                                             skip_rows_after_names=skip),
             convert_options=pcsv.ConvertOptions(
-                column_types={n: pa.string() for n in header}, strings_can_be_null=False))
-    except (OSError, ValueError) as exc:  # pyarrow.ArrowInvalid is a ValueError
-        f.close()
-        raise LocalError(f"{path}: not a CSV file pyarrow can read ({exc})") from None
+                column_types=types, strings_can_be_null=False, null_values=sorted(NA_CELLS)))
+
+    def opened(skip: int, fallback: bool) -> Any:
+        """A reader from data row skip + 1: typed, else (or if typed fails) text."""
+        for types in ((typed, text) if fallback else (text,)):
+            try:
+                return open_reader(types, skip)
+            except (OSError, ValueError) as exc:  # pyarrow.ArrowInvalid is a ValueError
+                files.pop().close()
+                if types is text:
+                    raise LocalError(f"{path}: not valid CSV after data row {skip}: {exc}"
+                                     if skip else f"{path}: not a CSV file pyarrow can read "
+                                     f"({exc})") from None
+        raise AssertionError("unreachable")
+
+    reader = opened(0, typed != text)
 
     def batches() -> Iterator[Any]:
-        rows = 0
+        nonlocal reader
+        rows, fallback = 0, typed != text
         try:
             while True:
                 try:
@@ -251,15 +286,23 @@ def _chunks(path: Path, chunk_rows: int) -> tuple[Iterator[Any], Callable[[], fl
                 except StopIteration:
                     return
                 except (OSError, ValueError) as exc:
-                    raise LocalError(f"{path}: not valid CSV after data row {rows}: {exc}") \
-                        from None
+                    if not fallback:
+                        raise LocalError(f"{path}: not valid CSV after data row {rows}: "
+                                         f"{exc}") from None
+                    files.pop().close()
+                    reader, fallback = opened(rows, False), False
+                    continue
                 for start in range(0, b.num_rows, chunk_rows):
                     part = b.slice(start, chunk_rows)
                     rows += part.num_rows
                     yield part
         finally:
-            f.close()
-    return batches(), lambda: (f.tell() / size if not f.closed and size else 1.0), size
+            for f in files:
+                f.close()
+
+    def fraction() -> float:
+        return files[-1].tell() / size if files and not files[-1].closed and size else 1.0
+    return batches(), fraction, size
 
 
 # --- one chunk's columns as the model's raw inputs -----------------------------------------------
@@ -279,8 +322,8 @@ def _numbers(col: Any, name: str, first_row: int, source: str) -> np.ndarray:
     if not (pa.types.is_string(t) or pa.types.is_large_string(t)):
         raise LocalError(f"{source}: column {name!r}: expected numbers (a numeric column of the "
                          f"schema), found values of type {t}")
-    empty = pc.is_in(col, value_set=pa.array(sorted(NA_CELLS)))
-    text = pc.if_else(empty, pa.scalar(None, pa.string()), col)
+    empty = pc.is_in(col, value_set=_strings(sorted(NA_CELLS)))
+    text = pc.if_else(empty, pa.nulls(1, pa.string())[0], col)
     try:
         return _to_float(text.cast(pa.float64()))
     except (ValueError, TypeError):  # pyarrow.ArrowInvalid: some cell is not its number
@@ -309,7 +352,36 @@ def _to_float(arr: Any) -> np.ndarray:
 
     if isinstance(arr, pa.ChunkedArray):
         arr = arr.combine_chunks()
-    return arr.to_numpy(zero_copy_only=False).astype(np.float64, copy=False)
+    validity, data = arr.buffers()
+    out = np.frombuffer(data, dtype=np.float64, count=arr.offset + len(arr))[arr.offset:]
+    if arr.null_count:
+        bits = np.unpackbits(np.frombuffer(validity, dtype=np.uint8), bitorder="little")
+        out = np.where(bits[arr.offset:arr.offset + len(arr)].astype(bool), out, math.nan)
+    return out
+
+
+def _strings(values: list[str]) -> Any:
+    """A pyarrow string array of these texts, built from its buffers: pa.array,
+    pa.scalar and a Python value given to a pyarrow.compute function import pandas
+    (0.2 s of the CLI's start) and scoring needs none."""
+    import pyarrow as pa  # lean start: predict only
+
+    data = [v.encode() for v in values]
+    offsets = np.zeros(len(data) + 1, dtype=np.int32)
+    np.cumsum([len(b) for b in data], out=offsets[1:])
+    return pa.Array.from_buffers(pa.string(), len(data),
+                                 [None, pa.py_buffer(offsets), pa.py_buffer(b"".join(data))])
+
+
+def _floats(v: np.ndarray) -> Any:
+    """A float32 pyarrow array of v, null where NaN (an empty cell in the output), built
+    from its buffers (_strings says why)."""
+    import pyarrow as pa  # lean start: predict only
+
+    v = np.ascontiguousarray(v, dtype=np.float32)
+    nan = np.isnan(v)
+    valid = None if not nan.any() else pa.py_buffer(np.packbits(~nan, bitorder="little"))
+    return pa.Array.from_buffers(pa.float32(), len(v), [valid, pa.py_buffer(v)])
 
 
 def _texts(col: Any, name: str, csv: bool, source: str) -> Any:
@@ -335,9 +407,10 @@ def _texts(col: Any, name: str, csv: bool, source: str) -> Any:
     elif not (pa.types.is_string(t) or pa.types.is_large_string(t)):
         raise LocalError(f"{source}: column {name!r}: expected text (a categorical column of "
                          f"the schema), found values of type {t}")
+    empty = _strings([""])[0]
     if csv:
-        col = pc.if_else(pc.is_in(col, value_set=pa.array(sorted(NA_CELLS))), "", col)
-    return pc.fill_null(col, "")
+        col = pc.if_else(pc.is_in(col, value_set=_strings(sorted(NA_CELLS))), empty, col)
+    return pc.fill_null(col, empty)
 
 
 def _canonical(col: Any, vocab: set[str]) -> tuple[np.ndarray, int]:
@@ -406,7 +479,8 @@ def score_table(model: str | Path | Scorer, data: str | Path, out: str | Path, *
                 chunk_rows: int = CHUNK_ROWS, progress: bool | None = None) -> Summary:
     """Score every row of `data` (.csv or .parquet) into `out` (.csv or .parquet), in
     chunks (module docstring). `progress`: a progress bar on stderr (None: on files from
-    PROGRESS_BYTES). Written to a temporary file, renamed into place when complete.
+    PROGRESS_BYTES when stderr is a terminal; a log gets no bar, and the CLI no 0.1 s of
+    importing rich). Written to a temporary file, renamed into place when complete.
 
     Three stages overlap, one chunk each (pyarrow and onnxruntime release the GIL): the
     next chunk is read and checked, this one scored, the last one written. At most three
@@ -420,11 +494,14 @@ def score_table(model: str | Path | Scorer, data: str | Path, out: str | Path, *
     if chunk_rows < 1:
         raise LocalError(f"chunk_rows must be at least 1, got {chunk_rows}")
     start = time.perf_counter()
-    batches, fraction, size = _chunks(data, chunk_rows)
+    batches, fraction, size = _chunks(data, chunk_rows, frozenset(
+        c["name"] for c in scorer.columns if c["kind"] == "numeric"))
     summary = Summary(str(out))
     tmp = out.with_name(f".{out.name}.partial")
     writer = None
-    bar = _progress(size if progress is None else (PROGRESS_BYTES if progress else 0), data)
+    if progress is None:
+        progress = size >= PROGRESS_BYTES and sys.stderr.isatty()
+    bar = _progress(data) if progress else None
 
     def prepared() -> Iterator[tuple[Any, dict[str, np.ndarray], dict[str, int]]]:
         first = 1
@@ -489,8 +566,7 @@ def _scored(batch: Any, probs: np.ndarray, scorer: Scorer, source: str) -> Any:
         raise LocalError(f"{source}: column(s) {clash} would be overwritten by the scores: "
                          "rename them in the input")
     cols = [batch.column(n) for n in keep]
-    cols += [pa.array(probs[:, j], type=pa.float32(), from_pandas=True)
-             for j in range(probs.shape[1])]
+    cols += [_floats(probs[:, j]) for j in range(probs.shape[1])]
     cols.append(scorer.label_array(probs))
     return pa.Table.from_arrays(cols, names=keep + outs)
 
@@ -502,12 +578,12 @@ def _writer(tmp: Path, out: Path, schema: Any) -> Any:
         return pq.ParquetWriter(tmp, schema)
     import pyarrow.csv as pcsv  # lean start: predict only
 
-    return pcsv.CSVWriter(tmp, schema)
+    # Rows per batch the writer formats at once (its default 1,024): fewer, bigger calls;
+    # the same bytes.
+    return pcsv.CSVWriter(tmp, schema, write_options=pcsv.WriteOptions(batch_size=CHUNK_ROWS))
 
 
-def _progress(size: int, data: Path) -> tuple[Any, Any] | None:
-    if size < PROGRESS_BYTES:
-        return None
+def _progress(data: Path) -> tuple[Any, Any]:
     # lean start: the progress bar only on big files
     from rich.console import Console
     from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
