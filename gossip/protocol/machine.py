@@ -356,7 +356,7 @@ class RoundMachine:
                       [Equivocation(self.echo.echoes.get((r, sender)), acc)])]
         got.setdefault(sender, body)
         if held is None and acc is not None and self.echo is not None:
-            self.echo.echoes[(r, sender)] = acc
+            self.echo.file(r, sender, acc)
         return []
 
     def closed(self, r: int, used: Mapping[str, Accepted], now: float) -> list[Action]:
@@ -594,7 +594,7 @@ class RoundMachine:
         phases = {p.name: dict(self._phase_got.get((r, p.name), {})) for p in self.phases[1:]}
         agreed = None
         if self.echo is not None:
-            shares, agreed = self.echo.decide(r)
+            shares, agreed = self.echo.decide(r, self.params.absent_after)
         out.append(Close(r, shares, missing, why, phases, agreed))
         self.stage, self._wait = "closing", None
 
@@ -655,10 +655,10 @@ class RoundMachine:
         return sorted(set(self._prekeys_of(r)) - self.live.silent)
 
     def _phase_waiting(self) -> list[str]:
-        r = self.book.current
-        got = self._phase_got.get((r, self.phases[self._phase].name), {})
-        still = set(self.book.still_in(r))
-        ignore = self.ignorable()
+        r, name = self.book.current, self.phases[self._phase].name
+        got, still = self._phase_got.get((r, name), {}), set(self.book.still_in(r))
+        # an echo of a peer whose echoes stopped coming is not waited for (echo.py)
+        ignore = self.ignorable() | (self.echo.silent if name == ECHO.name and self.echo else set())
         return sorted(p for p in self._phase_peers if p not in got and p in still
                       and p not in ignore)
 
