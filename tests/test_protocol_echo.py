@@ -381,6 +381,26 @@ def test_a_late_echo_for_the_round_is_kept_until_the_phase_closes():
     assert c.echo.excluded["bank-2"].why == "unconfirmed"
 
 
+def test_an_echo_for_a_round_outside_the_window_or_from_no_peer_is_refused_by_name():
+    """A member-signed echo for a closed round, a round beyond the lookahead, or from a
+    member that is not a peer of the echo phase is refused naming why, never kept."""
+    d = Driver(4, rounds=3, phases=(SHARE, PhaseSpec("echo", peers=frozenset({"bank-1",
+                                                                              "bank-2"}))))
+    d.start()
+    reasons = {}
+    for sender, r in (("bank-1", 9), ("bank-3", 0)):
+        d.recv(echo(sender, r, {"bank-0": digest(b"x")}, seq=r + 1))
+        [ref] = [a for a in d.actions if isinstance(a, Refused) and a.member == sender]
+        reasons[sender] = (ref.reason, ref.detail)
+    assert reasons["bank-1"] == ("too_far", "echo for round 9, beyond round 3")
+    assert reasons["bank-3"][0] == "not_phase_peer"
+    assert not d.m.echo.echoes  # nothing kept
+    net = Net(3).start().deliver()  # closes round 0 at once
+    d0 = net.d["bank-0"]
+    d0.recv(echo("bank-1", 0, net.truth(), seq=50))  # a second copy after the close
+    assert [(a.reason, a.member) for a in d0.of(Refused)] == [("stale", "bank-1")]
+
+
 # --- the property: any delivery order ---------------------------------------------------
 @settings(max_examples=60, deadline=None)
 @given(st.sampled_from(["honest", "split", "liar", "omit", "both"]), st.integers(0, 4),

@@ -274,8 +274,9 @@ class RoundMachine:
                                    acc.envelope.digest.hex(), acc))
         elif where == "final":
             self.finals.setdefault(acc.sender, bytes(acc.envelope.body))
-        elif where == "echo":
-            out += self._phase_in(acc.sender, acc.round, ECHO.name, acc.envelope.body, acc)
+        elif where == "echo" and (no := self._phase_in(acc.sender, acc.round, ECHO.name,
+                                                       acc.envelope.body, acc)):
+            return out + no + self._step(now)  # refused (named), not filed
         out.append(Filed(acc, where))
         return out + self._step(now)
 
@@ -342,11 +343,13 @@ class RoundMachine:
         spec = next((p for p in self.phases[1:] if p.name == phase), None)
         allowed = self.book.neighbours if spec is None or spec.peers is None else \
             spec.peers & self.book.neighbours
-        if spec is None or sender not in allowed or not (
-                self.book.current <= r <= self.book.current + self.book.lookahead):
-            # Outside the window or not ours to get: dropped (bounded memory), as the
-            # book drops what it cannot hold.
-            return []
+        cur, ahead = self.book.current, self.book.current + self.book.lookahead
+        why = ("no_phase", f"our rounds have no {phase} phase") if spec is None else (
+            "not_phase_peer", f"not a peer of our {phase} phase") if sender not in allowed \
+            else ("stale", f"{phase} for round {r}, we are at round {cur}") if r < cur else (
+                "too_far", f"{phase} for round {r}, beyond round {ahead}") if r > ahead else None
+        if why is not None:  # dropped (bounded memory), named
+            return [] if acc is None else [Refused(r, sender, *why, acc.envelope.digest.hex(), acc)]
         got = self._phase_got.setdefault((r, phase), {})
         held = got.get(sender)
         if held is not None and held != body:

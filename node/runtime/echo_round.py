@@ -6,7 +6,7 @@ decides; `Close.shares` is the agreed set. What is left here for the node:
 
 - whether the consortium's rounds have the echo (its [rules] `echo`,
   node/strategy/consortium_rules.py) and with which f (`machine_args`);
-- per closed round, one audit line (kind "echo": who entered, who was excluded and why,
+- per closed round, one audit line (kind "agreement": who entered, who was excluded and why,
   whose echo was disregarded or never came, our echo's size), and per exclusion an audit
   line (kind "exclusion") whose evidence, the envelopes as their signers signed them
   (our held share of the member, the signed echoes that disagree with it, or the
@@ -61,7 +61,8 @@ def machine_args(consortium: Consortium, strategy_params: dict[str, Any]) -> dic
 
 @dataclass(frozen=True)
 class EchoRound:
-    """audit.jsonl: what the echo decided for a closed round."""
+    """audit.jsonl: what the echo decided for a closed round (kind "agreement": an
+    Accepted line's kind is the envelope's, "echo" for a peer's echo)."""
     round: int
     member: str
     entered: list[str]
@@ -74,7 +75,7 @@ class EchoRound:
 
     def to_json(self) -> dict[str, Any]:
         return {"time": self.time, "round": self.round, "member": self.member,
-                "outcome": "echo", "kind": "echo", "entered": self.entered,
+                "outcome": "agreement", "kind": "agreement", "entered": self.entered,
                 "excluded": self.excluded, "disregarded": self.disregarded,
                 "unheard": self.unheard, "echo_bytes": self.echo_bytes}
 
