@@ -163,7 +163,7 @@ async def test_a_split_equivocation_is_noticed_by_every_honest_member(tmp_path, 
     no member can refuse anything, but the seen reports (what each accepted) differ.
     Without the digest echo (a consortium built before it): with it, nobody combines it
     (tests/test_echo_node.py)."""
-    _, prep = make(tmp_path, ["equivocate-split:bank-0"], seal=seal, echo=False)
+    _, prep = make(tmp_path, ["equivocate-split:bank-0"], seal=seal, echo=None)
     nodes = build(prep)
     await asyncio.wait_for(run_all(nodes), 300)
     for n in honest_finished(nodes, "bank-0", 2):

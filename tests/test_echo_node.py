@@ -86,10 +86,9 @@ async def test_a_split_equivocator_is_left_out_by_every_honest_member_who_end_al
 
 
 async def test_without_the_echo_the_same_split_ends_with_different_models(tmp_path):
-    """The counterpart: a consortium with echo = false (or without the key: built before
-    it) forks."""
-    prep, _, honest = await _split_run(tmp_path, echo=False)
-    assert load_consortium(tmp_path / "consortium.toml").rules["echo"] is False
+    """The counterpart: a consortium without the key (built before it) forks."""
+    prep, _, honest = await _split_run(tmp_path, echo=None)
+    assert "echo" not in load_consortium(tmp_path / "consortium.toml").rules
     assert honest[0].machine.phases == (SHARE,)
     assert len({finals(n)["digest"] for n in honest}) > 1
     assert all(not audit(n, "exclusion") for n in honest)
@@ -148,3 +147,34 @@ def test_two_different_echoes_of_one_member_are_refused_and_kept_as_a_proof(one)
     assert verify_equivocation(proof.read_bytes(), who.pub("bank-1"),
                                prep.consortium.id) == (0, KIND_ECHO)
     assert dict(node.machine.echo.echoes[(0, "bank-1")].seen) == {"bank-2": b"\x01" * 32}
+
+
+# --- flnode simulate ------------------------------------------------------------------
+@pytest.mark.slow  # about 9 s + 6 s here
+@pytest.mark.parametrize("echo", ["on", "off"])
+def test_simulate_a_split_equivocator_among_six_ends_with_equal_honest_metrics(tmp_path, echo):
+    """`flnode simulate --nodes 6 --attack equivocate-split:bank-5` (3 rounds): with the
+    echo (the default) every honest member reports the same final metric in summary.json;
+    with --echo off (a consortium built before it) they differ (the fork of issue 19)."""
+    import torch
+
+    from node.cli import main
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert main(["simulate", "--nodes", "6", "--attack", "equivocate-split:bank-5",
+                     "--rounds", "3", "--seed", "0", "--echo", echo,
+                     "--out", str(tmp_path / "run")]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    per_node = summary["honest"]["per_node"]
+    assert sorted(per_node) == [f"bank-{i}" for i in range(5)]
+    seen = summary["attack"]["seen_by"]
+    if echo == "on":
+        assert len(set(per_node.values())) == 1, per_node
+        assert all(s["bank-5"]["used"] == 0 and s["bank-5"]["rejected"] == {"echo_excluded": 3}
+                   for s in seen.values()), seen
+    else:
+        assert len(set(per_node.values())) > 1, per_node

@@ -117,7 +117,8 @@ def add_rules_flags(p: argparse.ArgumentParser) -> None:
                    help="a rule parameter (e.g. m=5, tau=1.0, distance=clip)")
     # The digest echo ([rules] echo, gossip/protocol/echo.py), on in every file written
     # from now on. Not in --help (the frozen help texts of tests/golden stay as they are):
-    # docs/reference/echo.md documents it; "off" rehearses a consortium built without it.
+    # docs/reference/echo.md documents it; "off" writes no key: a consortium as built
+    # before the key (no echo).
     p.add_argument("--echo", choices=("on", "off"), default="on", help=argparse.SUPPRESS)
 
 
@@ -143,7 +144,8 @@ def rules_fields(args: argparse.Namespace) -> dict:
     return dict(aggregation=args.aggregation, f=args.f,
                 max_weight_fraction=args.max_weight_fraction,
                 aggregation_params=parse_params(args.aggregation_param),
-                echo=getattr(args, "echo", "on") == "on")
+                # off: no key, as in a file written before the key (rules without the echo)
+                echo=True if getattr(args, "echo", "on") == "on" else None)
 
 
 def add_fault_flags(p: argparse.ArgumentParser) -> None:
