@@ -345,6 +345,17 @@ def test_a_member_that_shares_but_never_echoes_holds_one_round_not_every_round()
         assert d.closes[2].echo.unheard == () and d.now == 10.0 + ECHO_DEADLINE
 
 
+def test_members_absent_from_the_share_phase_are_not_waited_for_in_the_echo_phase():
+    """A node whose peers sent nothing by the share deadline (here: every peer, so the
+    majority rule keeps them in the share phase's wait) closes at the share deadline, not
+    one echo deadline later (on 9201612: 10 s + 5 s)."""
+    net = Net(3, ("bank-1", "bank-2")).start()
+    net.run()
+    d = net.d["bank-0"]
+    assert d.now == 10.0 and d.closes[0].why == "deadline"
+    assert d.closes[0].echo.unheard == ("bank-1", "bank-2")
+
+
 def test_a_peer_whose_echo_stopped_is_still_counted_when_it_comes_in_time():
     """Not waited for is not ignored: an echo of a silent peer that arrives before the
     phase closes is in the view (and makes it waited for again)."""

@@ -62,7 +62,8 @@ the difference as today. The absence rule applies to echoes too: a phase peer wh
 has not come by `absent_after` echo deadlines in a row is no longer waited for (the
 phase closes without waiting for it; an echo of it that comes in time is still used)
 until an echo of it is filed again; so a member that shares but never echoes costs one
-echo deadline, not one per round. A member whose echo is only sometimes in time is then
+echo deadline, not one per round. A member absent from the share phase (liveness.py) is
+not waited for in the echo phase either. A member whose echo is only sometimes in time is then
 in the views of some members and not others: the same as (b) failing for it. Without (b)
 (a faulty member sends different echoes, or its echo to some members only): the members
 its echo reaches exclude up to f shares the others keep, per version of its echo; two

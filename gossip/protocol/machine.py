@@ -13,7 +13,7 @@ A run: start barrier -> (federated normalization: votes, then statistics) -> rou
 A round is a sequence of named phases (`PhaseSpec`), each an exchange with a set of
 peers and a deadline. The first is always "share": Train -> Released -> (sealing: wait
 for prekeys) -> SendShare -> Signed -> collect the members' shares (the RoundBook) until
-the closing rule holds. Later phases (none today) each send one message to their peers
+the closing rule holds. Later phases (the echo) each send one message to their peers
 (`SendPhase`, the body is the driver's) and collect theirs (`phase_message`) until all
 came or the phase's deadline; then `Close` carries what each phase collected. The peers
 of a phase are a parameter: today everyone (broadcast); a topology gives each node its
@@ -341,8 +341,7 @@ class RoundMachine:
         """File a phase message (an echo comes as `acc`, its signed envelope: a second,
         different one is refused and both are kept as the proof)."""
         spec = next((p for p in self.phases[1:] if p.name == phase), None)
-        allowed = self.book.neighbours if spec is None or spec.peers is None else \
-            spec.peers & self.book.neighbours
+        allowed = self.book.neighbours & (spec.peers or self.book.neighbours) if spec else set()
         cur, ahead = self.book.current, self.book.current + self.book.lookahead
         why = ("no_phase", f"our rounds have no {phase} phase") if spec is None else (
             "not_phase_peer", f"not a peer of our {phase} phase") if sender not in allowed \
@@ -660,8 +659,9 @@ class RoundMachine:
     def _phase_waiting(self) -> list[str]:
         r, name = self.book.current, self.phases[self._phase].name
         got, still = self._phase_got.get((r, name), {}), set(self.book.still_in(r))
-        # an echo of a peer whose echoes stopped coming is not waited for (echo.py)
-        ignore = self.ignorable() | (self.echo.silent if name == ECHO.name and self.echo else set())
+        # nor an echo of a peer absent from the share phase or whose echoes stopped (echo.py)
+        ignore = self.ignorable() | ((self.echo.silent | self.live.absent)
+                                     if name == ECHO.name and self.echo else set())
         return sorted(p for p in self._phase_peers if p not in got and p in still
                       and p not in ignore)
 
