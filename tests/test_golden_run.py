@@ -224,3 +224,13 @@ def test_golden_unfinished_run_resumes_and_resends_its_stored_release(tmp_path):
     assert G.prometheus_families(nodes[0]) == json.loads(
         (GOLDEN / "prometheus.json").read_text())
 
+
+
+# --- the digest echo's audit writers (a run with [rules] echo = true) --------------------
+
+def test_the_echo_audit_writers_keep_their_keys_and_value_types(tmp_path):
+    """The "agreement" and "exclusion" lines of a seeded run with a split equivocator
+    (G.ECHO_ARGV) have the key sets and value types of echo_records.json."""
+    want = json.loads((GOLDEN / "echo_records.json").read_text())
+    G.run_echo(tmp_path / "run")
+    assert G.echo_contract(tmp_path / "run")["shapes"] == want["shapes"]

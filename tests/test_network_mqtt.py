@@ -74,11 +74,11 @@ def check_the_broker_saw_only_ciphertext(out: Path, net: dict, plain_run: Path,
     wire = msgpack.unpackb((out / "wire.msgpack").read_bytes(), raw=False)
     envs = [envelope.decode_outer(payload) for _, payload in wire]
     sealed = [e for e in envs if e.kind == envelope.KIND_SEALED]
-    # no share in clear; seen reports carry only the digests of sealed envelopes, the
-    # final message only a digest of the model every member holds
+    # no share in clear; seen reports and echoes ([rules] echo) carry only the digests of
+    # sealed envelopes, the final message only a digest of the model every member holds
     assert {e.kind for e in envs} == {envelope.KIND_SEALED, envelope.KIND_PREKEY,
                                       envelope.KIND_HELLO, envelope.KIND_SEEN,
-                                      envelope.KIND_FINAL}
+                                      envelope.KIND_ECHO, envelope.KIND_FINAL}
     assert len({(e.sender, e.round) for e in sealed}) == 4 * rounds  # every share, once or more
     everything = b"".join(payload for _, payload in wire)
     plain = sorted((plain_run / "state").glob("*/outbox/round-*.env"))

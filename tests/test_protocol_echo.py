@@ -54,7 +54,7 @@ class Net:
 
     def __init__(self, n: int, hostile: tuple[str, ...] = (), *, faulty: int = 1,
                  lose: set[tuple[str, str, str]] | None = None,
-                 rng: random.Random | None = None) -> None:
+                 rng: random.Random | None = None, rounds: int = 1) -> None:
         self.members = names(n)
         self.hostile = hostile
         self.honest = [m for m in self.members if m not in hostile]
@@ -63,7 +63,7 @@ class Net:
         self.queue: list[tuple[str, Accepted]] = []
         self.seq = dict.fromkeys(self.members, 100)
         self.keys = {key(m): m for m in self.members}
-        self.d = {m: Driver(n, me=m, rounds=1, phases=PHASES, faulty=faulty,
+        self.d = {m: Driver(n, me=m, rounds=rounds, phases=PHASES, faulty=faulty,
                             share_of=lambda r, m=m: self.share(m, r)) for m in self.honest}
         self.done = dict.fromkeys(self.honest, 0)
         self.t = 0.0
@@ -109,11 +109,12 @@ class Net:
             self._pump(to)
         return self
 
-    def run(self) -> Net:
-        """Deliver everything; then let time pass (deadlines) until every machine closed."""
+    def run(self, rounds: int = 1) -> Net:
+        """Deliver everything; then let time pass (deadlines) until every machine closed
+        `rounds` rounds."""
         for _ in range(100):
             self.deliver()
-            waiting = [d for d in self.d.values() if not d.closes]
+            waiting = [d for d in self.d.values() if len(d.closes) < rounds]
             if not waiting:
                 return self
             self.t = min(d.m.next_deadline for d in waiting if d.m.next_deadline is not None)
@@ -318,18 +319,55 @@ def test_a_lost_echo_closes_the_phase_at_its_deadline_with_what_came():
     assert {s for s, _ in net.agreed()} == set(net.members)
 
 
-def test_a_member_that_shares_but_never_echoes_holds_the_round_to_the_echo_deadline():
-    """Stated as a limit: the absence rule counts shares, so a member that shares and
-    never echoes is waited for until the share deadline plus the echo deadline, every
-    round; its share still enters (nobody disputes it)."""
-    net = Net(4, ("bank-3",)).start()
+def test_a_member_that_shares_but_never_echoes_holds_one_round_not_every_round():
+    """The absence rule on echoes: a member that shares and never echoes is waited for
+    until the share deadline plus the echo deadline once (absent_after = 1), then no
+    longer: the next rounds close at once. Its share still enters (nobody disputes it).
+    An echo of it filed in time makes it waited for again."""
+    net = Net(4, ("bank-3",), rounds=3).start()
     net.send("bank-3", net.honest, net.share("bank-3", 0))
     net.deliver()
     assert not any(d.closes for d in net.d.values())
+    net.run(rounds=1)
+    for d in net.d.values():
+        assert d.now == 10.0 + ECHO_DEADLINE and d.closes[0].echo.unheard == ("bank-3",)
+        assert "bank-3" in d.m.echo.silent
+    net.send("bank-3", net.honest, net.share("bank-3", 1))
+    net.deliver()  # on 9201612 round 2 (1-based) waited another echo deadline: at once now
+    for d in net.d.values():
+        assert len(d.closes) == 2 and d.now == 10.0 + ECHO_DEADLINE
+        assert all("bank-3" in c.echo.enter for c in d.closes)
+    net.send("bank-3", net.honest, echo("bank-3", 2, net.truth()))  # it echoes again
+    net.send("bank-3", net.honest, net.share("bank-3", 2))
+    net.deliver()
+    for d in net.d.values():
+        assert "bank-3" not in d.m.echo.silent and len(d.closes) == 3
+        assert d.closes[2].echo.unheard == () and d.now == 10.0 + ECHO_DEADLINE
+
+
+def test_members_absent_from_the_share_phase_are_not_waited_for_in_the_echo_phase():
+    """A node whose peers sent nothing by the share deadline (here: every peer, so the
+    majority rule keeps them in the share phase's wait) closes at the share deadline, not
+    one echo deadline later (on 9201612: 10 s + 5 s)."""
+    net = Net(3, ("bank-1", "bank-2")).start()
     net.run()
-    assert all(d.now == 10.0 + ECHO_DEADLINE for d in net.d.values())
-    assert {s for s, _ in net.agreed()} == set(net.members)
-    assert net.close("bank-0").echo.unheard == ("bank-3",)
+    d = net.d["bank-0"]
+    assert d.now == 10.0 and d.closes[0].why == "deadline"
+    assert d.closes[0].echo.unheard == ("bank-1", "bank-2")
+
+
+def test_a_peer_whose_echo_stopped_is_still_counted_when_it_comes_in_time():
+    """Not waited for is not ignored: an echo of a silent peer that arrives before the
+    phase closes is in the view (and makes it waited for again)."""
+    net = Net(4, ("bank-3",), rounds=2, lose={("bank-1", "bank-0", "echo")}).start()
+    net.send("bank-3", net.honest, net.share("bank-3", 0))
+    net.run(rounds=1)
+    assert "bank-3" in net.d["bank-0"].m.echo.silent
+    net.send("bank-3", net.honest, net.share("bank-3", 1))
+    net.send("bank-3", ["bank-0"], echo("bank-3", 1, net.truth()))  # bank-0 waits for bank-1
+    net.run(rounds=2)
+    c = net.d["bank-0"].closes[1]
+    assert c.echo.unheard == ("bank-1",) and "bank-3" not in net.d["bank-0"].m.echo.silent
 
 
 def test_a_lost_echo_that_showed_a_split_is_what_can_split_the_honest():
@@ -352,6 +390,26 @@ def test_a_late_echo_for_the_round_is_kept_until_the_phase_closes():
     c = net.close("bank-0")
     assert c.why == "deadline" and "bank-2" not in c.echo.unheard
     assert c.echo.excluded["bank-2"].why == "unconfirmed"
+
+
+def test_an_echo_for_a_round_outside_the_window_or_from_no_peer_is_refused_by_name():
+    """A member-signed echo for a closed round, a round beyond the lookahead, or from a
+    member that is not a peer of the echo phase is refused naming why, never kept."""
+    d = Driver(4, rounds=3, phases=(SHARE, PhaseSpec("echo", peers=frozenset({"bank-1",
+                                                                              "bank-2"}))))
+    d.start()
+    reasons = {}
+    for sender, r in (("bank-1", 9), ("bank-3", 0)):
+        d.recv(echo(sender, r, {"bank-0": digest(b"x")}, seq=r + 1))
+        [ref] = [a for a in d.actions if isinstance(a, Refused) and a.member == sender]
+        reasons[sender] = (ref.reason, ref.detail)
+    assert reasons["bank-1"] == ("too_far", "echo for round 9, beyond round 3")
+    assert reasons["bank-3"][0] == "not_phase_peer"
+    assert not d.m.echo.echoes  # nothing kept
+    net = Net(3).start().deliver()  # closes round 0 at once
+    d0 = net.d["bank-0"]
+    d0.recv(echo("bank-1", 0, net.truth(), seq=50))  # a second copy after the close
+    assert [(a.reason, a.member) for a in d0.of(Refused)] == [("stale", "bank-1")]
 
 
 # --- the property: any delivery order ---------------------------------------------------

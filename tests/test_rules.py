@@ -17,7 +17,9 @@ def test_the_default_rule_is_chosen_for_the_consortium_size(n, rule):
     table = rules_table(n)
     # The default recipe: FedAdam (server_lr 0.03) behind the robust rule; none for two.
     recipe = {"server_opt": "adam", "server_lr": 0.03} if rule != "mean" else {}
-    assert table == {"aggregation": rule, **({"params": recipe} if recipe else {})}
+    # ... and the digest echo, on in every file flnode writes (issue 19)
+    assert table == {"aggregation": rule, "echo": True,
+                     **({"params": recipe} if recipe else {})}
     cons = consortium(keys(n))
     agreed = build_strategy(Consortium(cons.name, cons.schema, cons.members, table), None,
                             "off", 1.0)

@@ -13,6 +13,7 @@ from nacl.public import PrivateKey
 
 from gossip import bodies, envelope
 from gossip.envelope import (
+    KIND_ECHO,
     KIND_FINAL,
     KIND_HELLO,
     KIND_PREKEY,
@@ -197,9 +198,10 @@ def test_a_sealed_consortium_learns_the_same_model_and_old_traffic_stays_closed(
     prep, hub, nodes = results["on"]
     envs = [envelope.decode_outer(d) for d in hub.wire]
     kinds = {e.kind for e in envs}
-    # no share in clear; seen reports carry only the digests of sealed envelopes, the
-    # final message only a digest of the model every member holds
-    assert kinds == {KIND_SEALED, KIND_PREKEY, KIND_HELLO, KIND_SEEN, KIND_FINAL}, kinds
+    # no share in clear; seen reports and echoes ([rules] echo) carry only the digests
+    # of sealed envelopes, the final message only a digest of the model every member holds
+    assert kinds == {KIND_SEALED, KIND_PREKEY, KIND_HELLO, KIND_SEEN, KIND_ECHO,
+                     KIND_FINAL}, kinds
     sealed = [e for e in envs if e.kind == KIND_SEALED]
     assert len({(e.sender, e.round) for e in sealed}) == 3 * rounds
     # No plaintext tensor bytes on the wire: every member's released tensors, looked for

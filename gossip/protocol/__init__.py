@@ -21,8 +21,8 @@ For the lead: wiring Node (node/runtime/node.py) to the machine is mechanical:
                            keys={m.name: m.public_key ...}, restarted=...,
                            prekeys_missing=lambda r, peers: sealing.recipients(r, peers)[1],
                            normalization=Normalization(...) if federated else None,
-                           phases=(SHARE, ECHO) if rules.echo else (SHARE,),  # a pinned rule
-                           faulty=the strategy's f)                # the echo rule's f
+                           phases=(SHARE, ECHO) if rules.echo else (SHARE,),  # [rules] echo
+                           faulty=the strategy's f)    # node/runtime/echo_round.machine_args
     do(machine.start(now()))
     while not machine.done:                     # one loop; the receiver task feeds a queue
         event = await next_event(until=machine.next_deadline)   # or None on timeout

@@ -58,15 +58,20 @@ make a share enter (entering needs every regarded echo, honest ones included).
 What is not. Without (a) (asynchrony: a share or an echo lost or late past the deadline)
 nothing is promised: the members decide on different views; `Close.echo.unheard` names
 the echoes that never came, and the seen reports and final digests after the round show
-the difference as today. Without (b) (a faulty member sends different echoes, or its echo
-to some members only): the members its echo reaches exclude up to f shares the others
-keep, per version of its echo; two versions that meet at one member are its proof. An
-honest member that missed more than f shares (loss) has its echo disregarded: it keeps
-fewer shares than the others (`not_held`) rather than cutting their set down. With more
-than f faulty members, colluders can push an honest echo past f disputes and hide a
-split from the rest: the bound is f, as for the robust aggregation rules. A member
-that shares but never echoes holds each round until the echo deadline (the absence rule
-counts shares only; applying it to echoes is the wiring's next step).
+the difference as today. The absence rule applies to echoes too: a phase peer whose echo
+has not come by `absent_after` echo deadlines in a row is no longer waited for (the
+phase closes without waiting for it; an echo of it that comes in time is still used)
+until an echo of it is filed again; so a member that shares but never echoes costs one
+echo deadline, not one per round. A member absent from the share phase (liveness.py) is
+not waited for in the echo phase either. A member whose echo is only sometimes in time is then
+in the views of some members and not others: the same as (b) failing for it. Without (b)
+(a faulty member sends different echoes, or its echo to some members only): the members
+its echo reaches exclude up to f shares the others keep, per version of its echo; two
+versions that meet at one member are its proof. An honest member that missed more than f
+shares (loss) has its echo disregarded: it keeps fewer shares than the others
+(`not_held`) rather than cutting their set down. With more than f faulty members,
+colluders can push an honest echo past f disputes and hide a split from the rest: the
+bound is f, as for the robust aggregation rules.
 
 Cost: one more exchange per round, n x (n - 1) messages (one broadcast per member over
 MQTT), each one Ed25519 signature (the sender) and n - 1 verifications (each receiver);
@@ -201,6 +206,14 @@ class EchoState:
         self.held: dict[str, Accepted] = {}  # the shares our echo named (this round)
         self.mine: dict[str, bytes] = {}  # our echo: sender -> digest, our own included
         self.peers: tuple[str, ...] = ()
+        self.missed: dict[str, int] = {}  # phase peer -> echo deadlines missed in a row
+        self.silent: set[str] = set()  # not waited for until an echo of it is filed again
+
+    def file(self, r: int, sender: str, acc: Accepted) -> None:
+        """The first echo of `sender` for round r: kept; it is waited for again."""
+        self.echoes[(r, sender)] = acc
+        self.missed.pop(sender, None)
+        self.silent.discard(sender)
 
     def ours(self, r: int, shares: Mapping[str, Accepted], own: bytes | None,
              peers: Iterable[str]) -> bytes:
@@ -213,9 +226,14 @@ class EchoState:
             self.mine[self.me] = own
         return encode_echo([(self.keys[m], d) for m, d in sorted(self.mine.items())])
 
-    def decide(self, r: int) -> tuple[dict[str, Accepted], Agreement]:
-        """The shares that enter round r (our own aside) and the agreement."""
+    def decide(self, r: int, absent_after: int = 1) -> tuple[dict[str, Accepted], Agreement]:
+        """The shares that enter round r (our own aside) and the agreement; a phase peer
+        whose echo did not come is counted (silent after `absent_after` in a row)."""
         got = {e: a for (x, e), a in self.echoes.items() if x == r}
+        for p in set(self.peers) - set(got):
+            self.missed[p] = self.missed.get(p, 0) + 1
+            if self.missed[p] >= absent_after:
+                self.silent.add(p)
         agreed = with_evidence(agree(self.me, self.mine, {e: dict(a.seen) for e, a in got.items()},
                                      self.faulty, self.peers), self.held, got)
         return {m: a for m, a in self.held.items() if m in agreed.enter}, agreed

@@ -13,7 +13,7 @@ A run: start barrier -> (federated normalization: votes, then statistics) -> rou
 A round is a sequence of named phases (`PhaseSpec`), each an exchange with a set of
 peers and a deadline. The first is always "share": Train -> Released -> (sealing: wait
 for prekeys) -> SendShare -> Signed -> collect the members' shares (the RoundBook) until
-the closing rule holds. Later phases (none today) each send one message to their peers
+the closing rule holds. Later phases (the echo) each send one message to their peers
 (`SendPhase`, the body is the driver's) and collect theirs (`phase_message`) until all
 came or the phase's deadline; then `Close` carries what each phase collected. The peers
 of a phase are a parameter: today everyone (broadcast); a topology gives each node its
@@ -274,8 +274,9 @@ class RoundMachine:
                                    acc.envelope.digest.hex(), acc))
         elif where == "final":
             self.finals.setdefault(acc.sender, bytes(acc.envelope.body))
-        elif where == "echo":
-            out += self._phase_in(acc.sender, acc.round, ECHO.name, acc.envelope.body, acc)
+        elif where == "echo" and (no := self._phase_in(acc.sender, acc.round, ECHO.name,
+                                                       acc.envelope.body, acc)):
+            return out + no + self._step(now)  # refused (named), not filed
         out.append(Filed(acc, where))
         return out + self._step(now)
 
@@ -340,13 +341,14 @@ class RoundMachine:
         """File a phase message (an echo comes as `acc`, its signed envelope: a second,
         different one is refused and both are kept as the proof)."""
         spec = next((p for p in self.phases[1:] if p.name == phase), None)
-        allowed = self.book.neighbours if spec is None or spec.peers is None else \
-            spec.peers & self.book.neighbours
-        if spec is None or sender not in allowed or not (
-                self.book.current <= r <= self.book.current + self.book.lookahead):
-            # Outside the window or not ours to get: dropped (bounded memory), as the
-            # book drops what it cannot hold.
-            return []
+        allowed = self.book.neighbours & (spec.peers or self.book.neighbours) if spec else set()
+        cur, ahead = self.book.current, self.book.current + self.book.lookahead
+        why = ("no_phase", f"our rounds have no {phase} phase") if spec is None else (
+            "not_phase_peer", f"not a peer of our {phase} phase") if sender not in allowed \
+            else ("stale", f"{phase} for round {r}, we are at round {cur}") if r < cur else (
+                "too_far", f"{phase} for round {r}, beyond round {ahead}") if r > ahead else None
+        if why is not None:  # dropped (bounded memory), named
+            return [] if acc is None else [Refused(r, sender, *why, acc.envelope.digest.hex(), acc)]
         got = self._phase_got.setdefault((r, phase), {})
         held = got.get(sender)
         if held is not None and held != body:
@@ -356,7 +358,7 @@ class RoundMachine:
                       [Equivocation(self.echo.echoes.get((r, sender)), acc)])]
         got.setdefault(sender, body)
         if held is None and acc is not None and self.echo is not None:
-            self.echo.echoes[(r, sender)] = acc
+            self.echo.file(r, sender, acc)
         return []
 
     def closed(self, r: int, used: Mapping[str, Accepted], now: float) -> list[Action]:
@@ -594,7 +596,7 @@ class RoundMachine:
         phases = {p.name: dict(self._phase_got.get((r, p.name), {})) for p in self.phases[1:]}
         agreed = None
         if self.echo is not None:
-            shares, agreed = self.echo.decide(r)
+            shares, agreed = self.echo.decide(r, self.params.absent_after)
         out.append(Close(r, shares, missing, why, phases, agreed))
         self.stage, self._wait = "closing", None
 
@@ -655,10 +657,11 @@ class RoundMachine:
         return sorted(set(self._prekeys_of(r)) - self.live.silent)
 
     def _phase_waiting(self) -> list[str]:
-        r = self.book.current
-        got = self._phase_got.get((r, self.phases[self._phase].name), {})
-        still = set(self.book.still_in(r))
-        ignore = self.ignorable()
+        r, name = self.book.current, self.phases[self._phase].name
+        got, still = self._phase_got.get((r, name), {}), set(self.book.still_in(r))
+        # nor an echo of a peer absent from the share phase or whose echoes stopped (echo.py)
+        ignore = self.ignorable() | ((self.echo.silent | self.live.absent)
+                                     if name == ECHO.name and self.echo else set())
         return sorted(p for p in self._phase_peers if p not in got and p in still
                       and p not in ignore)
 

@@ -2,8 +2,8 @@
 may have (`RoundMachine(phases=...)`), each an exchange with a set of peers and a
 deadline. SHARE is always first; ECHO (issue 19: members agree on what they aggregate,
 gossip/protocol/echo.py) may follow it. Whether a consortium's rounds have the echo
-phase is a consortium rule in the end (pinned with the id); until the wiring adds that
-key it is the driver's `phases=(SHARE, ECHO)`."""
+phase is the consortium's [rules] `echo` (pinned with the id; node/runtime/echo_round.py
+passes `phases=(SHARE, ECHO)` and the rule's f)."""
 
 from __future__ import annotations
 

@@ -119,6 +119,11 @@ def add_rules_flags(p: argparse.ArgumentParser) -> None:
                    help="how every member's shares are compressed on the wire: none "
                         "(default), fp16, int8 or topk:FRACTION (e.g. topk:0.1); "
                         "docs/reference/compression.md")
+    # The digest echo ([rules] echo, gossip/protocol/echo.py), on in every file written
+    # from now on. Not in --help (the frozen help texts of tests/golden stay as they are):
+    # docs/reference/echo.md documents it; "off" writes no key: a consortium as built
+    # before the key (no echo).
+    p.add_argument("--echo", choices=("on", "off"), default="on", help=argparse.SUPPRESS)
 
 
 def parse_params(items: list[str], flag: str = "--aggregation-param") -> dict[str, Any]:
@@ -142,7 +147,9 @@ def parse_params(items: list[str], flag: str = "--aggregation-param") -> dict[st
 def rules_fields(args: argparse.Namespace) -> dict:
     return dict(aggregation=args.aggregation, f=args.f,
                 max_weight_fraction=args.max_weight_fraction,
-                aggregation_params=parse_params(args.aggregation_param))
+                aggregation_params=parse_params(args.aggregation_param),
+                # off: no key, as in a file written before the key (rules without the echo)
+                echo=True if getattr(args, "echo", "on") == "on" else None)
 
 
 def add_fault_flags(p: argparse.ArgumentParser) -> None:

@@ -28,6 +28,8 @@ Metric names (all prefixed `flnode_`):
 | aggregation_actions_total | counter | member, action, reason | what the strategy did to a member's share |
 | digest_mismatch_total | counter | reporter | seen reports disagreeing with our copy (a claim) |
 | equivocations_total | counter | member | rounds with two envelopes it signed (proven) |
+| echo_excluded_total | counter | member, reason | rounds the digest echo left its share out ([rules] echo) |
+| echo_bytes_sent_total | counter | | bytes of our signed echoes, each once ([rules] echo) |
 """
 
 from __future__ import annotations
@@ -116,6 +118,17 @@ class NodeCollector(Collector):
         for member, count in sorted(dict(n.counters.equivocation).items()):
             proven.add_metric([member], count)
         yield proven
+        if n.machine.echo is not None:  # a consortium with the digest echo (echo_round.py)
+            echo = n.echo_records
+            excluded = CounterMetricFamily("flnode_echo_excluded", "rounds in which the "
+                                           "digest echo left the member's share out, by "
+                                           "reason", labels=["member", "reason"])
+            for key, count in sorted(dict(echo.excluded).items()):
+                excluded.add_metric(key.rsplit(":", 1), count)
+            yield excluded
+            yield CounterMetricFamily("flnode_echo_bytes_sent", "bytes of our signed echoes "
+                                      "(each once, however many it went to)",
+                                      value=echo.bytes_sent)
 
 
 def _gauge(name: str, doc: str, value: Any) -> GaugeMetricFamily:

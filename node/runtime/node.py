@@ -29,6 +29,7 @@ from gossip import envelope
 from gossip.bodies import Stats
 from gossip.envelope import (
     BENIGN_REASONS,
+    KIND_ECHO,
     KIND_FINAL,
     KIND_PREKEY,
     KIND_RETIRE,
@@ -46,7 +47,7 @@ from node.learn.normalize import Agreed, combine, implausible, numeric_columns, 
 from node.learn.train import evaluate
 from node.ops.intervals import metric_intervals
 from node.privacy.mechanisms import NoiseSource
-from node.runtime import activity, audit, checkpoint, finals, normalization
+from node.runtime import activity, audit, checkpoint, echo_round, finals, normalization
 from node.runtime.audit import AuditLog, NodeCounters
 from node.runtime.build import Compose, Parts, build_node
 from node.runtime.config import NodeConfig
@@ -84,6 +85,8 @@ class Node:
         # Proofs of equivocation and seen-report claims, kept and counted (findings.py)
         self.findings = Findings(self.name, self.state, self.audit, counters)
         self.evidence = self.findings.store
+        # The digest echo's audit lines, evidence and counters (echo_round.py)
+        self.echo_records = echo_round.EchoRecords(self.name, self.state, self.audit)
         self.strategy, self.strategy_params = parts.strategy, parts.strategy_params
         self.model, self.metric, self.control = parts.model, parts.metric, parts.control
         self.sealing, self.verifier, self.book = parts.sealing, parts.verifier, parts.book
@@ -130,7 +133,8 @@ class Node:
                                        else self.budget.plan.normalize_sigma, k),
                 agreed=self.normalization is not None,
                 stats_stored=(self.state.path / self.STATS_FILE).exists(),
-                vote_range=self._norm_fallback is not None))
+                vote_range=self._norm_fallback is not None),
+            **echo_round.machine_args(self.consortium, self.strategy_params))
         # The machine's parts, by the names operators' tests read.
         self.liveness, self.seen = self.machine.live, self.machine.seen
         self.hellos, self.norm_votes = self.machine.hello, self.machine.agreement
@@ -358,6 +362,8 @@ class Node:
                 elif self._go is not None and not self._go.done():
                     self._go.set_result(seal_for)
             case ev.Close():
+                if a.echo is not None:  # the echo's audit lines and evidence first
+                    self.echo_records.closed(a.round, a.echo)
                 self._feed(m.closed(a.round, self._close(a), now))
             case ev.Advanced(r, nxt):
                 self._closed_round(r, nxt)
@@ -415,7 +421,10 @@ class Node:
 
     def _message(self, msg: ev.Message) -> bytes | None:
         if isinstance(msg, ev.Sign):
-            return self._sign(msg.kind, msg.round, msg.body)
+            data = self._sign(msg.kind, msg.round, msg.body)
+            if msg.kind == KIND_ECHO:
+                self.echo_records.signed(msg.round, data)
+            return data
         if msg.name == "announcement":
             return self._announcement
         stored = self.state.path / {"norm": self.VOTE_FILE, "stats": self.STATS_FILE}[msg.name]

@@ -17,6 +17,7 @@ differently are different consortia and refuse each other's shares.
                                    # with clip it sets the DP distance bound (below)
     compression = "int8"           # optional: none (default), fp16, int8, topk:FRACTION
                                    # (gossip/compress.py; docs/reference/compression.md)
+    echo = true                    # optional: the digest echo (below); missing: off
     [rules.params]                 # optional rule parameters (m, tau, distance, ...)
 
 Defaults, for a file without a key (`aggregation = "auto"`, what `flnode consortium
@@ -46,6 +47,13 @@ C + sigma C (sqrt(d) + t) that an honest share exceeds with probability
 it (`distance = "clip"` unless [rules.params] says otherwise), whatever the rule.
 A consortium file with no `[rules]` at all (built before they existed) falls back
 to each node's own `gossip.aggregation`, with a warning: per node, not agreed.
+
+`echo = true`: every round has the digest echo after the share phase
+(gossip/protocol/echo.py): members sign the digests of the shares they hold and combine
+only the shares their echoes agree on, so a member that sends different shares to
+different members is left out by every honest member. A file without the key (one
+written before it existed) keeps today's rounds without the echo, and its id; what
+`flnode consortium build` and the simulators write says `echo = true` (ECHO_DEFAULT).
 
 Pinned, not left to the code: `flnode consortium build` and the simulators write
 every parameter the rule takes into the file (`pin_rules`: f, the cap, and under
@@ -139,6 +147,7 @@ class ConsortiumRules(BaseModel):
     privacy_mode: Literal["off", "update", "record"] | None = None
     clip: float | None = Field(default=None, gt=0)
     noise_multiplier: float | None = Field(default=None, gt=0)
+    echo: bool | None = None  # None (the key missing): no echo phase, as before the key
     params: dict[str, Any] = Field(default_factory=dict)
     # How shares are compressed on the wire (gossip/compress.py): none, fp16, int8 or
     # topk:FRACTION. A file without the key means "none" and keeps its id.
@@ -168,6 +177,18 @@ def default_f(members: int, rule: str = DEFAULT_RULE) -> int:
     if rule != DEFAULT_RULE and canonical(rule) == "mean":
         return 0
     return max(1, members // DEFAULT_F_FRACTION) if members >= 3 else 0
+
+
+# What the consortium files this flnode writes say about the digest echo: on (protection
+# against split equivocation by default for new consortia; a file without the key: off).
+ECHO_DEFAULT = True
+
+
+def echo_rule(consortium: Consortium, source: str = "consortium file") -> bool:
+    """Whether the consortium's rounds have the digest echo (its [rules] `echo`; off when
+    the file has no [rules] or no key: the rounds it was built for)."""
+    rules = parse_rules(consortium, source)
+    return bool(rules is not None and rules.echo)
 
 
 def default_cap(members: int) -> float | None:
@@ -315,7 +336,7 @@ def pin_rules(table: dict[str, Any], members: int,
 def rules_table(members: int, aggregation: str = DEFAULT_RULE, f: int | None = None,
                 max_weight_fraction: float | None = None, privacy_mode: str | None = None,
                 clip: float | None = None, noise_multiplier: float | None = None,
-                compression: str | None = None,
+                compression: str | None = None, echo: bool | None = ECHO_DEFAULT,
                 **params: Any) -> dict[str, Any]:
     """A [rules] table for `flnode consortium build` and the simulators: "auto" is
     resolved for this many members and written out; None leaves a key out, so the
@@ -324,7 +345,7 @@ def rules_table(members: int, aggregation: str = DEFAULT_RULE, f: int | None = N
     params = auto_params(aggregation, table["aggregation"], params, privacy_mode)  # the recipe
     for key, value in (("f", f), ("max_weight_fraction", max_weight_fraction),
                        ("privacy_mode", privacy_mode), ("clip", clip),
-                       ("noise_multiplier", noise_multiplier)):
+                       ("noise_multiplier", noise_multiplier), ("echo", echo)):
         if value is not None:
             table[key] = value
     if compression is not None and parse_codec(compression, "--compression").compressed:

@@ -6,7 +6,7 @@ file here is what deployed nodes and their operators already hold. Say in the co
 message which contract changed and why. From the repository root:
 
     PYTHONPATH=$PWD python tests/golden/make_golden.py \
-        [--only wire,consortium,run,help,records,resume,prometheus]
+        [--only wire,consortium,run,help,records,resume,prometheus,echo]
 
 What it writes (all small, KBs):
 
@@ -34,6 +34,9 @@ What it writes (all small, KBs):
                     share (charged, in its outbox) and stopped again before sending it
   resume.json       what completing resume/ with today's node gives: ledger records, ε
   prometheus.json   the Prometheus metric families a node exposes (name, type, labels)
+  echo_records.json the audit writers of the digest echo ([rules] echo = true): the key
+                    set and value types of the "agreement" and "exclusion" lines of a
+                    seeded 3-member run with a split equivocator (ECHO_ARGV)
 """
 
 from __future__ import annotations
@@ -227,9 +230,11 @@ def make_run() -> None:
 # record-level DP (the accountant), trimmed_mean aggregation, control variates, and two
 # hostile members with valid keys: bank-1 equivocates (evidence + equivocation
 # rejections), bank-2 equivocates split (seen-report claims). Every round closes on
-# "all", so no deadline is waited for.
+# "all", so no deadline is waited for. Without the digest echo ("--echo off": a
+# consortium built before [rules] echo; the run frozen here predates it): with it,
+# bank-2's split share would be left out and no seen report would disagree.
 SIM_ARGV = ["simulate", "--dataset", "default", "--nodes", "3", "--partition", "iid",
-            "--rounds", "2", "--model", "logreg", "--privacy", "record", "--epsilon", "3",
+            "--echo", "off", "--rounds", "2", "--model", "logreg", "--privacy", "record", "--epsilon", "3",
             "--control-variates", "--aggregation", "trimmed_mean", "--seed", "0",
             "--attack", "equivocate:bank-1", "--attack", "equivocate-split:bank-2"]
 # summary.json fields that are not a contract of the seeded run: fresh keys each run
@@ -243,7 +248,8 @@ SEQ_IN_TEXT = re.compile(r"(seq ?)\d+(?: and \d+)?")
 # Nested dicts of fixed keys inside a record (the others are keyed by member or reason).
 RECORD_NESTED = ("first", "second", "ours", "report", "intervals", "aggregation")
 # Audit lines the node writes about itself, by their "kind" field (runner.py).
-OWN_KINDS = ("evidence", "claim", "aggregate", "control", "normalization")
+OWN_KINDS = ("evidence", "claim", "aggregate", "control", "normalization", "agreement",
+             "exclusion")
 
 
 def audit_writer(line: dict) -> str:
@@ -609,14 +615,55 @@ def make_help() -> None:
         help_file(argv).write_text(help_text(argv))
 
 
+# --- the digest echo's records (issue 19): a run with [rules] echo = true ----------------
+
+# 3 members, 2 rounds, bank-2 sends each member its own version of its share (split
+# equivocation): both honest members leave it out ("exclusion" lines with the evidence
+# file) and write one "agreement" line per round.
+ECHO_ARGV = ["simulate", "--dataset", "default", "--nodes", "3", "--partition", "iid",
+             "--rounds", "2", "--model", "logreg", "--privacy", "off", "--seed", "0",
+             "--attack", "equivocate-split:bank-2"]
+ECHO_WRITERS = ("agreement", "exclusion")
+
+
+def echo_contract(run: Path) -> dict:
+    """The shapes of the echo's audit writers in `run` (bank-0's audit.jsonl)."""
+    lines = read_records(run)["audit"]["bank-0"]
+    return {"argv": ECHO_ARGV, "shapes": {w: record_shape(next(x for x in lines
+                                                               if audit_writer(x) == w))
+                                          for w in ECHO_WRITERS}}
+
+
+def run_echo(out: Path) -> None:
+    import torch
+
+    from node.cli import main
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        rc = main([*ECHO_ARGV, "--out", str(out)])
+    finally:
+        torch.set_num_threads(threads)
+    assert rc == 0, f"flnode simulate failed ({rc})"
+
+
+def make_echo() -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        run_echo(Path(tmp) / "run")
+        doc = echo_contract(Path(tmp) / "run")
+    (HERE / "echo_records.json").write_text(json.dumps(doc, indent=1, sort_keys=True) + "\n")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--only", default="wire,consortium,run,help,records,resume,prometheus")
+    p.add_argument("--only", default="wire,consortium,run,help,records,resume,prometheus,echo")
     p.add_argument("--reseal", action="store_true",
                    help="make a new sealed share (otherwise the stored one is kept)")
     args = p.parse_args()
     parts = {"wire": make_wire, "consortium": make_consortium, "run": make_run, "help": make_help,
-             "records": make_records, "resume": make_resume, "prometheus": make_prometheus}
+             "records": make_records, "resume": make_resume, "prometheus": make_prometheus,
+             "echo": make_echo}
     for name in args.only.split(","):
         parts[name]()
         print(f"wrote {name}")

@@ -554,7 +554,7 @@ def prepare(spec: SimulationSpec,
     rules = pin_rules(rules_table(len(members), spec.aggregation, spec.f,
                                   spec.max_weight_fraction, spec.privacy,
                                   spec.clip if spec.privacy != "off" else None, sigma,
-                                  compression=spec.compression,
+                                  compression=spec.compression, echo=spec.echo,
                                   **spec.aggregation_params), len(members))
     consortium = Consortium(template.name, schema.to_dict(), tuple(members), rules,
                             model_pin(spec, schema))

@@ -31,7 +31,8 @@ _PARSED = {"loss": ("loss",), "delay": ("delay_ms", "jitter_ms"),
            "net_partition": ("net_partitions",), "absent": ("absent",),
            "straggler": ("stragglers",), "aggregation": ("aggregation",), "f": ("f",),
            "max_weight_fraction": ("max_weight_fraction",),
-           "aggregation_param": ("aggregation_params",), "attack": ("attacks",)}
+           "aggregation_param": ("aggregation_params",), "attack": ("attacks",),
+           "echo": ("echo",)}
 _DATA_FIELDS = ("data_dir", "label", "schema_path", "test_path")
 
 
