@@ -1,11 +1,12 @@
-"""Closing a round: what the driver does with the machine's `Close` and `Advanced`.
+"""Closing a round: what the driver does with the machine's `Close`, `Advanced`, `Retire`.
 
 The round's own state as Node carries it out (`RoundState`: from Train to the metrics
 line), the aggregation of the shares the machine closed the round with (`aggregate`:
 shares encoded with other normalization statistics refused, the strategy, the model
-kept finite, the held-out evaluation) and the round's report and metrics line
-(`report`). The machine decides when and with which shares (gossip/protocol/machine.py);
-this module only carries it out.
+kept finite, the held-out evaluation), the round's report and metrics line (`report`),
+and the round at which we stop sharing because our budget is spent (`retire`). The
+machine decides when and with which shares (gossip/protocol/machine.py); this module
+only carries it out.
 """
 
 from __future__ import annotations
@@ -18,12 +19,12 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from gossip.envelope import Accepted
+from gossip.envelope import KIND_RETIRE, Accepted
 from gossip.protocol import events as ev
 from node.learn.models import named_to_flat, set_flat
 from node.learn.train import evaluate
 from node.ops.intervals import metric_intervals
-from node.runtime import audit, bookkeeping
+from node.runtime import audit, bookkeeping, checkpoint
 from node.runtime.release import Result
 from node.runtime.round_report import RoundReport
 from node.strategy import WeightedShare
@@ -115,3 +116,15 @@ def report(node: Node, r: int, nxt: int) -> RoundReport:
                            "fallbacks") if d[k] or k in ("rule", "used")},
         node._traffic(r)))
     return out
+
+
+async def retire(node: Node, r: int, why: str) -> RoundReport:
+    """The machine's Retire (our budget is spent): say once, clearly, that we stop
+    sharing; tell the members; write the stopped metrics line; keep the model. The
+    report of round r says why."""
+    node.stopped = why
+    log.warning("%s: %s", node.name, why)
+    await node._broadcast(r, node._sign(KIND_RETIRE, r, b""))
+    node.audit.write(audit.StoppedMetrics(r, why, node.epsilon(), node._traffic(r)))
+    checkpoint.save(node)
+    return RoundReport(node.name, r, {}, node.epsilon(), [], [], math.nan, 0.0, stopped=why)

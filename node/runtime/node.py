@@ -8,9 +8,11 @@ carries out each action it returns (gossip/protocol/__init__.py maps every actio
 method here). The release (train -> clip + noise -> charge -> sign -> store) is the
 Releaser's (release.py), signing and the prekey files the Signer's (signer.py); a
 rehearsal wraps them (node/rehearsal/), never this file. The parts are built by build.py;
-the checkpoint codec is checkpoint.py, the audit/metrics records audit.py, evidence
-findings.py, normalization's files normalization.py, the final models finals.py, the
-wait reports activity.py. Nothing a peer sends can stop the loop.
+a round's aggregation, report and metrics line are closing.py's, the bookkeeping actions
+(counters, audit lines, evidence, acks) bookkeeping.py's; the checkpoint codec is
+checkpoint.py, the audit/metrics records audit.py, evidence findings.py, normalization's
+files and decisions normalization.py, the final models finals.py, the wait reports
+activity.py. Nothing a peer sends can stop the loop.
 """
 
 from __future__ import annotations
@@ -28,18 +30,17 @@ from gossip.bodies import Stats
 from gossip.envelope import (
     KIND_FINAL,
     KIND_PREKEY,
-    KIND_RETIRE,
     KIND_SEALED,
     KIND_SHARE,
     Accepted,
 )
 from gossip.errors import LocalError, RemoteError
 from gossip.protocol import events as ev
-from gossip.protocol.machine import Normalization, RoundMachine
+from gossip.protocol.machine import RoundMachine
 from gossip.protocol.phases import RoundParams
 from gossip.transports.base import Incoming, Transport, TransportFailed
 from node.learn.models import get_flat
-from node.learn.normalize import Agreed, combine, implausible, numeric_columns, range_agreed
+from node.learn.normalize import Agreed
 from node.privacy.mechanisms import NoiseSource
 from node.runtime import audit, bookkeeping, checkpoint, closing, finals, normalization
 from node.runtime.audit import AuditLog, NodeCounters
@@ -105,7 +106,6 @@ class Node:
                 self.state, self.schema)) is not None:
             self._adopt(agreed_before, saved=True)
         checkpoint.resume(self)
-        k = len(numeric_columns(self.schema))
         self.machine = RoundMachine(
             self.name, [m.name for m in self.consortium.members], self.book, self._params(),
             keys={m.name: m.public_key for m in self.consortium.members},
@@ -113,12 +113,9 @@ class Node:
             or self.state.stored_release(self.book.current) is not None,
             prekeys_missing=None if self.sealing is None
             else lambda r, peers: self.sealing.recipients(r, peers)[1],
-            normalization=None if self._tables is None else Normalization(
-                lambda st: implausible(st, None if self.budget.plan is None
-                                       else self.budget.plan.normalize_sigma, k),
-                agreed=self.normalization is not None,
-                stats_stored=(self.state.path / self.STATS_FILE).exists(),
-                vote_range=self._norm_fallback is not None))
+            normalization=normalization.machine_settings(
+                self.state, self.schema, self.budget, self._tables is not None,
+                self.normalization is not None, self._norm_fallback is not None))
         # The machine's parts, by the names operators' tests read.
         self.liveness, self.seen = self.machine.live, self.machine.seen
         self.hellos, self.norm_votes = self.machine.hello, self.machine.agreement
@@ -304,11 +301,9 @@ class Node:
             case ev.Checkpoint():
                 checkpoint.save(self)
             case ev.Retire(r, why):
-                self.stopped = why
-                await self._retire(r)
+                report = await closing.retire(self, r, why)
                 if self._on_round is not None:
-                    self._on_round(RoundReport(self.name, r, {}, self.epsilon(), [], [],
-                                               float("nan"), 0.0, stopped=why))
+                    self._on_round(report)
             case ev.SendFinal(r):
                 self._final_ours = finals.model_digest(self.model)
                 await self._in_background(
@@ -325,24 +320,12 @@ class Node:
                 self._own_stats_msg, data = self._own_stats()
                 await self._in_background(self._broadcast(0, data), "stats")
             case ev.AdoptRange(members, fallback):
-                why = (f"{', '.join(fallback)} voted for range scaling (its check at start "
-                       "found the agreed statistics would be too noisy; normalize_fallback = "
-                       "\"range\"): every member scales by the declared ranges, nothing "
-                       "released or charged for normalization")
-                self._agreed(range_agreed(self.schema, members, fallback, why), why)
+                self._agreed(*normalization.by_range(self.schema, members, fallback))
             case ev.Combine(messages):
-                got = dict(messages)
                 assert self._own_stats_msg is not None
-                got[self.name] = self._own_stats_msg
-                agreed = combine(got, self.schema,
-                                 self.strategy_params.get("max_weight_fraction"))
-                for who, f in sorted(agreed.capped.items()):
-                    log.warning("%s: federated normalization: %s's row count is above the "
-                                "weight cap (max_weight_fraction): its statistics weigh %.3g "
-                                "of the result, less than its share of the rows", self.name,
-                                who, f)
-                self._agreed(agreed, f"federated normalization agreed with "
-                             f"{len(agreed.members)} members (digest {agreed.digest.hex()[:16]})")
+                self._agreed(*normalization.combined(
+                    self.name, self.schema, {**dict(messages), self.name: self._own_stats_msg},
+                    self.strategy_params.get("max_weight_fraction")))
             case ev.Abort(why):
                 raise LocalError(why)
             case _ if isinstance(a, bookkeeping.AT_ONCE):
@@ -467,13 +450,6 @@ class Node:
             self.counters.send_failed += 1
             log.error("%s: round %d: our %s was not sent: %s", self.name, r + 1,
                       envelope.decode_outer(data).kind, exc)
-
-    async def _retire(self, r: int) -> None:
-        """Say once, clearly, that we stop sharing; tell the members; keep the model."""
-        log.warning("%s: %s", self.name, self.stopped)
-        await self._broadcast(r, self._sign(KIND_RETIRE, r, b""))
-        self.audit.write(audit.StoppedMetrics(r, self.stopped, self.epsilon(), self._traffic(r)))
-        checkpoint.save(self)
 
     def _traffic(self, r: int) -> audit.Traffic:
         """The running counters for a metrics line (and the flood audit lines)."""
