@@ -138,7 +138,13 @@ class Driver:
         return self.run(self.m.start(self.now))
 
     def recv(self, acc: Accepted, token=None, data: bytes = b"") -> list:
-        return self.run(self.m.receive(acc, self.now, data=data, token=token))
+        return self.due(self.run(self.m.receive(acc, self.now, data=data, token=token)))
+
+    def due(self, seen_: list) -> list:
+        """As Node's loop: a tick once the machine's next deadline is now (the start
+        barrier is decided on a tick, after the messages that came together)."""
+        nd = self.m.next_deadline
+        return seen_ + (self.tick() if nd is not None and nd <= self.now else [])
 
     def tick(self, now: float | None = None) -> list:
         if now is not None:

@@ -179,6 +179,22 @@ def test_restart_joins_the_round_a_majority_has_reached():
     assert d.of(Train) == [Train(5)]
 
 
+def test_restart_joins_with_everything_that_arrived_together():
+    """runner.py `_await_start` looked at the barrier when it woke, after the receiver had
+    filed every message that had come: the machine decides it on the driver's tick, never
+    inside a message. bank-1's seen report for round 4 (it closed 4, it is at 5) comes just
+    before bank-2's hello and its own: deciding inside bank-2's hello joined round 4 and
+    trained (and charged) a round nobody was in (test_crash_safety's restart test, half
+    of its runs on 0152a2d)."""
+    d = Driver(3, current=1, restarted=True, rounds=10)
+    d.start()
+    for acc in (seen("bank-1", 4, []), hello("bank-2", 5), hello("bank-1", 5)):
+        d.run(d.m.receive(acc, 1.0))  # filed together, no tick in between
+    assert not d.of(Joined) and d.m.next_deadline == 1.0  # decided at the next tick
+    d.tick(1.0)
+    assert d.of(Joined) == [Joined(1, 5)] and d.of(Train) == [Train(5)]
+
+
 def test_restart_without_a_majority_starts_at_the_barrier_deadline():
     """runner.py 1491-1496: a majority, or one round deadline."""
     d = Driver(5, current=2, restarted=True, rounds=10, min_members=0)

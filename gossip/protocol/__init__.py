@@ -9,7 +9,7 @@
                round 1
 - echo.py      agree / EchoState: the digest echo, which shares a round combines (the rule,
                what it guarantees and costs: its docstring)
-- phases.py    RoundParams, PhaseSpec, SHARE, ECHO
+- phases.py    RoundParams, PhaseSpec, SHARE, ECHO, Wait (what a stage waits for)
 - events.py    the inputs and actions (frozen dataclasses)
 - machine.py   RoundMachine: phases, deadlines, the closing rule (how a driver calls it: below)
 

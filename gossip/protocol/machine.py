@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 from gossip.bodies import encode_seen
@@ -87,7 +86,7 @@ from gossip.protocol.events import (
 )
 from gossip.protocol.hello import HelloLimiter
 from gossip.protocol.liveness import Liveness, StartBarrier, members_needed
-from gossip.protocol.phases import ECHO, SHARE, PhaseSpec, RoundParams
+from gossip.protocol.phases import ECHO, SHARE, PhaseSpec, RoundParams, Wait
 from gossip.protocol.seen import FINAL_SEEN_WAIT_S, SeenReports
 from gossip.protocol.stats import Normalization, StatsAgreement
 
@@ -107,15 +106,6 @@ WAIT_REPORT_EVERY_S = 30.0
 # Stage changes one input can cause (a closed round may end the run at once); a bound
 # so that a bug shows as an error, never as a hung driver.
 MAX_STEPS_PER_INPUT = 64
-
-
-@dataclass
-class _Wait:
-    what: str | None  # None: a wait that is never reported
-    start: float
-    end: float | None  # None: no time limit
-    next_report: float
-    reported: bool = False
 
 
 class RoundMachine:
@@ -162,8 +152,8 @@ class RoundMachine:
         self.finals: dict[str, bytes] = {}  # each member's first final message
         self.deadline = 0.0  # when the current round's collection ends (runner.py 354)
         self.stage = "new"
-        self._now = 0.0
-        self._wait: _Wait | None = None
+        self._now, self._on_message = 0.0, False
+        self._wait: Wait | None = None
         self._announced = False
         self._ignorable_before: set[str] = set()
         self._phase = 0
@@ -191,6 +181,8 @@ class RoundMachine:
         """When to call `tick` if no event comes first (None: only an event moves on)."""
         if self.stage == "barrier":
             assert self._wait is not None
+            if self.barrier.passed(self.live.up, self.book.neighbours, self._now):
+                return self._now  # decided at the next tick (_step)
             return self.barrier.next_time(self.live.up, self.book.neighbours, self._now,
                                           self._wait.next_report)
         w = self._wait
@@ -228,7 +220,7 @@ class RoundMachine:
         self.barrier = StartBarrier(self.params.min_members, len(self.members),
                                     self.barrier.restarted, now, self.params.round_deadline_s)
         self.stage = "barrier"
-        self._wait = _Wait(None, now, None, now + WAIT_REPORT_FIRST_S)
+        self._wait = Wait(None, now, None, now + WAIT_REPORT_FIRST_S)
         return out + self._step(now)
 
     def receive(self, acc: Accepted, now: float, *, data: bytes = b"",
@@ -250,7 +242,7 @@ class RoundMachine:
                 if self.echo is not None:
                     self.echo.proven.add((acc.round, acc.sender))
             self._heard(exc.peer if exc.reason in AUTHENTIC_REASONS else None, False, out)
-            return out + self._step(now)
+            return out + self._step(now, message=True)
         if token is not None:
             if acc.share is not None and where == "buffered":
                 # Redelivered after a crash until its round is checkpointed. A far-ahead
@@ -278,7 +270,7 @@ class RoundMachine:
                                                        acc.envelope.body, acc)):
             return out + no + self._step(now)  # refused (named), not filed
         out.append(Filed(acc, where))
-        return out + self._step(now)
+        return out + self._step(now, message=True)
 
     def rejected(self, rej: Rejected, now: float) -> list[Action]:
         """A message the verifier refused: counted and audited; its signed round noted;
@@ -290,7 +282,7 @@ class RoundMachine:
         if rej.signed_round is not None and rej.peer is not None:
             self.book.note(rej.peer, rej.signed_round)  # we cannot read it, but it is there
         self._heard(rej.peer if rej.reason in AUTHENTIC_REASONS else None, False, out)
-        return out + self._step(now)
+        return out + self._step(now, message=True)
 
     def released(self, ev: Released, now: float) -> list[Action]:
         """The outcome of `Train(round)`."""
@@ -311,7 +303,7 @@ class RoundMachine:
             self._collect(now)
         elif self.sealed:
             self.stage = "prekeys"
-            self._wait = _Wait(f"round {r + 1} prekeys", now, self.deadline,
+            self._wait = Wait(f"round {r + 1} prekeys", now, self.deadline,
                                now + WAIT_REPORT_FIRST_S)
         else:
             out.append(SendShare(r, tuple(self.book.still_in(r)), self.peers))
@@ -334,7 +326,7 @@ class RoundMachine:
         self._now = now
         out = self._phase_in(msg.sender, msg.round, msg.phase, msg.body)
         self._heard(msg.sender, False, out)
-        return out + self._step(now)
+        return out + self._step(now, message=True)
 
     def _phase_in(self, sender: str, r: int, phase: str, body: bytes,
                   acc: Accepted | None = None) -> list[Action]:
@@ -387,7 +379,12 @@ class RoundMachine:
         return self._step(now)
 
     # --- the stages -----------------------------------------------------------------------
-    def _step(self, now: float) -> list[Action]:
+    def _step(self, now: float, message: bool = False) -> list[Action]:
+        # The start barrier is decided on start and tick, never inside a message: the driver
+        # ticks once it has filed all that arrived together (as runner.py's _await_start looked
+        # when it woke), so a restart joins the rounds that batch tells (a member's seen report
+        # for the round it just closed may come just before its hello saying the next one).
+        self._on_message = message
         out: list[Action] = []
         for _ in range(MAX_STEPS_PER_INPUT):
             if not self._advance(now, out):
@@ -403,6 +400,8 @@ class RoundMachine:
     def _stage_barrier(self, now: float, out: list[Action]) -> bool:
         b, w = self.barrier, self._wait
         assert w is not None
+        if self._on_message:
+            return False
         neighbours = self.book.neighbours
         if b.passed(self.live.up, neighbours, now):
             if w.reported:
@@ -508,7 +507,7 @@ class RoundMachine:
         out.append(SendFinal(r))
         self._expect = self.seen.expected_final(r, self.book.neighbours)
         self.stage = "finals"
-        self._wait = _Wait(None, now, now + self._final_wait_s(), now)
+        self._wait = Wait(None, now, now + self._final_wait_s(), now)
         return True
 
     def _stage_finals(self, now: float, out: list[Action]) -> bool:
@@ -530,13 +529,13 @@ class RoundMachine:
             self._await_stats(now, out)
             return
         self.stage = "votes"
-        self._wait = _Wait("votes on normalization (before any statistics are computed and "
+        self._wait = Wait("votes on normalization (before any statistics are computed and "
                            "charged)", now, self._norm_end, now + WAIT_REPORT_FIRST_S)
 
     def _await_stats(self, now: float, out: list[Action]) -> None:
         out.append(SendStats())
         self.stage = "stats"
-        self._wait = _Wait("statistics", now, self._norm_end, now + WAIT_REPORT_FIRST_S)
+        self._wait = Wait("statistics", now, self._norm_end, now + WAIT_REPORT_FIRST_S)
 
     def _begin_round(self, now: float, out: list[Action]) -> None:
         r = self.book.current
@@ -554,7 +553,7 @@ class RoundMachine:
         # closed because they are "absent" (not because the deadline passed).
         self._ignorable_before = set(self.ignorable())
         self.stage = "collect"
-        self._wait = _Wait(f"round {r + 1} shares", now, self.deadline, now + WAIT_REPORT_FIRST_S)
+        self._wait = Wait(f"round {r + 1} shares", now, self.deadline, now + WAIT_REPORT_FIRST_S)
 
     def _next_phase(self, now: float, out: list[Action]) -> None:
         self._phase += 1
@@ -579,7 +578,7 @@ class RoundMachine:
         else:
             out.append(SendPhase(r, spec.name, self._phase_peers))
         self.stage = "phase"
-        self._wait = _Wait(f"round {r + 1} {spec.name}", now, self.deadline,
+        self._wait = Wait(f"round {r + 1} {spec.name}", now, self.deadline,
                            now + WAIT_REPORT_FIRST_S)
 
     def _closing_rule(self, r: int) -> tuple[tuple[str, ...], str, dict[str, Accepted]]:
@@ -609,7 +608,7 @@ class RoundMachine:
         self._final_round = r = max(self.seen.closed)
         self._expect = self.seen.expected_final(r, self.book.neighbours)
         self.stage = "final_seen"
-        self._wait = _Wait(None, now, now + self._final_wait_s(), now)
+        self._wait = Wait(None, now, now + self._final_wait_s(), now)
 
     def _end(self, out: list[Action]) -> None:
         """Nothing left to read a share in: forget prekeys, ack everything left."""

@@ -46,3 +46,15 @@ SHARE = PhaseSpec("share")
 # the echo, files the peers', and `Close` carries the agreed set); any PhaseSpec named so
 # (other peers, another deadline) is the echo.
 ECHO = PhaseSpec("echo")
+
+
+@dataclass
+class Wait:
+    """What a stage of the machine waits for: reported as `what` (None: never reported)
+    from `next_report` on, given up at `end` (None: no time limit)."""
+
+    what: str | None
+    start: float
+    end: float | None
+    next_report: float
+    reported: bool = False

@@ -96,6 +96,7 @@ class Parts:
     book: RoundBook
     signer: Signer
     control: ControlVariates | None
+    releaser: Releaser  # the honest one: Node binds it, a rehearsal may wrap it (compose)
 
 
 def read_rows(cfg: NodeConfig, name: str, consortium: Consortium, schema: FeatureSchema
@@ -171,9 +172,9 @@ def own_model(cfg: NodeConfig, consortium: Consortium, schema: FeatureSchema,
     return model
 
 
-def build_parts(cfg: NodeConfig, rejected: Counter[str]) -> Parts:
+def build_parts(cfg: NodeConfig, rejected: Counter[str], noise: NoiseSource) -> Parts:
     """Every part of the node of `cfg`, checked (`rejected`: the node's rejection
-    counter, which the signer counts into)."""
+    counter, which the signer counts into; `noise`: the privacy noise's source)."""
     identity = load_identity(cfg.identity.key)
     consortium = load_consortium(cfg.consortium.path)
     schema = FeatureSchema.from_dict(consortium.schema, str(cfg.consortium.path))
@@ -252,11 +253,13 @@ def build_parts(cfg: NodeConfig, rejected: Counter[str]) -> Parts:
     # training.control_variates: this member's c_i and c (node/learn/control.py), restored
     # from the checkpoint (node/runtime/checkpoint.py)
     control = ControlVariates.for_node(cfg.training.control_variates, agreed.params)
-
+    # What this member releases (charged first): node/runtime/release.py.
+    releaser = Releaser(cfg, identity.name, model, verifier.spec, state, ledger, budget, noise,
+                        control)
     return Parts(cfg, identity, consortium, schema, train, held, tables, norm_fallback, state,
                  ledger, budget, agreed.strategy, agreed.params, model,
                  metric_name(schema.n_classes), sealing, verifier,
-                 RoundBook(neighbours, cfg.gossip.lookahead), signer, control)
+                 RoundBook(neighbours, cfg.gossip.lookahead), signer, control, releaser)
 
 
 def build_node(cfg: NodeConfig, transport: Transport, *, node_cls: type[Node],
@@ -268,10 +271,9 @@ def build_node(cfg: NodeConfig, transport: Transport, *, node_cls: type[Node],
     comes from os.urandom unless a simulation passes its own seeded source.
     `rows_transform` (applied to the training rows each time they are set) and `compose`
     (wrapping the releaser and signer) are a rehearsal's only (node/rehearsal/build.py)."""
-    counters = NodeCounters()
-    parts = build_parts(cfg, counters.rejected)
-    return node_cls(parts, transport, noise or OsNoise(), counters,
-                    rows_transform=rows_transform,
+    counters, noise = NodeCounters(), noise or OsNoise()
+    parts = build_parts(cfg, counters.rejected, noise)
+    return node_cls(parts, transport, noise, counters, rows_transform=rows_transform,
                     compose=with_compression(parts, noise, compose))
 
 

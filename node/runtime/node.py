@@ -8,9 +8,11 @@ carries out each action it returns (gossip/protocol/__init__.py maps every actio
 method here). The release (train -> clip + noise -> charge -> sign -> store) is the
 Releaser's (release.py), signing and the prekey files the Signer's (signer.py); a
 rehearsal wraps them (node/rehearsal/), never this file. The parts are built by build.py;
-the checkpoint codec is checkpoint.py, the audit/metrics records audit.py, evidence
-findings.py, normalization's files normalization.py, the final models finals.py, the
-wait reports activity.py. Nothing a peer sends can stop the loop.
+a round's aggregation, report and metrics line are closing.py's, the bookkeeping actions
+(counters, audit lines, evidence, acks) bookkeeping.py's; the checkpoint codec is
+checkpoint.py, the audit/metrics records audit.py, evidence findings.py, normalization's
+files and decisions normalization.py, the final models finals.py, the wait reports
+activity.py. Nothing a peer sends can stop the loop.
 """
 
 from __future__ import annotations
@@ -23,47 +25,35 @@ from collections import Counter
 from collections.abc import Callable, Coroutine, Sequence
 from typing import Any
 
-import torch
-
 from gossip import envelope
 from gossip.bodies import Stats
 from gossip.envelope import (
-    BENIGN_REASONS,
     KIND_ECHO,
     KIND_FINAL,
     KIND_PREKEY,
-    KIND_RETIRE,
     KIND_SEALED,
     KIND_SHARE,
     Accepted,
 )
 from gossip.errors import LocalError, RemoteError
 from gossip.protocol import events as ev
-from gossip.protocol.machine import Normalization, RoundMachine
+from gossip.protocol.machine import RoundMachine
 from gossip.protocol.phases import RoundParams
 from gossip.transports.base import Incoming, Transport, TransportFailed
-from node.learn.models import get_flat, named_to_flat, set_flat
-from node.learn.normalize import Agreed, combine, implausible, numeric_columns, range_agreed
-from node.learn.train import evaluate
-from node.ops.intervals import metric_intervals
+from node.learn.models import get_flat
+from node.learn.normalize import Agreed
 from node.privacy.mechanisms import NoiseSource
-from node.runtime import activity, audit, checkpoint, echo_round, finals, normalization
+from node.runtime import audit, bookkeeping, checkpoint, closing, echo_round, finals, normalization
 from node.runtime.audit import AuditLog, NodeCounters
 from node.runtime.build import Compose, Parts, build_node
+from node.runtime.closing import RoundState
 from node.runtime.config import NodeConfig
 from node.runtime.findings import Findings
 from node.runtime.normalization import LocalData
 from node.runtime.release import NotReleased, Release, Releaser, Stopped, blake
 from node.runtime.round_report import RoundReport
-from node.strategy import WeightedShare
 
 log = logging.getLogger("flnode.node")
-
-# Actions carried out as soon as the machine returns them, even from handle() outside a
-# run (bookkeeping, logs, acks of messages not buffered); the rest wait for the driver.
-AT_ONCE = (ev.Filed, ev.Refused, ev.Equivocation, ev.SeenMismatch, ev.Presence, ev.Ack,
-           ev.Waiting, ev.WaitOver)
-
 
 class Node:
     def __init__(self, parts: Parts, transport: Transport, noise: NoiseSource,
@@ -74,7 +64,7 @@ class Node:
         `rows_transform`, if given, is applied to the training rows each time they are
         set (at start, and once normalization is agreed), `compose` wraps the releaser
         and signer: only a rehearsal gives them (node/rehearsal/build.py)."""
-        self.cfg = cfg = parts.cfg
+        self.cfg = parts.cfg
         self.identity, self.name = parts.identity, parts.identity.name
         self.consortium, self.schema = parts.consortium, parts.schema
         self._rows_transform = rows_transform
@@ -98,10 +88,9 @@ class Node:
         # What this member signs (the sequence number on disk first) and releases (charged
         # first): signer.py, release.py. A rehearsal wraps them (compose).
         self.signer = parts.signer
-        self.releaser: Releaser = Releaser(
-            cfg, self.name, self.model, self.verifier.spec, self.state, self.ledger,
-            self.budget, noise, self.control, lambda: (self.train_data.X, self.train_data.y),
-            self._norm, self._pack_share)
+        parts.releaser.bind(lambda: (self.train_data.X, self.train_data.y), self._norm,
+                            self._pack_share)
+        self.releaser: Releaser = parts.releaser
         if compose is not None:
             self.releaser, self.signer = compose(self.releaser, self.signer, transport)
         self._announcement: bytes | None = None  # our current prekey message, once sent
@@ -109,7 +98,7 @@ class Node:
         self._queue: list[ev.Action] = []  # actions waiting for the driver, in order
         self._wakeup = asyncio.Event()
         self._go: asyncio.Future[tuple[str, ...]] | None = None  # SendShare's recipients
-        self._round: dict[str, Any] = {}  # the current round's release, reference, start
+        self._round: RoundState | None = None  # the current round (closing.py)
         self._reports: list[RoundReport] = []
         self._on_round: Callable[[RoundReport], None] | None = None
         self._own_stats_msg: Stats | None = None
@@ -120,7 +109,6 @@ class Node:
                 self.state, self.schema)) is not None:
             self._adopt(agreed_before, saved=True)
         checkpoint.resume(self)
-        k = len(numeric_columns(self.schema))
         self.machine = RoundMachine(
             self.name, [m.name for m in self.consortium.members], self.book, self._params(),
             keys={m.name: m.public_key for m in self.consortium.members},
@@ -128,12 +116,9 @@ class Node:
             or self.state.stored_release(self.book.current) is not None,
             prekeys_missing=None if self.sealing is None
             else lambda r, peers: self.sealing.recipients(r, peers)[1],
-            normalization=None if self._tables is None else Normalization(
-                lambda st: implausible(st, None if self.budget.plan is None
-                                       else self.budget.plan.normalize_sigma, k),
-                agreed=self.normalization is not None,
-                stats_stored=(self.state.path / self.STATS_FILE).exists(),
-                vote_range=self._norm_fallback is not None),
+            normalization=normalization.machine_settings(
+                self.state, self.schema, self.budget, self._tables is not None,
+                self.normalization is not None, self._norm_fallback is not None),
             **echo_round.machine_args(self.consortium, self.strategy_params))
         # The machine's parts, by the names operators' tests read.
         self.liveness, self.seen = self.machine.live, self.machine.seen
@@ -223,61 +208,11 @@ class Node:
         returned them: the answer to a Close goes after what messages filed while Close
         waited (a second equivocating copy is counted in the round's metrics line)."""
         i = 0
-        while i < len(actions) and not self._queue and isinstance(actions[i], AT_ONCE):
-            self._at_once(actions[i])
+        while i < len(actions) and not self._queue and isinstance(actions[i], bookkeeping.AT_ONCE):
+            bookkeeping.carry_out(self, actions[i])
             i += 1
         self._queue.extend(actions[i:])
         self._wakeup.set()  # any input may move the machine's next deadline
-
-    def _at_once(self, a: ev.Action) -> None:
-        match a:
-            case ev.Filed(acc, where):
-                self.counters.accepted[acc.sender] += 1
-                if where == "retired":
-                    log.warning("%s: %s has stopped sharing (retire message); rounds no "
-                                "longer wait for it", self.name, acc.sender)
-                self.audit.write(audit.Accepted(acc.round, acc.sender, acc.envelope.seq,
-                                                acc.envelope.digest.hex(), acc.envelope.kind,
-                                                where))
-            case ev.Refused(r, member, reason, detail, digest, acc):
-                self.counters.rejected[reason] += 1
-                if acc is not None:
-                    self.audit.write(audit.Refused(acc.round, acc.sender, digest,
-                                                   acc.envelope.kind, reason, detail))
-                else:
-                    self.audit.write(audit.Rejected(r, member, digest, reason, detail))
-                level = logging.DEBUG if reason in BENIGN_REASONS else logging.WARNING
-                if self.audit.once(member, reason):
-                    log.log(level, "%s: refused a message from %s: %s: %s (further %r from "
-                            "%s are counted, not logged)", self.name, member, reason, detail,
-                            reason, member)
-            case ev.Equivocation(first, second):
-                self.findings.equivocation(first, second, self.book.current)
-            case ev.SeenMismatch():
-                self.findings.mismatch(a)
-            case ev.Presence(member, what, missed):
-                if what == "absent":
-                    log.warning("%s: %s sent no share by %d deadline(s) in a row; rounds no "
-                                "longer wait for it until its shares arrive again", self.name,
-                                member, missed)
-                elif what == "back":
-                    log.info("%s: a share from %s again; rounds wait for it again",
-                             self.name, member)
-                else:
-                    log.info("%s: heard from %s again (no share yet); rounds wait for it "
-                             "for one deadline, then only once its shares arrive",
-                             self.name, member)
-            case ev.Ack(tokens):
-                for ack in tokens:
-                    ack()
-            case ev.Waiting(what, who, since, gives_up):
-                now = time.monotonic()
-                heard = self.liveness.up & {m.name for m in self.consortium.members}
-                activity.report_wait(self.state.path, self.name, what, who, now - since,
-                                     None if gives_up is None else gives_up - now,
-                                     bool(heard))
-            case ev.WaitOver():
-                activity.write(self.state.path, self.name, None)
 
     # --- the run ------------------------------------------------------------------
     async def run(self, on_round: Callable[[RoundReport], None] | None = None) -> list[RoundReport]:
@@ -348,15 +283,12 @@ class Node:
                 # recorded traffic any more.
                 self.signer.forget_prekeys()
             case ev.Train(r):
-                # What every honest member started this round from: the strategy measures
-                # shares' distances from it.
-                self._round = {"reference": get_flat(self.model).clone(),
-                               "t0": time.perf_counter()}
+                self._round = RoundState(get_flat(self.model).clone(), time.perf_counter())
                 assert self._tg is not None
                 self._tg.create_task(self._release(r), name=f"{self.name}-release-{r}")
             case ev.SendShare(r, seal_for, _, stored):
                 if stored:
-                    result = self._round["result"]
+                    result = self._round.result
                     self.signer.seq = max(self.signer.seq, result.sent[0] + 1)
                     await self._in_background(self._broadcast(r, result.data), f"share-{r}")
                 elif self._go is not None and not self._go.done():
@@ -364,20 +296,20 @@ class Node:
             case ev.Close():
                 if a.echo is not None:  # the echo's audit lines and evidence first
                     self.echo_records.closed(a.round, a.echo)
-                self._feed(m.closed(a.round, self._close(a), now))
+                self._feed(m.closed(a.round, closing.aggregate(self, a), now))
             case ev.Advanced(r, nxt):
-                self._closed_round(r, nxt)
+                self._reports.append(report := closing.report(self, r, nxt))
+                if self._on_round is not None:
+                    self._on_round(report)
             case ev.Joined(r, nxt):
                 log.warning("%s: the others are at round %d; joining them there (rounds "
                             "%d-%d skipped)", self.name, nxt + 1, r + 1, nxt)
             case ev.Checkpoint():
                 checkpoint.save(self)
             case ev.Retire(r, why):
-                self.stopped = why
-                await self._retire(r)
+                report = await closing.retire(self, r, why)
                 if self._on_round is not None:
-                    self._on_round(RoundReport(self.name, r, {}, self.epsilon(), [], [],
-                                               float("nan"), 0.0, stopped=why))
+                    self._on_round(report)
             case ev.SendFinal(r):
                 self._final_ours = finals.model_digest(self.model)
                 await self._in_background(
@@ -394,28 +326,16 @@ class Node:
                 self._own_stats_msg, data = self._own_stats()
                 await self._in_background(self._broadcast(0, data), "stats")
             case ev.AdoptRange(members, fallback):
-                why = (f"{', '.join(fallback)} voted for range scaling (its check at start "
-                       "found the agreed statistics would be too noisy; normalize_fallback = "
-                       "\"range\"): every member scales by the declared ranges, nothing "
-                       "released or charged for normalization")
-                self._agreed(range_agreed(self.schema, members, fallback, why), why)
+                self._agreed(*normalization.by_range(self.schema, members, fallback))
             case ev.Combine(messages):
-                got = dict(messages)
                 assert self._own_stats_msg is not None
-                got[self.name] = self._own_stats_msg
-                agreed = combine(got, self.schema,
-                                 self.strategy_params.get("max_weight_fraction"))
-                for who, f in sorted(agreed.capped.items()):
-                    log.warning("%s: federated normalization: %s's row count is above the "
-                                "weight cap (max_weight_fraction): its statistics weigh %.3g "
-                                "of the result, less than its share of the rows", self.name,
-                                who, f)
-                self._agreed(agreed, f"federated normalization agreed with "
-                             f"{len(agreed.members)} members (digest {agreed.digest.hex()[:16]})")
+                self._agreed(*normalization.combined(
+                    self.name, self.schema, {**dict(messages), self.name: self._own_stats_msg},
+                    self.strategy_params.get("max_weight_fraction")))
             case ev.Abort(why):
                 raise LocalError(why)
-            case _ if isinstance(a, AT_ONCE):
-                self._at_once(a)
+            case _ if isinstance(a, bookkeeping.AT_ONCE):
+                bookkeeping.carry_out(self, a)
             case _:
                 raise LocalError(f"{self.name}: the driver cannot carry out {a!r}: a bug")
 
@@ -434,25 +354,24 @@ class Node:
     async def _release(self, r: int) -> None:
         """Releaser.release(r) in its own task (the driver goes on reading messages); its
         outcome fed back to the machine: Released, then (once packed) Signed."""
-        m, loop = self.machine, asyncio.get_running_loop()
-        self._round["packing"] = False
-        result = await self.releaser.release(r)
-        self._round["result"] = result
+        m, loop, st = self.machine, asyncio.get_running_loop(), self._round
+        assert st is not None
+        st.packing = False
+        st.result = result = await self.releaser.release(r)
         if isinstance(result, Stopped):
             self._feed(m.released(ev.Released(r, "stopped", why=result.reason), loop.time()))
             return
         if isinstance(result, NotReleased):
-            self._round["own"], self._round["norm"] = result.own, float("nan")
-            if not self._round["packing"]:
+            st.own, st.norm = result.own, float("nan")
+            if not st.packing:
                 self.counters.rejected["non_finite_local"] += 1
                 self._feed(m.released(ev.Released(r, "non_finite"), loop.time()))
             else:
                 self._feed(m.signed(ev.Signed(r, None), loop.time()))
             return
         assert isinstance(result, Release)
-        self._round["own"] = result.own
-        self._round["norm"] = float("nan") if result.norm is None else result.norm
-        self._round["resent"] = result.resent
+        st.own, st.resent = result.own, result.resent
+        st.norm = float("nan") if result.norm is None else result.norm
         if result.resent:
             self._feed(m.released(ev.Released(r, "stored", own=result.sent), loop.time()))
             return
@@ -471,7 +390,8 @@ class Node:
         """Sign the share (the Releaser's last step before it charges), sealed to the
         prekeys of the members the machine names once it stops waiting for them. None if
         nobody could be sealed for."""
-        self._round["packing"] = True
+        if self._round is not None:
+            self._round.packing = True
         if self._tg is None:  # outside a run (a test releasing one round): no waiting
             seal_for: tuple[str, ...] = tuple(self.book.still_in(r))
         else:
@@ -511,67 +431,6 @@ class Node:
         self._announcement = packed[0]  # for replies to a prekey hello
         await self._in_background(self._broadcast(r, packed[-1]), f"prekeys-{r}")
 
-    # --- closing a round -------------------------------------------------------------
-    def _close(self, c: ev.Close) -> dict[str, Accepted]:
-        """Aggregate the round's shares with our own release, evaluate; the shares used."""
-        r, own, reference = c.round, self._round["own"], self._round["reference"]
-        received = dict(c.shares)
-        for member, acc in sorted(received.items()):
-            if acc.share.norm != self._norm():  # encoded with other statistics than ours
-                del received[member]
-                theirs, ours = acc.share.norm, self._norm()
-                self._at_once(ev.Refused(r, member, "norm_mismatch", (
-                    f"its share is encoded with normalization "
-                    f"{theirs.hex()[:16] if theirs else 'none'}, ours is "
-                    f"{ours.hex()[:16] if ours else 'none'}: the members combined different "
-                    "statistics (or one sent different ones to different members)"),
-                    acc.envelope.digest.hex(), acc))
-        shares = {s.sender: WeightedShare(s.sender, s.share.weight,
-                                          named_to_flat(self.model, s.share.tensors))
-                  for s in received.values()}
-        agg = self.strategy.aggregate(r, own, shares, set(c.missing), reference=reference)
-        diagnostics = agg.to_json()
-        self.audit.aggregate(r, diagnostics, self.counters.aggregation)
-        if bool(torch.isfinite(agg.vector).all()):
-            set_flat(self.model, agg.vector)
-        else:  # the strategy never returns one; never carried on if it did
-            log.error("%s: round %d: the %s of %d share(s) is not finite; keeping our own "
-                      "released share as the model", self.name, r + 1, agg.rule, len(shares) + 1)
-            self.counters.rejected["non_finite_aggregate"] += 1
-            set_flat(self.model, own.vector)
-        if c.missing:  # rounds are 0-based inside, 1-based for people
-            why = {"moved_on": "they had moved on to later rounds",
-                   "absent": "not waited for: silent since an earlier deadline",
-                   "deadline": "deadline passed"}[c.why]
-            log.warning("%s: round %d closed without %s (%s)", self.name, r + 1,
-                        ", ".join(c.missing), why)
-        self._round.update(close=c, received=sorted(received), diagnostics=diagnostics,
-                           metrics=evaluate(self.model, self.held_out.X, self.held_out.y))
-        return received
-
-    def _closed_round(self, r: int, nxt: int) -> None:
-        """The round's report and metrics line (before the checkpoint that follows: a crash
-        in between re-runs the round and appends a second line, readers take the last)."""
-        if nxt != r + 1:
-            log.warning("%s: behind the consortium: skipping round(s) %d-%d, going on at "
-                        "round %d", self.name, r + 2, nxt, nxt + 1)
-        d, c, metrics = self._round["diagnostics"], self._round["close"], self._round["metrics"]
-        eps, intervals = self.epsilon(), metric_intervals(metrics, self.held_out.y.tolist())
-        report = RoundReport(self.name, r, metrics, eps, self._round["received"],
-                             list(c.missing), self._round["norm"],
-                             time.perf_counter() - self._round["t0"],
-                             self._round.get("resent", False), nxt, intervals=intervals,
-                             eval_rows=len(self.held_out.y))
-        self.last_round = self.audit.write(audit.RoundMetrics(
-            r, metrics, eps, report.received, report.seconds, intervals, len(self.held_out.y),
-            len(self.train_data.y), list(c.missing), c.why,
-            {k: d[k] for k in ("rule", "used", "excluded", "clipped", "weight_capped",
-                               "fallbacks") if d[k] or k in ("rule", "used")},
-            self._traffic(r)))
-        self._reports.append(report)
-        if self._on_round is not None:
-            self._on_round(report)
-
     # --- sending ---------------------------------------------------------------------
     async def _in_background(self, coro: Coroutine[Any, Any, None], what: str) -> None:
         """Hand a send to the run's TaskGroup (which awaits it, or cancels it with the
@@ -600,13 +459,6 @@ class Node:
             self.counters.send_failed += 1
             log.error("%s: round %d: our %s was not sent: %s", self.name, r + 1,
                       envelope.decode_outer(data).kind, exc)
-
-    async def _retire(self, r: int) -> None:
-        """Say once, clearly, that we stop sharing; tell the members; keep the model."""
-        log.warning("%s: %s", self.name, self.stopped)
-        await self._broadcast(r, self._sign(KIND_RETIRE, r, b""))
-        self.audit.write(audit.StoppedMetrics(r, self.stopped, self.epsilon(), self._traffic(r)))
-        checkpoint.save(self)
 
     def _traffic(self, r: int) -> audit.Traffic:
         """The running counters for a metrics line (and the flood audit lines)."""

@@ -13,6 +13,7 @@ stored or sent; a restart re-sends the stored message, never recomputes or re-ch
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -23,16 +24,27 @@ from gossip import bodies, envelope
 from gossip.bodies import NORM_RANGE, NORM_USABLE, Stats
 from gossip.envelope import KIND_NORM, KIND_STATS
 from gossip.errors import LocalError, RemoteError
+from gossip.protocol.stats import Normalization
 from node.data.encode import dropped_rows, encode, member_split
 from node.data.schema import FeatureSchema
 from node.data.table import read_table
-from node.learn.normalize import Agreed, member_stats, noised, numeric_columns
+from node.learn.normalize import (
+    Agreed,
+    combine,
+    implausible,
+    member_stats,
+    noised,
+    numeric_columns,
+    range_agreed,
+)
 from node.privacy.accountant import LedgerRecord
 from node.privacy.budget import PrivacyBudget
 from node.privacy.ledger import Ledger
 from node.privacy.mechanisms import NoiseSource
 from node.runtime.config import NodeConfig
 from node.runtime.state import StateDir, atomic_write
+
+log = logging.getLogger("flnode.node")
 
 NORMALIZATION_FILE = "normalization.json"
 STATS_FILE = "stats.envelope"
@@ -100,6 +112,44 @@ def load_agreed(state: StateDir, schema: FeatureSchema) -> Agreed | None:
 def save_agreed(state: StateDir, agreed: Agreed) -> None:
     atomic_write(state.path / NORMALIZATION_FILE,
                  json.dumps(agreed.to_json(), indent=1, sort_keys=True).encode())
+
+
+def machine_settings(state: StateDir, schema: FeatureSchema, budget: PrivacyBudget,
+                     federated: bool, agreed: bool, vote_range: bool) -> Normalization | None:
+    """What the round machine knows of federated normalization (None: not federated):
+    how to check a member's statistics (node/learn/normalize.py `implausible`, with the
+    plan's sigma), whether we agreed already or stored our statistics, our vote."""
+    if not federated:
+        return None
+    k = len(numeric_columns(schema))
+    return Normalization(
+        lambda st: implausible(st, None if budget.plan is None
+                               else budget.plan.normalize_sigma, k),
+        agreed=agreed, stats_stored=(state.path / STATS_FILE).exists(), vote_range=vote_range)
+
+
+def by_range(schema: FeatureSchema, members: Sequence[str], fallback: Sequence[str]
+             ) -> tuple[Agreed, str]:
+    """The round machine's AdoptRange: a member voted for range scaling. What every
+    member adopts, and why (for the log)."""
+    why = (f"{', '.join(fallback)} voted for range scaling (its check at start found the "
+           "agreed statistics would be too noisy; normalize_fallback = \"range\"): every "
+           "member scales by the declared ranges, nothing released or charged for "
+           "normalization")
+    return range_agreed(schema, tuple(members), tuple(fallback), why), why
+
+
+def combined(name: str, schema: FeatureSchema, got: dict[str, Stats],
+             max_weight_fraction: float | None) -> tuple[Agreed, str]:
+    """The round machine's Combine: every member's statistics (ours included) combined,
+    and what to log."""
+    agreed = combine(got, schema, max_weight_fraction)
+    for who, f in sorted(agreed.capped.items()):
+        log.warning("%s: federated normalization: %s's row count is above the weight cap "
+                    "(max_weight_fraction): its statistics weigh %.3g of the result, less "
+                    "than its share of the rows", name, who, f)
+    return agreed, (f"federated normalization agreed with {len(agreed.members)} members "
+                    f"(digest {agreed.digest.hex()[:16]})")
 
 
 def own_stats(state: StateDir, cfg: NodeConfig, schema: FeatureSchema,

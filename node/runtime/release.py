@@ -33,6 +33,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -41,6 +42,7 @@ from gossip import bodies, envelope
 from gossip.bodies import TensorSpec
 from gossip.compress import NO_COMPRESSION, Compressed
 from gossip.envelope import KIND_SEALED
+from gossip.errors import LocalError
 from node.learn.control import ControlVariates, local_steps, per_parameter
 from node.learn.dpsgd import dp_engine, train_local_dp_fast
 from node.learn.models import flat_to_named, get_flat, named_to_flat
@@ -104,19 +106,19 @@ class Trained:
     encoded: Compressed | None = None
 
 
+def _unbound(*_: object) -> Any:
+    raise LocalError("Releaser used before Node bound it to its rows and signer: a bug")
+
+
 class Releaser:
     """Train, privatize, charge and sign this member's share for a round."""
 
     def __init__(self, cfg: NodeConfig, name: str, model: torch.nn.Module,
                  spec: Sequence[TensorSpec],
                  state: StateDir, ledger: Ledger, budget: PrivacyBudget, noise: NoiseSource,
-                 control: ControlVariates | None, rows: Callable[[], tuple],
-                 norm: Callable[[], bytes | None],
-                 pack: Callable[[int, bytes], Awaitable[bytes | None]]) -> None:
-        """`model` is the node's (changed in place by the round); `rows()` the current
-        training rows (X, y) (they change once normalization is agreed); `norm()` the
-        agreed normalization's digest our shares carry; `pack(r, body)` signs (and seals)
-        a share body: the node's, which waits for the members' prekeys."""
+                 control: ControlVariates | None) -> None:
+        """Built with the node's other parts (node/runtime/build.py); `model` is the node's
+        (changed in place by the round). What only the node knows is given by `bind`."""
         self.cfg = cfg
         self.name = name
         self.model = model
@@ -126,12 +128,20 @@ class Releaser:
         self.budget = budget
         self.noise = noise
         self.control = control
-        self.rows = rows
-        self.norm = norm
-        self.pack = pack
+        self.rows: Callable[[], tuple] = _unbound
+        self.norm: Callable[[], bytes | None] = _unbound
+        self.pack: Callable[[int, bytes], Awaitable[bytes | None]] = _unbound
         self._shuffle = torch.Generator().manual_seed(cfg.training.seed)
         # The consortium's compression (None: "none"), wired in by node/runtime/build.py
         self.compressor: Compressor | None = None
+
+    def bind(self, rows: Callable[[], tuple], norm: Callable[[], bytes | None],
+             pack: Callable[[int, bytes], Awaitable[bytes | None]]) -> None:
+        """The node's (Node.__init__): `rows()` the current training rows (X, y) (they
+        change once normalization is agreed); `norm()` the agreed normalization's digest
+        our shares carry; `pack(r, body)` signs (and seals) a share body, once the round
+        machine names the members to seal for."""
+        self.rows, self.norm, self.pack = rows, norm, pack
 
     async def release(self, r: int) -> Result:
         """Our share for round r: the stored one after a restart, else a new one."""
