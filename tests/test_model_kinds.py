@@ -32,7 +32,7 @@ from node.learn.kinds import compare, parameter_digest, read_pin
 from node.learn.models import agreed_model, build_model, get_flat, parameter_shapes, pin_for, set_flat
 from node.learn.train import evaluate, train_local, train_local_dp
 from node.privacy.accountant import steps_per_epoch
-from node.privacy.mechanisms import SeededNoise
+from node.privacy.mechanisms import OsNoise, SeededNoise
 from node.runtime.config import ModelConfig
 from node.runtime.state import Checkpoint, StateDir
 from node.strategy.consortium_rules import build_strategy, pin_rules, rules_table
@@ -370,7 +370,7 @@ def test_a_member_whose_plugin_builds_another_network_is_refused_at_start(tmp_pa
     pinned = load_consortium(prep.config_paths[0].parent.parent / "consortium.toml").model
     assert pinned["kind"] == kind and pinned["options"] == {"width": 16}
     assert "0.weight 16x" in " ".join(pinned["parameters"])
-    parts = build_parts(load_config(prep.config_paths[0]), Counter())  # v1: starts
+    parts = build_parts(load_config(prep.config_paths[0]), Counter(), OsNoise())  # v1: starts
     assert parameter_shapes(parts.model)[0] == ("0.weight", (16, prep.schema.n_features))
     # member 1's plug-in: another version, same name, same options
     (tmp_path / "plug_versions.py").write_text(
@@ -379,7 +379,7 @@ def test_a_member_whose_plugin_builds_another_network_is_refused_at_start(tmp_pa
     monkeypatch.delitem(sys.modules, "plug_versions")
     cfg = load_config(prep.config_paths[1])
     with pytest.raises(LocalError) as err:
-        build_parts(cfg, Counter())
+        build_parts(cfg, Counter(), OsNoise())
     text = str(err.value)
     n = prep.schema.n_features
     assert f"0.weight: agreed shape 16x{n}, built 8x{n}" in text
@@ -401,10 +401,10 @@ def test_a_node_config_contradicting_the_pinned_model_is_refused(tmp_path):
     path.write_text(tomli_w.dumps(doc))
     with pytest.raises(LocalError, match="this node's config says kind 'deep_mlp' with .*'group'"
                                          ".* but the consortium agreed 'deep_mlp' with"):
-        build_parts(load_config(path), Counter())
+        build_parts(load_config(path), Counter(), OsNoise())
     del doc["model"]  # no [model] of its own: the consortium's is built
     path.write_text(tomli_w.dumps(doc))
-    parts = build_parts(load_config(path), Counter())
+    parts = build_parts(load_config(path), Counter(), OsNoise())
     assert isinstance(parts.model[1], nn.LayerNorm) and len(parts.model) == 7
 
 
@@ -429,10 +429,10 @@ def test_model_pin_writes_the_table_and_a_member_without_its_own_model_builds_it
     config = prep.config_paths[0]
     doc = tomllib.loads(config.read_text())
     with pytest.raises(LocalError, match="this node's config says kind 'mlp'"):
-        build_parts(load_config(config), Counter())
+        build_parts(load_config(config), Counter(), OsNoise())
     del doc["model"]
     config.write_text(tomli_w.dumps(doc))
-    parts = build_parts(load_config(config), Counter())
+    parts = build_parts(load_config(config), Counter(), OsNoise())
     assert [n for n, _ in parameter_shapes(parts.model)][:2] == ["blocks.0.norm.weight",
                                                                  "blocks.0.norm.bias"]
     assert main([str(path), "--model", str(tmp_path / "none.toml")]) == 2
