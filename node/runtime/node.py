@@ -8,8 +8,8 @@ carries out each action it returns (gossip/protocol/__init__.py maps every actio
 method here). The release (train -> clip + noise -> charge -> sign -> store) is the
 Releaser's (release.py), signing and the prekey files the Signer's (signer.py); a
 rehearsal wraps them (node/rehearsal/), never this file. The parts are built by build.py;
-our release task and packing (sealing) the share are sharing.py's, a round's
-aggregation, report and metrics line closing.py's, the bookkeeping actions
+our release task, packing (sealing) the share and the sends are sharing.py's, a
+round's aggregation, report and metrics line closing.py's, the bookkeeping actions
 (counters, audit lines, evidence, acks) bookkeeping.py's; the checkpoint codec is
 checkpoint.py, the audit/metrics records audit.py, evidence findings.py, normalization's
 files and decisions normalization.py, the final models finals.py, the wait reports
@@ -27,14 +27,13 @@ from collections import Counter
 from collections.abc import Callable, Coroutine, Sequence
 from typing import Any
 
-from gossip import envelope
 from gossip.bodies import Stats
-from gossip.envelope import KIND_ECHO, KIND_FINAL, KIND_PREKEY, Accepted
+from gossip.envelope import KIND_ECHO, KIND_FINAL, Accepted
 from gossip.errors import LocalError, RemoteError
 from gossip.protocol import events as ev
 from gossip.protocol.machine import RoundMachine
 from gossip.protocol.phases import RoundParams
-from gossip.transports.base import Incoming, Transport, TransportFailed
+from gossip.transports.base import Incoming, Transport
 from node.learn.models import get_flat
 from node.learn.normalize import Agreed
 from node.privacy.mechanisms import NoiseSource
@@ -354,43 +353,17 @@ class Node:
         return self.signer.sign(kind, r, body)
 
     async def _rotate_prekeys(self, r: int, announce: bool = False) -> None:
-        """Hold prekeys for the epochs round r may need, delete older ones, and tell the
-        members when that changed (and always at start: we may have missed theirs)."""
-        messages = self.signer.rotate_prekeys(r, announce)
-        if not messages:
-            return
-        packed = [self._sign(KIND_PREKEY, r, body) for body in messages]
-        self._announcement = packed[0]  # for replies to a prekey hello
-        await self._in_background(self._broadcast(r, packed[-1]), f"prekeys-{r}")
+        await sharing.rotate_prekeys(self, r, announce)
 
     # --- sending ---------------------------------------------------------------------
     async def _in_background(self, coro: Coroutine[Any, Any, None], what: str) -> None:
-        """Hand a send to the run's TaskGroup (which awaits it, or cancels it with the
-        run) and go on; outside a run (a test driving one step) it is simply awaited."""
-        if self._tg is not None:
-            self._tg.create_task(coro, name=f"{self.name}-{what}")
-        else:
-            await coro
+        await sharing.in_background(self, coro, what)
 
     async def _send(self, peer: str, data: bytes) -> None:
-        try:
-            await self.transport.send(peer, data)
-        except TransportFailed:
-            raise  # the transport is dead, not one peer: the run ends with this error
-        except LocalError as exc:
-            log.warning("%s: could not send to %s: %s", self.name, peer, exc)
+        await sharing.send(self, peer, data)
 
     async def _broadcast(self, r: int, data: bytes) -> None:
-        """A message the transport refuses (e.g. a share over the broker's packet limit) is
-        logged and counted; the round goes on with what the others send."""
-        try:
-            await self.transport.broadcast(data)
-        except TransportFailed:
-            raise  # the transport is dead, not one peer: the run ends with this error
-        except LocalError as exc:
-            self.counters.send_failed += 1
-            log.error("%s: round %d: our %s was not sent: %s", self.name, r + 1,
-                      envelope.decode_outer(data).kind, exc)
+        await sharing.broadcast(self, r, data)
 
     def _traffic(self, r: int) -> audit.Traffic:
         """The running counters for a metrics line (and the flood audit lines)."""

@@ -1,10 +1,13 @@
-"""Our share: the release task the driver starts at Train, and packing the share.
+"""Our share: the release task the driver starts at Train, packing the share, the sends.
 
 `release` runs Releaser.release(r) in its own task and feeds its outcome back to the
 round machine (Released, then Signed); `pack_share` is the Releaser's last step before it
 charges: sign the share, sealed to the prekeys of the members the machine names
-(gossip/protocol/machine.py decides; this module only carries it out). Both are Node's
-(node.py), moved here as functions taking the node, as closing.py's are: every call a
+(gossip/protocol/machine.py decides; this module only carries it out). Then the sends:
+our prekeys (`rotate_prekeys`), a send handed to the run's TaskGroup (`in_background`),
+to one peer (`send`) and to all (`broadcast`): a refused message is logged, never fatal;
+a dead transport ends the run. All are Node's (node.py keeps its method names, which
+call these), moved here as functions taking the node, as closing.py's are: every call a
 rehearsal wraps (node.releaser, node.signer) is made exactly as before.
 """
 
@@ -12,10 +15,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import TYPE_CHECKING
+from collections.abc import Coroutine
+from typing import TYPE_CHECKING, Any
 
-from gossip.envelope import KIND_SEALED, KIND_SHARE
+from gossip import envelope
+from gossip.envelope import KIND_PREKEY, KIND_SEALED, KIND_SHARE
+from gossip.errors import LocalError
 from gossip.protocol import events as ev
+from gossip.transports.base import TransportFailed
 from node.runtime.release import NotReleased, Release, Stopped
 
 if TYPE_CHECKING:
@@ -90,3 +97,45 @@ async def pack_share(node: Node, r: int, body: bytes) -> bytes | None:
         return None
     sealed = node.signer.seal(r, body, recipients)
     return None if sealed is None else node._sign(KIND_SEALED, r, sealed)
+
+
+async def rotate_prekeys(node: Node, r: int, announce: bool = False) -> None:
+    """Hold prekeys for the epochs round r may need, delete older ones, and tell the
+    members when that changed (and always at start: we may have missed theirs)."""
+    messages = node.signer.rotate_prekeys(r, announce)
+    if not messages:
+        return
+    packed = [node._sign(KIND_PREKEY, r, body) for body in messages]
+    node._announcement = packed[0]  # for replies to a prekey hello
+    await node._in_background(node._broadcast(r, packed[-1]), f"prekeys-{r}")
+
+
+async def in_background(node: Node, coro: Coroutine[Any, Any, None], what: str) -> None:
+    """Hand a send to the run's TaskGroup (which awaits it, or cancels it with the
+    run) and go on; outside a run (a test driving one step) it is simply awaited."""
+    if node._tg is not None:
+        node._tg.create_task(coro, name=f"{node.name}-{what}")
+    else:
+        await coro
+
+
+async def send(node: Node, peer: str, data: bytes) -> None:
+    try:
+        await node.transport.send(peer, data)
+    except TransportFailed:
+        raise  # the transport is dead, not one peer: the run ends with this error
+    except LocalError as exc:
+        log.warning("%s: could not send to %s: %s", node.name, peer, exc)
+
+
+async def broadcast(node: Node, r: int, data: bytes) -> None:
+    """A message the transport refuses (e.g. a share over the broker's packet limit) is
+    logged and counted; the round goes on with what the others send."""
+    try:
+        await node.transport.broadcast(data)
+    except TransportFailed:
+        raise  # the transport is dead, not one peer: the run ends with this error
+    except LocalError as exc:
+        node.counters.send_failed += 1
+        log.error("%s: round %d: our %s was not sent: %s", node.name, r + 1,
+                  envelope.decode_outer(data).kind, exc)
