@@ -24,7 +24,7 @@ BIG_FILES: dict[str, int] = {}
 # The round machine's driver stays thin (issue 21: about 400 lines at most): capped at
 # its current length, lowered as it shrinks.
 DRIVER = "node/runtime/node.py"
-DRIVER_MAX_LINES = 478
+DRIVER_MAX_LINES = 383
 
 # The production node's modules: they never import the rehearsal (attacks, faults, the
 # simulators), at any level.

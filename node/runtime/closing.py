@@ -48,7 +48,7 @@ class RoundState:
     # distances from it.
     reference: torch.Tensor
     t0: float  # time.perf_counter() at Train: the round's seconds in its report
-    packing: bool = False  # the release reached signing (Node._pack_share)
+    packing: bool = False  # the release reached signing (sharing.pack_share)
     result: Result | None = None  # the Releaser's outcome
     own: WeightedShare | None = None  # what we released (or the start, if nothing was)
     norm: float = math.nan  # our update's norm as trained (nan: none, or re-sent)

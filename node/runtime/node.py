@@ -8,7 +8,8 @@ carries out each action it returns (gossip/protocol/__init__.py maps every actio
 method here). The release (train -> clip + noise -> charge -> sign -> store) is the
 Releaser's (release.py), signing and the prekey files the Signer's (signer.py); a
 rehearsal wraps them (node/rehearsal/), never this file. The parts are built by build.py;
-a round's aggregation, report and metrics line are closing.py's, the bookkeeping actions
+our release task, packing (sealing) the share and the sends are sharing.py's, a
+round's aggregation, report and metrics line closing.py's, the bookkeeping actions
 (counters, audit lines, evidence, acks) bookkeeping.py's; the checkpoint codec is
 checkpoint.py, the audit/metrics records audit.py, evidence findings.py, normalization's
 files and decisions normalization.py, the final models finals.py, the wait reports
@@ -19,38 +20,31 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import logging
 import time
 from collections import Counter
 from collections.abc import Callable, Coroutine, Sequence
 from typing import Any
 
-from gossip import envelope
 from gossip.bodies import Stats
-from gossip.envelope import (
-    KIND_ECHO,
-    KIND_FINAL,
-    KIND_PREKEY,
-    KIND_SEALED,
-    KIND_SHARE,
-    Accepted,
-)
+from gossip.envelope import KIND_ECHO, KIND_FINAL, Accepted
 from gossip.errors import LocalError, RemoteError
 from gossip.protocol import events as ev
 from gossip.protocol.machine import RoundMachine
 from gossip.protocol.phases import RoundParams
-from gossip.transports.base import Incoming, Transport, TransportFailed
+from gossip.transports.base import Incoming, Transport
 from node.learn.models import get_flat
 from node.learn.normalize import Agreed
 from node.privacy.mechanisms import NoiseSource
-from node.runtime import audit, bookkeeping, checkpoint, closing, echo_round, finals, normalization
+from node.runtime import audit, bookkeeping, checkpoint, closing, echo_round, finals, normalization, sharing
 from node.runtime.audit import AuditLog, NodeCounters
 from node.runtime.build import Compose, Parts, build_node
 from node.runtime.closing import RoundState
 from node.runtime.config import NodeConfig
 from node.runtime.findings import Findings
 from node.runtime.normalization import LocalData
-from node.runtime.release import NotReleased, Release, Releaser, Stopped, blake
+from node.runtime.release import Releaser, blake
 from node.runtime.round_report import RoundReport
 
 log = logging.getLogger("flnode.node")
@@ -89,7 +83,7 @@ class Node:
         # first): signer.py, release.py. A rehearsal wraps them (compose).
         self.signer = parts.signer
         parts.releaser.bind(lambda: (self.train_data.X, self.train_data.y), self._norm,
-                            self._pack_share)
+                            functools.partial(sharing.pack_share, self))
         self.releaser: Releaser = parts.releaser
         if compose is not None:
             self.releaser, self.signer = compose(self.releaser, self.signer, transport)
@@ -352,113 +346,24 @@ class Node:
 
     # --- our share ------------------------------------------------------------------
     async def _release(self, r: int) -> None:
-        """Releaser.release(r) in its own task (the driver goes on reading messages); its
-        outcome fed back to the machine: Released, then (once packed) Signed."""
-        m, loop, st = self.machine, asyncio.get_running_loop(), self._round
-        assert st is not None
-        st.packing = False
-        st.result = result = await self.releaser.release(r)
-        if isinstance(result, Stopped):
-            self._feed(m.released(ev.Released(r, "stopped", why=result.reason), loop.time()))
-            return
-        if isinstance(result, NotReleased):
-            st.own, st.norm = result.own, float("nan")
-            if not st.packing:
-                self.counters.rejected["non_finite_local"] += 1
-                self._feed(m.released(ev.Released(r, "non_finite"), loop.time()))
-            else:
-                self._feed(m.signed(ev.Signed(r, None), loop.time()))
-            return
-        assert isinstance(result, Release)
-        st.own, st.resent = result.own, result.resent
-        st.norm = float("nan") if result.norm is None else result.norm
-        if result.resent:
-            self._feed(m.released(ev.Released(r, "stored", own=result.sent), loop.time()))
-            return
-        if result.data is not None:
-            sends = self.signer.outgoing(r, result.data, sorted(self.book.still_in(r)))
-            if sends is None:  # not awaited: a member that is down must not hold us up
-                await self._in_background(self._broadcast(r, result.data), f"share-{r}")
-            else:  # a rehearsal's own sends (node/rehearsal/attacks.py), in order
-                for peer, message in sends:
-                    await (self._broadcast(r, message) if peer is None
-                           else self._send(peer, message))
-                self.signer.after_send(r, result.data)
-        self._feed(m.signed(ev.Signed(r, result.sent), loop.time()))
-
-    async def _pack_share(self, r: int, body: bytes) -> bytes | None:
-        """Sign the share (the Releaser's last step before it charges), sealed to the
-        prekeys of the members the machine names once it stops waiting for them. None if
-        nobody could be sealed for."""
-        if self._round is not None:
-            self._round.packing = True
-        if self._tg is None:  # outside a run (a test releasing one round): no waiting
-            seal_for: tuple[str, ...] = tuple(self.book.still_in(r))
-        else:
-            self._go = asyncio.get_running_loop().create_future()
-            self._feed(self.machine.released(ev.Released(r, "new"),
-                                             asyncio.get_running_loop().time()))
-            seal_for = await self._go
-        if self.sealing is None:
-            return self._sign(KIND_SHARE, r, body)
-        recipients, missing = self.sealing.recipients(r, list(seal_for))
-        if missing:
-            log.warning("%s: round %d: no prekey for epoch %d from %s by the deadline; they "
-                        "cannot read our share", self.name, r + 1, self.sealing.epoch(r),
-                        ", ".join(missing))
-        if not recipients:
-            if missing:
-                log.error("%s: round %d: no member's prekey arrived; our share is not sent",
-                          self.name, r + 1)
-            else:
-                log.info("%s: round %d: every member has moved past it; our share is not "
-                         "sent", self.name, r + 1)
-            return None
-        sealed = self.signer.seal(r, body, recipients)
-        return None if sealed is None else self._sign(KIND_SEALED, r, sealed)
+        await sharing.release(self, r)
 
     def _sign(self, kind: str, r: int, body: bytes | Sequence[bytes]) -> bytes:
         """Signed with the next sequence number, on disk first (Signer.sign)."""
         return self.signer.sign(kind, r, body)
 
     async def _rotate_prekeys(self, r: int, announce: bool = False) -> None:
-        """Hold prekeys for the epochs round r may need, delete older ones, and tell the
-        members when that changed (and always at start: we may have missed theirs)."""
-        messages = self.signer.rotate_prekeys(r, announce)
-        if not messages:
-            return
-        packed = [self._sign(KIND_PREKEY, r, body) for body in messages]
-        self._announcement = packed[0]  # for replies to a prekey hello
-        await self._in_background(self._broadcast(r, packed[-1]), f"prekeys-{r}")
+        await sharing.rotate_prekeys(self, r, announce)
 
     # --- sending ---------------------------------------------------------------------
     async def _in_background(self, coro: Coroutine[Any, Any, None], what: str) -> None:
-        """Hand a send to the run's TaskGroup (which awaits it, or cancels it with the
-        run) and go on; outside a run (a test driving one step) it is simply awaited."""
-        if self._tg is not None:
-            self._tg.create_task(coro, name=f"{self.name}-{what}")
-        else:
-            await coro
+        await sharing.in_background(self, coro, what)
 
     async def _send(self, peer: str, data: bytes) -> None:
-        try:
-            await self.transport.send(peer, data)
-        except TransportFailed:
-            raise  # the transport is dead, not one peer: the run ends with this error
-        except LocalError as exc:
-            log.warning("%s: could not send to %s: %s", self.name, peer, exc)
+        await sharing.send(self, peer, data)
 
     async def _broadcast(self, r: int, data: bytes) -> None:
-        """A message the transport refuses (e.g. a share over the broker's packet limit) is
-        logged and counted; the round goes on with what the others send."""
-        try:
-            await self.transport.broadcast(data)
-        except TransportFailed:
-            raise  # the transport is dead, not one peer: the run ends with this error
-        except LocalError as exc:
-            self.counters.send_failed += 1
-            log.error("%s: round %d: our %s was not sent: %s", self.name, r + 1,
-                      envelope.decode_outer(data).kind, exc)
+        await sharing.broadcast(self, r, data)
 
     def _traffic(self, r: int) -> audit.Traffic:
         """The running counters for a metrics line (and the flood audit lines)."""
