@@ -88,6 +88,15 @@ IDS = [c.id for c in MODEL_KINDS]
 
 # --- the conformance suite ---------------------------------------------------------------
 
+@pytest.fixture(autouse=True)
+def _seeded_dropout():
+    """Dropout draws its masks from torch's global generator: seeded for each test, so a
+    kind's loss and AUC checks do not depend on what earlier tests drew from it."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        yield
+
+
 @pytest.mark.parametrize("case", MODEL_KINDS, ids=IDS)
 def test_every_kind_trains_and_its_loss_drops(case: KindCase):
     X, y = rows()
@@ -152,9 +161,6 @@ def test_every_kind_trains_under_dp_sgd_with_real_noise(case: KindCase):
 
 @pytest.mark.parametrize("case", MODEL_KINDS, ids=IDS)
 def test_two_members_parameters_aggregate_under_the_default_rule(case: KindCase):
-    # Dropout draws its masks from torch's global generator: seeded here, so the merged
-    # model's AUC does not depend on what earlier tests drew from it.
-    torch.manual_seed(0)
     X, y = rows(256, seed=4)
     start = case.build(N_IN, N_OUT)
     members = []
