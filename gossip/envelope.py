@@ -153,7 +153,9 @@ MAX_COUNTER = 2**53
 # is a benign duplicate, and anything older than it is a replay.
 REPLAY_WINDOW = 1024
 
-BENIGN_REASONS = frozenset({"duplicate"})
+# "late_echo": an echo for a round we have closed (gossip/protocol/machine.py): an
+# honest member slower than our echo deadline, or one that restarted and re-sent it.
+BENIGN_REASONS = frozenset({"duplicate", "late_echo"})
 
 
 @dataclass(frozen=True)

@@ -409,7 +409,7 @@ def test_an_echo_for_a_round_outside_the_window_or_from_no_peer_is_refused_by_na
     net = Net(3).start().deliver()  # closes round 0 at once
     d0 = net.d["bank-0"]
     d0.recv(echo("bank-1", 0, net.truth(), seq=50))  # a second copy after the close
-    assert [(a.reason, a.member) for a in d0.of(Refused)] == [("stale", "bank-1")]
+    assert [(a.reason, a.member) for a in d0.of(Refused)] == [("late_echo", "bank-1")]
 
 
 # --- the property: any delivery order ---------------------------------------------------

@@ -97,7 +97,7 @@ from gossip.protocol.stats import Normalization, StatsAgreement
 # make us wait for its sender one more deadline.)
 AUTHENTIC_REASONS = frozenset({"bad_body", "shape", "dtype", "non_finite", "bad_seal",
                                "no_prekey", "unsealed", "seal_off", "bad_prekey",
-                               "equivocation", "stale"})
+                               "equivocation", "stale", "late_echo"})
 # A wait (round shares, prekeys, statistics, the start barrier) is reported after this
 # long, then every WAIT_REPORT_EVERY_S: who is still awaited and for how long. Short
 # waits stay quiet; a node started alone says so instead of waiting in silence.
@@ -337,7 +337,7 @@ class RoundMachine:
         cur, ahead = self.book.current, self.book.current + self.book.lookahead
         why = ("no_phase", f"our rounds have no {phase} phase") if spec is None else (
             "not_phase_peer", f"not a peer of our {phase} phase") if sender not in allowed \
-            else ("stale", f"{phase} for round {r}, we are at round {cur}") if r < cur else (
+            else (f"late_{phase}", f"{phase} for round {r}, we are at round {cur}") if r < cur else (
                 "too_far", f"{phase} for round {r}, beyond round {ahead}") if r > ahead else None
         if why is not None:  # dropped (bounded memory), named
             return [] if acc is None else [Refused(r, sender, *why, acc.envelope.digest.hex(), acc)]
