@@ -47,10 +47,10 @@ bench: $(STAMP) mosquitto
 	$(BIN)/python scripts/bench_transport.py --out runs/bench/transport.json
 	$(BIN)/python scripts/bench_transport.py --transports mqtt,mqtts --sizes 10,50 --repeat 6 --out runs/bench/mqtt.json
 
-# Two worker processes (pytest-xdist), one per core: most tests wait on sockets,
-# processes and deadlines, so two at once halve the wall time (8 min instead of 16 on
-# this 2-core machine); every test passes alone and beside another. WORKERS=0: serial.
-WORKERS ?= 2
+# Serial by default. WORKERS=2 runs two pytest-xdist workers: 8 min instead of about
+# 15 here, but the MQTT flood test once missed its 60 s when a second heavy test ran
+# beside it (docs/results/performance.md): not the default until that is understood.
+WORKERS ?= 0
 test: $(STAMP) mosquitto
 	$(BIN)/pytest -q -n $(WORKERS)
 
