@@ -641,3 +641,34 @@ def test_a_mutated_piece_parses_or_raises_a_piece_error(flips):
     except PieceError:
         return
     assert p.values.size == 6 and int(p.values.max()) < F.P
+
+
+def test_sum_only_opens_nothing_per_member_and_sums_every_accepted_dealer():
+    """Variant "sum_only" (the one distributed DP charges at the sum's noise): the masks carry
+    one generator, no degree-2 value can be computed or opened, every accepted dealer is
+    summed exactly; a member past the clip is caught by the aggregate check only."""
+    r = Round(n=7, t=2, variant="sum_only", seed=5)
+    assert r.p.opened == 0
+    x = r.honest_vectors()
+    encoded = {i: r.codec.encode(v) for i, v in x.items()}
+    r.deal(encoded)
+    assert all(m.values.size == 1 for m in r.msk[1].values())
+    holders = tuple(range(1, 8))
+    verdict = R.judge_dealings(r.p, r.checks(holders), r.dealers)
+    with pytest.raises(SecAggError, match="sum_only opens no degree-2"):
+        r.degree2(holders)
+    with pytest.raises(SecAggError, match="sum_only opens no degree-2"):
+        R.select(r.p, None)
+    sel = R.select_without_opening(r.p, verdict.accepted)
+    assert sel.selected == r.dealers and sel.excluded == {} and "sum_only" in sel.note
+    agg = R.open_sum(r.p, r.sums(holders, sel.selected), sel.selected)
+    assert (agg.field_sum == _plain_field_sum(encoded, sel.selected)).all()
+    with pytest.raises(SecAggError, match="selects on opened values"):
+        R.select_without_opening(R.RoundParams(7, 7, 2, r.codec), r.dealers)
+    # One member 3x past the clip, everyone else at the clip: the aggregate bound fails.
+    big = {i: r.codec.encode(v / np.linalg.norm(v)) for i, v in x.items()}
+    scaled = np.rint(x[2] / np.linalg.norm(x[2]) * 5.5 * r.codec.scale).astype(np.int64)
+    big[2] = np.where(scaled < 0, scaled + F.P, scaled).astype(np.uint64)
+    r.deal(big)
+    with pytest.raises(AggregateOutOfBounds):
+        R.open_sum(r.p, r.sums(holders, r.dealers), r.dealers)
