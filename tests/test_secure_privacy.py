@@ -294,3 +294,39 @@ def test_the_noise_each_member_adds_is_the_plans():
                                         plan.clip_norm) == pytest.approx(
         6 * 2 * mech.member_mu(plan.noise_multiplier))
     assert np.isfinite(epsilon_of([plan.record(0, 8)], plan.delta))
+
+
+# --- flnode status / report read the charges ----------------------------------------------
+
+def test_status_and_report_show_secure_charges_from_the_ledger(tmp_path):
+    """A node's state dir (the golden run's) with secure charges appended: `flnode status`
+    counts them in epsilon spent (the accountant over the whole ledger) and says what they
+    charged; with no privacy_plan.json (a secure-only node) its epsilon still comes from
+    the ledger."""
+    import shutil
+    from pathlib import Path
+
+    from node.ops.report_member import load_member
+    from node.ops.status import collect, render
+
+    state = tmp_path / "telco-0"
+    shutil.copytree(Path(__file__).parent / "golden" / "run" / "state" / "telco-0", state)
+    before = collect(state)["privacy"]["epsilon_spent"]
+    ledger = Ledger(state / "ledger.jsonl")
+    plan = fixed_plan()
+    for r in range(3):
+        charge_secure_round(ledger, plan, round_=2 + r)
+    s = collect(state)
+    p = s["privacy"]
+    assert p["epsilon_spent"] == pytest.approx(ledger.epsilon(p["delta"])) and \
+        p["epsilon_spent"] > before
+    assert p["secure"]["rounds_charged"] == 3 and p["secure"]["reveal"] == "sum"
+    assert "3 secure round(s) charged" in render(s)
+    (state / "privacy_plan.json").unlink()
+    s = collect(state)
+    assert s["privacy"]["mode"] == "secure"
+    assert s["privacy"]["epsilon_spent"] == pytest.approx(ledger.epsilon(1e-5))
+    assert "secure-level, ε spent" in render(s)
+    run, st = load_member(state)  # `flnode report` of this member
+    assert run.summary.doc["epsilon"]["per_node"]["telco-0"] == pytest.approx(
+        ledger.epsilon(1e-5))

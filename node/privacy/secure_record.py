@@ -106,3 +106,20 @@ def record_rdp(secure: dict, sigma: float, sample_rate: float, steps: int,
     l1 = min(float(l2_sq), math.sqrt(secure["dim"]) * math.sqrt(l2_sq))
     base = skellam_rdp(float(l2_sq), l1, noise_variance(secure, sigma, clip_norm))
     return poisson_subsampled_rdp(base, sample_rate) * steps
+
+
+def summary(records: list) -> dict | None:
+    """What `flnode status` and `flnode report` show of a ledger's secure charges (None: no
+    secure round was charged): how many, and the last one's parameters. The epsilon they
+    show is the accountant's over the whole ledger, as for every other kind."""
+    secure = [r for r in records if r.mode == MODE]
+    if not secure:
+        return None
+    last = secure[-1]
+    s = last.secure
+    return {"rounds_charged": len(secure), "last_round": last.round, "reveal": s["reveal"],
+            "members": s["members"], "coalition": s["coalition"],
+            "contributors_charged": s["contributors"], "dim": s["dim"],
+            "noise_multiplier": last.noise_multiplier, "sample_rate": last.sample_rate,
+            "clip_norm": last.clip_norm, "delta": s["delta"],
+            "epsilon_after_last": s["epsilon_after"]}
