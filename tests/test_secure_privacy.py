@@ -330,3 +330,25 @@ def test_status_and_report_show_secure_charges_from_the_ledger(tmp_path):
     run, st = load_member(state)  # `flnode report` of this member
     assert run.summary.doc["epsilon"]["per_node"]["telco-0"] == pytest.approx(
         ledger.epsilon(1e-5))
+
+
+# --- golden: the record kind's bytes (tests/golden/make_golden.py --only secure) -------------
+
+def test_golden_secure_ledger_reads_back_and_today_writes_the_same_bytes(tmp_path):
+    """The "secure" record kind is a contract: deployed ledgers hold these lines. Reading the
+    golden ledger gives its records and epsilon; writing the same charges today gives the
+    same bytes (a changed key, order or number is a changed contract)."""
+    from pathlib import Path
+
+    from tests.golden.make_golden import secure_ledger
+
+    golden = Path(__file__).parent / "golden"
+    want = json.loads((golden / "secure_ledger.json").read_text())
+    ledger = Ledger(golden / "secure_ledger.jsonl")
+    assert [r.mode for r in ledger.records] == want["modes"] and not ledger.recovered
+    assert ledger.epsilon(want["delta"]) == pytest.approx(want["epsilon"], rel=1e-9)
+    assert ledger.records[1].secure["reveal"] == "sum"
+    assert ledger.records[2].secure["reveal"] == "per_member"
+    got = secure_ledger(tmp_path / "ledger.jsonl")
+    assert (tmp_path / "ledger.jsonl").read_bytes() == (golden / "secure_ledger.jsonl").read_bytes()
+    assert got["epsilon"] == pytest.approx(want["epsilon"], rel=1e-9)
