@@ -91,6 +91,15 @@ def test_the_charge_is_never_below_the_centralized_gaussian_one():
         gauss = epsilon_of([LedgerRecord(0, "record", sigma_eff, q, steps, 1.0, "")], p.delta)
         assert eps >= gauss, (sigma, q, steps, m, eps, gauss)
         assert eps <= gauss * 1.25, (sigma, q, steps, m, eps, gauss)  # not absurdly loose
+        # per_member: one share, sigma / sqrt(n - t): never below local DP-SGD at that sigma
+        rec = dataclasses.replace(dataclasses.replace(p, variant="norm_only").record(0, m),
+                                  steps=steps)
+        local = epsilon_of([LedgerRecord(0, "record", sigma / math.sqrt(6), q, steps, 1.0, "")],
+                           p.delta)
+        per_member = epsilon_of([rec], p.delta)
+        assert local <= per_member
+        if sigma / math.sqrt(6) >= 1:  # at low noise Skellam's extra term dominates
+            assert per_member <= local * 1.25, (sigma, q, steps, per_member, local)
 
 
 def test_the_charge_is_monotone():
