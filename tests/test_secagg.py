@@ -672,3 +672,52 @@ def test_sum_only_opens_nothing_per_member_and_sums_every_accepted_dealer():
     r.deal(big)
     with pytest.raises(AggregateOutOfBounds):
         R.open_sum(r.p, r.sums(holders, r.dealers), r.dealers)
+
+
+def test_distributed_dp_contributions_sum_exactly_through_a_sum_only_round():
+    """Issue 22's DP path end to end without torch: 8 members' integer contributions
+    (clipped, rounded, Skellam share: node/privacy/distributed.py) under a SecurePlan,
+    encoded as they are (IntegerCodec, bound from the plan), dealt, summed on pieces and
+    opened: the exact integer sum of the contributions. Out-of-range contributions are
+    refused by the member's encoding; one that fits alone but breaks the honest sum's
+    bound fails the aggregate check."""
+    from node.privacy.distributed import decode_sum, member_contribution, os_generator
+    from node.privacy.secure import coordinate_bound_of, secure_plan
+    from node.secagg.encoding import IntegerCodec
+
+    n, t, d = 8, 2, 50
+    plan = secure_plan(rows_total=400, members=n, coalition=t, epsilon=3.0, delta=1e-4, dim=d,
+                       rounds=10)
+    mech = plan.mechanism()
+    codec = IntegerCodec(n, d, coordinate_bound_of(plan))
+    rng = np.random.default_rng(9)
+    contrib = {i: member_contribution(rng.normal(size=(int(rng.integers(0, 30)), d)), mech,
+                                      plan.noise_multiplier, os_generator(test_only_seed=i))
+               for i in range(1, n + 1)}
+    r = Round(n=n, t=t, d=d, variant="sum_only")
+    r.codec = codec
+    r.p = R.RoundParams(7, n, t, codec, variant="sum_only")
+    r.deal({i: codec.encode(v) for i, v in contrib.items()})
+    holders = tuple(range(1, n + 1))
+    sel = R.select_without_opening(r.p, r.dealers)
+    agg = R.open_sum(r.p, r.sums(holders, sel.selected), sel.selected)
+    exact = sum(contrib.values())
+    assert agg.total.dtype == np.int64 and (agg.total == exact).all()
+    assert np.allclose(decode_sum(agg.total, mech), exact * plan.granularity)
+    with pytest.raises(NormTooLarge, match="bound"):
+        codec.encode(np.full(d, codec.bound + 1))
+    with pytest.raises(NormTooLarge, match="integers"):
+        codec.encode(np.zeros(d))
+    hostile = dict(contrib)
+    hostile[3] = np.full(d, codec.bound, dtype=np.int64)  # passes its own encoding
+    hostile[4] = np.full(d, codec.bound, dtype=np.int64)
+    r.deal({i: codec.encode(v) for i, v in hostile.items()})
+    with pytest.raises(AggregateOutOfBounds):
+        R.open_sum(r.p, r.sums(holders, r.dealers), r.dealers)
+    # The per-member variants need squared norms below p: refused at this size.
+    big = IntegerCodec(n, 100_000, 2 ** 27)
+    with pytest.raises(FieldOverflow, match="only variant sum_only"):
+        R.RoundParams(7, n, t, big, variant="distances")
+    assert R.RoundParams(7, n, t, big, variant="sum_only").opened == 0
+    with pytest.raises(FieldOverflow, match="wrap"):
+        IntegerCodec(n, d, 2 ** 58)

@@ -33,7 +33,13 @@ from gossip.errors import LocalError
 from node.privacy import secure_record
 from node.privacy.accountant import LedgerRecord, epsilon_of
 from node.privacy.calibrate import SIGMA_RATIO, SIGMA_SEARCH
-from node.privacy.distributed import BETA, DistributedDPError, SumMechanism, choose_granularity
+from node.privacy.distributed import (
+    BETA,
+    DistributedDPError,
+    SumMechanism,
+    choose_granularity,
+    coordinate_bound,
+)
 from node.privacy.ledger import Ledger
 from node.privacy.recipe import LR_MAX_FACTOR, NOISE_TARGET
 from node.runtime.state import atomic_write
@@ -255,3 +261,11 @@ def secure_plan(*, rows_total: int, members: int, coalition: int, epsilon: float
         if chosen.noise_ratio <= NOISE_TARGET or batch >= rows_total:
             return chosen
         batch *= 2
+
+
+def coordinate_bound_of(plan: SecurePlan) -> int:
+    """The public bound on every coordinate of an honest secure sum under `plan` (all n
+    members, every row of rows_total at the rounded norm bound, the noise's tail at
+    failure 2^-40: node/privacy/distributed.py coordinate_bound): what
+    node/secagg/encoding.py IntegerCodec(members, dim, bound) takes."""
+    return coordinate_bound(plan.mechanism(), plan.noise_multiplier, plan.rows_total)

@@ -55,7 +55,7 @@ from hashlib import blake2b
 import numpy as np
 
 from node.secagg import field as F
-from node.secagg.encoding import FixedPoint
+from node.secagg.encoding import FixedPoint, IntegerCodec
 from node.secagg.errors import PieceError, SecAggError, TooManyWrong
 from node.secagg.pieces import CHECK, DEGREE2, MASK, SEED, SEED_VALUES, SUM, VECTOR, Piece
 from node.secagg.shamir import Decoded, check_points, decode, expand_seed, share, share_poly, share_seeded
@@ -79,7 +79,7 @@ class RoundParams:
     round: int
     members: int  # n: members are 1..n
     threshold: int  # t: coalitions of up to t learn nothing beyond what is opened
-    codec: FixedPoint
+    codec: FixedPoint | IntegerCodec  # IntegerCodec: distributed DP's integer contributions
     variant: str = "distances"
     krum_f: int | None = None  # hostile members multi-Krum tolerates (default t)
     krum_m: int | None = None  # members multi-Krum keeps (default n' - f)
@@ -94,6 +94,8 @@ class RoundParams:
                               f"2t + 1 = {2 * t + 1} members to open")
         if self.codec.members != n:
             raise SecAggError(f"encoding for {self.codec.members} members, round has {n}")
+        if self.variant != "sum_only":
+            self.codec.norm_bound_sq  # noqa: B018 - IntegerCodec: FieldOverflow if norms could wrap
         if self.variant not in VARIANTS:
             raise SecAggError(f"variant {self.variant!r}: one of {', '.join(VARIANTS)}")
         if not 0 <= self.round < 1 << 63:
@@ -448,7 +450,8 @@ def sum_piece(params: RoundParams, holder: int, vectors: Mapping[int, Piece],
 
 @dataclass(frozen=True)
 class Aggregate:
-    total: np.ndarray  # float64: the sum of the selected members' clipped vectors
+    total: np.ndarray  # float64: the sum of the selected members' clipped vectors (IntegerCodec:
+    # the exact int64 sum of their contributions)
     field_sum: np.ndarray  # the same in F_p (the sum of their encodings)
     selected: tuple[int, ...]
     wrong: tuple[int, ...]  # holders whose opened sum pieces were wrong
