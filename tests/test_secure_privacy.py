@@ -247,6 +247,8 @@ def test_the_digits_plan_stays_within_budget_and_is_the_same_at_every_member():
     assert plan.noise_ratio <= 0.01 or plan.sample_rate == 1.0
     assert plan.min_contributors == 6 and plan.variant == "sum_only"
     assert secure_plan(**DIGITS) == plan  # every member computes the same plan
+    assert secure_plan(**DIGITS).digest() == plan.digest()
+    assert secure_plan(**{**DIGITS, "rows_total": 1438}).digest() != plan.digest()
     # The rounds it needs: the charges the runtime writes give the same epsilon.
     assert epsilon_of([plan.record(r) for r in range(plan.steps)], plan.delta) == \
         pytest.approx(eps, rel=1e-9)

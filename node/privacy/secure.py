@@ -24,6 +24,7 @@ What a round reveals, and so what it is charged (docs/privacy-secure.md): varian
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import math
 from dataclasses import dataclass
@@ -122,6 +123,12 @@ class SecurePlan:
         if rounds == 0:
             return 0.0
         return epsilon_of([dataclasses.replace(self.record(0), steps=rounds)], self.delta)
+
+    def digest(self) -> str:
+        """What every member's plan must agree on, as a hex digest (the consortium can pin or
+        echo it): sigma sizes each member's noise share, and q and the steps are everyone's."""
+        doc = json.dumps(dataclasses.asdict(self), sort_keys=True).encode()
+        return hashlib.blake2b(doc, digest_size=16).hexdigest()
 
     def save(self, path: Path) -> None:
         atomic_write(path, json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
