@@ -272,11 +272,18 @@ def test_pinned_rounds_and_save_load(tmp_path):
     plan.save(tmp_path / "p.json")
     assert SecurePlan.load(tmp_path / "p.json") == plan
     assert SecurePlan.load(tmp_path / "missing.json") is None
-    doc = json.loads((tmp_path / "p.json").read_text())
-    doc["coalition"] = 8
-    (tmp_path / "p.json").write_text(json.dumps(doc))
-    with pytest.raises(LocalError, match="refusing to start"):
-        SecurePlan.load(tmp_path / "p.json")
+    good = json.loads((tmp_path / "p.json").read_text())
+    for key, value, match in [("coalition", 8, "refusing to start"),
+                              ("sample_rate", 1.5, "refusing to start"),
+                              ("noise_multiplier", -1.0, "refusing to start"),
+                              ("steps", 2.5, "refusing to start"),
+                              ("min_contributors", 2, "refusing to start"),
+                              ("variant", "plain", "refusing to start"),
+                              ("extra", 1, "refusing to start"),
+                              ("noise_multiplier", plan.noise_multiplier / 2, "was edited")]:
+        (tmp_path / "p.json").write_text(json.dumps({**good, key: value}))
+        with pytest.raises(LocalError, match=match):
+            SecurePlan.load(tmp_path / "p.json")
 
 
 @pytest.mark.parametrize("over, match", [

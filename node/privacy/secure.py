@@ -140,13 +140,41 @@ class SecurePlan:
             return None
         try:
             plan = SecurePlan(**json.loads(path.read_text()))
-            plan.mechanism()  # checks n, t, d, C, gamma, beta
-            if plan.variant not in VARIANT_REVEAL:
-                raise ValueError(f"variant {plan.variant!r}")
+            plan.check()
+            spent = plan.epsilon_after(plan.steps)
         except (ValueError, TypeError, DistributedDPError) as exc:
             raise LocalError(f"secure privacy plan {path} is unreadable ({exc}); refusing to "
                              "start rather than re-plan a budget that may be partly spent") from None
+        if plan.epsilon is not None and spent > plan.epsilon * (1 + 1e-6):
+            raise LocalError(f"secure privacy plan {path}: its {plan.steps} rounds would spend "
+                             f"epsilon {spent:.4g}, above its own budget {plan.epsilon:g}: the "
+                             "plan was edited. Restore it, or start a new state dir.")
         return plan
+
+    def check(self) -> None:
+        """ValueError naming the first field flnode would never have written."""
+        self.mechanism()  # n > t >= 1, d, C, gamma, beta
+        reals = {"delta": self.delta, "noise_multiplier": self.noise_multiplier,
+                 "sample_rate": self.sample_rate, "lr": self.lr}
+        for key, v in reals.items():
+            if isinstance(v, bool) or not isinstance(v, int | float) or not (
+                    math.isfinite(v) and v > 0):
+                raise ValueError(f"{key} {v!r} is not a finite number > 0")
+        if not (self.delta < 1 and self.sample_rate <= 1):
+            raise ValueError(f"delta {self.delta!r} or sample_rate {self.sample_rate!r} is not < 1")
+        if self.epsilon is not None and not (isinstance(self.epsilon, int | float) and
+                                             math.isfinite(self.epsilon) and self.epsilon > 0):
+            raise ValueError(f"epsilon {self.epsilon!r} is not a finite number > 0 or null")
+        if self.variant not in VARIANT_REVEAL:
+            raise ValueError(f"variant {self.variant!r} is not one of {', '.join(VARIANT_REVEAL)}")
+        for key, low in (("steps", 1), ("rows_total", 1), ("min_contributors", 0)):
+            v = getattr(self, key)
+            if type(v) is not int or v < low:
+                raise ValueError(f"{key} {v!r} is not an integer >= {low}")
+        opening = may_open_round(self.min_contributors, members=self.members,
+                                 coalition=self.coalition)
+        if not opening.ok:
+            raise ValueError(f"min_contributors: {opening.detail}")
 
 
 @dataclass(frozen=True)
