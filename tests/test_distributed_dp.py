@@ -472,3 +472,44 @@ def test_per_example_gradients_match_autograd_and_the_dpsgd_clipped_sum():
     with pytest.raises(DistributedDPError, match="parameters"):
         consortium_step(model, X, y, sample_rate=0.2, mech=mech(dim=dim + 1), sigma=1.0,
                         noise=SeededNoise(3), rng=os_generator())
+
+
+def test_eight_members_steps_sum_to_the_clipped_sum_plus_the_plans_noise():
+    """The secure round's sum as the bench simulates it: 8 members' consortium_step vectors
+    under a SecurePlan (node/privacy/secure.py), summed as integers and decoded, are the
+    exact clipped gradient sum of all their rows (q = 1) plus noise of std
+    sigma C sqrt(n / (n - t)) (every member's share; the rounding adds ~1e-3 of it)."""
+    import dataclasses
+
+    import torch  # lean start: only this test trains; the rest is numpy
+    from torch import nn
+
+    from node.learn.dstep import consortium_step, per_example_gradients
+    from node.privacy.mechanisms import SeededNoise
+    from node.privacy.secure import secure_plan
+
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 40), nn.ReLU(), nn.Linear(40, 3))
+    dim = sum(p.numel() for p in model.parameters())
+    rng = np.random.default_rng(5)
+    parts = [(rng.normal(size=(int(k), 6)).astype(np.float32), rng.integers(0, 3, int(k)))
+             for k in rng.integers(5, 30, 8)]
+    plan = secure_plan(rows_total=sum(len(y) for _, y in parts), members=8, coalition=2,
+                       epsilon=3.0, delta=1e-4, dim=dim, clip_norm=0.5, rounds=20)
+    plan = dataclasses.replace(plan, sample_rate=1.0)  # every row: the exact sum is known
+    mech = plan.mechanism()
+    total = np.zeros(dim, dtype=np.int64)
+    exact = np.zeros(dim)
+    for i, (X, y) in enumerate(parts):
+        vec, batch = consortium_step(model, X, y, sample_rate=1.0, mech=mech,
+                                     sigma=plan.noise_multiplier, noise=SeededNoise(i),
+                                     rng=os_generator(test_only_seed=100 + i))
+        assert batch == len(y)
+        total += vec
+        g = per_example_gradients(model, torch.from_numpy(X), torch.from_numpy(y))
+        exact += (g * np.minimum(1.0, 0.5 / np.linalg.norm(g, axis=1, keepdims=True))).sum(0)
+    noise = decode_sum(total, mech) - exact
+    want = plan.noise_multiplier * 0.5 * math.sqrt(8 / 6)
+    assert abs(noise.std() / want - 1) < 0.1, (noise.std(), want)
+    assert abs(noise.mean()) < 4 * want / math.sqrt(dim)

@@ -641,3 +641,83 @@ def test_a_mutated_piece_parses_or_raises_a_piece_error(flips):
     except PieceError:
         return
     assert p.values.size == 6 and int(p.values.max()) < F.P
+
+
+def test_sum_only_opens_nothing_per_member_and_sums_every_accepted_dealer():
+    """Variant "sum_only" (the one distributed DP charges at the sum's noise): the masks carry
+    one generator, no degree-2 value can be computed or opened, every accepted dealer is
+    summed exactly; a member past the clip is caught by the aggregate check only."""
+    r = Round(n=7, t=2, variant="sum_only", seed=5)
+    assert r.p.opened == 0
+    x = r.honest_vectors()
+    encoded = {i: r.codec.encode(v) for i, v in x.items()}
+    r.deal(encoded)
+    assert all(m.values.size == 1 for m in r.msk[1].values())
+    holders = tuple(range(1, 8))
+    verdict = R.judge_dealings(r.p, r.checks(holders), r.dealers)
+    with pytest.raises(SecAggError, match="sum_only opens no degree-2"):
+        r.degree2(holders)
+    with pytest.raises(SecAggError, match="sum_only opens no degree-2"):
+        R.select(r.p, None)
+    sel = R.select_without_opening(r.p, verdict.accepted)
+    assert sel.selected == r.dealers and sel.excluded == {} and "sum_only" in sel.note
+    agg = R.open_sum(r.p, r.sums(holders, sel.selected), sel.selected)
+    assert (agg.field_sum == _plain_field_sum(encoded, sel.selected)).all()
+    with pytest.raises(SecAggError, match="selects on opened values"):
+        R.select_without_opening(R.RoundParams(7, 7, 2, r.codec), r.dealers)
+    # One member 3x past the clip, everyone else at the clip: the aggregate bound fails.
+    big = {i: r.codec.encode(v / np.linalg.norm(v)) for i, v in x.items()}
+    scaled = np.rint(x[2] / np.linalg.norm(x[2]) * 5.5 * r.codec.scale).astype(np.int64)
+    big[2] = np.where(scaled < 0, scaled + F.P, scaled).astype(np.uint64)
+    r.deal(big)
+    with pytest.raises(AggregateOutOfBounds):
+        R.open_sum(r.p, r.sums(holders, r.dealers), r.dealers)
+
+
+def test_distributed_dp_contributions_sum_exactly_through_a_sum_only_round():
+    """Issue 22's DP path end to end without torch: 8 members' integer contributions
+    (clipped, rounded, Skellam share: node/privacy/distributed.py) under a SecurePlan,
+    encoded as they are (IntegerCodec, bound from the plan), dealt, summed on pieces and
+    opened: the exact integer sum of the contributions. Out-of-range contributions are
+    refused by the member's encoding; one that fits alone but breaks the honest sum's
+    bound fails the aggregate check."""
+    from node.privacy.distributed import decode_sum, member_contribution, os_generator
+    from node.privacy.secure import coordinate_bound_of, secure_plan
+    from node.secagg.encoding import IntegerCodec
+
+    n, t, d = 8, 2, 50
+    plan = secure_plan(rows_total=400, members=n, coalition=t, epsilon=3.0, delta=1e-4, dim=d,
+                       rounds=10)
+    mech = plan.mechanism()
+    codec = IntegerCodec(n, d, coordinate_bound_of(plan))
+    rng = np.random.default_rng(9)
+    contrib = {i: member_contribution(rng.normal(size=(int(rng.integers(0, 30)), d)), mech,
+                                      plan.noise_multiplier, os_generator(test_only_seed=i))
+               for i in range(1, n + 1)}
+    r = Round(n=n, t=t, d=d, variant="sum_only")
+    r.codec = codec
+    r.p = R.RoundParams(7, n, t, codec, variant="sum_only")
+    r.deal({i: codec.encode(v) for i, v in contrib.items()})
+    holders = tuple(range(1, n + 1))
+    sel = R.select_without_opening(r.p, r.dealers)
+    agg = R.open_sum(r.p, r.sums(holders, sel.selected), sel.selected)
+    exact = sum(contrib.values())
+    assert agg.total.dtype == np.int64 and (agg.total == exact).all()
+    assert np.allclose(decode_sum(agg.total, mech), exact * plan.granularity)
+    with pytest.raises(NormTooLarge, match="bound"):
+        codec.encode(np.full(d, codec.bound + 1))
+    with pytest.raises(NormTooLarge, match="integers"):
+        codec.encode(np.zeros(d))
+    hostile = dict(contrib)
+    hostile[3] = np.full(d, codec.bound, dtype=np.int64)  # passes its own encoding
+    hostile[4] = np.full(d, codec.bound, dtype=np.int64)
+    r.deal({i: codec.encode(v) for i, v in hostile.items()})
+    with pytest.raises(AggregateOutOfBounds):
+        R.open_sum(r.p, r.sums(holders, r.dealers), r.dealers)
+    # The per-member variants need squared norms below p: refused at this size.
+    big = IntegerCodec(n, 100_000, 2 ** 27)
+    with pytest.raises(FieldOverflow, match="only variant sum_only"):
+        R.RoundParams(7, n, t, big, variant="distances")
+    assert R.RoundParams(7, n, t, big, variant="sum_only").opened == 0
+    with pytest.raises(FieldOverflow, match="wrap"):
+        IntegerCodec(n, d, 2 ** 58)

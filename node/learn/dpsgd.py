@@ -75,12 +75,12 @@ def dp_engine(model: nn.Module, grad_sample_mode: str) -> str:
     return "fast"
 
 
-def clipped_gradient_sum(model: nn.Module, xb: torch.Tensor, yb: torch.Tensor, clip_norm: float
-                         ) -> tuple[list[torch.Tensor], torch.Tensor]:
-    """Sum over the batch of per-example gradients, each clipped to clip_norm.
-
-    Returns (one tensor per parameter in model.parameters() order, per-example norms).
-    """
+def _layer_deltas(model: nn.Module, xb: torch.Tensor, yb: torch.Tensor
+                  ) -> tuple[list[torch.Tensor], tuple[torch.Tensor, ...]]:
+    """One forward and one backward pass of a Linear/ReLU stack: each Linear layer's input
+    a and the gradient delta of the summed cross-entropy with respect to its output (summed,
+    so row i of delta is example i's own). Example i's gradient of that layer is
+    (delta_i a_i^T, delta_i). Shared by the clipped sum here and node/learn/dstep.py."""
     layers = _layers(model)
     inputs, outputs = [], []
     h = xb
@@ -92,7 +92,16 @@ def clipped_gradient_sum(model: nn.Module, xb: torch.Tensor, yb: torch.Tensor, c
         else:
             h = layer(h)
     loss = nn.functional.cross_entropy(h, yb, reduction="sum")  # sum: per-example grads
-    deltas = torch.autograd.grad(loss, outputs)
+    return inputs, torch.autograd.grad(loss, outputs)
+
+
+def clipped_gradient_sum(model: nn.Module, xb: torch.Tensor, yb: torch.Tensor, clip_norm: float
+                         ) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """Sum over the batch of per-example gradients, each clipped to clip_norm.
+
+    Returns (one tensor per parameter in model.parameters() order, per-example norms).
+    """
+    inputs, deltas = _layer_deltas(model, xb, yb)
     sq = torch.zeros(len(xb), dtype=torch.float64)
     for a, d in zip(inputs, deltas, strict=True):
         d2 = (d.double() ** 2).sum(1)

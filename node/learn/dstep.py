@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from node.learn.dpsgd import _layers
+from node.learn.dpsgd import _layer_deltas
 from node.privacy.distributed import DistributedDPError, SumMechanism, member_contribution
 from node.privacy.mechanisms import NoiseSource
 
@@ -24,18 +24,7 @@ from node.privacy.mechanisms import NoiseSource
 def per_example_gradients(model: nn.Module, xb: torch.Tensor, yb: torch.Tensor) -> np.ndarray:
     """Each example's gradient of the cross-entropy loss, flattened in model.parameters()
     order (weight, bias per Linear layer), float64, shape (examples, parameters)."""
-    layers = _layers(model)
-    inputs, outputs = [], []
-    h = xb
-    for layer in layers:
-        if isinstance(layer, nn.Linear):
-            inputs.append(h)
-            h = layer(h)
-            outputs.append(h)
-        else:
-            h = layer(h)
-    loss = nn.functional.cross_entropy(h, yb, reduction="sum")  # sum: per-example grads
-    deltas = torch.autograd.grad(loss, outputs)
+    inputs, deltas = _layer_deltas(model, xb, yb)
     parts = []
     for a, d in zip(inputs, deltas, strict=True):
         a64, d64 = a.detach().double(), d.double()

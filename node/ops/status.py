@@ -23,6 +23,7 @@ from typing import Any
 from gossip.errors import LocalError
 from gossip.membership import read_toml
 from gossip.transports.base import SENDER_BURST, SENDER_QUEUE_MESSAGES, SENDER_RATE_PER_S
+from node.privacy import secure_record
 from node.privacy.accountant import ACCOUNTANT, epsilon_of
 from node.privacy.budget import PLAN_FILE, WEIGHT_FILE, PrivacyPlan
 from node.privacy.ledger import Ledger
@@ -166,6 +167,16 @@ def collect(state_dir: str | Path, config: str | Path | None = None) -> dict[str
             epsilon_budget=plan.epsilon, noise_multiplier=plan.noise_multiplier,
             clip_norm=plan.clip_norm, sample_rate=plan.sample_rate, releases=len(ledger.records),
             planned_rounds=plan.rounds, weight=plan.weight, released_weight=weight)
+    secure = secure_record.summary(ledger.records)  # issue 22: secure rounds' charges
+    if secure is not None:
+        privacy["secure"] = secure
+        if plan is None:  # a secure-only node: what its charges say, epsilon by the accountant
+            privacy.update(
+                mode="secure", accountant=ACCOUNTANT, delta=secure["delta"],
+                epsilon_spent=ledger.epsilon(secure["delta"]), epsilon_budget=None,
+                noise_multiplier=secure["noise_multiplier"], clip_norm=secure["clip_norm"],
+                sample_rate=secure["sample_rate"], releases=len(ledger.records),
+                planned_rounds=None, weight="uniform", released_weight=None)
     normalization = None
     agreed_file = path / "normalization.json"
     if agreed_file.exists():
@@ -313,6 +324,11 @@ def render(s: dict[str, Any], now: float | None = None) -> str:
                      f"records); σ {p['noise_multiplier']:.4f}, C {p['clip_norm']:g}, "
                      f"q {p['sample_rate']:.4g}; weight {p['weight']}"
                      + (f" ({p['released_weight']:.1f} released)" if p["released_weight"] else ""))
+    if p.get("secure"):  # issue 22
+        sec = p["secure"]
+        lines.append(f"secure      {sec['rounds_charged']} secure round(s) charged (opens "
+                     f"{sec['reveal']}; n {sec['members']}, coalition t {sec['coalition']}, "
+                     f"charged for {sec['contributors_charged']} contributors), part of ε spent")
     norm = s.get("normalization")
     if norm and norm.get("mode") == "range":
         lines.append(f"normalize   range: scaled by the declared ranges, as the consortium "

@@ -19,8 +19,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 
+import numpy as np
+
 from gossip.errors import LocalError
-from node.privacy import special
+from node.privacy import secure_record, special
 
 ACCOUNTANT = "rdp"
 log = logging.getLogger("flnode.privacy")
@@ -32,12 +34,17 @@ class LedgerRecord:
     # "update" (whole-update Gaussian mechanism), "record" (DP-SGD steps) or
     # "count" (the noised row count, released once as the share weight) or
     # "normalize" (federated normalization's stats, once before round 1; node/learn/normalize.py)
+    # or "secure" (a secure round of distributed DP-SGD: node/privacy/secure_record.py)
     mode: str
     noise_multiplier: float
     sample_rate: float
     steps: int
     clip_norm: float
     share_digest: str
+    # mode "secure" only (a secure round's charge, node/privacy/secure_record.py): n, t,
+    # m, d, the granularity, what the round opens. None for every other mode, and then
+    # absent from the ledger line (a ledger without secure rounds is byte for byte as before).
+    secure: dict | None = None
 
 
 # Opacus' RDPAccountant.DEFAULT_ALPHAS (tests/test_lean.py checks they are still equal).
@@ -95,6 +102,8 @@ def epsilon_of(records: list[LedgerRecord], delta: float) -> float:
     if any(r.noise_multiplier <= 0 for r in records):
         return math.inf
     analysis = _opacus_rdp()
+    if any(r.mode == secure_record.MODE for r in records):
+        return _epsilon_with_secure(analysis, records, delta)
     history: list[tuple[float, float, int]] = []
     for r in records:  # merge runs of identical steps as Opacus' own step() does
         if history and history[-1][:2] == (r.noise_multiplier, r.sample_rate):
@@ -106,6 +115,31 @@ def epsilon_of(records: list[LedgerRecord], delta: float) -> float:
         rdp = sum(analysis.compute_rdp(q=q, noise_multiplier=sigma, steps=steps, orders=RDP_ORDERS)
                   for sigma, q, steps in history)
         eps, _ = analysis.get_privacy_spent(orders=RDP_ORDERS, rdp=rdp, delta=delta)
+    return float(eps)
+
+
+def _epsilon_with_secure(analysis: ModuleType, records: list[LedgerRecord], delta: float
+                         ) -> float:
+    """A ledger with secure-round charges: every record's RDP at the integer orders 2..256
+    (the secure charge's amplification bound holds at integers only; Opacus' Gaussian RDP
+    holds at every order), summed, converted by Opacus' get_privacy_spent. A ledger
+    without them keeps epsilon_of's own orders: its epsilon is what it always was."""
+    orders = list(secure_record.ORDERS)
+    total = np.zeros(len(orders))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # Opacus warns about optimal alpha at the edge
+        for r in records:
+            if r.mode == secure_record.MODE:
+                assert r.secure is not None, "a secure charge without its parameters"
+                total = total + secure_record.record_rdp(r.secure, r.noise_multiplier,
+                                                         r.sample_rate, r.steps, r.clip_norm)
+            else:
+                total = total + np.asarray(analysis.compute_rdp(
+                    q=r.sample_rate, noise_multiplier=r.noise_multiplier, steps=r.steps,
+                    orders=orders))
+        if not np.any(np.isfinite(total)):
+            return math.inf
+        eps, _ = analysis.get_privacy_spent(orders=orders, rdp=total, delta=delta)
     return float(eps)
 
 

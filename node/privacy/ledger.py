@@ -13,6 +13,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from gossip.errors import LocalError
+from node.privacy import secure_record
 from node.privacy.accountant import LedgerRecord, epsilon_of
 from node.runtime.state import append_durable, atomic_write
 
@@ -117,7 +118,10 @@ class Ledger:
 
 
 def _line(record: LedgerRecord) -> bytes:
-    return json.dumps(asdict(record), sort_keys=True).encode() + b"\n"
+    doc = asdict(record)
+    if doc["secure"] is None:
+        del doc["secure"]  # every kind but "secure": the line as it always was
+    return json.dumps(doc, sort_keys=True).encode() + b"\n"
 
 
 def _parse_record(line: bytes) -> LedgerRecord | None:
@@ -133,11 +137,14 @@ def _parse_record(line: bytes) -> LedgerRecord | None:
           # what the accountant can take: a value outside these is an edit, not a charge
           and 0 <= rec.noise_multiplier <= MAX_LEDGER_SIGMA and 0 < rec.sample_rate <= 1
           and rec.clip_norm > 0
-          and type(rec.steps) is int and 0 <= rec.steps <= MAX_LEDGER_STEPS)
+          and type(rec.steps) is int and 0 <= rec.steps <= MAX_LEDGER_STEPS
+          # a secure round's parameters, and only on its charge
+          and ((rec.secure is None) if rec.mode != secure_record.MODE
+               else secure_record.problem(rec.secure, rec.clip_norm) is None))
     return rec if ok else None
 
 
-LEDGER_MODES = frozenset({"update", "record", "count", "normalize"})
+LEDGER_MODES = frozenset({"update", "record", "count", "normalize", secure_record.MODE})
 MAX_LEDGER_SIGMA = 1e6  # Opacus' RDP overflows far above this
 MAX_LEDGER_STEPS = 10**9
 

@@ -201,3 +201,65 @@ class FixedPoint:
                 f"the sum of {count} has norm^2 {sq} > (m R)^2 = {bound * bound}: a selected "
                 "member's encoding was not a clipped vector (it wrapped)")
         return q.astype(np.float64) / self.scale
+
+
+@dataclass(frozen=True)
+class IntegerCodec:
+    """The encoding of distributed DP's contributions (node/privacy/distributed.py
+    member_contribution): integer vectors already (rounded examples plus Skellam noise),
+    entered into F_p as they are. No scaling and no rounding here: the sum's privacy rests on
+    the exact sum of the members' Skellam shares, and a member re-rounding its noised vector
+    would change it. `bound`: the public bound on every coordinate of an honest sum of the
+    consortium (node/privacy/secure.py SecurePlan.coordinate_bound), and so of each
+    member's part of it; members * bound < p / 2, so a sum of contributions that passed
+    `encode` never wraps. decode_sum returns the exact integer sum (int64); the caller
+    scales it back (distributed.decode_sum)."""
+
+    members: int
+    dim: int
+    bound: int
+
+    def __post_init__(self) -> None:
+        if type(self.bound) is not int or self.bound < 1 or self.dim < 1 or self.members < 1:
+            raise FieldOverflow(f"integer encoding: bound {self.bound!r}, dim {self.dim}, "
+                                f"members {self.members}: all must be integers >= 1")
+        if 2 * self.members * self.bound >= P:
+            raise FieldOverflow(f"integer encoding: {self.members} members x coordinate bound "
+                                f"{self.bound} reach p / 2 = 2^60: a sum could wrap")
+
+    @property
+    def norm_bound_sq(self) -> int:
+        """For the variants that open norms and distances (under DP they are charged per
+        member, docs/privacy-secure.md): ||q||^2 <= d bound^2, sound only if (2 n R)^2 < p."""
+        r_sq = self.dim * self.bound ** 2
+        if 4 * self.members ** 2 * r_sq >= P:
+            raise FieldOverflow(f"integer encoding: d = {self.dim} coordinates up to {self.bound} "
+                                f"at {self.members} members: squared norms and distances could "
+                                "wrap p; only variant sum_only can carry these contributions")
+        return r_sq
+
+    def encode(self, q: np.ndarray) -> np.ndarray:
+        """The field encoding of an integer contribution; NormTooLarge if it is not an integer
+        vector of length d with every coordinate within the bound."""
+        q = np.asarray(q)
+        if q.dtype.kind not in "iu" or q.ndim != 1 or q.size != self.dim:
+            raise NormTooLarge(f"integer encoding: need {self.dim} integers, got "
+                               f"{q.dtype} of shape {q.shape}")
+        q = q.astype(np.int64)
+        if q.size and int(np.abs(q).max()) > self.bound:
+            raise NormTooLarge(f"integer encoding: a coordinate of {int(np.abs(q).max())} > the "
+                               f"bound {self.bound} (more rows or noise than the plan's bound)")
+        return np.where(q < 0, q + P, q).astype(np.uint64)
+
+    def decode_sum(self, total: np.ndarray, count: int) -> np.ndarray:
+        """The exact integer sum (int64) of `count` contributions; AggregateOutOfBounds if a
+        coordinate exceeds the bound of an honest sum (a member added more than its rows and
+        noise can explain)."""
+        if not 1 <= count <= self.members:
+            raise EncodingError(f"decode_sum of {count} vectors: the encoding holds 1..{self.members}")
+        q = signed(total)
+        if q.size and int(np.abs(q).max()) > self.bound:
+            raise AggregateOutOfBounds(
+                f"a coordinate of the sum of {count} is {int(np.abs(q).max())} > {self.bound}, "
+                "the bound of an honest sum: some member's contribution was out of range")
+        return q

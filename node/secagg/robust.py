@@ -55,12 +55,16 @@ from hashlib import blake2b
 import numpy as np
 
 from node.secagg import field as F
-from node.secagg.encoding import FixedPoint
+from node.secagg.encoding import FixedPoint, IntegerCodec
 from node.secagg.errors import PieceError, SecAggError, TooManyWrong
 from node.secagg.pieces import CHECK, DEGREE2, MASK, SEED, SEED_VALUES, SUM, VECTOR, Piece
 from node.secagg.shamir import Decoded, check_points, decode, expand_seed, share, share_poly, share_seeded
 
-VARIANTS = ("distances", "norm_only")
+# "sum_only" opens nothing per member (no degree-2 values, no selection: every accepted
+# dealer is summed, `select_without_opening`, and the sum's exact aggregate norm check is
+# the only bound); under DP it is the one variant charged at the sum's noise
+# (node/privacy/secure.py, docs/privacy-secure.md).
+VARIANTS = ("distances", "norm_only", "sum_only")
 # Coordinates per block of the Gram matrix: 3 limbs of 21 bits, each limb product below
 # 2^42, so a block of 2^11 coordinates sums below 2^53 and float64 (BLAS) is exact.
 _LIMB_BITS = 21
@@ -75,7 +79,7 @@ class RoundParams:
     round: int
     members: int  # n: members are 1..n
     threshold: int  # t: coalitions of up to t learn nothing beyond what is opened
-    codec: FixedPoint
+    codec: FixedPoint | IntegerCodec  # IntegerCodec: distributed DP's integer contributions
     variant: str = "distances"
     krum_f: int | None = None  # hostile members multi-Krum tolerates (default t)
     krum_m: int | None = None  # members multi-Krum keeps (default n' - f)
@@ -90,6 +94,8 @@ class RoundParams:
                               f"2t + 1 = {2 * t + 1} members to open")
         if self.codec.members != n:
             raise SecAggError(f"encoding for {self.codec.members} members, round has {n}")
+        if self.variant != "sum_only":
+            self.codec.norm_bound_sq  # noqa: B018 - IntegerCodec: FieldOverflow if norms could wrap
         if self.variant not in VARIANTS:
             raise SecAggError(f"variant {self.variant!r}: one of {', '.join(VARIANTS)}")
         if not 0 <= self.round < 1 << 63:
@@ -110,7 +116,7 @@ class RoundParams:
     def opened(self) -> int:
         """P: the degree-2 values opened (pairs a < b, then the n norms; or the norms)."""
         n = self.members
-        return n * (n - 1) // 2 + n if self.variant == "distances" else n
+        return {"distances": n * (n - 1) // 2 + n, "norm_only": n, "sum_only": 0}[self.variant]
 
     def pair_index(self, a: int, b: int) -> int:
         a, b = min(a, b), max(a, b)
@@ -318,6 +324,7 @@ def degree2_piece(params: RoundParams, holder: int, vectors: Mapping[int, Piece]
     """Holder's masked pieces of the squared distances and norms of `dealers` (the accepted
     ones; entries of others carry the mask alone, which opens to 0)."""
     d, opened = params.codec.dim, params.opened
+    _opens_degree2(params)
     dealers = params.members_in(dealers, "dealers")
     if not dealers:
         raise SecAggError("degree-2 pieces of no dealer")
@@ -362,6 +369,7 @@ def _opened(params: RoundParams, opened: Mapping[int, Piece], kind: int, length:
 def open_degree2(params: RoundParams, opened: Mapping[int, Piece], dealers: tuple[int, ...],
                  test_only_rng: np.random.Generator | None = None) -> Degree2:
     """Decode the opened degree-2t pieces: the distances and norms, and who opened wrong."""
+    _opens_degree2(params)
     pieces = _opened(params, opened, DEGREE2, params.opened)
     got = decode(pieces, 2 * params.threshold, what="squared distances and norms",
                  expected=tuple(range(1, params.members + 1)), test_only_rng=test_only_rng)
@@ -384,8 +392,24 @@ class Selection:
     note: str = ""
 
 
+def _opens_degree2(params: RoundParams) -> None:
+    if params.variant == "sum_only":
+        raise SecAggError("variant sum_only opens no degree-2 values (select_without_opening)")
+
+
+def select_without_opening(params: RoundParams, dealers: tuple[int, ...]) -> Selection:
+    """Variant "sum_only": every accepted dealer is summed; nothing per member is opened.
+    A vector past the clip is caught only by the sum's aggregate norm check (open_sum:
+    AggregateOutOfBounds, no one named)."""
+    if params.variant != "sum_only":
+        raise SecAggError(f"variant {params.variant!r} selects on opened values (select)")
+    return Selection(params.members_in(dealers, "dealers"), {}, {},
+                     note="sum_only: no per-member values opened; every accepted dealer summed")
+
+
 def select(params: RoundParams, values: Degree2) -> Selection:
     """The same selection at every member, from the decoded integers only."""
+    _opens_degree2(params)
     bound = params.codec.norm_bound_sq
     excluded = {a: f"norm_too_large: ||q||^2 = {v} > R^2 = {bound}"
                 for a, v in values.norms.items() if v > bound}
@@ -426,7 +450,8 @@ def sum_piece(params: RoundParams, holder: int, vectors: Mapping[int, Piece],
 
 @dataclass(frozen=True)
 class Aggregate:
-    total: np.ndarray  # float64: the sum of the selected members' clipped vectors
+    total: np.ndarray  # float64: the sum of the selected members' clipped vectors (IntegerCodec:
+    # the exact int64 sum of their contributions)
     field_sum: np.ndarray  # the same in F_p (the sum of their encodings)
     selected: tuple[int, ...]
     wrong: tuple[int, ...]  # holders whose opened sum pieces were wrong

@@ -6,7 +6,7 @@ file here is what deployed nodes and their operators already hold. Say in the co
 message which contract changed and why. From the repository root:
 
     PYTHONPATH=$PWD python tests/golden/make_golden.py \
-        [--only wire,consortium,run,help,records,resume,prometheus,echo]
+        [--only wire,consortium,run,help,records,resume,prometheus,echo,secure]
 
 What it writes (all small, KBs):
 
@@ -37,6 +37,10 @@ What it writes (all small, KBs):
   echo_records.json the audit writers of the digest echo ([rules] echo = true): the key
                     set and value types of the "agreement" and "exclusion" lines of a
                     seeded 3-member run with a split equivocator (ECHO_ARGV)
+  secure_ledger.jsonl  the privacy ledger's "secure" record kind (issue 22): two secure-round
+                    charges of a fixed plan (SECURE_PLAN: no calibration, exact bytes), one
+                    per reveal ("sum", "per_member"), after a "count" charge
+  secure_ledger.json   what reading it must give: records, epsilon at delta
 """
 
 from __future__ import annotations
@@ -655,15 +659,51 @@ def make_echo() -> None:
     (HERE / "echo_records.json").write_text(json.dumps(doc, indent=1, sort_keys=True) + "\n")
 
 
+# --- the ledger's "secure" record kind (issue 22) ---------------------------------------------
+
+# A plan with every number fixed (8 members, coalition 2, the digits MLP's 4,810 parameters,
+# granularity C / 2^9): the record bytes depend on nothing calibrated.
+SECURE_PLAN = {"epsilon": 3.0, "delta": 1e-5, "members": 8, "coalition": 2, "min_contributors": 6,
+               "variant": "sum_only", "dim": 4810, "clip_norm": 1.0, "granularity": 2.0 ** -9,
+               "noise_multiplier": 4.0, "sample_rate": 0.25, "steps": 40, "rows_total": 1437,
+               "lr": 0.8}
+
+
+def secure_ledger(path: Path) -> dict:
+    """Write the golden secure ledger at `path` with today's code; what reading it gives."""
+    import dataclasses
+
+    from node.privacy.accountant import LedgerRecord
+    from node.privacy.ledger import Ledger
+    from node.privacy.secure import SecurePlan, charge_secure_round
+
+    plan = SecurePlan(**SECURE_PLAN)
+    ledger = Ledger(path)
+    ledger.charge(LedgerRecord(-1, "count", 10.0, 1.0, 1, 1.0, "weight:golden"))
+    charge_secure_round(ledger, plan, round_=0, digest="golden-0")
+    charge_secure_round(ledger, dataclasses.replace(plan, variant="distances"), round_=1,
+                        contributors=8, digest="golden-1")
+    return {"records": len(ledger.records), "modes": [r.mode for r in ledger.records],
+            "epsilon": Ledger(path).epsilon(plan.delta), "delta": plan.delta}
+
+
+def make_secure() -> None:
+    out = HERE / "secure_ledger.jsonl"
+    out.unlink(missing_ok=True)
+    doc = secure_ledger(out)
+    (HERE / "secure_ledger.json").write_text(json.dumps(doc, indent=1, sort_keys=True) + "\n")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--only", default="wire,consortium,run,help,records,resume,prometheus,echo")
+    p.add_argument("--only",
+                   default="wire,consortium,run,help,records,resume,prometheus,echo,secure")
     p.add_argument("--reseal", action="store_true",
                    help="make a new sealed share (otherwise the stored one is kept)")
     args = p.parse_args()
     parts = {"wire": make_wire, "consortium": make_consortium, "run": make_run, "help": make_help,
              "records": make_records, "resume": make_resume, "prometheus": make_prometheus,
-             "echo": make_echo}
+             "echo": make_echo, "secure": make_secure}
     for name in args.only.split(","):
         parts[name]()
         print(f"wrote {name}")

@@ -1,0 +1,372 @@
+"""Issue 22, the privacy side of a secure round: the ledger's "secure" record kind, the
+accountant reading it, the plan the node chooses, the charge, and the refusals
+(node/privacy/secure.py, node/privacy/secure_record.py). Pure and fast: no torch."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+
+import numpy as np
+import pytest
+
+from gossip.errors import LocalError
+from node.privacy import secure_record
+from node.privacy.accountant import LedgerRecord, epsilon_of
+from node.privacy.distributed import (
+    SumMechanism,
+    SumRelease,
+    choose_granularity,
+    epsilon_of_sum,
+)
+from node.privacy.ledger import Ledger
+from node.privacy.secure import (
+    SecurePlan,
+    SecureRoundRefused,
+    calibrate_secure_sigma,
+    charge_secure_round,
+    may_open_round,
+    secure_plan,
+)
+
+DIGITS = dict(rows_total=1437, members=8, coalition=2, epsilon=3.0, delta=1e-5, dim=4810)
+
+
+def fixed_plan(**over) -> SecurePlan:
+    """A plan with every number given (no calibration): n 8, t 2, the digits MLP."""
+    base = SecurePlan(epsilon=None, delta=1e-5, members=8, coalition=2, min_contributors=6,
+                      variant="sum_only", dim=4810, clip_norm=1.0,
+                      granularity=choose_granularity(1.0, 4810), noise_multiplier=4.0,
+                      sample_rate=0.25, steps=40, rows_total=1437, lr=0.8)
+    return dataclasses.replace(base, **over)
+
+
+# --- the accountant on a secure record --------------------------------------------------------
+
+@pytest.mark.parametrize("m", [3, 5, 6, 8])
+def test_a_sum_charge_is_the_distributed_accountant_of_the_sum(m):
+    """Two implementations agree: the ledger's record RDP (secure_record) and the reviewed
+    distributed.py release accountant, at m contributors."""
+    plan = fixed_plan()
+    mech = plan.mechanism()
+    rec = dataclasses.replace(plan.record(0, m), steps=7)
+    want = epsilon_of_sum(mech, plan.noise_multiplier, [SumRelease(plan.sample_rate, 7, m)],
+                          plan.delta)
+    assert epsilon_of([rec], plan.delta) == pytest.approx(want, rel=1e-12)
+
+
+def test_a_per_member_charge_is_one_members_noise():
+    """reveal "per_member" (distances, norm_only): the noise of one member's share, the sum's
+    charge at m - t = 1, whatever m is."""
+    plan = fixed_plan(variant="distances")
+    mech = plan.mechanism()
+    want = epsilon_of_sum(mech, plan.noise_multiplier, [SumRelease(plan.sample_rate, 5, 3)],
+                          plan.delta)
+    for m in (6, 7, 8):
+        rec = dataclasses.replace(plan.record(0, m), steps=5)
+        assert rec.secure["reveal"] == "per_member"
+        assert epsilon_of([rec], plan.delta) == pytest.approx(want, rel=1e-12)
+
+
+def test_no_honest_contributor_is_infinite():
+    plan = fixed_plan()
+    for m in (0, 1, 2):
+        assert epsilon_of([plan.record(0, m)], plan.delta) == math.inf
+
+
+def test_the_charge_is_never_below_the_centralized_gaussian_one():
+    """The centralized Gaussian limit: the sum's honest noise has std sigma_eff c in integer
+    units (sigma_eff^2 = sigma^2 (m - t) / (n - t)), the record's sensitivity is at least
+    c. Opacus' RDP accountant on the Gaussian at sigma_eff (all its orders, fractional ones
+    included) is a lower bound the charge must never undercut, and at large noise the
+    Skellam charge approaches it (its extra term and the rounding's inflation vanish)."""
+    plan = fixed_plan()
+    for sigma, q, steps, m in [(1.0, 0.01, 1000, 8), (4.0, 0.25, 40, 6), (10.0, 1.0, 10, 8),
+                               (2.0, 0.05, 300, 3), (30.0, 0.5, 200, 7)]:
+        p = dataclasses.replace(plan, noise_multiplier=sigma, sample_rate=q)
+        rec = dataclasses.replace(p.record(0, m), steps=steps)
+        eps = epsilon_of([rec], p.delta)
+        sigma_eff = sigma * math.sqrt((m - 2) / 6)
+        gauss = epsilon_of([LedgerRecord(0, "record", sigma_eff, q, steps, 1.0, "")], p.delta)
+        assert eps >= gauss, (sigma, q, steps, m, eps, gauss)
+        assert eps <= gauss * 1.25, (sigma, q, steps, m, eps, gauss)  # not absurdly loose
+        # per_member: one share, sigma / sqrt(n - t): never below local DP-SGD at that sigma
+        rec = dataclasses.replace(dataclasses.replace(p, variant="norm_only").record(0, m),
+                                  steps=steps)
+        local = epsilon_of([LedgerRecord(0, "record", sigma / math.sqrt(6), q, steps, 1.0, "")],
+                           p.delta)
+        per_member = epsilon_of([rec], p.delta)
+        assert local <= per_member
+        if sigma / math.sqrt(6) >= 1:  # at low noise Skellam's extra term dominates
+            assert per_member <= local * 1.25, (sigma, q, steps, per_member, local)
+
+
+def test_the_charge_is_monotone():
+    """More contributors or more noise: less epsilon; more steps, a higher rate, a per-member
+    reveal: more. (A charge that fell when it should rise would under-count.)"""
+    plan = fixed_plan()
+
+    def eps(**kw):
+        m = kw.pop("m", 6)
+        steps = kw.pop("steps", 10)
+        p = dataclasses.replace(plan, **kw)
+        return epsilon_of([dataclasses.replace(p.record(0, m), steps=steps)], p.delta)
+
+    by_m = [eps(m=m) for m in range(3, 9)]
+    assert all(a > b for a, b in zip(by_m, by_m[1:], strict=False))
+    by_sigma = [eps(noise_multiplier=s) for s in (1.0, 2.0, 4.0, 8.0)]
+    assert all(a > b for a, b in zip(by_sigma, by_sigma[1:], strict=False))
+    by_steps = [eps(steps=s) for s in (1, 10, 100)]
+    assert all(a < b for a, b in zip(by_steps, by_steps[1:], strict=False))
+    by_q = [eps(sample_rate=q) for q in (0.01, 0.1, 0.5, 1.0)]
+    assert all(a < b for a, b in zip(by_q, by_q[1:], strict=False))
+    assert eps(variant="distances", m=8) > eps(m=8) > 0
+    assert eps(variant="norm_only", m=8) == eps(variant="distances", m=8)
+
+
+def test_a_ledger_mixing_secure_and_gaussian_charges_composes():
+    """A count release then secure rounds: one RDP sum at the integer orders; never below
+    either part alone, never above their epsilons added (basic composition)."""
+    plan = fixed_plan()
+    count = LedgerRecord(-1, "count", 10.0, 1.0, 1, 1.0, "")
+    secure = [plan.record(r) for r in range(20)]
+    both = epsilon_of([count, *secure], plan.delta)
+    alone = epsilon_of(secure, plan.delta), epsilon_of([count], plan.delta)
+    assert max(alone) < both <= sum(alone)
+    # A ledger without secure records keeps its epsilon (Opacus' own orders).
+    assert epsilon_of([count], plan.delta) == epsilon_of([count], plan.delta)
+
+
+# --- the ledger --------------------------------------------------------------------------------
+
+def test_a_secure_charge_is_written_read_back_and_counted(tmp_path):
+    path = tmp_path / "ledger.jsonl"
+    ledger = Ledger(path, repair=True)
+    ledger.charge(LedgerRecord(-1, "count", 10.0, 1.0, 1, 1.0, "weight:x"))
+    plan = fixed_plan(epsilon=3.0)
+    rec = charge_secure_round(ledger, plan, round_=0, digest="abc")
+    lines = path.read_bytes().splitlines()
+    assert b'"secure"' not in lines[0]  # other kinds: the line as it always was
+    doc = json.loads(lines[1])
+    assert doc["mode"] == "secure" and doc["secure"]["contributors"] == 6
+    assert doc["secure"]["reveal"] == "sum" and doc["secure"]["dim"] == 4810
+    again = Ledger(path)
+    assert again.records == ledger.records and not again.recovered
+    assert again.epsilon(1e-5) == pytest.approx(rec.secure["epsilon_after"], rel=1e-12)
+    assert again.epsilon(1e-5) > epsilon_of(again.records[1:], 1e-5) > 0  # both counted
+
+
+@pytest.mark.parametrize("edit", [
+    lambda d: d["secure"].update(coalition=8),  # t >= n
+    lambda d: d["secure"].update(contributors=9),
+    lambda d: d["secure"].update(reveal="nothing"),
+    lambda d: d["secure"].update(granularity=10.0),  # coarser than the clip
+    lambda d: d["secure"].update(members=True),
+    lambda d: d["secure"].update(dim=0),
+    lambda d: d["secure"].update(beta=1.0),
+    lambda d: d["secure"].pop("dim"),
+    lambda d: d["secure"].update(extra=1),
+    lambda d: d.update(secure=None),  # a secure charge without its parameters
+    lambda d: d.update(mode="record"),  # secure parameters on another kind
+])
+def test_an_edited_secure_charge_is_refused_not_skipped(tmp_path, edit):
+    """A whole secure line that is not a charge flnode wrote: the ledger refuses to load
+    (skipping it would under-count)."""
+    path = tmp_path / "ledger.jsonl"
+    ledger = Ledger(path)
+    plan = fixed_plan()
+    ledger.charge(plan.record(0))
+    ledger.charge(plan.record(1))
+    lines = path.read_text().splitlines()
+    doc = json.loads(lines[0])
+    edit(doc)
+    path.write_text(json.dumps(doc, sort_keys=True) + "\n" + lines[1] + "\n")
+    with pytest.raises(LocalError, match="line 1 is corrupt"):
+        Ledger(path)
+
+
+def test_a_torn_secure_charge_is_dropped_and_a_glued_one_recovered(tmp_path):
+    """The ledger's crash handling covers the new kind: a torn last line (never fsync'd,
+    never released) is dropped; a torn record with a whole secure one glued on keeps it."""
+    path = tmp_path / "ledger.jsonl"
+    plan = fixed_plan()
+    ledger = Ledger(path)
+    ledger.charge(plan.record(0))
+    whole = path.read_bytes()
+    path.write_bytes(whole + whole[:57])
+    assert Ledger(path, repair=True).records == [plan.record(0)]
+    assert path.read_bytes() == whole
+    path.write_bytes(whole[:40] + whole)  # an older flnode's glued tail
+    got = Ledger(path, repair=True)
+    assert got.records == [plan.record(0)] and got.recovered
+
+
+# --- may a round open; the charge ------------------------------------------------------------
+
+def test_may_open_round_names_its_reason():
+    assert may_open_round(6, members=8, coalition=2, floor=6).ok
+    assert may_open_round(3, members=8, coalition=2).ok
+    for m, reason in [(2, "no_honest_noise"), (0, "no_honest_noise"), (9, "bad_count"),
+                      (-1, "bad_count"), (True, "bad_count"), (2.5, "bad_count")]:
+        got = may_open_round(m, members=8, coalition=2)
+        assert (got.ok, got.reason) == (False, reason), m
+    got = may_open_round(5, members=8, coalition=2, floor=6)
+    assert (got.ok, got.reason) == (False, "below_charged_floor")
+    assert "under-count" in got.detail
+
+
+def test_a_charge_over_the_budget_or_below_the_floor_writes_nothing(tmp_path):
+    path = tmp_path / "ledger.jsonl"
+    ledger = Ledger(path)
+    plan = fixed_plan(epsilon=0.5)
+    charged = 0
+    with pytest.raises(SecureRoundRefused) as refused:
+        for r in range(100):
+            charge_secure_round(ledger, plan, round_=r)
+            charged += 1
+    assert refused.value.reason == "budget_exhausted" and 0 < charged < 100
+    assert len(Ledger(path).records) == charged
+    assert Ledger(path).epsilon(plan.delta) <= 0.5
+    for m, reason in [(5, "below_charged_floor"), (2, "no_honest_noise")]:
+        with pytest.raises(SecureRoundRefused) as refused:
+            charge_secure_round(ledger, fixed_plan(), round_=0, contributors=m)
+        assert refused.value.reason == reason
+    assert len(Ledger(path).records) == charged
+
+
+# --- the plan -------------------------------------------------------------------------------
+
+def test_the_digits_plan_stays_within_budget_and_is_the_same_at_every_member():
+    plan = secure_plan(**DIGITS)
+    eps = plan.epsilon_after(plan.steps)
+    assert eps <= 3.0 and eps > 3.0 / 1.01  # calibrated, not wasted
+    # sigma to 0.1 %: 0.2 % less noise would overspend
+    tighter = dataclasses.replace(plan, noise_multiplier=plan.noise_multiplier / 1.002)
+    assert tighter.epsilon_after(plan.steps) > 3.0
+    assert plan.noise_ratio <= 0.01 or plan.sample_rate == 1.0
+    assert plan.min_contributors == 6 and plan.variant == "sum_only"
+    assert secure_plan(**DIGITS) == plan  # every member computes the same plan
+    assert secure_plan(**DIGITS).digest() == plan.digest()
+    assert secure_plan(**{**DIGITS, "rows_total": 1438}).digest() != plan.digest()
+    # The rounds it needs: the charges the runtime writes give the same epsilon.
+    assert epsilon_of([plan.record(r) for r in range(plan.steps)], plan.delta) == \
+        pytest.approx(eps, rel=1e-9)
+
+
+def test_a_per_member_reveal_costs_more_noise_for_the_same_budget():
+    """At the same rate and rounds, the distances variant's sigma must cover one member's
+    noise share, the sum's charge at the floor m = 6 counts m - t = 4 of them: the same
+    Skellam mechanism at a quarter of the variance, so exactly twice the sigma."""
+    template = fixed_plan(epsilon=3.0, steps=30)
+    s_sum = calibrate_secure_sigma(template, 3.0, 30)
+    s_dist = calibrate_secure_sigma(dataclasses.replace(template, variant="distances"), 3.0, 30)
+    assert s_dist == pytest.approx(2 * s_sum, rel=2e-3)
+    plan = secure_plan(**DIGITS, variant="distances")
+    assert plan.epsilon_after(plan.steps) <= 3.0
+
+
+def test_pinned_rounds_and_save_load(tmp_path):
+    plan = secure_plan(**DIGITS, rounds=50)
+    assert plan.steps == 50 and plan.epsilon_after(50) <= 3.0
+    plan.save(tmp_path / "p.json")
+    assert SecurePlan.load(tmp_path / "p.json") == plan
+    assert SecurePlan.load(tmp_path / "missing.json") is None
+    good = json.loads((tmp_path / "p.json").read_text())
+    for key, value, match in [("coalition", 8, "refusing to start"),
+                              ("sample_rate", 1.5, "refusing to start"),
+                              ("noise_multiplier", -1.0, "refusing to start"),
+                              ("steps", 2.5, "refusing to start"),
+                              ("min_contributors", 2, "refusing to start"),
+                              ("variant", "plain", "refusing to start"),
+                              ("extra", 1, "refusing to start"),
+                              ("noise_multiplier", plan.noise_multiplier / 2, "was edited")]:
+        (tmp_path / "p.json").write_text(json.dumps({**good, key: value}))
+        with pytest.raises(LocalError, match=match):
+            SecurePlan.load(tmp_path / "p.json")
+
+
+@pytest.mark.parametrize("over, match", [
+    (dict(delta=1e-3), "delta"),
+    (dict(min_contributors=2), "min_contributors"),
+    (dict(variant="plain"), "variant"),
+    (dict(rows_total=0), "rows_total"),
+    (dict(epsilon=float("nan")), "epsilon"),
+    (dict(rounds=0), "rounds"),
+])
+def test_secure_plan_refuses_bad_inputs_by_name(over, match):
+    with pytest.raises(LocalError, match=match):
+        secure_plan(**{**DIGITS, **over})
+
+
+def test_the_noise_each_member_adds_is_the_plans():
+    """SecurePlan.mechanism sizes a member's Skellam share so the n - t outside a coalition
+    carry sigma C: variance 2 mu = (sigma c)^2 / (n - t)."""
+    plan = fixed_plan()
+    mech = plan.mechanism()
+    assert isinstance(mech, SumMechanism)
+    c = plan.clip_norm / plan.granularity
+    assert 2 * mech.member_mu(plan.noise_multiplier) == pytest.approx(
+        (plan.noise_multiplier * c) ** 2 / 6)
+    assert secure_record.noise_variance(plan.record(0, 8).secure, plan.noise_multiplier,
+                                        plan.clip_norm) == pytest.approx(
+        6 * 2 * mech.member_mu(plan.noise_multiplier))
+    assert np.isfinite(epsilon_of([plan.record(0, 8)], plan.delta))
+
+
+# --- flnode status / report read the charges ----------------------------------------------
+
+def test_status_and_report_show_secure_charges_from_the_ledger(tmp_path):
+    """A node's state dir (the golden run's) with secure charges appended: `flnode status`
+    counts them in epsilon spent (the accountant over the whole ledger) and says what they
+    charged; with no privacy_plan.json (a secure-only node) its epsilon still comes from
+    the ledger."""
+    import shutil
+    from pathlib import Path
+
+    from node.ops.report_member import load_member
+    from node.ops.status import collect, render
+
+    state = tmp_path / "telco-0"
+    shutil.copytree(Path(__file__).parent / "golden" / "run" / "state" / "telco-0", state)
+    before = collect(state)["privacy"]["epsilon_spent"]
+    ledger = Ledger(state / "ledger.jsonl")
+    plan = fixed_plan()
+    for r in range(3):
+        charge_secure_round(ledger, plan, round_=2 + r)
+    s = collect(state)
+    p = s["privacy"]
+    assert p["epsilon_spent"] == pytest.approx(ledger.epsilon(p["delta"])) and \
+        p["epsilon_spent"] > before
+    assert p["secure"]["rounds_charged"] == 3 and p["secure"]["reveal"] == "sum"
+    assert "3 secure round(s) charged" in render(s)
+    (state / "privacy_plan.json").unlink()
+    s = collect(state)
+    assert s["privacy"]["mode"] == "secure"
+    assert s["privacy"]["epsilon_spent"] == pytest.approx(ledger.epsilon(1e-5))
+    assert "secure-level, ε spent" in render(s)
+    run, st = load_member(state)  # `flnode report` of this member
+    assert run.summary.doc["epsilon"]["per_node"]["telco-0"] == pytest.approx(
+        ledger.epsilon(1e-5))
+
+
+# --- golden: the record kind's bytes (tests/golden/make_golden.py --only secure) -------------
+
+def test_golden_secure_ledger_reads_back_and_today_writes_the_same_bytes(tmp_path):
+    """The "secure" record kind is a contract: deployed ledgers hold these lines. Reading the
+    golden ledger gives its records and epsilon; writing the same charges today gives the
+    same bytes (a changed key, order or number is a changed contract)."""
+    from pathlib import Path
+
+    from tests.golden.make_golden import secure_ledger
+
+    golden = Path(__file__).parent / "golden"
+    want = json.loads((golden / "secure_ledger.json").read_text())
+    ledger = Ledger(golden / "secure_ledger.jsonl")
+    assert [r.mode for r in ledger.records] == want["modes"] and not ledger.recovered
+    assert ledger.epsilon(want["delta"]) == pytest.approx(want["epsilon"], rel=1e-9)
+    assert ledger.records[1].secure["reveal"] == "sum"
+    assert ledger.records[2].secure["reveal"] == "per_member"
+    got = secure_ledger(tmp_path / "ledger.jsonl")
+    assert (tmp_path / "ledger.jsonl").read_bytes() == (golden / "secure_ledger.jsonl").read_bytes()
+    assert got["epsilon"] == pytest.approx(want["epsilon"], rel=1e-9)
