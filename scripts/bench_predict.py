@@ -29,6 +29,16 @@ Prints JSON (and writes it to --out, default runs/bench/predict.json):
   softmax add), `write` (scores joined to the passed-through columns and written as
   CSV). score_table runs read+columns, graph and write in three threads on 2 cores.
 
+- `floor`: what no file-to-file scorer on this stack can go below, measured in the same
+  repeats: `start` a new Python that imports what `flnode predict` cannot do without
+  (numpy, pyarrow's CSV and compute modules, onnxruntime) and exits; `io` a new process
+  that only reads the CSV (pyarrow's multithreaded reader, the numeric columns typed)
+  and writes the same output table (the scores loaded from a .npy, no checks, no
+  model), byte for byte the file `flnode predict` writes (`floor_output_identical`);
+  `io_in_process` the same read and write without the process. `ceiling_ratio`: the
+  paired median of bare / floor, the best ratio to bare a CLI (`io`) or a function
+  (`io_in_process`) could reach on this machine; `share_of_floor`: floor / ours.
+
 Every path runs `--repeats` times, interleaved. Thread counts are onnxruntime's
 defaults in every path (the same session options).
 """
@@ -50,6 +60,38 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
+
+# The floor's process (and function): read the CSV, write the same output table. Only
+# pyarrow and numpy; label strings built from buffers (pa.array would import pandas).
+FLOOR_CODE = r"""
+import sys
+import numpy as np, pyarrow as pa, pyarrow.csv as pcsv
+
+def io_floor(src, npy, dst, classes, schema_cols, numeric):
+    t = pcsv.read_csv(src, convert_options=pcsv.ConvertOptions(
+        column_types={n: pa.float64() for n in numeric}, strings_can_be_null=False))
+    probs = np.load(npy)
+    keep = [n for n in t.column_names if n not in schema_cols]
+    data = [c.encode() for c in classes]
+    offsets = np.zeros(len(data) + 1, dtype=np.int32)
+    np.cumsum([len(b) for b in data], out=offsets[1:])
+    names = pa.Array.from_buffers(pa.string(), len(data), [None, pa.py_buffer(offsets),
+                                                           pa.py_buffer(b"".join(data))])
+    best = np.argmax(probs, axis=1).astype(np.int32)
+    label = names.take(pa.Array.from_buffers(pa.int32(), len(best), [None, pa.py_buffer(best)]))
+    cols = [t.column(n) for n in keep]
+    cols += [pa.Array.from_buffers(pa.float32(), len(probs), [None, pa.py_buffer(
+        np.ascontiguousarray(probs[:, j]))]) for j in range(probs.shape[1])]
+    out = pa.Table.from_arrays(cols + [label], names=keep + [f"p_{c}" for c in classes]
+                               + ["predicted"])
+    pcsv.write_csv(out, dst, write_options=pcsv.WriteOptions(batch_size=65536))
+
+if __name__ == "__main__":
+    io_floor(sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4].split(","),
+             set(sys.argv[5].split(",")), sys.argv[6].split(",") if sys.argv[6] else [])
+"""
+START_CODE = "import numpy, pyarrow.csv, pyarrow.compute, onnxruntime"
 
 
 def _peak_rss_mb(proc: subprocess.Popen) -> int:
@@ -132,7 +174,28 @@ def main() -> None:
                 return _chunks(path, rows)
         env = dict(os.environ, PYTHONPATH=str(ROOT))
         rss: list[int] = []
+        # the floor's inputs: the scores as the model gives them, the columns by kind
+        npy = tmp / "probs.npy"
+        np.save(npy, np.concatenate([scorer.score({k: v[i:i + CHUNK_ROWS] for k, v in
+                                                   raw.items()})
+                                     for i in range(0, len(X), CHUNK_ROWS)]))
+        floor_args = [str(csv), str(npy), str(tmp / "floor.csv"), ",".join(scorer.classes),
+                      ",".join(c["name"] for c in scorer.columns), ",".join(sorted(numeric))]
+        floor_ns: dict = {}
+        exec(compile(FLOOR_CODE, "io_floor", "exec"), floor_ns)  # noqa: S102 - our own code
+        floors: dict[str, list[float]] = {"start": [], "io": [], "io_in_process": []}
         for _ in range(args.repeats):
+            t = time.perf_counter()
+            subprocess.run([sys.executable, "-c", START_CODE], check=True)
+            floors["start"].append(time.perf_counter() - t)
+            t = time.perf_counter()
+            subprocess.run([sys.executable, "-c", FLOOR_CODE, *floor_args], check=True)
+            floors["io"].append(time.perf_counter() - t)
+            t = time.perf_counter()
+            floor_ns["io_floor"](str(csv), str(npy), str(tmp / "floor_in.csv"),
+                                 scorer.classes, {c["name"] for c in scorer.columns},
+                                 sorted(numeric))
+            floors["io_in_process"].append(time.perf_counter() - t)
             t = time.perf_counter()
             for i in range(0, len(X), CHUNK_ROWS):
                 bare.run(None, {"features": X[i:i + CHUNK_ROWS]})
@@ -176,6 +239,8 @@ def main() -> None:
         e = np.exp(logits - logits.max(axis=1, keepdims=True))
         agree = float(np.max(np.abs(probs - e / e.sum(axis=1, keepdims=True))))
         same_cli = (tmp / "scores.csv").read_bytes() == (tmp / "scores_cli.csv").read_bytes()
+        same_floor = (tmp / "scores.csv").read_bytes() == (tmp / "floor.csv").read_bytes() \
+            == (tmp / "floor_in.csv").read_bytes()
         csv_bytes = csv.stat().st_size
     med = {k: statistics.median(v) for k, v in times.items()}
     best = {k: min(v) for k, v in times.items()}
@@ -197,6 +262,20 @@ def main() -> None:
            "max_abs_difference_vs_bare": agree, "cli_peak_rss_mb": max(rss),
            "cli_output_identical": same_cli,
            "ort_threads": "onnxruntime default", "cpus": os.cpu_count()}
+    def paired(num: list[float], den: list[float]) -> float:
+        return round(statistics.median(a / b for a, b in zip(num, den, strict=True)), 3)
+
+    doc["floor"] = {
+        "seconds_median": {k: round(statistics.median(v), 3) for k, v in floors.items()},
+        "seconds_all": floors,
+        "rows_per_s": {k: round(args.rows / statistics.median(v)) for k, v in floors.items()
+                       if k != "start"},
+        "ceiling_ratio": {"cli": paired(times["bare"], floors["io"]),
+                          "function": paired(times["bare"], floors["io_in_process"]),
+                          "start_alone": paired(times["bare"], floors["start"])},
+        "share_of_floor": {"cli": paired(floors["io"], times["cli"]),
+                           "function": paired(floors["io_in_process"], times["function"])},
+        "floor_output_identical": same_floor}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(doc, indent=1) + "\n")
     print(json.dumps(doc, indent=1))
