@@ -225,7 +225,7 @@ def main() -> None:
             probs = [scorer.score(r) for r in raws]
             stages["graph"].append(time.perf_counter() - t)
             t = time.perf_counter()
-            tables = [_scored(b, p, scorer, str(csv)) for b, p in zip(batches, probs, strict=True)]
+            tables = [_scored(b, p, scorer, str(csv))[0] for b, p in zip(batches, probs, strict=True)]
             with pcsv.CSVWriter(tmp / "stage.csv", tables[0].schema, write_options=(
                     pcsv.WriteOptions(batch_size=CHUNK_ROWS))) as w:
                 for table in tables:
