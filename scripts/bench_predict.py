@@ -5,7 +5,8 @@ Prints JSON (and writes it to --out, default runs/bench/predict.json):
 
 - a finished consortium run: `flnode simulate --dataset default` (2 members, 2 rounds,
   the mlp), member bank-0 exported to ONNX (`flnode export`); `export_bytes`: the size
-  of the export's files (model.onnx and manifest.json);
+  of the export's files (model.onnx, manifest.json, model_card.json; each in
+  `export_files`);
 - `--rows` rows (default 1,000,000) of ISLR `Default`, drawn with replacement, as a CSV
   (the label column kept: an extra column copied to the output);
 - `function`: node.ops.predict.score_table on that CSV (read, check, encode inside the
@@ -144,7 +145,8 @@ def main() -> None:
                 cli(["export", str(sim / "state" / "bank-0"), "--out", str(tmp / "model")])
             finally:
                 sys.stdout = old
-        export_bytes = sum(f.stat().st_size for f in (tmp / "model").iterdir())
+        export_files = {f.name: f.stat().st_size for f in sorted((tmp / "model").iterdir())}
+        export_bytes = sum(export_files.values())
         from node.rehearsal.simulation.datasets import load_demo
 
         df, label, _ = load_demo("default")
@@ -247,6 +249,7 @@ def main() -> None:
     rps = {k: round(args.rows / v) for k, v in med.items()}
     rps_best = {k: round(args.rows / v) for k, v in best.items()}
     doc = {"rows": args.rows, "csv_bytes": csv_bytes, "export_bytes": export_bytes,
+           "export_files": export_files,
            "repeats": args.repeats, "chunk_rows": CHUNK_ROWS, "seconds_median": med,
            "seconds_all": times, "rows_per_s": rps,
            "ratio_to_bare": {k: round(rps[k] / rps["bare"], 3) for k in rps},
