@@ -17,7 +17,14 @@ Prints JSON (and writes it to --out, default runs/bench/predict.json):
 - `in_memory`: Scorer.score on the raw columns already in memory (the export's own
   preprocessing, no file);
 - `bare`: a bare onnxruntime session of the network alone (torch's exporter, the same
-  weights) on the features already encoded by node/data/encode.py, in the same chunks;
+  weights) on the features already encoded by node/data/encode.py, in the same chunks,
+  with the session options the export is scored with (node/ops/predict.py
+  onnx_session: waiting threads sleep); `bare_ort_defaults`: the same with
+  onnxruntime's default options (waiting threads spin: slower on a loaded machine,
+  so it made every ratio look better);
+- `strings`: a session that only maps the categorical columns' strings to codes (the
+  export graph's first step, a LabelEncoder per column) on the raw columns: what
+  taking categories as text (the export's documented input) costs by itself;
 - rows per second of each and the ratio of each to `bare` (goal: the function and the
   CLI at least 0.5x), from the medians and from the best runs (on a shared machine the
   best run is the least disturbed one), and `ratio_to_bare_paired`: the median over
@@ -41,7 +48,7 @@ Prints JSON (and writes it to --out, default runs/bench/predict.json):
   (`io_in_process`) could reach on this machine; `share_of_floor`: floor / ours.
 
 Every path runs `--repeats` times, interleaved. Thread counts are onnxruntime's
-defaults in every path (the same session options).
+defaults in every path.
 """
 
 from __future__ import annotations
@@ -95,6 +102,26 @@ if __name__ == "__main__":
 START_CODE = "import numpy, pyarrow.csv, pyarrow.compute, onnxruntime"
 
 
+def _strings_graph(cats: list[dict]) -> object:
+    """An ONNX graph mapping each categorical column's text to its vocabulary code, the
+    way the export's graph begins (node/ops/export_onnx.py: a LabelEncoder per column)."""
+    from onnx import TensorProto, helper
+
+    nodes, inputs, outputs = [], [], []
+    for c in cats:
+        vocab = [str(v) for v in c["vocabulary"]]
+        nodes.append(helper.make_node("LabelEncoder", [c["name"]], [f"{c['name']}_code"],
+                                      domain="ai.onnx.ml", keys_strings=vocab,
+                                      values_int64s=list(range(len(vocab))),
+                                      default_int64=len(vocab)))
+        inputs.append(helper.make_tensor_value_info(c["name"], TensorProto.STRING, ["N"]))
+        outputs.append(helper.make_tensor_value_info(f"{c['name']}_code", TensorProto.INT64,
+                                                     ["N"]))
+    return helper.make_model(helper.make_graph(nodes, "strings", inputs, outputs),
+                             opset_imports=[helper.make_opsetid("", 17),
+                                            helper.make_opsetid("ai.onnx.ml", 3)])
+
+
 def _peak_rss_mb(proc: subprocess.Popen) -> int:
     """The process's own peak RSS (VmHWM of its address space, read until it exits; its
     ru_maxrss would count the pages of this big parent it was forked from)."""
@@ -130,7 +157,15 @@ def main() -> None:
     from node.data.encode import encode
     from node.ops import export_onnx
     from node.ops.export import load_member
-    from node.ops.predict import CHUNK_ROWS, Scorer, _chunks, _scored, raw_inputs, score_table
+    from node.ops.predict import (
+        CHUNK_ROWS,
+        Scorer,
+        _chunks,
+        _scored,
+        onnx_session,
+        raw_inputs,
+        score_table,
+    )
 
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as tmp:
@@ -160,13 +195,19 @@ def main() -> None:
         net.write_bytes(export_onnx.network_onnx(member.network, X.shape[1]).SerializeToString())
         opts = ort.SessionOptions()
         opts.log_severity_level = 3
-        bare = ort.InferenceSession(str(net), sess_options=opts,
-                                    providers=["CPUExecutionProvider"])
+        bare = onnx_session(net)
+        bare_defaults = ort.InferenceSession(str(net), sess_options=opts,
+                                             providers=["CPUExecutionProvider"])
         scorer = Scorer(tmp / "model")
         raw = {c["name"]: (big[c["name"]].to_numpy(np.float64) if c["kind"] == "numeric"
                            else big[c["name"]].astype(str).to_numpy(object))
                for c in scorer.columns}
-        times: dict[str, list[float]] = {"function": [], "cli": [], "in_memory": [], "bare": []}
+        cats = [c for c in scorer.columns if c["kind"] == "categorical"]
+        strings_onnx = tmp / "strings.onnx"
+        strings_onnx.write_bytes(_strings_graph(cats).SerializeToString())
+        strings = onnx_session(strings_onnx)
+        times: dict[str, list[float]] = {"function": [], "cli": [], "in_memory": [], "bare": [],
+                                         "bare_ort_defaults": [], "strings": []}
         stages: dict[str, list[float]] = {"read": [], "columns": [], "graph": [], "write": []}
         numeric = frozenset(c["name"] for c in scorer.columns if c["kind"] == "numeric")
         if "numeric" in inspect.signature(_chunks).parameters:
@@ -202,6 +243,14 @@ def main() -> None:
             for i in range(0, len(X), CHUNK_ROWS):
                 bare.run(None, {"features": X[i:i + CHUNK_ROWS]})
             times["bare"].append(time.perf_counter() - t)
+            t = time.perf_counter()
+            for i in range(0, len(X), CHUNK_ROWS):
+                bare_defaults.run(None, {"features": X[i:i + CHUNK_ROWS]})
+            times["bare_ort_defaults"].append(time.perf_counter() - t)
+            t = time.perf_counter()
+            for i in range(0, len(X), CHUNK_ROWS):
+                strings.run(None, {c["name"]: raw[c["name"]][i:i + CHUNK_ROWS] for c in cats})
+            times["strings"].append(time.perf_counter() - t)
             t = time.perf_counter()
             for i in range(0, len(X), CHUNK_ROWS):
                 scorer.score({k: v[i:i + CHUNK_ROWS] for k, v in raw.items()})
