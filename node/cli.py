@@ -252,6 +252,17 @@ def _port(text: str) -> int:
     return port
 
 
+def model_kind(text: str) -> str:
+    """--model KIND (simulate, scripts/simulate_network.py): a built-in kind or a plug-in
+    "package.module:factory", checked by name here; its options when the run is built."""
+    from node.learn.kinds import check_kind  # lean start: only a --model flag checks a kind
+
+    try:
+        return check_kind(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="flnode", description=__doc__.splitlines()[0])
     p.add_argument("-v", "--verbose", action="store_true", help="log at DEBUG level")
@@ -341,7 +352,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="iid | dirichlet:ALPHA | column:NAME")
     s.add_argument("--rounds", type=positive(int), default=30)
     s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--model", choices=["logreg", "mlp"], default="mlp")
+    s.add_argument("--model", type=model_kind, default="mlp", metavar="KIND",
+                   help="logreg, mlp, deep_mlp, res_mlp or a plug-in package.module:factory "
+                        "(docs/operate/models.md); its options (hidden, depth, blocks, norm, "
+                        "groups, dropout; a plug-in's [model.options]) from the scenario "
+                        "file's [model]")
     s.add_argument("--epochs", type=positive(int), default=1, help="local epochs per round")
     s.add_argument("--batch-size", type=positive(int), default=32)
     s.add_argument("--lr", type=positive(float), default=0.05)

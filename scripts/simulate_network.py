@@ -67,6 +67,7 @@ import msgpack  # noqa: E402
 import tomli_w  # noqa: E402
 
 from gossip.errors import LocalError  # noqa: E402
+from node.cli import model_kind  # noqa: E402
 from node.learn.train import metric_name  # noqa: E402
 from node.ops.flags import (  # noqa: E402
     SIMULATE_EPILOG,
@@ -176,7 +177,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--partition", default="dirichlet:0.5")
     p.add_argument("--rounds", type=int, default=10)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--model", choices=["logreg", "mlp"], default="mlp")
+    p.add_argument("--model", type=model_kind, default="mlp", metavar="KIND",
+                   help="logreg, mlp, deep_mlp, res_mlp or a plug-in package.module:factory "
+                        "(importable by every member process: on PYTHONPATH); its options "
+                        "from the scenario file's [model]")
     p.add_argument("--epochs", type=int, default=1)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--lr", type=float, default=0.05)

@@ -67,3 +67,18 @@ def test_predict_imports_no_pandas(model, tmp_path):
                           "--out", str(tmp_path / "out.csv"))
     assert r.returncode == 0, r.stderr[-2000:]
     assert "pandas" not in mods
+
+
+@pytest.mark.parametrize("classes", [2, 3, 7])
+def test_the_empty_rows_and_labels_by_column_are_numpys(classes):
+    """empty_rows and _argmax, a class column at a time, give what numpy's axis-1
+    reductions give (they were 25x and 10x slower): ties to the first maximum, NaN rows."""
+    from node.ops.predict import _argmax, empty_rows
+
+    rng = np.random.default_rng(classes)
+    probs = rng.integers(0, 4, size=(5000, classes)).astype(np.float32)  # many ties
+    probs[rng.random(5000) < 0.1] = np.nan  # rows scored empty: every class NaN
+    probs[rng.random(5000) < 0.02, classes - 1] = np.nan  # one class NaN: empty too
+    empty = np.isnan(probs).any(axis=1)
+    assert np.array_equal(empty_rows(probs), empty)
+    assert np.array_equal(_argmax(probs)[~empty], np.argmax(probs, axis=1)[~empty])

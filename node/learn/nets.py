@@ -3,8 +3,12 @@
 Options are checked by node/learn/kinds.py (`resolve`) before anything here runs.
 Normalization is LayerNorm or GroupNorm (kinds.py says why never BatchNorm); both
 normalize each example on its own, so per-example gradients stay defined and Opacus
-computes them (hooks mode). Dropout draws its masks from torch's global generator:
-not a privacy mechanism, nothing of the DP guarantee rests on it.
+computes them (hooks mode). Dropout (`Dropout`) draws its masks from torch's global
+generator, or from a generator of its own once `seed_dropout` gave it one: the in-process
+simulator does, per member from its training.seed, so a seeded run with dropout repeats
+bit for bit (members train in threads: a shared global generator gives each member's
+masks in whatever order the threads draw). Dropout is not a privacy mechanism: nothing
+of the DP guarantee rests on its masks, and a seeded mask protects nothing less.
 
 A plug-in (`build_plugin`) is imported by name from the member's own config or
 consortium file, never from anything a peer sends: importing it runs its code with the
@@ -13,13 +17,60 @@ node's rights (docs/operate/models.md).
 
 from __future__ import annotations
 
+import copy
 import importlib
 from collections.abc import Callable, Mapping
 from typing import Any
 
+import torch
 from torch import nn
 
 from gossip.errors import LocalError
+
+
+class Dropout(nn.Dropout):
+    """nn.Dropout whose masks come from `generator` when set (seed_dropout), else from
+    torch's global generator as nn.Dropout's do. The same layer otherwise: no parameters,
+    the identity in eval mode (so the exports and Opacus see an nn.Dropout)."""
+
+    generator: torch.Generator | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.generator is None or not self.training or self.p == 0:
+            return super().forward(x)
+        if self.p == 1:
+            return torch.zeros_like(x)
+        keep = torch.empty_like(x).bernoulli_(1 - self.p, generator=self.generator)
+        return x * keep / (1 - self.p)
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> Dropout:
+        # A round trains a deep copy of the member's model (node/runtime/release.py): the
+        # copy draws from the member's one generator, so round r+1 continues its stream
+        # instead of repeating round r's masks.
+        if self.generator is not None:
+            memo[id(self.generator)] = self.generator
+        new = self.__class__.__new__(self.__class__)
+        memo[id(self)] = new
+        for key, value in self.__dict__.items():
+            new.__dict__[key] = copy.deepcopy(value, memo)
+        return new
+
+
+def seed_dropout(model: nn.Module, seed: int) -> int:
+    """Give every dropout layer of `model` one generator seeded from `seed` (a simulated
+    member's training.seed; never privacy noise, which comes from its NoiseSource): a
+    plain nn.Dropout (a plug-in's) becomes a `Dropout`, the same layer. Returns how many
+    layers draw from it. A plug-in calling torch.nn.functional.dropout in its forward
+    still draws from the global generator."""
+    generator = torch.Generator().manual_seed(seed)
+    n = 0
+    for module in model.modules():
+        if type(module) is nn.Dropout:
+            module.__class__ = Dropout  # a subclass adding no state: the same layer
+        if isinstance(module, Dropout):
+            module.generator = generator
+            n += 1
+    return n
 
 
 def _norm(kind: str, width: int, groups: int | None) -> nn.Module:
@@ -43,7 +94,7 @@ def deep_mlp(n_in: int, n_out: int, *, hidden: int, depth: int, norm: str, dropo
             layers.append(_norm(norm, hidden, groups))
         layers.append(nn.ReLU())
         if dropout > 0:
-            layers.append(nn.Dropout(dropout))
+            layers.append(Dropout(dropout))
         width = hidden
     layers.append(nn.Linear(width, n_out))
     return nn.Sequential(*layers)
@@ -58,7 +109,7 @@ class ResidualBlock(nn.Module):
         self.norm = _norm(norm, width, groups)
         self.fc1 = nn.Linear(width, width)
         self.act = nn.ReLU()
-        self.drop = nn.Dropout(dropout)
+        self.drop = Dropout(dropout)
         self.fc2 = nn.Linear(width, width)
 
     def forward(self, x):  # noqa: ANN001, ANN201 (torch's signature)

@@ -142,16 +142,41 @@ class Scorer:
             raise LocalError(f"{self.dir}: the {self.format} model failed on these rows "
                              f"({type(exc).__name__}: {str(exc)[:300]})") from None
 
-    def label_array(self, probs: np.ndarray) -> Any:
-        """The most probable class per row (pyarrow strings), null where scored empty."""
+    def label_array(self, probs: np.ndarray, empty: np.ndarray | None = None) -> Any:
+        """The most probable class per row (pyarrow strings), null where scored empty
+        (`empty`: empty_rows(probs), if the caller has it)."""
         import pyarrow as pa  # lean start: predict only
 
-        empty = np.isnan(probs).any(axis=1)
-        best = np.argmax(probs, axis=1).astype(np.int32)  # NaN rows: masked just below
+        if empty is None:
+            empty = empty_rows(probs)
+        best = _argmax(probs)  # NaN rows: masked just below
         valid = None if not empty.any() else pa.py_buffer(np.packbits(~empty,
                                                                       bitorder="little"))
         best = pa.Array.from_buffers(pa.int32(), len(best), [valid, pa.py_buffer(best)])
         return _strings(self.classes).take(best)
+
+
+def empty_rows(probs: np.ndarray) -> np.ndarray:
+    """Rows with a NaN probability (scored empty), one class column at a time: numpy's
+    isnan(probs).any(axis=1) on [N, 2] took 25x longer (0.05 s per million rows, twice
+    per chunk, holding the GIL the reading and writing threads need)."""
+    empty = np.isnan(probs[:, 0])
+    for j in range(1, probs.shape[1]):
+        empty |= np.isnan(probs[:, j])
+    return empty
+
+
+def _argmax(probs: np.ndarray) -> np.ndarray:
+    """np.argmax(probs, axis=1) as int32 (the first of equal maxima), a column at a time
+    (10x faster on a few classes); NaN rows give some class, masked by the caller."""
+    best = np.zeros(len(probs), dtype=np.int32)
+    top = probs[:, 0].copy()
+    for j in range(1, probs.shape[1]):
+        col = probs[:, j]
+        higher = col > top
+        best[higher] = j
+        np.copyto(top, col, where=higher)
+    return best
 
 
 def _manifest(where: Path) -> dict[str, Any]:
@@ -519,13 +544,13 @@ def score_table(model: str | Path | Scorer, data: str | Path, out: str | Path, *
             ahead = reading.submit(next, chunks, None)
             batch, raw, unseen = item
             probs = scorer.score(raw)
-            table = _scored(batch, probs, scorer, str(data))
+            table, empty = _scored(batch, probs, scorer, str(data))
             if written is not None:
                 written.result()
             writer = writer or _writer(tmp, out, table.schema)
             written = writing.submit(writer.write_table, table)
             summary.rows += batch.num_rows
-            summary.empty += int(np.isnan(probs).any(axis=1).sum())
+            summary.empty += int(np.count_nonzero(empty))
             for k, v in unseen.items():
                 summary.unseen[k] = summary.unseen.get(k, 0) + v
             if bar is not None:
@@ -551,8 +576,10 @@ def score_table(model: str | Path | Scorer, data: str | Path, out: str | Path, *
     return summary
 
 
-def _scored(batch: Any, probs: np.ndarray, scorer: Scorer, source: str) -> Any:
-    """The output rows of one chunk: its other columns, then the scores."""
+def _scored(batch: Any, probs: np.ndarray, scorer: Scorer, source: str
+            ) -> tuple[Any, np.ndarray]:
+    """The output rows of one chunk (its other columns, then the scores), and which rows
+    were scored empty."""
     import pyarrow as pa  # lean start: predict only
 
     if probs.shape != (batch.num_rows, len(scorer.classes)):
@@ -567,8 +594,9 @@ def _scored(batch: Any, probs: np.ndarray, scorer: Scorer, source: str) -> Any:
                          "rename them in the input")
     cols = [batch.column(n) for n in keep]
     cols += [_floats(probs[:, j]) for j in range(probs.shape[1])]
-    cols.append(scorer.label_array(probs))
-    return pa.Table.from_arrays(cols, names=keep + outs)
+    empty = empty_rows(probs)
+    cols.append(scorer.label_array(probs, empty))
+    return pa.Table.from_arrays(cols, names=keep + outs), empty
 
 
 def _writer(tmp: Path, out: Path, schema: Any) -> Any:

@@ -11,6 +11,7 @@ import torch
 
 from gossip.transports.memory import MemoryHub
 from node.learn.models import build_model, init_seed_from, set_flat
+from node.learn.nets import seed_dropout
 from node.learn.train import evaluate, train_local
 from node.privacy.mechanisms import NoiseSource, OsNoise, SeededNoise
 from node.rehearsal.build import build_rehearsal_node
@@ -20,6 +21,15 @@ from node.rehearsal.simulation.spec import SimulationSpec
 from node.runtime.node import Node
 from node.runtime.state import Checkpoint
 
+# A simulated model's dropout masks come from a generator of its own (node/learn/nets.py
+# seed_dropout), seeded training.seed * DROPOUT_STREAM + 1: a stream apart from the
+# shuffling's (training.seed itself), repeatable from --seed. Not privacy noise.
+DROPOUT_STREAM = 104729  # a prime
+
+
+def dropout_seed(seed: int) -> int:
+    return seed * DROPOUT_STREAM + 1
+
 
 def train_baseline(spec: SimulationSpec, prep: Prepared, X: np.ndarray, y: np.ndarray,
                    seed: int, own: XY | None = None) -> dict[str, float]:
@@ -27,6 +37,7 @@ def train_baseline(spec: SimulationSpec, prep: Prepared, X: np.ndarray, y: np.nd
     on the test set (and, given `own` rows, under "own" its metrics on them)."""
     model = build_model(spec.model, prep.schema.n_features, prep.schema.n_classes, spec.hidden,
                         seed=init_seed_from(prep.consortium), options=spec.model_options)
+    seed_dropout(model, dropout_seed(seed))
     train_local(model, X, y, epochs=spec.rounds, batch_size=spec.batch_size, lr=spec.lr,
                 generator=torch.Generator().manual_seed(seed))
     out: dict[str, Any] = evaluate(model, *prep.test)
@@ -86,6 +97,7 @@ async def run_consortium(spec: SimulationSpec, prep: Prepared,
         # Reproducible noise on the built-in demo tables only; the members' own files
         # (--data-dir) get os.urandom, as a real node (`flnode run`) always does.
         nodes.append(build_rehearsal_node(cfg, transport, noise_for(spec, i)))
+        seed_dropout(nodes[-1].model, dropout_seed(cfg.training.seed))
     async with asyncio.TaskGroup() as tg:
         for node in nodes:
             tg.create_task(node.run(on_round), name=f"node-{node.name}")

@@ -247,6 +247,26 @@ def _model_options(model: Any, path: Path) -> dict[str, Any]:
     return {"model_options": extra} if extra else {}
 
 
+def _options_for_flag(kind: str, file_kind: str, options: Mapping[str, Any],
+                      scenario: Path | None, notes: list[str] | None) -> dict[str, Any]:
+    """The scenario file's [model] options that apply to --model KIND: all of them for the
+    file's own kind; for another built-in kind those it takes (deep_mlp's dropout and norm
+    for res_mlp, not its depth); none between a plug-in and another kind (a plug-in's
+    [model.options] are its factory's own names). What is left out is said in a note."""
+    if kind == file_kind or not options:
+        return dict(options)
+    if is_plugin(kind) or is_plugin(file_kind):
+        kept = {}
+    else:
+        kept = {k: v for k, v in options.items() if kind in EXTRA_OPTIONS.get(k, ())}
+    dropped = sorted(set(options) - set(kept))
+    if dropped and notes is not None:
+        notes.append(f"--model {kind}: the scenario file {scenario.name if scenario else ''} "
+                     f"[model] option(s) {', '.join(dropped)} are {file_kind}'s, not "
+                     f"{kind}'s: left out")
+    return kept
+
+
 def build_spec(scenario: Path | None, flags: Mapping[str, Any], *, network: bool = False,
                defaults: Mapping[str, Any] | None = None, notes: list[str] | None = None
                ) -> SimulationSpec:
@@ -272,8 +292,10 @@ def build_spec(scenario: Path | None, flags: Mapping[str, Any], *, network: bool
     if "data_dir" in flags:
         for k in ("dataset", "nodes", "partition", "label", "schema_path", "test_path"):
             fields.pop(k, None)
-    if "model" in flags:  # --model names a kind: the file's options were for its own
-        fields.pop("model_options", None)
+    if "model" in flags:  # --model names a kind: of the file's options, those it takes
+        fields["model_options"] = _options_for_flag(
+            flags["model"], fields.get("model", "mlp"), fields.pop("model_options", {}),
+            scenario, notes)
     if "epsilon" in flags or "sigma" in flags:
         fields.pop("epsilon", None)
         fields.pop("sigma", None)
