@@ -576,7 +576,8 @@ class RoundMachine:
             out.append(Broadcast(msg, f"echo-{r}") if self.peers is None and spec.peers is None
                        else SendTo(self._phase_peers, msg, f"echo-{r}"))
         else:
-            out.append(SendPhase(r, spec.name, self._phase_peers))
+            out.append(SendPhase(r, spec.name, self._phase_peers, {p.name: dict(self._phase_got.get(
+                (r, p.name), {})) for p in self.phases[1:self._phase]}))
         self.stage = "phase"
         self._wait = Wait(f"round {r + 1} {spec.name}", now, self.deadline,
                            now + WAIT_REPORT_FIRST_S)
