@@ -356,6 +356,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--network-config", help="template with member names and addresses")
     add_seal_flag(s)
     add_rules_flags(s)
+    s.add_argument("--secure", action="store_true",
+                   help="secure aggregation ([rules] secure = true): no member sees another's "
+                        "update; members open only the selected members' sum "
+                        "(docs/privacy-secure.md)")
     add_fault_flags(s)
     add_attack_flags(s)
     add_data_dir_flags(s)
