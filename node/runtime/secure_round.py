@@ -73,6 +73,9 @@ from node.secagg.pieces import CHECK, DEGREE2, MASK, SEED, SUM, VECTOR, Piece, f
 
 CHECK_PHASE, DEGREE2_PHASE, SUM_PHASE = "check", "degree2", "sum"
 SECURE_PHASES = (SHARE, PhaseSpec(CHECK_PHASE), PhaseSpec(DEGREE2_PHASE), PhaseSpec(SUM_PHASE))
+# Deal seeded (see `SecureRound.deal`): measured at 8 members, t = 2, d = 9,610 (digits MLP):
+# 552 KB sent per member and round unseeded, 3.6x today's sealed plain round.
+SEEDED_DEALING = True
 REASONS = ("too_few_contributors", "too_few_openers", "too_many_wrong",
            "aggregate_out_of_bounds")
 
@@ -129,7 +132,10 @@ class SecureRound:
         """Our dealing of `encoded` (a field vector of length d: codec.encode of the clipped
         contribution): recipient -> its deal body (the driver seals it to the recipient and
         signs it); our own pieces are kept."""
-        pieces = robust.deal_encoded(self.params, self.i, encoded)
+        # Seeded: t holders get a 32-byte seed instead of d + 1 values (robust.deal_encoded):
+        # t / (n - 1) of the dealing's bytes saved; their pieces' hiding is then
+        # computational (SHAKE-256), the others' information-theoretic.
+        pieces = robust.deal_encoded(self.params, self.i, encoded, seeded=SEEDED_DEALING)
         out = {}
         for m, j in self.index.items():
             vec, mask = pieces[j]
