@@ -18,10 +18,12 @@ node/runtime/secure_round.py; the rule: node/strategy/consortium_rules.py `secur
   (the machine files it for its phase: late, unknown or second messages are refused
   there); a deal goes to `receive` like a share.
 - `aggregate` (at Close): the round's outcome; on success every member applies the same
-  step, the mean of the selected members' clipped updates (model = start + sum / m), and
-  evaluates; a failed round keeps the model it started from (named in the log and the
-  audit line) and the next round goes on. No seen report follows a secure round (each
-  member holds a different deal of every other: digests that differ by design).
+  step: the mean of the selected members' clipped updates (start + sum / m), through the
+  agreed server optimizer if the [rules] have one (FedAdam in the default recipe; its state
+  is the strategy's, checkpointed as today), and evaluates; a failed round keeps the
+  model it started from (named in the log and the audit line) and the next round goes
+  on. No seen report follows a secure round (each member holds a different deal of every
+  other: digests that differ by design).
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from dataclasses import dataclass
+from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -185,8 +188,15 @@ def aggregate(node: Node, c: ev.Close) -> dict[str, Accepted]:
     sec.outcomes = {k: v for k, v in sec.outcomes.items() if k >= r - 1}  # bounded
     if out.ok:
         assert out.total is not None
-        step = torch.from_numpy(out.total / len(out.selected)).to(st.reference.dtype)
-        set_flat(node.model, st.reference + step)
+        mean = torch.from_numpy(out.total / len(out.selected))
+        combined = st.reference.double() + mean
+        server = getattr(node.strategy, "server", None)  # the agreed server optimizer
+        if server is not None:  # its notes (a skipped non-finite step) go to the log
+            notes = SimpleNamespace(fallbacks=[], server_opt=None)
+            combined = server.step(r, st.reference.double(), combined, notes)
+            for note in notes.fallbacks:
+                log.warning("%s: round %d: %s", node.name, r + 1, note.detail)
+        set_flat(node.model, combined.to(st.reference.dtype))
     else:
         log.warning("%s: round %d: the secure round failed (%s: %s); keeping the model it "
                     "started from", node.name, r + 1, out.reason, out.detail)
