@@ -86,8 +86,8 @@ class Member:
                         self.net.post(self.name, [to], data[to])
                 queue += self.m.signed(Signed(a.round, None), self.now)
             elif isinstance(a, SendPhase):
-                if self.name in self.net.silent_from.get(a.round, ()) or \
-                        self.name in self.net.mute.get(a.phase, ()):
+                if self.name in self.net.silent_from.get(a.round, ()) or (
+                        self.name in self.net.mute.get(a.phase, ()) and a.round in self.net.mute_rounds):
                     continue
                 deals = {s: acc.secagg for s, acc in self.book.shares(a.round).items()}
                 body = self.net.tamper_open(self.name, a.phase, self.secure.phase(
@@ -132,7 +132,7 @@ class SecureNet:
 
     def __init__(self, n: int, t: int, *, variant: str = "distances", rounds: int = 1,
                  vectors=None, silent_from=None, mute=None, late=None,
-                 tamper_deal=None, tamper_open=None) -> None:
+                 tamper_deal=None, tamper_open=None, mute_rounds=(0,)) -> None:
         self.sks = keys(n)
         self.cons = consortium(self.sks)
         self.cid = self.cons.id
@@ -143,7 +143,7 @@ class SecureNet:
         self.codec = FixedPoint.choose(CLIP, DIM, n)
         self.vectors = vectors or {}
         self.silent_from = silent_from or {}
-        self.mute = mute or {}
+        self.mute, self.mute_rounds = mute or {}, mute_rounds
         self.late = late or {}
         self._tamper_deal = tamper_deal
         self._tamper_open = tamper_open
@@ -317,6 +317,20 @@ def test_more_dropouts_than_the_threshold_fail_the_round_with_a_named_reason():
     net = SecureNet(8, 2, mute={"check": gone, "degree2": gone, "sum": gone}).run()
     for o in net.honest_outcomes(net.names[:4]):
         assert not o.ok and o.reason == "too_few_openers" and o.field_sum is None
+
+
+def test_a_failed_round_is_named_and_the_next_round_goes_on():
+    """Round 1: 4 of 8 go silent after dealing ('too_few_openers'); round 2: they are back
+    and the round opens the exact sum."""
+    gone = ("bank-4", "bank-5", "bank-6", "bank-7")
+    net = SecureNet(8, 2, rounds=2, mute={"check": gone, "degree2": gone, "sum": gone}).run()
+    for m in net.names[:4]:
+        assert net.outcome(m, 0).reason == "too_few_openers"
+        o = net.outcome(m, 1)
+        assert o.ok and len(o.selected) == 6
+        expected = F.sum_mod(np.stack([net.codec.encode(net.vector(x, 1)) for x in o.selected]),
+                             axis=0)
+        np.testing.assert_array_equal(o.field_sum, expected)
 
 
 def test_a_round_with_at_most_t_contributors_is_not_opened():

@@ -45,7 +45,8 @@ def test_secure_is_pinned_with_its_threshold_and_selection():
 
 @pytest.mark.parametrize(("n", "table", "words"), [
     (6, {"secure": True, "secure_threshold": 2}, "n >= 3t + 1 = 7"),
-    (4, {"secure": True, "secure_threshold": 1}, "2f + 3 = 5 members"),  # multi-Krum at t = 1
+    (4, {"secure": True, "secure_threshold": 1, "secure_select": "multi-krum"},
+     "2f + 3 = 5 members"),  # multi-Krum at t = 1, asked for by name
     (8, {"secure_threshold": 2}, "rules.secure is not true"),
     (8, {"secure": False, "secure_select": "norm"}, "rules.secure_select is set"),
     (8, {"secure": True, "secure_select": "krum"}, "rules.secure_select"),
@@ -58,6 +59,13 @@ def test_a_secure_mode_that_cannot_run_is_refused_naming_the_key(n, table, words
     assert words in str(exc.value)
     with pytest.raises(LocalError):  # and `flnode consortium build` refuses to write it
         pin_rules(table, n)
+
+
+def test_small_consortia_get_the_norm_bound_by_default():
+    """4 members: t = 1, and multi-Krum at f = 1 needs 5: the norm bound is written."""
+    table = pin_rules(rules_table(4, secure=True), 4)
+    assert (table["secure_threshold"], table["secure_select"]) == (1, "norm")
+    assert pin_rules(rules_table(5, secure=True), 5)["secure_select"] == "multi-krum"
 
 
 def test_norm_selection_runs_where_multi_krum_cannot():

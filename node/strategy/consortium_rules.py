@@ -62,9 +62,10 @@ written before it existed) keeps today's rounds without the echo, and its id; wh
 among all members with threshold `secure_threshold` = t and the members open only the
 selected members' sum (node/runtime/secure_round.py, docs/privacy-secure.md). t must
 satisfy n >= 3t + 1 (Reed-Solomon then corrects wrong pieces and names their senders);
-`secure_select = "multi-krum"` (the default written out) opens the pairwise squared
-distances and runs multi-Krum at f = t, which needs n >= 2t + 3 members; "norm" opens
-the squared norms only (a norm bound, no selection: reveals less). A file without
+`secure_select = "multi-krum"` opens the pairwise squared distances and runs multi-Krum at
+f = t, which needs n >= 2t + 3 members; "norm" opens the squared norms only (a norm bound,
+no selection: reveals less). Left out, t is the largest with n >= 3t + 1 and the selection
+multi-Krum where n >= 2t + 3, else "norm" (written out: pinned). A file without
 `secure` keeps today's plain rounds and its id; `secure_threshold` / `secure_select`
 without `secure = true` are refused (a rule that would silently not apply).
 
@@ -234,6 +235,12 @@ def default_secure_threshold(members: int) -> int:
     return max(1, (members - 1) // 3)
 
 
+def default_secure_select(members: int, threshold: int) -> str:
+    """multi-Krum (at f = t) where the consortium is large enough for it (n >= 2t + 3),
+    else the norm bound alone: what is written when the [rules] do not say."""
+    return "multi-krum" if members >= 2 * threshold + 3 else "norm"
+
+
 def check_secure(rules: ConsortiumRules, members: int, source: str) -> SecureRule | None:
     """The secure mode a [rules] table asks for, checked against the member count; None
     for plain rounds. LocalError naming the key and the reason otherwise."""
@@ -245,7 +252,7 @@ def check_secure(rules: ConsortiumRules, members: int, source: str) -> SecureRul
         return None
     t = rules.secure_threshold if rules.secure_threshold is not None else \
         default_secure_threshold(members)
-    select = rules.secure_select or "multi-krum"
+    select = rules.secure_select or default_secure_select(members, t)
     if members < 3 * t + 1:
         raise LocalError(f"{source}: rules.secure_threshold = {t} with {members} members: secure "
                          f"aggregation needs n >= 3t + 1 = {3 * t + 1} (to correct up to t wrong "
@@ -430,7 +437,8 @@ def rules_table(members: int, aggregation: str = DEFAULT_RULE, f: int | None = N
         table["secure"] = True
         table["secure_threshold"] = (secure_threshold if secure_threshold is not None
                                      else default_secure_threshold(members))
-        table["secure_select"] = secure_select or "multi-krum"
+        table["secure_select"] = secure_select or default_secure_select(
+            members, table["secure_threshold"])
     if params:
         table["params"] = params
     return table
