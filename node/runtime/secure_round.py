@@ -73,8 +73,9 @@ from node.secagg.pieces import CHECK, DEGREE2, MASK, SEED, SUM, VECTOR, Piece, f
 
 CHECK_PHASE, DEGREE2_PHASE, SUM_PHASE = "check", "degree2", "sum"
 SECURE_PHASES = (SHARE, PhaseSpec(CHECK_PHASE), PhaseSpec(DEGREE2_PHASE), PhaseSpec(SUM_PHASE))
-# Deal seeded (see `SecureRound.deal`): measured at 8 members, t = 2, d = 9,610 (digits MLP):
-# 552 KB sent per member and round unseeded, 3.6x today's sealed plain round.
+# Deal seeded (see `SecureRound.deal`): measured at 8 members, t = 2, d = 4,810 (digits MLP),
+# memory transport: 475 KB sent per member and round seeded, 552 KB unseeded, against 153 KB
+# for today's sealed plain round (docs/privacy-secure.md "What is wired").
 SEEDED_DEALING = True
 REASONS = ("too_few_contributors", "too_few_openers", "too_many_wrong",
            "aggregate_out_of_bounds")
