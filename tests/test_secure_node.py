@@ -48,3 +48,49 @@ def test_simulate_secure_every_member_reconstructs_the_same_model(tmp_path):
 def test_secure_with_dp_is_refused_by_name_until_dp_on_the_sum_is_wired(tmp_path):
     with pytest.raises(LocalError, match="privacy.mode"):
         _simulate(tmp_path / "dp", secure=True, privacy="record", epsilon=3.0, rounds=1)
+
+
+def test_a_member_dealing_inconsistent_pieces_is_named_with_its_signed_deal_kept(
+        tmp_path, monkeypatch):
+    """site-4 (its real key, its real node) deals pieces that lie on no degree-t polynomial
+    (a different error for each holder): every other member refuses its dealing, names it in
+    the round's audit line, keeps its signed deal as evidence, and the round completes with
+    the others, the same model at every honest member."""
+    from gossip.bodies import SecAgg, decode_secagg, encode_secagg
+    from gossip.envelope import KIND_DEAL, decode_outer
+    from node.runtime.secure_round import SecureRounds
+    from node.secagg import field as F
+    from node.secagg.pieces import Piece, from_bytes, to_bytes
+
+    honest_deal = SecureRounds.deal
+
+    def deal(self, r, encoded):
+        deals = honest_deal(self, r, encoded)
+        if self.me != "site-4":
+            return deals
+        out = {}
+        for k, (to, body) in enumerate(sorted(deals.items())):
+            msg = decode_secagg(body, 5, deal=True)
+            p = from_bytes(msg.pieces[0])
+            if p.kind != 1:  # a seed piece: sent as it is
+                out[to] = body
+                continue
+            vals = p.values.copy()
+            vals[0] = (int(vals[0]) + 7 + k) % F.P
+            bad = Piece(p.round, p.kind, p.owner, p.holder, vals)
+            out[to] = encode_secagg(SecAgg("deal", (to_bytes(bad), msg.pieces[1])))
+        return out
+
+    monkeypatch.setattr(SecureRounds, "deal", deal)
+    summary = _simulate(tmp_path / "run", secure=True, rounds=2)
+    honest = ["site-0", "site-1", "site-2", "site-3"]
+    assert len({summary["consortium"]["per_node"][m] for m in honest}) == 1
+    for m in honest:
+        state = tmp_path / "run" / "state" / m
+        lines = [json.loads(x) for x in (state / "audit.jsonl").read_text().splitlines()]
+        for x in (x for x in lines if x.get("kind") == "aggregate"):
+            sec = x["secure"]
+            assert sec["ok"] and "site-4" not in x["used"] and "site-4" not in sec["entered"]
+            assert sec["named"]["site-4"].startswith("inconsistent_pieces")
+            kept = decode_outer((state / sec["evidence"]["site-4"]).read_bytes())
+            assert kept.kind == KIND_DEAL and kept.round == x["round"]

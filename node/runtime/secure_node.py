@@ -44,8 +44,10 @@ from gossip.protocol import events as ev
 from node.learn.models import get_flat, set_flat
 from node.learn.train import evaluate
 from node.runtime import audit, echo_round
+from node.runtime.evidence import envelope_bytes
 from node.runtime.release import Stopped, Trained
 from node.runtime.secure_round import SECURE_PHASES, SecureOutcome, SecureRounds
+from node.runtime.state import atomic_write
 from node.secagg.encoding import FixedPoint
 from node.strategy.consortium_rules import parse_rules, secure_rule
 
@@ -178,6 +180,25 @@ def receive(node: Node, acc: Accepted, now: float, data: bytes, token: Any) -> l
         ev.PhaseMessage(acc.sender, acc.round, acc.secagg.step, bytes(acc.envelope.body)), now)
 
 
+# Deal evidence files kept per named member (one per round it was named in), so a member
+# named every round of a long run cannot fill our disk: the earliest kept.
+MAX_DEALS_PER_MEMBER = 64
+
+
+def keep_deal(node: Node, r: int, member: str, acc: Accepted) -> str | None:
+    """The named dealer's deal as it signed it (sealed to us: our prekey for the round opens
+    it while we keep it), in state/evidence/secure/, never overwritten, bounded per member;
+    its path under the state dir (None: the bound reached)."""
+    folder = node.state.path / "evidence" / "secure"
+    safe = "".join(ch if ch.isalnum() or ch in "_.-" else "_" for ch in member)
+    path = folder / f"{safe}-round{r}.deal"
+    if not path.exists():
+        if folder.is_dir() and len(list(folder.glob(f"{safe}-round*.deal"))) >= MAX_DEALS_PER_MEMBER:
+            return None
+        atomic_write(path, envelope_bytes(acc.envelope))
+    return str(path.relative_to(node.state.path))
+
+
 def aggregate(node: Node, c: ev.Close) -> dict[str, Accepted]:
     """The secure round's outcome applied (module docstring); no share is "used": the seen
     report stays empty."""
@@ -201,17 +222,23 @@ def aggregate(node: Node, c: ev.Close) -> dict[str, Accepted]:
         log.warning("%s: round %d: the secure round failed (%s: %s); keeping the model it "
                     "started from", node.name, r + 1, out.reason, out.detail)
         set_flat(node.model, st.reference)
+    evidence = {}
     for member, why in sorted(out.named.items()):
         if node.audit.once(member, f"secure:{why.split(':')[0]}"):
-            log.warning("%s: round %d: %s named by the secure round: %s", node.name, r + 1,
-                        member, why)
+            log.warning("%s: round %d: %s named by the secure round: %s (further are "
+                        "counted, not logged)", node.name, r + 1, member, why)
+        node.counters.aggregation[f"{member}:secure:{why.split(':')[0]}"] += 1
+        if member in c.shares and why.startswith(("inconsistent_pieces", "bad_piece")):
+            kept = keep_deal(node, r, member, c.shares[member])
+            if kept is not None:
+                evidence[member] = kept
     excluded = {m: {"reason": why.split(":")[0], "detail": why}
                 for m, why in sorted(out.excluded.items())}
     diagnostics = {"rule": "secure", "used": list(out.selected), "excluded": excluded,
                    "clipped": {}, "weight_capped": {}, "down_weighted": {}, "fallbacks": [],
                    "secure": {"ok": out.ok, "reason": out.reason, "detail": out.detail,
                               "dealt": list(out.dealt), "entered": list(out.entered),
-                              "named": dict(out.named)}}
+                              "named": dict(out.named), "evidence": evidence}}
     node.audit.aggregate(r, diagnostics, node.counters.aggregation)
     st.close, st.received, st.diagnostics = c, sorted(out.selected), diagnostics
     st.metrics = evaluate(node.model, node.held_out.X, node.held_out.y)
