@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -94,3 +95,40 @@ def test_a_member_dealing_inconsistent_pieces_is_named_with_its_signed_deal_kept
             assert sec["named"]["site-4"].startswith("inconsistent_pieces")
             kept = decode_outer((state / sec["evidence"]["site-4"]).read_bytes())
             assert kept.kind == KIND_DEAL and kept.round == x["round"]
+
+
+def test_our_dealing_is_stored_before_it_is_sent_and_restores_byte_for_byte(tmp_path,
+                                                                             monkeypatch):
+    """Each member stores its dealing (its own pieces, every recipient's body and the signed
+    deal sent to each) before sending: the deal each peer accepted is the stored envelope,
+    byte for byte, so a restart re-sends it instead of dealing again (a second, different
+    deal would be an equivocation to the others)."""
+    from gossip.envelope import decode_outer
+    from node.runtime import secure_node
+    from node.runtime.secure_round import SecureRound
+    from node.runtime.state import StateDir
+
+    monkeypatch.setattr(StateDir, "prune_outbox", lambda *a, **k: None)  # keep every file
+    _simulate(tmp_path / "run", secure=True, rounds=1)
+    states = tmp_path / "run" / "state"
+    accepted = {}
+    for m in sorted(p.name for p in states.iterdir()):
+        for x in (json.loads(x) for x in (states / m / "audit.jsonl").read_text().splitlines()):
+            if x.get("kind") == "deal" and x.get("outcome") == "accepted":
+                accepted[(x["member"], m)] = x["digest"]
+    node = SimpleNamespace(state=StateDir(states / "site-0"))
+    doc = secure_node.stored_deals(node, 0)
+    assert sorted(doc["sent"]) == sorted(doc["bodies"]) == ["site-1", "site-2", "site-3", "site-4"]
+    for peer, data in doc["sent"].items():
+        assert decode_outer(data).digest.hex() == accepted[("site-0", peer)]
+    members = [f"site-{i}" for i in range(5)]
+    from gossip.membership import load_consortium
+    from node.secagg.encoding import FixedPoint
+
+    cons = load_consortium(tmp_path / "run" / "consortium.toml")
+    codec = FixedPoint.choose(1.0, 4810, 5)
+    again = SecureRound("site-0", members, 1, "distances", codec, 0, cons.id)
+    again.restore(doc["own"])
+    assert again.own_pieces() == doc["own"]
+    with pytest.raises(LocalError, match="not ours"):
+        SecureRound("site-1", members, 1, "distances", codec, 0, cons.id).restore(doc["own"])

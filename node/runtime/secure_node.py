@@ -31,9 +31,11 @@ from __future__ import annotations
 import asyncio
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any
 
+import msgpack
 import numpy as np
 import torch
 
@@ -121,11 +123,48 @@ def record_secure_charge(node: Node, r: int, t: Trained) -> None:
                          "but no secure-round charge wired: refusing to deal (a bug)")
 
 
+# Our dealing of a round, stored before any deal is sent (outbox/round-N.deals, pruned with
+# the round's other outbox files once it is closed): after a restart the same deals are
+# re-sent byte for byte, never redrawn, so no member holds two different deals of ours for
+# one round (which the round book would take as an equivocation).
+DEALS_SUFFIX = ".deals"
+DEALS_VERSION = 1
+
+
+def _deals_path(node: Node, r: int) -> Path:
+    return node.state.outbox_path(r).with_suffix(DEALS_SUFFIX)
+
+
+def _store_deals(node: Node, r: int, doc: dict[str, Any]) -> None:
+    atomic_write(_deals_path(node, r), msgpack.packb({"version": DEALS_VERSION, "round": r,
+                                                      **doc}, use_bin_type=True))
+
+
+def stored_deals(node: Node, r: int) -> dict[str, Any] | None:
+    """Our stored dealing of round r ({"own", "bodies", "sent"}), if a run stored one."""
+    path = _deals_path(node, r)
+    if not path.exists():
+        return None
+    try:
+        doc = msgpack.unpackb(path.read_bytes(), raw=False)
+        if doc["version"] != DEALS_VERSION or doc["round"] != r:
+            raise ValueError(f"version {doc['version']}, round {doc['round']}")
+        return {"own": tuple(doc["own"]), "bodies": dict(doc["bodies"]), "sent": dict(doc["sent"])}
+    except (ValueError, KeyError, TypeError, msgpack.UnpackException) as exc:
+        raise LocalError(f"{path}: not our stored dealing of round {r + 1} ({exc}): move it "
+                         "away to deal again (the others may then hold two deals of ours)") from None
+
+
 async def release(node: Node, r: int) -> None:
-    """Train, clip, charge, deal; once the machine names the recipients, seal, sign and send
-    each member's deal to it alone."""
+    """Train, clip, charge, deal (or our stored dealing after a restart); once the machine
+    names the recipients, seal, sign and send each member's deal to it alone."""
     m, loop, st, sec = node.machine, asyncio.get_running_loop(), node._round, node.secure
     assert st is not None and sec is not None
+    stored = stored_deals(node, r)
+    if stored is not None:
+        sec.rounds.round(r).restore(stored["own"])
+        await _send_deals(node, r, stored)
+        return
     trained = await node.releaser.train(r)
     if isinstance(trained, Stopped):
         node._feed(m.released(ev.Released(r, "stopped", why=trained.reason), loop.time()))
@@ -141,19 +180,36 @@ async def release(node: Node, r: int) -> None:
         return
     record_secure_charge(node, r, trained)
     deals = sec.rounds.deal(r, sec.codec.encode(contribution(node, trained, sec.codec.clip)))
+    own = sec.rounds.round(r).own_pieces()
+    assert own is not None
+    doc: dict[str, Any] = {"own": list(own), "bodies": deals, "sent": {}}
+    _store_deals(node, r, doc)  # before any deal exists outside memory
+    await _send_deals(node, r, doc)
+
+
+async def _send_deals(node: Node, r: int, doc: dict[str, Any]) -> None:
+    """Tell the machine our deals are ready; to each recipient it names, the deal already
+    signed for it (a restart), else its body sealed to its prekey and signed now (stored
+    before it is sent)."""
+    m, loop = node.machine, asyncio.get_running_loop()
     node._go = loop.create_future()
     node._feed(m.released(ev.Released(r, "new"), loop.time()))
     seal_for = await node._go
     assert node.sealing is not None
-    recipients, missing = node.sealing.recipients(r, [p for p in seal_for if p in deals])
+    bodies, sent = doc["bodies"], doc["sent"]
+    fresh = [p for p in seal_for if p in bodies and p not in sent]
+    recipients, missing = node.sealing.recipients(r, fresh)
     if missing:
         log.warning("%s: round %d: no prekey from %s: they get no deal from us", node.name,
                     r + 1, ", ".join(missing))
     for peer, prekey in sorted(recipients.items()):
-        sealed = node.signer.seal(r, deals[peer], {peer: prekey})
+        sealed = node.signer.seal(r, bodies[peer], {peer: prekey})
         if sealed is not None:
-            data = node._sign(KIND_DEAL, r, sealed)
-            await node._in_background(node._send(peer, data), f"deal-{r}-{peer}")
+            sent[peer] = node._sign(KIND_DEAL, r, sealed)
+    if recipients:
+        _store_deals(node, r, doc)
+    for peer in sorted(p for p in seal_for if p in sent):
+        await node._in_background(node._send(peer, sent[peer]), f"deal-{r}-{peer}")
     node._feed(m.signed(ev.Signed(r, None), loop.time()))
 
 

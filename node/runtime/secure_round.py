@@ -146,6 +146,22 @@ class SecureRound:
                 out[m] = encode_secagg(SecAgg("deal", (_to_bytes(vec), _to_bytes(mask))))
         return out
 
+    def own_pieces(self) -> tuple[bytes, bytes] | None:
+        """Our own pieces of our dealing (None: we have not dealt), to store with the deals."""
+        if self.i not in self.vectors:
+            return None
+        return _to_bytes(self.vectors[self.i]), _to_bytes(self.masks[self.i])
+
+    def restore(self, own: tuple[bytes, bytes]) -> None:
+        """Our own pieces of a dealing stored before a restart (re-sent, never redrawn)."""
+        p = self.params
+        vec = from_bytes(own[0], expected_count=p.codec.dim + 1, expected_kind=VECTOR)
+        mask = from_bytes(own[1], expected_count=p.opened + 1, expected_kind=MASK)
+        if vec.key != (self.r, VECTOR, self.i, self.i) or mask.key != (self.r, MASK, self.i, self.i):
+            raise LocalError(f"stored dealing of round {self.r} is not ours (keys {vec.key}, "
+                             f"{mask.key}): the state dir is another member's?")
+        self.vectors[self.i], self.masks[self.i] = vec, mask
+
     def file_deal(self, sender: str, msg: SecAgg) -> str | None:
         """A dealer's deal for us (decoded and opened by the verifier). None if filed; the
         reason (the dealer's fault) if its pieces are unusable: then it is not held."""
