@@ -402,13 +402,14 @@ def _read_tensors(r: Reader, spec: Sequence[TensorSpec],
 # --- secure aggregation (issue 22; node/runtime/secure_round.py) ----------------------------
 # The steps of a secure round and how many pieces each message of a step carries: a deal
 # (kind "deal", sealed to its one recipient) carries the sender's VECTOR (or SEED) piece and
-# its MASK piece for that recipient; an opened step (kind "secagg", broadcast) carries the
+# its MASK piece for that recipient, and its commitment (every holder's piece digest, n x 32
+# bytes: node/runtime/secure_round.py); an opened step (kind "secagg", broadcast) carries the
 # sender's one opened piece, or none ("I abstain": it cannot compute it this round, and says
 # so at once instead of being waited for). The pieces' own bytes are node/secagg/pieces.py's
 # ("FLSA" header, field elements), parsed and checked by the node: gossip checks the frame.
 SECAGG_DEAL = "deal"
 SECAGG_STEPS = ("check", "degree2", "sum")
-_SECAGG_PIECES = {SECAGG_DEAL: (2,), "check": (0, 1), "degree2": (0, 1), "sum": (0, 1)}
+_SECAGG_PIECES = {SECAGG_DEAL: (3,), "check": (0, 1), "degree2": (0, 1), "sum": (0, 1)}
 # The most dealers a check message may name: node/secagg/shamir.py's MAX_MEMBERS bound
 # (members are evaluation points 1..n of a 16-bit field in the piece header).
 MAX_SECAGG_MEMBERS = 65535
@@ -417,8 +418,8 @@ MAX_SECAGG_MEMBERS = 65535
 @dataclass(frozen=True)
 class SecAgg:
     """A secure round's message: its `step` (SECAGG_DEAL or one of SECAGG_STEPS), its
-    pieces' bytes (deal: (vector or seed, mask); an opened step: (piece,) or () to
-    abstain) and, for a check, the dealers (1..n) whose pieces the sender holds."""
+    pieces' bytes (deal: (vector or seed, mask, commitment); an opened step: (piece,) or ()
+    to abstain) and, for a check, the dealers (1..n) whose pieces the sender holds."""
 
     step: str
     pieces: tuple[bytes, ...]
@@ -440,7 +441,7 @@ def encode_secagg(msg: SecAgg) -> bytes:
 def decode_secagg(body: bytes | memoryview, members: int, sender: str | None = None,
                   deal: bool = False) -> SecAgg:
     """A secure round's body, read field by field: the step one this kind carries (a deal
-    for kind "deal", an opened step for "secagg"), exactly its number of pieces, and for a
+    for kind "deal", an opened step for "secagg"), exactly its number of byte strings, and for a
     check at most `members` distinct dealers 1..members in increasing order."""
     try:
         r = Reader(body)

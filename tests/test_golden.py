@@ -122,7 +122,8 @@ def test_stored_deal_opens_with_the_stored_prekey_and_only_so():
     data = bytes.fromhex(WIRE["envelopes"][E.KIND_DEAL]["bytes"])
     acc = _verifier(_alice_sealing()).verify(data, current_round=WIRE["round"])
     assert acc.secagg.step == "deal"
-    assert acc.secagg.pieces == (G.secagg_piece(1, 2, 1, 5), G.secagg_piece(2, 2, 1, 7))
+    assert acc.secagg.pieces == (G.secagg_piece(1, 2, 1, 5), G.secagg_piece(2, 2, 1, 7),
+                                 G.DEAL_COMMITMENT)
     with pytest.raises(E.RemoteError) as exc:
         _verifier().verify(data, current_round=WIRE["round"])
     assert exc.value.reason == "seal_off"

@@ -59,7 +59,7 @@ def test_a_member_dealing_inconsistent_pieces_is_named_with_its_signed_deal_kept
     the others, the same model at every honest member."""
     from gossip.bodies import SecAgg, decode_secagg, encode_secagg
     from gossip.envelope import KIND_DEAL, decode_outer
-    from node.runtime.secure_round import SecureRounds
+    from node.runtime.secure_round import SecureRounds, piece_digest
     from node.secagg import field as F
     from node.secagg.pieces import Piece, from_bytes, to_bytes
 
@@ -69,18 +69,22 @@ def test_a_member_dealing_inconsistent_pieces_is_named_with_its_signed_deal_kept
         deals = honest_deal(self, r, encoded)
         if self.me != "site-4":
             return deals
-        out = {}
+        pieces = {}
         for k, (to, body) in enumerate(sorted(deals.items())):
             msg = decode_secagg(body, 5, deal=True)
             p = from_bytes(msg.pieces[0])
-            if p.kind != 1:  # a seed piece: sent as it is
-                out[to] = body
-                continue
-            vals = p.values.copy()
-            vals[0] = (int(vals[0]) + 7 + k) % F.P
-            bad = Piece(p.round, p.kind, p.owner, p.holder, vals)
-            out[to] = encode_secagg(SecAgg("deal", (to_bytes(bad), msg.pieces[1])))
-        return out
+            if p.kind == 1:  # a full piece (a seed piece is sent as it is)
+                vals = p.values.copy()
+                vals[0] = (int(vals[0]) + 7 + k) % F.P
+                p = Piece(p.round, p.kind, p.owner, p.holder, vals)
+            pieces[to] = (to_bytes(p), msg.pieces[1])
+        # it commits to the pieces it sends (else each holder refuses them as bad_piece)
+        commit = bytearray(msg.pieces[2])
+        for to, (v, mk) in pieces.items():
+            j = int(to.split("-")[1])
+            commit[32 * j:32 * j + 32] = piece_digest(v, mk)
+        return {to: encode_secagg(SecAgg("deal", (*pm, bytes(commit))))
+                for to, pm in pieces.items()}
 
     monkeypatch.setattr(SecureRounds, "deal", deal)
     summary = _simulate(tmp_path / "run", secure=True, rounds=2)
@@ -128,7 +132,8 @@ def test_our_dealing_is_stored_before_it_is_sent_and_restores_byte_for_byte(tmp_
     cons = load_consortium(tmp_path / "run" / "consortium.toml")
     codec = FixedPoint.choose(1.0, 4810, 5)
     again = SecureRound("site-0", members, 1, "distances", codec, 0, cons.id)
-    again.restore(doc["own"])
-    assert again.own_pieces() == doc["own"]
+    again.restore(doc["own"][:2], doc["own"][2])
+    assert again.own_pieces() == doc["own"][:2]
     with pytest.raises(LocalError, match="not ours"):
-        SecureRound("site-1", members, 1, "distances", codec, 0, cons.id).restore(doc["own"])
+        SecureRound("site-1", members, 1, "distances", codec, 0, cons.id).restore(
+            doc["own"][:2], doc["own"][2])

@@ -31,7 +31,7 @@ from gossip.protocol import (
     Signed,
     Train,
 )
-from node.runtime.secure_round import SECURE_PHASES, SecureOutcome, SecureRounds
+from node.runtime.secure_round import SECURE_PHASES, SecureOutcome, SecureRounds, piece_digest
 from node.secagg import field as F
 from node.secagg.encoding import FixedPoint
 from node.secagg.pieces import from_bytes, to_bytes
@@ -245,21 +245,50 @@ def test_a_sign_flipping_or_scaling_member_is_left_out_by_the_selection(attack):
     np.testing.assert_array_equal(outs[0].field_sum, field_sum(net, outs[0].selected))
 
 
+def inconsistent(deals: dict[str, bytes], commit: bool) -> dict[str, bytes]:
+    """A hostile dealing: each holder's full vector piece moved off the polynomial by a
+    different error (seed pieces sent as they are); `commit`: the dealer commits to the
+    pieces it sends (else they do not match its commitment)."""
+    pieces = {}
+    for k, (to, body) in enumerate(sorted(deals.items())):
+        msg = decode_secagg(body, 8, deal=True)
+        p = from_bytes(msg.pieces[0])
+        if p.kind == 1:
+            vals = p.values.copy()
+            vals[0] = (int(vals[0]) + 1 + k) % F.P
+            p = type(p)(p.round, p.kind, p.owner, p.holder, vals)
+        pieces[to] = (to_bytes(p), msg.pieces[1])
+    c = bytearray(msg.pieces[2])
+    if commit:
+        for to, (v, mk) in pieces.items():
+            j = int(to.split("-")[1])
+            c[32 * j:32 * j + 32] = piece_digest(v, mk)
+    return {to: encode_secagg(SecAgg("deal", (*pm, bytes(c)))) for to, pm in pieces.items()}
+
+
+def test_pieces_that_do_not_match_their_commitment_are_refused_by_each_holder():
+    """bank-3 sends pieces other than those it committed to: each holder of such a piece
+    refuses it (bad_piece, naming it), too few hold its dealing for it to enter, the
+    others' round completes."""
+    net = SecureNet(8, 2, tamper_deal=lambda net, m, r, deals: deals if m != "bank-3"
+                    else inconsistent(deals, commit=False)).run()
+    honest = [m for m in net.names if m != "bank-3"]
+    outs = net.honest_outcomes(honest)
+    for o in outs:
+        assert o.ok and "bank-3" not in o.entered
+        np.testing.assert_array_equal(o.field_sum, field_sum(net, o.selected))
+    # the 5 holders of full pieces name it (the t = 2 seeded holders got untouched seeds)
+    named = [o for o in outs if "do not match its own commitment" in o.named.get("bank-3", "")]
+    assert len(named) == 8 - 1 - 2
+
+
 def test_a_member_dealing_inconsistent_pieces_is_named_and_the_round_completes():
     """bank-3 signs (with its real key) deals whose pieces lie on no degree-t polynomial:
     every other member refuses its dealing, names it, and aggregates the rest."""
     def tamper(net, m, r, deals):
         if m != "bank-3":
             return deals
-        out = {}
-        for k, (to, body) in enumerate(sorted(deals.items())):
-            msg = decode_secagg(body, 8, deal=True)
-            vec = from_bytes(msg.pieces[0])
-            vals = vec.values.copy()
-            vals[0] = (int(vals[0]) + 1 + k) % F.P  # a different error per holder
-            bad = type(vec)(vec.round, vec.kind, vec.owner, vec.holder, vals)
-            out[to] = encode_secagg(SecAgg("deal", (to_bytes(bad), msg.pieces[1])))
-        return out
+        return inconsistent(deals, commit=True)
 
     net = SecureNet(8, 2, tamper_deal=tamper).run()
     honest = [m for m in net.names if m != "bank-3"]

@@ -14,17 +14,17 @@ from gossip.errors import LocalError, RemoteError
 from tests.helpers import consortium, keys, verifier_for
 
 
-@pytest.mark.parametrize("msg", [SecAgg("deal", (b"v", b"m")), SecAgg("check", (b"p",), (1, 3)),
+@pytest.mark.parametrize("msg", [SecAgg("deal", (b"v", b"m", b"c" * 32)), SecAgg("check", (b"p",), (1, 3)),
                                  SecAgg("degree2", (b"p",)), SecAgg("sum", ())])
 def test_round_trip(msg):
     assert decode_secagg(encode_secagg(msg), 4, deal=msg.step == "deal") == msg
 
 
 @pytest.mark.parametrize(("doc", "deal", "words"), [
-    (["deal", [b"v", b"m"], []], False, "step 'deal' in a secagg"),  # a deal must come sealed
+    (["deal", [b"v", b"m", b"c"], []], False, "step 'deal' in a secagg"),  # a deal must come sealed
     (["check", [b"p"], []], True, "in a deal message"),
     (["sum", [b"a", b"b"], []], False, "2 pieces in a sum"),
-    (["deal", [b"v"], []], True, "1 pieces in a deal"),
+    (["deal", [b"v", b"m"], []], True, "2 pieces in a deal"),
     (["check", [b"p"], [1, 2, 3, 4, 5]], False, "5 held dealers"),
     (["check", [b"p"], [2, 1]], False, "increasing order"),
     (["check", [b"p"], [0]], False, "increasing order"),

@@ -162,7 +162,8 @@ async def release(node: Node, r: int) -> None:
     assert st is not None and sec is not None
     stored = stored_deals(node, r)
     if stored is not None:
-        sec.rounds.round(r).restore(stored["own"])
+        sr = sec.rounds.round(r)
+        sr.restore(stored["own"][:2], stored["own"][2])
         await _send_deals(node, r, stored)
         return
     trained = await node.releaser.train(r)
@@ -180,9 +181,10 @@ async def release(node: Node, r: int) -> None:
         return
     record_secure_charge(node, r, trained)
     deals = sec.rounds.deal(r, sec.codec.encode(contribution(node, trained, sec.codec.clip)))
-    own = sec.rounds.round(r).own_pieces()
+    sr = sec.rounds.round(r)
+    own = sr.own_pieces()
     assert own is not None
-    doc: dict[str, Any] = {"own": list(own), "bodies": deals, "sent": {}}
+    doc: dict[str, Any] = {"own": [*own, sr.commitments[sr.i]], "bodies": deals, "sent": {}}
     _store_deals(node, r, doc)  # before any deal exists outside memory
     await _send_deals(node, r, doc)
 

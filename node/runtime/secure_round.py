@@ -48,11 +48,12 @@ multi-Krum) the pairwise squared distances of the entering dealers, who entered,
 selected, who was named and why (docs/privacy-secure.md). The check values are blinded
 (uniform). Its own pieces of others' vectors are t-private: no coalition of t learns more.
 
-Known limits (docs/privacy-secure.md "What is wired"): the check's challenge is derived from
-the consortium and round (public before dealing), not agreed after every dealing was sent;
-a dealer that knows it can craft pieces passing the check while inconsistent elsewhere, which
-the degree-2 and sum decodings then see as wrong openers. Disputes are named as claims, not
-settled by the dealer-signed piece (it is sealed to its holder).
+The check's challenge (Fiat-Shamir): each deal carries the dealer's commitment, the digest
+of every holder's pieces (`piece_digest`, n x 32 bytes); a holder refuses pieces that do not
+match their digest (`bad_piece`), and checks each dealing under the hash of its commitment
+(`challenge`), fixed only once the dealer is bound to every piece. Known limits
+(docs/privacy-secure.md "What is wired"): disputes are named as claims, not settled by the
+dealer-signed piece (it is sealed to its holder).
 """
 
 from __future__ import annotations
@@ -100,10 +101,23 @@ class SecureOutcome:
     named: dict[str, str] = field(default_factory=dict)  # members at fault (or disputed)
 
 
-def challenge(consortium_id: bytes, r: int) -> bytes:
-    """The check's public challenge for round r (see the module's known limits)."""
-    return blake2b(consortium_id + r.to_bytes(8, "little"), digest_size=32,
-                   person=b"flnode-sa-chal").digest()
+COMMIT_BYTES = 32  # one BLAKE2b-256 digest per holder in a dealing's commitment
+
+
+def piece_digest(vector: bytes, mask: bytes) -> bytes:
+    """What a dealing's commitment holds for one holder: BLAKE2b-256 of the two pieces' bytes
+    as sent (a SEED piece's bytes for a seeded holder)."""
+    return blake2b(len(vector).to_bytes(8, "little") + vector + mask, digest_size=COMMIT_BYTES,
+                   person=b"flnode-sa-piece").digest()
+
+
+def challenge(consortium_id: bytes, r: int, dealer: int, commitment: bytes) -> bytes:
+    """The check's challenge for one dealing: a hash of its commitment (every holder's piece
+    digest), so it is fixed only once the dealer has bound itself to every piece
+    (Fiat-Shamir). A dealer that sends holders different commitments makes their checks
+    use different challenges: its dealing then fails the check."""
+    return blake2b(consortium_id + r.to_bytes(8, "little") + dealer.to_bytes(4, "little")
+                   + commitment, digest_size=32, person=b"flnode-sa-chal").digest()
 
 
 class SecureRound:
@@ -118,7 +132,8 @@ class SecureRound:
         self.index = {m: i + 1 for i, m in enumerate(self.members)}
         self.i = self.index[me]
         self.params = robust.RoundParams(r, len(self.members), threshold, codec, variant)
-        self.challenge = challenge(consortium_id, r)
+        self.consortium_id = consortium_id
+        self.commitments: dict[int, bytes] = {}  # dealer -> its commitment, as we received it
         self.vectors: dict[int, Piece] = {}  # dealer -> its VECTOR piece for us
         self.masks: dict[int, Piece] = {}
         self.out = SecureOutcome(r, False)
@@ -137,13 +152,15 @@ class SecureRound:
         # t / (n - 1) of the dealing's bytes saved; their pieces' hiding is then
         # computational (SHAKE-256), the others' information-theoretic.
         pieces = robust.deal_encoded(self.params, self.i, encoded, seeded=SEEDED_DEALING)
+        raw = {j: (_to_bytes(vec), _to_bytes(mask)) for j, (vec, mask) in pieces.items()}
+        commitment = b"".join(piece_digest(*raw[j]) for j in sorted(raw))
+        self.commitments[self.i] = commitment
         out = {}
         for m, j in self.index.items():
-            vec, mask = pieces[j]
             if m == self.me:
-                self.vectors[j], self.masks[j] = vec, mask
+                self.vectors[j], self.masks[j] = pieces[j]
             else:
-                out[m] = encode_secagg(SecAgg("deal", (_to_bytes(vec), _to_bytes(mask))))
+                out[m] = encode_secagg(SecAgg("deal", (*raw[j], commitment)))
         return out
 
     def own_pieces(self) -> tuple[bytes, bytes] | None:
@@ -152,9 +169,10 @@ class SecureRound:
             return None
         return _to_bytes(self.vectors[self.i]), _to_bytes(self.masks[self.i])
 
-    def restore(self, own: tuple[bytes, bytes]) -> None:
+    def restore(self, own: tuple[bytes, bytes], commitment: bytes) -> None:
         """Our own pieces of a dealing stored before a restart (re-sent, never redrawn)."""
         p = self.params
+        self.commitments[self.i] = commitment
         vec = from_bytes(own[0], expected_count=p.codec.dim + 1, expected_kind=VECTOR)
         mask = from_bytes(own[1], expected_count=p.opened + 1, expected_kind=MASK)
         if vec.key != (self.r, VECTOR, self.i, self.i) or mask.key != (self.r, MASK, self.i, self.i):
@@ -166,10 +184,17 @@ class SecureRound:
         """A dealer's deal for us (decoded and opened by the verifier). None if filed; the
         reason (the dealer's fault) if its pieces are unusable: then it is not held."""
         j = self.index.get(sender)
-        if j is None or msg.step != "deal" or len(msg.pieces) != 2:
+        if j is None or msg.step != "deal" or len(msg.pieces) != 3:
             return f"not a deal of a member of this round ({sender})"
         p = self.params
         try:
+            commitment = msg.pieces[2]
+            if len(commitment) != COMMIT_BYTES * p.members:
+                raise PieceError(f"a commitment of {len(commitment)} bytes, expected "
+                                 f"{COMMIT_BYTES} x {p.members}", j)
+            mine = commitment[COMMIT_BYTES * (self.i - 1):COMMIT_BYTES * self.i]
+            if piece_digest(msg.pieces[0], msg.pieces[1]) != mine:
+                raise PieceError("its pieces for us do not match its own commitment", j)
             vec = from_bytes(msg.pieces[0], sender=j)
             if vec.kind == SEED:
                 vec = robust.expand_seed_piece(p, vec)
@@ -183,7 +208,7 @@ class SecureRound:
         except SecAggError as exc:
             self.out.named[sender] = f"bad_piece: {exc}"
             return f"bad_piece: {exc}"
-        self.vectors[j], self.masks[j] = vec, mask
+        self.vectors[j], self.masks[j], self.commitments[j] = vec, mask, commitment
         return None
 
     # --- check ------------------------------------------------------------------------------
@@ -192,9 +217,14 @@ class SecureRound:
         held = tuple(sorted(self.vectors))
         if not held:
             body = encode_secagg(SecAgg(CHECK_PHASE, ()))
-        else:
-            piece = robust.check_piece(self.params, self.i, self.vectors, self.masks, held,
-                                       self.challenge)
+        else:  # each dealing checked under its own challenge (its commitment's hash)
+            total = np.zeros(2 * self.params.members, dtype=np.uint64)
+            for i in held:
+                one = robust.check_piece(self.params, self.i, self.vectors, self.masks, (i,),
+                                         challenge(self.consortium_id, self.r, i,
+                                                   self.commitments[i]))
+                total += one.values  # entries of other dealers are 0: no overflow
+            piece = Piece(self.r, CHECK, 0, self.i, total)
             body = encode_secagg(SecAgg(CHECK_PHASE, (_to_bytes(piece),), held))
         self._bodies[CHECK_PHASE] = body
         return body

@@ -133,16 +133,22 @@ def secagg_piece(kind: int = 3, owner: int = 0, holder: int = 2, count: int = 6)
     return head + b"".join(struct.pack("<Q", 1000 + i) for i in range(count))
 
 
+# A deal's commitment for the golden deal: 3 holders x 32 bytes (fixed, not computed: the
+# golden freezes the frame, node/runtime/secure_round.py checks the digests).
+DEAL_COMMITMENT = bytes(range(96))
+
+
 def make_sealed_deal() -> bytes:
-    """Bob's deal for alice (his VECTOR and MASK pieces for holder 1) sealed to alice's
-    prekey (epoch = WIRE_ROUND)."""
+    """Bob's deal for alice (his VECTOR and MASK pieces for holder 1 and his commitment)
+    sealed to alice's prekey (epoch = WIRE_ROUND)."""
     from gossip import bodies as B
     from gossip.seal import seal, seal_ad, sign_prekey
 
     k = keys()
     alice_prekey = PrivateKey(PREKEY_SEEDS[WIRE_ROUND][::-1])
     signed = sign_prekey(k["alice"], CONSORTIUM_ID, WIRE_ROUND, alice_prekey.public_key)
-    body = B.encode_secagg(B.SecAgg("deal", (secagg_piece(1, 2, 1, 5), secagg_piece(2, 2, 1, 7))))
+    body = B.encode_secagg(B.SecAgg("deal", (secagg_piece(1, 2, 1, 5), secagg_piece(2, 2, 1, 7),
+                                             DEAL_COMMITMENT)))
     head, ct = seal(body, {"alice": signed}, seal_ad(CONSORTIUM_ID, bytes(k["bob"].verify_key),
                                                      WIRE_ROUND))
     return head + ct
