@@ -371,3 +371,27 @@ def test_a_round_with_at_most_t_contributors_is_not_opened():
     o = net.outcome("bank-0")
     assert not o.ok and o.reason in ("too_few_contributors", "too_few_openers")
     assert o.field_sum is None
+
+
+@pytest.mark.parametrize("attack", ["garbage", "impersonate"])
+def test_a_malformed_or_impersonating_opened_piece_is_named_and_left_out(attack):
+    """bank-5's signed check carries garbage piece bytes, or its degree-2 piece claims to be
+    bank-0's (holder 1): named (bad_check / bad_degree2), left out of the decoding, and the
+    round completes with the exact sum."""
+    def tamper(net, m, phase, body):
+        if m != "bank-5":
+            return body
+        msg = decode_secagg(body, 8)
+        if attack == "garbage" and phase == "check":
+            return encode_secagg(SecAgg("check", (b"FLSA" + b"\xff" * 40,), msg.held))
+        if attack == "impersonate" and phase == "degree2" and msg.pieces:
+            p = from_bytes(msg.pieces[0])
+            return encode_secagg(SecAgg("degree2", (to_bytes(type(p)(p.round, p.kind, 0, 1,
+                                                                      p.values)),)))
+        return body
+
+    net = SecureNet(8, 2, tamper_open=tamper).run()
+    why = "bad_check" if attack == "garbage" else "bad_degree2"
+    for o in net.honest_outcomes([m for m in net.names if m != "bank-5"]):
+        assert o.ok and o.named["bank-5"].startswith(why), o.named
+        np.testing.assert_array_equal(o.field_sum, field_sum(net, o.selected))
