@@ -71,3 +71,33 @@ def test_small_consortia_get_the_norm_bound_by_default():
 def test_norm_selection_runs_where_multi_krum_cannot():
     assert secure_rule(_with(4, {"secure": True, "secure_threshold": 1,
                                  "secure_select": "norm"})) == SecureRule(1, "norm")
+
+
+def test_consortium_build_and_scenarios_write_the_secure_rule(tmp_path, capsys):
+    """`flnode consortium build --secure` pins t and the selection (and refuses a threshold
+    the members cannot run, naming it); a scenario's `secure` keys reach the spec."""
+    import tomli_w
+
+    from gossip.membership import load_consortium
+    from node.cli import main
+    from node.rehearsal.simulation.scenario import build_spec
+    from tests.helpers import SCHEMA
+
+    names = [f"bank-{i}" for i in range(5)]
+    for name in names:
+        assert main(["keygen", "--out", str(tmp_path / "keys"), "--name", name]) == 0
+    (tmp_path / "schema.toml").write_text(tomli_w.dumps(SCHEMA))
+    argv = ["consortium", "build", "--name", "c", "--schema", str(tmp_path / "schema.toml"),
+            *[a for n in names for a in ("--member", str(tmp_path / "keys" / f"{n}.pub"))]]
+    assert main([*argv, "--out", str(tmp_path / "plain.toml")]) == 0
+    assert main([*argv, "--out", str(tmp_path / "secure.toml"), "--secure"]) == 0
+    plain, sec = load_consortium(tmp_path / "plain.toml"), load_consortium(tmp_path / "secure.toml")
+    assert secure_rule(plain) is None and "secure" not in plain.rules
+    assert secure_rule(sec) == SecureRule(1, "multi-krum")
+    assert main([*argv, "--out", str(tmp_path / "bad.toml"), "--secure",
+                 "--secure-threshold", "2"]) == 2
+    assert "secure_threshold = 2" in capsys.readouterr().err
+    sc = tmp_path / "s.toml"
+    sc.write_text('dataset = "digits"\nsecure = true\nsecure_select = "norm"\n')
+    spec = build_spec(sc, {"out": tmp_path / "o"})
+    assert (spec.secure, spec.secure_select, spec.secure_threshold) == (True, "norm", None)
