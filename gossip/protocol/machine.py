@@ -251,7 +251,7 @@ class RoundMachine:
                 self._unacked.setdefault(acc.round, []).append(token)
             else:
                 out.append(Ack((token,)))
-        self._heard(acc.sender, acc.share is not None and where in ("buffered", "ahead"), out)
+        self._heard(acc.sender, (acc.share or acc.secagg) is not None and where in ("buffered", "ahead"), out)
         if where == "prekey":
             self.live.prekey_came(acc.sender)
         if acc.hello:  # it has just started: tell it our prekeys / our round
