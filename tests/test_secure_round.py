@@ -19,6 +19,7 @@ from gossip.protocol import (
     Broadcast,
     Close,
     PhaseMessage,
+    Presence,
     Refused,
     Released,
     RoundBook,
@@ -59,6 +60,7 @@ class Member:
         self.deals: dict[int, dict[str, bytes]] = {}
         self.outcomes: dict[int, SecureOutcome] = {}
         self.refused: list[Refused] = []
+        self.presence: list[Presence] = []
         self.now = 0.0
 
     def pack(self, kind: str, r: int, body: bytes) -> bytes:
@@ -71,9 +73,14 @@ class Member:
             a = queue.pop(0)
             if isinstance(a, Refused):
                 self.refused.append(a)
+            elif isinstance(a, Presence):
+                self.presence.append(a)
             elif isinstance(a, Train):
                 if self.name in self.net.silent_from.get(a.round, ()):
                     continue  # crashed: trains and sends nothing more
+                if self.name in self.net.no_deal.get(a.round, ()):  # nothing to deal
+                    queue += self.m.released(Released(a.round, "non_finite"), self.now)
+                    continue
                 vec = self.net.vector(self.name, a.round)
                 self.deals[a.round] = self.net.tamper_deal(
                     self.name, a.round, self.secure.deal(a.round, self.net.codec.encode(vec)))
@@ -132,7 +139,7 @@ class SecureNet:
 
     def __init__(self, n: int, t: int, *, variant: str = "distances", rounds: int = 1,
                  vectors=None, silent_from=None, mute=None, late=None,
-                 tamper_deal=None, tamper_open=None, mute_rounds=(0,)) -> None:
+                 tamper_deal=None, tamper_open=None, mute_rounds=(0,), no_deal=None) -> None:
         self.sks = keys(n)
         self.cons = consortium(self.sks)
         self.cid = self.cons.id
@@ -144,6 +151,7 @@ class SecureNet:
         self.vectors = vectors or {}
         self.silent_from = silent_from or {}
         self.mute, self.mute_rounds = mute or {}, mute_rounds
+        self.no_deal = no_deal or {}
         self.late = late or {}
         self._tamper_deal = tamper_deal
         self._tamper_open = tamper_open
@@ -395,3 +403,18 @@ def test_a_malformed_or_impersonating_opened_piece_is_named_and_left_out(attack)
     for o in net.honest_outcomes([m for m in net.names if m != "bank-5"]):
         assert o.ok and o.named["bank-5"].startswith(why), o.named
         np.testing.assert_array_equal(o.field_sum, field_sum(net, o.selected))
+
+
+def test_a_dealer_absent_for_a_round_is_back_when_it_deals_again():
+    """bank-7 deals nothing in round 1: the others close it at the deadline and mark it
+    absent (its later step messages are talk: waited for one more deadline); its deal in
+    round 2 counts as a share, so it is fully back (a share lifts the absence for good,
+    talk only once), and the round opens with it."""
+    net = SecureNet(8, 2, rounds=2, no_deal={0: ("bank-7",)}).run()
+    for m in net.names[:7]:
+        kinds = [p.what for p in net.members[m].presence if p.member == "bank-7"]
+        assert kinds[0] == "absent", kinds
+        live = net.members[m].m.live
+        assert "bank-7" not in live.absent and "bank-7" not in live.talked
+        assert "bank-7" not in net.outcome(m, 0).dealt and "bank-7" in net.outcome(m, 1).dealt
+        assert net.outcome(m, 1).ok
