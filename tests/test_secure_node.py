@@ -25,8 +25,8 @@ def _simulate(out: Path, **kw) -> dict:
                     console=Console(quiet=True))
 
 
+@pytest.mark.slow  # 5 members x 3 secure rounds plus the local-only baselines: 7-10 s
 def test_simulate_secure_every_member_reconstructs_the_same_model(tmp_path):
-    """5 members x 3 secure rounds plus the local-only baselines: ~7 s idle."""
     summary = _simulate(tmp_path / "run", secure=True)
     rules = summary["rules"]
     assert (rules["secure"], rules["secure_threshold"], rules["secure_select"]) == \
@@ -47,8 +47,24 @@ def test_simulate_secure_every_member_reconstructs_the_same_model(tmp_path):
 
 
 def test_secure_with_dp_is_refused_by_name_until_dp_on_the_sum_is_wired(tmp_path):
-    with pytest.raises(LocalError, match="privacy.mode"):
+    """By the simulator before anything is built, and by the node itself (a config written
+    by hand), naming the setting; and a secure node without sealing is refused too."""
+    from gossip.membership import Consortium
+    from node.runtime import secure_node
+    from node.strategy.consortium_rules import pin_rules, rules_table
+    from tests.helpers import consortium, keys
+
+    with pytest.raises(LocalError, match="--privacy record"):
         _simulate(tmp_path / "dp", secure=True, privacy="record", epsilon=3.0, rounds=1)
+    base = consortium(keys(5))
+    cons = Consortium(base.name, base.schema, base.members, pin_rules(rules_table(5, secure=True), 5))
+    node = SimpleNamespace(consortium=cons, sealing=object(), name="bank-0",
+                           cfg=SimpleNamespace(privacy=SimpleNamespace(mode="record")))
+    with pytest.raises(LocalError, match="privacy.mode = 'record'"):
+        secure_node.setup(node)
+    node.sealing = None
+    with pytest.raises(LocalError, match="gossip.seal"):
+        secure_node.setup(node)
 
 
 def test_a_member_dealing_inconsistent_pieces_is_named_with_its_signed_deal_kept(

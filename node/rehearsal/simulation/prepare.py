@@ -522,6 +522,9 @@ def prepare(spec: SimulationSpec,
     """
     if spec.data_dir is None and spec.nodes < 2:
         raise LocalError("--nodes: a consortium needs at least 2 members")
+    if spec.secure and spec.privacy != "off":  # the node refuses it too (secure_node.setup)
+        raise LocalError(f"--secure with --privacy {spec.privacy}: secure rounds do not yet "
+                         "carry DP noise on the sum (issue 22); use --privacy off")
     template = network_template(spec)
     names = list(template.members)
     check_faults(spec, names)
