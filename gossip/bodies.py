@@ -18,7 +18,9 @@ Seen body: a msgpack array of [member public key (bin 32), envelope digest (bin
 included), its size checked against the member count before it is read. Stats body:
 a msgpack map {"rows": float, "sum": bin (8 k), "sumsq": bin (8 k)}, float64
 little-endian, one value per numeric column of the schema (k columns). Norm body:
-one byte, `NORM_USABLE` or `NORM_RANGE`. (The hello, final, retire and prekey
+one byte, `NORM_USABLE` or `NORM_RANGE`. Deal and secagg bodies (secure rounds): a
+msgpack array [step (str), [piece (bin), ...], [dealer (uint), ...]] (`SecAgg`; a deal
+is sealed to its recipient, gossip.seal). (The hello, final, retire and prekey
 bodies are checked by the envelope's verifier and `gossip.seal`.)
 
 Every decoder reads field by field (gossip.wire), each field's msgpack type and
@@ -395,3 +397,72 @@ def _read_tensors(r: Reader, spec: Sequence[TensorSpec],
                                   f"tensor {shorten(name)} holds NaN or infinite values")
         tensors[name] = array
     return tensors
+
+
+# --- secure aggregation (issue 22; node/runtime/secure_round.py) ----------------------------
+# The steps of a secure round and how many pieces each message of a step carries: a deal
+# (kind "deal", sealed to its one recipient) carries the sender's VECTOR (or SEED) piece and
+# its MASK piece for that recipient, and its commitment (every holder's piece digest, n x 32
+# bytes: node/runtime/secure_round.py); an opened step (kind "secagg", broadcast) carries the
+# sender's one opened piece, or none ("I abstain": it cannot compute it this round, and says
+# so at once instead of being waited for). The pieces' own bytes are node/secagg/pieces.py's
+# ("FLSA" header, field elements), parsed and checked by the node: gossip checks the frame.
+SECAGG_DEAL = "deal"
+SECAGG_STEPS = ("check", "degree2", "sum")
+_SECAGG_PIECES = {SECAGG_DEAL: (3,), "check": (0, 1), "degree2": (0, 1), "sum": (0, 1)}
+# The most dealers a check message may name: node/secagg/shamir.py's MAX_MEMBERS bound
+# (members are evaluation points 1..n of a 16-bit field in the piece header).
+MAX_SECAGG_MEMBERS = 65535
+
+
+@dataclass(frozen=True)
+class SecAgg:
+    """A secure round's message: its `step` (SECAGG_DEAL or one of SECAGG_STEPS), its
+    pieces' bytes (deal: (vector or seed, mask, commitment); an opened step: (piece,) or ()
+    to abstain) and, for a check, the dealers (1..n) whose pieces the sender holds."""
+
+    step: str
+    pieces: tuple[bytes, ...]
+    held: tuple[int, ...] = ()
+
+
+def encode_secagg(msg: SecAgg) -> bytes:
+    """The body: msgpack [step (str), [piece (bin), ...], [dealer (uint), ...]]; a deal's
+    is then sealed to its recipient (gossip.seal) by the sender."""
+    if msg.step not in _SECAGG_PIECES or len(msg.pieces) not in _SECAGG_PIECES[msg.step]:
+        raise LocalError(f"secagg {msg.step!r} with {len(msg.pieces)} piece(s)")
+    if msg.held and (msg.step != "check" or list(msg.held) != sorted(set(msg.held))
+                     or msg.held[0] < 1 or msg.held[-1] > MAX_SECAGG_MEMBERS):
+        raise LocalError(f"secagg {msg.step}: held dealers {msg.held!r}")
+    return msgpack.packb([msg.step, [bytes(p) for p in msg.pieces], list(msg.held)],
+                         use_bin_type=True)
+
+
+def decode_secagg(body: bytes | memoryview, members: int, sender: str | None = None,
+                  deal: bool = False) -> SecAgg:
+    """A secure round's body, read field by field: the step one this kind carries (a deal
+    for kind "deal", an opened step for "secagg"), exactly its number of byte strings, and for a
+    check at most `members` distinct dealers 1..members in increasing order."""
+    try:
+        r = Reader(body)
+        if r.array_header() != 3:
+            raise WireError("not [step, pieces, held]")
+        step = r.str(16)
+        if step not in ((SECAGG_DEAL,) if deal else SECAGG_STEPS):
+            raise WireError(f"step {shorten(step)} in a {'deal' if deal else 'secagg'} message")
+        count = r.array_header()
+        if count not in _SECAGG_PIECES[step]:
+            raise WireError(f"{count} pieces in a {step} message (expected "
+                            f"{' or '.join(map(str, _SECAGG_PIECES[step]))})")
+        pieces = tuple(bytes(r.bin()) for _ in range(count))
+        n_held = r.array_header()
+        if n_held > (members if step == "check" else 0):
+            raise WireError(f"{n_held} held dealers in a {step} message of {members} members")
+        held = tuple(r.uint(members + 1) for _ in range(n_held))
+        if any(d < 1 for d in held) or list(held) != sorted(set(held)):
+            raise WireError("held dealers are not distinct members 1..n in increasing order")
+        r.done()
+    except WireError as exc:
+        raise RemoteError("bad_body", f"a secure-aggregation message is [step, [piece, ...], "
+                          f"[dealer, ...]]: {exc}", sender) from None
+    return SecAgg(step, pieces, held)

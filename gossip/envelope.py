@@ -22,9 +22,11 @@ the sender stops sharing), "hello" (one byte: ask or reply), "seen" (the
 digests of the shares the sender combined in a round), "echo" (the digests of the
 shares it holds for a round, before combining: gossip/protocol/echo.py), "stats" (a member's
 statistics for federated normalization), "norm" (its normalization vote, one
-byte), "final" (the 32-byte digest of its final model). The share, seen, echo,
-stats and norm bodies are encoded and decoded in `gossip.bodies`, whose docstring
-gives their layout.
+byte), "final" (the 32-byte digest of its final model), and in a secure round
+(issue 22) "deal" (the sender's pieces of its contribution for one recipient, sealed
+to that recipient) and "secagg" (one opened piece of a later step: check, degree2,
+sum). The share, seen, echo, stats, norm and secure-aggregation bodies are encoded and
+decoded in `gossip.bodies`, whose docstring gives their layout.
 
 Verification runs in this order and stops at the first failure, each with
 its own counted reason: size cap (`too_large`) -> outer decode with limits
@@ -66,11 +68,13 @@ from nacl.signing import SigningKey, VerifyKey
 
 from gossip.bodies import (
     DIGEST_BYTES,
+    SecAgg,
     Share,
     Stats,
     TensorSpec,
     decode_echo,
     decode_norm,
+    decode_secagg,
     decode_seen,
     decode_share,
     decode_stats,
@@ -129,9 +133,17 @@ KIND_NORM = "norm"
 # other shares) are told so. It tells nothing about the rows: every member holding the
 # same shares can compute it.
 KIND_FINAL = "final"
+# Secure aggregation (issue 22, node/runtime/secure_round.py; gossip.bodies `SecAgg`):
+# "deal" carries the sender's pieces of its contribution for ONE recipient, sealed to that
+# recipient's prekey (gossip.seal; round = the secure round): in a secure round it takes
+# the place of the share (the round book files it as the sender's share for the round, so
+# the share phase's closing rule, equivocation and staleness apply to it unchanged);
+# "secagg" carries one opened piece of a later step (check, degree2, sum), broadcast.
+KIND_DEAL = "deal"
+KIND_SECAGG = "secagg"
 SHARE_KINDS = frozenset({KIND_SHARE, KIND_SEALED})
 KINDS = frozenset({KIND_SHARE, KIND_SEALED, KIND_PREKEY, KIND_RETIRE, KIND_HELLO, KIND_SEEN,
-                   KIND_STATS, KIND_NORM, KIND_FINAL, KIND_ECHO})
+                   KIND_STATS, KIND_NORM, KIND_FINAL, KIND_ECHO, KIND_DEAL, KIND_SECAGG})
 _KINDS_BY_BYTES = {k.encode(): k for k in KINDS}
 _PROTO_BYTES = PROTO.encode()
 
@@ -185,6 +197,7 @@ class Accepted:
     seen: tuple[tuple[str, bytes], ...] = ()  # a seen or echo message: (member, digest)
     stats: Stats | None = None  # a stats message's values
     norm_range: bool | None = None  # a norm message's vote: True = fall back to range scaling
+    secagg: SecAgg | None = None  # a deal (opened) or secagg message (gossip.bodies)
 
     @property
     def round(self) -> int:
@@ -423,7 +436,7 @@ class Verifier:
                 self._learn_prekeys(env, name, current_round)
             raise
         share, prekeys, hello, body, seen, stats = None, (), False, None, (), None
-        norm_range = None
+        norm_range, secagg = None, None
         if env.kind == KIND_SEEN:
             seen = decode_seen(env.body, self.members, name)
         elif env.kind == KIND_ECHO:
@@ -446,11 +459,27 @@ class Verifier:
             hello = bytes(env.body) == HELLO_ASK
         elif env.kind == KIND_PREKEY:
             prekeys, hello = self._learn_prekeys(env, name, current_round)
+        elif env.kind == KIND_SECAGG:
+            secagg = decode_secagg(env.body, len(self.members), name)
+        elif env.kind == KIND_DEAL:
+            secagg = self._open_deal(env, name)
         else:
             share, body = self._decode(env, name)
         self._windows.setdefault(env.sender, _SenderWindow()).remember(env.seq, digest)
         return Accepted(name, env.envelope(body, digest), share, prekeys, hello, seen, stats,
-                        norm_range)
+                        norm_range, secagg)
+
+    def _open_deal(self, env: _Outer, name: str) -> SecAgg:
+        """A deal: sealed to us (never readable on the wire), then its frame checked."""
+        if self.sealing is None:
+            raise RemoteError("seal_off", "a secure-aggregation deal, but this node does not "
+                              "seal (gossip.seal = \"off\"): secure rounds need sealing", name)
+        try:
+            plain = self.sealing.open(env.body, env.sender, env.round, name)
+        except RemoteError as exc:
+            raise RemoteError(exc.reason, exc.detail, name, env.round if exc.reason ==
+                              "no_prekey" else None) from None
+        return decode_secagg(plain, len(self.members), name, deal=True)
 
     def _learn_prekeys(self, env: _Outer, name: str, current_round: int
                        ) -> tuple[tuple[SignedPrekey, ...], bool]:
@@ -499,7 +528,7 @@ class Verifier:
             if env.seq <= window.highest - REPLAY_WINDOW:
                 raise RemoteError("replay", f"seq {env.seq} is older than the replay window "
                                   f"(newest {window.highest})", name)
-        if env.round < current_round and env.kind in SHARE_KINDS:
+        if env.round < current_round and (env.kind in SHARE_KINDS or env.kind == KIND_DEAL):
             raise RemoteError("stale", f"share for round {env.round}, we are at round "
                               f"{current_round}", name)
 

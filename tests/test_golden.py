@@ -85,14 +85,14 @@ def test_envelope_of_every_kind_is_byte_exact(kind):
     golden = WIRE["envelopes"][kind]
     body = bytes.fromhex(golden["body"])
     sealed = bytes.fromhex(WIRE["sealed_body"])
-    if kind != E.KIND_SEALED:  # the sealed body is random: the stored one is the input
+    if kind not in (E.KIND_SEALED, E.KIND_DEAL):  # sealed bodies are random: stored
         assert G.bodies(sealed)[kind] == body, f"today's {kind} body differs from the golden one"
     packed = E.pack(_keys()[WIRE["sender"]], bytes.fromhex(WIRE["consortium_id"]), kind,
                     WIRE["round"], golden["seq"], body)
     assert packed.hex() == golden["bytes"]
 
 
-@pytest.mark.parametrize("kind", sorted(set(WIRE["envelopes"]) - {E.KIND_SEALED}))
+@pytest.mark.parametrize("kind", sorted(set(WIRE["envelopes"]) - {E.KIND_SEALED, E.KIND_DEAL}))
 def test_golden_envelope_is_accepted_by_a_plain_verifier(kind):
     data = bytes.fromhex(WIRE["envelopes"][kind]["bytes"])
     acc = _verifier().verify(data, current_round=WIRE["round"])
@@ -111,6 +111,22 @@ def test_golden_envelope_is_accepted_by_a_plain_verifier(kind):
         assert acc.stats.rows == 500.0 and list(acc.stats.sumsq) == [10.25, 8.0]
     elif kind == E.KIND_NORM:
         assert acc.norm_range is False
+    elif kind == E.KIND_SECAGG:
+        assert (acc.secagg.step, acc.secagg.held) == ("check", (1, 2, 3))
+        assert acc.secagg.pieces == (G.secagg_piece(),)
+
+
+def test_stored_deal_opens_with_the_stored_prekey_and_only_so():
+    """A secure round's deal (issue 22) is sealed to its one recipient: alice reads bob's
+    two pieces; a node without sealing refuses it (seal_off), never reads it."""
+    data = bytes.fromhex(WIRE["envelopes"][E.KIND_DEAL]["bytes"])
+    acc = _verifier(_alice_sealing()).verify(data, current_round=WIRE["round"])
+    assert acc.secagg.step == "deal"
+    assert acc.secagg.pieces == (G.secagg_piece(1, 2, 1, 5), G.secagg_piece(2, 2, 1, 7),
+                                 G.DEAL_COMMITMENT)
+    with pytest.raises(E.RemoteError) as exc:
+        _verifier().verify(data, current_round=WIRE["round"])
+    assert exc.value.reason == "seal_off"
 
 
 def test_prekey_announcement_is_byte_exact_and_verifies():

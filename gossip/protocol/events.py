@@ -159,11 +159,14 @@ class SendShare:
 @dataclass(frozen=True)
 class SendPhase:
     """A later phase begins: build its body from what the round holds and send it to
-    `peers` (the body is the phase's business: digests for an echo, masks...)."""
+    `peers` (the body is the phase's business: digests for an echo, masks...). `got`:
+    what each earlier later phase of the round collected, member -> body (a secure
+    round's next step is computed from the previous step's opened pieces)."""
 
     round: int
     phase: str
     peers: tuple[str, ...]
+    got: Mapping[str, Mapping[str, bytes]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

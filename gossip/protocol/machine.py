@@ -251,7 +251,7 @@ class RoundMachine:
                 self._unacked.setdefault(acc.round, []).append(token)
             else:
                 out.append(Ack((token,)))
-        self._heard(acc.sender, acc.share is not None and where in ("buffered", "ahead"), out)
+        self._heard(acc.sender, (acc.share or acc.secagg) is not None and where in ("buffered", "ahead"), out)
         if where == "prekey":
             self.live.prekey_came(acc.sender)
         if acc.hello:  # it has just started: tell it our prekeys / our round
@@ -576,7 +576,8 @@ class RoundMachine:
             out.append(Broadcast(msg, f"echo-{r}") if self.peers is None and spec.peers is None
                        else SendTo(self._phase_peers, msg, f"echo-{r}"))
         else:
-            out.append(SendPhase(r, spec.name, self._phase_peers))
+            out.append(SendPhase(r, spec.name, self._phase_peers, {p.name: dict(self._phase_got.get(
+                (r, p.name), {})) for p in self.phases[1:self._phase]}))
         self.stage = "phase"
         self._wait = Wait(f"round {r + 1} {spec.name}", now, self.deadline,
                            now + WAIT_REPORT_FIRST_S)

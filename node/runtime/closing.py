@@ -24,7 +24,7 @@ from gossip.protocol import events as ev
 from node.learn.models import named_to_flat, set_flat
 from node.learn.train import evaluate
 from node.ops.intervals import metric_intervals
-from node.runtime import audit, bookkeeping, checkpoint
+from node.runtime import audit, bookkeeping, checkpoint, secure_node
 from node.runtime.release import Result
 from node.runtime.round_report import RoundReport
 from node.strategy import WeightedShare
@@ -61,6 +61,8 @@ class RoundState:
 
 def aggregate(node: Node, c: ev.Close) -> dict[str, Accepted]:
     """Aggregate the round's shares with our own release, evaluate; the shares used."""
+    if node.secure is not None:  # the secure sum (secure_node.py)
+        return secure_node.aggregate(node, c)
     st = node._round
     assert st.own is not None
     r, own = c.round, st.own

@@ -1,19 +1,15 @@
 """The thin asyncio driver of one node: it carries out what the round machine decides.
 
 gossip/protocol's RoundMachine (sans-IO) decides when rounds start, wait, close and end
-(the start barrier, federated normalization's votes and statistics, prekeys, the closing
-rule, absence, seen reports, hellos, the finals). This file feeds it (messages from the
-transport through `envelope.Verifier`, rejections, our release's outcome, the clock) and
-carries out each action it returns (gossip/protocol/__init__.py maps every action to the
-method here). The release (train -> clip + noise -> charge -> sign -> store) is the
-Releaser's (release.py), signing and the prekey files the Signer's (signer.py); a
-rehearsal wraps them (node/rehearsal/), never this file. The parts are built by build.py;
-our release task, packing (sealing) the share and the sends are sharing.py's, a
-round's aggregation, report and metrics line closing.py's, the bookkeeping actions
-(counters, audit lines, evidence, acks) bookkeeping.py's; the checkpoint codec is
-checkpoint.py, the audit/metrics records audit.py, evidence findings.py, normalization's
-files and decisions normalization.py, the final models finals.py, the wait reports
-activity.py. Nothing a peer sends can stop the loop.
+(start barrier, normalization's votes and statistics, prekeys, closing rule, absence, seen
+reports, hellos, finals). This file feeds it (messages through `envelope.Verifier`,
+rejections, our release's outcome, the clock) and carries out each action it returns
+(gossip/protocol/__init__.py maps every action to the method here). The release is the
+Releaser's (release.py), signing and prekey files the Signer's (signer.py); a rehearsal
+wraps them (node/rehearsal/), never this file. Parts: build.py; our release task, sealing
+and sends: sharing.py; a round's aggregation and report: closing.py; a secure round's
+steps: secure_node.py; bookkeeping actions: bookkeeping.py; checkpoint.py, audit.py,
+findings.py, normalization.py, finals.py, activity.py. Nothing a peer sends stops the loop.
 """
 
 from __future__ import annotations
@@ -27,6 +23,7 @@ from collections import Counter
 from collections.abc import Callable, Coroutine, Sequence
 from typing import Any
 
+import node.runtime.secure_node as secure_node
 from gossip.bodies import Stats
 from gossip.envelope import KIND_ECHO, KIND_FINAL, Accepted
 from gossip.errors import LocalError, RemoteError
@@ -103,6 +100,7 @@ class Node:
                 self.state, self.schema)) is not None:
             self._adopt(agreed_before, saved=True)
         checkpoint.resume(self)
+        self.secure = secure_node.setup(self)  # the consortium's secure mode, if any
         self.machine = RoundMachine(
             self.name, [m.name for m in self.consortium.members], self.book, self._params(),
             keys={m.name: m.public_key for m in self.consortium.members},
@@ -113,7 +111,7 @@ class Node:
             normalization=normalization.machine_settings(
                 self.state, self.schema, self.budget, self._tables is not None,
                 self.normalization is not None, self._norm_fallback is not None),
-            **echo_round.machine_args(self.consortium, self.strategy_params))
+            **secure_node.machine_args(self.consortium, self.strategy_params))
         # The machine's parts, by the names operators' tests read.
         self.liveness, self.seen = self.machine.live, self.machine.seen
         self.hellos, self.norm_votes = self.machine.hello, self.machine.agreement
@@ -191,7 +189,7 @@ class Node:
                 exc.reason, exc.detail, exc.peer, exc.signed_round, msg.peer_hint,
                 blake(msg.data), msg.ack), now))
             return None
-        actions = self.machine.receive(accepted, now, data=msg.data, token=msg.ack)
+        actions = secure_node.receive(self, accepted, now, msg.data, msg.ack)
         self._feed(actions)
         filed = any(isinstance(a, ev.Filed) for a in actions)
         return accepted if filed else None
@@ -287,6 +285,8 @@ class Node:
                     await self._in_background(self._broadcast(r, result.data), f"share-{r}")
                 elif self._go is not None and not self._go.done():
                     self._go.set_result(seal_for)
+            case ev.SendPhase():  # a secure round's step (secure_node.py)
+                await secure_node.send_phase(self, a)
             case ev.Close():
                 if a.echo is not None:  # the echo's audit lines and evidence first
                     self.echo_records.closed(a.round, a.echo)
@@ -346,7 +346,7 @@ class Node:
 
     # --- our share ------------------------------------------------------------------
     async def _release(self, r: int) -> None:
-        await sharing.release(self, r)
+        await (sharing.release if self.secure is None else secure_node.release)(self, r)
 
     def _sign(self, kind: str, r: int, body: bytes | Sequence[bytes]) -> bytes:
         """Signed with the next sequence number, on disk first (Signer.sign)."""

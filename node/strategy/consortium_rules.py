@@ -18,6 +18,9 @@ differently are different consortia and refuse each other's shares.
     compression = "int8"           # optional: none (default), fp16, int8, topk:FRACTION
                                    # (gossip/compress.py; docs/reference/compression.md)
     echo = true                    # optional: the digest echo (below); missing: off
+    secure = true                  # optional: secure aggregation (below); missing: off
+    secure_threshold = 1           # with secure: t, the colluding members tolerated
+    secure_select = "multi-krum"   # with secure: "multi-krum" (distances) or "norm"
     [rules.params]                 # optional rule parameters (m, tau, distance, ...)
 
 Defaults, for a file without a key (`aggregation = "auto"`, what `flnode consortium
@@ -55,6 +58,17 @@ different members is left out by every honest member. A file without the key (on
 written before it existed) keeps today's rounds without the echo, and its id; what
 `flnode consortium build` and the simulators write says `echo = true` (ECHO_DEFAULT).
 
+`secure = true` (issue 22): no member sees another's contribution; each Shamir-shares it
+among all members with threshold `secure_threshold` = t and the members open only the
+selected members' sum (node/runtime/secure_round.py, docs/privacy-secure.md). t must
+satisfy n >= 3t + 1 (Reed-Solomon then corrects wrong pieces and names their senders);
+`secure_select = "multi-krum"` opens the pairwise squared distances and runs multi-Krum at
+f = t, which needs n >= 2t + 3 members; "norm" opens the squared norms only (a norm bound,
+no selection: reveals less). Left out, t is the largest with n >= 3t + 1 and the selection
+multi-Krum where n >= 2t + 3, else "norm" (written out: pinned). A file without
+`secure` keeps today's plain rounds and its id; `secure_threshold` / `secure_select`
+without `secure = true` are refused (a rule that would silently not apply).
+
 Pinned, not left to the code: `flnode consortium build` and the simulators write
 every parameter the rule takes into the file (`pin_rules`: f, the cap, and under
 `[rules.params]` each default of this flnode version made explicit: weighting,
@@ -79,6 +93,11 @@ from node.strategy import Strategy, make_strategy
 from node.strategy.registry import canonical
 
 DEFAULT_RULE = "auto"
+# The largest secure_threshold a [rules] table may give: n >= 3t + 1 and the secure
+# core's member bound (node/secagg/shamir.py MAX_MEMBERS) keep t far below it anyway;
+# this only bounds what a hand-written file can make us compute before that check.
+SECURE_MAX_THRESHOLD = 1000
+SECURE_SELECTS = ("multi-krum", "norm")
 log = logging.getLogger("flnode.node")
 
 
@@ -148,6 +167,10 @@ class ConsortiumRules(BaseModel):
     clip: float | None = Field(default=None, gt=0)
     noise_multiplier: float | None = Field(default=None, gt=0)
     echo: bool | None = None  # None (the key missing): no echo phase, as before the key
+    # Secure aggregation (issue 22; `secure_rule`): None (the keys missing) = plain rounds.
+    secure: bool | None = None
+    secure_threshold: int | None = Field(default=None, ge=1, le=SECURE_MAX_THRESHOLD)
+    secure_select: Literal["multi-krum", "norm"] | None = None
     params: dict[str, Any] = Field(default_factory=dict)
     # How shares are compressed on the wire (gossip/compress.py): none, fp16, int8 or
     # topk:FRACTION. A file without the key means "none" and keeps its id.
@@ -189,6 +212,62 @@ def echo_rule(consortium: Consortium, source: str = "consortium file") -> bool:
     the file has no [rules] or no key: the rounds it was built for)."""
     rules = parse_rules(consortium, source)
     return bool(rules is not None and rules.echo)
+
+
+@dataclass(frozen=True)
+class SecureRule:
+    """The consortium's secure mode: t (coalitions of up to t members learn nothing but
+    what is opened) and the selection ("multi-krum": distances opened, multi-Krum at
+    f = t; "norm": squared norms only)."""
+
+    threshold: int
+    select: str
+
+    @property
+    def variant(self) -> str:
+        """node/secagg/robust.py's name for the selection."""
+        return "distances" if self.select == "multi-krum" else "norm_only"
+
+
+def default_secure_threshold(members: int) -> int:
+    """The largest t with n >= 3t + 1 (at least 1): what `flnode consortium build --secure`
+    and the simulators write when no threshold is given."""
+    return max(1, (members - 1) // 3)
+
+
+def default_secure_select(members: int, threshold: int) -> str:
+    """multi-Krum (at f = t) where the consortium is large enough for it (n >= 2t + 3),
+    else the norm bound alone: what is written when the [rules] do not say."""
+    return "multi-krum" if members >= 2 * threshold + 3 else "norm"
+
+
+def check_secure(rules: ConsortiumRules, members: int, source: str) -> SecureRule | None:
+    """The secure mode a [rules] table asks for, checked against the member count; None
+    for plain rounds. LocalError naming the key and the reason otherwise."""
+    if not rules.secure:
+        stray = [k for k in ("secure_threshold", "secure_select") if getattr(rules, k) is not None]
+        if stray:
+            raise LocalError(f"{source}: rules.{stray[0]} is set but rules.secure is not true: "
+                             "it would not apply (set secure = true, or remove it)")
+        return None
+    t = rules.secure_threshold if rules.secure_threshold is not None else \
+        default_secure_threshold(members)
+    select = rules.secure_select or default_secure_select(members, t)
+    if members < 3 * t + 1:
+        raise LocalError(f"{source}: rules.secure_threshold = {t} with {members} members: secure "
+                         f"aggregation needs n >= 3t + 1 = {3 * t + 1} (to correct up to t wrong "
+                         "pieces and name their senders); lower the threshold or add members")
+    if select == "multi-krum" and members < 2 * t + 3:
+        raise LocalError(f"{source}: rules.secure_select = \"multi-krum\" at f = t = {t} needs "
+                         f"2f + 3 = {2 * t + 3} members, the consortium has {members}; use "
+                         "secure_select = \"norm\"")
+    return SecureRule(t, select)
+
+
+def secure_rule(consortium: Consortium, source: str = "consortium file") -> SecureRule | None:
+    """The consortium's secure mode (None: plain rounds: no [rules], or no `secure` key)."""
+    rules = parse_rules(consortium, source)
+    return None if rules is None else check_secure(rules, len(consortium.members), source)
 
 
 def default_cap(members: int) -> float | None:
@@ -315,6 +394,7 @@ def pin_rules(table: dict[str, Any], members: int,
     defaults made explicit), so members running another flnode version still apply the
     same rule: what `flnode consortium build` and the simulators write."""
     rules = validate_rules(table, source)
+    secure = check_secure(rules, members, source)
     aggregation = resolve_rule(rules.aggregation, members)
     try:
         strategy = make_strategy(aggregation, members=members,
@@ -330,6 +410,8 @@ def pin_rules(table: dict[str, Any], members: int,
               if k not in TOP_LEVEL and v is not None}
     if params:
         out["params"] = dict(sorted(params.items()))
+    if secure is not None:  # pinned: t and the selection written out
+        out["secure_threshold"], out["secure_select"] = secure.threshold, secure.select
     return out
 
 
@@ -337,7 +419,8 @@ def rules_table(members: int, aggregation: str = DEFAULT_RULE, f: int | None = N
                 max_weight_fraction: float | None = None, privacy_mode: str | None = None,
                 clip: float | None = None, noise_multiplier: float | None = None,
                 compression: str | None = None, echo: bool | None = ECHO_DEFAULT,
-                **params: Any) -> dict[str, Any]:
+                secure: bool = False, secure_threshold: int | None = None,
+                secure_select: str | None = None, **params: Any) -> dict[str, Any]:
     """A [rules] table for `flnode consortium build` and the simulators: "auto" is
     resolved for this many members and written out; None leaves a key out, so the
     documented default applies."""
@@ -350,6 +433,12 @@ def rules_table(members: int, aggregation: str = DEFAULT_RULE, f: int | None = N
             table[key] = value
     if compression is not None and parse_codec(compression, "--compression").compressed:
         table["compression"] = parse_codec(compression).name  # "none": no key, the same id
+    if secure:  # no key without it: plain rounds keep their consortium id
+        table["secure"] = True
+        table["secure_threshold"] = (secure_threshold if secure_threshold is not None
+                                     else default_secure_threshold(members))
+        table["secure_select"] = secure_select or default_secure_select(
+            members, table["secure_threshold"])
     if params:
         table["params"] = params
     return table

@@ -96,8 +96,9 @@ def share_tensors() -> list[tuple[str, np.ndarray]]:
             ("bias", np.array([0.5, -1.25], dtype="<f2"))]
 
 
-def bodies(sealed_body: bytes) -> dict[str, bytes]:
-    """One body per kind; the sealed one is given (it is random)."""
+def bodies(sealed_body: bytes, deal_body: bytes | None = None) -> dict[str, bytes]:
+    """One body per kind; the sealed ones are given (they are random): the sealed share,
+    and the secure round's deal (None: wire.json's stored one)."""
     from gossip import bodies as B
     from gossip import envelope as E
     from gossip.seal import encode_announcement, sign_prekey
@@ -119,9 +120,42 @@ def bodies(sealed_body: bytes) -> dict[str, bytes]:
         E.KIND_FINAL: bytes(range(64, 96)),
         E.KIND_ECHO: B.encode_echo([(bytes(k["alice"].verify_key), bytes(range(96, 128))),
                                     (bytes(k["bob"].verify_key), bytes(range(128, 160)))]),
+        E.KIND_DEAL: deal_body if deal_body is not None else bytes.fromhex(
+            json.loads((HERE / "wire.json").read_text())["sealed_deal"]),
+        E.KIND_SECAGG: B.encode_secagg(B.SecAgg("check", (secagg_piece(),), (1, 2, 3))),
     }
     assert set(out) == set(E.KINDS), "a kind without a golden body: add it here"
     return out
+
+
+def secagg_piece(kind: int = 3, owner: int = 0, holder: int = 2, count: int = 6) -> bytes:
+    """A secure-aggregation piece's bytes (node/secagg/pieces.py's layout, written out here
+    so the golden needs no numpy field code): bob (member 2) opening a check of 3 members."""
+    import struct
+
+    head = struct.pack("<4sBBHHHQI", b"FLSA", 1, kind, owner, holder, 0, WIRE_ROUND, count)
+    return head + b"".join(struct.pack("<Q", 1000 + i) for i in range(count))
+
+
+# A deal's commitment for the golden deal: 3 holders x 32 bytes (fixed, not computed: the
+# golden freezes the frame, node/runtime/secure_round.py checks the digests).
+DEAL_COMMITMENT = bytes(range(96))
+
+
+def make_sealed_deal() -> bytes:
+    """Bob's deal for alice (his VECTOR and MASK pieces for holder 1 and his commitment)
+    sealed to alice's prekey (epoch = WIRE_ROUND)."""
+    from gossip import bodies as B
+    from gossip.seal import seal, seal_ad, sign_prekey
+
+    k = keys()
+    alice_prekey = PrivateKey(PREKEY_SEEDS[WIRE_ROUND][::-1])
+    signed = sign_prekey(k["alice"], CONSORTIUM_ID, WIRE_ROUND, alice_prekey.public_key)
+    body = B.encode_secagg(B.SecAgg("deal", (secagg_piece(1, 2, 1, 5), secagg_piece(2, 2, 1, 7),
+                                             DEAL_COMMITMENT)))
+    head, ct = seal(body, {"alice": signed}, seal_ad(CONSORTIUM_ID, bytes(k["bob"].verify_key),
+                                                     WIRE_ROUND))
+    return head + ct
 
 
 def make_sealed_body() -> bytes:
@@ -146,6 +180,9 @@ def make_wire() -> None:
         sealed = bytes.fromhex(json.loads(old.read_text())["sealed_body"])
     else:
         sealed = make_sealed_body()
+    stored = json.loads(old.read_text()) if old.exists() else {}
+    deal = (bytes.fromhex(stored["sealed_deal"]) if "sealed_deal" in stored
+            and "--reseal" not in sys.argv else make_sealed_deal())
     k = keys()
     doc = {
         "kinds": sorted(E.KINDS),
@@ -156,6 +193,7 @@ def make_wire() -> None:
         "prekey_seeds": {str(e): s.hex() for e, s in PREKEY_SEEDS.items()},
         "alice_prekey_private": PREKEY_SEEDS[WIRE_ROUND][::-1].hex(),
         "sealed_body": sealed.hex(),
+        "sealed_deal": deal.hex(),
         "envelopes": {},
     }
     # A kind keeps the seq it was frozen with (a new kind takes the next free one), so a
@@ -164,7 +202,7 @@ def make_wire() -> None:
     seqs = {kind: e["seq"] for kind, e in frozen.items()}
     for kind in sorted(set(E.KINDS) - set(seqs)):
         seqs[kind] = max(seqs.values(), default=-1) + 1
-    for kind, body in sorted(bodies(sealed).items()):
+    for kind, body in sorted(bodies(sealed, deal).items()):
         seq = seqs[kind]
         doc["envelopes"][kind] = {
             "seq": seq, "body": body.hex(),

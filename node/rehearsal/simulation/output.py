@@ -225,9 +225,15 @@ def _print_run_facts(summary: dict, out: Path, console: Console, pooled: bool) -
             f", then a {SERVER_OPT_NAMES.get(opt, opt)} step (server_lr {agg.get('server_lr')}"
             + (f", decay {agg['server_lr_decay']:g} a round"
                if agg.get("server_lr_decay", 1) != 1 else "") + ")")
-        console.print("  aggregation (the consortium's \\[rules]): "
-                      f"{agg['rule']}, f = {agg['f']}"
-                      + (f", no member above {cap:.3g} of the weight" if cap else "") + server)
+        rules = summary.get("rules") or {}
+        if rules.get("secure"):  # issue 22: the selection runs on the pieces, not the rule
+            console.print("  aggregation (the consortium's \\[rules]): secure, t = "
+                          f"{rules.get('secure_threshold')}, selection "
+                          f"{rules.get('secure_select')}, the selected members' mean" + server)
+        else:
+            console.print("  aggregation (the consortium's \\[rules]): "
+                          f"{agg['rule']}, f = {agg['f']}"
+                          + (f", no member above {cap:.3g} of the weight" if cap else "") + server)
     # Two lines: the result, then where it is (one line used to glue them together).
     console.print(f"  consortium − centralized: {co - summary['centralized']:+.4f}")
     console.print(f"  wrote {out / 'summary.json'} and {out / 'accuracy.png'}")

@@ -522,6 +522,9 @@ def prepare(spec: SimulationSpec,
     """
     if spec.data_dir is None and spec.nodes < 2:
         raise LocalError("--nodes: a consortium needs at least 2 members")
+    if spec.secure and spec.privacy != "off":  # the node refuses it too (secure_node.setup)
+        raise LocalError(f"--secure with --privacy {spec.privacy}: secure rounds do not yet "
+                         "carry DP noise on the sum (issue 22); use --privacy off")
     template = network_template(spec)
     names = list(template.members)
     check_faults(spec, names)
@@ -553,8 +556,10 @@ def prepare(spec: SimulationSpec,
     sigma = spec.sigma if spec.privacy == "update" and spec.epsilon is None else None
     rules = pin_rules(rules_table(len(members), spec.aggregation, spec.f,
                                   spec.max_weight_fraction, spec.privacy,
-                                  spec.clip if spec.privacy != "off" else None, sigma,
-                                  compression=spec.compression, echo=spec.echo,
+                                  spec.clip if spec.privacy != "off" or spec.secure else None,
+                                  sigma, compression=spec.compression, echo=spec.echo,
+                                  secure=spec.secure, secure_threshold=spec.secure_threshold,
+                                  secure_select=spec.secure_select,
                                   **spec.aggregation_params), len(members))
     consortium = Consortium(template.name, schema.to_dict(), tuple(members), rules,
                             model_pin(spec, schema))
@@ -580,7 +585,8 @@ def prepare(spec: SimulationSpec,
             # min_members 0: the simulators start every member together, and rehearse
             # absent ones (--absent), which a quorum would wait for without limit
             "gossip": {"transport": spec.transport, "round_deadline_s": spec.round_deadline_s,
-                       "seal": spec.seal, "min_members": 0},
+                       # a secure round seals each member's pieces to their recipient
+                       "seal": "on" if spec.secure else spec.seal, "min_members": 0},
         }
         if spec.keep_releases:
             cfg["keep_releases"] = True

@@ -134,6 +134,10 @@ def _scenario_model():
         faults: Faults | None = None
         attacks: list[str] | None = None
         compression: str | None = None  # rules.compression (gossip/compress.py)
+        # [rules] secure (issue 22): secure aggregation, its t and selection
+        secure: bool | None = None
+        secure_threshold: int | None = Field(default=None, ge=1)
+        secure_select: Literal["multi-krum", "norm"] | None = None
 
         @field_validator("compression")
         @classmethod
@@ -185,7 +189,8 @@ def read_scenario(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
     net: dict[str, Any] = {}
     simple = {"dataset": sc.dataset, "nodes": sc.members, "partition": sc.partition,
               "seal": sc.seal, "round_deadline_s": sc.round_deadline_s, "rounds": sc.rounds,
-              "seed": sc.seed, "compression": sc.compression}
+              "seed": sc.seed, "compression": sc.compression, "secure": sc.secure,
+              "secure_threshold": sc.secure_threshold, "secure_select": sc.secure_select}
     f.update({k: v for k, v in simple.items() if v is not None})
     if sc.transport is not None:
         net["transport"] = sc.transport

@@ -61,6 +61,11 @@ class SimulationSpec:
     compression: str = "none"  # rules.compression: none, fp16, int8, topk:F (gossip/compress.py)
     # [rules] echo: the digest echo (gossip/protocol/echo.py); None (--echo off): no key
     echo: bool | None = True
+    # [rules] secure (issue 22, node/runtime/secure_node.py): secure aggregation; its t (None:
+    # the largest with n >= 3t + 1) and selection ("multi-krum" or "norm"; None: multi-krum)
+    secure: bool = False
+    secure_threshold: int | None = None
+    secure_select: str | None = None
     prox_mu: float = 0.0  # every member's training.prox_mu (FedProx; 0: off)
     lr_decay: float = 1.0  # every member's training.lr_decay (round r: lr * lr_decay**r)
     control_variates: bool = False  # every member's training.control_variates (SCAFFOLD)

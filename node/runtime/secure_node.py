@@ -1,0 +1,307 @@
+"""The node's side of a secure round (issue 22): what Node does at the machine's actions when
+the consortium's [rules] say `secure = true`. The steps and their math:
+node/runtime/secure_round.py; the rule: node/strategy/consortium_rules.py `secure_rule`.
+
+- `setup` (at build): the secure rule, checked against this node (sealing must be on: a
+  deal is sealed to its one recipient; privacy.mode must be "off" until the distributed
+  DP-SGD contribution is wired, see `contribution`), and the agreed encoding: FixedPoint
+  over the consortium's clip (rules.clip, SECURE_DEFAULT_CLIP if none), the model's size
+  and the member count.
+- `release` (at Train): train as today (Releaser.train: the budget, the local training),
+  clip the update to the agreed clip, record the round's charge (`record_secure_charge`:
+  the one call site), deal it, tell the machine; once it names the recipients (SendShare),
+  seal each recipient's deal to it, sign it (kind "deal") and send it to that member only.
+- `send_phase` (at SendPhase): our body for the step from what the machine collected
+  (`SendPhase.got`) and the deals the round book holds; signed (kind "secagg"), sent to the
+  phase's peers.
+- `receive` (in Node.handle): a "secagg" message goes to `RoundMachine.phase_message`
+  (the machine files it for its phase: late, unknown or second messages are refused
+  there); a deal goes to `receive` like a share.
+- `aggregate` (at Close): the round's outcome; on success every member applies the same
+  step: the mean of the selected members' clipped updates (start + sum / m), through the
+  agreed server optimizer if the [rules] have one (FedAdam in the default recipe; its state
+  is the strategy's, checkpointed as today), and evaluates; a failed round keeps the
+  model it started from (named in the log and the audit line) and the next round goes
+  on. No seen report follows a secure round (each member holds a different deal of every
+  other: digests that differ by design).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from types import SimpleNamespace
+from typing import TYPE_CHECKING, Any
+
+import msgpack
+import numpy as np
+import torch
+
+from gossip.envelope import KIND_DEAL, KIND_SECAGG, Accepted
+from gossip.errors import LocalError
+from gossip.membership import Consortium
+from gossip.protocol import events as ev
+from node.learn.models import get_flat, set_flat
+from node.learn.train import evaluate
+from node.runtime import audit, echo_round
+from node.runtime.evidence import envelope_bytes
+from node.runtime.release import Stopped, Trained
+from node.runtime.secure_round import SECURE_PHASES, SecureOutcome, SecureRounds
+from node.runtime.state import atomic_write
+from node.secagg.encoding import FixedPoint
+from node.strategy.consortium_rules import parse_rules, secure_rule
+
+if TYPE_CHECKING:
+    from node.runtime.node import Node
+
+log = logging.getLogger("flnode.node")
+
+# The clip of a secure round's contributions when the consortium's [rules] give none: the
+# encoding's bound R and the norm check are derived from it (node/secagg/encoding.py), and a
+# member's update is clipped to it before dealing. `flnode simulate --secure` pins it.
+SECURE_DEFAULT_CLIP = 1.0
+
+
+def machine_args(consortium: Consortium, strategy_params: dict[str, Any]) -> dict[str, Any]:
+    """RoundMachine's phases: the secure steps if the [rules] say secure, else the echo's."""
+    if secure_rule(consortium) is not None:
+        return {"phases": SECURE_PHASES}
+    return echo_round.machine_args(consortium, strategy_params)
+
+
+@dataclass
+class Secure:
+    """A node's secure mode: the rule's parts and the rounds' state."""
+
+    rounds: SecureRounds
+    codec: FixedPoint
+    outcomes: dict[int, SecureOutcome]
+
+
+def setup(node: Node) -> Secure | None:
+    """The node's secure mode (None: plain rounds); LocalError if this node cannot run it."""
+    rule = secure_rule(node.consortium)
+    if rule is None:
+        return None
+    if node.sealing is None:
+        raise LocalError("the consortium's [rules] say secure = true: a secure round seals "
+                         "each member's pieces to their one recipient; set gossip.seal = "
+                         "\"on\" in the node config")
+    if node.cfg.privacy.mode != "off":
+        raise LocalError(
+            f"the consortium's [rules] say secure = true and privacy.mode = "
+            f"{node.cfg.privacy.mode!r}: the node's secure rounds do not yet carry DP noise "
+            "on the sum (the distributed DP-SGD step, node/learn/dstep.py, is being wired: "
+            "issue 22); run the secure mode with privacy.mode = \"off\" for now")
+    rules = parse_rules(node.consortium)
+    clip = rules.clip if rules is not None and rules.clip is not None else SECURE_DEFAULT_CLIP
+    members = [m.name for m in node.consortium.members]
+    codec = FixedPoint.choose(clip, int(get_flat(node.model).numel()), len(members))
+    return Secure(SecureRounds(node.name, members, rule.threshold, rule.variant, codec,
+                               node.consortium.id), codec, {})
+
+
+def contribution(node: Node, t: Trained, clip: float) -> np.ndarray:
+    """Our contribution to the secure sum: the round's update clipped to the agreed clip.
+    (With DP on the sum this becomes node/learn/dstep.py's consortium_step: the clipped
+    per-example gradient sum plus our Skellam noise share.)"""
+    update = t.update.detach().double().numpy()
+    norm = float(np.linalg.norm(update))
+    return update * min(1.0, clip / norm) if norm > 0 and np.isfinite(norm) else update * 0
+
+
+def record_secure_charge(node: Node, r: int, t: Trained) -> None:
+    """THE call site where a secure round's privacy charge is recorded, before any piece of
+    our contribution exists outside memory (as the Releaser charges before a share's bytes
+    exist). Today secure rounds run with privacy.mode = "off" (`setup` refuses the rest):
+    nothing to charge. The DP-on-the-sum charge (node/privacy, branch i22-account: a ledger
+    record of the consortium step at the sample rate and the contributors) goes here."""
+    if node.cfg.privacy.mode != "off" or t.charges:
+        raise LocalError(f"{node.name}: round {r + 1}: a secure round with charges to record "
+                         "but no secure-round charge wired: refusing to deal (a bug)")
+
+
+# Our dealing of a round, stored before any deal is sent (outbox/round-N.deals, pruned with
+# the round's other outbox files once it is closed): after a restart the same deals are
+# re-sent byte for byte, never redrawn, so no member holds two different deals of ours for
+# one round (which the round book would take as an equivocation).
+DEALS_SUFFIX = ".deals"
+DEALS_VERSION = 1
+
+
+def _deals_path(node: Node, r: int) -> Path:
+    return node.state.outbox_path(r).with_suffix(DEALS_SUFFIX)
+
+
+def _store_deals(node: Node, r: int, doc: dict[str, Any]) -> None:
+    atomic_write(_deals_path(node, r), msgpack.packb({"version": DEALS_VERSION, "round": r,
+                                                      **doc}, use_bin_type=True))
+
+
+def stored_deals(node: Node, r: int) -> dict[str, Any] | None:
+    """Our stored dealing of round r ({"own", "bodies", "sent"}), if a run stored one."""
+    path = _deals_path(node, r)
+    if not path.exists():
+        return None
+    try:
+        doc = msgpack.unpackb(path.read_bytes(), raw=False)
+        if doc["version"] != DEALS_VERSION or doc["round"] != r:
+            raise ValueError(f"version {doc['version']}, round {doc['round']}")
+        return {"own": tuple(doc["own"]), "bodies": dict(doc["bodies"]), "sent": dict(doc["sent"])}
+    except (ValueError, KeyError, TypeError, msgpack.UnpackException) as exc:
+        raise LocalError(f"{path}: not our stored dealing of round {r + 1} ({exc}): move it "
+                         "away to deal again (the others may then hold two deals of ours)") from None
+
+
+async def release(node: Node, r: int) -> None:
+    """Train, clip, charge, deal (or our stored dealing after a restart); once the machine
+    names the recipients, seal, sign and send each member's deal to it alone."""
+    m, loop, st, sec = node.machine, asyncio.get_running_loop(), node._round, node.secure
+    assert st is not None and sec is not None
+    stored = stored_deals(node, r)
+    if stored is not None:
+        sr = sec.rounds.round(r)
+        sr.restore(stored["own"][:2], stored["own"][2])
+        await _send_deals(node, r, stored)
+        return
+    trained = await node.releaser.train(r)
+    if isinstance(trained, Stopped):
+        node._feed(m.released(ev.Released(r, "stopped", why=trained.reason), loop.time()))
+        return
+    if not isinstance(trained, Trained):  # a stored plain release: not a secure round's
+        raise LocalError(f"{node.name}: round {r + 1}: a stored plain share in a secure "
+                         "consortium (the state dir is from another consortium?)")
+    st.norm = trained.norm
+    st.own = None
+    if not bool(torch.isfinite(trained.update).all()):
+        node.counters.rejected["non_finite_local"] += 1
+        node._feed(m.released(ev.Released(r, "non_finite"), loop.time()))
+        return
+    record_secure_charge(node, r, trained)
+    deals = sec.rounds.deal(r, sec.codec.encode(contribution(node, trained, sec.codec.clip)))
+    sr = sec.rounds.round(r)
+    own = sr.own_pieces()
+    assert own is not None
+    doc: dict[str, Any] = {"own": [*own, sr.commitments[sr.i]], "bodies": deals, "sent": {}}
+    _store_deals(node, r, doc)  # before any deal exists outside memory
+    await _send_deals(node, r, doc)
+
+
+async def _send_deals(node: Node, r: int, doc: dict[str, Any]) -> None:
+    """Tell the machine our deals are ready; to each recipient it names, the deal already
+    signed for it (a restart), else its body sealed to its prekey and signed now (stored
+    before it is sent)."""
+    m, loop = node.machine, asyncio.get_running_loop()
+    node._go = loop.create_future()
+    node._feed(m.released(ev.Released(r, "new"), loop.time()))
+    seal_for = await node._go
+    assert node.sealing is not None
+    bodies, sent = doc["bodies"], doc["sent"]
+    fresh = [p for p in seal_for if p in bodies and p not in sent]
+    recipients, missing = node.sealing.recipients(r, fresh)
+    if missing:
+        log.warning("%s: round %d: no prekey from %s: they get no deal from us", node.name,
+                    r + 1, ", ".join(missing))
+    for peer, prekey in sorted(recipients.items()):
+        sealed = node.signer.seal(r, bodies[peer], {peer: prekey})
+        if sealed is not None:
+            sent[peer] = node._sign(KIND_DEAL, r, sealed)
+    if recipients:
+        _store_deals(node, r, doc)
+    for peer in sorted(p for p in seal_for if p in sent):
+        await node._in_background(node._send(peer, sent[peer]), f"deal-{r}-{peer}")
+    node._feed(m.signed(ev.Signed(r, None), loop.time()))
+
+
+async def send_phase(node: Node, a: ev.SendPhase) -> None:
+    """Our message of a secure step, to the step's peers."""
+    sec = node.secure
+    assert sec is not None
+    deals = {s: acc.secagg for s, acc in node.book.shares(a.round).items()
+             if acc.secagg is not None}
+    data = node._sign(KIND_SECAGG, a.round, sec.rounds.phase(a.round, a.phase, a.got, deals))
+    if set(a.peers) >= set(node.book.neighbours):
+        await node._in_background(node._broadcast(a.round, data), f"{a.phase}-{a.round}")
+    else:
+        for peer in a.peers:
+            await node._in_background(node._send(peer, data), f"{a.phase}-{a.round}-{peer}")
+
+
+def receive(node: Node, acc: Accepted, now: float, data: bytes, token: Any) -> list[ev.Action]:
+    """An accepted message for the machine: a secure step's to its phase, the rest as usual."""
+    if acc.envelope.kind != KIND_SECAGG or acc.secagg is None:
+        return node.machine.receive(acc, now, data=data, token=token)
+    out: list[ev.Action] = [ev.Ack((token,))] if token is not None else []
+    return out + node.machine.phase_message(
+        ev.PhaseMessage(acc.sender, acc.round, acc.secagg.step, bytes(acc.envelope.body)), now)
+
+
+# Deal evidence files kept per named member (one per round it was named in), so a member
+# named every round of a long run cannot fill our disk: the earliest kept.
+MAX_DEALS_PER_MEMBER = 64
+
+
+def keep_deal(node: Node, r: int, member: str, acc: Accepted) -> str | None:
+    """The named dealer's deal as it signed it (sealed to us: our prekey for the round opens
+    it while we keep it), in state/evidence/secure/, never overwritten, bounded per member;
+    its path under the state dir (None: the bound reached)."""
+    folder = node.state.path / "evidence" / "secure"
+    safe = "".join(ch if ch.isalnum() or ch in "_.-" else "_" for ch in member)
+    path = folder / f"{safe}-round{r}.deal"
+    if not path.exists():
+        if folder.is_dir() and len(list(folder.glob(f"{safe}-round*.deal"))) >= MAX_DEALS_PER_MEMBER:
+            return None
+        atomic_write(path, envelope_bytes(acc.envelope))
+    return str(path.relative_to(node.state.path))
+
+
+def aggregate(node: Node, c: ev.Close) -> dict[str, Accepted]:
+    """The secure round's outcome applied (module docstring); no share is "used": the seen
+    report stays empty."""
+    st, sec = node._round, node.secure
+    assert st is not None and sec is not None
+    r = c.round
+    out = sec.outcomes[r] = sec.rounds.close(r, c.phases)
+    sec.outcomes = {k: v for k, v in sec.outcomes.items() if k >= r - 1}  # bounded
+    if out.ok:
+        assert out.total is not None
+        mean = torch.from_numpy(out.total / len(out.selected))
+        combined = st.reference.double() + mean
+        server = getattr(node.strategy, "server", None)  # the agreed server optimizer
+        if server is not None:  # its notes (a skipped non-finite step) go to the log
+            notes = SimpleNamespace(fallbacks=[], server_opt=None)
+            combined = server.step(r, st.reference.double(), combined, notes)
+            for note in notes.fallbacks:
+                log.warning("%s: round %d: %s", node.name, r + 1, note.detail)
+        set_flat(node.model, combined.to(st.reference.dtype))
+    else:
+        log.warning("%s: round %d: the secure round failed (%s: %s); keeping the model it "
+                    "started from", node.name, r + 1, out.reason, out.detail)
+        set_flat(node.model, st.reference)
+    evidence = {}
+    for member, why in sorted(out.named.items()):
+        if node.audit.once(member, f"secure:{why.split(':')[0]}"):
+            log.warning("%s: round %d: %s named by the secure round: %s (further are "
+                        "counted, not logged)", node.name, r + 1, member, why)
+        node.counters.aggregation[f"{member}:secure:{why.split(':')[0]}"] += 1
+        if member in c.shares and why.startswith(("inconsistent_pieces", "bad_piece")):
+            kept = keep_deal(node, r, member, c.shares[member])
+            if kept is not None:
+                evidence[member] = kept
+    excluded = {m: {"reason": why.split(":")[0], "detail": why}
+                for m, why in sorted(out.excluded.items())}
+    diagnostics = {"rule": "secure", "used": list(out.selected), "excluded": excluded,
+                   "clipped": {}, "weight_capped": {}, "down_weighted": {}, "fallbacks": [],
+                   "secure": {"ok": out.ok, "reason": out.reason, "detail": out.detail,
+                              "dealt": list(out.dealt), "entered": list(out.entered),
+                              "named": dict(out.named), "evidence": evidence}}
+    node.audit.aggregate(r, diagnostics, node.counters.aggregation)
+    st.close, st.received, st.diagnostics = c, sorted(out.selected), diagnostics
+    st.metrics = evaluate(node.model, node.held_out.X, node.held_out.y)
+    return {}
+
+
+__all__ = ["SECURE_DEFAULT_CLIP", "Secure", "aggregate", "audit", "machine_args", "receive",
+           "record_secure_charge", "release", "send_phase", "setup"]

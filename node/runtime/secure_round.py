@@ -1,0 +1,439 @@
+"""A member's side of one secure round (issue 22): which pieces it sends at each step, and
+what it makes of the others'. Pure: no I/O, clock or torch; the driver feeds it what the
+round machine collected and sends what it returns.
+
+Where the logic lives (the choice, and why). The round machine (gossip/protocol/) decides
+"which messages from whom, by when": a secure round is the share phase followed by three
+generic later phases, `SECURE_PHASES` = (SHARE, check, degree2, sum); gossip never imports
+node, so the machine carries opaque bodies and knows no field arithmetic. This module does
+the math, by calling node/secagg (robust.py's steps), at the machine's `SendPhase` actions:
+
+  share    (the machine's share phase, unchanged) each member deals: a degree-t Shamir
+           sharing of its encoded contribution (plus a blinding coordinate) and its mask
+           sharing; holder j's two pieces go in ONE "deal" message sealed to j's prekey and
+           signed (gossip.envelope KIND_DEAL). The round book files a deal as the sender's
+           share: the share phase's closing rule (all / moved on / absent / deadline),
+           equivocation (a second, different deal) and staleness (a deal for a round we
+           closed: "stale", the late member is excluded) apply unchanged.
+  check    each holder opens its blinded check of every dealing it holds (one "secagg"
+           message, broadcast), naming the dealers it holds. Every member judges every
+           dealer from the checks of the holders that hold it (Reed-Solomon): a dealer whose
+           pieces disagree beyond what the code corrects is REFUSED and named ("inconsistent
+           pieces", its audit line and the signed deal we hold as evidence); a holder whose
+           check disagrees with a decodable dealing is a DISPUTE (the dealer sent it a wrong
+           piece, or the holder lies): both are named as a claim, and the holder does not
+           open (its degree-2 and sum pieces would be wrong or are suspect).
+           The dealers that enter: consistent ones; the openers: holders whose check came,
+           that hold every entering dealer's pieces and are in no dispute. While fewer than
+           2t + 1 openers remain, the entering dealer held by the fewest holders (ties: the
+           highest index) is dropped. Every member computes the same from the same checks.
+  degree2  each opener opens its masked pieces of the squared norms (and, for multi-Krum,
+           the pairwise squared distances) of the entering dealers; others abstain (an empty
+           message: "I have nothing to open", so nobody waits for them). Decoded with
+           correction (n >= 3t + 1): an opener whose piece is wrong is named.
+  sum      every member runs the same selection on the decoded integers (node/secagg
+           robust.select: the norm bound, then multi-Krum at f = t, or the norm bound only);
+           each opener (minus the wrong degree-2 openers) opens its piece of the selected
+           members' sum. Decoded with correction: a wrong piece is named. Every member
+           reconstructs the same aggregate.
+
+Refusals (the round fails with a named `SecureOutcome.reason`; the next round goes on):
+fewer than t + 1 entering dealers or selected members ("too_few_contributors": an opening
+over m <= t contributions could reveal one; nobody opens), fewer than 2t + 1 openers
+("too_few_openers": more than t members dropped), more wrong pieces than the code corrects
+("too_many_wrong"), an aggregate failing its exact norm check ("aggregate_out_of_bounds").
+
+What a member learns: the aggregate of the selected members, the squared norms and (with
+multi-Krum) the pairwise squared distances of the entering dealers, who entered, who was
+selected, who was named and why (docs/privacy-secure.md). The check values are blinded
+(uniform). Its own pieces of others' vectors are t-private: no coalition of t learns more.
+
+The check's challenge (Fiat-Shamir): each deal carries the dealer's commitment, the digest
+of every holder's pieces (`piece_digest`, n x 32 bytes); a holder refuses pieces that do not
+match their digest (`bad_piece`), and checks each dealing under the hash of its commitment
+(`challenge`), fixed only once the dealer is bound to every piece. Known limits
+(docs/privacy-secure.md "What is wired"): disputes are named as claims, not settled by the
+dealer-signed piece (it is sealed to its holder).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from hashlib import blake2b
+
+import numpy as np
+
+from gossip.bodies import SecAgg, decode_secagg, encode_secagg
+from gossip.errors import LocalError, RemoteError
+from gossip.protocol.phases import SHARE, PhaseSpec
+from node.secagg import robust
+from node.secagg.encoding import AggregateOutOfBounds, FixedPoint
+from node.secagg.errors import PieceError, SecAggError, TooFewPieces, TooManyWrong
+from node.secagg.pieces import CHECK, DEGREE2, MASK, SEED, SUM, VECTOR, Piece, from_bytes, to_bytes
+
+CHECK_PHASE, DEGREE2_PHASE, SUM_PHASE = "check", "degree2", "sum"
+SECURE_PHASES = (SHARE, PhaseSpec(CHECK_PHASE), PhaseSpec(DEGREE2_PHASE), PhaseSpec(SUM_PHASE))
+# Deal seeded (see `SecureRound.deal`): measured at 8 members, t = 2, d = 4,810 (digits MLP),
+# memory transport: 475 KB sent per member and round seeded, 552 KB unseeded, against 153 KB
+# for today's sealed plain round (docs/privacy-secure.md "What is wired").
+SEEDED_DEALING = True
+REASONS = ("too_few_contributors", "too_few_openers", "too_many_wrong",
+           "aggregate_out_of_bounds")
+
+
+@dataclass
+class SecureOutcome:
+    """What a secure round gave this member: `ok` and the aggregate (the field sum of the
+    selected members' encodings, and its decoding), or the named `reason` it failed; who
+    dealt, entered, was selected, and who was named for what (member -> why)."""
+
+    round: int
+    ok: bool
+    reason: str | None = None
+    detail: str = ""
+    field_sum: np.ndarray | None = None
+    total: np.ndarray | None = None
+    dealt: tuple[str, ...] = ()
+    entered: tuple[str, ...] = ()
+    selected: tuple[str, ...] = ()
+    excluded: dict[str, str] = field(default_factory=dict)  # left out by the selection
+    named: dict[str, str] = field(default_factory=dict)  # members at fault (or disputed)
+
+
+COMMIT_BYTES = 32  # one BLAKE2b-256 digest per holder in a dealing's commitment
+
+
+def piece_digest(vector: bytes, mask: bytes) -> bytes:
+    """What a dealing's commitment holds for one holder: BLAKE2b-256 of the two pieces' bytes
+    as sent (a SEED piece's bytes for a seeded holder)."""
+    return blake2b(len(vector).to_bytes(8, "little") + vector + mask, digest_size=COMMIT_BYTES,
+                   person=b"flnode-sa-piece").digest()
+
+
+def challenge(consortium_id: bytes, r: int, dealer: int, commitment: bytes) -> bytes:
+    """The check's challenge for one dealing: a hash of its commitment (every holder's piece
+    digest), so it is fixed only once the dealer has bound itself to every piece
+    (Fiat-Shamir). A dealer that sends holders different commitments makes their checks
+    use different challenges: its dealing then fails the check."""
+    return blake2b(consortium_id + r.to_bytes(8, "little") + dealer.to_bytes(4, "little")
+                   + commitment, digest_size=32, person=b"flnode-sa-chal").digest()
+
+
+class SecureRound:
+    """Member `me`'s round r among `members` (sorted: member i is evaluation point i + 1)."""
+
+    def __init__(self, me: str, members: tuple[str, ...] | list[str], threshold: int,
+                 variant: str, codec: FixedPoint, r: int, consortium_id: bytes) -> None:
+        self.members = tuple(sorted(members))
+        if me not in self.members:
+            raise LocalError(f"{me!r} is not a member of the secure round")
+        self.me, self.r = me, r
+        self.index = {m: i + 1 for i, m in enumerate(self.members)}
+        self.i = self.index[me]
+        self.params = robust.RoundParams(r, len(self.members), threshold, codec, variant)
+        self.consortium_id = consortium_id
+        self.commitments: dict[int, bytes] = {}  # dealer -> its commitment, as we received it
+        self.vectors: dict[int, Piece] = {}  # dealer -> its VECTOR piece for us
+        self.masks: dict[int, Piece] = {}
+        self.out = SecureOutcome(r, False)
+        self._bodies: dict[str, bytes] = {}  # our own body per step
+        self.entered: tuple[int, ...] = ()
+        self.openers: tuple[int, ...] = ()
+        self.selected: tuple[int, ...] = ()
+        self.sum_openers: tuple[int, ...] = ()
+
+    # --- the share phase: deal ------------------------------------------------------------
+    def deal(self, encoded: np.ndarray) -> dict[str, bytes]:
+        """Our dealing of `encoded` (a field vector of length d: codec.encode of the clipped
+        contribution): recipient -> its deal body (the driver seals it to the recipient and
+        signs it); our own pieces are kept."""
+        # Seeded: t holders get a 32-byte seed instead of d + 1 values (robust.deal_encoded):
+        # t / (n - 1) of the dealing's bytes saved; their pieces' hiding is then
+        # computational (SHAKE-256), the others' information-theoretic.
+        pieces = robust.deal_encoded(self.params, self.i, encoded, seeded=SEEDED_DEALING)
+        raw = {j: (_to_bytes(vec), _to_bytes(mask)) for j, (vec, mask) in pieces.items()}
+        commitment = b"".join(piece_digest(*raw[j]) for j in sorted(raw))
+        self.commitments[self.i] = commitment
+        out = {}
+        for m, j in self.index.items():
+            if m == self.me:
+                self.vectors[j], self.masks[j] = pieces[j]
+            else:
+                out[m] = encode_secagg(SecAgg("deal", (*raw[j], commitment)))
+        return out
+
+    def own_pieces(self) -> tuple[bytes, bytes] | None:
+        """Our own pieces of our dealing (None: we have not dealt), to store with the deals."""
+        if self.i not in self.vectors:
+            return None
+        return _to_bytes(self.vectors[self.i]), _to_bytes(self.masks[self.i])
+
+    def restore(self, own: tuple[bytes, bytes], commitment: bytes) -> None:
+        """Our own pieces of a dealing stored before a restart (re-sent, never redrawn)."""
+        p = self.params
+        self.commitments[self.i] = commitment
+        vec = from_bytes(own[0], expected_count=p.codec.dim + 1, expected_kind=VECTOR)
+        mask = from_bytes(own[1], expected_count=p.opened + 1, expected_kind=MASK)
+        if vec.key != (self.r, VECTOR, self.i, self.i) or mask.key != (self.r, MASK, self.i, self.i):
+            raise LocalError(f"stored dealing of round {self.r} is not ours (keys {vec.key}, "
+                             f"{mask.key}): the state dir is another member's?")
+        self.vectors[self.i], self.masks[self.i] = vec, mask
+
+    def file_deal(self, sender: str, msg: SecAgg) -> str | None:
+        """A dealer's deal for us (decoded and opened by the verifier). None if filed; the
+        reason (the dealer's fault) if its pieces are unusable: then it is not held."""
+        j = self.index.get(sender)
+        if j is None or msg.step != "deal" or len(msg.pieces) != 3:
+            return f"not a deal of a member of this round ({sender})"
+        p = self.params
+        try:
+            commitment = msg.pieces[2]
+            if len(commitment) != COMMIT_BYTES * p.members:
+                raise PieceError(f"a commitment of {len(commitment)} bytes, expected "
+                                 f"{COMMIT_BYTES} x {p.members}", j)
+            mine = commitment[COMMIT_BYTES * (self.i - 1):COMMIT_BYTES * self.i]
+            if piece_digest(msg.pieces[0], msg.pieces[1]) != mine:
+                raise PieceError("its pieces for us do not match its own commitment", j)
+            vec = from_bytes(msg.pieces[0], sender=j)
+            if vec.kind == SEED:
+                vec = robust.expand_seed_piece(p, vec)
+            mask = from_bytes(msg.pieces[1], expected_count=p.opened + 1, expected_kind=MASK,
+                              sender=j)
+            for piece, kind, size in ((vec, VECTOR, p.codec.dim + 1), (mask, MASK, p.opened + 1)):
+                if (piece.round, piece.kind, piece.owner, piece.holder) != (self.r, kind, j, self.i):
+                    raise PieceError(f"piece keyed {piece.key}, expected {(self.r, kind, j, self.i)}", j)
+                if piece.values.size != size:
+                    raise PieceError(f"{piece.values.size} values, expected {size}", j)
+        except SecAggError as exc:
+            self.out.named[sender] = f"bad_piece: {exc}"
+            return f"bad_piece: {exc}"
+        self.vectors[j], self.masks[j], self.commitments[j] = vec, mask, commitment
+        return None
+
+    # --- check ------------------------------------------------------------------------------
+    def check(self) -> bytes:
+        """Our check body: the blinded checks of every dealing we hold, naming the dealers."""
+        held = tuple(sorted(self.vectors))
+        if not held:
+            body = encode_secagg(SecAgg(CHECK_PHASE, ()))
+        else:  # each dealing checked under its own challenge (its commitment's hash)
+            total = np.zeros(2 * self.params.members, dtype=np.uint64)
+            for i in held:
+                one = robust.check_piece(self.params, self.i, self.vectors, self.masks, (i,),
+                                         challenge(self.consortium_id, self.r, i,
+                                                   self.commitments[i]))
+                total += one.values  # entries of other dealers are 0: no overflow
+            piece = Piece(self.r, CHECK, 0, self.i, total)
+            body = encode_secagg(SecAgg(CHECK_PHASE, (_to_bytes(piece),), held))
+        self._bodies[CHECK_PHASE] = body
+        return body
+
+    # --- degree2 ----------------------------------------------------------------------------
+    def degree2(self, checks: Mapping[str, bytes]) -> bytes:
+        """Judge the dealings from the checks (the peers' that the machine collected; ours
+        is added), then our degree-2 body (empty: we abstain)."""
+        got = self._read(CHECK_PHASE, checks, CHECK, 2 * self.params.members)
+        held = {j: set(msg.held) for j, (msg, _) in got.items()}
+        pieces = {j: piece for j, (_, piece) in got.items() if piece is not None}
+        self.out.dealt = tuple(self.members[i - 1] for i in sorted(  # held by another member
+            {i for j, h in held.items() for i in h if i != j}))
+        consistent, disputed = self._judge(held, pieces)
+        entered = set(consistent)
+        t = self.params.threshold
+        able = [j for j in pieces if j not in disputed]
+        if len(able) < 2 * t + 1:
+            return self._fail(DEGREE2_PHASE, "too_few_openers",
+                              f"{len(able)} member(s) opened a usable check, 2t + 1 = "
+                              f"{2 * t + 1} needed (more than t dropped out or are in dispute)")
+        while True:
+            openers = tuple(sorted(j for j in pieces if entered <= held[j] and j not in disputed))
+            if len(openers) >= 2 * t + 1 or not entered:
+                break
+            drop = min(entered, key=lambda i: (sum(i in h for h in held.values()), -i))
+            entered.discard(drop)
+        self.entered, self.openers = tuple(sorted(entered)), openers
+        self.out.entered = tuple(self.members[i - 1] for i in self.entered)
+        if len(self.entered) <= t:
+            return self._fail(DEGREE2_PHASE, "too_few_contributors",
+                              f"{len(self.entered)} dealing(s) entered, at most t = {t}: "
+                              "opening their norms, distances or sum could reveal one")
+        if len(openers) < 2 * t + 1:
+            return self._fail(DEGREE2_PHASE, "too_few_openers",
+                              f"{len(openers)} member(s) can open, 2t + 1 = {2 * t + 1} needed "
+                              "(more than t dropped out or are in dispute)")
+        if self.i not in openers:
+            return self._abstain(DEGREE2_PHASE)
+        piece = robust.degree2_piece(self.params, self.i, self.vectors, self.masks, self.entered)
+        body = encode_secagg(SecAgg(DEGREE2_PHASE, (_to_bytes(piece),)))
+        self._bodies[DEGREE2_PHASE] = body
+        return body
+
+    def _judge(self, held: dict[int, set[int]], pieces: dict[int, Piece]
+               ) -> tuple[list[int], set[int]]:
+        """Per dealer, from the checks of the holders that hold it: consistent dealers, and
+        the holders in dispute with one (both named as a claim)."""
+        consistent, disputed = [], set()
+        for i in sorted(set().union(*held.values()) if held else ()):
+            holders = {j: pieces[j] for j in pieces if i in held[j]}
+            try:
+                verdict = robust.judge_dealings(self.params, holders, (i,))
+            except TooFewPieces:  # too few holders hold it (lost, or dealt to few): not entered
+                continue
+            except (TooManyWrong, PieceError) as exc:
+                self.out.named.setdefault(self.members[i - 1], f"inconsistent_pieces: {exc}")
+                continue
+            if i in verdict.refused:
+                self.out.named.setdefault(self.members[i - 1],
+                                          f"inconsistent_pieces: {verdict.refused[i]}")
+                continue
+            consistent.append(i)
+            for (_, j, _) in verdict.disputes:
+                disputed.add(j)
+                self.out.named.setdefault(self.members[j - 1], (
+                    f"dispute: its check of {self.members[i - 1]}'s dealing disagrees (it, or "
+                    "that dealer, sent a wrong value: a claim, not a proof)"))
+        return consistent, disputed
+
+    # --- sum ----------------------------------------------------------------------------------
+    def sum(self, degree2: Mapping[str, bytes]) -> bytes:
+        """Open the distances and norms, select (every member the same way), then our sum
+        body (empty: we abstain)."""
+        if self.out.reason is not None:
+            return self._abstain(SUM_PHASE)
+        got = self._read(DEGREE2_PHASE, degree2, DEGREE2, self.params.opened, self.openers)
+        opened = {j: piece for j, (_, piece) in got.items() if piece is not None}
+        try:
+            values = robust.open_degree2(self.params, opened, self.entered)
+        except (TooFewPieces, TooManyWrong) as exc:
+            return self._fail(SUM_PHASE, "too_few_openers" if isinstance(exc, TooFewPieces)
+                              else "too_many_wrong", str(exc))
+        self._name(values.wrong, "wrong_degree2_piece")
+        sel = robust.select(self.params, values)
+        self.selected = sel.selected
+        self.out.selected = tuple(self.members[i - 1] for i in sel.selected)
+        self.out.excluded = {self.members[i - 1]: why for i, why in sel.excluded.items()}
+        t = self.params.threshold
+        if len(sel.selected) <= t:
+            return self._fail(SUM_PHASE, "too_few_contributors",
+                              f"{len(sel.selected)} member(s) selected, at most t = {t}: their "
+                              "sum could reveal one; not opened")
+        self.sum_openers = tuple(j for j in self.openers if j not in values.wrong)
+        if self.i not in self.sum_openers:
+            return self._abstain(SUM_PHASE)
+        piece = robust.sum_piece(self.params, self.i, self.vectors, sel.selected)
+        body = encode_secagg(SecAgg(SUM_PHASE, (_to_bytes(piece),)))
+        self._bodies[SUM_PHASE] = body
+        return body
+
+    def finish(self, sums: Mapping[str, bytes]) -> SecureOutcome:
+        """The aggregate from the sum pieces (the same at every member), or the reason."""
+        if self.out.reason is not None:
+            return self.out
+        got = self._read(SUM_PHASE, sums, SUM, self.params.codec.dim, self.sum_openers)
+        opened = {j: piece for j, (_, piece) in got.items() if piece is not None}
+        try:
+            agg = robust.open_sum(self.params, opened, self.selected)
+        except (TooFewPieces, TooManyWrong) as exc:
+            self._fail(SUM_PHASE, "too_few_openers" if isinstance(exc, TooFewPieces)
+                       else "too_many_wrong", str(exc))
+            return self.out
+        except AggregateOutOfBounds as exc:
+            self._fail(SUM_PHASE, "aggregate_out_of_bounds", str(exc))
+            return self.out
+        self._name(agg.wrong, "wrong_sum_piece")
+        self.out.ok, self.out.field_sum, self.out.total = True, agg.field_sum, agg.total
+        return self.out
+
+    # --- helpers --------------------------------------------------------------------------------
+    def _read(self, step: str, bodies: Mapping[str, bytes], kind: int, count: int,
+              allowed: tuple[int, ...] | None = None) -> dict[int, tuple[SecAgg, Piece | None]]:
+        """The step's messages (ours included) decoded: holder -> (message, piece or None:
+        abstained). A malformed one is named and left out; a piece from a member not
+        allowed to open at this step is ignored (named: it opened when it should not)."""
+        out: dict[int, tuple[SecAgg, Piece | None]] = {}
+        own = self._bodies.get(step)
+        for sender, body in sorted({**bodies, **({self.me: own} if own else {})}.items()):
+            j = self.index.get(sender)
+            if j is None:
+                continue
+            try:
+                msg = decode_secagg(body, self.params.members, sender)
+                piece = None
+                if msg.pieces:
+                    piece = from_bytes(msg.pieces[0], expected_count=count, expected_kind=kind,
+                                       sender=j)
+                    if (piece.round, piece.owner, piece.holder) != (self.r, 0, j):
+                        raise PieceError(f"piece keyed {piece.key}, expected "
+                                         f"{(self.r, kind, 0, j)}", j)
+            except (RemoteError, SecAggError) as exc:
+                self.out.named.setdefault(sender, f"bad_{step}: {exc}")
+                continue
+            if piece is not None and allowed is not None and j not in allowed:
+                self.out.named.setdefault(sender, f"unexpected_{step}: it opened a piece "
+                                                  "while not an opener of this step")
+                continue
+            out[j] = (msg, piece)
+        return out
+
+    def _name(self, wrong: tuple[int, ...], why: str) -> None:
+        for j in wrong:
+            self.out.named.setdefault(self.members[j - 1], why)
+
+    def _fail(self, step: str, reason: str, detail: str) -> bytes:
+        self.out.ok, self.out.reason, self.out.detail = False, reason, detail
+        return self._abstain(step)
+
+    def _abstain(self, step: str) -> bytes:
+        body = encode_secagg(SecAgg(step, ()))
+        self._bodies[step] = body
+        return body
+
+
+def _to_bytes(piece: Piece) -> bytes:
+    return to_bytes(piece)
+
+
+class SecureRounds:
+    """The driver's glue between the round machine's actions and `SecureRound`, the same for
+    the node and the tests: one SecureRound per round, created when the round trains."""
+
+    def __init__(self, me: str, members: tuple[str, ...] | list[str], threshold: int,
+                 variant: str, codec: FixedPoint, consortium_id: bytes) -> None:
+        self.me, self.members = me, tuple(sorted(members))
+        self.threshold, self.variant, self.codec = threshold, variant, codec
+        self.consortium_id = consortium_id
+        self.rounds: dict[int, SecureRound] = {}
+
+    def round(self, r: int) -> SecureRound:
+        if r not in self.rounds:
+            self.rounds = {k: v for k, v in self.rounds.items() if k >= r}  # bounded memory
+            self.rounds[r] = SecureRound(self.me, self.members, self.threshold, self.variant,
+                                         self.codec, r, self.consortium_id)
+        return self.rounds[r]
+
+    def deal(self, r: int, encoded: np.ndarray) -> dict[str, bytes]:
+        """At `Train(r)`: our deal bodies, recipient -> body (seal, sign, send at SendShare)."""
+        return self.round(r).deal(encoded)
+
+    def phase(self, r: int, phase: str, got: Mapping[str, Mapping[str, bytes]],
+              deals: Mapping[str, SecAgg]) -> bytes:
+        """At `SendPhase(r, phase)`: our body for the step. `deals`: the deals the round
+        book holds for r (sender -> opened deal), filed at the check. The bodies of the
+        steps before come from the machine (`SendPhase.got`)."""
+        sr = self.round(r)
+        if phase == CHECK_PHASE:
+            for sender, msg in sorted(deals.items()):
+                sr.file_deal(sender, msg)
+            return sr.check()
+        if phase == DEGREE2_PHASE:
+            return sr.degree2(got.get(CHECK_PHASE, {}))
+        if phase == SUM_PHASE:
+            return sr.sum(got.get(DEGREE2_PHASE, {}))
+        raise LocalError(f"secure round: no step {phase!r}")
+
+    def close(self, r: int, phases: Mapping[str, Mapping[str, bytes]]) -> SecureOutcome:
+        """At `Close(r)`: the round's outcome (the aggregate, or why it failed)."""
+        out = self.round(r).finish(phases.get(SUM_PHASE, {}))
+        self.rounds.pop(r, None)
+        return out
