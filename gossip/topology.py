@@ -229,3 +229,13 @@ def build_topology(spec: TopologySpec | str, members: Iterable[str], seed: bytes
     """The topology `spec` over `members`, drawn from `seed` (the consortium id)."""
     parsed = spec if isinstance(spec, TopologySpec) else parse_topology(spec)
     return Topology(parsed, tuple(members), bytes(seed))
+
+
+def neighbourhood(spec: TopologySpec | str, members: int) -> int:
+    """How many shares a member combines in a round, its own included (on average, for
+    random-out): what the rule's defaults (f, the weight cap) are sized for. Full: all."""
+    parsed = spec if isinstance(spec, TopologySpec) else parse_topology(spec)
+    if parsed.full:
+        return members
+    per_round = {RING: 2, EXPONENTIAL: 1}.get(parsed.kind, parsed.degree or 0)
+    return min(members, 1 + per_round)

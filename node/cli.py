@@ -65,6 +65,7 @@ def _consortium_build(args: argparse.Namespace) -> int:
     rules = pin_rules(rules_table(len(members), f["aggregation"], f["f"], f["max_weight_fraction"],
                                   args.privacy_mode, args.clip, args.noise_multiplier,
                                   compression=args.compression, echo=f["echo"],
+                                  topology=args.topology,
                                   **f["aggregation_params"]), len(members))
     consortium = Consortium(args.name, schema.to_dict(), tuple(members), rules)
     build_strategy(consortium, None, args.privacy_mode or "off", args.clip or 1.0,

@@ -193,3 +193,44 @@ def test_random_out_is_pinned_to_sha256_draws():
 
 # Frozen from the first run of this code (never recomputed here).
 PINNED = [("b", "e"), ("d", "e"), ("d", "e"), ("a", "b"), ("a", "d")]
+
+
+# --- [rules] topology: pinned with the id, "full" without the key ----------------------
+
+def test_a_consortium_without_the_key_is_full_mesh_and_keeps_its_id():
+    from pathlib import Path
+
+    from gossip.membership import load_consortium
+    from node.strategy.consortium_rules import agreed_topology, pin_rules, rules_table
+
+    golden = load_consortium(Path(__file__).parent / "golden" / "consortium.toml")
+    assert "topology" not in golden.rules and agreed_topology(golden).full
+    assert "topology" not in rules_table(8, "mean", topology="full")
+    assert rules_table(8, topology="full")["echo"] is True  # full: the echo as before
+    table = pin_rules(rules_table(16, topology="random-out:4"), 16)
+    assert table["topology"] == "random-out:4" and "echo" not in table
+    # the defaults are sized for the 5 shares a member combines, not for 16 members
+    assert table["aggregation"] == "multi_krum_staged" and table["f"] == 1
+    with_key = type(golden)(golden.name, golden.schema, golden.members, table)
+    without = type(golden)(golden.name, golden.schema, golden.members,
+                           {k: v for k, v in table.items() if k != "topology"})
+    assert with_key.id != without.id
+    assert agreed_topology(with_key).name == "random-out:4"
+    for bad, why in (("star", "rules.topology"), ("ring:2", "rules.topology")):
+        with pytest.raises(LocalError, match=why):
+            agreed_topology(type(golden)(golden.name, golden.schema, golden.members,
+                                         {"aggregation": "mean", "topology": bad}))
+    with pytest.raises(LocalError, match="echo = true needs topology"):
+        agreed_topology(type(golden)(golden.name, golden.schema, golden.members,
+                                     {"aggregation": "mean", "topology": "ring", "echo": True}))
+
+
+def test_scenario_key_and_flag_reach_the_spec(tmp_path):
+    from node.rehearsal.simulation.scenario import read_scenario
+
+    path = tmp_path / "s.toml"
+    path.write_text('topology = "k-regular:4"\n')
+    assert read_scenario(path)[0]["topology"] == "k-regular:4"
+    path.write_text('topology = "k-regular"\n')
+    with pytest.raises(LocalError, match="topology.*k-regular"):
+        read_scenario(path)

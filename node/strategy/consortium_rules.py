@@ -18,6 +18,9 @@ differently are different consortia and refuse each other's shares.
     compression = "int8"           # optional: none (default), fp16, int8, topk:FRACTION
                                    # (gossip/compress.py; docs/reference/compression.md)
     echo = true                    # optional: the digest echo (below); missing: off
+    topology = "random-out:8"      # optional: full (default), ring, k-regular:K,
+                                   # random-out:S, exponential (gossip/topology.py;
+                                   # docs/reference/topology.md); not with echo = true
     [rules.params]                 # optional rule parameters (m, tau, distance, ...)
 
 Defaults, for a file without a key (`aggregation = "auto"`, what `flnode consortium
@@ -70,11 +73,12 @@ import logging
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from gossip.compress import NO_COMPRESSION, Codec, parse_codec
 from gossip.errors import LocalError
 from gossip.membership import Consortium
+from gossip.topology import FULL, TopologySpec, neighbourhood, parse_topology
 from node.strategy import Strategy, make_strategy
 from node.strategy.registry import canonical
 
@@ -153,6 +157,11 @@ class ConsortiumRules(BaseModel):
     # topk:FRACTION. A file without the key means "none" and keeps its id.
     compression: str = NO_COMPRESSION.name
 
+    # Whom each member sends its share to and waits for (gossip/topology.py): full, ring,
+    # k-regular:K, random-out:S or exponential. A file without the key means "full" and
+    # keeps its id.
+    topology: str = FULL
+
     @field_validator("compression")
     @classmethod
     def _codec(cls, value: str) -> str:
@@ -160,6 +169,23 @@ class ConsortiumRules(BaseModel):
             return parse_codec(value).name
         except LocalError as exc:
             raise ValueError(str(exc)) from None
+
+    @field_validator("topology")
+    @classmethod
+    def _topology(cls, value: str) -> str:
+        try:
+            return parse_topology(value).name
+        except LocalError as exc:
+            raise ValueError(str(exc)) from None
+
+    @model_validator(mode="after")
+    def _echo_needs_full_mesh(self) -> ConsortiumRules:
+        # The digest echo compares what every member holds against everyone's echoes; a
+        # member of a sparse topology holds only its in-peers' shares.
+        if self.echo and self.topology != FULL:
+            raise ValueError(f"echo = true needs topology = \"full\" (it is "
+                             f"{self.topology!r}): drop echo, or the topology")
+        return self
 
 
 # The default f is a quarter of the consortium (rounded down, at least 1 from three
@@ -217,6 +243,14 @@ def agreed_codec(consortium: Consortium, source: str = "consortium file") -> Cod
     rules = parse_rules(consortium, source)
     return parse_codec(rules.compression if rules is not None else NO_COMPRESSION.name,
                        f"{source}: rules.compression")
+
+
+def agreed_topology(consortium: Consortium, source: str = "consortium file") -> TopologySpec:
+    """Whom each member sends to and waits for: the [rules]' `topology`, "full" without
+    one (or without [rules])."""
+    rules = parse_rules(consortium, source)
+    return parse_topology(rules.topology if rules is not None else FULL,
+                          f"{source}: rules.topology")
 
 
 @dataclass(frozen=True)
@@ -313,8 +347,11 @@ def pin_rules(table: dict[str, Any], members: int,
               source: str = "--aggregation") -> dict[str, Any]:
     """`table` with every parameter the strategy takes written out (this version's
     defaults made explicit), so members running another flnode version still apply the
-    same rule: what `flnode consortium build` and the simulators write."""
+    same rule: what `flnode consortium build` and the simulators write. With a sparse
+    topology the defaults are sized for the shares a member combines in a round
+    (gossip/topology.py `neighbourhood`), not for the whole consortium."""
     rules = validate_rules(table, source)
+    members = neighbourhood(rules.topology, members)
     aggregation = resolve_rule(rules.aggregation, members)
     try:
         strategy = make_strategy(aggregation, members=members,
@@ -337,10 +374,15 @@ def rules_table(members: int, aggregation: str = DEFAULT_RULE, f: int | None = N
                 max_weight_fraction: float | None = None, privacy_mode: str | None = None,
                 clip: float | None = None, noise_multiplier: float | None = None,
                 compression: str | None = None, echo: bool | None = ECHO_DEFAULT,
-                **params: Any) -> dict[str, Any]:
+                topology: str | None = None, **params: Any) -> dict[str, Any]:
     """A [rules] table for `flnode consortium build` and the simulators: "auto" is
     resolved for this many members and written out; None leaves a key out, so the
-    documented default applies."""
+    documented default applies. A topology other than full writes no echo (the echo
+    needs the full mesh)."""
+    sparse = topology is not None and not parse_topology(topology, "--topology").full
+    if sparse:
+        assert topology is not None
+        echo, members = None, neighbourhood(topology, members)
     table: dict[str, Any] = {"aggregation": resolve_rule(aggregation, members)}
     params = auto_params(aggregation, table["aggregation"], params, privacy_mode)  # the recipe
     for key, value in (("f", f), ("max_weight_fraction", max_weight_fraction),
@@ -350,6 +392,8 @@ def rules_table(members: int, aggregation: str = DEFAULT_RULE, f: int | None = N
             table[key] = value
     if compression is not None and parse_codec(compression, "--compression").compressed:
         table["compression"] = parse_codec(compression).name  # "none": no key, the same id
+    if sparse:
+        table["topology"] = parse_topology(topology).name  # "full": no key, the same id
     if params:
         table["params"] = params
     return table

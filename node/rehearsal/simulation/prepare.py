@@ -555,6 +555,7 @@ def prepare(spec: SimulationSpec,
                                   spec.max_weight_fraction, spec.privacy,
                                   spec.clip if spec.privacy != "off" else None, sigma,
                                   compression=spec.compression, echo=spec.echo,
+                                  topology=spec.topology,
                                   **spec.aggregation_params), len(members))
     consortium = Consortium(template.name, schema.to_dict(), tuple(members), rules,
                             model_pin(spec, schema))

@@ -16,6 +16,7 @@ from gossip.errors import LocalError
 from gossip.membership import (
     read_toml,
 )
+from gossip.topology import parse_topology
 from node.learn.kinds import EXTRA_OPTIONS, is_plugin, resolve
 from node.ops import flags
 from node.rehearsal.simulation.spec import SimulationSpec
@@ -134,6 +135,7 @@ def _scenario_model():
         faults: Faults | None = None
         attacks: list[str] | None = None
         compression: str | None = None  # rules.compression (gossip/compress.py)
+        topology: str | None = None  # rules.topology (gossip/topology.py)
 
         @field_validator("compression")
         @classmethod
@@ -141,6 +143,16 @@ def _scenario_model():
             if value is not None:
                 try:
                     parse_codec(value)
+                except LocalError as exc:
+                    raise ValueError(str(exc)) from None
+            return value
+
+        @field_validator("topology")
+        @classmethod
+        def _topology(cls, value: str | None) -> str | None:
+            if value is not None:
+                try:
+                    parse_topology(value)
                 except LocalError as exc:
                     raise ValueError(str(exc)) from None
             return value
@@ -185,7 +197,8 @@ def read_scenario(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
     net: dict[str, Any] = {}
     simple = {"dataset": sc.dataset, "nodes": sc.members, "partition": sc.partition,
               "seal": sc.seal, "round_deadline_s": sc.round_deadline_s, "rounds": sc.rounds,
-              "seed": sc.seed, "compression": sc.compression}
+              "seed": sc.seed, "compression": sc.compression,
+              "topology": sc.topology}
     f.update({k: v for k, v in simple.items() if v is not None})
     if sc.transport is not None:
         net["transport"] = sc.transport

@@ -61,6 +61,7 @@ class SimulationSpec:
     compression: str = "none"  # rules.compression: none, fp16, int8, topk:F (gossip/compress.py)
     # [rules] echo: the digest echo (gossip/protocol/echo.py); None (--echo off): no key
     echo: bool | None = True
+    topology: str = "full"  # rules.topology: full, ring, k-regular:K, ... (gossip/topology.py)
     prox_mu: float = 0.0  # every member's training.prox_mu (FedProx; 0: off)
     lr_decay: float = 1.0  # every member's training.lr_decay (round r: lr * lr_decay**r)
     control_variates: bool = False  # every member's training.control_variates (SCAFFOLD)
