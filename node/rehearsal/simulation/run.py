@@ -74,7 +74,9 @@ def noise_for(spec: SimulationSpec, index: int) -> NoiseSource:
 
 
 async def run_consortium(spec: SimulationSpec, prep: Prepared,
-                         on_round: Any = None) -> list[Node]:
+                         on_round: Any = None, tracker: Any = None) -> list[Node]:
+    """Every present member's Node on one MemoryHub until all end. `tracker`
+    (consensus.py's ConsensusTracker) sees each member's model as it closes a round."""
     hub = MemoryHub()
     nodes = []
     for i, (name, path) in enumerate(zip(prep.names, prep.config_paths, strict=True)):
@@ -88,8 +90,17 @@ async def run_consortium(spec: SimulationSpec, prep: Prepared,
         nodes.append(build_rehearsal_node(cfg, transport, noise_for(spec, i)))
     async with asyncio.TaskGroup() as tg:
         for node in nodes:
-            tg.create_task(node.run(on_round), name=f"node-{node.name}")
+            tg.create_task(node.run(on_round if tracker is None else _tracked(
+                node, tracker, on_round)), name=f"node-{node.name}")
     return nodes
+
+
+def _tracked(node: Node, tracker: Any, on_round: Any) -> Any:
+    def report(rep: Any) -> None:
+        tracker.seen(node, rep)
+        if on_round is not None:
+            on_round(rep)
+    return report
 
 
 def baselines(spec: SimulationSpec, prep: Prepared) -> tuple[dict[str, float],
