@@ -18,7 +18,7 @@ from node.rehearsal.config import load_rehearsal_config
 from node.rehearsal.simulation.prepare import XY, Prepared
 from node.rehearsal.simulation.spec import SimulationSpec
 from node.runtime.node import Node
-from node.runtime.state import Checkpoint
+from node.runtime.state import Checkpoint, unsynced
 
 
 def train_baseline(spec: SimulationSpec, prep: Prepared, X: np.ndarray, y: np.ndarray,
@@ -77,6 +77,13 @@ async def run_consortium(spec: SimulationSpec, prep: Prepared,
                          on_round: Any = None, tracker: Any = None) -> list[Node]:
     """Every present member's Node on one MemoryHub until all end. `tracker`
     (consensus.py's ConsensusTracker) sees each member's model as it closes a round."""
+    # The run directory is the simulation's own: no fsync (node/runtime/state.py unsynced)
+    with unsynced():
+        return await _build_and_run(spec, prep, on_round, tracker)
+
+
+async def _build_and_run(spec: SimulationSpec, prep: Prepared, on_round: Any,
+                         tracker: Any) -> list[Node]:
     hub = MemoryHub()
     nodes = []
     for i, (name, path) in enumerate(zip(prep.names, prep.config_paths, strict=True)):
