@@ -17,14 +17,15 @@ is a RoundBook whose answers are cut to the round's peers:
 `recipients(kind, r)` is whom the driver sends a message of that kind for round r to
 (node/runtime/sharing.py): a share to the round's out-peers; a seen report (the digests
 of the shares a member combined) to its in-peers (whose shares it names) and out-peers
-(whose seen report names ours, expected_final); every other kind (hello, prekeys,
-finals, statistics) to everyone, as in the full mesh. The machine is unchanged: at full
+(whose seen report names ours, expected_final), and so does the final model digest
+after the last round (the same members wait for it); every other kind (hello, prekeys,
+statistics) to everyone, as in the full mesh: the start barrier counts every member. The machine is unchanged: at full
 mesh the book is the plain RoundBook and every message a broadcast.
 """
 
 from __future__ import annotations
 
-from gossip.envelope import KIND_SEALED, KIND_SEEN, KIND_SHARE, Accepted
+from gossip.envelope import KIND_FINAL, KIND_SEALED, KIND_SEEN, KIND_SHARE, Accepted
 from gossip.protocol.book import RoundBook
 from gossip.topology import Topology
 
@@ -57,7 +58,7 @@ class SparseBook(RoundBook):
         """Whom a message of `kind` for `round_` goes to; None: everyone."""
         if kind in (KIND_SHARE, KIND_SEALED):
             return self.still_in(round_)
-        if kind == KIND_SEEN:
+        if kind in (KIND_SEEN, KIND_FINAL):
             both = set(self.topology.in_peers(self.me, round_)) | set(
                 self.topology.out_peers(self.me, round_))
             return sorted(both & self.neighbours)

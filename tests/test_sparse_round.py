@@ -4,7 +4,7 @@ in-peers' shares came, combines only theirs, and reports what it saw to its peer
 
 from __future__ import annotations
 
-from gossip.envelope import KIND_HELLO, KIND_SEALED, KIND_SEEN, KIND_SHARE
+from gossip.envelope import KIND_FINAL, KIND_HELLO, KIND_SEALED, KIND_SEEN, KIND_SHARE
 from gossip.protocol import SendShare
 from gossip.sparse import SparseBook, sparse_book
 from gossip.topology import build_topology
@@ -55,7 +55,8 @@ def test_recipients_by_kind():
         out, ins = topo.out_peers("bank-0", r), topo.in_peers("bank-0", r)
         assert book.recipients(KIND_SHARE, r) == book.recipients(KIND_SEALED, r) == list(out)
         assert book.recipients(KIND_SEEN, r) == sorted(set(out) | set(ins))
-        assert book.recipients(KIND_HELLO, r) is None  # hellos, prekeys, finals: everyone
+        assert book.recipients(KIND_FINAL, r) == sorted(set(out) | set(ins))
+        assert book.recipients(KIND_HELLO, r) is None  # hellos, prekeys, stats: everyone
 
 
 def test_full_mesh_keeps_the_plain_book():

@@ -23,9 +23,10 @@ file is the old one or the new one, never a mix. Every write loops until all
 bytes are written; every directory created is fsync'd into its parent; every
 file is 0600. Nothing here is pickled.
 
-`unsynced()` turns the fsyncs off (the writes, renames and their order stay) for the
-in-process simulator's throwaway run directories only (node/rehearsal/simulation/run.py):
-a thousand members signing in one process spent most of their time in fsync
+`unsynced()` turns the fsyncs and the tmp + rename off (whole-file writes then rewrite
+the file in place; every byte and the order of writes stay) for the in-process
+simulator's throwaway run directories only (node/rehearsal/simulation/run.py): many
+members signing in one process spent most of their time in fsync and rename
 (docs/results/scale.md). Nothing a real node runs calls it.
 """
 
@@ -110,6 +111,13 @@ def make_dirs(path: Path, mode: int = 0o700) -> None:
 
 def atomic_write(path: Path, data: bytes) -> None:
     make_dirs(path.parent)
+    if not _SYNC[0]:  # unsynced(): in place, no rename (module docstring)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            write_all(fd, data)
+        finally:
+            os.close(fd)
+        return
     tmp = path.with_name(f".{path.name}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     try:
