@@ -19,8 +19,9 @@ is a RoundBook whose answers are cut to the round's peers:
 of the shares a member combined) to its in-peers (whose shares it names) and out-peers
 (whose seen report names ours, expected_final), and so does the final model digest
 after the last round (the same members wait for it); every other kind (hello, prekeys,
-statistics) to everyone, as in the full mesh: the start barrier counts every member. The machine is unchanged: at full
-mesh the book is the plain RoundBook and every message a broadcast.
+statistics) to everyone, as in the full mesh: the start barrier counts every member.
+The machine is unchanged: at full mesh the book is the plain RoundBook and every
+message a broadcast.
 """
 
 from __future__ import annotations
