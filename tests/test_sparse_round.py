@@ -59,6 +59,14 @@ def test_recipients_by_kind():
         assert book.recipients(KIND_HELLO, r) is None  # hellos, prekeys, stats: everyone
 
 
+def test_a_book_rebuilt_from_a_checkpoint_keeps_the_topology():
+    """node/runtime/checkpoint.py rebuilds the book as type(book)(neighbours, lookahead,
+    round): a restarted member still waits for its ring neighbours only."""
+    d, _ = ring_driver()
+    again = type(d.m.book)(d.m.book.neighbours, d.m.book.lookahead, 2)
+    assert again.current == 2 and again.waiting_for(2) == ["bank-1", "bank-7"]
+
+
 def test_full_mesh_keeps_the_plain_book():
     from gossip.protocol.book import RoundBook
 
