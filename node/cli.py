@@ -67,6 +67,7 @@ def _consortium_build(args: argparse.Namespace) -> int:
                                   compression=args.compression, echo=f["echo"],
                                   secure=args.secure, secure_threshold=args.secure_threshold,
                                   secure_select=args.secure_select,
+                                  topology=args.topology,
                                   **f["aggregation_params"]), len(members))
     consortium = Consortium(args.name, schema.to_dict(), tuple(members), rules)
     build_strategy(consortium, None, args.privacy_mode or "off", args.clip or 1.0,

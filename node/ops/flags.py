@@ -119,6 +119,10 @@ def add_rules_flags(p: argparse.ArgumentParser) -> None:
                    help="how every member's shares are compressed on the wire: none "
                         "(default), fp16, int8 or topk:FRACTION (e.g. topk:0.1); "
                         "docs/reference/compression.md")
+    p.add_argument("--topology", default="full", metavar="NAME",
+                   help="whom each member sends its share to and waits for: full (default), "
+                        "ring, k-regular:K, random-out:S or exponential; "
+                        "docs/reference/topology.md")
     # The digest echo ([rules] echo, gossip/protocol/echo.py), on in every file written
     # from now on. Not in --help (the frozen help texts of tests/golden stay as they are):
     # docs/reference/echo.md documents it; "off" writes no key: a consortium as built

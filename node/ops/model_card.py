@@ -267,7 +267,8 @@ def build(member: Member, name: str, where: Path, parameters: dict[str, Any],
         "aggregation": {"rules": json.loads(json.dumps(dict(c.rules))) if c.rules else None,
                         "rules_source": "the consortium file's [rules]" if c.rules else
                         "no [rules] in the consortium file: each node's own configuration",
-                        "topology": TOPOLOGY},
+                        # [rules] topology (gossip/topology.py) when agreed, else full mesh
+                        "topology": (c.rules or {}).get("topology", TOPOLOGY)},
         "privacy": {"own": {"member": name, **logs["own_privacy"]},
                     "others": {m: {"epsilon": None, "claim": None, "note": OTHERS_EPSILON}
                                for m in others}},

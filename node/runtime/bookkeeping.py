@@ -8,6 +8,7 @@ that needs the driver is queued before them (then in the machine's order, after 
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from typing import TYPE_CHECKING
@@ -25,6 +26,16 @@ log = logging.getLogger("flnode.node")
 # run (bookkeeping, logs, acks of messages not buffered); the rest wait for the driver.
 AT_ONCE = (ev.Filed, ev.Refused, ev.Equivocation, ev.SeenMismatch, ev.Presence, ev.Ack,
            ev.Waiting, ev.WaitOver)
+
+
+def loop_time() -> float:
+    """The running loop's clock, which every deadline of the machine is on (asyncio's
+    default is the monotonic clock; an in-process simulation's is virtual:
+    node/rehearsal/simulation/virtual_time.py); the monotonic clock outside a loop."""
+    try:
+        return asyncio.get_running_loop().time()
+    except RuntimeError:
+        return time.monotonic()
 
 
 def carry_out(node: Node, a: ev.Action) -> None:

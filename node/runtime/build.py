@@ -25,6 +25,8 @@ from gossip.errors import LocalError
 from gossip.membership import Consortium, load_consortium
 from gossip.protocol.book import RoundBook
 from gossip.seal import Sealing
+from gossip.sparse import sparse_book
+from gossip.topology import build_topology
 from gossip.transports.base import Transport
 from node.data.schema import FeatureSchema
 from node.learn.control import ControlVariates
@@ -52,6 +54,7 @@ from node.runtime.state import StateDir
 from node.strategy.consortium_rules import (
     AgreedStrategy,
     agreed_codec,
+    agreed_topology,
     build_strategy,
     few_rounds_warning,
 )
@@ -234,6 +237,11 @@ def build_parts(cfg: NodeConfig, rejected: Counter[str], noise: NoiseSource) -> 
     if few is not None:
         log.warning("%s: %s", identity.name, few)
     neighbours = [m.name for m in consortium.members if m.name != identity.name]
+    # The consortium's topology (rules.topology, gossip/topology.py): whom our share goes
+    # to and whose we wait for, each round (gossip/sparse.py); the plain book at full mesh.
+    book = sparse_book(build_topology(agreed_topology(consortium, str(cfg.consortium.path)),
+                                      [m.name for m in consortium.members], consortium.id),
+                       identity.name)
     keys = {m.public_key: m.name for m in consortium.members}
     sealing: Sealing | None = None
     if cfg.gossip.sealed:
@@ -259,7 +267,7 @@ def build_parts(cfg: NodeConfig, rejected: Counter[str], noise: NoiseSource) -> 
     return Parts(cfg, identity, consortium, schema, train, held, tables, norm_fallback, state,
                  ledger, budget, agreed.strategy, agreed.params, model,
                  metric_name(schema.n_classes), sealing, verifier,
-                 RoundBook(neighbours, cfg.gossip.lookahead), signer, control, releaser)
+                 book(neighbours, cfg.gossip.lookahead), signer, control, releaser)
 
 
 def build_node(cfg: NodeConfig, transport: Transport, *, node_cls: type[Node],

@@ -19,7 +19,6 @@ import torch
 
 from gossip import envelope
 from gossip.errors import RemoteError
-from gossip.protocol.book import RoundBook
 from node.learn.models import get_flat, set_flat
 from node.privacy.ledger import ledger_digest
 from node.runtime.compression import Compressor, residual_from, residual_path
@@ -80,8 +79,9 @@ def resume(node: Node) -> None:
                                  f"the checkpoint {node.state.checkpoint_path} "
                                  f"(at round {cp.next_round + 1})")
     set_flat(node.model, torch.from_numpy(np.frombuffer(cp.model, dtype="<f4").copy()))
-    node.book = RoundBook(node.book.neighbours - set(cp.retired), node.book.lookahead,
-                          cp.next_round)
+    # type(book): a sparse topology's book (gossip/sparse.py) keeps its topology
+    node.book = type(node.book)(node.book.neighbours - set(cp.retired), node.book.lookahead,
+                                cp.next_round)
     # The counter is persisted before any signed message leaves (Signer.sign): a kill
     # after a send and before the checkpoint never re-uses a number.
     node.signer.seq = max(cp.seq, node.state.reserved_seq())

@@ -181,7 +181,7 @@ class Node:
     def handle(self, msg: Incoming) -> Accepted | None:
         """Verify one incoming byte string and feed it to the machine. Never raises for
         peer faults."""
-        now = time.monotonic()
+        now = bookkeeping.loop_time()  # the machine's clock: the loop's (a simulation's)
         try:
             accepted = self.verifier.verify(msg.data, self.book.current, msg.peer_hint)
         except RemoteError as exc:

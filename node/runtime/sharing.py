@@ -130,7 +130,16 @@ async def send(node: Node, peer: str, data: bytes) -> None:
 
 async def broadcast(node: Node, r: int, data: bytes) -> None:
     """A message the transport refuses (e.g. a share over the broker's packet limit) is
-    logged and counted; the round goes on with what the others send."""
+    logged and counted; the round goes on with what the others send. Under a sparse
+    topology (gossip/sparse.py) a share or seen report goes to the round's peers only."""
+    route = getattr(node.book, "recipients", None)
+    if route is not None:
+        env = envelope.decode_outer(data, node.cfg.gossip.max_envelope_bytes)  # our own
+        peers = route(env.kind, env.round)
+        if peers is not None:
+            for peer in peers:
+                await send(node, peer, data)
+            return
     try:
         await node.transport.broadcast(data)
     except TransportFailed:

@@ -22,12 +22,20 @@ Every whole-file write is tmp + fsync + rename + fsync(dir): after a crash the
 file is the old one or the new one, never a mix. Every write loops until all
 bytes are written; every directory created is fsync'd into its parent; every
 file is 0600. Nothing here is pickled.
+
+`unsynced()` turns the fsyncs and the tmp + rename off (whole-file writes then rewrite
+the file in place; every byte and the order of writes stay) for the in-process
+simulator's throwaway run directories only (node/rehearsal/simulation/run.py): many
+members signing in one process spent most of their time in fsync and rename
+(docs/results/scale.md). Nothing a real node runs calls it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -46,6 +54,26 @@ ROTATE_KEEP = 4
 ROTATED = ("audit.jsonl",)
 
 
+# fsync on every durable write; False only inside `unsynced()` (module docstring).
+_SYNC = [True]
+
+
+@contextlib.contextmanager
+def unsynced() -> Iterator[None]:
+    """Durable writes without fsync for the duration (the simulator's run only)."""
+    before = _SYNC[0]
+    _SYNC[0] = False
+    try:
+        yield
+    finally:
+        _SYNC[0] = before
+
+
+def _fsync(fd: int) -> None:
+    if _SYNC[0]:
+        os.fsync(fd)
+
+
 def write_all(fd: int, data: bytes | memoryview) -> None:
     """os.write until every byte is written: one write() may be short (Linux caps a
     single call near 2 GiB, and a full disk or a signal can stop it early)."""
@@ -58,6 +86,8 @@ def write_all(fd: int, data: bytes | memoryview) -> None:
 
 
 def fsync_dir(path: Path) -> None:
+    if not _SYNC[0]:
+        return
     dir_fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(dir_fd)
@@ -81,11 +111,18 @@ def make_dirs(path: Path, mode: int = 0o700) -> None:
 
 def atomic_write(path: Path, data: bytes) -> None:
     make_dirs(path.parent)
+    if not _SYNC[0]:  # unsynced(): in place, no rename (module docstring)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            write_all(fd, data)
+        finally:
+            os.close(fd)
+        return
     tmp = path.with_name(f".{path.name}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     try:
         write_all(fd, data)
-        os.fsync(fd)
+        _fsync(fd)
     finally:
         os.close(fd)
     os.replace(tmp, path)
@@ -99,7 +136,7 @@ def append_durable(path: Path, data: bytes) -> None:
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
     try:
         write_all(fd, data)
-        os.fsync(fd)
+        _fsync(fd)
     finally:
         os.close(fd)
     if created:

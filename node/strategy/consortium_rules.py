@@ -21,6 +21,9 @@ differently are different consortia and refuse each other's shares.
     secure = true                  # optional: secure aggregation (below); missing: off
     secure_threshold = 1           # with secure: t, the colluding members tolerated
     secure_select = "multi-krum"   # with secure: "multi-krum" (distances) or "norm"
+    topology = "random-out:8"      # optional: full (default), ring, k-regular:K,
+                                   # random-out:S, exponential (gossip/topology.py;
+                                   # docs/reference/topology.md); not with echo = true
     [rules.params]                 # optional rule parameters (m, tau, distance, ...)
 
 Defaults, for a file without a key (`aggregation = "auto"`, what `flnode consortium
@@ -84,11 +87,12 @@ import logging
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from gossip.compress import NO_COMPRESSION, Codec, parse_codec
 from gossip.errors import LocalError
 from gossip.membership import Consortium
+from gossip.topology import FULL, TopologySpec, neighbourhood, parse_topology
 from node.strategy import Strategy, make_strategy
 from node.strategy.registry import canonical
 
@@ -176,6 +180,11 @@ class ConsortiumRules(BaseModel):
     # topk:FRACTION. A file without the key means "none" and keeps its id.
     compression: str = NO_COMPRESSION.name
 
+    # Whom each member sends its share to and waits for (gossip/topology.py): full, ring,
+    # k-regular:K, random-out:S or exponential. A file without the key means "full" and
+    # keeps its id.
+    topology: str = FULL
+
     @field_validator("compression")
     @classmethod
     def _codec(cls, value: str) -> str:
@@ -183,6 +192,29 @@ class ConsortiumRules(BaseModel):
             return parse_codec(value).name
         except LocalError as exc:
             raise ValueError(str(exc)) from None
+
+    @field_validator("topology")
+    @classmethod
+    def _topology(cls, value: str) -> str:
+        try:
+            return parse_topology(value).name
+        except LocalError as exc:
+            raise ValueError(str(exc)) from None
+
+    @model_validator(mode="after")
+    def _echo_needs_full_mesh(self) -> ConsortiumRules:
+        # The digest echo compares what every member holds against everyone's echoes; a
+        # member of a sparse topology holds only its in-peers' shares.
+        if self.echo and self.topology != FULL:
+            raise ValueError(f"echo = true needs topology = \"full\" (it is "
+                             f"{self.topology!r}): drop echo, or the topology")
+        # Secure aggregation deals pieces of every contribution to every member and opens
+        # sums every member must decode alike: it needs the full mesh (issue 24's docs:
+        # a sparse consortium's secure mode would run within groups, not built).
+        if self.secure and self.topology != FULL:
+            raise ValueError(f"secure = true needs topology = \"full\" (it is "
+                             f"{self.topology!r}): drop secure, or the topology")
+        return self
 
 
 # The default f is a quarter of the consortium (rounded down, at least 1 from three
@@ -298,6 +330,14 @@ def agreed_codec(consortium: Consortium, source: str = "consortium file") -> Cod
                        f"{source}: rules.compression")
 
 
+def agreed_topology(consortium: Consortium, source: str = "consortium file") -> TopologySpec:
+    """Whom each member sends to and waits for: the [rules]' `topology`, "full" without
+    one (or without [rules])."""
+    rules = parse_rules(consortium, source)
+    return parse_topology(rules.topology if rules is not None else FULL,
+                          f"{source}: rules.topology")
+
+
 @dataclass(frozen=True)
 class AgreedStrategy:
     strategy: Strategy
@@ -392,9 +432,12 @@ def pin_rules(table: dict[str, Any], members: int,
               source: str = "--aggregation") -> dict[str, Any]:
     """`table` with every parameter the strategy takes written out (this version's
     defaults made explicit), so members running another flnode version still apply the
-    same rule: what `flnode consortium build` and the simulators write."""
+    same rule: what `flnode consortium build` and the simulators write. With a sparse
+    topology the defaults are sized for the shares a member combines in a round
+    (gossip/topology.py `neighbourhood`), not for the whole consortium."""
     rules = validate_rules(table, source)
     secure = check_secure(rules, members, source)
+    members = neighbourhood(rules.topology, members)
     aggregation = resolve_rule(rules.aggregation, members)
     try:
         strategy = make_strategy(aggregation, members=members,
@@ -420,10 +463,17 @@ def rules_table(members: int, aggregation: str = DEFAULT_RULE, f: int | None = N
                 clip: float | None = None, noise_multiplier: float | None = None,
                 compression: str | None = None, echo: bool | None = ECHO_DEFAULT,
                 secure: bool = False, secure_threshold: int | None = None,
-                secure_select: str | None = None, **params: Any) -> dict[str, Any]:
+                secure_select: str | None = None, topology: str | None = None,
+                **params: Any) -> dict[str, Any]:
     """A [rules] table for `flnode consortium build` and the simulators: "auto" is
     resolved for this many members and written out; None leaves a key out, so the
-    documented default applies."""
+    documented default applies. A topology other than full writes no echo (the echo
+    needs the full mesh)."""
+    sparse = topology is not None and not parse_topology(topology, "--topology").full
+    everyone = members  # the secure mode is full mesh: its t is sized on every member
+    if sparse:
+        assert topology is not None
+        echo, members = None, neighbourhood(topology, members)
     table: dict[str, Any] = {"aggregation": resolve_rule(aggregation, members)}
     params = auto_params(aggregation, table["aggregation"], params, privacy_mode)  # the recipe
     for key, value in (("f", f), ("max_weight_fraction", max_weight_fraction),
@@ -436,9 +486,11 @@ def rules_table(members: int, aggregation: str = DEFAULT_RULE, f: int | None = N
     if secure:  # no key without it: plain rounds keep their consortium id
         table["secure"] = True
         table["secure_threshold"] = (secure_threshold if secure_threshold is not None
-                                     else default_secure_threshold(members))
+                                     else default_secure_threshold(everyone))
         table["secure_select"] = secure_select or default_secure_select(
-            members, table["secure_threshold"])
+            everyone, table["secure_threshold"])
+    if sparse:
+        table["topology"] = parse_topology(topology).name  # "full": no key, the same id
     if params:
         table["params"] = params
     return table

@@ -13,8 +13,10 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
+from gossip.topology import parse_topology
 from node.learn.train import metric_name
 from node.ops.report_html import negative_gain_note
+from node.rehearsal.simulation.consensus import ConsensusTracker, plot_consensus
 from node.rehearsal.simulation.prepare import evaluation_rows, prepare
 from node.rehearsal.simulation.results import AGGREGATION_ACTIONS, result_of, summarize
 from node.rehearsal.simulation.run import NOISE_OS, baselines, run_consortium
@@ -308,7 +310,10 @@ def simulate(spec: SimulationSpec, console: Any = None, notes: list[str] | None 
     printer = RoundPrinter(spec, spec.present(prep.names), metric_name(prep.schema.n_classes),
                            console)
     printer.header(prep)
-    nodes = asyncio.run(run_consortium(spec, prep, printer.on_round))
+    # A sparse topology: how far the members' models are apart, round by round.
+    tracker = None if parse_topology(spec.topology).full else ConsensusTracker(
+        len(spec.present(prep.names)))
+    nodes = asyncio.run(run_consortium(spec, prep, printer.on_round, tracker))
     printer.done()
     centralized, local_only = baselines(spec, prep)
     results = []
@@ -317,7 +322,18 @@ def simulate(spec: SimulationSpec, console: Any = None, notes: list[str] | None 
         own = dict(zip(prep.names, own_parts, strict=True)) if own_parts else {}
         results.append(result_of(n, test, own.get(n.name)))
     summary = summarize(spec, prep, results, printer.history, centralized, local_only)
+    if tracker is not None:
+        summary.update(tracker.close())
     write_outputs(spec, summary)
+    if tracker is not None:
+        cd = summary["consensus_relative"]
+        plot_consensus(cd, f"{spec.topology}: {summary['nodes']} members",
+                       spec.out / "consensus.png")
+        (console or make_console()).print(
+            f"  consensus distance ({spec.topology}; RMS of each model's distance to the "
+            f"members' mean, over its norm): round 1 {cd.get('0', float('nan')):.3g}, "
+            f"round {len(cd)} {cd.get(str(len(cd) - 1), float('nan')):.3g}; "
+            f"{spec.out / 'consensus.png'}")
     print_summary(summary, spec.out, console)
     print_noise(summary, console)
     print_attack(summary, console)

@@ -560,6 +560,7 @@ def prepare(spec: SimulationSpec,
                                   sigma, compression=spec.compression, echo=spec.echo,
                                   secure=spec.secure, secure_threshold=spec.secure_threshold,
                                   secure_select=spec.secure_select,
+                                  topology=spec.topology,
                                   **spec.aggregation_params), len(members))
     consortium = Consortium(template.name, schema.to_dict(), tuple(members), rules,
                             model_pin(spec, schema))

@@ -19,7 +19,7 @@ from node.rehearsal.config import load_rehearsal_config
 from node.rehearsal.simulation.prepare import XY, Prepared
 from node.rehearsal.simulation.spec import SimulationSpec
 from node.runtime.node import Node
-from node.runtime.state import Checkpoint
+from node.runtime.state import Checkpoint, unsynced
 
 # A simulated model's dropout masks come from a generator of its own (node/learn/nets.py
 # seed_dropout), seeded training.seed * DROPOUT_STREAM + 1: a stream apart from the
@@ -85,7 +85,16 @@ def noise_for(spec: SimulationSpec, index: int) -> NoiseSource:
 
 
 async def run_consortium(spec: SimulationSpec, prep: Prepared,
-                         on_round: Any = None) -> list[Node]:
+                         on_round: Any = None, tracker: Any = None) -> list[Node]:
+    """Every present member's Node on one MemoryHub until all end. `tracker`
+    (consensus.py's ConsensusTracker) sees each member's model as it closes a round."""
+    # The run directory is the simulation's own: no fsync (node/runtime/state.py unsynced)
+    with unsynced():
+        return await _build_and_run(spec, prep, on_round, tracker)
+
+
+async def _build_and_run(spec: SimulationSpec, prep: Prepared, on_round: Any,
+                         tracker: Any) -> list[Node]:
     hub = MemoryHub()
     nodes = []
     for i, (name, path) in enumerate(zip(prep.names, prep.config_paths, strict=True)):
@@ -100,8 +109,17 @@ async def run_consortium(spec: SimulationSpec, prep: Prepared,
         seed_dropout(nodes[-1].model, dropout_seed(cfg.training.seed))
     async with asyncio.TaskGroup() as tg:
         for node in nodes:
-            tg.create_task(node.run(on_round), name=f"node-{node.name}")
+            tg.create_task(node.run(on_round if tracker is None else _tracked(
+                node, tracker, on_round)), name=f"node-{node.name}")
     return nodes
+
+
+def _tracked(node: Node, tracker: Any, on_round: Any) -> Any:
+    def report(rep: Any) -> None:
+        tracker.seen(node, rep)
+        if on_round is not None:
+            on_round(rep)
+    return report
 
 
 def baselines(spec: SimulationSpec, prep: Prepared) -> tuple[dict[str, float],

@@ -16,6 +16,7 @@ from gossip.errors import LocalError
 from gossip.membership import (
     read_toml,
 )
+from gossip.topology import parse_topology
 from node.learn.kinds import EXTRA_OPTIONS, is_plugin, resolve
 from node.ops import flags
 from node.rehearsal.simulation.spec import SimulationSpec
@@ -138,6 +139,7 @@ def _scenario_model():
         secure: bool | None = None
         secure_threshold: int | None = Field(default=None, ge=1)
         secure_select: Literal["multi-krum", "norm"] | None = None
+        topology: str | None = None  # rules.topology (gossip/topology.py)
 
         @field_validator("compression")
         @classmethod
@@ -145,6 +147,16 @@ def _scenario_model():
             if value is not None:
                 try:
                     parse_codec(value)
+                except LocalError as exc:
+                    raise ValueError(str(exc)) from None
+            return value
+
+        @field_validator("topology")
+        @classmethod
+        def _topology(cls, value: str | None) -> str | None:
+            if value is not None:
+                try:
+                    parse_topology(value)
                 except LocalError as exc:
                     raise ValueError(str(exc)) from None
             return value
@@ -190,7 +202,8 @@ def read_scenario(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
     simple = {"dataset": sc.dataset, "nodes": sc.members, "partition": sc.partition,
               "seal": sc.seal, "round_deadline_s": sc.round_deadline_s, "rounds": sc.rounds,
               "seed": sc.seed, "compression": sc.compression, "secure": sc.secure,
-              "secure_threshold": sc.secure_threshold, "secure_select": sc.secure_select}
+              "secure_threshold": sc.secure_threshold, "secure_select": sc.secure_select,
+              "topology": sc.topology}
     f.update({k: v for k, v in simple.items() if v is not None})
     if sc.transport is not None:
         net["transport"] = sc.transport

@@ -66,6 +66,7 @@ class SimulationSpec:
     secure: bool = False
     secure_threshold: int | None = None
     secure_select: str | None = None
+    topology: str = "full"  # rules.topology: full, ring, k-regular:K, ... (gossip/topology.py)
     prox_mu: float = 0.0  # every member's training.prox_mu (FedProx; 0: off)
     lr_decay: float = 1.0  # every member's training.lr_decay (round r: lr * lr_decay**r)
     control_variates: bool = False  # every member's training.control_variates (SCAFFOLD)
