@@ -4,6 +4,7 @@ plot, summary.json on disk; and `simulate`, the whole in-process run end to end.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -304,6 +305,8 @@ def write_outputs(spec: SimulationSpec, summary: dict) -> None:
 def simulate(spec: SimulationSpec, console: Any = None, notes: list[str] | None = None) -> dict:
     torch.set_num_threads(1)  # measured 3-15x faster for small models on 2 cores
     prep = prepare(spec)
+    if prep.rounds is not None:  # --secure with DP: the consortium plan's rounds
+        spec = dataclasses.replace(spec, rounds=prep.rounds)
     prep.notes[:0] = notes or []
     printer = RoundPrinter(spec, spec.present(prep.names), metric_name(prep.schema.n_classes),
                            console)
