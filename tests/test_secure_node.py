@@ -46,21 +46,25 @@ def test_simulate_secure_every_member_reconstructs_the_same_model(tmp_path):
         assert "share" not in kinds and "sealed" not in kinds and "deal" in kinds
 
 
-def test_secure_with_dp_is_refused_by_name_until_dp_on_the_sum_is_wired(tmp_path):
-    """By the simulator before anything is built, and by the node itself (a config written
-    by hand), naming the setting; and a secure node without sealing is refused too."""
+def test_secure_with_update_dp_or_no_budget_is_refused_by_name(tmp_path):
+    """DP on the secure sum is per record, planned from a budget: the simulator refuses
+    --privacy update (and record without --epsilon) before building anything, and the node
+    itself refuses update mode (a config written by hand), naming the setting; a secure
+    node without sealing is refused too."""
     from gossip.membership import Consortium
     from node.runtime import secure_node
     from node.strategy.consortium_rules import pin_rules, rules_table
     from tests.helpers import consortium, keys
 
-    with pytest.raises(LocalError, match="--privacy record"):
-        _simulate(tmp_path / "dp", secure=True, privacy="record", epsilon=3.0, rounds=1)
+    with pytest.raises(LocalError, match="--privacy update"):
+        _simulate(tmp_path / "dp", secure=True, privacy="update", epsilon=3.0, rounds=1)
+    with pytest.raises(LocalError, match="without --epsilon"):
+        _simulate(tmp_path / "dp2", secure=True, privacy="record", sigma=1.0, rounds=1)
     base = consortium(keys(5))
     cons = Consortium(base.name, base.schema, base.members, pin_rules(rules_table(5, secure=True), 5))
     node = SimpleNamespace(consortium=cons, sealing=object(), name="bank-0",
-                           cfg=SimpleNamespace(privacy=SimpleNamespace(mode="record")))
-    with pytest.raises(LocalError, match="privacy.mode = 'record'"):
+                           cfg=SimpleNamespace(privacy=SimpleNamespace(mode="update")))
+    with pytest.raises(LocalError, match="privacy.mode = 'update'"):
         secure_node.setup(node)
     node.sealing = None
     with pytest.raises(LocalError, match="gossip.seal"):

@@ -210,7 +210,14 @@ def _print_run_facts(summary: dict, out: Path, console: Console, pooled: bool) -
     for name, why in summary.get("stopped", {}).items():
         console.print(f"  [yellow]{name} stopped sharing[/]: {why}")
     eps = summary["epsilon"]
-    if eps["mode"] != "off":
+    plan = secure_dp_plan(summary, out)
+    if plan is not None:  # issue 22: one consortium DP-SGD step per secure round
+        console.print(f"  privacy: record-level on the secure sum, accountant {eps['accountant']}, "
+                      f"δ {plan['delta']:g}, budget ε {plan['epsilon']:g} per member; the "
+                      f"consortium's plan: {plan['steps']} rounds, q {plan['sample_rate']:.3g}, "
+                      f"σ {plan['noise_multiplier']:.3g} on the sum of {plan['min_contributors']}"
+                      f"+ members (t = {plan['coalition']} colluding), lr {plan['lr']:g}")
+    elif eps["mode"] != "off":
         console.print(f"  privacy: {eps['mode']}-level, accountant {eps['accountant']}, "
                       f"δ {eps['delta']:g}"
                       + (f", budget ε {eps['budget']:g} per member" if eps.get("budget") else "")
@@ -230,7 +237,9 @@ def _print_run_facts(summary: dict, out: Path, console: Console, pooled: bool) -
         if rules.get("secure"):  # issue 22: the selection runs on the pieces, not the rule
             console.print("  aggregation (the consortium's \\[rules]): secure, t = "
                           f"{rules.get('secure_threshold')}, selection "
-                          f"{rules.get('secure_select')}, the selected members' mean" + server)
+                          f"{rules.get('secure_select')}, " + (
+                              "the plan's SGD step on the noised sum" if plan is not None
+                              else "the selected members' mean" + server))
         else:
             console.print("  aggregation (the consortium's \\[rules]): "
                           f"{agg['rule']}, f = {agg['f']}"
@@ -238,6 +247,17 @@ def _print_run_facts(summary: dict, out: Path, console: Console, pooled: bool) -
     # Two lines: the result, then where it is (one line used to glue them together).
     console.print(f"  consortium − centralized: {co - summary['centralized']:+.4f}")
     console.print(f"  wrote {out / 'summary.json'} and {out / 'accuracy.png'}")
+
+
+def secure_dp_plan(summary: dict, out: Path) -> dict | None:
+    """--secure with DP: the consortium's plan as the first member pinned it (None: none)."""
+    if not (summary.get("rules") or {}).get("secure_epsilon"):
+        return None
+    for name in summary["epsilon"].get("per_node", {}):
+        path = out / "state" / name / "secure_plan.json"
+        if path.exists():
+            return json.loads(path.read_text())
+    return None
 
 
 SERVER_OPT_NAMES = {"momentum": "FedAvgM", "adam": "FedAdam", "yogi": "FedYogi"}
