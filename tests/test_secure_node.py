@@ -157,3 +157,126 @@ def test_our_dealing_is_stored_before_it_is_sent_and_restores_byte_for_byte(tmp_
     with pytest.raises(LocalError, match="not ours"):
         SecureRound("site-1", members, 1, "distances", codec, 0, cons.id).restore(
             doc["own"][:2], doc["own"][2])
+
+
+# --- DP on the secure sum (issue 22) --------------------------------------------------------
+
+def test_a_sum_with_fewer_contributors_than_the_charged_floor_is_not_opened():
+    """8 members, t = 2, variant sum_only with integer contributions (IntegerCodec), floor
+    n - t = 6 (what the ledger charged for): 6 dealers open the exact integer sum; with 5
+    dealers (enough openers, 5 > t) nobody opens it: "below_charged_floor"."""
+    import numpy as np
+
+    from node.secagg.encoding import IntegerCodec
+    from tests.test_secure_round import SecureNet
+
+    def run(silent):
+        vectors = {f"bank-{i}": np.arange(6, dtype=np.int64) * (i + 1) - 7 for i in range(8)}
+        net = SecureNet(8, 2, variant="sum_only", vectors=vectors, silent_from={0: silent})
+        net.codec = IntegerCodec(8, 6, 1000)
+        for m in net.members.values():
+            m.secure.codec, m.secure.floor = net.codec, 6
+        net.run()
+        honest = [m for m in net.names if m not in silent]
+        return [net.outcome(m) for m in honest], vectors, honest
+
+    outs, vectors, honest = run(("bank-6", "bank-7"))
+    for o in outs:
+        assert o.ok, (o.reason, o.detail)
+        np.testing.assert_array_equal(o.total, sum(vectors[m] for m in honest))
+    outs, _, _ = run(("bank-5", "bank-6", "bank-7"))
+    for o in outs:
+        assert not o.ok and o.reason == "below_charged_floor" and o.field_sum is None, o
+
+
+def _short_plans(monkeypatch, epochs):
+    """secure_plan at fewer epochs (so a test runs a few rounds), everywhere it is called."""
+    from node.privacy import secure
+    from node.runtime import secure_node
+
+    real = secure.secure_plan
+
+    def plan(**kw):
+        return real(**{**kw, "epochs": epochs})
+
+    monkeypatch.setattr(secure, "secure_plan", plan)
+    monkeypatch.setattr(secure_node, "secure_plan", plan)
+
+
+@pytest.mark.slow  # 5 members x 3 secure DP rounds and the baselines: 15-40 s on a busy machine
+def test_secure_dp_rounds_charge_before_dealing_and_a_spent_member_stops_by_name(
+        tmp_path, monkeypatch):
+    """`simulate --secure --privacy record --epsilon 3` on digits, 5 members (t = 1, floor
+    4), the plan shortened to 3 rounds: every round is charged ("secure" records, at the
+    floor, the plan's digest) before the member's dealing exists outside memory; site-4's
+    plan allows one round: it stops dealing with "budget_exhausted" named, the others go on
+    at the floor. Every member applies the same step; epsilon is the accountant's; no local
+    DP-SGD plan is run; every member pinned the same plan."""
+    import dataclasses
+
+    from node.privacy.accountant import epsilon_of
+    from node.privacy.ledger import Ledger
+    from node.runtime import secure_node
+
+    _short_plans(monkeypatch, 0.5)
+    seen = []
+    real_store = secure_node._store_deals
+
+    def store(node, r, doc):  # the first time anything of the dealing leaves memory
+        on_disk = [x.round for x in Ledger(node.state.ledger_path).records]
+        seen.append((node.name, r, r in on_disk))
+        real_store(node, r, doc)
+
+    monkeypatch.setattr(secure_node, "_store_deals", store)
+    real_plan_for = secure_node.plan_for
+
+    def plan_for(node, select):
+        plan = real_plan_for(node, select)
+        if node.name == "site-4":
+            return dataclasses.replace(plan, epsilon=plan.epsilon_after(1) * (1 + 1e-6))
+        return plan
+
+    monkeypatch.setattr(secure_node, "plan_for", plan_for)
+    summary = _simulate(tmp_path / "run", secure=True, privacy="record", epsilon=3.0)
+    rules = summary["rules"]
+    assert rules["secure_select"] == "sum" and rules["secure_epsilon"] == 3.0
+    assert rules["secure_rows"] == sum(summary["rows"].values())  # the training rows of all
+    assert seen and all(ok for _, _, ok in seen), seen
+    assert summary["stopped"].get("site-4", "").startswith("budget_exhausted"), summary["stopped"]
+    states = tmp_path / "run" / "state"
+    plans = {(states / m / "secure_plan.json").read_text() for m in summary["consortium"]["per_node"]}
+    assert len(plans) == 1
+    plan = json.loads(plans.pop())
+    n = plan["steps"]
+    assert n >= 3 and summary["rounds"] == n  # the plan chose the length of training
+    honest = ["site-0", "site-1", "site-2", "site-3"]
+    assert len({summary["consortium"]["per_node"][m] for m in honest}) == 1
+    for m in honest + ["site-4"]:
+        assert not (states / m / "privacy_plan.json").exists()  # no local DP-SGD plan
+        records = Ledger(states / m / "ledger.jsonl").records
+        want = 1 if m == "site-4" else n
+        assert [r.round for r in records] == list(range(want))
+        assert all(r.mode == "secure" and r.secure["contributors"] == 4 and
+                   r.secure["reveal"] == "sum" for r in records)
+        eps = epsilon_of(records, 1e-5)
+        assert summary["epsilon"]["per_node"][m] == pytest.approx(eps) and eps <= 3.0
+    for m in honest:
+        lines = [json.loads(x) for x in (states / m / "audit.jsonl").read_text().splitlines()]
+        agg = [x for x in lines if x.get("kind") == "aggregate"]
+        assert [x["secure"]["ok"] for x in agg] == [True] * n, [x["secure"] for x in agg]
+        assert [len(x["used"]) for x in agg] == [5] + [4] * (n - 1)
+    assert summary["noise"] == "os"
+
+
+@pytest.mark.slow  # two runs of 5 members: ~10 s
+def test_two_seeded_secure_dp_runs_draw_different_noise(tmp_path, monkeypatch):
+    """The same --seed twice: the same data, plan and charges, different models (the
+    sampling and the noise shares come from the OS, never the seed)."""
+    _short_plans(monkeypatch, 0.1)
+    a = _simulate(tmp_path / "a", secure=True, privacy="record", epsilon=3.0)
+    b = _simulate(tmp_path / "b", secure=True, privacy="record", epsilon=3.0)
+    assert a["rounds"] == b["rounds"] <= 2
+    fa = json.loads((tmp_path / "a" / "state" / "site-0" / "final.json").read_text())
+    fb = json.loads((tmp_path / "b" / "state" / "site-0" / "final.json").read_text())
+    assert fa["digest"] != fb["digest"]  # the model's digest
+    assert a["epsilon"]["per_node"] == b["epsilon"]["per_node"]
