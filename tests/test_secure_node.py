@@ -280,3 +280,28 @@ def test_two_seeded_secure_dp_runs_draw_different_noise(tmp_path, monkeypatch):
     fb = json.loads((tmp_path / "b" / "state" / "site-0" / "final.json").read_text())
     assert fa["digest"] != fb["digest"]  # the model's digest
     assert a["epsilon"]["per_node"] == b["epsilon"]["per_node"]
+
+
+def test_consortium_build_pins_the_secure_dp_plan_inputs(tmp_path, capsys):
+    """`flnode consortium build --secure --secure-rows R --secure-epsilon E --secure-delta D`
+    writes the plan's inputs with the "sum" selection; a partial set is refused by name."""
+    import tomli_w
+
+    from gossip.membership import load_consortium
+    from node.cli import main
+    from tests.helpers import SCHEMA
+
+    for i in range(4):
+        assert main(["keygen", "--out", str(tmp_path / "keys"), "--name", f"bank-{i}"]) == 0
+    (tmp_path / "schema.toml").write_text(tomli_w.dumps(SCHEMA))
+    argv = ["consortium", "build", "--name", "c", "--schema", str(tmp_path / "schema.toml"),
+            "--secure", "--secure-rows", "1000", "--secure-epsilon", "3"]
+    for i in range(4):
+        argv += ["--member", str(tmp_path / "keys" / f"bank-{i}.pub")]
+    assert main([*argv, "--secure-delta", "1e-5", "--out", str(tmp_path / "c.toml")]) == 0
+    rules = load_consortium(tmp_path / "c.toml").rules
+    assert (rules["secure_select"], rules["secure_rows"], rules["secure_epsilon"],
+            rules["secure_delta"]) == ("sum", 1000, 3.0, 1e-5)
+    capsys.readouterr()
+    assert main([*argv, "--out", str(tmp_path / "d.toml")]) != 0
+    assert "rules.secure_delta is missing" in capsys.readouterr().err
