@@ -41,7 +41,10 @@ Refusals (the round fails with a named `SecureOutcome.reason`; the next round go
 fewer than t + 1 entering dealers or selected members ("too_few_contributors": an opening
 over m <= t contributions could reveal one; nobody opens), fewer than 2t + 1 openers
 ("too_few_openers": more than t members dropped), more wrong pieces than the code corrects
-("too_many_wrong"), an aggregate failing its exact norm check ("aggregate_out_of_bounds").
+("too_many_wrong"), an aggregate failing its exact norm check ("aggregate_out_of_bounds"),
+fewer selected than `floor` ("below_charged_floor": with DP on the sum, the contributors the
+ledger charged the round for). Variant "sum_only" (DP on the sum) opens nothing per member:
+the degree-2 step abstains and every entered dealer is summed (robust.select_without_opening).
 
 What a member learns: the aggregate of the selected members, the squared norms and (with
 multi-Krum) the pairwise squared distances of the entering dealers, who entered, who was
