@@ -305,3 +305,38 @@ def test_consortium_build_pins_the_secure_dp_plan_inputs(tmp_path, capsys):
     capsys.readouterr()
     assert main([*argv, "--out", str(tmp_path / "d.toml")]) != 0
     assert "rules.secure_delta is missing" in capsys.readouterr().err
+
+
+def test_every_member_plans_from_the_rules_and_a_disagreeing_member_is_refused(tmp_path):
+    """plan_for: the plan's inputs come from the [rules]; a member whose privacy.epsilon
+    differs is refused naming it; a federated-normalization schema is refused (its
+    statistics are not in the secure plan's budget); the plan is pinned in the state dir
+    and a later start whose [rules] give another plan is refused."""
+    from gossip.membership import Consortium
+    from node.runtime import secure_node
+    from node.strategy.consortium_rules import pin_rules, rules_table
+    from tests.helpers import consortium, keys
+
+    def cons(rows):
+        base = consortium(keys(5))
+        dp = {"secure_rows": rows, "secure_epsilon": 3.0, "secure_delta": 1e-5}
+        return Consortium(base.name, base.schema, base.members,
+                          pin_rules(rules_table(5, secure=True, secure_dp=dp), 5))
+
+    def node(c, epsilon=3.0, schema="declared"):
+        return SimpleNamespace(
+            consortium=c, name="bank-0", model=torch.nn.Linear(4, 3),
+            schema=SimpleNamespace(mode=schema), state=SimpleNamespace(path=tmp_path),
+            cfg=SimpleNamespace(privacy=SimpleNamespace(mode="record", epsilon=epsilon,
+                                                        delta=1e-5, clip=1.0)))
+
+    with pytest.raises(LocalError, match="privacy.epsilon = 2.0 but the consortium"):
+        secure_node.plan_for(node(cons(1000), epsilon=2.0), "sum")
+    with pytest.raises(LocalError, match="statistics exchange is not part"):
+        secure_node.plan_for(node(cons(1000), schema="federated"), "sum")
+    plan = secure_node.plan_for(node(cons(1000)), "sum")
+    assert (plan.rows_total, plan.members, plan.coalition, plan.dim) == (1000, 5, 1, 15)
+    assert secure_node.plan_for(node(cons(1000)), "sum") == plan  # the pinned one
+    assert (tmp_path / secure_node.SECURE_PLAN_FILE).exists()
+    with pytest.raises(LocalError, match="the pinned secure plan"):
+        secure_node.plan_for(node(cons(2000)), "sum")

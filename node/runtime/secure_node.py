@@ -128,6 +128,11 @@ def plan_for(node: Node, rule_select: str) -> SecurePlan:
             raise LocalError(f"privacy.{key} = {mine!r} but the consortium's [rules] pin "
                              f"{agreed!r} for secure rounds (every member's noise share is "
                              "sized from it): set privacy." + key + " to the agreed value")
+    if node.schema.mode == "federated":  # its statistics would go out exact (no local plan)
+        raise LocalError("the schema says normalize = \"federated\" and the [rules] say secure "
+                         "rounds with DP on the sum: the statistics exchange is not part of the "
+                         "secure plan's budget yet (its charge would be missing); use "
+                         "normalize = \"declared\" in the schema")
     if rule_select != "sum":
         raise LocalError(f"rules.secure_select = {rule_select!r} with DP on the sum: only "
                          "\"sum\" is charged at the sum's noise (docs/privacy-secure.md)")
