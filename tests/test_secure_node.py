@@ -340,3 +340,25 @@ def test_every_member_plans_from_the_rules_and_a_disagreeing_member_is_refused(t
     assert (tmp_path / secure_node.SECURE_PLAN_FILE).exists()
     with pytest.raises(LocalError, match="the pinned secure plan"):
         secure_node.plan_for(node(cons(2000)), "sum")
+
+
+def test_a_member_pushing_the_dp_sum_out_of_bounds_fails_the_round_by_name():
+    """sum_only has no per-member check: a member (its real key) whose integer vector is
+    within the per-coordinate bound but pushes the sum past the bound of an honest sum
+    makes the round fail "aggregate_out_of_bounds" at every member: nothing is applied (the
+    robustness of DP on the sum is this aggregate check, docs/privacy-secure.md)."""
+    import numpy as np
+
+    from node.secagg.encoding import IntegerCodec
+    from tests.test_secure_round import SecureNet
+
+    vectors = {f"bank-{i}": np.full(6, 3, dtype=np.int64) for i in range(8)}
+    vectors["bank-7"] = np.full(6, 1000, dtype=np.int64)  # at the bound alone: accepted
+    net = SecureNet(8, 2, variant="sum_only", vectors=vectors)
+    net.codec = IntegerCodec(8, 6, 1000)
+    for m in net.members.values():
+        m.secure.codec, m.secure.floor = net.codec, 6
+    net.run()
+    for m in net.names[:7]:
+        o = net.outcome(m)
+        assert not o.ok and o.reason == "aggregate_out_of_bounds" and o.total is None, o
