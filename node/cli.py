@@ -38,6 +38,13 @@ def _keygen(args: argparse.Namespace) -> int:
     return 0
 
 
+def secure_dp_keys(args: argparse.Namespace) -> dict[str, float] | None:
+    """[rules] secure_rows / secure_epsilon / secure_delta from consortium build's flags
+    (None: no DP on the secure sum; a partial set is refused by the rules' check)."""
+    keys = {k: getattr(args, k) for k in ("secure_rows", "secure_epsilon", "secure_delta")}
+    return {k: v for k, v in keys.items() if v is not None} or None
+
+
 def _consortium_build(args: argparse.Namespace) -> int:
     # lean start: each command imports what it runs (schema loads pydantic, identity PyNaCl)
     import tomllib
@@ -68,6 +75,7 @@ def _consortium_build(args: argparse.Namespace) -> int:
                                   secure=args.secure, secure_threshold=args.secure_threshold,
                                   secure_select=args.secure_select,
                                   topology=args.topology,
+                                  secure_dp=secure_dp_keys(args),
                                   **f["aggregation_params"]), len(members))
     consortium = Consortium(args.name, schema.to_dict(), tuple(members), rules)
     build_strategy(consortium, None, args.privacy_mode or "off", args.clip or 1.0,
@@ -290,7 +298,13 @@ def build_parser() -> argparse.ArgumentParser:
     cb.add_argument("--secure", action="store_true", help=argparse.SUPPRESS)
     cb.add_argument("--secure-threshold", type=positive(int), default=None,
                     help=argparse.SUPPRESS)
-    cb.add_argument("--secure-select", choices=("multi-krum", "norm"), default=None,
+    cb.add_argument("--secure-select", choices=("multi-krum", "norm", "sum"), default=None,
+                    help=argparse.SUPPRESS)
+    # DP on the secure sum: the plan's inputs every member shares (docs/privacy-secure.md)
+    cb.add_argument("--secure-rows", type=positive(int), default=None, help=argparse.SUPPRESS)
+    cb.add_argument("--secure-epsilon", type=positive(float), default=None,
+                    help=argparse.SUPPRESS)
+    cb.add_argument("--secure-delta", type=positive(float), default=None,
                     help=argparse.SUPPRESS)
     cb.add_argument("--privacy-mode", choices=["off", "update", "record"], default=None,
                     help="[rules]: every member's privacy.mode must be this")

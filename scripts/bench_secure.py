@@ -22,6 +22,16 @@ rounding and Skellam).
 
     .venv/bin/python scripts/bench_secure.py --seeds 3 [--tables digits,default,churn]
 
+`--protocol`: the real thing instead of the simulated sum: `flnode simulate --secure
+--privacy record --epsilon E --dataset digits --nodes 8` (a subprocess: the CLI path a user
+runs; every round a secure DP-SGD step through the node, the round machine, sealing and the
+memory transport; rounds, q, sigma and lr from the consortium's secure_plan) per seed,
+against centralized DP-SGD at the same epsilon (the fixed recipe, as above): accuracy,
+epsilon from the ledgers, wall and CPU time of the whole simulate (its local-only and
+non-private centralized baselines included), bytes sent per member per round.
+
+    .venv/bin/python scripts/bench_secure.py --protocol --seeds 1
+
 Writes runs/bench/secure.json unless --out; prints a table.
 """
 
@@ -111,6 +121,77 @@ def distributed(table: str, seed: int, rounds: int, epsilon: float, workdir: Pat
         shutil.rmtree(out, ignore_errors=True)
 
 
+def protocol_run(seed: int, epsilon: float, workdir: Path) -> dict[str, Any]:
+    """One `flnode simulate --secure --privacy record` run (module docstring)."""
+    import resource
+    import subprocess
+
+    out = workdir / f"protocol-{seed}"
+    cmd = [sys.executable, "-m", "node.cli", "simulate", "--secure", "--privacy", "record",
+           "--epsilon", str(epsilon), "--dataset", "digits", "--nodes", str(MEMBERS),
+           "--partition", "dirichlet:0.5", "--seed", str(seed), "--out", str(out)]
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    t0 = time.perf_counter()
+    subprocess.run(cmd, check=True, cwd=ROOT, stdout=subprocess.DEVNULL,
+                   env={**__import__("os").environ, "PYTHONPATH": str(ROOT)})
+    wall = time.perf_counter() - t0
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    summary = json.loads((out / "summary.json").read_text())
+    per_round = []
+    for state in sorted((out / "state").iterdir()):
+        for line in (state / "metrics.jsonl").read_text().splitlines():
+            rec = json.loads(line)
+            if "round_bytes_sent" in rec:
+                per_round.append(rec["round_bytes_sent"])
+    plan = json.loads(next((out / "state").iterdir()).joinpath("secure_plan.json").read_text())
+    accs = list(summary["consortium"]["per_node"].values())
+    return {"final": sum(accs) / len(accs), "members_same_model": len(set(accs)) == 1,
+            "epsilon": max(summary["epsilon"]["per_node"].values()),
+            "rounds": summary["rounds"], "rounds_done": summary["rounds_done"],
+            "sigma": plan["noise_multiplier"], "sample_rate": plan["sample_rate"],
+            "steps": plan["steps"], "lr": plan["lr"], "rows": plan["rows_total"],
+            "wall_seconds": wall,
+            "cpu_seconds": (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime),
+            "bytes_per_member_per_round": sum(per_round) / max(1, len(per_round)),
+            "noise": summary["noise"], "command": " ".join(cmd[1:])}
+
+
+def protocol_main(args: argparse.Namespace) -> int:
+    seeds = list(range(args.seeds))
+    res: dict[str, list[dict[str, Any]]] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        for s in seeds:
+            res.setdefault("secure protocol (flnode simulate)", []).append(
+                protocol_run(s, args.epsilon, work))
+            if not args.no_central:
+                res.setdefault("centralized dp fixed", []).append(
+                    centralized_dp("digits", s, args.rounds, args.epsilon, "fixed", work))
+    runs = {label: {"final": _mean([r["final"] for r in rs]), "per_seed": rs}
+            for label, rs in res.items()}
+    doc = {"config": {"protocol": True, "table": "digits", "members": MEMBERS,
+                      "seeds": seeds, "epsilon": args.epsilon, "delta": DELTA,
+                      "central_epochs": args.rounds}, "runs": runs}
+    out = args.out if args.out != DEFAULT_OUT else args.out.with_name("secure_protocol.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(doc, indent=1, sort_keys=True) + "\n")
+    print(json.dumps(doc, sort_keys=True))
+    ref = runs.get("centralized dp fixed", {}).get("final", math.nan)
+    print(f"{'run':36s} {'final':>7s} {'vs central':>10s} {'eps':>6s} {'rounds':>6s} "
+          f"{'wall s':>7s} {'cpu s':>7s} {'KB/member/round':>16s}")
+    for label, r in runs.items():
+        f = r["per_seed"][0]
+        extra = (f"{f['rounds']:6d} {f['wall_seconds']:7.1f} {f['cpu_seconds']:7.1f} "
+                 f"{f['bytes_per_member_per_round'] / 1e3:16.1f}") if "wall_seconds" in f else ""
+        print(f"{label:36s} {r['final']:7.4f} {r['final'] - ref:+10.4f} "
+              f"{f['epsilon']:6.3f} {extra}")
+    print(f"wrote {out}")
+    return 0
+
+
+DEFAULT_OUT = ROOT / "runs" / "bench" / "secure.json"
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tables", default="digits")
@@ -121,8 +202,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--epochs", type=float, default=None,
                     help="the secure plan's epochs (default: secure_plan's own default)")
     ap.add_argument("--no-central", action="store_true", help="skip the centralized runs")
-    ap.add_argument("--out", type=Path, default=ROOT / "runs" / "bench" / "secure.json")
+    ap.add_argument("--protocol", action="store_true",
+                    help="run the real `flnode simulate --secure --privacy record` path "
+                         "(digits, 8 members) instead of the simulated sum")
+    ap.add_argument("--out", type=Path, default=DEFAULT_OUT)
     args = ap.parse_args(argv)
+    if args.protocol:
+        return protocol_main(args)
     seeds = list(range(args.seeds))
     runs: dict[str, Any] = {}
     with tempfile.TemporaryDirectory() as tmp:

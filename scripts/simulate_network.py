@@ -47,6 +47,7 @@ about each attacker (`attack.seen_by`).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import random
@@ -303,6 +304,8 @@ def main(argv: list[str] | None = None) -> int:
             addresses = {n: {"libp2p": f"/ip4/127.0.0.1/tcp/{p}"} for n, p in zip(names, ports,
                                                                                    strict=False)}
         prep = prepare(spec, addresses)
+        if prep.rounds is not None:  # --secure with DP: the consortium plan's rounds
+            spec = dataclasses.replace(spec, rounds=prep.rounds)
         # Per member, the kills still to come: (after round, seconds after it, restart after).
         kills: dict[str, list[tuple[int, float, float]]] = {}
         for k in args.kill:

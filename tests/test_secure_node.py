@@ -46,21 +46,25 @@ def test_simulate_secure_every_member_reconstructs_the_same_model(tmp_path):
         assert "share" not in kinds and "sealed" not in kinds and "deal" in kinds
 
 
-def test_secure_with_dp_is_refused_by_name_until_dp_on_the_sum_is_wired(tmp_path):
-    """By the simulator before anything is built, and by the node itself (a config written
-    by hand), naming the setting; and a secure node without sealing is refused too."""
+def test_secure_with_update_dp_or_no_budget_is_refused_by_name(tmp_path):
+    """DP on the secure sum is per record, planned from a budget: the simulator refuses
+    --privacy update (and record without --epsilon) before building anything, and the node
+    itself refuses update mode (a config written by hand), naming the setting; a secure
+    node without sealing is refused too."""
     from gossip.membership import Consortium
     from node.runtime import secure_node
     from node.strategy.consortium_rules import pin_rules, rules_table
     from tests.helpers import consortium, keys
 
-    with pytest.raises(LocalError, match="--privacy record"):
-        _simulate(tmp_path / "dp", secure=True, privacy="record", epsilon=3.0, rounds=1)
+    with pytest.raises(LocalError, match="--privacy update"):
+        _simulate(tmp_path / "dp", secure=True, privacy="update", epsilon=3.0, rounds=1)
+    with pytest.raises(LocalError, match="without --epsilon"):
+        _simulate(tmp_path / "dp2", secure=True, privacy="record", sigma=1.0, rounds=1)
     base = consortium(keys(5))
     cons = Consortium(base.name, base.schema, base.members, pin_rules(rules_table(5, secure=True), 5))
     node = SimpleNamespace(consortium=cons, sealing=object(), name="bank-0",
-                           cfg=SimpleNamespace(privacy=SimpleNamespace(mode="record")))
-    with pytest.raises(LocalError, match="privacy.mode = 'record'"):
+                           cfg=SimpleNamespace(privacy=SimpleNamespace(mode="update")))
+    with pytest.raises(LocalError, match="privacy.mode = 'update'"):
         secure_node.setup(node)
     node.sealing = None
     with pytest.raises(LocalError, match="gossip.seal"):
@@ -153,3 +157,208 @@ def test_our_dealing_is_stored_before_it_is_sent_and_restores_byte_for_byte(tmp_
     with pytest.raises(LocalError, match="not ours"):
         SecureRound("site-1", members, 1, "distances", codec, 0, cons.id).restore(
             doc["own"][:2], doc["own"][2])
+
+
+# --- DP on the secure sum (issue 22) --------------------------------------------------------
+
+def test_a_sum_with_fewer_contributors_than_the_charged_floor_is_not_opened():
+    """8 members, t = 2, variant sum_only with integer contributions (IntegerCodec), floor
+    n - t = 6 (what the ledger charged for): 6 dealers open the exact integer sum; with 5
+    dealers (enough openers, 5 > t) nobody opens it: "below_charged_floor"."""
+    import numpy as np
+
+    from node.secagg.encoding import IntegerCodec
+    from tests.test_secure_round import SecureNet
+
+    def run(silent):
+        vectors = {f"bank-{i}": np.arange(6, dtype=np.int64) * (i + 1) - 7 for i in range(8)}
+        net = SecureNet(8, 2, variant="sum_only", vectors=vectors, silent_from={0: silent})
+        net.codec = IntegerCodec(8, 6, 1000)
+        for m in net.members.values():
+            m.secure.codec, m.secure.floor = net.codec, 6
+        net.run()
+        honest = [m for m in net.names if m not in silent]
+        return [net.outcome(m) for m in honest], vectors, honest
+
+    outs, vectors, honest = run(("bank-6", "bank-7"))
+    for o in outs:
+        assert o.ok, (o.reason, o.detail)
+        np.testing.assert_array_equal(o.total, sum(vectors[m] for m in honest))
+    outs, _, _ = run(("bank-5", "bank-6", "bank-7"))
+    for o in outs:
+        assert not o.ok and o.reason == "below_charged_floor" and o.field_sum is None, o
+
+
+def _short_plans(monkeypatch, epochs):
+    """secure_plan at fewer epochs (so a test runs a few rounds), everywhere it is called."""
+    from node.privacy import secure
+    from node.runtime import secure_node
+
+    real = secure.secure_plan
+
+    def plan(**kw):
+        return real(**{**kw, "epochs": epochs})
+
+    monkeypatch.setattr(secure, "secure_plan", plan)
+    monkeypatch.setattr(secure_node, "secure_plan", plan)
+
+
+@pytest.mark.slow  # 5 members x 3 secure DP rounds and the baselines: 15-40 s on a busy machine
+def test_secure_dp_rounds_charge_before_dealing_and_a_spent_member_stops_by_name(
+        tmp_path, monkeypatch):
+    """`simulate --secure --privacy record --epsilon 3` on digits, 5 members (t = 1, floor
+    4), the plan shortened to 3 rounds: every round is charged ("secure" records, at the
+    floor, the plan's digest) before the member's dealing exists outside memory; site-4's
+    plan allows one round: it stops dealing with "budget_exhausted" named, the others go on
+    at the floor. Every member applies the same step; epsilon is the accountant's; no local
+    DP-SGD plan is run; every member pinned the same plan."""
+    import dataclasses
+
+    from node.privacy.accountant import epsilon_of
+    from node.privacy.ledger import Ledger
+    from node.runtime import secure_node
+
+    _short_plans(monkeypatch, 0.5)
+    seen = []
+    real_store = secure_node._store_deals
+
+    def store(node, r, doc):  # the first time anything of the dealing leaves memory
+        on_disk = [x.round for x in Ledger(node.state.ledger_path).records]
+        seen.append((node.name, r, r in on_disk))
+        real_store(node, r, doc)
+
+    monkeypatch.setattr(secure_node, "_store_deals", store)
+    real_plan_for = secure_node.plan_for
+
+    def plan_for(node, select):
+        plan = real_plan_for(node, select)
+        if node.name == "site-4":
+            return dataclasses.replace(plan, epsilon=plan.epsilon_after(1) * (1 + 1e-6))
+        return plan
+
+    monkeypatch.setattr(secure_node, "plan_for", plan_for)
+    summary = _simulate(tmp_path / "run", secure=True, privacy="record", epsilon=3.0)
+    rules = summary["rules"]
+    assert rules["secure_select"] == "sum" and rules["secure_epsilon"] == 3.0
+    assert rules["secure_rows"] == sum(summary["rows"].values())  # the training rows of all
+    assert seen and all(ok for _, _, ok in seen), seen
+    assert summary["stopped"].get("site-4", "").startswith("budget_exhausted"), summary["stopped"]
+    states = tmp_path / "run" / "state"
+    plans = {(states / m / "secure_plan.json").read_text() for m in summary["consortium"]["per_node"]}
+    assert len(plans) == 1
+    plan = json.loads(plans.pop())
+    n = plan["steps"]
+    assert n >= 3 and summary["rounds"] == n  # the plan chose the length of training
+    honest = ["site-0", "site-1", "site-2", "site-3"]
+    assert len({summary["consortium"]["per_node"][m] for m in honest}) == 1
+    for m in honest + ["site-4"]:
+        assert not (states / m / "privacy_plan.json").exists()  # no local DP-SGD plan
+        records = Ledger(states / m / "ledger.jsonl").records
+        want = 1 if m == "site-4" else n
+        assert [r.round for r in records] == list(range(want))
+        assert all(r.mode == "secure" and r.secure["contributors"] == 4 and
+                   r.secure["reveal"] == "sum" for r in records)
+        eps = epsilon_of(records, 1e-5)
+        assert summary["epsilon"]["per_node"][m] == pytest.approx(eps) and eps <= 3.0
+    for m in honest:
+        lines = [json.loads(x) for x in (states / m / "audit.jsonl").read_text().splitlines()]
+        agg = [x for x in lines if x.get("kind") == "aggregate"]
+        assert [x["secure"]["ok"] for x in agg] == [True] * n, [x["secure"] for x in agg]
+        assert [len(x["used"]) for x in agg] == [5] + [4] * (n - 1)
+    assert summary["noise"] == "os"
+
+
+@pytest.mark.slow  # two runs of 5 members: ~10 s
+def test_two_seeded_secure_dp_runs_draw_different_noise(tmp_path, monkeypatch):
+    """The same --seed twice: the same data, plan and charges, different models (the
+    sampling and the noise shares come from the OS, never the seed)."""
+    _short_plans(monkeypatch, 0.1)
+    a = _simulate(tmp_path / "a", secure=True, privacy="record", epsilon=3.0)
+    b = _simulate(tmp_path / "b", secure=True, privacy="record", epsilon=3.0)
+    assert a["rounds"] == b["rounds"] <= 2
+    fa = json.loads((tmp_path / "a" / "state" / "site-0" / "final.json").read_text())
+    fb = json.loads((tmp_path / "b" / "state" / "site-0" / "final.json").read_text())
+    assert fa["digest"] != fb["digest"]  # the model's digest
+    assert a["epsilon"]["per_node"] == b["epsilon"]["per_node"]
+
+
+def test_consortium_build_pins_the_secure_dp_plan_inputs(tmp_path, capsys):
+    """`flnode consortium build --secure --secure-rows R --secure-epsilon E --secure-delta D`
+    writes the plan's inputs with the "sum" selection; a partial set is refused by name."""
+    import tomli_w
+
+    from gossip.membership import load_consortium
+    from node.cli import main
+    from tests.helpers import SCHEMA
+
+    for i in range(4):
+        assert main(["keygen", "--out", str(tmp_path / "keys"), "--name", f"bank-{i}"]) == 0
+    (tmp_path / "schema.toml").write_text(tomli_w.dumps(SCHEMA))
+    argv = ["consortium", "build", "--name", "c", "--schema", str(tmp_path / "schema.toml"),
+            "--secure", "--secure-rows", "1000", "--secure-epsilon", "3"]
+    for i in range(4):
+        argv += ["--member", str(tmp_path / "keys" / f"bank-{i}.pub")]
+    assert main([*argv, "--secure-delta", "1e-5", "--out", str(tmp_path / "c.toml")]) == 0
+    rules = load_consortium(tmp_path / "c.toml").rules
+    assert (rules["secure_select"], rules["secure_rows"], rules["secure_epsilon"],
+            rules["secure_delta"]) == ("sum", 1000, 3.0, 1e-5)
+    capsys.readouterr()
+    assert main([*argv, "--out", str(tmp_path / "d.toml")]) != 0
+    assert "rules.secure_delta is missing" in capsys.readouterr().err
+
+
+def test_every_member_plans_from_the_rules_and_a_disagreeing_member_is_refused(tmp_path):
+    """plan_for: the plan's inputs come from the [rules]; a member whose privacy.epsilon
+    differs is refused naming it; a federated-normalization schema is refused (its
+    statistics are not in the secure plan's budget); the plan is pinned in the state dir
+    and a later start whose [rules] give another plan is refused."""
+    from gossip.membership import Consortium
+    from node.runtime import secure_node
+    from node.strategy.consortium_rules import pin_rules, rules_table
+    from tests.helpers import consortium, keys
+
+    def cons(rows):
+        base = consortium(keys(5))
+        dp = {"secure_rows": rows, "secure_epsilon": 3.0, "secure_delta": 1e-5}
+        return Consortium(base.name, base.schema, base.members,
+                          pin_rules(rules_table(5, secure=True, secure_dp=dp), 5))
+
+    def node(c, epsilon=3.0, schema="declared"):
+        return SimpleNamespace(
+            consortium=c, name="bank-0", model=torch.nn.Linear(4, 3),
+            schema=SimpleNamespace(mode=schema), state=SimpleNamespace(path=tmp_path),
+            cfg=SimpleNamespace(privacy=SimpleNamespace(mode="record", epsilon=epsilon,
+                                                        delta=1e-5, clip=1.0)))
+
+    with pytest.raises(LocalError, match="privacy.epsilon = 2.0 but the consortium"):
+        secure_node.plan_for(node(cons(1000), epsilon=2.0), "sum")
+    with pytest.raises(LocalError, match="statistics exchange is not part"):
+        secure_node.plan_for(node(cons(1000), schema="federated"), "sum")
+    plan = secure_node.plan_for(node(cons(1000)), "sum")
+    assert (plan.rows_total, plan.members, plan.coalition, plan.dim) == (1000, 5, 1, 15)
+    assert secure_node.plan_for(node(cons(1000)), "sum") == plan  # the pinned one
+    assert (tmp_path / secure_node.SECURE_PLAN_FILE).exists()
+    with pytest.raises(LocalError, match="the pinned secure plan"):
+        secure_node.plan_for(node(cons(2000)), "sum")
+
+
+def test_a_member_pushing_the_dp_sum_out_of_bounds_fails_the_round_by_name():
+    """sum_only has no per-member check: a member (its real key) whose integer vector is
+    within the per-coordinate bound but pushes the sum past the bound of an honest sum
+    makes the round fail "aggregate_out_of_bounds" at every member: nothing is applied (the
+    robustness of DP on the sum is this aggregate check, docs/privacy-secure.md)."""
+    import numpy as np
+
+    from node.secagg.encoding import IntegerCodec
+    from tests.test_secure_round import SecureNet
+
+    vectors = {f"bank-{i}": np.full(6, 3, dtype=np.int64) for i in range(8)}
+    vectors["bank-7"] = np.full(6, 1000, dtype=np.int64)  # at the bound alone: accepted
+    net = SecureNet(8, 2, variant="sum_only", vectors=vectors)
+    net.codec = IntegerCodec(8, 6, 1000)
+    for m in net.members.values():
+        m.secure.codec, m.secure.floor = net.codec, 6
+    net.run()
+    for m in net.names[:7]:
+        o = net.outcome(m)
+        assert not o.ok and o.reason == "aggregate_out_of_bounds" and o.total is None, o

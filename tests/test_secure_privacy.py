@@ -370,3 +370,67 @@ def test_golden_secure_ledger_reads_back_and_today_writes_the_same_bytes(tmp_pat
     got = secure_ledger(tmp_path / "ledger.jsonl")
     assert (tmp_path / "ledger.jsonl").read_bytes() == (golden / "secure_ledger.jsonl").read_bytes()
     assert got["epsilon"] == pytest.approx(want["epsilon"], rel=1e-9)
+
+
+# --- the wiring's rules (issue 22: DP on the secure sum in the node) -----------------------
+
+def test_a_charge_survives_a_sigkill_right_after_it_returns(tmp_path):
+    """A real process charges a secure round (what the node does before dealing) and is
+    SIGKILLed as soon as charge_secure_round returns, before anything else: the record is on
+    disk and the accountant counts it (a crash between charge and deal over-counts, never
+    under-counts)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "from node.privacy.ledger import Ledger\n"
+        "from node.privacy.secure import charge_secure_round, secure_plan\n"
+        f"plan = secure_plan(**{DIGITS!r})\n"
+        "charge_secure_round(Ledger(sys.argv[1]), plan, round_=0, digest=plan.digest())\n"
+        "print('charged', flush=True)\n"
+        "sys.stdin.read()\n")  # holds until killed: the deal would come next
+    env = {**os.environ, "PYTHONPATH": os.getcwd()}
+    path = tmp_path / "ledger.jsonl"
+    proc = subprocess.Popen([sys.executable, "-c", code, str(path)], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, env=env)
+    try:
+        assert proc.stdout.readline() == b"charged\n"  # waits for the event, no sleep
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.wait(timeout=60)
+    assert proc.returncode == -signal.SIGKILL
+    records = Ledger(path).records
+    plan = secure_plan(**DIGITS)
+    assert len(records) == 1 and records[0].mode == secure_record.MODE
+    assert records[0].share_digest == plan.digest()
+    assert epsilon_of(records, 1e-5) == pytest.approx(plan.epsilon_after(1))
+
+
+def _rules(**over):
+    from node.strategy.consortium_rules import check_secure, validate_rules
+
+    table = {"aggregation": "mean", "secure": True, "secure_threshold": 2, **over}
+    return check_secure(validate_rules(table, "test"), 8, "test")
+
+
+def test_dp_on_the_sum_rules_are_all_or_none_and_sum_only():
+    """The plan's inputs are pinned in the [rules] together (a member missing one could not
+    plan the others' noise), and with them the selection must be "sum" (the only variant
+    charged at the sum's noise); without them the rules are as before."""
+    dp = {"secure_rows": 1437, "secure_epsilon": 3.0, "secure_delta": 1e-5}
+    assert _rules(secure_select="sum", **dp).variant == "sum_only"
+    assert _rules().variant == "distances"  # no DP keys: the default selection as before
+    with pytest.raises(LocalError, match="rules.secure_delta is missing"):
+        _rules(secure_select="sum", secure_rows=1437, secure_epsilon=3.0)
+    for select in ("multi-krum", "norm"):
+        with pytest.raises(LocalError, match="use secure_select = \"sum\""):
+            _rules(secure_select=select, **dp)
+    with pytest.raises(LocalError, match="rules.secure_rows is set but rules.secure is not"):
+        from node.strategy.consortium_rules import check_secure, validate_rules
+        check_secure(validate_rules({"aggregation": "mean", "secure_rows": 10}, "t"), 8, "t")
+    from node.strategy.consortium_rules import rules_table
+    assert rules_table(8, secure=True, secure_dp=dp)["secure_select"] == "sum"
+    assert "secure_rows" not in rules_table(8, secure=True)

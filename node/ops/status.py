@@ -171,12 +171,16 @@ def collect(state_dir: str | Path, config: str | Path | None = None) -> dict[str
     if secure is not None:
         privacy["secure"] = secure
         if plan is None:  # a secure-only node: what its charges say, epsilon by the accountant
+            # its pinned plan (node/runtime/secure_node.py SECURE_PLAN_FILE): budget, rounds
+            pinned = path / "secure_plan.json"
+            sp = json.loads(pinned.read_text()) if pinned.exists() else {}
             privacy.update(
                 mode="secure", accountant=ACCOUNTANT, delta=secure["delta"],
-                epsilon_spent=ledger.epsilon(secure["delta"]), epsilon_budget=None,
+                epsilon_spent=ledger.epsilon(secure["delta"]),
+                epsilon_budget=sp.get("epsilon"),
                 noise_multiplier=secure["noise_multiplier"], clip_norm=secure["clip_norm"],
                 sample_rate=secure["sample_rate"], releases=len(ledger.records),
-                planned_rounds=None, weight="uniform", released_weight=None)
+                planned_rounds=sp.get("steps"), weight="uniform", released_weight=None)
     normalization = None
     agreed_file = path / "normalization.json"
     if agreed_file.exists():

@@ -57,6 +57,7 @@ from node.strategy.consortium_rules import (
     agreed_topology,
     build_strategy,
     few_rounds_warning,
+    secure_rule,
 )
 
 if TYPE_CHECKING:
@@ -221,8 +222,12 @@ def build_parts(cfg: NodeConfig, rejected: Counter[str], noise: NoiseSource) -> 
     # record mode's plan needs to know whether the rule reads declared weights
     # (privacy.weight = "auto"), so the rules come first.
     agreed = None if cfg.privacy.mode == "update" else strategy(None)
+    # Secure rounds with DP on the sum (issue 22) charge the consortium's plan
+    # (node/runtime/secure_node.py), never a local DP-SGD plan as well: the budget is "off".
+    budget_cfg = cfg.privacy if secure_rule(consortium) is None else \
+        cfg.privacy.model_copy(update={"mode": "off"})
     budget = PrivacyBudget(
-        cfg.privacy, rows=len(train.X), rounds=tc.rounds, epochs=tc.epochs,
+        budget_cfg, rows=len(train.X), rounds=tc.rounds, epochs=tc.epochs,
         batch_size=tc.batch_size, state_dir=state.path, ledger=ledger,
         normalize_sigma=norm_sigma, lr=tc.lr,
         declared_weights=agreed is None or agreed.strategy.reads_declared_weights)

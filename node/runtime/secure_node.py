@@ -3,11 +3,22 @@ the consortium's [rules] say `secure = true`. The steps and their math:
 node/runtime/secure_round.py; the rule: node/strategy/consortium_rules.py `secure_rule`.
 
 - `setup` (at build): the secure rule, checked against this node (sealing must be on: a
-  deal is sealed to its one recipient; privacy.mode must be "off" until the distributed
-  DP-SGD contribution is wired, see `contribution`), and the agreed encoding: FixedPoint
-  over the consortium's clip (rules.clip, SECURE_DEFAULT_CLIP if none), the model's size
-  and the member count.
-- `release` (at Train): train as today (Releaser.train: the budget, the local training),
+  deal is sealed to its one recipient), and the agreed encoding. privacy.mode "off":
+  FixedPoint over the consortium's clip (rules.clip, SECURE_DEFAULT_CLIP if none), the
+  model's size and the member count. privacy.mode "record" (DP on the sum, issue 22): the
+  consortium's distributed DP-SGD plan (node/privacy/secure.py secure_plan) from the
+  [rules]' secure_rows / secure_epsilon / secure_delta, n, t, the model's size and the
+  clip (this node's privacy config must say the same epsilon, delta and clip), pinned in
+  the state dir (SECURE_PLAN_FILE) at the first start; the encoding is IntegerCodec at the
+  plan's coordinate bound; the variant must be sum_only; update mode is refused.
+- `release` (at Train), DP on the sum: charge the round (`record_secure_charge`, the one
+  call site: fsync'd, budget-checked, before anything is computed or dealt; a refusal
+  stops the node with the reason named), then this member's integer vector
+  (node/learn/dstep.py consortium_step: Poisson sample at the plan's q, per-example
+  clipping and rounding, its Skellam share; sampling and noise from the OS, never seeded),
+  entered through IntegerCodec unchanged and dealt. PrivacyBudget's local DP-SGD plan is
+  not run (node/runtime/build.py builds it "off" in this mode).
+- `release` (at Train), no DP: train as today (Releaser.train: the budget, the local training),
   clip the update to the agreed clip, record the round's charge (`record_secure_charge`:
   the one call site), deal it, tell the machine; once it names the recipients (SendShare),
   seal each recipient's deal to it, sign it (kind "deal") and send it to that member only.
@@ -23,13 +34,15 @@ node/runtime/secure_round.py; the rule: node/strategy/consortium_rules.py `secur
   is the strategy's, checkpointed as today), and evaluates; a failed round keeps the
   model it started from (named in the log and the audit line) and the next round goes
   on. No seen report follows a secure round (each member holds a different deal of every
-  other: digests that differ by design).
+  other: digests that differ by design). With DP on the sum the step is the plan's SGD
+  step, identical at every member: w -= lr * decode_sum(total) / (q rows_total).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
@@ -45,12 +58,19 @@ from gossip.membership import Consortium
 from gossip.protocol import events as ev
 from node.learn.models import get_flat, set_flat
 from node.learn.train import evaluate
+from node.privacy.secure import (
+    SecurePlan,
+    SecureRoundRefused,
+    charge_secure_round,
+    coordinate_bound_of,
+    secure_plan,
+)
 from node.runtime import audit, echo_round
 from node.runtime.evidence import envelope_bytes
 from node.runtime.release import Stopped, Trained
 from node.runtime.secure_round import SECURE_PHASES, SecureOutcome, SecureRounds
 from node.runtime.state import atomic_write
-from node.secagg.encoding import FixedPoint
+from node.secagg.encoding import FixedPoint, IntegerCodec
 from node.strategy.consortium_rules import parse_rules, secure_rule
 
 if TYPE_CHECKING:
@@ -76,8 +96,60 @@ class Secure:
     """A node's secure mode: the rule's parts and the rounds' state."""
 
     rounds: SecureRounds
-    codec: FixedPoint
+    codec: FixedPoint | IntegerCodec
     outcomes: dict[int, SecureOutcome]
+    plan: SecurePlan | None = None  # DP on the sum (privacy.mode "record"), else None
+
+
+# The consortium's distributed DP-SGD plan, pinned in the state dir at the first start (a
+# budget partly spent is never re-planned; a plan that no longer matches the [rules] stops
+# the node).
+SECURE_PLAN_FILE = "secure_plan.json"
+
+
+def plan_for(node: Node, rule_select: str) -> SecurePlan:
+    """The consortium's plan from the [rules] (every member derives the same: its inputs are
+    all in the consortium file), checked against this node's privacy config, pinned."""
+    rules, pc = parse_rules(node.consortium), node.cfg.privacy
+    assert rules is not None
+    if pc.mode != "record":
+        raise LocalError(f"the consortium's [rules] say secure = true and privacy.mode = "
+                         f"{pc.mode!r}: a secure round carries DP per record on the sum "
+                         "(privacy.mode = \"record\") or none (\"off\")")
+    if rules.secure_rows is None or rules.secure_epsilon is None or rules.secure_delta is None:
+        raise LocalError("privacy.mode = \"record\" with secure = true, but the consortium's "
+                         "[rules] have no secure_rows / secure_epsilon / secure_delta: every "
+                         "member must plan the same noise; rebuild the consortium file with "
+                         "them (flnode consortium build --secure, or simulate --secure)")
+    clip = rules.clip if rules.clip is not None else pc.clip
+    for key, mine, agreed in (("epsilon", pc.epsilon, rules.secure_epsilon),
+                              ("delta", pc.delta, rules.secure_delta), ("clip", pc.clip, clip)):
+        if mine != agreed:
+            raise LocalError(f"privacy.{key} = {mine!r} but the consortium's [rules] pin "
+                             f"{agreed!r} for secure rounds (every member's noise share is "
+                             "sized from it): set privacy." + key + " to the agreed value")
+    if node.schema.mode == "federated":  # its statistics would go out exact (no local plan)
+        raise LocalError("the schema says normalize = \"federated\" and the [rules] say secure "
+                         "rounds with DP on the sum: the statistics exchange is not part of the "
+                         "secure plan's budget yet (its charge would be missing); use "
+                         "normalize = \"declared\" in the schema")
+    if rule_select != "sum":
+        raise LocalError(f"rules.secure_select = {rule_select!r} with DP on the sum: only "
+                         "\"sum\" is charged at the sum's noise (docs/privacy-secure.md)")
+    plan = secure_plan(rows_total=rules.secure_rows, members=len(node.consortium.members),
+                       coalition=secure_rule(node.consortium).threshold,  # type: ignore[union-attr]
+                       epsilon=rules.secure_epsilon, delta=rules.secure_delta,
+                       dim=int(get_flat(node.model).numel()), clip_norm=clip)
+    path = node.state.path / SECURE_PLAN_FILE
+    pinned = SecurePlan.load(path)
+    if pinned is None:
+        plan.save(path)
+        return plan
+    if pinned.digest() != plan.digest():
+        raise LocalError(f"{path}: the pinned secure plan (digest {pinned.digest()}) is not the "
+                         f"one the consortium's [rules] give now ({plan.digest()}): the rules or "
+                         "the model changed under a partly spent budget; start a new state dir")
+    return pinned
 
 
 def setup(node: Node) -> Secure | None:
@@ -89,15 +161,17 @@ def setup(node: Node) -> Secure | None:
         raise LocalError("the consortium's [rules] say secure = true: a secure round seals "
                          "each member's pieces to their one recipient; set gossip.seal = "
                          "\"on\" in the node config")
+    members = [m.name for m in node.consortium.members]
     if node.cfg.privacy.mode != "off":
-        raise LocalError(
-            f"the consortium's [rules] say secure = true and privacy.mode = "
-            f"{node.cfg.privacy.mode!r}: the node's secure rounds do not yet carry DP noise "
-            "on the sum (the distributed DP-SGD step, node/learn/dstep.py, is being wired: "
-            "issue 22); run the secure mode with privacy.mode = \"off\" for now")
+        plan = plan_for(node, rule.select)
+        icodec = IntegerCodec(len(members), plan.dim, coordinate_bound_of(plan))
+        log.info("%s: secure DP-SGD plan %s: %d rounds, q %.4g, sigma %.4g, lr %.4g, floor %d",
+                 node.name, plan.digest(), plan.steps, plan.sample_rate,
+                 plan.noise_multiplier, plan.lr, plan.min_contributors)
+        return Secure(SecureRounds(node.name, members, rule.threshold, rule.variant, icodec,
+                                   node.consortium.id, plan.min_contributors), icodec, {}, plan)
     rules = parse_rules(node.consortium)
     clip = rules.clip if rules is not None and rules.clip is not None else SECURE_DEFAULT_CLIP
-    members = [m.name for m in node.consortium.members]
     codec = FixedPoint.choose(clip, int(get_flat(node.model).numel()), len(members))
     return Secure(SecureRounds(node.name, members, rule.threshold, rule.variant, codec,
                                node.consortium.id), codec, {})
@@ -112,15 +186,36 @@ def contribution(node: Node, t: Trained, clip: float) -> np.ndarray:
     return update * min(1.0, clip / norm) if norm > 0 and np.isfinite(norm) else update * 0
 
 
-def record_secure_charge(node: Node, r: int, t: Trained) -> None:
+def record_secure_charge(node: Node, r: int, t: Trained | None) -> None:
     """THE call site where a secure round's privacy charge is recorded, before any piece of
     our contribution exists outside memory (as the Releaser charges before a share's bytes
-    exist). Today secure rounds run with privacy.mode = "off" (`setup` refuses the rest):
-    nothing to charge. The DP-on-the-sum charge (node/privacy, branch i22-account: a ledger
-    record of the consortium step at the sample rate and the contributors) goes here."""
-    if node.cfg.privacy.mode != "off" or t.charges:
+    exist). DP on the sum: the round's "secure" record (node/privacy/secure.py
+    charge_secure_round: at the plan's floor of contributors, which the round enforces
+    before opening; the plan's digest in the record), fsync'd; SecureRoundRefused (nothing
+    written) when the budget is spent. Without DP (`t` from the local training): nothing."""
+    sec = node.secure
+    assert sec is not None
+    if sec.plan is not None:
+        charge_secure_round(node.ledger, sec.plan, round_=r, digest=sec.plan.digest())
+        return
+    if node.cfg.privacy.mode != "off" or t is None or t.charges:
         raise LocalError(f"{node.name}: round {r + 1}: a secure round with charges to record "
-                         "but no secure-round charge wired: refusing to deal (a bug)")
+                         "but no secure plan: refusing to deal (a bug)")
+
+
+def dp_contribution(node: Node, plan: SecurePlan) -> np.ndarray:
+    """Our integer vector for a DP-on-the-sum round (node/learn/dstep.py consortium_step):
+    sampling, rounding and noise from the OS (never a config seed: it protects records)."""
+    from node.learn.dstep import consortium_step  # lean start: torch per-example gradients
+    from node.privacy.distributed import os_generator  # lean start: with the step above
+    from node.privacy.mechanisms import OsNoise  # lean start: with the step above
+
+    data = node.train_data
+    vec, _batch = consortium_step(node.model, np.asarray(data.X), np.asarray(data.y),
+                                  sample_rate=plan.sample_rate, mech=plan.mechanism(),
+                                  sigma=plan.noise_multiplier, noise=OsNoise(),
+                                  rng=os_generator())
+    return vec
 
 
 # Our dealing of a round, stored before any deal is sent (outbox/round-N.deals, pruned with
@@ -166,6 +261,18 @@ async def release(node: Node, r: int) -> None:
         sr.restore(stored["own"][:2], stored["own"][2])
         await _send_deals(node, r, stored)
         return
+    if sec.plan is not None:  # DP on the sum: charge, then our integer vector, then deal
+        try:
+            record_secure_charge(node, r, None)
+        except SecureRoundRefused as exc:
+            log.warning("%s: round %d: %s: not dealing", node.name, r + 1, exc)
+            node._feed(m.released(ev.Released(r, "stopped", why=f"{exc.reason}: {exc}"),
+                                  loop.time()))
+            return
+        vec = await asyncio.to_thread(dp_contribution, node, sec.plan)
+        st.norm, st.own = math.nan, None
+        await _deal(node, r, sec.codec.encode(vec))
+        return
     trained = await node.releaser.train(r)
     if isinstance(trained, Stopped):
         node._feed(m.released(ev.Released(r, "stopped", why=trained.reason), loop.time()))
@@ -180,7 +287,15 @@ async def release(node: Node, r: int) -> None:
         node._feed(m.released(ev.Released(r, "non_finite"), loop.time()))
         return
     record_secure_charge(node, r, trained)
-    deals = sec.rounds.deal(r, sec.codec.encode(contribution(node, trained, sec.codec.clip)))
+    assert isinstance(sec.codec, FixedPoint)
+    await _deal(node, r, sec.codec.encode(contribution(node, trained, sec.codec.clip)))
+
+
+async def _deal(node: Node, r: int, encoded: np.ndarray) -> None:
+    """Deal our encoded contribution, store the dealing, then send it."""
+    sec = node.secure
+    assert sec is not None
+    deals = sec.rounds.deal(r, encoded)
     sr = sec.rounds.round(r)
     own = sr.own_pieces()
     assert own is not None
@@ -265,7 +380,13 @@ def aggregate(node: Node, c: ev.Close) -> dict[str, Accepted]:
     r = c.round
     out = sec.outcomes[r] = sec.rounds.close(r, c.phases)
     sec.outcomes = {k: v for k, v in sec.outcomes.items() if k >= r - 1}  # bounded
-    if out.ok:
+    if out.ok and sec.plan is not None:  # the plan's SGD step on the noised gradient sum
+        from node.privacy.distributed import decode_sum  # lean start: with the DP step
+        assert out.total is not None
+        grad = decode_sum(out.total, sec.plan.mechanism()) / sec.plan.expected_batch
+        combined = st.reference.double() - sec.plan.lr * torch.from_numpy(grad)
+        set_flat(node.model, combined.to(st.reference.dtype))
+    elif out.ok:
         assert out.total is not None
         mean = torch.from_numpy(out.total / len(out.selected))
         combined = st.reference.double() + mean
@@ -303,5 +424,6 @@ def aggregate(node: Node, c: ev.Close) -> dict[str, Accepted]:
     return {}
 
 
-__all__ = ["SECURE_DEFAULT_CLIP", "Secure", "aggregate", "audit", "machine_args", "receive",
-           "record_secure_charge", "release", "send_phase", "setup"]
+__all__ = ["SECURE_DEFAULT_CLIP", "SECURE_PLAN_FILE", "Secure", "aggregate", "audit",
+           "dp_contribution", "machine_args", "plan_for", "receive", "record_secure_charge",
+           "release", "send_phase", "setup"]

@@ -41,7 +41,10 @@ Refusals (the round fails with a named `SecureOutcome.reason`; the next round go
 fewer than t + 1 entering dealers or selected members ("too_few_contributors": an opening
 over m <= t contributions could reveal one; nobody opens), fewer than 2t + 1 openers
 ("too_few_openers": more than t members dropped), more wrong pieces than the code corrects
-("too_many_wrong"), an aggregate failing its exact norm check ("aggregate_out_of_bounds").
+("too_many_wrong"), an aggregate failing its exact norm check ("aggregate_out_of_bounds"),
+fewer selected than `floor` ("below_charged_floor": with DP on the sum, the contributors the
+ledger charged the round for). Variant "sum_only" (DP on the sum) opens nothing per member:
+the degree-2 step abstains and every entered dealer is summed (robust.select_without_opening).
 
 What a member learns: the aggregate of the selected members, the squared norms and (with
 multi-Krum) the pairwise squared distances of the entering dealers, who entered, who was
@@ -68,7 +71,7 @@ from gossip.bodies import SecAgg, decode_secagg, encode_secagg
 from gossip.errors import LocalError, RemoteError
 from gossip.protocol.phases import SHARE, PhaseSpec
 from node.secagg import robust
-from node.secagg.encoding import AggregateOutOfBounds, FixedPoint
+from node.secagg.encoding import AggregateOutOfBounds, FixedPoint, IntegerCodec
 from node.secagg.errors import PieceError, SecAggError, TooFewPieces, TooManyWrong
 from node.secagg.pieces import CHECK, DEGREE2, MASK, SEED, SUM, VECTOR, Piece, from_bytes, to_bytes
 
@@ -79,7 +82,7 @@ SECURE_PHASES = (SHARE, PhaseSpec(CHECK_PHASE), PhaseSpec(DEGREE2_PHASE), PhaseS
 # for today's sealed plain round (docs/privacy-secure.md "What is wired").
 SEEDED_DEALING = True
 REASONS = ("too_few_contributors", "too_few_openers", "too_many_wrong",
-           "aggregate_out_of_bounds")
+           "aggregate_out_of_bounds", "below_charged_floor")
 
 
 @dataclass
@@ -124,8 +127,13 @@ class SecureRound:
     """Member `me`'s round r among `members` (sorted: member i is evaluation point i + 1)."""
 
     def __init__(self, me: str, members: tuple[str, ...] | list[str], threshold: int,
-                 variant: str, codec: FixedPoint, r: int, consortium_id: bytes) -> None:
+                 variant: str, codec: FixedPoint | IntegerCodec, r: int, consortium_id: bytes,
+                 floor: int = 0) -> None:
         self.members = tuple(sorted(members))
+        # The least contributors a sum may be opened with: with DP on the sum, the number
+        # the privacy ledger charged the round for (SecurePlan.min_contributors; fewer would
+        # under-count epsilon: node/privacy/secure.py may_open_round).
+        self.floor = floor
         if me not in self.members:
             raise LocalError(f"{me!r} is not a member of the secure round")
         self.me, self.r = me, r
@@ -262,7 +270,7 @@ class SecureRound:
             return self._fail(DEGREE2_PHASE, "too_few_openers",
                               f"{len(openers)} member(s) can open, 2t + 1 = {2 * t + 1} needed "
                               "(more than t dropped out or are in dispute)")
-        if self.i not in openers:
+        if self.i not in openers or self.params.variant == "sum_only":  # it opens nothing here
             return self._abstain(DEGREE2_PHASE)
         piece = robust.degree2_piece(self.params, self.i, self.vectors, self.masks, self.entered)
         body = encode_secagg(SecAgg(DEGREE2_PHASE, (_to_bytes(piece),)))
@@ -301,15 +309,20 @@ class SecureRound:
         body (empty: we abstain)."""
         if self.out.reason is not None:
             return self._abstain(SUM_PHASE)
-        got = self._read(DEGREE2_PHASE, degree2, DEGREE2, self.params.opened, self.openers)
-        opened = {j: piece for j, (_, piece) in got.items() if piece is not None}
-        try:
-            values = robust.open_degree2(self.params, opened, self.entered)
-        except (TooFewPieces, TooManyWrong) as exc:
-            return self._fail(SUM_PHASE, "too_few_openers" if isinstance(exc, TooFewPieces)
-                              else "too_many_wrong", str(exc))
-        self._name(values.wrong, "wrong_degree2_piece")
-        sel = robust.select(self.params, values)
+        wrong: tuple[int, ...] = ()
+        if self.params.variant == "sum_only":  # nothing per member opened: every entered dealer
+            sel = robust.select_without_opening(self.params, self.entered)
+        else:
+            got = self._read(DEGREE2_PHASE, degree2, DEGREE2, self.params.opened, self.openers)
+            opened = {j: piece for j, (_, piece) in got.items() if piece is not None}
+            try:
+                values = robust.open_degree2(self.params, opened, self.entered)
+            except (TooFewPieces, TooManyWrong) as exc:
+                return self._fail(SUM_PHASE, "too_few_openers" if isinstance(exc, TooFewPieces)
+                                  else "too_many_wrong", str(exc))
+            self._name(values.wrong, "wrong_degree2_piece")
+            wrong = values.wrong
+            sel = robust.select(self.params, values)
         self.selected = sel.selected
         self.out.selected = tuple(self.members[i - 1] for i in sel.selected)
         self.out.excluded = {self.members[i - 1]: why for i, why in sel.excluded.items()}
@@ -318,7 +331,12 @@ class SecureRound:
             return self._fail(SUM_PHASE, "too_few_contributors",
                               f"{len(sel.selected)} member(s) selected, at most t = {t}: their "
                               "sum could reveal one; not opened")
-        self.sum_openers = tuple(j for j in self.openers if j not in values.wrong)
+        if len(sel.selected) < self.floor:
+            return self._fail(SUM_PHASE, "below_charged_floor",
+                              f"{len(sel.selected)} member(s) selected, fewer than the "
+                              f"{self.floor} the privacy ledger charged the round for: opening "
+                              "their sum would under-count epsilon; not opened")
+        self.sum_openers = tuple(j for j in self.openers if j not in wrong)
         if self.i not in self.sum_openers:
             return self._abstain(SUM_PHASE)
         piece = robust.sum_piece(self.params, self.i, self.vectors, sel.selected)
@@ -399,17 +417,18 @@ class SecureRounds:
     the node and the tests: one SecureRound per round, created when the round trains."""
 
     def __init__(self, me: str, members: tuple[str, ...] | list[str], threshold: int,
-                 variant: str, codec: FixedPoint, consortium_id: bytes) -> None:
+                 variant: str, codec: FixedPoint | IntegerCodec, consortium_id: bytes,
+                 floor: int = 0) -> None:
         self.me, self.members = me, tuple(sorted(members))
         self.threshold, self.variant, self.codec = threshold, variant, codec
-        self.consortium_id = consortium_id
+        self.consortium_id, self.floor = consortium_id, floor
         self.rounds: dict[int, SecureRound] = {}
 
     def round(self, r: int) -> SecureRound:
         if r not in self.rounds:
             self.rounds = {k: v for k, v in self.rounds.items() if k >= r}  # bounded memory
             self.rounds[r] = SecureRound(self.me, self.members, self.threshold, self.variant,
-                                         self.codec, r, self.consortium_id)
+                                         self.codec, r, self.consortium_id, self.floor)
         return self.rounds[r]
 
     def deal(self, r: int, encoded: np.ndarray) -> dict[str, bytes]:

@@ -20,7 +20,10 @@ differently are different consortia and refuse each other's shares.
     echo = true                    # optional: the digest echo (below); missing: off
     secure = true                  # optional: secure aggregation (below); missing: off
     secure_threshold = 1           # with secure: t, the colluding members tolerated
-    secure_select = "multi-krum"   # with secure: "multi-krum" (distances) or "norm"
+    secure_select = "multi-krum"   # with secure: "multi-krum" (distances), "norm" or "sum"
+    secure_rows = 1437             # with secure and DP on the sum: the rows of all members,
+    secure_epsilon = 3.0           #   the budget and delta every member plans from
+    secure_delta = 1e-5            #   (node/privacy/secure.py; secure_select = "sum")
     topology = "random-out:8"      # optional: full (default), ring, k-regular:K,
                                    # random-out:S, exponential (gossip/topology.py;
                                    # docs/reference/topology.md); not with echo = true
@@ -174,7 +177,13 @@ class ConsortiumRules(BaseModel):
     # Secure aggregation (issue 22; `secure_rule`): None (the keys missing) = plain rounds.
     secure: bool | None = None
     secure_threshold: int | None = Field(default=None, ge=1, le=SECURE_MAX_THRESHOLD)
-    secure_select: Literal["multi-krum", "norm"] | None = None
+    secure_select: Literal["multi-krum", "norm", "sum"] | None = None
+    # Distributed DP on the secure sum (issue 22, node/privacy/secure.py secure_plan): the
+    # consortium's total rows, epsilon and delta, pinned so every member derives the same
+    # plan (sigma sizes every member's noise share). Missing: no DP on the sum, same id.
+    secure_rows: int | None = Field(default=None, ge=1)
+    secure_epsilon: float | None = Field(default=None, gt=0)
+    secure_delta: float | None = Field(default=None, gt=0, lt=1)
     params: dict[str, Any] = Field(default_factory=dict)
     # How shares are compressed on the wire (gossip/compress.py): none, fp16, int8 or
     # topk:FRACTION. A file without the key means "none" and keeps its id.
@@ -258,7 +267,7 @@ class SecureRule:
     @property
     def variant(self) -> str:
         """node/secagg/robust.py's name for the selection."""
-        return "distances" if self.select == "multi-krum" else "norm_only"
+        return {"multi-krum": "distances", "norm": "norm_only", "sum": "sum_only"}[self.select]
 
 
 def default_secure_threshold(members: int) -> int:
@@ -277,7 +286,8 @@ def check_secure(rules: ConsortiumRules, members: int, source: str) -> SecureRul
     """The secure mode a [rules] table asks for, checked against the member count; None
     for plain rounds. LocalError naming the key and the reason otherwise."""
     if not rules.secure:
-        stray = [k for k in ("secure_threshold", "secure_select") if getattr(rules, k) is not None]
+        stray = [k for k in ("secure_threshold", "secure_select", *SECURE_DP_KEYS)
+                 if getattr(rules, k) is not None]
         if stray:
             raise LocalError(f"{source}: rules.{stray[0]} is set but rules.secure is not true: "
                              "it would not apply (set secure = true, or remove it)")
@@ -293,7 +303,20 @@ def check_secure(rules: ConsortiumRules, members: int, source: str) -> SecureRul
         raise LocalError(f"{source}: rules.secure_select = \"multi-krum\" at f = t = {t} needs "
                          f"2f + 3 = {2 * t + 3} members, the consortium has {members}; use "
                          "secure_select = \"norm\"")
+    dp = [getattr(rules, k) is None for k in SECURE_DP_KEYS]
+    if any(dp) and not all(dp):
+        missing = [k for k, absent in zip(SECURE_DP_KEYS, dp, strict=True) if absent]
+        raise LocalError(f"{source}: rules.{missing[0]} is missing: DP on the secure sum needs "
+                         f"all of {', '.join(SECURE_DP_KEYS)} (every member plans from them)")
+    if not any(dp) and select != "sum":
+        raise LocalError(f"{source}: rules.secure_select = {select!r} with DP on the sum: it "
+                         "opens per-member values charged at one member's noise share, not the "
+                         "sum's (docs/privacy-secure.md); use secure_select = \"sum\"")
     return SecureRule(t, select)
+
+
+# The [rules] keys of distributed DP on the secure sum: all or none.
+SECURE_DP_KEYS = ("secure_rows", "secure_epsilon", "secure_delta")
 
 
 def secure_rule(consortium: Consortium, source: str = "consortium file") -> SecureRule | None:
@@ -463,7 +486,8 @@ def rules_table(members: int, aggregation: str = DEFAULT_RULE, f: int | None = N
                 clip: float | None = None, noise_multiplier: float | None = None,
                 compression: str | None = None, echo: bool | None = ECHO_DEFAULT,
                 secure: bool = False, secure_threshold: int | None = None,
-                secure_select: str | None = None, topology: str | None = None,
+                secure_select: str | None = None, secure_dp: dict[str, Any] | None = None,
+                topology: str | None = None,
                 **params: Any) -> dict[str, Any]:
     """A [rules] table for `flnode consortium build` and the simulators: "auto" is
     resolved for this many members and written out; None leaves a key out, so the
@@ -487,8 +511,9 @@ def rules_table(members: int, aggregation: str = DEFAULT_RULE, f: int | None = N
         table["secure"] = True
         table["secure_threshold"] = (secure_threshold if secure_threshold is not None
                                      else default_secure_threshold(everyone))
-        table["secure_select"] = secure_select or default_secure_select(
-            everyone, table["secure_threshold"])
+        table["secure_select"] = secure_select or ("sum" if secure_dp else default_secure_select(
+            everyone, table["secure_threshold"]))
+        table.update(secure_dp or {})  # secure_rows, secure_epsilon, secure_delta
     if sparse:
         table["topology"] = parse_topology(topology).name  # "full": no key, the same id
     if params:

@@ -4,6 +4,7 @@ plot, summary.json on disk; and `simulate`, the whole in-process run end to end.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -211,7 +212,14 @@ def _print_run_facts(summary: dict, out: Path, console: Console, pooled: bool) -
     for name, why in summary.get("stopped", {}).items():
         console.print(f"  [yellow]{name} stopped sharing[/]: {why}")
     eps = summary["epsilon"]
-    if eps["mode"] != "off":
+    plan = secure_dp_plan(summary, out)
+    if plan is not None:  # issue 22: one consortium DP-SGD step per secure round
+        console.print(f"  privacy: record-level on the secure sum, accountant {eps['accountant']}, "
+                      f"δ {plan['delta']:g}, budget ε {plan['epsilon']:g} per member; the "
+                      f"consortium's plan: {plan['steps']} rounds, q {plan['sample_rate']:.3g}, "
+                      f"σ {plan['noise_multiplier']:.3g} on the sum of {plan['min_contributors']}"
+                      f"+ members (t = {plan['coalition']} colluding), lr {plan['lr']:g}")
+    elif eps["mode"] != "off":
         console.print(f"  privacy: {eps['mode']}-level, accountant {eps['accountant']}, "
                       f"δ {eps['delta']:g}"
                       + (f", budget ε {eps['budget']:g} per member" if eps.get("budget") else "")
@@ -231,7 +239,9 @@ def _print_run_facts(summary: dict, out: Path, console: Console, pooled: bool) -
         if rules.get("secure"):  # issue 22: the selection runs on the pieces, not the rule
             console.print("  aggregation (the consortium's \\[rules]): secure, t = "
                           f"{rules.get('secure_threshold')}, selection "
-                          f"{rules.get('secure_select')}, the selected members' mean" + server)
+                          f"{rules.get('secure_select')}, " + (
+                              "the plan's SGD step on the noised sum" if plan is not None
+                              else "the selected members' mean" + server))
         else:
             console.print("  aggregation (the consortium's \\[rules]): "
                           f"{agg['rule']}, f = {agg['f']}"
@@ -239,6 +249,17 @@ def _print_run_facts(summary: dict, out: Path, console: Console, pooled: bool) -
     # Two lines: the result, then where it is (one line used to glue them together).
     console.print(f"  consortium − centralized: {co - summary['centralized']:+.4f}")
     console.print(f"  wrote {out / 'summary.json'} and {out / 'accuracy.png'}")
+
+
+def secure_dp_plan(summary: dict, out: Path) -> dict | None:
+    """--secure with DP: the consortium's plan as the first member pinned it (None: none)."""
+    if not (summary.get("rules") or {}).get("secure_epsilon"):
+        return None
+    for name in summary["epsilon"].get("per_node", {}):
+        path = out / "state" / name / "secure_plan.json"
+        if path.exists():
+            return json.loads(path.read_text())
+    return None
 
 
 SERVER_OPT_NAMES = {"momentum": "FedAvgM", "adam": "FedAdam", "yogi": "FedYogi"}
@@ -306,6 +327,8 @@ def write_outputs(spec: SimulationSpec, summary: dict) -> None:
 def simulate(spec: SimulationSpec, console: Any = None, notes: list[str] | None = None) -> dict:
     torch.set_num_threads(1)  # measured 3-15x faster for small models on 2 cores
     prep = prepare(spec)
+    if prep.rounds is not None:  # --secure with DP: the consortium plan's rounds
+        spec = dataclasses.replace(spec, rounds=prep.rounds)
     prep.notes[:0] = notes or []
     printer = RoundPrinter(spec, spec.present(prep.names), metric_name(prep.schema.n_classes),
                            console)

@@ -294,6 +294,31 @@ class Prepared:
     # the final models are scored on rows encoded with the statistics their nodes agreed
     # (evaluation_rows); None otherwise.
     raw_eval: tuple[Any, dict[str, Any]] | None = None
+    # --secure with DP on the sum: the rounds the consortium's plan chose (secure_plan's
+    # steps), which the nodes run instead of --rounds; None otherwise.
+    rounds: int | None = None
+
+
+# --- --secure --privacy record (issue 22: DP on the secure sum) ----------------------------
+def secure_dp_rules(spec: SimulationSpec, rows_total: int, dim: int,
+                    members: int) -> tuple[dict[str, Any], int]:
+    """The [rules] keys pinning the consortium's distributed DP-SGD plan (every member
+    derives the same plan from them: node/runtime/secure_node.py plan_for) and the plan's
+    number of rounds, computed as the nodes will."""
+    from node.privacy.secure import secure_plan  # lean start: only --secure with DP
+    from node.strategy.consortium_rules import default_secure_threshold  # lean start: idem
+
+    if spec.privacy != "record" or spec.epsilon is None:
+        raise LocalError(f"--secure with --privacy {spec.privacy}"
+                         f"{'' if spec.epsilon is not None else ' without --epsilon'}: secure "
+                         "rounds carry DP per record on the sum, planned from a budget "
+                         "(--privacy record --epsilon E), or no DP (--privacy off)")
+    t = spec.secure_threshold or default_secure_threshold(members)
+    plan = secure_plan(rows_total=rows_total, members=members, coalition=t,
+                       epsilon=float(spec.epsilon), delta=spec.delta, dim=dim,
+                       clip_norm=spec.clip)
+    return ({"secure_rows": rows_total, "secure_epsilon": float(spec.epsilon),
+             "secure_delta": spec.delta}, plan.steps)
 
 
 def evaluation_rows(prep: Prepared, state: Path) -> tuple[XY, list[XY]]:
@@ -522,9 +547,9 @@ def prepare(spec: SimulationSpec,
     """
     if spec.data_dir is None and spec.nodes < 2:
         raise LocalError("--nodes: a consortium needs at least 2 members")
-    if spec.secure and spec.privacy != "off":  # the node refuses it too (secure_node.setup)
-        raise LocalError(f"--secure with --privacy {spec.privacy}: secure rounds do not yet "
-                         "carry DP noise on the sum (issue 22); use --privacy off")
+    if spec.secure and spec.privacy != "off" and (spec.privacy != "record" or spec.epsilon
+                                                  is None):  # secure_dp_rules says why
+        secure_dp_rules(spec, 1, 1, 2)
     template = network_template(spec)
     names = list(template.members)
     check_faults(spec, names)
@@ -554,12 +579,20 @@ def prepare(spec: SimulationSpec,
     # Update-level DP with a fixed sigma: the consortium agrees it as the noise bound, so
     # every member clips a share that lies further than honest noise could take it.
     sigma = spec.sigma if spec.privacy == "update" and spec.epsilon is None else None
+    secure_dp, secure_rounds = None, None
+    if spec.secure and spec.privacy != "off":  # DP on the secure sum: the plan's inputs
+        from node.learn.models import build_model  # lean start: the model's size for the plan
+        dim = sum(p.numel() for p in build_model(spec.model, schema.n_features,
+                                                 schema.n_classes, spec.hidden,
+                                                 options=spec.model_options).parameters())
+        secure_dp, secure_rounds = secure_dp_rules(
+            spec, int(sum(len(rows.train[n][1]) for n in names)), dim, len(members))
     rules = pin_rules(rules_table(len(members), spec.aggregation, spec.f,
                                   spec.max_weight_fraction, spec.privacy,
                                   spec.clip if spec.privacy != "off" or spec.secure else None,
                                   sigma, compression=spec.compression, echo=spec.echo,
                                   secure=spec.secure, secure_threshold=spec.secure_threshold,
-                                  secure_select=spec.secure_select,
+                                  secure_select=spec.secure_select, secure_dp=secure_dp,
                                   topology=spec.topology,
                                   **spec.aggregation_params), len(members))
     consortium = Consortium(template.name, schema.to_dict(), tuple(members), rules,
@@ -576,7 +609,7 @@ def prepare(spec: SimulationSpec,
             "consortium": {"path": "../consortium.toml"},
             "data": rows.data_sections[name],
             "model": model_section(spec),
-            "training": {"rounds": spec.rounds, "epochs": spec.epochs,
+            "training": {"rounds": secure_rounds or spec.rounds, "epochs": spec.epochs,
                          "batch_size": spec.batch_size, "lr": spec.lr,
                          "seed": member_seed(spec, i),
                          **({"prox_mu": spec.prox_mu} if spec.prox_mu else {}),
@@ -604,4 +637,4 @@ def prepare(spec: SimulationSpec,
                                    np.concatenate([p[1] for p in train_parts]))
     return Prepared(names, schema, config_paths, train_parts, train_all, rows.test, consortium,
                     [rows.own[n] for n in names], rows.test_source, rows.own_source,
-                    rows.common_test, rows.notes, rows.raw_eval)
+                    rows.common_test, rows.notes, rows.raw_eval, secure_rounds)

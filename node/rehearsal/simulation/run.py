@@ -74,7 +74,9 @@ def noise_kind(spec: SimulationSpec) -> str:
     """The in-process simulator's noise: reproducible from --seed on a built-in demo
     table; from os.urandom when the rows are the members' own (--data-dir), since noise
     that protects real data must never be predictable from a config seed."""
-    return NOISE_OS if spec.data_dir is not None else NOISE_SEEDED
+    # --secure with DP: the sum's noise is drawn from the OS by every node (secure_node.py)
+    secure_dp = spec.secure and spec.privacy != "off"
+    return NOISE_OS if spec.data_dir is not None or secure_dp else NOISE_SEEDED
 
 
 def noise_for(spec: SimulationSpec, index: int) -> NoiseSource:
