@@ -123,8 +123,12 @@ def hwm_mb(pid: int) -> float | None:
 
 def run_once(args: argparse.Namespace, transport: str, members: int, env_extra: dict[str, str],
              out_dir: Path) -> dict:
+    # With `-- --data-dir DIR` the members are DIR's files (one per member): the
+    # member count is theirs, and simulate_network.py refuses --dataset beside it.
+    table = [] if "--data-dir" in args.extra else ["--nodes", str(members),
+                                                   "--dataset", args.dataset]
     cmd = [sys.executable, str(ROOT / "scripts" / "simulate_network.py"),
-           "--transport", transport, "--nodes", str(members), "--dataset", args.dataset,
+           "--transport", transport, *table,
            "--model", args.model, "--rounds", str(args.rounds), "--privacy", "off",
            "--out", str(out_dir)] + args.extra
     env = dict(os.environ, **env_extra)
