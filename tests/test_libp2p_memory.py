@@ -77,3 +77,64 @@ async def test_past_the_total_a_transfer_waits_until_another_members_message_is_
     finally:
         for t in ts:
             await t.close()
+
+
+# --- py-libp2p's QUIC transport is left out of a node (trim.py) -------------------------
+
+def _python(code: str) -> str:
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=120, cwd=Path(__file__).resolve().parent.parent)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return out.stdout
+
+
+def test_a_libp2p_node_loads_no_quic_code_and_a_quic_stand_in_raises():
+    import json
+
+    out = _python(
+        "import sys, json\n"
+        "import gossip.transports.libp2p\n"
+        "from gossip.transports.libp2p.trim import LEFT_OUT_QUIC\n"
+        "from libp2p.transport.quic.transport import QUICTransport\n"
+        "try:\n    QUICTransport(None)\n    raised = ''\n"
+        "except RuntimeError as e:\n    raised = str(e)\n"
+        "print(json.dumps({'stubs': [getattr(sys.modules[m], '__flnode_left_out__', False)"
+        " for m in LEFT_OUT_QUIC], 'loaded': sorted(x for x in ('aioquic', 'service_identity',"
+        " 'OpenSSL') if x in sys.modules), 'raised': raised}))\n")
+    got = json.loads(out)
+    assert got["stubs"] == [True] * 4 and got["loaded"] == []
+    assert got["raised"].startswith("py-libp2p's QUIC transport (QUICTransport) is left out")
+
+
+def test_the_quic_stand_ins_name_everything_py_libp2p_imports_from_those_modules():
+    """As test_lean checks the mDNS/UPnP/AutoTLS stand-ins: every `from M import names`
+    of a left-out QUIC module outside py-libp2p's QUIC package is covered, and each name
+    exists in the real module (an upgrade that renames or adds one fails here)."""
+    import ast
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    from gossip.transports.libp2p.trim import LEFT_OUT_QUIC
+
+    root = Path(importlib.util.find_spec("libp2p").origin).parent
+    wanted: dict[str, set[str]] = {m: set() for m in LEFT_OUT_QUIC}
+    for path in root.rglob("*.py"):
+        rel = ".".join(("libp2p", *path.relative_to(root).with_suffix("").parts))
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if (isinstance(node, ast.ImportFrom) and node.module in LEFT_OUT_QUIC
+                    and node.level == 0 and not rel.startswith("libp2p.transport.quic")):
+                wanted[node.module] |= {a.name for a in node.names}
+    for module, (_, names) in LEFT_OUT_QUIC.items():
+        assert wanted[module] <= set(names), (module, wanted[module] - set(names))
+    real = _python(
+        "import importlib, json\n"
+        "import libp2p  # first, so the package's leave_out() keeps the real modules\n"
+        "from gossip.transports.libp2p.trim import LEFT_OUT_QUIC\n"
+        "print(json.dumps({m: [n for n in names if not hasattr(importlib.import_module(m), n)]"
+        " for m, (_, names) in LEFT_OUT_QUIC.items()}))\n")
+    assert json.loads(real) == {m: [] for m in LEFT_OUT_QUIC}
