@@ -153,6 +153,8 @@ class Libp2pTransport(TrioBridge, Transport):
     rate_window_s = _admitted("rate_window_s")
     inbox_depth = _admitted("inbox_depth")
     max_queue_bytes = _admitted("max_queue_bytes")
+    max_queued_bytes = _admitted("max_queued_bytes")
+    queued_total = _admitted("queued_total")
     handshakes = _admitted("handshakes")
     streams = _admitted("streams")
     reserved = _admitted("reserved")
@@ -174,6 +176,7 @@ class Libp2pTransport(TrioBridge, Transport):
                  min_rate_bytes_per_s: int = MIN_RATE_BYTES_PER_S,
                  rate_window_s: float = RATE_WINDOW_S,
                  inbox_depth: int = INBOX_DEPTH,
+                 max_queued_bytes: int | None = None,
                  sender_rate: RateBudget | None = None) -> None:
         me = [m for m in members if m.name == name]
         if not me:
@@ -188,7 +191,8 @@ class Libp2pTransport(TrioBridge, Transport):
             handshake_timeout_s=handshake_timeout_s, max_streams_per_peer=max_streams_per_peer,
             max_peer_inflight_bytes=max_peer_inflight_bytes, max_inflight_bytes=max_inflight_bytes,
             budget_wait_s=budget_wait_s, min_rate_bytes_per_s=min_rate_bytes_per_s,
-            rate_window_s=rate_window_s, inbox_depth=inbox_depth)
+            rate_window_s=rate_window_s, inbox_depth=inbox_depth,
+            max_queued_bytes=max_queued_bytes)
         # Members a send already waited CONNECT_WAIT_S for in vain: until the dialer
         # (or the member) makes a connection, sends to them fail at once instead of
         # waiting again, so a member that is down does not cost every round a wait.

@@ -69,6 +69,16 @@ message is never acknowledged and then dropped. The node takes messages
 round-robin across members, so one member's backlog delays another's message
 by at most one of its own, and a member holding its queue full (at most
 `max_streams_per_peer` streams) holds nobody else's.
+
+What the transport holds does not grow with the number of members. Besides each
+member's own queue, all queues together hold at most `max_queued_bytes` (default
+max(2 x max_message_bytes, 256 MiB), like the in-flight budget): past it, a
+received transfer waits for room as above, whoever's message the node takes next
+makes room, and after `rate_window_s` it is reset [`inbox_full`]. So the bodies
+received and not yet taken by the node stay under max_inflight_bytes +
+max_queued_bytes (512 MiB at the default 64 MiB envelope cap) with 3 members or
+300; per member, only the bookkeeping above and py-libp2p's connection (~0.1-0.2
+MB measured, docs/results/memory.md) remain.
 """
 
 from __future__ import annotations
@@ -94,6 +104,10 @@ RATE_WINDOW_S = 20.0
 # Incoming messages from one member waiting for the node; past this its transfer
 # waits for room before it is acknowledged (module docstring).
 INBOX_DEPTH = SENDER_QUEUE_MESSAGES
+# The least the queues of all members together may hold (bytes acknowledged and not yet
+# taken by the node), whatever max_message_bytes: without a total, each member's own
+# two envelopes made the worst case grow with the members (300 members x 128 MiB).
+MIN_QUEUED_BYTES = 256 * 1024 * 1024
 # A member over its message rate: no connection with it for this long, doubling each
 # time it floods again, up to QUENCH_MAX_S (`Admission.quench`; MQTT does the same).
 QUENCH_S = 30.0
@@ -124,11 +138,17 @@ class Admission:
                  budget_wait_s: float = BUDGET_WAIT_S,
                  min_rate_bytes_per_s: int = MIN_RATE_BYTES_PER_S,
                  rate_window_s: float = RATE_WINDOW_S,
-                 inbox_depth: int = INBOX_DEPTH) -> None:
+                 inbox_depth: int = INBOX_DEPTH,
+                 max_queued_bytes: int | None = None) -> None:
         if max_peer_inflight_bytes is None:
             max_peer_inflight_bytes = max_message_bytes + SMALL_MESSAGES_BYTES
         if max_inflight_bytes is None:
             max_inflight_bytes = max(2 * max_message_bytes, MIN_INFLIGHT_BYTES)
+        if max_queued_bytes is None:
+            max_queued_bytes = max(2 * max_message_bytes, MIN_QUEUED_BYTES)
+        if max_queued_bytes < max_message_bytes:
+            raise LocalError(f"libp2p limits: need max_message_bytes ({max_message_bytes}) <= "
+                             f"max_queued_bytes ({max_queued_bytes})")
         if not max_message_bytes <= max_peer_inflight_bytes <= max_inflight_bytes:
             raise LocalError(f"libp2p limits: need max_message_bytes ({max_message_bytes}) <= "
                              f"max_peer_inflight_bytes ({max_peer_inflight_bytes}) <= "
@@ -149,7 +169,8 @@ class Admission:
         self.min_rate_bytes_per_s = min_rate_bytes_per_s
         self.rate_window_s = rate_window_s
         self.inbox_depth = inbox_depth
-        self.max_queue_bytes = SENDER_QUEUE_ENVELOPES * max_message_bytes
+        self.max_queue_bytes = SENDER_QUEUE_ENVELOPES * max_message_bytes  # one member's
+        self.max_queued_bytes = max_queued_bytes  # all members' queues together
         self.handshakes = 0  # inbound security handshakes in progress
         self.handshakes_by_ip: Counter[str] = Counter()
         self.streams: Counter[str] = Counter()  # member -> inbound transfers in progress
@@ -159,6 +180,7 @@ class Admission:
         # Per member, messages and bytes acknowledged and not yet taken by the node.
         self.queued: Counter[str] = Counter()
         self.queued_bytes: Counter[str] = Counter()
+        self.queued_total = 0  # the sum of queued_bytes
         self.waiting_for_room = 0  # transfers received in full, waiting for an inbox place
         self.quenched_until: dict[str, float] = {}  # member -> trio time
         self.quenches: Counter[str] = Counter()
@@ -213,16 +235,22 @@ class Admission:
     # --- the member's queue for the node ----------------------------------------------
     def has_room(self, peer: str, n: int) -> bool:
         return (self.queued[peer] < self.inbox_depth
-                and self.queued_bytes[peer] + n <= self.max_queue_bytes)
+                and self.queued_bytes[peer] + n <= self.max_queue_bytes
+                and self.queued_total + n <= self.max_queued_bytes)
 
     def queue(self, peer: str, n: int) -> None:
         self.queued[peer] += 1
         self.queued_bytes[peer] += n
+        self.queued_total += n
 
     def room_taken(self, peer: str, n: int) -> None:
         """The node took (or we never acknowledged) one of `peer`'s n-byte messages."""
         self.queued[peer] -= 1
         self.queued_bytes[peer] -= n
+        self.queued_total -= n
+        if self.queued[peer] <= 0:  # no entry kept for a member with nothing queued
+            del self.queued[peer]
+            del self.queued_bytes[peer]
 
     # --- quench -----------------------------------------------------------------------
     def quenched(self, peer: str, now: float) -> bool:

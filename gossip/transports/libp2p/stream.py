@@ -149,13 +149,16 @@ class Intake:
         self.rate = rate
         self._refuse, self._count, self._flooded = refuse, count, flooded
         self._deliver, self._quench, self._named = deliver, quench, named
-        # Created in the trio thread (`start`): set when budget or a member's room frees.
+        # Created in the trio thread (`start`): set (and replaced) when in-flight budget,
+        # or room in the queues for the node, frees. One event for all members: room
+        # in the total (`max_queued_bytes`) is freed by whoever's message the node takes.
         self._budget_freed: trio.Event | None = None
-        self._room_freed: dict[str, trio.Event] = {}
+        self._room_freed: trio.Event | None = None
 
     def start(self) -> None:
         """In the trio thread, before the first stream."""
         self._budget_freed = trio.Event()
+        self._room_freed = trio.Event()
 
     async def on_stream(self, stream: Any) -> None:
         # An exception escaping a stream handler kills py-libp2p's whole swarm
@@ -224,14 +227,17 @@ class Intake:
             try:
                 with trio.move_on_after(a.rate_window_s):
                     while not a.has_room(peer, n):
-                        await self._room_freed.setdefault(peer, trio.Event()).wait()
+                        assert self._room_freed is not None
+                        await self._room_freed.wait()
                     slot = True
             finally:
                 a.waiting_for_room -= 1
             if not slot:
-                self._refuse("inbox_full", peer, f"the node took none of its messages "
-                             f"({a.queued[peer]} waiting) within {a.rate_window_s:g} s: "
-                             "stream reset, the sender counts it as not delivered")
+                self._refuse("inbox_full", peer, f"no room for its {n} bytes in the queues "
+                             f"for the node within {a.rate_window_s:g} s ({a.queued[peer]} of "
+                             f"its messages, {a.queued_bytes[peer]} bytes waiting; all members "
+                             f"{a.queued_total} of {a.max_queued_bytes}): stream reset, the "
+                             "sender counts it as not delivered")
                 await reset(stream)
                 return
             a.queue(peer, n)
@@ -261,9 +267,9 @@ class Intake:
         """The node has taken one of `peer`'s messages (or it was never acknowledged):
         room for one more of its own; wakes a transfer waiting for it."""
         self.admission.room_taken(peer, n)
-        event = self._room_freed.pop(peer, None)
-        if event is not None:
-            event.set()
+        if self._room_freed is not None:  # wake every waiter; each checks again
+            self._room_freed.set()
+            self._room_freed = trio.Event()
 
     async def _reserve(self, peer: str, n: int) -> bool:
         """Reserve n bytes of the in-flight budgets, waiting up to budget_wait_s."""
