@@ -72,7 +72,8 @@ of failing. So every publish is checked first against the smaller of the
 broker's advertised Maximum Packet Size (MQTT 5 CONNACK) and our own cap, and
 refused with a `LocalError` that names the sizes. Publish timeouts grow with
 the payload. A lost connection is re-made with exponential backoff; the
-session (subscriptions, queued shares) survives it.
+session (subscriptions, queued shares) survives it; so does a connection the broker
+stops answering (`watchdog.py`, measured behind a member's flood).
 """
 
 from __future__ import annotations
@@ -113,6 +114,7 @@ from gossip.transports.mqtt.broker import (
     publish_packet_size,
     share_topic,
 )
+from gossip.transports.mqtt.watchdog import StallWatch
 
 log = logging.getLogger("flnode.mqtt")
 
@@ -238,6 +240,7 @@ class MqttTransport(Transport):
         self.quenches: Counter[str] = Counter()
         self._quench_tasks: set[asyncio.Task[None]] = set()
         self.connects = 0  # successful connections, for tests and logs
+        self.stalls = 0  # connections dropped because the broker stopped answering
 
     # --- the interface ----------------------------------------------------------
     async def start(self) -> None:
@@ -408,8 +411,8 @@ class MqttTransport(Transport):
         client = self._client = self._make_client()
         backoff = BACKOFF_MIN_S
         while not self._closed:
-            try:
-                async with client:
+            try:  # (a connection the broker stops answering is dropped: watchdog.py)
+                async with client, StallWatch(client, self._quenched, self._on_stall, self.name):
                     self.connects += 1
                     # Acks from the last connection are void (the broker redelivers
                     # what they were for); nothing from it is pending any more.
@@ -580,6 +583,10 @@ class MqttTransport(Transport):
                 sock.shutdown(socket.SHUT_RDWR)
             except OSError:
                 pass  # already gone
+
+    def _on_stall(self) -> None:
+        self.stalls += 1
+        self._drop_connection()
 
     def _paho_connected(self) -> bool:
         return self._client is not None and self._client._client.is_connected()  # noqa: SLF001
