@@ -155,10 +155,16 @@ async def test_two_honest_members_keep_exchanging_while_a_third_floods_its_own_t
                 "bank-1": [b"from bank-0 %d" % i for i in range(20)]}
         # Bound: a connection the flood stalled is made anew within PROBE_S + STALL_S + a
         # reconnect (watchdog.py, ~7 s), once per quench; 60 s covers several.
-        async with asyncio.timeout(60):
-            # (at least once: a reconnect may redeliver one, a benign duplicate)
-            while any(list(dict.fromkeys(got[n])) != want[n] for n in want):
-                await asyncio.sleep(0.05)
+        try:
+            async with asyncio.timeout(60):
+                # (at least once: a reconnect may redeliver one, a benign duplicate)
+                while any(list(dict.fromkeys(got[n])) != want[n] for n in want):
+                    await asyncio.sleep(0.05)
+        except TimeoutError:  # say what is missing, and what each transport went through
+            pytest.fail("honest messages missing after 60 s: " + "; ".join(
+                f"{t.name} lacks {[w for w in want[t.name] if w not in got[t.name]]}, got "
+                f"{got[t.name]}, connects {t.connects}, stalls {t.stalls}, quenches "
+                f"{dict(t.quenches)}, stats {t.stats}" for t in honest))
         grown = rss_mb() - base
         assert flooder.poll() is None  # still flooding
         for t in honest:

@@ -2,8 +2,8 @@
 
 Measured (mosquitto 2.0.11, `tests/test_flood.py` beside two busy loops): once a member's
 QoS 0 flood has overflowed the broker's queue for us ("Outgoing messages are being
-dropped"), the broker can stop writing to our connection altogether: both sockets'
-queues empty, our PUBLISH, UNSUBSCRIBE and the honest members' shares all unanswered,
+dropped"), our connection can stall altogether: nothing queued in either socket, yet
+our PUBLISH and UNSUBSCRIBE unanswered and the honest members' shares not delivered,
 until the next keepalive ping, up to KEEPALIVE_S (60 s) later. A new connection (the
 persistent session resumes: subscriptions, and the un-acknowledged shares redelivered)
 works at once. The quench's UNSUBSCRIBE timeout caught the stall only when it began
