@@ -146,6 +146,7 @@ QUENCH_S = 30.0
 QUENCH_MAX_S = 3600.0  # ...doubling each time it floods again, up to an hour
 # An UNSUBSCRIBE the broker has not acknowledged by then: reconnect (`_quench_for`).
 UNSUBSCRIBE_TIMEOUT_S = 3.0
+CLOSE_WAIT_S = 5.0  # close(): for our DISCONNECT to go out, then for the socket to end
 # Unacknowledged messages the broker may have in flight to us: the node holds the
 # acks of the shares of its open rounds, (lookahead + 1) x (members - 1) of them.
 RECEIVE_MAXIMUM = 1024
@@ -336,8 +337,11 @@ class MqttTransport(Transport):
         if self._task is not None:
             self._task.cancel()
             # Awaited, not swallowed: a cancellation of close() itself still propagates.
-            await asyncio.wait([self._task])
-            if not self._task.cancelled() and self._task.exception() is not None:
+            # A DISCONNECT that cannot go out (a stalled connection) is cut short.
+            if not (await asyncio.wait([self._task], timeout=CLOSE_WAIT_S))[0]:
+                self._drop_connection()
+                await asyncio.wait([self._task], timeout=CLOSE_WAIT_S)
+            if self._task.done() and not self._task.cancelled() and self._task.exception():
                 log.error("%s: MQTT connection task had failed: %s", self.name,
                           describe(self._task.exception()))  # incoming() raised it already
         self._fair.clear()
@@ -412,7 +416,7 @@ class MqttTransport(Transport):
         backoff = BACKOFF_MIN_S
         while not self._closed:
             try:  # (a connection the broker stops answering is dropped: watchdog.py)
-                async with client, StallWatch(client, self._quenched, self._on_stall, self.name):
+                async with client, StallWatch(client, self):
                     self.connects += 1
                     # Acks from the last connection are void (the broker redelivers
                     # what they were for); nothing from it is pending any more.
@@ -583,10 +587,6 @@ class MqttTransport(Transport):
                 sock.shutdown(socket.SHUT_RDWR)
             except OSError:
                 pass  # already gone
-
-    def _on_stall(self) -> None:
-        self.stalls += 1
-        self._drop_connection()
 
     def _paho_connected(self) -> bool:
         return self._client is not None and self._client._client.is_connected()  # noqa: SLF001

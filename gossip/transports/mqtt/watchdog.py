@@ -25,7 +25,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Container
 from typing import Any
 
 log = logging.getLogger("flnode.mqtt")
@@ -42,17 +41,16 @@ PROBE_S = 1.0
 
 
 class StallWatch:
-    """`async with client, StallWatch(...)`: watches that connection while it is up.
+    """`async with client, StallWatch(client, transport)`: watches that connection while
+    it is up. `client` is aiomqtt's; the transport's `_quenched` are the members we are
+    not listening to now, its `_drop_connection` ends the connection from our side, its
+    `stalls` counts the drops. aiomqtt and paho keep what we need as private fields
+    (their pending calls, paho's ping time, its read and write positions)."""
 
-    `client` is aiomqtt's; `quenched` the members we are not listening to now; `drop`
-    ends the connection from our side. aiomqtt and paho keep what we need as private
-    fields (their pending calls, paho's ping time, its read and write positions)."""
-
-    def __init__(self, client: Any, quenched: Container[str] | dict[str, float],
-                 drop: Callable[[], None], name: str) -> None:
-        self._client, self._quenched, self._drop, self._name = client, quenched, drop, name
+    def __init__(self, client: Any, transport: Any) -> None:
+        self._client, self._transport = client, transport
+        self._quenched, self._name = transport._quenched, transport.name  # noqa: SLF001
         self._task: asyncio.Task[None] | None = None
-        self.stalls = 0
 
     async def __aenter__(self) -> StallWatch:
         self._task = asyncio.get_running_loop().create_task(self._watch(),
@@ -98,10 +96,10 @@ class StallWatch:
                 continue
             owed_since = now if owed_since is None else owed_since
             if now - max(owed_since, moved) >= STALL_S:
-                self.stalls += 1
+                self._transport.stalls += 1
                 log.warning("%s: the MQTT broker has owed us an answer for %.0f s and sent "
                             "nothing: dropping the connection to make a new one (the session "
                             "and un-acknowledged shares survive it)", self._name,
                             now - max(owed_since, moved))
-                self._drop()
+                self._transport._drop_connection()  # noqa: SLF001 - its own transport
                 owed_since, moved = None, now
