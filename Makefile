@@ -47,10 +47,9 @@ bench: $(STAMP) mosquitto
 	$(BIN)/python scripts/bench_transport.py --out runs/bench/transport.json
 	$(BIN)/python scripts/bench_transport.py --transports mqtt,mqtts --sizes 10,50 --repeat 6 --out runs/bench/mqtt.json
 
-# Serial by default. WORKERS=2 runs two pytest-xdist workers: 8 min instead of about
-# 15 here, but the MQTT flood test once missed its 60 s when a second heavy test ran
-# beside it (docs/results/performance.md): not the default until that is understood.
-WORKERS ?= 0
+# Two pytest-xdist workers by default: 8 min instead of about 16 serially on this
+# 2-core machine, idle (docs/results/performance.md); WORKERS=0 runs serially.
+WORKERS ?= 2
 test: $(STAMP) mosquitto
 	$(BIN)/pytest -q -n $(WORKERS)
 

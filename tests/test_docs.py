@@ -20,9 +20,8 @@ LINK = re.compile(r"(?<!!)\[(?:[^\]\[]|\[[^\]]*\])*\]\(([^()\s]+)(?:\s+\"[^\"]*\
 HEADING = re.compile(r"^(#{1,6})\s+(.*?)\s*#*\s*$")
 
 
-def _prose(text: str) -> str:
-    """The page outside fenced code blocks, with inline code removed (a link's text or
-    a code span may run over a line break)."""
+def _outside_fences(text: str) -> str:
+    """The page's lines outside fenced code blocks (the fence lines too left out)."""
     out, fenced = [], False
     for line in text.splitlines():
         if FENCE.match(line.strip()):
@@ -30,7 +29,13 @@ def _prose(text: str) -> str:
             continue
         if not fenced:
             out.append(line)
-    return INLINE_CODE.sub("", "\n".join(out))
+    return "\n".join(out)
+
+
+def _prose(text: str) -> str:
+    """The page outside fenced code blocks, with inline code removed (a link's text or
+    a code span may run over a line break)."""
+    return INLINE_CODE.sub("", _outside_fences(text))
 
 
 def slug(heading: str) -> str:
@@ -129,15 +134,8 @@ DOTTED = re.compile(r"^((?:node|gossip)(?:\.\w+)+)(?:\(.*\))?:?$")
 
 def _code_spans(text: str) -> list[str]:
     """The inline code spans outside fenced blocks (a block shows commands and output,
-    not module names)."""
-    out, fenced = [], False
-    for line in text.splitlines():
-        if FENCE.match(line.strip()):
-            fenced = not fenced
-            continue
-        if not fenced:
-            out.extend(CODE_SPAN.findall(line))
-    return out
+    not module names). CODE_SPAN stops at a line break, so spans are found per line."""
+    return CODE_SPAN.findall(_outside_fences(text))
 
 
 def _module_resolves(dotted: str, root: Path) -> bool:

@@ -378,8 +378,9 @@ def record_contract(run: Path) -> dict:
     return {"argv": SIM_ARGV, "shapes": shapes, "values": values, "summary": summary}
 
 
-def run_simulate(out: Path) -> None:
-    """SIM_ARGV in-process on one torch thread (as the test runs it), threads restored."""
+def run_flnode(argv: list[str], out: Path) -> None:
+    """`flnode ARGV --out OUT` in-process on one torch thread (as the tests run it),
+    threads restored."""
     import torch
 
     from node.cli import main
@@ -387,10 +388,14 @@ def run_simulate(out: Path) -> None:
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        rc = main([*SIM_ARGV, "--out", str(out)])
+        rc = main([*argv, "--out", str(out)])
     finally:
         torch.set_num_threads(threads)
-    assert rc == 0, f"flnode simulate failed ({rc})"
+    assert rc == 0, f"flnode {argv[0]} failed ({rc})"
+
+
+def run_simulate(out: Path) -> None:
+    run_flnode(SIM_ARGV, out)
 
 
 # The audit writers the simulate run above does not reach: federated normalization (a
@@ -677,17 +682,7 @@ def echo_contract(run: Path) -> dict:
 
 
 def run_echo(out: Path) -> None:
-    import torch
-
-    from node.cli import main
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        rc = main([*ECHO_ARGV, "--out", str(out)])
-    finally:
-        torch.set_num_threads(threads)
-    assert rc == 0, f"flnode simulate failed ({rc})"
+    run_flnode(ECHO_ARGV, out)
 
 
 def make_echo() -> None:

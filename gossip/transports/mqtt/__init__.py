@@ -72,7 +72,8 @@ of failing. So every publish is checked first against the smaller of the
 broker's advertised Maximum Packet Size (MQTT 5 CONNACK) and our own cap, and
 refused with a `LocalError` that names the sizes. Publish timeouts grow with
 the payload. A lost connection is re-made with exponential backoff; the
-session (subscriptions, queued shares) survives it.
+session (subscriptions, queued shares) survives it; so does a connection the broker
+stops answering (`watchdog.py`, measured behind a member's flood).
 """
 
 from __future__ import annotations
@@ -113,6 +114,7 @@ from gossip.transports.mqtt.broker import (
     publish_packet_size,
     share_topic,
 )
+from gossip.transports.mqtt.watchdog import StallWatch
 
 log = logging.getLogger("flnode.mqtt")
 
@@ -144,6 +146,7 @@ QUENCH_S = 30.0
 QUENCH_MAX_S = 3600.0  # ...doubling each time it floods again, up to an hour
 # An UNSUBSCRIBE the broker has not acknowledged by then: reconnect (`_quench_for`).
 UNSUBSCRIBE_TIMEOUT_S = 3.0
+CLOSE_WAIT_S = 5.0  # close(): for our DISCONNECT to go out, then for the socket to end
 # Unacknowledged messages the broker may have in flight to us: the node holds the
 # acks of the shares of its open rounds, (lookahead + 1) x (members - 1) of them.
 RECEIVE_MAXIMUM = 1024
@@ -238,6 +241,7 @@ class MqttTransport(Transport):
         self.quenches: Counter[str] = Counter()
         self._quench_tasks: set[asyncio.Task[None]] = set()
         self.connects = 0  # successful connections, for tests and logs
+        self.stalls = 0  # connections dropped because the broker stopped answering
 
     # --- the interface ----------------------------------------------------------
     async def start(self) -> None:
@@ -333,8 +337,11 @@ class MqttTransport(Transport):
         if self._task is not None:
             self._task.cancel()
             # Awaited, not swallowed: a cancellation of close() itself still propagates.
-            await asyncio.wait([self._task])
-            if not self._task.cancelled() and self._task.exception() is not None:
+            # A DISCONNECT that cannot go out (a stalled connection) is cut short.
+            if not (await asyncio.wait([self._task], timeout=CLOSE_WAIT_S))[0]:
+                self._drop_connection()
+                await asyncio.wait([self._task], timeout=CLOSE_WAIT_S)
+            if self._task.done() and not self._task.cancelled() and self._task.exception():
                 log.error("%s: MQTT connection task had failed: %s", self.name,
                           describe(self._task.exception()))  # incoming() raised it already
         self._fair.clear()
@@ -408,8 +415,8 @@ class MqttTransport(Transport):
         client = self._client = self._make_client()
         backoff = BACKOFF_MIN_S
         while not self._closed:
-            try:
-                async with client:
+            try:  # (a connection the broker stops answering is dropped: watchdog.py)
+                async with client, StallWatch(client, self):
                     self.connects += 1
                     # Acks from the last connection are void (the broker redelivers
                     # what they were for); nothing from it is pending any more.
