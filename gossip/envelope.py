@@ -142,6 +142,9 @@ KIND_FINAL = "final"
 KIND_DEAL = "deal"
 KIND_SECAGG = "secagg"
 SHARE_KINDS = frozenset({KIND_SHARE, KIND_SEALED})
+# A secure consortium's contribution kinds (refused in a plain one, as SHARE_KINDS are in a
+# secure one: Verifier(secure=...)).
+SECURE_KINDS = frozenset({KIND_DEAL, KIND_SECAGG})
 KINDS = frozenset({KIND_SHARE, KIND_SEALED, KIND_PREKEY, KIND_RETIRE, KIND_HELLO, KIND_SEEN,
                    KIND_STATS, KIND_NORM, KIND_FINAL, KIND_ECHO, KIND_DEAL, KIND_SECAGG})
 _KINDS_BY_BYTES = {k.encode(): k for k in KINDS}
@@ -379,8 +382,15 @@ class Verifier:
                  spec: Sequence[TensorSpec], max_bytes: int = DEFAULT_MAX_ENVELOPE_BYTES,
                  sealing: Sealing | None = None, stats_columns: int | None = None,
                  codec: Codec = NO_COMPRESSION,
-                 base: Callable[[str], np.ndarray] | None = None) -> None:
+                 base: Callable[[str], np.ndarray] | None = None, secure: bool = False
+                 ) -> None:
         self.consortium_id = consortium_id
+        # The consortium's round kind ([rules] secure, node/strategy/consortium_rules.py):
+        # a secure consortium's contributions come only as "deal"/"secagg" messages, a
+        # plain one's only as "share"/"sealed"; the other kinds are refused (`wrong_kind`),
+        # so that no member's correctly signed message of the other mode reaches a round
+        # that has no place for it (a deal filed as a plain share has no tensors).
+        self.secure = secure
         # The consortium's agreed compression (gossip/compress.py): a share declaring
         # another is refused (`codec`); a compressed share is read on top of `base(name)`,
         # this node's model tensor as it is when the share is combined.
@@ -423,6 +433,7 @@ class Verifier:
             VerifyKey(env.sender).verify(digest, env.sig)
         except BadSignatureError:
             raise RemoteError("bad_signature", "signature does not verify", name) from None
+        self._check_kind(env.kind, name)
         try:
             self._check_fresh(env, name, digest, current_round)
         except RemoteError as exc:
@@ -468,6 +479,18 @@ class Verifier:
         self._windows.setdefault(env.sender, _SenderWindow()).remember(env.seq, digest)
         return Accepted(name, env.envelope(body, digest), share, prekeys, hello, seen, stats,
                         norm_range, secagg)
+
+    def _check_kind(self, kind: str, name: str) -> None:
+        """Refuse a contribution kind of the other round mode (`wrong_kind`): the sender
+        signed it, so the sender is at fault (or runs with other [rules])."""
+        if kind in SECURE_KINDS and not self.secure:
+            raise RemoteError("wrong_kind", f"a secure-aggregation {kind!r} message, but this "
+                              "consortium's [rules] have no secure = true: its rounds take "
+                              "only shares", name)
+        if kind in SHARE_KINDS and self.secure:
+            raise RemoteError("wrong_kind", f"a plain {kind!r} message, but this consortium's "
+                              "[rules] say secure = true: its rounds take only deals and "
+                              "secagg pieces", name)
 
     def _open_deal(self, env: _Outer, name: str) -> SecAgg:
         """A deal: sealed to us (never readable on the wire), then its frame checked."""

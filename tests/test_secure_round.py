@@ -55,7 +55,7 @@ class Member:
                               RoundParams(net.rounds, DEADLINE, 1, len(net.names)),
                               keys={m: net.pub[m] for m in net.names}, phases=SECURE_PHASES)
         self.secure = SecureRounds(name, net.names, net.t, net.variant, net.codec, net.cid)
-        self.verifier = verifier_for(net.cons, sk)
+        self.verifier = verifier_for(net.cons, sk, secure=True)
         self.seq = 0
         self.deals: dict[int, dict[str, bytes]] = {}
         self.outcomes: dict[int, SecureOutcome] = {}
