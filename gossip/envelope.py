@@ -57,6 +57,7 @@ plaintext), in time linear in it. Peer values in a rejection's detail are cut
 from __future__ import annotations
 
 import hashlib
+import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -404,6 +405,9 @@ class Verifier:
         self.members = dict(members)
         self.own_key = own_key
         self.spec = tuple(spec)
+        # The model's values (d of a secure round's pieces: bodies.secagg_piece_limits);
+        # None without a spec (a verifier for control messages only).
+        self._dim = sum(math.prod(t.shape) for t in self.spec) if self.spec else None
         self.max_bytes = max_bytes
         self._windows: dict[bytes, _SenderWindow] = {}
 
@@ -471,7 +475,7 @@ class Verifier:
         elif env.kind == KIND_PREKEY:
             prekeys, hello = self._learn_prekeys(env, name, current_round)
         elif env.kind == KIND_SECAGG:
-            secagg = decode_secagg(env.body, len(self.members), name)
+            secagg = decode_secagg(env.body, len(self.members), name, dim=self._dim)
         elif env.kind == KIND_DEAL:
             secagg = self._open_deal(env, name)
         else:
@@ -502,7 +506,7 @@ class Verifier:
         except RemoteError as exc:
             raise RemoteError(exc.reason, exc.detail, name, env.round if exc.reason ==
                               "no_prekey" else None) from None
-        return decode_secagg(plain, len(self.members), name, deal=True)
+        return decode_secagg(plain, len(self.members), name, deal=True, dim=self._dim)
 
     def _learn_prekeys(self, env: _Outer, name: str, current_round: int
                        ) -> tuple[tuple[SignedPrekey, ...], bool]:
