@@ -413,6 +413,28 @@ _SECAGG_PIECES = {SECAGG_DEAL: (3,), "check": (0, 1), "degree2": (0, 1), "sum": 
 # The most dealers a check message may name: node/secagg/shamir.py's MAX_MEMBERS bound
 # (members are evaluation points 1..n of a 16-bit field in the piece header).
 MAX_SECAGG_MEMBERS = 65535
+# Each piece's largest size, from what the receiver knows (n members, d model values), so a
+# member's oversized piece is refused before anything is copied (review of issue 22, M1).
+# A piece is node/secagg/pieces.py's 24-byte header and 8 bytes per field element: a check
+# 2n values, a degree-2 piece at most P = n(n - 1)/2 + n (the "distances" variant), a sum d,
+# a deal's vector d + 1 (or a 4-value seed) and mask P + 1; a commitment is 32 bytes per
+# holder (node/runtime/secure_round.py COMMIT_BYTES).
+SECAGG_PIECE_HEADER = 24
+SECAGG_VALUE_BYTES = 8
+SECAGG_SEED_VALUES = 4
+SECAGG_COMMIT_BYTES = 32
+
+
+def secagg_piece_limits(step: str, members: int, dim: int | None) -> tuple[int | None, ...]:
+    """The most bytes each piece of a `step` message may have (None: no bound but the
+    envelope's, when the dimension is not known to the caller)."""
+    n, head, v = members, SECAGG_PIECE_HEADER, SECAGG_VALUE_BYTES
+    opened = n * (n - 1) // 2 + n
+    if step == SECAGG_DEAL:
+        vector = None if dim is None else head + v * max(dim + 1, SECAGG_SEED_VALUES)
+        return (vector, head + v * (opened + 1), SECAGG_COMMIT_BYTES * n)
+    return ({"check": head + v * 2 * n, "degree2": head + v * opened,
+             "sum": None if dim is None else head + v * dim}[step],)
 
 
 @dataclass(frozen=True)
@@ -439,10 +461,12 @@ def encode_secagg(msg: SecAgg) -> bytes:
 
 
 def decode_secagg(body: bytes | memoryview, members: int, sender: str | None = None,
-                  deal: bool = False) -> SecAgg:
+                  deal: bool = False, dim: int | None = None) -> SecAgg:
     """A secure round's body, read field by field: the step one this kind carries (a deal
-    for kind "deal", an opened step for "secagg"), exactly its number of byte strings, and for a
-    check at most `members` distinct dealers 1..members in increasing order."""
+    for kind "deal", an opened step for "secagg"), exactly its number of byte strings, each
+    within its size for `members` members and `dim` model values (secagg_piece_limits,
+    checked before it is copied), and for a check at most `members` distinct dealers
+    1..members in increasing order."""
     try:
         r = Reader(body)
         if r.array_header() != 3:
@@ -454,7 +478,15 @@ def decode_secagg(body: bytes | memoryview, members: int, sender: str | None = N
         if count not in _SECAGG_PIECES[step]:
             raise WireError(f"{count} pieces in a {step} message (expected "
                             f"{' or '.join(map(str, _SECAGG_PIECES[step]))})")
-        pieces = tuple(bytes(r.bin()) for _ in range(count))
+        limits = secagg_piece_limits(step, members, dim)
+        pieces = []
+        for k in range(count):
+            limit = limits[k]
+            try:
+                pieces.append(bytes(r.bin(limit)))
+            except WireError as exc:
+                raise WireError(f"{step} piece {k}: {exc} (the most for {members} members"
+                                f"{'' if dim is None else f', d = {dim}'})") from None
         n_held = r.array_header()
         if n_held > (members if step == "check" else 0):
             raise WireError(f"{n_held} held dealers in a {step} message of {members} members")
@@ -465,4 +497,4 @@ def decode_secagg(body: bytes | memoryview, members: int, sender: str | None = N
     except WireError as exc:
         raise RemoteError("bad_body", f"a secure-aggregation message is [step, [piece, ...], "
                           f"[dealer, ...]]: {exc}", sender) from None
-    return SecAgg(step, pieces, held)
+    return SecAgg(step, tuple(pieces), held)

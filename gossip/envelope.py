@@ -57,6 +57,7 @@ plaintext), in time linear in it. Peer values in a rejection's detail are cut
 from __future__ import annotations
 
 import hashlib
+import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -142,6 +143,9 @@ KIND_FINAL = "final"
 KIND_DEAL = "deal"
 KIND_SECAGG = "secagg"
 SHARE_KINDS = frozenset({KIND_SHARE, KIND_SEALED})
+# A secure consortium's contribution kinds (refused in a plain one, as SHARE_KINDS are in a
+# secure one: Verifier(secure=...)).
+SECURE_KINDS = frozenset({KIND_DEAL, KIND_SECAGG})
 KINDS = frozenset({KIND_SHARE, KIND_SEALED, KIND_PREKEY, KIND_RETIRE, KIND_HELLO, KIND_SEEN,
                    KIND_STATS, KIND_NORM, KIND_FINAL, KIND_ECHO, KIND_DEAL, KIND_SECAGG})
 _KINDS_BY_BYTES = {k.encode(): k for k in KINDS}
@@ -379,8 +383,15 @@ class Verifier:
                  spec: Sequence[TensorSpec], max_bytes: int = DEFAULT_MAX_ENVELOPE_BYTES,
                  sealing: Sealing | None = None, stats_columns: int | None = None,
                  codec: Codec = NO_COMPRESSION,
-                 base: Callable[[str], np.ndarray] | None = None) -> None:
+                 base: Callable[[str], np.ndarray] | None = None, secure: bool = False
+                 ) -> None:
         self.consortium_id = consortium_id
+        # The consortium's round kind ([rules] secure, node/strategy/consortium_rules.py):
+        # a secure consortium's contributions come only as "deal"/"secagg" messages, a
+        # plain one's only as "share"/"sealed"; the other kinds are refused (`wrong_kind`),
+        # so that no member's correctly signed message of the other mode reaches a round
+        # that has no place for it (a deal filed as a plain share has no tensors).
+        self.secure = secure
         # The consortium's agreed compression (gossip/compress.py): a share declaring
         # another is refused (`codec`); a compressed share is read on top of `base(name)`,
         # this node's model tensor as it is when the share is combined.
@@ -394,6 +405,9 @@ class Verifier:
         self.members = dict(members)
         self.own_key = own_key
         self.spec = tuple(spec)
+        # The model's values (d of a secure round's pieces: bodies.secagg_piece_limits);
+        # None without a spec (a verifier for control messages only).
+        self._dim = sum(math.prod(t.shape) for t in self.spec) if self.spec else None
         self.max_bytes = max_bytes
         self._windows: dict[bytes, _SenderWindow] = {}
 
@@ -423,6 +437,7 @@ class Verifier:
             VerifyKey(env.sender).verify(digest, env.sig)
         except BadSignatureError:
             raise RemoteError("bad_signature", "signature does not verify", name) from None
+        self._check_kind(env.kind, name)
         try:
             self._check_fresh(env, name, digest, current_round)
         except RemoteError as exc:
@@ -460,7 +475,7 @@ class Verifier:
         elif env.kind == KIND_PREKEY:
             prekeys, hello = self._learn_prekeys(env, name, current_round)
         elif env.kind == KIND_SECAGG:
-            secagg = decode_secagg(env.body, len(self.members), name)
+            secagg = decode_secagg(env.body, len(self.members), name, dim=self._dim)
         elif env.kind == KIND_DEAL:
             secagg = self._open_deal(env, name)
         else:
@@ -468,6 +483,18 @@ class Verifier:
         self._windows.setdefault(env.sender, _SenderWindow()).remember(env.seq, digest)
         return Accepted(name, env.envelope(body, digest), share, prekeys, hello, seen, stats,
                         norm_range, secagg)
+
+    def _check_kind(self, kind: str, name: str) -> None:
+        """Refuse a contribution kind of the other round mode (`wrong_kind`): the sender
+        signed it, so the sender is at fault (or runs with other [rules])."""
+        if kind in SECURE_KINDS and not self.secure:
+            raise RemoteError("wrong_kind", f"a secure-aggregation {kind!r} message, but this "
+                              "consortium's [rules] have no secure = true: its rounds take "
+                              "only shares", name)
+        if kind in SHARE_KINDS and self.secure:
+            raise RemoteError("wrong_kind", f"a plain {kind!r} message, but this consortium's "
+                              "[rules] say secure = true: its rounds take only deals and "
+                              "secagg pieces", name)
 
     def _open_deal(self, env: _Outer, name: str) -> SecAgg:
         """A deal: sealed to us (never readable on the wire), then its frame checked."""
@@ -479,7 +506,7 @@ class Verifier:
         except RemoteError as exc:
             raise RemoteError(exc.reason, exc.detail, name, env.round if exc.reason ==
                               "no_prekey" else None) from None
-        return decode_secagg(plain, len(self.members), name, deal=True)
+        return decode_secagg(plain, len(self.members), name, deal=True, dim=self._dim)
 
     def _learn_prekeys(self, env: _Outer, name: str, current_round: int
                        ) -> tuple[tuple[SignedPrekey, ...], bool]:

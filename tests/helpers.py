@@ -43,6 +43,6 @@ def share_bytes(key: SigningKey, cons: Consortium, round_: int = 0, seq: int = 0
     return envelope.pack(key, cid or cons.id, KIND_SHARE, round_, seq, body)
 
 
-def verifier_for(cons: Consortium, own: SigningKey) -> Verifier:
+def verifier_for(cons: Consortium, own: SigningKey, secure: bool = False) -> Verifier:
     return Verifier(cons.id, {m.public_key: m.name for m in cons.members}, bytes(own.verify_key),
-                    SPEC)
+                    SPEC, secure=secure)

@@ -58,10 +58,10 @@ def _spec() -> list[B.TensorSpec]:
     return [B.TensorSpec(n, a.shape, a.dtype.str) for n, a in G.share_tensors()]
 
 
-def _verifier(sealing: Sealing | None = None) -> E.Verifier:
+def _verifier(sealing: Sealing | None = None, secure: bool = False) -> E.Verifier:
     alice = _keys()["alice"]
     return E.Verifier(bytes.fromhex(WIRE["consortium_id"]), _members(), bytes(alice.verify_key),
-                      _spec(), sealing=sealing, stats_columns=G.STATS_COLUMNS)
+                      _spec(), sealing=sealing, stats_columns=G.STATS_COLUMNS, secure=secure)
 
 
 def _alice_sealing() -> Sealing:
@@ -95,7 +95,7 @@ def test_envelope_of_every_kind_is_byte_exact(kind):
 @pytest.mark.parametrize("kind", sorted(set(WIRE["envelopes"]) - {E.KIND_SEALED, E.KIND_DEAL}))
 def test_golden_envelope_is_accepted_by_a_plain_verifier(kind):
     data = bytes.fromhex(WIRE["envelopes"][kind]["bytes"])
-    acc = _verifier().verify(data, current_round=WIRE["round"])
+    acc = _verifier(secure=kind in E.SECURE_KINDS).verify(data, current_round=WIRE["round"])
     assert (acc.sender, acc.envelope.kind, acc.round) == (WIRE["sender"], kind, WIRE["round"])
     if kind == E.KIND_SHARE:
         assert acc.share.weight == 120.0
@@ -120,12 +120,12 @@ def test_stored_deal_opens_with_the_stored_prekey_and_only_so():
     """A secure round's deal (issue 22) is sealed to its one recipient: alice reads bob's
     two pieces; a node without sealing refuses it (seal_off), never reads it."""
     data = bytes.fromhex(WIRE["envelopes"][E.KIND_DEAL]["bytes"])
-    acc = _verifier(_alice_sealing()).verify(data, current_round=WIRE["round"])
+    acc = _verifier(_alice_sealing(), secure=True).verify(data, current_round=WIRE["round"])
     assert acc.secagg.step == "deal"
     assert acc.secagg.pieces == (G.secagg_piece(1, 2, 1, 5), G.secagg_piece(2, 2, 1, 7),
                                  G.DEAL_COMMITMENT)
     with pytest.raises(E.RemoteError) as exc:
-        _verifier().verify(data, current_round=WIRE["round"])
+        _verifier(secure=True).verify(data, current_round=WIRE["round"])
     assert exc.value.reason == "seal_off"
 
 

@@ -413,31 +413,31 @@ def test_an_inconsistent_dealer_is_named_from_its_signed_piece():
 
 
 def test_t_dropouts_complete_and_one_more_is_a_named_error():
-    r = Round(n=7, t=2, seed=7)  # 7 = 3t + 1
+    r = Round(n=9, t=2, seed=7)  # 9 = 3t + 1 + t
     encoded = {i: r.codec.encode(v) for i, v in r.honest_vectors().items()}
     r.deal(encoded)
-    values, sel, agg = r.run(holders=(1, 2, 4, 6, 7))  # t = 2 gone after dealing
+    values, sel, agg = r.run(holders=(1, 2, 4, 6, 7, 8, 9))  # t = 2 gone after dealing
     assert (agg.field_sum == _plain_field_sum(encoded, sel.selected)).all()
-    with pytest.raises(TooFewPieces, match=r"5 pieces needed, 4 arrived \(missing: members 3, 5, 6\)"):
-        r.run(holders=(1, 2, 4, 7))  # t + 1 gone: the degree-2t values need 2t + 1
+    with pytest.raises(TooFewPieces, match=r"7 pieces needed, 6 arrived \(missing: members 3, 5, 6\)"):
+        r.run(holders=(1, 2, 4, 7, 8, 9))  # t + 1 gone: the degree-2t values need 3t + 1
     # members who never dealt: the round goes on with the others
     r.deal({i: e for i, e in encoded.items() if i not in (2, 5)})
-    values, sel, agg = r.run(holders=(1, 3, 4, 6, 7))
-    assert set(sel.selected) <= {1, 3, 4, 6, 7}
+    values, sel, agg = r.run(holders=(1, 3, 4, 6, 7, 8, 9))
+    assert set(sel.selected) <= {1, 3, 4, 6, 7, 8, 9}
     assert (agg.field_sum == _plain_field_sum(encoded, sel.selected)).all()
 
 
 def test_the_opened_degree2_pieces_are_masked():
     """The opened polynomial is not the bare product polynomial (whose other coefficients
     would hold projections of the vectors) but opens to the same value."""
-    r = Round(n=5, t=2, seed=8)
+    r = Round(n=7, t=2, seed=8)
     encoded = {i: r.codec.encode(v) for i, v in r.honest_vectors().items()}
     r.deal(encoded)
-    masked = r.degree2(range(1, 6))
+    masked = r.degree2(range(1, 8))
     zero = {j: {i: Piece(7, MASK, i, j, np.zeros(r.p.opened + 1, dtype=np.uint64))
-                for i in r.dealers} for j in range(1, 6)}
-    bare = {j: R.degree2_piece(r.p, j, r.vec[j], zero[j], r.dealers) for j in range(1, 6)}
-    assert all((masked[j].values != bare[j].values).all() for j in range(1, 6))
+                for i in r.dealers} for j in range(1, 8)}
+    bare = {j: R.degree2_piece(r.p, j, r.vec[j], zero[j], r.dealers) for j in range(1, 8)}
+    assert all((masked[j].values != bare[j].values).all() for j in range(1, 8))
     assert (R.open_degree2(r.p, masked, r.dealers).decoded.value
             == R.open_degree2(r.p, bare, r.dealers).decoded.value).all()
 
@@ -517,13 +517,14 @@ def test_gram_is_exact_against_python_ints():
        data=st.data())
 def test_any_round_within_the_radius_sums_exactly_and_names_the_wrong(t, extra, seeded, variant,
                                                                       seed, data):
-    n = 2 * t + 1 + extra
+    n = 3 * t + 1 + extra
     r = Round(n=n, t=t, d=16, variant=variant, seed=seed)
     encoded = {i: r.codec.encode(v) for i, v in r.honest_vectors().items()}
     r.deal(encoded, seeded=seeded)
     missing = data.draw(st.lists(st.integers(1, n), max_size=extra, unique=True))
     holders = tuple(j for j in range(1, n + 1) if j not in missing)
-    radius = (len(holders) - 2 * t - 1) // 2  # the degree-2 opening's, the tighter one
+    # the degree-2 opening's, the tighter one: t wrong corrected from 4t + 1 pieces, none below
+    radius = t if len(holders) >= 4 * t + 1 else 0
     liars = data.draw(st.lists(st.sampled_from(holders), max_size=radius, unique=True))
 
     def tamper(kind, pieces):

@@ -55,7 +55,7 @@ class Member:
                               RoundParams(net.rounds, DEADLINE, 1, len(net.names)),
                               keys={m: net.pub[m] for m in net.names}, phases=SECURE_PHASES)
         self.secure = SecureRounds(name, net.names, net.t, net.variant, net.codec, net.cid)
-        self.verifier = verifier_for(net.cons, sk)
+        self.verifier = verifier_for(net.cons, sk, secure=True)
         self.seq = 0
         self.deals: dict[int, dict[str, bytes]] = {}
         self.outcomes: dict[int, SecureOutcome] = {}
@@ -330,20 +330,21 @@ def test_a_wrong_opened_piece_is_named_and_corrected():
 
 def test_t_members_dropping_mid_round_and_a_late_member_is_excluded():
     """t = 2 members crash after dealing (no check, no opening): the round completes with
-    the others (their dealings still enter: the others hold their pieces). A third member
-    deals only after the round closed: "stale", excluded."""
-    net = SecureNet(8, 2, mute={"check": ("bank-6", "bank-7"), "degree2": ("bank-6", "bank-7"),
-                                "sum": ("bank-6", "bank-7")}, late={"bank-5": 0})
+    the others (their dealings still enter: the others hold their pieces), 3t + 1 = 7 of
+    n = 10 still opening. A third member deals only after the round closed: "stale",
+    excluded."""
+    net = SecureNet(10, 2, mute={"check": ("bank-7", "bank-8"), "degree2": ("bank-7", "bank-8"),
+                                "sum": ("bank-7", "bank-8")}, late={"bank-6": 0})
     net.run()
-    honest = [m for m in net.names if m not in ("bank-5", "bank-6", "bank-7")]
+    honest = [m for m in net.names if m not in ("bank-6", "bank-7", "bank-8")]
     outs = net.honest_outcomes(honest)
     assert all(o.ok for o in outs), [(o.reason, o.detail) for o in outs]
     for o in outs:
-        assert "bank-5" not in o.dealt and "bank-5" not in o.entered
-        assert {"bank-6", "bank-7"} <= set(o.entered)
+        assert "bank-6" not in o.dealt and "bank-6" not in o.entered
+        assert {"bank-7", "bank-8"} <= set(o.entered)
         np.testing.assert_array_equal(o.field_sum, outs[0].field_sum)
     np.testing.assert_array_equal(outs[0].field_sum, field_sum(net, outs[0].selected))
-    late = [r for m in honest for r in net.members[m].refused if r.member == "bank-5"]
+    late = [r for m in honest for r in net.members[m].refused if r.member == "bank-6"]
     assert late and {r.reason for r in late} == {"stale"}
 
 

@@ -64,7 +64,7 @@ def test_a_late_deal_is_stale_and_a_secagg_message_needs_no_seal():
     an opened step is not sealed and reads with a plain verifier."""
     ks = keys(3)
     cons = consortium(ks)
-    v = verifier_for(cons, ks[0])
+    v = verifier_for(cons, ks[0], secure=True)
     deal = E.pack(ks[1], cons.id, E.KIND_DEAL, 2, 1, b"sealed bytes")
     with pytest.raises(RemoteError) as exc:
         v.verify(deal, current_round=3)

@@ -260,7 +260,8 @@ def build_parts(cfg: NodeConfig, rejected: Counter[str], noise: NoiseSource) -> 
                         cfg.gossip.max_envelope_bytes, sealing=sealing,
                         stats_columns=len(numeric_columns(schema))
                         if schema.mode == "federated" else None,
-                        codec=codec, base=lambda name: model.state_dict()[name].numpy())
+                        codec=codec, base=lambda name: model.state_dict()[name].numpy(),
+                        secure=secure_rule(consortium, str(cfg.consortium.path)) is not None)
     # What this member signs (the sequence number on disk first): node/runtime/signer.py.
     signer = Signer(identity, consortium.id, state, sealing, rejected)
     # training.control_variates: this member's c_i and c (node/learn/control.py), restored

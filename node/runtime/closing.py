@@ -68,6 +68,12 @@ def aggregate(node: Node, c: ev.Close) -> dict[str, Accepted]:
     r, own = c.round, st.own
     received = dict(c.shares)
     for member, acc in sorted(received.items()):
+        if acc.share is None:  # the Verifier refuses such kinds (wrong_kind): a safety net
+            del received[member]
+            bookkeeping.carry_out(node, ev.Refused(r, member, "wrong_kind", (
+                f"its {acc.envelope.kind!r} message carries no share: nothing of it is "
+                "aggregated"), acc.envelope.digest.hex(), acc))
+            continue
         if acc.share.norm != node._norm():  # encoded with other statistics than ours
             del received[member]
             theirs, ours = acc.share.norm, node._norm()

@@ -250,13 +250,18 @@ class SecureRound:
         entered = set(consistent)
         t = self.params.threshold
         able = [j for j in pieces if j not in disputed]
-        if len(able) < 2 * t + 1:
+        # Openers needed: the degree-2t values with up to t lying openers need 3t + 1 (2t + 1
+        # determine them, t more detect t wrong: robust.open_degree2); the degree-t sum
+        # alone 2t + 1. Fewer fail the round: never a decode steered by the liars.
+        need, rule = (2 * t + 1, "2t + 1") if self.params.variant == "sum_only" else \
+            (3 * t + 1, "3t + 1")
+        if len(able) < need:
             return self._fail(DEGREE2_PHASE, "too_few_openers",
-                              f"{len(able)} member(s) opened a usable check, 2t + 1 = "
-                              f"{2 * t + 1} needed (more than t dropped out or are in dispute)")
+                              f"{len(able)} member(s) opened a usable check, {rule} = "
+                              f"{need} needed (too many dropped out or are in dispute)")
         while True:
             openers = tuple(sorted(j for j in pieces if entered <= held[j] and j not in disputed))
-            if len(openers) >= 2 * t + 1 or not entered:
+            if len(openers) >= need or not entered:
                 break
             drop = min(entered, key=lambda i: (sum(i in h for h in held.values()), -i))
             entered.discard(drop)
@@ -266,10 +271,10 @@ class SecureRound:
             return self._fail(DEGREE2_PHASE, "too_few_contributors",
                               f"{len(self.entered)} dealing(s) entered, at most t = {t}: "
                               "opening their norms, distances or sum could reveal one")
-        if len(openers) < 2 * t + 1:
+        if len(openers) < need:
             return self._fail(DEGREE2_PHASE, "too_few_openers",
-                              f"{len(openers)} member(s) can open, 2t + 1 = {2 * t + 1} needed "
-                              "(more than t dropped out or are in dispute)")
+                              f"{len(openers)} member(s) can open, {rule} = {need} needed "
+                              "(too many dropped out or are in dispute)")
         if self.i not in openers or self.params.variant == "sum_only":  # it opens nothing here
             return self._abstain(DEGREE2_PHASE)
         piece = robust.degree2_piece(self.params, self.i, self.vectors, self.masks, self.entered)

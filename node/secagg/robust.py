@@ -25,8 +25,10 @@ learn nothing beyond what is opened); the round's encoding is a `FixedPoint`. St
    the d coordinates), adds its mask piece, and opens the P values. Variant
    "norm_only": only the n squared norms.
 4. **open** the degree-2 values: Reed-Solomon decoding of a degree-2t sharing needs
-   N >= 2t + 1 + 2e opened pieces to correct e wrong ones (so with n = 3t + 1 members it
-   corrects floor(t / 2); n >= 4t + 1 corrects t). The wrong openers are named.
+   N >= 2t + 1 + 2e opened pieces to correct e wrong ones. Up to t openers may lie, so the
+   decode never corrects more than t and never past the radius: N >= 4t + 1 corrects
+   (the wrong openers are named); 3t + 1 <= N <= 4t only detects (the round fails,
+   nobody named); N < 3t + 1 is refused (too few openers).
 5. **select** (every member, on the same decoded integers): a member whose ||q||^2 exceeds
    the encoding's bound R^2 is left out ("norm_too_large"); then multi-Krum on the exact
    squared distances: each remaining member's score is the sum of its n' - f - 2 smallest
@@ -371,8 +373,13 @@ def open_degree2(params: RoundParams, opened: Mapping[int, Piece], dealers: tupl
     """Decode the opened degree-2t pieces: the distances and norms, and who opened wrong."""
     _opens_degree2(params)
     pieces = _opened(params, opened, DEGREE2, params.opened)
+    # Up to t openers may lie: decode with no more than t corrections, and only when the
+    # redundancy allows them (N >= 2t + 1 + 2t); between 3t + 1 and 4t pieces a
+    # disagreement is only detected (TooManyWrong, nobody named), below 3t + 1 nothing
+    # is trusted (TooFewPieces): never steered to another codeword (review of issue 22).
     got = decode(pieces, 2 * params.threshold, what="squared distances and norms",
-                 expected=tuple(range(1, params.members + 1)), test_only_rng=test_only_rng)
+                 expected=tuple(range(1, params.members + 1)), max_errors=params.threshold,
+                 test_only_rng=test_only_rng)
     v = got.value.tolist()
     dealers = params.members_in(dealers, "dealers")
     norms = {a: int(v[params.norm_index(a)]) for a in dealers}
@@ -475,8 +482,9 @@ def open_sum(params: RoundParams, opened: Mapping[int, Piece], selected: tuple[i
     check (a selected encoding wrapped). `correct=False` for the optimistic opening (see
     `sum_recipients`): any wrong piece is TooManyWrong."""
     pieces = _opened(params, opened, SUM, params.codec.dim)
+    # As open_degree2: at most t wrong pieces corrected, only with N >= t + 1 + 2t.
     got = decode(pieces, params.threshold, what="sum of the selected vectors",
                  expected=tuple(range(1, params.members + 1)), correct=correct,
-                 test_only_rng=test_only_rng)
+                 max_errors=params.threshold, test_only_rng=test_only_rng)
     total = params.codec.decode_sum(got.value, len(selected))
     return Aggregate(total, got.value, tuple(selected), got.wrong)

@@ -198,6 +198,7 @@ def berlekamp_welch(points: list[int], ys: list[int], degree: int, errors: int) 
 
 def decode(pieces: Mapping[int, np.ndarray], degree: int, *, what: str = "sharing",
            expected: tuple[int, ...] = (), correct: bool = True,
+           max_errors: int | None = None,
            test_only_rng: np.random.Generator | None = None) -> Decoded:
     """Decode a degree-`degree` sharing from {member index: piece vector}: its value at 0 and
     the members whose pieces were wrong. `expected` (all members meant to send) only makes
@@ -208,8 +209,18 @@ def decode(pieces: Mapping[int, np.ndarray], degree: int, *, what: str = "sharin
     correction radius a decoder that corrects can be steered to another codeword (wrong
     pieces chosen on a polynomial through some good ones), so a caller holding fewer
     pieces than correcting its threat needs (an optimistic opening) must only detect and
-    then ask for more pieces."""
+    then ask for more pieces.
+
+    `max_errors` = e_max, the wrong pieces the caller must survive (its threat, t): then
+    fewer than degree + 1 + e_max pieces is TooFewPieces (the honest pieces among them
+    might not determine the polynomial, so even agreeing pieces prove nothing); pieces
+    that agree give the value; pieces that disagree are corrected (at most e_max named)
+    only when N >= degree + 1 + 2 e_max, and otherwise only detected (TooManyWrong,
+    naming nobody): never steered to another codeword by e_max chosen pieces. None: the
+    old radius, redundancy // 2 (sound only if at most that many can be wrong)."""
     points = sorted(pieces)
+    if max_errors is not None and max_errors < 0:
+        raise SecAggError(f"{what}: max_errors must be >= 0, got {max_errors}")
     if points and not (1 <= points[0] and points[-1] <= MAX_MEMBERS):
         raise SecAggError(f"{what}: evaluation points must be 1..{MAX_MEMBERS}, got {points}")
     if len(points) < degree + 1:
@@ -223,10 +234,18 @@ def decode(pieces: Mapping[int, np.ndarray], degree: int, *, what: str = "sharin
                              f"{checked[0].size}", j)
     rows = np.stack(checked)
     redundancy = len(points) - degree - 1
+    if max_errors is not None and redundancy < max_errors:
+        raise TooFewPieces(f"{what} (degree {degree}, up to {max_errors} wrong)",
+                           degree + 1 + max_errors, len(points),
+                           tuple(sorted(set(expected) - set(points))))
     if consistent(points, rows, degree, test_only_rng):
         first = points[:degree + 1]
         return Decoded(interpolate_at_zero(first, rows[:degree + 1]), (), tuple(points), redundancy)
-    e = redundancy // 2
+    e = redundancy // 2 if max_errors is None else max_errors
+    if max_errors is not None and redundancy < 2 * max_errors:
+        raise TooManyWrong(f"{what} (degree {degree}): the {len(points)} pieces disagree; "
+                           f"up to {max_errors} may be wrong and correcting them needs "
+                           f"{degree + 1 + 2 * max_errors} pieces (detected, nobody named)")
     if not correct:
         raise TooManyWrong(f"{what} (degree {degree}): the {len(points)} pieces disagree "
                            "(detected; correcting needs the other members' pieces)")

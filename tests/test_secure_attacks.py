@@ -1,0 +1,123 @@
+"""The review of issue 22's attacks on the degree-2 opening (C3), replayed through the
+real secure round (tests/test_secure_round.py's SecureNet: each member's RoundMachine and
+SecureRounds, envelopes signed with the member's own key and read by a real Verifier).
+The hostile members run the honest code and replace only their opened degree-2 piece.
+
+Before the fix the decode corrected past what the redundancy allows (or trusted pieces
+with none): a norm shifted at will was accepted, an honest member excluded from the sum
+and another honest member named as a liar. Now: no wrong value accepted, nobody honest
+excluded or named; the round fails with a named reason (failing a round is safe)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from gossip.bodies import SecAgg, decode_secagg, encode_secagg
+from node.secagg import field as F
+from node.secagg.errors import TooFewPieces, TooManyWrong
+from node.secagg.pieces import DEGREE2, Piece, from_bytes, to_bytes
+from node.secagg.shamir import decode, share
+from tests.test_secure_round import SecureNet
+
+
+def _shift_degree2(net: SecureNet, m: str, body: bytes, delta) -> bytes:
+    """Member m's opened degree-2 piece with delta(sr, point) added to its values."""
+    sr = net.members[m].secure.round(0)
+    if sr.i not in sr.openers or not body:
+        return body
+    msg = decode_secagg(body, len(net.names), m)
+    p = from_bytes(msg.pieces[0])
+    vals = p.values.copy()
+    for k, v in delta(sr).items():
+        vals[k] = (int(vals[k]) + v) % F.P
+    return encode_secagg(SecAgg("degree2", (to_bytes(Piece(p.round, DEGREE2, 0, p.holder, vals)),)))
+
+
+def test_a_lone_opener_past_the_redundancy_cannot_exclude_an_honest_member():
+    """attack_degree2.py case A: n = 4, t = 1, one honest member absent this round (a
+    normal dropout), so 3 = 2t + 1 open the degree-2 values: no redundancy at all. The
+    hostile bank-3 scales its piece so that bank-0's squared norm decodes above R^2. Before
+    the fix bank-0 was excluded as norm_too_large; now the round needs 3t + 1 openers."""
+    absent = "bank-2"
+
+    def tamper(net, m, phase, body):
+        if m != "bank-3" or phase != "degree2":
+            return body
+
+        def delta(sr):
+            lam = F.lagrange_at(list(sr.openers), 0)[list(sr.openers).index(sr.i)]
+            k = sr.params.norm_index(sr.index["bank-0"])
+            return {k: 2 * net.codec.norm_bound_sq * F.inv(lam) % F.P}
+        return _shift_degree2(net, m, body, delta)
+
+    net = SecureNet(4, 1, variant="norm_only", tamper_open=tamper,
+                    mute={p: (absent,) for p in ("check", "degree2", "sum")}).run()
+    for o in net.honest_outcomes(["bank-0", "bank-1"]):
+        assert "bank-0" not in o.excluded and "bank-0" not in o.named, (o.excluded, o.named)
+        assert not o.ok and o.reason == "too_few_openers", (o.reason, o.detail)
+        assert "3t + 1" in o.detail
+
+
+def test_t_colluders_cannot_steer_the_degree2_decode_to_name_an_honest_member():
+    """attack_t2.py: n = 7 = 3t + 1, t = 2, everyone present. The colluders bank-5, bank-6
+    add to their pieces a degree-2t polynomial vanishing at bank-0..bank-3: the opened
+    pieces are then within one error of another codeword, which lifts bank-0's norm above
+    R^2 and disagrees only at the honest bank-4. Before the fix the decoder corrected that
+    one "error": bank-0 excluded, bank-4 named. Now 2 spare pieces only detect."""
+    colluders = ("bank-5", "bank-6")
+    honest_pts = (1, 2, 3, 4)
+
+    def tamper(net, m, phase, body):
+        if m not in colluders or phase != "degree2":
+            return body
+
+        def delta(sr):
+            num, den = 1, 1
+            for h in honest_pts:
+                num, den = num * (sr.i - h) % F.P, den * (0 - h) % F.P
+            k = sr.params.norm_index(sr.index["bank-0"])
+            return {k: 2 * net.codec.norm_bound_sq * num * F.inv(den) % F.P}
+        return _shift_degree2(net, m, body, delta)
+
+    net = SecureNet(7, 2, tamper_open=tamper).run()
+    honest = [m for m in net.names if m not in colluders]
+    for o in net.honest_outcomes(honest):
+        assert not set(o.named) & set(honest), o.named
+        assert "bank-0" not in o.excluded, o.excluded
+        assert not o.ok and o.reason == "too_many_wrong", (o.reason, o.detail)
+
+
+def test_the_same_round_without_the_attack_completes():
+    """The test above can pass only because of the attack: untampered, 7 = 3t + 1 open."""
+    net = SecureNet(7, 2).run()
+    assert all(o.ok and not o.named for o in net.honest_outcomes(net.names))
+
+
+def test_decode_corrects_at_most_max_errors_and_only_within_the_radius():
+    """Degree 2t = 4, t = 2 liars (points 6, 7) adding a degree-4 polynomial that vanishes
+    at the honest 1..4: from 7 pieces the old radius (1) decodes to the shifted codeword
+    and names the honest 5; with max_errors = t it only detects, and with 9 pieces
+    (>= 4 + 1 + 2t) it corrects the liars."""
+    rng = np.random.default_rng(3)
+    secret = F.uniform(4, rng)
+    pieces = share(secret, 9, 4, rng)
+
+    def shift(j):
+        v = 1
+        for h in (1, 2, 3, 4):
+            v = v * (j - h) % F.P
+        return np.uint64(v)
+
+    lied = {j: pieces[j - 1].copy() for j in range(1, 10)}
+    for j in (6, 7):
+        lied[j] = (lied[j] + shift(j)) % F.P64
+    seven = {j: lied[j] for j in range(1, 8)}
+    steered = decode(seven, 4)  # the old radius: the attack works
+    assert steered.wrong == (5,) and not (steered.value == secret).all()
+    with pytest.raises(TooManyWrong, match="nobody named"):
+        decode(seven, 4, max_errors=2)
+    with pytest.raises(TooFewPieces):
+        decode({j: lied[j] for j in range(1, 7)}, 4, max_errors=2)
+    fixed = decode(lied, 4, max_errors=2)
+    assert fixed.wrong == (6, 7) and (fixed.value == secret).all()
