@@ -97,7 +97,7 @@ from gossip.protocol.stats import Normalization, StatsAgreement
 # make us wait for its sender one more deadline.)
 AUTHENTIC_REASONS = frozenset({"bad_body", "shape", "dtype", "non_finite", "bad_seal",
                                "no_prekey", "unsealed", "seal_off", "bad_prekey",
-                               "equivocation", "stale", "late_echo"})
+                               "equivocation", "stale", "late_echo", "wrong_kind"})
 # A wait (round shares, prekeys, statistics, the start barrier) is reported after this
 # long, then every WAIT_REPORT_EVERY_S: who is still awaited and for how long. Short
 # waits stay quiet; a node started alone says so instead of waiting in silence.
