@@ -49,17 +49,21 @@ class SparseBook(RoundBook):
     topology: Topology
     me: str
 
+    # Each asks the round's peers only, never every neighbour: at 1,000 members a
+    # member-round asked these hundreds of times (docs/results/scale.md). The answers are
+    # the plain book's, cut to the peers (RoundBook's rules).
     def still_in(self, round_: int) -> list[str]:
-        out = set(self.topology.out_peers(self.me, round_))
-        return [m for m in super().still_in(round_) if m in out]
+        out = self.neighbours.intersection(self.topology.out_peers(self.me, round_))
+        return sorted(m for m in out if self._latest.get(m, -1) <= round_)
 
     def waiting_for(self, round_: int) -> list[str]:
-        ins = set(self.topology.in_peers(self.me, round_))
-        return [m for m in super().waiting_for(round_) if m in ins]
+        have = self._shares.get(round_, {})
+        ins = self.neighbours.intersection(self.topology.in_peers(self.me, round_))
+        return sorted(m for m in ins if m not in have and self._latest.get(m, -1) <= round_)
 
     def missing(self, round_: int) -> list[str]:
-        ins = set(self.topology.in_peers(self.me, round_))
-        return [m for m in super().missing(round_) if m in ins]
+        ins = self.neighbours.intersection(self.topology.in_peers(self.me, round_))
+        return sorted(ins - set(self._shares.get(round_, {})))
 
     def shares(self, round_: int) -> dict[str, Accepted]:
         ins = set(self.topology.in_peers(self.me, round_))

@@ -225,3 +225,32 @@ def test_a_ring_of_eight_reaches_consensus_within_002_of_full_mesh(tmp_path):
     assert (tmp_path / "ring" / "consensus.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert json.loads((tmp_path / "ring" / "summary.json").read_text())[
         "consensus_distance"] == ring["consensus_distance"]
+
+
+def test_the_sparse_book_answers_as_the_plain_book_cut_to_the_peers():
+    """SparseBook asks the round's peers only (its cost must not grow with the
+    consortium); its answers stay the plain book's answers filtered to those peers."""
+    import random
+
+    from gossip.protocol.book import RoundBook
+
+    members = names(40)
+    topo = build_topology("random-out:4", members, b"id")
+    rng = random.Random(7)
+    sparse = sparse_book(topo, "bank-0")(members[1:], 3)
+    plain = RoundBook(members[1:], 3)
+    for _ in range(300):
+        sender, r = rng.choice(members[1:]), rng.randrange(0, 8)
+        if rng.random() < 0.5:
+            for b in (sparse, plain):
+                b.note(sender, r)
+        elif r >= plain.current:
+            for b in (sparse, plain):
+                b.add(share(sender, r, body=b"%d" % r))
+        if rng.random() < 0.05:
+            sparse.advance(), plain.join(sparse.current)
+        for q in range(plain.current, plain.current + 4):
+            ins, out = set(topo.in_peers("bank-0", q)), set(topo.out_peers("bank-0", q))
+            assert sparse.still_in(q) == [m for m in plain.still_in(q) if m in out]
+            assert sparse.waiting_for(q) == [m for m in plain.waiting_for(q) if m in ins]
+            assert sparse.missing(q) == [m for m in plain.missing(q) if m in ins]
