@@ -20,10 +20,11 @@ The schema is opaque here: `gossip` hashes it but does not interpret it.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -274,9 +275,39 @@ def read_toml(path: Path, what: str) -> dict[str, Any]:
         raise LocalError(f"{what} {path}: not valid TOML: {exc}") from None
 
 
+# Inside `shared_loads()` only: consortium files parsed, by path and text. The in-process
+# simulator builds every member's node from one file; parsing it per node made the build
+# grow as n^2 (46 ms a parse at 1,000 members, two per node: docs/results/scale.md).
+_shared: dict[tuple[str, str], Consortium] | None = None
+
+
+@contextlib.contextmanager
+def shared_loads() -> Iterator[None]:
+    """For the duration, a consortium file whose text was loaded before is not parsed
+    again: the same Consortium is returned (node/rehearsal/simulation/run.py only; a real
+    node loads its file once)."""
+    global _shared
+    before, _shared = _shared, {}
+    try:
+        yield
+    finally:
+        _shared = before
+
+
 def load_consortium(path: str | Path) -> Consortium:
     path = Path(path)
-    return consortium_from_dict(read_toml(path, "consortium file"), str(path), path.parent)
+    if _shared is None:
+        return consortium_from_dict(read_toml(path, "consortium file"), str(path), path.parent)
+    try:
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError):  # read_toml names the error
+        return consortium_from_dict(read_toml(path, "consortium file"), str(path), path.parent)
+    key = (str(path.resolve()), text)
+    got = _shared.get(key)
+    if got is None:
+        got = _shared[key] = consortium_from_dict(read_toml(path, "consortium file"),
+                                                  str(path), path.parent)
+    return got
 
 
 def save_consortium(consortium: Consortium, path: str | Path) -> None:

@@ -18,15 +18,25 @@ is a RoundBook whose answers are cut to the round's peers:
 (node/runtime/sharing.py): a share to the round's out-peers; a seen report (the digests
 of the shares a member combined) to its in-peers (whose shares it names) and out-peers
 (whose seen report names ours, expected_final), and so does the final model digest
-after the last round (the same members wait for it); every other kind (hello, prekeys,
-statistics) to everyone, as in the full mesh: the start barrier counts every member.
+after the last round (the same members wait for it); a hello (and its answers) to the
+in- and out-peers of the round the member is at (`start_peers`: whom its start barrier
+counts and whose rounds it joins after a restart: the relation is symmetric, so each
+hears every member that counts it); every other kind (prekeys, statistics) to everyone,
+as in the full mesh.
 The machine is unchanged: at full mesh the book is the plain RoundBook and every
 message a broadcast.
 """
 
 from __future__ import annotations
 
-from gossip.envelope import KIND_FINAL, KIND_SEALED, KIND_SEEN, KIND_SHARE, Accepted
+from gossip.envelope import (
+    KIND_FINAL,
+    KIND_HELLO,
+    KIND_SEALED,
+    KIND_SEEN,
+    KIND_SHARE,
+    Accepted,
+)
 from gossip.protocol.book import RoundBook
 from gossip.topology import Topology
 
@@ -39,30 +49,40 @@ class SparseBook(RoundBook):
     topology: Topology
     me: str
 
+    # Each asks the round's peers only, never every neighbour: at 1,000 members a
+    # member-round asked these hundreds of times (docs/results/scale.md). The answers are
+    # the plain book's, cut to the peers (RoundBook's rules).
     def still_in(self, round_: int) -> list[str]:
-        out = set(self.topology.out_peers(self.me, round_))
-        return [m for m in super().still_in(round_) if m in out]
+        out = self.neighbours.intersection(self.topology.out_peers(self.me, round_))
+        return sorted(m for m in out if self._latest.get(m, -1) <= round_)
 
     def waiting_for(self, round_: int) -> list[str]:
-        ins = set(self.topology.in_peers(self.me, round_))
-        return [m for m in super().waiting_for(round_) if m in ins]
+        have = self._shares.get(round_, {})
+        ins = self.neighbours.intersection(self.topology.in_peers(self.me, round_))
+        return sorted(m for m in ins if m not in have and self._latest.get(m, -1) <= round_)
 
     def missing(self, round_: int) -> list[str]:
-        ins = set(self.topology.in_peers(self.me, round_))
-        return [m for m in super().missing(round_) if m in ins]
+        ins = self.neighbours.intersection(self.topology.in_peers(self.me, round_))
+        return sorted(ins - set(self._shares.get(round_, {})))
 
     def shares(self, round_: int) -> dict[str, Accepted]:
         ins = set(self.topology.in_peers(self.me, round_))
         return {m: a for m, a in super().shares(round_).items() if m in ins}
 
+    def peers(self, round_: int) -> frozenset[str]:
+        """The in- and out-peers of round_ still sharing."""
+        return frozenset(self.topology.in_peers(self.me, round_)).union(
+            self.topology.out_peers(self.me, round_)) & self.neighbours
+
+    def start_peers(self) -> frozenset[str]:
+        return self.peers(self.current)
+
     def recipients(self, kind: str, round_: int) -> list[str] | None:
         """Whom a message of `kind` for `round_` goes to; None: everyone."""
         if kind in (KIND_SHARE, KIND_SEALED):
             return self.still_in(round_)
-        if kind in (KIND_SEEN, KIND_FINAL):
-            both = set(self.topology.in_peers(self.me, round_)) | set(
-                self.topology.out_peers(self.me, round_))
-            return sorted(both & self.neighbours)
+        if kind in (KIND_SEEN, KIND_FINAL, KIND_HELLO):
+            return sorted(self.peers(round_))
         return None
 
 

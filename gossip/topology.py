@@ -225,10 +225,25 @@ class Topology:
         return [tuple(sorted(p)) for p in peers]
 
 
+# Topologies built lately, kept by (spec, members, seed) and shared: every node of an
+# in-process simulation builds the same one, and each drawing every member's random-out
+# peers for itself made a round cost n^2 draws (docs/results/scale.md). A topology is a
+# pure function of its key (its draw cache included), so sharing it changes no answer.
+BUILT_KEEP = 4
+_built: dict[tuple[TopologySpec, tuple[str, ...], bytes], Topology] = {}
+
+
 def build_topology(spec: TopologySpec | str, members: Iterable[str], seed: bytes) -> Topology:
     """The topology `spec` over `members`, drawn from `seed` (the consortium id)."""
     parsed = spec if isinstance(spec, TopologySpec) else parse_topology(spec)
-    return Topology(parsed, tuple(members), bytes(seed))
+    key = (parsed, tuple(sorted(set(members))), bytes(seed))
+    got = _built.get(key)
+    if got is None:
+        got = Topology(parsed, key[1], key[2])
+        if len(_built) >= BUILT_KEEP:
+            _built.pop(next(iter(_built)))
+        _built[key] = got
+    return got
 
 
 def neighbourhood(spec: TopologySpec | str, members: int) -> int:

@@ -134,11 +134,18 @@ class RoundBook:
     def missing(self, round_: int) -> list[str]:
         return sorted(self.neighbours - set(self._shares.get(round_, {})))
 
-    def quorum_round(self) -> int:
-        """The newest round that a majority of the neighbours have reached (-1 if none)."""
-        if not self.neighbours:
+    def start_peers(self) -> frozenset[str]:
+        """Whom the start barrier counts and a hello goes to: every neighbour (a sparse
+        book, gossip/sparse.py, cuts it to the round's peers)."""
+        return self.neighbours
+
+    def quorum_round(self, among: Iterable[str] | None = None) -> int:
+        """The newest round that a majority of the neighbours (or of `among`, the start
+        barrier's peers) have reached (-1 if none)."""
+        who = self.neighbours if among is None else frozenset(among) & self.neighbours
+        if not who:
             return -1
-        rounds = sorted((self._latest.get(n, -1) for n in self.neighbours), reverse=True)
+        rounds = sorted((self._latest.get(n, -1) for n in who), reverse=True)
         return rounds[len(rounds) // 2]
 
     def join(self, round_: int) -> None:

@@ -20,12 +20,15 @@ sealed without waiting for it). The rules (runner.py `_heard`, `_ignorable`,
 round wait for `gossip.min_members` (no time limit), and after a restart up to one
 round deadline for a majority of the members still sharing, recounted on every
 arrival (a retire message shrinks it; with none left nobody is waited for).
+Under a sparse topology the barrier counts the member's peers of its round only (the
+book's `start_peers`, gossip/sparse.py: the members its hello goes to): min_members
+is read over them and itself ("majority": of them; a number: at most all of them).
 """
 
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 
 from gossip.errors import LocalError
 
@@ -98,7 +101,15 @@ class StartBarrier:
     barrier's own deadline (one round deadline from its start)."""
 
     def __init__(self, min_members: int | str, members: int, restarted: bool,
-                 started: float, deadline_s: float) -> None:
+                 started: float, deadline_s: float,
+                 peers: Collection[str] | None = None) -> None:
+        """`peers`: whom the barrier counts; fewer than the other `members - 1` under a
+        sparse topology, and min_members is then read over them (module docstring)."""
+        if peers is not None and len(peers) < members - 1:
+            self.need = min(len(peers), max(0, members_needed(min_members, len(peers) + 1) - 1))
+            self.restarted, self.started = restarted, started
+            self.deadline = started + deadline_s
+            return
         self.need = max(0, members_needed(min_members, members) - 1)
         if self.need + 1 > members:
             raise LocalError(f"gossip.min_members = {min_members} but the consortium has "

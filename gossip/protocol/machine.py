@@ -181,9 +181,9 @@ class RoundMachine:
         """When to call `tick` if no event comes first (None: only an event moves on)."""
         if self.stage == "barrier":
             assert self._wait is not None
-            if self.barrier.passed(self.live.up, self.book.neighbours, self._now):
+            if self.barrier.passed(self.live.up, self.book.start_peers(), self._now):
                 return self._now  # decided at the next tick (_step)
-            return self.barrier.next_time(self.live.up, self.book.neighbours, self._now,
+            return self.barrier.next_time(self.live.up, self.book.start_peers(), self._now,
                                           self._wait.next_report)
         w = self._wait
         if w is None:
@@ -217,8 +217,8 @@ class RoundMachine:
             out.append(RotatePrekeys(self.book.current, hello=True))
             self._announced = True
         out.append(self._send(Sign(KIND_HELLO, self.book.current, HELLO_ASK), "hello"))
-        self.barrier = StartBarrier(self.params.min_members, len(self.members),
-                                    self.barrier.restarted, now, self.params.round_deadline_s)
+        self.barrier = StartBarrier(self.params.min_members, len(self.members), self.barrier.restarted,
+                                    now, self.params.round_deadline_s, self.book.start_peers())
         self.stage = "barrier"
         self._wait = Wait(None, now, None, now + WAIT_REPORT_FIRST_S)
         return out + self._step(now)
@@ -402,11 +402,11 @@ class RoundMachine:
         assert w is not None
         if self._on_message:
             return False
-        neighbours = self.book.neighbours
+        neighbours = self.book.start_peers()  # every member at full mesh (gossip/sparse.py)
         if b.passed(self.live.up, neighbours, now):
             if w.reported:
                 out.append(WaitOver())
-            ahead = self.book.quorum_round()
+            ahead = self.book.quorum_round(neighbours)
             if ahead > self.book.current:  # joined where a majority is (after a restart)
                 out.append(Joined(self.book.current, ahead))
                 self.book.join(ahead)

@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from gossip.membership import shared_loads
 from gossip.transports.memory import MemoryHub
 from node.learn.models import build_model, init_seed_from, set_flat
 from node.learn.nets import seed_dropout
@@ -90,8 +91,9 @@ async def run_consortium(spec: SimulationSpec, prep: Prepared,
                          on_round: Any = None, tracker: Any = None) -> list[Node]:
     """Every present member's Node on one MemoryHub until all end. `tracker`
     (consensus.py's ConsensusTracker) sees each member's model as it closes a round."""
-    # The run directory is the simulation's own: no fsync (node/runtime/state.py unsynced)
-    with unsynced():
+    # The run directory is the simulation's own: no fsync (node/runtime/state.py unsynced);
+    # every member's node reads the one consortium file: parsed once (gossip/membership.py)
+    with unsynced(), shared_loads():
         return await _build_and_run(spec, prep, on_round, tracker)
 
 
