@@ -362,3 +362,58 @@ def test_a_member_pushing_the_dp_sum_out_of_bounds_fails_the_round_by_name():
     for m in net.names[:7]:
         o = net.outcome(m)
         assert not o.ok and o.reason == "aggregate_out_of_bounds" and o.total is None, o
+
+
+def test_a_step_message_is_stored_before_it_leaves_and_a_restart_resends_it(tmp_path):
+    """Review finding H2: a member's check/degree2/sum message is stored (outbox/round-N.<step>)
+    before it is sent; after a restart, whatever the round's state computes now, the stored
+    message is re-sent byte for byte and read as ours: never a second, different sum piece
+    (two sum pieces over different selections reveal their difference)."""
+    import asyncio
+
+    from gossip.envelope import KIND_SECAGG, decode_outer, pack
+    from gossip.protocol import events as ev
+    from node.runtime import secure_node
+    from node.runtime.state import StateDir
+    from tests.helpers import keys
+
+    key = keys(1)[0]
+    seq = iter(range(100))
+
+    class Rounds:  # the round's own computation of the step: another body after the restart
+        def __init__(self, body: bytes):
+            self.body, self.kept = body, {}
+
+        def phase(self, r, phase, got, deals):
+            return self.body
+
+        def keep_own(self, r, phase, body):
+            self.kept[(r, phase)] = bytes(body)
+
+    def run(body: bytes) -> tuple[list[bytes], Rounds]:
+        sent: list[bytes] = []
+        rounds = Rounds(body)
+
+        async def broadcast(r, data):
+            sent.append(data)
+
+        async def in_background(coro, what):
+            await coro
+
+        node = SimpleNamespace(
+            name="site-0", state=StateDir(tmp_path / "state"), secure=SimpleNamespace(rounds=rounds),
+            book=SimpleNamespace(shares=lambda r: {}, neighbours={"site-1", "site-2"}),
+            _sign=lambda kind, r, b: pack(key, b"c" * 32, kind, r, next(seq), b),
+            _broadcast=broadcast, _in_background=in_background)
+        asyncio.run(secure_node.send_phase(node, ev.SendPhase(3, "sum", ("site-1", "site-2"))))
+        return sent, rounds
+
+    (tmp_path / "state" / "outbox").mkdir(parents=True)
+    first, _ = run(b"sum piece over {a, b, c}")
+    path = secure_node.step_path(SimpleNamespace(state=StateDir(tmp_path / "state")), 3, "sum")
+    assert path.read_bytes() == first[0]
+    env = decode_outer(first[0])
+    assert (env.kind, env.round, bytes(env.body)) == (KIND_SECAGG, 3, b"sum piece over {a, b, c}")
+    again, rounds = run(b"sum piece over {a, b}")  # the restarted member's view changed
+    assert again == first  # the stored message, byte for byte, not a second piece
+    assert rounds.kept == {(3, "sum"): b"sum piece over {a, b, c}"}

@@ -52,7 +52,7 @@ import msgpack
 import numpy as np
 import torch
 
-from gossip.envelope import KIND_DEAL, KIND_SECAGG, Accepted
+from gossip.envelope import KIND_DEAL, KIND_SECAGG, Accepted, decode_outer
 from gossip.errors import LocalError
 from gossip.membership import Consortium
 from gossip.protocol import events as ev
@@ -334,13 +334,36 @@ async def _send_deals(node: Node, r: int, doc: dict[str, Any]) -> None:
     node._feed(m.signed(ev.Signed(r, None), loop.time()))
 
 
+def step_path(node: Node, r: int, phase: str) -> Path:
+    """outbox/round-N.<step>: our signed message of a secure step (check, degree2, sum),
+    stored before it leaves and pruned with the round's other outbox files."""
+    return node.state.outbox_path(r).with_suffix(f".{phase}")
+
+
 async def send_phase(node: Node, a: ev.SendPhase) -> None:
-    """Our message of a secure step, to the step's peers."""
+    """Our message of a secure step, to the step's peers. Stored before it leaves; after a
+    restart the stored message is re-sent byte for byte, never recomputed: a restarted
+    member whose view of the round changed would otherwise open a second, different piece
+    of the step (two sum pieces over different selections reveal their difference)."""
     sec = node.secure
     assert sec is not None
     deals = {s: acc.secagg for s, acc in node.book.shares(a.round).items()
              if acc.secagg is not None}
-    data = node._sign(KIND_SECAGG, a.round, sec.rounds.phase(a.round, a.phase, a.got, deals))
+    body = sec.rounds.phase(a.round, a.phase, a.got, deals)  # the round's state for the step
+    path = step_path(node, a.round, a.phase)
+    if path.exists():
+        data = path.read_bytes()
+        sent = decode_outer(data)
+        if (sent.kind, sent.round) != (KIND_SECAGG, a.round):
+            raise LocalError(f"{path}: not our {a.phase} message of round {a.round + 1} "
+                             f"(kind {sent.kind!r}, round {sent.round + 1}): move it away")
+        sec.rounds.keep_own(a.round, a.phase, sent.body)
+        if bytes(sent.body) != body:
+            log.warning("%s: round %d: our %s step differs from the one sent before the "
+                        "restart: re-sending the stored one", node.name, a.round + 1, a.phase)
+    else:
+        data = node._sign(KIND_SECAGG, a.round, body)
+        atomic_write(path, data)  # before it exists outside memory
     if set(a.peers) >= set(node.book.neighbours):
         await node._in_background(node._broadcast(a.round, data), f"{a.phase}-{a.round}")
     else:

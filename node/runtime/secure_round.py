@@ -456,6 +456,12 @@ class SecureRounds:
             return sr.sum(got.get(DEGREE2_PHASE, {}))
         raise LocalError(f"secure round: no step {phase!r}")
 
+    def keep_own(self, r: int, phase: str, body: bytes) -> None:
+        """Our body of a step as a run before a restart sent it (node/runtime/secure_node.py
+        stores each step's signed message before it leaves): the round reads that one as
+        ours, so it never opens a second, different piece of the same step."""
+        self.round(r)._bodies[phase] = bytes(body)
+
     def close(self, r: int, phases: Mapping[str, Mapping[str, bytes]]) -> SecureOutcome:
         """At `Close(r)`: the round's outcome (the aggregate, or why it failed)."""
         out = self.round(r).finish(phases.get(SUM_PHASE, {}))
