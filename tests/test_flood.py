@@ -157,8 +157,11 @@ async def test_two_honest_members_keep_exchanging_while_a_third_floods_its_own_t
         # reconnect (watchdog.py, ~7 s), once per quench; 60 s covers several.
         try:
             async with asyncio.timeout(60):
-                # (at least once: a reconnect may redeliver one, a benign duplicate)
-                while any(list(dict.fromkeys(got[n])) != want[n] for n in want):
+                # Each at least once, in any order: a reconnect may redeliver one (a benign
+                # duplicate), and a QoS 1 message resent after a reconnect arrives after
+                # later ones (CI saw "from bank-0 0" last with nothing lacking); a node keys
+                # what it receives by round, not by arrival order.
+                while any(not set(want[n]) <= set(got[n]) for n in want):
                     await asyncio.sleep(0.05)
         except TimeoutError:  # say what is missing, and what each transport went through
             pytest.fail("honest messages missing after 60 s: " + "; ".join(
