@@ -36,19 +36,23 @@ def check_in_is_reverse_of_out(topo, r):
         assert set(topo.in_peers(m, r)) == sent_to[m]
 
 
-def connected(members, pairs) -> bool:
-    adj = {m: set() for m in members}
-    for a, b in pairs:
-        adj[a].add(b)
-        adj[b].add(a)
-    start = next(iter(members))
+def _reached(adj, start) -> set:
+    """Every member reachable from `start` along `adj` (member -> neighbours)."""
     seen, todo = {start}, [start]
     while todo:
         for nb in adj[todo.pop()]:
             if nb not in seen:
                 seen.add(nb)
                 todo.append(nb)
-    return len(seen) == len(members)
+    return seen
+
+
+def connected(members, pairs) -> bool:
+    adj = {m: set() for m in members}
+    for a, b in pairs:
+        adj[a].add(b)
+        adj[b].add(a)
+    return len(_reached(adj, next(iter(members)))) == len(members)
 
 
 def strongly_connected(members, pairs) -> bool:
@@ -59,16 +63,7 @@ def strongly_connected(members, pairs) -> bool:
         fwd[a].add(b)
         back[b].add(a)
     start = next(iter(members))
-    for adj in (fwd, back):
-        seen, todo = {start}, [start]
-        while todo:
-            for nb in adj[todo.pop()]:
-                if nb not in seen:
-                    seen.add(nb)
-                    todo.append(nb)
-        if len(seen) != len(members):
-            return False
-    return True
+    return all(len(_reached(adj, start)) == len(members) for adj in (fwd, back))
 
 
 @pytest.mark.parametrize("text", ["", "Full", "ring ", "k-regular", "k-regular:0",

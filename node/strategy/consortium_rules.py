@@ -90,7 +90,15 @@ import logging
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from gossip.compress import NO_COMPRESSION, Codec, parse_codec
 from gossip.errors import LocalError
@@ -194,19 +202,13 @@ class ConsortiumRules(BaseModel):
     # keeps its id.
     topology: str = FULL
 
-    @field_validator("compression")
+    @field_validator("compression", "topology")
     @classmethod
-    def _codec(cls, value: str) -> str:
+    def _spec(cls, value: str, info: ValidationInfo) -> str:
+        """The codec or topology, parsed and written in its canonical name."""
+        parse = parse_codec if info.field_name == "compression" else parse_topology
         try:
-            return parse_codec(value).name
-        except LocalError as exc:
-            raise ValueError(str(exc)) from None
-
-    @field_validator("topology")
-    @classmethod
-    def _topology(cls, value: str) -> str:
-        try:
-            return parse_topology(value).name
+            return parse(value).name
         except LocalError as exc:
             raise ValueError(str(exc)) from None
 
