@@ -368,7 +368,11 @@ def main(argv: list[str] | None = None) -> int:
                         after, _, restart = plan.pop(0)
                         del armed[m.name]
                         m.proc.kill()
-                        m.exit_codes.append(m.proc.wait())
+                        if m.proc.wait() != -signal.SIGKILL:
+                            # It ended on its own between poll() and kill(): a finished
+                            # member, not a kill; its exit code is recorded at the end.
+                            continue
+                        m.exit_codes.append(-signal.SIGKILL)
                         killed += 1
                         console.print(f"  [red]SIGKILL[/] {m.name} (pid {m.proc.pid}) after round "
                                       f"{after}; restarting in {restart:.3g} s")
