@@ -20,6 +20,7 @@ data files on disk, from a built-in table (split, partitioned) or the members' o
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +28,7 @@ from typing import Any
 
 import numpy as np
 import tomli_w
+from nacl.signing import SigningKey
 from pydantic import ValidationError
 
 from gossip.errors import LocalError
@@ -164,6 +166,31 @@ def held_out_split(n_rows: int, seed: int, fraction: float = EVAL_FRACTION
     """(training rows, held-out rows) of a member without data.eval_path: the split its
     node makes (node.data.encode.held_out_positions; tests/test_data_dir.py checks)."""
     return data_held_out_split(n_rows, seed, fraction)
+
+
+def keys_seeded(spec: SimulationSpec) -> bool:
+    """Whether the run's member keys (and its privacy noise: run.py noise_kind) derive
+    from --seed: on a built-in demo table, so a seeded run is the same run every time.
+    Not on the members' own rows (--data-dir) nor under --secure with DP (whose masks and
+    noise protect the rows): fresh keys from the OS there, as a real node's."""
+    return spec.data_dir is None and not (spec.secure and spec.privacy != "off")
+
+
+# Domain tag of a seeded simulated key: blake2b(tag, seed, name) is its Ed25519 seed.
+SIM_KEY_TAG = b"flnode-simulated-member-key-v1"
+
+
+def member_identity(spec: SimulationSpec, name: str) -> Identity:
+    """A member's simulated identity. Seeded (keys_seeded): the consortium id is then the
+    same run to run, and so is everything drawn from it (a sparse topology's peers,
+    gossip/topology.py) and the member-key order a ring follows: with fresh keys two seeded
+    runs ended with different models. Such a key protects nothing: never reuse a simulated
+    run's keys/ for a real node (`flnode keygen`)."""
+    if not keys_seeded(spec):
+        return Identity.generate(name)
+    check_member_name(name, "identity name")
+    seed = hashlib.blake2b(f"{spec.seed}\0{name}".encode(), digest_size=32, key=SIM_KEY_TAG)
+    return Identity(name, SigningKey(seed.digest()))
 
 
 def member_seed(spec: SimulationSpec, index: int) -> int:
@@ -572,7 +599,7 @@ def prepare(spec: SimulationSpec,
                          "choose a new directory")
     members = []
     for name in names:
-        ident = Identity.generate(name)
+        ident = member_identity(spec, name)
         save_identity(ident, out / "keys")
         addr = {**template.members[name], **(addresses or {}).get(name, {})}
         members.append(Member(name, ident.public_key, addr))

@@ -4,6 +4,8 @@ and training the baselines it is compared with (centralized, local-only)."""
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
+import contextvars
 from typing import Any
 
 import numpy as np
@@ -17,7 +19,7 @@ from node.learn.train import evaluate, train_local
 from node.privacy.mechanisms import NoiseSource, OsNoise, SeededNoise
 from node.rehearsal.build import build_rehearsal_node
 from node.rehearsal.config import load_rehearsal_config
-from node.rehearsal.simulation.prepare import XY, Prepared
+from node.rehearsal.simulation.prepare import XY, Prepared, keys_seeded
 from node.rehearsal.simulation.spec import SimulationSpec
 from node.runtime.node import Node
 from node.runtime.state import Checkpoint, unsynced
@@ -75,9 +77,9 @@ def noise_kind(spec: SimulationSpec) -> str:
     """The in-process simulator's noise: reproducible from --seed on a built-in demo
     table; from os.urandom when the rows are the members' own (--data-dir), since noise
     that protects real data must never be predictable from a config seed."""
-    # --secure with DP: the sum's noise is drawn from the OS by every node (secure_node.py)
-    secure_dp = spec.secure and spec.privacy != "off"
-    return NOISE_OS if spec.data_dir is not None or secure_dp else NOISE_SEEDED
+    # --secure with DP: the sum's noise is drawn from the OS by every node (secure_node.py);
+    # the member keys follow the same rule (prepare.py keys_seeded)
+    return NOISE_SEEDED if keys_seeded(spec) else NOISE_OS
 
 
 def noise_for(spec: SimulationSpec, index: int) -> NoiseSource:
@@ -87,14 +89,31 @@ def noise_for(spec: SimulationSpec, index: int) -> NoiseSource:
     return SeededNoise(spec.seed * 7919 + index)
 
 
+# The member whose task is running: set in each member's task (and so in every task and
+# asyncio.to_thread call it starts), read by --backend ray's executor (ray_backend.py) to
+# send a member's training to its actor.
+MEMBER: contextvars.ContextVar[str] = contextvars.ContextVar("simulated_member")
+
+
 async def run_consortium(spec: SimulationSpec, prep: Prepared,
-                         on_round: Any = None, tracker: Any = None) -> list[Node]:
+                         on_round: Any = None, tracker: Any = None,
+                         executor: concurrent.futures.Executor | None = None) -> list[Node]:
     """Every present member's Node on one MemoryHub until all end. `tracker`
-    (consensus.py's ConsensusTracker) sees each member's model as it closes a round."""
+    (consensus.py's ConsensusTracker) sees each member's model as it closes a round.
+    `executor`: the loop's default executor (where asyncio.to_thread runs: local training),
+    ray_backend.RayTraining under --backend ray; asyncio's threads without one."""
+    if executor is not None:
+        asyncio.get_running_loop().set_default_executor(executor)
     # The run directory is the simulation's own: no fsync (node/runtime/state.py unsynced);
     # every member's node reads the one consortium file: parsed once (gossip/membership.py)
     with unsynced(), shared_loads():
         return await _build_and_run(spec, prep, on_round, tracker)
+
+
+def _as_member(name: str) -> contextvars.Context:
+    ctx = contextvars.copy_context()
+    ctx.run(MEMBER.set, name)
+    return ctx
 
 
 async def _build_and_run(spec: SimulationSpec, prep: Prepared, on_round: Any,
@@ -114,7 +133,8 @@ async def _build_and_run(spec: SimulationSpec, prep: Prepared, on_round: Any,
     async with asyncio.TaskGroup() as tg:
         for node in nodes:
             tg.create_task(node.run(on_round if tracker is None else _tracked(
-                node, tracker, on_round)), name=f"node-{node.name}")
+                node, tracker, on_round)), name=f"node-{node.name}",
+                context=_as_member(node.name))
     return nodes
 
 
