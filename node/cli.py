@@ -162,7 +162,11 @@ def _simulate(args: argparse.Namespace) -> int:
 
     notes: list[str] = []
     spec = spec_from_args(args, notes=notes)
-    simulate(spec, notes=notes)
+    # track_given (node/ops/flags.py) leaves a flag not typed out of args
+    backend, address = getattr(args, "backend", "process"), getattr(args, "address", None)
+    if address is not None and backend != "ray":
+        raise LocalError("--address: only with --backend ray (the Ray head's HOST:PORT)")
+    simulate(spec, notes=notes, backend=backend, address=address)
     return 0
 
 
@@ -404,6 +408,12 @@ def build_parser() -> argparse.ArgumentParser:
     add_data_dir_flags(s)
     s.add_argument("--out", help="run directory (created; must be new); required unless the "
                                  "scenario file gives out")
+    s.add_argument("--backend", choices=["process", "ray"], default="process",
+                   help="process: every member in this process; ray: each member's training "
+                        "on a Ray actor, messages and aggregation here (docs/operate/ray.md)")
+    s.add_argument("--address", metavar="HOST:PORT",
+                   help="with --backend ray: the Ray head to join (default: start a local "
+                        "one on loopback)")
     s.set_defaults(func=_simulate, flag_defaults=track_given(s))
 
     rp = sub.add_parser("report", help="write one self-contained report.html for a run "

@@ -19,7 +19,7 @@ import pytest
 import tomli_w
 
 ROOT = Path(__file__).resolve().parent.parent
-HEAVY = ("torch", "sklearn", "opacus", "matplotlib", "libp2p")
+HEAVY = ("torch", "sklearn", "opacus", "matplotlib", "libp2p", "ray")
 
 
 def imported_by(*args: str, cwd: Path = ROOT) -> tuple[subprocess.CompletedProcess, set[str]]:

@@ -324,7 +324,20 @@ def write_outputs(spec: SimulationSpec, summary: dict) -> None:
     plot_history(summary, spec.out / "accuracy.png")
 
 
-def simulate(spec: SimulationSpec, console: Any = None, notes: list[str] | None = None) -> dict:
+def simulate(spec: SimulationSpec, console: Any = None, notes: list[str] | None = None,
+             backend: str = "process", address: str | None = None) -> dict:
+    """The whole run. backend "ray": the members' training on Ray actors (ray_backend.py),
+    on the cluster at `address` (HOST:PORT) or a local one; everything else as "process"."""
+    if backend == "ray":
+        # lean start: ray and its cluster only for --backend ray
+        from node.rehearsal.simulation.ray_backend import ray_cluster
+
+        with ray_cluster(address) as ray:  # an unreachable --address is refused before prepare
+            return _simulate(spec, console, notes, ray)
+    return _simulate(spec, console, notes, None)
+
+
+def _simulate(spec: SimulationSpec, console: Any, notes: list[str] | None, ray: Any) -> dict:
     torch.set_num_threads(1)  # measured 3-15x faster for small models on 2 cores
     prep = prepare(spec)
     if prep.rounds is not None:  # --secure with DP: the consortium plan's rounds
@@ -332,11 +345,24 @@ def simulate(spec: SimulationSpec, console: Any = None, notes: list[str] | None 
     prep.notes[:0] = notes or []
     printer = RoundPrinter(spec, spec.present(prep.names), metric_name(prep.schema.n_classes),
                            console)
+    executor = None
+    if ray is not None:
+        from node.rehearsal.simulation.ray_backend import RayTraining  # lean start: as above
+
+        executor = RayTraining(ray, spec.present(prep.names))
+        hosts = sorted(set(executor.hosts.values()))
+        prep.notes.append(f"--backend ray: {len(executor.actors)} member actors on "
+                          f"{len(hosts)} machine(s) ({', '.join(hosts)}); messages and "
+                          "aggregation on this driver")
     printer.header(prep)
     # A sparse topology: how far the members' models are apart, round by round.
     tracker = None if parse_topology(spec.topology).full else ConsensusTracker(
         len(spec.present(prep.names)))
-    nodes = asyncio.run(run_consortium(spec, prep, printer.on_round, tracker))
+    try:
+        nodes = asyncio.run(run_consortium(spec, prep, printer.on_round, tracker, executor))
+    finally:
+        if executor is not None:
+            executor.shutdown()
     printer.done()
     centralized, local_only = baselines(spec, prep)
     results = []

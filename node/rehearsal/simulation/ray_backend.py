@@ -1,0 +1,220 @@
+"""`flnode simulate --backend ray [--address HOST:PORT]`: members' training on Ray actors.
+
+The driver (the process running `flnode simulate`) keeps what the in-process simulator
+runs: every member's Node and round machine, the memory hub between them, and so every
+message, its order and every aggregation. Each member's local training, the work of a
+round, runs on a Ray actor of its own (`MemberActor`) that holds the member's training
+rows: the driver sends the model to train, its shuffling generator and the recipe, and
+writes back the trained weights and the generators' states, as if the training had run in
+the member's thread. The actors are spread over the cluster's machines (SPREAD).
+
+Why a seeded run gives the in-process run's summary: what a member trains is a pure
+function of (model, rows, recipe, generator state), all sent; aggregation sorts the shares
+by member (node/strategy/base.py), so the order in which trained shares arrive changes no
+sum; keys, partitions, shuffles and dropout masks come from --seed. What can differ: wall
+times, and a round that closes at its deadline (round_deadline_s) without a member whose
+training took longer than the deadline, exactly as in-process.
+
+Only plain training (privacy off or update-level DP, whose clipping and noise stay on
+the driver as a node's do) goes to the actors; record-level DP training and a secure
+round's contribution draw OS noise inside the training and run on the driver.
+
+`import ray` happens here only (tests/test_lean.py: `flnode` starts without it).
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import contextlib
+import functools
+import socket
+import subprocess
+import sys
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+
+from gossip.errors import LocalError
+from node.learn.train import train_local
+from node.rehearsal.simulation.run import MEMBER
+
+# How long `--address` may take to answer a TCP connect before the run is refused: a
+# Ray head on a LAN answers in milliseconds; an unreachable host would otherwise leave
+# ray.init retrying for minutes.
+CONNECT_TIMEOUT_S = 10.0
+# How long a Ray head at --address may take to answer as one (its GCS: the cluster id):
+# ray.init itself retries an open port that is not a Ray head for minutes; a probe in a
+# child process is killed at this bound instead.
+PROBE_TIMEOUT_S = 20.0
+# The probe: construct a GCS client (it fetches the cluster id) and read one key.
+_PROBE = ("import sys, ray._raylet as r; "
+          "c = r.GcsClient(address=sys.argv[1]); c.internal_kv_get(b'x', b'flnode', timeout=5)")
+# A plain executor's threads for what stays on the driver (record-level DP training, a
+# secure round's contribution): as many as asyncio's default would use on 2 cores.
+DRIVER_THREADS = 4
+# The CPU share each member actor reserves: members must all exist at once (a round waits
+# for its peers), so an actor may not wait for a whole free CPU; SPREAD spreads them.
+ACTOR_CPUS = 0.01
+
+
+class RayBackendError(LocalError):
+    """--backend ray could not start or reach its cluster (the operator's to fix)."""
+
+
+def split_address(address: str) -> tuple[str, int]:
+    """HOST:PORT of a Ray head (`ray start --head --port PORT` prints it)."""
+    host, sep, port = address.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise RayBackendError(f"--address {address!r}: expected HOST:PORT of a Ray head "
+                              "(the address `ray start --head --port PORT` prints)")
+    return host.strip("[]"), int(port)
+
+
+def check_reachable(address: str, timeout: float = CONNECT_TIMEOUT_S) -> None:
+    """Refuse an --address nothing answers at, within `timeout`, naming why."""
+    host, port = split_address(address)
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            pass
+    except OSError as exc:
+        why = (f"no answer within {timeout:g} s" if isinstance(exc, TimeoutError)
+               else (exc.strerror or str(exc)).lower())
+        raise RayBackendError(
+            f"--address {address}: no Ray head answers at {host}:{port} ({why}): start one "
+            f"there with `ray start --head --port {port} --node-ip-address {host}` or correct "
+            "the address") from None
+
+
+def probe_head(address: str, timeout: float = PROBE_TIMEOUT_S) -> None:
+    """Refuse an --address whose open port is not a Ray head (or not answering as one)
+    within `timeout`, instead of letting ray.init retry it for minutes."""
+    try:
+        r = subprocess.run([sys.executable, "-c", _PROBE, address], capture_output=True,
+                           text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        raise RayBackendError(f"--address {address}: something listens there but does not "
+                              f"answer as a Ray head within {timeout:g} s (is it the port "
+                              "`ray start --head` printed?)") from None
+    if r.returncode != 0:
+        last = (r.stderr.strip().splitlines() or ["no error text"])[-1]
+        raise RayBackendError(f"--address {address}: not a Ray head this Ray can join: {last}")
+
+
+@contextlib.contextmanager
+def ray_cluster(address: str | None) -> Iterator[Any]:
+    """The `ray` module connected to a cluster: `address`'s, or a Ray already started in
+    this process (the tests'), or a new local one on loopback; shut down on leaving if
+    started here."""
+    if address is not None:
+        check_reachable(address)
+        probe_head(address)
+    import ray  # lean start: ray (~1 s, a cluster) only for --backend ray
+
+    started = False
+    if not ray.is_initialized():
+        try:
+            if address is None:
+                ray.init(address="local", include_dashboard=False,
+                         _node_ip_address="127.0.0.1", log_to_driver=True)
+            else:
+                ray.init(address=address, include_dashboard=False, log_to_driver=True)
+        except (ConnectionError, RuntimeError, ValueError) as exc:
+            raise RayBackendError(f"--address {address or 'local'}: Ray could not connect: "
+                                  f"{exc}") from None
+        started = True
+    try:
+        yield ray
+    finally:
+        if started:
+            ray.shutdown()
+
+
+class MemberActor:
+    """One member's training on a Ray worker: its rows (set once per encoding) and
+    train_local on whatever model and generator the driver sends."""
+
+    def __init__(self, name: str) -> None:
+        torch.set_num_threads(1)  # as the driver (output.py): small models, shared cores
+        self.name = name
+        self.rows: tuple[int, Any, Any] | None = None
+
+    def set_rows(self, token: int, X: Any, y: Any) -> None:
+        # the object store's arrays are read-only; train_local's torch.from_numpy wants
+        # them writable (it never writes): a copy, once per encoding
+        self.rows = (token, X.copy(), y.copy())
+
+    def where(self) -> str:
+        return socket.gethostname()
+
+    def train(self, token: int, model: torch.nn.Module, kwargs: dict[str, Any]
+              ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], torch.Tensor]:
+        if self.rows is None or self.rows[0] != token:
+            raise RuntimeError(f"{self.name}: the actor holds no rows for this training "
+                               "(the driver sends them before the first)")
+        train_local(model, self.rows[1], self.rows[2], **kwargs)
+        return (model.state_dict(), _dropout_states(model), kwargs["generator"].get_state())
+
+
+def _dropout_states(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Each dropout layer's own generator state (node/learn/nets.py seed_dropout)."""
+    return {name: m.generator.get_state() for name, m in model.named_modules()
+            if isinstance(getattr(m, "generator", None), torch.Generator)}
+
+
+class RayTraining(concurrent.futures.ThreadPoolExecutor):
+    """The event loop's default executor under --backend ray: `asyncio.to_thread(
+    train_local, model, X, y, ...)` from a member's task (run.py MEMBER names it) runs on
+    the member's actor; anything else in a driver thread as asyncio's default would."""
+
+    def __init__(self, ray: Any, names: list[str]) -> None:
+        super().__init__(max_workers=DRIVER_THREADS, thread_name_prefix="driver")
+        remote = ray.remote(num_cpus=ACTOR_CPUS, scheduling_strategy="SPREAD")(MemberActor)
+        self.ray = ray
+        self.actors = {n: remote.remote(n) for n in names}
+        self.rows: dict[str, tuple[int, Any]] = {}  # member -> (token, X kept alive)
+        self.hosts = dict(zip(names, ray.get([a.where.remote() for a in self.actors.values()]),
+                              strict=True))
+        self.remote_trainings = 0
+
+    def submit(self, fn: Any, /, *args: Any, **kwargs: Any) -> concurrent.futures.Future:
+        member = MEMBER.get(None)
+        if (isinstance(fn, functools.partial) and fn.args and fn.args[0] is train_local
+                and member in self.actors and not args and not kwargs):
+            return self._train(member, *fn.args[1:], **fn.keywords)
+        return super().submit(fn, *args, **kwargs)
+
+    def _train(self, member: str, model: torch.nn.Module, X: Any, y: Any,
+               **kw: Any) -> concurrent.futures.Future:
+        actor = self.actors[member]
+        token = id(X)
+        if self.rows.get(member, (None,))[0] != token:  # first round, or rows re-encoded
+            actor.set_rows.remote(token, X, y)  # an actor runs one caller's calls in order
+            self.rows[member] = (token, X)
+        self.remote_trainings += 1
+        ref = actor.train.remote(token, model, kw)
+        out: concurrent.futures.Future = concurrent.futures.Future()
+
+        def done(f: concurrent.futures.Future) -> None:
+            try:
+                state, dropouts, gen = f.result()
+                model.load_state_dict(state)
+                for name, m in model.named_modules():
+                    if name in dropouts:
+                        m.generator.set_state(dropouts[name])
+                kw["generator"].set_state(gen)
+            except Exception as exc:  # noqa: BLE001 - handed to the member's task
+                out.set_exception(RayBackendError(
+                    f"{member}: its training on Ray actor ({self.hosts.get(member)}) failed: "
+                    f"{type(exc).__name__}: {exc}"))
+                return
+            out.set_result(model)
+
+        ref.future().add_done_callback(done)
+        return out
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        for a in self.actors.values():
+            self.ray.kill(a)
+        self.actors = {}
+        super().shutdown(wait, cancel_futures=cancel_futures)

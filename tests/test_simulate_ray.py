@@ -1,0 +1,110 @@
+"""`flnode simulate --backend ray`: the members' training on Ray actors of a local Ray
+head on loopback (one per module), the rest on the driver; a seeded run's summary.json
+and round records equal the in-process run's (node/rehearsal/simulation/ray_backend.py)."""
+
+from __future__ import annotations
+
+import json
+import socket
+import time
+from pathlib import Path
+
+import pytest
+import ray
+import torch
+
+from node.cli import main
+from node.rehearsal.simulation.ray_backend import (
+    RayBackendError,
+    check_reachable,
+    probe_head,
+    split_address,
+)
+
+RUN = ["simulate", "--dataset", "digits", "--nodes", "4", "--rounds", "3", "--model", "logreg",
+       "--seed", "3", "--privacy", "off"]
+# Round-record fields that are wall times (each member's training seconds): not a
+# contract between backends.
+WALL_TIME_FIELDS = ("seconds",)
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    """A Ray head on loopback in this process, 2 CPUs, no dashboard; shut down after."""
+    ray.init(address="local", include_dashboard=False, num_cpus=2,
+             _node_ip_address="127.0.0.1", log_to_driver=False)
+    try:
+        yield ray
+    finally:
+        ray.shutdown()
+
+
+def _records(run: Path) -> dict[str, list[dict]]:
+    out = {}
+    for f in sorted((run / "state").glob("*/metrics.jsonl")):
+        lines = [json.loads(x) for x in f.read_text().splitlines()]
+        out[f.parent.name] = [{k: v for k, v in r.items() if k not in WALL_TIME_FIELDS}
+                              for r in lines]
+    return out
+
+
+@pytest.mark.slow  # ~25 s: an in-process run and a Ray run (4 actor processes start torch)
+def test_ray_and_in_process_agree_on_a_seeded_run(tmp_path, local_ray, capsys):
+    torch.set_num_threads(1)
+    assert main([*RUN, "--out", str(tmp_path / "process")]) == 0
+    assert main([*RUN, "--backend", "ray", "--out", str(tmp_path / "ray")]) == 0
+    assert "--backend ray: 4 member actors on 1 machine(s)" in capsys.readouterr().out
+    process = json.loads((tmp_path / "process" / "summary.json").read_text())
+    on_ray = json.loads((tmp_path / "ray" / "summary.json").read_text())
+    assert process["history"]  # a run with rounds, not two empty files
+    for key in sorted(set(process) | set(on_ray)):  # field by field, named when one differs
+        assert process.get(key) == on_ray.get(key), key
+    records, ray_records = _records(tmp_path / "process"), _records(tmp_path / "ray")
+    assert sorted(records) == ["site-0", "site-1", "site-2", "site-3"]
+    assert all(len(r) == 3 for r in records.values())
+    assert records == ray_records
+
+
+def test_an_address_nobody_listens_at_is_refused_naming_it_at_once(tmp_path, capsys):
+    with socket.socket() as s:  # a free loopback port, closed again
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    t0 = time.monotonic()
+    rc = main([*RUN, "--backend", "ray", "--address", f"127.0.0.1:{port}",
+               "--out", str(tmp_path / "o")])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert f"--address 127.0.0.1:{port}: no Ray head answers at 127.0.0.1:{port}" in err
+    assert "connection refused" in err
+    assert time.monotonic() - t0 < 30
+    assert not (tmp_path / "o").exists()  # refused before the run directory is written
+
+
+def test_an_open_port_that_is_not_a_ray_head_is_refused_within_the_bound():
+    """ray.init would retry such a port for minutes (measured: over 3 minutes)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        address = f"127.0.0.1:{s.getsockname()[1]}"
+        check_reachable(address)  # the port answers TCP ...
+        t0 = time.monotonic()
+        with pytest.raises(RayBackendError, match=f"--address {address}: something listens "
+                                                  "there but does not answer as a Ray head"):
+            probe_head(address, timeout=3.0)  # ... but no Ray head does
+        assert time.monotonic() - t0 < 15
+
+
+def test_the_probe_accepts_a_real_ray_head(local_ray):
+    probe_head(local_ray.get_runtime_context().gcs_address)
+
+
+@pytest.mark.parametrize("bad", ["nohost", "host:", ":6379", "host:0", "host:70000",
+                                 "host:63a79"])
+def test_a_malformed_address_is_named(bad):
+    with pytest.raises(RayBackendError, match=f"--address '{bad}': expected HOST:PORT"):
+        split_address(bad)
+
+
+def test_address_without_the_ray_backend_is_refused(tmp_path, capsys):
+    assert main([*RUN, "--address", "127.0.0.1:6379", "--out", str(tmp_path / "o")]) == 2
+    assert "--address: only with --backend ray" in capsys.readouterr().err
