@@ -7,6 +7,7 @@ import asyncio
 import dataclasses
 import json
 import math
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -350,10 +351,11 @@ def _simulate(spec: SimulationSpec, console: Any, notes: list[str] | None, ray: 
         from node.rehearsal.simulation.ray_backend import RayTraining  # lean start: as above
 
         executor = RayTraining(ray, spec.present(prep.names))
-        hosts = sorted(set(executor.hosts.values()))
+        where = Counter(executor.hosts.values())
         prep.notes.append(f"--backend ray: {len(executor.actors)} member actors on "
-                          f"{len(hosts)} machine(s) ({', '.join(hosts)}); messages and "
-                          "aggregation on this driver")
+                          f"{len(where)} Ray node(s) ("
+                          + ", ".join(f"{w} ×{n}" for w, n in sorted(where.items()))
+                          + "); messages and aggregation on this driver")
     printer.header(prep)
     # A sparse topology: how far the members' models are apart, round by round.
     tracker = None if parse_topology(spec.topology).full else ConsensusTracker(

@@ -27,6 +27,7 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import functools
+import os
 import socket
 import subprocess
 import sys
@@ -109,6 +110,9 @@ def ray_cluster(address: str | None) -> Iterator[Any]:
     if address is not None:
         check_reachable(address)
         probe_head(address)
+    # Ray 2.52 warns at init that a later version will stop overriding accelerator
+    # variables when no GPU is asked for; none is, so the future behaviour is taken now
+    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
     import ray  # lean start: ray (~1 s, a cluster) only for --backend ray
 
     started = False
@@ -145,7 +149,10 @@ class MemberActor:
         self.rows = (token, X.copy(), y.copy())
 
     def where(self) -> str:
-        return socket.gethostname()
+        """host/Ray node id (a machine may run more than one Ray node)."""
+        import ray  # lean start: in the actor's process, where ray is loaded already
+
+        return f"{socket.gethostname()}/{ray.get_runtime_context().get_node_id()[:8]}"
 
     def train(self, token: int, model: torch.nn.Module, kwargs: dict[str, Any]
               ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], torch.Tensor]:
