@@ -53,7 +53,7 @@ def _records(run: Path) -> dict[str, list[dict]]:
     return out
 
 
-@pytest.mark.slow  # ~25 s: an in-process run and a Ray run (4 actor processes start torch)
+@pytest.mark.slow  # 25-35 s: an in-process run and a Ray run (4 actor processes start torch)
 def test_ray_and_in_process_agree_on_a_seeded_run(tmp_path, local_ray, capsys):
     torch.set_num_threads(1)
     assert main([*RUN, "--out", str(tmp_path / "process")]) == 0
@@ -100,6 +100,7 @@ def test_an_open_port_that_is_not_a_ray_head_is_refused_within_the_bound():
         assert time.monotonic() - t0 < 15
 
 
+@pytest.mark.slow  # the module's Ray head: 5-16 s to start (loaded machine) when first used
 def test_the_probe_accepts_a_real_ray_head(local_ray):
     probe_head(local_ray.get_runtime_context().gcs_address)
 
@@ -114,3 +115,40 @@ def test_a_malformed_address_is_named(bad):
 def test_address_without_the_ray_backend_is_refused(tmp_path, capsys):
     assert main([*RUN, "--address", "127.0.0.1:6379", "--out", str(tmp_path / "o")]) == 2
     assert "--address: only with --backend ray" in capsys.readouterr().err
+
+
+@pytest.mark.slow  # the module's Ray head (as above) and an actor
+def test_a_dead_actor_fails_its_members_training_naming_the_member(local_ray):
+    """A member's actor lost mid-run (its machine gone): the training's future carries a
+    RayBackendError naming the member and where its actor ran, not a hang."""
+    import contextvars
+    import functools
+
+    import numpy as np
+
+    from node.learn.models import build_model
+    from node.learn.train import train_local
+    from node.rehearsal.simulation.ray_backend import RayTraining
+    from node.rehearsal.simulation.run import MEMBER
+
+    executor = RayTraining(local_ray, ["bank-0"])
+    try:
+        model = build_model("logreg", 4, 2, 8, seed=1)
+        X = np.random.default_rng(0).normal(size=(16, 4)).astype(np.float32)
+        y = (X[:, 0] > 0).astype(np.int64)
+        gen = torch.Generator().manual_seed(0)
+        call = functools.partial(contextvars.copy_context().run, train_local, model, X, y,
+                                 epochs=1, batch_size=8, lr=0.1, generator=gen)
+        token = MEMBER.set("bank-0")
+        try:
+            before = gen.get_state()
+            executor.submit(call).result(timeout=120)  # a live actor trains ...
+            assert executor.remote_trainings == 1 and not torch.equal(before, gen.get_state())
+            local_ray.kill(executor.actors["bank-0"])
+            with pytest.raises(RayBackendError, match=r"bank-0: its training on Ray actor "
+                                                      r"\(.+/.+\) failed"):
+                executor.submit(call).result(timeout=120)  # ... a dead one says so
+        finally:
+            MEMBER.reset(token)
+    finally:
+        executor.shutdown()

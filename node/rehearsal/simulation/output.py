@@ -355,7 +355,10 @@ def _simulate(spec: SimulationSpec, console: Any, notes: list[str] | None, ray: 
         prep.notes.append(f"--backend ray: {len(executor.actors)} member actors on "
                           f"{len(where)} Ray node(s) ("
                           + ", ".join(f"{w} ×{n}" for w, n in sorted(where.items()))
-                          + "); messages and aggregation on this driver")
+                          + "); messages and aggregation on this driver"
+                          + ("; record-level DP and secure rounds train here too (their noise "
+                             "is drawn inside the training, from this machine's OS)"
+                             if spec.privacy == "record" or spec.secure else ""))
     printer.header(prep)
     # A sparse topology: how far the members' models are apart, round by round.
     tracker = None if parse_topology(spec.topology).full else ConsensusTracker(
