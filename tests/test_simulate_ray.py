@@ -152,3 +152,12 @@ def test_a_dead_actor_fails_its_members_training_naming_the_member(local_ray):
             MEMBER.reset(token)
     finally:
         executor.shutdown()
+
+
+def test_without_ray_installed_the_backend_names_the_extra(tmp_path, capsys, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "ray", None)  # `import ray` raises ImportError
+    assert main([*RUN, "--backend", "ray", "--out", str(tmp_path / "o")]) == 2
+    assert "the ray package is not installed here: pip install 'flnode[ray]'" in \
+        capsys.readouterr().err

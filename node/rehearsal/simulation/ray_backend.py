@@ -113,7 +113,12 @@ def ray_cluster(address: str | None) -> Iterator[Any]:
     # Ray 2.52 warns at init that a later version will stop overriding accelerator
     # variables when no GPU is asked for; none is, so the future behaviour is taken now
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
-    import ray  # lean start: ray (~1 s, a cluster) only for --backend ray
+    try:
+        import ray  # lean start: ray (~1 s, a cluster) only for --backend ray
+    except ImportError:
+        raise RayBackendError("--backend ray: the ray package is not installed here: "
+                              "pip install 'flnode[ray]' (the same Ray version on every "
+                              "machine of the cluster)") from None
 
     started = False
     if not ray.is_initialized():
