@@ -161,3 +161,14 @@ def test_without_ray_installed_the_backend_names_the_extra(tmp_path, capsys, mon
     assert main([*RUN, "--backend", "ray", "--out", str(tmp_path / "o")]) == 2
     assert "the ray package is not installed here: pip install 'flnode[ray]'" in \
         capsys.readouterr().err
+
+
+@pytest.mark.slow  # the module's Ray head (as above)
+def test_actors_no_node_can_take_are_refused_within_the_bound(local_ray, monkeypatch):
+    from node.rehearsal.simulation import ray_backend
+
+    monkeypatch.setattr(ray_backend, "ACTOR_CPUS", 64)  # more than the head's 2 CPUs
+    monkeypatch.setattr(ray_backend, "ACTOR_START_TIMEOUT_S", 3.0)
+    with pytest.raises(RayBackendError, match="the 2 member actors did not all start "
+                                              "within 3 s"):
+        ray_backend.RayTraining(local_ray, ["bank-0", "bank-1"])

@@ -51,6 +51,9 @@ PROBE_TIMEOUT_S = 20.0
 # The probe: construct a GCS client (it fetches the cluster id) and read one key.
 _PROBE = ("import sys, ray._raylet as r; "
           "c = r.GcsClient(address=sys.argv[1]); c.internal_kv_get(b'x', b'flnode', timeout=5)")
+# How long the member actors may take to start (each a worker process importing torch:
+# 2-5 s alone, tens of seconds for many on a loaded machine) before the run is refused.
+ACTOR_START_TIMEOUT_S = 300.0
 # A plain executor's threads for what stays on the driver (record-level DP training, a
 # secure round's contribution): as many as asyncio's default would use on 2 cores.
 DRIVER_THREADS = 4
@@ -185,9 +188,27 @@ class RayTraining(concurrent.futures.ThreadPoolExecutor):
         self.ray = ray
         self.actors = {n: remote.remote(n) for n in names}
         self.rows: dict[str, tuple[int, Any]] = {}  # member -> (token, X kept alive)
-        self.hosts = dict(zip(names, ray.get([a.where.remote() for a in self.actors.values()]),
-                              strict=True))
+        self.hosts = dict(zip(names, self._started(), strict=True))
         self.remote_trainings = 0
+
+    def _started(self) -> list[str]:
+        """Each actor's host/Ray node, once every actor runs; a named error if one cannot
+        start (its machine cannot import flnode, say) or not within ACTOR_START_TIMEOUT_S
+        (no Ray node takes it)."""
+        try:
+            return self.ray.get([a.where.remote() for a in self.actors.values()],
+                                timeout=ACTOR_START_TIMEOUT_S)
+        except Exception as exc:  # noqa: BLE001 - Ray's errors, named for the operator
+            n = len(self.actors)
+            self.shutdown(wait=False)
+            if isinstance(exc, self.ray.exceptions.GetTimeoutError):
+                raise RayBackendError(
+                    f"--backend ray: the {n} member actors did not all start within "
+                    f"{ACTOR_START_TIMEOUT_S:g} s (`ray status`: are the cluster's nodes up, "
+                    "with room for them?)") from None
+            raise RayBackendError(f"--backend ray: a member actor could not start: "
+                                  f"{type(exc).__name__}: {str(exc)[-600:]} (is the same "
+                                  "flnode installed on every Ray node?)") from None
 
     def submit(self, fn: Any, /, *args: Any, **kwargs: Any) -> concurrent.futures.Future:
         member = MEMBER.get(None)
