@@ -49,12 +49,13 @@ bench: $(STAMP) mosquitto
 
 # Two pytest-xdist workers by default: 8 min instead of about 16 serially on this
 # 2-core machine, idle (docs/results/performance.md); WORKERS=0 runs serially.
+# loadgroup: modules marked xdist_group (the Ray head) stay on one worker.
 WORKERS ?= 2
 test: $(STAMP) mosquitto
-	$(BIN)/pytest -q -n $(WORKERS)
+	$(BIN)/pytest -q -n $(WORKERS) --dist loadgroup
 
 test-fast: $(STAMP) mosquitto
-	$(BIN)/pytest -q -n $(WORKERS) -m "not slow"
+	$(BIN)/pytest -q -n $(WORKERS) --dist loadgroup -m "not slow"
 
 # The pure modules only (envelope, seal, rounds, aggregation, privacy, membership,
 # config, identity): no broker, no network, no training; under a minute.
@@ -64,7 +65,7 @@ test-unit: $(STAMP)
 # The whole suite with two CPU-bound busy loops beside it (scripts/load.sh starts
 # them and stops them by PID, whatever happens): the suite must hold on a loaded box.
 test-loaded: $(STAMP) mosquitto
-	scripts/load.sh 2 -- $(BIN)/pytest -q -n $(WORKERS)
+	scripts/load.sh 2 -- $(BIN)/pytest -q -n $(WORKERS) --dist loadgroup
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -30,6 +30,9 @@ WALL_TIME_FIELDS = ("seconds",)
 # summary.json's byte counts: a hello's answer depends on who started first (the golden
 # seeded run leaves them out too: tests/golden/make_golden.py SUMMARY_VOLATILE).
 NOT_PROMISED = ("bytes",)
+# One xdist worker runs this module (make test passes --dist loadgroup): one Ray head,
+# not one per worker on a 2-core machine.
+pytestmark = pytest.mark.xdist_group("ray")
 
 
 @pytest.fixture(scope="module")
