@@ -126,6 +126,25 @@ def read_config(config: str | Path) -> tuple[NodeConfig, list[str]]:
     return validate_config(production, str(path)), rehearsal
 
 
+def _pinned_secure_plan(pinned: Path) -> dict[str, Any]:
+    """The secure plan's budget and rounds as pinned ({} if none); a file flnode did not
+    write (hand-edited, torn) is a LocalError naming it, never a crash."""
+    if not pinned.exists():
+        return {}
+    try:
+        sp = json.loads(pinned.read_bytes()[:1 << 16])
+    except (OSError, ValueError) as exc:
+        raise LocalError(f"{pinned}: unreadable secure plan ({exc}); the node refuses to "
+                         "start with it too: restore it") from None
+    ok = isinstance(sp, dict) and all(
+        sp.get(k) is None or (isinstance(sp[k], int | float) and not isinstance(sp[k], bool))
+        for k in ("epsilon", "steps"))
+    if not ok:
+        raise LocalError(f"{pinned}: not a secure plan flnode wrote (epsilon and steps must "
+                         "be numbers); the node refuses to start with it too: restore it")
+    return sp
+
+
 def collect(state_dir: str | Path, config: str | Path | None = None) -> dict[str, Any]:
     path = Path(state_dir)
     if not (path / "checkpoint.msgpack").exists():
@@ -173,7 +192,7 @@ def collect(state_dir: str | Path, config: str | Path | None = None) -> dict[str
         if plan is None:  # a secure-only node: what its charges say, epsilon by the accountant
             # its pinned plan (node/runtime/secure_node.py SECURE_PLAN_FILE): budget, rounds
             pinned = path / "secure_plan.json"
-            sp = json.loads(pinned.read_text()) if pinned.exists() else {}
+            sp = _pinned_secure_plan(pinned)
             privacy.update(
                 mode="secure", accountant=ACCOUNTANT, delta=secure["delta"],
                 epsilon_spent=ledger.epsilon(secure["delta"]),

@@ -193,23 +193,33 @@ def _table(view: SecureView, universe: list[str], dp: bool) -> str:
         sr = view.rounds[r]
         bad = sr.ok is False or sr.unreadable
         ready = sr.ok is not None
-        rows.append(
-            f'<tr{" class=attacker" if bad else ""}><td>{r + 1}</td>'
-            f'<td class="wrap">{_outcome(sr)}</td>'
-            f"<td>{_who(sr.dealt, universe) if ready else MUTED_DASH}</td>"
-            f'<td class="wrap">{_who(sr.entered, universe) if ready else MUTED_DASH}</td>'
-            f'<td class="wrap">{_who(sr.selected, universe) if ready else MUTED_DASH}</td>'
-            f'<td class="wrap">{_why_list(sr.excluded) if ready else MUTED_DASH}</td>'
-            f'<td class="wrap">{_why_list(sr.named, evidence=sr.evidence) if ready else MUTED_DASH}'
-            f"</td><td>{_charge(sr, dp)}</td>"
-            f"<td>{f'{sr.epsilon:.3f}' if sr.epsilon is not None else MUTED_DASH}</td></tr>")
+
+        def step(names: list[str], sr: SecureRound = sr, ready: bool = ready) -> str:
+            if not ready:
+                return MUTED_DASH
+            if sr.ok is False and not names:  # the round failed before this step
+                return '<span class="muted">not reached</span>'
+            return _who(names, universe)
+
+        reached = ready and (sr.ok or sr.selected or sr.excluded)
+        cells = [f"<td>{r + 1}</td>", f'<td class="wrap">{_outcome(sr)}</td>',
+                 f"<td>{step(sr.dealt)}</td>", f'<td class="wrap">{step(sr.entered)}</td>',
+                 f'<td class="wrap">{step(sr.selected)}</td>',
+                 f'<td class="wrap">{_why_list(sr.excluded) if reached else step([])}</td>',
+                 f'<td class="wrap">{_why_list(sr.named, evidence=sr.evidence) if ready else MUTED_DASH}'
+                 "</td>"]
+        if dp:
+            cells += [f"<td>{_charge(sr, dp)}</td>",
+                      f"<td>{f'{sr.epsilon:.3f}' if sr.epsilon is not None else MUTED_DASH}</td>"]
+        rows.append(f'<tr{" class=attacker" if bad else ""}>{"".join(cells)}</tr>')
     more = len(order) - len(shown)
-    return ('<h3>Per round</h3><div class="scroll"><table><thead><tr><th>round</th>'
+    return ('<h3>Each secure round</h3><div class="scroll"><table><thead><tr><th>round</th>'
             '<th class="l">outcome</th>'
             '<th>dealt</th><th class="l">entered</th><th class="l">selected</th>'
             '<th class="l">left out by the selection</th><th class="l">named (at fault, or a '
-            'disputed claim)</th><th>ledger charge</th><th>ε after</th></tr></thead><tbody>'
-            + "".join(rows) + "</tbody></table></div>"
+            "disputed claim)</th>"
+            + ("<th>ledger charge</th><th>ε after</th>" if dp else "")
+            + "</tr></thead><tbody>" + "".join(rows) + "</tbody></table></div>"
             + (f'<p class="sub">{more} more opened rounds not shown (every failed round is).</p>'
                if more else ""))
 
