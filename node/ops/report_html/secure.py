@@ -95,7 +95,7 @@ def _why(v: Any, what: str, key: str | None = None) -> dict[str, str]:
         if key is not None and isinstance(w, dict):
             w = w.get("detail") or w.get(key)
         if not isinstance(w, str):
-            raise _Bad(f"{what}[{_cut(m, 30)}] is not a reason ({_cut(w, 40)})")
+            raise _Bad(f"{what}[{str(m)[:30]}] is not a reason ({_cut(w, 40)})")
         out[str(m)] = w
     return out
 
