@@ -10,6 +10,7 @@ Ledger.charge, audit.Aggregate); the hostile variants edit those files by hand.
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from html.parser import HTMLParser
 from pathlib import Path
@@ -301,3 +302,18 @@ def test_a_plain_state_dir_has_no_secure_section(tmp_path):
                                        + "\n")
     assert read_secure(state, "state dir", "bank-0") is None
     assert secure_section([]) == ""
+
+
+def test_the_scenario_of_the_results_page_is_the_goal_run(tmp_path):
+    """docs/results/secure_network.md's command: 8 digits members over libp2p, secure,
+    record-level DP at ε = 3, and no rounds given (the node plans them)."""
+    from node.rehearsal.simulation.scenario import build_spec
+
+    root = Path(__file__).resolve().parent.parent
+    s = build_spec(root / "network_configs" / "scenarios" / "digits-8-secure-dp.toml",
+                   {"out": tmp_path / "o"}, network=True)
+    assert (s.dataset, s.nodes, s.partition, s.transport) == ("digits", 8, "dirichlet:0.5",
+                                                              "libp2p")
+    assert (s.secure, s.privacy, s.epsilon, s.delta) == (True, "record", 3.0, 1e-5)
+    text = (root / "network_configs" / "scenarios" / "digits-8-secure-dp.toml").read_text()
+    assert not re.search(r"^rounds\s*=", text, re.M)  # the node's plan sets the rounds

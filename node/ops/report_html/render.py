@@ -220,10 +220,13 @@ def _facts(run: Run) -> str:
     add("model", s.text("model"))
     add("seed", s.get("seed"))
     add("transport", s.text("transport"))
-    add("sealed shares", s.text("seal"))
     mode = s.text("epsilon", "mode")
     rules = s.obj("rules")
     secure = rules.get("secure") is True  # issue 22: the section "Secure aggregation" below
+    # a secure node refuses to start without sealing (node/runtime/secure_node.py setup):
+    # the simulators' "auto" (on for MQTT only) was overridden for every member
+    add("sealed shares", "on: each deal sealed to its one recipient (a secure node requires it)"
+        if secure else s.text("seal"))
     if mode == "off":
         add("privacy", "off (no differential privacy)")
     elif mode and secure:  # DP on the sum: no member-side plan, σ or share weight
