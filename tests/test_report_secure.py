@@ -205,10 +205,13 @@ def test_dp_section_takes_epsilon_from_the_ledger_by_the_accountant_and_shows_th
             and "n 5 members, t 1" in html_text and plan.digest() in html_text)
     assert "a member learns the noised sum" in html_text
     rows = secure_rows(html_text)
-    assert [r[0] for r in rows] == ["1", "2", "3"]
-    assert rows[0][7] == f"{plan.min_contributors} contributors"
-    # charged (before dealing) but never closed: the node stopped mid-round
-    assert rows[2][1].startswith("charged, no outcome recorded")
+    # rounds 1 and 2 opened alike: one row; round 3 was charged (before dealing) but never
+    # closed: the node stopped mid-round
+    assert [r[0] for r in rows] == ["1–22 rounds", "3"]
+    assert rows[0][7] == f"{plan.min_contributors} contributors each"
+    eps = [json.loads(x)["epsilon"] for x in (state / "metrics.jsonl").read_text().splitlines()]
+    assert rows[0][8] == f"{eps[0]:.3f} → {eps[1]:.3f}"
+    assert rows[1][1].startswith("charged, no outcome recorded")
 
 
 def test_an_opened_dp_round_the_ledger_never_charged_is_flagged(tmp_path):

@@ -181,16 +181,37 @@ def _facts(view: SecureView, views: list[SecureView], rules: dict[str, Any],
                                           for k, v in items) + "</dl>"
 
 
+def _plain(sr: SecureRound) -> tuple | None:
+    """What an uneventful opened round looks like (None: a round worth its own row)."""
+    if not sr.ok or sr.unreadable or sr.excluded or sr.named or sr.evidence:
+        return None
+    return (tuple(sr.dealt), tuple(sr.entered), tuple(sr.selected), tuple(sr.charged))
+
+
+def _groups(view: SecureView) -> list[list[int]]:
+    """Consecutive rounds that opened alike (same dealers, entrants, selection and charge,
+    nobody left out or named) share one row; every other round has its own."""
+    out: list[list[int]] = []
+    for r in sorted(view.rounds):
+        sig = _plain(view.rounds[r])
+        if (out and sig is not None and out[-1][-1] == r - 1
+                and _plain(view.rounds[out[-1][-1]]) == sig):
+            out[-1].append(r)
+        else:
+            out.append([r])
+    return out
+
+
 def _table(view: SecureView, universe: list[str], dp: bool) -> str:
-    order = sorted(view.rounds)
-    shown = order
-    if len(order) > MAX_TABLE_ROUNDS:  # the first rows and every round that did not open
-        keep = set(order[:MAX_TABLE_ROUNDS // 2])
-        keep |= {r for r in order if not view.rounds[r].ok}
-        shown = sorted(keep)[:MAX_TABLE_ROUNDS]
+    groups = _groups(view)
+    shown = groups
+    if len(groups) > MAX_TABLE_ROUNDS:  # the first rows and every round that did not open
+        keep = groups[:MAX_TABLE_ROUNDS // 2]
+        keep += [g for g in groups[MAX_TABLE_ROUNDS // 2:] if not view.rounds[g[0]].ok]
+        shown = keep[:MAX_TABLE_ROUNDS]
     rows = []
-    for r in shown:
-        sr = view.rounds[r]
+    for g in shown:
+        sr = view.rounds[g[0]]
         bad = sr.ok is False or sr.unreadable
         ready = sr.ok is not None
 
@@ -202,18 +223,27 @@ def _table(view: SecureView, universe: list[str], dp: bool) -> str:
             return _who(names, universe)
 
         reached = ready and (sr.ok or sr.selected or sr.excluded)
-        cells = [f"<td>{r + 1}</td>", f'<td class="wrap">{_outcome(sr)}</td>',
+        first, last = view.rounds[g[0]].epsilon, view.rounds[g[-1]].epsilon
+        eps = (MUTED_DASH if last is None else f"{last:.3f}" if len(g) == 1 or first is None
+               else f"{first:.3f} → {last:.3f}")
+        label = (f"{g[0] + 1}" if len(g) == 1 else
+                 f'{g[0] + 1}–{g[-1] + 1}<div class="muted">{len(g)} rounds</div>')
+        cells = [f"<td>{label}</td>", f'<td class="wrap">{_outcome(sr)}</td>',
                  f"<td>{step(sr.dealt)}</td>", f'<td class="wrap">{step(sr.entered)}</td>',
                  f'<td class="wrap">{step(sr.selected)}</td>',
                  f'<td class="wrap">{_why_list(sr.excluded) if reached else step([])}</td>',
                  f'<td class="wrap">{_why_list(sr.named, evidence=sr.evidence) if ready else MUTED_DASH}'
                  "</td>"]
         if dp:
-            cells += [f"<td>{_charge(sr, dp)}</td>",
-                      f"<td>{f'{sr.epsilon:.3f}' if sr.epsilon is not None else MUTED_DASH}</td>"]
+            cells += [f"<td>{_charge(sr, dp)}{' each' if len(g) > 1 and sr.charged else ''}</td>",
+                      f"<td>{eps}</td>"]
         rows.append(f'<tr{" class=attacker" if bad else ""}>{"".join(cells)}</tr>')
-    more = len(order) - len(shown)
-    return ('<h3>Each secure round</h3><div class="scroll"><table><thead><tr><th>round</th>'
+    more = sum(len(g) for g in groups) - sum(len(g) for g in shown)
+    return ('<h3>Each secure round</h3><p class="sub">Consecutive rounds that opened alike '
+            "share a row. " + ("Ledger charge: the contributors the round was charged for; "
+                               "ε after: what the node logged when the round closed (the "
+                               "accountant's then). " if dp else "") + "</p>"
+            '<div class="scroll"><table><thead><tr><th>round</th>'
             '<th class="l">outcome</th>'
             '<th>dealt</th><th class="l">entered</th><th class="l">selected</th>'
             '<th class="l">left out by the selection</th><th class="l">named (at fault, or a '
