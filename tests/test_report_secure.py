@@ -320,3 +320,20 @@ def test_the_scenario_of_the_results_page_is_the_goal_run(tmp_path):
     assert (s.secure, s.privacy, s.epsilon, s.delta) == (True, "record", 3.0, 1e-5)
     text = (root / "network_configs" / "scenarios" / "digits-8-secure-dp.toml").read_text()
     assert not re.search(r"^rounds\s*=", text, re.M)  # the node's plan sets the rounds
+
+
+def test_a_secure_dp_members_model_card_states_its_epsilon_not_no_dp(tmp_path):
+    """DP on the secure sum has no local privacy plan: the card read it as privacy off
+    ("no DP") for a member that spent ε 3. Its ε is the accountant's over its ledger."""
+    from node.ops.model_card import own_epsilon
+
+    state = dp_state(tmp_path / "bank-0")
+    own = own_epsilon(state, 2)
+    ledger = Ledger(state / "ledger.jsonl")
+    assert own["mode"] == "secure" and own["epsilon"] == ledger.epsilon(1e-5)
+    assert own["epsilon_budget"] == 3.0 and own["releases"] == 3
+    from node.privacy.accountant import epsilon_of
+    assert own["epsilon_model_rounds"] == epsilon_of(ledger.records[:2], 1e-5)
+    (state / "secure_plan.json").write_text("{")
+    with pytest.raises(LocalError, match="secure_plan.json is unreadable"):
+        own_epsilon(state, 2)
