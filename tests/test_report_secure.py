@@ -337,3 +337,23 @@ def test_a_secure_dp_members_model_card_states_its_epsilon_not_no_dp(tmp_path):
     (state / "secure_plan.json").write_text("{")
     with pytest.raises(LocalError, match="secure_plan.json is unreadable"):
         own_epsilon(state, 2)
+
+
+@pytest.mark.slow  # reuses the real run
+def test_hand_edited_audit_and_metrics_lines_never_crash_the_members_report(run_dir, tmp_path):
+    """Lines that are not objects, an accepted line without member or round, a secure line
+    with a reason that is not one: the member's report (and `flnode status` under it) skips
+    or names them; the secure section shows the edited round as unreadable."""
+    state = tmp_path / "site-0"
+    shutil.copytree(run_dir / "state" / "site-0", state)
+    with open(state / "audit.jsonl", "a") as f:
+        f.write('[1]\n{"outcome": "accepted"}\n"str"\n'
+                '{"kind": "aggregate", "rule": "secure", "round": 1, '
+                '"secure": {"ok": false, "reason": 7}}\n')
+    with open(state / "metrics.jsonl", "a") as f:
+        f.write('[1]\n"metrics"\n{"round": 1, "metrics": 5}\n')
+    page, doc = write_member_report(state, tmp_path / "m.html")
+    rows = secure_rows(page.read_text())
+    assert rows[1][1].startswith("unreadable") and "secure.reason is not a reason" in rows[1][1]
+    assert rows[0][1].startswith("failed:")
+    assert json.loads(doc.read_text())["secure"]["rounds"][1]["outcome"] == "unreadable"

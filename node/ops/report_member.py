@@ -43,7 +43,7 @@ def member_name(path: Path, notes: list[str]) -> str:
     """The member's own name: its aggregate lines in audit.jsonl say it (a state dir
     holds no key); the directory's name before any round closed."""
     for rec in read_jsonl(path / "audit.jsonl"):
-        if rec.get("outcome") in ("aggregate", "normalization") and isinstance(
+        if isinstance(rec, dict) and rec.get("outcome") in ("aggregate", "normalization") and isinstance(
                 rec.get("member"), str):
             return rec["member"]
     notes.append(f"no round aggregated yet: the member is named after its directory, "
@@ -56,6 +56,8 @@ def peer_table(path: Path, own: str) -> dict[str, dict[str, Any]]:
     refusals by reason (audit.jsonl, rotated parts included)."""
     out: dict[str, dict[str, Any]] = {}
     for rec in read_jsonl(path / "audit.jsonl"):
+        if not isinstance(rec, dict):  # hand-edited (the secure section names the line)
+            continue
         member, outcome = rec.get("member"), rec.get("outcome")
         if not isinstance(member, str) or member == own or not isinstance(outcome, str):
             continue

@@ -160,14 +160,19 @@ def collect(state_dir: str | Path, config: str | Path | None = None) -> dict[str
     assert cp is not None
     plan = PrivacyPlan.load(path / PLAN_FILE)
     ledger = Ledger(state.ledger_path)
-    metrics = read_jsonl(path / "metrics.jsonl")
-    rounds = [m for m in metrics if "metrics" in m]
+    # lines the node wrote are objects; a hand-edited one that is not is left out
+    metrics = [m for m in read_jsonl(path / "metrics.jsonl") if isinstance(m, dict)]
+    rounds = [m for m in metrics if isinstance(m.get("metrics"), dict)]
     stopped = next((m["stopped"] for m in reversed(metrics) if "stopped" in m), None)
     peers: dict[str, dict[str, Any]] = {}
     for rec in read_jsonl(path / "audit.jsonl"):
-        if rec.get("outcome") == "accepted":
+        # a line the node did not write (hand-edited: not an object, no member or round)
+        # is not counted; `flnode report --state-dir` names it
+        if (isinstance(rec, dict) and rec.get("outcome") == "accepted"
+                and isinstance(rec.get("member"), str) and _count(rec.get("round"))):
             p = peers.setdefault(rec["member"], {"accepted": 0, "last_round": -1})
-            if rec.get("kind", "share") in ("share", "sealed"):  # shares, not hellos
+            # shares, not hellos; a secure round's deal is its share (issue 22)
+            if rec.get("kind", "share") in ("share", "sealed", "deal"):
                 p["accepted"] += 1
             p["last_round"] = max(p["last_round"], rec["round"])
     planned = cp.planned_rounds if cp.planned_rounds is not None else (
