@@ -357,3 +357,15 @@ def test_hand_edited_audit_and_metrics_lines_never_crash_the_members_report(run_
     assert rows[1][1].startswith("unreadable") and "secure.reason is not a reason" in rows[1][1]
     assert rows[0][1].startswith("failed:")
     assert json.loads(doc.read_text())["secure"]["rounds"][1]["outcome"] == "unreadable"
+
+
+def test_what_a_member_learns_states_the_known_hole_while_the_doc_has_it(tmp_path):
+    """The sentence may not claim more than docs/privacy-secure.md: while that page has its
+    "Known hole" section, the report says so and links it."""
+    from node.ops.report_html.secure_html import HOLE_ANCHOR, KNOWN_HOLE
+
+    doc = (Path(__file__).resolve().parent.parent / "docs" / "privacy-secure.md").read_text()
+    out = secure_section([read_secure(dp_state(tmp_path / "bank-0"), "state dir", "bank-0")])
+    assert "docs/privacy-secure.md" in out
+    if "## Known hole" in doc:
+        assert KNOWN_HOLE in out and HOLE_ANCHOR in out
