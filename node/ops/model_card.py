@@ -212,17 +212,22 @@ def own_epsilon(state_dir: Path, rounds: int) -> dict[str, Any]:
         plan = PrivacyPlan.load(state_dir / PLAN_FILE)
     except LocalError as exc:
         raise LocalError(f"{state_dir}: {exc}") from None
-    if plan is None:
-        return {"mode": "off", "epsilon": None,
-                "note": "privacy off: no differential privacy; no ε to state"}
+    if plan is not None:
+        mode, delta, budget = plan.mode, plan.delta, plan.epsilon
+    else:  # DP on a secure sum (issue 22) has no local plan: its ledger says
+        secure = _secure_dp(state_dir)
+        if secure is None:
+            return {"mode": "off", "epsilon": None,
+                    "note": "privacy off: no differential privacy; no ε to state"}
+        mode, delta, budget = secure
     ledger = Ledger(state_dir / "ledger.jsonl")  # a reader: never repairs
     records: list[LedgerRecord] = ledger.records
-    eps = epsilon_of(records, plan.delta)
-    upto = epsilon_of([r for r in records if r.round < rounds], plan.delta)
-    return {"mode": plan.mode, "delta": plan.delta,
+    eps = epsilon_of(records, delta)
+    upto = epsilon_of([r for r in records if r.round < rounds], delta)
+    return {"mode": mode, "delta": delta,
             "epsilon": eps if math.isfinite(eps) else None,
             "epsilon_model_rounds": upto if math.isfinite(upto) else None,
-            "epsilon_budget": plan.epsilon, "releases": len(records),
+            "epsilon_budget": budget, "releases": len(records),
             "accountant": ACCOUNTANT,
             "source": "ledger.jsonl through the accountant: epsilon over every release "
                       "charged (also one after this model's round, or whose share never "
@@ -230,6 +235,23 @@ def own_epsilon(state_dir: Path, rounds: int) -> dict[str, Any]:
                       "of the model's rounds",
             **({"note": "a release without noise: ε is unbounded"}
                if not math.isfinite(eps) else {})}
+
+
+def _secure_dp(state_dir: Path) -> tuple[str, float, float | None] | None:
+    """("secure", δ, budget) of a member whose ledger holds secure DP charges (issue 22: DP
+    on the secure sum, no local privacy plan), δ from its charges, the budget from its
+    pinned plan (checked: an edited plan is a LocalError naming it); None: no such charge."""
+    from node.privacy import secure_record  # lean start: only a card of a secure member
+    from node.privacy.secure import SecurePlan  # lean start: idem
+
+    summary = secure_record.summary(Ledger(state_dir / "ledger.jsonl").records)
+    if summary is None:
+        return None
+    try:
+        pinned = SecurePlan.load(state_dir / "secure_plan.json")  # secure_node SECURE_PLAN_FILE
+    except LocalError as exc:
+        raise LocalError(f"{state_dir}: {exc}") from None
+    return ("secure", summary["delta"], pinned.epsilon if pinned is not None else None)
 
 
 # --- the card -----------------------------------------------------------------------------

@@ -27,6 +27,9 @@ from node.ops.report_html.card import card_html, find_card
 from node.ops.report_html.plots import plots
 from node.ops.report_html.reader import Run, _count, _jsonl_lines, _members, _Summary, read_metrics
 from node.ops.report_html.render import CSS, MAX_NOTES, _bytes, _e, _fmt, _table, write_text_atomic
+from node.ops.report_html.secure import read_secure
+from node.ops.report_html.secure import to_json as secure_json
+from node.ops.report_html.secure_html import secure_section
 from node.ops.status import collect
 from node.ops.status import render as status_render
 from node.privacy.budget import PLAN_FILE, PrivacyPlan
@@ -40,7 +43,7 @@ def member_name(path: Path, notes: list[str]) -> str:
     """The member's own name: its aggregate lines in audit.jsonl say it (a state dir
     holds no key); the directory's name before any round closed."""
     for rec in read_jsonl(path / "audit.jsonl"):
-        if rec.get("outcome") in ("aggregate", "normalization") and isinstance(
+        if isinstance(rec, dict) and rec.get("outcome") in ("aggregate", "normalization") and isinstance(
                 rec.get("member"), str):
             return rec["member"]
     notes.append(f"no round aggregated yet: the member is named after its directory, "
@@ -53,6 +56,8 @@ def peer_table(path: Path, own: str) -> dict[str, dict[str, Any]]:
     refusals by reason (audit.jsonl, rotated parts included)."""
     out: dict[str, dict[str, Any]] = {}
     for rec in read_jsonl(path / "audit.jsonl"):
+        if not isinstance(rec, dict):  # hand-edited (the secure section names the line)
+            continue
         member, outcome = rec.get("member"), rec.get("outcome")
         if not isinstance(member, str) or member == own or not isinstance(outcome, str):
             continue
@@ -65,7 +70,8 @@ def peer_table(path: Path, own: str) -> dict[str, dict[str, Any]]:
         e = out.setdefault(member, _peer())
         if outcome == "accepted":
             kind = rec.get("kind", "share")
-            key = "shares" if kind in ("share", "sealed") else "other"
+            # a secure round's "deal" is the member's share of it (its pieces for us)
+            key = "shares" if kind in ("share", "sealed", "deal") else "other"
             e[key] += 1
             if isinstance(rec.get("round"), int):
                 e["last_round"] = max(e["last_round"], rec["round"])
@@ -144,8 +150,13 @@ def load_member(state_dir: str | Path, config: str | Path | None = None
     peers = peer_table(path, name)
     for member, f in (st.get("flood") or {}).items():  # messages, not audit lines
         peers.setdefault(member, _peer())["flood_dropped"] = f["dropped"]
+    secure = read_secure(path, "state dir", name)  # issue 22: None for a plain consortium
+    if secure is not None:
+        notes.extend(secure.notes)
     st = {**st, "member": name, "metric": metric, "peers": dict(sorted(peers.items())),
-          "rounds": rounds, "model_card": find_card(path, st["rounds_done"])}
+          "rounds": rounds, "model_card": find_card(path, st["rounds_done"]),
+          "secure": secure_json(secure) if secure is not None else None}
+    st["_secure_view"] = secure
     return Run(path, summary, metric, members, notes), st
 
 
@@ -236,6 +247,7 @@ def render_member(run: Run, st: dict[str, Any]) -> str:
         f"{_bytes(st['bytes_received'])} received.</p>",
         _table(run, own=True),
         "<h2>Members it heard from</h2>", _peers_html(st),
+        secure_section([st["_secure_view"]]) if st.get("_secure_view") is not None else "",
         "<h2>Model card</h2>", card_html(st["model_card"]),
     ]
     if run.notes:
@@ -281,5 +293,6 @@ def write_member_report(state_dir: str | Path, out: str | Path | None = None,
         raise LocalError(f"--out {target}: is a directory; name a file, e.g. {target}/report.html")
     write_text_atomic(target, render_member(run, st))
     doc = target.with_suffix(".json")
+    st = {k: v for k, v in st.items() if k != "_secure_view"}  # its JSON is st["secure"]
     write_text_atomic(doc, json.dumps(_json_safe(st), indent=1, sort_keys=True) + "\n")
     return target, doc

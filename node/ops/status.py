@@ -126,6 +126,25 @@ def read_config(config: str | Path) -> tuple[NodeConfig, list[str]]:
     return validate_config(production, str(path)), rehearsal
 
 
+def _pinned_secure_plan(pinned: Path) -> dict[str, Any]:
+    """The secure plan's budget and rounds as pinned ({} if none); a file flnode did not
+    write (hand-edited, torn) is a LocalError naming it, never a crash."""
+    if not pinned.exists():
+        return {}
+    try:
+        sp = json.loads(pinned.read_bytes()[:1 << 16])
+    except (OSError, ValueError) as exc:
+        raise LocalError(f"{pinned}: unreadable secure plan ({exc}); the node refuses to "
+                         "start with it too: restore it") from None
+    ok = isinstance(sp, dict) and all(
+        sp.get(k) is None or (isinstance(sp[k], int | float) and not isinstance(sp[k], bool))
+        for k in ("epsilon", "steps"))
+    if not ok:
+        raise LocalError(f"{pinned}: not a secure plan flnode wrote (epsilon and steps must "
+                         "be numbers); the node refuses to start with it too: restore it")
+    return sp
+
+
 def collect(state_dir: str | Path, config: str | Path | None = None) -> dict[str, Any]:
     path = Path(state_dir)
     if not (path / "checkpoint.msgpack").exists():
@@ -141,14 +160,19 @@ def collect(state_dir: str | Path, config: str | Path | None = None) -> dict[str
     assert cp is not None
     plan = PrivacyPlan.load(path / PLAN_FILE)
     ledger = Ledger(state.ledger_path)
-    metrics = read_jsonl(path / "metrics.jsonl")
-    rounds = [m for m in metrics if "metrics" in m]
+    # lines the node wrote are objects; a hand-edited one that is not is left out
+    metrics = [m for m in read_jsonl(path / "metrics.jsonl") if isinstance(m, dict)]
+    rounds = [m for m in metrics if isinstance(m.get("metrics"), dict)]
     stopped = next((m["stopped"] for m in reversed(metrics) if "stopped" in m), None)
     peers: dict[str, dict[str, Any]] = {}
     for rec in read_jsonl(path / "audit.jsonl"):
-        if rec.get("outcome") == "accepted":
+        # a line the node did not write (hand-edited: not an object, no member or round)
+        # is not counted; `flnode report --state-dir` names it
+        if (isinstance(rec, dict) and rec.get("outcome") == "accepted"
+                and isinstance(rec.get("member"), str) and _count(rec.get("round"))):
             p = peers.setdefault(rec["member"], {"accepted": 0, "last_round": -1})
-            if rec.get("kind", "share") in ("share", "sealed"):  # shares, not hellos
+            # shares, not hellos; a secure round's deal is its share (issue 22)
+            if rec.get("kind", "share") in ("share", "sealed", "deal"):
                 p["accepted"] += 1
             p["last_round"] = max(p["last_round"], rec["round"])
     planned = cp.planned_rounds if cp.planned_rounds is not None else (
@@ -173,7 +197,7 @@ def collect(state_dir: str | Path, config: str | Path | None = None) -> dict[str
         if plan is None:  # a secure-only node: what its charges say, epsilon by the accountant
             # its pinned plan (node/runtime/secure_node.py SECURE_PLAN_FILE): budget, rounds
             pinned = path / "secure_plan.json"
-            sp = json.loads(pinned.read_text()) if pinned.exists() else {}
+            sp = _pinned_secure_plan(pinned)
             privacy.update(
                 mode="secure", accountant=ACCOUNTANT, delta=secure["delta"],
                 epsilon_spent=ledger.epsilon(secure["delta"]),

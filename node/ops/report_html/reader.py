@@ -139,6 +139,8 @@ class Run:
     metric: str
     members: list[Member]
     notes: list[str]
+    # state/<member>/ directories found by listing (never joined from a name read in a file)
+    state_dirs: dict[str, Path] = field(default_factory=dict)
 
 
 def load_summary(run_dir: Path) -> _Summary:
@@ -337,4 +339,4 @@ def load_run(run_dir: str | Path) -> Run:
     for m in members:
         if m.has_log and not m.rounds:
             notes.append(f"{m.name}: metrics.jsonl holds no complete round")
-    return Run(run_dir, s, metric, members, notes)
+    return Run(run_dir, s, metric, members, notes, dirs)

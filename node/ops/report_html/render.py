@@ -33,6 +33,8 @@ from typing import Any
 from gossip.errors import LocalError
 from node.ops.report_html.plots import plots
 from node.ops.report_html.reader import Member, Run, _cut, _num_or_none, load_run
+from node.ops.report_html.secure import SecureView, read_secure
+from node.ops.report_html.secure_html import secure_section
 
 MAX_NOTES = 50
 
@@ -218,10 +220,25 @@ def _facts(run: Run) -> str:
     add("model", s.text("model"))
     add("seed", s.get("seed"))
     add("transport", s.text("transport"))
-    add("sealed shares", s.text("seal"))
     mode = s.text("epsilon", "mode")
+    rules = s.obj("rules")
+    secure = rules.get("secure") is True  # issue 22: the section "Secure aggregation" below
+    # a secure node refuses to start without sealing (node/runtime/secure_node.py setup):
+    # the simulators' "auto" (on for MQTT only) was overridden for every member
+    add("sealed shares", "on: each deal sealed to its one recipient (a secure node requires it)"
+        if secure else s.text("seal"))
     if mode == "off":
         add("privacy", "off (no differential privacy)")
+    elif mode and secure:  # DP on the sum: no member-side plan, σ or share weight
+        parts = [f"{mode}-level DP on the secure sum (distributed DP-SGD: one consortium step "
+                 "per round, the plan under Secure aggregation)"]
+        for key, label in (("budget", "budget ε"), ("delta", "δ"), ("clip", "clip C")):
+            v = s.num("epsilon", key)
+            if v is not None:
+                parts.append(f"{label} {v:g}")
+        if isinstance(eps.get("accountant"), str):
+            parts.append(f"accountant {eps['accountant']}")
+        add("privacy", ", ".join(parts))
     elif mode:
         parts = [f"{mode}-level DP"]
         for key, label in (("budget", "budget ε"), ("delta", "δ"), ("sigma", "σ"),
@@ -238,16 +255,25 @@ def _facts(run: Run) -> str:
         if sig:
             add("σ per member", ", ".join(f"{n} {v:.3f}" for n, v in sig.items()))
     training = s.obj("training")
+    dp_sum = secure and mode not in (None, "off")
     if training:  # local training every member ran (FedProx, LR decay, control variates)
-        add("local training", ", ".join(f"{k} = {_value(v)}" for k, v in training.items()
-                                        if v is not None))
+        add("local training", ("not run: with DP on the secure sum a member computes its "
+                               "clipped, noised gradient sum on the plan's sample instead "
+                               "(configured: " if dp_sum else "")
+            + ", ".join(f"{k} = {_value(v)}" for k, v in training.items() if v is not None)
+            + (")" if dp_sum else ""))
     agg = s.obj("aggregation")
-    if agg:
+    if secure:  # the rule's settings are not what combines a secure round's contributions
+        t, select = rules.get("secure_threshold"), rules.get("secure_select")
+        add("aggregation", f"secure (t = {_value(t)}, selection {_value(select)}): the sum of "
+            "the selected members' contributions, computed from their pieces"
+            + (f"; the configured rule {agg.get('rule', '?')} is not used"
+               if agg.get("rule") else ""))
+    elif agg:
         text = str(agg.get("rule", "?"))
         extra = [f"{k} = {_value(v)}" for k, v in sorted(agg.items())
                  if k != "rule" and v is not None]
         add("aggregation", text + (" (" + ", ".join(extra) + ")" if extra else ""))
-    rules = s.obj("rules")
     if rules:
         add("consortium [rules]", ", ".join(f"{k} = {_value(v)}" for k, v in sorted(rules.items())))
     attackers = s.obj("attack", "attackers")
@@ -372,9 +398,23 @@ def _own_rows(run: Run) -> str:
             + "".join(rows) + "</tbody></table></div>")
 
 
+def secure_views(run: Run) -> list[SecureView]:
+    """Each member's view of the secure rounds (issue 22), in the summary's member order;
+    empty for a plain consortium. What a state dir holds that cannot be read becomes a note."""
+    views = []
+    for m in run.members:
+        d = run.state_dirs.get(m.name)
+        view = read_secure(d, f"state/{m.name}", m.name) if d is not None else None
+        if view is not None:
+            views.append(view)
+            run.notes.extend(view.notes)
+    return views
+
+
 def render(run: Run) -> str:
     s = run.summary
     figures = plots(run)
+    secure = secure_section(secure_views(run), s.obj("rules"), [m.name for m in run.members])
     dataset = s.text("dataset") or "run"
     title = f"flnode report: {dataset}, {len(run.members)} members"
     parts = [
@@ -391,7 +431,7 @@ def render(run: Run) -> str:
         "every metric on the same consortium test set. Shares released: the rounds the member "
         "closed (each opens with its own release); received: the other members' shares it "
         "accepted; rejected: messages it refused, by reason.</p>",
-        _table(run), _own_rows(run), _seen_by(run),
+        _table(run), _own_rows(run), _seen_by(run), secure,
     ]
     if run.notes:
         shown = run.notes[:MAX_NOTES]
