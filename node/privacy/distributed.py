@@ -99,7 +99,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from node.privacy.accountant import _opacus_rdp
-from node.privacy.calibrate import SIGMA_RATIO, SIGMA_SEARCH
+from node.privacy.calibrate import bisect_sigma
 from node.privacy.skellam import (  # the arithmetic, re-exported: callers import it from here
     BETA,
     ORDERS,
@@ -384,15 +384,10 @@ def calibrate_sum_sigma(mech: SumMechanism, target_epsilon: float, delta: float,
     def within(sigma: float) -> bool:
         return epsilon_of_sum(mech, sigma, release, delta) <= target_epsilon
 
-    lo, hi = SIGMA_SEARCH
-    if within(lo):
-        return lo
-    if not within(hi):
-        raise DistributedDPError(
+    def cannot_meet(hi: float) -> DistributedDPError:
+        return DistributedDPError(
             f"distributed DP: epsilon = {target_epsilon:g} cannot be met over {steps} steps "
             f"at q = {sample_rate:g} with {m} contributors and a coalition of "
             f"{mech.coalition} even with sigma = {hi:g}")
-    while hi > lo * SIGMA_RATIO:  # lo over the budget, hi within it
-        mid = math.sqrt(lo * hi)
-        lo, hi = (lo, mid) if within(mid) else (mid, hi)
-    return hi
+
+    return bisect_sigma(within, cannot_meet)
