@@ -108,9 +108,11 @@ from node.privacy.skellam import (  # the arithmetic, re-exported: callers impor
     _check_positive,
     check_sample_rate,
     check_sigma,
-    poisson_subsampled_rdp,
+    honest_variance,
+    poisson_subsampled_rdp,  # noqa: F401 (re-exported)
     rounded_l2_bound_sq,
-    skellam_rdp,
+    skellam_rdp,  # noqa: F401 (re-exported)
+    sum_rdp,
 )
 
 # At most this many roundings of one example: P(all rejected) <= beta^64 ~ 1e-14.
@@ -343,9 +345,9 @@ def release_rdp(mech: SumMechanism, sigma: float, release: SumRelease) -> np.nda
                                  f"{mech.members} members")
     if steps == 0:
         return np.zeros(len(ORDERS))
-    variance = (m - mech.coalition) * 2 * mech.member_mu(sigma) if m > mech.coalition else 0.0
-    base = skellam_rdp(float(mech.l2_bound_sq), mech.l1_sensitivity, variance)
-    return poisson_subsampled_rdp(base, q) * steps
+    variance = honest_variance(check_sigma(sigma), mech.clip_norm, mech.granularity,
+                               mech.members, mech.coalition, m - mech.coalition)
+    return sum_rdp(mech.l2_bound_sq, mech.dim, variance, q, steps)
 
 
 def epsilon_of_sum(mech: SumMechanism, sigma: float, releases: Sequence[SumRelease],
