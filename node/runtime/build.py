@@ -238,7 +238,11 @@ def build_parts(cfg: NodeConfig, rejected: Counter[str], noise: NoiseSource) -> 
         log.warning("%s: the consortium file has no [rules]: shares are combined by this "
                     "node's own rule (%s), which the others may not share", identity.name,
                     agreed.params["rule"])
-    few = few_rounds_warning(agreed.strategy.params, tc.rounds, cfg.privacy.mode)
+    # FedAdam's few-rounds warning is for runs it steps: every run but secure rounds with DP
+    # on the sum, which take the plan's SGD step (node/runtime/secure_node.py aggregate).
+    secure_dp = secure_rule(consortium) is not None and cfg.privacy.mode != "off"
+    few = None if secure_dp else few_rounds_warning(agreed.strategy.params, tc.rounds,
+                                                    cfg.privacy.mode)
     if few is not None:
         log.warning("%s: %s", identity.name, few)
     neighbours = [m.name for m in consortium.members if m.name != identity.name]
