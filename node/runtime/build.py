@@ -258,13 +258,14 @@ def build_parts(cfg: NodeConfig, rejected: Counter[str], noise: NoiseSource) -> 
                           cfg.gossip.prekey_rotate_rounds, cfg.gossip.lookahead)
         sealing.own.keys = {e: PrivateKey(raw) for e, raw in state.load_prekeys().items()}
     # The consortium's compression (rules.compression, gossip/compress.py): a compressed
-    # share is the sender's update, read on top of our model as it is when combined.
+    # share is the sender's update, read on top of the round's start by whoever combines
+    # it (node/runtime/compression.py share_vector): the Verifier gets no base to read it on.
     codec = agreed_codec(consortium, str(cfg.consortium.path))
     verifier = Verifier(consortium.id, keys, identity.public_key, tensor_spec(model),
                         cfg.gossip.max_envelope_bytes, sealing=sealing,
                         stats_columns=len(numeric_columns(schema))
                         if schema.mode == "federated" else None,
-                        codec=codec, base=lambda name: model.state_dict()[name].numpy(),
+                        codec=codec,
                         secure=secure_rule(consortium, str(cfg.consortium.path)) is not None)
     # What this member signs (the sequence number on disk first): node/runtime/signer.py.
     signer = Signer(identity, consortium.id, state, sealing, rejected)
