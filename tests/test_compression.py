@@ -454,23 +454,17 @@ def test_consortium_build_and_a_scenario_choose_it(tmp_path, capsys):
 def test_int8_rounding_never_draws_from_the_privacy_noise():
     """Production: the OS; a seeded simulation: a seeded stream of its own, so that a
     compressed run's privacy noise is the uncompressed run's, draw for draw."""
-    from types import SimpleNamespace
-
     from node.privacy.mechanisms import OsNoise, SeededNoise
-    from node.runtime.build import with_compression
+    from node.runtime.build import rounding_for
 
-    parts = SimpleNamespace(verifier=SimpleNamespace(codec=C.parse_codec("int8")),
-                            model=tiny_model(), cfg=SimpleNamespace(training=SimpleNamespace(seed=3)))
-    privacy = SeededNoise(7)
-    for noise, kind in ((None, OsNoise), (OsNoise(), OsNoise), (privacy, SeededNoise)):
-        releaser = SimpleNamespace()
-        with_compression(parts, noise, None)(releaser, "signer", "transport")
-        assert isinstance(releaser.compressor.noise, kind) and releaser.compressor.noise is not noise
+    os_noise, privacy = OsNoise(), SeededNoise(7)
+    for noise, kind in ((os_noise, OsNoise), (privacy, SeededNoise)):
+        rounding = rounding_for(noise, 3)
+        assert isinstance(rounding, kind) and rounding is not noise
+    comp = Compressor(C.parse_codec("int8"), tiny_model(), rounding_for(privacy, 3))
     before = privacy.generator.get_state()
-    releaser.compressor.compress(torch.ones(200))
+    comp.compress(torch.ones(200))
     assert torch.equal(privacy.generator.get_state(), before)
-    assert with_compression(SimpleNamespace(verifier=SimpleNamespace(codec=C.NO_COMPRESSION)),
-                            None, None) is None
 
 
 def test_a_compressed_share_is_combined_on_the_round_start_even_if_the_model_was_replaced(

@@ -69,7 +69,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("flnode.node")
 
 # A seeded simulation's int8 rounding stream: seeded from the member's training seed
-# times this (a prime), apart from its privacy noise (with_compression).
+# times this (a prime), apart from its privacy noise (rounding_for).
 ROUNDING_SEED = 104_729
 # A rehearsal's wrappers of the honest releaser and signer (node/rehearsal/build.py):
 # given them and the node's transport, the parts the node uses instead.
@@ -275,6 +275,8 @@ def build_parts(cfg: NodeConfig, rejected: Counter[str], noise: NoiseSource) -> 
     # What this member releases (charged first): node/runtime/release.py.
     releaser = Releaser(cfg, identity.name, model, verifier.spec, state, ledger, budget, noise,
                         control)
+    if codec.compressed:  # before anything is released or the checkpoint restores a residual
+        releaser.compressor = Compressor(codec, model, rounding_for(noise, tc.seed))
     return Parts(cfg, identity, consortium, schema, train, held, tables, norm_fallback, state,
                  ledger, budget, agreed.strategy, agreed.params, model,
                  metric_name(schema.n_classes), sealing, verifier,
@@ -293,24 +295,11 @@ def build_node(cfg: NodeConfig, transport: Transport, *, node_cls: type[Node],
     counters, noise = NodeCounters(), noise or OsNoise()
     parts = build_parts(cfg, counters.rejected, noise)
     return node_cls(parts, transport, noise, counters, rows_transform=rows_transform,
-                    compose=with_compression(parts, noise, compose))
+                    compose=compose)
 
 
-def with_compression(parts: Parts, noise: NoiseSource | None, compose: Compose | None
-                     ) -> Compose | None:
-    """`compose`, preceded by giving the honest releaser the consortium's compressor
-    (node/runtime/compression.py), before anything is released or the checkpoint restores
-    its residual. Its rounding (int8) is not privacy noise but, like it, comes from the
-    OS; only a simulation that passes its own seeded privacy noise gets a seeded rounding
-    too, a stream of its own, so compressing never shifts the privacy noise's draws."""
-    codec = parts.verifier.codec
-    if not codec.compressed:
-        return compose
-    rounding: NoiseSource = (OsNoise() if noise is None or isinstance(noise, OsNoise)
-                             else SeededNoise(parts.cfg.training.seed * ROUNDING_SEED + 1))
-
-    def wired(releaser: Releaser, signer: Signer,
-              transport: Transport) -> tuple[Releaser, Signer]:
-        releaser.compressor = Compressor(codec, parts.model, rounding)
-        return compose(releaser, signer, transport) if compose else (releaser, signer)
-    return wired
+def rounding_for(noise: NoiseSource, seed: int) -> NoiseSource:
+    """The int8 codec's rounding stream: not privacy noise but, like it, from the OS; only
+    a simulation that passes its own seeded privacy noise gets a seeded rounding too, a
+    stream of its own, so compressing never shifts the privacy noise's draws."""
+    return OsNoise() if isinstance(noise, OsNoise) else SeededNoise(seed * ROUNDING_SEED + 1)
