@@ -287,10 +287,10 @@ class Rebased(Mapping[str, np.ndarray]):
     """A compressed share's tensors as a receiver combines them: its own round-start
     model plus the sender's decoded update, computed when read.
 
-    `base(name)` gives the receiver's model tensor `name` as it is *when read*: the
-    node reads a round's shares while it combines them, when its model is that round's
-    start (node/runtime/node.py, `_round`; release.py's stored release likewise).
-    `deltas` holds the decoded updates themselves."""
+    `base(name)` gives the receiver's model tensor `name` as it is *when read*. The node
+    gives none: it adds `deltas` (the decoded updates themselves) to the round-start
+    model it names (node/runtime/compression.py share_vector), so a share is never read
+    on a model that changed since the round started."""
 
     def __init__(self, deltas: dict[str, np.ndarray],
                  base: Callable[[str], np.ndarray] | None) -> None:

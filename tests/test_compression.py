@@ -454,20 +454,67 @@ def test_consortium_build_and_a_scenario_choose_it(tmp_path, capsys):
 def test_int8_rounding_never_draws_from_the_privacy_noise():
     """Production: the OS; a seeded simulation: a seeded stream of its own, so that a
     compressed run's privacy noise is the uncompressed run's, draw for draw."""
+    from node.privacy.mechanisms import OsNoise, SeededNoise
+    from node.runtime.build import rounding_for
+
+    os_noise, privacy = OsNoise(), SeededNoise(7)
+    for noise, kind in ((os_noise, OsNoise), (privacy, SeededNoise)):
+        rounding = rounding_for(noise, 3)
+        assert isinstance(rounding, kind) and rounding is not noise
+    comp = Compressor(C.parse_codec("int8"), tiny_model(), rounding_for(privacy, 3))
+    before = privacy.generator.get_state()
+    comp.compress(torch.ones(200))
+    assert torch.equal(privacy.generator.get_state(), before)
+
+
+def test_a_compressed_share_is_combined_on_the_round_start_even_if_the_model_was_replaced(
+        tmp_path):
+    """closing.aggregate reads a compressed share (the sender's update) on top of the round's
+    reference, passed explicitly (compression.share_vector): a model replaced between Train
+    and Close (a restore, a bug) changes nothing of what the strategy combines. The
+    Verifier is built with no base: nothing reads a share on the live model."""
     from types import SimpleNamespace
 
-    from node.privacy.mechanisms import OsNoise, SeededNoise
-    from node.runtime.build import with_compression
+    from gossip.protocol import events as ev
+    from gossip.transports.memory import MemoryHub
+    from node.learn.models import flat_to_named, get_flat, set_flat
+    from node.privacy.mechanisms import SeededNoise
+    from node.rehearsal.simulation.prepare import prepare
+    from node.rehearsal.simulation.spec import SimulationSpec
+    from node.runtime import closing
+    from node.runtime.checkpoint import compressor
+    from node.runtime.config import load_config
+    from node.runtime.node import Node
+    from node.strategy import WeightedShare
 
-    parts = SimpleNamespace(verifier=SimpleNamespace(codec=C.parse_codec("int8")),
-                            model=tiny_model(), cfg=SimpleNamespace(training=SimpleNamespace(seed=3)))
-    privacy = SeededNoise(7)
-    for noise, kind in ((None, OsNoise), (OsNoise(), OsNoise), (privacy, SeededNoise)):
-        releaser = SimpleNamespace()
-        with_compression(parts, noise, None)(releaser, "signer", "transport")
-        assert isinstance(releaser.compressor.noise, kind) and releaser.compressor.noise is not noise
-    before = privacy.generator.get_state()
-    releaser.compressor.compress(torch.ones(200))
-    assert torch.equal(privacy.generator.get_state(), before)
-    assert with_compression(SimpleNamespace(verifier=SimpleNamespace(codec=C.NO_COMPRESSION)),
-                            None, None) is None
+    torch.set_num_threads(1)
+    prep = prepare(SimulationSpec(dataset="default", nodes=3, partition="iid", rounds=1,
+                                  seed=0, out=tmp_path, compression="fp16"))
+    node = Node.from_config(load_config(prep.config_paths[0]),
+                            MemoryHub().attach(prep.names[0], prep.names), SeededNoise(0))
+    assert compressor(node) is not None  # wired in build_parts
+    codec = node.verifier.codec
+    start = get_flat(node.model).clone()
+    g = torch.Generator().manual_seed(5)
+    update = torch.randn(start.numel(), generator=g) * 0.01
+    body = bodies.encode_compressed_share(
+        codec, C.compress(codec, flat_to_named(node.model, update), uniform()), 1.0)
+    share = bodies.decode_share(body, node.verifier.spec, codec, node.verifier.base)
+    delta = torch.cat([torch.from_numpy(np.array(share.tensors.deltas[n])).reshape(-1)
+                       for n in node.model.state_dict()])
+    other = prep.names[1]
+    node._round = closing.RoundState(start, 0.0)
+    node._round.own = WeightedShare(node.name, 1.0, start + update)
+    seen = {}
+    real = node.strategy.aggregate
+
+    def aggregate(r, own, shares, missing, reference):
+        seen.update(shares)
+        return real(r, own, shares, missing, reference=reference)
+
+    node.strategy = SimpleNamespace(aggregate=aggregate)
+    set_flat(node.model, start + 100.0)  # replaced before Close
+    acc = envelope.Accepted(other, SimpleNamespace(kind=KIND_SHARE, digest=b"\0" * 32), share)
+    closing.aggregate(node, ev.Close(0, {other: acc}, (prep.names[2],), "deadline"))
+    assert torch.equal(seen[other].vector, start + delta)
+    assert node.verifier.base is None

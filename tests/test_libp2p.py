@@ -15,23 +15,16 @@ from libp2p.identity.identify.identify import parse_identify_response
 from libp2p.peer.peerinfo import PeerInfo
 from nacl.signing import SigningKey
 
-from gossip.membership import Member
 from gossip.transports.libp2p import SHARE_PROTOCOL, Libp2pTransport, peer_id_of
-from scripts.ports import free_ports
+from tests.helpers import libp2p_members
 
 CAP = 64 * 1024 * 1024
-
-
-def consortium_members(keys, names=None):
-    names = names or [f"m{i}" for i in range(len(keys))]
-    return tuple(Member(n, bytes(k.verify_key), {"libp2p": f"/ip4/127.0.0.1/tcp/{port}"})
-                 for n, k, port in zip(names, keys, free_ports(len(keys)), strict=True))
 
 
 @pytest.fixture
 async def trio_of_members():
     keys = [SigningKey.generate() for _ in range(3)]
-    members = consortium_members(keys)
+    members = libp2p_members(keys)
     ts = [Libp2pTransport(bytes(k), m.name, members, CAP) for k, m in zip(keys, members,
                                                                               strict=True)]
     for t in ts:
@@ -65,7 +58,7 @@ async def test_non_member_peer_is_refused_after_noise_and_counted(trio_of_member
     _, members, ts = trio_of_members
     outsider_key = SigningKey.generate()
     # The outsider knows the members' addresses and lists itself among them.
-    outsider_view = members + consortium_members([outsider_key], ["mallory"])
+    outsider_view = members + libp2p_members([outsider_key], ["mallory"])
     mallory = Libp2pTransport(bytes(outsider_key), "mallory", outsider_view, CAP)
     await mallory.start()
     try:
@@ -79,7 +72,7 @@ async def test_non_member_peer_is_refused_after_noise_and_counted(trio_of_member
 
 async def test_share_over_the_cap_is_refused_before_it_is_buffered():
     keys = [SigningKey.generate() for _ in range(2)]
-    members = consortium_members(keys)
+    members = libp2p_members(keys)
     small = Libp2pTransport(bytes(keys[0]), "m0", members, max_message_bytes=100_000)
     big = Libp2pTransport(bytes(keys[1]), "m1", members, max_message_bytes=CAP)
     await small.start()
@@ -131,7 +124,7 @@ def _vanilla_host_probe(seed: bytes, target_addr: str, target_peer) -> dict:
 
 async def test_a_stock_libp2p_host_with_a_member_key_can_identify_and_ping():
     keys = [SigningKey.generate() for _ in range(2)]
-    members = consortium_members(keys)
+    members = libp2p_members(keys)
     node = Libp2pTransport(bytes(keys[0]), "m0", members, CAP)
     await node.start()
     try:

@@ -11,16 +11,14 @@ py-libp2p hosts on 127.0.0.1 (waits are on states, with generous limits).
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
 
 import pytest
 from nacl.signing import SigningKey
 
 from gossip.errors import LocalError
-from gossip.membership import Member
 from gossip.transports.libp2p import Libp2pTransport
 from gossip.transports.libp2p.admission import MIN_QUEUED_BYTES, Admission
-from scripts.ports import free_ports
+from tests.helpers import libp2p_members, until
 
 MiB = 1024 * 1024
 
@@ -42,19 +40,9 @@ def test_the_total_defaults_like_the_in_flight_budget_and_fits_one_envelope():
         Admission(MiB, max_queued_bytes=MiB - 1)
 
 
-async def until(cond: Callable[[], bool], what: str, timeout: float = 60.0) -> None:
-    try:
-        async with asyncio.timeout(timeout):
-            while not cond():
-                await asyncio.sleep(0.05)
-    except TimeoutError:
-        raise AssertionError(f"not reached within {timeout:g} s: {what}") from None
-
-
 async def test_past_the_total_a_transfer_waits_until_another_members_message_is_taken():
     ks = [SigningKey.generate() for _ in range(3)]
-    members = tuple(Member(f"m{i}", bytes(k.verify_key), {"libp2p": f"/ip4/127.0.0.1/tcp/{p}"})
-                    for i, (k, p) in enumerate(zip(ks, free_ports(3), strict=True)))
+    members = libp2p_members(ks)
     t0, t1 = (Libp2pTransport(bytes(ks[i]), f"m{i}", members, MiB) for i in (0, 1))
     t2 = Libp2pTransport(bytes(ks[2]), "m2", members, MiB, max_queued_bytes=MiB)
     ts = (t0, t1, t2)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
@@ -15,8 +16,10 @@ import node.privacy.calibrate as calibrate
 from gossip.errors import LocalError
 from node.privacy.accountant import LedgerRecord, epsilon_of
 from node.privacy.calibrate import SIGMA_RATIO, SIGMA_SEARCH, calibrate_sigma, plan_history
+from node.privacy.distributed import SumMechanism, calibrate_sum_sigma, choose_granularity
 from node.privacy.ledger import Ledger
 from node.privacy.mechanisms import OsNoise, SeededNoise, clip, privatize_update, snap, stat_grid
+from node.privacy.secure import SecurePlan, calibrate_secure_sigma
 
 
 def record(r: int, sigma: float = 1.0) -> LedgerRecord:
@@ -172,6 +175,44 @@ def test_calibration_ends_as_the_bisection_did():
     old = bisection_sigma(40.0, 1e-5, "update", 1.0, 1, 30, None)
     assert old / SIGMA_RATIO < new < old * SIGMA_RATIO
     assert epsilon_of(plan_history("update", new, 1.0, 1, 30, None), 1e-5) <= 40.0
+
+
+def test_the_shared_bisection_ends_as_its_two_copies_did():
+    """bisect_sigma (the secure plan's and the secure sum's search, once two copies): the
+    least sigma accepted, to SIGMA_RATIO; the lower end if accepted; the caller's error if
+    even the upper end is refused."""
+    judged = []
+
+    def within(sigma: float) -> bool:
+        judged.append(sigma)
+        return sigma >= 3.7
+
+    sigma = calibrate.bisect_sigma(within, lambda hi: LocalError(f"not even {hi:g}"))
+    assert 3.7 <= sigma <= 3.7 * SIGMA_RATIO and judged[:2] == list(SIGMA_SEARCH)
+    assert calibrate.bisect_sigma(lambda s: True, lambda hi: LocalError("")) == SIGMA_SEARCH[0]
+    with pytest.raises(LocalError, match="not even 500"):
+        calibrate.bisect_sigma(lambda s: False, lambda hi: LocalError(f"not even {hi:g}"))
+
+
+def test_the_calibrations_give_the_sigmas_they_gave_before_the_search_was_shared():
+    """Digits from before the secure and sum calibrations shared bisect_sigma (e4efdf1):
+    the secure plan's sigma is part of the plan digest every member must agree on, so a
+    change of search must show here. The bisection's points are fixed geometric means:
+    only a verdict on one of them could move its result, so the digits are exact."""
+    gamma = choose_granularity(1.0, 4810)
+    mech = SumMechanism(1.0, gamma, 4810, 8, 2)
+    assert calibrate_sum_sigma(mech, 3.0, 1e-5, 0.25, 40) == 2.663989472932821
+    template = SecurePlan(epsilon=None, delta=1e-5, members=8, coalition=2, min_contributors=6,
+                          variant="sum_only", dim=4810, clip_norm=1.0, granularity=gamma,
+                          noise_multiplier=1.0, sample_rate=0.25, steps=40, rows_total=1437,
+                          lr=0.8)
+    assert calibrate_secure_sigma(template, 3.0, 40) == 3.263377162468482
+    distances = calibrate_secure_sigma(dataclasses.replace(template, variant="distances"),
+                                       3.0, 40)
+    assert distances == 6.5266851189028285
+    # calibrate_sigma (its own search, which interpolates: digits to float rounding)
+    assert calibrate_sigma(3.0, 1e-5, "record", 1 / 140, 100, 30, 10.0) == \
+        pytest.approx(0.9134394206713994, rel=1e-9)
 
 
 def test_a_noised_count_does_not_leak_the_exact_count_through_its_low_bits(tmp_path):

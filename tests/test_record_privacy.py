@@ -277,6 +277,21 @@ def test_few_rounds_under_dp_with_the_default_fedadam_step_is_warned_about(tmp_p
     assert few_rounds_warning(params, 5, "update") is not None
 
 
+def test_secure_dp_rounds_are_not_warned_about_a_fedadam_step_they_do_not_take(
+        tmp_path, caplog):
+    """Secure rounds with DP on the sum step by the consortium plan's SGD, never the agreed
+    server optimizer (node/runtime/secure_node.py aggregate): the same default FedAdam
+    recipe and the same few rounds as above draw no warning (it was logged at every member)."""
+    prep = prepare(SimulationSpec(dataset="default", nodes=4, partition="iid", rounds=2, seed=0,
+                                  out=tmp_path, privacy="record", epsilon=3.0, sigma=None,
+                                  secure=True))
+    nodes = nodes_of(prep, rounds=5)
+    assert nodes[0].secure is not None and nodes[0].secure.plan is not None  # DP on the sum
+    assert nodes[0].strategy.params["server_opt"] == "adam"
+    assert nodes[0].strategy.params["server_momentum"] == 0.9
+    assert not [r for r in caplog.records if "FedAdam" in r.message]
+
+
 def test_a_plan_edited_to_a_lower_sigma_is_refused(tmp_path):
     """The audit's case: sigma lowered by hand in privacy_plan.json (the ledger would still
     charge it and the budget stop the node, but the start says what is wrong)."""

@@ -19,6 +19,7 @@ from node.privacy.distributed import (
     SumRelease,
     choose_granularity,
     epsilon_of_sum,
+    release_rdp,
 )
 from node.privacy.ledger import Ledger
 from node.privacy.secure import (
@@ -54,6 +55,24 @@ def test_a_sum_charge_is_the_distributed_accountant_of_the_sum(m):
     want = epsilon_of_sum(mech, plan.noise_multiplier, [SumRelease(plan.sample_rate, 7, m)],
                           plan.delta)
     assert epsilon_of([rec], plan.delta) == pytest.approx(want, rel=1e-12)
+
+
+@pytest.mark.parametrize("clip,levels", [(1.0, None), (0.3, None), (3.0, None), (3.0, 37)])
+@pytest.mark.parametrize("sigma", [0.1, 3.3])
+def test_the_ledger_charge_and_the_release_accountant_are_one_computation(clip, levels, sigma):
+    """secure_record.record_rdp and distributed.release_rdp share skellam.sum_rdp and
+    honest_variance: the same RDP to the last bit at every clip and contribution count
+    (before, two copies agreed to rounding only: sigma C / gamma multiplied in another
+    order at C != 1)."""
+    # the plan's granularity (C / 2^k), or any other a record may hold
+    gamma = choose_granularity(clip, 4810) if levels is None else clip / levels
+    plan = fixed_plan(clip_norm=clip, granularity=gamma, noise_multiplier=sigma)
+    mech = plan.mechanism()
+    for m in (0, 2, 3, 6, 8):
+        rec = plan.record(0, m)
+        got = secure_record.record_rdp(rec.secure, sigma, plan.sample_rate, 7, clip)
+        want = release_rdp(mech, sigma, SumRelease(plan.sample_rate, 7, m))
+        assert np.array_equal(got, want), m
 
 
 def test_a_per_member_charge_is_one_members_noise():

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import Callable
 
 import multiaddr
 import pytest
@@ -26,33 +25,16 @@ from libp2p.crypto.ed25519 import create_new_key_pair
 from nacl.signing import SigningKey
 
 from gossip.errors import LocalError
-from gossip.membership import Member
 from gossip.transports.base import TransportFailed
 from gossip.transports.libp2p import SHARE_PROTOCOL, Libp2pTransport
 from gossip.transports.mqtt import MqttTransport
 from gossip.transports.mqtt.broker import BrokerAddress
 from scripts.ports import free_ports
-from tests.helpers import consortium, keys
+from tests.helpers import consortium, keys, libp2p_members, until
 from tests.mqtt_support import mqtt_broker, require_mosquitto
 
 CAP = 64 * 1024 * 1024
 MiB = 1024 * 1024
-
-
-async def until(cond: Callable[[], bool], what: str, timeout: float = 60.0) -> None:
-    """Wait for a state (generous timeout: a loaded 2-core machine)."""
-    try:
-        async with asyncio.timeout(timeout):
-            while not cond():
-                await asyncio.sleep(0.05)
-    except TimeoutError:
-        raise AssertionError(f"not reached within {timeout:g} s: {what}") from None
-
-
-def members_of(ks, names=None):
-    names = names or [f"m{i}" for i in range(len(ks))]
-    return tuple(Member(n, bytes(k.verify_key), {"libp2p": f"/ip4/127.0.0.1/tcp/{port}"})
-                 for n, k, port in zip(names, ks, free_ports(len(ks)), strict=True))
 
 
 def send_tasks_in_trio(t: Libp2pTransport) -> list[str]:
@@ -122,7 +104,7 @@ class SlowReader:
 
 async def test_a_cancelled_large_send_stops_the_trio_transfer_and_the_receiver_sees_a_reset():
     ks = [SigningKey.generate() for _ in range(2)]
-    members = members_of(ks)
+    members = libp2p_members(ks)
     reader = SlowReader(bytes(ks[1]), members[1].addresses["libp2p"])
     reader_thread = asyncio.create_task(asyncio.to_thread(reader.run))
     sender = Libp2pTransport(bytes(ks[0]), "m0", members, CAP)
@@ -166,7 +148,7 @@ async def test_a_cancelled_large_send_stops_the_trio_transfer_and_the_receiver_s
 
 async def test_a_send_cancelled_or_timed_out_while_waiting_for_the_peer_leaves_no_trio_task():
     ks = [SigningKey.generate() for _ in range(2)]
-    members = members_of(ks)  # m1 never starts: the send waits up to CONNECT_WAIT_S for it
+    members = libp2p_members(ks)  # m1 never starts: the send waits up to CONNECT_WAIT_S for it
     t = Libp2pTransport(bytes(ks[0]), "m0", members, CAP)
     await t.start()
     try:
@@ -196,7 +178,7 @@ async def _crash(t: Libp2pTransport) -> None:
 @pytest.mark.parametrize("how", ["crash", "exit"])
 async def test_a_dead_libp2p_thread_makes_incoming_send_and_broadcast_raise(how):
     ks = [SigningKey.generate() for _ in range(3)]
-    members = members_of(ks)
+    members = libp2p_members(ks)
     ts = [Libp2pTransport(bytes(k), m.name, members, CAP) for k, m in zip(ks, members,
                                                                           strict=True)]
     for t in ts[:2]:  # m2 stays away: a send to it waits for it
@@ -297,7 +279,7 @@ async def test_a_node_whose_libp2p_thread_dies_ends_its_run_with_the_transport_e
 
 async def test_a_programming_error_inside_send_propagates_and_is_not_counted_as_dropped():
     ks = [SigningKey.generate() for _ in range(2)]
-    members = members_of(ks)
+    members = libp2p_members(ks)
     t0, t1 = (Libp2pTransport(bytes(k), m.name, members, CAP) for k, m in zip(ks, members,
                                                                               strict=True))
     await t0.start()
@@ -323,7 +305,7 @@ async def test_a_programming_error_inside_send_propagates_and_is_not_counted_as_
 
 async def test_a_full_libp2p_inbox_holds_the_transfer_until_the_node_takes_a_message():
     ks = [SigningKey.generate() for _ in range(2)]
-    members = members_of(ks)
+    members = libp2p_members(ks)
     t0 = Libp2pTransport(bytes(ks[0]), "m0", members, CAP)
     t1 = Libp2pTransport(bytes(ks[1]), "m1", members, CAP, inbox_depth=1)
     await t0.start()

@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import threading
 from collections import Counter
-from collections.abc import Callable
 
 import aiomqtt
 import multiaddr
@@ -34,20 +33,11 @@ from gossip.transports.mqtt.broker import (
     direct_topic,
     share_topic,
 )
-from scripts.ports import free_ports
-from tests.helpers import consortium, keys
+from tests.helpers import consortium, keys, libp2p_members, until
 from tests.mqtt_support import mqtt_broker, require_mosquitto
 
 CAP = 64 * 1024 * 1024
 MiB = 1024 * 1024
-
-
-async def until(cond: Callable[[], bool], what: str, timeout: float = 60.0) -> None:
-    """Wait for a state (generous timeout: a loaded 2-core machine)."""
-    async with asyncio.timeout(timeout):
-        while not cond():
-            await asyncio.sleep(0.05)
-    assert cond(), what
 
 
 # --- MQTT ----------------------------------------------------------------------------
@@ -264,12 +254,6 @@ async def test_one_sender_cannot_fill_the_brokers_in_flight_window():
 
 # --- libp2p --------------------------------------------------------------------------
 
-def members_of(ks, names=None):
-    names = names or [f"m{i}" for i in range(len(ks))]
-    return tuple(Member(n, bytes(k.verify_key), {"libp2p": f"/ip4/127.0.0.1/tcp/{port}"})
-                 for n, k, port in zip(names, ks, free_ports(len(ks)), strict=True))
-
-
 def rogue_member(seed: bytes, addr: str, peer, stop: threading.Event, out: Counter, *,
                  streams: int, declare: int, send: int, trickle_s: float | None = None
                  ) -> None:
@@ -330,7 +314,7 @@ async def test_a_member_over_the_per_peer_stream_limit_is_refused_and_memory_sta
     once (too_many_streams); the node holds the body bytes of two, and another member
     still delivers meanwhile."""
     ks = [SigningKey.generate() for _ in range(3)]
-    members = members_of(ks)
+    members = libp2p_members(ks)
     m0 = Libp2pTransport(bytes(ks[0]), "m0", members, 16 * MiB, max_streams_per_peer=2,
                          rate_window_s=600)
     m2 = Libp2pTransport(bytes(ks[2]), "m2", members, CAP)
@@ -363,7 +347,7 @@ async def test_a_trickling_member_is_cut_off_by_the_rate_rule():
     (64 KiB/s over 2 s windows, on bytes actually received) resets it after a window.
     An honest transfer under the same rule goes through."""
     ks = [SigningKey.generate() for _ in range(3)]
-    members = members_of(ks)
+    members = libp2p_members(ks)
     m0 = Libp2pTransport(bytes(ks[0]), "m0", members, 16 * MiB, rate_window_s=2.0,
                          min_rate_bytes_per_s=64 * 1024)
     m2 = Libp2pTransport(bytes(ks[2]), "m2", members, CAP)
@@ -390,7 +374,7 @@ async def test_a_transfer_over_the_global_budget_waits_for_room_then_goes_throug
     sent; m2's 3 MB share does not fit and waits (nothing read), and goes through once
     m1's transfer ends. With a short wait it is refused as `busy` instead."""
     ks = [SigningKey.generate() for _ in range(3)]
-    members = members_of(ks)
+    members = libp2p_members(ks)
     m0 = Libp2pTransport(bytes(ks[0]), "m0", members, 4 * MiB,
                          max_peer_inflight_bytes=5 * MiB, max_inflight_bytes=6 * MiB,
                          rate_window_s=600, budget_wait_s=600)
@@ -427,7 +411,7 @@ async def test_a_handshake_flood_is_bounded_and_members_keep_delivering():
     (handshake_limit); those in handshake are closed after handshake_timeout_s. A
     member already connected delivers meanwhile, and all slots are free afterwards."""
     ks = [SigningKey.generate() for _ in range(2)]
-    members = members_of(ks)
+    members = libp2p_members(ks)
     m0 = Libp2pTransport(bytes(ks[0]), "m0", members, CAP, max_pending_handshakes=8,
                          max_handshakes_per_ip=3, handshake_timeout_s=3.0,
                          per_ip_on_loopback=True)

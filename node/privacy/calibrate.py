@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Callable
 
 from gossip.errors import LocalError
 from node.privacy.accountant import LedgerRecord, epsilon_of
@@ -28,6 +29,28 @@ def plan_history(mode: str, sigma: float, sample_rate: float, steps_per_round: i
     records += [LedgerRecord(r, mode, sigma, sample_rate, steps_per_round, 0.0, "")
                 for r in range(rounds)]
     return records
+
+
+def bisect_sigma(within: Callable[[float], bool],
+                 cannot_meet: Callable[[float], Exception]) -> float:
+    """Smallest sigma (to SIGMA_RATIO) that `within` accepts, by bisection on log sigma over
+    SIGMA_SEARCH: a sigma `within` accepts that is less than SIGMA_RATIO times one it
+    refuses, or SIGMA_SEARCH's lower end if `within` accepts that. `within` must be
+    monotone (more noise never costs more epsilon); every candidate is judged by it
+    alone. Raises cannot_meet(SIGMA_SEARCH's upper end) when even that is refused.
+
+    The secure plan's and the secure sum's calibrations use this search (their sigma is
+    in the plan every member must agree on, so its digits are pinned); calibrate_sigma
+    below reaches the same tolerance in fewer accountant evaluations."""
+    lo, hi = SIGMA_SEARCH
+    if within(lo):
+        return lo
+    if not within(hi):
+        raise cannot_meet(hi)
+    while hi > lo * SIGMA_RATIO:  # lo over the budget, hi within it
+        mid = math.sqrt(lo * hi)
+        lo, hi = (lo, mid) if within(mid) else (mid, hi)
+    return hi
 
 
 def calibrate_sigma(target_epsilon: float, delta: float, mode: str, sample_rate: float,

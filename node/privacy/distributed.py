@@ -99,7 +99,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from node.privacy.accountant import _opacus_rdp
-from node.privacy.calibrate import SIGMA_RATIO, SIGMA_SEARCH
+from node.privacy.calibrate import bisect_sigma
 from node.privacy.skellam import (  # the arithmetic, re-exported: callers import it from here
     BETA,
     ORDERS,
@@ -108,9 +108,11 @@ from node.privacy.skellam import (  # the arithmetic, re-exported: callers impor
     _check_positive,
     check_sample_rate,
     check_sigma,
-    poisson_subsampled_rdp,
+    honest_variance,
+    poisson_subsampled_rdp,  # noqa: F401 (re-exported)
     rounded_l2_bound_sq,
-    skellam_rdp,
+    skellam_rdp,  # noqa: F401 (re-exported)
+    sum_rdp,
 )
 
 # At most this many roundings of one example: P(all rejected) <= beta^64 ~ 1e-14.
@@ -343,9 +345,9 @@ def release_rdp(mech: SumMechanism, sigma: float, release: SumRelease) -> np.nda
                                  f"{mech.members} members")
     if steps == 0:
         return np.zeros(len(ORDERS))
-    variance = (m - mech.coalition) * 2 * mech.member_mu(sigma) if m > mech.coalition else 0.0
-    base = skellam_rdp(float(mech.l2_bound_sq), mech.l1_sensitivity, variance)
-    return poisson_subsampled_rdp(base, q) * steps
+    variance = honest_variance(check_sigma(sigma), mech.clip_norm, mech.granularity,
+                               mech.members, mech.coalition, m - mech.coalition)
+    return sum_rdp(mech.l2_bound_sq, mech.dim, variance, q, steps)
 
 
 def epsilon_of_sum(mech: SumMechanism, sigma: float, releases: Sequence[SumRelease],
@@ -384,15 +386,10 @@ def calibrate_sum_sigma(mech: SumMechanism, target_epsilon: float, delta: float,
     def within(sigma: float) -> bool:
         return epsilon_of_sum(mech, sigma, release, delta) <= target_epsilon
 
-    lo, hi = SIGMA_SEARCH
-    if within(lo):
-        return lo
-    if not within(hi):
-        raise DistributedDPError(
+    def cannot_meet(hi: float) -> DistributedDPError:
+        return DistributedDPError(
             f"distributed DP: epsilon = {target_epsilon:g} cannot be met over {steps} steps "
             f"at q = {sample_rate:g} with {m} contributors and a coalition of "
             f"{mech.coalition} even with sigma = {hi:g}")
-    while hi > lo * SIGMA_RATIO:  # lo over the budget, hi within it
-        mid = math.sqrt(lo * hi)
-        lo, hi = (lo, mid) if within(mid) else (mid, hi)
-    return hi
+
+    return bisect_sigma(within, cannot_meet)

@@ -33,7 +33,7 @@ from pathlib import Path
 from gossip.errors import LocalError
 from node.privacy import secure_record
 from node.privacy.accountant import LedgerRecord, epsilon_of
-from node.privacy.calibrate import SIGMA_RATIO, SIGMA_SEARCH
+from node.privacy.calibrate import bisect_sigma
 from node.privacy.distributed import (
     BETA,
     DistributedDPError,
@@ -235,19 +235,14 @@ def calibrate_secure_sigma(template: SecurePlan, target_epsilon: float, steps: i
         plan = dataclasses.replace(template, noise_multiplier=sigma)
         return plan.epsilon_after(steps) <= target_epsilon
 
-    lo, hi = SIGMA_SEARCH
-    if within(lo):
-        return lo
-    if not within(hi):
-        raise LocalError(f"secure plan: epsilon = {target_epsilon:g} cannot be met over "
-                         f"{steps} rounds at q = {template.sample_rate:.4g} ({template.reveal} "
-                         f"revealed, {template.min_contributors} contributors, coalition "
-                         f"{template.coalition}) even with sigma = {hi:g}: raise epsilon, "
-                         "plan fewer rounds or choose variant sum_only")
-    while hi > lo * SIGMA_RATIO:  # lo over the budget, hi within it
-        mid = math.sqrt(lo * hi)
-        lo, hi = (lo, mid) if within(mid) else (mid, hi)
-    return hi
+    def cannot_meet(hi: float) -> LocalError:
+        return LocalError(f"secure plan: epsilon = {target_epsilon:g} cannot be met over "
+                          f"{steps} rounds at q = {template.sample_rate:.4g} ({template.reveal} "
+                          f"revealed, {template.min_contributors} contributors, coalition "
+                          f"{template.coalition}) even with sigma = {hi:g}: raise epsilon, "
+                          "plan fewer rounds or choose variant sum_only")
+
+    return bisect_sigma(within, cannot_meet)
 
 
 def secure_plan(*, rows_total: int, members: int, coalition: int, epsilon: float,

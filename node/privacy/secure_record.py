@@ -31,12 +31,7 @@ import math
 
 import numpy as np
 
-from node.privacy.skellam import (
-    ORDERS,
-    poisson_subsampled_rdp,
-    rounded_l2_bound_sq,
-    skellam_rdp,
-)
+from node.privacy.skellam import ORDERS, honest_variance, rounded_l2_bound_sq, sum_rdp
 
 MODE = "secure"
 REVEALS = ("sum", "per_member")
@@ -91,10 +86,8 @@ def problem(secure: object, clip_norm: float) -> str | None:
 def noise_variance(secure: dict, sigma: float, clip_norm: float) -> float:
     """The honest noise variance per coordinate (integer units) the charge counts on."""
     n, t, m = secure["members"], secure["coalition"], secure["contributors"]
-    two_mu = (sigma * clip_norm / secure["granularity"]) ** 2 / (n - t)
-    if secure["reveal"] == "per_member":
-        return two_mu
-    return (m - t) * two_mu if m > t else 0.0
+    honest = 1 if secure["reveal"] == "per_member" else m - t
+    return honest_variance(sigma, clip_norm, secure["granularity"], n, t, honest)
 
 
 def record_rdp(secure: dict, sigma: float, sample_rate: float, steps: int,
@@ -103,9 +96,8 @@ def record_rdp(secure: dict, sigma: float, sample_rate: float, steps: int,
     if steps == 0:
         return np.zeros(len(ORDERS))
     l2_sq = rounded_l2_bound_sq(clip_norm / secure["granularity"], secure["dim"], secure["beta"])
-    l1 = min(float(l2_sq), math.sqrt(secure["dim"]) * math.sqrt(l2_sq))
-    base = skellam_rdp(float(l2_sq), l1, noise_variance(secure, sigma, clip_norm))
-    return poisson_subsampled_rdp(base, sample_rate) * steps
+    return sum_rdp(l2_sq, secure["dim"], noise_variance(secure, sigma, clip_norm), sample_rate,
+                   steps)
 
 
 def summary(records: list) -> dict | None:

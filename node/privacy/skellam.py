@@ -86,6 +86,29 @@ def skellam_rdp(l2_sq: float, l1: float, variance: float,
     return a * l2_sq / (2 * variance) + extra
 
 
+def honest_variance(sigma: float, clip_norm: float, granularity: float, members: int,
+                    coalition: int, honest: int) -> float:
+    """The noise variance per coordinate (integer units) of `honest` members' shares of a
+    secure sum, each of variance 2 mu = (sigma C/gamma)^2 / (n - t); none (honest <= 0):
+    0, no noise (node/privacy/distributed.py's module docstring)."""
+    two_mu = (sigma * clip_norm / granularity) ** 2 / (members - coalition)
+    return honest * two_mu if honest > 0 else 0.0
+
+
+def sum_rdp(l2_bound_sq: int, dim: int, variance: float, sample_rate: float,
+            steps: int) -> np.ndarray:
+    """RDP at ORDERS of `steps` secure sums at Poisson rate q, each holding a record's
+    rounded vector (squared L2 norm <= l2_bound_sq in `dim` coordinates, so L1 <=
+    min(Delta2^2, sqrt(d) Delta2)) under Skellam noise of `variance` per coordinate: the
+    one computation behind a ledger's secure charge (node/privacy/secure_record.py) and
+    distributed.py's release accountant."""
+    if steps == 0:
+        return np.zeros(len(ORDERS))
+    l1 = min(float(l2_bound_sq), math.sqrt(dim) * math.sqrt(l2_bound_sq))
+    base = skellam_rdp(float(l2_bound_sq), l1, variance)
+    return poisson_subsampled_rdp(base, sample_rate) * steps
+
+
 def poisson_subsampled_rdp(base: np.ndarray, q: float, orders: Sequence[int] = ORDERS
                            ) -> np.ndarray:
     """RDP at each integer order a of a symmetric additive-noise mechanism with RDP `base`

@@ -69,7 +69,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("flnode.node")
 
 # A seeded simulation's int8 rounding stream: seeded from the member's training seed
-# times this (a prime), apart from its privacy noise (with_compression).
+# times this (a prime), apart from its privacy noise (rounding_for).
 ROUNDING_SEED = 104_729
 # A rehearsal's wrappers of the honest releaser and signer (node/rehearsal/build.py):
 # given them and the node's transport, the parts the node uses instead.
@@ -238,7 +238,11 @@ def build_parts(cfg: NodeConfig, rejected: Counter[str], noise: NoiseSource) -> 
         log.warning("%s: the consortium file has no [rules]: shares are combined by this "
                     "node's own rule (%s), which the others may not share", identity.name,
                     agreed.params["rule"])
-    few = few_rounds_warning(agreed.strategy.params, tc.rounds, cfg.privacy.mode)
+    # FedAdam's few-rounds warning is for runs it steps: every run but secure rounds with DP
+    # on the sum, which take the plan's SGD step (node/runtime/secure_node.py aggregate).
+    secure_dp = secure_rule(consortium) is not None and cfg.privacy.mode != "off"
+    few = None if secure_dp else few_rounds_warning(agreed.strategy.params, tc.rounds,
+                                                    cfg.privacy.mode)
     if few is not None:
         log.warning("%s: %s", identity.name, few)
     neighbours = [m.name for m in consortium.members if m.name != identity.name]
@@ -254,13 +258,14 @@ def build_parts(cfg: NodeConfig, rejected: Counter[str], noise: NoiseSource) -> 
                           cfg.gossip.prekey_rotate_rounds, cfg.gossip.lookahead)
         sealing.own.keys = {e: PrivateKey(raw) for e, raw in state.load_prekeys().items()}
     # The consortium's compression (rules.compression, gossip/compress.py): a compressed
-    # share is the sender's update, read on top of our model as it is when combined.
+    # share is the sender's update, read on top of the round's start by whoever combines
+    # it (node/runtime/compression.py share_vector): the Verifier gets no base to read it on.
     codec = agreed_codec(consortium, str(cfg.consortium.path))
     verifier = Verifier(consortium.id, keys, identity.public_key, tensor_spec(model),
                         cfg.gossip.max_envelope_bytes, sealing=sealing,
                         stats_columns=len(numeric_columns(schema))
                         if schema.mode == "federated" else None,
-                        codec=codec, base=lambda name: model.state_dict()[name].numpy(),
+                        codec=codec,
                         secure=secure_rule(consortium, str(cfg.consortium.path)) is not None)
     # What this member signs (the sequence number on disk first): node/runtime/signer.py.
     signer = Signer(identity, consortium.id, state, sealing, rejected)
@@ -270,6 +275,8 @@ def build_parts(cfg: NodeConfig, rejected: Counter[str], noise: NoiseSource) -> 
     # What this member releases (charged first): node/runtime/release.py.
     releaser = Releaser(cfg, identity.name, model, verifier.spec, state, ledger, budget, noise,
                         control)
+    if codec.compressed:  # before anything is released or the checkpoint restores a residual
+        releaser.compressor = Compressor(codec, model, rounding_for(noise, tc.seed))
     return Parts(cfg, identity, consortium, schema, train, held, tables, norm_fallback, state,
                  ledger, budget, agreed.strategy, agreed.params, model,
                  metric_name(schema.n_classes), sealing, verifier,
@@ -288,24 +295,11 @@ def build_node(cfg: NodeConfig, transport: Transport, *, node_cls: type[Node],
     counters, noise = NodeCounters(), noise or OsNoise()
     parts = build_parts(cfg, counters.rejected, noise)
     return node_cls(parts, transport, noise, counters, rows_transform=rows_transform,
-                    compose=with_compression(parts, noise, compose))
+                    compose=compose)
 
 
-def with_compression(parts: Parts, noise: NoiseSource | None, compose: Compose | None
-                     ) -> Compose | None:
-    """`compose`, preceded by giving the honest releaser the consortium's compressor
-    (node/runtime/compression.py), before anything is released or the checkpoint restores
-    its residual. Its rounding (int8) is not privacy noise but, like it, comes from the
-    OS; only a simulation that passes its own seeded privacy noise gets a seeded rounding
-    too, a stream of its own, so compressing never shifts the privacy noise's draws."""
-    codec = parts.verifier.codec
-    if not codec.compressed:
-        return compose
-    rounding: NoiseSource = (OsNoise() if noise is None or isinstance(noise, OsNoise)
-                             else SeededNoise(parts.cfg.training.seed * ROUNDING_SEED + 1))
-
-    def wired(releaser: Releaser, signer: Signer,
-              transport: Transport) -> tuple[Releaser, Signer]:
-        releaser.compressor = Compressor(codec, parts.model, rounding)
-        return compose(releaser, signer, transport) if compose else (releaser, signer)
-    return wired
+def rounding_for(noise: NoiseSource, seed: int) -> NoiseSource:
+    """The int8 codec's rounding stream: not privacy noise but, like it, from the OS; only
+    a simulation that passes its own seeded privacy noise gets a seeded rounding too, a
+    stream of its own, so compressing never shifts the privacy noise's draws."""
+    return OsNoise() if isinstance(noise, OsNoise) else SeededNoise(seed * ROUNDING_SEED + 1)

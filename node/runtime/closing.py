@@ -21,10 +21,11 @@ import torch
 
 from gossip.envelope import KIND_RETIRE, Accepted
 from gossip.protocol import events as ev
-from node.learn.models import named_to_flat, set_flat
+from node.learn.models import set_flat
 from node.learn.train import evaluate
 from node.ops.intervals import metric_intervals
 from node.runtime import audit, bookkeeping, checkpoint, secure_node
+from node.runtime.compression import share_vector
 from node.runtime.release import Result
 from node.runtime.round_report import RoundReport
 from node.strategy import WeightedShare
@@ -83,8 +84,9 @@ def aggregate(node: Node, c: ev.Close) -> dict[str, Accepted]:
                 f"{ours.hex()[:16] if ours else 'none'}: the members combined different "
                 "statistics (or one sent different ones to different members)"),
                 acc.envelope.digest.hex(), acc))
+    # a compressed share is an update: read on top of the round's start, explicitly
     shares = {s.sender: WeightedShare(s.sender, s.share.weight,
-                                      named_to_flat(node.model, s.share.tensors))
+                                      share_vector(node.model, s.share.tensors, st.reference))
               for s in received.values()}
     agg = node.strategy.aggregate(r, own, shares, set(c.missing), reference=st.reference)
     diagnostics = agg.to_json()

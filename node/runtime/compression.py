@@ -19,17 +19,30 @@ release and its checkpoint resumes with the residual that release left.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from gossip.compress import Codec, Compressed, compress
+from gossip.compress import Codec, Compressed, Rebased, compress
 from gossip.errors import LocalError
-from node.learn.models import flat_to_named
+from node.learn.models import flat_to_named, named_to_flat
 from node.privacy.mechanisms import NoiseSource
 from node.runtime.state import RESIDUAL_SUFFIX, StateDir
+
+
+def share_vector(model: torch.nn.Module, tensors: Mapping[str, np.ndarray],
+                 reference: torch.Tensor) -> torch.Tensor:
+    """A share's tensors as one flat float32 vector in the model's order. A compressed
+    share carries the sender's update (gossip/compress.py `Rebased`): it is read on top of
+    `reference`, the round-start model (flat, float32) the caller names, never on what the
+    model holds when it is read (the Verifier is given no base: reading it as a model
+    raises). An uncompressed share is its own tensors."""
+    if isinstance(tensors, Rebased):
+        return reference + named_to_flat(model, tensors.deltas)
+    return named_to_flat(model, tensors)
 
 
 @dataclass(frozen=True)

@@ -35,7 +35,6 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import torch
 
 from gossip import bodies, envelope
@@ -45,14 +44,14 @@ from gossip.envelope import KIND_SEALED
 from gossip.errors import LocalError
 from node.learn.control import ControlVariates, local_steps, per_parameter
 from node.learn.dpsgd import dp_engine, train_local_dp_fast
-from node.learn.models import flat_to_named, get_flat, named_to_flat
+from node.learn.models import flat_to_named, get_flat
 from node.learn.train import round_lr, train_local, train_local_dp
 from node.privacy.accountant import LedgerRecord
 from node.privacy.budget import PrivacyBudget
 from node.privacy.ledger import Ledger
 from node.privacy.mechanisms import NoiseSource, privatize_update
 from node.runtime import audit
-from node.runtime.compression import Compressor, residual_bytes, residual_path
+from node.runtime.compression import Compressor, residual_bytes, residual_path, share_vector
 from node.runtime.config import NodeConfig
 from node.runtime.state import StateDir, atomic_write
 from node.strategy import WeightedShare
@@ -228,10 +227,6 @@ class Releaser:
         comp, _ = self.compressor.compress(vector - start)
         return bodies.encode_compressed_share(self.compressor.codec, comp, weight, self.norm())
 
-    def base(self, name: str) -> np.ndarray:
-        """Our model's tensor `name` now: what a compressed share is read on top of."""
-        return self.model.state_dict()[name].numpy()
-
     async def publish(self, r: int, t: Trained,
                       body: Callable[[int, Trained], bytes]) -> Result:
         """Check, charge (fsync'd), sign and store a trained share; `body(r, t)` is what
@@ -297,10 +292,11 @@ class Releaser:
         env = envelope.decode_outer(stored, self.cfg.gossip.max_envelope_bytes)
         body = self.state.stored_plain_body(r) if env.kind == KIND_SEALED else env.body
         codec = self.compressor.codec if self.compressor is not None else NO_COMPRESSION
-        share = bodies.decode_share(body, self.spec, codec, self.base)
-        own = WeightedShare(self.name, share.weight, named_to_flat(self.model, share.tensors))
+        share = bodies.decode_share(body, self.spec, codec)
+        start = get_flat(self.model)  # the round's start: nothing of it is trained yet
+        own = WeightedShare(self.name, share.weight,
+                            share_vector(self.model, share.tensors, start))
         if self.control is not None:  # as when it was released (node/learn/control.py)
-            start = get_flat(self.model)
             self.control.begin(r, start)
             self._log_control(r, self.control.correction())
             self.control.released(r, start, own.vector, self._step_scale(r))
