@@ -408,8 +408,13 @@ def _read_tensors(r: Reader, spec: Sequence[TensorSpec],
 # so at once instead of being waited for). The pieces' own bytes are node/secagg/pieces.py's
 # ("FLSA" header, field elements), parsed and checked by the node: gossip checks the frame.
 SECAGG_DEAL = "deal"
-SECAGG_STEPS = ("check", "degree2", "sum")
-_SECAGG_PIECES = {SECAGG_DEAL: (3,), "check": (0, 1), "degree2": (0, 1), "sum": (0, 1)}
+# "agree" (review finding C2): before any sum piece leaves, each member's signed statement of
+# what it will open: a 32-byte hash of (round, entered, openers, selected, the step bodies)
+# and the digest (32 bytes each) of every member's check and degree2 body it used, or none
+# (it opens nothing). node/runtime/secure_round.py `SecureRound.agree`.
+SECAGG_STEPS = ("check", "degree2", "agree", "sum")
+_SECAGG_PIECES = {SECAGG_DEAL: (3,), "check": (0, 1), "degree2": (0, 1), "agree": (0, 1),
+                  "sum": (0, 1)}
 # The most dealers a check message may name: node/secagg/shamir.py's MAX_MEMBERS bound
 # (members are evaluation points 1..n of a 16-bit field in the piece header).
 MAX_SECAGG_MEMBERS = 65535
@@ -418,7 +423,8 @@ MAX_SECAGG_MEMBERS = 65535
 # A piece is node/secagg/pieces.py's 24-byte header and 8 bytes per field element: a check
 # 2n values, a degree-2 piece at most P = n(n - 1)/2 + n (the "distances" variant), a sum d,
 # a deal's vector d + 1 (or a 4-value seed) and mask P + 1; a commitment is 32 bytes per
-# holder (node/runtime/secure_round.py COMMIT_BYTES).
+# holder (node/runtime/secure_round.py COMMIT_BYTES); an agreement is 32 (1 + 2n) bytes
+# exactly (its hash, then two body digests per member).
 SECAGG_PIECE_HEADER = 24
 SECAGG_VALUE_BYTES = 8
 SECAGG_SEED_VALUES = 4
@@ -434,6 +440,7 @@ def secagg_piece_limits(step: str, members: int, dim: int | None) -> tuple[int |
         vector = None if dim is None else head + v * max(dim + 1, SECAGG_SEED_VALUES)
         return (vector, head + v * (opened + 1), SECAGG_COMMIT_BYTES * n)
     return ({"check": head + v * 2 * n, "degree2": head + v * opened,
+             "agree": SECAGG_COMMIT_BYTES * (1 + 2 * n),
              "sum": None if dim is None else head + v * dim}[step],)
 
 

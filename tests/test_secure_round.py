@@ -57,6 +57,7 @@ class Member:
         self.secure = SecureRounds(name, net.names, net.t, net.variant, net.codec, net.cid)
         self.verifier = verifier_for(net.cons, sk, secure=True)
         self.seq = 0
+        self.sent: dict[tuple[int, str], bytes] = {}  # (round, step) -> our signed message
         self.deals: dict[int, dict[str, bytes]] = {}
         self.outcomes: dict[int, SecureOutcome] = {}
         self.refused: list[Refused] = []
@@ -99,7 +100,12 @@ class Member:
                 deals = {s: acc.secagg for s, acc in self.book.shares(a.round).items()}
                 body = self.net.tamper_open(self.name, a.phase, self.secure.phase(
                     a.round, a.phase, a.got, deals))
-                self.net.post(self.name, list(a.peers), self.pack(KIND_SECAGG, a.round, body))
+                data = self.pack(KIND_SECAGG, a.round, body)
+                self.sent[(a.round, a.phase)] = data
+                for to in a.peers:  # a split view: another signed body to some peers
+                    other = self.net.tamper_to(self.name, a.phase, to, body)
+                    self.net.post(self.name, [to], data if other == body
+                                  else self.pack(KIND_SECAGG, a.round, other))
             elif isinstance(a, Broadcast | SendTo) and isinstance(a.message, Sign):
                 s = a.message
                 to = [m for m in self.net.names if m != self.name] if isinstance(a, Broadcast) \
@@ -139,7 +145,8 @@ class SecureNet:
 
     def __init__(self, n: int, t: int, *, variant: str = "distances", rounds: int = 1,
                  vectors=None, silent_from=None, mute=None, late=None,
-                 tamper_deal=None, tamper_open=None, mute_rounds=(0,), no_deal=None) -> None:
+                 tamper_deal=None, tamper_open=None, mute_rounds=(0,), no_deal=None,
+                 tamper_to=None) -> None:
         self.sks = keys(n)
         self.cons = consortium(self.sks)
         self.cid = self.cons.id
@@ -155,6 +162,7 @@ class SecureNet:
         self.late = late or {}
         self._tamper_deal = tamper_deal
         self._tamper_open = tamper_open
+        self._tamper_to = tamper_to  # (net, sender, step, recipient, body) -> its body
         self.queue: list[tuple[str, str, bytes]] = []
         self.held_back: list[tuple[str, str, bytes]] = []
         self.members = {m: Member(self, m, sk) for m, sk in zip(self.names, self.sks, strict=True)}
@@ -172,6 +180,9 @@ class SecureNet:
 
     def tamper_open(self, m, phase, body):
         return body if self._tamper_open is None else self._tamper_open(self, m, phase, body)
+
+    def tamper_to(self, m, phase, to, body):
+        return body if self._tamper_to is None else self._tamper_to(self, m, phase, to, body)
 
     def post(self, sender: str, to: list[str], data: bytes) -> None:
         for t in to:

@@ -75,14 +75,37 @@ from node.secagg.encoding import AggregateOutOfBounds, FixedPoint, IntegerCodec
 from node.secagg.errors import PieceError, SecAggError, TooFewPieces, TooManyWrong
 from node.secagg.pieces import CHECK, DEGREE2, MASK, SEED, SUM, VECTOR, Piece, from_bytes, to_bytes
 
-CHECK_PHASE, DEGREE2_PHASE, SUM_PHASE = "check", "degree2", "sum"
-SECURE_PHASES = (SHARE, PhaseSpec(CHECK_PHASE), PhaseSpec(DEGREE2_PHASE), PhaseSpec(SUM_PHASE))
+CHECK_PHASE, DEGREE2_PHASE, AGREE_PHASE, SUM_PHASE = "check", "degree2", "agree", "sum"
+SECURE_PHASES = (SHARE, PhaseSpec(CHECK_PHASE), PhaseSpec(DEGREE2_PHASE), PhaseSpec(AGREE_PHASE),
+                 PhaseSpec(SUM_PHASE))
 # Deal seeded (see `SecureRound.deal`): measured at 8 members, t = 2, d = 4,810 (digits MLP),
 # memory transport: 475 KB sent per member and round seeded, 552 KB unseeded, against 153 KB
 # for today's sealed plain round (docs/privacy-secure.md "What is wired").
 SEEDED_DEALING = True
 REASONS = ("too_few_contributors", "too_few_openers", "too_many_wrong",
-           "aggregate_out_of_bounds", "below_charged_floor")
+           "aggregate_out_of_bounds", "below_charged_floor", "no_agreement",
+           "agreement_changed")
+# The agreement's parts (gossip/bodies.py bounds the message at 32 (1 + 2n) bytes): a
+# BLAKE2b-256 hash of what we open, then per member 1..n the digest of its check body and of
+# its degree2 body as we used them (AGREE_NONE: none came).
+AGREE_BYTES = 32
+AGREE_NONE = bytes(AGREE_BYTES)
+AGREE_STEPS = (CHECK_PHASE, DEGREE2_PHASE)  # the step bodies an agreement names
+
+
+def agreement_quorum(members: int, threshold: int) -> int:
+    """Matching agreements (ours included) a member needs before it opens its sum piece:
+    ceil((n + t + 1) / 2), the least q with 2q - n >= t + 1. Any two quorums then share
+    t + 1 members, so at least one honest member, who signs one agreement a round (stored
+    before it leaves, re-sent byte for byte after a restart) and broadcasts it: two honest
+    members can never both hold a quorum for different statements. Equal to n - t at
+    n = 3t + 1; at larger n it tolerates more members missing than n - t would."""
+    return (members + threshold + 2) // 2
+
+
+def body_digest(body: bytes) -> bytes:
+    """A step body's digest in an agreement (BLAKE2b-256 of the signed body's bytes)."""
+    return blake2b(bytes(body), digest_size=AGREE_BYTES, person=b"flnode-sa-body").digest()
 
 
 @dataclass
@@ -102,6 +125,8 @@ class SecureOutcome:
     selected: tuple[str, ...] = ()
     excluded: dict[str, str] = field(default_factory=dict)  # left out by the selection
     named: dict[str, str] = field(default_factory=dict)  # members at fault (or disputed)
+    # member -> the senders whose agreement disagreed with ours and showed it (evidence)
+    disagreed: dict[str, tuple[str, ...]] = field(default_factory=dict)
 
 
 COMMIT_BYTES = 32  # one BLAKE2b-256 digest per holder in a dealing's commitment
@@ -146,6 +171,8 @@ class SecureRound:
         self.masks: dict[int, Piece] = {}
         self.out = SecureOutcome(r, False)
         self._bodies: dict[str, bytes] = {}  # our own body per step
+        self._used: dict[str, dict[int, bytes]] = {}  # step -> member -> digest of its body
+        self._statement: bytes | None = None  # the agreement we computed (None: none)
         self.entered: tuple[int, ...] = ()
         self.openers: tuple[int, ...] = ()
         self.selected: tuple[int, ...] = ()
@@ -241,6 +268,7 @@ class SecureRound:
     def degree2(self, checks: Mapping[str, bytes]) -> bytes:
         """Judge the dealings from the checks (the peers' that the machine collected; ours
         is added), then our degree-2 body (empty: we abstain)."""
+        self._used[CHECK_PHASE] = self._digests(CHECK_PHASE, checks)
         got = self._read(CHECK_PHASE, checks, CHECK, 2 * self.params.members)
         held = {j: set(msg.held) for j, (msg, _) in got.items()}
         pieces = {j: piece for j, (_, piece) in got.items() if piece is not None}
@@ -308,12 +336,15 @@ class SecureRound:
                     "that dealer, sent a wrong value: a claim, not a proof)"))
         return consistent, disputed
 
-    # --- sum ----------------------------------------------------------------------------------
-    def sum(self, degree2: Mapping[str, bytes]) -> bytes:
-        """Open the distances and norms, select (every member the same way), then our sum
-        body (empty: we abstain)."""
+    # --- agree ----------------------------------------------------------------------------
+    def agree(self, degree2: Mapping[str, bytes]) -> bytes:
+        """Open the distances and norms, select (every member the same way), then our
+        agreement: what we will open the sum for, and the digest of every check and degree2
+        body we used (empty: we open nothing). Nothing of the sum leaves before the
+        agreements are compared (`sum`)."""
         if self.out.reason is not None:
-            return self._abstain(SUM_PHASE)
+            return self._abstain(AGREE_PHASE)
+        self._used[DEGREE2_PHASE] = self._digests(DEGREE2_PHASE, degree2)
         wrong: tuple[int, ...] = ()
         if self.params.variant == "sum_only":  # nothing per member opened: every entered dealer
             sel = robust.select_without_opening(self.params, self.entered)
@@ -323,7 +354,7 @@ class SecureRound:
             try:
                 values = robust.open_degree2(self.params, opened, self.entered)
             except (TooFewPieces, TooManyWrong) as exc:
-                return self._fail(SUM_PHASE, "too_few_openers" if isinstance(exc, TooFewPieces)
+                return self._fail(AGREE_PHASE, "too_few_openers" if isinstance(exc, TooFewPieces)
                                   else "too_many_wrong", str(exc))
             self._name(values.wrong, "wrong_degree2_piece")
             wrong = values.wrong
@@ -333,21 +364,130 @@ class SecureRound:
         self.out.excluded = {self.members[i - 1]: why for i, why in sel.excluded.items()}
         t = self.params.threshold
         if len(sel.selected) <= t:
-            return self._fail(SUM_PHASE, "too_few_contributors",
+            return self._fail(AGREE_PHASE, "too_few_contributors",
                               f"{len(sel.selected)} member(s) selected, at most t = {t}: their "
                               "sum could reveal one; not opened")
         if len(sel.selected) < self.floor:
-            return self._fail(SUM_PHASE, "below_charged_floor",
+            return self._fail(AGREE_PHASE, "below_charged_floor",
                               f"{len(sel.selected)} member(s) selected, fewer than the "
                               f"{self.floor} the privacy ledger charged the round for: opening "
                               "their sum would under-count epsilon; not opened")
         self.sum_openers = tuple(j for j in self.openers if j not in wrong)
+        self._statement = self._agreement()
+        body = encode_secagg(SecAgg(AGREE_PHASE, (self._statement,)))
+        self._bodies[AGREE_PHASE] = body
+        return body
+
+    def _digests(self, step: str, bodies: Mapping[str, bytes]) -> dict[int, bytes]:
+        """member -> digest of its `step` body as we use it (ours included)."""
+        own = self._bodies.get(step)
+        out = {self.index[s]: body_digest(b) for s, b in bodies.items() if s in self.index}
+        if own is not None:
+            out[self.i] = body_digest(own)
+        return out
+
+    def _agreement(self) -> bytes:
+        """Our statement: hash(consortium, round, entered, openers, selected, sum openers,
+        the digests), then the digests: per member its check's and its degree2's."""
+        table = b"".join(self._used.get(step, {}).get(i, AGREE_NONE)
+                         for i in range(1, self.params.members + 1) for step in AGREE_STEPS)
+        sets = b"".join(len(x).to_bytes(4, "little") + b"".join(i.to_bytes(4, "little") for i in x)
+                        for x in (self.entered, self.openers, self.selected, self.sum_openers))
+        h = blake2b(self.consortium_id + self.r.to_bytes(8, "little") + sets + table,
+                    digest_size=AGREE_BYTES, person=b"flnode-sa-agree").digest()
+        return h + table
+
+    # --- sum ----------------------------------------------------------------------------------
+    def sum(self, agreements: Mapping[str, bytes]) -> bytes:
+        """Our sum body once a quorum of agreements (ours included) matches ours
+        (`agreement_quorum`); else empty, and the round fails (`no_agreement`): nothing of
+        the sum is opened. A mismatching agreement names who split the views."""
+        if self.out.reason is not None:
+            return self._abstain(SUM_PHASE)
+        own = self._bodies.get(AGREE_PHASE)
+        mine = encode_secagg(SecAgg(AGREE_PHASE, (self._statement,))) \
+            if self._statement is not None else None
+        if own != mine:  # a run before a restart agreed to something else: never open
+            return self._fail(SUM_PHASE, "agreement_changed",
+                              "the agreement we signed before a restart is not the one we "
+                              "compute now (our view of the round changed): not opened")
+        assert self._statement is not None
+        q = agreement_quorum(self.params.members, self.params.threshold)
+        matching = [self.me]
+        for sender, body in sorted(agreements.items()):
+            if sender == self.me or sender not in self.index:
+                continue
+            try:
+                msg = decode_secagg(body, self.params.members, sender)
+                if msg.step != AGREE_PHASE or msg.held:
+                    raise PieceError(f"a {msg.step} message where an agreement was expected",
+                                     self.index[sender])
+                if msg.pieces and len(msg.pieces[0]) != len(self._statement):
+                    raise PieceError(f"an agreement of {len(msg.pieces[0])} bytes, "
+                                     f"{len(self._statement)} expected", self.index[sender])
+            except (RemoteError, SecAggError) as exc:
+                self.out.named.setdefault(sender, f"bad_agree: {exc}")
+                continue
+            if not msg.pieces:
+                continue  # it opens nothing this round: not counted either way
+            if msg.pieces[0] == self._statement:
+                matching.append(sender)
+            else:
+                self._disagree(sender, msg.pieces[0])
+        if len(matching) < q:
+            return self._fail(SUM_PHASE, "no_agreement",
+                              f"{len(matching)} member(s) agree with what we would open "
+                              f"({', '.join(matching)}), {q} = ceil((n + t + 1) / 2) needed: "
+                              "the members' views of the round differ, nothing opened")
         if self.i not in self.sum_openers:
             return self._abstain(SUM_PHASE)
-        piece = robust.sum_piece(self.params, self.i, self.vectors, sel.selected)
+        piece = robust.sum_piece(self.params, self.i, self.vectors, self.selected)
         body = encode_secagg(SecAgg(SUM_PHASE, (_to_bytes(piece),)))
         self._bodies[SUM_PHASE] = body
         return body
+
+    def _disagree(self, sender: str, theirs: bytes) -> None:
+        """Name who a mismatching agreement shows at fault: the member whose check or degree2
+        body differs between the sender's view and ours (it signed two different bodies, or
+        sent one to some members only: a claim, proven when it is the sender itself), or the
+        sender when it reports the same bodies and another outcome (every member computes
+        the same from the same bodies) or misreports our own body."""
+        assert self._statement is not None
+        k = self.index[sender]
+        mine = self._statement
+        by = self.out.disagreed
+        differ = []
+        for i in range(1, self.params.members + 1):
+            for s, step in enumerate(AGREE_STEPS):
+                at = AGREE_BYTES * (1 + 2 * (i - 1) + s)
+                ours, their = mine[at:at + AGREE_BYTES], theirs[at:at + AGREE_BYTES]
+                if ours != their:
+                    differ.append((i, step, their == AGREE_NONE))
+        if not differ:
+            self.out.named.setdefault(sender, "bad_agreement: the same check and degree2 "
+                                      "bodies as ours and another outcome (every member "
+                                      "computes the same from the same bodies)")
+            by[sender] = (*by.get(sender, ()), sender)
+            return
+        for i, step, lost in differ:
+            who = self.members[i - 1]
+            if i == self.i and not lost:
+                self.out.named.setdefault(sender, f"bad_agreement: it reports our {step} body "
+                                          "with another digest than the one we signed")
+                who = sender
+            elif i == k:
+                self.out.named.setdefault(sender, f"split_view: its agreement names its own "
+                                          f"{step} body with another digest than the one it "
+                                          "signed to us (both signed by it: a proof)")
+            elif i != self.i:
+                self.out.named.setdefault(who, f"split_view: its {step} body differs between "
+                                          f"our view and {sender}'s agreement (a claim: it sent "
+                                          "members different bodies or withheld one, or "
+                                          f"{sender} misreports)")
+            else:
+                continue  # our own body did not reach the sender: no one to name
+            if sender not in by.get(who, ()):
+                by[who] = (*by.get(who, ()), sender)
 
     def finish(self, sums: Mapping[str, bytes]) -> SecureOutcome:
         """The aggregate from the sum pieces (the same at every member), or the reason."""
@@ -452,8 +592,10 @@ class SecureRounds:
             return sr.check()
         if phase == DEGREE2_PHASE:
             return sr.degree2(got.get(CHECK_PHASE, {}))
+        if phase == AGREE_PHASE:
+            return sr.agree(got.get(DEGREE2_PHASE, {}))
         if phase == SUM_PHASE:
-            return sr.sum(got.get(DEGREE2_PHASE, {}))
+            return sr.sum(got.get(AGREE_PHASE, {}))
         raise LocalError(f"secure round: no step {phase!r}")
 
     def keep_own(self, r: int, phase: str, body: bytes) -> None:
