@@ -26,6 +26,7 @@ from node.runtime.secure_round import (
     CHECK_PHASE,
     SUM_PHASE,
     agreement_quorum,
+    body_digest,
     challenge,
     piece_digest,
 )
@@ -34,6 +35,7 @@ from node.secagg import robust
 from node.secagg.encoding import signed
 from node.secagg.pieces import CHECK, SEED, Piece, from_bytes, to_bytes
 from node.secagg.shamir import decode
+from tests.helpers import verifier_for
 from tests.test_secure_round import SecureNet
 
 HOSTILE, VICTIM, A, B = "bank-3", "bank-2", "bank-0", "bank-1"
@@ -143,3 +145,148 @@ def test_the_quorum_makes_any_two_quorums_share_an_honest_member():
             assert 2 * (q - 1) - n < t + 1  # the least such
     assert agreement_quorum(4, 1) == 3 and agreement_quorum(8, 2) == 6
     assert AGREE_PHASE == "agree"
+
+
+def test_a_restart_mid_agreement_resends_the_same_bytes(tmp_path):
+    """The agreement is stored (outbox/round-N.agree) before it leaves; a restarted member
+    whose view changed re-sends the stored message byte for byte, and its round reads that
+    one as ours (never a second, different agreement: two would let two quorums form)."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from gossip.envelope import KIND_SECAGG, pack
+    from gossip.protocol import events as ev
+    from node.runtime import secure_node
+    from node.runtime.state import StateDir
+    from tests.helpers import keys
+
+    key, seq = keys(1)[0], iter(range(100))
+    before = encode_secagg(SecAgg(AGREE_PHASE, (b"\x01" * 32 * 9,)))
+    after = encode_secagg(SecAgg(AGREE_PHASE, (b"\x02" * 32 * 9,)))
+
+    class Rounds:  # the round's own computation of the step: another body after the restart
+        def __init__(self, body: bytes):
+            self.body, self.kept = body, {}
+
+        def phase(self, r, phase, got, deals):
+            return self.body
+
+        def keep_own(self, r, phase, body):
+            self.kept[(r, phase)] = bytes(body)
+
+    def run(body: bytes) -> tuple[list[bytes], Rounds]:
+        sent: list[bytes] = []
+        rounds = Rounds(body)
+
+        async def broadcast(r, data):
+            sent.append(data)
+
+        async def in_background(coro, what):
+            await coro
+
+        node = SimpleNamespace(
+            name="site-0", state=StateDir(tmp_path / "state"),
+            secure=SimpleNamespace(rounds=rounds),
+            book=SimpleNamespace(shares=lambda r: {}, neighbours={"site-1", "site-2"}),
+            _sign=lambda kind, r, b: pack(key, b"c" * 32, kind, r, next(seq), b),
+            _broadcast=broadcast, _in_background=in_background)
+        asyncio.run(secure_node.send_phase(node, ev.SendPhase(3, AGREE_PHASE,
+                                                              ("site-1", "site-2"))))
+        return sent, rounds
+
+    (tmp_path / "state" / "outbox").mkdir(parents=True)
+    first, _ = run(before)
+    path = secure_node.step_path(SimpleNamespace(state=StateDir(tmp_path / "state")), 3,
+                                 AGREE_PHASE)
+    assert path.name == "round-00000003.agree" and path.read_bytes() == first[0]
+    env = decode_outer(first[0])
+    assert (env.kind, env.round, bytes(env.body)) == (KIND_SECAGG, 3, before)
+    again, rounds = run(after)  # the restarted member's view changed
+    assert again == first  # the stored message, byte for byte
+    assert rounds.kept == {(3, AGREE_PHASE): before}
+
+
+def test_a_member_whose_stored_agreement_differs_opens_nothing():
+    """After a restart the round reads the stored agreement as ours (keep_own); when it is
+    not the one the round computes now, the member opens no sum piece (agreement_changed),
+    and the others, who see the same bodies with another outcome, name it."""
+    changed = "bank-1"
+
+    def tamper(net, m, phase, body):
+        if m != changed or phase != AGREE_PHASE:
+            return body
+        statement = bytearray(decode_secagg(body, 4).pieces[0])
+        statement[0] ^= 1  # another outcome over the same bodies
+        other = encode_secagg(SecAgg(AGREE_PHASE, (bytes(statement),)))
+        net.members[m].secure.keep_own(0, AGREE_PHASE, other)  # as the node does on restart
+        return other
+
+    net = SecureNet(4, 1, variant="sum_only", tamper_open=tamper).run()
+    o = net.outcome(changed)
+    assert o.reason == "agreement_changed" and not _opened(net, changed), (o.reason, o.detail)
+    for m in (A, VICTIM, HOSTILE):  # 3 = q agree without it: the round opens
+        out = net.outcome(m)
+        assert out.named[changed].startswith("bad_agreement"), out.named
+        assert _opened(net, m)
+
+
+def test_a_split_view_is_kept_as_evidence_with_both_signed_sides(tmp_path):
+    """The attack above through the node's evidence: the named member's signed check as it
+    reached us, the disagreeing member's signed agreement and ours are written under
+    state/evidence/secure/ byte for byte (anyone with the consortium's keys can check)."""
+    from types import SimpleNamespace
+
+    from gossip.envelope import KIND_SECAGG, Accepted
+    from node.runtime import secure_node
+    from node.runtime.state import StateDir
+
+    net, _ = _split_view_attack()
+    me = net.members[A]
+    out = net.outcome(A)
+    state = StateDir(tmp_path / "state")
+    (tmp_path / "state" / "outbox").mkdir(parents=True)
+    sec = SimpleNamespace(signed={})
+    verifier = verifier_for(net.cons, net.sks[0], secure=True)  # bank-0's own, fresh
+    node = SimpleNamespace(name=A, state=state, secure=sec)
+    secure_node.step_path(node, 0, AGREE_PHASE).write_bytes(me.sent[(0, AGREE_PHASE)])
+    for sender in (HOSTILE, *out.disagreed[HOSTILE]):
+        m = net.members[sender]
+        for step in (CHECK_PHASE, AGREE_PHASE):
+            data = m.sent[(0, step)]
+            if sender == HOSTILE and step == CHECK_PHASE:
+                data = next(d for s, to, d in net.delivered if s == HOSTILE and to == A
+                            and decode_outer(d).kind == KIND_SECAGG
+                            and decode_secagg(decode_outer(d).body, 4).step == CHECK_PHASE)
+            acc = verifier.verify(data, 0)
+            assert isinstance(acc, Accepted)
+            secure_node.keep_signed_step(node, acc, data)
+    kept = secure_node.keep_split_evidence(node, 0, HOSTILE, out)
+    files = {p.rsplit("/", 1)[1]: (tmp_path / "state" / p).read_bytes() for p in kept}
+    assert files[f"agree-{A}"] == me.sent[(0, AGREE_PHASE)]
+    assert files[f"agree-{B}"] == net.members[B].sent[(0, AGREE_PHASE)]
+    # bank-3's check as bank-0 got it: not the one bank-1 got, whose digest bank-1 signed
+    theirs = decode_secagg(decode_outer(files[f"agree-{B}"]).body, 4).pieces[0]
+    got = body_digest(decode_outer(files[f"check-{HOSTILE}"]).body)
+    assert theirs[32 * (1 + 2 * 3):32 * (2 + 2 * 3)] != got
+
+
+def test_an_agreement_is_bounded_before_it_is_copied_and_refused_in_a_plain_consortium():
+    """32 (1 + 2n) bytes at most (gossip/bodies.py secagg_piece_limits), checked before the
+    bytes are copied; a plain consortium refuses it as the other round mode's (wrong_kind),
+    after checking the signature."""
+    import pytest
+
+    from gossip import envelope as E
+    from gossip.errors import RemoteError
+    from tests.helpers import consortium, keys
+
+    ok = encode_secagg(SecAgg(AGREE_PHASE, (bytes(32 * 9),)))
+    assert decode_secagg(ok, 4).pieces == (bytes(32 * 9),)
+    with pytest.raises(RemoteError, match="agree piece 0"):
+        decode_secagg(encode_secagg(SecAgg(AGREE_PHASE, (bytes(32 * 9 + 1),))), 4, "bank-3")
+    ks = keys(4)
+    cons = consortium(ks)
+    plain = verifier_for(cons, ks[0], secure=False)
+    with pytest.raises(RemoteError) as exc:
+        plain.verify(E.pack(ks[3], cons.id, E.KIND_SECAGG, 0, 1, ok), current_round=0)
+    assert exc.value.reason == "wrong_kind" and "bank-3" in str(exc.value)

@@ -165,6 +165,7 @@ class SecureNet:
         self._tamper_to = tamper_to  # (net, sender, step, recipient, body) -> its body
         self.queue: list[tuple[str, str, bytes]] = []
         self.held_back: list[tuple[str, str, bytes]] = []
+        self.delivered: list[tuple[str, str, bytes]] = []  # (sender, recipient, bytes)
         self.members = {m: Member(self, m, sk) for m, sk in zip(self.names, self.sks, strict=True)}
         self.now = 0.0
 
@@ -197,7 +198,8 @@ class SecureNet:
             m.run(m.m.start(0.0))
         for _ in range(200):
             while self.queue:
-                _, to, data = self.queue.pop(0)
+                sender, to, data = self.queue.pop(0)
+                self.delivered.append((sender, to, data))
                 self.members[to].receive(data)
             alive = [m for m in self.members.values() if not m.m.done
                      and m.name not in self.silent_from.get(0, ())]

@@ -43,7 +43,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any
@@ -68,7 +68,13 @@ from node.privacy.secure import (
 from node.runtime import audit, echo_round
 from node.runtime.evidence import envelope_bytes
 from node.runtime.release import Stopped, Trained
-from node.runtime.secure_round import SECURE_PHASES, SecureOutcome, SecureRounds
+from node.runtime.secure_round import (
+    AGREE_PHASE,
+    AGREE_STEPS,
+    SECURE_PHASES,
+    SecureOutcome,
+    SecureRounds,
+)
 from node.runtime.state import atomic_write
 from node.secagg.encoding import FixedPoint, IntegerCodec
 from node.strategy.consortium_rules import parse_rules, secure_rule
@@ -99,6 +105,9 @@ class Secure:
     codec: FixedPoint | IntegerCodec
     outcomes: dict[int, SecureOutcome]
     plan: SecurePlan | None = None  # DP on the sum (privacy.mode "record"), else None
+    # round -> (sender, step) -> its signed check / degree2 / agree message as it reached
+    # us (the first one): the evidence when an agreement shows a split view (`aggregate`)
+    signed: dict[int, dict[tuple[str, str], bytes]] = field(default_factory=dict)
 
 
 # The consortium's distributed DP-SGD plan, pinned in the state dir at the first start (a
@@ -376,8 +385,60 @@ def receive(node: Node, acc: Accepted, now: float, data: bytes, token: Any) -> l
     if acc.envelope.kind != KIND_SECAGG or acc.secagg is None:
         return node.machine.receive(acc, now, data=data, token=token)
     out: list[ev.Action] = [ev.Ack((token,))] if token is not None else []
+    keep_signed_step(node, acc, data)
     return out + node.machine.phase_message(
         ev.PhaseMessage(acc.sender, acc.round, acc.secagg.step, bytes(acc.envelope.body)), now)
+
+
+# Rounds whose signed step messages we keep for evidence (ours, the next ones a peer may
+# already be in, within the machine's lookahead), so a member sending for far rounds cannot
+# fill our memory; per round at most one message per member and step (the first).
+MAX_SIGNED_ROUNDS = 8
+
+
+def keep_signed_step(node: Node, acc: Accepted, data: bytes) -> None:
+    """Keep a member's signed check, degree2 or agree message (the first per round and
+    step) until the round closes: if an agreement shows it split the members' views, these
+    bytes are the evidence (`aggregate`)."""
+    sec = node.secure
+    assert sec is not None and acc.secagg is not None
+    step, r = acc.secagg.step, acc.round
+    if step not in (*AGREE_STEPS, AGREE_PHASE):
+        return
+    if r not in sec.signed and len(sec.signed) >= MAX_SIGNED_ROUNDS:
+        return
+    sec.signed.setdefault(r, {}).setdefault((acc.sender, step), bytes(data))
+
+
+def keep_split_evidence(node: Node, r: int, member: str, out: SecureOutcome) -> list[str]:
+    """A member named by the agreement step: in state/evidence/secure/, our signed agreement,
+    each disagreeing member's signed agreement, and the named member's signed check and
+    degree2 messages as they reached us (the two sides of the split); their paths."""
+    sec = node.secure
+    assert sec is not None
+    held = sec.signed.get(r, {})
+    parts = [(f"agree-{node.name}", _read_or_none(step_path(node, r, AGREE_PHASE)))]
+    parts += [(f"agree-{s}", held.get((s, AGREE_PHASE))) for s in out.disagreed.get(member, ())]
+    parts += [(f"{step}-{member}", held.get((member, step))) for step in AGREE_STEPS]
+    folder = node.state.path / "evidence" / "secure"
+    safe = "".join(ch if ch.isalnum() or ch in "_.-" else "_" for ch in member)
+    if folder.is_dir() and len(list(folder.glob(f"{safe}-round*-agreement"))) >= MAX_DEALS_PER_MEMBER:
+        return []
+    base = folder / f"{safe}-round{r}-agreement"
+    kept = []
+    for label, data in parts:
+        if data is None:
+            continue
+        path = base / "".join(ch if ch.isalnum() or ch in "_.-" else "_" for ch in label)
+        if not path.exists():
+            base.mkdir(parents=True, exist_ok=True)
+            atomic_write(path, data)
+        kept.append(str(path.relative_to(node.state.path)))
+    return kept
+
+
+def _read_or_none(path: Path) -> bytes | None:
+    return path.read_bytes() if path.exists() else None
 
 
 # Deal evidence files kept per named member (one per round it was named in), so a member
@@ -438,6 +499,10 @@ def aggregate(node: Node, c: ev.Close) -> dict[str, Accepted]:
             kept = keep_deal(node, r, member, c.shares[member])
             if kept is not None:
                 evidence[member] = kept
+        elif why.startswith(("split_view", "bad_agreement")):
+            split = keep_split_evidence(node, r, member, out)
+            if split:
+                evidence[member] = split
     excluded = {m: {"reason": why.split(":")[0], "detail": why}
                 for m, why in sorted(out.excluded.items())}
     diagnostics = {"rule": "secure", "used": list(out.selected), "excluded": excluded,
@@ -446,6 +511,7 @@ def aggregate(node: Node, c: ev.Close) -> dict[str, Accepted]:
                               "dealt": list(out.dealt), "entered": list(out.entered),
                               "named": dict(out.named), "evidence": evidence}}
     node.audit.aggregate(r, diagnostics, node.counters.aggregation)
+    sec.signed = {k: v for k, v in sec.signed.items() if k > r}  # the evidence is on disk
     st.close, st.received, st.diagnostics = c, sorted(out.selected), diagnostics
     st.metrics = evaluate(node.model, node.held_out.X, node.held_out.y)
     return {}
