@@ -182,10 +182,9 @@ def setup(node: Node) -> Secure | None:
     rules = parse_rules(node.consortium)
     clip = rules.clip if rules is not None and rules.clip is not None else SECURE_DEFAULT_CLIP
     codec = FixedPoint.choose(clip, int(get_flat(node.model).numel()), len(members))
-    log.warning("%s: secure aggregation is EXPERIMENTAL (t = %d, %s): one hostile member can "
-                "still learn an honest member's contribution by giving members different "
-                "views of a round (docs/privacy-secure.md, 'Known hole')", node.name,
-                rule.threshold, rule.variant)
+    log.warning("%s: secure aggregation is EXPERIMENTAL (t = %d, %s): the members agree before "
+                "opening the sum, not before the degree-2 values (docs/privacy-secure.md, "
+                "'What the agreement does not close')", node.name, rule.threshold, rule.variant)
     return Secure(SecureRounds(node.name, members, rule.threshold, rule.variant, codec,
                                node.consortium.id), codec, {})
 

@@ -4,7 +4,7 @@ round machine collected and sends what it returns.
 
 Where the logic lives (the choice, and why). The round machine (gossip/protocol/) decides
 "which messages from whom, by when": a secure round is the share phase followed by three
-generic later phases, `SECURE_PHASES` = (SHARE, check, degree2, sum); gossip never imports
+generic later phases, `SECURE_PHASES` = (SHARE, check, degree2, agree, sum); gossip never imports
 node, so the machine carries opaque bodies and knows no field arithmetic. This module does
 the math, by calling node/secagg (robust.py's steps), at the machine's `SendPhase` actions:
 
@@ -31,17 +31,27 @@ the math, by calling node/secagg (robust.py's steps), at the machine's `SendPhas
            the pairwise squared distances) of the entering dealers; others abstain (an empty
            message: "I have nothing to open", so nobody waits for them). Decoded with
            correction (n >= 3t + 1): an opener whose piece is wrong is named.
-  sum      every member runs the same selection on the decoded integers (node/secagg
-           robust.select: the norm bound, then multi-Krum at f = t, or the norm bound only);
-           each opener (minus the wrong degree-2 openers) opens its piece of the selected
-           members' sum. Decoded with correction: a wrong piece is named. Every member
-           reconstructs the same aggregate.
+  agree    every member runs the same selection on the decoded integers (node/secagg
+           robust.select: the norm bound, then multi-Krum at f = t, or the norm bound only)
+           and broadcasts its agreement (review finding C2): a hash of (round, entered,
+           openers, selected, sum openers) and the digest of every member's check and
+           degree2 body as it used them. A disagreeing agreement names the member whose
+           body differs between the two views (`split_view`), or its sender when it reports
+           the same bodies and another outcome (`bad_agreement`).
+  sum      a member opens its piece of the selected members' sum (if it is an opener, minus
+           the wrong degree-2 openers) only once `agreement_quorum` = ceil((n + t + 1) / 2)
+           agreements equal its own, its own included (any two quorums share an honest
+           member, who signs one agreement: no two honest members open for different
+           sets); else the round fails, `no_agreement`, nothing opened. Decoded with
+           correction: a wrong piece is named. Every member reconstructs the same aggregate.
 
 Refusals (the round fails with a named `SecureOutcome.reason`; the next round goes on):
 fewer than t + 1 entering dealers or selected members ("too_few_contributors": an opening
 over m <= t contributions could reveal one; nobody opens), fewer than 2t + 1 openers
 ("too_few_openers": more than t members dropped), more wrong pieces than the code corrects
-("too_many_wrong"), an aggregate failing its exact norm check ("aggregate_out_of_bounds"),
+("too_many_wrong"), no quorum of matching agreements ("no_agreement"), our agreement stored
+before a restart not the one we compute now ("agreement_changed"), an aggregate failing its
+exact norm check ("aggregate_out_of_bounds"),
 fewer selected than `floor` ("below_charged_floor": with DP on the sum, the contributors the
 ledger charged the round for). Variant "sum_only" (DP on the sum) opens nothing per member:
 the degree-2 step abstains and every entered dealer is summed (robust.select_without_opening).
