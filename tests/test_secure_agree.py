@@ -17,6 +17,8 @@ and bank-3 is named."""
 
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 
 from gossip.bodies import SecAgg, decode_secagg, encode_secagg
@@ -169,6 +171,7 @@ def test_a_restart_mid_agreement_resends_the_same_bytes(tmp_path):
             self.body, self.kept = body, {}
 
         def phase(self, r, phase, got, deals):
+            self.thread = threading.get_ident()
             return self.body
 
         def keep_own(self, r, phase, body):
@@ -204,6 +207,8 @@ def test_a_restart_mid_agreement_resends_the_same_bytes(tmp_path):
     again, rounds = run(after)  # the restarted member's view changed
     assert again == first  # the stored message, byte for byte
     assert rounds.kept == {(3, AGREE_PHASE): before}
+    # the step (decoding, judging: its cost is the peers' to choose) ran off the event loop
+    assert rounds.thread != threading.get_ident()
 
 
 def test_a_member_whose_stored_agreement_differs_opens_nothing():

@@ -357,7 +357,11 @@ async def send_phase(node: Node, a: ev.SendPhase) -> None:
     assert sec is not None
     deals = {s: acc.secagg for s, acc in node.book.shares(a.round).items()
              if acc.secagg is not None}
-    body = sec.rounds.phase(a.round, a.phase, a.got, deals)  # the round's state for the step
+    # The round's state for the step, computed in a worker thread: judging every dealing and
+    # decoding the degree-2 values (Berlekamp-Welch per coordinate) cost what the peers'
+    # pieces make them cost, and must not stall the event loop (transports, deadlines). The
+    # driver awaits it before its next action, so nothing else touches the round meanwhile.
+    body = await asyncio.to_thread(sec.rounds.phase, a.round, a.phase, a.got, deals)
     path = step_path(node, a.round, a.phase)
     if path.exists():
         data = path.read_bytes()
