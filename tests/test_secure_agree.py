@@ -37,7 +37,7 @@ from node.secagg import robust
 from node.secagg.encoding import signed
 from node.secagg.pieces import CHECK, SEED, Piece, from_bytes, to_bytes
 from node.secagg.shamir import decode
-from tests.helpers import verifier_for
+from tests.helpers import consortium, keys, verifier_for
 from tests.test_secure_round import SecureNet
 
 HOSTILE, VICTIM, A, B = "bank-3", "bank-2", "bank-0", "bank-1"
@@ -295,3 +295,49 @@ def test_an_agreement_is_bounded_before_it_is_copied_and_refused_in_a_plain_cons
     with pytest.raises(RemoteError) as exc:
         plain.verify(E.pack(ks[3], cons.id, E.KIND_SECAGG, 0, 1, ok), current_round=0)
     assert exc.value.reason == "wrong_kind" and "bank-3" in str(exc.value)
+
+
+def test_every_secure_step_message_gets_an_audit_line_accepted_or_dropped():
+    """Review finding M2: a verified secagg message the machine files is an "accepted"
+    line (where: its step); one it would drop unseen (late, too far ahead) is a named
+    refusal line and counted; one the machine refuses (a second, different message) is
+    not called accepted (the refusal is the machine's line)."""
+    from collections import Counter
+    from types import SimpleNamespace
+
+    from gossip import envelope as E
+    from gossip.protocol import events as ev
+    from node.runtime import secure_node
+
+    ks = keys(4)
+    cons = consortium(ks)
+    lines: list = []
+    filed: dict = {}
+
+    def phase_message(msg, now):
+        held = filed.setdefault((msg.round, msg.phase, msg.sender), msg.body)
+        return [] if held == msg.body else [ev.Refused(msg.round, msg.sender, "equivocation",
+                                                       "a second, different message")]
+
+    node = SimpleNamespace(
+        secure=SimpleNamespace(signed={}), counters=SimpleNamespace(rejected=Counter()),
+        audit=SimpleNamespace(write=lines.append),
+        book=SimpleNamespace(current=5, lookahead=3, neighbours={"bank-1", "bank-2", "bank-3"}),
+        machine=SimpleNamespace(phase_message=phase_message))
+    v = verifier_for(cons, ks[0], secure=True)
+    seq = iter(range(1, 100))
+
+    def deliver(r, step, body=b""):
+        body = body or encode_secagg(SecAgg(step, ()))
+        data = E.pack(ks[3], cons.id, E.KIND_SECAGG, r, next(seq), body)
+        return secure_node.receive(node, v.verify(data, 5), 0.0, data, None)
+
+    deliver(5, CHECK_PHASE)
+    deliver(4, CHECK_PHASE)  # late: the machine drops it
+    deliver(9, AGREE_PHASE)  # beyond the lookahead
+    deliver(5, CHECK_PHASE, encode_secagg(SecAgg(CHECK_PHASE, (), (1,))))  # a second, different
+    got = [(type(x).__name__, x.round, x.kind, getattr(x, "where", getattr(x, "reason", None)))
+           for x in lines]
+    assert got == [("Accepted", 5, "secagg", "check"), ("Refused", 4, "secagg", "late_check"),
+                   ("Refused", 9, "secagg", "too_far")], got
+    assert node.counters.rejected == Counter({"late_check": 1, "too_far": 1})

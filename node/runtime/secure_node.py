@@ -388,9 +388,35 @@ def receive(node: Node, acc: Accepted, now: float, data: bytes, token: Any) -> l
     if acc.envelope.kind != KIND_SECAGG or acc.secagg is None:
         return node.machine.receive(acc, now, data=data, token=token)
     out: list[ev.Action] = [ev.Ack((token,))] if token is not None else []
+    env, step = acc.envelope, acc.secagg.step
+    dropped = phase_drop(node, acc)
+    if dropped is not None:  # the machine would drop it silently: say so (review finding M2)
+        node.counters.rejected[dropped[0]] += 1
+        node.audit.write(audit.Refused(acc.round, acc.sender, env.digest.hex(), env.kind,
+                                       *dropped))
+        return out
     keep_signed_step(node, acc, data)
-    return out + node.machine.phase_message(
-        ev.PhaseMessage(acc.sender, acc.round, acc.secagg.step, bytes(acc.envelope.body)), now)
+    filed = node.machine.phase_message(
+        ev.PhaseMessage(acc.sender, acc.round, step, bytes(env.body)), now)
+    if not any(isinstance(a, ev.Refused) and a.member == acc.sender for a in filed):
+        node.audit.write(audit.Accepted(acc.round, acc.sender, env.seq, env.digest.hex(),
+                                        env.kind, step))
+    return out + filed
+
+
+def phase_drop(node: Node, acc: Accepted) -> tuple[str, str] | None:
+    """Why the round machine drops a verified secure-step message unseen (bounded memory:
+    gossip/protocol/machine.py `_phase_in`, the same rules), or None: it files it."""
+    step, r, book = acc.secagg.step, acc.round, node.book  # type: ignore[union-attr]
+    if step not in {p.name for p in SECURE_PHASES[1:]}:
+        return "no_phase", f"our rounds have no {step} phase"
+    if acc.sender not in book.neighbours:
+        return "not_phase_peer", f"not a peer of our {step} phase"
+    if r < book.current:
+        return f"late_{step}", f"{step} for round {r}, we are at round {book.current}"
+    if r > book.current + book.lookahead:
+        return "too_far", f"{step} for round {r}, beyond round {book.current + book.lookahead}"
+    return None
 
 
 # Rounds whose signed step messages we keep for evidence (ours, the next ones a peer may
