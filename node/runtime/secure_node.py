@@ -68,6 +68,7 @@ from node.privacy.secure import (
 from node.runtime import audit, echo_round
 from node.runtime.evidence import envelope_bytes
 from node.runtime.release import Stopped, Trained
+from node.runtime.secure_bounds import sum_l2_bound
 from node.runtime.secure_round import (
     AGREE_PHASE,
     AGREE_STEPS,
@@ -178,7 +179,8 @@ def setup(node: Node) -> Secure | None:
                  node.name, plan.digest(), plan.steps, plan.sample_rate,
                  plan.noise_multiplier, plan.lr, plan.min_contributors)
         return Secure(SecureRounds(node.name, members, rule.threshold, rule.variant, icodec,
-                                   node.consortium.id, plan.min_contributors), icodec, {}, plan)
+                                   node.consortium.id, plan.min_contributors,
+                                   sum_l2_bound(plan)), icodec, {}, plan)
     rules = parse_rules(node.consortium)
     clip = rules.clip if rules is not None and rules.clip is not None else SECURE_DEFAULT_CLIP
     codec = FixedPoint.choose(clip, int(get_flat(node.model).numel()), len(members))

@@ -94,7 +94,7 @@ SECURE_PHASES = (SHARE, PhaseSpec(CHECK_PHASE), PhaseSpec(DEGREE2_PHASE), PhaseS
 SEEDED_DEALING = True
 REASONS = ("too_few_contributors", "too_few_openers", "too_many_wrong",
            "aggregate_out_of_bounds", "below_charged_floor", "no_agreement",
-           "agreement_changed")
+           "agreement_changed", "aggregate_too_large")
 # The agreement's parts (gossip/bodies.py bounds the message at 32 (1 + 2n) bytes): a
 # BLAKE2b-256 hash of what we open, then per member 1..n the digest of its check body and of
 # its degree2 body as we used them (AGREE_NONE: none came).
@@ -163,8 +163,11 @@ class SecureRound:
 
     def __init__(self, me: str, members: tuple[str, ...] | list[str], threshold: int,
                  variant: str, codec: FixedPoint | IntegerCodec, r: int, consortium_id: bytes,
-                 floor: int = 0) -> None:
+                 floor: int = 0, l2_bound: float | None = None) -> None:
         self.members = tuple(sorted(members))
+        # With DP on the sum: the L2 norm an honest aggregate stays under (integer units,
+        # node/runtime/secure_bounds.py sum_l2_bound); a larger one fails the round.
+        self.l2_bound = l2_bound
         # The least contributors a sum may be opened with: with DP on the sum, the number
         # the privacy ledger charged the round for (SecurePlan.min_contributors; fewer would
         # under-count epsilon: node/privacy/secure.py may_open_round).
@@ -515,6 +518,15 @@ class SecureRound:
             self._fail(SUM_PHASE, "aggregate_out_of_bounds", str(exc))
             return self.out
         self._name(agg.wrong, "wrong_sum_piece")
+        if self.l2_bound is not None:
+            norm = float(np.linalg.norm(np.asarray(agg.total, dtype=np.float64)))
+            if not norm <= self.l2_bound:
+                self._fail(SUM_PHASE, "aggregate_too_large",
+                           f"the sum of {len(self.selected)} has L2 norm {norm:.6g} > "
+                           f"{self.l2_bound:.6g}, the bound of an honest sum (its sampled rows "
+                           "at the clip plus the noise's tail, failing at most 3 x 2^-40): "
+                           "some member added more than its rows and noise explain")
+                return self.out
         self.out.ok, self.out.field_sum, self.out.total = True, agg.field_sum, agg.total
         return self.out
 
@@ -573,17 +585,18 @@ class SecureRounds:
 
     def __init__(self, me: str, members: tuple[str, ...] | list[str], threshold: int,
                  variant: str, codec: FixedPoint | IntegerCodec, consortium_id: bytes,
-                 floor: int = 0) -> None:
+                 floor: int = 0, l2_bound: float | None = None) -> None:
         self.me, self.members = me, tuple(sorted(members))
         self.threshold, self.variant, self.codec = threshold, variant, codec
-        self.consortium_id, self.floor = consortium_id, floor
+        self.consortium_id, self.floor, self.l2_bound = consortium_id, floor, l2_bound
         self.rounds: dict[int, SecureRound] = {}
 
     def round(self, r: int) -> SecureRound:
         if r not in self.rounds:
             self.rounds = {k: v for k, v in self.rounds.items() if k >= r}  # bounded memory
             self.rounds[r] = SecureRound(self.me, self.members, self.threshold, self.variant,
-                                         self.codec, r, self.consortium_id, self.floor)
+                                         self.codec, r, self.consortium_id, self.floor,
+                                         self.l2_bound)
         return self.rounds[r]
 
     def deal(self, r: int, encoded: np.ndarray) -> dict[str, bytes]:
