@@ -118,11 +118,13 @@ def test_a_split_view_never_opens_two_different_sums():
                              f"contribution to {err:.1e}")
     for m in (A, B):  # bank-0 and bank-1 saw the other's agreement disagree on bank-3's check
         assert outs[m].named.get(HOSTILE, "").startswith("split_view"), outs[m].named
-        # no honest member is blamed for the split (bank-2's dispute is the dealing's
-        # claim, named before any agreement: settling it is the dealer-signed piece's job)
-        assert not {w for w, why in outs[m].named.items() if w in honest
-                    and why.startswith(("split_view", "bad_agreement"))}, outs[m].named
+        # nobody honest blamed but by the dispute's claim (bank-3's split check put bank-0
+        # in dispute in bank-1's view: a claim, which the view's own reveals cannot settle)
+        assert all(why.startswith("dispute:") for w, why in outs[m].named.items()
+                   if w in honest), outs[m].named
         assert outs[m].disagreed[HOSTILE]  # whose agreement showed it: the evidence
+    # bank-2 revealed the deal bank-3 signed for it: bank-2's dispute settled against bank-3
+    assert "bad_dealing" in outs[A].named[HOSTILE]
     # bank-1 (bank-3's other view) has no quorum: it opened nothing, the round failed there
     assert not _opened(net, B) and outs[B].reason == "no_agreement", (outs[B].reason,
                                                                       outs[B].detail)
@@ -170,12 +172,16 @@ def test_a_restart_mid_agreement_resends_the_same_bytes(tmp_path):
         def __init__(self, body: bytes):
             self.body, self.kept = body, {}
 
-        def phase(self, r, phase, got, deals):
+        def phase(self, r, phase, got, deals, reveals=None):
             self.thread = threading.get_ident()
             return self.body
 
         def keep_own(self, r, phase, body):
             self.kept[(r, phase)] = bytes(body)
+
+        def round(self, r):  # no disputes: nothing to reveal
+            return SimpleNamespace(members=("site-0", "site-1", "site-2", "site-3"),
+                                   my_disputes=lambda: ())
 
     def run(body: bytes) -> tuple[list[bytes], Rounds]:
         sent: list[bytes] = []
@@ -191,6 +197,7 @@ def test_a_restart_mid_agreement_resends_the_same_bytes(tmp_path):
             name="site-0", state=StateDir(tmp_path / "state"),
             secure=SimpleNamespace(rounds=rounds),
             book=SimpleNamespace(shares=lambda r: {}, neighbours={"site-1", "site-2"}),
+            signer=SimpleNamespace(sealing=SimpleNamespace(own=None)),
             _sign=lambda kind, r, b: pack(key, b"c" * 32, kind, r, next(seq), b),
             _broadcast=broadcast, _in_background=in_background)
         asyncio.run(secure_node.send_phase(node, ev.SendPhase(3, AGREE_PHASE,
@@ -341,3 +348,92 @@ def test_every_secure_step_message_gets_an_audit_line_accepted_or_dropped():
     assert got == [("Accepted", 5, "secagg", "check"), ("Refused", 4, "secagg", "late_check"),
                    ("Refused", 9, "secagg", "too_far")], got
     assert node.counters.rejected == Counter({"late_check": 1, "too_far": 1})
+
+
+def _wrong_piece_for(victim: str, dealer: str = HOSTILE):
+    """A dealer's tamper: one wrong value in `victim`'s vector piece, committed to."""
+    def tamper_deal(net, m, r, deals):
+        if m != dealer:
+            return deals
+        sr = net.members[m].secure.round(r)
+        msgs = {to: decode_secagg(b, 4, deal=True) for to, b in deals.items()}
+        v = from_bytes(msgs[victim].pieces[0])
+        vals = v.values.copy()
+        vals[0] = (int(vals[0]) + 1) % F.P
+        newv = to_bytes(Piece(v.round, v.kind, v.owner, v.holder, vals))
+        com = bytearray(msgs[victim].pieces[2])
+        j = sr.index[victim]
+        com[32 * (j - 1):32 * j] = piece_digest(newv, msgs[victim].pieces[1])
+        sr.commitments[sr.i] = bytes(com)
+        return {to: encode_secagg(SecAgg("deal", (newv if to == victim else msg.pieces[0],
+                                                  msg.pieces[1], bytes(com))))
+                for to, msg in msgs.items()}
+    return tamper_deal
+
+
+def test_a_dispute_is_settled_against_the_dealer_by_the_piece_it_signed():
+    """bank-3 deals bank-2 a wrong value (committed to, so bank-2 holds it): bank-2's check
+    disagrees, a dispute. bank-2 reveals the deal bank-3 signed for it with its agreement;
+    every member checks it and names bank-3 (bad_dealing, a proof), not bank-2. Before,
+    bank-2 was named with the dispute's claim and bank-3 not at all."""
+    net = SecureNet(4, 1, variant="sum_only", tamper_deal=_wrong_piece_for(VICTIM)).run()
+    for m in (A, B):
+        o = net.outcome(m)
+        assert o.ok, (o.reason, o.detail)
+        assert o.named.get(HOSTILE, "").startswith("bad_dealing"), o.named
+        assert VICTIM not in o.named, o.named
+
+
+def test_a_false_dispute_is_settled_against_the_holder():
+    """bank-2 (its real key) opens a wrong check of bank-0's honest dealing: a dispute. The
+    deal bank-0 signed for bank-2, revealed, gives the check value the other holders agree
+    on: bank-2 is named false_dispute, bank-0 not at all. Revealing nothing instead:
+    dispute_unbacked."""
+    def wrong_check(net, m, phase, body):
+        if m != VICTIM or phase != CHECK_PHASE:
+            return body
+        msg = decode_secagg(body, 4)
+        p = from_bytes(msg.pieces[0])
+        vals = p.values.copy()
+        vals[0] = (int(vals[0]) + 1) % F.P  # its check of bank-0's vector
+        body = encode_secagg(SecAgg(CHECK_PHASE, (to_bytes(Piece(p.round, CHECK, 0, p.holder,
+                                                                   vals)),), msg.held))
+        net.members[m].secure.keep_own(0, CHECK_PHASE, body)  # what it sent is its own
+        return body
+
+    def and_no_reveal(net, m, phase, body):
+        body = wrong_check(net, m, phase, body)
+        if m == VICTIM and phase == AGREE_PHASE:
+            msg = decode_secagg(body, 4)
+            return encode_secagg(SecAgg(AGREE_PHASE, msg.pieces[:1]))
+        return body
+
+    for tamper, why in ((wrong_check, "false_dispute"), (and_no_reveal, "dispute_unbacked")):
+        net = SecureNet(4, 1, variant="sum_only", tamper_open=tamper).run()
+        for m in (A, B, HOSTILE):
+            o = net.outcome(m)
+            assert o.ok, (o.reason, o.detail)
+            assert o.named.get(VICTIM, "").startswith(why), (why, o.named)
+            assert A not in o.named, o.named
+
+
+def test_a_sealed_deal_is_revealed_by_its_key_alone():
+    """The seal's reveal (gossip/seal.py share_key, open_with_key): the recipient's key of one
+    sealed deal opens it for anyone; a wrong key, or the body under another sender's or
+    round's associated data, does not."""
+    import pytest
+
+    from gossip.errors import RemoteError
+    from gossip.seal import PrekeyStore, SignedPrekey, open_with_key, seal, seal_ad, share_key
+
+    store = PrekeyStore()
+    private = store.rotate(0)
+    pre = SignedPrekey(b"m" * 32, 0, bytes(private.public_key), b"s" * 64)
+    head, ct = seal(b"the deal", {"bank-2": pre}, seal_ad(b"c" * 32, b"d" * 32, 4))
+    body = head + ct
+    key = share_key(body, store)
+    assert open_with_key(body, key, seal_ad(b"c" * 32, b"d" * 32, 4)) == b"the deal"
+    with pytest.raises(RemoteError, match="commits to"):
+        open_with_key(body, bytes(32), seal_ad(b"c" * 32, b"d" * 32, 4))
+    with pytest.raises(RemoteError, match="revealed key failed"):
+        open_with_key(body, key, seal_ad(b"c" * 32, b"e" * 32, 4))

@@ -32,6 +32,7 @@ from gossip.protocol import (
     Signed,
     Train,
 )
+from node.runtime.evidence import envelope_bytes
 from node.runtime.secure_round import SECURE_PHASES, SecureOutcome, SecureRounds, piece_digest
 from node.secagg import field as F
 from node.secagg.encoding import FixedPoint
@@ -98,8 +99,12 @@ class Member:
                         self.name in self.net.mute.get(a.phase, ()) and a.round in self.net.mute_rounds):
                     continue
                 deals = {s: acc.secagg for s, acc in self.book.shares(a.round).items()}
-                body = self.net.tamper_open(self.name, a.phase, self.secure.phase(
-                    a.round, a.phase, a.got, deals))
+                reveals = self.read_reveals(a.round, a.got.get("agree", {})) \
+                    if a.phase == "sum" else None
+                body = self.secure.phase(a.round, a.phase, a.got, deals, reveals)
+                if a.phase == "agree":
+                    body = self.with_reveals(a.round, body)
+                body = self.net.tamper_open(self.name, a.phase, body)
                 data = self.pack(KIND_SECAGG, a.round, body)
                 self.sent[(a.round, a.phase)] = data
                 for to in a.peers:  # a split view: another signed body to some peers
@@ -115,6 +120,32 @@ class Member:
             elif isinstance(a, Close):
                 self.outcomes[a.round] = self.secure.close(a.round, a.phases)
                 queue += self.m.closed(a.round, dict(a.shares), self.now)
+
+    def with_reveals(self, r: int, body: bytes) -> bytes:
+        """As node/runtime/secure_node.py with_reveals, the deal unsealed on this test wire
+        (the key: 32 zero bytes; the seal's own reveal is tested apart)."""
+        sr = self.secure.round(r)
+        msg = decode_secagg(body, len(self.net.names))
+        shares = self.book.shares(r)
+        reveals = [bytes(32) + envelope_bytes(shares[sr.members[i - 1]].envelope)
+                   for i in sr.my_disputes() if sr.members[i - 1] in shares]
+        if not msg.pieces or not reveals:
+            return body
+        body = encode_secagg(SecAgg("agree", (msg.pieces[0], *reveals)))
+        self.secure.keep_own(r, "agree", body)
+        return body
+
+    def read_reveals(self, r: int, agreements) -> dict:
+        """As node/runtime/secure_node.py read_reveals (the dealer's signature checked)."""
+        out = {}
+        for holder, body in agreements.items():
+            for data in decode_secagg(body, len(self.net.names)).pieces[1:]:
+                env = E.decode_outer(data[32:])
+                VerifyKey(env.sender).verify(env.digest, env.sig)
+                dealer = self.net.name_of[env.sender]
+                out[(self.net.names.index(holder) + 1, self.net.names.index(dealer) + 1)] = \
+                    decode_secagg(env.body, len(self.net.names), deal=True)
+        return out
 
     def receive(self, data: bytes) -> None:
         outer = E._parse_outer(data, E.DEFAULT_MAX_ENVELOPE_BYTES)

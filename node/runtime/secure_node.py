@@ -43,6 +43,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
@@ -51,11 +52,16 @@ from typing import TYPE_CHECKING, Any
 import msgpack
 import numpy as np
 import torch
+from nacl.exceptions import BadSignatureError
+from nacl.signing import VerifyKey
 
+from gossip.bodies import SecAgg, decode_secagg, encode_secagg
 from gossip.envelope import KIND_DEAL, KIND_SECAGG, Accepted, decode_outer
-from gossip.errors import LocalError
+from gossip.errors import LocalError, RemoteError
 from gossip.membership import Consortium
 from gossip.protocol import events as ev
+from gossip.seal import KEY_BYTES as SEAL_KEY_BYTES
+from gossip.seal import open_with_key, seal_ad, share_key
 from node.learn.models import get_flat, set_flat
 from node.learn.train import evaluate
 from node.privacy.secure import (
@@ -73,6 +79,7 @@ from node.runtime.secure_round import (
     AGREE_PHASE,
     AGREE_STEPS,
     SECURE_PHASES,
+    SUM_PHASE,
     SecureOutcome,
     SecureRounds,
 )
@@ -363,7 +370,9 @@ async def send_phase(node: Node, a: ev.SendPhase) -> None:
     # decoding the degree-2 values (Berlekamp-Welch per coordinate) cost what the peers'
     # pieces make them cost, and must not stall the event loop (transports, deadlines). The
     # driver awaits it before its next action, so nothing else touches the round meanwhile.
-    body = await asyncio.to_thread(sec.rounds.phase, a.round, a.phase, a.got, deals)
+    reveals = read_reveals(node, a.round, a.got.get(AGREE_PHASE, {})) \
+        if a.phase == SUM_PHASE else None
+    body = await asyncio.to_thread(sec.rounds.phase, a.round, a.phase, a.got, deals, reveals)
     path = step_path(node, a.round, a.phase)
     if path.exists():
         data = path.read_bytes()
@@ -376,6 +385,9 @@ async def send_phase(node: Node, a: ev.SendPhase) -> None:
             log.warning("%s: round %d: our %s step differs from the one sent before the "
                         "restart: re-sending the stored one", node.name, a.round + 1, a.phase)
     else:
+        if a.phase == AGREE_PHASE:  # our disputes: the dealer-signed deals, for everyone
+            body = with_reveals(node, a.round, body)
+            sec.rounds.keep_own(a.round, a.phase, body)
         data = node._sign(KIND_SECAGG, a.round, body)
         atomic_write(path, data)  # before it exists outside memory
     if set(a.peers) >= set(node.book.neighbours):
@@ -383,6 +395,76 @@ async def send_phase(node: Node, a: ev.SendPhase) -> None:
     else:
         for peer in a.peers:
             await node._in_background(node._send(peer, data), f"{a.phase}-{a.round}-{peer}")
+
+
+def with_reveals(node: Node, r: int, body: bytes) -> bytes:
+    """Our agreement with one reveal per dealer our check disputes: the key of its sealed
+    deal (fresh per message, committed to in the signed header: it opens that deal and no
+    other) and the deal's signed envelope as it reached us. Revealing our piece of that
+    dealer's vector tells a coalition nothing it could not learn: either the dealer lied
+    (its own vector) or we did (then we are the coalition's)."""
+    sec = node.secure
+    assert sec is not None and node.signer.sealing is not None
+    sr = sec.rounds.round(r)
+    msg = decode_secagg(body, len(sr.members))
+    if not msg.pieces:
+        return body  # we open nothing: no statement to attach reveals to
+    shares = node.book.shares(r)
+    reveals = []
+    for i in sr.my_disputes():
+        acc = shares.get(sr.members[i - 1])
+        if acc is None:
+            continue
+        key = share_key(acc.envelope.body, node.signer.sealing.own)
+        reveals.append(key + envelope_bytes(acc.envelope))
+    if not reveals:
+        return body
+    log.warning("%s: round %d: revealing %d disputed deal(s) signed by their dealers",
+                node.name, r + 1, len(reveals))
+    return encode_secagg(SecAgg(AGREE_PHASE, (msg.pieces[0], *reveals)))
+
+
+def read_reveals(node: Node, r: int, agreements: Mapping[str, bytes]
+                 ) -> dict[tuple[int, int], SecAgg | str]:
+    """(holder, dealer) -> the deal the dealer signed for the holder, opened with the key
+    the holder revealed (the dealer's signature and the sealed body's key commitment
+    checked), or why the reveal is no proof (the holder's fault)."""
+    if not agreements:
+        return {}
+    members = tuple(sorted(m.name for m in node.consortium.members))
+    index = {m: k + 1 for k, m in enumerate(members)}
+    keys = {m.public_key: m.name for m in node.consortium.members}
+    out: dict[tuple[int, int], SecAgg | str] = {}
+    for holder, body in sorted(agreements.items()):
+        if holder not in index:
+            continue
+        try:
+            pieces = decode_secagg(body, len(members), holder).pieces[1:]
+        except RemoteError:
+            continue  # named by the round (bad_agree)
+        j = index[holder]
+        for data in pieces:
+            try:
+                env = decode_outer(data[SEAL_KEY_BYTES:])
+            except RemoteError:
+                continue  # no dealer to attribute it to: the dispute stays unbacked
+            dealer = keys.get(env.sender)
+            if dealer is None:
+                continue
+            try:
+                if env.consortium_id != node.consortium.id or (env.kind, env.round) != (KIND_DEAL, r):
+                    raise ValueError(f"a {env.kind} of round {env.round + 1}, not this round's deal")
+                try:
+                    VerifyKey(env.sender).verify(env.digest, env.sig)
+                except BadSignatureError:
+                    raise ValueError(f"{dealer}'s signature does not verify") from None
+                plain = open_with_key(env.body, data[:SEAL_KEY_BYTES],
+                                      seal_ad(node.consortium.id, env.sender, r), holder)
+                out[(j, index[dealer])] = decode_secagg(plain, len(members), dealer, deal=True)
+            except (ValueError, RemoteError) as exc:
+                out.setdefault((j, index[dealer]), f"its reveal of {dealer}'s deal is no proof: "
+                               f"{exc}")
+    return out
 
 
 def receive(node: Node, acc: Accepted, now: float, data: bytes, token: Any) -> list[ev.Action]:

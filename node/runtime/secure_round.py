@@ -80,12 +80,21 @@ import numpy as np
 from gossip.bodies import SecAgg, decode_secagg, encode_secagg
 from gossip.errors import LocalError, RemoteError
 from gossip.protocol.phases import SHARE, PhaseSpec
+from node.runtime.secure_agree import (
+    AGREE_BYTES,
+    AGREE_NONE,
+    AGREE_STEPS,
+    agreement_quorum,
+    body_digest,
+    differing,
+)
 from node.secagg import robust
 from node.secagg.encoding import AggregateOutOfBounds, FixedPoint, IntegerCodec
 from node.secagg.errors import PieceError, SecAggError, TooFewPieces, TooManyWrong
 from node.secagg.pieces import CHECK, DEGREE2, MASK, SEED, SUM, VECTOR, Piece, from_bytes, to_bytes
 
 CHECK_PHASE, DEGREE2_PHASE, AGREE_PHASE, SUM_PHASE = "check", "degree2", "agree", "sum"
+assert AGREE_STEPS == (CHECK_PHASE, DEGREE2_PHASE)  # the steps an agreement's table names
 SECURE_PHASES = (SHARE, PhaseSpec(CHECK_PHASE), PhaseSpec(DEGREE2_PHASE), PhaseSpec(AGREE_PHASE),
                  PhaseSpec(SUM_PHASE))
 # Deal seeded (see `SecureRound.deal`): measured at 8 members, t = 2, d = 4,810 (digits MLP),
@@ -95,27 +104,7 @@ SEEDED_DEALING = True
 REASONS = ("too_few_contributors", "too_few_openers", "too_many_wrong",
            "aggregate_out_of_bounds", "below_charged_floor", "no_agreement",
            "agreement_changed", "aggregate_too_large")
-# The agreement's parts (gossip/bodies.py bounds the message at 32 (1 + 2n) bytes): a
-# BLAKE2b-256 hash of what we open, then per member 1..n the digest of its check body and of
-# its degree2 body as we used them (AGREE_NONE: none came).
-AGREE_BYTES = 32
-AGREE_NONE = bytes(AGREE_BYTES)
-AGREE_STEPS = (CHECK_PHASE, DEGREE2_PHASE)  # the step bodies an agreement names
 
-
-def agreement_quorum(members: int, threshold: int) -> int:
-    """Matching agreements (ours included) a member needs before it opens its sum piece:
-    ceil((n + t + 1) / 2), the least q with 2q - n >= t + 1. Any two quorums then share
-    t + 1 members, so at least one honest member, who signs one agreement a round (stored
-    before it leaves, re-sent byte for byte after a restart) and broadcasts it: two honest
-    members can never both hold a quorum for different statements. Equal to n - t at
-    n = 3t + 1; at larger n it tolerates more members missing than n - t would."""
-    return (members + threshold + 2) // 2
-
-
-def body_digest(body: bytes) -> bytes:
-    """A step body's digest in an agreement (BLAKE2b-256 of the signed body's bytes)."""
-    return blake2b(bytes(body), digest_size=AGREE_BYTES, person=b"flnode-sa-body").digest()
 
 
 @dataclass
@@ -186,6 +175,8 @@ class SecureRound:
         self._bodies: dict[str, bytes] = {}  # our own body per step
         self._used: dict[str, dict[int, bytes]] = {}  # step -> member -> digest of its body
         self._statement: bytes | None = None  # the agreement we computed (None: none)
+        # (dealer, holder) -> piece kind -> the check value the holder's piece must give
+        self.disputes: dict[tuple[int, int], dict[int, int]] = {}
         self.entered: tuple[int, ...] = ()
         self.openers: tuple[int, ...] = ()
         self.selected: tuple[int, ...] = ()
@@ -342,7 +333,8 @@ class SecureRound:
                                           f"inconsistent_pieces: {verdict.refused[i]}")
                 continue
             consistent.append(i)
-            for (_, j, _) in verdict.disputes:
+            for (_, j, kind), expected in verdict.disputes.items():
+                self.disputes.setdefault((i, j), {})[kind] = expected
                 disputed.add(j)
                 self.out.named.setdefault(self.members[j - 1], (
                     f"dispute: its check of {self.members[i - 1]}'s dealing disagrees (it, or "
@@ -411,16 +403,86 @@ class SecureRound:
         return h + table
 
     # --- sum ----------------------------------------------------------------------------------
-    def sum(self, agreements: Mapping[str, bytes]) -> bytes:
+    def my_disputes(self) -> tuple[int, ...]:
+        """The dealers whose dealing our check disagrees with: we reveal their signed deal."""
+        return tuple(sorted(i for (i, j) in self.disputes if j == self.i))
+
+    def _settle(self, reveals: Mapping[tuple[int, int], SecAgg | str], same: set[int]) -> None:
+        """Each dispute settled by the dealer-signed deal its holder revealed (verified by
+        the driver: the dealer's signature, the sealed body's committed key): the piece
+        gives the check value the other holders agree on (the holder lied: `false_dispute`)
+        or not (the dealer sent a bad piece: `bad_dealing`, proven by its signature); a
+        reveal that does not verify is the holder's (`bad_reveal`). A holder whose agreement matches ours
+        (`same`: it saw the same checks, so the same disputes) and that revealed nothing is
+        `dispute_unbacked`; one whose view differs may not know it is in dispute."""
+        for (i, j), kinds in sorted(self.disputes.items()):
+            if j == self.i:
+                continue  # ours: we revealed it
+            dealer, holder = self.members[i - 1], self.members[j - 1]
+            got = reveals.get((j, i))
+            if isinstance(got, str):
+                self.out.named[holder] = f"bad_reveal: {got}"
+                continue
+            if got is None:
+                if j in same:
+                    self.out.named[holder] = (f"dispute_unbacked: it disputes {dealer}'s dealing "
+                                              "and revealed no piece that dealer signed")
+                continue
+            why = self._judge_reveal(i, j, kinds, got)
+            if why is None:
+                self.out.named[holder] = (f"false_dispute: the piece {dealer} signed for it "
+                                          "gives the check value the other holders agree on "
+                                          "(its own check was wrong; proof: the revealed deal)")
+            else:
+                if self.out.named.get(holder, "").startswith("dispute:"):
+                    del self.out.named[holder]  # the holder told the truth
+                proof = f"bad_dealing: {why} (proof: the deal it signed for {holder}, " \
+                        f"revealed by {holder})"
+                before = self.out.named.get(dealer)  # e.g. split_view: both are kept
+                self.out.named[dealer] = proof if before is None else f"{before}; also {proof}"
+
+    def _judge_reveal(self, i: int, j: int, kinds: Mapping[int, int], msg: SecAgg) -> str | None:
+        """None if dealer i's signed deal for holder j is right (the holder lied), else what
+        is wrong with it (the dealer's fault)."""
+        p = self.params
+        if msg.step != "deal" or len(msg.pieces) != 3 or len(msg.pieces[2]) != COMMIT_BYTES * p.members:
+            return "its revealed deal is not a deal"
+        commitment = msg.pieces[2]
+        ours = self.commitments.get(i)
+        if ours is not None and ours != commitment:
+            return "it committed to different pieces in different members' deals"
+        if commitment[COMMIT_BYTES * (j - 1):COMMIT_BYTES * j] != piece_digest(*msg.pieces[:2]):
+            return "its pieces do not match its own commitment"
+        try:
+            vec = from_bytes(msg.pieces[0], sender=i)
+            mask = from_bytes(msg.pieces[1], expected_count=p.opened + 1, expected_kind=MASK,
+                              sender=i)
+            if vec.kind == SEED:
+                vec = robust.expand_seed_piece(p, vec)
+            if (vec.round, vec.kind, vec.owner, vec.holder) != (self.r, VECTOR, i, j) or \
+                    vec.values.size != p.codec.dim + 1 or mask.key != (self.r, MASK, i, j):
+                return "its pieces are keyed for another round, dealer or holder"
+        except SecAggError as exc:
+            return f"its pieces are malformed ({exc})"
+        chal = challenge(self.consortium_id, self.r, i, commitment)
+        for kind, expected in sorted(kinds.items()):
+            piece = vec if kind == VECTOR else mask
+            if robust.resolve_dispute(p, chal, piece, expected) == "dealer":
+                return (f"its signed {'vector' if kind == VECTOR else 'mask'} piece does not "
+                        "give the check value its other holders' pieces agree on")
+        return None
+
+    def sum(self, agreements: Mapping[str, bytes],
+            reveals: Mapping[tuple[int, int], SecAgg | str] | None = None) -> bytes:
         """Our sum body once a quorum of agreements (ours included) matches ours
         (`agreement_quorum`); else empty, and the round fails (`no_agreement`): nothing of
         the sum is opened. A mismatching agreement names who split the views."""
         if self.out.reason is not None:
             return self._abstain(SUM_PHASE)
         own = self._bodies.get(AGREE_PHASE)
-        mine = encode_secagg(SecAgg(AGREE_PHASE, (self._statement,))) \
-            if self._statement is not None else None
-        if own != mine:  # a run before a restart agreed to something else: never open
+        signed = decode_secagg(own, self.params.members).pieces[:1] if own else ()
+        if signed != ((self._statement,) if self._statement is not None else ()):
+            # a run before a restart agreed to something else: never open
             return self._fail(SUM_PHASE, "agreement_changed",
                               "the agreement we signed before a restart is not the one we "
                               "compute now (our view of the round changed): not opened")
@@ -447,6 +509,7 @@ class SecureRound:
                 matching.append(sender)
             else:
                 self._disagree(sender, msg.pieces[0])
+        self._settle(reveals or {}, {self.index[m] for m in matching})
         if len(matching) < q:
             return self._fail(SUM_PHASE, "no_agreement",
                               f"{len(matching)} member(s) agree with what we would open "
@@ -469,13 +532,7 @@ class SecureRound:
         k = self.index[sender]
         mine = self._statement
         by = self.out.disagreed
-        differ = []
-        for i in range(1, self.params.members + 1):
-            for s, step in enumerate(AGREE_STEPS):
-                at = AGREE_BYTES * (1 + 2 * (i - 1) + s)
-                ours, their = mine[at:at + AGREE_BYTES], theirs[at:at + AGREE_BYTES]
-                if ours != their:
-                    differ.append((i, step, their == AGREE_NONE))
+        differ = differing(mine, theirs, self.params.members)
         if not differ:
             self.out.named.setdefault(sender, "bad_agreement: the same check and degree2 "
                                       "bodies as ours and another outcome (every member "
@@ -604,7 +661,8 @@ class SecureRounds:
         return self.round(r).deal(encoded)
 
     def phase(self, r: int, phase: str, got: Mapping[str, Mapping[str, bytes]],
-              deals: Mapping[str, SecAgg]) -> bytes:
+              deals: Mapping[str, SecAgg],
+              reveals: Mapping[tuple[int, int], SecAgg | str] | None = None) -> bytes:
         """At `SendPhase(r, phase)`: our body for the step. `deals`: the deals the round
         book holds for r (sender -> opened deal), filed at the check. The bodies of the
         steps before come from the machine (`SendPhase.got`)."""
@@ -618,7 +676,7 @@ class SecureRounds:
         if phase == AGREE_PHASE:
             return sr.agree(got.get(DEGREE2_PHASE, {}))
         if phase == SUM_PHASE:
-            return sr.sum(got.get(AGREE_PHASE, {}))
+            return sr.sum(got.get(AGREE_PHASE, {}), reveals)
         raise LocalError(f"secure round: no step {phase!r}")
 
     def keep_own(self, r: int, phase: str, body: bytes) -> None:
