@@ -437,3 +437,49 @@ def test_a_sealed_deal_is_revealed_by_its_key_alone():
         open_with_key(body, bytes(32), seal_ad(b"c" * 32, b"d" * 32, 4))
     with pytest.raises(RemoteError, match="revealed key failed"):
         open_with_key(body, key, seal_ad(b"c" * 32, b"e" * 32, 4))
+
+
+def test_the_node_reveals_a_sealed_deal_and_another_node_verifies_it():
+    """node/runtime/secure_node.py with real sealing: bank-2 is in dispute with bank-3's
+    dealing; its agreement carries the key of bank-3's sealed deal and the signed envelope;
+    bank-0 reads back exactly the deal bank-3 signed. A reveal with another key, or a deal
+    not signed by its sender, is no proof (the holder's fault), named by dealer."""
+    from types import SimpleNamespace
+
+    from gossip import envelope as E
+    from gossip.seal import PrekeyStore, SignedPrekey, seal, seal_ad
+    from node.runtime import secure_node
+    from node.runtime.secure_round import SecureRounds
+
+    ks = keys(4)
+    cons = consortium(ks)
+    names = [m.name for m in cons.members]
+    store = PrekeyStore()
+    pre = SignedPrekey(bytes(ks[2].verify_key), 0, bytes(store.rotate(0).public_key), b"s" * 64)
+    codec = SecureNet(4, 1).codec
+    dealer = SecureRounds(names[3], names, 1, "sum_only", codec, cons.id)
+    plain = dealer.deal(0, codec.encode(np.zeros(codec.dim)))[names[2]]
+    sealed = seal(plain, {names[2]: pre}, seal_ad(cons.id, bytes(ks[3].verify_key), 0))
+    data = E.pack(ks[3], cons.id, E.KIND_DEAL, 0, 1, sealed)
+    acc = SimpleNamespace(envelope=E.decode_outer(data))
+
+    holder = SecureRounds(names[2], names, 1, "sum_only", codec, cons.id)
+    holder.round(0).disputes[(4, 3)] = {1: 0}  # bank-2 (3) disputes bank-3's (4) dealing
+    node = SimpleNamespace(
+        name=names[2], consortium=cons, secure=SimpleNamespace(rounds=holder),
+        book=SimpleNamespace(shares=lambda r: {names[3]: acc}),
+        signer=SimpleNamespace(sealing=SimpleNamespace(own=store)))
+    statement = bytes(32 * 9)
+    body = secure_node.with_reveals(node, 0, encode_secagg(SecAgg(AGREE_PHASE, (statement,))))
+    msg = decode_secagg(body, 4, dim=codec.dim)  # within the wire's bound for a reveal
+    assert msg.pieces[0] == statement and len(msg.pieces) == 2
+    got = secure_node.read_reveals(node, 0, {names[2]: body})
+    assert got == {(3, 4): decode_secagg(plain, 4, deal=True)}
+
+    wrong = encode_secagg(SecAgg(AGREE_PHASE, (statement, bytes(32) + msg.pieces[1][32:])))
+    got = secure_node.read_reveals(node, 0, {names[2]: wrong})
+    assert "no proof" in got[(3, 4)] and "commits to" in got[(3, 4)]
+    forged = E.pack(ks[1], cons.id, E.KIND_DEAL, 0, 1, sealed)  # bank-1 signs bank-3's deal
+    bad = encode_secagg(SecAgg(AGREE_PHASE, (statement, msg.pieces[1][:32] + forged)))
+    got = secure_node.read_reveals(node, 0, {names[2]: bad})
+    assert "no proof" in got[(3, 2)]  # the signer's deal: its seal's data does not open

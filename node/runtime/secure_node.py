@@ -612,7 +612,8 @@ def aggregate(node: Node, c: ev.Close) -> dict[str, Accepted]:
             kept = keep_deal(node, r, member, c.shares[member])
             if kept is not None:
                 evidence[member] = kept
-        elif why.startswith(("split_view", "bad_agreement")):
+        elif why.startswith(("split_view", "bad_agreement", "bad_dealing", "false_dispute",
+                             "bad_reveal")):
             split = keep_split_evidence(node, r, member, out)
             if split:
                 evidence[member] = split

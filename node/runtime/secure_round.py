@@ -65,8 +65,9 @@ The check's challenge (Fiat-Shamir): each deal carries the dealer's commitment, 
 of every holder's pieces (`piece_digest`, n x 32 bytes); a holder refuses pieces that do not
 match their digest (`bad_piece`), and checks each dealing under the hash of its commitment
 (`challenge`), fixed only once the dealer is bound to every piece. Known limits
-(docs/privacy-secure.md "What is wired"): disputes are named as claims, not settled by the
-dealer-signed piece (it is sealed to its holder).
+(docs/privacy-secure.md "What is wired"): a dispute is settled at the agree step by the
+dealer-signed deal its holder reveals (the sealed deal's key: `_settle`), only among members
+whose views agree.
 """
 
 from __future__ import annotations
@@ -124,7 +125,8 @@ class SecureOutcome:
     selected: tuple[str, ...] = ()
     excluded: dict[str, str] = field(default_factory=dict)  # left out by the selection
     named: dict[str, str] = field(default_factory=dict)  # members at fault (or disputed)
-    # member -> the senders whose agreement disagreed with ours and showed it (evidence)
+    # member -> the senders whose agreement shows it at fault (a disagreeing one, or the
+    # one carrying a dispute's reveal): kept as evidence
     disagreed: dict[str, tuple[str, ...]] = field(default_factory=dict)
 
 
@@ -422,12 +424,15 @@ class SecureRound:
             got = reveals.get((j, i))
             if isinstance(got, str):
                 self.out.named[holder] = f"bad_reveal: {got}"
+                self.out.disagreed[holder] = (holder,)
                 continue
             if got is None:
                 if j in same:
                     self.out.named[holder] = (f"dispute_unbacked: it disputes {dealer}'s dealing "
                                               "and revealed no piece that dealer signed")
                 continue
+            for x in (holder, dealer):  # the revealing agreement is the evidence
+                self.out.disagreed[x] = (*self.out.disagreed.get(x, ()), holder)
             why = self._judge_reveal(i, j, kinds, got)
             if why is None:
                 self.out.named[holder] = (f"false_dispute: the piece {dealer} signed for it "
