@@ -370,9 +370,12 @@ async def send_phase(node: Node, a: ev.SendPhase) -> None:
     # decoding the degree-2 values (Berlekamp-Welch per coordinate) cost what the peers'
     # pieces make them cost, and must not stall the event loop (transports, deadlines). The
     # driver awaits it before its next action, so nothing else touches the round meanwhile.
-    reveals = read_reveals(node, a.round, a.got.get(AGREE_PHASE, {})) \
-        if a.phase == SUM_PHASE else None
-    body = await asyncio.to_thread(sec.rounds.phase, a.round, a.phase, a.got, deals, reveals)
+    def step() -> bytes:  # the reveals' signatures and decryption too: the peers' sizes
+        reveals = read_reveals(node, a.round, a.got.get(AGREE_PHASE, {})) \
+            if a.phase == SUM_PHASE else None
+        return sec.rounds.phase(a.round, a.phase, a.got, deals, reveals)
+
+    body = await asyncio.to_thread(step)
     path = step_path(node, a.round, a.phase)
     if path.exists():
         data = path.read_bytes()
