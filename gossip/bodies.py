@@ -408,8 +408,25 @@ def _read_tensors(r: Reader, spec: Sequence[TensorSpec],
 # so at once instead of being waited for). The pieces' own bytes are node/secagg/pieces.py's
 # ("FLSA" header, field elements), parsed and checked by the node: gossip checks the frame.
 SECAGG_DEAL = "deal"
-SECAGG_STEPS = ("check", "degree2", "sum")
-_SECAGG_PIECES = {SECAGG_DEAL: (3,), "check": (0, 1), "degree2": (0, 1), "sum": (0, 1)}
+# "agree" (review finding C2): before any sum piece leaves, each member's signed statement of
+# what it will open: a 32-byte hash of (round, entered, openers, selected, the step bodies)
+# and the digest (32 bytes each) of every member's check and degree2 body it used, or none
+# (it opens nothing). node/runtime/secure_round.py `SecureRound.agree`.
+# A member in dispute with dealers appends one reveal per such dealer (at most n - 1): the
+# per-message key of the dealer's sealed deal (32 bytes) and that deal's signed envelope as
+# it arrived, so everyone can open the dealer-signed piece and see who lied.
+SECAGG_STEPS = ("check", "degree2", "agree", "sum")
+_SECAGG_PIECES = {SECAGG_DEAL: (3,), "check": (0, 1), "degree2": (0, 1), "agree": (0, 1),
+                  "sum": (0, 1)}
+# A reveal beyond its deal's plaintext: the key, the sealed body's header (one recipient),
+# its tag and the envelope's frame, with room (a real one is under 600 bytes).
+SECAGG_REVEAL_OVERHEAD = 4096
+
+
+def _secagg_counts(step: str, members: int) -> tuple[int, ...] | range:
+    """How many pieces a `step` message may carry (agree: none, or the statement and up to
+    n - 1 reveals)."""
+    return range(0, members + 1) if step == "agree" else _SECAGG_PIECES[step]
 # The most dealers a check message may name: node/secagg/shamir.py's MAX_MEMBERS bound
 # (members are evaluation points 1..n of a 16-bit field in the piece header).
 MAX_SECAGG_MEMBERS = 65535
@@ -418,7 +435,8 @@ MAX_SECAGG_MEMBERS = 65535
 # A piece is node/secagg/pieces.py's 24-byte header and 8 bytes per field element: a check
 # 2n values, a degree-2 piece at most P = n(n - 1)/2 + n (the "distances" variant), a sum d,
 # a deal's vector d + 1 (or a 4-value seed) and mask P + 1; a commitment is 32 bytes per
-# holder (node/runtime/secure_round.py COMMIT_BYTES).
+# holder (node/runtime/secure_round.py COMMIT_BYTES); an agreement is 32 (1 + 2n) bytes
+# exactly (its hash, then two body digests per member).
 SECAGG_PIECE_HEADER = 24
 SECAGG_VALUE_BYTES = 8
 SECAGG_SEED_VALUES = 4
@@ -433,6 +451,10 @@ def secagg_piece_limits(step: str, members: int, dim: int | None) -> tuple[int |
     if step == SECAGG_DEAL:
         vector = None if dim is None else head + v * max(dim + 1, SECAGG_SEED_VALUES)
         return (vector, head + v * (opened + 1), SECAGG_COMMIT_BYTES * n)
+    if step == "agree":
+        deal = secagg_piece_limits(SECAGG_DEAL, members, dim)
+        reveal = None if deal[0] is None else sum(deal) + SECAGG_REVEAL_OVERHEAD  # type: ignore[arg-type]
+        return (SECAGG_COMMIT_BYTES * (1 + 2 * n), *([reveal] * (n - 1)))
     return ({"check": head + v * 2 * n, "degree2": head + v * opened,
              "sum": None if dim is None else head + v * dim}[step],)
 
@@ -451,7 +473,8 @@ class SecAgg:
 def encode_secagg(msg: SecAgg) -> bytes:
     """The body: msgpack [step (str), [piece (bin), ...], [dealer (uint), ...]]; a deal's
     is then sealed to its recipient (gossip.seal) by the sender."""
-    if msg.step not in _SECAGG_PIECES or len(msg.pieces) not in _SECAGG_PIECES[msg.step]:
+    if msg.step not in _SECAGG_PIECES or len(msg.pieces) not in _secagg_counts(
+            msg.step, MAX_SECAGG_MEMBERS):
         raise LocalError(f"secagg {msg.step!r} with {len(msg.pieces)} piece(s)")
     if msg.held and (msg.step != "check" or list(msg.held) != sorted(set(msg.held))
                      or msg.held[0] < 1 or msg.held[-1] > MAX_SECAGG_MEMBERS):
@@ -475,9 +498,10 @@ def decode_secagg(body: bytes | memoryview, members: int, sender: str | None = N
         if step not in ((SECAGG_DEAL,) if deal else SECAGG_STEPS):
             raise WireError(f"step {shorten(step)} in a {'deal' if deal else 'secagg'} message")
         count = r.array_header()
-        if count not in _SECAGG_PIECES[step]:
-            raise WireError(f"{count} pieces in a {step} message (expected "
-                            f"{' or '.join(map(str, _SECAGG_PIECES[step]))})")
+        allowed = _secagg_counts(step, members)
+        if count not in allowed:
+            expected = " or ".join(map(str, allowed)) if len(allowed) < 4 else f"at most {members}"
+            raise WireError(f"{count} pieces in a {step} message (expected {expected})")
         limits = secagg_piece_limits(step, members, dim)
         pieces = []
         for k in range(count):

@@ -537,5 +537,55 @@ class Sealing:
         return open_sealed(body, self.own, seal_ad(self.consortium_id, sender_key, round_), name)
 
 
+# --- revealing one sealed body (issue 22: a dispute settled by the dealer-signed piece) ---
+# The key of a sealed body is fresh per message and committed to in the signed header
+# ("kc"), so a recipient can hand it to everyone: it opens that one body, no other, and
+# nobody can substitute another key (the commitment) or another body (the signature).
+
+def _header(view: memoryview, ours: Mapping[bytes, PrivateKey], sender: str | None
+            ) -> tuple[bytes, bytes, tuple[PrivateKey, bytes] | None, int]:
+    n = int.from_bytes(view[:HEADER_LEN_BYTES], "big")
+    if len(view) < HEADER_LEN_BYTES or not 0 < n <= min(MAX_HEADER_BYTES,
+                                                         len(view) - HEADER_LEN_BYTES):
+        raise RemoteError("bad_seal", "header length prefix out of range", sender)
+    try:
+        nonce, kc, mine = _read_header(view[HEADER_LEN_BYTES:HEADER_LEN_BYTES + n], ours)
+    except WireError as exc:
+        raise RemoteError("bad_seal", f"not a version 1 sealed body: {exc}", sender) from None
+    return nonce, kc, mine, n
+
+
+def share_key(data: bytes | memoryview, store: PrekeyStore, sender: str | None = None) -> bytes:
+    """The key of a sealed body addressed to us, checked against its signed commitment."""
+    view = memoryview(data)
+    _, kc, mine, _ = _header(view, {bytes(k.public_key): k for k in store.keys.values()}, sender)
+    if mine is None:
+        raise RemoteError("no_prekey", "sealed for none of our current prekeys", sender)
+    try:
+        key = SealedBox(mine[0]).decrypt(mine[1])
+    except CryptoError:
+        raise RemoteError("bad_seal", "the key wrap does not open", sender) from None
+    if not hmac.compare_digest(key_commitment(key), kc):
+        raise RemoteError("bad_seal", "the share key does not match the signed key "
+                          "commitment", sender)
+    return key
+
+
+def open_with_key(data: bytes | memoryview, key: bytes, ad: bytes,
+                  sender: str | None = None) -> bytes:
+    """A sealed body opened with a revealed key (`share_key`): the key must match the
+    body's signed commitment. Verify the envelope's signature first."""
+    view = memoryview(data)
+    nonce, kc, _, n = _header(view, {}, sender)
+    if len(key) != KEY_BYTES or not hmac.compare_digest(key_commitment(key), kc):
+        raise RemoteError("bad_seal", "the revealed key is not the one the sealed body "
+                          "commits to", sender)
+    try:
+        return ChaCha20Poly1305(key).decrypt(nonce, view[HEADER_LEN_BYTES + n:], ad)
+    except InvalidTag:
+        raise RemoteError("bad_seal", "decryption with the revealed key failed", sender) from None
+
+
 __all__ = ["PrekeyStore", "Sealing", "SignedPrekey", "decode_announcement", "encode_announcement",
-           "epoch_of", "open_sealed", "seal", "seal_ad", "sign_prekey", "verify_prekey"]
+           "epoch_of", "open_sealed", "open_with_key", "seal", "seal_ad", "share_key", "sign_prekey",
+           "verify_prekey"]

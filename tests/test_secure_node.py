@@ -384,7 +384,7 @@ def test_a_step_message_is_stored_before_it_leaves_and_a_restart_resends_it(tmp_
         def __init__(self, body: bytes):
             self.body, self.kept = body, {}
 
-        def phase(self, r, phase, got, deals):
+        def phase(self, r, phase, got, deals, reveals=None):
             return self.body
 
         def keep_own(self, r, phase, body):

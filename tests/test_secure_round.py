@@ -32,6 +32,7 @@ from gossip.protocol import (
     Signed,
     Train,
 )
+from node.runtime.evidence import envelope_bytes
 from node.runtime.secure_round import SECURE_PHASES, SecureOutcome, SecureRounds, piece_digest
 from node.secagg import field as F
 from node.secagg.encoding import FixedPoint
@@ -57,6 +58,7 @@ class Member:
         self.secure = SecureRounds(name, net.names, net.t, net.variant, net.codec, net.cid)
         self.verifier = verifier_for(net.cons, sk, secure=True)
         self.seq = 0
+        self.sent: dict[tuple[int, str], bytes] = {}  # (round, step) -> our signed message
         self.deals: dict[int, dict[str, bytes]] = {}
         self.outcomes: dict[int, SecureOutcome] = {}
         self.refused: list[Refused] = []
@@ -97,9 +99,18 @@ class Member:
                         self.name in self.net.mute.get(a.phase, ()) and a.round in self.net.mute_rounds):
                     continue
                 deals = {s: acc.secagg for s, acc in self.book.shares(a.round).items()}
-                body = self.net.tamper_open(self.name, a.phase, self.secure.phase(
-                    a.round, a.phase, a.got, deals))
-                self.net.post(self.name, list(a.peers), self.pack(KIND_SECAGG, a.round, body))
+                reveals = self.read_reveals(a.round, a.got.get("agree", {})) \
+                    if a.phase == "sum" else None
+                body = self.secure.phase(a.round, a.phase, a.got, deals, reveals)
+                if a.phase == "agree":
+                    body = self.with_reveals(a.round, body)
+                body = self.net.tamper_open(self.name, a.phase, body)
+                data = self.pack(KIND_SECAGG, a.round, body)
+                self.sent[(a.round, a.phase)] = data
+                for to in a.peers:  # a split view: another signed body to some peers
+                    other = self.net.tamper_to(self.name, a.phase, to, body)
+                    self.net.post(self.name, [to], data if other == body
+                                  else self.pack(KIND_SECAGG, a.round, other))
             elif isinstance(a, Broadcast | SendTo) and isinstance(a.message, Sign):
                 s = a.message
                 to = [m for m in self.net.names if m != self.name] if isinstance(a, Broadcast) \
@@ -109,6 +120,32 @@ class Member:
             elif isinstance(a, Close):
                 self.outcomes[a.round] = self.secure.close(a.round, a.phases)
                 queue += self.m.closed(a.round, dict(a.shares), self.now)
+
+    def with_reveals(self, r: int, body: bytes) -> bytes:
+        """As node/runtime/secure_node.py with_reveals, the deal unsealed on this test wire
+        (the key: 32 zero bytes; the seal's own reveal is tested apart)."""
+        sr = self.secure.round(r)
+        msg = decode_secagg(body, len(self.net.names))
+        shares = self.book.shares(r)
+        reveals = [bytes(32) + envelope_bytes(shares[sr.members[i - 1]].envelope)
+                   for i in sr.my_disputes() if sr.members[i - 1] in shares]
+        if not msg.pieces or not reveals:
+            return body
+        body = encode_secagg(SecAgg("agree", (msg.pieces[0], *reveals)))
+        self.secure.keep_own(r, "agree", body)
+        return body
+
+    def read_reveals(self, r: int, agreements) -> dict:
+        """As node/runtime/secure_node.py read_reveals (the dealer's signature checked)."""
+        out = {}
+        for holder, body in agreements.items():
+            for data in decode_secagg(body, len(self.net.names)).pieces[1:]:
+                env = E.decode_outer(data[32:])
+                VerifyKey(env.sender).verify(env.digest, env.sig)
+                dealer = self.net.name_of[env.sender]
+                out[(self.net.names.index(holder) + 1, self.net.names.index(dealer) + 1)] = \
+                    decode_secagg(env.body, len(self.net.names), deal=True)
+        return out
 
     def receive(self, data: bytes) -> None:
         outer = E._parse_outer(data, E.DEFAULT_MAX_ENVELOPE_BYTES)
@@ -139,7 +176,8 @@ class SecureNet:
 
     def __init__(self, n: int, t: int, *, variant: str = "distances", rounds: int = 1,
                  vectors=None, silent_from=None, mute=None, late=None,
-                 tamper_deal=None, tamper_open=None, mute_rounds=(0,), no_deal=None) -> None:
+                 tamper_deal=None, tamper_open=None, mute_rounds=(0,), no_deal=None,
+                 tamper_to=None) -> None:
         self.sks = keys(n)
         self.cons = consortium(self.sks)
         self.cid = self.cons.id
@@ -155,8 +193,10 @@ class SecureNet:
         self.late = late or {}
         self._tamper_deal = tamper_deal
         self._tamper_open = tamper_open
+        self._tamper_to = tamper_to  # (net, sender, step, recipient, body) -> its body
         self.queue: list[tuple[str, str, bytes]] = []
         self.held_back: list[tuple[str, str, bytes]] = []
+        self.delivered: list[tuple[str, str, bytes]] = []  # (sender, recipient, bytes)
         self.members = {m: Member(self, m, sk) for m, sk in zip(self.names, self.sks, strict=True)}
         self.now = 0.0
 
@@ -173,6 +213,9 @@ class SecureNet:
     def tamper_open(self, m, phase, body):
         return body if self._tamper_open is None else self._tamper_open(self, m, phase, body)
 
+    def tamper_to(self, m, phase, to, body):
+        return body if self._tamper_to is None else self._tamper_to(self, m, phase, to, body)
+
     def post(self, sender: str, to: list[str], data: bytes) -> None:
         for t in to:
             if self.late.get(sender) is not None and E._parse_outer(
@@ -186,7 +229,8 @@ class SecureNet:
             m.run(m.m.start(0.0))
         for _ in range(200):
             while self.queue:
-                _, to, data = self.queue.pop(0)
+                sender, to, data = self.queue.pop(0)
+                self.delivered.append((sender, to, data))
                 self.members[to].receive(data)
             alive = [m for m in self.members.values() if not m.m.done
                      and m.name not in self.silent_from.get(0, ())]

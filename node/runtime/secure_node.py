@@ -43,7 +43,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any
@@ -51,11 +52,16 @@ from typing import TYPE_CHECKING, Any
 import msgpack
 import numpy as np
 import torch
+from nacl.exceptions import BadSignatureError
+from nacl.signing import VerifyKey
 
+from gossip.bodies import SecAgg, decode_secagg, encode_secagg
 from gossip.envelope import KIND_DEAL, KIND_SECAGG, Accepted, decode_outer
-from gossip.errors import LocalError
+from gossip.errors import LocalError, RemoteError
 from gossip.membership import Consortium
 from gossip.protocol import events as ev
+from gossip.seal import KEY_BYTES as SEAL_KEY_BYTES
+from gossip.seal import open_with_key, seal_ad, share_key
 from node.learn.models import get_flat, set_flat
 from node.learn.train import evaluate
 from node.privacy.secure import (
@@ -68,7 +74,15 @@ from node.privacy.secure import (
 from node.runtime import audit, echo_round
 from node.runtime.evidence import envelope_bytes
 from node.runtime.release import Stopped, Trained
-from node.runtime.secure_round import SECURE_PHASES, SecureOutcome, SecureRounds
+from node.runtime.secure_bounds import sum_l2_bound
+from node.runtime.secure_round import (
+    AGREE_PHASE,
+    AGREE_STEPS,
+    SECURE_PHASES,
+    SUM_PHASE,
+    SecureOutcome,
+    SecureRounds,
+)
 from node.runtime.state import atomic_write
 from node.secagg.encoding import FixedPoint, IntegerCodec
 from node.strategy.consortium_rules import parse_rules, secure_rule
@@ -99,6 +113,9 @@ class Secure:
     codec: FixedPoint | IntegerCodec
     outcomes: dict[int, SecureOutcome]
     plan: SecurePlan | None = None  # DP on the sum (privacy.mode "record"), else None
+    # round -> (sender, step) -> its signed check / degree2 / agree message as it reached
+    # us (the first one): the evidence when an agreement shows a split view (`aggregate`)
+    signed: dict[int, dict[tuple[str, str], bytes]] = field(default_factory=dict)
 
 
 # The consortium's distributed DP-SGD plan, pinned in the state dir at the first start (a
@@ -169,14 +186,14 @@ def setup(node: Node) -> Secure | None:
                  node.name, plan.digest(), plan.steps, plan.sample_rate,
                  plan.noise_multiplier, plan.lr, plan.min_contributors)
         return Secure(SecureRounds(node.name, members, rule.threshold, rule.variant, icodec,
-                                   node.consortium.id, plan.min_contributors), icodec, {}, plan)
+                                   node.consortium.id, plan.min_contributors,
+                                   sum_l2_bound(plan)), icodec, {}, plan)
     rules = parse_rules(node.consortium)
     clip = rules.clip if rules is not None and rules.clip is not None else SECURE_DEFAULT_CLIP
     codec = FixedPoint.choose(clip, int(get_flat(node.model).numel()), len(members))
-    log.warning("%s: secure aggregation is EXPERIMENTAL (t = %d, %s): one hostile member can "
-                "still learn an honest member's contribution by giving members different "
-                "views of a round (docs/privacy-secure.md, 'Known hole')", node.name,
-                rule.threshold, rule.variant)
+    log.warning("%s: secure aggregation is EXPERIMENTAL (t = %d, %s): the members agree before "
+                "opening the sum, not before the degree-2 values (docs/privacy-secure.md, "
+                "'What the agreement does not close')", node.name, rule.threshold, rule.variant)
     return Secure(SecureRounds(node.name, members, rule.threshold, rule.variant, codec,
                                node.consortium.id), codec, {})
 
@@ -349,7 +366,16 @@ async def send_phase(node: Node, a: ev.SendPhase) -> None:
     assert sec is not None
     deals = {s: acc.secagg for s, acc in node.book.shares(a.round).items()
              if acc.secagg is not None}
-    body = sec.rounds.phase(a.round, a.phase, a.got, deals)  # the round's state for the step
+    # The round's state for the step, computed in a worker thread: judging every dealing and
+    # decoding the degree-2 values (Berlekamp-Welch per coordinate) cost what the peers'
+    # pieces make them cost, and must not stall the event loop (transports, deadlines). The
+    # driver awaits it before its next action, so nothing else touches the round meanwhile.
+    def step() -> bytes:  # the reveals' signatures and decryption too: the peers' sizes
+        reveals = read_reveals(node, a.round, a.got.get(AGREE_PHASE, {})) \
+            if a.phase == SUM_PHASE else None
+        return sec.rounds.phase(a.round, a.phase, a.got, deals, reveals)
+
+    body = await asyncio.to_thread(step)
     path = step_path(node, a.round, a.phase)
     if path.exists():
         data = path.read_bytes()
@@ -362,6 +388,9 @@ async def send_phase(node: Node, a: ev.SendPhase) -> None:
             log.warning("%s: round %d: our %s step differs from the one sent before the "
                         "restart: re-sending the stored one", node.name, a.round + 1, a.phase)
     else:
+        if a.phase == AGREE_PHASE:  # our disputes: the dealer-signed deals, for everyone
+            body = with_reveals(node, a.round, body)
+            sec.rounds.keep_own(a.round, a.phase, body)
         data = node._sign(KIND_SECAGG, a.round, body)
         atomic_write(path, data)  # before it exists outside memory
     if set(a.peers) >= set(node.book.neighbours):
@@ -371,13 +400,161 @@ async def send_phase(node: Node, a: ev.SendPhase) -> None:
             await node._in_background(node._send(peer, data), f"{a.phase}-{a.round}-{peer}")
 
 
+def with_reveals(node: Node, r: int, body: bytes) -> bytes:
+    """Our agreement with one reveal per dealer our check disputes: the key of its sealed
+    deal (fresh per message, committed to in the signed header: it opens that deal and no
+    other) and the deal's signed envelope as it reached us. Revealing our piece of that
+    dealer's vector tells a coalition nothing it could not learn: either the dealer lied
+    (its own vector) or we did (then we are the coalition's)."""
+    sec = node.secure
+    assert sec is not None and node.signer.sealing is not None
+    sr = sec.rounds.round(r)
+    msg = decode_secagg(body, len(sr.members))
+    if not msg.pieces:
+        return body  # we open nothing: no statement to attach reveals to
+    shares = node.book.shares(r)
+    reveals = []
+    for i in sr.my_disputes():
+        acc = shares.get(sr.members[i - 1])
+        if acc is None:
+            continue
+        key = share_key(acc.envelope.body, node.signer.sealing.own)
+        reveals.append(key + envelope_bytes(acc.envelope))
+    if not reveals:
+        return body
+    log.warning("%s: round %d: revealing %d disputed deal(s) signed by their dealers",
+                node.name, r + 1, len(reveals))
+    return encode_secagg(SecAgg(AGREE_PHASE, (msg.pieces[0], *reveals)))
+
+
+def read_reveals(node: Node, r: int, agreements: Mapping[str, bytes]
+                 ) -> dict[tuple[int, int], SecAgg | str]:
+    """(holder, dealer) -> the deal the dealer signed for the holder, opened with the key
+    the holder revealed (the dealer's signature and the sealed body's key commitment
+    checked), or why the reveal is no proof (the holder's fault)."""
+    if not agreements:
+        return {}
+    members = tuple(sorted(m.name for m in node.consortium.members))
+    index = {m: k + 1 for k, m in enumerate(members)}
+    keys = {m.public_key: m.name for m in node.consortium.members}
+    out: dict[tuple[int, int], SecAgg | str] = {}
+    for holder, body in sorted(agreements.items()):
+        if holder not in index:
+            continue
+        try:
+            pieces = decode_secagg(body, len(members), holder).pieces[1:]
+        except RemoteError:
+            continue  # named by the round (bad_agree)
+        j = index[holder]
+        for data in pieces:
+            try:
+                env = decode_outer(data[SEAL_KEY_BYTES:])
+            except RemoteError:
+                continue  # no dealer to attribute it to: the dispute stays unbacked
+            dealer = keys.get(env.sender)
+            if dealer is None:
+                continue
+            try:
+                if env.consortium_id != node.consortium.id or (env.kind, env.round) != (KIND_DEAL, r):
+                    raise ValueError(f"a {env.kind} of round {env.round + 1}, not this round's deal")
+                try:
+                    VerifyKey(env.sender).verify(env.digest, env.sig)
+                except BadSignatureError:
+                    raise ValueError(f"{dealer}'s signature does not verify") from None
+                plain = open_with_key(env.body, data[:SEAL_KEY_BYTES],
+                                      seal_ad(node.consortium.id, env.sender, r), holder)
+                out[(j, index[dealer])] = decode_secagg(plain, len(members), dealer, deal=True)
+            except (ValueError, RemoteError) as exc:
+                out.setdefault((j, index[dealer]), f"its reveal of {dealer}'s deal is no proof: "
+                               f"{exc}")
+    return out
+
+
 def receive(node: Node, acc: Accepted, now: float, data: bytes, token: Any) -> list[ev.Action]:
     """An accepted message for the machine: a secure step's to its phase, the rest as usual."""
     if acc.envelope.kind != KIND_SECAGG or acc.secagg is None:
         return node.machine.receive(acc, now, data=data, token=token)
     out: list[ev.Action] = [ev.Ack((token,))] if token is not None else []
-    return out + node.machine.phase_message(
-        ev.PhaseMessage(acc.sender, acc.round, acc.secagg.step, bytes(acc.envelope.body)), now)
+    env, step = acc.envelope, acc.secagg.step
+    dropped = phase_drop(node, acc)
+    if dropped is not None:  # the machine would drop it silently: say so (review finding M2)
+        node.counters.rejected[dropped[0]] += 1
+        node.audit.write(audit.Refused(acc.round, acc.sender, env.digest.hex(), env.kind,
+                                       *dropped))
+        return out
+    keep_signed_step(node, acc, data)
+    filed = node.machine.phase_message(
+        ev.PhaseMessage(acc.sender, acc.round, step, bytes(env.body)), now)
+    if not any(isinstance(a, ev.Refused) and a.member == acc.sender for a in filed):
+        node.audit.write(audit.Accepted(acc.round, acc.sender, env.seq, env.digest.hex(),
+                                        env.kind, step))
+    return out + filed
+
+
+def phase_drop(node: Node, acc: Accepted) -> tuple[str, str] | None:
+    """Why the round machine drops a verified secure-step message unseen (bounded memory:
+    gossip/protocol/machine.py `_phase_in`, the same rules), or None: it files it."""
+    step, r, book = acc.secagg.step, acc.round, node.book  # type: ignore[union-attr]
+    if step not in {p.name for p in SECURE_PHASES[1:]}:
+        return "no_phase", f"our rounds have no {step} phase"
+    if acc.sender not in book.neighbours:
+        return "not_phase_peer", f"not a peer of our {step} phase"
+    if r < book.current:
+        return f"late_{step}", f"{step} for round {r}, we are at round {book.current}"
+    if r > book.current + book.lookahead:
+        return "too_far", f"{step} for round {r}, beyond round {book.current + book.lookahead}"
+    return None
+
+
+# Rounds whose signed step messages we keep for evidence (ours, the next ones a peer may
+# already be in, within the machine's lookahead), so a member sending for far rounds cannot
+# fill our memory; per round at most one message per member and step (the first).
+MAX_SIGNED_ROUNDS = 8
+
+
+def keep_signed_step(node: Node, acc: Accepted, data: bytes) -> None:
+    """Keep a member's signed check, degree2 or agree message (the first per round and
+    step) until the round closes: if an agreement shows it split the members' views, these
+    bytes are the evidence (`aggregate`)."""
+    sec = node.secure
+    assert sec is not None and acc.secagg is not None
+    step, r = acc.secagg.step, acc.round
+    if step not in (*AGREE_STEPS, AGREE_PHASE):
+        return
+    if r not in sec.signed and len(sec.signed) >= MAX_SIGNED_ROUNDS:
+        return
+    sec.signed.setdefault(r, {}).setdefault((acc.sender, step), bytes(data))
+
+
+def keep_split_evidence(node: Node, r: int, member: str, out: SecureOutcome) -> list[str]:
+    """A member named by the agreement step: in state/evidence/secure/, our signed agreement,
+    each disagreeing member's signed agreement, and the named member's signed check and
+    degree2 messages as they reached us (the two sides of the split); their paths."""
+    sec = node.secure
+    assert sec is not None
+    held = sec.signed.get(r, {})
+    parts = [(f"agree-{node.name}", _read_or_none(step_path(node, r, AGREE_PHASE)))]
+    parts += [(f"agree-{s}", held.get((s, AGREE_PHASE))) for s in out.disagreed.get(member, ())]
+    parts += [(f"{step}-{member}", held.get((member, step))) for step in AGREE_STEPS]
+    folder = node.state.path / "evidence" / "secure"
+    safe = "".join(ch if ch.isalnum() or ch in "_.-" else "_" for ch in member)
+    if folder.is_dir() and len(list(folder.glob(f"{safe}-round*-agreement"))) >= MAX_DEALS_PER_MEMBER:
+        return []
+    base = folder / f"{safe}-round{r}-agreement"
+    kept = []
+    for label, data in parts:
+        if data is None:
+            continue
+        path = base / "".join(ch if ch.isalnum() or ch in "_.-" else "_" for ch in label)
+        if not path.exists():
+            base.mkdir(parents=True, exist_ok=True)
+            atomic_write(path, data)
+        kept.append(str(path.relative_to(node.state.path)))
+    return kept
+
+
+def _read_or_none(path: Path) -> bytes | None:
+    return path.read_bytes() if path.exists() else None
 
 
 # Deal evidence files kept per named member (one per round it was named in), so a member
@@ -438,6 +615,11 @@ def aggregate(node: Node, c: ev.Close) -> dict[str, Accepted]:
             kept = keep_deal(node, r, member, c.shares[member])
             if kept is not None:
                 evidence[member] = kept
+        elif why.startswith(("split_view", "bad_agreement", "bad_dealing", "false_dispute",
+                             "bad_reveal")):
+            split = keep_split_evidence(node, r, member, out)
+            if split:
+                evidence[member] = split
     excluded = {m: {"reason": why.split(":")[0], "detail": why}
                 for m, why in sorted(out.excluded.items())}
     diagnostics = {"rule": "secure", "used": list(out.selected), "excluded": excluded,
@@ -446,6 +628,7 @@ def aggregate(node: Node, c: ev.Close) -> dict[str, Accepted]:
                               "dealt": list(out.dealt), "entered": list(out.entered),
                               "named": dict(out.named), "evidence": evidence}}
     node.audit.aggregate(r, diagnostics, node.counters.aggregation)
+    sec.signed = {k: v for k, v in sec.signed.items() if k > r}  # the evidence is on disk
     st.close, st.received, st.diagnostics = c, sorted(out.selected), diagnostics
     st.metrics = evaluate(node.model, node.held_out.X, node.held_out.y)
     return {}

@@ -4,7 +4,7 @@ round machine collected and sends what it returns.
 
 Where the logic lives (the choice, and why). The round machine (gossip/protocol/) decides
 "which messages from whom, by when": a secure round is the share phase followed by three
-generic later phases, `SECURE_PHASES` = (SHARE, check, degree2, sum); gossip never imports
+generic later phases, `SECURE_PHASES` = (SHARE, check, degree2, agree, sum); gossip never imports
 node, so the machine carries opaque bodies and knows no field arithmetic. This module does
 the math, by calling node/secagg (robust.py's steps), at the machine's `SendPhase` actions:
 
@@ -31,17 +31,27 @@ the math, by calling node/secagg (robust.py's steps), at the machine's `SendPhas
            the pairwise squared distances) of the entering dealers; others abstain (an empty
            message: "I have nothing to open", so nobody waits for them). Decoded with
            correction (n >= 3t + 1): an opener whose piece is wrong is named.
-  sum      every member runs the same selection on the decoded integers (node/secagg
-           robust.select: the norm bound, then multi-Krum at f = t, or the norm bound only);
-           each opener (minus the wrong degree-2 openers) opens its piece of the selected
-           members' sum. Decoded with correction: a wrong piece is named. Every member
-           reconstructs the same aggregate.
+  agree    every member runs the same selection on the decoded integers (node/secagg
+           robust.select: the norm bound, then multi-Krum at f = t, or the norm bound only)
+           and broadcasts its agreement (review finding C2): a hash of (round, entered,
+           openers, selected, sum openers) and the digest of every member's check and
+           degree2 body as it used them. A disagreeing agreement names the member whose
+           body differs between the two views (`split_view`), or its sender when it reports
+           the same bodies and another outcome (`bad_agreement`).
+  sum      a member opens its piece of the selected members' sum (if it is an opener, minus
+           the wrong degree-2 openers) only once `agreement_quorum` = ceil((n + t + 1) / 2)
+           agreements equal its own, its own included (any two quorums share an honest
+           member, who signs one agreement: no two honest members open for different
+           sets); else the round fails, `no_agreement`, nothing opened. Decoded with
+           correction: a wrong piece is named. Every member reconstructs the same aggregate.
 
 Refusals (the round fails with a named `SecureOutcome.reason`; the next round goes on):
 fewer than t + 1 entering dealers or selected members ("too_few_contributors": an opening
 over m <= t contributions could reveal one; nobody opens), fewer than 2t + 1 openers
 ("too_few_openers": more than t members dropped), more wrong pieces than the code corrects
-("too_many_wrong"), an aggregate failing its exact norm check ("aggregate_out_of_bounds"),
+("too_many_wrong"), no quorum of matching agreements ("no_agreement"), our agreement stored
+before a restart not the one we compute now ("agreement_changed"), an aggregate failing its
+exact norm check ("aggregate_out_of_bounds"),
 fewer selected than `floor` ("below_charged_floor": with DP on the sum, the contributors the
 ledger charged the round for). Variant "sum_only" (DP on the sum) opens nothing per member:
 the degree-2 step abstains and every entered dealer is summed (robust.select_without_opening).
@@ -55,8 +65,9 @@ The check's challenge (Fiat-Shamir): each deal carries the dealer's commitment, 
 of every holder's pieces (`piece_digest`, n x 32 bytes); a holder refuses pieces that do not
 match their digest (`bad_piece`), and checks each dealing under the hash of its commitment
 (`challenge`), fixed only once the dealer is bound to every piece. Known limits
-(docs/privacy-secure.md "What is wired"): disputes are named as claims, not settled by the
-dealer-signed piece (it is sealed to its holder).
+(docs/privacy-secure.md "What is wired"): a dispute is settled at the agree step by the
+dealer-signed deal its holder reveals (the sealed deal's key: `_settle`), only among members
+whose views agree.
 """
 
 from __future__ import annotations
@@ -70,19 +81,31 @@ import numpy as np
 from gossip.bodies import SecAgg, decode_secagg, encode_secagg
 from gossip.errors import LocalError, RemoteError
 from gossip.protocol.phases import SHARE, PhaseSpec
+from node.runtime.secure_agree import (
+    AGREE_BYTES,
+    AGREE_NONE,
+    AGREE_STEPS,
+    agreement_quorum,
+    body_digest,
+    differing,
+)
 from node.secagg import robust
 from node.secagg.encoding import AggregateOutOfBounds, FixedPoint, IntegerCodec
 from node.secagg.errors import PieceError, SecAggError, TooFewPieces, TooManyWrong
 from node.secagg.pieces import CHECK, DEGREE2, MASK, SEED, SUM, VECTOR, Piece, from_bytes, to_bytes
 
-CHECK_PHASE, DEGREE2_PHASE, SUM_PHASE = "check", "degree2", "sum"
-SECURE_PHASES = (SHARE, PhaseSpec(CHECK_PHASE), PhaseSpec(DEGREE2_PHASE), PhaseSpec(SUM_PHASE))
+CHECK_PHASE, DEGREE2_PHASE, AGREE_PHASE, SUM_PHASE = "check", "degree2", "agree", "sum"
+assert AGREE_STEPS == (CHECK_PHASE, DEGREE2_PHASE)  # the steps an agreement's table names
+SECURE_PHASES = (SHARE, PhaseSpec(CHECK_PHASE), PhaseSpec(DEGREE2_PHASE), PhaseSpec(AGREE_PHASE),
+                 PhaseSpec(SUM_PHASE))
 # Deal seeded (see `SecureRound.deal`): measured at 8 members, t = 2, d = 4,810 (digits MLP),
 # memory transport: 475 KB sent per member and round seeded, 552 KB unseeded, against 153 KB
 # for today's sealed plain round (docs/privacy-secure.md "What is wired").
 SEEDED_DEALING = True
 REASONS = ("too_few_contributors", "too_few_openers", "too_many_wrong",
-           "aggregate_out_of_bounds", "below_charged_floor")
+           "aggregate_out_of_bounds", "below_charged_floor", "no_agreement",
+           "agreement_changed", "aggregate_too_large")
+
 
 
 @dataclass
@@ -102,6 +125,9 @@ class SecureOutcome:
     selected: tuple[str, ...] = ()
     excluded: dict[str, str] = field(default_factory=dict)  # left out by the selection
     named: dict[str, str] = field(default_factory=dict)  # members at fault (or disputed)
+    # member -> the senders whose agreement shows it at fault (a disagreeing one, or the
+    # one carrying a dispute's reveal): kept as evidence
+    disagreed: dict[str, tuple[str, ...]] = field(default_factory=dict)
 
 
 COMMIT_BYTES = 32  # one BLAKE2b-256 digest per holder in a dealing's commitment
@@ -128,8 +154,11 @@ class SecureRound:
 
     def __init__(self, me: str, members: tuple[str, ...] | list[str], threshold: int,
                  variant: str, codec: FixedPoint | IntegerCodec, r: int, consortium_id: bytes,
-                 floor: int = 0) -> None:
+                 floor: int = 0, l2_bound: float | None = None) -> None:
         self.members = tuple(sorted(members))
+        # With DP on the sum: the L2 norm an honest aggregate stays under (integer units,
+        # node/runtime/secure_bounds.py sum_l2_bound); a larger one fails the round.
+        self.l2_bound = l2_bound
         # The least contributors a sum may be opened with: with DP on the sum, the number
         # the privacy ledger charged the round for (SecurePlan.min_contributors; fewer would
         # under-count epsilon: node/privacy/secure.py may_open_round).
@@ -146,6 +175,10 @@ class SecureRound:
         self.masks: dict[int, Piece] = {}
         self.out = SecureOutcome(r, False)
         self._bodies: dict[str, bytes] = {}  # our own body per step
+        self._used: dict[str, dict[int, bytes]] = {}  # step -> member -> digest of its body
+        self._statement: bytes | None = None  # the agreement we computed (None: none)
+        # (dealer, holder) -> piece kind -> the check value the holder's piece must give
+        self.disputes: dict[tuple[int, int], dict[int, int]] = {}
         self.entered: tuple[int, ...] = ()
         self.openers: tuple[int, ...] = ()
         self.selected: tuple[int, ...] = ()
@@ -241,6 +274,7 @@ class SecureRound:
     def degree2(self, checks: Mapping[str, bytes]) -> bytes:
         """Judge the dealings from the checks (the peers' that the machine collected; ours
         is added), then our degree-2 body (empty: we abstain)."""
+        self._used[CHECK_PHASE] = self._digests(CHECK_PHASE, checks)
         got = self._read(CHECK_PHASE, checks, CHECK, 2 * self.params.members)
         held = {j: set(msg.held) for j, (msg, _) in got.items()}
         pieces = {j: piece for j, (_, piece) in got.items() if piece is not None}
@@ -301,19 +335,23 @@ class SecureRound:
                                           f"inconsistent_pieces: {verdict.refused[i]}")
                 continue
             consistent.append(i)
-            for (_, j, _) in verdict.disputes:
+            for (_, j, kind), expected in verdict.disputes.items():
+                self.disputes.setdefault((i, j), {})[kind] = expected
                 disputed.add(j)
                 self.out.named.setdefault(self.members[j - 1], (
                     f"dispute: its check of {self.members[i - 1]}'s dealing disagrees (it, or "
                     "that dealer, sent a wrong value: a claim, not a proof)"))
         return consistent, disputed
 
-    # --- sum ----------------------------------------------------------------------------------
-    def sum(self, degree2: Mapping[str, bytes]) -> bytes:
-        """Open the distances and norms, select (every member the same way), then our sum
-        body (empty: we abstain)."""
+    # --- agree ----------------------------------------------------------------------------
+    def agree(self, degree2: Mapping[str, bytes]) -> bytes:
+        """Open the distances and norms, select (every member the same way), then our
+        agreement: what we will open the sum for, and the digest of every check and degree2
+        body we used (empty: we open nothing). Nothing of the sum leaves before the
+        agreements are compared (`sum`)."""
         if self.out.reason is not None:
-            return self._abstain(SUM_PHASE)
+            return self._abstain(AGREE_PHASE)
+        self._used[DEGREE2_PHASE] = self._digests(DEGREE2_PHASE, degree2)
         wrong: tuple[int, ...] = ()
         if self.params.variant == "sum_only":  # nothing per member opened: every entered dealer
             sel = robust.select_without_opening(self.params, self.entered)
@@ -323,7 +361,7 @@ class SecureRound:
             try:
                 values = robust.open_degree2(self.params, opened, self.entered)
             except (TooFewPieces, TooManyWrong) as exc:
-                return self._fail(SUM_PHASE, "too_few_openers" if isinstance(exc, TooFewPieces)
+                return self._fail(AGREE_PHASE, "too_few_openers" if isinstance(exc, TooFewPieces)
                                   else "too_many_wrong", str(exc))
             self._name(values.wrong, "wrong_degree2_piece")
             wrong = values.wrong
@@ -333,21 +371,198 @@ class SecureRound:
         self.out.excluded = {self.members[i - 1]: why for i, why in sel.excluded.items()}
         t = self.params.threshold
         if len(sel.selected) <= t:
-            return self._fail(SUM_PHASE, "too_few_contributors",
+            return self._fail(AGREE_PHASE, "too_few_contributors",
                               f"{len(sel.selected)} member(s) selected, at most t = {t}: their "
                               "sum could reveal one; not opened")
         if len(sel.selected) < self.floor:
-            return self._fail(SUM_PHASE, "below_charged_floor",
+            return self._fail(AGREE_PHASE, "below_charged_floor",
                               f"{len(sel.selected)} member(s) selected, fewer than the "
                               f"{self.floor} the privacy ledger charged the round for: opening "
                               "their sum would under-count epsilon; not opened")
         self.sum_openers = tuple(j for j in self.openers if j not in wrong)
+        self._statement = self._agreement()
+        body = encode_secagg(SecAgg(AGREE_PHASE, (self._statement,)))
+        self._bodies[AGREE_PHASE] = body
+        return body
+
+    def _digests(self, step: str, bodies: Mapping[str, bytes]) -> dict[int, bytes]:
+        """member -> digest of its `step` body as we use it (ours included)."""
+        own = self._bodies.get(step)
+        out = {self.index[s]: body_digest(b) for s, b in bodies.items() if s in self.index}
+        if own is not None:
+            out[self.i] = body_digest(own)
+        return out
+
+    def _agreement(self) -> bytes:
+        """Our statement: hash(consortium, round, entered, openers, selected, sum openers,
+        the digests), then the digests: per member its check's and its degree2's."""
+        table = b"".join(self._used.get(step, {}).get(i, AGREE_NONE)
+                         for i in range(1, self.params.members + 1) for step in AGREE_STEPS)
+        sets = b"".join(len(x).to_bytes(4, "little") + b"".join(i.to_bytes(4, "little") for i in x)
+                        for x in (self.entered, self.openers, self.selected, self.sum_openers))
+        h = blake2b(self.consortium_id + self.r.to_bytes(8, "little") + sets + table,
+                    digest_size=AGREE_BYTES, person=b"flnode-sa-agree").digest()
+        return h + table
+
+    # --- sum ----------------------------------------------------------------------------------
+    def my_disputes(self) -> tuple[int, ...]:
+        """The dealers whose dealing our check disagrees with: we reveal their signed deal."""
+        return tuple(sorted(i for (i, j) in self.disputes if j == self.i))
+
+    def _settle(self, reveals: Mapping[tuple[int, int], SecAgg | str], same: set[int]) -> None:
+        """Each dispute settled by the dealer-signed deal its holder revealed (verified by
+        the driver: the dealer's signature, the sealed body's committed key): the piece
+        gives the check value the other holders agree on (the holder lied: `false_dispute`)
+        or not (the dealer sent a bad piece: `bad_dealing`, proven by its signature); a
+        reveal that does not verify is the holder's (`bad_reveal`). A holder whose agreement matches ours
+        (`same`: it saw the same checks, so the same disputes) and that revealed nothing is
+        `dispute_unbacked`; one whose view differs may not know it is in dispute."""
+        for (i, j), kinds in sorted(self.disputes.items()):
+            if j == self.i:
+                continue  # ours: we revealed it
+            dealer, holder = self.members[i - 1], self.members[j - 1]
+            got = reveals.get((j, i))
+            if isinstance(got, str):
+                self.out.named[holder] = f"bad_reveal: {got}"
+                self.out.disagreed[holder] = (holder,)
+                continue
+            if got is None:
+                if j in same:
+                    self.out.named[holder] = (f"dispute_unbacked: it disputes {dealer}'s dealing "
+                                              "and revealed no piece that dealer signed")
+                continue
+            for x in (holder, dealer):  # the revealing agreement is the evidence
+                self.out.disagreed[x] = (*self.out.disagreed.get(x, ()), holder)
+            why = self._judge_reveal(i, j, kinds, got)
+            if why is None:
+                self.out.named[holder] = (f"false_dispute: the piece {dealer} signed for it "
+                                          "gives the check value the other holders agree on "
+                                          "(its own check was wrong; proof: the revealed deal)")
+            else:
+                if self.out.named.get(holder, "").startswith("dispute:"):
+                    del self.out.named[holder]  # the holder told the truth
+                proof = f"bad_dealing: {why} (proof: the deal it signed for {holder}, " \
+                        f"revealed by {holder})"
+                before = self.out.named.get(dealer)  # e.g. split_view: both are kept
+                self.out.named[dealer] = proof if before is None else f"{before}; also {proof}"
+
+    def _judge_reveal(self, i: int, j: int, kinds: Mapping[int, int], msg: SecAgg) -> str | None:
+        """None if dealer i's signed deal for holder j is right (the holder lied), else what
+        is wrong with it (the dealer's fault)."""
+        p = self.params
+        if msg.step != "deal" or len(msg.pieces) != 3 or len(msg.pieces[2]) != COMMIT_BYTES * p.members:
+            return "its revealed deal is not a deal"
+        commitment = msg.pieces[2]
+        ours = self.commitments.get(i)
+        if ours is not None and ours != commitment:
+            return "it committed to different pieces in different members' deals"
+        if commitment[COMMIT_BYTES * (j - 1):COMMIT_BYTES * j] != piece_digest(*msg.pieces[:2]):
+            return "its pieces do not match its own commitment"
+        try:
+            vec = from_bytes(msg.pieces[0], sender=i)
+            mask = from_bytes(msg.pieces[1], expected_count=p.opened + 1, expected_kind=MASK,
+                              sender=i)
+            if vec.kind == SEED:
+                vec = robust.expand_seed_piece(p, vec)
+            if (vec.round, vec.kind, vec.owner, vec.holder) != (self.r, VECTOR, i, j) or \
+                    vec.values.size != p.codec.dim + 1 or mask.key != (self.r, MASK, i, j):
+                return "its pieces are keyed for another round, dealer or holder"
+        except SecAggError as exc:
+            return f"its pieces are malformed ({exc})"
+        chal = challenge(self.consortium_id, self.r, i, commitment)
+        for kind, expected in sorted(kinds.items()):
+            piece = vec if kind == VECTOR else mask
+            if robust.resolve_dispute(p, chal, piece, expected) == "dealer":
+                return (f"its signed {'vector' if kind == VECTOR else 'mask'} piece does not "
+                        "give the check value its other holders' pieces agree on")
+        return None
+
+    def sum(self, agreements: Mapping[str, bytes],
+            reveals: Mapping[tuple[int, int], SecAgg | str] | None = None) -> bytes:
+        """Our sum body once a quorum of agreements (ours included) matches ours
+        (`agreement_quorum`); else empty, and the round fails (`no_agreement`): nothing of
+        the sum is opened. A mismatching agreement names who split the views."""
+        if self.out.reason is not None:
+            return self._abstain(SUM_PHASE)
+        own = self._bodies.get(AGREE_PHASE)
+        signed = decode_secagg(own, self.params.members).pieces[:1] if own else ()
+        if signed != ((self._statement,) if self._statement is not None else ()):
+            # a run before a restart agreed to something else: never open
+            return self._fail(SUM_PHASE, "agreement_changed",
+                              "the agreement we signed before a restart is not the one we "
+                              "compute now (our view of the round changed): not opened")
+        assert self._statement is not None
+        q = agreement_quorum(self.params.members, self.params.threshold)
+        matching = [self.me]
+        for sender, body in sorted(agreements.items()):
+            if sender == self.me or sender not in self.index:
+                continue
+            try:
+                msg = decode_secagg(body, self.params.members, sender)
+                if msg.step != AGREE_PHASE or msg.held:
+                    raise PieceError(f"a {msg.step} message where an agreement was expected",
+                                     self.index[sender])
+                if msg.pieces and len(msg.pieces[0]) != len(self._statement):
+                    raise PieceError(f"an agreement of {len(msg.pieces[0])} bytes, "
+                                     f"{len(self._statement)} expected", self.index[sender])
+            except (RemoteError, SecAggError) as exc:
+                self.out.named.setdefault(sender, f"bad_agree: {exc}")
+                continue
+            if not msg.pieces:
+                continue  # it opens nothing this round: not counted either way
+            if msg.pieces[0] == self._statement:
+                matching.append(sender)
+            else:
+                self._disagree(sender, msg.pieces[0])
+        self._settle(reveals or {}, {self.index[m] for m in matching})
+        if len(matching) < q:
+            return self._fail(SUM_PHASE, "no_agreement",
+                              f"{len(matching)} member(s) agree with what we would open "
+                              f"({', '.join(matching)}), {q} = ceil((n + t + 1) / 2) needed: "
+                              "the members' views of the round differ, nothing opened")
         if self.i not in self.sum_openers:
             return self._abstain(SUM_PHASE)
-        piece = robust.sum_piece(self.params, self.i, self.vectors, sel.selected)
+        piece = robust.sum_piece(self.params, self.i, self.vectors, self.selected)
         body = encode_secagg(SecAgg(SUM_PHASE, (_to_bytes(piece),)))
         self._bodies[SUM_PHASE] = body
         return body
+
+    def _disagree(self, sender: str, theirs: bytes) -> None:
+        """Name who a mismatching agreement shows at fault: the member whose check or degree2
+        body differs between the sender's view and ours (it signed two different bodies, or
+        sent one to some members only: a claim, proven when it is the sender itself), or the
+        sender when it reports the same bodies and another outcome (every member computes
+        the same from the same bodies) or misreports our own body."""
+        assert self._statement is not None
+        k = self.index[sender]
+        mine = self._statement
+        by = self.out.disagreed
+        differ = differing(mine, theirs, self.params.members)
+        if not differ:
+            self.out.named.setdefault(sender, "bad_agreement: the same check and degree2 "
+                                      "bodies as ours and another outcome (every member "
+                                      "computes the same from the same bodies)")
+            by[sender] = (*by.get(sender, ()), sender)
+            return
+        for i, step, lost in differ:
+            who = self.members[i - 1]
+            if i == self.i and not lost:
+                self.out.named.setdefault(sender, f"bad_agreement: it reports our {step} body "
+                                          "with another digest than the one we signed")
+                who = sender
+            elif i == k:
+                self.out.named.setdefault(sender, f"split_view: its agreement names its own "
+                                          f"{step} body with another digest than the one it "
+                                          "signed to us (both signed by it: a proof)")
+            elif i != self.i:
+                self.out.named.setdefault(who, f"split_view: its {step} body differs between "
+                                          f"our view and {sender}'s agreement (a claim: it sent "
+                                          "members different bodies or withheld one, or "
+                                          f"{sender} misreports)")
+            else:
+                continue  # our own body did not reach the sender: no one to name
+            if sender not in by.get(who, ()):
+                by[who] = (*by.get(who, ()), sender)
 
     def finish(self, sums: Mapping[str, bytes]) -> SecureOutcome:
         """The aggregate from the sum pieces (the same at every member), or the reason."""
@@ -365,6 +580,15 @@ class SecureRound:
             self._fail(SUM_PHASE, "aggregate_out_of_bounds", str(exc))
             return self.out
         self._name(agg.wrong, "wrong_sum_piece")
+        if self.l2_bound is not None:
+            norm = float(np.linalg.norm(np.asarray(agg.total, dtype=np.float64)))
+            if not norm <= self.l2_bound:
+                self._fail(SUM_PHASE, "aggregate_too_large",
+                           f"the sum of {len(self.selected)} has L2 norm {norm:.6g} > "
+                           f"{self.l2_bound:.6g}, the bound of an honest sum (its sampled rows "
+                           "at the clip plus the noise's tail, failing at most 3 x 2^-40): "
+                           "some member added more than its rows and noise explain")
+                return self.out
         self.out.ok, self.out.field_sum, self.out.total = True, agg.field_sum, agg.total
         return self.out
 
@@ -423,17 +647,18 @@ class SecureRounds:
 
     def __init__(self, me: str, members: tuple[str, ...] | list[str], threshold: int,
                  variant: str, codec: FixedPoint | IntegerCodec, consortium_id: bytes,
-                 floor: int = 0) -> None:
+                 floor: int = 0, l2_bound: float | None = None) -> None:
         self.me, self.members = me, tuple(sorted(members))
         self.threshold, self.variant, self.codec = threshold, variant, codec
-        self.consortium_id, self.floor = consortium_id, floor
+        self.consortium_id, self.floor, self.l2_bound = consortium_id, floor, l2_bound
         self.rounds: dict[int, SecureRound] = {}
 
     def round(self, r: int) -> SecureRound:
         if r not in self.rounds:
             self.rounds = {k: v for k, v in self.rounds.items() if k >= r}  # bounded memory
             self.rounds[r] = SecureRound(self.me, self.members, self.threshold, self.variant,
-                                         self.codec, r, self.consortium_id, self.floor)
+                                         self.codec, r, self.consortium_id, self.floor,
+                                         self.l2_bound)
         return self.rounds[r]
 
     def deal(self, r: int, encoded: np.ndarray) -> dict[str, bytes]:
@@ -441,7 +666,8 @@ class SecureRounds:
         return self.round(r).deal(encoded)
 
     def phase(self, r: int, phase: str, got: Mapping[str, Mapping[str, bytes]],
-              deals: Mapping[str, SecAgg]) -> bytes:
+              deals: Mapping[str, SecAgg],
+              reveals: Mapping[tuple[int, int], SecAgg | str] | None = None) -> bytes:
         """At `SendPhase(r, phase)`: our body for the step. `deals`: the deals the round
         book holds for r (sender -> opened deal), filed at the check. The bodies of the
         steps before come from the machine (`SendPhase.got`)."""
@@ -452,8 +678,10 @@ class SecureRounds:
             return sr.check()
         if phase == DEGREE2_PHASE:
             return sr.degree2(got.get(CHECK_PHASE, {}))
+        if phase == AGREE_PHASE:
+            return sr.agree(got.get(DEGREE2_PHASE, {}))
         if phase == SUM_PHASE:
-            return sr.sum(got.get(DEGREE2_PHASE, {}))
+            return sr.sum(got.get(AGREE_PHASE, {}), reveals)
         raise LocalError(f"secure round: no step {phase!r}")
 
     def keep_own(self, r: int, phase: str, body: bytes) -> None:

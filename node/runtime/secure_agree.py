@@ -1,0 +1,45 @@
+"""The agreement step of a secure round (issue 22, review finding C2): its bytes, its
+quorum, and how two agreements are compared. node/runtime/secure_round.py `SecureRound.agree`
+and `sum` use it; docs/privacy-secure.md "The agreement step" argues it."""
+
+from __future__ import annotations
+
+from hashlib import blake2b
+
+# The agreement's parts (gossip/bodies.py bounds the message at 32 (1 + 2n) bytes): a
+# BLAKE2b-256 hash of what we open, then per member 1..n the digest of its check body and of
+# its degree2 body as we used them (AGREE_NONE: none came).
+AGREE_BYTES = 32
+AGREE_NONE = bytes(AGREE_BYTES)
+AGREE_STEPS = ("check", "degree2")  # the step bodies an agreement names
+
+
+def agreement_quorum(members: int, threshold: int) -> int:
+    """Matching agreements (ours included) a member needs before it opens its sum piece:
+    ceil((n + t + 1) / 2), the least q with 2q - n >= t + 1. Any two quorums then share
+    t + 1 members, so at least one honest member, who signs one agreement a round (stored
+    before it leaves, re-sent byte for byte after a restart) and broadcasts it: two honest
+    members can never both hold a quorum for different statements. Equal to n - t at
+    n = 3t + 1; at larger n it tolerates more members missing than n - t would."""
+    return (members + threshold + 2) // 2
+
+
+def body_digest(body: bytes) -> bytes:
+    """A step body's digest in an agreement (BLAKE2b-256 of the signed body's bytes)."""
+    return blake2b(bytes(body), digest_size=AGREE_BYTES, person=b"flnode-sa-body").digest()
+
+
+def differing(mine: bytes, theirs: bytes, members: int) -> list[tuple[int, str, bool]]:
+    """The table entries two agreements of equal length disagree on: (member, step, whether
+    the other agreement has none for it)."""
+    out = []
+    for i in range(1, members + 1):
+        for k, step in enumerate(AGREE_STEPS):
+            at = AGREE_BYTES * (1 + 2 * (i - 1) + k)
+            if mine[at:at + AGREE_BYTES] != theirs[at:at + AGREE_BYTES]:
+                out.append((i, step, theirs[at:at + AGREE_BYTES] == AGREE_NONE))
+    return out
+
+
+__all__ = ["AGREE_BYTES", "AGREE_NONE", "AGREE_STEPS", "agreement_quorum", "body_digest",
+           "differing"]

@@ -1,0 +1,485 @@
+"""The agreement step of a secure round (review finding C2, docs/privacy-secure.md "The
+agreement step"), attacked through the real round (tests/test_secure_round.py's SecureNet:
+each member's RoundMachine and SecureRounds, every message signed with the member's own
+key and read by a real Verifier).
+
+The split-view attack (the review's attack_split.py, made to work past the 3t + 1 opener
+floor): n = 4, t = 1, variant sum_only. The hostile bank-3 deals bank-2 one wrong value
+(committed to, so bank-2 holds it), then sends two different correctly signed check
+messages: the honest one to bank-0 and bank-2 (bank-2's check of bank-3's dealing is off:
+bank-2 is in dispute, bank-0 opens the sum of all four), and to bank-1 one that claims not
+to hold bank-2's dealing and puts bank-3's check value on the line through bank-1's and
+bank-2's (bank-0 in dispute: too few openers hold bank-2's dealing, so it is dropped and
+bank-1 opens the sum of bank-0, bank-1, bank-3). From the two broadcast sum pieces and its
+own, bank-3 decodes both sums (degree t = 1: two pieces each): their difference is
+bank-2's contribution. With the agreement step no honest member opens for two selections,
+and bank-3 is named."""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+
+from gossip.bodies import SecAgg, decode_secagg, encode_secagg
+from gossip.envelope import decode_outer
+from node.runtime.secure_round import (
+    AGREE_PHASE,
+    CHECK_PHASE,
+    SUM_PHASE,
+    agreement_quorum,
+    body_digest,
+    challenge,
+    piece_digest,
+)
+from node.secagg import field as F
+from node.secagg import robust
+from node.secagg.encoding import signed
+from node.secagg.pieces import CHECK, SEED, Piece, from_bytes, to_bytes
+from node.secagg.shamir import decode
+from tests.helpers import consortium, keys, verifier_for
+from tests.test_secure_round import SecureNet
+
+HOSTILE, VICTIM, A, B = "bank-3", "bank-2", "bank-0", "bank-1"
+
+
+def _split_view_attack() -> tuple[SecureNet, dict]:
+    dealt: dict = {}  # holder -> the vector piece bank-3 dealt it (expanded); "sr": its round
+
+    def tamper_deal(net, m, r, deals):
+        if m != HOSTILE:
+            return deals
+        sr = dealt["sr"] = net.members[m].secure.round(r)  # kept: its pieces after the close
+        msgs = {to: decode_secagg(b, 4, deal=True) for to, b in deals.items()}
+        v = from_bytes(msgs[VICTIM].pieces[0])
+        vals = v.values.copy()
+        vals[0] = (int(vals[0]) + 1) % F.P  # a seed or a full piece: either is now off
+        newv = to_bytes(Piece(v.round, v.kind, v.owner, v.holder, vals))
+        com = bytearray(msgs[VICTIM].pieces[2])
+        j = sr.index[VICTIM]
+        com[32 * (j - 1):32 * j] = piece_digest(newv, msgs[VICTIM].pieces[1])
+        sr.commitments[sr.i] = bytes(com)
+        out = {}
+        for to, msg in msgs.items():
+            vec = newv if to == VICTIM else msg.pieces[0]
+            out[to] = encode_secagg(SecAgg("deal", (vec, msg.pieces[1], bytes(com))))
+            p = from_bytes(vec)
+            dealt[sr.index[to]] = robust.expand_seed_piece(sr.params, p) if p.kind == SEED else p
+        return out
+
+    def tamper_to(net, m, phase, to, body):
+        if m != HOSTILE or phase != CHECK_PHASE or to != B:
+            return body
+        sr = net.members[m].secure.round(0)
+        held = (1, 2, 4)  # claims not to hold bank-2's dealing
+        total = np.zeros(8, dtype=np.uint64)
+        for i in held:
+            total += robust.check_piece(sr.params, sr.i, sr.vectors, sr.masks, (i,), challenge(
+                net.cid, 0, i, sr.commitments[i])).values
+        gv, _ = robust.challenge_vectors(sr.params, challenge(net.cid, 0, 4, sr.commitments[4]))
+        y2, y3 = robust.check_value(dealt[2], gv), robust.check_value(dealt[3], gv)
+        total[3] = (2 * y3 - y2) % F.P  # on the line through bank-1's and bank-2's values
+        piece = Piece(0, CHECK, 0, sr.i, total)
+        return encode_secagg(SecAgg(CHECK_PHASE, (to_bytes(piece),), held))
+
+    net = SecureNet(4, 1, variant="sum_only", tamper_deal=tamper_deal, tamper_to=tamper_to).run()
+    return net, dealt
+
+
+def _opened(net: SecureNet, m: str) -> bool:
+    """Whether member m broadcast a piece of the sum (not an empty "abstain")."""
+    data = net.members[m].sent.get((0, SUM_PHASE))
+    return data is not None and bool(decode_secagg(decode_outer(data).body, 4).pieces)
+
+
+def test_a_split_view_never_opens_two_different_sums():
+    """The attack above. Before the agreement step bank-0 opened its piece of the sum over
+    all four and bank-1 its piece of the sum over bank-0, bank-1, bank-3: bank-3 recovered
+    bank-2's contribution (checked below whenever two selections are opened). Now an
+    honest member opens only with a quorum of matching agreements; the two views cannot
+    both have one, and bank-3 is named by the members whose view it split."""
+    net, dealt = _split_view_attack()
+    honest = (A, B, VICTIM)
+    outs = {m: net.outcome(m) for m in honest}
+    opened = {m: outs[m].selected for m in honest if _opened(net, m)}
+    if len(set(opened.values())) > 1:  # the leak: bank-3 decodes both sums, subtracts
+        hs = dealt["sr"]
+        sums = []
+        for m, sel in opened.items():
+            sel_i = tuple(net.names.index(s) + 1 for s in sel)
+            theirs = from_bytes(decode_secagg(decode_outer(
+                net.members[m].sent[(0, SUM_PHASE)]).body, 4).pieces[0])
+            mine = robust.sum_piece(hs.params, hs.i, hs.vectors, sel_i)
+            sums.append(decode({net.names.index(m) + 1: theirs.values, hs.i: mine.values},
+                               1).value)  # t + 1 = 2 pieces of a degree-1 sharing
+        leaked = signed(F.sub(sums[0], sums[1])) / net.codec.scale
+        err = np.abs(leaked - net.vector(VICTIM, 0)).max()
+        raise AssertionError(f"two selections opened {opened}: bank-3 recovers bank-2's "
+                             f"contribution to {err:.1e}")
+    for m in (A, B):  # bank-0 and bank-1 saw the other's agreement disagree on bank-3's check
+        assert outs[m].named.get(HOSTILE, "").startswith("split_view"), outs[m].named
+        # nobody honest blamed but by the dispute's claim (bank-3's split check put bank-0
+        # in dispute in bank-1's view: a claim, which the view's own reveals cannot settle)
+        assert all(why.startswith("dispute:") for w, why in outs[m].named.items()
+                   if w in honest), outs[m].named
+        assert outs[m].disagreed[HOSTILE]  # whose agreement showed it: the evidence
+    # bank-2 revealed the deal bank-3 signed for it: bank-2's dispute settled against bank-3
+    assert "bad_dealing" in outs[A].named[HOSTILE]
+    # bank-1 (bank-3's other view) has no quorum: it opened nothing, the round failed there
+    assert not _opened(net, B) and outs[B].reason == "no_agreement", (outs[B].reason,
+                                                                      outs[B].detail)
+
+
+def test_an_untampered_round_agrees_and_opens():
+    """Without the attack every member's agreement matches: the round opens at all."""
+    net = SecureNet(4, 1, variant="sum_only").run()
+    for m in net.names:
+        o = net.outcome(m)
+        assert o.ok and not o.named, (o.reason, o.detail, o.named)
+        assert _opened(net, m)
+
+
+def test_the_quorum_makes_any_two_quorums_share_an_honest_member():
+    """q = ceil((n + t + 1) / 2): two quorums overlap in 2q - n >= t + 1 members, so at
+    least one honest member (who signs one agreement a round) is in both."""
+    for n in range(1, 40):
+        for t in range(0, (n - 1) // 2 + 1):
+            q = agreement_quorum(n, t)
+            assert q <= n and 2 * q - n >= t + 1
+            assert 2 * (q - 1) - n < t + 1  # the least such
+    assert agreement_quorum(4, 1) == 3 and agreement_quorum(8, 2) == 6
+    assert AGREE_PHASE == "agree"
+
+
+def test_a_restart_mid_agreement_resends_the_same_bytes(tmp_path):
+    """The agreement is stored (outbox/round-N.agree) before it leaves; a restarted member
+    whose view changed re-sends the stored message byte for byte, and its round reads that
+    one as ours (never a second, different agreement: two would let two quorums form)."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from gossip.envelope import KIND_SECAGG, pack
+    from gossip.protocol import events as ev
+    from node.runtime import secure_node
+    from node.runtime.state import StateDir
+    from tests.helpers import keys
+
+    key, seq = keys(1)[0], iter(range(100))
+    before = encode_secagg(SecAgg(AGREE_PHASE, (b"\x01" * 32 * 9,)))
+    after = encode_secagg(SecAgg(AGREE_PHASE, (b"\x02" * 32 * 9,)))
+
+    class Rounds:  # the round's own computation of the step: another body after the restart
+        def __init__(self, body: bytes):
+            self.body, self.kept = body, {}
+
+        def phase(self, r, phase, got, deals, reveals=None):
+            self.thread = threading.get_ident()
+            return self.body
+
+        def keep_own(self, r, phase, body):
+            self.kept[(r, phase)] = bytes(body)
+
+        def round(self, r):  # no disputes: nothing to reveal
+            return SimpleNamespace(members=("site-0", "site-1", "site-2", "site-3"),
+                                   my_disputes=lambda: ())
+
+    def run(body: bytes) -> tuple[list[bytes], Rounds]:
+        sent: list[bytes] = []
+        rounds = Rounds(body)
+
+        async def broadcast(r, data):
+            sent.append(data)
+
+        async def in_background(coro, what):
+            await coro
+
+        node = SimpleNamespace(
+            name="site-0", state=StateDir(tmp_path / "state"),
+            secure=SimpleNamespace(rounds=rounds),
+            book=SimpleNamespace(shares=lambda r: {}, neighbours={"site-1", "site-2"}),
+            signer=SimpleNamespace(sealing=SimpleNamespace(own=None)),
+            _sign=lambda kind, r, b: pack(key, b"c" * 32, kind, r, next(seq), b),
+            _broadcast=broadcast, _in_background=in_background)
+        asyncio.run(secure_node.send_phase(node, ev.SendPhase(3, AGREE_PHASE,
+                                                              ("site-1", "site-2"))))
+        return sent, rounds
+
+    (tmp_path / "state" / "outbox").mkdir(parents=True)
+    first, _ = run(before)
+    path = secure_node.step_path(SimpleNamespace(state=StateDir(tmp_path / "state")), 3,
+                                 AGREE_PHASE)
+    assert path.name == "round-00000003.agree" and path.read_bytes() == first[0]
+    env = decode_outer(first[0])
+    assert (env.kind, env.round, bytes(env.body)) == (KIND_SECAGG, 3, before)
+    again, rounds = run(after)  # the restarted member's view changed
+    assert again == first  # the stored message, byte for byte
+    assert rounds.kept == {(3, AGREE_PHASE): before}
+    # the step (decoding, judging: its cost is the peers' to choose) ran off the event loop
+    assert rounds.thread != threading.get_ident()
+
+
+def test_a_member_whose_stored_agreement_differs_opens_nothing():
+    """After a restart the round reads the stored agreement as ours (keep_own); when it is
+    not the one the round computes now, the member opens no sum piece (agreement_changed),
+    and the others, who see the same bodies with another outcome, name it."""
+    changed = "bank-1"
+
+    def tamper(net, m, phase, body):
+        if m != changed or phase != AGREE_PHASE:
+            return body
+        statement = bytearray(decode_secagg(body, 4).pieces[0])
+        statement[0] ^= 1  # another outcome over the same bodies
+        other = encode_secagg(SecAgg(AGREE_PHASE, (bytes(statement),)))
+        net.members[m].secure.keep_own(0, AGREE_PHASE, other)  # as the node does on restart
+        return other
+
+    net = SecureNet(4, 1, variant="sum_only", tamper_open=tamper).run()
+    o = net.outcome(changed)
+    assert o.reason == "agreement_changed" and not _opened(net, changed), (o.reason, o.detail)
+    for m in (A, VICTIM, HOSTILE):  # 3 = q agree without it: the round opens
+        out = net.outcome(m)
+        assert out.named[changed].startswith("bad_agreement"), out.named
+        assert _opened(net, m)
+
+
+def test_a_split_view_is_kept_as_evidence_with_both_signed_sides(tmp_path):
+    """The attack above through the node's evidence: the named member's signed check as it
+    reached us, the disagreeing member's signed agreement and ours are written under
+    state/evidence/secure/ byte for byte (anyone with the consortium's keys can check)."""
+    from types import SimpleNamespace
+
+    from gossip.envelope import KIND_SECAGG, Accepted
+    from node.runtime import secure_node
+    from node.runtime.state import StateDir
+
+    net, _ = _split_view_attack()
+    me = net.members[A]
+    out = net.outcome(A)
+    state = StateDir(tmp_path / "state")
+    (tmp_path / "state" / "outbox").mkdir(parents=True)
+    sec = SimpleNamespace(signed={})
+    verifier = verifier_for(net.cons, net.sks[0], secure=True)  # bank-0's own, fresh
+    node = SimpleNamespace(name=A, state=state, secure=sec)
+    secure_node.step_path(node, 0, AGREE_PHASE).write_bytes(me.sent[(0, AGREE_PHASE)])
+    for sender in (HOSTILE, *out.disagreed[HOSTILE]):
+        m = net.members[sender]
+        for step in (CHECK_PHASE, AGREE_PHASE):
+            data = m.sent[(0, step)]
+            if sender == HOSTILE and step == CHECK_PHASE:
+                data = next(d for s, to, d in net.delivered if s == HOSTILE and to == A
+                            and decode_outer(d).kind == KIND_SECAGG
+                            and decode_secagg(decode_outer(d).body, 4).step == CHECK_PHASE)
+            acc = verifier.verify(data, 0)
+            assert isinstance(acc, Accepted)
+            secure_node.keep_signed_step(node, acc, data)
+    kept = secure_node.keep_split_evidence(node, 0, HOSTILE, out)
+    files = {p.rsplit("/", 1)[1]: (tmp_path / "state" / p).read_bytes() for p in kept}
+    assert files[f"agree-{A}"] == me.sent[(0, AGREE_PHASE)]
+    assert files[f"agree-{B}"] == net.members[B].sent[(0, AGREE_PHASE)]
+    # bank-3's check as bank-0 got it: not the one bank-1 got, whose digest bank-1 signed
+    theirs = decode_secagg(decode_outer(files[f"agree-{B}"]).body, 4).pieces[0]
+    got = body_digest(decode_outer(files[f"check-{HOSTILE}"]).body)
+    assert theirs[32 * (1 + 2 * 3):32 * (2 + 2 * 3)] != got
+
+
+def test_an_agreement_is_bounded_before_it_is_copied_and_refused_in_a_plain_consortium():
+    """32 (1 + 2n) bytes at most (gossip/bodies.py secagg_piece_limits), checked before the
+    bytes are copied; a plain consortium refuses it as the other round mode's (wrong_kind),
+    after checking the signature."""
+    import pytest
+
+    from gossip import envelope as E
+    from gossip.errors import RemoteError
+    from tests.helpers import consortium, keys
+
+    ok = encode_secagg(SecAgg(AGREE_PHASE, (bytes(32 * 9),)))
+    assert decode_secagg(ok, 4).pieces == (bytes(32 * 9),)
+    with pytest.raises(RemoteError, match="agree piece 0"):
+        decode_secagg(encode_secagg(SecAgg(AGREE_PHASE, (bytes(32 * 9 + 1),))), 4, "bank-3")
+    ks = keys(4)
+    cons = consortium(ks)
+    plain = verifier_for(cons, ks[0], secure=False)
+    with pytest.raises(RemoteError) as exc:
+        plain.verify(E.pack(ks[3], cons.id, E.KIND_SECAGG, 0, 1, ok), current_round=0)
+    assert exc.value.reason == "wrong_kind" and "bank-3" in str(exc.value)
+
+
+def test_every_secure_step_message_gets_an_audit_line_accepted_or_dropped():
+    """Review finding M2: a verified secagg message the machine files is an "accepted"
+    line (where: its step); one it would drop unseen (late, too far ahead) is a named
+    refusal line and counted; one the machine refuses (a second, different message) is
+    not called accepted (the refusal is the machine's line)."""
+    from collections import Counter
+    from types import SimpleNamespace
+
+    from gossip import envelope as E
+    from gossip.protocol import events as ev
+    from node.runtime import secure_node
+
+    ks = keys(4)
+    cons = consortium(ks)
+    lines: list = []
+    filed: dict = {}
+
+    def phase_message(msg, now):
+        held = filed.setdefault((msg.round, msg.phase, msg.sender), msg.body)
+        return [] if held == msg.body else [ev.Refused(msg.round, msg.sender, "equivocation",
+                                                       "a second, different message")]
+
+    node = SimpleNamespace(
+        secure=SimpleNamespace(signed={}), counters=SimpleNamespace(rejected=Counter()),
+        audit=SimpleNamespace(write=lines.append),
+        book=SimpleNamespace(current=5, lookahead=3, neighbours={"bank-1", "bank-2", "bank-3"}),
+        machine=SimpleNamespace(phase_message=phase_message))
+    v = verifier_for(cons, ks[0], secure=True)
+    seq = iter(range(1, 100))
+
+    def deliver(r, step, body=b""):
+        body = body or encode_secagg(SecAgg(step, ()))
+        data = E.pack(ks[3], cons.id, E.KIND_SECAGG, r, next(seq), body)
+        return secure_node.receive(node, v.verify(data, 5), 0.0, data, None)
+
+    deliver(5, CHECK_PHASE)
+    deliver(4, CHECK_PHASE)  # late: the machine drops it
+    deliver(9, AGREE_PHASE)  # beyond the lookahead
+    deliver(5, CHECK_PHASE, encode_secagg(SecAgg(CHECK_PHASE, (), (1,))))  # a second, different
+    got = [(type(x).__name__, x.round, x.kind, getattr(x, "where", getattr(x, "reason", None)))
+           for x in lines]
+    assert got == [("Accepted", 5, "secagg", "check"), ("Refused", 4, "secagg", "late_check"),
+                   ("Refused", 9, "secagg", "too_far")], got
+    assert node.counters.rejected == Counter({"late_check": 1, "too_far": 1})
+
+
+def _wrong_piece_for(victim: str, dealer: str = HOSTILE):
+    """A dealer's tamper: one wrong value in `victim`'s vector piece, committed to."""
+    def tamper_deal(net, m, r, deals):
+        if m != dealer:
+            return deals
+        sr = net.members[m].secure.round(r)
+        msgs = {to: decode_secagg(b, 4, deal=True) for to, b in deals.items()}
+        v = from_bytes(msgs[victim].pieces[0])
+        vals = v.values.copy()
+        vals[0] = (int(vals[0]) + 1) % F.P
+        newv = to_bytes(Piece(v.round, v.kind, v.owner, v.holder, vals))
+        com = bytearray(msgs[victim].pieces[2])
+        j = sr.index[victim]
+        com[32 * (j - 1):32 * j] = piece_digest(newv, msgs[victim].pieces[1])
+        sr.commitments[sr.i] = bytes(com)
+        return {to: encode_secagg(SecAgg("deal", (newv if to == victim else msg.pieces[0],
+                                                  msg.pieces[1], bytes(com))))
+                for to, msg in msgs.items()}
+    return tamper_deal
+
+
+def test_a_dispute_is_settled_against_the_dealer_by_the_piece_it_signed():
+    """bank-3 deals bank-2 a wrong value (committed to, so bank-2 holds it): bank-2's check
+    disagrees, a dispute. bank-2 reveals the deal bank-3 signed for it with its agreement;
+    every member checks it and names bank-3 (bad_dealing, a proof), not bank-2. Before,
+    bank-2 was named with the dispute's claim and bank-3 not at all."""
+    net = SecureNet(4, 1, variant="sum_only", tamper_deal=_wrong_piece_for(VICTIM)).run()
+    for m in (A, B):
+        o = net.outcome(m)
+        assert o.ok, (o.reason, o.detail)
+        assert o.named.get(HOSTILE, "").startswith("bad_dealing"), o.named
+        assert VICTIM not in o.named, o.named
+
+
+def test_a_false_dispute_is_settled_against_the_holder():
+    """bank-2 (its real key) opens a wrong check of bank-0's honest dealing: a dispute. The
+    deal bank-0 signed for bank-2, revealed, gives the check value the other holders agree
+    on: bank-2 is named false_dispute, bank-0 not at all. Revealing nothing instead:
+    dispute_unbacked."""
+    def wrong_check(net, m, phase, body):
+        if m != VICTIM or phase != CHECK_PHASE:
+            return body
+        msg = decode_secagg(body, 4)
+        p = from_bytes(msg.pieces[0])
+        vals = p.values.copy()
+        vals[0] = (int(vals[0]) + 1) % F.P  # its check of bank-0's vector
+        body = encode_secagg(SecAgg(CHECK_PHASE, (to_bytes(Piece(p.round, CHECK, 0, p.holder,
+                                                                   vals)),), msg.held))
+        net.members[m].secure.keep_own(0, CHECK_PHASE, body)  # what it sent is its own
+        return body
+
+    def and_no_reveal(net, m, phase, body):
+        body = wrong_check(net, m, phase, body)
+        if m == VICTIM and phase == AGREE_PHASE:
+            msg = decode_secagg(body, 4)
+            return encode_secagg(SecAgg(AGREE_PHASE, msg.pieces[:1]))
+        return body
+
+    for tamper, why in ((wrong_check, "false_dispute"), (and_no_reveal, "dispute_unbacked")):
+        net = SecureNet(4, 1, variant="sum_only", tamper_open=tamper).run()
+        for m in (A, B, HOSTILE):
+            o = net.outcome(m)
+            assert o.ok, (o.reason, o.detail)
+            assert o.named.get(VICTIM, "").startswith(why), (why, o.named)
+            assert A not in o.named, o.named
+
+
+def test_a_sealed_deal_is_revealed_by_its_key_alone():
+    """The seal's reveal (gossip/seal.py share_key, open_with_key): the recipient's key of one
+    sealed deal opens it for anyone; a wrong key, or the body under another sender's or
+    round's associated data, does not."""
+    import pytest
+
+    from gossip.errors import RemoteError
+    from gossip.seal import PrekeyStore, SignedPrekey, open_with_key, seal, seal_ad, share_key
+
+    store = PrekeyStore()
+    private = store.rotate(0)
+    pre = SignedPrekey(b"m" * 32, 0, bytes(private.public_key), b"s" * 64)
+    head, ct = seal(b"the deal", {"bank-2": pre}, seal_ad(b"c" * 32, b"d" * 32, 4))
+    body = head + ct
+    key = share_key(body, store)
+    assert open_with_key(body, key, seal_ad(b"c" * 32, b"d" * 32, 4)) == b"the deal"
+    with pytest.raises(RemoteError, match="commits to"):
+        open_with_key(body, bytes(32), seal_ad(b"c" * 32, b"d" * 32, 4))
+    with pytest.raises(RemoteError, match="revealed key failed"):
+        open_with_key(body, key, seal_ad(b"c" * 32, b"e" * 32, 4))
+
+
+def test_the_node_reveals_a_sealed_deal_and_another_node_verifies_it():
+    """node/runtime/secure_node.py with real sealing: bank-2 is in dispute with bank-3's
+    dealing; its agreement carries the key of bank-3's sealed deal and the signed envelope;
+    bank-0 reads back exactly the deal bank-3 signed. A reveal with another key, or a deal
+    not signed by its sender, is no proof (the holder's fault), named by dealer."""
+    from types import SimpleNamespace
+
+    from gossip import envelope as E
+    from gossip.seal import PrekeyStore, SignedPrekey, seal, seal_ad
+    from node.runtime import secure_node
+    from node.runtime.secure_round import SecureRounds
+
+    ks = keys(4)
+    cons = consortium(ks)
+    names = [m.name for m in cons.members]
+    store = PrekeyStore()
+    pre = SignedPrekey(bytes(ks[2].verify_key), 0, bytes(store.rotate(0).public_key), b"s" * 64)
+    codec = SecureNet(4, 1).codec
+    dealer = SecureRounds(names[3], names, 1, "sum_only", codec, cons.id)
+    plain = dealer.deal(0, codec.encode(np.zeros(codec.dim)))[names[2]]
+    sealed = seal(plain, {names[2]: pre}, seal_ad(cons.id, bytes(ks[3].verify_key), 0))
+    data = E.pack(ks[3], cons.id, E.KIND_DEAL, 0, 1, sealed)
+    acc = SimpleNamespace(envelope=E.decode_outer(data))
+
+    holder = SecureRounds(names[2], names, 1, "sum_only", codec, cons.id)
+    holder.round(0).disputes[(4, 3)] = {1: 0}  # bank-2 (3) disputes bank-3's (4) dealing
+    node = SimpleNamespace(
+        name=names[2], consortium=cons, secure=SimpleNamespace(rounds=holder),
+        book=SimpleNamespace(shares=lambda r: {names[3]: acc}),
+        signer=SimpleNamespace(sealing=SimpleNamespace(own=store)))
+    statement = bytes(32 * 9)
+    body = secure_node.with_reveals(node, 0, encode_secagg(SecAgg(AGREE_PHASE, (statement,))))
+    msg = decode_secagg(body, 4, dim=codec.dim)  # within the wire's bound for a reveal
+    assert msg.pieces[0] == statement and len(msg.pieces) == 2
+    got = secure_node.read_reveals(node, 0, {names[2]: body})
+    assert got == {(3, 4): decode_secagg(plain, 4, deal=True)}
+
+    wrong = encode_secagg(SecAgg(AGREE_PHASE, (statement, bytes(32) + msg.pieces[1][32:])))
+    got = secure_node.read_reveals(node, 0, {names[2]: wrong})
+    assert "no proof" in got[(3, 4)] and "commits to" in got[(3, 4)]
+    forged = E.pack(ks[1], cons.id, E.KIND_DEAL, 0, 1, sealed)  # bank-1 signs bank-3's deal
+    bad = encode_secagg(SecAgg(AGREE_PHASE, (statement, msg.pieces[1][:32] + forged)))
+    got = secure_node.read_reveals(node, 0, {names[2]: bad})
+    assert "no proof" in got[(3, 2)]  # the signer's deal: its seal's data does not open
