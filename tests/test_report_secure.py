@@ -359,13 +359,13 @@ def test_hand_edited_audit_and_metrics_lines_never_crash_the_members_report(run_
     assert json.loads(doc.read_text())["secure"]["rounds"][1]["outcome"] == "unreadable"
 
 
-def test_what_a_member_learns_states_the_known_hole_while_the_doc_has_it(tmp_path):
-    """The sentence may not claim more than docs/privacy-secure.md: while that page has its
-    "Known hole" section, the report says so and links it."""
-    from node.ops.report_html.secure_html import HOLE_ANCHOR, KNOWN_HOLE
+def test_what_a_member_learns_links_what_the_agreement_does_not_close(tmp_path):
+    """The sentence may not claim more than docs/privacy-secure.md: the report links the
+    page's "What the agreement does not close" section, which must exist."""
+    from node.ops.report_html.secure_html import HOLE_ANCHOR
 
     doc = (Path(__file__).resolve().parent.parent / "docs" / "privacy-secure.md").read_text()
+    assert "### What the agreement does not close" in doc
+    assert HOLE_ANCHOR == "#what-the-agreement-does-not-close"
     out = secure_section([read_secure(dp_state(tmp_path / "bank-0"), "state dir", "bank-0")])
-    assert "docs/privacy-secure.md" in out
-    if "## Known hole" in doc:
-        assert KNOWN_HOLE in out and HOLE_ANCHOR in out
+    assert "docs/privacy-secure.md" in out and HOLE_ANCHOR in out

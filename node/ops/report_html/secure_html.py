@@ -22,10 +22,11 @@ MUTED_DASH = '<span class="muted">—</span>'
 # docs/privacy-secure.md "Known hole" (main at e4efdf1): until the agreement step is built, a
 # member's views of who entered can differ, and one hostile member can then learn one honest
 # contribution in some rounds. Drop this sentence (and the anchor) when that page does.
-KNOWN_HOLE = ("The mode is experimental: until the members agree on who entered before "
-              "opening, one hostile member can, in some rounds, learn one honest member's "
-              "contribution ")
-HOLE_ANCHOR = "#known-hole-one-member-can-learn-one-honest-contribution-experimental"
+KNOWN_HOLE = ("The mode is experimental: the members agree on what they open before any sum "
+              "piece leaves, but a hostile member can still make honest members open their "
+              "degree-2 values (norms, distances) over different entered sets in a round whose "
+              "agreement then fails; what those reveal together is not analysed ")
+HOLE_ANCHOR = "#what-the-agreement-does-not-close"
 
 # What a member learns, per variant (docs/privacy-secure.md "What each party learns").
 LEARNS = {
@@ -184,7 +185,10 @@ def _facts(view: SecureView, views: list[SecureView], rules: dict[str, Any],
         f"In this mode ({_e(variant)}) a member learns {learns}; no other member's "
         f"contribution, unless more than t members pool their pieces ({_doc_link()}). "
         if learns else f"see {_doc_link()}. ")
-        + f'<span class="neg">{KNOWN_HOLE}</span>("Known hole" in {_doc_link(HOLE_ANCHOR)}).'))
+        + (f'<span class="neg">{KNOWN_HOLE}</span>("What the agreement does not close" in '
+           f'{_doc_link(HOLE_ANCHOR)}).' if variant != "sum_only" else
+           "The agreement step opens the sum only for a selection a quorum agreed on "
+           f"(experimental: {_doc_link(HOLE_ANCHOR)}).")))
     return '<dl class="facts">' + "".join(f"<dt>{_e(k)}</dt><dd>{v}</dd>"
                                           for k, v in items) + "</dl>"
 
