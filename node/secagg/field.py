@@ -125,6 +125,62 @@ def matvec(rows: np.ndarray, vec: np.ndarray) -> np.ndarray:
     return acc
 
 
+# Matrix products split each element in 3 limbs of 21 bits: a limb product is below 2^42,
+# so 2^11 of them sum below 2^53 and float64 (BLAS, any summation order) is exact.
+_LIMB_BITS = 21
+_LIMB_MASK = np.uint64((1 << _LIMB_BITS) - 1)
+_INNER = 1 << 11
+# Columns of the right operand per block: its three float64 limb copies stay near a few
+# MiB (a (128, 100k) operand whole would make 300 MiB of them).
+_OUTER = 1 << 12
+
+
+def _limbs(a: np.ndarray) -> list[np.ndarray]:
+    return [((a >> np.uint64(_LIMB_BITS * u)) & _LIMB_MASK).astype(np.float64) for u in range(3)]
+
+
+def matmul(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """a @ b mod P for an (m, k) and a (k, c) array of field elements, exactly: each entry
+    split in 3 limbs of 21 bits, the 9 limb products computed in float64 (BLAS) over
+    blocks of 2^11 terms (every partial sum an integer below 2^53), recombined mod P.
+    Used for the decoder's syndromes and random combinations (m or c small)."""
+    a = np.asarray(a, dtype=np.uint64)
+    b = np.asarray(b, dtype=np.uint64)
+    if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[0]:
+        raise FieldError(f"matmul of shapes {a.shape} and {b.shape}")
+    m, k = a.shape
+    c = b.shape[1]
+    out = np.zeros((m, c), dtype=np.uint64)
+    weights = [np.uint64(pow(2, _LIMB_BITS * s, P)) for s in range(5)]
+    for lo in range(0, k, _INNER):
+        al = _limbs(a[:, lo:lo + _INNER])
+        for clo in range(0, c, _OUTER):
+            bl = _limbs(b[lo:lo + _INNER, clo:clo + _OUTER])
+            part = out[:, clo:clo + _OUTER]
+            for s in range(5):
+                acc = sum((al[u] @ bl[s - u]).astype(np.uint64)  # each < 2^53: 3 sum below 2^55
+                          for u in range(max(0, s - 2), min(s, 2) + 1))
+                part = add(part, mul(_fold(acc), weights[s]))
+            out[:, clo:clo + _OUTER] = part
+    return out
+
+
+def inv_array(a: np.ndarray) -> np.ndarray:
+    """Elementwise inverse mod P (a^(P-2), square and multiply over the array);
+    ZeroDivisionError if an element is 0."""
+    a = np.asarray(a, dtype=np.uint64)
+    if (a == 0).any():
+        raise ZeroDivisionError("0 has no inverse in F_p")
+    out = np.ones_like(a)
+    base, e = a.copy(), P - 2
+    while e:
+        if e & 1:
+            out = mul(out, base)
+        base = mul(base, base)
+        e >>= 1
+    return out
+
+
 def check(a: np.ndarray, what: str) -> np.ndarray:
     """a as uint64, refusing anything outside [0, P) (FieldError naming `what`)."""
     a = np.asarray(a)

@@ -46,6 +46,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
+from functools import lru_cache
 from hashlib import shake_256
 
 import numpy as np
@@ -133,7 +134,7 @@ def share_seeded(secret: np.ndarray, n: int, t: int, seeded: Mapping[int, np.nda
 
 def interpolate_at_zero(points: list[int], rows: np.ndarray) -> np.ndarray:
     """f(0) from exactly k + 1 pieces of a degree-k sharing (no checking)."""
-    return F.dot_scalars(F.lagrange_at(points, 0), rows)
+    return F.matmul(np.array(F.lagrange_at(points, 0), dtype=np.uint64)[None, :], rows)[0]
 
 
 @dataclass(frozen=True)
@@ -146,18 +147,44 @@ class Decoded:
     redundancy: int  # pieces beyond k + 1: wrong ones detectable up to this, corrected up to half
 
 
-def _dual_vector(points: list[int], degree: int, rng: np.random.Generator | None) -> list[int]:
-    """A uniform vector of the dual of the RS code (points, dimension degree + 1)."""
-    free = len(points) - degree - 1
-    g = [F.random_scalar(rng) for _ in range(free)]
-    out = []
-    for j, xj in enumerate(points):
-        den = 1
-        for i, xi in enumerate(points):
-            if i != j:
-                den = den * (xj - xi) % F.P
-        out.append(F.inv(den) * F.poly_eval(g, xj) % F.P)
-    return out
+class _Code:
+    """What decoding at one set of points needs, computed once per (points, degree) and
+    cached: the points, w_j = prod_{i != j} (x_j - x_i) and v_j = 1 / w_j, the parity-check
+    matrix H (r x N, H[m, j] = v_j x_j^m, m < r = N - degree - 1: H c = 0 exactly for the
+    codewords: sum_j v_j g(x_j) is the top coefficient of g's interpolant, 0 when deg g <=
+    N - 2) and the Lagrange coefficients at 0 of the first degree + 1 points."""
+
+    def __init__(self, points: tuple[int, ...], degree: int):
+        n = len(points)
+        self.points, self.degree, self.r = points, degree, n - degree - 1
+        w = []
+        for j, xj in enumerate(points):  # O(N^2) Python ints, once per point set
+            acc = 1
+            for i, xi in enumerate(points):
+                if i != j:
+                    acc = acc * (xj - xi) % F.P
+            w.append(acc)
+        self.w = np.array(w, dtype=np.uint64)
+        self.xs = np.array(points, dtype=np.uint64)  # <= MAX_MEMBERS < 2^16: mul_small
+        h = np.empty((max(self.r, 0), n), dtype=np.uint64)
+        if self.r > 0:
+            h[0] = F.inv_array(self.w)
+            for m in range(1, self.r):
+                h[m] = F.mul_small(h[m - 1], self.xs)
+        self.h = h
+        self.lagrange0 = np.array(F.lagrange_at(list(points[:degree + 1]), 0), dtype=np.uint64)
+
+
+@lru_cache(maxsize=64)  # a round decodes at a few point sets (the members that answered)
+def _code(points: tuple[int, ...], degree: int) -> _Code:
+    return _Code(points, degree)
+
+
+def _dual_vector(points: list[int], degree: int, rng: np.random.Generator | None) -> np.ndarray:
+    """A uniform vector of the dual of the RS code (points, dimension degree + 1): a random
+    combination of the parity-check matrix's rows (they span the dual)."""
+    code = _code(tuple(points), degree)
+    return F.matmul(F.uniform((1, code.r), rng), code.h)[0]
 
 
 def consistent(points: list[int], rows: np.ndarray, degree: int,
@@ -168,16 +195,130 @@ def consistent(points: list[int], rows: np.ndarray, degree: int,
     if len(points) <= degree + 1:
         return True
     h = _dual_vector(points, degree, rng)
-    block = _columns(rows.shape[0])
-    for lo in range(0, rows.shape[1], block):
-        if F.dot_scalars(h, rows[:, lo:lo + block]).any():
-            return False
-    return True
+    return not F.matmul(h[None, :], rows).any()
+
+
+@dataclass(frozen=True)
+class Columns:
+    """`decode_columns`' answer for C scalar codewords at N points (column c of each array
+    is codeword c): `ok` whether it is within max_errors of a codeword (then unique), the
+    codeword's values at the points (`codeword`, = the pieces where they are right), its
+    value at 0, and where the pieces are wrong."""
+
+    ok: np.ndarray  # (C,) bool
+    value: np.ndarray  # (C,) field elements (meaningful where ok)
+    codeword: np.ndarray  # (N, C) field elements (meaningful where ok)
+    wrong: np.ndarray  # (N, C) bool (all False where not ok)
+
+
+def _berlekamp_massey(s: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The shortest linear recurrence of each row of s ((C, r) syndromes): connection
+    polynomials (C, r + 1), lowest coefficient first, and their lengths L (C,).
+    Inversion-free Berlekamp-Massey, vectorised over rows (each row's polynomial comes out
+    scaled by a non-zero constant, which changes neither its roots nor Forney's ratios).
+    B is kept multiplied by x^m, so every row shifts the same way each step."""
+    c, r = s.shape
+    conn = np.zeros((c, r + 2), dtype=np.uint64)
+    conn[:, 0] = 1
+    back = np.zeros((c, r + 2), dtype=np.uint64)
+    back[:, 1] = 1  # x^m B with B = 1, m = 1
+    length = np.zeros(c, dtype=np.int64)
+    b = np.ones(c, dtype=np.uint64)
+    for n in range(r):
+        d = F.sum_mod(F.mul(conn[:, :n + 1], s[:, n::-1]), axis=1)
+        nz = d != 0
+        switch = nz & (2 * length <= n)
+        updated = F.sub(F.mul(conn, b[:, None]), F.mul(back, d[:, None]))
+        src = np.where(switch[:, None], conn, back)
+        conn = np.where(nz[:, None], updated, conn)
+        back = np.zeros_like(back)
+        back[:, 1:] = src[:, :-1]
+        b = np.where(switch, d, b)
+        length = np.where(switch, n + 1 - length, length)
+    return conn[:, :r + 1], length
+
+
+def _horner(coeffs: np.ndarray, xs: np.ndarray) -> np.ndarray:
+    """sum_i coeffs[:, i] x^(k - i) at every x (k = coeffs.shape[1] - 1): the reversed
+    polynomials, (C, N), for small points x (mul_small)."""
+    acc = np.repeat(coeffs[:, :1], xs.size, axis=1)
+    for i in range(1, coeffs.shape[1]):
+        acc = F.add(F.mul_small(acc, xs[None, :]), coeffs[:, i:i + 1])
+    return acc
+
+
+def decode_columns(points: list[int] | tuple[int, ...], columns: np.ndarray, degree: int,
+                   max_errors: int) -> Columns:
+    """Decode C scalar Reed-Solomon codewords at once, each with its own errors: column c
+    of `columns` ((N, C), row k at points[k]) is a degree-`degree` sharing with up to
+    `max_errors` wrong entries. Exact and deterministic (no randomness):
+
+    1. syndromes S = H Y (one (r x N) @ (N x C) product); a zero column is a codeword;
+    2. Berlekamp-Massey on the others (vectorised over columns, r steps) gives each error
+       locator Lambda of length L; a column is within L of a codeword iff L <= max_errors
+       and Lambda has L distinct roots among the inverses of the points (then the L
+       geometric sequences of those points generate S, so subtracting the errors Forney's
+       formula gives zeroes every syndrome). With 2 max_errors <= r the codeword is the
+       unique one that close: never a guess, and a column with more errors fails (`ok`
+       False) unless it lies within max_errors of another codeword (which no decoder can
+       tell apart: the caller's bound on wrong pieces is its threat model);
+    3. error values by Forney (a_j = -x_j Omega(1/x_j) / Lambda'(1/x_j), e_j = a_j w_j),
+       the value at 0 from the corrected codeword (fixed Lagrange coefficients).
+
+    Cost: the product, then about 10 r numpy operations over (C, r) arrays: at 128 points
+    and 256 columns, tens of milliseconds where one Python Berlekamp-Welch solve took a
+    quarter of a second. SecAggError if 2 max_errors > N - degree - 1 (the caller asks for
+    more than unique decoding gives)."""
+    points = tuple(points)
+    y = F.check(np.asarray(columns), "columns")
+    if y.ndim != 2 or y.shape[0] != len(points):
+        raise SecAggError(f"columns of shape {y.shape} for {len(points)} points")
+    if len(points) < degree + 1:
+        raise TooFewPieces(f"columns (degree {degree})", degree + 1, len(points))
+    code = _code(points, degree)
+    if max_errors < 0 or 2 * max_errors > code.r:
+        raise SecAggError(f"max_errors {max_errors}: {len(points)} points of a degree-{degree} "
+                          f"code correct at most {code.r // 2}")
+    n, c = y.shape
+    ok = np.ones(c, dtype=bool)
+    wrong = np.zeros((n, c), dtype=bool)
+    word = y.copy()
+    if code.r > 0:
+        syn = F.matmul(code.h, y).T  # (C, r)
+        bad = np.flatnonzero(syn.any(axis=1))
+        ok[bad] = False
+        e = max_errors
+        if bad.size and e > 0:
+            s = syn[bad]
+            lam, length = _berlekamp_massey(s)
+            cand = (length >= 1) & (length <= e) & ~lam[:, e + 1:].any(axis=1)
+            lam = lam[:, :e + 1]
+            roots = _horner(lam, code.xs) == 0  # Lambda*(x) = x^e Lambda(1/x)
+            cand &= roots.sum(axis=1) == length
+            if cand.any():
+                lam, s, roots, cols = lam[cand], s[cand], roots[cand], bad[cand]
+                omega = np.zeros((lam.shape[0], e), dtype=np.uint64)  # S Lambda mod z^e
+                for i in range(e):
+                    omega[:, i:] = F.add(omega[:, i:], F.mul(lam[:, i:i + 1], s[:, :e - i]))
+                dlam = F.mul_small(lam[:, 1:], np.arange(1, e + 1, dtype=np.uint64)[None, :])
+                num = F.mul_small(_horner(omega, code.xs), code.xs[None, :])
+                den = _horner(dlam, code.xs)
+                at = np.nonzero(roots)
+                a = F.neg(F.mul(num[at], F.inv_array(den[at])))
+                err = np.zeros((len(cols), n), dtype=np.uint64)
+                err[at] = F.mul(a, code.w[at[1]])
+                word[:, cols] = F.sub(y[:, cols], err.T)
+                wrong[:, cols] = roots.T
+                ok[cols] = True
+    value = F.matmul(code.lagrange0[None, :], word[:degree + 1])[0]
+    return Columns(ok, value, word, wrong)
 
 
 def berlekamp_welch(points: list[int], ys: list[int], degree: int, errors: int) -> list[int] | None:
     """The polynomial of degree <= `degree` within `errors` disagreements of (points, ys),
-    lowest coefficient first, or None if there is none."""
+    lowest coefficient first, or None if there is none. One (N x N) system in Python
+    ints, O(N^3): the decoder before `decode_columns` (kept for comparison in
+    scripts/bench_secagg.py and as an independent reference in the tests)."""
     e = errors
     rows, rhs = [], []
     for x, y in zip(points, ys, strict=True):
@@ -239,8 +380,9 @@ def decode(pieces: Mapping[int, np.ndarray], degree: int, *, what: str = "sharin
                            degree + 1 + max_errors, len(points),
                            tuple(sorted(set(expected) - set(points))))
     if consistent(points, rows, degree, test_only_rng):
-        first = points[:degree + 1]
-        return Decoded(interpolate_at_zero(first, rows[:degree + 1]), (), tuple(points), redundancy)
+        code = _code(tuple(points), degree)
+        return Decoded(F.matmul(code.lagrange0[None, :], rows[:degree + 1])[0], (), tuple(points),
+                       redundancy)
     e = redundancy // 2 if max_errors is None else max_errors
     if max_errors is not None and redundancy < 2 * max_errors:
         raise TooManyWrong(f"{what} (degree {degree}): the {len(points)} pieces disagree; "
@@ -253,13 +395,16 @@ def decode(pieces: Mapping[int, np.ndarray], degree: int, *, what: str = "sharin
         raise TooManyWrong(f"{what} (degree {degree}): the {len(points)} pieces disagree and "
                            f"{redundancy} spare piece(s) cannot say which are wrong "
                            f"(correcting e wrong pieces needs {degree + 1} + 2e)")
-    rho = F.uniform(rows.shape[1], test_only_rng)
-    combined = F.matvec(rows, rho).tolist()
-    poly = berlekamp_welch(points, [int(v) for v in combined], degree, e)
-    if poly is None:
+    # The wrong pieces' places from one random combination of the coordinates: a piece
+    # wrong anywhere is wrong in the combination except with probability 1/p (rho is drawn
+    # after the pieces arrived); then every coordinate is checked on the remaining pieces,
+    # so a miss is a TooManyWrong, never a wrong value or an honest member named.
+    rho = F.uniform((rows.shape[1], 1), test_only_rng)
+    got = decode_columns(points, F.matmul(rows, rho), degree, e)
+    if not got.ok[0]:
         raise TooManyWrong(f"{what} (degree {degree}): more than {e} of {len(points)} pieces "
                            f"wrong (at most {e} can be corrected)")
-    wrong = tuple(x for x, y in zip(points, combined, strict=True) if F.poly_eval(poly, x) != int(y))
+    wrong = tuple(x for x, bad in zip(points, got.wrong[:, 0].tolist(), strict=True) if bad)
     good = [x for x in points if x not in wrong]
     keep = np.array([points.index(x) for x in good])
     if len(wrong) > e or not consistent(good, rows[keep], degree, test_only_rng):
