@@ -264,6 +264,25 @@ def poly_divmod(num: list[int], den: list[int]) -> tuple[list[int], list[int]]:
     return q, rem
 
 
+def inverse(m: np.ndarray) -> np.ndarray:
+    """The inverse of a square matrix over F_p (Gauss-Jordan, each step one numpy pass over
+    the augmented (k, 2k) array); SecAggError if it is singular."""
+    m = np.asarray(m, dtype=np.uint64)
+    k = m.shape[0]
+    a = np.concatenate([m, np.eye(k, dtype=np.uint64)], axis=1)
+    for c in range(k):
+        nz = np.flatnonzero(a[c:, c])
+        if not nz.size:
+            raise FieldError(f"singular {k} x {k} matrix")
+        pr = c + int(nz[0])
+        a[[c, pr]] = a[[pr, c]]
+        a[c] = mul(a[c], np.uint64(inv(int(a[c, c]))))
+        f = a[:, c].copy()
+        f[c] = 0
+        a = sub(a, mul(f[:, None], a[c][None, :]))
+    return a[:, k:]
+
+
 def solve(rows: list[list[int]], rhs: list[int]) -> list[int] | None:
     """One solution x of rows @ x = rhs over F_p (free variables 0), or None if there is
     none. Gaussian elimination on Python ints: the systems are (members x members)."""

@@ -54,9 +54,17 @@ import numpy as np
 from node.secagg import field as F
 from node.secagg.errors import PieceError, SecAggError, TooFewPieces, TooManyWrong
 
-# Members are evaluation points 1..MAX_MEMBERS; the decoder's linear systems are solved in
-# Python ints, O(N^3): at 1024 pieces a Berlekamp-Welch solve would take minutes.
+# Members are evaluation points 1..MAX_MEMBERS (the pieces' header and mul_small need
+# them below 2^16; the decoder's cached O(N^2) set-up and O(N) Berlekamp-Massey steps stay
+# small up to here).
 MAX_MEMBERS = 256
+# The most members of a secure round (RoundParams, and the [rules] check of
+# node/strategy/consortium_rules.py). Not the field: FixedPoint refuses a scale that
+# loses precision, and at 128 members, d = 100k it still keeps 2^-12 of the clip. The
+# work: each member deals a degree-t sharing to n holders (O(n t d): 3.5 s of CPU at 128
+# members, d = 100k, t = 42; it quadruples at 256), opens n(n + 1)/2 degree-2 values and
+# decodes O(n d) sums (scripts/bench_secagg.py, docs/privacy-secure.md).
+MAX_SECURE_MEMBERS = 128
 # Share and check in column blocks of about this many elements (rows x columns): the limb
 # multiplication makes about ten temporaries of the block's size; blocks of 256 KiB kept
 # them in cache and ran share() at 32 members x 100k in 0.30 s of CPU against 0.52 s
@@ -66,6 +74,14 @@ BLOCK_ELEMENTS = 1 << 15
 
 def _columns(rows: int) -> int:
     return max(1 << 8, BLOCK_ELEMENTS // max(rows, 1))
+
+
+def check_secure_members(n: int) -> None:
+    """SecAggError naming the cap if a secure round of n members would be too slow."""
+    if n > MAX_SECURE_MEMBERS:
+        raise SecAggError(f"{n} members: a secure round takes at most {MAX_SECURE_MEMBERS} members "
+                          "(MAX_SECURE_MEMBERS: dealing and decoding grow as n^2 d; use plain "
+                          "rounds or fewer members)")
 
 
 def check_points(n: int, t: int) -> None:
@@ -122,10 +138,11 @@ def share_seeded(secret: np.ndarray, n: int, t: int, seeded: Mapping[int, np.nda
     if len(points) != t or not all(1 <= j <= n for j in points):
         raise SecAggError(f"a seeded sharing needs t = {t} seeded points in 1..{n}, got {points}")
     # coefficients c_1..c_t of f(x) = secret + sum_k c_k x^k: V c = y - secret, V_jk = j^k
-    vinv = [F.solve([[pow(j, k, F.P) for k in range(1, t + 1)] for j in points],
-                    [int(j == col) for j in points]) for col in points]
+    # (one Gauss-Jordan inverse: t solves in Python ints took 6 s at t = 85)
+    vinv = F.inverse(np.array([[pow(j, k, F.P) for k in range(1, t + 1)] for j in points],
+                              dtype=np.uint64))
     diffs = np.stack([F.sub(F.check(seeded[j], f"seeded piece {j}"), secret) for j in points])
-    coeffs = np.stack([F.dot_scalars([vinv[c][k] for c in range(t)], diffs) for k in range(t)])
+    coeffs = F.matmul(vinv, diffs)
     out = share_poly(secret, coeffs, n)
     for j in points:
         out[j - 1] = seeded[j]
