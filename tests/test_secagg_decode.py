@@ -14,7 +14,7 @@ from node.secagg import field as F
 from node.secagg import robust as R
 from node.secagg.encoding import FixedPoint
 from node.secagg.errors import SecAggError, TooManyWrong
-from node.secagg.pieces import CHECK, MASK, VECTOR, Piece
+from node.secagg.pieces import CHECK, MASK, Piece
 from node.secagg.shamir import MAX_SECURE_MEMBERS, berlekamp_welch, decode, decode_columns, share
 
 pytestmark = pytest.mark.unit
@@ -259,4 +259,15 @@ def test_secure_rounds_are_capped_by_name():
     codec = FixedPoint.choose(1.0, 8, MAX_SECURE_MEMBERS + 1)
     with pytest.raises(SecAggError, match=f"at most {MAX_SECURE_MEMBERS} members"):
         R.RoundParams(1, MAX_SECURE_MEMBERS + 1, 2, codec)
-    assert VECTOR != MASK
+
+
+def test_the_rules_refuse_a_secure_consortium_past_the_cap():
+    from gossip.errors import LocalError
+    from node.strategy.consortium_rules import ConsortiumRules, check_secure
+
+    rules = ConsortiumRules(secure=True, secure_threshold=2, secure_select="sum", secure_rows=100,
+                            secure_epsilon=3.0, secure_delta=1e-5)
+    assert check_secure(rules, MAX_SECURE_MEMBERS, "f.toml").threshold == 2
+    with pytest.raises(LocalError, match=f"f.toml: rules.secure = true with {MAX_SECURE_MEMBERS + 1} "
+                       f"members: a secure round takes at most {MAX_SECURE_MEMBERS}"):
+        check_secure(rules, MAX_SECURE_MEMBERS + 1, "f.toml")
