@@ -133,6 +133,9 @@ _INNER = 1 << 11
 # Columns of the right operand per block: its three float64 limb copies stay near a few
 # MiB (a (128, 100k) operand whole would make 300 MiB of them).
 _OUTER = 1 << 12
+# Inner blocks summed before a reduction: each adds below 3 * 2^53 per limb weight, so 255
+# of them stay below 2^63 (and _fold takes up to 2^63 + 2^62).
+_FOLD_BLOCKS = 255
 
 
 def _limbs(a: np.ndarray) -> list[np.ndarray]:
@@ -142,8 +145,9 @@ def _limbs(a: np.ndarray) -> list[np.ndarray]:
 def matmul(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """a @ b mod P for an (m, k) and a (k, c) array of field elements, exactly: each entry
     split in 3 limbs of 21 bits, the 9 limb products computed in float64 (BLAS) over
-    blocks of 2^11 terms (every partial sum an integer below 2^53), recombined mod P.
-    Used for the decoder's syndromes and random combinations (m or c small)."""
+    blocks of 2^11 terms (every partial sum an integer below 2^53), summed per limb weight
+    2^(21 s) in uint64 over up to _FOLD_BLOCKS blocks (each adds below 3 * 2^53), then
+    reduced mod P. Used for the decoder's syndromes and random combinations."""
     a = np.asarray(a, dtype=np.uint64)
     b = np.asarray(b, dtype=np.uint64)
     if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[0]:
@@ -151,17 +155,20 @@ def matmul(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     m, k = a.shape
     c = b.shape[1]
     out = np.zeros((m, c), dtype=np.uint64)
-    weights = [np.uint64(pow(2, _LIMB_BITS * s, P)) for s in range(5)]
-    for lo in range(0, k, _INNER):
-        al = _limbs(a[:, lo:lo + _INNER])
-        for clo in range(0, c, _OUTER):
-            bl = _limbs(b[lo:lo + _INNER, clo:clo + _OUTER])
-            part = out[:, clo:clo + _OUTER]
-            for s in range(5):
-                acc = sum((al[u] @ bl[s - u]).astype(np.uint64)  # each < 2^53: 3 sum below 2^55
-                          for u in range(max(0, s - 2), min(s, 2) + 1))
-                part = add(part, mul(_fold(acc), weights[s]))
-            out[:, clo:clo + _OUTER] = part
+    for clo in range(0, c, _OUTER):
+        chi = min(c, clo + _OUTER)
+        acc = np.zeros((5, m, chi - clo), dtype=np.uint64)
+        for blocks, lo in enumerate(range(0, k, _INNER)):
+            if blocks and blocks % _FOLD_BLOCKS == 0:
+                acc = _fold(acc)
+            al, bl = _limbs(a[:, lo:lo + _INNER]), _limbs(b[lo:lo + _INNER, clo:chi])
+            for u in range(3):
+                for v in range(3):
+                    acc[u + v] += (al[u] @ bl[v]).astype(np.uint64)  # < 2^53
+        part = np.zeros((m, chi - clo), dtype=np.uint64)
+        for s in range(5):
+            part = add(part, mul(_fold(acc[s]), np.uint64(pow(2, _LIMB_BITS * s, P))))
+        out[:, clo:chi] = part
     return out
 
 

@@ -17,20 +17,21 @@ decodes exactly when
 and fewer than k + 1 pieces cannot decode at all (`TooFewPieces`, with how many were
 needed and how many arrived). `decode` is vectorised over the L coordinates:
 
-1. a random vector h of the dual code (a random combination of the rows of the
-   parity-check matrix H, H[m, j] = v_j x_j^m, v_j = 1 / prod_{i != j}(x_j - x_i), m <
-   N - k - 1) checks every coordinate at once: for a coordinate that is not a codeword,
-   sum_j h_j y_j = 0 with probability 1/p. All zero: no wrong piece (the common case: one
-   (1 x N) @ (N x L) product, `field.matmul`);
-2. otherwise a random linear combination of the coordinates, y'_j = sum_c rho_c y_j[c],
-   is a scalar word whose error is non-zero wherever any coordinate's is (for a wrong
-   piece j, rho . e_j = 0 with probability 1/p: rho is drawn after the pieces arrived);
-   `decode_columns` (syndromes, Berlekamp-Massey, Forney; exact) finds the codeword
-   within e errors of it (e = max_errors, or (N - k - 1) // 2) and where it disagrees;
-3. the remaining pieces are checked again on every coordinate (step 1 on them): a wrong
-   piece the combination missed (probability <= e/p) or more wrong pieces than e make
-   this fail (`TooManyWrong`, nobody named), never a wrong value: pieces that are one
-   codeword on N - e >= k + 1 + e points are within e of it, the unique such codeword.
+1. a random linear combination of the coordinates, y'_j = sum_c rho_c y_j[c] (rho from
+   the OS, drawn after the pieces arrived; one (N x L) @ (L x 1) product, `field.matmul`),
+   and its exact syndromes H y' (H[m, j] = v_j x_j^m, v_j = 1 / prod_{i != j}(x_j - x_i),
+   m < N - k - 1: zero exactly on the codewords). A coordinate that is not a codeword
+   leaves y' off the code too, except with probability 1/p (H y' is a non-zero linear
+   function of rho). All zero: no wrong piece (the common case);
+2. otherwise y' is a scalar word whose error is non-zero wherever any coordinate's is
+   (for a wrong piece j, rho . e_j = 0 with probability 1/p); `decode_columns`
+   (syndromes, Berlekamp-Massey, Forney; exact) finds the codeword within e errors of it
+   (e = max_errors, or (N - k - 1) // 2) and where it disagrees;
+3. the remaining pieces are checked again on every coordinate (step 1 on them, a fresh
+   rho): a wrong piece the combination missed (probability <= e/p) or more wrong pieces
+   than e make this fail (`TooManyWrong`, nobody named), never a wrong value: pieces
+   that are one codeword on N - e >= k + 1 + e points are within e of it, the unique
+   such codeword.
    The value at 0 is interpolated from the first k + 1 good pieces.
 
 Cost at 128 members, d = 100k: no wrong piece 0.2 s of CPU, t = 42 wrong 0.5 s, where
@@ -40,9 +41,9 @@ judging n dealers' checks with one lying holder took 2n of them (scripts/bench_s
 together by `decode_columns`: one syndrome product and one vectorised Berlekamp-Massey
 pass for all of them.
 
-rho and h come from the OS (they need only be unpredictable to whoever chose the
-errors); every honest member decodes the same value (unique decoding below the radius).
-Above the radius (more than e wrong pieces) no decoder can be right: the result may be
+rho comes from the OS (it need only be unpredictable to whoever chose the errors);
+every honest member decodes the same value (unique decoding below the radius). Above the
+radius (more than e wrong pieces) no decoder can be right: the result may be
 `TooManyWrong` or, if the wrong pieces were chosen to form another codeword, a wrong value
 that every member agrees on.
 
@@ -214,15 +215,20 @@ def _dual_vector(points: list[int], degree: int, rng: np.random.Generator | None
     return F.matmul(F.uniform((1, code.r), rng), code.h)[0]
 
 
+def _combined(rows: np.ndarray, rng: np.random.Generator | None) -> np.ndarray:
+    """rows @ rho for a uniform rho (L,) drawn now: one scalar word per point, (N, 1)."""
+    return F.matmul(rows, F.uniform((rows.shape[1], 1), rng))
+
+
 def consistent(points: list[int], rows: np.ndarray, degree: int,
                rng: np.random.Generator | None = None) -> bool:
-    """Whether every coordinate of the pieces lies on one polynomial of degree <= degree
-    (a random dual vector; wrong with probability <= L/p). True when there is no
-    redundancy (nothing can be checked)."""
+    """Whether every coordinate of the pieces lies on one polynomial of degree <= degree:
+    the exact syndromes of one random combination of the coordinates (a coordinate off its
+    polynomial leaves the combination off too, except with probability 1/p). True when
+    there is no redundancy (nothing can be checked)."""
     if len(points) <= degree + 1:
         return True
-    h = _dual_vector(points, degree, rng)
-    return not F.matmul(h[None, :], rows).any()
+    return not F.matmul(_code(tuple(points), degree).h, _combined(rows, rng)).any()
 
 
 @dataclass(frozen=True)
@@ -406,8 +412,13 @@ def decode(pieces: Mapping[int, np.ndarray], degree: int, *, what: str = "sharin
         raise TooFewPieces(f"{what} (degree {degree}, up to {max_errors} wrong)",
                            degree + 1 + max_errors, len(points),
                            tuple(sorted(set(expected) - set(points))))
-    if consistent(points, rows, degree, test_only_rng):
-        code = _code(tuple(points), degree)
+    code = _code(tuple(points), degree)
+    # One random combination of the coordinates (rho drawn now, after the pieces arrived):
+    # a coordinate off its polynomial leaves it off too (except with probability 1/p), and
+    # a piece wrong anywhere is wrong in it (1/p each): the check and the search for the
+    # wrong pieces' places both run on N scalars.
+    combined = _combined(rows, test_only_rng)
+    if redundancy == 0 or not F.matmul(code.h, combined).any():
         return Decoded(F.matmul(code.lagrange0[None, :], rows[:degree + 1])[0], (), tuple(points),
                        redundancy)
     e = redundancy // 2 if max_errors is None else max_errors
@@ -422,12 +433,10 @@ def decode(pieces: Mapping[int, np.ndarray], degree: int, *, what: str = "sharin
         raise TooManyWrong(f"{what} (degree {degree}): the {len(points)} pieces disagree and "
                            f"{redundancy} spare piece(s) cannot say which are wrong "
                            f"(correcting e wrong pieces needs {degree + 1} + 2e)")
-    # The wrong pieces' places from one random combination of the coordinates: a piece
-    # wrong anywhere is wrong in the combination except with probability 1/p (rho is drawn
-    # after the pieces arrived); then every coordinate is checked on the remaining pieces,
-    # so a miss is a TooManyWrong, never a wrong value or an honest member named.
-    rho = F.uniform((rows.shape[1], 1), test_only_rng)
-    got = decode_columns(points, F.matmul(rows, rho), degree, e)
+    # Then every coordinate is checked again on the remaining pieces (a fresh combination),
+    # so a wrong piece the combination missed is a TooManyWrong, never a wrong value or an
+    # honest member named.
+    got = decode_columns(points, combined, degree, e)
     if not got.ok[0]:
         raise TooManyWrong(f"{what} (degree {degree}): more than {e} of {len(points)} pieces "
                            f"wrong (at most {e} can be corrected)")
