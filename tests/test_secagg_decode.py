@@ -271,3 +271,24 @@ def test_the_rules_refuse_a_secure_consortium_past_the_cap():
     with pytest.raises(LocalError, match=f"f.toml: rules.secure = true with {MAX_SECURE_MEMBERS + 1} "
                        f"members: a secure round takes at most {MAX_SECURE_MEMBERS}"):
         check_secure(rules, MAX_SECURE_MEMBERS + 1, "f.toml")
+
+
+@SETTINGS
+@given(r=st.integers(1, 40), rows=st.integers(1, 6), terms=st.integers(0, 20), seed=seeds)
+def test_both_berlekamp_massey_versions_find_the_same_recurrence(r, rows, terms, seed):
+    """The vectorised (inversion-free) and the Python-int versions: the same length and
+    the same connection polynomial up to a constant, on sums of `terms` geometric
+    sequences (error syndromes) and on uniform sequences."""
+    from node.secagg.shamir import _berlekamp_massey, _berlekamp_massey_ints
+
+    rng = np.random.default_rng(seed)
+    xs, amps = F.uniform((rows, terms), rng), F.uniform((rows, terms), rng)
+    seq = np.array([[sum(int(a) * pow(int(x), m, F.P) for a, x in zip(amps[k], xs[k], strict=True)) % F.P
+                     for m in range(r)] for k in range(rows)], dtype=np.uint64)
+    lam, length = _berlekamp_massey(seq)
+    for k, row in enumerate(seq.tolist()):
+        conn, ln = _berlekamp_massey_ints(row)
+        assert ln == length[k] and ln <= min(terms, r)
+        conn = (conn + [0] * (r + 1))[:r + 1]
+        scale = int(lam[k, 0]) * F.inv(conn[0]) % F.P
+        assert [scale * c % F.P for c in conn] == lam[k].tolist()

@@ -271,6 +271,33 @@ def _berlekamp_massey(s: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return conn[:, :r + 1], length
 
 
+def _berlekamp_massey_ints(seq: list[int]) -> tuple[list[int], int]:
+    """`_berlekamp_massey` for one sequence in Python ints: for a few columns its O(r L)
+    integer steps cost less than the vectorised version's O(r) numpy calls (a call per
+    dealer, as a caller judging dealers one by one makes)."""
+    conn, back, length, m, b = [1], [1], 0, 1, 1
+    for n, sn in enumerate(seq):
+        d = sn
+        for i in range(1, min(length, len(conn) - 1) + 1):
+            d = (d + conn[i] * seq[n - i]) % F.P
+        if d == 0:
+            m += 1
+            continue
+        coef, old = d * F.inv(b) % F.P, conn[:]
+        conn += [0] * max(0, len(back) + m - len(conn))
+        for i, bi in enumerate(back):
+            conn[i + m] = (conn[i + m] - coef * bi) % F.P
+        if 2 * length <= n:
+            length, back, b, m = n + 1 - length, old, d, 1
+        else:
+            m += 1
+    return conn, length
+
+
+# Up to this many columns with errors, Berlekamp-Massey runs in Python ints.
+_INT_BM_COLUMNS = 4
+
+
 def _horner(coeffs: np.ndarray, xs: np.ndarray) -> np.ndarray:
     """sum_i coeffs[:, i] x^(k - i) at every x (k = coeffs.shape[1] - 1): the reversed
     polynomials, (C, N), for small points x (mul_small)."""
@@ -323,7 +350,14 @@ def decode_columns(points: list[int] | tuple[int, ...], columns: np.ndarray, deg
         e = max_errors
         if bad.size and e > 0:
             s = syn[bad]
-            lam, length = _berlekamp_massey(s)
+            if bad.size <= _INT_BM_COLUMNS:
+                found = [_berlekamp_massey_ints(row) for row in s.tolist()]
+                lam = np.zeros((bad.size, code.r + 1), dtype=np.uint64)
+                for k, (conn, _) in enumerate(found):
+                    lam[k, :min(len(conn), code.r + 1)] = conn[:code.r + 1]
+                length = np.array([ln for _, ln in found], dtype=np.int64)
+            else:
+                lam, length = _berlekamp_massey(s)
             cand = (length >= 1) & (length <= e) & ~lam[:, e + 1:].any(axis=1)
             lam = lam[:, :e + 1]
             roots = _horner(lam, code.xs) == 0  # Lambda*(x) = x^e Lambda(1/x)
