@@ -71,10 +71,11 @@ from node.secagg.errors import PieceError, SecAggError, TooFewPieces, TooManyWro
 MAX_MEMBERS = 256
 # The most members of a secure round (RoundParams, and the [rules] check of
 # node/strategy/consortium_rules.py). Not the field: FixedPoint refuses a scale that
-# loses precision, and at 128 members, d = 100k it still keeps 2^-12 of the clip. The
-# work: each member deals a degree-t sharing to n holders (O(n t d): 3.5 s of CPU at 128
-# members, d = 100k, t = 42; it quadruples at 256), opens n(n + 1)/2 degree-2 values and
-# decodes O(n d) sums (scripts/bench_secagg.py, docs/privacy-secure.md).
+# loses precision, and at 128 members, d = 100k its worst-case rounding is still 3.8e-5
+# of the clip (scale 2^22). The work: each member deals a degree-t sharing to n holders
+# (O(n t d): 4.9 s of CPU at 128 members, d = 100k, t = 42, against 0.3 s at 32; it
+# quadruples at 256), opens n(n + 1)/2 degree-2 values and decodes O(n d) sums (0.2 s,
+# 0.5 s with t wrong pieces: scripts/bench_secagg.py --decode).
 MAX_SECURE_MEMBERS = 128
 # Share and check in column blocks of about this many elements (rows x columns): the limb
 # multiplication makes about ten temporaries of the block's size; blocks of 256 KiB kept
