@@ -413,13 +413,18 @@ def test_an_inconsistent_dealer_is_named_from_its_signed_piece():
     assert 6 in verdict.refused and 6 not in verdict.accepted
 
 
-def test_below_4t_holders_a_wrong_mask_check_is_detected_and_nobody_named():
-    """n = 7, t = 2: the mask checks (degree 3) would need 8 holders to correct 2 wrong
-    ones; one lying holder makes every dealer unresolved, none refused, nobody disputed."""
+def test_below_4t_holders_mask_checks_correct_what_t_liars_cannot_steer_and_detect_the_rest():
+    """n = 7, t = 2: the mask checks (degree 3) have 3 spare holders: they correct 3 - t =
+    1 wrong check while detecting t (a codeword within 1 of the checks is the honest one
+    whenever at most 2 lie). One liar: named in a dispute, every dealer accepted. Two:
+    every dealer unresolved, none refused, nobody disputed."""
     r = Round(n=7, t=2, seed=6)
     r.deal({i: r.codec.encode(v) for i, v in r.honest_vectors().items()})
     checks = r.checks(range(1, 8))
     checks[4] = Piece(7, CHECK, 0, 4, F.add(checks[4].values, np.ones(14, dtype=np.uint64)))
+    verdict = R.judge_dealings(r.p, checks, r.dealers)
+    assert verdict.accepted == r.dealers and {j for (_, j, _) in verdict.disputes} == {4}
+    checks[6] = Piece(7, CHECK, 0, 6, F.add(checks[6].values, np.ones(14, dtype=np.uint64)))
     verdict = R.judge_dealings(r.p, checks, r.dealers)
     assert set(verdict.unresolved) == set(r.dealers) and "nobody named" in verdict.unresolved[1]
     assert verdict.accepted == () and not verdict.refused and not verdict.disputes

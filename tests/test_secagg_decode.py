@@ -85,19 +85,27 @@ def test_within_the_radius_decode_is_exact_and_names_exactly_the_wrong(degree, s
 @SETTINGS
 @given(degree=st.integers(0, 4), e=st.integers(1, 4), short=st.integers(0, 3), width=st.integers(1, 20),
        mode=st.sampled_from(MODES), seed=seeds, data=st.data())
-def test_detect_only_fails_and_names_nobody_for_any_wrong_pieces(degree, e, short, width, mode, seed,
-                                                                data):
-    """k + 1 + e <= N < k + 1 + 2e pieces, up to e wrong, chosen any way (a valid codeword
-    of another secret included): TooManyWrong naming nobody, never a value."""
+def test_short_of_correcting_e_it_corrects_what_e_cannot_steer_and_names_nobody_beyond(
+        degree, e, short, width, mode, seed, data):
+    """k + 1 + e <= N < k + 1 + 2e pieces and up to e wrong, chosen any way (a valid
+    codeword of another secret included): up to a = N - k - 1 - e wrong pieces are
+    corrected exactly and named; more is TooManyWrong naming nobody, never a value."""
     short = min(short, e - 1)
     n = degree + 1 + 2 * e - 1 - short
+    a = n - degree - 1 - e
     rng = np.random.default_rng(seed)
-    pieces = share(F.uniform(width, rng), n, degree, rng)
+    secret = F.uniform(width, rng)
+    pieces = share(secret, n, degree, rng)
     right = pieces.copy()
     wrong = data.draw(st.lists(st.integers(1, n), min_size=1, max_size=e, unique=True))
     _spoil(pieces, right, wrong, mode, degree, rng)
-    with pytest.raises(TooManyWrong, match="nobody named"):
-        decode({j: pieces[j - 1] for j in range(1, n + 1)}, degree, max_errors=e)
+    given = {j: pieces[j - 1] for j in range(1, n + 1)}
+    if len(wrong) <= a:
+        got = decode(given, degree, max_errors=e)
+        assert (got.value == secret).all() and got.wrong == tuple(sorted(wrong))
+    else:
+        with pytest.raises(TooManyWrong, match="nobody named"):
+            decode(given, degree, max_errors=e)
 
 
 @SETTINGS
@@ -190,6 +198,11 @@ def test_t_liars_cannot_steer_a_mask_check_onto_honest_members():
     verdict = R.judge_dealings(p, lying, dealers)
     assert not verdict.refused and not verdict.disputes
     assert set(verdict.unresolved) == set(dealers) and verdict.accepted == ()
+    # one liar is within what t liars cannot steer (4 spare - t = 1): corrected and named
+    one = dict(checks)
+    one[8] = lying[8]
+    verdict = R.judge_dealings(p, one, dealers)
+    assert verdict.accepted == dealers and {j for (_, j, _) in verdict.disputes} == {8}
 
 
 def test_t_random_liars_do_not_get_an_honest_dealer_refused():

@@ -19,6 +19,8 @@ learn nothing beyond what is opened); the round's encoding is a `FixedPoint`. St
    decodes each: a dealer whose pieces disagree beyond the correction radius is refused;
    a holder whose check disagrees is a dispute: either the holder lies or the dealer sent
    it a wrong piece; the holder's dealer-signed piece settles it (`resolve_dispute`).
+   Corrected as the openings below (at most what t liars cannot steer); a dealer whose
+   check disagrees beyond that, with too few holders to blame it, is `unresolved`.
 3. **degree-2 pieces** (each holder, opened): from the pieces it holds of every accepted
    dealer's vector, holder j computes its piece of every squared distance
    ||x_a - x_b||^2 and squared norm ||x_a||^2 (a polynomial of degree 2t in j, summed over
@@ -27,8 +29,9 @@ learn nothing beyond what is opened); the round's encoding is a `FixedPoint`. St
 4. **open** the degree-2 values: Reed-Solomon decoding of a degree-2t sharing needs
    N >= 2t + 1 + 2e opened pieces to correct e wrong ones. Up to t openers may lie, so the
    decode never corrects more than t and never past the radius: N >= 4t + 1 corrects
-   (the wrong openers are named); 3t + 1 <= N <= 4t only detects (the round fails,
-   nobody named); N < 3t + 1 is refused (too few openers).
+   t (the wrong openers are named); 3t + 1 <= N <= 4t corrects the N - 3t - 1 that t
+   liars cannot steer and only detects more (the round fails, nobody named);
+   N < 3t + 1 is refused (too few openers).
 5. **select** (every member, on the same decoded integers): a member whose ||q||^2 exceeds
    the encoding's bound R^2 is left out ("norm_too_large"); then multi-Krum on the exact
    squared distances: each remaining member's score is the sum of its n' - f - 2 smallest
@@ -64,6 +67,7 @@ from node.secagg.shamir import (
     Decoded,
     check_points,
     check_secure_members,
+    correctable,
     decode,
     decode_columns,
     expand_seed,
@@ -280,17 +284,18 @@ def judge_dealings(params: RoundParams, checks: Mapping[int, Piece], dealers: tu
     dealers' columns at once: `decode_columns`). TooFewPieces if fewer holders answered
     than the mask check's degree 2t - 1 needs (2t).
 
-    Up to t members may lie, so a column is corrected only up to t wrong checks and only
-    when the N holders allow it (N >= k + 1 + 2t: k = t for vectors, 2t - 1 for masks),
-    as `decode(max_errors=t)`:
+    Up to t members may lie, so a column is corrected as `decode(max_errors=t)` does: up
+    to a = t wrong checks when N >= k + 1 + 2t (k = t for vectors, 2t - 1 for masks),
+    else up to a = N - k - 1 - t (`shamir.correctable`), the most that t liars cannot
+    steer:
     - consistent: accepted;
-    - within t of a codeword: accepted, each disagreeing holder a dispute (the codeword
-      is unique that close, so an honest dealer's is its own: a liar cannot steer it);
-    - farther than t from every codeword (N >= k + 1 + 2t): refused: an honest dealer's
-      column has at most t wrong checks (the liars), so its dealer sent wrong pieces;
-    - disagreeing with N < k + 1 + 2t: unresolved, nobody named (correcting fewer than t,
-      as an earlier version did, let t liars steer the decode to another codeword: an
-      honest dealer refused, or honest holders disputed while the liars were not).
+    - within a of a codeword: accepted, each disagreeing holder a dispute (with at most t
+      liars that codeword is the honest dealer's own: a liar cannot steer it);
+    - farther than t from every codeword (a = t): refused: an honest dealer's column has
+      at most t wrong checks (the liars), so its dealer sent wrong pieces;
+    - farther than a < t: unresolved, nobody named (correcting up to the old radius
+      (N - k - 1) // 2 let t liars steer the decode to another codeword: an honest
+      dealer refused, or honest holders disputed while the liars were not).
     `test_only_rng` is unused (the decoding is deterministic); kept for callers."""
     n, t = params.members, params.threshold
     dealers = params.members_in(dealers, "dealers")
@@ -311,7 +316,7 @@ def judge_dealings(params: RoundParams, checks: Mapping[int, Piece], dealers: tu
     for kind, offset, degree in ((VECTOR, 0, t), (MASK, n, 2 * t - 1)):
         name = ("vector", "mask")[kind - 1]
         spare = len(points) - degree - 1
-        fixes = t if spare >= 2 * t else 0
+        fixes = correctable(spare, t)
         got = decode_columns(points, values[:, [offset + i - 1 for i in dealers]], degree, fixes)
         for c, i in enumerate(dealers):
             if i in verdict.refused or i in verdict.unresolved:
@@ -319,15 +324,15 @@ def judge_dealings(params: RoundParams, checks: Mapping[int, Piece], dealers: tu
             if got.ok[c]:
                 for k in np.flatnonzero(got.wrong[:, c]).tolist():
                     disputes[(i, points[k], kind)] = int(got.codeword[k, c])
-            elif fixes:
+            elif fixes == t:
                 verdict.refused[i] = (
                     f"inconsistent {name} pieces: the checks of its {len(points)} holders are "
                     f"more than t = {t} away from every polynomial of degree {degree} (an "
                     f"honest dealing disagrees only at the up to t lying holders)")
             else:
                 verdict.unresolved[i] = (
-                    f"its {name} check disagrees at some of its {len(points)} holders; telling "
-                    f"up to t = {t} lying holders from a wrong dealing needs "
+                    f"its {name} check disagrees at more than {fixes} of its {len(points)} "
+                    f"holders; telling up to t = {t} lying holders from a wrong dealing needs "
                     f"{degree + 1 + 2 * t} holders' checks (detected, nobody named)")
     verdict.accepted = tuple(i for i in dealers
                              if i not in verdict.refused and i not in verdict.unresolved)
@@ -449,10 +454,11 @@ def open_degree2(params: RoundParams, opened: Mapping[int, Piece], dealers: tupl
     """Decode the opened degree-2t pieces: the distances and norms, and who opened wrong."""
     _opens_degree2(params)
     pieces = _opened(params, opened, DEGREE2, params.opened)
-    # Up to t openers may lie: decode with no more than t corrections, and only when the
-    # redundancy allows them (N >= 2t + 1 + 2t); between 3t + 1 and 4t pieces a
-    # disagreement is only detected (TooManyWrong, nobody named), below 3t + 1 nothing
-    # is trusted (TooFewPieces): never steered to another codeword (review of issue 22).
+    # Up to t openers may lie: decode with no more than t corrections, all t when the
+    # redundancy allows them (N >= 2t + 1 + 2t); between 3t + 1 and 4t pieces only the
+    # N - 2t - 1 - t that t liars cannot steer, beyond them a disagreement is only
+    # detected (TooManyWrong, nobody named); below 3t + 1 nothing is trusted
+    # (TooFewPieces): never steered to another codeword (review of issue 22).
     got = decode(pieces, 2 * params.threshold, what="squared distances and norms",
                  expected=tuple(range(1, params.members + 1)), max_errors=params.threshold,
                  test_only_rng=test_only_rng)

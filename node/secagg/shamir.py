@@ -161,6 +161,13 @@ def share_seeded(secret: np.ndarray, n: int, t: int, seeded: Mapping[int, np.nda
     return out
 
 
+def correctable(spare: int, max_errors: int) -> int:
+    """How many wrong pieces a decode may correct with `spare` = N - degree - 1 redundant
+    pieces when up to `max_errors` may be wrong (see `decode`): all of them if spare >=
+    2 max_errors, else spare - max_errors (0 if that is negative)."""
+    return max_errors if spare >= 2 * max_errors else max(0, spare - max_errors)
+
+
 def interpolate_at_zero(points: list[int], rows: np.ndarray) -> np.ndarray:
     """f(0) from exactly k + 1 pieces of a degree-k sharing (no checking)."""
     return F.matmul(np.array(F.lagrange_at(points, 0), dtype=np.uint64)[None, :], rows)[0]
@@ -423,10 +430,18 @@ def decode(pieces: Mapping[int, np.ndarray], degree: int, *, what: str = "sharin
     `max_errors` = e_max, the wrong pieces the caller must survive (its threat, t): then
     fewer than degree + 1 + e_max pieces is TooFewPieces (the honest pieces among them
     might not determine the polynomial, so even agreeing pieces prove nothing); pieces
-    that agree give the value; pieces that disagree are corrected (at most e_max named)
-    only when N >= degree + 1 + 2 e_max, and otherwise only detected (TooManyWrong,
-    naming nobody): never steered to another codeword by e_max chosen pieces. None: the
-    old radius, redundancy // 2 (sound only if at most that many can be wrong)."""
+    that agree give the value; pieces that disagree are corrected up to
+
+        a = e_max                 when N >= degree + 1 + 2 e_max,
+        a = N - degree - 1 - e_max  below that (fewer, possibly 0),
+
+    and beyond a only detected (TooManyWrong, naming nobody): never steered to another
+    codeword by e_max chosen pieces. Why a is safe: another codeword f' within a of the
+    pieces and the true g within e_max differ in at most a + e_max < N - degree places,
+    less than two codewords can (the code's distance), so f' = g; and with more than a
+    wrong pieces no codeword is within a. (Correcting a and detecting e_max at once: a +
+    e_max < N - degree.) None: the old radius, redundancy // 2 (sound only if at most
+    that many can be wrong)."""
     points = sorted(pieces)
     if max_errors is not None and max_errors < 0:
         raise SecAggError(f"{what}: max_errors must be >= 0, got {max_errors}")
@@ -456,11 +471,12 @@ def decode(pieces: Mapping[int, np.ndarray], degree: int, *, what: str = "sharin
     if redundancy == 0 or not F.matmul(code.h, combined).any():
         return Decoded(F.matmul(code.lagrange0[None, :], rows[:degree + 1])[0], (), tuple(points),
                        redundancy)
-    e = redundancy // 2 if max_errors is None else max_errors
-    if max_errors is not None and redundancy < 2 * max_errors:
-        raise TooManyWrong(f"{what} (degree {degree}): the {len(points)} pieces disagree; "
-                           f"up to {max_errors} may be wrong and correcting them needs "
-                           f"{degree + 1 + 2 * max_errors} pieces (detected, nobody named)")
+    e = redundancy // 2 if max_errors is None else correctable(redundancy, max_errors)
+    beyond = (f"up to {max_errors} may be wrong: {len(points)} pieces correct {e} of them "
+              f"while detecting {max_errors}, correcting {max_errors} needs "
+              f"{degree + 1 + 2 * (max_errors or 0)} (detected, nobody named)")
+    if max_errors is not None and e == 0:
+        raise TooManyWrong(f"{what} (degree {degree}): the {len(points)} pieces disagree; {beyond}")
     if not correct:
         raise TooManyWrong(f"{what} (degree {degree}): the {len(points)} pieces disagree "
                            "(detected; correcting needs the other members' pieces)")
@@ -474,7 +490,8 @@ def decode(pieces: Mapping[int, np.ndarray], degree: int, *, what: str = "sharin
     got = decode_columns(points, combined, degree, e)
     if not got.ok[0]:
         raise TooManyWrong(f"{what} (degree {degree}): more than {e} of {len(points)} pieces "
-                           f"wrong (at most {e} can be corrected)")
+                           + (f"wrong; {beyond}" if max_errors is not None and e < max_errors
+                              else f"wrong (at most {e} can be corrected)"))
     wrong = tuple(x for x, bad in zip(points, got.wrong[:, 0].tolist(), strict=True) if bad)
     good = [x for x in points if x not in wrong]
     keep = np.array([points.index(x) for x in good])
