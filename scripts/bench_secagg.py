@@ -29,6 +29,19 @@ Times are CPU seconds of this process, best of --repeat; ratios are what they me
 JSON object (--json: only the JSON).
 
     PYTHONPATH=. python scripts/bench_secagg.py [--repeat 3] [--json]
+
+--decode instead compares the decoders, before (the code of --old-commit, loaded from git:
+a Python Berlekamp-Welch solve per codeword) and after (syndromes and a vectorised
+Berlekamp-Massey), in the same run on the same pieces:
+- `decode`: a degree-t sharing from all n pieces with 0, 1 and t wrong ones (random
+  rows, at random holders), max_errors = t as open_sum decodes, n = 8, 32, 128 (t =
+  (n - 1) // 3), d = 5k and 100k: the value is checked equal and the wrong named;
+- `hostile check`: judging n dealers' checks when one holder opened random checks for
+  all of them (robust.judge_dealings), at t = (n - 1) // 3 and at t = n // 4 (where the
+  mask checks are corrected too): old, new in one call (all dealers batched) and new
+  called once per dealer (what node/runtime/secure_round.py does today).
+
+    PYTHONPATH=. python scripts/bench_secagg.py --decode [--repeat 3] [--old-commit e4efdf1]
 """
 
 from __future__ import annotations
@@ -40,8 +53,11 @@ for _var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
 
 import argparse  # noqa: E402
 import json  # noqa: E402
+import subprocess  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
+import types  # noqa: E402
+from functools import partial  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
@@ -53,7 +69,7 @@ from node.secagg import field as F  # noqa: E402
 from node.secagg import robust as R  # noqa: E402
 from node.secagg.encoding import FixedPoint  # noqa: E402
 from node.secagg.pieces import CHECK, DEGREE2, HEADER_BYTES, MASK, SEED, SEED_VALUES, SUM, VECTOR, Piece  # noqa: E402
-from node.secagg.shamir import share  # noqa: E402
+from node.secagg.shamir import correctable, decode, share  # noqa: E402
 
 MEMBERS = (4, 8, 16, 32)
 # The steps of one round at one member (unseeded dealing; the seeded and t + 2 variants
@@ -202,11 +218,118 @@ def cuts(n: int = 8, d: int = 100_000) -> dict[str, float]:
     }
 
 
+DECODE_MEMBERS = (8, 32, 128)
+OLD_COMMIT = "e4efdf1"  # main before the decoder was vectorised (issue 22, third session)
+
+
+def old_modules(commit: str) -> tuple[types.ModuleType, types.ModuleType]:
+    """shamir.py and robust.py as they were at `commit` (read with git show), robust bound
+    to that shamir; field.py is today's (the old code only calls what it still has)."""
+    out = []
+    saved = sys.modules["node.secagg.shamir"]
+    try:
+        for name in ("shamir", "robust"):
+            src = subprocess.run(["git", "-C", str(ROOT), "show", f"{commit}:node/secagg/{name}.py"],
+                                 capture_output=True, text=True, check=True).stdout
+            mod = types.ModuleType(f"old_{name}_{commit}")
+            sys.modules[mod.__name__] = mod  # dataclasses look their module up
+            exec(compile(src, f"{commit}:node/secagg/{name}.py", "exec"), mod.__dict__)
+            out.append(mod)
+            if name == "shamir":
+                sys.modules["node.secagg.shamir"] = mod  # robust's `from node.secagg.shamir import`
+    finally:
+        sys.modules["node.secagg.shamir"] = saved
+    return out[0], out[1]
+
+
+def decode_rows(repeat: int, old_shamir: types.ModuleType, rng: np.random.Generator) -> list[dict]:
+    rows = []
+    for d in DIMS:
+        for n in DECODE_MEMBERS:
+            t = (n - 1) // 3
+            secret = F.uniform(d, rng)
+            right = share(secret, n, t, rng)
+            for count in sorted({0, 1, t}):
+                pieces = right.copy()
+                wrong = tuple(sorted(rng.choice(np.arange(1, n + 1), count, replace=False).tolist()))
+                for j in wrong:
+                    pieces[j - 1] = F.uniform(d, rng)
+                given = {j: pieces[j - 1] for j in range(1, n + 1)}
+                row = {"n": n, "t": t, "d": d, "wrong": count}
+                for label, fn in (("old", old_shamir.decode), ("new", decode)):
+                    reps = 1 if (label == "old" and n >= 128 and count) else repeat
+                    row[label], got = best(partial(fn, given, t, max_errors=t), reps)
+                    if not ((got.value == secret).all() and got.wrong == wrong):
+                        raise SystemExit(f"{label} decode wrong at n {n} d {d}: {got.wrong} vs {wrong}")
+                row["speedup"] = round(row["old"] / max(row["new"], 1e-6), 1)
+                rows.append(row)
+    return rows
+
+
+def per_dealer(p: R.RoundParams, checks: dict, dealers: tuple[int, ...]) -> list:
+    return [R.judge_dealings(p, checks, (i,)) for i in dealers]
+
+
+def hostile_rows(repeat: int, old_robust: types.ModuleType, rng: np.random.Generator) -> list[dict]:
+    rows = []
+    for n in DECODE_MEMBERS:
+        for t in sorted({(n - 1) // 3, max(1, n // 4)}):
+            p = R.RoundParams(1, n, t, FixedPoint.choose(1.0, 16, n))
+            dealers = tuple(range(1, n + 1))
+            vec, msk = share(F.uniform(n, rng), n, t), share(F.uniform(n, rng), n, 2 * t - 1)
+            checks = {h: Piece(1, CHECK, 0, h, np.concatenate([vec[h - 1], msk[h - 1]])) for h in dealers}
+            checks[n] = Piece(1, CHECK, 0, n, F.uniform(2 * n, rng))  # one holder lies about all
+            row = {"n": n, "t": t}
+            reps = 1 if n >= 128 else repeat
+            row["old"], old = best(partial(old_robust.judge_dealings, p, checks, dealers), reps)
+            row["new"], new = best(partial(R.judge_dealings, p, checks, dealers), repeat)
+            row["new_per_dealer"], _ = best(partial(per_dealer, p, checks, dealers), repeat)
+            # the liar is disputed and every dealer accepted wherever the mask check may
+            # correct one wrong check (shamir.correctable); else every dealer unresolved
+            expect = (dealers, {n}) if correctable(n - 2 * t, t) >= 1 else ((), set())
+            if (new.accepted, {j for (_, j, _) in new.disputes}) != expect:
+                raise SystemExit(f"hostile check at n {n}, t {t}: accepted {new.accepted}, "
+                                 f"disputes {sorted(new.disputes)}")
+            row["new_accepted"], row["new_unresolved"] = len(new.accepted), len(new.unresolved)
+            row["old_accepted"], row["old_refused"] = len(old.accepted), len(old.refused)
+            row["speedup"] = round(row["old"] / max(row["new"], 1e-6), 1)
+            rows.append(row)
+    return rows
+
+
+def decode_bench(repeat: int, commit: str, as_json: bool) -> None:
+    rng = np.random.default_rng(1)  # the bench's inputs only
+    old_shamir, old_robust = old_modules(commit)
+    t0 = time.perf_counter()
+    result = {"old_commit": commit, "decode": decode_rows(repeat, old_shamir, rng),
+              "hostile_check": hostile_rows(repeat, old_robust, rng)}
+    result["wall_seconds"] = round(time.perf_counter() - t0, 1)
+    if not as_json:
+        print("decode (CPU s, best of --repeat; old at 128 members with wrong pieces: once)")
+        print(f"{'n':>4} {'t':>3} {'d':>7} {'wrong':>5} {'old':>9} {'new':>9} {'x':>7}")
+        for r in result["decode"]:
+            print(f"{r['n']:>4} {r['t']:>3} {r['d']:>7} {r['wrong']:>5} {r['old']:>9.4f} "
+                  f"{r['new']:>9.4f} {r['speedup']:>7.1f}")
+        print("hostile check: one holder opens random checks of every dealing (judge_dealings)")
+        print(f"{'n':>4} {'t':>3} {'old':>9} {'new':>9} {'per dealer':>10} {'x':>7} "
+              f"{'accepted old/new':>16} {'unresolved new':>14}")
+        for r in result["hostile_check"]:
+            print(f"{r['n']:>4} {r['t']:>3} {r['old']:>9.4f} {r['new']:>9.4f} "
+                  f"{r['new_per_dealer']:>10.4f} {r['speedup']:>7.1f} "
+                  f"{r['old_accepted']:>8}/{r['new_accepted']:<7} {r['new_unresolved']:>14}")
+    print(json.dumps(result))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--json", action="store_true")
+    ap.add_argument("--decode", action="store_true", help="compare the decoders, old and new")
+    ap.add_argument("--old-commit", default=OLD_COMMIT)
     args = ap.parse_args()
+    if args.decode:
+        decode_bench(args.repeat, args.old_commit, args.json)
+        return
     rng = np.random.default_rng(0)  # the bench's inputs only; shares use the OS's randomness
     t0 = time.perf_counter()
     result = {"end_to_end": end_to_end_check(rng), "rows": [], "cuts_at_8": cuts()}

@@ -391,25 +391,43 @@ def test_wrong_opened_pieces_are_named_and_the_sum_still_decodes():
 
 
 def test_an_inconsistent_dealer_is_named_from_its_signed_piece():
-    r = Round(n=7, t=2, seed=6)
+    r = Round(n=8, t=2, seed=6)  # 8 = 4t: the mask checks (degree 2t - 1) correct t too
     encoded = {i: r.codec.encode(v) for i, v in r.honest_vectors().items()}
     r.deal(encoded)
     r.vec[3][5] = _wrong(r.vec[3][5])  # dealer 5 sent holder 3 a piece off its polynomial
-    verdict = R.judge_dealings(r.p, r.checks(range(1, 8)), r.dealers)
+    verdict = R.judge_dealings(r.p, r.checks(range(1, 9)), r.dealers)
     assert set(verdict.disputes) == {(5, 3, VECTOR)}
     expected = verdict.disputes[(5, 3, VECTOR)]
     assert R.resolve_dispute(r.p, r.challenge, r.vec[3][5], expected) == "dealer"
     # a holder that lies in its check is caught by the same rule
-    checks = r.checks(range(1, 8))
-    checks[4] = Piece(7, CHECK, 0, 4, F.add(checks[4].values, np.ones(14, dtype=np.uint64)))
+    checks = r.checks(range(1, 9))
+    checks[4] = Piece(7, CHECK, 0, 4, F.add(checks[4].values, np.ones(16, dtype=np.uint64)))
     verdict = R.judge_dealings(r.p, checks, r.dealers)
     assert (1, 4, VECTOR) in verdict.disputes and (1, 4, MASK) in verdict.disputes
     assert R.resolve_dispute(r.p, r.challenge, r.vec[4][1], verdict.disputes[(1, 4, VECTOR)]) == "holder"
-    # a dealer off at more holders than the radius is refused outright
+    assert verdict.accepted == r.dealers and not verdict.refused and not verdict.unresolved
+    # a dealer off at more holders than t is refused outright
     for j in (1, 2, 3, 4):
         r.vec[j][6] = _wrong(r.vec[j][6])
-    verdict = R.judge_dealings(r.p, r.checks(range(1, 8)), r.dealers)
+    verdict = R.judge_dealings(r.p, r.checks(range(1, 9)), r.dealers)
     assert 6 in verdict.refused and 6 not in verdict.accepted
+
+
+def test_below_4t_holders_mask_checks_correct_what_t_liars_cannot_steer_and_detect_the_rest():
+    """n = 7, t = 2: the mask checks (degree 3) have 3 spare holders: they correct 3 - t =
+    1 wrong check while detecting t (a codeword within 1 of the checks is the honest one
+    whenever at most 2 lie). One liar: named in a dispute, every dealer accepted. Two:
+    every dealer unresolved, none refused, nobody disputed."""
+    r = Round(n=7, t=2, seed=6)
+    r.deal({i: r.codec.encode(v) for i, v in r.honest_vectors().items()})
+    checks = r.checks(range(1, 8))
+    checks[4] = Piece(7, CHECK, 0, 4, F.add(checks[4].values, np.ones(14, dtype=np.uint64)))
+    verdict = R.judge_dealings(r.p, checks, r.dealers)
+    assert verdict.accepted == r.dealers and {j for (_, j, _) in verdict.disputes} == {4}
+    checks[6] = Piece(7, CHECK, 0, 6, F.add(checks[6].values, np.ones(14, dtype=np.uint64)))
+    verdict = R.judge_dealings(r.p, checks, r.dealers)
+    assert set(verdict.unresolved) == set(r.dealers) and "nobody named" in verdict.unresolved[1]
+    assert verdict.accepted == () and not verdict.refused and not verdict.disputes
 
 
 def test_t_dropouts_complete_and_one_more_is_a_named_error():

@@ -125,6 +125,76 @@ def matvec(rows: np.ndarray, vec: np.ndarray) -> np.ndarray:
     return acc
 
 
+# Matrix products split each element in 3 limbs of 21 bits: a limb product is below 2^42,
+# so 2^11 of them sum below 2^53 and float64 (BLAS, any summation order) is exact.
+_LIMB_BITS = 21
+_LIMB_MASK = np.uint64((1 << _LIMB_BITS) - 1)
+_INNER = 1 << 11
+# Columns of the right operand per block: its three float64 limb copies stay near a few
+# MiB (a (128, 100k) operand whole would make 300 MiB of them).
+_OUTER = 1 << 12
+# Inner blocks summed before a reduction: each adds below 3 * 2^53 per limb weight, so 255
+# of them stay below 2^63 (and _fold takes up to 2^63 + 2^62).
+_FOLD_BLOCKS = 255
+
+
+def _limbs(a: np.ndarray) -> list[np.ndarray]:
+    return [((a >> np.uint64(_LIMB_BITS * u)) & _LIMB_MASK).astype(np.float64) for u in range(3)]
+
+
+def matmul(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """a @ b mod P for an (m, k) and a (k, c) array of field elements, exactly: each entry
+    split in 3 limbs of 21 bits, the 9 limb products computed in float64 (BLAS) over
+    blocks of 2^11 terms (every partial sum an integer below 2^53), summed per limb weight
+    2^(21 s) in uint64 over up to _FOLD_BLOCKS blocks (each adds below 3 * 2^53), then
+    reduced mod P. Used for the decoder's syndromes and random combinations."""
+    a = np.asarray(a, dtype=np.uint64)
+    b = np.asarray(b, dtype=np.uint64)
+    if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[0]:
+        raise FieldError(f"matmul of shapes {a.shape} and {b.shape}")
+    m, k = a.shape
+    c = b.shape[1]
+    out = np.zeros((m, c), dtype=np.uint64)
+    for clo in range(0, c, _OUTER):
+        chi = min(c, clo + _OUTER)
+        acc = np.zeros((5, m, chi - clo), dtype=np.uint64)
+        for blocks, lo in enumerate(range(0, k, _INNER)):
+            if blocks and blocks % _FOLD_BLOCKS == 0:
+                acc = _fold(acc)
+            al, bl = _limbs(a[:, lo:lo + _INNER]), _limbs(b[lo:lo + _INNER, clo:chi])
+            for u in range(3):
+                for v in range(3):
+                    acc[u + v] += (al[u] @ bl[v]).astype(np.uint64)  # < 2^53
+        part = np.zeros((m, chi - clo), dtype=np.uint64)
+        for s in range(5):
+            part = add(part, mul(_fold(acc[s]), np.uint64(pow(2, _LIMB_BITS * s, P))))
+        out[:, clo:chi] = part
+    return out
+
+
+# Below this many elements Python's pow (about 2 us each) beats 120 numpy multiplications.
+_INT_INVERSES = 256
+
+
+def inv_array(a: np.ndarray) -> np.ndarray:
+    """Elementwise inverse mod P (a^(P-2), square and multiply over the array);
+    ZeroDivisionError if an element is 0."""
+    a = np.asarray(a, dtype=np.uint64)
+    if (a == 0).any():
+        raise ZeroDivisionError("0 has no inverse in F_p")
+    if a.size <= _INT_INVERSES:
+        return np.array([pow(v, P - 2, P) for v in a.reshape(-1).tolist()],
+                        dtype=np.uint64).reshape(a.shape)
+    out = np.ones_like(a)
+    base, e = a.copy(), P - 2
+    while e:
+        if e & 1:
+            out = mul(out, base)
+        base = mul(base, base)
+        e >>= 1
+    return out
+
+
 def check(a: np.ndarray, what: str) -> np.ndarray:
     """a as uint64, refusing anything outside [0, P) (FieldError naming `what`)."""
     a = np.asarray(a)
@@ -206,6 +276,25 @@ def poly_divmod(num: list[int], den: list[int]) -> tuple[list[int], list[int]]:
                 r[k + i] = (r[k + i] - c * d) % P
     rem = r[:len(den) - 1] or [0]
     return q, rem
+
+
+def inverse(m: np.ndarray) -> np.ndarray:
+    """The inverse of a square matrix over F_p (Gauss-Jordan, each step one numpy pass over
+    the augmented (k, 2k) array); SecAggError if it is singular."""
+    m = np.asarray(m, dtype=np.uint64)
+    k = m.shape[0]
+    a = np.concatenate([m, np.eye(k, dtype=np.uint64)], axis=1)
+    for c in range(k):
+        nz = np.flatnonzero(a[c:, c])
+        if not nz.size:
+            raise FieldError(f"singular {k} x {k} matrix")
+        pr = c + int(nz[0])
+        a[[c, pr]] = a[[pr, c]]
+        a[c] = mul(a[c], np.uint64(inv(int(a[c, c]))))
+        f = a[:, c].copy()
+        f[c] = 0
+        a = sub(a, mul(f[:, None], a[c][None, :]))
+    return a[:, k:]
 
 
 def solve(rows: list[list[int]], rhs: list[int]) -> list[int] | None:

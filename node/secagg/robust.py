@@ -19,6 +19,8 @@ learn nothing beyond what is opened); the round's encoding is a `FixedPoint`. St
    decodes each: a dealer whose pieces disagree beyond the correction radius is refused;
    a holder whose check disagrees is a dispute: either the holder lies or the dealer sent
    it a wrong piece; the holder's dealer-signed piece settles it (`resolve_dispute`).
+   Corrected as the openings below (at most what t liars cannot steer); a dealer whose
+   check disagrees beyond that, with too few holders to blame it, is `unresolved`.
 3. **degree-2 pieces** (each holder, opened): from the pieces it holds of every accepted
    dealer's vector, holder j computes its piece of every squared distance
    ||x_a - x_b||^2 and squared norm ||x_a||^2 (a polynomial of degree 2t in j, summed over
@@ -27,8 +29,9 @@ learn nothing beyond what is opened); the round's encoding is a `FixedPoint`. St
 4. **open** the degree-2 values: Reed-Solomon decoding of a degree-2t sharing needs
    N >= 2t + 1 + 2e opened pieces to correct e wrong ones. Up to t openers may lie, so the
    decode never corrects more than t and never past the radius: N >= 4t + 1 corrects
-   (the wrong openers are named); 3t + 1 <= N <= 4t only detects (the round fails,
-   nobody named); N < 3t + 1 is refused (too few openers).
+   t (the wrong openers are named); 3t + 1 <= N <= 4t corrects the N - 3t - 1 that t
+   liars cannot steer and only detects more (the round fails, nobody named);
+   N < 3t + 1 is refused (too few openers).
 5. **select** (every member, on the same decoded integers): a member whose ||q||^2 exceeds
    the encoding's bound R^2 is left out ("norm_too_large"); then multi-Krum on the exact
    squared distances: each remaining member's score is the sum of its n' - f - 2 smallest
@@ -58,9 +61,20 @@ import numpy as np
 
 from node.secagg import field as F
 from node.secagg.encoding import FixedPoint, IntegerCodec
-from node.secagg.errors import PieceError, SecAggError, TooManyWrong
+from node.secagg.errors import PieceError, SecAggError, TooFewPieces
 from node.secagg.pieces import CHECK, DEGREE2, MASK, SEED, SEED_VALUES, SUM, VECTOR, Piece
-from node.secagg.shamir import Decoded, check_points, decode, expand_seed, share, share_poly, share_seeded
+from node.secagg.shamir import (
+    Decoded,
+    check_points,
+    check_secure_members,
+    correctable,
+    decode,
+    decode_columns,
+    expand_seed,
+    share,
+    share_poly,
+    share_seeded,
+)
 
 # "sum_only" opens nothing per member (no degree-2 values, no selection: every accepted
 # dealer is summed, `select_without_opening`, and the sum's exact aggregate norm check is
@@ -89,6 +103,7 @@ class RoundParams:
     def __post_init__(self) -> None:
         n, t = self.members, self.threshold
         check_points(n, t)
+        check_secure_members(n)
         if t < 1:
             raise SecAggError(f"threshold t = {t}: a secure round needs t >= 1")
         if n < 2 * t + 1:
@@ -248,17 +263,40 @@ class DealingVerdict:
     produce it is at fault): a dealer at fault leaves `accepted` (its vector and masks are
     then left out everywhere); a holder at fault is named, and its opened pieces are
     ignored from then on. Every member then passes the same dealer set to
-    `degree2_piece`, `open_degree2` and `sum_piece`."""
+    `degree2_piece`, `open_degree2` and `sum_piece`.
+
+    A dealer is in exactly one of `accepted`, `refused`, `unresolved` (and, from
+    `judge_each`, `too_few`). `unresolved`: its check disagrees but the holders' checks
+    are too few to correct t wrong ones, so the dealer or up to t holders may be at fault:
+    left out of the round, nobody named (the protocol must not enter it)."""
 
     accepted: tuple[int, ...]  # dealers whose sharings are consistent (disputes aside)
     refused: dict[int, str] = field(default_factory=dict)  # dealer -> why
     # (dealer, holder, kind) -> the check value the holder's piece must give (a dispute)
     disputes: dict[tuple[int, int, int], int] = field(default_factory=dict)
+    unresolved: dict[int, str] = field(default_factory=dict)  # dealer -> why (nobody named)
+    too_few: dict[int, str] = field(default_factory=dict)  # judge_each: dealer -> why
 
 
 def judge_dealings(params: RoundParams, checks: Mapping[int, Piece], dealers: tuple[int, ...],
                    test_only_rng: np.random.Generator | None = None) -> DealingVerdict:
-    """Decode every dealer's check codewords from the holders' opened CHECK pieces."""
+    """Decode every dealer's check codewords from the holders' opened CHECK pieces (all
+    dealers' columns at once: `decode_columns`). TooFewPieces if fewer holders answered
+    than the mask check's degree 2t - 1 needs (2t).
+
+    Up to t members may lie, so a column is corrected as `decode(max_errors=t)` does: up
+    to a = t wrong checks when N >= k + 1 + 2t (k = t for vectors, 2t - 1 for masks),
+    else up to a = N - k - 1 - t (`shamir.correctable`), the most that t liars cannot
+    steer:
+    - consistent: accepted;
+    - within a of a codeword: accepted, each disagreeing holder a dispute (with at most t
+      liars that codeword is the honest dealer's own: a liar cannot steer it);
+    - farther than t from every codeword (a = t): refused: an honest dealer's column has
+      at most t wrong checks (the liars), so its dealer sent wrong pieces;
+    - farther than a < t: unresolved, nobody named (correcting up to the old radius
+      (N - k - 1) // 2 let t liars steer the decode to another codeword: an honest
+      dealer refused, or honest holders disputed while the liars were not).
+    `test_only_rng` is unused (the decoding is deterministic); kept for callers."""
     n, t = params.members, params.threshold
     dealers = params.members_in(dealers, "dealers")
     params.members_in(tuple(checks), "holders")
@@ -266,26 +304,69 @@ def judge_dealings(params: RoundParams, checks: Mapping[int, Piece], dealers: tu
         if (p.round, p.kind, p.holder, p.values.size) != (params.round, CHECK, j, 2 * n):
             raise PieceError(f"not this round's check piece of holder {j}", j)
     verdict = DealingVerdict(accepted=())
-    accepted = []
-    for i in sorted(dealers):
-        ok = True
-        for kind, offset, degree in ((VECTOR, 0, t), (MASK, n, 2 * t - 1)):
-            col = {j: p.values[offset + i - 1:offset + i] for j, p in checks.items()}
-            try:
-                got = decode(col, degree, what=f"dealing check of member {i}",
-                             expected=tuple(range(1, n + 1)), test_only_rng=test_only_rng)
-            except TooManyWrong as e:
-                verdict.refused[i] = f"inconsistent {('vector', 'mask')[kind - 1]} pieces: {e}"
-                ok = False
-                break
-            for j in got.wrong:
-                lam = F.lagrange_at(list(got.good[:degree + 1]), j)
-                good = [int(checks[g].values[offset + i - 1]) for g in got.good[:degree + 1]]
-                verdict.disputes[(i, j, kind)] = sum(a * b for a, b in zip(lam, good, strict=True)) % F.P
-        if ok:
-            accepted.append(i)
-    verdict.accepted = tuple(accepted)
+    if not dealers:
+        return verdict
+    points = sorted(checks)
+    if len(points) < 2 * t:
+        raise TooFewPieces(f"dealing checks of member(s) {', '.join(map(str, dealers))} "
+                           f"(mask degree {2 * t - 1})", 2 * t, len(points),
+                           tuple(sorted(set(range(1, n + 1)) - set(points))))
+    values = np.stack([checks[j].values for j in points])
+    disputes: dict[tuple[int, int, int], int] = {}
+    for kind, offset, degree in ((VECTOR, 0, t), (MASK, n, 2 * t - 1)):
+        name = ("vector", "mask")[kind - 1]
+        spare = len(points) - degree - 1
+        fixes = correctable(spare, t)
+        got = decode_columns(points, values[:, [offset + i - 1 for i in dealers]], degree, fixes)
+        for c, i in enumerate(dealers):
+            if i in verdict.refused or i in verdict.unresolved:
+                continue
+            if got.ok[c]:
+                for k in np.flatnonzero(got.wrong[:, c]).tolist():
+                    disputes[(i, points[k], kind)] = int(got.codeword[k, c])
+            elif fixes == t:
+                verdict.refused[i] = (
+                    f"inconsistent {name} pieces: the checks of its {len(points)} holders are "
+                    f"more than t = {t} away from every polynomial of degree {degree} (an "
+                    f"honest dealing disagrees only at the up to t lying holders)")
+            else:
+                verdict.unresolved[i] = (
+                    f"its {name} check disagrees at more than {fixes} of its {len(points)} "
+                    f"holders; telling up to t = {t} lying holders from a wrong dealing needs "
+                    f"{degree + 1 + 2 * t} holders' checks (detected, nobody named)")
+    verdict.accepted = tuple(i for i in dealers
+                             if i not in verdict.refused and i not in verdict.unresolved)
+    verdict.disputes = {k: v for k, v in disputes.items() if k[0] in verdict.accepted}
     return verdict
+
+
+def judge_each(params: RoundParams, checks: Mapping[int, Piece],
+               holders_of: Mapping[int, tuple[int, ...] | set[int] | frozenset[int]],
+               test_only_rng: np.random.Generator | None = None) -> DealingVerdict:
+    """`judge_dealings` when each dealer counts the checks of its own holders
+    (`holders_of`: dealer -> holders that hold its pieces): dealers with the same holders
+    are judged in one batch (one syndrome product and one Berlekamp-Massey pass for all of
+    them, where a call per dealer repeats the fixed costs n times). A dealer held by too
+    few holders goes to `too_few` (not entered, nobody named). The merged verdict's fields
+    are as `judge_dealings`'."""
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for i, holders in holders_of.items():
+        groups.setdefault(tuple(sorted(holders)), []).append(i)
+    out = DealingVerdict(accepted=())
+    accepted: list[int] = []
+    for holders, dealers in sorted(groups.items()):
+        try:
+            v = judge_dealings(params, {j: checks[j] for j in holders if j in checks},
+                               tuple(sorted(dealers)), test_only_rng)
+        except TooFewPieces as exc:
+            out.too_few.update({i: str(exc) for i in dealers})
+            continue
+        accepted += v.accepted
+        out.refused.update(v.refused)
+        out.unresolved.update(v.unresolved)
+        out.disputes.update(v.disputes)
+    out.accepted = tuple(sorted(accepted))
+    return out
 
 
 def resolve_dispute(params: RoundParams, challenge: bytes, piece: Piece, expected: int) -> str:
@@ -373,10 +454,11 @@ def open_degree2(params: RoundParams, opened: Mapping[int, Piece], dealers: tupl
     """Decode the opened degree-2t pieces: the distances and norms, and who opened wrong."""
     _opens_degree2(params)
     pieces = _opened(params, opened, DEGREE2, params.opened)
-    # Up to t openers may lie: decode with no more than t corrections, and only when the
-    # redundancy allows them (N >= 2t + 1 + 2t); between 3t + 1 and 4t pieces a
-    # disagreement is only detected (TooManyWrong, nobody named), below 3t + 1 nothing
-    # is trusted (TooFewPieces): never steered to another codeword (review of issue 22).
+    # Up to t openers may lie: decode with no more than t corrections, all t when the
+    # redundancy allows them (N >= 2t + 1 + 2t); between 3t + 1 and 4t pieces only the
+    # N - 2t - 1 - t that t liars cannot steer, beyond them a disagreement is only
+    # detected (TooManyWrong, nobody named); below 3t + 1 nothing is trusted
+    # (TooFewPieces): never steered to another codeword (review of issue 22).
     got = decode(pieces, 2 * params.threshold, what="squared distances and norms",
                  expected=tuple(range(1, params.members + 1)), max_errors=params.threshold,
                  test_only_rng=test_only_rng)

@@ -104,6 +104,7 @@ from gossip.compress import NO_COMPRESSION, Codec, parse_codec
 from gossip.errors import LocalError
 from gossip.membership import Consortium
 from gossip.topology import FULL, TopologySpec, neighbourhood, parse_topology
+from node.secagg.shamir import MAX_SECURE_MEMBERS
 from node.strategy import Strategy, make_strategy
 from node.strategy.registry import canonical
 
@@ -297,6 +298,11 @@ def check_secure(rules: ConsortiumRules, members: int, source: str) -> SecureRul
     t = rules.secure_threshold if rules.secure_threshold is not None else \
         default_secure_threshold(members)
     select = rules.secure_select or default_secure_select(members, t)
+    if members > MAX_SECURE_MEMBERS:  # the secure core's cap, named here rather than at round 1
+        raise LocalError(f"{source}: rules.secure = true with {members} members: a secure round "
+                         f"takes at most {MAX_SECURE_MEMBERS} (node/secagg/shamir.py "
+                         "MAX_SECURE_MEMBERS: its work grows as n^2 d); drop secure or split the "
+                         "consortium")
     if members < 3 * t + 1:
         raise LocalError(f"{source}: rules.secure_threshold = {t} with {members} members: secure "
                          f"aggregation needs n >= 3t + 1 = {3 * t + 1} (to correct up to t wrong "
