@@ -121,3 +121,34 @@ def test_decode_corrects_at_most_max_errors_and_only_within_the_radius():
         decode({j: lied[j] for j in range(1, 7)}, 4, max_errors=2)
     fixed = decode(lied, 4, max_errors=2)
     assert fixed.wrong == (6, 7) and (fixed.value == secret).all()
+
+
+def _shift_check(body: bytes, n: int, m: str) -> bytes:
+    """Member m's check body with every opened check value moved by one (a liar's check)."""
+    msg = decode_secagg(body, n, m)
+    if not msg.pieces:
+        return body
+    p = from_bytes(msg.pieces[0])
+    vals = F.add(p.values, np.ones(p.values.size, dtype=np.uint64))
+    return encode_secagg(SecAgg("check", (to_bytes(Piece(p.round, p.kind, 0, p.holder, vals)),),
+                                msg.held))
+
+
+def test_t_lying_checks_below_the_correction_radius_enter_no_dealer_and_name_nobody():
+    """n = 7, t = 2: bank-5 and bank-6 both open wrong checks. The mask checks have one
+    spare holder past t, so every dealing's verdict is 'unresolved' (dealer or up to t
+    holders at fault: robust.DealingVerdict). Without the round honouring that verdict every
+    dealer entered on checks the liars had disowned; now nobody enters, nobody honest is
+    named, and the round fails by name before anything is opened."""
+    colluders = ("bank-5", "bank-6")
+
+    def tamper(net, m, phase, body):
+        return _shift_check(body, len(net.names), m) if m in colluders and phase == "check" \
+            else body
+
+    net = SecureNet(7, 2, tamper_open=tamper).run()
+    honest = [m for m in net.names if m not in colluders]
+    for o in net.honest_outcomes(honest):
+        assert not set(o.named) & set(honest), o.named
+        assert not o.ok and o.reason == "too_few_contributors", (o.reason, o.detail)
+        assert o.entered == (), o.entered

@@ -334,6 +334,8 @@ class SecureRound:
                 self.out.named.setdefault(self.members[i - 1],
                                           f"inconsistent_pieces: {verdict.refused[i]}")
                 continue
+            if i in verdict.unresolved:  # too few checks to tell dealer from holders: out,
+                continue                 # nobody named (robust.DealingVerdict)
             consistent.append(i)
             for (_, j, kind), expected in verdict.disputes.items():
                 self.disputes.setdefault((i, j), {})[kind] = expected
