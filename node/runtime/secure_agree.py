@@ -12,6 +12,7 @@ from hashlib import blake2b
 AGREE_BYTES = 32
 AGREE_NONE = bytes(AGREE_BYTES)
 AGREE_STEPS = ("check", "degree2")  # the step bodies an agreement names
+ENTER_STEPS = ("check",)  # the step bodies an entry agreement names (before degree2)
 
 
 def agreement_quorum(members: int, threshold: int) -> int:
@@ -29,17 +30,18 @@ def body_digest(body: bytes) -> bytes:
     return blake2b(bytes(body), digest_size=AGREE_BYTES, person=b"flnode-sa-body").digest()
 
 
-def differing(mine: bytes, theirs: bytes, members: int) -> list[tuple[int, str, bool]]:
+def differing(mine: bytes, theirs: bytes, members: int,
+              steps: tuple[str, ...] = AGREE_STEPS) -> list[tuple[int, str, bool]]:
     """The table entries two agreements of equal length disagree on: (member, step, whether
-    the other agreement has none for it)."""
+    the other agreement has none for it); `steps`: the bodies each member's entry names."""
     out = []
     for i in range(1, members + 1):
-        for k, step in enumerate(AGREE_STEPS):
-            at = AGREE_BYTES * (1 + 2 * (i - 1) + k)
+        for k, step in enumerate(steps):
+            at = AGREE_BYTES * (1 + len(steps) * (i - 1) + k)
             if mine[at:at + AGREE_BYTES] != theirs[at:at + AGREE_BYTES]:
                 out.append((i, step, theirs[at:at + AGREE_BYTES] == AGREE_NONE))
     return out
 
 
-__all__ = ["AGREE_BYTES", "AGREE_NONE", "AGREE_STEPS", "agreement_quorum", "body_digest",
+__all__ = ["AGREE_BYTES", "AGREE_NONE", "AGREE_STEPS", "ENTER_STEPS", "agreement_quorum", "body_digest",
            "differing"]

@@ -78,10 +78,11 @@ from node.runtime.secure_bounds import sum_l2_bound
 from node.runtime.secure_round import (
     AGREE_PHASE,
     AGREE_STEPS,
-    SECURE_PHASES,
+    ENTER_PHASE,
     SUM_PHASE,
     SecureOutcome,
     SecureRounds,
+    secure_phases,
 )
 from node.runtime.state import atomic_write
 from node.secagg.encoding import FixedPoint, IntegerCodec
@@ -100,8 +101,9 @@ SECURE_DEFAULT_CLIP = 1.0
 
 def machine_args(consortium: Consortium, strategy_params: dict[str, Any]) -> dict[str, Any]:
     """RoundMachine's phases: the secure steps if the [rules] say secure, else the echo's."""
-    if secure_rule(consortium) is not None:
-        return {"phases": SECURE_PHASES}
+    rule = secure_rule(consortium)
+    if rule is not None:
+        return {"phases": secure_phases(rule.variant)}
     return echo_round.machine_args(consortium, strategy_params)
 
 
@@ -495,7 +497,7 @@ def phase_drop(node: Node, acc: Accepted) -> tuple[str, str] | None:
     """Why the round machine drops a verified secure-step message unseen (bounded memory:
     gossip/protocol/machine.py `_phase_in`, the same rules), or None: it files it."""
     step, r, book = acc.secagg.step, acc.round, node.book  # type: ignore[union-attr]
-    if step not in {p.name for p in SECURE_PHASES[1:]}:
+    if step not in {p.name for p in secure_phases(node.secure.rounds.variant)[1:]}:  # type: ignore[union-attr]
         return "no_phase", f"our rounds have no {step} phase"
     if acc.sender not in book.neighbours:
         return "not_phase_peer", f"not a peer of our {step} phase"
@@ -519,7 +521,7 @@ def keep_signed_step(node: Node, acc: Accepted, data: bytes) -> None:
     sec = node.secure
     assert sec is not None and acc.secagg is not None
     step, r = acc.secagg.step, acc.round
-    if step not in (*AGREE_STEPS, AGREE_PHASE):
+    if step not in (*AGREE_STEPS, ENTER_PHASE, AGREE_PHASE):
         return
     if r not in sec.signed and len(sec.signed) >= MAX_SIGNED_ROUNDS:
         return
@@ -527,14 +529,16 @@ def keep_signed_step(node: Node, acc: Accepted, data: bytes) -> None:
 
 
 def keep_split_evidence(node: Node, r: int, member: str, out: SecureOutcome) -> list[str]:
-    """A member named by the agreement step: in state/evidence/secure/, our signed agreement,
-    each disagreeing member's signed agreement, and the named member's signed check and
+    """A member named by an agreement step: in state/evidence/secure/, our signed agreements
+    (entry and sum), each disagreeing member's, and the named member's signed check and
     degree2 messages as they reached us (the two sides of the split); their paths."""
     sec = node.secure
     assert sec is not None
     held = sec.signed.get(r, {})
-    parts = [(f"agree-{node.name}", _read_or_none(step_path(node, r, AGREE_PHASE)))]
-    parts += [(f"agree-{s}", held.get((s, AGREE_PHASE))) for s in out.disagreed.get(member, ())]
+    parts = [(f"{k}-{node.name}", _read_or_none(step_path(node, r, k)))
+             for k in (ENTER_PHASE, AGREE_PHASE)]
+    parts += [(f"{k}-{s}", held.get((s, k))) for s in out.disagreed.get(member, ())
+              for k in (ENTER_PHASE, AGREE_PHASE)]
     parts += [(f"{step}-{member}", held.get((member, step))) for step in AGREE_STEPS]
     folder = node.state.path / "evidence" / "secure"
     safe = "".join(ch if ch.isalnum() or ch in "_.-" else "_" for ch in member)

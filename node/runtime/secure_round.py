@@ -85,6 +85,7 @@ from node.runtime.secure_agree import (
     AGREE_BYTES,
     AGREE_NONE,
     AGREE_STEPS,
+    ENTER_STEPS,
     agreement_quorum,
     body_digest,
     differing,
@@ -95,10 +96,19 @@ from node.secagg.encoding import AggregateOutOfBounds, FixedPoint, IntegerCodec
 from node.secagg.errors import PieceError, SecAggError, TooFewPieces, TooManyWrong
 from node.secagg.pieces import CHECK, DEGREE2, MASK, SEED, SUM, VECTOR, Piece, from_bytes, to_bytes
 
-CHECK_PHASE, DEGREE2_PHASE, AGREE_PHASE, SUM_PHASE = "check", "degree2", "agree", "sum"
+CHECK_PHASE, ENTER_PHASE, DEGREE2_PHASE, AGREE_PHASE, SUM_PHASE = (
+    "check", "enter", "degree2", "agree", "sum")
 assert AGREE_STEPS == (CHECK_PHASE, DEGREE2_PHASE)  # the steps an agreement's table names
-SECURE_PHASES = (SHARE, PhaseSpec(CHECK_PHASE), PhaseSpec(DEGREE2_PHASE), PhaseSpec(AGREE_PHASE),
-                 PhaseSpec(SUM_PHASE))
+SECURE_PHASES = (SHARE, PhaseSpec(CHECK_PHASE), PhaseSpec(ENTER_PHASE), PhaseSpec(DEGREE2_PHASE),
+                 PhaseSpec(AGREE_PHASE), PhaseSpec(SUM_PHASE))
+# sum_only opens no degree-2 value: no entry agreement, no extra exchange
+SUM_ONLY_PHASES = tuple(p for p in SECURE_PHASES if p.name != ENTER_PHASE)
+
+
+def secure_phases(variant: str) -> tuple[PhaseSpec, ...]:
+    """The round machine's phases for the variant (every member derives them from the
+    consortium's [rules])."""
+    return SUM_ONLY_PHASES if variant == "sum_only" else SECURE_PHASES
 # Deal seeded (see `SecureRound.deal`): measured at 8 members, t = 2, d = 4,810 (digits MLP),
 # memory transport: 475 KB sent per member and round seeded, 552 KB unseeded, against 153 KB
 # for today's sealed plain round (docs/privacy-secure.md "What is wired").
@@ -159,6 +169,7 @@ class SecureRound:
         self._bodies: dict[str, bytes] = {}  # our own body per step
         self._used: dict[str, dict[int, bytes]] = {}  # step -> member -> digest of its body
         self._statement: bytes | None = None  # the agreement we computed (None: none)
+        self._entry_statement: bytes | None = None  # the entry agreement we computed
         # (dealer, holder) -> piece kind -> the check value the holder's piece must give
         self.disputes: dict[tuple[int, int], dict[int, int]] = {}
         self.entered: tuple[int, ...] = ()
@@ -254,8 +265,44 @@ class SecureRound:
 
     # --- degree2 ----------------------------------------------------------------------------
     def degree2(self, checks: Mapping[str, bytes]) -> bytes:
+        """Variant sum_only (no entry step: nothing per member is opened): judge the
+        dealings from the checks, then abstain (an empty degree-2 body)."""
+        return self._entry(checks, DEGREE2_PHASE) or self._abstain(DEGREE2_PHASE)
+
+    def enter(self, checks: Mapping[str, bytes]) -> bytes:
         """Judge the dealings from the checks (the peers' that the machine collected; ours
-        is added), then our degree-2 body (empty: we abstain)."""
+        is added), then our entry agreement: the entered dealers and openers, and the
+        digest of every check body we used (empty: we open nothing). No degree-2 piece
+        leaves before the entry agreements are compared (`open_degree2`)."""
+        failed = self._entry(checks, ENTER_PHASE)
+        if failed is not None:
+            return failed
+        self._entry_statement = self._agreement(b"flnode-sa-enter", ENTER_STEPS,
+                                                (self.entered, self.openers))
+        body = encode_secagg(SecAgg(ENTER_PHASE, (self._entry_statement,)))
+        self._bodies[ENTER_PHASE] = body
+        return body
+
+    def open_degree2(self, enters: Mapping[str, bytes]) -> bytes:
+        """Our degree-2 body once a quorum of entry agreements (ours included) matches ours,
+        as for the sum: no two honest members open degree-2 pieces over different entered
+        sets; else empty, and the round fails (`no_agreement`, nothing opened)."""
+        if self.out.reason is not None:
+            return self._abstain(DEGREE2_PHASE)
+        failed = self._quorum(DEGREE2_PHASE, ENTER_PHASE, enters, self._entry_statement,
+                              ENTER_STEPS, "the entered dealers")
+        if failed is not None:
+            return failed
+        if self.i not in self.openers:
+            return self._abstain(DEGREE2_PHASE)
+        piece = robust.degree2_piece(self.params, self.i, self.vectors, self.masks, self.entered)
+        body = encode_secagg(SecAgg(DEGREE2_PHASE, (_to_bytes(piece),)))
+        self._bodies[DEGREE2_PHASE] = body
+        return body
+
+    def _entry(self, checks: Mapping[str, bytes], step: str) -> bytes | None:
+        """Judge the dealings from the checks: the entered dealers and the openers (None),
+        or the failed `step`'s empty body."""
         self._used[CHECK_PHASE] = self._digests(CHECK_PHASE, checks)
         got = self._read(CHECK_PHASE, checks, CHECK, 2 * self.params.members)
         held = {j: set(msg.held) for j, (msg, _) in got.items()}
@@ -272,7 +319,7 @@ class SecureRound:
         need, rule = (2 * t + 1, "2t + 1") if self.params.variant == "sum_only" else \
             (3 * t + 1, "3t + 1")
         if len(able) < need:
-            return self._fail(DEGREE2_PHASE, "too_few_openers",
+            return self._fail(step, "too_few_openers",
                               f"{len(able)} member(s) opened a usable check, {rule} = "
                               f"{need} needed (too many dropped out or are in dispute)")
         while True:
@@ -284,19 +331,14 @@ class SecureRound:
         self.entered, self.openers = tuple(sorted(entered)), openers
         self.out.entered = tuple(self.members[i - 1] for i in self.entered)
         if len(self.entered) <= t:
-            return self._fail(DEGREE2_PHASE, "too_few_contributors",
+            return self._fail(step, "too_few_contributors",
                               f"{len(self.entered)} dealing(s) entered, at most t = {t}: "
                               "opening their norms, distances or sum could reveal one")
         if len(openers) < need:
-            return self._fail(DEGREE2_PHASE, "too_few_openers",
+            return self._fail(step, "too_few_openers",
                               f"{len(openers)} member(s) can open, {rule} = {need} needed "
                               "(too many dropped out or are in dispute)")
-        if self.i not in openers or self.params.variant == "sum_only":  # it opens nothing here
-            return self._abstain(DEGREE2_PHASE)
-        piece = robust.degree2_piece(self.params, self.i, self.vectors, self.masks, self.entered)
-        body = encode_secagg(SecAgg(DEGREE2_PHASE, (_to_bytes(piece),)))
-        self._bodies[DEGREE2_PHASE] = body
-        return body
+        return None
 
     def _judge(self, held: dict[int, set[int]], pieces: dict[int, Piece]
                ) -> tuple[list[int], set[int]]:
@@ -362,7 +404,8 @@ class SecureRound:
                               f"{self.floor} the privacy ledger charged the round for: opening "
                               "their sum would under-count epsilon; not opened")
         self.sum_openers = tuple(j for j in self.openers if j not in wrong)
-        self._statement = self._agreement()
+        self._statement = self._agreement(b"flnode-sa-agree", AGREE_STEPS, (
+            self.entered, self.openers, self.selected, self.sum_openers))
         body = encode_secagg(SecAgg(AGREE_PHASE, (self._statement,)))
         self._bodies[AGREE_PHASE] = body
         return body
@@ -375,15 +418,17 @@ class SecureRound:
             out[self.i] = body_digest(own)
         return out
 
-    def _agreement(self) -> bytes:
-        """Our statement: hash(consortium, round, entered, openers, selected, sum openers,
-        the digests), then the digests: per member its check's and its degree2's."""
+    def _agreement(self, person: bytes, steps: tuple[str, ...],
+                   sets: tuple[tuple[int, ...], ...]) -> bytes:
+        """A statement: hash(consortium, round, the sets, the digests), then the digests:
+        per member its body's of each of `steps` (agree: (entered, openers, selected, sum
+        openers), check and degree2; enter: (entered, openers), check)."""
         table = b"".join(self._used.get(step, {}).get(i, AGREE_NONE)
-                         for i in range(1, self.params.members + 1) for step in AGREE_STEPS)
-        sets = b"".join(len(x).to_bytes(4, "little") + b"".join(i.to_bytes(4, "little") for i in x)
-                        for x in (self.entered, self.openers, self.selected, self.sum_openers))
-        h = blake2b(self.consortium_id + self.r.to_bytes(8, "little") + sets + table,
-                    digest_size=AGREE_BYTES, person=b"flnode-sa-agree").digest()
+                         for i in range(1, self.params.members + 1) for step in steps)
+        packed = b"".join(len(x).to_bytes(4, "little") + b"".join(i.to_bytes(4, "little") for i in x)
+                          for x in sets)
+        h = blake2b(self.consortium_id + self.r.to_bytes(8, "little") + packed + table,
+                    digest_size=AGREE_BYTES, person=person).digest()
         return h + table
 
     # --- sum ----------------------------------------------------------------------------------
@@ -398,42 +443,10 @@ class SecureRound:
         the sum is opened. A mismatching agreement names who split the views."""
         if self.out.reason is not None:
             return self._abstain(SUM_PHASE)
-        own = self._bodies.get(AGREE_PHASE)
-        signed = decode_secagg(own, self.params.members).pieces[:1] if own else ()
-        if signed != ((self._statement,) if self._statement is not None else ()):
-            # a run before a restart agreed to something else: never open
-            return self._fail(SUM_PHASE, "agreement_changed",
-                              "the agreement we signed before a restart is not the one we "
-                              "compute now (our view of the round changed): not opened")
-        assert self._statement is not None
-        q = agreement_quorum(self.params.members, self.params.threshold)
-        matching = [self.me]
-        for sender, body in sorted(agreements.items()):
-            if sender == self.me or sender not in self.index:
-                continue
-            try:
-                msg = decode_secagg(body, self.params.members, sender)
-                if msg.step != AGREE_PHASE or msg.held:
-                    raise PieceError(f"a {msg.step} message where an agreement was expected",
-                                     self.index[sender])
-                if msg.pieces and len(msg.pieces[0]) != len(self._statement):
-                    raise PieceError(f"an agreement of {len(msg.pieces[0])} bytes, "
-                                     f"{len(self._statement)} expected", self.index[sender])
-            except (RemoteError, SecAggError) as exc:
-                self.out.named.setdefault(sender, f"bad_agree: {exc}")
-                continue
-            if not msg.pieces:
-                continue  # it opens nothing this round: not counted either way
-            if msg.pieces[0] == self._statement:
-                matching.append(sender)
-            else:
-                self._disagree(sender, msg.pieces[0])
-        settle(self, reveals or {}, {self.index[m] for m in matching})
-        if len(matching) < q:
-            return self._fail(SUM_PHASE, "no_agreement",
-                              f"{len(matching)} member(s) agree with what we would open "
-                              f"({', '.join(matching)}), {q} = ceil((n + t + 1) / 2) needed: "
-                              "the members' views of the round differ, nothing opened")
+        failed = self._quorum(SUM_PHASE, AGREE_PHASE, agreements, self._statement, AGREE_STEPS,
+                              "what we would open", reveals or {})
+        if failed is not None:
+            return failed
         if self.i not in self.sum_openers:
             return self._abstain(SUM_PHASE)
         piece = robust.sum_piece(self.params, self.i, self.vectors, self.selected)
@@ -441,17 +454,61 @@ class SecureRound:
         self._bodies[SUM_PHASE] = body
         return body
 
-    def _disagree(self, sender: str, theirs: bytes) -> None:
+    def _quorum(self, step: str, kind: str, agreements: Mapping[str, bytes],
+                statement: bytes | None, steps: tuple[str, ...], what: str,
+                reveals: Mapping[tuple[int, int], SecAgg | str] | None = None) -> bytes | None:
+        """None once `agreement_quorum` agreements of `kind` (ours included) equal our
+        `statement`; else `step` failed (`no_agreement`, or `agreement_changed`: the one we
+        signed before a restart is not the one we compute now), its empty body. A
+        mismatching agreement names who split the views; `reveals` (the sum step's) settle
+        the disputes among the members that agree."""
+        own = self._bodies.get(kind)
+        signed = decode_secagg(own, self.params.members).pieces[:1] if own else ()
+        if statement is None or signed != (statement,):
+            # a run before a restart agreed to something else: never open
+            return self._fail(step, "agreement_changed",
+                              f"the {kind} agreement we signed before a restart is not the one "
+                              "we compute now (our view of the round changed): not opened")
+        q = agreement_quorum(self.params.members, self.params.threshold)
+        matching = [self.me]
+        for sender, body in sorted(agreements.items()):
+            if sender == self.me or sender not in self.index:
+                continue
+            try:
+                msg = decode_secagg(body, self.params.members, sender)
+                if msg.step != kind or msg.held:
+                    raise PieceError(f"a {msg.step} message where an agreement was expected",
+                                     self.index[sender])
+                if msg.pieces and len(msg.pieces[0]) != len(statement):
+                    raise PieceError(f"an agreement of {len(msg.pieces[0])} bytes, "
+                                     f"{len(statement)} expected", self.index[sender])
+            except (RemoteError, SecAggError) as exc:
+                self.out.named.setdefault(sender, f"bad_{kind}: {exc}")
+                continue
+            if not msg.pieces:
+                continue  # it opens nothing this round: not counted either way
+            if msg.pieces[0] == statement:
+                matching.append(sender)
+            else:
+                self._disagree(sender, msg.pieces[0], statement, steps)
+        if reveals is not None:
+            settle(self, reveals, {self.index[m] for m in matching})
+        if len(matching) < q:
+            return self._fail(step, "no_agreement",
+                              f"{len(matching)} member(s) agree on {what} ({', '.join(matching)}"
+                              f"; {kind} step), {q} = ceil((n + t + 1) / 2) needed: the "
+                              "members' views of the round differ, nothing opened")
+        return None
+
+    def _disagree(self, sender: str, theirs: bytes, mine: bytes, steps: tuple[str, ...]) -> None:
         """Name who a mismatching agreement shows at fault: the member whose check or degree2
         body differs between the sender's view and ours (it signed two different bodies, or
         sent one to some members only: a claim, proven when it is the sender itself), or the
         sender when it reports the same bodies and another outcome (every member computes
         the same from the same bodies) or misreports our own body."""
-        assert self._statement is not None
         k = self.index[sender]
-        mine = self._statement
         by = self.out.disagreed
-        differ = differing(mine, theirs, self.params.members)
+        differ = differing(mine, theirs, self.params.members, steps)
         if not differ:
             self.out.named.setdefault(sender, "bad_agreement: the same check and degree2 "
                                       "bodies as ours and another outcome (every member "
@@ -590,8 +647,12 @@ class SecureRounds:
             for sender, msg in sorted(deals.items()):
                 sr.file_deal(sender, msg)
             return sr.check()
-        if phase == DEGREE2_PHASE:
+        if phase == ENTER_PHASE:
+            return sr.enter(got.get(CHECK_PHASE, {}))
+        if phase == DEGREE2_PHASE and self.variant == "sum_only":
             return sr.degree2(got.get(CHECK_PHASE, {}))
+        if phase == DEGREE2_PHASE:
+            return sr.open_degree2(got.get(ENTER_PHASE, {}))
         if phase == AGREE_PHASE:
             return sr.agree(got.get(DEGREE2_PHASE, {}))
         if phase == SUM_PHASE:
