@@ -238,6 +238,8 @@ def test_a_member_whose_stored_agreement_differs_opens_nothing():
     net = SecureNet(4, 1, variant="sum_only", tamper_open=tamper).run()
     o = net.outcome(changed)
     assert o.reason == "agreement_changed" and not _opened(net, changed), (o.reason, o.detail)
+    # the three others opened: it knows its model now differs from theirs, and says so
+    assert o.missed == tuple(sorted((A, VICTIM, HOSTILE))), o.missed
     for m in (A, VICTIM, HOSTILE):  # 3 = q agree without it: the round opens
         out = net.outcome(m)
         assert out.named[changed].startswith("bad_agreement"), out.named
@@ -487,3 +489,35 @@ def test_the_node_reveals_a_sealed_deal_and_another_node_verifies_it():
     bad = encode_secagg(SecAgg(AGREE_PHASE, (statement, msg.pieces[1][:32] + forged)))
     got = secure_node.read_reveals(node, 0, {names[2]: bad})
     assert "no proof" in got[(3, 2)]  # the signer's deal: its seal's data does not open
+
+
+def test_the_sum_is_opened_off_the_event_loop(monkeypatch):
+    """At Close the driver awaits closing.aggregate_off_loop: the sum's decoding (what the
+    peers' pieces make it cost) runs in a worker thread, then the synchronous aggregate
+    applies the outcome it left (secure_node.open_sum) on the loop."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from gossip.protocol import events as ev
+    from node.runtime import closing, secure_node
+    from node.runtime.secure_round import SecureOutcome
+
+    seen: dict = {}
+
+    class Rounds:
+        def close(self, r, phases):
+            seen["close"] = threading.get_ident()
+            return SecureOutcome(r, False, reason="no_agreement")
+
+    node = SimpleNamespace(secure=secure_node.Secure(rounds=Rounds(), codec=None, outcomes={}))
+    monkeypatch.setattr(closing, "aggregate", lambda n, c: seen.setdefault(
+        "aggregate", (threading.get_ident(), dict(n.secure.opened))))
+
+    async def main():
+        seen["loop"] = threading.get_ident()
+        await closing.aggregate_off_loop(node, ev.Close(2, {}, (), "all"))
+
+    asyncio.run(main())
+    assert seen["close"] != seen["loop"]  # decoded in a worker thread
+    thread, opened = seen["aggregate"]
+    assert thread == seen["loop"] and opened[2].reason == "no_agreement"

@@ -88,6 +88,7 @@ def test_a_split_check_never_opens_degree2_pieces_over_two_entered_sets():
         assert not _opened(net, m, DEGREE2_PHASE), m
         assert outs[m].reason == "no_agreement" and ENTER_PHASE in outs[m].detail, \
             (m, outs[m].reason, outs[m].detail)
+        assert outs[m].missed == ()  # nobody opened the sum: nothing missed
     for m in ("bank-0", "bank-1"):  # each saw the other view's entry agreement
         assert outs[m].named.get(HOSTILE, "").startswith("split_view"), outs[m].named
         assert outs[m].disagreed[HOSTILE]

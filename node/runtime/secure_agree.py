@@ -4,7 +4,11 @@ and `sum` use it; docs/privacy-secure.md "The agreement step" argues it."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from hashlib import blake2b
+
+from gossip.bodies import decode_secagg
+from gossip.errors import RemoteError
 
 # The agreement's parts (gossip/bodies.py bounds the message at 32 (1 + 2n) bytes): a
 # BLAKE2b-256 hash of what we open, then per member 1..n the digest of its check body and of
@@ -43,5 +47,25 @@ def differing(mine: bytes, theirs: bytes, members: int,
     return out
 
 
+def opened_elsewhere(sums: Mapping[str, bytes], me: str, members: tuple[str, ...],
+                     threshold: int) -> tuple[str, ...]:
+    """The members whose sum message carries a piece, when our own round failed: more than
+    t of them means an honest one opened (an honest member opens only with a quorum of
+    agreements), so the round's aggregate was applied elsewhere and our model (the round's
+    start) now differs from theirs (`missed_opening`). Empty: t or fewer (they may all be
+    hostile), or none."""
+    opened = []
+    for sender, body in sorted(sums.items()):
+        if sender == me or sender not in members:
+            continue
+        try:
+            msg = decode_secagg(body, len(members), sender)
+        except RemoteError:
+            continue
+        if msg.step == "sum" and msg.pieces:
+            opened.append(sender)
+    return tuple(opened) if len(opened) > threshold else ()
+
+
 __all__ = ["AGREE_BYTES", "AGREE_NONE", "AGREE_STEPS", "ENTER_STEPS", "agreement_quorum", "body_digest",
-           "differing"]
+           "differing", "opened_elsewhere"]

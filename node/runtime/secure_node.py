@@ -118,6 +118,8 @@ class Secure:
     # round -> (sender, step) -> its signed check / degree2 / agree message as it reached
     # us (the first one): the evidence when an agreement shows a split view (`aggregate`)
     signed: dict[int, dict[tuple[str, str], bytes]] = field(default_factory=dict)
+    # round -> its outcome, opened off the event loop before `aggregate` (`open_sum`)
+    opened: dict[int, SecureOutcome] = field(default_factory=dict)
 
 
 # The consortium's distributed DP-SGD plan, pinned in the state dir at the first start (a
@@ -580,13 +582,23 @@ def keep_deal(node: Node, r: int, member: str, acc: Accepted) -> str | None:
     return str(path.relative_to(node.state.path))
 
 
+def open_sum(node: Node, c: ev.Close) -> None:
+    """The round's outcome (the sum's pieces decoded), kept for `aggregate`; run in a worker
+    thread (node/runtime/closing.py aggregate_off_loop): it touches only the round's state,
+    which nothing else touches until the driver's next action."""
+    sec = node.secure
+    assert sec is not None
+    sec.opened = {c.round: sec.rounds.close(c.round, c.phases)}  # bounded: the last round
+
+
 def aggregate(node: Node, c: ev.Close) -> dict[str, Accepted]:
     """The secure round's outcome applied (module docstring); no share is "used": the seen
     report stays empty."""
     st, sec = node._round, node.secure
     assert st is not None and sec is not None
     r = c.round
-    out = sec.outcomes[r] = sec.rounds.close(r, c.phases)
+    opened = sec.opened.pop(r, None)  # opened off the event loop (open_sum), or now
+    out = sec.outcomes[r] = opened if opened is not None else sec.rounds.close(r, c.phases)
     sec.outcomes = {k: v for k, v in sec.outcomes.items() if k >= r - 1}  # bounded
     if out.ok and sec.plan is not None:  # the plan's SGD step on the noised gradient sum
         from node.privacy.distributed import decode_sum  # lean start: with the DP step
@@ -609,6 +621,12 @@ def aggregate(node: Node, c: ev.Close) -> dict[str, Accepted]:
         log.warning("%s: round %d: the secure round failed (%s: %s); keeping the model it "
                     "started from", node.name, r + 1, out.reason, out.detail)
         set_flat(node.model, st.reference)
+        if out.missed:  # the others applied an aggregate we cannot: the models diverge
+            log.warning("%s: round %d: missed_opening: %d member(s) (%s) opened the sum while "
+                        "our round failed: they applied the round's aggregate, our model now "
+                        "differs from theirs (docs/privacy-secure.md)", node.name, r + 1,
+                        len(out.missed), ", ".join(out.missed))
+            node.counters.aggregation[f"{node.name}:secure:missed_opening"] += 1
     evidence = {}
     for member, why in sorted(out.named.items()):
         if node.audit.once(member, f"secure:{why.split(':')[0]}"):
@@ -630,7 +648,8 @@ def aggregate(node: Node, c: ev.Close) -> dict[str, Accepted]:
                    "clipped": {}, "weight_capped": {}, "down_weighted": {}, "fallbacks": [],
                    "secure": {"ok": out.ok, "reason": out.reason, "detail": out.detail,
                               "dealt": list(out.dealt), "entered": list(out.entered),
-                              "named": dict(out.named), "evidence": evidence}}
+                              "named": dict(out.named), "evidence": evidence,
+                              "missed_opening": list(out.missed)}}
     node.audit.aggregate(r, diagnostics, node.counters.aggregation)
     sec.signed = {k: v for k, v in sec.signed.items() if k > r}  # the evidence is on disk
     st.close, st.received, st.diagnostics = c, sorted(out.selected), diagnostics

@@ -89,6 +89,7 @@ from node.runtime.secure_agree import (
     agreement_quorum,
     body_digest,
     differing,
+    opened_elsewhere,
 )
 from node.runtime.secure_disputes import COMMIT_BYTES, challenge, piece_digest, settle
 from node.secagg import robust
@@ -139,6 +140,9 @@ class SecureOutcome:
     # member -> the senders whose agreement shows it at fault (a disagreeing one, or the
     # one carrying a dispute's reveal): kept as evidence
     disagreed: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    # our round failed and these (more than t) opened the sum: the aggregate was applied
+    # elsewhere, our model now differs from theirs (secure_agree.opened_elsewhere)
+    missed: tuple[str, ...] = ()
 
 
 class SecureRound:
@@ -536,8 +540,10 @@ class SecureRound:
                 by[who] = (*by.get(who, ()), sender)
 
     def finish(self, sums: Mapping[str, bytes]) -> SecureOutcome:
-        """The aggregate from the sum pieces (the same at every member), or the reason."""
+        """The aggregate from the sum pieces (the same at every member), or the reason (and
+        who opened the sum all the same: `missed`)."""
         if self.out.reason is not None:
+            self.out.missed = opened_elsewhere(sums, self.me, self.members, self.params.threshold)
             return self.out
         got = self._read(SUM_PHASE, sums, SUM, self.params.codec.dim, self.sum_openers)
         opened = {j: piece for j, (_, piece) in got.items() if piece is not None}
