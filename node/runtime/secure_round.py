@@ -3,8 +3,9 @@ what it makes of the others'. Pure: no I/O, clock or torch; the driver feeds it 
 round machine collected and sends what it returns.
 
 Where the logic lives (the choice, and why). The round machine (gossip/protocol/) decides
-"which messages from whom, by when": a secure round is the share phase followed by three
-generic later phases, `SECURE_PHASES` = (SHARE, check, degree2, agree, sum); gossip never imports
+"which messages from whom, by when": a secure round is the share phase followed by
+generic later phases, `secure_phases(variant)`: (SHARE, check, enter, degree2, agree, sum),
+without enter for sum_only (it opens no degree-2 value: no extra exchange); gossip never imports
 node, so the machine carries opaque bodies and knows no field arithmetic. This module does
 the math, by calling node/secagg (robust.py's steps), at the machine's `SendPhase` actions:
 
@@ -27,7 +28,11 @@ the math, by calling node/secagg (robust.py's steps), at the machine's `SendPhas
            that hold every entering dealer's pieces and are in no dispute. While fewer than
            2t + 1 openers remain, the entering dealer held by the fewest holders (ties: the
            highest index) is dropped. Every member computes the same from the same checks.
-  degree2  each opener opens its masked pieces of the squared norms (and, for multi-Krum,
+  enter    (not sum_only) every member broadcasts its entry agreement: a hash of (round,
+           entered, openers) and the digest of every member's check body as it used them.
+  degree2  once `agreement_quorum` entry agreements equal its own (else `no_agreement`,
+           nothing opened: no two honest members open over different entered sets), each
+           opener opens its masked pieces of the squared norms (and, for multi-Krum,
            the pairwise squared distances) of the entering dealers; others abstain (an empty
            message: "I have nothing to open", so nobody waits for them). Decoded with
            correction (n >= 3t + 1): an opener whose piece is wrong is named.
