@@ -140,3 +140,54 @@ def test_a_member_whose_stored_entry_agreement_differs_opens_no_degree2_piece():
         if m != changed:
             assert net.outcome(m).named.get(changed, "").startswith("bad_agreement"), \
                 net.outcome(m).named
+
+
+def test_the_entry_split_is_kept_as_evidence_with_both_signed_sides(tmp_path):
+    """The split above through the node's evidence (secure_node.keep_split_evidence): our
+    signed entry agreement, each disagreeing member's, and bank-4's check as it reached us,
+    whose digest differs from the one bank-1 signed in its entry agreement."""
+    from types import SimpleNamespace
+
+    from gossip.envelope import KIND_SECAGG, Accepted
+    from node.runtime import secure_node
+    from node.runtime.secure_round import body_digest
+    from node.runtime.state import StateDir
+    from tests.helpers import verifier_for
+
+    net = SecureNet(5, 1, variant="distances", tamper_deal=_wrong_piece_for_disputed,
+                    tamper_to=_split_check).run()
+    me, out = net.members["bank-0"], net.outcome("bank-0")
+    assert set(out.disagreed[HOSTILE]) == set(VIEW_B)
+    (tmp_path / "state" / "outbox").mkdir(parents=True)
+    node = SimpleNamespace(name="bank-0", state=StateDir(tmp_path / "state"),
+                           secure=SimpleNamespace(signed={}))
+    secure_node.step_path(node, 0, ENTER_PHASE).write_bytes(me.sent[(0, ENTER_PHASE)])
+    verifier = verifier_for(net.cons, net.sks[0], secure=True)
+    for _, to, data in net.delivered:  # what reached bank-0, as its node keeps it
+        env = decode_outer(data)
+        if to == "bank-0" and env.kind == KIND_SECAGG:
+            acc = verifier.verify(data, 0)
+            assert isinstance(acc, Accepted)
+            secure_node.keep_signed_step(node, acc, data)
+    kept = secure_node.keep_split_evidence(node, 0, HOSTILE, out)
+    files = {p.rsplit("/", 1)[1]: (tmp_path / "state" / p).read_bytes() for p in kept}
+    assert files["enter-bank-0"] == me.sent[(0, ENTER_PHASE)]
+    for m in VIEW_B:
+        assert files[f"enter-{m}"] == net.members[m].sent[(0, ENTER_PHASE)]
+    theirs = decode_secagg(decode_outer(files["enter-bank-1"]).body, 5).pieces[0]
+    got = body_digest(decode_outer(files[f"check-{HOSTILE}"]).body)
+    assert len(theirs) == 32 * 6 and theirs[32 * 5:32 * 6] != got  # bank-4's entry: another
+
+
+def test_an_entry_agreement_is_bounded_before_it_is_copied():
+    """32 (1 + n) bytes at most (gossip/bodies.py secagg_piece_limits)."""
+    import pytest
+
+    from gossip.bodies import secagg_piece_limits
+    from gossip.errors import RemoteError
+
+    assert secagg_piece_limits(ENTER_PHASE, 4, None) == (32 * 5,)
+    ok = encode_secagg(SecAgg(ENTER_PHASE, (bytes(32 * 5),)))
+    assert decode_secagg(ok, 4).pieces == (bytes(32 * 5),)
+    with pytest.raises(RemoteError):
+        decode_secagg(encode_secagg(SecAgg(ENTER_PHASE, (bytes(32 * 5 + 1),))), 4, "bank-3")
