@@ -623,8 +623,9 @@ def aggregate(node: Node, c: ev.Close) -> dict[str, Accepted]:
         set_flat(node.model, st.reference)
         if out.missed:  # the others applied an aggregate we cannot: the models diverge
             log.warning("%s: round %d: missed_opening: %d member(s) (%s) opened the sum while "
-                        "our round failed: they applied the round's aggregate, our model now "
-                        "differs from theirs (docs/privacy-secure.md)", node.name, r + 1,
+                        "our round failed: where its decoding succeeded they applied the "
+                        "round's aggregate, and our model now differs from theirs "
+                        "(docs/privacy-secure.md)", node.name, r + 1,
                         len(out.missed), ", ".join(out.missed))
             node.counters.aggregation[f"{node.name}:secure:missed_opening"] += 1
     evidence = {}
