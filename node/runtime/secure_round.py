@@ -115,6 +115,8 @@ def secure_phases(variant: str) -> tuple[PhaseSpec, ...]:
     """The round machine's phases for the variant (every member derives them from the
     consortium's [rules])."""
     return SUM_ONLY_PHASES if variant == "sum_only" else SECURE_PHASES
+
+
 # Deal seeded (see `SecureRound.deal`): measured at 8 members, t = 2, d = 4,810 (digits MLP),
 # memory transport: 475 KB sent per member and round seeded, 552 KB unseeded, against 153 KB
 # for today's sealed plain round (docs/privacy-secure.md "What is wired").
