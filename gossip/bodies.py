@@ -415,9 +415,13 @@ SECAGG_DEAL = "deal"
 # A member in dispute with dealers appends one reveal per such dealer (at most n - 1): the
 # per-message key of the dealer's sealed deal (32 bytes) and that deal's signed envelope as
 # it arrived, so everyone can open the dealer-signed piece and see who lied.
-SECAGG_STEPS = ("check", "degree2", "agree", "sum")
-_SECAGG_PIECES = {SECAGG_DEAL: (3,), "check": (0, 1), "degree2": (0, 1), "agree": (0, 1),
-                  "sum": (0, 1)}
+# "enter" (variants that open degree-2 values): before any degree-2 piece leaves, each
+# member's signed statement of the entered dealers and openers it computed from the checks:
+# a 32-byte hash and the digest (32 bytes) of every member's check body it used, or none.
+# node/runtime/secure_round.py `SecureRound.enter`.
+SECAGG_STEPS = ("check", "enter", "degree2", "agree", "sum")
+_SECAGG_PIECES = {SECAGG_DEAL: (3,), "check": (0, 1), "enter": (0, 1), "degree2": (0, 1),
+                  "agree": (0, 1), "sum": (0, 1)}
 # A reveal beyond its deal's plaintext: the key, the sealed body's header (one recipient),
 # its tag and the envelope's frame, with room (a real one is under 600 bytes).
 SECAGG_REVEAL_OVERHEAD = 4096
@@ -436,7 +440,7 @@ MAX_SECAGG_MEMBERS = 65535
 # 2n values, a degree-2 piece at most P = n(n - 1)/2 + n (the "distances" variant), a sum d,
 # a deal's vector d + 1 (or a 4-value seed) and mask P + 1; a commitment is 32 bytes per
 # holder (node/runtime/secure_round.py COMMIT_BYTES); an agreement is 32 (1 + 2n) bytes
-# exactly (its hash, then two body digests per member).
+# exactly (its hash, then two body digests per member), an entry agreement 32 (1 + n).
 SECAGG_PIECE_HEADER = 24
 SECAGG_VALUE_BYTES = 8
 SECAGG_SEED_VALUES = 4
@@ -455,6 +459,8 @@ def secagg_piece_limits(step: str, members: int, dim: int | None) -> tuple[int |
         deal = secagg_piece_limits(SECAGG_DEAL, members, dim)
         reveal = None if deal[0] is None else sum(deal) + SECAGG_REVEAL_OVERHEAD  # type: ignore[arg-type]
         return (SECAGG_COMMIT_BYTES * (1 + 2 * n), *([reveal] * (n - 1)))
+    if step == "enter":  # its hash, then one check digest per member
+        return (SECAGG_COMMIT_BYTES * (1 + n),)
     return ({"check": head + v * 2 * n, "degree2": head + v * opened,
              "sum": None if dim is None else head + v * dim}[step],)
 

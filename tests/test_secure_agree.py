@@ -20,6 +20,7 @@ from __future__ import annotations
 import threading
 
 import numpy as np
+import pytest
 
 from gossip.bodies import SecAgg, decode_secagg, encode_secagg
 from gossip.envelope import decode_outer
@@ -151,10 +152,12 @@ def test_the_quorum_makes_any_two_quorums_share_an_honest_member():
     assert AGREE_PHASE == "agree"
 
 
-def test_a_restart_mid_agreement_resends_the_same_bytes(tmp_path):
-    """The agreement is stored (outbox/round-N.agree) before it leaves; a restarted member
-    whose view changed re-sends the stored message byte for byte, and its round reads that
-    one as ours (never a second, different agreement: two would let two quorums form)."""
+@pytest.mark.parametrize("step,size", [(AGREE_PHASE, 32 * 9), ("enter", 32 * 5)])
+def test_a_restart_mid_agreement_resends_the_same_bytes(tmp_path, step, size):
+    """The agreement (and the entry agreement) is stored (outbox/round-N.agree, .enter)
+    before it leaves; a restarted member whose view changed re-sends the stored message
+    byte for byte, and its round reads that one as ours (never a second, different
+    agreement: two would let two quorums form)."""
     import asyncio
     from types import SimpleNamespace
 
@@ -165,8 +168,8 @@ def test_a_restart_mid_agreement_resends_the_same_bytes(tmp_path):
     from tests.helpers import keys
 
     key, seq = keys(1)[0], iter(range(100))
-    before = encode_secagg(SecAgg(AGREE_PHASE, (b"\x01" * 32 * 9,)))
-    after = encode_secagg(SecAgg(AGREE_PHASE, (b"\x02" * 32 * 9,)))
+    before = encode_secagg(SecAgg(step, (b"\x01" * size,)))
+    after = encode_secagg(SecAgg(step, (b"\x02" * size,)))
 
     class Rounds:  # the round's own computation of the step: another body after the restart
         def __init__(self, body: bytes):
@@ -200,20 +203,19 @@ def test_a_restart_mid_agreement_resends_the_same_bytes(tmp_path):
             signer=SimpleNamespace(sealing=SimpleNamespace(own=None)),
             _sign=lambda kind, r, b: pack(key, b"c" * 32, kind, r, next(seq), b),
             _broadcast=broadcast, _in_background=in_background)
-        asyncio.run(secure_node.send_phase(node, ev.SendPhase(3, AGREE_PHASE,
+        asyncio.run(secure_node.send_phase(node, ev.SendPhase(3, step,
                                                               ("site-1", "site-2"))))
         return sent, rounds
 
     (tmp_path / "state" / "outbox").mkdir(parents=True)
     first, _ = run(before)
-    path = secure_node.step_path(SimpleNamespace(state=StateDir(tmp_path / "state")), 3,
-                                 AGREE_PHASE)
-    assert path.name == "round-00000003.agree" and path.read_bytes() == first[0]
+    path = secure_node.step_path(SimpleNamespace(state=StateDir(tmp_path / "state")), 3, step)
+    assert path.name == f"round-00000003.{step}" and path.read_bytes() == first[0]
     env = decode_outer(first[0])
     assert (env.kind, env.round, bytes(env.body)) == (KIND_SECAGG, 3, before)
     again, rounds = run(after)  # the restarted member's view changed
     assert again == first  # the stored message, byte for byte
-    assert rounds.kept == {(3, AGREE_PHASE): before}
+    assert rounds.kept == {(3, step): before}
     # the step (decoding, judging: its cost is the peers' to choose) ran off the event loop
     assert rounds.thread != threading.get_ident()
 
@@ -236,6 +238,8 @@ def test_a_member_whose_stored_agreement_differs_opens_nothing():
     net = SecureNet(4, 1, variant="sum_only", tamper_open=tamper).run()
     o = net.outcome(changed)
     assert o.reason == "agreement_changed" and not _opened(net, changed), (o.reason, o.detail)
+    # the three others opened: it knows its model now differs from theirs, and says so
+    assert o.missed == tuple(sorted((A, VICTIM, HOSTILE))), o.missed
     for m in (A, VICTIM, HOSTILE):  # 3 = q agree without it: the round opens
         out = net.outcome(m)
         assert out.named[changed].startswith("bad_agreement"), out.named
@@ -327,7 +331,8 @@ def test_every_secure_step_message_gets_an_audit_line_accepted_or_dropped():
                                                        "a second, different message")]
 
     node = SimpleNamespace(
-        secure=SimpleNamespace(signed={}), counters=SimpleNamespace(rejected=Counter()),
+        secure=SimpleNamespace(signed={}, rounds=SimpleNamespace(variant="sum_only")),
+        counters=SimpleNamespace(rejected=Counter()),
         audit=SimpleNamespace(write=lines.append),
         book=SimpleNamespace(current=5, lookahead=3, neighbours={"bank-1", "bank-2", "bank-3"}),
         machine=SimpleNamespace(phase_message=phase_message))
@@ -343,11 +348,12 @@ def test_every_secure_step_message_gets_an_audit_line_accepted_or_dropped():
     deliver(4, CHECK_PHASE)  # late: the machine drops it
     deliver(9, AGREE_PHASE)  # beyond the lookahead
     deliver(5, CHECK_PHASE, encode_secagg(SecAgg(CHECK_PHASE, (), (1,))))  # a second, different
+    deliver(5, "enter")  # sum_only rounds have no entry step
     got = [(type(x).__name__, x.round, x.kind, getattr(x, "where", getattr(x, "reason", None)))
            for x in lines]
     assert got == [("Accepted", 5, "secagg", "check"), ("Refused", 4, "secagg", "late_check"),
-                   ("Refused", 9, "secagg", "too_far")], got
-    assert node.counters.rejected == Counter({"late_check": 1, "too_far": 1})
+                   ("Refused", 9, "secagg", "too_far"), ("Refused", 5, "secagg", "no_phase")], got
+    assert node.counters.rejected == Counter({"late_check": 1, "too_far": 1, "no_phase": 1})
 
 
 def _wrong_piece_for(victim: str, dealer: str = HOSTILE):
@@ -483,3 +489,35 @@ def test_the_node_reveals_a_sealed_deal_and_another_node_verifies_it():
     bad = encode_secagg(SecAgg(AGREE_PHASE, (statement, msg.pieces[1][:32] + forged)))
     got = secure_node.read_reveals(node, 0, {names[2]: bad})
     assert "no proof" in got[(3, 2)]  # the signer's deal: its seal's data does not open
+
+
+def test_the_sum_is_opened_off_the_event_loop(monkeypatch):
+    """At Close the driver awaits closing.aggregate_off_loop: the sum's decoding (what the
+    peers' pieces make it cost) runs in a worker thread, then the synchronous aggregate
+    applies the outcome it left (secure_node.open_sum) on the loop."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from gossip.protocol import events as ev
+    from node.runtime import closing, secure_node
+    from node.runtime.secure_round import SecureOutcome
+
+    seen: dict = {}
+
+    class Rounds:
+        def close(self, r, phases):
+            seen["close"] = threading.get_ident()
+            return SecureOutcome(r, False, reason="no_agreement")
+
+    node = SimpleNamespace(secure=secure_node.Secure(rounds=Rounds(), codec=None, outcomes={}))
+    monkeypatch.setattr(closing, "aggregate", lambda n, c: seen.setdefault(
+        "aggregate", (threading.get_ident(), dict(n.secure.opened))))
+
+    async def main():
+        seen["loop"] = threading.get_ident()
+        await closing.aggregate_off_loop(node, ev.Close(2, {}, (), "all"))
+
+    asyncio.run(main())
+    assert seen["close"] != seen["loop"]  # decoded in a worker thread
+    thread, opened = seen["aggregate"]
+    assert thread == seen["loop"] and opened[2].reason == "no_agreement"

@@ -33,7 +33,7 @@ from gossip.protocol import (
     Train,
 )
 from node.runtime.evidence import envelope_bytes
-from node.runtime.secure_round import SECURE_PHASES, SecureOutcome, SecureRounds, piece_digest
+from node.runtime.secure_round import SecureOutcome, SecureRounds, piece_digest, secure_phases
 from node.secagg import field as F
 from node.secagg.encoding import FixedPoint
 from node.secagg.pieces import from_bytes, to_bytes
@@ -54,7 +54,8 @@ class Member:
         # every member up before round 1 (min_members = n): the rounds start together
         self.m = RoundMachine(name, net.names, self.book,
                               RoundParams(net.rounds, DEADLINE, 1, len(net.names)),
-                              keys={m: net.pub[m] for m in net.names}, phases=SECURE_PHASES)
+                              keys={m: net.pub[m] for m in net.names},
+                              phases=secure_phases(net.variant))
         self.secure = SecureRounds(name, net.names, net.t, net.variant, net.codec, net.cid)
         self.verifier = verifier_for(net.cons, sk, secure=True)
         self.seq = 0

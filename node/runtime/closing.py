@@ -11,6 +11,7 @@ only carries it out.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
 import time
@@ -104,6 +105,16 @@ def aggregate(node: Node, c: ev.Close) -> dict[str, Accepted]:
     st.close, st.received, st.diagnostics = c, sorted(received), diagnostics
     st.metrics = evaluate(node.model, node.held_out.X, node.held_out.y)
     return received
+
+
+async def aggregate_off_loop(node: Node, c: ev.Close) -> dict[str, Accepted]:
+    """`aggregate`, a secure round's opening first in a worker thread: decoding the sum
+    (Berlekamp-Welch per coordinate when pieces are wrong) costs what the peers' pieces make
+    it cost, and must not stall the event loop (transports, deadlines). The driver awaits
+    it before its next action, as it does a secure step (secure_node.send_phase)."""
+    if node.secure is not None:
+        await asyncio.to_thread(secure_node.open_sum, node, c)
+    return aggregate(node, c)
 
 
 def report(node: Node, r: int, nxt: int) -> RoundReport:

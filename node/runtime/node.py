@@ -290,7 +290,7 @@ class Node:
             case ev.Close():
                 if a.echo is not None:  # the echo's audit lines and evidence first
                     self.echo_records.closed(a.round, a.echo)
-                self._feed(m.closed(a.round, closing.aggregate(self, a), now))
+                self._feed(m.closed(a.round, await closing.aggregate_off_loop(self, a), now))
             case ev.Advanced(r, nxt):
                 self._reports.append(report := closing.report(self, r, nxt))
                 if self._on_round is not None:

@@ -78,10 +78,11 @@ from node.runtime.secure_bounds import sum_l2_bound
 from node.runtime.secure_round import (
     AGREE_PHASE,
     AGREE_STEPS,
-    SECURE_PHASES,
+    ENTER_PHASE,
     SUM_PHASE,
     SecureOutcome,
     SecureRounds,
+    secure_phases,
 )
 from node.runtime.state import atomic_write
 from node.secagg.encoding import FixedPoint, IntegerCodec
@@ -100,8 +101,9 @@ SECURE_DEFAULT_CLIP = 1.0
 
 def machine_args(consortium: Consortium, strategy_params: dict[str, Any]) -> dict[str, Any]:
     """RoundMachine's phases: the secure steps if the [rules] say secure, else the echo's."""
-    if secure_rule(consortium) is not None:
-        return {"phases": SECURE_PHASES}
+    rule = secure_rule(consortium)
+    if rule is not None:
+        return {"phases": secure_phases(rule.variant)}
     return echo_round.machine_args(consortium, strategy_params)
 
 
@@ -116,6 +118,8 @@ class Secure:
     # round -> (sender, step) -> its signed check / degree2 / agree message as it reached
     # us (the first one): the evidence when an agreement shows a split view (`aggregate`)
     signed: dict[int, dict[tuple[str, str], bytes]] = field(default_factory=dict)
+    # round -> its outcome, opened off the event loop before `aggregate` (`open_sum`)
+    opened: dict[int, SecureOutcome] = field(default_factory=dict)
 
 
 # The consortium's distributed DP-SGD plan, pinned in the state dir at the first start (a
@@ -495,7 +499,7 @@ def phase_drop(node: Node, acc: Accepted) -> tuple[str, str] | None:
     """Why the round machine drops a verified secure-step message unseen (bounded memory:
     gossip/protocol/machine.py `_phase_in`, the same rules), or None: it files it."""
     step, r, book = acc.secagg.step, acc.round, node.book  # type: ignore[union-attr]
-    if step not in {p.name for p in SECURE_PHASES[1:]}:
+    if step not in {p.name for p in secure_phases(node.secure.rounds.variant)[1:]}:  # type: ignore[union-attr]
         return "no_phase", f"our rounds have no {step} phase"
     if acc.sender not in book.neighbours:
         return "not_phase_peer", f"not a peer of our {step} phase"
@@ -519,7 +523,7 @@ def keep_signed_step(node: Node, acc: Accepted, data: bytes) -> None:
     sec = node.secure
     assert sec is not None and acc.secagg is not None
     step, r = acc.secagg.step, acc.round
-    if step not in (*AGREE_STEPS, AGREE_PHASE):
+    if step not in (*AGREE_STEPS, ENTER_PHASE, AGREE_PHASE):
         return
     if r not in sec.signed and len(sec.signed) >= MAX_SIGNED_ROUNDS:
         return
@@ -527,14 +531,16 @@ def keep_signed_step(node: Node, acc: Accepted, data: bytes) -> None:
 
 
 def keep_split_evidence(node: Node, r: int, member: str, out: SecureOutcome) -> list[str]:
-    """A member named by the agreement step: in state/evidence/secure/, our signed agreement,
-    each disagreeing member's signed agreement, and the named member's signed check and
+    """A member named by an agreement step: in state/evidence/secure/, our signed agreements
+    (entry and sum), each disagreeing member's, and the named member's signed check and
     degree2 messages as they reached us (the two sides of the split); their paths."""
     sec = node.secure
     assert sec is not None
     held = sec.signed.get(r, {})
-    parts = [(f"agree-{node.name}", _read_or_none(step_path(node, r, AGREE_PHASE)))]
-    parts += [(f"agree-{s}", held.get((s, AGREE_PHASE))) for s in out.disagreed.get(member, ())]
+    parts = [(f"{k}-{node.name}", _read_or_none(step_path(node, r, k)))
+             for k in (ENTER_PHASE, AGREE_PHASE)]
+    parts += [(f"{k}-{s}", held.get((s, k))) for s in out.disagreed.get(member, ())
+              for k in (ENTER_PHASE, AGREE_PHASE)]
     parts += [(f"{step}-{member}", held.get((member, step))) for step in AGREE_STEPS]
     folder = node.state.path / "evidence" / "secure"
     safe = "".join(ch if ch.isalnum() or ch in "_.-" else "_" for ch in member)
@@ -576,13 +582,23 @@ def keep_deal(node: Node, r: int, member: str, acc: Accepted) -> str | None:
     return str(path.relative_to(node.state.path))
 
 
+def open_sum(node: Node, c: ev.Close) -> None:
+    """The round's outcome (the sum's pieces decoded), kept for `aggregate`; run in a worker
+    thread (node/runtime/closing.py aggregate_off_loop): it touches only the round's state,
+    which nothing else touches until the driver's next action."""
+    sec = node.secure
+    assert sec is not None
+    sec.opened = {c.round: sec.rounds.close(c.round, c.phases)}  # bounded: the last round
+
+
 def aggregate(node: Node, c: ev.Close) -> dict[str, Accepted]:
     """The secure round's outcome applied (module docstring); no share is "used": the seen
     report stays empty."""
     st, sec = node._round, node.secure
     assert st is not None and sec is not None
     r = c.round
-    out = sec.outcomes[r] = sec.rounds.close(r, c.phases)
+    opened = sec.opened.pop(r, None)  # opened off the event loop (open_sum), or now
+    out = sec.outcomes[r] = opened if opened is not None else sec.rounds.close(r, c.phases)
     sec.outcomes = {k: v for k, v in sec.outcomes.items() if k >= r - 1}  # bounded
     if out.ok and sec.plan is not None:  # the plan's SGD step on the noised gradient sum
         from node.privacy.distributed import decode_sum  # lean start: with the DP step
@@ -605,6 +621,13 @@ def aggregate(node: Node, c: ev.Close) -> dict[str, Accepted]:
         log.warning("%s: round %d: the secure round failed (%s: %s); keeping the model it "
                     "started from", node.name, r + 1, out.reason, out.detail)
         set_flat(node.model, st.reference)
+        if out.missed:  # the others applied an aggregate we cannot: the models diverge
+            log.warning("%s: round %d: missed_opening: %d member(s) (%s) opened the sum while "
+                        "our round failed: where its decoding succeeded they applied the "
+                        "round's aggregate, and our model now differs from theirs "
+                        "(docs/privacy-secure.md)", node.name, r + 1,
+                        len(out.missed), ", ".join(out.missed))
+            node.counters.aggregation[f"{node.name}:secure:missed_opening"] += 1
     evidence = {}
     for member, why in sorted(out.named.items()):
         if node.audit.once(member, f"secure:{why.split(':')[0]}"):
@@ -626,7 +649,8 @@ def aggregate(node: Node, c: ev.Close) -> dict[str, Accepted]:
                    "clipped": {}, "weight_capped": {}, "down_weighted": {}, "fallbacks": [],
                    "secure": {"ok": out.ok, "reason": out.reason, "detail": out.detail,
                               "dealt": list(out.dealt), "entered": list(out.entered),
-                              "named": dict(out.named), "evidence": evidence}}
+                              "named": dict(out.named), "evidence": evidence,
+                              "missed_opening": list(out.missed)}}
     node.audit.aggregate(r, diagnostics, node.counters.aggregation)
     sec.signed = {k: v for k, v in sec.signed.items() if k > r}  # the evidence is on disk
     st.close, st.received, st.diagnostics = c, sorted(out.selected), diagnostics

@@ -3,8 +3,9 @@ what it makes of the others'. Pure: no I/O, clock or torch; the driver feeds it 
 round machine collected and sends what it returns.
 
 Where the logic lives (the choice, and why). The round machine (gossip/protocol/) decides
-"which messages from whom, by when": a secure round is the share phase followed by three
-generic later phases, `SECURE_PHASES` = (SHARE, check, degree2, agree, sum); gossip never imports
+"which messages from whom, by when": a secure round is the share phase followed by
+generic later phases, `secure_phases(variant)`: (SHARE, check, enter, degree2, agree, sum),
+without enter for sum_only (it opens no degree-2 value: no extra exchange); gossip never imports
 node, so the machine carries opaque bodies and knows no field arithmetic. This module does
 the math, by calling node/secagg (robust.py's steps), at the machine's `SendPhase` actions:
 
@@ -27,7 +28,11 @@ the math, by calling node/secagg (robust.py's steps), at the machine's `SendPhas
            that hold every entering dealer's pieces and are in no dispute. While fewer than
            2t + 1 openers remain, the entering dealer held by the fewest holders (ties: the
            highest index) is dropped. Every member computes the same from the same checks.
-  degree2  each opener opens its masked pieces of the squared norms (and, for multi-Krum,
+  enter    (not sum_only) every member broadcasts its entry agreement: a hash of (round,
+           entered, openers) and the digest of every member's check body as it used them.
+  degree2  once `agreement_quorum` entry agreements equal its own (else `no_agreement`,
+           nothing opened: no two honest members open over different entered sets), each
+           opener opens its masked pieces of the squared norms (and, for multi-Krum,
            the pairwise squared distances) of the entering dealers; others abstain (an empty
            message: "I have nothing to open", so nobody waits for them). Decoded with
            correction (n >= 3t + 1): an opener whose piece is wrong is named.
@@ -85,19 +90,33 @@ from node.runtime.secure_agree import (
     AGREE_BYTES,
     AGREE_NONE,
     AGREE_STEPS,
+    ENTER_STEPS,
     agreement_quorum,
     body_digest,
     differing,
+    opened_elsewhere,
 )
+from node.runtime.secure_disputes import COMMIT_BYTES, challenge, piece_digest, settle
 from node.secagg import robust
 from node.secagg.encoding import AggregateOutOfBounds, FixedPoint, IntegerCodec
 from node.secagg.errors import PieceError, SecAggError, TooFewPieces, TooManyWrong
 from node.secagg.pieces import CHECK, DEGREE2, MASK, SEED, SUM, VECTOR, Piece, from_bytes, to_bytes
 
-CHECK_PHASE, DEGREE2_PHASE, AGREE_PHASE, SUM_PHASE = "check", "degree2", "agree", "sum"
+CHECK_PHASE, ENTER_PHASE, DEGREE2_PHASE, AGREE_PHASE, SUM_PHASE = (
+    "check", "enter", "degree2", "agree", "sum")
 assert AGREE_STEPS == (CHECK_PHASE, DEGREE2_PHASE)  # the steps an agreement's table names
-SECURE_PHASES = (SHARE, PhaseSpec(CHECK_PHASE), PhaseSpec(DEGREE2_PHASE), PhaseSpec(AGREE_PHASE),
-                 PhaseSpec(SUM_PHASE))
+SECURE_PHASES = (SHARE, PhaseSpec(CHECK_PHASE), PhaseSpec(ENTER_PHASE), PhaseSpec(DEGREE2_PHASE),
+                 PhaseSpec(AGREE_PHASE), PhaseSpec(SUM_PHASE))
+# sum_only opens no degree-2 value: no entry agreement, no extra exchange
+SUM_ONLY_PHASES = tuple(p for p in SECURE_PHASES if p.name != ENTER_PHASE)
+
+
+def secure_phases(variant: str) -> tuple[PhaseSpec, ...]:
+    """The round machine's phases for the variant (every member derives them from the
+    consortium's [rules])."""
+    return SUM_ONLY_PHASES if variant == "sum_only" else SECURE_PHASES
+
+
 # Deal seeded (see `SecureRound.deal`): measured at 8 members, t = 2, d = 4,810 (digits MLP),
 # memory transport: 475 KB sent per member and round seeded, 552 KB unseeded, against 153 KB
 # for today's sealed plain round (docs/privacy-secure.md "What is wired").
@@ -128,25 +147,9 @@ class SecureOutcome:
     # member -> the senders whose agreement shows it at fault (a disagreeing one, or the
     # one carrying a dispute's reveal): kept as evidence
     disagreed: dict[str, tuple[str, ...]] = field(default_factory=dict)
-
-
-COMMIT_BYTES = 32  # one BLAKE2b-256 digest per holder in a dealing's commitment
-
-
-def piece_digest(vector: bytes, mask: bytes) -> bytes:
-    """What a dealing's commitment holds for one holder: BLAKE2b-256 of the two pieces' bytes
-    as sent (a SEED piece's bytes for a seeded holder)."""
-    return blake2b(len(vector).to_bytes(8, "little") + vector + mask, digest_size=COMMIT_BYTES,
-                   person=b"flnode-sa-piece").digest()
-
-
-def challenge(consortium_id: bytes, r: int, dealer: int, commitment: bytes) -> bytes:
-    """The check's challenge for one dealing: a hash of its commitment (every holder's piece
-    digest), so it is fixed only once the dealer has bound itself to every piece
-    (Fiat-Shamir). A dealer that sends holders different commitments makes their checks
-    use different challenges: its dealing then fails the check."""
-    return blake2b(consortium_id + r.to_bytes(8, "little") + dealer.to_bytes(4, "little")
-                   + commitment, digest_size=32, person=b"flnode-sa-chal").digest()
+    # our round failed and these (more than t) opened the sum: the aggregate was applied
+    # elsewhere, our model now differs from theirs (secure_agree.opened_elsewhere)
+    missed: tuple[str, ...] = ()
 
 
 class SecureRound:
@@ -177,6 +180,7 @@ class SecureRound:
         self._bodies: dict[str, bytes] = {}  # our own body per step
         self._used: dict[str, dict[int, bytes]] = {}  # step -> member -> digest of its body
         self._statement: bytes | None = None  # the agreement we computed (None: none)
+        self._entry_statement: bytes | None = None  # the entry agreement we computed
         # (dealer, holder) -> piece kind -> the check value the holder's piece must give
         self.disputes: dict[tuple[int, int], dict[int, int]] = {}
         self.entered: tuple[int, ...] = ()
@@ -272,8 +276,44 @@ class SecureRound:
 
     # --- degree2 ----------------------------------------------------------------------------
     def degree2(self, checks: Mapping[str, bytes]) -> bytes:
+        """Variant sum_only (no entry step: nothing per member is opened): judge the
+        dealings from the checks, then abstain (an empty degree-2 body)."""
+        return self._entry(checks, DEGREE2_PHASE) or self._abstain(DEGREE2_PHASE)
+
+    def enter(self, checks: Mapping[str, bytes]) -> bytes:
         """Judge the dealings from the checks (the peers' that the machine collected; ours
-        is added), then our degree-2 body (empty: we abstain)."""
+        is added), then our entry agreement: the entered dealers and openers, and the
+        digest of every check body we used (empty: we open nothing). No degree-2 piece
+        leaves before the entry agreements are compared (`open_degree2`)."""
+        failed = self._entry(checks, ENTER_PHASE)
+        if failed is not None:
+            return failed
+        self._entry_statement = self._agreement(b"flnode-sa-enter", ENTER_STEPS,
+                                                (self.entered, self.openers))
+        body = encode_secagg(SecAgg(ENTER_PHASE, (self._entry_statement,)))
+        self._bodies[ENTER_PHASE] = body
+        return body
+
+    def open_degree2(self, enters: Mapping[str, bytes]) -> bytes:
+        """Our degree-2 body once a quorum of entry agreements (ours included) matches ours,
+        as for the sum: no two honest members open degree-2 pieces over different entered
+        sets; else empty, and the round fails (`no_agreement`, nothing opened)."""
+        if self.out.reason is not None:
+            return self._abstain(DEGREE2_PHASE)
+        failed = self._quorum(DEGREE2_PHASE, ENTER_PHASE, enters, self._entry_statement,
+                              ENTER_STEPS, "the entered dealers")
+        if failed is not None:
+            return failed
+        if self.i not in self.openers:
+            return self._abstain(DEGREE2_PHASE)
+        piece = robust.degree2_piece(self.params, self.i, self.vectors, self.masks, self.entered)
+        body = encode_secagg(SecAgg(DEGREE2_PHASE, (_to_bytes(piece),)))
+        self._bodies[DEGREE2_PHASE] = body
+        return body
+
+    def _entry(self, checks: Mapping[str, bytes], step: str) -> bytes | None:
+        """Judge the dealings from the checks: the entered dealers and the openers (None),
+        or the failed `step`'s empty body."""
         self._used[CHECK_PHASE] = self._digests(CHECK_PHASE, checks)
         got = self._read(CHECK_PHASE, checks, CHECK, 2 * self.params.members)
         held = {j: set(msg.held) for j, (msg, _) in got.items()}
@@ -290,7 +330,7 @@ class SecureRound:
         need, rule = (2 * t + 1, "2t + 1") if self.params.variant == "sum_only" else \
             (3 * t + 1, "3t + 1")
         if len(able) < need:
-            return self._fail(DEGREE2_PHASE, "too_few_openers",
+            return self._fail(step, "too_few_openers",
                               f"{len(able)} member(s) opened a usable check, {rule} = "
                               f"{need} needed (too many dropped out or are in dispute)")
         while True:
@@ -302,19 +342,14 @@ class SecureRound:
         self.entered, self.openers = tuple(sorted(entered)), openers
         self.out.entered = tuple(self.members[i - 1] for i in self.entered)
         if len(self.entered) <= t:
-            return self._fail(DEGREE2_PHASE, "too_few_contributors",
+            return self._fail(step, "too_few_contributors",
                               f"{len(self.entered)} dealing(s) entered, at most t = {t}: "
                               "opening their norms, distances or sum could reveal one")
         if len(openers) < need:
-            return self._fail(DEGREE2_PHASE, "too_few_openers",
+            return self._fail(step, "too_few_openers",
                               f"{len(openers)} member(s) can open, {rule} = {need} needed "
                               "(too many dropped out or are in dispute)")
-        if self.i not in openers or self.params.variant == "sum_only":  # it opens nothing here
-            return self._abstain(DEGREE2_PHASE)
-        piece = robust.degree2_piece(self.params, self.i, self.vectors, self.masks, self.entered)
-        body = encode_secagg(SecAgg(DEGREE2_PHASE, (_to_bytes(piece),)))
-        self._bodies[DEGREE2_PHASE] = body
-        return body
+        return None
 
     def _judge(self, held: dict[int, set[int]], pieces: dict[int, Piece]
                ) -> tuple[list[int], set[int]]:
@@ -382,7 +417,8 @@ class SecureRound:
                               f"{self.floor} the privacy ledger charged the round for: opening "
                               "their sum would under-count epsilon; not opened")
         self.sum_openers = tuple(j for j in self.openers if j not in wrong)
-        self._statement = self._agreement()
+        self._statement = self._agreement(b"flnode-sa-agree", AGREE_STEPS, (
+            self.entered, self.openers, self.selected, self.sum_openers))
         body = encode_secagg(SecAgg(AGREE_PHASE, (self._statement,)))
         self._bodies[AGREE_PHASE] = body
         return body
@@ -395,89 +431,23 @@ class SecureRound:
             out[self.i] = body_digest(own)
         return out
 
-    def _agreement(self) -> bytes:
-        """Our statement: hash(consortium, round, entered, openers, selected, sum openers,
-        the digests), then the digests: per member its check's and its degree2's."""
+    def _agreement(self, person: bytes, steps: tuple[str, ...],
+                   sets: tuple[tuple[int, ...], ...]) -> bytes:
+        """A statement: hash(consortium, round, the sets, the digests), then the digests:
+        per member its body's of each of `steps` (agree: (entered, openers, selected, sum
+        openers), check and degree2; enter: (entered, openers), check)."""
         table = b"".join(self._used.get(step, {}).get(i, AGREE_NONE)
-                         for i in range(1, self.params.members + 1) for step in AGREE_STEPS)
-        sets = b"".join(len(x).to_bytes(4, "little") + b"".join(i.to_bytes(4, "little") for i in x)
-                        for x in (self.entered, self.openers, self.selected, self.sum_openers))
-        h = blake2b(self.consortium_id + self.r.to_bytes(8, "little") + sets + table,
-                    digest_size=AGREE_BYTES, person=b"flnode-sa-agree").digest()
+                         for i in range(1, self.params.members + 1) for step in steps)
+        packed = b"".join(len(x).to_bytes(4, "little") + b"".join(i.to_bytes(4, "little") for i in x)
+                          for x in sets)
+        h = blake2b(self.consortium_id + self.r.to_bytes(8, "little") + packed + table,
+                    digest_size=AGREE_BYTES, person=person).digest()
         return h + table
 
     # --- sum ----------------------------------------------------------------------------------
     def my_disputes(self) -> tuple[int, ...]:
         """The dealers whose dealing our check disagrees with: we reveal their signed deal."""
         return tuple(sorted(i for (i, j) in self.disputes if j == self.i))
-
-    def _settle(self, reveals: Mapping[tuple[int, int], SecAgg | str], same: set[int]) -> None:
-        """Each dispute settled by the dealer-signed deal its holder revealed (verified by
-        the driver: the dealer's signature, the sealed body's committed key): the piece
-        gives the check value the other holders agree on (the holder lied: `false_dispute`)
-        or not (the dealer sent a bad piece: `bad_dealing`, proven by its signature); a
-        reveal that does not verify is the holder's (`bad_reveal`). A holder whose agreement matches ours
-        (`same`: it saw the same checks, so the same disputes) and that revealed nothing is
-        `dispute_unbacked`; one whose view differs may not know it is in dispute."""
-        for (i, j), kinds in sorted(self.disputes.items()):
-            if j == self.i:
-                continue  # ours: we revealed it
-            dealer, holder = self.members[i - 1], self.members[j - 1]
-            got = reveals.get((j, i))
-            if isinstance(got, str):
-                self.out.named[holder] = f"bad_reveal: {got}"
-                self.out.disagreed[holder] = (holder,)
-                continue
-            if got is None:
-                if j in same:
-                    self.out.named[holder] = (f"dispute_unbacked: it disputes {dealer}'s dealing "
-                                              "and revealed no piece that dealer signed")
-                continue
-            for x in (holder, dealer):  # the revealing agreement is the evidence
-                self.out.disagreed[x] = (*self.out.disagreed.get(x, ()), holder)
-            why = self._judge_reveal(i, j, kinds, got)
-            if why is None:
-                self.out.named[holder] = (f"false_dispute: the piece {dealer} signed for it "
-                                          "gives the check value the other holders agree on "
-                                          "(its own check was wrong; proof: the revealed deal)")
-            else:
-                if self.out.named.get(holder, "").startswith("dispute:"):
-                    del self.out.named[holder]  # the holder told the truth
-                proof = f"bad_dealing: {why} (proof: the deal it signed for {holder}, " \
-                        f"revealed by {holder})"
-                before = self.out.named.get(dealer)  # e.g. split_view: both are kept
-                self.out.named[dealer] = proof if before is None else f"{before}; also {proof}"
-
-    def _judge_reveal(self, i: int, j: int, kinds: Mapping[int, int], msg: SecAgg) -> str | None:
-        """None if dealer i's signed deal for holder j is right (the holder lied), else what
-        is wrong with it (the dealer's fault)."""
-        p = self.params
-        if msg.step != "deal" or len(msg.pieces) != 3 or len(msg.pieces[2]) != COMMIT_BYTES * p.members:
-            return "its revealed deal is not a deal"
-        commitment = msg.pieces[2]
-        ours = self.commitments.get(i)
-        if ours is not None and ours != commitment:
-            return "it committed to different pieces in different members' deals"
-        if commitment[COMMIT_BYTES * (j - 1):COMMIT_BYTES * j] != piece_digest(*msg.pieces[:2]):
-            return "its pieces do not match its own commitment"
-        try:
-            vec = from_bytes(msg.pieces[0], sender=i)
-            mask = from_bytes(msg.pieces[1], expected_count=p.opened + 1, expected_kind=MASK,
-                              sender=i)
-            if vec.kind == SEED:
-                vec = robust.expand_seed_piece(p, vec)
-            if (vec.round, vec.kind, vec.owner, vec.holder) != (self.r, VECTOR, i, j) or \
-                    vec.values.size != p.codec.dim + 1 or mask.key != (self.r, MASK, i, j):
-                return "its pieces are keyed for another round, dealer or holder"
-        except SecAggError as exc:
-            return f"its pieces are malformed ({exc})"
-        chal = challenge(self.consortium_id, self.r, i, commitment)
-        for kind, expected in sorted(kinds.items()):
-            piece = vec if kind == VECTOR else mask
-            if robust.resolve_dispute(p, chal, piece, expected) == "dealer":
-                return (f"its signed {'vector' if kind == VECTOR else 'mask'} piece does not "
-                        "give the check value its other holders' pieces agree on")
-        return None
 
     def sum(self, agreements: Mapping[str, bytes],
             reveals: Mapping[tuple[int, int], SecAgg | str] | None = None) -> bytes:
@@ -486,42 +456,10 @@ class SecureRound:
         the sum is opened. A mismatching agreement names who split the views."""
         if self.out.reason is not None:
             return self._abstain(SUM_PHASE)
-        own = self._bodies.get(AGREE_PHASE)
-        signed = decode_secagg(own, self.params.members).pieces[:1] if own else ()
-        if signed != ((self._statement,) if self._statement is not None else ()):
-            # a run before a restart agreed to something else: never open
-            return self._fail(SUM_PHASE, "agreement_changed",
-                              "the agreement we signed before a restart is not the one we "
-                              "compute now (our view of the round changed): not opened")
-        assert self._statement is not None
-        q = agreement_quorum(self.params.members, self.params.threshold)
-        matching = [self.me]
-        for sender, body in sorted(agreements.items()):
-            if sender == self.me or sender not in self.index:
-                continue
-            try:
-                msg = decode_secagg(body, self.params.members, sender)
-                if msg.step != AGREE_PHASE or msg.held:
-                    raise PieceError(f"a {msg.step} message where an agreement was expected",
-                                     self.index[sender])
-                if msg.pieces and len(msg.pieces[0]) != len(self._statement):
-                    raise PieceError(f"an agreement of {len(msg.pieces[0])} bytes, "
-                                     f"{len(self._statement)} expected", self.index[sender])
-            except (RemoteError, SecAggError) as exc:
-                self.out.named.setdefault(sender, f"bad_agree: {exc}")
-                continue
-            if not msg.pieces:
-                continue  # it opens nothing this round: not counted either way
-            if msg.pieces[0] == self._statement:
-                matching.append(sender)
-            else:
-                self._disagree(sender, msg.pieces[0])
-        self._settle(reveals or {}, {self.index[m] for m in matching})
-        if len(matching) < q:
-            return self._fail(SUM_PHASE, "no_agreement",
-                              f"{len(matching)} member(s) agree with what we would open "
-                              f"({', '.join(matching)}), {q} = ceil((n + t + 1) / 2) needed: "
-                              "the members' views of the round differ, nothing opened")
+        failed = self._quorum(SUM_PHASE, AGREE_PHASE, agreements, self._statement, AGREE_STEPS,
+                              "what we would open", reveals or {})
+        if failed is not None:
+            return failed
         if self.i not in self.sum_openers:
             return self._abstain(SUM_PHASE)
         piece = robust.sum_piece(self.params, self.i, self.vectors, self.selected)
@@ -529,17 +467,61 @@ class SecureRound:
         self._bodies[SUM_PHASE] = body
         return body
 
-    def _disagree(self, sender: str, theirs: bytes) -> None:
+    def _quorum(self, step: str, kind: str, agreements: Mapping[str, bytes],
+                statement: bytes | None, steps: tuple[str, ...], what: str,
+                reveals: Mapping[tuple[int, int], SecAgg | str] | None = None) -> bytes | None:
+        """None once `agreement_quorum` agreements of `kind` (ours included) equal our
+        `statement`; else `step` failed (`no_agreement`, or `agreement_changed`: the one we
+        signed before a restart is not the one we compute now), its empty body. A
+        mismatching agreement names who split the views; `reveals` (the sum step's) settle
+        the disputes among the members that agree."""
+        own = self._bodies.get(kind)
+        signed = decode_secagg(own, self.params.members).pieces[:1] if own else ()
+        if statement is None or signed != (statement,):
+            # a run before a restart agreed to something else: never open
+            return self._fail(step, "agreement_changed",
+                              f"the {kind} agreement we signed before a restart is not the one "
+                              "we compute now (our view of the round changed): not opened")
+        q = agreement_quorum(self.params.members, self.params.threshold)
+        matching = [self.me]
+        for sender, body in sorted(agreements.items()):
+            if sender == self.me or sender not in self.index:
+                continue
+            try:
+                msg = decode_secagg(body, self.params.members, sender)
+                if msg.step != kind or msg.held:
+                    raise PieceError(f"a {msg.step} message where an agreement was expected",
+                                     self.index[sender])
+                if msg.pieces and len(msg.pieces[0]) != len(statement):
+                    raise PieceError(f"an agreement of {len(msg.pieces[0])} bytes, "
+                                     f"{len(statement)} expected", self.index[sender])
+            except (RemoteError, SecAggError) as exc:
+                self.out.named.setdefault(sender, f"bad_{kind}: {exc}")
+                continue
+            if not msg.pieces:
+                continue  # it opens nothing this round: not counted either way
+            if msg.pieces[0] == statement:
+                matching.append(sender)
+            else:
+                self._disagree(sender, msg.pieces[0], statement, steps)
+        if reveals is not None:
+            settle(self, reveals, {self.index[m] for m in matching})
+        if len(matching) < q:
+            return self._fail(step, "no_agreement",
+                              f"{len(matching)} member(s) agree on {what} ({', '.join(matching)}"
+                              f"; {kind} step), {q} = ceil((n + t + 1) / 2) needed: the "
+                              "members' views of the round differ, nothing opened")
+        return None
+
+    def _disagree(self, sender: str, theirs: bytes, mine: bytes, steps: tuple[str, ...]) -> None:
         """Name who a mismatching agreement shows at fault: the member whose check or degree2
         body differs between the sender's view and ours (it signed two different bodies, or
         sent one to some members only: a claim, proven when it is the sender itself), or the
         sender when it reports the same bodies and another outcome (every member computes
         the same from the same bodies) or misreports our own body."""
-        assert self._statement is not None
         k = self.index[sender]
-        mine = self._statement
         by = self.out.disagreed
-        differ = differing(mine, theirs, self.params.members)
+        differ = differing(mine, theirs, self.params.members, steps)
         if not differ:
             self.out.named.setdefault(sender, "bad_agreement: the same check and degree2 "
                                       "bodies as ours and another outcome (every member "
@@ -567,8 +549,10 @@ class SecureRound:
                 by[who] = (*by.get(who, ()), sender)
 
     def finish(self, sums: Mapping[str, bytes]) -> SecureOutcome:
-        """The aggregate from the sum pieces (the same at every member), or the reason."""
+        """The aggregate from the sum pieces (the same at every member), or the reason (and
+        who opened the sum all the same: `missed`)."""
         if self.out.reason is not None:
+            self.out.missed = opened_elsewhere(sums, self.me, self.members, self.params.threshold)
             return self.out
         got = self._read(SUM_PHASE, sums, SUM, self.params.codec.dim, self.sum_openers)
         opened = {j: piece for j, (_, piece) in got.items() if piece is not None}
@@ -678,8 +662,12 @@ class SecureRounds:
             for sender, msg in sorted(deals.items()):
                 sr.file_deal(sender, msg)
             return sr.check()
-        if phase == DEGREE2_PHASE:
+        if phase == ENTER_PHASE:
+            return sr.enter(got.get(CHECK_PHASE, {}))
+        if phase == DEGREE2_PHASE and self.variant == "sum_only":
             return sr.degree2(got.get(CHECK_PHASE, {}))
+        if phase == DEGREE2_PHASE:
+            return sr.open_degree2(got.get(ENTER_PHASE, {}))
         if phase == AGREE_PHASE:
             return sr.agree(got.get(DEGREE2_PHASE, {}))
         if phase == SUM_PHASE:

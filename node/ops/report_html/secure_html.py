@@ -19,13 +19,13 @@ from node.ops.report_html.secure import (
 )
 
 MUTED_DASH = '<span class="muted">—</span>'
-# docs/privacy-secure.md "Known hole" (main at e4efdf1): until the agreement step is built, a
-# member's views of who entered can differ, and one hostile member can then learn one honest
-# contribution in some rounds. Drop this sentence (and the anchor) when that page does.
-KNOWN_HOLE = ("The mode is experimental: the members agree on what they open before any sum "
-              "piece leaves, but a hostile member can still make honest members open their "
-              "degree-2 values (norms, distances) over different entered sets in a round whose "
-              "agreement then fails; what those reveal together is not analysed ")
+# docs/privacy-secure.md "What the agreement does not close": the entry and sum agreements
+# close the split views; what is left (a member missing the opening keeps another model).
+# Keep this sentence as far as that section goes; drop it (and the anchor) when it does.
+KNOWN_HOLE = ("The mode is experimental: the members agree on who entered before any degree-2 "
+              "value (norms, distances) leaves and on what they open before any sum piece "
+              "leaves; a member whose round failed while others opened keeps a different "
+              "model (named missed_opening) ")
 HOLE_ANCHOR = "#what-the-agreement-does-not-close"
 
 # What a member learns, per variant (docs/privacy-secure.md "What each party learns").
