@@ -247,7 +247,7 @@ def inner_simulate(argv: list[str]) -> int:
 
 
 def simulate_row(label: str, flags: list[str], overrides: dict[str, Any],
-                 workdir: Path) -> dict[str, Any]:
+                 workdir: Path, timeout: float = ROW_TIMEOUT_S) -> dict[str, Any]:
     """One `flnode simulate` (through inner_simulate) and what its run directory says."""
     import os
     import resource
@@ -261,12 +261,12 @@ def simulate_row(label: str, flags: list[str], overrides: dict[str, Any],
     t0 = time.perf_counter()
     try:
         proc = subprocess.run(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                              text=True, timeout=ROW_TIMEOUT_S,
+                              text=True, timeout=timeout,
                               env={**os.environ, "PYTHONPATH": str(ROOT)})
         error = None if proc.returncode == 0 else \
             f"exit {proc.returncode}: {proc.stderr.strip().splitlines()[-1:]}"
     except subprocess.TimeoutExpired:
-        error = f"timeout after {ROW_TIMEOUT_S:.0f} s"
+        error = f"timeout after {timeout:.0f} s"
     wall = time.perf_counter() - t0
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     row: dict[str, Any] = {
@@ -372,7 +372,7 @@ def grid_main(args: argparse.Namespace) -> int:
             for label, flags, ov in grid_rows(grid, args):
                 if args.only and not any(o in label for o in args.only.split(",")):
                     continue
-                row = simulate_row(label, flags, ov, work)
+                row = simulate_row(label, flags, ov, work, args.row_timeout)
                 if grid == "quality" and "DP eps" in label and row.get("error") is None:
                     table, seed = label.split()[1], int(label.split()[3][:-1])
                     row["central_dp"] = centralized_dp(table, seed, 30, args.epsilon, "fixed",
@@ -478,6 +478,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--attacker", default="site-1")
     ap.add_argument("--robust-rounds", type=int, default=30)
     ap.add_argument("--cost-rounds", type=int, default=4)
+    ap.add_argument("--row-timeout", type=float, default=ROW_TIMEOUT_S,
+                    help="seconds before a row's simulate is stopped (the row says so)")
     ap.add_argument("--only", default="",
                     help="comma list: run only the grid rows whose label contains one")
     argv = sys.argv[1:] if argv is None else argv
