@@ -367,6 +367,8 @@ def grid_main(args: argparse.Namespace) -> int:
             "robust_rounds": args.robust_rounds, "cost_rounds": args.cost_rounds,
             "rounds": args.rounds, "tables": args.tables, "only": args.only,
             "cpus": __import__("os").cpu_count()}, "rows": []}
+        if args.merge and out.exists():  # re-run some rows (--only) into an earlier run's file
+            doc = json.loads(out.read_text())
         with tempfile.TemporaryDirectory() as tmp:
             work = Path(tmp)
             for label, flags, ov in grid_rows(grid, args):
@@ -377,7 +379,11 @@ def grid_main(args: argparse.Namespace) -> int:
                     table, seed = label.split()[1], int(label.split()[3][:-1])
                     row["central_dp"] = centralized_dp(table, seed, 30, args.epsilon, "fixed",
                                                        work)["final"]
-                doc["rows"].append(row)
+                doc["rows"] = [r for r in doc["rows"] if r["label"] != label] + [row]
+                if args.merge:  # keep the grid's order
+                    order = [lb for lb, _, _ in grid_rows(grid, args)]
+                    doc["rows"].sort(key=lambda r: order.index(r["label"])
+                                     if r["label"] in order else len(order))
                 out.write_text(json.dumps(doc, indent=1, sort_keys=True) + "\n")
                 print(row_line(grid, row, doc["rows"]), flush=True)
         print(f"wrote {out}")
@@ -480,6 +486,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--cost-rounds", type=int, default=4)
     ap.add_argument("--row-timeout", type=float, default=ROW_TIMEOUT_S,
                     help="seconds before a row's simulate is stopped (the row says so)")
+    ap.add_argument("--merge", action="store_true",
+                    help="replace the --only rows in OUT_DIR/secure_<grid>.json, keep the rest")
     ap.add_argument("--only", default="",
                     help="comma list: run only the grid rows whose label contains one")
     argv = sys.argv[1:] if argv is None else argv
