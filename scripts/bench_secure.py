@@ -361,6 +361,9 @@ def grid_rows(grid: str, args: argparse.Namespace) -> list[tuple[str, list[str],
 def grid_main(args: argparse.Namespace) -> int:
     for grid in args.grid.split(","):
         out = args.out_dir / f"secure_{grid}.json"
+        if args.show:  # the table of an earlier (or running) grid's file
+            print(table_text(json.loads(out.read_text())))
+            continue
         out.parent.mkdir(parents=True, exist_ok=True)
         doc: dict[str, Any] = {"grid": grid, "config": {
             "epsilon": args.epsilon, "attacker": args.attacker, "seeds": args.seeds,
@@ -486,6 +489,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--cost-rounds", type=int, default=4)
     ap.add_argument("--row-timeout", type=float, default=ROW_TIMEOUT_S,
                     help="seconds before a row's simulate is stopped (the row says so)")
+    ap.add_argument("--show", action="store_true",
+                    help="print the tables of OUT_DIR/secure_<grid>.json, run nothing")
     ap.add_argument("--merge", action="store_true",
                     help="replace the --only rows in OUT_DIR/secure_<grid>.json, keep the rest")
     ap.add_argument("--only", default="",
