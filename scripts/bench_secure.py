@@ -395,7 +395,7 @@ def grid_main(args: argparse.Namespace) -> int:
 
 
 def _fmt(x: Any, spec: str) -> str:
-    return "—" if x is None else format(x, spec)
+    return "" if x is None else format(x, spec)
 
 
 def row_line(grid: str, row: dict[str, Any], rows: list[dict[str, Any]]) -> str:
@@ -427,7 +427,9 @@ def table_text(doc: dict[str, Any]) -> str:
             d = None if ref is None else r["honest"] - ref
             ok = "" if d is None or r["label"].endswith("clean") else (
                 "met" if d >= -GOALS["robust"] else "NOT met")
-            ex = "; ".join(f"{k}" + ", ".join(f" {w} {n}" for w, n in v.items())
+            ex = "; ".join(f"{k}: " + ", ".join(f"{w} {n}" for w, n in sorted(v.items())
+                                                 if w != "member_rounds")
+                           + f" of {v.get('member_rounds', 0)}"
                            for k, v in r.get("attacker_excluded", {}).items())
             lines.append(f"| {r['label']} | {r['honest']:.4f} | {_fmt(d, '+.4f')} | {ok} | "
                          f"{r['member_rounds_without_aggregate']}/{r['member_rounds']} | {ex} | "
@@ -448,8 +450,8 @@ def table_text(doc: dict[str, Any]) -> str:
             rb = r["bytes_per_member_per_round"] / p["bytes_per_member_per_round"] if ok else None
             rs = r["round_seconds"] / p["round_seconds"] if ok else None
             lines.append(f"| {key} | {mode.strip()} | {r['round_seconds']:.3f} | "
-                         f"{r['bytes_per_member_per_round'] / 1e3:.1f} | {_fmt(rb, '.2f')}x | "
-                         f"{_fmt(rs, '.2f')}x | {r['wall_seconds']:.0f} | {r['load_before'][0]} |")
+                         f"{r['bytes_per_member_per_round'] / 1e3:.1f} | {_fmt(rb, '.2f')} | "
+                         f"{_fmt(rs, '.2f')} | {r['wall_seconds']:.0f} | {r['load_before'][0]} |")
     else:
         lines += ["| run | metric | secure | reference | difference | eps | rounds | wall s | "
                   "load 1m |", "|---|---|---|---|---|---|---|---|---|"]
