@@ -281,6 +281,7 @@ def simulate_row(label: str, flags: list[str], overrides: dict[str, Any],
         return row
     summary = json.loads((out / "summary.json").read_text())
     secs, sent, failed, rounds_seen = [], [], 0, 0
+    reasons: dict[str, int] = {}  # failed secure rounds (member-rounds) by reason
     for state in sorted((out / "state").iterdir()):
         for line in (state / "metrics.jsonl").read_text().splitlines():
             rec = json.loads(line)
@@ -290,8 +291,13 @@ def simulate_row(label: str, flags: list[str], overrides: dict[str, Any],
             if rec.get("round", 0) >= 1:  # round 0 carries the process's warm-up
                 secs.append(rec["seconds"])
             rounds_seen += 1
-            if not rec.get("aggregation", {}).get("used"):
+        for line in (state / "audit.jsonl").read_text().splitlines():
+            rec = json.loads(line)  # a secure round's outcome is in its audit line only
+            sec = rec.get("secure") if rec.get("kind") == "aggregate" else None
+            if isinstance(sec, dict) and not sec.get("ok", True):
                 failed += 1
+                why = str(sec.get("reason"))
+                reasons[why] = reasons.get(why, 0) + 1
     honest = summary.get("honest") or summary["consortium"]
     row.update({
         "metric": summary["metric"], "honest": honest["mean"],
@@ -299,6 +305,7 @@ def simulate_row(label: str, flags: list[str], overrides: dict[str, Any],
         "same_model": len(set(summary["consortium"]["per_node"].values())) == 1,
         "rounds": summary["rounds"], "rounds_done": summary["rounds_done"],
         "member_rounds_without_aggregate": failed, "member_rounds": rounds_seen,
+        "failed_reasons": reasons,
         "round_seconds": sum(secs) / max(1, len(secs)),
         "bytes_per_member_per_round": sum(sent) / max(1, len(sent)),
         "epsilon": max((e for e in summary["epsilon"]["per_node"].values() if e is not None),
