@@ -449,7 +449,7 @@ def table_text(doc: dict[str, Any]) -> str:
         for r in rows:
             key, mode = r["label"].removeprefix("cost ").rsplit(":", 1)
             if r.get("error"):
-                lines.append(f"| {key} | {mode} FAILED: {r['error']} | | | | | "
+                lines.append(f"| {key} | {mode.strip()} FAILED: {r['error']} | | | | | "
                              f"{r['wall_seconds']:.0f} | {r['load_before'][0]} |")
                 continue
             p = plain.get(r["label"].rsplit(":", 1)[0])
