@@ -436,7 +436,7 @@ def table_text(doc: dict[str, Any]) -> str:
                 "met" if d >= -GOALS["robust"] else "NOT met")
             ex = "; ".join(f"{k}: " + ", ".join(f"{w} {n}" for w, n in sorted(v.items())
                                                  if w != "member_rounds")
-                           + f" of {v.get('member_rounds', 0)}"
+                           + ("" if len(v) > 1 else "none") + f" of {v.get('member_rounds', 0)}"
                            for k, v in r.get("attacker_excluded", {}).items())
             lines.append(f"| {r['label']} | {r['honest']:.4f} | {_fmt(d, '+.4f')} | {ok} | "
                          f"{r['member_rounds_without_aggregate']}/{r['member_rounds']} | {ex} | "
