@@ -32,7 +32,33 @@ non-private centralized baselines included), bytes sent per member per round.
 
     .venv/bin/python scripts/bench_secure.py --protocol --seeds 1
 
-Writes runs/bench/secure.json unless --out; prints a table.
+`--grid robust,cost,quality` (issue 22's "What it must show", every row a real `flnode
+simulate` subprocess; its JSON rewritten after each row, so an interrupted run keeps its
+rows; the load average beside each figure; a table at the end):
+
+- robust: one attacker (--attacker, default site-1: the member with the most rows, the
+  worst case for kinds whose weight follows rows) at 8 members, dirichlet 0.5, digits, for
+  sign-flip, scale, noise, label-flip (node/rehearsal/attacks.py; in secure mode the
+  model-level kinds act on the dealt contribution, HostileCodec): with DP on the sum
+  (--privacy record --epsilon E: secure_select "sum", nothing per member opened), honest
+  accuracy against the clean run of the same mode; and without DP with secure_select
+  "multi-krum" (--robust-rounds rounds), where the selection on distances can leave the
+  attacker out (who was excluded, and why, per attacker);
+- cost: per-round seconds and bytes sent per member per round, secure vs today's plain
+  sealed round (--seal on, the default rule), privacy off, --cost-rounds rounds (the first
+  round, with its warm-up, left out of the seconds), digits iid, at 4, 8, 16, 32 members and
+  an MLP of hidden 64 (4,810 parameters: the ~5k size) and hidden 1333 (99,985: the ~100k);
+- quality: per table and seed, the secure DP run (`--secure --privacy record --epsilon E`,
+  the node's own plan) against centralized DP-SGD (fixed recipe, same epsilon and
+  accountant), and the secure run without DP (secure_select "sum", privacy off,
+  --rounds rounds) against simulate's centralized non-private baseline.
+
+    .venv/bin/python scripts/bench_secure.py --grid robust --out-dir docs/results
+    .venv/bin/python scripts/bench_secure.py --grid cost --out-dir docs/results
+    .venv/bin/python scripts/bench_secure.py --grid quality --seeds 3 --out-dir docs/results
+
+Writes runs/bench/secure.json unless --out (--grid: OUT_DIR/secure_<grid>.json); prints a
+table.
 """
 
 from __future__ import annotations
@@ -191,6 +217,264 @@ def protocol_main(args: argparse.Namespace) -> int:
 
 DEFAULT_OUT = ROOT / "runs" / "bench" / "secure.json"
 
+# --- --grid: rows of real `flnode simulate` runs -----------------------------------------
+ATTACKS = ("sign-flip", "scale", "noise", "label-flip")
+# cost grid: the MLP hidden widths on digits (64 features, 10 classes: 75 h + 10 parameters)
+COST_SIZES = {"5k": 64, "100k": 1333}
+COST_MEMBERS = (4, 8, 16, 32)
+# a row's subprocess is stopped after this long (a row, not the grid, is lost)
+ROW_TIMEOUT_S = 1800.0
+GOALS = {"robust": 0.02, "cost_ratio_8": 3.0, "dp": {"digits": 0.01, "default": 0.003,
+                                                     "churn": 0.02}, "nodp": 0.01}
+
+
+def inner_simulate(argv: list[str]) -> int:
+    """`bench_secure.py --inner OVERRIDES_JSON SIMULATE_ARGS...`: `flnode simulate` with
+    SimulationSpec fields the command line does not reach (secure_select "sum", the MLP's
+    hidden width) replaced after parsing; everything else is the CLI's path."""
+    import dataclasses
+
+    from node.cli import build_parser
+    from node.rehearsal.simulation.output import simulate
+    from node.rehearsal.simulation.scenario import spec_from_args
+
+    overrides = json.loads(argv[0])
+    args = build_parser().parse_args(["simulate", *argv[1:]])
+    notes: list[str] = []
+    spec = dataclasses.replace(spec_from_args(args, notes=notes), **overrides)
+    simulate(spec, notes=notes)
+    return 0
+
+
+def simulate_row(label: str, flags: list[str], overrides: dict[str, Any],
+                 workdir: Path, timeout: float = ROW_TIMEOUT_S) -> dict[str, Any]:
+    """One `flnode simulate` (through inner_simulate) and what its run directory says."""
+    import os
+    import resource
+    import subprocess
+
+    out = workdir / f"row-{len(list(workdir.iterdir()))}"
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--inner", json.dumps(overrides),
+           *flags, "--out", str(out)]
+    load_before = os.getloadavg()
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    t0 = time.perf_counter()
+    try:
+        proc = subprocess.run(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                              text=True, timeout=timeout,
+                              env={**os.environ, "PYTHONPATH": str(ROOT)})
+        error = None if proc.returncode == 0 else \
+            f"exit {proc.returncode}: {proc.stderr.strip().splitlines()[-1:]}"
+    except subprocess.TimeoutExpired:
+        error = f"timeout after {timeout:.0f} s"
+    wall = time.perf_counter() - t0
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    row: dict[str, Any] = {
+        "label": label, "command": "flnode simulate " + " ".join(flags) + (
+            f"  (SimulationSpec overrides {overrides})" if overrides else ""),
+        "wall_seconds": wall,
+        "cpu_seconds": (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime),
+        "load_before": [round(x, 2) for x in load_before],
+        "load_after": [round(x, 2) for x in os.getloadavg()], "error": error}
+    if error is not None or not (out / "summary.json").exists():
+        row["error"] = error or "no summary.json"
+        return row
+    summary = json.loads((out / "summary.json").read_text())
+    secs, sent, failed, rounds_seen = [], [], 0, 0
+    reasons: dict[str, int] = {}  # failed secure rounds (member-rounds) by reason
+    for state in sorted((out / "state").iterdir()):
+        for line in (state / "metrics.jsonl").read_text().splitlines():
+            rec = json.loads(line)
+            if "round_bytes_sent" not in rec:
+                continue
+            sent.append(rec["round_bytes_sent"])
+            if rec.get("round", 0) >= 1:  # round 0 carries the process's warm-up
+                secs.append(rec["seconds"])
+            rounds_seen += 1
+        for line in (state / "audit.jsonl").read_text().splitlines():
+            rec = json.loads(line)  # a secure round's outcome is in its audit line only
+            sec = rec.get("secure") if rec.get("kind") == "aggregate" else None
+            if isinstance(sec, dict) and not sec.get("ok", True):
+                failed += 1
+                why = str(sec.get("reason"))
+                reasons[why] = reasons.get(why, 0) + 1
+    honest = summary.get("honest") or summary["consortium"]
+    row.update({
+        "metric": summary["metric"], "honest": honest["mean"],
+        "consortium": summary["consortium"]["mean"], "centralized": summary["centralized"],
+        "same_model": len(set(summary["consortium"]["per_node"].values())) == 1,
+        "rounds": summary["rounds"], "rounds_done": summary["rounds_done"],
+        "member_rounds_without_aggregate": failed, "member_rounds": rounds_seen,
+        "failed_reasons": reasons,
+        "round_seconds": sum(secs) / max(1, len(secs)),
+        "bytes_per_member_per_round": sum(sent) / max(1, len(sent)),
+        "epsilon": max((e for e in summary["epsilon"]["per_node"].values() if e is not None),
+                       default=None),
+        "rules": {k: summary["rules"].get(k) for k in ("secure", "secure_threshold",
+                                                       "secure_select", "aggregation")}})
+    seen = summary.get("attack", {}).get("seen_by", {})
+    if seen:  # per attacker: what the honest members did with it, summed over them
+        excl: dict[str, dict[str, int]] = {}
+        for by in seen.values():
+            for attacker, s in by.items():
+                tally = excl.setdefault(attacker, {})
+                for why, k in s.get("excluded", {}).items():
+                    tally[why] = tally.get(why, 0) + k
+                tally["member_rounds"] = tally.get("member_rounds", 0) + s.get("rounds", 0)
+        row["attacker_excluded"] = excl
+    plan = next((out / "state").iterdir()) / "secure_plan.json"
+    if plan.exists():
+        p = json.loads(plan.read_text())
+        row["plan"] = {k: p.get(k) for k in ("noise_multiplier", "sample_rate", "steps", "lr",
+                                             "rows_total", "dim")}
+    shutil.rmtree(out, ignore_errors=True)
+    return row
+
+
+def grid_rows(grid: str, args: argparse.Namespace) -> list[tuple[str, list[str], dict]]:
+    """(label, simulate flags, SimulationSpec overrides) of a grid, cheap rows first."""
+    eps = ["--privacy", "record", "--epsilon", f"{args.epsilon:g}"]
+    base = ["--dataset", "digits", "--nodes", "8", "--partition", "dirichlet:0.5", "--secure"]
+    rows: list[tuple[str, list[str], dict]] = []
+    if grid == "robust":
+        nodp = [*base, "--rounds", str(args.robust_rounds)]
+        for mode, flags, ov in (("multi-krum, no DP", nodp, {"secure_select": "multi-krum"}),
+                                (f"sum, DP eps {args.epsilon:g}", [*base, *eps], {})):
+            rows.append((f"{mode}: clean", flags, ov))
+            rows += [(f"{mode}: {k}", [*flags, "--attack", f"{k}:{args.attacker}"], ov)
+                     for k in ATTACKS]
+    elif grid == "cost":
+        for n in COST_MEMBERS:
+            for size, hidden in COST_SIZES.items():
+                flags = ["--dataset", "digits", "--nodes", str(n), "--partition", "iid",
+                         "--rounds", str(args.cost_rounds), "--seal", "on"]
+                rows.append((f"cost n={n} {size}: plain sealed", flags, {"hidden": hidden}))
+                rows.append((f"cost n={n} {size}: secure", [*flags, "--secure"],
+                             {"hidden": hidden}))
+    elif grid == "quality":
+        for table in args.tables.split(","):
+            for seed in range(args.seeds):
+                flags = ["--dataset", table, "--nodes", "8", "--partition", TABLES[table],
+                         "--secure", "--seed", str(seed)]
+                rows.append((f"quality {table} seed {seed}: secure, no DP (sum)",
+                             [*flags, "--rounds", str(args.rounds)], {"secure_select": "sum"}))
+                rows.append((f"quality {table} seed {seed}: secure DP eps {args.epsilon:g}",
+                             [*flags, *eps], {}))
+    else:
+        raise SystemExit(f"--grid {grid!r}: robust, cost or quality")
+    return rows
+
+
+def grid_main(args: argparse.Namespace) -> int:
+    for grid in args.grid.split(","):
+        out = args.out_dir / f"secure_{grid}.json"
+        if args.show:  # the table of an earlier (or running) grid's file
+            print(table_text(json.loads(out.read_text())))
+            continue
+        out.parent.mkdir(parents=True, exist_ok=True)
+        doc: dict[str, Any] = {"grid": grid, "config": {
+            "epsilon": args.epsilon, "attacker": args.attacker, "seeds": args.seeds,
+            "robust_rounds": args.robust_rounds, "cost_rounds": args.cost_rounds,
+            "rounds": args.rounds, "tables": args.tables, "only": args.only,
+            "cpus": __import__("os").cpu_count()}, "rows": []}
+        if args.merge and out.exists():  # re-run some rows (--only) into an earlier run's file
+            doc = json.loads(out.read_text())
+        with tempfile.TemporaryDirectory() as tmp:
+            work = Path(tmp)
+            for label, flags, ov in grid_rows(grid, args):
+                if args.only and not any(o in label for o in args.only.split(",")):
+                    continue
+                row = simulate_row(label, flags, ov, work, args.row_timeout)
+                if grid == "quality" and "DP eps" in label and row.get("error") is None:
+                    table, seed = label.split()[1], int(label.split()[3][:-1])
+                    row["central_dp"] = centralized_dp(table, seed, 30, args.epsilon, "fixed",
+                                                       work)["final"]
+                doc["rows"] = [r for r in doc["rows"] if r["label"] != label] + [row]
+                if args.merge:  # keep the grid's order
+                    order = [lb for lb, _, _ in grid_rows(grid, args)]
+                    doc["rows"].sort(key=lambda r: order.index(r["label"])
+                                     if r["label"] in order else len(order))
+                out.write_text(json.dumps(doc, indent=1, sort_keys=True) + "\n")
+                print(row_line(grid, row, doc["rows"]), flush=True)
+        print(f"wrote {out}")
+        print(table_text(doc))
+    return 0
+
+
+def _fmt(x: Any, spec: str) -> str:
+    return "" if x is None else format(x, spec)
+
+
+def row_line(grid: str, row: dict[str, Any], rows: list[dict[str, Any]]) -> str:
+    if row.get("error"):
+        return f"{row['label']}: FAILED ({row['error']}), load {row['load_before'][0]}"
+    return (f"{row['label']}: honest {row['honest']:.4f} rounds/member-rounds without aggregate "
+            f"{row['member_rounds_without_aggregate']}/{row['member_rounds']}, round "
+            f"{row['round_seconds']:.2f} s, {row['bytes_per_member_per_round'] / 1e3:.1f} KB, "
+            f"wall {row['wall_seconds']:.0f} s, load {row['load_before'][0]}")
+
+
+def table_text(doc: dict[str, Any]) -> str:
+    """The grid's markdown table (docs/results/secure.md takes it as printed)."""
+    grid, rows = doc["grid"], doc["rows"]
+    lines = []
+    if grid == "robust":
+        clean = {r["label"].split(":")[0]: r.get("honest") for r in rows
+                 if r["label"].endswith(": clean")}
+        lines += ["| mode: attack | honest acc | vs clean | goal 0.02 | rounds without "
+                  "aggregate | attacker excluded (member-rounds) | eps | wall s | load 1m |",
+                  "|---|---|---|---|---|---|---|---|---|"]
+        for r in rows:
+            mode = r["label"].split(":")[0]
+            if r.get("error"):
+                lines.append(f"| {r['label']} | FAILED: {r['error']} | | | | | | "
+                             f"{r['wall_seconds']:.0f} | {r['load_before'][0]} |")
+                continue
+            ref = clean.get(mode)
+            d = None if ref is None else r["honest"] - ref
+            ok = "" if d is None or r["label"].endswith("clean") else (
+                "met" if d >= -GOALS["robust"] else "NOT met")
+            ex = "; ".join(f"{k}: " + ", ".join(f"{w} {n}" for w, n in sorted(v.items())
+                                                 if w != "member_rounds")
+                           + ("" if len(v) > 1 else "none") + f" of {v.get('member_rounds', 0)}"
+                           for k, v in r.get("attacker_excluded", {}).items())
+            lines.append(f"| {r['label']} | {r['honest']:.4f} | {_fmt(d, '+.4f')} | {ok} | "
+                         f"{r['member_rounds_without_aggregate']}/{r['member_rounds']} | {ex} | "
+                         f"{_fmt(r['epsilon'], '.3f')} | {r['wall_seconds']:.0f} | "
+                         f"{r['load_before'][0]} |")
+    elif grid == "cost":
+        plain = {r["label"].rsplit(":", 1)[0]: r for r in rows if r["label"].endswith("plain sealed")}
+        lines += ["| members, size | mode | s / round | KB / member / round | bytes vs plain | "
+                  "s vs plain | wall s | load 1m |", "|---|---|---|---|---|---|---|---|"]
+        for r in rows:
+            key, mode = r["label"].removeprefix("cost ").rsplit(":", 1)
+            if r.get("error"):
+                lines.append(f"| {key} | {mode.strip()} FAILED: {r['error']} | | | | | "
+                             f"{r['wall_seconds']:.0f} | {r['load_before'][0]} |")
+                continue
+            p = plain.get(r["label"].rsplit(":", 1)[0])
+            ok = p is not None and not p.get("error") and mode.strip() == "secure"
+            rb = r["bytes_per_member_per_round"] / p["bytes_per_member_per_round"] if ok else None
+            rs = r["round_seconds"] / p["round_seconds"] if ok else None
+            lines.append(f"| {key} | {mode.strip()} | {r['round_seconds']:.3f} | "
+                         f"{r['bytes_per_member_per_round'] / 1e3:.1f} | {_fmt(rb, '.2f')} | "
+                         f"{_fmt(rs, '.2f')} | {r['wall_seconds']:.0f} | {r['load_before'][0]} |")
+    else:
+        lines += ["| run | metric | secure | reference | difference | eps | rounds | wall s | "
+                  "load 1m |", "|---|---|---|---|---|---|---|---|---|"]
+        for r in rows:
+            if r.get("error"):
+                lines.append(f"| {r['label']} | FAILED: {r['error']} | | | | | | "
+                             f"{r['wall_seconds']:.0f} | {r['load_before'][0]} |")
+                continue
+            ref, what = (r["central_dp"], "central DP-SGD") if "central_dp" in r else \
+                (r["centralized"], "central")
+            lines.append(f"| {r['label']} | {r['metric']} | {r['consortium']:.4f} | "
+                         f"{ref:.4f} ({what}) | {r['consortium'] - ref:+.4f} | "
+                         f"{_fmt(r['epsilon'], '.3f')} | {r['rounds']} | "
+                         f"{r['wall_seconds']:.0f} | {r['load_before'][0]} |")
+    return "\n".join(lines)
+
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -206,7 +490,26 @@ def main(argv: list[str] | None = None) -> int:
                     help="run the real `flnode simulate --secure --privacy record` path "
                          "(digits, 8 members) instead of the simulated sum")
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    ap.add_argument("--grid", default=None,
+                    help="comma list of robust, cost, quality (real simulate runs per row)")
+    ap.add_argument("--out-dir", type=Path, default=ROOT / "runs" / "bench")
+    ap.add_argument("--attacker", default="site-1")
+    ap.add_argument("--robust-rounds", type=int, default=30)
+    ap.add_argument("--cost-rounds", type=int, default=4)
+    ap.add_argument("--row-timeout", type=float, default=ROW_TIMEOUT_S,
+                    help="seconds before a row's simulate is stopped (the row says so)")
+    ap.add_argument("--show", action="store_true",
+                    help="print the tables of OUT_DIR/secure_<grid>.json, run nothing")
+    ap.add_argument("--merge", action="store_true",
+                    help="replace the --only rows in OUT_DIR/secure_<grid>.json, keep the rest")
+    ap.add_argument("--only", default="",
+                    help="comma list: run only the grid rows whose label contains one")
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["--inner"]:
+        return inner_simulate(argv[1:])
     args = ap.parse_args(argv)
+    if args.grid:
+        return grid_main(args)
     if args.protocol:
         return protocol_main(args)
     seeds = list(range(args.seeds))

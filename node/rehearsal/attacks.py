@@ -4,6 +4,13 @@ with a valid key, built as wrappers around an honest node's parts (node/rehearsa
 - Model-level kinds wrap the Releaser (`HostileReleaser`): the member trains, is charged
   and keeps its model exactly as an honest one; only the share body that goes on the wire
   is replaced. Label flip is a transform of its training rows (`flip_labels`).
+- In a secure consortium (node/runtime/secure_node.py) no share body goes on the wire: the
+  member deals its encoded contribution (the clipped update, or with DP on the sum its
+  integer DP-SGD vector). There the model-level kinds wrap the encoding (`HostileCodec`,
+  installed on the node's `secure.codec` by node/rehearsal/build.py): the attacked
+  contribution is entered into the field as it is, without the honest encoding's bound
+  checks (an attacker sends whatever field elements it likes); the secure round's own
+  checks (norm bound, distances, the sum's coordinate bound) are what meet it.
 - Protocol-level kinds wrap the Signer (`HostileSigner`): a different signed share per
   member (equivocation), every message it signed re-sent (replay), all-zero prekeys, a
   flood of re-signed stale shares.
@@ -17,6 +24,7 @@ import asyncio
 import logging
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 from nacl.public import PublicKey
 
@@ -113,6 +121,82 @@ class HostileReleaser(WrappedReleaser):
         # A scale large enough overflows float32 to inf: then that is what it sends
         # (compressed as the consortium agrees, or its shares would all be refused).
         return self.encode(vec, t.start, declared)
+
+
+# secure mode, huge: every coordinate of the attacker's contribution this far from zero in the
+# field (half the field: the most out-of-range value there is).
+SECURE_HUGE = (1 << 60) - 1
+
+
+class HostileCodec:
+    """Model-level kinds in a secure consortium: the node's agreed encoding (FixedPoint
+    without DP, IntegerCodec with DP on the sum; `hostile_codec` builds the subclass, so the
+    node's own type checks still hold) with the attack applied to our contribution before it
+    is entered into the field, and no bound check after. Decoding is the honest codec's.
+    The kinds on the contribution c (an update, or a DP-SGD integer vector):
+
+    - sign-flip[=K]: -K c;  scale[=K]: K c (the contribution, not the whole model: a secure
+      member sends no model);
+    - noise[=SIGMA]: c + noise that moves the consortium's model by N(0, SIGMA^2 / n^2) per
+      value, what plain rounds' noise attack does through the mean of n shares
+      (`model_units`: encoded units per model unit of one contribution);
+    - huge: every coordinate SECURE_HUGE; nan: not encodable in a field, sent as huge;
+    - label-flip and the protocol kinds: c unchanged (the rows or the signer carry those).
+    """
+
+    attack: AttackConfig
+    model_units: float
+    draws: list[int]  # noise: contributions drawn so far (a fresh draw each)
+
+    def attacked(self, c: np.ndarray) -> np.ndarray:
+        a = self.attack
+        if a.kind == "sign-flip":
+            return -a.value * c
+        if a.kind == "scale":
+            return a.value * c
+        if a.kind == "noise":
+            g = np.random.default_rng(a.seed * 1_000_003 + len(self.draws))
+            self.draws.append(1)
+            members = self.members  # type: ignore[attr-defined]
+            return c + (a.value / members) * self.model_units * g.standard_normal(c.shape)
+        return c
+
+    def encode(self, c: np.ndarray) -> np.ndarray:
+        from node.secagg.field import P  # lean start: secure mode only
+
+        if self.attack.kind in ("huge", "nan"):
+            return np.full(np.asarray(c).size, SECURE_HUGE, dtype=np.uint64)
+        if self.attack.kind not in ("sign-flip", "scale", "noise"):
+            return super().encode(c)  # type: ignore[misc]
+        x = self.attacked(np.asarray(c, dtype=np.float64).reshape(-1))
+        scale = getattr(self, "scale", 1.0)  # FixedPoint's 2^s; IntegerCodec: integers
+        q = np.clip(np.rint(x * scale), -SECURE_HUGE, SECURE_HUGE).astype(np.int64)
+        return np.where(q < 0, q + P, q).astype(np.uint64)
+
+
+def hostile_codec(codec, attack: AttackConfig, model_units: float):
+    """`codec` (a frozen FixedPoint or IntegerCodec) as a HostileCodec of the same type."""
+    import dataclasses  # lean start: secure rehearsal only
+
+    cls = type(f"Hostile{type(codec).__name__}", (HostileCodec, type(codec)), {})
+    out = cls(**{f.name: getattr(codec, f.name) for f in dataclasses.fields(codec)})
+    for key, value in (("attack", attack), ("model_units", model_units), ("draws", [])):
+        object.__setattr__(out, key, value)
+    return out
+
+
+def hostile_secure_codec(node, attack: AttackConfig) -> None:
+    """Install HostileCodec on a secure node (a no-op for plain rounds). Model units: without
+    DP the contribution is an update (aggregate: start + sum / m, so 1 model unit per unit);
+    with DP on the sum the step is lr * granularity * q / (expected batch), so one model unit
+    is expected_batch / (lr * granularity) integer units. Only our encoding is replaced: the
+    round's decoding keeps the honest codec (SecureRounds holds its own reference)."""
+    sec = getattr(node, "secure", None)
+    if sec is None:
+        return
+    plan = sec.plan
+    units = 1.0 if plan is None else plan.expected_batch / (plan.lr * plan.granularity)
+    sec.codec = hostile_codec(sec.codec, attack, units)
 
 
 class HostileSigner:

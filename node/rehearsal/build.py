@@ -10,7 +10,12 @@ from gossip.membership import load_consortium
 from gossip.transports.base import Transport
 from node.data.schema import FeatureSchema
 from node.privacy.mechanisms import NoiseSource
-from node.rehearsal.attacks import HostileReleaser, HostileSigner, flip_labels
+from node.rehearsal.attacks import (
+    HostileReleaser,
+    HostileSigner,
+    flip_labels,
+    hostile_secure_codec,
+)
 from node.rehearsal.config import RehearsalNodeConfig
 from node.rehearsal.faults import SlowReleaser, faulty_transport
 from node.runtime.build import build_node
@@ -56,5 +61,7 @@ def build_rehearsal_node(cfg: NodeConfig, transport: Transport,
 
     node = build_node(cfg, transport, node_cls=Node, noise=noise, rows_transform=flip,
                       compose=compose)
+    if attack is not None:  # secure rounds deal an encoded contribution, not a share body
+        hostile_secure_codec(node, attack)
     return node
 

@@ -76,6 +76,9 @@ class AttackConfig(_Section):
       first release on, broadcasts its round-0 share signed again and again with fresh
       sequence numbers (valid, stale: what issue 19's flood sent), as fast as RATE asks
       and its transport takes.
+
+    In a secure consortium the model-level kinds act on the dealt contribution instead
+    (node/rehearsal/attacks.py HostileCodec).
     """
 
     kind: Literal["sign-flip", "scale", "noise", "huge", "weight", "nan", "label-flip",
