@@ -369,3 +369,63 @@ def test_what_a_member_learns_links_what_the_agreement_does_not_close(tmp_path):
     assert HOLE_ANCHOR == "#what-the-agreement-does-not-close"
     out = secure_section([read_secure(dp_state(tmp_path / "bank-0"), "state dir", "bank-0")])
     assert "docs/privacy-secure.md" in out and HOLE_ANCHOR in out
+
+
+def test_a_split_view_rounds_evidence_as_the_node_writes_it_is_shown_not_unreadable(tmp_path):
+    """Review 2 F4: the node keeps an agreement step's split as a LIST of files
+    (secure_node.keep_split_evidence) and a dealer's deal as one file; the report read only
+    the latter, so every round naming a member split_view showed as "unreadable". Here the
+    evidence comes from the real split-view attack through the node's own writer."""
+    from types import SimpleNamespace
+
+    from gossip.bodies import decode_secagg
+    from gossip.envelope import KIND_SECAGG, Accepted, decode_outer
+    from node.runtime import secure_node
+    from node.runtime.secure_round import AGREE_PHASE, CHECK_PHASE
+    from node.runtime.state import StateDir
+    from tests.helpers import verifier_for
+    from tests.test_secure_agree import HOSTILE, A, _split_view_attack
+
+    net, _ = _split_view_attack()
+    out = net.outcome(A)
+    state = StateDir(tmp_path / "bank-0")
+    (tmp_path / "bank-0" / "outbox").mkdir(parents=True)
+    node = SimpleNamespace(name=A, state=state, secure=SimpleNamespace(signed={}))
+    verifier = verifier_for(net.cons, net.sks[0], secure=True)
+    secure_node.step_path(node, 0, AGREE_PHASE).write_bytes(net.members[A].sent[(0, AGREE_PHASE)])
+    for sender in (HOSTILE, *out.disagreed[HOSTILE]):
+        for step in (CHECK_PHASE, AGREE_PHASE):
+            data = net.members[sender].sent[(0, step)]
+            if sender == HOSTILE and step == CHECK_PHASE:  # what reached bank-0
+                data = next(d for s, to, d in net.delivered if s == HOSTILE and to == A
+                            and decode_outer(d).kind == KIND_SECAGG
+                            and decode_secagg(decode_outer(d).body, 4).step == CHECK_PHASE)
+            acc = verifier.verify(data, 0)
+            assert isinstance(acc, Accepted)
+            secure_node.keep_signed_step(node, acc, data)
+    kept = secure_node.keep_split_evidence(node, 0, HOSTILE, out)
+    assert isinstance(kept, list) and len(kept) > 1
+    members = sorted(net.members)
+    diag = {"rule": "secure", "used": list(out.selected), "excluded": {},
+            "secure": {"ok": out.ok, "reason": out.reason, "detail": out.detail,
+                       "dealt": members, "entered": list(out.entered),
+                       "named": {**out.named, "bank-9": "inconsistent_pieces: a test's"},
+                       "evidence": {HOSTILE: kept, "bank-9": "evidence/secure/deal-bank-9"}}}
+    with open(tmp_path / "bank-0" / "audit.jsonl", "w") as f:
+        f.write(json.dumps(audit.Aggregate(0, A, diag).to_json()) + "\n")
+    view = read_secure(tmp_path / "bank-0", "state dir", A)
+    sr = view.rounds[0]
+    assert sr.unreadable is None and view.notes == [], view.notes
+    assert sr.named[HOSTILE].startswith("split_view") and sr.evidence[HOSTILE] == kept
+    row = secure_rows(secure_section([view]))[0]
+    folder = kept[0].rsplit("/", 1)[0]
+    assert f"the signed messages of the split kept: {folder} ({len(kept)} files)" in row[6]
+    assert "its signed deal kept: evidence/secure/deal-bank-9" in row[6]
+    from node.ops.report_html.secure import to_json
+    assert to_json(view)["rounds"][0]["evidence"][HOSTILE] == kept
+    # a list holding something else than file names is still refused, naming the member
+    diag["secure"]["evidence"] = {HOSTILE: [kept[0], 7]}
+    with open(tmp_path / "bank-0" / "audit.jsonl", "w") as f:
+        f.write(json.dumps(audit.Aggregate(0, A, diag).to_json()) + "\n")
+    bad = read_secure(tmp_path / "bank-0", "state dir", A).rounds[0].unreadable
+    assert f"secure.evidence[{HOSTILE}] is not a kept file or a list of them" in bad

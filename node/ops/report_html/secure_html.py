@@ -6,6 +6,7 @@ ledger's charge. Every string from a state dir is HTML-escaped."""
 from __future__ import annotations
 
 import html
+import posixpath
 from pathlib import Path
 from typing import Any
 
@@ -60,16 +61,30 @@ def _who(names: list[str], universe: list[str]) -> str:
                                        "</span>" if missing else ""))
 
 
+def _kept(ev: str | list[str] | None) -> str:
+    """What the node kept for a named member: one file is a dealer's signed deal; a list is
+    the signed messages of an agreement step's split (shown as their folder)."""
+    if not ev:
+        return ""
+    if isinstance(ev, str):
+        return f' <span class="muted">(its signed deal kept: {_e(ev)})</span>'
+    try:
+        where = posixpath.commonpath(ev) if len(ev) > 1 else posixpath.dirname(ev[0])
+    except ValueError:  # absolute and relative mixed: not one folder
+        where = ""
+    where = where or ", ".join(ev)
+    return (f' <span class="muted">(the signed messages of the split kept: '
+            f'{_e(_short(where))} ({len(ev)} file{"s" if len(ev) != 1 else ""}))</span>')
+
+
 def _why_list(d: dict[str, str], view: SecureView | None = None,
-              evidence: dict[str, str] | None = None) -> str:
+              evidence: dict[str, str | list[str]] | None = None) -> str:
     if not d:
         return "none"
     out = []
     for m, why in sorted(d.items()):
-        ev = (evidence or {}).get(m)
-        out.append(f"<div><b>{_e(m)}</b>: {_e(_short(why))}"
-                   + (f' <span class="muted">(its signed deal kept: {_e(ev)})</span>' if ev else "")
-                   + "</div>")
+        out.append(f"<div><b>{_e(m)}</b>: {_e(_short(why))}{_kept((evidence or {}).get(m))}"
+                   "</div>")
     return "".join(out)
 
 
