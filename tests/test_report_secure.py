@@ -291,7 +291,8 @@ def test_status_names_a_hand_edited_secure_plan_instead_of_crashing(tmp_path):
 
     path = tmp_path / "secure_plan.json"
     assert _pinned_secure_plan(path) == {}
-    for text in ('{"epsilon": ', "[1, 2]", '{"epsilon": "3", "steps": 4}'):
+    for text in ('{"epsilon": ', "[1, 2]", '{"epsilon": "3", "steps": 4}',
+                 '{"epsilon": 1%s, "steps": 4}' % ("0" * 400)):  # beyond a float: no budget
         path.write_text(text)
         with pytest.raises(LocalError, match="secure_plan.json"):
             _pinned_secure_plan(path)
@@ -429,3 +430,74 @@ def test_a_split_view_rounds_evidence_as_the_node_writes_it_is_shown_not_unreada
         f.write(json.dumps(audit.Aggregate(0, A, diag).to_json()) + "\n")
     bad = read_secure(tmp_path / "bank-0", "state dir", A).rounds[0].unreadable
     assert f"secure.evidence[{HOSTILE}] is not a kept file or a list of them" in bad
+
+
+DEEP = b"[" * 200_000 + b"]" * 200_000  # json.loads raises RecursionError (review 2 F13)
+
+
+def _edit_line(path: Path, k: int, edit) -> None:
+    lines = path.read_text().splitlines()
+    rec = json.loads(lines[k])
+    edit(rec)
+    lines[k] = json.dumps(rec)
+    path.write_text("\n".join(lines) + "\n")
+
+
+@pytest.mark.parametrize("edit, says", [
+    (lambda rec: rec.update(mode={}), "mode {}"),
+    (lambda rec: rec.update(clip_norm=10 ** 400), "clip_norm 1000"),
+    (lambda rec: rec["secure"].update(epsilon_after=10 ** 400), "epsilon_after 1000"),
+], ids=["dict mode", "huge clip", "huge epsilon_after"])
+def test_a_ledger_line_no_charge_holds_is_shown_unreadable_not_a_crash(tmp_path, edit, says):
+    """Review 2 F5: these escaped Ledger() (TypeError, OverflowError) and crashed the report."""
+    from node.privacy import secure_record
+
+    state = dp_state(tmp_path / "bank-0")
+    _edit_line(state / "ledger.jsonl", 0, edit)
+    view = read_secure(state, "state dir", "bank-0")
+    assert view.epsilon is None and "ledger.jsonl: unreadable" in view.ledger_problem
+    assert "line 1 is corrupt" in view.ledger_problem and says in view.ledger_problem
+    assert "unreadable" in secure_section([view])
+    with pytest.raises(LocalError, match=f"line 1 is corrupt.*{re.escape(says)}"):
+        secure_record.summary(Ledger(state / "ledger.jsonl").records)  # what status reads
+
+
+def test_a_plan_without_a_budget_or_with_a_huge_number_is_shown_not_a_crash(tmp_path):
+    state = dp_state(tmp_path / "bank-0")
+    plan = json.loads((state / "secure_plan.json").read_text())
+    (state / "secure_plan.json").write_text(json.dumps(dict(plan, epsilon=None)))
+    view = read_secure(state, "state dir", "bank-0")
+    assert view.plan is not None and view.plan.epsilon is None
+    assert "ε budget none at δ 1e-05" in secure_section([view])
+    (state / "secure_plan.json").write_text(json.dumps(dict(plan, clip_norm=10 ** 400)))
+    view = read_secure(state, "state dir", "bank-0")
+    assert view.plan is None and "clip norm must be a finite number" in view.plan_problem
+    assert "secure_plan.json: unreadable" in secure_section([view])
+    _edit_line(state / "metrics.jsonl", 0, lambda rec: rec.update(epsilon=10 ** 400))
+    assert read_secure(state, "state dir", "bank-0").rounds[0].epsilon is None
+
+
+@pytest.mark.parametrize("target", ["audit.jsonl", "metrics.jsonl", "ledger.jsonl"])
+def test_a_deeply_nested_line_is_named_by_every_reader_never_a_recursion_error(
+        tmp_path, target):
+    from node.ops.status import _pinned_secure_plan
+    from node.runtime.state import read_jsonl
+
+    state = dp_state(tmp_path / "bank-0")
+    n = len((state / target).read_text().splitlines())
+    with open(state / target, "ab") as f:
+        f.write(DEEP + b"\n")
+    view = read_secure(state, "state dir", "bank-0")
+    if target == "ledger.jsonl":  # the ledger refuses (skipping could under-count)
+        assert f"line {n + 1} is corrupt (not JSON (JSON nested deeper" in view.ledger_problem
+        with pytest.raises(LocalError, match=f"line {n + 1} is corrupt"):
+            Ledger(state / target)
+    else:
+        assert view.rounds[0].ok is True and view.ledger_problem is None
+        if target == "audit.jsonl":  # metrics.jsonl's notes are the main reader's
+            assert f"state dir/{target} line {n + 1}: not JSON (nested too deep)" in " ".join(
+                view.notes)
+    assert len(read_jsonl(state / target)) == n  # `flnode status`: the line is skipped
+    (state / "secure_plan.json").write_bytes(DEEP[:1 << 15] + DEEP[-(1 << 15):])
+    with pytest.raises(LocalError, match="unreadable secure plan"):
+        _pinned_secure_plan(state / "secure_plan.json")

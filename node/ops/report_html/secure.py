@@ -28,7 +28,13 @@ from pathlib import Path
 from typing import Any
 
 from gossip.errors import LocalError
-from node.ops.report_html.reader import MAX_JSONL_BYTES, MAX_ROUND, _cut, _jsonl_lines
+from node.ops.report_html.reader import (
+    MAX_JSONL_BYTES,
+    MAX_ROUND,
+    _cut,
+    _jsonl_lines,
+    _num_or_none,
+)
 
 AUDIT = "audit.jsonl"
 LEDGER = "ledger.jsonl"
@@ -246,8 +252,7 @@ def _read_epsilons(state: Path, label: str, view: SecureView) -> None:
             continue
         r, eps = rec.get("round"), rec.get("epsilon")
         if (isinstance(r, int) and not isinstance(r, bool) and r in view.rounds
-                and isinstance(eps, int | float) and not isinstance(eps, bool)
-                and math.isfinite(eps)):
+                and _num_or_none(eps) is not None and math.isfinite(eps)):
             view.rounds[r].epsilon = float(eps)
 
 

@@ -158,7 +158,8 @@ def _facts(view: SecureView, views: list[SecureView], rules: dict[str, Any],
             f"floor {plan.min_contributors} contributors, σ {plan.noise_multiplier:.4g} on the "
             f"sum, sampling q {plan.sample_rate:.4g} of {plan.rows_total} rows, "
             f"{plan.steps} rounds, lr {plan.lr:.4g}, clip C {plan.clip_norm:g}, "
-            f"ε budget {plan.epsilon:g} at δ {plan.delta:g}; variant {plan.variant} "
+            f"ε budget {'none' if plan.epsilon is None else f'{plan.epsilon:g}'} at "
+            f"δ {plan.delta:g}; variant {plan.variant} "
             f"(plan {plan.digest()})")))
     elif view.plan_problem:
         items.append(("plan", f'<span class="neg">{_e(view.plan_problem)}</span>'))
