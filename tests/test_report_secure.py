@@ -291,7 +291,8 @@ def test_status_names_a_hand_edited_secure_plan_instead_of_crashing(tmp_path):
 
     path = tmp_path / "secure_plan.json"
     assert _pinned_secure_plan(path) == {}
-    for text in ('{"epsilon": ', "[1, 2]", '{"epsilon": "3", "steps": 4}'):
+    for text in ('{"epsilon": ', "[1, 2]", '{"epsilon": "3", "steps": 4}',
+                 '{"epsilon": 1%s, "steps": 4}' % ("0" * 400)):  # beyond a float: no budget
         path.write_text(text)
         with pytest.raises(LocalError, match="secure_plan.json"):
             _pinned_secure_plan(path)
@@ -369,3 +370,134 @@ def test_what_a_member_learns_links_what_the_agreement_does_not_close(tmp_path):
     assert HOLE_ANCHOR == "#what-the-agreement-does-not-close"
     out = secure_section([read_secure(dp_state(tmp_path / "bank-0"), "state dir", "bank-0")])
     assert "docs/privacy-secure.md" in out and HOLE_ANCHOR in out
+
+
+def test_a_split_view_rounds_evidence_as_the_node_writes_it_is_shown_not_unreadable(tmp_path):
+    """Review 2 F4: the node keeps an agreement step's split as a LIST of files
+    (secure_node.keep_split_evidence) and a dealer's deal as one file; the report read only
+    the latter, so every round naming a member split_view showed as "unreadable". Here the
+    evidence comes from the real split-view attack through the node's own writer."""
+    from types import SimpleNamespace
+
+    from gossip.bodies import decode_secagg
+    from gossip.envelope import KIND_SECAGG, Accepted, decode_outer
+    from node.runtime import secure_node
+    from node.runtime.secure_round import AGREE_PHASE, CHECK_PHASE
+    from node.runtime.state import StateDir
+    from tests.helpers import verifier_for
+    from tests.test_secure_agree import HOSTILE, A, _split_view_attack
+
+    net, _ = _split_view_attack()
+    out = net.outcome(A)
+    state = StateDir(tmp_path / "bank-0")
+    (tmp_path / "bank-0" / "outbox").mkdir(parents=True)
+    node = SimpleNamespace(name=A, state=state, secure=SimpleNamespace(signed={}))
+    verifier = verifier_for(net.cons, net.sks[0], secure=True)
+    secure_node.step_path(node, 0, AGREE_PHASE).write_bytes(net.members[A].sent[(0, AGREE_PHASE)])
+    for sender in (HOSTILE, *out.disagreed[HOSTILE]):
+        for step in (CHECK_PHASE, AGREE_PHASE):
+            data = net.members[sender].sent[(0, step)]
+            if sender == HOSTILE and step == CHECK_PHASE:  # what reached bank-0
+                data = next(d for s, to, d in net.delivered if s == HOSTILE and to == A
+                            and decode_outer(d).kind == KIND_SECAGG
+                            and decode_secagg(decode_outer(d).body, 4).step == CHECK_PHASE)
+            acc = verifier.verify(data, 0)
+            assert isinstance(acc, Accepted)
+            secure_node.keep_signed_step(node, acc, data)
+    kept = secure_node.keep_split_evidence(node, 0, HOSTILE, out)
+    assert isinstance(kept, list) and len(kept) > 1
+    members = sorted(net.members)
+    diag = {"rule": "secure", "used": list(out.selected), "excluded": {},
+            "secure": {"ok": out.ok, "reason": out.reason, "detail": out.detail,
+                       "dealt": members, "entered": list(out.entered),
+                       "named": {**out.named, "bank-9": "inconsistent_pieces: a test's"},
+                       "evidence": {HOSTILE: kept, "bank-9": "evidence/secure/deal-bank-9"}}}
+    with open(tmp_path / "bank-0" / "audit.jsonl", "w") as f:
+        f.write(json.dumps(audit.Aggregate(0, A, diag).to_json()) + "\n")
+    view = read_secure(tmp_path / "bank-0", "state dir", A)
+    sr = view.rounds[0]
+    assert sr.unreadable is None and view.notes == [], view.notes
+    assert sr.named[HOSTILE].startswith("split_view") and sr.evidence[HOSTILE] == kept
+    row = secure_rows(secure_section([view]))[0]
+    folder = kept[0].rsplit("/", 1)[0]
+    assert f"the signed messages of the split kept: {folder} ({len(kept)} files)" in row[6]
+    assert "its signed deal kept: evidence/secure/deal-bank-9" in row[6]
+    from node.ops.report_html.secure import to_json
+    assert to_json(view)["rounds"][0]["evidence"][HOSTILE] == kept
+    # a list holding something else than file names is still refused, naming the member
+    diag["secure"]["evidence"] = {HOSTILE: [kept[0], 7]}
+    with open(tmp_path / "bank-0" / "audit.jsonl", "w") as f:
+        f.write(json.dumps(audit.Aggregate(0, A, diag).to_json()) + "\n")
+    bad = read_secure(tmp_path / "bank-0", "state dir", A).rounds[0].unreadable
+    assert f"secure.evidence[{HOSTILE}] is not a kept file or a list of them" in bad
+
+
+DEEP = b"[" * 200_000 + b"]" * 200_000  # json.loads raises RecursionError (review 2 F13)
+
+
+def _edit_line(path: Path, k: int, edit) -> None:
+    lines = path.read_text().splitlines()
+    rec = json.loads(lines[k])
+    edit(rec)
+    lines[k] = json.dumps(rec)
+    path.write_text("\n".join(lines) + "\n")
+
+
+@pytest.mark.parametrize("edit, says", [
+    (lambda rec: rec.update(mode={}), "mode {}"),
+    (lambda rec: rec.update(clip_norm=10 ** 400), "clip_norm 1000"),
+    (lambda rec: rec["secure"].update(epsilon_after=10 ** 400), "epsilon_after 1000"),
+], ids=["dict mode", "huge clip", "huge epsilon_after"])
+def test_a_ledger_line_no_charge_holds_is_shown_unreadable_not_a_crash(tmp_path, edit, says):
+    """Review 2 F5: these escaped Ledger() (TypeError, OverflowError) and crashed the report."""
+    from node.privacy import secure_record
+
+    state = dp_state(tmp_path / "bank-0")
+    _edit_line(state / "ledger.jsonl", 0, edit)
+    view = read_secure(state, "state dir", "bank-0")
+    assert view.epsilon is None and "ledger.jsonl: unreadable" in view.ledger_problem
+    assert "line 1 is corrupt" in view.ledger_problem and says in view.ledger_problem
+    assert "unreadable" in secure_section([view])
+    with pytest.raises(LocalError, match=f"line 1 is corrupt.*{re.escape(says)}"):
+        secure_record.summary(Ledger(state / "ledger.jsonl").records)  # what status reads
+
+
+def test_a_plan_without_a_budget_or_with_a_huge_number_is_shown_not_a_crash(tmp_path):
+    state = dp_state(tmp_path / "bank-0")
+    plan = json.loads((state / "secure_plan.json").read_text())
+    (state / "secure_plan.json").write_text(json.dumps(dict(plan, epsilon=None)))
+    view = read_secure(state, "state dir", "bank-0")
+    assert view.plan is not None and view.plan.epsilon is None
+    assert "ε budget none at δ 1e-05" in secure_section([view])
+    (state / "secure_plan.json").write_text(json.dumps(dict(plan, clip_norm=10 ** 400)))
+    view = read_secure(state, "state dir", "bank-0")
+    assert view.plan is None and "clip norm must be a finite number" in view.plan_problem
+    assert "secure_plan.json: unreadable" in secure_section([view])
+    _edit_line(state / "metrics.jsonl", 0, lambda rec: rec.update(epsilon=10 ** 400))
+    assert read_secure(state, "state dir", "bank-0").rounds[0].epsilon is None
+
+
+@pytest.mark.parametrize("target", ["audit.jsonl", "metrics.jsonl", "ledger.jsonl"])
+def test_a_deeply_nested_line_is_named_by_every_reader_never_a_recursion_error(
+        tmp_path, target):
+    from node.ops.status import _pinned_secure_plan
+    from node.runtime.state import read_jsonl
+
+    state = dp_state(tmp_path / "bank-0")
+    n = len((state / target).read_text().splitlines())
+    with open(state / target, "ab") as f:
+        f.write(DEEP + b"\n")
+    view = read_secure(state, "state dir", "bank-0")
+    if target == "ledger.jsonl":  # the ledger refuses (skipping could under-count)
+        assert f"line {n + 1} is corrupt (not JSON (JSON nested deeper" in view.ledger_problem
+        with pytest.raises(LocalError, match=f"line {n + 1} is corrupt"):
+            Ledger(state / target)
+    else:
+        assert view.rounds[0].ok is True and view.ledger_problem is None
+        if target == "audit.jsonl":  # metrics.jsonl's notes are the main reader's
+            assert f"state dir/{target} line {n + 1}: not JSON (nested too deep)" in " ".join(
+                view.notes)
+    assert len(read_jsonl(state / target)) == n  # `flnode status`: the line is skipped
+    (state / "secure_plan.json").write_bytes(DEEP[:1 << 15] + DEEP[-(1 << 15):])
+    with pytest.raises(LocalError, match="unreadable secure plan"):
+        _pinned_secure_plan(state / "secure_plan.json")

@@ -10,6 +10,8 @@ import math
 
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from gossip.errors import LocalError
 from node.privacy import secure_record
@@ -453,3 +455,134 @@ def test_dp_on_the_sum_rules_are_all_or_none_and_sum_only():
     from node.strategy.consortium_rules import rules_table
     assert rules_table(8, secure=True, secure_dp=dp)["secure_select"] == "sum"
     assert "secure_rows" not in rules_table(8, secure=True)
+
+
+# --- hand-edited files: a named refusal, never a traceback (review 2 F5, F13) ----------------
+
+DEEP = b"[" * 200_000 + b"]" * 200_000  # json.loads raises RecursionError, not ValueError
+
+
+def _ledger_with_first_line(tmp_path, edit):
+    path = tmp_path / "ledger.jsonl"
+    ledger = Ledger(path)
+    plan = fixed_plan()
+    ledger.charge(plan.record(0))
+    ledger.charge(plan.record(1))
+    lines = path.read_bytes().splitlines()
+    lines[0] = edit(json.loads(lines[0]))
+    path.write_bytes(b"\n".join(lines) + b"\n")
+    return path
+
+
+def _dump(edit):
+    def run(doc):
+        edit(doc)
+        return json.dumps(doc, sort_keys=True).encode()
+    return run
+
+
+@pytest.mark.parametrize("edit, field", [
+    (_dump(lambda d: d.update(mode={})), "mode {}"),
+    (_dump(lambda d: d.update(mode=["secure"])), "mode ['secure']"),
+    (_dump(lambda d: d.update(clip_norm=10 ** 400)), "clip_norm 1000"),
+    (_dump(lambda d: d.update(noise_multiplier=-10 ** 400)), "noise_multiplier -1000"),
+    (_dump(lambda d: d.update(sample_rate=10 ** 400)), "sample_rate 1000"),
+    (_dump(lambda d: d["secure"].update(epsilon_after=10 ** 400)), "epsilon_after 1000"),
+    (_dump(lambda d: d["secure"].update(granularity=10 ** 400)), "granularity 1000"),
+    (_dump(lambda d: d.update(steps=10 ** 400)), "steps 1000"),
+    (_dump(lambda d: d.update(extra=1)), "not an object with the ledger's fields"),
+    (lambda d: DEEP, "nested deeper than the parser"),
+])
+def test_a_hand_edited_ledger_line_is_refused_naming_line_and_field(tmp_path, edit, field):
+    """Each escaped Ledger() as a TypeError, OverflowError or RecursionError: the report,
+    `flnode status` and the node's own start ended in a traceback. Now the ledger refuses
+    to load (skipping would under-count) with the file, the line and what is wrong."""
+    path = _ledger_with_first_line(tmp_path, edit)
+    with pytest.raises(LocalError, match="line 1 is corrupt") as exc:
+        Ledger(path)
+    assert str(path) in str(exc.value) and field in str(exc.value), exc.value
+
+
+def test_an_edited_last_charge_is_refused_not_dropped_as_torn(tmp_path):
+    """A torn write never parses (a cut object is not JSON); a whole last line that is not a
+    charge is an edit: dropping it (and cutting it off, with repair) would under-count."""
+    path = tmp_path / "ledger.jsonl"
+    plan = fixed_plan()
+    Ledger(path).charge(plan.record(0))
+    doc = dict(plan.record(1).__dict__, clip_norm=10 ** 400)
+    whole = path.read_bytes()
+    path.write_bytes(whole + json.dumps(doc, sort_keys=True).encode())  # no newline after it
+    with pytest.raises(LocalError, match="line 2 is corrupt .*clip_norm"):
+        Ledger(path, repair=True)
+    assert path.read_bytes().startswith(whole) and len(path.read_bytes()) > len(whole)
+
+
+JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.sampled_from([10 ** 400, -10 ** 400, 2 ** 63])
+    | st.floats(allow_nan=False, allow_infinity=False) | st.text(max_size=8),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=4), inner,
+                                                                max_size=3),
+    max_leaves=8)
+LEDGER_PATHS = [("round",), ("mode",), ("noise_multiplier",), ("sample_rate",), ("steps",),
+                ("clip_norm",), ("share_digest",), ("secure",)] + [
+    ("secure", k) for k in sorted(secure_record.SECURE_KEYS)]
+
+
+@settings(max_examples=150, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(where=st.sampled_from(LEDGER_PATHS), value=JSON_VALUES)
+def test_any_json_value_in_any_ledger_field_loads_or_is_a_named_refusal(tmp_path, where, value):
+    path = tmp_path / "ledger.jsonl"
+    doc = json.loads(json.dumps(dataclasses.asdict(fixed_plan().record(0))))
+    target = doc
+    for k in where[:-1]:
+        target = target[k]
+    target[where[-1]] = value
+    path.write_bytes(json.dumps(doc).encode() + b"\n")
+    try:
+        records = Ledger(path).records
+    except LocalError as exc:
+        assert "line 1 is corrupt" in str(exc)
+    else:  # what loads is a charge the accountant takes
+        epsilon_of(records, 1e-5)
+
+
+PLAN_FIELDS = sorted(f.name for f in dataclasses.fields(SecurePlan))
+
+
+@settings(max_examples=150, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(key=st.sampled_from(PLAN_FIELDS), value=JSON_VALUES)
+def test_any_json_value_in_any_plan_field_loads_or_is_a_named_refusal(tmp_path, key, value):
+    """SecurePlan.load is the node's start (plan_for) and the report's reader: a huge
+    integer escaped it as an OverflowError (skellam's isfinite)."""
+    path = tmp_path / "secure_plan.json"
+    fixed_plan().save(path)
+    doc = json.loads(path.read_text())
+    doc[key] = value
+    path.write_text(json.dumps(doc))
+    try:
+        SecurePlan.load(path)
+    except LocalError as exc:
+        assert f"secure privacy plan {path}" in str(exc)
+
+
+@pytest.mark.parametrize("key, value, says", [
+    ("clip_norm", 10 ** 400, "clip norm must be a finite number"),
+    ("noise_multiplier", 10 ** 400, "noise_multiplier 1000"),
+    ("epsilon", 10 ** 400, "epsilon 1000"),
+    ("delta", -10 ** 400, "delta -1000"),
+    ("steps", 10 ** 400, "out of range"),
+], ids=["clip_norm", "noise_multiplier", "epsilon", "delta", "steps"])
+def test_a_plan_with_a_huge_integer_is_refused_by_name(tmp_path, key, value, says):
+    path = tmp_path / "secure_plan.json"
+    fixed_plan().save(path)
+    doc = json.loads(path.read_text())
+    doc[key] = value
+    path.write_text(json.dumps(doc))
+    with pytest.raises(LocalError, match="is unreadable") as exc:
+        SecurePlan.load(path)
+    assert says in str(exc.value)
+    path.write_bytes(DEEP)
+    with pytest.raises(LocalError, match="nested deeper"):
+        SecurePlan.load(path)

@@ -27,9 +27,10 @@ from node.privacy import secure_record
 from node.privacy.accountant import ACCOUNTANT, epsilon_of
 from node.privacy.budget import PLAN_FILE, WEIGHT_FILE, PrivacyPlan
 from node.privacy.ledger import Ledger
+from node.privacy.skellam import finite_number
 from node.runtime.config import REHEARSAL_SECTIONS, NodeConfig, validate_config
 from node.runtime.pidfile import PID_FILE, process_state
-from node.runtime.state import StateDir, read_jsonl
+from node.runtime.state import StateDir, loads_json, read_jsonl
 
 # Written by the node (node/runtime/node.py): who it waits for, and the members' final digests.
 ACTIVITY_FILE = "activity.json"
@@ -58,7 +59,7 @@ def _small_json(path: Path) -> dict[str, Any] | None:
     not one (a torn write: the node rewrites it atomically, so only a foreign file)."""
     try:
         raw = path.read_bytes()[:MAX_SMALL_JSON_BYTES + 1]
-        doc = json.loads(raw)
+        doc = loads_json(raw)
     except (OSError, ValueError):
         return None
     return doc if isinstance(doc, dict) else None
@@ -132,13 +133,12 @@ def _pinned_secure_plan(pinned: Path) -> dict[str, Any]:
     if not pinned.exists():
         return {}
     try:
-        sp = json.loads(pinned.read_bytes()[:1 << 16])
+        sp = loads_json(pinned.read_bytes()[:1 << 16])
     except (OSError, ValueError) as exc:
         raise LocalError(f"{pinned}: unreadable secure plan ({exc}); the node refuses to "
                          "start with it too: restore it") from None
-    ok = isinstance(sp, dict) and all(
-        sp.get(k) is None or (isinstance(sp[k], int | float) and not isinstance(sp[k], bool))
-        for k in ("epsilon", "steps"))
+    ok = isinstance(sp, dict) and all(sp.get(k) is None or finite_number(sp[k])
+                                      for k in ("epsilon", "steps"))
     if not ok:
         raise LocalError(f"{pinned}: not a secure plan flnode wrote (epsilon and steps must "
                          "be numbers); the node refuses to start with it too: restore it")

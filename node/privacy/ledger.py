@@ -9,13 +9,14 @@ import hashlib
 import json
 import math
 import os
-from dataclasses import asdict
+from dataclasses import MISSING, asdict, fields
 from pathlib import Path
 
-from gossip.errors import LocalError
+from gossip.errors import LocalError, shorten
 from node.privacy import secure_record
 from node.privacy.accountant import LedgerRecord, epsilon_of
-from node.runtime.state import append_durable, atomic_write
+from node.privacy.skellam import finite_number
+from node.runtime.state import append_durable, atomic_write, loads_json
 
 
 class Ledger:
@@ -48,13 +49,15 @@ class Ledger:
         for i, line in enumerate(lines):
             if not line.strip():
                 continue
-            rec = _parse_record(line)
-            if rec is not None:
+            rec = _check_line(line)
+            if isinstance(rec, LedgerRecord):
                 records.append(rec)
                 # Only a file that does not end in a newline has a non-empty last part.
                 unterminated = i == len(lines) - 1
                 continue
-            if i == len(lines) - 1:
+            # A whole JSON line is never a torn write (a cut object does not parse): an edit
+            # of the last charge is refused like any other, never dropped (under-counting).
+            if i == len(lines) - 1 and rec.startswith(NOT_JSON):
                 # A torn last line (no newline after it): never fsync'd, never released.
                 self.recovered.append(f"dropped a torn last line of {len(line)} bytes (a charge "
                                       "whose write never completed; its share never left)")
@@ -64,9 +67,9 @@ class Ledger:
             found = _split_glued(line)
             if found is None:
                 raise LocalError(
-                    f"privacy ledger {self.path}: line {i + 1} is corrupt (not a ledger record, "
-                    "nor a torn record followed by a whole one); refusing to start, since "
-                    "epsilon cannot be recomputed. Restore the file from backup.")
+                    f"privacy ledger {self.path}: line {i + 1} is corrupt ({_check_line(line)}; "
+                    "not a ledger record, nor a torn record followed by a whole one); refusing "
+                    "to start, since epsilon cannot be recomputed. Restore the file from backup.")
             fragment, kept = found
             records.extend(kept)
             glued = True
@@ -125,25 +128,57 @@ def _line(record: LedgerRecord) -> bytes:
 
 
 def _parse_record(line: bytes) -> LedgerRecord | None:
+    rec = _check_line(line)
+    return rec if isinstance(rec, LedgerRecord) else None
+
+
+NOT_JSON = "not JSON"  # how _check_line's reason starts for a line that does not parse
+
+
+def _check_line(line: bytes) -> LedgerRecord | str:
+    """The record on a ledger line, or what is wrong with it: the field and why (a line
+    that is not JSON at all starts with NOT_JSON: a torn write may be one)."""
     try:
-        doc = json.loads(line)
-        rec = LedgerRecord(**doc)
-    except (ValueError, TypeError):
-        return None
-    ok = (type(rec.round) is int and rec.mode in LEDGER_MODES
-          and isinstance(rec.share_digest, str)
-          and all(isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
-                  for v in (rec.noise_multiplier, rec.sample_rate, rec.clip_norm))
-          # what the accountant can take: a value outside these is an edit, not a charge
-          and 0 <= rec.noise_multiplier <= MAX_LEDGER_SIGMA and 0 < rec.sample_rate <= 1
-          and rec.clip_norm > 0
-          and type(rec.steps) is int and 0 <= rec.steps <= MAX_LEDGER_STEPS
-          # a secure round's parameters, and only on its charge
-          and ((rec.secure is None) if rec.mode != secure_record.MODE
-               else secure_record.problem(rec.secure, rec.clip_norm) is None))
-    return rec if ok else None
+        doc = loads_json(line)
+    except ValueError as exc:
+        return f"{NOT_JSON} ({str(exc)[:80]})"
+    if not isinstance(doc, dict) or set(doc) - _FIELDS or _REQUIRED - set(doc):
+        return (f"not an object with the ledger's fields {sorted(_FIELDS)} "
+                f"({shorten(doc, 80)})")
+    rec = LedgerRecord(**doc)
+    try:
+        problem = _record_problem(rec)
+    except ArithmeticError as exc:  # a check's arithmetic on a value no charge holds
+        problem = f"a value out of range ({exc})"
+    return rec if problem is None else problem
 
 
+def _record_problem(rec: LedgerRecord) -> str | None:
+    """What keeps the accountant from taking `rec` (None: a charge flnode wrote). A value
+    outside these ranges is an edit, not a charge."""
+    if type(rec.round) is not int:
+        return f"round {shorten(rec.round, 40)} is not an integer"
+    if not (isinstance(rec.mode, str) and rec.mode in LEDGER_MODES):
+        return f"mode {shorten(rec.mode, 40)} is not one of {sorted(LEDGER_MODES)}"
+    if not isinstance(rec.share_digest, str):
+        return f"share_digest {shorten(rec.share_digest, 40)} is not text"
+    ranges = {"noise_multiplier": (0, MAX_LEDGER_SIGMA, "in [0, 1e6]"),
+              "sample_rate": (0, 1, "in (0, 1]"), "clip_norm": (0, math.inf, "> 0")}
+    for key, (low, high, says) in ranges.items():
+        v = getattr(rec, key)
+        if not (finite_number(v) and low <= v <= high and (v > 0 or key == "noise_multiplier")):
+            return f"{key} {shorten(v, 40)} is not a finite number {says}"
+    if not (type(rec.steps) is int and 0 <= rec.steps <= MAX_LEDGER_STEPS):
+        return f"steps {shorten(rec.steps, 40)} is not an integer in 0..{MAX_LEDGER_STEPS}"
+    # a secure round's parameters, and only on its charge
+    if rec.mode != secure_record.MODE:
+        return None if rec.secure is None else f"secure parameters on a {rec.mode!r} charge"
+    return secure_record.problem(rec.secure, rec.clip_norm)
+
+
+_FIELDS = frozenset(f.name for f in fields(LedgerRecord))
+_REQUIRED = frozenset(f.name for f in fields(LedgerRecord)
+                      if f.default is MISSING and f.default_factory is MISSING)
 LEDGER_MODES = frozenset({"update", "record", "count", "normalize", secure_record.MODE})
 MAX_LEDGER_SIGMA = 1e6  # Opacus' RDP overflows far above this
 MAX_LEDGER_STEPS = 10**9

@@ -43,7 +43,8 @@ from node.privacy.distributed import (
 )
 from node.privacy.ledger import Ledger
 from node.privacy.recipe import LR_MAX_FACTOR, NOISE_TARGET
-from node.runtime.state import atomic_write
+from node.privacy.skellam import finite_number
+from node.runtime.state import atomic_write, loads_json
 
 # What each secure-aggregation variant (node/secagg/robust.py) opens besides the sum.
 VARIANT_REVEAL = {"sum_only": "sum", "distances": "per_member", "norm_only": "per_member"}
@@ -139,9 +140,13 @@ class SecurePlan:
         if not path.exists():
             return None
         try:
-            plan = SecurePlan(**json.loads(path.read_text()))
+            plan = SecurePlan(**loads_json(path.read_bytes()))
             plan.check()
             spent = plan.epsilon_after(plan.steps)
+        except ArithmeticError as exc:  # past check(): a value no plan of flnode's holds
+            raise LocalError(f"secure privacy plan {path} is unreadable (a value out of range: "
+                             f"{exc}); refusing to start rather than re-plan a budget that may "
+                             "be partly spent") from None
         except (ValueError, TypeError, DistributedDPError) as exc:
             raise LocalError(f"secure privacy plan {path} is unreadable ({exc}); refusing to "
                              "start rather than re-plan a budget that may be partly spent") from None
@@ -157,13 +162,11 @@ class SecurePlan:
         reals = {"delta": self.delta, "noise_multiplier": self.noise_multiplier,
                  "sample_rate": self.sample_rate, "lr": self.lr}
         for key, v in reals.items():
-            if isinstance(v, bool) or not isinstance(v, int | float) or not (
-                    math.isfinite(v) and v > 0):
+            if not (finite_number(v) and v > 0):
                 raise ValueError(f"{key} {v!r} is not a finite number > 0")
         if not (self.delta < 1 and self.sample_rate <= 1):
             raise ValueError(f"delta {self.delta!r} or sample_rate {self.sample_rate!r} is not < 1")
-        if self.epsilon is not None and not (isinstance(self.epsilon, int | float) and
-                                             math.isfinite(self.epsilon) and self.epsilon > 0):
+        if self.epsilon is not None and not (finite_number(self.epsilon) and self.epsilon > 0):
             raise ValueError(f"epsilon {self.epsilon!r} is not a finite number > 0 or null")
         if self.variant not in VARIANT_REVEAL:
             raise ValueError(f"variant {self.variant!r} is not one of {', '.join(VARIANT_REVEAL)}")

@@ -27,11 +27,15 @@ uses neither.
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 
-from node.privacy.skellam import ORDERS, honest_variance, rounded_l2_bound_sq, sum_rdp
+from node.privacy.skellam import (
+    ORDERS,
+    finite_number,
+    honest_variance,
+    rounded_l2_bound_sq,
+    sum_rdp,
+)
 
 MODE = "secure"
 REVEALS = ("sum", "per_member")
@@ -51,7 +55,7 @@ def _int(doc: dict, key: str, low: int, high: int) -> bool:
 
 
 def _real(v: object) -> bool:
-    return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+    return finite_number(v)
 
 
 def problem(secure: object, clip_norm: float) -> str | None:

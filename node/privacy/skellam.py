@@ -28,9 +28,19 @@ class DistributedDPError(LocalError):
     rules') fault. The message names the parameter and the value."""
 
 
+def finite_number(v: object) -> bool:
+    """v is an int or float (not a bool) of float range: math.isfinite raises OverflowError
+    on an int beyond it (a file's 10**400), which escaped every loader's checks."""
+    if isinstance(v, bool) or not isinstance(v, int | float):
+        return False
+    try:
+        return math.isfinite(v)
+    except OverflowError:
+        return False
+
+
 def _check_positive(name: str, value: float) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float) or not (
-            math.isfinite(value) and value > 0):
+    if not (finite_number(value) and value > 0):
         raise DistributedDPError(f"distributed DP: {name} must be a finite number > 0, "
                                  f"got {value!r}")
     return float(value)
@@ -51,8 +61,7 @@ def check_sample_rate(q: float) -> float:
 
 def check_sigma(sigma: float) -> float:
     """sigma >= 0 and finite (0: no noise, infinite epsilon); negative or nan is refused."""
-    if isinstance(sigma, bool) or not isinstance(sigma, int | float) or not (
-            math.isfinite(sigma) and sigma >= 0):
+    if not (finite_number(sigma) and sigma >= 0):
         raise DistributedDPError(f"distributed DP: noise multiplier sigma must be a finite "
                                  f"number >= 0, got {sigma!r}")
     return float(sigma)

@@ -407,6 +407,19 @@ def jsonl_files(path: Path) -> list[Path]:
     return [p for _, p in sorted(rotated, reverse=True)] + ([path] if path.exists() else [])
 
 
+def loads_json(data: bytes | str) -> Any:
+    """json.loads of a file or line flnode wrote, where a value nested deeper than the
+    parser's recursion (one "[" per level: a few hundred thousand bytes do it) is a
+    ValueError like any other text that is not JSON. json.loads raises RecursionError, a
+    RuntimeError, there: it escaped every reader that caught only ValueError. flnode never
+    writes more than a few levels."""
+    try:
+        return json.loads(data)
+    except RecursionError:
+        raise ValueError("JSON nested deeper than the parser can take (not a record flnode "
+                         "wrote)") from None
+
+
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
     """Records of an append-only JSONL file, its rotated parts first; a torn line (a
     crash, or a writer mid-line right now) is skipped."""
@@ -418,7 +431,7 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
             continue
         for line in text.splitlines():
             try:
-                out.append(json.loads(line))
+                out.append(loads_json(line))
             except ValueError:
                 continue
     return out

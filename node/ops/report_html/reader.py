@@ -12,16 +12,19 @@ listing `state/`, never by joining a name from summary.json onto a path.
 from __future__ import annotations
 
 import json
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from gossip.errors import LocalError
+from node.runtime.state import loads_json
 
 SUMMARY = "summary.json"
 MAX_SUMMARY_BYTES = 64 << 20
 MAX_JSONL_BYTES = 256 << 20
 MAX_ROUND = 1 << 31
+MAX_FLOAT = sys.float_info.max  # an int past it is no number a node wrote
 
 
 def _where(path: list[str]) -> str:
@@ -75,7 +78,7 @@ class _Summary:
     def check_num(self, where: list[str], value: Any) -> float | None:
         if value is None:
             return None
-        if isinstance(value, bool) or not isinstance(value, int | float):
+        if isinstance(value, bool) or not isinstance(value, int | float) or not _in_range(value):
             raise self._fail(where, "a number", value)
         return float(value)
 
@@ -159,7 +162,7 @@ def load_summary(run_dir: Path) -> _Summary:
         raise LocalError(f"{path}: {size} bytes, more than the {MAX_SUMMARY_BYTES} a summary "
                          "can be")
     try:
-        doc = json.loads(path.read_bytes())
+        doc = loads_json(path.read_bytes())
     except OSError as exc:
         raise LocalError(f"{path}: cannot read: {exc.strerror}") from None
     except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError
@@ -230,17 +233,23 @@ def _jsonl_lines(path: Path, notes: list[str], label: str) -> list[tuple[int, An
         if not line.strip():
             continue
         try:
-            out.append((i, json.loads(line)))
-        except ValueError:
+            out.append((i, loads_json(line)))
+        except ValueError as exc:
             torn = i == len(lines) or (i == len(lines) - 1 and not lines[-1])
-            notes.append(f"{label} line {i}: not JSON"
+            deep = " (nested too deep)" if "nested deeper" in str(exc) else ""
+            notes.append(f"{label} line {i}: not JSON{deep}"
                          + (" (a torn last line: the node stopped mid-write)" if torn else "")
                          + "; skipped")
     return out
 
 
+def _in_range(v: int | float) -> bool:
+    """A float, or an int a float can hold (float() of a file's 10**400 raises)."""
+    return isinstance(v, float) or abs(v) <= MAX_FLOAT
+
+
 def _num_or_none(v: Any) -> float | None:
-    if v is None or isinstance(v, bool) or not isinstance(v, int | float):
+    if v is None or isinstance(v, bool) or not isinstance(v, int | float) or not _in_range(v):
         return None
     return float(v)
 

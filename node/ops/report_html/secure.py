@@ -2,7 +2,8 @@
 a member's own state dir (node/runtime/secure_node.py writes all of it).
 
 - audit.jsonl (rotated parts included): the round's "aggregate" line with rule "secure":
-  `secure` = {ok, reason, detail, dealt, entered, named, evidence}, `used` (the selected
+  `secure` = {ok, reason, detail, dealt, entered, named, evidence (a deal: one file; an
+  agreement split: a list of files)}, `used` (the selected
   members) and `excluded` (member -> {reason, detail}). A failed round's reason is one of
   node/runtime/secure_round.py REASONS (or a step's named fault); it is shown as written.
 - the privacy ledger's "secure" records (node/privacy/secure_record.py): one charge per
@@ -27,7 +28,13 @@ from pathlib import Path
 from typing import Any
 
 from gossip.errors import LocalError
-from node.ops.report_html.reader import MAX_JSONL_BYTES, MAX_ROUND, _cut, _jsonl_lines
+from node.ops.report_html.reader import (
+    MAX_JSONL_BYTES,
+    MAX_ROUND,
+    _cut,
+    _jsonl_lines,
+    _num_or_none,
+)
 
 AUDIT = "audit.jsonl"
 LEDGER = "ledger.jsonl"
@@ -35,6 +42,9 @@ PLAN = "secure_plan.json"  # node/runtime/secure_node.py SECURE_PLAN_FILE
 METRICS = "metrics.jsonl"
 MAX_PLAN_BYTES = 1 << 16  # a plan is a dozen numbers; a bigger file is not one flnode wrote
 MAX_NAMES = 10_000  # members named in one audit line (a consortium is far smaller)
+# Files kept for one named member in one round: keep_split_evidence writes our two
+# agreements, two per disagreeing member and the named member's steps (a few times n).
+MAX_EVIDENCE_FILES = 4 * MAX_NAMES
 MAX_TEXT = 300  # characters of a detail shown (the rest is in the audit line)
 # Rows of the per-round table; a longer run shows its first rows and every failed round.
 MAX_TABLE_ROUNDS = 400
@@ -52,7 +62,9 @@ class SecureRound:
     selected: list[str] = field(default_factory=list)
     excluded: dict[str, str] = field(default_factory=dict)  # member -> why
     named: dict[str, str] = field(default_factory=dict)  # member -> why
-    evidence: dict[str, str] = field(default_factory=dict)  # member -> file in the state dir
+    # member -> what the node kept in its state dir, as it wrote it: one file (a dealer's
+    # signed deal) or a list of files (the signed messages of an agreement step's split)
+    evidence: dict[str, str | list[str]] = field(default_factory=dict)
     unreadable: str | None = None  # what is wrong with the audit line, if it is
     charged: list[int] = field(default_factory=list)  # contributors of each ledger charge
     epsilon: float | None = None  # the node's logged ε after the round (metrics.jsonl)
@@ -100,6 +112,22 @@ def _why(v: Any, what: str, key: str | None = None) -> dict[str, str]:
     return out
 
 
+def _evidence(v: Any, what: str) -> dict[str, str | list[str]]:
+    """{member: path or [paths]}: node/runtime/secure_node.py `aggregate` writes a deal's
+    file as one path and an agreement's split (keep_split_evidence) as a list of paths."""
+    if not isinstance(v, dict) or len(v) > MAX_NAMES:
+        raise _Bad(f"{what} is not an object of member -> kept files ({_cut(v, 40)})")
+    out: dict[str, str | list[str]] = {}
+    for m, files in v.items():
+        if not (isinstance(files, str) or (
+                isinstance(files, list) and len(files) <= MAX_EVIDENCE_FILES
+                and all(isinstance(f, str) for f in files))):
+            raise _Bad(f"{what}[{str(m)[:30]}] is not a kept file or a list of them "
+                       f"({_cut(files, 40)})")
+        out[str(m)] = files if isinstance(files, str) else list(files)
+    return out
+
+
 def parse_aggregate(rec: dict[str, Any], r: int) -> SecureRound:
     """A secure round from its audit "aggregate" line; _Bad naming the field if it is not
     what the node writes."""
@@ -121,7 +149,7 @@ def parse_aggregate(rec: dict[str, Any], r: int) -> SecureRound:
         selected=_names(rec.get("used", []), "used"),
         excluded=_why(rec.get("excluded", {}), "excluded", key="reason"),
         named=_why(sec.get("named", {}), "secure.named"),
-        evidence=_why(sec.get("evidence", {}), "secure.evidence"))
+        evidence=_evidence(sec.get("evidence", {}), "secure.evidence"))
 
 
 def _audit_files(state: Path) -> list[Path]:
@@ -224,8 +252,7 @@ def _read_epsilons(state: Path, label: str, view: SecureView) -> None:
             continue
         r, eps = rec.get("round"), rec.get("epsilon")
         if (isinstance(r, int) and not isinstance(r, bool) and r in view.rounds
-                and isinstance(eps, int | float) and not isinstance(eps, bool)
-                and math.isfinite(eps)):
+                and _num_or_none(eps) is not None and math.isfinite(eps)):
             view.rounds[r].epsilon = float(eps)
 
 

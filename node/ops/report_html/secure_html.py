@@ -6,6 +6,7 @@ ledger's charge. Every string from a state dir is HTML-escaped."""
 from __future__ import annotations
 
 import html
+import posixpath
 from pathlib import Path
 from typing import Any
 
@@ -60,16 +61,30 @@ def _who(names: list[str], universe: list[str]) -> str:
                                        "</span>" if missing else ""))
 
 
+def _kept(ev: str | list[str] | None) -> str:
+    """What the node kept for a named member: one file is a dealer's signed deal; a list is
+    the signed messages of an agreement step's split (shown as their folder)."""
+    if not ev:
+        return ""
+    if isinstance(ev, str):
+        return f' <span class="muted">(its signed deal kept: {_e(ev)})</span>'
+    try:
+        where = posixpath.commonpath(ev) if len(ev) > 1 else posixpath.dirname(ev[0])
+    except ValueError:  # absolute and relative mixed: not one folder
+        where = ""
+    where = where or ", ".join(ev)
+    return (f' <span class="muted">(the signed messages of the split kept: '
+            f'{_e(_short(where))} ({len(ev)} file{"s" if len(ev) != 1 else ""}))</span>')
+
+
 def _why_list(d: dict[str, str], view: SecureView | None = None,
-              evidence: dict[str, str] | None = None) -> str:
+              evidence: dict[str, str | list[str]] | None = None) -> str:
     if not d:
         return "none"
     out = []
     for m, why in sorted(d.items()):
-        ev = (evidence or {}).get(m)
-        out.append(f"<div><b>{_e(m)}</b>: {_e(_short(why))}"
-                   + (f' <span class="muted">(its signed deal kept: {_e(ev)})</span>' if ev else "")
-                   + "</div>")
+        out.append(f"<div><b>{_e(m)}</b>: {_e(_short(why))}{_kept((evidence or {}).get(m))}"
+                   "</div>")
     return "".join(out)
 
 
@@ -143,7 +158,8 @@ def _facts(view: SecureView, views: list[SecureView], rules: dict[str, Any],
             f"floor {plan.min_contributors} contributors, σ {plan.noise_multiplier:.4g} on the "
             f"sum, sampling q {plan.sample_rate:.4g} of {plan.rows_total} rows, "
             f"{plan.steps} rounds, lr {plan.lr:.4g}, clip C {plan.clip_norm:g}, "
-            f"ε budget {plan.epsilon:g} at δ {plan.delta:g}; variant {plan.variant} "
+            f"ε budget {'none' if plan.epsilon is None else f'{plan.epsilon:g}'} at "
+            f"δ {plan.delta:g}; variant {plan.variant} "
             f"(plan {plan.digest()})")))
     elif view.plan_problem:
         items.append(("plan", f'<span class="neg">{_e(view.plan_problem)}</span>'))
