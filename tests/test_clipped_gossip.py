@@ -34,8 +34,10 @@ def neighbours(n_honest: int, hostile: dict[str, torch.Tensor] | None = None, se
     return WeightedShare("m0", 1.0, own), shares
 
 
-def sparse_default():
-    return make_strategy("centered_clipping", f=1, **SPARSE_AUTO_PARAMS)
+def sparse_default(**over):
+    # without the cap (it needs a reference: tested on its own below)
+    return make_strategy("centered_clipping", f=1, **{**SPARSE_AUTO_PARAMS, "tau_cap": None,
+                                                       **over})
 
 
 def test_one_clippedgossip_step_clips_at_the_median_distance_around_our_own_share():
@@ -45,7 +47,7 @@ def test_one_clippedgossip_step_clips_at_the_median_distance_around_our_own_shar
     result = sparse_default().aggregate(3, own, received, set(), reference=None)
     dists = sorted([0.0] + [float(torch.linalg.vector_norm(s.vector - own.vector))
                             for s in received.values()])
-    tau = (dists[2] + dists[3]) / 2  # six shares: the median of the six distances
+    tau = dists[2]  # six shares: the lower median of the six distances (the 3rd smallest)
     # every share further than the median pulls with exactly the radius, 1/6 each
     want = own.vector.double().clone()
     for s in received.values():
@@ -98,6 +100,8 @@ def test_the_median_radius_is_deterministic_in_the_arrival_order():
 def test_a_bad_tau_is_refused_by_name(tau):
     with pytest.raises(LocalError, match="tau"):
         make_strategy("centered_clipping", tau=tau)
+    with pytest.raises(LocalError, match="tau_cap"):
+        make_strategy("centered_clipping", tau_cap=-1.0 if tau != "mean" else "3")
 
 
 @pytest.mark.parametrize("topology", ["ring", "k-regular:4", "random-out:6", "exponential"])
@@ -132,3 +136,35 @@ def test_an_explicit_rule_wins_and_full_mesh_keeps_its_default():
     # asked for by name: the rule's own defaults, not the sparse step (tau None: not pinned)
     assert named["params"]["center"] == "reference" and named["params"]["iterations"] == 3
     assert "tau" not in named["params"]
+
+
+def test_exactly_half_hostile_still_gets_an_honest_radius():
+    """The lower median: with two of four shares hostile the radius is the honest one."""
+    own, received = neighbours(2)
+    honest = float(torch.linalg.vector_norm(received["m1"].vector - own.vector))
+    far = own.vector + 1e3
+    received = {**received, "x1": WeightedShare("x1", 1.0, far),
+                "x2": WeightedShare("x2", 1.0, far + 1)}
+    hit = sparse_default(far_factor=0).aggregate(3, own, received, set(), None).vector
+    assert float(torch.linalg.vector_norm(hit - own.vector)) <= honest + 1e-6
+
+
+def test_a_hostile_majority_moves_us_by_at_most_tau_cap_times_our_own_update():
+    """Two hostile in-peers of two (the random draw can do that): the median is theirs,
+    but the radius is capped at tau_cap x our own update's norm."""
+    g = torch.Generator().manual_seed(1)
+    reference = torch.randn(D, generator=g)
+    own = WeightedShare("m0", 1.0, reference + 0.1 * torch.randn(D, generator=g))
+    step = float(torch.linalg.vector_norm(own.vector - reference))
+    far = own.vector + 1e3
+    received = {"x1": WeightedShare("x1", 1.0, far), "x2": WeightedShare("x2", 1.0, far - 1)}
+    cap = SPARSE_AUTO_PARAMS["tau_cap"]
+    strategy = make_strategy("centered_clipping", f=1, **{**SPARSE_AUTO_PARAMS,
+                                                         "server_opt": "none", "far_factor": 0})
+    hit = strategy.aggregate(3, own, received, set(), reference).vector
+    moved = float(torch.linalg.vector_norm(hit - own.vector))
+    assert moved <= cap * step * 2 / 3 + 1e-5  # two of three shares at the capped radius
+    assert moved > 0.5 * cap * step  # and the cap, not something else, set it
+    # without a reference (the first round) there is nothing to cap by: the median stands
+    free = strategy.aggregate(0, own, received, set(), None).vector
+    assert float(torch.linalg.vector_norm(free - own.vector)) > 100

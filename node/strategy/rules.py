@@ -321,19 +321,23 @@ class CenteredClipping(Strategy):
     centred on our un-noised local model (that would break DP post-processing).
 
     tau = "median" (ClippedGossip's adaptive radius, He, Karimireddy & Jaggi 2022,
-    with their clipped fraction delta = 1/2): each iteration the radius is the median
-    of the n distances ||x_i - v||, our own share's included, so every share further
-    than the middle one is clipped to it. While fewer than half of the shares combined
-    are hostile (our own counts as honest) the median is an honest share's distance or
-    below it: bounded by the honest spread whatever the hostile shares are, and no f
-    needs to be known for it beyond f > 0 (f = 0 clips nothing). It is the default
+    with their clipped fraction delta = 1/2): each iteration the radius is the lower
+    median (the ceil(n/2)-th smallest) of the n distances ||x_i - v||, our own share's
+    included, so every share further than the middle one is clipped to it. While at
+    most half of the shares combined are hostile (our own counts as honest) it is an
+    honest share's distance or below it: bounded by the honest spread whatever the
+    hostile shares are, and no f needs to be known for it beyond f > 0 (f = 0 clips
+    nothing). `tau_cap` (None: off) caps any radius at tau_cap x our own update's norm
+    (our released share's distance from the reference), for the rounds where more than
+    half are hostile: the bound then is ours, not theirs. It is the default
     rule on neighbours under a sparse topology (`node/strategy/consortium_rules.py`
     SPARSE_AUTO_PARAMS: center "own", one iteration: one ClippedGossip step around our
-    released share)."""
+    released share; tau_cap 4)."""
 
     name = "centered_clipping"
     assumption = "f < n/2 for the adaptive radius: needs 2f + 1 shares"
-    PARAMS: ClassVar[dict[str, Any]] = {"tau": None, "iterations": 3, "center": "reference"}
+    PARAMS: ClassVar[dict[str, Any]] = {"tau": None, "iterations": 3, "center": "reference",
+                                        "tau_cap": None}
 
     def needs(self, f: int) -> int:
         return 2 * f + 1
@@ -345,6 +349,8 @@ class CenteredClipping(Strategy):
                 raise StrategyError(f"aggregation {self.name!r}: tau must be a positive number "
                                     f"or \"{TAU_MEDIAN}\", got {self.params['tau']!r}")
             _num(self.name, "tau", self.params["tau"], lo=0, lo_open=True)
+        if self.params["tau_cap"] is not None:
+            _num(self.name, "tau_cap", self.params["tau_cap"], lo=0, lo_open=True)
         _int(self.name, "iterations", self.params["iterations"], lo=1)
         if self.params["iterations"] > MAX_CLIPPING_ITERATIONS:
             raise StrategyError(f"aggregation {self.name!r}: iterations must be at most "
@@ -352,6 +358,9 @@ class CenteredClipping(Strategy):
         if self.params["center"] not in ("reference", "own"):
             raise StrategyError(f"aggregation {self.name!r}: center must be \"reference\" or \"own\", "
                                 f"got {self.params['center']!r}")
+
+    def _cap(self, ctx: Round) -> float:
+        return _tau_cap(self.params["tau_cap"], ctx)
 
     def combine(self, shares: list[Candidate], ctx: Round) -> torch.Tensor:
         n = len(shares)
@@ -361,6 +370,7 @@ class CenteredClipping(Strategy):
                                              "around our own released share"))
         v = ctx.own.vector.clone() if self.params["center"] == "own" else ctx.center.clone()
         clipped: dict[str, float] = {}
+        cap = self._cap(ctx)
         for _ in range(self.params["iterations"]):
             diffs = [c.vector - v for c in shares]
             norms = [float(torch.linalg.vector_norm(z)) for z in diffs]
@@ -371,8 +381,11 @@ class CenteredClipping(Strategy):
                 # the agreed f = 0 (no hostile member, e.g. one in-peer a round): delta = 0
                 # in ClippedGossip, an infinite radius: the plain mean. The agreed f, not
                 # what the far filter left of it: a far share dropped does not stop the
-                # clipping of the next one.
-                tau = median(norms) if self.f else float("inf")
+                # clipping of the next one. The lower median (the ceil(n/2)-th smallest):
+                # with exactly half of the shares hostile the radius is still an honest
+                # distance (the mean of the two middle ones would be half a hostile one).
+                tau = sorted(norms)[(n - 1) // 2] if self.f else float("inf")
+            tau = min(tau, cap)
             step = torch.zeros_like(v)
             for c, z, d, w in zip(shares, diffs, norms, p, strict=True):
                 k = 1.0 if d <= tau else tau / d
@@ -390,8 +403,17 @@ class CenteredClipping(Strategy):
         return v
 
 
-# centered_clipping's tau = "median": the radius is the median distance of the round's
-# shares (ClippedGossip's adaptive radius with half of them clipped; see the class).
+def _tau_cap(factor: float | None, ctx: Round) -> float:
+    """tau_cap x our own update's norm (our released share's distance from the reference,
+    our previous aggregate); no cap without a factor, a reference or an update."""
+    if factor is None or not ctx.has_reference:
+        return float("inf")
+    step = float(torch.linalg.vector_norm(ctx.own.vector - ctx.center))
+    return factor * step if step > 0 else float("inf")
+
+
+# centered_clipping's tau = "median": the radius is the lower median distance of the
+# round's shares (ClippedGossip's adaptive radius with half of them clipped; see the class).
 TAU_MEDIAN = "median"
 # ... which clips half of the shares every round: the audit log and the warning name a
 # share as clipped only when it was pulled with less than this fraction of its distance
