@@ -42,7 +42,9 @@ five members up (it needs 2f + 3),
 `trimmed_mean` with f = 1, the far filter and the same FedAdam step for three or
 four, the weighted
 `mean` (f = 0, no server optimizer) for two
-(two cannot outvote one); and a weight cap of max(2/n, 0.25) of the total (the
+(two cannot outvote one); under a sparse `topology`, whatever the size,
+`centered_clipping` as one ClippedGossip step with the same FedAdam step after it
+(SPARSE_RULE, SPARSE_AUTO_PARAMS); and a weight cap of max(2/n, 0.25) of the total (the
 robust rules count every share once anyway; the plain mean uses the cap). Why:
 `scripts/bench_robust.py` (docs/results/robustness.md): of the rules that held
 every model-level attack at f = 1 within 0.02 of the clean plain mean on both
