@@ -359,9 +359,6 @@ class CenteredClipping(Strategy):
             raise StrategyError(f"aggregation {self.name!r}: center must be \"reference\" or \"own\", "
                                 f"got {self.params['center']!r}")
 
-    def _cap(self, ctx: Round) -> float:
-        return _tau_cap(self.params["tau_cap"], ctx)
-
     def combine(self, shares: list[Candidate], ctx: Round) -> torch.Tensor:
         n = len(shares)
         p = self.weights(shares, ctx.result)
@@ -370,7 +367,7 @@ class CenteredClipping(Strategy):
                                              "around our own released share"))
         v = ctx.own.vector.clone() if self.params["center"] == "own" else ctx.center.clone()
         clipped: dict[str, float] = {}
-        cap = self._cap(ctx)
+        cap = _tau_cap(self.params["tau_cap"], ctx)
         for _ in range(self.params["iterations"]):
             diffs = [c.vector - v for c in shares]
             norms = [float(torch.linalg.vector_norm(z)) for z in diffs]
