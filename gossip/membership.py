@@ -104,8 +104,25 @@ class Consortium:
             raise LocalError(f"consortium {self.name!r}: two members share a public key")
 
     # --- identity of the consortium -------------------------------------
+    # The id and the per-part digests are computed once per Consortium and kept (a
+    # Consortium is never changed after it is built: a new file is a new Consortium).
+    # Each is O(members) to compute, and every node of an in-process simulation asked
+    # for them at build (node/learn/models.py init_seed_from): n^2 at n members
+    # (2.1 s at 300, docs/results/scale.md).
+    def _memo(self, key: str, compute: Any) -> Any:
+        memo = self.__dict__.get("_identity_memo")
+        if memo is None:
+            memo = {}
+            object.__setattr__(self, "_identity_memo", memo)  # frozen: not a field
+        if key not in memo:
+            memo[key] = compute()
+        return memo[key]
+
     def digests(self) -> dict[str, str]:
         """Per-part digests, so two operators can see *which* part differs."""
+        return dict(self._memo("digests", self._digests))
+
+    def _digests(self) -> dict[str, str]:
         parts = {
             "name": _digest(b"name\x00", canonical_json(self.name)).hex(),
             "schema": _digest(b"schema\x00", canonical_json(self.schema)).hex(),
@@ -126,6 +143,9 @@ class Consortium:
 
     @property
     def id(self) -> bytes:
+        return self._memo("id", self._id)
+
+    def _id(self) -> bytes:
         doc: dict[str, Any] = {"name": self.name, "schema": self.schema,
                                "members": self._member_list(), "addresses": self._addresses()}
         if self.rules:  # (a file without [rules] keeps the id it had before they existed)

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import sys
 import time
@@ -32,6 +33,18 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 MODES = ("none", "fp16", "int8", "topk:0.1")
+# Goals (issue 24), against the uncompressed run: (x fewer share bytes at least, final
+# metric within this many points, 1 point = 0.01).
+GOALS = {"int8": (3.5, 0.3), "topk": (30.0, 1.0)}
+
+
+def goal(mode: str, fewer: float, delta: float) -> str:
+    """"met" / "missed (...)" for a mode with a goal, "" otherwise."""
+    g = GOALS.get(mode.split(":")[0])
+    if g is None:
+        return ""
+    ok = fewer >= g[0] and abs(delta) * 100 <= g[1]
+    return "met" if ok else f"missed (needs {g[0]:g}x, {g[1]:g} point)"
 
 
 def cell(args: argparse.Namespace, mode: str, privacy: str, seed: int) -> dict:
@@ -73,7 +86,7 @@ def table(rows: list[dict]) -> str:
     def mean(rs: list[dict], key: str) -> float:
         return sum(r[key] for r in rs) / len(rs)
     lines = ["| privacy | mode | share bytes | x fewer | sent/member/round | final (mean) "
-             "| vs none | per seed | ε (max) |", "|---|---|---|---|---|---|---|---|---|"]
+             "| vs none | per seed | ε (max) | goal |", "|---|---|---|---|---|---|---|---|---|---|"]
     for (privacy, mode), rs in groups.items():
         base = groups.get((privacy, "none"))
         fewer = (f"{mean(base, 'share_bytes') / mean(rs, 'share_bytes'):.1f}"
@@ -83,10 +96,13 @@ def table(rows: list[dict]) -> str:
         priv = "off" if privacy == "off" else f"record ε={rs[0]['epsilon_budget']:g}"
         per_seed = " ".join(f"{r['final']:.3f}" for r in rs)
         epsilon = f"{max(eps):.3f}" if eps else "off"
+        met = (goal(mode, mean(base, "share_bytes") / mean(rs, "share_bytes"),
+                    mean(rs, "final") - mean(base, "final"))
+               if base and rs[0]["share_bytes"] else "")
         lines.append(f"| {priv} | {mode} | {round(mean(rs, 'share_bytes'))} | {fewer} | "
                      f"{round(mean(rs, 'sent_per_member_per_round'))} | "
                      f"{mean(rs, 'final'):.4f} | {delta} | "
-                     f"{per_seed} | {epsilon} |")
+                     f"{per_seed} | {epsilon} | {met} |")
     return "\n".join(lines)
 
 
@@ -105,12 +121,20 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.set_num_threads(1)  # small models: one thread is several times faster here
     seeds = [int(s) for s in args.seeds.split(",")]
-    rows = [cell(args, mode, privacy, seed) for privacy in args.privacy.split(",")
-            for mode in args.modes.split(",") for seed in seeds]
-    result = {"dataset": args.dataset, "nodes": args.nodes, "rounds": args.rounds,
-              "seeds": seeds, "partition": "dirichlet:0.5", "cells": rows}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for privacy in args.privacy.split(","):
+        for mode in args.modes.split(","):
+            for seed in seeds:
+                rows.append(cell(args, mode, privacy, seed))
+                rows[-1].update(dataset=args.dataset, rounds=args.rounds,
+                                load_average_1m=round(os.getloadavg()[0], 2))
+                with (out / "compression.jsonl").open("a") as f:  # row by row, as they come
+                    f.write(json.dumps(rows[-1]) + "\n")
+                print(table(rows), flush=True)
+    result = {"dataset": args.dataset, "nodes": args.nodes, "rounds": args.rounds,
+              "seeds": seeds, "partition": "dirichlet:0.5", "cells": rows}
     (out / "compression.json").write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))
     print(table(rows))

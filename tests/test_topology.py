@@ -204,8 +204,9 @@ def test_a_consortium_without_the_key_is_full_mesh_and_keeps_its_id():
     assert rules_table(8, topology="full")["echo"] is True  # full: the echo as before
     table = pin_rules(rules_table(16, topology="random-out:4"), 16)
     assert table["topology"] == "random-out:4" and "echo" not in table
-    # the defaults are sized for the 5 shares a member combines, not for 16 members
-    assert table["aggregation"] == "multi_krum_staged" and table["f"] == 1
+    # the defaults are sized for the 5 shares a member combines, not for 16 members; the
+    # rule on neighbours is centered clipping (tests/test_clipped_gossip.py)
+    assert table["aggregation"] == "centered_clipping" and table["f"] == 1
     with_key = type(golden)(golden.name, golden.schema, golden.members, table)
     without = type(golden)(golden.name, golden.schema, golden.members,
                            {k: v for k, v in table.items() if k != "topology"})

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Collection, Iterable
+from collections.abc import Set as AbstractSet
 
 from gossip.errors import LocalError
 
@@ -37,6 +38,12 @@ def members_needed(min_members: int | str, members: int) -> int:
     """The members (us included) `gossip.min_members` asks for before round 1 in a
     consortium of `members`: "majority" is members // 2 + 1 (node/runtime/config.py `quorum`)."""
     return members // 2 + 1 if min_members == "majority" else int(min_members)
+
+
+def _as_set(members: Iterable[str]) -> AbstractSet[str]:
+    """`members` as a set, without a copy when it is one (the book's neighbours: asked
+    per message, O(members) to copy)."""
+    return members if isinstance(members, AbstractSet) else set(members)
 
 
 class Liveness:
@@ -83,9 +90,14 @@ class Liveness:
 
     def ignorable(self, neighbours: Iterable[str]) -> set[str]:
         """The absent neighbours a round may close without: only while the others heard
-        from, ourselves included, are a majority of the consortium."""
-        neighbours = set(neighbours)
-        absent = self.absent & neighbours
+        from, ourselves included, are a majority of the consortium.
+        Asked several times per message (gossip/protocol/machine.py): a set of neighbours
+        (the book's) is read as it is, not copied, and the cost is that of the absent
+        members, not of the consortium (it was O(members) per call: docs/results/scale.md)."""
+        neighbours = _as_set(neighbours)
+        if not self.absent:
+            return set()
+        absent = {m for m in self.absent if m in neighbours}
         members = len(neighbours) + 1
         if 2 * (members - len(absent)) <= members:
             return set()
@@ -121,11 +133,11 @@ class StartBarrier:
     def majority(self, neighbours: Iterable[str]) -> int:
         """A majority of the members still sharing (after a restart only), recounted on
         every call; 0 when there is nobody left to wait for."""
-        neighbours = list(neighbours)
-        return len(neighbours) // 2 + 1 if self.restarted and neighbours else 0
+        count = len(_as_set(neighbours))
+        return count // 2 + 1 if self.restarted and count else 0
 
     def passed(self, up: set[str], neighbours: Iterable[str], now: float) -> bool:
-        neighbours = set(neighbours)
+        neighbours = _as_set(neighbours)
         n_up = len(up & neighbours)
         return n_up >= self.need and (n_up >= self.majority(neighbours) or now >= self.deadline)
 
@@ -133,7 +145,7 @@ class StartBarrier:
                   next_report: float) -> float | None:
         """When the barrier must be looked at again without an arrival: the next wait
         report (while short of min_members) or its deadline (while short of a majority)."""
-        neighbours = set(neighbours)
+        neighbours = _as_set(neighbours)
         n_up = len(up & neighbours)
         ends = ([next_report] if n_up < self.need else []) + \
             ([self.deadline] if n_up < self.majority(neighbours) and now < self.deadline else [])

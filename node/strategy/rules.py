@@ -318,19 +318,39 @@ class CenteredClipping(Strategy):
     most the f furthest shares are clipped and honest ones only by their excess
     over the next honest distance. A hostile share moves v by at most p_i tau per
     iteration. Assumes f < n/2 for the adaptive tau: needs 2f + 1 shares. Never
-    centred on our un-noised local model (that would break DP post-processing)."""
+    centred on our un-noised local model (that would break DP post-processing).
+
+    tau = "median" (ClippedGossip's adaptive radius, He, Karimireddy & Jaggi 2022,
+    with their clipped fraction delta = 1/2): each iteration the radius is the lower
+    median (the ceil(n/2)-th smallest) of the n distances ||x_i - v||, our own share's
+    included, so every share further than the middle one is clipped to it. While at
+    most half of the shares combined are hostile (our own counts as honest) it is an
+    honest share's distance or below it: bounded by the honest spread whatever the
+    hostile shares are, and no f needs to be known for it beyond f > 0 (f = 0 clips
+    nothing). `tau_cap` (None: off) caps any radius at tau_cap x our own update's norm
+    (our released share's distance from the reference), for the rounds where more than
+    half are hostile: the bound then is ours, not theirs. It is the default
+    rule on neighbours under a sparse topology (`node/strategy/consortium_rules.py`
+    SPARSE_AUTO_PARAMS: center "own", one iteration: one ClippedGossip step around our
+    released share; tau_cap 4)."""
 
     name = "centered_clipping"
     assumption = "f < n/2 for the adaptive radius: needs 2f + 1 shares"
-    PARAMS: ClassVar[dict[str, Any]] = {"tau": None, "iterations": 3, "center": "reference"}
+    PARAMS: ClassVar[dict[str, Any]] = {"tau": None, "iterations": 3, "center": "reference",
+                                        "tau_cap": None}
 
     def needs(self, f: int) -> int:
         return 2 * f + 1
 
     def check(self, members: int | None) -> None:
         super().check(members)
-        if self.params["tau"] is not None:
+        if self.params["tau"] is not None and self.params["tau"] != TAU_MEDIAN:
+            if isinstance(self.params["tau"], str):
+                raise StrategyError(f"aggregation {self.name!r}: tau must be a positive number "
+                                    f"or \"{TAU_MEDIAN}\", got {self.params['tau']!r}")
             _num(self.name, "tau", self.params["tau"], lo=0, lo_open=True)
+        if self.params["tau_cap"] is not None:
+            _num(self.name, "tau_cap", self.params["tau_cap"], lo=0, lo_open=True)
         _int(self.name, "iterations", self.params["iterations"], lo=1)
         if self.params["iterations"] > MAX_CLIPPING_ITERATIONS:
             raise StrategyError(f"aggregation {self.name!r}: iterations must be at most "
@@ -347,12 +367,22 @@ class CenteredClipping(Strategy):
                                              "around our own released share"))
         v = ctx.own.vector.clone() if self.params["center"] == "own" else ctx.center.clone()
         clipped: dict[str, float] = {}
+        cap = _tau_cap(self.params["tau_cap"], ctx)
         for _ in range(self.params["iterations"]):
             diffs = [c.vector - v for c in shares]
             norms = [float(torch.linalg.vector_norm(z)) for z in diffs]
             tau = self.params["tau"]
             if tau is None:
                 tau = sorted(norms)[n - ctx.f - 1]
+            elif tau == TAU_MEDIAN:
+                # the agreed f = 0 (no hostile member, e.g. one in-peer a round): delta = 0
+                # in ClippedGossip, an infinite radius: the plain mean. The agreed f, not
+                # what the far filter left of it: a far share dropped does not stop the
+                # clipping of the next one. The lower median (the ceil(n/2)-th smallest):
+                # with exactly half of the shares hostile the radius is still an honest
+                # distance (the mean of the two middle ones would be half a hostile one).
+                tau = sorted(norms)[(n - 1) // 2] if self.f else float("inf")
+            tau = min(tau, cap)
             step = torch.zeros_like(v)
             for c, z, d, w in zip(shares, diffs, norms, p, strict=True):
                 k = 1.0 if d <= tau else tau / d
@@ -361,12 +391,31 @@ class CenteredClipping(Strategy):
                 step += z * (w * k)
             v = v + step
         for member, k in clipped.items():
+            if self.params["tau"] == TAU_MEDIAN and k >= MEDIAN_NOTE_BELOW:
+                continue  # the further half of honest shares: the rule working, not a finding
             ctx.result.clipped[member] = Note("centered_clipped", f"pulled with at most {k:.3g} of "
                                               "its distance (clipped to the radius)")
         ctx.result.used = tuple(c.member for c in shares)
         ctx.result.weights = {c.member: x for c, x in zip(shares, p, strict=True)}
         return v
 
+
+def _tau_cap(factor: float | None, ctx: Round) -> float:
+    """tau_cap x our own update's norm (our released share's distance from the reference,
+    our previous aggregate); no cap without a factor, a reference or an update."""
+    if factor is None or not ctx.has_reference:
+        return float("inf")
+    step = float(torch.linalg.vector_norm(ctx.own.vector - ctx.center))
+    return factor * step if step > 0 else float("inf")
+
+
+# centered_clipping's tau = "median": the radius is the lower median distance of the
+# round's shares (ClippedGossip's adaptive radius with half of them clipped; see the class).
+TAU_MEDIAN = "median"
+# ... which clips half of the shares every round: the audit log and the warning name a
+# share as clipped only when it was pulled with less than this fraction of its distance
+# (more than twice the median distance away).
+MEDIAN_NOTE_BELOW = 0.5
 
 # Each iteration is a pass over all shares; a handful converges (Karimireddy et
 # al. use 1-3). More is only cost.
