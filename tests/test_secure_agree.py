@@ -474,7 +474,7 @@ def test_the_node_reveals_a_sealed_deal_and_another_node_verifies_it():
     node = SimpleNamespace(
         name=names[2], consortium=cons, secure=SimpleNamespace(rounds=holder),
         book=SimpleNamespace(shares=lambda r: {names[3]: acc}),
-        signer=SimpleNamespace(sealing=SimpleNamespace(own=store)))
+        signer=SimpleNamespace(sealing=SimpleNamespace(own=store, peers={})))
     statement = bytes(32 * 9)
     body = secure_node.with_reveals(node, 0, encode_secagg(SecAgg(AGREE_PHASE, (statement,))))
     msg = decode_secagg(body, 4, dim=codec.dim)  # within the wire's bound for a reveal
@@ -489,6 +489,75 @@ def test_the_node_reveals_a_sealed_deal_and_another_node_verifies_it():
     bad = encode_secagg(SecAgg(AGREE_PHASE, (statement, msg.pieces[1][:32] + forged)))
     got = secure_node.read_reveals(node, 0, {names[2]: bad})
     assert "no proof" in got[(3, 2)]  # the signer's deal: its seal's data does not open
+
+
+def test_a_colluder_revealing_its_accomplices_deal_is_named_not_the_dealer():
+    """Review 2 F2, part 2 (real keys, n = 7, t = 2): bank-6 opens a check whose bank-0
+    column is off (a dispute with honest bank-0) and reveals the deal bank-0 signed for
+    its accomplice bank-5. Before, every member named bank-0 `bad_dealing` with its own
+    signature as the "proof" and dropped bank-6's claim; now the pieces miss bank-6's slot
+    of bank-0's commitment: bank-6 chose them, `bad_reveal`, and bank-0 is not named."""
+    from node.runtime.evidence import envelope_bytes
+
+    hostile, accomplice, victim = "bank-6", "bank-5", "bank-0"
+
+    def tamper(net, m, phase, body):
+        if m != hostile:
+            return body
+        msg = decode_secagg(body, 7)
+        if phase == CHECK_PHASE:
+            p = from_bytes(msg.pieces[0])
+            vals = p.values.copy()
+            d = net.names.index(victim)
+            vals[d] = (int(vals[d]) + 1) % F.P
+            return encode_secagg(SecAgg(CHECK_PHASE, (to_bytes(Piece(p.round, p.kind, p.owner,
+                                                                       p.holder, vals)),), msg.held))
+        if phase == AGREE_PHASE:
+            env = net.members[accomplice].book.shares(0)[victim].envelope
+            return encode_secagg(SecAgg(AGREE_PHASE, (msg.pieces[0], bytes(32) + envelope_bytes(env))))
+        return body
+
+    net = SecureNet(7, 2, variant="sum_only", tamper_open=tamper).run()
+    for m in ("bank-1", "bank-2", "bank-3", "bank-4", victim):
+        o = net.outcome(m)
+        assert victim not in o.named, (m, o.named)
+        assert o.named.get(hostile, "").startswith("bad_reveal"), (m, o.named)
+
+
+def test_a_reveal_of_a_deal_sealed_to_another_member_is_no_proof():
+    """Review 2 F2, part 1 (real seal, bank-3's real key): bank-6's agreement carries the
+    deal bank-3 sealed to bank-2, with its key (bank-2 handed it over). It is not bank-6's
+    deal: read_reveals files it as bank-6's fault, never as bank-3's signed proof."""
+    from types import SimpleNamespace
+
+    from gossip import envelope as E
+    from gossip.seal import PrekeyStore, SignedPrekey, seal, seal_ad, share_key
+    from node.runtime import secure_node
+    from node.runtime.evidence import envelope_bytes
+    from node.runtime.secure_round import SecureRounds
+
+    ks = keys(7)
+    cons = consortium(ks)
+    names = [m.name for m in cons.members]
+    stores = {k: PrekeyStore() for k in (2, 6)}
+    pre = {k: SignedPrekey(bytes(ks[k].verify_key), 0, bytes(s.rotate(0).public_key), b"s" * 64)
+           for k, s in stores.items()}
+    codec = SecureNet(7, 2).codec
+    dealer = SecureRounds(names[3], names, 2, "sum_only", codec, cons.id)
+    deals = dealer.deal(0, codec.encode(np.zeros(codec.dim)))
+    ad = seal_ad(cons.id, bytes(ks[3].verify_key), 0)
+    judge = SimpleNamespace(name=names[0], consortium=cons, signer=SimpleNamespace(
+        sealing=SimpleNamespace(own=PrekeyStore(), peers={names[k]: {0: p} for k, p in pre.items()})))
+    for k, expect in ((2, "sealed to another member"), (6, None)):  # bank-2's deal; bank-6's own
+        env = E.decode_outer(E.pack(ks[3], cons.id, E.KIND_DEAL, 0, 1,
+                                    seal(deals[names[k]], {names[k]: pre[k]}, ad)))
+        key = share_key(env.body, stores[k])
+        agree = encode_secagg(SecAgg(AGREE_PHASE, (bytes(32 * 15), key + envelope_bytes(env))))
+        got = secure_node.read_reveals(judge, 0, {names[6]: agree})[(7, 4)]
+        if expect is None:
+            assert got == decode_secagg(deals[names[6]], 7, deal=True)
+        else:
+            assert isinstance(got, str) and expect in got, got
 
 
 def test_the_sum_is_opened_off_the_event_loop(monkeypatch):

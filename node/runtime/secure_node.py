@@ -61,7 +61,7 @@ from gossip.errors import LocalError, RemoteError
 from gossip.membership import Consortium
 from gossip.protocol import events as ev
 from gossip.seal import KEY_BYTES as SEAL_KEY_BYTES
-from gossip.seal import open_with_key, seal_ad, share_key
+from gossip.seal import open_with_key, seal_ad, share_key, sole_recipient
 from node.learn.models import get_flat, set_flat
 from node.learn.train import evaluate
 from node.privacy.secure import (
@@ -450,6 +450,9 @@ def read_reveals(node: Node, r: int, agreements: Mapping[str, bytes]
         except RemoteError:
             continue  # named by the round (bad_agree)
         j = index[holder]
+        known = _prekeys_of(node, holder)
+        if not known:
+            continue  # we cannot tell whom its deals were sealed to: its disputes stay claims
         for data in pieces:
             try:
                 env = decode_outer(data[SEAL_KEY_BYTES:])
@@ -465,6 +468,9 @@ def read_reveals(node: Node, r: int, agreements: Mapping[str, bytes]
                     VerifyKey(env.sender).verify(env.digest, env.sig)
                 except BadSignatureError:
                     raise ValueError(f"{dealer}'s signature does not verify") from None
+                if sole_recipient(env.body, dealer) not in known:
+                    raise ValueError(f"that deal is sealed to another member than {holder} "
+                                     "(not its deal: review 2 F2)")
                 plain = open_with_key(env.body, data[:SEAL_KEY_BYTES],
                                       seal_ad(node.consortium.id, env.sender, r), holder)
                 out[(j, index[dealer])] = decode_secagg(plain, len(members), dealer, deal=True)
@@ -472,6 +478,17 @@ def read_reveals(node: Node, r: int, agreements: Mapping[str, bytes]
                 out.setdefault((j, index[dealer]), f"its reveal of {dealer}'s deal is no proof: "
                                f"{exc}")
     return out
+
+
+def _prekeys_of(node: Node, member: str) -> set[bytes]:
+    """The X25519 prekeys we know `member` signed (ours: the ones we hold): a revealed deal
+    must be sealed to one of them, or it is not the revealer's."""
+    sealing = node.signer.sealing
+    if sealing is None:
+        return set()
+    if member == node.name:
+        return {bytes(k.public_key) for k in sealing.own.keys.values()}
+    return {p.x25519 for p in sealing.peers.get(member, {}).values()}
 
 
 def receive(node: Node, acc: Accepted, now: float, data: bytes, token: Any) -> list[ev.Action]:
