@@ -117,13 +117,16 @@ def test_a_split_view_never_opens_two_different_sums():
         err = np.abs(leaked - net.vector(VICTIM, 0)).max()
         raise AssertionError(f"two selections opened {opened}: bank-3 recovers bank-2's "
                              f"contribution to {err:.1e}")
-    for m in (A, B):  # bank-0 and bank-1 saw the other's agreement disagree on bank-3's check
-        assert outs[m].named.get(HOSTILE, "").startswith("split_view"), outs[m].named
-        # nobody honest blamed but by the dispute's claim (bank-3's split check put bank-0
-        # in dispute in bank-1's view: a claim, which the view's own reveals cannot settle)
-        assert all(why.startswith("dispute:") for w, why in outs[m].named.items()
+    for (m, other) in ((A, B), (B, A)):  # each saw the other's agreement disagree on bank-3's
+        # check: that is the other's claim (split_claim, filed under it with bank-3's check as
+        # it reached us), never proof against bank-3 (review 2 F1: one member could aim it at
+        # any honest member); bank-2's dispute puts a claim on bank-0 in bank-1's view
+        assert outs[m].named.get(other, "").startswith(("split_claim", "dispute:")), outs[m].named
+        assert HOSTILE in outs[m].claims[other] and other in outs[m].disagreed[other]
+        assert all(why.startswith(("dispute:", "split_claim")) for w, why in outs[m].named.items()
                    if w in honest), outs[m].named
-        assert outs[m].disagreed[HOSTILE]  # whose agreement showed it: the evidence
+    # bank-3's own agreement to bank-1 reports its check otherwise than it signed: a proof
+    assert outs[B].named.get(HOSTILE, "").startswith("split_view"), outs[B].named
     # bank-2 revealed the deal bank-3 signed for it: bank-2's dispute settled against bank-3
     assert "bad_dealing" in outs[A].named[HOSTILE]
     # bank-1 (bank-3's other view) has no quorum: it opened nothing, the round failed there
@@ -265,7 +268,7 @@ def test_a_split_view_is_kept_as_evidence_with_both_signed_sides(tmp_path):
     verifier = verifier_for(net.cons, net.sks[0], secure=True)  # bank-0's own, fresh
     node = SimpleNamespace(name=A, state=state, secure=sec)
     secure_node.step_path(node, 0, AGREE_PHASE).write_bytes(me.sent[(0, AGREE_PHASE)])
-    for sender in (HOSTILE, *out.disagreed[HOSTILE]):
+    for sender in (HOSTILE, *out.disagreed[B]):
         m = net.members[sender]
         for step in (CHECK_PHASE, AGREE_PHASE):
             data = m.sent[(0, step)]
@@ -276,7 +279,7 @@ def test_a_split_view_is_kept_as_evidence_with_both_signed_sides(tmp_path):
             acc = verifier.verify(data, 0)
             assert isinstance(acc, Accepted)
             secure_node.keep_signed_step(node, acc, data)
-    kept = secure_node.keep_split_evidence(node, 0, HOSTILE, out)
+    kept = secure_node.keep_split_evidence(node, 0, B, out)  # bank-1's split_claim
     files = {p.rsplit("/", 1)[1]: (tmp_path / "state" / p).read_bytes() for p in kept}
     assert files[f"agree-{A}"] == me.sent[(0, AGREE_PHASE)]
     assert files[f"agree-{B}"] == net.members[B].sent[(0, AGREE_PHASE)]
@@ -590,3 +593,86 @@ def test_the_sum_is_opened_off_the_event_loop(monkeypatch):
     assert seen["close"] != seen["loop"]  # decoded in a worker thread
     thread, opened = seen["aggregate"]
     assert thread == seen["loop"] and opened[2].reason == "no_agreement"
+
+
+def _frame_others(victims):
+    """bank-6 (its real key) flips the check digest of each of `victims` in the agreement it
+    sends every member but that victim (who alone could tell it is false): review 2 F1/F6."""
+    def tamper_to(net, m, phase, to, body):
+        if m != "bank-6" or phase != AGREE_PHASE:
+            return body
+        msg = decode_secagg(body, 7)
+        st = bytearray(msg.pieces[0])
+        for v in victims:
+            if v != to:
+                i = net.names.index(v) + 1
+                st[32 * (1 + 2 * (i - 1))] ^= 1  # v's check digest
+        return encode_secagg(SecAgg(AGREE_PHASE, (bytes(st), *msg.pieces[1:])))
+    return tamper_to
+
+
+def test_one_member_cannot_frame_an_honest_member_as_a_splitter():
+    """Review 2 F1 (n = 7, t = 2): bank-6's agreement misreports honest bank-0's check.
+    Before, bank-1..bank-5 named bank-0 `split_view` on bank-6's word and bank-6 nobody;
+    now the claim is bank-6's (`split_claim`, about bank-0), bank-0 is named by nobody,
+    and the round opens."""
+    net = SecureNet(7, 2, variant="sum_only", tamper_to=_frame_others(["bank-0"])).run()
+    for m in ("bank-1", "bank-2", "bank-3", "bank-4", "bank-5"):
+        o = net.outcome(m)
+        assert o.ok, (m, o.reason, o.detail)
+        assert "bank-0" not in o.named, (m, o.named)
+        assert o.named.get("bank-6", "").startswith("split_claim"), (m, o.named)
+        assert o.claims["bank-6"] == ("bank-0",)
+
+
+def test_framing_every_member_keeps_one_copy_of_the_claim_per_round(tmp_path):
+    """Review 2 F6: bank-6 misreports every other member's check to each recipient. Before,
+    bank-1 named bank-0, bank-2, ... bank-5 and wrote bank-6's agreement once per named
+    member; now bank-6 alone is named and its signed agreement is stored once, under the
+    round's folder, with the bodies it claims about as they reached bank-1."""
+    from types import SimpleNamespace
+
+    from node.runtime import secure_evidence
+    from node.runtime.state import StateDir
+
+    names = [f"bank-{k}" for k in range(6)]
+    net = SecureNet(7, 2, variant="sum_only", tamper_to=_frame_others(names)).run()
+    me, out = net.members["bank-1"], net.outcome("bank-1")
+    assert out.ok and set(out.named) == {"bank-6"}, out.named
+    assert set(out.claims["bank-6"]) == set(names) - {"bank-1"}
+    (tmp_path / "state" / "outbox").mkdir(parents=True)
+    verifier = verifier_for(net.cons, net.sks[1], secure=True)
+    node = SimpleNamespace(name="bank-1", state=StateDir(tmp_path / "state"),
+                           secure=SimpleNamespace(signed={}))
+    secure_evidence.step_path(node, 0, AGREE_PHASE).write_bytes(me.sent[(0, AGREE_PHASE)])
+    for _, to, data in net.delivered:
+        if to == "bank-1" and decode_outer(data).kind == "secagg":
+            secure_evidence.keep_signed_step(node, verifier.verify(data, 0), data)
+    kept = secure_evidence.keep_evidence(node, 0, out, {})
+    files = sorted(p.name for p in (tmp_path / "state" / "evidence").rglob("*") if p.is_file())
+    assert set(kept) == {"bank-6"} and files.count("agree-bank-6") == 1, files
+    assert {f"check-{m}" for m in set(names) - {"bank-1"}} <= set(files), files
+    agree = (tmp_path / "state" / kept["bank-6"][0]).parent / "agree-bank-6"
+    assert agree.read_bytes() == next(d for s, to, d in net.delivered if s == "bank-6" and
+                                      to == "bank-1" and decode_outer(d).kind == "secagg" and
+                                      decode_secagg(decode_outer(d).body, 7).step == AGREE_PHASE)
+
+
+def test_secure_evidence_stops_at_its_byte_bound(tmp_path, monkeypatch):
+    """Review 2 F6: the evidence folder's total bytes are bounded (not a count per member):
+    past MAX_SECURE_EVIDENCE_BYTES nothing more is written, the earliest kept."""
+    from types import SimpleNamespace
+
+    from node.runtime import secure_evidence
+    from node.runtime.secure_round import SecureOutcome
+    from node.runtime.state import StateDir
+
+    (tmp_path / "state" / "outbox").mkdir(parents=True)
+    node = SimpleNamespace(name="bank-1", state=StateDir(tmp_path / "state"), secure=SimpleNamespace(
+        signed={r: {("bank-6", AGREE_PHASE): bytes(300)} for r in range(3)}))
+    monkeypatch.setattr(secure_evidence, "MAX_SECURE_EVIDENCE_BYTES", 700)
+    out = SecureOutcome(0, True, named={"bank-6": "split_claim: x"}, disagreed={"bank-6": ("bank-6",)})
+    kept = [secure_evidence.keep_evidence(node, r, out, {}) for r in range(3)]
+    assert [bool(k) for k in kept] == [True, True, False]
+    assert sum(p.stat().st_size for p in (tmp_path / "state" / "evidence").rglob("*")
+               if p.is_file()) == 600

@@ -147,6 +147,7 @@ class SecureOutcome:
     # member -> the senders whose agreement shows it at fault (a disagreeing one, or the
     # one carrying a dispute's reveal): kept as evidence
     disagreed: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    claims: dict[str, tuple[str, ...]] = field(default_factory=dict)  # split_claim: about whom
     # our round failed and these (more than t) opened the sum: the aggregate was applied
     # elsewhere, our model now differs from theirs (secure_agree.opened_elsewhere)
     missed: tuple[str, ...] = ()
@@ -514,11 +515,12 @@ class SecureRound:
         return None
 
     def _disagree(self, sender: str, theirs: bytes, mine: bytes, steps: tuple[str, ...]) -> None:
-        """Name who a mismatching agreement shows at fault: the member whose check or degree2
-        body differs between the sender's view and ours (it signed two different bodies, or
-        sent one to some members only: a claim, proven when it is the sender itself), or the
-        sender when it reports the same bodies and another outcome (every member computes
-        the same from the same bodies) or misreports our own body."""
+        """Name who a mismatching agreement shows at fault: the sender, always. Its own check
+        or degree2 body reported with another digest than it signed to us (`split_view`, a
+        proof: both signed by it); the same bodies and another outcome, or our own body
+        misreported (`bad_agreement`); a third member's body reported otherwise
+        (`split_claim`: that member may have split the views, or the sender lies; nobody
+        else is named on the sender's word)."""
         k = self.index[sender]
         by = self.out.disagreed
         differ = differing(mine, theirs, self.params.members, steps)
@@ -535,14 +537,21 @@ class SecureRound:
                                           "with another digest than the one we signed")
                 who = sender
             elif i == k:
+                if self.out.named.get(sender, "").startswith("split_claim"):
+                    del self.out.named[sender]  # the proof replaces the weaker claim
                 self.out.named.setdefault(sender, f"split_view: its agreement names its own "
                                           f"{step} body with another digest than the one it "
                                           "signed to us (both signed by it: a proof)")
-            elif i != self.i:
-                self.out.named.setdefault(who, f"split_view: its {step} body differs between "
-                                          f"our view and {sender}'s agreement (a claim: it sent "
-                                          "members different bodies or withheld one, or "
-                                          f"{sender} misreports)")
+            elif i != self.i:  # a claim about a third member, backed by no body it signed
+                # (review 2 F1: naming `who` let one member frame any honest one): the
+                # sender's alone, with the evidence filed under it, never against `who`
+                self.out.named.setdefault(sender, f"split_claim: its agreement reports {who}'s "
+                                          f"{step} body with another digest than the one "
+                                          f"{who} signed to us (unproven: {who} sent members "
+                                          f"different bodies, or {sender} misreports)")
+                if who not in self.out.claims.get(sender, ()):
+                    self.out.claims[sender] = (*self.out.claims.get(sender, ()), who)
+                who = sender
             else:
                 continue  # our own body did not reach the sender: no one to name
             if sender not in by.get(who, ()):
