@@ -149,7 +149,12 @@ def plan_for(node: Node, rule_select: str) -> SecurePlan:
                          "[rules] have no secure_rows / secure_epsilon / secure_delta: every "
                          "member must plan the same noise; rebuild the consortium file with "
                          "them (flnode consortium build --secure, or simulate --secure)")
-    clip = rules.clip if rules.clip is not None else pc.clip
+    if rules.clip is None:  # each member would plan with its own (review 2 F11)
+        raise LocalError("the consortium's [rules] plan DP on the secure sum (secure_rows / "
+                         "secure_epsilon / secure_delta) but pin no clip: every member would "
+                         "decode the same opened sum with its own privacy.clip and apply a "
+                         "different step; rebuild the consortium file with --clip")
+    clip = rules.clip
     for key, mine, agreed in (("epsilon", pc.epsilon, rules.secure_epsilon),
                               ("delta", pc.delta, rules.secure_delta), ("clip", pc.clip, clip)):
         if mine != agreed:
