@@ -334,7 +334,7 @@ def test_every_secure_step_message_gets_an_audit_line_accepted_or_dropped():
                                                        "a second, different message")]
 
     node = SimpleNamespace(
-        secure=SimpleNamespace(signed={}, rounds=SimpleNamespace(variant="sum_only")),
+        secure=SimpleNamespace(signed={}, audited={}, rounds=SimpleNamespace(variant="sum_only")),
         counters=SimpleNamespace(rejected=Counter()),
         audit=SimpleNamespace(write=lines.append),
         book=SimpleNamespace(current=5, lookahead=3, neighbours={"bank-1", "bank-2", "bank-3"}),
@@ -357,6 +357,37 @@ def test_every_secure_step_message_gets_an_audit_line_accepted_or_dropped():
     assert got == [("Accepted", 5, "secagg", "check"), ("Refused", 4, "secagg", "late_check"),
                    ("Refused", 9, "secagg", "too_far"), ("Refused", 5, "secagg", "no_phase")], got
     assert node.counters.rejected == Counter({"late_check": 1, "too_far": 1, "no_phase": 1})
+
+
+def test_re_signed_copies_of_a_step_message_get_one_accepted_line():
+    """Review 2 F14: bank-3 (its real key) re-signs one check body 200 times with fresh
+    sequence numbers; every copy verifies and bank-0's real RoundMachine files it without a
+    refusal. Before, each wrote an `accepted` audit line (rotating the rounds' aggregate
+    lines out of the audit); now one line per (sender, round, step), the copies counted."""
+    from collections import Counter
+    from types import SimpleNamespace
+
+    from gossip import envelope as E
+    from node.runtime import secure_node
+    from tests.test_secure_round import SecureNet
+
+    net = SecureNet(4, 1, variant="sum_only")
+    me, hostile = net.members["bank-0"], net.members["bank-3"]
+    for m in net.members.values():
+        m.run(m.m.start(0.0))
+    lines: list = []
+    node = SimpleNamespace(
+        secure=SimpleNamespace(signed={}, audited={}, rounds=SimpleNamespace(variant="sum_only")),
+        counters=SimpleNamespace(rejected=Counter()), audit=SimpleNamespace(write=lines.append),
+        book=SimpleNamespace(current=0, lookahead=2, neighbours={"bank-1", "bank-2", "bank-3"}),
+        machine=me.m)
+    body = encode_secagg(SecAgg(CHECK_PHASE, ()))
+    for _ in range(200):
+        data = hostile.pack(E.KIND_SECAGG, 0, body)  # a fresh seq each time
+        secure_node.receive(node, me.verifier.verify(data, 0), 0.0, data, None)
+    accepted = [x for x in lines if type(x).__name__ == "Accepted"]
+    assert len(accepted) == 1 and accepted[0].member == "bank-3", lines[:3]
+    assert node.counters.rejected["duplicate_step"] == 199
 
 
 def _wrong_piece_for(victim: str, dealer: str = HOSTILE):

@@ -127,6 +127,9 @@ class Secure:
     opened: dict[int, SecureOutcome] = field(default_factory=dict)
     # round -> the evidence `open_sum` wrote for its named members (off the event loop)
     kept: dict[int, dict[str, str | list[str]]] = field(default_factory=dict)
+    # round -> (sender, step) already given an `accepted` audit line (rounds within the
+    # machine's lookahead: `phase_drop`; pruned at the round's close)
+    audited: dict[int, set[tuple[str, str]]] = field(default_factory=dict)
 
 
 # The consortium's distributed DP-SGD plan, pinned in the state dir at the first start (a
@@ -513,8 +516,13 @@ def receive(node: Node, acc: Accepted, now: float, data: bytes, token: Any) -> l
     filed = node.machine.phase_message(
         ev.PhaseMessage(acc.sender, acc.round, step, bytes(env.body)), now)
     if not any(isinstance(a, ev.Refused) and a.member == acc.sender for a in filed):
-        node.audit.write(audit.Accepted(acc.round, acc.sender, env.seq, env.digest.hex(),
-                                        env.kind, step))
+        seen = node.secure.audited.setdefault(acc.round, set())  # type: ignore[union-attr]
+        if (acc.sender, step) in seen:  # a re-signed copy: counted, not audited (review 2 F14)
+            node.counters.rejected["duplicate_step"] += 1
+        else:
+            seen.add((acc.sender, step))
+            node.audit.write(audit.Accepted(acc.round, acc.sender, env.seq, env.digest.hex(),
+                                            env.kind, step))
     return out + filed
 
 
@@ -598,6 +606,7 @@ def aggregate(node: Node, c: ev.Close) -> dict[str, Accepted]:
                               "missed_opening": list(out.missed)}}
     node.audit.aggregate(r, diagnostics, node.counters.aggregation)
     sec.signed = {k: v for k, v in sec.signed.items() if k > r}  # the evidence is on disk
+    sec.audited = {k: v for k, v in sec.audited.items() if k > r}
     st.close, st.received, st.diagnostics = c, sorted(out.selected), diagnostics
     st.metrics = evaluate(node.model, node.held_out.X, node.held_out.y)
     return {}
