@@ -707,3 +707,32 @@ def test_secure_evidence_stops_at_its_byte_bound(tmp_path, monkeypatch):
     assert [bool(k) for k in kept] == [True, True, False]
     assert sum(p.stat().st_size for p in (tmp_path / "state" / "evidence").rglob("*")
                if p.is_file()) == 600
+
+
+def test_a_proof_against_a_member_is_not_hidden_by_an_earlier_claim():
+    """Review 2 F12's side note: `named` kept the first reason, so a `dispute:` claim hid a
+    later proof. bank-6 (its real key) opens a wrong check of bank-0's dealing (a dispute,
+    a claim) and its agreement reports its own check with another digest than it signed:
+    every member names it `split_view` (the proof), not just `dispute`."""
+    def tamper(net, m, phase, body):
+        if m != "bank-6":
+            return body
+        msg = decode_secagg(body, 7)
+        if phase == CHECK_PHASE:
+            p = from_bytes(msg.pieces[0])
+            vals = p.values.copy()
+            vals[0] = (int(vals[0]) + 1) % F.P
+            body = encode_secagg(SecAgg(CHECK_PHASE, (to_bytes(Piece(p.round, p.kind, p.owner,
+                                                                       p.holder, vals)),), msg.held))
+            net.members[m].secure.keep_own(0, CHECK_PHASE, body)
+            return body
+        if phase == AGREE_PHASE:
+            st = bytearray(msg.pieces[0])
+            st[32 * (1 + 2 * 6)] ^= 1  # its own check's digest
+            return encode_secagg(SecAgg(AGREE_PHASE, (bytes(st),)))
+        return body
+
+    net = SecureNet(7, 2, variant="sum_only", tamper_open=tamper).run()
+    for m in ("bank-0", "bank-1", "bank-2", "bank-3", "bank-4", "bank-5"):
+        assert net.outcome(m).named.get("bank-6", "").startswith("split_view"), \
+            (m, net.outcome(m).named)

@@ -534,7 +534,7 @@ class SecureRound:
                                           "with another digest than the one we signed")
                 who = sender
             elif i == k:
-                if self.out.named.get(sender, "").startswith("split_claim"):
+                if self.out.named.get(sender, "").startswith(("split_claim", "dispute:")):
                     del self.out.named[sender]  # the proof replaces the weaker claim
                 self.out.named.setdefault(sender, f"split_view: its agreement names its own "
                                           f"{step} body with another digest than the one it "
