@@ -63,7 +63,9 @@ def test_secure_with_update_dp_or_no_budget_is_refused_by_name(tmp_path):
     base = consortium(keys(5))
     cons = Consortium(base.name, base.schema, base.members, pin_rules(rules_table(5, secure=True), 5))
     node = SimpleNamespace(consortium=cons, sealing=object(), name="bank-0",
-                           cfg=SimpleNamespace(privacy=SimpleNamespace(mode="update")))
+                           model=torch.nn.Linear(4, 3),
+                           cfg=SimpleNamespace(privacy=SimpleNamespace(mode="update"),
+                                               gossip=SimpleNamespace(max_envelope_bytes=1 << 26)))
     with pytest.raises(LocalError, match="privacy.mode = 'update'"):
         secure_node.setup(node)
     node.sealing = None

@@ -74,7 +74,7 @@ from node.privacy.secure import (
 from node.runtime import audit, echo_round
 from node.runtime.evidence import envelope_bytes
 from node.runtime.release import Stopped, Trained
-from node.runtime.secure_bounds import sum_l2_bound
+from node.runtime.secure_bounds import largest_secure_message, sum_l2_bound
 from node.runtime.secure_evidence import (
     keep_deal,
     keep_evidence,
@@ -198,6 +198,13 @@ def setup(node: Node) -> Secure | None:
                          "each member's pieces to their one recipient; set gossip.seal = "
                          "\"on\" in the node config")
     members = [m.name for m in node.consortium.members]
+    what, size = largest_secure_message(len(members), rule.threshold,
+                                        int(get_flat(node.model).numel()))
+    if size > node.cfg.gossip.max_envelope_bytes:
+        raise LocalError(f"a secure round of this model sends {what} of up to {size} bytes, "
+                         f"over gossip.max_envelope_bytes = {node.cfg.gossip.max_envelope_bytes}"
+                         ": raise it at every member, or use a smaller model (8 bytes per "
+                         "value per deal)")
     if node.cfg.privacy.mode != "off":
         plan = plan_for(node, rule.select)
         icodec = IntegerCodec(len(members), plan.dim, coordinate_bound_of(plan))
