@@ -502,7 +502,7 @@ class Verifier:
             raise RemoteError("seal_off", "a secure-aggregation deal, but this node does not "
                               "seal (gossip.seal = \"off\"): secure rounds need sealing", name)
         try:
-            plain = self.sealing.open(env.body, env.sender, env.round, name)
+            plain = self.sealing.open_deal(env.body, env.sender, env.round, name)  # one wrap
         except RemoteError as exc:
             raise RemoteError(exc.reason, exc.detail, name, env.round if exc.reason ==
                               "no_prekey" else None) from None

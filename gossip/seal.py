@@ -264,10 +264,12 @@ def seal(body: bytes, recipients: Mapping[str, SignedPrekey], ad: bytes,
     return len(header).to_bytes(HEADER_LEN_BYTES, "big") + header, ct
 
 
-def _read_header(view: memoryview, ours: Mapping[bytes, PrivateKey]
+def _read_header(view: memoryview, ours: Mapping[bytes, PrivateKey],
+                 prekeys: list[bytes] | None = None
                  ) -> tuple[bytes, bytes, tuple[PrivateKey, bytes] | None]:
     """(nonce, kc, (our private key, its wrap) or None) of a sealed body's header, read
-    field by field: every field's type and size is checked before it is taken."""
+    field by field: every field's type and size is checked before it is taken. With
+    `prekeys` given, every wrap's prekey is appended to it (in header order)."""
     r = Reader(view)
     if r.map_header() != 4:
         raise WireError("not a map of 4")
@@ -293,6 +295,8 @@ def _read_header(view: memoryview, ours: Mapping[bytes, PrivateKey]
                 r.uint(MAX_EPOCH)
                 prekey = r.bin(exact=KEY_BYTES)
                 wrapped = r.bin(exact=WRAPPED_BYTES)
+                if prekeys is not None:
+                    prekeys.append(bytes(prekey))
                 if mine is None:
                     private = ours.get(bytes(prekey))
                     if private is not None:
@@ -536,23 +540,46 @@ class Sealing:
     def open(self, body: bytes, sender_key: bytes, round_: int, name: str) -> bytes:
         return open_sealed(body, self.own, seal_ad(self.consortium_id, sender_key, round_), name)
 
+    def open_deal(self, body: bytes, sender_key: bytes, round_: int, name: str) -> bytes:
+        """A deal sealed to us alone: exactly one wrap, to one of our prekeys (`bad_seal`,
+        naming the dealer, otherwise), then opened as `open`."""
+        sole = sole_recipient(body, name)
+        if not any(bytes(k.public_key) == sole for k in self.own.keys.values()):
+            raise RemoteError("no_prekey", "a deal sealed to none of our current prekeys "
+                              "(rotated away, or not addressed to us)", name)
+        return self.open(body, sender_key, round_, name)
+
 
 # --- revealing one sealed body (issue 22: a dispute settled by the dealer-signed piece) ---
 # The key of a sealed body is fresh per message and committed to in the signed header
 # ("kc"), so a recipient can hand it to everyone: it opens that one body, no other, and
 # nobody can substitute another key (the commitment) or another body (the signature).
 
-def _header(view: memoryview, ours: Mapping[bytes, PrivateKey], sender: str | None
+def _header(view: memoryview, ours: Mapping[bytes, PrivateKey], sender: str | None,
+            prekeys: list[bytes] | None = None
             ) -> tuple[bytes, bytes, tuple[PrivateKey, bytes] | None, int]:
     n = int.from_bytes(view[:HEADER_LEN_BYTES], "big")
     if len(view) < HEADER_LEN_BYTES or not 0 < n <= min(MAX_HEADER_BYTES,
                                                          len(view) - HEADER_LEN_BYTES):
         raise RemoteError("bad_seal", "header length prefix out of range", sender)
     try:
-        nonce, kc, mine = _read_header(view[HEADER_LEN_BYTES:HEADER_LEN_BYTES + n], ours)
+        nonce, kc, mine = _read_header(view[HEADER_LEN_BYTES:HEADER_LEN_BYTES + n], ours, prekeys)
     except WireError as exc:
         raise RemoteError("bad_seal", f"not a version 1 sealed body: {exc}", sender) from None
     return nonce, kc, mine, n
+
+
+def sole_recipient(data: bytes | memoryview, sender: str | None = None) -> bytes:
+    """The prekey (X25519) a sealed body is wrapped to when it has exactly one wrap: a deal
+    is one holder's, so its header names that holder's prekey and no other (review 2 F7:
+    dummy wraps would make the holder's reveal outgrow its bound; F2: a deal revealed by
+    another member than the one it was sealed to). Else `bad_seal`, the sealer's fault."""
+    prekeys: list[bytes] = []
+    _header(memoryview(data), {}, sender, prekeys)
+    if len(prekeys) != 1:
+        raise RemoteError("bad_seal", f"a deal sealed with {len(prekeys)} key wraps: a deal "
+                          "is sealed to its one holder only", sender)
+    return prekeys[0]
 
 
 def share_key(data: bytes | memoryview, store: PrekeyStore, sender: str | None = None) -> bytes:
@@ -588,4 +615,5 @@ def open_with_key(data: bytes | memoryview, key: bytes, ad: bytes,
 
 __all__ = ["PrekeyStore", "Sealing", "SignedPrekey", "decode_announcement", "encode_announcement",
            "epoch_of", "open_sealed", "open_with_key", "seal", "seal_ad", "share_key", "sign_prekey",
+           "sole_recipient",
            "verify_prekey"]

@@ -42,7 +42,11 @@ def secure_dp_keys(args: argparse.Namespace) -> dict[str, float] | None:
     """[rules] secure_rows / secure_epsilon / secure_delta from consortium build's flags
     (None: no DP on the secure sum; a partial set is refused by the rules' check)."""
     keys = {k: getattr(args, k) for k in ("secure_rows", "secure_epsilon", "secure_delta")}
-    return {k: v for k, v in keys.items() if v is not None} or None
+    out = {k: v for k, v in keys.items() if v is not None} or None
+    if out and getattr(args, "clip", None) is None:  # the plan's clip is agreed, not local
+        raise LocalError("--secure-rows / --secure-epsilon / --secure-delta need --clip: every "
+                         "member plans the sum's noise and decodes it with the agreed clip")
+    return out
 
 
 def _consortium_build(args: argparse.Namespace) -> int:

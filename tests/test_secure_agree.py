@@ -117,13 +117,16 @@ def test_a_split_view_never_opens_two_different_sums():
         err = np.abs(leaked - net.vector(VICTIM, 0)).max()
         raise AssertionError(f"two selections opened {opened}: bank-3 recovers bank-2's "
                              f"contribution to {err:.1e}")
-    for m in (A, B):  # bank-0 and bank-1 saw the other's agreement disagree on bank-3's check
-        assert outs[m].named.get(HOSTILE, "").startswith("split_view"), outs[m].named
-        # nobody honest blamed but by the dispute's claim (bank-3's split check put bank-0
-        # in dispute in bank-1's view: a claim, which the view's own reveals cannot settle)
-        assert all(why.startswith("dispute:") for w, why in outs[m].named.items()
+    for (m, other) in ((A, B), (B, A)):  # each saw the other's agreement disagree on bank-3's
+        # check: that is the other's claim (split_claim, filed under it with bank-3's check as
+        # it reached us), never proof against bank-3 (review 2 F1: one member could aim it at
+        # any honest member); bank-2's dispute puts a claim on bank-0 in bank-1's view
+        assert outs[m].named.get(other, "").startswith(("split_claim", "dispute:")), outs[m].named
+        assert HOSTILE in outs[m].claims[other] and other in outs[m].disagreed[other]
+        assert all(why.startswith(("dispute:", "split_claim")) for w, why in outs[m].named.items()
                    if w in honest), outs[m].named
-        assert outs[m].disagreed[HOSTILE]  # whose agreement showed it: the evidence
+    # bank-3's own agreement to bank-1 reports its check otherwise than it signed: a proof
+    assert outs[B].named.get(HOSTILE, "").startswith("split_view"), outs[B].named
     # bank-2 revealed the deal bank-3 signed for it: bank-2's dispute settled against bank-3
     assert "bad_dealing" in outs[A].named[HOSTILE]
     # bank-1 (bank-3's other view) has no quorum: it opened nothing, the round failed there
@@ -265,7 +268,7 @@ def test_a_split_view_is_kept_as_evidence_with_both_signed_sides(tmp_path):
     verifier = verifier_for(net.cons, net.sks[0], secure=True)  # bank-0's own, fresh
     node = SimpleNamespace(name=A, state=state, secure=sec)
     secure_node.step_path(node, 0, AGREE_PHASE).write_bytes(me.sent[(0, AGREE_PHASE)])
-    for sender in (HOSTILE, *out.disagreed[HOSTILE]):
+    for sender in (HOSTILE, *out.disagreed[B]):
         m = net.members[sender]
         for step in (CHECK_PHASE, AGREE_PHASE):
             data = m.sent[(0, step)]
@@ -276,7 +279,7 @@ def test_a_split_view_is_kept_as_evidence_with_both_signed_sides(tmp_path):
             acc = verifier.verify(data, 0)
             assert isinstance(acc, Accepted)
             secure_node.keep_signed_step(node, acc, data)
-    kept = secure_node.keep_split_evidence(node, 0, HOSTILE, out)
+    kept = secure_node.keep_split_evidence(node, 0, B, out)  # bank-1's split_claim
     files = {p.rsplit("/", 1)[1]: (tmp_path / "state" / p).read_bytes() for p in kept}
     assert files[f"agree-{A}"] == me.sent[(0, AGREE_PHASE)]
     assert files[f"agree-{B}"] == net.members[B].sent[(0, AGREE_PHASE)]
@@ -331,7 +334,7 @@ def test_every_secure_step_message_gets_an_audit_line_accepted_or_dropped():
                                                        "a second, different message")]
 
     node = SimpleNamespace(
-        secure=SimpleNamespace(signed={}, rounds=SimpleNamespace(variant="sum_only")),
+        secure=SimpleNamespace(signed={}, audited={}, rounds=SimpleNamespace(variant="sum_only")),
         counters=SimpleNamespace(rejected=Counter()),
         audit=SimpleNamespace(write=lines.append),
         book=SimpleNamespace(current=5, lookahead=3, neighbours={"bank-1", "bank-2", "bank-3"}),
@@ -354,6 +357,37 @@ def test_every_secure_step_message_gets_an_audit_line_accepted_or_dropped():
     assert got == [("Accepted", 5, "secagg", "check"), ("Refused", 4, "secagg", "late_check"),
                    ("Refused", 9, "secagg", "too_far"), ("Refused", 5, "secagg", "no_phase")], got
     assert node.counters.rejected == Counter({"late_check": 1, "too_far": 1, "no_phase": 1})
+
+
+def test_re_signed_copies_of_a_step_message_get_one_accepted_line():
+    """Review 2 F14: bank-3 (its real key) re-signs one check body 200 times with fresh
+    sequence numbers; every copy verifies and bank-0's real RoundMachine files it without a
+    refusal. Before, each wrote an `accepted` audit line (rotating the rounds' aggregate
+    lines out of the audit); now one line per (sender, round, step), the copies counted."""
+    from collections import Counter
+    from types import SimpleNamespace
+
+    from gossip import envelope as E
+    from node.runtime import secure_node
+    from tests.test_secure_round import SecureNet
+
+    net = SecureNet(4, 1, variant="sum_only")
+    me, hostile = net.members["bank-0"], net.members["bank-3"]
+    for m in net.members.values():
+        m.run(m.m.start(0.0))
+    lines: list = []
+    node = SimpleNamespace(
+        secure=SimpleNamespace(signed={}, audited={}, rounds=SimpleNamespace(variant="sum_only")),
+        counters=SimpleNamespace(rejected=Counter()), audit=SimpleNamespace(write=lines.append),
+        book=SimpleNamespace(current=0, lookahead=2, neighbours={"bank-1", "bank-2", "bank-3"}),
+        machine=me.m)
+    body = encode_secagg(SecAgg(CHECK_PHASE, ()))
+    for _ in range(200):
+        data = hostile.pack(E.KIND_SECAGG, 0, body)  # a fresh seq each time
+        secure_node.receive(node, me.verifier.verify(data, 0), 0.0, data, None)
+    accepted = [x for x in lines if type(x).__name__ == "Accepted"]
+    assert len(accepted) == 1 and accepted[0].member == "bank-3", lines[:3]
+    assert node.counters.rejected["duplicate_step"] == 199
 
 
 def _wrong_piece_for(victim: str, dealer: str = HOSTILE):
@@ -474,7 +508,7 @@ def test_the_node_reveals_a_sealed_deal_and_another_node_verifies_it():
     node = SimpleNamespace(
         name=names[2], consortium=cons, secure=SimpleNamespace(rounds=holder),
         book=SimpleNamespace(shares=lambda r: {names[3]: acc}),
-        signer=SimpleNamespace(sealing=SimpleNamespace(own=store)))
+        signer=SimpleNamespace(sealing=SimpleNamespace(own=store, peers={})))
     statement = bytes(32 * 9)
     body = secure_node.with_reveals(node, 0, encode_secagg(SecAgg(AGREE_PHASE, (statement,))))
     msg = decode_secagg(body, 4, dim=codec.dim)  # within the wire's bound for a reveal
@@ -489,6 +523,75 @@ def test_the_node_reveals_a_sealed_deal_and_another_node_verifies_it():
     bad = encode_secagg(SecAgg(AGREE_PHASE, (statement, msg.pieces[1][:32] + forged)))
     got = secure_node.read_reveals(node, 0, {names[2]: bad})
     assert "no proof" in got[(3, 2)]  # the signer's deal: its seal's data does not open
+
+
+def test_a_colluder_revealing_its_accomplices_deal_is_named_not_the_dealer():
+    """Review 2 F2, part 2 (real keys, n = 7, t = 2): bank-6 opens a check whose bank-0
+    column is off (a dispute with honest bank-0) and reveals the deal bank-0 signed for
+    its accomplice bank-5. Before, every member named bank-0 `bad_dealing` with its own
+    signature as the "proof" and dropped bank-6's claim; now the pieces miss bank-6's slot
+    of bank-0's commitment: bank-6 chose them, `bad_reveal`, and bank-0 is not named."""
+    from node.runtime.evidence import envelope_bytes
+
+    hostile, accomplice, victim = "bank-6", "bank-5", "bank-0"
+
+    def tamper(net, m, phase, body):
+        if m != hostile:
+            return body
+        msg = decode_secagg(body, 7)
+        if phase == CHECK_PHASE:
+            p = from_bytes(msg.pieces[0])
+            vals = p.values.copy()
+            d = net.names.index(victim)
+            vals[d] = (int(vals[d]) + 1) % F.P
+            return encode_secagg(SecAgg(CHECK_PHASE, (to_bytes(Piece(p.round, p.kind, p.owner,
+                                                                       p.holder, vals)),), msg.held))
+        if phase == AGREE_PHASE:
+            env = net.members[accomplice].book.shares(0)[victim].envelope
+            return encode_secagg(SecAgg(AGREE_PHASE, (msg.pieces[0], bytes(32) + envelope_bytes(env))))
+        return body
+
+    net = SecureNet(7, 2, variant="sum_only", tamper_open=tamper).run()
+    for m in ("bank-1", "bank-2", "bank-3", "bank-4", victim):
+        o = net.outcome(m)
+        assert victim not in o.named, (m, o.named)
+        assert o.named.get(hostile, "").startswith("bad_reveal"), (m, o.named)
+
+
+def test_a_reveal_of_a_deal_sealed_to_another_member_is_no_proof():
+    """Review 2 F2, part 1 (real seal, bank-3's real key): bank-6's agreement carries the
+    deal bank-3 sealed to bank-2, with its key (bank-2 handed it over). It is not bank-6's
+    deal: read_reveals files it as bank-6's fault, never as bank-3's signed proof."""
+    from types import SimpleNamespace
+
+    from gossip import envelope as E
+    from gossip.seal import PrekeyStore, SignedPrekey, seal, seal_ad, share_key
+    from node.runtime import secure_node
+    from node.runtime.evidence import envelope_bytes
+    from node.runtime.secure_round import SecureRounds
+
+    ks = keys(7)
+    cons = consortium(ks)
+    names = [m.name for m in cons.members]
+    stores = {k: PrekeyStore() for k in (2, 6)}
+    pre = {k: SignedPrekey(bytes(ks[k].verify_key), 0, bytes(s.rotate(0).public_key), b"s" * 64)
+           for k, s in stores.items()}
+    codec = SecureNet(7, 2).codec
+    dealer = SecureRounds(names[3], names, 2, "sum_only", codec, cons.id)
+    deals = dealer.deal(0, codec.encode(np.zeros(codec.dim)))
+    ad = seal_ad(cons.id, bytes(ks[3].verify_key), 0)
+    judge = SimpleNamespace(name=names[0], consortium=cons, signer=SimpleNamespace(
+        sealing=SimpleNamespace(own=PrekeyStore(), peers={names[k]: {0: p} for k, p in pre.items()})))
+    for k, expect in ((2, "sealed to another member"), (6, None)):  # bank-2's deal; bank-6's own
+        env = E.decode_outer(E.pack(ks[3], cons.id, E.KIND_DEAL, 0, 1,
+                                    seal(deals[names[k]], {names[k]: pre[k]}, ad)))
+        key = share_key(env.body, stores[k])
+        agree = encode_secagg(SecAgg(AGREE_PHASE, (bytes(32 * 15), key + envelope_bytes(env))))
+        got = secure_node.read_reveals(judge, 0, {names[6]: agree})[(7, 4)]
+        if expect is None:
+            assert got == decode_secagg(deals[names[6]], 7, deal=True)
+        else:
+            assert isinstance(got, str) and expect in got, got
 
 
 def test_the_sum_is_opened_off_the_event_loop(monkeypatch):
@@ -521,3 +624,115 @@ def test_the_sum_is_opened_off_the_event_loop(monkeypatch):
     assert seen["close"] != seen["loop"]  # decoded in a worker thread
     thread, opened = seen["aggregate"]
     assert thread == seen["loop"] and opened[2].reason == "no_agreement"
+
+
+def _frame_others(victims):
+    """bank-6 (its real key) flips the check digest of each of `victims` in the agreement it
+    sends every member but that victim (who alone could tell it is false): review 2 F1/F6."""
+    def tamper_to(net, m, phase, to, body):
+        if m != "bank-6" or phase != AGREE_PHASE:
+            return body
+        msg = decode_secagg(body, 7)
+        st = bytearray(msg.pieces[0])
+        for v in victims:
+            if v != to:
+                i = net.names.index(v) + 1
+                st[32 * (1 + 2 * (i - 1))] ^= 1  # v's check digest
+        return encode_secagg(SecAgg(AGREE_PHASE, (bytes(st), *msg.pieces[1:])))
+    return tamper_to
+
+
+def test_one_member_cannot_frame_an_honest_member_as_a_splitter():
+    """Review 2 F1 (n = 7, t = 2): bank-6's agreement misreports honest bank-0's check.
+    Before, bank-1..bank-5 named bank-0 `split_view` on bank-6's word and bank-6 nobody;
+    now the claim is bank-6's (`split_claim`, about bank-0), bank-0 is named by nobody,
+    and the round opens."""
+    net = SecureNet(7, 2, variant="sum_only", tamper_to=_frame_others(["bank-0"])).run()
+    for m in ("bank-1", "bank-2", "bank-3", "bank-4", "bank-5"):
+        o = net.outcome(m)
+        assert o.ok, (m, o.reason, o.detail)
+        assert "bank-0" not in o.named, (m, o.named)
+        assert o.named.get("bank-6", "").startswith("split_claim"), (m, o.named)
+        assert o.claims["bank-6"] == ("bank-0",)
+
+
+def test_framing_every_member_keeps_one_copy_of_the_claim_per_round(tmp_path):
+    """Review 2 F6: bank-6 misreports every other member's check to each recipient. Before,
+    bank-1 named bank-0, bank-2, ... bank-5 and wrote bank-6's agreement once per named
+    member; now bank-6 alone is named and its signed agreement is stored once, under the
+    round's folder, with the bodies it claims about as they reached bank-1."""
+    from types import SimpleNamespace
+
+    from node.runtime import secure_evidence
+    from node.runtime.state import StateDir
+
+    names = [f"bank-{k}" for k in range(6)]
+    net = SecureNet(7, 2, variant="sum_only", tamper_to=_frame_others(names)).run()
+    me, out = net.members["bank-1"], net.outcome("bank-1")
+    assert out.ok and set(out.named) == {"bank-6"}, out.named
+    assert set(out.claims["bank-6"]) == set(names) - {"bank-1"}
+    (tmp_path / "state" / "outbox").mkdir(parents=True)
+    verifier = verifier_for(net.cons, net.sks[1], secure=True)
+    node = SimpleNamespace(name="bank-1", state=StateDir(tmp_path / "state"),
+                           secure=SimpleNamespace(signed={}))
+    secure_evidence.step_path(node, 0, AGREE_PHASE).write_bytes(me.sent[(0, AGREE_PHASE)])
+    for _, to, data in net.delivered:
+        if to == "bank-1" and decode_outer(data).kind == "secagg":
+            secure_evidence.keep_signed_step(node, verifier.verify(data, 0), data)
+    kept = secure_evidence.keep_evidence(node, 0, out, {})
+    files = sorted(p.name for p in (tmp_path / "state" / "evidence").rglob("*") if p.is_file())
+    assert set(kept) == {"bank-6"} and files.count("agree-bank-6") == 1, files
+    assert {f"check-{m}" for m in set(names) - {"bank-1"}} <= set(files), files
+    agree = (tmp_path / "state" / kept["bank-6"][0]).parent / "agree-bank-6"
+    assert agree.read_bytes() == next(d for s, to, d in net.delivered if s == "bank-6" and
+                                      to == "bank-1" and decode_outer(d).kind == "secagg" and
+                                      decode_secagg(decode_outer(d).body, 7).step == AGREE_PHASE)
+
+
+def test_secure_evidence_stops_at_its_byte_bound(tmp_path, monkeypatch):
+    """Review 2 F6: the evidence folder's total bytes are bounded (not a count per member):
+    past MAX_SECURE_EVIDENCE_BYTES nothing more is written, the earliest kept."""
+    from types import SimpleNamespace
+
+    from node.runtime import secure_evidence
+    from node.runtime.secure_round import SecureOutcome
+    from node.runtime.state import StateDir
+
+    (tmp_path / "state" / "outbox").mkdir(parents=True)
+    node = SimpleNamespace(name="bank-1", state=StateDir(tmp_path / "state"), secure=SimpleNamespace(
+        signed={r: {("bank-6", AGREE_PHASE): bytes(300)} for r in range(3)}))
+    monkeypatch.setattr(secure_evidence, "MAX_SECURE_EVIDENCE_BYTES", 700)
+    out = SecureOutcome(0, True, named={"bank-6": "split_claim: x"}, disagreed={"bank-6": ("bank-6",)})
+    kept = [secure_evidence.keep_evidence(node, r, out, {}) for r in range(3)]
+    assert [bool(k) for k in kept] == [True, True, False]
+    assert sum(p.stat().st_size for p in (tmp_path / "state" / "evidence").rglob("*")
+               if p.is_file()) == 600
+
+
+def test_a_proof_against_a_member_is_not_hidden_by_an_earlier_claim():
+    """Review 2 F12's side note: `named` kept the first reason, so a `dispute:` claim hid a
+    later proof. bank-6 (its real key) opens a wrong check of bank-0's dealing (a dispute,
+    a claim) and its agreement reports its own check with another digest than it signed:
+    every member names it `split_view` (the proof), not just `dispute`."""
+    def tamper(net, m, phase, body):
+        if m != "bank-6":
+            return body
+        msg = decode_secagg(body, 7)
+        if phase == CHECK_PHASE:
+            p = from_bytes(msg.pieces[0])
+            vals = p.values.copy()
+            vals[0] = (int(vals[0]) + 1) % F.P
+            body = encode_secagg(SecAgg(CHECK_PHASE, (to_bytes(Piece(p.round, p.kind, p.owner,
+                                                                       p.holder, vals)),), msg.held))
+            net.members[m].secure.keep_own(0, CHECK_PHASE, body)
+            return body
+        if phase == AGREE_PHASE:
+            st = bytearray(msg.pieces[0])
+            st[32 * (1 + 2 * 6)] ^= 1  # its own check's digest
+            return encode_secagg(SecAgg(AGREE_PHASE, (bytes(st),)))
+        return body
+
+    net = SecureNet(7, 2, variant="sum_only", tamper_open=tamper).run()
+    for m in ("bank-0", "bank-1", "bank-2", "bank-3", "bank-4", "bank-5"):
+        assert net.outcome(m).named.get("bank-6", "").startswith("split_view"), \
+            (m, net.outcome(m).named)

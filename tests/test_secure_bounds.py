@@ -62,3 +62,52 @@ def test_a_member_weighing_more_than_rows_and_noise_fails_the_round_by_name():
         assert not o.ok and o.reason == "aggregate_too_large" and o.total is None, (o.reason,
                                                                                     o.detail)
         assert "L2 norm" in o.detail
+
+
+def test_the_largest_secure_message_is_checked_against_the_envelope_limit():
+    """Review 2 F9 (n = 7, t = 2, the default 64 MiB envelope): at d = 8M a deal fits but
+    an honest holder's agreement with t reveals (121 MiB) does not; at d = 15M no deal
+    fits. Both are refused at the start by name; the digits model fits. The bound is the
+    wire's own (an agreement of t deal-sized reveals decodes at exactly that size)."""
+    from gossip.bodies import SecAgg, decode_secagg, encode_secagg, secagg_piece_limits
+    from node.runtime.secure_bounds import SECURE_FRAME_BYTES, largest_secure_message
+
+    env = 64 * 1024 * 1024
+    what, size = largest_secure_message(7, 2, 8_000_000)
+    assert what == "an agreement with 2 reveal(s)" and size > env
+    assert sum(secagg_piece_limits("deal", 7, 8_000_000)) + SECURE_FRAME_BYTES < env
+    assert largest_secure_message(7, 2, 15_000_000)[1] > env
+    assert largest_secure_message(7, 2, 4_810)[1] < env
+    limits = secagg_piece_limits("agree", 7, 6)
+    body = encode_secagg(SecAgg("agree", (bytes(limits[0]), bytes(limits[1]), bytes(limits[2]))))
+    assert len(decode_secagg(body, 7, dim=6).pieces) == 3
+    assert len(body) + SECURE_FRAME_BYTES >= largest_secure_message(7, 2, 6)[1] - 64
+
+
+def test_a_node_whose_secure_messages_outgrow_its_envelope_limit_is_refused_at_start():
+    """Review 2 F9 through secure_node.setup: a model whose deal (8 bytes per value) does
+    not fit gossip.max_envelope_bytes is refused by name, not failed every round."""
+    from types import SimpleNamespace
+
+    import pytest
+    import torch
+
+    from gossip.errors import LocalError
+    from gossip.membership import Consortium
+    from node.runtime import secure_node
+    from node.strategy.consortium_rules import pin_rules, rules_table
+    from tests.helpers import consortium, keys
+
+    base = consortium(keys(4))
+    cons = Consortium(base.name, base.schema, base.members,
+                      pin_rules(rules_table(4, secure=True), 4))
+
+    def node(limit):
+        return SimpleNamespace(
+            consortium=cons, sealing=object(), name="bank-0", model=torch.nn.Linear(1000, 200),
+            cfg=SimpleNamespace(gossip=SimpleNamespace(max_envelope_bytes=limit),
+                                privacy=SimpleNamespace(mode="off")))
+
+    with pytest.raises(LocalError, match="over gossip.max_envelope_bytes = 1048576"):
+        secure_node.setup(node(1 << 20))
+    assert secure_node.setup(node(64 << 20)) is not None

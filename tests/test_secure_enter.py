@@ -89,9 +89,11 @@ def test_a_split_check_never_opens_degree2_pieces_over_two_entered_sets():
         assert outs[m].reason == "no_agreement" and ENTER_PHASE in outs[m].detail, \
             (m, outs[m].reason, outs[m].detail)
         assert outs[m].missed == ()  # nobody opened the sum: nothing missed
-    for m in ("bank-0", "bank-1"):  # each saw the other view's entry agreement
-        assert outs[m].named.get(HOSTILE, "").startswith("split_view"), outs[m].named
-        assert outs[m].disagreed[HOSTILE]
+    for m, other in (("bank-0", "bank-1"), ("bank-1", "bank-0")):  # each saw the other view's
+        # entry agreement: the other's claim about bank-4's check, filed under the other
+        # (review 2 F1), never a proof against a third member
+        assert outs[m].named.get(other, "").startswith("split_claim"), outs[m].named
+        assert HOSTILE in outs[m].claims[other]
         assert not any(why.startswith("split_view") for w, why in outs[m].named.items()
                        if w in HONEST), outs[m].named
 
@@ -157,7 +159,8 @@ def test_the_entry_split_is_kept_as_evidence_with_both_signed_sides(tmp_path):
     net = SecureNet(5, 1, variant="distances", tamper_deal=_wrong_piece_for_disputed,
                     tamper_to=_split_check).run()
     me, out = net.members["bank-0"], net.outcome("bank-0")
-    assert set(out.disagreed[HOSTILE]) == set(VIEW_B)
+    claimants = [m for m, about in out.claims.items() if HOSTILE in about]
+    assert set(claimants) == set(VIEW_B)
     (tmp_path / "state" / "outbox").mkdir(parents=True)
     node = SimpleNamespace(name="bank-0", state=StateDir(tmp_path / "state"),
                            secure=SimpleNamespace(signed={}))
@@ -169,7 +172,7 @@ def test_the_entry_split_is_kept_as_evidence_with_both_signed_sides(tmp_path):
             acc = verifier.verify(data, 0)
             assert isinstance(acc, Accepted)
             secure_node.keep_signed_step(node, acc, data)
-    kept = secure_node.keep_split_evidence(node, 0, HOSTILE, out)
+    kept = [p for m in VIEW_B for p in secure_node.keep_split_evidence(node, 0, m, out)]
     files = {p.rsplit("/", 1)[1]: (tmp_path / "state" / p).read_bytes() for p in kept}
     assert files["enter-bank-0"] == me.sent[(0, ENTER_PHASE)]
     for m in VIEW_B:

@@ -63,7 +63,9 @@ def test_secure_with_update_dp_or_no_budget_is_refused_by_name(tmp_path):
     base = consortium(keys(5))
     cons = Consortium(base.name, base.schema, base.members, pin_rules(rules_table(5, secure=True), 5))
     node = SimpleNamespace(consortium=cons, sealing=object(), name="bank-0",
-                           cfg=SimpleNamespace(privacy=SimpleNamespace(mode="update")))
+                           model=torch.nn.Linear(4, 3),
+                           cfg=SimpleNamespace(privacy=SimpleNamespace(mode="update"),
+                                               gossip=SimpleNamespace(max_envelope_bytes=1 << 26)))
     with pytest.raises(LocalError, match="privacy.mode = 'update'"):
         secure_node.setup(node)
     node.sealing = None
@@ -295,7 +297,7 @@ def test_consortium_build_pins_the_secure_dp_plan_inputs(tmp_path, capsys):
         assert main(["keygen", "--out", str(tmp_path / "keys"), "--name", f"bank-{i}"]) == 0
     (tmp_path / "schema.toml").write_text(tomli_w.dumps(SCHEMA))
     argv = ["consortium", "build", "--name", "c", "--schema", str(tmp_path / "schema.toml"),
-            "--secure", "--secure-rows", "1000", "--secure-epsilon", "3"]
+            "--secure", "--secure-rows", "1000", "--secure-epsilon", "3", "--clip", "1"]
     for i in range(4):
         argv += ["--member", str(tmp_path / "keys" / f"bank-{i}.pub")]
     assert main([*argv, "--secure-delta", "1e-5", "--out", str(tmp_path / "c.toml")]) == 0
@@ -305,6 +307,9 @@ def test_consortium_build_pins_the_secure_dp_plan_inputs(tmp_path, capsys):
     capsys.readouterr()
     assert main([*argv, "--out", str(tmp_path / "d.toml")]) != 0
     assert "rules.secure_delta is missing" in capsys.readouterr().err
+    no_clip = [a for a in argv if a not in ("--clip", "1")]  # review 2 F11: refused by name
+    assert main([*no_clip, "--secure-delta", "1e-5", "--out", str(tmp_path / "e.toml")]) != 0
+    assert "need --clip" in capsys.readouterr().err
 
 
 def test_every_member_plans_from_the_rules_and_a_disagreeing_member_is_refused(tmp_path):
@@ -317,11 +322,11 @@ def test_every_member_plans_from_the_rules_and_a_disagreeing_member_is_refused(t
     from node.strategy.consortium_rules import pin_rules, rules_table
     from tests.helpers import consortium, keys
 
-    def cons(rows):
+    def cons(rows, clip=1.0):
         base = consortium(keys(5))
         dp = {"secure_rows": rows, "secure_epsilon": 3.0, "secure_delta": 1e-5}
         return Consortium(base.name, base.schema, base.members,
-                          pin_rules(rules_table(5, secure=True, secure_dp=dp), 5))
+                          pin_rules(rules_table(5, secure=True, secure_dp=dp, clip=clip), 5))
 
     def node(c, epsilon=3.0, schema="declared"):
         return SimpleNamespace(
@@ -330,6 +335,8 @@ def test_every_member_plans_from_the_rules_and_a_disagreeing_member_is_refused(t
             cfg=SimpleNamespace(privacy=SimpleNamespace(mode="record", epsilon=epsilon,
                                                         delta=1e-5, clip=1.0)))
 
+    with pytest.raises(LocalError, match="pin no clip"):  # review 2 F11: the clip was local
+        secure_node.plan_for(node(cons(1000, clip=None)), "sum")
     with pytest.raises(LocalError, match="privacy.epsilon = 2.0 but the consortium"):
         secure_node.plan_for(node(cons(1000), epsilon=2.0), "sum")
     with pytest.raises(LocalError, match="statistics exchange is not part"):

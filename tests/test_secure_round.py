@@ -464,3 +464,38 @@ def test_a_dealer_absent_for_a_round_is_back_when_it_deals_again():
         assert "bank-7" not in live.absent and "bank-7" not in live.talked
         assert "bank-7" not in net.outcome(m, 0).dealt and "bank-7" in net.outcome(m, 1).dealt
         assert net.outcome(m, 1).ok
+
+
+def test_a_restarted_member_missing_a_held_deal_abstains_and_does_not_crash():
+    """Review 2 F10 (n = 7, t = 2, sum_only): bank-0 restarts after its check left (stored:
+    it holds bank-6's dealing) and bank-6 never re-sends its deal. Before, the sum step
+    raised SecAggError out of the node's worker thread (the process died, again on every
+    restart); now bank-0's sum piece abstains (`lost_pieces`) and every member, bank-0
+    too, decodes the same aggregate from the others' pieces."""
+    from node.runtime.secure_round import SecureRound
+
+    names = [f"bank-{i}" for i in range(7)]
+    codec = FixedPoint.choose(1.0, 16, 7)
+    cid = b"\x02" * 32
+    rounds = {m: SecureRounds(m, names, 2, "sum_only", codec, cid) for m in names}
+    deals = {m: rounds[m].deal(0, codec.encode(np.full(16, 0.05))) for m in names}
+    got = {m: {s: decode_secagg(deals[s][m], 7, deal=True) for s in names if s != m} for m in names}
+    checks = {m: rounds[m].phase(0, "check", {}, got[m]) for m in names}
+    x, lost = "bank-0", "bank-6"
+    before = rounds[x].round(0)
+    again = SecureRound(x, names, 2, "sum_only", codec, 0, cid)  # the restart
+    again.restore(before.own_pieces(), before.commitments[before.i])
+    rounds[x].rounds[0] = again
+    assert rounds[x].phase(0, "check", {}, {s: d for s, d in got[x].items() if s != lost})
+    rounds[x].keep_own(0, "check", checks[x])  # the stored check (holds bank-6) is re-sent
+    steps = {"check": checks}
+    for step in ("degree2", "agree", "sum"):
+        steps[step] = {m: rounds[m].phase(0, step, {k: {s: b for s, b in v.items() if s != m}
+                                                    for k, v in steps.items()}, {}, {})
+                       for m in names}
+    assert not decode_secagg(steps["sum"][x], 7).pieces  # abstained, named
+    outs = {m: rounds[m].close(0, {"sum": {s: b for s, b in steps["sum"].items() if s != m}})
+            for m in names}
+    assert outs[x].ok and outs[x].detail.startswith("lost_pieces"), (outs[x].reason, outs[x].detail)
+    assert all(o.ok for o in outs.values()), {m: o.reason for m, o in outs.items()}
+    assert len({o.field_sum.tobytes() for o in outs.values()}) == 1

@@ -75,3 +75,34 @@ def test_a_late_deal_is_stale_and_a_secagg_message_needs_no_seal():
     body = encode_secagg(SecAgg("degree2", (b"piece",)))
     acc = v.verify(E.pack(ks[1], cons.id, E.KIND_SECAGG, 2, 2, body), current_round=2)
     assert acc.secagg == SecAgg("degree2", (b"piece",))
+
+
+def test_a_deal_padded_with_dummy_key_wraps_is_refused_naming_its_dealer():
+    """Review 2 F7, replayed with bank-3's real key: a deal sealed to bank-2 plus dummy key
+    wraps (which would make bank-2's reveal of it outgrow the reveal bound, so bank-2's
+    agreement is refused everywhere and the lying dealer never proven) is refused at
+    receipt as `bad_seal`, naming the dealer; the same deal with its one wrap is read."""
+    from nacl.public import PrivateKey
+
+    from gossip.seal import Sealing, SignedPrekey, seal, seal_ad
+
+    ks = keys(4)
+    cons = consortium(ks)
+    names = {m.public_key: m.name for m in cons.members}
+    sealing = Sealing(cons.id, ks[2], names, rotate_every=1, lookahead=0)
+    sealing.rotate(0)
+    pre = SignedPrekey(bytes(ks[2].verify_key), 0, bytes(sealing.own.keys[0].public_key), b"s" * 64)
+    v = E.Verifier(cons.id, names, bytes(ks[2].verify_key), [], sealing=sealing, secure=True)
+    plain = encode_secagg(SecAgg("deal", (b"v", b"m", b"c" * 32 * 4)))
+    ad = seal_ad(cons.id, bytes(ks[3].verify_key), 0)
+    for pad in (1, 3):
+        dummies = {f"z{i}": SignedPrekey(b"m" * 32, 0, bytes(PrivateKey.generate().public_key),
+                                         b"s" * 64) for i in range(pad)}
+        head, ct = seal(plain, {"bank-2": pre, **dummies}, ad)
+        with pytest.raises(RemoteError) as exc:
+            v.verify(E.pack(ks[3], cons.id, E.KIND_DEAL, 0, pad, head + ct), current_round=0)
+        assert (exc.value.reason, exc.value.peer) == ("bad_seal", "bank-3")
+        assert f"{pad + 1} key wraps" in exc.value.detail
+    head, ct = seal(plain, {"bank-2": pre}, ad)
+    acc = v.verify(E.pack(ks[3], cons.id, E.KIND_DEAL, 0, 9, head + ct), current_round=0)
+    assert acc.secagg == decode_secagg(plain, 4, deal=True)

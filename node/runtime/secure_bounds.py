@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import math
 
+from gossip.bodies import secagg_piece_limits
 from node.privacy.secure import SecurePlan
 
 # Each of the three tails (rows sampled, a coordinate of the noise, the noise's squared
@@ -45,3 +46,22 @@ def sum_l2_bound(plan: SecurePlan, failure: float = FAILURE) -> float:
     b = log_c / 3 + math.sqrt(log_c ** 2 / 9 + 2 * log_c * var)
     noise = math.sqrt(dim * var + b * b * math.sqrt(dim * log_f / 2))
     return min(rows, float(n_rows)) * mech.l2_sensitivity + noise
+
+
+# An envelope's frame and a msgpack body's own framing beyond its pieces' bytes (a real
+# one is under 600 bytes), with room.
+SECURE_FRAME_BYTES = 4096
+
+
+def largest_secure_message(members: int, threshold: int, dim: int) -> tuple[str, int]:
+    """The largest message a secure round makes an honest member send or receive, and its
+    bytes at most: a deal, or an agreement carrying t reveals (an honest holder reveals one
+    deal per dealer that cheated it: up to t). Review 2 F9: where it outgrows
+    gossip.max_envelope_bytes, every round fails at run time (no deal fits), or t colluding
+    dealers get an honest holder's agreement refused everywhere."""
+    deal = sum(secagg_piece_limits("deal", members, dim))  # type: ignore[arg-type]
+    agree = secagg_piece_limits("agree", members, dim)
+    reveals = sum(agree[1:1 + threshold])  # type: ignore[arg-type]
+    return max(("a deal", deal + SECURE_FRAME_BYTES),
+               (f"an agreement with {threshold} reveal(s)", agree[0] + reveals + SECURE_FRAME_BYTES),
+               key=lambda x: x[1])

@@ -58,9 +58,13 @@ def settle(sr: SecureRound, reveals: Mapping[tuple[int, int], SecAgg | str], sam
                 sr.out.named[holder] = (f"dispute_unbacked: it disputes {dealer}'s dealing "
                                           "and revealed no piece that dealer signed")
             continue
+        fault, why = judge_reveal(sr, i, j, kinds, got)
+        if fault == "holder":  # not the deal the dealer signed for it: its choice (F2)
+            sr.out.named[holder] = f"bad_reveal: {why}"
+            sr.out.disagreed[holder] = (holder,)
+            continue
         for x in (holder, dealer):  # the revealing agreement is the evidence
             sr.out.disagreed[x] = (*sr.out.disagreed.get(x, ()), holder)
-        why = judge_reveal(sr, i, j, kinds, got)
         if why is None:
             sr.out.named[holder] = (f"false_dispute: the piece {dealer} signed for it "
                                       "gives the check value the other holders agree on "
@@ -74,18 +78,24 @@ def settle(sr: SecureRound, reveals: Mapping[tuple[int, int], SecAgg | str], sam
             sr.out.named[dealer] = proof if before is None else f"{before}; also {proof}"
 
 
-def judge_reveal(sr: SecureRound, i: int, j: int, kinds: Mapping[int, int], msg: SecAgg) -> str | None:
-    """None if dealer i's signed deal for holder j is right (the holder lied), else what
-    is wrong with it (the dealer's fault)."""
+def judge_reveal(sr: SecureRound, i: int, j: int, kinds: Mapping[int, int], msg: SecAgg
+                 ) -> tuple[str, str | None]:
+    """Who is at fault in dealer i's signed deal revealed by holder j: ("dealer", None) if
+    the deal is right (the holder lied: `false_dispute`), ("dealer", why) if the dealer
+    signed a bad piece or two commitments, ("holder", why) if it is not the deal the dealer
+    signed for holder j. An honest holder never holds a deal whose pieces miss its slot of
+    the commitment or are keyed for another holder (`file_deal` refuses it at receipt,
+    naming the dealer), so revealing one is the holder's choice (review 2 F2: a colluder
+    revealed the honest dealer's deal for its accomplice)."""
     p = sr.params
     if msg.step != "deal" or len(msg.pieces) != 3 or len(msg.pieces[2]) != COMMIT_BYTES * p.members:
-        return "its revealed deal is not a deal"
+        return "holder", "its revealed deal is not a deal"
     commitment = msg.pieces[2]
     ours = sr.commitments.get(i)
-    if ours is not None and ours != commitment:
-        return "it committed to different pieces in different members' deals"
+    if ours is not None and ours != commitment:  # two commitments, both signed by the dealer
+        return "dealer", "it committed to different pieces in different members' deals"
     if commitment[COMMIT_BYTES * (j - 1):COMMIT_BYTES * j] != piece_digest(*msg.pieces[:2]):
-        return "its pieces do not match its own commitment"
+        return "holder", "the revealed pieces are not the ones the dealer committed to for it"
     try:
         vec = from_bytes(msg.pieces[0], sender=i)
         mask = from_bytes(msg.pieces[1], expected_count=p.opened + 1, expected_kind=MASK,
@@ -94,16 +104,16 @@ def judge_reveal(sr: SecureRound, i: int, j: int, kinds: Mapping[int, int], msg:
             vec = robust.expand_seed_piece(p, vec)
         if (vec.round, vec.kind, vec.owner, vec.holder) != (sr.r, VECTOR, i, j) or \
                 vec.values.size != p.codec.dim + 1 or mask.key != (sr.r, MASK, i, j):
-            return "its pieces are keyed for another round, dealer or holder"
+            return "holder", "the revealed pieces are keyed for another round, dealer or holder"
     except SecAggError as exc:
-        return f"its pieces are malformed ({exc})"
+        return "holder", f"the revealed pieces are malformed ({exc}): it would have refused them"
     chal = challenge(sr.consortium_id, sr.r, i, commitment)
     for kind, expected in sorted(kinds.items()):
         piece = vec if kind == VECTOR else mask
         if robust.resolve_dispute(p, chal, piece, expected) == "dealer":
-            return (f"its signed {'vector' if kind == VECTOR else 'mask'} piece does not "
-                    "give the check value its other holders' pieces agree on")
-    return None
+            return "dealer", (f"its signed {'vector' if kind == VECTOR else 'mask'} piece does "
+                              "not give the check value its other holders' pieces agree on")
+    return "dealer", None
 
 
 __all__ = ["COMMIT_BYTES", "challenge", "judge_reveal", "piece_digest", "settle"]

@@ -61,7 +61,7 @@ from gossip.errors import LocalError, RemoteError
 from gossip.membership import Consortium
 from gossip.protocol import events as ev
 from gossip.seal import KEY_BYTES as SEAL_KEY_BYTES
-from gossip.seal import open_with_key, seal_ad, share_key
+from gossip.seal import open_with_key, seal_ad, share_key, sole_recipient
 from node.learn.models import get_flat, set_flat
 from node.learn.train import evaluate
 from node.privacy.secure import (
@@ -74,11 +74,16 @@ from node.privacy.secure import (
 from node.runtime import audit, echo_round
 from node.runtime.evidence import envelope_bytes
 from node.runtime.release import Stopped, Trained
-from node.runtime.secure_bounds import sum_l2_bound
+from node.runtime.secure_bounds import largest_secure_message, sum_l2_bound
+from node.runtime.secure_evidence import (
+    keep_deal,
+    keep_evidence,
+    keep_signed_step,
+    keep_split_evidence,
+    step_path,
+)
 from node.runtime.secure_round import (
     AGREE_PHASE,
-    AGREE_STEPS,
-    ENTER_PHASE,
     SUM_PHASE,
     SecureOutcome,
     SecureRounds,
@@ -120,6 +125,11 @@ class Secure:
     signed: dict[int, dict[tuple[str, str], bytes]] = field(default_factory=dict)
     # round -> its outcome, opened off the event loop before `aggregate` (`open_sum`)
     opened: dict[int, SecureOutcome] = field(default_factory=dict)
+    # round -> the evidence `open_sum` wrote for its named members (off the event loop)
+    kept: dict[int, dict[str, str | list[str]]] = field(default_factory=dict)
+    # round -> (sender, step) already given an `accepted` audit line (rounds within the
+    # machine's lookahead: `phase_drop`; pruned at the round's close)
+    audited: dict[int, set[tuple[str, str]]] = field(default_factory=dict)
 
 
 # The consortium's distributed DP-SGD plan, pinned in the state dir at the first start (a
@@ -142,7 +152,12 @@ def plan_for(node: Node, rule_select: str) -> SecurePlan:
                          "[rules] have no secure_rows / secure_epsilon / secure_delta: every "
                          "member must plan the same noise; rebuild the consortium file with "
                          "them (flnode consortium build --secure, or simulate --secure)")
-    clip = rules.clip if rules.clip is not None else pc.clip
+    if rules.clip is None:  # each member would plan with its own (review 2 F11)
+        raise LocalError("the consortium's [rules] plan DP on the secure sum (secure_rows / "
+                         "secure_epsilon / secure_delta) but pin no clip: every member would "
+                         "decode the same opened sum with its own privacy.clip and apply a "
+                         "different step; rebuild the consortium file with --clip")
+    clip = rules.clip
     for key, mine, agreed in (("epsilon", pc.epsilon, rules.secure_epsilon),
                               ("delta", pc.delta, rules.secure_delta), ("clip", pc.clip, clip)):
         if mine != agreed:
@@ -183,6 +198,13 @@ def setup(node: Node) -> Secure | None:
                          "each member's pieces to their one recipient; set gossip.seal = "
                          "\"on\" in the node config")
     members = [m.name for m in node.consortium.members]
+    what, size = largest_secure_message(len(members), rule.threshold,
+                                        int(get_flat(node.model).numel()))
+    if size > node.cfg.gossip.max_envelope_bytes:
+        raise LocalError(f"a secure round of this model sends {what} of up to {size} bytes, "
+                         f"over gossip.max_envelope_bytes = {node.cfg.gossip.max_envelope_bytes}"
+                         ": raise it at every member, or use a smaller model (8 bytes per "
+                         "value per deal)")
     if node.cfg.privacy.mode != "off":
         plan = plan_for(node, rule.select)
         icodec = IntegerCodec(len(members), plan.dim, coordinate_bound_of(plan))
@@ -355,12 +377,6 @@ async def _send_deals(node: Node, r: int, doc: dict[str, Any]) -> None:
     node._feed(m.signed(ev.Signed(r, None), loop.time()))
 
 
-def step_path(node: Node, r: int, phase: str) -> Path:
-    """outbox/round-N.<step>: our signed message of a secure step (check, degree2, sum),
-    stored before it leaves and pruned with the round's other outbox files."""
-    return node.state.outbox_path(r).with_suffix(f".{phase}")
-
-
 async def send_phase(node: Node, a: ev.SendPhase) -> None:
     """Our message of a secure step, to the step's peers. Stored before it leaves; after a
     restart the stored message is re-sent byte for byte, never recomputed: a restarted
@@ -450,6 +466,9 @@ def read_reveals(node: Node, r: int, agreements: Mapping[str, bytes]
         except RemoteError:
             continue  # named by the round (bad_agree)
         j = index[holder]
+        known = _prekeys_of(node, holder)
+        if not known:
+            continue  # we cannot tell whom its deals were sealed to: its disputes stay claims
         for data in pieces:
             try:
                 env = decode_outer(data[SEAL_KEY_BYTES:])
@@ -465,6 +484,9 @@ def read_reveals(node: Node, r: int, agreements: Mapping[str, bytes]
                     VerifyKey(env.sender).verify(env.digest, env.sig)
                 except BadSignatureError:
                     raise ValueError(f"{dealer}'s signature does not verify") from None
+                if sole_recipient(env.body, dealer) not in known:
+                    raise ValueError(f"that deal is sealed to another member than {holder} "
+                                     "(not its deal: review 2 F2)")
                 plain = open_with_key(env.body, data[:SEAL_KEY_BYTES],
                                       seal_ad(node.consortium.id, env.sender, r), holder)
                 out[(j, index[dealer])] = decode_secagg(plain, len(members), dealer, deal=True)
@@ -472,6 +494,17 @@ def read_reveals(node: Node, r: int, agreements: Mapping[str, bytes]
                 out.setdefault((j, index[dealer]), f"its reveal of {dealer}'s deal is no proof: "
                                f"{exc}")
     return out
+
+
+def _prekeys_of(node: Node, member: str) -> set[bytes]:
+    """The X25519 prekeys we know `member` signed (ours: the ones we hold): a revealed deal
+    must be sealed to one of them, or it is not the revealer's."""
+    sealing = node.signer.sealing
+    if sealing is None:
+        return set()
+    if member == node.name:
+        return {bytes(k.public_key) for k in sealing.own.keys.values()}
+    return {p.x25519 for p in sealing.peers.get(member, {}).values()}
 
 
 def receive(node: Node, acc: Accepted, now: float, data: bytes, token: Any) -> list[ev.Action]:
@@ -490,8 +523,13 @@ def receive(node: Node, acc: Accepted, now: float, data: bytes, token: Any) -> l
     filed = node.machine.phase_message(
         ev.PhaseMessage(acc.sender, acc.round, step, bytes(env.body)), now)
     if not any(isinstance(a, ev.Refused) and a.member == acc.sender for a in filed):
-        node.audit.write(audit.Accepted(acc.round, acc.sender, env.seq, env.digest.hex(),
-                                        env.kind, step))
+        seen = node.secure.audited.setdefault(acc.round, set())  # type: ignore[union-attr]
+        if (acc.sender, step) in seen:  # a re-signed copy: counted, not audited (review 2 F14)
+            node.counters.rejected["duplicate_step"] += 1
+        else:
+            seen.add((acc.sender, step))
+            node.audit.write(audit.Accepted(acc.round, acc.sender, env.seq, env.digest.hex(),
+                                            env.kind, step))
     return out + filed
 
 
@@ -510,85 +548,15 @@ def phase_drop(node: Node, acc: Accepted) -> tuple[str, str] | None:
     return None
 
 
-# Rounds whose signed step messages we keep for evidence (ours, the next ones a peer may
-# already be in, within the machine's lookahead), so a member sending for far rounds cannot
-# fill our memory; per round at most one message per member and step (the first).
-MAX_SIGNED_ROUNDS = 8
-
-
-def keep_signed_step(node: Node, acc: Accepted, data: bytes) -> None:
-    """Keep a member's signed check, degree2 or agree message (the first per round and
-    step) until the round closes: if an agreement shows it split the members' views, these
-    bytes are the evidence (`aggregate`)."""
-    sec = node.secure
-    assert sec is not None and acc.secagg is not None
-    step, r = acc.secagg.step, acc.round
-    if step not in (*AGREE_STEPS, ENTER_PHASE, AGREE_PHASE):
-        return
-    if r not in sec.signed and len(sec.signed) >= MAX_SIGNED_ROUNDS:
-        return
-    sec.signed.setdefault(r, {}).setdefault((acc.sender, step), bytes(data))
-
-
-def keep_split_evidence(node: Node, r: int, member: str, out: SecureOutcome) -> list[str]:
-    """A member named by an agreement step: in state/evidence/secure/, our signed agreements
-    (entry and sum), each disagreeing member's, and the named member's signed check and
-    degree2 messages as they reached us (the two sides of the split); their paths."""
-    sec = node.secure
-    assert sec is not None
-    held = sec.signed.get(r, {})
-    parts = [(f"{k}-{node.name}", _read_or_none(step_path(node, r, k)))
-             for k in (ENTER_PHASE, AGREE_PHASE)]
-    parts += [(f"{k}-{s}", held.get((s, k))) for s in out.disagreed.get(member, ())
-              for k in (ENTER_PHASE, AGREE_PHASE)]
-    parts += [(f"{step}-{member}", held.get((member, step))) for step in AGREE_STEPS]
-    folder = node.state.path / "evidence" / "secure"
-    safe = "".join(ch if ch.isalnum() or ch in "_.-" else "_" for ch in member)
-    if folder.is_dir() and len(list(folder.glob(f"{safe}-round*-agreement"))) >= MAX_DEALS_PER_MEMBER:
-        return []
-    base = folder / f"{safe}-round{r}-agreement"
-    kept = []
-    for label, data in parts:
-        if data is None:
-            continue
-        path = base / "".join(ch if ch.isalnum() or ch in "_.-" else "_" for ch in label)
-        if not path.exists():
-            base.mkdir(parents=True, exist_ok=True)
-            atomic_write(path, data)
-        kept.append(str(path.relative_to(node.state.path)))
-    return kept
-
-
-def _read_or_none(path: Path) -> bytes | None:
-    return path.read_bytes() if path.exists() else None
-
-
-# Deal evidence files kept per named member (one per round it was named in), so a member
-# named every round of a long run cannot fill our disk: the earliest kept.
-MAX_DEALS_PER_MEMBER = 64
-
-
-def keep_deal(node: Node, r: int, member: str, acc: Accepted) -> str | None:
-    """The named dealer's deal as it signed it (sealed to us: our prekey for the round opens
-    it while we keep it), in state/evidence/secure/, never overwritten, bounded per member;
-    its path under the state dir (None: the bound reached)."""
-    folder = node.state.path / "evidence" / "secure"
-    safe = "".join(ch if ch.isalnum() or ch in "_.-" else "_" for ch in member)
-    path = folder / f"{safe}-round{r}.deal"
-    if not path.exists():
-        if folder.is_dir() and len(list(folder.glob(f"{safe}-round*.deal"))) >= MAX_DEALS_PER_MEMBER:
-            return None
-        atomic_write(path, envelope_bytes(acc.envelope))
-    return str(path.relative_to(node.state.path))
-
-
 def open_sum(node: Node, c: ev.Close) -> None:
     """The round's outcome (the sum's pieces decoded), kept for `aggregate`; run in a worker
     thread (node/runtime/closing.py aggregate_off_loop): it touches only the round's state,
     which nothing else touches until the driver's next action."""
     sec = node.secure
     assert sec is not None
-    sec.opened = {c.round: sec.rounds.close(c.round, c.phases)}  # bounded: the last round
+    out = sec.rounds.close(c.round, c.phases)
+    sec.kept = {c.round: keep_evidence(node, c.round, out, c.shares)}  # bounded: the last round
+    sec.opened = {c.round: out}
 
 
 def aggregate(node: Node, c: ev.Close) -> dict[str, Accepted]:
@@ -628,21 +596,13 @@ def aggregate(node: Node, c: ev.Close) -> dict[str, Accepted]:
                         "(docs/privacy-secure.md)", node.name, r + 1,
                         len(out.missed), ", ".join(out.missed))
             node.counters.aggregation[f"{node.name}:secure:missed_opening"] += 1
-    evidence = {}
+    kept = sec.kept.pop(r, None)  # written off the event loop (open_sum), or now
+    evidence = kept if kept is not None else keep_evidence(node, r, out, c.shares)
     for member, why in sorted(out.named.items()):
         if node.audit.once(member, f"secure:{why.split(':')[0]}"):
             log.warning("%s: round %d: %s named by the secure round: %s (further are "
                         "counted, not logged)", node.name, r + 1, member, why)
         node.counters.aggregation[f"{member}:secure:{why.split(':')[0]}"] += 1
-        if member in c.shares and why.startswith(("inconsistent_pieces", "bad_piece")):
-            kept = keep_deal(node, r, member, c.shares[member])
-            if kept is not None:
-                evidence[member] = kept
-        elif why.startswith(("split_view", "bad_agreement", "bad_dealing", "false_dispute",
-                             "bad_reveal")):
-            split = keep_split_evidence(node, r, member, out)
-            if split:
-                evidence[member] = split
     excluded = {m: {"reason": why.split(":")[0], "detail": why}
                 for m, why in sorted(out.excluded.items())}
     diagnostics = {"rule": "secure", "used": list(out.selected), "excluded": excluded,
@@ -653,11 +613,13 @@ def aggregate(node: Node, c: ev.Close) -> dict[str, Accepted]:
                               "missed_opening": list(out.missed)}}
     node.audit.aggregate(r, diagnostics, node.counters.aggregation)
     sec.signed = {k: v for k, v in sec.signed.items() if k > r}  # the evidence is on disk
+    sec.audited = {k: v for k, v in sec.audited.items() if k > r}
     st.close, st.received, st.diagnostics = c, sorted(out.selected), diagnostics
     st.metrics = evaluate(node.model, node.held_out.X, node.held_out.y)
     return {}
 
 
 __all__ = ["SECURE_DEFAULT_CLIP", "SECURE_PLAN_FILE", "Secure", "aggregate", "audit",
-           "dp_contribution", "machine_args", "plan_for", "receive", "record_secure_charge",
-           "release", "send_phase", "setup"]
+           "dp_contribution", "keep_deal", "keep_signed_step", "keep_split_evidence",
+           "machine_args", "plan_for", "receive", "record_secure_charge", "release",
+           "send_phase", "setup", "step_path"]

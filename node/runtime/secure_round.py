@@ -40,9 +40,8 @@ the math, by calling node/secagg (robust.py's steps), at the machine's `SendPhas
            robust.select: the norm bound, then multi-Krum at f = t, or the norm bound only)
            and broadcasts its agreement (review finding C2): a hash of (round, entered,
            openers, selected, sum openers) and the digest of every member's check and
-           degree2 body as it used them. A disagreeing agreement names the member whose
-           body differs between the two views (`split_view`), or its sender when it reports
-           the same bodies and another outcome (`bad_agreement`).
+           degree2 body as it used them. A disagreeing agreement names its sender only:
+           `split_view` (its own body misreported), `split_claim` (a third's), `bad_agreement`.
   sum      a member opens its piece of the selected members' sum (if it is an opener, minus
            the wrong degree-2 openers) only once `agreement_quorum` = ceil((n + t + 1) / 2)
            agreements equal its own, its own included (any two quorums share an honest
@@ -50,29 +49,27 @@ the math, by calling node/secagg (robust.py's steps), at the machine's `SendPhas
            sets); else the round fails, `no_agreement`, nothing opened. Decoded with
            correction: a wrong piece is named. Every member reconstructs the same aggregate.
 
-Refusals (the round fails with a named `SecureOutcome.reason`; the next round goes on):
-fewer than t + 1 entering dealers or selected members ("too_few_contributors": an opening
-over m <= t contributions could reveal one; nobody opens), fewer than 2t + 1 openers
-("too_few_openers": more than t members dropped), more wrong pieces than the code corrects
-("too_many_wrong"), no quorum of matching agreements ("no_agreement"), our agreement stored
-before a restart not the one we compute now ("agreement_changed"), an aggregate failing its
-exact norm check ("aggregate_out_of_bounds"),
-fewer selected than `floor` ("below_charged_floor": with DP on the sum, the contributors the
-ledger charged the round for). Variant "sum_only" (DP on the sum) opens nothing per member:
-the degree-2 step abstains and every entered dealer is summed (robust.select_without_opening).
+Refusals (the round fails with a named `SecureOutcome.reason`; the next round goes on): fewer than
+t + 1 entering dealers or selected members ("too_few_contributors": an opening over m <= t
+contributions could reveal one; nobody opens), fewer than 2t + 1 openers ("too_few_openers": more
+than t members dropped), more wrong pieces than the code corrects ("too_many_wrong"), no quorum of
+matching agreements ("no_agreement"), our agreement stored before a restart not the one we compute
+now ("agreement_changed"), an aggregate failing its exact norm check ("aggregate_out_of_bounds"),
+fewer selected than `floor` ("below_charged_floor": with DP on the sum, the contributors the ledger
+charged the round for). Variant "sum_only" (DP on the sum) opens nothing per member: the degree-2
+step abstains and every entered dealer is summed (robust.select_without_opening).
 
 What a member learns: the aggregate of the selected members, the squared norms and (with
 multi-Krum) the pairwise squared distances of the entering dealers, who entered, who was
 selected, who was named and why (docs/privacy-secure.md). The check values are blinded
 (uniform). Its own pieces of others' vectors are t-private: no coalition of t learns more.
 
-The check's challenge (Fiat-Shamir): each deal carries the dealer's commitment, the digest
-of every holder's pieces (`piece_digest`, n x 32 bytes); a holder refuses pieces that do not
-match their digest (`bad_piece`), and checks each dealing under the hash of its commitment
-(`challenge`), fixed only once the dealer is bound to every piece. Known limits
-(docs/privacy-secure.md "What is wired"): a dispute is settled at the agree step by the
-dealer-signed deal its holder reveals (the sealed deal's key: `_settle`), only among members
-whose views agree.
+The check's challenge (Fiat-Shamir): each deal carries the dealer's commitment, the digest of every
+holder's pieces (`piece_digest`, n x 32 bytes); a holder refuses pieces that do not match their
+digest (`bad_piece`), and checks each dealing under the hash of its commitment (`challenge`), fixed
+only once the dealer is bound to every piece. Known limits (docs/privacy-secure.md "What is
+wired"): a dispute is settled at the agree step by the dealer-signed deal its holder reveals (the
+sealed deal's key: `_settle`), only among members whose views agree.
 """
 
 from __future__ import annotations
@@ -147,6 +144,7 @@ class SecureOutcome:
     # member -> the senders whose agreement shows it at fault (a disagreeing one, or the
     # one carrying a dispute's reveal): kept as evidence
     disagreed: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    claims: dict[str, tuple[str, ...]] = field(default_factory=dict)  # split_claim: about whom
     # our round failed and these (more than t) opened the sum: the aggregate was applied
     # elsewhere, our model now differs from theirs (secure_agree.opened_elsewhere)
     missed: tuple[str, ...] = ()
@@ -197,7 +195,7 @@ class SecureRound:
         # t / (n - 1) of the dealing's bytes saved; their pieces' hiding is then
         # computational (SHAKE-256), the others' information-theoretic.
         pieces = robust.deal_encoded(self.params, self.i, encoded, seeded=SEEDED_DEALING)
-        raw = {j: (_to_bytes(vec), _to_bytes(mask)) for j, (vec, mask) in pieces.items()}
+        raw = {j: (to_bytes(vec), to_bytes(mask)) for j, (vec, mask) in pieces.items()}
         commitment = b"".join(piece_digest(*raw[j]) for j in sorted(raw))
         self.commitments[self.i] = commitment
         out = {}
@@ -212,7 +210,7 @@ class SecureRound:
         """Our own pieces of our dealing (None: we have not dealt), to store with the deals."""
         if self.i not in self.vectors:
             return None
-        return _to_bytes(self.vectors[self.i]), _to_bytes(self.masks[self.i])
+        return to_bytes(self.vectors[self.i]), to_bytes(self.masks[self.i])
 
     def restore(self, own: tuple[bytes, bytes], commitment: bytes) -> None:
         """Our own pieces of a dealing stored before a restart (re-sent, never redrawn)."""
@@ -270,7 +268,7 @@ class SecureRound:
                                                    self.commitments[i]))
                 total += one.values  # entries of other dealers are 0: no overflow
             piece = Piece(self.r, CHECK, 0, self.i, total)
-            body = encode_secagg(SecAgg(CHECK_PHASE, (_to_bytes(piece),), held))
+            body = encode_secagg(SecAgg(CHECK_PHASE, (to_bytes(piece),), held))
         self._bodies[CHECK_PHASE] = body
         return body
 
@@ -307,7 +305,7 @@ class SecureRound:
         if self.i not in self.openers:
             return self._abstain(DEGREE2_PHASE)
         piece = robust.degree2_piece(self.params, self.i, self.vectors, self.masks, self.entered)
-        body = encode_secagg(SecAgg(DEGREE2_PHASE, (_to_bytes(piece),)))
+        body = encode_secagg(SecAgg(DEGREE2_PHASE, (to_bytes(piece),)))
         self._bodies[DEGREE2_PHASE] = body
         return body
 
@@ -463,7 +461,7 @@ class SecureRound:
         if self.i not in self.sum_openers:
             return self._abstain(SUM_PHASE)
         piece = robust.sum_piece(self.params, self.i, self.vectors, self.selected)
-        body = encode_secagg(SecAgg(SUM_PHASE, (_to_bytes(piece),)))
+        body = encode_secagg(SecAgg(SUM_PHASE, (to_bytes(piece),)))
         self._bodies[SUM_PHASE] = body
         return body
 
@@ -514,11 +512,12 @@ class SecureRound:
         return None
 
     def _disagree(self, sender: str, theirs: bytes, mine: bytes, steps: tuple[str, ...]) -> None:
-        """Name who a mismatching agreement shows at fault: the member whose check or degree2
-        body differs between the sender's view and ours (it signed two different bodies, or
-        sent one to some members only: a claim, proven when it is the sender itself), or the
-        sender when it reports the same bodies and another outcome (every member computes
-        the same from the same bodies) or misreports our own body."""
+        """Name who a mismatching agreement shows at fault: the sender, always. Its own check
+        or degree2 body reported with another digest than it signed to us (`split_view`, a
+        proof: both signed by it); the same bodies and another outcome, or our own body
+        misreported (`bad_agreement`); a third member's body reported otherwise
+        (`split_claim`: that member may have split the views, or the sender lies; nobody
+        else is named on the sender's word)."""
         k = self.index[sender]
         by = self.out.disagreed
         differ = differing(mine, theirs, self.params.members, steps)
@@ -535,14 +534,21 @@ class SecureRound:
                                           "with another digest than the one we signed")
                 who = sender
             elif i == k:
+                if self.out.named.get(sender, "").startswith(("split_claim", "dispute:")):
+                    del self.out.named[sender]  # the proof replaces the weaker claim
                 self.out.named.setdefault(sender, f"split_view: its agreement names its own "
                                           f"{step} body with another digest than the one it "
                                           "signed to us (both signed by it: a proof)")
-            elif i != self.i:
-                self.out.named.setdefault(who, f"split_view: its {step} body differs between "
-                                          f"our view and {sender}'s agreement (a claim: it sent "
-                                          "members different bodies or withheld one, or "
-                                          f"{sender} misreports)")
+            elif i != self.i:  # a claim about a third member, backed by no body it signed
+                # (review 2 F1: naming `who` let one member frame any honest one): the
+                # sender's alone, with the evidence filed under it, never against `who`
+                self.out.named.setdefault(sender, f"split_claim: its agreement reports {who}'s "
+                                          f"{step} body with another digest than the one "
+                                          f"{who} signed to us (unproven: {who} sent members "
+                                          f"different bodies, or {sender} misreports)")
+                if who not in self.out.claims.get(sender, ()):
+                    self.out.claims[sender] = (*self.out.claims.get(sender, ()), who)
+                who = sender
             else:
                 continue  # our own body did not reach the sender: no one to name
             if sender not in by.get(who, ()):
@@ -623,10 +629,6 @@ class SecureRound:
         return body
 
 
-def _to_bytes(piece: Piece) -> bytes:
-    return to_bytes(piece)
-
-
 class SecureRounds:
     """The driver's glue between the round machine's actions and `SecureRound`, the same for
     the node and the tests: one SecureRound per round, created when the round trains."""
@@ -656,8 +658,19 @@ class SecureRounds:
               reveals: Mapping[tuple[int, int], SecAgg | str] | None = None) -> bytes:
         """At `SendPhase(r, phase)`: our body for the step. `deals`: the deals the round
         book holds for r (sender -> opened deal), filed at the check. The bodies of the
-        steps before come from the machine (`SendPhase.got`)."""
+        steps before come from the machine (`SendPhase.got`). Our own pieces unable to make
+        the step (a restart lost a deal our stored check holds: review 2 F10) abstain from
+        it, `lost_pieces` in the outcome's detail: the others decode without us."""
         sr = self.round(r)
+        try:
+            return self._phase(sr, phase, got, deals, reveals)
+        except SecAggError as exc:
+            sr.out.detail = f"lost_pieces: our {phase} piece abstained: {exc}"
+            return sr._abstain(phase)
+
+    def _phase(self, sr: SecureRound, phase: str, got: Mapping[str, Mapping[str, bytes]],
+               deals: Mapping[str, SecAgg], reveals: Mapping[tuple[int, int], SecAgg | str] | None
+               ) -> bytes:
         if phase == CHECK_PHASE:
             for sender, msg in sorted(deals.items()):
                 sr.file_deal(sender, msg)
