@@ -293,8 +293,10 @@ def build_spec(scenario: Path | None, flags: Mapping[str, Any], *, network: bool
     override the file. `network`: scripts/simulate_network.py (the file's transport
     applies); in process the transport is always the memory hub."""
     fields: dict[str, Any] = dict(defaults or {})
+    rounds_given = "rounds" in flags
     if scenario is not None:
         from_file, net = read_scenario(scenario)
+        rounds_given = rounds_given or "rounds" in from_file
         if network:
             from_file.update(net)
         elif net and notes is not None:
@@ -347,6 +349,7 @@ def build_spec(scenario: Path | None, flags: Mapping[str, Any], *, network: bool
     fields.setdefault("partition", "dirichlet:0.5")
     fields.setdefault("rounds", 30)
     fields.setdefault("seed", 0)
+    fields["rounds_given"] = rounds_given
     return SimulationSpec(**fields)
 
 

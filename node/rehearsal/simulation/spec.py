@@ -66,6 +66,9 @@ class SimulationSpec:
     secure: bool = False
     secure_threshold: int | None = None
     secure_select: str | None = None
+    # rounds came from --rounds or the scenario file (not the default): with --secure and
+    # DP the consortium's plan picks the rounds, and prepare refuses a given count it overrides
+    rounds_given: bool = False
     topology: str = "full"  # rules.topology: full, ring, k-regular:K, ... (gossip/topology.py)
     prox_mu: float = 0.0  # every member's training.prox_mu (FedProx; 0: off)
     lr_decay: float = 1.0  # every member's training.lr_decay (round r: lr * lr_decay**r)

@@ -1,0 +1,46 @@
+"""`flnode simulate --secure` papercuts: the DP plan's rounds against --rounds, the
+selection "sum" without DP, what the network simulator says about sealing."""
+
+from __future__ import annotations
+
+import pytest
+
+from gossip.errors import LocalError
+from node.rehearsal.simulation.scenario import build_spec
+
+SECURE_DP = {"nodes": 5, "secure": True, "privacy": "record", "epsilon": 3.0}
+
+
+def test_an_explicit_rounds_the_dp_plan_overrides_is_refused(tmp_path, capsys):
+    """--rounds 4 with --secure --privacy record: the plan would run hundreds of rounds;
+    refused (naming the plan's count) before anything is written, so --out stays usable."""
+    from node.cli import main
+
+    out = tmp_path / "run"
+    argv = ["simulate", "--nodes", "5", "--secure", "--privacy", "record", "--epsilon", "3",
+            "--out", str(out)]
+    assert main([*argv, "--rounds", "4"]) == 2
+    err = capsys.readouterr().err
+    assert "--rounds 4" in err and "DP plan runs" in err and "leave out --rounds" in err
+    assert not (out / "keys").exists() or not any((out / "keys").iterdir())
+    sc = tmp_path / "s.toml"
+    sc.write_text('members = 5\nsecure = true\nrounds = 4\n'
+                  '[privacy]\nmode = "record"\nepsilon = 3.0\n')
+    with pytest.raises(LocalError, match="scenario file's rounds"):
+        from node.rehearsal.simulation.prepare import prepare
+
+        prepare(build_spec(sc, {"out": tmp_path / "o2"}))
+
+
+def test_without_rounds_the_plan_s_rounds_are_said_first(tmp_path):
+    from node.rehearsal.simulation.prepare import prepare
+
+    spec = build_spec(None, {**SECURE_DP, "out": tmp_path / "o"})
+    assert not spec.rounds_given
+    prep = prepare(spec)
+    assert prep.rounds is not None and prep.rounds != spec.rounds
+    assert f"DP plan runs {prep.rounds} rounds" in prep.notes[0]
+    assert f"not --rounds' default {spec.rounds}" in prep.notes[0]
+    # the plan's own count, given explicitly, is accepted
+    again = build_spec(None, {**SECURE_DP, "rounds": prep.rounds, "out": tmp_path / "o3"})
+    assert again.rounds_given and prepare(again).rounds == prep.rounds
