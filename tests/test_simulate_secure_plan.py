@@ -44,3 +44,26 @@ def test_without_rounds_the_plan_s_rounds_are_said_first(tmp_path):
     # the plan's own count, given explicitly, is accepted
     again = build_spec(None, {**SECURE_DP, "rounds": prep.rounds, "out": tmp_path / "o3"})
     assert again.rounds_given and prepare(again).rounds == prep.rounds
+
+
+def test_secure_select_sum_without_dp_from_the_file_and_the_flag(tmp_path, capsys):
+    """secure_select = "sum" (open nothing but the sum) without DP: the scenario file and
+    --secure-select reach the consortium's [rules]; a selection without secure, or a value
+    the rules do not know, is refused naming the key."""
+    from node.cli import build_parser
+    from node.rehearsal.simulation.prepare import prepare
+    from node.rehearsal.simulation.scenario import spec_from_args
+
+    sc = tmp_path / "s.toml"
+    sc.write_text('members = 5\nsecure = true\nsecure_select = "sum"\nrounds = 2\n')
+    prep = prepare(build_spec(sc, {"out": tmp_path / "o"}))
+    assert prep.consortium.rules["secure_select"] == "sum"
+    assert prep.rounds is None  # no DP: --rounds stands
+    args = build_parser().parse_args(["simulate", "--secure", "--secure-select", "sum",
+                                      "--out", str(tmp_path / "o2")])
+    assert spec_from_args(args).secure_select == "sum"
+    with pytest.raises(LocalError, match="secure_select .* secure is not"):
+        build_spec(None, {"secure_select": "sum", "out": tmp_path / "o3"})
+    sc.write_text('secure = true\nsecure_select = "median"\n')
+    with pytest.raises(LocalError, match="secure_select"):
+        build_spec(sc, {"out": tmp_path / "o4"})

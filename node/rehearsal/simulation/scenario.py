@@ -138,7 +138,7 @@ def _scenario_model():
         # [rules] secure (issue 22): secure aggregation, its t and selection
         secure: bool | None = None
         secure_threshold: int | None = Field(default=None, ge=1)
-        secure_select: Literal["multi-krum", "norm"] | None = None
+        secure_select: Literal["multi-krum", "norm", "sum"] | None = None
         topology: str | None = None  # rules.topology (gossip/topology.py)
 
         @field_validator("compression")
@@ -340,6 +340,12 @@ def build_spec(scenario: Path | None, flags: Mapping[str, Any], *, network: bool
     if fields.get("recipe", "fixed") != "fixed" and fields.get("privacy", "off") != "record":
         raise LocalError(f"recipe {fields['recipe']!r} (--recipe) chooses DP-SGD's batch, lr "
                          "and epochs: it applies to record-level privacy (--privacy record) only")
+    if not fields.get("secure"):
+        for key in ("secure_threshold", "secure_select"):
+            if fields.get(key) is not None:
+                raise LocalError(f"{key} (--{key.replace('_', '-')} or the scenario file) is "
+                                 "set but secure is not: it would not apply (add --secure, or "
+                                 "secure = true)")
     if fields.get("epsilon") is not None:
         fields["sigma"] = None
     elif fields.get("sigma") is None:

@@ -62,7 +62,8 @@ class SimulationSpec:
     # [rules] echo: the digest echo (gossip/protocol/echo.py); None (--echo off): no key
     echo: bool | None = True
     # [rules] secure (issue 22, node/runtime/secure_node.py): secure aggregation; its t (None:
-    # the largest with n >= 3t + 1) and selection ("multi-krum" or "norm"; None: multi-krum)
+    # the largest with n >= 3t + 1) and selection ("multi-krum", "norm" or "sum"; None: the
+    # default for n and t, "sum" with DP)
     secure: bool = False
     secure_threshold: int | None = None
     secure_select: str | None = None
