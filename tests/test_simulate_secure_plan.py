@@ -67,3 +67,24 @@ def test_secure_select_sum_without_dp_from_the_file_and_the_flag(tmp_path, capsy
     sc.write_text('secure = true\nsecure_select = "median"\n')
     with pytest.raises(LocalError, match="secure_select"):
         build_spec(sc, {"out": tmp_path / "o4"})
+
+
+def test_secure_runs_record_and_say_sealed_as_their_nodes_do(tmp_path):
+    """--secure over libp2p: every node's config says seal = on, and the spec's node_seal
+    (what summary.json's "seal" and scripts/simulate_network.py's header use) agrees;
+    --seal off with --secure is refused rather than overridden silently."""
+    import tomllib
+
+    from node.rehearsal.simulation.prepare import prepare
+    from node.runtime.config import seals
+
+    spec = build_spec(None, {"nodes": 5, "secure": True, "rounds": 1, "transport": "libp2p",
+                             "out": tmp_path / "o"})
+    prep = prepare(spec)
+    for path in prep.config_paths:
+        assert tomllib.loads(path.read_text())["gossip"]["seal"] == spec.node_seal == "on"
+    assert seals(spec.node_seal, spec.transport)
+    plain = build_spec(None, {"rounds": 1, "transport": "libp2p", "out": tmp_path / "p"})
+    assert plain.node_seal == "auto" and not seals(plain.node_seal, plain.transport)
+    with pytest.raises(LocalError, match="seal = off .* secure"):
+        build_spec(None, {"secure": True, "seal": "off", "out": tmp_path / "q"})

@@ -663,8 +663,7 @@ def prepare(spec: SimulationSpec,
             # min_members 0: the simulators start every member together, and rehearse
             # absent ones (--absent), which a quorum would wait for without limit
             "gossip": {"transport": spec.transport, "round_deadline_s": spec.round_deadline_s,
-                       # a secure round seals each member's pieces to their recipient
-                       "seal": "on" if spec.secure else spec.seal, "min_members": 0},
+                       "seal": spec.node_seal, "min_members": 0},
         }
         if spec.keep_releases:
             cfg["keep_releases"] = True

@@ -340,6 +340,9 @@ def build_spec(scenario: Path | None, flags: Mapping[str, Any], *, network: bool
     if fields.get("recipe", "fixed") != "fixed" and fields.get("privacy", "off") != "record":
         raise LocalError(f"recipe {fields['recipe']!r} (--recipe) chooses DP-SGD's batch, lr "
                          "and epochs: it applies to record-level privacy (--privacy record) only")
+    if fields.get("secure") and fields.get("seal") == "off":
+        raise LocalError("seal = off (--seal or the scenario file) with secure: a secure round "
+                         "seals each member's pieces to their recipient; drop seal off")
     if not fields.get("secure"):
         for key in ("secure_threshold", "secure_select"):
             if fields.get(key) is not None:

@@ -102,6 +102,12 @@ class SimulationSpec:
         """Member -> its [attack] section (only the members that attack)."""
         return parse_attacks(self.attacks, names, self.seed)
 
+    @property
+    def node_seal(self) -> str:
+        """gossip.seal as every node's config has it (prepare): a secure round seals each
+        member's pieces to their recipient, so --secure runs sealed whatever --seal says."""
+        return "on" if self.secure else self.seal
+
     def present(self, names: list[str]) -> list[str]:
         return [n for n in names if n not in self.absent]
 
