@@ -88,3 +88,23 @@ def test_secure_runs_record_and_say_sealed_as_their_nodes_do(tmp_path):
     assert plain.node_seal == "auto" and not seals(plain.node_seal, plain.transport)
     with pytest.raises(LocalError, match="seal = off .* secure"):
         build_spec(None, {"secure": True, "seal": "off", "out": tmp_path / "q"})
+
+
+def test_the_built_nodes_are_frozen_out_of_the_collector_while_they_run(tmp_path):
+    """run_consortium freezes what exists once the nodes are built (gc.freeze: full
+    collections skip it) and unfreezes when they end."""
+    import asyncio
+    import gc
+
+    from node.rehearsal.simulation.prepare import prepare
+    from node.rehearsal.simulation.run import run_consortium
+
+    spec = build_spec(None, {"nodes": 2, "rounds": 1, "model": "logreg",
+                             "out": tmp_path / "o"})
+    prep = prepare(spec)
+    frozen: list[int] = []
+    assert gc.get_freeze_count() == 0
+    nodes = asyncio.run(run_consortium(spec, prep,
+                                       lambda rep: frozen.append(gc.get_freeze_count())))
+    assert len(nodes) == 2 and frozen and min(frozen) > 0
+    assert gc.get_freeze_count() == 0
