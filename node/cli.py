@@ -407,6 +407,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="secure aggregation ([rules] secure = true): no member sees another's "
                         "update; members open only the selected members' sum "
                         "(docs/privacy-secure.md)")
+    s.add_argument("--secure-select", choices=("multi-krum", "norm", "sum"), default=None,
+                   help="with --secure: what members open before the sum ([rules] "
+                        "secure_select): multi-krum, norm, or sum (nothing; the only choice "
+                        "with DP)")
     add_fault_flags(s)
     add_attack_flags(s)
     add_data_dir_flags(s)

@@ -332,7 +332,7 @@ def main(argv: list[str] | None = None) -> int:
                for n, c in zip(prep.names, prep.config_paths, strict=True)
                if n not in spec.absent]
     timeout = args.timeout or 120 + spec.rounds * (spec.round_deadline_s + 30)
-    sealed = seals(spec.seal, spec.transport)
+    sealed = seals(spec.node_seal, spec.transport)  # as the nodes' configs say (--secure: on)
     where = (f"{spec.dataset} ({spec.partition})" if spec.data_dir is None else
              f"data dir {spec.data_dir} (one file per member)")
     console.print(f"[bold]simulate_network[/]: {len(members)} `flnode run` processes over "

@@ -145,6 +145,63 @@ def _pinned_secure_plan(pinned: Path) -> dict[str, Any]:
     return sp
 
 
+def _normalization(agreed_file: Path, ledger: Ledger,
+                   plan: PrivacyPlan | None) -> dict[str, Any] | None:
+    """What normalization.json says the consortium agreed (None: no file). A file flnode
+    did not write (hand-edited, torn, hostile: wrong types, huge numbers, deep nesting) is
+    shown as {"mode": "unreadable", "error": why}, never a crash: status is what an
+    operator runs to find out what is wrong (the node itself refuses to start with it)."""
+    if not agreed_file.exists():
+        return None
+
+    def unreadable(why: str) -> dict[str, Any]:
+        return {"mode": "unreadable", "error": f"{agreed_file}: {why}; the node refuses to "
+                "start with it: restore it, or start a new state dir"}
+
+    try:
+        raw = agreed_file.read_bytes()[:MAX_NORMALIZATION_BYTES + 1]
+        if len(raw) > MAX_NORMALIZATION_BYTES:
+            return unreadable(f"larger than {MAX_NORMALIZATION_BYTES} bytes (not one flnode "
+                              "wrote)")
+        agreed = loads_json(raw)
+    except (OSError, ValueError) as exc:  # ValueError: not JSON, too deep, a too-long int
+        return unreadable(f"unreadable ({exc})")
+    if not isinstance(agreed, dict):
+        return unreadable(f"a JSON {type(agreed).__name__}, not an object")
+
+    def strings(key: str) -> bool:
+        v = agreed.get(key)
+        return v is None or (isinstance(v, list) and all(isinstance(x, str) for x in v))
+
+    def flat(key: str, ok: Any) -> bool:  # {column: value}, value checked by ok
+        v = agreed.get(key)
+        return v is None or (isinstance(v, dict) and all(ok(x) for x in v.values()))
+
+    bad = [k for k in ("mode", "why", "digest") if not isinstance(agreed.get(k, ""), str | None)]
+    bad += [k for k in ("fallback_by", "members") if not strings(k)]
+    if not flat("stats", lambda v: isinstance(v, list) and len(v) == 2
+                and all(finite_number(x) for x in v)):
+        bad.append("stats")  # {column: [mean, std]}
+    if not flat("capped", finite_number):
+        bad.append("capped")  # {member: its weight after the cap}
+    if bad:
+        return unreadable(f"key {bad[0]!r} has the wrong type (not one flnode wrote)")
+    charges = [r for r in ledger.records if r.mode == "normalize"]
+    return {
+        # "range": the consortium fell back to range scaling (a member's vote), why
+        "mode": agreed.get("mode") or "federated", "fallback_by": agreed.get("fallback_by"),
+        "why": agreed.get("why"), "members": agreed.get("members"),
+        "digest": agreed.get("digest"), "stats": agreed.get("stats"),
+        "capped": agreed.get("capped"),
+        "noise_multiplier": charges[0].noise_multiplier if charges else None,
+        # its own ε (alone; what it adds to the total under composition is less)
+        "epsilon_alone": epsilon_of(charges, plan.delta) if charges and plan else None}
+
+
+# normalization.json: a few statistics per numeric column, a few KB; more is not ours.
+MAX_NORMALIZATION_BYTES = 1 << 20
+
+
 def collect(state_dir: str | Path, config: str | Path | None = None) -> dict[str, Any]:
     path = Path(state_dir)
     if not (path / "checkpoint.msgpack").exists():
@@ -205,20 +262,7 @@ def collect(state_dir: str | Path, config: str | Path | None = None) -> dict[str
                 noise_multiplier=secure["noise_multiplier"], clip_norm=secure["clip_norm"],
                 sample_rate=secure["sample_rate"], releases=len(ledger.records),
                 planned_rounds=sp.get("steps"), weight="uniform", released_weight=None)
-    normalization = None
-    agreed_file = path / "normalization.json"
-    if agreed_file.exists():
-        agreed = json.loads(agreed_file.read_text())
-        charges = [r for r in ledger.records if r.mode == "normalize"]
-        normalization = {
-            # "range": the consortium fell back to range scaling (a member's vote), why
-            "mode": agreed.get("mode", "federated"), "fallback_by": agreed.get("fallback_by"),
-            "why": agreed.get("why"), "members": agreed.get("members"),
-            "digest": agreed.get("digest"), "stats": agreed.get("stats"),
-            "capped": agreed.get("capped"),
-            "noise_multiplier": charges[0].noise_multiplier if charges else None,
-            # its own ε (alone; what it adds to the total under composition is less)
-            "epsilon_alone": epsilon_of(charges, plan.delta) if charges and plan else None}
+    normalization = _normalization(path / "normalization.json", ledger, plan)
     return {
         "state_dir": str(path),
         "process": process_state(path),
@@ -358,7 +402,9 @@ def render(s: dict[str, Any], now: float | None = None) -> str:
                      f"{sec['reveal']}; n {sec['members']}, coalition t {sec['coalition']}, "
                      f"charged for {sec['contributors_charged']} contributors), part of ε spent")
     norm = s.get("normalization")
-    if norm and norm.get("mode") == "range":
+    if norm and norm.get("mode") == "unreadable":
+        lines.append(f"normalize   UNREADABLE: {norm['error']}")
+    elif norm and norm.get("mode") == "range":
         lines.append(f"normalize   range: scaled by the declared ranges, as the consortium "
                      f"decided ({', '.join(norm.get('fallback_by') or [])} voted for it: their "
                      "agreed statistics would be too noisy); no statistics released or charged")

@@ -566,6 +566,21 @@ def model_pin(spec: SimulationSpec, schema: FeatureSchema) -> dict[str, Any]:
     return pin_for(spec.model, options, schema.n_features, schema.n_classes)
 
 
+def planned_rounds_note(spec: SimulationSpec, planned: int) -> str:
+    """--secure with DP: the consortium's plan fixes the rounds (its DP-SGD steps for the
+    budget), not --rounds. A count the user gave (--rounds, the scenario's rounds) that the
+    plan overrides is refused, rather than run for far longer than asked; otherwise the
+    note that prepare puts first among the header's notes says how many rounds will run."""
+    why = (f"--secure --privacy record --epsilon {spec.epsilon:g}: the consortium's DP plan "
+           f"runs {planned} rounds (its DP-SGD steps for this budget on these rows)")
+    if spec.rounds_given and spec.rounds != planned:
+        raise LocalError(f"--rounds {spec.rounds} (or the scenario file's rounds): {why}, not "
+                         f"{spec.rounds}; leave out --rounds (and rounds) to run them, or give "
+                         f"--rounds {planned}")
+    return (f"[bold]{why}[/bold], not --rounds' default {spec.rounds}"
+            if not spec.rounds_given else why)
+
+
 def prepare(spec: SimulationSpec,
             addresses: dict[str, dict[str, str]] | None = None) -> Prepared:
     """Write keys, consortium file, data files and node configs into spec.out.
@@ -591,6 +606,16 @@ def prepare(spec: SimulationSpec,
             else _builtin_rows(spec, names))
     schema = rows.schema
 
+    secure_dp, secure_rounds = None, None
+    if spec.secure and spec.privacy != "off":  # DP on the secure sum: the plan's inputs
+        from node.learn.models import build_model  # lean start: the model's size for the plan
+        dim = sum(p.numel() for p in build_model(spec.model, schema.n_features,
+                                                 schema.n_classes, spec.hidden,
+                                                 options=spec.model_options).parameters())
+        secure_dp, secure_rounds = secure_dp_rules(
+            spec, int(sum(len(rows.train[n][1]) for n in names)), dim, len(names))
+        # Before anything is written: a refused run leaves --out reusable.
+        rows.notes.insert(0, planned_rounds_note(spec, secure_rounds))
     out = spec.out
     for sub in ("keys", "data", "nodes", "state"):
         (out / sub).mkdir(parents=True, exist_ok=True)
@@ -606,14 +631,6 @@ def prepare(spec: SimulationSpec,
     # Update-level DP with a fixed sigma: the consortium agrees it as the noise bound, so
     # every member clips a share that lies further than honest noise could take it.
     sigma = spec.sigma if spec.privacy == "update" and spec.epsilon is None else None
-    secure_dp, secure_rounds = None, None
-    if spec.secure and spec.privacy != "off":  # DP on the secure sum: the plan's inputs
-        from node.learn.models import build_model  # lean start: the model's size for the plan
-        dim = sum(p.numel() for p in build_model(spec.model, schema.n_features,
-                                                 schema.n_classes, spec.hidden,
-                                                 options=spec.model_options).parameters())
-        secure_dp, secure_rounds = secure_dp_rules(
-            spec, int(sum(len(rows.train[n][1]) for n in names)), dim, len(members))
     rules = pin_rules(rules_table(len(members), spec.aggregation, spec.f,
                                   spec.max_weight_fraction, spec.privacy,
                                   spec.clip if spec.privacy != "off" or spec.secure else None,
@@ -646,8 +663,7 @@ def prepare(spec: SimulationSpec,
             # min_members 0: the simulators start every member together, and rehearse
             # absent ones (--absent), which a quorum would wait for without limit
             "gossip": {"transport": spec.transport, "round_deadline_s": spec.round_deadline_s,
-                       # a secure round seals each member's pieces to their recipient
-                       "seal": "on" if spec.secure else spec.seal, "min_members": 0},
+                       "seal": spec.node_seal, "min_members": 0},
         }
         if spec.keep_releases:
             cfg["keep_releases"] = True

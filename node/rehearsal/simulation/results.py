@@ -100,7 +100,7 @@ def summarize(spec: SimulationSpec, prep: Prepared, results: list[MemberResult],
                      "prox_mu": spec.prox_mu, "lr_decay": spec.lr_decay,
                      "control_variates": spec.control_variates},
         "transport": spec.transport,
-        "seal": spec.seal,
+        "seal": spec.node_seal,  # what the nodes ran: "on" under --secure
         "rules": dict(prep.consortium.rules),
         # The rule, f and caps every member applied (the [rules] with defaults filled in).
         "aggregation": build_strategy(prep.consortium, None, spec.privacy, spec.clip).params,

@@ -138,7 +138,7 @@ def _scenario_model():
         # [rules] secure (issue 22): secure aggregation, its t and selection
         secure: bool | None = None
         secure_threshold: int | None = Field(default=None, ge=1)
-        secure_select: Literal["multi-krum", "norm"] | None = None
+        secure_select: Literal["multi-krum", "norm", "sum"] | None = None
         topology: str | None = None  # rules.topology (gossip/topology.py)
 
         @field_validator("compression")
@@ -293,8 +293,10 @@ def build_spec(scenario: Path | None, flags: Mapping[str, Any], *, network: bool
     override the file. `network`: scripts/simulate_network.py (the file's transport
     applies); in process the transport is always the memory hub."""
     fields: dict[str, Any] = dict(defaults or {})
+    rounds_given = "rounds" in flags
     if scenario is not None:
         from_file, net = read_scenario(scenario)
+        rounds_given = rounds_given or "rounds" in from_file
         if network:
             from_file.update(net)
         elif net and notes is not None:
@@ -338,6 +340,15 @@ def build_spec(scenario: Path | None, flags: Mapping[str, Any], *, network: bool
     if fields.get("recipe", "fixed") != "fixed" and fields.get("privacy", "off") != "record":
         raise LocalError(f"recipe {fields['recipe']!r} (--recipe) chooses DP-SGD's batch, lr "
                          "and epochs: it applies to record-level privacy (--privacy record) only")
+    if fields.get("secure") and fields.get("seal") == "off":
+        raise LocalError("seal = off (--seal or the scenario file) with secure: a secure round "
+                         "seals each member's pieces to their recipient; drop seal off")
+    if not fields.get("secure"):
+        for key in ("secure_threshold", "secure_select"):
+            if fields.get(key) is not None:
+                raise LocalError(f"{key} (--{key.replace('_', '-')} or the scenario file) is "
+                                 "set but secure is not: it would not apply (add --secure, or "
+                                 "secure = true)")
     if fields.get("epsilon") is not None:
         fields["sigma"] = None
     elif fields.get("sigma") is None:
@@ -347,6 +358,7 @@ def build_spec(scenario: Path | None, flags: Mapping[str, Any], *, network: bool
     fields.setdefault("partition", "dirichlet:0.5")
     fields.setdefault("rounds", 30)
     fields.setdefault("seed", 0)
+    fields["rounds_given"] = rounds_given
     return SimulationSpec(**fields)
 
 

@@ -62,10 +62,14 @@ class SimulationSpec:
     # [rules] echo: the digest echo (gossip/protocol/echo.py); None (--echo off): no key
     echo: bool | None = True
     # [rules] secure (issue 22, node/runtime/secure_node.py): secure aggregation; its t (None:
-    # the largest with n >= 3t + 1) and selection ("multi-krum" or "norm"; None: multi-krum)
+    # the largest with n >= 3t + 1) and selection ("multi-krum", "norm" or "sum"; None: the
+    # default for n and t, "sum" with DP)
     secure: bool = False
     secure_threshold: int | None = None
     secure_select: str | None = None
+    # rounds came from --rounds or the scenario file (not the default): with --secure and
+    # DP the consortium's plan picks the rounds, and prepare refuses a given count it overrides
+    rounds_given: bool = False
     topology: str = "full"  # rules.topology: full, ring, k-regular:K, ... (gossip/topology.py)
     prox_mu: float = 0.0  # every member's training.prox_mu (FedProx; 0: off)
     lr_decay: float = 1.0  # every member's training.lr_decay (round r: lr * lr_decay**r)
@@ -97,6 +101,12 @@ class SimulationSpec:
     def attackers(self, names: list[str]) -> dict[str, dict[str, Any]]:
         """Member -> its [attack] section (only the members that attack)."""
         return parse_attacks(self.attacks, names, self.seed)
+
+    @property
+    def node_seal(self) -> str:
+        """gossip.seal as every node's config has it (prepare): a secure round seals each
+        member's pieces to their recipient, so --secure runs sealed whatever --seal says."""
+        return "on" if self.secure else self.seal
 
     def present(self, names: list[str]) -> list[str]:
         return [n for n in names if n not in self.absent]
