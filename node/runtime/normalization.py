@@ -42,7 +42,7 @@ from node.privacy.budget import PrivacyBudget
 from node.privacy.ledger import Ledger
 from node.privacy.mechanisms import NoiseSource
 from node.runtime.config import NodeConfig
-from node.runtime.state import StateDir, atomic_write
+from node.runtime.state import StateDir, atomic_write, loads_json
 
 log = logging.getLogger("flnode.node")
 
@@ -102,7 +102,7 @@ def load_agreed(state: StateDir, schema: FeatureSchema) -> Agreed | None:
     if not path.exists():
         return None
     try:
-        doc = json.loads(path.read_text())
+        doc = loads_json(path.read_text())
     except (OSError, ValueError) as exc:
         raise LocalError(f"{path}: unreadable ({exc}); it holds the statistics this node "
                          "agreed with the others: restore it, or start a new state dir") from None
