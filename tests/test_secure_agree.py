@@ -31,7 +31,6 @@ from node.runtime.secure_round import (
     agreement_quorum,
     body_digest,
     challenge,
-    piece_digest,
 )
 from node.secagg import field as F
 from node.secagg import robust
@@ -39,7 +38,7 @@ from node.secagg.encoding import signed
 from node.secagg.pieces import CHECK, SEED, Piece, from_bytes, to_bytes
 from node.secagg.shamir import decode
 from tests.helpers import consortium, keys, verifier_for
-from tests.test_secure_round import SecureNet
+from tests.test_secure_round import SecureNet, deal_one_wrong_piece
 
 HOSTILE, VICTIM, A, B = "bank-3", "bank-2", "bank-0", "bank-1"
 
@@ -50,21 +49,10 @@ def _split_view_attack() -> tuple[SecureNet, dict]:
     def tamper_deal(net, m, r, deals):
         if m != HOSTILE:
             return deals
+        out = deal_one_wrong_piece(net, m, r, deals, VICTIM)
         sr = dealt["sr"] = net.members[m].secure.round(r)  # kept: its pieces after the close
-        msgs = {to: decode_secagg(b, 4, deal=True) for to, b in deals.items()}
-        v = from_bytes(msgs[VICTIM].pieces[0])
-        vals = v.values.copy()
-        vals[0] = (int(vals[0]) + 1) % F.P  # a seed or a full piece: either is now off
-        newv = to_bytes(Piece(v.round, v.kind, v.owner, v.holder, vals))
-        com = bytearray(msgs[VICTIM].pieces[2])
-        j = sr.index[VICTIM]
-        com[32 * (j - 1):32 * j] = piece_digest(newv, msgs[VICTIM].pieces[1])
-        sr.commitments[sr.i] = bytes(com)
-        out = {}
-        for to, msg in msgs.items():
-            vec = newv if to == VICTIM else msg.pieces[0]
-            out[to] = encode_secagg(SecAgg("deal", (vec, msg.pieces[1], bytes(com))))
-            p = from_bytes(vec)
+        for to, body in out.items():
+            p = from_bytes(decode_secagg(body, 4, deal=True).pieces[0])
             dealt[sr.index[to]] = robust.expand_seed_piece(sr.params, p) if p.kind == SEED else p
         return out
 
@@ -393,21 +381,7 @@ def test_re_signed_copies_of_a_step_message_get_one_accepted_line():
 def _wrong_piece_for(victim: str, dealer: str = HOSTILE):
     """A dealer's tamper: one wrong value in `victim`'s vector piece, committed to."""
     def tamper_deal(net, m, r, deals):
-        if m != dealer:
-            return deals
-        sr = net.members[m].secure.round(r)
-        msgs = {to: decode_secagg(b, 4, deal=True) for to, b in deals.items()}
-        v = from_bytes(msgs[victim].pieces[0])
-        vals = v.values.copy()
-        vals[0] = (int(vals[0]) + 1) % F.P
-        newv = to_bytes(Piece(v.round, v.kind, v.owner, v.holder, vals))
-        com = bytearray(msgs[victim].pieces[2])
-        j = sr.index[victim]
-        com[32 * (j - 1):32 * j] = piece_digest(newv, msgs[victim].pieces[1])
-        sr.commitments[sr.i] = bytes(com)
-        return {to: encode_secagg(SecAgg("deal", (newv if to == victim else msg.pieces[0],
-                                                  msg.pieces[1], bytes(com))))
-                for to, msg in msgs.items()}
+        return deal_one_wrong_piece(net, m, r, deals, victim) if m == dealer else deals
     return tamper_deal
 
 

@@ -25,13 +25,11 @@ from node.runtime.secure_round import (
     SUM_ONLY_PHASES,
     agreement_quorum,
     challenge,
-    piece_digest,
     secure_phases,
 )
-from node.secagg import field as F
 from node.secagg import robust
-from node.secagg.pieces import CHECK, Piece, from_bytes, to_bytes
-from tests.test_secure_round import SecureNet
+from node.secagg.pieces import CHECK, Piece, to_bytes
+from tests.test_secure_round import SecureNet, deal_one_wrong_piece
 
 HOSTILE, DISPUTED, DROPPED = "bank-4", "bank-3", "bank-2"
 VIEW_B = ("bank-1", "bank-2")  # get the check without bank-2's dealing
@@ -51,21 +49,7 @@ def _split_check(net, m, phase, to, body):
 
 
 def _wrong_piece_for_disputed(net, m, r, deals):
-    if m != HOSTILE:
-        return deals
-    sr = net.members[m].secure.round(r)
-    msgs = {to: decode_secagg(b, len(net.names), deal=True) for to, b in deals.items()}
-    v = from_bytes(msgs[DISPUTED].pieces[0])
-    vals = v.values.copy()
-    vals[0] = (int(vals[0]) + 1) % F.P
-    newv = to_bytes(Piece(v.round, v.kind, v.owner, v.holder, vals))
-    com = bytearray(msgs[DISPUTED].pieces[2])
-    j = sr.index[DISPUTED]
-    com[32 * (j - 1):32 * j] = piece_digest(newv, msgs[DISPUTED].pieces[1])
-    sr.commitments[sr.i] = bytes(com)
-    return {to: encode_secagg(SecAgg("deal", (newv if to == DISPUTED else msg.pieces[0],
-                                              msg.pieces[1], bytes(com))))
-            for to, msg in msgs.items()}
+    return deal_one_wrong_piece(net, m, r, deals, DISPUTED) if m == HOSTILE else deals
 
 
 def _opened(net: SecureNet, m: str, step: str) -> bool:

@@ -36,13 +36,33 @@ from node.runtime.evidence import envelope_bytes
 from node.runtime.secure_round import SecureOutcome, SecureRounds, piece_digest, secure_phases
 from node.secagg import field as F
 from node.secagg.encoding import FixedPoint
-from node.secagg.pieces import from_bytes, to_bytes
+from node.secagg.pieces import Piece, from_bytes, to_bytes
 from tests.helpers import consortium, keys, verifier_for
 
 DIM = 6
 CLIP = 1.0
 DEADLINE = 10.0
 
+
+
+def deal_one_wrong_piece(net, m: str, r: int, deals: dict[str, bytes], victim: str
+                         ) -> dict[str, bytes]:
+    """Member m's deals of round r with one wrong value in `victim`'s vector piece (a seed
+    or a full piece: either is then off its polynomial), committed to in every deal and in
+    m's own round, so only the victim's check can disagree."""
+    sr = net.members[m].secure.round(r)
+    msgs = {to: decode_secagg(b, len(net.names), deal=True) for to, b in deals.items()}
+    v = from_bytes(msgs[victim].pieces[0])
+    vals = v.values.copy()
+    vals[0] = (int(vals[0]) + 1) % F.P
+    newv = to_bytes(Piece(v.round, v.kind, v.owner, v.holder, vals))
+    com = bytearray(msgs[victim].pieces[2])
+    j = sr.index[victim]
+    com[32 * (j - 1):32 * j] = piece_digest(newv, msgs[victim].pieces[1])
+    sr.commitments[sr.i] = bytes(com)
+    return {to: encode_secagg(SecAgg("deal", (newv if to == victim else msg.pieces[0],
+                                              msg.pieces[1], bytes(com))))
+            for to, msg in msgs.items()}
 
 class Member:
     """One member: a RoundMachine and the secure glue, driven as Node drives them."""
