@@ -602,7 +602,7 @@ def test_pieces_round_trip(kind, holder, owner, rnd, values):
     owner = owner if kind in (VECTOR, MASK) else 0
     p = Piece(rnd, kind, owner, holder, np.array(values, dtype=np.uint64))
     data = to_bytes(p)
-    assert len(data) == HEADER_BYTES + 8 * len(values)
+    assert len(data) == HEADER_BYTES + (61 * len(values) + 7) // 8  # packed at 61 bits
     q = from_bytes(data, expected_count=len(values), expected_kind=kind)
     assert q.key == p.key and q.values.tolist() == values
 
@@ -617,23 +617,22 @@ def test_hostile_bytes_are_refused_with_the_sender_named():
 
     refused(good[:10], "shorter than the 24-byte header")
     refused(b"XXXX" + good[4:], "magic")
-    refused(good[:4] + b"\x02" + good[5:], "version 2")
+    refused(good[:4] + b"\x01" + good[5:], "version 1")
     refused(good[:5] + b"\x09" + good[6:], "unknown piece kind 9")
     refused(good[:6] + b"\x00\x00" + good[8:], "owner 0")
     refused(good[:8] + b"\x00\x00" + good[10:], "holder 0")
     refused(good, "4 values, this round's vector pieces have 65", expected_count=65)
     refused(good, "a vector piece where a sum piece", expected_kind=SUM)
     refused(good[:-1], "bytes for 4 declared values")
-    refused(good + b"\x00" * 8, "bytes for 4 declared values")
+    refused(good + b"\x00" * 8, "bytes for 4 declared values")  # (more: test_secagg_pieces.py)
     huge = bytearray(good)
     huge[20:24] = (MAX_PIECE_VALUES + 1).to_bytes(4, "little")
     refused(bytes(huge), "MAX_PIECE_VALUES")  # refused before any allocation
     lying = bytearray(good)
     lying[20:24] = (1 << 24).to_bytes(4, "little")  # 16M values declared, 32 bytes sent
     refused(bytes(lying), "bytes for 16777216 declared values")
-    bad_value = bytearray(good)
-    bad_value[HEADER_BYTES + 8:HEADER_BYTES + 16] = F.P.to_bytes(8, "little")
-    refused(bytes(bad_value), "value 1 is 2305843009213693951, not a field element")
+    bad_value = good[:HEADER_BYTES] + (F.P << 61).to_bytes(31, "little")  # value 1 = p
+    refused(bad_value, r"value 1 is 2305843009213693951 = 2\^61 - 1, not a field element")
     opened = bytearray(to_bytes(Piece(3, SUM, 0, 5, np.arange(4, dtype=np.uint64))))
     opened[6:8] = (3).to_bytes(2, "little")
     refused(bytes(opened), "opened sum piece with owner 3")
@@ -649,7 +648,7 @@ def test_random_bytes_raise_only_piece_errors(data):
 
 
 @settings(max_examples=300, deadline=None)
-@given(st.lists(st.tuples(st.integers(0, HEADER_BYTES + 8 * 6 - 1), st.integers(0, 255)),
+@given(st.lists(st.tuples(st.integers(0, HEADER_BYTES + (61 * 6 + 7) // 8 - 1), st.integers(0, 255)),
                 min_size=1, max_size=4))
 def test_a_mutated_piece_parses_or_raises_a_piece_error(flips):
     data = bytearray(to_bytes(Piece(3, MASK, 2, 5, F.uniform(6))))

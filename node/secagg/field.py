@@ -38,7 +38,12 @@ _M32 = np.uint64(0xFFFFFFFF)
 _M29 = np.uint64((1 << 29) - 1)
 _S3, _S29, _S32, _S61 = (np.uint64(s) for s in (3, 29, 32, 61))
 
-FIELD_BYTES = 8  # one element on the wire: little-endian uint64 (61 significant bits)
+FIELD_BITS = 61  # one element on the wire (node/secagg/pieces.py, version 2): 61 bits, packed
+_M61 = np.uint64((1 << FIELD_BITS) - 1)
+# Values packed per block: 8 elements are exactly 61 bytes. A block of 2^16 elements keeps
+# the packing's temporaries near 1 MiB whatever the piece's size.
+_PACK_GROUP = 8
+_PACK_BLOCK = 1 << 16
 
 
 class FieldError(SecAggError):
@@ -325,3 +330,60 @@ def solve(rows: list[list[int]], rhs: list[int]) -> list[int] | None:
     for i, c in enumerate(pivots):
         x[c] = a[i][k]
     return x
+
+
+# --- wire packing: 61 bits per element ----------------------------------------------------
+
+def packed_bytes(count: int) -> int:
+    """Bytes of `count` elements packed at 61 bits: ceil(61 count / 8)."""
+    return (FIELD_BITS * count + 7) // 8
+
+
+def pack(a: np.ndarray) -> bytes:
+    """Elements of F_p (each below 2^61, `check`ed by the caller) as a little-endian bit
+    string, element k at bits 61k .. 61k + 60, the last byte's unused high bits 0.
+
+    Per group of 8 elements (61 bytes): word m (m < 7) is v_m >> 3m | v_(m+1) << (61 - 3m),
+    then the 5 low bytes of v_7 >> 21."""
+    a = np.ascontiguousarray(a, dtype=np.uint64).reshape(-1)
+    parts = []
+    for lo in range(0, a.size, _PACK_BLOCK):
+        v = a[lo:lo + _PACK_BLOCK]
+        groups = -(-v.size // _PACK_GROUP)
+        if v.size != groups * _PACK_GROUP:  # zeros pad the last group (their bits are 0)
+            v = np.concatenate([v, np.zeros(groups * _PACK_GROUP - v.size, dtype=np.uint64)])
+        v = v.reshape(groups, _PACK_GROUP)
+        w = np.empty((groups, _PACK_GROUP), dtype="<u8")
+        for m in range(_PACK_GROUP - 1):
+            w[:, m] = (v[:, m] >> np.uint64(3 * m)) | (v[:, m + 1] << np.uint64(61 - 3 * m))
+        w[:, 7] = v[:, 7] >> np.uint64(21)
+        parts.append(w.view(np.uint8).reshape(groups, 64)[:, :61].tobytes())
+    return b"".join(parts)[:packed_bytes(a.size)]
+
+
+def unpack(data: bytes | memoryview, count: int) -> np.ndarray:
+    """The `count` elements `pack` wrote: uint64 values below 2^61 (2^61 - 1 itself, not a
+    field element, is for the caller to refuse). The caller checks len(data) ==
+    packed_bytes(count) first; this allocates 8 bytes a value, in blocks."""
+    if len(data) != packed_bytes(count):
+        raise FieldError(f"{len(data)} bytes for {count} packed elements, expected "
+                         f"{packed_bytes(count)}")
+    raw = np.frombuffer(data, dtype=np.uint8)
+    out = np.empty(count, dtype=np.uint64)
+    per = _PACK_BLOCK // _PACK_GROUP * 61  # bytes of a whole block
+    for b, lo in enumerate(range(0, count, _PACK_BLOCK)):
+        chunk = raw[b * per:(b + 1) * per]
+        groups = -(-min(_PACK_BLOCK, count - lo) // _PACK_GROUP)
+        padded = np.zeros((groups, 64), dtype=np.uint8)
+        flat = np.zeros(groups * 61, dtype=np.uint8)
+        flat[:chunk.size] = chunk
+        padded[:, :61] = flat.reshape(groups, 61)
+        w = padded.view("<u8").reshape(groups, _PACK_GROUP).astype(np.uint64)
+        v = np.empty((groups, _PACK_GROUP), dtype=np.uint64)
+        v[:, 0] = w[:, 0] & _M61
+        for m in range(_PACK_GROUP - 1):
+            v[:, m + 1] = ((w[:, m] >> np.uint64(61 - 3 * m))
+                           | (w[:, m + 1] << np.uint64(3 * m + 3))) & _M61
+        n = min(_PACK_BLOCK, count - lo)
+        out[lo:lo + n] = v.reshape(-1)[:n]
+    return out

@@ -11,16 +11,23 @@ A `Piece` is one vector of field elements, keyed by round, kind, owner and holde
   dealing checks, length 2n), `DEGREE2` (masked pieces of the squared distances and
   norms, length P) and `SUM` (the piece of the selected members' sum, length d).
 
-Bytes (little-endian), 24-byte header then the values:
+Bytes (little-endian), 24-byte header then the values packed at 61 bits:
 
-    b"FLSA" | version u8 | kind u8 | owner u16 | holder u16 | reserved u16 (0) |
-    round u64 | count u32 | count x u64 (each < 2^61 - 1)
+    b"FLSA" | version u8 (2) | kind u8 | owner u16 | holder u16 | reserved u16 (0) |
+    round u64 | count u32 | ceil(61 count / 8) bytes
+
+The values are one little-endian bit string: value k (each < 2^61 - 1) at bits 61k to
+61k + 60, the last byte's unused high bits 0 (`field.pack`). Version 1 sent each value in
+8 bytes (3 of them always 0 bits): 5% of a secure round's bytes; version 2 is refused by
+a version-1 node and version 1 by this one, by name.
 
 `from_bytes` checks, in order, before allocating anything: the header's length, magic,
 version, kind, owner and holder ranges (private kinds have an owner, opened kinds owner
 0), the count against `expected_count` and MAX_PIECE_VALUES, the exact total length,
-then that every value is below p. Each failure is a `PieceError` naming the sender (if
-the caller says who it is) and the reason. Signing and sealing are the transport's job.
+then that the padding bits are 0 (one byte string per piece) and that every value is
+below p (a 61-bit value can be 2^61 - 1 = p). Each failure is a `PieceError` naming the
+sender (if the caller says who it is) and the reason. Signing and sealing are the
+transport's job.
 """
 
 from __future__ import annotations
@@ -31,7 +38,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from node.secagg.errors import PieceError
-from node.secagg.field import P64, P
+from node.secagg.field import FIELD_BITS, P64, P, pack, packed_bytes, unpack
 from node.secagg.shamir import MAX_MEMBERS
 
 VECTOR, MASK, CHECK, DEGREE2, SUM, SEED = 1, 2, 3, 4, 5, 6
@@ -41,7 +48,7 @@ PRIVATE = (VECTOR, MASK, SEED)
 SEED_VALUES = 4  # a SEED piece: 4 uniform field elements (244 bits) that expand to a VECTOR piece
 
 MAGIC = b"FLSA"
-VERSION = 1
+VERSION = 2  # 2: values packed at 61 bits (1: 8 bytes each)
 _HEADER = struct.Struct("<4sBBHHHQI")
 HEADER_BYTES = _HEADER.size  # 24
 # The most values one piece may declare: 2^25 (a 33.5M-parameter model; 256 MiB of
@@ -89,7 +96,7 @@ def to_bytes(piece: Piece) -> bytes:
         raise PieceError("a value is not a field element (>= 2^61 - 1)")
     head = _HEADER.pack(MAGIC, VERSION, piece.kind, piece.owner, piece.holder, 0, piece.round,
                         values.size)
-    return head + values.astype("<u8", copy=False).tobytes()
+    return head + pack(values)
 
 
 def from_bytes(data: bytes, *, expected_count: int | None = None, expected_kind: int | None = None,
@@ -102,7 +109,9 @@ def from_bytes(data: bytes, *, expected_count: int | None = None, expected_kind:
         raise PieceError(f"magic {magic!r}, expected {MAGIC!r}: not a secure-aggregation piece",
                          sender)
     if version != VERSION:
-        raise PieceError(f"piece version {version}, this node reads {VERSION}", sender)
+        raise PieceError(f"piece version {version}, this node reads version {VERSION} (values "
+                         "packed at 61 bits; version 1 sent 8 bytes a value): the sender runs "
+                         "another flnode release", sender)
     if reserved != 0:
         raise PieceError(f"reserved header field is {reserved}, must be 0", sender)
     _check_header(kind, owner, holder, rnd, sender)
@@ -114,12 +123,16 @@ def from_bytes(data: bytes, *, expected_count: int | None = None, expected_kind:
     if expected_count is not None and count != expected_count:
         raise PieceError(f"declares {count} values, this round's {KIND_NAMES[kind]} pieces have "
                          f"{expected_count}", sender)
-    if len(data) != HEADER_BYTES + 8 * count:
-        raise PieceError(f"{len(data)} bytes for {count} declared values (expected "
-                         f"{HEADER_BYTES + 8 * count})", sender)
-    raw = np.frombuffer(data, dtype="<u8", count=count, offset=HEADER_BYTES)  # a view: no copy
+    size = HEADER_BYTES + packed_bytes(count)
+    if len(data) != size:
+        raise PieceError(f"{len(data)} bytes for {count} declared values (expected {size}: "
+                         "61 bits a value)", sender)
+    spare = 8 * packed_bytes(count) - FIELD_BITS * count  # unused high bits of the last byte
+    if spare and data[-1] >> (8 - spare):
+        raise PieceError(f"the last byte's {spare} padding bits are not 0", sender)
+    raw = unpack(memoryview(data)[HEADER_BYTES:], count)
     if count and int(raw.max()) >= P:
         bad = int(np.argmax(raw >= P64))
-        raise PieceError(f"value {bad} is {int(raw[bad])}, not a field element (>= 2^61 - 1)",
-                         sender)
-    return Piece(rnd, kind, owner, holder, raw.astype(np.uint64))
+        raise PieceError(f"value {bad} is {int(raw[bad])} = 2^61 - 1, not a field element "
+                         "(>= p = 2^61 - 1)", sender)
+    return Piece(rnd, kind, owner, holder, raw)

@@ -133,8 +133,10 @@ def secagg_piece(kind: int = 3, owner: int = 0, holder: int = 2, count: int = 6)
     so the golden needs no numpy field code): bob (member 2) opening a check of 3 members."""
     import struct
 
-    head = struct.pack("<4sBBHHHQI", b"FLSA", 1, kind, owner, holder, 0, WIRE_ROUND, count)
-    return head + b"".join(struct.pack("<Q", 1000 + i) for i in range(count))
+    head = struct.pack("<4sBBHHHQI", b"FLSA", 2, kind, owner, holder, 0, WIRE_ROUND, count)
+    # version 2: the values 1000 + i packed at 61 bits (value i at bits 61i .. 61i + 60)
+    packed = sum((1000 + i) << (61 * i) for i in range(count))
+    return head + packed.to_bytes((61 * count + 7) // 8, "little")
 
 
 # A deal's commitment for the golden deal: 3 holders x 32 bytes (fixed, not computed: the
