@@ -240,6 +240,16 @@ def inner_simulate(argv: list[str]) -> int:
 
     overrides = json.loads(argv[0])
     args = build_parser().parse_args(["simulate", *argv[1:]])
+    by_kind, cap = overrides.pop("_by_kind", None), overrides.pop("_rounds_cap", None)
+    if by_kind:  # --by-kind: count every message by kind (scripts/bench_secure_bytes.py)
+        from scripts.bench_secure_bytes import install
+
+        install(Path(by_kind), args.nodes)
+    if cap:  # a DP cost row: the plan's [rules] unchanged, only its first `cap` rounds run
+        import node.rehearsal.simulation.prepare as prep
+
+        rules = prep.secure_dp_rules
+        prep.secure_dp_rules = lambda *a, **k: (rules(*a, **k)[0], min(cap, rules(*a, **k)[1]))
     notes: list[str] = []
     spec = dataclasses.replace(spec_from_args(args, notes=notes), **overrides)
     simulate(spec, notes=notes)
@@ -254,6 +264,9 @@ def simulate_row(label: str, flags: list[str], overrides: dict[str, Any],
     import subprocess
 
     out = workdir / f"row-{len(list(workdir.iterdir()))}"
+    by_kind = out.with_suffix(".bykind.json") if overrides.get("_by_kind") else None
+    if by_kind is not None:
+        overrides = {**overrides, "_by_kind": str(by_kind)}
     cmd = [sys.executable, str(Path(__file__).resolve()), "--inner", json.dumps(overrides),
            *flags, "--out", str(out)]
     load_before = os.getloadavg()
@@ -322,6 +335,10 @@ def simulate_row(label: str, flags: list[str], overrides: dict[str, Any],
                     tally[why] = tally.get(why, 0) + k
                 tally["member_rounds"] = tally.get("member_rounds", 0) + s.get("rounds", 0)
         row["attacker_excluded"] = excl
+    if by_kind is not None and by_kind.exists():  # bytes per member and round, by kind
+        from scripts.bench_secure_bytes import per_member_round
+
+        row["bytes_by_kind"] = per_member_round(json.loads(by_kind.read_text()), rounds_seen)
     plan = next((out / "state").iterdir()) / "secure_plan.json"
     if plan.exists():
         p = json.loads(plan.read_text())
@@ -348,9 +365,13 @@ def grid_rows(grid: str, args: argparse.Namespace) -> list[tuple[str, list[str],
             for size, hidden in COST_SIZES.items():
                 flags = ["--dataset", "digits", "--nodes", str(n), "--partition", "iid",
                          "--rounds", str(args.cost_rounds), "--seal", "on"]
-                rows.append((f"cost n={n} {size}: plain sealed", flags, {"hidden": hidden}))
-                rows.append((f"cost n={n} {size}: secure", [*flags, "--secure"],
-                             {"hidden": hidden}))
+                ov = {"hidden": hidden, **({"_by_kind": True} if args.by_kind else {})}
+                rows.append((f"cost n={n} {size}: plain sealed", flags, ov))
+                rows.append((f"cost n={n} {size}: secure", [*flags, "--secure"], ov))
+                # DP on the sum (sum_only, the default with DP): the plan's first
+                # --cost-rounds rounds (bytes and seconds are per round)
+                rows.append((f"cost n={n} {size}: secure DP", [*flags, "--secure", *eps],
+                             {**ov, "_rounds_cap": args.cost_rounds}))
     elif grid == "quality":
         for table in args.tables.split(","):
             for seed in range(args.seeds):
@@ -453,7 +474,7 @@ def table_text(doc: dict[str, Any]) -> str:
                              f"{r['wall_seconds']:.0f} | {r['load_before'][0]} |")
                 continue
             p = plain.get(r["label"].rsplit(":", 1)[0])
-            ok = p is not None and not p.get("error") and mode.strip() == "secure"
+            ok = p is not None and not p.get("error") and mode.strip().startswith("secure")
             rb = r["bytes_per_member_per_round"] / p["bytes_per_member_per_round"] if ok else None
             rs = r["round_seconds"] / p["round_seconds"] if ok else None
             lines.append(f"| {key} | {mode.strip()} | {r['round_seconds']:.3f} | "
@@ -496,6 +517,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--attacker", default="site-1")
     ap.add_argument("--robust-rounds", type=int, default=30)
     ap.add_argument("--cost-rounds", type=int, default=4)
+    ap.add_argument("--by-kind", action="store_true",
+                    help="cost grid: count each row's bytes per member and round by message "
+                         "kind and step (scripts/bench_secure_bytes.py), into the row's JSON")
     ap.add_argument("--row-timeout", type=float, default=ROW_TIMEOUT_S,
                     help="seconds before a row's simulate is stopped (the row says so)")
     ap.add_argument("--show", action="store_true",
