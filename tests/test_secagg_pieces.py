@@ -32,8 +32,8 @@ HOSTILE = "bank-4"  # member 5
 
 def reference_pack(values: list[int]) -> bytes:
     """The layout written out: value k at bits 61k .. 61k + 60 of one little-endian integer."""
-    return sum(v << (61 * k) for k, v in enumerate(values)).to_bytes((61 * len(values) + 7) // 8,
-                                                                      "little")
+    bits = "".join(format(v, "061b") for v in reversed(values))  # value 0 lowest
+    return int(bits or "0", 2).to_bytes((61 * len(values) + 7) // 8, "little")
 
 
 @pytest.mark.parametrize("count", [0, 1, 7, 8, 9, 63, 64, 65, 1000, (1 << 16) - 1, 1 << 16,
@@ -200,3 +200,17 @@ def test_the_deal_decoder_refuses_a_packed_vector_piece_with_a_lying_count():
         tracemalloc.stop()
     assert e.value.sender == 2
     assert peak < 1 << 16, peak
+
+
+def test_a_real_round_sends_packed_pieces(clean):
+    """The runtime's bodies carry version-2 pieces: a sum piece is 24 + ceil(61 d / 8)
+    bytes, not 24 + 8 d (the 4.7% of every secure round this encoding saves)."""
+    _, steps = clean
+    piece = _honest_sum_piece(steps)
+    assert piece[4] == 2 and len(piece) == HEADER_BYTES + (61 * DIM + 7) // 8 < HEADER_BYTES + 8 * DIM
+    codec = FixedPoint.choose(1.0, DIM, len(NAMES))
+    deals = SecureRounds("bank-0", NAMES, 1, "distances", codec, CID).deal(
+        0, codec.encode(np.zeros(DIM)))
+    sizes = sorted(len(decode_secagg(b, len(NAMES), deal=True).pieces[0]) for b in deals.values())
+    # t = 1 holder gets a SEED (4 values), the others a VECTOR piece of d + 1 values
+    assert sizes == [HEADER_BYTES + 31] + [HEADER_BYTES + (61 * (DIM + 1) + 7) // 8] * 3
