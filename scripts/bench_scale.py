@@ -127,7 +127,8 @@ def run(args: argparse.Namespace) -> dict:
     consensus = tracker.close()
     last = str(args.rounds - 1)
     return {"members": args.members, "topology": args.topology, "model": args.model,
-            "rounds": args.rounds, "epochs": getattr(args, "epochs", 1), "dataset": args.dataset,
+            "rounds": args.rounds, "epochs": getattr(args, "epochs", 1), "seed": args.seed,
+            "dataset": args.dataset,
             "partition": args.partition,
             "compression": args.compression, "clock": args.clock, "metric": metric,
             "final": float(np.mean(finals)), "final_min": float(np.min(finals)),
