@@ -104,6 +104,7 @@ def run(args: argparse.Namespace) -> dict:
     attacks = tuple(getattr(args, "attacks", ()))
     spec = SimulationSpec(dataset=args.dataset, nodes=args.members, partition=args.partition,
                           rounds=args.rounds, seed=args.seed, out=out, model=args.model,
+                          epochs=getattr(args, "epochs", 1),
                           privacy="off", topology=args.topology, compression=args.compression,
                           round_deadline_s=args.round_deadline, attacks=attacks)
     t0 = time.perf_counter()
@@ -126,7 +127,9 @@ def run(args: argparse.Namespace) -> dict:
     consensus = tracker.close()
     last = str(args.rounds - 1)
     return {"members": args.members, "topology": args.topology, "model": args.model,
-            "rounds": args.rounds, "dataset": args.dataset, "partition": args.partition,
+            "rounds": args.rounds, "epochs": getattr(args, "epochs", 1), "seed": args.seed,
+            "dataset": args.dataset,
+            "partition": args.partition,
             "compression": args.compression, "clock": args.clock, "metric": metric,
             "final": float(np.mean(finals)), "final_min": float(np.min(finals)),
             "final_max": float(np.max(finals)),
@@ -136,6 +139,8 @@ def run(args: argparse.Namespace) -> dict:
             "attacks": list(attacks), "attackers": len(attackers),
             "rule": prep.consortium.rules.get("aggregation"),
             "consensus_relative_last": consensus["consensus_relative"].get(last),
+            # per round: how far apart the members' models are (over the mean model's norm)
+            "consensus_relative": consensus["consensus_relative"],
             "wall_prepare_s": round(t_prep, 1), "wall_run_s": round(t_run, 1),
             "wall_s": round(t_prep + t_run, 1), "peak_rss_mib": round(peak_rss_mib()),
             "bytes_per_member_per_round": round(sent / done),
@@ -233,14 +238,14 @@ def suite_attack(args: argparse.Namespace, rows_file: Path) -> list[dict]:
 
 
 def topology_table(rows: list[dict]) -> str:
-    lines = ["| dataset | topology | rule | rounds | bytes/member/round | x fewer than full | "
-             "final | final at full's rounds | rounds to full's final (-0.005) | goal | load |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| dataset | topology | rule | epochs | rounds | bytes/member/round | x fewer than "
+             "full | final | final at full's rounds | rounds to full's final (-0.005) | goal | load |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         full = r["topology"] == "full"
         lines.append(
-            f"| {r['dataset']} | {r['topology']} | {r['rule']} | {r['rounds']} | "
-            f"{r['bytes_per_member_per_round']} | "
+            f"| {r['dataset']} | {r['topology']} | {r['rule']} | {r.get('epochs', 1)} | "
+            f"{r['rounds']} | {r['bytes_per_member_per_round']} | "
             f"{'-' if full else format(r['bytes_fewer'], '.1f')} | {r['final']:.4f} | "
             f"{'-' if full else format(r['final_at_full_rounds'] or float('nan'), '.4f')} | "
             f"{'-' if full else str(r['rounds_to_full']) + ' (' + str(r['rounds_to_within']) + ')'}"
@@ -250,12 +255,12 @@ def topology_table(rows: list[dict]) -> str:
 
 
 def attack_table(rows: list[dict]) -> str:
-    lines = ["| dataset | topology | rule | attack | attackers | honest final (min-max) | "
-             "vs clean | goal | wall | load |", "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| dataset | topology | rule | epochs | attack | attackers | honest final (min-max) | "
+             "vs clean | goal | wall | load |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         clean = r["attack"] == "none"
         lines.append(
-            f"| {r['dataset']} | {r['topology']} | {r['rule']} | {r['attack']} | "
+            f"| {r['dataset']} | {r['topology']} | {r['rule']} | {r.get('epochs', 1)} | {r['attack']} | "
             f"{r['attackers']} of {r['members']} | {r['final']:.4f} ({r['final_min']:.3f}-"
             f"{r['final_max']:.3f}) | {'-' if clean else format(r['delta'], '+.4f')} | "
             f"{'-' if clean else ('met' if r['goal'] else 'missed')} | {r['wall_s']} s | "
@@ -273,6 +278,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--partition", default="iid")
     p.add_argument("--compression", default="none")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--epochs", type=int, default=1,
+                   help="local epochs per round, every row (flnode simulate --epochs; default 1)")
     p.add_argument("--round-deadline", type=float, default=600.0,
                    help="seconds a member waits for its in-peers (wall clock; default 600)")
     p.add_argument("--clock", choices=("virtual", "wall"), default="virtual",
