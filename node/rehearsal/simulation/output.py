@@ -3,7 +3,6 @@ plot, summary.json on disk; and `simulate`, the whole in-process run end to end.
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import json
 import math
@@ -21,7 +20,7 @@ from node.ops.report_html import negative_gain_note
 from node.rehearsal.simulation.consensus import ConsensusTracker, plot_consensus
 from node.rehearsal.simulation.prepare import evaluation_rows, prepare
 from node.rehearsal.simulation.results import AGGREGATION_ACTIONS, result_of, summarize
-from node.rehearsal.simulation.run import NOISE_OS, baselines, run_consortium
+from node.rehearsal.simulation.run import NOISE_OS, baselines, simulate_members
 from node.rehearsal.simulation.spec import SimulationSpec
 from node.runtime.round_report import RoundReport
 
@@ -364,7 +363,7 @@ def _simulate(spec: SimulationSpec, console: Any, notes: list[str] | None, ray: 
     tracker = None if parse_topology(spec.topology).full else ConsensusTracker(
         len(spec.present(prep.names)))
     try:
-        nodes = asyncio.run(run_consortium(spec, prep, printer.on_round, tracker, executor))
+        nodes = simulate_members(spec, prep, printer.on_round, tracker, executor)
     finally:
         if executor is not None:
             executor.shutdown()
