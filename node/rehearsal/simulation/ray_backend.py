@@ -10,10 +10,11 @@ the member's thread. The actors are spread over the cluster's machines (SPREAD).
 
 Why a seeded run gives the in-process run's summary: what a member trains is a pure
 function of (model, rows, recipe, generator state), all sent; aggregation sorts the shares
-by member (node/strategy/base.py), so the order in which trained shares arrive changes no
-sum; keys, partitions, shuffles and dropout masks come from --seed. What can differ: wall
-times, and a round that closes at its deadline (round_deadline_s) without a member whose
-training took longer than the deadline, exactly as in-process.
+by member (node/strategy/base.py); keys, partitions, shuffles and dropout masks come from
+--seed; and both backends run on the same virtual clock (virtual_time.py): a training takes
+WORK_S simulated seconds wherever it runs, the clock waiting while an actor works, so every
+deadline, straggler and dropout falls at the same simulated time and the events come in
+the same order. What differs: wall times only.
 
 Only plain training (privacy off or update-level DP, whose clipping and noise stay on
 the driver as a node's do) goes to the actors; record-level DP training and a secure
