@@ -176,3 +176,52 @@ def test_actors_no_node_can_take_are_refused_within_the_bound(local_ray, monkeyp
     with pytest.raises(RayBackendError, match="the 2 member actors did not all start "
                                               "within 3 s"):
         ray_backend.RayTraining(local_ray, ["bank-0", "bank-1"])
+
+
+@pytest.mark.slow  # the module's Ray head (as above) and two actors
+def test_members_sharing_an_actor_each_train_on_their_own_rows(local_ray):
+    """--members-per-actor 2: three members on two actor processes; each member's
+    training on its actor equals the same training here, bit for bit (its own rows, its
+    own generator), whichever member shares the process."""
+    import contextvars
+    import functools
+
+    import numpy as np
+
+    from node.learn.models import build_model, get_flat
+    from node.learn.train import train_local
+    from node.rehearsal.simulation.ray_backend import RayTraining
+    from node.rehearsal.simulation.run import MEMBER
+
+    names = ["bank-0", "bank-1", "bank-2"]
+    with pytest.raises(RayBackendError, match="--members-per-actor 0: must be 1"):
+        RayTraining(local_ray, names, 0)
+    executor = RayTraining(local_ray, names, 2)
+    try:
+        assert len(executor.pool) == 2
+        assert executor.actors["bank-0"] is executor.actors["bank-1"]
+        assert executor.actors["bank-2"] is not executor.actors["bank-0"]
+        rng = np.random.default_rng(0)
+        for i, name in enumerate(names):
+            X = rng.normal(size=(24 + 8 * i, 4)).astype(np.float32)  # rows of its own
+            y = (X[:, i] > 0).astype(np.int64)
+            remote, here = (build_model("logreg", 4, 2, 8, seed=1) for _ in range(2))
+            kw = dict(epochs=2, batch_size=8, lr=0.1)
+            call = functools.partial(contextvars.copy_context().run, train_local, remote, X, y,
+                                     generator=torch.Generator().manual_seed(i), **kw)
+            token = MEMBER.set(name)
+            try:
+                executor.submit(call).result(timeout=120)
+            finally:
+                MEMBER.reset(token)
+            train_local(here, X, y, generator=torch.Generator().manual_seed(i), **kw)
+            assert torch.equal(get_flat(remote), get_flat(here)), name
+        assert executor.remote_trainings == 3
+        assert all(r > 0 for r in executor.actor_rss())
+    finally:
+        executor.shutdown()
+
+
+def test_members_per_actor_without_the_ray_backend_is_refused(tmp_path, capsys):
+    assert main([*RUN, "--members-per-actor", "4", "--out", str(tmp_path / "o")]) == 2
+    assert "--members-per-actor: only with --backend ray" in capsys.readouterr().err
