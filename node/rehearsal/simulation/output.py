@@ -372,7 +372,12 @@ def _simulate(spec: SimulationSpec, console: Any, notes: list[str] | None, ray: 
         nodes = simulate_members(spec, prep, printer.on_round, tracker, executor)
     finally:
         if executor is not None:
-            executor.shutdown()
+            executor.shutdown()  # done already when the loop closed; its actors' memory:
+    rss = executor.last_rss if executor is not None else []
+    if rss:  # what the members cost the cluster: one process per actor
+        printer.console.print(f"  --backend ray: {len(rss)} actor processes held "
+                              f"{sum(rss) / 2**20:.0f} MiB resident (largest "
+                              f"{max(rss) / 2**20:.0f} MiB) after the last round")
     printer.done()
     centralized, local_only = baselines(spec, prep)
     results = []

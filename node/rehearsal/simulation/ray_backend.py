@@ -65,6 +65,8 @@ DRIVER_THREADS = 4
 # The CPU share each member actor reserves: members must all exist at once (a round waits
 # for its peers), so an actor may not wait for a whole free CPU; SPREAD spreads them.
 ACTOR_CPUS = 0.01
+# How long the actors may take to say their resident memory at the end of a run.
+RSS_TIMEOUT_S = 30.0
 # --members-per-actor: at most this many members share one actor (one process). Far above
 # a useful value (a member's rows and one training at a time each); bounds a typo.
 MAX_MEMBERS_PER_ACTOR = 10_000
@@ -211,9 +213,10 @@ class RayTraining(concurrent.futures.ThreadPoolExecutor):
         self.pool = [remote.remote(g) for g in groups]  # one per process
         self.actors = {n: a for g, a in zip(groups, self.pool, strict=True) for n in g}
         self.rows: dict[str, tuple[int, Any]] = {}  # member -> (token, X kept alive)
+        self.remote_trainings = 0
+        self.last_rss: list[int] = []  # each actor's resident bytes at shutdown
         self.hosts = {n: where for g, where in zip(groups, self._started(), strict=True)
                       for n in g}
-        self.remote_trainings = 0
 
     def _started(self) -> list[str]:
         """Each actor's host/Ray node, once every actor runs; a named error if one cannot
@@ -272,9 +275,16 @@ class RayTraining(concurrent.futures.ThreadPoolExecutor):
 
     def actor_rss(self) -> list[int]:
         """Each actor process's resident memory now, bytes."""
-        return self.ray.get([a.rss.remote() for a in self.pool], timeout=ACTOR_START_TIMEOUT_S)
+        return self.ray.get([a.rss.remote() for a in self.pool], timeout=RSS_TIMEOUT_S)
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        """Kill the actors (the event loop's close calls this), first noting their resident
+        memory in `last_rss` if they trained (best effort: the run's figure on the terminal)."""
+        if self.pool and self.remote_trainings:
+            try:
+                self.last_rss = self.actor_rss()
+            except Exception:  # noqa: BLE001 - a lost actor: no figure, the run stands
+                self.last_rss = []
         for a in self.pool:
             self.ray.kill(a)
         self.pool, self.actors = [], {}
