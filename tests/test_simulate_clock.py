@@ -177,3 +177,31 @@ def test_timers_due_at_the_same_time_fire_in_the_order_they_were_set():
     at5 = [i for i in range(60) if i % 3 and i not in cancelled]
     at6 = [i for i in range(60) if i % 3 == 0 and i not in cancelled]
     assert fired == at5 + at6
+
+
+def test_a_failed_or_cancelled_executor_job_reaches_the_awaiting_task():
+    """A job that fails on its worker (an actor lost) raises in the member's task; one
+    cancelled by its executor cancels it: neither leaves the task waiting for ever."""
+    class Fails(concurrent.futures.ThreadPoolExecutor):
+        def submit(self, fn, /, *args, **kwargs):
+            f = concurrent.futures.Future()
+            f.set_exception(RuntimeError("actor lost"))
+            return f
+
+    class Cancels(concurrent.futures.ThreadPoolExecutor):
+        def submit(self, fn, /, *args, **kwargs):
+            f = concurrent.futures.Future()
+            f.cancel()
+            return f
+
+    async def main_():
+        loop = asyncio.get_running_loop()
+        loop.set_default_executor(Fails())
+        with pytest.raises(RuntimeError, match="actor lost"):
+            await asyncio.to_thread(print)
+        loop.set_default_executor(Cancels())
+        with pytest.raises(asyncio.CancelledError):
+            await asyncio.to_thread(print)
+        return loop.time()
+
+    assert virtual_time.run(main_()) == 2 * virtual_time.WORK_S

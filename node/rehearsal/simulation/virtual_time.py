@@ -127,6 +127,9 @@ def _hand_over(job: concurrent.futures.Future, fut: asyncio.Future[Any]) -> None
     cannot reach `due` (> submit time) while it is out."""
     if fut.cancelled():
         return
+    if job.cancelled():  # a pool shut down with cancel_futures: the task sees it cancelled
+        fut.cancel()
+        return
     exc = job.exception()
     if exc is not None:
         fut.set_exception(exc)
