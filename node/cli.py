@@ -170,7 +170,13 @@ def _simulate(args: argparse.Namespace) -> int:
     backend, address = getattr(args, "backend", "process"), getattr(args, "address", None)
     if address is not None and backend != "ray":
         raise LocalError("--address: only with --backend ray (the Ray head's HOST:PORT)")
-    simulate(spec, notes=notes, backend=backend, address=address)
+    per_actor = getattr(args, "members_per_actor", None)
+    if per_actor is not None and backend != "ray":
+        raise LocalError("--members-per-actor: only with --backend ray")
+    if per_actor is not None and per_actor < 1:
+        raise LocalError(f"--members-per-actor {per_actor}: must be at least 1")
+    simulate(spec, notes=notes, backend=backend, address=address,
+             members_per_actor=1 if per_actor is None else per_actor)
     return 0
 
 
@@ -422,6 +428,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--address", metavar="HOST:PORT",
                    help="with --backend ray: the Ray head to join (default: start a local "
                         "one on loopback)")
+    s.add_argument("--members-per-actor", type=int, metavar="K",
+                   help="with --backend ray: K members' training on each actor (one "
+                        "process, ~200 MB); default 1")
     s.set_defaults(func=_simulate, flag_defaults=track_given(s))
 
     rp = sub.add_parser("report", help="write one self-contained report.html for a run "

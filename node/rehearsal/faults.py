@@ -34,14 +34,19 @@ def faulty_transport(transport: Transport, name: str, consortium: Consortium,
 
 class SlowReleaser(WrappedReleaser):
     """A straggler: after each round's local training, waits (straggle - 1) times as long
-    as the training took, so it trains `straggle` times slower (the rest is unchanged)."""
+    as the training took, so it trains `straggle` times slower (the rest is unchanged).
+    Both on the loop's clock: in `flnode simulate` a virtual one, where a training takes
+    a fixed time (node/rehearsal/simulation/virtual_time.py WORK_S), so the straggler is
+    late by the same amount on a loaded machine as on an idle one."""
 
     def __init__(self, inner: Releaser | WrappedReleaser, straggle: float) -> None:
         super().__init__(inner)
         self.straggle = straggle
 
     async def train(self, r: int) -> Trained | Result:
+        loop = asyncio.get_running_loop()
+        start = loop.time()
         trained = await self.inner.train(r)
         if isinstance(trained, Trained):
-            await asyncio.sleep((self.straggle - 1) * trained.seconds)
+            await asyncio.sleep((self.straggle - 1) * (loop.time() - start))
         return trained

@@ -81,7 +81,7 @@ def carry_out(node: Node, a: ev.Action) -> None:
             for ack in tokens:
                 ack()
         case ev.Waiting(what, who, since, gives_up):
-            now = time.monotonic()
+            now = loop_time()  # the clock `since` and `gives_up` are on
             heard = node.liveness.up & {m.name for m in node.consortium.members}
             activity.report_wait(node.state.path, node.name, what, who, now - since,
                                  None if gives_up is None else gives_up - now,

@@ -3,7 +3,6 @@ plot, summary.json on disk; and `simulate`, the whole in-process run end to end.
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import json
 import math
@@ -21,7 +20,7 @@ from node.ops.report_html import negative_gain_note
 from node.rehearsal.simulation.consensus import ConsensusTracker, plot_consensus
 from node.rehearsal.simulation.prepare import evaluation_rows, prepare
 from node.rehearsal.simulation.results import AGGREGATION_ACTIONS, result_of, summarize
-from node.rehearsal.simulation.run import NOISE_OS, baselines, run_consortium
+from node.rehearsal.simulation.run import NOISE_OS, baselines, simulate_members
 from node.rehearsal.simulation.spec import SimulationSpec
 from node.runtime.round_report import RoundReport
 
@@ -326,19 +325,22 @@ def write_outputs(spec: SimulationSpec, summary: dict) -> None:
 
 
 def simulate(spec: SimulationSpec, console: Any = None, notes: list[str] | None = None,
-             backend: str = "process", address: str | None = None) -> dict:
+             backend: str = "process", address: str | None = None,
+             members_per_actor: int = 1) -> dict:
     """The whole run. backend "ray": the members' training on Ray actors (ray_backend.py),
-    on the cluster at `address` (HOST:PORT) or a local one; everything else as "process"."""
+    `members_per_actor` to an actor, on the cluster at `address` (HOST:PORT) or a local
+    one; everything else as "process"."""
     if backend == "ray":
         # lean start: ray and its cluster only for --backend ray
         from node.rehearsal.simulation.ray_backend import ray_cluster
 
         with ray_cluster(address) as ray:  # an unreachable --address is refused before prepare
-            return _simulate(spec, console, notes, ray)
+            return _simulate(spec, console, notes, ray, members_per_actor)
     return _simulate(spec, console, notes, None)
 
 
-def _simulate(spec: SimulationSpec, console: Any, notes: list[str] | None, ray: Any) -> dict:
+def _simulate(spec: SimulationSpec, console: Any, notes: list[str] | None, ray: Any,
+              members_per_actor: int = 1) -> dict:
     torch.set_num_threads(1)  # measured 3-15x faster for small models on 2 cores
     prep = prepare(spec)
     if prep.rounds is not None:  # --secure with DP: the consortium plan's rounds
@@ -350,9 +352,12 @@ def _simulate(spec: SimulationSpec, console: Any, notes: list[str] | None, ray: 
     if ray is not None:
         from node.rehearsal.simulation.ray_backend import RayTraining  # lean start: as above
 
-        executor = RayTraining(ray, spec.present(prep.names))
+        executor = RayTraining(ray, spec.present(prep.names), members_per_actor)
         where = Counter(executor.hosts.values())
-        prep.notes.append(f"--backend ray: {len(executor.actors)} member actors on "
+        actors = (f"{len(executor.actors)} member actors" if members_per_actor == 1 else
+                  f"{len(executor.actors)} members on {len(executor.pool)} actors "
+                  f"(up to {members_per_actor} each)")
+        prep.notes.append(f"--backend ray: {actors} on "
                           f"{len(where)} Ray node(s) ("
                           + ", ".join(f"{w} ×{n}" for w, n in sorted(where.items()))
                           + "); messages and aggregation on this driver"
@@ -364,10 +369,15 @@ def _simulate(spec: SimulationSpec, console: Any, notes: list[str] | None, ray: 
     tracker = None if parse_topology(spec.topology).full else ConsensusTracker(
         len(spec.present(prep.names)))
     try:
-        nodes = asyncio.run(run_consortium(spec, prep, printer.on_round, tracker, executor))
+        nodes = simulate_members(spec, prep, printer.on_round, tracker, executor)
     finally:
         if executor is not None:
-            executor.shutdown()
+            executor.shutdown()  # done already when the loop closed; its actors' memory:
+    rss = executor.last_rss if executor is not None else []
+    if rss:  # what the members cost the cluster: one process per actor
+        printer.console.print(f"  --backend ray: {len(rss)} actor processes held "
+                              f"{sum(rss) / 2**20:.0f} MiB resident (largest "
+                              f"{max(rss) / 2**20:.0f} MiB) after the last round")
     printer.done()
     centralized, local_only = baselines(spec, prep)
     results = []

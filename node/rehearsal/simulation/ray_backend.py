@@ -10,14 +10,19 @@ the member's thread. The actors are spread over the cluster's machines (SPREAD).
 
 Why a seeded run gives the in-process run's summary: what a member trains is a pure
 function of (model, rows, recipe, generator state), all sent; aggregation sorts the shares
-by member (node/strategy/base.py), so the order in which trained shares arrive changes no
-sum; keys, partitions, shuffles and dropout masks come from --seed. What can differ: wall
-times, and a round that closes at its deadline (round_deadline_s) without a member whose
-training took longer than the deadline, exactly as in-process.
+by member (node/strategy/base.py); keys, partitions, shuffles and dropout masks come from
+--seed; and both backends run on the same virtual clock (virtual_time.py): a training takes
+WORK_S simulated seconds wherever it runs, the clock waiting while an actor works, so every
+deadline, straggler and dropout falls at the same simulated time and the events come in
+the same order. What differs: wall times only.
 
 Only plain training (privacy off or update-level DP, whose clipping and noise stay on
 the driver as a node's do) goes to the actors; record-level DP training and a secure
 round's contribution draw OS noise inside the training and run on the driver.
+
+One actor is one Ray worker process (torch loaded: ~200 MB): `members_per_actor` K puts
+K members on each actor (member i on actor i // K, each member's rows kept apart, its
+trainings run one at a time), so a machine holds hundreds of members, not tens.
 
 `import ray` happens here only (tests/test_lean.py: `flnode` starts without it).
 """
@@ -60,6 +65,11 @@ DRIVER_THREADS = 4
 # The CPU share each member actor reserves: members must all exist at once (a round waits
 # for its peers), so an actor may not wait for a whole free CPU; SPREAD spreads them.
 ACTOR_CPUS = 0.01
+# How long the actors may take to say their resident memory at the end of a run.
+RSS_TIMEOUT_S = 30.0
+# --members-per-actor: at most this many members share one actor (one process). Far above
+# a useful value (a member's rows and one training at a time each); bounds a typo.
+MAX_MEMBERS_PER_ACTOR = 10_000
 
 
 class RayBackendError(LocalError):
@@ -143,18 +153,18 @@ def ray_cluster(address: str | None) -> Iterator[Any]:
 
 
 class MemberActor:
-    """One member's training on a Ray worker: its rows (set once per encoding) and
-    train_local on whatever model and generator the driver sends."""
+    """Some members' training on a Ray worker: each member's rows (set once per encoding)
+    and train_local on whatever model and generator the driver sends for it."""
 
-    def __init__(self, name: str) -> None:
+    def __init__(self, names: list[str]) -> None:
         torch.set_num_threads(1)  # as the driver (output.py): small models, shared cores
-        self.name = name
-        self.rows: tuple[int, Any, Any] | None = None
+        self.names = names
+        self.rows: dict[str, tuple[int, Any, Any]] = {}
 
-    def set_rows(self, token: int, X: Any, y: Any) -> None:
+    def set_rows(self, name: str, token: int, X: Any, y: Any) -> None:
         # the object store's arrays are read-only; train_local's torch.from_numpy wants
         # them writable (it never writes): a copy, once per encoding
-        self.rows = (token, X.copy(), y.copy())
+        self.rows[name] = (token, X.copy(), y.copy())
 
     def where(self) -> str:
         """host/Ray node id (a machine may run more than one Ray node)."""
@@ -162,12 +172,21 @@ class MemberActor:
 
         return f"{socket.gethostname()}/{ray.get_runtime_context().get_node_id()[:8]}"
 
-    def train(self, token: int, model: torch.nn.Module, kwargs: dict[str, Any]
+    def rss(self) -> int:
+        """This actor process's resident memory now, bytes (Linux; 0 elsewhere)."""
+        try:
+            with open("/proc/self/statm") as f:
+                return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+        except OSError:
+            return 0
+
+    def train(self, name: str, token: int, model: torch.nn.Module, kwargs: dict[str, Any]
               ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], torch.Tensor]:
-        if self.rows is None or self.rows[0] != token:
-            raise RuntimeError(f"{self.name}: the actor holds no rows for this training "
+        rows = self.rows.get(name)
+        if rows is None or rows[0] != token:
+            raise RuntimeError(f"{name}: the actor holds no rows for this training "
                                "(the driver sends them before the first)")
-        train_local(model, self.rows[1], self.rows[2], **kwargs)
+        train_local(model, rows[1], rows[2], **kwargs)
         return (model.state_dict(), _dropout_states(model), kwargs["generator"].get_state())
 
 
@@ -182,24 +201,32 @@ class RayTraining(concurrent.futures.ThreadPoolExecutor):
     train_local, model, X, y, ...)` from a member's task (run.py MEMBER names it) runs on
     the member's actor; anything else in a driver thread as asyncio's default would."""
 
-    def __init__(self, ray: Any, names: list[str]) -> None:
+    def __init__(self, ray: Any, names: list[str], members_per_actor: int = 1) -> None:
+        if not 1 <= members_per_actor <= MAX_MEMBERS_PER_ACTOR:
+            raise RayBackendError(f"--members-per-actor {members_per_actor}: must be 1 to "
+                                  f"{MAX_MEMBERS_PER_ACTOR}")
         super().__init__(max_workers=DRIVER_THREADS, thread_name_prefix="driver")
         remote = ray.remote(num_cpus=ACTOR_CPUS, scheduling_strategy="SPREAD")(MemberActor)
         self.ray = ray
-        self.actors = {n: remote.remote(n) for n in names}
+        groups = [names[i:i + members_per_actor]
+                  for i in range(0, len(names), members_per_actor)]
+        self.pool = [remote.remote(g) for g in groups]  # one per process
+        self.actors = {n: a for g, a in zip(groups, self.pool, strict=True) for n in g}
         self.rows: dict[str, tuple[int, Any]] = {}  # member -> (token, X kept alive)
-        self.hosts = dict(zip(names, self._started(), strict=True))
         self.remote_trainings = 0
+        self.last_rss: list[int] = []  # each actor's resident bytes at shutdown
+        self.hosts = {n: where for g, where in zip(groups, self._started(), strict=True)
+                      for n in g}
 
     def _started(self) -> list[str]:
         """Each actor's host/Ray node, once every actor runs; a named error if one cannot
         start (its machine cannot import flnode, say) or not within ACTOR_START_TIMEOUT_S
         (no Ray node takes it)."""
         try:
-            return self.ray.get([a.where.remote() for a in self.actors.values()],
+            return self.ray.get([a.where.remote() for a in self.pool],
                                 timeout=ACTOR_START_TIMEOUT_S)
         except Exception as exc:  # noqa: BLE001 - Ray's errors, named for the operator
-            n = len(self.actors)
+            n = len(self.pool)
             self.shutdown(wait=False)
             if isinstance(exc, self.ray.exceptions.GetTimeoutError):
                 raise RayBackendError(
@@ -222,10 +249,10 @@ class RayTraining(concurrent.futures.ThreadPoolExecutor):
         actor = self.actors[member]
         token = id(X)
         if self.rows.get(member, (None,))[0] != token:  # first round, or rows re-encoded
-            actor.set_rows.remote(token, X, y)  # an actor runs one caller's calls in order
+            actor.set_rows.remote(member, token, X, y)  # an actor runs one caller's calls in order
             self.rows[member] = (token, X)
         self.remote_trainings += 1
-        ref = actor.train.remote(token, model, kw)
+        ref = actor.train.remote(member, token, model, kw)
         out: concurrent.futures.Future = concurrent.futures.Future()
 
         def done(f: concurrent.futures.Future) -> None:
@@ -246,8 +273,19 @@ class RayTraining(concurrent.futures.ThreadPoolExecutor):
         ref.future().add_done_callback(done)
         return out
 
+    def actor_rss(self) -> list[int]:
+        """Each actor process's resident memory now, bytes."""
+        return self.ray.get([a.rss.remote() for a in self.pool], timeout=RSS_TIMEOUT_S)
+
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
-        for a in self.actors.values():
+        """Kill the actors (the event loop's close calls this), first noting their resident
+        memory in `last_rss` if they trained (best effort: the run's figure on the terminal)."""
+        if self.pool and self.remote_trainings:
+            try:
+                self.last_rss = self.actor_rss()
+            except Exception:  # noqa: BLE001 - a lost actor: no figure, the run stands
+                self.last_rss = []
+        for a in self.pool:
             self.ray.kill(a)
-        self.actors = {}
+        self.pool, self.actors = [], {}
         super().shutdown(wait, cancel_futures=cancel_futures)

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from gossip.membership import shared_loads
+from gossip.transports.base import RateBudget
 from gossip.transports.memory import MemoryHub
 from node.learn.models import build_model, init_seed_from, set_flat
 from node.learn.nets import seed_dropout
@@ -20,6 +21,7 @@ from node.learn.train import evaluate, train_local
 from node.privacy.mechanisms import NoiseSource, OsNoise, SeededNoise
 from node.rehearsal.build import build_rehearsal_node
 from node.rehearsal.config import load_rehearsal_config
+from node.rehearsal.simulation import virtual_time
 from node.rehearsal.simulation.prepare import XY, Prepared, keys_seeded
 from node.rehearsal.simulation.spec import SimulationSpec
 from node.runtime.node import Node
@@ -117,16 +119,29 @@ def _as_member(name: str) -> contextvars.Context:
     return ctx
 
 
+def simulate_members(spec: SimulationSpec, prep: Prepared, on_round: Any = None,
+                     tracker: Any = None,
+                     executor: concurrent.futures.Executor | None = None) -> list[Node]:
+    """run_consortium on a virtual clock (virtual_time.py): every deadline, hello and
+    liveness timer, rehearsed delay and straggler on simulated time that moves only when
+    every member waits, so which shares make a round never depends on the host's load."""
+    return virtual_time.run(run_consortium(spec, prep, on_round, tracker, executor))
+
+
 async def _build_and_run(spec: SimulationSpec, prep: Prepared, on_round: Any,
                          tracker: Any) -> list[Node]:
     hub = MemoryHub()
+    loop = asyncio.get_running_loop()
     nodes = []
     for i, (name, path) in enumerate(zip(prep.names, prep.config_paths, strict=True)):
         if name in spec.absent:  # listed, never started
             continue
         cfg = load_rehearsal_config(path)
+        # The intake's rate budget on the loop's clock (virtual under simulate_members),
+        # as the members' deadlines are: a flooder's refused count does not depend on load
         transport = hub.attach(name, prep.names,
-                               max_message_bytes=cfg.gossip.max_envelope_bytes)
+                               max_message_bytes=cfg.gossip.max_envelope_bytes,
+                               sender_rate=RateBudget(clock=loop.time))
         # Reproducible noise on the built-in demo tables only; the members' own files
         # (--data-dir) get os.urandom, as a real node (`flnode run`) always does.
         nodes.append(build_rehearsal_node(cfg, transport, noise_for(spec, i)))
