@@ -184,3 +184,19 @@ def test_a_restarted_members_stored_need_still_brings_its_fallback_piece():
                         for m in net.names if m != "bank-1"})
     assert decode_secagg(body, 8).pieces == (b"piece",)
     assert sr.fallback_why == ["we need it (our stored confirm said need)"]
+
+
+def test_a_member_whose_round_failed_sees_who_opened_the_sum_all_the_same():
+    """`missed` (secure_agree.opened_elsewhere): with the ring, at most 2t sum pieces reach
+    a member; the confirms' "ok"s count too, so a failed member learns that more than t
+    opened (its model now differs from theirs)."""
+    net = optimistic_net(8, 2)
+    got = {}
+    sec = net.members["bank-6"].secure
+    close = sec.close
+    sec.close = lambda r, phases: got.setdefault(r, phases) and close(r, phases)
+    net.run()
+    failed = OptimisticRounds("bank-6", net.names, 2, net.variant, net.codec, net.cid).round(0)
+    failed.out.reason = "no_agreement"
+    out = failed.finish_open(got[0])
+    assert out.missed == tuple(m for m in net.names if m != "bank-6")

@@ -205,13 +205,30 @@ class OptimisticRound(SecureRound):
                               f"{CONFIRM_BYTES} expected")
         return msg.pieces[0]
 
+    def _missed(self, phases: Mapping[str, Mapping[str, bytes]]) -> SecureOutcome:
+        """Our round failed: who opened the sum all the same (a sum or fallback piece, or an
+        "ok"), named in `missed` when more than t did (secure_agree.opened_elsewhere)."""
+        opened = set()
+        for step in (SUM_PHASE, CONFIRM_PHASE, FALLBACK_PHASE):
+            for sender, body in phases.get(step, {}).items():
+                if sender == self.me or sender not in self.index:
+                    continue
+                try:
+                    msg = decode_secagg(body, self.params.members, sender)
+                except RemoteError:
+                    continue
+                if msg.step == step and msg.pieces and msg.pieces[0] != NEED:
+                    opened.add(sender)
+        self.out.missed = tuple(sorted(opened)) if len(opened) > self.params.threshold else ()
+        return self.out
+
     # --- the outcome ------------------------------------------------------------------------
     def finish_open(self, phases: Mapping[str, Mapping[str, bytes]]) -> SecureOutcome:
         """The aggregate: our early decode, or all pieces decoded with correction (the
         fallback), the same at every honest member."""
         sums, late = phases.get(SUM_PHASE, {}), phases.get(FALLBACK_PHASE, {})
         if self.out.reason is not None:
-            return self.finish({**late, **sums})  # `missed`: who opened the sum anyway
+            return self._missed(phases)
         if self.early is None and not self._bodies.get(CONFIRM_PHASE):
             self.confirm(sums)  # no confirm step reached (a test driving finish only)
         value = self.early
