@@ -81,6 +81,11 @@ def test_the_ring_is_symmetric_and_the_phases_are_todays_without_saving():
         near, far = ring(names, 2, me)
         assert len(near) == 4 and len(far) == 3 and me not in near | far
         assert all(me in ring(names, 2, other)[0] for other in near)
+    net = SecureNet(8, 2)  # the round's own ring (robust.sum_recipients) is the phases' peers
+    for k, me in enumerate(net.names):
+        params = OptimisticRounds(me, net.names, 2, net.variant, net.codec, net.cid).round(0)
+        assert {net.names[j - 1] for j in params.near} == ring(net.names, 2, me)[0]
+        assert k + 1 not in params.near
     phases = open_phases("distances", "m0", names, 2)
     assert [p.name for p in phases] == [p.name for p in secure_phases("distances")] + [
         CONFIRM_PHASE, FALLBACK_PHASE]
