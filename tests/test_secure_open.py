@@ -63,9 +63,9 @@ def paths(net: SecureNet, who) -> dict[str, str]:
     return {m: net.members[m].secure.paths[0] for m in who}
 
 
-def wrong_sum(name: str):
+def wrong_sum(*names: str):
     def tamper(net, m, phase, body):
-        if m != name or phase != SUM_PHASE:
+        if m not in names or phase != SUM_PHASE:
             return body
         p = from_bytes(decode_secagg(body, len(net.names)).pieces[0])
         vals = p.values.copy()
@@ -107,19 +107,23 @@ def test_the_optimistic_path_opens_the_exact_sum_from_the_ring_alone(n, t, varia
     assert not any(o.named for o in net.honest_outcomes(net.names))
 
 
-def test_a_wrong_sum_piece_forces_the_fallback_is_named_and_every_member_gets_the_sum():
-    """bank-3 sends its ring a wrong sum piece, signed with its own key: its neighbours
-    detect it (2t + 1 pieces that disagree), say "need", every member sends the rest of the
-    pieces and decodes all of them with correction: the exact sum at every honest member,
-    bank-3 named by the members it sent the wrong piece to."""
-    net = optimistic_net(8, 2, tamper_open=wrong_sum("bank-3")).run()
-    honest = [m for m in net.names if m != "bank-3"]
+@pytest.mark.parametrize("liars", [("bank-3",), ("bank-3", "bank-4")])
+def test_a_wrong_sum_piece_forces_the_fallback_is_named_and_every_member_gets_the_sum(liars):
+    """bank-3 (and with it bank-4: t liars, in each other's ring) sends its ring a wrong sum
+    piece, signed with its own key: its neighbours detect it (2t + 1 pieces that disagree),
+    say "need", every member sends the rest of the pieces and decodes all of them with
+    correction: the exact sum at every honest member, each liar named by the members it
+    sent the wrong piece to."""
+    net = optimistic_net(8, 2, tamper_open=wrong_sum(*liars)).run()
+    honest = [m for m in net.names if m not in liars]
     assert_exact(net, honest)
-    near, _ = ring(net.names, 2, "bank-3")
-    for m in honest:
-        assert net.outcome(m).named.get("bank-3", "").startswith("wrong_sum_piece") == (m in near)
+    for liar in liars:
+        near, _ = ring(net.names, 2, liar)
+        for m in honest:
+            assert net.outcome(m).named.get(liar, "").startswith("wrong_sum_piece") == (m in near)
     assert all(p.startswith("fallback") for p in paths(net, honest).values())
-    assert "needs it" in paths(net, honest)[min(set(honest) - near)]
+    far = set(honest) - ring(net.names, 2, "bank-3")[0]
+    assert "needs it" in paths(net, honest)[min(far)]
     assert len(steps(net, FALLBACK_PHASE)) == 8 * 3  # everyone to its n - 1 - 2t others
 
 
