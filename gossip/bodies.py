@@ -419,9 +419,14 @@ SECAGG_DEAL = "deal"
 # member's signed statement of the entered dealers and openers it computed from the checks:
 # a 32-byte hash and the digest (32 bytes) of every member's check body it used, or none.
 # node/runtime/secure_round.py `SecureRound.enter`.
-SECAGG_STEPS = ("check", "enter", "degree2", "agree", "sum")
+# The optimistic sum opening (node/runtime/secure_open.py): "sum" goes to the sender's 2t
+# ring neighbours only; "confirm" (broadcast) is the digest of the aggregate the sender
+# decoded from its 2t + 1 pieces (32 bytes: "ok"), an empty piece ("need": it could not),
+# or none (it opens nothing this round); "fallback" (to the others) is the sender's sum
+# piece, the same bytes as its "sum" piece, once any member's confirm asked for it, else none.
+SECAGG_STEPS = ("check", "enter", "degree2", "agree", "sum", "confirm", "fallback")
 _SECAGG_PIECES = {SECAGG_DEAL: (3,), "check": (0, 1), "enter": (0, 1), "degree2": (0, 1),
-                  "agree": (0, 1), "sum": (0, 1)}
+                  "agree": (0, 1), "sum": (0, 1), "confirm": (0, 1), "fallback": (0, 1)}
 # A reveal beyond its deal's plaintext: the key, the sealed body's header (one recipient),
 # its tag and the envelope's frame, with room (a real one is under 600 bytes).
 SECAGG_REVEAL_OVERHEAD = 4096
@@ -461,6 +466,10 @@ def secagg_piece_limits(step: str, members: int, dim: int | None) -> tuple[int |
         return (SECAGG_COMMIT_BYTES * (1 + 2 * n), *([reveal] * (n - 1)))
     if step == "enter":  # its hash, then one check digest per member
         return (SECAGG_COMMIT_BYTES * (1 + n),)
+    if step == "confirm":  # the decoded aggregate's digest, or empty
+        return (SECAGG_COMMIT_BYTES,)
+    if step == "fallback":
+        step = "sum"
     return ({"check": head + v * 2 * n, "degree2": head + v * opened,
              "sum": None if dim is None else head + v * dim}[step],)
 

@@ -50,7 +50,7 @@ def install(path: Path, members: int) -> None:
         if env.kind == E.KIND_SECAGG:
             msg = decode_secagg(body, members)
             pieces = sum(len(p) for p in msg.pieces)
-            heads = PIECE_HEADER if msg.step in ("check", "degree2", "sum") and msg.pieces else 0
+            heads = PIECE_HEADER if msg.step in ("check", "degree2", "sum", "fallback") and msg.pieces else 0
             add(f"secagg {msg.step}" + ("" if msg.pieces else " (abstain)"), messages=1,
                 bytes=len(data), frame=frame, pieces=pieces - heads, piece_headers=heads,
                 other=len(body) - pieces)

@@ -326,7 +326,8 @@ def test_every_secure_step_message_gets_an_audit_line_accepted_or_dropped():
         counters=SimpleNamespace(rejected=Counter()),
         audit=SimpleNamespace(write=lines.append),
         book=SimpleNamespace(current=5, lookahead=3, neighbours={"bank-1", "bank-2", "bank-3"}),
-        machine=SimpleNamespace(phase_message=phase_message))
+        machine=SimpleNamespace(phase_message=phase_message,
+                                phases=secure_node.secure_phases("sum_only")))
     v = verifier_for(cons, ks[0], secure=True)
     seq = iter(range(1, 100))
 

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+from collections import Counter
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -44,6 +45,12 @@ def test_simulate_secure_every_member_reconstructs_the_same_model(tmp_path):
         # no member's share crossed the wire: only deals (sealed) and opened steps
         kinds = {x.get("kind") for x in lines if x.get("outcome") == "accepted"}
         assert "share" not in kinds and "sealed" not in kinds and "deal" in kinds
+        # the optimistic sum opening (node/runtime/secure_open.py): a sum piece from the 2t
+        # ring neighbours only, a confirm and a fallback message from the others, per round
+        steps = Counter((x["round"], x["where"]) for x in lines
+                        if x.get("outcome") == "accepted" and x.get("kind") == "secagg")
+        for r in range(3):
+            assert (steps[(r, "sum")], steps[(r, "confirm")], steps[(r, "fallback")]) == (2, 4, 2)
 
 
 def test_secure_with_update_dp_or_no_budget_is_refused_by_name(tmp_path):

@@ -111,7 +111,7 @@ class Node:
             normalization=normalization.machine_settings(
                 self.state, self.schema, self.budget, self._tables is not None,
                 self.normalization is not None, self._norm_fallback is not None),
-            **secure_node.machine_args(self.consortium, self.strategy_params))
+            **secure_node.machine_args(self.consortium, self.strategy_params, self.name))
         # The machine's parts, by the names operators' tests read.
         self.liveness, self.seen = self.machine.live, self.machine.seen
         self.hellos, self.norm_votes = self.machine.hello, self.machine.agreement

@@ -82,6 +82,7 @@ from node.runtime.secure_evidence import (
     keep_split_evidence,
     step_path,
 )
+from node.runtime.secure_open import OptimisticRounds, open_phases, optimistic
 from node.runtime.secure_round import (
     AGREE_PHASE,
     SUM_PHASE,
@@ -104,9 +105,14 @@ log = logging.getLogger("flnode.node")
 SECURE_DEFAULT_CLIP = 1.0
 
 
-def machine_args(consortium: Consortium, strategy_params: dict[str, Any]) -> dict[str, Any]:
-    """RoundMachine's phases: the secure steps if the [rules] say secure, else the echo's."""
+def machine_args(consortium: Consortium, strategy_params: dict[str, Any],
+                 me: str | None = None) -> dict[str, Any]:
+    """RoundMachine's phases: the secure steps if the [rules] say secure (member `me`'s: its
+    sum goes to its ring, node/runtime/secure_open.py), else the echo's."""
     rule = secure_rule(consortium)
+    if rule is not None and me is not None:
+        return {"phases": open_phases(rule.variant, me, [m.name for m in consortium.members],
+                                      rule.threshold)}
     if rule is not None:
         return {"phases": secure_phases(rule.variant)}
     return echo_round.machine_args(consortium, strategy_params)
@@ -211,17 +217,24 @@ def setup(node: Node) -> Secure | None:
         log.info("%s: secure DP-SGD plan %s: %d rounds, q %.4g, sigma %.4g, lr %.4g, floor %d",
                  node.name, plan.digest(), plan.steps, plan.sample_rate,
                  plan.noise_multiplier, plan.lr, plan.min_contributors)
-        return Secure(SecureRounds(node.name, members, rule.threshold, rule.variant, icodec,
-                                   node.consortium.id, plan.min_contributors,
-                                   sum_l2_bound(plan)), icodec, {}, plan)
+        return Secure(rounds(node.name, members, rule.threshold, rule.variant, icodec,
+                             node.consortium.id, plan.min_contributors,
+                             sum_l2_bound(plan)), icodec, {}, plan)
     rules = parse_rules(node.consortium)
     clip = rules.clip if rules is not None and rules.clip is not None else SECURE_DEFAULT_CLIP
     codec = FixedPoint.choose(clip, int(get_flat(node.model).numel()), len(members))
     log.warning("%s: secure aggregation is EXPERIMENTAL (t = %d, %s): the members agree before "
                 "opening the sum, not before the degree-2 values (docs/privacy-secure.md, "
                 "'What the agreement does not close')", node.name, rule.threshold, rule.variant)
-    return Secure(SecureRounds(node.name, members, rule.threshold, rule.variant, codec,
-                               node.consortium.id), codec, {})
+    return Secure(rounds(node.name, members, rule.threshold, rule.variant, codec,
+                         node.consortium.id), codec, {})
+
+
+def rounds(me: str, members: list[str], threshold: int, *args: Any) -> SecureRounds:
+    """The rounds' state: the optimistic sum opening when the ring saves pieces
+    (node/runtime/secure_open.py, the phases `machine_args` gives), else today's."""
+    kind = OptimisticRounds if optimistic(len(members), threshold) else SecureRounds
+    return kind(me, members, threshold, *args)
 
 
 def contribution(node: Node, t: Trained, clip: float) -> np.ndarray:
@@ -537,9 +550,10 @@ def phase_drop(node: Node, acc: Accepted) -> tuple[str, str] | None:
     """Why the round machine drops a verified secure-step message unseen (bounded memory:
     gossip/protocol/machine.py `_phase_in`, the same rules), or None: it files it."""
     step, r, book = acc.secagg.step, acc.round, node.book  # type: ignore[union-attr]
-    if step not in {p.name for p in secure_phases(node.secure.rounds.variant)[1:]}:  # type: ignore[union-attr]
+    spec = next((p for p in node.machine.phases[1:] if p.name == step), None)
+    if spec is None:
         return "no_phase", f"our rounds have no {step} phase"
-    if acc.sender not in book.neighbours:
+    if acc.sender not in book.neighbours or (spec.peers is not None and acc.sender not in spec.peers):
         return "not_phase_peer", f"not a peer of our {step} phase"
     if r < book.current:
         return f"late_{step}", f"{step} for round {r}, we are at round {book.current}"

@@ -40,8 +40,8 @@ learn nothing beyond what is opened); the round's encoding is a `FixedPoint`. St
 6. **sum** (each holder, opened): the sum of its pieces of the selected members' vectors;
    decoding this degree-t sharing (N >= t + 1 + 2e) gives the field sum, which
    `FixedPoint.decode_sum` turns into floats after its exact aggregate norm check. The
-   optimistic opening sends it to 2t members only (`sum_recipients`): each then detects
-   up to t wrong pieces and falls back to all pieces on a mismatch.
+   optimistic opening sends it to its 2t ring neighbours only (`sum_recipients`): each then
+   detects up to t wrong pieces and falls back to all pieces on any doubt.
 
 What is opened, and so learned by every member and by anyone who sees the opened pieces:
 the checks (uniform: nothing), the squared distances and norms (variant "distances") or
@@ -547,15 +547,17 @@ class Aggregate:
 
 
 def sum_recipients(params: RoundParams, member: int) -> tuple[int, ...]:
-    """The optimistic opening: `member` sends its SUM piece only to the 2t members after
-    it (cyclically), so every member holds 2t + 1 pieces, its own included: enough to
-    detect up to t wrong ones (`open_sum(correct=False)`), not to correct them. On
-    TooManyWrong the protocol asks the others for their pieces and decodes with
-    correction. Sends 2t instead of n - 1 vector-sized pieces."""
+    """The optimistic opening (node/runtime/secure_open.py): `member` sends its SUM piece
+    only to its 2t ring neighbours member +- 1..t (cyclically; a symmetric relation, so it
+    also receives from exactly these), and every member holds 2t + 1 pieces, its own
+    included: enough to decode and to detect up to t wrong or missing ones, not to correct
+    them. On any doubt the members send each other the rest (the fallback) and decode with
+    correction. Everyone else when n - 1 <= 2t (no saving)."""
     n, t = params.members, params.threshold
     if n - 1 <= 2 * t:
         return tuple(j for j in range(1, n + 1) if j != member)
-    return tuple(sorted((member + k - 1) % n + 1 for k in range(1, 2 * t + 1)))
+    return tuple(sorted({(member - 1 + k) % n + 1 for k in (*range(1, t + 1),
+                                                          *range(-t, 0))}))
 
 
 def open_sum(params: RoundParams, opened: Mapping[int, Piece], selected: tuple[int, ...],
