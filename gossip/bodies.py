@@ -253,7 +253,7 @@ def encode_compressed_share(codec: Codec, compressed: Compressed, weight: float,
     `compress.compress`, the codec's name before them."""
     if not (math.isfinite(weight) and 0 < weight <= MAX_WEIGHT):
         raise LocalError(f"share weight must be in (0, {MAX_WEIGHT:g}], got {weight!r}")
-    doc: dict[str, object] = {"weight": float(weight), "codec": codec.name,
+    doc: dict[str, object] = {"weight": float(weight), "codec": codec.wire_name,
                               "tensors": compressed.items}
     if norm is not None:
         if len(norm) != DIGEST_BYTES:
@@ -292,10 +292,13 @@ def decode_share(body: bytes | bytearray | memoryview, spec: Sequence[TensorSpec
                 declared = r.str(MAX_CODEC_NAME)
                 if declared == NONE:
                     raise RemoteError("bad_body", "an uncompressed share has no codec key")
-                if declared != codec.name or not codec.compressed:
+                if declared != codec.wire_name or not codec.compressed:
+                    why = ("the sender runs another version of its wire layout (all members "
+                           "must run the same flnode version)" if declared == codec.name
+                           else "the members' files differ")
                     raise RemoteError("codec", f"a share compressed with {shorten(declared)}, "
                                       f"but the consortium's rules agree compression = "
-                                      f"{codec.name!r}: the members' files differ")
+                                      f"{codec.name!r} (sent as {codec.wire_name!r}): {why}")
             elif key == "tensors" and tensors is None:
                 if declared is None and codec.compressed:
                     raise RemoteError("codec", "an uncompressed share, but the consortium's "
