@@ -47,6 +47,53 @@ def goal(mode: str, fewer: float, delta: float) -> str:
     return "met" if ok else f"missed (needs {g[0]:g}x, {g[1]:g} point)"
 
 
+def _size(item: object) -> int:
+    import msgpack
+
+    return len(msgpack.packb(item, use_bin_type=True))
+
+
+def account(raw: bytes) -> dict[str, int]:
+    """Where one signed share envelope's bytes go (issue 24: the framing no codec
+    shrinks): each outer field as msgpack encodes it, the body's map keys and weight,
+    each tensor's name, dtype and shape, and its data split into the values' own bytes
+    ("payload": float32/float16 raw, int8 q, scales, top-k gaps) and their msgpack
+    headers. The parts add up to len(raw) (asserted)."""
+    import msgpack
+
+    outer = msgpack.unpackb(raw, raw=False)
+    names = ("protocol", "consortium_id", "sender_key", "kind", "round", "seq", "body", "sig")
+    out = {"outer array header": _size(outer) - sum(_size(i) for i in outer)}
+    for name, item in zip(names, outer, strict=True):
+        if name == "body":
+            out["body bin header"] = _size(item) - len(item)
+        elif name == "sig":
+            out["signature (64) + header"] = _size(item)
+        else:
+            out[name] = _size(item)
+    doc = msgpack.unpackb(outer[6], raw=False)
+    out["body map header"] = _size(doc) - sum(_size(k) + _size(v) for k, v in doc.items())
+    payload = header = names_ = 0
+    for key, value in doc.items():
+        out[f"body key {key!r}"] = _size(key)
+        if key != "tensors":
+            out[f"body value {key}"] = _size(value)
+            continue
+        out["tensors array header"] = _size(value) - sum(_size(t) for t in value)
+        for t in value:
+            names_ += _size(t) - _size(t[3])  # [ , name, dtype, shape, ] around the data
+            data = t[3]
+            parts = [data] if isinstance(data, bytes) else data
+            raw_parts = [p for p in parts if isinstance(p, bytes)]
+            payload += sum(len(p) for p in raw_parts)
+            header += _size(data) - sum(len(p) for p in raw_parts)
+    out["tensor items: name, dtype, shape"] = names_
+    out["tensor data: headers, block, k"] = header
+    out["tensor data: values (payload)"] = payload
+    assert sum(out.values()) == len(raw), (sum(out.values()), len(raw))
+    return out
+
+
 def cell(args: argparse.Namespace, mode: str, privacy: str, seed: int) -> dict:
     from rich.console import Console
 
@@ -65,7 +112,8 @@ def cell(args: argparse.Namespace, mode: str, privacy: str, seed: int) -> dict:
                                       keep_releases=True, **dp),
                        console=Console(quiet=True))
     wall = time.perf_counter() - t0
-    shares = [p.stat().st_size for p in (out / "state").glob("*/outbox/round-*.env")]
+    envs = sorted((out / "state").glob("*/outbox/round-*.env"))
+    shares = [p.stat().st_size for p in envs]
     sent = sum(v["sent"] for v in summary["bytes"].values())
     eps = [v for v in summary["epsilon"]["per_node"].values() if v is not None]
     return {"mode": mode, "privacy": privacy, "seed": seed, "epsilon_budget": dp.get("epsilon"),
@@ -74,7 +122,8 @@ def cell(args: argparse.Namespace, mode: str, privacy: str, seed: int) -> dict:
                 sent / sum(max(1, r) for r in summary["rounds_done"].values())),
             "metric": summary["metric"], "final": summary["consortium"]["mean"],
             "epsilon_max": max(eps) if eps else None, "rejected": summary["rejected"],
-            "wall_s": round(wall, 1)}
+            "wall_s": round(wall, 1),
+            "share_bytes_by_part": account(envs[-1].read_bytes()) if envs else None}
 
 
 def table(rows: list[dict]) -> str:
