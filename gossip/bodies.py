@@ -9,7 +9,8 @@ Share body (kinds "share", and "sealed" once opened by `gossip.seal`), a msgpack
 plus, with federated normalization, "norm": the 32-byte digest of the agreed
 statistics, and where the consortium's [rules] agree a compression other than "none",
 "codec" before "tensors" and each tensor's raw bytes in that codec's form
-(gossip/compress.py: the sender's update, not its model). Tensor bytes are raw
+(gossip/compress.py: the sender's update, not its model; top-k's tensors are that data
+alone, in the model's order). Tensor bytes are raw
 little-endian; only the dtypes in `ALLOWED_DTYPES`. The tensors must be exactly the
 model's (`TensorSpec`: names, order, shapes, dtypes) and finite.
 
@@ -343,6 +344,10 @@ def _read_tensors(r: Reader, spec: Sequence[TensorSpec],
     tensors: dict[str, np.ndarray] = {}
     for expected in spec:
         name = expected.name
+        if codec.bare:  # its data alone, in the spec's order (gossip/compress.py)
+            tensors[name] = read_data(r, codec, name,
+                                      math.prod(expected.shape)).reshape(expected.shape)
+            continue
         if r.peek_type() != "array" or r.array_header() != 4:
             raise RemoteError("bad_body", f"tensor entry for {shorten(name)} is not "
                               "[name, dtype, shape, raw]")

@@ -21,6 +21,9 @@ is then the map
     {"weight": float, "codec": NAME, "tensors": [[name, "<f4", shape, data], ...],
      "norm": bin 32 (federated normalization only)}
 
+(top-k version 2: "tensors": [data, ...], one per tensor of the model in its order: the
+name, dtype and shape a receiver would only check equal to its own spec are left out)
+
 with "codec" before "tensors" (a reader needs it to read them), NAME the agreed
 codec's canonical name (`Codec.name`), and per tensor of n values, `data`:
 
@@ -112,6 +115,13 @@ class Codec:
         return self.kind != NONE
 
     @property
+    def bare(self) -> bool:
+        """Whether a share's tensors are their data alone, in the model's order (top-k
+        version 2): the [name, dtype, shape] around them were the receiver's own spec,
+        checked equal and telling it nothing (62 of a `default` share's bytes)."""
+        return self.kind == TOPK
+
+    @property
     def feedback(self) -> bool:
         """Whether the sender keeps an error-feedback residual (top-k)."""
         return self.kind == TOPK
@@ -157,7 +167,7 @@ def parse_codec(text: object, where: str = "compression") -> Codec:
 class Compressed:
     """A compressed update: the body's tensor items, and what a receiver decodes."""
 
-    items: list  # [[name, "<f4", shape, data], ...] (msgpack-ready)
+    items: list  # [[name, "<f4", shape, data], ...] or, `Codec.bare`, [data, ...] (msgpack)
     decoded: list[np.ndarray]  # float32, one per tensor, shaped as given
 
 
@@ -186,7 +196,7 @@ def compress(codec: Codec, tensors: Sequence[tuple[str, np.ndarray]],
                     data, out = _int8(x, uniform)
                 else:
                     data, out = _topk(codec, x, uniform)
-            items.append([name, "<f4", list(np.shape(array)), data])
+            items.append(data if codec.bare else [name, "<f4", list(np.shape(array)), data])
             decoded.append(out.reshape(np.shape(array)))
     return Compressed(items, decoded)
 

@@ -119,7 +119,7 @@ def test_topk_sends_the_largest_values_exactly_k_of_them():
     c = C.parse_codec("topk:0.01")
     x = rng().standard_normal(75_000).astype(np.float32)
     comp = C.compress(c, [("x", x)], uniform())
-    k, gaps, scales, q = comp.items[0][3]
+    k, gaps, scales, q = comp.items[0]  # the data alone: no name, dtype, shape
     top = np.sort(np.argsort(-np.abs(x))[:750])
     # a kept value costs its int8 and its gap: one byte while gaps stay under 128, two
     # up to 16,383 (here about 100 apart), against 4 + 2 bytes in version 1
@@ -260,12 +260,34 @@ def test_a_version_1_topk_share_is_refused_by_its_name_not_misread():
     assert "another version" in e.value.detail and c.wire_name == "topk2:0.1"
 
 
+def test_topk_tensors_are_their_data_alone_and_count_against_the_spec():
+    """Top-k version 2 leaves out each tensor's name, dtype and shape (the receiver's spec):
+    a body without them is read; one wrapped as [name, dtype, shape, data], one tensor
+    short or one over is refused, naming the sender."""
+    c = C.parse_codec("topk:0.1")
+    comp = C.compress(c, updates(), uniform())
+    body = bodies.encode_compressed_share(c, comp, 1.0)
+    sent = msgpack.unpackb(body)["tensors"]
+    assert [type(x) for t in sent for x in t] == [int, bytes, bytes, bytes] * len(SPEC)
+    assert verifier("topk:0.1").verify(signed(body), 0).share.codec == "topk:0.1"
+    wrapped = [[n, "<f4", list(a.shape), d] for (n, a), d in zip(updates(), comp.items,
+                                                                  strict=True)]
+    for seq, items in enumerate([wrapped, comp.items[:-1], [*comp.items, comp.items[-1]]], 1):
+        doc = {"weight": 1.0, "codec": c.wire_name, "tensors": items}
+        with pytest.raises(RemoteError) as e:
+            verifier("topk:0.1").verify(signed(msgpack.packb(doc, use_bin_type=True), seq), 0)
+        assert e.value.reason in ("bad_body", "shape") and e.value.peer == "bank-1"
+
+
 def body_with(codec: str, edit) -> bytes:
     """A compressed body whose first tensor's data `edit` rewrites (a member's lie)."""
     c = C.parse_codec(codec)
     comp = C.compress(c, updates(), uniform())
-    items = [list(i) for i in comp.items]
-    items[0][3] = edit(items[0][3])
+    if c.bare:  # top-k: the data alone
+        items = [edit(comp.items[0]), *comp.items[1:]]
+    else:
+        items = [list(i) for i in comp.items]
+        items[0][3] = edit(items[0][3])
     return msgpack.packb({"weight": 1.0, "codec": c.wire_name, "tensors": items},
                          use_bin_type=True)
 
