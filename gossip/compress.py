@@ -232,11 +232,19 @@ def _topk(codec: Codec, x: np.ndarray, uniform: Uniform) -> tuple[list, np.ndarr
     if k == 0:  # an empty tensor
         return [0, b"", b"", b""], np.zeros(0, dtype=np.float32)
     mag = np.nan_to_num(np.abs(x), nan=np.inf)  # a NaN is kept (and refused: never sent)
-    idx = np.sort(np.argpartition(-mag, k - 1)[:k]) if k < n else np.arange(n)
+    idx = select_top(mag, k)
     scale, q, values = _quantize(x[idx], uniform)
     out = np.zeros(n, dtype=np.float32)
     out[idx] = values
     return [k, varints(np.diff(idx, prepend=0)), scale.tobytes(), q.tobytes()], out
+
+
+def select_top(mag: np.ndarray, k: int) -> np.ndarray:
+    """The sorted indices of the k largest of `mag` (ties: any of them). The sender's
+    choice alone: a receiver reads any strictly increasing k indices below n
+    (scripts/bench_compression.py --select swaps it to measure another rule)."""
+    n = mag.size
+    return np.sort(np.argpartition(-mag, k - 1)[:k]) if k < n else np.arange(n)
 
 
 def varints(values: np.ndarray) -> bytes:
