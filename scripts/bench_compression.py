@@ -131,11 +131,12 @@ def cell(args: argparse.Namespace, mode: str, privacy: str, seed: int) -> dict:
         shutil.rmtree(out)
     dp = {"privacy": "record", "epsilon": args.epsilon, "sigma": None} \
         if privacy == "record" else {}
+    rule = {"aggregation": args.aggregation} if args.aggregation else {}
     t0 = time.perf_counter()
     summary = simulate(SimulationSpec(dataset=args.dataset, nodes=args.nodes,
                                       partition="dirichlet:0.5", rounds=args.rounds,
                                       seed=seed, out=out, compression=mode,
-                                      keep_releases=True, **dp),
+                                      keep_releases=True, **dp, **rule),
                        console=Console(quiet=True))
     wall = time.perf_counter() - t0
     envs = sorted((out / "state").glob("*/outbox/round-*.env"))
@@ -143,7 +144,7 @@ def cell(args: argparse.Namespace, mode: str, privacy: str, seed: int) -> dict:
     sent = sum(v["sent"] for v in summary["bytes"].values())
     eps = [v for v in summary["epsilon"]["per_node"].values() if v is not None]
     return {"mode": mode, "privacy": privacy, "seed": seed, "epsilon_budget": dp.get("epsilon"),
-            "select": args.select,
+            "select": args.select, "aggregation": args.aggregation or "default",
             "share_bytes": round(sum(shares) / len(shares)) if shares else None,
             "sent_per_member_per_round": round(
                 sent / sum(max(1, r) for r in summary["rounds_done"].values())),
@@ -192,6 +193,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--epsilon", type=float, default=3.0)
     p.add_argument("--seeds", default="0", help="comma-separated seeds, one run each")
     p.add_argument("--out", default="runs/bench")
+    p.add_argument("--aggregation", default=None, help="the rule (default: the consortium "
+                   "default, node/strategy/consortium_rules.py)")
     p.add_argument("--select", default="top", help="top-k's selection: top (the k largest "
                    "of a tensor, the codec's) or block:B (the same share of each block of B)")
     args = p.parse_args(argv)
