@@ -358,12 +358,13 @@ def test_a_members_size_lies_are_refused_by_name_before_allocating(case):
     assert peak < len(data) + 4 * max(SIZES.values()) + 256 * 1024, peak
 
 
-def test_a_truncated_compressed_body_is_refused():
-    c = C.parse_codec("int8")
+@pytest.mark.parametrize("codec", ["int8", "topk:0.1"])
+def test_a_truncated_compressed_body_is_refused(codec):
+    c = C.parse_codec(codec)
     body = bodies.encode_compressed_share(c, C.compress(c, updates(), uniform()), 1.0)
     for cut in (1, 100, len(body) // 2, len(body) - 1):
         with pytest.raises(RemoteError) as e:
-            verifier("int8").verify(signed(body[:cut], seq=cut), 0)
+            verifier(codec).verify(signed(body[:cut], seq=cut), 0)
         assert e.value.reason in ("bad_body", "shape") and e.value.peer == "bank-1"
 
 
