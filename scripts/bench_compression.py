@@ -81,8 +81,9 @@ def account(raw: bytes) -> dict[str, int]:
             continue
         out["tensors array header"] = _size(value) - sum(_size(t) for t in value)
         for t in value:
-            names_ += _size(t) - _size(t[3])  # [ , name, dtype, shape, ] around the data
-            data = t[3]
+            wrapped = isinstance(t, list) and len(t) == 4 and isinstance(t[0], str)
+            data = t[3] if wrapped else t  # top-k v2: the data alone
+            names_ += _size(t) - _size(data)  # [ , name, dtype, shape, ] around the data
             parts = [data] if isinstance(data, bytes) else data
             raw_parts = [p for p in parts if isinstance(p, bytes)]
             payload += sum(len(p) for p in raw_parts)
