@@ -156,7 +156,8 @@ def cell(args: argparse.Namespace, mode: str, privacy: str, seed: int) -> dict:
 
 
 def table(rows: list[dict]) -> str:
-    """One line per (privacy, mode): the mean over the seeds, and each seed's final."""
+    """One line per (privacy, mode): the mean over the seeds it shares with "none" (all
+    its seeds if none), and each of those seeds' final."""
     groups: dict[tuple[str, str], list[dict]] = {}
     for r in rows:
         groups.setdefault((r["privacy"], r["mode"]), []).append(r)
@@ -167,6 +168,10 @@ def table(rows: list[dict]) -> str:
              "| vs none | per seed | ε (max) | goal |", "|---|---|---|---|---|---|---|---|---|---|"]
     for (privacy, mode), rs in groups.items():
         base = groups.get((privacy, "none"))
+        if base:  # compare on the seeds both ran: seeds differ by more than the codecs
+            seeds = {r["seed"] for r in rs} & {r["seed"] for r in base}
+            base = [r for r in base if r["seed"] in seeds] or None
+            rs = [r for r in rs if r["seed"] in seeds] or rs
         fewer = (f"{mean(base, 'share_bytes') / mean(rs, 'share_bytes'):.1f}"
                  if base and rs[0]["share_bytes"] else "-")
         delta = f"{mean(rs, 'final') - mean(base, 'final'):+.4f}" if base else "-"
