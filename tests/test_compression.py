@@ -196,6 +196,26 @@ def test_topk_error_feedback_sends_the_sum_of_the_updates_over_rounds():
     assert float(torch.linalg.vector_norm(total)) > 10 * gaps[-1]
 
 
+def test_topk_residual_keeps_the_rounding_error_of_what_it_sent():
+    """Version 2 rounds the kept values to int8 (20 + 1 of 200 here): the residual holds,
+    at a kept index, what the rounding took off (below one step of its block's scale),
+    and elsewhere the whole value."""
+    import dataclasses
+
+    model = tiny_model()
+    d = sum(p.numel() for p in model.parameters())
+    comp = Compressor(C.parse_codec("topk:0.1"), model, _Noise(0))
+    u = torch.randn(d, generator=torch.Generator().manual_seed(3)) * 0.01
+    t = dataclasses.make_dataclass("T", ["start", "update", "released", "encoded"])(
+        torch.zeros(d), u, u, None)
+    out, pending = comp.apply(t)
+    kept = out.update != 0
+    assert 0 < int(kept.sum()) <= 21 and torch.equal(pending.residual, u - out.update)
+    assert (pending.residual[kept] != 0).any()  # the rounding error is kept, not lost
+    assert float(pending.residual[kept].abs().max()) < float(u.abs().max()) / 127
+    assert torch.equal(pending.residual[~kept], u[~kept])
+
+
 # --- the share body and the verifier ---------------------------------------------------
 
 def verifier(codec: str, base=BASE.__getitem__) -> Verifier:
