@@ -117,16 +117,70 @@ def per_block(block: int):
     return select
 
 
+def shared_support(public: float) -> None:
+    """top-k whose first `public` share of each tensor's k is the same for every member:
+    the coordinates of the largest |last aggregate step| (this round's start minus the
+    last round's, which every member holds: post-processing of what was released), the
+    rest the member's own largest |update + residual|. Under DP the rule then sees up to
+    eight values on those coordinates and averages their noise, as it does uncompressed.
+    A sender's choice (receivers read any increasing indices): measured, not adopted.
+    The first round a member compresses (no last start) is plain top-k."""
+    import threading
+
+    import numpy as np
+
+    import gossip.compress
+    from node.learn.models import flat_to_named
+    from node.runtime import compression
+
+    if getattr(compression.Compressor.apply, "shared", None) is not None:
+        return  # installed by an earlier cell of this run
+    local = threading.local()
+    apply, plain = compression.Compressor.apply, gossip.compress.select_top
+
+    def apply_shared(self, trained):
+        start = trained.start.detach().float().clone()
+        last = getattr(self, "_bench_last_start", None)
+        self._bench_last_start = start
+        local.steps = (None if last is None else
+                       iter([a.reshape(-1) for _, a in flat_to_named(self.model,
+                                                                     (start - last).abs())]))
+        try:
+            return apply(self, trained)
+        finally:
+            local.steps = None
+
+    def select(mag, k):
+        steps = getattr(local, "steps", None)
+        if steps is None:
+            return plain(mag, k)
+        step = next(steps)  # the tensors come in the model's order, one call each
+        shared = int(k * public)
+        if shared == 0 or k >= mag.size:
+            return plain(mag, k)
+        first = np.argpartition(-step, shared - 1)[:shared]
+        own = np.array(mag, dtype=np.float64)
+        own[first] = -1.0  # below any |value|: taken already
+        rest = np.argpartition(-own, k - shared - 1)[:k - shared] if k > shared else first[:0]
+        return np.sort(np.concatenate([first, rest]))
+
+    apply_shared.shared = public
+    compression.Compressor.apply = apply_shared
+    gossip.compress.select_top = select
+
+
 def cell(args: argparse.Namespace, mode: str, privacy: str, seed: int) -> dict:
     from rich.console import Console
 
     from node.rehearsal.simulation.output import simulate
     from node.rehearsal.simulation.spec import SimulationSpec
 
-    if args.select != "top":
+    if args.select.startswith("block:"):
         import gossip.compress
 
         gossip.compress.select_top = per_block(int(args.select.split(":")[1]))
+    elif args.select.startswith("shared:"):
+        shared_support(float(args.select.split(":")[1]))
     out = Path(args.out) / "runs" / f"{privacy}-{mode.replace(':', '_')}-{seed}"
     if out.exists():
         shutil.rmtree(out)
@@ -202,7 +256,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--aggregation", default=None, help="the rule (default: the consortium "
                    "default, node/strategy/consortium_rules.py)")
     p.add_argument("--select", default="top", help="top-k's selection: top (the k largest "
-                   "of a tensor, the codec's) or block:B (the same share of each block of B)")
+                   "of a tensor, the codec's), block:B (the same share of each block of B) or shared:P "
+                   "(P of k on the last aggregate step's largest coordinates, as every member)")
     args = p.parse_args(argv)
     import torch
 
