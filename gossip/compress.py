@@ -25,7 +25,8 @@ is then the map
 name, dtype and shape a receiver would only check equal to its own spec are left out)
 
 with "codec" before "tensors" (a reader needs it to read them), NAME the agreed
-codec's canonical name (`Codec.name`), and per tensor of n values, `data`:
+codec's wire name (`Codec.wire_name`: its canonical name, with top-k's wire version),
+and per tensor of n values, `data`:
 
 - fp16: bin, n x <f2;
 - int8: [block (uint), scales (bin, ceil(n / block) x <f4, finite, >= 0),
@@ -37,8 +38,8 @@ codec's canonical name (`Codec.name`), and per tensor of n values, `data`:
   int8)]; value j = q[j] x scales[j // block], block = INT8_BLOCK, k = min(n, max(1,
   ceil(F x n))) exactly. A kept value costs one int8 and its gap (one byte while the
   kept values are closer than 128 apart, two below 16,384), against 2 + 2 (or 4 + 2)
-  bytes in version 1 (uint16/32 index, float16 value), which a version-2 node refuses
-  by its name ("topk:F", reason `codec`), as a version-1 node refuses "topk2:F".
+  bytes in version 1 ("topk:F": uint16/32 index, float16 value, wrapped tensors); each
+  version refuses the other's shares by the declared name (reason `codec`).
 
 Without a "codec" key a body is today's uncompressed share, byte for byte.
 
