@@ -377,6 +377,9 @@ def _read_topk(r: Reader, codec: Codec, label: str, n: int) -> np.ndarray:
     if k > 1 and (gaps[1:] == 0).any():
         raise RemoteError("bad_body", f"tensor {label}: a top-k index gap is 0 (an index "
                           "repeated: they are strictly increasing)")
+    if k and int(gaps.max()) >= n:  # also keeps the sum below int64's range
+        raise RemoteError("bad_body", f"tensor {label}: a top-k index gap is "
+                          f"{int(gaps.max())}, the tensor has {n} values")
     idx = np.cumsum(gaps)
     if k and int(idx[-1]) >= n:
         raise RemoteError("bad_body", f"tensor {label}: a top-k index is {int(idx[-1])}, "

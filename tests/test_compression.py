@@ -338,7 +338,7 @@ HOSTILE = {
     "idx_dup": ("topk:0.1", lambda d: _gaps(d, [5, 0] + [1] * 7498), "bad_body", "gap is 0"),
     # unsorted cannot be said (a gap is unsigned): "back by one" is a gap past the end
     "idx_order": ("topk:0.1", lambda d: _gaps(d, [9, 2 ** 21 - 1] + [1] * 7498), "bad_body",
-                  "index is"),
+                  "gap is 2097151, the tensor has 75000"),
     "idx_range": ("topk:0.1", lambda d: _gaps(d, [0] + [1] * 7498 + [75_000 - 7498]),
                   "bad_body", "index is 75000"),
     "not_four": ("topk:0.1", lambda d: d[:3], "bad_body", "[k, gaps, scales, q]"),
