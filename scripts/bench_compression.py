@@ -12,7 +12,11 @@ the outbox, `keep_releases`), the bytes each member sent per round in all (share
 hellos, prekeys, seen and final reports: summary.json's "bytes" / rounds / members),
 the consortium's final mean metric on the consortium test set, and each member's ε
 from the accountant (compression is post-processing: it must be the uncompressed
-run's). Writes `--out`/compression.json and prints it and a table.
+run's), and where one share's bytes go (`account`: outer fields, body keys, tensor
+wrappers, data headers, values). `--aggregation RULE` runs another rule than the
+default; `--select block:B|shared:P` swaps top-k's selection (the sender's choice) to
+measure it under DP. Writes `--out`/compression.json (and .jsonl, row by row) and
+prints it and a table.
 
     .venv/bin/python scripts/bench_compression.py
     .venv/bin/python scripts/bench_compression.py --modes none,int8 --privacy off
