@@ -615,3 +615,50 @@ def test_a_compressed_share_is_combined_on_the_round_start_even_if_the_model_was
     closing.aggregate(node, ev.Close(0, {other: acc}, (prep.names[2],), "deadline"))
     assert torch.equal(seen[other].vector, start + delta)
     assert node.verifier.base is None
+
+
+# --- golden: the compressed bodies' bytes (tests/golden/compressed.json) ----------------
+
+def _golden_compressed():
+    import json
+    import sys
+
+    sys.path.insert(0, str(GOLDEN))
+    try:
+        import make_golden as G
+    finally:
+        sys.path.remove(str(GOLDEN))
+    return G, json.loads((GOLDEN / "compressed.json").read_text())
+
+
+def test_compressed_bodies_are_byte_exact_and_read_back():
+    """Each codec's body and envelope (top-k in wire version 2) are the frozen bytes, and a
+    verifier reads each to the update the codec decodes (on a zero round start)."""
+    from nacl.signing import SigningKey
+
+    G, golden = _golden_compressed()
+    assert sorted(golden["codecs"]) == sorted(G.COMPRESSED_CODECS)
+    keys_ = {n: SigningKey(s) for n, s in G.SEEDS.items()}
+    cid = bytes.fromhex(golden["consortium_id"])
+    spec = [TensorSpec(n, a.shape) for n, a in G.compressed_update()]
+    members = {bytes(k.verify_key): n for n, k in keys_.items()}
+    today = G.compressed_bodies()
+    for name, frozen in golden["codecs"].items():
+        body = bytes.fromhex(frozen["body"])
+        assert today[name] == body, f"today's {name} body differs from the golden one"
+        packed = envelope.pack(keys_["bob"], cid, KIND_SHARE, golden["round"], frozen["seq"],
+                               body)
+        assert packed.hex() == frozen["bytes"]
+        codec = C.parse_codec(name)
+        shapes = {s.name: s.shape for s in spec}
+        v = Verifier(cid, members, bytes(keys_["alice"].verify_key), spec, codec=codec,
+                     base=lambda n, shapes=shapes: np.zeros(shapes[n], dtype=np.float32))
+        share = v.verify(packed, golden["round"]).share
+        want = C.compress(codec, G.compressed_update(),
+                          lambda n: np.full(n, G.COMPRESSED_UNIFORM)).decoded
+        for (n, _), dec in zip(G.compressed_update(), want, strict=True):
+            np.testing.assert_array_equal(share.tensors[n], dec)
+    # top-k at 0.5 of 12 + 2 values keeps 6 + 1; each kept value a 1-byte gap and an int8
+    topk = msgpack.unpackb(bytes.fromhex(golden["codecs"]["topk:0.5"]["body"]))
+    assert topk["codec"] == "topk2:0.5"
+    assert [(t[0], len(t[1]), len(t[3])) for t in topk["tensors"]] == [(6, 6, 6), (1, 1, 1)]
