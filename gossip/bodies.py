@@ -9,7 +9,8 @@ Share body (kinds "share", and "sealed" once opened by `gossip.seal`), a msgpack
 plus, with federated normalization, "norm": the 32-byte digest of the agreed
 statistics, and where the consortium's [rules] agree a compression other than "none",
 "codec" before "tensors" and each tensor's raw bytes in that codec's form
-(gossip/compress.py: the sender's update, not its model). Tensor bytes are raw
+(gossip/compress.py: the sender's update, not its model; top-k's tensors are that data
+alone, in the model's order). Tensor bytes are raw
 little-endian; only the dtypes in `ALLOWED_DTYPES`. The tensors must be exactly the
 model's (`TensorSpec`: names, order, shapes, dtypes) and finite.
 
@@ -253,7 +254,7 @@ def encode_compressed_share(codec: Codec, compressed: Compressed, weight: float,
     `compress.compress`, the codec's name before them."""
     if not (math.isfinite(weight) and 0 < weight <= MAX_WEIGHT):
         raise LocalError(f"share weight must be in (0, {MAX_WEIGHT:g}], got {weight!r}")
-    doc: dict[str, object] = {"weight": float(weight), "codec": codec.name,
+    doc: dict[str, object] = {"weight": float(weight), "codec": codec.wire_name,
                               "tensors": compressed.items}
     if norm is not None:
         if len(norm) != DIGEST_BYTES:
@@ -292,10 +293,13 @@ def decode_share(body: bytes | bytearray | memoryview, spec: Sequence[TensorSpec
                 declared = r.str(MAX_CODEC_NAME)
                 if declared == NONE:
                     raise RemoteError("bad_body", "an uncompressed share has no codec key")
-                if declared != codec.name or not codec.compressed:
+                if declared != codec.wire_name or not codec.compressed:
+                    why = ("the sender runs another version of its wire layout (all members "
+                           "must run the same flnode version)" if declared == codec.name
+                           else "the members' files differ")
                     raise RemoteError("codec", f"a share compressed with {shorten(declared)}, "
                                       f"but the consortium's rules agree compression = "
-                                      f"{codec.name!r}: the members' files differ")
+                                      f"{codec.name!r} (sent as {codec.wire_name!r}): {why}")
             elif key == "tensors" and tensors is None:
                 if declared is None and codec.compressed:
                     raise RemoteError("codec", "an uncompressed share, but the consortium's "
@@ -340,6 +344,10 @@ def _read_tensors(r: Reader, spec: Sequence[TensorSpec],
     tensors: dict[str, np.ndarray] = {}
     for expected in spec:
         name = expected.name
+        if codec.bare:  # its data alone, in the spec's order (gossip/compress.py)
+            tensors[name] = read_data(r, codec, name,
+                                      math.prod(expected.shape)).reshape(expected.shape)
+            continue
         if r.peek_type() != "array" or r.array_header() != 4:
             raise RemoteError("bad_body", f"tensor entry for {shorten(name)} is not "
                               "[name, dtype, shape, raw]")

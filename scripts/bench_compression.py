@@ -12,7 +12,11 @@ the outbox, `keep_releases`), the bytes each member sent per round in all (share
 hellos, prekeys, seen and final reports: summary.json's "bytes" / rounds / members),
 the consortium's final mean metric on the consortium test set, and each member's ε
 from the accountant (compression is post-processing: it must be the uncompressed
-run's). Writes `--out`/compression.json and prints it and a table.
+run's), and where one share's bytes go (`account`: outer fields, body keys, tensor
+wrappers, data headers, values). `--aggregation RULE` runs another rule than the
+default; `--select block:B|shared:P` swaps top-k's selection (the sender's choice) to
+measure it under DP. Writes `--out`/compression.json (and .jsonl, row by row) and
+prints it and a table.
 
     .venv/bin/python scripts/bench_compression.py
     .venv/bin/python scripts/bench_compression.py --modes none,int8 --privacy off
@@ -47,38 +51,171 @@ def goal(mode: str, fewer: float, delta: float) -> str:
     return "met" if ok else f"missed (needs {g[0]:g}x, {g[1]:g} point)"
 
 
+def _size(item: object) -> int:
+    import msgpack
+
+    return len(msgpack.packb(item, use_bin_type=True))
+
+
+def account(raw: bytes) -> dict[str, int]:
+    """Where one signed share envelope's bytes go (issue 24: the framing no codec
+    shrinks): each outer field as msgpack encodes it, the body's map keys and weight,
+    each tensor's name, dtype and shape, and its data split into the values' own bytes
+    ("payload": float32/float16 raw, int8 q, scales, top-k gaps) and their msgpack
+    headers. The parts add up to len(raw) (asserted)."""
+    import msgpack
+
+    outer = msgpack.unpackb(raw, raw=False)
+    names = ("protocol", "consortium_id", "sender_key", "kind", "round", "seq", "body", "sig")
+    out = {"outer array header": _size(outer) - sum(_size(i) for i in outer)}
+    for name, item in zip(names, outer, strict=True):
+        if name == "body":
+            out["body bin header"] = _size(item) - len(item)
+        elif name == "sig":
+            out["signature (64) + header"] = _size(item)
+        else:
+            out[name] = _size(item)
+    doc = msgpack.unpackb(outer[6], raw=False)
+    out["body map header"] = _size(doc) - sum(_size(k) + _size(v) for k, v in doc.items())
+    payload = header = names_ = 0
+    for key, value in doc.items():
+        out[f"body key {key!r}"] = _size(key)
+        if key != "tensors":
+            out[f"body value {key}"] = _size(value)
+            continue
+        out["tensors array header"] = _size(value) - sum(_size(t) for t in value)
+        for t in value:
+            wrapped = isinstance(t, list) and len(t) == 4 and isinstance(t[0], str)
+            data = t[3] if wrapped else t  # top-k v2: the data alone
+            names_ += _size(t) - _size(data)  # [ , name, dtype, shape, ] around the data
+            parts = [data] if isinstance(data, bytes) else data
+            raw_parts = [p for p in parts if isinstance(p, bytes)]
+            payload += sum(len(p) for p in raw_parts)
+            header += _size(data) - sum(len(p) for p in raw_parts)
+    out["tensor items: name, dtype, shape"] = names_
+    out["tensor data: headers, block, k"] = header
+    out["tensor data: values (payload)"] = payload
+    assert sum(out.values()) == len(raw), (sum(out.values()), len(raw))
+    return out
+
+
+def per_block(block: int):
+    """top-k's selection per block of `block` consecutive values (the same share of each
+    block's largest, then the k largest of those): issue 24 asked whether spreading the
+    kept values helps under DP, where the largest |values| are partly noise. A sender's
+    choice (gossip/compress.py select_top), not a wire change: measured, not adopted."""
+    import numpy as np
+
+    def select(mag, k):
+        n = mag.size
+        blocks = -(-n // block)
+        each = min(block, -(-k // blocks))
+        if k >= n or each >= block:
+            return np.sort(np.argpartition(-mag, k - 1)[:k]) if k < n else np.arange(n)
+        padded = np.full(blocks * block, -np.inf)
+        padded[:n] = mag
+        top = np.argpartition(-padded.reshape(blocks, block), each - 1, axis=1)[:, :each]
+        cand = (top + np.arange(blocks)[:, None] * block).reshape(-1)
+        cand = cand[cand < n]
+        return np.sort(cand[np.argpartition(-mag[cand], k - 1)[:k]])
+    return select
+
+
+def shared_support(public: float) -> None:
+    """top-k whose first `public` share of each tensor's k is the same for every member:
+    the coordinates of the largest |last aggregate step| (this round's start minus the
+    last round's, which every member holds: post-processing of what was released), the
+    rest the member's own largest |update + residual|. Under DP the rule then sees up to
+    eight values on those coordinates and averages their noise, as it does uncompressed.
+    A sender's choice (receivers read any increasing indices): measured, not adopted.
+    The first round a member compresses (no last start) is plain top-k."""
+    import threading
+
+    import numpy as np
+
+    import gossip.compress
+    from node.learn.models import flat_to_named
+    from node.runtime import compression
+
+    if getattr(compression.Compressor.apply, "shared", None) is not None:
+        return  # installed by an earlier cell of this run
+    local = threading.local()
+    apply, plain = compression.Compressor.apply, gossip.compress.select_top
+
+    def apply_shared(self, trained):
+        start = trained.start.detach().float().clone()
+        last = getattr(self, "_bench_last_start", None)
+        self._bench_last_start = start
+        local.steps = (None if last is None else
+                       iter([a.reshape(-1) for _, a in flat_to_named(self.model,
+                                                                     (start - last).abs())]))
+        try:
+            return apply(self, trained)
+        finally:
+            local.steps = None
+
+    def select(mag, k):
+        steps = getattr(local, "steps", None)
+        if steps is None:
+            return plain(mag, k)
+        step = next(steps)  # the tensors come in the model's order, one call each
+        shared = int(k * public)
+        if shared == 0 or k >= mag.size:
+            return plain(mag, k)
+        first = np.argpartition(-step, shared - 1)[:shared]
+        own = np.array(mag, dtype=np.float64)
+        own[first] = -1.0  # below any |value|: taken already
+        rest = np.argpartition(-own, k - shared - 1)[:k - shared] if k > shared else first[:0]
+        return np.sort(np.concatenate([first, rest]))
+
+    apply_shared.shared = public
+    compression.Compressor.apply = apply_shared
+    gossip.compress.select_top = select
+
+
 def cell(args: argparse.Namespace, mode: str, privacy: str, seed: int) -> dict:
     from rich.console import Console
 
     from node.rehearsal.simulation.output import simulate
     from node.rehearsal.simulation.spec import SimulationSpec
 
+    if args.select.startswith("block:"):
+        import gossip.compress
+
+        gossip.compress.select_top = per_block(int(args.select.split(":")[1]))
+    elif args.select.startswith("shared:"):
+        shared_support(float(args.select.split(":")[1]))
     out = Path(args.out) / "runs" / f"{privacy}-{mode.replace(':', '_')}-{seed}"
     if out.exists():
         shutil.rmtree(out)
     dp = {"privacy": "record", "epsilon": args.epsilon, "sigma": None} \
         if privacy == "record" else {}
+    rule = {"aggregation": args.aggregation} if args.aggregation else {}
     t0 = time.perf_counter()
     summary = simulate(SimulationSpec(dataset=args.dataset, nodes=args.nodes,
                                       partition="dirichlet:0.5", rounds=args.rounds,
                                       seed=seed, out=out, compression=mode,
-                                      keep_releases=True, **dp),
+                                      keep_releases=True, **dp, **rule),
                        console=Console(quiet=True))
     wall = time.perf_counter() - t0
-    shares = [p.stat().st_size for p in (out / "state").glob("*/outbox/round-*.env")]
+    envs = sorted((out / "state").glob("*/outbox/round-*.env"))
+    shares = [p.stat().st_size for p in envs]
     sent = sum(v["sent"] for v in summary["bytes"].values())
     eps = [v for v in summary["epsilon"]["per_node"].values() if v is not None]
     return {"mode": mode, "privacy": privacy, "seed": seed, "epsilon_budget": dp.get("epsilon"),
+            "select": args.select, "aggregation": args.aggregation or "default",
             "share_bytes": round(sum(shares) / len(shares)) if shares else None,
             "sent_per_member_per_round": round(
                 sent / sum(max(1, r) for r in summary["rounds_done"].values())),
             "metric": summary["metric"], "final": summary["consortium"]["mean"],
             "epsilon_max": max(eps) if eps else None, "rejected": summary["rejected"],
-            "wall_s": round(wall, 1)}
+            "wall_s": round(wall, 1),
+            "share_bytes_by_part": account(envs[-1].read_bytes()) if envs else None}
 
 
 def table(rows: list[dict]) -> str:
-    """One line per (privacy, mode): the mean over the seeds, and each seed's final."""
+    """One line per (privacy, mode): the mean over the seeds it shares with "none" (all
+    its seeds if none), and each of those seeds' final."""
     groups: dict[tuple[str, str], list[dict]] = {}
     for r in rows:
         groups.setdefault((r["privacy"], r["mode"]), []).append(r)
@@ -89,6 +226,10 @@ def table(rows: list[dict]) -> str:
              "| vs none | per seed | ε (max) | goal |", "|---|---|---|---|---|---|---|---|---|---|"]
     for (privacy, mode), rs in groups.items():
         base = groups.get((privacy, "none"))
+        if base:  # compare on the seeds both ran: seeds differ by more than the codecs
+            seeds = {r["seed"] for r in rs} & {r["seed"] for r in base}
+            base = [r for r in base if r["seed"] in seeds] or None
+            rs = [r for r in rs if r["seed"] in seeds] or rs
         fewer = (f"{mean(base, 'share_bytes') / mean(rs, 'share_bytes'):.1f}"
                  if base and rs[0]["share_bytes"] else "-")
         delta = f"{mean(rs, 'final') - mean(base, 'final'):+.4f}" if base else "-"
@@ -116,6 +257,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--epsilon", type=float, default=3.0)
     p.add_argument("--seeds", default="0", help="comma-separated seeds, one run each")
     p.add_argument("--out", default="runs/bench")
+    p.add_argument("--aggregation", default=None, help="the rule (default: the consortium "
+                   "default, node/strategy/consortium_rules.py)")
+    p.add_argument("--select", default="top", help="top-k's selection: top (the k largest "
+                   "of a tensor, the codec's), block:B (the same share of each block of B) or shared:P "
+                   "(P of k on the last aggregate step's largest coordinates, as every member)")
     args = p.parse_args(argv)
     import torch
 

@@ -19,6 +19,7 @@ from gossip.bodies import TensorSpec
 from gossip.envelope import KIND_SHARE, Verifier
 from gossip.errors import LocalError, RemoteError
 from gossip.membership import load_consortium
+from gossip.wire import WireError
 from node.runtime.compression import Compressor
 from node.runtime.state import Checkpoint, StateDir, decode_checkpoint, encode_checkpoint
 from node.strategy.consortium_rules import agreed_codec, pin_rules, rules_table
@@ -117,12 +118,40 @@ def test_int8_stochastic_rounding_is_unbiased():
 def test_topk_sends_the_largest_values_exactly_k_of_them():
     c = C.parse_codec("topk:0.01")
     x = rng().standard_normal(75_000).astype(np.float32)
-    comp = C.compress(c, [("x", x)])
-    k, idx, vals = comp.items[0][3]
-    assert k == 750 and len(idx) == 4 * 750 and len(vals) == 2 * 750  # uint32 indices
+    comp = C.compress(c, [("x", x)], uniform())
+    k, gaps, scales, q = comp.items[0]  # the data alone: no name, dtype, shape
+    top = np.sort(np.argsort(-np.abs(x))[:750])
+    # a kept value costs its int8 and its gap: one byte while gaps stay under 128, two
+    # up to 16,383 (here about 100 apart), against 4 + 2 bytes in version 1
+    assert k == 750 and len(q) == 750 and len(scales) == 4 * 3
+    assert len(gaps) == len(C.varints(np.diff(top, prepend=0))) < 2 * 750
     sent = np.flatnonzero(comp.decoded[0])
-    assert set(sent) == set(np.argsort(-np.abs(x))[:750])
-    assert np.allclose(comp.decoded[0][sent], x[sent], rtol=2 ** -11)
+    assert set(sent) <= set(top) and len(sent) >= 740  # a value may round to 0
+    scale = np.repeat(np.frombuffer(scales, "<f4"), C.INT8_BLOCK)[:k]
+    err = np.abs(comp.decoded[0][top] - x[top])
+    assert (err < scale).all()  # int8's bound, per block of kept values
+
+
+def test_topk_rounding_is_unbiased_so_error_feedback_is_not_needed_to_undo_a_bias():
+    x = np.float32([1.0, 0.3, 0.0, 0.0])  # top-2 of 4; 0.3 is 38.1 steps of 1/127
+    mean = np.mean([C.compress(C.parse_codec("topk:0.5"), [("x", x)], uniform(s)).decoded[0]
+                    for s in range(2000)], axis=0)
+    assert abs(mean[1] - 0.3) < 6 * (1 / 127) * 0.5 / math.sqrt(2000) and mean[0] == 1.0
+
+
+@pytest.mark.parametrize("values", [[0], [1, 127, 128, 16_383, 16_384, 2 ** 32 - 1], []])
+def test_varints_round_trip_in_their_shortest_form(values):
+    raw = C.varints(np.asarray(values, dtype=np.uint64))
+    assert len(raw) == sum(max(1, -(-int(v).bit_length() // 7)) for v in values)
+    assert C.read_varints(raw, len(values), 5).tolist() == values
+
+
+@pytest.mark.parametrize("raw,count,words", [
+    (b"\x81", 1, "cut one"), (b"\x01\x02", 1, "2 complete"), (b"\x80\x00", 1, "shortest"),
+    (b"\xff\xff\x7f", 1, "longer than 2"), (b"", 1, "no varint")])
+def test_read_varints_refuses_cut_extra_overlong_and_non_canonical_bytes(raw, count, words):
+    with pytest.raises(WireError, match=words):
+        C.read_varints(raw, count, 2)
 
 
 def tiny_model(d: int = 200) -> torch.nn.Module:
@@ -165,6 +194,26 @@ def test_topk_error_feedback_sends_the_sum_of_the_updates_over_rounds():
     assert max(gaps[30:]) < 1.5 * max(gaps[:30])  # bounded
     assert float(torch.linalg.vector_norm(total - without)) > 5 * gaps[-1]
     assert float(torch.linalg.vector_norm(total)) > 10 * gaps[-1]
+
+
+def test_topk_residual_keeps_the_rounding_error_of_what_it_sent():
+    """Version 2 rounds the kept values to int8 (20 + 1 of 200 here): the residual holds,
+    at a kept index, what the rounding took off (below one step of its block's scale),
+    and elsewhere the whole value."""
+    import dataclasses
+
+    model = tiny_model()
+    d = sum(p.numel() for p in model.parameters())
+    comp = Compressor(C.parse_codec("topk:0.1"), model, _Noise(0))
+    u = torch.randn(d, generator=torch.Generator().manual_seed(3)) * 0.01
+    t = dataclasses.make_dataclass("T", ["start", "update", "released", "encoded"])(
+        torch.zeros(d), u, u, None)
+    out, pending = comp.apply(t)
+    kept = out.update != 0
+    assert 0 < int(kept.sum()) <= 21 and torch.equal(pending.residual, u - out.update)
+    assert (pending.residual[kept] != 0).any()  # the rounding error is kept, not lost
+    assert float(pending.residual[kept].abs().max()) < float(u.abs().max()) / 127
+    assert torch.equal(pending.residual[~kept], u[~kept])
 
 
 # --- the share body and the verifier ---------------------------------------------------
@@ -218,36 +267,83 @@ def test_a_share_in_another_codec_than_the_agreed_one_is_refused(agreed, sent):
     assert repr(agreed) in e.value.detail
 
 
+def test_a_version_1_topk_share_is_refused_by_its_name_not_misread():
+    """Version 1 declared "topk:F" (uint16/32 indices, float16 values): a node of today
+    refuses it as `codec`, naming the version, before reading a tensor."""
+    c = C.parse_codec("topk:0.1")
+    items = [[name, "<f4", list(a.shape), [1, b"\0\0", b"\0\0"]] for name, a in updates()]
+    body = msgpack.packb({"weight": 1.0, "codec": "topk:0.1", "tensors": items},
+                         use_bin_type=True)
+    with pytest.raises(RemoteError) as e:
+        verifier("topk:0.1").verify(signed(body), 0)
+    assert (e.value.reason, e.value.peer) == ("codec", "bank-1")
+    assert "another version" in e.value.detail and c.wire_name == "topk2:0.1"
+
+
+def test_topk_tensors_are_their_data_alone_and_count_against_the_spec():
+    """Top-k version 2 leaves out each tensor's name, dtype and shape (the receiver's spec):
+    a body without them is read; one wrapped as [name, dtype, shape, data], one tensor
+    short or one over is refused, naming the sender."""
+    c = C.parse_codec("topk:0.1")
+    comp = C.compress(c, updates(), uniform())
+    body = bodies.encode_compressed_share(c, comp, 1.0)
+    sent = msgpack.unpackb(body)["tensors"]
+    assert [type(x) for t in sent for x in t] == [int, bytes, bytes, bytes] * len(SPEC)
+    assert verifier("topk:0.1").verify(signed(body), 0).share.codec == "topk:0.1"
+    wrapped = [[n, "<f4", list(a.shape), d] for (n, a), d in zip(updates(), comp.items,
+                                                                  strict=True)]
+    for seq, items in enumerate([wrapped, comp.items[:-1], [*comp.items, comp.items[-1]]], 1):
+        doc = {"weight": 1.0, "codec": c.wire_name, "tensors": items}
+        with pytest.raises(RemoteError) as e:
+            verifier("topk:0.1").verify(signed(msgpack.packb(doc, use_bin_type=True), seq), 0)
+        assert e.value.reason in ("bad_body", "shape") and e.value.peer == "bank-1"
+
+
 def body_with(codec: str, edit) -> bytes:
     """A compressed body whose first tensor's data `edit` rewrites (a member's lie)."""
     c = C.parse_codec(codec)
     comp = C.compress(c, updates(), uniform())
-    items = [list(i) for i in comp.items]
-    items[0][3] = edit(items[0][3])
-    return msgpack.packb({"weight": 1.0, "codec": c.name, "tensors": items},
+    if c.bare:  # top-k: the data alone
+        items = [edit(comp.items[0]), *comp.items[1:]]
+    else:
+        items = [list(i) for i in comp.items]
+        items[0][3] = edit(items[0][3])
+    return msgpack.packb({"weight": 1.0, "codec": c.wire_name, "tensors": items},
                          use_bin_type=True)
 
 
-def _idx(data, values):
-    return [data[0], np.asarray(values, "<u4").tobytes(), data[2]]
+def _gaps(data, gaps):
+    """top-k data whose index gaps are `gaps` (a member's lie about its indices)."""
+    return [data[0], C.varints(np.asarray(gaps, dtype=np.uint64)), data[2], data[3]]
 
 
 HOSTILE = {
-    # top-k on w (75,000 values, uint32 indices, k = 7,500)
-    "k_huge": ("topk:0.1", lambda d: [2 ** 32 - 1, d[1], d[2]], "bad_body", "k = "),
-    "k_over_d": ("topk:0.1", lambda d: [75_001, d[1], d[2]], "bad_body", "k = "),
-    "k_small": ("topk:0.1", lambda d: [3, d[1][:12], d[2][:6]], "bad_body", "k = "),
-    "idx_short": ("topk:0.1", lambda d: [d[0], d[1][:-4], d[2]], "shape", "indices"),
-    "vals_long": ("topk:0.1", lambda d: [d[0], d[1], d[2] + b"\0\0"], "shape", "values"),
-    "idx_dup": ("topk:0.1", lambda d: _idx(d, [5, 5] + list(range(7, 7505))), "bad_body",
-                "strictly increasing"),
-    "idx_order": ("topk:0.1", lambda d: _idx(d, [9, 5] + list(range(10, 7508))), "bad_body",
-                  "strictly increasing"),
-    "idx_range": ("topk:0.1", lambda d: _idx(d, list(range(7499)) + [75_000]), "bad_body",
-                  "index is 75000"),
-    "not_triple": ("topk:0.1", lambda d: d[:2], "bad_body", "[k, indices, values]"),
-    "nan_value": ("topk:0.1", lambda d: [d[0], d[1], b"\x00\x7e" + d[2][2:]], "non_finite",
-                  "NaN"),
+    # top-k on w (75,000 values, k = 7,500, gaps of at most 3 bytes)
+    "k_huge": ("topk:0.1", lambda d: [2 ** 32 - 1, *d[1:]], "bad_body", "k = "),
+    "k_over_d": ("topk:0.1", lambda d: [75_001, *d[1:]], "bad_body", "k = "),
+    "k_small": ("topk:0.1", lambda d: [3, d[1][:3], d[2][:4], d[3][:3]], "bad_body", "k = "),
+    "gaps_short": ("topk:0.1", lambda d: [d[0], d[1][:7499], d[2], d[3]], "shape", "gaps"),
+    "gaps_huge": ("topk:0.1", lambda d: [d[0], b"\xff" * (3 * 7500 + 1), d[2], d[3]],
+                  "shape", "gaps"),
+    "gaps_cut": ("topk:0.1", lambda d: [d[0], d[1][:-1] + b"\x81", d[2], d[3]], "bad_body",
+                 "cut one"),
+    # 7,500 bytes (a size that passes) holding 7,499 gaps: the count is a lie
+    "gaps_count": ("topk:0.1", lambda d: _gaps(d, [200] + [1] * 7498), "bad_body",
+                   "7499 complete"),
+    "gaps_overlong": ("topk:0.1", lambda d: [d[0], b"\x80\x80\x80\x01" + b"\x01" * 7499,
+                                             d[2], d[3]], "bad_body", "longer than 3"),
+    "q_long": ("topk:0.1", lambda d: [d[0], d[1], d[2], d[3] + b"\0"], "shape", "int8 values"),
+    "scales_long": ("topk:0.1", lambda d: [d[0], d[1], d[2] + b"\0" * 4, d[3]], "shape",
+                    "scales"),
+    "idx_dup": ("topk:0.1", lambda d: _gaps(d, [5, 0] + [1] * 7498), "bad_body", "gap is 0"),
+    # unsorted cannot be said (a gap is unsigned): "back by one" is a gap past the end
+    "idx_order": ("topk:0.1", lambda d: _gaps(d, [9, 2 ** 21 - 1] + [1] * 7498), "bad_body",
+                  "gap is 2097151, the tensor has 75000"),
+    "idx_range": ("topk:0.1", lambda d: _gaps(d, [0] + [1] * 7498 + [75_000 - 7498]),
+                  "bad_body", "index is 75000"),
+    "not_four": ("topk:0.1", lambda d: d[:3], "bad_body", "[k, gaps, scales, q]"),
+    "nan_scale_topk": ("topk:0.1", lambda d: [d[0], d[1], b"\x00\x00\xc0\x7f" + d[2][4:],
+                                              d[3]], "non_finite", "scale"),
     # int8 on w (75,000 values, 293 blocks)
     "block": ("int8", lambda d: [64, d[1], d[2]], "bad_body", "block of 64"),
     "scales_short": ("int8", lambda d: [d[0], d[1][:-4], d[2]], "shape", "scales"),
@@ -282,12 +378,13 @@ def test_a_members_size_lies_are_refused_by_name_before_allocating(case):
     assert peak < len(data) + 4 * max(SIZES.values()) + 256 * 1024, peak
 
 
-def test_a_truncated_compressed_body_is_refused():
-    c = C.parse_codec("int8")
+@pytest.mark.parametrize("codec", ["int8", "topk:0.1"])
+def test_a_truncated_compressed_body_is_refused(codec):
+    c = C.parse_codec(codec)
     body = bodies.encode_compressed_share(c, C.compress(c, updates(), uniform()), 1.0)
     for cut in (1, 100, len(body) // 2, len(body) - 1):
         with pytest.raises(RemoteError) as e:
-            verifier("int8").verify(signed(body[:cut], seq=cut), 0)
+            verifier(codec).verify(signed(body[:cut], seq=cut), 0)
         assert e.value.reason in ("bad_body", "shape") and e.value.peer == "bank-1"
 
 
@@ -518,3 +615,50 @@ def test_a_compressed_share_is_combined_on_the_round_start_even_if_the_model_was
     closing.aggregate(node, ev.Close(0, {other: acc}, (prep.names[2],), "deadline"))
     assert torch.equal(seen[other].vector, start + delta)
     assert node.verifier.base is None
+
+
+# --- golden: the compressed bodies' bytes (tests/golden/compressed.json) ----------------
+
+def _golden_compressed():
+    import json
+    import sys
+
+    sys.path.insert(0, str(GOLDEN))
+    try:
+        import make_golden as G
+    finally:
+        sys.path.remove(str(GOLDEN))
+    return G, json.loads((GOLDEN / "compressed.json").read_text())
+
+
+def test_compressed_bodies_are_byte_exact_and_read_back():
+    """Each codec's body and envelope (top-k in wire version 2) are the frozen bytes, and a
+    verifier reads each to the update the codec decodes (on a zero round start)."""
+    from nacl.signing import SigningKey
+
+    G, golden = _golden_compressed()
+    assert sorted(golden["codecs"]) == sorted(G.COMPRESSED_CODECS)
+    keys_ = {n: SigningKey(s) for n, s in G.SEEDS.items()}
+    cid = bytes.fromhex(golden["consortium_id"])
+    spec = [TensorSpec(n, a.shape) for n, a in G.compressed_update()]
+    members = {bytes(k.verify_key): n for n, k in keys_.items()}
+    today = G.compressed_bodies()
+    for name, frozen in golden["codecs"].items():
+        body = bytes.fromhex(frozen["body"])
+        assert today[name] == body, f"today's {name} body differs from the golden one"
+        packed = envelope.pack(keys_["bob"], cid, KIND_SHARE, golden["round"], frozen["seq"],
+                               body)
+        assert packed.hex() == frozen["bytes"]
+        codec = C.parse_codec(name)
+        shapes = {s.name: s.shape for s in spec}
+        v = Verifier(cid, members, bytes(keys_["alice"].verify_key), spec, codec=codec,
+                     base=lambda n, shapes=shapes: np.zeros(shapes[n], dtype=np.float32))
+        share = v.verify(packed, golden["round"]).share
+        want = C.compress(codec, G.compressed_update(),
+                          lambda n: np.full(n, G.COMPRESSED_UNIFORM)).decoded
+        for (n, _), dec in zip(G.compressed_update(), want, strict=True):
+            np.testing.assert_array_equal(share.tensors[n], dec)
+    # top-k at 0.5 of 12 + 2 values keeps 6 + 1; each kept value a 1-byte gap and an int8
+    topk = msgpack.unpackb(bytes.fromhex(golden["codecs"]["topk:0.5"]["body"]))
+    assert topk["codec"] == "topk2:0.5"
+    assert [(t[0], len(t[1]), len(t[3])) for t in topk["tensors"]] == [(6, 6, 6), (1, 1, 1)]

@@ -6,7 +6,7 @@ file here is what deployed nodes and their operators already hold. Say in the co
 message which contract changed and why. From the repository root:
 
     PYTHONPATH=$PWD python tests/golden/make_golden.py \
-        [--only wire,consortium,run,help,records,resume,prometheus,echo,secure]
+        [--only wire,consortium,run,help,records,resume,prometheus,echo,secure,compressed]
 
 What it writes (all small, KBs):
 
@@ -41,6 +41,10 @@ What it writes (all small, KBs):
                     charges of a fixed plan (SECURE_PLAN: no calibration, exact bytes), one
                     per reveal ("sum", "per_member"), after a "count" charge
   secure_ledger.json   what reading it must give: records, epsilon at delta
+  compressed.json   a share body and its envelope (bob, the wire.json keys and round) per
+                    compressed codec (gossip/compress.py: fp16, int8, topk:0.5 in top-k's
+                    wire version 2) of COMPRESSED_UPDATE, the stochastic rounding fed
+                    fixed uniform numbers (COMPRESSED_UNIFORM): exact bytes
 """
 
 from __future__ import annotations
@@ -725,6 +729,44 @@ def secure_ledger(path: Path) -> dict:
             "epsilon": Ledger(path).epsilon(plan.delta), "delta": plan.delta}
 
 
+# compressed.json (issue 24): the update every codec encodes, and the "uniform" numbers
+# its stochastic rounding reads (fixed, so the bytes are exact; a node draws them from
+# the OS). 12 values of one tensor and 2 of another: top-k at 0.5 keeps 6 and 1.
+COMPRESSED_CODECS = ("fp16", "int8", "topk:0.5")
+COMPRESSED_UNIFORM = 0.25
+
+
+def compressed_update() -> list[tuple[str, np.ndarray]]:
+    return [("weight", (np.arange(12, dtype="<f4").reshape(3, 4) - 5.5) / 8),
+            ("bias", np.array([0.75, -0.125], dtype="<f4"))]
+
+
+def compressed_bodies() -> dict[str, bytes]:
+    from gossip import bodies as B
+    from gossip import compress as C
+
+    out = {}
+    for name in COMPRESSED_CODECS:
+        codec = C.parse_codec(name)
+        comp = C.compress(codec, compressed_update(),
+                          lambda n: np.full(n, COMPRESSED_UNIFORM))
+        out[name] = B.encode_compressed_share(codec, comp, 120.0)
+    return out
+
+
+def make_compressed() -> None:
+    from gossip import envelope as E
+
+    k = keys()
+    doc = {"codecs": {}, "round": WIRE_ROUND, "sender": "bob",
+           "consortium_id": CONSORTIUM_ID.hex()}
+    for seq, (name, body) in enumerate(sorted(compressed_bodies().items())):
+        doc["codecs"][name] = {
+            "seq": seq, "body": body.hex(),
+            "bytes": E.pack(k["bob"], CONSORTIUM_ID, E.KIND_SHARE, WIRE_ROUND, seq, body).hex()}
+    (HERE / "compressed.json").write_text(json.dumps(doc, indent=1, sort_keys=True) + "\n")
+
+
 def make_secure() -> None:
     out = HERE / "secure_ledger.jsonl"
     out.unlink(missing_ok=True)
@@ -735,13 +777,14 @@ def make_secure() -> None:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--only",
-                   default="wire,consortium,run,help,records,resume,prometheus,echo,secure")
+                   default="wire,consortium,run,help,records,resume,prometheus,echo,secure,"
+                           "compressed")
     p.add_argument("--reseal", action="store_true",
                    help="make a new sealed share (otherwise the stored one is kept)")
     args = p.parse_args()
     parts = {"wire": make_wire, "consortium": make_consortium, "run": make_run, "help": make_help,
              "records": make_records, "resume": make_resume, "prometheus": make_prometheus,
-             "echo": make_echo, "secure": make_secure}
+             "echo": make_echo, "secure": make_secure, "compressed": make_compressed}
     for name in args.only.split(","):
         parts[name]()
         print(f"wrote {name}")
