@@ -132,3 +132,18 @@ def test_reading_parquet_leaves_no_pyarrow_in_the_process(tmp_path):
                        timeout=120)
     assert r.returncode == 0, r.stderr[-2000:]
     assert r.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize("bad", [0, 1])
+def test_one_reader_for_several_files_names_the_hostile_one(tmp_path, bad):
+    """A node's training and evaluation files share one child (read_tables): an error
+    names the file it is about, not its neighbour."""
+    from node.data.table import read_tables
+
+    paths = [tmp_path / "train.parquet", tmp_path / "eval.parquet"]
+    for p in paths:
+        pq.write_table(pa.table({"a": [1, 2, 3], "y": ["x", None, "z"]}), p)
+    assert [len(t) for t in read_tables(paths)] == [3, 3]
+    paths[bad].write_bytes(b"not parquet at all")
+    with pytest.raises(LocalError, match=rf"{paths[bad].name}: not a readable Parquet file"):
+        read_tables(paths)
