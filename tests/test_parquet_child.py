@@ -147,3 +147,24 @@ def test_one_reader_for_several_files_names_the_hostile_one(tmp_path, bad):
     paths[bad].write_bytes(b"not parquet at all")
     with pytest.raises(LocalError, match=rf"{paths[bad].name}: not a readable Parquet file"):
         read_tables(paths)
+
+
+def test_rows_kept_at_the_check_are_handed_once_to_the_same_unchanged_file(tmp_path,
+                                                                           monkeypatch):
+    """`flnode run` checks its files then its node reads them: the second read of an
+    unchanged Parquet file takes the Table the check kept (no second child), once; a file
+    changed in between is read again."""
+    from node.data.table import read_tables
+
+    path = tmp_path / "m.parquet"
+    pq.write_table(pa.table({"a": [1, 2, 3]}), path)
+    [checked] = read_tables([path], keep=True)
+    children = []
+    real = T._read_parquet
+    monkeypatch.setattr(T, "_read_parquet", lambda ps: children.append(ps) or real(ps))
+    assert read_table(path) is checked and children == []
+    assert read_table(path) is not checked and len(children) == 1  # handed once only
+    read_tables([path], keep=True)
+    pq.write_table(pa.table({"a": [1, 2, 3, 4]}), path)  # changed after the check
+    assert len(read_table(path)) == 4 and len(children) == 3
+    assert T._KEPT == {}

@@ -187,7 +187,8 @@ def check_inputs(config_path: str | Path,
 
         schema = provisional_schema(schema)
     paths = [p for p in (cfg.data.path, cfg.data.eval_path) if p is not None]
-    for path, rows in zip(paths, read_tables(paths), strict=True):  # one Parquet reader
+    # One Parquet reader for both files; their rows kept for the node's own read (run_node)
+    for path, rows in zip(paths, read_tables(paths, keep=True), strict=True):
         encode(rows, schema, str(path))
     return cfg, identity, consortium
 
