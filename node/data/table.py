@@ -301,14 +301,16 @@ def _typed(cells: list[str]) -> _Cells:
 # GiB reading a 3,000-row file with the system allocator).
 PARQUET_MEMORY_BYTES = 6 << 30
 # What the child may hand back (RLIMIT_FSIZE on its output): the rows a node holds from one
-# file. 8 bytes a cell, so ~270 M cells; a file past it is refused, naming the limit.
+# file. 8 bytes a cell, so ~270 M cells; a file past it is refused, naming the limit. The
+# node then holds at most ~2x this (a text cell: 4 bytes here, a list slot there).
 PARQUET_OUTPUT_BYTES = 2 << 30
 # Rows and columns the metadata may declare: checked before any page is decoded.
 PARQUET_MAX_ROWS = 100_000_000
 PARQUET_MAX_COLUMNS = 10_000
 # A file this big is refused before the child starts (its rows could not fit the output).
 PARQUET_MAX_FILE_BYTES = PARQUET_OUTPUT_BYTES
-# Wall clock for one read (start, decode, write); a busy 2-core machine reads 1 GB in ~1 min.
+# Wall clock for one read (start, decode, write): a member's file of a few MB takes 0.5-2 s
+# here; this only stops a read that hangs (a stalled mount, a pathological file).
 PARQUET_TIMEOUT_S = 600.0
 # How much of the child's stderr an error quotes.
 _STDERR_QUOTED = 2000
