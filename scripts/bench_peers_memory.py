@@ -12,6 +12,11 @@ whole run. Per run it reports:
 - `steady_rss_mb`: median over the members of each one's median RSS from
   `--steady-after` seconds after its start to its end;
 - `threads`: the most threads any member had at once;
+- `helpers`, `helper_peak_rss_mb_max`: the members' own child processes seen (the
+  Parquet reader, node/data/parquet_child.py, which lives for a second at start: it may
+  fall between samples) and the highest RSS one reached; never counted as members;
+- `load_max`: the highest 1-minute load average during the run (a shared machine);
+- `metric_mean`: the members' mean metric after the last round (summary.json);
 - `wall_s`: simulate_network.py's wall clock (building the split, starting,
   all rounds, stopping).
 
@@ -140,14 +145,24 @@ def run_once(args: argparse.Namespace, transport: str, members: int, env_extra: 
                            stdin=subprocess.DEVNULL, text=True)
     parent = psutil.Process(sim.pid)
     procs: dict[int, dict] = {}
+    helpers: dict[int, float] = {}  # pid -> peak RSS (MB) of the members' own children
+    load = 0.0  # the highest 1-minute load average seen: others share this machine
     while sim.poll() is None:
         now = time.monotonic() - t0
+        load = max(load, os.getloadavg()[0])
         try:
             children = parent.children(recursive=True)
         except psutil.NoSuchProcess:
             break
         for child in children:
             try:
+                if child.pid in helpers or child.ppid() in procs:
+                    # A member's own child (the Parquet reader, node/data/parquet_child.py;
+                    # between fork and exec it still shows the member's command line): not
+                    # a member, its peak reported apart.
+                    rss = child.memory_info().rss / MB
+                    helpers[child.pid] = max(helpers.get(child.pid, 0.0), rss)
+                    continue
                 info = procs.get(child.pid)
                 if info is None:
                     if not is_node(child.cmdline()):
@@ -168,6 +183,10 @@ def run_once(args: argparse.Namespace, transport: str, members: int, env_extra: 
     output = sim.stdout.read() if sim.stdout else ""
     wall = time.monotonic() - t0
     code = sim.wait()
+    try:  # the members' mean metric after the last round (simulate_network.py's summary)
+        mean = json.loads((out_dir / "summary.json").read_text())["consortium"]["mean"]
+    except (OSError, ValueError, KeyError, TypeError):
+        mean = None
     peaks, hwms, steadies, series = [], [], [], []
     for info in procs.values():
         samples = info["samples"]
@@ -191,6 +210,9 @@ def run_once(args: argparse.Namespace, transport: str, members: int, env_extra: 
         "peak_uss_mb_median": round(statistics.median(
             [i["uss"] for i in procs.values()]), 1) if procs else None,
         "threads_max": max((i["threads"] for i in procs.values()), default=0),
+        "load_max": round(load, 1), "metric_mean": mean,
+        "helpers": len(helpers),
+        "helper_peak_rss_mb_max": round(max(helpers.values()), 1) if helpers else None,
         "series_first_member": series[0] if series else [],
         "tail": output.strip().splitlines()[-3:] if code else [],
     }
@@ -268,13 +290,15 @@ def main(argv: list[str] | None = None) -> int:
     args.out.write_text(json.dumps(result, indent=1))
     print(json.dumps(result, indent=1))
     print(f"\n{'transport':9} {'variant':10} {'n':>3} {'peak med':>9} {'peak max':>9} "
-          f"{'steady':>7} {'pss':>6} {'uss':>6} {'thr':>4} {'wall s':>7} rc")
+          f"{'steady':>7} {'pss':>6} {'uss':>6} {'thr':>4} {'wall s':>7} {'load':>5} "
+          f"{'metric':>6} {'helper':>6} rc")
     for r in rows:
         print(f"{r['transport']:9} {r['variant']:10} {r['members']:3d} "
               f"{r['peak_rss_mb_median'] or 0:9.1f} {r['peak_rss_mb_max'] or 0:9.1f} "
               f"{r['steady_rss_mb_median'] or 0:7.1f} {r['peak_pss_mb_median'] or 0:6.1f} "
               f"{r['peak_uss_mb_median'] or 0:6.1f} {r['threads_max']:4d} "
-              f"{r['wall_s']:7.1f} {r['exit_code']}")
+              f"{r['wall_s']:7.1f} {r['load_max']:5.1f} {r['metric_mean'] or 0:6.3f} "
+              f"{r['helper_peak_rss_mb_max'] or 0:6.1f} {r['exit_code']}")
     for k, v in growth.items():
         print(f"peak RSS growth {k}: {v} MB per extra peer")
     return 0 if all(r["exit_code"] == 0 for r in rows) else 1

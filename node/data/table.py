@@ -6,6 +6,7 @@ import csv
 import json
 import math
 import re
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -159,14 +160,48 @@ class _Rows:
 
 
 def read_table(path: str | Path) -> Table:
-    """A member's .csv or .parquet file as a Table (no pandas; pyarrow only for Parquet).
-    Errors name the file, and the line and column where there is one."""
-    path = Path(path)
-    if path.suffix == ".csv":
-        return _read_csv(path)
-    if path.suffix == ".parquet":
-        return _read_parquet(path)
-    raise LocalError(f"data file {path}: expected a .csv or .parquet file")
+    """A member's .csv or .parquet file as a Table (no pandas; no pyarrow in this process:
+    a child reads Parquet). Errors name the file, and the line and column where there is one."""
+    return read_tables([path])[0]
+
+
+def read_tables(paths: Sequence[str | Path], keep: bool = False) -> list[Table]:
+    """Several files as read_table reads each, the Parquet ones by one child process (it
+    takes ~0.5 s to start idle, 2 s on a busy machine: a node's training and evaluation
+    files share it). `keep`: hold the Parquet files' Tables until the next call, which takes
+    those of its files that are unchanged (`flnode run` checks its files, then the node
+    reads them)."""
+    paths = [Path(p) for p in paths]
+    for path in paths:
+        if path.suffix not in (".csv", ".parquet"):
+            raise LocalError(f"data file {path}: expected a .csv or .parquet file")
+    kept = dict(_KEPT)
+    _KEPT.clear()  # held for the next read only, whatever it reads
+    keys = {p: _identity(p) for p in paths if p.suffix == ".parquet"}
+    got = {p: kept[key] for p, key in keys.items() if key in kept}
+    todo = [p for p in keys if p not in got]
+    if todo:
+        got.update(zip(todo, _read_parquet(todo), strict=True))
+    if keep:
+        for p in todo:
+            if keys[p] is not None:  # the identity from before the read: a change misses
+                _KEPT[keys[p]] = got[p]
+    return [_read_csv(p) if p.suffix == ".csv" else got[p] for p in paths]
+
+
+# Parquet Tables read with keep=True, held until the next read_tables call, which takes
+# those of an unchanged file (`flnode run`'s check, then its node's read: one child process
+# per start, not two).
+_KEPT: dict[tuple[str, int, int, int, int], Table] = {}
+
+
+def _identity(path: Path) -> tuple[str, int, int, int, int] | None:
+    """A file as it is now (path, device, inode, size, mtime): None if it cannot be seen."""
+    try:
+        st = path.stat()
+        return str(path.resolve()), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
+    except OSError:
+        return None
 
 
 def read_frame(path: str | Path) -> pd.DataFrame:
@@ -185,8 +220,19 @@ def read_frame(path: str | Path) -> pd.DataFrame:
     raise LocalError(f"data file {path}: expected a .csv or .parquet file")
 
 
+# A CSV file this big is refused before it is read: the reader holds the text and a Python
+# str per cell, ~17x the file at its peak (measured: an 18.7 MB file of 600,000 rows x 4
+# columns, 316 MB), so 256 MiB is ~4.3 GiB. Bigger rows go as Parquet (read by a child).
+CSV_MAX_FILE_BYTES = 256 << 20
+
+
 def _read_csv(path: Path) -> Table:
     try:
+        size = path.stat().st_size
+        if size > CSV_MAX_FILE_BYTES:
+            raise LocalError(f"data file {path}: {size} bytes, more than the "
+                             f"{CSV_MAX_FILE_BYTES} a node reads from one CSV file (its reader "
+                             "holds ~17x the file in memory): give the rows as a .parquet file")
         raw = path.read_bytes()
     except OSError as exc:
         raise LocalError(f"cannot read data file {path}: {exc}") from None
@@ -256,53 +302,132 @@ def _typed(cells: list[str]) -> _Cells:
     return _Cells("text", [None if e else c for c, e in zip(cells, empty.tolist(), strict=True)])
 
 
-def _read_parquet(path: Path) -> Table:
-    try:
-        import pyarrow as pa  # lean start: only a .parquet file needs pyarrow
-        import pyarrow.parquet as pq
-    except ImportError:
-        raise LocalError(f"data file {path}: reading Parquet needs pyarrow "
-                         "(pip install pyarrow), or give the rows as a .csv file") from None
-    try:  # ParquetFile, not pq.read_table: that one imports pandas
-        table = pq.ParquetFile(path).read()
-        meta = json.loads((table.schema.metadata or {}).get(b"pandas", b"{}"))
-    except (OSError, ValueError) as exc:  # pyarrow.ArrowInvalid is a ValueError
-        raise LocalError(f"cannot read data file {path}: {exc}") from None
-    index_columns = meta.get("index_columns", []) if isinstance(meta, dict) else []
-    index = {c for c in index_columns if isinstance(c, str)}  # pandas' index, not a column
-    columns = {}
-    for name, col in zip(table.column_names, table.columns, strict=True):
-        if name in index:
-            continue
-        t = col.type
-        if pa.types.is_dictionary(t):
-            col, t = col.cast(t.value_type), t.value_type
-        if pa.types.is_integer(t) and col.null_count == 0:
-            columns[name] = _Cells("int", _arrow_values(col.cast(pa.int64()), np.int64))
-        elif pa.types.is_integer(t) or t == pa.float64():  # int with nulls: float, as pandas
-            columns[name] = _Cells("float", _arrow_values(col.cast(pa.float64()), np.float64))
-        elif pa.types.is_floating(t):  # float32 (float16): its own text, as pandas shows it
-            dtype = np.float32 if t == pa.float32() else np.float16
-            columns[name] = _Cells("float", _arrow_values(col, dtype))
-        elif pa.types.is_boolean(t):
-            values = col.to_pylist()
-            columns[name] = _Cells("bool", np.array([bool(v) for v in values], dtype=bool),
-                                   np.array([v is None for v in values], dtype=bool))
-        else:
-            columns[name] = _Cells("text", [None if v is None else str(v)
-                                            for v in col.to_pylist()])
-    return Table(columns, np.arange(1, table.num_rows + 1), "row")
+# --- Parquet: read in a short-lived child process (node/data/parquet_child.py) -----------
+# pyarrow costs a node ~50 MB of RSS and four threads for as long as it runs; the child
+# reads the file, hands back plain arrays and exits. The limits bound what a hostile file
+# can make the child (and then the node) hold; module attributes, so a test can lower them.
+
+# The child's address space: pyarrow and numpy take ~0.55 GiB of it before the file is
+# opened (mapped code, pools); the rest is for the decoded table (measured: VmPeak 0.47-0.54
+# GiB reading a 3,000-row file with the system allocator).
+PARQUET_MEMORY_BYTES = 6 << 30
+# What the child may hand back (RLIMIT_FSIZE on its output): the rows a node holds from one
+# file. 8 bytes a cell, so ~270 M cells; a file past it is refused, naming the limit. The
+# node then holds at most ~2x this (a text cell: 4 bytes here, a list slot there).
+PARQUET_OUTPUT_BYTES = 2 << 30
+# Rows and columns the metadata may declare: checked before any page is decoded.
+PARQUET_MAX_ROWS = 100_000_000
+PARQUET_MAX_COLUMNS = 10_000
+# A file this big is refused before the child starts (its rows could not fit the output).
+PARQUET_MAX_FILE_BYTES = PARQUET_OUTPUT_BYTES
+# Wall clock for one read (start, decode, write): a member's file of a few MB takes 0.5-2 s
+# here; this only stops a read that hangs (a stalled mount, a pathological file).
+PARQUET_TIMEOUT_S = 600.0
+# How much of the child's stderr an error quotes.
+_STDERR_QUOTED = 2000
+_CHILD = Path(__file__).with_name("parquet_child.py")
+_MAGIC = b"FLNPQ1\n"
+_DTYPES = {"int": ("<i8",), "float": ("<f8", "<f4", "<f2"), "bool": ("|b1",), "text": ("<i4",)}
 
 
-def _arrow_values(col: Any, dtype: type) -> np.ndarray:
-    """A fixed-width pyarrow column as a numpy array, NaN where null (dtype a float) — read
-    from its buffers: pyarrow's own to_numpy imports pandas."""
-    arr = col.combine_chunks()
-    size = np.dtype(dtype).itemsize
-    validity, data = arr.buffers()[:2]
-    out = np.frombuffer(data, dtype=dtype, count=len(arr), offset=arr.offset * size).copy()
-    if arr.null_count:
-        bits = np.unpackbits(np.frombuffer(validity, dtype=np.uint8), bitorder="little")
-        out[~bits[arr.offset:arr.offset + len(arr)].astype(bool)] = np.nan
-    return out
+def _read_parquet(paths: list[Path]) -> list[Table]:
+    """Members' Parquet files, read by one child process that holds pyarrow and exits.
+    Errors name the file and what is wrong with it (the child's one line), or the limit
+    the file passed; the node's own memory holds only the decoded rows."""
+    import os  # lean start: the Parquet reader's child only; a CSV node needs neither
+    import signal
+    import subprocess
+    import tempfile
 
+    for path in paths:
+        try:
+            size = path.stat().st_size
+        except OSError as exc:
+            raise LocalError(f"cannot read data file {path}: {exc}") from None
+        if size > PARQUET_MAX_FILE_BYTES:
+            raise LocalError(f"data file {path}: {size} bytes, more than the "
+                             f"{PARQUET_MAX_FILE_BYTES} a node reads from one Parquet file")
+    with tempfile.TemporaryDirectory(prefix="flnode-parquet-") as tmp:
+        outs = [Path(tmp) / f"rows-{i}.bin" for i in range(len(paths))]
+        err = Path(tmp) / "stderr.txt"
+        argv = [sys.executable, "-I", str(_CHILD), str(PARQUET_MEMORY_BYTES),
+                str(PARQUET_OUTPUT_BYTES), str(PARQUET_MAX_ROWS), str(PARQUET_MAX_COLUMNS)]
+        for path, out in zip(paths, outs, strict=True):
+            argv += [str(path.resolve()), str(out)]
+        env = {**os.environ, "ARROW_DEFAULT_MEMORY_POOL": "system"}  # no jemalloc reserve
+        with err.open("wb") as stderr:
+            try:
+                rc = subprocess.run(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                    stderr=stderr, env=env, timeout=PARQUET_TIMEOUT_S).returncode
+            except subprocess.TimeoutExpired:
+                rc = None
+            except OSError as exc:
+                raise LocalError(f"data file {paths[0]}: cannot start the Parquet reader "
+                                 f"({_CHILD}): {exc}") from None
+        # The first file without its output is the one the child was reading.
+        path = next((p for p, o in zip(paths, outs, strict=True) if not o.exists()), paths[-1])
+        if rc is None:
+            raise LocalError(f"data file {path}: reading it took longer than "
+                             f"{PARQUET_TIMEOUT_S:g} s: stopped")
+        said = err.read_bytes()[-_STDERR_QUOTED:].decode("utf-8", "replace").strip()
+        if rc != 0:
+            last = said.splitlines()[-1] if said else ""
+            if rc < 0:
+                how = (f"the Parquet reader was killed by {signal.Signals(-rc).name} reading "
+                       "it: a malformed file" if -rc in signal.valid_signals() else f"status {rc}")
+                if -rc == signal.SIGXFSZ:
+                    how = (f"its rows decode to more than the {PARQUET_OUTPUT_BYTES >> 20} MiB "
+                           "a node reads from one file")
+                raise LocalError(f"data file {path}: {how}" + (f" ({last})" if last else ""))
+            raise LocalError(f"data file {path}: {last or f'the Parquet reader failed ({rc})'}")
+        return [_load_rows(p, o) for p, o in zip(paths, outs, strict=True)]
+
+
+def _load_rows(path: Path, out: Path) -> Table:
+    """The child's output as a Table, every length checked against the file's size before
+    anything is allocated (the child is ours, its input is not)."""
+    size = out.stat().st_size
+    bad = f"data file {path}: the Parquet reader's output is malformed"
+    with out.open("rb") as f:
+        head = f.read(len(_MAGIC) + 8)
+        if len(head) < len(_MAGIC) + 8 or head[:len(_MAGIC)] != _MAGIC:
+            raise LocalError(bad)
+        n = int.from_bytes(head[len(_MAGIC):], "little")
+        start = len(head) + n
+        if start > size:
+            raise LocalError(bad)
+        try:
+            header = json.loads(f.read(n))
+            rows, entries = int(header["rows"]), list(header["columns"])
+        except (ValueError, KeyError, TypeError):
+            raise LocalError(bad) from None
+        columns: dict[str, _Cells] = {}
+        for e in entries:
+            kind, dtype, name = e.get("kind"), e.get("dtype"), e.get("name")
+            if (dtype not in _DTYPES.get(kind, ()) or not isinstance(name, str)
+                    or name in columns):
+                raise LocalError(bad)
+            values = _buffer(f, start, size, e.get("values"), np.dtype(dtype), rows, bad)
+            if kind == "text":
+                vocab = e.get("vocab")
+                if (not isinstance(vocab, list) or not all(isinstance(v, str) for v in vocab)
+                        or (rows and (values.min() < -1 or values.max() >= len(vocab)))):
+                    raise LocalError(bad)
+                columns[name] = _Cells("text", [None if c < 0 else vocab[c]
+                                                for c in values.tolist()])
+            elif kind == "bool":
+                empty = _buffer(f, start, size, e.get("empty"), np.dtype(bool), rows, bad)
+                columns[name] = _Cells("bool", values, empty)
+            else:
+                columns[name] = _Cells(kind, values)
+    return Table(columns, np.arange(1, rows + 1), "row")
+
+
+def _buffer(f: Any, start: int, size: int, where: Any, dtype: np.dtype, rows: int,
+            bad: str) -> np.ndarray:
+    if (not isinstance(where, list) or len(where) != 2
+            or not all(isinstance(v, int) and v >= 0 for v in where)
+            or where[1] != rows * dtype.itemsize or start + where[0] + where[1] > size):
+        raise LocalError(bad)
+    f.seek(start + where[0])
+    return np.fromfile(f, dtype=dtype, count=rows)

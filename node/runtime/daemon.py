@@ -172,7 +172,7 @@ def check_inputs(config_path: str | Path,
     # lean start: numpy after the config, key and consortium are read (neither pandas nor torch)
     from node.data.encode import encode
     from node.data.schema import FeatureSchema
-    from node.data.table import read_table
+    from node.data.table import read_tables
 
     cfg = load(config_path)
     identity = load_identity(cfg.identity.key)
@@ -186,9 +186,10 @@ def check_inputs(config_path: str | Path,
         from node.learn.normalize import provisional_schema  # lean start: federated schemas only
 
         schema = provisional_schema(schema)
-    for path in (cfg.data.path, cfg.data.eval_path):
-        if path is not None:
-            encode(read_table(path), schema, str(path))
+    paths = [p for p in (cfg.data.path, cfg.data.eval_path) if p is not None]
+    # One Parquet reader for both files; their rows kept for the node's own read (run_node)
+    for path, rows in zip(paths, read_tables(paths, keep=True), strict=True):
+        encode(rows, schema, str(path))
     return cfg, identity, consortium
 
 

@@ -1,0 +1,170 @@
+"""A member's Parquet file is read by a short-lived child process (node/data/parquet_child.py),
+so `flnode run` never holds pyarrow: the rows come back as pandas reads them, and a hostile
+file (garbage, truncated, a row-count lie, a decode bomb, a slow read) ends in a LocalError
+naming the file and the reason while the calling process goes on."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from gossip.errors import LocalError
+from node.data import table as T
+from node.data.table import read_table
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_parquet_rows_come_back_typed_as_pandas_reads_them(tmp_path):
+    """Every kind a column can take (int, int with nulls, float64/32, bool with nulls,
+    strings with nulls, a pandas categorical, other types as text), with a pandas index."""
+    import pandas as pd
+
+    df = pd.DataFrame({
+        "i": [1, -2, 3, 4], "j": pd.array([1, None, 3, 4], dtype="Int64"),
+        "f": [0.5, np.nan, 2.0, 1e300], "g": np.array([1.5, 2, 3, np.nan], dtype=np.float32),
+        "b": pd.array([True, None, False, True], dtype="boolean"),
+        "s": ["a", None, "b", "a"], "c": pd.Categorical(["x", "y", None, "x"]),
+        "d": pd.to_datetime(["2020-01-01", "2021-02-03", None, "2022-03-04"]).date,
+    }, index=[10, 20, 30, 40])
+    path = tmp_path / "m.parquet"
+    df.to_parquet(path)
+    ref, table = pd.read_parquet(path), read_table(path)
+    assert table.columns == list(ref.columns) and len(table) == 4
+    assert table.origin.tolist() == [1, 2, 3, 4] and table.unit == "row"
+    for c in ref.columns:
+        if c != "j":  # pandas' nullable Int64 shows "1"; a node reads int with nulls as float
+            assert table.texts(c) == [v if isinstance(v, str) else None
+                                      for v in ref[c].astype(str).tolist()], c
+        if c != "d":
+            assert np.array_equal(table.numbers(c), pd.to_numeric(ref[c], errors="coerce")
+                                  .to_numpy(dtype=np.float64), equal_nan=True), c
+    assert table.texts("j") == ["1.0", None, "3.0", "4.0"]
+    assert table.empty("s").tolist() == [False, True, False, False]
+    assert table.empty("b").tolist() == [False, True, False, False]
+
+
+def test_a_value_repeated_on_every_row_is_held_once(tmp_path):
+    """Strings stay dictionary-encoded from the file to the node: 4,000 rows of one 64 kB
+    value are one Python str, not 256 MB of copies."""
+    path = tmp_path / "rep.parquet"
+    pq.write_table(pa.table({"s": pa.array(["v" * 65536] * 4000), "y": [0] * 4000}), path)
+    texts = read_table(path).texts("s")
+    assert len(texts) == 4000 and len({id(t) for t in texts}) == 1
+
+
+def _bomb(path: Path, rows: int, refs: int) -> None:
+    """A list column whose rows each hold `refs` references to one 1 MiB dictionary value:
+    a ~50 kB file that decodes to rows x refs MiB."""
+    value = pa.array([b"x" * (1 << 20)], pa.binary())
+    leaf = pa.DictionaryArray.from_arrays(pa.array(np.zeros(rows * refs, dtype=np.int32)),
+                                          value)
+    lists = pa.ListArray.from_arrays(pa.array(np.arange(0, rows * refs + 1, refs,
+                                                        dtype=np.int32)), leaf)
+    pq.write_table(pa.table({"y": pa.array(["No"] * rows), "v": lists}), path)
+
+
+@pytest.mark.parametrize("make,limits,expected", [
+    (lambda p: p.write_bytes(b"PAR1" + b"\x00garbage" * 100), {},
+     r"garbage\.parquet: not a readable Parquet file"),
+    (lambda p: p.write_bytes(b""), {}, r"garbage\.parquet: not a readable Parquet file"),
+    ("truncated", {}, r"garbage\.parquet: not a readable Parquet file"),
+    ("rows", {"PARQUET_MAX_ROWS": 100}, r"garbage\.parquet: 101 rows, more than the 100"),
+    ("ints", {"PARQUET_OUTPUT_BYTES": 1 << 20},
+     r"garbage\.parquet: its rows decode to more than the 1 MiB a node reads from one file"),
+    ("bomb", {"PARQUET_MEMORY_BYTES": 1 << 30},
+     r"garbage\.parquet: decoding it needs more than the 1024 MiB a Parquet read may use"),
+    ("ints", {"PARQUET_TIMEOUT_S": 0.01}, r"garbage\.parquet: reading it took longer than"),
+    ("ints", {"PARQUET_MAX_FILE_BYTES": 1000}, r"garbage\.parquet: \d+ bytes, more than the "
+                                                r"1000 a node reads"),
+])
+def test_a_hostile_parquet_file_is_a_named_error_and_the_caller_goes_on(
+        tmp_path, monkeypatch, make, limits, expected):
+    path = tmp_path / "garbage.parquet"
+    if make == "truncated":
+        pq.write_table(pa.table({"a": np.arange(5000), "y": ["No"] * 5000}), path)
+        path.write_bytes(path.read_bytes()[:-100])
+    elif make == "rows":
+        pq.write_table(pa.table({"a": np.arange(101)}), path)
+    elif make == "ints":  # 8 MB of zeros: a few kB of run-length encoding in the file
+        pq.write_table(pa.table({"a": np.zeros(1 << 20, dtype=np.int64)}), path)
+    elif make == "bomb":  # 2 GiB decoded
+        _bomb(path, 200, 10)
+    else:
+        make(path)
+    for name, value in limits.items():
+        monkeypatch.setattr(T, name, value)
+    with pytest.raises(LocalError, match=expected):
+        read_table(path)
+    monkeypatch.undo()
+    assert len(read_table(_sound(tmp_path))) == 3  # this process reads on
+
+
+def _sound(tmp_path: Path) -> Path:
+    path = tmp_path / "ok.parquet"
+    pq.write_table(pa.table({"a": [1, 2, 3]}), path)
+    return path
+
+
+def test_a_reader_output_that_lies_about_its_lengths_is_refused(tmp_path):
+    """The node checks the child's output before allocating: a header whose buffer runs
+    past the end of the output is refused, not read."""
+    out = tmp_path / "rows.bin"
+    header = b'{"rows": 1000000000, "columns": [{"name": "a", "kind": "int", "dtype": "<i8", ' \
+             b'"values": [0, 8000000000]}]}'
+    out.write_bytes(T._MAGIC + len(header).to_bytes(8, "little") + header + b"\x00" * 16)
+    with pytest.raises(LocalError, match=r"m\.parquet: the Parquet reader's output is malformed"):
+        T._load_rows(tmp_path / "m.parquet", out)
+
+
+def test_reading_parquet_leaves_no_pyarrow_in_the_process(tmp_path):
+    path = _sound(tmp_path)
+    code = ("import sys; from node.data.table import read_table; "
+            f"assert len(read_table({str(path)!r})) == 3; "
+            "print(sorted({'pyarrow', 'pandas'} & {m.split('.')[0] for m in sys.modules}))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT,
+                       timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize("bad", [0, 1])
+def test_one_reader_for_several_files_names_the_hostile_one(tmp_path, bad):
+    """A node's training and evaluation files share one child (read_tables): an error
+    names the file it is about, not its neighbour."""
+    from node.data.table import read_tables
+
+    paths = [tmp_path / "train.parquet", tmp_path / "eval.parquet"]
+    for p in paths:
+        pq.write_table(pa.table({"a": [1, 2, 3], "y": ["x", None, "z"]}), p)
+    assert [len(t) for t in read_tables(paths)] == [3, 3]
+    paths[bad].write_bytes(b"not parquet at all")
+    with pytest.raises(LocalError, match=rf"{paths[bad].name}: not a readable Parquet file"):
+        read_tables(paths)
+
+
+def test_rows_kept_at_the_check_are_handed_once_to_the_same_unchanged_file(tmp_path,
+                                                                           monkeypatch):
+    """`flnode run` checks its files then its node reads them: the second read of an
+    unchanged Parquet file takes the Table the check kept (no second child), once; a file
+    changed in between is read again."""
+    from node.data.table import read_tables
+
+    path = tmp_path / "m.parquet"
+    pq.write_table(pa.table({"a": [1, 2, 3]}), path)
+    [checked] = read_tables([path], keep=True)
+    children = []
+    real = T._read_parquet
+    monkeypatch.setattr(T, "_read_parquet", lambda ps: children.append(ps) or real(ps))
+    assert read_table(path) is checked and children == []
+    assert read_table(path) is not checked and len(children) == 1  # handed once only
+    read_tables([path], keep=True)
+    pq.write_table(pa.table({"a": [1, 2, 3, 4]}), path)  # changed after the check
+    assert len(read_table(path)) == 4 and len(children) == 3
+    assert T._KEPT == {}
