@@ -122,3 +122,38 @@ def test_a_ledger_without_secure_charges_keeps_opacus_orders(tmp_path, kind):
     for r in range(5):
         ledger.charge(LedgerRecord(r, kind, 1.2, 0.1 if kind == "record" else 1.0, 3, 1.0, ""))
         assert ledger.epsilon(DELTA) == epsilon_of(list(ledger.records), DELTA)
+
+
+def test_sign_many_reserves_once_and_signs_what_sign_would(tmp_path, monkeypatch):
+    """A secure round's deals (one per other member) take their numbers with one durable
+    reservation, written before any is signed; the messages and the seq file are byte for
+    byte what signing them one by one gives."""
+    from collections import Counter
+
+    from nacl.signing import SigningKey
+
+    from gossip.envelope import KIND_DEAL, decode_outer
+    from node.runtime.identity import Identity
+    from node.runtime.signer import Signer
+    from node.runtime.state import StateDir
+
+    ident = Identity("site-0", SigningKey(bytes(range(32))))
+    one = Signer(ident, b"c" * 32, StateDir(tmp_path / "one"), None, Counter())
+    many = Signer(ident, b"c" * 32, StateDir(tmp_path / "many"), None, Counter())
+    one.seq = many.seq = 5
+    bodies = [bytes([i]) * 40 for i in range(7)]
+    expected = [one.sign(KIND_DEAL, 3, b) for b in bodies]
+    writes: list[int] = []
+    real = many.state.reserve_seq
+
+    def reserve(n: int) -> None:
+        assert many.seq == 5  # on disk before any number is used
+        writes.append(n)
+        real(n)
+
+    monkeypatch.setattr(many.state, "reserve_seq", reserve)
+    assert many.sign_many(KIND_DEAL, 3, bodies) == expected
+    assert writes == [12] and many.seq == one.seq == 12
+    assert [decode_outer(d).seq for d in expected] == list(range(5, 12))
+    assert (tmp_path / "many" / "seq").read_bytes() == (tmp_path / "one" / "seq").read_bytes()
+    assert many.sign_many(KIND_DEAL, 3, []) == [] and writes == [12]
