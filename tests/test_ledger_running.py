@@ -157,3 +157,31 @@ def test_sign_many_reserves_once_and_signs_what_sign_would(tmp_path, monkeypatch
     assert [decode_outer(d).seq for d in expected] == list(range(5, 12))
     assert (tmp_path / "many" / "seq").read_bytes() == (tmp_path / "one" / "seq").read_bytes()
     assert many.sign_many(KIND_DEAL, 3, []) == [] and writes == [12]
+
+
+def test_epsilon_asked_from_another_thread_while_charging_stays_exact(tmp_path):
+    """The metrics endpoint's thread asks for epsilon while the event loop charges: every
+    answer is the epsilon of some prefix of the charges (never fewer than were charged
+    before the call: nondecreasing), and the last one is the whole ledger's."""
+    import threading
+
+    ledger = Ledger(tmp_path / "ledger.jsonl")
+    p = plan(steps=300)
+    seen: list[float] = []
+    done = threading.Event()
+
+    def scrape() -> None:
+        while not done.is_set():
+            seen.append(ledger.epsilon(DELTA))
+
+    t = threading.Thread(target=scrape)
+    t.start()
+    try:
+        for r in range(150):
+            charge_secure_round(ledger, p, round_=r)
+    finally:
+        done.set()
+        t.join()
+    assert seen and all(a <= b for a, b in zip(seen, seen[1:], strict=False))
+    assert ledger.epsilon(DELTA) == epsilon_of(list(ledger.records), DELTA) >= seen[-1]
+    assert ledger.digest() == ledger_digest(list(ledger.records))

@@ -218,14 +218,14 @@ class RunningRdp:
 
     def flags(self, records: list[LedgerRecord]) -> tuple[bool, bool]:
         """_flags(records), from the kept ones when `records` only grew since."""
-        n = self._seen
-        if not (records is self._of and n <= len(records)
+        n, upto = self._seen, len(records)  # one length throughout (the list may grow)
+        if not (records is self._of and n <= upto
                 and (n == 0 or records[n - 1] is self._last)):
             self._of, n, self._summed, self._total = records, 0, 0, _zeros()
             self._unnoised = self._secure = False
-        unnoised, secure = _flags(records[n:])
+        unnoised, secure = _flags(records[n:upto])
         self._unnoised, self._secure = self._unnoised or unnoised, self._secure or secure
-        self._seen, self._last = len(records), records[-1] if records else None
+        self._seen, self._last = upto, records[upto - 1] if upto else None
         return self._unnoised, self._secure
 
     def total(self, analysis: ModuleType) -> np.ndarray:
