@@ -185,3 +185,21 @@ def test_epsilon_asked_from_another_thread_while_charging_stays_exact(tmp_path):
     assert seen and all(a <= b for a, b in zip(seen, seen[1:], strict=False))
     assert ledger.epsilon(DELTA) == epsilon_of(list(ledger.records), DELTA) >= seen[-1]
     assert ledger.digest() == ledger_digest(list(ledger.records))
+
+
+def test_sign_all_falls_back_to_a_wrapped_signers_own_sign():
+    """A rehearsal's HostileSigner has no sign_many: its deals go through its sign (the
+    replay attack keeps what it signed), one by one."""
+    from node.runtime.signer import sign_all
+
+    class Wrapped:
+        def __init__(self) -> None:
+            self.calls: list[bytes] = []
+
+        def sign(self, kind: str, r: int, body: bytes) -> bytes:
+            self.calls.append(body)
+            return b"signed:" + body
+
+    w = Wrapped()
+    assert sign_all(w, "deal", 0, [b"a", b"b"]) == [b"signed:a", b"signed:b"]
+    assert w.calls == [b"a", b"b"]

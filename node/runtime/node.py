@@ -352,14 +352,6 @@ class Node:
         """Signed with the next sequence number, on disk first (Signer.sign)."""
         return self.signer.sign(kind, r, body)
 
-    def _sign_many(self, kind: str, r: int, bodies: list[bytes]) -> list[bytes]:
-        """_sign for each body, their numbers reserved on disk once (Signer.sign_many); a
-        rehearsal's wrapped signer without it signs them one by one."""
-        many = getattr(self.signer, "sign_many", None)
-        if many is None:
-            return [self._sign(kind, r, b) for b in bodies]
-        return many(kind, r, bodies)
-
     async def _rotate_prekeys(self, r: int, announce: bool = False) -> None:
         await sharing.rotate_prekeys(self, r, announce)
 

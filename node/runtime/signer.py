@@ -129,3 +129,13 @@ class Signer:
 
     def close(self) -> None:
         """The run is over (nothing of the honest signer runs on its own)."""
+
+
+def sign_all(signer: Signer, kind: str, r: int, bodies: Sequence[bytes]) -> list[bytes]:
+    """`signer`'s messages for `bodies`, their numbers reserved on disk once (sign_many); a
+    rehearsal's wrapped signer (node/rehearsal/attacks.py) without it signs them one by one,
+    through its own sign."""
+    many = getattr(signer, "sign_many", None)
+    if many is None:
+        return [signer.sign(kind, r, b) for b in bodies]
+    return list(many(kind, r, bodies))
