@@ -51,7 +51,9 @@ rows; the load average beside each figure; a table at the end):
 - quality: per table and seed, the secure DP run (`--secure --privacy record --epsilon E`,
   the node's own plan) against centralized DP-SGD (fixed recipe, same epsilon and
   accountant), and the secure run without DP (secure_select "sum", privacy off,
-  --rounds rounds) against simulate's centralized non-private baseline.
+  --rounds rounds) against simulate's centralized non-private baseline. The DP rows run the
+  plan's rounds: digits 43, churn 235, default 938 (20 minutes of rounds at load ~20, one
+  seed: `--tables default --seeds 1 --only "DP eps" --row-timeout 2700`).
 
     .venv/bin/python scripts/bench_secure.py --grid robust --out-dir docs/results
     .venv/bin/python scripts/bench_secure.py --grid cost --out-dir docs/results

@@ -93,17 +93,26 @@ def _load_rdp(path: Path) -> ModuleType:
     return module
 
 
-def epsilon_of(records: list[LedgerRecord], delta: float) -> float:
+def epsilon_of(records: list[LedgerRecord], delta: float, running: RunningRdp | None = None,
+               extra: list[LedgerRecord] | None = None) -> float:
     """Total epsilon at delta for these releases, by Opacus' RDP accountant's arithmetic
     (RDPAccountant.get_epsilon: compute_rdp per (sigma, q, steps), summed over the
-    history, converted at the best of the default orders)."""
-    if not records:
+    history, converted at the best of the default orders). `extra`: releases after
+    `records` (a charge about to be made). `running`: `records`' sum kept between calls
+    (a Ledger's; RunningRdp): the same epsilon, to the last bit, as without it."""
+    extra = extra or []
+    if not records and not extra:
         return 0.0
-    if any(r.noise_multiplier <= 0 for r in records):
+    unnoised, secure = running.flags(records) if running is not None else _flags(records)
+    unnoised_x, secure_x = _flags(extra)
+    if unnoised or unnoised_x:
         return math.inf
     analysis = _opacus_rdp()
-    if any(r.mode == secure_record.MODE for r in records):
-        return _epsilon_with_secure(analysis, records, delta)
+    if secure or secure_x:
+        total = (running.total(analysis) if running is not None
+                 else _rdp_sum(analysis, records, _zeros()))
+        return _epsilon_from_rdp(analysis, _rdp_sum(analysis, extra, total), delta)
+    records = [*records, *extra]
     history: list[tuple[float, float, int]] = []
     for r in records:  # merge runs of identical steps as Opacus' own step() does
         if history and history[-1][:2] == (r.noise_multiplier, r.sample_rate):
@@ -118,29 +127,113 @@ def epsilon_of(records: list[LedgerRecord], delta: float) -> float:
     return float(eps)
 
 
-def _epsilon_with_secure(analysis: ModuleType, records: list[LedgerRecord], delta: float
-                         ) -> float:
-    """A ledger with secure-round charges: every record's RDP at the integer orders 2..256
-    (the secure charge's amplification bound holds at integers only; Opacus' Gaussian RDP
-    holds at every order), summed, converted by Opacus' get_privacy_spent. A ledger
-    without them keeps epsilon_of's own orders: its epsilon is what it always was."""
-    orders = list(secure_record.ORDERS)
-    total = np.zeros(len(orders))
+# A ledger with secure-round charges: every record's RDP at the integer orders 2..256 (the
+# secure charge's amplification bound holds at integers only; Opacus' Gaussian RDP holds at
+# every order), summed in the ledger's order, converted by Opacus' get_privacy_spent. A
+# ledger without them keeps epsilon_of's own orders: its epsilon is what it always was.
+_SECURE_ORDERS = list(secure_record.ORDERS)
+# Distinct secure charges whose RDP vector is kept (a run charges the same parameters every
+# round: a handful; each vector is 255 floats).
+RDP_CACHE = 256
+
+
+def _zeros() -> np.ndarray:
+    return np.zeros(len(_SECURE_ORDERS))
+
+
+def _rdp_sum(analysis: ModuleType, records: list[LedgerRecord], total: np.ndarray
+             ) -> np.ndarray:
+    """total + each record's RDP, added one by one in order (the order fixes the bits)."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # Opacus warns about optimal alpha at the edge
         for r in records:
-            if r.mode == secure_record.MODE:
-                assert r.secure is not None, "a secure charge without its parameters"
-                total = total + secure_record.record_rdp(r.secure, r.noise_multiplier,
-                                                         r.sample_rate, r.steps, r.clip_norm)
-            else:
-                total = total + np.asarray(analysis.compute_rdp(
-                    q=r.sample_rate, noise_multiplier=r.noise_multiplier, steps=r.steps,
-                    orders=orders))
-        if not np.any(np.isfinite(total)):
-            return math.inf
-        eps, _ = analysis.get_privacy_spent(orders=orders, rdp=total, delta=delta)
+            total = total + _record_rdp(analysis, r)
+    return total
+
+
+def _record_rdp(analysis: ModuleType, r: LedgerRecord) -> np.ndarray:
+    if r.mode != secure_record.MODE:
+        return np.asarray(analysis.compute_rdp(q=r.sample_rate, noise_multiplier=r.noise_multiplier,
+                                               steps=r.steps, orders=_SECURE_ORDERS))
+    assert r.secure is not None, "a secure charge without its parameters"
+    s = r.secure
+    try:  # what record_rdp reads, each value with its type ("delta", "epsilon_after": never)
+        key = tuple((type(v), v) for v in (
+            r.noise_multiplier, r.sample_rate, r.steps, r.clip_norm,
+            *(s[k] for k in _SECURE_READ)))
+        hash(key)
+    except (KeyError, TypeError):  # not a charge flnode writes: computed as it is, uncached
+        return secure_record.record_rdp(s, r.noise_multiplier, r.sample_rate, r.steps,
+                                        r.clip_norm)
+    return _secure_rdp_cached(key)
+
+
+# The "secure" parameters record_rdp reads (secure_record.py: "delta" and "epsilon_after"
+# are for the reader only).
+_SECURE_READ = ("members", "coalition", "contributors", "dim", "granularity", "beta", "reveal")
+
+
+@functools.lru_cache(maxsize=RDP_CACHE)
+def _secure_rdp_cached(key: tuple) -> np.ndarray:
+    """One secure charge's RDP (record_rdp: a 255 x 255 subsampling bound, ~1 ms; every
+    round charges the same), computed once per distinct `key`. Read-only: it is shared."""
+    sigma, q, steps, clip, *rest = (v for _, v in key)
+    out = secure_record.record_rdp(dict(zip(_SECURE_READ, rest, strict=True)), sigma, q, steps,
+                                   clip)
+    out.setflags(write=False)
+    return out
+
+
+def _epsilon_from_rdp(analysis: ModuleType, total: np.ndarray, delta: float) -> float:
+    if not np.any(np.isfinite(total)):
+        return math.inf
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        eps, _ = analysis.get_privacy_spent(orders=_SECURE_ORDERS, rdp=total, delta=delta)
     return float(eps)
+
+
+def _flags(records: list[LedgerRecord]) -> tuple[bool, bool]:
+    """(a record without noise: epsilon is infinite, a secure charge: the integer orders)."""
+    return (any(r.noise_multiplier <= 0 for r in records),
+            any(r.mode == secure_record.MODE for r in records))
+
+
+class RunningRdp:
+    """What epsilon_of needs of a ledger's records, kept between calls so that each call
+    looks only at the records charged since: a secure run asks for epsilon several times
+    a round, and going over the whole ledger each time grew with the square of the rounds
+    (20 of a 43-round digits run's 38 CPU seconds; docs/results/secure.md). The RDP is
+    summed with the additions of a sum from scratch, in the same order: the same bits.
+    Kept only while it is handed the same list object grown by appends (Ledger.charge);
+    anything else (a shorter list, another record at the kept end) is gone over afresh."""
+
+    def __init__(self) -> None:
+        self._of: list[LedgerRecord] | None = None
+        self._seen = 0  # records[:_seen] are in the flags
+        self._last: LedgerRecord | None = None
+        self._unnoised = self._secure = False
+        self._summed = 0  # records[:_summed] are in _total
+        self._total = _zeros()
+
+    def flags(self, records: list[LedgerRecord]) -> tuple[bool, bool]:
+        """_flags(records), from the kept ones when `records` only grew since."""
+        n, upto = self._seen, len(records)  # one length throughout (the list may grow)
+        if not (records is self._of and n <= upto
+                and (n == 0 or records[n - 1] is self._last)):
+            self._of, n, self._summed, self._total = records, 0, 0, _zeros()
+            self._unnoised = self._secure = False
+        unnoised, secure = _flags(records[n:upto])
+        self._unnoised, self._secure = self._unnoised or unnoised, self._secure or secure
+        self._seen, self._last = upto, records[upto - 1] if upto else None
+        return self._unnoised, self._secure
+
+    def total(self, analysis: ModuleType) -> np.ndarray:
+        """The RDP sum (secure orders) of the records the last flags() call was given."""
+        assert self._of is not None
+        self._total = _rdp_sum(analysis, self._of[self._summed:self._seen], self._total)
+        self._summed = self._seen
+        return self._total
 
 
 def steps_per_epoch(rows: int, batch_size: int) -> int:

@@ -9,12 +9,14 @@ import hashlib
 import json
 import math
 import os
+import threading
 from dataclasses import MISSING, asdict, fields
 from pathlib import Path
+from typing import Any
 
 from gossip.errors import LocalError, shorten
 from node.privacy import secure_record
-from node.privacy.accountant import LedgerRecord, epsilon_of
+from node.privacy.accountant import LedgerRecord, RunningRdp, epsilon_of
 from node.privacy.skellam import finite_number
 from node.runtime.state import append_durable, atomic_write, loads_json
 
@@ -38,6 +40,16 @@ class Ledger:
         self.repair = repair
         self.recovered: list[str] = []  # what loading had to fix, for the operator
         self.records: list[LedgerRecord] = self._read()
+        # epsilon's running sum over self.records (accountant.RunningRdp), the last epsilon
+        # asked for ((records, last record, delta) -> epsilon), and the running digest of
+        # the records (ledger_digest's, for the checkpoint): each charge adds to them
+        # instead of the whole ledger being gone over again, several times a round.
+        self._running = RunningRdp()
+        self._last_epsilon: tuple[tuple[Any, ...], float, float] | None = None
+        self._digest: tuple[list[LedgerRecord], int, Any, LedgerRecord | None] | None = None
+        # Those three change on every call; the metrics endpoint asks for epsilon from its
+        # own thread (node/runtime/metrics.py) while the event loop charges: one at a time.
+        self._lock = threading.Lock()
 
     def _read(self) -> list[LedgerRecord]:
         if not self.path.exists():
@@ -101,7 +113,36 @@ class Ledger:
         self.records.append(record)
 
     def epsilon(self, delta: float) -> float:
-        return epsilon_of(self.records, delta)
+        """epsilon_of(self.records, delta), each record's RDP summed once (RunningRdp)."""
+        with self._lock:
+            now = (self.records, len(self.records), self.records[-1] if self.records else None)
+            memo = self._last_epsilon
+            if memo is not None and memo[0][0] is now[0] and memo[0][1] == now[1] and \
+                    memo[0][2] is now[2] and memo[1] == delta:
+                return memo[2]
+            eps = epsilon_of(self.records, delta, running=self._running)
+            self._last_epsilon = (now, delta, eps)
+            return eps
+
+    def epsilon_with(self, record: LedgerRecord, delta: float) -> float:
+        """epsilon_of([*self.records, record], delta): what charging `record` would bring."""
+        with self._lock:
+            return epsilon_of(self.records, delta, running=self._running, extra=[record])
+
+    def digest(self) -> str:
+        """ledger_digest(self.records), hashing only the records charged since the last call
+        while self.records only grew (the checkpoint asks at every round)."""
+        with self._lock:
+            kept = self._digest
+            n = len(self.records)
+            if kept is None or kept[0] is not self.records or kept[1] > n or \
+                    (kept[1] and self.records[kept[1] - 1] is not kept[3]):
+                kept = (self.records, 0, hashlib.blake2b(digest_size=16), None)
+            h = kept[2]
+            for r in self.records[kept[1]:n]:
+                h.update(_line(r))
+            self._digest = (self.records, n, h, self.records[n - 1] if n else None)
+            return h.copy().hexdigest()
 
     def check_covers(self, count: int, digest: str, where: str) -> None:
         """Refuse a ledger that no longer starts with the `count` records (of `digest`)

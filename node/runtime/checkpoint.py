@@ -20,7 +20,6 @@ import torch
 from gossip import envelope
 from gossip.errors import RemoteError
 from node.learn.models import get_flat, set_flat
-from node.privacy.ledger import ledger_digest
 from node.runtime.compression import Compressor, residual_from, residual_path
 from node.runtime.release import Releaser
 from node.runtime.state import Checkpoint
@@ -46,7 +45,7 @@ def snapshot(node: Node) -> Checkpoint:
         control=node.control.state_dict() if node.control is not None else {},
         planned_rounds=node.cfg.training.rounds,
         ledger_records=len(node.ledger.records),
-        ledger_digest=ledger_digest(node.ledger.records),
+        ledger_digest=node.ledger.digest(),
         retired=sorted({m.name for m in node.consortium.members} - {node.name}
                        - node.book.neighbours),
         residual=c.state() if (c := compressor(node)) is not None else None,

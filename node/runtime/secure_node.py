@@ -90,6 +90,7 @@ from node.runtime.secure_round import (
     SecureRounds,
     secure_phases,
 )
+from node.runtime.signer import sign_all
 from node.runtime.state import atomic_write
 from node.secagg.encoding import FixedPoint, IntegerCodec
 from node.strategy.consortium_rules import parse_rules, secure_rule
@@ -379,10 +380,11 @@ async def _send_deals(node: Node, r: int, doc: dict[str, Any]) -> None:
     if missing:
         log.warning("%s: round %d: no prekey from %s: they get no deal from us", node.name,
                     r + 1, ", ".join(missing))
-    for peer, prekey in sorted(recipients.items()):
-        sealed = node.signer.seal(r, bodies[peer], {peer: prekey})
-        if sealed is not None:
-            sent[peer] = node._sign(KIND_DEAL, r, sealed)
+    sealed = {peer: node.signer.seal(r, bodies[peer], {peer: prekey})
+              for peer, prekey in sorted(recipients.items())}
+    ready = {peer: s for peer, s in sealed.items() if s is not None}
+    # one durable seq reservation for the round's deals (Signer.sign_many), not one each
+    sent.update(zip(ready, sign_all(node.signer, KIND_DEAL, r, list(ready.values())), strict=True))
     if recipients:
         _store_deals(node, r, doc)
     for peer in sorted(p for p in seal_for if p in sent):
