@@ -79,8 +79,10 @@ from node.secagg.shamir import (
 # "sum_only" opens nothing per member (no degree-2 values, no selection: every accepted
 # dealer is summed, `select_without_opening`, and the sum's exact aggregate norm check is
 # the only bound); under DP it is the one variant charged at the sum's noise
-# (node/privacy/secure.py, docs/privacy-secure.md).
-VARIANTS = ("distances", "norm_only", "sum_only")
+# (node/privacy/secure.py, docs/privacy-secure.md). "range" opens one value per member, 0
+# iff its vector passes the sound range check (node/secagg/range_check.py): one bit each;
+# its masks are n wide like norm_only's.
+VARIANTS = ("distances", "norm_only", "sum_only", "range")
 # Coordinates per block of the Gram matrix: 3 limbs of 21 bits, each limb product below
 # 2^42, so a block of 2^11 coordinates sums below 2^53 and float64 (BLAS) is exact.
 _LIMB_BITS = 21
@@ -111,7 +113,7 @@ class RoundParams:
                               f"2t + 1 = {2 * t + 1} members to open")
         if self.codec.members != n:
             raise SecAggError(f"encoding for {self.codec.members} members, round has {n}")
-        if self.variant != "sum_only":
+        if self.variant not in ("sum_only", "range"):
             self.codec.norm_bound_sq  # noqa: B018 - IntegerCodec: FieldOverflow if norms could wrap
         if self.variant not in VARIANTS:
             raise SecAggError(f"variant {self.variant!r}: one of {', '.join(VARIANTS)}")
@@ -133,7 +135,8 @@ class RoundParams:
     def opened(self) -> int:
         """P: the degree-2 values opened (pairs a < b, then the n norms; or the norms)."""
         n = self.members
-        return {"distances": n * (n - 1) // 2 + n, "norm_only": n, "sum_only": 0}[self.variant]
+        return {"distances": n * (n - 1) // 2 + n, "norm_only": n, "sum_only": 0,
+                "range": n}[self.variant]
 
     def pair_index(self, a: int, b: int) -> int:
         a, b = min(a, b), max(a, b)
@@ -482,8 +485,21 @@ class Selection:
 
 
 def _opens_degree2(params: RoundParams) -> None:
-    if params.variant == "sum_only":
-        raise SecAggError("variant sum_only opens no degree-2 values (select_without_opening)")
+    if params.variant in ("sum_only", "range"):
+        raise SecAggError(f"variant {params.variant} opens no squared norms or distances "
+                          "(select_without_opening, select_in_range)")
+
+
+def select_in_range(params: RoundParams, dealers: tuple[int, ...],
+                    out_of_range: Mapping[int, str]) -> Selection:
+    """Variant "range": every accepted dealer whose range check opened 0 is summed; the
+    others are left out, named with their reason (node/secagg/range_check.py judge)."""
+    if params.variant != "range":
+        raise SecAggError(f"variant {params.variant!r} does not run the range check")
+    dealers = params.members_in(dealers, "dealers")
+    excluded = {i: why for i, why in out_of_range.items() if i in dealers}
+    return Selection(tuple(i for i in dealers if i not in excluded), excluded, {},
+                     note="range: one bit per member opened (in range or not)")
 
 
 def select_without_opening(params: RoundParams, dealers: tuple[int, ...]) -> Selection:
