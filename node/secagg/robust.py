@@ -486,8 +486,8 @@ class Selection:
 
 def _opens_degree2(params: RoundParams) -> None:
     if params.variant in ("sum_only", "range"):
-        raise SecAggError(f"variant {params.variant} opens no squared norms or distances "
-                          "(select_without_opening, select_in_range)")
+        raise SecAggError(f"variant {params.variant} opens no degree-2 values (norms or "
+                          "distances: select_without_opening, select_in_range)")
 
 
 def select_in_range(params: RoundParams, dealers: tuple[int, ...],
