@@ -293,3 +293,50 @@ def test_without_the_masks_one_holder_tests_a_guess_of_the_vector():
     assert predicted(run, x) == top and predicted(run, guess) != top  # the leak
     _, opened, run = run_check({1: to_field(x)}, g=rng(12))
     assert predicted(run, x) != _coefficients(opened, 0)[-1]  # masked: nothing to test against
+
+
+# --- under DP: the bound from the pinned plan ------------------------------------------------
+
+def _plan(variant: str):
+    from node.privacy.secure import secure_plan
+
+    return secure_plan(rows_total=400, members=N, coalition=T, epsilon=3.0, delta=1e-5,
+                       dim=DIM, variant=variant)
+
+
+def test_a_dp_member_at_its_worst_passes_the_range_check_of_its_plan():
+    from node.privacy.distributed import member_contribution
+    from node.privacy.secure import coordinate_bound_of
+    from node.runtime.secure_range import member_norm_bound, range_params_of
+
+    plan = _plan("range")
+    mech, bound = plan.mechanism(), member_norm_bound(plan)
+    rp = range_params_of(plan)
+    codec = IntegerCodec(N, DIM, coordinate_bound_of(plan))
+    g = rng(20)
+    # every row of the consortium sampled (more than the Bernstein tail allows), all aligned
+    # at the clip: the signal's worst norm, plus a fresh noise share
+    same = np.ones((plan.rows_total, DIM)) * 5.0
+    for k in range(5):
+        q = member_contribution(same, mech, plan.noise_multiplier, g)
+        assert np.linalg.norm(q) <= bound
+        x = codec.encode(q)
+        u = RC.projections(rp, b"dp-%d" % k)
+        assert RC.check_value(rp, u, RC.coefficients(rp, b"w%d" % k), x, RC.witness(rp, u, x)) == 0
+    # a scaled member (the bench's scale attack, x -1000) cannot make a witness
+    with pytest.raises(RC.OutOfRange):
+        RC.witness(rp, RC.projections(rp, b"s"), to_field(-1000 * q))
+
+
+def test_the_range_variant_is_charged_as_the_sum_with_delta_left_for_its_bits():
+    from node.privacy.secure import RANGE_FAILURE
+
+    rng_plan, sum_plan = _plan("range"), _plan("sum_only")
+    assert rng_plan.reveal == "sum" and sum_plan.range_delta == 0
+    eta = rng_plan.steps * N * RANGE_FAILURE
+    assert rng_plan.range_delta == pytest.approx((1 + math.exp(3.0)) * eta)
+    assert rng_plan.accounting_delta < rng_plan.delta and rng_plan.record(0).secure["delta"] == \
+        rng_plan.accounting_delta
+    # the bits' delta is tiny: the same sigma to the bisection's precision, or a hair above
+    assert rng_plan.noise_multiplier >= sum_plan.noise_multiplier * (1 - 1e-3)
+    assert rng_plan.epsilon_after(rng_plan.steps) <= 3.0 * (1 + 1e-9)

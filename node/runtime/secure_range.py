@@ -24,12 +24,16 @@ from __future__ import annotations
 
 import math
 
-from node.privacy.secure import SecurePlan
+from node.privacy.secure import RANGE_FAILURE, SecurePlan
+from node.secagg import range_check
 from node.secagg.range_check import RangeParams
 
 # The two tails of an honest member's norm (rows sampled; its noise: split in two halves).
 FAILURE_ROWS = 2.0 ** -42
 FAILURE_NOISE = 2.0 ** -42
+# the four tails are what the privacy plan leaves delta for (SecurePlan.range_delta)
+assert FAILURE_ROWS + FAILURE_NOISE + range_check.FAILURE_PROJECTION + range_check.FAILURE_SLACK \
+    <= RANGE_FAILURE
 
 
 def member_norm_bound(plan: SecurePlan) -> float:
