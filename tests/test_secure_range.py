@@ -97,33 +97,47 @@ def test_many_honest_vectors_at_the_bound_pass():
 
 
 def test_an_out_of_range_member_is_named_excluded_and_the_round_sums_the_others():
+    # a whole round at robust's level: each member's VECTOR and MASK pieces from
+    # robust.deal_encoded (variant "range": n masks), the dealing check, the range check on
+    # those pieces (masked with the summed MASK pieces), the selection and the sum
     g = rng(3)
     codec = IntegerCodec(N, DIM, 10 ** 6)
     params = robust.RoundParams(7, N, T, codec, "range")
     ints = {i: honest_vector(g) for i in range(1, N + 1)}
     ints[3] = ints[3] * 40  # past the worst-case soundness factor: a scaled contribution
     xs = {i: codec.encode(q) for i, q in ints.items()}
+    u = {i: RC.projections(PARAMS, b"x-commit-%d" % i) for i in xs}
     with pytest.raises(RC.OutOfRange):
-        RC.witness(PARAMS, RC.projections(PARAMS, b"x-commit-3"), xs[3])
+        RC.witness(PARAMS, u[3], xs[3])
     # it deals the best witness it can: bits of its projections mod 2^L, the slack mod 2^S
-    u3 = RC.projections(PARAMS, b"x-commit-3")
-    y = lift(RC.project(u3, xs[3]))
+    y = lift(RC.project(u[3], xs[3]))
     fake = np.concatenate([RC._bits([(v + PARAMS.offset) % (1 << PARAMS.bits) for v in y], PARAMS.bits),
                            RC._bits([(PARAMS.bound_sq - sum(v * v for v in y)) % (1 << PARAMS.slack_bits)],
                                     PARAMS.slack_bits)])
-    verdict, _, _ = run_check(xs, {3: fake}, g=g)
+    pieces = {i: robust.deal_encoded(params, i, xs[i], test_only_rng=g) for i in xs}
+    wit = {i: RC.share_witness(PARAMS, fake if i == 3 else RC.witness(PARAMS, u[i], xs[i]), N, T, g)
+           for i in xs}
+    coeffs = {i: RC.coefficients(PARAMS, b"w-commit-%d" % i) for i in xs}
+    dealers = tuple(range(1, N + 1))
+    vec = {j: {i: pieces[i][j][0] for i in xs} for j in dealers}
+    msk = {j: {i: pieces[i][j][1] for i in xs} for j in dealers}
+    checks = {j: robust.check_piece(params, j, vec[j], msk[j], dealers, b"chal") for j in dealers}
+    assert robust.judge_dealings(params, checks, dealers).accepted == dealers
+    opened = {j: RC.check_piece(PARAMS, j, dealers, u, coeffs, {i: vec[j][i].values[:DIM] for i in xs},
+                                {i: wit[i][j - 1] for i in xs},
+                                F.sum_mod(np.stack([msk[j][i].values[:N] for i in xs]), axis=0), N)
+              for j in dealers}
+    verdict = RC.judge(opened, dealers, N, T)
     assert verdict.out_of_range.keys() == {3} and verdict.out_of_range[3].startswith("norm_out_of_range")
-    sel = robust.select_in_range(params, tuple(range(1, N + 1)), verdict.out_of_range)
+    sel = robust.select_in_range(params, dealers, verdict.out_of_range)
     assert sel.selected == (1, 2, 4, 5) and 3 in sel.excluded
     # the sum goes on over the others, exactly their field sum (without the check, sum_only
     # sums member 3 too: select_without_opening keeps every accepted dealer)
-    pieces = {i: robust.deal_encoded(params, i, xs[i], test_only_rng=g) for i in xs}
-    sums = {j: robust.sum_piece(params, j, {i: pieces[i][j][0] for i in xs}, sel.selected)
-            for j in range(1, N + 1)}
+    sums = {j: robust.sum_piece(params, j, vec[j], sel.selected) for j in dealers}
     agg = robust.open_sum(params, sums, sel.selected)
     assert np.array_equal(agg.field_sum, F.sum_mod(np.stack([xs[i] for i in sel.selected]), axis=0))
     so = robust.RoundParams(7, N, T, codec, "sum_only")
-    assert 3 in robust.select_without_opening(so, tuple(range(1, N + 1))).selected
+    assert 3 in robust.select_without_opening(so, dealers).selected
 
 
 def wraparound_vector(g: np.random.Generator) -> np.ndarray:
