@@ -102,7 +102,7 @@ def test_an_out_of_range_member_is_named_excluded_and_the_round_sums_the_others(
     # those pieces (masked with the summed MASK pieces), the selection and the sum
     g = rng(3)
     codec = IntegerCodec(N, DIM, 10 ** 6)
-    params = robust.RoundParams(7, N, T, codec, "range")
+    params = robust.RoundParams(7, N, T, codec, "range", witness=PARAMS.width)
     ints = {i: honest_vector(g) for i in range(1, N + 1)}
     ints[3] = ints[3] * 40  # past the worst-case soundness factor: a scaled contribution
     xs = {i: codec.encode(q) for i, q in ints.items()}
@@ -114,9 +114,13 @@ def test_an_out_of_range_member_is_named_excluded_and_the_round_sums_the_others(
     fake = np.concatenate([RC._bits([(v + PARAMS.offset) % (1 << PARAMS.bits) for v in y], PARAMS.bits),
                            RC._bits([(PARAMS.bound_sq - sum(v * v for v in y)) % (1 << PARAMS.slack_bits)],
                                     PARAMS.slack_bits)])
-    pieces = {i: robust.deal_encoded(params, i, xs[i], test_only_rng=g) for i in xs}
-    wit = {i: RC.share_witness(PARAMS, fake if i == 3 else RC.witness(PARAMS, u[i], xs[i]), N, T, g)
-           for i in xs}
+    # the witness rides in the VECTOR pieces after the d coordinates (seeded or not)
+    pieces = {i: robust.deal_encoded(params, i, xs[i], test_only_rng=g, seeded=i % 2 == 0,
+                                     witness=lambda parts, i=i: fake if i == 3 else
+                                     RC.witness(PARAMS, u[i], xs[i]))
+              for i in xs}
+    pieces = {i: {j: (robust.expand_seed_piece(params, v) if v.kind == robust.SEED else v, m)
+                  for j, (v, m) in ps.items()} for i, ps in pieces.items()}
     coeffs = {i: RC.coefficients(PARAMS, b"w-commit-%d" % i) for i in xs}
     dealers = tuple(range(1, N + 1))
     vec = {j: {i: pieces[i][j][0] for i in xs} for j in dealers}
@@ -124,7 +128,7 @@ def test_an_out_of_range_member_is_named_excluded_and_the_round_sums_the_others(
     checks = {j: robust.check_piece(params, j, vec[j], msk[j], dealers, b"chal") for j in dealers}
     assert robust.judge_dealings(params, checks, dealers).accepted == dealers
     opened = {j: RC.check_piece(PARAMS, j, dealers, u, coeffs, {i: vec[j][i].values[:DIM] for i in xs},
-                                {i: wit[i][j - 1] for i in xs},
+                                {i: vec[j][i].values[DIM:] for i in xs},
                                 F.sum_mod(np.stack([msk[j][i].values[:N] for i in xs]), axis=0), N)
               for j in dealers}
     verdict = RC.judge(opened, dealers, N, T)
@@ -136,6 +140,8 @@ def test_an_out_of_range_member_is_named_excluded_and_the_round_sums_the_others(
     sums = {j: robust.sum_piece(params, j, vec[j], sel.selected) for j in dealers}
     agg = robust.open_sum(params, sums, sel.selected)
     assert np.array_equal(agg.field_sum, F.sum_mod(np.stack([xs[i] for i in sel.selected]), axis=0))
+    assert np.array_equal(agg.field_sum, F.sum_mod(np.stack([codec.encode(ints[i]) for i in (1, 2, 4, 5)]),
+                                                    axis=0))
     so = robust.RoundParams(7, N, T, codec, "sum_only")
     assert 3 in robust.select_without_opening(so, dealers).selected
 

@@ -68,6 +68,7 @@ from hashlib import blake2b
 
 import numpy as np
 
+from gossip.bodies import SECAGG_WITNESS_MAX
 from node.secagg import field as F
 from node.secagg.errors import SecAggError
 from node.secagg.shamir import decode, share
@@ -114,6 +115,9 @@ class RangeParams:
                               "projection or the slack could wrap)")
         if K >> S:
             raise SecAggError(f"range check: K = {K} does not fit its {S} slack bits")
+        if self.width > SECAGG_WITNESS_MAX:
+            raise SecAggError(f"range check: a witness of {self.width} values, the wire carries "
+                              f"at most {SECAGG_WITNESS_MAX} (gossip/bodies.py)")
 
     @property
     def offset(self) -> int:
