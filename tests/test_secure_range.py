@@ -76,6 +76,11 @@ def test_parameters_fit_the_field_and_state_their_soundness():
     assert 1 < s < 40, s  # the worst-case (sparse) factor at 2^-40
     with pytest.raises(robust.SecAggError, match="wrap"):
         RC.RangeParams(DIM, 128, 40, 10, 5)
+    from gossip.bodies import SECAGG_WITNESS_MAX
+
+    assert RC.WITNESS_MAX == SECAGG_WITNESS_MAX  # the wire's room is the core's limit
+    with pytest.raises(robust.SecAggError, match="the wire carries"):
+        RC.RangeParams(DIM, 1024, 20, 10, 5)
 
 
 def test_honest_members_pass_and_the_opened_value_is_exactly_zero():

@@ -68,7 +68,6 @@ from hashlib import blake2b
 
 import numpy as np
 
-from gossip.bodies import SECAGG_WITNESS_MAX
 from node.secagg import field as F
 from node.secagg.errors import SecAggError
 from node.secagg.shamir import decode, share
@@ -86,6 +85,9 @@ FAILURE_SLACK = 2.0 ** -42
 # 2^-SOUNDNESS_BITS (per dealing; a dealer may redraw its dealing within the round's
 # deadline only, and the challenge binds the round's beacon: docs/privacy-secure.md).
 SOUNDNESS_BITS = 40
+# The most witness values a deal carries: the wire's room for them (gossip/bodies.py
+# SECAGG_WITNESS_MAX, the same; the core imports nothing outside numpy and itself).
+WITNESS_MAX = 1 << 14
 _HALF_P = F.P // 2
 
 
@@ -115,9 +117,9 @@ class RangeParams:
                               "projection or the slack could wrap)")
         if K >> S:
             raise SecAggError(f"range check: K = {K} does not fit its {S} slack bits")
-        if self.width > SECAGG_WITNESS_MAX:
+        if self.width > WITNESS_MAX:
             raise SecAggError(f"range check: a witness of {self.width} values, the wire carries "
-                              f"at most {SECAGG_WITNESS_MAX} (gossip/bodies.py)")
+                              f"at most {WITNESS_MAX} (gossip/bodies.py)")
 
     @property
     def offset(self) -> int:
