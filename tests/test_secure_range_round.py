@@ -104,3 +104,27 @@ def test_an_honest_member_out_of_its_own_range_does_not_deal():
     big = np.full(DIM, 10 ** 9, dtype=np.uint64)  # far past B: no witness exists
     assert sr.deal(big) == {} and sr.own_pieces() is None
     assert sr.out.detail.startswith("norm_out_of_range")
+
+
+def test_the_rehearsal_attacker_forges_a_witness_and_is_caught(monkeypatch):
+    # node/rehearsal/attacks.py forged_witness: what the bench's scale and noise attackers
+    # deal (an honest node refuses to deal an out-of-range vector; an attacker does not)
+    from node.rehearsal.attacks import forged_witness
+
+    net = range_net()
+    bad = net.names[1]
+    sec = net.members[bad].secure
+    make, deal = sec.round, sec.deal
+
+    def round_(r):
+        sr = make(r)
+        sr.witness_of = forged_witness
+        return sr
+    sec.round = round_
+    sec.deal = lambda r, encoded: deal(r, scaled(encoded))
+    net.run()
+    others = [m for m in net.names if m != bad]
+    for o in net.honest_outcomes(others):
+        assert o.ok and o.selected == tuple(others), (o.reason, o.detail)
+        assert o.excluded[bad].startswith("norm_out_of_range")
+        np.testing.assert_array_equal(o.field_sum, honest_sum(net, others))

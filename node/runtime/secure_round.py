@@ -158,7 +158,7 @@ class SecureRound:
         self.i = self.index[me]
         self.params = robust.RoundParams(r, len(self.members), threshold, codec, variant,
                                          witness=range_params.width if range_params else 0)
-        self.rp, self.x_commitment = range_params, b""  # variant range: secure_range.py
+        self.rp, self.x_commitment, self.witness_of = range_params, b"", secure_range.dealer_witness
         self.consortium_id = consortium_id
         self.commitments: dict[int, bytes] = {}  # dealer -> its commitment, as we received it
         self.vectors: dict[int, Piece] = {}  # dealer -> its VECTOR piece for us
@@ -185,7 +185,7 @@ class SecureRound:
         # computational (SHAKE-256), the others' information-theoretic.
         try:
             pieces = robust.deal_encoded(self.params, self.i, encoded, seeded=SEEDED_DEALING,
-                                         witness=self.rp and secure_range.dealer_witness(self, encoded))
+                                         witness=self.rp and self.witness_of(self, encoded))
         except OutOfRange as exc:  # our own vector fails its range: we do not deal (one bit)
             self.out.detail = f"norm_out_of_range: {exc}"
             return {}
