@@ -458,6 +458,10 @@ SECAGG_PIECE_HEADER = 24
 SECAGG_VALUE_BYTES = 8
 SECAGG_SEED_VALUES = 4
 SECAGG_COMMIT_BYTES = 32
+# Variant "range" (node/secagg/range_check.py): a deal's vector piece also carries the range
+# check's witness, r L + S values, at most this many (RangeParams checks it); its commitment
+# adds 32 bytes per holder (the digests of the holders' d-coordinate parts).
+SECAGG_WITNESS_MAX = 1 << 14
 
 
 def secagg_piece_limits(step: str, members: int, dim: int | None) -> tuple[int | None, ...]:
@@ -466,8 +470,9 @@ def secagg_piece_limits(step: str, members: int, dim: int | None) -> tuple[int |
     n, head, v = members, SECAGG_PIECE_HEADER, SECAGG_VALUE_BYTES
     opened = n * (n - 1) // 2 + n
     if step == SECAGG_DEAL:
-        vector = None if dim is None else head + v * max(dim + 1, SECAGG_SEED_VALUES)
-        return (vector, head + v * (opened + 1), SECAGG_COMMIT_BYTES * n)
+        vector = None if dim is None else head + v * max(dim + 1 + SECAGG_WITNESS_MAX,
+                                                         SECAGG_SEED_VALUES)
+        return (vector, head + v * (opened + 1), SECAGG_COMMIT_BYTES * 2 * n)
     if step == "agree":
         deal = secagg_piece_limits(SECAGG_DEAL, members, dim)
         reveal = None if deal[0] is None else sum(deal) + SECAGG_REVEAL_OVERHEAD  # type: ignore[arg-type]

@@ -358,7 +358,10 @@ def grid_rows(grid: str, args: argparse.Namespace) -> list[tuple[str, list[str],
     if grid == "robust":
         nodp = [*base, "--rounds", str(args.robust_rounds)]
         for mode, flags, ov in (("multi-krum, no DP", nodp, {"secure_select": "multi-krum"}),
-                                (f"sum, DP eps {args.epsilon:g}", [*base, *eps], {})):
+                                (f"sum, DP eps {args.epsilon:g}", [*base, *eps],
+                                 {"secure_select": "sum"}),
+                                (f"range, DP eps {args.epsilon:g}", [*base, *eps],
+                                 {"secure_select": "range"})):
             rows.append((f"{mode}: clean", flags, ov))
             rows += [(f"{mode}: {k}", [*flags, "--attack", f"{k}:{args.attacker}"], ov)
                      for k in ATTACKS]

@@ -18,7 +18,8 @@ def test_the_limits_are_the_pieces_real_sizes():
     assert secagg_piece_limits("check", 4, D) == (24 + 16 * 4,)  # 88 bytes at n = 4
     assert secagg_piece_limits("degree2", 4, D) == (24 + 8 * (6 + 4),)
     assert secagg_piece_limits("sum", 4, D) == (24 + 8 * D,)
-    assert secagg_piece_limits("deal", 4, D) == (24 + 8 * (D + 1), 24 + 8 * 11, 32 * 4)
+    # the vector's room for variant range's witness, its commitment's x-part digests
+    assert secagg_piece_limits("deal", 4, D) == (24 + 8 * (D + 1 + (1 << 14)), 24 + 8 * 11, 32 * 2 * 4)
 
 
 @pytest.mark.parametrize(("step", "size"), [("check", 60 << 20), ("check", 89),

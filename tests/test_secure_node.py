@@ -248,7 +248,7 @@ def test_secure_dp_rounds_charge_before_dealing_and_a_spent_member_stops_by_name
     monkeypatch.setattr(secure_node, "plan_for", plan_for)
     summary = _simulate(tmp_path / "run", secure=True, privacy="record", epsilon=3.0)
     rules = summary["rules"]
-    assert rules["secure_select"] == "sum" and rules["secure_epsilon"] == 3.0
+    assert rules["secure_select"] == "range" and rules["secure_epsilon"] == 3.0  # the default
     assert rules["secure_rows"] == sum(summary["rows"].values())  # the training rows of all
     assert seen and all(ok for _, _, ok in seen), seen
     assert summary["stopped"].get("site-4", "").startswith("budget_exhausted"), summary["stopped"]
@@ -310,7 +310,7 @@ def test_consortium_build_pins_the_secure_dp_plan_inputs(tmp_path, capsys):
     assert main([*argv, "--secure-delta", "1e-5", "--out", str(tmp_path / "c.toml")]) == 0
     rules = load_consortium(tmp_path / "c.toml").rules
     assert (rules["secure_select"], rules["secure_rows"], rules["secure_epsilon"],
-            rules["secure_delta"]) == ("sum", 1000, 3.0, 1e-5)
+            rules["secure_delta"]) == ("range", 1000, 3.0, 1e-5)  # the new default
     capsys.readouterr()
     assert main([*argv, "--out", str(tmp_path / "d.toml")]) != 0
     assert "rules.secure_delta is missing" in capsys.readouterr().err

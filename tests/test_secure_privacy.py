@@ -439,21 +439,26 @@ def _rules(**over):
 
 def test_dp_on_the_sum_rules_are_all_or_none_and_sum_only():
     """The plan's inputs are pinned in the [rules] together (a member missing one could not
-    plan the others' noise), and with them the selection must be "sum" (the only variant
-    charged at the sum's noise); without them the rules are as before."""
+    plan the others' noise), and with them the selection must be "range" or "sum" (the
+    variants charged at the sum's noise); without them the rules are as before."""
     dp = {"secure_rows": 1437, "secure_epsilon": 3.0, "secure_delta": 1e-5}
     assert _rules(secure_select="sum", **dp).variant == "sum_only"
     assert _rules().variant == "distances"  # no DP keys: the default selection as before
     with pytest.raises(LocalError, match="rules.secure_delta is missing"):
         _rules(secure_select="sum", secure_rows=1437, secure_epsilon=3.0)
     for select in ("multi-krum", "norm"):
-        with pytest.raises(LocalError, match="use secure_select = \"sum\""):
+        with pytest.raises(LocalError, match="use secure_select = \"range\" or \"sum\""):
             _rules(secure_select=select, **dp)
     with pytest.raises(LocalError, match="rules.secure_rows is set but rules.secure is not"):
         from node.strategy.consortium_rules import check_secure, validate_rules
         check_secure(validate_rules({"aggregation": "mean", "secure_rows": 10}, "t"), 8, "t")
     from node.strategy.consortium_rules import rules_table
-    assert rules_table(8, secure=True, secure_dp=dp)["secure_select"] == "sum"
+    # new DP builds default to the one-bit range check; "sum" stays available, and "range"
+    # without the DP keys is refused (its bound is the plan's)
+    assert rules_table(8, secure=True, secure_dp=dp)["secure_select"] == "range"
+    assert _rules(secure_select="range", **dp).variant == "range"
+    with pytest.raises(LocalError, match="range.*needs secure_rows"):
+        _rules(secure_select="range")
     assert "secure_rows" not in rules_table(8, secure=True)
 
 

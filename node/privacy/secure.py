@@ -18,7 +18,11 @@ runtime calls. Pure functions plus one ledger append; nothing here trains or sen
 What a round reveals, and so what it is charged (docs/privacy-secure.md): variant
 "sum_only" opens the sum alone (reveal "sum": the noise of the m - t honest contributors);
 "distances" and "norm_only" open a function of each member's noised contribution (reveal
-"per_member": one member's own noise share, variance 1/(n - t) of the sum's).
+"per_member": one member's own noise share, variance 1/(n - t) of the sum's). "range" opens
+the sum and one bit per member (its range check, node/secagg/range_check.py): the bit is
+"in range" for every honest member except with probability RANGE_FAILURE per round, so it
+is charged as "sum" at a smaller delta: `accounting_delta` leaves (1 + e^epsilon) x steps x
+n x RANGE_FAILURE of the plan's delta for it (docs/privacy-secure.md "The range check").
 """
 
 from __future__ import annotations
@@ -47,7 +51,12 @@ from node.privacy.skellam import finite_number
 from node.runtime.state import atomic_write, loads_json
 
 # What each secure-aggregation variant (node/secagg/robust.py) opens besides the sum.
-VARIANT_REVEAL = {"sum_only": "sum", "distances": "per_member", "norm_only": "per_member"}
+VARIANT_REVEAL = {"sum_only": "sum", "distances": "per_member", "norm_only": "per_member",
+                  "range": "sum"}
+# Variant "range": an honest member fails its own range check (and so drops from the round:
+# the one bit it reveals) with at most this probability per round (node/runtime/
+# secure_range.py and node/secagg/range_check.py: four tails of 2^-42).
+RANGE_FAILURE = 2.0 ** -40
 # The consortium trains this many passes over its rows unless the rounds are given: the
 # 30 rounds x 1 epoch of the centralized reference (measured on digits at epsilon 3, seed 0,
 # scripts/bench_secure.py: 10 epochs 0.861, 30 epochs 0.919, 60 epochs 0.917).
@@ -93,6 +102,25 @@ class SecurePlan:
         return VARIANT_REVEAL[self.variant]
 
     @property
+    def range_delta(self) -> float:
+        """What the range check's bits may add to delta over the plan (0 for the other
+        variants): the mechanism with every honest bit "in range" is the one charged; the
+        real one differs from it, on any data, with total variation at most
+        eta = steps x n x RANGE_FAILURE, so (epsilon, delta_acc)-DP for the first gives
+        (epsilon, delta_acc + (1 + e^epsilon) eta) for the second."""
+        if self.variant != "range":
+            return 0.0
+        if self.epsilon is None:
+            raise LocalError("secure plan: variant range needs an epsilon budget (its bits' "
+                             "delta grows with e^epsilon)")
+        return (1 + math.exp(self.epsilon)) * self.steps * self.members * RANGE_FAILURE
+
+    @property
+    def accounting_delta(self) -> float:
+        """The delta the accountant charges at: the plan's, less `range_delta`."""
+        return self.delta - self.range_delta
+
+    @property
     def expected_batch(self) -> float:
         return self.sample_rate * self.rows_total
 
@@ -116,14 +144,14 @@ class SecurePlan:
                                 "members": self.members, "coalition": self.coalition,
                                 "contributors": m, "dim": self.dim,
                                 "granularity": self.granularity, "beta": self.beta,
-                                "reveal": self.reveal, "delta": self.delta,
+                                "reveal": self.reveal, "delta": self.accounting_delta,
                                 "epsilon_after": epsilon_after})
 
     def epsilon_after(self, rounds: int) -> float:
         """epsilon at delta after `rounds` secure rounds at the floor (the accountant's)."""
         if rounds == 0:
             return 0.0
-        return epsilon_of([dataclasses.replace(self.record(0), steps=rounds)], self.delta)
+        return epsilon_of([dataclasses.replace(self.record(0), steps=rounds)], self.accounting_delta)
 
     def digest(self) -> str:
         """What every member's plan must agree on, as a hex digest (the consortium can pin or
@@ -164,7 +192,7 @@ class SecurePlan:
         for key, v in reals.items():
             if not (finite_number(v) and v > 0):
                 raise ValueError(f"{key} {v!r} is not a finite number > 0")
-        if not (self.delta < 1 and self.sample_rate <= 1):
+        if not (0 < self.accounting_delta and self.delta < 1 and self.sample_rate <= 1):
             raise ValueError(f"delta {self.delta!r} or sample_rate {self.sample_rate!r} is not < 1")
         if self.epsilon is not None and not (finite_number(self.epsilon) and self.epsilon > 0):
             raise ValueError(f"epsilon {self.epsilon!r} is not a finite number > 0 or null")
@@ -220,7 +248,7 @@ def charge_secure_round(ledger: Ledger, plan: SecurePlan, *, round_: int,
                              floor=plan.min_contributors)
     if not opening.ok:
         raise SecureRoundRefused(opening.reason, opening.detail)
-    eps = ledger.epsilon_with(plan.record(round_, m, digest), plan.delta)  # the ledger's running sum
+    eps = ledger.epsilon_with(plan.record(round_, m, digest), plan.accounting_delta)  # the ledger's running sum
     if plan.epsilon is not None and not eps <= plan.epsilon * (1 + BUDGET_SLACK):
         raise SecureRoundRefused("budget_exhausted",
                                  f"round {round_} would bring epsilon to {eps:.4g} at delta "

@@ -197,6 +197,38 @@ def hostile_secure_codec(node, attack: AttackConfig) -> None:
     plan = sec.plan
     units = 1.0 if plan is None else plan.expected_batch / (plan.lr * plan.granularity)
     sec.codec = hostile_codec(sec.codec, attack, units)
+    if sec.rounds.range_params is not None:  # variant range: deal a forged witness
+        make = sec.rounds.round
+
+        def round_(r: int):
+            sr = make(r)
+            sr.witness_of = forged_witness
+            return sr
+        sec.rounds.round = round_
+
+
+def forged_witness(sr, encoded):
+    """Variant range: the honest witness where one exists, else the best a dealer can forge
+    (its projections' bits mod 2^L, the slack's mod 2^S), so an out-of-range member deals
+    and is caught by the check instead of refusing to deal as an honest node does."""
+    from node.runtime import secure_range  # lean start: secure rehearsal only
+    from node.secagg import field as F  # lean start: secure rehearsal only
+    from node.secagg import range_check as RC  # lean start: secure rehearsal only
+
+    honest = secure_range.dealer_witness(sr, encoded)
+
+    def witness(parts):
+        try:
+            return honest(parts)
+        except RC.OutOfRange:
+            rp = sr.rp
+            u = RC.projections(rp, secure_range._x_challenge(sr, sr.i))
+            y = [v - F.P if v > F.P // 2 else v for v in RC.project(u, encoded).tolist()]
+            return np.concatenate([
+                RC._bits([(v + rp.offset) % (1 << rp.bits) for v in y], rp.bits),
+                RC._bits([(rp.bound_sq - sum(v * v for v in y)) % (1 << rp.slack_bits)],
+                         rp.slack_bits)])
+    return witness
 
 
 class HostileSigner:

@@ -25,7 +25,12 @@ from __future__ import annotations
 
 import math
 
-from gossip.bodies import secagg_piece_limits
+from gossip.bodies import (
+    SECAGG_COMMIT_BYTES,
+    SECAGG_VALUE_BYTES,
+    SECAGG_WITNESS_MAX,
+    secagg_piece_limits,
+)
 from node.privacy.secure import SecurePlan
 
 # Each of the three tails (rows sampled, a coordinate of the noise, the noise's squared
@@ -53,15 +58,19 @@ def sum_l2_bound(plan: SecurePlan, failure: float = FAILURE) -> float:
 SECURE_FRAME_BYTES = 4096
 
 
-def largest_secure_message(members: int, threshold: int, dim: int) -> tuple[str, int]:
+def largest_secure_message(members: int, threshold: int, dim: int, witness: int = 0
+                           ) -> tuple[str, int]:
     """The largest message a secure round makes an honest member send or receive, and its
     bytes at most: a deal, or an agreement carrying t reveals (an honest holder reveals one
     deal per dealer that cheated it: up to t). Review 2 F9: where it outgrows
     gossip.max_envelope_bytes, every round fails at run time (no deal fits), or t colluding
-    dealers get an honest holder's agreement refused everywhere."""
-    deal = sum(secagg_piece_limits("deal", members, dim))  # type: ignore[arg-type]
+    dealers get an honest holder's agreement refused everywhere. `witness`: variant range's
+    W (the receivers' limits allow up to SECAGG_WITNESS_MAX and a range commitment)."""
+    unused = SECAGG_VALUE_BYTES * (SECAGG_WITNESS_MAX - witness) + \
+        (0 if witness else SECAGG_COMMIT_BYTES * members)
+    deal = sum(secagg_piece_limits("deal", members, dim)) - unused  # type: ignore[arg-type]
     agree = secagg_piece_limits("agree", members, dim)
-    reveals = sum(agree[1:1 + threshold])  # type: ignore[arg-type]
+    reveals = sum(agree[1:1 + threshold]) - threshold * unused  # type: ignore[arg-type]
     return max(("a deal", deal + SECURE_FRAME_BYTES),
                (f"an agreement with {threshold} reveal(s)", agree[0] + reveals + SECURE_FRAME_BYTES),
                key=lambda x: x[1])

@@ -103,7 +103,7 @@ def judge_reveal(sr: SecureRound, i: int, j: int, kinds: Mapping[int, int], msg:
         if vec.kind == SEED:
             vec = robust.expand_seed_piece(p, vec)
         if (vec.round, vec.kind, vec.owner, vec.holder) != (sr.r, VECTOR, i, j) or \
-                vec.values.size != p.codec.dim + 1 or mask.key != (sr.r, MASK, i, j):
+                vec.values.size != p.width or mask.key != (sr.r, MASK, i, j):
             return "holder", "the revealed pieces are keyed for another round, dealer or holder"
     except SecAggError as exc:
         return "holder", f"the revealed pieces are malformed ({exc}): it would have refused them"

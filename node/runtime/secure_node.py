@@ -10,7 +10,8 @@ node/runtime/secure_round.py; the rule: node/strategy/consortium_rules.py `secur
   [rules]' secure_rows / secure_epsilon / secure_delta, n, t, the model's size and the
   clip (this node's privacy config must say the same epsilon, delta and clip), pinned in
   the state dir (SECURE_PLAN_FILE) at the first start; the encoding is IntegerCodec at the
-  plan's coordinate bound; the variant must be sum_only; update mode is refused.
+  plan's coordinate bound; the variant must be sum_only or range (the one-bit per-member
+  range check at the plan's member bound: node/runtime/secure_range.py); update mode is refused.
 - `release` (at Train), DP on the sum: charge the round (`record_secure_charge`, the one
   call site: fsync'd, budget-checked, before anything is computed or dealt; a refusal
   stops the node with the reason named), then this member's integer vector
@@ -55,7 +56,7 @@ import torch
 from nacl.exceptions import BadSignatureError
 from nacl.signing import VerifyKey
 
-from gossip.bodies import SecAgg, decode_secagg, encode_secagg
+from gossip.bodies import SECAGG_WITNESS_MAX, SecAgg, decode_secagg, encode_secagg
 from gossip.envelope import KIND_DEAL, KIND_SECAGG, Accepted, decode_outer
 from gossip.errors import LocalError, RemoteError
 from gossip.membership import Consortium
@@ -83,6 +84,7 @@ from node.runtime.secure_evidence import (
     step_path,
 )
 from node.runtime.secure_open import OptimisticRounds, open_phases, optimistic
+from node.runtime.secure_range import range_params_of
 from node.runtime.secure_round import (
     AGREE_PHASE,
     SUM_PHASE,
@@ -176,13 +178,15 @@ def plan_for(node: Node, rule_select: str) -> SecurePlan:
                          "rounds with DP on the sum: the statistics exchange is not part of the "
                          "secure plan's budget yet (its charge would be missing); use "
                          "normalize = \"declared\" in the schema")
-    if rule_select != "sum":
+    if rule_select not in ("sum", "range"):
         raise LocalError(f"rules.secure_select = {rule_select!r} with DP on the sum: only "
-                         "\"sum\" is charged at the sum's noise (docs/privacy-secure.md)")
+                         "\"range\" and \"sum\" are charged at the sum's noise "
+                         "(docs/privacy-secure.md)")
     plan = secure_plan(rows_total=rules.secure_rows, members=len(node.consortium.members),
                        coalition=secure_rule(node.consortium).threshold,  # type: ignore[union-attr]
                        epsilon=rules.secure_epsilon, delta=rules.secure_delta,
-                       dim=int(get_flat(node.model).numel()), clip_norm=clip)
+                       dim=int(get_flat(node.model).numel()), clip_norm=clip,
+                       **({"variant": "range"} if rule_select == "range" else {}))
     path = node.state.path / SECURE_PLAN_FILE
     pinned = SecurePlan.load(path)
     if pinned is None:
@@ -206,7 +210,8 @@ def setup(node: Node) -> Secure | None:
                          "\"on\" in the node config")
     members = [m.name for m in node.consortium.members]
     what, size = largest_secure_message(len(members), rule.threshold,
-                                        int(get_flat(node.model).numel()))
+                                        int(get_flat(node.model).numel()),
+                                        SECAGG_WITNESS_MAX if rule.variant == "range" else 0)
     if size > node.cfg.gossip.max_envelope_bytes:
         raise LocalError(f"a secure round of this model sends {what} of up to {size} bytes, "
                          f"over gossip.max_envelope_bytes = {node.cfg.gossip.max_envelope_bytes}"
@@ -220,7 +225,8 @@ def setup(node: Node) -> Secure | None:
                  plan.noise_multiplier, plan.lr, plan.min_contributors)
         return Secure(rounds(node.name, members, rule.threshold, rule.variant, icodec,
                              node.consortium.id, plan.min_contributors,
-                             sum_l2_bound(plan)), icodec, {}, plan)
+                             sum_l2_bound(plan), range_params_of(plan)
+                             if rule.variant == "range" else None), icodec, {}, plan)
     rules = parse_rules(node.consortium)
     clip = rules.clip if rules is not None and rules.clip is not None else SECURE_DEFAULT_CLIP
     codec = FixedPoint.choose(clip, int(get_flat(node.model).numel()), len(members))
@@ -359,7 +365,11 @@ async def _deal(node: Node, r: int, encoded: np.ndarray) -> None:
     deals = sec.rounds.deal(r, encoded)
     sr = sec.rounds.round(r)
     own = sr.own_pieces()
-    assert own is not None
+    if own is None:  # variant range: our own vector fails its range (the 2^-40 tail): no deal
+        log.warning("%s: round %d: %s: not dealing", node.name, r + 1, sr.out.detail)
+        m, loop = node.machine, asyncio.get_running_loop()
+        node._feed(m.released(ev.Released(r, "non_finite", why=sr.out.detail), loop.time()))
+        return
     doc: dict[str, Any] = {"own": [*own, sr.commitments[sr.i]], "bodies": deals, "sent": {}}
     _store_deals(node, r, doc)  # before any deal exists outside memory
     await _send_deals(node, r, doc)

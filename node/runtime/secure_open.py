@@ -283,7 +283,7 @@ class OptimisticRounds(SecureRounds):
             self.rounds = {k: v for k, v in self.rounds.items() if k >= r}  # bounded memory
             self.rounds[r] = OptimisticRound(self.me, self.members, self.threshold, self.variant,
                                              self.codec, r, self.consortium_id, self.floor,
-                                             self.l2_bound)
+                                             self.l2_bound, self.range_params)
         return self.rounds[r]
 
     def _phase(self, sr: SecureRound, phase: str, got: Mapping[str, Mapping[str, bytes]],

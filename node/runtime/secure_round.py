@@ -10,34 +10,31 @@ node, so the machine carries opaque bodies and knows no field arithmetic. This m
 the math, by calling node/secagg (robust.py's steps), at the machine's `SendPhase` actions:
 
   share    (the machine's share phase, unchanged) each member deals: a degree-t Shamir
-           sharing of its encoded contribution (plus a blinding coordinate) and its mask
-           sharing; holder j's two pieces go in ONE "deal" message sealed to j's prekey and
-           signed (gossip.envelope KIND_DEAL). The round book files a deal as the sender's
-           share: the share phase's closing rule (all / moved on / absent / deadline),
-           equivocation (a second, different deal) and staleness (a deal for a round we
-           closed: "stale", the late member is excluded) apply unchanged.
-  check    each holder opens its blinded check of every dealing it holds (one "secagg"
-           message, broadcast), naming the dealers it holds. Every member judges every
-           dealer from the checks of the holders that hold it (Reed-Solomon): a dealer whose
-           pieces disagree beyond what the code corrects is REFUSED and named ("inconsistent
-           pieces", its audit line and the signed deal we hold as evidence); a holder whose
-           check disagrees with a decodable dealing is a DISPUTE (the dealer sent it a wrong
-           piece, or the holder lies): both are named as a claim, and the holder does not
-           open (its degree-2 and sum pieces would be wrong or are suspect).
-           The dealers that enter: consistent ones; the openers: holders whose check came,
-           that hold every entering dealer's pieces and are in no dispute. While fewer than
-           2t + 1 openers remain, the entering dealer held by the fewest holders (ties: the
-           highest index) is dropped. Every member computes the same from the same checks.
+           sharing of its encoded contribution (plus a blinding coordinate; range: and its
+           witness) and its mask sharing; holder j's pieces go in ONE "deal" sealed to j's
+           prekey and signed (KIND_DEAL), filed by the round book as the sender's share
+           (closing rule, equivocation, staleness: a late member is excluded, unchanged).
+  check    each holder opens its blinded check of every dealing it holds (broadcast, naming
+           the dealers it holds). Every member judges every dealer from its holders' checks
+           (Reed-Solomon): one whose pieces disagree beyond what the code corrects is REFUSED
+           and named ("inconsistent pieces", the signed deal kept as evidence); a holder whose
+           check disagrees with a decodable dealing is a DISPUTE (both named as a claim; the
+           holder does not open). Entering: the consistent dealers; openers: holders whose
+           check came, that hold every entering dealer's pieces and are in no dispute; while
+           fewer than the openers needed remain, the entering dealer held by the fewest
+           holders (ties: the highest index) is dropped. Every member computes the same.
   enter    (not sum_only) every member broadcasts its entry agreement: a hash of (round,
            entered, openers) and the digest of every member's check body as it used them.
   degree2  once `agreement_quorum` entry agreements equal its own (else `no_agreement`,
            nothing opened: no two honest members open over different entered sets), each
            opener opens its masked pieces of the squared norms (and, for multi-Krum,
-           the pairwise squared distances) of the entering dealers; others abstain (an empty
+           the pairwise squared distances; range: the one-bit range checks,
+           node/runtime/secure_range.py) of the entering dealers; others abstain (an empty
            message: "I have nothing to open", so nobody waits for them). Decoded with
            correction (n >= 3t + 1): an opener whose piece is wrong is named.
   agree    every member runs the same selection on the decoded integers (node/secagg
-           robust.select: the norm bound, then multi-Krum at f = t, or the norm bound only)
+           robust.select: the norm bound, then multi-Krum at f = t, or the norm bound only;
+           range: the dealers in range, the others excluded as "norm_out_of_range")
            and broadcasts its agreement (review finding C2): a hash of (round, entered,
            openers, selected, sum openers) and the digest of every member's check and
            degree2 body as it used them. A disagreeing agreement names its sender only:
@@ -59,17 +56,10 @@ fewer selected than `floor` ("below_charged_floor": with DP on the sum, the cont
 charged the round for). Variant "sum_only" (DP on the sum) opens nothing per member: the degree-2
 step abstains and every entered dealer is summed (robust.select_without_opening).
 
-What a member learns: the aggregate of the selected members, the squared norms and (with
-multi-Krum) the pairwise squared distances of the entering dealers, who entered, who was
-selected, who was named and why (docs/privacy-secure.md). The check values are blinded
-(uniform). Its own pieces of others' vectors are t-private: no coalition of t learns more.
-
-The check's challenge (Fiat-Shamir): each deal carries the dealer's commitment, the digest of every
-holder's pieces (`piece_digest`, n x 32 bytes); a holder refuses pieces that do not match their
-digest (`bad_piece`), and checks each dealing under the hash of its commitment (`challenge`), fixed
-only once the dealer is bound to every piece. Known limits (docs/privacy-secure.md "What is
-wired"): a dispute is settled at the agree step by the dealer-signed deal its holder reveals (the
-sealed deal's key: `_settle`), only among members whose views agree.
+What a member learns (docs/privacy-secure.md): the aggregate of the selected members, the
+squared norms and distances (variants distances, norm_only) or one bit per member (range:
+node/runtime/secure_range.py), who entered, was selected, was named and why. The check's
+challenge (Fiat-Shamir on each deal's commitment) and the disputes: secure_disputes.py.
 """
 
 from __future__ import annotations
@@ -83,6 +73,7 @@ import numpy as np
 from gossip.bodies import SecAgg, decode_secagg, encode_secagg
 from gossip.errors import LocalError, RemoteError
 from gossip.protocol.phases import SHARE, PhaseSpec
+from node.runtime import secure_range
 from node.runtime.secure_agree import (
     AGREE_BYTES,
     AGREE_NONE,
@@ -98,6 +89,7 @@ from node.secagg import robust
 from node.secagg.encoding import AggregateOutOfBounds, FixedPoint, IntegerCodec
 from node.secagg.errors import PieceError, SecAggError, TooFewPieces, TooManyWrong
 from node.secagg.pieces import CHECK, DEGREE2, MASK, SEED, SUM, VECTOR, Piece, from_bytes, to_bytes
+from node.secagg.range_check import OutOfRange, RangeParams
 
 CHECK_PHASE, ENTER_PHASE, DEGREE2_PHASE, AGREE_PHASE, SUM_PHASE = (
     "check", "enter", "degree2", "agree", "sum")
@@ -109,8 +101,7 @@ SUM_ONLY_PHASES = tuple(p for p in SECURE_PHASES if p.name != ENTER_PHASE)
 
 
 def secure_phases(variant: str) -> tuple[PhaseSpec, ...]:
-    """The round machine's phases for the variant (every member derives them from the
-    consortium's [rules])."""
+    """The round machine's phases for the variant (from the consortium's [rules])."""
     return SUM_ONLY_PHASES if variant == "sum_only" else SECURE_PHASES
 
 
@@ -121,7 +112,6 @@ SEEDED_DEALING = True
 REASONS = ("too_few_contributors", "too_few_openers", "too_many_wrong",
            "aggregate_out_of_bounds", "below_charged_floor", "no_agreement",
            "agreement_changed", "aggregate_too_large")
-
 
 
 @dataclass
@@ -141,12 +131,10 @@ class SecureOutcome:
     selected: tuple[str, ...] = ()
     excluded: dict[str, str] = field(default_factory=dict)  # left out by the selection
     named: dict[str, str] = field(default_factory=dict)  # members at fault (or disputed)
-    # member -> the senders whose agreement shows it at fault (a disagreeing one, or the
-    # one carrying a dispute's reveal): kept as evidence
+    # member -> the senders whose agreement (or dispute reveal) shows it at fault: evidence
     disagreed: dict[str, tuple[str, ...]] = field(default_factory=dict)
     claims: dict[str, tuple[str, ...]] = field(default_factory=dict)  # split_claim: about whom
-    # our round failed and these (more than t) opened the sum: the aggregate was applied
-    # elsewhere, our model now differs from theirs (secure_agree.opened_elsewhere)
+    # our round failed, these (> t) opened the sum: our model differs (opened_elsewhere)
     missed: tuple[str, ...] = ()
 
 
@@ -155,21 +143,22 @@ class SecureRound:
 
     def __init__(self, me: str, members: tuple[str, ...] | list[str], threshold: int,
                  variant: str, codec: FixedPoint | IntegerCodec, r: int, consortium_id: bytes,
-                 floor: int = 0, l2_bound: float | None = None) -> None:
+                 floor: int = 0, l2_bound: float | None = None,
+                 range_params: RangeParams | None = None) -> None:
         self.members = tuple(sorted(members))
-        # With DP on the sum: the L2 norm an honest aggregate stays under (integer units,
-        # node/runtime/secure_bounds.py sum_l2_bound); a larger one fails the round.
+        # DP on the sum: the L2 bound of an honest aggregate (secure_bounds.sum_l2_bound)
         self.l2_bound = l2_bound
-        # The least contributors a sum may be opened with: with DP on the sum, the number
-        # the privacy ledger charged the round for (SecurePlan.min_contributors; fewer would
-        # under-count epsilon: node/privacy/secure.py may_open_round).
+        # the least contributors a sum opens with: DP on the sum, the ledger's charged
+        # count (SecurePlan.min_contributors; fewer under-count epsilon: may_open_round)
         self.floor = floor
         if me not in self.members:
             raise LocalError(f"{me!r} is not a member of the secure round")
         self.me, self.r = me, r
         self.index = {m: i + 1 for i, m in enumerate(self.members)}
         self.i = self.index[me]
-        self.params = robust.RoundParams(r, len(self.members), threshold, codec, variant)
+        self.params = robust.RoundParams(r, len(self.members), threshold, codec, variant,
+                                         witness=range_params.width if range_params else 0)
+        self.rp, self.x_commitment, self.witness_of = range_params, b"", secure_range.dealer_witness
         self.consortium_id = consortium_id
         self.commitments: dict[int, bytes] = {}  # dealer -> its commitment, as we received it
         self.vectors: dict[int, Piece] = {}  # dealer -> its VECTOR piece for us
@@ -194,9 +183,14 @@ class SecureRound:
         # Seeded: t holders get a 32-byte seed instead of d + 1 values (robust.deal_encoded):
         # t / (n - 1) of the dealing's bytes saved; their pieces' hiding is then
         # computational (SHAKE-256), the others' information-theoretic.
-        pieces = robust.deal_encoded(self.params, self.i, encoded, seeded=SEEDED_DEALING)
+        try:
+            pieces = robust.deal_encoded(self.params, self.i, encoded, seeded=SEEDED_DEALING,
+                                         witness=self.rp and self.witness_of(self, encoded))
+        except OutOfRange as exc:  # our own vector fails its range: we do not deal (one bit)
+            self.out.detail = f"norm_out_of_range: {exc}"
+            return {}
         raw = {j: (to_bytes(vec), to_bytes(mask)) for j, (vec, mask) in pieces.items()}
-        commitment = b"".join(piece_digest(*raw[j]) for j in sorted(raw))
+        commitment = b"".join(piece_digest(*raw[j]) for j in sorted(raw)) + self.x_commitment
         self.commitments[self.i] = commitment
         out = {}
         for m, j in self.index.items():
@@ -216,7 +210,7 @@ class SecureRound:
         """Our own pieces of a dealing stored before a restart (re-sent, never redrawn)."""
         p = self.params
         self.commitments[self.i] = commitment
-        vec = from_bytes(own[0], expected_count=p.codec.dim + 1, expected_kind=VECTOR)
+        vec = from_bytes(own[0], expected_count=p.width, expected_kind=VECTOR)
         mask = from_bytes(own[1], expected_count=p.opened + 1, expected_kind=MASK)
         if vec.key != (self.r, VECTOR, self.i, self.i) or mask.key != (self.r, MASK, self.i, self.i):
             raise LocalError(f"stored dealing of round {self.r} is not ours (keys {vec.key}, "
@@ -232,9 +226,9 @@ class SecureRound:
         p = self.params
         try:
             commitment = msg.pieces[2]
-            if len(commitment) != COMMIT_BYTES * p.members:
+            if len(commitment) != secure_range.commit_bytes(p):
                 raise PieceError(f"a commitment of {len(commitment)} bytes, expected "
-                                 f"{COMMIT_BYTES} x {p.members}", j)
+                                 f"{secure_range.commit_bytes(p)}", j)
             mine = commitment[COMMIT_BYTES * (self.i - 1):COMMIT_BYTES * self.i]
             if piece_digest(msg.pieces[0], msg.pieces[1]) != mine:
                 raise PieceError("its pieces for us do not match its own commitment", j)
@@ -243,11 +237,13 @@ class SecureRound:
                 vec = robust.expand_seed_piece(p, vec)
             mask = from_bytes(msg.pieces[1], expected_count=p.opened + 1, expected_kind=MASK,
                               sender=j)
-            for piece, kind, size in ((vec, VECTOR, p.codec.dim + 1), (mask, MASK, p.opened + 1)):
+            for piece, kind, size in ((vec, VECTOR, p.width), (mask, MASK, p.opened + 1)):
                 if (piece.round, piece.kind, piece.owner, piece.holder) != (self.r, kind, j, self.i):
                     raise PieceError(f"piece keyed {piece.key}, expected {(self.r, kind, j, self.i)}", j)
                 if piece.values.size != size:
                     raise PieceError(f"{piece.values.size} values, expected {size}", j)
+            if self.rp and (fault := secure_range.deal_fault(self, vec, commitment)):
+                raise PieceError(fault, j)
         except SecAggError as exc:
             self.out.named[sender] = f"bad_piece: {exc}"
             return f"bad_piece: {exc}"
@@ -304,7 +300,8 @@ class SecureRound:
             return failed
         if self.i not in self.openers:
             return self._abstain(DEGREE2_PHASE)
-        piece = robust.degree2_piece(self.params, self.i, self.vectors, self.masks, self.entered)
+        piece = secure_range.degree2_piece(self) if self.rp else \
+            robust.degree2_piece(self.params, self.i, self.vectors, self.masks, self.entered)
         body = encode_secagg(SecAgg(DEGREE2_PHASE, (to_bytes(piece),)))
         self._bodies[DEGREE2_PHASE] = body
         return body
@@ -380,10 +377,9 @@ class SecureRound:
 
     # --- agree ----------------------------------------------------------------------------
     def agree(self, degree2: Mapping[str, bytes]) -> bytes:
-        """Open the distances and norms, select (every member the same way), then our
-        agreement: what we will open the sum for, and the digest of every check and degree2
-        body we used (empty: we open nothing). Nothing of the sum leaves before the
-        agreements are compared (`sum`)."""
+        """Open the degree-2 values, select (every member the same way), then our agreement:
+        what we open the sum for, and the digest of every check and degree2 body we used
+        (empty: we open nothing). No sum piece leaves before the agreements compare (`sum`)."""
         if self.out.reason is not None:
             return self._abstain(AGREE_PHASE)
         self._used[DEGREE2_PHASE] = self._digests(DEGREE2_PHASE, degree2)
@@ -394,13 +390,15 @@ class SecureRound:
             got = self._read(DEGREE2_PHASE, degree2, DEGREE2, self.params.opened, self.openers)
             opened = {j: piece for j, (_, piece) in got.items() if piece is not None}
             try:
-                values = robust.open_degree2(self.params, opened, self.entered)
+                if self.rp:  # one bit per entered dealer: in range or not
+                    sel, wrong = secure_range.select(self, opened)
+                else:
+                    values = robust.open_degree2(self.params, opened, self.entered)
+                    sel, wrong = robust.select(self.params, values), values.wrong
             except (TooFewPieces, TooManyWrong) as exc:
                 return self._fail(AGREE_PHASE, "too_few_openers" if isinstance(exc, TooFewPieces)
                                   else "too_many_wrong", str(exc))
-            self._name(values.wrong, "wrong_degree2_piece")
-            wrong = values.wrong
-            sel = robust.select(self.params, values)
+            self._name(wrong, "wrong_degree2_piece")
         self.selected = sel.selected
         self.out.selected = tuple(self.members[i - 1] for i in sel.selected)
         self.out.excluded = {self.members[i - 1]: why for i, why in sel.excluded.items()}
@@ -635,8 +633,10 @@ class SecureRounds:
 
     def __init__(self, me: str, members: tuple[str, ...] | list[str], threshold: int,
                  variant: str, codec: FixedPoint | IntegerCodec, consortium_id: bytes,
-                 floor: int = 0, l2_bound: float | None = None) -> None:
+                 floor: int = 0, l2_bound: float | None = None,
+                 range_params: RangeParams | None = None) -> None:
         self.me, self.members = me, tuple(sorted(members))
+        self.range_params = range_params
         self.threshold, self.variant, self.codec = threshold, variant, codec
         self.consortium_id, self.floor, self.l2_bound = consortium_id, floor, l2_bound
         self.rounds: dict[int, SecureRound] = {}
@@ -646,7 +646,7 @@ class SecureRounds:
             self.rounds = {k: v for k, v in self.rounds.items() if k >= r}  # bounded memory
             self.rounds[r] = SecureRound(self.me, self.members, self.threshold, self.variant,
                                          self.codec, r, self.consortium_id, self.floor,
-                                         self.l2_bound)
+                                         self.l2_bound, self.range_params)
         return self.rounds[r]
 
     def deal(self, r: int, encoded: np.ndarray) -> dict[str, bytes]:

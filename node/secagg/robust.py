@@ -53,7 +53,7 @@ polynomial's other coefficients. What each party learns: docs/privacy-secure.md.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from hashlib import blake2b
 
@@ -79,8 +79,10 @@ from node.secagg.shamir import (
 # "sum_only" opens nothing per member (no degree-2 values, no selection: every accepted
 # dealer is summed, `select_without_opening`, and the sum's exact aggregate norm check is
 # the only bound); under DP it is the one variant charged at the sum's noise
-# (node/privacy/secure.py, docs/privacy-secure.md).
-VARIANTS = ("distances", "norm_only", "sum_only")
+# (node/privacy/secure.py, docs/privacy-secure.md). "range" opens one value per member, 0
+# iff its vector passes the sound range check (node/secagg/range_check.py): one bit each;
+# its masks are n wide like norm_only's.
+VARIANTS = ("distances", "norm_only", "sum_only", "range")
 # Coordinates per block of the Gram matrix: 3 limbs of 21 bits, each limb product below
 # 2^42, so a block of 2^11 coordinates sums below 2^53 and float64 (BLAS) is exact.
 _LIMB_BITS = 21
@@ -99,6 +101,9 @@ class RoundParams:
     variant: str = "distances"
     krum_f: int | None = None  # hostile members multi-Krum tolerates (default t)
     krum_m: int | None = None  # members multi-Krum keeps (default n' - f)
+    # variant "range": W, the range check's witness (node/secagg/range_check.py), shared in
+    # the VECTOR piece after the d coordinates (so the dealing check covers it)
+    witness: int = 0
 
     def __post_init__(self) -> None:
         n, t = self.members, self.threshold
@@ -111,10 +116,12 @@ class RoundParams:
                               f"2t + 1 = {2 * t + 1} members to open")
         if self.codec.members != n:
             raise SecAggError(f"encoding for {self.codec.members} members, round has {n}")
-        if self.variant != "sum_only":
+        if self.variant not in ("sum_only", "range"):
             self.codec.norm_bound_sq  # noqa: B018 - IntegerCodec: FieldOverflow if norms could wrap
         if self.variant not in VARIANTS:
             raise SecAggError(f"variant {self.variant!r}: one of {', '.join(VARIANTS)}")
+        if self.witness < 0 or (self.witness > 0) != (self.variant == "range"):
+            raise SecAggError(f"witness of {self.witness} values: variant range (only) has one")
         if not 0 <= self.round < 1 << 63:
             raise SecAggError(f"round {self.round}: must be in 0..2^63 - 1")
 
@@ -126,6 +133,11 @@ class RoundParams:
         return out
 
     @property
+    def width(self) -> int:
+        """A VECTOR piece's values: d coordinates, the witness (variant range), blinding."""
+        return self.codec.dim + self.witness + 1
+
+    @property
     def f(self) -> int:
         return self.threshold if self.krum_f is None else self.krum_f
 
@@ -133,7 +145,8 @@ class RoundParams:
     def opened(self) -> int:
         """P: the degree-2 values opened (pairs a < b, then the n norms; or the norms)."""
         n = self.members
-        return {"distances": n * (n - 1) // 2 + n, "norm_only": n, "sum_only": 0}[self.variant]
+        return {"distances": n * (n - 1) // 2 + n, "norm_only": n, "sum_only": 0,
+                "range": n}[self.variant]
 
     def pair_index(self, a: int, b: int) -> int:
         a, b = min(a, b), max(a, b)
@@ -172,33 +185,43 @@ def expand_seed_piece(params: RoundParams, piece: Piece) -> Piece:
         raise PieceError(f"piece keyed {piece.key} with {piece.values.size} values is not this "
                          f"round's seed ({SEED_VALUES} values)", piece.owner)
     values = expand_seed(piece.values, _seed_context(params, piece.owner, piece.holder),
-                         params.codec.dim + 1)
+                         params.width)
     return Piece(params.round, VECTOR, piece.owner, piece.holder, values)
 
 
 def deal_encoded(params: RoundParams, owner: int, encoded: np.ndarray, *, seeded: bool = False,
-                 test_only_rng: np.random.Generator | None = None) -> dict[int, tuple[Piece, Piece]]:
+                 test_only_rng: np.random.Generator | None = None,
+                 witness: Callable[[dict[int, np.ndarray]], np.ndarray] | None = None
+                 ) -> dict[int, tuple[Piece, Piece]]:
     """`deal` from an already encoded vector (any field vector of length d: what a hostile
     member can deal; an honest one goes through `deal`, which encodes and bounds it).
 
     `seeded`: the pieces of the t `seeded_holders` are expanded from 4-element seeds drawn
     from the OS (SHAKE-256) and those holders get the seed (32 bytes) instead of d + 1
     values; the other pieces follow from the polynomial through them and (0, secret).
-    Saves t x (d + 1) field elements per dealer; hiding becomes computational."""
+    Saves t x (d + 1) field elements per dealer; hiding becomes computational.
+
+    `witness` (variant range): called with every holder's d-coordinate piece (their
+    commitment fixes the check's projections) and returning the W witness values, shared
+    after them in the same pieces (column by column: the same seeds expand both)."""
     n, t = params.members, params.threshold
     params.members_in((owner,), "dealer")
     encoded = F.check(np.asarray(encoded).reshape(-1), "encoded vector")
     if encoded.size != params.codec.dim:
         raise SecAggError(f"encoded vector of {encoded.size} values, the round has d = "
                           f"{params.codec.dim}")
-    secret = np.concatenate([encoded, F.uniform(1, test_only_rng)])
+    if (witness is None) != (params.witness == 0):
+        raise SecAggError(f"variant {params.variant}: a witness is dealt with range only")
     seeds: dict[int, np.ndarray] = {}
-    if seeded:
+    if witness is not None:
+        seeds, vec = _deal_with_witness(params, owner, encoded, seeded, test_only_rng, witness)
+    elif seeded:
+        secret = np.concatenate([encoded, F.uniform(1, test_only_rng)])
         seeds = {j: F.uniform(SEED_VALUES, test_only_rng) for j in seeded_holders(params, owner)}
         vec = share_seeded(secret, n, t, {j: expand_seed(s, _seed_context(params, owner, j), secret.size)
                                           for j, s in seeds.items()})
     else:
-        vec = share(secret, n, t, test_only_rng)
+        vec = share(np.concatenate([encoded, F.uniform(1, test_only_rng)]), n, t, test_only_rng)
     width = params.opened + 1
     masks = share_poly(F.uniform(width, test_only_rng),
                        F.uniform((2 * t - 1, width), test_only_rng), n)
@@ -207,13 +230,37 @@ def deal_encoded(params: RoundParams, owner: int, encoded: np.ndarray, *, seeded
                 Piece(params.round, MASK, owner, j, masks[j - 1])) for j in range(1, n + 1)}
 
 
+def _deal_with_witness(params: RoundParams, owner: int, encoded: np.ndarray, seeded: bool,
+                       rng: np.random.Generator | None,
+                       witness: Callable[[dict[int, np.ndarray]], np.ndarray]
+                       ) -> tuple[dict[int, np.ndarray], np.ndarray]:
+    """deal_encoded's sharing for variant range: the d coordinates first, then the witness
+    they determine and the blinding value, column by column (the same seeds expand both)."""
+    n, t, d = params.members, params.threshold, params.codec.dim
+    seeds: dict[int, np.ndarray] = {}
+    if seeded:
+        seeds = {j: F.uniform(SEED_VALUES, rng) for j in seeded_holders(params, owner)}
+        full = {j: expand_seed(s, _seed_context(params, owner, j), params.width)
+                for j, s in seeds.items()}
+        x = share_seeded(encoded, n, t, {j: v[:d] for j, v in full.items()})
+    else:
+        x = share(encoded, n, t, rng)
+    w = F.check(np.asarray(witness({j: x[j - 1] for j in range(1, n + 1)})).reshape(-1), "witness")
+    if w.size != params.witness:
+        raise SecAggError(f"a witness of {w.size} values, the round has W = {params.witness}")
+    tail = np.concatenate([w, F.uniform(1, rng)])
+    rest = share_seeded(tail, n, t, {j: v[d:] for j, v in full.items()}) if seeded else \
+        share(tail, n, t, rng)
+    return seeds, np.concatenate([x, rest], axis=1)
+
+
 # --- 2. check the dealings -------------------------------------------------------------------
 
 def challenge_vectors(params: RoundParams, challenge: bytes) -> tuple[np.ndarray, np.ndarray]:
     """gamma for VECTOR pieces (d values) and MASK pieces (P values), expanded from the
     agreed public challenge: every member computes the same ones."""
     out = []
-    for kind, length in ((VECTOR, params.codec.dim), (MASK, params.opened)):
+    for kind, length in ((VECTOR, params.width - 1), (MASK, params.opened)):
         seed = blake2b(challenge + bytes([kind]) + params.round.to_bytes(8, "little"),
                        digest_size=32, person=b"flnode-secagg").digest()
         rng = np.random.Generator(np.random.PCG64(int.from_bytes(seed, "little")))
@@ -246,7 +293,7 @@ def check_piece(params: RoundParams, holder: int, vectors: Mapping[int, Piece],
     """Holder's CHECK piece: entry i - 1 for dealer i's VECTOR sharing, n + i - 1 for its
     MASK sharing (0 for members who did not deal)."""
     dealers = params.members_in(dealers, "dealers")
-    _held(params, vectors, VECTOR, holder, dealers, params.codec.dim + 1)
+    _held(params, vectors, VECTOR, holder, dealers, params.width)
     _held(params, masks, MASK, holder, dealers, params.opened + 1)
     gv, gm = challenge_vectors(params, challenge)
     out = np.zeros(2 * params.members, dtype=np.uint64)
@@ -411,7 +458,7 @@ def degree2_piece(params: RoundParams, holder: int, vectors: Mapping[int, Piece]
     dealers = params.members_in(dealers, "dealers")
     if not dealers:
         raise SecAggError("degree-2 pieces of no dealer")
-    _held(params, vectors, VECTOR, holder, dealers, d + 1)
+    _held(params, vectors, VECTOR, holder, dealers, params.width)
     _held(params, masks, MASK, holder, dealers, opened + 1)
     rows = np.stack([vectors[i].values[:d] for i in dealers])
     g = gram(rows)
@@ -482,8 +529,21 @@ class Selection:
 
 
 def _opens_degree2(params: RoundParams) -> None:
-    if params.variant == "sum_only":
-        raise SecAggError("variant sum_only opens no degree-2 values (select_without_opening)")
+    if params.variant in ("sum_only", "range"):
+        raise SecAggError(f"variant {params.variant} opens no degree-2 values (norms or "
+                          "distances: select_without_opening, select_in_range)")
+
+
+def select_in_range(params: RoundParams, dealers: tuple[int, ...],
+                    out_of_range: Mapping[int, str]) -> Selection:
+    """Variant "range": every accepted dealer whose range check opened 0 is summed; the
+    others are left out, named with their reason (node/secagg/range_check.py judge)."""
+    if params.variant != "range":
+        raise SecAggError(f"variant {params.variant!r} does not run the range check")
+    dealers = params.members_in(dealers, "dealers")
+    excluded = {i: why for i, why in out_of_range.items() if i in dealers}
+    return Selection(tuple(i for i in dealers if i not in excluded), excluded, {},
+                     note="range: one bit per member opened (in range or not)")
 
 
 def select_without_opening(params: RoundParams, dealers: tuple[int, ...]) -> Selection:
@@ -532,7 +592,7 @@ def sum_piece(params: RoundParams, holder: int, vectors: Mapping[int, Piece],
     selected = params.members_in(selected, "selected")
     if not selected:
         raise SecAggError("a sum piece of no member: nobody was selected")
-    _held(params, vectors, VECTOR, holder, selected, d + 1)
+    _held(params, vectors, VECTOR, holder, selected, params.width)
     total = F.sum_mod(np.stack([vectors[i].values[:d] for i in selected]), axis=0)
     return Piece(params.round, SUM, 0, holder, total)
 

@@ -20,10 +20,10 @@ differently are different consortia and refuse each other's shares.
     echo = true                    # optional: the digest echo (below); missing: off
     secure = true                  # optional: secure aggregation (below); missing: off
     secure_threshold = 1           # with secure: t, the colluding members tolerated
-    secure_select = "multi-krum"   # with secure: "multi-krum" (distances), "norm" or "sum"
+    secure_select = "multi-krum"   # with secure: "multi-krum" (distances), "norm", "sum", "range"
     secure_rows = 1437             # with secure and DP on the sum: the rows of all members,
     secure_epsilon = 3.0           #   the budget and delta every member plans from
-    secure_delta = 1e-5            #   (node/privacy/secure.py; secure_select = "sum")
+    secure_delta = 1e-5            #   (node/privacy/secure.py; secure_select "range" or "sum")
     topology = "random-out:8"      # optional: full (default), ring, k-regular:K,
                                    # random-out:S, exponential (gossip/topology.py;
                                    # docs/reference/topology.md); not with echo = true
@@ -235,7 +235,7 @@ class ConsortiumRules(BaseModel):
     # Secure aggregation (issue 22; `secure_rule`): None (the keys missing) = plain rounds.
     secure: bool | None = None
     secure_threshold: int | None = Field(default=None, ge=1, le=SECURE_MAX_THRESHOLD)
-    secure_select: Literal["multi-krum", "norm", "sum"] | None = None
+    secure_select: Literal["multi-krum", "norm", "sum", "range"] | None = None
     # Distributed DP on the secure sum (issue 22, node/privacy/secure.py secure_plan): the
     # consortium's total rows, epsilon and delta, pinned so every member derives the same
     # plan (sigma sizes every member's noise share). Missing: no DP on the sum, same id.
@@ -319,7 +319,8 @@ class SecureRule:
     @property
     def variant(self) -> str:
         """node/secagg/robust.py's name for the selection."""
-        return {"multi-krum": "distances", "norm": "norm_only", "sum": "sum_only"}[self.select]
+        return {"multi-krum": "distances", "norm": "norm_only", "sum": "sum_only",
+                "range": "range"}[self.select]
 
 
 def default_secure_threshold(members: int) -> int:
@@ -365,10 +366,13 @@ def check_secure(rules: ConsortiumRules, members: int, source: str) -> SecureRul
         missing = [k for k, absent in zip(SECURE_DP_KEYS, dp, strict=True) if absent]
         raise LocalError(f"{source}: rules.{missing[0]} is missing: DP on the secure sum needs "
                          f"all of {', '.join(SECURE_DP_KEYS)} (every member plans from them)")
-    if not any(dp) and select != "sum":
+    if select == "range" and any(dp):
+        raise LocalError(f"{source}: rules.secure_select = \"range\" bounds each member at the "
+                         f"DP plan's norm: it needs {', '.join(SECURE_DP_KEYS)}")
+    if not any(dp) and select not in ("sum", "range"):
         raise LocalError(f"{source}: rules.secure_select = {select!r} with DP on the sum: it "
                          "opens per-member values charged at one member's noise share, not the "
-                         "sum's (docs/privacy-secure.md); use secure_select = \"sum\"")
+                         "sum's (docs/privacy-secure.md); use secure_select = \"range\" or \"sum\"")
     return SecureRule(t, select)
 
 
@@ -571,7 +575,8 @@ def rules_table(members: int, aggregation: str = DEFAULT_RULE, f: int | None = N
         table["secure"] = True
         table["secure_threshold"] = (secure_threshold if secure_threshold is not None
                                      else default_secure_threshold(everyone))
-        table["secure_select"] = secure_select or ("sum" if secure_dp else default_secure_select(
+        # DP on the sum: the one-bit range check (issue 22) for new builds; "sum" opens nothing
+        table["secure_select"] = secure_select or ("range" if secure_dp else default_secure_select(
             everyone, table["secure_threshold"]))
         table.update(secure_dp or {})  # secure_rows, secure_epsilon, secure_delta
     if sparse:

@@ -38,6 +38,8 @@ LEARNS = {
                  "selected and who was named",
     "norm_only": "the sum of the members under the norm bound, every entered member's "
                  "squared norm, who passed and who was named",
+    "range": "the noised sum of the members in range, one bit per entered member (in range "
+             "or not: node/secagg/range_check.py), who dealt, entered and was named",
 }
 
 

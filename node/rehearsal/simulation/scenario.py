@@ -138,7 +138,7 @@ def _scenario_model():
         # [rules] secure (issue 22): secure aggregation, its t and selection
         secure: bool | None = None
         secure_threshold: int | None = Field(default=None, ge=1)
-        secure_select: Literal["multi-krum", "norm", "sum"] | None = None
+        secure_select: Literal["multi-krum", "norm", "sum", "range"] | None = None
         topology: str | None = None  # rules.topology (gossip/topology.py)
 
         @field_validator("compression")
