@@ -277,7 +277,8 @@ def _check_header(path: Path, line: int, header: list[str]) -> None:
     for j, name in enumerate(header):
         if not name.strip():
             raise LocalError(f"{path}: line {line} (the header): column {j + 1} has no name")
-    twice = sorted({n for n in header if header.count(n) > 1})
+    seen: set[str] = set()  # one pass: list.count per name was quadratic in the columns
+    twice = sorted({n for n in header if n in seen or seen.add(n)})
     if twice:
         raise LocalError(f"{path}: line {line} (the header): column(s) {twice} named twice")
 
