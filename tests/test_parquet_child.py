@@ -168,3 +168,14 @@ def test_rows_kept_at_the_check_are_handed_once_to_the_same_unchanged_file(tmp_p
     pq.write_table(pa.table({"a": [1, 2, 3, 4]}), path)  # changed after the check
     assert len(read_table(path)) == 4 and len(children) == 3
     assert T._KEPT == {}
+
+
+def test_a_parquet_file_naming_a_column_twice_is_the_files_fault(tmp_path):
+    """Parquet allows two columns of one name; the node's rows cannot hold them. The error
+    names the file and the column, as the CSV reader does, not "the reader's output is
+    malformed" (which blamed flnode)."""
+    path = tmp_path / "dup.parquet"
+    pq.write_table(pa.Table.from_arrays([pa.array([1, 2]), pa.array([3, 4]), pa.array([5, 6])],
+                                        names=["a", "b", "a"]), path)
+    with pytest.raises(LocalError, match=r"dup\.parquet: column\(s\) \['a'\] named twice"):
+        read_table(path)

@@ -82,6 +82,11 @@ def _one(np, pa, pq, src: str, out: str, memory: int, output: int,  # noqa: ANN0
         _fail(f"its metadata says {rows} rows, its data holds {table.num_rows}")
     index_columns = meta.get("index_columns", []) if isinstance(meta, dict) else []
     index = {c for c in index_columns if isinstance(c, str)}  # pandas' index, not a column
+    names = [n for n in table.column_names if n not in index]
+    seen: set[str] = set()
+    twice = sorted({n for n in names if n in seen or seen.add(n)})
+    if twice:  # Parquet allows it; a node's rows (and the CSV reader) do not
+        _fail(f"column(s) {twice} named twice")
     columns, buffers, offset = [], [], 0
     try:
         for name, col in zip(table.column_names, table.columns, strict=True):
