@@ -16,7 +16,8 @@ column's values are int32 codes into its distinct values, -1 where empty: a stri
 stays dictionary-encoded from the file to the node (one Python str per distinct value).
 OUT is written as OUT.part and renamed once complete: the first IN without its OUT is the
 file a failure is about. Exit status 0, or 2 with one line on stderr saying what is wrong
-with that file.
+with that file. On Linux it dies with the node that started it (its pid in the environment's
+FLNODE_PARQUET_PARENT): a killed node leaves no reader running.
 """
 
 from __future__ import annotations
@@ -35,12 +36,30 @@ def _limit(memory: int, output: int) -> None:
     resource.setrlimit(resource.RLIMIT_AS, (memory, memory))
 
 
+def _die_with_parent() -> None:
+    """Linux: SIGKILL this process when the node that started it dies (killed, or by the
+    OOM killer), so no orphan reads on with its gigabytes of address space beside the
+    restarted node's own reader. The node's pid comes in FLNODE_PARQUET_PARENT: if it died
+    before the signal was set, this process ends at once."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes  # lean start: Linux's prctl, this process only
+    import signal
+
+    pr_set_pdeathsig = 1
+    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL, 0, 0, 0)
+    parent = os.environ.get("FLNODE_PARQUET_PARENT")
+    if parent is not None and os.getppid() != int(parent):
+        os._exit(3)  # the node is gone: nobody reads what this process would write
+
+
 def _fail(reason: str) -> None:
     sys.stderr.write(reason.replace("\n", " ")[:1000] + "\n")
     sys.exit(2)
 
 
 def main(argv: list[str]) -> None:
+    _die_with_parent()
     memory, output, max_rows, max_columns = (int(a) for a in argv[:4])
     _limit(memory, output)
     try:  # lean start: imported only once this process's limits are set

@@ -355,7 +355,8 @@ def _read_parquet(paths: list[Path]) -> list[Table]:
                 str(PARQUET_OUTPUT_BYTES), str(PARQUET_MAX_ROWS), str(PARQUET_MAX_COLUMNS)]
         for path, out in zip(paths, outs, strict=True):
             argv += [str(path.resolve()), str(out)]
-        env = {**os.environ, "ARROW_DEFAULT_MEMORY_POOL": "system"}  # no jemalloc reserve
+        env = {**os.environ, "ARROW_DEFAULT_MEMORY_POOL": "system",  # no jemalloc reserve
+               "FLNODE_PARQUET_PARENT": str(os.getpid())}  # the child dies with us
         with err.open("wb") as stderr:
             try:
                 rc = subprocess.run(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
