@@ -40,7 +40,8 @@ def _die_with_parent() -> None:
     """Linux: SIGKILL this process when the node that started it dies (killed, or by the
     OOM killer), so no orphan reads on with its gigabytes of address space beside the
     restarted node's own reader. The node's pid comes in FLNODE_PARQUET_PARENT: if it died
-    before the signal was set, this process ends at once."""
+    before the signal was set, this process ends at once. (The signal follows the thread
+    that started us, which waits in subprocess.run until we end.)"""
     if not sys.platform.startswith("linux"):
         return
     import ctypes  # lean start: Linux's prctl, this process only
@@ -49,8 +50,13 @@ def _die_with_parent() -> None:
     pr_set_pdeathsig = 1
     ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL, 0, 0, 0)
     parent = os.environ.get("FLNODE_PARQUET_PARENT")
-    if parent is not None and os.getppid() != int(parent):
-        os._exit(3)  # the node is gone: nobody reads what this process would write
+    if parent is not None:  # (not getppid(): an interpreter wrapper may sit in between)
+        try:
+            os.kill(int(parent), 0)
+        except ProcessLookupError:
+            os._exit(3)  # the node is gone: nobody reads what this process would write
+        except (OSError, ValueError):
+            pass
 
 
 def _fail(reason: str) -> None:
