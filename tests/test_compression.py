@@ -662,3 +662,23 @@ def test_compressed_bodies_are_byte_exact_and_read_back():
     topk = msgpack.unpackb(bytes.fromhex(golden["codecs"]["topk:0.5"]["body"]))
     assert topk["codec"] == "topk2:0.5"
     assert [(t[0], len(t[1]), len(t[3])) for t in topk["tensors"]] == [(6, 6, 6), (1, 1, 1)]
+
+
+@pytest.mark.parametrize("kind", ["topk", "int8"])
+def test_a_scale_that_overflows_is_refused_quietly(kind):
+    """A member's finite scale near float32's max times q = 127 overflows to inf: refused
+    as non_finite, without numpy's overflow warning on the node's stderr (a peer must not
+    write to it), and so also where warnings are errors."""
+    import warnings
+
+    from gossip.wire import Reader
+
+    big = np.array([3e38], dtype="<f4").tobytes()
+    if kind == "topk":
+        codec, item = C.Codec(C.TOPK, 1.0), [1, b"\x00", big, b"\x7f"]
+    else:
+        codec, item = C.Codec(C.INT8), [C.INT8_BLOCK, big, b"\x7f"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(RemoteError, match="NaN or infinite"):
+            C.read_data(Reader(msgpack.packb(item, use_bin_type=True)), codec, "w", 1)

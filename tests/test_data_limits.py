@@ -24,3 +24,27 @@ def test_a_csv_file_over_the_limit_is_refused_before_it_is_read(tmp_path, monkey
     monkeypatch.undo()
     monkeypatch.setattr(T, "CSV_MAX_FILE_BYTES", 284)
     assert len(read_table(path)) == 40
+
+
+def test_a_csv_header_of_many_columns_is_checked_in_linear_time(tmp_path):
+    """The header's duplicate check was quadratic (list.count per name): a 2 MB header
+    line of 200,000 names took minutes before a single row was read. Now a hostile wide
+    header is one pass; the duplicate is still named."""
+    import threading
+
+    header = [f"c{i}" for i in range(200_000)] + ["c7"]
+    path = tmp_path / "wide.csv"
+    path.write_text(",".join(header) + "\n")
+    got: list = []
+
+    def read():
+        try:
+            read_table(path)
+        except LocalError as exc:
+            got.append(str(exc))
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    reader.join(timeout=60)  # linear: well under a second here; quadratic: ~6 minutes
+    assert not reader.is_alive(), "the header check of 200,001 names did not end in 60 s"
+    assert got and "['c7'] named twice" in got[0]

@@ -168,3 +168,69 @@ def test_rows_kept_at_the_check_are_handed_once_to_the_same_unchanged_file(tmp_p
     pq.write_table(pa.table({"a": [1, 2, 3, 4]}), path)  # changed after the check
     assert len(read_table(path)) == 4 and len(children) == 3
     assert T._KEPT == {}
+
+
+def test_a_parquet_file_naming_a_column_twice_is_the_files_fault(tmp_path):
+    """Parquet allows two columns of one name; the node's rows cannot hold them. The error
+    names the file and the column, as the CSV reader does, not "the reader's output is
+    malformed" (which blamed flnode)."""
+    path = tmp_path / "dup.parquet"
+    pq.write_table(pa.Table.from_arrays([pa.array([1, 2]), pa.array([3, 4]), pa.array([5, 6])],
+                                        names=["a", "b", "a"]), path)
+    with pytest.raises(LocalError, match=r"dup\.parquet: column\(s\) \['a'\] named twice"):
+        read_table(path)
+
+
+def _children(pid: int) -> list[int]:
+    out = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                status = (entry / "status").read_text()
+                cmd = (entry / "cmdline").read_bytes()
+            except OSError:
+                continue
+            if f"\nPPid:\t{pid}\n" in status and b"parquet_child.py" in cmd:
+                out.append(int(entry.name))
+    return out
+
+
+def _gone(pid: int) -> bool:
+    try:
+        return (Path("/proc") / str(pid) / "stat").read_text().split()[2] == "Z"
+    except OSError:
+        return True
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="the reader's parent-death signal is Linux's")
+def test_a_killed_node_leaves_no_parquet_reader_running(tmp_path):
+    """A node killed (SIGKILL, the OOM killer) while its child reads a file must take the
+    child with it: an orphan read on for up to PARQUET_TIMEOUT_S with gigabytes of address
+    space, beside the restarted node's own reader. The file here is a FIFO nobody writes
+    (the child blocks opening it: a stalled mount)."""
+    import os
+    import signal
+    import time
+
+    fifo = tmp_path / "stalled.parquet"
+    os.mkfifo(fifo)
+    code = f"from node.data.table import read_table; read_table({str(fifo)!r})"
+    node = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        end = time.monotonic() + 60
+        while not (kids := _children(node.pid)):
+            assert node.poll() is None and time.monotonic() < end, "no reader started"
+            time.sleep(0.05)
+        node.kill()
+        node.wait(timeout=30)
+        end = time.monotonic() + 30
+        while not all(_gone(k) for k in kids) and time.monotonic() < end:
+            time.sleep(0.05)
+        alive = [k for k in kids if not _gone(k)]
+        for k in alive:
+            os.kill(k, signal.SIGKILL)
+        assert not alive, "the Parquet reader outlived the node that started it"
+    finally:
+        if node.poll() is None:
+            node.kill()

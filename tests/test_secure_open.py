@@ -209,3 +209,34 @@ def test_a_member_whose_round_failed_sees_who_opened_the_sum_all_the_same():
     failed.out.reason = "no_agreement"
     out = failed.finish_open(got[0])
     assert out.missed == tuple(m for m in net.names if m != "bank-6")
+
+
+@pytest.mark.parametrize("n", [7, 8])
+def test_t_liars_asking_for_the_fallback_and_sending_wrong_fallback_pieces_are_named(n):
+    """Review s4: t liars (real keys) say "need" so everyone falls back, and send their far
+    members a fallback piece other than their sum piece: every honest member applies the
+    exact sum, each liar is named `wrong_sum_piece` by exactly the members it sent the wrong
+    piece to, and no honest member is named (n = 3t + 1 too: correction at its bound)."""
+    liars = ("bank-3", "bank-6")
+
+    def tamper(net, m, phase, body):
+        if m not in liars or phase not in (CONFIRM_PHASE, FALLBACK_PHASE):
+            return body
+        if phase == CONFIRM_PHASE:
+            return encode_secagg(SecAgg(CONFIRM_PHASE, (b"",)))
+        msg = decode_secagg(body, len(net.names))
+        if not msg.pieces:
+            return body
+        p = from_bytes(msg.pieces[0])
+        vals = (p.values + 5) % F.P
+        return encode_secagg(SecAgg(FALLBACK_PHASE, (to_bytes(Piece(p.round, p.kind, p.owner,
+                                                                     p.holder, vals)),)))
+    net = optimistic_net(n, 2, tamper_open=tamper).run()
+    honest = [m for m in net.names if m not in liars]
+    assert_exact(net, honest)
+    for m in honest:
+        named = net.outcome(m).named
+        assert set(named) <= set(liars), named
+        for liar in liars:
+            far = m not in ring(net.names, 2, liar)[0]
+            assert named.get(liar, "").startswith("wrong_sum_piece") == far, (m, liar, named)

@@ -79,3 +79,29 @@ def test_a_seeded_sparse_run_on_virtual_time_is_the_same_run_twice(tmp_path):
     a, b = run("a"), run("b")
     assert set(a) == set(b) and all(np.array_equal(a[m], b[m]) for m in a)
     assert len({a[m].tobytes() for m in a}) > 1  # sparse: the members' models differ
+
+
+def test_an_executor_refusing_a_job_leaves_the_clock_free_to_jump():
+    """An executor whose submit raises (shut down; --backend ray's actor gone) must not
+    count a job as out: the clock would wait forever for a job that never started, and the
+    run would hang at the next timer instead of ending."""
+    import concurrent.futures
+    import threading
+
+    pool = concurrent.futures.ThreadPoolExecutor(max_workers=1)
+    pool.shutdown()
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        loop.set_default_executor(pool)
+        with pytest.raises(RuntimeError, match="shutdown"):
+            await asyncio.to_thread(lambda: 1)
+        await asyncio.sleep(600.0)  # hangs if the refused job is still counted as out
+        return loop.time()
+
+    got: list = []
+    runner = threading.Thread(target=lambda: got.append(virtual_time.run(main())), daemon=True)
+    runner.start()
+    runner.join(timeout=20)
+    assert not runner.is_alive(), "the virtual clock hung on a job the executor refused"
+    assert got == [600.0]

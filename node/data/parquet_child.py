@@ -16,7 +16,8 @@ column's values are int32 codes into its distinct values, -1 where empty: a stri
 stays dictionary-encoded from the file to the node (one Python str per distinct value).
 OUT is written as OUT.part and renamed once complete: the first IN without its OUT is the
 file a failure is about. Exit status 0, or 2 with one line on stderr saying what is wrong
-with that file.
+with that file. On Linux it dies with the node that started it (its pid in the environment's
+FLNODE_PARQUET_PARENT): a killed node leaves no reader running.
 """
 
 from __future__ import annotations
@@ -35,12 +36,33 @@ def _limit(memory: int, output: int) -> None:
     resource.setrlimit(resource.RLIMIT_AS, (memory, memory))
 
 
+def _die_with_parent() -> None:
+    """Linux: SIGKILL this process when the node that started it dies (killed, or by the
+    OOM killer), so no orphan reads on with its gigabytes of address space beside the
+    restarted node's own reader. The node's pid comes in FLNODE_PARQUET_PARENT: if it died
+    before the signal was set, this process ends at once. (The signal follows the thread
+    that started us, which waits in subprocess.run until we end.)"""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes  # lean start: Linux's prctl, this process only
+    import signal
+
+    pr_set_pdeathsig = 1
+    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL, 0, 0, 0)
+    parent = os.environ.get("FLNODE_PARQUET_PARENT")
+    # getppid(), not the node's pid alive: a killed node is a zombie until reaped, but its
+    # children are handed to another parent at once (table.py starts sys.executable itself)
+    if parent is not None and str(os.getppid()) != parent:
+        os._exit(3)  # the node is gone: nobody reads what this process would write
+
+
 def _fail(reason: str) -> None:
     sys.stderr.write(reason.replace("\n", " ")[:1000] + "\n")
     sys.exit(2)
 
 
 def main(argv: list[str]) -> None:
+    _die_with_parent()
     memory, output, max_rows, max_columns = (int(a) for a in argv[:4])
     _limit(memory, output)
     try:  # lean start: imported only once this process's limits are set
@@ -82,6 +104,11 @@ def _one(np, pa, pq, src: str, out: str, memory: int, output: int,  # noqa: ANN0
         _fail(f"its metadata says {rows} rows, its data holds {table.num_rows}")
     index_columns = meta.get("index_columns", []) if isinstance(meta, dict) else []
     index = {c for c in index_columns if isinstance(c, str)}  # pandas' index, not a column
+    names = [n for n in table.column_names if n not in index]
+    seen: set[str] = set()
+    twice = sorted({n for n in names if n in seen or seen.add(n)})
+    if twice:  # Parquet allows it; a node's rows (and the CSV reader) do not
+        _fail(f"column(s) {twice} named twice")
     columns, buffers, offset = [], [], 0
     try:
         for name, col in zip(table.column_names, table.columns, strict=True):

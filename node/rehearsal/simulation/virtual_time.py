@@ -112,8 +112,8 @@ class VirtualTimeLoop(asyncio.SelectorEventLoop):
             except BaseException as exc:  # noqa: BLE001 - handed to the awaiting task
                 job.set_exception(exc)
         else:
+            job = executor.submit(func, *args)  # may raise (a pool shut down): not out then
             self._jumping.busy += 1
-            job = executor.submit(func, *args)
             job.add_done_callback(lambda _: self.call_soon_threadsafe(self._finished))
         self.call_at(due, _hand_over, job, fut)
         return fut
