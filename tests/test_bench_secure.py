@@ -52,12 +52,14 @@ def test_a_scaling_member_of_a_secure_consortium_is_excluded_by_the_norm_bound(t
 
 def test_grid_rows_and_tables():
     args = bench_secure.argparse.Namespace(epsilon=3.0, attacker="site-1", robust_rounds=30,
-                                           cost_rounds=4, tables="digits", seeds=2, rounds=30)
+                                           cost_rounds=4, tables="digits", seeds=2, rounds=30,
+                                           by_kind=False)
     robust = bench_secure.grid_rows("robust", args)
     assert [r[0] for r in robust][:2] == ["multi-krum, no DP: clean",
                                           "multi-krum, no DP: sign-flip"]
     assert ["--attack", "label-flip:site-1"] == robust[-1][1][-2:]
-    assert len(bench_secure.grid_rows("cost", args)) == 16
+    cost = bench_secure.grid_rows("cost", args)  # plain, secure, secure DP per size and n
+    assert len(cost) == 3 * len(bench_secure.COST_MEMBERS) * len(bench_secure.COST_SIZES) == 24
     assert len(bench_secure.grid_rows("quality", args)) == 4
     row = {"honest": 0.9, "consortium": 0.9, "centralized": 0.95, "metric": "accuracy",
            "member_rounds_without_aggregate": 0, "member_rounds": 8, "epsilon": None,
