@@ -15,7 +15,11 @@ from the accountant (compression is post-processing: it must be the uncompressed
 run's), and where one share's bytes go (`account`: outer fields, body keys, tensor
 wrappers, data headers, values). `--aggregation RULE` runs another rule than the
 default; `--select block:B|shared:P` swaps top-k's selection (the sender's choice) to
-measure it under DP. Writes `--out`/compression.json (and .jsonl, row by row) and
+measure it under DP; `--leak`, `--server lazy`, `--combine count`, `--params` and
+`--alloc` patch error feedback, the server step, multi-Krum's mean, the rule's
+parameters and top-k's k per tensor in process, to find which side loses top-k's
+points under DP (docs/results/compression.md, "fifth session"): measured, none
+adopted. Writes `--out`/compression.json (and .jsonl, row by row) and
 prints it and a table.
 
     .venv/bin/python scripts/bench_compression.py
@@ -177,7 +181,8 @@ def leaky(beta: float) -> None:
     """Leaky error feedback: the residual kept is beta x (update + residual - sent), so
     a coordinate's unsent noise decays by beta a round instead of random-walking until
     top-k selects it. Post-processing: the residual is still made of the released
-    (noised) update and what was sent of it. Measured under DP (issue 24)."""
+    (noised) update and what was sent of it. Measured under DP (issue 24); scaled when
+    the release commits, so the outbox's residual file (a restart's) is unscaled: a bench."""
     from node.runtime import compression
 
     plain = compression.Compressor.commit
@@ -268,14 +273,21 @@ def allocate(spec: str) -> None:
 
     import gossip.compress
 
-    small, big, limit = (float(x) for x in spec.split("/"))
     codec = gossip.compress.Codec
     if getattr(codec.k, "alloc", None):
         return
+    if spec.startswith("sqrt:"):  # sqrt:N1,N2,...: the model's tensor sizes
+        sizes = [int(x) for x in spec[5:].split(",")]
 
-    def k(self, n):
-        f = self.fraction * (small if n < limit else big)
-        return min(n, max(1, math.ceil(f * n)))
+        def k(self, n):  # ceil(F x d) kept values split over the tensors as sqrt(n)
+            total = math.ceil(self.fraction * sum(sizes))
+            return min(n, max(1, round(total * math.sqrt(n) / sum(map(math.sqrt, sizes)))))
+    else:
+        small, big, limit = (float(x) for x in spec.split("/"))
+
+        def k(self, n):
+            f = self.fraction * (small if n < limit else big)
+            return min(n, max(1, math.ceil(f * n)))
     k.alloc = spec
     codec.k = k
 
