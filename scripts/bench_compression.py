@@ -15,7 +15,11 @@ from the accountant (compression is post-processing: it must be the uncompressed
 run's), and where one share's bytes go (`account`: outer fields, body keys, tensor
 wrappers, data headers, values). `--aggregation RULE` runs another rule than the
 default; `--select block:B|shared:P` swaps top-k's selection (the sender's choice) to
-measure it under DP. Writes `--out`/compression.json (and .jsonl, row by row) and
+measure it under DP; `--leak`, `--server lazy`, `--combine count`, `--params` and
+`--alloc` patch error feedback, the server step, multi-Krum's mean, the rule's
+parameters and top-k's k per tensor in process, to find which side loses top-k's
+points under DP (docs/results/compression.md, "fifth session"): measured, none
+adopted. Writes `--out`/compression.json (and .jsonl, row by row) and
 prints it and a table.
 
     .venv/bin/python scripts/bench_compression.py
@@ -173,6 +177,121 @@ def shared_support(public: float) -> None:
     gossip.compress.select_top = select
 
 
+def leaky(beta: float) -> None:
+    """Leaky error feedback: the residual kept is beta x (update + residual - sent), so
+    a coordinate's unsent noise decays by beta a round instead of random-walking until
+    top-k selects it. Post-processing: the residual is still made of the released
+    (noised) update and what was sent of it. Measured under DP (issue 24); scaled when
+    the release commits, so the outbox's residual file (a restart's) is unscaled: a bench."""
+    from node.runtime import compression
+
+    plain = compression.Compressor.commit
+    if getattr(plain, "leak", None) is not None:
+        return
+
+    def commit(self, pending):
+        if pending.residual is not None:
+            pending = compression.Pending(pending.residual * beta)
+        return plain(self, pending)
+    commit.leak = beta
+    compression.Compressor.commit = commit
+
+
+def lazy_server() -> None:
+    """The server optimizer steps a coordinate only in a round some combined share
+    carried it (its Δ is not 0): m, v and the model stay as they were elsewhere (lazy
+    Adam), so one sparse carry is one step, not a decaying momentum tail. Measured
+    under DP (issue 24)."""
+    import torch
+
+    from node.strategy.server_opt import ServerOptimizer
+
+    plain = ServerOptimizer.step
+    if getattr(plain, "lazy", None):
+        return
+
+    def step(self, round, reference, combined, result):
+        m0, v0 = self.m, self.v
+        out = plain(self, round, reference, combined, result)
+        carried = (combined - reference).abs() > 1e-10 * reference.abs() + 1e-30
+        if m0 is None:
+            m0 = torch.zeros_like(self.m)
+            v0 = None if self.v is None else torch.zeros_like(self.v)
+        keep = ~carried
+        if self.m is not m0:  # the step was taken: undo it where nothing was carried
+            self.m = torch.where(keep, m0, self.m)
+            if self.v is not None and v0 is not None:
+                self.v = torch.where(keep, v0, self.v)
+            out = torch.where(keep, reference, out)
+        return out
+    step.lazy = True
+    ServerOptimizer.step = step
+
+
+def count_mean() -> None:
+    """The rule's weighted mean of the shares it kept taken per coordinate over the
+    shares that carried it (their value differs from the reference the compressed
+    shares are read on), with the weights renormalised over those; the reference
+    where none carried it. Which shares are kept is still decided on whole shares.
+    Measured under DP (issue 24)."""
+    import torch
+
+    from node.strategy import rules
+
+    plain = rules.MultiKrum.combine
+    if getattr(plain, "count", None):
+        return
+
+    def combine(self, shares, ctx):
+        center = ctx.center
+        captured = {}
+
+        def wsum(picked, fractions):
+            stacked = torch.stack([c.vector for c in picked])
+            w = torch.tensor(fractions, dtype=torch.float64)[:, None]
+            carried = (stacked != center).double() * w
+            den = carried.sum(dim=0)
+            num = (stacked * carried).sum(dim=0)
+            captured["n"] = den
+            return torch.where(den > 0, num / den.clamp_min(1e-300), center)
+        rules.weighted_sum = wsum
+        try:
+            return plain(self, shares, ctx)
+        finally:
+            rules.weighted_sum = original
+    original = rules.weighted_sum
+    combine.count = True
+    rules.MultiKrum.combine = combine
+
+
+def allocate(spec: str) -> None:
+    """top-k's k per tensor skewed by size: "SMALL/BIG/LIMIT": tensors of fewer than
+    LIMIT values send SMALL x the fraction, larger ones BIG x it (same total on
+    `digits` with 2.5/0.75/1024: 195 values against 194). A codec change (receivers
+    check k), measured in process, where sender and receivers share the patch."""
+    import math
+
+    import gossip.compress
+
+    codec = gossip.compress.Codec
+    if getattr(codec.k, "alloc", None):
+        return
+    if spec.startswith("sqrt:"):  # sqrt:N1,N2,...: the model's tensor sizes
+        sizes = [int(x) for x in spec[5:].split(",")]
+
+        def k(self, n):  # ceil(F x d) kept values split over the tensors as sqrt(n)
+            total = math.ceil(self.fraction * sum(sizes))
+            return min(n, max(1, round(total * math.sqrt(n) / sum(map(math.sqrt, sizes)))))
+    else:
+        small, big, limit = (float(x) for x in spec.split("/"))
+
+        def k(self, n):
+            f = self.fraction * (small if n < limit else big)
+            return min(n, max(1, math.ceil(f * n)))
+    k.alloc = spec
+    codec.k = k
+
+
 def cell(args: argparse.Namespace, mode: str, privacy: str, seed: int) -> dict:
     from rich.console import Console
 
@@ -185,12 +304,22 @@ def cell(args: argparse.Namespace, mode: str, privacy: str, seed: int) -> dict:
         gossip.compress.select_top = per_block(int(args.select.split(":")[1]))
     elif args.select.startswith("shared:"):
         shared_support(float(args.select.split(":")[1]))
+    if args.leak < 1:
+        leaky(args.leak)
+    if args.server == "lazy":
+        lazy_server()
+    if args.alloc:
+        allocate(args.alloc)
+    if args.combine == "count":
+        count_mean()
     out = Path(args.out) / "runs" / f"{privacy}-{mode.replace(':', '_')}-{seed}"
     if out.exists():
         shutil.rmtree(out)
     dp = {"privacy": "record", "epsilon": args.epsilon, "sigma": None} \
         if privacy == "record" else {}
     rule = {"aggregation": args.aggregation} if args.aggregation else {}
+    if args.params:
+        rule["aggregation_params"] = json.loads(args.params)
     t0 = time.perf_counter()
     summary = simulate(SimulationSpec(dataset=args.dataset, nodes=args.nodes,
                                       partition="dirichlet:0.5", rounds=args.rounds,
@@ -203,7 +332,10 @@ def cell(args: argparse.Namespace, mode: str, privacy: str, seed: int) -> dict:
     sent = sum(v["sent"] for v in summary["bytes"].values())
     eps = [v for v in summary["epsilon"]["per_node"].values() if v is not None]
     return {"mode": mode, "privacy": privacy, "seed": seed, "epsilon_budget": dp.get("epsilon"),
-            "select": args.select, "aggregation": args.aggregation or "default",
+            "select": args.select, "leak": args.leak, "server": args.server,
+            "combine": args.combine, "params": args.params,
+            "alloc": args.alloc,
+            "aggregation": args.aggregation or "default",
             "share_bytes": round(sum(shares) / len(shares)) if shares else None,
             "sent_per_member_per_round": round(
                 sent / sum(max(1, r) for r in summary["rounds_done"].values())),
@@ -262,6 +394,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--select", default="top", help="top-k's selection: top (the k largest "
                    "of a tensor, the codec's), block:B (the same share of each block of B) or shared:P "
                    "(P of k on the last aggregate step's largest coordinates, as every member)")
+    p.add_argument("--leak", type=float, default=1.0, help="top-k's error feedback keeps "
+                   "this share of the residual a round (1: all, the codec's)")
+    p.add_argument("--server", default="plain", choices=("plain", "lazy"),
+                   help="lazy: the server optimizer steps only coordinates a share carried")
+    p.add_argument("--combine", default="mean", choices=("mean", "count"),
+                   help="count: multi-Krum's mean per coordinate over the kept shares that "
+                   "carried it")
+    p.add_argument("--params", default=None, help="the rule's parameters as JSON "
+                   "([rules].aggregation_params), e.g. '{\"server_tau\": 0.01}'")
+    p.add_argument("--alloc", default=None, help="SMALL/BIG/LIMIT: top-k's fraction x "
+                   "SMALL for tensors under LIMIT values, x BIG for the others")
     args = p.parse_args(argv)
     import torch
 
