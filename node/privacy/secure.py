@@ -248,7 +248,8 @@ def charge_secure_round(ledger: Ledger, plan: SecurePlan, *, round_: int,
                              floor=plan.min_contributors)
     if not opening.ok:
         raise SecureRoundRefused(opening.reason, opening.detail)
-    eps = ledger.epsilon_with(plan.record(round_, m, digest), plan.accounting_delta)  # the ledger's running sum
+    # the ledger's running sum, at the plan's accounting delta
+    eps = ledger.epsilon_with(plan.record(round_, m, digest), plan.accounting_delta)
     if plan.epsilon is not None and not eps <= plan.epsilon * (1 + BUDGET_SLACK):
         raise SecureRoundRefused("budget_exhausted",
                                  f"round {round_} would bring epsilon to {eps:.4g} at delta "
