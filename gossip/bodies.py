@@ -451,7 +451,7 @@ MAX_SECAGG_MEMBERS = 65535
 # member's oversized piece is refused before anything is copied (review of issue 22, M1).
 # A piece is node/secagg/pieces.py's 24-byte header and its field elements, counted here at
 # 8 bytes each: pieces version 2 pack them at 61 bits (7.625 bytes), so this bound is
-# deliberately ~5% looser than a real piece (one constant for both versions' sizes; it only
+# deliberately ~5% looser than a real piece (kept simple on purpose: it only
 # bounds what is copied: pieces.from_bytes then checks the exact packed length). A check
 # 2n values, a degree-2 piece at most P = n(n - 1)/2 + n (the "distances" variant), a sum d,
 # a deal's vector d + 1 (or a 4-value seed) and mask P + 1; a commitment is 32 bytes per
