@@ -106,6 +106,22 @@ def test_a_hostile_parquet_file_is_a_named_error_and_the_caller_goes_on(
     assert len(read_table(_sound(tmp_path))) == 3  # this process reads on
 
 
+def test_distinct_text_past_the_header_limit_is_refused_repeated_text_is_not(
+        tmp_path, monkeypatch):
+    """Review s4 F1: a column of distinct short strings (an ID column) costs the node a
+    Python str per row, ~4.5x the reader's output; the distinct values (the output's JSON
+    header) have their own, smaller limit so the node's peak stays bounded. The same rows
+    of one repeated value pass."""
+    monkeypatch.setattr(T, "PARQUET_HEADER_BYTES", 4 << 10)
+    ids, same = tmp_path / "ids.parquet", tmp_path / "same.parquet"
+    pq.write_table(pa.table({"s": [f"{i:x}" for i in range(2000)]}), ids)
+    pq.write_table(pa.table({"s": ["a"] * 2000}), same)
+    with pytest.raises(LocalError, match=r"ids\.parquet: its text columns' distinct values "
+                                         r"take \d+ bytes of JSON, more than the 4096 a node"):
+        read_table(ids)
+    assert read_table(same).texts("s") == ["a"] * 2000
+
+
 def _sound(tmp_path: Path) -> Path:
     path = tmp_path / "ok.parquet"
     pq.write_table(pa.table({"a": [1, 2, 3]}), path)

@@ -314,10 +314,16 @@ def _typed(cells: list[str]) -> _Cells:
 PARQUET_MEMORY_BYTES = 6 << 30
 # What the child may hand back (RLIMIT_FSIZE on its output): the rows a node holds from one
 # file. 8 bytes a cell, so ~270 M cells; a file past it is refused, naming the limit. The
-# node then holds ~2x this for repeated text (a text cell: 4 bytes here, a list slot there)
-# but up to ~4.5x for distinct short strings (an ID column: a Python str per value; measured
-# here: 2 M distinct hex strings, 26.9 MB of output, the node's peak RSS +115 MiB).
+# node then holds ~2x this for the rows (a text cell: 4 bytes here, a list slot there)
+# plus ~5.5x the distinct text values' JSON (an ID column: a Python str per value; measured
+# here: 2 M distinct hex strings, 26.9 MB of output of which 18.9 MB JSON, the node's peak
+# RSS +115 MiB: ~4.5x the output).
 PARQUET_OUTPUT_BYTES = 2 << 30
+# Of that output, the header (JSON: the text columns' distinct values, the column names)
+# may take at most this much: its strs cost the node ~5.5x their JSON, so by those factors
+# the node's peak for one file stays ~2x PARQUET_OUTPUT_BYTES + 5.5x this = ~2.7x the cap
+# (review s4 F1: all distinct strings made it ~4.5x, ~9 GiB). A file past it is refused.
+PARQUET_HEADER_BYTES = PARQUET_OUTPUT_BYTES // 8
 # Rows and columns the metadata may declare: checked before any page is decoded.
 PARQUET_MAX_ROWS = 100_000_000
 PARQUET_MAX_COLUMNS = 10_000
@@ -432,6 +438,10 @@ def _load_rows(path: Path, out: Path) -> Table:
         if len(head) < len(_MAGIC) + 8 or head[:len(_MAGIC)] != _MAGIC:
             raise LocalError(bad)
         n = int.from_bytes(head[len(_MAGIC):], "little")
+        if n > PARQUET_HEADER_BYTES:
+            raise LocalError(f"data file {path}: its text columns' distinct values take {n} "
+                             f"bytes of JSON, more than the {PARQUET_HEADER_BYTES} a node reads "
+                             "from one file (PARQUET_HEADER_BYTES)")
         start = len(head) + n
         if start > size:
             raise LocalError(bad)
