@@ -57,6 +57,8 @@ WATCH_LOG_S = 30.0
 # members on one Ray actor takes minutes; an hour is only reached by a job that will never
 # return (a deadlocked actor), which would otherwise freeze every member's clock forever.
 JOB_LIMIT_S = 3600.0
+# How many of the jobs out (the oldest) a "waits for" line names (300 members train at once).
+_NAMED = 5
 
 
 class JobHungError(LocalError):
@@ -99,7 +101,7 @@ class _JumpingSelector(selectors.DefaultSelector):  # type: ignore[misc,valid-ty
         raise JobHungError once the oldest has been out limit_s."""
         while True:
             now = time.monotonic()
-            who, since = min(self.out.values(), key=lambda w: w[1])
+            since = min(t for _, t in self.out.values())
             if now - since >= self.limit_s:
                 hung = sorted({w for w, t in self.out.values() if now - t >= self.limit_s})
                 # Given up: the clock may move again (the loop's close cancels the tasks)
@@ -116,11 +118,12 @@ class _JumpingSelector(selectors.DefaultSelector):  # type: ignore[misc,valid-ty
                 return ready
             waited = time.monotonic() - min(t for _, t in self.out.values())
             if waited >= self.log_every_s:
-                jobs = sorted(f"{w} (out {time.monotonic() - t:.1f} s)"
-                              for w, t in self.out.values())
+                oldest = sorted(self.out.values(), key=lambda w: w[1])
+                jobs = [f"{w} (out {time.monotonic() - t:.1f} s)" for w, t in oldest[:_NAMED]]
+                more = f" and {len(oldest) - _NAMED} more" if len(oldest) > _NAMED else ""
                 log.warning("simulate: the virtual clock waits for %d executor job(s) out: "
-                            "%s; the run fails after %g s", len(jobs), ", ".join(jobs),
-                            self.limit_s)
+                            "%s%s; the run fails after %g s", len(oldest), ", ".join(jobs),
+                            more, self.limit_s)
 
 
 class _OrderedTimer(asyncio.TimerHandle):
