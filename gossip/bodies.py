@@ -449,13 +449,16 @@ def _secagg_counts(step: str, members: int) -> tuple[int, ...] | range:
 MAX_SECAGG_MEMBERS = 65535
 # Each piece's largest size, from what the receiver knows (n members, d model values), so a
 # member's oversized piece is refused before anything is copied (review of issue 22, M1).
-# A piece is node/secagg/pieces.py's 24-byte header and 8 bytes per field element: a check
+# A piece is node/secagg/pieces.py's 24-byte header and its field elements, counted here at
+# 8 bytes each: pieces version 2 pack them at 61 bits (7.625 bytes), so this bound is
+# deliberately ~5% looser than a real piece (kept simple on purpose: it only
+# bounds what is copied: pieces.from_bytes then checks the exact packed length). A check
 # 2n values, a degree-2 piece at most P = n(n - 1)/2 + n (the "distances" variant), a sum d,
 # a deal's vector d + 1 (or a 4-value seed) and mask P + 1; a commitment is 32 bytes per
 # holder (node/runtime/secure_round.py COMMIT_BYTES); an agreement is 32 (1 + 2n) bytes
 # exactly (its hash, then two body digests per member), an entry agreement 32 (1 + n).
 SECAGG_PIECE_HEADER = 24
-SECAGG_VALUE_BYTES = 8
+SECAGG_VALUE_BYTES = 8  # >= ceil(61 / 8): an upper bound, not the packed size
 SECAGG_SEED_VALUES = 4
 SECAGG_COMMIT_BYTES = 32
 # Variant "range" (node/secagg/range_check.py): a deal's vector piece also carries the range

@@ -106,6 +106,22 @@ def test_a_hostile_parquet_file_is_a_named_error_and_the_caller_goes_on(
     assert len(read_table(_sound(tmp_path))) == 3  # this process reads on
 
 
+def test_distinct_text_past_the_header_limit_is_refused_repeated_text_is_not(
+        tmp_path, monkeypatch):
+    """Review s4 F1: a column of distinct short strings (an ID column) costs the node a
+    Python str per row, ~4.5x the reader's output; the distinct values (the output's JSON
+    header) have their own, smaller limit so the node's peak stays bounded. The same rows
+    of one repeated value pass."""
+    monkeypatch.setattr(T, "PARQUET_HEADER_BYTES", 4 << 10)
+    ids, same = tmp_path / "ids.parquet", tmp_path / "same.parquet"
+    pq.write_table(pa.table({"s": [f"{i:x}" for i in range(2000)]}), ids)
+    pq.write_table(pa.table({"s": ["a"] * 2000}), same)
+    with pytest.raises(LocalError, match=r"ids\.parquet: its text columns' distinct values "
+                                         r"take \d+ bytes of JSON, more than the 4096 a node"):
+        read_table(ids)
+    assert read_table(same).texts("s") == ["a"] * 2000
+
+
 def _sound(tmp_path: Path) -> Path:
     path = tmp_path / "ok.parquet"
     pq.write_table(pa.table({"a": [1, 2, 3]}), path)
@@ -203,19 +219,25 @@ def _gone(pid: int) -> bool:
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="the reader's parent-death signal is Linux's")
-def test_a_killed_node_leaves_no_parquet_reader_running(tmp_path):
+def test_a_killed_node_leaves_no_parquet_reader_running(tmp_path, monkeypatch):
     """A node killed (SIGKILL, the OOM killer) while its child reads a file must take the
     child with it: an orphan read on for up to PARQUET_TIMEOUT_S with gigabytes of address
     space, beside the restarted node's own reader. The file here is a FIFO nobody writes
-    (the child blocks opening it: a stalled mount)."""
+    (the child blocks opening it: a stalled mount). The reader's temp dir (up to
+    PARQUET_OUTPUT_BYTES of partial rows) outlives the kill; the next read removes it
+    (review s4 F2: a kill/restart loop filled /tmp)."""
     import os
     import signal
+    import tempfile
     import time
 
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
     fifo = tmp_path / "stalled.parquet"
     os.mkfifo(fifo)
     code = f"from node.data.table import read_table; read_table({str(fifo)!r})"
     node = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT,
+                            env={**os.environ, "TMPDIR": str(tmp)},
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         end = time.monotonic() + 60
@@ -231,6 +253,43 @@ def test_a_killed_node_leaves_no_parquet_reader_running(tmp_path):
         for k in alive:
             os.kill(k, signal.SIGKILL)
         assert not alive, "the Parquet reader outlived the node that started it"
+        left = [p.name for p in tmp.iterdir()]
+        assert left, "no reader dir left by the kill: the test no longer kills mid-read"
+        monkeypatch.setattr(tempfile, "tempdir", str(tmp))
+        pq.write_table(pa.table({"x": [1, 2]}), tmp_path / "ok.parquet")
+        assert read_table(tmp_path / "ok.parquet").numbers("x").tolist() == [1.0, 2.0]
+        assert list(tmp.iterdir()) == [], "the killed node's reader dir was left in the temp dir"
     finally:
         if node.poll() is None:
             node.kill()
+
+
+def test_the_sweep_removes_only_a_dead_readers_own_dirs(tmp_path):
+    """The sweep deletes only what is surely a dead reader's: a real directory, ours, named
+    with a pid that is gone. Never a symlink's target, another user's dir, a live pid's dir
+    or a name that is not exactly the reader's."""
+    import os
+
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()  # a pid that no longer runs
+
+    def made(name, owner=None):
+        d = tmp_path / name
+        d.mkdir()
+        (d / "rows-0.bin.part").write_bytes(b"x" * 100)
+        if owner is not None:
+            os.chown(d, owner, owner)
+        return d
+
+    stale = made(f"flnode-parquet-{gone.pid}-abc_123")
+    target = made("not-ours")
+    (tmp_path / f"flnode-parquet-{gone.pid}-link").symlink_to(target)
+    live = made(f"flnode-parquet-{os.getppid()}-abc")
+    odd = made(f"flnode-parquet-{gone.pid}-a.b")
+    kept = [target, live, odd]
+    if os.geteuid() == 0:  # only root can give a dir away
+        kept.append(made(f"flnode-parquet-{gone.pid}-theirs", owner=12345))
+    T._sweep_stale_dirs(tmp_path)
+    assert not stale.exists()
+    assert all((d / "rows-0.bin.part").exists() for d in kept)
+    assert (tmp_path / f"flnode-parquet-{gone.pid}-link").is_symlink()

@@ -105,3 +105,64 @@ def test_an_executor_refusing_a_job_leaves_the_clock_free_to_jump():
     runner.join(timeout=20)
     assert not runner.is_alive(), "the virtual clock hung on a job the executor refused"
     assert got == [600.0]
+
+
+def test_a_job_that_never_returns_fails_the_run_naming_the_member(caplog):
+    """Review s4 F3: one executor job that never returns (a deadlocked Ray actor) stood the
+    virtual clock still for every member, silently and forever. The loop now says whose job
+    it waits for and, past the limit, fails the run with an error naming the member."""
+    import concurrent.futures
+    import logging
+    import threading
+
+    ev = threading.Event()
+    pool = concurrent.futures.ThreadPoolExecutor(max_workers=1)
+
+    async def member():
+        async with asyncio.timeout(120):  # a virtual deadline: cannot pass while the job is out
+            await asyncio.to_thread(ev.wait)
+
+    async def main():
+        asyncio.get_running_loop().set_default_executor(pool)
+        async with asyncio.TaskGroup() as tg:
+            tg.create_task(member(), name="node-bank3")
+
+    got: list = []
+
+    def go():
+        try:
+            virtual_time.run(main(), log_every_s=0.05, limit_s=1.0)
+        except BaseException as exc:  # noqa: BLE001 - the test looks at it
+            got.append(exc)
+
+    caplog.set_level(logging.WARNING, logger="flnode.node")
+    runner = threading.Thread(target=go, daemon=True)
+    started = time.monotonic()
+    runner.start()
+    try:
+        runner.join(timeout=30)
+        assert not runner.is_alive(), "the virtual clock hung on a job that never returns"
+    finally:
+        ev.set()  # let the worker thread go (the interpreter joins it at exit)
+        pool.shutdown(wait=True)
+    assert time.monotonic() - started >= 1.0
+    assert len(got) == 1 and isinstance(got[0], virtual_time.JobHungError), got
+    assert "node-bank3" in str(got[0]) and "1 real seconds" in str(got[0])
+    waits = [r.getMessage() for r in caplog.records if "waits for" in r.getMessage()]
+    assert waits and "node-bank3: Event.wait" in waits[0], waits  # the member and the job
+
+
+def test_a_job_that_returns_in_time_is_not_given_up():
+    """The watchdog fires on the job's real time out, not the virtual clock's: jobs that
+    come back (one after another, each under the limit) never fail the run."""
+    import concurrent.futures
+
+    pool = concurrent.futures.ThreadPoolExecutor(max_workers=1)
+
+    async def main():
+        asyncio.get_running_loop().set_default_executor(pool)
+        for _ in range(3):
+            await asyncio.to_thread(time.sleep, 0.3)
+        return asyncio.get_running_loop().time()
+
+    assert virtual_time.run(main(), log_every_s=0.05, limit_s=0.9) == 3 * virtual_time.WORK_S

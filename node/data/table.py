@@ -314,10 +314,16 @@ def _typed(cells: list[str]) -> _Cells:
 PARQUET_MEMORY_BYTES = 6 << 30
 # What the child may hand back (RLIMIT_FSIZE on its output): the rows a node holds from one
 # file. 8 bytes a cell, so ~270 M cells; a file past it is refused, naming the limit. The
-# node then holds ~2x this for repeated text (a text cell: 4 bytes here, a list slot there)
-# but up to ~4.5x for distinct short strings (an ID column: a Python str per value; measured
-# here: 2 M distinct hex strings, 26.9 MB of output, the node's peak RSS +115 MiB).
+# node then holds ~2x this for the rows (a text cell: 4 bytes here, a list slot there)
+# plus ~5.5x the distinct text values' JSON (an ID column: a Python str per value; measured
+# here: 2 M distinct hex strings, 26.9 MB of output of which 18.9 MB JSON, the node's peak
+# RSS +115 MiB: ~4.5x the output).
 PARQUET_OUTPUT_BYTES = 2 << 30
+# Of that output, the header (JSON: the text columns' distinct values, the column names)
+# may take at most this much: its strs cost the node ~5.5x their JSON, so by those factors
+# the node's peak for one file stays ~2x PARQUET_OUTPUT_BYTES + 5.5x this = ~2.7x the cap
+# (review s4 F1: all distinct strings made it ~4.5x, ~9 GiB). A file past it is refused.
+PARQUET_HEADER_BYTES = PARQUET_OUTPUT_BYTES // 8
 # Rows and columns the metadata may declare: checked before any page is decoded.
 PARQUET_MAX_ROWS = 100_000_000
 PARQUET_MAX_COLUMNS = 10_000
@@ -326,6 +332,11 @@ PARQUET_MAX_FILE_BYTES = PARQUET_OUTPUT_BYTES
 # Wall clock for one read (start, decode, write): a member's file of a few MB takes 0.5-2 s
 # here; this only stops a read that hangs (a stalled mount, a pathological file).
 PARQUET_TIMEOUT_S = 600.0
+# The child's output dir in the temp dir: "flnode-parquet-<node's pid>-<random>". A node
+# killed mid-read (SIGKILL, the OOM killer) cannot remove it, and it may hold up to
+# PARQUET_OUTPUT_BYTES of partial rows: every read first removes such dirs whose pid is
+# gone (review s4 F2), so a kill/restart loop does not fill the shared /tmp.
+_TMP_PREFIX = "flnode-parquet-"
 # How much of the child's stderr an error quotes.
 _STDERR_QUOTED = 2000
 _CHILD = Path(__file__).with_name("parquet_child.py")
@@ -350,7 +361,8 @@ def _read_parquet(paths: list[Path]) -> list[Table]:
         if size > PARQUET_MAX_FILE_BYTES:
             raise LocalError(f"data file {path}: {size} bytes, more than the "
                              f"{PARQUET_MAX_FILE_BYTES} a node reads from one Parquet file")
-    with tempfile.TemporaryDirectory(prefix="flnode-parquet-") as tmp:
+    _sweep_stale_dirs(Path(tempfile.gettempdir()))
+    with tempfile.TemporaryDirectory(prefix=f"{_TMP_PREFIX}{os.getpid()}-") as tmp:
         outs = [Path(tmp) / f"rows-{i}.bin" for i in range(len(paths))]
         err = Path(tmp) / "stderr.txt"
         argv = [sys.executable, "-I", str(_CHILD), str(PARQUET_MEMORY_BYTES),
@@ -387,6 +399,35 @@ def _read_parquet(paths: list[Path]) -> list[Table]:
         return [_load_rows(p, o) for p, o in zip(paths, outs, strict=True)]
 
 
+def _sweep_stale_dirs(tmp: Path) -> None:
+    """Remove the output dirs of readers whose node is gone (killed before it could remove
+    its own). Only what is surely ours: a real directory (no symlink followed; rmtree does
+    not follow links inside it either), owned by our user, named with a pid that no longer
+    runs. A pid reused by another process keeps its dir until that one ends too."""
+    import os  # lean start: the Parquet reader only
+    import re
+    import shutil
+    import stat
+
+    try:
+        names = [n for n in os.listdir(tmp) if n.startswith(_TMP_PREFIX)]
+    except OSError:
+        return
+    for name in names:
+        m = re.fullmatch(re.escape(_TMP_PREFIX) + r"([1-9][0-9]{0,9})-[A-Za-z0-9_]+", name)
+        if m is None or int(m.group(1)) == os.getpid():
+            continue
+        try:
+            st = os.lstat(tmp / name)
+            if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid():
+                continue
+            os.kill(int(m.group(1)), 0)  # raises if no such process
+        except ProcessLookupError:
+            shutil.rmtree(tmp / name, ignore_errors=True)
+        except (OSError, OverflowError):  # gone already, or a pid of another user: alive
+            continue
+
+
 def _load_rows(path: Path, out: Path) -> Table:
     """The child's output as a Table, every length checked against the file's size before
     anything is allocated (the child is ours, its input is not)."""
@@ -397,6 +438,10 @@ def _load_rows(path: Path, out: Path) -> Table:
         if len(head) < len(_MAGIC) + 8 or head[:len(_MAGIC)] != _MAGIC:
             raise LocalError(bad)
         n = int.from_bytes(head[len(_MAGIC):], "little")
+        if n > PARQUET_HEADER_BYTES:
+            raise LocalError(f"data file {path}: its text columns' distinct values take {n} "
+                             f"bytes of JSON, more than the {PARQUET_HEADER_BYTES} a node reads "
+                             "from one file (PARQUET_HEADER_BYTES)")
         start = len(head) + n
         if start > size:
             raise LocalError(bad)
