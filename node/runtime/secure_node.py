@@ -76,6 +76,7 @@ from node.runtime import audit, echo_round
 from node.runtime.evidence import envelope_bytes
 from node.runtime.release import Stopped, Trained
 from node.runtime.secure_bounds import largest_secure_message, sum_l2_bound
+from node.runtime.secure_deals import keep_received, prune, restored_deals
 from node.runtime.secure_evidence import (
     keep_deal,
     keep_evidence,
@@ -139,6 +140,21 @@ class Secure:
     # round -> (sender, step) already given an `accepted` audit line (rounds within the
     # machine's lookahead: `phase_drop`; pruned at the round's close)
     audited: dict[int, set[tuple[str, str]]] = field(default_factory=dict)
+    # round -> the received deals a restart reloaded from the state dir (secure_deals.py),
+    # read once per round; pruned at the round's close
+    restored: dict[int, dict[str, Accepted]] = field(default_factory=dict)
+
+
+def held_deals(node: Node, r: int) -> dict[str, Accepted]:
+    """Round r's deals we hold: the round book's, and those a run before a restart received
+    and stored (node/runtime/secure_deals.py) for dealers the book lacks now."""
+    sec = node.secure
+    assert sec is not None
+    book = node.book.shares(r)
+    if r not in sec.restored:
+        sec.restored = {k: v for k, v in sec.restored.items() if k >= r}  # bounded
+        sec.restored[r] = restored_deals(node, r, set(book))
+    return {**sec.restored[r], **book}
 
 
 # The consortium's distributed DP-SGD plan, pinned in the state dir at the first start (a
@@ -409,7 +425,7 @@ async def send_phase(node: Node, a: ev.SendPhase) -> None:
     of the step (two sum pieces over different selections reveal their difference)."""
     sec = node.secure
     assert sec is not None
-    deals = {s: acc.secagg for s, acc in node.book.shares(a.round).items()
+    deals = {s: acc.secagg for s, acc in held_deals(node, a.round).items()
              if acc.secagg is not None}
     # The round's state for the step, computed in a worker thread: judging every dealing and
     # decoding the degree-2 values (Berlekamp-Welch per coordinate) cost what the peers'
@@ -457,7 +473,7 @@ def with_reveals(node: Node, r: int, body: bytes) -> bytes:
     msg = decode_secagg(body, len(sr.members))
     if not msg.pieces:
         return body  # we open nothing: no statement to attach reveals to
-    shares = node.book.shares(r)
+    shares = held_deals(node, r)
     reveals = []
     for i in sr.my_disputes():
         acc = shares.get(sr.members[i - 1])
@@ -535,7 +551,11 @@ def _prekeys_of(node: Node, member: str) -> set[bytes]:
 def receive(node: Node, acc: Accepted, now: float, data: bytes, token: Any) -> list[ev.Action]:
     """An accepted message for the machine: a secure step's to its phase, the rest as usual."""
     if acc.envelope.kind != KIND_SECAGG or acc.secagg is None:
-        return node.machine.receive(acc, now, data=data, token=token)
+        actions = node.machine.receive(acc, now, data=data, token=token)
+        if acc.envelope.kind == KIND_DEAL and any(isinstance(a, ev.Filed) and a.accepted is acc
+                                                  for a in actions):
+            keep_received(node, acc)  # durable before it is acked (a SIGKILL loses nothing)
+        return actions
     out: list[ev.Action] = [ev.Ack((token,))] if token is not None else []
     env, step = acc.envelope, acc.secagg.step
     dropped = phase_drop(node, acc)
@@ -640,6 +660,8 @@ def aggregate(node: Node, c: ev.Close) -> dict[str, Accepted]:
     node.audit.aggregate(r, diagnostics, node.counters.aggregation)
     sec.signed = {k: v for k, v in sec.signed.items() if k > r}  # the evidence is on disk
     sec.audited = {k: v for k, v in sec.audited.items() if k > r}
+    sec.restored = {k: v for k, v in sec.restored.items() if k > r}
+    prune(node, r + 1)  # the closed round's received deals (any evidence is kept apart)
     st.close, st.received, st.diagnostics = c, sorted(out.selected), diagnostics
     st.metrics = evaluate(node.model, node.held_out.X, node.held_out.y)
     return {}
