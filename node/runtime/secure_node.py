@@ -28,7 +28,8 @@ node/runtime/secure_round.py; the rule: node/strategy/consortium_rules.py `secur
   phase's peers.
 - `receive` (in Node.handle): a "secagg" message goes to `RoundMachine.phase_message`
   (the machine files it for its phase: late, unknown or second messages are refused
-  there); a deal goes to `receive` like a share.
+  there); a deal goes to `receive` like a share and, once filed, is stored as it arrived
+  (node/runtime/secure_deals.py: a restart reloads the round's received deals, `held_deals`).
 - `aggregate` (at Close): the round's outcome; on success every member applies the same
   step: the mean of the selected members' clipped updates (start + sum / m), through the
   agreed server optimizer if the [rules] have one (FedAdam in the default recipe; its state
