@@ -602,7 +602,8 @@ def open_sum(node: Node, c: ev.Close) -> None:
     sec = node.secure
     assert sec is not None
     out = sec.rounds.close(c.round, c.phases)
-    sec.kept = {c.round: keep_evidence(node, c.round, out, c.shares)}  # bounded: the last round
+    held = {**sec.restored.get(c.round, {}), **c.shares}  # a restart's reloaded deals too
+    sec.kept = {c.round: keep_evidence(node, c.round, out, held)}  # bounded: the last round
     sec.opened = {c.round: out}
 
 
@@ -644,7 +645,8 @@ def aggregate(node: Node, c: ev.Close) -> dict[str, Accepted]:
                         len(out.missed), ", ".join(out.missed))
             node.counters.aggregation[f"{node.name}:secure:missed_opening"] += 1
     kept = sec.kept.pop(r, None)  # written off the event loop (open_sum), or now
-    evidence = kept if kept is not None else keep_evidence(node, r, out, c.shares)
+    evidence = kept if kept is not None else keep_evidence(
+        node, r, out, {**sec.restored.get(r, {}), **c.shares})
     for member, why in sorted(out.named.items()):
         if node.audit.once(member, f"secure:{why.split(':')[0]}"):
             log.warning("%s: round %d: %s named by the secure round: %s (further are "
