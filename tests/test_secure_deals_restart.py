@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -156,3 +157,44 @@ def test_a_corrupt_stored_deal_is_refused_by_name_and_the_round_completes(
     for m in (f"site-{i}" for i in range(5)):
         (agg,) = _aggregates(tmp_path / "run", m)
         assert agg["secure"]["ok"], agg["secure"]
+
+
+def test_a_received_deal_is_stored_within_its_bound_and_earlier_rounds_are_pruned(tmp_path):
+    """keep_received (pure file logic, no network): a deal over a deal's bound is not stored
+    (counted); one within it is stored byte for byte as it arrived, once; storing a deal of
+    round 2 unlinks round 0's (only the rounds the machine still takes deals for stay), and
+    a round's close prunes it."""
+    from collections import Counter
+
+    from gossip.envelope import KIND_DEAL, Accepted, decode_outer, pack
+    from node.runtime import secure_deals
+    from node.runtime.state import StateDir
+    from tests.helpers import keys
+
+    key = keys(2)[1]
+    state = StateDir(tmp_path / "state")
+    node = SimpleNamespace(
+        name="site-0", state=state, counters=SimpleNamespace(rejected=Counter()),
+        consortium=SimpleNamespace(members=[SimpleNamespace(name="site-0"),
+                                            SimpleNamespace(name="site-1")]),
+        model=torch.nn.Linear(3, 1), book=SimpleNamespace(current=0),
+        cfg=SimpleNamespace(gossip=SimpleNamespace(max_envelope_bytes=2000)))
+
+    def deal(r: int, size: int) -> tuple[Accepted, bytes]:
+        data = pack(key, b"c" * 32, KIND_DEAL, r, r, b"x" * size)
+        return Accepted("site-1", decode_outer(data), None), data
+
+    big, _ = deal(0, 3000)
+    secure_deals.keep_received(node, big)
+    assert node.counters.rejected["stored_deal_size"] == 1
+    assert not secure_deals.deal_path(node, 0, "site-1").exists()
+    acc, data = deal(0, 100)
+    secure_deals.keep_received(node, acc)
+    assert secure_deals.deal_path(node, 0, "site-1").read_bytes() == data
+    node.book.current = 2
+    acc2, data2 = deal(2, 100)
+    secure_deals.keep_received(node, acc2)
+    assert sorted(p.name for p in secure_deals.folder(node).iterdir()) == \
+        ["round-00000002.site-1.deal"]
+    secure_deals.prune(node, 3)
+    assert not list(secure_deals.folder(node).iterdir())
