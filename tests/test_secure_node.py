@@ -415,7 +415,8 @@ def test_a_step_message_is_stored_before_it_leaves_and_a_restart_resends_it(tmp_
             await coro
 
         node = SimpleNamespace(
-            name="site-0", state=StateDir(tmp_path / "state"), secure=SimpleNamespace(rounds=rounds),
+            name="site-0", state=StateDir(tmp_path / "state"),
+            secure=SimpleNamespace(rounds=rounds, restored={}),
             book=SimpleNamespace(shares=lambda r: {}, neighbours={"site-1", "site-2"}),
             _sign=lambda kind, r, b: pack(key, b"c" * 32, kind, r, next(seq), b),
             _broadcast=broadcast, _in_background=in_background)

@@ -28,7 +28,8 @@ node/runtime/secure_round.py; the rule: node/strategy/consortium_rules.py `secur
   phase's peers.
 - `receive` (in Node.handle): a "secagg" message goes to `RoundMachine.phase_message`
   (the machine files it for its phase: late, unknown or second messages are refused
-  there); a deal goes to `receive` like a share.
+  there); a deal goes to `receive` like a share and, once filed, is stored as it arrived
+  (node/runtime/secure_deals.py: a restart reloads the round's received deals, `held_deals`).
 - `aggregate` (at Close): the round's outcome; on success every member applies the same
   step: the mean of the selected members' clipped updates (start + sum / m), through the
   agreed server optimizer if the [rules] have one (FedAdam in the default recipe; its state
@@ -76,6 +77,7 @@ from node.runtime import audit, echo_round
 from node.runtime.evidence import envelope_bytes
 from node.runtime.release import Stopped, Trained
 from node.runtime.secure_bounds import largest_secure_message, sum_l2_bound
+from node.runtime.secure_deals import keep_received, prune, restored_deals
 from node.runtime.secure_evidence import (
     keep_deal,
     keep_evidence,
@@ -139,6 +141,21 @@ class Secure:
     # round -> (sender, step) already given an `accepted` audit line (rounds within the
     # machine's lookahead: `phase_drop`; pruned at the round's close)
     audited: dict[int, set[tuple[str, str]]] = field(default_factory=dict)
+    # round -> the received deals a restart reloaded from the state dir (secure_deals.py),
+    # read once per round; pruned at the round's close
+    restored: dict[int, dict[str, Accepted]] = field(default_factory=dict)
+
+
+def held_deals(node: Node, r: int) -> dict[str, Accepted]:
+    """Round r's deals we hold: the round book's, and those a run before a restart received
+    and stored (node/runtime/secure_deals.py) for dealers the book lacks now."""
+    sec = node.secure
+    assert sec is not None
+    book = node.book.shares(r)
+    if r not in sec.restored:
+        sec.restored = {k: v for k, v in sec.restored.items() if k >= r}  # bounded
+        sec.restored[r] = restored_deals(node, r, set(book))
+    return {**sec.restored[r], **book}
 
 
 # The consortium's distributed DP-SGD plan, pinned in the state dir at the first start (a
@@ -409,7 +426,7 @@ async def send_phase(node: Node, a: ev.SendPhase) -> None:
     of the step (two sum pieces over different selections reveal their difference)."""
     sec = node.secure
     assert sec is not None
-    deals = {s: acc.secagg for s, acc in node.book.shares(a.round).items()
+    deals = {s: acc.secagg for s, acc in held_deals(node, a.round).items()
              if acc.secagg is not None}
     # The round's state for the step, computed in a worker thread: judging every dealing and
     # decoding the degree-2 values (Berlekamp-Welch per coordinate) cost what the peers'
@@ -457,7 +474,7 @@ def with_reveals(node: Node, r: int, body: bytes) -> bytes:
     msg = decode_secagg(body, len(sr.members))
     if not msg.pieces:
         return body  # we open nothing: no statement to attach reveals to
-    shares = node.book.shares(r)
+    shares = held_deals(node, r)
     reveals = []
     for i in sr.my_disputes():
         acc = shares.get(sr.members[i - 1])
@@ -535,7 +552,11 @@ def _prekeys_of(node: Node, member: str) -> set[bytes]:
 def receive(node: Node, acc: Accepted, now: float, data: bytes, token: Any) -> list[ev.Action]:
     """An accepted message for the machine: a secure step's to its phase, the rest as usual."""
     if acc.envelope.kind != KIND_SECAGG or acc.secagg is None:
-        return node.machine.receive(acc, now, data=data, token=token)
+        actions = node.machine.receive(acc, now, data=data, token=token)
+        if acc.envelope.kind == KIND_DEAL and any(isinstance(a, ev.Filed) and a.accepted is acc
+                                                  for a in actions):
+            keep_received(node, acc)  # durable before it is acked (a SIGKILL loses nothing)
+        return actions
     out: list[ev.Action] = [ev.Ack((token,))] if token is not None else []
     env, step = acc.envelope, acc.secagg.step
     dropped = phase_drop(node, acc)
@@ -581,7 +602,8 @@ def open_sum(node: Node, c: ev.Close) -> None:
     sec = node.secure
     assert sec is not None
     out = sec.rounds.close(c.round, c.phases)
-    sec.kept = {c.round: keep_evidence(node, c.round, out, c.shares)}  # bounded: the last round
+    held = {**sec.restored.get(c.round, {}), **c.shares}  # a restart's reloaded deals too
+    sec.kept = {c.round: keep_evidence(node, c.round, out, held)}  # bounded: the last round
     sec.opened = {c.round: out}
 
 
@@ -623,7 +645,8 @@ def aggregate(node: Node, c: ev.Close) -> dict[str, Accepted]:
                         len(out.missed), ", ".join(out.missed))
             node.counters.aggregation[f"{node.name}:secure:missed_opening"] += 1
     kept = sec.kept.pop(r, None)  # written off the event loop (open_sum), or now
-    evidence = kept if kept is not None else keep_evidence(node, r, out, c.shares)
+    evidence = kept if kept is not None else keep_evidence(
+        node, r, out, {**sec.restored.get(r, {}), **c.shares})
     for member, why in sorted(out.named.items()):
         if node.audit.once(member, f"secure:{why.split(':')[0]}"):
             log.warning("%s: round %d: %s named by the secure round: %s (further are "
@@ -640,6 +663,8 @@ def aggregate(node: Node, c: ev.Close) -> dict[str, Accepted]:
     node.audit.aggregate(r, diagnostics, node.counters.aggregation)
     sec.signed = {k: v for k, v in sec.signed.items() if k > r}  # the evidence is on disk
     sec.audited = {k: v for k, v in sec.audited.items() if k > r}
+    sec.restored = {k: v for k, v in sec.restored.items() if k > r}
+    prune(node, r + 1)  # the closed round's received deals (any evidence is kept apart)
     st.close, st.received, st.diagnostics = c, sorted(out.selected), diagnostics
     st.metrics = evaluate(node.model, node.held_out.X, node.held_out.y)
     return {}

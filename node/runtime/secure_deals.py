@@ -1,0 +1,162 @@
+"""The deals this member RECEIVED in a secure round, kept durably (issue 22; review 2 F10):
+"a SIGKILL loses nothing". Before, a member restarted mid-round held its peers' deals in
+memory only: its stored check said it held them, its degree-2 and sum pieces abstained
+(`lost_pieces`) and the others decoded without it.
+
+- `keep_received`: when a deal is filed (secure_node.receive), its signed, sealed envelope
+  as it arrived (the evidence for disputes too) goes to
+  state/received/round-<N>.<member>.deal, atomically, before the message is acknowledged;
+  its size checked against a deal's bound first; rounds before the current one pruned.
+- `restored_deals`: at a restart, the current round's stored deals, each checked as the
+  wire checks it (our consortium, kind deal, this round, the dealer the file names, its
+  signature, sealed to one of our prekeys, its frame); one that fails is refused by name
+  (log and `stored_deal` counter) and left out: that dealer's pieces take today's abstain
+  path (`lost_pieces`); nothing else stored is touched.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from nacl.exceptions import BadSignatureError
+from nacl.signing import VerifyKey
+
+from gossip.bodies import decode_secagg, secagg_piece_limits
+from gossip.envelope import KIND_DEAL, Accepted, decode_outer
+from gossip.errors import RemoteError
+from node.learn.models import get_flat
+from node.runtime.evidence import envelope_bytes
+from node.runtime.secure_bounds import SECURE_FRAME_BYTES
+from node.runtime.state import atomic_write
+
+if TYPE_CHECKING:
+    from node.runtime.node import Node
+
+log = logging.getLogger("flnode.secure")
+
+# The folder under the state dir; a file per (round, dealer): round-<N>.<member>.deal.
+RECEIVED_DIR = "received"
+DEAL_SUFFIX = ".deal"
+
+
+def folder(node: Node) -> Path:
+    return node.state.path / RECEIVED_DIR
+
+
+def _safe(label: str) -> str:
+    return "".join(ch if ch.isalnum() or ch in "_-" else "_" for ch in label)
+
+
+def deal_path(node: Node, r: int, member: str) -> Path:
+    return folder(node) / f"round-{r:08d}.{_safe(member)}{DEAL_SUFFIX}"
+
+
+def deal_bound(node: Node) -> int:
+    """The most bytes an honest deal to us takes: the receivers' piece limits for a deal
+    (gossip/bodies.py) plus the envelope's frame, and never over gossip.max_envelope_bytes
+    (the transport refused anything larger)."""
+    members, dim = len(node.consortium.members), int(get_flat(node.model).numel())
+    deal = sum(secagg_piece_limits("deal", members, dim)) + SECURE_FRAME_BYTES  # type: ignore[arg-type]
+    return min(deal, node.cfg.gossip.max_envelope_bytes)
+
+
+def _round_of(path: Path) -> int | None:
+    head = path.name.split(".", 1)[0]
+    try:
+        return int(head.removeprefix("round-")) if head.startswith("round-") else None
+    except ValueError:
+        return None
+
+
+def prune(node: Node, before_round: int) -> None:
+    """Unlink the stored deals of rounds before `before_round` (bounded: only the rounds the
+    machine still takes deals for stay)."""
+    d = folder(node)
+    if not d.is_dir():
+        return
+    for p in d.glob(f"round-*{DEAL_SUFFIX}"):
+        r = _round_of(p)
+        if r is not None and r < before_round:
+            p.unlink(missing_ok=True)
+
+
+def keep_received(node: Node, acc: Accepted) -> None:
+    """Store a filed deal's envelope (once per round and dealer: the first filed one, which
+    is the one the round book holds). Blocking, on the event loop, before the message's
+    ack: at most one deal per member and round (the machine refuses second ones)."""
+    r, member = acc.round, acc.sender
+    path = deal_path(node, r, member)
+    if path.exists():
+        return
+    data = envelope_bytes(acc.envelope)
+    bound = deal_bound(node)
+    if len(data) > bound:  # cannot be honest (the verifier's limits hold it below): not stored
+        log.warning("%s: round %d: %s's deal is %d bytes, over a deal's bound of %d: not "
+                    "stored (a restart would lose it)", node.name, r + 1, member, len(data), bound)
+        node.counters.rejected["stored_deal_size"] += 1
+        return
+    prune(node, node.book.current)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(path, data)
+
+
+def _check(node: Node, path: Path, r: int, member: str) -> Accepted:
+    """The stored deal at `path`, checked as the wire checks it; ValueError says why not."""
+    data = path.read_bytes()
+    bound = deal_bound(node)
+    if len(data) > bound:
+        raise ValueError(f"{len(data)} bytes, over a deal's bound of {bound}")
+    try:
+        env = decode_outer(data, bound)
+    except RemoteError as exc:
+        raise ValueError(f"not an envelope ({exc.detail})") from None
+    keys = {m.name: m.public_key for m in node.consortium.members}
+    if env.consortium_id != node.consortium.id:
+        raise ValueError("another consortium's message")
+    if (env.kind, env.round) != (KIND_DEAL, r):
+        raise ValueError(f"a {env.kind!r} of round {env.round + 1}, not a deal of round {r + 1}")
+    if env.sender != keys.get(member):
+        raise ValueError(f"not signed by {member}'s key (another member's deal)")
+    try:
+        VerifyKey(env.sender).verify(env.digest, env.sig)
+    except BadSignatureError:
+        raise ValueError(f"{member}'s signature does not verify") from None
+    if node.sealing is None:
+        raise ValueError("this node does not seal")
+    try:
+        plain = node.sealing.open_deal(env.body, env.sender, r, member)
+        secagg = decode_secagg(plain, len(keys), member, deal=True,
+                               dim=int(get_flat(node.model).numel()))
+    except RemoteError as exc:
+        raise ValueError(f"{exc.reason}: {exc.detail}") from None
+    return Accepted(member, env, None, secagg=secagg)
+
+
+def restored_deals(node: Node, r: int, have: set[str]) -> dict[str, Accepted]:
+    """Round r's stored deals of the dealers not in `have` (the round book's), each checked;
+    a file that fails is refused by name and left out (its dealer's pieces abstain)."""
+    out: dict[str, Accepted] = {}
+    d = folder(node)
+    if not d.is_dir():
+        return out
+    for m in sorted(m.name for m in node.consortium.members):
+        path = deal_path(node, r, m)
+        if m == node.name or m in have or not path.exists():
+            continue
+        try:
+            out[m] = _check(node, path, r, m)
+        except (OSError, ValueError) as exc:
+            log.warning("%s: round %d: refusing the stored deal %s (from %s): %s; our pieces "
+                        "of %s's dealing abstain this round (lost_pieces)", node.name, r + 1,
+                        path, m, exc, m)
+            node.counters.rejected["stored_deal"] += 1
+    if out:
+        log.info("%s: round %d: restored %d received deal(s) from the state dir (%s)",
+                 node.name, r + 1, len(out), ", ".join(sorted(out)))
+    return out
+
+
+__all__ = ["RECEIVED_DIR", "deal_bound", "deal_path", "keep_received", "prune",
+           "restored_deals"]
