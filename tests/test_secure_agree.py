@@ -189,7 +189,7 @@ def test_a_restart_mid_agreement_resends_the_same_bytes(tmp_path, step, size):
 
         node = SimpleNamespace(
             name="site-0", state=StateDir(tmp_path / "state"),
-            secure=SimpleNamespace(rounds=rounds),
+            secure=SimpleNamespace(rounds=rounds, restored={}),
             book=SimpleNamespace(shares=lambda r: {}, neighbours={"site-1", "site-2"}),
             signer=SimpleNamespace(sealing=SimpleNamespace(own=None)),
             _sign=lambda kind, r, b: pack(key, b"c" * 32, kind, r, next(seq), b),
@@ -252,7 +252,7 @@ def test_a_split_view_is_kept_as_evidence_with_both_signed_sides(tmp_path):
     out = net.outcome(A)
     state = StateDir(tmp_path / "state")
     (tmp_path / "state" / "outbox").mkdir(parents=True)
-    sec = SimpleNamespace(signed={})
+    sec = SimpleNamespace(signed={}, restored={})
     verifier = verifier_for(net.cons, net.sks[0], secure=True)  # bank-0's own, fresh
     node = SimpleNamespace(name=A, state=state, secure=sec)
     secure_node.step_path(node, 0, AGREE_PHASE).write_bytes(me.sent[(0, AGREE_PHASE)])
@@ -454,7 +454,7 @@ def test_a_sealed_deal_is_revealed_by_its_key_alone():
         open_with_key(body, key, seal_ad(b"c" * 32, b"e" * 32, 4))
 
 
-def test_the_node_reveals_a_sealed_deal_and_another_node_verifies_it():
+def test_the_node_reveals_a_sealed_deal_and_another_node_verifies_it(tmp_path):
     """node/runtime/secure_node.py with real sealing: bank-2 is in dispute with bank-3's
     dealing; its agreement carries the key of bank-3's sealed deal and the signed envelope;
     bank-0 reads back exactly the deal bank-3 signed. A reveal with another key, or a deal
@@ -465,6 +465,7 @@ def test_the_node_reveals_a_sealed_deal_and_another_node_verifies_it():
     from gossip.seal import PrekeyStore, SignedPrekey, seal, seal_ad
     from node.runtime import secure_node
     from node.runtime.secure_round import SecureRounds
+    from node.runtime.state import StateDir
 
     ks = keys(4)
     cons = consortium(ks)
@@ -481,7 +482,8 @@ def test_the_node_reveals_a_sealed_deal_and_another_node_verifies_it():
     holder = SecureRounds(names[2], names, 1, "sum_only", codec, cons.id)
     holder.round(0).disputes[(4, 3)] = {1: 0}  # bank-2 (3) disputes bank-3's (4) dealing
     node = SimpleNamespace(
-        name=names[2], consortium=cons, secure=SimpleNamespace(rounds=holder),
+        name=names[2], consortium=cons, secure=SimpleNamespace(rounds=holder, restored={}),
+        state=StateDir(tmp_path / "state"),  # no stored deals: the book's alone
         book=SimpleNamespace(shares=lambda r: {names[3]: acc}),
         signer=SimpleNamespace(sealing=SimpleNamespace(own=store, peers={})))
     statement = bytes(32 * 9)
