@@ -272,19 +272,12 @@ class OptimisticRound(SecureRound):
 
 class OptimisticRounds(SecureRounds):
     """SecureRounds with the optimistic opening: the node's when n - 1 > 2t."""
+    round_class = OptimisticRound
 
     def __init__(self, *args: object, **kwargs: object) -> None:
         super().__init__(*args, **kwargs)  # type: ignore[arg-type]
         # round -> "optimistic", or "fallback: why" (the last KEPT_PATHS rounds)
         self.paths: dict[int, str] = {}
-
-    def round(self, r: int) -> SecureRound:
-        if r not in self.rounds:
-            self.rounds = {k: v for k, v in self.rounds.items() if k >= r}  # bounded memory
-            self.rounds[r] = OptimisticRound(self.me, self.members, self.threshold, self.variant,
-                                             self.codec, r, self.consortium_id, self.floor,
-                                             self.l2_bound, self.range_params)
-        return self.rounds[r]
 
     def _phase(self, sr: SecureRound, phase: str, got: Mapping[str, Mapping[str, bytes]],
                deals: Mapping[str, SecAgg], reveals: Mapping[tuple[int, int], SecAgg | str] | None

@@ -630,13 +630,13 @@ class SecureRound:
 class SecureRounds:
     """The driver's glue between the round machine's actions and `SecureRound`, the same for
     the node and the tests: one SecureRound per round, created when the round trains."""
+    round_class: type[SecureRound] = SecureRound  # a subclass's rounds (secure_open.py)
 
     def __init__(self, me: str, members: tuple[str, ...] | list[str], threshold: int,
                  variant: str, codec: FixedPoint | IntegerCodec, consortium_id: bytes,
                  floor: int = 0, l2_bound: float | None = None,
                  range_params: RangeParams | None = None) -> None:
-        self.me, self.members = me, tuple(sorted(members))
-        self.range_params = range_params
+        self.me, self.members, self.range_params = me, tuple(sorted(members)), range_params
         self.threshold, self.variant, self.codec = threshold, variant, codec
         self.consortium_id, self.floor, self.l2_bound = consortium_id, floor, l2_bound
         self.rounds: dict[int, SecureRound] = {}
@@ -644,9 +644,9 @@ class SecureRounds:
     def round(self, r: int) -> SecureRound:
         if r not in self.rounds:
             self.rounds = {k: v for k, v in self.rounds.items() if k >= r}  # bounded memory
-            self.rounds[r] = SecureRound(self.me, self.members, self.threshold, self.variant,
-                                         self.codec, r, self.consortium_id, self.floor,
-                                         self.l2_bound, self.range_params)
+            self.rounds[r] = self.round_class(self.me, self.members, self.threshold, self.variant,
+                                              self.codec, r, self.consortium_id, self.floor,
+                                              self.l2_bound, self.range_params)
         return self.rounds[r]
 
     def deal(self, r: int, encoded: np.ndarray) -> dict[str, bytes]:
