@@ -73,7 +73,7 @@ import numpy as np
 from gossip.bodies import SecAgg, decode_secagg, encode_secagg
 from gossip.errors import LocalError, RemoteError
 from gossip.protocol.phases import SHARE, PhaseSpec
-from node.runtime import secure_range
+from node.runtime import secure_explain, secure_range
 from node.runtime.secure_agree import (
     AGREE_BYTES,
     AGREE_NONE,
@@ -364,8 +364,8 @@ class SecureRound:
                 self.out.named.setdefault(self.members[i - 1],
                                           f"inconsistent_pieces: {verdict.refused[i]}")
                 continue
-            if i in verdict.unresolved:  # too few checks to tell dealer from holders: out,
-                continue                 # nobody named (robust.DealingVerdict)
+            if i in verdict.unresolved:  # too few checks to tell dealer from holders: all
+                continue                 # dealers' checks at once decide (secure_explain)
             consistent.append(i)
             for (_, j, kind), expected in verdict.disputes.items():
                 self.disputes.setdefault((i, j), {})[kind] = expected
@@ -373,7 +373,7 @@ class SecureRound:
                 self.out.named.setdefault(self.members[j - 1], (
                     f"dispute: its check of {self.members[i - 1]}'s dealing disagrees (it, or "
                     "that dealer, sent a wrong value: a claim, not a proof)"))
-        return consistent, disputed
+        return secure_explain.unresolved(self, held, pieces, consistent, disputed)
 
     # --- agree ----------------------------------------------------------------------------
     def agree(self, degree2: Mapping[str, bytes]) -> bytes:
