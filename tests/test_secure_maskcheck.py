@@ -104,7 +104,7 @@ def test_a_second_explanation_names_nobody_and_enters_no_honest_dealing_on_a_gue
     """The framing of test_secagg_decode (n = 10, t = 3): liars 8, 9, 10 put every mask
     check on another polynomial through holders 1-5, so {6, 7} explains the checks as well
     as {8, 9, 10}. Nobody is named; dealers 1-5 (two codewords) stay out; 6 and 7 enter on
-    their own codeword, disputed only by the liars."""
+    their own codeword, disputed only by the liars; 8-10 on the one {6, 7} gives them."""
     n, t = 10, 3
     truth = _checks(n, t, 1)
     values = {j: v.copy() for j, v in truth.items()}
@@ -121,6 +121,10 @@ def test_a_second_explanation_names_nobody_and_enters_no_honest_dealing_on_a_gue
     for i in (6, 7):
         assert {j for (j, _) in got.certain[i]} == {8, 9, 10}
         assert all(w == int(truth[j][n + i - 1]) for (j, _), w in got.certain[i].items())
+    # the liars' own dealings enter on the second explanation's codeword: the framed honest
+    # holders are disputes (a claim; their signed pieces then prove the liars' bad_dealing)
+    for i in (8, 9, 10):
+        assert {j for (j, _) in got.certain[i]} == {6, 7}
 
 
 def test_a_liar_dealing_wrong_pieces_cannot_get_an_honest_holder_named():
