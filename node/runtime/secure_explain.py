@@ -17,17 +17,18 @@ if TYPE_CHECKING:
 def unresolved(sr: SecureRound, held: dict[int, set[int]], pieces: dict[int, Piece],
                consistent: list[int], disputed: set[int]) -> tuple[list[int], set[int]]:
     """`_judge`'s answer, with the dealers it could not settle (held by at least 3t + 1
-    holders, neither consistent nor named) entered where every explanation of the checks
+    holders, neither consistent nor refused) entered where every explanation of the checks
     gives them the same codeword (their disputes then settled as any other), and the
     members in every explanation named `mask_check_liar` and kept from opening."""
     n, t = sr.params.members, sr.params.threshold
-    holders_of = {i: frozenset(j for j in pieces if i in held[j])
+    checks = {j: p.values for j, p in pieces.items() if p.values.size == 2 * n}
+    holders_of = {i: frozenset(j for j in checks if i in held[j])
                   for i in sorted(set().union(*held.values()) if held else ())}
     open_ = [i for i, hs in holders_of.items() if len(hs) >= 3 * t + 1 and i not in consistent
-             and sr.members[i - 1] not in sr.out.named]
+             and not sr.out.named.get(sr.members[i - 1], "").startswith("inconsistent_pieces")]
     if not open_:
         return consistent, disputed
-    got = explain.explain(n, t, {j: p.values for j, p in pieces.items()}, holders_of)
+    got = explain.explain(n, t, checks, holders_of)
     if got is None:  # more than the search's bound, or more than t liars: as before
         return consistent, disputed
     for j in got.named:
