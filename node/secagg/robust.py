@@ -315,7 +315,8 @@ class DealingVerdict:
     A dealer is in exactly one of `accepted`, `refused`, `unresolved` (and, from
     `judge_each`, `too_few`). `unresolved`: its check disagrees but the holders' checks
     are too few to correct t wrong ones, so the dealer or up to t holders may be at fault:
-    left out of the round, nobody named (the protocol must not enter it)."""
+    left out of the round, nobody named (the protocol must not enter it on this verdict;
+    node/secagg/explain.py judges such dealings again from every dealer's checks at once)."""
 
     accepted: tuple[int, ...]  # dealers whose sharings are consistent (disputes aside)
     refused: dict[int, str] = field(default_factory=dict)  # dealer -> why
