@@ -212,3 +212,35 @@ def test_random_mask_liars_at_the_default_t_are_all_named_and_every_honest_deali
     got = E.explain(n, t, values, {i: frozenset(range(1, n + 1)) for i in range(1, n + 1)})
     assert got.named == liars and set(got.certain) == set(range(1, n - t + 1))
     assert all({j for (j, _) in d} == set(liars) for d in got.certain.values())
+
+
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.data())
+def test_liars_that_frame_t_honest_holders_get_nobody_named_and_no_wrong_codeword(data):
+    """n = 3t + 1: t liars open, in each mask column of their choice, values on a second
+    polynomial through the honest checks outside t honest holders (`frame`): a second
+    explanation. Only liars may be named, and an honest dealer enters only on its own codeword."""
+    t = data.draw(st.integers(2, 3), label="t")
+    n = 3 * t + 1
+    truth = _checks(n, t, data.draw(st.integers(0, 2**32 - 1), label="seed"))
+    liars = set(data.draw(st.lists(st.integers(1, n), min_size=t, max_size=t, unique=True)))
+    honest = [j for j in range(1, n + 1) if j not in liars]
+    frame = set(data.draw(st.lists(st.sampled_from(honest), min_size=t, max_size=t, unique=True)))
+    rng = np.random.default_rng(data.draw(st.integers(0, 2**32 - 1), label="rng"))
+    values = {j: v.copy() for j, v in truth.items()}
+    for i in range(1, n + 1):
+        if not data.draw(st.booleans(), label="framed column"):
+            continue
+        col = n + i - 1
+        base = [j for j in honest if j not in frame]  # t + 1 <= 2t - 1 points: room for a g
+        xs, ys = [0, *base], [int(F.uniform(1, rng)[0]), *(int(truth[j][col]) for j in base)]
+        xs, ys = xs[:2 * t], ys[:2 * t]
+        for j in liars:
+            lam = F.lagrange_at(xs, j)
+            values[j][col] = sum(a * b for a, b in zip(lam, ys, strict=True)) % F.P
+    got = E.explain(n, t, values, {i: frozenset(range(1, n + 1)) for i in range(1, n + 1)})
+    assert got is not None and set(got.named) <= liars
+    for i, disputes in got.certain.items():
+        if i not in liars:
+            assert {j for (j, _) in disputes} <= liars, (i, disputes, liars, frame)
+            assert all(w == int(truth[j][(kind - 1) * n + i - 1]) for (j, kind), w in disputes.items())
