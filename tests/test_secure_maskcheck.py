@@ -216,7 +216,7 @@ def test_random_mask_liars_at_the_default_t_are_all_named_and_every_honest_deali
 
 @settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.data())
-def test_liars_that_frame_t_honest_holders_get_nobody_named_and_no_wrong_codeword(data):
+def test_liars_that_frame_t_honest_holders_get_only_liars_named_and_no_wrong_codeword(data):
     """n = 3t + 1: t liars open, in each mask column of their choice, values on a second
     polynomial through the honest checks outside t honest holders (`frame`): a second
     explanation. Only liars may be named, and an honest dealer enters only on its own codeword."""
