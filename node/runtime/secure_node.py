@@ -77,7 +77,7 @@ from node.runtime import audit, echo_round
 from node.runtime.evidence import envelope_bytes
 from node.runtime.release import Stopped, Trained
 from node.runtime.secure_bounds import largest_secure_message, sum_l2_bound
-from node.runtime.secure_deals import keep_received, prune, restored_deals
+from node.runtime.secure_deals import keep_received, keep_step, prune, refeed, restored_deals
 from node.runtime.secure_evidence import (
     keep_deal,
     keep_evidence,
@@ -144,6 +144,7 @@ class Secure:
     # round -> the received deals a restart reloaded from the state dir (secure_deals.py),
     # read once per round; pruned at the round's close
     restored: dict[int, dict[str, Accepted]] = field(default_factory=dict)
+    refed: bool = False  # given back what a run before a restart received (secure_deals)
 
 
 def held_deals(node: Node, r: int) -> dict[str, Accepted]:
@@ -339,6 +340,10 @@ async def release(node: Node, r: int) -> None:
     names the recipients, seal, sign and send each member's deal to it alone."""
     m, loop, st, sec = node.machine, asyncio.get_running_loop(), node._round, node.secure
     assert st is not None and sec is not None
+    if not sec.refed:  # the first round this process runs: a restart's (secure_deals.py)
+        sec.refed = True
+        for ahead in range(r, r + node.book.lookahead + 1):
+            refeed(node, ahead, loop.time(), receive)
     stored = stored_deals(node, r)
     if stored is not None:
         sr = sec.rounds.round(r)
@@ -576,6 +581,7 @@ def receive(node: Node, acc: Accepted, now: float, data: bytes, token: Any) -> l
             seen.add((acc.sender, step))
             node.audit.write(audit.Accepted(acc.round, acc.sender, env.seq, env.digest.hex(),
                                             env.kind, step))
+        keep_step(node, acc, data)  # durable before it is acked (a SIGKILL loses nothing)
     return out + filed
 
 
