@@ -10,8 +10,9 @@ The kill point is made certain by state files, not sleeps: once site-1's sum mes
 in its outbox, site-3 (outside site-1's ring: its sum piece never goes to site-1) is
 SIGSTOPped, so site-1 cannot close the round (it waits for site-3's fallback, which
 needs site-1's confirm) and is killed once its confirm is in its outbox; site-3 is
-SIGCONTinued after the kill. Before the restart a forged received file is planted:
-site-0's genuine signed sum piece stored under site-3's name as its fallback.
+SIGCONTinued after the kill. Before the restart a forged received file is planted: a
+genuine signed sum message (site-1's own, from its outbox) stored under site-3's name as
+its fallback: refused by name, the rest used.
 
 Before node/runtime/secure_deals.py `refeed` and `keep_step` the restarted member's
 share phase waited out its deadline (the reloaded deals were never given to the round
@@ -111,9 +112,9 @@ def _run(out: Path, privacy: list[str]):
         os.kill(far.proc.pid, signal.SIGCONT)
         stopped = False
         kept = sorted(p.name for p in received.iterdir())
-        # forged: site-0's genuine signed sum piece, filed as site-3's fallback
+        # forged: a genuine signed sum message (the victim's own), filed as site-3's fallback
         (received / f"round-00000000.{FAR}.fallback.step").write_bytes(
-            (received / f"round-00000000.{RING[0]}.sum.step").read_bytes())
+            (outbox / "round-00000000.sum").read_bytes())
         restarted = time.time()
         victim.start()
         _wait("every member to finish its run",
@@ -136,12 +137,6 @@ def _check(members, kept, restarted: float) -> None:
     # what the killed member had received and stored: every deal, its ring's sum pieces
     for n in (*RING, FAR):
         assert f"round-00000000.{n}.deal" in kept, kept
-    for n in RING:
-        assert f"round-00000000.{n}.sum.step" in kept, kept
-    log = victim.log.read_text()
-    refused = [ln for ln in log.splitlines() if "refusing the stored fallback message" in ln]
-    assert len(refused) == 1 and f"round-00000000.{FAR}.fallback.step (from {FAR})" in \
-        refused[0] and f"not signed by {FAR}'s key" in refused[0], refused
     # the round completed at every member, the restarted one included, on one aggregate
     used, digests = set(), set()
     for name, m in members.items():
@@ -158,6 +153,14 @@ def _check(members, kept, restarted: float) -> None:
     agg, last = _aggregates(victim.state)
     assert agg["time"] - restarted < 30, agg["time"] - restarted
     assert last["round"] == 1 and last["secure"]["ok"], last
+    # its ring's sum pieces were stored as they came; the forged file: refused by name, the
+    # node ran on
+    for n in RING:
+        assert f"round-00000000.{n}.sum.step" in kept, kept
+    log = victim.log.read_text()
+    refused = [ln for ln in log.splitlines() if "refusing the stored fallback message" in ln]
+    assert len(refused) == 1 and f"round-00000000.{FAR}.fallback.step (from {FAR})" in \
+        refused[0] and f"not signed by {FAR}'s key" in refused[0], refused
     line = read_jsonl(victim.state / "metrics.jsonl")[-1]
     assert line["rejected"].get("stored_step") == 1, line["rejected"]
     assert not line["rejected"].get("stored_deal"), line["rejected"]
