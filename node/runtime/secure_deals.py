@@ -9,7 +9,7 @@ nothing twice.
 - `keep_received`: when a deal is filed (secure_node.receive), its signed, sealed envelope
   as it arrived (the evidence for disputes too) goes to
   state/received/round-<N>.<member>.deal, atomically, before the message is acknowledged;
-  its size checked against a deal's bound first; rounds before the current one pruned.
+  its size checked against a deal's bound first; rounds before the previous one pruned.
 - `restored_deals`: at a restart, the current round's stored deals, each checked as the
   wire checks it (our consortium, kind deal, this round, the dealer the file names, its
   signature, sealed to one of our prekeys, its frame); one that fails is refused by name
@@ -27,6 +27,9 @@ nothing twice.
   closes with every deal (not at its deadline) and each step is recomputed from what came
   before the restart; a file that fails is refused by name (`stored_step`, renamed
   `.refused`), the rest used.
+- Pruning: a round's files stay until the next round closes (a kill between a close and
+  its checkpoint re-runs the round with them; the run's last round: pruned at its close);
+  a restart first prunes the rounds its checkpoint has closed.
 """
 
 from __future__ import annotations
@@ -131,7 +134,7 @@ def keep_received(node: Node, acc: Accepted) -> None:
                     "stored (a restart would lose it)", node.name, r + 1, member, len(data), bound)
         node.counters.rejected["stored_deal_size"] += 1
         return
-    prune(node, node.book.current)
+    prune(node, node.book.current - 1)  # the round before stays until its checkpoint is sure
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(path, data)
 
@@ -279,6 +282,7 @@ def refeed(node: Node, r: int, now: float, receive: Callable[..., list[Any]]) ->
     """At a round's first Train in this process: its stored deals the round book lacks,
     then its stored steps, given to `receive` (secure_node.receive: the machine files them
     as if they arrived now; storing them again is skipped). Returns how many."""
+    prune(node, node.book.current)  # closed and checkpointed rounds' files
     deals = restored_deals(node, r, set(node.book.shares(r)))
     steps = restored_steps(node, r, [p.name for p in node.machine.phases[1:]])
     for acc in deals.values():

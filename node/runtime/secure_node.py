@@ -29,7 +29,8 @@ node/runtime/secure_round.py; the rule: node/strategy/consortium_rules.py `secur
 - `receive` (in Node.handle): a "secagg" message goes to `RoundMachine.phase_message`
   (the machine files it for its phase: late, unknown or second messages are refused
   there); a deal goes to `receive` like a share and, once filed, is stored as it arrived
-  (node/runtime/secure_deals.py: a restart reloads the round's received deals, `held_deals`).
+  (node/runtime/secure_deals.py: a restart gives the round's received deals and step
+  messages back to the machine, `refeed` at the first Train).
 - `aggregate` (at Close): the round's outcome; on success every member applies the same
   step: the mean of the selected members' clipped updates (start + sum / m), through the
   agreed server optimizer if the [rules] have one (FedAdam in the default recipe; its state
@@ -670,7 +671,9 @@ def aggregate(node: Node, c: ev.Close) -> dict[str, Accepted]:
     sec.signed = {k: v for k, v in sec.signed.items() if k > r}  # the evidence is on disk
     sec.audited = {k: v for k, v in sec.audited.items() if k > r}
     sec.restored = {k: v for k, v in sec.restored.items() if k > r}
-    prune(node, r + 1)  # the closed round's received deals (any evidence is kept apart)
+    # the rounds before: round r's received files stay until the next round closes, so a kill
+    # before this close's checkpoint re-runs round r with them (the last round: pruned now)
+    prune(node, r if r + 1 < node.machine.params.rounds else r + 1)
     st.close, st.received, st.diagnostics = c, sorted(out.selected), diagnostics
     st.metrics = evaluate(node.model, node.held_out.X, node.held_out.y)
     return {}
