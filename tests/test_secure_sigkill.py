@@ -32,6 +32,7 @@ from pathlib import Path
 import pytest
 import tomli_w
 
+from gossip.envelope import BENIGN_REASONS
 from node.runtime.state import read_jsonl
 from tests.mqtt_support import require_mosquitto
 
@@ -161,9 +162,12 @@ def _check(members, kept, restarted: float) -> None:
     refused = [ln for ln in log.splitlines() if "refusing the stored fallback message" in ln]
     assert len(refused) == 1 and f"round-00000000.{FAR}.fallback.step (from {FAR})" in \
         refused[0] and f"not signed by {FAR}'s key" in refused[0], refused
-    line = read_jsonl(victim.state / "metrics.jsonl")[-1]
-    assert line["rejected"].get("stored_step") == 1, line["rejected"]
-    assert not line["rejected"].get("stored_deal"), line["rejected"]
+    # refused: the forged file only (the others' re-sent copies of our steps are benign
+    # duplicates; a copy redelivered to us after the restart is not filed twice)
+    for name, m in members.items():
+        rejected = read_jsonl(m.state / "metrics.jsonl")[-1]["rejected"]
+        real = {k: v for k, v in rejected.items() if k not in BENIGN_REASONS}
+        assert real == ({"stored_step": 1} if name == VICTIM else {}), (name, rejected)
     # closed: the round's received files are pruned (the set-aside forged one too)
     assert not list((victim.state / "received").iterdir())
 

@@ -17,23 +17,23 @@ import torch
 
 from gossip.bodies import SecAgg, encode_secagg
 from gossip.envelope import KIND_SECAGG, Accepted, decode_outer, pack
+from gossip.errors import RemoteError
 from node.runtime import secure_deals
 from node.runtime.state import StateDir
-from tests.helpers import keys
+from tests.helpers import consortium, keys, verifier_for
 
-CID = b"c" * 32
 KEYS = keys(4)
+CID = consortium(KEYS).id
 NAMES = [f"bank-{i}" for i in range(4)]
 PHASES = ["check", "agree", "sum", "confirm", "fallback"]
 
 
 def _node(tmp_path: Path, max_bytes: int = 1 << 20) -> SimpleNamespace:
-    members = [SimpleNamespace(name=n, public_key=bytes(k.verify_key))
-               for n, k in zip(NAMES, KEYS, strict=True)]
+    cons = consortium(KEYS)  # bank-0 .. bank-3, our real test keys
     return SimpleNamespace(
         name="bank-0", state=StateDir(tmp_path / "state"),
-        counters=SimpleNamespace(rejected=Counter()),
-        consortium=SimpleNamespace(members=members, id=CID),
+        counters=SimpleNamespace(rejected=Counter()), consortium=cons,
+        verifier=verifier_for(cons, KEYS[0], secure=True),
         model=torch.nn.Linear(3, 1), book=SimpleNamespace(current=0, shares=lambda r: {}),
         cfg=SimpleNamespace(gossip=SimpleNamespace(max_envelope_bytes=max_bytes)),
         machine=SimpleNamespace(phases=[SimpleNamespace(name=p) for p in ["share", *PHASES]]),
@@ -66,9 +66,22 @@ def test_a_filed_step_is_stored_once_as_it_arrived_and_given_back_in_the_steps_o
         return []
 
     node._feed = lambda actions: None
+    node.secure = SimpleNamespace(audited={})
     assert secure_deals.refeed(node, 0, 5.0, receive) == 2
     assert fed == [("bank-1", "check", check), ("bank-2", "confirm", confirm)]
     assert not node.counters.rejected
+    # the verifier now knows them: the transport's redelivered copy is a benign duplicate
+    with pytest.raises(RemoteError) as exc:
+        node.verifier.verify(check, 0)
+    assert exc.value.reason == "duplicate"
+    # and a restart whose replay table already holds them (a checkpoint after they came)
+    # still gets them back
+    assert secure_deals.refeed(node, 0, 5.0, receive) == 2 and not node.counters.rejected
+    # one that came again since this process started (the transport redelivered it before
+    # the round's Train) is not given twice
+    node.secure.audited[0] = {("bank-2", "confirm")}
+    fed.clear()
+    assert secure_deals.refeed(node, 0, 5.0, receive) == 1 and fed[0][:2] == ("bank-1", "check")
 
 
 def test_a_step_over_its_bound_is_not_stored(tmp_path):

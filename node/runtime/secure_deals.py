@@ -168,6 +168,7 @@ def _check(node: Node, path: Path, r: int, member: str) -> Accepted:
                                dim=int(get_flat(node.model).numel()))
     except RemoteError as exc:
         raise ValueError(f"{exc.reason}: {exc.detail}") from None
+    _replay_known(node, data, member)
     return Accepted(member, env, None, secagg=secagg)
 
 
@@ -253,7 +254,19 @@ def _check_step(node: Node, path: Path, r: int, member: str, step: str) -> Accep
         raise ValueError(f"{exc.reason}: {exc.detail}") from None
     if msg.step != step:
         raise ValueError(f"a {msg.step} message, not a {step} one")
+    _replay_known(node, data, member)
     return Accepted(member, env, None, secagg=msg)
+
+
+def _replay_known(node: Node, data: bytes, member: str) -> None:
+    """The verifier's replay table takes the stored message as accepted (a copy the
+    transport redelivers after the restart is then a benign `duplicate`, not a second
+    filing); one the table holds already (a checkpoint after it came) is fine."""
+    try:
+        node.verifier.verify(data, node.book.current, member)
+    except RemoteError as exc:
+        if exc.reason != "duplicate":
+            raise ValueError(f"the wire check refuses it ({exc.reason}: {exc.detail})") from None
 
 
 def restored_steps(node: Node, r: int, steps: list[str]) -> list[tuple[Accepted, bytes]]:
@@ -287,6 +300,8 @@ def refeed(node: Node, r: int, now: float, receive: Callable[..., list[Any]]) ->
     steps = restored_steps(node, r, [p.name for p in node.machine.phases[1:]])
     for acc in deals.values():
         node._feed(receive(node, acc, now, envelope_bytes(acc.envelope), None))
+    filed = node.secure.audited.get(r, set())  # came again since this process started
+    steps = [(acc, data) for acc, data in steps if (acc.sender, acc.secagg.step) not in filed]
     for acc, data in steps:
         node._feed(receive(node, acc, now, data, None))
     if steps:
