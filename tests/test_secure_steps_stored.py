@@ -129,6 +129,7 @@ def test_a_forged_or_corrupted_stored_step_is_refused_by_name_and_the_rest_kept(
     genuine = _msg(member, step)
     _keep(node, member, step, genuine)
     assert path.read_bytes() == genuine
-    # the round's close prunes all of it, the set-aside file too
+    # the round's close prunes all of it, the set-aside file and a write a kill cut short too
+    (secure_deals.folder(node) / f".{path.name}.tmp").write_bytes(b"half")
     secure_deals.prune(node, 1)
     assert not list(secure_deals.folder(node).iterdir())

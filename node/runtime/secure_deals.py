@@ -19,7 +19,12 @@ nothing twice.
   message, if it comes again, is stored in its place.
 - `keep_step`: a secure step's message the machine filed (the first of its sender for the
   round and step) is stored as it arrived, state/received/round-<N>.<member>.<step>.step,
-  atomically, before it is acked; its size checked against the step's bound.
+  atomically (tmp + rename), before it is acked; its size checked against the step's
+  bound. Not fsync'd: a killed process loses nothing (the kernel holds what it wrote); a
+  power loss may lose or tear the last ones (a torn file is refused by name at the restart
+  and that step is waited for anew). fsync'd, they cost 7-12 ms each on this machine
+  (measured 2026-12-07, load 8), one per member and step: ~0.4 s of event-loop time per
+  8-member round.
 - `refeed` (at the first Train of a round in this process: a restart resumes there): the
   round's stored deals and steps, each checked as the wire checks it (our consortium, the
   kind, this round, the member and step the file names, its signature, its body's frame),
@@ -35,6 +40,7 @@ nothing twice.
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -48,7 +54,7 @@ from gossip.errors import RemoteError
 from node.learn.models import get_flat
 from node.runtime.evidence import envelope_bytes
 from node.runtime.secure_bounds import SECURE_FRAME_BYTES
-from node.runtime.state import atomic_write
+from node.runtime.state import atomic_write, make_dirs
 
 if TYPE_CHECKING:
     from node.runtime.node import Node
@@ -100,7 +106,7 @@ def step_bound(node: Node, step: str) -> int:
 
 
 def _round_of(path: Path) -> int | None:
-    head = path.name.split(".", 1)[0]
+    head = path.name.removeprefix(".").split(".", 1)[0]
     try:
         return int(head.removeprefix("round-")) if head.startswith("round-") else None
     except ValueError:
@@ -113,7 +119,7 @@ def prune(node: Node, before_round: int) -> None:
     d = folder(node)
     if not d.is_dir():
         return
-    for p in d.glob("round-*"):
+    for p in [*d.glob("round-*"), *d.glob(".round-*.tmp")]:  # a write a kill cut short too
         r = _round_of(p)
         if r is not None and r < before_round:
             p.unlink(missing_ok=True)
@@ -221,8 +227,10 @@ def keep_step(node: Node, acc: Accepted, data: bytes) -> None:
                     acc.sender, step, len(data), bound)
         node.counters.rejected["stored_step_size"] += 1
         return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(path, bytes(data))
+    make_dirs(path.parent)
+    tmp = path.with_name(f".{path.name}.tmp")  # whole or absent after a kill (the rename)
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
 
 
 def _check_step(node: Node, path: Path, r: int, member: str, step: str) -> Accepted:
