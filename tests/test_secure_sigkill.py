@@ -172,12 +172,12 @@ def _check(members, kept, restarted: float) -> None:
     assert not list((victim.state / "received").iterdir())
 
 
-@pytest.mark.slow  # four processes, a kill and a restart: ~15 s
+@pytest.mark.slow  # four processes, a kill and a restart: 13-28 s on the loaded 2-core box
 def test_a_sigkilled_secure_member_restarts_and_the_round_completes_with_it(tmp_path):
     _check(*_run(tmp_path / "run", ["--privacy", "off"]))
 
 
-@pytest.mark.slow  # the same with DP on the sum: ~15 s
+@pytest.mark.slow  # the same with DP on the sum: 16-34 s
 def test_with_dp_a_sigkilled_secure_member_charges_its_round_exactly_once(tmp_path):
     """As above, DP on the sum (privacy.mode "record"): the restarted member's ledger holds
     round 1's charge once (written before its first deal left, not again at the restart)
