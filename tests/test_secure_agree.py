@@ -299,7 +299,21 @@ def test_an_agreement_is_bounded_before_it_is_copied_and_refused_in_a_plain_cons
     assert exc.value.reason == "wrong_kind" and "bank-3" in str(exc.value)
 
 
-def test_every_secure_step_message_gets_an_audit_line_accepted_or_dropped():
+def _stores(tmp_path, members) -> dict:
+    """What secure_node.receive stores a filed step with (node/runtime/secure_deals.py
+    keep_step): the state dir, the step's bound's inputs."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from node.runtime.state import StateDir
+
+    return {"name": "bank-0", "state": StateDir(tmp_path / "state"), "model": torch.nn.Linear(3, 1),
+            "consortium": SimpleNamespace(members=members),
+            "cfg": SimpleNamespace(gossip=SimpleNamespace(max_envelope_bytes=1 << 20))}
+
+
+def test_every_secure_step_message_gets_an_audit_line_accepted_or_dropped(tmp_path):
     """Review finding M2: a verified secagg message the machine files is an "accepted"
     line (where: its step); one it would drop unseen (late, too far ahead) is a named
     refusal line and counted; one the machine refuses (a second, different message) is
@@ -327,7 +341,8 @@ def test_every_secure_step_message_gets_an_audit_line_accepted_or_dropped():
         audit=SimpleNamespace(write=lines.append),
         book=SimpleNamespace(current=5, lookahead=3, neighbours={"bank-1", "bank-2", "bank-3"}),
         machine=SimpleNamespace(phase_message=phase_message,
-                                phases=secure_node.secure_phases("sum_only")))
+                                phases=secure_node.secure_phases("sum_only")),
+        **_stores(tmp_path, cons.members))
     v = verifier_for(cons, ks[0], secure=True)
     seq = iter(range(1, 100))
 
@@ -348,7 +363,7 @@ def test_every_secure_step_message_gets_an_audit_line_accepted_or_dropped():
     assert node.counters.rejected == Counter({"late_check": 1, "too_far": 1, "no_phase": 1})
 
 
-def test_re_signed_copies_of_a_step_message_get_one_accepted_line():
+def test_re_signed_copies_of_a_step_message_get_one_accepted_line(tmp_path):
     """Review 2 F14: bank-3 (its real key) re-signs one check body 200 times with fresh
     sequence numbers; every copy verifies and bank-0's real RoundMachine files it without a
     refusal. Before, each wrote an `accepted` audit line (rotating the rounds' aggregate
@@ -369,7 +384,7 @@ def test_re_signed_copies_of_a_step_message_get_one_accepted_line():
         secure=SimpleNamespace(signed={}, audited={}, rounds=SimpleNamespace(variant="sum_only")),
         counters=SimpleNamespace(rejected=Counter()), audit=SimpleNamespace(write=lines.append),
         book=SimpleNamespace(current=0, lookahead=2, neighbours={"bank-1", "bank-2", "bank-3"}),
-        machine=me.m)
+        machine=me.m, **_stores(tmp_path, list(net.members)))
     body = encode_secagg(SecAgg(CHECK_PHASE, ()))
     for _ in range(200):
         data = hostile.pack(E.KIND_SECAGG, 0, body)  # a fresh seq each time

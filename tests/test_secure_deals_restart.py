@@ -67,7 +67,7 @@ def _restart(monkeypatch, at: str, edit=None) -> dict:
             return await original(node, a)
         if a.phase == at:  # the restart
             folder = secure_deals.folder(node)
-            seen["stored"] = sorted(p.name for p in folder.iterdir())
+            seen["stored"] = sorted(p.name for p in folder.glob("*.deal"))
             if edit is not None:
                 edit(folder)
             seen["book"] = node.book

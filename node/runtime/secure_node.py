@@ -29,7 +29,8 @@ node/runtime/secure_round.py; the rule: node/strategy/consortium_rules.py `secur
 - `receive` (in Node.handle): a "secagg" message goes to `RoundMachine.phase_message`
   (the machine files it for its phase: late, unknown or second messages are refused
   there); a deal goes to `receive` like a share and, once filed, is stored as it arrived
-  (node/runtime/secure_deals.py: a restart reloads the round's received deals, `held_deals`).
+  (node/runtime/secure_deals.py: a restart gives the round's received deals and step
+  messages back to the machine, `refeed` at the first Train).
 - `aggregate` (at Close): the round's outcome; on success every member applies the same
   step: the mean of the selected members' clipped updates (start + sum / m), through the
   agreed server optimizer if the [rules] have one (FedAdam in the default recipe; its state
@@ -77,7 +78,7 @@ from node.runtime import audit, echo_round
 from node.runtime.evidence import envelope_bytes
 from node.runtime.release import Stopped, Trained
 from node.runtime.secure_bounds import largest_secure_message, sum_l2_bound
-from node.runtime.secure_deals import keep_received, prune, restored_deals
+from node.runtime.secure_deals import keep_received, keep_step, prune, refeed, restored_deals
 from node.runtime.secure_evidence import (
     keep_deal,
     keep_evidence,
@@ -144,6 +145,7 @@ class Secure:
     # round -> the received deals a restart reloaded from the state dir (secure_deals.py),
     # read once per round; pruned at the round's close
     restored: dict[int, dict[str, Accepted]] = field(default_factory=dict)
+    refed: bool = False  # given back what a run before a restart received (secure_deals)
 
 
 def held_deals(node: Node, r: int) -> dict[str, Accepted]:
@@ -339,6 +341,10 @@ async def release(node: Node, r: int) -> None:
     names the recipients, seal, sign and send each member's deal to it alone."""
     m, loop, st, sec = node.machine, asyncio.get_running_loop(), node._round, node.secure
     assert st is not None and sec is not None
+    if not sec.refed:  # the first round this process runs: a restart's (secure_deals.py)
+        sec.refed = True
+        for ahead in range(r, r + node.book.lookahead + 1):
+            refeed(node, ahead, loop.time(), receive)
     stored = stored_deals(node, r)
     if stored is not None:
         sr = sec.rounds.round(r)
@@ -576,6 +582,7 @@ def receive(node: Node, acc: Accepted, now: float, data: bytes, token: Any) -> l
             seen.add((acc.sender, step))
             node.audit.write(audit.Accepted(acc.round, acc.sender, env.seq, env.digest.hex(),
                                             env.kind, step))
+        keep_step(node, acc, data)  # durable before it is acked (a SIGKILL loses nothing)
     return out + filed
 
 
@@ -664,7 +671,9 @@ def aggregate(node: Node, c: ev.Close) -> dict[str, Accepted]:
     sec.signed = {k: v for k, v in sec.signed.items() if k > r}  # the evidence is on disk
     sec.audited = {k: v for k, v in sec.audited.items() if k > r}
     sec.restored = {k: v for k, v in sec.restored.items() if k > r}
-    prune(node, r + 1)  # the closed round's received deals (any evidence is kept apart)
+    # the rounds before: round r's received files stay until the next round closes, so a kill
+    # before this close's checkpoint re-runs round r with them (the last round: pruned now)
+    prune(node, r if r + 1 < node.machine.params.rounds else r + 1)
     st.close, st.received, st.diagnostics = c, sorted(out.selected), diagnostics
     st.metrics = evaluate(node.model, node.held_out.X, node.held_out.y)
     return {}
