@@ -243,6 +243,10 @@ def inner_simulate(argv: list[str]) -> int:
     overrides = json.loads(argv[0])
     args = build_parser().parse_args(["simulate", *argv[1:]])
     by_kind, cap = overrides.pop("_by_kind", None), overrides.pop("_rounds_cap", None)
+    if overrides.pop("_dp_distances", None):  # a measurement of what the node refuses
+        import node.strategy.consortium_rules as cr
+
+        cr.DP_SELECTS = (*cr.DP_SELECTS, "multi-krum")  # charged per member (variant distances)
     if by_kind:  # --by-kind: count every message by kind (scripts/bench_secure_bytes.py)
         from scripts.bench_secure_bytes import install
 
@@ -303,7 +307,8 @@ def simulate_row(label: str, flags: list[str], overrides: dict[str, Any],
             if "round_bytes_sent" not in rec:
                 continue
             sent.append(rec["round_bytes_sent"])
-            if rec.get("round", 0) >= 1:  # round 0 carries the process's warm-up
+            if rec.get("round", 0) >= 1 and "seconds" in rec:  # round 0: warm-up; a
+                # failed secure round's record has no duration
                 secs.append(rec["seconds"])
             rounds_seen += 1
         for line in (state / "audit.jsonl").read_text().splitlines():
@@ -361,7 +366,12 @@ def grid_rows(grid: str, args: argparse.Namespace) -> list[tuple[str, list[str],
                                 (f"sum, DP eps {args.epsilon:g}", [*base, *eps],
                                  {"secure_select": "sum"}),
                                 (f"range, DP eps {args.epsilon:g}", [*base, *eps],
-                                 {"secure_select": "range"})):
+                                 {"secure_select": "range"}),
+                                # the selecting variant under DP, which the node refuses:
+                                # distances opened and charged per member (node/privacy/
+                                # secure.py "distances"), run here to show why it is refused
+                                (f"multi-krum under DP eps {args.epsilon:g}", [*base, *eps],
+                                 {"secure_select": "multi-krum", "_dp_distances": True})):
             rows.append((f"{mode}: clean", flags, ov))
             rows += [(f"{mode}: {k}", [*flags, "--attack", f"{k}:{args.attacker}"], ov)
                      for k in ATTACKS]

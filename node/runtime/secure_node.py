@@ -98,6 +98,7 @@ from node.runtime.secure_round import (
 from node.runtime.signer import sign_all
 from node.runtime.state import atomic_write
 from node.secagg.encoding import FixedPoint, IntegerCodec
+from node.strategy import consortium_rules
 from node.strategy.consortium_rules import parse_rules, secure_rule
 
 if TYPE_CHECKING:
@@ -197,15 +198,16 @@ def plan_for(node: Node, rule_select: str) -> SecurePlan:
                          "rounds with DP on the sum: the statistics exchange is not part of the "
                          "secure plan's budget yet (its charge would be missing); use "
                          "normalize = \"declared\" in the schema")
-    if rule_select not in ("sum", "range"):
+    if rule_select not in consortium_rules.DP_SELECTS:
         raise LocalError(f"rules.secure_select = {rule_select!r} with DP on the sum: only "
                          "\"range\" and \"sum\" are charged at the sum's noise "
                          "(docs/privacy-secure.md)")
+    rule = secure_rule(node.consortium)
+    assert rule is not None
     plan = secure_plan(rows_total=rules.secure_rows, members=len(node.consortium.members),
-                       coalition=secure_rule(node.consortium).threshold,  # type: ignore[union-attr]
-                       epsilon=rules.secure_epsilon, delta=rules.secure_delta,
-                       dim=int(get_flat(node.model).numel()), clip_norm=clip,
-                       **({"variant": "range"} if rule_select == "range" else {}))
+                       coalition=rule.threshold, epsilon=rules.secure_epsilon,
+                       delta=rules.secure_delta, dim=int(get_flat(node.model).numel()),
+                       clip_norm=clip, variant=rule.variant)
     path = node.state.path / SECURE_PLAN_FILE
     pinned = SecurePlan.load(path)
     if pinned is None:
