@@ -312,7 +312,8 @@ def build_parser() -> argparse.ArgumentParser:
     cb.add_argument("--secure", action="store_true", help=argparse.SUPPRESS)
     cb.add_argument("--secure-threshold", type=positive(int), default=None,
                     help=argparse.SUPPRESS)
-    cb.add_argument("--secure-select", choices=("multi-krum", "norm", "sum"), default=None,
+    cb.add_argument("--secure-select", choices=("multi-krum", "norm", "sum", "range"),
+                    default=None,
                     help=argparse.SUPPRESS)
     # DP on the secure sum: the plan's inputs every member shares (docs/privacy-secure.md)
     cb.add_argument("--secure-rows", type=positive(int), default=None, help=argparse.SUPPRESS)
@@ -413,10 +414,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="secure aggregation ([rules] secure = true): no member sees another's "
                         "update; members open only the selected members' sum "
                         "(docs/privacy-secure.md)")
-    s.add_argument("--secure-select", choices=("multi-krum", "norm", "sum"), default=None,
+    s.add_argument("--secure-select", choices=("multi-krum", "norm", "sum", "range"),
+                   default=None,
                    help="with --secure: what members open before the sum ([rules] "
-                        "secure_select): multi-krum, norm, or sum (nothing; the only choice "
-                        "with DP)")
+                        "secure_select): multi-krum, norm, sum (nothing), or range (one bit "
+                        "per member: the default with DP; with DP only sum or range)")
     add_fault_flags(s)
     add_attack_flags(s)
     add_data_dir_flags(s)
