@@ -133,3 +133,42 @@ def test_a_forged_or_corrupted_stored_step_is_refused_by_name_and_the_rest_kept(
     (secure_deals.folder(node) / f".{path.name}.tmp").write_bytes(b"half")
     secure_deals.prune(node, 1)
     assert not list(secure_deals.folder(node).iterdir())
+
+
+# A stored file over its bound is refused from its size, never read whole: another process
+# (or a power cut's torn metadata) can leave a file of any size, or a link to a device,
+# under the state dir. 64 MiB sparse: reading it whole would take 64 MiB of memory.
+HUGE = 64 << 20
+
+
+@pytest.mark.parametrize("kind", ["step", "deal", "link_to_dev_zero"])
+def test_a_huge_stored_file_is_refused_without_reading_it(tmp_path, caplog, kind):
+    import tracemalloc
+
+    node = _node(tmp_path)
+    good = _msg(1, "check")
+    _keep(node, 1, "check", good)
+    path = secure_deals.deal_path(node, 0, "bank-2") if kind == "deal" else \
+        secure_deals.step_file(node, 0, "bank-2", "confirm")
+    if kind == "link_to_dev_zero":  # endless: read whole, it never returns
+        path.symlink_to("/dev/zero")
+    else:
+        with open(path, "wb") as f:
+            f.truncate(HUGE)
+    caplog.set_level(logging.WARNING, logger="flnode.secure")
+    tracemalloc.start()
+    try:
+        if kind == "deal":
+            got = secure_deals.restored_deals(node, 0, set())
+            assert got == {} and node.counters.rejected["stored_deal"] == 1
+        else:
+            got = secure_deals.restored_steps(node, 0, PHASES)
+            assert [(a.sender, d) for a, d in got] == [("bank-1", good)]
+            assert node.counters.rejected["stored_step"] == 1
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 4 << 20, f"{peak} bytes allocated to refuse a file over its bound"
+    (msg,) = [r.getMessage() for r in caplog.records]
+    assert str(path) in msg and "bank-2" in msg, msg
+    assert not path.exists() and not path.is_symlink()
