@@ -75,7 +75,10 @@ def folder(node: Node) -> Path:
 
 
 def _safe(label: str) -> str:
-    return "".join(ch if ch.isalnum() or ch in "_-" else "_" for ch in label)
+    """A member's or step's name in a file name whose fields '.' separates: one to one over
+    the names gossip/membership.py allows (letters, digits, '-', '_', '.'), its '.' written
+    '+' (as '_' it made "site.a" and "site_a" one file: the second member's messages lost)."""
+    return "".join(ch if ch.isascii() and (ch.isalnum() or ch in "_-") else "+" for ch in label)
 
 
 def deal_path(node: Node, r: int, member: str) -> Path:
