@@ -156,3 +156,29 @@ def test_t_lying_checks_below_the_correction_radius_name_the_liars_and_enter_the
         assert all(o.named[c].startswith("mask_check_liar") for c in colluders), o.named
         assert not o.ok and o.reason == "too_few_openers", (o.reason, o.detail)
         assert o.detail.startswith("5 member(s) opened a usable check"), o.detail
+
+
+@pytest.mark.xfail(strict=True, reason="review s5 R4: the coalition chooses which honest "
+                   "dealings enter (SecureRound._entry's drop loop); not fixed: a protocol decision")
+def test_t_colluders_claiming_to_hold_one_honest_dealing_cannot_open_it_alone():
+    """n = 7, t = 2, "distances", no DP: bank-5 and bank-6 (their real keys) open checks
+    claiming to hold only bank-0's dealing and their own, and sign their agreements over
+    those bodies. Too few members then hold every dealing to open the degree-2 values
+    (3t + 1 = 7 needed), and the entry drops the others' dealings until enough do: every
+    honest member agrees to open over (bank-0, bank-5, bank-6), and the opened sum is
+    bank-0's vector plus the coalition's own: bank-0's exact update, nobody named. A sum
+    that t members steer to fewer than two honest dealings must not be opened."""
+    liars = ("bank-5", "bank-6")
+
+    def tamper(net, m, phase, body):
+        if m not in liars or phase != "check":
+            return body
+        msg = decode_secagg(body, len(net.names), m)
+        edited = encode_secagg(SecAgg("check", msg.pieces, (1, 6, 7)))
+        net.members[m].secure.round(0)._bodies["check"] = edited  # what it signs for
+        return edited
+
+    net = SecureNet(7, 2, variant="distances", tamper_open=tamper).run()
+    for o in net.honest_outcomes([m for m in net.names if m not in liars]):
+        honest_in = [m for m in o.entered if m not in liars]
+        assert not o.ok or len(honest_in) >= 2, (o.entered, o.selected)

@@ -432,3 +432,27 @@ def test_a_step_message_is_stored_before_it_leaves_and_a_restart_resends_it(tmp_
     again, rounds = run(b"sum piece over {a, b}")  # the restarted member's view changed
     assert again == first  # the stored message, byte for byte, not a second piece
     assert rounds.kept == {(3, "sum"): b"sum piece over {a, b, c}"}
+
+
+def test_a_member_with_privacy_off_in_a_dp_consortium_is_refused_by_name(tmp_path):
+    """The [rules] plan DP on the sum; one member's own config says privacy.mode = "off".
+    setup took the plain path: a FixedPoint codec and no noise share under the same
+    consortium id as the others' IntegerCodec and noise, so its vector entered everyone's
+    sum at another scale, unnoised, while the others' ledgers charged the plan, which counts
+    it among the noise contributors. Refused at the start, naming the setting (review s5)."""
+    from gossip.membership import Consortium
+    from node.runtime import secure_node
+    from node.strategy.consortium_rules import pin_rules, rules_table
+    from tests.helpers import consortium, keys
+
+    base = consortium(keys(5))
+    dp = {"secure_rows": 1000, "secure_epsilon": 3.0, "secure_delta": 1e-5}
+    cons = Consortium(base.name, base.schema, base.members,
+                      pin_rules(rules_table(5, secure=True, secure_dp=dp, clip=1.0), 5))
+    node = SimpleNamespace(consortium=cons, sealing=object(), name="bank-0",
+                           model=torch.nn.Linear(4, 3), state=SimpleNamespace(path=tmp_path),
+                           cfg=SimpleNamespace(privacy=SimpleNamespace(mode="off"),
+                                               gossip=SimpleNamespace(max_envelope_bytes=1 << 26)))
+    with pytest.raises(LocalError, match="privacy.mode = 'off'.*secure_rows"):
+        secure_node.setup(node)
+    assert not (tmp_path / secure_node.SECURE_PLAN_FILE).exists()

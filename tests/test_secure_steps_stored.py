@@ -8,6 +8,7 @@ network (the real-process restart: tests/test_secure_sigkill.py)."""
 from __future__ import annotations
 
 import logging
+import tracemalloc
 from collections import Counter
 from pathlib import Path
 from types import SimpleNamespace
@@ -18,9 +19,10 @@ import torch
 from gossip.bodies import SecAgg, encode_secagg
 from gossip.envelope import KIND_SECAGG, Accepted, decode_outer, pack
 from gossip.errors import RemoteError
+from gossip.membership import Consortium, Member
 from node.runtime import secure_deals
 from node.runtime.state import StateDir
-from tests.helpers import consortium, keys, verifier_for
+from tests.helpers import SCHEMA, consortium, keys, verifier_for
 
 KEYS = keys(4)
 CID = consortium(KEYS).id
@@ -133,3 +135,67 @@ def test_a_forged_or_corrupted_stored_step_is_refused_by_name_and_the_rest_kept(
     (secure_deals.folder(node) / f".{path.name}.tmp").write_bytes(b"half")
     secure_deals.prune(node, 1)
     assert not list(secure_deals.folder(node).iterdir())
+
+
+# A stored file over its bound is refused from its size, never read whole: another process
+# (or a power cut's torn metadata) can leave a file of any size, or a link to a device,
+# under the state dir. 64 MiB sparse: reading it whole would take 64 MiB of memory.
+HUGE = 64 << 20
+
+
+@pytest.mark.parametrize("kind", ["step", "deal", "link_to_dev_zero"])
+def test_a_huge_stored_file_is_refused_without_reading_it(tmp_path, caplog, kind):
+    node = _node(tmp_path)
+    good = _msg(1, "check")
+    _keep(node, 1, "check", good)
+    path = secure_deals.deal_path(node, 0, "bank-2") if kind == "deal" else \
+        secure_deals.step_file(node, 0, "bank-2", "confirm")
+    if kind == "link_to_dev_zero":  # endless: read whole, it never returns
+        path.symlink_to("/dev/zero")
+    else:
+        with open(path, "wb") as f:
+            f.truncate(HUGE)
+    caplog.set_level(logging.WARNING, logger="flnode.secure")
+    tracemalloc.start()
+    try:
+        if kind == "deal":
+            got = secure_deals.restored_deals(node, 0, set())
+            assert got == {} and node.counters.rejected["stored_deal"] == 1
+        else:
+            got = secure_deals.restored_steps(node, 0, PHASES)
+            assert [(a.sender, d) for a, d in got] == [("bank-1", good)]
+            assert node.counters.rejected["stored_step"] == 1
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 4 << 20, f"{peak} bytes allocated to refuse a file over its bound"
+    (msg,) = [r.getMessage() for r in caplog.records]
+    assert str(path) in msg and "bank-2" in msg, msg
+    assert not path.exists() and not path.is_symlink()
+
+
+def test_members_whose_names_differ_only_in_dot_and_underscore_keep_their_own_files(tmp_path):
+    """Member names may hold '.', the files' separator: "site.a" and "site_a" (both valid)
+    mapped to one file name, so whichever was stored first took the other's place: the
+    other's deal or step was silently not kept (lost at a restart) and, at the restart, the
+    one file refused as "not signed by" the first name's key: both lost. A member whose name
+    collides (its real key) could so pre-empt another's stored messages every round."""
+    names = ["bank-0", "site.a", "site_a", "bank-3"]
+    cons = Consortium("test-consortium", SCHEMA, tuple(
+        Member(nm, bytes(k.verify_key), {"memory": nm}) for nm, k in zip(names, KEYS, strict=True)))
+    node = _node(tmp_path)
+    node.consortium, node.verifier = cons, verifier_for(cons, KEYS[0], secure=True)
+    assert len({secure_deals.step_file(node, 0, nm, "confirm") for nm in names}) == 4
+    assert len({secure_deals.deal_path(node, 0, nm) for nm in names}) == 4
+
+    def msg(member: int) -> bytes:
+        body = encode_secagg(SecAgg("confirm", (bytes([member]) * 32,)))
+        return pack(KEYS[member], cons.id, KIND_SECAGG, 0, 1, body)
+
+    hostile, genuine = msg(2), msg(1)  # "site_a" first, then "site.a"
+    for member, data in ((2, hostile), (1, genuine)):
+        acc = Accepted(names[member], decode_outer(data), None, secagg=SecAgg("confirm", ()))
+        secure_deals.keep_step(node, acc, data)
+    got = secure_deals.restored_steps(node, 0, PHASES)
+    assert sorted((a.sender, d) for a, d in got) == [("site.a", genuine), ("site_a", hostile)]
+    assert not node.counters.rejected

@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import logging
 import os
+import stat
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -74,7 +75,10 @@ def folder(node: Node) -> Path:
 
 
 def _safe(label: str) -> str:
-    return "".join(ch if ch.isalnum() or ch in "_-" else "_" for ch in label)
+    """A member's or step's name in a file name whose fields '.' separates: one to one over
+    the names gossip/membership.py allows (letters, digits, '-', '_', '.'), its '.' written
+    '+' (as '_' it made "site.a" and "site_a" one file: the second member's messages lost)."""
+    return "".join(ch if ch.isascii() and (ch.isalnum() or ch in "_-") else "+" for ch in label)
 
 
 def deal_path(node: Node, r: int, member: str) -> Path:
@@ -145,12 +149,34 @@ def keep_received(node: Node, acc: Accepted) -> None:
     atomic_write(path, data)
 
 
+def _read_bounded(path: Path, bound: int, what: str) -> bytes:
+    """A stored file's bytes, refused (ValueError) from its size when over `bound`, before
+    it is read: a file in the state dir is hostile input (another process's, a power cut's)
+    and may be of any size, or a link to a device that never ends. A symlink is refused
+    (ELOOP, an OSError), so is anything but a regular file; at most bound + 1 bytes read."""
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise ValueError("not a regular file")
+        if st.st_size > bound:
+            raise ValueError(f"{st.st_size} bytes, over {what} bound of {bound}")
+        chunks, left = [], bound + 1  # the file may grow after the fstat
+        while left > 0 and (chunk := os.read(fd, left)):
+            chunks.append(chunk)
+            left -= len(chunk)
+    finally:
+        os.close(fd)
+    data = b"".join(chunks)
+    if len(data) > bound:
+        raise ValueError(f"over {what} bound of {bound} bytes (it grew while read)")
+    return data
+
+
 def _check(node: Node, path: Path, r: int, member: str) -> Accepted:
     """The stored deal at `path`, checked as the wire checks it; ValueError says why not."""
-    data = path.read_bytes()
     bound = deal_bound(node)
-    if len(data) > bound:
-        raise ValueError(f"{len(data)} bytes, over a deal's bound of {bound}")
+    data = _read_bounded(path, bound, "a deal's")
     try:
         env = decode_outer(data, bound)
     except RemoteError as exc:
@@ -233,13 +259,13 @@ def keep_step(node: Node, acc: Accepted, data: bytes) -> None:
     os.replace(tmp, path)
 
 
-def _check_step(node: Node, path: Path, r: int, member: str, step: str) -> Accepted:
-    """The stored `step` message of `member` at `path`, checked as the wire checks it;
-    ValueError says why not."""
-    data = path.read_bytes()
+def _check_step(node: Node, path: Path, r: int, member: str, step: str
+                ) -> tuple[Accepted, bytes]:
+    """The stored `step` message of `member` at `path`, checked as the wire checks it, and
+    the bytes checked (read once: the file could change under a second read); ValueError
+    says why not."""
     bound = step_bound(node, step)
-    if len(data) > bound:
-        raise ValueError(f"{len(data)} bytes, over a {step} message's bound of {bound}")
+    data = _read_bounded(path, bound, f"a {step} message's")
     try:
         env = decode_outer(data, bound)
     except RemoteError as exc:
@@ -263,7 +289,7 @@ def _check_step(node: Node, path: Path, r: int, member: str, step: str) -> Accep
     if msg.step != step:
         raise ValueError(f"a {msg.step} message, not a {step} one")
     _replay_known(node, data, member)
-    return Accepted(member, env, None, secagg=msg)
+    return Accepted(member, env, None, secagg=msg), data
 
 
 def _replay_known(node: Node, data: bytes, member: str) -> None:
@@ -289,7 +315,7 @@ def restored_steps(node: Node, r: int, steps: list[str]) -> list[tuple[Accepted,
             if m == node.name or not path.exists():
                 continue
             try:
-                out.append((_check_step(node, path, r, m, step), path.read_bytes()))
+                out.append(_check_step(node, path, r, m, step))
             except (OSError, ValueError) as exc:
                 log.warning("%s: round %d: refusing the stored %s message %s (from %s): %s; "
                             "set aside as %s%s, the round goes on without it", node.name,

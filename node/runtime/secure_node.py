@@ -249,6 +249,12 @@ def setup(node: Node) -> Secure | None:
                              sum_l2_bound(plan), range_params_of(plan)
                              if rule.variant == "range" else None), icodec, {}, plan)
     rules = parse_rules(node.consortium)
+    if rules is not None and rules.secure_rows is not None:  # check_secure: all DP keys or none
+        raise LocalError("privacy.mode = 'off' but the consortium's [rules] plan DP on the "
+                         "secure sum (secure_rows / secure_epsilon / secure_delta): every "
+                         "member adds its share of the sum's noise with the agreed encoding, "
+                         "and the others' ledgers count ours; set privacy.mode = \"record\" "
+                         "with the agreed epsilon, delta and clip")
     clip = rules.clip if rules is not None and rules.clip is not None else SECURE_DEFAULT_CLIP
     codec = FixedPoint.choose(clip, int(get_flat(node.model).numel()), len(members))
     log.warning("%s: secure aggregation is EXPERIMENTAL (t = %d, %s): the members agree before "
