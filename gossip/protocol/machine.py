@@ -120,7 +120,8 @@ class RoundMachine:
 
     def __init__(self, me: str, members: Iterable[str], book: RoundBook, params: RoundParams,
                  *, keys: Mapping[str, bytes] | None = None, restarted: bool = False,
-                 neighbours: Iterable[str] | None = None, phases: Sequence[PhaseSpec] = (SHARE,),
+                 neighbours: Iterable[str] | None = None,
+                 phases: Sequence[PhaseSpec] = (SHARE,),
                  prekeys_missing: Callable[[int, list[str]], list[str]] | None = None,
                  normalization: Normalization | None = None, faulty: int = 1) -> None:
         self.me = me
@@ -468,7 +469,8 @@ class RoundMachine:
 
     def _stage_prekeys(self, now: float, out: list[Action]) -> bool:
         r = self.book.current
-        got = self._check(now, not self._prekeys_pending(r), lambda: self._prekeys_pending(r), out)
+        got = self._check(now, not self._prekeys_pending(r),
+                          lambda: self._prekeys_pending(r), out)
         if got is None:
             return False
         if now >= self.deadline:  # not waited for again until they announce
@@ -656,12 +658,10 @@ class RoundMachine:
 
     def _phase_waiting(self) -> list[str]:
         r, name = self.book.current, self.phases[self._phase].name
-        echo = name == ECHO.name  # a peer past r echoed r before it left (may be overtaken)
-        got = self._phase_got.get((r, name), {})
-        still = set(self.book.neighbours if echo else self.book.still_in(r))
+        got, still = self._phase_got.get((r, name), {}), set(self.book.still_in(r))
         # nor an echo of a peer absent from the share phase or whose echoes stopped (echo.py)
-        ignore = self.ignorable() | (self.echo.silent | self.live.absent if echo and self.echo
-                                     else set())
+        ignore = self.ignorable() | ((self.echo.silent | self.live.absent)
+                                     if name == ECHO.name and self.echo else set())
         return sorted(p for p in self._phase_peers if p not in got and p in still
                       and p not in ignore)
 
