@@ -50,7 +50,7 @@ from nacl.exceptions import BadSignatureError
 from nacl.signing import VerifyKey
 
 from gossip.bodies import decode_secagg, secagg_piece_limits
-from gossip.envelope import KIND_DEAL, KIND_SECAGG, Accepted, decode_outer
+from gossip.envelope import KIND_DEAL, KIND_SECAGG, Accepted, Envelope, decode_outer
 from gossip.errors import RemoteError
 from node.learn.models import get_flat
 from node.runtime.evidence import envelope_bytes
@@ -173,10 +173,12 @@ def _read_bounded(path: Path, bound: int, what: str) -> bytes:
     return data
 
 
-def _check(node: Node, path: Path, r: int, member: str) -> Accepted:
-    """The stored deal at `path`, checked as the wire checks it; ValueError says why not."""
-    bound = deal_bound(node)
-    data = _read_bounded(path, bound, "a deal's")
+def _signed_file(node: Node, path: Path, r: int, member: str, kind: str, bound: int,
+                 what: str, expected: str, theirs: str) -> tuple[bytes, Envelope, int]:
+    """The stored file at `path` read within `bound`, its envelope checked as the wire checks
+    it (our consortium, `kind`, round r, signed by `member`'s key), and the member count;
+    ValueError says why not. `what`, `expected`, `theirs` name the message in the reasons."""
+    data = _read_bounded(path, bound, what)
     try:
         env = decode_outer(data, bound)
     except RemoteError as exc:
@@ -184,19 +186,27 @@ def _check(node: Node, path: Path, r: int, member: str) -> Accepted:
     keys = {m.name: m.public_key for m in node.consortium.members}
     if env.consortium_id != node.consortium.id:
         raise ValueError("another consortium's message")
-    if (env.kind, env.round) != (KIND_DEAL, r):
-        raise ValueError(f"a {env.kind!r} of round {env.round + 1}, not a deal of round {r + 1}")
+    if (env.kind, env.round) != (kind, r):
+        raise ValueError(f"a {env.kind!r} of round {env.round + 1}, not {expected} of round "
+                         f"{r + 1}")
     if env.sender != keys.get(member):
-        raise ValueError(f"not signed by {member}'s key (another member's deal)")
+        raise ValueError(f"not signed by {member}'s key (another member's {theirs})")
     try:
         VerifyKey(env.sender).verify(env.digest, env.sig)
     except BadSignatureError:
         raise ValueError(f"{member}'s signature does not verify") from None
+    return data, env, len(keys)
+
+
+def _check(node: Node, path: Path, r: int, member: str) -> Accepted:
+    """The stored deal at `path`, checked as the wire checks it; ValueError says why not."""
+    data, env, members = _signed_file(node, path, r, member, KIND_DEAL, deal_bound(node),
+                                      "a deal's", "a deal", "deal")
     if node.sealing is None:
         raise ValueError("this node does not seal")
     try:
         plain = node.sealing.open_deal(env.body, env.sender, r, member)
-        secagg = decode_secagg(plain, len(keys), member, deal=True,
+        secagg = decode_secagg(plain, members, member, deal=True,
                                dim=int(get_flat(node.model).numel()))
     except RemoteError as exc:
         raise ValueError(f"{exc.reason}: {exc.detail}") from None
@@ -264,26 +274,10 @@ def _check_step(node: Node, path: Path, r: int, member: str, step: str
     """The stored `step` message of `member` at `path`, checked as the wire checks it, and
     the bytes checked (read once: the file could change under a second read); ValueError
     says why not."""
-    bound = step_bound(node, step)
-    data = _read_bounded(path, bound, f"a {step} message's")
+    data, env, members = _signed_file(node, path, r, member, KIND_SECAGG, step_bound(node, step),
+                                      f"a {step} message's", "a secure step", "message")
     try:
-        env = decode_outer(data, bound)
-    except RemoteError as exc:
-        raise ValueError(f"not an envelope ({exc.detail})") from None
-    keys = {m.name: m.public_key for m in node.consortium.members}
-    if env.consortium_id != node.consortium.id:
-        raise ValueError("another consortium's message")
-    if (env.kind, env.round) != (KIND_SECAGG, r):
-        raise ValueError(f"a {env.kind!r} of round {env.round + 1}, not a secure step of "
-                         f"round {r + 1}")
-    if env.sender != keys.get(member):
-        raise ValueError(f"not signed by {member}'s key (another member's message)")
-    try:
-        VerifyKey(env.sender).verify(env.digest, env.sig)
-    except BadSignatureError:
-        raise ValueError(f"{member}'s signature does not verify") from None
-    try:
-        msg = decode_secagg(env.body, len(keys), member, dim=int(get_flat(node.model).numel()))
+        msg = decode_secagg(env.body, members, member, dim=int(get_flat(node.model).numel()))
     except RemoteError as exc:
         raise ValueError(f"{exc.reason}: {exc.detail}") from None
     if msg.step != step:
