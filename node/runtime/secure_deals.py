@@ -55,7 +55,7 @@ from gossip.errors import RemoteError
 from node.learn.models import get_flat
 from node.runtime.evidence import envelope_bytes
 from node.runtime.secure_bounds import SECURE_FRAME_BYTES
-from node.runtime.state import atomic_write, make_dirs
+from node.runtime.state import atomic_write
 
 if TYPE_CHECKING:
     from node.runtime.node import Node
@@ -145,8 +145,7 @@ def keep_received(node: Node, acc: Accepted) -> None:
         node.counters.rejected["stored_deal_size"] += 1
         return
     prune(node, node.book.current - 1)  # the round before stays until its checkpoint is sure
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(path, data)
+    atomic_write(path, data)  # makes the folder too
 
 
 def _read_bounded(path: Path, bound: int, what: str) -> bytes:
@@ -263,10 +262,7 @@ def keep_step(node: Node, acc: Accepted, data: bytes) -> None:
                     acc.sender, step, len(data), bound)
         node.counters.rejected["stored_step_size"] += 1
         return
-    make_dirs(path.parent)
-    tmp = path.with_name(f".{path.name}.tmp")  # whole or absent after a kill (the rename)
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
+    atomic_write(path, data, durable=False)  # not fsync'd: 7-12 ms each here (module docs)
 
 
 def _check_step(node: Node, path: Path, r: int, member: str, step: str

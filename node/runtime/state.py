@@ -122,8 +122,20 @@ def make_dirs(path: Path, mode: int = 0o700) -> None:
     fsync_dir(path.parent)
 
 
-def atomic_write(path: Path, data: bytes) -> None:
+def atomic_write(path: Path, data: bytes, *, durable: bool = True) -> None:
+    """`path` holds exactly `data`, whole or (after a kill mid-write) as before. `durable`:
+    also fsync'd, file and directory, so a power cut cannot lose it; False for files a
+    power cut may lose (a restart refuses a torn one and waits for the message again)."""
     make_dirs(path.parent)
+    if not durable:  # whole or absent after a kill (the rename), nothing fsync'd
+        tmp = path.with_name(f".{path.name}.tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            write_all(fd, data)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+        return
     if not _SYNC[0]:  # unsynced(): in place, no rename (module docstring)
         # Overwritten from offset 0 and cut to its new length, never opened with O_TRUNC:
         # ext4 (auto_da_alloc) starts a writeback of a file truncated to 0 and rewritten
