@@ -80,7 +80,7 @@ def _consortium_build(args: argparse.Namespace) -> int:
                                   secure_select=args.secure_select,
                                   topology=args.topology,
                                   secure_dp=secure_dp_keys(args),
-                                  **f["aggregation_params"]), len(members))
+                                  **f["aggregation_params"]), len(members), "the [rules] these flags give")
     consortium = Consortium(args.name, schema.to_dict(), tuple(members), rules)
     build_strategy(consortium, None, args.privacy_mode or "off", args.clip or 1.0,
                    "--aggregation")  # refuse a rule this consortium cannot run
