@@ -22,7 +22,9 @@ the math, by calling node/secagg (robust.py's steps), at the machine's `SendPhas
            holder does not open). Entering: the consistent dealers; openers: holders whose
            check came, that hold every entering dealer's pieces and are in no dispute; while
            fewer than the openers needed remain, the entering dealer held by the fewest
-           holders (ties: the highest index) is dropped. Every member computes the same.
+           holders (ties: the highest index) is dropped, but only when more than t check
+           senders lack it (secure_entry.py: never on t liars' word; else the round fails).
+           Every member computes the same.
   enter    (not sum_only) every member broadcasts its entry agreement: a hash of (round,
            entered, openers) and the digest of every member's check body as it used them.
   degree2  once `agreement_quorum` entry agreements equal its own (else `no_agreement`,
@@ -47,9 +49,10 @@ the math, by calling node/secagg (robust.py's steps), at the machine's `SendPhas
            correction: a wrong piece is named. Every member reconstructs the same aggregate.
 
 Refusals (the round fails with a named `SecureOutcome.reason`; the next round goes on): fewer than
-t + 1 entering dealers or selected members ("too_few_contributors": an opening over m <= t
-contributions could reveal one; nobody opens), fewer than 2t + 1 openers ("too_few_openers": more
-than t members dropped), more wrong pieces than the code corrects ("too_many_wrong"), no quorum of
+t + 2 entering dealers or selected members ("too_few_contributors": an opening over m <= t + 1
+contributions could hold one honest one only; nobody opens), fewer than 2t + 1 (3t + 1) openers
+("too_few_openers": more than t members dropped, or the entry would drop a dealing on t
+members' word), more wrong pieces than the code corrects ("too_many_wrong"), no quorum of
 matching agreements ("no_agreement"), our agreement stored before a restart not the one we compute
 now ("agreement_changed"), an aggregate failing its exact norm check ("aggregate_out_of_bounds"),
 fewer selected than `floor` ("below_charged_floor": with DP on the sum, the contributors the ledger
@@ -73,7 +76,7 @@ import numpy as np
 from gossip.bodies import SecAgg, decode_secagg, encode_secagg
 from gossip.errors import LocalError, RemoteError
 from gossip.protocol.phases import SHARE, PhaseSpec
-from node.runtime import secure_explain, secure_range
+from node.runtime import secure_entry, secure_explain, secure_range
 from node.runtime.secure_agree import (
     AGREE_BYTES,
     AGREE_NONE,
@@ -328,22 +331,16 @@ class SecureRound:
             return self._fail(step, "too_few_openers",
                               f"{len(able)} member(s) opened a usable check, {rule} = "
                               f"{need} needed (too many dropped out or are in dispute)")
-        while True:
-            openers = tuple(sorted(j for j in pieces if entered <= held[j] and j not in disputed))
-            if len(openers) >= need or not entered:
-                break
-            drop = min(entered, key=lambda i: (sum(i in h for h in held.values()), -i))
-            entered.discard(drop)
+        # a dealing is dropped only when more than t check senders lack it (secure_entry)
+        entered, openers, kept = secure_entry.enter(held, able, consistent, t, need)
         self.entered, self.openers = tuple(sorted(entered)), openers
         self.out.entered = tuple(self.members[i - 1] for i in self.entered)
-        if len(self.entered) <= t:
-            return self._fail(step, "too_few_contributors",
-                              f"{len(self.entered)} dealing(s) entered, at most t = {t}: "
-                              "opening their norms, distances or sum could reveal one")
+        if (few := secure_entry.too_few(len(self.entered), t, "dealing(s) entered")) is not None:
+            return self._fail(step, "too_few_contributors", few)
         if len(openers) < need:
             return self._fail(step, "too_few_openers",
                               f"{len(openers)} member(s) can open, {rule} = {need} needed "
-                              "(too many dropped out or are in dispute)")
+                              f"(too many dropped out or are in dispute; {kept})")
         return None
 
     def _judge(self, held: dict[int, set[int]], pieces: dict[int, Piece]
@@ -403,10 +400,8 @@ class SecureRound:
         self.out.selected = tuple(self.members[i - 1] for i in sel.selected)
         self.out.excluded = {self.members[i - 1]: why for i, why in sel.excluded.items()}
         t = self.params.threshold
-        if len(sel.selected) <= t:
-            return self._fail(AGREE_PHASE, "too_few_contributors",
-                              f"{len(sel.selected)} member(s) selected, at most t = {t}: their "
-                              "sum could reveal one; not opened")
+        if (few := secure_entry.too_few(len(sel.selected), t, "member(s) selected")) is not None:
+            return self._fail(AGREE_PHASE, "too_few_contributors", few)
         if len(sel.selected) < self.floor:
             return self._fail(AGREE_PHASE, "below_charged_floor",
                               f"{len(sel.selected)} member(s) selected, fewer than the "
