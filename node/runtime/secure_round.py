@@ -76,7 +76,7 @@ import numpy as np
 from gossip.bodies import SecAgg, decode_secagg, encode_secagg
 from gossip.errors import LocalError, RemoteError
 from gossip.protocol.phases import SHARE, PhaseSpec
-from node.runtime import secure_entry, secure_explain, secure_range
+from node.runtime import secure_blame, secure_entry, secure_explain, secure_range
 from node.runtime.secure_agree import (
     AGREE_BYTES,
     AGREE_NONE,
@@ -84,7 +84,6 @@ from node.runtime.secure_agree import (
     ENTER_STEPS,
     agreement_quorum,
     body_digest,
-    differing,
     opened_elsewhere,
 )
 from node.runtime.secure_disputes import COMMIT_BYTES, challenge, piece_digest, settle
@@ -494,7 +493,7 @@ class SecureRound:
             if msg.pieces[0] == statement:
                 matching.append(sender)
             else:
-                self._disagree(sender, msg.pieces[0], statement, steps)
+                secure_blame.disagree(self, sender, msg.pieces[0], statement, steps)
         if reveals is not None:
             settle(self, reveals, {self.index[m] for m in matching})
         if len(matching) < q:
@@ -503,49 +502,6 @@ class SecureRound:
                               f"; {kind} step), {q} = ceil((n + t + 1) / 2) needed: the "
                               "members' views of the round differ, nothing opened")
         return None
-
-    def _disagree(self, sender: str, theirs: bytes, mine: bytes, steps: tuple[str, ...]) -> None:
-        """Name who a mismatching agreement shows at fault: the sender, always. Its own check
-        or degree2 body reported with another digest than it signed to us (`split_view`, a
-        proof: both signed by it); the same bodies and another outcome, or our own body
-        misreported (`bad_agreement`); a third member's body reported otherwise
-        (`split_claim`: that member may have split the views, or the sender lies; nobody
-        else is named on the sender's word)."""
-        k = self.index[sender]
-        by = self.out.disagreed
-        differ = differing(mine, theirs, self.params.members, steps)
-        if not differ:
-            self.out.named.setdefault(sender, "bad_agreement: the same check and degree2 "
-                                      "bodies as ours and another outcome (every member "
-                                      "computes the same from the same bodies)")
-            by[sender] = (*by.get(sender, ()), sender)
-            return
-        for i, step, lost in differ:
-            who = self.members[i - 1]
-            if i == self.i and not lost:
-                self.out.named.setdefault(sender, f"bad_agreement: it reports our {step} body "
-                                          "with another digest than the one we signed")
-                who = sender
-            elif i == k:
-                if self.out.named.get(sender, "").startswith(("split_claim", "dispute:")):
-                    del self.out.named[sender]  # the proof replaces the weaker claim
-                self.out.named.setdefault(sender, f"split_view: its agreement names its own "
-                                          f"{step} body with another digest than the one it "
-                                          "signed to us (both signed by it: a proof)")
-            elif i != self.i:  # a claim about a third member, backed by no body it signed
-                # (review 2 F1: naming `who` let one member frame any honest one): the
-                # sender's alone, with the evidence filed under it, never against `who`
-                self.out.named.setdefault(sender, f"split_claim: its agreement reports {who}'s "
-                                          f"{step} body with another digest than the one "
-                                          f"{who} signed to us (unproven: {who} sent members "
-                                          f"different bodies, or {sender} misreports)")
-                if who not in self.out.claims.get(sender, ()):
-                    self.out.claims[sender] = (*self.out.claims.get(sender, ()), who)
-                who = sender
-            else:
-                continue  # our own body did not reach the sender: no one to name
-            if sender not in by.get(who, ()):
-                by[who] = (*by.get(who, ()), sender)
 
     def finish(self, sums: Mapping[str, bytes]) -> SecureOutcome:
         """The aggregate from the sum pieces (the same at every member), or the reason (and
