@@ -14,6 +14,9 @@ the math, by calling node/secagg (robust.py's steps), at the machine's `SendPhas
            witness) and its mask sharing; holder j's pieces go in ONE "deal" sealed to j's
            prekey and signed (KIND_DEAL), filed by the round book as the sender's share
            (closing rule, equivocation, staleness: a late member is excluded, unchanged).
+           A member proven at fault in an earlier round (`mask_check_liar`) is dealt nothing
+           and its deal refused (secure_kept.py: KEPT_OUT in its commitment slot voids its
+           claims on our dealing at every member).
   check    each holder opens its blinded check of every dealing it holds (broadcast, naming
            the dealers it holds). Every member judges every dealer from its holders' checks
            (Reed-Solomon): one whose pieces disagree beyond what the code corrects is REFUSED
@@ -76,7 +79,7 @@ import numpy as np
 from gossip.bodies import SecAgg, decode_secagg, encode_secagg
 from gossip.errors import LocalError, RemoteError
 from gossip.protocol.phases import SHARE, PhaseSpec
-from node.runtime import secure_blame, secure_entry, secure_explain, secure_range
+from node.runtime import secure_blame, secure_entry, secure_explain, secure_kept, secure_range
 from node.runtime.secure_agree import (
     AGREE_BYTES,
     AGREE_NONE,
@@ -172,6 +175,10 @@ class SecureRound:
         self._entry_statement: bytes | None = None  # the entry agreement we computed
         # (dealer, holder) -> piece kind -> the check value the holder's piece must give
         self.disputes: dict[tuple[int, int], dict[int, int]] = {}
+        # members we keep out (proven at fault before: secure_kept.py), and where this round
+        # records the ones it proves (SecureRounds shares one record across rounds)
+        self.kept_out: Mapping[str, str] = {}
+        self.proven: dict[str, str] = {}
         self.entered: tuple[int, ...] = ()
         self.openers: tuple[int, ...] = ()
         self.selected: tuple[int, ...] = ()
@@ -192,13 +199,15 @@ class SecureRound:
             self.out.detail = f"norm_out_of_range: {exc}"
             return {}
         raw = {j: (to_bytes(vec), to_bytes(mask)) for j, (vec, mask) in pieces.items()}
-        commitment = b"".join(piece_digest(*raw[j]) for j in sorted(raw)) + self.x_commitment
+        out_of = secure_kept.kept_out_points(self)  # dealt nothing: KEPT_OUT in their slot
+        commitment = b"".join(secure_kept.KEPT_OUT if j in out_of else piece_digest(*raw[j])
+                              for j in sorted(raw)) + self.x_commitment
         self.commitments[self.i] = commitment
         out = {}
         for m, j in self.index.items():
             if m == self.me:
                 self.vectors[j], self.masks[j] = pieces[j]
-            else:
+            elif j not in out_of:
                 out[m] = encode_secagg(SecAgg("deal", (*raw[j], commitment)))
         return out
 
@@ -225,6 +234,9 @@ class SecureRound:
         j = self.index.get(sender)
         if j is None or msg.step != "deal" or len(msg.pieces) != 3:
             return f"not a deal of a member of this round ({sender})"
+        if sender in self.kept_out:  # not held: our check does not name its dealing
+            self.out.named.setdefault(sender, f"kept_out: {self.kept_out[sender]}")
+            return self.out.named[sender]
         p = self.params
         try:
             commitment = msg.pieces[2]
@@ -313,7 +325,7 @@ class SecureRound:
         or the failed `step`'s empty body."""
         self._used[CHECK_PHASE] = self._digests(CHECK_PHASE, checks)
         got = self._read(CHECK_PHASE, checks, CHECK, 2 * self.params.members)
-        held = {j: set(msg.held) for j, (msg, _) in got.items()}
+        held = secure_kept.void_claims(self.commitments, {j: set(m.held) for j, (m, _) in got.items()})
         pieces = {j: piece for j, (_, piece) in got.items() if piece is not None}
         self.out.dealt = tuple(self.members[i - 1] for i in sorted(  # held by another member
             {i for j, h in held.items() for i in h if i != j}))
@@ -591,6 +603,7 @@ class SecureRounds:
         self.threshold, self.variant, self.codec = threshold, variant, codec
         self.consortium_id, self.floor, self.l2_bound = consortium_id, floor, l2_bound
         self.rounds: dict[int, SecureRound] = {}
+        self.proven: dict[str, str] = {}  # member -> why: kept out of the rounds created later
 
     def round(self, r: int) -> SecureRound:
         if r not in self.rounds:
@@ -598,6 +611,8 @@ class SecureRounds:
             self.rounds[r] = self.round_class(self.me, self.members, self.threshold, self.variant,
                                               self.codec, r, self.consortium_id, self.floor,
                                               self.l2_bound, self.range_params)
+            # the members proven at fault in the rounds before (secure_kept.py)
+            self.rounds[r].kept_out, self.rounds[r].proven = dict(self.proven), self.proven
         return self.rounds[r]
 
     def deal(self, r: int, encoded: np.ndarray) -> dict[str, bytes]:
