@@ -116,3 +116,30 @@ def test_t_plus_two_entered_open():
         assert o.ok and o.selected == dealers, (o.reason, o.detail)
         np.testing.assert_array_equal(o.field_sum, F.sum_mod(np.stack(
             [net.codec.encode(net.vector(x, 0)) for x in dealers]), axis=0))
+
+
+def test_what_a_coalition_can_still_force_is_a_failed_round():
+    """The rule's cost, pinned (docs/privacy-secure.md "Which dealings enter"): n = 7, t = 2,
+    sum_only; hostile bank-6 deals bank-0 and bank-1 pieces off its commitment (they refuse
+    them, naming it bad_piece, and check in time) and its accomplice bank-5 goes silent.
+    bank-6's dealing is lacked by two of the six check senders, at most t: as ambiguous as
+    two liars denying an honest dealing, so it is not dropped, and only four members hold
+    every entered dealing. Before, it was dropped and the round opened; now it fails
+    `too_few_openers`, nothing opened, nobody honest named."""
+    from tests.test_secure_round import deal_one_refused_piece
+
+    def refuse_two(net, m, r, deals):
+        if m != "bank-6":
+            return deals
+        return deal_one_refused_piece(net, m, r, deal_one_refused_piece(
+            net, m, r, deals, "bank-0"), "bank-1")
+
+    net = SecureNet(7, 2, variant="sum_only", tamper_deal=refuse_two,
+                    mute={p: ("bank-5",) for p in ("check", "degree2", "agree", "sum")}).run()
+    for m in ("bank-0", "bank-1", "bank-2", "bank-3", "bank-4"):
+        o = net.outcome(m)
+        assert not o.ok and o.reason == "too_few_openers", (m, o.reason, o.detail)
+        assert "lacked by 2 of the 6 check senders" in o.detail, o.detail
+        assert set(o.named) <= {"bank-6"}, o.named
+        assert not _opened(net, m, "sum"), m
+    assert net.outcome("bank-0").named["bank-6"].startswith("bad_piece")
