@@ -385,19 +385,21 @@ def test_a_split_view_rounds_evidence_as_the_node_writes_it_is_shown_not_unreada
     from node.runtime.secure_round import AGREE_PHASE, CHECK_PHASE
     from node.runtime.state import StateDir
     from tests.helpers import verifier_for
-    from tests.test_secure_agree import HOSTILE, A, _split_view_attack
+    from tests.test_secure_agree import HOSTILE, _split_view_attack
+
+    A = "bank-1"  # the member whose view bank-3 split (review s5 R4: the split moved)
 
     net, _ = _split_view_attack()
     out = net.outcome(A)
-    state = StateDir(tmp_path / "bank-0")
-    (tmp_path / "bank-0" / "outbox").mkdir(parents=True)
+    state = StateDir(tmp_path / A)
+    (tmp_path / A / "outbox").mkdir(parents=True)
     node = SimpleNamespace(name=A, state=state, secure=SimpleNamespace(signed={}))
-    verifier = verifier_for(net.cons, net.sks[0], secure=True)
+    verifier = verifier_for(net.cons, net.sks[1], secure=True)
     secure_node.step_path(node, 0, AGREE_PHASE).write_bytes(net.members[A].sent[(0, AGREE_PHASE)])
-    for sender in (HOSTILE, *out.disagreed[HOSTILE]):
+    for sender in dict.fromkeys((HOSTILE, *out.disagreed[HOSTILE])):  # once each
         for step in (CHECK_PHASE, AGREE_PHASE):
             data = net.members[sender].sent[(0, step)]
-            if sender == HOSTILE and step == CHECK_PHASE:  # what reached bank-0
+            if sender == HOSTILE and step == CHECK_PHASE:  # what reached A
                 data = next(d for s, to, d in net.delivered if s == HOSTILE and to == A
                             and decode_outer(d).kind == KIND_SECAGG
                             and decode_secagg(decode_outer(d).body, 4).step == CHECK_PHASE)
@@ -412,9 +414,9 @@ def test_a_split_view_rounds_evidence_as_the_node_writes_it_is_shown_not_unreada
                        "dealt": members, "entered": list(out.entered),
                        "named": {**out.named, "bank-9": "inconsistent_pieces: a test's"},
                        "evidence": {HOSTILE: kept, "bank-9": "evidence/secure/deal-bank-9"}}}
-    with open(tmp_path / "bank-0" / "audit.jsonl", "w") as f:
+    with open(tmp_path / A / "audit.jsonl", "w") as f:
         f.write(json.dumps(audit.Aggregate(0, A, diag).to_json()) + "\n")
-    view = read_secure(tmp_path / "bank-0", "state dir", A)
+    view = read_secure(tmp_path / A, "state dir", A)
     sr = view.rounds[0]
     assert sr.unreadable is None and view.notes == [], view.notes
     # named with a proof (the dispute's revealed deal outranks the split claim since review 2)
@@ -428,9 +430,9 @@ def test_a_split_view_rounds_evidence_as_the_node_writes_it_is_shown_not_unreada
     assert to_json(view)["rounds"][0]["evidence"][HOSTILE] == kept
     # a list holding something else than file names is still refused, naming the member
     diag["secure"]["evidence"] = {HOSTILE: [kept[0], 7]}
-    with open(tmp_path / "bank-0" / "audit.jsonl", "w") as f:
+    with open(tmp_path / A / "audit.jsonl", "w") as f:
         f.write(json.dumps(audit.Aggregate(0, A, diag).to_json()) + "\n")
-    bad = read_secure(tmp_path / "bank-0", "state dir", A).rounds[0].unreadable
+    bad = read_secure(tmp_path / A, "state dir", A).rounds[0].unreadable
     assert f"secure.evidence[{HOSTILE}] is not a kept file or a list of them" in bad
 
 

@@ -158,27 +158,68 @@ def test_t_lying_checks_below_the_correction_radius_name_the_liars_and_enter_the
         assert o.detail.startswith("5 member(s) opened a usable check"), o.detail
 
 
-@pytest.mark.xfail(strict=True, reason="review s5 R4: the coalition chooses which honest "
-                   "dealings enter (SecureRound._entry's drop loop); not fixed: a protocol decision")
-def test_t_colluders_claiming_to_hold_one_honest_dealing_cannot_open_it_alone():
-    """n = 7, t = 2, "distances", no DP: bank-5 and bank-6 (their real keys) open checks
-    claiming to hold only bank-0's dealing and their own, and sign their agreements over
-    those bodies. Too few members then hold every dealing to open the degree-2 values
-    (3t + 1 = 7 needed), and the entry drops the others' dealings until enough do: every
-    honest member agrees to open over (bank-0, bank-5, bank-6), and the opened sum is
-    bank-0's vector plus the coalition's own: bank-0's exact update, nobody named. A sum
-    that t members steer to fewer than two honest dealings must not be opened."""
-    liars = ("bank-5", "bank-6")
-
+def _claim_to_hold(liars: tuple[str, ...], dealers: tuple[int, ...]):
+    """The liars' checks name only `dealers` (their check values unchanged: only the held
+    list lies), and each signs its agreements over that body (its round reads it as its own)."""
     def tamper(net, m, phase, body):
         if m not in liars or phase != "check":
             return body
         msg = decode_secagg(body, len(net.names), m)
-        edited = encode_secagg(SecAgg("check", msg.pieces, (1, 6, 7)))
-        net.members[m].secure.round(0)._bodies["check"] = edited  # what it signs for
+        edited = encode_secagg(SecAgg("check", msg.pieces, dealers))
+        net.members[m].secure.keep_own(0, "check", edited)  # what it signs for
         return edited
+    return tamper
 
-    net = SecureNet(7, 2, variant="distances", tamper_open=tamper).run()
-    for o in net.honest_outcomes([m for m in net.names if m not in liars]):
-        honest_in = [m for m in o.entered if m not in liars]
-        assert not o.ok or len(honest_in) >= 2, (o.entered, o.selected)
+
+def _opened_any(net: SecureNet, m: str) -> bool:
+    """Whether member m sent a non-empty degree-2 or sum piece."""
+    from gossip.envelope import decode_outer
+    for step in ("degree2", "sum"):
+        data = net.members[m].sent.get((0, step))
+        if data is not None and decode_secagg(decode_outer(data).body, len(net.names)).pieces:
+            return True
+    return False
+
+
+@pytest.mark.parametrize("variant", ["distances", "norm_only"])
+def test_t_colluders_claiming_to_hold_one_honest_dealing_cannot_open_it_alone(variant):
+    """Review s5 R4. n = 7, t = 2, no DP: bank-5 and bank-6 (their real keys) open checks
+    claiming to hold only bank-0's dealing and their own, and sign their agreements over
+    those bodies. Too few members then hold every dealing to open the degree-2 values
+    (3t + 1 = 7 needed). Before, the entry dropped the least held dealings until enough did:
+    every honest member agreed to open over (bank-0, bank-5, bank-6), and the opened sum was
+    bank-0's vector plus the coalition's own: bank-0's exact update, "ok", nobody named.
+    Now a dealing is dropped only when more than t check senders lack it (only two do, the
+    liars): every honest dealing stays entered, too few can open it, and the round fails
+    `too_few_openers` before any degree-2 or sum piece leaves."""
+    liars = ("bank-5", "bank-6")
+    net = SecureNet(7, 2, variant=variant, tamper_open=_claim_to_hold(liars, (1, 6, 7))).run()
+    honest = [m for m in net.names if m not in liars]
+    for m, o in zip(honest, net.honest_outcomes(honest), strict=True):
+        honest_in = [x for x in o.entered if x not in liars]
+        assert not o.ok or len(honest_in) >= 2, (o.entered, o.selected)  # the review's property
+        assert o.reason == "too_few_openers" and "lacked by 2 of the 7" in o.detail, \
+            (m, o.reason, o.detail)
+        assert o.entered == tuple(net.names), o.entered  # no honest dealing dropped
+        assert not set(o.named) & set(honest), o.named
+        assert not _opened_any(net, m), m
+
+
+def test_the_same_claim_with_an_honest_member_absent_cannot_open_one_dealing_either():
+    """R4 with a dropout, variant sum_only (2t + 1 = 5 openers) and no floor: n = 7, t = 2,
+    honest bank-4 dealt and then went silent (no check), bank-5 and bank-6 claim to hold
+    only bank-0's dealing and theirs. Four honest members hold every dealing, fewer than 5.
+    Before, the entry dropped bank-1..bank-4's dealings (each held by the four, the fewest)
+    and opened bank-0's plus the liars'. An absent member is not a check sender: it neither
+    holds nor lacks, so each honest dealing is lacked by the two liars only (of six senders)
+    and stays; the round fails `too_few_openers`, nothing opened."""
+    liars = ("bank-5", "bank-6")
+    gone = ("bank-4",)
+    net = SecureNet(7, 2, variant="sum_only", tamper_open=_claim_to_hold(liars, (1, 6, 7)),
+                    mute={p: gone for p in ("check", "degree2", "agree", "sum")}).run()
+    present = ("bank-0", "bank-1", "bank-2", "bank-3")
+    for m, o in zip(present, net.honest_outcomes(present), strict=True):
+        assert o.reason == "too_few_openers" and "lacked by 2 of the 6" in o.detail, \
+            (m, o.reason, o.detail)
+        assert "bank-4" in o.entered and len(o.entered) == 7, o.entered
+        assert not _opened_any(net, m), m

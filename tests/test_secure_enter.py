@@ -3,14 +3,20 @@ agreement step"), attacked through the real round (tests/test_secure_round.py's 
 real RoundMachines, every message signed with the member's own key).
 
 The split check against a multi-Krum ("distances") consortium, n = 5, t = 1 (3t + 1 = 4
-openers needed): the hostile bank-4 deals bank-3 one wrong value (committed to: bank-3's
-check disputes it, so bank-3 opens nothing in any view) and sends two correctly signed
-check messages: the honest one to bank-0 and bank-3, and to bank-1 and bank-2 one that
-claims not to hold bank-2's dealing. In the first view every dealer enters, opened by
-bank-0, bank-1, bank-2, bank-4; in the second only three members hold every dealing, so
-bank-2's (held by the fewest) is dropped: bank-0 and bank-1 would open degree-2 pieces
-(norms and pairwise distances) over two different entered sets. With the entry agreement
-neither view has ceil((n + t + 1) / 2) = 4 matching agreements: no degree-2 piece leaves."""
+openers needed): the hostile bank-4 deals bank-2 a piece other than the one it committed
+to (bank-2 refuses it, `bad_piece`: an honest member that genuinely lacks bank-4's dealing
+and sends its check in time) and sends two correctly signed check messages: the honest one
+to bank-0 and bank-3, and to bank-1 and bank-2 one that claims not to hold its own dealing.
+In the first view bank-4's dealing is lacked by bank-2 alone (at most t: it may be a liar's
+claim, so it is not dropped) and every dealer enters, opened by bank-0, bank-1, bank-3,
+bank-4; in the second two check senders lack it (more than t: an honest one does) and it
+stays out, opened by all five: bank-0 and bank-1 would open degree-2 pieces (norms and
+pairwise distances) over two different entered sets. With the entry agreement neither view
+has ceil((n + t + 1) / 2) = 4 matching agreements: no degree-2 piece leaves.
+
+(Before review s5 R4 the split dropped an honest dealing, bank-2's, on bank-4's word alone;
+the entry now drops only a dealing more than t check senders lack (secure_entry.py), so a
+split can only move a dealing some honest member genuinely lacks: here the hostile's own.)"""
 
 from __future__ import annotations
 
@@ -29,10 +35,11 @@ from node.runtime.secure_round import (
 )
 from node.secagg import robust
 from node.secagg.pieces import CHECK, Piece, to_bytes
-from tests.test_secure_round import SecureNet, deal_one_wrong_piece
+from tests.test_secure_round import SecureNet, deal_one_refused_piece
 
-HOSTILE, DISPUTED, DROPPED = "bank-4", "bank-3", "bank-2"
-VIEW_B = ("bank-1", "bank-2")  # get the check without bank-2's dealing
+HOSTILE, REFUSER = "bank-4", "bank-2"
+DROPPED = HOSTILE  # the dealing the second view leaves out
+VIEW_B = ("bank-1", "bank-2")  # get the check without bank-4's own dealing
 HONEST = ("bank-0", "bank-1", "bank-2", "bank-3")
 
 
@@ -48,8 +55,8 @@ def _split_check(net, m, phase, to, body):
     return encode_secagg(SecAgg(CHECK_PHASE, (to_bytes(Piece(0, CHECK, 0, sr.i, total)),), held))
 
 
-def _wrong_piece_for_disputed(net, m, r, deals):
-    return deal_one_wrong_piece(net, m, r, deals, DISPUTED) if m == HOSTILE else deals
+def _refused_piece_for_refuser(net, m, r, deals):
+    return deal_one_refused_piece(net, m, r, deals, REFUSER) if m == HOSTILE else deals
 
 
 def _opened(net: SecureNet, m: str, step: str) -> bool:
@@ -59,12 +66,14 @@ def _opened(net: SecureNet, m: str, step: str) -> bool:
 
 
 def test_a_split_check_never_opens_degree2_pieces_over_two_entered_sets():
-    net = SecureNet(5, 1, variant="distances", tamper_deal=_wrong_piece_for_disputed,
+    net = SecureNet(5, 1, variant="distances", tamper_deal=_refused_piece_for_refuser,
                     tamper_to=_split_check).run()
     outs = {m: net.outcome(m) for m in HONEST}
-    # the split took: the two views entered different dealers
-    assert DROPPED in outs["bank-0"].entered and DROPPED not in outs["bank-1"].entered, \
-        {m: o.entered for m, o in outs.items()}
+    # the split took: the two views entered different dealers, on a genuine lack
+    assert outs[REFUSER].named.get(HOSTILE, "").startswith("bad_piece"), outs[REFUSER].named
+    entered = {m: o.entered for m, o in outs.items()}
+    assert entered["bank-0"] == entered["bank-3"] == tuple(net.names), entered
+    assert entered["bank-1"] == entered["bank-2"] == HONEST, entered
     opened = {m: outs[m].entered for m in HONEST if _opened(net, m, DEGREE2_PHASE)}
     assert len(set(opened.values())) <= 1, f"degree-2 pieces over different entered sets: {opened}"
     assert agreement_quorum(5, 1) == 4
@@ -140,7 +149,7 @@ def test_the_entry_split_is_kept_as_evidence_with_both_signed_sides(tmp_path):
     from node.runtime.state import StateDir
     from tests.helpers import verifier_for
 
-    net = SecureNet(5, 1, variant="distances", tamper_deal=_wrong_piece_for_disputed,
+    net = SecureNet(5, 1, variant="distances", tamper_deal=_refused_piece_for_refuser,
                     tamper_to=_split_check).run()
     me, out = net.members["bank-0"], net.outcome("bank-0")
     claimants = [m for m, about in out.claims.items() if HOSTILE in about]

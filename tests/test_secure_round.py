@@ -64,6 +64,21 @@ def deal_one_wrong_piece(net, m: str, r: int, deals: dict[str, bytes], victim: s
                                               msg.pieces[1], bytes(com))))
             for to, msg in msgs.items()}
 
+def deal_one_refused_piece(net, m: str, r: int, deals: dict[str, bytes], victim: str
+                           ) -> dict[str, bytes]:
+    """Member m's deals of round r with `victim`'s vector piece changed after m committed to
+    it: the victim refuses that deal at receipt (bad_piece: its pieces do not match m's
+    commitment) and holds nothing of m's dealing. An honest member that genuinely lacks a
+    dealing and still sends its check in time (a deal that never came would hold its check
+    back until the share deadline, past the others' entry)."""
+    msg = decode_secagg(deals[victim], len(net.names), deal=True)
+    v = from_bytes(msg.pieces[0])
+    vals = v.values.copy()
+    vals[0] = (int(vals[0]) + 1) % F.P
+    newv = to_bytes(Piece(v.round, v.kind, v.owner, v.holder, vals))
+    return {**deals, victim: encode_secagg(SecAgg("deal", (newv, *msg.pieces[1:])))}
+
+
 class Member:
     """One member: a RoundMachine and the secure glue, driven as Node drives them."""
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from node.runtime import secure_kept
 from node.secagg import explain
 from node.secagg.pieces import Piece
 
@@ -38,6 +39,7 @@ def unresolved(sr: SecureRound, held: dict[int, set[int]], pieces: dict[int, Pie
                "from the checks: node/secagg/explain.py)")
         sr.out.named[name] = why if not before or before.startswith("dispute:") else \
             f"{before}; also {why}"
+        secure_kept.prove(sr, name, "mask_check_liar")  # kept out of later rounds
         disputed.add(j)
     for i in open_:
         if i not in got.certain:

@@ -14,6 +14,9 @@ the math, by calling node/secagg (robust.py's steps), at the machine's `SendPhas
            witness) and its mask sharing; holder j's pieces go in ONE "deal" sealed to j's
            prekey and signed (KIND_DEAL), filed by the round book as the sender's share
            (closing rule, equivocation, staleness: a late member is excluded, unchanged).
+           A member proven at fault in an earlier round (`mask_check_liar`) is dealt nothing
+           and its deal refused (secure_kept.py: KEPT_OUT in its commitment slot voids its
+           claims on our dealing at every member).
   check    each holder opens its blinded check of every dealing it holds (broadcast, naming
            the dealers it holds). Every member judges every dealer from its holders' checks
            (Reed-Solomon): one whose pieces disagree beyond what the code corrects is REFUSED
@@ -22,7 +25,9 @@ the math, by calling node/secagg (robust.py's steps), at the machine's `SendPhas
            holder does not open). Entering: the consistent dealers; openers: holders whose
            check came, that hold every entering dealer's pieces and are in no dispute; while
            fewer than the openers needed remain, the entering dealer held by the fewest
-           holders (ties: the highest index) is dropped. Every member computes the same.
+           holders (ties: the highest index) is dropped, but only when more than t check
+           senders lack it (secure_entry.py: never on t liars' word; else the round fails).
+           Every member computes the same.
   enter    (not sum_only) every member broadcasts its entry agreement: a hash of (round,
            entered, openers) and the digest of every member's check body as it used them.
   degree2  once `agreement_quorum` entry agreements equal its own (else `no_agreement`,
@@ -47,9 +52,10 @@ the math, by calling node/secagg (robust.py's steps), at the machine's `SendPhas
            correction: a wrong piece is named. Every member reconstructs the same aggregate.
 
 Refusals (the round fails with a named `SecureOutcome.reason`; the next round goes on): fewer than
-t + 1 entering dealers or selected members ("too_few_contributors": an opening over m <= t
-contributions could reveal one; nobody opens), fewer than 2t + 1 openers ("too_few_openers": more
-than t members dropped), more wrong pieces than the code corrects ("too_many_wrong"), no quorum of
+t + 2 entering dealers or selected members ("too_few_contributors": an opening over m <= t + 1
+contributions could hold one honest one only; nobody opens), fewer than 2t + 1 (3t + 1) openers
+("too_few_openers": more than t members dropped, or the entry would drop a dealing on t
+members' word), more wrong pieces than the code corrects ("too_many_wrong"), no quorum of
 matching agreements ("no_agreement"), our agreement stored before a restart not the one we compute
 now ("agreement_changed"), an aggregate failing its exact norm check ("aggregate_out_of_bounds"),
 fewer selected than `floor` ("below_charged_floor": with DP on the sum, the contributors the ledger
@@ -73,7 +79,7 @@ import numpy as np
 from gossip.bodies import SecAgg, decode_secagg, encode_secagg
 from gossip.errors import LocalError, RemoteError
 from gossip.protocol.phases import SHARE, PhaseSpec
-from node.runtime import secure_explain, secure_range
+from node.runtime import secure_blame, secure_entry, secure_explain, secure_kept, secure_range
 from node.runtime.secure_agree import (
     AGREE_BYTES,
     AGREE_NONE,
@@ -81,7 +87,6 @@ from node.runtime.secure_agree import (
     ENTER_STEPS,
     agreement_quorum,
     body_digest,
-    differing,
     opened_elsewhere,
 )
 from node.runtime.secure_disputes import COMMIT_BYTES, challenge, piece_digest, settle
@@ -170,6 +175,10 @@ class SecureRound:
         self._entry_statement: bytes | None = None  # the entry agreement we computed
         # (dealer, holder) -> piece kind -> the check value the holder's piece must give
         self.disputes: dict[tuple[int, int], dict[int, int]] = {}
+        # members we keep out (proven at fault before: secure_kept.py), and where this round
+        # records the ones it proves (SecureRounds shares one record across rounds)
+        self.kept_out: Mapping[str, str] = {}
+        self.proven: dict[str, str] = {}
         self.entered: tuple[int, ...] = ()
         self.openers: tuple[int, ...] = ()
         self.selected: tuple[int, ...] = ()
@@ -190,13 +199,15 @@ class SecureRound:
             self.out.detail = f"norm_out_of_range: {exc}"
             return {}
         raw = {j: (to_bytes(vec), to_bytes(mask)) for j, (vec, mask) in pieces.items()}
-        commitment = b"".join(piece_digest(*raw[j]) for j in sorted(raw)) + self.x_commitment
+        out_of = secure_kept.kept_out_points(self)  # dealt nothing: KEPT_OUT in their slot
+        commitment = b"".join(secure_kept.KEPT_OUT if j in out_of else piece_digest(*raw[j])
+                              for j in sorted(raw)) + self.x_commitment
         self.commitments[self.i] = commitment
         out = {}
         for m, j in self.index.items():
             if m == self.me:
                 self.vectors[j], self.masks[j] = pieces[j]
-            else:
+            elif j not in out_of:
                 out[m] = encode_secagg(SecAgg("deal", (*raw[j], commitment)))
         return out
 
@@ -223,6 +234,9 @@ class SecureRound:
         j = self.index.get(sender)
         if j is None or msg.step != "deal" or len(msg.pieces) != 3:
             return f"not a deal of a member of this round ({sender})"
+        if sender in self.kept_out:  # not held: our check does not name its dealing
+            self.out.named.setdefault(sender, f"kept_out: {self.kept_out[sender]}")
+            return self.out.named[sender]
         p = self.params
         try:
             commitment = msg.pieces[2]
@@ -311,7 +325,7 @@ class SecureRound:
         or the failed `step`'s empty body."""
         self._used[CHECK_PHASE] = self._digests(CHECK_PHASE, checks)
         got = self._read(CHECK_PHASE, checks, CHECK, 2 * self.params.members)
-        held = {j: set(msg.held) for j, (msg, _) in got.items()}
+        held = secure_kept.void_claims(self.commitments, {j: set(m.held) for j, (m, _) in got.items()})
         pieces = {j: piece for j, (_, piece) in got.items() if piece is not None}
         self.out.dealt = tuple(self.members[i - 1] for i in sorted(  # held by another member
             {i for j, h in held.items() for i in h if i != j}))
@@ -328,22 +342,16 @@ class SecureRound:
             return self._fail(step, "too_few_openers",
                               f"{len(able)} member(s) opened a usable check, {rule} = "
                               f"{need} needed (too many dropped out or are in dispute)")
-        while True:
-            openers = tuple(sorted(j for j in pieces if entered <= held[j] and j not in disputed))
-            if len(openers) >= need or not entered:
-                break
-            drop = min(entered, key=lambda i: (sum(i in h for h in held.values()), -i))
-            entered.discard(drop)
+        # a dealing is dropped only when more than t check senders lack it (secure_entry)
+        entered, openers, kept = secure_entry.enter(held, able, consistent, t, need)
         self.entered, self.openers = tuple(sorted(entered)), openers
         self.out.entered = tuple(self.members[i - 1] for i in self.entered)
-        if len(self.entered) <= t:
-            return self._fail(step, "too_few_contributors",
-                              f"{len(self.entered)} dealing(s) entered, at most t = {t}: "
-                              "opening their norms, distances or sum could reveal one")
+        if (few := secure_entry.too_few(len(self.entered), t, "dealing(s) entered")) is not None:
+            return self._fail(step, "too_few_contributors", few)
         if len(openers) < need:
             return self._fail(step, "too_few_openers",
                               f"{len(openers)} member(s) can open, {rule} = {need} needed "
-                              "(too many dropped out or are in dispute)")
+                              f"(too many dropped out or are in dispute; {kept})")
         return None
 
     def _judge(self, held: dict[int, set[int]], pieces: dict[int, Piece]
@@ -403,10 +411,8 @@ class SecureRound:
         self.out.selected = tuple(self.members[i - 1] for i in sel.selected)
         self.out.excluded = {self.members[i - 1]: why for i, why in sel.excluded.items()}
         t = self.params.threshold
-        if len(sel.selected) <= t:
-            return self._fail(AGREE_PHASE, "too_few_contributors",
-                              f"{len(sel.selected)} member(s) selected, at most t = {t}: their "
-                              "sum could reveal one; not opened")
+        if (few := secure_entry.too_few(len(sel.selected), t, "member(s) selected")) is not None:
+            return self._fail(AGREE_PHASE, "too_few_contributors", few)
         if len(sel.selected) < self.floor:
             return self._fail(AGREE_PHASE, "below_charged_floor",
                               f"{len(sel.selected)} member(s) selected, fewer than the "
@@ -499,7 +505,7 @@ class SecureRound:
             if msg.pieces[0] == statement:
                 matching.append(sender)
             else:
-                self._disagree(sender, msg.pieces[0], statement, steps)
+                secure_blame.disagree(self, sender, msg.pieces[0], statement, steps)
         if reveals is not None:
             settle(self, reveals, {self.index[m] for m in matching})
         if len(matching) < q:
@@ -508,49 +514,6 @@ class SecureRound:
                               f"; {kind} step), {q} = ceil((n + t + 1) / 2) needed: the "
                               "members' views of the round differ, nothing opened")
         return None
-
-    def _disagree(self, sender: str, theirs: bytes, mine: bytes, steps: tuple[str, ...]) -> None:
-        """Name who a mismatching agreement shows at fault: the sender, always. Its own check
-        or degree2 body reported with another digest than it signed to us (`split_view`, a
-        proof: both signed by it); the same bodies and another outcome, or our own body
-        misreported (`bad_agreement`); a third member's body reported otherwise
-        (`split_claim`: that member may have split the views, or the sender lies; nobody
-        else is named on the sender's word)."""
-        k = self.index[sender]
-        by = self.out.disagreed
-        differ = differing(mine, theirs, self.params.members, steps)
-        if not differ:
-            self.out.named.setdefault(sender, "bad_agreement: the same check and degree2 "
-                                      "bodies as ours and another outcome (every member "
-                                      "computes the same from the same bodies)")
-            by[sender] = (*by.get(sender, ()), sender)
-            return
-        for i, step, lost in differ:
-            who = self.members[i - 1]
-            if i == self.i and not lost:
-                self.out.named.setdefault(sender, f"bad_agreement: it reports our {step} body "
-                                          "with another digest than the one we signed")
-                who = sender
-            elif i == k:
-                if self.out.named.get(sender, "").startswith(("split_claim", "dispute:")):
-                    del self.out.named[sender]  # the proof replaces the weaker claim
-                self.out.named.setdefault(sender, f"split_view: its agreement names its own "
-                                          f"{step} body with another digest than the one it "
-                                          "signed to us (both signed by it: a proof)")
-            elif i != self.i:  # a claim about a third member, backed by no body it signed
-                # (review 2 F1: naming `who` let one member frame any honest one): the
-                # sender's alone, with the evidence filed under it, never against `who`
-                self.out.named.setdefault(sender, f"split_claim: its agreement reports {who}'s "
-                                          f"{step} body with another digest than the one "
-                                          f"{who} signed to us (unproven: {who} sent members "
-                                          f"different bodies, or {sender} misreports)")
-                if who not in self.out.claims.get(sender, ()):
-                    self.out.claims[sender] = (*self.out.claims.get(sender, ()), who)
-                who = sender
-            else:
-                continue  # our own body did not reach the sender: no one to name
-            if sender not in by.get(who, ()):
-                by[who] = (*by.get(who, ()), sender)
 
     def finish(self, sums: Mapping[str, bytes]) -> SecureOutcome:
         """The aggregate from the sum pieces (the same at every member), or the reason (and
@@ -640,6 +603,7 @@ class SecureRounds:
         self.threshold, self.variant, self.codec = threshold, variant, codec
         self.consortium_id, self.floor, self.l2_bound = consortium_id, floor, l2_bound
         self.rounds: dict[int, SecureRound] = {}
+        self.proven: dict[str, str] = {}  # member -> why: kept out of the rounds created later
 
     def round(self, r: int) -> SecureRound:
         if r not in self.rounds:
@@ -647,6 +611,8 @@ class SecureRounds:
             self.rounds[r] = self.round_class(self.me, self.members, self.threshold, self.variant,
                                               self.codec, r, self.consortium_id, self.floor,
                                               self.l2_bound, self.range_params)
+            # the members proven at fault in the rounds before (secure_kept.py)
+            self.rounds[r].kept_out, self.rounds[r].proven = dict(self.proven), self.proven
         return self.rounds[r]
 
     def deal(self, r: int, encoded: np.ndarray) -> dict[str, bytes]:
