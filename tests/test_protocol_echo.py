@@ -38,6 +38,7 @@ from tests.helpers import consortium, keys, verifier_for
 from tests.protocol_support import Driver, accepted, key, names, share
 
 ECHO_DEADLINE = 5.0
+SHARE_SEQ = 1_000  # a share's seq in Net: above every hello ask's (101 on), as signed after it
 PHASES = (SHARE, PhaseSpec("echo", deadline_s=ECHO_DEADLINE))
 
 
@@ -70,7 +71,9 @@ class Net:
 
     @staticmethod
     def share(m: str, r: int, body: bytes | None = None) -> Accepted:
-        return share(m, r, body or b"share of " + m.encode(), seq=1)
+        """m's share of round r, signed after its hello ask (seq 101) as a real node's: a
+        member's seqs order what it signed, and a start is read from them (echo_due.py)."""
+        return share(m, r, body or b"share of " + m.encode(), seq=SHARE_SEQ + r)
 
     def send(self, sender: str, to: str | list[str], acc: Accepted) -> None:
         for t in [to] if isinstance(to, str) else to:

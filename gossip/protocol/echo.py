@@ -91,6 +91,7 @@ from dataclasses import dataclass, field
 from gossip.bodies import encode_echo
 from gossip.envelope import Accepted
 from gossip.errors import LocalError
+from gossip.protocol.echo_due import EchoDue
 
 OMITTED = None  # the value of a sender an echo does not name
 WHY = ("conflict", "unconfirmed", "not_held")
@@ -208,6 +209,7 @@ class EchoState:
         self.peers: tuple[str, ...] = ()
         self.missed: dict[str, int] = {}  # phase peer -> echo deadlines missed in a row
         self.silent: set[str] = set()  # not waited for until an echo of it is filed again
+        self.due = EchoDue()  # whose echo is owed though it moved past the round
 
     def file(self, r: int, sender: str, acc: Accepted) -> None:
         """The first echo of `sender` for round r: kept; it is waited for again."""
@@ -241,3 +243,4 @@ class EchoState:
     def forget_before(self, r: int) -> None:
         self.echoes = {k: v for k, v in self.echoes.items() if k[0] >= r}
         self.proven = {k for k in self.proven if k[0] >= r}
+        self.due.forget_before(r)
