@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from gossip.envelope import KIND_ECHO, KIND_HELLO, KIND_SHARE, Accepted
 from gossip.protocol.echo_due import EchoDue
-from tests.protocol_support import Driver, hello, prekey, share
+from tests.protocol_support import Driver, hello, prekey, retire, share
 from tests.test_protocol_echo import ECHO_DEADLINE, PHASES, Net, echo
 
 
@@ -154,6 +154,16 @@ def test_a_peer_never_heard_in_the_round_is_not_waited_for_once_past_it():
     d.recv(echo("bank-1", 0, {}, seq=11))
     [c] = d.closes
     assert c.why == "moved_on" and c.echo.unheard == ("bank-2",) and d.now == 0.0
+
+
+def test_a_peer_that_retired_is_not_waited_for_though_it_shared_the_round():
+    """Its retirement takes it out of our neighbours (its echo would be refused as
+    not_phase_peer): waiting for it would cost the whole echo deadline."""
+    d = echo_phase()
+    d.recv(echo("bank-2", 0, {}, seq=11))
+    d.recv(retire("bank-1", 1))
+    [c] = d.closes
+    assert c.echo.unheard == ("bank-1",) and d.now == 0.0
 
 
 def test_a_prekey_announcement_of_the_round_shows_the_peer_was_in_it():

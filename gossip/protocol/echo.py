@@ -63,7 +63,12 @@ has not come by `absent_after` echo deadlines in a row is no longer waited for (
 phase closes without waiting for it; an echo of it that comes in time is still used)
 until an echo of it is filed again; so a member that shares but never echoes costs one
 echo deadline, not one per round. A member absent from the share phase (liveness.py) is
-not waited for in the echo phase either. A member whose echo is only sometimes in time is then
+not waited for in the echo phase either. A peer that has moved past round r (a message
+of a later round came) is still waited for if it was heard in r since its last start
+(its share or prekeys of r): it echoed r before it left, and its later message can
+overtake that echo on every transport; deciding without it would break (a) at one
+member only. One never heard in r (it closed r before we were up, or restarted and
+joined ahead) is not waited for (echo_due.py). A member whose echo is only sometimes in time is then
 in the views of some members and not others: the same as (b) failing for it. Without (b)
 (a faulty member sends different echoes, or its echo to some members only): the members
 its echo reaches exclude up to f shares the others keep, per version of its echo; two

@@ -15,29 +15,34 @@ But a peer can also move past r without ever echoing r to us: it closed r before
 were up (its echo went nowhere), it skipped r (it joined the round a majority is in
 after a (re)start: RoundBook.join, or advance's skip when behind), or it crashed and
 restarted past r. Waiting for such a peer's echo costs a whole echo deadline for an
-echo that never comes (tests/test_crash_safety.py's late member: its round 1 waited 10 s
-for the echoes of two members that had closed round 1 before it started).
+echo that never comes (tests/test_crash_safety.py's late member waited out round 1's
+echo deadline for two members that had closed round 1 before it started).
 
 The line between the two: a peer owes us its echo of r when we heard from it, *while it
 was in round r*, a message that only a member running r's phases sends: its share of r
 (the book buffered it) or its prekey announcement for r (sent on entering r, sealing).
 After either, an honest peer runs r's echo phase and sends its echo to every neighbour,
 us included (a machine always goes from r's share phase to r's echo phase; only a crash
-stops it). A start proves the opposite: a member's hello ask (or prekey hello) signed
-*after* that message (its envelope seq is higher: seqs are durable and increase across
-restarts) means it restarted after it, and may rejoin past r: the message then no
-longer counts. A peer we never heard in r (our start came after its share, or it
-skipped r) owes nothing and is not waited for once it is past r, as before.
+stops it). A start cancels that: a member's hello ask (or prekey hello) signed *after*
+the message (a higher envelope seq: seqs are durable and increase across restarts)
+means it restarted since, and may rejoin past r. A peer we never heard in r (our start
+came after its share, or it skipped r) owes nothing and, once past r, is not waited for,
+as before; nor is one that retired (RoundBook.past: no longer a neighbour, its echo
+would be refused).
 
-So: no deadline is spent on a peer that moved on without echoing us (unless it crashed
-after sharing r and restarted past r with its start message still in flight, or we
-restarted and the broker redelivered its share of a round it had closed: then it costs
-at most the rest of the echo deadline, as its crash itself would have), and a peer that
-will echo is waited for until its echo comes or the echo deadline passes. Not covered:
+So a peer that will echo is waited for until its echo comes or the echo deadline
+passes, and a peer that moved on without echoing us costs no deadline. Left, each only
+after a crash or a failed training: (1) a peer that crashed after sharing r and
+restarted past r is waited for until its hello ask arrives (at most the rest of the
+echo deadline, as its crash would have cost); (2) after *our* restart, the broker (MQTT)
+may redeliver the share of a round its sender has since closed: its echo came before
+our crash and is gone, and we wait out the echo deadline for it; (3) the safety side:
 a peer whose round r sent us nothing before its echo (it released nothing finite and
-does not seal): its later message still ends the wait, as before. Pure; bounded: one
-entry per member and round inside the book's window (pruned as rounds close), one seq
-per member.
+does not seal), or that restarted and rejoined r (its stored share comes again as a
+duplicate, which the verifier refuses), is not known to owe its echo: its later message
+ends the wait, as before this module.
+Pure; bounded: one seq per member and round inside the book's window (pruned as rounds
+close), one per member for its latest start.
 """
 
 from __future__ import annotations

@@ -663,7 +663,7 @@ class RoundMachine:
         # echo (echo_due.py); not one absent from the share phase or whose echoes stopped
         ignore = self.ignorable() | (echo.silent | self.live.absent if echo else set())
         return sorted(p for p in self._phase_peers if p not in got and p not in ignore
-                      and (p in still or (echo is not None and echo.due.owes(p, r))))
+                      and (p in still or (echo and echo.due.owes(p, r) and self.book.past(p, r))))
 
     def _send(self, message: Message, what: str) -> Broadcast | SendTo:
         return Broadcast(message, what) if self.peers is None else SendTo(self.peers, message, what)
