@@ -24,11 +24,12 @@ was in round r*, a message that only a member running r's phases sends: its shar
 After either, an honest peer runs r's echo phase and sends its echo to every neighbour,
 us included (a machine always goes from r's share phase to r's echo phase; only a crash
 stops it). A start cancels that: a member's hello ask (or prekey hello) signed *after*
-the message (a higher envelope seq: seqs are durable and increase across restarts)
-means it restarted since, and may rejoin past r. A peer we never heard in r (our start
-came after its share, or it skipped r) owes nothing and, once past r, is not waited for,
-as before; nor is one that retired (RoundBook.past: no longer a neighbour, its echo
-would be refused).
+the message (a higher envelope seq: seqs are durable and increase across restarts) means
+it restarted since, and may rejoin past r; unless the start names a round after r (its
+checkpoint: it had closed r, so its echo of r was sent before the crash). A peer we
+never heard in r (our start came after its share, or it skipped r) owes nothing and,
+once past r, is not waited for, as before; nor is one that retired (RoundBook.past: no
+longer a neighbour, its echo would be refused).
 
 So a peer that will echo is waited for until its echo comes or the echo deadline
 passes, and a peer that moved on without echoing us costs no deadline. Left, each only
@@ -52,26 +53,29 @@ from gossip.envelope import Accepted
 
 class EchoDue:
     """The messages that show a member was in a round (round -> member -> seq of the
-    latest such message) and each member's latest start (the seq of its hello ask)."""
+    latest such message) and each member's latest start: (seq, round) of its hello ask."""
 
     def __init__(self) -> None:
         self._in: dict[int, dict[str, int]] = {}
-        self._started: dict[str, int] = {}
+        self._started: dict[str, tuple[int, int]] = {}
 
     def heard(self, acc: Accepted, where: str, current: int, lookahead: int) -> None:
         """An accepted message, filed by the book as `where` (RoundBook.add)."""
         seq = acc.envelope.seq
-        if acc.hello:  # it has (re)started: what it sent before no longer binds it
-            self._started[acc.sender] = max(seq, self._started.get(acc.sender, seq))
+        if acc.hello:  # it has (re)started at acc.round (its checkpoint's round)
+            if seq >= self._started.get(acc.sender, (-1, 0))[0]:
+                self._started[acc.sender] = (seq, acc.round)
             return
         if where in ("buffered", "prekey") and current <= acc.round <= current + lookahead:
             got = self._in.setdefault(acc.round, {})  # the book's window only: bounded
             got[acc.sender] = max(seq, got.get(acc.sender, seq))
 
     def owes(self, member: str, r: int) -> bool:
-        """Whether `member` was heard in round r since its latest start: it will echo r."""
+        """Whether `member` was heard in round r and has not restarted since, or restarted
+        only after it closed r (its start names a later round): it will echo r, or has."""
         seq = self._in.get(r, {}).get(member)
-        return seq is not None and seq > self._started.get(member, -1)
+        started, at = self._started.get(member, (-1, 0))
+        return seq is not None and (seq > started or r < at)
 
     def forget_before(self, r: int) -> None:
         self._in = {k: v for k, v in self._in.items() if k >= r}
