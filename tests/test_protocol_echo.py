@@ -11,7 +11,7 @@ from __future__ import annotations
 import random
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from nacl.signing import SigningKey
 
@@ -38,6 +38,7 @@ from tests.helpers import consortium, keys, verifier_for
 from tests.protocol_support import Driver, accepted, key, names, share
 
 ECHO_DEADLINE = 5.0
+SHARE_SEQ = 1_000  # a share's seq in Net: above every hello ask's (101 on), as signed after it
 PHASES = (SHARE, PhaseSpec("echo", deadline_s=ECHO_DEADLINE))
 
 
@@ -70,7 +71,9 @@ class Net:
 
     @staticmethod
     def share(m: str, r: int, body: bytes | None = None) -> Accepted:
-        return share(m, r, body or b"share of " + m.encode(), seq=1)
+        """m's share of round r, signed after its hello ask (seq 101) as a real node's: a
+        member's seqs order what it signed, and a start is read from them (echo_due.py)."""
+        return share(m, r, body or b"share of " + m.encode(), seq=SHARE_SEQ + r)
 
     def send(self, sender: str, to: str | list[str], acc: Accepted) -> None:
         for t in [to] if isinstance(to, str) else to:
@@ -416,6 +419,11 @@ def test_an_echo_for_a_round_outside_the_window_or_from_no_peer_is_refused_by_na
 @settings(max_examples=60, deadline=None)
 @given(st.sampled_from(["honest", "split", "liar", "omit", "both"]), st.integers(0, 4),
        st.integers(0, 4), st.randoms(use_true_random=False))
+# Found by this property in a full run: bank-0's hello reply (round 2) overtook its echo of
+# round 1 at bank-3, which stopped waiting for the echo of a peer that had moved on and
+# admitted the split equivocator the others left out (a peer heard in the round now owes
+# its echo: gossip/protocol/echo_due.py; tests/test_protocol_echo_due.py replays it)
+@example("both", 0, 0, random.Random(118))
 def test_whatever_the_order_all_honest_members_combine_the_same_set(mode, a, lied, rng):
     """Guarantee, for every delivery order in which every honest share and echo arrives
     (and the hostile member's echo is the same for all): the honest members' Close sets

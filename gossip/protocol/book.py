@@ -110,6 +110,10 @@ class RoundBook:
         """Neighbours that have not left round_ (they may still read our share for it)."""
         return sorted(n for n in self.neighbours if self._latest.get(n, -1) <= round_)
 
+    def past(self, member: str, round_: int) -> bool:
+        """Whether neighbour `member` has left round_ (a message of a later round came)."""
+        return member in self.neighbours and self._latest.get(member, -1) > round_
+
     def complete(self, round_: int, ignore: Iterable[str] = ()) -> bool:
         """Every neighbour (but those in `ignore`: known to be down) has sent its share
         for round_, or has moved past it."""

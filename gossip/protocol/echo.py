@@ -63,7 +63,12 @@ has not come by `absent_after` echo deadlines in a row is no longer waited for (
 phase closes without waiting for it; an echo of it that comes in time is still used)
 until an echo of it is filed again; so a member that shares but never echoes costs one
 echo deadline, not one per round. A member absent from the share phase (liveness.py) is
-not waited for in the echo phase either. A member whose echo is only sometimes in time is then
+not waited for in the echo phase either. A peer that has moved past round r (a message
+of a later round came) is still waited for if it was heard in r since its last start
+(its share or prekeys of r): it echoed r before it left, and its later message can
+overtake that echo on every transport; deciding without it would break (a) at one
+member only. One never heard in r (it closed r before we were up, or restarted and
+joined ahead) is not waited for (echo_due.py). A member whose echo is only sometimes in time is then
 in the views of some members and not others: the same as (b) failing for it. Without (b)
 (a faulty member sends different echoes, or its echo to some members only): the members
 its echo reaches exclude up to f shares the others keep, per version of its echo; two
@@ -91,6 +96,7 @@ from dataclasses import dataclass, field
 from gossip.bodies import encode_echo
 from gossip.envelope import Accepted
 from gossip.errors import LocalError
+from gossip.protocol.echo_due import EchoDue
 
 OMITTED = None  # the value of a sender an echo does not name
 WHY = ("conflict", "unconfirmed", "not_held")
@@ -208,6 +214,7 @@ class EchoState:
         self.peers: tuple[str, ...] = ()
         self.missed: dict[str, int] = {}  # phase peer -> echo deadlines missed in a row
         self.silent: set[str] = set()  # not waited for until an echo of it is filed again
+        self.due = EchoDue()  # whose echo is owed though it moved past the round
 
     def file(self, r: int, sender: str, acc: Accepted) -> None:
         """The first echo of `sender` for round r: kept; it is waited for again."""
@@ -241,3 +248,4 @@ class EchoState:
     def forget_before(self, r: int) -> None:
         self.echoes = {k: v for k, v in self.echoes.items() if k[0] >= r}
         self.proven = {k for k in self.proven if k[0] >= r}
+        self.due.forget_before(r)

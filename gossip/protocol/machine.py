@@ -120,8 +120,7 @@ class RoundMachine:
 
     def __init__(self, me: str, members: Iterable[str], book: RoundBook, params: RoundParams,
                  *, keys: Mapping[str, bytes] | None = None, restarted: bool = False,
-                 neighbours: Iterable[str] | None = None,
-                 phases: Sequence[PhaseSpec] = (SHARE,),
+                 neighbours: Iterable[str] | None = None, phases: Sequence[PhaseSpec] = (SHARE,),
                  prekeys_missing: Callable[[int, list[str]], list[str]] | None = None,
                  normalization: Normalization | None = None, faulty: int = 1) -> None:
         self.me = me
@@ -252,6 +251,8 @@ class RoundMachine:
             else:
                 out.append(Ack((token,)))
         self._heard(acc.sender, (acc.share or acc.secagg) is not None and where in ("buffered", "ahead"), out)
+        if self.echo is not None:  # who was in which round: whose echo is owed (echo_due.py)
+            self.echo.due.heard(acc, where, self.book.current, self.book.lookahead)
         if where == "prekey":
             self.live.prekey_came(acc.sender)
         if acc.hello:  # it has just started: tell it our prekeys / our round
@@ -469,8 +470,7 @@ class RoundMachine:
 
     def _stage_prekeys(self, now: float, out: list[Action]) -> bool:
         r = self.book.current
-        got = self._check(now, not self._prekeys_pending(r),
-                          lambda: self._prekeys_pending(r), out)
+        got = self._check(now, not self._prekeys_pending(r), lambda: self._prekeys_pending(r), out)
         if got is None:
             return False
         if now >= self.deadline:  # not waited for again until they announce
@@ -659,11 +659,11 @@ class RoundMachine:
     def _phase_waiting(self) -> list[str]:
         r, name = self.book.current, self.phases[self._phase].name
         got, still = self._phase_got.get((r, name), {}), set(self.book.still_in(r))
-        # nor an echo of a peer absent from the share phase or whose echoes stopped (echo.py)
-        ignore = self.ignorable() | ((self.echo.silent | self.live.absent)
-                                     if name == ECHO.name and self.echo else set())
-        return sorted(p for p in self._phase_peers if p not in got and p in still
-                      and p not in ignore)
+        echo = self.echo if name == ECHO.name else None  # a peer past r heard in r owes its
+        # echo (echo_due.py); not one absent from the share phase or whose echoes stopped
+        ignore = self.ignorable() | (echo.silent | self.live.absent if echo else set())
+        return sorted(p for p in self._phase_peers if p not in got and p not in ignore
+                      and (p in still or (echo and echo.due.owes(p, r) and self.book.past(p, r))))
 
     def _send(self, message: Message, what: str) -> Broadcast | SendTo:
         return Broadcast(message, what) if self.peers is None else SendTo(self.peers, message, what)
