@@ -100,3 +100,25 @@ def test_the_model_card_and_the_report_state_the_plans_delta_as_status_does(stat
     assert _delta(own) == said.replace("'", "&#x27;")
     html_text = secure_section([read_secure(state, "state dir", "bank-a")])
     assert f"at {said}" in html_text and f"{acc:g}" not in html_text
+
+
+def test_the_round_line_of_a_secure_round_says_who_dealt_not_shares_missing(capsys):
+    """The trial's line `shares 0/1 missing: bank-d` for a round bank-a, -b and -c dealt in."""
+    from types import SimpleNamespace
+
+    from node.runtime.daemon import _print_round
+    from node.runtime.round_report import RoundReport
+
+    show = _print_round(SimpleNamespace(training=SimpleNamespace(rounds=3)), "bank-a",
+                        "roc_auc")
+    sec = {"ok": False, "reason": "too_few_openers", "members": MEMBERS,
+           "dealt": MEMBERS[:3], "entered": [], "selected": []}
+    show(RoundReport("bank-a", 0, {"roc_auc": 0.5}, 0.25, [], ["bank-d"], 1.0, 2.0,
+                     secure=sec))
+    line = capsys.readouterr().out
+    assert "shares" not in line and "missing" not in line
+    assert "secure FAILED (too_few_openers): dealt 3/4 (not bank-d), entered 0" in line
+    show(RoundReport("bank-a", 1, {"roc_auc": 0.5}, 0.5, MEMBERS, [], 1.0, 2.0,
+                     secure={**sec, "ok": True, "reason": None, "dealt": MEMBERS,
+                             "entered": MEMBERS, "selected": MEMBERS}))
+    assert "secure opened: dealt 4/4, entered 4, selected 4 " in capsys.readouterr().out
