@@ -101,7 +101,10 @@ def _consortium_build(args: argparse.Namespace) -> int:
     save_consortium(consortium, out)
     print(f"wrote {out}: consortium {args.name!r}, {len(members)} members, "
           f"id {consortium.id.hex()}")
-    weak = small_consortium_warning(len(members), rules["aggregation"], args.privacy_mode)
+    # a secure round is the secure sum whatever the aggregation says: no warning about a rule
+    # that is not used
+    weak = None if rules.get("secure") else small_consortium_warning(
+        len(members), rules["aggregation"], args.privacy_mode)
     if weak:
         print(f"warning: {weak}", file=sys.stderr)
     return 0
