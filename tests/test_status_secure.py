@@ -122,3 +122,28 @@ def test_the_round_line_of_a_secure_round_says_who_dealt_not_shares_missing(caps
                      secure={**sec, "ok": True, "reason": None, "dealt": MEMBERS,
                              "entered": MEMBERS, "selected": MEMBERS}))
     assert "secure opened: dealt 4/4, entered 4, selected 4 " in capsys.readouterr().out
+
+
+def test_training_rounds_off_the_secure_plan_are_warned_with_both_numbers(state):
+    """[training] rounds = 3 against a 64-round plan ran without a word (ε 0.61 of 3 spent);
+    more rounds than the plan cannot over-spend (charge_secure_round refuses past the
+    budget: checked here on the plan itself), but those rounds fail."""
+    from node.privacy.ledger import Ledger
+    from node.privacy.secure import SecurePlan, SecureRoundRefused, charge_secure_round
+    from node.runtime.build import secure_rounds_warning
+
+    plan = SecurePlan.load(state / "secure_plan.json")
+    assert secure_rounds_warning(64, plan) is None
+    few = secure_rounds_warning(3, plan)
+    assert "training.rounds = 3" in few and "has 64 rounds" in few
+    assert f"ε {plan.epsilon_after(3):.2f} of the budget 3" in few
+    assert "set [training] rounds = 64" in few
+    many = secure_rounds_warning(80, plan)
+    assert "from round 65" in many and "budget_exhausted" in many
+    # what the warning says of round 65: the plan's rounds fit the budget, one more does not
+    ledger = Ledger(state / "ledger.jsonl")
+    for r in range(64):
+        charge_secure_round(ledger, plan, round_=r)  # each within the budget
+    with pytest.raises(SecureRoundRefused) as exc:
+        charge_secure_round(ledger, plan, round_=64)
+    assert exc.value.reason == "budget_exhausted"

@@ -215,6 +215,13 @@ async def run_node(cfg: NodeConfig, identity: Identity, consortium: Consortium,
         member=node.name, consortium=consortium.name, consortium_id=consortium.id.hex(),
         training_rows=len(node.train_data.X), round=node.book.current + 1,
         rounds=cfg.training.rounds, privacy=cfg.privacy.mode, transport=cfg.gossip.transport)
+    plan = getattr(node.secure, "plan", None)  # DP on the secure sum: the pinned plan
+    if plan is not None:
+        from node.runtime.build import secure_rounds_warning  # lean start: built with the node
+
+        off = secure_rounds_warning(cfg.training.rounds, plan)
+        if off is not None:
+            log.warning("%s: %s", node.name, off)
     server = None
     if metrics_port is not None:
         from node.runtime.metrics import serve  # lean start: prometheus_client, --metrics-port only
