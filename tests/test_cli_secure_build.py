@@ -72,3 +72,23 @@ def test_no_trimmed_mean_warning_in_secure_mode(tmp_path, capsys, secure):
     assert main(argv) == 0
     err = capsys.readouterr().err
     assert ("trimmed_mean" in err) is (not secure), err
+
+
+def test_the_f_default_the_help_states_is_the_one_built(tmp_path, capsys):
+    """`consortium build --help` said `--f ... (default 1 ...)`: wrong from 8 members up."""
+    from gossip.membership import load_consortium
+    from node.strategy.consortium_rules import default_f
+
+    with pytest.raises(SystemExit):
+        main(["consortium", "build", "--help"])
+    helptext = " ".join(capsys.readouterr().out.split())
+    assert "(default max(1, n // 4): 1 up to 7 members, 2 from 8;" in helptext
+    assert [default_f(n) for n in (3, 7, 8)] == [1, 1, 2]
+    names = [f"m-{i}" for i in range(8)]
+    for name in names:
+        assert main(["keygen", "--out", str(tmp_path / "keys"), "--name", name]) == 0
+    (tmp_path / "schema.toml").write_text(tomli_w.dumps(SCHEMA))
+    assert main(["consortium", "build", "--name", "c", "--schema", str(tmp_path / "schema.toml"),
+                 *[a for m in names for a in ("--member", str(tmp_path / "keys" / f"{m}.pub"))],
+                 "--out", str(tmp_path / "c.toml")]) == 0
+    assert load_consortium(tmp_path / "c.toml").rules["f"] == 2
