@@ -147,3 +147,21 @@ def test_training_rounds_off_the_secure_plan_are_warned_with_both_numbers(state)
     with pytest.raises(SecureRoundRefused) as exc:
         charge_secure_round(ledger, plan, round_=64)
     assert exc.value.reason == "budget_exhausted"
+
+
+def test_a_secure_consortium_without_dp_shows_its_failed_rounds_too(state):
+    """No plan, no charge: the rounds' outcomes come from the audit lines alone; a long run's
+    failed rounds are listed up to a bound."""
+    (state / "secure_plan.json").unlink()
+    with open(state / "audit.jsonl", "a") as a:
+        for r in range(12):
+            diag = {"rule": "secure", "used": [], "excluded": {}, "clipped": {},
+                    "weight_capped": {}, "down_weighted": {}, "fallbacks": [],
+                    "secure": {"ok": False, "reason": "too_few_openers", "detail": "",
+                               "dealt": MEMBERS[:3], "entered": [], "named": {},
+                               "evidence": {}}}
+            a.write(json.dumps(audit.Aggregate(r, "bank-a", diag).to_json()) + "\n")
+    text = render(collect(state), now=0)
+    assert "privacy     off" in text
+    assert ("secure      12 secure round(s): 0 opened, 12 failed (too_few_openers: rounds 1, 2, "
+            "3, 4, 5, 6, 7, 8 and 4 more) (no DP on the sum: nothing charged)") in text

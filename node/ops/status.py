@@ -169,7 +169,7 @@ def _secure_rounds(path: Path) -> dict[str, Any]:
     for r, sr in sorted(rounds.items()):
         if sr.ok is False:
             failed.setdefault(sr.reason or "?", []).append(r + 1)
-    return {"opened": sum(1 for sr in rounds.values() if sr.ok is True),
+    return {"rounds": len(rounds), "opened": sum(1 for sr in rounds.values() if sr.ok is True),
             "failed": {why: rs for why, rs in sorted(failed.items())},
             "no_outcome": [r + 1 for r, sr in sorted(rounds.items())
                            if sr.ok is None and sr.unreadable is None],
@@ -283,9 +283,10 @@ def collect(state_dir: str | Path, config: str | Path | None = None) -> dict[str
     # DP on the secure sum: no local plan; the pinned secure plan (node/runtime/secure_node.py
     # SECURE_PLAN_FILE), written at the first start before any charge
     pinned = _pinned_secure_plan(path / "secure_plan.json") if plan is None else {}
-    if secure is not None or pinned:
+    outcomes = _secure_rounds(path)  # also of a secure consortium without DP (no charges)
+    if secure is not None or pinned or outcomes["rounds"]:
         privacy["secure"] = {**(secure or {}), "rounds_charged": (secure or {}).get(
-            "rounds_charged", 0), "plan": pinned or None, **_secure_rounds(path)}
+            "rounds_charged", 0), "plan": pinned or None, **outcomes}
     if plan is None and (secure is not None or pinned):
         # the accountant charges at the plan's δ less what the range check's bits may add
         # (SecurePlan.accounting_delta, the δ each charge records); the guarantee is
@@ -407,6 +408,10 @@ def flood_line(member: str, f: dict[str, int]) -> str:
             f"{SENDER_QUEUE_MESSAGES} queued){last}")
 
 
+# Round numbers listed per reason on the secure line; the report's table has every round.
+MAX_ROUNDS_LISTED = 8
+
+
 def secure_privacy_line(p: dict[str, Any]) -> str:
     """DP on the secure sum: spent and budget (the accountant's over the ledger), the plan."""
     budget = f" of budget {p['epsilon_budget']:g}" if p["epsilon_budget"] else " (no budget set)"
@@ -423,14 +428,10 @@ def secure_privacy_line(p: dict[str, Any]) -> str:
 def secure_line(sec: dict[str, Any]) -> str:
     """Rounds charged, opened and failed (by reason): a round is charged before its deals, so
     a failed round is charged too."""
-    if sec.get("members") is None:  # a plan pinned, nothing charged
-        plan = sec["plan"]
-        return (f"no secure round charged yet (plan pinned: n {plan['members']}, coalition t "
-                f"{plan['coalition']}, at least {plan['min_contributors']} contributors, "
-                f"check {plan['variant']})")
-
     def rounds(rs: list[int]) -> str:
-        return f"round{'s' if len(rs) > 1 else ''} {', '.join(map(str, rs))}"
+        shown = ", ".join(map(str, rs[:MAX_ROUNDS_LISTED]))
+        more = f" and {len(rs) - MAX_ROUNDS_LISTED} more" if len(rs) > MAX_ROUNDS_LISTED else ""
+        return f"round{'s' if len(rs) > 1 else ''} {shown}{more}"
 
     failed = sum(len(rs) for rs in sec["failed"].values())
     parts = [f"{sec['opened']} opened", f"{failed} failed" + (" (" + "; ".join(
@@ -440,6 +441,14 @@ def secure_line(sec: dict[str, Any]) -> str:
                      f"({rounds(sec['no_outcome'])})")
     if sec["unreadable"]:
         parts.append(f"unreadable audit line for {rounds(sec['unreadable'])}")
+    if sec.get("members") is None:  # nothing charged: a plan pinned, or no DP on the sum
+        plan = sec["plan"]
+        if plan is None:
+            return (f"{sec['rounds']} secure round(s): {', '.join(parts)} (no DP on the sum: "
+                    "nothing charged)")
+        return (f"no secure round charged yet (plan pinned: n {plan['members']}, coalition t "
+                f"{plan['coalition']}, at least {plan['min_contributors']} contributors, "
+                f"check {plan['variant']})")
     return (f"{sec['rounds_charged']} secure round(s) charged: {', '.join(parts)} (opens "
             f"{sec['reveal']}; n {sec['members']}, coalition t {sec['coalition']}, charged for "
             f"{sec['contributors_charged']} contributors each), part of ε spent")
