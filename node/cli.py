@@ -72,6 +72,17 @@ def _consortium_build(args: argparse.Namespace) -> int:
     # lean start: the strategies load torch, only once the members' keys have been read
     from node.strategy.consortium_rules import build_strategy, pin_rules, rules_table
 
+    secure_dp = secure_dp_keys(args)
+    if args.secure and secure_dp and schema.mode == "federated":
+        # every node of this consortium would refuse to start (node/runtime/secure_node.py):
+        # refused here, before the file is agreed
+        raise LocalError(f"--schema {schema_path} says normalize = \"federated\" and --secure "
+                         "with --secure-rows/--secure-epsilon/--secure-delta asks for DP on the "
+                         "secure sum: the statistics exchange is not part of the secure plan's "
+                         "budget (its charge would be missing), so every member's node would "
+                         "refuse to start. Set normalize = \"range\" (the schema's declared "
+                         "ranges) or \"declared\" (means and stds from a public source) in the "
+                         "schema, e.g. `flnode schema infer ... --normalize range`")
     f = rules_fields(args)
     rules = pin_rules(rules_table(len(members), f["aggregation"], f["f"], f["max_weight_fraction"],
                                   args.privacy_mode, args.clip, args.noise_multiplier,
@@ -79,7 +90,7 @@ def _consortium_build(args: argparse.Namespace) -> int:
                                   secure=args.secure, secure_threshold=args.secure_threshold,
                                   secure_select=args.secure_select,
                                   topology=args.topology,
-                                  secure_dp=secure_dp_keys(args),
+                                  secure_dp=secure_dp,
                                   **f["aggregation_params"]), len(members), "the [rules] these flags give")
     consortium = Consortium(args.name, schema.to_dict(), tuple(members), rules)
     build_strategy(consortium, None, args.privacy_mode or "off", args.clip or 1.0,
@@ -90,7 +101,10 @@ def _consortium_build(args: argparse.Namespace) -> int:
     save_consortium(consortium, out)
     print(f"wrote {out}: consortium {args.name!r}, {len(members)} members, "
           f"id {consortium.id.hex()}")
-    weak = small_consortium_warning(len(members), rules["aggregation"], args.privacy_mode)
+    # a secure round is the secure sum whatever the aggregation says: no warning about a rule
+    # that is not used
+    weak = None if rules.get("secure") else small_consortium_warning(
+        len(members), rules["aggregation"], args.privacy_mode)
     if weak:
         print(f"warning: {weak}", file=sys.stderr)
     return 0

@@ -8,6 +8,7 @@ it with files rewritten the way a killed node or a hostile member name leaves th
 from __future__ import annotations
 
 import base64
+import html
 import io
 import json
 import re
@@ -243,14 +244,37 @@ def test_own_rows_table_and_local_training_are_shown(copy):
     page = parse(text)
     own = page.by_table[2]
     assert own == [["bank-0", "40", "0.8100", "0.9000", "+0.0900"],
-                   ["bank-1", "3", "—", "0.5000", "—"]]
+                   ["bank-1", "3", "—", "0.5000", "—"],
+                   ["mean gain", "", "", "", "+0.0900"]]  # the row the note speaks of
+    assert "why the mean gain" not in text  # positive here: nothing to explain
     assert "On each member&#x27;s own held-out rows" in text or \
         "On each member's own held-out rows" in text
     assert "prox_mu = 0.01" in text and "lr = 0.05" in text
+    # the trial's run: the consortium test set's mean gain positive, the own rows' negative:
+    # the note names the own rows' mean, which the own-rows table shows
+    summary["own_rows"]["bank-0"].update(consortium=0.7, gain=-0.11)
+    (copy / "summary.json").write_text(json.dumps(summary))
+    text = html.unescape(write_report(copy).read_text())
+    assert parse(text).by_table[2][-1] == ["mean gain", "", "", "", "-0.1100"]
+    assert "why the mean gain on the members' own rows is negative (-0.1100)" in text
     summary["own_rows"]["bank-0"]["rows"] = -1
     (copy / "summary.json").write_text(json.dumps(summary))
     with pytest.raises(LocalError, match=r"own_rows\.bank-0\.rows: expected a count"):
         write_report(copy)
+
+
+def test_sealed_shares_says_what_the_nodes_did_not_the_setting(copy):
+    """The run's seal is "auto" on the memory transport: its nodes sent shares unsealed (the
+    terminal said so) while the facts said `auto`."""
+    summary = json.loads((copy / "summary.json").read_text())
+    assert (summary["seal"], summary["transport"]) == ("auto", "memory")
+    text = html.unescape(write_report(copy).read_text())
+    assert re.search(r"<dt>sealed shares</dt><dd>off: shares signed, not sealed \(gossip.seal "
+                     r"= auto: sealed on MQTT only; this run's transport is memory\)</dd>", text)
+    summary["transport"] = "mqtt"
+    (copy / "summary.json").write_text(json.dumps(summary))
+    text = html.unescape(write_report(copy).read_text())
+    assert "<dt>sealed shares</dt><dd>on: each share sealed to its recipient (" in text
 
 
 def test_the_terminal_summary_names_the_server_optimizer_the_rules_apply(run_dir, capsys):

@@ -187,12 +187,13 @@ def test_a_negative_mean_gain_on_own_rows_says_why(capsys):
                             "bank-3": {"rows": 663, "local_only": 0.9533,
                                        "consortium": 0.9503, "gain": -0.0030}}}
     why = negative_gain_note(summary)
-    assert why.startswith("why the mean gain is negative: the consortium model is trained "
+    assert why.startswith("why the mean gain on the members' own rows is negative (-0.0007): "
+                          "the consortium model is trained "
                           "under record-level DP (ε 3); local-only trains without DP")
     assert "bank-0 (4459 of 7232 training rows, -0.0092)" in why and "bank-1 (" not in why
     assert "after 30 rounds" not in why
     print_own_rows(summary, Console(width=400))
-    assert "why the mean gain is negative" in capsys.readouterr().out
+    assert "why the mean gain on the members' own rows is negative" in capsys.readouterr().out
     summary["own_rows"]["bank-1"]["gain"] = 0.5  # mean gain positive: nothing to explain
     assert negative_gain_note(summary) is None
 

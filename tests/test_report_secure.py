@@ -145,6 +145,16 @@ def test_report_of_a_real_secure_run_shows_each_round_and_the_failed_rounds_reas
     assert [r["outcome"] for r in sec["rounds"]] == [f"failed: {reason}", "opened"]
     assert sec["rounds"][1]["selected"] == aggregates(run_dir / "state" / "site-1")[1]["used"]
 
+    # metrics.jsonl says what the secure round did, not only `received` (the selected: none
+    # in the failed round) and the machine's `missing`
+    lines = [json.loads(x) for x in (run_dir / "state" / "site-0" / "metrics.jsonl")
+             .read_text().splitlines()]
+    by_round = {x["round"]: x["aggregation"] for x in lines if "aggregation" in x}
+    assert by_round[0]["secure"] == {"ok": False, "reason": reason,
+                                     "dealt": agg[0]["secure"]["dealt"],
+                                     "entered": agg[0]["secure"]["entered"]}
+    assert by_round[1]["secure"]["ok"] is True and by_round[1]["used"] == agg[1]["used"]
+
 
 @pytest.mark.slow  # reuses the run above
 def test_members_that_disagree_on_a_round_are_shown_side_by_side(run_dir, tmp_path):

@@ -365,7 +365,7 @@ def test_status_and_report_show_secure_charges_from_the_ledger(tmp_path):
     s = collect(state)
     assert s["privacy"]["mode"] == "secure"
     assert s["privacy"]["epsilon_spent"] == pytest.approx(ledger.epsilon(1e-5))
-    assert "secure-level, ε spent" in render(s)
+    assert "DP on the secure sum, ε spent" in render(s)  # not "secure-level"
     run, st = load_member(state)  # `flnode report` of this member
     assert run.summary.doc["epsilon"]["per_node"]["telco-0"] == pytest.approx(
         ledger.epsilon(1e-5))

@@ -109,7 +109,8 @@ def add_rules_flags(p: argparse.ArgumentParser) -> None:
                         "mean, median, trimmed_mean, norm_bounded_mean, krum, multi_krum, "
                         "centered_clipping)")
     p.add_argument("--f", type=int, default=None, metavar="F",
-                   help="hostile members the rule must survive (default 1; 0 below 3 members)")
+                   help="hostile members the rule must survive (default max(1, n // 4): 1 "
+                        "up to 7 members, 2 from 8; 0 below 3 members or for the mean)")
     p.add_argument("--max-weight-fraction", type=positive(float), default=None, metavar="X",
                    help="no member above this fraction of the total weight "
                         "(default max(2/n, 0.25))")

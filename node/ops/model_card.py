@@ -212,6 +212,7 @@ def own_epsilon(state_dir: Path, rounds: int) -> dict[str, Any]:
         plan = PrivacyPlan.load(state_dir / PLAN_FILE)
     except LocalError as exc:
         raise LocalError(f"{state_dir}: {exc}") from None
+    stated: dict[str, Any] = {}
     if plan is not None:
         mode, delta, budget = plan.mode, plan.delta, plan.epsilon
     else:  # DP on a secure sum (issue 22) has no local plan: its ledger says
@@ -219,12 +220,16 @@ def own_epsilon(state_dir: Path, rounds: int) -> dict[str, Any]:
         if secure is None:
             return {"mode": "off", "epsilon": None,
                     "note": "privacy off: no differential privacy; no ε to state"}
-        mode, delta, budget = secure
+        mode, delta, budget, plan_delta = secure
+        if plan_delta is not None and plan_delta != delta:
+            # ε holds at the plan's δ; the accountant computes it at the plan's δ less what
+            # the range check's bits may add (SecurePlan.accounting_delta): both stated
+            stated = {"delta": plan_delta, "delta_accountant": delta}
     ledger = Ledger(state_dir / "ledger.jsonl")  # a reader: never repairs
     records: list[LedgerRecord] = ledger.records
     eps = epsilon_of(records, delta)
     upto = epsilon_of([r for r in records if r.round < rounds], delta)
-    return {"mode": mode, "delta": delta,
+    return {"mode": mode, "delta": delta, **stated,
             "epsilon": eps if math.isfinite(eps) else None,
             "epsilon_model_rounds": upto if math.isfinite(upto) else None,
             "epsilon_budget": budget, "releases": len(records),
@@ -237,10 +242,11 @@ def own_epsilon(state_dir: Path, rounds: int) -> dict[str, Any]:
                if not math.isfinite(eps) else {})}
 
 
-def _secure_dp(state_dir: Path) -> tuple[str, float, float | None] | None:
-    """("secure", δ, budget) of a member whose ledger holds secure DP charges (issue 22: DP
-    on the secure sum, no local privacy plan), δ from its charges, the budget from its
-    pinned plan (checked: an edited plan is a LocalError naming it); None: no such charge."""
+def _secure_dp(state_dir: Path) -> tuple[str, float, float | None, float | None] | None:
+    """("secure", δ, budget, the plan's δ) of a member whose ledger holds secure DP charges
+    (issue 22: DP on the secure sum, no local privacy plan), δ (the accountant's) from its
+    charges, the budget and the plan's δ from its pinned plan (checked: an edited plan is a
+    LocalError naming it); None: no such charge."""
     from node.privacy import secure_record  # lean start: only a card of a secure member
     from node.privacy.secure import SecurePlan  # lean start: idem
 
@@ -251,7 +257,8 @@ def _secure_dp(state_dir: Path) -> tuple[str, float, float | None] | None:
         pinned = SecurePlan.load(state_dir / "secure_plan.json")  # secure_node SECURE_PLAN_FILE
     except LocalError as exc:
         raise LocalError(f"{state_dir}: {exc}") from None
-    return ("secure", summary["delta"], pinned.epsilon if pinned is not None else None)
+    return ("secure", summary["delta"], pinned.epsilon if pinned is not None else None,
+            pinned.delta if pinned is not None else None)
 
 
 # --- the card -----------------------------------------------------------------------------

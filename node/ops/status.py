@@ -23,6 +23,7 @@ from typing import Any
 from gossip.errors import LocalError
 from gossip.membership import read_toml
 from gossip.transports.base import SENDER_BURST, SENDER_QUEUE_MESSAGES, SENDER_RATE_PER_S
+from node.ops.report_html.secure import delta_text, read_secure
 from node.privacy import secure_record
 from node.privacy.accountant import ACCOUNTANT, epsilon_of
 from node.privacy.budget import PLAN_FILE, WEIGHT_FILE, PrivacyPlan
@@ -128,21 +129,51 @@ def read_config(config: str | Path) -> tuple[NodeConfig, list[str]]:
 
 
 def _pinned_secure_plan(pinned: Path) -> dict[str, Any]:
-    """The secure plan's budget and rounds as pinned ({} if none); a file flnode did not
-    write (hand-edited, torn) is a LocalError naming it, never a crash."""
+    """The secure plan a node pinned at its first start ({} if none), through the node's own
+    checked loader (node/privacy/secure.py SecurePlan.load): a file flnode did not write
+    (hand-edited, torn) is a LocalError naming it, never a crash. The plan is written before
+    anything is charged, so a node with a plan and an empty ledger is a DP node that has spent
+    0, not a node without privacy."""
+    from node.privacy.secure import SecurePlan  # lean start: numpy only; status of secure nodes
+
     if not pinned.exists():
         return {}
     try:
-        sp = loads_json(pinned.read_bytes()[:1 << 16])
-    except (OSError, ValueError) as exc:
+        if pinned.stat().st_size > MAX_SECURE_PLAN_BYTES:
+            raise LocalError(f"more than {MAX_SECURE_PLAN_BYTES} bytes, not a plan flnode "
+                             "wrote")
+        sp = SecurePlan.load(pinned)
+    except (OSError, UnicodeDecodeError, LocalError) as exc:
         raise LocalError(f"{pinned}: unreadable secure plan ({exc}); the node refuses to "
                          "start with it too: restore it") from None
-    ok = isinstance(sp, dict) and all(sp.get(k) is None or finite_number(sp[k])
-                                      for k in ("epsilon", "steps"))
-    if not ok:
-        raise LocalError(f"{pinned}: not a secure plan flnode wrote (epsilon and steps must "
-                         "be numbers); the node refuses to start with it too: restore it")
-    return sp
+    assert sp is not None
+    return {"epsilon": sp.epsilon, "delta": sp.delta, "accounting_delta": sp.accounting_delta,
+            "steps": sp.steps, "members": sp.members, "coalition": sp.coalition,
+            "min_contributors": sp.min_contributors, "variant": sp.variant,
+            "noise_multiplier": sp.noise_multiplier, "sample_rate": sp.sample_rate,
+            "clip_norm": sp.clip_norm}
+
+
+# A secure plan is a dozen numbers (a few hundred bytes); a bigger file is not one flnode wrote.
+MAX_SECURE_PLAN_BYTES = 1 << 16
+
+
+def _secure_rounds(path: Path) -> dict[str, Any]:
+    """Which secure rounds opened and which failed, and why, from the node's audit lines (the
+    same reader as `flnode report`'s "Each secure round" table): a charged round is not an
+    opened one (a round is charged before anything is dealt, and a failed round stays
+    charged). Rounds 1-based."""
+    view = read_secure(path, str(path))
+    rounds = view.rounds if view is not None else {}
+    failed: dict[str, list[int]] = {}
+    for r, sr in sorted(rounds.items()):
+        if sr.ok is False:
+            failed.setdefault(sr.reason or "?", []).append(r + 1)
+    return {"rounds": len(rounds), "opened": sum(1 for sr in rounds.values() if sr.ok is True),
+            "failed": {why: rs for why, rs in sorted(failed.items())},
+            "no_outcome": [r + 1 for r, sr in sorted(rounds.items())
+                           if sr.ok is None and sr.unreadable is None],
+            "unreadable": [r + 1 for r, sr in sorted(rounds.items()) if sr.unreadable]}
 
 
 def _normalization(agreed_file: Path, ledger: Ledger,
@@ -249,19 +280,26 @@ def collect(state_dir: str | Path, config: str | Path | None = None) -> dict[str
             clip_norm=plan.clip_norm, sample_rate=plan.sample_rate, releases=len(ledger.records),
             planned_rounds=plan.rounds, weight=plan.weight, released_weight=weight)
     secure = secure_record.summary(ledger.records)  # issue 22: secure rounds' charges
-    if secure is not None:
-        privacy["secure"] = secure
-        if plan is None:  # a secure-only node: what its charges say, epsilon by the accountant
-            # its pinned plan (node/runtime/secure_node.py SECURE_PLAN_FILE): budget, rounds
-            pinned = path / "secure_plan.json"
-            sp = _pinned_secure_plan(pinned)
-            privacy.update(
-                mode="secure", accountant=ACCOUNTANT, delta=secure["delta"],
-                epsilon_spent=ledger.epsilon(secure["delta"]),
-                epsilon_budget=sp.get("epsilon"),
-                noise_multiplier=secure["noise_multiplier"], clip_norm=secure["clip_norm"],
-                sample_rate=secure["sample_rate"], releases=len(ledger.records),
-                planned_rounds=sp.get("steps"), weight="uniform", released_weight=None)
+    # DP on the secure sum: no local plan; the pinned secure plan (node/runtime/secure_node.py
+    # SECURE_PLAN_FILE), written at the first start before any charge
+    pinned = _pinned_secure_plan(path / "secure_plan.json") if plan is None else {}
+    outcomes = _secure_rounds(path)  # also of a secure consortium without DP (no charges)
+    if secure is not None or pinned or outcomes["rounds"]:
+        privacy["secure"] = {**(secure or {}), "rounds_charged": (secure or {}).get(
+            "rounds_charged", 0), "plan": pinned or None, **outcomes}
+    if plan is None and (secure is not None or pinned):
+        # the accountant charges at the plan's δ less what the range check's bits may add
+        # (SecurePlan.accounting_delta, the δ each charge records); the guarantee is
+        # (ε at that δ, the plan's δ): the δ the node's round line and the budget state
+        acc_delta = secure["delta"] if secure is not None else pinned["accounting_delta"]
+        last = secure or pinned
+        privacy.update(
+            mode="secure", accountant=ACCOUNTANT, delta=pinned.get("delta", acc_delta),
+            accounting_delta=acc_delta, epsilon_spent=ledger.epsilon(acc_delta),
+            epsilon_budget=pinned.get("epsilon"), noise_multiplier=last["noise_multiplier"],
+            clip_norm=last["clip_norm"], sample_rate=last["sample_rate"],
+            releases=len(ledger.records), planned_rounds=pinned.get("steps"),
+            weight="uniform", released_weight=None)
     normalization = _normalization(path / "normalization.json", ledger, plan)
     return {
         "state_dir": str(path),
@@ -370,6 +408,52 @@ def flood_line(member: str, f: dict[str, int]) -> str:
             f"{SENDER_QUEUE_MESSAGES} queued){last}")
 
 
+# Round numbers listed per reason on the secure line; the report's table has every round.
+MAX_ROUNDS_LISTED = 8
+
+
+def secure_privacy_line(p: dict[str, Any]) -> str:
+    """DP on the secure sum: spent and budget (the accountant's over the ledger), the plan."""
+    budget = f" of budget {p['epsilon_budget']:g}" if p["epsilon_budget"] else " (no budget set)"
+    spent = (f"ε spent 0{budget} (nothing charged yet)" if not p["releases"] else
+             f"ε spent {p['epsilon_spent']:.4f}{budget}")
+    plan = p["secure"].get("plan")
+    rounds = f", {plan['steps']} rounds planned" if plan else ""
+    return (f"DP on the secure sum, {spent} at {delta_text(p['delta'], p['accounting_delta'])} "
+            f"({p['accountant']} accountant, {p['releases']} ledger records); σ "
+            f"{p['noise_multiplier']:.4g} on the sum, C {p['clip_norm']:g}, "
+            f"q {p['sample_rate']:.4g}{rounds}")
+
+
+def secure_line(sec: dict[str, Any]) -> str:
+    """Rounds charged, opened and failed (by reason): a round is charged before its deals, so
+    a failed round is charged too."""
+    def rounds(rs: list[int]) -> str:
+        shown = ", ".join(map(str, rs[:MAX_ROUNDS_LISTED]))
+        more = f" and {len(rs) - MAX_ROUNDS_LISTED} more" if len(rs) > MAX_ROUNDS_LISTED else ""
+        return f"round{'s' if len(rs) > 1 else ''} {shown}{more}"
+
+    failed = sum(len(rs) for rs in sec["failed"].values())
+    parts = [f"{sec['opened']} opened", f"{failed} failed" + (" (" + "; ".join(
+        f"{why}: {rounds(rs)}" for why, rs in sec["failed"].items()) + ")" if failed else "")]
+    if sec["no_outcome"]:
+        parts.append(f"{len(sec['no_outcome'])} without an outcome yet "
+                     f"({rounds(sec['no_outcome'])})")
+    if sec["unreadable"]:
+        parts.append(f"unreadable audit line for {rounds(sec['unreadable'])}")
+    if sec.get("members") is None:  # nothing charged: a plan pinned, or no DP on the sum
+        plan = sec["plan"]
+        if plan is None:
+            return (f"{sec['rounds']} secure round(s): {', '.join(parts)} (no DP on the sum: "
+                    "nothing charged)")
+        return (f"no secure round charged yet (plan pinned: n {plan['members']}, coalition t "
+                f"{plan['coalition']}, at least {plan['min_contributors']} contributors, "
+                f"check {plan['variant']})")
+    return (f"{sec['rounds_charged']} secure round(s) charged: {', '.join(parts)} (opens "
+            f"{sec['reveal']}; n {sec['members']}, coalition t {sec['coalition']}, charged for "
+            f"{sec['contributors_charged']} contributors each), part of ε spent")
+
+
 def render(s: dict[str, Any], now: float | None = None) -> str:
     now = time.time() if now is None else now
     lines = [f"state dir   {s['state_dir']}", f"process     {process_line(s['process'], now)}"]
@@ -389,6 +473,8 @@ def render(s: dict[str, Any], now: float | None = None) -> str:
         lines.append(f"stopped     {s['stopped']}")
     if p["mode"] == "off":
         lines.append("privacy     off (no differential privacy)")
+    elif p["mode"] == "secure":
+        lines.append(f"privacy     {secure_privacy_line(p)}")
     else:
         budget = f" of budget {p['epsilon_budget']:g}" if p["epsilon_budget"] else " (no budget set)"
         lines.append(f"privacy     {p['mode']}-level, ε spent {p['epsilon_spent']:.4f}{budget} at "
@@ -397,10 +483,7 @@ def render(s: dict[str, Any], now: float | None = None) -> str:
                      f"q {p['sample_rate']:.4g}; weight {p['weight']}"
                      + (f" ({p['released_weight']:.1f} released)" if p["released_weight"] else ""))
     if p.get("secure"):  # issue 22
-        sec = p["secure"]
-        lines.append(f"secure      {sec['rounds_charged']} secure round(s) charged (opens "
-                     f"{sec['reveal']}; n {sec['members']}, coalition t {sec['coalition']}, "
-                     f"charged for {sec['contributors_charged']} contributors), part of ε spent")
+        lines.append(f"secure      {secure_line(p['secure'])}")
     norm = s.get("normalization")
     if norm and norm.get("mode") == "unreadable":
         lines.append(f"normalize   UNREADABLE: {norm['error']}")

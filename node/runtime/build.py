@@ -63,6 +63,7 @@ from node.strategy.consortium_rules import (
 if TYPE_CHECKING:
     import torch
 
+    from node.privacy.secure import SecurePlan
     from node.runtime.node import Node
     from node.strategy.base import Strategy
 
@@ -303,3 +304,26 @@ def rounding_for(noise: NoiseSource, seed: int) -> NoiseSource:
     a simulation that passes its own seeded privacy noise gets a seeded rounding too, a
     stream of its own, so compressing never shifts the privacy noise's draws."""
     return OsNoise() if isinstance(noise, OsNoise) else SeededNoise(seed * ROUNDING_SEED + 1)
+
+
+def secure_rounds_warning(rounds: int, plan: SecurePlan) -> str | None:
+    """[training] rounds against the consortium's secure plan (node/privacy/secure.py
+    SecurePlan, pinned at the first start): the node does not adjust one to the other. Fewer
+    rounds spend less than the budget and stop the model early; more cannot over-spend (a
+    charge over the budget is refused, `budget_exhausted`, and this member stops dealing from
+    the round after the plan's last), but every round past the plan then fails at every
+    member. None when they agree. ε is the accountant's (SecurePlan.epsilon_after)."""
+    steps = plan.steps
+    if rounds == steps:
+        return None
+    budget = f" of the budget {plan.epsilon:g}" if plan.epsilon is not None else ""
+    if rounds < steps:
+        what = (f"the run stops after {rounds} of the plan's {steps} DP-SGD steps, spending "
+                f"ε {plan.epsilon_after(rounds):.2f}{budget} at δ {plan.delta:g}")
+    else:
+        what = (f"the budget is spent at round {steps}; from round {steps + 1} this member's "
+                "charge is refused (budget_exhausted) and it stops dealing, so those rounds "
+                "fail (nothing is spent past the budget)")
+    return (f"training.rounds = {rounds} but the consortium's secure plan "
+            f"(secure_plan.json) has {steps} rounds: {what}; set [training] rounds = {steps} "
+            "in the node config")

@@ -127,14 +127,22 @@ def report(node: Node, r: int, nxt: int) -> RoundReport:
     d, c, metrics = st.diagnostics, st.close, st.metrics
     assert c is not None
     eps, intervals = node.epsilon(), metric_intervals(metrics, node.held_out.y.tolist())
+    sec = d.get("secure")  # a secure round: who dealt, entered, was selected (secure_node)
+    secure = None if sec is None else {
+        "ok": sec["ok"], "reason": sec["reason"],
+        "members": [m.name for m in node.consortium.members], "dealt": sec["dealt"],
+        "entered": sec["entered"], "selected": list(d["used"])}
     out = RoundReport(node.name, r, metrics, eps, st.received, list(c.missing), st.norm,
                       time.perf_counter() - st.t0, st.resent, nxt, intervals=intervals,
-                      eval_rows=len(node.held_out.y))
+                      eval_rows=len(node.held_out.y), secure=secure)
     node.last_round = node.audit.write(audit.RoundMetrics(
         r, metrics, eps, out.received, out.seconds, intervals, len(node.held_out.y),
         len(node.train_data.y), list(c.missing), c.why,
-        {k: d[k] for k in ("rule", "used", "excluded", "clipped", "weight_capped",
-                           "fallbacks") if d[k] or k in ("rule", "used")},
+        {**{k: d[k] for k in ("rule", "used", "excluded", "clipped", "weight_capped",
+                              "fallbacks") if d[k] or k in ("rule", "used")},
+         # a secure round: opened or why not, who dealt and entered (`used`: selected)
+         **({"secure": {k: secure[k] for k in ("ok", "reason", "dealt", "entered")}}
+            if secure is not None else {})},
         node._traffic(r)))
     return out
 

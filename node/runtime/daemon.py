@@ -33,6 +33,7 @@ from node.ops.intervals import interval_text
 from node.runtime import pidfile
 from node.runtime.config import NodeConfig, load_config
 from node.runtime.identity import Identity, load_identity
+from node.runtime.round_report import secure_text
 
 if TYPE_CHECKING:
     from gossip.transports.base import Transport
@@ -148,17 +149,21 @@ def _print_round(cfg: NodeConfig, name: str, metric: str):
             return
         eps = "no DP" if rep.epsilon is None else f"ε {rep.epsilon:.2f}"
         n = len(rep.received) + len(rep.missing)
+        # a secure round: who dealt, entered, was selected (a "shares" count would read the
+        # machine's view of a round that aggregates no share)
+        shares = (secure_text(rep.secure) if rep.secure is not None else
+                  f"shares {len(rep.received)}/{n}"
+                  f"{' (resent stored release)' if rep.resent else ''}"
+                  f"{' missing: ' + ', '.join(rep.missing) if rep.missing else ''}")
         line = (f"{name} round {rep.round + 1}/{cfg.training.rounds} {metric} "
                 f"{rep.metrics.get(metric, float('nan')):.4f}"
                 f"{interval_text(metric, rep.intervals, rep.eval_rows)} {eps} "
-                f"shares {len(rep.received)}/{n}"
-                f"{' (resent stored release)' if rep.resent else ''}"
-                f"{' missing: ' + ', '.join(rep.missing) if rep.missing else ''}"
-                f" {rep.seconds:.1f} s")
+                f"{shares} {rep.seconds:.1f} s")
         say("round", line, member=name, round=rep.round + 1, rounds=cfg.training.rounds,
             metrics=rep.metrics, intervals=rep.intervals, eval_rows=rep.eval_rows,
             epsilon=rep.epsilon, received=rep.received,
-            missing=rep.missing, resent=rep.resent, seconds=round(rep.seconds, 3))
+            missing=rep.missing, resent=rep.resent, seconds=round(rep.seconds, 3),
+            **({"secure": rep.secure} if rep.secure is not None else {}))
     return show
 
 
@@ -210,6 +215,13 @@ async def run_node(cfg: NodeConfig, identity: Identity, consortium: Consortium,
         member=node.name, consortium=consortium.name, consortium_id=consortium.id.hex(),
         training_rows=len(node.train_data.X), round=node.book.current + 1,
         rounds=cfg.training.rounds, privacy=cfg.privacy.mode, transport=cfg.gossip.transport)
+    plan = getattr(node.secure, "plan", None)  # DP on the secure sum: the pinned plan
+    if plan is not None:
+        from node.runtime.build import secure_rounds_warning  # lean start: built with the node
+
+        off = secure_rounds_warning(cfg.training.rounds, plan)
+        if off is not None:
+            log.warning("%s: %s", node.name, off)
     server = None
     if metrics_port is not None:
         from node.runtime.metrics import serve  # lean start: prometheus_client, --metrics-port only

@@ -24,3 +24,23 @@ class RoundReport:
     # 95 % intervals of the metrics on the held-out rows (node/ops/intervals.py), and their count
     intervals: dict[str, list[float]] = field(default_factory=dict)
     eval_rows: int = 0
+    # a secure round (issue 22): its outcome, from the round's audit diagnostics (secure_node
+    # aggregate): {"ok", "reason", "members", "dealt", "entered", "selected"}; `received` is
+    # then the selected members (none when the round failed) and `missing` the machine's
+    secure: dict | None = None
+
+
+def secure_text(sec: dict) -> str:
+    """A secure round for the round line: "secure opened: dealt 3/4 (not bank-d), entered
+    3, selected 3" or "secure FAILED (too_few_openers): dealt 3/4 (not bank-d), entered 3".
+    Who dealt, entered and was selected is what the round did; the machine's "shares
+    received" count is not (a secure round sends no share to aggregate)."""
+    members = sec.get("members") or []
+    dealt, entered, selected = sec.get("dealt", []), sec.get("entered", []), sec.get(
+        "selected", [])
+    absent = [m for m in members if m not in dealt]
+    head = "secure opened" if sec.get("ok") else f"secure FAILED ({sec.get('reason')})"
+    return (f"{head}: dealt {len(dealt)}/{len(members) or '?'}"
+            + (f" (not {', '.join(absent)})" if absent else "")
+            + f", entered {len(entered)}" + (f", selected {len(selected)}" if sec.get("ok")
+                                               else ""))

@@ -329,6 +329,10 @@ def default_secure_threshold(members: int) -> int:
     return max(1, (members - 1) // 3)
 
 
+# A secure consortium has at least this many members: n >= 3t + 1 at the smallest t, 1.
+MIN_SECURE_MEMBERS = 4
+
+
 def default_secure_select(members: int, threshold: int) -> str:
     """multi-Krum (at f = t) where the consortium is large enough for it (n >= 2t + 3),
     else the norm bound alone: what is written when the [rules] do not say."""
@@ -354,9 +358,15 @@ def check_secure(rules: ConsortiumRules, members: int, source: str) -> SecureRul
                          "MAX_SECURE_MEMBERS: its work grows as n^2 d); drop secure or split the "
                          "consortium")
     if members < 3 * t + 1:
+        # advice that can be followed: t = 1 is the smallest threshold (MIN_SECURE_MEMBERS)
+        largest = (members - 1) // 3
+        fix = (f"add members: at least {MIN_SECURE_MEMBERS} for t = 1, the smallest threshold "
+               "(or drop secure)" if largest < 1 else
+               f"lower the threshold to {largest} (the largest {members} members allow) or add "
+               f"members (at least {3 * t + 1} for t = {t})")
         raise LocalError(f"{source}: rules.secure_threshold = {t} with {members} members: secure "
                          f"aggregation needs n >= 3t + 1 = {3 * t + 1} (to correct up to t wrong "
-                         "pieces and name their senders); lower the threshold or add members")
+                         f"pieces and name their senders); {fix}")
     if select == "multi-krum" and members < 2 * t + 3:
         raise LocalError(f"{source}: rules.secure_select = \"multi-krum\" at f = t = {t} needs "
                          f"2f + 3 = {2 * t + 3} members, the consortium has {members}; use "

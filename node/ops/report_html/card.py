@@ -17,6 +17,7 @@ from typing import Any
 
 from gossip.errors import LocalError
 from node.ops.report_html.render import _e, _fmt
+from node.ops.report_html.secure import delta_text
 
 LAST_EXPORT = "last_export.json"  # written by `flnode export` into the state dir
 MAX_LAST_EXPORT_BYTES = 64 * 1024  # a path and a digest
@@ -84,8 +85,8 @@ def card_html(found: dict[str, Any]) -> str:
     eps = own.get("epsilon")
     upto = own.get("epsilon_model_rounds")
     facts.append(("ε (this member)", "no DP" if own.get("mode") == "off" else
-                  f"{_fmt(eps if isinstance(eps, int | float) else None, 4)} at δ "
-                  f"{_e(own.get('delta'))} ({_e(own.get('accountant'))} accountant over its "
+                  f"{_fmt(eps if isinstance(eps, int | float) else None, 4)} at "
+                  f"{_delta(own)} ({_e(own.get('accountant'))} accountant over its "
                   f"ledger, {_e(own.get('releases'))} releases; "
                   f"{_fmt(upto if isinstance(upto, int | float) else None, 4)} over the "
                   "releases of this model's rounds alone)"))
@@ -124,3 +125,12 @@ def card_html(found: dict[str, Any]) -> str:
         out.append(f'<p class="sub">Rounds not in the audit log (rotated away): '
                    f"{_e(', '.join(map(str, used['not_in_audit_log'][:50])))}</p>")
     return "\n".join(out)
+
+
+def _delta(own: dict[str, Any]) -> str:
+    """The card's δ as status and the report say it (node/ops/report_html/secure.py
+    delta_text); a hand-edited card's values are shown escaped, never trusted as numbers."""
+    d, acc = own.get("delta"), own.get("delta_accountant")
+    if isinstance(d, float) and (acc is None or isinstance(acc, float)):
+        return _e(delta_text(d, acc))
+    return f"δ {_e(d)}"

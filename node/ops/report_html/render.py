@@ -35,6 +35,7 @@ from node.ops.report_html.plots import plots
 from node.ops.report_html.reader import Member, Run, _cut, _num_or_none, load_run
 from node.ops.report_html.secure import SecureView, read_secure
 from node.ops.report_html.secure_html import secure_section
+from node.runtime.config import seals
 
 MAX_NOTES = 50
 
@@ -226,7 +227,7 @@ def _facts(run: Run) -> str:
     # a secure node refuses to start without sealing (node/runtime/secure_node.py setup):
     # the simulators' "auto" (on for MQTT only) was overridden for every member
     add("sealed shares", "on: each deal sealed to its one recipient (a secure node requires it)"
-        if secure else s.text("seal"))
+        if secure else _sealed(s.text("seal"), s.text("transport")))
     if mode == "off":
         add("privacy", "off (no differential privacy)")
     elif mode and secure:  # DP on the sum: no member-side plan, σ or share weight
@@ -327,6 +328,18 @@ def _seen_by(run: Run) -> str:
 FEW_ROUNDS = 10
 
 
+def _sealed(seal: str | None, transport: str | None) -> str | None:
+    """What the nodes did with shares, not the setting: gossip.seal "auto" seals on MQTT only
+    (node/runtime/config.py seals), so an "auto" run over memory or libp2p sent them
+    unsealed, as its terminal said."""
+    if seal not in ("auto", "on", "off") or transport is None:
+        return seal
+    did = seals(seal, transport)
+    how = "on: each share sealed to its recipient" if did else "off: shares signed, not sealed"
+    return how + (f" (gossip.seal = auto: sealed on MQTT only; this run's transport is "
+                  f"{transport})" if seal == "auto" else "")
+
+
 def negative_gain_note(summary: dict[str, Any]) -> str | None:
     """Why members lose on their own rows, when the mean gain there is negative: the
     two models are not trained alike (local-only has no DP and fits only the member's
@@ -335,7 +348,8 @@ def negative_gain_note(summary: dict[str, Any]) -> str | None:
     own = summary.get("own_rows") if isinstance(summary.get("own_rows"), dict) else {}
     gains = {n: r.get("gain") for n, r in own.items() if isinstance(r, dict)}
     defined = {n: g for n, g in gains.items() if isinstance(g, int | float) and math.isfinite(g)}
-    if not defined or sum(defined.values()) / len(defined) >= 0:
+    mean = own_mean_gain(summary)
+    if mean is None or mean >= 0:
         return None
     eps = summary.get("epsilon") if isinstance(summary.get("epsilon"), dict) else {}
     mode, budget = eps.get("mode"), eps.get("budget")
@@ -363,7 +377,21 @@ def negative_gain_note(summary: dict[str, Any]) -> str | None:
         parts.append(f"after {planned} rounds the consortium model is still near its start")
     parts.append("on fewer than ~100 own rows a difference of a few hundredths is within the "
                  "rows' own noise (the 95 % intervals: `flnode report --state-dir`)")
-    return "why the mean gain is negative: " + "; ".join(parts) + "."
+    # named as the own-rows table's "mean gain" row: the consortium test set's table has a
+    # mean gain of its own (often positive), printed beside it
+    return (f"why the mean gain on the members' own rows is negative ({mean:+.4f}): "
+            + "; ".join(parts) + ".")
+
+
+def own_mean_gain(summary: dict[str, Any]) -> float | None:
+    """The mean of the members' gains on their own held-out rows (summary.json `own_rows`),
+    over the members where the metric is defined: the own-rows tables' "mean gain" row (the
+    terminal's, node/rehearsal/simulation/output.py, and the report's). None: no such gain."""
+    own = summary.get("own_rows") if isinstance(summary.get("own_rows"), dict) else {}
+    gains = [r.get("gain") for r in own.values() if isinstance(r, dict)]
+    defined = [g for g in gains if isinstance(g, int | float) and not isinstance(g, bool)
+               and math.isfinite(g)]
+    return sum(defined) / len(defined) if defined else None
 
 
 def _own_rows(run: Run) -> str:
@@ -386,6 +414,10 @@ def _own_rows(run: Run) -> str:
         rows.append(f'<tr><td class="l name" title="{_e(name)}">{_e(name)}</td>'
                     f"<td>{_count_cell(n)}</td><td>{_fmt(lo)}</td><td>{_fmt(co)}</td>"
                     f"<td>{_signed(gain)}</td></tr>")
+    mean = own_mean_gain(s.doc)
+    if mean is not None:  # the row the note below the heading speaks of
+        rows.append('<tr><td class="l name">mean gain</td><td></td><td></td><td></td>'
+                    f"<td>{_signed(mean)}</td></tr>")
     source = s.text("own_rows_source")
     return ("<h3>On each member's own held-out rows</h3>"
             '<p class="sub">The member\'s local-only model and its consortium model, both '

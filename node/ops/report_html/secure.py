@@ -276,6 +276,16 @@ def to_json(view: SecureView) -> dict[str, Any]:
                    for r, sr in sorted(view.rounds.items())]}
 
 
+def delta_text(delta: float, accounting: float | None) -> str:
+    """"δ 1e-05 (accountant 9.995e-06; the rest for the range check's bits)": the plan's δ,
+    the one the ε holds at (the node's round line and the budget state it), and beside it the
+    δ the accountant computed ε at when it differs (SecurePlan.accounting_delta: the plan's
+    less what the range check's bits may add). One wording for status, report and card."""
+    if accounting is None or accounting == delta:
+        return f"δ {delta:g}"
+    return f"δ {delta:g} (accountant {accounting:.4g}; the rest for the range check's bits)"
+
+
 def _key(sr: SecureRound) -> tuple:
     return (sr.ok, sr.reason, tuple(sr.entered), tuple(sr.selected), tuple(sorted(sr.named)))
 
@@ -306,5 +316,5 @@ def _outcome_text(sr: SecureRound) -> str:
     return "opened" if sr.ok else f"failed: {sr.reason}"
 
 
-__all__ = ["SecureRound", "SecureView", "disagreements", "parse_aggregate", "read_secure",
+__all__ = ["SecureRound", "SecureView", "delta_text", "disagreements", "parse_aggregate", "read_secure",
            "to_json"]

@@ -16,6 +16,7 @@ from node.ops.report_html.secure import (
     MAX_TEXT,
     SecureRound,
     SecureView,
+    delta_text,
     disagreements,
 )
 
@@ -176,7 +177,8 @@ def _facts(view: SecureView, views: list[SecureView], rules: dict[str, Any],
         items.append(("ε spent", f'<span class="neg">{_e(view.ledger_problem)}</span>'))
     elif any(e is not None for e in eps.values()):
         budget = f" of {plan.epsilon:g}" if plan is not None and plan.epsilon is not None else ""
-        delta = f" at δ {view.delta:g}" if view.delta is not None else ""
+        delta = ("" if view.delta is None else f" at {delta_text(plan.delta, view.delta)}"
+                 if plan is not None else f" at δ {view.delta:g}")
         vals = {round(e, 4) for e in eps.values() if e is not None}
         if len(views) == 1 and view.epsilon is not None:
             spent = f"{view.epsilon:.4f}{budget}"
