@@ -197,7 +197,8 @@ def plan_for(node: Node, rule_select: str) -> SecurePlan:
         raise LocalError("the schema says normalize = \"federated\" and the [rules] say secure "
                          "rounds with DP on the sum: the statistics exchange is not part of the "
                          "secure plan's budget yet (its charge would be missing); use "
-                         "normalize = \"declared\" in the schema")
+                         "normalize = \"range\" (the schema's declared ranges) or \"declared\" "
+                         "(means and stds from a public source) and rebuild the consortium file")
     if rule_select not in consortium_rules.DP_SELECTS:
         raise LocalError(f"rules.secure_select = {rule_select!r} with DP on the sum: only "
                          "\"range\" and \"sum\" are charged at the sum's noise "
