@@ -290,7 +290,8 @@ class Node:
             case ev.Close():
                 if a.echo is not None:  # the echo's audit lines and evidence first
                     self.echo_records.closed(a.round, a.echo)
-                self._feed(m.closed(a.round, await closing.aggregate_off_loop(self, a), now))
+                used = await closing.aggregate_off_loop(self, a)
+                self._feed(m.closed(a.round, used, now, closing.took_part(self, a.round)))
             case ev.Advanced(r, nxt):
                 self._reports.append(report := closing.report(self, r, nxt))
                 if self._on_round is not None:
