@@ -117,6 +117,13 @@ async def aggregate_off_loop(node: Node, c: ev.Close) -> dict[str, Accepted]:
     return aggregate(node, c)
 
 
+async def closed(node: Node, c: ev.Close, now: float) -> list[ev.Action]:
+    """Close c carried out: the round aggregated (off the loop), then the machine told with
+    the shares used and, in a secure round, who took part."""
+    used = await aggregate_off_loop(node, c)
+    return node.machine.closed(c.round, used, now, took_part(node, c.round))
+
+
 def took_part(node: Node, r: int) -> set[str] | None:
     """A secure round's members whose final model we compare ours with after the last round
     (gossip/protocol/seen.py): who dealt to us, entered or opened the sum while we could not.
