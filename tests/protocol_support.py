@@ -105,6 +105,8 @@ class Driver:
         self.closes: list[Close] = []
         self.now = 0.0
         self.seq = 1000
+        # a secure round's driver: round -> who took part (closed with no share used)
+        self.took_part: dict[int, set[str]] = {}
 
     def at(self, now: float) -> Driver:
         assert now >= self.now, "time goes forward"
@@ -131,7 +133,9 @@ class Driver:
                 queue += self.m.signed(Signed(a.round, own), self.now)
             elif isinstance(a, Close):
                 self.closes.append(a)
-                queue += self.m.closed(a.round, dict(a.shares), self.now)
+                took = self.took_part.get(a.round)
+                used = dict(a.shares) if took is None else {}
+                queue += self.m.closed(a.round, used, self.now, took)
         return seen_
 
     def start(self) -> list:

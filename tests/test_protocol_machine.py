@@ -414,6 +414,36 @@ def test_after_the_last_round_seen_reports_then_final_digests_are_awaited():
     assert f.finals == {"bank-1": b"d1", "bank-2": b"d2"} and d.m.done
 
 
+def test_after_a_secure_last_round_the_finals_of_who_took_part_are_awaited_at_once():
+    """A secure round uses no share (its driver says who took part, seen.py): no seen report
+    is sent or waited for, our final goes out at the close, and the members that took part
+    are the ones whose final digests we wait for (until the final wait's end) and compare."""
+    d = started(4, rounds=1)
+    d.took_part[0] = {"bank-0", "bank-1", "bank-2"}  # bank-3 dealt nothing: not expected
+    d.at(1).recv(share("bank-1", 0))
+    d.recv(share("bank-2", 0))
+    d.recv(share("bank-3", 0))
+    assert d.closes and d.of(SendFinal) == [SendFinal(0)] and not d.m.done
+    assert not [a for a in d.actions if isinstance(getattr(a, "message", None), Sign)
+                and a.message.kind == KIND_SEEN]
+    d.at(2).recv(final("bank-1", 0, b"d1"))
+    assert not d.of(Finals) and d.m.next_deadline == 6.0  # bank-2's final is awaited
+    d.recv(final("bank-2", 0, b"d2"))
+    [f] = d.of(Finals)
+    assert f.expected == ("bank-1", "bank-2") and d.m.done and not d.of(FinalSeenMissing)
+    assert f.finals == {"bank-1": b"d1", "bank-2": b"d2"}
+    late = started(3, rounds=1)  # a member that took part and never sends its final
+    late.took_part[0] = {"bank-1", "bank-2"}
+    late.at(1).recv(share("bank-1", 0))
+    late.recv(share("bank-2", 0))
+    late.recv(final("bank-1", 0, b"d1"))
+    late.tick(5.9)
+    assert not late.of(Finals)
+    late.tick(6.0)
+    [f] = late.of(Finals)
+    assert f.expected == ("bank-1", "bank-2") and f.finals == {"bank-1": b"d1"} and late.m.done
+
+
 def test_a_spent_budget_retires_and_ends_the_run():
     """runner.py 1106-1108 (`_round`: no release -> `_retire` 1539) and 831-832."""
     d = Driver(3, outcome="stopped", prekeys_missing=lambda r, p: [])

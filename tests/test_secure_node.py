@@ -51,6 +51,42 @@ def test_simulate_secure_every_member_reconstructs_the_same_model(tmp_path):
                         if x.get("outcome") == "accepted" and x.get("kind") == "secagg")
         for r in range(3):
             assert (steps[(r, "sum")], steps[(r, "confirm")], steps[(r, "fallback")]) == (2, 4, 2)
+        # the final models compared (node/runtime/finals.py): every other member took part,
+        # so each one's final digest was awaited and found the same as ours
+        final = json.loads((state / "final.json").read_text())
+        others = sorted(m.name for m in (tmp_path / "run" / "state").iterdir() if m != state)
+        assert (final["same"], final["different"], final["not_heard"]) == (others, {}, [])
+        assert sorted(x["member"] for x in lines if x.get("kind") == "final") == others
+
+
+def test_a_secure_member_whose_final_model_differs_is_named_by_every_other(tmp_path,
+                                                                          monkeypatch):
+    """After the last secure round every member compares its final model digest with those
+    of the members that took part: one member's final digest is made wrong (as a model that
+    applied another sum would give); each other member names it in final.json and lists the
+    rest as the same, and it names them all."""
+    from node.runtime import finals
+
+    honest_digest, made = finals.model_digest, []
+
+    def digest(model):
+        d = honest_digest(model)
+        if made:
+            return d
+        made.append(d)
+        return bytes(b ^ 0xFF for b in d)  # the first member to send its final: wrong
+
+    monkeypatch.setattr(finals, "model_digest", digest)
+    _simulate(tmp_path / "run", secure=True, nodes=4, rounds=1)
+    got = {s.name: json.loads((s / "final.json").read_text())
+           for s in (tmp_path / "run" / "state").iterdir()}
+    [odd] = [m for m, f in got.items() if f["digest"] != made[0].hex()]
+    honest = sorted(set(got) - {odd})
+    assert len(honest) == 3
+    for m in honest:
+        assert got[m]["same"] == [x for x in honest if x != m] and not got[m]["not_heard"]
+        assert got[m]["different"] == {odd: got[odd]["digest"]}
+    assert got[odd]["same"] == [] and sorted(got[odd]["different"]) == honest
 
 
 def test_secure_with_update_dp_or_no_budget_is_refused_by_name(tmp_path):

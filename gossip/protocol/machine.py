@@ -354,19 +354,19 @@ class RoundMachine:
             self.echo.file(r, sender, acc)
         return []
 
-    def closed(self, r: int, used: Mapping[str, Accepted], now: float) -> list[Action]:
+    def closed(self, r: int, used: Mapping[str, Accepted], now: float,
+               took_part: Iterable[str] | None = None) -> list[Action]:
         """Round r is aggregated with the shares `used` (Close.shares minus those refused on
-        what they say): report what we accepted, move on, checkpoint, ack."""
+        what they say; a secure round: who `took_part`, seen.py): report, move on, checkpoint, ack."""
         self._now = now
         self._expect_stage("closing", r, "closed")
-        out: list[Action] = list(self.seen.close(r, {
-            m: (a.envelope.seq, a.envelope.digest, a.envelope.sig) for m, a in used.items()}))
+        got = {m: (a.envelope.seq, a.envelope.digest, a.envelope.sig) for m, a in used.items()}
+        out: list[Action] = list(self.seen.close(r, got, took_part))
         if used and len(self.members) >= 3 and self.keys:  # a third member can compare
             body = encode_seen([(self.keys[m], used[m].envelope.digest) for m in sorted(used)])
             out.append(self._send(Sign(KIND_SEEN, r, body), f"seen-{r}"))
         nxt = self.book.advance()
-        out.append(Advanced(r, nxt))
-        out.append(Checkpoint(self.book.current))
+        out += [Advanced(r, nxt), Checkpoint(self.book.current)]
         self._ack_before(self.book.current, out)
         self._phase_got = {k: v for k, v in self._phase_got.items() if k[0] >= nxt}
         if self.echo is not None:
@@ -601,8 +601,8 @@ class RoundMachine:
         self.stage, self._wait = "closing", None
 
     def _finish(self, now: float, out: list[Action]) -> None:
-        """No round left: wait for the others' seen reports of our last closed round (no
-        later round carries them), then compare final models; else end at once."""
+        """No round left: wait for the others' seen reports of our last closed round (no later
+        round carries them; a secure round has none), then compare final models; else end."""
         if not self.seen.closed:
             self._end(out)
             return

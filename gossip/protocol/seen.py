@@ -15,6 +15,11 @@ Bookkeeping (runner.py `_close_seen`, `_on_seen`, `_compare_seen`, the expectati
   to ours + lookahead), compared when we close that round; one per member and round,
   so memory stays bounded by members x (lookahead + kept rounds).
 
+A secure round (node/runtime/secure_node.py) uses no member's share: nothing to report,
+so no seen report is sent or waited for. The driver passes who took part in it instead
+(`took_part`: the members that dealt to us, entered, or opened the sum elsewhere); after
+the last round, those are the members whose final model digest we wait for and compare.
+
 Issue 19 item 2 (members agree on what they aggregate) builds on the same digests: an
 echo phase before the close (see machine.py) instead of a report after it.
 """
@@ -42,14 +47,22 @@ class SeenReports:
         self.pending: dict[int, dict[str, tuple[Accepted, bytes]]] = {}
         self.reported: set[tuple[int, str]] = set()
         self.own: dict[int, Signature] = {}
+        # secure rounds: who took part (no seen report is sent for them)
+        self.took_part: dict[int, frozenset[str]] = {}
 
     def released(self, r: int, own: Signature) -> None:
         """Our own share for round r, as signed (compared like anyone's)."""
         self.own[r] = own
 
-    def close(self, r: int, received: Mapping[str, Signature]) -> list[SeenMismatch]:
+    def close(self, r: int, received: Mapping[str, Signature],
+              took_part: Iterable[str] | None = None) -> list[SeenMismatch]:
         """Round r is closed with these members' shares: keep the digests, compare the
-        reports that came early; returns the findings."""
+        reports that came early; returns the findings. `took_part`: a secure round's
+        members (module docstring), None for a plain round."""
+        if took_part is not None:
+            self.took_part[r] = frozenset(took_part)
+        for old in [x for x in self.took_part if x <= r - self.keep_rounds]:
+            del self.took_part[old]  # bounded as `closed`
         ours = dict(received)
         own = self.own.pop(r, None)
         if own is not None:
@@ -94,9 +107,12 @@ class SeenReports:
         return found
 
     def expected_final(self, r: int, neighbours: Iterable[str]) -> set[str]:
-        """After the last round r: the members whose share we used (and still share),
-        whose seen report (and final model digest) we wait for."""
-        return {m for m in self.closed.get(r, {}) if m != self.me} & set(neighbours)
+        """After the last round r: the members whose share we used (a secure round: who
+        took part in it), still our neighbours, whose final model digest we wait for (and,
+        in a plain round, their seen report first)."""
+        members = self.took_part[r] if r in self.took_part else self.closed.get(r, {})
+        return {m for m in members if m != self.me} & set(neighbours)
 
     def all_reported(self, r: int, members: Iterable[str]) -> bool:
-        return all((r, m) in self.reported for m in members)
+        """Every seen report of round r we wait for came (a secure round: none is sent)."""
+        return r in self.took_part or all((r, m) in self.reported for m in members)

@@ -117,6 +117,25 @@ async def aggregate_off_loop(node: Node, c: ev.Close) -> dict[str, Accepted]:
     return aggregate(node, c)
 
 
+async def closed(node: Node, c: ev.Close, now: float) -> list[ev.Action]:
+    """Close c carried out: the round aggregated (off the loop), then the machine told with
+    the shares used and, in a secure round, who took part."""
+    used = await aggregate_off_loop(node, c)
+    return node.machine.closed(c.round, used, now, took_part(node, c.round))
+
+
+def took_part(node: Node, r: int) -> set[str] | None:
+    """A secure round's members whose final model we compare ours with after the last round
+    (gossip/protocol/seen.py): who dealt to us, entered or opened the sum while we could not.
+    Every honest one of them that opened applied the same sum (or, if the round failed for
+    it, kept the same start); one whose final differs is named in final.json. None: a plain
+    round (its seen reports say whose share was used)."""
+    if node.secure is None:
+        return None
+    out = node.secure.outcomes[r]  # set by `aggregate` just before
+    return set(out.dealt) | set(out.entered) | set(out.missed)
+
+
 def report(node: Node, r: int, nxt: int) -> RoundReport:
     """The round's report and metrics line (before the checkpoint that follows: a crash
     in between re-runs the round and appends a second line, readers take the last)."""

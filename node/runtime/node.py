@@ -258,7 +258,7 @@ class Node:
                 self._feed(m.tick(loop.time()))
 
     async def _do(self, a: ev.Action) -> None:
-        m, now = self.machine, asyncio.get_running_loop().time()
+        now = asyncio.get_running_loop().time()
         match a:
             case ev.Broadcast(msg, what):
                 data = self._message(msg)
@@ -290,7 +290,7 @@ class Node:
             case ev.Close():
                 if a.echo is not None:  # the echo's audit lines and evidence first
                     self.echo_records.closed(a.round, a.echo)
-                self._feed(m.closed(a.round, await closing.aggregate_off_loop(self, a), now))
+                self._feed(await closing.closed(self, a, now))
             case ev.Advanced(r, nxt):
                 self._reports.append(report := closing.report(self, r, nxt))
                 if self._on_round is not None:
