@@ -25,7 +25,7 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 
 def pytest_configure(config: pytest.Config) -> None:
     if _loadgroup(config):
-        config.pluginmanager.register(_TwoWorkers(), "flnode-two-workers")
+        config.pluginmanager.register(_LoadGroup(), "flnode-loadgroup")
 
 
 def pytest_itemcollected(item: pytest.Item) -> None:
@@ -35,20 +35,20 @@ def pytest_itemcollected(item: pytest.Item) -> None:
 
 
 def _loadgroup(config: pytest.Config) -> bool:
-    """`make test`'s `-n 2 --dist loadgroup`; on an xdist worker (where collection
+    """`make test`'s `-n 3 --dist loadgroup`; on an xdist worker (where collection
     happens) it reads as this option."""
     return bool(getattr(config.option, "loadgroup", False))
 
 
-# How `make test` (`-n 2 --dist loadgroup`) hands out tests: one by one, in collection
+# How `make test` (`-n 3 --dist loadgroup`; any -n alike) hands out tests: one by one, in collection
 # order. Two changes, neither alters what a test runs or checks:
 # - Tests of one module that share a module-scoped fixture (a whole simulated run, a
 #   prepared consortium, a started broker) form one xdist group: they run on one worker
 #   and the fixture is set up once instead of once on each worker.
 # - The `slow` tests (real processes, whole runs: 10-60 s each) are handed out first and
 #   the quick ones fill in after, so the run does not end on one worker finishing a long
-#   test started last while the other sits idle (longest first).
-class _TwoWorkers:
+#   test started last while the others sit idle (longest first).
+class _LoadGroup:
     @pytest.hookimpl(trylast=True)  # after xdist's hook, which names each item's group
     def pytest_collection_modifyitems(self, items: list[pytest.Item]) -> None:
         for item in items:

@@ -84,16 +84,21 @@ def test_record_level_epsilon_3_stays_in_budget_and_close_to_no_dp(tmp_path):
     """The issue's acceptance run (4 members, Default, ε = 3 per member), over 15 rounds:
     the fewest the default recipe is tuned for (fewer are warned about); the budget is
     planned over the run's own horizon, so every member still ends just under ε = 3.
-    The 30-round figure is scripts/bench_privacy.py's (default, ε 3 vs off)."""
-    off = simulate(SimulationSpec(dataset="default", nodes=4, partition="dirichlet:0.5",
-                                  rounds=15, seed=0, out=tmp_path / "off"), quiet())
+    The 30-round figure is scripts/bench_privacy.py's (default, ε 3 vs off).
+
+    "No DP" is the run's own centralized model (the same rows pooled, the same epochs, no
+    noise), which the consortium without DP matches within 0.01
+    (test_default_consortium_matches_centralized_and_beats_local_only): a second,
+    privacy-off consortium run to compare with cost a fifth of this test's time and
+    measured within 0.001 of it (0.9613 vs centralized 0.9611, seed 0, 15 rounds)."""
     rec = simulate(SimulationSpec(dataset="default", nodes=4, partition="dirichlet:0.5",
                                   rounds=15, seed=0, out=tmp_path / "rec", privacy="record",
                                   epsilon=3.0, sigma=None), quiet())
     assert rec["epsilon"]["mode"] == "record" and rec["epsilon"]["budget"] == 3.0
     for eps in rec["epsilon"]["per_node"].values():
         assert 2.9 <= eps <= 3.0
-    assert abs(rec["consortium"]["mean"] - off["consortium"]["mean"]) <= 0.03
+    assert abs(rec["consortium"]["mean"] - rec["centralized"]) <= 0.03
+    assert rec["consortium"]["mean"] > rec["local_only"]["mean"]
     # privacy.weight = "auto" under the default rule for 4 members (trimmed_mean, which
     # never reads a declared weight): no row count released or charged
     assert rec["epsilon"]["weight"] == "uniform (1 per member): no row count released"

@@ -534,10 +534,11 @@ def test_server_opt_state_survives_a_sigkill_of_a_real_flnode_run_process(tmp_pa
          "--nodes", "4", "--partition", "dirichlet:0.5", "--rounds", str(rounds), "--seed",
          "0", "--out", str(out), "--privacy", "off", "--aggregation", "mean",
          "--aggregation-param", "server_opt=momentum", "--kill", "bank-2@3",
-         # 5 s, as test_network's SIGKILL test: the round of the kill waits out a deadline
-         # for the killed member's share and one for its echo; a missed deadline only
-         # leaves a share out, which none of the checks below is about
-         "--round-deadline", "5", "--restart-after", "1"],
+         # 2 s, as test_network's SIGKILL test: the round of the kill waits out a deadline
+         # for the killed member's share and one for its echo (and the restarted member one
+         # for each peer gone ahead); a missed deadline only leaves a share out, which none
+         # of the checks below is about
+         "--round-deadline", "2", "--restart-after", "1"],
         capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert "SIGKILL bank-2" in r.stdout and "restarted bank-2" in r.stdout
@@ -938,10 +939,11 @@ def test_control_variates_state_survives_a_sigkill_of_a_real_flnode_run_process(
          "--nodes", "4", "--partition", "dirichlet:0.5", "--rounds", str(rounds), "--seed", "0",
          "--out", str(out), "--privacy", "off", "--aggregation", "mean",
          "--control-variates", "--lr-decay", "0.95", "--kill", "bank-2@3",
-         # 5 s, as test_network's SIGKILL test: the round of the kill waits out a deadline
-         # for the killed member's share and one for its echo; a missed deadline only
-         # leaves a share out, which none of the checks below is about
-         "--round-deadline", "5", "--restart-after", "1"],
+         # 2 s, as test_network's SIGKILL test: the round of the kill waits out a deadline
+         # for the killed member's share and one for its echo (and the restarted member one
+         # for each peer gone ahead); a missed deadline only leaves a share out, which none
+         # of the checks below is about
+         "--round-deadline", "2", "--restart-after", "1"],
         capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert "SIGKILL bank-2" in r.stdout and "restarted bank-2" in r.stdout
