@@ -85,12 +85,13 @@ def _aggregates(state: Path) -> list[dict]:
 
 def test_one_of_five_never_starts_and_round_one_opens_with_the_four(tmp_path):
     """`flnode simulate --secure` (every member a real Node on the virtual clock, sealed
-    deals, the secure phases), 5 members, t = 1, bank-4 never started: round 1 opens at
-    every up member with the four dealings (before the fix: 0 entered, failed)."""
+    deals, the secure phases), 5 members, t = 1, selection "norm" (its degree-2 opening
+    needs 3t + 1 = 4 openers, as the trial's "range"), bank-4 never started: round 1 opens
+    at every up member with the four dealings (before the fix: 0 entered, failed)."""
     from node.cli import main
 
     scenario = tmp_path / "s.toml"
-    scenario.write_text('members = 5\nsecure = true\nsecure_select = "sum"\nrounds = 1\n'
+    scenario.write_text('members = 5\nsecure = true\nsecure_select = "norm"\nrounds = 1\n'
                         'round_deadline_s = 5\nseed = 3\n[faults]\nabsent = ["bank-4"]\n'
                         '[model]\nkind = "logreg"\n')
     out = tmp_path / "run"
