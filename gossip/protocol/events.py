@@ -65,10 +65,12 @@ class Released:
 @dataclass(frozen=True)
 class Signed:
     """Our share for `round` is packed, charged and stored (after `SendShare`): its
-    signature, or None when nobody could be sealed for (nothing was sent)."""
+    signature, or None when nobody could be sealed for (nothing was sent). `dealt`: a
+    secure round's deals went out (no signature to record: each member gets its own)."""
 
     round: int
     own: Signature | None
+    dealt: bool = False
 
 
 @dataclass(frozen=True)

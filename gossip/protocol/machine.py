@@ -317,8 +317,8 @@ class RoundMachine:
         r = self._expect_stage("sign", ev.round, "signed")
         if ev.own is not None:
             self.seen.released(r, ev.own)
-            if self.sealed:  # collecting gets a full deadline from our release on
-                self._restart(now)
+        if self.sealed and (ev.own is not None or ev.dealt):  # the prekey wait may have
+            self._restart(now)  # used the deadline: collecting gets a full one from here
         self._collect(now)
         return self._step(now)
 

@@ -431,7 +431,9 @@ async def _send_deals(node: Node, r: int, doc: dict[str, Any]) -> None:
         _store_deals(node, r, doc)
     for peer in sorted(p for p in seal_for if p in sent):
         await node._in_background(node._send(peer, sent[peer]), f"deal-{r}-{peer}")
-    node._feed(m.signed(ev.Signed(r, None), loop.time()))
+    # dealt: the machine's share phase gets a full deadline from now on (our prekey wait,
+    # up to one deadline for a member that is down, must not leave none for the deals)
+    node._feed(m.signed(ev.Signed(r, None, dealt=bool(sent)), loop.time()))
 
 
 async def send_phase(node: Node, a: ev.SendPhase) -> None:
