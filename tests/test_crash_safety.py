@@ -345,7 +345,7 @@ async def test_a_member_that_never_starts_costs_one_deadline_not_one_per_round(t
 
 
 async def test_an_absent_member_is_waited_for_again_once_it_is_heard_from(tmp_path):
-    _, prep = make(tmp_path, nodes=3, rounds=4, privacy="off", deadline=10.0)
+    _, prep = make(tmp_path, nodes=3, rounds=4, privacy="off", deadline=4.0)
     hub = MemoryHub()
     early = build(prep, hub, which={0, 1})
     late_cfg = load_config(prep.config_paths[2])
