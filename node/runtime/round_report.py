@@ -31,16 +31,19 @@ class RoundReport:
 
 
 def secure_text(sec: dict) -> str:
-    """A secure round for the round line: "secure opened: dealt 3/4 (not bank-d), entered
-    3, selected 3" or "secure FAILED (too_few_openers): dealt 3/4 (not bank-d), entered 3".
-    Who dealt, entered and was selected is what the round did; the machine's "shares
-    received" count is not (a secure round sends no share to aggregate)."""
+    """A secure round for the round line (the daemon's and the simulator's): "secure
+    opened: dealt 4/4, entered 4, selected 3 (not bank-b)" or "secure FAILED
+    (too_few_openers): dealt 3/4 (not bank-d), entered 3". Who dealt, entered and was
+    selected is what the round did; the machine's "shares received" count is not (a secure
+    round sends no share to aggregate)."""
     members = sec.get("members") or []
     dealt, entered, selected = sec.get("dealt", []), sec.get("entered", []), sec.get(
         "selected", [])
     absent = [m for m in members if m not in dealt]
+    dropped = [m for m in entered if m not in selected]  # entered, left out by the selection
     head = "secure opened" if sec.get("ok") else f"secure FAILED ({sec.get('reason')})"
     return (f"{head}: dealt {len(dealt)}/{len(members) or '?'}"
             + (f" (not {', '.join(absent)})" if absent else "")
-            + f", entered {len(entered)}" + (f", selected {len(selected)}" if sec.get("ok")
-                                               else ""))
+            + f", entered {len(entered)}"
+            + (f", selected {len(selected)}" + (f" (not {', '.join(dropped)})" if dropped
+                                                 else "") if sec.get("ok") else ""))

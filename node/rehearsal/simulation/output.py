@@ -22,7 +22,7 @@ from node.rehearsal.simulation.prepare import evaluation_rows, prepare
 from node.rehearsal.simulation.results import AGGREGATION_ACTIONS, result_of, summarize
 from node.rehearsal.simulation.run import NOISE_OS, baselines, simulate_members
 from node.rehearsal.simulation.spec import SimulationSpec
-from node.runtime.round_report import RoundReport
+from node.runtime.round_report import RoundReport, secure_text
 
 
 def _eps(value: float | None) -> str:
@@ -56,6 +56,7 @@ class RoundPrinter:
         self.eps: dict[str, float | None] = {}
         self.stopped: set[str] = set()
         self.widths: dict[int, list[float]] = {}  # per round: each member's interval half-width
+        self.secure: dict[int, dict[str, str]] = {}  # per round: each member's secure outcome
 
     def header(self, prep: Any) -> None:
         s = self.spec
@@ -87,6 +88,8 @@ class RoundPrinter:
         if iv:
             self.widths.setdefault(rep.round, []).append((iv[1] - iv[0]) / 2)
         self.eps[rep.member] = rep.epsilon
+        if rep.secure is not None:  # the daemon's wording (round_report.secure_text)
+            self.secure.setdefault(rep.round, {})[rep.member] = secure_text(rep.secure)
         done = self.history[rep.round]
         if len(done) == len(set(self.names) - self.stopped):
             vals = {n: done[n][self.metric] for n in self.names if n in done}
@@ -98,11 +101,31 @@ class RoundPrinter:
                      if widest >= WIDE_INTERVAL else "")
             self.console.print(
                 f"  round {rep.round + 1:>3}/{self.spec.rounds}  mean {self.metric} "
-                f"{mean_text(vals)}  [dim]({per})[/]  ε {_eps(eps)}{noise}")
+                f"{mean_text(vals)}  [dim]({per})[/]  ε {_eps(eps)}{noise}"
+                + secure_round_text(self.secure.pop(rep.round, {})))
 
     def done(self) -> None:
         self.console.print("  consortium finished; training the centralized and local-only "
                            "baselines …")
+
+
+SECURE_INDENT = " " * 15  # under the round line's "mean …", past "  round   1/3"
+
+
+def secure_round_text(by_member: dict[str, str]) -> str:
+    """A secure round on the simulator's round line: what the members' own round lines
+    say (who dealt, entered, was selected; failed and why), once when they agree, else each
+    outcome with the members who saw it; on lines of their own under the round's (the round
+    line is near the console's 120 columns already). "" for a plain round."""
+    if not by_member:
+        return ""
+    seen: dict[str, list[str]] = {}
+    for name, text in by_member.items():
+        seen.setdefault(text, []).append(name)
+    if len(seen) == 1:
+        return f"\n{SECURE_INDENT}{next(iter(seen))}"
+    return "".join(f"\n{SECURE_INDENT}{text} ({', '.join(names)})"
+                   for text, names in seen.items())
 
 
 def mean_text(values: dict[str, float]) -> str:
