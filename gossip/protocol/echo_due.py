@@ -36,8 +36,9 @@ passes, and a peer that moved on without echoing us costs no deadline. Left, eac
 after a crash or a failed training: (1) a peer that crashed after sharing r and
 restarted past r is waited for until its hello ask arrives (at most the rest of the
 echo deadline, as its crash would have cost); (2) after *our* restart, the broker (MQTT)
-may redeliver the share of a round its sender has since closed: its echo came before
-our crash and is gone, and we wait out the echo deadline for it; (3) the safety side:
+redelivers the share of a round its sender has since closed, and its echo with it: the
+machine acks a first echo in the window only once its round is checkpointed, as a share
+(over libp2p nothing is redelivered, and nothing is owed: we heard nothing in r); (3) the safety side:
 a peer whose round r sent us nothing before its echo (it released nothing finite and
 does not seal), or that restarted and rejoined r (its stored share comes again as a
 duplicate, which the verifier refuses), is not known to owe its echo: its later message

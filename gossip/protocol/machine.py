@@ -243,10 +243,10 @@ class RoundMachine:
             self._heard(exc.peer if exc.reason in AUTHENTIC_REASONS else None, False, out)
             return out + self._step(now, message=True)
         if token is not None:
-            if acc.share is not None and where == "buffered":
-                # Redelivered after a crash until its round is checkpointed. A far-ahead
-                # share is acked at once: a member claiming ever higher rounds must not
-                # grow this table, and a round we skip to needs no redelivery.
+            cur, echoes = self.book.current, self._phase_got.get((acc.round, ECHO.name), {})
+            if acc.share is not None and where == "buffered" or where == "echo" and cur <= acc.round \
+                    <= cur + self.book.lookahead and acc.sender not in echoes:
+                # Redelivered after a crash till its round's checkpoint (echo_due.py: (2)); not far-ahead
                 self._unacked.setdefault(acc.round, []).append(token)
             else:
                 out.append(Ack((token,)))
