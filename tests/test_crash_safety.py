@@ -255,7 +255,7 @@ async def test_a_member_sending_huge_finite_values_crashes_nobody(tmp_path):
     """Attack 2 of the hostile-member issue, as the member would do it: shares signed
     with its own valid key, every value 1e30 (finite, so they pass the body checks).
     Averaged by `mean` they used to give a model whose evaluation raised."""
-    _, prep = make(tmp_path, nodes=3, rounds=2, privacy="off", deadline=10.0)
+    _, prep = make(tmp_path, nodes=3, rounds=2, privacy="off", deadline=4.0)
     hub = MemoryHub()
     honest = build(prep, hub, which={1, 2})
     key = load_identity(load_config(prep.config_paths[0]).identity.key).signing_key
