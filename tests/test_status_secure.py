@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from gossip.errors import LocalError
 from node.ops.status import collect, render
 from node.privacy.ledger import Ledger
 from node.privacy.secure import secure_plan
@@ -165,3 +166,18 @@ def test_a_secure_consortium_without_dp_shows_its_failed_rounds_too(state):
     assert "privacy     off" in text
     assert ("secure      12 secure round(s): 0 opened, 12 failed (too_few_openers: rounds 1, 2, "
             "3, 4, 5, 6, 7, 8 and 4 more) (no DP on the sum: nothing charged)") in text
+
+
+def test_an_oversized_plan_is_refused_by_status_as_by_the_report(state):
+    """Status and the report read the pinned plan through one loader
+    (node/ops/report_html/secure.py load_plan): refused from its size, before it is read,
+    named, in both."""
+    from node.ops.report_html.secure import read_secure
+
+    path = state / "secure_plan.json"
+    path.write_bytes(path.read_bytes() + b" " * (1 << 16))  # still valid JSON
+    with pytest.raises(LocalError, match=r"unreadable secure plan \(more than 65536 bytes: not "
+                                         "a plan flnode wrote\\)"):
+        collect(state)
+    view = read_secure(state, "bank-a")
+    assert view is not None and "more than 65536 bytes" in (view.plan_problem or "")

@@ -23,7 +23,7 @@ from typing import Any
 from gossip.errors import LocalError
 from gossip.membership import read_toml
 from gossip.transports.base import SENDER_BURST, SENDER_QUEUE_MESSAGES, SENDER_RATE_PER_S
-from node.ops.report_html.secure import delta_text, read_secure
+from node.ops.report_html.secure import delta_text, load_plan, read_secure
 from node.privacy import secure_record
 from node.privacy.accountant import ACCOUNTANT, epsilon_of
 from node.privacy.budget import PLAN_FILE, WEIGHT_FILE, PrivacyPlan
@@ -134,15 +134,10 @@ def _pinned_secure_plan(pinned: Path) -> dict[str, Any]:
     (hand-edited, torn) is a LocalError naming it, never a crash. The plan is written before
     anything is charged, so a node with a plan and an empty ledger is a DP node that has spent
     0, not a node without privacy."""
-    from node.privacy.secure import SecurePlan  # lean start: numpy only; status of secure nodes
-
     if not pinned.exists():
         return {}
     try:
-        if pinned.stat().st_size > MAX_SECURE_PLAN_BYTES:
-            raise LocalError(f"more than {MAX_SECURE_PLAN_BYTES} bytes, not a plan flnode "
-                             "wrote")
-        sp = SecurePlan.load(pinned)
+        sp = load_plan(pinned)
     except (OSError, UnicodeDecodeError, LocalError) as exc:
         raise LocalError(f"{pinned}: unreadable secure plan ({exc}); the node refuses to "
                          "start with it too: restore it") from None
@@ -152,10 +147,6 @@ def _pinned_secure_plan(pinned: Path) -> dict[str, Any]:
             "min_contributors": sp.min_contributors, "variant": sp.variant,
             "noise_multiplier": sp.noise_multiplier, "sample_rate": sp.sample_rate,
             "clip_norm": sp.clip_norm}
-
-
-# A secure plan is a dozen numbers (a few hundred bytes); a bigger file is not one flnode wrote.
-MAX_SECURE_PLAN_BYTES = 1 << 16
 
 
 def _secure_rounds(path: Path) -> dict[str, Any]:

@@ -25,7 +25,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from gossip.errors import LocalError
 from node.ops.report_html.reader import (
@@ -35,6 +35,9 @@ from node.ops.report_html.reader import (
     _jsonl_lines,
     _num_or_none,
 )
+
+if TYPE_CHECKING:
+    from node.privacy.secure import SecurePlan
 
 AUDIT = "audit.jsonl"
 LEDGER = "ledger.jsonl"
@@ -223,16 +226,22 @@ def _read_ledger(state: Path, label: str, view: SecureView) -> bool:
     return True
 
 
-def _read_plan(state: Path, label: str, view: SecureView) -> bool:
+def load_plan(path: Path) -> SecurePlan | None:
+    """A pinned secure plan through the node's own checked loader, refused from its size
+    first (a plan is a dozen numbers); None if there is none. For the report and status."""
     from node.privacy.secure import SecurePlan  # lean start: the plan's checked loader
 
+    if path.exists() and path.stat().st_size > MAX_PLAN_BYTES:
+        raise LocalError(f"more than {MAX_PLAN_BYTES} bytes: not a plan flnode wrote")
+    return SecurePlan.load(path)
+
+
+def _read_plan(state: Path, label: str, view: SecureView) -> bool:
     path = state / PLAN
     if not path.exists():
         return False
     try:
-        if path.stat().st_size > MAX_PLAN_BYTES:
-            raise LocalError(f"more than {MAX_PLAN_BYTES} bytes: not a plan flnode wrote")
-        view.plan = SecurePlan.load(path)
+        view.plan = load_plan(path)
     except (LocalError, OSError, UnicodeDecodeError) as exc:
         view.plan_problem = f"{label}/{PLAN}: unreadable: {exc}"
         view.notes.append(view.plan_problem)
