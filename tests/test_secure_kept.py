@@ -14,6 +14,7 @@ from node.runtime.secure_agree import AGREE_BYTES, AGREE_NONE
 from node.secagg import explain
 from node.secagg import field as F
 from node.secagg.pieces import Piece, from_bytes, to_bytes
+from tests.test_secure_maskcheck import mask_lie
 from tests.test_secure_round import SecureNet
 
 LIARS = ("bank-5", "bank-6")
@@ -25,15 +26,8 @@ def _liars_claiming_everything(net, m, phase, body):
     columns random), whose checks also claim to hold every member's dealing."""
     if m not in LIARS or phase != "check":
         return body
-    n = len(net.names)
-    msg = decode_secagg(body, n)
-    p = from_bytes(msg.pieces[0])
-    vals = p.values.copy()
-    vals[n:] = np.random.default_rng(net.names.index(m) + 100 * p.round).integers(
-        0, F.P, size=n, dtype=np.uint64)
-    edited = encode_secagg(SecAgg("check", (to_bytes(Piece(p.round, p.kind, p.owner, p.holder,
-                                                             vals)),), tuple(range(1, n + 1))))
-    net.members[m].secure.keep_own(p.round, "check", edited)  # what it signs for
+    r, edited = mask_lie(net, m, body, salt=100, held=tuple(range(1, len(net.names) + 1)))
+    net.members[m].secure.keep_own(r, "check", edited)  # what it signs for
     return edited
 
 

@@ -24,19 +24,24 @@ from node.strategy.consortium_rules import default_secure_threshold
 from tests.test_secure_round import SecureNet
 
 
+def mask_lie(net, m: str, body: bytes, salt: int = 0, held: tuple[int, ...] | None = None
+             ) -> tuple[int, bytes]:
+    """(round, m's check with its vector columns honest and its mask columns random: seeded
+    by m's index plus salt x the round), claiming `held` (default: what it really holds)."""
+    n = len(net.names)
+    msg = decode_secagg(body, n)
+    p = from_bytes(msg.pieces[0])
+    vals = p.values.copy()
+    vals[n:] = np.random.default_rng(net.names.index(m) + salt * p.round).integers(
+        0, F.P, size=n, dtype=np.uint64)
+    return p.round, encode_secagg(SecAgg("check", (to_bytes(Piece(
+        p.round, p.kind, p.owner, p.holder, vals)),), msg.held if held is None else held))
+
+
 def _mask_liars(liars: tuple[str, ...]):
     """The reproductions' liars: their checks' vector columns honest, mask columns random."""
     def tamper(net, m, phase, body):
-        if m not in liars or phase != "check":
-            return body
-        n = len(net.names)
-        msg = decode_secagg(body, n)
-        p = from_bytes(msg.pieces[0])
-        vals = p.values.copy()
-        vals[n:] = np.random.default_rng(net.names.index(m)).integers(0, F.P, size=n,
-                                                                       dtype=np.uint64)
-        return encode_secagg(SecAgg("check", (to_bytes(Piece(p.round, p.kind, p.owner, p.holder,
-                                                              vals)),), msg.held))
+        return mask_lie(net, m, body)[1] if m in liars and phase == "check" else body
     return tamper
 
 
